@@ -1,0 +1,34 @@
+# One command sets up and runs the main job; one sets up and runs the tests.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is rebuilt only when the dependency list changes.
+$(STAMP): pyproject.toml $(wildcard scripts/setup_*.sh)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[all]'
+	bash scripts/setup_assets.sh $(BIN)/python
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m ntps_nb demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/core
+
+bench: setup
+	$(BIN)/python benchmarks/bench_sweep.py
+
+clean:
+	rm -rf $(VENV)
