@@ -1,0 +1,352 @@
+"""NTPS moments of one layer (`Moments`) and of all layers (`LayerMoments`).
+
+The moments are those of SPEC section 2: uncentred, divided by the number of texts N.
+
+Perception side (sequence level, mean pooling over valid positions)::
+
+    Sxx = (1/N) sum_n xbar_n xbar_n^T      Sxy = (1/N) sum_n xbar_n y_n^T      Syy = (1/N) sum_n y_n y_n^T
+
+Next-token side (token level, prefix sum s_{n,t} = sum_{i<=t} h_{n,i} as context)::
+
+    C0 = (1/N) sum_n sum_{t<T_n} s_{n,t} s_{n,t}^T     C1 = (1/N) sum_n sum_{t<T_n} s_{n,t} h_{n,t+1}^T
+
+Two optional moments make derived quantities possible without another pass: ``x_mean`` (the mean
+pooled vector, for the centred variants) and ``Shh`` (the uncentred second moment of the token
+states, (1/N) sum_n sum_t h h^T, for the PCA-overlap control).
+
+Because every moment is a mean over texts, partial accumulations (batches, shards, processes)
+combine exactly by weighting with their text counts: see `Moments.combine`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+from jaxtyping import Float
+
+#: Relative asymmetry ``||A - A^T||_F / ||A||_F`` above which a moment is rejected as not symmetric.
+SYMMETRY_RTOL = 1e-6
+
+_SYMMETRIC = ("Sxx", "Syy", "C0", "Shh")
+_ARRAYS = ("Sxx", "Sxy", "Syy", "C0", "C1", "x_mean", "Shh")
+
+
+@dataclass(frozen=True, eq=False)
+class Moments:
+    """The NTPS moments of one layer, as float64 arrays divided by the number of texts.
+
+    Parameters
+    ----------
+    Sxx : (d, d) second moment of the mean-pooled states.
+    Sxy : (d, C) cross moment of pooled states and one-hot labels.
+    Syy : (C, C) second moment of the one-hot labels (diagonal of class frequencies).
+    C0 : (d, d) second moment of the prefix sums.
+    C1 : (d, d) cross moment of prefix sums and next states.
+    n_texts : number of texts N the means are over.
+    n_tokens : number of (prefix, next state) pairs that entered C0/C1.
+    x_mean : (d,) optional mean pooled vector, needed for `centred`.
+    Shh : (d, d) optional second moment of the token states.
+    """
+
+    Sxx: Float[np.ndarray, "d d"]
+    Sxy: Float[np.ndarray, "d C"]
+    Syy: Float[np.ndarray, "C C"]
+    C0: Float[np.ndarray, "d d"]
+    C1: Float[np.ndarray, "d d"]
+    n_texts: int
+    n_tokens: int
+    x_mean: Float[np.ndarray, " d"] | None = None
+    Shh: Float[np.ndarray, "d d"] | None = None
+    is_centred: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        for name in _ARRAYS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            array = np.array(value, dtype=np.float64, copy=True)
+            array.setflags(write=False)
+            object.__setattr__(self, name, array)
+        d, n_classes = _check_shapes(self)
+        for name in _ARRAYS:
+            value = getattr(self, name)
+            if value is not None and not np.all(np.isfinite(value)):
+                bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+                raise ValueError(f"moment {name} has {bad} NaN/inf entries; the hidden states or labels that produced it are not finite")
+        for name in _SYMMETRIC:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            scale = np.linalg.norm(value)
+            asym = np.linalg.norm(value - value.T)
+            if asym > SYMMETRY_RTOL * max(scale, np.finfo(float).tiny):
+                raise ValueError(f"moment {name} is not symmetric: ||A - A^T|| / ||A|| = {asym / scale:.3g} > {SYMMETRY_RTOL:g}")
+            sym = (value + value.T) / 2
+            sym.setflags(write=False)
+            object.__setattr__(self, name, sym)
+        if int(self.n_texts) < 1:
+            raise ValueError(f"n_texts must be >= 1, got {self.n_texts}")
+        if int(self.n_tokens) < 0:
+            raise ValueError(f"n_tokens must be >= 0, got {self.n_tokens}")
+        object.__setattr__(self, "n_texts", int(self.n_texts))
+        object.__setattr__(self, "n_tokens", int(self.n_tokens))
+
+    @property
+    def d(self) -> int:
+        """Hidden size."""
+        return self.Sxx.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of label columns C."""
+        return self.Sxy.shape[1]
+
+    @property
+    def class_frequencies(self) -> Float[np.ndarray, " C"]:
+        """Fraction of texts in each class (the diagonal of the uncentred Syy)."""
+        if self.is_centred:
+            raise ValueError("class frequencies are not recoverable from centred moments")
+        return np.diag(self.Syy).copy()
+
+    def centred(self) -> "Moments":
+        """The centred perception moments (a probe with intercept); the next-token side is unchanged."""
+        if self.is_centred:
+            return self
+        if self.x_mean is None:
+            raise ValueError("centred moments need x_mean (the mean pooled vector); extract with it recorded")
+        y_mean = np.diag(self.Syy)
+        return replace(
+            self,
+            Sxx=self.Sxx - np.outer(self.x_mean, self.x_mean),
+            Sxy=self.Sxy - np.outer(self.x_mean, y_mean),
+            Syy=self.Syy - np.outer(y_mean, y_mean),
+            is_centred=True,
+        )
+
+    def with_labels(self, Sxy: Float[np.ndarray, "d C"], Syy: Float[np.ndarray, "C C"]) -> "Moments":
+        """A copy with other label moments (e.g. under permuted labels); the cached arrays stay unchanged."""
+        return replace(self, Sxy=Sxy, Syy=Syy)
+
+    @staticmethod
+    def combine(parts: Sequence["Moments"], weights: Sequence[float] | None = None) -> "Moments":
+        """Exact moments of the union of disjoint parts: the text-count-weighted mean of each moment.
+
+        ``weights`` multiplies each part's text count (a bootstrap draws a part several times).
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("combine needs at least one Moments")
+        weights = np.ones(len(parts)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if weights.shape != (len(parts),) or np.any(weights < 0) or not np.any(weights > 0):
+            raise ValueError("weights must be one non-negative number per part, not all zero")
+        first = parts[0]
+        for other in parts[1:]:
+            if other.Sxx.shape != first.Sxx.shape or other.Sxy.shape != first.Sxy.shape:
+                raise ValueError(f"cannot combine moments of shapes d={first.d}, C={first.n_classes} and d={other.d}, C={other.n_classes}")
+            if other.is_centred or first.is_centred:
+                raise ValueError("combine uncentred moments, then centre the result")
+        counts = np.array([p.n_texts for p in parts], dtype=np.float64) * weights
+        total = counts.sum()
+        merged: dict[str, Any] = {}
+        for name in _ARRAYS:
+            values = [getattr(p, name) for p in parts]
+            if any(v is None for v in values):
+                merged[name] = None
+                continue
+            acc = np.zeros_like(values[0])
+            for count, value in zip(counts, values):
+                if count:
+                    acc += (count / total) * value
+            merged[name] = acc
+        n_tokens = sum(w * p.n_tokens for w, p in zip(weights, parts))
+        return Moments(n_texts=int(round(total)), n_tokens=int(round(n_tokens)), **merged)
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments.combine([self, other])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays that are set, by name."""
+        return {name: getattr(self, name) for name in _ARRAYS if getattr(self, name) is not None}
+
+
+def _check_shapes(m: Moments) -> tuple[int, int]:
+    if m.Sxx.ndim != 2 or m.Sxx.shape[0] != m.Sxx.shape[1]:
+        raise ValueError(f"Sxx must be square (d, d), got shape {m.Sxx.shape}")
+    d = m.Sxx.shape[0]
+    if m.Sxy.ndim != 2 or m.Sxy.shape[0] != d:
+        raise ValueError(f"Sxy must have shape (d={d}, C), got {m.Sxy.shape}")
+    n_classes = m.Sxy.shape[1]
+    expected = {"Syy": (n_classes, n_classes), "C0": (d, d), "C1": (d, d), "Shh": (d, d), "x_mean": (d,)}
+    for name, shape in expected.items():
+        value = getattr(m, name)
+        if value is not None and value.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (d={d}, C={n_classes}), got {value.shape}")
+    return d, n_classes
+
+
+def one_hot(labels: Iterable[int], n_classes: int | None = None) -> Float[np.ndarray, "N C"]:
+    """One-hot matrix of integer labels in 0..C-1, with clear errors for anything else."""
+    labels = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("labels are empty")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise ValueError("labels must be integers 0..C-1; got non-integer or NaN floats")
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers 0..C-1, got dtype {labels.dtype}; map class names to integers first")
+    n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got range {labels.min()}..{labels.max()}")
+    out = np.zeros((labels.size, n_classes))
+    out[np.arange(labels.size), labels] = 1.0
+    return out
+
+
+def perception_moments(
+    features: Float[np.ndarray, "N d"], labels: Iterable[int], n_classes: int | None = None
+) -> dict[str, np.ndarray]:
+    """Sxx, Sxy, Syy and x_mean of pooled features and labels, in float64 (brute force)."""
+    X = np.asarray(features, dtype=np.float64)
+    Y = one_hot(labels, n_classes)
+    if X.ndim != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"features must be (N, d) with N = {Y.shape[0]} labels, got {X.shape}")
+    n = X.shape[0]
+    return {"Sxx": X.T @ X / n, "Sxy": X.T @ Y / n, "Syy": Y.T @ Y / n, "x_mean": X.mean(axis=0)}
+
+
+def moments_from_sequences(
+    sequences: Sequence[Float[np.ndarray, "T d"]],
+    labels: Iterable[int],
+    n_classes: int | None = None,
+) -> Moments:
+    """Moments of SPEC section 2 from explicit per-text states, by the definitions, in float64.
+
+    This is the brute-force computation the streaming extraction is tested against, and the way
+    synthetic tasks become moments. Texts with a single state contribute to pooling only.
+    """
+    sequences = [np.asarray(s, dtype=np.float64) for s in sequences]
+    if not sequences:
+        raise ValueError("no sequences")
+    d = sequences[0].shape[1]
+    C0 = np.zeros((d, d))
+    C1 = np.zeros((d, d))
+    Shh = np.zeros((d, d))
+    pooled = np.empty((len(sequences), d))
+    n_tokens = 0
+    for n, h in enumerate(sequences):
+        if h.ndim != 2 or h.shape[1] != d or h.shape[0] < 1:
+            raise ValueError(f"sequence {n} must be (T >= 1, d={d}), got shape {h.shape}")
+        pooled[n] = h.mean(axis=0)
+        Shh += h.T @ h
+        if h.shape[0] > 1:
+            s = np.cumsum(h, axis=0)[:-1]
+            C0 += s.T @ s
+            C1 += s.T @ h[1:]
+            n_tokens += h.shape[0] - 1
+    N = len(sequences)
+    return Moments(C0=C0 / N, C1=C1 / N, Shh=Shh / N, n_texts=N, n_tokens=n_tokens,
+                   **perception_moments(pooled, labels, n_classes))
+
+
+class LayerMoments(Mapping[int, Moments]):
+    """Moments of several layers of one model on one dataset split, with provenance metadata.
+
+    Behaves as a read-only mapping ``layer -> Moments``. Partial accumulations over disjoint
+    texts merge with ``+`` (or `LayerMoments.combine`); save/load use ``.npz`` without pickle.
+    """
+
+    def __init__(self, layers: Mapping[int, Moments], metadata: Mapping[str, Any] | None = None):
+        if not layers:
+            raise ValueError("LayerMoments needs at least one layer")
+        self._layers = {int(k): v for k, v in sorted(layers.items())}
+        for layer, moments in self._layers.items():
+            if not isinstance(moments, Moments):
+                raise TypeError(f"layer {layer}: expected Moments, got {type(moments).__name__}")
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    def __getitem__(self, layer: int) -> Moments:
+        try:
+            return self._layers[int(layer)]
+        except KeyError:
+            raise KeyError(f"layer {layer} not in these moments (layers {self.layers})") from None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        first = next(iter(self._layers.values()))
+        return (f"LayerMoments(layers={self.layers[0]}..{self.layers[-1]} ({len(self)}), d={first.d}, "
+                f"C={first.n_classes}, n_texts={first.n_texts})")
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._layers)
+
+    @property
+    def n_texts(self) -> int:
+        return next(iter(self._layers.values())).n_texts
+
+    @staticmethod
+    def combine(parts: Sequence["LayerMoments"], weights: Sequence[float] | None = None) -> "LayerMoments":
+        """Layer-wise `Moments.combine`; the metadata of the first part is kept."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("combine needs at least one LayerMoments")
+        layers = parts[0].layers
+        for other in parts[1:]:
+            if other.layers != layers:
+                raise ValueError(f"cannot combine moments of layers {layers} and {other.layers}")
+        merged = {layer: Moments.combine([p[layer] for p in parts], weights) for layer in layers}
+        return LayerMoments(merged, parts[0].metadata)
+
+    def __add__(self, other: "LayerMoments") -> "LayerMoments":
+        return LayerMoments.combine([self, other])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` (no pickle) atomically: the file appears complete or not at all."""
+        from ntps_nb.cache import atomic_path  # the one module that writes to disk
+
+        path = Path(path)
+        payload: dict[str, np.ndarray] = {}
+        for layer, moments in self._layers.items():
+            for name, value in moments.arrays().items():
+                payload[f"layer{layer}/{name}"] = value
+            payload[f"layer{layer}/counts"] = np.array([moments.n_texts, moments.n_tokens, int(moments.is_centred)])
+        payload["__metadata__"] = np.array(json.dumps(self.metadata, sort_keys=True, default=str))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **payload)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LayerMoments":
+        """Read what `save` wrote."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            metadata = json.loads(str(data["__metadata__"]))
+            grouped: dict[int, dict[str, Any]] = {}
+            for key in data.files:
+                if not key.startswith("layer"):
+                    continue
+                layer, name = key[len("layer"):].split("/")
+                grouped.setdefault(int(layer), {})[name] = data[key]
+        layers = {}
+        for layer, arrays in grouped.items():
+            n_texts, n_tokens, centred = (int(v) for v in arrays.pop("counts"))
+            layers[layer] = Moments(n_texts=n_texts, n_tokens=n_tokens, is_centred=bool(centred), **arrays)
+        return cls(layers, metadata)
+
+
+def moment_names() -> tuple[str, ...]:
+    """Names of the array fields of `Moments`."""
+    return tuple(f.name for f in fields(Moments) if f.name in _ARRAYS)

@@ -1,0 +1,316 @@
+"""The Next Token Perception Score, in its two variants (SPEC section 4).
+
+NTPS(k) = ||P_V U||_F^2 / ||U||_F^2: how much of the perception subspace U lies inside the
+next-token subspace V.
+
+``variant="theory"`` (default) is the quantity the excess-loss bounds are about: top-k (descending)
+directions, coordinates whitened by Sxx, only the m = rank(Sxy Sxy^T) directions of U that carry
+label signal, NTPS = ||Pt Ut||_F^2 / min(k, m).
+
+``variant="reference"`` follows the released code step by step: float32 moments, ascending
+eigenvalue order, the first int(f * r) columns for f in np.arange(0.05, 1.0, 0.05), raw
+coordinates, B-normalised U columns. It is ill-posed when rank(Sxy Sxy^T) < r_U (see SPEC
+section 4 and `ntps_nb.diagnostics`); it exists to compare with the published numbers.
+
+Sweeps over all k cost one factorisation: V's columns are orthonormalised once, nested, and
+||P_k u||^2 is a cumulative sum of squared coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Float
+
+from ntps_nb.core.moments import Moments
+from ntps_nb.core.subspaces import (
+    RANGE_RTOL,
+    REFERENCE_ABS_TOL,
+    nested_orthonormal_basis,
+    next_token_subspace,
+    perception_subspace,
+    check_labels,
+    generalized_eigh,
+)
+
+Variant = Literal["theory", "reference"]
+Precision = Literal["float32", "float64"]
+
+#: The 19 fractions of the released code, generated exactly as it does (float rounding included).
+REFERENCE_FRACTIONS = np.arange(0.05, 1.0, 0.05)
+#: Relative residual below which a column of Sxx^{1/2} V adds no new direction to the span.
+SPAN_RTOL = 1e-9
+
+
+def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
+    if (k is None) == (fraction is None):
+        raise ValueError("give exactly one of k (an integer) and fraction (of the retained rank of C0)")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        k = int(fraction * r_V)
+        if k < 1:
+            raise ValueError(f"fraction {fraction} of the retained rank r_V = {r_V} selects no direction")
+    if isinstance(k, (bool, np.bool_)) or int(k) != k:
+        raise ValueError(f"k must be an integer, got {k!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > r_V:
+        raise ValueError(f"k = {k} is beyond the retained rank of C0 (r_V = {r_V})")
+    return k
+
+
+@dataclass(frozen=True, eq=False)
+class TheoryGeometry:
+    """What NTPS_theory, the excess-loss identity and its bounds need for one layer, at every k.
+
+    Attributes
+    ----------
+    eigenvalues : (m,) lambda_1 >= ... >= lambda_m > 0 of M = Sxx^{-1/2} Sxy Sxy^T Sxx^{-1/2}.
+    projected : (r_V, m) ``projected[k-1, i]`` = ||Pt_k u_{i+1}||^2, Pt_k the projector onto
+        span(Sxx^{1/2} V_k) in Sxx-whitened coordinates.
+    r_V : retained rank of C0 (the largest valid k).
+    r_U : retained rank of Sxx.
+    trace_Syy : tr(Syy), the loss of the zero probe.
+    """
+
+    eigenvalues: Float[np.ndarray, " m"]
+    projected: Float[np.ndarray, "rV m"]
+    r_V: int
+    r_U: int
+    trace_Syy: float
+
+    @property
+    def m(self) -> int:
+        """rank(Sxy Sxy^T): the number of label-carrying directions of U (at most C)."""
+        return self.eigenvalues.size
+
+    def k_U(self, k: int) -> int:
+        return min(k, self.m)
+
+    def k(self, k: int | None = None, fraction: float | None = None) -> int:
+        """Validate k, or turn a fraction of r_V into k = int(fraction * r_V)."""
+        return _k_from(k, fraction, self.r_V)
+
+    def ntps(self, k: int) -> float:
+        kU = self.k_U(k)
+        return float(self.projected[k - 1, :kU].sum() / kU)
+
+    def loss(self, k: int) -> float:
+        """In-sample MSE of the least-squares probe on the k next-token features V_k."""
+        return float(self.trace_Syy - self.eigenvalues @ self.projected[k - 1])
+
+    def best_loss(self, k: int) -> float:
+        """In-sample MSE of the best k linear features (the top k_U perception directions)."""
+        return float(self.trace_Syy - self.eigenvalues[: self.k_U(k)].sum())
+
+    def excess_loss(self, k: int) -> float:
+        """DeltaL = L(V_k) - L*, from the identity of SPEC section 5."""
+        kU = self.k_U(k)
+        lam, proj = self.eigenvalues, self.projected[k - 1]
+        return float(lam[:kU] @ (1.0 - proj[:kU]) - lam[kU:] @ proj[kU:])
+
+    def bounds(self, k: int) -> tuple[float, float]:
+        """(lower, upper) = ((lambda_kU - lambda_{k+1}), lambda_1) * k_U * (1 - NTPS)."""
+        kU = self.k_U(k)
+        gap = 1.0 - self.ntps(k)
+        lam_next = self.eigenvalues[k] if k < self.m else 0.0
+        return float((self.eigenvalues[kU - 1] - lam_next) * kU * gap), float(self.eigenvalues[0] * kU * gap)
+
+    def sweep(self) -> pd.DataFrame:
+        ks = np.arange(1, self.r_V + 1)
+        kU = np.minimum(ks, self.m)
+        cum = np.cumsum(self.projected, axis=1)  # sum over the first i+1 directions of U
+        ntps_values = cum[ks - 1, kU - 1] / kU
+        lam = self.eigenvalues
+        lam_cum = np.cumsum(lam)
+        loss = self.trace_Syy - self.projected @ lam
+        best = self.trace_Syy - lam_cum[kU - 1]
+        lam_next = np.where(ks < self.m, lam[np.minimum(ks, self.m - 1)], 0.0)
+        gap = 1.0 - ntps_values
+        return pd.DataFrame({
+            "variant": "theory",
+            "k": ks,
+            "fraction": ks / self.r_V,
+            "k_U": kU,
+            "m": self.m,
+            "r_U": self.r_U,
+            "r_V": self.r_V,
+            "ntps": ntps_values,
+            "excess_loss": loss - best,
+            "lower_bound": (lam[kU - 1] - lam_next) * kU * gap,
+            "upper_bound": lam[0] * kU * gap,
+        })
+
+
+def theory_geometry(
+    moments: Moments, *, centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
+    span_rtol: float = SPAN_RTOL,
+) -> TheoryGeometry:
+    """One factorisation per layer; every k is then a lookup."""
+    if centred:
+        moments = moments.centred()
+    U = perception_subspace(moments, order="descending", tol=tol, rtol=rtol)
+    V = next_token_subspace(moments, order="descending", tol=tol, rtol=rtol)
+    m = U.rank_A
+    if m == 0:
+        raise ValueError("Sxy is zero: the pooled states carry no label signal, U is undefined")
+    # Coordinates in the retained range of Sxx: u_i -> Y[:, i]; Sxx^{1/2} V -> S^{1/2} Q_r^T V.
+    Q_r, s_r = U.range_basis, U.range_eigenvalues
+    u_coords = Q_r.T @ U.whitened[:, :m]
+    v_coords = np.sqrt(s_r)[:, None] * (Q_r.T @ V.vectors)
+    basis, counts = nested_orthonormal_basis(v_coords, rtol=span_rtol)
+    cum = np.cumsum((basis.T @ u_coords) ** 2, axis=0)  # (q, m)
+    projected = np.zeros((V.rank_B, m))
+    has_basis = counts > 0
+    projected[has_basis] = cum[counts[has_basis] - 1]
+    return TheoryGeometry(
+        eigenvalues=U.eigenvalues[:m].copy(),
+        projected=np.clip(projected, 0.0, 1.0),
+        r_V=V.rank_B,
+        r_U=U.rank_B,
+        trace_Syy=float(np.trace(moments.Syy)),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceGeometry:
+    """The released algorithm's U and V (ascending order), with V orthonormalised once (nested)."""
+
+    U: Float[np.ndarray, "d rU"]
+    V: Float[np.ndarray, "d rV"]
+    projected: Float[np.ndarray, "q rU"]  # [j, i]: sum of ||P u||^2 over basis j+1 and columns <= i
+    norms: Float[np.ndarray, " rU"]  # cumulative ||u||^2 over the columns of U
+    counts: np.ndarray
+    precision: str
+
+    @property
+    def r_U(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def r_V(self) -> int:
+        return self.V.shape[1]
+
+    def counts_at(self, fraction: float) -> tuple[int, int]:
+        """(k_U, k_V) = (int(f * r_U), int(f * r_V)), as the released code truncates."""
+        return int(fraction * self.r_U), int(fraction * self.r_V)
+
+    def ntps(self, fraction: float) -> float:
+        kU, kV = self.counts_at(fraction)
+        if kU < 1 or kV < 1:
+            return float("nan")
+        b = self.counts[kV - 1]
+        numerator = float(self.projected[b - 1, kU - 1]) if b > 0 else 0.0
+        return numerator / float(self.norms[kU - 1])
+
+    def sweep(self, fractions: np.ndarray = REFERENCE_FRACTIONS) -> pd.DataFrame:
+        rows = []
+        for f in fractions:
+            kU, kV = self.counts_at(f)
+            rows.append({"variant": "reference", "fraction": float(f), "k_U": kU, "k_V": kV,
+                         "r_U": self.r_U, "r_V": self.r_V, "ntps": self.ntps(f), "precision": self.precision})
+        return pd.DataFrame(rows)
+
+
+def _reference_subspaces(moments: Moments, precision: Precision, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    check_labels(moments)
+    dtype = np.float32 if precision == "float32" else np.float64
+    Sxy = moments.Sxy.astype(dtype)
+    C1 = moments.C1.astype(dtype)
+    U = generalized_eigh(moments.Sxx.astype(dtype), A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype, name="Sxx")
+    V = generalized_eigh(moments.C0.astype(dtype), A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype, name="C0")
+    return U.vectors, V.vectors
+
+
+def reference_geometry(
+    moments: Moments, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL,
+    span_rtol: float = SPAN_RTOL,
+) -> ReferenceGeometry:
+    """The released algorithm's subspaces; all fractions are then lookups."""
+    U, V = _reference_subspaces(moments, precision, tol)
+    basis, counts = nested_orthonormal_basis(V.astype(np.float64), rtol=span_rtol)
+    projected = np.cumsum(np.cumsum((basis.T @ U.astype(np.float64)) ** 2, axis=0), axis=1)
+    norms = np.cumsum(np.sum(U.astype(np.float64) ** 2, axis=0))
+    return ReferenceGeometry(U=U, V=V, projected=projected, norms=norms, counts=counts, precision=precision)
+
+
+def reference_ntps_pinv(
+    moments: Moments, fraction: float, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL
+) -> float:
+    """The released algorithm literally: P = V_f pinv(V_f) per fraction (slow; for checks and benchmarks)."""
+    U, V = _reference_subspaces(moments, precision, tol)
+    kU, kV = int(fraction * U.shape[1]), int(fraction * V.shape[1])
+    if kU < 1 or kV < 1:
+        return float("nan")
+    U_f, V_f = U[:, :kU], V[:, :kV]
+    P = V_f @ np.linalg.pinv(V_f)
+    return float(np.linalg.norm(P @ U_f) ** 2 / np.linalg.norm(U_f) ** 2)
+
+
+def ntps(
+    moments: Moments,
+    k: int | None = None,
+    *,
+    fraction: float | None = None,
+    variant: Variant = "theory",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: Precision = "float32",
+) -> float:
+    """NTPS of one layer at k next-token directions (or a fraction of r_V).
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`.
+    k : number of next-token directions (theory variant).
+    fraction : fraction of the retained rank; the reference variant takes only this.
+    variant : "theory" (default) or "reference" (the released code's algorithm).
+    centred : use the centred perception moments (probe with intercept); theory variant only.
+    tol, rtol : absolute / relative tolerance on the eigenvalues of Sxx and C0 (theory); the
+        reference variant uses the released absolute 1e-8 unless ``tol`` is given.
+    precision : "float32" (as released) or "float64"; reference variant only.
+    """
+    if variant == "theory":
+        geometry = theory_geometry(moments, centred=centred, tol=tol, rtol=rtol)
+        return geometry.ntps(geometry.k(k, fraction))
+    if variant == "reference":
+        if k is not None or fraction is None:
+            raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+        if centred:
+            raise ValueError("the reference variant uses the uncentred moments, as released")
+        geometry = reference_geometry(moments, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
+        kU, kV = geometry.counts_at(fraction)
+        if kU < 1 or kV < 1:
+            raise ValueError(f"fraction {fraction} selects k_U = {kU}, k_V = {kV} directions (r_U = {geometry.r_U}, r_V = {geometry.r_V})")
+        return geometry.ntps(fraction)
+    raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+
+
+def ntps_sweep(
+    moments: Moments,
+    *,
+    variant: Variant = "theory",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: Precision = "float32",
+    fractions: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """NTPS at every k (theory: k = 1..r_V, with the excess loss and its bounds) or at the 19
+    fractions (reference), as a tidy frame, from one factorisation."""
+    if variant == "theory":
+        return theory_geometry(moments, centred=centred, tol=tol, rtol=rtol).sweep()
+    if variant == "reference":
+        geometry = reference_geometry(moments, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
+        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions))
+    raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")

@@ -1,0 +1,192 @@
+"""Generalized eigenproblems behind the perception subspace U and the next-token subspace V.
+
+For a pair (A, B), B symmetric positive semi-definite, restricted to the range of B (SPEC
+section 3): eigendecompose B, keep the eigenvalues above a tolerance, whiten with
+W = Q_r S_r^{-1/2}, eigendecompose W^T A W = Y diag(lambda) Y^T, and return X = W Y, so that
+X^T B X = I. The eigenvalue order is always explicit: ``order="descending"`` (top-k, the theory)
+or ``"ascending"`` (the order `eigh` returns, which the released NTPS code relied on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.linalg
+from jaxtyping import Float
+
+from ntps_nb.core.moments import Moments
+
+Order = Literal["descending", "ascending"]
+
+#: Default relative tolerance: eigenvalues of B at or below ``RANGE_RTOL * max eigenvalue`` are
+#: treated as zero (outside the range of B).
+RANGE_RTOL = 1e-10
+#: Relative tolerance below which an eigenvalue of the reduced problem counts as zero when
+#: computing the rank m of A (e.g. rank(Sxy Sxy^T) <= C).
+A_RANK_RTOL = 1e-10
+#: The absolute tolerance of the released code (eigenvalues of B kept when > 1e-8).
+REFERENCE_ABS_TOL = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class Subspace:
+    """Solution of a generalized eigenproblem (A, B) on the range of B.
+
+    Attributes
+    ----------
+    eigenvalues : (r,) in the stated ``order``.
+    vectors : (d, r) B-orthonormal generalized eigenvectors X = W Y, columns in ``order``.
+    whitened : (d, r) the same directions in B-whitened coordinates, Q_r Y (orthonormal columns).
+    range_basis : (d, r) orthonormal basis Q_r of the retained range of B.
+    range_eigenvalues : (r,) the retained eigenvalues of B (ascending, as eigh gives them).
+    rank_B : r, the number of retained directions of B.
+    rank_A : m, the number of eigenvalues of the reduced problem above ``A_RANK_RTOL * max``.
+    order : "descending" or "ascending".
+    """
+
+    eigenvalues: Float[np.ndarray, " r"]
+    vectors: Float[np.ndarray, "d r"]
+    whitened: Float[np.ndarray, "d r"]
+    range_basis: Float[np.ndarray, "d r"]
+    range_eigenvalues: Float[np.ndarray, " r"]
+    rank_B: int
+    rank_A: int
+    order: Order
+
+    def top(self, k: int) -> Float[np.ndarray, "d k"]:
+        """The first k columns in this subspace's order."""
+        return self.vectors[:, :k]
+
+
+def _range_threshold(evals: np.ndarray, tol: float | None, rtol: float) -> float:
+    if tol is not None:
+        return float(tol)
+    return float(rtol * max(float(evals.max()), 0.0))
+
+
+def generalized_eigh(
+    B: Float[np.ndarray, "d d"],
+    *,
+    A_factor: Float[np.ndarray, "d c"] | None = None,
+    A: Float[np.ndarray, "d d"] | None = None,
+    order: Order = "descending",
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    dtype: type = np.float64,
+    name: str = "B",
+) -> Subspace:
+    """Solve (A, B) on the range of B; A is given as A_factor (A = F F^T) or as A itself.
+
+    Passing the factor keeps the reduced matrix W^T A W = (W^T F)(W^T F)^T exactly positive
+    semi-definite; passing A reproduces the released code, which formed W^T A W. ``tol``
+    (absolute) overrides ``rtol`` (relative to B's largest eigenvalue). ``dtype`` float32
+    reproduces the released code's precision.
+    """
+    if order not in ("descending", "ascending"):
+        raise ValueError(f"order must be 'descending' or 'ascending', got {order!r}")
+    if (A is None) == (A_factor is None):
+        raise ValueError("give exactly one of A and A_factor")
+    B = np.asarray(B, dtype=dtype)
+    given = np.asarray(A if A is not None else A_factor, dtype=dtype)
+    if B.ndim != 2 or B.shape[0] != B.shape[1] or given.ndim != 2 or given.shape[0] != B.shape[0]:
+        raise ValueError(f"shape mismatch: B {B.shape}, A {given.shape}")
+    s, Q = scipy.linalg.eigh(B)  # ascending
+    threshold = _range_threshold(s, tol, rtol)
+    keep = s > threshold
+    r = int(keep.sum())
+    if r == 0:
+        raise ValueError(f"{name} has no eigenvalue above the tolerance {threshold:.3g}: it is zero or negative definite")
+    Q_r, s_r = Q[:, keep], s[keep]
+    W = Q_r / np.sqrt(s_r)
+    if A_factor is not None:
+        G = W.T @ given
+        M = G @ G.T
+    else:
+        M = W.T @ given @ W
+    lam, Y = scipy.linalg.eigh((M + M.T) / 2)  # ascending
+    if order == "descending":
+        lam, Y = lam[::-1], Y[:, ::-1]
+    rank_A = int(np.count_nonzero(lam > A_RANK_RTOL * max(float(lam.max()), np.finfo(np.float64).tiny)))
+    if not np.any(lam > 0):
+        rank_A = 0
+    return Subspace(
+        eigenvalues=lam,
+        vectors=W @ Y,
+        whitened=Q_r @ Y,
+        range_basis=Q_r,
+        range_eigenvalues=s_r,
+        rank_B=r,
+        rank_A=rank_A,
+        order=order,
+    )
+
+
+def check_labels(moments: Moments) -> None:
+    """Raise if the label moments describe fewer than two classes."""
+    if moments.n_classes < 2:
+        raise ValueError(f"the label matrix has {moments.n_classes} column(s); NTPS needs at least 2 classes")
+    if not moments.is_centred:
+        present = int(np.count_nonzero(np.diag(moments.Syy) > 0))
+        if present < 2:
+            raise ValueError(f"the labels contain {present} class(es) with any texts; NTPS needs at least 2 classes")
+
+
+def perception_subspace(
+    moments: Moments, *, order: Order = "descending", tol: float | None = None, rtol: float = RANGE_RTOL,
+    dtype: type = np.float64,
+) -> Subspace:
+    """U: the k features of the pooled states that best predict the labels (A = Sxy Sxy^T, B = Sxx)."""
+    check_labels(moments)
+    return generalized_eigh(moments.Sxx, A_factor=moments.Sxy, order=order, tol=tol, rtol=rtol, dtype=dtype, name="Sxx")
+
+
+def next_token_subspace(
+    moments: Moments, *, order: Order = "descending", tol: float | None = None, rtol: float = RANGE_RTOL,
+    dtype: type = np.float64,
+) -> Subspace:
+    """V: the k features of the prefix sums that best predict the next state (A = C1 C1^T, B = C0)."""
+    if moments.n_tokens == 0:
+        raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
+    return generalized_eigh(moments.C0, A_factor=moments.C1, order=order, tol=tol, rtol=rtol, dtype=dtype, name="C0")
+
+
+def nested_orthonormal_basis(
+    columns: Float[np.ndarray, "d n"], *, rtol: float = 1e-9
+) -> tuple[Float[np.ndarray, "d q"], np.ndarray]:
+    """Orthonormal Q and counts such that span(columns[:, :j]) = span(Q[:, :counts[j-1]]) for all j.
+
+    A column whose residual against the span of the earlier columns is below ``rtol`` times its
+    own norm adds no direction (the span is rank deficient there); plain Householder QR would
+    put an arbitrary direction in its place. Blocks of independent columns go through one QR.
+    """
+    A = np.asarray(columns, dtype=np.float64)
+    d, n = A.shape
+    norms = np.linalg.norm(A, axis=0)
+    basis = np.zeros((d, 0))
+    counts = np.zeros(n, dtype=np.int64)
+    start = 0
+    while start < n:
+        block = A[:, start:]
+        for _ in range(2):  # twice is enough (Kahan-Parlett) for a numerically orthogonal residual
+            block = block - basis @ (basis.T @ block)
+        residual = np.linalg.norm(block, axis=0)
+        dependent = residual <= rtol * np.maximum(norms[start:], np.finfo(np.float64).tiny)
+        if dependent[0]:  # a run of columns already in the span: skip them together
+            run = int(np.argmin(dependent)) if not dependent.all() else dependent.size
+            counts[start:start + run] = basis.shape[1]
+            start += run
+            continue
+        # columns up to the next dependent one (on the current basis) are handled by one QR
+        stop = int(np.argmax(dependent)) if dependent.any() else block.shape[1]
+        stop = min(stop, d - basis.shape[1])  # no more new directions than dimensions left
+        Q, R = np.linalg.qr(block[:, :stop])
+        diag = np.abs(np.diag(R))
+        bad = diag <= rtol * norms[start:start + stop]
+        take = int(np.argmax(bad)) if bad.any() else stop
+        take = max(take, 1)
+        basis = np.hstack([basis, Q[:, :take]])
+        counts[start:start + take] = basis.shape[1] - take + 1 + np.arange(take)
+        start += take
+    return basis, counts

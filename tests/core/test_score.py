@@ -1,0 +1,226 @@
+"""NTPS, both variants, against independent computations and invariants."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.stats import ortho_group
+
+from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
+from tests.core.conftest import random_moments, random_spd
+
+REFERENCE_MATCH = 1e-10
+
+
+def released_algorithm(m: Moments, fraction: float, dtype=np.float64) -> float:
+    """A plain re-implementation of the released NTPS code, written from SPEC section 4:
+    ascending eigh order, absolute 1e-8 cut, int(f * r) truncation, pinv projector."""
+    Sxx, Sxy, C0, C1 = (np.asarray(a, dtype=dtype) for a in (m.Sxx, m.Sxy, m.C0, m.C1))
+
+    def directions(A, B):
+        s, Q = scipy.linalg.eigh(B)
+        kept = s > 1e-8
+        W = Q[:, kept] @ np.diag(1.0 / np.sqrt(s[kept]))
+        _, Y = scipy.linalg.eigh(W.T @ A @ W)
+        return W @ Y
+
+    U = directions(Sxy @ Sxy.T, Sxx)
+    V = directions(C1 @ C1.T, C0)
+    U_f = U[:, : int(fraction * U.shape[1])]
+    V_f = V[:, : int(fraction * V.shape[1])]
+    projector = V_f @ np.linalg.pinv(V_f)
+    return float(np.linalg.norm(projector @ U_f) ** 2 / np.linalg.norm(U_f) ** 2)
+
+
+def full_rank_label_moments(rng, d=6, n_classes=9):
+    """C >= d so that Sxy Sxy^T has full rank: the only case where the released algorithm is
+    well-posed and can be compared across implementations (SPEC section 4)."""
+    return random_moments(rng, d=d, n_classes=n_classes)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reference_variant_equals_plain_reimplementation(seed):
+    m = full_rank_label_moments(np.random.default_rng(seed))
+    sweep = ntps_sweep(m, variant="reference", precision="float64")
+    for row in sweep.itertuples():
+        expected = released_algorithm(m, row.fraction) if row.k_U >= 1 and row.k_V >= 1 else np.nan
+        np.testing.assert_allclose(row.ntps, expected, rtol=REFERENCE_MATCH, atol=REFERENCE_MATCH)
+    single = ntps(m, fraction=0.5, variant="reference", precision="float64")
+    assert single == pytest.approx(released_algorithm(m, 0.5), abs=REFERENCE_MATCH)
+
+
+def test_reference_variant_float32_is_close_to_released_float32(rng):
+    m = full_rank_label_moments(rng)
+    for fraction in (0.35, 0.5, 0.95):
+        ours = ntps(m, fraction=fraction, variant="reference")
+        released = released_algorithm(m, fraction, dtype=np.float32)
+        assert ours == pytest.approx(released, abs=1e-4)
+        assert reference_ntps_pinv(m, fraction) == pytest.approx(released, abs=1e-4)
+
+
+def test_reference_fractions_are_generated_like_the_released_code(rng):
+    sweep = ntps_sweep(random_moments(rng, d=20), variant="reference", precision="float64")
+    np.testing.assert_array_equal(sweep.fraction.to_numpy(), np.arange(0.05, 1.0, 0.05))
+    # float rounding decides some counts: 0.15 * 20 = 3.0000000000000004 -> 3, 0.35 * 20 -> 7
+    assert list(sweep.k_V) == [int(f * 20) for f in np.arange(0.05, 1.0, 0.05)]
+
+
+def brute_force_theory_ntps(m: Moments, k: int) -> float:
+    """NTPS_theory from explicit matrix square roots and an explicit projector."""
+    s, Q = np.linalg.eigh(m.Sxx)
+    half = Q @ np.diag(np.sqrt(s)) @ Q.T
+    inv_half = Q @ np.diag(1 / np.sqrt(s)) @ Q.T
+    lam, Y = np.linalg.eigh(inv_half @ m.Sxy @ m.Sxy.T @ inv_half)
+    order = np.argsort(lam)[::-1]
+    lam, Y = lam[order], Y[:, order]
+    rank = int(np.sum(lam > 1e-10 * lam[0]))
+    t, R = np.linalg.eigh(m.C0)
+    C0_inv_half = R @ np.diag(1 / np.sqrt(t)) @ R.T
+    mu, Z = np.linalg.eigh(C0_inv_half @ m.C1 @ m.C1.T @ C0_inv_half)
+    V = C0_inv_half @ Z[:, np.argsort(mu)[::-1]]
+    basis = half @ V[:, :k]
+    projector = basis @ np.linalg.pinv(basis)
+    kU = min(k, rank)
+    return float(np.linalg.norm(projector @ Y[:, :kU]) ** 2 / kU)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_theory_variant_matches_brute_force_and_lies_in_unit_interval(seed):
+    m = random_moments(np.random.default_rng(seed), d=7, n_classes=3)
+    for k in range(1, 8):
+        value = ntps(m, k)
+        assert 0.0 <= value <= 1.0
+        assert value == pytest.approx(brute_force_theory_ntps(m, k), abs=1e-10)
+
+
+def planted(rng, d=10, k=4, n_classes=3, inside=True):
+    """Moments where Sxx^{-1/2} Sxy lies inside (or orthogonal to) span(Sxx^{1/2} V_k)."""
+    Sxx = random_spd(rng, d)
+    s, Q = np.linalg.eigh(Sxx)
+    half = Q @ np.diag(np.sqrt(s)) @ Q.T
+    Qv = ortho_group.rvs(d, random_state=rng)
+    C1 = Qv @ np.diag(np.linspace(3.0, 0.5, d))  # C0 = I, so V_k = Qv[:, :k]
+    span = half @ Qv[:, :k]
+    if inside:
+        whitened_signal = span @ rng.standard_normal((k, n_classes))
+    else:
+        complement = scipy.linalg.null_space(span.T)
+        whitened_signal = complement @ rng.standard_normal((d - k, n_classes))
+    Sxy = half @ whitened_signal
+    return Moments(Sxx=Sxx, Sxy=Sxy, Syy=np.eye(n_classes) / n_classes, C0=np.eye(d), C1=C1,
+                   n_texts=50, n_tokens=500)
+
+
+def test_theory_is_one_when_U_inside_V_and_zero_when_orthogonal(rng):
+    assert ntps(planted(rng, inside=True), 4) == pytest.approx(1.0, abs=1e-12)
+    assert ntps(planted(rng, inside=False), 4) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_theory_invariant_to_rotation_of_hidden_space_and_label_permutation(rng):
+    m = random_moments(rng, d=9, n_classes=4)
+    R = ortho_group.rvs(9, random_state=rng)
+    rotated = Moments(Sxx=R @ m.Sxx @ R.T, Sxy=R @ m.Sxy, Syy=m.Syy, C0=R @ m.C0 @ R.T,
+                      C1=R @ m.C1 @ R.T, n_texts=m.n_texts, n_tokens=m.n_tokens)
+    perm = rng.permutation(4)
+    permuted = m.with_labels(m.Sxy[:, perm], m.Syy[np.ix_(perm, perm)])
+    base = ntps_sweep(m).ntps.to_numpy()
+    np.testing.assert_allclose(ntps_sweep(rotated).ntps, base, atol=1e-9)
+    np.testing.assert_allclose(ntps_sweep(permuted).ntps, base, atol=1e-12)
+
+
+def test_sweep_equals_single_k_for_both_variants(rng):
+    m = random_moments(rng, d=12, n_classes=3)
+    sweep = ntps_sweep(m)
+    assert list(sweep.k) == list(range(1, 13))
+    for row in sweep.itertuples():
+        assert row.ntps == ntps(m, int(row.k))
+        assert row.k_U == min(row.k, 3)
+    ref = ntps_sweep(m, variant="reference")
+    for row in ref.itertuples():
+        if row.k_U >= 1 and row.k_V >= 1:
+            assert row.ntps == ntps(m, fraction=row.fraction, variant="reference")
+        else:
+            assert np.isnan(row.ntps)
+
+
+def test_fraction_selects_int_of_fraction_times_rank(rng):
+    m = random_moments(rng, d=10)
+    assert ntps(m, fraction=0.35) == ntps(m, 3)
+    assert ntps(m, fraction=1.0) == ntps(m, 10)
+
+
+def test_rank_deficient_pooled_states_still_give_nested_projections(rng):
+    """With N < d texts Sxx has rank N < r_V: columns of Sxx^{1/2} V beyond the rank add no
+    direction, and NTPS must reach 1 (U lies in the range of Sxx) instead of using arbitrary ones."""
+    d, N, C = 12, 6, 2
+    X = rng.standard_normal((N, d))
+    labels = np.arange(N) % C
+    Y = np.eye(C)[labels]
+    m = Moments(Sxx=X.T @ X / N, Sxy=X.T @ Y / N, Syy=Y.T @ Y / N, C0=random_spd(rng, d),
+                C1=rng.standard_normal((d, d)), n_texts=N, n_tokens=60)
+    sweep = ntps_sweep(m)
+    assert sweep.r_U.iloc[0] == N and sweep.r_V.iloc[0] == d
+    assert sweep.ntps.iloc[-1] == pytest.approx(1.0, abs=1e-9)
+    assert np.all(np.diff(sweep.ntps.to_numpy()[C - 1:]) >= -1e-12)  # nested projectors: monotone once k >= m
+    for k in (3, 8, 12):
+        assert ntps(m, k) == pytest.approx(brute_force_theory_ntps_pinv_sxx(m, k), abs=1e-9)
+
+
+def brute_force_theory_ntps_pinv_sxx(m: Moments, k: int) -> float:
+    """NTPS_theory for singular Sxx: square roots restricted to the range of Sxx."""
+    s, Q = np.linalg.eigh(m.Sxx)
+    kept = s > 1e-10 * s.max()
+    Qr, sr = Q[:, kept], s[kept]
+    half = Qr @ np.diag(np.sqrt(sr)) @ Qr.T
+    inv_half = Qr @ np.diag(1 / np.sqrt(sr)) @ Qr.T
+    lam, Y = np.linalg.eigh(inv_half @ m.Sxy @ m.Sxy.T @ inv_half)
+    order = np.argsort(lam)[::-1]
+    lam, Y = lam[order], Y[:, order]
+    rank = int(np.sum(lam > 1e-10 * lam[0]))
+    t, R = np.linalg.eigh(m.C0)
+    C0_inv_half = R @ np.diag(1 / np.sqrt(t)) @ R.T
+    mu, Z = np.linalg.eigh(C0_inv_half @ m.C1 @ m.C1.T @ C0_inv_half)
+    V = C0_inv_half @ Z[:, np.argsort(mu)[::-1]]
+    basis = half @ V[:, :k]
+    projector = basis @ np.linalg.pinv(basis, rcond=1e-9)
+    kU = min(k, rank)
+    return float(np.linalg.norm(projector @ Y[:, :kU]) ** 2 / kU)
+
+
+def test_bad_k_and_fraction_raise_clear_errors(rng):
+    m = random_moments(rng, d=6)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        ntps(m, 0)
+    with pytest.raises(ValueError, match="beyond the retained rank"):
+        ntps(m, 7)
+    with pytest.raises(ValueError, match="exactly one of k"):
+        ntps(m)
+    with pytest.raises(ValueError, match="selects no direction"):
+        ntps(m, fraction=0.1)
+    with pytest.raises(ValueError, match="fraction="):
+        ntps(m, 3, variant="reference")
+    with pytest.raises(ValueError, match="selects k_U = 0"):
+        ntps(m, fraction=0.1, variant="reference")
+    with pytest.raises(ValueError, match="variant"):
+        ntps(m, 2, variant="released")
+
+
+def test_one_class_and_zero_signal_raise(rng):
+    m = random_moments(rng, d=5, n_classes=2)
+    one_class = m.with_labels(m.Sxy, np.diag([1.0, 0.0]))
+    with pytest.raises(ValueError, match="1 class"):
+        ntps(one_class, 2)
+    single_column = Moments(Sxx=m.Sxx, Sxy=m.Sxy[:, :1], Syy=np.ones((1, 1)), C0=m.C0, C1=m.C1,
+                            n_texts=10, n_tokens=10)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ntps(single_column, 2)
+    with pytest.raises(ValueError, match="no label signal"):
+        ntps(m.with_labels(np.zeros_like(m.Sxy), m.Syy), 2)
+
+
+def test_rank_deficient_c0_limits_k(rng):
+    m = random_moments(rng, d=6)
+    low_rank = Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=random_spd(rng, 6, rank=4), C1=m.C1,
+                       n_texts=10, n_tokens=10)
+    assert theory_geometry(low_rank).r_V == 4
+    with pytest.raises(ValueError, match="r_V = 4"):
+        ntps(low_rank, 5)
