@@ -1,0 +1,47 @@
+"""Shared fixtures: offline Hugging Face settings and session-wide tiny and small models.
+
+The Hub is never reachable here, so the offline switches are set before anything imports
+huggingface_hub (it reads them once, at import). Model fixtures import ntps_nb.models lazily,
+so the pure-math tests under tests/core never import torch or transformers.
+
+The model fixtures are shared by the whole session: use them read-only. A test that changes a
+model (LoRA, in-place edits) loads its own copy with ``ntps_nb.models.load_model``.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+
+def _load(name):
+    from ntps_nb.models import load_model
+
+    return load_model(name, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(model, tokenizer, info) of ``tiny-llama``: 2 layers, d=64, SmolLM2 tokenizer, seed 0."""
+    return _load("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """(model, tokenizer, info) of ``tiny-gpt2``: 2 layers, d=64, SmolLM2 tokenizer, seed 0."""
+    return _load("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer, info) of pretrained ``smollm2-135m`` (converts the GGUF on first use)."""
+    return _load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_random():
+    """(model, tokenizer, info) of the ``smollm2-135m:random`` control, seed 0."""
+    return _load("smollm2-135m:random")
