@@ -1,0 +1,325 @@
+"""Peer transferability scores: what NTPS must beat to be worth its theory.
+
+Every label-based peer has the call shape ``(features (N, d), labels (N,)) -> float`` and works
+in float64 on the same pooled features the probes see:
+
+- `logme` (You et al. 2021): the maximised log evidence of Bayesian linear regression of each
+  one-hot target on the features, per text, averaged over classes;
+- `h_score` (Bao et al. 2019): tr(cov(f)^+ cov(E[f | y])), and `h_score_ledoit_wolf`, the same
+  with a Ledoit-Wolf shrunk covariance (for d comparable to N);
+- `knn_accuracy`: k-nearest-neighbour accuracy, leave-one-out (default) or on a seeded
+  stratified held-out split;
+- `rankme` (Garrido et al. 2023): the effective rank of the features, label-free (labels ignored).
+
+`pca_overlap_ntps` is a control for NTPS itself: the same score with the next-token subspace
+V_k replaced by the top-k principal directions of the token states. If it predicts as well as
+NTPS, the next-token structure adds nothing beyond the variance structure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+from jaxtyping import Float
+from sklearn.covariance import LedoitWolf
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import NearestNeighbors
+
+from ntps_nb.core.moments import Moments, one_hot
+from ntps_nb.core.score import RANGE_RTOL, theory_geometry
+
+#: Relative change of alpha and beta below which the LogME fixed-point iteration stops.
+LOGME_RTOL = 1e-10
+#: Iteration cap of the LogME fixed point (it typically converges in tens of steps).
+LOGME_MAX_ITER = 10_000
+#: Relative cutoff of the pseudo-inverse of cov(f) in the H-score (eigenvalues below it are dropped).
+HSCORE_RTOL = 1e-10
+#: The epsilon RankMe adds to each normalised singular value (Garrido et al. 2023).
+RANKME_EPS = 1e-7
+#: Fraction held out by ``knn_accuracy(mode="heldout")``.
+KNN_TEST_SIZE = 0.3
+
+
+class PeerConvergenceWarning(UserWarning):
+    """An iterative peer score stopped at its iteration cap."""
+
+
+def _check(features, labels, *, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    X = np.asarray(features, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] < 2 or X.shape[1] < 1:
+        raise ValueError(f"features must be (N >= 2, d >= 1), got shape {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"features have NaN/inf in {int(np.sum(~np.all(np.isfinite(X), axis=1)))} row(s)")
+    if not need_labels:
+        return X, None
+    if labels is None:
+        raise ValueError("this score needs labels")
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise ValueError(f"labels must be one per feature row ({X.shape[0]}), got shape {y.shape}")
+    y = np.argmax(one_hot(y), axis=1)  # validates integer labels in 0..C-1
+    present = np.unique(y)
+    if present.size < 2:
+        raise ValueError(f"labels contain a single class ({present[0]}); the score needs at least 2")
+    return X, y
+
+
+# -- LogME -----------------------------------------------------------------------------------------
+
+def _logme_one_target(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: int, rtol: float,
+                      max_iter: int) -> dict[str, float]:
+    """Maximise the evidence of y = F w + noise, w ~ N(0, I / alpha), noise ~ N(0, 1 / beta), given
+    F's singular values s (r of them) and the coordinates z = U^T y of y on F's left singular vectors."""
+    sigma = s**2
+    residual_out = max(y_norm2 - float(z @ z), 0.0)  # the part of y outside the span of F
+    alpha, beta = 1.0, 1.0
+    converged = False
+    for iteration in range(1, max_iter + 1):
+        shrink = alpha + beta * sigma
+        gamma = float(np.sum(beta * sigma / shrink))  # effective number of parameters
+        m2 = float(np.sum((beta * s * z / shrink) ** 2))  # ||m||^2
+        res2 = float(np.sum((alpha * z / shrink) ** 2)) + residual_out  # ||F m - y||^2
+        if m2 <= 0 or res2 <= 0:
+            raise ValueError("LogME is unbounded: the target is orthogonal to the features or fitted exactly")
+        new_alpha, new_beta = gamma / m2, (n - gamma) / res2
+        change = max(abs(new_alpha - alpha) / alpha, abs(new_beta - beta) / beta)
+        alpha, beta = new_alpha, new_beta
+        if change < rtol:
+            converged = True
+            break
+    shrink = alpha + beta * sigma
+    m2 = float(np.sum((beta * s * z / shrink) ** 2))
+    res2 = float(np.sum((alpha * z / shrink) ** 2)) + residual_out
+    log_det = float(np.sum(np.log(shrink))) + (d - s.size) * np.log(alpha)
+    evidence = (n * np.log(beta) + d * np.log(alpha) - n * np.log(2 * np.pi) - beta * res2 - alpha * m2 - log_det) / 2
+    return {"evidence": float(evidence / n), "alpha": float(alpha), "beta": float(beta), "n_iter": iteration,
+            "converged": converged}
+
+
+def logme_per_class(
+    features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = LOGME_RTOL,
+    max_iter: int = LOGME_MAX_ITER,
+) -> pd.DataFrame:
+    """LogME of each one-hot target: one row per class with ``evidence`` (log evidence / N at the
+    optimum), the optimal ``alpha`` (weight precision) and ``beta`` (noise precision), ``n_iter``
+    and ``converged``. Features are used as given (no centring, no intercept), as in the paper."""
+    X, y = _check(features, labels)
+    n, d = X.shape
+    U, s, _ = np.linalg.svd(X, full_matrices=False)
+    keep = s > RANGE_RTOL * s[0]
+    U, s = U[:, keep], s[keep]
+    Y = one_hot(y)
+    Z = U.T @ Y
+    rows = []
+    for c in range(Y.shape[1]):
+        row = _logme_one_target(s, Z[:, c], float(Y[:, c] @ Y[:, c]), n, d, rtol, max_iter)
+        if not row["converged"]:
+            warnings.warn(f"LogME for class {c} stopped at max_iter={max_iter} before the relative change fell "
+                          f"below {rtol:g}", PeerConvergenceWarning, stacklevel=2)
+        rows.append({"class": c, **row})
+    return pd.DataFrame(rows)
+
+
+def logme(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = LOGME_RTOL,
+          max_iter: int = LOGME_MAX_ITER) -> float:
+    """LogME (You et al. 2021): the maximum over (alpha, beta) of the per-text log evidence of the
+    Bayesian linear regression of each one-hot target on the features, averaged over classes.
+
+    The maximum is found by MacKay's fixed point, with gamma = sum_i beta s_i^2 / (alpha + beta s_i^2):
+    alpha <- gamma / ||m||^2, beta <- (N - gamma) / ||F m - y||^2, from alpha = beta = 1, all
+    terms evaluated on F's singular values (one SVD for every class).
+    """
+    return float(logme_per_class(features, labels, rtol=rtol, max_iter=max_iter)["evidence"].mean())
+
+
+# -- H-score ---------------------------------------------------------------------------------------
+
+def _between_class_covariance(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cov(E[f | y]): the covariance of each text's class-mean feature vector."""
+    centred = X - X.mean(axis=0)
+    counts = np.bincount(y)
+    present = counts > 0
+    sums = np.zeros((counts.size, X.shape[1]))
+    np.add.at(sums, y, centred)
+    means = sums[present] / counts[present, None]
+    return (means * (counts[present, None] / X.shape[0])).T @ means
+
+
+def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = HSCORE_RTOL) -> float:
+    """H-score (Bao et al. 2019): tr(cov(f)^+ cov(E[f | y])), covariances with 1/N.
+
+    The pseudo-inverse drops eigenvalues of cov(f) below ``rtol`` times the largest (the class
+    means lie in the range of cov(f), so nothing label-related is lost). Invariant to any
+    invertible affine map of the features; at most C - 1.
+    """
+    X, y = _check(features, labels)
+    cov = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
+    between = _between_class_covariance(X, y)
+    s, Q = scipy.linalg.eigh(cov)
+    if s[-1] <= 0:
+        raise ValueError("features are constant: cov(f) is zero")
+    keep = s > rtol * s[-1]
+    Q, s = Q[:, keep], s[keep]
+    return float(np.sum(np.einsum("ij,jk,ki->i", Q.T, between, Q) / s))
+
+
+def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int], *,
+                        scale_between: bool = True) -> float:
+    """H-score with cov(f) replaced by its Ledoit-Wolf shrinkage estimate (shrinkage delta toward
+    mu I, mu = tr(cov) / d), and cov(E[f | y]) scaled by (1 - delta) to match:
+    tr(((1 - delta) cov + delta mu I)^-1 (1 - delta) cov(E[f | y])).
+
+    The shrunk covariance is invertible, so no pseudo-inverse cutoff is needed; with delta = 0 it
+    is `h_score`. This is our reading of the shrinkage-based H-score of Ibrahim et al. (2022);
+    ``scale_between=False`` leaves out the (1 - delta) factor (plain plug-in of the shrunk
+    covariance). For nearly isotropic features delta is large and the two differ by that factor.
+    """
+    X, y = _check(features, labels)
+    estimator = LedoitWolf(assume_centered=False, store_precision=False).fit(X)
+    shrunk, delta = estimator.covariance_, float(estimator.shrinkage_)
+    between = _between_class_covariance(X, y)
+    if not np.any(np.diag(shrunk) > 0):
+        raise ValueError("features are constant: cov(f) is zero")
+    solved = scipy.linalg.solve(shrunk, between, assume_a="pos")
+    return float((1.0 - delta if scale_between else 1.0) * np.trace(solved))
+
+
+# -- k-NN accuracy ---------------------------------------------------------------------------------
+
+def _vote(neighbour_labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Majority vote per row; ties go to the tied class of the nearest neighbour (label-order free)."""
+    counts = np.zeros((neighbour_labels.shape[0], n_classes), dtype=np.int64)
+    rows = np.arange(neighbour_labels.shape[0])[:, None]
+    np.add.at(counts, (np.broadcast_to(rows, neighbour_labels.shape), neighbour_labels), 1)
+    best = counts.max(axis=1, keepdims=True)
+    is_winner = np.take_along_axis(counts, neighbour_labels, axis=1) == best
+    first = np.argmax(is_winner, axis=1)  # neighbours are sorted nearest first
+    return neighbour_labels[np.arange(neighbour_labels.shape[0]), first]
+
+
+def knn_accuracy(
+    features: Float[np.ndarray, "N d"], labels: Sequence[int], *, k: int = 5,
+    metric: Literal["euclidean", "cosine"] = "euclidean", mode: Literal["loo", "heldout"] = "loo",
+    seed: int = 0, test_size: float = KNN_TEST_SIZE,
+) -> float:
+    """Accuracy of a k-nearest-neighbour majority vote on the features.
+
+    ``mode="loo"`` (default, deterministic): every text is classified by its k nearest OTHER
+    texts. ``mode="heldout"``: a stratified split (``test_size``, ``seed``); test texts vote with
+    their k nearest training texts. Ties in the vote go to the tied class whose member is nearest.
+    Euclidean distances make the score invariant to rotations; "cosine" also to scaling.
+    """
+    X, y = _check(features, labels)
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    n_classes = int(y.max()) + 1
+    if mode == "loo":
+        if k > X.shape[0] - 1:
+            raise ValueError(f"k = {k} neighbours need at least {k + 1} texts, got {X.shape[0]}")
+        index = NearestNeighbors(n_neighbors=int(k), metric=metric, algorithm="brute").fit(X)
+        _, neighbours = index.kneighbors()  # X=None: a point is not its own neighbour
+        predicted, truth = _vote(y[neighbours], n_classes), y
+    elif mode == "heldout":
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+        if k > Xtr.shape[0]:
+            raise ValueError(f"k = {k} neighbours but only {Xtr.shape[0]} training texts")
+        index = NearestNeighbors(n_neighbors=int(k), metric=metric, algorithm="brute").fit(Xtr)
+        _, neighbours = index.kneighbors(Xte)
+        predicted, truth = _vote(ytr[neighbours], n_classes), yte
+    else:
+        raise ValueError(f"mode must be 'loo' or 'heldout', got {mode!r}")
+    return float(np.mean(predicted == truth))
+
+
+# -- RankMe ----------------------------------------------------------------------------------------
+
+def rankme(features: Float[np.ndarray, "N d"], labels: Sequence[int] | None = None, *,
+           eps: float = RANKME_EPS) -> float:
+    """RankMe (Garrido et al. 2023): exp(-sum_k p_k log p_k), p_k = s_k / ||s||_1 + eps, over the
+    singular values s of the (uncentred) feature matrix. Label-free: ``labels`` is accepted for
+    the common call shape and ignored. Between 1 and min(N, d); d for an orthogonal matrix."""
+    X, _ = _check(features, labels, need_labels=False)
+    s = np.linalg.svd(X, compute_uv=False)
+    if s.sum() <= 0:
+        raise ValueError("features are all zero: RankMe is undefined")
+    p = s / s.sum() + eps
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+# -- PCA-overlap control for NTPS ------------------------------------------------------------------
+
+def _principal_moments(moments: Moments, rtol: float) -> tuple[Moments, int]:
+    """Moments whose next-token problem (A = C1 C1^T, B = C0) is PCA of Shh: C0 = I, C1 = Shh^{1/2},
+    so V's directions are Shh's eigenvectors in descending order. Returns them and rank(Shh)."""
+    if moments.Shh is None:
+        raise ValueError("pca_overlap_ntps needs moments.Shh (the second moment of the token states); "
+                         "these moments were extracted without it")
+    s, Q = scipy.linalg.eigh(moments.Shh)
+    if s[-1] <= 0:
+        raise ValueError("Shh is zero: the token states carry no variance")
+    rank = int(np.count_nonzero(s > rtol * s[-1]))
+    root = (Q * np.sqrt(np.clip(s, 0.0, None))) @ Q.T
+    # n_tokens only guards next_token_subspace against empty C0/C1; Shh exists even for 1-token texts
+    pca = replace(moments, C0=np.eye(moments.d), C1=root, n_tokens=max(moments.n_tokens, 1))
+    return pca, rank
+
+
+def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: float = RANGE_RTOL) -> float:
+    """NTPS_theory(k) with V_k replaced by the top-k principal directions of the token states
+    (eigenvectors of the uncentred Shh, descending): a control that has the variance structure
+    of the hidden states but no next-token prediction.
+
+    Uses the core's `theory_geometry` (same whitening by Sxx, same k_U = min(k, m)). ``k`` must
+    not exceed rank(Shh): further principal directions are arbitrary.
+    """
+    pca, rank = _principal_moments(moments, rtol)
+    if isinstance(k, (bool, np.bool_)) or int(k) != k or not 1 <= int(k) <= rank:
+        raise ValueError(f"k must be an integer in 1..rank(Shh) = {rank}, got {k!r}")
+    return theory_geometry(pca, centred=centred, rtol=rtol).ntps(int(k))
+
+
+def pca_overlap_sweep(moments: Moments, *, centred: bool = False, rtol: float = RANGE_RTOL) -> pd.DataFrame:
+    """`pca_overlap_ntps` at every k = 1..rank(Shh), as ``ntps_sweep`` rows with variant "pca_overlap"
+    (the excess-loss columns are those of the probe on the principal directions)."""
+    pca, rank = _principal_moments(moments, rtol)
+    sweep = theory_geometry(pca, centred=centred, rtol=rtol).sweep()
+    sweep = sweep[sweep["k"] <= rank].copy()
+    sweep["variant"] = "pca_overlap"
+    sweep["r_V"] = rank
+    sweep["fraction"] = sweep["k"] / rank
+    return sweep.reset_index(drop=True)
+
+
+# -- all peers at once -----------------------------------------------------------------------------
+
+#: name -> score with the common call shape (features, labels) -> float
+PEERS: dict[str, Callable[..., float]] = {
+    "logme": logme,
+    "h_score": h_score,
+    "h_score_lw": h_score_ledoit_wolf,
+    "knn_accuracy": knn_accuracy,
+    "rankme": rankme,
+}
+
+
+def peer_scores(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, knn_k: int = 5,
+                peers: Sequence[str] | None = None, **provenance: Any) -> dict[str, Any]:
+    """Every peer (or those named) on one layer's features, as one tidy row with provenance
+    columns (``peer_scores(X, y, model=..., dataset=..., layer=...)``)."""
+    names = list(PEERS) if peers is None else list(peers)
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}; available: {sorted(PEERS)}")
+    row: dict[str, Any] = dict(provenance)
+    for name in names:
+        row[name] = PEERS[name](features, labels, k=knn_k) if name == "knn_accuracy" else PEERS[name](features, labels)
+    row["knn_k"] = knn_k
+    row["knn_mode"] = "loo"
+    return row
