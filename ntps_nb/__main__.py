@@ -1,0 +1,3 @@
+from ntps_nb.cli import main
+
+raise SystemExit(main())
