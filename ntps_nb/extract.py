@@ -1,0 +1,443 @@
+"""The streaming pass: a causal LM and a labelled text set -> NTPS moments of every layer.
+
+One forward pass per batch with ``output_hidden_states=True``; per layer, the perception moments
+(mean-pooled states vs labels), the next-token moments (prefix sums vs next state, SPEC section 2)
+and optionally the token second moment are accumulated with one matmul each over the valid
+positions of the batch. No token state outlives its batch: memory is O(L d^2), independent of
+the number and length of texts. Padding goes on either side with explicit position ids, so the
+side never changes a moment. Under ``torch.distributed`` each rank takes its share of the texts
+and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ntps_nb.cache import atomic_path, cache_dir, content_key
+from ntps_nb.core.moments import LayerMoments, Moments
+
+Precision = Literal["float32", "float64"]
+
+#: Version of the extraction algorithm; part of every cache key.
+EXTRACT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSet:
+    """Texts with integer labels 0..C-1 and class names, as extraction consumes them."""
+
+    texts: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """sha256 of the texts and labels in order: the dataset part of a cache key."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for text, label in zip(self.texts, self.labels):
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            digest.update(b"\x00" + str(int(label)).encode() + b"\x01")
+        digest.update(json.dumps(self.class_names).encode())
+        return digest.hexdigest()
+
+
+def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
+    """Accept a ``datasets.Dataset`` (columns text/label), a pandas DataFrame, or (texts, labels)."""
+    class_names: list[str] | None = None
+    if isinstance(data, TextSet):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        texts, labels = data
+    elif hasattr(data, "column_names") and hasattr(data, "features"):  # datasets.Dataset
+        if "text" not in data.column_names or "label" not in data.column_names:
+            raise ValueError(f"the dataset needs columns 'text' and 'label', has {data.column_names}")
+        columns = data[:]
+        texts, labels = columns["text"], columns["label"]
+        feature = data.features["label"]
+        if hasattr(feature, "names"):
+            class_names = list(feature.names)
+    elif hasattr(data, "columns") and hasattr(data, "iloc"):  # pandas
+        texts, labels = data["text"].tolist(), data["label"].to_numpy()
+    else:
+        raise TypeError(f"expected a datasets.Dataset, a DataFrame or (texts, labels); got {type(data).__name__}")
+    texts = list(texts)
+    labels = np.asarray(labels)
+    if len(texts) == 0:
+        raise ValueError("the dataset is empty")
+    if labels.shape != (len(texts),):
+        raise ValueError(f"{len(texts)} texts but labels of shape {labels.shape}")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"texts must be strings; entries {bad[:10]} are not")
+    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers 0..C-1, got dtype {labels.dtype}")
+    if class_names is None:
+        C = int(labels.max()) + 1 if n_classes is None else int(n_classes)
+        class_names = [str(c) for c in range(C)]
+    elif n_classes is not None and n_classes != len(class_names):
+        raise ValueError(f"n_classes={n_classes} but the dataset names {len(class_names)} classes")
+    C = len(class_names)
+    if labels.min() < 0 or labels.max() >= C:
+        raise ValueError(f"labels must lie in 0..{C - 1}, got range {labels.min()}..{labels.max()}")
+    return TextSet(texts=texts, labels=labels.astype(np.int64), class_names=class_names)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, special tokens as the tokenizer adds them."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    return [list(ids) for ids in encoded]
+
+
+@dataclasses.dataclass
+class Extraction:
+    """Result of one pass: moments of every layer, optional pooled features and shard moments."""
+
+    moments: LayerMoments
+    labels: np.ndarray
+    class_names: list[str]
+    lengths: np.ndarray  # valid positions per text (after drop_bos and truncation)
+    pooled: dict[int, np.ndarray] | None = None  # layer -> (N, d), texts in dataset order
+    shards: list[LayerMoments] | None = None  # disjoint groups of texts; they combine to the moments
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write atomically into ``folder`` (npz/npy/json only; no pickle)."""
+        folder = Path(folder)
+        with atomic_path(folder, directory=True) as tmp:
+            self.moments.save(tmp / "moments.npz")
+            np.save(tmp / "labels.npy", self.labels)
+            np.save(tmp / "lengths.npy", self.lengths)
+            if self.pooled is not None:
+                with open(tmp / "pooled.npz", "wb") as handle:
+                    np.savez(handle, **{f"layer{layer}": x for layer, x in self.pooled.items()})
+            for i, shard in enumerate(self.shards or []):
+                shard.save(tmp / f"shard{i:03d}.npz")
+            meta = {"class_names": self.class_names, "n_shards": len(self.shards or []),
+                    "metadata": self.metadata, "complete": True}
+            (tmp / "extraction.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Extraction":
+        folder = Path(folder)
+        meta_path = folder / "extraction.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder} holds no complete extraction")
+        meta = json.loads(meta_path.read_text())
+        pooled = None
+        if (folder / "pooled.npz").is_file():
+            with np.load(folder / "pooled.npz", allow_pickle=False) as data:
+                pooled = {int(key[len("layer"):]): data[key] for key in data.files}
+        shards = [LayerMoments.load(folder / f"shard{i:03d}.npz") for i in range(meta["n_shards"])] or None
+        return cls(
+            moments=LayerMoments.load(folder / "moments.npz"),
+            labels=np.load(folder / "labels.npy", allow_pickle=False),
+            lengths=np.load(folder / "lengths.npy", allow_pickle=False),
+            class_names=list(meta["class_names"]),
+            pooled=pooled, shards=shards, metadata=meta["metadata"],
+        )
+
+
+class _Accumulator:
+    """Raw sums (not yet divided by N) of the moments of several layers, on one device."""
+
+    def __init__(self, layers: list[int], d: int, n_classes: int, device: torch.device, token_moments: bool):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.layers = layers
+        self.sums = {
+            layer: {
+                "Sxx": torch.zeros(d, d, **f64), "Sxy": torch.zeros(d, n_classes, **f64),
+                "C0": torch.zeros(d, d, **f64), "C1": torch.zeros(d, d, **f64), "x_sum": torch.zeros(d, **f64),
+                **({"Shh": torch.zeros(d, d, **f64)} if token_moments else {}),
+            }
+            for layer in layers
+        }
+        self.class_counts = torch.zeros(n_classes, **f64)
+        self.n_texts = torch.zeros((), **f64)
+        self.n_pairs = torch.zeros((), **f64)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        for layer in self.layers:
+            for value in self.sums[layer].values():
+                dist.all_reduce(value)
+        for value in (self.class_counts, self.n_texts, self.n_pairs):
+            dist.all_reduce(value)
+
+    def to_layer_moments(self, metadata: dict[str, Any]) -> LayerMoments:
+        n = float(self.n_texts)
+        if n < 1:
+            raise ValueError("no texts were accumulated")
+        counts = self.class_counts.cpu().numpy()
+        out = {}
+        for layer in self.layers:
+            s = {name: value.cpu().numpy() / n for name, value in self.sums[layer].items()}
+            out[layer] = Moments(
+                Sxx=s["Sxx"], Sxy=s["Sxy"], Syy=np.diag(counts / n), C0=s["C0"], C1=s["C1"],
+                x_mean=s["x_sum"], Shh=s.get("Shh"), n_texts=int(round(n)), n_tokens=int(round(float(self.n_pairs))),
+            )
+        return LayerMoments(out, metadata)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _batches(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Texts sorted by length (longest first) and cut into batches: little padding per batch."""
+    ranked = order[np.argsort(-lengths[order], kind="stable")]
+    return [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]
+
+
+@torch.no_grad()
+def extract(
+    model: torch.nn.Module,
+    tokenizer,
+    data: Any,
+    *,
+    layers: str | Iterable[int] = "all",
+    batch_size: int = 16,
+    max_length: int = 256,
+    drop_bos: bool = True,
+    device: str | torch.device | None = None,
+    precision: Precision = "float32",
+    pooled_layers: str | Iterable[int] | None = None,
+    pooled_dtype: str = "float32",
+    padding_side: Literal["right", "left"] = "right",
+    shards: int | None = None,
+    shard_layers: Iterable[int] | None = None,
+    shard_seed: int = 0,
+    token_moments: bool = True,
+    n_classes: int | None = None,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> Extraction:
+    """Moments of SPEC section 2 for every requested layer, from one forward pass over ``data``.
+
+    Parameters
+    ----------
+    model, tokenizer : a Hugging Face causal LM and its tokenizer (see `ntps_nb.models.load_model`).
+    data : ``datasets.Dataset`` with ``text``/``label`` columns, a DataFrame, or (texts, labels).
+    layers : "all" (hidden states 0..L, 0 = embeddings) or an iterable of indices.
+    batch_size, max_length : texts per forward pass; truncation length in tokens (recorded).
+    drop_bos : leave the BOS position out of pooling and of C0/C1 (it still serves as context).
+    device : where to run; defaults to the model's device.
+    precision : "float32" (per-batch products in float32, summed into float64 totals) or
+        "float64" (products in float64; for tests and error measurements).
+    pooled_layers : layers whose mean-pooled features (N x d) are returned, "all", or None.
+    padding_side : "right" or "left"; position ids are explicit, so this changes no moment.
+    shards, shard_layers, shard_seed : also keep the moments of ``shards`` disjoint random groups
+        of texts (for intervals), for ``shard_layers`` (default: all requested layers).
+    token_moments : also accumulate Shh, the second moment of the token states.
+    metadata : extra provenance recorded with the result.
+    """
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    text_set = as_text_set(data, n_classes=n_classes)
+    N, C = len(text_set.texts), text_set.n_classes
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ids = tokenize(tokenizer, text_set.texts, max_length)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    starts = np.array([1 if drop_bos and bos is not None and len(t) > 0 and t[0] == bos else 0 for t in ids])
+    lengths = np.array([len(t) for t in ids]) - starts
+    empty = np.flatnonzero(lengths < 1)
+    if empty.size:
+        raise ValueError(f"{empty.size} text(s) have no token to pool (empty after tokenization"
+                         f"{' and dropping BOS' if drop_bos else ''}): indices {empty[:10].tolist()}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    rank, world = _distributed()
+    rng = np.random.default_rng(shard_seed)
+    n_shards = int(shards) if shards else 1
+    if shards is not None and (int(shards) < 2 or int(shards) > N):
+        raise ValueError(f"shards must be between 2 and the number of texts ({N}), got {shards}")
+    shard_of = np.empty(N, dtype=np.int64)
+    shard_of[rng.permutation(N)] = np.arange(N) % n_shards  # sizes differ by at most one
+
+    # Probe one text to learn the number of hidden states and the hidden size.
+    first = _forward(model, [ids[0]], pad_id, padding_side, device)
+    all_layers = list(range(len(first)))
+    chosen = all_layers if layers == "all" else sorted({int(layer) for layer in layers})
+    bad_layers = [layer for layer in chosen if layer not in all_layers]
+    if bad_layers:
+        raise ValueError(f"layers {bad_layers} do not exist; the model has hidden states 0..{all_layers[-1]}")
+    pooled_set = [] if pooled_layers is None else (chosen if pooled_layers == "all" else sorted({int(x) for x in pooled_layers}))
+    if not set(pooled_set) <= set(chosen):
+        raise ValueError(f"pooled_layers {pooled_set} must be among the extracted layers")
+    kept_shard_layers = chosen if shard_layers is None else sorted({int(x) for x in shard_layers})
+    d = first[0].shape[-1]
+    del first
+
+    pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
+    total = _Accumulator(chosen, d, C, device, token_moments)
+    compute_dtype = torch.float32 if precision == "float32" else torch.float64
+    labels_t = torch.as_tensor(text_set.labels, device=device)
+    shard_results: list[LayerMoments] = []
+    started = time.perf_counter()
+    mine = np.arange(N)[np.arange(N) % world == rank]
+    bar = tqdm(total=len(mine), desc="extract", unit="text", disable=not progress or rank != 0)
+    for shard in range(n_shards):
+        acc = _Accumulator(kept_shard_layers, d, C, device, token_moments) if shards else None
+        for batch in _batches(mine[shard_of[mine] == shard], lengths, batch_size):
+            hidden = _forward(model, [ids[i] for i in batch], pad_id, padding_side, device)
+            valid = _valid_mask([len(ids[i]) for i in batch], starts[batch], hidden[0].shape[1], padding_side, device)
+            y = torch.nn.functional.one_hot(labels_t[batch], C).to(compute_dtype)
+            batch_counts = valid.sum(dim=1, keepdim=True)
+            pair = valid[:, :-1] & valid[:, 1:]
+            targets = [total] + ([acc] if acc is not None else [])
+            for target in targets:
+                target.class_counts += y.sum(dim=0).double()
+                target.n_texts += len(batch)
+                target.n_pairs += pair.sum().double()
+            for layer in chosen:
+                h = hidden[layer]
+                if not torch.isfinite(h[valid]).all():
+                    raise ValueError(f"hidden states of layer {layer} contain NaN/inf "
+                                     f"(texts {batch[:10].tolist()} of this batch)")
+                h = torch.where(valid[..., None], h.to(compute_dtype), 0)
+                xbar = h.sum(dim=1) / batch_counts
+                prefix = torch.cumsum(h, dim=1)[:, :-1][pair]
+                following = h[:, 1:][pair]
+                products = {
+                    "Sxx": xbar.T @ xbar, "Sxy": xbar.T @ y, "x_sum": xbar.sum(dim=0),
+                    "C0": prefix.T @ prefix, "C1": prefix.T @ following,
+                }
+                if token_moments:
+                    flat = h.reshape(-1, d)
+                    products["Shh"] = flat.T @ flat
+                for target in targets:
+                    if layer in target.sums:
+                        for name, value in products.items():
+                            target.sums[layer][name] += value.double()
+                if layer in pooled:
+                    pooled[layer][batch] = xbar.float().cpu().numpy()
+            bar.update(len(batch))
+        if acc is not None:
+            if world > 1:
+                acc.all_reduce()
+            shard_results.append(acc.to_layer_moments({"shard": shard, "n_shards": n_shards}))
+    bar.close()
+    if world > 1:
+        total.all_reduce()
+        for layer in pooled:
+            pooled[layer] = _all_gather_rows(pooled[layer], mine, N)
+    meta = {
+        "n_texts": N, "n_classes": C, "class_names": text_set.class_names, "layers": chosen,
+        "max_length": max_length, "drop_bos": drop_bos, "bos_dropped": int(starts.sum()),
+        "n_truncated": int(sum(len(t) >= max_length for t in ids)), "precision": precision,
+        "padding_side": padding_side, "batch_size": batch_size, "token_moments": token_moments,
+        "shards": shards, "shard_seed": shard_seed, "world_size": world,
+        "mean_length": float(lengths.mean()), "seconds": round(time.perf_counter() - started, 3),
+        "extract_version": EXTRACT_VERSION, **(metadata or {}),
+    }
+    return Extraction(
+        moments=total.to_layer_moments(meta), labels=text_set.labels, class_names=text_set.class_names,
+        lengths=lengths, pooled=pooled or None, shards=shard_results or None, metadata=meta,
+    )
+
+
+def _forward(model, batch_ids: list[list[int]], pad_id: int, padding_side: str, device) -> tuple[torch.Tensor, ...]:
+    T = max(len(t) for t in batch_ids)
+    input_ids = torch.full((len(batch_ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch_ids), T), dtype=torch.long)
+    for row, tokens in enumerate(batch_ids):
+        span = slice(0, len(tokens)) if padding_side == "right" else slice(T - len(tokens), T)
+        input_ids[row, span] = torch.as_tensor(tokens)
+        mask[row, span] = 1
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                position_ids=position_ids.to(device), output_hidden_states=True, use_cache=False)
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is None:
+        raise ValueError(f"{type(model).__name__} returned no hidden states; extraction needs a model "
+                         "that honours output_hidden_states=True")
+    return hidden
+
+
+def _valid_mask(n_tokens: list[int], starts: np.ndarray, T: int, padding_side: str, device) -> torch.Tensor:
+    """True at the positions that enter the moments: not padding, not a dropped BOS."""
+    positions = torch.arange(T)
+    n = torch.as_tensor(n_tokens)[:, None]
+    s = torch.as_tensor(starts)[:, None]
+    if padding_side == "right":
+        valid = (positions >= s) & (positions < n)
+    else:
+        valid = positions >= (T - n + s)
+    return valid.to(device)
+
+
+def _all_gather_rows(local: np.ndarray, mine: np.ndarray, N: int) -> np.ndarray:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, local[mine]))
+    out = np.zeros_like(local)
+    for rows, values in gathered:
+        out[rows] = values
+    return out
+
+
+def extraction_key(model_info: dict[str, Any], text_set: TextSet, settings: dict[str, Any]) -> str:
+    """Content key of an extraction: model identity, the exact texts and labels, the settings."""
+    from ntps_nb import __version__
+
+    identity = {name: model_info.get(name) for name in ("name", "weights_sha256", "dtype", "model_type", "n_params")}
+    return content_key({"model": identity, "data": text_set.fingerprint(), "settings": settings,
+                        "version": __version__, "extract_version": EXTRACT_VERSION})
+
+
+def extract_cached(
+    model: torch.nn.Module,
+    tokenizer,
+    model_info: Any,
+    data: Any,
+    *,
+    cache: str | os.PathLike | None = None,
+    dataset_info: dict[str, Any] | None = None,
+    **settings: Any,
+) -> Extraction:
+    """`extract` behind a content-addressed cache: the same model weights, texts, labels and
+    settings load the stored result; anything else computes and stores a new entry atomically."""
+    info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
+    text_set = as_text_set(data, n_classes=settings.get("n_classes"))
+    key_settings = {k: v for k, v in settings.items() if k not in ("progress", "device", "metadata")}
+    key_settings = {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in key_settings.items()}
+    key = extraction_key(info, text_set, key_settings)
+    folder = Path(cache) if cache is not None else cache_dir("extractions")
+    entry = folder / key
+    if (entry / "extraction.json").is_file():
+        return Extraction.load(entry)
+    metadata = {"model": info, "dataset": dataset_info or {}, "cache_key": key, **settings.get("metadata", {})}
+    result = extract(model, tokenizer, text_set, **{**settings, "metadata": metadata})
+    result.save(entry)
+    return result

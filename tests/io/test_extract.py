@@ -1,0 +1,226 @@
+"""Streaming extraction against brute force on tiny random models."""
+
+import numpy as np
+import pytest
+import torch
+
+from ntps_nb import LayerMoments, moments_from_sequences, ntps
+from ntps_nb.extract import Extraction, extract, extract_cached, tokenize
+
+STREAM_RTOL = 1e-10
+
+TEXTS = [
+    "The film was a delight from start to finish.",
+    "Dull.",
+    "A long, meandering story that never quite finds its footing, though the cast tries hard.",
+    "I laughed, I cried, I went home happy.",
+    "Not worth the ticket price at all",
+    "ok",
+    "An ambitious failure, but a fascinating one to watch unfold on a big screen.",
+    "Brilliant acting; weak script.",
+    "What a mess",
+    "Five stars.",
+    "The sequel outdoes the original in every way that matters.",
+]
+LABELS = [1, 0, 0, 1, 0, 2, 2, 1, 0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def llama64():
+    from ntps_nb.models import load_model
+
+    return load_model("tiny-llama", dtype=torch.float64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gpt2_64():
+    from ntps_nb.models import load_model
+
+    return load_model("tiny-gpt2", dtype=torch.float64, seed=0)
+
+
+def brute_force(model, tokenizer, texts, labels, *, max_length=256, drop_bos=True, prepend=None):
+    """Run every text alone (no padding), keep all hidden states, apply the definitions."""
+    per_layer = None
+    for ids in tokenize(tokenizer, texts, max_length):
+        ids = ([prepend] if prepend is not None else []) + ids
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        start = 1 if drop_bos and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
+        states = [h[0, start:].double().numpy() for h in out.hidden_states]
+        if per_layer is None:
+            per_layer = [[] for _ in states]
+        for layer, h in enumerate(states):
+            per_layer[layer].append(h)
+    C = max(labels) + 1
+    return {layer: moments_from_sequences(seqs, labels, C) for layer, seqs in enumerate(per_layer)}, per_layer
+
+
+def assert_moments_close(ours, theirs, rtol=STREAM_RTOL):
+    for name, value in theirs.arrays().items():
+        got = getattr(ours, name)
+        scale = np.abs(value).max()
+        np.testing.assert_allclose(got, value, rtol=0, atol=rtol * scale, err_msg=name)
+    assert ours.n_texts == theirs.n_texts and ours.n_tokens == theirs.n_tokens
+
+
+@pytest.mark.parametrize("fixture", ["llama64", "gpt2_64"])
+def test_streaming_equals_brute_force_every_layer(fixture, request):
+    model, tok, _ = request.getfixturevalue(fixture)
+    result = extract(model, tok, (TEXTS, LABELS), batch_size=4, precision="float64", progress=False,
+                     pooled_layers="all")
+    expected, states = brute_force(model, tok, TEXTS, LABELS)
+    assert result.moments.layers == list(expected)
+    for layer, m in expected.items():
+        assert_moments_close(result.moments[layer], m)
+        pooled = np.stack([h.mean(axis=0) for h in states[layer]])
+        np.testing.assert_allclose(result.pooled[layer], pooled, rtol=1e-5, atol=1e-6)  # stored as float32
+
+
+def test_padding_side_batch_size_and_order_change_nothing(llama64):
+    model, tok, _ = llama64
+    reference = extract(model, tok, (TEXTS, LABELS), batch_size=1, precision="float64", progress=False)
+    order = np.random.default_rng(0).permutation(len(TEXTS))
+    variants = [
+        dict(batch_size=7, padding_side="left"),
+        dict(batch_size=32, padding_side="right"),
+        dict(batch_size=3, padding_side="left"),
+    ]
+    for kwargs in variants:
+        other = extract(model, tok, (TEXTS, LABELS), precision="float64", progress=False, **kwargs)
+        for layer in reference.moments:
+            assert_moments_close(other.moments[layer], reference.moments[layer], rtol=1e-12)
+    shuffled = extract(model, tok, ([TEXTS[i] for i in order], [LABELS[i] for i in order]), batch_size=5,
+                       precision="float64", progress=False)
+    for layer in reference.moments:
+        assert_moments_close(shuffled.moments[layer], reference.moments[layer], rtol=1e-12)
+
+
+def test_drop_bos_removes_exactly_the_bos_position(llama64):
+    model, tok, _ = llama64
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    class WithBos:
+        """The same tokenizer, but it prepends a BOS token (as Gemma's does)."""
+
+        bos_token_id = bos
+        pad_token_id = tok.pad_token_id
+
+        def __call__(self, texts, **kwargs):
+            out = tok(texts, **kwargs)
+            return {"input_ids": [[bos] + ids for ids in out["input_ids"]]}
+
+    wrapped = WithBos()
+    dropped = extract(model, wrapped, (TEXTS, LABELS), batch_size=4, precision="float64", progress=False)
+    kept = extract(model, wrapped, (TEXTS, LABELS), batch_size=4, precision="float64", drop_bos=False, progress=False)
+    expected_dropped, _ = brute_force(model, wrapped, TEXTS, LABELS, drop_bos=True)
+    expected_kept, _ = brute_force(model, wrapped, TEXTS, LABELS, drop_bos=False)
+    for layer in (0, 2):
+        assert_moments_close(dropped.moments[layer], expected_dropped[layer])
+        assert_moments_close(kept.moments[layer], expected_kept[layer])
+    assert kept.moments[0].n_tokens - dropped.moments[0].n_tokens == len(TEXTS)
+    assert dropped.metadata["bos_dropped"] == len(TEXTS)
+
+
+def test_float32_default_is_close_to_float64(tiny_llama):
+    model, tok, _ = tiny_llama
+    m32 = extract(model, tok, (TEXTS, LABELS), progress=False).moments
+    m64 = extract(model, tok, (TEXTS, LABELS), precision="float64", progress=False).moments
+    for layer in m32:
+        for name, value in m64[layer].arrays().items():
+            rel = np.abs(getattr(m32[layer], name) - value).max() / np.abs(value).max()
+            assert rel < 1e-5, (layer, name, rel)
+
+
+def test_texts_of_one_token_only_pool(llama64):
+    model, tok, _ = llama64
+    texts = ["ok", "fine", "The film was fine.", "Bad."]
+    ids = tokenize(tok, texts, 256)
+    result = extract(model, tok, (texts, [0, 1, 0, 1]), precision="float64", progress=False)
+    assert result.moments[1].n_tokens == sum(len(t) - 1 for t in ids)
+    truncated = extract(model, tok, (texts, [0, 1, 0, 1]), max_length=1, precision="float64", progress=False)
+    assert truncated.moments[1].n_tokens == 0
+    assert truncated.metadata["max_length"] == 1
+
+
+def test_shards_combine_to_the_full_moments(tiny_llama):
+    model, tok, _ = tiny_llama
+    result = extract(model, tok, (TEXTS, LABELS), shards=3, shard_layers=[1, 2], progress=False)
+    assert len(result.shards) == 3
+    assert sorted(s.n_texts for s in result.shards) == [3, 4, 4]
+    merged = LayerMoments.combine(result.shards)
+    for layer in (1, 2):
+        assert_moments_close(merged[layer], result.moments[layer], rtol=1e-12)
+
+
+def test_bad_input_gets_clear_errors(tiny_llama):
+    model, tok, _ = tiny_llama
+    with pytest.raises(ValueError, match="empty"):
+        extract(model, tok, ([], []), progress=False)
+    with pytest.raises(ValueError, match=r"no token to pool.*indices \[1\]"):
+        extract(model, tok, (["fine", "", "bad"], [0, 1, 0]), progress=False)
+    with pytest.raises(ValueError, match="labels must lie in 0..1"):
+        extract(model, tok, (["a b", "c d"], [0, 5]), n_classes=2, progress=False)
+    with pytest.raises(ValueError, match="integers"):
+        extract(model, tok, (["a b", "c d"], ["pos", "neg"]), progress=False)
+    with pytest.raises(ValueError, match="layers \\[7\\] do not exist"):
+        extract(model, tok, (TEXTS, LABELS), layers=[0, 7], progress=False)
+
+
+def test_nan_hidden_states_name_the_layer(tiny_gpt2):
+    model, tok, _ = tiny_gpt2
+    block = model.transformer.h[1]
+    handle = block.register_forward_hook(lambda mod, inp, out: (out[0] * float("nan"),) + tuple(out[1:])
+                                         if isinstance(out, tuple) else out * float("nan"))
+    try:
+        with pytest.raises(ValueError, match="layer 2 contain NaN"):
+            extract(model, tok, (TEXTS, LABELS), progress=False)
+    finally:
+        handle.remove()
+
+
+def test_model_without_hidden_states_is_refused(tiny_llama):
+    model, tok, _ = tiny_llama
+
+    class NoHidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **kwargs):
+            out = model(**kwargs)
+            out.hidden_states = None
+            return out
+
+    with pytest.raises(ValueError, match="no hidden states"):
+        extract(NoHidden(), tok, (TEXTS, LABELS), progress=False)
+
+
+def test_cache_round_trip_and_interrupted_write(tiny_llama, tmp_path, monkeypatch):
+    model, tok, info = tiny_llama
+    first = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=32,
+                           pooled_layers=[2], progress=False)
+    entries = list(tmp_path.iterdir())
+    assert len(entries) == 1
+    calls = []
+    monkeypatch.setattr("ntps_nb.extract.extract", lambda *a, **k: calls.append(1))
+    again = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=32,
+                           pooled_layers=[2], progress=False)
+    assert calls == []
+    np.testing.assert_array_equal(again.moments[2].C1, first.moments[2].C1)
+    np.testing.assert_array_equal(again.pooled[2], first.pooled[2])
+    assert ntps(again.moments[2], 4) == ntps(first.moments[2], 4)
+    monkeypatch.undo()
+
+    # a different setting is a different entry; an interrupted save leaves nothing that loads
+    def broken_save(self, folder):
+        from ntps_nb.cache import atomic_path
+
+        with atomic_path(folder, directory=True) as tmp:
+            (tmp / "moments.npz").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Extraction, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=16, progress=False)
+    assert list(tmp_path.iterdir()) == entries
