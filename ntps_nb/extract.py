@@ -324,17 +324,7 @@ def extract(
                 if not torch.isfinite(h[valid]).all():
                     raise ValueError(f"hidden states of layer {layer} contain NaN/inf "
                                      f"(texts {batch[:10].tolist()} of this batch)")
-                h = torch.where(valid[..., None], h.to(compute_dtype), 0)
-                xbar = h.sum(dim=1) / batch_counts
-                prefix = torch.cumsum(h, dim=1)[:, :-1][pair]
-                following = h[:, 1:][pair]
-                products = {
-                    "Sxx": xbar.T @ xbar, "Sxy": xbar.T @ y, "x_sum": xbar.sum(dim=0),
-                    "C0": prefix.T @ prefix, "C1": prefix.T @ following,
-                }
-                if token_moments:
-                    flat = h.reshape(-1, d)
-                    products["Shh"] = flat.T @ flat
+                products, xbar = layer_products(h, valid, pair, batch_counts, y, compute_dtype, token_moments)
                 for target in targets:
                     if layer in target.sums:
                         for name, value in products.items():
@@ -364,6 +354,29 @@ def extract(
         moments=total.to_layer_moments(meta), labels=text_set.labels, class_names=text_set.class_names,
         lengths=lengths, pooled=pooled or None, shards=shard_results or None, metadata=meta,
     )
+
+
+def layer_products(
+    h: torch.Tensor, valid: torch.Tensor, pair: torch.Tensor, counts: torch.Tensor, y: torch.Tensor,
+    compute_dtype: torch.dtype, token_moments: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One layer's contribution of one batch to the moment sums (one matmul per moment).
+
+    ``h`` (B, T, d) states; ``valid`` (B, T) positions that count; ``pair`` (B, T-1) positions t
+    with t and t+1 valid; ``counts`` (B, 1) valid positions per text; ``y`` (B, C) one-hot.
+    """
+    h = torch.where(valid[..., None], h.to(compute_dtype), 0)
+    xbar = h.sum(dim=1) / counts
+    prefix = torch.cumsum(h, dim=1)[:, :-1][pair]  # s_t = sum_{i<=t} h_i, zeros before the text
+    following = h[:, 1:][pair]
+    products = {
+        "Sxx": xbar.T @ xbar, "Sxy": xbar.T @ y, "x_sum": xbar.sum(dim=0),
+        "C0": prefix.T @ prefix, "C1": prefix.T @ following,
+    }
+    if token_moments:
+        flat = h.reshape(-1, h.shape[-1])
+        products["Shh"] = flat.T @ flat
+    return products, xbar
 
 
 def _forward(model, batch_ids: list[list[int]], pad_id: int, padding_side: str, device) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,55 @@
+"""Two CPU processes (gloo) give the same moments and pooled features as one."""
+
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ntps_nb.extract import Extraction, extract
+from tests.io.test_extract import LABELS, TEXTS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from ntps_nb.models import load_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, tok, _ = load_model("tiny-llama", dtype=torch.float64, seed=0)
+        result = extract(model, tok, (TEXTS, LABELS), batch_size=2, precision="float64", progress=False,
+                         pooled_layers=[1], shards=2, shard_layers=[2])
+        if rank == 0:
+            result.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on localhost is exercised on Linux")
+def test_two_processes_equal_one(tmp_path):
+    from ntps_nb.models import load_model
+
+    out = tmp_path / "two"
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    two = Extraction.load(out)
+    model, tok, _ = load_model("tiny-llama", dtype=torch.float64, seed=0)
+    one = extract(model, tok, (TEXTS, LABELS), batch_size=2, precision="float64", progress=False,
+                  pooled_layers=[1], shards=2, shard_layers=[2])
+    assert two.metadata["world_size"] == 2
+    for layer in one.moments:
+        for name, value in one.moments[layer].arrays().items():
+            np.testing.assert_allclose(getattr(two.moments[layer], name), value, rtol=1e-12, atol=1e-12 * np.abs(value).max())
+    np.testing.assert_array_equal(two.pooled[1], one.pooled[1])
+    for a, b in zip(one.shards, two.shards):
+        np.testing.assert_allclose(a[2].C0, b[2].C0, rtol=1e-12)
