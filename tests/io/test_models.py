@@ -8,6 +8,7 @@ so conversion is exercised on every run. Gemma-3 is only loaded in a ``slow`` te
 import importlib.metadata
 import math
 import os
+import shutil
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
 
 from ntps_nb import models
+from ntps_nb.cache import sha256_file
 from ntps_nb.models import (
     ModelUnavailableError,
     hidden_state_layers,
@@ -50,7 +52,9 @@ def mean_lm_loss(model, tokenizer, texts):
 # --- tiny models ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, fixture", [("tiny-llama", "tiny_llama"), ("tiny-gpt2", "tiny_gpt2")])
+@pytest.mark.parametrize(
+    "name, fixture", [("tiny-llama", "tiny_llama"), ("tiny-gpt2", "tiny_gpt2")]
+)
 def test_tiny_model_is_deterministic_given_seed(name, fixture, request):
     model, tok, info = request.getfixturevalue(fixture)
     again, _, info_again = load_model(name, seed=0)
@@ -191,6 +195,40 @@ def test_local_folder_loads_like_a_checkpoint(tiny_llama, tmp_path):
     assert control_info.weights_sha256 != info.weights_sha256
 
 
+def fake_hub_cache(root, repo_id, folder):
+    """Lay ``folder`` out as the Hugging Face cache does: blobs named by sha256, snapshot links."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+    for path in (repo / "refs", snapshot, blobs):
+        path.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for file in folder.iterdir():
+        blob = blobs / sha256_file(file)
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def test_cached_hub_id_loads_offline_with_same_identity_as_folder(
+    tiny_gpt2, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants
+
+    model, tok, info = tiny_gpt2
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    fake_hub_cache(tmp_path / "hub", "someone/tiny-gpt2", folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    hub_model, hub_tok, hub_info = load_model("someone/tiny-gpt2")
+    _, _, folder_info = load_model(str(folder))
+    assert hub_info.source == "hub:someone/tiny-gpt2"
+    assert state_dict_sha256(hub_model) == info.weights_sha256
+    assert hub_info.weights_sha256 == folder_info.weights_sha256  # blob name == file sha256
+    assert target_modules(hub_model) == ["c_attn"]
+
+
 # --- SmolLM2 (pretrained, GGUF) ---------------------------------------------------------------
 
 
@@ -249,9 +287,7 @@ def test_interrupted_conversion_leaves_nothing_valid_and_rerun_succeeds(
 ):
     monkeypatch.setenv("NTPS_NB_CACHE", str(tmp_path))
     final = models._converted_path("smollm2-135m")
-    stale = final.parent / f".{final.name}.partial-killed"
-    stale.mkdir()
-    os.utime(stale, (0, 0))  # left by a conversion killed long ago
+    (final.parent / f".{final.name}.partial-killed").mkdir()  # left by a killed conversion
 
     def interrupted(folder, meta):  # weights and tokenizer are written by now
         assert (folder / "model.safetensors").is_file()
