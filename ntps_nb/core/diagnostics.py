@@ -1,0 +1,619 @@
+"""Does the score measure the task? Stability and label-dependence diagnostics for both NTPS variants.
+
+A score that is meant to say how well a layer serves a labelled task should (i) respond to the
+labels: replacing them by a random permutation should lower it, and (ii) survive rounding: a
+perturbation of the moments far below their sampling error should not move it. This module
+measures both for one layer, for the two variants of `ntps_nb.core.score`:
+
+- label-permutation null: Sxy is recomputed from the pooled features under random permutations
+  of the labels (Syy, Sxx, C0, C1 do not change), and the real NTPS is compared with the null
+  (one-sided p-value with the +1 correction, z-score);
+- perturbation: every moment M becomes M + scale * ||M||_F / sqrt(size) * E with E standard
+  normal (symmetrised for Sxx, Syy, C0), and the largest change of NTPS is reported;
+- eigensolvers: scipy against numpy, and (reference variant) float32 against float64.
+
+Why the reference variant fails (ii) (SPEC section 4): it takes U's columns in ASCENDING order,
+i.e. from the zero-eigenvalue eigenspace of the rank-C matrix Sxy Sxy^T, where any orthonormal
+basis is valid, so rounding and the LAPACK driver decide which subspace enters the score.
+`three_dim_example` shows this in three dimensions.
+
+The permutation null reuses everything that does not depend on the labels: the whitening of Sxx
+and the nested orthonormal basis of the next-token subspace are computed once
+(`TheoryFactorization`, `ReferenceFactorization`), and each permutation only redoes U.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+from jaxtyping import Float
+
+from ntps_nb.core.moments import Moments, one_hot
+from ntps_nb.core.score import (
+    REFERENCE_FRACTIONS,
+    SPAN_RTOL,
+    ReferenceGeometry,
+    TheoryGeometry,
+    reference_geometry,
+    theory_geometry,
+)
+from ntps_nb.core.subspaces import (
+    A_RANK_RTOL,
+    RANGE_RTOL,
+    REFERENCE_ABS_TOL,
+    check_labels,
+    generalized_eigh,
+    nested_orthonormal_basis,
+)
+
+Solver = Literal["scipy", "numpy"]
+
+#: Default relative size of the moment perturbation (far below any sampling error).
+PERTURB_SCALE = 1e-6
+#: A score "survives rounding" when no perturbation of size `PERTURB_SCALE` moves it by this much.
+PERTURB_THRESHOLD = 1e-3
+#: A score "responds to labels" when its permutation p-value is below this.
+SIGNIFICANCE = 0.05
+#: Relative Frobenius mismatch allowed between the given moments' Sxx / Sxy and those recomputed
+#: from the given features and labels (float32 accumulation stays far below it; another layer's
+#: features or misaligned labels are far above it).
+FEATURE_MATCH_RTOL = 1e-4
+#: A permuted NTPS within this of the real one counts as "at least as large" (ties). The reference
+#: variant runs in float32, so its values carry rounding noise of ~1e-7.
+PERM_TIE_ATOL = {"theory": 1e-10, "reference": 1e-6}
+#: Eigensolver settings compared for ``solver_max_dev``: (precision, solver).
+SOLVER_CONFIGS = {
+    "theory": (("float64", "scipy"), ("float64", "numpy")),
+    "reference": (("float32", "scipy"), ("float32", "numpy"), ("float64", "scipy"), ("float64", "numpy")),
+}
+
+_VARIANTS = ("theory", "reference")
+_PERTURBED = ("Sxx", "Sxy", "Syy", "C0", "C1")
+_SYMMETRIC = ("Sxx", "Syy", "C0")
+
+
+def _eigh(matrix: np.ndarray, solver: Solver) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric eigendecomposition, ascending, by the chosen LAPACK front end."""
+    if solver == "scipy":
+        return scipy.linalg.eigh(matrix)
+    if solver == "numpy":
+        return np.linalg.eigh(matrix)
+    raise ValueError(f"solver must be 'scipy' or 'numpy', got {solver!r}")
+
+
+def _whiten(B: np.ndarray, threshold: float | None, rtol: float, solver: Solver
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Q_r, s_r, W = Q_r S_r^{-1/2}) on the retained range of B, as `generalized_eigh` does."""
+    s, Q = _eigh(B, solver)
+    cut = float(threshold) if threshold is not None else rtol * max(float(s.max()), 0.0)
+    keep = s > cut
+    if not keep.any():
+        raise ValueError(f"no eigenvalue above the tolerance {cut:.3g}: the matrix is zero or negative definite")
+    Q_r, s_r = Q[:, keep], s[keep]
+    return Q_r, s_r, Q_r / np.sqrt(s_r)
+
+
+def _same_unlabelled_moments(base: Moments, other: Moments) -> None:
+    for name in ("Sxx", "C0", "C1"):
+        if not np.array_equal(getattr(base, name), getattr(other, name)):
+            raise ValueError(f"these moments differ from the factorised ones in {name}; only Sxy and Syy may change "
+                             "(build them with Moments.with_labels)")
+
+
+@dataclass(frozen=True, eq=False)
+class TheoryFactorization:
+    """The label-independent part of `theory_geometry`: Sxx's whitening and V's nested basis.
+
+    ``geometry(m)`` for moments that differ only in Sxy / Syy (``moments.with_labels``) then costs
+    one thin SVD of the (r_U, C) matrix W^T Sxy instead of two d x d eigenproblems: the top
+    eigenvectors of M = W^T Sxy Sxy^T W are the left singular vectors of W^T Sxy.
+    """
+
+    moments: Moments
+    range_basis: Float[np.ndarray, "d rU"]
+    whitening: Float[np.ndarray, "d rU"]
+    v_basis: Float[np.ndarray, "rU q"]
+    v_counts: np.ndarray
+    r_V: int
+    solver: str
+
+    @classmethod
+    def from_moments(cls, moments: Moments, *, solver: Solver = "scipy", tol: float | None = None,
+                     rtol: float = RANGE_RTOL, span_rtol: float = SPAN_RTOL) -> "TheoryFactorization":
+        if moments.n_tokens == 0:
+            raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
+        Q_r, s_r, W = _whiten(moments.Sxx, tol, rtol, solver)
+        _, _, W0 = _whiten(moments.C0, tol, rtol, solver)
+        G = W0.T @ moments.C1
+        M = G @ G.T
+        _, Y = _eigh((M + M.T) / 2, solver)
+        V = W0 @ Y[:, ::-1]  # descending
+        v_coords = np.sqrt(s_r)[:, None] * (Q_r.T @ V)  # Sxx^{1/2} V in the range of Sxx
+        basis, counts = nested_orthonormal_basis(v_coords, rtol=span_rtol)
+        return cls(moments=moments, range_basis=Q_r, whitening=W, v_basis=basis, v_counts=counts,
+                   r_V=V.shape[1], solver=solver)
+
+    def geometry(self, moments: Moments) -> TheoryGeometry:
+        """`theory_geometry` of moments that share Sxx, C0, C1 with the factorised ones."""
+        _same_unlabelled_moments(self.moments, moments)
+        check_labels(moments)
+        G = self.whitening.T @ moments.Sxy
+        if self.solver == "scipy":
+            left, sigma, _ = scipy.linalg.svd(G, full_matrices=False)
+        else:
+            left, sigma, _ = np.linalg.svd(G, full_matrices=False)
+        lam = sigma**2
+        m = int(np.count_nonzero(lam > A_RANK_RTOL * max(float(lam.max()), np.finfo(np.float64).tiny)))
+        if m == 0:
+            raise ValueError("Sxy is zero: the pooled states carry no label signal, U is undefined")
+        cum = np.cumsum((self.v_basis.T @ left[:, :m]) ** 2, axis=0)
+        projected = np.zeros((self.r_V, m))
+        has_basis = self.v_counts > 0
+        projected[has_basis] = cum[self.v_counts[has_basis] - 1]
+        return TheoryGeometry(eigenvalues=lam[:m].copy(), projected=np.clip(projected, 0.0, 1.0), r_V=self.r_V,
+                              r_U=self.range_basis.shape[1], trace_Syy=float(np.trace(moments.Syy)))
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceFactorization:
+    """The label-independent part of `reference_geometry`: Sxx's whitening and V (with its nested
+    basis), at a chosen precision and eigensolver.
+
+    With ``precision="float32", solver="scipy"`` it repeats the released algorithm operation by
+    operation (and so `reference_geometry`); the other settings are the alternatives whose
+    disagreement ``solver_max_dev`` reports.
+    """
+
+    moments: Moments
+    whitening: np.ndarray
+    V: np.ndarray
+    v_basis: np.ndarray
+    v_counts: np.ndarray
+    precision: str
+    solver: str
+
+    @classmethod
+    def from_moments(cls, moments: Moments, *, precision: str = "float32", solver: Solver = "scipy",
+                     tol: float = REFERENCE_ABS_TOL, span_rtol: float = SPAN_RTOL) -> "ReferenceFactorization":
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+        dtype = np.float32 if precision == "float32" else np.float64
+        _, _, W = _whiten(moments.Sxx.astype(dtype), tol, RANGE_RTOL, solver)
+        _, _, W0 = _whiten(moments.C0.astype(dtype), tol, RANGE_RTOL, solver)
+        C1 = moments.C1.astype(dtype)
+        V = cls._reduced(W0, C1 @ C1.T, solver)
+        basis, counts = nested_orthonormal_basis(V.astype(np.float64), rtol=span_rtol)
+        return cls(moments=moments, whitening=W, V=V, v_basis=basis, v_counts=counts, precision=precision,
+                   solver=solver)
+
+    @staticmethod
+    def _reduced(W: np.ndarray, A: np.ndarray, solver: Solver) -> np.ndarray:
+        # the released code forms W^T A W and keeps eigh's ascending order
+        M = W.T @ A @ W
+        _, Y = _eigh((M + M.T) / 2, solver)
+        return W @ Y
+
+    def geometry(self, moments: Moments) -> ReferenceGeometry:
+        """`reference_geometry` of moments that share Sxx, C0, C1 with the factorised ones."""
+        _same_unlabelled_moments(self.moments, moments)
+        check_labels(moments)
+        Sxy = moments.Sxy.astype(self.whitening.dtype)
+        U = self._reduced(self.whitening, Sxy @ Sxy.T, self.solver)
+        U64 = U.astype(np.float64)
+        projected = np.cumsum(np.cumsum((self.v_basis.T @ U64) ** 2, axis=0), axis=1)
+        norms = np.cumsum(np.sum(U64**2, axis=0))
+        return ReferenceGeometry(U=U, V=self.V, projected=projected, norms=norms, counts=self.v_counts,
+                                 precision=self.precision)
+
+
+def _theory_values(geometry: TheoryGeometry, ks: np.ndarray) -> np.ndarray:
+    """NTPS_theory at every k of ``ks`` from one geometry; NaN where k exceeds its r_V."""
+    out = np.full(ks.shape, np.nan)
+    valid = ks <= geometry.r_V
+    if valid.any():
+        kk = ks[valid]
+        kU = np.minimum(kk, geometry.m)
+        cum = np.cumsum(geometry.projected, axis=1)
+        out[valid] = cum[kk - 1, kU - 1] / kU
+    return out
+
+
+def _reference_values(geometry: ReferenceGeometry, fractions: np.ndarray) -> np.ndarray:
+    return np.array([geometry.ntps(float(f)) for f in fractions])
+
+
+def _as_list(value: Any) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        return [value]
+    if np.ndim(value) == 0:
+        return [value]
+    return list(np.asarray(value).ravel()) if not isinstance(value, (list, tuple)) else list(value)
+
+
+def _variants(variant: str | Sequence[str]) -> list[str]:
+    chosen = []
+    for v in _as_list(variant) or []:
+        if v not in _VARIANTS:
+            raise ValueError(f"variant must be 'theory' or 'reference' (or a list of them), got {v!r}")
+        if v not in chosen:
+            chosen.append(v)
+    if not chosen:
+        raise ValueError("no variant given")
+    return chosen
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or int(value) != value or int(value) < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _theory_ks(k: Any, fraction: Any, r_V: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ks, fractions) of the theory rows: k if given, else int(fraction * r_V), else every k."""
+    ks = _as_list(k)
+    if ks is not None:
+        for value in ks:
+            if isinstance(value, (bool, np.bool_)) or int(value) != value:
+                raise ValueError(f"k must be an integer (or a list of integers), got {value!r}")
+        ks = np.array([int(v) for v in ks])
+        fractions = ks / r_V
+    elif fraction is not None:
+        fractions = np.array(_fractions(fraction, upper_inclusive=True), dtype=np.float64)
+        ks = np.array([int(f * r_V) for f in fractions])
+        if np.any(ks < 1):
+            raise ValueError(f"fraction {fractions[ks < 1][0]} of the retained rank r_V = {r_V} selects no direction")
+    else:
+        ks = np.arange(1, r_V + 1)
+        fractions = ks / r_V
+    bad = (ks < 1) | (ks > r_V)
+    if bad.any():
+        raise ValueError(f"k = {int(ks[bad][0])} is outside 1..r_V = {r_V} (the retained rank of C0)")
+    return ks, fractions
+
+
+def _fractions(fraction: Any, *, upper_inclusive: bool) -> list[float]:
+    values = [float(f) for f in _as_list(fraction)]
+    for f in values:
+        if not (0 < f < 1 or (upper_inclusive and f == 1)):
+            raise ValueError(f"fraction must lie in (0, {'1]' if upper_inclusive else '1)'}, got {f}")
+    return values
+
+
+def _label_design(moments: Moments, features: Any, labels: Any, rtol: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated (X, Y, shift): Sxy under permuted labels is X^T Y[perm] / N - shift."""
+    X = np.asarray(features, dtype=np.float64)
+    label_array = np.asarray(labels)
+    if X.ndim != 2:
+        raise ValueError(f"features must be an (N, d) array of pooled states, got shape {X.shape}")
+    if label_array.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {label_array.shape}")
+    if X.shape[0] != label_array.shape[0]:
+        raise ValueError(f"features have {X.shape[0]} rows but there are {label_array.shape[0]} labels")
+    if X.shape[1] != moments.d:
+        raise ValueError(f"features have dimension {X.shape[1]}, the moments d = {moments.d}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("features contain NaN/inf")
+    Y = one_hot(label_array, moments.n_classes)
+    n = X.shape[0]
+    Sxx, Sxy = X.T @ X / n, X.T @ Y / n
+    shift = np.zeros_like(Sxy)
+    if moments.is_centred:
+        x_mean = X.mean(axis=0)
+        Sxx = Sxx - np.outer(x_mean, x_mean)
+        shift = np.outer(x_mean, Y.mean(axis=0))
+        Sxy = Sxy - shift
+    for name, ours in (("Sxx", Sxx), ("Sxy", Sxy)):
+        given = getattr(moments, name)
+        mismatch = np.linalg.norm(ours - given) / max(float(np.linalg.norm(given)), np.finfo(float).tiny)
+        if mismatch > rtol:
+            raise ValueError(
+                f"the features and labels do not reproduce the moments' {name}: relative mismatch {mismatch:.3g} > "
+                f"{rtol:g} (features of another layer or split, or labels in another order?)")
+    return X, Y, shift
+
+
+def _perturb(moments: Moments, scale: float, rng: np.random.Generator) -> Moments:
+    """M + scale * ||M||_F / sqrt(size) * E for the five moments NTPS reads; new arrays only."""
+    changed = {}
+    for name in _PERTURBED:
+        M = getattr(moments, name)
+        E = rng.standard_normal(M.shape)
+        if name in _SYMMETRIC:
+            E = (E + E.T) / math.sqrt(2.0)  # unit variance off the diagonal, symmetric
+        changed[name] = M + scale * np.linalg.norm(M) / math.sqrt(M.size) * E
+    return replace(moments, **changed)
+
+
+def _column_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Per column: max, min, mean, std (ddof 1) over the finite entries; NaN where too few, no warnings."""
+    finite = np.isfinite(values)
+    n = finite.sum(axis=0)
+    filled = np.where(finite, values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, filled.sum(axis=0) / n, np.nan)
+        var = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0) / (n - 1)
+    return {"max": np.where(n > 0, np.where(finite, values, -np.inf).max(axis=0, initial=-np.inf), np.nan),
+            "min": np.where(n > 0, np.where(finite, values, np.inf).min(axis=0, initial=np.inf), np.nan),
+            "mean": mean, "std": np.where(n > 1, np.sqrt(var), np.nan), "n": n}
+
+
+def _tail(real: np.ndarray, null: np.ndarray, atol: float) -> dict[str, np.ndarray]:
+    """Per configuration (columns of ``null``): mean, std, one-sided p (+1 corrected), z."""
+    stats = _column_stats(null)
+    hits = np.sum(np.isfinite(null) & (null >= real[None, :] - atol), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(np.isfinite(real) & (stats["n"] > 0), (1.0 + hits) / (1.0 + stats["n"]), np.nan)
+        z = np.where(stats["std"] > atol, (real - stats["mean"]) / stats["std"], np.nan)
+    return {"perm_mean": stats["mean"], "perm_std": stats["std"], "perm_p": p, "perm_z": z}
+
+
+def ntps_diagnostics(
+    moments: Moments,
+    features: Float[np.ndarray, "N d"] | None = None,
+    labels: Iterable[int] | None = None,
+    *,
+    variant: str | Sequence[str] = "theory",
+    k: int | Sequence[int] | None = None,
+    fraction: float | Sequence[float] | None = None,
+    n_perturb: int = 20,
+    perturb_scale: float = PERTURB_SCALE,
+    n_permutations: int = 100,
+    seed: int = 0,
+    solvers: bool = True,
+    feature_rtol: float = FEATURE_MATCH_RTOL,
+    **provenance: Any,
+) -> pd.DataFrame:
+    """Stability and label dependence of NTPS for one layer, at a grid of k / fractions, in one call.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments` (never modified).
+    features : (N, d) pooled states the moments' perception side came from; needed for the
+        label-permutation null, and checked against ``moments`` (Sxx and Sxy within
+        ``feature_rtol``), which catches another layer's features or misaligned labels.
+    labels : (N,) integer labels, aligned with ``features``.
+    variant : "theory", "reference" or a list of both.
+    k : theory only: one k or a list. Without it, the theory rows come from ``fraction``
+        (k = int(fraction * r_V)) or, if that is absent too, from every k = 1..r_V.
+    fraction : one fraction or a list; the reference rows come from it (default: the released 19
+        fractions, where ones that select no direction give NaN); the theory rows use it only
+        when ``k`` is not given.
+    n_perturb : number of perturbed copies of the moments; 0 skips (perturb columns NaN).
+    perturb_scale : relative size of each perturbation: M + scale * ||M||_F / sqrt(size) * E,
+        E standard normal, symmetrised for Sxx, Syy and C0.
+    n_permutations : number of label permutations. It must be >= 1 when features and labels are
+        given and 0 when they are not: 0 means "skip the null" (perm columns NaN), and giving
+        features with 0 is rejected as a contradictory request.
+    seed : seeds the perturbations and the permutations (independent streams, shared by the
+        variants, so their rows are paired).
+    solvers : also compute ``solver_max_dev``: the largest disagreement of NTPS between
+        eigensolver settings, scipy vs numpy in float64 for the theory variant (it is defined in
+        float64) and {float32, float64} x {scipy, numpy} for the reference variant.
+    feature_rtol : tolerance of the features-vs-moments check.
+    **provenance : constant columns (model, dataset, layer, ...) added to every row.
+
+    Returns
+    -------
+    DataFrame, one row per (variant, k or fraction), with columns variant, k, fraction, k_U, k_V,
+    m (theory), r_U, r_V, precision, ntps (unperturbed), perturb_max_dev (max |NTPS_perturbed -
+    NTPS|), perturb_std, perturb_rank_changes (perturbed copies whose retained ranks r_U / r_V
+    differ), perm_mean, perm_std, perm_p ((1 + #{null >= real}) / (1 + n), one-sided: "real NTPS
+    larger than under permuted labels"), perm_z, solver_max_dev, n_perturb, perturb_scale,
+    n_permutations, seed, then the provenance columns.
+    """
+    if not isinstance(moments, Moments):
+        raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
+    variants = _variants(variant)
+    n_perturb = _count(n_perturb, "n_perturb")
+    n_permutations = _count(n_permutations, "n_permutations")
+    if not (np.isfinite(perturb_scale) and perturb_scale > 0):
+        raise ValueError(f"perturb_scale must be a positive number, got {perturb_scale!r}")
+    if (features is None) != (labels is None):
+        raise ValueError("give both features and labels (for the label-permutation null), or neither")
+    if n_permutations > 0 and features is None:
+        raise ValueError(f"n_permutations = {n_permutations} asks for the label-permutation null, which needs the "
+                         "pooled features and labels; pass them, or n_permutations=0 to skip the null")
+    if n_permutations == 0 and features is not None:
+        raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
+                         "label-permutation null, or leave features and labels out to skip it")
+    clash = set(provenance) & {"variant", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
+    if clash:
+        raise ValueError(f"provenance names {sorted(clash)} clash with result columns")
+    if variants == ["reference"] and k is not None:
+        raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank)), not k=")
+    if variants == ["theory"] and k is not None and fraction is not None:
+        raise ValueError("give k or fraction for the theory variant, not both")
+
+    if n_permutations:  # checked before any eigensolve: wrong features fail fast
+        X, Y, shift = _label_design(moments, features, labels, feature_rtol)
+
+    # Unperturbed geometry and the grid of each variant.
+    grids: dict[str, dict[str, Any]] = {}
+    if "theory" in variants:
+        geometry = theory_geometry(moments)
+        ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
+        grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": _theory_values(geometry, ks),
+                           "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
+    if "reference" in variants:
+        geometry = reference_geometry(moments)
+        explicit = fraction is not None
+        fracs = np.array(_fractions(fraction, upper_inclusive=False) if explicit else REFERENCE_FRACTIONS, float)
+        counts = np.array([geometry.counts_at(f) for f in fracs], dtype=np.int64).reshape(-1, 2)
+        if explicit and np.any(counts < 1):
+            bad = int(np.argmax(np.any(counts < 1, axis=1)))
+            raise ValueError(f"fraction {fracs[bad]} selects k_U = {counts[bad, 0]}, k_V = {counts[bad, 1]} directions "
+                             f"(r_U = {geometry.r_U}, r_V = {geometry.r_V})")
+        grids["reference"] = {"fractions": fracs, "counts": counts, "ntps": _reference_values(geometry, fracs),
+                              "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
+
+    def evaluate(name: str, geometry: TheoryGeometry | ReferenceGeometry) -> np.ndarray:
+        if name == "theory":
+            return _theory_values(geometry, grids[name]["ks"])
+        return _reference_values(geometry, grids[name]["fractions"])
+
+    perturb_seq, perm_seq = np.random.SeedSequence(seed).spawn(2)
+
+    # Perturbations: one perturbed copy at a time (memory O(d^2)), every variant evaluated on it.
+    perturbed = {name: np.full((n_perturb, len(grids[name]["ntps"])), np.nan) for name in variants}
+    rank_changes = dict.fromkeys(variants, 0)
+    rng = np.random.default_rng(perturb_seq)
+    for i in range(n_perturb):
+        copy = _perturb(moments, perturb_scale, rng)
+        for name in variants:
+            geometry = theory_geometry(copy) if name == "theory" else reference_geometry(copy)
+            perturbed[name][i] = evaluate(name, geometry)
+            rank_changes[name] += int((geometry.r_U, geometry.r_V) != grids[name]["ranks"])
+
+    # Label-permutation null: only Sxy changes, so U is redone on factorised Sxx and V.
+    null = {name: np.full((n_permutations, len(grids[name]["ntps"])), np.nan) for name in variants}
+    if n_permutations:
+        factor = {"theory": TheoryFactorization.from_moments(moments) if "theory" in variants else None,
+                  "reference": ReferenceFactorization.from_moments(moments) if "reference" in variants else None}
+        rng = np.random.default_rng(perm_seq)
+        XT = X.T / X.shape[0]
+        for b in range(n_permutations):
+            permuted = moments.with_labels(XT @ Y[rng.permutation(Y.shape[0])] - shift, moments.Syy)
+            for name in variants:
+                null[name][b] = evaluate(name, factor[name].geometry(permuted))
+
+    # Eigensolver settings.
+    solver_dev = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
+    if solvers:
+        for name in variants:
+            values = [grids[name]["ntps"]]
+            for precision, solver in SOLVER_CONFIGS[name]:
+                if name == "theory":
+                    geometry = TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
+                else:
+                    geometry = ReferenceFactorization.from_moments(moments, precision=precision,
+                                                                   solver=solver).geometry(moments)
+                values.append(evaluate(name, geometry))
+            spread = _column_stats(np.vstack(values))
+            solver_dev[name] = spread["max"] - spread["min"]
+
+    frames = []
+    for name in variants:
+        grid = grids[name]
+        real = grid["ntps"]
+        n_rows = real.size
+        max_dev = _column_stats(np.abs(perturbed[name] - real[None, :]))["max"]
+        std = _column_stats(perturbed[name])["std"]
+        tail = (_tail(real, null[name], PERM_TIE_ATOL[name]) if n_permutations
+                else dict.fromkeys(("perm_mean", "perm_std", "perm_p", "perm_z"), np.full(n_rows, np.nan)))
+        r_U, r_V = grid["ranks"]
+        if name == "theory":
+            geometry = grid["geometry"]
+            ks = grid["ks"]
+            columns = {"k": pd.array(ks, dtype="Int64"), "fraction": grid["fractions"],
+                       "k_U": pd.array(np.minimum(ks, geometry.m), dtype="Int64"), "k_V": pd.array(ks, dtype="Int64"),
+                       "m": pd.array([geometry.m] * n_rows, dtype="Int64"), "precision": "float64"}
+        else:  # k is a theory notion; the reference rows are indexed by fraction
+            columns = {"k": pd.array([pd.NA] * n_rows, dtype="Int64"), "fraction": grid["fractions"],
+                       "k_U": pd.array(grid["counts"][:, 0], dtype="Int64"),
+                       "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
+                       "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
+        frames.append(pd.DataFrame({
+            "variant": name, **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
+            "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
+            **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
+            "n_permutations": n_permutations, "seed": seed, **provenance,
+        }, index=pd.RangeIndex(n_rows)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def stability_summary(
+    frame: pd.DataFrame, *, threshold: float = PERTURB_THRESHOLD, alpha: float = SIGNIFICANCE,
+    by: Sequence[str] = ("variant",),
+) -> pd.DataFrame:
+    """Per variant (or per ``by`` group): does the score respond to labels, does it survive rounding?
+
+    ``responds_to_labels``: in at least half of the configurations the permutation p-value is below
+    ``alpha``. ``survives_rounding``: no configuration moved by ``threshold`` or more under the
+    perturbations. ``statement`` says both in words, with the numbers.
+    """
+    missing = [c for c in (*by, "perm_p", "perturb_max_dev", "perturb_scale") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing}; pass the output of ntps_diagnostics")
+    rows = []
+    for key, group in frame.groupby(list(by), sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        p = group["perm_p"].to_numpy(dtype=float)
+        dev = group["perturb_max_dev"].to_numpy(dtype=float)
+        tested = np.isfinite(p)
+        share = float(np.mean(p[tested] < alpha)) if tested.any() else np.nan
+        worst = float(np.nanmax(dev)) if np.isfinite(dev).any() else np.nan
+        responds = bool(share >= 0.5) if tested.any() else None
+        survives = bool(worst < threshold) if np.isfinite(worst) else None
+        solver = group["solver_max_dev"].to_numpy(dtype=float) if "solver_max_dev" in group else np.array([np.nan])
+        scale = float(group["perturb_scale"].iloc[0])
+        name = ", ".join(str(v) for v in key)
+        label_text = ("label null not run" if responds is None else
+                      f"{'responds' if responds else 'does not respond'} to labels (permutation p < {alpha:g} in "
+                      f"{int(np.sum(p[tested] < alpha))}/{int(tested.sum())} configurations)")
+        rounding_text = ("perturbations not run" if survives is None else
+                         f"a {scale:.0e} relative perturbation moves it by up to {worst:.2g} "
+                         f"({'survives' if survives else 'does NOT survive'} rounding, threshold {threshold:g})")
+        rows.append({**dict(zip(by, key)), "n_configs": len(group), "median_ntps": float(group["ntps"].median()),
+                     "share_label_responsive": share, "median_perm_p": float(np.nanmedian(p)) if tested.any() else np.nan,
+                     "max_perturb_dev": worst,
+                     "max_solver_dev": float(np.nanmax(solver)) if np.isfinite(solver).any() else np.nan,
+                     "responds_to_labels": responds, "survives_rounding": survives,
+                     "statement": f"{name}: {label_text}; {rounding_text}."})
+    return pd.DataFrame(rows)
+
+
+def three_dim_example(eps: float = 1e-9) -> dict[str, Any]:
+    """Three dimensions, A = a a^T of rank 1, B = I: the ascending-order "first" eigenvector is
+    arbitrary, the descending-order one is not.
+
+    The eigenvalues of A are (0, 0, |a|^2). Two perturbations of relative size ``eps``, one along
+    each of two orthonormal directions b1, b2 of the zero eigenspace (a^T b = 0), leave the top
+    eigenvector at a / |a| but make the first ascending eigenvector b1 in one case and b2 in the
+    other: two equally valid answers, orthogonal to each other. Unperturbed, scipy and numpy each
+    pick some vector of the plane; which one is up to the driver.
+
+    Returns
+    -------
+    dict with ``A``, ``a``, ``zero_space`` (3, 2), ``eps``, ``frame`` (one row per (case, order):
+    eigenvalue and components of the first vector, its |cosine| with a/|a|, and its norm inside
+    the zero eigenspace), ``ascending_overlap`` (|cos| between the two perturbed ascending-first
+    vectors, ~0) and ``descending_overlap`` (same for the top vectors, ~1).
+    """
+    a = np.array([1.0, 2.0, 2.0])
+    A = np.outer(a, a)
+    # orthonormal basis of the plane a^T x = 0
+    b1 = np.array([2.0, -1.0, 0.0]) / math.sqrt(5.0)
+    b2 = np.cross(a / np.linalg.norm(a), b1)
+    size = eps * np.linalg.norm(A)
+    cases = {
+        "+eps along b2": ("scipy", A + size * np.outer(b2, b2)),
+        "+eps along b1": ("scipy", A + size * np.outer(b1, b1)),
+        "exact (scipy)": ("scipy", A),
+        "exact (numpy)": ("numpy", A),
+    }
+    rows, firsts = [], {}
+    for case, (solver, matrix) in cases.items():
+        for order in ("ascending", "descending"):
+            if case.startswith("+eps"):  # the package's solver, with the order stated explicitly
+                sub = generalized_eigh(np.eye(3), A=matrix, order=order, tol=0.0)
+                value, vector = float(sub.eigenvalues[0]), sub.vectors[:, 0]
+            else:  # the two LAPACK front ends on the same exact matrix
+                evals, evecs = _eigh(matrix, solver)
+                pick = 0 if order == "ascending" else -1
+                value, vector = float(evals[pick]), evecs[:, pick]
+            firsts[(case, order)] = vector
+            rows.append({"case": case, "order": order, "eigenvalue": value, "x": vector[0], "y": vector[1],
+                         "z": vector[2], "abs_cos_with_a": abs(float(vector @ a)) / np.linalg.norm(a),
+                         "norm_in_zero_space": float(np.linalg.norm(np.column_stack([b1, b2]).T @ vector))})
+    overlap = {order: abs(float(firsts[("+eps along b2", order)] @ firsts[("+eps along b1", order)]))
+               for order in ("ascending", "descending")}
+    return {"A": A, "a": a, "zero_space": np.column_stack([b1, b2]), "eps": eps, "frame": pd.DataFrame(rows),
+            "ascending_overlap": overlap["ascending"], "descending_overlap": overlap["descending"]}

@@ -1,0 +1,299 @@
+"""Stability and label-dependence diagnostics: the theory variant is stable and label-dependent,
+the reference variant is not stable; the factorised permutation path equals the plain one."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ntps_nb import (
+    Moments,
+    moments_from_sequences,
+    perception_moments,
+    reference_geometry,
+    synthetic_linear_task,
+    theory_geometry,
+)
+from ntps_nb.core.diagnostics import (
+    PERTURB_THRESHOLD,
+    ReferenceFactorization,
+    TheoryFactorization,
+    _tail,
+    ntps_diagnostics,
+    stability_summary,
+    three_dim_example,
+)
+from tests.core.conftest import random_moments
+
+PLANTED_K = 8  # n_predictable of the planted task: V has a wide eigengap after its 8th direction
+# Shuffle seed of the null task. Under independent labels the permutation p-value is uniform,
+# so a fixed seed passes "p > 0.05" with probability 0.95 before it is drawn and always after;
+# test_null_task_pvalues_are_calibrated checks that this is not a lucky pick.
+NULL_SHUFFLE_SEED = 1000
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return synthetic_linear_task(angle=0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def planted_both(planted):
+    return ntps_diagnostics(planted.moments, planted.features, planted.labels, variant=["theory", "reference"],
+                            n_perturb=20, n_permutations=100, seed=0, model="synthetic", layer=3)
+
+
+def shuffled(task, seed):
+    labels = np.random.default_rng(seed).permutation(task.labels)
+    return moments_from_sequences(list(task.sequences), labels, task.n_classes), labels
+
+
+def permuted_moments(task, seed):
+    labels = np.random.default_rng(seed).permutation(task.labels)
+    pm = perception_moments(task.features, labels, task.n_classes)
+    return task.moments.with_labels(pm["Sxy"], pm["Syy"])
+
+
+# --- the factorised permutation path against the plain computation ---------------------------
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_theory_factorization_equals_theory_geometry_under_permuted_labels(planted, seed):
+    factor = TheoryFactorization.from_moments(planted.moments)
+    numpy_factor = TheoryFactorization.from_moments(planted.moments, solver="numpy")
+    for moments in (planted.moments, permuted_moments(planted, seed)):
+        expected = theory_geometry(moments)
+        for f, atol in ((factor, 1e-10), (numpy_factor, 1e-9)):
+            got = f.geometry(moments)
+            assert (got.m, got.r_U, got.r_V) == (expected.m, expected.r_U, expected.r_V)
+            np.testing.assert_allclose(got.eigenvalues, expected.eigenvalues, rtol=1e-10)
+            np.testing.assert_allclose(got.projected, expected.projected, atol=atol)
+            assert got.trace_Syy == pytest.approx(expected.trace_Syy)
+
+
+def test_reference_factorization_repeats_reference_geometry_exactly(planted):
+    # ill-posed here (C = 4 < d = 32), so only an operation-by-operation repeat agrees
+    factor = ReferenceFactorization.from_moments(planted.moments)
+    for moments in (planted.moments, permuted_moments(planted, 3)):
+        expected = reference_geometry(moments).sweep()["ntps"].to_numpy()
+        got = factor.geometry(moments).sweep()["ntps"].to_numpy()
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_reference_solvers_agree_when_well_posed(rng):
+    # C >= d: Sxy Sxy^T has full rank and every setting must give the same score
+    m = random_moments(rng, d=6, n_classes=9)
+    values = [ReferenceFactorization.from_moments(m, precision=p, solver=s).geometry(m).sweep()["ntps"].to_numpy()
+              for p in ("float32", "float64") for s in ("scipy", "numpy")]
+    np.testing.assert_allclose(values[2], reference_geometry(m, precision="float64").sweep()["ntps"], atol=1e-12)
+    np.testing.assert_allclose(values[3], values[2], atol=1e-9)
+    np.testing.assert_allclose(values[0], values[2], atol=1e-3)
+    frame = ntps_diagnostics(m, variant="reference", n_perturb=5, n_permutations=0)
+    assert np.nanmax(frame["solver_max_dev"]) < 1e-3
+    assert np.nanmax(frame["perturb_max_dev"]) < 1e-3
+
+
+def test_factorization_rejects_moments_with_other_unlabelled_moments(planted, rng):
+    factor = TheoryFactorization.from_moments(planted.moments)
+    other = synthetic_linear_task(angle=0.3, seed=1, n_texts=200).moments
+    with pytest.raises(ValueError, match="differ from the factorised ones in Sxx"):
+        factor.geometry(other)
+
+
+# --- the planted task: theory stable and label-dependent, reference unstable -----------------
+
+def test_theory_is_stable_and_responds_to_labels_on_planted_task(planted_both):
+    theory = planted_both[planted_both["variant"] == "theory"].set_index("k")
+    # a 1e-6 relative perturbation: at the planted k the score moves by less than 1e-6; over all k
+    # the change is the perturbation times a condition number (the V eigengaps), below 1e-4
+    assert theory.loc[PLANTED_K, "perturb_max_dev"] < 1e-6
+    assert theory["perturb_max_dev"].max() < 1e-4
+    assert (theory["perturb_rank_changes"] == 0).all()
+    for k in (4, PLANTED_K):
+        assert theory.loc[k, "perm_p"] < 0.05
+        assert theory.loc[k, "perm_p"] == pytest.approx(1 / 101)  # no permutation reached the real score
+        assert theory.loc[k, "ntps"] > theory.loc[k, "perm_mean"] + 5 * theory.loc[k, "perm_std"]
+    assert theory["solver_max_dev"].max() < 1e-10
+    # k = r_V: V spans everything, NTPS = 1 whatever the labels, and the null says so
+    full = theory.loc[theory.index.max()]
+    assert full["ntps"] == pytest.approx(1.0) and full["perm_p"] == 1.0
+
+
+def test_reference_moves_more_under_rounding_than_theory_and_than_under_random_labels(planted_both):
+    theory = planted_both[planted_both["variant"] == "theory"]
+    reference = planted_both[planted_both["variant"] == "reference"].set_index("fraction")
+    assert reference["perturb_max_dev"].max() > 1e-2
+    assert reference["perturb_max_dev"].max() > 1e3 * theory["perturb_max_dev"].max()
+    assert reference["solver_max_dev"].max() > 1e-2
+    # SPEC section 4: at the smallest fraction a 1e-6 perturbation moves the released score more
+    # than replacing the labels by random ones
+    first = reference.iloc[0]
+    assert first["perturb_max_dev"] > abs(first["ntps"] - first["perm_mean"])
+    assert first["perm_p"] > 0.05
+
+
+def test_stability_summary_says_which_variant_measures_the_task(planted_both):
+    summary = stability_summary(planted_both).set_index("variant")
+    assert summary.loc["theory", "responds_to_labels"] and summary.loc["theory", "survives_rounding"]
+    assert not summary.loc["reference", "survives_rounding"]
+    assert summary.loc["reference", "max_perturb_dev"] >= PERTURB_THRESHOLD
+    assert "does NOT survive rounding" in summary.loc["reference", "statement"]
+    by_layer = stability_summary(planted_both, by=("layer", "variant"))
+    assert list(by_layer["layer"]) == [3, 3]
+    with pytest.raises(ValueError, match="lacks columns"):
+        stability_summary(planted_both.drop(columns="perm_p"))
+
+
+# --- labels independent of the features -------------------------------------------------------
+
+def test_null_task_pvalue_is_not_small(planted):
+    moments, labels = shuffled(planted, NULL_SHUFFLE_SEED)
+    frame = ntps_diagnostics(moments, planted.features, labels, k=[4, PLANTED_K], n_perturb=0, seed=0,
+                             solvers=False).set_index("k")
+    assert (frame["perm_p"] > 0.05).all(), frame["perm_p"]
+    # the theory score falls when the labels carry no information about the features
+    planted_value = theory_geometry(planted.moments).ntps(PLANTED_K)
+    assert frame.loc[PLANTED_K, "ntps"] < planted_value - 0.3
+
+
+def test_null_task_pvalues_are_calibrated(planted):
+    # independent shuffles: p ~ uniform, so #{p < 0.05} ~ Binomial(10, 0.05); P(>= 3) = 0.012
+    small = 0
+    for seed in range(10):
+        labels = np.random.default_rng(2000 + seed).permutation(planted.labels)
+        pm = perception_moments(planted.features, labels, planted.n_classes)
+        moments = planted.moments.with_labels(pm["Sxy"], pm["Syy"])
+        frame = ntps_diagnostics(moments, planted.features, labels, k=PLANTED_K, n_perturb=0, n_permutations=50,
+                                 seed=seed, solvers=False)
+        small += int(frame["perm_p"].iloc[0] < 0.05)
+    assert small <= 2
+
+
+# --- contract: grid, provenance, reproducibility, no side effects ---------------------------
+
+def test_grid_columns_and_provenance(planted, planted_both):
+    required = {"variant", "k", "fraction", "ntps", "perturb_max_dev", "perturb_std", "perm_mean", "perm_std",
+                "perm_p", "perm_z", "solver_max_dev", "model", "layer", "seed", "perturb_scale", "n_permutations"}
+    assert required <= set(planted_both.columns)
+    r_V = theory_geometry(planted.moments).r_V
+    assert (planted_both["variant"] == "theory").sum() == r_V
+    assert (planted_both["variant"] == "reference").sum() == 19
+    assert (planted_both["model"] == "synthetic").all() and (planted_both["layer"] == 3).all()
+    # the unperturbed values are those of the score module
+    theory = planted_both[planted_both["variant"] == "theory"]
+    np.testing.assert_allclose(theory["ntps"], theory_geometry(planted.moments).sweep()["ntps"], atol=1e-12)
+    reference = planted_both[planted_both["variant"] == "reference"]
+    np.testing.assert_array_equal(reference["ntps"], reference_geometry(planted.moments).sweep()["ntps"])
+
+    both = ntps_diagnostics(planted.moments, variant=["theory", "reference"], k=[2, 8], fraction=[0.25, 0.5],
+                            n_perturb=2, n_permutations=0, solvers=False)
+    assert list(both["k"].iloc[:2]) == [2, 8] and list(both["fraction"].iloc[2:]) == [0.25, 0.5]
+    by_fraction = ntps_diagnostics(planted.moments, fraction=[0.25, 0.5], n_perturb=0, n_permutations=0,
+                                   solvers=False)
+    assert list(by_fraction["k"]) == [int(0.25 * r_V), int(0.5 * r_V)]
+    skipped = ntps_diagnostics(planted.moments, k=4, n_perturb=0, n_permutations=0, solvers=False)
+    assert skipped[["perturb_max_dev", "perm_p", "perm_z", "solver_max_dev"]].isna().all().all()
+
+
+def test_reproducible_for_a_fixed_seed(planted):
+    def run(seed):
+        return ntps_diagnostics(planted.moments, planted.features, planted.labels, variant=["theory", "reference"],
+                                k=[1, 4, 8], fraction=[0.05, 0.5], n_perturb=4, n_permutations=20, seed=seed)
+
+    first = run(7)
+    pd.testing.assert_frame_equal(first, run(7))
+    other = run(8)
+    assert not np.allclose(first["perm_mean"], other["perm_mean"])
+    assert not np.allclose(first["perturb_std"], other["perturb_std"])
+    np.testing.assert_array_equal(first["ntps"], other["ntps"])
+
+
+def test_input_moments_features_and_labels_are_left_untouched(planted):
+    moments = planted.moments
+    before = {name: (value.tobytes(), value.flags.writeable) for name, value in moments.arrays().items()}
+    features, labels = planted.features.copy(), planted.labels.copy()
+    ntps_diagnostics(moments, features, labels, variant=["theory", "reference"], k=[1, 8], fraction=[0.05],
+                     n_perturb=3, n_permutations=5)
+    after = {name: (value.tobytes(), value.flags.writeable) for name, value in moments.arrays().items()}
+    assert after == before
+    np.testing.assert_array_equal(features, planted.features)
+    np.testing.assert_array_equal(labels, planted.labels)
+
+
+def test_centred_moments_use_the_centred_label_null(planted):
+    centred = planted.moments.centred()
+    frame = ntps_diagnostics(centred, planted.features, planted.labels, k=[4, PLANTED_K], n_perturb=0,
+                             n_permutations=20, solvers=False)
+    assert (frame["perm_p"] < 0.05).all()
+    permuted = permuted_moments(planted, 5).centred()  # label shuffle, then centring
+    factor = TheoryFactorization.from_moments(centred)
+    relabelled = centred.with_labels(permuted.Sxy, permuted.Syy)
+    np.testing.assert_allclose(factor.geometry(relabelled).projected, theory_geometry(relabelled).projected,
+                               atol=1e-10)
+
+
+def test_tail_pvalue_counts_ties_and_uses_the_plus_one_correction():
+    real = np.array([0.5, 0.9, 1.0])
+    null = np.array([[0.4, 0.1, 1.0], [0.6, 0.2, 1.0 - 1e-14], [0.5, 0.3, 1.0]])
+    tail = _tail(real, null, 1e-10)
+    np.testing.assert_allclose(tail["perm_p"], [(1 + 2) / 4, 1 / 4, 1.0])
+    assert tail["perm_z"][1] == pytest.approx((0.9 - 0.2) / 0.1)
+    assert np.isnan(tail["perm_z"][2])  # a constant null has no z-score
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors(planted):
+    m, X, y = planted.moments, planted.features, planted.labels
+    with pytest.raises(ValueError, match="needs the pooled features and labels"):
+        ntps_diagnostics(m)
+    with pytest.raises(ValueError, match="n_permutations = 0"):
+        ntps_diagnostics(m, X, y, n_permutations=0)
+    with pytest.raises(ValueError, match="both features and labels"):
+        ntps_diagnostics(m, X, None, n_permutations=0)
+    with pytest.raises(ValueError, match="2000 rows but there are 1999 labels"):
+        ntps_diagnostics(m, X, y[:-1], n_perturb=0)
+    other_layer = synthetic_linear_task(angle=0.3, seed=1).features
+    with pytest.raises(ValueError, match="do not reproduce the moments' Sxx"):
+        ntps_diagnostics(m, other_layer, y, n_perturb=0)
+    with pytest.raises(ValueError, match="do not reproduce the moments' Sxy"):
+        ntps_diagnostics(m, X, np.random.default_rng(0).permutation(y), n_perturb=0)
+    with pytest.raises(ValueError, match="dimension 31"):
+        ntps_diagnostics(m, X[:, :31], y, n_perturb=0)
+    with pytest.raises(ValueError, match="n_permutations must be a non-negative integer"):
+        ntps_diagnostics(m, X, y, n_permutations=-1)
+    with pytest.raises(ValueError, match="n_perturb must be"):
+        ntps_diagnostics(m, n_perturb=2.5, n_permutations=0)
+    with pytest.raises(ValueError, match="perturb_scale"):
+        ntps_diagnostics(m, perturb_scale=0.0, n_permutations=0)
+    with pytest.raises(ValueError, match="variant must be"):
+        ntps_diagnostics(m, variant="released", n_permutations=0)
+    with pytest.raises(ValueError, match="takes fraction="):
+        ntps_diagnostics(m, variant="reference", k=4, n_permutations=0)
+    with pytest.raises(ValueError, match="not both"):
+        ntps_diagnostics(m, k=4, fraction=0.5, n_permutations=0)
+    with pytest.raises(ValueError, match="outside 1..r_V"):
+        ntps_diagnostics(m, k=[4, 33], n_permutations=0)
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        ntps_diagnostics(m, variant="reference", fraction=1.0, n_permutations=0)
+    with pytest.raises(ValueError, match="selects k_U = 0"):
+        ntps_diagnostics(m, variant="reference", fraction=0.01, n_permutations=0)
+    with pytest.raises(ValueError, match="clash"):
+        ntps_diagnostics(m, n_permutations=0, ntps=1)
+    with pytest.raises(TypeError, match="Moments"):
+        ntps_diagnostics({"Sxx": m.Sxx}, n_permutations=0)
+
+
+# --- the three-dimensional example for notebook 01 ---------------------------------------------
+
+def test_three_dim_example_shows_arbitrary_ascending_and_stable_descending_vector():
+    example = three_dim_example()
+    a, zero = example["a"], example["zero_space"]
+    assert np.linalg.matrix_rank(example["A"]) == 1
+    np.testing.assert_allclose(zero.T @ a, 0.0, atol=1e-15)
+    assert example["ascending_overlap"] < 1e-6  # two valid "first" vectors, orthogonal
+    assert example["descending_overlap"] == pytest.approx(1.0, abs=1e-12)
+    frame = example["frame"]
+    ascending = frame[frame["order"] == "ascending"]
+    descending = frame[frame["order"] == "descending"]
+    np.testing.assert_allclose(ascending["norm_in_zero_space"], 1.0, atol=1e-12)
+    np.testing.assert_allclose(descending["abs_cos_with_a"], 1.0, atol=1e-12)
+    np.testing.assert_allclose(descending["eigenvalue"], a @ a)
