@@ -8,8 +8,10 @@ Names :func:`load_model` understands
 ------------------------------------
 ``smollm2-135m``, ``gemma3-270m``
     Pretrained models shipped as quantized GGUF files inside PyPI packages (SPEC section 8). The
-    first load dequantizes the GGUF once (20-60 s) into a float32 safetensors folder under
-    ``cache_dir("models")``; later loads read that folder in about a second.
+    first load dequantizes the GGUF once (SmolLM2 ~30 s, Gemma-3 ~2 min on 2 cores) into a
+    float32 safetensors folder under ``cache_dir("models")`` (540 MB / 1.1 GB); later loads read
+    that folder in under a second (SmolLM2) or a few seconds (Gemma-3: its 262k-token tokenizer
+    dominates).
 ``tiny-llama``, ``tiny-gpt2``
     Two-layer, width-64 random models built from configs in code, for tests. They use the
     SmolLM2 tokenizer (vocab 49,152, read from the converted ``smollm2-135m`` folder), so they
@@ -25,9 +27,9 @@ a local folder or a Hugging Face id (``owner/name``)
 Hidden states
 -------------
 ``model(..., output_hidden_states=True).hidden_states`` has ``n_layers + 1`` entries: entry 0 is
-the token (and position) embedding, entry ``i`` the residual stream after block ``i``, and the
-last entry is taken *after* the final norm (it is what the unembedding reads) for Llama, Gemma-3,
-Qwen2 and GPT-2 alike in transformers 5.
+the token (and position) embedding, entry ``i < L`` the residual stream after block ``i``, and
+entry ``L`` the output of the last block *after* the final norm (what the unembedding reads),
+for Llama, Gemma-3, Qwen2 and GPT-2 alike in transformers 5.
 """
 
 from __future__ import annotations
