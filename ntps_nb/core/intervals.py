@@ -1,0 +1,838 @@
+"""How sure is an NTPS value? Bootstrap and jackknife intervals from shard moments.
+
+Every moment is a mean over texts, so moments of disjoint groups of texts ("shards") combine
+exactly: the moments of a union are the text-count-weighted mean of the parts
+(`Moments.combine`). A bootstrap over shards therefore needs no further forward pass: draw S
+shards with replacement, weight shard s by (times drawn) x (its text count), and recompute NTPS
+from the weighted moments. The unit that is resampled is the shard, not the text: the texts must
+be assigned to shards at random, and with few shards the bootstrap distribution is coarse and its
+spread biased low (by about a factor sqrt((S - 1) / S)); the coverage study used S = 20.
+
+Combining is a weighted sum of arrays, done for a block of replicates at once as one matrix
+product ``(replicates x shards) @ (shards x d*d)``; the eigen-solves of each replicate are the
+only per-replicate cost, and one solve per replicate gives every k.
+
+The estimate is always the value on all shards combined, i.e. the full-data NTPS. NTPS is a
+biased statistic at finite N: sampling noise in the estimated subspaces pulls the overlap toward
+that of a random subspace (about k / r_V), so below the population value whenever that is above
+chance. An interval describes the sampling variability of the finite-N value and can cover the
+population value far less often than its nominal level. Measured with `coverage_study`
+(synthetic task at 45 degrees, d = 32, C = 4, k = 8, population NTPS 0.534, 20 shards, 1000
+replicates, 200 repetitions), coverage of nominal 95% intervals:
+
+    N       percentile  basic  bca    mean width  mean bias of the estimate
+    500     0.06        0.62   0.30   0.152       -0.094
+    2000    0.47        0.89   0.79   0.109       -0.028
+    8000    0.78        0.93   0.90   0.061       -0.011
+
+The percentile interval is centred near estimate + bootstrap bias, which doubles the bias; the
+"basic" interval reflects it (centre estimate - bootstrap bias) and covers best, but the bootstrap
+sees only part of the bias at small N (-0.039 of -0.094 at N = 500).
+
+Bootstrap replicates are drawn from ``numpy.random.default_rng(seed)`` as a multinomial count
+matrix that depends only on (seed, n_shards, n_boot): calls with the same seed on two layers of
+one extraction resample the same shards, so their intervals are paired by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.special
+from jaxtyping import Float, Int
+
+from ntps_nb.core.moments import LayerMoments, Moments, moments_from_sequences
+from ntps_nb.core.score import (
+    REFERENCE_ABS_TOL,
+    REFERENCE_FRACTIONS,
+    RANGE_RTOL,
+    TheoryGeometry,
+    reference_geometry,
+    theory_geometry,
+)
+from ntps_nb.core.theory import SyntheticTask, synthetic_linear_task
+
+IntervalMethod = Literal["percentile", "basic", "bca"]
+Statistic = Literal["ntps", "excess_loss"]
+
+INTERVAL_METHODS = ("percentile", "basic", "bca")
+STATISTICS = ("ntps", "excess_loss")
+VARIANTS = ("theory", "reference")
+#: Fewest shards an interval is computed from (a bootstrap of one unit has no spread).
+MIN_SHARDS = 2
+#: Replicate moments are formed in blocks whose largest moment takes at most this many bytes.
+COMBINE_BLOCK_BYTES = 64 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+
+
+def split_into_shards(
+    data: SyntheticTask | Sequence[Float[np.ndarray, "T d"]] | Float[np.ndarray, "N T d"],
+    n_shards: int,
+    labels: Sequence[int] | np.ndarray | None = None,
+    *,
+    n_classes: int | None = None,
+    seed: int = 0,
+) -> list[Moments]:
+    """Moments of disjoint random shards of texts, one `Moments` per shard.
+
+    Texts are assigned round-robin along a seeded permutation, so shard sizes differ by at most
+    one; each shard's moments are `moments_from_sequences` of its texts, and
+    ``Moments.combine(shards)`` equals the moments of all texts to round-off.
+
+    Parameters
+    ----------
+    data : a `SyntheticTask`, or per-text state sequences (each (T_n, d)).
+    n_shards : number of shards S, 1 <= S <= N.
+    labels : (N,) integer labels; taken from the task when ``data`` is a `SyntheticTask`.
+    n_classes : number of label columns C (default: the task's, or max(labels) + 1), the same
+        for every shard even if a shard lacks a class.
+    seed : seed of the permutation that assigns texts to shards.
+
+    Returns
+    -------
+    list of S `Moments`, shard j holding texts ``permutation[j::S]``.
+    """
+    if isinstance(data, SyntheticTask):
+        if labels is not None:
+            raise ValueError("labels come from the SyntheticTask; do not pass labels as well")
+        sequences, labels = data.sequences, data.labels
+        n_classes = data.n_classes if n_classes is None else n_classes
+    else:
+        if labels is None:
+            raise ValueError("labels are required when data are sequences")
+        sequences = data
+    labels = np.asarray(labels)
+    n = len(sequences)
+    if labels.shape != (n,):
+        raise ValueError(f"need one label per text: {n} sequences, labels of shape {labels.shape}")
+    if isinstance(n_shards, (bool, np.bool_)) or not isinstance(n_shards, (int, np.integer)):
+        raise ValueError(f"n_shards must be an integer, got {n_shards!r}")
+    if not 1 <= n_shards <= n:
+        raise ValueError(f"n_shards must lie in 1..{n} (the number of texts), got {n_shards}")
+    if n_classes is None:
+        n_classes = int(labels.max()) + 1
+    order = np.random.default_rng(seed).permutation(n)
+    shards = []
+    for j in range(int(n_shards)):
+        members = np.sort(order[j::n_shards])
+        shards.append(moments_from_sequences([sequences[i] for i in members], labels[members], n_classes))
+    return shards
+
+
+def layer_shards(parts: Sequence[LayerMoments]) -> dict[int, list[Moments]]:
+    """Per-layer shard lists from per-shard `LayerMoments` (as a sharded extraction returns them).
+
+    Returns ``{layer: [Moments of shard 0, shard 1, ...]}``; every shard must have the same layers.
+    """
+    parts = list(parts)
+    for i, part in enumerate(parts):
+        if part is None:
+            raise ValueError(f"shard {i} is None: every shard must hold the moments of at least one text")
+        if not isinstance(part, LayerMoments):
+            raise TypeError(f"shard {i}: expected LayerMoments, got {type(part).__name__}")
+    if not parts:
+        raise ValueError("no shards")
+    layers = parts[0].layers
+    for i, part in enumerate(parts[1:], start=1):
+        if part.layers != layers:
+            raise ValueError(f"shard {i} has layers {part.layers}, shard 0 has {layers}")
+    return {layer: [part[layer] for part in parts] for layer in layers}
+
+
+def check_shards(moment_shards: Sequence[Moments], *, name: str = "moment_shards") -> list[Moments]:
+    """The shards as a list, or a ValueError naming what is wrong with them."""
+    if isinstance(moment_shards, Moments):
+        raise ValueError(f"{name} must be a list of per-shard Moments, got a single Moments")
+    if isinstance(moment_shards, LayerMoments):
+        raise ValueError(f"{name} must be a list of per-shard Moments, got one LayerMoments; "
+                         "split per-shard LayerMoments by layer with layer_shards(...)")
+    if moment_shards is None:
+        raise ValueError(f"{name} is None")
+    shards = list(moment_shards)
+    for i, shard in enumerate(shards):
+        if shard is None or (isinstance(shard, (list, tuple)) and len(shard) == 0):
+            raise ValueError(f"{name}[{i}] is empty ({shard!r}): every shard must hold at least one text")
+        if isinstance(shard, LayerMoments):
+            raise ValueError(f"{name}[{i}] is a LayerMoments; pick one layer with layer_shards(...)")
+        if not isinstance(shard, Moments):
+            raise ValueError(f"{name}[{i}] must be Moments, got {type(shard).__name__}")
+        if shard.is_centred:
+            raise ValueError(f"{name}[{i}] is centred; shards must be uncentred (pass centred=True instead)")
+    if len(shards) < MIN_SHARDS:
+        raise ValueError(f"{name} has {len(shards)} shard(s); an interval needs at least {MIN_SHARDS}")
+    first = shards[0]
+    for i, shard in enumerate(shards[1:], start=1):
+        if shard.Sxx.shape != first.Sxx.shape or shard.Sxy.shape != first.Sxy.shape:
+            raise ValueError(f"{name}[{i}] has d={shard.d}, C={shard.n_classes}; {name}[0] has "
+                             f"d={first.d}, C={first.n_classes}: shards must come from one layer and label set")
+    return shards
+
+
+class ShardStack:
+    """Shards' moment arrays stacked once, so that many weighted combinations are one product.
+
+    ``combined(counts)`` yields, for each row c of a (B, S) count matrix, the moments of the
+    union in which shard s is taken c[s] times, i.e. ``Moments.combine(shards, weights=c)``
+    (restricted to the moments in `CARRIED`).
+    """
+
+    #: The moments NTPS and the excess loss need (x_mean for centred=True); Shh is not carried.
+    CARRIED = ("Sxx", "Sxy", "Syy", "C0", "C1", "x_mean")
+
+    def __init__(self, moment_shards: Sequence[Moments]):
+        self.shards = check_shards(moment_shards)
+        self.n_texts = np.array([s.n_texts for s in self.shards], dtype=np.float64)
+        self.n_tokens = np.array([s.n_tokens for s in self.shards], dtype=np.float64)
+        # the optional x_mean is carried only when every shard has it
+        names = [n for n in self.CARRIED if all(getattr(s, n) is not None for s in self.shards)]
+        self.shapes = {n: getattr(self.shards[0], n).shape for n in names}
+        self.stacked = {n: np.stack([getattr(s, n) for s in self.shards]).reshape(len(self.shards), -1)
+                        for n in names}
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def combined(self, counts: Float[np.ndarray, "B S"]) -> Iterator[Moments]:
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.ndim != 2 or counts.shape[1] != len(self):
+            raise ValueError(f"counts must have shape (B, {len(self)}), got {counts.shape}")
+        texts = counts * self.n_texts
+        totals = texts.sum(axis=1)
+        if np.any(totals <= 0) or np.any(counts < 0):
+            raise ValueError("every combination needs non-negative counts and at least one text")
+        shares = texts / totals[:, None]
+        tokens = counts @ self.n_tokens
+        block = max(1, COMBINE_BLOCK_BYTES // (8 * max(a.shape[1] for a in self.stacked.values())))
+        for start in range(0, counts.shape[0], block):
+            stop = min(start + block, counts.shape[0])
+            arrays = {n: shares[start:stop] @ a for n, a in self.stacked.items()}
+            for row in range(stop - start):
+                yield Moments(n_texts=int(round(totals[start + row])), n_tokens=int(round(tokens[start + row])),
+                              **{n: arrays[n][row].reshape(self.shapes[n]) for n in arrays})
+
+
+def bootstrap_counts(n_shards: int, n_boot: int, seed: int) -> Int[np.ndarray, "B S"]:
+    """How often each shard is drawn in each of n_boot resamples of n_shards with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_shards, np.full(n_shards, 1.0 / n_shards), size=n_boot)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics per replicate
+
+
+@dataclass(frozen=True, eq=False)
+class _Curve:
+    """Maps moments to the statistic at several k (theory) or fractions (reference)."""
+
+    statistic: str
+    variant: str
+    ks: np.ndarray | None = None
+    fractions: np.ndarray | None = None
+    centred: bool = False
+    tol: float | None = None
+    rtol: float = RANGE_RTOL
+    precision: str = "float32"
+
+    def __call__(self, moments: Moments) -> np.ndarray:
+        if self.variant == "reference":
+            tol = REFERENCE_ABS_TOL if self.tol is None else self.tol
+            geometry = reference_geometry(moments, precision=self.precision, tol=tol)
+            return np.array([geometry.ntps(f) for f in self.fractions])
+        geometry = theory_geometry(moments, centred=self.centred, tol=self.tol, rtol=self.rtol)
+        return theory_values(geometry, self.ks, self.statistic)
+
+
+def theory_values(geometry: TheoryGeometry, ks: np.ndarray, statistic: Statistic = "ntps") -> np.ndarray:
+    """NTPS_theory or the excess loss at each k of ``ks`` from one `TheoryGeometry`; NaN where
+    k exceeds the geometry's r_V."""
+    ks = np.asarray(ks, dtype=np.int64)
+    out = np.full(ks.shape, np.nan)
+    ok = (ks >= 1) & (ks <= geometry.r_V)
+    k = ks[ok]
+    k_U = np.minimum(k, geometry.m)
+    if statistic == "ntps":
+        cum = np.cumsum(geometry.projected, axis=1)
+        out[ok] = cum[k - 1, k_U - 1] / k_U
+    elif statistic == "excess_loss":
+        lam, proj = geometry.eigenvalues, geometry.projected[k - 1]
+        top = np.arange(geometry.m)[None, :] < k_U[:, None]
+        out[ok] = np.where(top, lam * (1.0 - proj), -lam * proj).sum(axis=1)
+    else:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    return out
+
+
+def _evaluate(curve: _Curve, moments: Iterator[Moments], n: int, width: int) -> tuple[np.ndarray, int]:
+    """The curve on each of n moments; a replicate whose geometry is undefined (e.g. a resample
+    with a single class) becomes a row of NaN and is counted."""
+    values = np.full((n, width), np.nan)
+    failed = 0
+    for i, m in enumerate(moments):
+        try:
+            values[i] = curve(m)
+        except (ValueError, np.linalg.LinAlgError):
+            failed += 1
+    return values, failed
+
+
+@dataclass(frozen=True, eq=False)
+class _Replicates:
+    estimate: np.ndarray  # (K,)
+    boot: np.ndarray  # (B, K)
+    jack: np.ndarray  # (S, K) leave-one-shard-out values
+    failed: int
+
+
+def _replicates(stack: ShardStack, curve: _Curve, counts: np.ndarray, estimate: np.ndarray) -> _Replicates:
+    width = estimate.size
+    boot, failed_boot = _evaluate(curve, stack.combined(counts), counts.shape[0], width)
+    leave_one_out = 1.0 - np.eye(len(stack))
+    jack, failed_jack = _evaluate(curve, stack.combined(leave_one_out), len(stack), width)
+    return _Replicates(estimate=estimate, boot=boot, jack=jack, failed=failed_boot + failed_jack)
+
+
+def _jackknife(jack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(deviations mean - theta_(i), standard error) of leave-one-out values, per column."""
+    s = jack.shape[0]
+    deviations = jack.mean(axis=0) - jack
+    se = np.sqrt((s - 1) / s * np.sum(deviations**2, axis=0))
+    return deviations, se
+
+
+def _interval(estimate: np.ndarray, boot: np.ndarray, deviations: np.ndarray, level: float,
+              method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) per column from the finite bootstrap values of that column."""
+    alpha = 1.0 - level
+    lower = np.full(estimate.shape, np.nan)
+    upper = np.full(estimate.shape, np.nan)
+    for j in range(estimate.size):
+        b = boot[:, j]
+        b = b[np.isfinite(b)]
+        if b.size == 0 or not np.isfinite(estimate[j]):
+            continue
+        if method == "percentile":
+            lower[j], upper[j] = np.quantile(b, [alpha / 2, 1 - alpha / 2])
+        elif method == "basic":
+            lo, hi = np.quantile(b, [alpha / 2, 1 - alpha / 2])
+            lower[j], upper[j] = 2 * estimate[j] - hi, 2 * estimate[j] - lo
+        else:  # bca: bias correction from the bootstrap, acceleration from the jackknife
+            below = (np.sum(b < estimate[j]) + 0.5 * np.sum(b == estimate[j])) / b.size
+            z0 = scipy.special.ndtri(np.clip(below, 0.5 / b.size, 1 - 0.5 / b.size))
+            d = deviations[:, j]
+            if not np.all(np.isfinite(d)):
+                continue
+            spread = np.sum(d**2)
+            accel = np.sum(d**3) / (6.0 * spread**1.5) if spread > 0 else 0.0
+            z = scipy.special.ndtri(np.array([alpha / 2, 1 - alpha / 2]))
+            shares = scipy.special.ndtr(z0 + (z0 + z) / (1.0 - accel * (z0 + z)))
+            lower[j], upper[j] = np.quantile(b, shares)
+    return lower, upper
+
+
+def _summary(estimate: np.ndarray, boot: np.ndarray, deviations: np.ndarray, se_jack: np.ndarray,
+             level: float, method: str) -> dict[str, np.ndarray]:
+    lower, upper = _interval(estimate, boot, deviations, level, method)
+    finite = np.isfinite(boot)
+    n_valid = finite.sum(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as they should
+        se_boot = np.where(n_valid >= 2, np.nanstd(np.where(finite, boot, np.nan), axis=0, ddof=1), np.nan)
+        bias = np.nanmean(np.where(finite, boot, np.nan), axis=0) - estimate
+    return {"lower": lower, "upper": upper, "se_bootstrap": se_boot, "se_jackknife": se_jack,
+            "bias_bootstrap": bias, "n_valid": n_valid}
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _check_options(n_boot, level, seed, method, variant, statistic) -> None:
+    if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)):
+        raise ValueError(f"n_boot must be an integer, got {n_boot!r}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, float, np.floating, np.integer)):
+        raise ValueError(f"level must be a number in (0, 1), got {level!r}")
+    if not (math.isfinite(level) and 0 < level < 1):
+        raise ValueError(f"level must lie in (0, 1) (e.g. 0.95), got {level}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer (intervals must be reproducible), got {seed!r}")
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"method must be one of {INTERVAL_METHODS}, got {method!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if variant == "reference" and statistic != "ntps":
+        raise ValueError("the excess-loss identity is about the theory variant; use variant='theory'")
+
+
+def _single_curve(full: Moments, k, fraction, *, statistic, variant, centred, tol, rtol, precision) -> _Curve:
+    """The curve at one k (theory; a fraction is turned into k with the full data's r_V and then
+    held fixed across replicates) or one fraction (reference; int(fraction * r) per replicate)."""
+    if variant == "reference":
+        if k is not None or fraction is None:
+            raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+        if centred:
+            raise ValueError("the reference variant uses the uncentred moments, as released")
+        return _Curve(statistic, variant, fractions=np.array([float(fraction)]), tol=tol, precision=precision)
+    geometry = theory_geometry(full, centred=centred, tol=tol, rtol=rtol)
+    kk = geometry.k(k, fraction)
+    return _Curve(statistic, variant, ks=np.array([kk]), centred=centred, tol=tol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A statistic of the combined shards with its bootstrap interval and standard errors.
+
+    Attributes
+    ----------
+    statistic : "ntps" or "excess_loss".
+    estimate : the value on all shards combined (the full-data value).
+    lower, upper : the ``level`` interval by ``method`` ("percentile", "basic" or "bca").
+    se_bootstrap : standard deviation of the bootstrap replicates.
+    se_jackknife : leave-one-shard-out jackknife standard error.
+    bias_bootstrap : mean of the replicates minus the estimate (a resample has fewer distinct
+        texts, so this tracks, roughly, the finite-N bias of the statistic).
+    n_shards, n_texts : shards and texts the estimate is over.
+    n_boot : replicates drawn; n_valid : replicates with a defined value.
+    replicates : (n_boot,) the bootstrap values (NaN where undefined).
+    """
+
+    statistic: str
+    estimate: float
+    lower: float
+    upper: float
+    se_bootstrap: float
+    se_jackknife: float
+    bias_bootstrap: float
+    n_shards: int
+    n_texts: int
+    n_boot: int
+    n_valid: int
+    level: float
+    method: str
+    seed: int
+    variant: str
+    k: int | None
+    fraction: float | None
+    centred: bool
+    replicates: np.ndarray = field(repr=False)
+
+    @property
+    def width(self) -> float:
+        return self.upper - self.lower
+
+    @property
+    def bias_corrected(self) -> float:
+        """estimate - bias_bootstrap: the centre of the "basic" interval."""
+        return self.estimate - self.bias_bootstrap
+
+    def as_dict(self) -> dict:
+        """The fields without the replicates, for one row of a tidy frame."""
+        out = asdict(self)
+        out.pop("replicates")
+        return out
+
+
+@dataclass(frozen=True)
+class BootstrapDifference:
+    """statistic(a) - statistic(b) with its bootstrap interval, standard errors and p-value.
+
+    Attributes
+    ----------
+    estimate : estimate_a - estimate_b on all shards.
+    lower, upper : the ``level`` interval of the difference by ``method``.
+    p_value : two-sided bootstrap p-value of "no difference": twice the share of replicates on
+        the other side of 0 from the estimate, (1 + count) / (n_valid + 1), capped at 1; 1 when the
+        estimate is exactly 0.
+    paired : whether the same shard indices were resampled for a and b.
+    se_bootstrap, se_jackknife : standard errors of the difference.
+    replicates : (n_boot,) bootstrap differences.
+    """
+
+    statistic: str
+    estimate: float
+    estimate_a: float
+    estimate_b: float
+    lower: float
+    upper: float
+    p_value: float
+    se_bootstrap: float
+    se_jackknife: float
+    paired: bool
+    n_shards_a: int
+    n_shards_b: int
+    n_texts_a: int
+    n_texts_b: int
+    n_boot: int
+    n_valid: int
+    level: float
+    method: str
+    seed: int
+    variant: str
+    k: int | None
+    fraction: float | None
+    centred: bool
+    replicates: np.ndarray = field(repr=False)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("replicates")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _warn_failed(failed: int, total: int) -> None:
+    if failed:
+        warnings.warn(f"{failed} of {total} resamples had undefined geometry (e.g. a single class, or "
+                      "k beyond the resample's rank of C0); they are left out of the interval", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, level, seed, method,
+                 centred, tol, rtol, precision) -> BootstrapInterval:
+    _check_options(n_boot, level, seed, method, variant, statistic)
+    stack = ShardStack(moment_shards)
+    full = Moments.combine(stack.shards)
+    curve = _single_curve(full, k, fraction, statistic=statistic, variant=variant, centred=centred,
+                          tol=tol, rtol=rtol, precision=precision)
+    estimate = curve(full)
+    reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate)
+    _warn_failed(reps.failed, n_boot + len(stack))
+    deviations, se_jack = _jackknife(reps.jack)
+    s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
+    return BootstrapInterval(
+        statistic=statistic, estimate=float(estimate[0]), lower=float(s["lower"][0]), upper=float(s["upper"][0]),
+        se_bootstrap=float(s["se_bootstrap"][0]), se_jackknife=float(s["se_jackknife"][0]),
+        bias_bootstrap=float(s["bias_bootstrap"][0]), n_shards=len(stack), n_texts=full.n_texts,
+        n_boot=int(n_boot), n_valid=int(s["n_valid"][0]), level=float(level), method=method, seed=int(seed),
+        variant=variant, k=None if curve.ks is None else int(curve.ks[0]),
+        fraction=None if fraction is None else float(fraction), centred=centred, replicates=reps.boot[:, 0].copy(),
+    )
+
+
+def ntps_interval(
+    moment_shards: Sequence[Moments],
+    k: int | None = None,
+    *,
+    fraction: float | None = None,
+    variant: str = "theory",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    method: IntervalMethod = "percentile",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: str = "float32",
+) -> BootstrapInterval:
+    """NTPS of the combined shards with a shard-bootstrap interval and jackknife standard error.
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer (disjoint texts, at least 2 shards).
+    k, fraction : as in `ntps`. For the theory variant a fraction becomes k = int(fraction * r_V)
+        with the full data's r_V, and that k is used in every replicate; the reference variant
+        applies int(fraction * r) per replicate, as its definition does.
+    variant : "theory" (default) or "reference".
+    n_boot : bootstrap replicates (each costs one NTPS factorisation).
+    level : coverage level of the interval, in (0, 1).
+    seed : seed of the shard resampling.
+    method : "percentile" (default), "basic" (reflected percentile, 2 * estimate - quantiles), or
+        "bca" (bias-corrected and accelerated; acceleration from the leave-one-shard-out values).
+        NTPS is biased low at finite N and "percentile" doubles that bias; "basic" covered the
+        population value best in the coverage study (see the module docstring).
+    centred, tol, rtol, precision : passed to the NTPS computation, as in `ntps`.
+    """
+    return _interval_of(moment_shards, k, fraction, statistic="ntps", variant=variant, n_boot=n_boot,
+                        level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
+                        precision=precision)
+
+
+def excess_loss_interval(
+    moment_shards: Sequence[Moments],
+    k: int | None = None,
+    *,
+    fraction: float | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    method: IntervalMethod = "percentile",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+) -> BootstrapInterval:
+    """The excess loss DeltaL = L(V_k) - L* (SPEC section 5) of the combined shards, with a
+    shard-bootstrap interval; arguments as in `ntps_interval` (theory variant only)."""
+    return _interval_of(moment_shards, k, fraction, statistic="excess_loss", variant="theory", n_boot=n_boot,
+                        level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
+                        precision="float64")
+
+
+def ntps_interval_sweep(
+    moment_shards: Sequence[Moments],
+    *,
+    statistic: Statistic = "ntps",
+    variant: str = "theory",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    method: IntervalMethod = "percentile",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: str = "float32",
+    fractions: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Intervals at every k (theory: k = 1..r_V of the full data) or every fraction (reference),
+    from one factorisation per replicate, as a tidy frame.
+
+    Columns: statistic, variant, k (theory) / fraction, the statistic's value (column named
+    ``ntps`` or ``excess_loss``), lower, upper, se_bootstrap, se_jackknife, bias_bootstrap,
+    n_valid (NaN where a replicate's r_V is below k), and the settings.
+    """
+    _check_options(n_boot, level, seed, method, variant, statistic)
+    stack = ShardStack(moment_shards)
+    full = Moments.combine(stack.shards)
+    if variant == "reference":
+        if centred:
+            raise ValueError("the reference variant uses the uncentred moments, as released")
+        fr = REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions, dtype=np.float64)
+        curve = _Curve(statistic, variant, fractions=fr, tol=tol, precision=precision)
+        index = {"fraction": fr}
+    else:
+        if fractions is not None:
+            raise ValueError("fractions= is for the reference variant; the theory sweep covers every k")
+        geometry = theory_geometry(full, centred=centred, tol=tol, rtol=rtol)
+        ks = np.arange(1, geometry.r_V + 1)
+        curve = _Curve(statistic, variant, ks=ks, centred=centred, tol=tol, rtol=rtol)
+        index = {"k": ks, "fraction": ks / geometry.r_V, "k_U": np.minimum(ks, geometry.m),
+                 "m": geometry.m, "r_V": geometry.r_V}
+    estimate = curve(full)
+    reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate)
+    _warn_failed(reps.failed, n_boot + len(stack))
+    deviations, se_jack = _jackknife(reps.jack)
+    summary = _summary(estimate, reps.boot, deviations, se_jack, level, method)
+    return pd.DataFrame({
+        "statistic": statistic, "variant": variant, **index, statistic: estimate, **summary,
+        "n_shards": len(stack), "n_texts": full.n_texts, "n_boot": int(n_boot), "level": float(level),
+        "method": method, "seed": int(seed), "centred": centred,
+    })
+
+
+def _same_counts(a: list[Moments], b: list[Moments]) -> bool:
+    return len(a) == len(b) and all(x.n_texts == y.n_texts for x, y in zip(a, b))
+
+
+def _default_paired(a: list[Moments], b: list[Moments]) -> bool:
+    """Same number of shards, same text counts and (uncentred, so class frequencies) the same
+    label moments shard by shard: what two layers or two models on one sharded dataset show."""
+    return _same_counts(a, b) and all(
+        x.Syy.shape == y.Syy.shape and np.allclose(x.Syy, y.Syy, rtol=1e-12, atol=1e-15) for x, y in zip(a, b))
+
+
+def ntps_difference(
+    shards_a: Sequence[Moments],
+    shards_b: Sequence[Moments],
+    k: int | None = None,
+    *,
+    fraction: float | None = None,
+    paired: bool | None = None,
+    statistic: Statistic = "ntps",
+    variant: str = "theory",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    method: IntervalMethod = "percentile",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: str = "float32",
+) -> BootstrapDifference:
+    """Do two NTPS values differ? statistic(a) - statistic(b) with a bootstrap interval and p-value.
+
+    Parameters
+    ----------
+    shards_a, shards_b : per-shard `Moments` of the two things compared (two layers, two models).
+    k, fraction : as in `ntps_interval`, applied to each side (a fraction is resolved per side).
+    paired : True when shard i of a and shard i of b hold the same texts (same dataset, same
+        sharding): the same shard indices are then resampled for both, which removes the
+        dataset's sampling noise shared by a and b. False: independent bootstraps. Default:
+        paired when both have the same number of shards with identical text counts and identical
+        per-shard class frequencies (Syy). That is a heuristic (it cannot prove the texts are the
+        same), so say paired= when you know; paired=True only requires equal text counts.
+    statistic : "ntps" (default) or "excess_loss".
+    Other arguments as in `ntps_interval`.
+    """
+    _check_options(n_boot, level, seed, method, variant, statistic)
+    stack_a = ShardStack(shards_a)
+    stack_b = ShardStack(shards_b)
+    if paired is None:
+        paired = _default_paired(stack_a.shards, stack_b.shards)
+    elif paired and not _same_counts(stack_a.shards, stack_b.shards):
+        raise ValueError("paired=True needs the same number of shards with the same text counts on both sides; got "
+                         f"{[s.n_texts for s in stack_a.shards]} and {[s.n_texts for s in stack_b.shards]}")
+    paired = bool(paired)
+    options = dict(statistic=statistic, variant=variant, centred=centred, tol=tol, rtol=rtol, precision=precision)
+    full_a, full_b = Moments.combine(stack_a.shards), Moments.combine(stack_b.shards)
+    curve_a = _single_curve(full_a, k, fraction, **options)
+    curve_b = _single_curve(full_b, k, fraction, **options)
+    est_a, est_b = curve_a(full_a), curve_b(full_b)
+    counts_a = bootstrap_counts(len(stack_a), n_boot, seed)
+    if paired:
+        counts_b = counts_a
+    else:
+        # an independent stream for b, reproducible from the same seed
+        counts_b = bootstrap_counts(len(stack_b), n_boot, np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
+    reps_a = _replicates(stack_a, curve_a, counts_a, est_a)
+    reps_b = _replicates(stack_b, curve_b, counts_b, est_b)
+    _warn_failed(reps_a.failed + reps_b.failed, 2 * n_boot + len(stack_a) + len(stack_b))
+    estimate = est_a - est_b
+    boot = reps_a.boot - reps_b.boot
+    if paired:
+        deviations, se_jack = _jackknife(reps_a.jack - reps_b.jack)
+    else:
+        dev_a, se_a = _jackknife(reps_a.jack)
+        dev_b, se_b = _jackknife(reps_b.jack)
+        deviations, se_jack = np.vstack([dev_a, -dev_b]), np.sqrt(se_a**2 + se_b**2)
+    s = _summary(estimate, boot, deviations, se_jack, level, method)
+    values = boot[:, 0][np.isfinite(boot[:, 0])]
+    return BootstrapDifference(
+        statistic=statistic, estimate=float(estimate[0]), estimate_a=float(est_a[0]), estimate_b=float(est_b[0]),
+        lower=float(s["lower"][0]), upper=float(s["upper"][0]), p_value=bootstrap_pvalue(float(estimate[0]), values),
+        se_bootstrap=float(s["se_bootstrap"][0]), se_jackknife=float(se_jack[0]), paired=paired,
+        n_shards_a=len(stack_a), n_shards_b=len(stack_b), n_texts_a=full_a.n_texts, n_texts_b=full_b.n_texts,
+        n_boot=int(n_boot), n_valid=int(values.size), level=float(level), method=method, seed=int(seed),
+        variant=variant, k=None if curve_a.ks is None else int(curve_a.ks[0]),
+        fraction=None if fraction is None else float(fraction), centred=centred, replicates=boot[:, 0].copy(),
+    )
+
+
+def bootstrap_pvalue(estimate: float, replicates: Float[np.ndarray, " B"]) -> float:
+    """Two-sided bootstrap p-value of "the statistic is 0": 2 (1 + #replicates on the other side
+    of 0 from the estimate, 0 included) / (B + 1), capped at 1; 1 when the estimate is 0 or NaN."""
+    replicates = np.asarray(replicates, dtype=np.float64)
+    replicates = replicates[np.isfinite(replicates)]
+    if not np.isfinite(estimate) or estimate == 0 or replicates.size == 0:
+        return 1.0
+    other_side = np.sum(replicates <= 0) if estimate > 0 else np.sum(replicates >= 0)
+    return float(min(1.0, 2.0 * (1 + other_side) / (replicates.size + 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage
+
+
+def coverage_study(
+    n_repetitions: int = 200,
+    *,
+    n_texts: int = 2000,
+    n_shards: int = 20,
+    k: int | None = None,
+    statistic: Statistic = "ntps",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    methods: Sequence[str] = INTERVAL_METHODS,
+    population_n_texts: int = 200_000,
+    truth_shards: int = 20,
+    seed: int = 0,
+    angle: float = np.pi / 4,
+    **task_kwargs,
+) -> pd.DataFrame:
+    """How often do nominal intervals cover the population value? Repeated draws on a synthetic task.
+
+    The population is one large draw of ``population_n_texts`` texts from `synthetic_linear_task`
+    (``seed``, ``angle`` and ``task_kwargs`` fix the planted geometry; the task's seed fixes both
+    geometry and sample, so independent samples of one geometry cannot come from separate calls).
+    Its NTPS (column ``truth``) stands in for the population value; its own sampling error is
+    reported as ``truth_se_jackknife`` (from ``truth_shards`` shards of the population draw; 0
+    skips it and reports NaN). Each repetition draws
+    ``n_texts`` texts from that pool without replacement (independently across repetitions),
+    splits them into ``n_shards`` shards and computes the interval by every method from one set
+    of ``n_boot`` replicates.
+
+    Returns
+    -------
+    One row per (repetition, method): estimate, lower, upper, width, covered, miss ("below":
+    the interval lies below the truth, "above", or ""), se_bootstrap, se_jackknife,
+    bias_bootstrap, truth, truth_se_jackknife, and the settings.
+    """
+    for method in methods:
+        if method not in INTERVAL_METHODS:
+            raise ValueError(f"methods must be among {INTERVAL_METHODS}, got {method!r}")
+    _check_options(n_boot, level, seed, methods[0], "theory", statistic)
+    if not 0 < n_texts <= population_n_texts:
+        raise ValueError(f"n_texts must lie in 1..population_n_texts={population_n_texts}, got {n_texts}")
+    pool = synthetic_linear_task(n_texts=population_n_texts, seed=seed, angle=angle, **task_kwargs)
+    k = pool.settings["n_predictable"] if k is None else int(k)
+    curve = _Curve(statistic, "theory", ks=np.array([k]))
+    truth = float(curve(pool.moments)[0])
+    truth_se = np.array([np.nan])
+    if truth_shards:
+        pool_stack = ShardStack(split_into_shards(pool, truth_shards, seed=seed))
+        leave_one_out = 1.0 - np.eye(truth_shards)
+        _, truth_se = _jackknife(_evaluate(curve, pool_stack.combined(leave_one_out), truth_shards, 1)[0])
+
+    rng = np.random.default_rng([int(seed), 2])
+    rows = []
+    for rep in range(int(n_repetitions)):
+        idx = np.sort(rng.choice(population_n_texts, size=n_texts, replace=False))
+        stack = ShardStack(split_into_shards(pool.sequences[idx], n_shards, pool.labels[idx],
+                                             n_classes=pool.n_classes, seed=rep))
+        full = Moments.combine(stack.shards)
+        estimate = curve(full)
+        reps = _replicates(stack, curve, bootstrap_counts(n_shards, n_boot, rep), estimate)
+        deviations, se_jack = _jackknife(reps.jack)
+        for method in methods:
+            s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
+            lower, upper = float(s["lower"][0]), float(s["upper"][0])
+            rows.append({
+                "repetition": rep, "method": method, "statistic": statistic, "k": k,
+                "estimate": float(estimate[0]), "lower": lower, "upper": upper, "width": upper - lower,
+                "covered": lower <= truth <= upper,
+                "miss": "below" if upper < truth else ("above" if lower > truth else ""),
+                "se_bootstrap": float(s["se_bootstrap"][0]), "se_jackknife": float(se_jack[0]),
+                "bias_bootstrap": float(s["bias_bootstrap"][0]), "n_valid": int(s["n_valid"][0]),
+                "truth": truth, "truth_se_jackknife": float(truth_se[0]),
+                "n_texts": n_texts, "n_shards": n_shards, "n_boot": int(n_boot), "level": float(level),
+                "population_n_texts": population_n_texts, "seed": int(seed),
+                **{f"task_{key}": value for key, value in pool.settings.items() if key not in ("n_texts", "seed")},
+            })
+    return pd.DataFrame(rows)
+
+
+def summarise_coverage(study: pd.DataFrame) -> pd.DataFrame:
+    """Coverage, misses on each side, mean width and bias of the estimate, per method (and N)."""
+    keys = [c for c in ("n_texts", "n_shards", "method") if c in study.columns]
+    grouped = study.groupby(keys, sort=False)
+    return pd.DataFrame({
+        "repetitions": grouped.size(),
+        "coverage": grouped["covered"].mean(),
+        "miss_below": grouped["miss"].apply(lambda m: float(np.mean(m == "below"))),
+        "miss_above": grouped["miss"].apply(lambda m: float(np.mean(m == "above"))),
+        "mean_width": grouped["width"].mean(),
+        "mean_estimate_minus_truth": grouped.apply(lambda g: float((g["estimate"] - g["truth"]).mean()),
+                                                   include_groups=False),
+        "mean_se_bootstrap": grouped["se_bootstrap"].mean(),
+        "sd_estimate": grouped["estimate"].std(ddof=1),
+        "mean_bias_bootstrap": grouped["bias_bootstrap"].mean(),
+    }).reset_index()
