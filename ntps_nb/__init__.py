@@ -25,6 +25,36 @@ from ntps_nb.core.theory import (
     least_squares_loss,
     synthetic_linear_task,
 )
+from ntps_nb.core.diagnostics import ntps_diagnostics, stability_summary, three_dim_example
+from ntps_nb.core.intervals import (
+    excess_loss_interval,
+    ntps_difference,
+    ntps_interval,
+    ntps_interval_sweep,
+    split_into_shards,
+)
+from ntps_nb.core.peers import (
+    h_score,
+    h_score_ledoit_wolf,
+    knn_accuracy,
+    logme,
+    pca_overlap_ntps,
+    pca_overlap_sweep,
+    peer_scores,
+    rankme,
+)
+from ntps_nb.core.probes import chance_corrected_accuracy, heldout_probe, probe_layers
+from ntps_nb.core.published import load_published, published_correlations
+from ntps_nb.core.stats import (
+    bootstrap_ci,
+    correlate,
+    partial_correlation,
+    permutation_pvalue,
+    select_in_sample,
+    select_leave_one_dataset_out,
+    selection_null,
+    winning_configs,
+)
 
 __version__ = "0.1.0"
 
@@ -35,4 +65,11 @@ __all__ = [
     "Subspace", "generalized_eigh", "next_token_subspace", "perception_subspace",
     "SyntheticTask", "angle_sweep", "excess_loss", "excess_loss_bounds", "fitted_excess_loss",
     "least_squares_loss", "synthetic_linear_task", "__version__",
+    "ntps_diagnostics", "stability_summary", "three_dim_example",
+    "excess_loss_interval", "ntps_difference", "ntps_interval", "ntps_interval_sweep", "split_into_shards",
+    "h_score", "h_score_ledoit_wolf", "knn_accuracy", "logme", "pca_overlap_ntps", "pca_overlap_sweep",
+    "peer_scores", "rankme", "chance_corrected_accuracy", "heldout_probe", "probe_layers",
+    "load_published", "published_correlations", "bootstrap_ci", "correlate", "partial_correlation",
+    "permutation_pvalue", "select_in_sample", "select_leave_one_dataset_out", "selection_null",
+    "winning_configs",
 ]

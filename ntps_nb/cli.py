@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-texts", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    # Commands of the orchestration modules register themselves: each module that has a
+    # ``register_cli(subparsers)`` adds its own sub-command (study, notebooks, ...).
+    import importlib
+
+    for module in ("ntps_nb.study", "ntps_nb.lora", "ntps_nb.notebooks"):
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # a missing dependency is a real error, not an absent module
+                raise
+            continue
+        if hasattr(loaded, "register_cli"):
+            loaded.register_cli(sub)
     return parser
 
 
