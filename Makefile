@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-all test-fast bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ run: setup
 	$(BIN)/python -m ntps_nb demo
 
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
