@@ -1,0 +1,191 @@
+"""Predicting the LoRA gain from NTPS across the datasets of one model (pure math).
+
+The paper's claim (SPEC section 7): lower NTPS goes with a larger LoRA gain, where gain = LoRA
+test accuracy - probe test accuracy. Two questions, answered with one row per dataset:
+
+- ranking: Spearman(NTPS, gain) across datasets with a bootstrap interval and a permutation
+  p-value (`gain_correlation`; the core.stats machinery);
+- absolute prediction: gain ~ a + b * NTPS (optionally + c * probe accuracy) by least squares,
+  scored by leave-one-dataset-out mean absolute error in accuracy points and compared with the
+  trivial predictor, the mean gain of the other datasets (`gain_prediction`). A predictor that
+  does not beat the trivial one says nothing about a new dataset, whatever its rho.
+
+Gains and accuracies are fractions (0.05 = 5 points); errors are reported in points (x 100).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Float
+
+from ntps_nb.core.stats import MIN_DATASETS, Method, bootstrap_ci, correlate, permutation_pvalue
+
+__all__ = ["POINTS", "RankDeficientFitWarning", "fit_gain_predictor", "gain_correlation", "gain_prediction", "per_dataset_table"]
+
+#: Accuracy points per unit of accuracy fraction.
+POINTS = 100.0
+
+
+class RankDeficientFitWarning(UserWarning):
+    """A least-squares fit had a design of less than full column rank (e.g. constant NTPS)."""
+
+
+def per_dataset_table(
+    frame: pd.DataFrame, columns: Sequence[str], *, dataset: str = "dataset"
+) -> pd.DataFrame:
+    """Check a tidy frame has one row per dataset and finite values in ``columns``; sorted by dataset."""
+    missing = [c for c in (dataset, *columns) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame has no column(s) {missing}; it has {list(frame.columns)}")
+    repeated = frame[dataset].duplicated()
+    if repeated.any():
+        raise ValueError(f"dataset(s) {sorted(frame.loc[repeated, dataset].unique())[:5]} appear more than once; "
+                         "give one row per dataset (one model, one layer and k)")
+    if len(frame) < MIN_DATASETS:
+        raise ValueError(f"need at least {MIN_DATASETS} datasets, got {len(frame)}")
+    table = frame[[dataset, *columns]].sort_values(dataset).reset_index(drop=True)
+    for column in columns:
+        values = table[column].to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            bad = list(table.loc[~np.isfinite(values), dataset])[:5]
+            raise ValueError(f"column {column!r} is NaN/inf for dataset(s) {bad}")
+    return table
+
+
+def gain_correlation(
+    frame: pd.DataFrame, *, score: str = "ntps", gain: str = "gain", dataset: str = "dataset",
+    method: Method = "spearman", n_boot: int = 2000, n_perm: int = 10_000, level: float = 0.95, seed: int = 0,
+) -> pd.DataFrame:
+    """Correlation of a score (NTPS) with the LoRA gain across datasets, with its uncertainty.
+
+    Parameters
+    ----------
+    frame : one row per dataset of one model, with columns ``dataset``, ``score``, ``gain``.
+    method : "spearman" (the paper's), "kendall" or "pearson".
+    n_boot, level, seed : percentile bootstrap over datasets (`core.stats.bootstrap_ci`).
+    n_perm : permutation test of rho = 0 (`core.stats.permutation_pvalue`, two-sided).
+
+    Returns
+    -------
+    One-row frame: ``score``, ``target``, ``method``, ``rho``, ``low``, ``high``, ``level``,
+    ``pvalue``, ``n_datasets``, ``n_boot_valid``. The paper expects rho < 0.
+    """
+    table = per_dataset_table(frame, [score, gain], dataset=dataset)
+    x, y = table[score].to_numpy(np.float64), table[gain].to_numpy(np.float64)
+    ci = bootstrap_ci(x, y, method=method, n_boot=n_boot, level=level, seed=seed)
+    perm = permutation_pvalue(x, y, method=method, n_perm=n_perm, seed=seed)
+    return pd.DataFrame([{
+        "score": score, "target": gain, "method": method, "rho": correlate(x, y, method),
+        "low": ci["low"], "high": ci["high"], "level": level, "pvalue": perm["pvalue"],
+        "n_datasets": len(table), "n_boot_valid": ci["n_valid"],
+    }])
+
+
+def _design(columns: Sequence[np.ndarray]) -> Float[np.ndarray, "n p"]:
+    n = len(columns[0])
+    return np.column_stack([np.ones(n), *columns])
+
+
+def fit_gain_predictor(
+    ntps: Sequence[float], gain: Sequence[float], probe_accuracy: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Least-squares fit of gain ~ a + b * ntps (+ c * probe_accuracy) on the given datasets.
+
+    Returns
+    -------
+    dict with ``a``, ``b``, ``c`` (NaN without probe accuracy), ``rank`` of the design,
+    ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant).
+    """
+    x = np.asarray(ntps, dtype=np.float64)
+    y = np.asarray(gain, dtype=np.float64)
+    columns = [x] if probe_accuracy is None else [x, np.asarray(probe_accuracy, dtype=np.float64)]
+    if any(c.shape != y.shape or c.ndim != 1 for c in columns):
+        raise ValueError(f"ntps, gain (and probe_accuracy) must be 1-D of equal length, got shapes "
+                         f"{[c.shape for c in columns]} and {y.shape}")
+    X = _design(columns)
+    if y.size < X.shape[1]:
+        raise ValueError(f"fitting {X.shape[1]} coefficients needs at least {X.shape[1]} datasets, got {y.size}")
+    coef, _, rank, _ = np.linalg.lstsq(X, y, rcond=None)
+    if rank < X.shape[1]:
+        warnings.warn(f"the design has rank {rank} < {X.shape[1]} (a constant or collinear predictor); "
+                      "least squares returns the minimum-norm coefficients", RankDeficientFitWarning, stacklevel=2)
+    residual = y - X @ coef
+    total = np.sum((y - y.mean()) ** 2)
+    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]) if len(coef) > 2 else float("nan"),
+            "rank": int(rank), "n_datasets": int(y.size),
+            "r2": float(1 - np.sum(residual ** 2) / total) if total > 0 else float("nan")}
+
+
+def gain_prediction(
+    frame: pd.DataFrame, *, score: str = "ntps", gain: str = "gain", probe: str | None = None,
+    dataset: str = "dataset",
+) -> dict[str, pd.DataFrame]:
+    """Leave-one-dataset-out prediction of the LoRA gain from NTPS, against the trivial predictor.
+
+    For each dataset, gain ~ a + b * score (+ c * probe) is fitted on the OTHER datasets and
+    evaluated at the held-out one; the trivial predictor is the other datasets' mean gain.
+
+    Parameters
+    ----------
+    frame : one row per dataset of one model, with ``dataset``, ``score``, ``gain`` (fractions)
+        and, if ``probe`` is given, that column (e.g. the probe accuracy).
+    probe : optional second predictor column.
+
+    Returns
+    -------
+    dict of tidy frames:
+    ``folds`` : one row per held-out dataset: ``dataset``, ``gain``, ``predicted``,
+        ``trivial``, ``abs_error_points``, ``trivial_abs_error_points``, the fold's ``a``,
+        ``b``, ``c``, ``rank``;
+    ``summary`` : one row per predictor (``"linear"``, ``"trivial"``): ``predictor``,
+        ``formula``, ``mae_points``, ``max_abs_error_points``, ``n_datasets``, and for the
+        linear row the in-sample fit on all datasets (``a``, ``b``, ``c``, ``r2_in_sample``) and
+        ``beats_trivial``.
+    """
+    columns = [score] if probe is None else [score, probe]
+    table = per_dataset_table(frame, [*columns, gain], dataset=dataset)
+    n = len(table)
+    n_coef = 1 + len(columns)
+    if n - 1 < n_coef:
+        raise ValueError(f"leave-one-dataset-out with {n_coef} coefficients needs at least {n_coef + 1} "
+                         f"datasets (each fit uses the others), got {n}")
+    y = table[gain].to_numpy(np.float64)
+    predictors = [table[c].to_numpy(np.float64) for c in columns]
+    rows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RankDeficientFitWarning)
+        for i in range(n):
+            others = np.arange(n) != i
+            fit = fit_gain_predictor(predictors[0][others], y[others],
+                                     predictors[1][others] if probe is not None else None)
+            coef = [fit["a"], fit["b"]] + ([fit["c"]] if probe is not None else [])
+            predicted = float(_design([p[i:i + 1] for p in predictors])[0] @ coef)
+            trivial = float(y[others].mean())
+            rows.append({dataset: table[dataset].iloc[i], "gain": float(y[i]), "predicted": predicted,
+                         "trivial": trivial, "abs_error_points": POINTS * abs(predicted - y[i]),
+                         "trivial_abs_error_points": POINTS * abs(trivial - y[i]),
+                         "a": fit["a"], "b": fit["b"], "c": fit["c"], "rank": fit["rank"]})
+    deficient = sum(issubclass(w.category, RankDeficientFitWarning) for w in caught)
+    if deficient:
+        warnings.warn(f"{deficient} of {n} folds had a rank-deficient design (see the 'rank' column)",
+                      RankDeficientFitWarning, stacklevel=2)
+    folds = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankDeficientFitWarning)
+        full = fit_gain_predictor(predictors[0], y, predictors[1] if probe is not None else None)
+    formula = f"{gain} ~ a + b * {score}" + (f" + c * {probe}" if probe is not None else "")
+    mae, trivial_mae = folds["abs_error_points"].mean(), folds["trivial_abs_error_points"].mean()
+    summary = pd.DataFrame([
+        {"predictor": "linear", "formula": formula, "mae_points": mae,
+         "max_abs_error_points": folds["abs_error_points"].max(), "n_datasets": n,
+         "a": full["a"], "b": full["b"], "c": full["c"], "r2_in_sample": full["r2"],
+         "beats_trivial": bool(mae < trivial_mae)},
+        {"predictor": "trivial", "formula": f"{gain} ~ mean of the other datasets", "mae_points": trivial_mae,
+         "max_abs_error_points": folds["trivial_abs_error_points"].max(), "n_datasets": n,
+         "a": np.nan, "b": np.nan, "c": np.nan, "r2_in_sample": np.nan, "beats_trivial": np.nan},
+    ])
+    return {"folds": folds, "summary": summary}
