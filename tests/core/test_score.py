@@ -65,10 +65,13 @@ def test_reference_fractions_are_generated_like_the_released_code(rng):
 
 
 def brute_force_theory_ntps(m: Moments, k: int) -> float:
-    """NTPS_theory from explicit matrix square roots and an explicit projector."""
+    """NTPS_theory from explicit matrix square roots (restricted to the range of Sxx) and an
+    explicit pseudo-inverse projector."""
     s, Q = np.linalg.eigh(m.Sxx)
-    half = Q @ np.diag(np.sqrt(s)) @ Q.T
-    inv_half = Q @ np.diag(1 / np.sqrt(s)) @ Q.T
+    kept = s > 1e-10 * s.max()
+    Qr, sr = Q[:, kept], s[kept]
+    half = Qr @ np.diag(np.sqrt(sr)) @ Qr.T
+    inv_half = Qr @ np.diag(1 / np.sqrt(sr)) @ Qr.T
     lam, Y = np.linalg.eigh(inv_half @ m.Sxy @ m.Sxy.T @ inv_half)
     order = np.argsort(lam)[::-1]
     lam, Y = lam[order], Y[:, order]
@@ -78,7 +81,7 @@ def brute_force_theory_ntps(m: Moments, k: int) -> float:
     mu, Z = np.linalg.eigh(C0_inv_half @ m.C1 @ m.C1.T @ C0_inv_half)
     V = C0_inv_half @ Z[:, np.argsort(mu)[::-1]]
     basis = half @ V[:, :k]
-    projector = basis @ np.linalg.pinv(basis)
+    projector = basis @ np.linalg.pinv(basis, rcond=1e-9)
     kU = min(k, rank)
     return float(np.linalg.norm(projector @ Y[:, :kU]) ** 2 / kU)
 
@@ -162,28 +165,7 @@ def test_rank_deficient_pooled_states_still_give_nested_projections(rng):
     assert sweep.ntps.iloc[-1] == pytest.approx(1.0, abs=1e-9)
     assert np.all(np.diff(sweep.ntps.to_numpy()[C - 1:]) >= -1e-12)  # nested projectors: monotone once k >= m
     for k in (3, 8, 12):
-        assert ntps(m, k) == pytest.approx(brute_force_theory_ntps_pinv_sxx(m, k), abs=1e-9)
-
-
-def brute_force_theory_ntps_pinv_sxx(m: Moments, k: int) -> float:
-    """NTPS_theory for singular Sxx: square roots restricted to the range of Sxx."""
-    s, Q = np.linalg.eigh(m.Sxx)
-    kept = s > 1e-10 * s.max()
-    Qr, sr = Q[:, kept], s[kept]
-    half = Qr @ np.diag(np.sqrt(sr)) @ Qr.T
-    inv_half = Qr @ np.diag(1 / np.sqrt(sr)) @ Qr.T
-    lam, Y = np.linalg.eigh(inv_half @ m.Sxy @ m.Sxy.T @ inv_half)
-    order = np.argsort(lam)[::-1]
-    lam, Y = lam[order], Y[:, order]
-    rank = int(np.sum(lam > 1e-10 * lam[0]))
-    t, R = np.linalg.eigh(m.C0)
-    C0_inv_half = R @ np.diag(1 / np.sqrt(t)) @ R.T
-    mu, Z = np.linalg.eigh(C0_inv_half @ m.C1 @ m.C1.T @ C0_inv_half)
-    V = C0_inv_half @ Z[:, np.argsort(mu)[::-1]]
-    basis = half @ V[:, :k]
-    projector = basis @ np.linalg.pinv(basis, rcond=1e-9)
-    kU = min(k, rank)
-    return float(np.linalg.norm(projector @ Y[:, :kU]) ** 2 / kU)
+        assert ntps(m, k) == pytest.approx(brute_force_theory_ntps(m, k), abs=1e-9)
 
 
 def test_bad_k_and_fraction_raise_clear_errors(rng):
