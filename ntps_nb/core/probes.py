@@ -40,6 +40,10 @@ LOGISTIC_TOL = 1e-6
 PAPER_LOGISTIC = {"solver": "saga", "max_iter": 1000, "tol": 0.01}
 
 
+#: Default L2 strength of the held-out least-squares probe (on standardised features).
+HELDOUT_RIDGE = 1.0
+
+
 class ProbeConvergenceWarning(UserWarning):
     """The held-out logistic probe hit its iteration cap; its accuracy may be off."""
 
@@ -109,7 +113,7 @@ def heldout_probe(
     n_classes: int,
     seed: int = 0,
     C: float = 1.0,
-    ridge: float = 0.0,
+    ridge: float = HELDOUT_RIDGE,
     protocol: Protocol = "heldout",
     max_iter: int = LOGISTIC_MAX_ITER,
     tol: float = LOGISTIC_TOL,
@@ -123,7 +127,10 @@ def heldout_probe(
     n_classes : C, the number of classes of the task (sets one-hot width, chance and kappa).
     seed : random state of the logistic solver (saga is stochastic; lbfgs is deterministic).
     C : inverse L2 strength of the logistic probe (sklearn's ``C``; 1.0 is the paper's default).
-    ridge : L2 strength of the least-squares probe on one-hot targets; 0 is ordinary least squares.
+    ridge : L2 strength of the held-out least-squares probe on standardised features (default
+        HELDOUT_RIDGE = 1.0: with d close to or above N, ordinary least squares interpolates the
+        train split and its test MSE measures the interpolation, not the features); 0 is ordinary
+        least squares. The paper's in-sample protocol always uses LinearRegression.
     protocol : "heldout" (fit on train, score on test) or "paper_in_sample" (the released code's
         saga / LinearRegression settings, fitted and scored on the train split).
     max_iter, tol : lbfgs settings of the held-out protocol (the paper protocol fixes its own).
@@ -204,7 +211,7 @@ def probe_layers(
     protocol: Protocol | Sequence[Protocol] = "heldout",
     seed: int = 0,
     C: float = 1.0,
-    ridge: float = 0.0,
+    ridge: float = HELDOUT_RIDGE,
     max_iter: int = LOGISTIC_MAX_ITER,
     **provenance: Any,
 ) -> pd.DataFrame:

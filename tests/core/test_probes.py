@@ -39,7 +39,9 @@ def test_heldout_probe_against_independent_computations(rng):
     row = heldout_probe(Xtr, ytr, Xte, yte, n_classes=3)
     assert row["protocol"] == "heldout" and row["evaluated_on"] == "test" and row["converged"]
     assert row["n_train"] == 160 and row["n_eval"] == 80 and row["d"] == 6
-    assert row["mse"] == pytest.approx(standardised_lstsq_mse(Xtr, ytr, Xte, yte, 3), rel=1e-9)
+    assert row["mse"] == pytest.approx(standardised_lstsq_mse(Xtr, ytr, Xte, yte, 3, ridge=1.0), rel=1e-9)
+    ols = heldout_probe(Xtr, ytr, Xte, yte, n_classes=3, ridge=0.0)
+    assert ols["mse"] == pytest.approx(standardised_lstsq_mse(Xtr, ytr, Xte, yte, 3), rel=1e-9)
     assert row["mse_per_text"] == pytest.approx(3 * row["mse"])
     assert row["kappa"] == pytest.approx((row["accuracy"] - 1 / 3) / (2 / 3))
     majority = np.bincount(ytr).argmax()
