@@ -1,0 +1,444 @@
+"""The notebook series: run it (papermill), keep it clean (metadata), and the small recipes it calls.
+
+Three things live here:
+
+1. tooling: `run_notebook` executes one notebook of ``notebooks/`` with papermill in the current
+   interpreter's ``python3`` kernel and writes the executed notebook plus an HTML rendering;
+   `clean_notebook` strips what must not be committed (kernel and papermill metadata, widget
+   state, timings); `check_notebooks` lists what is wrong with the committed notebooks;
+   `register_cli` adds ``python -m ntps_nb notebooks run|check|clean``;
+2. ``SMOKE_PARAMETERS``: tiny models and tiny subsets, so that the whole series runs in a few
+   minutes (tests/notebooks);
+3. recipes: the few multi-step computations the notebooks show (a model's per-layer NTPS beside
+   its probes, the identity against fitted probes on real features, word projections for a
+   Figure-1-style view). They orchestrate `ntps_nb.extract` and `ntps_nb.core`; the notebooks
+   call them so that no cell carries more than a few lines of logic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+#: The repository's notebooks folder (source checkout / editable install).
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+#: The series, in order.
+NOTEBOOKS = (
+    "00_quickstart",
+    "01_theory_derivation",
+    "02_bound_checks",
+    "03_per_model_correlation",
+    "04_lora_gain_prediction",
+    "05_explorer",
+)
+
+#: Parameters that make each notebook run in seconds to a minute on 2 CPU cores: tiny random
+#: models and tiny subsets. The numbers they print are smoke values, not results.
+SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
+    "00_quickstart": {"model": "tiny-llama", "dataset": "trec6", "max_train": 40, "max_test": 40, "max_length": 32},
+    "01_theory_derivation": {"n_texts": 400, "n_checks": 20},
+    "02_bound_checks": {"n_angles": 5, "n_texts": 400, "model": "tiny-llama", "dataset": "trec6", "max_train": 60,
+                        "max_test": 40, "max_length": 32},
+    "03_per_model_correlation": {"n_boot": 50, "n_perm": 20},
+    "04_lora_gain_prediction": {},
+    "05_explorer": {"model": "tiny-llama", "fig1_dataset": "rt-polarity", "fig1_max_train": 60, "max_length": 32},
+}
+
+#: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
+ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
+#: Cell-level metadata a committed notebook may carry.
+ALLOWED_CELL_METADATA = {"tags"}
+#: The kernelspec every committed notebook names: the current environment's ``python3``.
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+#: Output MIME types that only mean something with live widget state.
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+class NotebookCheckError(ValueError):
+    """A committed notebook has unclean metadata or lacks a ``parameters`` cell."""
+
+
+# -- names and paths ---------------------------------------------------------------------------
+
+
+def notebook_path(name: str, folder: str | os.PathLike | None = None) -> Path:
+    """The notebook called ``name``: "00_quickstart", "00", "quickstart" or a path."""
+    folder = Path(folder) if folder is not None else NOTEBOOK_DIR
+    as_path = Path(name)
+    if as_path.suffix == ".ipynb" and as_path.is_file():
+        return as_path
+    stem = as_path.stem if as_path.suffix == ".ipynb" else str(name)
+    matches = [n for n in NOTEBOOKS if n == stem or n.split("_", 1)[0] == stem or n.split("_", 1)[1] == stem]
+    if len(matches) != 1:
+        raise ValueError(f"unknown notebook {name!r}; expected one of {list(NOTEBOOKS)} (or its number)")
+    return folder / f"{matches[0]}.ipynb"
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
+    """A copy of ``nb`` (an nbformat node or a plain dict) without committed-file noise.
+
+    Keeps the outputs. Removes notebook metadata other than a fixed ``python3`` kernelspec and
+    the language name (papermill timings, widget state, kernel versions, ...), cell metadata
+    other than tags, widget-view outputs (meaningless without widget state; their text/plain
+    fallback stays), and renumbers execution counts 1, 2, ... in order. ``keep_injected=False``
+    also drops papermill's ``injected-parameters`` cell.
+    """
+    import nbformat
+
+    nb = nbformat.from_dict(copy.deepcopy(dict(nb)))
+    nb.metadata = nbformat.from_dict({"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}})
+    cells = []
+    count = 0
+    for cell in nb.cells:
+        tags = [t for t in cell.get("metadata", {}).get("tags", []) if t]
+        if "injected-parameters" in tags and not keep_injected:
+            continue
+        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+        cell.pop("id", None)
+        if cell.cell_type == "code":
+            executed = cell.get("execution_count") is not None or bool(cell.get("outputs"))
+            count += executed
+            cell.execution_count = count if executed else None
+            outputs = []
+            for output in cell.get("outputs", []):
+                output.pop("metadata", None) if output.get("output_type") == "stream" else None
+                data = output.get("data")
+                if data is not None:
+                    data.pop(WIDGET_MIME, None)
+                    if not data:
+                        continue
+                    output["metadata"] = {}
+                outputs.append(output)
+            cell.outputs = outputs
+        cells.append(cell)
+    nb.cells = cells
+    nb.nbformat, nb.nbformat_minor = 4, 4  # 4.4: no cell ids, so no random churn between runs
+    return nb
+
+
+def notebook_problems(nb: Any) -> list[str]:
+    """What is unclean about one notebook (empty when it is fine)."""
+    problems = []
+    extra = sorted(set(nb.get("metadata", {})) - ALLOWED_NOTEBOOK_METADATA)
+    if extra:
+        problems.append(f"notebook metadata has {extra} (only {sorted(ALLOWED_NOTEBOOK_METADATA)} are kept)")
+    kernelspec = nb.get("metadata", {}).get("kernelspec", {})
+    if kernelspec.get("name") != KERNELSPEC["name"]:
+        problems.append(f"kernelspec name is {kernelspec.get('name')!r}, expected {KERNELSPEC['name']!r}")
+    if set(nb.get("metadata", {}).get("language_info", {})) - {"name"}:
+        problems.append("language_info carries kernel-specific fields (version, codemirror, ...)")
+    parameters = 0
+    for i, cell in enumerate(nb.get("cells", [])):
+        meta = cell.get("metadata", {})
+        extra = sorted(set(meta) - ALLOWED_CELL_METADATA)
+        if extra:
+            problems.append(f"cell {i} metadata has {extra}")
+        parameters += "parameters" in meta.get("tags", [])
+        if "injected-parameters" in meta.get("tags", []):
+            problems.append(f"cell {i} is a papermill injected-parameters cell")
+        for output in cell.get("outputs", []):
+            if WIDGET_MIME in output.get("data", {}):
+                problems.append(f"cell {i} has a widget-view output (widget state is not committed)")
+    if parameters != 1:
+        problems.append(f"{parameters} cells are tagged 'parameters'; expected exactly one")
+    return problems
+
+
+def check_notebooks(names: Sequence[str] | None = None, *, folder: str | os.PathLike | None = None,
+                    raise_on_error: bool = True) -> dict[str, list[str]]:
+    """`notebook_problems` of every notebook of the series (or ``names``); raise if any has one.
+
+    A missing notebook is a problem too.
+    """
+    import nbformat
+
+    report = {}
+    for name in names or NOTEBOOKS:
+        path = notebook_path(name, folder)
+        if not path.is_file():
+            report[path.stem] = [f"{path} does not exist"]
+            continue
+        report[path.stem] = notebook_problems(nbformat.read(path, as_version=4))
+    bad = {name: problems for name, problems in report.items() if problems}
+    if bad and raise_on_error:
+        lines = [f"{name}: {problem}" for name, problems in bad.items() for problem in problems]
+        raise NotebookCheckError("unclean notebooks (run `python -m ntps_nb notebooks clean`):\n  " + "\n  ".join(lines))
+    return report
+
+
+# -- execution ---------------------------------------------------------------------------------
+
+
+def ensure_kernel(name: str = "python3") -> str:
+    """Make sure kernel ``name`` runs THIS interpreter (the project's venv), installing a
+    kernelspec into ``sys.prefix`` when it does not; return the name for papermill."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+        argv0 = spec.argv[0]
+        runs_here = argv0 in ("python", "python3", "{python}") or Path(argv0).resolve() == Path(sys.executable).resolve()
+    except NoSuchKernel:
+        runs_here = False
+    if not runs_here:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=name, prefix=sys.prefix, display_name=KERNELSPEC["display_name"])
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class NotebookRun:
+    """Where an executed notebook went and how long it took."""
+
+    name: str
+    notebook: Path
+    html: Path | None
+    seconds: float
+    parameters: dict[str, Any]
+
+
+def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir: str | os.PathLike = "out/notebooks",
+                 smoke: bool = False, *, html: bool = True, in_place: bool = False,
+                 timeout: int | None = 1800) -> NotebookRun:
+    """Execute one notebook with papermill; write the cleaned executed copy and its HTML.
+
+    Parameters
+    ----------
+    name : notebook name or number (see `notebook_path`).
+    parameters : values for the cell tagged ``parameters`` (override the smoke ones).
+    out_dir : folder of ``<name>.ipynb`` and ``<name>.html``.
+    smoke : start from ``SMOKE_PARAMETERS[name]`` (tiny models, tiny subsets).
+    in_place : also write the executed, cleaned notebook back over ``notebooks/<name>.ipynb``
+        (how the committed outputs are refreshed; only without parameters or smoke).
+    timeout : per-cell timeout in seconds.
+    """
+    import nbformat
+    import papermill
+
+    source = notebook_path(name)
+    params = {**(SMOKE_PARAMETERS.get(source.stem, {}) if smoke else {}), **dict(parameters or {})}
+    if in_place and params:
+        raise ValueError("in_place writes the committed notebook: run it with its own defaults (no parameters, no smoke)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / source.name
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    start = time.perf_counter()
+    papermill.execute_notebook(str(source), str(target), parameters=params, kernel_name=ensure_kernel(),
+                               cwd=str(source.parent), progress_bar=False, log_output=False,
+                               execution_timeout=timeout)
+    seconds = time.perf_counter() - start
+    executed = clean_notebook(nbformat.read(target, as_version=4), keep_injected=not in_place)
+    nbformat.write(executed, target)
+    html_path = None
+    if html:
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(executed)
+        html_path = target.with_suffix(".html")
+        html_path.write_text(body, encoding="utf-8")
+    if in_place:
+        nbformat.write(executed, source)
+    return NotebookRun(source.stem, target, html_path, seconds, params)
+
+
+def _parse_value(text: str) -> Any:
+    """A -p value: JSON when it parses (numbers, lists, true/false/null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _cli_run(args) -> int:
+    names = list(NOTEBOOKS) if args.all else [args.name]
+    if not args.all and args.name is None:
+        print("give a notebook name or --all", file=sys.stderr)
+        return 2
+    params = {key: _parse_value(value) for key, value in (args.parameter or [])}
+    for name in names:
+        result = run_notebook(name, params, args.out, smoke=args.smoke, in_place=args.in_place)
+        print(f"{result.name}: {result.seconds:.0f} s -> {result.notebook}" + (f", {result.html}" if result.html else ""))
+    return 0
+
+
+def _cli_check(args) -> int:
+    report = check_notebooks(raise_on_error=False)
+    for name, problems in report.items():
+        print(f"{name}: " + ("ok" if not problems else "; ".join(problems)))
+    return 0 if not any(report.values()) else 1
+
+
+def _cli_clean(args) -> int:
+    import nbformat
+
+    for name in args.names or NOTEBOOKS:
+        path = notebook_path(name)
+        nbformat.write(clean_notebook(nbformat.read(path, as_version=4), keep_injected=False), path)
+        print(f"cleaned {path}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """``notebooks run [--all | NAME] [-p key value ...] [--out DIR] [--smoke] [--in-place]``,
+    ``notebooks check`` and ``notebooks clean [NAME ...]``."""
+    parser = subparsers.add_parser("notebooks", help="run, check and clean the notebook series")
+    sub = parser.add_subparsers(dest="notebooks_command", required=True)
+    run = sub.add_parser("run", help="execute notebooks with papermill (executed copy + HTML in --out)")
+    run.add_argument("name", nargs="?", help="notebook name or number, e.g. 00 or 00_quickstart")
+    run.add_argument("--all", action="store_true", help="every notebook of the series, in order")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                     help="override a parameter (JSON value, else string); repeatable")
+    run.add_argument("--out", default="out/notebooks", help="output folder [out/notebooks]")
+    run.add_argument("--smoke", action="store_true", help="tiny models and subsets (SMOKE_PARAMETERS)")
+    run.add_argument("--in-place", action="store_true",
+                     help="write the executed, cleaned notebook back into notebooks/ (refresh committed outputs)")
+    run.set_defaults(func=_cli_run)
+    check = sub.add_parser("check", help="fail when a notebook has unclean metadata or no parameters cell")
+    check.set_defaults(func=_cli_check)
+    clean = sub.add_parser("clean", help="strip kernel/papermill/widget metadata in place")
+    clean.add_argument("names", nargs="*")
+    clean.set_defaults(func=_cli_clean)
+
+
+# -- recipes the notebooks call ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelOnDataset:
+    """One model's extraction of one dataset: train moments + pooled features, test pooled features."""
+
+    model: str
+    dataset: str
+    train: Any  # ntps_nb.extract.Extraction
+    test: Any
+    settings: dict[str, Any]
+
+    @property
+    def n_classes(self) -> int:
+        return self.train.n_classes
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.train.moments.keys())
+
+
+def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, max_test: int = 200,
+                             max_length: int = 64, seed: int = 0, batch_size: int = 16,
+                             drop_bos: bool = True, precision: str = "float64", loaded: tuple | None = None
+                             ) -> ModelOnDataset:
+    """Load ``model`` and ``dataset`` (offline registries), extract every layer's moments and
+    pooled features of the train split and the pooled features of the test split (cached).
+
+    ``precision`` is the extraction's (moment products and pooled features): float64 by default,
+    so that the identity of notebook 02 matches fitted probes to ~1e-10 rather than float32's
+    ~1e-5; "float32" is ~4x cheaper on a CPU.
+    """
+    from ntps_nb.datasets import load_dataset
+    from ntps_nb.extract import extract_cached
+    from ntps_nb.models import load_model
+
+    net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed)
+    ds = load_dataset(dataset, max_train=max_train, max_test=max_test, seed=seed)
+    settings = dict(max_length=max_length, drop_bos=drop_bos, batch_size=batch_size, pooled_layers="all",
+                    precision=precision, pooled_dtype=precision)
+    train = extract_cached(net, tokenizer, info, ds["train"], progress=False, **settings)
+    test = extract_cached(net, tokenizer, info, ds["test"], progress=False, token_moments=False, **settings)
+    return ModelOnDataset(model, dataset, train, test,
+                          {**settings, "max_train": len(train.labels), "max_test": len(test.labels), "seed": seed})
+
+
+def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory") -> pd.DataFrame:
+    """Per layer: NTPS (``variant``, at ``k``) and the held-out probe accuracy, kappa and MSE.
+
+    One row per layer with the provenance columns (model, dataset, sizes, max_length, drop_bos).
+    """
+    from ntps_nb.core.probes import probe_layers
+    from ntps_nb.core.score import ntps
+
+    provenance = {"model": run.model, "dataset": run.dataset, "n_train": run.settings["max_train"],
+                  "n_test": run.settings["max_test"], "max_length": run.settings["max_length"],
+                  "drop_bos": run.settings["drop_bos"]}
+    scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant,
+                           "ntps": [ntps(run.train.moments[layer], k=k, variant=variant) for layer in run.layers]})
+    features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
+    probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, **provenance)
+    keep = ["layer", "accuracy", "kappa", "mse", *provenance]
+    return scores.merge(probes[keep], on="layer")
+
+
+def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) -> pd.DataFrame:
+    """The excess-loss identity (moments only) against the in-sample excess MSE of fitted
+    least-squares probes on the same train features, with the bounds, at each k; plus the
+    held-out excess loss of the same two probes on the test split, for contrast."""
+    from ntps_nb.core.moments import one_hot
+    from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
+    from ntps_nb.core.theory import fitted_excess_loss
+    from ntps_nb.core.score import theory_geometry
+
+    moments = run.train.moments[layer]
+    geometry = theory_geometry(moments)
+    U = perception_subspace(moments, order="descending")
+    V = next_token_subspace(moments, order="descending")
+    X, Xt = (np.asarray(x, dtype=np.float64) for x in (run.train.pooled[layer], run.test.pooled[layer]))
+    Y, Yt = one_hot(run.train.labels, run.n_classes), one_hot(run.test.labels, run.n_classes)
+    rows = []
+    for k in ks:
+        fitted = fitted_excess_loss(X, run.train.labels, moments, k)
+        lower, upper = geometry.bounds(k)
+        heldout = {}
+        for name, basis in (("next_token", V.top(k)), ("best", U.top(min(k, U.rank_B)))):
+            coef, *_ = np.linalg.lstsq(X @ basis, Y, rcond=None)
+            heldout[name] = float(np.sum((Yt - Xt @ basis @ coef) ** 2) / len(Yt))
+        rows.append({"layer": layer, "k": k, "ntps": geometry.ntps(k), "identity": geometry.excess_loss(k),
+                     "fitted_in_sample": fitted["excess_loss"], "lower_bound": lower, "upper_bound": upper,
+                     "heldout_excess": heldout["next_token"] - heldout["best"],
+                     "model": run.model, "dataset": run.dataset})
+    frame = pd.DataFrame(rows)
+    frame["abs_diff"] = (frame["identity"] - frame["fitted_in_sample"]).abs()
+    return frame
+
+
+def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: Any, *, layer: int,
+                     loaded: tuple | None = None, max_length: int = 8) -> pd.DataFrame:
+    """Mean-pooled hidden states of single words, projected on the top-2 perception (U) and
+    next-token (V) directions of one layer's ``moments``, as in the paper's Figure 1.
+
+    Returns one row per (space, group, word): ``axis1``, ``axis2`` (coordinates x^T u_1, x^T u_2
+    with the B-normalised generalized eigenvectors, descending order), plus ``word`` and ``layer``.
+    """
+    from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
+    from ntps_nb.extract import extract
+    from ntps_nb.models import load_model
+
+    words = [w for ws in groups.values() for w in ws]
+    group_of = [g for g, ws in groups.items() for _ in ws]
+    if len(set(group_of)) < 2:
+        raise ValueError(f"need words of at least two groups, got {list(groups)}")
+    net, tokenizer, _ = loaded if loaded is not None else load_model(model)
+    labels = np.asarray([list(groups).index(g) for g in group_of])
+    pooled = extract(net, tokenizer, (words, labels), layers=[layer], pooled_layers=[layer], token_moments=False,
+                     max_length=max_length, progress=False, n_classes=len(groups)).pooled[layer]
+    rows = []
+    for space, sub in (("U", perception_subspace(moments, order="descending")),
+                       ("V", next_token_subspace(moments, order="descending"))):
+        coords = np.asarray(pooled, dtype=np.float64) @ sub.top(2)
+        rows += [{"space": space, "group": g, "word": w, "axis1": c[0], "axis2": c[1], "layer": layer}
+                 for g, w, c in zip(group_of, words, coords)]
+    return pd.DataFrame(rows)

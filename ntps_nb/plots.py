@@ -1,0 +1,238 @@
+"""Plot functions of the notebooks: tidy frames in, a matplotlib figure out.
+
+Every function is pure: it reads the columns it names, draws with seaborn/matplotlib on a new
+figure, and returns that figure (nothing is shown or saved here). Column names follow the tidy
+tables of `ntps_nb.core` and `ntps_nb.study`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from matplotlib.figure import Figure
+
+_PALETTE = "colorblind"
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} needs column(s) {missing}; the frame has {list(frame.columns)}")
+    if frame.empty:
+        raise ValueError(f"{what}: the frame is empty")
+
+
+def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.6, **kwargs) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, **kwargs)
+    plt.close(fig)  # returned, not shown: the caller (a notebook cell) decides
+    return fig, axes[0]
+
+
+def layer_profile(profile: pd.DataFrame) -> Figure:
+    """NTPS per layer beside held-out probe accuracy (and kappa) per layer.
+
+    ``profile``: one row per layer with ``layer``, ``ntps``, ``k``, ``variant``, ``accuracy``, ``kappa``
+    (`ntps_nb.notebooks.layer_profile`).
+    """
+    _require(profile, ["layer", "ntps", "k", "variant", "accuracy", "kappa"], "layer_profile")
+    fig, (left, right) = _figure(2)
+    sns.lineplot(data=profile, x="layer", y="ntps", marker="o", ax=left)
+    left.set(title=f"NTPS ({profile['variant'].iloc[0]}, k={profile['k'].iloc[0]})", ylabel="NTPS", ylim=(0, 1.02))
+    long = profile.melt(id_vars="layer", value_vars=["accuracy", "kappa"], var_name="metric", value_name="value")
+    sns.lineplot(data=long, x="layer", y="value", hue="metric", marker="o", ax=right, palette=_PALETTE)
+    right.set(title="held-out logistic probe", ylabel="score", ylim=(min(0, long["value"].min()), 1.02))
+    fig.tight_layout()
+    return fig
+
+
+def ntps_over_k(sweep: pd.DataFrame, *, hue: str | None = None, log_k: bool = True) -> Figure:
+    """NTPS against k (theory sweep) with the k_U = min(k, m) knee marked."""
+    _require(sweep, ["k", "ntps"], "ntps_over_k")
+    fig, (ax,) = _figure(1)
+    sns.lineplot(data=sweep, x="k", y="ntps", hue=hue, ax=ax, palette=_PALETTE if hue else None)
+    if "m" in sweep.columns and hue is None:
+        ax.axvline(int(sweep["m"].iloc[0]), color="grey", ls=":", label="k = m (rank of Sxy Sxy^T)")
+        ax.legend()
+    if log_k:
+        ax.set_xscale("log")
+    ax.set(ylabel="NTPS", ylim=(0, 1.02))
+    fig.tight_layout()
+    return fig
+
+
+def bound_check(table: pd.DataFrame, *, x: str = "one_minus_ntps") -> Figure:
+    """DeltaL against 1 - NTPS with the lower and upper bound of each row, and the tightness
+    (DeltaL / upper, lower / DeltaL) on a second panel.
+
+    ``table``: rows with ``ntps``, ``excess_loss``, ``lower_bound``, ``upper_bound`` (e.g.
+    `ntps_nb.core.theory.angle_sweep`).
+    """
+    _require(table, ["ntps", "excess_loss", "lower_bound", "upper_bound"], "bound_check")
+    t = table.assign(one_minus_ntps=1.0 - table["ntps"]).sort_values(x)
+    fig, (ax, tight) = _figure(2)
+    ax.fill_between(t[x], t["lower_bound"], t["upper_bound"], color="tab:blue", alpha=0.15, label="bounds")
+    ax.plot(t[x], t["upper_bound"], color="tab:blue", ls="--", label=r"upper: $\lambda_1 k_U (1-\mathrm{NTPS})$")
+    ax.plot(t[x], t["lower_bound"], color="tab:blue", ls=":", label=r"lower: $(\lambda_{k_U}-\lambda_{k+1}) k_U (1-\mathrm{NTPS})$")
+    ax.plot(t[x], t["excess_loss"], "o-", color="black", label=r"$\Delta L$ (identity)")
+    ax.set(xlabel="1 - NTPS", ylabel="excess in-sample MSE", title="excess loss and its bounds")
+    ax.legend(fontsize=8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(t["upper_bound"] > 0, t["excess_loss"] / t["upper_bound"], np.nan)
+        low = np.where(t["excess_loss"] > 0, t["lower_bound"] / t["excess_loss"], np.nan)
+    tight.plot(t[x], up, "o-", label=r"$\Delta L$ / upper")
+    tight.plot(t[x], low, "s-", label=r"lower / $\Delta L$")
+    tight.set(xlabel="1 - NTPS", ylabel="ratio (1 = tight)", ylim=(0, 1.05), title="tightness")
+    tight.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def identity_check(table: pd.DataFrame) -> Figure:
+    """Identity (moments only) against fitted in-sample probes, and the held-out excess loss."""
+    _require(table, ["k", "identity", "fitted_in_sample", "heldout_excess"], "identity_check")
+    fig, (ax, right) = _figure(2)
+    ax.plot(table["identity"], table["fitted_in_sample"], "o")
+    lim = [min(table["identity"].min(), 0), max(table["identity"].max(), table["fitted_in_sample"].max()) * 1.05]
+    ax.plot(lim, lim, color="grey", ls="--", lw=1)
+    ax.set(xlabel=r"$\Delta L$ from the identity", ylabel="excess MSE of fitted probes (in-sample)",
+           title="in-sample: identity = fitted")
+    long = table.melt(id_vars="k", value_vars=["fitted_in_sample", "heldout_excess"], var_name="split", value_name="excess")
+    sns.lineplot(data=long, x="k", y="excess", hue="split", marker="o", ax=right, palette=_PALETTE)
+    right.axhline(0, color="grey", lw=0.8)
+    right.set(xscale="log", ylabel="excess MSE (V_k probe - best k probe)", title="in-sample vs held-out")
+    fig.tight_layout()
+    return fig
+
+
+def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy", hue: str = "model",
+                    label: str | None = "dataset", title: str | None = None) -> Figure:
+    """One point per dataset (and ``hue``): a score against a target, points labelled."""
+    _require(frame, [x, y], "across_datasets")
+    fig, (ax,) = _figure(1, width=5.5, height=4.0)
+    sns.scatterplot(data=frame, x=x, y=y, hue=hue if hue in frame.columns else None, ax=ax, palette=_PALETTE, s=50)
+    if label and label in frame.columns:
+        for _, row in frame.iterrows():
+            ax.annotate(str(row[label]).split("/")[-1][:18], (row[x], row[y]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    if ax.get_legend() is not None:
+        ax.legend(fontsize=7)
+    ax.set(title=title)
+    fig.tight_layout()
+    return fig
+
+
+def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> Figure:
+    """rho with CI per score and selection for one target, one panel per model
+    (`ntps_nb.study.correlation_summary` rows)."""
+    _require(summary, ["model", "target", "score", "selection", "rho"], "correlation_summary")
+    s = summary[summary["target"] == target].copy()
+    if s.empty:
+        raise ValueError(f"no rows with target {target!r}")
+    s["what"] = s["score"] + np.where(s["selection"] == "none", "", " [" + s["selection"].str.replace("_", " ") + "]")
+    models = list(dict.fromkeys(s["model"]))
+    fig, axes = _figure(len(models), width=5.5, height=0.35 * s["what"].nunique() + 1.5, sharex=True)
+    for ax, model in zip(axes, models):
+        m = s[s["model"] == model].reset_index(drop=True)
+        ypos = np.arange(len(m))
+        colors = sns.color_palette(_PALETTE, 3)
+        col = [colors[0] if sel == "leave_one_dataset_out" else colors[1] if sel == "in_sample" else colors[2]
+               for sel in m["selection"]]
+        if {"ci_low", "ci_high"} <= set(m.columns):
+            err = np.vstack([m["rho"] - m["ci_low"], m["ci_high"] - m["rho"]]).clip(min=0)
+            ax.errorbar(m["rho"], ypos, xerr=np.nan_to_num(err), fmt="none", ecolor="grey", lw=1)
+        ax.scatter(m["rho"], ypos, c=col, zorder=3)
+        ax.set_yticks(ypos, m["what"], fontsize=8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set(xlim=(-1.05, 1.05), xlabel=f"Spearman rho with {target}", title=model)
+    fig.tight_layout()
+    return fig
+
+
+def selection_null(null: np.ndarray, observed: float, *, title: str = "in-sample max under shuffled targets") -> Figure:
+    """Histogram of the permutation null of the in-sample maximum, with the observed value."""
+    fig, (ax,) = _figure(1)
+    ax.hist(np.asarray(null), bins=30, color="lightgrey", edgecolor="grey")
+    ax.axvline(observed, color="tab:red", label=f"observed {observed:+.2f}")
+    ax.set(xlabel="best rho over configurations", ylabel="permutations", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def published_panels(frame: pd.DataFrame, *, y: str, x: str = "ntps", col: str = "model",
+                     rho: pd.DataFrame | None = None, col_wrap: int = 4) -> Figure:
+    """The paper's per-model scatter (Fig. 2 or 3 style): one panel per model, rho in the title."""
+    _require(frame, [x, y, col], "published_panels")
+    grid = sns.FacetGrid(frame, col=col, col_wrap=min(col_wrap, frame[col].nunique()), height=2.6,
+                         sharex=False, sharey=False)
+    grid.map_dataframe(sns.regplot, x=x, y=y, ci=None, scatter_kws={"s": 18}, line_kws={"lw": 1})
+    for ax, name in zip(grid.axes.flat, grid.col_names):
+        text = name.split("/")[-1]
+        if rho is not None:
+            r = rho.loc[rho["model"] == name, "rho"]
+            text += f"\nrho = {r.iloc[0]:+.2f}" if len(r) else ""
+        ax.set_title(text, fontsize=9)
+    plt.close(grid.figure)
+    grid.figure.tight_layout()
+    return grid.figure
+
+
+def word_projections(frame: pd.DataFrame) -> Figure:
+    """Words on the top-2 U and V directions (Figure 1 style): one panel per space."""
+    _require(frame, ["space", "group", "axis1", "axis2"], "word_projections")
+    spaces = sorted(frame["space"].unique())
+    fig, axes = _figure(len(spaces), width=4.2, height=3.8)
+    for ax, space in zip(axes, spaces):
+        part = frame[frame["space"] == space]
+        sns.scatterplot(data=part, x="axis1", y="axis2", hue="group", style="group", s=60, ax=ax, palette=_PALETTE)
+        if "word" in part.columns:
+            for _, row in part.iterrows():
+                ax.annotate(row["word"], (row["axis1"], row["axis2"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set(title=f"top-2 {space} directions", xlabel=f"{space} axis 1", ylabel=f"{space} axis 2")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str, dataset: str, layer: int,
+                  k: float, variant: str = "theory", target: str = "accuracy") -> Figure:
+    """The explorer's three panels for one selection: NTPS over layers at k (this dataset, the
+    chosen layer marked), NTPS over k at the layer, and NTPS against the probe target across
+    datasets at (layer, k).
+
+    ``ntps_table``: study rows (model, dataset, variant, layer, k or fraction, ntps); ``probes``:
+    study probe rows (model, dataset, layer, protocol, accuracy/kappa/mse). ``k`` is the theory k
+    or the reference fraction.
+    """
+    kcol = "k" if variant == "theory" else "fraction"
+    _require(ntps_table, ["model", "dataset", "variant", "layer", kcol, "ntps"], "explorer_view")
+    rows = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
+    if rows.empty:
+        raise ValueError(f"no {variant} NTPS rows for model {model!r}")
+    at_k = rows[np.isclose(rows[kcol], k)]
+    fig, (a, b, c) = _figure(3, width=4.3, height=3.4)
+    one = at_k[at_k["dataset"] == dataset].sort_values("layer")
+    a.plot(one["layer"], one["ntps"], "o-", ms=3)
+    a.axvline(layer, color="tab:red", ls=":")
+    a.set(title=f"{dataset}: NTPS over layers ({kcol}={k:g})", xlabel="layer", ylabel="NTPS", ylim=(0, 1.02))
+    over_k = rows[(rows["dataset"] == dataset) & (rows["layer"] == layer)].sort_values(kcol)
+    b.plot(over_k[kcol], over_k["ntps"], "o-", ms=3)
+    b.axvline(k, color="tab:red", ls=":")
+    b.set(title=f"layer {layer}: NTPS over {kcol}", xlabel=kcol, ylabel="NTPS", ylim=(0, 1.02),
+          xscale="log" if variant == "theory" else "linear")
+    heldout = probes[(probes["model"] == model) & (probes["protocol"] == "heldout") & (probes["layer"] == layer)]
+    across = at_k[at_k["layer"] == layer].merge(heldout[["dataset", target]], on="dataset")
+    c.scatter(across["ntps"], across[target], c=["tab:red" if d == dataset else "tab:blue" for d in across["dataset"]])
+    for _, row in across.iterrows():
+        c.annotate(row["dataset"], (row["ntps"], row[target]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    c.set(title=f"across datasets, layer {layer}", xlabel="NTPS", ylabel=f"held-out {target}")
+    fig.suptitle(f"{model} · {variant}", fontsize=10)
+    fig.tight_layout()
+    return fig

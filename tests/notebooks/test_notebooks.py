@@ -1,0 +1,147 @@
+"""The notebook series: clean metadata, a parameters cell each, smoke runs through papermill,
+and nbval (lax mode) on the cells that print rounded key numbers.
+
+The smoke runs and nbval carry the ``notebooks`` marker (deselect with ``-m "not notebooks"``).
+Notebooks 03 and 05 read study results: the fixture runs the smoke study (tiny model, seconds)
+into a temporary folder when `ntps_nb.study` is available, else they run on their "no results"
+path.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from ntps_nb import notebooks as nbs
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+#: Notebooks whose NBVAL_CHECK_OUTPUT cells nbval re-executes and compares (the others read
+#: study results through relative paths or only show figures).
+NBVAL_NOTEBOOKS = ("00_quickstart", "01_theory_derivation", "02_bound_checks", "04_lora_gain_prediction")
+
+
+# -- metadata (fast) ---------------------------------------------------------------------------
+
+
+def test_committed_notebooks_are_clean():
+    report = nbs.check_notebooks()
+    assert set(report) == set(nbs.NOTEBOOKS)
+    assert not any(report.values())
+
+
+def test_every_notebook_has_smoke_parameters_it_declares():
+    for name in nbs.NOTEBOOKS:
+        nb = nbformat.read(nbs.notebook_path(name), as_version=4)
+        source = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        declared = {line.split("=")[0].strip() for line in source.splitlines() if "=" in line and not line.startswith("#")}
+        assert set(nbs.SMOKE_PARAMETERS[name]) <= declared | {"results_dir"}, name
+
+
+def _noisy_notebook():
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell("x = 1", metadata={"tags": ["parameters"], "papermill": {"duration": 1.0},
+                                                              "execution": {"iopub.status.busy": "t"}}),
+                             new_code_cell("x", execution_count=7,
+                                           outputs=[nbformat.v4.new_output("display_data", data={
+                                               nbs.WIDGET_MIME: {"model_id": "abc"}, "text/plain": "VBox()"})])])
+    nb.metadata.update({"papermill": {"duration": 3.0}, "widgets": {"state": {}},
+                        "kernelspec": {"name": "venv-kernel", "display_name": "x", "language": "python"},
+                        "language_info": {"name": "python", "version": "3.11.9"}})
+    return nb
+
+
+def test_check_finds_noise_and_clean_removes_it():
+    nb = _noisy_notebook()
+    problems = " ".join(nbs.notebook_problems(nb))
+    for word in ("papermill", "widgets", "venv-kernel", "language_info", "cell 0 metadata", "widget-view"):
+        assert word in problems
+    cleaned = nbs.clean_notebook(nb)
+    assert nbs.notebook_problems(cleaned) == []
+    assert cleaned.cells[1].execution_count == 1
+    assert cleaned.cells[1].outputs[0]["data"] == {"text/plain": "VBox()"}
+
+
+def test_check_requires_one_parameters_cell(tmp_path):
+    nb = nbs.clean_notebook(_noisy_notebook())
+    nb.cells[0].metadata = {}
+    assert any("parameters" in p for p in nbs.notebook_problems(nb))
+    path = tmp_path / "00_quickstart.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(nbs.NotebookCheckError, match="parameters"):
+        nbs.check_notebooks(["00_quickstart"], folder=tmp_path)
+
+
+def test_names_resolve():
+    assert nbs.notebook_path("00").name == "00_quickstart.ipynb"
+    assert nbs.notebook_path("explorer").name == "05_explorer.ipynb"
+    with pytest.raises(ValueError, match="unknown notebook"):
+        nbs.notebook_path("99")
+
+
+def test_cli_parses_run_and_check():
+    from ntps_nb.cli import build_parser
+
+    args = build_parser().parse_args(["notebooks", "run", "00", "-p", "max_train", "50", "--smoke", "--out", "x"])
+    assert (args.name, args.smoke, args.out, args.parameter) == ("00", True, "x", [["max_train", "50"]])
+    assert nbs._parse_value("50") == 50 and nbs._parse_value("trec6") == "trec6"
+    assert build_parser().parse_args(["notebooks", "check"]).func is nbs._cli_check
+
+
+# -- smoke runs (papermill) and nbval ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory):
+    """Combined tables of the smoke study (tiny model) in a temporary folder, or None."""
+    try:
+        from ntps_nb import study
+    except ModuleNotFoundError:
+        return None
+    config = REPO / "studies" / "smoke.toml"
+    if not config.is_file():
+        return None
+    folder = tmp_path_factory.mktemp("smoke_results")
+    study.run_study(study.load_config(config, results_dir=str(folder)), log=lambda *_: None)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, smoke_results):
+    out = tmp_path_factory.mktemp("notebooks")
+    runs = {}
+    for name in nbs.NOTEBOOKS:
+        params = {"results_dir": str(smoke_results)} if smoke_results is not None and name in (
+            "03_per_model_correlation", "05_explorer") else {}
+        runs[name] = nbs.run_notebook(name, params, out, smoke=True)
+    return runs
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("name", nbs.NOTEBOOKS)
+def test_smoke_run(smoke_runs, name):
+    run = smoke_runs[name]
+    nb = nbformat.read(run.notebook, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert run.html.is_file() and run.html.stat().st_size > 10_000
+    assert nbs.notebook_problems(nbs.clean_notebook(nb, keep_injected=False)) == []
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and all(f"{key} = " in injected[0].source for key in nbs.SMOKE_PARAMETERS[name])
+
+
+@pytest.mark.notebooks
+def test_nbval_lax_on_key_numbers(smoke_runs):
+    """Re-execute the smoke-executed notebooks with nbval; cells marked NBVAL_CHECK_OUTPUT must
+    print the same rounded numbers (determinism of the key results)."""
+    paths = [str(smoke_runs[name].notebook) for name in NBVAL_NOTEBOOKS]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
+         "--nbval-sanitize-with", str(HERE / "sanitize.cfg"), "--rootdir", str(Path(paths[0]).parent), *paths],
+        cwd=str(HERE.parents[1] / "notebooks"), capture_output=True, text=True, timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
