@@ -583,7 +583,8 @@ def ntps_before_after(
     result: LoraResult,
     data: Any,
     *,
-    k: int | Iterable[int],
+    k: int | Iterable[int] | None = None,
+    fraction: float | Iterable[float] | None = None,
     base: str | LoadedModel | None = None,
     variant: str = "theory",
     layers: str | Iterable[int] = "all",
@@ -598,19 +599,26 @@ def ntps_before_after(
     ----------
     result : a `finetune_lora` result.
     data : the texts to extract (usually the train split the result was trained on).
-    k : number(s) of next-token directions (`ntps_nb.core.score.ntps`).
+    k, fraction : number(s) of next-token directions (theory variant) or fraction(s) of the
+        retained rank (either variant; the reference variant takes only fractions); give one.
     max_length : defaults to the result's, so before and after see the same tokens.
     cache : extraction cache folder (default ``cache_dir("extractions")``).
 
     Returns
     -------
-    One row per (layer, k): ``layer``, ``k``, ``variant``, ``ntps_before``, ``ntps_after``,
+    One row per (layer, k or fraction): ``layer``, ``k`` or ``fraction``, ``variant``, ``ntps_before``, ``ntps_after``,
     ``delta`` (after - before), and provenance (``model``, ``lora_key``, ``weights_before``,
     ``weights_after``, ``n_texts``, ``max_length``, ``drop_bos``).
     """
     from ntps_nb.core.score import ntps
 
-    ks = [int(k)] if isinstance(k, (int, np.integer)) else [int(x) for x in k]
+    if (k is None) == (fraction is None):
+        raise ValueError("give exactly one of k (number of directions) and fraction")
+    if k is not None:
+        column, values = "k", ([int(k)] if isinstance(k, (int, np.integer)) else [int(x) for x in k])
+    else:
+        column = "fraction"
+        values = [float(fraction)] if isinstance(fraction, (float, int, np.number)) else [float(x) for x in fraction]
     base_loaded = _base_for(result, base)
     after = merged_model(result, base_loaded)
     settings = dict(layers=layers, batch_size=batch_size, drop_bos=result.settings["drop_bos"],
@@ -620,9 +628,9 @@ def ntps_before_after(
                for m, tok, inf in (base_loaded, after)]
     rows = []
     for layer in moments[0].layers:
-        for kk in ks:
-            before_value, after_value = (ntps(m[layer], kk, variant=variant) for m in moments)
-            rows.append({"layer": layer, "k": kk, "variant": variant, "ntps_before": before_value,
+        for value in values:
+            before_value, after_value = (ntps(m[layer], **{column: value}, variant=variant) for m in moments)
+            rows.append({"layer": layer, column: value, "variant": variant, "ntps_before": before_value,
                          "ntps_after": after_value, "delta": after_value - before_value,
                          "model": base_loaded[2].name, "lora_key": result.key,
                          "weights_before": base_loaded[2].weights_sha256, "weights_after": after[2].weights_sha256,

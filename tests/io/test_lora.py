@@ -119,6 +119,11 @@ def test_merged_identity_keys_its_own_extraction(trained, llama, task, tmp_path)
     layer0 = table[table.layer == 0]
     np.testing.assert_allclose(layer0.ntps_before, layer0.ntps_after, atol=1e-9)
     assert (table.weights_after != table.weights_before).all()
+    reference = ntps_before_after(trained, train, fraction=0.5, variant="reference", base=llama, cache=tmp_path,
+                                  progress=False)
+    assert set(reference["fraction"]) == {0.5} and reference["ntps_after"].notna().all()
+    with pytest.raises(ValueError, match="exactly one of k"):
+        ntps_before_after(trained, train, base=llama, cache=tmp_path)
 
 
 def test_gain_is_lora_minus_probe(trained, llama, task, tmp_path):
