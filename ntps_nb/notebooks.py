@@ -92,8 +92,8 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
 
     Keeps the outputs. Removes notebook metadata other than a fixed ``python3`` kernelspec and
     the language name (papermill timings, widget state, kernel versions, ...), cell metadata
-    other than tags, widget-view outputs (meaningless without widget state; their text/plain
-    fallback stays), and renumbers execution counts 1, 2, ... in order. ``keep_injected=False``
+    other than tags, widget-view outputs (meaningless without widget state, and their text/plain
+    fallback is only the widget's repr), and renumbers execution counts 1, 2, ... in order. ``keep_injected=False``
     also drops papermill's ``injected-parameters`` cell.
     """
     import nbformat
@@ -117,8 +117,7 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
                 output.pop("metadata", None) if output.get("output_type") == "stream" else None
                 data = output.get("data")
                 if data is not None:
-                    data.pop(WIDGET_MIME, None)
-                    if not data:
+                    if WIDGET_MIME in data:  # its text/plain fallback is only the widget's repr
                         continue
                     output["metadata"] = {}
                 outputs.append(output)
