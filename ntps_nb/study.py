@@ -1,0 +1,836 @@
+"""The study: a resumable grid runner over (model, dataset) units, their tidy tables, and the analysis.
+
+A study is a small TOML file (``studies/*.toml``)::
+
+    [study]
+    name = "fast"
+    models = ["smollm2-135m"]
+    datasets = ["trec6", "sms-spam", "rt-polarity", "bbc-news"]
+    max_train = 300
+    max_test = 200
+    max_length = 64
+    ...
+
+One unit of work is (model, dataset, settings). A unit extracts the moments and pooled features
+of the train split (`ntps_nb.extract.extract_cached`) and the pooled features of the test split,
+then writes tidy tables into ``data/results/<study>/units/<model>__<dataset>/``:
+
+- ``ntps.csv``: NTPS of both variants (theory at every configured k, reference at the released
+  19 fractions) and the PCA-overlap peer, per layer;
+- ``probes.csv``: held-out and in-sample (the paper's protocol) probes per layer;
+- ``peers.csv``: LogME, H-score, kNN, RankMe per layer of the peer grid;
+- ``intervals.csv``: shard-bootstrap intervals (method "basic") on the interval grid;
+- ``diagnostics.csv``: perturbation / permutation / solver diagnostics on a coarse grid;
+- ``lora.csv`` when LoRA is configured and `ntps_nb.lora` provides it;
+- ``unit.json``: settings, config hash, timings, and what was skipped and why.
+
+The folder is written under a temporary name and renamed into place when everything succeeded
+(`ntps_nb.cache.atomic_path`), so a crash loses at most the unit in progress and a rerun skips
+every complete unit. Every row carries its provenance (SPEC section 9) and the config hash:
+`combine` refuses to put rows computed with different settings into one table.
+
+The analysis (`summarise`) is pure pandas on the combined tables and calls `ntps_nb.core.stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ntps_nb.cache import atomic_path, content_key
+
+#: The tables every unit writes (``lora`` only when LoRA ran).
+TABLES = ("ntps", "probes", "peers", "intervals", "diagnostics")
+#: Significant digits kept in the CSVs: enough for every comparison, small enough for git.
+CSV_FLOAT_FORMAT = "%.7g"
+#: Where results go unless a config says otherwise (relative to the repository root).
+RESULTS_ROOT = Path(__file__).resolve().parents[1] / "data" / "results"
+#: Bump when what a unit computes changes, so old units are not mistaken for current ones.
+STUDY_VERSION = 1
+
+
+class StudySettingsError(ValueError):
+    """A study config is malformed, or results computed with different settings would mix."""
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """The grid (models x datasets) and the settings every unit shares.
+
+    Layer grids accept "all", "last", "grid:N" (N evenly spaced hidden states, the first and the
+    last included) or a list of hidden-state indices (0 = embeddings; negative indices count from
+    the end, -1 = the last hidden state). ``k`` is "all" (every k = 1..r_V
+    of the theory variant) or a list of integers.
+    """
+
+    name: str
+    models: tuple[str, ...]
+    datasets: tuple[str, ...]
+    max_train: int | None = 2000
+    max_test: int | None = 1000
+    seed: int = 0
+    max_length: int = 256
+    batch_size: int = 16
+    drop_bos: bool = True
+    layers: Any = "all"
+    k: Any = "all"
+    probes: tuple[str, ...] = ("heldout", "paper_in_sample")
+    probe_layers: Any = "all"
+    peers: bool = True
+    peer_layers: Any = "all"
+    shards: int = 20
+    interval_layers: Any = (-1,)
+    n_boot: int = 200
+    interval_method: str = "basic"
+    diagnostics: bool = True
+    diagnostic_layers: Any = (-1,)
+    diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    diagnostic_fractions: tuple[float, ...] = (0.1, 0.5, 0.9)
+    n_perturb: int = 5
+    n_permutations: int = 20
+    lora: bool = False
+    lora_budget: dict = dataclasses.field(default_factory=dict)
+    cache_extractions: bool = False  # the shard moments make an entry ~13 MB per shard and layer
+    analysis_threads: int | None = 1  # BLAS threads of the numpy/scipy/sklearn part (None: library default)
+    results_dir: str | None = None
+    source: str | None = None  # the TOML file, for messages only
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes a unit's numbers (not the grid, not where results go)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
+                             "analysis_threads")}
+        out["study_version"] = STUDY_VERSION
+        return json.loads(json.dumps(out, default=list))
+
+    @property
+    def config_hash(self) -> str:
+        """Content key of `settings`: the column `combine` checks."""
+        return content_key(self.settings(), length=12)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.results_dir) if self.results_dir else RESULTS_ROOT / self.name
+
+    def units(self) -> list[tuple[str, str]]:
+        return [(model, dataset) for model in self.models for dataset in self.datasets]
+
+    def unit_folder(self, model: str, dataset: str) -> Path:
+        return self.folder / "units" / unit_name(model, dataset)
+
+
+def unit_name(model: str, dataset: str) -> str:
+    """Folder name of a unit: ``<model>__<dataset>`` with path-unsafe characters replaced."""
+    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s)  # noqa: E731
+    return f"{safe(model)}__{safe(dataset)}"
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
+    """Read a study TOML (its ``[study]`` table) into a `StudyConfig`; ``overrides`` replace keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no study config at {path}")
+    with open(path, "rb") as handle:
+        raw = tomllib.load(handle)
+    if "study" not in raw:
+        raise StudySettingsError(f"{path} has no [study] table (it has {sorted(raw)})")
+    table = {**raw["study"], **overrides}
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise StudySettingsError(f"{path}: unknown key(s) {unknown}; known: {sorted(known - {'source'})}")
+    for key in ("name", "models", "datasets"):
+        if key not in table:
+            raise StudySettingsError(f"{path}: [study] needs {key!r}")
+    if not table["models"] or not table["datasets"]:
+        raise StudySettingsError(f"{path}: models and datasets must be non-empty lists")
+    unknown_probes = sorted(set(table.get("probes", [])) - {"heldout", "paper_in_sample"})
+    if unknown_probes:
+        raise StudySettingsError(f"{path}: unknown probe protocol(s) {unknown_probes}")
+    if table.get("interval_method", "basic") not in ("percentile", "basic", "bca"):
+        raise StudySettingsError(f"{path}: interval_method must be percentile, basic or bca")
+    table = {key: _tuple(value) for key, value in table.items()}
+    if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
+        table["results_dir"] = str((path.parent / table["results_dir"]).resolve())
+    return StudyConfig(**table, source=str(path))
+
+
+def resolve_layers(spec: Any, available: Sequence[int], what: str = "layers") -> list[int]:
+    """Hidden-state indices of a layer spec ("all", "last", "grid:N", or a list; negatives count from the end)."""
+    available = sorted(int(layer) for layer in available)
+    if spec == "all":
+        return available
+    if spec == "last":
+        return [available[-1]]
+    if isinstance(spec, str) and spec.startswith("grid:"):  # N evenly spaced layers, first and last included
+        count = int(spec[len("grid:"):])
+        picks = np.unique(np.round(np.linspace(0, len(available) - 1, max(count, 1))).astype(int))
+        return [available[i] for i in picks]
+    if spec in (None, False) or spec == ():
+        return []
+    chosen = []
+    for layer in (spec if isinstance(spec, (list, tuple)) else [spec]):
+        layer = int(layer)
+        resolved = available[layer] if layer < 0 else layer
+        if resolved not in available:
+            raise StudySettingsError(f"{what}: layer {layer} does not exist (hidden states {available[0]}..{available[-1]})")
+        chosen.append(resolved)
+    return sorted(set(chosen))
+
+
+# -- one unit ------------------------------------------------------------------------------------
+
+
+def _with_provenance(frame: pd.DataFrame, provenance: dict[str, Any]) -> pd.DataFrame:
+    """Provenance columns first; a result column of the same name that disagrees is kept renamed."""
+    frame = frame.copy()
+    for key, value in provenance.items():
+        if key in frame.columns:
+            same = frame[key].astype(str).eq(str(value)).all()
+            if same:
+                frame = frame.drop(columns=key)
+            else:
+                frame = frame.rename(columns={key: f"{key}_result"})
+    front = pd.DataFrame({key: [value] * len(frame) for key, value in provenance.items()}, index=frame.index)
+    return pd.concat([front, frame], axis=1)
+
+
+def _k_filter(sweep: pd.DataFrame, k: Any) -> pd.DataFrame:
+    if k == "all":
+        return sweep
+    return sweep[sweep["k"].isin([int(v) for v in k])]
+
+
+def _extraction_settings(cfg: StudyConfig, layers: list[int], *, train: bool, pooled: list[int],
+                         shard_layers: list[int]) -> dict[str, Any]:
+    settings = dict(layers=layers, batch_size=cfg.batch_size, max_length=cfg.max_length, drop_bos=cfg.drop_bos,
+                    pooled_layers=pooled, progress=False)
+    if train:
+        settings.update(shards=cfg.shards if shard_layers else None, shard_layers=shard_layers or None,
+                        shard_seed=cfg.seed, token_moments=True)
+    else:  # the test split only feeds the held-out probes: pooled features suffice
+        settings.update(token_moments=False)
+    return settings
+
+
+def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple | None = None,
+             *, cache: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+    """Compute every table of one (model, dataset) unit; returns {table: frame, "unit": meta frame}.
+
+    ``loaded`` is ``(model, tokenizer, info)`` from `ntps_nb.models.load_model` (loaded here if None).
+    ``cache``: an extraction cache folder (`ntps_nb.extract.extract_cached`); None caches only when
+    the config sets ``cache_extractions`` (the default cache folder then).
+    """
+    from ntps_nb.datasets import dataset_info, load_dataset
+    from ntps_nb import extract as extraction
+    from ntps_nb.extract import as_text_set
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+        if timings[name] >= 1:
+            log(f"    {model_name} x {dataset_name}: {name} {timings[name]:.1f} s")
+
+    if loaded is None:
+        from ntps_nb.models import load_model
+
+        loaded = load_model(model_name, seed=cfg.seed)
+    model, tok, info = loaded
+    lap("load_model")
+    ds = load_dataset(dataset_name, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    train, test = as_text_set(ds["train"]), as_text_set(ds["test"])
+    try:
+        dinfo = dataset_info(dataset_name)
+    except Exception as error:  # provenance only; never fail a unit for it
+        dinfo = {"error": repr(error)}
+    lap("load_dataset")
+
+    available = list(range(info.n_hidden_states))
+    layers = resolve_layers(cfg.layers, available, "layers")
+    probe_grid = resolve_layers(cfg.probe_layers, layers, "probe_layers") if cfg.probes else []
+    peer_grid = resolve_layers(cfg.peer_layers, layers, "peer_layers") if cfg.peers else []
+    interval_grid = resolve_layers(cfg.interval_layers, layers, "interval_layers") if cfg.shards else []
+    diag_grid = resolve_layers(cfg.diagnostic_layers, layers, "diagnostic_layers") if cfg.diagnostics else []
+    pooled = sorted(set(probe_grid) | set(peer_grid) | set(diag_grid))
+
+    def run_extraction(data, settings):
+        if cache is None and not cfg.cache_extractions:
+            metadata = {"model": info.as_dict(), "dataset": dinfo}
+            return extraction.extract(model, tok, data, **settings, metadata=metadata)
+        return extraction.extract_cached(model, tok, info, data, cache=cache, dataset_info=dinfo, **settings)
+
+    ex = run_extraction(train, _extraction_settings(cfg, layers, train=True, pooled=pooled, shard_layers=interval_grid))
+    lap("extract_train")
+    heldout = "heldout" in cfg.probes and bool(probe_grid)
+    ex_test = (run_extraction(test, _extraction_settings(cfg, probe_grid, train=False, pooled=probe_grid, shard_layers=[]))
+               if heldout else None)
+    lap("extract_test")
+
+    with _blas_threads(cfg.analysis_threads):
+        return _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_test, layers, probe_grid,
+                             peer_grid, interval_grid, diag_grid, timings, lap, log)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int | None):
+    """Cap BLAS threads for the eigensolves: on a shared 2-core machine, 2 spinning BLAS threads per
+    process made the NTPS sweeps ~15x slower than one thread (measured: 40 s vs 2.2 s, d=576)."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        yield
+
+
+def _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_test, layers, probe_grid, peer_grid,
+                  interval_grid, diag_grid, timings, lap, log) -> dict[str, Any]:
+    from ntps_nb import __version__
+    from ntps_nb.core.diagnostics import ntps_diagnostics
+    from ntps_nb.core.intervals import layer_shards, ntps_interval_sweep
+    from ntps_nb.core.peers import pca_overlap_sweep, peer_scores
+    from ntps_nb.core.probes import probe_layers
+    from ntps_nb.core.score import ntps_sweep
+
+    provenance = {
+        "study": cfg.name, "model": model_name, "pretrained": bool(info.pretrained), "quantized": bool(info.quantized),
+        "dataset": dataset_name, "n_train": len(train.texts), "n_test": len(test.texts), "n_classes": train.n_classes,
+        "max_length": cfg.max_length, "drop_bos": cfg.drop_bos, "seed": cfg.seed, "package_version": __version__,
+        "config_hash": cfg.config_hash,
+    }
+    tables: dict[str, pd.DataFrame] = {}
+
+    rows = []
+    for layer in layers:
+        m = ex.moments[layer]
+        theory = _k_filter(ntps_sweep(m, variant="theory"), cfg.k)
+        reference = ntps_sweep(m, variant="reference")
+        rows += [theory.assign(layer=layer), reference.assign(layer=layer)]
+        if layer in peer_grid and m.Shh is not None:
+            rows.append(_k_filter(pca_overlap_sweep(m), cfg.k).assign(layer=layer))
+    tables["ntps"] = _with_provenance(pd.concat(rows, ignore_index=True), provenance)
+    lap("ntps")
+
+    if probe_grid:
+        features = {layer: (ex.pooled[layer], ex_test.pooled[layer] if ex_test is not None else None)
+                    for layer in probe_grid}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # saga's ConvergenceWarning under the paper's max_iter is expected
+            probes = probe_layers(features, ex.labels, ex_test.labels if ex_test is not None else None,
+                                  n_classes=train.n_classes, protocol=list(cfg.probes), seed=cfg.seed)
+        tables["probes"] = _with_provenance(probes, provenance)
+    lap("probes")
+
+    if peer_grid:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peers = pd.DataFrame([peer_scores(ex.pooled[layer], ex.labels, layer=layer) for layer in peer_grid])
+        tables["peers"] = _with_provenance(peers, provenance)
+    lap("peers")
+
+    if interval_grid:
+        shards = layer_shards(ex.shards)
+        rows = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for layer in interval_grid:
+                for variant in ("theory", "reference"):
+                    sweep = ntps_interval_sweep(shards[layer], variant=variant, n_boot=cfg.n_boot, seed=cfg.seed,
+                                                method=cfg.interval_method)
+                    if variant == "theory":
+                        sweep = _k_filter(sweep, cfg.k)
+                    rows.append(sweep.assign(layer=layer))
+        tables["intervals"] = _with_provenance(pd.concat(rows, ignore_index=True), provenance)
+    lap("intervals")
+
+    if diag_grid:
+        rows = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for layer in diag_grid:
+                r_V = int(ntps_sweep(ex.moments[layer])["r_V"].iloc[0])
+                ks = [k for k in cfg.diagnostic_k if k <= r_V] or [1]
+                for variant, grid in (("theory", dict(k=ks)), ("reference", dict(fraction=list(cfg.diagnostic_fractions)))):
+                    rows.append(ntps_diagnostics(ex.moments[layer], ex.pooled[layer], ex.labels, variant=variant,
+                                                 n_perturb=cfg.n_perturb, n_permutations=cfg.n_permutations,
+                                                 seed=cfg.seed, layer=layer, **grid))
+        tables["diagnostics"] = _with_provenance(pd.concat(rows, ignore_index=True), provenance)
+    lap("diagnostics")
+
+    lora_status = "not configured"
+    if cfg.lora:
+        lora_status, lora_table = _run_lora(cfg, model_name, dataset_name, ds, info, log)
+        if lora_table is not None:
+            tables["lora"] = _with_provenance(lora_table, provenance)
+    lap("lora")
+
+    meta = {
+        **provenance, "complete": True, "settings": cfg.settings(), "timings_s": timings,
+        "seconds": round(sum(timings.values()), 3), "lora": lora_status,
+        "extraction_key": ex.metadata.get("cache_key"), "extraction_seconds": ex.metadata.get("seconds"),
+        "layers": layers, "probe_layers": probe_grid, "peer_layers": peer_grid, "interval_layers": interval_grid,
+        "diagnostic_layers": diag_grid, "model_info": info.as_dict(),
+        "n_truncated_train": ex.metadata.get("n_truncated"), "mean_length_train": ex.metadata.get("mean_length"),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tables["unit"] = meta  # type: ignore[assignment]
+    return tables
+
+
+def _run_lora(cfg: StudyConfig, model_name: str, dataset_name: str, ds, info, log) -> tuple[str, pd.DataFrame | None]:
+    """LoRA fine-tuning of one unit, if `ntps_nb.lora` exists and offers ``study_unit``; else a reason."""
+    if not info.pretrained:
+        return "skipped: LoRA runs on pretrained models only (random controls have no pretrained features)", None
+    try:
+        import importlib
+
+        lora = importlib.import_module("ntps_nb.lora")
+    except ModuleNotFoundError as error:
+        if error.name != "ntps_nb.lora":
+            raise
+        return "skipped: ntps_nb.lora is not available", None
+    entry = getattr(lora, "study_unit", None)
+    if entry is None:
+        return "skipped: ntps_nb.lora has no study_unit(model, dataset, data, budget, ...) entry point", None
+    table = entry(model_name, dataset_name, ds, budget=dict(cfg.lora_budget), seed=cfg.seed,
+                  max_length=cfg.max_length, drop_bos=cfg.drop_bos)
+    return "done", pd.DataFrame(table)
+
+
+def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
+    """Write a unit's tables and ``unit.json`` atomically: the folder appears complete or not at all."""
+    with atomic_path(folder, directory=True) as tmp:
+        for name, frame in tables.items():
+            if name == "unit":
+                continue
+            frame.to_csv(tmp / f"{name}.csv", index=False, float_format=CSV_FLOAT_FORMAT)
+        (tmp / "unit.json").write_text(json.dumps(tables["unit"], indent=1, sort_keys=True, default=str))
+        _readable(tmp)
+    return folder
+
+
+def _readable(path: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; results are meant to be shared."""
+    path.chmod(0o755 if path.is_dir() else 0o644)
+    if path.is_dir():
+        for child in path.iterdir():
+            child.chmod(0o644)
+
+
+def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
+    """"complete" (same settings), "stale" (complete, other settings) or "missing"."""
+    meta_path = cfg.unit_folder(model, dataset) / "unit.json"
+    if not meta_path.is_file():
+        return "missing"
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete"):
+        return "missing"
+    return "complete" if meta.get("config_hash") == cfg.config_hash else "stale"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
+              cache: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run every missing unit of a study (model by model, loading each model once), then `combine`.
+
+    A unit already complete with the same settings is skipped; one complete with other settings
+    is an error unless ``replace_stale``. ``units_limit`` caps the units computed in this call.
+    Returns one row per unit: model, dataset, status ("skipped", "done"), seconds.
+    """
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    units = cfg.units()
+    status = {unit: unit_status(cfg, *unit) for unit in units}
+    stale = [unit_name(*u) for u, s in status.items() if s == "stale"]
+    if stale and not replace_stale:
+        raise StudySettingsError(
+            f"{len(stale)} unit(s) of study {cfg.name!r} were computed with other settings ({stale[:4]}...); "
+            f"the config hash is now {cfg.config_hash}. Rerun with --replace-stale to recompute them, or give the "
+            "study a new name")
+    todo = [u for u in units if status[u] != "complete"]
+    if units_limit is not None:
+        todo = todo[:max(0, int(units_limit))]
+    log(f"study {cfg.name}: {len(units)} units, {len(units) - sum(s != 'complete' for s in status.values())} complete, "
+        f"{len(todo)} to run now -> {cfg.folder}")
+    rows = [{"model": m, "dataset": d, "status": "skipped", "seconds": 0.0} for (m, d) in units
+            if status[(m, d)] == "complete"]
+    done_before = len(rows)
+    loaded_name, loaded = None, None
+    started = time.perf_counter()
+    for i, (model_name, dataset_name) in enumerate(todo, start=1):
+        if loaded_name != model_name:
+            from ntps_nb.models import load_model
+
+            loaded, loaded_name = None, None  # free the previous model first
+            loaded, loaded_name = load_model(model_name, seed=cfg.seed), model_name
+        t0 = time.perf_counter()
+        tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
+        write_unit(cfg.unit_folder(model_name, dataset_name), tables)
+        seconds = time.perf_counter() - t0
+        rows.append({"model": model_name, "dataset": dataset_name, "status": "done", "seconds": round(seconds, 2)})
+        elapsed = time.perf_counter() - started
+        eta = elapsed / i * (len(todo) - i)
+        log(f"[{done_before + i}/{len(units)}] {model_name} x {dataset_name}: {_fmt_seconds(seconds)} "
+            f"(elapsed {_fmt_seconds(elapsed)}, eta {_fmt_seconds(eta)})")
+    if all(unit_status(cfg, *u) == "complete" for u in units) or units_limit is None:
+        combine(cfg, log=log)
+    return pd.DataFrame(rows)
+
+
+# -- combine -------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for package in ("numpy", "scipy", "pandas", "scikit-learn", "torch", "transformers"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+    """Concatenate the complete units of a study into ``<study>/<table>.csv`` and ``provenance.json``.
+
+    Raises StudySettingsError when the units (or rows) carry different config hashes: rows
+    computed with different settings never share a table.
+    """
+    from ntps_nb import __version__
+
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    units_dir = cfg.folder / "units"
+    metas = []
+    for model, dataset in cfg.units():
+        path = cfg.unit_folder(model, dataset) / "unit.json"
+        if path.is_file():
+            metas.append((cfg.unit_folder(model, dataset), json.loads(path.read_text())))
+    if not metas:
+        raise FileNotFoundError(f"study {cfg.name!r} has no complete unit under {units_dir}")
+    tables: dict[str, pd.DataFrame] = {}
+    for name in (*TABLES, "lora"):
+        parts = [pd.read_csv(folder / f"{name}.csv") for folder, _ in metas if (folder / f"{name}.csv").is_file()]
+        if parts:
+            tables[name] = pd.concat(parts, ignore_index=True)
+    hashes = {meta.get("config_hash") for _, meta in metas}
+    for name, frame in tables.items():
+        hashes |= set(frame["config_hash"].astype(str).unique())
+    if len(hashes) > 1:
+        by_hash: dict[str, list[str]] = {}
+        for folder, meta in metas:
+            by_hash.setdefault(str(meta.get("config_hash")), []).append(folder.name)
+        raise StudySettingsError(
+            f"study {cfg.name!r} mixes results computed with different settings (config hashes {sorted(map(str, hashes))}; "
+            f"units by hash: {by_hash}); the config now hashes to {cfg.config_hash}. Recompute the stale units "
+            "(study run --replace-stale) instead of combining them")
+    if hashes != {cfg.config_hash}:
+        raise StudySettingsError(f"study {cfg.name!r}: its units were computed with config hash {hashes.pop()}, "
+                                 f"but {cfg.source or 'the config'} now hashes to {cfg.config_hash}")
+    for name, frame in tables.items():
+        with atomic_path(cfg.folder / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT)
+            _readable(tmp)
+    provenance = {
+        "study": cfg.name, "config": cfg.source, "config_hash": cfg.config_hash, "settings": cfg.settings(),
+        "models": list(cfg.models), "datasets": list(cfg.datasets), "package_version": __version__,
+        "units_complete": len(metas), "units_total": len(cfg.units()),
+        "combined": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        "versions": _versions(),
+        "units": {folder.name: {"seconds": meta.get("seconds"), "timings_s": meta.get("timings_s"),
+                                "finished": meta.get("finished"), "lora": meta.get("lora"),
+                                "n_train": meta.get("n_train"), "n_test": meta.get("n_test")}
+                  for folder, meta in metas},
+    }
+    with atomic_path(cfg.folder / "provenance.json") as tmp:
+        tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True, default=str))
+        _readable(tmp)
+    log(f"combined {len(metas)}/{len(cfg.units())} units of {cfg.name!r} into {cfg.folder}")
+    return tables
+
+
+def load_results(cfg_or_folder: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The combined tables of a study: a config (TOML path or `StudyConfig`) or a results folder."""
+    if isinstance(cfg_or_folder, StudyConfig):
+        folder = cfg_or_folder.folder
+    else:
+        path = Path(cfg_or_folder)
+        folder = load_config(path).folder if path.suffix == ".toml" else path
+    tables = {name: pd.read_csv(folder / f"{name}.csv") for name in (*TABLES, "lora") if (folder / f"{name}.csv").is_file()}
+    if not tables:
+        raise FileNotFoundError(f"no combined tables in {folder}; run `study combine` first")
+    return tables
+
+
+# -- analysis ------------------------------------------------------------------------------------
+
+#: (target column of the probe table, the direction a good score correlates with it)
+TARGETS = {"accuracy": "positive", "kappa": "positive", "mse": "negative"}
+
+
+def probe_targets(probes: pd.DataFrame, *, protocol: str = "heldout", layer: str | int = "last") -> pd.DataFrame:
+    """One target row per (model, dataset): the probe at the model's last layer (or a given layer)."""
+    table = probes[probes["protocol"] == protocol]
+    if table.empty:
+        raise ValueError(f"no probe rows of protocol {protocol!r}")
+    if layer == "last":
+        last = table.groupby("model")["layer"].transform("max")
+        table = table[table["layer"] == last]
+    else:
+        table = table[table["layer"] == int(layer)]
+    return table[["model", "dataset", "n_classes", "majority_rate", *TARGETS, "layer"]].rename(
+        columns={"layer": "target_layer"}).reset_index(drop=True)
+
+
+def _ci(x, y, method: str, n_boot: int, seed: int) -> tuple[float, float]:
+    from ntps_nb.core.stats import bootstrap_ci
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ci = bootstrap_ci(x, y, method=method, n_boot=n_boot, seed=seed)
+    return ci["low"], ci["high"]
+
+
+def _lodo_null_p(frame, observed: float, *, score, target, configs, method, direction, n_perm, seed) -> float:
+    """Permutation p-value of the leave-one-dataset-out rho: shuffle targets across datasets and
+    redo the whole leave-one-out selection (so the selection is inside the null)."""
+    from ntps_nb.core.stats import select_leave_one_dataset_out
+
+    import itertools
+    import math
+
+    if not np.isfinite(observed):
+        return float("nan")
+    per_dataset = frame.groupby("dataset")[target].first()
+    values = per_dataset.to_numpy()
+    exact = math.factorial(values.size) <= n_perm
+    if exact:  # few datasets: every ordering (the identity among them), an exact p-value
+        orderings = [values[list(p)] for p in itertools.permutations(range(values.size))]
+    else:
+        rng = np.random.default_rng(seed)
+        orderings = [rng.permutation(values) for _ in range(n_perm)]
+    sign = 1.0 if direction == "positive" else -1.0
+    hits = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for ordering in orderings:
+            shuffled = dict(zip(per_dataset.index, ordering))
+            permuted = frame.assign(**{target: frame["dataset"].map(shuffled)})
+            try:
+                rho = select_leave_one_dataset_out(permuted, score=score, target=target, configs=configs,
+                                                   method=method, direction=direction)["rho"]
+            except ValueError:  # a fold whose other datasets have a constant target: no selection possible
+                rho = float("nan")
+            hits += bool(np.isfinite(rho) and sign * rho >= sign * observed - 1e-12)
+    return hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
+
+
+def correlation_summary(
+    tables: dict[str, pd.DataFrame], *, method: str = "spearman", protocol: str = "heldout",
+    n_boot: int = 1000, n_perm: int = 200, seed: int = 0, targets: Sequence[str] = tuple(TARGETS),
+    variants: Sequence[str] = ("theory", "reference"),
+) -> pd.DataFrame:
+    """Per model and target: how NTPS ranks the datasets, under honest and in-sample selection,
+    beside the dataset-only baselines and the random-initialised control.
+
+    One row per (model, target, score, selection):
+
+    - score ``ntps_theory`` / ``ntps_reference``, selection ``leave_one_dataset_out``: the
+      configuration (layer, k or fraction) chosen on the other datasets, rho of the held-out
+      scores with the targets, a bootstrap CI over datasets (given the chosen configurations) and
+      a permutation p-value that redoes the selection under shuffled targets;
+    - same scores, selection ``in_sample`` (the paper's): the best configuration over all
+      datasets, rho, and the selection-aware p-value of `ntps_nb.core.stats.selection_null`;
+    - scores ``-C`` and ``majority_rate`` (no selection): dataset-only baselines (SPEC section 10);
+    - peers at the last layer (no selection), when the peers table is present.
+
+    Targets come from the ``protocol`` probes at each model's last layer. ``pretrained`` tells
+    pretrained models from their ``:random`` controls; `pretraining_contrast` pairs them.
+    """
+    from ntps_nb.core.stats import (correlate, permutation_pvalue, select_in_sample, select_leave_one_dataset_out,
+                                    selection_null)
+
+    target_rows = probe_targets(tables["probes"], protocol=protocol)
+    ntps_table = tables["ntps"]
+    rows = []
+    for model, targets_m in target_rows.groupby("model", sort=False):
+        pretrained = bool(ntps_table.loc[ntps_table["model"] == model, "pretrained"].iloc[0])
+        n = targets_m["dataset"].nunique()
+        base = {"model": model, "pretrained": pretrained, "n_datasets": n, "method": method,
+                "target_protocol": protocol, "target_layer": int(targets_m["target_layer"].iloc[0])}
+        if n < 3:
+            continue
+        for target in targets:
+            direction = TARGETS[target]
+            for variant in variants:
+                cfg_cols = ["layer", "k"] if variant == "theory" else ["layer", "fraction"]
+                scores = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
+                frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets_m[["dataset", target]], on="dataset")
+                frame = frame.dropna(subset=["ntps"])
+                name = f"ntps_{variant}"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if n >= 4:
+                        lodo = select_leave_one_dataset_out(frame, score="ntps", target=target, configs=cfg_cols,
+                                                            method=method, direction=direction)
+                        chosen = lodo["chosen"]
+                        low, high = (_ci(chosen["held_out_score"], chosen["target"], method, n_boot, seed)
+                                     if np.isfinite(lodo["rho"]) else (np.nan, np.nan))
+                        p = _lodo_null_p(frame, lodo["rho"], score="ntps", target=target, configs=cfg_cols,
+                                         method=method, direction=direction, n_perm=n_perm, seed=seed)
+                        configs = chosen[cfg_cols].astype(str).agg("/".join, axis=1)
+                        rows.append({**base, "target": target, "score": name, "selection": "leave_one_dataset_out",
+                                     "rho": lodo["rho"], "ci_low": low, "ci_high": high, "p_value": p,
+                                     "p_kind": "permutation, selection redone", "config": ", ".join(configs.mode()[:1]),
+                                     "n_distinct_configs": lodo["n_distinct_configs"],
+                                     "n_configs": len(frame.drop_duplicates(cfg_cols))})
+                    best = select_in_sample(frame, score="ntps", target=target, configs=cfg_cols, method=method,
+                                            direction=direction)
+                    null = selection_null(frame, score="ntps", target=target, configs=cfg_cols, method=method,
+                                          direction=direction, n_perm=max(n_perm, 1000), seed=seed)
+                    chosen_rows = frame.merge(pd.DataFrame([best["config"]]), on=cfg_cols)
+                    low, high = _ci(chosen_rows.sort_values("dataset")["ntps"], chosen_rows.sort_values("dataset")[target],
+                                    method, n_boot, seed)
+                rows.append({**base, "target": target, "score": name, "selection": "in_sample", "rho": best["rho"],
+                             "ci_low": low, "ci_high": high, "p_value": null["pvalue"],
+                             "p_kind": "selection_null (max over configs)",
+                             "config": "/".join(str(v) for v in best["config"].values()),
+                             "n_configs": best["n_configs"], "null_q95": null["null_q95"]})
+            baselines = {"-C": -targets_m["n_classes"].astype(float), "majority_rate": targets_m["majority_rate"]}
+            if "peers" in tables:
+                peers = tables["peers"]
+                peers = peers[peers["model"] == model]
+                peers = peers[peers["layer"] == peers["layer"].max()].set_index("dataset")
+                for peer in ("logme", "h_score", "h_score_lw", "knn_accuracy", "rankme"):
+                    if peer in peers.columns:
+                        baselines[f"peer:{peer}"] = targets_m["dataset"].map(peers[peer])
+            for name, values in baselines.items():
+                x, y = np.asarray(values, dtype=float), targets_m[target].to_numpy(dtype=float)
+                try:
+                    rho = correlate(x, y, method)
+                    low, high = _ci(x, y, method, n_boot, seed)
+                    p = permutation_pvalue(x, y, method=method, n_perm=10_000, seed=seed)["pvalue"]
+                except ValueError:  # constant baseline (e.g. all tasks binary)
+                    rho, low, high, p = np.nan, np.nan, np.nan, np.nan
+                rows.append({**base, "target": target, "score": name, "selection": "none", "rho": rho,
+                             "ci_low": low, "ci_high": high, "p_value": p, "p_kind": "permutation",
+                             "config": "last layer" if name.startswith("peer:") else "dataset only"})
+    return pd.DataFrame(rows)
+
+
+def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "heldout") -> pd.DataFrame:
+    """Per dataset and (pretrained model, its ``:random`` control): last-layer probe targets and the
+    median NTPS (theory, over layers and k) of both, and their differences. Does pretraining move
+    NTPS and the probes the same way across datasets?"""
+    targets = probe_targets(tables["probes"], protocol=protocol)
+    ntps_table = tables["ntps"]
+    theory = ntps_table[ntps_table["variant"] == "theory"].groupby(["model", "dataset"])["ntps"].median()
+    targets = targets.assign(ntps_theory_median=[theory.get((m, d), np.nan) for m, d in zip(targets.model, targets.dataset)])
+    rows = []
+    for model in targets["model"].unique():
+        control = f"{model}:random"
+        if model.endswith(":random") or control not in set(targets["model"]):
+            continue
+        a = targets[targets["model"] == model].set_index("dataset")
+        b = targets[targets["model"] == control].set_index("dataset")
+        for dataset in a.index.intersection(b.index):
+            row = {"model": model, "control": control, "dataset": dataset, "n_classes": int(a.loc[dataset, "n_classes"])}
+            for col in ("accuracy", "kappa", "mse", "ntps_theory_median"):
+                row[f"{col}_pretrained"] = a.loc[dataset, col]
+                row[f"{col}_random"] = b.loc[dataset, col]
+                row[f"{col}_diff"] = a.loc[dataset, col] - b.loc[dataset, col]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
+    """The tidy summary README and notebooks print: `correlation_summary` of a study's combined tables.
+
+    Accepts a config path, a `StudyConfig`, a results folder or the tables dict.
+    """
+    tables = cfg_or_tables if isinstance(cfg_or_tables, dict) else load_results(cfg_or_tables)
+    return correlation_summary(tables, **kwargs)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def _cli_run(args) -> int:
+    cfg = load_config(args.config)
+    table = run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale)
+    done = table[table["status"] == "done"]
+    if len(done):
+        print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")
+    return 0
+
+
+def _cli_combine(args) -> int:
+    combine(load_config(args.config))
+    return 0
+
+
+def _cli_summary(args) -> int:
+    cfg = load_config(args.config)
+    summary = summarise(cfg, n_perm=args.n_perm, n_boot=args.n_boot)
+    shown = summary[summary["target"].isin(args.targets)]
+    cols = ["model", "target", "score", "selection", "rho", "ci_low", "ci_high", "p_value", "config"]
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
+        print(f"study {cfg.name}: Spearman rho across datasets (targets: {summary['target_protocol'].iloc[0]} probes "
+              f"at the last layer; n_datasets = {sorted(summary['n_datasets'].unique().tolist())})")
+        print(shown[cols].to_string(index=False))
+    if args.output:
+        summary.to_csv(args.output, index=False, float_format=CSV_FLOAT_FORMAT)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``study run|combine|summary CONFIG`` to the ``python -m ntps_nb`` parser."""
+    study = subparsers.add_parser("study", help="run, combine and summarise a study grid (studies/*.toml)")
+    sub = study.add_subparsers(dest="study_command", required=True)
+    run = sub.add_parser("run", help="compute the missing units of a study, then combine")
+    run.add_argument("config")
+    run.add_argument("--units-limit", type=int, default=None, help="compute at most N units in this call")
+    run.add_argument("--replace-stale", action="store_true", help="recompute units computed with other settings")
+    run.set_defaults(func=_cli_run)
+    comb = sub.add_parser("combine", help="concatenate the complete units into the study tables")
+    comb.add_argument("config")
+    comb.set_defaults(func=_cli_combine)
+    summ = sub.add_parser("summary", help="rho of NTPS vs probes per model, with baselines and controls")
+    summ.add_argument("config")
+    summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa"], choices=list(TARGETS))
+    summ.add_argument("--n-perm", type=int, default=200)
+    summ.add_argument("--n-boot", type=int, default=1000)
+    summ.add_argument("--output", default=None, help="also write the full summary as CSV")
+    summ.set_defaults(func=_cli_summary)
