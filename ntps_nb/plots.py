@@ -208,10 +208,10 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
     datasets at (layer, k).
 
     ``ntps_table``: study rows (model, dataset, variant, layer, k or fraction, ntps); ``probes``:
-    study probe rows (model, dataset, layer, protocol, accuracy/kappa/mse). ``k`` is the theory k
-    or the reference fraction.
+    study probe rows (model, dataset, layer, protocol, accuracy/kappa/mse). ``k`` is the fraction
+    for the reference variant and k for the others (theory, pca_overlap).
     """
-    kcol = "k" if variant == "theory" else "fraction"
+    kcol = "fraction" if variant == "reference" else "k"
     _require(ntps_table, ["model", "dataset", "variant", "layer", kcol, "ntps"], "explorer_view")
     rows = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
     if rows.empty:
@@ -226,7 +226,7 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
     b.plot(over_k[kcol], over_k["ntps"], "o-", ms=3)
     b.axvline(k, color="tab:red", ls=":")
     b.set(title=f"layer {layer}: NTPS over {kcol}", xlabel=kcol, ylabel="NTPS", ylim=(0, 1.02),
-          xscale="log" if variant == "theory" else "linear")
+          xscale="linear" if variant == "reference" else "log")
     heldout = probes[(probes["model"] == model) & (probes["protocol"] == "heldout") & (probes["layer"] == layer)]
     across = at_k[at_k["layer"] == layer].merge(heldout[["dataset", target]], on="dataset")
     c.scatter(across["ntps"], across[target], c=["tab:red" if d == dataset else "tab:blue" for d in across["dataset"]])

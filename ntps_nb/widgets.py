@@ -17,7 +17,7 @@ from ntps_nb import plots
 
 def explorer_options(ntps_table: pd.DataFrame) -> dict[str, list]:
     """The choices the explorer offers: models, datasets, layers, theory k, reference fractions."""
-    theory = ntps_table[ntps_table["variant"] == "theory"]
+    theory = ntps_table[ntps_table["variant"] != "reference"]
     reference = ntps_table[ntps_table["variant"] == "reference"]
     return {
         "model": sorted(ntps_table["model"].unique()),
@@ -53,13 +53,14 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
     output = w.Output()
 
     def scale_options(change=None) -> None:
-        # the k slider means k for the theory variant and the fraction for the reference variant
-        choices = options["k"] if controls["variant"].value == "theory" else options["fraction"]
+        # the k slider means the fraction for the reference variant and k for the others
+        reference = controls["variant"].value == "reference"
+        choices = options["fraction"] if reference else options["k"]
         current = controls["k"].value
         nearest = choices[int(np.argmin([abs(np.log(c / current)) if current > 0 else c for c in choices]))]
         controls["k"].options = choices
         controls["k"].value = nearest
-        controls["k"].description = "k" if controls["variant"].value == "theory" else "fraction"
+        controls["k"].description = "fraction" if reference else "k"
 
     def redraw(change=None) -> None:
         with output:

@@ -37,14 +37,17 @@ def free_port() -> int:
 
 def prepare_notebook(out: Path, results: Path, smoke: bool) -> Path:
     import nbformat
-    from papermill.parameterize import parameterize_notebook
 
     sys.path.insert(0, str(REPO))
     from ntps_nb.notebooks import SMOKE_PARAMETERS, clean_notebook, notebook_path
 
     params = {**(SMOKE_PARAMETERS["05_explorer"] if smoke else {}), "results_dir": str(results.resolve())}
     nb = nbformat.read(notebook_path("05_explorer"), as_version=4)
-    nb = clean_notebook(parameterize_notebook(nb, params), keep_injected=True)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    injected = nbformat.v4.new_code_cell("\n".join(f"{key} = {value!r}" for key, value in params.items()),
+                                         metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(at + 1, injected)
+    nb = clean_notebook(nb, keep_injected=True)
     for cell in nb.cells:  # start from a blank page: what the browser shows, the kernel made
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
@@ -56,7 +59,7 @@ def prepare_notebook(out: Path, results: Path, smoke: bool) -> Path:
 def start_lab(root: Path, port: int, token: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
-           "--ServerApp.disable_check_xsrf=False", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+           "--allow-root", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
            "jupyterlab.NeverCheckForUpdate"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=root,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -96,8 +99,18 @@ def run_check(url: str, out: Path, timeout_s: float) -> dict:
         page.get_by_role("menuitem", name="Run").first.click()
         page.get_by_text("Run All Cells", exact=True).first.click()
         page.wait_for_selector(".widget-output img, .jupyter-widgets-output-area img", timeout=timeout_s * 1000)
+        # wait until every cell ran (the kernel is idle again), then show the explorer
+        page.wait_for_function("() => !document.querySelector('.jp-InputArea-prompt') || "
+                               "![...document.querySelectorAll('.jp-InputArea-prompt')].some(p => p.textContent.includes('*'))",
+                               timeout=timeout_s * 1000)
+        for close in page.locator(".jp-Notification-Toast-Close, .jp-toast-button:has-text('No')").all():
+            try:
+                close.click(timeout=2000)
+            except Exception:
+                pass
         slider = page.locator(".widget-slider .ui-slider-handle, .widget-slider .noUi-handle").first
-        slider.scroll_into_view_if_needed()
+        page.locator(".widget-dropdown").first.scroll_into_view_if_needed()
+        page.mouse.wheel(0, -150)
         time.sleep(2)
         page.screenshot(path=str(out / "explorer_before.png"), full_page=False)
         before = figure_digest(page)
