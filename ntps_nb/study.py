@@ -108,6 +108,7 @@ class StudyConfig:
     lora_budget: dict = dataclasses.field(default_factory=dict)
     cache_extractions: bool = False  # the shard moments make an entry ~13 MB per shard and layer
     analysis_threads: int | None = 1  # BLAS threads of the numpy/scipy/sklearn part (None: library default)
+    torch_threads: int | None = 1  # torch intra-op threads of the forward passes (None: torch's default)
     results_dir: str | None = None
     source: str | None = None  # the TOML file, for messages only
 
@@ -115,7 +116,7 @@ class StudyConfig:
         """Everything that changes a unit's numbers (not the grid, not where results go)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
-                             "analysis_threads")}
+                             "analysis_threads", "torch_threads")}
         out["study_version"] = STUDY_VERSION
         return json.loads(json.dumps(out, default=list))
 
@@ -292,7 +293,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     lap("extract_test")
 
     with _blas_threads(cfg.analysis_threads):
-        return _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_test, layers, probe_grid,
+        return _analyse_unit(cfg, model_name, dataset_name, loaded, ds, train, test, ex, ex_test, layers, probe_grid,
                              peer_grid, interval_grid, diag_grid, timings, lap, log)
 
 
@@ -309,8 +310,9 @@ def _blas_threads(n: int | None):
         yield
 
 
-def _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_test, layers, probe_grid, peer_grid,
+def _analyse_unit(cfg, model_name, dataset_name, loaded, ds, train, test, ex, ex_test, layers, probe_grid, peer_grid,
                   interval_grid, diag_grid, timings, lap, log) -> dict[str, Any]:
+    """Every table of a unit from its extractions (the numpy/scipy/sklearn part, and LoRA)."""
     from ntps_nb import __version__
     from ntps_nb.core.diagnostics import ntps_diagnostics
     from ntps_nb.core.intervals import layer_shards, ntps_interval_sweep
@@ -318,6 +320,7 @@ def _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_t
     from ntps_nb.core.probes import probe_layers
     from ntps_nb.core.score import ntps_sweep
 
+    model, tok, info = loaded
     provenance = {
         "study": cfg.name, "model": model_name, "pretrained": bool(info.pretrained), "quantized": bool(info.quantized),
         "dataset": dataset_name, "n_train": len(train.texts), "n_test": len(test.texts), "n_classes": train.n_classes,
@@ -385,7 +388,7 @@ def _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_t
 
     lora_status = "not configured"
     if cfg.lora:
-        lora_status, lora_table = _run_lora(cfg, model_name, dataset_name, ds, info, log)
+        lora_status, lora_table = _run_lora(cfg, (model, tok, info), ds, log)
         if lora_table is not None:
             tables["lora"] = _with_provenance(lora_table, provenance)
     lap("lora")
@@ -403,24 +406,34 @@ def _analyse_unit(cfg, model_name, dataset_name, info, ds, train, test, ex, ex_t
     return tables
 
 
-def _run_lora(cfg: StudyConfig, model_name: str, dataset_name: str, ds, info, log) -> tuple[str, pd.DataFrame | None]:
-    """LoRA fine-tuning of one unit, if `ntps_nb.lora` exists and offers ``study_unit``; else a reason."""
+def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log) -> tuple[str, pd.DataFrame | None]:
+    """LoRA of one unit with `ntps_nb.lora` (imported lazily): the gain over the held-out probe and
+    NTPS of the last layer before and after merging, as rows; or the reason it was skipped."""
+    model, tok, info = loaded
     if not info.pretrained:
-        return "skipped: LoRA runs on pretrained models only (random controls have no pretrained features)", None
+        return "skipped: LoRA runs on pretrained models only (the random controls are not fine-tuned)", None
     try:
         import importlib
 
         lora = importlib.import_module("ntps_nb.lora")
     except ModuleNotFoundError as error:
-        if error.name != "ntps_nb.lora":
+        if error.name not in ("ntps_nb.lora", "peft"):
             raise
-        return "skipped: ntps_nb.lora is not available", None
-    entry = getattr(lora, "study_unit", None)
-    if entry is None:
-        return "skipped: ntps_nb.lora has no study_unit(model, dataset, data, budget, ...) entry point", None
-    table = entry(model_name, dataset_name, ds, budget=dict(cfg.lora_budget), seed=cfg.seed,
-                  max_length=cfg.max_length, drop_bos=cfg.drop_bos)
-    return "done", pd.DataFrame(table)
+        return f"skipped: {error.name} is not available", None
+    budget = dict(cfg.lora_budget)
+    result = lora.finetune_lora(loaded, ds["train"], ds["test"], max_length=cfg.max_length, drop_bos=cfg.drop_bos,
+                                seed=cfg.seed, progress=False, **budget)
+    gain = lora.lora_gain(result, ds["train"], ds["test"], base=loaded, progress=False, seed=cfg.seed)
+    last = info.n_hidden_states - 1
+    ks = [k for k in (cfg.k if cfg.k != "all" else (1, 2, 4, 8, 16, 32, 64)) if k <= 64]
+    before_after = lora.ntps_before_after(result, ds["train"], k=ks, base=loaded, layers=[last],
+                                          batch_size=cfg.batch_size, progress=False)
+    gain_row = {key: value for key, value in gain.items() if np.isscalar(value) or value is None}
+    table = before_after.drop(columns=[c for c in ("model", "max_length", "drop_bos") if c in before_after.columns])
+    table = table.assign(**{f"lora_{key}": value for key, value in gain_row.items()
+                            if key not in ("model", "max_length", "drop_bos", "n_classes", "seed")})
+    log(f"    LoRA: accuracy {gain.get('accuracy', float('nan')):.3f}, gain {gain.get('gain', float('nan')):+.3f}")
+    return "done", table
 
 
 def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
@@ -477,6 +490,12 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
             f"the config hash is now {cfg.config_hash}. Rerun with --replace-stale to recompute them, or give the "
             "study a new name")
     todo = [u for u in units if status[u] != "complete"]
+    if cfg.torch_threads is not None and todo:
+        import torch
+
+        # On a shared 2-core machine two spinning OpenMP threads per process made a 40-text
+        # extraction ~7x slower than one thread (227 s vs 31 s, SmolLM2, measured here).
+        torch.set_num_threads(int(cfg.torch_threads))
     if units_limit is not None:
         todo = todo[:max(0, int(units_limit))]
     log(f"study {cfg.name}: {len(units)} units, {len(units) - sum(s != 'complete' for s in status.values())} complete, "
@@ -614,6 +633,15 @@ def probe_targets(probes: pd.DataFrame, *, protocol: str = "heldout", layer: str
         columns={"layer": "target_layer"}).reset_index(drop=True)
 
 
+def _config_text(values) -> str:
+    """"layer/k" with integers printed as integers (CSV round trips turn k into floats)."""
+    out = []
+    for value in values:
+        value = float(value)
+        out.append(str(int(value)) if value.is_integer() else f"{value:g}")
+    return "/".join(out)
+
+
 def _ci(x, y, method: str, n_boot: int, seed: int) -> tuple[float, float]:
     from ntps_nb.core.stats import bootstrap_ci
 
@@ -710,7 +738,7 @@ def correlation_summary(
                                      if np.isfinite(lodo["rho"]) else (np.nan, np.nan))
                         p = _lodo_null_p(frame, lodo["rho"], score="ntps", target=target, configs=cfg_cols,
                                          method=method, direction=direction, n_perm=n_perm, seed=seed)
-                        configs = chosen[cfg_cols].astype(str).agg("/".join, axis=1)
+                        configs = chosen[cfg_cols].apply(_config_text, axis=1)
                         rows.append({**base, "target": target, "score": name, "selection": "leave_one_dataset_out",
                                      "rho": lodo["rho"], "ci_low": low, "ci_high": high, "p_value": p,
                                      "p_kind": "permutation, selection redone", "config": ", ".join(configs.mode()[:1]),
@@ -726,7 +754,7 @@ def correlation_summary(
                 rows.append({**base, "target": target, "score": name, "selection": "in_sample", "rho": best["rho"],
                              "ci_low": low, "ci_high": high, "p_value": null["pvalue"],
                              "p_kind": "selection_null (max over configs)",
-                             "config": "/".join(str(v) for v in best["config"].values()),
+                             "config": _config_text(best["config"].values()),
                              "n_configs": best["n_configs"], "null_q95": null["null_q95"]})
             baselines = {"-C": -targets_m["n_classes"].astype(float), "majority_rate": targets_m["majority_rate"]}
             if "peers" in tables:
