@@ -441,3 +441,35 @@ def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: A
         rows += [{"space": space, "group": g, "word": w, "axis1": c[0], "axis2": c[1], "layer": layer}
                  for g, w, c in zip(group_of, words, coords)]
     return pd.DataFrame(rows)
+
+
+def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str = "lora_gain",
+                        group: str = "model", dataset: str = "dataset") -> pd.DataFrame:
+    """Leave-one-dataset-out prediction of the (absolute) gain from a score, per ``group``.
+
+    For each held-out dataset, a least-squares line gain ~ a + b * score is fitted on the group's
+    other datasets and evaluated on the held-out one; the baseline predicts the mean gain of the
+    other datasets. Returns one row per group: ``n_datasets``, ``mae`` (line), ``mae_mean``
+    (baseline), ``skill`` = 1 - mae / mae_mean (> 0: the score helps), ``rho_heldout`` (Spearman
+    of held-out predictions with gains: rank prediction) and ``slope`` of the fit on all datasets.
+    """
+    from ntps_nb.core.stats import correlate
+
+    missing = [c for c in (score, gain, group, dataset) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"loo_gain_prediction needs column(s) {missing}; the frame has {list(frame.columns)}")
+    rows = []
+    for name, part in frame.groupby(group, sort=True):
+        x, y = part[score].to_numpy(float), part[gain].to_numpy(float)
+        if len(part) < 4:
+            raise ValueError(f"{group} {name!r} has {len(part)} datasets; need at least 4 for leave-one-out")
+        pred, base = np.empty_like(y), np.empty_like(y)
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            slope, intercept = np.polyfit(x[keep], y[keep], 1)
+            pred[i], base[i] = intercept + slope * x[i], y[keep].mean()
+        mae, mae_mean = float(np.mean(np.abs(pred - y))), float(np.mean(np.abs(base - y)))
+        rows.append({group: name, "n_datasets": len(y), "mae": mae, "mae_mean": mae_mean,
+                     "skill": 1.0 - mae / mae_mean if mae_mean > 0 else np.nan,
+                     "rho_heldout": correlate(pred, y, "spearman"), "slope": float(np.polyfit(x, y, 1)[0])})
+    return pd.DataFrame(rows)

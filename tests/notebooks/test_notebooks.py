@@ -145,3 +145,18 @@ def test_nbval_lax_on_key_numbers(smoke_runs):
         cwd=str(HERE.parents[1] / "notebooks"), capture_output=True, text=True, timeout=900,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_loo_gain_prediction_recovers_a_line_and_beats_the_mean():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 0.9, 12)
+    frame = pd.DataFrame({"model": "m", "dataset": [f"d{i}" for i in range(12)], "ntps": x,
+                          "lora_gain": 0.3 - 0.3 * x + 1e-3 * rng.standard_normal(12)})
+    row = nbs.loo_gain_prediction(frame).iloc[0]
+    assert abs(row.slope + 0.3) < 0.01 and row.mae < 0.01 < row.mae_mean and row.skill > 0.8
+    assert row.rho_heldout > 0.9
+    with pytest.raises(ValueError, match="at least 4"):
+        nbs.loo_gain_prediction(frame.head(3))
