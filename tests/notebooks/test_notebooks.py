@@ -131,7 +131,8 @@ def test_smoke_run(smoke_runs, name):
     assert run.html.is_file() and run.html.stat().st_size > 10_000
     assert nbs.notebook_problems(nbs.clean_notebook(nb, keep_injected=False)) == []
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and all(f"{key} = " in injected[0].source for key in nbs.SMOKE_PARAMETERS[name])
+    if run.parameters:  # papermill injects a cell only when there is something to inject
+        assert injected and all(f"{key} = " in injected[0].source for key in run.parameters)
 
 
 @pytest.mark.notebooks
