@@ -62,6 +62,10 @@ RESULTS_ROOT = Path(__file__).resolve().parents[1] / "data" / "results"
 STUDY_VERSION = 1
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)  # progress lines reach nohup logs as they happen
+
+
 class StudySettingsError(ValueError):
     """A study config is malformed, or results computed with different settings would mix."""
 
@@ -235,7 +239,7 @@ def _extraction_settings(cfg: StudyConfig, layers: list[int], *, train: bool, po
 
 
 def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple | None = None,
-             *, cache: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+             *, cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say) -> dict[str, pd.DataFrame]:
     """Compute every table of one (model, dataset) unit; returns {table: frame, "unit": meta frame}.
 
     ``loaded`` is ``(model, tokenizer, info)`` from `ntps_nb.models.load_model` (loaded here if None).
@@ -472,7 +476,7 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
-              cache: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+              cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say) -> pd.DataFrame:
     """Run every missing unit of a study (model by model, loading each model once), then `combine`.
 
     A unit already complete with the same settings is skipped; one complete with other settings
@@ -540,7 +544,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = print) -> dict[str, pd.DataFrame]:
+def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = _say) -> dict[str, pd.DataFrame]:
     """Concatenate the complete units of a study into ``<study>/<table>.csv`` and ``provenance.json``.
 
     Raises StudySettingsError when the units (or rows) carry different config hashes: rows
@@ -728,6 +732,8 @@ def correlation_summary(
                 frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets_m[["dataset", target]], on="dataset")
                 frame = frame.dropna(subset=["ntps"])
                 name = f"ntps_{variant}"
+                if frame["dataset"].nunique() < 3:  # scores of too few datasets (e.g. units still running)
+                    continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if n >= 4:

@@ -1,0 +1,165 @@
+"""The study runner: units are written atomically, skipped when complete, never mixed across
+settings, and one committed unit regenerates to the committed numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ntps_nb.extract
+from ntps_nb import study
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDIES = ROOT / "studies"
+
+
+@pytest.fixture
+def counted_extract(monkeypatch):
+    """Count the real extractions (cache hits do not call `extract`)."""
+    calls = []
+    real = ntps_nb.extract.extract
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("layers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ntps_nb.extract, "extract", counting)
+    return calls
+
+
+def _smoke(tmp_path, **overrides):
+    """The smoke study, two datasets, results and extraction cache under tmp_path."""
+    settings = dict(results_dir=str(tmp_path / "results"), datasets=["trec6", "sms-spam"], diagnostics=False)
+    return study.load_config(STUDIES / "smoke.toml", **{**settings, **overrides})
+
+
+def test_configs_parse():
+    for path in sorted(STUDIES.glob("*.toml")):
+        cfg = study.load_config(path)
+        assert cfg.units() and len(cfg.config_hash) == 12, path
+    with pytest.raises(study.StudySettingsError, match="unknown key"):
+        study.load_config(STUDIES / "smoke.toml", n_bootstrap=3)
+
+
+def test_resolve_layers():
+    assert study.resolve_layers("all", range(5)) == [0, 1, 2, 3, 4]
+    assert study.resolve_layers([-1, 0], range(31)) == [0, 30]
+    assert study.resolve_layers("grid:3", range(31)) == [0, 15, 30]
+    with pytest.raises(study.StudySettingsError, match="does not exist"):
+        study.resolve_layers([40], range(31))
+
+
+def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, tiny_llama):
+    cfg = _smoke(tmp_path)
+    cache = tmp_path / "cache"
+    first = study.run_study(cfg, cache=cache, log=lambda _: None)
+    assert list(first["status"]) == ["done", "done"]
+    assert len(counted_extract) == 4  # train and test split of each unit
+    for model, dataset in cfg.units():
+        meta = json.loads((cfg.unit_folder(model, dataset) / "unit.json").read_text())
+        assert meta["complete"] and meta["config_hash"] == cfg.config_hash
+    tables = study.load_results(cfg)
+    for name in ("ntps", "probes", "peers", "intervals"):
+        frame = tables[name]
+        assert set(frame["dataset"]) == {"trec6", "sms-spam"}
+        assert (frame["config_hash"] == cfg.config_hash).all()
+        for column in ("model", "pretrained", "quantized", "n_train", "n_test", "n_classes", "max_length",
+                       "drop_bos", "seed", "package_version"):
+            assert column in frame.columns, (name, column)
+    ntps = tables["ntps"]
+    assert set(ntps["variant"]) == {"theory", "reference", "pca_overlap"}
+    assert ntps["ntps"].dropna().between(-1e-9, 1 + 1e-9).all()
+    assert set(tables["probes"]["protocol"]) == {"heldout", "paper_in_sample"}
+
+    # a second run recomputes nothing
+    second = study.run_study(cfg, cache=tmp_path / "other-cache", log=lambda _: None)
+    assert list(second["status"]) == ["skipped", "skipped"]
+    assert len(counted_extract) == 4
+
+    # a unit that fails midway leaves no complete-looking folder; a rerun completes it
+    import ntps_nb.core.peers
+
+    wider = _smoke(tmp_path, datasets=["trec6", "sms-spam", "bbc-news"])
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(ntps_nb.core.peers, "peer_scores", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        study.run_study(wider, cache=cache, log=lambda _: None)
+    folder = wider.unit_folder("tiny-llama", "bbc-news")
+    assert not folder.exists()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no partial left behind
+    assert study.unit_status(wider, "tiny-llama", "bbc-news") == "missing"
+    monkeypatch.undo()
+    third = study.run_study(wider, cache=cache, log=lambda _: None)
+    assert dict(zip(third["dataset"], third["status"])) == {"trec6": "skipped", "sms-spam": "skipped", "bbc-news": "done"}
+    assert set(study.load_results(wider)["probes"]["dataset"]) == {"trec6", "sms-spam", "bbc-news"}
+
+    # other settings: the runner refuses to treat old units as current, and combine refuses to mix
+    changed = _smoke(tmp_path, datasets=["trec6", "sms-spam", "bbc-news"], n_boot=21)
+    assert changed.config_hash != wider.config_hash
+    with pytest.raises(study.StudySettingsError, match="other settings"):
+        study.run_study(changed, cache=cache, log=lambda _: None)
+    unit = wider.unit_folder("tiny-llama", "sms-spam")
+    meta = json.loads((unit / "unit.json").read_text())
+    meta["config_hash"] = "0123456789ab"
+    (unit / "unit.json").write_text(json.dumps(meta))
+    with pytest.raises(study.StudySettingsError, match="different settings"):
+        study.combine(wider, log=lambda _: None)
+
+    # the analysis runs on the combined tables (3 datasets: in-sample rows and baselines only)
+    summary = study.correlation_summary(study.load_results(wider), n_boot=50, n_perm=20)
+    assert {"in_sample", "none"} <= set(summary["selection"])
+    assert summary["rho"].dropna().between(-1, 1).all()
+
+
+def test_summary_on_committed_fast_results():
+    folder = ROOT / "data" / "results" / "fast"
+    if not (folder / "probes.csv").is_file():
+        pytest.skip("data/results/fast is not committed")
+    summary = study.summarise(folder, n_boot=100, n_perm=20, targets=["accuracy"])
+    lodo = summary[(summary["score"] == "ntps_theory") & (summary["selection"] == "leave_one_dataset_out")]
+    assert len(lodo) == 1 and np.isfinite(lodo["rho"]).all()
+    assert {"-C", "majority_rate"} <= set(summary["score"])
+
+
+#: What the regenerated unit must reproduce (the reference variant is left out on purpose: it is
+#: ill-posed and moves with the LAPACK build, SPEC section 4).
+REGENERATED = {
+    "ntps": (["layer", "variant", "k"], ["ntps", "excess_loss", "r_V", "m"], "variant == 'theory'"),
+    "probes": (["layer", "protocol"], ["accuracy", "mse"], "protocol == 'heldout'"),
+    "peers": (["layer"], ["logme", "h_score", "rankme"], None),
+}
+
+
+def test_regenerate_committed_unit(tmp_path):
+    """CI regenerates one small committed unit (SmolLM2, trec6, 40 texts) and checks its rows."""
+    from ntps_nb.models import ModelUnavailableError, load_model
+
+    committed_cfg = study.load_config(STUDIES / "ci_unit.toml")
+    committed = committed_cfg.unit_folder("smollm2-135m", "trec6")
+    if not (committed / "unit.json").is_file():
+        pytest.skip("data/results/ci_unit is not committed")
+    try:
+        loaded = load_model("smollm2-135m")
+    except ModelUnavailableError as error:
+        pytest.skip(f"SmolLM2 is not installed here: {error}")
+    cfg = study.load_config(STUDIES / "ci_unit.toml", results_dir=str(tmp_path))
+    assert cfg.config_hash == json.loads((committed / "unit.json").read_text())["config_hash"]
+    tables = study.run_unit(cfg, "smollm2-135m", "trec6", loaded, cache=tmp_path / "cache", log=lambda _: None)
+    study.write_unit(cfg.unit_folder("smollm2-135m", "trec6"), tables)
+    for name, (keys, values, query) in REGENERATED.items():
+        old = pd.read_csv(committed / f"{name}.csv")
+        new = pd.read_csv(cfg.unit_folder("smollm2-135m", "trec6") / f"{name}.csv")
+        if query:
+            old, new = old.query(query), new.query(query)
+        merged = old.merge(new, on=keys, suffixes=("_committed", "_regenerated"), validate="one_to_one")
+        assert len(merged) == len(old) == len(new) > 0, name
+        for column in values:
+            np.testing.assert_allclose(merged[f"{column}_regenerated"], merged[f"{column}_committed"],
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{name}.{column}")
