@@ -12,6 +12,7 @@ and the sums are all-reduced.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -445,6 +446,21 @@ def extraction_key(model_info: dict[str, Any], text_set: TextSet, settings: dict
                         "version": __version__, "extract_version": EXTRACT_VERSION})
 
 
+_EXTRACT_PARAMETERS = inspect.signature(extract).parameters
+
+
+def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide an extraction's numbers, with `extract`'s defaults filled in, so
+    that passing a default explicitly or leaving it out gives the same cache key."""
+    parameters = _EXTRACT_PARAMETERS
+    unknown = set(settings) - set(parameters)
+    if unknown:
+        raise TypeError(f"unknown extraction settings: {sorted(unknown)}")
+    full = {name: settings.get(name, p.default) for name, p in parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "device", "metadata")}
+    return {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in full.items()}
+
+
 def extract_cached(
     model: torch.nn.Module,
     tokenizer,
@@ -459,8 +475,7 @@ def extract_cached(
     settings load the stored result; anything else computes and stores a new entry atomically."""
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
-    key_settings = {k: v for k, v in settings.items() if k not in ("progress", "device", "metadata")}
-    key_settings = {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in key_settings.items()}
+    key_settings = _settings_with_defaults(settings)
     key = extraction_key(info, text_set, key_settings)
     folder = Path(cache) if cache is not None else cache_dir("extractions")
     entry = folder / key

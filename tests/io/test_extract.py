@@ -207,6 +207,10 @@ def test_cache_round_trip_and_interrupted_write(tiny_llama, tmp_path, monkeypatc
     again = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=32,
                            pooled_layers=[2], progress=False)
     assert calls == []
+    explicit_defaults = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=32,
+                                       pooled_layers=[2], progress=False, drop_bos=True, batch_size=16)
+    assert calls == [] and len(list(tmp_path.iterdir())) == 1
+    np.testing.assert_array_equal(explicit_defaults.moments[2].C0, first.moments[2].C0)
     np.testing.assert_array_equal(again.moments[2].C1, first.moments[2].C1)
     np.testing.assert_array_equal(again.pooled[2], first.pooled[2])
     assert ntps(again.moments[2], 4) == ntps(first.moments[2], 4)
