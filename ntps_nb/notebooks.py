@@ -51,7 +51,7 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                         "max_test": 40, "max_length": 32, "precision": "float64"},
     "03_per_model_correlation": {"n_boot": 50, "n_perm": 20},
     "04_lora_gain_prediction": {},
-    "05_explorer": {"model": "tiny-llama", "fig1_dataset": "rt-polarity", "fig1_max_train": 60, "max_length": 32},
+    "05_explorer": {"model": "tiny-llama", "fig1_dataset": "tweet-sentiment", "fig1_max_train": 60, "max_length": 32},
 }
 
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
@@ -438,6 +438,9 @@ def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: A
     rows = []
     for space, sub in (("U", perception_subspace(moments, order="descending")),
                        ("V", next_token_subspace(moments, order="descending"))):
+        if sub.rank_A < 2:  # past rank(A) the eigenvectors are arbitrary (zero eigenvalue)
+            raise ValueError(f"the {space} problem has rank {sub.rank_A} < 2: its second direction would be arbitrary; "
+                             "use a dataset with at least 3 classes")
         coords = np.asarray(pooled, dtype=np.float64) @ sub.top(2)
         rows += [{"space": space, "group": g, "word": w, "axis1": c[0], "axis2": c[1], "layer": layer}
                  for g, w, c in zip(group_of, words, coords)]
