@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup run test test-all test-fast bench clean
+.PHONY: setup run demo study test test-all test-fast bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml $(wildcard scripts/setup_*.sh)
 	touch $(STAMP)
 
 run: setup
+	$(BIN)/python -m ntps_nb run
+
+demo: setup
 	$(BIN)/python -m ntps_nb demo
+
+study: setup
+	$(BIN)/python -m ntps_nb study run studies/default.toml
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
