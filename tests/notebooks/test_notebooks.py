@@ -117,7 +117,8 @@ def smoke_runs(tmp_path_factory, smoke_results):
     for name in nbs.NOTEBOOKS:
         params = {"results_dir": str(smoke_results)} if smoke_results is not None and name in (
             "03_per_model_correlation", "05_explorer") else {}
-        runs[name] = nbs.run_notebook(name, params, out, smoke=True)
+        # a per-cell limit: a stuck kernel fails this test in minutes instead of holding CI
+        runs[name] = nbs.run_notebook(name, params, out, smoke=True, timeout=300)
     return runs
 
 
