@@ -40,10 +40,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_processes_equal_one(tmp_path):
     from ntps_nb.models import load_model
 
+    # load first: on a fresh cache this converts the SmolLM2 tokenizer once, before two workers race for it
+    model, tok, _ = load_model("tiny-llama", dtype=torch.float64, seed=0)
     out = tmp_path / "two"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     two = Extraction.load(out)
-    model, tok, _ = load_model("tiny-llama", dtype=torch.float64, seed=0)
     one = extract(model, tok, (TEXTS, LABELS), batch_size=2, precision="float64", progress=False,
                   pooled_layers=[1], shards=2, shard_layers=[2])
     assert two.metadata["world_size"] == 2
