@@ -51,7 +51,9 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                         "max_test": 40, "max_length": 32, "precision": "float64"},
     "03_per_model_correlation": {"n_boot": 50, "n_perm": 20},
     "04_lora_gain_prediction": {},
-    "05_explorer": {"model": "tiny-llama", "fig1_dataset": "tweet-sentiment", "fig1_max_train": 60, "max_length": 32},
+    # headless: a live widget under papermill once left the kernel waiting on its output area
+    "05_explorer": {"model": "tiny-llama", "fig1_dataset": "tweet-sentiment", "fig1_max_train": 60, "max_length": 32,
+                    "interactive": False},
 }
 
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).

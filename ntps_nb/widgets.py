@@ -29,6 +29,15 @@ def explorer_options(ntps_table: pd.DataFrame) -> dict[str, list]:
     }
 
 
+def default_choice(ntps_table: pd.DataFrame, **initial: Any) -> dict[str, Any]:
+    """The explorer's starting selection (model, dataset, variant, layer, k), overridable by ``initial``."""
+    options = explorer_options(ntps_table)
+    layers, ks = options["layer"], options["k"] or [1]
+    return {"model": initial.get("model", options["model"][0]), "dataset": initial.get("dataset", options["dataset"][0]),
+            "variant": initial.get("variant", "theory"), "layer": initial.get("layer", layers[len(layers) // 2]),
+            "k": initial.get("k", ks[0])}
+
+
 def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "accuracy", **initial: Any):
     """An ipywidgets box: dropdowns (model, dataset, variant), sliders (layer, k or fraction) and
     the figure of `ntps_nb.plots.explorer_view` for the current choice, redrawn on every change.
@@ -40,15 +49,13 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
     from IPython.display import display
 
     options = explorer_options(ntps_table)
-    layers = options["layer"]
+    start = default_choice(ntps_table, **initial)
     controls = {
-        "model": w.Dropdown(options=options["model"], value=initial.get("model", options["model"][0]), description="model"),
-        "dataset": w.Dropdown(options=options["dataset"], value=initial.get("dataset", options["dataset"][0]),
-                              description="dataset"),
-        "variant": w.ToggleButtons(options=options["variant"], value=initial.get("variant", "theory"), description="variant"),
-        "layer": w.SelectionSlider(options=layers, value=initial.get("layer", layers[len(layers) // 2]), description="layer"),
-        "k": w.SelectionSlider(options=options["k"] or [1], value=initial.get("k", (options["k"] or [1])[0]),
-                               description="k"),
+        "model": w.Dropdown(options=options["model"], value=start["model"], description="model"),
+        "dataset": w.Dropdown(options=options["dataset"], value=start["dataset"], description="dataset"),
+        "variant": w.ToggleButtons(options=options["variant"], value=start["variant"], description="variant"),
+        "layer": w.SelectionSlider(options=options["layer"], value=start["layer"], description="layer"),
+        "k": w.SelectionSlider(options=options["k"] or [1], value=start["k"], description="k"),
     }
     output = w.Output()
 
