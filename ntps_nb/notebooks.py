@@ -459,6 +459,7 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
     (baseline), ``skill`` = 1 - mae / mae_mean (> 0: the score helps), ``rho_heldout`` (Spearman
     of held-out predictions with gains: rank prediction) and ``slope`` of the fit on all datasets.
     """
+    from ntps_nb.core.gain import gain_prediction
     from ntps_nb.core.stats import correlate
 
     missing = [c for c in (score, gain, group, dataset) if c not in frame.columns]
@@ -466,16 +467,14 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
         raise ValueError(f"loo_gain_prediction needs column(s) {missing}; the frame has {list(frame.columns)}")
     rows = []
     for name, part in frame.groupby(group, sort=True):
-        x, y = part[score].to_numpy(float), part[gain].to_numpy(float)
         if len(part) < 4:
             raise ValueError(f"{group} {name!r} has {len(part)} datasets; need at least 4 for leave-one-out")
-        pred, base = np.empty_like(y), np.empty_like(y)
-        for i in range(len(y)):
-            keep = np.arange(len(y)) != i
-            slope, intercept = np.polyfit(x[keep], y[keep], 1)
-            pred[i], base[i] = intercept + slope * x[i], y[keep].mean()
+        # the folds and the fit are core.gain's; this only summarises them per group
+        result = gain_prediction(part, score=score, gain=gain, dataset=dataset)
+        folds, linear = result["folds"], result["summary"].iloc[0]
+        y, pred, base = (folds[c].to_numpy(float) for c in ("gain", "predicted", "trivial"))
         mae, mae_mean = float(np.mean(np.abs(pred - y))), float(np.mean(np.abs(base - y)))
         rows.append({group: name, "n_datasets": len(y), "mae": mae, "mae_mean": mae_mean,
                      "skill": 1.0 - mae / mae_mean if mae_mean > 0 else np.nan,
-                     "rho_heldout": correlate(pred, y, "spearman"), "slope": float(np.polyfit(x, y, 1)[0])})
+                     "rho_heldout": correlate(pred, y, "spearman"), "slope": float(linear["b"])})
     return pd.DataFrame(rows)
