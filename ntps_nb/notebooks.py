@@ -389,28 +389,19 @@ def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) ->
     """The excess-loss identity (moments only) against the in-sample excess MSE of fitted
     least-squares probes on the same train features, with the bounds, at each k; plus the
     held-out excess loss of the same two probes on the test split, for contrast."""
-    from ntps_nb.core.moments import one_hot
-    from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
-    from ntps_nb.core.theory import fitted_excess_loss
     from ntps_nb.core.score import theory_geometry
+    from ntps_nb.core.theory import fitted_excess_loss
 
     moments = run.train.moments[layer]
     geometry = theory_geometry(moments)
-    U = perception_subspace(moments, order="descending")
-    V = next_token_subspace(moments, order="descending")
-    X, Xt = (np.asarray(x, dtype=np.float64) for x in (run.train.pooled[layer], run.test.pooled[layer]))
-    Y, Yt = one_hot(run.train.labels, run.n_classes), one_hot(run.test.labels, run.n_classes)
     rows = []
     for k in ks:
-        fitted = fitted_excess_loss(X, run.train.labels, moments, k)
+        fitted = fitted_excess_loss(run.train.pooled[layer], run.train.labels, moments, k,
+                                    test_features=run.test.pooled[layer], test_labels=run.test.labels)
         lower, upper = geometry.bounds(k)
-        heldout = {}
-        for name, basis in (("next_token", V.top(k)), ("best", U.top(min(k, U.rank_B)))):
-            coef, *_ = np.linalg.lstsq(X @ basis, Y, rcond=None)
-            heldout[name] = float(np.sum((Yt - Xt @ basis @ coef) ** 2) / len(Yt))
         rows.append({"layer": layer, "k": k, "ntps": geometry.ntps(k), "identity": geometry.excess_loss(k),
                      "fitted_in_sample": fitted["excess_loss"], "lower_bound": lower, "upper_bound": upper,
-                     "heldout_excess": heldout["next_token"] - heldout["best"],
+                     "heldout_excess": fitted["heldout_excess_loss"],
                      "model": run.model, "dataset": run.dataset})
     frame = pd.DataFrame(rows)
     frame["abs_diff"] = (frame["identity"] - frame["fitted_in_sample"]).abs()

@@ -48,19 +48,32 @@ def least_squares_loss(features: Float[np.ndarray, "N k"], targets: Float[np.nda
 
 
 def fitted_excess_loss(features: Float[np.ndarray, "N d"], labels: np.ndarray, moments: Moments,
-                       k: int) -> dict[str, float]:
+                       k: int, *, test_features: Float[np.ndarray, "M d"] | None = None,
+                       test_labels: np.ndarray | None = None) -> dict[str, float]:
     """Fit the two in-sample least-squares probes the identity is about and return their losses.
 
     ``features`` are the pooled states the moments' perception side came from. The probes see
     k features: xbar^T V_k (the next-token directions) and xbar^T U_k (the best directions).
+    With ``test_features``/``test_labels`` the same train-fitted probes are also scored on the
+    test split (``heldout_*`` keys): the held-out excess loss, which no identity describes.
     """
     U = perception_subspace(moments, order="descending")
     V = next_token_subspace(moments, order="descending")
     X = np.asarray(features, dtype=np.float64)
     Y = one_hot(labels, moments.n_classes)
-    loss_V = least_squares_loss(X @ V.top(k), Y)
-    loss_best = least_squares_loss(X @ U.top(min(k, U.rank_B)), Y)
-    return {"loss_next_token": loss_V, "loss_best": loss_best, "excess_loss": loss_V - loss_best}
+    bases = {"next_token": V.top(k), "best": U.top(min(k, U.rank_B))}
+    out: dict[str, float] = {}
+    for name, basis in bases.items():
+        coef, *_ = np.linalg.lstsq(X @ basis, Y, rcond=None)
+        out[f"loss_{name}"] = float(np.sum((Y - X @ basis @ coef) ** 2) / X.shape[0])
+        if test_features is not None:
+            Xt = np.asarray(test_features, dtype=np.float64)
+            Yt = one_hot(test_labels, moments.n_classes)
+            out[f"heldout_loss_{name}"] = float(np.sum((Yt - Xt @ basis @ coef) ** 2) / Xt.shape[0])
+    out["excess_loss"] = out["loss_next_token"] - out["loss_best"]
+    if test_features is not None:
+        out["heldout_excess_loss"] = out["heldout_loss_next_token"] - out["heldout_loss_best"]
+    return out
 
 
 @dataclass(frozen=True, eq=False)

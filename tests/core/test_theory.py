@@ -41,6 +41,19 @@ def test_identity_equals_excess_mse_of_two_fitted_probes(angle):
         assert package_fit == pytest.approx(fitted, rel=1e-8, abs=1e-14)
 
 
+def test_fitted_probes_scored_on_a_test_split():
+    train, test = synthetic_linear_task(angle=0.5, n_texts=400, seed=1), synthetic_linear_task(angle=0.5, n_texts=200, seed=1)
+    k = 4
+    out = fitted_excess_loss(train.features, train.labels, train.moments, k,
+                             test_features=test.features, test_labels=test.labels)
+    V = next_token_subspace(train.moments).top(k)
+    Y, Yt = np.eye(4)[train.labels], np.eye(4)[test.labels]
+    coef = np.linalg.pinv(train.features @ V) @ Y
+    expected = float(np.mean(np.sum((Yt - test.features @ V @ coef) ** 2, axis=1)))
+    assert out["heldout_loss_next_token"] == pytest.approx(expected, rel=1e-8)
+    assert out["heldout_excess_loss"] == pytest.approx(out["heldout_loss_next_token"] - out["heldout_loss_best"])
+
+
 def test_identity_holds_for_centred_moments():
     task = synthetic_linear_task(angle=0.6, n_texts=500, seed=5)
     X, Y = task.features, np.eye(task.n_classes)[task.labels]
