@@ -40,6 +40,7 @@ from ntps_nb.core.score import (
     ReferenceGeometry,
     TheoryGeometry,
     reference_geometry,
+    reference_geometry_from,
     theory_geometry,
 )
 from ntps_nb.core.subspaces import (
@@ -204,11 +205,7 @@ class ReferenceFactorization:
         check_labels(moments)
         Sxy = moments.Sxy.astype(self.whitening.dtype)
         U = self._reduced(self.whitening, Sxy @ Sxy.T, self.solver)
-        U64 = U.astype(np.float64)
-        projected = np.cumsum(np.cumsum((self.v_basis.T @ U64) ** 2, axis=0), axis=1)
-        norms = np.cumsum(np.sum(U64**2, axis=0))
-        return ReferenceGeometry(U=U, V=self.V, projected=projected, norms=norms, counts=self.v_counts,
-                                 precision=self.precision)
+        return reference_geometry_from(U, self.V, self.v_basis, self.v_counts, self.precision)
 
 
 def _theory_values(geometry: TheoryGeometry, ks: np.ndarray) -> np.ndarray:

@@ -236,9 +236,16 @@ def reference_geometry(
     """The released algorithm's subspaces; all fractions are then lookups."""
     U, V = _reference_subspaces(moments, precision, tol)
     basis, counts = nested_orthonormal_basis(V.astype(np.float64), rtol=span_rtol)
-    projected = np.cumsum(np.cumsum((basis.T @ U.astype(np.float64)) ** 2, axis=0), axis=1)
-    norms = np.cumsum(np.sum(U.astype(np.float64) ** 2, axis=0))
-    return ReferenceGeometry(U=U, V=V, projected=projected, norms=norms, counts=counts, precision=precision)
+    return reference_geometry_from(U, V, basis, counts, precision)
+
+
+def reference_geometry_from(U: np.ndarray, V: np.ndarray, v_basis: np.ndarray, v_counts: np.ndarray,
+                            precision: str) -> ReferenceGeometry:
+    """The lookup tables of `ReferenceGeometry` from U, V and V's nested orthonormal basis."""
+    U64 = U.astype(np.float64)
+    projected = np.cumsum(np.cumsum((v_basis.T @ U64) ** 2, axis=0), axis=1)
+    norms = np.cumsum(np.sum(U64**2, axis=0))
+    return ReferenceGeometry(U=U, V=V, projected=projected, norms=norms, counts=v_counts, precision=precision)
 
 
 def reference_ntps_pinv(
