@@ -406,12 +406,25 @@ def _forward(model, batch_ids: list[list[int]], pad_id: int, padding_side: str, 
         mask[row, span] = 1
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                position_ids=position_ids.to(device), output_hidden_states=True, use_cache=False)
+                position_ids=position_ids.to(device), output_hidden_states=True, use_cache=False,
+                **_skip_logits(model))
     hidden = getattr(out, "hidden_states", None)
     if hidden is None:
         raise ValueError(f"{type(model).__name__} returned no hidden states; extraction needs a model "
                          "that honours output_hidden_states=True")
     return hidden
+
+
+def _skip_logits(model) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model's forward takes it: extraction needs only the hidden
+    states, and logits for every position cost a vocabulary-sized matmul per token (more than half
+    of Gemma-3-270M's forward, 262k-token vocabulary) and a B x T x vocab tensor."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepts = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 def _valid_mask(n_tokens: list[int], starts: np.ndarray, T: int, padding_side: str, device) -> torch.Tensor:

@@ -228,3 +228,18 @@ def test_cache_round_trip_and_interrupted_write(tiny_llama, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=16, progress=False)
     assert list(tmp_path.iterdir()) == entries
+
+
+def test_extraction_computes_logits_for_one_position_only(llama64):
+    """The vocabulary matmul is skipped for all but the last position (logits_to_keep=1); the
+    moments still equal brute force, which runs the plain forward with every logit."""
+    model, tok, _ = llama64
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
+    try:
+        ours = extract(model, tok, (TEXTS, LABELS), batch_size=4, precision="float64", progress=False)
+    finally:
+        handle.remove()
+    assert seen and all(shape[1] == 1 for shape in seen), seen
+    theirs, _ = brute_force(model, tok, TEXTS, LABELS)
+    assert_moments_close(ours.moments[2], theirs[2])
