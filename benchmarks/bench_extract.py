@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ntps_nb import ntps, ntps_sweep  # noqa: E402
-from ntps_nb.extract import _batches, _forward, _valid_mask, extract, layer_products  # noqa: E402
+from ntps_nb.extract import _Accumulator, _batches, _forward, _valid_mask, extract, layer_factors  # noqa: E402
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab (the paper's Qwen2-0.5B and Llama-3-8B)
@@ -89,27 +89,26 @@ def forward_only(model, ids, lengths, batch_size, device):
 
 
 @torch.no_grad()
-def moments_only(model, ids, lengths, labels, n_classes, batch_size, device) -> float:
-    """Seconds spent in ntps_nb's per-layer products (and float64 accumulation), forward untimed."""
+def moments_only(model, ids, lengths, labels, n_classes, batch_size, device, precision) -> float:
+    """Seconds spent in ntps_nb's per-layer products and their float64 accumulation, forward untimed."""
+    compute_dtype = torch.float64 if precision == "float64" else torch.float32
     spent = 0.0
-    sums = None
+    acc = None
     for batch in _batches(np.arange(len(ids)), lengths, batch_size):
         hidden = _forward(model, [ids[i] for i in batch], 0, "right", device)
+        if acc is None:
+            acc = _Accumulator(list(range(len(hidden))), hidden[0].shape[-1], n_classes, device, True, compute_dtype)
         synchronize(device)
         start = time.perf_counter()
         valid = _valid_mask([len(ids[i]) for i in batch], np.zeros(len(batch), int), hidden[0].shape[1], "right", device)
         pair = (valid[:, :-1] & valid[:, 1:]).flatten().nonzero().squeeze(1)
         counts = valid.sum(dim=1, keepdim=True)
-        y = torch.nn.functional.one_hot(torch.as_tensor(labels[batch], device=device), n_classes).float()
-        if sums is None:
-            sums = [None] * len(hidden)
+        y = torch.nn.functional.one_hot(torch.as_tensor(labels[batch], device=device), n_classes).to(compute_dtype)
         for layer, h in enumerate(hidden):
-            products, _ = layer_products(h, valid, pair, counts, y, torch.float32, True)
-            if sums[layer] is None:
-                sums[layer] = {k: v.double() for k, v in products.items()}
-            else:
-                for k, v in products.items():
-                    sums[layer][k] += v.double()
+            factors, xbar = layer_factors(h, valid, pair, counts, y, compute_dtype, True, acc.shh_from_identity)
+            acc.sums[layer]["x_sum"] += xbar.sum(dim=0)
+            for name, (a, b) in factors.items():
+                acc.add(layer, name, a, b)
         synchronize(device)
         spent += time.perf_counter() - start
     return spent
@@ -174,6 +173,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
+                        help="products of (b) and (m); 'auto' is the package default (float64 on a GPU)")
     parser.add_argument("--skip-released", action="store_true", help="skip (c), the slow released-style pass")
     parser.add_argument("--error-layers", type=int, default=3, help="layers on which NTPS errors are measured")
     parser.add_argument("--out", help="also write the report to this file")
@@ -183,9 +184,17 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     lines: list[str] = []
 
-    def say(text: str = "") -> None:
+    out_path = Path(args.out) if args.out else None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("")
+
+    def say(text: str = "") -> None:  # written line by line: a run cut short keeps what it measured
         print(text, flush=True)
         lines.append(text)
+        if out_path is not None:
+            with out_path.open("a") as f:
+                f.write(text + "\n")
 
     say(f"ntps_nb extraction benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -210,9 +219,6 @@ def main() -> None:
         seconds = time.perf_counter() - start
         say(f"extraction: {seconds:.1f} s, {len(texts) / seconds:.1f} texts/s, "
             f"{result.lengths.sum() / seconds:.0f} tokens/s, mean length {result.lengths.mean():.1f} tokens")
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text("\n".join(lines) + "\n")
         return
 
     model = random_model(args.shape, device, dtype)
@@ -226,20 +232,24 @@ def main() -> None:
     lengths = np.array([len(t) for t in ids])
     say(f"texts: N={len(ids)}, lengths uniform in [{args.min_len}, {args.max_len}], {lengths.sum()} tokens")
 
+    precision = args.precision if args.precision != "auto" else ("float64" if device.type == "cuda" else "float32")
+    other = "float32" if precision == "float64" else "float64"
     run = dict(batch_size=args.batch_size, max_length=args.max_len, device=device, progress=False, drop_bos=False,
-               precision="float32")
+               precision=precision)
+    say(f"products (b, m): {precision}")
     extract(model, tok, (texts, labels), **run)  # warm-up over every batch shape (kernels, allocator)
     t_a, _ = timed(device, lambda: forward_only(model, ids, lengths, args.batch_size, device))
-    t_m = moments_only(model, ids, lengths, labels, 4, args.batch_size, device)
+    t_m = moments_only(model, ids, lengths, labels, 4, args.batch_size, device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_memory = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    t_b, result32 = timed(device, lambda: extract(model, tok, (texts, labels), **run))
+    t_b, result = timed(device, lambda: extract(model, tok, (texts, labels), **run))
     peak_n = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     say(f"(a) forward with hidden states  {t_a:8.2f} s   {lengths.sum() / t_a:10.0f} tokens/s")
     say(f"(m) moment matmuls alone        {t_m:8.2f} s")
     say(f"(b) ntps_nb extraction          {t_b:8.2f} s   {lengths.sum() / t_b:10.0f} tokens/s")
     say(f"    b/a = {t_b / t_a:.2f}   b/(a+m) = {t_b / (t_a + t_m):.2f}   (target <= 1.3)")
+    say(f"    b's own breakdown (metadata timings_s): {result.metadata['timings_s']}")
     t_b0, _ = timed(device, lambda: extract(model, tok, (texts, labels), token_moments=False, **run))
     say(f"(b0) extraction without Shh     {t_b0:8.2f} s   (the moments (c) computes, plus the pooled ones)")
     if not args.skip_released:
@@ -247,8 +257,10 @@ def main() -> None:
         say(f"(c) released-style accumulation {t_c:8.2f} s   c/b = {t_c / t_b:.2f}, c/b0 = {t_c / t_b0:.2f}   "
             "(target >= 1.5 on the 8B shape)")
 
-    t_small, _ = timed(device, lambda: extract(model, tok, (texts[:8], labels[:8]), **run))
-    say(f"    fixed cost per pass (accumulators, device->host, Moments), from an 8-text pass: <= {t_small:.2f} s")
+    t_small, small = timed(device, lambda: extract(model, tok, (texts[:8], labels[:8]), **run))
+    say(f"    fixed cost per pass (accumulators, device->host, Moments), from an 8-text pass: <= {t_small:.2f} s "
+        f"{small.metadata['timings_s']}")
+    del small
     if device.type == "cuda":
         quarter = args.n_texts // 4
         torch.cuda.reset_peak_memory_stats(device)
@@ -258,20 +270,18 @@ def main() -> None:
         say(f"peak device memory: N/4 = {quarter} texts {peak_q / gib:.2f} GiB, N = {args.n_texts} texts "
             f"{peak_n / gib:.2f} GiB (model {base_memory / gib:.2f} GiB before the pass)")
 
-    t64, result64 = timed(device, lambda: extract(model, tok, (texts, labels), **{**run, "precision": "float64"}))
-    say(f"float64 products: {t64:.2f} s ({t64 / t_b:.2f} x the float32 default)")
+    t_other, result_other = timed(device, lambda: extract(model, tok, (texts, labels), **{**run, "precision": other}))
+    say(f"{other} products: {t_other:.2f} s ({t_other / t_b:.2f} x the {precision} products of (b))")
+    result32, result64 = (result, result_other) if precision == "float32" else (result_other, result)
     n_layers = len(result64.moments.layers)
     pick = sorted({0, n_layers // 2, n_layers - 1})[: args.error_layers]
     r_v = min(result64.moments[0].d, 64)
     with contextlib.redirect_stderr(io.StringIO()):
         errors = relative_errors(result32.moments, result64.moments, pick, [1, 4, r_v])
-    say(f"float32-product default vs float64 products (same forward): moments max relative error "
+    say(f"float32 products vs float64 products (same forward): moments max relative error "
         f"{errors['moments_max_rel']:.2e} (target 1e-5); NTPS theory max abs diff {errors['ntps_theory_max_abs']:.2e} "
         f"(target 1e-6; layers {pick}, k in 1, 4, {r_v}); NTPS reference (19 fractions) max abs diff "
         f"{errors['ntps_reference_max_abs']:.2e}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -163,22 +163,44 @@ class Extraction:
 
 
 class _Accumulator:
-    """Raw sums (not yet divided by N) of the moments of several layers, on one device."""
+    """Raw sums (not yet divided by N) of the moments of several layers, on one device.
 
-    def __init__(self, layers: list[int], d: int, n_classes: int, device: torch.device, token_moments: bool):
+    Shh, the second moment of the token states, is not a product of its own: per text,
+    sum_t h_t h_t^T = s_T s_T^T - sum_t (s_t h_{t+1}^T + h_{t+1} s_t^T) (expand s_{t+1} s_{t+1}^T),
+    so Shh = SS - C1 - C1^T with SS the sum of (text total)(text total)^T, a B-row product. The
+    subtraction cancels about log10(T) digits: exact to ~1e-13 with float64 products, so float32
+    products keep the direct token-level product instead.
+    """
+
+    def __init__(self, layers: list[int], d: int, n_classes: int, device: torch.device, token_moments: bool,
+                 compute_dtype: torch.dtype = torch.float64):
         f64 = dict(dtype=torch.float64, device=device)
         self.layers = layers
+        self.shh_from_identity = token_moments and compute_dtype == torch.float64
+        names = ["Sxx", "C0", "C1"] + (["SS" if self.shh_from_identity else "Shh"] if token_moments else [])
         self.sums = {
             layer: {
-                "Sxx": torch.zeros(d, d, **f64), "Sxy": torch.zeros(d, n_classes, **f64),
-                "C0": torch.zeros(d, d, **f64), "C1": torch.zeros(d, d, **f64), "x_sum": torch.zeros(d, **f64),
-                **({"Shh": torch.zeros(d, d, **f64)} if token_moments else {}),
+                **{name: torch.zeros(d, d, **f64) for name in names},
+                "Sxy": torch.zeros(d, n_classes, **f64), "x_sum": torch.zeros(d, **f64),
             }
             for layer in layers
         }
         self.class_counts = torch.zeros(n_classes, **f64)
         self.n_texts = torch.zeros((), **f64)
         self.n_pairs = torch.zeros((), **f64)
+        self.scratch: torch.Tensor | None = None  # float32 products land here before the float64 sum
+
+    def add(self, layer: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """sums[layer][name] += a^T b, in place (no d x d temporary with float64 products)."""
+        total = self.sums[layer][name]
+        if a.dtype == torch.float64:
+            total.addmm_(a.T, b)
+            return
+        if self.scratch is None or self.scratch.device != a.device:
+            self.scratch = torch.empty(total.shape[0], total.shape[0], dtype=a.dtype, device=a.device)
+        out = self.scratch[:, : b.shape[1]]
+        torch.mm(a.T, b, out=out)
+        total += out
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
@@ -189,23 +211,65 @@ class _Accumulator:
         for value in (self.class_counts, self.n_texts, self.n_pairs):
             dist.all_reduce(value)
 
-    def to_layer_moments(self, metadata: dict[str, Any]) -> LayerMoments:
+    def to_layer_moments(self, metadata: dict[str, Any], timings: dict[str, float] | None = None) -> LayerMoments:
+        """Divide by N, make the symmetric moments exactly symmetric and bring them to the host.
+
+        The accumulators are consumed (finalised in place on their device). ``timings`` receives the
+        seconds spent finalising on the device and copying to the host.
+        """
         n = float(self.n_texts)
         if n < 1:
             raise ValueError("no texts were accumulated")
+        device = self.class_counts.device
+        clock = _Clock(device)
         counts = self.class_counts.cpu().numpy()
+        for layer in self.layers:
+            sums = self.sums[layer]
+            if "SS" in sums:
+                shh = sums.pop("SS")
+                shh -= sums["C1"]
+                shh -= sums["C1"].T
+                sums["Shh"] = shh
+            for name, value in sums.items():
+                if name in ("Sxx", "C0", "Shh"):  # symmetric by construction; make it exact on the device
+                    value.copy_((value + value.T) / 2)
+                value /= n
+        seconds_device = clock.lap()
         out = {}
         for layer in self.layers:
-            s = {}
-            for name, value in self.sums[layer].items():
-                if name in ("Sxx", "C0", "Shh"):  # symmetric by construction; make it exact on the device
-                    value = (value + value.T) / 2
-                s[name] = (value / n).cpu().numpy()
+            s = {name: _host(value) for name, value in self.sums[layer].items()}
+            self.sums[layer] = {}  # the device copy goes as soon as the host has it
             out[layer] = Moments(
                 Sxx=s["Sxx"], Sxy=s["Sxy"], Syy=np.diag(counts / n), C0=s["C0"], C1=s["C1"],
                 x_mean=s["x_sum"], Shh=s.get("Shh"), n_texts=int(round(n)), n_tokens=int(round(float(self.n_pairs))),
             )
+        if timings is not None:
+            timings["finalise_device"] = timings.get("finalise_device", 0.0) + seconds_device
+            timings["finalise_host"] = timings.get("finalise_host", 0.0) + clock.lap()
         return LayerMoments(out, metadata)
+
+
+def _host(value: torch.Tensor) -> np.ndarray:
+    """A float64 host array of a finalised accumulator (the tensor itself on a CPU: no copy)."""
+    return value.numpy() if value.device.type == "cpu" else value.cpu().numpy()
+
+
+class _Clock:
+    """Wall-clock laps that wait for the device first, for the timing breakdown in the metadata."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        seconds, self.last = now - self.last, now
+        return seconds
 
 
 def _distributed() -> tuple[int, int]:
@@ -308,15 +372,16 @@ def extract(
     del first
 
     pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
-    total = _Accumulator(chosen, d, C, device, token_moments)
     compute_dtype = torch.float32 if precision == "float32" else torch.float64
+    total = _Accumulator(chosen, d, C, device, token_moments, compute_dtype)
+    timings: dict[str, float] = {}
     labels_t = torch.as_tensor(text_set.labels, device=device)
     shard_results: list[LayerMoments] = []
     started = time.perf_counter()
     mine = np.arange(N)[np.arange(N) % world == rank]
     bar = tqdm(total=len(mine), desc="extract", unit="text", disable=not progress or rank != 0)
     for shard in range(n_shards):
-        acc = _Accumulator(kept_shard_layers, d, C, device, token_moments) if shards else None
+        acc = _Accumulator(kept_shard_layers, d, C, device, token_moments, compute_dtype) if shards else None
         for batch in _batches(mine[shard_of[mine] == shard], lengths, batch_size):
             hidden = _forward(model, [ids[i] for i in batch], pad_id, padding_side, device)
             valid = _valid_mask([len(ids[i]) for i in batch], starts[batch], hidden[0].shape[1], padding_side, device)
@@ -329,18 +394,23 @@ def extract(
                 target.n_texts += len(batch)
                 target.n_pairs += pair.sum().double()
             pair_rows = pair.flatten().nonzero().squeeze(1)  # one host sync per batch, not per layer
-            finite = []
+            finite, pooled_rows = [], []
             for layer in chosen:
-                products, xbar = layer_products(hidden[layer], valid, pair_rows, batch_counts, y, compute_dtype, token_moments)
+                factors, xbar = layer_factors(hidden[layer], valid, pair_rows, batch_counts, y, compute_dtype,
+                                              token_moments, total.shh_from_identity)
                 # a NaN/inf at any valid position reaches the pooled vector of its text
                 finite.append(torch.isfinite(xbar).all())
                 for target in targets:
                     if layer in target.sums:
-                        for name, value in products.items():
-                            target.sums[layer][name] += value.double()
+                        target.sums[layer]["x_sum"] += xbar.sum(dim=0)
+                        for name, (a, b) in factors.items():
+                            target.add(layer, name, a, b)
                 if layer in pooled:
-                    pooled[layer][batch] = xbar.float().cpu().numpy()
-            finite = torch.stack(finite).cpu().numpy()
+                    pooled_rows.append(xbar.float())
+            finite = torch.stack(finite).cpu().numpy()  # the batch's one device->host sync, with the pooled rows
+            if pooled_rows:
+                for layer, rows in zip(pooled, torch.stack(pooled_rows).cpu().numpy()):
+                    pooled[layer][batch] = rows
             if not finite.all():
                 bad = [chosen[i] for i in np.flatnonzero(~finite)]
                 raise ValueError(f"hidden states of layer {bad[0]} contain NaN/inf (layers {bad[:10]}; "
@@ -349,12 +419,14 @@ def extract(
         if acc is not None:
             if world > 1:
                 acc.all_reduce()
-            shard_results.append(acc.to_layer_moments({"shard": shard, "n_shards": n_shards}))
+            shard_results.append(acc.to_layer_moments({"shard": shard, "n_shards": n_shards}, timings))
     bar.close()
     if world > 1:
         total.all_reduce()
         for layer in pooled:
             pooled[layer] = _all_gather_rows(pooled[layer], mine, N)
+    timings["pass"] = _Clock(device).last - started - sum(timings.values())
+    moments = total.to_layer_moments({}, timings)
     meta = {
         "n_texts": N, "n_classes": C, "class_names": text_set.class_names, "layers": chosen,
         "max_length": max_length, "drop_bos": drop_bos, "bos_dropped": int(starts.sum()),
@@ -362,38 +434,43 @@ def extract(
         "padding_side": padding_side, "batch_size": batch_size, "token_moments": token_moments,
         "shards": shards, "shard_seed": shard_seed, "world_size": world,
         "mean_length": float(lengths.mean()), "seconds": round(time.perf_counter() - started, 3),
+        "timings_s": {name: round(value, 3) for name, value in timings.items()},
         "extract_version": EXTRACT_VERSION, **(metadata or {}),
     }
+    moments.metadata.update(meta)
     return Extraction(
-        moments=total.to_layer_moments(meta), labels=text_set.labels, class_names=text_set.class_names,
+        moments=moments, labels=text_set.labels, class_names=text_set.class_names,
         lengths=lengths, pooled=pooled or None, shards=shard_results or None, metadata=meta,
     )
 
 
-def layer_products(
+def layer_factors(
     h: torch.Tensor, valid: torch.Tensor, pair_rows: torch.Tensor, counts: torch.Tensor, y: torch.Tensor,
-    compute_dtype: torch.dtype, token_moments: bool,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One layer's contribution of one batch to the moment sums (one matmul per moment).
+    compute_dtype: torch.dtype, token_moments: bool, shh_from_identity: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One layer's contribution of one batch to the moment sums, as factors: sum += a^T b.
 
     ``h`` (B, T, d) states; ``valid`` (B, T) positions that count; ``pair_rows`` flat indices
     into (B, T-1) of the positions t with t and t+1 valid; ``counts`` (B, 1) valid positions per
-    text; ``y`` (B, C) one-hot.
+    text; ``y`` (B, C) one-hot. Returns {moment: (a, b)} and the pooled vectors ``xbar`` (B, d).
+    With ``shh_from_identity`` the Shh entry is "SS", the text totals' outer products (see
+    `_Accumulator`); otherwise Shh's own token-level product.
     """
     d = h.shape[-1]
     h = torch.where(valid[..., None], h.to(compute_dtype), 0)
-    xbar = h.sum(dim=1) / counts
+    totals = h.sum(dim=1)
+    xbar = totals / counts
     # s_t = sum_{i<=t} h_i; zeros before the text, so left padding needs no special case
     prefix = torch.cumsum(h, dim=1)[:, :-1].reshape(-1, d).index_select(0, pair_rows)
     following = h[:, 1:].reshape(-1, d).index_select(0, pair_rows)
-    products = {
-        "Sxx": xbar.T @ xbar, "Sxy": xbar.T @ y, "x_sum": xbar.sum(dim=0),
-        "C0": prefix.T @ prefix, "C1": prefix.T @ following,
-    }
+    factors = {"Sxx": (xbar, xbar), "Sxy": (xbar, y), "C0": (prefix, prefix), "C1": (prefix, following)}
     if token_moments:
-        flat = h.reshape(-1, h.shape[-1])
-        products["Shh"] = flat.T @ flat
-    return products, xbar
+        if shh_from_identity:
+            factors["SS"] = (totals, totals)
+        else:
+            flat = h.reshape(-1, d)
+            factors["Shh"] = (flat, flat)
+    return factors, xbar
 
 
 def _forward(model, batch_ids: list[list[int]], pad_id: int, padding_side: str, device) -> tuple[torch.Tensor, ...]:
