@@ -6,8 +6,10 @@ This times, side by side on the same matrices:
 
   (1) ``tensor.cpu().numpy()``: pageable copy into fresh host memory (what extraction does);
   (2) the same copy into host memory already touched once (isolates first-touch page faults);
-  (3) through a reusable pinned staging buffer into fresh numpy arrays;
-  (4) ``Moments`` construction on the host arrays (finiteness and symmetry checks).
+  (3) through a reusable pinned staging buffer into fresh numpy arrays (one-threaded memcpy);
+  (4) what extraction does: `ntps_nb.extract._Staging` (pinned chunks, then torch's
+      multi-threaded copy into fresh host memory);
+  (5) ``Moments`` construction on the host arrays (finiteness and symmetry checks).
 
     python benchmarks/bench_host_copy.py --d 4096 --n 132
 """
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from ntps_nb.core.moments import Moments
+from ntps_nb.extract import _Staging
 
 
 def main() -> None:
@@ -66,9 +69,12 @@ def main() -> None:
         return out
 
     timed("(3) pinned staging buffer (2 x one matrix) -> fresh numpy", staged)
+    staging = _Staging(device)
+    hosts = timed(f"(4) _Staging (pinned chunks, {torch.get_num_threads()} copy threads), fresh host memory",
+                  lambda: [staging.to_host(m) for m in mats])
     y = np.zeros((d, 3))
     y[0, 0] = 1.0
-    timed("(4) Moments(...) on the host arrays of (1)", lambda: [
+    timed("(5) Moments(...) on the host arrays of (4)", lambda: [
         Moments(Sxx=hosts[i], Sxy=y, Syy=np.diag([1.0, 0, 0]), C0=hosts[i + 1], C1=hosts[i + 2], Shh=hosts[i + 3],
                 n_texts=1, n_tokens=1)
         for i in range(0, n - 3, 4)])

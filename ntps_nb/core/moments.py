@@ -74,20 +74,26 @@ class Moments:
             array.setflags(write=False)
             object.__setattr__(self, name, array)
         d, n_classes = _check_shapes(self)
+        products = {}
         for name in _ARRAYS:
             value = getattr(self, name)
-            if value is not None and not np.all(np.isfinite(value)):
+            if value is None:
+                continue
+            # A v with v free of zeros is finite exactly when every entry of A is, unless finite entries
+            # overflow the sum: one multi-threaded matrix-vector pass instead of an elementwise scan of
+            # GBs (for large models), with the scan kept to count the bad entries or rule out overflow
+            products[name] = value @ _probes(value.shape[-1]) if value.ndim == 2 else value
+            if not np.all(np.isfinite(products[name])) and not np.all(np.isfinite(value)):
                 bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
                 raise ValueError(f"moment {name} has {bad} NaN/inf entries; the hidden states or labels that produced it are not finite")
         for name in _SYMMETRIC:
             value = getattr(self, name)
             if value is None:
                 continue
-            probes = np.random.default_rng(0).standard_normal((value.shape[0], 2))
             # ||(A - A^T) v|| / ||A v|| for Gaussian v estimates ||A - A^T||_F / ||A||_F with two
             # matrix-vector products, where a transposed copy of a large d x d array costs seconds
-            Av = value @ probes
-            asym = np.linalg.norm(Av - value.T @ probes)
+            Av = products[name]
+            asym = np.linalg.norm(Av - value.T @ _probes(value.shape[0]))
             scale = np.linalg.norm(Av)
             if asym > SYMMETRY_RTOL * max(scale, np.finfo(float).tiny):
                 raise ValueError(f"moment {name} is not symmetric: ||A - A^T|| / ||A|| ~ {asym / scale:.3g} > {SYMMETRY_RTOL:g}")
@@ -179,6 +185,13 @@ class Moments:
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays that are set, by name."""
         return {name: getattr(self, name) for name in _ARRAYS if getattr(self, name) is not None}
+
+
+def _probes(n: int) -> np.ndarray:
+    """Two fixed Gaussian probe vectors of length n, with no zero entry (see Moments' checks)."""
+    v = np.random.default_rng(0).standard_normal((n, 2))
+    v[v == 0] = 1.0
+    return v
 
 
 def _check_shapes(m: Moments) -> tuple[int, int]:

@@ -76,6 +76,28 @@ def test_validation_names_the_problem(rng):
         Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=0, n_tokens=1)
 
 
+@pytest.mark.parametrize("name", ["Sxy", "C1", "Shh", "x_mean"])
+@pytest.mark.parametrize("bad_value", [np.inf, -np.inf, np.nan])
+def test_every_non_finite_entry_is_found(rng, name, bad_value):
+    """The finiteness check goes through matrix-vector products; each bad entry, anywhere, must show."""
+    m = random_moments(rng, d=5, n_classes=3)
+    arrays = {**m.arrays(), "Shh": m.Sxx, "x_mean": np.ones(5)}
+    for index in [(0,), (4,)] if name == "x_mean" else [(0, 0), (4, 2), (2, 1)]:
+        bad = arrays[name].copy()
+        bad[index] = bad_value
+        if name == "Shh":
+            bad[index[::-1]] = bad_value
+        with pytest.raises(ValueError, match=f"{name} has [12] NaN/inf"):
+            Moments(**{**arrays, name: bad}, n_texts=1, n_tokens=1)
+
+
+def test_finite_entries_whose_products_overflow_are_accepted(rng):
+    m = random_moments(rng, d=3, n_classes=2)
+    huge = np.full((3, 3), 1e308)  # A v overflows to inf; every entry is finite
+    out = Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0, C1=huge, n_texts=1, n_tokens=1)
+    assert np.all(out.C1 == 1e308)
+
+
 def test_moments_are_read_only(rng):
     m = random_moments(rng)
     with pytest.raises(ValueError):
