@@ -32,6 +32,7 @@ from ntps_nb.core.intervals import (
     ntps_interval,
     ntps_interval_sweep,
     split_into_shards,
+    width_by_n,
 )
 from ntps_nb.core.peers import (
     h_score,
@@ -67,6 +68,7 @@ __all__ = [
     "least_squares_loss", "synthetic_linear_task", "__version__",
     "ntps_diagnostics", "stability_summary", "three_dim_example",
     "excess_loss_interval", "ntps_difference", "ntps_interval", "ntps_interval_sweep", "split_into_shards",
+    "width_by_n",
     "h_score", "h_score_ledoit_wolf", "knn_accuracy", "logme", "pca_overlap_ntps", "pca_overlap_sweep",
     "peer_scores", "rankme", "chance_corrected_accuracy", "heldout_probe", "probe_layers",
     "load_published", "published_correlations", "bootstrap_ci", "correlate", "partial_correlation",

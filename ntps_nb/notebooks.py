@@ -45,7 +45,8 @@ NOTEBOOKS = (
 #: Parameters that make each notebook run in seconds to a minute on 2 CPU cores: tiny random
 #: models and tiny subsets. The numbers they print are smoke values, not results.
 SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
-    "00_quickstart": {"model": "tiny-llama", "dataset": "trec6", "max_train": 40, "max_test": 40, "max_length": 32},
+    "00_quickstart": {"model": "tiny-llama", "dataset": "trec6", "max_train": 40, "max_test": 40, "max_length": 32,
+                      "n_boot": 20},
     "01_theory_derivation": {"n_texts": 400, "n_checks": 20},
     "02_bound_checks": {"n_angles": 5, "n_texts": 400, "model": "tiny-llama", "dataset": "trec6", "max_train": 60,
                         "max_test": 40, "max_length": 32, "precision": "float64"},
@@ -342,10 +343,15 @@ class ModelOnDataset:
 
 def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, max_test: int = 200,
                              max_length: int = 64, seed: int = 0, batch_size: int = 16,
-                             drop_bos: bool = True, precision: str = "float32", loaded: tuple | None = None
-                             ) -> ModelOnDataset:
+                             drop_bos: bool = True, precision: str = "float32", loaded: tuple | None = None,
+                             shards: int | None = None, interval_layers: Any = "grid:4") -> ModelOnDataset:
     """Load ``model`` and ``dataset`` (offline registries), extract every layer's moments and
     pooled features of the train split and the pooled features of the test split (cached).
+
+    ``shards`` (e.g. 10): also keep per-shard moments of the train split at ``interval_layers``
+    ("all", "grid:n" for n evenly spaced layers, or indices; see `ntps_nb.study.resolve_layers`),
+    for NTPS intervals (`layer_profile(..., intervals=True)`). Each shard and layer adds three
+    float64 d x d matrices to the cached entry (~8 MB at d = 576).
 
     ``precision`` is the extraction's (moment products and pooled features). "float32" (default)
     sums float32 products into float64 totals; the identity of notebook 02 then matches fitted
@@ -360,17 +366,29 @@ def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, 
     ds = load_dataset(dataset, max_train=max_train, max_test=max_test, seed=seed)
     settings = dict(max_length=max_length, drop_bos=drop_bos, batch_size=batch_size, pooled_layers="all",
                     precision=precision, pooled_dtype=precision)
-    train = extract_cached(net, tokenizer, info, ds["train"], progress=False, **settings)
+    sharding = {}
+    if shards:
+        from ntps_nb.study import resolve_layers
+
+        sharding = dict(shards=int(shards), shard_seed=seed,
+                        shard_layers=resolve_layers(interval_layers, list(range(info.n_hidden_states)), "interval_layers"))
+    train = extract_cached(net, tokenizer, info, ds["train"], progress=False, **settings, **sharding)
     test = extract_cached(net, tokenizer, info, ds["test"], progress=False, token_moments=False, **settings)
     return ModelOnDataset(model, dataset, train, test,
-                          {**settings, "max_train": len(train.labels), "max_test": len(test.labels), "seed": seed})
+                          {**settings, **sharding, "max_train": len(train.labels), "max_test": len(test.labels),
+                           "seed": seed})
 
 
-def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory") -> pd.DataFrame:
+def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", intervals: bool = False,
+                  n_boot: int = 50, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Per layer: NTPS (``variant``, at ``k``) and the held-out probe accuracy, kappa and MSE.
 
     One row per layer with the provenance columns (model, dataset, sizes, max_length, drop_bos).
+    ``intervals``: also the shard-bootstrap interval (`ntps_nb.core.intervals.ntps_interval`,
+    ``n_boot`` replicates, method "basic") and the jackknife standard error, as ``ntps_lower``,
+    ``ntps_upper``, ``ntps_se`` at the layers the extraction kept shards for (NaN elsewhere).
     """
+    from ntps_nb.core.intervals import layer_shards, ntps_interval
     from ntps_nb.core.probes import probe_layers
     from ntps_nb.core.score import ntps
 
@@ -381,6 +399,15 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory") -> pd
                            "ntps": [ntps(run.train.moments[layer], k=k, variant=variant) for layer in run.layers]})
     features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
     probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, **provenance)
+    if intervals:
+        if not run.train.shards:
+            raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
+        rows = []
+        for layer, parts in layer_shards(run.train.shards).items():
+            iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed)
+            rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper, "ntps_se": iv.se_jackknife})
+        scores = scores.merge(pd.DataFrame(rows), on="layer", how="left").assign(
+            n_shards=len(run.train.shards), n_boot=n_boot, level=level)
     keep = ["layer", "accuracy", "kappa", "mse", *provenance]
     return scores.merge(probes[keep], on="layer")
 

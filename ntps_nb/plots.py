@@ -44,7 +44,15 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
     _require(profile, ["layer", "ntps", "k", "variant", "accuracy", "kappa"], "layer_profile")
     fig, (left, right) = _figure(2)
     sns.lineplot(data=profile, x="layer", y="ntps", marker="o", ax=left)
-    left.set(title=f"NTPS ({profile['variant'].iloc[0]}, k={profile['k'].iloc[0]})", ylabel="NTPS", ylim=(0, 1.02))
+    title = f"NTPS ({profile['variant'].iloc[0]}, k={profile['k'].iloc[0]})"
+    if {"ntps_lower", "ntps_upper"} <= set(profile.columns):
+        bars = profile.dropna(subset=["ntps_lower", "ntps_upper"])
+        # vertical segments, not errorbar(): a "basic" bootstrap interval need not contain the estimate
+        left.vlines(bars["layer"], bars["ntps_lower"], bars["ntps_upper"], color="black", lw=1.2)
+        for end in ("ntps_lower", "ntps_upper"):
+            left.scatter(bars["layer"], bars[end], marker="_", color="black", s=40)
+        title += f"\n{bars['level'].iloc[0]:.0%} shard-bootstrap intervals" if len(bars) else ""
+    left.set(title=title, ylabel="NTPS", ylim=(0, 1.02))
     long = profile.melt(id_vars="layer", value_vars=["accuracy", "kappa"], var_name="metric", value_name="value")
     sns.lineplot(data=long, x="layer", y="value", hue="metric", marker="o", ax=right, palette=_PALETTE)
     right.set(title="held-out logistic probe", ylabel="score", ylim=(min(0, long["value"].min()), 1.02))
@@ -113,9 +121,12 @@ def identity_check(table: pd.DataFrame) -> Figure:
 
 def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy", hue: str = "model",
                     label: str | None = "dataset", title: str | None = None) -> Figure:
-    """One point per dataset (and ``hue``): a score against a target, points labelled."""
+    """One point per dataset (and ``hue``): a score against a target, points labelled; with
+    ``lower``/``upper`` columns, each point carries the score's interval as a horizontal bar."""
     _require(frame, [x, y], "across_datasets")
     fig, (ax,) = _figure(1, width=5.5, height=4.0)
+    if {"lower", "upper"} <= set(frame.columns):  # the score's interval (e.g. study.ntps_with_intervals)
+        ax.hlines(frame[y], frame["lower"], frame["upper"], color="grey", lw=1.2, zorder=1)
     sns.scatterplot(data=frame, x=x, y=y, hue=hue if hue in frame.columns else None, ax=ax, palette=_PALETTE, s=50)
     if label and label in frame.columns:
         for _, row in frame.iterrows():
@@ -236,3 +247,52 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
     fig.suptitle(f"{model} · {variant}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def diagnostics_bands(diag: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
+    """Left: NTPS of each variant and configuration across datasets (one point per dataset), with
+    the paper's published per-model ranges (min-max over its 12 datasets) as shaded bands. Right:
+    the label-permutation z-score of the same values (dashed: z = 2); a score that follows the
+    task's labels sits well above the line.
+
+    ``diag``: `ntps_nb.study.diagnostics_summary`; ``published``: `ntps_nb.load_published("fig2_accuracy")`.
+    """
+    _require(diag, ["variant", "config", "ntps", "perm_z", "dataset"], "diagnostics_bands")
+    fig, (left, right) = _figure(2, width=6.0, height=4.2)
+    numeric = diag["config"].str.split("=").str[-1].astype(float)
+    order = list(dict.fromkeys(diag.assign(_n=numeric).sort_values(["variant", "_n"])["config"]))
+    if published is not None and not published.empty:
+        bands = published.groupby("model")["ntps"].agg(["min", "max"])
+        for i, (model, row) in enumerate(bands.iterrows()):
+            left.axhspan(row["min"], row["max"], color="grey", alpha=0.12, lw=0)
+            left.annotate(model.split("/")[-1], (len(order) - 0.5, row["max"]), fontsize=6, color="dimgrey",
+                          ha="right", va="bottom")
+    for ax, column, title in ((left, "ntps", "NTPS (grey: the paper's per-model ranges)"),
+                              (right, "perm_z", "label-permutation z-score")):
+        sns.stripplot(data=diag, x="config", y=column, hue="variant", order=order, ax=ax, palette=_PALETTE,
+                      dodge=False, size=5, jitter=0.15)
+        ax.set(title=title, xlabel="configuration (theory: k, reference: fraction)")
+        ax.tick_params(axis="x", labelrotation=45)
+    left.set(ylim=(-0.02, 1.02))
+    right.axhline(2.0, ls="--", color="black", lw=1)
+    right.set_yscale("symlog", linthresh=2.0)
+    fig.tight_layout()
+    return fig
+
+
+def interval_width(table: pd.DataFrame) -> Figure:
+    """Interval width against the number of texts, log-log, with the 1/sqrt(N) slope of a mean
+    drawn through the first point (`ntps_nb.width_by_n`). Left: the intervals themselves."""
+    _require(table, ["n_texts", "ntps", "lower", "upper", "width"], "interval_width")
+    fig, (left, right) = _figure(2, width=5.0, height=3.6)
+    left.vlines(table["n_texts"], table["lower"], table["upper"], color="black", lw=1.5)
+    left.scatter(table["n_texts"], table["ntps"], color="C0", zorder=3)
+    left.set(xscale="log", xlabel="texts N", ylabel="NTPS", title=f"NTPS and its {table['level'].iloc[0]:.0%} interval")
+    right.loglog(table["n_texts"], table["width"], "o-", label="measured")
+    n0, w0 = table["n_texts"].iloc[0], table["width"].iloc[0]
+    right.loglog(table["n_texts"], w0 * np.sqrt(n0 / table["n_texts"]), "--", color="grey", label="1/sqrt(N)")
+    right.set(xlabel="texts N", ylabel="interval width", title="width shrinks with N")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+

@@ -809,6 +809,42 @@ def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "he
     return pd.DataFrame(rows)
 
 
+def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, variant: str = "theory",
+                        layer: str | int = "last", protocol: str = "heldout") -> pd.DataFrame:
+    """One row per dataset: NTPS with its shard-bootstrap interval (``intervals.csv``) at ``layer``
+    (an index, or "last": the deepest layer with intervals) and ``k``, beside the probe targets of
+    that model at its last layer. Raises if the study kept no interval there."""
+    intervals = tables.get("intervals")
+    if intervals is None or intervals.empty:
+        raise ValueError("this study has no intervals table (run it with shards and interval_layers)")
+    rows = intervals[(intervals["model"] == model) & (intervals["variant"] == variant)
+                     & (intervals["statistic"] == "ntps")]
+    if rows.empty:
+        raise ValueError(f"no {variant} intervals for model {model!r}; models: {sorted(intervals['model'].unique())}")
+    chosen = int(rows["layer"].max()) if layer == "last" else int(layer)
+    rows = rows[(rows["layer"] == chosen) & (rows["k"] == k)]
+    if rows.empty:
+        raise ValueError(f"no interval at layer {chosen}, k {k}; interval layers {sorted(intervals['layer'].unique())}")
+    keep = ["dataset", "layer", "k", "variant", "ntps", "lower", "upper", "se_jackknife", "n_shards", "n_boot", "level"]
+    targets = probe_targets(tables["probes"], protocol=protocol)
+    targets = targets[targets["model"] == model].drop(columns=["layer"], errors="ignore")
+    return rows[keep].merge(targets, on="dataset").assign(model=model).reset_index(drop=True)
+
+
+def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The diagnostics a study recorded, one row per (model, dataset, layer, variant, configuration):
+    NTPS, its spread under 1e-6 relative perturbations of the moments, and the label-permutation
+    null (p-value, z-score). ``config`` names the configuration: "k=8" (theory), "f=0.5" (reference)."""
+    diag = tables.get("diagnostics")
+    if diag is None or diag.empty:
+        raise ValueError("this study recorded no diagnostics (set diagnostics = true)")
+    config = np.where(diag["variant"] == "theory", "k=" + diag["k"].astype("Int64").astype(str),
+                      "f=" + diag["fraction"].round(2).astype(str))
+    keep = ["model", "dataset", "n_classes", "layer", "variant", "ntps", "perturb_max_dev", "perm_mean", "perm_p",
+            "perm_z", "solver_max_dev", "n_permutations"]
+    return diag.assign(config=config)[keep[:5] + ["config"] + keep[5:]].reset_index(drop=True)
+
+
 def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
     """The tidy summary README and notebooks print: `correlation_summary` of a study's combined tables.
 

@@ -639,6 +639,43 @@ def ntps_interval_sweep(
     })
 
 
+def width_by_n(
+    moment_shards: Sequence[Moments],
+    k: int,
+    *,
+    n_groups: int = 5,
+    variant: str = "theory",
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+    method: IntervalMethod = "basic",
+) -> pd.DataFrame:
+    """How the interval narrows as texts are added, from one sharded extraction.
+
+    The first ``n_groups * j`` shards (j = 1, 2, 4, ... while shards last) hold about ``j`` times the
+    texts of the first ``n_groups``; each prefix is merged into ``n_groups`` equal groups of
+    consecutive shards, so every interval is a bootstrap over the same number of units and only N
+    changes. Shards are random groups of texts, so a prefix is a random subsample. Returns one row
+    per N: n_texts, the estimate, lower, upper, width, se_jackknife, and the settings.
+    """
+    shards = check_shards(moment_shards)
+    if not isinstance(n_groups, (int, np.integer)) or n_groups < MIN_SHARDS:
+        raise ValueError(f"n_groups must be an integer >= {MIN_SHARDS}, got {n_groups!r}")
+    if len(shards) < n_groups:
+        raise ValueError(f"width_by_n needs at least n_groups = {n_groups} shards, got {len(shards)}")
+    rows = []
+    j = 1
+    while n_groups * j <= len(shards):
+        prefix = shards[: n_groups * j]
+        groups = [Moments.combine(prefix[g * j:(g + 1) * j]) for g in range(n_groups)]
+        iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method)
+        rows.append({"n_texts": iv.n_texts, "n_shards_used": len(prefix), "ntps": iv.estimate, "lower": iv.lower,
+                     "upper": iv.upper, "width": iv.upper - iv.lower, "se_jackknife": iv.se_jackknife})
+        j *= 2
+    return pd.DataFrame(rows).assign(k=k, variant=variant, n_groups=n_groups, n_boot=n_boot, level=level,
+                                     method=method, seed=seed)
+
+
 def _same_counts(a: list[Moments], b: list[Moments]) -> bool:
     return len(a) == len(b) and all(x.n_texts == y.n_texts for x, y in zip(a, b))
 

@@ -19,6 +19,7 @@ from ntps_nb.core.intervals import (
     split_into_shards,
     summarise_coverage,
     theory_values,
+    width_by_n,
 )
 
 K = 8  # = n_predictable of the synthetic task: V's planted dimension
@@ -278,3 +279,20 @@ def test_small_coverage_study_is_not_badly_wrong():
     assert summary.loc["basic", "mean_estimate_minus_truth"] < 0
     assert summary.loc["basic", "mean_bias_bootstrap"] < 0
     assert summary.loc["percentile", "miss_above"] <= summary.loc["percentile", "miss_below"]
+
+
+def test_width_by_n_merges_prefixes_into_equal_groups(shards):
+    table = width_by_n(shards, K, n_groups=5, n_boot=100)
+    assert table["n_shards_used"].tolist() == [5, 10, 20]
+    sizes = [s.n_texts for s in shards]
+    assert table["n_texts"].tolist() == [sum(sizes[:5]), sum(sizes[:10]), sum(sizes[:20])]
+    # the largest prefix is every shard: its estimate is the full-data NTPS; the first is the
+    # interval of the first five shards themselves (groups of one shard)
+    assert np.isclose(table["ntps"].iloc[-1], ntps(Moments.combine(shards), K), rtol=1e-10)
+    first = ntps_interval(shards[:5], k=K, n_boot=100)
+    assert (table["lower"].iloc[0], table["upper"].iloc[0]) == (first.lower, first.upper)
+    assert table["width"].iloc[-1] < table["width"].iloc[0]  # 4x the texts: about half the width
+    with pytest.raises(ValueError, match="at least n_groups = 30 shards"):
+        width_by_n(shards, K, n_groups=30)
+    with pytest.raises(ValueError, match="n_groups must be an integer >= 2"):
+        width_by_n(shards, K, n_groups=1)

@@ -128,6 +128,32 @@ def test_summary_on_committed_fast_results():
     assert {"-C", "majority_rate"} <= set(summary["score"])
 
 
+def test_interval_and_diagnostic_views_of_committed_fast_results():
+    folder = ROOT / "data" / "results" / "fast"
+    if not (folder / "intervals.csv").is_file():
+        pytest.skip("data/results/fast is not committed")
+    tables = study.load_results(folder)
+    view = study.ntps_with_intervals(tables, model="smollm2-135m", k=8)
+    raw = tables["intervals"].query("variant == 'theory' and statistic == 'ntps' and k == 8 and layer == 30")
+    assert sorted(view["dataset"]) == sorted(raw["dataset"])  # one row per dataset, at the deepest interval layer
+    assert (view["layer"] == 30).all() and view[["lower", "upper", "accuracy"]].notna().all().all()
+    merged = view.merge(raw[["dataset", "ntps", "lower"]], on="dataset", suffixes=("", "_raw"))
+    np.testing.assert_array_equal(merged["ntps"], merged["ntps_raw"])
+    np.testing.assert_array_equal(merged["lower"], merged["lower_raw"])
+    with pytest.raises(ValueError, match="no interval at layer 30, k 7"):
+        study.ntps_with_intervals(tables, model="smollm2-135m", k=7)
+    with pytest.raises(ValueError, match="no theory intervals for model 'nope'"):
+        study.ntps_with_intervals(tables, model="nope", k=8)
+
+    diag = study.diagnostics_summary(tables)
+    assert len(diag) == len(tables["diagnostics"])
+    theory = diag[diag["variant"] == "theory"]
+    assert set(theory["config"]) == {f"k={k}" for k in (1, 2, 4, 8, 16, 32)}
+    assert set(diag.loc[diag["variant"] == "reference", "config"]) == {"f=0.1", "f=0.5", "f=0.9"}
+    with pytest.raises(ValueError, match="no diagnostics"):
+        study.diagnostics_summary({k: v for k, v in tables.items() if k != "diagnostics"})
+
+
 #: What the regenerated unit must reproduce (the reference variant is left out on purpose: it is
 #: ill-posed and moves with the LAPACK build, SPEC section 4).
 REGENERATED = {

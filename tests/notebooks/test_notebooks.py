@@ -162,3 +162,20 @@ def test_loo_gain_prediction_recovers_a_line_and_beats_the_mean():
     assert row.rho_heldout > 0.9
     with pytest.raises(ValueError, match="at least 4"):
         nbs.loo_gain_prediction(frame.head(3))
+
+
+def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
+    import numpy as np
+
+    from ntps_nb.core.intervals import layer_shards, ntps_interval
+
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                       shards=5, interval_layers=[0, 2])
+    layer_profile = nbs.layer_profile(run, k=2, intervals=True, n_boot=20).set_index("layer")
+    assert layer_profile["ntps_lower"].notna().tolist() == [True, False, True]
+    iv = ntps_interval(layer_shards(run.train.shards)[2], k=2, n_boot=20)
+    assert (layer_profile.loc[2, "ntps_lower"], layer_profile.loc[2, "ntps_upper"]) == (iv.lower, iv.upper)
+    assert np.isclose(layer_profile.loc[2, "ntps"], iv.estimate, rtol=1e-9)  # the shards add up to the full moments
+    plain = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32)
+    with pytest.raises(ValueError, match="intervals need shard moments"):
+        nbs.layer_profile(plain, k=2, intervals=True)
