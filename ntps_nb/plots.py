@@ -56,6 +56,8 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
     long = profile.melt(id_vars="layer", value_vars=["accuracy", "kappa"], var_name="metric", value_name="value")
     sns.lineplot(data=long, x="layer", y="value", hue="metric", marker="o", ax=right, palette=_PALETTE)
     right.set(title="held-out logistic probe", ylabel="score", ylim=(min(0, long["value"].min()), 1.02))
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
@@ -291,7 +293,7 @@ def interval_width(table: pd.DataFrame) -> Figure:
     right.loglog(table["n_texts"], table["width"], "o-", label="measured")
     n0, w0 = table["n_texts"].iloc[0], table["width"].iloc[0]
     right.loglog(table["n_texts"], w0 * np.sqrt(n0 / table["n_texts"]), "--", color="grey", label="1/sqrt(N)")
-    right.set(xlabel="texts N", ylabel="interval width", title="width shrinks with N")
+    right.set(xlabel="texts N", ylabel="interval width", title="interval width against N")
     right.legend(fontsize=8)
     fig.tight_layout()
     return fig
