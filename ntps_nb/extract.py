@@ -446,10 +446,11 @@ def extract(
                             if name in target.sums[layer]:  # shard accumulators carry no Shh
                                 target.add(layer, name, a, b)
                 if layer in pooled:
-                    pooled_rows.append(xbar.float())
+                    pooled_rows.append((layer, xbar.float()))
             finite = torch.stack(finite).cpu().numpy()  # the batch's one device->host sync, with the pooled rows
             if pooled_rows:
-                for layer, rows in zip(pooled, torch.stack(pooled_rows).cpu().numpy()):
+                host = torch.stack([rows for _, rows in pooled_rows]).cpu().numpy()
+                for (layer, _), rows in zip(pooled_rows, host):
                     pooled[layer][batch] = rows
             if not finite.all():
                 bad = [chosen[i] for i in np.flatnonzero(~finite)]
