@@ -436,7 +436,7 @@ def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log) -> tuple[str, pd.DataFra
     table = before_after.drop(columns=[c for c in ("model", "max_length", "drop_bos") if c in before_after.columns])
     table = table.assign(**{f"lora_{key}": value for key, value in gain_row.items()
                             if key not in ("model", "max_length", "drop_bos", "n_classes", "seed")})
-    log(f"    LoRA: accuracy {gain.get('accuracy', float('nan')):.3f}, gain {gain.get('gain', float('nan')):+.3f}")
+    log(f"    LoRA: accuracy {gain.get('lora_accuracy', float('nan')):.3f}, gain {gain.get('gain', float('nan')):+.3f}")
     return "done", table
 
 
