@@ -122,7 +122,7 @@ def identity_check(table: pd.DataFrame) -> Figure:
 
 
 def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy", hue: str = "model",
-                    label: str | None = "dataset", title: str | None = None) -> Figure:
+                    label: str | None = "dataset", title: str | None = None, diagonal: bool = False) -> Figure:
     """One point per dataset (and ``hue``): a score against a target, points labelled; with
     ``lower``/``upper`` columns, each point carries the score's interval as a horizontal bar."""
     _require(frame, [x, y], "across_datasets")
@@ -134,6 +134,10 @@ def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy"
         for _, row in frame.iterrows():
             ax.annotate(str(row[label]).split("/")[-1][:18], (row[x], row[y]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
+    if diagonal:  # y = x, for before/after comparisons
+        lo = float(min(frame[x].min(), frame[y].min()))
+        hi = float(max(frame[x].max(), frame[y].max()))
+        ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1)
     if ax.get_legend() is not None:
         ax.legend(fontsize=7)
     ax.set(title=title)

@@ -845,6 +845,27 @@ def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return diag.assign(config=config)[keep[:5] + ["config"] + keep[5:]].reset_index(drop=True)
 
 
+def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
+    """One row per (model, dataset) of a study's LoRA table (``lora.csv``) at ``k`` (theory NTPS of
+    the layer LoRA was scored at): NTPS before and after LoRA, the held-out probe and LoRA test
+    accuracies, the gain (LoRA - probe) and the training budget, so gains are read with it."""
+    _need = ["model", "dataset", "k", "ntps_before", "ntps_after", "lora_gain"]
+    missing = [c for c in _need if c not in lora.columns]
+    if missing:
+        raise ValueError(f"the LoRA table lacks columns {missing}")
+    rows = lora[lora["k"] == k]
+    if rows.empty:
+        raise ValueError(f"no LoRA rows at k = {k}; k values: {sorted(lora['k'].unique().tolist())}")
+    keep = ["model", "dataset", "n_classes", "layer", "k", "ntps_before", "ntps_after", "delta",
+            "lora_probe_accuracy", "lora_lora_accuracy", "lora_gain", "lora_budget_steps", "lora_budget_batch_size",
+            "lora_budget_lr", "lora_budget_max_length", "n_train", "n_test"]
+    out = rows[[c for c in keep if c in rows.columns]].rename(columns={
+        "lora_probe_accuracy": "probe_accuracy", "lora_lora_accuracy": "lora_accuracy", "lora_gain": "gain",
+        "lora_budget_steps": "steps", "lora_budget_batch_size": "batch_size", "lora_budget_lr": "lr",
+        "lora_budget_max_length": "lora_max_length"})
+    return out.sort_values(["model", "dataset"]).reset_index(drop=True)
+
+
 def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
     """The tidy summary README and notebooks print: `correlation_summary` of a study's combined tables.
 

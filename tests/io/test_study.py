@@ -196,3 +196,17 @@ def test_regenerate_committed_unit(tmp_path):
         for column in values:
             np.testing.assert_allclose(merged[f"{column}_regenerated"], merged[f"{column}_committed"],
                                        rtol=1e-5, atol=1e-6, err_msg=f"{name}.{column}")
+
+
+def test_lora_summary_picks_k_and_names_the_columns():
+    lora = pd.DataFrame({"model": "m", "dataset": ["b", "a", "b", "a"], "n_classes": 2, "layer": 30, "k": [1, 1, 8, 8],
+                         "ntps_before": [0.1, 0.2, 0.3, 0.4], "ntps_after": [0.5, 0.6, 0.7, 0.8],
+                         "lora_probe_accuracy": [0.7, 0.8, 0.7, 0.8], "lora_lora_accuracy": [0.75, 0.9, 0.75, 0.9],
+                         "lora_gain": [0.05, 0.1, 0.05, 0.1], "lora_budget_steps": 200})
+    out = study.lora_summary(lora, k=8)
+    assert out["dataset"].tolist() == ["a", "b"] and out["ntps_before"].tolist() == [0.4, 0.3]
+    assert {"probe_accuracy", "lora_accuracy", "gain", "steps"} <= set(out.columns)
+    with pytest.raises(ValueError, match=r"no LoRA rows at k = 4; k values: \[1, 8\]"):
+        study.lora_summary(lora, k=4)
+    with pytest.raises(ValueError, match="lacks columns"):
+        study.lora_summary(lora.drop(columns=["lora_gain"]), k=8)
