@@ -201,11 +201,13 @@ class _Accumulator:
         if a.dtype == torch.float64:
             total.addmm_(a.T, b)
             return
+        if b.shape[1] != total.shape[0]:  # d x C (Sxy): small; a fresh product keeps the BLAS call of a.T @ b
+            total += a.T @ b
+            return
         if self.scratch is None or self.scratch.device != a.device:
             self.scratch = torch.empty(total.shape[0], total.shape[0], dtype=a.dtype, device=a.device)
-        out = self.scratch[:, : b.shape[1]]
-        torch.mm(a.T, b, out=out)
-        total += out
+        torch.mm(a.T, b, out=self.scratch)
+        total += self.scratch
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
