@@ -123,7 +123,8 @@ def test_summary_on_committed_fast_results():
     if not (folder / "probes.csv").is_file():
         pytest.skip("data/results/fast is not committed")
     summary = study.summarise(folder, n_boot=100, n_perm=20, targets=["accuracy"])
-    lodo = summary[(summary["score"] == "ntps_theory") & (summary["selection"] == "leave_one_dataset_out")]
+    lodo = summary[(summary["score"] == "ntps_theory") & (summary["selection"] == "leave_one_dataset_out")
+                   & (summary["model"] == "smollm2-135m")]
     assert len(lodo) == 1 and np.isfinite(lodo["rho"]).all()
     assert {"-C", "majority_rate"} <= set(summary["score"])
 
@@ -134,7 +135,8 @@ def test_interval_and_diagnostic_views_of_committed_fast_results():
         pytest.skip("data/results/fast is not committed")
     tables = study.load_results(folder)
     view = study.ntps_with_intervals(tables, model="smollm2-135m", k=8)
-    raw = tables["intervals"].query("variant == 'theory' and statistic == 'ntps' and k == 8 and layer == 30")
+    raw = tables["intervals"].query("model == 'smollm2-135m' and variant == 'theory' and statistic == 'ntps' and k == 8 "
+                                     "and layer == 30")
     assert sorted(view["dataset"]) == sorted(raw["dataset"])  # one row per dataset, at the deepest interval layer
     assert (view["layer"] == 30).all() and view[["lower", "upper", "accuracy"]].notna().all().all()
     merged = view.merge(raw[["dataset", "ntps", "lower"]], on="dataset", suffixes=("", "_raw"))
