@@ -69,7 +69,7 @@ def main() -> None:
         return out
 
     timed("(3) pinned staging buffer (2 x one matrix) -> fresh numpy", staged)
-    staging = _Staging(device)
+    staging = _Staging()
     hosts = timed(f"(4) _Staging (pinned chunks, {torch.get_num_threads()} copy threads), fresh host memory",
                   lambda: [staging.to_host(m) for m in mats])
     y = np.zeros((d, 3))

@@ -243,7 +243,7 @@ class _Accumulator:
                 value /= n
         seconds_device = clock.lap()
         out = {}
-        staging = _Staging(device)
+        staging = _Staging()
         for layer in self.layers:
             s = {name: staging.to_host(value) for name, value in self.sums[layer].items()}
             self.sums[layer] = {}  # the device copy goes as soon as the host has it
@@ -269,8 +269,7 @@ class _Staging:
 
     CHUNK = 8 * 2**20  # float64 elements per staged chunk (64 MiB)
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self.buffer: torch.Tensor | None = None
 
     def to_host(self, value: torch.Tensor) -> np.ndarray:

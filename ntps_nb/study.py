@@ -849,8 +849,8 @@ def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
     """One row per (model, dataset) of a study's LoRA table (``lora.csv``) at ``k`` (theory NTPS of
     the layer LoRA was scored at): NTPS before and after LoRA, the held-out probe and LoRA test
     accuracies, the gain (LoRA - probe) and the training budget, so gains are read with it."""
-    _need = ["model", "dataset", "k", "ntps_before", "ntps_after", "lora_gain"]
-    missing = [c for c in _need if c not in lora.columns]
+    needed = ["model", "dataset", "k", "ntps_before", "ntps_after", "lora_gain"]
+    missing = [c for c in needed if c not in lora.columns]
     if missing:
         raise ValueError(f"the LoRA table lacks columns {missing}")
     rows = lora[lora["k"] == k]
