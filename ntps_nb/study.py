@@ -476,16 +476,26 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
+              models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
               cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say) -> pd.DataFrame:
     """Run every missing unit of a study (model by model, loading each model once), then `combine`.
 
     A unit already complete with the same settings is skipped; one complete with other settings
-    is an error unless ``replace_stale``. ``units_limit`` caps the units computed in this call.
+    is an error unless ``replace_stale``. ``units_limit`` caps the units computed in this call;
+    ``models`` / ``datasets`` restrict it to part of the grid (two processes given disjoint parts
+    share one study: each writes only its own units). The study tables are combined when every
+    unit is complete, or after an unrestricted call.
     Returns one row per unit: model, dataset, status ("skipped", "done"), seconds.
     """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
     units = cfg.units()
+    for given, known, what in ((models, cfg.models, "model"), (datasets, cfg.datasets, "dataset")):
+        unknown = sorted(set(given or ()) - set(known))
+        if unknown:
+            raise StudySettingsError(f"{what}(s) {unknown} are not in study {cfg.name!r} (it has {list(known)})")
+    restricted = models is not None or datasets is not None
+    units = [(m, d) for (m, d) in units if (models is None or m in models) and (datasets is None or d in datasets)]
     status = {unit: unit_status(cfg, *unit) for unit in units}
     stale = [unit_name(*u) for u, s in status.items() if s == "stale"]
     if stale and not replace_stale:
@@ -524,7 +534,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         eta = elapsed / i * (len(todo) - i)
         log(f"[{done_before + i}/{len(units)}] {model_name} x {dataset_name}: {_fmt_seconds(seconds)} "
             f"(elapsed {_fmt_seconds(elapsed)}, eta {_fmt_seconds(eta)})")
-    if all(unit_status(cfg, *u) == "complete" for u in units) or units_limit is None:
+    if all(unit_status(cfg, *u) == "complete" for u in cfg.units()) or (units_limit is None and not restricted):
         combine(cfg, log=log)
     return pd.DataFrame(rows)
 
@@ -880,7 +890,8 @@ def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
 
 def _cli_run(args) -> int:
     cfg = load_config(args.config)
-    table = run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale)
+    table = run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale, models=args.models,
+                      datasets=args.datasets)
     done = table[table["status"] == "done"]
     if len(done):
         print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")
@@ -914,6 +925,9 @@ def register_cli(subparsers) -> None:
     run.add_argument("config")
     run.add_argument("--units-limit", type=int, default=None, help="compute at most N units in this call")
     run.add_argument("--replace-stale", action="store_true", help="recompute units computed with other settings")
+    run.add_argument("--models", nargs="+", default=None,
+                     help="only these models of the grid (e.g. one process per model on a multi-core machine)")
+    run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
     run.set_defaults(func=_cli_run)
     comb = sub.add_parser("combine", help="concatenate the complete units into the study tables")
     comb.add_argument("config")

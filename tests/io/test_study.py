@@ -118,6 +118,19 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     assert summary["rho"].dropna().between(-1, 1).all()
 
 
+def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llama):
+    cfg = _smoke(tmp_path)
+    with pytest.raises(study.StudySettingsError, match="not in study"):
+        study.run_study(cfg, datasets=["imdb-pl"], cache=tmp_path / "cache", log=lambda _: None)
+    part = study.run_study(cfg, datasets=["sms-spam"], cache=tmp_path / "cache", log=lambda _: None)
+    assert list(zip(part["dataset"], part["status"])) == [("sms-spam", "done")]
+    assert study.unit_status(cfg, "tiny-llama", "trec6") == "missing"
+    assert not (cfg.folder / "provenance.json").exists()  # half a grid is not combined
+    rest = study.run_study(cfg, models=["tiny-llama"], datasets=["trec6"], cache=tmp_path / "cache", log=lambda _: None)
+    assert list(rest["status"]) == ["done"]
+    assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
+
+
 def test_summary_on_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "probes.csv").is_file():
