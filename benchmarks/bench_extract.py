@@ -91,13 +91,15 @@ def forward_only(model, ids, lengths, batch_size, device):
 @torch.no_grad()
 def moments_only(model, ids, lengths, labels, n_classes, batch_size, device, precision) -> float:
     """Seconds spent in ntps_nb's per-layer products and their float64 accumulation, forward untimed."""
-    compute_dtype = torch.float64 if precision == "float64" else torch.float32
+    compute_dtype = torch.float32 if precision == "float32" else torch.float64
     spent = 0.0
     acc = None
     for batch in _batches(np.arange(len(ids)), lengths, batch_size):
         hidden = _forward(model, [ids[i] for i in batch], 0, "right", device)
         if acc is None:
-            acc = _Accumulator(list(range(len(hidden))), hidden[0].shape[-1], n_classes, device, True, compute_dtype)
+            acc = _Accumulator(list(range(len(hidden))), hidden[0].shape[-1], n_classes, device, True, compute_dtype,
+                               split=precision == "bf16x3")
+            acc.state_pieces = 1 if hidden[0].dtype == torch.bfloat16 else 3
         synchronize(device)
         start = time.perf_counter()
         valid = _valid_mask([len(ids[i]) for i in batch], np.zeros(len(batch), int), hidden[0].shape[1], "right", device)
@@ -134,6 +136,12 @@ def released_style(model, ids, lengths, batch_size, device):
                 C0[layer] += S.T @ S
                 C1[layer] += S.T @ H[1:]
     return C0, C1
+
+
+def released_style_to_host(model, ids, lengths, batch_size, device):
+    """(c) and then its moments on the host as numpy arrays, the way a script hands them to an eigensolver."""
+    C0, C1 = released_style(model, ids, lengths, batch_size, device)
+    return [m.cpu().numpy() for m in C0], [m.cpu().numpy() for m in C1]
 
 
 def relative_errors(m32, m64, layers, k_values) -> dict[str, float]:
@@ -173,7 +181,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float64", "bf16x3"],
                         help="products of (b) and (m); 'auto' is the package default (float64 on a GPU)")
     parser.add_argument("--skip-released", action="store_true", help="skip (c), the slow released-style pass")
     parser.add_argument("--error-layers", type=int, default=3, help="layers on which NTPS errors are measured")
@@ -255,7 +263,12 @@ def main() -> None:
     if not args.skip_released:
         t_c, _ = timed(device, lambda: released_style(model, ids, lengths, args.batch_size, device))
         say(f"(c) released-style accumulation {t_c:8.2f} s   c/b = {t_c / t_b:.2f}, c/b0 = {t_c / t_b0:.2f}   "
-            "(target >= 1.5 on the 8B shape)")
+            "(target >= 1.5 on the 8B shape; c stops with its moments on the device, b with them on the host)")
+        say(f"    c/b's pass = {t_c / result.metadata['timings_s']['pass']:.2f}   (both stop with the moments on the "
+            "device)")
+        t_ch, _ = timed(device, lambda: released_style_to_host(model, ids, lengths, args.batch_size, device))
+        say(f"(c+) c, then its C0/C1 to the host (.cpu())  {t_ch:8.2f} s   c+/b = {t_ch / t_b:.2f}   (both stop with "
+            "the moments on the host)")
 
     t_small, small = timed(device, lambda: extract(model, tok, (texts[:8], labels[:8]), **run))
     say(f"    fixed cost per pass (accumulators, device->host, Moments), from an 8-text pass: <= {t_small:.2f} s "
@@ -271,14 +284,16 @@ def main() -> None:
             f"{peak_n / gib:.2f} GiB (model {base_memory / gib:.2f} GiB before the pass)")
 
     t_other, result_other = timed(device, lambda: extract(model, tok, (texts, labels), **{**run, "precision": other}))
-    say(f"{other} products: {t_other:.2f} s ({t_other / t_b:.2f} x the {precision} products of (b))")
-    result32, result64 = (result, result_other) if precision == "float32" else (result_other, result)
+    say(f"{other} products: {t_other:.2f} s ({t_other / t_b:.2f} x the {precision} products of (b)) "
+        f"{result_other.metadata['timings_s']}")
+    low = precision if precision != "float64" else other
+    result32, result64 = (result, result_other) if precision != "float64" else (result_other, result)
     n_layers = len(result64.moments.layers)
     pick = sorted({0, n_layers // 2, n_layers - 1})[: args.error_layers]
     r_v = min(result64.moments[0].d, 64)
     with contextlib.redirect_stderr(io.StringIO()):
         errors = relative_errors(result32.moments, result64.moments, pick, [1, 4, r_v])
-    say(f"float32 products vs float64 products (same forward): moments max relative error "
+    say(f"{low} products vs float64 products (same forward): moments max relative error "
         f"{errors['moments_max_rel']:.2e} (target 1e-5); NTPS theory max abs diff {errors['ntps_theory_max_abs']:.2e} "
         f"(target 1e-6; layers {pick}, k in 1, 4, {r_v}); NTPS reference (19 fractions) max abs diff "
         f"{errors['ntps_reference_max_abs']:.2e}")

@@ -365,7 +365,7 @@ def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, 
     net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed)
     ds = load_dataset(dataset, max_train=max_train, max_test=max_test, seed=seed)
     settings = dict(max_length=max_length, drop_bos=drop_bos, batch_size=batch_size, pooled_layers="all",
-                    precision=precision, pooled_dtype=precision)
+                    precision=precision, pooled_dtype="float64" if precision == "float64" else "float32")
     sharding = {}
     if shards:
         from ntps_nb.study import resolve_layers
