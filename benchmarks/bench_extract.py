@@ -10,7 +10,9 @@ lengths in [min_len, max_len], it times over the same length-sorted batches:
       times the states for the prefix sums, products in float32,
 
 and prints b/a, b/(a+m), c/b, the peak device memory of extraction for N and 4N texts, and the
-relative error of the float32-product moments (the default) and of NTPS against float64 products.
+relative error of the moments and of NTPS of the other precision (float32 products when (b) uses
+float64, as on a GPU by default) against float64 products. (c+) also brings (c)'s moments to the
+host, so that c+/b compares two pipelines that both end with the moments on the host.
 
     python benchmarks/bench_extract.py --shape qwen2-0.5b --n-texts 256          # GPU or CPU
     python benchmarks/bench_extract.py --shape llama3-8b --n-texts 128 --out benchmarks/results/x.txt
@@ -97,9 +99,7 @@ def moments_only(model, ids, lengths, labels, n_classes, batch_size, device, pre
     for batch in _batches(np.arange(len(ids)), lengths, batch_size):
         hidden = _forward(model, [ids[i] for i in batch], 0, "right", device)
         if acc is None:
-            acc = _Accumulator(list(range(len(hidden))), hidden[0].shape[-1], n_classes, device, True, compute_dtype,
-                               split=precision == "bf16x3")
-            acc.state_pieces = 1 if hidden[0].dtype == torch.bfloat16 else 3
+            acc = _Accumulator(list(range(len(hidden))), hidden[0].shape[-1], n_classes, device, True, compute_dtype)
         synchronize(device)
         start = time.perf_counter()
         valid = _valid_mask([len(ids[i]) for i in batch], np.zeros(len(batch), int), hidden[0].shape[1], "right", device)
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float64", "bf16x3"],
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
                         help="products of (b) and (m); 'auto' is the package default (float64 on a GPU)")
     parser.add_argument("--skip-released", action="store_true", help="skip (c), the slow released-style pass")
     parser.add_argument("--error-layers", type=int, default=3, help="layers on which NTPS errors are measured")

@@ -33,11 +33,7 @@ from tqdm.auto import tqdm
 from ntps_nb.cache import atomic_path, cache_dir, content_key
 from ntps_nb.core.moments import LayerMoments, Moments
 
-Precision = Literal["auto", "float32", "float64", "bf16x3"]
-
-#: bf16x3 products: tokens per float32 partial sum; each partial goes into the float64 total, so
-#: float32 rounding accumulates over at most this many tokens (times the split pieces).
-SPLIT_CHUNK = 512
+Precision = Literal["auto", "float32", "float64"]
 
 #: Version of the extraction algorithm; part of every cache key.
 EXTRACT_VERSION = 1
@@ -183,12 +179,10 @@ class _Accumulator:
     """
 
     def __init__(self, layers: list[int], d: int, n_classes: int, device: torch.device, token_moments: bool,
-                 compute_dtype: torch.dtype = torch.float64, split: bool = False):
+                 compute_dtype: torch.dtype = torch.float64):
         f64 = dict(dtype=torch.float64, device=device)
         self.layers = layers
-        self.split = split  # token-level products through `split_product` (precision "bf16x3")
-        self.state_pieces = 3  # bf16 pieces of a token state: 1 when the forward runs in bfloat16
-        self.shh_from_identity = token_moments and compute_dtype == torch.float64 and not split
+        self.shh_from_identity = token_moments and compute_dtype == torch.float64
         names = ["Sxx", "C0", "C1"] + (["SS" if self.shh_from_identity else "Shh"] if token_moments else [])
         self.sums = {
             layer: {
@@ -205,14 +199,6 @@ class _Accumulator:
     def add(self, layer: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """sums[layer][name] += a^T b, in place (no d x d temporary with float64 products)."""
         total = self.sums[layer][name]
-        if self.split and name in ("C0", "C1", "Shh"):  # token-level: long K, worth the tensor cores
-            if name == "C0":
-                split_product(total, a, symmetric=True)
-            elif name == "C1":
-                split_product(total, a, b, b_pieces=self.state_pieces)
-            else:
-                split_product(total, a, symmetric=True, a_pieces=self.state_pieces)
-            return
         if a.dtype == torch.float64:
             total.addmm_(a.T, b)
             return
@@ -274,65 +260,6 @@ class _Accumulator:
                                   ("finalise_checks", seconds_checks)):
                 timings[name] = timings.get(name, 0.0) + seconds
         return LayerMoments(out, metadata)
-
-
-def bf16_pieces(x: torch.Tensor, n: int = 3) -> list[torch.Tensor]:
-    """``x`` (float64) as ``n`` bfloat16 pieces, largest first, by exact float64 subtraction:
-    ``x - sum(pieces)`` is at most ~2^-(8n) |x| elementwise (3 pieces: float32-like, 24 bits)."""
-    pieces, rest = [], x
-    for i in range(n):
-        piece = rest.to(torch.bfloat16)
-        pieces.append(piece)
-        if i + 1 < n:
-            rest = rest - piece.to(x.dtype)
-    return pieces
-
-
-def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched product of bfloat16 operands with float32 output (and float32 accumulation).
-
-    On CUDA a tensor-core kernel (``out_dtype``); elsewhere the same arithmetic in float32 (a
-    product of two bfloat16 numbers is exact in float32), which is slow and serves the tests.
-    """
-    if a.device.type == "cuda":
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
-
-
-def split_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, *, symmetric: bool = False,
-                  a_pieces: int = 3, b_pieces: int = 3, chunk: int = SPLIT_CHUNK) -> None:
-    """``total += a^T b`` (float64, in place) from bfloat16 tensor-core products ("bf16x3").
-
-    Each factor is split into bfloat16 pieces (`bf16_pieces`); the products of pieces whose
-    combined size is above ~2^-24 of the leading one are summed: a0 b0 + a0 b1 + a1 b0 + a0 b2 +
-    a2 b0 + a1 b1 (pieces of a factor known to be exact in bfloat16, e.g. the states of a bfloat16
-    forward, are 1). ``symmetric`` (b is a) adds a0 a0 + 2 a0 a1 + 2 a0 a2 + a1 a1 instead, whose
-    symmetric part is a^T a: the caller symmetrises at the end (the accumulators do). All products
-    of one chunk of ``chunk`` rows are summed in float32 on the tensor cores, the chunks in float64.
-    """
-    K = a.shape[0]
-    if K == 0:
-        return
-    pa = bf16_pieces(a, a_pieces)
-    if symmetric:
-        pairs = [(i, j, 1 if i == j else 2) for i in range(a_pieces) for j in range(i, a_pieces) if i + j <= 2]
-        pb = pa
-    else:
-        pb = bf16_pieces(b, b_pieces)
-        pairs = [(i, j, 1) for i in range(a_pieces) for j in range(b_pieces) if i + j <= 2]
-    n_chunks = -(-K // chunk)
-    pad = n_chunks * chunk - K
-
-    def slabs(parts: list[torch.Tensor]) -> torch.Tensor:  # (n_chunks, len(parts) * chunk, cols)
-        x = torch.stack(parts)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.view(len(parts), n_chunks, chunk, -1).transpose(0, 1).reshape(n_chunks, len(parts) * chunk, -1)
-
-    left = slabs([pa[i] for i, _, _ in pairs])
-    right = slabs([pb[j] * w if w != 1 else pb[j] for _, j, w in pairs])  # x2 is exact in bfloat16
-    partial = _bmm_float32(left.transpose(1, 2), right)
-    total += partial.sum(dim=0, dtype=torch.float64)
 
 
 class _Staging:
@@ -434,12 +361,10 @@ def extract(
     drop_bos : leave the BOS position out of pooling and of C0/C1 (it still serves as context).
     device : where to run; defaults to the model's device.
     precision : "float32" (per-batch products in float32, summed into float64 totals), "float64"
-        (products in float64), or "auto" (default): float64 on a GPU, where it costs the same as
-        float32 (measured on an H200, benchmarks/results), float32 on a CPU, where float64
-        matmuls cost ~4x. "bf16x3": float64 factors split into bfloat16 pieces whose products run
-        on tensor cores (`split_product`); float32-like precision at a fraction of the float64
-        cost on a GPU with bfloat16 tensor cores (on a CPU it is emulated, slowly; for tests).
-        The choice is recorded in the metadata.
+        (products in float64), or "auto" (default): float64 on a GPU, where it is faster than
+        float32 (1.2-1.6x on an H200, benchmarks/results), float32 on a CPU, where float64
+        matmuls cost ~4x. The choice is recorded in the metadata. (Products split into bfloat16
+        pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
     pooled_layers : layers whose mean-pooled features (N x d) are returned, "all", or None.
     padding_side : "right" or "left"; position ids are explicit, so this changes no moment.
     shards, shard_layers, shard_seed : also keep the moments of ``shards`` disjoint random groups
@@ -448,8 +373,8 @@ def extract(
     token_moments : also accumulate Shh, the second moment of the token states.
     metadata : extra provenance recorded with the result.
     """
-    if precision not in ("auto", "float32", "float64", "bf16x3"):
-        raise ValueError(f"precision must be 'auto', 'float32', 'float64' or 'bf16x3', got {precision!r}")
+    if precision not in ("auto", "float32", "float64"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if batch_size < 1:
@@ -493,8 +418,7 @@ def extract(
 
     pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
     compute_dtype = torch.float32 if precision == "float32" else torch.float64
-    split = precision == "bf16x3"
-    total = _Accumulator(chosen, d, C, device, token_moments, compute_dtype, split)
+    total = _Accumulator(chosen, d, C, device, token_moments, compute_dtype)
     timings: dict[str, float] = {}
     labels_t = torch.as_tensor(text_set.labels, device=device)
     shard_results: list[LayerMoments] = []
@@ -503,7 +427,7 @@ def extract(
     bar = tqdm(total=len(mine), desc="extract", unit="text", disable=not progress or rank != 0)
     for shard in range(n_shards):
         # shards serve the interval bootstrap, which needs no Shh: leaving it out saves a quarter of their size
-        acc = _Accumulator(kept_shard_layers, d, C, device, False, compute_dtype, split) if shards else None
+        acc = _Accumulator(kept_shard_layers, d, C, device, False, compute_dtype) if shards else None
         for batch in _batches(mine[shard_of[mine] == shard], lengths, batch_size):
             hidden = _forward(model, [ids[i] for i in batch], pad_id, padding_side, device)
             valid = _valid_mask([len(ids[i]) for i in batch], starts[batch], hidden[0].shape[1], padding_side, device)
@@ -512,7 +436,6 @@ def extract(
             pair = valid[:, :-1] & valid[:, 1:]
             targets = [total] + ([acc] if acc is not None else [])
             for target in targets:
-                target.state_pieces = 1 if hidden[0].dtype == torch.bfloat16 else 3
                 target.class_counts += y.sum(dim=0).double()
                 target.n_texts += len(batch)
                 target.n_pairs += pair.sum().double()
