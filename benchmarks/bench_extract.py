@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
                         help="products of (b) and (m); 'auto' is the package default (float64 on a GPU)")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="with --real: also extract with float64 products and report the differences")
     parser.add_argument("--skip-released", action="store_true", help="skip (c), the slow released-style pass")
     parser.add_argument("--error-layers", type=int, default=3, help="layers on which NTPS errors are measured")
     parser.add_argument("--out", help="also write the report to this file")
@@ -226,7 +228,20 @@ def main() -> None:
                          device=device, progress=False)
         seconds = time.perf_counter() - start
         say(f"extraction: {seconds:.1f} s, {len(texts) / seconds:.1f} texts/s, "
-            f"{result.lengths.sum() / seconds:.0f} tokens/s, mean length {result.lengths.mean():.1f} tokens")
+            f"{result.lengths.sum() / seconds:.0f} tokens/s, mean length {result.lengths.mean():.1f} tokens "
+            f"(products: {result.metadata['precision']})")
+        if args.compare_precision and result.metadata["precision"] != "float64":
+            start = time.perf_counter()
+            exact = extract(model, tokenizer, (texts, labels), batch_size=args.batch_size, max_length=args.max_len,
+                            device=device, progress=False, precision="float64")
+            seconds64 = time.perf_counter() - start
+            layers = list(exact.moments.layers)
+            with contextlib.redirect_stderr(io.StringIO()):
+                errors = relative_errors(result.moments, exact.moments, layers, [1, 2, 4, 8, 16, 64])
+            say(f"float64 products: {seconds64:.1f} s ({seconds64 / seconds:.2f} x); {result.metadata['precision']} vs "
+                f"float64 over all {len(layers)} layers: moments max relative error {errors['moments_max_rel']:.2e} "
+                f"(target 1e-5); NTPS theory max abs diff {errors['ntps_theory_max_abs']:.2e} (target 1e-6; k in 1, 2, "
+                f"4, 8, 16, 64); NTPS reference (19 fractions) max abs diff {errors['ntps_reference_max_abs']:.2e}")
         return
 
     model = random_model(args.shape, device, dtype)

@@ -361,10 +361,13 @@ def extract(
     drop_bos : leave the BOS position out of pooling and of C0/C1 (it still serves as context).
     device : where to run; defaults to the model's device.
     precision : "float32" (per-batch products in float32, summed into float64 totals), "float64"
-        (products in float64), or "auto" (default): float64 on a GPU, where it is faster than
-        float32 (1.2-1.6x on an H200, benchmarks/results), float32 on a CPU, where float64
-        matmuls cost ~4x. The choice is recorded in the metadata. (Products split into bfloat16
-        pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
+        (products in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
+        GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Float32 products
+        keep the moments within ~1e-6 of float64 but move NTPS by up to 5.5e-5 (SmolLM2, real
+        data) where nearly tied eigenvalues amplify rounding; float64 costs 1.09x end to end on a
+        CPU core (the forward dominates) and is faster than float32 on an H200
+        (benchmarks/results). The choice is recorded in the metadata. (Products split into
+        bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
     pooled_layers : layers whose mean-pooled features (N x d) are returned, "all", or None.
     padding_side : "right" or "left"; position ids are explicit, so this changes no moment.
     shards, shard_layers, shard_seed : also keep the moments of ``shards`` disjoint random groups
@@ -382,8 +385,7 @@ def extract(
     text_set = as_text_set(data, n_classes=n_classes)
     N, C = len(text_set.texts), text_set.n_classes
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if precision == "auto":
-        precision = "float64" if device.type == "cuda" else "float32"
+    precision = resolve_precision(precision, device)
     ids = tokenize(tokenizer, text_set.texts, max_length)
     bos = getattr(tokenizer, "bos_token_id", None)
     starts = np.array([1 if drop_bos and bos is not None and len(t) > 0 and t[0] == bos else 0 for t in ids])
@@ -575,6 +577,22 @@ def _all_gather_rows(local: np.ndarray, mine: np.ndarray, N: int) -> np.ndarray:
     return out
 
 
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The products' precision that ``"auto"`` means on ``device``; other values are returned as given.
+
+    float64 on a CPU and on CUDA devices with full-rate float64 (compute capability 6.0, 7.0, 8.0,
+    9.0, 10.0: P100, V100, A100, H100/H200, B200), where it costs little or nothing more than float32;
+    float32 elsewhere (consumer GPUs run float64 at 1/32-1/64 of the float32 rate).
+    """
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "float64"
+    major, minor = torch.cuda.get_device_capability(device)
+    return "float64" if minor == 0 and major in (6, 7, 8, 9, 10) else "float32"
+
+
 def extraction_key(model_info: dict[str, Any], text_set: TextSet, settings: dict[str, Any]) -> str:
     """Content key of an extraction: model identity, the exact texts and labels, the settings."""
     from ntps_nb import __version__
@@ -614,6 +632,8 @@ def extract_cached(
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
     key_settings = _settings_with_defaults(settings)
+    device = settings.get("device") or next(model.parameters()).device
+    key_settings["precision"] = resolve_precision(key_settings["precision"], device)  # "auto" differs by device
     key = extraction_key(info, text_set, key_settings)
     folder = Path(cache) if cache is not None else cache_dir("extractions")
     entry = folder / key

@@ -593,6 +593,7 @@ def ntps_before_after(
     layers: str | Iterable[int] = "all",
     max_length: int | None = None,
     batch_size: int = 16,
+    precision: str = "auto",
     cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -605,6 +606,7 @@ def ntps_before_after(
     k, fraction : number(s) of next-token directions (theory variant) or fraction(s) of the
         retained rank (either variant; the reference variant takes only fractions); give one.
     max_length : defaults to the result's, so before and after see the same tokens.
+    precision : the extraction's products (`ntps_nb.extract.extract`).
     cache : extraction cache folder (default ``cache_dir("extractions")``).
 
     Returns
@@ -624,7 +626,7 @@ def ntps_before_after(
         values = [float(fraction)] if isinstance(fraction, (float, int, np.number)) else [float(x) for x in fraction]
     base_loaded = _base_for(result, base)
     after = merged_model(result, base_loaded)
-    settings = dict(layers=layers, batch_size=batch_size, drop_bos=result.settings["drop_bos"],
+    settings = dict(layers=layers, batch_size=batch_size, drop_bos=result.settings["drop_bos"], precision=precision,
                     max_length=int(max_length or result.settings["max_length"]), progress=progress)
     text_set = as_text_set(data, n_classes=result.n_classes)
     moments = [extract_cached(m, tok, inf, text_set, cache=cache, **settings).moments
@@ -650,6 +652,7 @@ def lora_gain(
     base: str | LoadedModel | None = None,
     probe: Literal["heldout", "torch_linear"] = "heldout",
     batch_size: int = 16,
+    precision: str = "auto",
     cache: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -676,7 +679,7 @@ def lora_gain(
     last = info.n_layers
     settings = dict(layers=[last], pooled_layers=[last], token_moments=False, batch_size=batch_size,
                     max_length=result.settings["max_length"], drop_bos=result.settings["drop_bos"],
-                    progress=progress)
+                    precision=precision, progress=progress)
     features = [extract_cached(model, tokenizer, info, split, cache=cache, **settings).pooled[last]
                 for split in (train_set, test_set)]
     if probe == "heldout":

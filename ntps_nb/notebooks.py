@@ -353,10 +353,12 @@ def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, 
     for NTPS intervals (`layer_profile(..., intervals=True)`). Each shard and layer adds three
     float64 d x d matrices to the cached entry (~8 MB at d = 576).
 
-    ``precision`` is the extraction's (moment products and pooled features). "float32" (default)
-    sums float32 products into float64 totals; the identity of notebook 02 then matches fitted
-    probes to ~1e-5 (relative); "float64" gives ~1e-9 but cost several times more on 2 busy CPU
-    cores (SmolLM2, 300 texts: not done after 18 min, against a few minutes in float32).
+    ``precision`` is the extraction's (moment products and pooled features). "float32" (default
+    here, unlike `extract`'s "auto": the committed notebook outputs were computed with it) sums
+    float32 products into float64 totals: the identity of notebook 02 then matches fitted probes
+    to ~1e-5 (relative) and NTPS is within ~5e-5 of float64 products (SmolLM2 on 300 rt-polarity
+    texts, benchmarks/results), far inside the bootstrap intervals the notebooks draw. "float64"
+    gives ~1e-9 at ~1.1x the time on one CPU core.
     """
     from ntps_nb.datasets import load_dataset
     from ntps_nb.extract import extract_cached

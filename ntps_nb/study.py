@@ -73,6 +73,9 @@ class StudySettingsError(ValueError):
 # -- configuration -------------------------------------------------------------------------------
 
 
+_ADDED_LATER = {"precision": "float32"}
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """The grid (models x datasets) and the settings every unit shares.
@@ -92,6 +95,7 @@ class StudyConfig:
     max_length: int = 256
     batch_size: int = 16
     drop_bos: bool = True
+    precision: str = "float32"  # the extraction's products; see `settings` for why float32 is the default here
     layers: Any = "all"
     k: Any = "all"
     probes: tuple[str, ...] = ("heldout", "paper_in_sample")
@@ -122,6 +126,12 @@ class StudyConfig:
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
                              "analysis_threads", "torch_threads")}
         out["study_version"] = STUDY_VERSION
+        # Keys added after units were committed enter the hash only away from the value those units
+        # were computed with, so that adding the key did not make them stale. precision: every unit
+        # before it was computed on a CPU with float32 products (the then default of "auto").
+        for key, before in _ADDED_LATER.items():
+            if out[key] == before:
+                del out[key]
         return json.loads(json.dumps(out, default=list))
 
     @property
@@ -172,6 +182,8 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     unknown_probes = sorted(set(table.get("probes", [])) - {"heldout", "paper_in_sample"})
     if unknown_probes:
         raise StudySettingsError(f"{path}: unknown probe protocol(s) {unknown_probes}")
+    if table.get("precision", "float32") not in ("float32", "float64"):
+        raise StudySettingsError(f"{path}: precision must be float32 or float64 (a study records one, not 'auto')")
     if table.get("interval_method", "basic") not in ("percentile", "basic", "bca"):
         raise StudySettingsError(f"{path}: interval_method must be percentile, basic or bca")
     table = {key: _tuple(value) for key, value in table.items()}
@@ -229,7 +241,7 @@ def _k_filter(sweep: pd.DataFrame, k: Any) -> pd.DataFrame:
 def _extraction_settings(cfg: StudyConfig, layers: list[int], *, train: bool, pooled: list[int],
                          shard_layers: list[int]) -> dict[str, Any]:
     settings = dict(layers=layers, batch_size=cfg.batch_size, max_length=cfg.max_length, drop_bos=cfg.drop_bos,
-                    pooled_layers=pooled, progress=False)
+                    precision=cfg.precision, pooled_layers=pooled, progress=False)
     if train:
         settings.update(shards=cfg.shards if shard_layers else None, shard_layers=shard_layers or None,
                         shard_seed=cfg.seed, token_moments=True)
@@ -427,11 +439,12 @@ def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log) -> tuple[str, pd.DataFra
     budget = dict(cfg.lora_budget)
     result = lora.finetune_lora(loaded, ds["train"], ds["test"], max_length=cfg.max_length, drop_bos=cfg.drop_bos,
                                 seed=cfg.seed, progress=False, **budget)
-    gain = lora.lora_gain(result, ds["train"], ds["test"], base=loaded, progress=False, seed=cfg.seed)
+    gain = lora.lora_gain(result, ds["train"], ds["test"], base=loaded, progress=False, seed=cfg.seed,
+                          precision=cfg.precision)
     last = info.n_hidden_states - 1
     ks = [k for k in (cfg.k if cfg.k != "all" else (1, 2, 4, 8, 16, 32, 64)) if k <= 64]
     before_after = lora.ntps_before_after(result, ds["train"], k=ks, base=loaded, layers=[last],
-                                          batch_size=cfg.batch_size, progress=False)
+                                          batch_size=cfg.batch_size, precision=cfg.precision, progress=False)
     gain_row = {key: value for key, value in gain.items() if np.isscalar(value) or value is None}
     table = before_after.drop(columns=[c for c in ("model", "max_length", "drop_bos") if c in before_after.columns])
     table = table.assign(**{f"lora_{key}": value for key, value in gain_row.items()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ntps_nb import LayerMoments, moments_from_sequences, ntps
-from ntps_nb.extract import Extraction, extract, extract_cached, tokenize
+from ntps_nb.extract import Extraction, extract, extract_cached, resolve_precision, tokenize
 
 STREAM_RTOL = 1e-10
 
@@ -123,15 +123,25 @@ def test_drop_bos_removes_exactly_the_bos_position(llama64):
     assert dropped.metadata["bos_dropped"] == len(TEXTS)
 
 
-def test_float32_default_is_close_to_float64(tiny_llama):
+def test_float32_products_are_close_to_float64(tiny_llama):
     model, tok, _ = tiny_llama
-    m32 = extract(model, tok, (TEXTS, LABELS), progress=False).moments
+    m32 = extract(model, tok, (TEXTS, LABELS), precision="float32", progress=False).moments
     m64 = extract(model, tok, (TEXTS, LABELS), precision="float64", progress=False).moments
+    assert m32.metadata["precision"] == "float32"
     assert set(m32.metadata["timings_s"]) == {"pass", "finalise_device", "finalise_host", "finalise_checks"}
     for layer in m32:
         for name, value in m64[layer].arrays().items():
             rel = np.abs(getattr(m32[layer], name) - value).max() / np.abs(value).max()
             assert rel < 1e-5, (layer, name, rel)
+
+
+def test_auto_precision_is_float64_where_float64_is_cheap(tiny_llama, monkeypatch):
+    model, tok, _ = tiny_llama
+    assert extract(model, tok, (TEXTS[:3], LABELS[:3]), progress=False).metadata["precision"] == "float64"  # CPU
+    assert resolve_precision("float32", "cpu") == "float32"
+    for capability, expected in (((9, 0), "float64"), ((8, 0), "float64"), ((8, 9), "float32"), ((12, 0), "float32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert resolve_precision("auto", "cuda:0") == expected, capability
 
 
 def test_texts_of_one_token_only_pool(llama64):
@@ -212,7 +222,8 @@ def test_cache_round_trip_and_interrupted_write(tiny_llama, tmp_path, monkeypatc
                            pooled_layers=[2], progress=False)
     assert calls == []
     explicit_defaults = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=32,
-                                       pooled_layers=[2], progress=False, drop_bos=True, batch_size=16)
+                                       pooled_layers=[2], progress=False, drop_bos=True, batch_size=16,
+                                       precision="float64")  # what "auto" means on a CPU: the same entry
     assert calls == [] and len(list(tmp_path.iterdir())) == 1
     np.testing.assert_array_equal(explicit_defaults.moments[2].C0, first.moments[2].C0)
     np.testing.assert_array_equal(again.moments[2].C1, first.moments[2].C1)

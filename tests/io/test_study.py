@@ -25,6 +25,7 @@ def counted_extract(monkeypatch):
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("layers"))
+        assert kwargs.get("precision") in ("float32", "float64"), kwargs.get("precision")  # the study's, never "auto"
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ntps_nb.extract, "extract", counting)
@@ -43,6 +44,15 @@ def test_configs_parse():
         assert cfg.units() and len(cfg.config_hash) == 12, path
     with pytest.raises(study.StudySettingsError, match="unknown key"):
         study.load_config(STUDIES / "smoke.toml", n_bootstrap=3)
+
+
+def test_precision_enters_the_hash_only_away_from_float32():
+    cfg = study.load_config(STUDIES / "default.toml")
+    assert cfg.precision == "float32"
+    assert cfg.config_hash == "1cedd9f67410"  # the hash the committed default units were computed under
+    assert study.load_config(STUDIES / "default.toml", precision="float64").config_hash != cfg.config_hash
+    with pytest.raises(study.StudySettingsError, match="precision"):
+        study.load_config(STUDIES / "default.toml", precision="auto")
 
 
 def test_resolve_layers():
