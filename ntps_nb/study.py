@@ -484,6 +484,47 @@ def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
     return "complete" if meta.get("config_hash") == cfg.config_hash else "stale"
 
 
+def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.DataFrame:
+    """One row per unit of the grid, read from the unit folders (nothing combined or computed).
+
+    Columns: model, dataset, status ("complete", "stale", "missing"), minutes, finished, n_train,
+    mean_length (tokens), and for complete units the headline numbers at the last layer: held-out
+    probe accuracy, theory NTPS at ``k`` (or the largest k of the grid below it), and the LoRA
+    accuracy and gain where LoRA ran.
+    """
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    rows = []
+    for model, dataset in cfg.units():
+        folder = cfg.unit_folder(model, dataset)
+        row: dict[str, Any] = {"model": model, "dataset": dataset, "status": unit_status(cfg, model, dataset)}
+        if row["status"] != "missing":
+            meta = json.loads((folder / "unit.json").read_text())
+            row.update(minutes=round(meta.get("seconds", float("nan")) / 60, 1), finished=meta.get("finished"),
+                       n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"))
+        if row["status"] == "complete":
+            probes = pd.read_csv(folder / "probes.csv")
+            held = probes[probes["protocol"] == "heldout"]
+            last = held["layer"].max()
+            row["heldout_accuracy"] = float(held.loc[held["layer"] == last, "accuracy"].iloc[0])
+            scores = pd.read_csv(folder / "ntps.csv")
+            theory = scores[(scores["variant"] == "theory") & (scores["layer"] == scores["layer"].max())]
+            below = theory[theory["k"] <= k]
+            if len(below):
+                chosen = below.loc[below["k"].idxmax()]
+                row[f"ntps_theory_k{k}"] = float(chosen["ntps"])
+            lora_path = folder / "lora.csv"
+            if lora_path.is_file():
+                lora = pd.read_csv(lora_path)
+                row["lora_accuracy"] = float(lora["lora_lora_accuracy"].iloc[0])
+                row["lora_gain"] = float(lora["lora_gain"].iloc[0])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "n_train" in table:
+        table["n_train"] = table["n_train"].astype("Int64")
+    return table
+
+
 def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -911,6 +952,17 @@ def _cli_run(args) -> int:
     return 0
 
 
+def _cli_status(args) -> int:
+    cfg = load_config(args.config)
+    table = study_status(cfg, k=args.k)
+    counts = table["status"].value_counts().to_dict()
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
+        print(f"study {cfg.name} ({cfg.config_hash}): {len(table)} units, "
+              + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
+        print(table.drop(columns=["finished"], errors="ignore").to_string(index=False, na_rep=""))
+    return 0
+
+
 def _cli_combine(args) -> int:
     combine(load_config(args.config))
     return 0
@@ -942,6 +994,10 @@ def register_cli(subparsers) -> None:
                      help="only these models of the grid (e.g. one process per model on a multi-core machine)")
     run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
     run.set_defaults(func=_cli_run)
+    stat = sub.add_parser("status", help="which units are complete, their time and headline numbers")
+    stat.add_argument("config")
+    stat.add_argument("--k", type=int, default=8, help="k of the theory NTPS column (last layer)")
+    stat.set_defaults(func=_cli_status)
     comb = sub.add_parser("combine", help="concatenate the complete units into the study tables")
     comb.add_argument("config")
     comb.set_defaults(func=_cli_combine)

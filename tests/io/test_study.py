@@ -141,6 +141,18 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
 
 
+def test_status_reads_the_committed_units(tmp_path):
+    status = study.study_status(STUDIES / "fast.toml")
+    assert (status["status"] == "complete").all() and len(status) == 8
+    probes = study.load_results(STUDIES / "fast.toml")["probes"]
+    held = probes[(probes["protocol"] == "heldout") & (probes["model"] == "smollm2-135m") & (probes["dataset"] == "trec6")]
+    row = status[(status["model"] == "smollm2-135m") & (status["dataset"] == "trec6")].iloc[0]
+    assert row["heldout_accuracy"] == held.loc[held["layer"].idxmax(), "accuracy"]
+    assert 0 <= row["ntps_theory_k8"] <= 1 and row["minutes"] > 0
+    empty = study.study_status(_smoke(tmp_path))
+    assert list(empty["status"]) == ["missing", "missing"]
+
+
 def test_summary_on_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "probes.csv").is_file():
