@@ -45,6 +45,10 @@ RANKME_EPS = 1e-7
 KNN_TEST_SIZE = 0.3
 
 
+class PeerUndefinedWarning(UserWarning):
+    """A peer score is undefined on the given features; `peer_scores` records NaN and the reason."""
+
+
 class PeerConvergenceWarning(UserWarning):
     """An iterative peer score stopped at its iteration cap."""
 
@@ -312,14 +316,27 @@ PEERS: dict[str, Callable[..., float]] = {
 def peer_scores(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, knn_k: int = 5,
                 peers: Sequence[str] | None = None, **provenance: Any) -> dict[str, Any]:
     """Every peer (or those named) on one layer's features, as one tidy row with provenance
-    columns (``peer_scores(X, y, model=..., dataset=..., layer=...)``)."""
+    columns (``peer_scores(X, y, model=..., dataset=..., layer=...)``).
+
+    Input errors (wrong labels, one class) raise. A score that is undefined on these features
+    (e.g. LogME when the features fit every one-hot target exactly, as with fewer texts than
+    dimensions) is NaN, with the reason in ``<name>_error`` and a `PeerUndefinedWarning`, so
+    that one undefined score does not lose the others (or a study unit).
+    """
     names = list(PEERS) if peers is None else list(peers)
     unknown = sorted(set(names) - set(PEERS))
     if unknown:
         raise ValueError(f"unknown peer(s) {unknown}; available: {sorted(PEERS)}")
+    _check(features, labels)
     row: dict[str, Any] = dict(provenance)
     for name in names:
-        row[name] = PEERS[name](features, labels, k=knn_k) if name == "knn_accuracy" else PEERS[name](features, labels)
+        try:
+            row[name] = (PEERS[name](features, labels, k=knn_k) if name == "knn_accuracy"
+                         else PEERS[name](features, labels))
+        except (ValueError, np.linalg.LinAlgError) as error:
+            row[name], row[f"{name}_error"] = float("nan"), str(error)
+            warnings.warn(f"{name} is undefined on these features ({error}); recorded as NaN",
+                          PeerUndefinedWarning, stacklevel=2)
     row["knn_k"] = knn_k
     row["knn_mode"] = "loo"
     return row

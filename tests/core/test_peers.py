@@ -7,6 +7,7 @@ from scipy.stats import ortho_group
 from ntps_nb import Moments, ntps, theory_geometry
 from ntps_nb.core.peers import (
     PeerConvergenceWarning,
+    PeerUndefinedWarning,
     h_score,
     h_score_ledoit_wolf,
     knn_accuracy,
@@ -244,6 +245,19 @@ def test_peer_scores_row(rng):
     assert set(row) >= {"logme", "h_score", "h_score_lw", "knn_accuracy", "rankme"}
     with pytest.raises(ValueError, match="unknown peer"):
         peer_scores(X, y, peers=["leep"])
+    with pytest.raises(ValueError, match="single class"):
+        peer_scores(X, np.zeros(len(y), dtype=int))  # bad input still raises
+
+
+def test_an_undefined_peer_is_nan_with_its_reason(rng):
+    X = rng.standard_normal((10, 50))  # fewer texts than dimensions: every one-hot target is fitted exactly
+    y = np.arange(10) % 2
+    with pytest.raises(ValueError, match="unbounded"):
+        logme(X, y)
+    with pytest.warns(PeerUndefinedWarning, match="logme"):
+        row = peer_scores(X, y, layer=0)
+    assert np.isnan(row["logme"]) and "unbounded" in row["logme_error"]
+    assert row["rankme"] == rankme(X) and "rankme_error" not in row
 
 
 # -- PCA-overlap control -----------------------------------------------------------------------------
