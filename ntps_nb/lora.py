@@ -594,6 +594,7 @@ def ntps_before_after(
     max_length: int | None = None,
     batch_size: int = 16,
     precision: str = "auto",
+    before: Any = None,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -607,6 +608,9 @@ def ntps_before_after(
         retained rank (either variant; the reference variant takes only fractions); give one.
     max_length : defaults to the result's, so before and after see the same tokens.
     precision : the extraction's products (`ntps_nb.extract.extract`).
+    before : the base model's moments on ``data`` extracted elsewhere with the same ``max_length``
+        and ``drop_bos`` (a `LayerMoments` or {layer: Moments}, e.g. a study's own extraction),
+        instead of extracting them again; it must hold every requested layer and ``len(data)`` texts.
     cache : extraction cache folder (default ``cache_dir("extractions")``).
 
     Returns
@@ -629,10 +633,24 @@ def ntps_before_after(
     settings = dict(layers=layers, batch_size=batch_size, drop_bos=result.settings["drop_bos"], precision=precision,
                     max_length=int(max_length or result.settings["max_length"]), progress=progress)
     text_set = as_text_set(data, n_classes=result.n_classes)
-    moments = [extract_cached(m, tok, inf, text_set, cache=cache, **settings).moments
-               for m, tok, inf in (base_loaded, after)]
+    if before is None:
+        moments = [extract_cached(m, tok, inf, text_set, cache=cache, **settings).moments
+                   for m, tok, inf in (base_loaded, after)]
+    else:
+        if layers == "all":
+            raise ValueError("with before=, name the layers (the ones before holds) instead of 'all'")
+        wanted = sorted({int(x) for x in layers})
+        missing = [layer for layer in wanted if layer not in before]
+        if missing:
+            raise ValueError(f"before= has no moments for layers {missing}")
+        if any(before[layer].n_texts != len(text_set.texts) for layer in wanted):
+            raise ValueError(f"before= was extracted from {before[wanted[0]].n_texts} texts, data has "
+                             f"{len(text_set.texts)}: the moments must come from the same texts")
+        m, tok, inf = after
+        after_moments = extract_cached(m, tok, inf, text_set, cache=cache, **{**settings, "layers": wanted}).moments
+        moments = [{layer: before[layer] for layer in wanted}, after_moments]
     rows = []
-    for layer in moments[0].layers:
+    for layer in sorted(moments[0]):
         for value in values:
             before_value, after_value = (ntps(m[layer], **{column: value}, variant=variant) for m in moments)
             rows.append({"layer": layer, column: value, "variant": variant, "ntps_before": before_value,
@@ -653,6 +671,7 @@ def lora_gain(
     probe: Literal["heldout", "torch_linear"] = "heldout",
     batch_size: int = 16,
     precision: str = "auto",
+    base_features: tuple[np.ndarray, np.ndarray] | None = None,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -660,7 +679,9 @@ def lora_gain(
     """gain = LoRA test accuracy - probe test accuracy on the base model's pooled last layer.
 
     The probe sees the same splits (checked by fingerprint) and the same ``max_length`` and
-    ``drop_bos`` as the fine-tuning. ``probe="heldout"`` is `ntps_nb.core.probes.heldout_probe`
+    ``drop_bos`` as the fine-tuning (``base_features``: the base model's pooled last-layer features
+    of train and test, extracted elsewhere with those settings, e.g. by a study, instead of
+    extracting them again). ``probe="heldout"`` is `ntps_nb.core.probes.heldout_probe`
     (standardised logistic regression); ``"torch_linear"`` is the paper's torch probe.
 
     Returns
@@ -680,8 +701,15 @@ def lora_gain(
     settings = dict(layers=[last], pooled_layers=[last], token_moments=False, batch_size=batch_size,
                     max_length=result.settings["max_length"], drop_bos=result.settings["drop_bos"],
                     precision=precision, progress=progress)
-    features = [extract_cached(model, tokenizer, info, split, cache=cache, **settings).pooled[last]
-                for split in (train_set, test_set)]
+    if base_features is None:
+        features = [extract_cached(model, tokenizer, info, split, cache=cache, **settings).pooled[last]
+                    for split in (train_set, test_set)]
+    else:
+        features = [np.asarray(f) for f in base_features]
+        for f, split, name in zip(features, (train_set, test_set), ("train", "test")):
+            if f.ndim != 2 or f.shape[0] != len(split.texts):
+                raise ValueError(f"base_features for {name} must have one row per text ({len(split.texts)}), "
+                                 f"got shape {f.shape}")
     if probe == "heldout":
         row = heldout_probe(features[0], train_set.labels, features[1], test_set.labels,
                             n_classes=train_set.n_classes, seed=seed)

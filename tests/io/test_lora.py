@@ -1,6 +1,7 @@
 """LoRA fine-tuning on tiny models: learning, merge equivalence, cache identity, resume, bad inputs."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -125,6 +126,17 @@ def test_merged_identity_keys_its_own_extraction(trained, llama, task, tmp_path)
     with pytest.raises(ValueError, match="exactly one of k"):
         ntps_before_after(trained, train, base=llama, cache=tmp_path)
 
+    # the base side given (as a study does with its own extraction): only the merged model is extracted
+    given = ntps_before_after(trained, train, k=[1, 2], base=llama, layers=[0, 1, 2], before=before.moments,
+                              cache=tmp_path / "other", progress=False)
+    pd.testing.assert_frame_equal(given.reset_index(drop=True), table.reset_index(drop=True))
+    assert len(list((tmp_path / "other").iterdir())) == 1
+    short = extract_cached(llama[0], llama[1], base_info, (train[0][:10], train[1][:10]), **settings)
+    with pytest.raises(ValueError, match="same texts"):
+        ntps_before_after(trained, train, k=1, base=llama, layers=[2], before=short.moments, cache=tmp_path)
+    with pytest.raises(ValueError, match="no moments for layers"):
+        ntps_before_after(trained, train, k=1, base=llama, layers=[7], before=before.moments, cache=tmp_path)
+
 
 def test_gain_is_lora_minus_probe(trained, llama, task, tmp_path):
     train, test = task
@@ -134,6 +146,15 @@ def test_gain_is_lora_minus_probe(trained, llama, task, tmp_path):
     assert row["budget_steps"] == 30 and row["paper_steps"] == 5000
     with pytest.raises(ValueError, match="same splits"):
         lora_gain(trained, test, train, base=llama, cache=tmp_path, progress=False)
+    last = llama[2].n_layers
+    settings = dict(cache=tmp_path, layers=[last], pooled_layers=[last], token_moments=False, batch_size=16,
+                    max_length=trained.settings["max_length"], drop_bos=trained.settings["drop_bos"], progress=False)
+    pooled = [extract_cached(*llama, split, **settings).pooled[last] for split in (train, test)]
+    given = lora_gain(trained, train, test, base=llama, base_features=pooled, cache=tmp_path / "unused",
+                      progress=False)
+    assert given == row and not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="one row per text"):
+        lora_gain(trained, train, test, base=llama, base_features=(pooled[0][:5], pooled[1]), progress=False)
 
 
 def test_resume_after_interruption_equals_uninterrupted(llama, task, tmp_path):

@@ -141,6 +141,25 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
 
 
+def test_lora_unit_reuses_the_units_own_extraction(tmp_path, tiny_llama):
+    pytest.importorskip("peft")
+    import dataclasses
+
+    cfg = _smoke(tmp_path, datasets=["trec6"], lora=True, lora_budget={"steps": 3, "batch_size": 4, "lr": 1e-3},
+                 peers=False)
+    model, tok, info = tiny_llama
+    as_pretrained = (model, tok, dataclasses.replace(info, pretrained=True))  # LoRA runs on pretrained models only
+    tables = study.run_unit(cfg, "tiny-llama", "trec6", as_pretrained, cache=tmp_path / "cache", log=lambda _: None)
+    lora, probes, scores = tables["lora"], tables["probes"], tables["ntps"]
+    last = probes["layer"].max()
+    held = probes[(probes["protocol"] == "heldout") & (probes["layer"] == last)]
+    # the gain's probe is the unit's own held-out probe at the last layer, NTPS before its own NTPS
+    assert (lora["lora_probe_accuracy"] == held["accuracy"].iloc[0]).all()
+    theory = scores[(scores["variant"] == "theory") & (scores["layer"] == last)].set_index("k")["ntps"]
+    for _, row in lora.iterrows():
+        assert row["ntps_before"] == pytest.approx(theory[row["k"]], abs=1e-12)
+
+
 def test_status_reads_the_committed_units(tmp_path):
     status = study.study_status(STUDIES / "fast.toml")
     assert (status["status"] == "complete").all() and len(status) == 8
