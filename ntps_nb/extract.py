@@ -582,13 +582,16 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
     float64 on a CPU and on CUDA devices with full-rate float64 (compute capability 6.0, 7.0, 8.0,
     9.0, 10.0: P100, V100, A100, H100/H200, B200), where it costs little or nothing more than float32;
-    float32 elsewhere (consumer GPUs run float64 at 1/32-1/64 of the float32 rate).
+    float32 elsewhere (consumer GPUs run float64 at 1/32-1/64 of the float32 rate; Apple's MPS has
+    no float64).
     """
     if precision != "auto":
         return precision
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type == "cpu":
         return "float64"
+    if device.type != "cuda":
+        return "float32"
     major, minor = torch.cuda.get_device_capability(device)
     return "float64" if minor == 0 and major in (6, 7, 8, 9, 10) else "float32"
 

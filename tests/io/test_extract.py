@@ -139,6 +139,7 @@ def test_auto_precision_is_float64_where_float64_is_cheap(tiny_llama, monkeypatc
     model, tok, _ = tiny_llama
     assert extract(model, tok, (TEXTS[:3], LABELS[:3]), progress=False).metadata["precision"] == "float64"  # CPU
     assert resolve_precision("float32", "cpu") == "float32"
+    assert resolve_precision("auto", "mps") == "float32"  # no float64 there
     for capability, expected in (((9, 0), "float64"), ((8, 0), "float64"), ((8, 9), "float32"), ((12, 0), "float32")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert resolve_precision("auto", "cuda:0") == expected, capability
