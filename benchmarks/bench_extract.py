@@ -161,6 +161,23 @@ def relative_errors(m32, m64, layers, k_values) -> dict[str, float]:
     return {"moments_max_rel": moment_err, "ntps_theory_max_abs": ntps_err, "ntps_reference_max_abs": ref_err}
 
 
+def reporter(out: str | None):
+    """``say(text)``: print a line and append it to ``out`` (emptied first), line by line, so that
+    a run cut short keeps what it measured."""
+    out_path = Path(out) if out else None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("")
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        if out_path is not None:
+            with out_path.open("a") as f:
+                f.write(text + "\n")
+
+    return say
+
+
 def synthetic_texts(n: int, min_len: int, max_len: int, vocab: int, seed: int):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_len, max_len + 1, n)
@@ -192,20 +209,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    lines: list[str] = []
 
-    out_path = Path(args.out) if args.out else None
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text("")
-
-    def say(text: str = "") -> None:  # written line by line: a run cut short keeps what it measured
-        print(text, flush=True)
-        lines.append(text)
-        if out_path is not None:
-            with out_path.open("a") as f:
-                f.write(text + "\n")
-
+    say = reporter(args.out)
     say(f"ntps_nb extraction benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     import transformers

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_extract import SHAPES, IdTokenizer, random_model, synchronize, synthetic_texts  # noqa: E402
+from bench_extract import SHAPES, IdTokenizer, random_model, reporter, synchronize, synthetic_texts  # noqa: E402
 
 from ntps_nb.extract import _Accumulator, _batches, _forward, _valid_mask, extract, layer_factors  # noqa: E402
 
@@ -50,7 +50,7 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched product of bfloat16 operands with float32 output (and float32 accumulation).
 
     On CUDA a tensor-core kernel (``out_dtype``); elsewhere the same arithmetic in float32 (a
-    product of two bfloat16 numbers is exact in float32), which is slow and serves the tests.
+    product of two bfloat16 numbers is exact in float32): slow, for CPU runs of this script.
     """
     if a.device.type == "cuda":
         return torch.bmm(a, b, out_dtype=torch.float32)
@@ -65,7 +65,7 @@ def split_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None =
     combined size is above ~2^-24 of the leading one are summed: a0 b0 + a0 b1 + a1 b0 + a0 b2 +
     a2 b0 + a1 b1 (pieces of a factor known to be exact in bfloat16, e.g. the states of a bfloat16
     forward, are 1). ``symmetric`` (b is a) adds a0 a0 + 2 a0 a1 + 2 a0 a2 + a1 a1 instead, whose
-    symmetric part is a^T a: the caller symmetrises at the end (`finalised` does). All products
+    symmetric part is a^T a: the caller symmetrises at the end (the accumulator does). All products
     of one chunk of ``chunk`` rows are summed in float32 on the tensor cores, the chunks in float64.
     """
     K = a.shape[0]
@@ -94,16 +94,9 @@ def split_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None =
 
 
 def finalised(acc: _Accumulator) -> dict:
-    """The accumulated sums with Shh formed and the symmetric ones symmetrised, on the device."""
-    out = {}
-    for layer, sums in acc.sums.items():
-        sums = dict(sums)
-        if "SS" in sums:
-            sums["Shh"] = sums.pop("SS") - sums["C1"] - sums["C1"].T
-        for name in ("Sxx", "C0", "Shh"):
-            sums[name] = (sums[name] + sums[name].T) / 2
-        out[layer] = sums
-    return out
+    """The sums as moments (Shh formed, symmetric ones symmetrised, divided by N), on the device."""
+    acc.finalise_on_device()
+    return acc.sums
 
 
 @torch.no_grad()
@@ -118,16 +111,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
-    out_path = Path(args.out) if args.out else None
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text("")
-
-    def say(text: str) -> None:
-        print(text, flush=True)
-        if out_path is not None:
-            with out_path.open("a") as f:
-                f.write(text + "\n")
+    say = reporter(args.out)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     say(f"ntps_nb moment products benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  {name}, torch {torch.__version__}")
@@ -157,6 +141,7 @@ def main() -> None:
                 accs[precision] = _Accumulator(list(range(len(hidden))), hidden[0].shape[-1], n_classes, device, True,
                                                torch.float32 if split else dtype)
             acc = accs[precision]
+            acc.n_texts += len(batch)
             synchronize(device)
             start = time.perf_counter()
             y = torch.nn.functional.one_hot(torch.as_tensor(labels[batch], device=device), n_classes).to(dtype)

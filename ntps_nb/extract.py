@@ -219,18 +219,12 @@ class _Accumulator:
         for value in (self.class_counts, self.n_texts, self.n_pairs):
             dist.all_reduce(value)
 
-    def to_layer_moments(self, metadata: dict[str, Any], timings: dict[str, float] | None = None) -> LayerMoments:
-        """Divide by N, make the symmetric moments exactly symmetric and bring them to the host.
-
-        The accumulators are consumed (finalised in place on their device). ``timings`` receives the
-        seconds spent finalising on the device and copying to the host.
-        """
+    def finalise_on_device(self) -> None:
+        """In place: form Shh from the identity (if accumulated as SS), make the symmetric moments
+        exactly symmetric and divide every sum by the number of texts."""
         n = float(self.n_texts)
         if n < 1:
             raise ValueError("no texts were accumulated")
-        device = self.class_counts.device
-        clock = _Clock(device)
-        counts = self.class_counts.cpu().numpy()
         for layer in self.layers:
             sums = self.sums[layer]
             if "SS" in sums:
@@ -242,6 +236,18 @@ class _Accumulator:
                 if name in ("Sxx", "C0", "Shh"):  # symmetric by construction; make it exact on the device
                     value.copy_((value + value.T) / 2)
                 value /= n
+
+    def to_layer_moments(self, metadata: dict[str, Any], timings: dict[str, float] | None = None) -> LayerMoments:
+        """Divide by N, make the symmetric moments exactly symmetric and bring them to the host.
+
+        The accumulators are consumed (finalised in place on their device). ``timings`` receives the
+        seconds spent finalising on the device and copying to the host.
+        """
+        n = float(self.n_texts)
+        device = self.class_counts.device
+        clock = _Clock(device)
+        counts = self.class_counts.cpu().numpy()
+        self.finalise_on_device()
         seconds_device = clock.lap()
         out = {}
         staging = _Staging()
