@@ -762,9 +762,69 @@ def _lodo_null_p(frame, observed: float, *, score, target, configs, method, dire
     return hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
 
 
+def _selection_rows(frame: pd.DataFrame, base: dict, *, target: str, name: str, cfg_cols: list[str], direction: str,
+                    method: str, n_boot: int, n_perm: int, seed: int) -> list[dict]:
+    """The rows of one score against one target: leave-one-dataset-out selection (needs 4
+    datasets) with its bootstrap CI and selection-redone permutation p-value, and the paper's
+    in-sample selection with the selection-aware p-value of `ntps_nb.core.stats.selection_null`.
+    ``frame`` has columns dataset, ``cfg_cols``, ``ntps`` and ``target``."""
+    from ntps_nb.core.stats import select_in_sample, select_leave_one_dataset_out, selection_null
+
+    rows = []
+    n = frame["dataset"].nunique()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if n >= 4:
+            lodo = select_leave_one_dataset_out(frame, score="ntps", target=target, configs=cfg_cols,
+                                                method=method, direction=direction)
+            chosen = lodo["chosen"]
+            low, high = (_ci(chosen["held_out_score"], chosen["target"], method, n_boot, seed)
+                         if np.isfinite(lodo["rho"]) else (np.nan, np.nan))
+            p = _lodo_null_p(frame, lodo["rho"], score="ntps", target=target, configs=cfg_cols,
+                             method=method, direction=direction, n_perm=n_perm, seed=seed)
+            configs = chosen[cfg_cols].apply(_config_text, axis=1)
+            rows.append({**base, "target": target, "score": name, "selection": "leave_one_dataset_out",
+                         "rho": lodo["rho"], "ci_low": low, "ci_high": high, "p_value": p,
+                         "p_kind": "permutation, selection redone", "config": ", ".join(configs.mode()[:1]),
+                         "n_distinct_configs": lodo["n_distinct_configs"],
+                         "n_configs": len(frame.drop_duplicates(cfg_cols))})
+        best = select_in_sample(frame, score="ntps", target=target, configs=cfg_cols, method=method,
+                                direction=direction)
+        null = selection_null(frame, score="ntps", target=target, configs=cfg_cols, method=method,
+                              direction=direction, n_perm=max(n_perm, 1000), seed=seed)
+        chosen_rows = frame.merge(pd.DataFrame([best["config"]]), on=cfg_cols).sort_values("dataset")
+        low, high = _ci(chosen_rows["ntps"], chosen_rows[target], method, n_boot, seed)
+    rows.append({**base, "target": target, "score": name, "selection": "in_sample", "rho": best["rho"],
+                 "ci_low": low, "ci_high": high, "p_value": null["pvalue"],
+                 "p_kind": "selection_null (max over configs)",
+                 "config": _config_text(best["config"].values()),
+                 "n_configs": best["n_configs"], "null_q95": null["null_q95"]})
+    return rows
+
+
+def _baseline_rows(baselines: dict[str, Any], y: np.ndarray, base: dict, *, target: str, method: str, n_boot: int,
+                   seed: int) -> list[dict]:
+    """rho of each dataset-level baseline (no selection) with the target, CI and permutation p."""
+    from ntps_nb.core.stats import correlate, permutation_pvalue
+
+    rows = []
+    for name, values in baselines.items():
+        x = np.asarray(values, dtype=float)
+        try:
+            rho = correlate(x, y, method)
+            low, high = _ci(x, y, method, n_boot, seed)
+            p = permutation_pvalue(x, y, method=method, n_perm=10_000, seed=seed)["pvalue"]
+        except ValueError:  # constant baseline (e.g. all tasks binary)
+            rho, low, high, p = np.nan, np.nan, np.nan, np.nan
+        rows.append({**base, "target": target, "score": name, "selection": "none", "rho": rho,
+                     "ci_low": low, "ci_high": high, "p_value": p, "p_kind": "permutation",
+                     "config": "last layer" if name.startswith("peer:") else "dataset only"})
+    return rows
+
+
 def correlation_summary(
     tables: dict[str, pd.DataFrame], *, method: str = "spearman", protocol: str = "heldout",
-    n_boot: int = 1000, n_perm: int = 200, seed: int = 0, targets: Sequence[str] = tuple(TARGETS),
+    n_boot: int = 1000, n_perm: int = 200, seed: int = 0, targets: Sequence[str] = (*TARGETS, "lora_gain"),
     variants: Sequence[str] = ("theory", "reference"),
 ) -> pd.DataFrame:
     """Per model and target: how NTPS ranks the datasets, under honest and in-sample selection,
@@ -781,12 +841,14 @@ def correlation_summary(
     - scores ``-C`` and ``majority_rate`` (no selection): dataset-only baselines (SPEC section 10);
     - peers at the last layer (no selection), when the peers table is present.
 
+    Target ``lora_gain`` (when the tables hold a ``lora`` table): the gain of LoRA over the
+    held-out probe against the theory NTPS *before* LoRA at the layer LoRA was scored at, k
+    selected as above with direction "negative" (the paper: lower NTPS, larger gain); baselines
+    -C, majority rate and the probe accuracy itself (headroom: a weak probe leaves more to gain).
+
     Targets come from the ``protocol`` probes at each model's last layer. ``pretrained`` tells
     pretrained models from their ``:random`` controls; `pretraining_contrast` pairs them.
     """
-    from ntps_nb.core.stats import (correlate, permutation_pvalue, select_in_sample, select_leave_one_dataset_out,
-                                    selection_null)
-
     target_rows = probe_targets(tables["probes"], protocol=protocol)
     ntps_table = tables["ntps"]
     rows = []
@@ -797,44 +859,17 @@ def correlation_summary(
                 "target_protocol": protocol, "target_layer": int(targets_m["target_layer"].iloc[0])}
         if n < 3:
             continue
-        for target in targets:
-            direction = TARGETS[target]
+        for target in (t for t in targets if t in TARGETS):
             for variant in variants:
                 cfg_cols = ["layer", "k"] if variant == "theory" else ["layer", "fraction"]
                 scores = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
                 frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets_m[["dataset", target]], on="dataset")
                 frame = frame.dropna(subset=["ntps"])
-                name = f"ntps_{variant}"
                 if frame["dataset"].nunique() < 3:  # scores of too few datasets (e.g. units still running)
                     continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if n >= 4:
-                        lodo = select_leave_one_dataset_out(frame, score="ntps", target=target, configs=cfg_cols,
-                                                            method=method, direction=direction)
-                        chosen = lodo["chosen"]
-                        low, high = (_ci(chosen["held_out_score"], chosen["target"], method, n_boot, seed)
-                                     if np.isfinite(lodo["rho"]) else (np.nan, np.nan))
-                        p = _lodo_null_p(frame, lodo["rho"], score="ntps", target=target, configs=cfg_cols,
-                                         method=method, direction=direction, n_perm=n_perm, seed=seed)
-                        configs = chosen[cfg_cols].apply(_config_text, axis=1)
-                        rows.append({**base, "target": target, "score": name, "selection": "leave_one_dataset_out",
-                                     "rho": lodo["rho"], "ci_low": low, "ci_high": high, "p_value": p,
-                                     "p_kind": "permutation, selection redone", "config": ", ".join(configs.mode()[:1]),
-                                     "n_distinct_configs": lodo["n_distinct_configs"],
-                                     "n_configs": len(frame.drop_duplicates(cfg_cols))})
-                    best = select_in_sample(frame, score="ntps", target=target, configs=cfg_cols, method=method,
-                                            direction=direction)
-                    null = selection_null(frame, score="ntps", target=target, configs=cfg_cols, method=method,
-                                          direction=direction, n_perm=max(n_perm, 1000), seed=seed)
-                    chosen_rows = frame.merge(pd.DataFrame([best["config"]]), on=cfg_cols)
-                    low, high = _ci(chosen_rows.sort_values("dataset")["ntps"], chosen_rows.sort_values("dataset")[target],
-                                    method, n_boot, seed)
-                rows.append({**base, "target": target, "score": name, "selection": "in_sample", "rho": best["rho"],
-                             "ci_low": low, "ci_high": high, "p_value": null["pvalue"],
-                             "p_kind": "selection_null (max over configs)",
-                             "config": _config_text(best["config"].values()),
-                             "n_configs": best["n_configs"], "null_q95": null["null_q95"]})
+                rows += _selection_rows(frame, base, target=target, name=f"ntps_{variant}", cfg_cols=cfg_cols,
+                                        direction=TARGETS[target], method=method, n_boot=n_boot, n_perm=n_perm,
+                                        seed=seed)
             baselines = {"-C": -targets_m["n_classes"].astype(float), "majority_rate": targets_m["majority_rate"]}
             if "peers" in tables:
                 peers = tables["peers"]
@@ -843,18 +878,30 @@ def correlation_summary(
                 for peer in ("logme", "h_score", "h_score_lw", "knn_accuracy", "rankme"):
                     if peer in peers.columns:
                         baselines[f"peer:{peer}"] = targets_m["dataset"].map(peers[peer])
-            for name, values in baselines.items():
-                x, y = np.asarray(values, dtype=float), targets_m[target].to_numpy(dtype=float)
-                try:
-                    rho = correlate(x, y, method)
-                    low, high = _ci(x, y, method, n_boot, seed)
-                    p = permutation_pvalue(x, y, method=method, n_perm=10_000, seed=seed)["pvalue"]
-                except ValueError:  # constant baseline (e.g. all tasks binary)
-                    rho, low, high, p = np.nan, np.nan, np.nan, np.nan
-                rows.append({**base, "target": target, "score": name, "selection": "none", "rho": rho,
-                             "ci_low": low, "ci_high": high, "p_value": p, "p_kind": "permutation",
-                             "config": "last layer" if name.startswith("peer:") else "dataset only"})
+            rows += _baseline_rows(baselines, targets_m[target].to_numpy(dtype=float), base, target=target,
+                                   method=method, n_boot=n_boot, seed=seed)
+        if "lora_gain" in targets and "lora" in tables:
+            rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed)
     return pd.DataFrame(rows)
+
+
+def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, method: str, n_boot: int, n_perm: int,
+               seed: int) -> list[dict]:
+    """`correlation_summary`'s ``lora_gain`` rows of one model (none with fewer than 3 datasets)."""
+    rows_m = lora[(lora["model"] == base["model"]) & (lora["variant"] == "theory")].dropna(subset=["ntps_before"])
+    if rows_m["dataset"].nunique() < 3:
+        return []
+    gains = rows_m.groupby("dataset")[["lora_gain", "lora_probe_accuracy"]].first()
+    frame = rows_m[["dataset", "layer", "k", "ntps_before"]].rename(columns={"ntps_before": "ntps"})
+    frame = frame.merge(gains["lora_gain"], left_on="dataset", right_index=True)
+    base = {**base, "n_datasets": int(gains.shape[0]), "target_layer": int(rows_m["layer"].max())}
+    out = _selection_rows(frame, base, target="lora_gain", name="ntps_theory_before", cfg_cols=["layer", "k"],
+                          direction="negative", method=method, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    meta = targets_m.set_index("dataset").reindex(gains.index)
+    baselines = {"-C": -meta["n_classes"].astype(float), "majority_rate": meta["majority_rate"],
+                 "probe_accuracy": gains["lora_probe_accuracy"]}
+    return out + _baseline_rows(baselines, gains["lora_gain"].to_numpy(dtype=float), base, target="lora_gain",
+                                method=method, n_boot=n_boot, seed=seed)
 
 
 def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "heldout") -> pd.DataFrame:
@@ -1012,7 +1059,8 @@ def register_cli(subparsers) -> None:
     comb.set_defaults(func=_cli_combine)
     summ = sub.add_parser("summary", help="rho of NTPS vs probes per model, with baselines and controls")
     summ.add_argument("config")
-    summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa"], choices=list(TARGETS))
+    summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa", "lora_gain"],
+                      choices=[*TARGETS, "lora_gain"], help="lora_gain: where the study ran LoRA")
     summ.add_argument("--n-perm", type=int, default=200)
     summ.add_argument("--n-boot", type=int, default=1000)
     summ.add_argument("--output", default=None, help="also write the full summary as CSV")

@@ -183,6 +183,30 @@ def test_summary_on_committed_fast_results():
     assert {"-C", "majority_rate"} <= set(summary["score"])
 
 
+def test_gain_rows_on_committed_fast_lora_results():
+    from scipy.stats import spearmanr
+
+    folder = ROOT / "data" / "results" / "fast_lora"
+    if not (folder / "lora.csv").is_file():
+        pytest.skip("data/results/fast_lora is not committed")
+    tables = study.load_results(folder)
+    summary = study.correlation_summary(tables, targets=["lora_gain"], n_boot=50, n_perm=30)
+    assert set(summary["target"]) == {"lora_gain"}
+    rows = summary.set_index(["score", "selection"])
+    assert {("ntps_theory_before", "leave_one_dataset_out"), ("ntps_theory_before", "in_sample"),
+            ("probe_accuracy", "none"), ("-C", "none")} <= set(rows.index)
+    # independent check with scipy: in-sample = the most negative rho over k of NTPS-before vs gain
+    lora = tables["lora"]
+    per_k = [spearmanr(g.sort_values("dataset")["ntps_before"], g.sort_values("dataset")["lora_gain"])[0]
+             for _, g in lora.groupby("k")]
+    assert rows.loc[("ntps_theory_before", "in_sample"), "rho"] == pytest.approx(np.nanmin(per_k), abs=1e-12)
+    one = lora.drop_duplicates("dataset")
+    expected = spearmanr(one["lora_probe_accuracy"], one["lora_gain"])[0]
+    assert rows.loc[("probe_accuracy", "none"), "rho"] == pytest.approx(expected, abs=1e-12)
+    lodo = rows.loc[("ntps_theory_before", "leave_one_dataset_out")]
+    assert -1 <= lodo["rho"] <= 1 and 0 < lodo["p_value"] <= 1
+
+
 def test_interval_and_diagnostic_views_of_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "intervals.csv").is_file():
