@@ -986,6 +986,46 @@ def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
     return out.sort_values(["model", "dataset"]).reset_index(drop=True)
 
 
+def summary_markdown(summary: pd.DataFrame, *, targets: Sequence[str] | None = None,
+                     scores: Sequence[str] | None = None) -> str:
+    """`correlation_summary` rows as a Markdown table (the form README's Results section quotes),
+    pretrained models first, then their random controls; rho, 95% CI and p to two decimals, and
+    the configuration (layer/k or layer/fraction; the most frequent one under leave-one-out).
+
+    ``targets`` / ``scores`` keep only those values (None: all)."""
+    _require_columns(summary, ["model", "pretrained", "n_datasets", "target", "score", "selection", "rho", "ci_low",
+                               "ci_high", "p_value"], "summary_markdown")
+    rows = summary
+    if targets is not None:
+        rows = rows[rows["target"].isin(list(targets))]
+    if scores is not None:
+        rows = rows[rows["score"].isin(list(scores))]
+    if rows.empty:
+        raise ValueError("no summary rows to show (check targets= and scores=)")
+    order = {name: i for i, name in enumerate(dict.fromkeys(rows.sort_values("pretrained", ascending=False,
+                                                                              kind="stable")["model"]))}
+    rows = rows.assign(_order=rows["model"].map(order)).sort_values("_order", kind="stable")
+
+    def number(value: float) -> str:
+        return "-" if not np.isfinite(value) else f"{value:.2f}"
+
+    lines = ["| model | datasets | target | score | selection | rho | 95% CI | p | configuration |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows.itertuples(index=False):
+        ci = ("-" if not (np.isfinite(row.ci_low) and np.isfinite(row.ci_high))
+              else f"[{row.ci_low:.2f}, {row.ci_high:.2f}]")
+        selection = str(row.selection).replace("_", " ")
+        lines.append(f"| {row.model} | {row.n_datasets} | {row.target} | {row.score} | {selection} | "
+                     f"{number(row.rho)} | {ci} | {number(row.p_value)} | {getattr(row, 'config', '')} |")
+    return "\n".join(lines)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} needs column(s) {missing}; the frame has {list(frame.columns)}")
+
+
 def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
     """The tidy summary README and notebooks print: `correlation_summary` of a study's combined tables.
 
@@ -1029,10 +1069,13 @@ def _cli_summary(args) -> int:
     summary = summarise(cfg, n_perm=args.n_perm, n_boot=args.n_boot)
     shown = summary[summary["target"].isin(args.targets)]
     cols = ["model", "target", "score", "selection", "rho", "ci_low", "ci_high", "p_value", "config"]
-    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
-        print(f"study {cfg.name}: Spearman rho across datasets (targets: {summary['target_protocol'].iloc[0]} probes "
-              f"at the last layer; n_datasets = {sorted(summary['n_datasets'].unique().tolist())})")
-        print(shown[cols].to_string(index=False))
+    if args.markdown:
+        print(summary_markdown(summary, targets=args.targets))
+    else:
+        with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
+            print(f"study {cfg.name}: Spearman rho across datasets (targets: {summary['target_protocol'].iloc[0]} probes "
+                  f"at the last layer; n_datasets = {sorted(summary['n_datasets'].unique().tolist())})")
+            print(shown[cols].to_string(index=False))
     if args.output:
         summary.to_csv(args.output, index=False, float_format=CSV_FLOAT_FORMAT)
     return 0
@@ -1064,4 +1107,5 @@ def register_cli(subparsers) -> None:
     summ.add_argument("--n-perm", type=int, default=200)
     summ.add_argument("--n-boot", type=int, default=1000)
     summ.add_argument("--output", default=None, help="also write the full summary as CSV")
+    summ.add_argument("--markdown", action="store_true", help="print a Markdown table (README's Results form)")
     summ.set_defaults(func=_cli_summary)

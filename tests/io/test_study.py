@@ -207,6 +207,30 @@ def test_gain_rows_on_committed_fast_lora_results():
     assert -1 <= lodo["rho"] <= 1 and 0 < lodo["p_value"] <= 1
 
 
+def test_summary_markdown_orders_models_and_marks_missing_values():
+    import pandas as pd
+
+    base = {"n_datasets": 10, "selection": "leave_one_dataset_out", "config": "30/8"}
+    summary = pd.DataFrame([
+        {**base, "model": "m:random", "pretrained": False, "target": "accuracy", "score": "ntps_theory",
+         "rho": 0.123, "ci_low": -0.5, "ci_high": 0.7, "p_value": 0.4},
+        {**base, "model": "m", "pretrained": True, "target": "accuracy", "score": "ntps_theory",
+         "rho": 0.456, "ci_low": np.nan, "ci_high": np.nan, "p_value": 0.01},
+        {**base, "model": "m", "pretrained": True, "target": "kappa", "score": "-C", "selection": "none",
+         "rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan},
+    ])
+    lines = study.summary_markdown(summary).splitlines()
+    assert lines[0].startswith("| model | datasets | target |") and len(lines) == 5
+    assert lines[2] == "| m | 10 | accuracy | ntps_theory | leave one dataset out | 0.46 | - | 0.01 | 30/8 |"
+    assert lines[3].startswith("| m | 10 | kappa | -C | none | - | - | - |")
+    assert lines[4].startswith("| m:random |") and "[-0.50, 0.70]" in lines[4]
+    assert len(study.summary_markdown(summary, targets=["kappa"]).splitlines()) == 3
+    with pytest.raises(ValueError, match="no summary rows"):
+        study.summary_markdown(summary, scores=["peer:logme"])
+    with pytest.raises(ValueError, match="needs column"):
+        study.summary_markdown(summary.drop(columns=["p_value"]))
+
+
 def test_interval_and_diagnostic_views_of_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "intervals.csv").is_file():
