@@ -929,6 +929,139 @@ def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "he
     return pd.DataFrame(rows)
 
 
+def fixed_ntps(tables: dict[str, pd.DataFrame], *, k: int = 8, variant: str = "theory") -> pd.DataFrame:
+    """Theory NTPS of every (model, dataset) at one pre-specified configuration: each model's last
+    layer and ``k`` (no selection, so no selection bias), beside the held-out probe targets of
+    that layer. Columns: model, pretrained, dataset, n_classes, majority_rate, accuracy, kappa,
+    mse, layer, k, ntps."""
+    scores = tables["ntps"]
+    scores = scores[(scores["variant"] == variant) & (scores["k"] == k)]
+    if scores.empty:
+        raise ValueError(f"no {variant} NTPS rows at k = {k}")
+    last = scores.groupby("model")["layer"].transform("max")
+    scores = scores[scores["layer"] == last][["model", "pretrained", "dataset", "layer", "k", "ntps"]]
+    targets = probe_targets(tables["probes"]).drop(columns=["target_layer"])
+    return scores.merge(targets, on=["model", "dataset"]).reset_index(drop=True)
+
+
+def structure_controls(
+    tables: dict[str, pd.DataFrame], *, k: int = 8, targets: Sequence[str] = ("accuracy", "kappa"),
+    method: str = "spearman", n_boot: int = 1000, n_perm: int = 2000, seed: int = 0,
+) -> pd.DataFrame:
+    """What NTPS says beyond the datasets' own structure (SPEC section 10), at one pre-specified
+    configuration (`fixed_ntps`: last layer, ``k``). One row per (analysis, model, target):
+
+    - ``pretrained_minus_random``: per pretrained model with a ``:random`` control, rho across
+      datasets of NTPS(pretrained) - NTPS(random) with target(pretrained) - target(random): what
+      pretraining adds to the score against what it adds to the probe. CI by bootstrapping
+      datasets, two-sided permutation p;
+    - ``partial_given_C``: per model, the rank partial correlation of NTPS with the target
+      controlling for the number of classes (`ntps_nb.core.stats.partial_correlation`), with a
+      bootstrap CI (no p-value: a permutation null for a partial correlation needs a model of
+      how C drives both);
+    - ``across_models``: the other axis, same dataset and different models. For every dataset and
+      every pair of models, is the model with the higher NTPS also the one with the better probe?
+      ``rho`` is then the share of concordant pairs minus the share of discordant ones (Kendall's
+      tau over pairs, ties count as neither; signed so that positive means "higher NTPS, better
+      probe" for MSE too), ``n_pairs`` how many pairs, and ``p_value`` a two-sided permutation p
+      that shuffles the target across models within each dataset.
+      The model is ``"all"``; rows for pretrained models only (``"pretrained"``) come beside it.
+    """
+    fixed = fixed_ntps(tables, k=k)
+    rows = []
+    for target in targets:
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
+        sign = 1.0 if TARGETS[target] == "positive" else -1.0
+        for model in fixed.loc[fixed["pretrained"].astype(bool), "model"].unique():
+            control = f"{model}:random"
+            a = fixed[fixed["model"] == model].set_index("dataset")
+            b = fixed[fixed["model"] == control].set_index("dataset")
+            common = a.index.intersection(b.index)
+            if control not in set(fixed["model"]) or common.size < 3:
+                continue
+            x = (a.loc[common, "ntps"] - b.loc[common, "ntps"]).to_numpy(float)
+            y = (a.loc[common, target] - b.loc[common, target]).to_numpy(float)
+            row = {"analysis": "pretrained_minus_random", "model": model, "target": target, "k": k,
+                   "n_datasets": int(common.size), "n_pairs": np.nan}
+            rows.append({**row, **_rho_ci_p(x, y, method, n_boot, n_perm, seed)})
+        for model, part in fixed.groupby("model", sort=False):
+            row = {"analysis": "partial_given_C", "model": model, "target": target, "k": k,
+                   "n_datasets": int(len(part)), "n_pairs": np.nan, "p_value": np.nan}
+            x, y, c = (part[col].to_numpy(float) for col in ("ntps", target, "n_classes"))
+            rows.append({**row, **_partial_ci(x, y, c, method, n_boot, seed)})
+        for who in ("all", "pretrained"):
+            part = fixed if who == "all" else fixed[fixed["pretrained"].astype(bool)]
+            tau, n_pairs, p = _across_models(part, target, n_perm, seed)
+            if n_pairs == 0:  # a single model (of that kind): no pairs to compare
+                continue
+            rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
+                         "n_datasets": int(part["dataset"].nunique()), "n_pairs": n_pairs, "rho": sign * tau
+                         if np.isfinite(tau) else tau, "ci_low": np.nan, "ci_high": np.nan, "p_value": p})
+    return pd.DataFrame(rows)
+
+
+def _rho_ci_p(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, n_perm: int, seed: int) -> dict[str, float]:
+    from ntps_nb.core.stats import correlate, permutation_pvalue
+
+    try:
+        rho = correlate(x, y, method)
+        low, high = _ci(x, y, method, n_boot, seed)
+        p = permutation_pvalue(x, y, method=method, n_perm=n_perm, seed=seed)["pvalue"]
+    except ValueError:  # constant differences
+        rho, low, high, p = np.nan, np.nan, np.nan, np.nan
+    return {"rho": rho, "ci_low": low, "ci_high": high, "p_value": p}
+
+
+def _partial_ci(x: np.ndarray, y: np.ndarray, c: np.ndarray, method: str, n_boot: int, seed: int) -> dict[str, float]:
+    """Partial rho of x and y given c, and a percentile bootstrap CI over datasets (resamples where
+    it is undefined, e.g. a constant c, are left out)."""
+    from ntps_nb.core.stats import partial_correlation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rho = partial_correlation(x, y, c, method=method)
+        except ValueError:  # too few datasets, or C constant (all tasks binary)
+            return {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+        rng = np.random.default_rng(seed)
+        boot = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, x.size, x.size)
+            try:
+                boot.append(partial_correlation(x[idx], y[idx], c[idx], method=method))
+            except ValueError:
+                continue
+    boot = np.asarray(boot, dtype=float)
+    boot = boot[np.isfinite(boot)]
+    if boot.size < max(10, n_boot // 2):
+        return {"rho": rho, "ci_low": np.nan, "ci_high": np.nan}
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {"rho": rho, "ci_low": float(low), "ci_high": float(high)}
+
+
+def _across_models(fixed: pd.DataFrame, target: str, n_perm: int, seed: int) -> tuple[float, int, float]:
+    """(tau over within-dataset model pairs, number of pairs, two-sided permutation p that shuffles
+    the target across models within each dataset)."""
+    groups = [(g["ntps"].to_numpy(float), g[target].to_numpy(float)) for _, g in fixed.groupby("dataset") if len(g) >= 2]
+    if not groups:
+        return np.nan, 0, np.nan
+    pairs = [np.triu_indices(len(x), 1) for x, _ in groups]
+    n_pairs = int(sum(i.size for i, _ in pairs))
+
+    def tau(targets: list[np.ndarray]) -> float:
+        total = 0.0
+        for (x, _), y, (i, j) in zip(groups, targets, pairs):
+            total += float(np.sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])))
+        return total / n_pairs
+
+    observed = tau([y for _, y in groups])
+    rng = np.random.default_rng(seed)
+    null = np.array([tau([rng.permutation(y) for _, y in groups]) for _ in range(n_perm)])
+    p = (1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (1 + n_perm)
+    return observed, n_pairs, float(p)
+
+
 def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, variant: str = "theory",
                         layer: str | int = "last", protocol: str = "heldout") -> pd.DataFrame:
     """One row per dataset: NTPS with its shard-bootstrap interval (``intervals.csv``) at ``layer``
@@ -1006,17 +1139,39 @@ def summary_markdown(summary: pd.DataFrame, *, targets: Sequence[str] | None = N
                                                                               kind="stable")["model"]))}
     rows = rows.assign(_order=rows["model"].map(order)).sort_values("_order", kind="stable")
 
-    def number(value: float) -> str:
-        return "-" if not np.isfinite(value) else f"{value:.2f}"
+    rows = rows.assign(selection=rows["selection"].astype(str).str.replace("_", " "))
+    return _markdown(rows, {"model": "model", "n_datasets": "datasets", "target": "target", "score": "score",
+                            "selection": "selection", "rho": "rho", "ci": "95% CI", "p_value": "p",
+                            "config": "configuration"})
 
-    lines = ["| model | datasets | target | score | selection | rho | 95% CI | p | configuration |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows.itertuples(index=False):
-        ci = ("-" if not (np.isfinite(row.ci_low) and np.isfinite(row.ci_high))
-              else f"[{row.ci_low:.2f}, {row.ci_high:.2f}]")
-        selection = str(row.selection).replace("_", " ")
-        lines.append(f"| {row.model} | {row.n_datasets} | {row.target} | {row.score} | {selection} | "
-                     f"{number(row.rho)} | {ci} | {number(row.p_value)} | {getattr(row, 'config', '')} |")
+
+def structure_markdown(controls: pd.DataFrame) -> str:
+    """`structure_controls` rows as a Markdown table (rho is Kendall's tau over model pairs for the
+    ``across_models`` rows)."""
+    _require_columns(controls, ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "rho", "ci_low",
+                                "ci_high", "p_value"], "structure_markdown")
+    rows = controls.assign(analysis=controls["analysis"].str.replace("_", " "))
+    return _markdown(rows, {"analysis": "analysis", "model": "model", "target": "target", "k": "k",
+                            "n_datasets": "datasets", "n_pairs": "model pairs", "rho": "rho / tau", "ci": "95% CI",
+                            "p_value": "p"})
+
+
+def _markdown(rows: pd.DataFrame, columns: dict[str, str]) -> str:
+    """A Markdown table of ``columns`` (frame column -> header); floats to two decimals, missing
+    values as "-", ``ci`` built from ci_low/ci_high."""
+    def cell(row: dict, column: str) -> str:
+        if column == "ci":
+            low, high = row["ci_low"], row["ci_high"]
+            return "-" if not (np.isfinite(low) and np.isfinite(high)) else f"[{low:.2f}, {high:.2f}]"
+        value = row.get(column, "")
+        if isinstance(value, (float, np.floating)):
+            if not np.isfinite(value):
+                return "-"
+            return f"{int(value)}" if column in ("n_pairs", "k", "n_datasets") else f"{value:.2f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows.to_dict("records")]
     return "\n".join(lines)
 
 
@@ -1066,16 +1221,26 @@ def _cli_combine(args) -> int:
 
 def _cli_summary(args) -> int:
     cfg = load_config(args.config)
-    summary = summarise(cfg, n_perm=args.n_perm, n_boot=args.n_boot)
+    summary = summarise(cfg, n_perm=args.n_perm, n_boot=args.n_boot, targets=args.targets)
     shown = summary[summary["target"].isin(args.targets)]
     cols = ["model", "target", "score", "selection", "rho", "ci_low", "ci_high", "p_value", "config"]
+    tables = load_results(cfg)
+    controls = structure_controls(tables, k=args.k, targets=[t for t in args.targets if t in TARGETS],
+                                  n_boot=args.n_boot)
     if args.markdown:
         print(summary_markdown(summary, targets=args.targets))
+        if not controls.empty:
+            print(f"\nBeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}):\n")
+            print(structure_markdown(controls))
     else:
         with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
             print(f"study {cfg.name}: Spearman rho across datasets (targets: {summary['target_protocol'].iloc[0]} probes "
                   f"at the last layer; n_datasets = {sorted(summary['n_datasets'].unique().tolist())})")
             print(shown[cols].to_string(index=False))
+            if not controls.empty:
+                print(f"\nbeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}; "
+                      "rho is Kendall's tau over model pairs for across_models)")
+                print(controls.drop(columns=["k"]).to_string(index=False))
     if args.output:
         summary.to_csv(args.output, index=False, float_format=CSV_FLOAT_FORMAT)
     return 0
@@ -1108,4 +1273,5 @@ def register_cli(subparsers) -> None:
     summ.add_argument("--n-boot", type=int, default=1000)
     summ.add_argument("--output", default=None, help="also write the full summary as CSV")
     summ.add_argument("--markdown", action="store_true", help="print a Markdown table (README's Results form)")
+    summ.add_argument("--k", type=int, default=8, help="k of the fixed-configuration controls (last layer)")
     summ.set_defaults(func=_cli_summary)

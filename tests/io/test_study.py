@@ -231,6 +231,84 @@ def test_summary_markdown_orders_models_and_marks_missing_values():
         study.summary_markdown(summary.drop(columns=["p_value"]))
 
 
+def _synthetic_tables(seed=0, n_datasets=7):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    datasets = [f"d{i}" for i in range(n_datasets)]
+    classes = rng.integers(2, 9, n_datasets)
+    ntps_rows, probe_rows = [], []
+    for model, pretrained, depth in (("m", True, 4), ("m:random", False, 4), ("g", True, 6)):
+        for dataset, c in zip(datasets, classes):
+            for layer in range(depth + 1):
+                for k in (4, 8):
+                    ntps_rows.append({"model": model, "pretrained": pretrained, "dataset": dataset, "variant": "theory",
+                                      "layer": layer, "k": k, "ntps": rng.uniform()})
+            for layer in (depth - 1, depth):
+                acc = rng.uniform(0.4, 1.0)
+                probe_rows.append({"model": model, "dataset": dataset, "protocol": "heldout", "layer": layer,
+                                   "n_classes": c, "majority_rate": 1 / c + 0.05, "accuracy": acc,
+                                   "kappa": (acc - 1 / c) / (1 - 1 / c), "mse": rng.uniform()})
+    return {"ntps": pd.DataFrame(ntps_rows), "probes": pd.DataFrame(probe_rows)}
+
+
+def test_structure_controls_against_independent_formulas():
+    from itertools import combinations
+
+    from scipy.stats import spearmanr
+
+    tables = _synthetic_tables()
+    out = study.structure_controls(tables, k=8, targets=["accuracy", "mse"], n_boot=200, n_perm=300)
+    ntps, probes = tables["ntps"], tables["probes"]
+    last = ntps[(ntps["k"] == 8) & (ntps["layer"] == ntps.groupby("model")["layer"].transform("max"))]
+    score = last.set_index(["model", "dataset"])["ntps"]
+    held = probes[probes["layer"] == probes.groupby("model")["layer"].transform("max")].set_index(["model", "dataset"])
+    datasets = sorted(ntps["dataset"].unique())
+
+    # pretrained minus random: Spearman of the per-dataset differences
+    dx = [score["m", d] - score["m:random", d] for d in datasets]
+    dy = [held.loc[("m", d), "accuracy"] - held.loc[("m:random", d), "accuracy"] for d in datasets]
+    row = out.query("analysis == 'pretrained_minus_random' and target == 'accuracy'")
+    assert list(row["model"]) == ["m"]  # g has no control
+    assert row["rho"].iloc[0] == pytest.approx(spearmanr(dx, dy)[0], abs=1e-12)
+    assert 0 < row["p_value"].iloc[0] <= 1 and row["ci_low"].iloc[0] <= row["rho"].iloc[0] <= row["ci_high"].iloc[0]
+
+    # partial given C: the textbook first-order formula on Spearman correlations
+    x = [score["g", d] for d in datasets]
+    y = [held.loc[("g", d), "accuracy"] for d in datasets]
+    c = [held.loc[("g", d), "n_classes"] for d in datasets]
+    r_xy, r_xc, r_yc = spearmanr(x, y)[0], spearmanr(x, c)[0], spearmanr(y, c)[0]
+    textbook = (r_xy - r_xc * r_yc) / np.sqrt((1 - r_xc**2) * (1 - r_yc**2))
+    row = out.query("analysis == 'partial_given_C' and target == 'accuracy' and model == 'g'")
+    assert row["rho"].iloc[0] == pytest.approx(textbook, abs=1e-10)
+
+    # across models: count concordant and discordant pairs by brute force
+    for target, sign in (("accuracy", 1), ("mse", -1)):
+        for who, models in (("all", ["m", "m:random", "g"]), ("pretrained", ["m", "g"])):
+            agree = 0
+            pairs = 0
+            for d in datasets:
+                for a, b in combinations(models, 2):
+                    pairs += 1
+                    agree += np.sign(score[a, d] - score[b, d]) * np.sign(held.loc[(a, d), target] - held.loc[(b, d), target])
+            row = out.query("analysis == 'across_models' and target == @target and model == @who").iloc[0]
+            assert row["n_pairs"] == pairs
+            assert row["rho"] == pytest.approx(sign * agree / pairs, abs=1e-12)
+            assert 0 < row["p_value"] <= 1
+
+
+def test_structure_controls_on_committed_fast_results():
+    folder = ROOT / "data" / "results" / "fast"
+    if not (folder / "ntps.csv").is_file():
+        pytest.skip("data/results/fast is not committed")
+    out = study.structure_controls(study.load_results(folder), n_boot=50, n_perm=50)
+    assert set(out["analysis"]) == {"pretrained_minus_random", "partial_given_C", "across_models"}
+    # one pretrained model and its control: no pretrained-only pairs, 4 datasets x 1 pair overall
+    assert (out.query("analysis == 'across_models'")["n_pairs"] == 4).all()
+    with pytest.raises(ValueError, match="no theory NTPS rows at k = 7"):
+        study.fixed_ntps(study.load_results(folder), k=7)
+
+
 def test_interval_and_diagnostic_views_of_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "intervals.csv").is_file():
