@@ -617,16 +617,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = _say) -> dict[str, pd.DataFrame]:
-    """Concatenate the complete units of a study into ``<study>/<table>.csv`` and ``provenance.json``.
-
-    Raises StudySettingsError when the units (or rows) carry different config hashes: rows
-    computed with different settings never share a table.
-    """
-    from ntps_nb import __version__
-
-    if not isinstance(cfg, StudyConfig):
-        cfg = load_config(cfg)
+def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd.DataFrame]]:
+    """The complete units of a study and their tables concatenated; raises StudySettingsError when
+    they (or their rows) carry different config hashes, or another hash than the config's."""
     units_dir = cfg.folder / "units"
     metas = []
     for model, dataset in cfg.units():
@@ -654,6 +647,26 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
     if hashes != {cfg.config_hash}:
         raise StudySettingsError(f"study {cfg.name!r}: its units were computed with config hash {hashes.pop()}, "
                                  f"but {cfg.source or 'the config'} now hashes to {cfg.config_hash}")
+    return metas, tables
+
+
+def load_units(cfg: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The tables of a study's complete units, concatenated in memory (nothing is written): an
+    interim look at a study still running. Same settings checks as `combine`."""
+    return _read_units(cfg if isinstance(cfg, StudyConfig) else load_config(cfg))[1]
+
+
+def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = _say) -> dict[str, pd.DataFrame]:
+    """Concatenate the complete units of a study into ``<study>/<table>.csv`` and ``provenance.json``.
+
+    Raises StudySettingsError when the units (or rows) carry different config hashes: rows
+    computed with different settings never share a table.
+    """
+    from ntps_nb import __version__
+
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    metas, tables = _read_units(cfg)
     for name, frame in tables.items():
         with atomic_path(cfg.folder / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT)
@@ -986,6 +999,8 @@ def structure_controls(
                    "n_datasets": int(common.size), "n_pairs": np.nan}
             rows.append({**row, **_rho_ci_p(x, y, method, n_boot, n_perm, seed)})
         for model, part in fixed.groupby("model", sort=False):
+            if len(part) < 4:  # one control needs 4 datasets (e.g. a study still running)
+                continue
             row = {"analysis": "partial_given_C", "model": model, "target": target, "k": k,
                    "n_datasets": int(len(part)), "n_pairs": np.nan, "p_value": np.nan}
             x, y, c = (part[col].to_numpy(float) for col in ("ntps", target, "n_classes"))
@@ -998,7 +1013,8 @@ def structure_controls(
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
                          "n_datasets": int(part["dataset"].nunique()), "n_pairs": n_pairs, "rho": sign * tau
                          if np.isfinite(tau) else tau, "ci_low": np.nan, "ci_high": np.nan, "p_value": p})
-    return pd.DataFrame(rows)
+    columns = ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "rho", "ci_low", "ci_high", "p_value"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _rho_ci_p(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, n_perm: int, seed: int) -> dict[str, float]:
@@ -1221,10 +1237,14 @@ def _cli_combine(args) -> int:
 
 def _cli_summary(args) -> int:
     cfg = load_config(args.config)
-    summary = summarise(cfg, n_perm=args.n_perm, n_boot=args.n_boot, targets=args.targets)
+    tables = load_units(cfg) if args.partial else load_results(cfg)
+    summary = summarise(tables, n_perm=args.n_perm, n_boot=args.n_boot, targets=args.targets)
+    if args.partial:
+        counts = tables["probes"].groupby("model")["dataset"].nunique()
+        print(f"INTERIM: the complete units of {cfg.name!r} so far (datasets per model: {counts.to_dict()} of "
+              f"{len(cfg.datasets)}); numbers will change as units land\n")
     shown = summary[summary["target"].isin(args.targets)]
     cols = ["model", "target", "score", "selection", "rho", "ci_low", "ci_high", "p_value", "config"]
-    tables = load_results(cfg)
     controls = structure_controls(tables, k=args.k, targets=[t for t in args.targets if t in TARGETS],
                                   n_boot=args.n_boot)
     if args.markdown:
@@ -1274,4 +1294,6 @@ def register_cli(subparsers) -> None:
     summ.add_argument("--output", default=None, help="also write the full summary as CSV")
     summ.add_argument("--markdown", action="store_true", help="print a Markdown table (README's Results form)")
     summ.add_argument("--k", type=int, default=8, help="k of the fixed-configuration controls (last layer)")
+    summ.add_argument("--partial", action="store_true",
+                      help="an interim look: read the complete units directly (the study need not be combined)")
     summ.set_defaults(func=_cli_summary)

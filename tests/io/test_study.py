@@ -136,6 +136,11 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     assert list(zip(part["dataset"], part["status"])) == [("sms-spam", "done")]
     assert study.unit_status(cfg, "tiny-llama", "trec6") == "missing"
     assert not (cfg.folder / "provenance.json").exists()  # half a grid is not combined
+    with pytest.raises(FileNotFoundError, match="no combined tables"):
+        study.load_results(cfg)
+    interim = study.load_units(cfg)  # an interim look reads the complete units without writing
+    assert set(interim["probes"]["dataset"]) == {"sms-spam"}
+    assert not (cfg.folder / "probes.csv").exists()
     rest = study.run_study(cfg, models=["tiny-llama"], datasets=["trec6"], cache=tmp_path / "cache", log=lambda _: None)
     assert list(rest["status"]) == ["done"]
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
