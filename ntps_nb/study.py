@@ -26,8 +26,10 @@ then writes tidy tables into ``data/results/<study>/units/<model>__<dataset>/``:
 
 The folder is written under a temporary name and renamed into place when everything succeeded
 (`ntps_nb.cache.atomic_path`), so a crash loses at most the unit in progress and a rerun skips
-every complete unit. Every row carries its provenance (SPEC section 9) and the config hash:
-`combine` refuses to put rows computed with different settings into one table.
+every complete unit. Several processes can run one study at once: each claims a unit before
+computing it (`UnitClaim`) and passes over the units other live processes hold. Every row
+carries its provenance (SPEC section 9) and the config hash: `combine` refuses to put rows
+computed with different settings into one table.
 
 The analysis (`summarise`) is pure pandas on the combined tables and calls `ntps_nb.core.stats`.
 """
@@ -482,6 +484,67 @@ def _readable(path: Path) -> None:
             child.chmod(0o644)
 
 
+class UnitClaim:
+    """A unit a process is computing: ``units/.<unit>.claim`` (created exclusively) holds its
+    host, pid and start time, so several processes started on the same study share the grid
+    without computing a unit twice. A claim whose process is gone (same host, pid not alive) is
+    stale and taken over; a claim from another host is respected (remove the file by hand if that
+    machine is gone)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def take(cls, cfg: StudyConfig, model: str, dataset: str) -> "UnitClaim | None":
+        """The claim, or None when another live process holds it."""
+        path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"host": platform.node(), "pid": os.getpid(),
+                             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not cls._stale(path):
+                    return None
+                path.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record)
+            return cls(path)
+        return None
+
+    @classmethod
+    def holder(cls, cfg: StudyConfig, model: str, dataset: str) -> dict | None:
+        """The live claim's record (host, pid, started) of a unit, or None."""
+        path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
+        if not path.is_file() or cls._stale(path):
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _stale(path: Path) -> bool:
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written right now, or unreadable: leave it
+            return False
+        if holder.get("host") != platform.node():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
     """"complete" (same settings), "stale" (complete, other settings) or "missing"."""
     meta_path = cfg.unit_folder(model, dataset) / "unit.json"
@@ -496,7 +559,8 @@ def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
 def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.DataFrame:
     """One row per unit of the grid, read from the unit folders (nothing combined or computed).
 
-    Columns: model, dataset, status ("complete", "stale", "missing"), minutes, finished, n_train,
+    Columns: model, dataset, status ("complete", "stale", "running" (claimed by a live process),
+    "missing"), minutes, finished (or, while running, who started it when), n_train,
     mean_length (tokens), and for complete units the headline numbers at the last layer: held-out
     probe accuracy, theory NTPS at ``k`` (or the largest k of the grid below it), and the LoRA
     accuracy and gain where LoRA ran.
@@ -507,7 +571,11 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
     for model, dataset in cfg.units():
         folder = cfg.unit_folder(model, dataset)
         row: dict[str, Any] = {"model": model, "dataset": dataset, "status": unit_status(cfg, model, dataset)}
-        if row["status"] != "missing":
+        claim = UnitClaim.holder(cfg, model, dataset)
+        if row["status"] == "missing" and claim is not None:
+            row["status"] = "running"
+            row["finished"] = f"started {claim.get('started')} (pid {claim.get('pid')} on {claim.get('host')})"
+        if row["status"] not in ("missing", "running"):
             meta = json.loads((folder / "unit.json").read_text())
             row.update(minutes=round(meta.get("seconds", float("nan")) / 60, 1), finished=meta.get("finished"),
                        n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"))
@@ -545,10 +613,11 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
 
     A unit already complete with the same settings is skipped; one complete with other settings
     is an error unless ``replace_stale``. ``units_limit`` caps the units computed in this call;
-    ``models`` / ``datasets`` restrict it to part of the grid (two processes given disjoint parts
-    share one study: each writes only its own units). The study tables are combined when every
-    unit is complete, or after an unrestricted call.
-    Returns one row per unit: model, dataset, status ("skipped", "done"), seconds.
+    ``models`` / ``datasets`` restrict it to part of the grid. The study tables are combined when
+    every unit is complete.
+    Several processes may run the same study at once: each claims a unit before computing it
+    (`UnitClaim`) and passes over units another live process holds (status "elsewhere").
+    Returns one row per unit: model, dataset, status ("skipped", "done", "elsewhere"), seconds.
     """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
@@ -582,23 +651,40 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     done_before = len(rows)
     loaded_name, loaded = None, None
     started = time.perf_counter()
+    computed = 0
     for i, (model_name, dataset_name) in enumerate(todo, start=1):
-        if loaded_name != model_name:
-            from ntps_nb.models import load_model
+        claim = UnitClaim.take(cfg, model_name, dataset_name)
+        if claim is None or unit_status(cfg, model_name, dataset_name) == "complete":
+            if claim is not None:  # finished by another process since this one looked
+                claim.release()
+            log(f"    {model_name} x {dataset_name}: {'complete' if claim else 'being computed by another process'}, "
+                "skipped")
+            rows.append({"model": model_name, "dataset": dataset_name, "status": "elsewhere", "seconds": 0.0})
+            continue
+        try:
+            if loaded_name != model_name:
+                from ntps_nb.models import load_model
 
-            loaded, loaded_name = None, None  # free the previous model first
-            loaded, loaded_name = load_model(model_name, seed=cfg.seed), model_name
-        t0 = time.perf_counter()
-        tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
-        write_unit(cfg.unit_folder(model_name, dataset_name), tables)
+                loaded, loaded_name = None, None  # free the previous model first
+                loaded, loaded_name = load_model(model_name, seed=cfg.seed), model_name
+            t0 = time.perf_counter()
+            tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
+            write_unit(cfg.unit_folder(model_name, dataset_name), tables)
+        finally:
+            claim.release()
         seconds = time.perf_counter() - t0
+        computed += 1
         rows.append({"model": model_name, "dataset": dataset_name, "status": "done", "seconds": round(seconds, 2)})
         elapsed = time.perf_counter() - started
-        eta = elapsed / i * (len(todo) - i)
+        eta = elapsed / computed * (len(todo) - i)
         log(f"[{done_before + i}/{len(units)}] {model_name} x {dataset_name}: {_fmt_seconds(seconds)} "
             f"(elapsed {_fmt_seconds(elapsed)}, eta {_fmt_seconds(eta)})")
-    if all(unit_status(cfg, *u) == "complete" for u in cfg.units()) or (units_limit is None and not restricted):
+    missing = [unit_name(*u) for u in cfg.units() if unit_status(cfg, *u) != "complete"]
+    if not missing:
         combine(cfg, log=log)
+    elif not restricted and units_limit is None:
+        log(f"{len(missing)} unit(s) still missing or running in another process ({missing[:4]}...): "
+            "the study tables are combined when the last one lands")
     return pd.DataFrame(rows)
 
 
@@ -1227,6 +1313,8 @@ def _cli_status(args) -> int:
         print(f"study {cfg.name} ({cfg.config_hash}): {len(table)} units, "
               + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
         print(table.drop(columns=["finished"], errors="ignore").to_string(index=False, na_rep=""))
+        for row in table[table["status"] == "running"].itertuples(index=False):
+            print(f"running: {row.model} x {row.dataset}, {row.finished}")
     return 0
 
 
@@ -1275,7 +1363,8 @@ def register_cli(subparsers) -> None:
     run.add_argument("--units-limit", type=int, default=None, help="compute at most N units in this call")
     run.add_argument("--replace-stale", action="store_true", help="recompute units computed with other settings")
     run.add_argument("--models", nargs="+", default=None,
-                     help="only these models of the grid (e.g. one process per model on a multi-core machine)")
+                     help="only these models of the grid (processes started on one study share it anyway: "
+                          "each claims its units)")
     run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
     run.set_defaults(func=_cli_run)
     stat = sub.add_parser("status", help="which units are complete, their time and headline numbers")

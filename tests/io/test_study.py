@@ -146,6 +146,46 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
 
 
+def test_processes_sharing_a_study_claim_units(tmp_path, counted_extract):
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    cfg = _smoke(tmp_path)
+    units = cfg.folder / "units"
+    units.mkdir(parents=True)
+
+    def claim(dataset, pid, host=None):
+        path = units / f".{study.unit_name('tiny-llama', dataset)}.claim"
+        path.write_text(json.dumps({"host": host or platform.node(), "pid": pid, "started": "earlier"}))
+        return path
+
+    # trec6 is held by a live process (our parent): passed over, the study is not combined
+    held = claim("trec6", os.getppid())
+    first = study.run_study(cfg, cache=tmp_path / "cache", log=lambda _: None)
+    assert dict(zip(first["dataset"], first["status"])) == {"trec6": "elsewhere", "sms-spam": "done"}
+    assert held.exists() and not (units / f".{study.unit_name('tiny-llama', 'sms-spam')}.claim").exists()
+    assert not (cfg.folder / "provenance.json").exists()
+    status = study.study_status(cfg).set_index("dataset")["status"].to_dict()
+    assert status == {"trec6": "running", "sms-spam": "complete"}
+
+    # a claim from another machine is respected too
+    held.unlink()
+    elsewhere = claim("trec6", os.getpid(), host=platform.node() + "-other")
+    again = study.run_study(cfg, cache=tmp_path / "cache", log=lambda _: None)
+    assert dict(zip(again["dataset"], again["status"]))["trec6"] == "elsewhere"
+
+    # a claim whose process has exited on this machine is stale: taken over, computed, released
+    elsewhere.unlink()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim("trec6", int(gone.stdout))
+    last = study.run_study(cfg, cache=tmp_path / "cache", log=lambda _: None)
+    assert dict(zip(last["dataset"], last["status"]))["trec6"] == "done"
+    assert not [p.name for p in units.iterdir() if p.name.startswith(".")]
+    assert (cfg.folder / "provenance.json").exists()  # the last unit combines the study
+
+
 def test_lora_unit_reuses_the_units_own_extraction(tmp_path, tiny_llama):
     pytest.importorskip("peft")
     import dataclasses
