@@ -50,10 +50,12 @@ from ntps_nb.core.stats import (
     bootstrap_ci,
     correlate,
     partial_correlation,
+    partial_correlation_ci,
     permutation_pvalue,
     select_in_sample,
     select_leave_one_dataset_out,
     selection_null,
+    stratified_concordance,
     winning_configs,
 )
 
@@ -72,6 +74,6 @@ __all__ = [
     "h_score", "h_score_ledoit_wolf", "knn_accuracy", "logme", "pca_overlap_ntps", "pca_overlap_sweep",
     "peer_scores", "rankme", "chance_corrected_accuracy", "heldout_probe", "probe_layers",
     "load_published", "published_correlations", "bootstrap_ci", "correlate", "partial_correlation",
-    "permutation_pvalue", "select_in_sample", "select_leave_one_dataset_out", "selection_null",
+    "partial_correlation_ci", "permutation_pvalue", "stratified_concordance", "select_in_sample", "select_leave_one_dataset_out", "selection_null",
     "winning_configs",
 ]

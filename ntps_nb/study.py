@@ -904,20 +904,11 @@ def _selection_rows(frame: pd.DataFrame, base: dict, *, target: str, name: str, 
 def _baseline_rows(baselines: dict[str, Any], y: np.ndarray, base: dict, *, target: str, method: str, n_boot: int,
                    seed: int) -> list[dict]:
     """rho of each dataset-level baseline (no selection) with the target, CI and permutation p."""
-    from ntps_nb.core.stats import correlate, permutation_pvalue
-
     rows = []
     for name, values in baselines.items():
-        x = np.asarray(values, dtype=float)
-        try:
-            rho = correlate(x, y, method)
-            low, high = _ci(x, y, method, n_boot, seed)
-            p = permutation_pvalue(x, y, method=method, n_perm=10_000, seed=seed)["pvalue"]
-        except ValueError:  # constant baseline (e.g. all tasks binary)
-            rho, low, high, p = np.nan, np.nan, np.nan, np.nan
-        rows.append({**base, "target": target, "score": name, "selection": "none", "rho": rho,
-                     "ci_low": low, "ci_high": high, "p_value": p, "p_kind": "permutation",
-                     "config": "last layer" if name.startswith("peer:") else "dataset only"})
+        rows.append({**base, "target": target, "score": name, "selection": "none",
+                     **_rho_ci_p(np.asarray(values, dtype=float), y, method, n_boot, 10_000, seed),
+                     "p_kind": "permutation", "config": "last layer" if name.startswith("peer:") else "dataset only"})
     return rows
 
 
@@ -1066,6 +1057,8 @@ def structure_controls(
       that shuffles the target across models within each dataset.
       The model is ``"all"``; rows for pretrained models only (``"pretrained"``) come beside it.
     """
+    from ntps_nb.core.stats import partial_correlation_ci, stratified_concordance
+
     fixed = fixed_ntps(tables, k=k)
     rows = []
     for target in targets:
@@ -1090,20 +1083,24 @@ def structure_controls(
             row = {"analysis": "partial_given_C", "model": model, "target": target, "k": k,
                    "n_datasets": int(len(part)), "n_pairs": np.nan, "p_value": np.nan}
             x, y, c = (part[col].to_numpy(float) for col in ("ntps", target, "n_classes"))
-            rows.append({**row, **_partial_ci(x, y, c, method, n_boot, seed)})
+            ci = partial_correlation_ci(x, y, c, method=method, n_boot=n_boot, seed=seed)
+            rows.append({**row, "rho": ci["estimate"], "ci_low": ci["low"], "ci_high": ci["high"]})
         for who in ("all", "pretrained"):
             part = fixed if who == "all" else fixed[fixed["pretrained"].astype(bool)]
-            tau, n_pairs, p = _across_models(part, target, n_perm, seed)
-            if n_pairs == 0:  # a single model (of that kind): no pairs to compare
+            agree = stratified_concordance(part["ntps"], sign * part[target].to_numpy(float), part["dataset"],
+                                           n_perm=n_perm, seed=seed)
+            if agree["n_pairs"] == 0:  # a single model (of that kind): no pairs to compare
                 continue
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
-                         "n_datasets": int(part["dataset"].nunique()), "n_pairs": n_pairs, "rho": sign * tau
-                         if np.isfinite(tau) else tau, "ci_low": np.nan, "ci_high": np.nan, "p_value": p})
+                         "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "rho": agree["tau"],
+                         "ci_low": np.nan, "ci_high": np.nan, "p_value": agree["pvalue"]})
     columns = ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "rho", "ci_low", "ci_high", "p_value"]
     return pd.DataFrame(rows, columns=columns)
 
 
 def _rho_ci_p(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, n_perm: int, seed: int) -> dict[str, float]:
+    """rho, bootstrap CI and two-sided permutation p of one score with one target (all NaN when a
+    sample is constant, e.g. -C when every task is binary)."""
     from ntps_nb.core.stats import correlate, permutation_pvalue
 
     try:
@@ -1113,55 +1110,6 @@ def _rho_ci_p(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, n_perm: in
     except ValueError:  # constant differences
         rho, low, high, p = np.nan, np.nan, np.nan, np.nan
     return {"rho": rho, "ci_low": low, "ci_high": high, "p_value": p}
-
-
-def _partial_ci(x: np.ndarray, y: np.ndarray, c: np.ndarray, method: str, n_boot: int, seed: int) -> dict[str, float]:
-    """Partial rho of x and y given c, and a percentile bootstrap CI over datasets (resamples where
-    it is undefined, e.g. a constant c, are left out)."""
-    from ntps_nb.core.stats import partial_correlation
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            rho = partial_correlation(x, y, c, method=method)
-        except ValueError:  # too few datasets, or C constant (all tasks binary)
-            return {"rho": np.nan, "ci_low": np.nan, "ci_high": np.nan}
-        rng = np.random.default_rng(seed)
-        boot = []
-        for _ in range(n_boot):
-            idx = rng.integers(0, x.size, x.size)
-            try:
-                boot.append(partial_correlation(x[idx], y[idx], c[idx], method=method))
-            except ValueError:
-                continue
-    boot = np.asarray(boot, dtype=float)
-    boot = boot[np.isfinite(boot)]
-    if boot.size < max(10, n_boot // 2):
-        return {"rho": rho, "ci_low": np.nan, "ci_high": np.nan}
-    low, high = np.quantile(boot, [0.025, 0.975])
-    return {"rho": rho, "ci_low": float(low), "ci_high": float(high)}
-
-
-def _across_models(fixed: pd.DataFrame, target: str, n_perm: int, seed: int) -> tuple[float, int, float]:
-    """(tau over within-dataset model pairs, number of pairs, two-sided permutation p that shuffles
-    the target across models within each dataset)."""
-    groups = [(g["ntps"].to_numpy(float), g[target].to_numpy(float)) for _, g in fixed.groupby("dataset") if len(g) >= 2]
-    if not groups:
-        return np.nan, 0, np.nan
-    pairs = [np.triu_indices(len(x), 1) for x, _ in groups]
-    n_pairs = int(sum(i.size for i, _ in pairs))
-
-    def tau(targets: list[np.ndarray]) -> float:
-        total = 0.0
-        for (x, _), y, (i, j) in zip(groups, targets, pairs):
-            total += float(np.sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])))
-        return total / n_pairs
-
-    observed = tau([y for _, y in groups])
-    rng = np.random.default_rng(seed)
-    null = np.array([tau([rng.permutation(y) for _, y in groups]) for _ in range(n_perm)])
-    p = (1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (1 + n_perm)
-    return observed, n_pairs, float(p)
 
 
 def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, variant: str = "theory",

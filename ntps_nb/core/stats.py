@@ -222,6 +222,93 @@ def partial_correlation(
     return float(_rowwise(residual[:, 0][None], residual[:, 1][None], "pearson")[0])
 
 
+def partial_correlation_ci(
+    x: Sequence[float], y: Sequence[float], controls: Sequence[float] | np.ndarray,
+    method: Literal["spearman", "pearson"] = "spearman", n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+) -> dict[str, float]:
+    """`partial_correlation` with a percentile bootstrap interval over datasets.
+
+    Resamples where the partial correlation is undefined (a control constant in the resample, x
+    or y explained by the controls) are left out and counted; with fewer than half of them
+    valid the interval is NaN. An undefined estimate (too few datasets, a constant control) is
+    NaN with NaN bounds rather than an error.
+
+    Returns
+    -------
+    dict with ``estimate``, ``low``, ``high``, ``level``, ``n_boot``, ``n_valid``.
+    """
+    x, y = _paired(x, y)
+    Z = np.asarray(controls, dtype=np.float64)
+    Z = Z[:, None] if Z.ndim == 1 else Z
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    out = {"estimate": np.nan, "low": np.nan, "high": np.nan, "level": float(level), "n_boot": int(n_boot), "n_valid": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateSampleWarning)
+        try:
+            out["estimate"] = partial_correlation(x, y, Z, method=method)
+        except ValueError:
+            return out
+        rng = np.random.default_rng(seed)
+        boot = []
+        for _ in range(int(n_boot)):
+            idx = rng.integers(0, x.size, x.size)
+            try:
+                boot.append(partial_correlation(x[idx], y[idx], Z[idx], method=method))
+            except ValueError:
+                continue
+    boot = np.asarray(boot, dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    out["n_valid"] = int(boot.size)
+    if boot.size >= max(10, int(n_boot) // 2):
+        alpha = (1.0 - level) / 2
+        out["low"], out["high"] = (float(v) for v in np.quantile(boot, [alpha, 1 - alpha]))
+    return out
+
+
+def stratified_concordance(
+    x: Sequence[float], y: Sequence[float], groups: Sequence, n_perm: int = 2000, seed: int = 0,
+) -> dict[str, float]:
+    """Do x and y order the members of each group the same way? (e.g. groups = datasets, members =
+    models: is the model with the higher NTPS also the one with the better probe?)
+
+    ``tau`` = (concordant - discordant) / pairs over every pair of members within a group (ties in
+    x or y count as neither), so +1 means every within-group comparison agrees. ``pvalue`` is
+    two-sided, from permutations that shuffle y among the members of each group (groups are kept
+    apart: what differs between groups cannot enter). Groups with one member contribute nothing.
+
+    Returns
+    -------
+    dict with ``tau``, ``n_pairs``, ``n_groups`` (with at least two members), ``pvalue``, ``n_perm``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    labels = np.asarray(groups)
+    if not (x.shape == y.shape == labels.shape) or x.ndim != 1:
+        raise ValueError(f"x, y and groups must be 1-d of one length, got {x.shape}, {y.shape}, {labels.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("x and y must be finite")
+    if int(n_perm) < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    members = [np.flatnonzero(labels == g) for g in pd.unique(labels)]
+    members = [m for m in members if m.size >= 2]
+    n_pairs = int(sum(m.size * (m.size - 1) // 2 for m in members))
+    if n_pairs == 0:
+        return {"tau": np.nan, "n_pairs": 0, "n_groups": 0, "pvalue": np.nan, "n_perm": 0}
+    pairs = [np.triu_indices(m.size, 1) for m in members]
+    x_signs = [np.sign(x[m][i] - x[m][j]) for m, (i, j) in zip(members, pairs)]
+
+    def tau(y_of: list[np.ndarray]) -> float:
+        return sum(float(sx @ np.sign(v[i] - v[j])) for sx, v, (i, j) in zip(x_signs, y_of, pairs)) / n_pairs
+
+    observed = tau([y[m] for m in members])
+    rng = np.random.default_rng(seed)
+    null = np.array([tau([rng.permutation(y[m]) for m in members]) for _ in range(int(n_perm))])
+    pvalue = (1 + np.sum(np.abs(null) >= abs(observed) - TIE_ATOL)) / (1 + int(n_perm))
+    return {"tau": observed, "n_pairs": n_pairs, "n_groups": len(members), "pvalue": float(pvalue),
+            "n_perm": int(n_perm)}
+
+
 # -- configuration selection --------------------------------------------------------------------
 
 def _as_list(configs: str | Sequence[str]) -> list[str]:

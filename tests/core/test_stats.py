@@ -14,10 +14,12 @@ from ntps_nb.core.stats import (
     config_correlations,
     correlate,
     partial_correlation,
+    partial_correlation_ci,
     permutation_pvalue,
     select_in_sample,
     select_leave_one_dataset_out,
     selection_null,
+    stratified_concordance,
     winning_configs,
 )
 
@@ -109,6 +111,40 @@ def test_partial_correlation_matches_the_textbook_formula_on_ranks(rng):
     D = np.column_stack([np.ones(n), Z])
     res = lambda v: v - D @ np.linalg.lstsq(D, v, rcond=None)[0]
     assert partial_correlation(x, y, Z, method="pearson") == pytest.approx(np.corrcoef(res(x), res(y))[0, 1], abs=1e-12)
+
+
+def test_partial_correlation_ci_brackets_the_estimate_and_degrades_to_nan(rng):
+    n = 15
+    z = rng.standard_normal(n)
+    x, y = z + 0.5 * rng.standard_normal(n), z + 0.5 * rng.standard_normal(n)
+    out = partial_correlation_ci(x, y, z, n_boot=300, seed=1)
+    assert out["estimate"] == partial_correlation(x, y, z)
+    assert -1 <= out["low"] < out["high"] <= 1 and out["n_valid"] > 250
+    assert partial_correlation_ci(x, y, z, n_boot=300, seed=1) == out  # seeded
+    flat = partial_correlation_ci(x, y, np.ones(n), n_boot=50)  # a constant control: undefined, not an error
+    assert np.isnan(flat["estimate"]) and np.isnan(flat["low"]) and flat["n_valid"] == 0
+
+
+def test_stratified_concordance_counts_pairs_within_groups_only(rng):
+    groups = np.repeat(np.arange(6), 3)  # 6 datasets x 3 models
+    x = rng.standard_normal(18)
+    y = rng.standard_normal(18) + 100 * groups  # between-group differences are huge and must not count
+    brute, pairs = 0.0, 0
+    for g in range(6):
+        idx = np.flatnonzero(groups == g)
+        for i, j in itertools.combinations(idx, 2):
+            brute += np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])
+            pairs += 1
+    out = stratified_concordance(x, y, groups, n_perm=500)
+    assert out["n_pairs"] == pairs == 18 and out["n_groups"] == 6
+    assert out["tau"] == pytest.approx(brute / pairs, abs=1e-12)
+    agree = stratified_concordance(x, 3 * x + groups, groups, n_perm=500)
+    assert agree["tau"] == 1.0 and agree["pvalue"] < 0.01
+    assert 0 < out["pvalue"] <= 1
+    single = stratified_concordance([1.0, 2.0], [1.0, 2.0], ["a", "b"])
+    assert single["n_pairs"] == 0 and np.isnan(single["tau"])
+    with pytest.raises(ValueError, match="finite"):
+        stratified_concordance([1.0, np.nan], [1.0, 2.0], ["a", "a"])
 
 
 def test_partial_correlation_of_a_score_that_only_tracks_the_controls_is_nan_with_warning():
