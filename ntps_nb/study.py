@@ -1243,10 +1243,27 @@ def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
 # -- command line --------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (``kill``, a batch system's stop) ends the run like Ctrl-C does: as an exception, so
+    the unit in progress releases its claim and its temporary folder instead of leaving them."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cli_run(args) -> int:
     cfg = load_config(args.config)
-    table = run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale, models=args.models,
-                      datasets=args.datasets)
+    with _terminate_as_exit():
+        table = run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale, models=args.models,
+                          datasets=args.datasets)
     done = table[table["status"] == "done"]
     if len(done):
         print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")

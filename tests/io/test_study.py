@@ -186,6 +186,32 @@ def test_processes_sharing_a_study_claim_units(tmp_path, counted_extract):
     assert (cfg.folder / "provenance.json").exists()  # the last unit combines the study
 
 
+def test_a_terminated_run_releases_its_claim_and_leaves_no_partial_unit(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "smoke.toml"
+    config.write_text((STUDIES / "smoke.toml").read_text().replace(
+        "[study]\n", f'[study]\nresults_dir = "{tmp_path / "results"}"\n'))
+    env = {**os.environ, "NTPS_NB_CACHE": str(tmp_path / "cache")}
+    run = subprocess.Popen([sys.executable, "-m", "ntps_nb", "study", "run", str(config)], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    units = tmp_path / "results" / "units"
+    claim = units / ".tiny-llama__trec6.claim"
+    deadline = time.monotonic() + 120
+    while not claim.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert claim.exists(), run.communicate()[0]
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 128 + signal.SIGTERM, output
+    assert not (units / "tiny-llama__trec6").exists()  # interrupted: no unit folder
+    assert [p.name for p in units.iterdir()] == [], output  # no claim, no temporary folder left behind
+
+
 def test_lora_unit_reuses_the_units_own_extraction(tmp_path, tiny_llama):
     pytest.importorskip("peft")
     import dataclasses
