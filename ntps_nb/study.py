@@ -119,6 +119,7 @@ class StudyConfig:
     cache_extractions: bool = False  # the shard moments make an entry ~13 MB per shard and layer
     analysis_threads: int | None = 1  # BLAS threads of the numpy/scipy/sklearn part (None: library default)
     torch_threads: int | None = 1  # torch intra-op threads of the forward passes (None: torch's default)
+    device: str | None = None  # where the model runs ("cpu", "cuda", "cuda:1"; None: cpu); recorded per unit
     results_dir: str | None = None
     source: str | None = None  # the TOML file, for messages only
 
@@ -126,7 +127,7 @@ class StudyConfig:
         """Everything that changes a unit's numbers (not the grid, not where results go)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
-                             "analysis_threads", "torch_threads")}
+                             "analysis_threads", "torch_threads", "device")}
         out["study_version"] = STUDY_VERSION
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit
@@ -278,7 +279,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     if loaded is None:
         from ntps_nb.models import load_model
 
-        loaded = load_model(model_name, seed=cfg.seed)
+        loaded = load_model(model_name, seed=cfg.seed, device=cfg.device or "cpu")
     model, tok, info = loaded
     lap("load_model")
     ds = load_dataset(dataset_name, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
@@ -416,7 +417,7 @@ def _analyse_unit(cfg, model_name, dataset_name, loaded, ds, train, test, ex, ex
         "seconds": round(sum(timings.values()), 3), "lora": lora_status,
         "extraction_key": ex.metadata.get("cache_key"), "extraction_seconds": ex.metadata.get("seconds"),
         "layers": layers, "probe_layers": probe_grid, "peer_layers": peer_grid, "interval_layers": interval_grid,
-        "diagnostic_layers": diag_grid, "model_info": info.as_dict(),
+        "diagnostic_layers": diag_grid, "model_info": info.as_dict(), "environment": _environment(model, cfg),
         "n_truncated_train": ex.metadata.get("n_truncated"), "mean_length_train": ex.metadata.get("mean_length"),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -666,7 +667,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
                 from ntps_nb.models import load_model
 
                 loaded, loaded_name = None, None  # free the previous model first
-                loaded, loaded_name = load_model(model_name, seed=cfg.seed), model_name
+                loaded, loaded_name = load_model(model_name, seed=cfg.seed, device=cfg.device or "cpu"), model_name
             t0 = time.perf_counter()
             tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
             write_unit(cfg.unit_folder(model_name, dataset_name), tables)
@@ -695,12 +696,23 @@ def _versions() -> dict[str, str]:
     import importlib.metadata
 
     out = {"python": platform.python_version()}
-    for package in ("numpy", "scipy", "pandas", "scikit-learn", "torch", "transformers"):
+    for package in ("numpy", "scipy", "pandas", "scikit-learn", "torch", "transformers", "peft"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def _environment(model, cfg: StudyConfig) -> dict[str, Any]:
+    """Where and with what a unit was computed (its ``unit.json``): the device the model ran on (with
+    the GPU's name), the host, the threads and the package versions; none of it enters the hash."""
+    import torch
+
+    device = next(model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "host": platform.node(),
+            "torch_threads": torch.get_num_threads(), "analysis_threads": cfg.analysis_threads, **_versions()}
 
 
 def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd.DataFrame]]:
@@ -1260,7 +1272,9 @@ def _terminate_as_exit():
 
 
 def _cli_run(args) -> int:
-    cfg = load_config(args.config)
+    overrides = {key: value for key, value in (("device", args.device), ("analysis_threads", args.analysis_threads),
+                                               ("torch_threads", args.torch_threads)) if value is not None}
+    cfg = load_config(args.config, **overrides)
     with _terminate_as_exit():
         table = run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale, models=args.models,
                           datasets=args.datasets)
@@ -1331,6 +1345,10 @@ def register_cli(subparsers) -> None:
                      help="only these models of the grid (processes started on one study share it anyway: "
                           "each claims its units)")
     run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
+    run.add_argument("--device", default=None, help='where the models run ("cuda", "cuda:1"; default cpu); '
+                     "not part of the config hash, recorded in each unit's unit.json")
+    run.add_argument("--analysis-threads", type=int, default=None, help="BLAS threads of the analysis (default 1)")
+    run.add_argument("--torch-threads", type=int, default=None, help="torch threads of the forward passes (default 1)")
     run.set_defaults(func=_cli_run)
     stat = sub.add_parser("status", help="which units are complete, their time and headline numbers")
     stat.add_argument("config")

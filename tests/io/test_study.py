@@ -3,6 +3,7 @@ settings, and one committed unit regenerates to the committed numbers."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def test_precision_enters_the_hash_only_away_from_float32():
     assert cfg.precision == "float32"
     assert cfg.config_hash == "1cedd9f67410"  # the hash the committed default units were computed under
     assert study.load_config(STUDIES / "default.toml", precision="float64").config_hash != cfg.config_hash
+    # where a unit runs is provenance (unit.json), not a setting: a GPU's units join a CPU's study
+    on_gpu = study.load_config(STUDIES / "default.toml", device="cuda", analysis_threads=4, torch_threads=8)
+    assert on_gpu.config_hash == cfg.config_hash and on_gpu.device == "cuda"
     with pytest.raises(study.StudySettingsError, match="precision"):
         study.load_config(STUDIES / "default.toml", precision="auto")
 
@@ -72,6 +76,9 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     for model, dataset in cfg.units():
         meta = json.loads((cfg.unit_folder(model, dataset) / "unit.json").read_text())
         assert meta["complete"] and meta["config_hash"] == cfg.config_hash
+        env = meta["environment"]
+        assert env["device"] == "cpu" and env["torch"] == importlib.metadata.version("torch")
+        assert env["analysis_threads"] == cfg.analysis_threads and env["torch_threads"] >= 1
     tables = study.load_results(cfg)
     for name in ("ntps", "probes", "peers", "intervals"):
         frame = tables[name]
@@ -144,6 +151,29 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     rest = study.run_study(cfg, models=["tiny-llama"], datasets=["trec6"], cache=tmp_path / "cache", log=lambda _: None)
     assert list(rest["status"]) == ["done"]
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
+
+
+def test_cli_run_passes_device_and_threads(monkeypatch):
+    import argparse
+
+    seen = {}
+
+    def fake_run(cfg, **kwargs):
+        seen["cfg"] = cfg
+        return pd.DataFrame({"status": []})
+
+    monkeypatch.setattr(study, "run_study", fake_run)
+    parser = argparse.ArgumentParser()
+    study.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["study", "run", str(STUDIES / "default.toml"), "--device", "cuda:1",
+                              "--analysis-threads", "4", "--torch-threads", "2"])
+    assert args.func(args) == 0
+    cfg = seen["cfg"]
+    assert (cfg.device, cfg.analysis_threads, cfg.torch_threads) == ("cuda:1", 4, 2)
+    assert cfg.config_hash == study.load_config(STUDIES / "default.toml").config_hash
+    args = parser.parse_args(["study", "run", str(STUDIES / "default.toml")])
+    args.func(args)
+    assert (seen["cfg"].device, seen["cfg"].analysis_threads) == (None, 1)  # the config's own values
 
 
 def test_processes_sharing_a_study_claim_units(tmp_path, counted_extract):
