@@ -637,6 +637,8 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
             f"the config hash is now {cfg.config_hash}. Rerun with --replace-stale to recompute them, or give the "
             "study a new name")
     todo = [u for u in units if status[u] != "complete"]
+    if todo and cfg.device:
+        _check_device(cfg.device)
     if cfg.torch_threads is not None and todo:
         import torch
 
@@ -702,6 +704,22 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any unit is claimed (not halfway through a model load)."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError as error:
+        raise StudySettingsError(f"device {device!r} is not a torch device ({error})") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StudySettingsError(f"device {device!r} asked for, but torch sees no CUDA GPU here "
+                                     f"(torch {torch.__version__}); run without --device to use the CPU")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise StudySettingsError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
 
 
 def _environment(model, cfg: StudyConfig) -> dict[str, Any]:

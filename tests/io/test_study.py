@@ -3,6 +3,7 @@ settings, and one committed unit regenerates to the committed numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 from pathlib import Path
@@ -174,6 +175,15 @@ def test_cli_run_passes_device_and_threads(monkeypatch):
     args = parser.parse_args(["study", "run", str(STUDIES / "default.toml")])
     args.func(args)
     assert (seen["cfg"].device, seen["cfg"].analysis_threads) == (None, 1)  # the config's own values
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_device_torch_cannot_use_is_refused_before_any_unit(tmp_path):
+    cfg = _smoke(tmp_path)
+    for device, message in (("cuda", "sees no CUDA GPU"), ("gpu0", "not a torch device")):
+        with pytest.raises(study.StudySettingsError, match=message):
+            study.run_study(dataclasses.replace(cfg, device=device), cache=tmp_path / "cache", log=lambda _: None)
+    assert not (cfg.folder / "units").exists() or not any((cfg.folder / "units").iterdir())
 
 
 def test_processes_sharing_a_study_claim_units(tmp_path, counted_extract):
