@@ -119,7 +119,7 @@ class StudyConfig:
     cache_extractions: bool = False  # the shard moments make an entry ~13 MB per shard and layer
     analysis_threads: int | None = 1  # BLAS threads of the numpy/scipy/sklearn part (None: library default)
     torch_threads: int | None = 1  # torch intra-op threads of the forward passes (None: torch's default)
-    device: str | None = None  # where the model runs ("cpu", "cuda", "cuda:1"; None: cpu); recorded per unit
+    device: str = "cpu"  # where the models run ("cpu", "cuda", "cuda:1"); recorded per unit, not in the hash
     results_dir: str | None = None
     source: str | None = None  # the TOML file, for messages only
 
@@ -279,7 +279,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     if loaded is None:
         from ntps_nb.models import load_model
 
-        loaded = load_model(model_name, seed=cfg.seed, device=cfg.device or "cpu")
+        loaded = load_model(model_name, seed=cfg.seed, device=cfg.device)
     model, tok, info = loaded
     lap("load_model")
     ds = load_dataset(dataset_name, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
@@ -637,7 +637,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
             f"the config hash is now {cfg.config_hash}. Rerun with --replace-stale to recompute them, or give the "
             "study a new name")
     todo = [u for u in units if status[u] != "complete"]
-    if todo and cfg.device:
+    if todo:
         _check_device(cfg.device)
     if cfg.torch_threads is not None and todo:
         import torch
@@ -669,7 +669,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
                 from ntps_nb.models import load_model
 
                 loaded, loaded_name = None, None  # free the previous model first
-                loaded, loaded_name = load_model(model_name, seed=cfg.seed, device=cfg.device or "cpu"), model_name
+                loaded, loaded_name = load_model(model_name, seed=cfg.seed, device=cfg.device), model_name
             t0 = time.perf_counter()
             tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
             write_unit(cfg.unit_folder(model_name, dataset_name), tables)

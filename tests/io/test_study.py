@@ -174,7 +174,7 @@ def test_cli_run_passes_device_and_threads(monkeypatch):
     assert cfg.config_hash == study.load_config(STUDIES / "default.toml").config_hash
     args = parser.parse_args(["study", "run", str(STUDIES / "default.toml")])
     args.func(args)
-    assert (seen["cfg"].device, seen["cfg"].analysis_threads) == (None, 1)  # the config's own values
+    assert (seen["cfg"].device, seen["cfg"].analysis_threads) == ("cpu", 1)  # the config's own values
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
