@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ MOMENTS = ("Sxx", "C0", "C1")
 
 def _texts(args) -> tuple[list[str], list[int], int]:
     if args.texts:
-        data = json.loads(open(args.texts).read())
+        data = json.loads(Path(args.texts).read_text())
         return data["texts"][: args.n], data["labels"][: args.n], data["n_classes"]
     from ntps_nb.datasets import load_dataset
 
@@ -54,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     texts, labels, n_classes = _texts(args)
     if args.write_texts:
-        with open(args.write_texts, "w") as handle:
-            json.dump({"texts": texts, "labels": labels, "n_classes": n_classes}, handle)
+        Path(args.write_texts).write_text(json.dumps({"texts": texts, "labels": labels, "n_classes": n_classes}))
         return
     print(f"texts {len(texts)}, model {args.model}, torch {torch.__version__}")
     runs = {}
