@@ -3,10 +3,10 @@
 A study's units record the device they ran on but not in the config hash, so units computed on a
 GPU combine with units computed on a CPU. This measures what that mixing costs: the same model
 (a ``:random`` control is built on the CPU from its seed, so both devices hold identical weights;
-the printed weights hash shows it) extracts the same texts on each device with the study's
-settings (all layers, float32 products summed in float64, max_length 256, drop_bos), then prints
-per layer the largest difference of Sxx, C0 and C1 relative to the largest entry, and theory NTPS
-at k = 8 from each.
+the printed weights hash shows it) extracts the same texts on each device with the extraction
+settings of a study config (``--config``; the default study: all layers, float32 products summed
+in float64, max_length 256, drop_bos), then prints per layer the largest difference of Sxx, C0
+and C1 relative to the largest entry, and theory NTPS at k = 8 from each.
 
     python benchmarks/check_device_agreement.py --model gemma3-270m:random --dataset reuters-r8 --n 128
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntps_nb import study
 from ntps_nb.core.score import ntps
 from ntps_nb.extract import extract
 from ntps_nb.models import load_model
@@ -32,19 +33,21 @@ from ntps_nb.models import load_model
 MOMENTS = ("Sxx", "C0", "C1")
 
 
-def _texts(args) -> tuple[list[str], list[int], int]:
+def _texts(args, cfg: study.StudyConfig) -> tuple[list[str], list[int], int]:
     if args.texts:
         data = json.loads(Path(args.texts).read_text())
         return data["texts"][: args.n], data["labels"][: args.n], data["n_classes"]
     from ntps_nb.datasets import load_dataset
 
-    train = load_dataset(args.dataset, max_train=2000, max_test=1000, seed=0)["train"]
+    train = load_dataset(args.dataset, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)["train"]
     n_classes = len(train.features["label"].names)
     return list(train["text"][: args.n]), [int(y) for y in train["label"][: args.n]], n_classes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "studies" / "default.toml"),
+                        help="study config whose sizes, seed and extraction settings are used")
     parser.add_argument("--model", default="gemma3-270m:random")
     parser.add_argument("--dataset", default="reuters-r8", help="first N texts of the study's train split")
     parser.add_argument("--n", type=int, default=128)
@@ -53,7 +56,8 @@ def main() -> None:
     parser.add_argument("--texts", help="JSON file of texts, labels and n_classes (instead of --dataset)")
     parser.add_argument("--write-texts", help="write the texts JSON for --texts and stop")
     args = parser.parse_args()
-    texts, labels, n_classes = _texts(args)
+    cfg = study.load_config(args.config)
+    texts, labels, n_classes = _texts(args, cfg)
     if args.write_texts:
         Path(args.write_texts).write_text(json.dumps({"texts": texts, "labels": labels, "n_classes": n_classes}))
         return
@@ -61,9 +65,10 @@ def main() -> None:
     runs = {}
     for device in args.devices:
         start = time.perf_counter()
-        model, tok, info = load_model(args.model, seed=0, device=device)
-        runs[device] = extract(model, tok, (texts, labels), layers="all", batch_size=16, max_length=256,
-                               drop_bos=True, precision="float32", n_classes=n_classes, progress=False)
+        model, tok, info = load_model(args.model, seed=cfg.seed, device=device)
+        layers = list(range(info.n_hidden_states))
+        settings = study._extraction_settings(cfg, layers, train=True, pooled=[], shard_layers=[])
+        runs[device] = extract(model, tok, (texts, labels), **settings, n_classes=n_classes)
         print(f"{device}: weights {info.weights_sha256[:16]}, {time.perf_counter() - start:.1f} s", flush=True)
         del model
     a_dev, b_dev = args.devices

@@ -116,7 +116,7 @@ class StudyConfig:
     n_permutations: int = 20
     lora: bool = False
     lora_budget: dict = dataclasses.field(default_factory=dict)
-    cache_extractions: bool = False  # shard moments: four float64 d x d per shard and interval layer (10.6 MB SmolLM2, 13.1 MB Gemma-3)
+    cache_extractions: bool = False  # shards: 4 float64 d x d per interval layer (10.6 MB SmolLM2, 13.1 Gemma-3)
     analysis_threads: int | None = 1  # BLAS threads of the numpy/scipy/sklearn part (None: library default)
     torch_threads: int | None = 1  # torch intra-op threads of the forward passes (None: torch's default)
     device: str = "cpu"  # where the models run ("cpu", "cuda", "cuda:1"); recorded per unit, not in the hash
