@@ -1,0 +1,418 @@
+"""Estimators of the population NTPS from shard moments, with jackknife intervals.
+
+The moments are sample means, so the NTPS computed from them (``"plugin"``) estimates the NTPS of
+the population the texts come from, and it is biased at finite N: sampling noise in the estimated
+perception directions u_i adds a component spread over all r whitened dimensions, of which a
+fraction of about k / r falls inside the next-token subspace. With c^2 the squared cosine between
+an estimated and a true direction, E[plugin] ~ c^2 NTPS + (1 - c^2) k / r: attenuated toward
+chance, by an amount that depends on N, d, C and the eigengaps.
+
+Estimators (each returns NTPS_theory at the requested k; `ESTIMATORS` lists them):
+
+- ``"plugin"``: the theory NTPS of the pooled moments (SPEC section 4), unchanged.
+- ``"crossfit"``: sample splitting for U. The shards are split in two halves A and B (several
+  seeded splits, `CROSSFIT_SPLITS`); the perception subspace is estimated on each half (in
+  coordinates whitened by the pooled Sxx), the next-token subspace on the pooled moments, and
+  NTPS = sum tr(Ua^T P_k Ub Omega) / sum tr(Ua^T Ub Omega), Omega the rotation that best aligns
+  Ub with Ua. The noise of the halves is independent, so numerator and denominator carry the
+  same attenuation, which cancels in the ratio (Spearman's correction for attenuation, with
+  split halves as the two measurements); nothing is inverted. V's own noise is not corrected.
+- ``"crossfit_inverse"``: the first-order correction for both subspaces,
+  tr(G^-1 Ua^T Vb H^-1 Va^T Ub) / k_U with G = Ua^T Ub and H = Va^T Vb, U and V from each half.
+  Exact to first order, but the inverses make it heavy-tailed wherever the halves disagree.
+- ``"jackknife"``: leave-one-shard-out bias correction of the plug-in, S theta - (S - 1) mean(theta_-i).
+- ``"shrinkage"``: the plug-in on Sxx and C0 shrunk toward a multiple of the identity, with the
+  Ledoit-Wolf intensity estimated from the spread of the shard moments.
+- ``"pca"``: the plug-in in the top-p principal subspace of Sxx, p = N // `PCA_TEXTS_PER_DIM`.
+  (Its estimand is the NTPS of the projected population: equal to NTPS when the signal lies there.)
+- ``"chance"``: (plugin - k / r) / (1 - k / r), the expected plug-in under random labels being
+  k / r (U uniformly distributed in the r-dimensional whitened range). Like kappa for accuracy,
+  it estimates the chance-corrected population NTPS, not NTPS itself.
+
+Intervals (`ntps_estimate`): delete-one-shard jackknife standard error and a Student-t interval
+around the estimate, for any estimator; S replicates of the estimator.
+
+Reliability (crossfit estimators): the split-half agreement at k, the mean cosine of the
+principal angles between the halves' estimates of U_k (for "crossfit_inverse", the smaller of the
+smallest singular values of G and H). When it is small the halves disagree, the attenuation is
+large and its correction unstable. `RELIABILITY_MIN` is PROVISIONAL: on the d = 16 map
+(docs/estimator.md) no threshold of this statistic alone gives coverage in every accepted cell;
+nearly tied eigenvalues at k and the uncorrected noise of V escape it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import scipy.stats
+from jaxtyping import Float
+
+from ntps_nb.core.moments import Moments
+from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
+from ntps_nb.core.subspaces import RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
+
+ESTIMATORS = ("plugin", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
+#: The estimators that need at least two shards (the others also accept one `Moments`).
+SHARD_ESTIMATORS = ("crossfit", "crossfit_inverse", "jackknife", "shrinkage")
+#: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
+PCA_TEXTS_PER_DIM = 4
+#: A crossfit value is flagged unreliable when its split-half agreement is below this
+#: (provisional: not yet calibrated to guarantee coverage, see the module docstring).
+RELIABILITY_MIN = 0.5
+#: Random splits into halves averaged by the "crossfit" estimator (each costs one SVD of r x C).
+CROSSFIT_SPLITS = 8
+#: Relative size of the smallest singular value of G or H below which its inverse is not taken.
+SPLIT_RCOND = 1e-8
+
+
+def theory_values(geometry: TheoryGeometry, ks: np.ndarray) -> np.ndarray:
+    """NTPS_theory at each k of ``ks`` from one `TheoryGeometry`; NaN where k exceeds r_V."""
+    ks = np.asarray(ks, dtype=np.int64)
+    out = np.full(ks.shape, np.nan)
+    ok = (ks >= 1) & (ks <= geometry.r_V)
+    k = ks[ok]
+    k_U = np.minimum(k, geometry.m)
+    cum = np.cumsum(geometry.projected, axis=1)
+    out[ok] = cum[k - 1, k_U - 1] / k_U
+    return out
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """NTPS_theory at several k by one estimator, with diagnostics.
+
+    Attributes
+    ----------
+    estimator : the estimator's name.
+    ks : (K,) numbers of next-token directions.
+    estimate : (K,) the estimates (NaN where undefined at that k).
+    reliability : (K,) smallest split-half agreement min(sigma_min(G), sigma_min(H)) (crossfit
+        estimators; NaN for the others).
+    n_texts, n_shards : what the estimate is over.
+    """
+
+    estimator: str
+    ks: np.ndarray
+    estimate: np.ndarray
+    reliability: np.ndarray
+    n_texts: int
+    n_shards: int
+
+
+def _as_shards(data: Moments | Sequence[Moments]) -> list[Moments]:
+    if isinstance(data, Moments):
+        return [data]
+    shards = list(data)
+    if not shards:
+        raise ValueError("no shard moments given")
+    for i, s in enumerate(shards):
+        if not isinstance(s, Moments):
+            raise ValueError(f"shard {i} must be Moments, got {type(s).__name__}")
+        if s.is_centred:
+            raise ValueError(f"shard {i} is centred; estimators take uncentred shard moments")
+    return shards
+
+
+def _check_ks(ks) -> np.ndarray:
+    ks = np.atleast_1d(np.asarray(ks))
+    if ks.dtype.kind not in "iu" or ks.ndim != 1 or ks.size == 0 or np.any(ks < 1):
+        raise ValueError(f"ks must be positive integers, got {ks!r}")
+    return ks.astype(np.int64)
+
+
+def split_halves(n_shards: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the two halves of a seeded random split of ``n_shards`` shards."""
+    if n_shards < 2:
+        raise ValueError(f"a split into halves needs at least 2 shards, got {n_shards}")
+    order = np.random.default_rng([int(seed), 7]).permutation(n_shards)
+    return np.sort(order[: n_shards // 2]), np.sort(order[n_shards // 2:])
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-fitting
+
+
+@dataclass(frozen=True, eq=False)
+class _Whitening:
+    """The retained range of the pooled Sxx: x -> S_r^{-1/2} Q_r^T x (whitened coordinates)."""
+
+    Q: np.ndarray
+    s: np.ndarray
+
+    @classmethod
+    def of(cls, Sxx: np.ndarray, rtol: float) -> "_Whitening":
+        s, Q = scipy.linalg.eigh(Sxx)
+        keep = s > rtol * max(float(s.max()), 0.0)
+        if not keep.any():
+            raise ValueError("Sxx has no eigenvalue above the tolerance")
+        return cls(Q=Q[:, keep], s=s[keep])
+
+    def perception(self, Sxy: np.ndarray, m: int) -> np.ndarray:
+        """(r, m) orthonormal top-m left singular vectors of S^{-1/2} Q^T Sxy: U in whitened coordinates."""
+        G = (self.Q.T @ Sxy) / np.sqrt(self.s)[:, None]
+        left, sing, _ = np.linalg.svd(G, full_matrices=False)  # descending
+        return left[:, :m]
+
+    def next_token(self, moments: Moments, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+        """Nested orthonormal basis of Sxx^{1/2} V (whitened coordinates) and its counts per k."""
+        V = next_token_subspace(moments, order="descending", rtol=rtol)
+        coords = np.sqrt(self.s)[:, None] * (self.Q.T @ V.vectors)
+        return nested_orthonormal_basis(coords, rtol=SPAN_RTOL)
+
+
+def _m_of(moments: Moments) -> int:
+    """rank(Sxy Sxy^T) as the plug-in computes it."""
+    return theory_geometry(moments).m
+
+
+def _safe_solve_trace(G: np.ndarray, X: np.ndarray) -> tuple[float, float]:
+    """(tr(G^{-1} X), sigma_min(G)); NaN trace when G is numerically singular."""
+    sing = np.linalg.svd(G, compute_uv=False)
+    smin = float(sing.min()) if sing.size else float("nan")
+    if sing.size == 0 or smin <= SPLIT_RCOND * max(float(sing.max()), 1e-300):
+        return float("nan"), smin
+    return float(np.trace(np.linalg.solve(G, X))), smin
+
+
+def _halves(shards: list[Moments], seed: int, drop: int | None) -> tuple[Moments, Moments]:
+    a_idx, b_idx = split_halves(len(shards), seed)
+    # a jackknife replicate leaves one shard out of its half: the split itself stays fixed
+    a_idx, b_idx = [i for i in a_idx if i != drop], [i for i in b_idx if i != drop]
+    if not a_idx or not b_idx:
+        raise ValueError("a half of the split holds no shard")
+    return Moments.combine([shards[i] for i in a_idx]), Moments.combine([shards[i] for i in b_idx])
+
+
+def _pooled(shards: list[Moments], drop: int | None) -> Moments:
+    kept = [s for i, s in enumerate(shards) if i != drop]
+    return Moments.combine(kept) if len(kept) > 1 else kept[0]
+
+
+def _crossfit(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
+              drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split-half ratio estimator: U from each half, V from the pooled moments.
+
+    For each split, Ub is rotated onto Ua (orthogonal Procrustes: the rotation Omega that
+    maximises tr(Ua^T Ub Omega)), and NTPS = sum over splits of tr(Ua^T P_k Ub Omega) / sum of
+    tr(Ua^T Ub Omega). Both traces carry the same attenuation, which cancels in the ratio; the
+    denominator is a sum of cosines of principal angles, so nothing is inverted.
+    """
+    full = _pooled(shards, drop)
+    check_labels(full)
+    white = _Whitening.of(full.Sxx, rtol)
+    m = _m_of(full)
+    Vf, counts = white.next_token(full, rtol)
+    ks_ok = ks <= counts.size
+    num = np.zeros(ks.shape)
+    den = np.zeros(ks.shape)
+    for split in range(n_splits):
+        half_a, half_b = _halves(shards, seed + split, drop)
+        Ua, Ub = white.perception(half_a.Sxy, m), white.perception(half_b.Sxy, m)
+        Za, Zb = Vf.T @ Ua, Vf.T @ Ub
+        for i, k in enumerate(ks):
+            if not ks_ok[i]:
+                continue
+            kU = min(int(k), m)
+            W, sing, Zt = np.linalg.svd(Ua[:, :kU].T @ Ub[:, :kU])
+            omega = Zt.T @ W.T  # tr(Ua^T Ub omega) = sum(sing)
+            b = counts[k - 1]
+            num[i] += np.trace(Za[:b, :kU].T @ Zb[:b, :kU] @ omega)
+            den[i] += sing.sum()
+    kU = np.minimum(ks, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.where(ks_ok & (den > 0), num / den, np.nan)
+    # split-half reliability: the mean cosine of the principal angles between the halves' U_k
+    return values, np.where(ks_ok, den / (n_splits * kU), np.nan)
+
+
+def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol: float,
+                      drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """First-order attenuation correction with U and V from each half:
+    tr(G^-1 Ua^T Vb H^-1 Va^T Ub) / k_U, G = Ua^T Ub, H = Va^T Vb."""
+    half_a, half_b = _halves(shards, seed, drop)
+    full = half_a + half_b
+    check_labels(full)
+    white = _Whitening.of(full.Sxx, rtol)
+    m = _m_of(full)
+    Ua, Ub = white.perception(half_a.Sxy, m), white.perception(half_b.Sxy, m)
+    Va, ca = white.next_token(half_a, rtol)
+    Vb, cb = white.next_token(half_b, rtol)
+    values = np.full(ks.shape, np.nan)
+    reliability = np.full(ks.shape, np.nan)
+    for i, k in enumerate(ks):
+        kU = min(int(k), m)
+        ua, ub = Ua[:, :kU], Ub[:, :kU]
+        if k > ca.size or k > cb.size:
+            continue
+        va, vb = Va[:, : ca[k - 1]], Vb[:, : cb[k - 1]]
+        if va.shape[1] != vb.shape[1]:
+            continue  # the halves' spans differ in dimension: no cross-fit at this k
+        H = va.T @ vb
+        h_sing = np.linalg.svd(H, compute_uv=False)
+        h_min = float(h_sing.min())
+        if h_min <= SPLIT_RCOND * float(h_sing.max()):
+            reliability[i] = h_min
+            continue
+        # oblique projector estimate Vb H^{-1} Va^T between the halves
+        cross = (ua.T @ vb) @ np.linalg.solve(H, va.T @ ub)
+        value, g_min = _safe_solve_trace(ua.T @ ub, cross)
+        reliability[i] = min(g_min, h_min)
+        values[i] = value / kU
+    return values, reliability
+
+
+# --------------------------------------------------------------------------------------------
+# Other candidates
+
+
+def _shrunk(shards: list[Moments]) -> Moments:
+    """Pooled moments with Sxx and C0 shrunk toward (tr / d) I by a Ledoit-Wolf intensity.
+
+    The intensity is (estimated sampling variance of the moment, summed over entries) /
+    ||moment - target||_F^2, clipped to [0, 1]; the variance comes from the spread of the shard
+    moments around the pooled one (each shard weighted by its text count).
+    """
+    full = Moments.combine(shards)
+    n = np.array([s.n_texts for s in shards], dtype=np.float64)
+    w = n / n.sum()
+    out = {}
+    for name in ("Sxx", "C0"):
+        pooled = getattr(full, name)
+        # variance of a text-count-weighted mean: sum_s w_s^2 ||M_s - M||^2 * S / (S - 1)
+        spread = sum(wi**2 * np.sum((getattr(s, name) - pooled) ** 2) for wi, s in zip(w, shards))
+        variance = spread * len(shards) / (len(shards) - 1)
+        d = pooled.shape[0]
+        target = np.trace(pooled) / d * np.eye(d)
+        distance = float(np.sum((pooled - target) ** 2))
+        intensity = float(np.clip(variance / distance, 0.0, 1.0)) if distance > 0 else 1.0
+        out[name] = (1 - intensity) * pooled + intensity * target
+    return Moments(Sxx=out["Sxx"], Sxy=full.Sxy, Syy=full.Syy, C0=out["C0"], C1=full.C1,
+                   n_texts=full.n_texts, n_tokens=full.n_tokens, x_mean=full.x_mean)
+
+
+def _projected(full: Moments, p: int) -> Moments:
+    """The moments of the states projected on the top-p principal directions of Sxx."""
+    s, Q = scipy.linalg.eigh(full.Sxx)
+    P = Q[:, np.argsort(s)[::-1][:p]]
+    return Moments(Sxx=P.T @ full.Sxx @ P, Sxy=P.T @ full.Sxy, Syy=full.Syy, C0=P.T @ full.C0 @ P,
+                   C1=P.T @ full.C1 @ P, n_texts=full.n_texts, n_tokens=full.n_tokens)
+
+
+def _plugin(full: Moments, ks: np.ndarray, rtol: float) -> np.ndarray:
+    return theory_values(theory_geometry(full, rtol=rtol), ks)
+
+
+def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int, rtol: float,
+            drop: int | None = None, n_splits: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The estimator at ks on the shards, leaving shard ``drop`` out (a jackknife replicate)."""
+    none = np.full(ks.shape, np.nan)
+    if estimator in SHARD_ESTIMATORS and len(shards) < 2:
+        raise ValueError(f"estimator {estimator!r} needs the moments of at least 2 shards of the texts "
+                         "(extract with n_shards >= 2); estimator='plugin' needs only the pooled moments")
+    if estimator == "crossfit":
+        return _crossfit(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
+    if estimator == "crossfit_inverse":
+        return _crossfit_inverse(shards, ks, seed=seed, rtol=rtol, drop=drop)
+    if drop is not None:
+        shards = shards[:drop] + shards[drop + 1:]
+    full = Moments.combine(shards) if len(shards) > 1 else shards[0]
+    if estimator == "plugin":
+        return _plugin(full, ks, rtol), none
+    if estimator == "jackknife":
+        S = len(shards)
+        loo = np.array([_plugin(Moments.combine(shards[:i] + shards[i + 1:]), ks, rtol) for i in range(S)])
+        return S * _plugin(full, ks, rtol) - (S - 1) * loo.mean(axis=0), none
+    if estimator == "shrinkage":
+        return _plugin(_shrunk(shards), ks, rtol), none
+    if estimator == "pca":
+        p = min(full.d, full.n_texts // PCA_TEXTS_PER_DIM)
+        if p < 1:
+            return none.copy(), none
+        return _plugin(_projected(full, p), ks, rtol), none
+    if estimator == "chance":
+        geometry = theory_geometry(full, rtol=rtol)
+        chance = np.minimum(ks, geometry.r_U) / geometry.r_U
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(chance < 1, (theory_values(geometry, ks) - chance) / (1 - chance), np.nan), none
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "plugin", seed: int = 0,
+                  rtol: float = RANGE_RTOL, n_splits: int = CROSSFIT_SPLITS) -> Estimate:
+    """NTPS_theory at each k of ``ks`` by one estimator (no interval).
+
+    Parameters
+    ----------
+    data : the pooled `Moments`, or a list of per-shard `Moments` (disjoint texts); the shard
+        estimators (`SHARD_ESTIMATORS`) need at least 2 shards.
+    ks : numbers of next-token directions.
+    estimator : one of `ESTIMATORS`.
+    seed : seed of the split into halves (crossfit estimators).
+    rtol : relative range tolerance of Sxx and C0.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    shards = _as_shards(data)
+    ks = _check_ks(ks)
+    values, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits)
+    return Estimate(estimator=estimator, ks=ks, estimate=values, reliability=reliability,
+                    n_texts=sum(s.n_texts for s in shards), n_shards=len(shards))
+
+
+def ntps_estimate(
+    moment_shards: Sequence[Moments],
+    ks,
+    *,
+    estimator: str = "crossfit",
+    level: float = 0.90,
+    seed: int = 0,
+    rtol: float = RANGE_RTOL,
+    reliability_min: float = RELIABILITY_MIN,
+    n_splits: int = CROSSFIT_SPLITS,
+) -> pd.DataFrame:
+    """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
+
+    The interval is estimate -/+ t_{S-1, (1+level)/2} * se, se the delete-one-shard jackknife
+    standard error over the S shards (S more evaluations of the estimator). ``reliable`` is True
+    when the interval is finite and, for crossfit estimators, the split-half agreement is at least
+    ``reliability_min``; for the other estimators it is always False (no calibrated criterion).
+
+    Returns
+    -------
+    One row per k: k, estimator, estimate, se, lower, upper, level, reliability, reliable,
+    n_texts, n_shards.
+    """
+    shards = _as_shards(moment_shards)
+    if len(shards) < 3:
+        raise ValueError(f"a jackknife interval needs at least 3 shards, got {len(shards)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    ks = _check_ks(ks)
+    point = estimate_ntps(shards, ks, estimator=estimator, seed=seed, rtol=rtol, n_splits=n_splits)
+    S = len(shards)
+    loo = np.full((S, ks.size), np.nan)
+    for i in range(S):
+        try:
+            loo[i] = _values(shards, ks, estimator, seed=seed, rtol=rtol, drop=i, n_splits=n_splits)[0]
+        except (ValueError, np.linalg.LinAlgError):
+            pass
+    dev = loo - np.nanmean(loo, axis=0)
+    n_ok = np.sum(np.isfinite(loo), axis=0)
+    with np.errstate(invalid="ignore"):
+        se = np.where(n_ok == S, np.sqrt((S - 1) / S * np.nansum(dev**2, axis=0)), np.nan)
+    t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
+    lower, upper = point.estimate - t * se, point.estimate + t * se
+    finite = np.isfinite(lower) & np.isfinite(upper)
+    if estimator in ("crossfit", "crossfit_inverse"):
+        reliable = finite & (point.reliability >= reliability_min)
+    else:
+        reliable = np.zeros(ks.shape, dtype=bool)
+    return pd.DataFrame({
+        "k": ks, "estimator": estimator, "estimate": point.estimate, "se": se, "lower": lower, "upper": upper,
+        "level": level, "reliability": point.reliability, "reliable": reliable,
+        "n_texts": point.n_texts, "n_shards": S,
+    })

@@ -1,0 +1,413 @@
+"""Labelled token-sequence generators whose population NTPS is known exactly.
+
+Every NTPS the package prints is computed from sample moments, i.e. it estimates the NTPS of the
+population the texts come from. To check an estimator (bias, spread, interval coverage) the truth
+must be known, so each generator here gives its population moments in closed form
+(`PopulationModel.population_moments`), and the population NTPS is the theory NTPS of those
+moments (`PopulationModel.population_ntps`). Two families:
+
+``factor_model`` (low-rank plus noise). Text n has T tokens
+``h_{n,t} = F g_n + L mu_{y_n} + e_{n,t}``: a text-constant part (``F g_n``, g_n ~ N(0, I_q),
+predictable from the prefix) and the label centroid ``L mu_y``; token noise
+``e ~ N(0, Sigma_e)``, i.i.d. over t. With K = F F^T + L M_mu L^T (M_mu = sum_c p_c mu_c mu_c^T),
+alpha = sum_{t<T} t^2 and beta = sum_{t<T} t::
+
+    Sxx = K + Sigma_e / T    Sxy[:, c] = p_c L mu_c    C0 = alpha K + beta Sigma_e    C1 = beta K
+
+``lds_model`` (linear dynamical system with class-dependent input):
+``h_1 = b_y + w_1``, ``h_{t+1} = A h_t + b_y + w_{t+1}``, w ~ N(0, sigma_w^2 I). The covariance of
+the state and of its prefix sum follows a class-independent recursion, the means a per-class one;
+the moments are their sums (see `_lds_moments`).
+
+Both families control the hidden size d, the number of classes C, the length T, the label
+signal, the angle between the label directions and the predictable ones, and the eigenvalue
+spacing of the perception and next-token problems (``gap``: "separated", "moderate", "tied").
+
+Sampling is vectorised: `sample_shards` draws N texts and returns the moments of S disjoint
+shards (the input of the shard estimators and intervals), in O(N T d^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from ntps_nb.core.moments import Moments
+
+Gap = Literal["separated", "moderate", "tied"]
+
+#: Ratio between consecutive eigenvalue scales of the planted spectra, per eigengap regime.
+GAP_RATIOS = {"separated": 1.5, "moderate": 1.15, "tied": 1.0}
+#: In the "tied" regime the spectra are flat up to this relative jitter (nearly tied, not exactly).
+TIED_JITTER = 0.02
+
+
+def _spectrum(n: int, gap: str, rng: np.random.Generator) -> np.ndarray:
+    """n decreasing positive scales with the spacing of ``gap`` (largest 1)."""
+    if gap not in GAP_RATIOS:
+        raise ValueError(f"gap must be one of {tuple(GAP_RATIOS)}, got {gap!r}")
+    ratio = GAP_RATIOS[gap]
+    if ratio == 1.0:
+        scales = 1.0 - TIED_JITTER * np.sort(rng.random(n))
+    else:
+        scales = ratio ** -np.arange(n, dtype=np.float64)
+    return np.sort(scales)[::-1]
+
+
+def _orthonormal(d: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _centroids(n_classes: int, rank: int, scales: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(C, rank) class centroids whose (uncentred, equal-prior) second moment has eigenvalues
+    proportional to ``scales**2``."""
+    left = _orthonormal(n_classes, rng)[:, :rank]
+    right = _orthonormal(rank, rng)
+    return np.sqrt(n_classes) * left @ np.diag(scales) @ right
+
+
+@dataclass(frozen=True, eq=False)
+class PopulationModel:
+    """A labelled sequence generator with exact population moments.
+
+    Attributes
+    ----------
+    family : "factor" or "lds".
+    d, n_classes, n_tokens : hidden size, classes C, tokens per text T.
+    priors : (C,) class probabilities.
+    settings : the generator's parameters (for provenance).
+    """
+
+    family: str
+    d: int
+    n_classes: int
+    n_tokens: int
+    priors: Float[np.ndarray, " C"]
+    settings: dict
+    _moments: Callable[[], Moments] = field(repr=False)
+    _sampler: Callable[[np.ndarray, np.random.Generator], np.ndarray] = field(repr=False)
+
+    def population_moments(self) -> Moments:
+        """The NTPS moments of the population (expectations per text), exactly."""
+        return self._moments()
+
+    def population_ntps(self, ks) -> np.ndarray:
+        """Population NTPS_theory at each k of ``ks`` (NaN beyond the population's r_V)."""
+        from ntps_nb.core.score import theory_geometry
+        from ntps_nb.core.estimators import theory_values
+
+        return theory_values(theory_geometry(self.population_moments()), np.atleast_1d(ks))
+
+    def sample_labels(self, n_texts: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(self.n_classes, size=int(n_texts), p=self.priors)
+
+    def sample_sequences(self, labels: np.ndarray, rng: np.random.Generator) -> Float[np.ndarray, "N T d"]:
+        """(N, T, d) token states of texts with the given labels."""
+        return self._sampler(np.asarray(labels), rng)
+
+
+def factor_model(
+    d: int = 64,
+    n_classes: int = 4,
+    *,
+    n_tokens: int = 8,
+    n_predictable: int | None = None,
+    signal: float = 0.5,
+    angle: float = np.pi / 4,
+    gap: Gap = "moderate",
+    token_noise: float = 1.0,
+    unpredictable_noise: float = 4.0,
+    seed: int = 0,
+) -> PopulationModel:
+    """Low-rank plus noise: text-constant predictable factors, label centroids, token noise.
+
+    Parameters
+    ----------
+    d, n_classes, n_tokens : hidden size, classes, tokens per text.
+    n_predictable : number q of predictable (text-constant) directions; default min(d // 2, 64).
+    signal : scale of the label centroids (larger: larger eigenvalues of the perception problem).
+    angle : angle between the label directions and the predictable span (0: labels lie in the
+        most predictable directions; pi/2: in directions that carry only token noise).
+    gap : eigenvalue spacing of both spectra ("separated", "moderate" or "tied").
+    token_noise : isotropic token-noise scale; unpredictable_noise: extra token noise in the
+        directions orthogonal to the predictable span.
+    seed : seed of the planted geometry (not of the samples).
+    """
+    rng = np.random.default_rng([int(seed), 101])
+    q = min(d // 2, 64) if n_predictable is None else int(n_predictable)
+    C = int(n_classes)
+    rank = min(C, q, d - q)
+    if not (1 <= q < d and rank >= 1):
+        raise ValueError(f"need 1 <= n_predictable < d and room for the label directions: d={d}, q={q}, C={C}")
+    frame = _orthonormal(d, rng)
+    P, R = frame[:, :q], frame[:, q:]
+    F = P * _spectrum(q, gap, rng)
+    # label directions: a rotation of the first `rank` predictable directions towards unpredictable ones
+    mix = _orthonormal(rank, rng)
+    L = (np.cos(angle) * P[:, :rank] + np.sin(angle) * R[:, :rank]) @ mix
+    mu = signal * _centroids(C, rank, _spectrum(rank, gap, rng), rng)  # (C, rank)
+    priors = np.full(C, 1.0 / C)
+    noise_scales = np.full(d, float(token_noise) ** 2)
+    noise_scales[q:] += float(unpredictable_noise) ** 2
+    Sigma_e = (frame * noise_scales) @ frame.T
+    noise_factor = frame * np.sqrt(noise_scales)
+    T = int(n_tokens)
+    if T < 2:
+        raise ValueError(f"n_tokens must be >= 2 (the next-token moments need a next token), got {T}")
+
+    def moments() -> Moments:
+        centroids = mu @ L.T  # (C, d)
+        K = F @ F.T + (centroids.T * priors) @ centroids
+        t = np.arange(1, T, dtype=np.float64)
+        alpha, beta = float(np.sum(t**2)), float(np.sum(t))
+        return Moments(Sxx=K + Sigma_e / T, Sxy=(centroids * priors[:, None]).T, Syy=np.diag(priors),
+                       C0=alpha * K + beta * Sigma_e, C1=beta * K, n_texts=1, n_tokens=T - 1,
+                       x_mean=priors @ centroids)
+
+    def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+        n = labels.size
+        constant = gen.standard_normal((n, q)) @ F.T + mu[labels] @ L.T
+        noise = gen.standard_normal((n, T, d)) @ noise_factor.T
+        return constant[:, None, :] + noise
+
+    return PopulationModel(
+        family="factor", d=d, n_classes=C, n_tokens=T, priors=priors, _moments=moments, _sampler=sampler,
+        settings=dict(family="factor", d=d, n_classes=C, n_tokens=T, n_predictable=q, signal=signal,
+                      angle=float(angle), gap=gap, token_noise=token_noise,
+                      unpredictable_noise=unpredictable_noise, seed=seed),
+    )
+
+
+def _lds_moments(A, B_inputs, priors, noise_var, T) -> Moments:
+    """Exact moments of h_1 = b + w_1, h_{t+1} = A h_t + b + w_{t+1} mixed over classes.
+
+    Covariances (class-independent): Shh(t) = Cov h_t, Ssh(t) = Cov(s_t, h_t), Sss(t) = Cov s_t;
+    means m_h(t), m_s(t) per class. Second moments are covariance plus the prior-weighted mean
+    outer products.
+    """
+    d = A.shape[0]
+    Q = noise_var * np.eye(d)
+    Shh, Ssh, Sss = Q.copy(), Q.copy(), Q.copy()
+    mh = B_inputs.copy()  # (C, d)
+    ms = B_inputs.copy()
+    C0 = np.zeros((d, d))
+    C1 = np.zeros((d, d))
+    n_pairs = 0
+    for _ in range(1, T):
+        # pair (s_t, h_{t+1}), then advance to t + 1
+        mh_next = mh @ A.T + B_inputs
+        C0 += Sss + (ms.T * priors) @ ms
+        C1 += Ssh @ A.T + (ms.T * priors) @ mh_next
+        n_pairs += 1
+        Shh_next = A @ Shh @ A.T + Q
+        Ssh_next = Ssh @ A.T + Shh_next
+        Sss = Sss + Ssh @ A.T + A @ Ssh.T + Shh_next
+        Shh, Ssh = Shh_next, Ssh_next
+        mh, ms = mh_next, ms + mh_next
+    Sxx = (Sss + (ms.T * priors) @ ms) / T**2
+    Sxy = (ms * priors[:, None]).T / T
+    return Moments(Sxx=Sxx, Sxy=Sxy, Syy=np.diag(priors), C0=C0, C1=C1, n_texts=1, n_tokens=n_pairs,
+                   x_mean=priors @ ms / T)
+
+
+def lds_model(
+    d: int = 64,
+    n_classes: int = 4,
+    *,
+    n_tokens: int = 8,
+    signal: float = 0.5,
+    angle: float = np.pi / 4,
+    gap: Gap = "moderate",
+    max_persistence: float = 0.9,
+    noise: float = 1.0,
+    seed: int = 0,
+) -> PopulationModel:
+    """Linear dynamical system with class-dependent constant input.
+
+    Parameters
+    ----------
+    d, n_classes, n_tokens : hidden size, classes, tokens per text.
+    signal : scale of the class inputs b_c.
+    angle : angle between the input directions and the most persistent (predictable) modes of A
+        (0: inputs drive the slowest modes; pi/2: the fastest).
+    gap : spacing of A's persistence spectrum and of the class inputs' singular values.
+    max_persistence : largest eigenvalue of the symmetric transition matrix A (< 1: stable).
+    noise : standard deviation of the state noise w.
+    seed : seed of the planted geometry.
+    """
+    rng = np.random.default_rng([int(seed), 202])
+    C = int(n_classes)
+    T = int(n_tokens)
+    if T < 2:
+        raise ValueError(f"n_tokens must be >= 2, got {T}")
+    if not 0 < max_persistence < 1:
+        raise ValueError(f"max_persistence must lie in (0, 1), got {max_persistence}")
+    rank = min(C, d // 2)
+    frame = _orthonormal(d, rng)
+    rho = max_persistence * _spectrum(d, gap, rng)
+    A = (frame * rho) @ frame.T
+    slow, fast = frame[:, :rank], frame[:, d - rank:]
+    directions = (np.cos(angle) * slow + np.sin(angle) * fast) @ _orthonormal(rank, rng)
+    inputs = signal * _centroids(C, rank, _spectrum(rank, gap, rng), rng) @ directions.T  # (C, d)
+    priors = np.full(C, 1.0 / C)
+    noise_var = float(noise) ** 2
+
+    def moments() -> Moments:
+        return _lds_moments(A, inputs, priors, noise_var, T)
+
+    def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+        n = labels.size
+        b = inputs[labels]
+        out = np.empty((n, T, d))
+        h = b + noise * gen.standard_normal((n, d))
+        out[:, 0] = h
+        for t in range(1, T):
+            h = h @ A.T + b + noise * gen.standard_normal((n, d))
+            out[:, t] = h
+        return out
+
+    return PopulationModel(
+        family="lds", d=d, n_classes=C, n_tokens=T, priors=priors, _moments=moments, _sampler=sampler,
+        settings=dict(family="lds", d=d, n_classes=C, n_tokens=T, signal=signal, angle=float(angle), gap=gap,
+                      max_persistence=max_persistence, noise=noise, seed=seed),
+    )
+
+
+def moments_of_array(sequences: Float[np.ndarray, "N T d"], labels: np.ndarray, n_classes: int) -> Moments:
+    """The NTPS moments of equal-length sequences, vectorised (equals `moments_from_sequences`)."""
+    X = np.asarray(sequences, dtype=np.float64)
+    n, T, d = X.shape
+    Y = np.zeros((n, n_classes))
+    Y[np.arange(n), labels] = 1.0
+    xbar = X.mean(axis=1)
+    S = np.cumsum(X, axis=1)[:, :-1].reshape(-1, d)
+    H = X[:, 1:].reshape(-1, d)
+    return Moments(Sxx=xbar.T @ xbar / n, Sxy=xbar.T @ Y / n, Syy=np.diag(Y.sum(axis=0) / n),
+                   C0=S.T @ S / n, C1=S.T @ H / n, n_texts=n, n_tokens=n * (T - 1), x_mean=xbar.mean(axis=0))
+
+
+def sample_shards(model: PopulationModel, n_texts: int, n_shards: int, rng: np.random.Generator,
+                  *, block: int = 4096) -> list[Moments]:
+    """Draw n_texts texts and return the moments of n_shards disjoint random shards.
+
+    Texts are generated in blocks of at most ``block`` per shard to bound memory; every shard
+    holds floor or ceil of n_texts / n_shards texts. A shard missing a class is allowed (its Syy
+    has a zero), since shards are combined before anything is solved.
+    """
+    n_texts, n_shards = int(n_texts), int(n_shards)
+    if not 1 <= n_shards <= n_texts:
+        raise ValueError(f"need 1 <= n_shards <= n_texts, got n_shards={n_shards}, n_texts={n_texts}")
+    sizes = np.full(n_shards, n_texts // n_shards)
+    sizes[: n_texts % n_shards] += 1
+    shards = []
+    for size in sizes:
+        parts = []
+        for start in range(0, size, block):
+            labels = model.sample_labels(min(block, size - start), rng)
+            parts.append(moments_of_array(model.sample_sequences(labels, rng), labels, model.n_classes))
+        shards.append(parts[0] if len(parts) == 1 else Moments.combine(parts))
+    return shards
+
+
+# --------------------------------------------------------------------------------------------
+# Bias, spread and coverage of estimators, over a grid of generators and sizes
+
+
+def estimator_map(
+    models: Sequence[PopulationModel],
+    n_over_d: Sequence[float],
+    ks: Sequence[int],
+    *,
+    estimators: Sequence[str] = ("plugin", "crossfit"),
+    n_draws: int = 50,
+    n_shards: int = 10,
+    level: float = 0.90,
+    seed: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
+    jackknife interval and reliability flag against the population NTPS.
+
+    Returns one row per (model, N, draw, estimator, k): truth, estimate, se, lower, upper,
+    covered, reliable, reliability, and the model's settings (family, d, C, T, gap, ...). k
+    values beyond the population's or the sample's rank give NaN estimates and are kept.
+    `summarise_map` turns it into bias / SD / RMSE / coverage with Monte Carlo errors.
+    """
+    from ntps_nb.core.estimators import ntps_estimate
+
+    ks = np.asarray(ks, dtype=np.int64)
+    rows = []
+    total = len(models) * len(n_over_d) * int(n_draws)
+    bar = tqdm(total=total, disable=not progress, desc="estimator map")
+    for mi, model in enumerate(models):
+        truth = model.population_ntps(ks)
+        for ratio in n_over_d:
+            n_texts = max(int(round(ratio * model.d)), n_shards)
+            for draw in range(int(n_draws)):
+                rng = np.random.default_rng([int(seed), mi, int(round(ratio * 1000)), draw])
+                shards = sample_shards(model, n_texts, n_shards, rng)
+                for estimator in estimators:
+                    try:
+                        table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw)
+                    except (ValueError, np.linalg.LinAlgError):
+                        table = pd.DataFrame({"k": ks, "estimator": estimator, "estimate": np.nan, "se": np.nan,
+                                              "lower": np.nan, "upper": np.nan, "reliability": np.nan,
+                                              "reliable": False})
+                    table = table.assign(truth=truth, n_over_d=float(ratio), n_texts=n_texts, draw=draw, model=mi,
+                                         **{f"task_{k}": v for k, v in model.settings.items()})
+                    rows.append(table)
+                bar.update()
+    bar.close()
+    out = pd.concat(rows, ignore_index=True)
+    out["covered"] = (out["lower"] <= out["truth"]) & (out["truth"] <= out["upper"])
+    out["error"] = out["estimate"] - out["truth"]
+    return out
+
+
+def summarise_map(frame: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per cell: bias, SD, RMSE and coverage of each estimator, with Monte Carlo standard errors,
+    over all draws and over the draws its reliability flag accepts.
+
+    A draw whose estimate is NaN (undefined at that k) counts as not covered and is left out of
+    bias / SD / RMSE (``n_defined`` says how many were defined).
+    """
+    by = list(by) if by is not None else [c for c in ("task_family", "task_d", "task_n_classes", "task_gap",
+                                                           "n_over_d", "k", "estimator") if c in frame.columns]
+    frame = frame[np.isfinite(frame["truth"])]
+
+    def cell(g: pd.DataFrame) -> pd.Series:
+        err = g["error"].to_numpy()
+        ok = np.isfinite(err)
+        n = len(g)
+        cov = g["covered"].to_numpy(dtype=float)
+        rel = g["reliable"].to_numpy(dtype=bool)
+        width = (g["upper"] - g["lower"]).to_numpy()
+        out = {
+            "truth": float(g["truth"].iloc[0]), "draws": n, "n_defined": int(ok.sum()),
+            "bias": np.mean(err[ok]) if ok.any() else np.nan,
+            "bias_mcse": np.std(err[ok], ddof=1) / np.sqrt(ok.sum()) if ok.sum() > 1 else np.nan,
+            "sd": np.std(err[ok], ddof=1) if ok.sum() > 1 else np.nan,
+            "rmse": np.sqrt(np.mean(err[ok] ** 2)) if ok.any() else np.nan,
+            "coverage": cov.mean(), "coverage_mcse": np.sqrt(cov.mean() * (1 - cov.mean()) / n),
+            "mean_width": np.nanmean(width) if np.isfinite(width).any() else np.nan,
+            "share_reliable": rel.mean(),
+        }
+        r_ok = rel & ok
+        nr = int(r_ok.sum())
+        out.update({
+            "n_reliable": nr,
+            "bias_reliable": np.mean(err[r_ok]) if nr else np.nan,
+            "rmse_reliable": np.sqrt(np.mean(err[r_ok] ** 2)) if nr else np.nan,
+            "coverage_reliable": cov[r_ok].mean() if nr else np.nan,
+            "coverage_reliable_mcse": np.sqrt(cov[r_ok].mean() * (1 - cov[r_ok].mean()) / nr) if nr else np.nan,
+            "width_reliable": np.mean(width[r_ok]) if nr else np.nan,
+        })
+        return pd.Series(out)
+
+    return frame.groupby(by, sort=True).apply(cell, include_groups=False).reset_index()
