@@ -55,9 +55,9 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
 from ntps_nb.core.subspaces import RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
 
-ESTIMATORS = ("plugin", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
+ESTIMATORS = ("plugin", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
-SHARD_ESTIMATORS = ("crossfit", "crossfit_inverse", "jackknife", "shrinkage")
+SHARD_ESTIMATORS = ("extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
 #: A crossfit value is flagged unreliable when its split-half agreement is below this
@@ -265,6 +265,37 @@ def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol:
     return values, reliability
 
 
+def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
+                 drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rational extrapolation to N = infinity from the plug-in at N and at N / 2.
+
+    Model: E[plugin at N] = chance + (NTPS - chance) / (1 + b / N), chance = k / r (what random
+    subspaces give). With x = plugin(N) - chance and y = mean plugin(N / 2) - chance (the halves of
+    ``n_splits`` random splits), b / N = (x - y) / (2 y - x) and
+    NTPS = chance + x y / (2 y - x). The estimated attenuation at N, 1 / (1 + b / N) =
+    (2 y - x) / y, is returned as the reliability: near 1 the plug-in is barely attenuated and
+    the correction small; near 0 (the halves sit at chance) nothing can be recovered.
+    """
+    full = _pooled(shards, drop)
+    geometry = theory_geometry(full, rtol=rtol)
+    x_full = theory_values(geometry, ks)
+    halves = []
+    for split in range(n_splits):
+        for half in _halves(shards, seed + split, drop):
+            try:
+                halves.append(theory_values(theory_geometry(half, rtol=rtol), ks))
+            except ValueError:  # a half with a single class
+                halves.append(np.full(ks.shape, np.nan))
+    chance = np.minimum(ks, geometry.r_U) / geometry.r_U
+    x = x_full - chance
+    y = np.mean(halves, axis=0) - chance
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denominator = 2 * y - x
+        attenuation = np.where(y != 0, denominator / y, np.nan)
+        values = np.where(attenuation > 0, chance + x * y / denominator, np.nan)
+    return values, attenuation
+
+
 # --------------------------------------------------------------------------------------------
 # Other candidates
 
@@ -313,6 +344,8 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
     if estimator in SHARD_ESTIMATORS and len(shards) < 2:
         raise ValueError(f"estimator {estimator!r} needs the moments of at least 2 shards of the texts "
                          "(extract with n_shards >= 2); estimator='plugin' needs only the pooled moments")
+    if estimator == "extrapolate":
+        return _extrapolate(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     if estimator == "crossfit":
         return _crossfit(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     if estimator == "crossfit_inverse":
@@ -400,14 +433,16 @@ def ntps_estimate(
             loo[i] = _values(shards, ks, estimator, seed=seed, rtol=rtol, drop=i, n_splits=n_splits)[0]
         except (ValueError, np.linalg.LinAlgError):
             pass
-    dev = loo - np.nanmean(loo, axis=0)
     n_ok = np.sum(np.isfinite(loo), axis=0)
-    with np.errstate(invalid="ignore"):
-        se = np.where(n_ok == S, np.sqrt((S - 1) / S * np.nansum(dev**2, axis=0)), np.nan)
+    # the standard error needs every replicate; columns with a failed replicate get NaN
+    complete = n_ok == S
+    dev = loo[:, complete] - loo[:, complete].mean(axis=0)
+    se = np.full(ks.shape, np.nan)
+    se[complete] = np.sqrt((S - 1) / S * np.sum(dev**2, axis=0))
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     lower, upper = point.estimate - t * se, point.estimate + t * se
     finite = np.isfinite(lower) & np.isfinite(upper)
-    if estimator in ("crossfit", "crossfit_inverse"):
+    if estimator in ("extrapolate", "crossfit", "crossfit_inverse"):
         reliable = finite & (point.reliability >= reliability_min)
     else:
         reliable = np.zeros(ks.shape, dtype=bool)
