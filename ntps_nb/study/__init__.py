@@ -37,9 +37,11 @@ The analysis (`summarise`) is pure pandas on the combined tables and calls `ntps
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, RESULTS_ROOT, STUDY_VERSION, TABLES, StudyConfig,
                                   StudySettingsError, load_config, resolve_layers, unit_name)
 from ntps_nb.study.config import _say, _versions  # noqa: F401  (used by benchmarks and tests)
-from ntps_nb.study.stages import _extraction_settings, _with_provenance, run_unit, write_unit  # noqa: F401
-from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, run_study, study_status,
-                                  unit_status)
+from ntps_nb.study.stages import _extraction_settings, _with_provenance  # noqa: F401
+from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, run_unit, stage_keys, stage_states,
+                                  stage_store, unit_folder_stages, write_unit)
+from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, run_study, stage_status,
+                                  study_status, unit_status)
 from ntps_nb.study.report import (TARGETS, correlation_summary, diagnostics_summary, fixed_ntps, lora_summary,
                                   ntps_with_intervals, pretraining_contrast, probe_targets, structure_controls,
                                   structure_markdown, summarise, summary_markdown)
@@ -49,6 +51,7 @@ __all__ = [
     "CSV_FLOAT_FORMAT", "RESULTS_ROOT", "STUDY_VERSION", "TABLES", "TARGETS", "StudyConfig", "StudySettingsError",
     "UnitClaim", "combine", "correlation_summary", "diagnostics_summary", "fixed_ntps", "load_config",
     "load_results", "load_units", "lora_summary", "ntps_with_intervals", "pretraining_contrast", "probe_targets",
-    "register_cli", "resolve_layers", "run_study", "run_unit", "structure_controls", "structure_markdown",
+    "register_cli", "resolve_layers", "run_study", "run_unit", "STAGES", "Stage", "StageStore", "adopt_unit_folder",
+    "stage_keys", "stage_states", "stage_status", "stage_store", "unit_folder_stages", "structure_controls", "structure_markdown",
     "study_status", "summarise", "summary_markdown", "unit_name", "unit_status", "write_unit",
 ]

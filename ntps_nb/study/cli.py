@@ -55,6 +55,9 @@ def _cli_status(args) -> int:
         print(table.drop(columns=["finished"], errors="ignore").to_string(index=False, na_rep=""))
         for row in table[table["status"] == "running"].itertuples(index=False):
             print(f"running: {row.model} x {row.dataset}, {row.finished}")
+        stages = _study().stage_status(cfg)
+        print("\nstages under the current settings (complete: reused by the next run; stale or missing: computed):")
+        print(stages.to_string(index=False))
     return 0
 
 

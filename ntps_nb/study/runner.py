@@ -16,7 +16,7 @@ import pandas as pd
 from ntps_nb.cache import atomic_path
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, TABLES, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name)
-from ntps_nb.study.stages import run_unit, write_unit
+from ntps_nb.study.stages import STAGE_NAMES, run_unit, stage_states, write_unit
 
 
 class UnitClaim:
@@ -135,6 +135,16 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
     if "n_train" in table:
         table["n_train"] = table["n_train"].astype("Int64")
     return table
+
+
+def stage_status(cfg: StudyConfig | str | os.PathLike) -> pd.DataFrame:
+    """One row per unit of the grid, one column per stage (`ntps_nb.study.stages.STAGES`): whether
+    the stage's result under the current settings is "complete", "stale", "missing" or "off"
+    (see `ntps_nb.study.stages.stage_states`). Nothing is computed or written."""
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    rows = [{"model": model, "dataset": dataset, **stage_states(cfg, model, dataset)} for model, dataset in cfg.units()]
+    return pd.DataFrame(rows, columns=["model", "dataset", *STAGE_NAMES])
 
 
 def _fmt_seconds(seconds: float) -> str:
