@@ -40,46 +40,12 @@ def _config_text(values) -> str:
 
 
 def _ci(x, y, method: str, n_boot: int, seed: int) -> tuple[float, float]:
-    from ntps_nb.core.stats import bootstrap_ci
+    from ntps_nb.core.stats import DegenerateSampleWarning, bootstrap_ci
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", DegenerateSampleWarning)  # resamples left out: the CI is still one
         ci = bootstrap_ci(x, y, method=method, n_boot=n_boot, seed=seed)
     return ci["low"], ci["high"]
-
-
-def _lodo_null_p(frame, observed: float, *, score, target, configs, method, direction, n_perm, seed) -> float:
-    """Permutation p-value of the leave-one-dataset-out rho: shuffle targets across datasets and
-    redo the whole leave-one-out selection (so the selection is inside the null)."""
-    from ntps_nb.core.stats import select_leave_one_dataset_out
-
-    import itertools
-    import math
-
-    if not np.isfinite(observed):
-        return float("nan")
-    per_dataset = frame.groupby("dataset")[target].first()
-    values = per_dataset.to_numpy()
-    exact = math.factorial(values.size) <= n_perm
-    if exact:  # few datasets: every ordering (the identity among them), an exact p-value
-        orderings = [values[list(p)] for p in itertools.permutations(range(values.size))]
-    else:
-        rng = np.random.default_rng(seed)
-        orderings = [rng.permutation(values) for _ in range(n_perm)]
-    sign = 1.0 if direction == "positive" else -1.0
-    hits = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for ordering in orderings:
-            shuffled = dict(zip(per_dataset.index, ordering))
-            permuted = frame.assign(**{target: frame["dataset"].map(shuffled)})
-            try:
-                rho = select_leave_one_dataset_out(permuted, score=score, target=target, configs=configs,
-                                                   method=method, direction=direction)["rho"]
-            except ValueError:  # a fold whose other datasets have a constant target: no selection possible
-                rho = float("nan")
-            hits += bool(np.isfinite(rho) and sign * rho >= sign * observed - 1e-12)
-    return hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
 
 
 def _selection_rows(frame: pd.DataFrame, base: dict, *, target: str, name: str, cfg_cols: list[str], direction: str,
@@ -88,20 +54,23 @@ def _selection_rows(frame: pd.DataFrame, base: dict, *, target: str, name: str, 
     datasets) with its bootstrap CI and selection-redone permutation p-value, and the paper's
     in-sample selection with the selection-aware p-value of `ntps_nb.core.stats.selection_null`.
     ``frame`` has columns dataset, ``cfg_cols``, ``ntps`` and ``target``."""
-    from ntps_nb.core.stats import select_in_sample, select_leave_one_dataset_out, selection_null
+    from ntps_nb.core.stats import (DegenerateSampleWarning, leave_one_dataset_out_null, select_in_sample,
+                                    select_leave_one_dataset_out, selection_null)
 
     rows = []
     n = frame["dataset"].nunique()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        # constant configurations or resamples: the rows carry NaN or fewer configurations instead
+        warnings.simplefilter("ignore", DegenerateSampleWarning)
         if n >= 4:
             lodo = select_leave_one_dataset_out(frame, score="ntps", target=target, configs=cfg_cols,
                                                 method=method, direction=direction)
             chosen = lodo["chosen"]
             low, high = (_ci(chosen["held_out_score"], chosen["target"], method, n_boot, seed)
                          if np.isfinite(lodo["rho"]) else (np.nan, np.nan))
-            p = _lodo_null_p(frame, lodo["rho"], score="ntps", target=target, configs=cfg_cols,
-                             method=method, direction=direction, n_perm=n_perm, seed=seed)
+            p = leave_one_dataset_out_null(frame, score="ntps", target=target, configs=cfg_cols, method=method,
+                                           direction=direction, n_perm=n_perm, seed=seed,
+                                           observed=lodo["rho"])["pvalue"]
             configs = chosen[cfg_cols].apply(_config_text, axis=1)
             rows.append({**base, "target": target, "score": name, "selection": "leave_one_dataset_out",
                          "rho": lodo["rho"], "ci_low": low, "ci_high": high, "p_value": p,
