@@ -46,36 +46,48 @@ READING = ("max_length", "drop_bos", "batch_size", "precision")
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage of a unit: the config fields its numbers depend on, the stages it reads, the unit
-    table it writes (None: none) and what that table holds (the package docstring's table)."""
+    table it writes (None: none) and that table's columns after the provenance columns."""
 
     name: str
     settings: tuple[str, ...]
     inputs: tuple[str, ...]
     table: str | None
-    columns: str
+    columns: tuple[str, ...]
 
+
+#: The stages in the order a unit computes them.
+#: The columns each stage's table holds after the provenance columns (the package docstring's table);
+#: ``lora_*``: every result and budget field of `ntps_nb.lora`, prefixed.
+NTPS_COLUMNS = ("variant", "k", "fraction", "k_U", "m", "r_U", "r_V", "ntps", "excess_loss", "lower_bound",
+                "upper_bound", "layer", "k_V", "precision")
+PROBES_COLUMNS = ("layer", "protocol", "evaluated_on", "classes_in_train", "n_eval", "d", "accuracy", "kappa",
+                  "chance", "majority_rate", "mse", "mse_per_text", "lstsq_accuracy", "logreg_C", "ridge", "solver",
+                  "converged", "n_iter")
+PEERS_COLUMNS = ("layer", "logme", "h_score", "h_score_lw", "knn_accuracy", "rankme", "knn_k", "knn_mode")
+INTERVALS_COLUMNS = ("statistic", "variant", "k", "fraction", "k_U", "m", "r_V", "ntps", "lower", "upper",
+                     "se_bootstrap", "se_jackknife", "bias_bootstrap", "n_valid", "n_shards", "n_texts", "n_boot",
+                     "level", "method", "centred", "layer")
+DIAGNOSTICS_COLUMNS = ("variant", "k", "fraction", "k_U", "k_V", "m", "precision", "r_U", "r_V", "ntps",
+                       "perturb_max_dev", "perturb_std", "perturb_rank_changes", "perm_mean", "perm_std", "perm_p",
+                       "perm_z", "solver_max_dev", "n_perturb", "perturb_scale", "n_permutations", "layer")
+LORA_COLUMNS = ("layer", "k", "variant", "ntps_before", "ntps_after", "delta", "lora_key", "weights_before",
+                "weights_after", "n_texts", "lora_weights_sha256", "lora_*")
 
 #: The stages in the order a unit computes them.
 STAGES: tuple[Stage, ...] = (
     Stage("extraction", SAMPLE + READING + ("layers", "probes", "probe_layers", "peers", "peer_layers", "shards",
-                                            "interval_layers", "diagnostics", "diagnostic_layers"), (), None,
-          "moments per layer, pooled features, shard moments (kept in the extraction cache when it is on)"),
-    Stage("ntps", ("k", "peers", "peer_layers"), ("extraction",), "ntps",
-          "layer, variant (theory, reference, pca_overlap), k or fraction, ntps, excess_loss, r_V, m, ..."),
-    Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes",
-          "layer, protocol (heldout, paper_in_sample), accuracy, kappa, mse, majority_rate, ..."),
-    Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers",
-          "layer, logme, h_score, h_score_lw, knn_accuracy, rankme"),
+                                            "interval_layers", "diagnostics", "diagnostic_layers"), (), None, ()),
+    Stage("ntps", ("k", "peers", "peer_layers"), ("extraction",), "ntps", NTPS_COLUMNS),
+    Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes", PROBES_COLUMNS),
+    Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers", PEERS_COLUMNS),
     Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k"), ("extraction",),
-          "intervals", "layer, variant, statistic, k or fraction, ntps, lower, upper, se_jackknife, n_shards, n_boot"),
+          "intervals", INTERVALS_COLUMNS),
     Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
-                          "n_permutations", "seed"), ("extraction",), "diagnostics",
-          "layer, variant, k or fraction, ntps, perturb_max_dev, perm_mean, perm_p, perm_z, solver_max_dev"),
+                          "n_permutations", "seed"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS),
     # LoRA reads the extraction's last layer where it holds it (the base model's side), but its
     # numbers depend only on which texts are read and how: not on the layer grids, so changing
     # them does not retrain.
-    Stage("lora", SAMPLE + READING + ("lora", "lora_budget", "k"), (), "lora",
-          "layer, k, variant, ntps_before, ntps_after, delta, lora_* (accuracy, gain, budget, ...)"),
+    Stage("lora", SAMPLE + READING + ("lora", "lora_budget", "k"), (), "lora", LORA_COLUMNS),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 #: The stages computed from the extraction (everything but the extraction itself).

@@ -618,3 +618,26 @@ def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
     assert study.unit_folder_stages(cfg, "smollm2-135m:random", "bbc-news", control)["lora"] == "skipped"
     retrained = dataclasses.replace(cfg, lora_budget={"steps": 10})
     assert study.unit_folder_stages(retrained, "smollm2-135m", "bbc-news", folder)["lora"] == "stale"
+
+
+def test_the_stage_table_names_every_column_of_the_committed_tables():
+    """The package docstring's (and README's) stage table is how a reader finds the stage behind
+    a column: it must list what the stages really write."""
+    import re
+
+    folder = ROOT / "data" / "results" / "default" / "units" / "smollm2-135m__bbc-news"
+    if not (folder / "lora.csv").is_file():
+        pytest.skip("data/results/default is not committed")
+    readme = (ROOT / "README.md").read_text()
+    for stage in study.STAGES:
+        if stage.table is None:
+            continue
+        written = [c for c in pd.read_csv(folder / f"{stage.table}.csv", nrows=1).columns
+                   if c not in study.stages.PROVENANCE]
+        listed = [c for c in stage.columns if not c.endswith("*")]
+        prefixes = [c[:-1] for c in stage.columns if c.endswith("*")]
+        assert written[:len(listed)] == listed, stage.name
+        assert all(any(c.startswith(p) for p in prefixes) for c in written[len(listed):]), stage.name
+        for text, where in ((study.__doc__, "docstring"), (readme, "README")):
+            for column in stage.columns:
+                assert re.search(rf"(?<![\w*]){re.escape(column)}(?![\w*])", text), (where, stage.name, column)
