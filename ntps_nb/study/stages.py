@@ -46,13 +46,17 @@ READING = ("max_length", "drop_bos", "batch_size", "precision")
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage of a unit: the config fields its numbers depend on, the stages it reads, the unit
-    table it writes (None: none) and that table's columns after the provenance columns."""
+    table it writes (None: none) and that table's columns after the provenance columns.
+
+    ``version`` enters the stage's key: bump it when what the stage computes changes (a new
+    estimator, say), and exactly that stage and the stages reading it are recomputed."""
 
     name: str
     settings: tuple[str, ...]
     inputs: tuple[str, ...]
     table: str | None
     columns: tuple[str, ...]
+    version: int = 1
 
 
 #: The stages in the order a unit computes them.
@@ -103,17 +107,20 @@ def _setting_values(cfg: StudyConfig) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=list))
 
 
-def stage_keys(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
+def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
+               versions: dict[str, int] | None = None) -> dict[str, str]:
     """The content key of every stage of unit (``model``, ``dataset``) under ``cfg``, in stage order.
 
-    A key covers the study version, the model, the dataset, the stage's `Stage.settings` and the
-    keys of its `Stage.inputs`: nothing else (not the study's name, not where it runs).
+    A key covers the study version, the stage's `Stage.version` (or ``versions[name]``), the
+    model, the dataset, the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
+    else (not the study's name, not where it runs).
     """
     values = _setting_values(cfg)
     keys: dict[str, str] = {}
     for stage in STAGES:
         keys[stage.name] = content_key({
-            "stage": stage.name, "study_version": STUDY_VERSION, "model": model, "dataset": dataset,
+            "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
+            "study_version": STUDY_VERSION, "model": model, "dataset": dataset,
             "settings": {name: values[name] for name in stage.settings},
             "inputs": {name: keys[name] for name in stage.inputs}})
     return keys
@@ -230,7 +237,10 @@ def unit_folder_stages(cfg: StudyConfig, model: str, dataset: str,
     then = config_from_settings(cfg, meta.get("settings") or {})
     if then is None:
         return {}
-    old, new = stage_keys(then, model, dataset), stage_keys(cfg, model, dataset)
+    new = stage_keys(cfg, model, dataset)
+    # the keys the unit recorded; a unit from before stages was computed by every stage's version 1
+    recorded = {name: entry.get("key") for name, entry in (meta.get("stages") or {}).items()}
+    old = {**stage_keys(then, model, dataset, versions=dict.fromkeys(STAGE_NAMES, 1)), **recorded}
     out = {}
     for stage in STAGES:
         has_result = True

@@ -530,6 +530,11 @@ def test_every_setting_enters_the_key_of_a_stage():
     # not settings: where results go, the study's name, the device, the threads
     assert changed(name="other", results_dir="/elsewhere", device="cuda", torch_threads=4) == set()
     assert study.stage_keys(cfg, "smollm2-135m", "hedge")["lora"] != keys["lora"]
+    # a stage's version (bumped when what it computes changes) moves its key and those of its readers
+    bumped = study.stage_keys(cfg, "smollm2-135m", "trec6", versions={"extraction": 2})
+    assert {name for name in keys if bumped[name] != keys[name]} == set(keys) - {"lora"}
+    bumped = study.stage_keys(cfg, "smollm2-135m", "trec6", versions={"ntps": 2})
+    assert {name for name in keys if bumped[name] != keys[name]} == {"ntps"}
 
 
 def _counting(monkeypatch, module, name, counts):
@@ -585,6 +590,13 @@ def test_a_changed_analysis_setting_recomputes_only_its_stages(tmp_path, monkeyp
     status = study.stage_status(changed).iloc[0]
     assert status["intervals"] == "complete" and status["peers"] == "off" and status["extraction"] == "complete"
     assert study.stage_status(_smoke(tmp_path, datasets=["trec6"], n_boot=3)).iloc[0]["intervals"] == "stale"
+    # the unit folder records its stage keys: another results folder recognises what is still valid in it
+    folder = study.write_unit(changed.unit_folder("tiny-llama", "trec6"), second)
+    elsewhere = _smoke(tmp_path / "elsewhere", datasets=["trec6"], lora=True,
+                       lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3}, peers=False, n_boot=3)
+    states = study.unit_folder_stages(elsewhere, "tiny-llama", "trec6", folder)
+    assert states == {"extraction": "valid", "ntps": "valid", "probes": "valid", "intervals": "stale",
+                      "lora": "valid", "peers": "valid", "diagnostics": "valid"}  # off then and now: no table
 
 
 def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
