@@ -244,7 +244,7 @@ def unit_folder_stages(cfg: StudyConfig, model: str, dataset: str,
     out = {}
     for stage in STAGES:
         has_result = True
-        if stage.name == "lora":
+        if stage.name == "lora" and stage_enabled(then, "lora"):
             if str(meta.get("lora", "")).startswith("skipped"):
                 out["lora"] = "skipped"
                 continue
@@ -550,6 +550,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
               log=log)
     pooled = sorted(set(u.probe_grid) | set(u.peer_grid) | set(u.diag_grid))
     todo = [name for name in ANALYSIS_STAGES if not store.has(name, keys[name])]
+    reading = [name for name in todo if stage_enabled(cfg, name)]  # a stage that is off reads nothing
     kept = cache is not None or cfg.cache_extractions
 
     def run_extraction(data, settings):
@@ -558,11 +559,11 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             return extraction.extract(model, tok, data, **settings, metadata=metadata)
         return extraction.extract_cached(model, tok, info, data, cache=cache, dataset_info=dinfo, **settings)
 
-    if todo:  # some stage needs the extractions (LoRA reads them too: the base model's side)
+    if reading:  # some stage needs the extractions (LoRA reads them too: the base model's side)
         u.ex = run_extraction(train, _extraction_settings(cfg, layers, train=True, pooled=pooled,
                                                            shard_layers=u.interval_grid))
         lap("extract_train")
-        if "heldout" in cfg.probes and u.probe_grid and {"probes", "lora"} & set(todo):
+        if "heldout" in cfg.probes and u.probe_grid and {"probes", "lora"} & set(reading):
             u.ex_test = run_extraction(test, _extraction_settings(cfg, u.probe_grid, train=False, pooled=u.probe_grid,
                                                                   shard_layers=[]))
         lap("extract_test")
@@ -573,7 +574,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
             "mean_length": u.ex.metadata.get("mean_length"), "finished": _now()})
     else:
-        log(f"    {model_name} x {dataset_name}: every stage is stored, no extraction")
+        log(f"    {model_name} x {dataset_name}: every stage it computes reads nothing new: no extraction")
     extraction_record = (store.load("extraction", keys["extraction"]) or StageResult(None, {})).record
 
     provenance = {
@@ -585,7 +586,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     tables: dict[str, Any] = {}
     # the extraction is read (from the extraction cache where it is kept, else by a forward pass)
     # whenever a stage is computed; the other stages say whether they were computed or reused
-    stage_meta: dict[str, Any] = {"extraction": {"key": keys["extraction"], "read": bool(todo)}}
+    stage_meta: dict[str, Any] = {"extraction": {"key": keys["extraction"], "read": bool(reading)}}
     lora_status = "not configured"
     with _blas_threads(cfg.analysis_threads):
         for name in ANALYSIS_STAGES:
