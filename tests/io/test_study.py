@@ -653,3 +653,18 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
         for text, where in ((study.__doc__, "docstring"), (readme, "README")):
             for column in stage.columns:
                 assert re.search(rf"(?<![\w*]){re.escape(column)}(?![\w*])", text), (where, stage.name, column)
+
+
+def test_without_the_extraction_cache_only_the_split_a_stage_reads_is_extracted_again(tmp_path, counted_extract,
+                                                                                        tiny_llama):
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False)
+    assert not cfg.cache_extractions
+    study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, log=lambda _: None)
+    assert len(counted_extract) == 2  # train and test split
+    assert study.stage_status(cfg).iloc[0]["extraction"] == "not kept"
+    again = study.run_unit(dataclasses.replace(cfg, n_boot=cfg.n_boot + 1), "tiny-llama", "trec6", tiny_llama,
+                           log=lambda _: None)
+    assert len(counted_extract) == 3  # the train split's shards for the intervals; the test split is not read
+    assert {name for name, stage in again["unit"]["stages"].items() if stage.get("computed")} == {"intervals"}
+    study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, log=lambda _: None)
+    assert len(counted_extract) == 3  # every stage of the first settings is stored: no extraction at all
