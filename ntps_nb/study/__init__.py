@@ -84,8 +84,7 @@ for every statistic.
 
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, RESULTS_ROOT, STUDY_VERSION, TABLES, StudyConfig,
                                   StudySettingsError, load_config, resolve_layers, unit_name)
-from ntps_nb.study.config import _say, _versions  # noqa: F401  (used by benchmarks and tests)
-from ntps_nb.study.stages import _extraction_settings, _with_provenance  # noqa: F401
+from ntps_nb.study.stages import _extraction_settings  # noqa: F401  (benchmarks/check_device_agreement.py)
 from ntps_nb.study import stages  # noqa: F401
 from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, run_unit, stage_keys, stage_states,
                                   stage_store, unit_folder_stages, write_unit)
@@ -97,10 +96,11 @@ from ntps_nb.study.report import (TARGETS, correlation_summary, diagnostics_summ
 from ntps_nb.study.cli import register_cli
 
 __all__ = [
-    "CSV_FLOAT_FORMAT", "RESULTS_ROOT", "STUDY_VERSION", "TABLES", "TARGETS", "StudyConfig", "StudySettingsError",
-    "UnitClaim", "combine", "correlation_summary", "diagnostics_summary", "fixed_ntps", "load_config",
-    "load_results", "load_units", "lora_summary", "ntps_with_intervals", "pretraining_contrast", "probe_targets",
-    "register_cli", "resolve_layers", "run_study", "run_unit", "STAGES", "Stage", "StageStore", "adopt_unit_folder",
-    "stage_keys", "stage_states", "stage_status", "stage_store", "unit_folder_stages", "structure_controls", "structure_markdown",
-    "study_status", "summarise", "summary_markdown", "unit_name", "unit_status", "write_unit",
+    "CSV_FLOAT_FORMAT", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS", "Stage", "StageStore",
+    "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder", "combine", "correlation_summary",
+    "diagnostics_summary", "fixed_ntps", "load_config", "load_results", "load_units", "lora_summary",
+    "ntps_with_intervals", "pretraining_contrast", "probe_targets", "register_cli", "resolve_layers",
+    "run_study", "run_unit", "stage_keys", "stage_states", "stage_status", "stage_store", "structure_controls",
+    "structure_markdown", "study_status", "summarise", "summary_markdown", "unit_folder_stages", "unit_name",
+    "unit_status", "write_unit",
 ]
