@@ -543,3 +543,63 @@ def winning_configs(
     keep = (out["rank"] <= top) | (out["n_folds_chosen"] > 0)
     return out[keep].sort_values(["rank", *names]).reset_index(drop=True)[
         [*names, "rho", "rank", "n_folds_chosen", "n_datasets", "method"]]
+
+
+def leave_one_dataset_out_null(
+    frame: pd.DataFrame, *, score: str = "ntps", target: str = "accuracy",
+    configs: str | Sequence[str] = ("layer", "k"), dataset: str = "dataset", method: Method = "spearman",
+    direction: Direction = "positive", n_perm: int = 200, seed: int = 0, observed: float | None = None,
+) -> dict:
+    """Permutation null of the leave-one-dataset-out rho (`select_leave_one_dataset_out`): shuffle
+    the targets across datasets and redo the whole leave-one-out selection under each shuffle, so
+    the selection is inside the null.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per (dataset, configuration) with columns ``dataset``, ``configs``, ``score`` and
+        ``target`` (one target value per dataset).
+    observed : float, optional
+        The observed leave-one-dataset-out rho (computed here when None).
+    n_perm : int
+        With ``n! <= n_perm`` datasets every ordering is enumerated (the identity among them) and
+        the p-value is exact; otherwise ``n_perm`` random orderings (generator ``seed``).
+
+    Returns
+    -------
+    dict with ``observed``, ``pvalue`` (the share of orderings whose rho is at least as extreme
+    in ``direction``, within `TIE_ATOL`; ``(1 + hits) / (1 + n_perm)`` when sampled; NaN when
+    ``observed`` is NaN), ``n_perm`` (orderings used), ``exact``. An ordering under which some
+    fold's other datasets cannot support a selection (a constant target) counts as no hit.
+    """
+    if int(n_perm) < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    kwargs = dict(score=score, target=target, configs=configs, dataset=dataset, method=method, direction=direction)
+    if observed is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateSampleWarning)  # a NaN rho says it
+            observed = select_leave_one_dataset_out(frame, **kwargs)["rho"]
+    observed = float(observed)
+    if not np.isfinite(observed):
+        return {"observed": observed, "pvalue": float("nan"), "n_perm": 0, "exact": False}
+    per_dataset = frame.groupby(dataset)[target].first()
+    values = per_dataset.to_numpy()
+    exact = math.factorial(values.size) <= int(n_perm)
+    if exact:
+        orderings = [values[list(p)] for p in permutations(range(values.size))]
+    else:
+        rng = np.random.default_rng(seed)
+        orderings = [rng.permutation(values) for _ in range(int(n_perm))]
+    sign = _sign(direction)
+    hits = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateSampleWarning)  # constant held-out scores: a NaN rho, no hit
+        for ordering in orderings:
+            permuted = frame.assign(**{target: frame[dataset].map(dict(zip(per_dataset.index, ordering)))})
+            try:
+                rho = select_leave_one_dataset_out(permuted, **kwargs)["rho"]
+            except ValueError:  # a fold whose other datasets have a constant target: no selection possible
+                rho = float("nan")
+            hits += bool(np.isfinite(rho) and sign * rho >= sign * observed - TIE_ATOL)
+    pvalue = hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
+    return {"observed": observed, "pvalue": pvalue, "n_perm": len(orderings), "exact": exact}

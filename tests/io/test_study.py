@@ -503,3 +503,168 @@ def test_lora_summary_picks_k_and_names_the_columns():
         study.lora_summary(lora, k=4)
     with pytest.raises(ValueError, match="lacks columns"):
         study.lora_summary(lora.drop(columns=["lora_gain"]), k=8)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+def test_every_setting_enters_the_key_of_a_stage():
+    cfg = study.load_config(STUDIES / "default.toml")
+    covered = {name for stage in study.STAGES for name in stage.settings}
+    assert set(cfg.settings()) - {"study_version"} <= covered  # else a setting could change numbers unseen
+    keys = study.stage_keys(cfg, "smollm2-135m", "trec6")
+    assert list(keys) == ["extraction", "ntps", "probes", "peers", "intervals", "diagnostics", "lora"]
+    assert len(set(keys.values())) == len(keys)
+
+    def changed(**overrides):
+        other = study.stage_keys(dataclasses.replace(cfg, **overrides), "smollm2-135m", "trec6")
+        return {name for name in keys if other[name] != keys[name]}
+
+    assert changed(n_boot=100) == {"intervals"}
+    assert changed(n_permutations=7) == {"diagnostics"}
+    assert changed(k=(1, 8)) == {"ntps", "intervals", "lora"}
+    assert changed(lora_budget={"steps": 5}) == {"lora"}
+    # the layer grids change what is extracted and everything read from it, but not LoRA
+    assert changed(probe_layers="last") == set(keys) - {"lora"}
+    assert changed(max_length=128) == set(keys)
+    # not settings: where results go, the study's name, the device, the threads
+    assert changed(name="other", results_dir="/elsewhere", device="cuda", torch_threads=4) == set()
+    assert study.stage_keys(cfg, "smollm2-135m", "hedge")["lora"] != keys["lora"]
+    # a stage's version (bumped when what it computes changes) moves its key and those of its readers
+    bumped = study.stage_keys(cfg, "smollm2-135m", "trec6", versions={"extraction": 2})
+    assert {name for name in keys if bumped[name] != keys[name]} == set(keys) - {"lora"}
+    bumped = study.stage_keys(cfg, "smollm2-135m", "trec6", versions={"ntps": 2})
+    assert {name for name in keys if bumped[name] != keys[name]} == {"ntps"}
+
+
+def _counting(monkeypatch, module, name, counts):
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_a_changed_analysis_setting_recomputes_only_its_stages(tmp_path, monkeypatch, counted_extract, tiny_llama):
+    """n_boot changes: the intervals are recomputed; no forward pass, no LoRA training, and the
+    NTPS, probes and LoRA tables are the stored ones bit for bit."""
+    pytest.importorskip("peft")
+    import ntps_nb.core.intervals
+    import ntps_nb.core.probes
+    import ntps_nb.core.score
+    import ntps_nb.lora
+
+    counts: dict[str, int] = {}
+    for module, name in ((ntps_nb.lora, "finetune_lora"), (ntps_nb.lora, "lora_gain"),
+                         (ntps_nb.lora, "ntps_before_after"), (ntps_nb.core.probes, "probe_layers"),
+                         (ntps_nb.core.score, "ntps_sweep"), (ntps_nb.core.intervals, "ntps_interval_sweep")):
+        _counting(monkeypatch, module, name, counts)
+    cfg = _smoke(tmp_path, datasets=["trec6"], lora=True, lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3},
+                 peers=False)
+    model, tok, info = tiny_llama
+    as_pretrained = (model, tok, dataclasses.replace(info, pretrained=True))  # LoRA runs on pretrained models only
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    first = study.run_unit(cfg, "tiny-llama", "trec6", as_pretrained, **quiet)
+    # the train and test split (and the merged model's NTPS after LoRA, unless ntps_nb.lora's cache holds it)
+    forward = len(counted_extract)
+    assert forward >= 2 and counts["finetune_lora"] == 1 and counts["ntps_interval_sweep"] == 2
+    assert first["unit"]["lora"] == "done"
+
+    changed = _smoke(tmp_path, datasets=["trec6"], lora=True, lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3},
+                     peers=False, n_boot=cfg.n_boot + 5)
+    before = dict(counts)
+    second = study.run_unit(changed, "tiny-llama", "trec6", as_pretrained, **quiet)
+    ran = {name: counts.get(name, 0) - before.get(name, 0) for name in counts}
+    assert len(counted_extract) == forward  # no forward pass
+    assert ran["finetune_lora"] == ran["lora_gain"] == ran["ntps_before_after"] == 0  # no training, no LoRA scoring
+    assert ran["probe_layers"] == ran["ntps_sweep"] == 0  # the NTPS and probe stages are reused
+    assert ran["ntps_interval_sweep"] == 2  # the intervals are recomputed (one layer, two variants)
+    computed = {name for name, stage in second["unit"]["stages"].items() if stage.get("computed")}
+    assert computed == {"intervals"}
+    assert (second["intervals"]["n_boot"] == cfg.n_boot + 5).all() and (first["intervals"]["n_boot"] == cfg.n_boot).all()
+    for name in ("ntps", "probes", "lora"):
+        assert (second[name]["config_hash"] == changed.config_hash).all()
+        pd.testing.assert_frame_equal(second[name].drop(columns="config_hash"), first[name].drop(columns="config_hash"))
+    status = study.stage_status(changed).iloc[0]
+    assert status["intervals"] == "complete" and status["peers"] == "off" and status["extraction"] == "complete"
+    assert study.stage_status(_smoke(tmp_path, datasets=["trec6"], n_boot=3)).iloc[0]["intervals"] == "stale"
+    # the unit folder records its stage keys: another results folder recognises what is still valid in it
+    folder = study.write_unit(changed.unit_folder("tiny-llama", "trec6"), second)
+    elsewhere = _smoke(tmp_path / "elsewhere", datasets=["trec6"], lora=True,
+                       lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3}, peers=False, n_boot=3)
+    states = study.unit_folder_stages(elsewhere, "tiny-llama", "trec6", folder)
+    assert states == {"extraction": "valid", "ntps": "valid", "probes": "valid", "intervals": "stale",
+                      "lora": "valid", "peers": "valid", "diagnostics": "valid"}  # off then and now: no table
+
+
+def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
+    """The committed default units were written before stages: their LoRA table (and every other
+    table whose settings did not change) is taken over, read-only, and writes back the same text."""
+    folder = ROOT / "data" / "results" / "default" / "units" / "smollm2-135m__bbc-news"
+    if not (folder / "lora.csv").is_file():
+        pytest.skip("data/results/default is not committed")
+    cfg = study.load_config(STUDIES / "default.toml", results_dir=str(tmp_path))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    store = study.StageStore(tmp_path / "stages")
+    assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == dict.fromkeys(
+        ["extraction", "ntps", "probes", "peers", "intervals", "diagnostics", "lora"], "valid")
+    # a new n_boot: everything but the intervals is still valid, LoRA included
+    changed = dataclasses.replace(cfg, n_boot=100)
+    adopted = study.adopt_unit_folder(changed, "smollm2-135m", "bbc-news", store, folder=folder)
+    assert adopted == ["extraction", "ntps", "probes", "peers", "diagnostics", "lora"]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # read-only
+    keys = study.stage_keys(changed, "smollm2-135m", "bbc-news")
+    meta = json.loads((folder / "unit.json").read_text())
+    provenance = {name: meta[name] for name in study.stages.PROVENANCE}
+    for stage, table in (("lora", "lora"), ("ntps", "ntps"), ("probes", "probes")):
+        entry = store.load(stage, keys[stage])
+        assert "config_hash" not in entry.table.columns and entry.record["adopted_from"] == str(folder)
+        text = study.stages._with_provenance(entry.table, provenance).to_csv(index=False,
+                                                                              float_format=study.CSV_FLOAT_FORMAT)
+        assert text == (folder / f"{table}.csv").read_text(), stage
+    assert not store.has("intervals", keys["intervals"])
+    # a random-initialised control has no LoRA to take over; a changed LoRA budget invalidates it
+    control = folder.parent / "smollm2-135m-random__bbc-news"
+    assert study.unit_folder_stages(cfg, "smollm2-135m:random", "bbc-news", control)["lora"] == "skipped"
+    retrained = dataclasses.replace(cfg, lora_budget={"steps": 10})
+    assert study.unit_folder_stages(retrained, "smollm2-135m", "bbc-news", folder)["lora"] == "stale"
+
+
+def test_the_stage_table_names_every_column_of_the_committed_tables():
+    """The package docstring's (and README's) stage table is how a reader finds the stage behind
+    a column: it must list what the stages really write."""
+    import re
+
+    folder = ROOT / "data" / "results" / "default" / "units" / "smollm2-135m__bbc-news"
+    if not (folder / "lora.csv").is_file():
+        pytest.skip("data/results/default is not committed")
+    readme = (ROOT / "README.md").read_text()
+    for stage in study.STAGES:
+        if stage.table is None:
+            continue
+        written = [c for c in pd.read_csv(folder / f"{stage.table}.csv", nrows=1).columns
+                   if c not in study.stages.PROVENANCE]
+        listed = [c for c in stage.columns if not c.endswith("*")]
+        prefixes = [c[:-1] for c in stage.columns if c.endswith("*")]
+        assert written[:len(listed)] == listed, stage.name
+        assert all(any(c.startswith(p) for p in prefixes) for c in written[len(listed):]), stage.name
+        for text, where in ((study.__doc__, "docstring"), (readme, "README")):
+            for column in stage.columns:
+                assert re.search(rf"(?<![\w*]){re.escape(column)}(?![\w*])", text), (where, stage.name, column)
+
+
+def test_without_the_extraction_cache_only_the_split_a_stage_reads_is_extracted_again(tmp_path, counted_extract,
+                                                                                        tiny_llama):
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False)
+    assert not cfg.cache_extractions
+    study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, log=lambda _: None)
+    assert len(counted_extract) == 2  # train and test split
+    assert study.stage_status(cfg).iloc[0]["extraction"] == "not kept"
+    again = study.run_unit(dataclasses.replace(cfg, n_boot=cfg.n_boot + 1), "tiny-llama", "trec6", tiny_llama,
+                           log=lambda _: None)
+    assert len(counted_extract) == 3  # the train split's shards for the intervals; the test split is not read
+    assert {name for name, stage in again["unit"]["stages"].items() if stage.get("computed")} == {"intervals"}
+    study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, log=lambda _: None)
+    assert len(counted_extract) == 3  # every stage of the first settings is stored: no extraction at all

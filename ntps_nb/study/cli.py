@@ -1,0 +1,135 @@
+"""The ``python -m ntps_nb study run|status|combine|summary CONFIG`` commands."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pandas as pd
+
+from ntps_nb.study.config import CSV_FLOAT_FORMAT, load_config
+from ntps_nb.study.report import TARGETS
+
+
+def _study():
+    """The package itself, looked up when a command runs (so a test may replace one of its functions)."""
+    import ntps_nb.study
+
+    return ntps_nb.study
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (``kill``, a batch system's stop) ends the run like Ctrl-C does: as an exception, so
+    the unit in progress releases its claim and its temporary folder instead of leaving them."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cli_run(args) -> int:
+    overrides = {key: value for key, value in (("device", args.device), ("analysis_threads", args.analysis_threads),
+                                               ("torch_threads", args.torch_threads)) if value is not None}
+    cfg = load_config(args.config, **overrides)
+    with _terminate_as_exit():
+        table = _study().run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale,
+                                   models=args.models, datasets=args.datasets)
+    done = table[table["status"] == "done"]
+    if len(done):
+        print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")
+    return 0
+
+
+def _cli_status(args) -> int:
+    cfg = load_config(args.config)
+    table = _study().study_status(cfg, k=args.k)
+    counts = table["status"].value_counts().to_dict()
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
+        print(f"study {cfg.name} ({cfg.config_hash}): {len(table)} units, "
+              + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
+        print(table.drop(columns=["finished"], errors="ignore").to_string(index=False, na_rep=""))
+        for row in table[table["status"] == "running"].itertuples(index=False):
+            print(f"running: {row.model} x {row.dataset}, {row.finished}")
+        stages = _study().stage_status(cfg)
+        print("\nstages under the current settings (complete: reused by the next run; stale or missing: computed):")
+        print(stages.to_string(index=False))
+    return 0
+
+
+def _cli_combine(args) -> int:
+    _study().combine(load_config(args.config))
+    return 0
+
+
+def _cli_summary(args) -> int:
+    cfg = load_config(args.config)
+    tables = _study().load_units(cfg) if args.partial else _study().load_results(cfg)
+    summary = _study().summarise(tables, n_perm=args.n_perm, n_boot=args.n_boot, targets=args.targets)
+    if args.partial:
+        counts = tables["probes"].groupby("model")["dataset"].nunique()
+        print(f"INTERIM: the complete units of {cfg.name!r} so far (datasets per model: {counts.to_dict()} of "
+              f"{len(cfg.datasets)}); numbers will change as units land\n")
+    shown = summary[summary["target"].isin(args.targets)]
+    cols = ["model", "target", "score", "selection", "rho", "ci_low", "ci_high", "p_value", "config"]
+    controls = _study().structure_controls(tables, k=args.k, targets=[t for t in args.targets if t in TARGETS],
+                                  n_boot=args.n_boot)
+    if args.markdown:
+        print(_study().summary_markdown(summary, targets=args.targets))
+        if not controls.empty:
+            print(f"\nBeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}):\n")
+            print(_study().structure_markdown(controls))
+    else:
+        with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
+            print(f"study {cfg.name}: Spearman rho across datasets (targets: {summary['target_protocol'].iloc[0]} probes "
+                  f"at the last layer; n_datasets = {sorted(summary['n_datasets'].unique().tolist())})")
+            print(shown[cols].to_string(index=False))
+            if not controls.empty:
+                print(f"\nbeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}; "
+                      "rho is Kendall's tau over model pairs for across_models)")
+                print(controls.drop(columns=["k"]).to_string(index=False))
+    if args.output:
+        summary.to_csv(args.output, index=False, float_format=CSV_FLOAT_FORMAT)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``study run|combine|summary CONFIG`` to the ``python -m ntps_nb`` parser."""
+    study = subparsers.add_parser("study", help="run, combine and summarise a study grid (studies/*.toml)")
+    sub = study.add_subparsers(dest="study_command", required=True)
+    run = sub.add_parser("run", help="compute the missing units of a study, then combine")
+    run.add_argument("config")
+    run.add_argument("--units-limit", type=int, default=None, help="compute at most N units in this call")
+    run.add_argument("--replace-stale", action="store_true", help="recompute units computed with other settings")
+    run.add_argument("--models", nargs="+", default=None,
+                     help="only these models of the grid (processes started on one study share it anyway: "
+                          "each claims its units)")
+    run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
+    run.add_argument("--device", default=None, help='where the models run ("cuda", "cuda:1"; default cpu); '
+                     "not part of the config hash, recorded in each unit's unit.json")
+    run.add_argument("--analysis-threads", type=int, default=None, help="BLAS threads of the analysis (default 1)")
+    run.add_argument("--torch-threads", type=int, default=None, help="torch threads of the forward passes (default 1)")
+    run.set_defaults(func=_cli_run)
+    stat = sub.add_parser("status", help="which units are complete, their time and headline numbers")
+    stat.add_argument("config")
+    stat.add_argument("--k", type=int, default=8, help="k of the theory NTPS column (last layer)")
+    stat.set_defaults(func=_cli_status)
+    comb = sub.add_parser("combine", help="concatenate the complete units into the study tables")
+    comb.add_argument("config")
+    comb.set_defaults(func=_cli_combine)
+    summ = sub.add_parser("summary", help="rho of NTPS vs probes per model, with baselines and controls")
+    summ.add_argument("config")
+    summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa", "lora_gain"],
+                      choices=[*TARGETS, "lora_gain"], help="lora_gain: where the study ran LoRA")
+    summ.add_argument("--n-perm", type=int, default=200)
+    summ.add_argument("--n-boot", type=int, default=1000)
+    summ.add_argument("--output", default=None, help="also write the full summary as CSV")
+    summ.add_argument("--markdown", action="store_true", help="print a Markdown table (README's Results form)")
+    summ.add_argument("--k", type=int, default=8, help="k of the fixed-configuration controls (last layer)")
+    summ.add_argument("--partial", action="store_true",
+                      help="an interim look: read the complete units directly (the study need not be combined)")
+    summ.set_defaults(func=_cli_summary)

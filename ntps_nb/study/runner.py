@@ -1,0 +1,340 @@
+"""Running a study: units claimed by the processes that share a study, their status, the grid
+run unit by unit, and the complete units combined into the study tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from ntps_nb.cache import atomic_path
+from ntps_nb.study.config import (CSV_FLOAT_FORMAT, TABLES, StudyConfig, StudySettingsError, _readable, _say,
+                                  _versions, load_config, unit_name)
+from ntps_nb.study.stages import STAGE_NAMES, run_unit, stage_states, write_unit
+
+
+class UnitClaim:
+    """A unit a process is computing: ``units/.<unit>.claim`` (created exclusively) holds its
+    host, pid and start time, so several processes started on the same study share the grid
+    without computing a unit twice. A claim whose process is gone (same host, pid not alive) is
+    stale and taken over; a claim from another host is respected (remove the file by hand if that
+    machine is gone)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def take(cls, cfg: StudyConfig, model: str, dataset: str) -> "UnitClaim | None":
+        """The claim, or None when another live process holds it."""
+        path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"host": platform.node(), "pid": os.getpid(),
+                             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not cls._stale(path):
+                    return None
+                path.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record)
+            return cls(path)
+        return None
+
+    @classmethod
+    def holder(cls, cfg: StudyConfig, model: str, dataset: str) -> dict | None:
+        """The live claim's record (host, pid, started) of a unit, or None."""
+        path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
+        if not path.is_file() or cls._stale(path):
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _stale(path: Path) -> bool:
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written right now, or unreadable: leave it
+            return False
+        if holder.get("host") != platform.node():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
+    """"complete" (same settings), "stale" (complete, other settings) or "missing"."""
+    meta_path = cfg.unit_folder(model, dataset) / "unit.json"
+    if not meta_path.is_file():
+        return "missing"
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete"):
+        return "missing"
+    return "complete" if meta.get("config_hash") == cfg.config_hash else "stale"
+
+
+def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.DataFrame:
+    """One row per unit of the grid, read from the unit folders (nothing combined or computed).
+
+    Columns: model, dataset, status ("complete", "stale", "running" (claimed by a live process),
+    "missing"), minutes, finished (or, while running, who started it when), n_train,
+    mean_length (tokens), and for complete units the headline numbers at the last layer: held-out
+    probe accuracy, theory NTPS at ``k`` (or the largest k of the grid below it), and the LoRA
+    accuracy and gain where LoRA ran.
+    """
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    rows = []
+    for model, dataset in cfg.units():
+        folder = cfg.unit_folder(model, dataset)
+        row: dict[str, Any] = {"model": model, "dataset": dataset, "status": unit_status(cfg, model, dataset)}
+        claim = UnitClaim.holder(cfg, model, dataset)
+        if row["status"] == "missing" and claim is not None:
+            row["status"] = "running"
+            row["finished"] = f"started {claim.get('started')} (pid {claim.get('pid')} on {claim.get('host')})"
+        if row["status"] not in ("missing", "running"):
+            meta = json.loads((folder / "unit.json").read_text())
+            row.update(minutes=round(meta.get("seconds", float("nan")) / 60, 1), finished=meta.get("finished"),
+                       n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"))
+        if row["status"] == "complete":
+            probes = pd.read_csv(folder / "probes.csv")
+            held = probes[probes["protocol"] == "heldout"]
+            last = held["layer"].max()
+            row["heldout_accuracy"] = float(held.loc[held["layer"] == last, "accuracy"].iloc[0])
+            scores = pd.read_csv(folder / "ntps.csv")
+            theory = scores[(scores["variant"] == "theory") & (scores["layer"] == scores["layer"].max())]
+            below = theory[theory["k"] <= k]
+            if len(below):
+                chosen = below.loc[below["k"].idxmax()]
+                row[f"ntps_theory_k{k}"] = float(chosen["ntps"])
+            lora_path = folder / "lora.csv"
+            if lora_path.is_file():
+                lora = pd.read_csv(lora_path)
+                row["lora_accuracy"] = float(lora["lora_lora_accuracy"].iloc[0])
+                row["lora_gain"] = float(lora["lora_gain"].iloc[0])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "n_train" in table:
+        table["n_train"] = table["n_train"].astype("Int64")
+    return table
+
+
+def stage_status(cfg: StudyConfig | str | os.PathLike) -> pd.DataFrame:
+    """One row per unit of the grid, one column per stage (`ntps_nb.study.stages.STAGES`): whether
+    the stage's result under the current settings is "complete", "stale", "missing" or "off"
+    (see `ntps_nb.study.stages.stage_states`). Nothing is computed or written."""
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    rows = [{"model": model, "dataset": dataset, **stage_states(cfg, model, dataset)} for model, dataset in cfg.units()]
+    return pd.DataFrame(rows, columns=["model", "dataset", *STAGE_NAMES])
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
+              models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
+              cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say) -> pd.DataFrame:
+    """Run every missing unit of a study (model by model, loading each model once), then `combine`.
+
+    A unit already complete with the same settings is skipped; one complete with other settings
+    is an error unless ``replace_stale``. ``units_limit`` caps the units computed in this call;
+    ``models`` / ``datasets`` restrict it to part of the grid. The study tables are combined when
+    every unit is complete.
+    Several processes may run the same study at once: each claims a unit before computing it
+    (`UnitClaim`) and passes over units another live process holds (status "elsewhere").
+    Returns one row per unit: model, dataset, status ("skipped", "done", "elsewhere"), seconds.
+    """
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    units = cfg.units()
+    for given, known, what in ((models, cfg.models, "model"), (datasets, cfg.datasets, "dataset")):
+        unknown = sorted(set(given or ()) - set(known))
+        if unknown:
+            raise StudySettingsError(f"{what}(s) {unknown} are not in study {cfg.name!r} (it has {list(known)})")
+    restricted = models is not None or datasets is not None
+    units = [(m, d) for (m, d) in units if (models is None or m in models) and (datasets is None or d in datasets)]
+    status = {unit: unit_status(cfg, *unit) for unit in units}
+    stale = [unit_name(*u) for u, s in status.items() if s == "stale"]
+    if stale and not replace_stale:
+        raise StudySettingsError(
+            f"{len(stale)} unit(s) of study {cfg.name!r} were computed with other settings ({stale[:4]}...); "
+            f"the config hash is now {cfg.config_hash}. Rerun with --replace-stale to recompute them, or give the "
+            "study a new name")
+    todo = [u for u in units if status[u] != "complete"]
+    if todo:
+        _check_device(cfg.device)
+    if cfg.torch_threads is not None and todo:
+        import torch
+
+        # On a shared 2-core machine two spinning OpenMP threads per process made a 40-text
+        # extraction ~7x slower than one thread (227 s vs 31 s, SmolLM2, measured here).
+        torch.set_num_threads(int(cfg.torch_threads))
+    if units_limit is not None:
+        todo = todo[:max(0, int(units_limit))]
+    log(f"study {cfg.name}: {len(units)} units, {len(units) - sum(s != 'complete' for s in status.values())} complete, "
+        f"{len(todo)} to run now -> {cfg.folder}")
+    rows = [{"model": m, "dataset": d, "status": "skipped", "seconds": 0.0} for (m, d) in units
+            if status[(m, d)] == "complete"]
+    done_before = len(rows)
+    loaded_name, loaded = None, None
+    started = time.perf_counter()
+    computed = 0
+    for i, (model_name, dataset_name) in enumerate(todo, start=1):
+        claim = UnitClaim.take(cfg, model_name, dataset_name)
+        if claim is None or unit_status(cfg, model_name, dataset_name) == "complete":
+            if claim is not None:  # finished by another process since this one looked
+                claim.release()
+            log(f"    {model_name} x {dataset_name}: {'complete' if claim else 'being computed by another process'}, "
+                "skipped")
+            rows.append({"model": model_name, "dataset": dataset_name, "status": "elsewhere", "seconds": 0.0})
+            continue
+        try:
+            if loaded_name != model_name:
+                from ntps_nb.models import load_model
+
+                loaded, loaded_name = None, None  # free the previous model first
+                loaded, loaded_name = load_model(model_name, seed=cfg.seed, device=cfg.device), model_name
+            t0 = time.perf_counter()
+            tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
+            write_unit(cfg.unit_folder(model_name, dataset_name), tables)
+        finally:
+            claim.release()
+        seconds = time.perf_counter() - t0
+        computed += 1
+        rows.append({"model": model_name, "dataset": dataset_name, "status": "done", "seconds": round(seconds, 2)})
+        elapsed = time.perf_counter() - started
+        eta = elapsed / computed * (len(todo) - i)
+        log(f"[{done_before + i}/{len(units)}] {model_name} x {dataset_name}: {_fmt_seconds(seconds)} "
+            f"(elapsed {_fmt_seconds(elapsed)}, eta {_fmt_seconds(eta)})")
+    missing = [unit_name(*u) for u in cfg.units() if unit_status(cfg, *u) != "complete"]
+    if not missing:
+        combine(cfg, log=log)
+    elif not restricted and units_limit is None:
+        log(f"{len(missing)} unit(s) still missing or running in another process ({missing[:4]}...): "
+            "the study tables are combined when the last one lands")
+    return pd.DataFrame(rows)
+
+
+# -- combine -------------------------------------------------------------------------------------
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any unit is claimed (not halfway through a model load)."""
+    import torch
+
+    try:
+        where = torch.device(device)
+    except RuntimeError as error:
+        raise StudySettingsError(f"device {device!r} is not a torch device ({error})") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StudySettingsError(f"device {device!r} asked for, but torch sees no CUDA GPU here "
+                                     f"(torch {torch.__version__}); run without --device to use the CPU")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise StudySettingsError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+
+
+def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd.DataFrame]]:
+    """The complete units of a study and their tables concatenated; raises StudySettingsError when
+    they (or their rows) carry different config hashes, or another hash than the config's."""
+    units_dir = cfg.folder / "units"
+    metas = []
+    for model, dataset in cfg.units():
+        path = cfg.unit_folder(model, dataset) / "unit.json"
+        if path.is_file():
+            metas.append((cfg.unit_folder(model, dataset), json.loads(path.read_text())))
+    if not metas:
+        raise FileNotFoundError(f"study {cfg.name!r} has no complete unit under {units_dir}")
+    tables: dict[str, pd.DataFrame] = {}
+    for name in (*TABLES, "lora"):
+        parts = [pd.read_csv(folder / f"{name}.csv") for folder, _ in metas if (folder / f"{name}.csv").is_file()]
+        if parts:
+            tables[name] = pd.concat(parts, ignore_index=True)
+    hashes = {meta.get("config_hash") for _, meta in metas}
+    for name, frame in tables.items():
+        hashes |= set(frame["config_hash"].astype(str).unique())
+    if len(hashes) > 1:
+        by_hash: dict[str, list[str]] = {}
+        for folder, meta in metas:
+            by_hash.setdefault(str(meta.get("config_hash")), []).append(folder.name)
+        raise StudySettingsError(
+            f"study {cfg.name!r} mixes results computed with different settings (config hashes {sorted(map(str, hashes))}; "
+            f"units by hash: {by_hash}); the config now hashes to {cfg.config_hash}. Recompute the stale units "
+            "(study run --replace-stale) instead of combining them")
+    if hashes != {cfg.config_hash}:
+        raise StudySettingsError(f"study {cfg.name!r}: its units were computed with config hash {hashes.pop()}, "
+                                 f"but {cfg.source or 'the config'} now hashes to {cfg.config_hash}")
+    return metas, tables
+
+
+def load_units(cfg: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The tables of a study's complete units, concatenated in memory (nothing is written): an
+    interim look at a study still running. Same settings checks as `combine`."""
+    return _read_units(cfg if isinstance(cfg, StudyConfig) else load_config(cfg))[1]
+
+
+def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = _say) -> dict[str, pd.DataFrame]:
+    """Concatenate the complete units of a study into ``<study>/<table>.csv`` and ``provenance.json``.
+
+    Raises StudySettingsError when the units (or rows) carry different config hashes: rows
+    computed with different settings never share a table.
+    """
+    from ntps_nb import __version__
+
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    metas, tables = _read_units(cfg)
+    for name, frame in tables.items():
+        with atomic_path(cfg.folder / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT)
+            _readable(tmp)
+    provenance = {
+        "study": cfg.name, "config": cfg.source, "config_hash": cfg.config_hash, "settings": cfg.settings(),
+        "models": list(cfg.models), "datasets": list(cfg.datasets), "package_version": __version__,
+        "units_complete": len(metas), "units_total": len(cfg.units()),
+        "combined": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        "versions": _versions(),
+        "units": {folder.name: {"seconds": meta.get("seconds"), "timings_s": meta.get("timings_s"),
+                                "finished": meta.get("finished"), "lora": meta.get("lora"),
+                                "n_train": meta.get("n_train"), "n_test": meta.get("n_test")}
+                  for folder, meta in metas},
+    }
+    with atomic_path(cfg.folder / "provenance.json") as tmp:
+        tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True, default=str))
+        _readable(tmp)
+    log(f"combined {len(metas)}/{len(cfg.units())} units of {cfg.name!r} into {cfg.folder}")
+    return tables
+
+
+def load_results(cfg_or_folder: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The combined tables of a study: a config (TOML path or `StudyConfig`) or a results folder."""
+    if isinstance(cfg_or_folder, StudyConfig):
+        folder = cfg_or_folder.folder
+    else:
+        path = Path(cfg_or_folder)
+        folder = load_config(path).folder if path.suffix == ".toml" else path
+    tables = {name: pd.read_csv(folder / f"{name}.csv") for name in (*TABLES, "lora") if (folder / f"{name}.csv").is_file()}
+    if not tables:
+        raise FileNotFoundError(f"no combined tables in {folder}; run `study combine` first")
+    return tables

@@ -1,0 +1,702 @@
+"""One unit of a study as stages: extraction -> NTPS, probes, peers, intervals, diagnostics; LoRA.
+
+Each stage has a content key over exactly the settings its numbers depend on (`Stage.settings`,
+besides the model and the dataset) and the keys of the stages it reads (`Stage.inputs`). Its
+result is stored atomically under ``<study>/stages/<unit>/<stage>-<key>/`` (`StageStore`): a table
+at full precision and a ``record.json``. A unit computes only the stages whose key has no entry,
+so a changed analysis setting (``n_boot``, say) recomputes the intervals and nothing else: no
+forward pass when the extraction is kept (the extraction cache, ``cache_extractions`` or a
+``cache`` folder) and no LoRA training step.
+
+The extraction stage's entry is its record (cache key, seconds, truncation); the arrays live in
+the extraction cache when it is on. Without it, a stage that must be recomputed reruns the
+forward pass; the stages whose keys did not change are still reused.
+
+A unit folder written before stages existed (``unit.json`` and its tables) is recognised by
+`adopt_unit_folder`: every stage whose key under the folder's recorded settings equals the key
+under the current ones takes its table from there (LoRA above all: no retraining).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ntps_nb.cache import atomic_path, content_key
+from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
+                                  _versions, resolve_layers)
+
+#: Settings that choose the texts of a unit (with the model and the dataset).
+SAMPLE = ("max_train", "max_test", "seed")
+#: Settings that decide how every text is read by the model (each forward pass depends on them).
+READING = ("max_length", "drop_bos", "batch_size", "precision")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a unit: the config fields its numbers depend on, the stages it reads, the unit
+    table it writes (None: none) and that table's columns after the provenance columns.
+
+    ``version`` enters the stage's key: bump it when what the stage computes changes (a new
+    estimator, say), and exactly that stage and the stages reading it are recomputed."""
+
+    name: str
+    settings: tuple[str, ...]
+    inputs: tuple[str, ...]
+    table: str | None
+    columns: tuple[str, ...]
+    version: int = 1
+
+
+#: The stages in the order a unit computes them.
+#: The columns each stage's table holds after the provenance columns (the package docstring's table);
+#: ``lora_*``: every result and budget field of `ntps_nb.lora`, prefixed.
+NTPS_COLUMNS = ("variant", "k", "fraction", "k_U", "m", "r_U", "r_V", "ntps", "excess_loss", "lower_bound",
+                "upper_bound", "layer", "k_V", "precision")
+PROBES_COLUMNS = ("layer", "protocol", "evaluated_on", "classes_in_train", "n_eval", "d", "accuracy", "kappa",
+                  "chance", "majority_rate", "mse", "mse_per_text", "lstsq_accuracy", "logreg_C", "ridge", "solver",
+                  "converged", "n_iter")
+PEERS_COLUMNS = ("layer", "logme", "h_score", "h_score_lw", "knn_accuracy", "rankme", "knn_k", "knn_mode")
+INTERVALS_COLUMNS = ("statistic", "variant", "k", "fraction", "k_U", "m", "r_V", "ntps", "lower", "upper",
+                     "se_bootstrap", "se_jackknife", "bias_bootstrap", "n_valid", "n_shards", "n_texts", "n_boot",
+                     "level", "method", "centred", "layer")
+DIAGNOSTICS_COLUMNS = ("variant", "k", "fraction", "k_U", "k_V", "m", "precision", "r_U", "r_V", "ntps",
+                       "perturb_max_dev", "perturb_std", "perturb_rank_changes", "perm_mean", "perm_std", "perm_p",
+                       "perm_z", "solver_max_dev", "n_perturb", "perturb_scale", "n_permutations", "layer")
+LORA_COLUMNS = ("layer", "k", "variant", "ntps_before", "ntps_after", "delta", "lora_key", "weights_before",
+                "weights_after", "n_texts", "lora_weights_sha256", "lora_*")
+
+#: The stages in the order a unit computes them.
+STAGES: tuple[Stage, ...] = (
+    Stage("extraction", SAMPLE + READING + ("layers", "probes", "probe_layers", "peers", "peer_layers", "shards",
+                                            "interval_layers", "diagnostics", "diagnostic_layers"), (), None, ()),
+    Stage("ntps", ("k", "peers", "peer_layers"), ("extraction",), "ntps", NTPS_COLUMNS),
+    Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes", PROBES_COLUMNS),
+    Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers", PEERS_COLUMNS),
+    Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k"), ("extraction",),
+          "intervals", INTERVALS_COLUMNS),
+    Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
+                          "n_permutations", "seed"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS),
+    # LoRA reads the extraction's last layer where it holds it (the base model's side), but its
+    # numbers depend only on which texts are read and how: not on the layer grids, so changing
+    # them does not retrain.
+    Stage("lora", SAMPLE + READING + ("lora", "lora_budget", "k"), (), "lora", LORA_COLUMNS),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+#: The stages computed from the extraction (everything but the extraction itself).
+ANALYSIS_STAGES = STAGE_NAMES[1:]
+#: Provenance columns every unit table starts with (`_with_provenance`).
+PROVENANCE = ("study", "model", "pretrained", "quantized", "dataset", "n_train", "n_test", "n_classes", "max_length",
+              "drop_bos", "seed", "package_version", "config_hash")
+
+
+def _setting_values(cfg: StudyConfig) -> dict[str, Any]:
+    """Every field of ``cfg`` as JSON values (tuples as lists), precision included."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return json.loads(json.dumps(values, default=list))
+
+
+def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
+               versions: dict[str, int] | None = None) -> dict[str, str]:
+    """The content key of every stage of unit (``model``, ``dataset``) under ``cfg``, in stage order.
+
+    A key covers the study version, the stage's `Stage.version` (or ``versions[name]``), the
+    model, the dataset, the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
+    else (not the study's name, not where it runs).
+    """
+    values = _setting_values(cfg)
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        keys[stage.name] = content_key({
+            "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
+            "study_version": STUDY_VERSION, "model": model, "dataset": dataset,
+            "settings": {name: values[name] for name in stage.settings},
+            "inputs": {name: keys[name] for name in stage.inputs}})
+    return keys
+
+
+def stage_enabled(cfg: StudyConfig, stage: str) -> bool:
+    """Whether ``cfg`` asks for the stage at all (a disabled stage writes no table)."""
+    return {"extraction": True, "ntps": True, "probes": bool(cfg.probes), "peers": bool(cfg.peers),
+            "intervals": bool(cfg.shards) and cfg.interval_layers not in (None, False, ()),
+            "diagnostics": bool(cfg.diagnostics), "lora": bool(cfg.lora)}[stage]
+
+
+@dataclasses.dataclass
+class StageResult:
+    """A stage's stored result: its table (None when it wrote none) and its record."""
+
+    table: pd.DataFrame | None
+    record: dict[str, Any]
+
+
+class StageStore:
+    """The stage results of one unit: ``<folder>/<stage>-<key>/`` holding ``record.json`` and,
+    when the stage wrote a table, ``table.csv`` at full precision (floats round-trip exactly).
+    Each entry is written atomically (`ntps_nb.cache.atomic_path`)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.folder / f"{stage}-{key}"
+
+    def has(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / "record.json").is_file()
+
+    def keys(self, stage: str) -> list[str]:
+        """The keys stored for ``stage`` (current or not)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name[len(stage) + 1:] for p in self.folder.iterdir()
+                      if p.name.startswith(f"{stage}-") and (p / "record.json").is_file())
+
+    def load(self, stage: str, key: str) -> StageResult | None:
+        entry = self.path(stage, key)
+        if not (entry / "record.json").is_file():
+            return None
+        record = json.loads((entry / "record.json").read_text())
+        table = None
+        if (entry / "table.csv").is_file():  # floats read back bit for bit; text stays text (a key "12e4" too)
+            table = pd.read_csv(entry / "table.csv", dtype={name: object for name in record.get("text_columns", [])})
+        return StageResult(table, record)
+
+    def save(self, stage: str, key: str, table: pd.DataFrame | None, record: dict[str, Any]) -> StageResult:
+        """Store a stage's result; returns it as `load` reads it back, so a stage's table is the
+        same whether it was just computed or reused (None and NaN alike are missing values)."""
+        record = {"stage": stage, "key": key, **record}
+        if table is not None:
+            record["text_columns"] = [name for name in table.columns if not pd.api.types.is_numeric_dtype(table[name])
+                                      and not pd.api.types.is_bool_dtype(table[name])
+                                      and table[name].dropna().map(lambda v: isinstance(v, str)).all()
+                                      and table[name].notna().any()]
+        with atomic_path(self.path(stage, key), directory=True) as tmp:
+            if table is not None:
+                table.to_csv(tmp / "table.csv", index=False)  # shortest repr of every float: exact
+            (tmp / "record.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+            _readable(tmp)
+        return self.load(stage, key)
+
+
+def stage_store(cfg: StudyConfig, model: str, dataset: str) -> StageStore:
+    """Where the stages of a unit are kept: ``<study folder>/stages/<unit>/``."""
+    from ntps_nb.study.config import unit_name
+
+    return StageStore(cfg.folder / "stages" / unit_name(model, dataset))
+
+
+# -- units written before stages ------------------------------------------------------------------
+
+
+def config_from_settings(cfg: StudyConfig, settings: dict[str, Any]) -> StudyConfig | None:
+    """``cfg`` with the settings a unit recorded (``unit.json``'s ``settings``), or None when they
+    are not this package's (another study version, or keys it does not know)."""
+    settings = dict(settings)
+    if settings.pop("study_version", None) != STUDY_VERSION:
+        return None
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    if set(settings) - known:
+        return None
+    for key, before in _ADDED_LATER.items():  # left out of the record at the value it had then
+        settings.setdefault(key, before)
+    settings = {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
+    return dataclasses.replace(cfg, **settings)
+
+
+def _strip_provenance(frame: pd.DataFrame) -> pd.DataFrame:
+    """The inverse of `_with_provenance`: the result columns of a unit table."""
+    frame = frame.drop(columns=[c for c in PROVENANCE if c in frame.columns])
+    return frame.rename(columns={f"{c}_result": c for c in PROVENANCE if f"{c}_result" in frame.columns})
+
+
+def unit_folder_stages(cfg: StudyConfig, model: str, dataset: str,
+                       folder: str | os.PathLike | None = None) -> dict[str, str]:
+    """What a complete unit folder (``unit.json`` and its tables, written with or without stages)
+    holds for each stage under ``cfg``: "valid" (its key under the folder's recorded settings is
+    the key under ``cfg``, and the folder has its result), "stale" (another key), "skipped" (LoRA
+    the unit skipped, e.g. on a random-initialised model) or nothing (no such folder, an
+    incomplete one, one of another study version, or a stage it has no result of)."""
+    folder = Path(folder) if folder is not None else cfg.unit_folder(model, dataset)
+    meta_path = folder / "unit.json"
+    if not meta_path.is_file():
+        return {}
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete") or meta.get("model") != model or meta.get("dataset") != dataset:
+        return {}
+    then = config_from_settings(cfg, meta.get("settings") or {})
+    if then is None:
+        return {}
+    new = stage_keys(cfg, model, dataset)
+    # the keys the unit recorded; a unit from before stages was computed by every stage's version 1
+    recorded = {name: entry.get("key") for name, entry in (meta.get("stages") or {}).items()}
+    old = {**stage_keys(then, model, dataset, versions=dict.fromkeys(STAGE_NAMES, 1)), **recorded}
+    out = {}
+    for stage in STAGES:
+        has_result = True
+        if stage.name == "lora" and stage_enabled(then, "lora"):
+            if str(meta.get("lora", "")).startswith("skipped"):
+                out["lora"] = "skipped"
+                continue
+            has_result = meta.get("lora", "done") == "done" and (folder / "lora.csv").is_file()
+        elif stage.table is not None and stage_enabled(then, stage.name):
+            has_result = (folder / f"{stage.table}.csv").is_file()
+        if has_result:
+            out[stage.name] = "valid" if old[stage.name] == new[stage.name] else "stale"
+    return out
+
+
+def adopt_unit_folder(cfg: StudyConfig, model: str, dataset: str, store: StageStore | None = None,
+                      folder: str | os.PathLike | None = None) -> list[str]:
+    """Map a complete unit folder into the stage store: every stage `unit_folder_stages` finds
+    "valid" takes the folder's table (LoRA included, so a committed LoRA result is never
+    retrained). Returns the stages adopted. Reads the folder, never writes it; a stage already in
+    the store is left alone.
+
+    The tables keep the folder's precision (``CSV_FLOAT_FORMAT``), so the unit tables written
+    from them are the same text as the folder's.
+    """
+    folder = Path(folder) if folder is not None else cfg.unit_folder(model, dataset)
+    store = store or stage_store(cfg, model, dataset)
+    valid = [name for name, state in unit_folder_stages(cfg, model, dataset, folder).items() if state == "valid"]
+    if not valid:
+        return []
+    meta = json.loads((folder / "unit.json").read_text())
+    keys = stage_keys(cfg, model, dataset)
+    source = {"adopted_from": str(folder), "config_hash": meta.get("config_hash"), "finished": meta.get("finished")}
+    adopted = []
+    for stage in STAGES:
+        key = keys[stage.name]
+        if stage.name not in valid or store.has(stage.name, key):
+            continue
+        if stage.name == "extraction":
+            store.save("extraction", key, None, {**source, "kept": None, **_extraction_facts_of_unit(meta)})
+        else:
+            table_path = folder / f"{stage.table}.csv"
+            table = _strip_provenance(pd.read_csv(table_path)) if table_path.is_file() else None
+            extra = {"lora": meta.get("lora", "done")} if stage.name == "lora" else {}
+            store.save(stage.name, key, table, {**source, "seconds": (meta.get("timings_s") or {}).get(stage.name),
+                                                **extra})
+        adopted.append(stage.name)
+    return adopted
+
+
+def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
+    """Per stage of a unit: "complete" (stored under its current key, or valid in the unit folder),
+    "not kept" (the extraction ran, but its arrays are not in the extraction cache: a stage that
+    must be recomputed runs the forward pass again), "stale" (stored only under other keys),
+    "missing", "skipped" (LoRA the unit skipped, e.g. on a random-initialised model) or "off" (the
+    config does not ask for it)."""
+    keys = stage_keys(cfg, model, dataset)
+    store = stage_store(cfg, model, dataset)
+    in_folder = unit_folder_stages(cfg, model, dataset)
+    out = {}
+    for stage in STAGES:
+        name = stage.name
+        if not stage_enabled(cfg, name):
+            out[name] = "off"
+        elif store.has(name, keys[name]) or in_folder.get(name) == "valid":
+            out[name] = "complete"
+            if name == "extraction":
+                record = store.load(name, keys[name])
+                kept = record.record.get("kept") if record is not None else None
+                if not (kept and (Path(kept) / "extraction.json").is_file()):
+                    out[name] = "not kept"
+        elif in_folder.get(name) == "skipped":
+            out[name] = "skipped"
+        elif store.keys(name) or in_folder.get(name) == "stale":
+            out[name] = "stale"
+        else:
+            out[name] = "missing"
+    return out
+
+
+def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
+            "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train")}
+
+
+# -- computing a unit -----------------------------------------------------------------------------
+
+
+def _with_provenance(frame: pd.DataFrame, provenance: dict[str, Any]) -> pd.DataFrame:
+    """Provenance columns first; a result column of the same name that disagrees is kept renamed."""
+    frame = frame.copy()
+    for key, value in provenance.items():
+        if key in frame.columns:
+            same = frame[key].astype(str).eq(str(value)).all()
+            if same:
+                frame = frame.drop(columns=key)
+            else:
+                frame = frame.rename(columns={key: f"{key}_result"})
+    front = pd.DataFrame({key: [value] * len(frame) for key, value in provenance.items()}, index=frame.index)
+    return pd.concat([front, frame], axis=1)
+
+
+def _k_filter(sweep: pd.DataFrame, k: Any) -> pd.DataFrame:
+    if k == "all":
+        return sweep
+    return sweep[sweep["k"].isin([int(v) for v in k])]
+
+
+def _extraction_settings(cfg: StudyConfig, layers: list[int], *, train: bool, pooled: list[int],
+                         shard_layers: list[int]) -> dict[str, Any]:
+    settings = dict(layers=layers, batch_size=cfg.batch_size, max_length=cfg.max_length, drop_bos=cfg.drop_bos,
+                    precision=cfg.precision, pooled_layers=pooled, progress=False)
+    if train:
+        settings.update(shards=cfg.shards if shard_layers else None, shard_layers=shard_layers or None,
+                        shard_seed=cfg.seed, token_moments=True)
+    else:  # the test split only feeds the held-out probes: pooled features suffice
+        settings.update(token_moments=False)
+    return settings
+
+
+
+@dataclasses.dataclass
+class _Unit:
+    """What the stages of one unit read: the config, the model, the texts, the layer grids, and
+    the extractions once they are made."""
+
+    cfg: StudyConfig
+    loaded: tuple
+    ds: dict
+    train: Any
+    test: Any
+    layers: list[int]
+    probe_grid: list[int]
+    peer_grid: list[int]
+    interval_grid: list[int]
+    diag_grid: list[int]
+    log: Callable[[str], None]
+    ex: Any = None
+    ex_test: Any = None
+
+
+def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    from ntps_nb.core.peers import pca_overlap_sweep
+    from ntps_nb.core.score import ntps_sweep
+
+    rows = []
+    for layer in u.layers:
+        m = u.ex.moments[layer]
+        theory = _k_filter(ntps_sweep(m, variant="theory"), u.cfg.k)
+        reference = ntps_sweep(m, variant="reference")
+        rows += [theory.assign(layer=layer), reference.assign(layer=layer)]
+        if layer in u.peer_grid and m.Shh is not None:
+            rows.append(_k_filter(pca_overlap_sweep(m), u.cfg.k).assign(layer=layer))
+    return pd.concat(rows, ignore_index=True), {}
+
+
+def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    from sklearn.exceptions import ConvergenceWarning
+
+    from ntps_nb.core.probes import probe_layers
+
+    if not u.probe_grid:
+        return None, {}
+    features = {layer: (u.ex.pooled[layer], u.ex_test.pooled[layer] if u.ex_test is not None else None)
+                for layer in u.probe_grid}
+    with warnings.catch_warnings():
+        # saga's ConvergenceWarning under the paper's max_iter is expected (the in-sample protocol)
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        table = probe_layers(features, u.ex.labels, u.ex_test.labels if u.ex_test is not None else None,
+                             n_classes=u.train.n_classes, protocol=list(u.cfg.probes), seed=u.cfg.seed)
+    return table, {}
+
+
+def _peers_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    from ntps_nb.core.peers import peer_scores
+
+    if not u.peer_grid:
+        return None, {}
+    with warnings.catch_warnings():
+        _ignore_recorded_as_nan()
+        table = pd.DataFrame([peer_scores(u.ex.pooled[layer], u.ex.labels, layer=layer) for layer in u.peer_grid])
+    return table, {}
+
+
+def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    from ntps_nb.core.intervals import layer_shards, ntps_interval_sweep
+
+    if not u.interval_grid:
+        return None, {}
+    shards = layer_shards(u.ex.shards)
+    rows = []
+    with warnings.catch_warnings():
+        _ignore_recorded_as_nan()
+        for layer in u.interval_grid:
+            for variant in ("theory", "reference"):
+                sweep = ntps_interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
+                                            method=u.cfg.interval_method)
+                if variant == "theory":
+                    sweep = _k_filter(sweep, u.cfg.k)
+                rows.append(sweep.assign(layer=layer))
+    return pd.concat(rows, ignore_index=True), {}
+
+
+def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    from ntps_nb.core.diagnostics import ntps_diagnostics
+    from ntps_nb.core.score import ntps_sweep
+
+    if not u.diag_grid:
+        return None, {}
+    rows = []
+    with warnings.catch_warnings():
+        _ignore_recorded_as_nan()
+        for layer in u.diag_grid:
+            r_V = int(ntps_sweep(u.ex.moments[layer])["r_V"].iloc[0])
+            ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
+            for variant, grid in (("theory", dict(k=ks)),
+                                  ("reference", dict(fraction=list(u.cfg.diagnostic_fractions)))):
+                rows.append(ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
+                                             n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
+                                             seed=u.cfg.seed, layer=layer, **grid))
+    return pd.concat(rows, ignore_index=True), {}
+
+
+def _lora_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    if not u.cfg.lora:
+        return None, {"lora": "not configured"}
+    status, table = _run_lora(u.cfg, u.loaded, u.ds, u.log, u.ex, u.ex_test)
+    return table, {"lora": status}
+
+
+def _ignore_recorded_as_nan() -> None:
+    """Warnings of the package's own scores that the tables record anyway (a NaN, a count of
+    resamples left out): expected on small or degenerate units, so not repeated on the console."""
+    from ntps_nb.core.peers import PeerConvergenceWarning, PeerUndefinedWarning
+    from ntps_nb.core.stats import DegenerateSampleWarning
+
+    for category in (PeerUndefinedWarning, PeerConvergenceWarning, DegenerateSampleWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=r".* resamples had undefined geometry", category=RuntimeWarning)
+
+
+_COMPUTE: dict[str, Callable[[_Unit], tuple[pd.DataFrame | None, dict]]] = {
+    "ntps": _ntps_stage, "probes": _probes_stage, "peers": _peers_stage, "intervals": _intervals_stage,
+    "diagnostics": _diagnostics_stage, "lora": _lora_stage,
+}
+
+
+def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple | None = None,
+             *, cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say,
+             store: StageStore | None = None) -> dict[str, Any]:
+    """Every table of one (model, dataset) unit; returns {table: frame, "unit": meta dict}.
+
+    Stage by stage (`STAGES`): a stage whose key (`stage_keys`) is in the ``store`` (default
+    `stage_store`) is read from there, any other is computed and stored, so a changed setting
+    recomputes only the stages that depend on it. A complete unit folder from before stages is
+    mapped into the store first (`adopt_unit_folder`). The extraction runs only when a stage has
+    to be computed.
+
+    ``loaded`` is ``(model, tokenizer, info)`` from `ntps_nb.models.load_model` (loaded here if None).
+    ``cache``: an extraction cache folder (`ntps_nb.extract.extract_cached`); None caches only when
+    the config sets ``cache_extractions`` (the default cache folder then).
+    """
+    from ntps_nb import __version__
+    from ntps_nb import extract as extraction
+    from ntps_nb.cache import cache_dir
+    from ntps_nb.datasets import dataset_info, load_dataset
+    from ntps_nb.extract import as_text_set
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+        if timings[name] >= 1:
+            log(f"    {model_name} x {dataset_name}: {name} {timings[name]:.1f} s")
+
+    keys = stage_keys(cfg, model_name, dataset_name)
+    store = store if store is not None else stage_store(cfg, model_name, dataset_name)
+    adopted = adopt_unit_folder(cfg, model_name, dataset_name, store)
+    if adopted:
+        log(f"    {model_name} x {dataset_name}: reusing {', '.join(adopted)} of the unit folder computed before")
+
+    if loaded is None:
+        from ntps_nb.models import load_model
+
+        loaded = load_model(model_name, seed=cfg.seed, device=cfg.device)
+    model, tok, info = loaded
+    lap("load_model")
+    ds = load_dataset(dataset_name, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    train, test = as_text_set(ds["train"]), as_text_set(ds["test"])
+    try:
+        dinfo = dataset_info(dataset_name)
+    except Exception as error:  # provenance only; never fail a unit for it
+        dinfo = {"error": repr(error)}
+    lap("load_dataset")
+
+    available = list(range(info.n_hidden_states))
+    layers = resolve_layers(cfg.layers, available, "layers")
+    u = _Unit(cfg, loaded, ds, train, test, layers,
+              probe_grid=resolve_layers(cfg.probe_layers, layers, "probe_layers") if cfg.probes else [],
+              peer_grid=resolve_layers(cfg.peer_layers, layers, "peer_layers") if cfg.peers else [],
+              interval_grid=resolve_layers(cfg.interval_layers, layers, "interval_layers") if cfg.shards else [],
+              diag_grid=resolve_layers(cfg.diagnostic_layers, layers, "diagnostic_layers") if cfg.diagnostics else [],
+              log=log)
+    pooled = sorted(set(u.probe_grid) | set(u.peer_grid) | set(u.diag_grid))
+    todo = [name for name in ANALYSIS_STAGES if not store.has(name, keys[name])]
+    reading = [name for name in todo if stage_enabled(cfg, name)]  # a stage that is off reads nothing
+    kept = cache is not None or cfg.cache_extractions
+
+    def run_extraction(data, settings):
+        if not kept:
+            metadata = {"model": info.as_dict(), "dataset": dinfo}
+            return extraction.extract(model, tok, data, **settings, metadata=metadata)
+        return extraction.extract_cached(model, tok, info, data, cache=cache, dataset_info=dinfo, **settings)
+
+    if reading:  # some stage needs the extractions (LoRA reads them too: the base model's side)
+        u.ex = run_extraction(train, _extraction_settings(cfg, layers, train=True, pooled=pooled,
+                                                           shard_layers=u.interval_grid))
+        lap("extract_train")
+        if "heldout" in cfg.probes and u.probe_grid and {"probes", "lora"} & set(reading):
+            u.ex_test = run_extraction(test, _extraction_settings(cfg, u.probe_grid, train=False, pooled=u.probe_grid,
+                                                                  shard_layers=[]))
+        lap("extract_test")
+        where = Path(cache) if cache is not None else cache_dir("extractions")
+        cache_key = u.ex.metadata.get("cache_key")
+        store.save("extraction", keys["extraction"], None, {
+            "cache_key": cache_key, "kept": str(where / cache_key) if kept and cache_key else None,
+            "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
+            "mean_length": u.ex.metadata.get("mean_length"), "finished": _now()})
+    else:
+        log(f"    {model_name} x {dataset_name}: every stage it computes reads nothing new: no extraction")
+    extraction_record = (store.load("extraction", keys["extraction"]) or StageResult(None, {})).record
+
+    provenance = {
+        "study": cfg.name, "model": model_name, "pretrained": bool(info.pretrained), "quantized": bool(info.quantized),
+        "dataset": dataset_name, "n_train": len(train.texts), "n_test": len(test.texts), "n_classes": train.n_classes,
+        "max_length": cfg.max_length, "drop_bos": cfg.drop_bos, "seed": cfg.seed, "package_version": __version__,
+        "config_hash": cfg.config_hash,
+    }
+    tables: dict[str, Any] = {}
+    # the extraction is read (from the extraction cache where it is kept, else by a forward pass)
+    # whenever a stage is computed; the other stages say whether they were computed or reused
+    stage_meta: dict[str, Any] = {"extraction": {"key": keys["extraction"], "read": bool(reading)}}
+    lora_status = "not configured"
+    with _blas_threads(cfg.analysis_threads):
+        for name in ANALYSIS_STAGES:
+            result = store.load(name, keys[name]) if name not in todo else None
+            if result is None:
+                t0 = time.perf_counter()
+                table, record = _COMPUTE[name](u)
+                record = {**record, "seconds": round(time.perf_counter() - t0, 3), "finished": _now()}
+                if name == "lora" and str(record.get("lora", "")).startswith("skipped"):
+                    result = StageResult(table, record)  # deciding to skip again is instant: not stored
+                else:
+                    result = store.save(name, keys[name], table, record)
+            if name == "lora":
+                lora_status = result.record.get("lora", "done" if result.table is not None else lora_status)
+            if result.table is not None:
+                tables[name] = _with_provenance(result.table, provenance)
+            stage_meta[name] = {"key": keys[name], "computed": name in todo}
+            lap(name)
+
+    tables["unit"] = {
+        **provenance, "complete": True, "settings": cfg.settings(), "timings_s": timings,
+        "seconds": round(sum(timings.values()), 3), "lora": lora_status, "stages": stage_meta,
+        "extraction_key": extraction_record.get("cache_key"), "extraction_seconds": extraction_record.get("seconds"),
+        "layers": layers, "probe_layers": u.probe_grid, "peer_layers": u.peer_grid,
+        "interval_layers": u.interval_grid, "diagnostic_layers": u.diag_grid, "model_info": info.as_dict(),
+        "environment": _environment(model, cfg), "n_truncated_train": extraction_record.get("n_truncated"),
+        "mean_length_train": extraction_record.get("mean_length"), "finished": _now(),
+    }
+    return tables
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int | None):
+    """Cap BLAS threads for the eigensolves: on a shared 2-core machine, 2 spinning BLAS threads per
+    process made the NTPS sweeps ~15x slower than one thread (measured: 40 s vs 2.2 s, d=576)."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        yield
+
+
+
+def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None, ex_test=None) -> tuple[str, pd.DataFrame | None]:
+    """LoRA of one unit with `ntps_nb.lora` (imported lazily): the gain over the held-out probe and
+    NTPS of the last layer before and after merging, as rows; or the reason it was skipped.
+
+    The base model's side (pooled features for the probe, moments for NTPS before) comes from the
+    unit's own extractions ``ex`` / ``ex_test`` where they hold the last layer, so only the merged
+    model is extracted again (on long texts that saves ~40 minutes of CPU per unit)."""
+    model, tok, info = loaded
+    if not info.pretrained:
+        return "skipped: LoRA runs on pretrained models only (the random controls are not fine-tuned)", None
+    try:
+        import importlib
+
+        lora = importlib.import_module("ntps_nb.lora")
+    except ModuleNotFoundError as error:
+        if error.name not in ("ntps_nb.lora", "peft"):
+            raise
+        return f"skipped: {error.name} is not available", None
+    budget = dict(cfg.lora_budget)
+    result = lora.finetune_lora(loaded, ds["train"], ds["test"], max_length=cfg.max_length, drop_bos=cfg.drop_bos,
+                                seed=cfg.seed, progress=False, **budget)
+    last = info.n_hidden_states - 1
+    base_features = None
+    if ex is not None and ex_test is not None and ex.pooled and ex_test.pooled and last in ex.pooled and last in ex_test.pooled:
+        base_features = (ex.pooled[last], ex_test.pooled[last])
+    before = ex.moments if ex is not None and last in ex.moments else None
+    gain = lora.lora_gain(result, ds["train"], ds["test"], base=loaded, progress=False, seed=cfg.seed,
+                          precision=cfg.precision, base_features=base_features)
+    ks = [k for k in (cfg.k if cfg.k != "all" else (1, 2, 4, 8, 16, 32, 64)) if k <= 64]
+    before_after = lora.ntps_before_after(result, ds["train"], k=ks, base=loaded, layers=[last],
+                                          batch_size=cfg.batch_size, precision=cfg.precision, before=before,
+                                          progress=False)
+    gain_row = {key: value for key, value in gain.items() if np.isscalar(value) or value is None}
+    table = before_after.drop(columns=[c for c in ("model", "max_length", "drop_bos") if c in before_after.columns])
+    table = table.assign(**{f"lora_{key}": value for key, value in gain_row.items()
+                            if key not in ("model", "max_length", "drop_bos", "n_classes", "seed")})
+    log(f"    LoRA: accuracy {gain.get('lora_accuracy', float('nan')):.3f}, gain {gain.get('gain', float('nan')):+.3f}")
+    return "done", table
+
+
+
+def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
+    """Write a unit's tables and ``unit.json`` atomically: the folder appears complete or not at all."""
+    with atomic_path(folder, directory=True) as tmp:
+        for name, frame in tables.items():
+            if name == "unit":
+                continue
+            frame.to_csv(tmp / f"{name}.csv", index=False, float_format=CSV_FLOAT_FORMAT)
+        (tmp / "unit.json").write_text(json.dumps(tables["unit"], indent=1, sort_keys=True, default=str))
+        _readable(tmp)
+    return folder
+
+
+
+def _environment(model, cfg: StudyConfig) -> dict[str, Any]:
+    """Where and with what a unit was computed (its ``unit.json``): the device the model ran on (with
+    the GPU's name), the host, the threads and the package versions; none of it enters the hash."""
+    import torch
+
+    device = next(model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "device_name": name, "host": platform.node(),
+            "torch_threads": torch.get_num_threads(), "analysis_threads": cfg.analysis_threads, **_versions()}
+
