@@ -145,7 +145,7 @@ def _held_out_values(S: np.ndarray, W: np.ndarray, held_out: str) -> np.ndarray:
     if held_out == "pooled_raw":
         return np.broadcast_to(S.T[None], (W.shape[0], *S.T.shape))
     if held_out == "rank":
-        return np.transpose(_weighted_ranks(S[None], W[:, None, :]), (0, 2, 1))
+        return np.transpose(_weighted_ranks(S, W[:, None, :]), (0, 2, 1))
     total = np.sum(W, axis=-1)[:, None, None]  # standardised within configuration
     mean = np.sum(S[None] * W[:, None, :], axis=-1, keepdims=True) / total
     var = np.sum(W[:, None, :] * (S[None] - mean) ** 2, axis=-1, keepdims=True) / total
@@ -170,8 +170,7 @@ def _lodo_block(S, T, W, *, method, held_out, sign, ties, atol):
     best = np.max(criterion, axis=-1)  # (P, F)
     tied = (criterion >= best[..., None] - atol) & np.isfinite(criterion)
     if ties == "first":  # the first tied configuration in sorted order, as the earlier statistic did
-        first = np.argmax(tied, axis=-1)[..., None]
-        tied = np.zeros(tied.shape, dtype=bool) | (np.arange(tied.shape[-1]) == first) & tied
+        tied &= np.arange(tied.shape[-1]) == np.argmax(tied, axis=-1)[..., None]
     H = _held_out_values(S, W, held_out)
     count = tied.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -186,7 +185,10 @@ def _lodo_block(S, T, W, *, method, held_out, sign, ties, atol):
 def _lodo_many(S, T, W, **kwargs) -> np.ndarray:
     """`_lodo_block`'s rho for many rows of (T, W), in blocks that bound memory."""
     C, n = S.shape
-    per_row = n * C * max(n, n * (n - 1) // 2) * 2
+    if np.all(W == W[:1]):  # permutations: the scores' embedding is shared, rows hold (folds x configs)
+        per_row = 8 * n * C
+    else:  # resamples: every row embeds the scores anew
+        per_row = 2 * n * C * max(n, n * (n - 1) // 2)
     step = max(1, _BLOCK_FLOATS // per_row)
     out = np.empty(T.shape[0])
     for start in range(0, T.shape[0], step):
@@ -448,7 +450,8 @@ def in_sample_rho(
     -------
     `RhoResult` with ``selection="in_sample"``.
     """
-    _check_counts(n_perm, 0, 0.5)
+    if int(n_perm) < 1:
+        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateSampleWarning)
         null = selection_null(frame, score=score, target=target, configs=configs, dataset=dataset, method=method,
@@ -460,7 +463,7 @@ def in_sample_rho(
         p_redone="in-sample selection (maximum over configurations) redone",
         p_mc_se=monte_carlo_se(null["pvalue"], null["n_perm"], null["exact"]), n_perm=int(null["n_perm"]),
         exact=bool(null["exact"]), interval="none: an in-sample maximum has no selection-aware interval here",
-        level=float("nan"), n_boot=0, n_boot_valid=0, selection="in_sample", held_out="in_sample_raw",
+        level=float("nan"), n_boot=0, n_boot_valid=0, selection="in_sample", held_out="none",
         method=method, n_datasets=n)
 
 
