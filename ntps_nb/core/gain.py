@@ -8,7 +8,10 @@ test accuracy - probe test accuracy. Two questions, answered with one row per da
 - absolute prediction: gain ~ a + b * NTPS (optionally + c * probe accuracy) by least squares,
   scored by leave-one-dataset-out mean absolute error in accuracy points and compared with the
   trivial predictor, the mean gain of the other datasets (`gain_prediction`). A predictor that
-  does not beat the trivial one says nothing about a new dataset, whatever its rho.
+  does not beat the trivial one says nothing about a new dataset, whatever its rho;
+- the probe accuracy as a baseline predictor of the gain: measured on one half of the test split
+  and the gain on the other (`crossfit_gain`, `crossfit_gain_correlation`), since on the same texts
+  gain = LoRA - probe accuracy shares the probe's noise and correlates negatively by construction.
 
 Gains and accuracies are fractions (0.05 = 5 points); errors are reported in points (x 100).
 """
@@ -22,9 +25,21 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from ntps_nb.core.stats import MIN_DATASETS, Method, bootstrap_ci, correlate, permutation_pvalue
+from ntps_nb.core.selection import RhoResult, _percentile_interval, _wcorr, monte_carlo_se
+from ntps_nb.core.stats import (
+    MIN_DATASETS,
+    Method,
+    _check_method,
+    _embed,
+    _permuted_indices,
+    _pvalue,
+    bootstrap_ci,
+    correlate,
+    permutation_pvalue,
+)
 
-__all__ = ["POINTS", "RankDeficientFitWarning", "fit_gain_predictor", "gain_correlation", "gain_prediction", "per_dataset_table"]
+__all__ = ["CROSSFIT_CONSTRUCTION", "POINTS", "RankDeficientFitWarning", "crossfit_gain", "crossfit_gain_correlation",
+           "fit_gain_predictor", "gain_correlation", "gain_prediction", "per_dataset_table"]
 
 #: Accuracy points per unit of accuracy fraction.
 POINTS = 100.0
@@ -189,3 +204,133 @@ def gain_prediction(
          "a": np.nan, "b": np.nan, "c": np.nan, "r2_in_sample": np.nan, "beats_trivial": np.nan},
     ])
     return {"folds": folds, "summary": summary}
+
+
+# -- a probe baseline independent of the gain (cross-fit over two halves of the test split) ------
+
+#: What `crossfit_gain` does, as recorded in its ``construction`` column.
+CROSSFIT_CONSTRUCTION = ("test split halved (stratified by label); baseline probe accuracy on one half, "
+                         "gain = LoRA - probe accuracy on the other; both assignments (cross-fit)")
+
+
+def crossfit_gain(
+    test_labels: Sequence[int], probe_predictions: Sequence[int], lora_predictions: Sequence[int], *, seed: int = 0,
+) -> pd.DataFrame:
+    """The LoRA gain and a probe-accuracy baseline measured on disjoint halves of the test split.
+
+    gain = LoRA accuracy - probe accuracy shares the probe's test noise with the probe accuracy
+    itself, so rho(probe accuracy, gain) across datasets is pushed negative even when LoRA and
+    the probe are unrelated (regression to the mean). Here the test texts are split into two
+    halves, stratified by label (``seed``); in fold f the baseline is the probe accuracy on half
+    f and the gain is measured on the other half, so their noises are independent. Both
+    assignments are returned (cross-fitting); `crossfit_gain_correlation` averages over them.
+
+    Parameters
+    ----------
+    test_labels : (M,) true classes of the test texts.
+    probe_predictions, lora_predictions : (M,) classes predicted by the probe and by the
+        LoRA-tuned model for the same texts, in the same order.
+
+    Returns
+    -------
+    Two rows (``fold`` 0 and 1): ``n_baseline``, ``n_gain`` (texts in each half),
+    ``probe_accuracy_baseline`` (half f), ``lora_accuracy``, ``probe_accuracy``, ``gain`` (the
+    other half), ``construction`` (`CROSSFIT_CONSTRUCTION`) and ``seed``.
+    """
+    labels = np.asarray(test_labels)
+    probe = np.asarray(probe_predictions)
+    lora = np.asarray(lora_predictions)
+    if not (labels.ndim == probe.ndim == lora.ndim == 1) or not (labels.size == probe.size == lora.size):
+        raise ValueError(f"test_labels, probe_predictions and lora_predictions must be 1-D of one length, got shapes "
+                         f"{labels.shape}, {probe.shape}, {lora.shape}")
+    if labels.size < 4:
+        raise ValueError(f"halving the test split needs at least 4 texts, got {labels.size}")
+    rng = np.random.default_rng(seed)
+    half = np.zeros(labels.size, dtype=int)
+    offset = 0
+    for label in np.unique(labels):  # stratified: alternate halves within each class, continuing across classes
+        members = rng.permutation(np.flatnonzero(labels == label))
+        half[members] = (offset + np.arange(members.size)) % 2
+        offset += members.size
+    probe_correct, lora_correct = probe == labels, lora == labels
+    rows = []
+    for fold in (0, 1):
+        baseline, scored = half == fold, half != fold
+        rows.append({"fold": fold, "n_baseline": int(baseline.sum()), "n_gain": int(scored.sum()),
+                     "probe_accuracy_baseline": float(probe_correct[baseline].mean()),
+                     "lora_accuracy": float(lora_correct[scored].mean()),
+                     "probe_accuracy": float(probe_correct[scored].mean()),
+                     "gain": float(lora_correct[scored].mean() - probe_correct[scored].mean()),
+                     "construction": CROSSFIT_CONSTRUCTION, "seed": int(seed)})
+    return pd.DataFrame(rows)
+
+
+def crossfit_gain_correlation(
+    frame: pd.DataFrame, *, baseline: str = "probe_accuracy_baseline", gain: str = "gain", fold: str = "fold",
+    dataset: str = "dataset", method: Method = "spearman", n_perm: int = 2000, n_boot: int = 1000,
+    level: float = 0.95, seed: int = 0,
+) -> pd.DataFrame:
+    """rho(probe-accuracy baseline, LoRA gain) across datasets with the baseline and the gain
+    measured on disjoint halves of each test split (`crossfit_gain`), averaged over the folds.
+
+    Each fold's rho uses independent halves; the estimate is their mean. The p-value is
+    two-sided, from permutations of the datasets' baselines (the same permutation in both
+    folds; exact when n! <= ``n_perm``); the interval is a percentile bootstrap over datasets
+    (both folds resampled together; nothing is selected here).
+
+    Parameters
+    ----------
+    frame : one row per (dataset, fold) with ``baseline`` and ``gain``, e.g. `crossfit_gain`'s
+        rows of every dataset with a ``dataset`` column.
+
+    Returns
+    -------
+    One row: `ntps_nb.core.selection.RhoResult`'s columns (``estimate``, ``lower``, ``upper``,
+    ``se``, ``p_value``, ``p_side``, ...) plus ``rho_fold_0``, ``rho_fold_1``, ``n_folds`` and
+    ``construction``.
+    """
+    _check_method(method)
+    missing = [c for c in (dataset, fold, baseline, gain) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame has no column(s) {missing}; it has {list(frame.columns)}")
+    folds = sorted(v.item() if hasattr(v, "item") else v for v in frame[fold].unique())
+    if len(folds) < 2:
+        raise ValueError(f"cross-fitting needs at least two folds, got {folds}")
+    X, Y = [], []
+    datasets = None
+    for f in folds:
+        table = per_dataset_table(frame[frame[fold] == f], [baseline, gain], dataset=dataset)
+        if datasets is not None and list(table[dataset]) != datasets:
+            raise ValueError(f"fold {f} has datasets {list(table[dataset])}, fold {folds[0]} has {datasets}: "
+                             "every fold needs the same datasets")
+        datasets = list(table[dataset])
+        X.append(table[baseline].to_numpy(np.float64))
+        Y.append(table[gain].to_numpy(np.float64))
+    X, Y = np.array(X), np.array(Y)  # (folds, n)
+    n = X.shape[1]
+    rho_folds = np.array([correlate(x, y, method) for x, y in zip(X, Y)])
+    estimate = float(rho_folds.mean())
+    rng = np.random.default_rng(seed)
+    idx, exact = _permuted_indices(n, int(n_perm), rng)
+    null = np.mean([np.clip(_embed(x[idx], method) @ _embed(y[None], method)[0], -1, 1) for x, y in zip(X, Y)], axis=0)
+    p = _pvalue(estimate, null, "two-sided", exact)
+    lower = upper = se = float("nan")
+    n_valid = 0
+    if int(n_boot) > 0:
+        W = rng.multinomial(n, np.full(n, 1.0 / n), size=int(n_boot)).astype(np.float64)
+        boot = np.mean([_wcorr(np.broadcast_to(x, W.shape), np.broadcast_to(y, W.shape), W, method)
+                        for x, y in zip(X, Y)], axis=0)
+        boot = boot[np.isfinite(boot)]
+        n_valid = int(boot.size)
+        lower, upper, se = _percentile_interval(boot, level)
+    result = RhoResult(
+        estimate=estimate, lower=lower, upper=upper, se=se, p_value=float(p), p_side="two-sided",
+        p_redone="none (no selection); baselines permuted across datasets in every fold alike",
+        p_mc_se=monte_carlo_se(p, idx.shape[0], exact), n_perm=int(idx.shape[0]), exact=bool(exact),
+        interval="percentile bootstrap over datasets (no selection), folds resampled together" if int(n_boot) > 0
+        else "none", level=float(level), n_boot=int(n_boot), n_boot_valid=n_valid, selection="none", held_out="none",
+        method=method, n_datasets=int(n))
+    construction = (frame["construction"].iloc[0] if "construction" in frame.columns
+                    else "baseline and gain from disjoint halves of the test split")
+    return pd.DataFrame([{**result.row(), **{f"rho_fold_{f}": float(r) for f, r in zip(folds, rho_folds)},
+                          "n_folds": len(folds), "score": baseline, "target": gain, "construction": construction}])

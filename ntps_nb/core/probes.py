@@ -19,6 +19,7 @@ chance-corrected kappa = (acc - 1/C) / (1 - 1/C), and the majority-class rate.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ import pandas as pd
 from jaxtyping import Float
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -102,6 +104,167 @@ def _check_inputs(train_X, train_y, test_X, test_y, n_classes: int, need_test: b
 
 def _one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes)[y]
+
+
+# -- cross-validated logistic probe (regularisation chosen on the train split only) -------------
+
+#: Inverse L2 strengths the cross-validated logistic probe chooses from (decades, weakest last).
+CV_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+#: Stratified folds of the train split used to choose C.
+CV_FOLDS = 5
+#: How the folds score a C: "neg_log_loss" (a proper score, smooth in C), "accuracy" or "balanced_accuracy".
+CV_SCORINGS = ("neg_log_loss", "accuracy", "balanced_accuracy")
+
+
+def classification_scores(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and Cohen's kappa of predicted labels, beside the chance-corrected
+    accuracy of SPEC section 10.
+
+    - ``balanced_accuracy``: the mean recall over the classes present in ``y_true``;
+    - ``cohen_kappa``: (p_o - p_e) / (1 - p_e) with p_e = sum_k p_true(k) p_pred(k), chance
+      agreement from the class marginals (equal to sklearn's ``cohen_kappa_score``; NaN when
+      p_e = 1, e.g. one class everywhere). Predicting the majority class gives 0;
+    - ``kappa_chance``: (accuracy - 1/C) / (1 - 1/C), chance from the number of classes only
+      (`chance_corrected_accuracy`): a majority-class predictor scores above 0 on imbalanced data.
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or y_true.size == 0:
+        raise ValueError(f"y_true and y_pred must be non-empty 1-D of one length, got {y_true.shape} and {y_pred.shape}")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= n_classes:
+            raise ValueError(f"{name} must be integers in 0..{n_classes - 1}, got dtype {y.dtype}, "
+                             f"range {y.min()}..{y.max()}")
+    confusion = np.zeros((n_classes, n_classes))
+    np.add.at(confusion, (y_true, y_pred), 1.0)
+    total = confusion.sum()
+    accuracy = float(np.trace(confusion) / total)
+    support = confusion.sum(axis=1)
+    present = support > 0
+    balanced = float(np.mean(np.diag(confusion)[present] / support[present]))
+    expected = float(np.sum(support * confusion.sum(axis=0)) / total ** 2)
+    kappa = float((accuracy - expected) / (1.0 - expected)) if expected < 1.0 else float("nan")
+    return {"accuracy": accuracy, "balanced_accuracy": balanced, "cohen_kappa": kappa,
+            "kappa_chance": chance_corrected_accuracy(accuracy, n_classes)}
+
+
+def _fold_score(model, X: np.ndarray, y: np.ndarray, scoring: str, n_classes: int) -> float:
+    if scoring == "neg_log_loss":
+        probabilities = np.full((X.shape[0], n_classes), 0.0)
+        probabilities[:, model.classes_] = model.predict_proba(X)
+        return float(-np.mean(-np.log(np.clip(probabilities[np.arange(y.size), y], 1e-300, None))))
+    scores = classification_scores(y, model.predict(X).astype(np.int64), n_classes)
+    return scores[scoring]
+
+
+@dataclass(frozen=True)
+class CVProbeResult:
+    """A cross-validated logistic probe: ``row`` (the tidy row), ``predictions`` (M,) predicted
+    class per test text in input order, ``cv_scores`` (one row per C: ``C``, ``mean_score``,
+    ``sd_score`` over folds, ``chosen``)."""
+
+    row: dict
+    predictions: np.ndarray
+    cv_scores: pd.DataFrame
+
+
+def cv_logistic_probe(
+    train_X: Float[np.ndarray, "N d"],
+    train_y: Sequence[int],
+    test_X: Float[np.ndarray, "M d"],
+    test_y: Sequence[int],
+    *,
+    n_classes: int,
+    Cs: Sequence[float] = CV_C_GRID,
+    n_folds: int = CV_FOLDS,
+    scoring: str = "neg_log_loss",
+    class_weight: Literal["balanced"] | None = None,
+    seed: int = 0,
+    max_iter: int = LOGISTIC_MAX_ITER,
+    tol: float = LOGISTIC_TOL,
+) -> CVProbeResult:
+    """Held-out logistic probe whose L2 strength is chosen by cross-validation on the TRAIN split.
+
+    Protocol ``"heldout_cv"``: for every C of ``Cs``, StandardScaler + LogisticRegression (lbfgs)
+    is fitted on k-1 stratified folds of the train split (scaler included, shuffled with
+    ``seed``) and scored on the k-th by ``scoring``; the C with the best mean score wins (ties:
+    the smallest C, the strongest regularisation); the probe is refitted on the whole train
+    split with it and scored once on the test split. The test split is never seen before that.
+    Along the grid each fold warm-starts from the previous C (same optimum, fewer iterations).
+
+    Parameters
+    ----------
+    train_X, train_y, test_X, test_y : pooled features and integer labels of the two splits.
+    n_classes : C, the number of classes of the task.
+    Cs : the inverse L2 strengths to choose from (default `CV_C_GRID`, 1e-4 .. 1e2).
+    n_folds : stratified folds (lowered to the smallest class count of the train split, >= 2).
+    scoring : one of `CV_SCORINGS`.
+    class_weight : None (every text counts once) or "balanced" (sklearn's inverse class frequency).
+
+    Returns
+    -------
+    `CVProbeResult` whose ``row`` has ``protocol`` ("heldout_cv"), ``evaluated_on`` ("test"),
+    ``n_classes``, ``classes_in_train``, ``n_train``, ``n_eval``, ``d``, ``accuracy``,
+    ``balanced_accuracy``, ``cohen_kappa``, ``kappa_chance``, ``chance``, ``majority_rate``,
+    ``train_accuracy`` (in-sample, to see the overfit), ``logreg_C`` (chosen), ``C_grid``,
+    ``cv_folds``, ``cv_scoring``, ``cv_score`` (the chosen C's mean fold score),
+    ``class_weight``, ``solver``, ``converged``, ``seed``.
+    """
+    Xtr, ytr, Xte, yte = _check_inputs(train_X, train_y, test_X, test_y, n_classes, need_test=True)
+    n_classes = int(n_classes)
+    grid = np.sort(np.asarray(list(Cs), dtype=np.float64))
+    if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        raise ValueError(f"Cs must be positive finite inverse strengths, got {list(Cs)}")
+    if scoring not in CV_SCORINGS:
+        raise ValueError(f"scoring must be one of {CV_SCORINGS}, got {scoring!r}")
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    counts = np.bincount(ytr, minlength=n_classes)
+    folds = min(int(n_folds), int(counts[counts > 0].min()))
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 train texts of every class present; the smallest "
+                         f"class has {int(counts[counts > 0].min())} (n_folds={n_folds})")
+
+    def logistic(C: float, warm_start: bool = False) -> LogisticRegression:
+        return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, class_weight=class_weight,
+                                  random_state=seed, warm_start=warm_start)
+
+    scores = np.empty((grid.size, folds))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the refit below reports convergence
+        for f, (fit, held) in enumerate(splitter.split(Xtr, ytr)):
+            scaler = StandardScaler().fit(Xtr[fit])
+            Zfit, Zheld = scaler.transform(Xtr[fit]), scaler.transform(Xtr[held])
+            model = logistic(grid[0], warm_start=True)
+            for c, C in enumerate(grid):
+                model.set_params(C=C).fit(Zfit, ytr[fit])
+                scores[c, f] = _fold_score(model, Zheld, ytr[held], scoring, n_classes)
+    mean = scores.mean(axis=1)
+    best = int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])
+
+    classifier = make_pipeline(StandardScaler(), logistic(grid[best]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        classifier.fit(Xtr, ytr)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if not converged:
+        warnings.warn(f"cross-validated logistic probe (C={grid[best]:g}) did not converge in max_iter={max_iter}",
+                      ProbeConvergenceWarning, stacklevel=2)
+    predictions = classifier.predict(Xte).astype(np.int64)
+    row = {
+        "protocol": "heldout_cv", "evaluated_on": "test", "n_classes": n_classes,
+        "classes_in_train": int(np.count_nonzero(counts)), "n_train": int(Xtr.shape[0]), "n_eval": int(Xte.shape[0]),
+        "d": int(Xtr.shape[1]), **classification_scores(yte, predictions, n_classes), "chance": 1.0 / n_classes,
+        "majority_rate": float(np.mean(yte == int(np.argmax(counts)))),
+        "train_accuracy": float(np.mean(classifier.predict(Xtr) == ytr)),
+        "logreg_C": float(grid[best]), "C_grid": " ".join(f"{C:g}" for C in grid), "cv_folds": folds,
+        "cv_scoring": scoring, "cv_score": float(mean[best]), "class_weight": class_weight or "none",
+        "solver": "lbfgs", "converged": bool(converged), "seed": int(seed),
+    }
+    cv_scores = pd.DataFrame({"C": grid, "mean_score": mean, "sd_score": scores.std(axis=1, ddof=1),
+                              "chosen": np.arange(grid.size) == best})
+    return CVProbeResult(row=row, predictions=predictions, cv_scores=cv_scores)
 
 
 def heldout_probe(

@@ -5,6 +5,9 @@ k) and one target (e.g. probe accuracy) per dataset, and the question is whether
 the datasets like the targets. With 7-12 datasets every number here is noisy, so each comes with
 an interval or a null distribution, and the selection of a configuration (layer, k) is either
 done in-sample (the paper's protocol, optimistic) or leave-one-dataset-out (honest).
+`select_leave_one_dataset_out` here pools the held-out RAW scores of folds that chose different
+configurations; `ntps_nb.core.selection` ranks each held-out dataset within its fold's
+configuration first, and adds selection-redone p-values and intervals (use that one for claims).
 
 All three correlations are computed the same way: each sample becomes a unit vector (centred
 values for Pearson, centred average ranks for Spearman, signs of all pairwise differences for
