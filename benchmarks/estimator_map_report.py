@@ -1,12 +1,16 @@
 """Markdown tables of an estimator map summary (benchmarks/estimator_map.py's summary_*.csv).
 
-    python benchmarks/estimator_map_report.py benchmarks/results/estimator_map/summary_d16.csv
-prints the tables quoted in docs/estimator.md.
+    python benchmarks/estimator_map_report.py benchmarks/results/estimator_map/summary_d16_seven_estimators.csv
+prints the tables quoted in docs/estimator.md;
+
+    python benchmarks/estimator_map_report.py --figure docs/estimator_map.png SUMMARY.csv [SUMMARY.csv ...]
+draws mean |bias| and median coverage against N/d, one line per estimator and hidden size.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -52,5 +56,37 @@ def main(path: str) -> None:
     print(table(out))
 
 
+def figure(out: str, paths: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = [pd.read_csv(p) for p in paths]
+    s = pd.concat(frames, ignore_index=True)
+    s = s[np.isfinite(s["truth"]) & ~s["estimator"].isin(["crossfit_inverse"])]
+    s = s.drop_duplicates(["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k", "estimator"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (estimator, d), g in s.groupby(["estimator", "task_d"]):
+        by = g.groupby("n_over_d")
+        style = "-" if d == s["task_d"].min() else "--"
+        axes[0].plot(by["bias"].apply(lambda b: np.mean(np.abs(b))).clip(upper=1.0), style, marker="o",
+                     label=f"{estimator}, d={d}")
+        axes[1].plot(by["coverage"].median(), style, marker="o", label=f"{estimator}, d={d}")
+    axes[0].set(xscale="log", xlabel="N / d", ylabel="mean |bias| over cells (clipped at 1)",
+                title="Bias against the population NTPS")
+    axes[1].axhspan(0.85, 0.95, color="0.9")
+    axes[1].set(xscale="log", xlabel="N / d", ylabel="median coverage over cells", ylim=(0, 1.02),
+                title="Coverage of nominal 90% jackknife-t intervals")
+    axes[1].legend(title="estimator, hidden size", fontsize=7, ncol=2)
+    fig.text(0.01, 0.01, "generators: factor and LDS families, C in {2, 6, 20}, three eigengap regimes, k in {1..32}; "
+             "sources: " + ", ".join(Path(p).name for p in paths), fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, dpi=120)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--figure":
+        figure(sys.argv[2], sys.argv[3:])
+    else:
+        main(sys.argv[1])
