@@ -682,13 +682,15 @@ def lora_gain(
     ``drop_bos`` as the fine-tuning (``base_features``: the base model's pooled last-layer features
     of train and test, extracted elsewhere with those settings, e.g. by a study, instead of
     extracting them again). ``probe="heldout"`` is `ntps_nb.core.probes.heldout_probe`
-    (standardised logistic regression); ``"torch_linear"`` is the paper's torch probe.
+    (standardised logistic regression); ``"torch_linear"`` is the paper's torch probe
+    (`ntps_nb.torch_probe.torch_linear_probe`).
 
     Returns
     -------
     ``result.row()`` plus ``probe_protocol``, ``probe_accuracy``, ``gain``, ``gain_points``.
     """
-    from ntps_nb.core.probes import heldout_probe, torch_linear_probe
+    from ntps_nb.core.probes import heldout_probe
+    from ntps_nb.torch_probe import torch_linear_probe
 
     train_set = as_text_set(train)
     test_set = as_text_set(test, n_classes=train_set.n_classes)

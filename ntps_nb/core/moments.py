@@ -29,6 +29,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from jaxtyping import Float
 
+from ntps_nb.core.atomic import atomic_path
+
 #: Relative asymmetry ``||A - A^T||_F / ||A||_F`` above which a moment is rejected as not symmetric.
 SYMMETRY_RTOL = 1e-6
 
@@ -335,8 +337,6 @@ class LayerMoments(Mapping[int, Moments]):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (no pickle) atomically: the file appears complete or not at all."""
-        from ntps_nb.cache import atomic_path  # the one module that writes to disk
-
         path = Path(path)
         payload: dict[str, np.ndarray] = {}
         for layer, moments in self._layers.items():
