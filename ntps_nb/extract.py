@@ -33,7 +33,7 @@ from ntps_nb.batching import PADDING_SIDES, mask_states, pad_batch, pooling_toke
 from ntps_nb.batching import tokenize  # noqa: F401  (re-exported: extraction's tokenization)
 from ntps_nb.cache import atomic_path, cache_dir, content_key
 from ntps_nb.core.moments import LayerMoments, Moments
-from ntps_nb.core.validation import check_count
+from ntps_nb.core.validation import check_count, check_labels
 from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_token_id
 
 Precision = Literal["auto", "float32", "float64"]
@@ -94,19 +94,13 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise ValueError(f"texts must be strings; entries {bad[:10]} are not")
-    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
-        labels = labels.astype(np.int64)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers 0..C-1, got dtype {labels.dtype}")
-    if class_names is None:
-        C = int(labels.max()) + 1 if n_classes is None else int(n_classes)
-        class_names = [str(c) for c in range(C)]
-    elif n_classes is not None and n_classes != len(class_names):
+    if class_names is not None and n_classes is not None and n_classes != len(class_names):
         raise ValueError(f"n_classes={n_classes} but the dataset names {len(class_names)} classes")
-    C = len(class_names)
-    if labels.min() < 0 or labels.max() >= C:
-        raise ValueError(f"labels must lie in 0..{C - 1}, got range {labels.min()}..{labels.max()}")
-    return TextSet(texts=texts, labels=labels.astype(np.int64), class_names=class_names)
+    C = len(class_names) if class_names is not None else None if n_classes is None else int(n_classes)
+    labels = check_labels(labels, n_classes=C)
+    if class_names is None:
+        class_names = [str(c) for c in range(int(labels.max()) + 1 if C is None else C)]
+    return TextSet(texts=texts, labels=labels, class_names=class_names)
 
 
 @dataclasses.dataclass
