@@ -96,7 +96,10 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
         raise ValueError(f"texts must be strings; entries {bad[:10]} are not")
     if class_names is not None and n_classes is not None and n_classes != len(class_names):
         raise ValueError(f"n_classes={n_classes} but the dataset names {len(class_names)} classes")
-    C = len(class_names) if class_names is not None else None if n_classes is None else int(n_classes)
+    if class_names is not None:
+        C = len(class_names)
+    else:
+        C = None if n_classes is None else int(n_classes)  # None: the labels say how many
     labels = check_labels(labels, n_classes=C)
     if class_names is None:
         class_names = [str(c) for c in range(int(labels.max()) + 1 if C is None else C)]

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ntps_nb.batching import mean_pool, pad_batch, pooling_tokens, valid_mask
 from ntps_nb.cache import atomic_path, cache_dir, content_key
-from ntps_nb.core.validation import check_count
+from ntps_nb.core.validation import check_count, check_k
 from ntps_nb.extract import TextSet, as_text_set, extract_cached
 from ntps_nb.models import (
     LoadedModel,
@@ -601,7 +601,7 @@ def ntps_before_after(
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k (number of directions) and fraction")
     if k is not None:
-        column, values = "k", ([int(k)] if isinstance(k, (int, np.integer)) else [int(x) for x in k])
+        column, values = "k", ([check_k(k)] if isinstance(k, (int, np.integer)) else [check_k(x) for x in k])
     else:
         column = "fraction"
         values = [float(fraction)] if isinstance(fraction, (float, int, np.number)) else [float(x) for x in fraction]

@@ -673,12 +673,33 @@ def hidden_state_layers(model: PreTrainedModel) -> list[int]:
 
 
 def hidden_size(model: PreTrainedModel) -> int:
-    """Width d of the hidden states (the residual stream), from the model's config."""
+    """Width d of the hidden states (the residual stream), from the model's config.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM (or a peft model wrapping one).
+
+    Returns
+    -------
+    int
+    """
     return _hidden_size(_text_config(model))
 
 
 def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The tokenizer's BOS token id, None when it has none."""
+    """The tokenizer's BOS token id.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+
+    Returns
+    -------
+    int or None
+        None when the tokenizer has no BOS token. Whether it puts one in front of every text is
+        `ModelInfo.adds_bos`; `ntps_nb.batching.pooling_tokens` looks at each text's first token.
+    """
     return getattr(tokenizer, "bos_token_id", None)
 
 
@@ -686,6 +707,14 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that fills padding: the tokenizer's pad token (:func:`load_model` sets one), else 0.
 
     Padding is masked out, so the value changes no hidden state of a real token.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+
+    Returns
+    -------
+    int
     """
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -693,7 +722,15 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack without the LM head (its last hidden state is final-normed).
 
-    Works for a causal LM and for a peft model wrapping one.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM, or a peft model wrapping one.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model.base_model`` of the (unwrapped) causal LM, e.g. ``LlamaModel``.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.base_model
@@ -736,9 +773,19 @@ def hidden_states(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, ...
 
 
 def last_hidden_state(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """The final-normed last hidden state (B, T, d) of a padded batch, without the LM head.
+    """The final-normed last hidden state of a padded batch, without the LM head.
 
     What LoRA trains its head on: the :func:`backbone` alone, so no logits are computed.
+
+    Parameters
+    ----------
+    model : a causal LM (or a peft model wrapping one).
+    batch : `ntps_nb.batching.PaddedBatch`, on the model's device.
+
+    Returns
+    -------
+    Tensor, shape (B, T, d)
+        Equal to the last entry of :func:`hidden_states`.
     """
     return backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).last_hidden_state
