@@ -35,7 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ntps_nb import ntps, ntps_sweep  # noqa: E402
-from ntps_nb.extract import _Accumulator, _batches, _forward, _valid_mask, extract, layer_factors  # noqa: E402
+from ntps_nb.batching import pad_batch, valid_mask as _valid_mask  # noqa: E402
+from ntps_nb.extract import _Accumulator, _batches, extract, layer_factors  # noqa: E402
+from ntps_nb.models import hidden_states  # noqa: E402
+
+
+def _forward(model, batch_ids, pad_id, padding_side, device):
+    """The extraction's forward pass: padded batch in, every hidden state out."""
+    return hidden_states(model, pad_batch(batch_ids, pad_id, padding_side, device))
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab (the paper's Qwen2-0.5B and Llama-3-8B)

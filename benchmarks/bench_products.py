@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_extract import SHAPES, IdTokenizer, random_model, reporter, synchronize, synthetic_texts  # noqa: E402
 
-from ntps_nb.extract import _Accumulator, _batches, _forward, _valid_mask, extract, layer_factors  # noqa: E402
+from ntps_nb.batching import pad_batch, valid_mask as _valid_mask  # noqa: E402
+from ntps_nb.extract import _Accumulator, _batches, extract, layer_factors  # noqa: E402
+from ntps_nb.models import hidden_states  # noqa: E402
+
+
+def _forward(model, batch_ids, pad_id, padding_side, device):
+    """The extraction's forward pass: padded batch in, every hidden state out."""
+    return hidden_states(model, pad_batch(batch_ids, pad_id, padding_side, device))
+
 
 PRECISIONS = ["float64", "float32", "bf16x3", "bf16x3-unchunked"]
 

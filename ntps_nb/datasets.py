@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from ntps_nb.cache import atomic_path, cache_dir, content_key, sha256_file
+from ntps_nb.core.validation import check_count
 
 if TYPE_CHECKING:  # the datasets import costs about a second; it is deferred to first use
     import datasets as hf
@@ -685,8 +686,7 @@ def subsample(
     for stream, (split, limit) in enumerate((("train", max_train), ("test", max_test))):
         part = ds[split]
         if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-                raise ValueError(f"max_{split} must be a positive integer or None, got {limit!r}")
+            limit = check_count(limit, f"max_{split} (None for the whole split)")
             if limit < len(part):
                 labels = np.asarray(
                     part.with_format("numpy", columns=["label"])[:]["label"], dtype=np.int64

@@ -20,18 +20,21 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ntps_nb.batching import PADDING_SIDES, mask_states, pad_batch, pooling_tokens, valid_mask
+from ntps_nb.batching import tokenize  # noqa: F401  (re-exported: extraction's tokenization)
 from ntps_nb.cache import atomic_path, cache_dir, content_key
 from ntps_nb.core.moments import LayerMoments, Moments
+from ntps_nb.core.validation import check_count, check_labels
+from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_token_id
 
 Precision = Literal["auto", "float32", "float64"]
 
@@ -91,27 +94,16 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise ValueError(f"texts must be strings; entries {bad[:10]} are not")
-    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
-        labels = labels.astype(np.int64)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers 0..C-1, got dtype {labels.dtype}")
-    if class_names is None:
-        C = int(labels.max()) + 1 if n_classes is None else int(n_classes)
-        class_names = [str(c) for c in range(C)]
-    elif n_classes is not None and n_classes != len(class_names):
+    if class_names is not None and n_classes is not None and n_classes != len(class_names):
         raise ValueError(f"n_classes={n_classes} but the dataset names {len(class_names)} classes")
-    C = len(class_names)
-    if labels.min() < 0 or labels.max() >= C:
-        raise ValueError(f"labels must lie in 0..{C - 1}, got range {labels.min()}..{labels.max()}")
-    return TextSet(texts=texts, labels=labels.astype(np.int64), class_names=class_names)
-
-
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, special tokens as the tokenizer adds them."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
-    return [list(ids) for ids in encoded]
+    if class_names is not None:
+        C = len(class_names)
+    else:
+        C = None if n_classes is None else int(n_classes)  # None: the labels say how many
+    labels = check_labels(labels, n_classes=C)
+    if class_names is None:
+        class_names = [str(c) for c in range(int(labels.max()) + 1 if C is None else C)]
+    return TextSet(texts=texts, labels=labels, class_names=class_names)
 
 
 @dataclasses.dataclass
@@ -384,23 +376,15 @@ def extract(
     """
     if precision not in ("auto", "float32", "float64"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
-    if padding_side not in ("right", "left"):
+    if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_count(batch_size, "batch_size")
     text_set = as_text_set(data, n_classes=n_classes)
     N, C = len(text_set.texts), text_set.n_classes
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = resolve_precision(precision, device)
-    ids = tokenize(tokenizer, text_set.texts, max_length)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    starts = np.array([1 if drop_bos and bos is not None and len(t) > 0 and t[0] == bos else 0 for t in ids])
-    lengths = np.array([len(t) for t in ids]) - starts
-    empty = np.flatnonzero(lengths < 1)
-    if empty.size:
-        raise ValueError(f"{empty.size} text(s) have no token to pool (empty after tokenization"
-                         f"{' and dropping BOS' if drop_bos else ''}): indices {empty[:10].tolist()}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, starts, lengths = pooling_tokens(tokenizer, text_set.texts, max_length, drop_bos=drop_bos)
+    pad_id = pad_token_id(tokenizer)
 
     rank, world = _distributed()
     rng = np.random.default_rng(shard_seed)
@@ -410,9 +394,7 @@ def extract(
     shard_of = np.empty(N, dtype=np.int64)
     shard_of[rng.permutation(N)] = np.arange(N) % n_shards  # sizes differ by at most one
 
-    # Probe one text to learn the number of hidden states and the hidden size.
-    first = _forward(model, [ids[0]], pad_id, padding_side, device)
-    all_layers = list(range(len(first)))
+    all_layers = hidden_state_layers(model)
     chosen = all_layers if layers == "all" else sorted({int(layer) for layer in layers})
     bad_layers = [layer for layer in chosen if layer not in all_layers]
     if bad_layers:
@@ -421,8 +403,7 @@ def extract(
     if not set(pooled_set) <= set(chosen):
         raise ValueError(f"pooled_layers {pooled_set} must be among the extracted layers")
     kept_shard_layers = chosen if shard_layers is None else sorted({int(x) for x in shard_layers})
-    d = first[0].shape[-1]
-    del first
+    d = hidden_size(model)
 
     pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
     compute_dtype = torch.float32 if precision == "float32" else torch.float64
@@ -437,8 +418,13 @@ def extract(
         # shards serve the interval bootstrap, which needs no Shh: leaving it out saves a quarter of their size
         acc = _Accumulator(kept_shard_layers, d, C, device, False, compute_dtype) if shards else None
         for batch in _batches(mine[shard_of[mine] == shard], lengths, batch_size):
-            hidden = _forward(model, [ids[i] for i in batch], pad_id, padding_side, device)
-            valid = _valid_mask([len(ids[i]) for i in batch], starts[batch], hidden[0].shape[1], padding_side, device)
+            inputs = pad_batch([ids[i] for i in batch], pad_id, padding_side, device)
+            hidden = hidden_states(model, inputs)
+            if len(hidden) != len(all_layers) or hidden[0].shape[-1] != d:
+                raise ValueError(f"{type(model).__name__} returned {len(hidden)} hidden states of width "
+                                 f"{hidden[0].shape[-1]}; its config says {len(all_layers)} of width {d}")
+            valid = valid_mask([len(ids[i]) for i in batch], starts[batch], inputs.input_ids.shape[1], padding_side,
+                               device)
             y = torch.nn.functional.one_hot(labels_t[batch], C).to(compute_dtype)
             batch_counts = valid.sum(dim=1, keepdim=True)
             pair = valid[:, :-1] & valid[:, 1:]
@@ -513,7 +499,7 @@ def layer_factors(
     `_Accumulator`); otherwise Shh's own token-level product.
     """
     d = h.shape[-1]
-    h = torch.where(valid[..., None], h.to(compute_dtype), 0)
+    h = mask_states(h, valid, compute_dtype)
     totals = h.sum(dim=1)
     xbar = totals / counts
     # s_t = sum_{i<=t} h_i; zeros before the text, so left padding needs no special case
@@ -527,49 +513,6 @@ def layer_factors(
             flat = h.reshape(-1, d)
             factors["Shh"] = (flat, flat)
     return factors, xbar
-
-
-def _forward(model, batch_ids: list[list[int]], pad_id: int, padding_side: str, device) -> tuple[torch.Tensor, ...]:
-    T = max(len(t) for t in batch_ids)
-    input_ids = torch.full((len(batch_ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch_ids), T), dtype=torch.long)
-    for row, tokens in enumerate(batch_ids):
-        span = slice(0, len(tokens)) if padding_side == "right" else slice(T - len(tokens), T)
-        input_ids[row, span] = torch.as_tensor(tokens)
-        mask[row, span] = 1
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                position_ids=position_ids.to(device), output_hidden_states=True, use_cache=False,
-                **_skip_logits(model))
-    hidden = getattr(out, "hidden_states", None)
-    if hidden is None:
-        raise ValueError(f"{type(model).__name__} returned no hidden states; extraction needs a model "
-                         "that honours output_hidden_states=True")
-    return hidden
-
-
-def _skip_logits(model) -> dict[str, int]:
-    """``logits_to_keep=1`` where the model's forward takes it: extraction needs only the hidden
-    states, and logits for every position cost a vocabulary-sized matmul per token (more than half
-    of Gemma-3-270M's forward, 262k-token vocabulary) and a B x T x vocab tensor."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        accepts = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    return {"logits_to_keep": 1} if accepts else {}
-
-
-def _valid_mask(n_tokens: list[int], starts: np.ndarray, T: int, padding_side: str, device) -> torch.Tensor:
-    """True at the positions that enter the moments: not padding, not a dropped BOS."""
-    positions = torch.arange(T)
-    n = torch.as_tensor(n_tokens)[:, None]
-    s = torch.as_tensor(starts)[:, None]
-    if padding_side == "right":
-        valid = (positions >= s) & (positions < n)
-    else:
-        valid = positions >= (T - n + s)
-    return valid.to(device)
 
 
 def _all_gather_rows(local: np.ndarray, mine: np.ndarray, N: int) -> np.ndarray:

@@ -45,9 +45,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ntps_nb.batching import mean_pool, pad_batch, pooling_tokens, valid_mask
 from ntps_nb.cache import atomic_path, cache_dir, content_key
-from ntps_nb.extract import TextSet, as_text_set, extract_cached, tokenize
-from ntps_nb.models import ModelInfo, load_model, state_dict_sha256, target_modules as find_target_modules
+from ntps_nb.core.validation import check_count, check_k
+from ntps_nb.extract import TextSet, as_text_set, extract_cached
+from ntps_nb.models import (
+    LoadedModel,
+    ModelInfo,
+    check_target_modules,
+    last_hidden_state,
+    load_model,
+    pad_token_id,
+    state_dict_sha256,
+    target_modules as find_target_modules,
+)
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -74,7 +85,6 @@ PAPER_BUDGET = {"steps": 5000, "batch_size": 1, "optimizer": "adafactor", "lr": 
 DEFAULT_BUDGET = {"steps": 200, "batch_size": 8, "max_length": 64, "lr": 1e-3}
 
 Optimizer = Literal["adamw", "adafactor"]
-LoadedModel = tuple[Any, Any, ModelInfo]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,66 +214,34 @@ def _lora_config(settings: dict[str, Any]):
                       fan_in_fan_out=settings["fan_in_fan_out"])
 
 
-def _check_targets(model: torch.nn.Module, targets: Sequence[str]) -> bool:
-    """Raise unless every target name matches a linear module; True if they are GPT-2 Conv1D."""
-    names = {path: module for path, module in model.named_modules()}
-    conv1d = False
-    unmatched = []
-    for target in targets:
-        hits = [m for path, m in names.items() if path == target or path.endswith("." + target)]
-        if not hits:
-            unmatched.append(target)
-        conv1d |= any(type(m).__name__ == "Conv1D" for m in hits)
-    if unmatched:
-        leaves = sorted({path.rsplit(".", 1)[-1] for path, m in names.items() if isinstance(m, torch.nn.Linear)
-                         or type(m).__name__ == "Conv1D"})
-        raise ValueError(f"target modules {unmatched} match no module of {type(model).__name__}; "
-                         f"its linear modules are named {leaves}")
-    return conv1d
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack without the LM head (its last hidden state is final-normed)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
-
-
-def _pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T = max(len(t) for t in batch)
-    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for row, tokens in enumerate(batch):
-        input_ids[row, :len(tokens)] = torch.as_tensor(tokens)
-        mask[row, :len(tokens)] = 1
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return input_ids.to(device), mask.to(device), position_ids.to(device)
-
-
 def pooled_last_hidden(model: torch.nn.Module, batch: list[list[int]], starts: Sequence[int], pad_id: int
                        ) -> torch.Tensor:
     """Mean over valid positions (from ``starts[i]``, e.g. 1 to skip BOS) of the last hidden state.
 
-    ``model`` is a causal LM, with or without peft adapters; right padding with explicit
-    position ids, as in extraction. Returns (B, d) in float32.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM, with or without peft adapters.
+    batch : B lists of token ids
+    starts : (B,) 1 where a text's first token (its BOS) is left out of the mean, else 0.
+    pad_id : int
+        Fills the padding (`ntps_nb.models.pad_token_id`).
+
+    Returns
+    -------
+    Tensor, shape (B, d), float32
+        The pooling of extraction (`ntps_nb.batching`): right padding with explicit position ids.
     """
     device = next(model.parameters()).device
-    input_ids, mask, position_ids = _pad(batch, pad_id, device)
-    hidden = _backbone(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
-    valid = mask.bool() & (torch.arange(mask.shape[1], device=device)[None] >=
-                           torch.as_tensor(list(starts), device=device)[:, None])
-    h = torch.where(valid[..., None], hidden.float(), 0.0)
-    return h.sum(dim=1) / valid.sum(dim=1, keepdim=True)
+    inputs = pad_batch(batch, pad_id, "right", device)
+    hidden = last_hidden_state(model, inputs)
+    valid = valid_mask([len(t) for t in batch], list(starts), inputs.input_ids.shape[1], "right", device)
+    return mean_pool(hidden, valid, torch.float32)
 
 
 def _token_ids(tokenizer, text_set: TextSet, max_length: int, drop_bos: bool, split: str
                ) -> tuple[list[list[int]], np.ndarray]:
-    ids = tokenize(tokenizer, text_set.texts, max_length)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    starts = np.array([1 if drop_bos and bos is not None and t and t[0] == bos else 0 for t in ids])
-    empty = np.flatnonzero(np.array([len(t) for t in ids]) - starts < 1)
-    if empty.size:
-        raise ValueError(f"{empty.size} {split} text(s) have no token to pool: indices {empty[:10].tolist()}")
+    ids, starts, _ = pooling_tokens(tokenizer, text_set.texts, max_length, drop_bos=drop_bos, what=f"{split} text(s)")
     return ids, starts
 
 
@@ -292,7 +270,7 @@ def _resolve_model(model_name_or_loaded: str | LoadedModel) -> LoadedModel:
     if isinstance(model_name_or_loaded, str):
         return load_model(model_name_or_loaded)
     if isinstance(model_name_or_loaded, tuple) and len(model_name_or_loaded) == 3:
-        return model_name_or_loaded
+        return LoadedModel(*model_name_or_loaded)
     raise TypeError("expected a model name or the (model, tokenizer, info) triple of load_model, got "
                     f"{type(model_name_or_loaded).__name__}")
 
@@ -371,8 +349,7 @@ def finetune_lora(
     test_set = as_text_set(test, n_classes=train_set.n_classes)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
                         ("r", r), ("max_length", max_length), ("checkpoint_every", checkpoint_every)):
-        if isinstance(value, bool) or int(value) != value or int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(value, name)
     if optimizer not in ("adamw", "adafactor"):
         raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {optimizer!r}")
     if not (lr > 0 and 0 <= dropout < 1 and 0 <= head_dropout < 1 and 0 <= warmup_ratio < 1):
@@ -381,7 +358,7 @@ def finetune_lora(
     targets = list(find_target_modules(model) if target_modules is None else target_modules)
     if not targets:
         raise ValueError("target_modules is empty")
-    fan_in_fan_out = _check_targets(model, targets)
+    fan_in_fan_out = check_target_modules(model, targets)
 
     settings = {
         "r": int(r), "alpha": float(alpha), "dropout": float(dropout), "head_dropout": float(head_dropout),
@@ -430,7 +407,7 @@ def _train_and_evaluate(model, tokenizer, info: ModelInfo, train_set: TextSet, t
     test_ids, test_starts = _token_ids(tokenizer, test_set, settings["max_length"], settings["drop_bos"], "test")
     order = _data_order(len(train_ids), steps, B, settings["seed"])
     labels = torch.as_tensor(train_set.labels)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     started = time.perf_counter()
 
     with torch.random.fork_rng(devices=[]):
@@ -537,7 +514,7 @@ def _base_for(result: LoraResult, base: str | LoadedModel | None) -> LoadedModel
         raise ValueError(f"the base model {info.name!r} (weights {info.weights_sha256[:12]}, {info.dtype}) is not "
                          f"the one this adapter was trained on ({result.model['name']!r}, weights "
                          f"{result.model['weights_sha256'][:12]}, {result.model['dtype']})")
-    return model, tokenizer, info
+    return LoadedModel(model, tokenizer, info)
 
 
 def adapter_model(result: LoraResult, base: str | LoadedModel | None = None) -> LoadedModel:
@@ -554,7 +531,7 @@ def adapter_model(result: LoraResult, base: str | LoadedModel | None = None) -> 
     missing = set_peft_model_state_dict(peft_model, result.adapter_state)
     if getattr(missing, "unexpected_keys", None):
         raise ValueError(f"adapter weights do not fit the model: unexpected keys {missing.unexpected_keys[:5]}")
-    return peft_model.eval(), tokenizer, info
+    return LoadedModel(peft_model.eval(), tokenizer, info)
 
 
 def merged_model(result: LoraResult, base: str | LoadedModel | None = None) -> LoadedModel:
@@ -570,7 +547,7 @@ def merged_model(result: LoraResult, base: str | LoadedModel | None = None) -> L
     merged_info = dataclasses.replace(
         info, name=f"{info.name}+lora-{result.key}", source=f"{info.source} + LoRA {result.key} (merged)",
         n_params=sum(p.numel() for p in merged.parameters()), weights_sha256=state_dict_sha256(merged))
-    return merged, tokenizer, merged_info
+    return LoadedModel(merged, tokenizer, merged_info)
 
 
 #: The task's name for `merged_model`.
@@ -624,7 +601,7 @@ def ntps_before_after(
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k (number of directions) and fraction")
     if k is not None:
-        column, values = "k", ([int(k)] if isinstance(k, (int, np.integer)) else [int(x) for x in k])
+        column, values = "k", ([check_k(k)] if isinstance(k, (int, np.integer)) else [check_k(x) for x in k])
     else:
         column = "fraction"
         values = [float(fraction)] if isinstance(fraction, (float, int, np.number)) else [float(x) for x in fraction]
@@ -682,13 +659,15 @@ def lora_gain(
     ``drop_bos`` as the fine-tuning (``base_features``: the base model's pooled last-layer features
     of train and test, extracted elsewhere with those settings, e.g. by a study, instead of
     extracting them again). ``probe="heldout"`` is `ntps_nb.core.probes.heldout_probe`
-    (standardised logistic regression); ``"torch_linear"`` is the paper's torch probe.
+    (standardised logistic regression); ``"torch_linear"`` is the paper's torch probe
+    (`ntps_nb.torch_probe.torch_linear_probe`).
 
     Returns
     -------
     ``result.row()`` plus ``probe_protocol``, ``probe_accuracy``, ``gain``, ``gain_points``.
     """
-    from ntps_nb.core.probes import heldout_probe, torch_linear_probe
+    from ntps_nb.core.probes import heldout_probe
+    from ntps_nb.torch_probe import torch_linear_probe
 
     train_set = as_text_set(train)
     test_set = as_text_set(test, n_classes=train_set.n_classes)

@@ -1,8 +1,12 @@
 """The one adapter to Hugging Face models: names, GGUF conversion, random controls and layout.
 
-Everything else in ntps_nb receives ``(model, tokenizer, info)`` from :func:`load_model` and asks
-this module, never the model, where the layers are (:func:`hidden_state_layers`), which tokens
-are special (:class:`ModelInfo`) and which modules LoRA adapts (:func:`target_modules`).
+Everything else in ntps_nb receives ``(model, tokenizer, info)`` from :func:`load_model` (a
+:class:`LoadedModel`) and asks this module, never the model, about its layout: where the layers
+are and how wide they are (:func:`hidden_state_layers`, :func:`hidden_size`), which tokens are
+special (:func:`bos_token_id`, :func:`pad_token_id`, :class:`ModelInfo`), how to call it for its
+hidden states (:func:`hidden_states`, :func:`last_hidden_state`, :func:`backbone`) and which
+modules LoRA adapts (:func:`target_modules`, :func:`check_target_modules`). Turning texts into
+padded batches and pooling states is `ntps_nb.batching`'s.
 
 Names :func:`load_model` understands
 ------------------------------------
@@ -38,6 +42,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import importlib.metadata
 import importlib.util
 import json
@@ -46,7 +51,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import transformers
@@ -66,15 +71,23 @@ from transformers.utils import logging as hf_logging
 from .cache import atomic_path, cache_dir, content_key, sha256_file
 
 __all__ = [
+    "LoadedModel",
     "ModelInfo",
     "ModelUnavailableError",
     "RANDOM_SUFFIX",
     "SETUP_COMMAND",
+    "backbone",
+    "bos_token_id",
+    "check_target_modules",
     "converted_folder",
     "gguf_file",
+    "hidden_size",
     "hidden_state_layers",
+    "hidden_states",
     "known_models",
+    "last_hidden_state",
     "load_model",
+    "pad_token_id",
     "state_dict_sha256",
     "target_modules",
 ]
@@ -121,6 +134,14 @@ class ModelInfo:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for provenance columns and JSON)."""
         return dataclasses.asdict(self)
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns; unpacks as ``model, tokenizer, info = load_model(...)``."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +435,7 @@ def load_model(
     seed: int = 0,
     trust_remote_code: bool | None = None,
     tokenizer: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
+) -> LoadedModel:
     """Load a causal LM, its tokenizer and its :class:`ModelInfo` by name, folder or Hub id.
 
     Parameters
@@ -436,11 +457,10 @@ def load_model(
 
     Returns
     -------
-    model : PreTrainedModel
-        In eval mode, on ``device``, in ``dtype``.
-    tokenizer : PreTrainedTokenizerBase
-        With a pad token (the EOS token when the checkpoint has none); padding side as shipped.
-    info : ModelInfo
+    LoadedModel
+        A named tuple ``(model, tokenizer, info)``: the model in eval mode, on ``device``, in
+        ``dtype``; the tokenizer with a pad token (the EOS token when the checkpoint has none),
+        padding side as shipped; its :class:`ModelInfo`.
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model name must be a non-empty string, got {name_or_path!r}")
@@ -561,7 +581,7 @@ def _finish(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, *, name: str, dtype: torch.dtype,
     device: str | torch.device, source: str, quantized: bool, pretrained: bool,
     init_seed: int | None, weights_sha256: str,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
+) -> LoadedModel:
     _ensure_pad_token(tok)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -588,7 +608,7 @@ def _finish(
         padding_side=str(tok.padding_side),
         weights_sha256=weights_sha256,
     )
-    return model, tok, info
+    return LoadedModel(model, tok, info)
 
 
 def _ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
@@ -636,12 +656,139 @@ def _hidden_size(config: PretrainedConfig) -> int:
     return _config_int(config, ("hidden_size", "n_embd", "model_dim", "d_model"), "hidden size")
 
 
+def _text_config(model: torch.nn.Module) -> PretrainedConfig:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no config: ntps_nb needs a Hugging Face model "
+                         "(from load_model or transformers) to know its layers")
+    return config.get_text_config()
+
+
 def hidden_state_layers(model: PreTrainedModel) -> list[int]:
     """Indices ``0..L`` of ``output_hidden_states`` for a model with ``L`` blocks.
 
     Index 0 is the embedding output and index ``L`` the final-normed residual stream.
     """
-    return list(range(_n_layers(model.config.get_text_config()) + 1))
+    return list(range(_n_layers(_text_config(model)) + 1))
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    """Width d of the hidden states (the residual stream), from the model's config.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM (or a peft model wrapping one).
+
+    Returns
+    -------
+    int
+    """
+    return _hidden_size(_text_config(model))
+
+
+def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The tokenizer's BOS token id.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+
+    Returns
+    -------
+    int or None
+        None when the tokenizer has no BOS token. Whether it puts one in front of every text is
+        `ModelInfo.adds_bos`; `ntps_nb.batching.pooling_tokens` looks at each text's first token.
+    """
+    return getattr(tokenizer, "bos_token_id", None)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding: the tokenizer's pad token (:func:`load_model` sets one), else 0.
+
+    Padding is masked out, so the value changes no hidden state of a real token.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+
+    Returns
+    -------
+    int
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the LM head (its last hidden state is final-normed).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM, or a peft model wrapping one.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model.base_model`` of the (unwrapped) causal LM, e.g. ``LlamaModel``.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+def _skip_logits(model: torch.nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model's forward takes it: only the hidden states are needed,
+    and logits for every position cost a vocabulary-sized matmul per token (more than half of
+    Gemma-3-270M's forward, 262k-token vocabulary) and a B x T x vocab tensor."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        accepts = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": 1} if accepts else {}
+
+
+def hidden_states(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
+    """All hidden states of a padded batch: ``L + 1`` tensors of shape (B, T, d).
+
+    Parameters
+    ----------
+    model : a causal LM (or a peft model wrapping one).
+    batch : `ntps_nb.batching.PaddedBatch`
+        ``input_ids``, ``attention_mask`` and ``position_ids``, on the model's device.
+
+    Returns
+    -------
+    tuple of Tensor
+        Entry 0 the embeddings, entry ``L`` the final-normed last block (module docstring).
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, output_hidden_states=True, use_cache=False,
+                **_skip_logits(model))
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is None:
+        raise ValueError(f"{type(model).__name__} returned no hidden states; extraction needs a model "
+                         "that honours output_hidden_states=True")
+    return hidden
+
+
+def last_hidden_state(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """The final-normed last hidden state of a padded batch, without the LM head.
+
+    What LoRA trains its head on: the :func:`backbone` alone, so no logits are computed.
+
+    Parameters
+    ----------
+    model : a causal LM (or a peft model wrapping one).
+    batch : `ntps_nb.batching.PaddedBatch`, on the model's device.
+
+    Returns
+    -------
+    Tensor, shape (B, T, d)
+        Equal to the last entry of :func:`hidden_states`.
+    """
+    return backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False).last_hidden_state
 
 
 # Leaf names of attention input projections: separate q/k/v (Llama, Gemma, Qwen2, Mistral,
@@ -684,6 +831,36 @@ def target_modules(model: torch.nn.Module) -> list[str]:
 
 def _is_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def check_target_modules(model: torch.nn.Module, targets: Sequence[str]) -> bool:
+    """Raise unless every target name matches a linear module of ``model``; say how they store weights.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    targets : sequence of str
+        Module names or name suffixes, as peft matches them.
+
+    Returns
+    -------
+    bool
+        True when the targets are GPT-2 ``Conv1D`` modules (weights stored transposed: peft's
+        ``fan_in_fan_out``), False for ``nn.Linear``.
+    """
+    names = {path: module for path, module in model.named_modules()}
+    conv1d = False
+    unmatched = []
+    for target in targets:
+        hits = [m for path, m in names.items() if path == target or path.endswith("." + target)]
+        if not hits:
+            unmatched.append(target)
+        conv1d |= any(type(m).__name__ == "Conv1D" for m in hits)
+    if unmatched:
+        leaves = sorted({path.rsplit(".", 1)[-1] for path, m in names.items() if _is_linear(m)})
+        raise ValueError(f"target modules {unmatched} match no module of {type(model).__name__}; "
+                         f"its linear modules are named {leaves}")
+    return conv1d
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from jaxtyping import Float
 
+from ntps_nb.core.atomic import atomic_path
+from ntps_nb.core.validation import check_count, check_labels
+
 #: Relative asymmetry ``||A - A^T||_F / ||A||_F`` above which a moment is rejected as not symmetric.
 SYMMETRY_RTOL = 1e-6
 
@@ -102,12 +105,8 @@ class Moments:
                 sym = (value + value.T) / 2
                 sym.setflags(write=False)
                 object.__setattr__(self, name, sym)
-        if int(self.n_texts) < 1:
-            raise ValueError(f"n_texts must be >= 1, got {self.n_texts}")
-        if int(self.n_tokens) < 0:
-            raise ValueError(f"n_tokens must be >= 0, got {self.n_tokens}")
-        object.__setattr__(self, "n_texts", int(self.n_texts))
-        object.__setattr__(self, "n_tokens", int(self.n_tokens))
+        object.__setattr__(self, "n_texts", check_count(self.n_texts, "n_texts"))
+        object.__setattr__(self, "n_tokens", check_count(self.n_tokens, "n_tokens", minimum=0))
 
     @property
     def d(self) -> int:
@@ -211,20 +210,8 @@ def _check_shapes(m: Moments) -> tuple[int, int]:
 
 def one_hot(labels: Iterable[int], n_classes: int | None = None) -> Float[np.ndarray, "N C"]:
     """One-hot matrix of integer labels in 0..C-1, with clear errors for anything else."""
-    labels = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
-    if labels.size == 0:
-        raise ValueError("labels are empty")
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise ValueError("labels must be integers 0..C-1; got non-integer or NaN floats")
-        labels = labels.astype(np.int64)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers 0..C-1, got dtype {labels.dtype}; map class names to integers first")
+    labels = check_labels(list(labels) if not isinstance(labels, np.ndarray) else labels, n_classes=n_classes)
     n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
-    if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got range {labels.min()}..{labels.max()}")
     out = np.zeros((labels.size, n_classes))
     out[np.arange(labels.size), labels] = 1.0
     return out
@@ -243,7 +230,7 @@ def perception_moments(
 
 
 def moments_from_sequences(
-    sequences: Sequence[Float[np.ndarray, "T d"]],
+    sequences: Sequence[Float[np.ndarray, "_T d"]],
     labels: Iterable[int],
     n_classes: int | None = None,
 ) -> Moments:
@@ -335,8 +322,6 @@ class LayerMoments(Mapping[int, Moments]):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (no pickle) atomically: the file appears complete or not at all."""
-        from ntps_nb.cache import atomic_path  # the one module that writes to disk
-
         path = Path(path)
         payload: dict[str, np.ndarray] = {}
         for layer, moments in self._layers.items():

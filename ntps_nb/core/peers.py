@@ -32,6 +32,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from ntps_nb.core.moments import Moments, one_hot
 from ntps_nb.core.score import RANGE_RTOL, theory_geometry
+from ntps_nb.core.validation import check_features, check_k, check_labels
 
 #: Relative change of alpha and beta below which the LogME fixed-point iteration stops.
 LOGME_RTOL = 1e-10
@@ -54,23 +55,12 @@ class PeerConvergenceWarning(UserWarning):
 
 
 def _check(features, labels, *, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    X = np.asarray(features, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] < 2 or X.shape[1] < 1:
-        raise ValueError(f"features must be (N >= 2, d >= 1), got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"features have NaN/inf in {int(np.sum(~np.all(np.isfinite(X), axis=1)))} row(s)")
+    X = check_features(features, min_rows=2)
     if not need_labels:
         return X, None
     if labels is None:
         raise ValueError("this score needs labels")
-    y = np.asarray(labels)
-    if y.ndim != 1 or y.shape[0] != X.shape[0]:
-        raise ValueError(f"labels must be one per feature row ({X.shape[0]}), got shape {y.shape}")
-    y = np.argmax(one_hot(y), axis=1)  # validates integer labels in 0..C-1
-    present = np.unique(y)
-    if present.size < 2:
-        raise ValueError(f"labels contain a single class ({present[0]}); the score needs at least 2")
-    return X, y
+    return X, check_labels(labels, n_rows=X.shape[0], min_classes=2)
 
 
 # -- LogME -----------------------------------------------------------------------------------------
@@ -219,8 +209,7 @@ def knn_accuracy(
     Euclidean distances make the score invariant to rotations; "cosine" also to scaling.
     """
     X, y = _check(features, labels)
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     n_classes = int(y.max()) + 1
@@ -284,9 +273,8 @@ def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: f
     not exceed rank(Shh): further principal directions are arbitrary.
     """
     pca, rank = _principal_moments(moments, rtol)
-    if isinstance(k, (bool, np.bool_)) or int(k) != k or not 1 <= int(k) <= rank:
-        raise ValueError(f"k must be an integer in 1..rank(Shh) = {rank}, got {k!r}")
-    return theory_geometry(pca, centred=centred, rtol=rtol).ntps(int(k))
+    k = check_k(k, limit=rank, limit_name="rank(Shh)")
+    return theory_geometry(pca, centred=centred, rtol=rtol).ntps(k)
 
 
 def pca_overlap_sweep(moments: Moments, *, centred: bool = False, rtol: float = RANGE_RTOL) -> pd.DataFrame:

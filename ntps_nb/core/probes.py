@@ -8,7 +8,8 @@ Every number says which protocol produced it:
 - ``"paper_in_sample"``: the released code's protocol, StandardScaler + LogisticRegression(saga,
   max_iter=1000, tol=0.01) and StandardScaler + LinearRegression, fitted AND scored on the
   train split (its ``train_accuracy`` / ``train_mse``);
-- ``"torch_linear"``: the paper's torch probe (SPEC section 7), `torch_linear_probe`.
+- ``"torch_linear"``: the paper's torch probe (SPEC section 7), `ntps_nb.torch_probe.torch_linear_probe`
+  (outside the core: it needs torch).
 
 MSE is sklearn's ``mean_squared_error`` on the one-hot targets (mean over N x C entries, as in
 the published ``train_mse``); ``mse_per_text`` = C * mse is the loss of SPEC section 5.
@@ -31,6 +32,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ntps_nb.core.validation import check_finite, check_labels, check_n_classes
+
 Protocol = Literal["heldout", "paper_in_sample"]
 PROTOCOLS = ("heldout", "paper_in_sample")
 
@@ -52,42 +55,24 @@ class ProbeConvergenceWarning(UserWarning):
 
 def chance_corrected_accuracy(accuracy: float, n_classes: int) -> float:
     """kappa = (acc - 1/C) / (1 - 1/C): 0 at chance, 1 at perfect, negative below chance."""
-    if n_classes < 2:
-        raise ValueError(f"chance correction needs n_classes >= 2, got {n_classes}")
+    n_classes = check_n_classes(n_classes)
     chance = 1.0 / n_classes
     return float((accuracy - chance) / (1.0 - chance))
 
 
 def _check_split(X, y, n_classes: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y)
     if X.ndim != 2:
         raise ValueError(f"{split} features must be (N, d), got shape {X.shape}")
-    if y.ndim != 1:
-        raise ValueError(f"{split} labels must be one-dimensional, got shape {y.shape}")
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(f"{split} has {X.shape[0]} feature rows but {y.shape[0]} labels")
     if X.shape[0] == 0:
         raise ValueError(f"{split} split is empty")
-    if not np.all(np.isfinite(X)):
-        bad = int(np.sum(~np.all(np.isfinite(X), axis=1)))
-        raise ValueError(f"{split} features have NaN/inf in {bad} row(s); the extraction produced non-finite states")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise ValueError(f"{split} labels must be integers 0..{n_classes - 1}; got non-integer or NaN floats")
-        y = y.astype(np.int64)
-    if y.dtype.kind not in "iu":
-        raise ValueError(f"{split} labels must be integers 0..{n_classes - 1}, got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"{split} labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), "
-                         f"got range {y.min()}..{y.max()}")
-    return X, y.astype(np.int64)
+    X = check_finite(X, f"{split} features", hint="the extraction produced non-finite states")
+    y = check_labels(y, n_classes=n_classes, n_rows=X.shape[0], name=f"{split} labels")
+    return X, y
 
 
 def _check_inputs(train_X, train_y, test_X, test_y, n_classes: int, need_test: bool):
-    if isinstance(n_classes, (bool, np.bool_)) or int(n_classes) != n_classes or int(n_classes) < 2:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    n_classes = int(n_classes)
+    n_classes = check_n_classes(n_classes)
     Xtr, ytr = _check_split(train_X, train_y, n_classes, "train")
     present = np.unique(ytr)
     if present.size < 2:
@@ -416,70 +401,13 @@ def probe_layers(
     return pd.DataFrame(rows)
 
 
-def torch_linear_probe(
-    train_X: Float[np.ndarray, "N d"],
-    train_y: Sequence[int],
-    test_X: Float[np.ndarray, "M d"],
-    test_y: Sequence[int],
-    *,
-    n_classes: int,
-    epochs: int = 50,
-    lr: float = 1e-4,
-    batch_size: int = 64,
-    dropout: float = 0.05,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """The paper's torch probe (SPEC section 7): dropout + linear head on mean-pooled features,
-    cross-entropy, AdamW, shuffled mini-batches; test accuracy after the last epoch.
+def __getattr__(name: str) -> Any:
+    # torch_linear_probe moved to ntps_nb.torch_probe (the core imports no torch); the old import
+    # path still finds it, importing torch only when asked for this one name.
+    if name == "torch_linear_probe":
+        import importlib
 
-    Features are used as given (no standardisation, as in the paper). The global torch RNG is
-    left untouched: initialisation, dropout and shuffling draw from a forked, seeded state.
-    ``weight_decay`` 0.01 is AdamW's default.
-
-    Returns
-    -------
-    A tidy row like `heldout_probe`'s with ``protocol="torch_linear"``, ``final_train_loss``,
-    ``epochs``, ``lr``, ``batch_size``, ``dropout``, and NaN for the least-squares columns.
-    """
-    import torch  # optional dependency: only this probe needs it
-
-    Xtr, ytr, Xte, yte = _check_inputs(train_X, train_y, test_X, test_y, n_classes, need_test=True)
-    n_classes = int(n_classes)
-    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= dropout < 1:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0, 0 <= dropout < 1; got {epochs}, "
-                         f"{batch_size}, {lr}, {dropout}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        head = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(Xtr.shape[1], n_classes)).to(device)
-        optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        X = torch.as_tensor(Xtr, dtype=torch.float32, device=device)
-        y = torch.as_tensor(ytr, dtype=torch.long, device=device)
-        head.train()
-        for _ in range(epochs):
-            total, order = 0.0, torch.randperm(X.shape[0], generator=generator).to(device)
-            for start in range(0, X.shape[0], batch_size):
-                batch = order[start:start + batch_size]
-                optimiser.zero_grad()
-                loss = loss_fn(head(X[batch]), y[batch])
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * batch.numel()
-        head.eval()
-        with torch.no_grad():
-            logits = head(torch.as_tensor(Xte, dtype=torch.float32, device=device))
-            predicted = logits.argmax(dim=1).cpu().numpy()
-    accuracy = float(np.mean(predicted == yte))
-    counts = np.bincount(ytr, minlength=n_classes)
-    return {
-        "protocol": "torch_linear", "evaluated_on": "test", "n_classes": n_classes,
-        "classes_in_train": int(np.count_nonzero(counts)), "n_train": int(Xtr.shape[0]), "n_eval": int(Xte.shape[0]),
-        "d": int(Xtr.shape[1]), "accuracy": accuracy, "kappa": chance_corrected_accuracy(accuracy, n_classes),
-        "chance": 1.0 / n_classes, "majority_rate": float(np.mean(yte == int(np.argmax(counts)))),
-        "mse": float("nan"), "mse_per_text": float("nan"), "lstsq_accuracy": float("nan"),
-        "final_train_loss": total / X.shape[0], "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
-        "dropout": float(dropout), "weight_decay": float(weight_decay), "seed": int(seed),
-    }
+        warnings.warn("ntps_nb.core.probes.torch_linear_probe moved to ntps_nb.torch_probe.torch_linear_probe",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module("ntps_nb.torch_probe").torch_linear_probe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,10 @@
 """The paper's published per-dataset values (Figures 1-3 of arXiv 2505.17169) and their correlations.
 
-The CSVs in ``data/reference/`` were converted from the figure data released with the authors'
-code (MIT, Copyright (c) 2025 Yu-Ang Cheng, github.com/Yu-AngCheng/NTPS commit 0f877f7; see the
-README and LICENSE there). Reading them is the only I/O of the pure-math core.
+The CSVs in ``ntps_nb/data/reference/`` were converted from the figure data released with the
+authors' code (MIT, Copyright (c) 2025 Yu-Ang Cheng, github.com/Yu-AngCheng/NTPS commit 0f877f7;
+see the README and LICENSE there). They ship as package data and are read with
+``importlib.resources``, so an installed wheel finds them as a source checkout does. Reading them
+is the only file input of the pure-math core.
 
 Sign conventions, as computed by `published_correlations`:
 
@@ -17,14 +19,17 @@ correlations are the optimistic in-sample statistics of the paper (see `stats.se
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 import pandas as pd
 
 from ntps_nb.core.stats import Method, correlate
 
-#: Where the packaged reference CSVs live (a source checkout or an editable install).
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "data" / "reference"
+#: The packaged reference folder (an ``importlib.resources`` Traversable: ``/``, ``is_file``,
+#: ``open``, ``read_text``), inside the installed package or the source checkout alike.
+REFERENCE_DIR = resources.files("ntps_nb") / "data" / "reference"
+#: Where the files live relative to the repository root (the ``source`` column).
+REFERENCE_SOURCE = "ntps_nb/data/reference"
 
 #: figure name -> (file, columns it must have)
 FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -65,14 +70,15 @@ def load_published(figure: str) -> pd.DataFrame:
     """
     key = _figure_key(figure)
     filename, columns = FIGURES[key]
-    path = REFERENCE_DIR / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the published reference data ship in data/reference/ of a source "
-                                "checkout (install with `pip install -e .`)")
-    frame = pd.read_csv(path)
+    resource = REFERENCE_DIR / filename
+    if not resource.is_file():
+        raise FileNotFoundError(f"{filename} is missing from the package data {REFERENCE_SOURCE}/ "
+                                f"(looked in {REFERENCE_DIR}); reinstall ntps_nb")
+    with resource.open("r", encoding="utf-8") as handle:
+        frame = pd.read_csv(handle)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path.name} lacks column(s) {missing}; found {list(frame.columns)}")
+        raise ValueError(f"{filename} lacks column(s) {missing}; found {list(frame.columns)}")
     if key == "fig3_lora":
         frame["lora_gain"] = frame["lora_test_accuracy"] - frame["linear_probe_test_accuracy"]
         frame["minus_lora_gain"] = -frame["lora_gain"]
@@ -99,6 +105,6 @@ def published_correlations(method: Method = "spearman") -> pd.DataFrame:
                 "figure": key, "model": model, "target": target, "target_description": what, "rho": rho, "n_datasets": len(group),
                 "expected_sign": expected,
                 "direction": f"rho(ntps, {target}) {rho:+.2f}: higher NTPS goes with {rel} {target}",
-                "protocol": protocol, "method": method, "source": f"data/reference/{FIGURES[key][0]}",
+                "protocol": protocol, "method": method, "source": f"{REFERENCE_SOURCE}/{FIGURES[key][0]}",
             })
     return pd.DataFrame(rows)

@@ -1,9 +1,36 @@
-"""Random, valid moment instances for the pure-math tests."""
+"""Shape checking of the core (see shapes.py) and random, valid moment instances for its tests."""
 
-import numpy as np
-import pytest
+import sys
+import warnings
 
-from ntps_nb import Moments
+from beartype.roar import BeartypeDecorHintPep585DeprecationWarning
+from jaxtyping import config as jaxtyping_config
+from jaxtyping import install_import_hook
+
+from tests.core.shapes import CHECKED_MODULES, TYPECHECKER
+
+# The hook decorates modules imported after it; it must come before anything imports the core.
+SHAPES_CHECKED = "ntps_nb.core" not in sys.modules
+# beartype's advice to prefer collections.abc.Sequence over typing.Sequence concerns hints it
+# is not asked to check here (array_hints_only drops them)
+warnings.filterwarnings("ignore", category=BeartypeDecorHintPep585DeprecationWarning)
+_HOOK = install_import_hook(CHECKED_MODULES, TYPECHECKER)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ntps_nb import Moments  # noqa: E402
+
+# The hook stays installed for the session, but the checks run only inside tests/core (the
+# fixture below): I/O, study and notebook tests call the core unchecked, as users do.
+jaxtyping_config.update("jaxtyping_disable", True)
+
+
+@pytest.fixture(autouse=True)
+def _check_shapes():
+    jaxtyping_config.update("jaxtyping_disable", False)
+    yield
+    jaxtyping_config.update("jaxtyping_disable", True)
 
 
 def random_spd(rng, d, rank=None):

@@ -5,6 +5,7 @@ import pytest
 
 from ntps_nb import LayerMoments, Moments, moments_from_sequences, one_hot
 from tests.core.conftest import random_moments
+from tests.core.shapes import unchecked_shapes
 
 
 def definition_by_loops(sequences, labels, C):
@@ -68,10 +69,11 @@ def test_validation_names_the_problem(rng):
     asym[0, 1] += 1.0
     with pytest.raises(ValueError, match="Sxx is not symmetric"):
         Moments(Sxx=asym, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=1, n_tokens=1)
-    with pytest.raises(ValueError, match="Sxy must have shape"):
-        Moments(Sxx=m.Sxx, Sxy=m.Sxy[:3], Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=1, n_tokens=1)
-    with pytest.raises(ValueError, match="C1 must have shape"):
-        Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1[:, :3], n_texts=1, n_tokens=1)
+    with unchecked_shapes():  # the messages users get (the test-time shape check would answer first)
+        with pytest.raises(ValueError, match="Sxy must have shape"):
+            Moments(Sxx=m.Sxx, Sxy=m.Sxy[:3], Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=1, n_tokens=1)
+        with pytest.raises(ValueError, match="C1 must have shape"):
+            Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1[:, :3], n_texts=1, n_tokens=1)
     with pytest.raises(ValueError, match="n_texts"):
         Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=0, n_tokens=1)
 

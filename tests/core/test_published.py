@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
 from ntps_nb.core.published import REFERENCE_DIR, load_published, published_correlations
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = ["Qwen/Qwen2-0.5B", "Qwen/Qwen2-1.5B", "Qwen/Qwen2-7B", "apple/OpenELM-1_1B", "apple/OpenELM-270M",
           "apple/OpenELM-3B", "apple/OpenELM-450M", "meta-llama/Meta-Llama-3-8B"]
@@ -28,6 +34,17 @@ def test_reference_files_and_licence_ship_with_the_package():
     licence = (REFERENCE_DIR / "LICENSE").read_text()
     assert "MIT" in licence and "Copyright (c) 2025 Yu-Ang Cheng" in licence
     assert "0f877f7" in (REFERENCE_DIR / "README.md").read_text()
+
+
+def test_reference_files_are_declared_package_data_and_read_as_resources():
+    # setuptools installs exactly what package-data names: every reference file must match a pattern
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ntps_nb"]
+    folder = ROOT / "ntps_nb" / "data" / "reference"
+    files = sorted(p.relative_to(ROOT / "ntps_nb").as_posix() for p in folder.iterdir())
+    assert len(files) == 6
+    assert [f for f in files if not any(fnmatch(f, pattern) for pattern in patterns)] == []
+    assert Path(str(REFERENCE_DIR)).resolve() == folder.resolve()  # the resource is the package's own folder
+    assert published_correlations().source.str.startswith("ntps_nb/data/reference/").all()
 
 
 @pytest.mark.parametrize("figure", ["fig2_accuracy", "fig2_mse", "fig3_lora"])

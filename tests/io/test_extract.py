@@ -201,6 +201,7 @@ def test_model_without_hidden_states_is_refused(tiny_llama):
         def __init__(self):
             super().__init__()
             self.inner = model
+            self.config = model.config  # the layout says 3 hidden states; the forward returns none
 
         def forward(self, **kwargs):
             out = model(**kwargs)

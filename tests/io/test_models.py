@@ -17,11 +17,19 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
 
 from ntps_nb import models
 from ntps_nb.cache import sha256_file
+from ntps_nb.batching import pad_batch
 from ntps_nb.models import (
+    LoadedModel,
     ModelUnavailableError,
+    backbone,
+    bos_token_id,
+    check_target_modules,
+    hidden_size,
     hidden_state_layers,
     known_models,
+    last_hidden_state,
     load_model,
+    pad_token_id,
     state_dict_sha256,
     target_modules,
 )
@@ -106,6 +114,48 @@ def test_state_dict_sha256_sees_one_changed_weight():
 
 
 # --- layout helpers ---------------------------------------------------------------------------
+
+
+def test_load_model_returns_a_named_triple(tiny_llama):
+    loaded = tiny_llama
+    assert isinstance(loaded, LoadedModel) and isinstance(loaded, tuple) and len(loaded) == 3
+    model, tok, info = loaded
+    assert (loaded.model, loaded.tokenizer, loaded.info) == (model, tok, info)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_layout_answers_agree_with_the_model(fixture, request):
+    model, tok, info = request.getfixturevalue(fixture)
+    ids = [tok("a b c")["input_ids"], tok("a")["input_ids"]]
+    batch = pad_batch(ids, pad_token_id(tok), "right")
+    states = models.hidden_states(model, batch)
+    assert len(states) == len(hidden_state_layers(model)) == info.n_hidden_states
+    assert states[0].shape[-1] == hidden_size(model) == info.hidden_size
+    assert bos_token_id(tok) == info.bos_token_id and pad_token_id(tok) == info.pad_token_id
+    # the backbone's last hidden state is the last entry of hidden_states (final norm applied)
+    with torch.no_grad():
+        last = last_hidden_state(model, batch)
+    assert torch.equal(last, states[-1])
+    assert not hasattr(backbone(model), "lm_head")
+
+
+def test_pad_token_id_falls_back_to_zero():
+    class NoPad:
+        pad_token_id = None
+
+    assert pad_token_id(NoPad()) == 0
+
+
+def test_layout_of_a_module_without_config_is_refused():
+    with pytest.raises(ValueError, match="Linear has no config"):
+        hidden_state_layers(torch.nn.Linear(2, 2))
+
+
+def test_check_target_modules_says_linear_or_conv1d(tiny_llama, tiny_gpt2):
+    assert check_target_modules(tiny_llama[0], ["q_proj", "v_proj"]) is False
+    assert check_target_modules(tiny_gpt2[0], ["c_attn"]) is True
+    with pytest.raises(ValueError, match=r"target modules \['nothing'\] match no module.*named \[.*'q_proj'"):
+        check_target_modules(tiny_llama[0], ["q_proj", "nothing"])
 
 
 def test_target_modules_of_tiny_models(tiny_llama, tiny_gpt2):

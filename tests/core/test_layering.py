@@ -1,0 +1,84 @@
+"""The core is pure: it imports no torch, no model stack and nothing of ntps_nb outside the core.
+
+Checked twice: statically, over every import statement of every module under ntps_nb/core (at
+any depth, including imports inside functions), and at run time, by importing the whole core in a
+fresh interpreter and looking at what got loaded.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parents[2] / "ntps_nb" / "core"
+FORBIDDEN_TOP = {"torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "gguf"}
+# The one name a core module forwards to a module above it, lazily and only when asked for it:
+# core/probes.py's module __getattr__ keeps the moved torch probe at its old import path.
+ALLOWED_FORWARDS = {("probes.py", "ntps_nb.torch_probe")}
+
+
+def imported_modules(path: Path) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import in a core module, relative ones resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ["ntps_nb", "core"]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            if name == "ntps_nb":  # `from ntps_nb import extract` imports the module ntps_nb.extract
+                found += [(f"{name}.{alias.name}", node.lineno) for alias in node.names]
+            else:
+                found.append((name, node.lineno))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            found.append((str(node.args[0].value), node.lineno))
+    return found
+
+
+def violations(path: Path) -> list[str]:
+    bad = []
+    for name, line in imported_modules(path):
+        top = name.split(".")[0]
+        upward = top == "ntps_nb" and name != "ntps_nb" and not name.startswith("ntps_nb.core")
+        if (top in FORBIDDEN_TOP or upward) and (path.name, name) not in ALLOWED_FORWARDS:
+            bad.append(f"{path.name}:{line} imports {name}")
+    return bad
+
+
+CORE_FILES = sorted(CORE.glob("*.py"))
+
+
+def test_the_core_folder_is_found():
+    assert len(CORE_FILES) >= 10 and (CORE / "moments.py") in CORE_FILES
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+def test_no_core_module_imports_torch_or_the_package_above(path):
+    assert violations(path) == []
+
+
+def test_the_check_sees_upward_and_torch_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import numpy\nfrom ntps_nb.core import score\nfrom .stats import correlate\n"
+                      "def f():\n    import torch.nn\n    from ntps_nb.cache import atomic_path\n"
+                      "    from .. import extract\n    importlib.import_module('ntps_nb.models')\n")
+    assert violations(sample) == ["sample.py:5 imports torch.nn", "sample.py:6 imports ntps_nb.cache",
+                                  "sample.py:7 imports ntps_nb.extract", "sample.py:8 imports ntps_nb.models"]
+
+
+def test_importing_the_whole_core_loads_no_torch_and_nothing_above_it():
+    modules = ", ".join(f"ntps_nb.core.{p.stem}" for p in CORE_FILES if p.stem != "__init__")
+    code = (f"import sys, importlib\nfor m in '{modules}'.split(', '): importlib.import_module(m)\n"
+            "print('\\n'.join(sorted(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert not [m for m in loaded if m.split(".")[0] in FORBIDDEN_TOP]
+    outside = [m for m in loaded if m.startswith("ntps_nb.") and not m.startswith("ntps_nb.core")]
+    assert outside == []
