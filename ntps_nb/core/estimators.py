@@ -55,9 +55,9 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
 from ntps_nb.core.subspaces import RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
 
-ESTIMATORS = ("plugin", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
+ESTIMATORS = ("plugin", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
-SHARD_ESTIMATORS = ("extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
+SHARD_ESTIMATORS = ("debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
 #: A crossfit value is flagged unreliable when its split-half agreement is below this
@@ -265,6 +265,59 @@ def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol:
     return values, reliability
 
 
+def _debiased(shards: list[Moments], ks: np.ndarray, *, rtol: float, drop: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Plug-in with the label-noise terms of its Gram matrices removed (shard-variance debiasing).
+
+    With G = Sxx^{-1/2} Sxy (whitened class centroids, r x C) and P_k the projector onto the
+    whitened next-token span, NTPS(k) = (1/k_U) sum_i w_i^T G^T P_k G w_i / lambda_i over the top
+    k_U eigenpairs (lambda_i, w_i) of G^T G. The sample G = G + E has E[G^T X G] = G^T X G +
+    E[E^T X E] for any fixed X; E[E^T X E] is the variance of the text-weighted mean, estimated
+    from the spread of the shards' G_s around G: D(X) = S / (S - 1) sum_s w_s^2 (G_s - G)^T X (G_s - G).
+    Both Gram matrices are debiased (X = I and X = P_k) before the eigendecomposition and the
+    ratio. Noise of V and of the whitening is not corrected. Reliability: the smallest share of
+    signal among the kept eigenvalues, min_i lambda_i(debiased) / lambda_i(raw).
+    """
+    kept = [s for i, s in enumerate(shards) if i != drop]
+    full = Moments.combine(kept)
+    check_labels(full)
+    white = _Whitening.of(full.Sxx, rtol)
+    m = _m_of(full)
+    Vf, counts = white.next_token(full, rtol)
+    scale = 1.0 / np.sqrt(white.s)[:, None]
+    G = scale * (white.Q.T @ full.Sxy)
+    n = np.array([s.n_texts for s in kept], dtype=np.float64)
+    w = n / n.sum()
+    S = len(kept)
+    dev = np.stack([wi * (scale * (white.Q.T @ s.Sxy) - G) for wi, s in zip(w, kept)])  # (S, r, C)
+    factor = S / (S - 1)
+    D = factor * np.einsum("src,srd->cd", dev, dev)
+    raw_lam, _ = np.linalg.eigh(G.T @ G)
+    lam, W = np.linalg.eigh(G.T @ G - D)
+    order = np.argsort(lam)[::-1]
+    lam, W = lam[order], W[:, order]
+    raw_lam = np.sort(raw_lam)[::-1]
+    Z = Vf.T @ G  # (q, C)
+    Zdev = np.einsum("qr,src->sqc", Vf, dev)  # (S, q, C)
+    A = np.cumsum(np.einsum("qc,qd->qcd", Z, Z), axis=0)
+    DA = factor * np.cumsum(np.einsum("sqc,sqd->qcd", Zdev, Zdev), axis=0)
+    values = np.full(ks.shape, np.nan)
+    reliability = np.full(ks.shape, np.nan)
+    for i, k in enumerate(ks):
+        if k > counts.size or counts[k - 1] == 0:
+            continue
+        kU = min(int(k), m)
+        if lam[kU - 1] <= 0:
+            reliability[i] = 0.0
+            continue
+        b = counts[k - 1] - 1
+        Wk = W[:, :kU]
+        projected = np.einsum("ci,cd,di->i", Wk, A[b] - DA[b], Wk) / lam[:kU]
+        values[i] = projected.mean()
+        reliability[i] = float(np.min(lam[:kU] / raw_lam[:kU]))
+    return values, reliability
+
+
 def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
                  drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rational extrapolation to N = infinity from the plug-in at N and at N / 2.
@@ -344,6 +397,8 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
     if estimator in SHARD_ESTIMATORS and len(shards) < 2:
         raise ValueError(f"estimator {estimator!r} needs the moments of at least 2 shards of the texts "
                          "(extract with n_shards >= 2); estimator='plugin' needs only the pooled moments")
+    if estimator == "debiased":
+        return _debiased(shards, ks, rtol=rtol, drop=drop)
     if estimator == "extrapolate":
         return _extrapolate(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     if estimator == "crossfit":
@@ -442,7 +497,7 @@ def ntps_estimate(
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     lower, upper = point.estimate - t * se, point.estimate + t * se
     finite = np.isfinite(lower) & np.isfinite(upper)
-    if estimator in ("extrapolate", "crossfit", "crossfit_inverse"):
+    if estimator in ("debiased", "extrapolate", "crossfit", "crossfit_inverse"):
         reliable = finite & (point.reliability >= reliability_min)
     else:
         reliable = np.zeros(ks.shape, dtype=bool)
