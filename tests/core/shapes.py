@@ -29,7 +29,8 @@ TYPECHECKER = "tests.core.shapes.array_hints_only"
 #: intervals joins this list.
 CHECKED_MODULES = [
     f"ntps_nb.core.{name}"
-    for name in ("atomic", "diagnostics", "gain", "moments", "peers", "probes", "published", "score", "stats",
+    for name in ("atomic", "diagnostics", "estimators", "gain", "moments", "peers", "probes", "published", "score",
+                 "selection", "simulate", "stats",
                  "subspaces", "theory", "validation")
 ]
 
