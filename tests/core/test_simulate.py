@@ -91,3 +91,21 @@ def test_estimator_map_records_truth_and_the_summary_counts_draws():
     one = frame[(frame.estimator == "plugin") & (frame.k == 1)]
     got = summary[(summary.estimator == "plugin") & (summary.k == 1)]["bias"].iloc[0]
     assert got == pytest.approx(float((one.estimate - one.truth).mean()), rel=1e-12)
+
+
+def test_bias_decomposition_with_nothing_sampled_has_no_bias():
+    # With every moment at its population value the plug-in equals the truth exactly; the
+    # decomposition's variants each keep one source noisy, and "all sampled" keeps all of them.
+    from dataclasses import replace
+
+    from ntps_nb.core.estimators import estimate_ntps
+    from ntps_nb.core.simulate import SOURCES, bias_decomposition
+
+    model = lds_model(d=6, n_classes=2, n_tokens=4, seed=2)
+    pop = model.population_moments()
+    shards = sample_shards(model, 60, 3, np.random.default_rng(0))
+    exact = [replace(s, Sxx=pop.Sxx, Sxy=pop.Sxy, C0=pop.C0, C1=pop.C1) for s in shards]
+    np.testing.assert_allclose(estimate_ntps(exact, [1, 2]).estimate, model.population_ntps([1, 2]), rtol=1e-9)
+    table = bias_decomposition(model, 60, [1, 2], n_draws=4, n_shards=3)
+    assert set(table["sampled"]) == {"all sampled", *(f"only {s} sampled" for s in SOURCES)}
+    assert (table["n_defined"] == 4).all()
