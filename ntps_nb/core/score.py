@@ -19,7 +19,7 @@ Sweeps over all k cost one factorisation: V's columns are orthonormalised once, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -261,12 +261,33 @@ def reference_ntps_pinv(
     return float(np.linalg.norm(P @ U_f) ** 2 / np.linalg.norm(U_f) ** 2)
 
 
+def _pooled_and_shards(data: "Moments | Sequence[Moments]") -> tuple[Moments, list[Moments]]:
+    """The pooled moments and the shard list of ``data`` (one `Moments` is one shard)."""
+    if isinstance(data, Moments):
+        return data, [data]
+    shards = list(data)
+    if not shards or not all(isinstance(s, Moments) for s in shards):
+        raise ValueError("moments must be one Moments or a non-empty list of per-shard Moments")
+    return (Moments.combine(shards) if len(shards) > 1 else shards[0]), shards
+
+
+def _check_estimator(estimator: str, variant: str) -> None:
+    from ntps_nb.core.estimators import ESTIMATORS
+
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if variant == "reference" and estimator != "plugin":
+        raise ValueError("the reference variant is the released algorithm, computed from the pooled moments; "
+                         f"estimator={estimator!r} applies to the theory variant only")
+
+
 def ntps(
-    moments: Moments,
+    moments: "Moments | Sequence[Moments]",
     k: int | None = None,
     *,
     fraction: float | None = None,
     variant: Variant = "theory",
+    estimator: str = "plugin",
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
@@ -276,18 +297,36 @@ def ntps(
 
     Parameters
     ----------
-    moments : the layer's `Moments`.
+    moments : the layer's `Moments`, or a list of per-shard `Moments` of that layer (disjoint
+        texts; pooled for the plug-in, used as shards by the shard estimators).
     k : number of next-token directions (theory variant).
     fraction : fraction of the retained rank; the reference variant takes only this.
     variant : "theory" (default) or "reference" (the released code's algorithm).
-    centred : use the centred perception moments (probe with intercept); theory variant only.
+    estimator : how the population NTPS is estimated from the sample (theory variant):
+        "plugin" (default; the NTPS of the pooled moments) or another of
+        `ntps_nb.core.estimators.ESTIMATORS` (see docs/estimator.md for what each does and how
+        far each is from the population value on simulations; none is yet calibrated).
+    centred : use the centred perception moments (probe with intercept); theory variant, plug-in.
     tol, rtol : absolute / relative tolerance on the eigenvalues of Sxx and C0 (theory); the
         reference variant uses the released absolute 1e-8 unless ``tol`` is given.
     precision : "float32" (as released) or "float64"; reference variant only.
+
+    Returns
+    -------
+    float, in [0, 1] for the plug-in (other estimators can leave that range; NaN where undefined).
     """
+    _check_estimator(estimator, variant)
+    pooled, shards = _pooled_and_shards(moments)
     if variant == "theory":
-        geometry = theory_geometry(moments, centred=centred, tol=tol, rtol=rtol)
-        return geometry.ntps(geometry.k(k, fraction))
+        geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)
+        kk = geometry.k(k, fraction)
+        if estimator == "plugin":
+            return geometry.ntps(kk)
+        if centred or tol is not None:
+            raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
+        from ntps_nb.core.estimators import estimate_ntps
+
+        return float(estimate_ntps(shards, [kk], estimator=estimator, rtol=rtol).estimate[0])
     if variant == "reference":
         if k is not None or fraction is None:
             raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
@@ -295,7 +334,7 @@ def ntps(
             raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
-        geometry = reference_geometry(moments, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
+        geometry = reference_geometry(pooled, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
         kU, kV = geometry.counts_at(fraction)
         if kU < 1 or kV < 1:
             raise ValueError(f"fraction {fraction} selects k_U = {kU}, k_V = {kV} directions (r_U = {geometry.r_U}, r_V = {geometry.r_V})")
@@ -304,9 +343,10 @@ def ntps(
 
 
 def ntps_sweep(
-    moments: Moments,
+    moments: "Moments | Sequence[Moments]",
     *,
     variant: Variant = "theory",
+    estimator: str = "plugin",
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
@@ -314,10 +354,28 @@ def ntps_sweep(
     fractions: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """NTPS at every k (theory: k = 1..r_V, with the excess loss and its bounds) or at the 19
-    fractions (reference), as a tidy frame, from one factorisation."""
+    fractions (reference), as a tidy frame, from one factorisation.
+
+    ``moments`` and ``estimator`` are as in `ntps`. Every row names its ``estimator``; with an
+    estimator other than the plug-in the frame has k, fraction, k_U, m, r_V, ntps and that
+    estimator's ``reliability`` (the excess loss and its bounds are plug-in quantities).
+    """
+    _check_estimator(estimator, variant)
+    pooled, shards = _pooled_and_shards(moments)
     if variant == "theory":
-        return theory_geometry(moments, centred=centred, tol=tol, rtol=rtol).sweep()
+        frame = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol).sweep()
+        if estimator == "plugin":
+            return frame.assign(estimator="plugin")
+        if centred or tol is not None:
+            raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
+        from ntps_nb.core.estimators import estimate_ntps
+
+        result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, rtol=rtol)
+        return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
+            ntps=result.estimate, estimator=estimator, reliability=result.reliability,
+            n_shards=result.n_shards)
     if variant == "reference":
-        geometry = reference_geometry(moments, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
-        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions))
+        geometry = reference_geometry(pooled, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
+        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions)).assign(
+            estimator="plugin")
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")

@@ -5,7 +5,7 @@ import pytest
 
 from ntps_nb.core.estimators import ESTIMATORS, PCA_TEXTS_PER_DIM, estimate_ntps, ntps_estimate, split_halves
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import ntps
+from ntps_nb.core.score import ntps, ntps_sweep
 from ntps_nb.core.simulate import lds_model, sample_shards
 
 KS = np.array([1, 2, 4])
@@ -88,3 +88,23 @@ def test_bad_input_is_refused_with_a_clear_error():
         estimate_ntps(shards, [0])
     with pytest.raises(ValueError, match="at least 3 shards"):
         ntps_estimate(shards[:2], [1])
+
+
+def test_ntps_and_ntps_sweep_take_the_estimator_option(large_draws):
+    _, draws = large_draws
+    shards = draws[0]
+    pooled = Moments.combine(shards)
+    # plug-in: shards or pooled give the same value, and the sweep names its estimator
+    assert ntps(shards, k=2) == pytest.approx(ntps(pooled, k=2), rel=1e-12)
+    sweep = ntps_sweep(pooled)
+    assert (sweep["estimator"] == "plugin").all()
+    # another estimator: the same value through ntps, ntps_sweep and estimate_ntps
+    direct = estimate_ntps(shards, [1, 2, 3], estimator="debiased").estimate
+    assert ntps(shards, k=2, estimator="debiased") == pytest.approx(direct[1], rel=1e-12)
+    swept = ntps_sweep(shards, estimator="debiased")
+    np.testing.assert_allclose(swept.set_index("k").loc[[1, 2, 3], "ntps"], direct, rtol=1e-12)
+    assert (swept["estimator"] == "debiased").all() and "reliability" in swept
+    with pytest.raises(ValueError, match="theory variant only"):
+        ntps(pooled, fraction=0.5, variant="reference", estimator="debiased")
+    with pytest.raises(ValueError, match="at least 2 shards"):
+        ntps(pooled, k=1, estimator="crossfit")
