@@ -20,6 +20,11 @@ Estimators (each returns NTPS_theory at the requested k; `ESTIMATORS` lists them
 - ``"crossfit_inverse"``: the first-order correction for both subspaces,
   tr(G^-1 Ua^T Vb H^-1 Va^T Ub) / k_U with G = Ua^T Ub and H = Va^T Vb, U and V from each half.
   Exact to first order, but the inverses make it heavy-tailed wherever the halves disagree.
+- ``"wishart"``: the plug-in times (N - k - 1) / (N - r - 1), r the retained rank of Sxx. NTPS is
+  a ratio tr((Sxy^T Sxx^-1 Sxy)^-1 Sxy^T V (V^T Sxx V)^-1 V^T Sxy) / k_U (for k >= m); with Sxx
+  replaced by a Wishart sample, E[Sxx^-1] = Sigma^-1 N / (N - r - 1) and
+  E[(V^T Sxx V)^-1] = (V^T Sigma V)^-1 N / (N - k - 1), which shrink the ratio by the inverse of
+  that factor. It removes the whitening's own bias (docs/estimator.md), not the label noise's.
 - ``"jackknife"``: leave-one-shard-out bias correction of the plug-in, S theta - (S - 1) mean(theta_-i).
 - ``"shrinkage"``: the plug-in on Sxx and C0 shrunk toward a multiple of the identity, with the
   Ledoit-Wolf intensity estimated from the spread of the shard moments.
@@ -55,7 +60,7 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
 from ntps_nb.core.subspaces import RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
 
-ESTIMATORS = ("plugin", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
+ESTIMATORS = ("plugin", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
 SHARD_ESTIMATORS = ("debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
@@ -410,6 +415,13 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
     full = Moments.combine(shards) if len(shards) > 1 else shards[0]
     if estimator == "plugin":
         return _plugin(full, ks, rtol), none
+    if estimator == "wishart":
+        geometry = theory_geometry(full, rtol=rtol)
+        r = geometry.r_U
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = np.where(full.n_texts - r - 1 > 0, (full.n_texts - np.minimum(ks, r) - 1) / (full.n_texts - r - 1),
+                              np.nan)
+        return theory_values(geometry, ks) * factor, none
     if estimator == "jackknife":
         S = len(shards)
         loo = np.array([_plugin(Moments.combine(shards[:i] + shards[i + 1:]), ks, rtol) for i in range(S)])
