@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, nargs="+", default=[16])
     parser.add_argument("--ratio", type=float, default=4.0, help="N / d")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8])
-    parser.add_argument("--estimators", nargs="+", default=["plugin", "wishart", "debiased", "crossfit"])
+    parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart", "debiased", "crossfit"])
     parser.add_argument("--draws", type=int, default=30)
     args = parser.parse_args()
     for d in args.d:
