@@ -39,7 +39,23 @@ def main(path: str) -> None:
     print("\nShare of cells with coverage in [0.85, 0.95]:\n")
     print(table(s.assign(ok=(s.coverage >= 0.85) & (s.coverage <= 0.95)).pivot_table(
         index="n_over_d", columns="estimator", values="ok", aggfunc="mean").round(2)))
+    keys = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k"]
+    bias = s.pivot_table(index=keys, columns="estimator", values="bias")
+    rmse = s.pivot_table(index=keys, columns="estimator", values="rmse")
+    if "plugin" in bias:
+        rows = []
+        for e in bias.columns.drop("plugin"):
+            ok = bias[e].notna() & bias["plugin"].notna()
+            rows.append({"estimator": e, "cells": int(ok.sum()),
+                         "cells_smaller_abs_bias": int((bias[e].abs() < bias["plugin"].abs())[ok].sum()),
+                         "cells_smaller_rmse": int((rmse[e] < rmse["plugin"])[ok].sum()),
+                         "median_abs_bias": float(bias[e].abs()[ok].median()),
+                         "plugin_median_abs_bias": float(bias["plugin"].abs()[ok].median())})
+        print("\nCell by cell against the plug-in (cells where both are defined):\n")
+        print(table(pd.DataFrame(rows).set_index("estimator").round(3)))
     cf = s[s.estimator == "crossfit"]
+    if cf.empty:
+        return
     print("\ncrossfit: share of draws flagged reliable, and among cells with >= 20 reliable draws, the coverage "
           "and |bias| of those draws:\n")
     r = cf[cf.n_reliable >= 20]

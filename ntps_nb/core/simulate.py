@@ -434,6 +434,7 @@ def bias_decomposition(
     `SOURCES` left noisy while the other moments are set to their population values in every shard
     (e.g. "only perception (Sxy) sampled"). The bias that remains when only one source is noisy is
     that source's contribution (the contributions need not add up: the estimators are nonlinear).
+    "Sxy and Sxx sampled" keeps the two moments of the pooled states noisy together (C0, C1 exact).
 
     Returns one row per (estimator, k, what is sampled): truth, bias, its Monte Carlo SE, SD.
     """
@@ -448,6 +449,8 @@ def bias_decomposition(
     variants = {"all sampled": ()}
     for label, names in SOURCES.items():
         variants[f"only {label} sampled"] = tuple(n for n in exact if n not in names)
+    # the label and whitening moments come from the same pooled states: their joint effect
+    variants["Sxy and Sxx sampled"] = ("C0", "C1")
     values: dict[tuple[str, str], list[np.ndarray]] = {}
     for draw in range(int(n_draws)):
         shards = sample_shards(model, n_texts, n_shards, np.random.default_rng([int(seed), draw]))

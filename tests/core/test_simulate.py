@@ -107,5 +107,5 @@ def test_bias_decomposition_with_nothing_sampled_has_no_bias():
     exact = [replace(s, Sxx=pop.Sxx, Sxy=pop.Sxy, C0=pop.C0, C1=pop.C1) for s in shards]
     np.testing.assert_allclose(estimate_ntps(exact, [1, 2]).estimate, model.population_ntps([1, 2]), rtol=1e-9)
     table = bias_decomposition(model, 60, [1, 2], n_draws=4, n_shards=3)
-    assert set(table["sampled"]) == {"all sampled", *(f"only {s} sampled" for s in SOURCES)}
+    assert set(table["sampled"]) == {"all sampled", "Sxy and Sxx sampled", *(f"only {s} sampled" for s in SOURCES)}
     assert (table["n_defined"] == 4).all()
