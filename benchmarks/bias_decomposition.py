@@ -27,11 +27,12 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart", "debiased", "crossfit"])
     parser.add_argument("--draws", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per text T")
     args = parser.parse_args()
     for d in args.d:
         frames = []
         for family, make, C, gap in GENERATORS:
-            model = make(d=d, n_classes=C, n_tokens=8, gap=gap, seed=3)
+            model = make(d=d, n_classes=C, n_tokens=args.tokens, gap=gap, seed=3)
             frames.append(bias_decomposition(model, int(args.ratio * d), args.ks, estimators=args.estimators,
                                              n_draws=args.draws).assign(generator=f"{family} C={C} {gap}"))
         table = pd.concat(frames)
@@ -40,7 +41,7 @@ def main() -> None:
         truth = table.groupby(["generator", "k"], sort=False)["truth"].first().round(3)
         wide.insert(0, "truth", [truth[(g, k)] for g, k, _ in wide.index])
         mcse = table["bias_mcse"].median()
-        print(f"\nd = {d}, N = {int(args.ratio * d)} texts (N/d = {args.ratio:g}), {args.draws} draws; "
+        print(f"\nd = {d}, N = {int(args.ratio * d)} texts (N/d = {args.ratio:g}) of T = {args.tokens} tokens, {args.draws} draws; "
               f"bias = mean(estimate - population NTPS); median Monte Carlo SE {mcse:.3f}\n")
         print("| generator | k | estimator | " + " | ".join(wide.columns) + " |")
         print("|" + "---|" * (3 + wide.shape[1]))
