@@ -13,6 +13,8 @@ from ntps_nb.core.backends.torch import (  # noqa: E402
     generalized_eigh_torch,
     interval_replicates_torch,
     interval_sweep_torch,
+    ntps_sweep_torch,
+    reference_geometry_torch,
     theory_geometry_torch,
     theory_sweep_torch,
 )
@@ -24,6 +26,8 @@ from ntps_nb.core.subspaces import nested_orthonormal_basis  # noqa: E402
 AGREEMENT = 1e-9
 #: Batched against one-at-a-time replicates: only the summation order of the combining product differs.
 BATCH_AGREEMENT = 1e-12
+#: Agreement of the float32 reference variant: float32 eigenvectors, NTPS values of order 1.
+FLOAT32_AGREEMENT = 1e-3
 SEEDS = (0, 1, 2)
 
 
@@ -96,6 +100,42 @@ def test_undefined_geometry_raises_as_numpy_does():
         theory_sweep_torch(one_class)
     with pytest.raises(ValueError, match="device"):
         theory_sweep_torch(m, device="no-such-device")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reference_sweep_equals_numpy_where_it_is_well_posed(seed):
+    # C >= d: Sxy Sxy^T has full rank, so U has no arbitrary null-space columns
+    m = moments(np.random.default_rng(seed), 12, n_classes=16)
+    assert_frames_agree(ntps_sweep_torch(m, variant="reference", precision="float64"),
+                        ntps_sweep(m, variant="reference", precision="float64"))
+    assert_frames_agree(ntps_sweep_torch(m, variant="reference"), ntps_sweep(m, variant="reference"),
+                        tol=FLOAT32_AGREEMENT)
+    geometry = reference_geometry_torch(m)
+    assert geometry.U.dtype == np.float32 and geometry.precision == "float32"
+
+
+def test_ill_posed_reference_sweep_has_the_numpy_ranks_and_counts():
+    m = moments(np.random.default_rng(6), 24, rank_Sxx=20)  # C = 5 < r_U = 20: U's first columns are arbitrary
+    got, want = ntps_sweep_torch(m, variant="reference"), ntps_sweep(m, variant="reference")
+    for column in ("fraction", "k_U", "k_V", "r_U", "r_V", "precision"):
+        assert list(got[column]) == list(want[column])
+    assert got["ntps"].between(0, 1 + FLOAT32_AGREEMENT).all()
+
+
+def test_sweep_dispatch_and_its_errors():
+    m = moments(np.random.default_rng(7), 16, n_classes=20)  # well-posed reference variant (C >= d)
+    assert_frames_agree(ntps_sweep_torch(m), ntps_sweep(m))
+    fractions = np.array([0.25, 0.5])
+    assert_frames_agree(ntps_sweep_torch(m, variant="reference", fractions=fractions, precision="float64"),
+                        ntps_sweep(m, variant="reference", fractions=fractions, precision="float64"))
+    with pytest.raises(ValueError, match="variant"):
+        ntps_sweep_torch(m, variant="other")
+    with pytest.raises(ValueError, match="uncentred"):
+        ntps_sweep_torch(m, variant="reference", centred=True)
+    with pytest.raises(ValueError, match="precision"):
+        ntps_sweep_torch(m, variant="reference", precision="float16")
+    with pytest.raises(ValueError, match="dtype"):
+        ntps_sweep_torch(m, dtype=torch.float16)
 
 
 def same_up_to_sign(a: np.ndarray, b: np.ndarray, tol: float) -> bool:

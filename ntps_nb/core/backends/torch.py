@@ -8,6 +8,8 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
 - `generalized_eigh_torch`: (A, B) on the range of B, batched over a leading dimension;
 - `theory_geometry_torch` / `theory_sweep_torch`: the `TheoryGeometry` of one layer and its
   sweep, the frame of ``ntps_sweep(moments, variant="theory")``;
+- `reference_geometry_torch`: the released algorithm's `ReferenceGeometry` (float32, ascending);
+- `ntps_sweep_torch`: ``ntps_sweep`` (either variant) with ``device=``;
 - `interval_sweep_torch`: the frame of ``ntps_interval_sweep(shards)`` (theory variant), with
   the bootstrap and jackknife replicate moments formed as one product (shares x stacked shards)
   per block of replicates and each block's eigenproblems solved as one batched call;
@@ -47,7 +49,15 @@ from ntps_nb.core.intervals import (
     theory_values,
 )
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry
+from ntps_nb.core.score import (
+    REFERENCE_ABS_TOL,
+    REFERENCE_FRACTIONS,
+    SPAN_RTOL,
+    Precision,
+    ReferenceGeometry,
+    TheoryGeometry,
+    Variant,
+)
 from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis
 
 #: The smallest positive float64, the floor of the rank-of-A threshold (as in `generalized_eigh`).
@@ -331,6 +341,78 @@ def theory_sweep_torch(
     """The frame of ``ntps_sweep(moments, variant="theory", ...)``, with the factorisations on ``device``:
     NTPS, the excess loss and its bounds at every k = 1..r_V."""
     return theory_geometry_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype).sweep()
+
+
+# --------------------------------------------------------------------------------------------
+# Reference variant
+
+
+def _nested_basis(columns: torch.Tensor, span_rtol: float) -> tuple[torch.Tensor, np.ndarray]:
+    """`nested_orthonormal_basis` of one (rows, n) matrix: one Householder QR in the generic case,
+    the numpy function (on the CPU) where the span is rank deficient."""
+    rows, n = columns.shape
+    q = min(rows, n)
+    norms = torch.linalg.vector_norm(columns, dim=0)
+    basis, R = torch.linalg.qr(columns[:, :q])
+    if bool((R.diagonal().abs() > span_rtol * norms[:q]).all()):
+        return basis, np.minimum(np.arange(1, n + 1), q)
+    nested, counts = nested_orthonormal_basis(_numpy(columns).astype(np.float64), rtol=span_rtol)
+    return torch.from_numpy(nested).to(device=columns.device, dtype=columns.dtype), counts
+
+
+def reference_geometry_torch(
+    moments: Moments, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL,
+    span_rtol: float = SPAN_RTOL, device: str | torch.device = "cpu",
+) -> ReferenceGeometry:
+    """`ntps_nb.core.score.reference_geometry` (the released algorithm) solved on ``device``.
+
+    The same steps: moments in ``precision``, A = Sxy Sxy^T and C1 C1^T formed, ascending order,
+    absolute tolerance 1e-8, V orthonormalised once (nested, float64). When rank(Sxy Sxy^T) is
+    below the retained rank of Sxx, the first columns of U are an arbitrary basis of a null
+    eigenspace (the variant is ill-posed, SPEC section 4): torch and LAPACK pick different bases
+    there, so the two backends agree only where the problem is well-posed.
+    """
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    check_labels(moments)
+    device = _device(device)
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    Sxy, C1 = _tensor(moments.Sxy, dtype, device), _tensor(moments.C1, dtype, device)
+    U = generalized_eigh_torch(moments.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
+                               device=device, name="Sxx").vectors
+    V = generalized_eigh_torch(moments.C0, A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype,
+                               device=device, name="C0").vectors
+    basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
+    U64 = U.to(torch.float64)
+    projected = torch.cumsum(torch.cumsum((basis.T @ U64) ** 2, dim=0), dim=1)
+    norms = torch.cumsum(torch.sum(U64**2, dim=0), dim=0)
+    return ReferenceGeometry(U=_numpy(U), V=_numpy(V), projected=_numpy(projected), norms=_numpy(norms),
+                             counts=counts, precision=precision)
+
+
+def ntps_sweep_torch(
+    moments: Moments,
+    *,
+    variant: Variant = "theory",
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: Precision = "float32",
+    fractions: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> pd.DataFrame:
+    """`ntps_nb.core.score.ntps_sweep` with the factorisations on ``device``: the same arguments and
+    frame; ``dtype`` is the theory variant's precision (the reference variant takes ``precision``)."""
+    if variant == "theory":
+        return theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+    if variant == "reference":
+        if centred:
+            raise ValueError("the reference variant uses the uncentred moments, as released")
+        geometry = reference_geometry_torch(moments, precision=precision,
+                                            tol=REFERENCE_ABS_TOL if tol is None else tol, device=device)
+        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions))
+    raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
 
 
 # --------------------------------------------------------------------------------------------
