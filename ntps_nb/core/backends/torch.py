@@ -69,7 +69,7 @@ CPU_BLOCK_BYTES = 1 * 2**30
 #: Largest number of replicates solved in one batched call.
 MAX_BATCH = 256
 #: Replicate-sized d x d arrays alive at once while a block is solved (moments, factors, products).
-_ARRAYS_PER_REPLICATE = 12
+_ARRAYS_PER_REPLICATE = 20
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -299,13 +299,22 @@ def _theory_geometries(
         if out[i] is None:
             groups.setdefault((int(r_U[i]), int(r_V[i])), []).append(i)
     for (ru, rv), members in groups.items():
-        index = torch.as_tensor(members, device=Sxx.device)
-        Q_r, s_r = Q_U[index][..., d - ru:], s_U[index][..., d - ru:]
-        lam, Y, m = _perception_top(Q_r, s_r, Sxy[index])
-        V = _next_token_vectors(Q_V[index][..., d - rv:], s_V[index][..., d - rv:], C1[index])
+        if len(members) == n:  # the usual case: one group, no copies
+            def take(t):
+                return t
+        else:
+            index = torch.as_tensor(members, device=Sxx.device)
+
+            def take(t):
+                return t[index]
+        Q_r, s_r = take(Q_U)[..., d - ru:], take(s_U)[..., d - ru:]
+        lam, Y, m = _perception_top(Q_r, s_r, take(Sxy))
+        V = _next_token_vectors(take(Q_V)[..., d - rv:], take(s_V)[..., d - rv:], take(C1))
         # coordinates in the retained range of Sxx: u_i -> Y[:, i]; Sxx^{1/2} V -> S^{1/2} Q_r^T V
         v_coords = torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V)
+        del V
         projected = _projected(v_coords, Y, span_rtol)
+        del v_coords, Q_r
         lam, m = _numpy(lam).astype(np.float64), _numpy(m)
         for j, i in enumerate(members):
             mi = int(m[j])
