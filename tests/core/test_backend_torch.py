@@ -128,6 +128,10 @@ def test_sweep_dispatch_and_its_errors():
     fractions = np.array([0.25, 0.5])
     assert_frames_agree(ntps_sweep_torch(m, variant="reference", fractions=fractions, precision="float64"),
                         ntps_sweep(m, variant="reference", fractions=fractions, precision="float64"))
+    shards = [m, moments(np.random.default_rng(8), 16, n_classes=20)]
+    assert_frames_agree(ntps_sweep_torch(shards), ntps_sweep(shards))  # a shard list is pooled
+    with pytest.raises(ValueError, match="plug-in"):
+        ntps_sweep_torch(m, estimator="wishart")
     with pytest.raises(ValueError, match="variant"):
         ntps_sweep_torch(m, variant="other")
     with pytest.raises(ValueError, match="uncentred"):

@@ -9,7 +9,7 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
 - `theory_geometry_torch` / `theory_sweep_torch`: the `TheoryGeometry` of one layer and its
   sweep, the frame of ``ntps_sweep(moments, variant="theory")``;
 - `reference_geometry_torch`: the released algorithm's `ReferenceGeometry` (float32, ascending);
-- `ntps_sweep_torch`: ``ntps_sweep`` (either variant) with ``device=``;
+- `ntps_sweep_torch`: ``ntps_sweep`` (either variant, the plug-in estimator) with ``device=``;
 - `interval_sweep_torch`: the frame of ``ntps_interval_sweep(shards)`` (theory variant), with
   the bootstrap and jackknife replicate moments formed as one product (shares x stacked shards)
   per block of replicates and each block's eigenproblems solved as one batched call;
@@ -343,13 +343,31 @@ def theory_geometry_torch(
     return result
 
 
+def _pooled(moments: Moments | Sequence[Moments]) -> Moments:
+    """One `Moments`, or a list of per-shard `Moments` pooled (as ``ntps_sweep`` takes them)."""
+    if isinstance(moments, Moments):
+        return moments
+    shards = list(moments)
+    if not shards or not all(isinstance(s, Moments) for s in shards):
+        raise ValueError("moments must be one Moments or a non-empty list of per-shard Moments")
+    return Moments.combine(shards) if len(shards) > 1 else shards[0]
+
+
+def _check_plugin(estimator: str) -> None:
+    if estimator != "plugin":
+        raise ValueError(f"the torch backend computes the plug-in estimator only, got estimator={estimator!r}; "
+                         "use ntps_nb.core.score.ntps_sweep for the others")
+
+
 def theory_sweep_torch(
-    moments: Moments, *, centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+    moments: Moments | Sequence[Moments], *, centred: bool = False, tol: float | None = None,
+    rtol: float = RANGE_RTOL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
 ) -> pd.DataFrame:
-    """The frame of ``ntps_sweep(moments, variant="theory", ...)``, with the factorisations on ``device``:
-    NTPS, the excess loss and its bounds at every k = 1..r_V."""
-    return theory_geometry_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype).sweep()
+    """The frame of ``ntps_sweep(moments, variant="theory", ...)`` (plug-in), with the factorisations on
+    ``device``: NTPS, the excess loss and its bounds at every k = 1..r_V."""
+    geometry = theory_geometry_torch(_pooled(moments), centred=centred, tol=tol, rtol=rtol, device=device,
+                                     dtype=dtype)
+    return geometry.sweep().assign(estimator="plugin")
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,9 +418,10 @@ def reference_geometry_torch(
 
 
 def ntps_sweep_torch(
-    moments: Moments,
+    moments: Moments | Sequence[Moments],
     *,
     variant: Variant = "theory",
+    estimator: str = "plugin",
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
@@ -412,15 +431,18 @@ def ntps_sweep_torch(
     dtype: torch.dtype = torch.float64,
 ) -> pd.DataFrame:
     """`ntps_nb.core.score.ntps_sweep` with the factorisations on ``device``: the same arguments and
-    frame; ``dtype`` is the theory variant's precision (the reference variant takes ``precision``)."""
+    frame, for the plug-in estimator; ``dtype`` is the theory variant's precision (the reference
+    variant takes ``precision``)."""
+    _check_plugin(estimator)
     if variant == "theory":
         return theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     if variant == "reference":
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
-        geometry = reference_geometry_torch(moments, precision=precision,
+        geometry = reference_geometry_torch(_pooled(moments), precision=precision,
                                             tol=REFERENCE_ABS_TOL if tol is None else tol, device=device)
-        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions))
+        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions)).assign(
+            estimator="plugin")
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
 
 
