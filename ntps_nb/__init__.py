@@ -46,6 +46,7 @@ from ntps_nb.core.peers import (
 )
 from ntps_nb.core.probes import chance_corrected_accuracy, heldout_probe, probe_layers
 from ntps_nb.core.published import load_published, published_correlations
+from ntps_nb.core.threads import analysis_threads
 from ntps_nb.core.stats import (
     bootstrap_ci,
     correlate,
@@ -75,5 +76,5 @@ __all__ = [
     "peer_scores", "rankme", "chance_corrected_accuracy", "heldout_probe", "probe_layers",
     "load_published", "published_correlations", "bootstrap_ci", "correlate", "partial_correlation",
     "partial_correlation_ci", "permutation_pvalue", "stratified_concordance", "select_in_sample", "select_leave_one_dataset_out", "selection_null",
-    "winning_configs",
+    "winning_configs", "analysis_threads",
 ]

@@ -31,7 +31,7 @@ CHECKED_MODULES = [
     f"ntps_nb.core.{name}"
     for name in ("atomic", "diagnostics", "estimators", "gain", "moments", "peers", "probes", "published", "score",
                  "selection", "simulate", "stats",
-                 "subspaces", "theory", "validation")
+                 "subspaces", "theory", "threads", "validation")
 ]
 
 # int is accepted where float is hinted (PEP 484's numeric tower), as Python's own convention

@@ -17,6 +17,10 @@ FORBIDDEN_TOP = {"torch", "transformers", "peft", "accelerate", "datasets", "saf
 # The one name a core module forwards to a module above it, lazily and only when asked for it:
 # core/probes.py's module __getattr__ keeps the moved torch probe at its old import path.
 ALLOWED_FORWARDS = {("probes.py", "ntps_nb.torch_probe")}
+# The one core module allowed to import torch: the optional torch backend of the analysis, which
+# nothing else in the core imports (checked below), so importing the core still loads no torch.
+TORCH_BACKEND = Path("backends") / "torch.py"
+ALLOWED_TORCH = {(str(TORCH_BACKEND), "torch")}
 
 
 def imported_modules(path: Path) -> list[tuple[str, int]]:
@@ -33,7 +37,8 @@ def imported_modules(path: Path) -> list[tuple[str, int]]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module
-            if name == "ntps_nb":  # `from ntps_nb import extract` imports the module ntps_nb.extract
+            # `from ntps_nb import extract` imports the module ntps_nb.extract (and so for the backends)
+            if name in ("ntps_nb", "ntps_nb.core.backends"):
                 found += [(f"{name}.{alias.name}", node.lineno) for alias in node.names]
             else:
                 found.append((name, node.lineno))
@@ -43,39 +48,55 @@ def imported_modules(path: Path) -> list[tuple[str, int]]:
     return found
 
 
-def violations(path: Path) -> list[str]:
+def violations(path: Path, *, relative: str | None = None) -> list[str]:
+    """The forbidden imports of a core module; ``relative`` is its path under ntps_nb/core."""
+    relative = path.name if relative is None else relative
     bad = []
     for name, line in imported_modules(path):
         top = name.split(".")[0]
         upward = top == "ntps_nb" and name != "ntps_nb" and not name.startswith("ntps_nb.core")
-        if (top in FORBIDDEN_TOP or upward) and (path.name, name) not in ALLOWED_FORWARDS:
+        backend = name.startswith("ntps_nb.core.backends.torch")
+        allowed = (relative, name) in ALLOWED_FORWARDS or (relative, top) in ALLOWED_TORCH
+        if (top in FORBIDDEN_TOP or upward or backend) and not allowed:
             bad.append(f"{path.name}:{line} imports {name}")
     return bad
 
 
-CORE_FILES = sorted(CORE.glob("*.py"))
+CORE_FILES = sorted(CORE.rglob("*.py"))
 
 
 def test_the_core_folder_is_found():
     assert len(CORE_FILES) >= 10 and (CORE / "moments.py") in CORE_FILES
 
 
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(CORE)))
 def test_no_core_module_imports_torch_or_the_package_above(path):
-    assert violations(path) == []
+    assert violations(path, relative=str(path.relative_to(CORE))) == []
+
+
+def test_only_the_torch_backend_may_import_torch():
+    backend = CORE / TORCH_BACKEND
+    assert backend in CORE_FILES
+    assert any(name == "torch" for name, _ in imported_modules(backend))
+    assert violations(backend, relative="score.py") == [f"torch.py:{line} imports torch" for name, line
+                                                         in imported_modules(backend) if name == "torch"]
 
 
 def test_the_check_sees_upward_and_torch_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import numpy\nfrom ntps_nb.core import score\nfrom .stats import correlate\n"
                       "def f():\n    import torch.nn\n    from ntps_nb.cache import atomic_path\n"
-                      "    from .. import extract\n    importlib.import_module('ntps_nb.models')\n")
+                      "    from .. import extract\n    from .backends import torch\n"
+                      "    importlib.import_module('ntps_nb.models')\n")
     assert violations(sample) == ["sample.py:5 imports torch.nn", "sample.py:6 imports ntps_nb.cache",
-                                  "sample.py:7 imports ntps_nb.extract", "sample.py:8 imports ntps_nb.models"]
+                                  "sample.py:7 imports ntps_nb.extract", "sample.py:8 imports ntps_nb.core.backends.torch",
+                                  "sample.py:9 imports ntps_nb.models"]
 
 
 def test_importing_the_whole_core_loads_no_torch_and_nothing_above_it():
-    modules = ", ".join(f"ntps_nb.core.{p.stem}" for p in CORE_FILES if p.stem != "__init__")
+    # every core module but the torch backend itself, the backends package included
+    modules = ", ".join("ntps_nb.core." + ".".join(p.relative_to(CORE).with_suffix("").parts).removesuffix(".__init__")
+                        for p in CORE_FILES if p != CORE / "__init__.py" and p != CORE / TORCH_BACKEND)
     code = (f"import sys, importlib\nfor m in '{modules}'.split(', '): importlib.import_module(m)\n"
             "print('\\n'.join(sorted(sys.modules)))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

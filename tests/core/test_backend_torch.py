@@ -1,0 +1,267 @@
+"""The torch backend (on the CPU here) against the numpy core: same numbers to 1e-9 in float64,
+and batched replicates equal to one-at-a-time replicates."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ntps_nb import Moments, generalized_eigh, ntps_sweep, split_into_shards, synthetic_linear_task  # noqa: E402
+from ntps_nb.core.backends.torch import (  # noqa: E402
+    _projected,
+    generalized_eigh_torch,
+    interval_replicates_torch,
+    interval_sweep_torch,
+    ntps_sweep_torch,
+    reference_geometry_torch,
+    theory_geometry_torch,
+    theory_sweep_torch,
+)
+from ntps_nb.core.intervals import ShardStack, _Curve, _evaluate, bootstrap_counts, ntps_interval_sweep  # noqa: E402
+from ntps_nb.core.score import theory_geometry  # noqa: E402
+from ntps_nb.core.subspaces import nested_orthonormal_basis  # noqa: E402
+
+#: Agreement with numpy, relative to the largest magnitude of the quantity compared (float64).
+AGREEMENT = 1e-9
+#: Batched against one-at-a-time replicates: only the summation order of the combining product differs.
+BATCH_AGREEMENT = 1e-12
+#: Agreement of the float32 reference variant: float32 eigenvectors, NTPS values of order 1.
+FLOAT32_AGREEMENT = 1e-3
+SEEDS = (0, 1, 2)
+
+
+def spd(rng, d, rank=None):
+    A = rng.standard_normal((d, rank or d))
+    return A @ A.T / d + (1e-2 * np.eye(d) if rank is None else 0.0)
+
+
+def moments(rng, d, n_classes=5, rank_Sxx=None, rank_C0=None, x_mean=False):
+    """Random valid moments; Sxx and C0 of the given rank (full by default), Sxy inside the range of Sxx."""
+    Sxx = spd(rng, d, rank_Sxx)
+    # labels carry signal only inside the range of Sxx, as for moments of data
+    Sxy = Sxx @ rng.standard_normal((d, n_classes)) / d
+    freqs = rng.dirichlet(np.ones(n_classes))
+    return Moments(Sxx=Sxx, Sxy=Sxy, Syy=np.diag(freqs), C0=spd(rng, d, rank_C0), C1=rng.standard_normal((d, d)),
+                   n_texts=100, n_tokens=1000, x_mean=rng.standard_normal(d) * 0.1 if x_mean else None)
+
+
+def assert_frames_agree(got: pd.DataFrame, want: pd.DataFrame, tol: float = AGREEMENT):
+    assert list(got.columns) == list(want.columns) and got.shape == want.shape
+    for column in want.columns:
+        a, b = got[column].to_numpy(), want[column].to_numpy()
+        if want[column].dtype.kind in "fiu" and got[column].dtype.kind in "fiu":
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            assert np.array_equal(np.isnan(a), np.isnan(b)), column
+            finite = ~np.isnan(b)
+            scale = max(1.0, float(np.abs(b[finite]).max(initial=0.0)))
+            assert np.abs(a[finite] - b[finite]).max(initial=0.0) <= tol * scale, column
+        else:
+            assert list(a) == list(b), column
+
+
+CASES = {
+    "full rank, d=16": dict(d=16),
+    "full rank, d=48": dict(d=48),
+    "Sxx rank-deficient (r_V > r_U)": dict(d=32, rank_Sxx=24),
+    "C0 rank-deficient (r_V < r_U)": dict(d=32, rank_C0=20),
+    "both rank-deficient": dict(d=40, rank_Sxx=30, rank_C0=33),
+    "C >= r_U": dict(d=16, rank_Sxx=4, n_classes=6),
+}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_theory_sweep_equals_numpy(case, seed):
+    m = moments(np.random.default_rng(seed), **case)
+    want = ntps_sweep(m, variant="theory")
+    got = theory_sweep_torch(m, device="cpu")
+    assert_frames_agree(got, want)
+    geometry, reference = theory_geometry_torch(m), theory_geometry(m)
+    assert (geometry.r_U, geometry.r_V, geometry.m) == (reference.r_U, reference.r_V, reference.m)
+    if "rank_Sxx" in case:
+        assert geometry.r_U == case["rank_Sxx"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_centred_theory_sweep_equals_numpy(seed):
+    m = moments(np.random.default_rng(seed), 24, x_mean=True)
+    assert_frames_agree(theory_sweep_torch(m, centred=True), ntps_sweep(m, centred=True))
+
+
+def test_undefined_geometry_raises_as_numpy_does():
+    rng = np.random.default_rng(0)
+    m = moments(rng, 12)
+    no_signal = m.with_labels(np.zeros_like(m.Sxy), m.Syy)
+    with pytest.raises(ValueError, match="Sxy is zero"):
+        theory_sweep_torch(no_signal)
+    one_class = m.with_labels(m.Sxy, np.diag([1.0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="1 class"):
+        theory_sweep_torch(one_class)
+    with pytest.raises(ValueError, match="device"):
+        theory_sweep_torch(m, device="no-such-device")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reference_sweep_equals_numpy_where_it_is_well_posed(seed):
+    # C >= d: Sxy Sxy^T has full rank, so U has no arbitrary null-space columns
+    m = moments(np.random.default_rng(seed), 12, n_classes=16)
+    assert_frames_agree(ntps_sweep_torch(m, variant="reference", precision="float64"),
+                        ntps_sweep(m, variant="reference", precision="float64"))
+    assert_frames_agree(ntps_sweep_torch(m, variant="reference"), ntps_sweep(m, variant="reference"),
+                        tol=FLOAT32_AGREEMENT)
+    geometry = reference_geometry_torch(m)
+    assert geometry.U.dtype == np.float32 and geometry.precision == "float32"
+
+
+def test_ill_posed_reference_sweep_has_the_numpy_ranks_and_counts():
+    m = moments(np.random.default_rng(6), 24, rank_Sxx=20)  # C = 5 < r_U = 20: U's first columns are arbitrary
+    got, want = ntps_sweep_torch(m, variant="reference"), ntps_sweep(m, variant="reference")
+    for column in ("fraction", "k_U", "k_V", "r_U", "r_V", "precision"):
+        assert list(got[column]) == list(want[column])
+    assert got["ntps"].between(0, 1 + FLOAT32_AGREEMENT).all()
+
+
+def test_sweep_dispatch_and_its_errors():
+    m = moments(np.random.default_rng(7), 16, n_classes=20)  # well-posed reference variant (C >= d)
+    assert_frames_agree(ntps_sweep_torch(m), ntps_sweep(m))
+    fractions = np.array([0.25, 0.5])
+    assert_frames_agree(ntps_sweep_torch(m, variant="reference", fractions=fractions, precision="float64"),
+                        ntps_sweep(m, variant="reference", fractions=fractions, precision="float64"))
+    shards = [m, moments(np.random.default_rng(8), 16, n_classes=20)]
+    assert_frames_agree(ntps_sweep_torch(shards), ntps_sweep(shards))  # a shard list is pooled
+    with pytest.raises(ValueError, match="plug-in"):
+        ntps_sweep_torch(m, estimator="wishart")
+    with pytest.raises(ValueError, match="variant"):
+        ntps_sweep_torch(m, variant="other")
+    with pytest.raises(ValueError, match="uncentred"):
+        ntps_sweep_torch(m, variant="reference", centred=True)
+    with pytest.raises(ValueError, match="precision"):
+        ntps_sweep_torch(m, variant="reference", precision="float16")
+    with pytest.raises(ValueError, match="dtype"):
+        ntps_sweep_torch(m, dtype=torch.float16)
+
+
+def same_up_to_sign(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
+    signs = np.sign(np.sum(a * b, axis=0))
+    return np.abs(a * signs - b).max() <= tol * max(1.0, np.abs(b).max())
+
+
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_generalized_eigh_equals_numpy_and_batches(order, seed):
+    rng = np.random.default_rng(seed)
+    d = 20
+    Bs = np.stack([spd(rng, d), spd(rng, d, rank=15), spd(rng, d), spd(rng, d, rank=15)])
+    Fs = rng.standard_normal((4, d, d))  # full-rank A: distinct eigenvalues, eigenvectors defined up to sign
+    batched = generalized_eigh_torch(Bs, A_factor=Fs, order=order)
+    for i in range(4):
+        want = generalized_eigh(Bs[i], A_factor=Fs[i], order=order)
+        for got in (batched[i].to_numpy(), generalized_eigh_torch(Bs[i], A_factor=Fs[i], order=order).to_numpy(),
+                    generalized_eigh_torch(Bs[i], A=Fs[i] @ Fs[i].T, order=order).to_numpy()):
+            assert (got.rank_B, got.rank_A, got.order) == (want.rank_B, want.rank_A, want.order)
+            scale = np.abs(want.eigenvalues).max()
+            assert np.abs(got.eigenvalues - want.eigenvalues).max() <= AGREEMENT * scale
+            assert np.abs(got.range_eigenvalues - want.range_eigenvalues).max() <= AGREEMENT * scale
+            assert same_up_to_sign(got.vectors, want.vectors, 1e-7)
+            assert same_up_to_sign(got.whitened, want.whitened, 1e-7)
+            assert np.abs(got.vectors.T @ Bs[i] @ got.vectors - np.eye(got.rank_B)).max() <= AGREEMENT
+
+
+def test_generalized_eigh_rank_of_a_thin_factor_and_errors():
+    rng = np.random.default_rng(4)
+    B, F = spd(rng, 12), rng.standard_normal((12, 3))
+    got, want = generalized_eigh_torch(B, A_factor=F), generalized_eigh(B, A_factor=F)
+    assert got.rank_A == want.rank_A == 3
+    with pytest.raises(ValueError, match="no eigenvalue above"):
+        generalized_eigh_torch(np.zeros((4, 4)), A_factor=np.ones((4, 1)))
+    with pytest.raises(ValueError, match="exactly one"):
+        generalized_eigh_torch(B)
+    with pytest.raises(ValueError, match="order"):
+        generalized_eigh_torch(B, A_factor=F, order="up")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        generalized_eigh_torch(B, A_factor=F[:5])
+
+
+def test_rank_deficient_spans_take_the_numpy_nested_basis():
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((10, 8))
+    v[:, 3] = v[:, 0] - 2 * v[:, 1]  # adds no direction
+    v[:, 5] = 0.0
+    u = rng.standard_normal((10, 3))
+    got = _projected(torch.from_numpy(v)[None], torch.from_numpy(u)[None], 1e-9)[0]
+    basis, counts = nested_orthonormal_basis(v, rtol=1e-9)
+    table = np.cumsum((basis.T @ u) ** 2, axis=0)
+    assert list(counts) == [1, 2, 3, 3, 4, 4, 5, 6]
+    assert np.abs(got - np.clip(table[counts - 1], 0, 1)).max() <= AGREEMENT
+
+
+@pytest.fixture(scope="module")
+def task_shards():
+    return split_into_shards(synthetic_linear_task(n_texts=600, angle=np.pi / 4, seed=3), 12, seed=0)
+
+
+def random_shards(seed, d=20, n_shards=6, **kwargs):
+    rng = np.random.default_rng(seed)
+    return [moments(rng, d, **kwargs) for _ in range(n_shards)]
+
+
+@pytest.mark.parametrize("statistic", ["ntps", "excess_loss"])
+@pytest.mark.parametrize("method", ["basic", "bca"])
+def test_interval_sweep_equals_numpy(task_shards, statistic, method):
+    options = dict(statistic=statistic, n_boot=30, seed=7, method=method)
+    assert_frames_agree(interval_sweep_torch(task_shards, **options), ntps_interval_sweep(task_shards, **options))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_interval_sweep_equals_numpy_on_random_and_rank_deficient_shards(seed):
+    for shards in (random_shards(seed), random_shards(seed, d=24, rank_Sxx=18, rank_C0=20)):
+        assert_frames_agree(interval_sweep_torch(shards, n_boot=15, seed=seed),
+                            ntps_interval_sweep(shards, n_boot=15, seed=seed))
+
+
+def test_centred_interval_sweep_equals_numpy():
+    shards = random_shards(3, x_mean=True)
+    assert_frames_agree(interval_sweep_torch(shards, n_boot=10, centred=True),
+                        ntps_interval_sweep(shards, n_boot=10, centred=True))
+
+
+def test_batched_replicates_equal_one_at_a_time_and_numpy(task_shards):
+    counts = np.vstack([bootstrap_counts(len(task_shards), 25, 1), 1.0 - np.eye(len(task_shards))])
+    ks = np.arange(1, 40)
+    one, failed_one = interval_replicates_torch(task_shards, counts, ks, batch_size=1)
+    many, failed_many = interval_replicates_torch(task_shards, counts, ks, batch_size=16)
+    assert failed_one == failed_many == 0
+    assert np.array_equal(np.isnan(one), np.isnan(many)) and np.isnan(one).any()  # r_V < 39 somewhere
+    finite = np.isfinite(one)
+    assert np.abs(one[finite] - many[finite]).max() <= BATCH_AGREEMENT
+    stack = ShardStack(task_shards)
+    want, failed = _evaluate(_Curve("ntps", "theory", ks=ks), stack.combined(counts), counts.shape[0], ks.size)
+    assert failed == 0 and np.array_equal(np.isnan(want), np.isnan(one))
+    assert np.abs(one[finite] - want[finite]).max() <= AGREEMENT
+
+
+def test_undefined_replicates_are_nan_rows_and_counted_as_numpy_does():
+    rng = np.random.default_rng(8)
+    shards = [moments(rng, 10) for _ in range(4)]
+    # shard 0 alone holds only class 0: a replicate made of it alone has one class
+    shards[0] = shards[0].with_labels(shards[0].Sxy, np.diag([1.0, 0, 0, 0, 0]))
+    counts = np.array([[4, 0, 0, 0], [1, 1, 1, 1], [0, 2, 2, 0]], dtype=float)
+    ks = np.arange(1, 11)
+    got, failed = interval_replicates_torch(shards, counts, ks)
+    want, failed_numpy = _evaluate(_Curve("ntps", "theory", ks=ks), ShardStack(shards).combined(counts), 3, ks.size)
+    assert failed == failed_numpy == 1 and np.isnan(got[0]).all() and np.isfinite(got[1:]).all()
+    assert np.abs(got[1:] - want[1:]).max() <= AGREEMENT
+
+
+def test_interval_sweep_rejects_what_numpy_rejects(task_shards):
+    with pytest.raises(ValueError, match="n_boot"):
+        interval_sweep_torch(task_shards, n_boot=0)
+    with pytest.raises(ValueError, match="reference"):
+        interval_sweep_torch(task_shards, variant="reference")
+    with pytest.raises(ValueError, match="at least 2"):
+        interval_sweep_torch(task_shards[:1])
+    with pytest.raises(ValueError, match="x_mean"):
+        interval_sweep_torch(random_shards(0), centred=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        interval_sweep_torch(task_shards, n_boot=2, batch_size=0)
