@@ -39,10 +39,15 @@ ntps        ``ntps.csv``    k, peers, peer_layers             variant (theory, r
                             (+ extraction)                    fraction, k_U, m, r_U, r_V, ntps, excess_loss,
                                                               lower_bound, upper_bound, layer, k_V, precision
 probes      ``probes.csv``  probes, probe_layers, seed        layer, protocol, evaluated_on, classes_in_train,
-                            (+ extraction)                    n_eval, d, accuracy, kappa, chance,
+                            (+ extraction)                    n_eval, d, accuracy, kappa_chance, chance,
                                                               majority_rate, mse, mse_per_text,
                                                               lstsq_accuracy, logreg_C, ridge, solver,
-                                                              converged, n_iter
+                                                              converged, n_iter, and for the cross-validated
+                                                              probe (protocol heldout_cv, last layer):
+                                                              balanced_accuracy, cohen_kappa, train_accuracy,
+                                                              C_grid, cv_folds, cv_scoring, cv_score,
+                                                              class_weight (tables of stage version 1 call
+                                                              kappa_chance "kappa" and have no heldout_cv rows)
 peers       ``peers.csv``   peers, peer_layers                layer, logme, h_score, h_score_lw, knn_accuracy,
                             (+ extraction)                    rankme, knn_k, knn_mode
 intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant, k, fraction, k_U, m, r_V,

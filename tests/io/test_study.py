@@ -91,7 +91,15 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     ntps = tables["ntps"]
     assert set(ntps["variant"]) == {"theory", "reference", "pca_overlap"}
     assert ntps["ntps"].dropna().between(-1e-9, 1 + 1e-9).all()
-    assert set(tables["probes"]["protocol"]) == {"heldout", "paper_in_sample"}
+    probes = tables["probes"]
+    assert set(probes["protocol"]) == {"heldout", "paper_in_sample", "heldout_cv"}
+    assert "kappa" not in probes.columns  # the 1/C-corrected accuracy is kappa_chance
+    cv = probes[probes["protocol"] == "heldout_cv"]
+    # the cross-validated probe: one row per unit whose train split has 2 texts of every class
+    # present (the smoke splits are tiny), at the last probe layer
+    assert len(cv) >= 1 and (cv["layer"] == probes["layer"].max()).all() and not cv["dataset"].duplicated().any()
+    assert cv[["balanced_accuracy", "cohen_kappa", "kappa_chance", "logreg_C"]].notna().all().all()
+    assert [c for c in probes.columns if c not in study.stages.PROVENANCE] == list(study.stages.PROBES_COLUMNS)
 
     # a second run recomputes nothing
     second = study.run_study(cfg, cache=tmp_path / "other-cache", log=lambda _: None)
@@ -134,7 +142,11 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     summary = study.correlation_summary(study.load_results(wider), n_boot=50, n_perm=20)
     assert {"in_sample", "none"} <= set(summary["selection"])
     assert summary["estimate"].dropna().between(-1, 1).all()
+    # the cross-validated targets need 3 datasets with a heldout_cv row: tiny splits leave some out
+    with_cv = study.load_results(wider)["probes"].query("protocol == 'heldout_cv'")["dataset"].nunique()
+    assert ({"balanced_accuracy", "cohen_kappa"} <= set(summary["target"])) == (with_cv >= 3)
     assert "kappa_chance" in set(summary["target"])
+
 
 def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llama):
     cfg = _smoke(tmp_path)
@@ -712,23 +724,25 @@ def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
     cfg = study.load_config(STUDIES / "default.toml", results_dir=str(tmp_path))
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     store = study.StageStore(tmp_path / "stages")
-    assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == dict.fromkeys(
-        ["extraction", "ntps", "probes", "peers", "intervals", "diagnostics", "lora"], "valid")
-    # a new n_boot: everything but the intervals is still valid, LoRA included
+    # the probes stage is at version 2 (the cross-validated probe): the committed probes are stale
+    assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == {
+        **dict.fromkeys(["extraction", "ntps", "peers", "intervals", "diagnostics", "lora"], "valid"),
+        "probes": "stale"}
+    # a new n_boot: everything but the intervals (and the probes) is still valid, LoRA included
     changed = dataclasses.replace(cfg, n_boot=100)
     adopted = study.adopt_unit_folder(changed, "smollm2-135m", "bbc-news", store, folder=folder)
-    assert adopted == ["extraction", "ntps", "probes", "peers", "diagnostics", "lora"]
+    assert adopted == ["extraction", "ntps", "peers", "diagnostics", "lora"]
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # read-only
     keys = study.stage_keys(changed, "smollm2-135m", "bbc-news")
     meta = json.loads((folder / "unit.json").read_text())
     provenance = {name: meta[name] for name in study.stages.PROVENANCE}
-    for stage, table in (("lora", "lora"), ("ntps", "ntps"), ("probes", "probes")):
+    for stage, table in (("lora", "lora"), ("ntps", "ntps")):
         entry = store.load(stage, keys[stage])
         assert "config_hash" not in entry.table.columns and entry.record["adopted_from"] == str(folder)
         text = study.stages._with_provenance(entry.table, provenance).to_csv(index=False,
                                                                               float_format=study.CSV_FLOAT_FORMAT)
         assert text == (folder / f"{table}.csv").read_text(), stage
-    assert not store.has("intervals", keys["intervals"])
+    assert not store.has("intervals", keys["intervals"]) and not store.has("probes", keys["probes"])
     # a random-initialised control has no LoRA to take over; a changed LoRA budget invalidates it
     control = folder.parent / "smollm2-135m-random__bbc-news"
     assert study.unit_folder_stages(cfg, "smollm2-135m:random", "bbc-news", control)["lora"] == "skipped"
@@ -751,6 +765,9 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
         written = [c for c in pd.read_csv(folder / f"{stage.table}.csv", nrows=1).columns
                    if c not in study.stages.PROVENANCE]
         listed = [c for c in stage.columns if not c.endswith("*")]
+        if stage.name == "probes" and "balanced_accuracy" not in written:  # committed by version 1 of the stage
+            written = ["kappa_chance" if c == "kappa" else c for c in written]
+            listed = listed[:listed.index("balanced_accuracy")]
         prefixes = [c[:-1] for c in stage.columns if c.endswith("*")]
         assert written[:len(listed)] == listed, stage.name
         assert all(any(c.startswith(p) for p in prefixes) for c in written[len(listed):]), stage.name
