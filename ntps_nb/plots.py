@@ -146,9 +146,9 @@ def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy"
 
 
 def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> Figure:
-    """rho with CI per score and selection for one target, one panel per model
-    (`ntps_nb.study.correlation_summary` rows)."""
-    _require(summary, ["model", "target", "score", "selection", "rho"], "correlation_summary")
+    """rho (``estimate``) with its interval (``lower``, ``upper``, where the row has one) per score
+    and selection for one target, one panel per model (`ntps_nb.study.correlation_summary` rows)."""
+    _require(summary, ["model", "target", "score", "selection", "estimate"], "correlation_summary")
     s = summary[summary["target"] == target].copy()
     if s.empty:
         raise ValueError(f"no rows with target {target!r}")
@@ -159,12 +159,12 @@ def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> F
         m = s[s["model"] == model].reset_index(drop=True)
         ypos = np.arange(len(m))
         colors = sns.color_palette(_PALETTE, 3)
-        col = [colors[0] if sel == "leave_one_dataset_out" else colors[1] if sel == "in_sample" else colors[2]
-               for sel in m["selection"]]
-        if {"ci_low", "ci_high"} <= set(m.columns):
-            err = np.vstack([m["rho"] - m["ci_low"], m["ci_high"] - m["rho"]]).clip(min=0)
-            ax.errorbar(m["rho"], ypos, xerr=np.nan_to_num(err), fmt="none", ecolor="grey", lw=1)
-        ax.scatter(m["rho"], ypos, c=col, zorder=3)
+        col = [colors[0] if sel.startswith("leave_one_dataset_out") else colors[1] if sel == "in_sample"
+               else colors[2] for sel in m["selection"]]
+        if {"lower", "upper"} <= set(m.columns):
+            err = np.vstack([m["estimate"] - m["lower"], m["upper"] - m["estimate"]]).clip(min=0)
+            ax.errorbar(m["estimate"], ypos, xerr=np.nan_to_num(err), fmt="none", ecolor="grey", lw=1)
+        ax.scatter(m["estimate"], ypos, c=col, zorder=3)
         ax.set_yticks(ypos, m["what"], fontsize=8)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set(xlim=(-1.05, 1.05), xlabel=f"Spearman rho with {target}", title=model)

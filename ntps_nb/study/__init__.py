@@ -39,10 +39,15 @@ ntps        ``ntps.csv``    k, peers, peer_layers             variant (theory, r
                             (+ extraction)                    fraction, k_U, m, r_U, r_V, ntps, excess_loss,
                                                               lower_bound, upper_bound, layer, k_V, precision
 probes      ``probes.csv``  probes, probe_layers, seed        layer, protocol, evaluated_on, classes_in_train,
-                            (+ extraction)                    n_eval, d, accuracy, kappa, chance,
+                            (+ extraction)                    n_eval, d, accuracy, kappa_chance, chance,
                                                               majority_rate, mse, mse_per_text,
                                                               lstsq_accuracy, logreg_C, ridge, solver,
-                                                              converged, n_iter
+                                                              converged, n_iter, and for the cross-validated
+                                                              probe (protocol heldout_cv, last layer):
+                                                              balanced_accuracy, cohen_kappa, train_accuracy,
+                                                              C_grid, cv_folds, cv_scoring, cv_score,
+                                                              class_weight (tables of stage version 1 call
+                                                              kappa_chance "kappa" and have no heldout_cv rows)
 peers       ``peers.csv``   peers, peer_layers                layer, logme, h_score, h_score_lw, knn_accuracy,
                             (+ extraction)                    rankme, knn_k, knn_mode
 intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant, k, fraction, k_U, m, r_V,
@@ -90,17 +95,18 @@ from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, 
                                   stage_store, unit_folder_stages, write_unit)
 from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, run_study, stage_status,
                                   study_status, unit_status)
-from ntps_nb.study.report import (TARGETS, correlation_summary, diagnostics_summary, fixed_ntps, lora_summary,
-                                  ntps_with_intervals, pretraining_contrast, probe_targets, structure_controls,
-                                  structure_markdown, summarise, summary_markdown)
+from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, correlation_summary, diagnostics_summary, fixed_ntps,
+                                  lora_summary, ntps_with_intervals, pretraining_contrast, probe_targets,
+                                  resolve_targets, structure_controls, structure_markdown, summarise, summary_markdown)
 from ntps_nb.study.cli import register_cli
 
 __all__ = [
-    "CSV_FLOAT_FORMAT", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS", "Stage", "StageStore",
+    "CSV_FLOAT_FORMAT", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS", "TARGET_ALIASES", "Stage",
+    "StageStore",
     "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder", "combine", "correlation_summary",
     "diagnostics_summary", "fixed_ntps", "load_config", "load_results", "load_units", "lora_summary",
     "ntps_with_intervals", "pretraining_contrast", "probe_targets", "register_cli", "resolve_layers",
-    "run_study", "run_unit", "stage_keys", "stage_states", "stage_status", "stage_store", "structure_controls",
+    "resolve_targets", "run_study", "run_unit", "stage_keys", "stage_states", "stage_status", "stage_store", "structure_controls",
     "structure_markdown", "study_status", "summarise", "summary_markdown", "unit_folder_stages", "unit_name",
     "unit_status", "write_unit",
 ]

@@ -7,7 +7,7 @@ import contextlib
 import pandas as pd
 
 from ntps_nb.study.config import CSV_FLOAT_FORMAT, load_config
-from ntps_nb.study.report import TARGETS
+from ntps_nb.study.report import TARGET_ALIASES, TARGETS, resolve_targets
 
 
 def _study():
@@ -69,17 +69,19 @@ def _cli_combine(args) -> int:
 def _cli_summary(args) -> int:
     cfg = load_config(args.config)
     tables = _study().load_units(cfg) if args.partial else _study().load_results(cfg)
-    summary = _study().summarise(tables, n_perm=args.n_perm, n_boot=args.n_boot, targets=args.targets)
+    targets = resolve_targets(args.targets)  # "kappa" is kappa_chance
+    summary = _study().summarise(tables, n_perm=args.n_perm, n_boot=args.n_boot, targets=targets)
     if args.partial:
         counts = tables["probes"].groupby("model")["dataset"].nunique()
         print(f"INTERIM: the complete units of {cfg.name!r} so far (datasets per model: {counts.to_dict()} of "
               f"{len(cfg.datasets)}); numbers will change as units land\n")
-    shown = summary[summary["target"].isin(args.targets)]
-    cols = ["model", "target", "score", "selection", "rho", "ci_low", "ci_high", "p_value", "config"]
-    controls = _study().structure_controls(tables, k=args.k, targets=[t for t in args.targets if t in TARGETS],
-                                  n_boot=args.n_boot)
+    shown = summary[summary["target"].isin(targets)]
+    cols = ["model", "target", "score", "selection", "estimate", "lower", "upper", "p_value", "p_side", "p_mc_se",
+            "config", "n_distinct_configs"]
+    controls = _study().structure_controls(tables, k=args.k, targets=[t for t in targets if t in TARGETS],
+                                           n_boot=args.n_boot, n_perm=args.n_perm)
     if args.markdown:
-        print(_study().summary_markdown(summary, targets=args.targets))
+        print(_study().summary_markdown(summary, targets=targets))
         if not controls.empty:
             print(f"\nBeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}):\n")
             print(_study().structure_markdown(controls))
@@ -90,7 +92,7 @@ def _cli_summary(args) -> int:
             print(shown[cols].to_string(index=False))
             if not controls.empty:
                 print(f"\nbeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}; "
-                      "rho is Kendall's tau over model pairs for across_models)")
+                      "the estimate is Kendall's tau over model pairs for across_models)")
                 print(controls.drop(columns=["k"]).to_string(index=False))
     if args.output:
         summary.to_csv(args.output, index=False, float_format=CSV_FLOAT_FORMAT)
@@ -123,9 +125,12 @@ def register_cli(subparsers) -> None:
     comb.set_defaults(func=_cli_combine)
     summ = sub.add_parser("summary", help="rho of NTPS vs probes per model, with baselines and controls")
     summ.add_argument("config")
-    summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa", "lora_gain"],
-                      choices=[*TARGETS, "lora_gain"], help="lora_gain: where the study ran LoRA")
-    summ.add_argument("--n-perm", type=int, default=200)
+    summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa_chance", "lora_gain"],
+                      choices=[*TARGETS, *TARGET_ALIASES, "lora_gain"],
+                      help="lora_gain: where the study ran LoRA; kappa: kappa_chance (the 1/C-corrected accuracy); "
+                           "balanced_accuracy, cohen_kappa: where the study has the cross-validated probe")
+    summ.add_argument("--n-perm", type=int, default=2000,
+                      help="permutations of every p-value (exact enumeration where n! is smaller)")
     summ.add_argument("--n-boot", type=int, default=1000)
     summ.add_argument("--output", default=None, help="also write the full summary as CSV")
     summ.add_argument("--markdown", action="store_true", help="print a Markdown table (README's Results form)")

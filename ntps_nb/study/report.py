@@ -12,22 +12,76 @@ import pandas as pd
 
 from ntps_nb.study.runner import load_results
 
-#: (target column of the probe table, the direction a good score correlates with it)
-TARGETS = {"accuracy": "positive", "kappa": "positive", "mse": "negative"}
+#: (target column of `probe_targets`, the direction a good score correlates with it). ``accuracy``,
+#: ``kappa_chance`` ((accuracy - 1/C) / (1 - 1/C), chance from the number of classes only) and
+#: ``mse`` come from the probes of the chosen protocol; ``balanced_accuracy`` and ``cohen_kappa``
+#: (chance from the class marginals) from the cross-validated probe (protocol "heldout_cv") where
+#: the study computed it.
+TARGETS = {"accuracy": "positive", "kappa_chance": "positive", "balanced_accuracy": "positive",
+           "cohen_kappa": "positive", "mse": "negative"}
+#: Names accepted for a target and what they mean now: "kappa" was the 1/C-corrected accuracy.
+TARGET_ALIASES = {"kappa": "kappa_chance"}
+#: The targets that come from the cross-validated probe (protocol "heldout_cv").
+CV_TARGETS = ("balanced_accuracy", "cohen_kappa")
+#: Permutations of the baselines' p-values (no selection: cheap, so more than ``n_perm``).
+BASELINE_N_PERM = 10_000
+#: The result columns of every correlation row (`ntps_nb.core.selection.RhoResult`).
+RESULT_COLUMNS = ("estimate", "lower", "upper", "se", "p_value", "p_side", "p_redone", "p_mc_se", "n_perm", "exact",
+                  "interval", "n_boot_valid", "held_out")
+
+
+def resolve_targets(targets: Sequence[str]) -> list[str]:
+    """``targets`` with the aliases of `TARGET_ALIASES` replaced ("kappa" -> "kappa_chance");
+    raises for a name that is neither a target, an alias nor "lora_gain"."""
+    out = []
+    for name in targets:
+        name = TARGET_ALIASES.get(name, name)
+        if name not in TARGETS and name != "lora_gain":
+            raise ValueError(f"target must be one of {[*TARGETS, *TARGET_ALIASES, 'lora_gain']}, got {name!r}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _with_kappa_chance(probes: pd.DataFrame) -> pd.DataFrame:
+    """Tables written before the rename call the 1/C-corrected accuracy "kappa"."""
+    if "kappa" in probes.columns:
+        if "kappa_chance" in probes.columns:
+            return probes.assign(kappa_chance=probes["kappa_chance"].fillna(probes["kappa"])).drop(columns="kappa")
+        return probes.rename(columns={"kappa": "kappa_chance"})
+    return probes
+
+
+def _at_layer(table: pd.DataFrame, layer: str | int) -> pd.DataFrame:
+    if layer == "last":
+        return table[table["layer"] == table.groupby("model")["layer"].transform("max")]
+    return table[table["layer"] == int(layer)]
 
 
 def probe_targets(probes: pd.DataFrame, *, protocol: str = "heldout", layer: str | int = "last") -> pd.DataFrame:
-    """One target row per (model, dataset): the probe at the model's last layer (or a given layer)."""
+    """One target row per (model, dataset): the probe at the model's last layer (or a given layer).
+
+    Columns model, dataset, n_classes, majority_rate, accuracy, kappa_chance, mse (of the
+    ``protocol`` probes; a table's old "kappa" column is read as kappa_chance), target_layer, and
+    balanced_accuracy and cohen_kappa of the cross-validated probe (protocol "heldout_cv") at the
+    same layer where the table holds it (NaN for a (model, dataset) without; absent when no row
+    has it). With ``protocol="heldout_cv"`` every target is the cross-validated probe's (mse NaN).
+    """
+    probes = _with_kappa_chance(probes)
     table = probes[probes["protocol"] == protocol]
     if table.empty:
-        raise ValueError(f"no probe rows of protocol {protocol!r}")
-    if layer == "last":
-        last = table.groupby("model")["layer"].transform("max")
-        table = table[table["layer"] == last]
-    else:
-        table = table[table["layer"] == int(layer)]
-    return table[["model", "dataset", "n_classes", "majority_rate", *TARGETS, "layer"]].rename(
-        columns={"layer": "target_layer"}).reset_index(drop=True)
+        raise ValueError(f"no probe rows of protocol {protocol!r}; protocols: {sorted(probes['protocol'].unique())}")
+    table = _at_layer(table, layer)
+    if "mse" not in table.columns:
+        table = table.assign(mse=np.nan)
+    keep = ["model", "dataset", "n_classes", "majority_rate", "accuracy", "kappa_chance", "mse", "layer"]
+    if protocol == "heldout_cv":
+        keep[-1:-1] = list(CV_TARGETS)
+    out = table[keep]
+    cv = probes[probes["protocol"] == "heldout_cv"]
+    if protocol != "heldout_cv" and not cv.empty and set(CV_TARGETS) <= set(cv.columns):
+        out = out.merge(cv[["model", "dataset", "layer", *CV_TARGETS]], on=["model", "dataset", "layer"], how="left")
+    return out.rename(columns={"layer": "target_layer"}).reset_index(drop=True)
 
 
 def _config_text(values) -> str:
@@ -39,96 +93,113 @@ def _config_text(values) -> str:
     return "/".join(out)
 
 
-def _ci(x, y, method: str, n_boot: int, seed: int) -> tuple[float, float]:
-    from ntps_nb.core.stats import DegenerateSampleWarning, bootstrap_ci
+def _result(result) -> dict[str, Any]:
+    """The `RESULT_COLUMNS` of a `ntps_nb.core.selection.RhoResult` (or its row)."""
+    row = result if isinstance(result, dict) else result.row()
+    return {name: row[name] for name in RESULT_COLUMNS}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DegenerateSampleWarning)  # resamples left out: the CI is still one
-        ci = bootstrap_ci(x, y, method=method, n_boot=n_boot, seed=seed)
-    return ci["low"], ci["high"]
+
+def _fold_configs(chosen: pd.DataFrame, cfg_cols: list[str]) -> tuple[str, str]:
+    """The most often chosen configuration (folds weighted 1 / number of tied configurations;
+    ties: the first in sorted order) and every fold's choice, "dataset: 29/2, 30/2 | ..."."""
+    text = chosen.assign(_config=chosen[cfg_cols].apply(_config_text, axis=1))
+    weight = text.groupby("_config", sort=False)["weight"].sum()
+    order = text.drop_duplicates("_config").sort_values(cfg_cols)["_config"]
+    weight = weight.reindex(order)
+    mode = str(weight.index[int(np.argmax(weight.to_numpy() >= weight.max() - 1e-12))])
+    folds = " | ".join(f"{dataset}: {', '.join(group['_config'])}" for dataset, group in text.groupby("dataset"))
+    return mode, folds
 
 
 def _selection_rows(frame: pd.DataFrame, base: dict, *, target: str, name: str, cfg_cols: list[str], direction: str,
                     method: str, n_boot: int, n_perm: int, seed: int) -> list[dict]:
-    """The rows of one score against one target: leave-one-dataset-out selection (needs 4
-    datasets) with its bootstrap CI and selection-redone permutation p-value, and the paper's
-    in-sample selection with the selection-aware p-value of `ntps_nb.core.stats.selection_null`.
-    ``frame`` has columns dataset, ``cfg_cols``, ``ntps`` and ``target``."""
-    from ntps_nb.core.stats import (DegenerateSampleWarning, leave_one_dataset_out_null, select_in_sample,
-                                    select_leave_one_dataset_out, selection_null)
+    """The rows of one score against one target (``frame``: columns dataset, ``cfg_cols``, ntps and
+    ``target``), every one with `RESULT_COLUMNS`:
+
+    - ``leave_one_dataset_out`` (needs 4 datasets): `ntps_nb.core.selection.lodo_rho`, each
+      held-out dataset scored by its rank among all datasets under the configuration(s) its fold
+      chose (ties between configurations averaged), a one-sided permutation p-value and a
+      bootstrap interval that both redo the selection; ``config`` the configuration chosen most
+      often, ``fold_configs`` every fold's, ``n_distinct_configs`` how many differ;
+    - ``leave_one_dataset_out_pooled_raw``: the earlier statistic, for comparison only: raw NTPS
+      values of the folds' different configurations ranked together (first tied configuration),
+      with the same permutation and bootstrap machinery;
+    - ``in_sample`` (the paper's): `ntps_nb.core.selection.in_sample_rho`, the best
+      configuration over all datasets with the selection-aware p-value and no interval.
+    """
+    from ntps_nb.core.selection import in_sample_rho, leave_one_dataset_out, lodo_rho
+    from ntps_nb.core.stats import DegenerateSampleWarning, select_in_sample
 
     rows = []
     n = frame["dataset"].nunique()
+    common = {**base, "target": target, "score": name, "n_configs": len(frame.drop_duplicates(cfg_cols))}
+    options = dict(score="ntps", target=target, configs=cfg_cols, method=method, direction=direction)
     with warnings.catch_warnings():
         # constant configurations or resamples: the rows carry NaN or fewer configurations instead
         warnings.simplefilter("ignore", DegenerateSampleWarning)
         if n >= 4:
-            lodo = select_leave_one_dataset_out(frame, score="ntps", target=target, configs=cfg_cols,
-                                                method=method, direction=direction)
-            chosen = lodo["chosen"]
-            low, high = (_ci(chosen["held_out_score"], chosen["target"], method, n_boot, seed)
-                         if np.isfinite(lodo["rho"]) else (np.nan, np.nan))
-            p = leave_one_dataset_out_null(frame, score="ntps", target=target, configs=cfg_cols, method=method,
-                                           direction=direction, n_perm=n_perm, seed=seed,
-                                           observed=lodo["rho"])["pvalue"]
-            configs = chosen[cfg_cols].apply(_config_text, axis=1)
-            rows.append({**base, "target": target, "score": name, "selection": "leave_one_dataset_out",
-                         "rho": lodo["rho"], "ci_low": low, "ci_high": high, "p_value": p,
-                         "p_kind": "permutation, selection redone", "config": ", ".join(configs.mode()[:1]),
-                         "n_distinct_configs": lodo["n_distinct_configs"],
-                         "n_configs": len(frame.drop_duplicates(cfg_cols))})
-        best = select_in_sample(frame, score="ntps", target=target, configs=cfg_cols, method=method,
-                                direction=direction)
-        null = selection_null(frame, score="ntps", target=target, configs=cfg_cols, method=method,
-                              direction=direction, n_perm=max(n_perm, 1000), seed=seed)
-        chosen_rows = frame.merge(pd.DataFrame([best["config"]]), on=cfg_cols).sort_values("dataset")
-        low, high = _ci(chosen_rows["ntps"], chosen_rows[target], method, n_boot, seed)
-    rows.append({**base, "target": target, "score": name, "selection": "in_sample", "rho": best["rho"],
-                 "ci_low": low, "ci_high": high, "p_value": null["pvalue"],
-                 "p_kind": "selection_null (max over configs)",
-                 "config": _config_text(best["config"].values()),
-                 "n_configs": best["n_configs"], "null_q95": null["null_q95"]})
+            for selection, held_out, ties in (("leave_one_dataset_out", "rank", "average"),
+                                              ("leave_one_dataset_out_pooled_raw", "pooled_raw", "first")):
+                chosen = leave_one_dataset_out(frame, held_out=held_out, ties=ties, **options)
+                result = lodo_rho(frame, held_out=held_out, ties=ties, n_perm=n_perm, n_boot=n_boot, seed=seed,
+                                  **options)
+                config, folds = _fold_configs(chosen.chosen, cfg_cols)
+                rows.append({**common, "selection": selection, **_result(result), "config": config,
+                             "fold_configs": folds, "n_distinct_configs": chosen.n_distinct_configs})
+        result = in_sample_rho(frame, n_perm=n_perm, seed=seed, **options)
+        best = select_in_sample(frame, **options)
+    rows.append({**common, "selection": "in_sample", **_result(result), "config": _config_text(best["config"].values()),
+                 "fold_configs": "", "n_distinct_configs": 1})
     return rows
 
 
 def _baseline_rows(baselines: dict[str, Any], y: np.ndarray, base: dict, *, target: str, method: str, n_boot: int,
-                   seed: int) -> list[dict]:
-    """rho of each dataset-level baseline (no selection) with the target, CI and permutation p."""
+                   seed: int, notes: dict[str, str] | None = None) -> list[dict]:
+    """rho of each dataset-level baseline (no selection) with the target: bootstrap interval and a
+    two-sided permutation p (`_rho_ci_p`); ``notes`` says what a baseline's rho does not remove."""
     rows = []
     for name, values in baselines.items():
         rows.append({**base, "target": target, "score": name, "selection": "none",
-                     **_rho_ci_p(np.asarray(values, dtype=float), y, method, n_boot, 10_000, seed),
-                     "p_kind": "permutation", "config": "last layer" if name.startswith("peer:") else "dataset only"})
+                     **_rho_ci_p(np.asarray(values, dtype=float), y, method, n_boot, BASELINE_N_PERM, seed),
+                     "config": "last layer" if name.startswith("peer:") else "dataset only",
+                     **({"note": notes[name]} if notes and name in notes else {})})
     return rows
 
 
 def correlation_summary(
     tables: dict[str, pd.DataFrame], *, method: str = "spearman", protocol: str = "heldout",
-    n_boot: int = 1000, n_perm: int = 200, seed: int = 0, targets: Sequence[str] = (*TARGETS, "lora_gain"),
+    n_boot: int = 1000, n_perm: int = 2000, seed: int = 0, targets: Sequence[str] = (*TARGETS, "lora_gain"),
     variants: Sequence[str] = ("theory", "reference"),
 ) -> pd.DataFrame:
     """Per model and target: how NTPS ranks the datasets, under honest and in-sample selection,
     beside the dataset-only baselines and the random-initialised control.
 
-    One row per (model, target, score, selection):
+    One row per (model, target, score, selection), each with ``estimate`` (rho), ``lower``,
+    ``upper`` (95% interval, NaN where no interval respects the selection), ``se``, ``p_value``,
+    ``p_side`` (one-sided in the expected direction, or two-sided), ``p_redone`` (what every
+    permutation redid), ``p_mc_se`` (the p-value's Monte Carlo standard error, 0 when exact),
+    ``n_perm``, ``exact`` and ``interval`` (how the interval was made):
 
     - score ``ntps_theory`` / ``ntps_reference``, selection ``leave_one_dataset_out``: the
-      configuration (layer, k or fraction) chosen on the other datasets, rho of the held-out
-      scores with the targets, a bootstrap CI over datasets (given the chosen configurations) and
-      a permutation p-value that redoes the selection under shuffled targets;
+      configuration (layer, k or fraction) chosen on the other datasets and the held-out
+      dataset's rank under it (`_selection_rows`); ``config`` the configuration chosen most
+      often, ``fold_configs`` each fold's, ``n_distinct_configs``;
+    - same scores, selection ``leave_one_dataset_out_pooled_raw``: the earlier statistic (raw
+      held-out NTPS of different configurations pooled), for comparison only;
     - same scores, selection ``in_sample`` (the paper's): the best configuration over all
-      datasets, rho, and the selection-aware p-value of `ntps_nb.core.stats.selection_null`;
-    - scores ``-C`` and ``majority_rate`` (no selection): dataset-only baselines (SPEC section 10);
+      datasets with its selection-aware p-value and no interval;
+    - scores ``-C`` and ``majority_rate`` (no selection): dataset-only baselines (SPEC section 10),
+      two-sided;
     - peers at the last layer (no selection), when the peers table is present.
 
-    Target ``lora_gain`` (when the tables hold a ``lora`` table): the gain of LoRA over the
-    held-out probe against the theory NTPS *before* LoRA at the layer LoRA was scored at, k
-    selected as above with direction "negative" (the paper: lower NTPS, larger gain); baselines
-    -C, majority rate and the probe accuracy itself (headroom: a weak probe leaves more to gain).
+    Target ``lora_gain`` (when the tables hold a ``lora`` table): see `_gain_rows`.
 
-    Targets come from the ``protocol`` probes at each model's last layer. ``pretrained`` tells
+    Targets come from the ``protocol`` probes at each model's last layer (`probe_targets`; "kappa"
+    is read as "kappa_chance"); a target the tables do not have (balanced_accuracy and
+    cohen_kappa of a study without the cross-validated probe) is left out. ``pretrained`` tells
     pretrained models from their ``:random`` controls; `pretraining_contrast` pairs them.
     """
+    targets = resolve_targets(targets)
     target_rows = probe_targets(tables["probes"], protocol=protocol)
     ntps_table = tables["ntps"]
     rows = []
@@ -140,34 +211,54 @@ def correlation_summary(
         if n < 3:
             continue
         for target in (t for t in targets if t in TARGETS):
+            if target not in targets_m.columns or targets_m[target].notna().sum() < 3:
+                continue  # e.g. the cross-validated probe's targets in a study computed without it
+            targets_t = targets_m.dropna(subset=[target])
+            base_t = {**base, "n_datasets": int(targets_t["dataset"].nunique())}
             for variant in variants:
                 cfg_cols = ["layer", "k"] if variant == "theory" else ["layer", "fraction"]
                 scores = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
-                frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets_m[["dataset", target]], on="dataset")
+                frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets_t[["dataset", target]], on="dataset")
                 frame = frame.dropna(subset=["ntps"])
                 if frame["dataset"].nunique() < 3:  # scores of too few datasets (e.g. units still running)
                     continue
-                rows += _selection_rows(frame, base, target=target, name=f"ntps_{variant}", cfg_cols=cfg_cols,
+                rows += _selection_rows(frame, base_t, target=target, name=f"ntps_{variant}", cfg_cols=cfg_cols,
                                         direction=TARGETS[target], method=method, n_boot=n_boot, n_perm=n_perm,
                                         seed=seed)
-            baselines = {"-C": -targets_m["n_classes"].astype(float), "majority_rate": targets_m["majority_rate"]}
+            baselines = {"-C": -targets_t["n_classes"].astype(float), "majority_rate": targets_t["majority_rate"]}
             if "peers" in tables:
                 peers = tables["peers"]
                 peers = peers[peers["model"] == model]
                 peers = peers[peers["layer"] == peers["layer"].max()].set_index("dataset")
                 for peer in ("logme", "h_score", "h_score_lw", "knn_accuracy", "rankme"):
                     if peer in peers.columns:
-                        baselines[f"peer:{peer}"] = targets_m["dataset"].map(peers[peer])
-            rows += _baseline_rows(baselines, targets_m[target].to_numpy(dtype=float), base, target=target,
+                        baselines[f"peer:{peer}"] = targets_t["dataset"].map(peers[peer])
+            rows += _baseline_rows(baselines, targets_t[target].to_numpy(dtype=float), base_t, target=target,
                                    method=method, n_boot=n_boot, seed=seed)
         if "lora_gain" in targets and "lora" in tables:
             rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed)
     return pd.DataFrame(rows)
 
 
+#: What the naive probe-accuracy baseline of the LoRA gain does not remove (its row's ``note``).
+NAIVE_PROBE_NOTE = ("probe accuracy and gain (LoRA - probe accuracy) measured on the same test texts: the gain "
+                    "shares the probe's noise, so regression to the mean is NOT removed and rho is pushed negative "
+                    "by construction; the stored LoRA results keep no per-text predictions to cross-fit it")
+
+
 def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, method: str, n_boot: int, n_perm: int,
                seed: int) -> list[dict]:
-    """`correlation_summary`'s ``lora_gain`` rows of one model (none with fewer than 3 datasets)."""
+    """`correlation_summary`'s ``lora_gain`` rows of one model (none with fewer than 3 datasets).
+
+    NTPS *before* LoRA (theory, at the layer LoRA was scored at) against the gain of LoRA over
+    the held-out probe, k selected with direction "negative" (the paper: lower NTPS, larger
+    gain): `_selection_rows` (leave-one-dataset-out on held-out ranks, its pooled comparison and
+    the in-sample maximum). Baselines, two-sided: -C, the majority rate, and the probe accuracy
+    itself as ``probe_accuracy_naive_same_test_set``: the LoRA table keeps no per-text
+    predictions, so the probe accuracy and the gain come from the same test texts and its
+    ``note`` says that regression to the mean is not removed
+    (`ntps_nb.core.gain.crossfit_gain_correlation` needs those predictions).
+    """
     rows_m = lora[(lora["model"] == base["model"]) & (lora["variant"] == "theory")].dropna(subset=["ntps_before"])
     if rows_m["dataset"].nunique() < 3:
         return []
@@ -179,9 +270,10 @@ def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, metho
                           direction="negative", method=method, n_boot=n_boot, n_perm=n_perm, seed=seed)
     meta = targets_m.set_index("dataset").reindex(gains.index)
     baselines = {"-C": -meta["n_classes"].astype(float), "majority_rate": meta["majority_rate"],
-                 "probe_accuracy": gains["lora_probe_accuracy"]}
+                 "probe_accuracy_naive_same_test_set": gains["lora_probe_accuracy"]}
     return out + _baseline_rows(baselines, gains["lora_gain"].to_numpy(dtype=float), base, target="lora_gain",
-                                method=method, n_boot=n_boot, seed=seed)
+                                method=method, n_boot=n_boot, seed=seed,
+                                notes={"probe_accuracy_naive_same_test_set": NAIVE_PROBE_NOTE})
 
 
 def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "heldout") -> pd.DataFrame:
@@ -201,7 +293,7 @@ def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "he
         b = targets[targets["model"] == control].set_index("dataset")
         for dataset in a.index.intersection(b.index):
             row = {"model": model, "control": control, "dataset": dataset, "n_classes": int(a.loc[dataset, "n_classes"])}
-            for col in ("accuracy", "kappa", "mse", "ntps_theory_median"):
+            for col in ("accuracy", "kappa_chance", "mse", "ntps_theory_median"):
                 row[f"{col}_pretrained"] = a.loc[dataset, col]
                 row[f"{col}_random"] = b.loc[dataset, col]
                 row[f"{col}_diff"] = a.loc[dataset, col] - b.loc[dataset, col]
@@ -212,8 +304,8 @@ def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "he
 def fixed_ntps(tables: dict[str, pd.DataFrame], *, k: int = 8, variant: str = "theory") -> pd.DataFrame:
     """Theory NTPS of every (model, dataset) at one pre-specified configuration: each model's last
     layer and ``k`` (no selection, so no selection bias), beside the held-out probe targets of
-    that layer. Columns: model, pretrained, dataset, n_classes, majority_rate, accuracy, kappa,
-    mse, layer, k, ntps."""
+    that layer. Columns: model, pretrained, dataset, n_classes, majority_rate, accuracy, kappa_chance,
+    mse (and balanced_accuracy, cohen_kappa where the study has the cross-validated probe), layer, k, ntps."""
     scores = tables["ntps"]
     scores = scores[(scores["variant"] == variant) & (scores["k"] == k)]
     if scores.empty:
@@ -225,7 +317,7 @@ def fixed_ntps(tables: dict[str, pd.DataFrame], *, k: int = 8, variant: str = "t
 
 
 def structure_controls(
-    tables: dict[str, pd.DataFrame], *, k: int = 8, targets: Sequence[str] = ("accuracy", "kappa"),
+    tables: dict[str, pd.DataFrame], *, k: int = 8, targets: Sequence[str] = ("accuracy", "kappa_chance"),
     method: str = "spearman", n_boot: int = 1000, n_perm: int = 2000, seed: int = 0,
 ) -> pd.DataFrame:
     """What NTPS says beyond the datasets' own structure (SPEC section 10), at one pre-specified
@@ -233,27 +325,33 @@ def structure_controls(
 
     - ``pretrained_minus_random``: per pretrained model with a ``:random`` control, rho across
       datasets of NTPS(pretrained) - NTPS(random) with target(pretrained) - target(random): what
-      pretraining adds to the score against what it adds to the probe. CI by bootstrapping
-      datasets, two-sided permutation p;
+      pretraining adds to the score against what it adds to the probe. Interval by bootstrapping
+      datasets, two-sided permutation p (`ntps_nb.core.selection.fixed_rho`);
     - ``partial_given_C``: per model, the rank partial correlation of NTPS with the target
       controlling for the number of classes (`ntps_nb.core.stats.partial_correlation`), with a
       bootstrap CI (no p-value: a permutation null for a partial correlation needs a model of
       how C drives both);
     - ``across_models``: the other axis, same dataset and different models. For every dataset and
       every pair of models, is the model with the higher NTPS also the one with the better probe?
-      ``rho`` is then the share of concordant pairs minus the share of discordant ones (Kendall's
+      ``estimate`` is then the share of concordant pairs minus the share of discordant ones (Kendall's
       tau over pairs, ties count as neither; signed so that positive means "higher NTPS, better
       probe" for MSE too), ``n_pairs`` how many pairs, and ``p_value`` a two-sided permutation p
       that shuffles the target across models within each dataset.
       The model is ``"all"``; rows for pretrained models only (``"pretrained"``) come beside it.
+
+    Columns: analysis, model, target, k, n_datasets, n_pairs, estimate, lower, upper, se,
+    p_value, p_side, p_redone, p_mc_se. ``targets`` accepts "kappa" for "kappa_chance".
     """
+    from ntps_nb.core.selection import monte_carlo_se
     from ntps_nb.core.stats import partial_correlation_ci, stratified_concordance
 
     fixed = fixed_ntps(tables, k=k)
     rows = []
-    for target in targets:
+    for target in resolve_targets(targets):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
+        if target not in fixed.columns:
+            continue  # the cross-validated probe's targets in a study computed without it
         sign = 1.0 if TARGETS[target] == "positive" else -1.0
         for model in fixed.loc[fixed["pretrained"].astype(bool), "model"].unique():
             control = f"{model}:random"
@@ -271,10 +369,11 @@ def structure_controls(
             if len(part) < 4:  # one control needs 4 datasets (e.g. a study still running)
                 continue
             row = {"analysis": "partial_given_C", "model": model, "target": target, "k": k,
-                   "n_datasets": int(len(part)), "n_pairs": np.nan, "p_value": np.nan}
+                   "n_datasets": int(len(part)), "n_pairs": np.nan, "p_value": np.nan,
+                   "p_side": "none (no p-value)", "p_redone": "", "p_mc_se": np.nan}
             x, y, c = (part[col].to_numpy(float) for col in ("ntps", target, "n_classes"))
             ci = partial_correlation_ci(x, y, c, method=method, n_boot=n_boot, seed=seed)
-            rows.append({**row, "rho": ci["estimate"], "ci_low": ci["low"], "ci_high": ci["high"]})
+            rows.append({**row, "estimate": ci["estimate"], "lower": ci["low"], "upper": ci["high"], "se": np.nan})
         for who in ("all", "pretrained"):
             part = fixed if who == "all" else fixed[fixed["pretrained"].astype(bool)]
             agree = stratified_concordance(part["ntps"], sign * part[target].to_numpy(float), part["dataset"],
@@ -282,24 +381,31 @@ def structure_controls(
             if agree["n_pairs"] == 0:  # a single model (of that kind): no pairs to compare
                 continue
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
-                         "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "rho": agree["tau"],
-                         "ci_low": np.nan, "ci_high": np.nan, "p_value": agree["pvalue"]})
-    columns = ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "rho", "ci_low", "ci_high", "p_value"]
+                         "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "estimate": agree["tau"],
+                         "lower": np.nan, "upper": np.nan, "se": np.nan, "p_value": agree["pvalue"],
+                         "p_side": "two-sided", "p_redone": "target shuffled across models within each dataset",
+                         "p_mc_se": monte_carlo_se(agree["pvalue"], agree["n_perm"], False)})
+    columns = ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "estimate", "lower", "upper", "se",
+               "p_value", "p_side", "p_redone", "p_mc_se"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _rho_ci_p(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, n_perm: int, seed: int) -> dict[str, float]:
-    """rho, bootstrap CI and two-sided permutation p of one score with one target (all NaN when a
-    sample is constant, e.g. -C when every task is binary)."""
-    from ntps_nb.core.stats import correlate, permutation_pvalue
+def _rho_ci_p(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, n_perm: int, seed: int) -> dict[str, Any]:
+    """`ntps_nb.core.selection.fixed_rho` of one score with one target (no selection): estimate,
+    percentile bootstrap interval, se and a two-sided permutation p, with p_side, p_redone,
+    p_mc_se, n_perm, exact, interval; all NaN when a sample is constant (e.g. -C when every task
+    is binary)."""
+    from ntps_nb.core.selection import fixed_rho
+    from ntps_nb.core.stats import DegenerateSampleWarning
 
     try:
-        rho = correlate(x, y, method)
-        low, high = _ci(x, y, method, n_boot, seed)
-        p = permutation_pvalue(x, y, method=method, n_perm=n_perm, seed=seed)["pvalue"]
-    except ValueError:  # constant differences
-        rho, low, high, p = np.nan, np.nan, np.nan, np.nan
-    return {"rho": rho, "ci_low": low, "ci_high": high, "p_value": p}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateSampleWarning)  # resamples left out: still an interval
+            result = fixed_rho(x, y, method=method, direction=None, n_perm=n_perm, n_boot=n_boot, seed=seed)
+        return _result(result)
+    except ValueError as error:  # constant values
+        return {**dict.fromkeys(RESULT_COLUMNS, np.nan), "p_side": "two-sided", "p_redone": "none (no selection)",
+                "exact": False, "interval": f"none: {error}", "held_out": "none"}
 
 
 def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, variant: str = "theory",
@@ -359,18 +465,27 @@ def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
     return out.sort_values(["model", "dataset"]).reset_index(drop=True)
 
 
+#: How `summary_markdown` and `structure_markdown` abbreviate a p-value's side.
+_SIDE = {"one-sided greater": "one-sided >", "one-sided less": "one-sided <", "two-sided": "two-sided"}
+
+
 def summary_markdown(summary: pd.DataFrame, *, targets: Sequence[str] | None = None,
                      scores: Sequence[str] | None = None) -> str:
     """`correlation_summary` rows as a Markdown table (the form README's Results section quotes),
-    pretrained models first, then their random controls; rho, 95% CI and p to two decimals, and
-    the configuration (layer/k or layer/fraction; the most frequent one under leave-one-out).
+    pretrained models first, then their random controls. Its column "rho [95% interval] (p, side)"
+    reads e.g. "0.52 [0.05, 0.88] (p = 0.040 ± 0.004, one-sided >)": the estimate and interval to
+    two decimals ("-" for no interval: the in-sample maximum), the p-value with its Monte Carlo
+    standard error ("exact" when every permutation was enumerated; a column ``exact`` says so)
+    and side; then the
+    configuration (layer/k or layer/fraction; under leave-one-out the one chosen most often) and
+    the number of distinct configurations the folds chose.
 
-    ``targets`` / ``scores`` keep only those values (None: all)."""
-    _require_columns(summary, ["model", "pretrained", "n_datasets", "target", "score", "selection", "rho", "ci_low",
-                               "ci_high", "p_value"], "summary_markdown")
+    ``targets`` / ``scores`` keep only those values (None: all; "kappa" means "kappa_chance")."""
+    _require_columns(summary, ["model", "pretrained", "n_datasets", "target", "score", "selection", "estimate", "lower",
+                               "upper", "p_value", "p_side", "p_mc_se"], "summary_markdown")
     rows = summary
     if targets is not None:
-        rows = rows[rows["target"].isin(list(targets))]
+        rows = rows[rows["target"].isin([TARGET_ALIASES.get(t, t) for t in targets])]
     if scores is not None:
         rows = rows[rows["score"].isin(list(scores))]
     if rows.empty:
@@ -381,33 +496,60 @@ def summary_markdown(summary: pd.DataFrame, *, targets: Sequence[str] | None = N
 
     rows = rows.assign(selection=rows["selection"].astype(str).str.replace("_", " "))
     return _markdown(rows, {"model": "model", "n_datasets": "datasets", "target": "target", "score": "score",
-                            "selection": "selection", "rho": "rho", "ci": "95% CI", "p_value": "p",
-                            "config": "configuration"})
+                            "selection": "selection", "result": "rho [95% interval] (p, side)",
+                            "config": "configuration", "n_distinct_configs": "distinct configurations"})
 
 
 def structure_markdown(controls: pd.DataFrame) -> str:
-    """`structure_controls` rows as a Markdown table (rho is Kendall's tau over model pairs for the
-    ``across_models`` rows)."""
-    _require_columns(controls, ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "rho", "ci_low",
-                                "ci_high", "p_value"], "structure_markdown")
+    """`structure_controls` rows as a Markdown table (the estimate is Kendall's tau over model
+    pairs for the ``across_models`` rows), in `summary_markdown`'s form."""
+    _require_columns(controls, ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "estimate", "lower",
+                                "upper", "p_value", "p_side", "p_mc_se"], "structure_markdown")
     rows = controls.assign(analysis=controls["analysis"].str.replace("_", " "))
     return _markdown(rows, {"analysis": "analysis", "model": "model", "target": "target", "k": "k",
-                            "n_datasets": "datasets", "n_pairs": "model pairs", "rho": "rho / tau", "ci": "95% CI",
-                            "p_value": "p"})
+                            "n_datasets": "datasets", "n_pairs": "model pairs",
+                            "result": "rho / tau [95% interval] (p, side)"})
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    return "-" if value is None or not np.isfinite(float(value)) else f"{float(value):.{digits}f}"
+
+
+def _result_text(row: dict) -> str:
+    """"estimate [lower, upper] (p = p ± mc se, side)"; "-" for what is missing."""
+    text = _number(row["estimate"])
+    if text == "-":
+        return "-"
+    if np.isfinite(row["lower"]) and np.isfinite(row["upper"]):
+        text += f" [{row['lower']:.2f}, {row['upper']:.2f}]"
+    p = row["p_value"]
+    if p is not None and np.isfinite(p):
+        mc = row.get("p_mc_se", np.nan)
+        if row.get("exact") is True or row.get("exact") is np.True_:
+            error = " exact"
+        elif mc is not None and np.isfinite(mc):
+            error = f" ± {mc:.3f}" if mc >= 0.0005 else " ± < 0.001"
+        else:
+            error = ""
+        value = f"= {p:.3f}" if p >= 0.001 else "< 0.001"
+        side = _SIDE.get(row.get("p_side"), row.get("p_side"))
+        text += f" (p {value}{error}, {side})"
+    return text
 
 
 def _markdown(rows: pd.DataFrame, columns: dict[str, str]) -> str:
     """A Markdown table of ``columns`` (frame column -> header); floats to two decimals, missing
-    values as "-", ``ci`` built from ci_low/ci_high."""
+    values as "-", ``result`` built by `_result_text`."""
     def cell(row: dict, column: str) -> str:
-        if column == "ci":
-            low, high = row["ci_low"], row["ci_high"]
-            return "-" if not (np.isfinite(low) and np.isfinite(high)) else f"[{low:.2f}, {high:.2f}]"
+        if column == "result":
+            return _result_text(row)
         value = row.get(column, "")
-        if isinstance(value, (float, np.floating)):
+        if isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool):
             if not np.isfinite(value):
                 return "-"
-            return f"{int(value)}" if column in ("n_pairs", "k", "n_datasets") else f"{value:.2f}"
+            if column in ("n_pairs", "k", "n_datasets", "n_distinct_configs"):
+                return f"{int(value)}"
+            return f"{value:.2f}"
         return str(value)
 
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]

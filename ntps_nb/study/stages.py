@@ -64,9 +64,13 @@ class Stage:
 #: ``lora_*``: every result and budget field of `ntps_nb.lora`, prefixed.
 NTPS_COLUMNS = ("variant", "k", "fraction", "k_U", "m", "r_U", "r_V", "ntps", "excess_loss", "lower_bound",
                 "upper_bound", "layer", "k_V", "precision")
-PROBES_COLUMNS = ("layer", "protocol", "evaluated_on", "classes_in_train", "n_eval", "d", "accuracy", "kappa",
+#: Probes: the configured protocols on every probe layer, and (version 2 on) the cross-validated
+#: logistic probe (protocol "heldout_cv") on the last one; "kappa_chance" is (accuracy - 1/C) / (1 - 1/C)
+#: (tables of version 1 call it "kappa").
+PROBES_COLUMNS = ("layer", "protocol", "evaluated_on", "classes_in_train", "n_eval", "d", "accuracy", "kappa_chance",
                   "chance", "majority_rate", "mse", "mse_per_text", "lstsq_accuracy", "logreg_C", "ridge", "solver",
-                  "converged", "n_iter")
+                  "converged", "n_iter", "balanced_accuracy", "cohen_kappa", "train_accuracy", "C_grid", "cv_folds",
+                  "cv_scoring", "cv_score", "class_weight")
 PEERS_COLUMNS = ("layer", "logme", "h_score", "h_score_lw", "knn_accuracy", "rankme", "knn_k", "knn_mode")
 INTERVALS_COLUMNS = ("statistic", "variant", "k", "fraction", "k_U", "m", "r_V", "ntps", "lower", "upper",
                      "se_bootstrap", "se_jackknife", "bias_bootstrap", "n_valid", "n_shards", "n_texts", "n_boot",
@@ -82,7 +86,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("extraction", SAMPLE + READING + ("layers", "probes", "probe_layers", "peers", "peer_layers", "shards",
                                             "interval_layers", "diagnostics", "diagnostic_layers"), (), None, ()),
     Stage("ntps", ("k", "peers", "peer_layers"), ("extraction",), "ntps", NTPS_COLUMNS),
-    Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes", PROBES_COLUMNS),
+    # version 2: the cross-validated probe on the last layer, kappa renamed kappa_chance
+    Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes", PROBES_COLUMNS, version=2),
     Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers", PEERS_COLUMNS),
     Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k"), ("extraction",),
           "intervals", INTERVALS_COLUMNS),
@@ -398,9 +403,13 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
 
 
 def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    """The configured probe protocols on every probe layer and, with a test split, the
+    cross-validated logistic probe (`ntps_nb.core.probes.cv_logistic_probe`, protocol
+    "heldout_cv": C chosen on the train split only; balanced accuracy and Cohen's kappa beside
+    accuracy) on the last probe layer. The 1/C-corrected accuracy is the column kappa_chance."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from ntps_nb.core.probes import probe_layers
+    from ntps_nb.core.probes import cv_logistic_probe, probe_layers
 
     if not u.probe_grid:
         return None, {}
@@ -411,7 +420,17 @@ def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
         table = probe_layers(features, u.ex.labels, u.ex_test.labels if u.ex_test is not None else None,
                              n_classes=u.train.n_classes, protocol=list(u.cfg.probes), seed=u.cfg.seed)
-    return table, {}
+    table = table.rename(columns={"kappa": "kappa_chance"})
+    last = max(u.probe_grid)
+    if "heldout" not in u.cfg.probes or u.ex_test is None:
+        return table, {"heldout_cv": "not computed: no held-out probes"}
+    counts = np.bincount(np.asarray(u.ex.labels), minlength=u.train.n_classes)
+    if counts[counts > 0].min() < 2:  # cross-validation needs two train texts of every class present
+        return table, {"heldout_cv": f"skipped: a class has {int(counts[counts > 0].min())} train text"}
+    cv = cv_logistic_probe(u.ex.pooled[last], u.ex.labels, u.ex_test.pooled[last], u.ex_test.labels,
+                           n_classes=u.train.n_classes, seed=u.cfg.seed)
+    table = pd.concat([table, pd.DataFrame([{"layer": last, **cv.row}])], ignore_index=True)
+    return table, {"heldout_cv": f"layer {last}, C = {cv.row['logreg_C']:g}"}
 
 
 def _peers_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:

@@ -91,7 +91,15 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     ntps = tables["ntps"]
     assert set(ntps["variant"]) == {"theory", "reference", "pca_overlap"}
     assert ntps["ntps"].dropna().between(-1e-9, 1 + 1e-9).all()
-    assert set(tables["probes"]["protocol"]) == {"heldout", "paper_in_sample"}
+    probes = tables["probes"]
+    assert set(probes["protocol"]) == {"heldout", "paper_in_sample", "heldout_cv"}
+    assert "kappa" not in probes.columns  # the 1/C-corrected accuracy is kappa_chance
+    cv = probes[probes["protocol"] == "heldout_cv"]
+    # the cross-validated probe: one row per unit whose train split has 2 texts of every class
+    # present (the smoke splits are tiny), at the last probe layer
+    assert len(cv) >= 1 and (cv["layer"] == probes["layer"].max()).all() and not cv["dataset"].duplicated().any()
+    assert cv[["balanced_accuracy", "cohen_kappa", "kappa_chance", "logreg_C"]].notna().all().all()
+    assert [c for c in probes.columns if c not in study.stages.PROVENANCE] == list(study.stages.PROBES_COLUMNS)
 
     # a second run recomputes nothing
     second = study.run_study(cfg, cache=tmp_path / "other-cache", log=lambda _: None)
@@ -133,7 +141,11 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     # the analysis runs on the combined tables (3 datasets: in-sample rows and baselines only)
     summary = study.correlation_summary(study.load_results(wider), n_boot=50, n_perm=20)
     assert {"in_sample", "none"} <= set(summary["selection"])
-    assert summary["rho"].dropna().between(-1, 1).all()
+    assert summary["estimate"].dropna().between(-1, 1).all()
+    # the cross-validated targets need 3 datasets with a heldout_cv row: tiny splits leave some out
+    with_cv = study.load_results(wider)["probes"].query("protocol == 'heldout_cv'")["dataset"].nunique()
+    assert ({"balanced_accuracy", "cohen_kappa"} <= set(summary["target"])) == (with_cv >= 3)
+    assert "kappa_chance" in set(summary["target"])
 
 
 def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llama):
@@ -287,11 +299,20 @@ def test_summary_on_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "probes.csv").is_file():
         pytest.skip("data/results/fast is not committed")
-    summary = study.summarise(folder, n_boot=100, n_perm=20, targets=["accuracy"])
-    lodo = summary[(summary["score"] == "ntps_theory") & (summary["selection"] == "leave_one_dataset_out")
-                   & (summary["model"] == "smollm2-135m")]
-    assert len(lodo) == 1 and np.isfinite(lodo["rho"]).all()
+    summary = study.summarise(folder, n_boot=100, n_perm=30, targets=["accuracy", "kappa"])
+    assert set(summary["target"]) == {"accuracy", "kappa_chance"}  # old tables' "kappa" read as kappa_chance
+    theory = summary[(summary["score"] == "ntps_theory") & (summary["model"] == "smollm2-135m")
+                     & (summary["target"] == "accuracy")].set_index("selection")
+    assert set(theory.index) == {"leave_one_dataset_out", "leave_one_dataset_out_pooled_raw", "in_sample"}
+    assert np.isfinite(theory["estimate"]).all() and (theory["p_side"] == "one-sided greater").all()
+    assert theory.loc["leave_one_dataset_out", "held_out"] == "rank"
+    assert theory.loc["leave_one_dataset_out_pooled_raw", "held_out"] == "pooled_raw"
+    assert np.isnan(theory.loc["in_sample", ["lower", "upper", "se"]].astype(float)).all()
+    assert theory.loc["in_sample", "interval"].startswith("none")
+    # 4 datasets, 4! <= n_perm: every permutation enumerated, so the p-values are exact
+    assert (theory["exact"] & (theory["p_mc_se"] == 0) & (theory["n_perm"] == 24)).all()
     assert {"-C", "majority_rate"} <= set(summary["score"])
+    assert (summary.loc[summary["selection"] == "none", "p_side"] == "two-sided").all()
 
 
 def test_gain_rows_on_committed_fast_lora_results():
@@ -305,41 +326,54 @@ def test_gain_rows_on_committed_fast_lora_results():
     assert set(summary["target"]) == {"lora_gain"}
     rows = summary.set_index(["score", "selection"])
     assert {("ntps_theory_before", "leave_one_dataset_out"), ("ntps_theory_before", "in_sample"),
-            ("probe_accuracy", "none"), ("-C", "none")} <= set(rows.index)
+            ("ntps_theory_before", "leave_one_dataset_out_pooled_raw"),
+            ("probe_accuracy_naive_same_test_set", "none"), ("-C", "none")} <= set(rows.index)
+    assert "regression to the mean is NOT removed" in rows.loc[("probe_accuracy_naive_same_test_set", "none"), "note"]
+    assert (rows.xs("ntps_theory_before")["p_side"] == "one-sided less").all()
     # independent check with scipy: in-sample = the most negative rho over k of NTPS-before vs gain
     lora = tables["lora"]
     per_k = [spearmanr(g.sort_values("dataset")["ntps_before"], g.sort_values("dataset")["lora_gain"])[0]
              for _, g in lora.groupby("k")]
-    assert rows.loc[("ntps_theory_before", "in_sample"), "rho"] == pytest.approx(np.nanmin(per_k), abs=1e-12)
+    assert rows.loc[("ntps_theory_before", "in_sample"), "estimate"] == pytest.approx(np.nanmin(per_k), abs=1e-12)
     one = lora.drop_duplicates("dataset")
     expected = spearmanr(one["lora_probe_accuracy"], one["lora_gain"])[0]
-    assert rows.loc[("probe_accuracy", "none"), "rho"] == pytest.approx(expected, abs=1e-12)
+    assert rows.loc[("probe_accuracy_naive_same_test_set", "none"), "estimate"] == pytest.approx(expected, abs=1e-12)
     lodo = rows.loc[("ntps_theory_before", "leave_one_dataset_out")]
-    assert -1 <= lodo["rho"] <= 1 and 0 < lodo["p_value"] <= 1
+    assert -1 <= lodo["estimate"] <= 1 and 0 < lodo["p_value"] <= 1
 
 
 def test_summary_markdown_orders_models_and_marks_missing_values():
     import pandas as pd
 
-    base = {"n_datasets": 10, "selection": "leave_one_dataset_out", "config": "30/8"}
+    base = {"n_datasets": 10, "selection": "leave_one_dataset_out", "config": "30/8", "n_distinct_configs": 3,
+            "p_side": "one-sided greater", "p_mc_se": 0.004}
     summary = pd.DataFrame([
         {**base, "model": "m:random", "pretrained": False, "target": "accuracy", "score": "ntps_theory",
-         "rho": 0.123, "ci_low": -0.5, "ci_high": 0.7, "p_value": 0.4},
+         "estimate": 0.123, "lower": -0.5, "upper": 0.7, "p_value": 0.4},
         {**base, "model": "m", "pretrained": True, "target": "accuracy", "score": "ntps_theory",
-         "rho": 0.456, "ci_low": np.nan, "ci_high": np.nan, "p_value": 0.01},
-        {**base, "model": "m", "pretrained": True, "target": "kappa", "score": "-C", "selection": "none",
-         "rho": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan},
+         "estimate": 0.456, "lower": np.nan, "upper": np.nan, "p_value": 0.01, "p_mc_se": 0.0, "exact": True},
+        {**base, "model": "m", "pretrained": True, "target": "kappa_chance", "score": "-C", "selection": "none",
+         "estimate": np.nan, "lower": np.nan, "upper": np.nan, "p_value": np.nan, "n_distinct_configs": np.nan,
+         "config": "dataset only"},
     ])
     lines = study.summary_markdown(summary).splitlines()
-    assert lines[0].startswith("| model | datasets | target |") and len(lines) == 5
-    assert lines[2] == "| m | 10 | accuracy | ntps_theory | leave one dataset out | 0.46 | - | 0.01 | 30/8 |"
-    assert lines[3].startswith("| m | 10 | kappa | -C | none | - | - | - |")
-    assert lines[4].startswith("| m:random |") and "[-0.50, 0.70]" in lines[4]
-    assert len(study.summary_markdown(summary, targets=["kappa"]).splitlines()) == 3
+    assert lines[0] == ("| model | datasets | target | score | selection | rho [95% interval] (p, side) | configuration "
+                        "| distinct configurations |") and len(lines) == 5
+    assert lines[2] == ("| m | 10 | accuracy | ntps_theory | leave one dataset out | 0.46 (p = 0.010 exact, "
+                        "one-sided >) | 30/8 | 3 |")
+    assert lines[3] == "| m | 10 | kappa_chance | -C | none | - | dataset only | - |"
+    assert lines[4] == ("| m:random | 10 | accuracy | ntps_theory | leave one dataset out | 0.12 [-0.50, 0.70] "
+                        "(p = 0.400 ± 0.004, one-sided >) | 30/8 | 3 |")
+    assert len(study.summary_markdown(summary, targets=["kappa"]).splitlines()) == 3  # kappa: kappa_chance
+    # a small p-value; p = 1 with MC SE 0 is not exact unless every permutation was enumerated
+    small = summary.iloc[[0]].assign(p_value=1e-4, p_mc_se=1e-4, exact=False)
+    assert "(p < 0.001 ± < 0.001, one-sided >)" in study.summary_markdown(small)
+    one = summary.iloc[[0]].assign(p_value=1.0, p_mc_se=0.0, exact=False, p_side="two-sided")
+    assert "(p = 1.000 ± < 0.001, two-sided)" in study.summary_markdown(one)
     with pytest.raises(ValueError, match="no summary rows"):
         study.summary_markdown(summary, scores=["peer:logme"])
     with pytest.raises(ValueError, match="needs column"):
-        study.summary_markdown(summary.drop(columns=["p_value"]))
+        study.summary_markdown(summary.drop(columns=["p_side"]))
 
 
 def _synthetic_tables(seed=0, n_datasets=7):
@@ -381,8 +415,9 @@ def test_structure_controls_against_independent_formulas():
     dy = [held.loc[("m", d), "accuracy"] - held.loc[("m:random", d), "accuracy"] for d in datasets]
     row = out.query("analysis == 'pretrained_minus_random' and target == 'accuracy'")
     assert list(row["model"]) == ["m"]  # g has no control
-    assert row["rho"].iloc[0] == pytest.approx(spearmanr(dx, dy)[0], abs=1e-12)
-    assert 0 < row["p_value"].iloc[0] <= 1 and row["ci_low"].iloc[0] <= row["rho"].iloc[0] <= row["ci_high"].iloc[0]
+    assert row["estimate"].iloc[0] == pytest.approx(spearmanr(dx, dy)[0], abs=1e-12)
+    assert 0 < row["p_value"].iloc[0] <= 1 and row["lower"].iloc[0] <= row["estimate"].iloc[0] <= row["upper"].iloc[0]
+    assert row["p_side"].iloc[0] == "two-sided" and row["p_mc_se"].iloc[0] > 0
 
     # partial given C: the textbook first-order formula on Spearman correlations
     x = [score["g", d] for d in datasets]
@@ -391,7 +426,7 @@ def test_structure_controls_against_independent_formulas():
     r_xy, r_xc, r_yc = spearmanr(x, y)[0], spearmanr(x, c)[0], spearmanr(y, c)[0]
     textbook = (r_xy - r_xc * r_yc) / np.sqrt((1 - r_xc**2) * (1 - r_yc**2))
     row = out.query("analysis == 'partial_given_C' and target == 'accuracy' and model == 'g'")
-    assert row["rho"].iloc[0] == pytest.approx(textbook, abs=1e-10)
+    assert row["estimate"].iloc[0] == pytest.approx(textbook, abs=1e-10)
 
     # across models: count concordant and discordant pairs by brute force
     for target, sign in (("accuracy", 1), ("mse", -1)):
@@ -404,7 +439,7 @@ def test_structure_controls_against_independent_formulas():
                     agree += np.sign(score[a, d] - score[b, d]) * np.sign(held.loc[(a, d), target] - held.loc[(b, d), target])
             row = out.query("analysis == 'across_models' and target == @target and model == @who").iloc[0]
             assert row["n_pairs"] == pairs
-            assert row["rho"] == pytest.approx(sign * agree / pairs, abs=1e-12)
+            assert row["estimate"] == pytest.approx(sign * agree / pairs, abs=1e-12)
             assert 0 < row["p_value"] <= 1
 
 
@@ -418,6 +453,87 @@ def test_structure_controls_on_committed_fast_results():
     assert (out.query("analysis == 'across_models'")["n_pairs"] == 4).all()
     with pytest.raises(ValueError, match="no theory NTPS rows at k = 7"):
         study.fixed_ntps(study.load_results(folder), k=7)
+
+
+def _with_cv_probe(tables, seed=1):
+    """`_synthetic_tables` plus a cross-validated probe row (protocol heldout_cv) at each model's
+    last layer, written the new way (kappa_chance, balanced_accuracy, cohen_kappa)."""
+    rng = np.random.default_rng(seed)
+    probes = tables["probes"]
+    last = probes[probes["layer"] == probes.groupby("model")["layer"].transform("max")]
+    cv = last.assign(protocol="heldout_cv", accuracy=rng.uniform(0.4, 1.0, len(last)),
+                     balanced_accuracy=rng.uniform(0.3, 1.0, len(last)), cohen_kappa=rng.uniform(-0.1, 1.0, len(last)),
+                     mse=np.nan).drop(columns="kappa")
+    cv = cv.assign(kappa_chance=(cv["accuracy"] - 1 / cv["n_classes"]) / (1 - 1 / cv["n_classes"]))
+    return {**tables, "probes": pd.concat([probes, cv], ignore_index=True)}
+
+
+def _brute_force_lodo(frame, target, held_out):
+    """Leave-one-dataset-out by loops: per fold the configurations with the best Spearman on the
+    other datasets; the held-out dataset's rank among all datasets under each (held_out "rank")
+    or its raw score under the first (held_out "pooled_raw"), averaged over the tied ones."""
+    from scipy.stats import rankdata, spearmanr
+
+    datasets = sorted(frame["dataset"].unique())
+    scores = frame.pivot_table(index=["layer", "k"], columns="dataset", values="ntps")[datasets]
+    target_of = frame.drop_duplicates("dataset").set_index("dataset")[target][datasets]
+    held = []
+    for j, dataset in enumerate(datasets):
+        others = [d for d in datasets if d != dataset]
+        rhos = np.array([spearmanr(scores.loc[c, others], target_of[others])[0] for c in scores.index])
+        tied = np.flatnonzero(rhos >= np.nanmax(rhos) - 1e-12)
+        if held_out == "rank":
+            held.append(np.mean([rankdata(scores.iloc[c].to_numpy())[j] for c in tied]))
+        else:
+            held.append(scores.iloc[tied[0]].to_numpy()[j])
+    return spearmanr(held, target_of)[0]
+
+
+def test_summary_of_synthetic_tables_has_the_new_columns_the_pooled_row_and_cv_targets():
+    tables = _with_cv_probe(_synthetic_tables())
+    summary = study.correlation_summary(tables, targets=["accuracy", "kappa", "cohen_kappa", "balanced_accuracy"],
+                                        n_boot=20, n_perm=40, variants=("theory",))
+    for column in ("estimate", "lower", "upper", "se", "p_value", "p_side", "p_redone", "p_mc_se", "n_perm", "interval",
+                   "config", "fold_configs", "n_distinct_configs"):
+        assert column in summary.columns, column
+    assert set(summary["target"]) == {"accuracy", "kappa_chance", "cohen_kappa", "balanced_accuracy"}
+    targets = study.probe_targets(tables["probes"])
+    for model in ("m", "g"):
+        rows = summary[(summary["model"] == model) & (summary["score"] == "ntps_theory")]
+        for target in ("accuracy", "cohen_kappa"):
+            of = rows[rows["target"] == target].set_index("selection")
+            assert set(of.index) == {"leave_one_dataset_out", "leave_one_dataset_out_pooled_raw", "in_sample"}
+            frame = tables["ntps"].query("model == @model")[["dataset", "layer", "k", "ntps"]].merge(
+                targets.query("model == @model")[["dataset", target]], on="dataset")
+            for selection, held_out in (("leave_one_dataset_out", "rank"),
+                                        ("leave_one_dataset_out_pooled_raw", "pooled_raw")):
+                expected = _brute_force_lodo(frame, target, held_out)
+                assert of.loc[selection, "estimate"] == pytest.approx(expected, abs=1e-12), (model, target, selection)
+            lodo = of.loc["leave_one_dataset_out"]
+            assert lodo["p_redone"] == "leave-one-dataset-out selection redone" and lodo["n_perm"] == 40
+            assert lodo["p_mc_se"] == pytest.approx(np.sqrt(lodo["p_value"] * (1 - lodo["p_value"]) / 40))
+            assert lodo["lower"] <= lodo["upper"] and "selection redone" in lodo["interval"]
+            # every fold named with its choice; the distinct choices counted
+            folds = lodo["fold_configs"].split(" | ")
+            assert [f.split(":")[0] for f in folds] == sorted(frame["dataset"].unique())
+            chosen = {c for f in folds for c in f.split(": ")[1].split(", ")}
+            assert lodo["n_distinct_configs"] == len(chosen) and lodo["config"] in chosen
+            assert np.isnan(of.loc["in_sample", "lower"]) and of.loc["in_sample", "p_redone"].startswith("in-sample")
+    # the cross-validated targets come from the heldout_cv rows; kappa_chance from the old "kappa"
+    cv = tables["probes"].query("protocol == 'heldout_cv'").set_index(["model", "dataset"])
+    merged = targets.set_index(["model", "dataset"])
+    assert np.array_equal(merged["cohen_kappa"], cv.loc[merged.index, "cohen_kappa"])
+    held = tables["probes"].query("protocol == 'heldout'")
+    held = held[held["layer"] == held.groupby("model")["layer"].transform("max")].set_index(["model", "dataset"])
+    assert np.array_equal(merged["kappa_chance"], held.loc[merged.index, "kappa"])
+    baselines = summary[summary["selection"] == "none"]
+    assert (baselines["p_side"] == "two-sided").all() and (baselines["p_redone"] == "none (no selection)").all()
+    # a study without the cross-validated probe: its targets are left out, not invented
+    old = study.correlation_summary(_synthetic_tables(), targets=["accuracy", "cohen_kappa"], n_boot=0, n_perm=10,
+                                    variants=("theory",))
+    assert set(old["target"]) == {"accuracy"}
+    with pytest.raises(ValueError, match="target must be one of"):
+        study.correlation_summary(tables, targets=["f1"])
 
 
 def test_interval_and_diagnostic_views_of_committed_fast_results():
@@ -608,23 +724,25 @@ def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
     cfg = study.load_config(STUDIES / "default.toml", results_dir=str(tmp_path))
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     store = study.StageStore(tmp_path / "stages")
-    assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == dict.fromkeys(
-        ["extraction", "ntps", "probes", "peers", "intervals", "diagnostics", "lora"], "valid")
-    # a new n_boot: everything but the intervals is still valid, LoRA included
+    # the probes stage is at version 2 (the cross-validated probe): the committed probes are stale
+    assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == {
+        **dict.fromkeys(["extraction", "ntps", "peers", "intervals", "diagnostics", "lora"], "valid"),
+        "probes": "stale"}
+    # a new n_boot: everything but the intervals (and the probes) is still valid, LoRA included
     changed = dataclasses.replace(cfg, n_boot=100)
     adopted = study.adopt_unit_folder(changed, "smollm2-135m", "bbc-news", store, folder=folder)
-    assert adopted == ["extraction", "ntps", "probes", "peers", "diagnostics", "lora"]
+    assert adopted == ["extraction", "ntps", "peers", "diagnostics", "lora"]
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # read-only
     keys = study.stage_keys(changed, "smollm2-135m", "bbc-news")
     meta = json.loads((folder / "unit.json").read_text())
     provenance = {name: meta[name] for name in study.stages.PROVENANCE}
-    for stage, table in (("lora", "lora"), ("ntps", "ntps"), ("probes", "probes")):
+    for stage, table in (("lora", "lora"), ("ntps", "ntps")):
         entry = store.load(stage, keys[stage])
         assert "config_hash" not in entry.table.columns and entry.record["adopted_from"] == str(folder)
         text = study.stages._with_provenance(entry.table, provenance).to_csv(index=False,
                                                                               float_format=study.CSV_FLOAT_FORMAT)
         assert text == (folder / f"{table}.csv").read_text(), stage
-    assert not store.has("intervals", keys["intervals"])
+    assert not store.has("intervals", keys["intervals"]) and not store.has("probes", keys["probes"])
     # a random-initialised control has no LoRA to take over; a changed LoRA budget invalidates it
     control = folder.parent / "smollm2-135m-random__bbc-news"
     assert study.unit_folder_stages(cfg, "smollm2-135m:random", "bbc-news", control)["lora"] == "skipped"
@@ -647,6 +765,9 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
         written = [c for c in pd.read_csv(folder / f"{stage.table}.csv", nrows=1).columns
                    if c not in study.stages.PROVENANCE]
         listed = [c for c in stage.columns if not c.endswith("*")]
+        if stage.name == "probes" and "balanced_accuracy" not in written:  # committed by version 1 of the stage
+            written = ["kappa_chance" if c == "kappa" else c for c in written]
+            listed = listed[:listed.index("balanced_accuracy")]
         prefixes = [c[:-1] for c in stage.columns if c.endswith("*")]
         assert written[:len(listed)] == listed, stage.name
         assert all(any(c.startswith(p) for p in prefixes) for c in written[len(listed):]), stage.name
