@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ntps_nb import study
-from ntps_nb.datasets import from_pandas, read_dataset_file
+from ntps_nb.datasets import from_pandas, read_dataset_file, subsample
 
 #: Three classes of short texts, 14 each (made up here; no licence attached).
 SUBJECTS = {"billing": ["my invoice", "the refund", "a double charge", "the monthly fee", "my receipt", "the tax line",
@@ -150,3 +150,21 @@ def _with_models(tmp_path: Path, models: str) -> study.StudyConfig:
     path = tmp_path / "models.toml"
     path.write_text(f'[study]\nname = "m"\nmodels = {models}\ndatasets = ["trec6"]\n')
     return study.load_config(path)
+
+
+def test_the_notebook_recipes_take_a_file_and_count_its_cost(tmp_path, tiny_llama):
+    from ntps_nb import notebooks as nbs
+
+    path = tmp_path / "tickets.csv"
+    _frame().to_csv(path, index=False)
+    ds = read_dataset_file(path, "message", "team")
+    cost = nbs.estimate_cost(tiny_llama, ds, max_train=20, max_test=None, max_length=5, batch_size=8, n_timed=4)
+    sub = subsample(ds, max_train=20, max_test=None, seed=0)  # the texts the extraction will read
+    lengths = [len(tiny_llama[1](text)["input_ids"]) for split in ("train", "test") for text in sub[split]["text"]]
+    assert (cost["train texts"], cost["test texts"]) == (20, len(ds["test"]))
+    assert cost["tokens"] == sum(min(n, 5) for n in lengths)
+    assert cost["truncated texts"] == sum(n > 5 for n in lengths) > 0
+    assert cost["forward passes (batches)"] == 3 + -(-len(ds["test"]) // 8)
+    assert cost["timed texts"] == 4 and cost["estimated seconds"] > 0
+    run = nbs.extract_model_on_dataset("tiny-llama", ds, loaded=tiny_llama, max_train=20, max_test=10, max_length=16)
+    assert run.dataset == "tickets" and run.settings["max_train"] == 20 and run.n_classes == 3
