@@ -168,3 +168,23 @@ def test_the_notebook_recipes_take_a_file_and_count_its_cost(tmp_path, tiny_llam
     assert cost["timed texts"] == 4 and cost["estimated seconds"] > 0
     run = nbs.extract_model_on_dataset("tiny-llama", ds, loaded=tiny_llama, max_train=20, max_test=10, max_length=16)
     assert run.dataset == "tickets" and run.settings["max_train"] == 20 and run.n_classes == 3
+
+
+def test_tsv_and_parquet_read_as_the_csv(tmp_path):
+    frame = _frame()
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_csv(tmp_path / "t.tsv", index=False, sep="\t")
+    formats = ["t.csv", "t.tsv"]
+    try:
+        frame.to_parquet(tmp_path / "t.parquet")
+        formats.append("t.parquet")
+    except ImportError:  # no parquet engine installed
+        pass
+    reads = {name: read_dataset_file(tmp_path / name, "message", "team") for name in formats}
+    for name, ds in reads.items():
+        for split in ("train", "test"):
+            assert ds[split]["text"] == reads["t.csv"][split]["text"], name
+            assert ds[split]["label"] == reads["t.csv"][split]["label"], name
+    with pytest.raises(ValueError, match=r"unknown data file type '\.xlsx'"):
+        (tmp_path / "t.xlsx").write_bytes(b"")
+        read_dataset_file(tmp_path / "t.xlsx", "message", "team")
