@@ -268,15 +268,17 @@ def _model_reference(model: Any, path: Path) -> str:
     (relative ones resolved against the TOML file's folder) or a Hub id; anything else is refused."""
     if not isinstance(model, str) or not model.strip():
         raise StudySettingsError(f"{path}: a model must be a non-empty string, got {model!r}")
+    from ntps_nb.models import known_models
+
     suffix = ":random" if model.endswith(":random") else ""
     base = model[: len(model) - len(suffix)]
+    if base in known_models():  # first, as load_model looks it up
+        return model
     folder = Path(base).expanduser()
     folder = folder if folder.is_absolute() else path.parent / folder
     if folder.is_dir():
         return str(folder.resolve()) + suffix
-    from ntps_nb.models import known_models
-
-    if base in known_models() or HUB_ID.match(base):
+    if HUB_ID.match(base):
         return model
     raise StudySettingsError(
         f"{path}: model {model!r} is neither a known name ({', '.join(known_models())}, each also with ':random'), "
