@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ __all__ = [
     "dataset_info",
     "load_dataset",
     "from_pandas",
+    "read_dataset_file",
     "subsample",
     "normalise_text",
 ]
@@ -993,6 +995,7 @@ def from_pandas(
     test_size: float = 0.3,
     seed: int = 42,
     class_names: list[str] | None = None,
+    split_col: str | None = None,
 ) -> "hf.DatasetDict":
     """Bring-your-own data: a DataFrame of texts and labels -> train/test DatasetDict.
 
@@ -1004,6 +1007,9 @@ def from_pandas(
     seed : seed of the split.
     class_names : label order / names. With integer labels, label ``i`` is ``class_names[i]``;
         with string labels, every label must be one of them. None: sorted distinct labels.
+    split_col : a column whose values are "train" or "test": the split is the data's own (test
+        texts also in train are dropped from test) and ``test_size`` / ``seed`` are not used.
+        None: the stratified split of ``test_size`` with ``seed``.
 
     Returns
     -------
@@ -1012,9 +1018,10 @@ def from_pandas(
     Raises
     ------
     ValueError : missing columns, empty or non-string texts, NaN labels, fewer than 2 classes,
-        labels outside class_names, or test_size outside (0, 1).
+        labels outside class_names, test_size outside (0, 1), or split values other than
+        "train" / "test" (or a split without rows).
     """
-    for col in (text_col, label_col):
+    for col in (text_col, label_col) + ((split_col,) if split_col is not None else ()):
         if col not in df.columns:
             raise ValueError(f"column {col!r} not in the DataFrame (columns: {list(df.columns)})")
     if not 0 < test_size < 1:
@@ -1058,13 +1065,92 @@ def from_pandas(
     if len(present) < 2:
         raise ValueError(f"need at least 2 classes, found {len(present)}: {sorted(present)}")
     frames = {"all": pd.DataFrame({"text": text.tolist(), "label": names})}
+    if split_col is not None:
+        split = df[split_col].map(lambda v: v.strip() if isinstance(v, str) else v)
+        unknown = sorted({repr(v) for v in split if v not in ("train", "test")})
+        if unknown:
+            raise ValueError(f"split column {split_col!r} holds {unknown[:10]}; expected 'train' or 'test'")
+        for part in ("train", "test"):
+            if not (split == part).any():
+                raise ValueError(f"split column {split_col!r} has no {part!r} row")
+        frames = {part: frames["all"][(split == part).to_numpy()] for part in ("train", "test")}
     out, stats = _finalise(frames, classes, test_size, seed)
+    if split_col is not None:
+        stats["split_rule"] = f"the column {split_col!r}; test texts also in train dropped from test"
+    columns = {"text": text_col, "label": label_col, **({"split": split_col} if split_col is not None else {})}
     provenance = {
         "name": "from_pandas",
-        "source": {"dataframe": {"text": text_col, "label": label_col}},
+        "source": {"dataframe": columns},
         "classes": classes,
         "n_classes": len(classes),
         "build_version": BUILD_VERSION,
         **stats,
     }
     return _to_datasetdict(out, classes, provenance)
+
+
+#: File suffixes `read_dataset_file` reads, and how.
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+
+
+def read_dataset_file(
+    path: str | os.PathLike,
+    text_col: str = "text",
+    label_col: str = "label",
+    split_col: str | None = None,
+    test_size: float = 0.3,
+    seed: int = 42,
+    class_names: list[str] | None = None,
+) -> "hf.DatasetDict":
+    """Bring-your-own data from a file: a CSV, TSV or parquet table through `from_pandas`.
+
+    Parameters
+    ----------
+    path : ``.csv``, ``.tsv``, ``.parquet`` or ``.pq`` file, one row per example.
+    text_col, label_col, split_col, test_size, seed, class_names : as in `from_pandas`.
+
+    Returns
+    -------
+    DatasetDict like `from_pandas`'s; its provenance adds the file (``source.file``), its
+    sha256 (``source.sha256``) and size in bytes.
+
+    Raises
+    ------
+    FileNotFoundError : no such file.
+    ValueError : an unknown suffix, a file pandas cannot parse, or any error of `from_pandas`
+        (missing column, empty text, NaN label, one class, ...), prefixed by the file's path.
+
+    Notes
+    -----
+    Texts are read as they are written (a text "NA" stays "NA"; an empty cell is an empty text,
+    which `from_pandas` refuses); in the label column an empty cell is a missing label. The
+    bytes are read once: the sha256 is that of the table that was parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown data file type {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
+    raw = path.read_bytes()
+    try:
+        if suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(io.BytesIO(raw))
+        else:
+            # text as written; only an empty label cell is missing
+            df = pd.read_csv(io.BytesIO(raw), sep="\t" if suffix == ".tsv" else ",", keep_default_na=False,
+                             na_values={label_col: [""]},
+                             converters={c: str for c in (text_col, split_col) if c is not None})
+    except (ValueError, OSError, ImportError) as error:
+        raise ValueError(f"{path}: cannot read it as a {suffix[1:]} table ({type(error).__name__}: {error})") from error
+    try:
+        ds = from_pandas(df, text_col=text_col, label_col=label_col, test_size=test_size, seed=seed,
+                         class_names=class_names, split_col=split_col)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+    provenance = json.loads(ds["train"].info.description)
+    provenance["source"] = {"file": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
+                            **provenance["source"]}
+    for split in ds:
+        ds[split].info.description = json.dumps(provenance, sort_keys=True)
+    return ds

@@ -40,6 +40,7 @@ NOTEBOOKS = (
     "03_per_model_correlation",
     "04_lora_gain_prediction",
     "05_explorer",
+    "06_your_model_your_data",
 )
 
 #: Parameters that make each notebook run in seconds to a minute on 2 CPU cores: tiny random
@@ -55,6 +56,8 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     # headless: a live widget under papermill once left the kernel waiting on its output area
     "05_explorer": {"model": "tiny-llama", "fig1_dataset": "tweet-sentiment", "fig1_max_train": 60, "max_length": 32,
                     "interactive": False},
+    "06_your_model_your_data": {"model": "tiny-llama", "max_train": 40, "max_test": 30, "max_length": 32, "shards": 4,
+                                "n_boot": 20},
 }
 
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
@@ -341,12 +344,15 @@ class ModelOnDataset:
         return sorted(self.train.moments.keys())
 
 
-def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, max_test: int = 200,
+def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, max_test: int = 200,
                              max_length: int = 64, seed: int = 0, batch_size: int = 16,
                              drop_bos: bool = True, precision: str = "float32", loaded: tuple | None = None,
                              shards: int | None = None, interval_layers: Any = "grid:4") -> ModelOnDataset:
     """Load ``model`` and ``dataset`` (offline registries), extract every layer's moments and
     pooled features of the train split and the pooled features of the test split (cached).
+
+    ``dataset`` is a registry name or a train/test DatasetDict of your own
+    (`ntps_nb.datasets.read_dataset_file`, `ntps_nb.datasets.from_pandas`), named after its file.
 
     ``shards`` (e.g. 10): also keep per-shard moments of the train split at ``interval_layers``
     ("all", "grid:n" for n evenly spaced layers, or indices; see `ntps_nb.study.resolve_layers`),
@@ -360,12 +366,16 @@ def extract_model_on_dataset(model: str, dataset: str, *, max_train: int = 300, 
     texts, benchmarks/results), far inside the bootstrap intervals the notebooks draw. "float64"
     gives ~1e-9 at ~1.1x the time on one CPU core.
     """
-    from ntps_nb.datasets import load_dataset
+    from ntps_nb.datasets import load_dataset, subsample
     from ntps_nb.extract import extract_cached
     from ntps_nb.models import load_model
 
     net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed)
-    ds = load_dataset(dataset, max_train=max_train, max_test=max_test, seed=seed)
+    if isinstance(dataset, str):
+        ds = load_dataset(dataset, max_train=max_train, max_test=max_test, seed=seed)
+    else:
+        ds = subsample(dataset, max_train=max_train, max_test=max_test, seed=seed)
+        dataset = dataset_name(ds)
     settings = dict(max_length=max_length, drop_bos=drop_bos, batch_size=batch_size, pooled_layers="all",
                     precision=precision, pooled_dtype="float64" if precision == "float64" else "float32")
     sharding = {}
@@ -498,3 +508,49 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
                      "skill": 1.0 - mae / mae_mean if mae_mean > 0 else np.nan,
                      "rho_heldout": correlate(pred, y, "spearman"), "slope": float(linear["b"])})
     return pd.DataFrame(rows)
+
+
+def dataset_name(ds: Any) -> str:
+    """A DatasetDict's name from its provenance: the file it was read from (its stem), else the
+    provenance's name."""
+    provenance = json.loads(ds["train"].info.description or "{}")
+    file = (provenance.get("source") or {}).get("file")
+    return Path(file).stem if file else str(provenance.get("name", "data"))
+
+
+def estimate_cost(loaded: tuple, ds: Any, *, max_train: int | None, max_test: int | None, max_length: int,
+                  batch_size: int = 16, n_timed: int = 8, seed: int = 0) -> pd.Series:
+    """What extracting ``ds`` will cost, before it runs: texts, tokens after truncation, forward
+    passes (batches), a rough time from one timed extraction of ``n_timed`` train texts, and the
+    memory the extraction holds (every hidden state's moments and pooled features).
+
+    The sizes are those `extract_model_on_dataset` uses (``max_train`` / ``max_test`` texts,
+    stratified). The time scales the timed texts' seconds per token to all tokens: rough (the
+    first batch pays warm-up, longer texts cost more than linearly), but the right order. Floats
+    are rounded to three significant digits (an estimate, not a measurement to quote).
+    """
+    from ntps_nb.datasets import subsample
+    from ntps_nb.extract import extract
+
+    model, tokenizer, info = loaded
+    ds = subsample(ds, max_train=max_train, max_test=max_test, seed=seed)
+    texts = {split: list(ds[split]["text"]) for split in ("train", "test")}
+    full = {split: [len(ids) for ids in tokenizer(part)["input_ids"]] for split, part in texts.items()}
+    tokens = {split: [min(n, max_length) for n in lengths] for split, lengths in full.items()}
+    timed = ds["train"].select(range(min(n_timed, len(ds["train"]))))
+    start = time.perf_counter()
+    extract(model, tokenizer, timed, max_length=max_length, batch_size=batch_size, progress=False,
+            n_classes=ds["train"].features["label"].num_classes)
+    seconds = time.perf_counter() - start
+    per_token = seconds / max(sum(tokens["train"][:len(timed)]), 1)
+    n_tokens = sum(map(sum, tokens.values()))
+    # per hidden state: up to four float64 d x d moments (Sxx, C0, C1, Shh) and the float32 pooled features
+    d, n_texts = info.hidden_size, sum(map(len, texts.values()))
+    megabytes = info.n_hidden_states * d * (4 * 8 * d + 4 * n_texts) / 2**20
+    return pd.Series(dtype=object, data={
+        "train texts": len(texts["train"]), "test texts": len(texts["test"]), "tokens": n_tokens,
+        "truncated texts": sum(n > max_length for part in full.values() for n in part),
+        "forward passes (batches)": sum(-(-len(part) // batch_size) for part in texts.values()),
+        "timed texts": len(timed), "seconds per 1000 tokens": float(f"{1000 * per_token:.3g}"),
+        "estimated seconds": float(f"{per_token * n_tokens:.3g}"),
+        "memory of the moments and features (MB)": float(f"{megabytes:.3g}")})

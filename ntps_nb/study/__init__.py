@@ -11,6 +11,10 @@ A study is a small TOML file (``studies/*.toml``)::
     max_length = 64
     ...
 
+Your own data and models join the grid: ``[[datasets]]`` tables (name, path of a CSV, TSV or
+parquet file, text and label columns, an optional split column) and any Hugging Face id or
+local folder in ``models`` (`config`'s docstring). A file's sha256 enters its units' stage keys.
+
 One unit of work is (model, dataset, settings). A unit is computed in stages (`stages`): the
 extraction (moments, pooled features and shards of the train split, pooled features of the test
 split; `ntps_nb.extract`), then the stages that read it, each writing one tidy table into
@@ -87,7 +91,7 @@ The analysis (`summarise`) is pure pandas on the combined tables and calls `ntps
 for every statistic.
 """
 
-from ntps_nb.study.config import (CSV_FLOAT_FORMAT, RESULTS_ROOT, STUDY_VERSION, TABLES, StudyConfig,
+from ntps_nb.study.config import (CSV_FLOAT_FORMAT, RESULTS_ROOT, STUDY_VERSION, TABLES, DatasetFile, StudyConfig,
                                   StudySettingsError, load_config, resolve_layers, unit_name)
 from ntps_nb.study.stages import _extraction_settings  # noqa: F401  (benchmarks/check_device_agreement.py)
 from ntps_nb.study import stages  # noqa: F401
@@ -101,8 +105,8 @@ from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, correlation_summary, 
 from ntps_nb.study.cli import register_cli
 
 __all__ = [
-    "CSV_FLOAT_FORMAT", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS", "TARGET_ALIASES", "Stage",
-    "StageStore",
+    "CSV_FLOAT_FORMAT", "DatasetFile", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS",
+    "TARGET_ALIASES", "Stage", "StageStore",
     "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder", "combine", "correlation_summary",
     "diagnostics_summary", "fixed_ntps", "load_config", "load_results", "load_units", "lora_summary",
     "ntps_with_intervals", "pretraining_contrast", "probe_targets", "register_cli", "resolve_layers",

@@ -1,5 +1,29 @@
 """A study's settings: the TOML file (``[study]`` table) read into a frozen `StudyConfig`, the
-layer grids resolved against a model, and the small helpers every part of the study shares."""
+layer grids resolved against a model, and the small helpers every part of the study shares.
+
+Besides the registry's names, a study takes your own model and your own data::
+
+    [study]
+    name = "mine"
+    models = ["smollm2-135m", "HuggingFaceTB/SmolLM2-360M", "../checkpoints/my-model"]
+    datasets = ["trec6"]
+
+    [[datasets]]
+    name = "tickets"            # the dataset column of every table, and the unit's folder name
+    path = "data/tickets.csv"   # CSV, TSV or parquet; relative to this TOML file's folder
+    text = "message"            # the text column (default "text")
+    label = "team"              # the label column (default "label")
+    split = "part"              # optional: a column of "train" / "test"
+
+A model is a registry name (`ntps_nb.models.known_models`, optionally with ``:random``), a
+folder (relative to the TOML file's folder, or absolute) or a Hugging Face id ``owner/name``.
+A data file is read through `ntps_nb.datasets.read_dataset_file` (so through
+`ntps_nb.datasets.from_pandas` and its checks) when the config is loaded; without a ``split``
+column it is split stratified with seed 42 (as the registry's datasets without a test split),
+the test share being the study's ``max_test / (max_train + max_test)`` (0.3 when either is
+unbounded), then subsampled like any dataset. The file's sha256 enters every stage key of its
+units (`dataset_identity`): editing the file makes them stale.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +31,10 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -37,6 +62,23 @@ class StudySettingsError(ValueError):
 
 
 _ADDED_LATER = {"precision": "float32"}
+
+
+class DatasetFile(NamedTuple):
+    """A study's own dataset: a ``[[datasets]]`` table of the TOML, its file's sha256 when read."""
+
+    name: str
+    path: str  # absolute
+    text: str
+    label: str
+    split: str | None
+    sha256: str
+
+
+#: The keys of a ``[[datasets]]`` table (name and path required).
+DATASET_FILE_KEYS = ("name", "path", "text", "label", "split")
+#: A Hugging Face model id: ``owner/name``.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +125,15 @@ class StudyConfig:
     device: str = "cpu"  # where the models run ("cpu", "cuda", "cuda:1"); recorded per unit, not in the hash
     results_dir: str | None = None
     source: str | None = None  # the TOML file, for messages only
+    # the datasets of ``datasets`` that are files ([[datasets]] tables); part of the grid, and of
+    # their own units' stage keys (`dataset_identity`), not of the study-wide settings
+    dataset_files: tuple[DatasetFile, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes a unit's numbers (not the grid, not where results go)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
-                             "analysis_threads", "torch_threads", "device")}
+                             "analysis_threads", "torch_threads", "device", "dataset_files")}
         out["study_version"] = STUDY_VERSION
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit
@@ -113,6 +158,54 @@ class StudyConfig:
     def unit_folder(self, model: str, dataset: str) -> Path:
         return self.folder / "units" / unit_name(model, dataset)
 
+    def dataset_file(self, dataset: str) -> DatasetFile | None:
+        """The file behind ``dataset`` when it is one of the study's own, else None (a registry name)."""
+        return next((entry for entry in self.dataset_files if entry.name == dataset), None)
+
+    @property
+    def file_test_size(self) -> float:
+        """The test share of the seeded split of a data file without a split column."""
+        if self.max_train is None or self.max_test is None:
+            return 0.3
+        return self.max_test / (self.max_train + self.max_test)
+
+
+def dataset_identity(cfg: StudyConfig, dataset: str) -> Any:
+    """What a stage key holds for ``dataset``: a registry name as it is; a file as its name,
+    sha256 and columns (editing the file, or reading other columns, changes every key)."""
+    entry = cfg.dataset_file(dataset)
+    if entry is None:
+        return dataset
+    return {"name": entry.name, "sha256": entry.sha256, "text": entry.text, "label": entry.label,
+            "split": entry.split}
+
+
+def load_unit_dataset(cfg: StudyConfig, dataset: str) -> tuple[Any, dict[str, Any]]:
+    """The subsampled train/test splits of a unit's dataset and its provenance.
+
+    A registry name goes through `ntps_nb.datasets.load_dataset`; a file through
+    `ntps_nb.datasets.read_dataset_file`, refused when it changed since the config was read
+    (its stage keys hold the sha256 read then).
+    """
+    from ntps_nb.datasets import SPLIT_SEED, dataset_info, load_dataset, read_dataset_file, subsample
+
+    entry = cfg.dataset_file(dataset)
+    if entry is None:
+        ds = load_dataset(dataset, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+        try:
+            info = dataset_info(dataset)
+        except Exception as error:  # provenance only; never fail a unit for it
+            info = {"error": repr(error)}
+        return ds, info
+    ds = read_dataset_file(entry.path, entry.text, entry.label, entry.split, test_size=cfg.file_test_size,
+                           seed=SPLIT_SEED)
+    info = {**json.loads(ds["train"].info.description), "name": entry.name}
+    if info["source"]["sha256"] != entry.sha256:
+        raise StudySettingsError(
+            f"dataset {entry.name!r}: {entry.path} changed since {cfg.source or 'the config'} was read (sha256 "
+            f"{info['source']['sha256'][:12]}, read as {entry.sha256[:12]}); load the config again")
+    return subsample(ds, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed), info
+
 
 def unit_name(model: str, dataset: str) -> str:
     """Folder name of a unit: ``<model>__<dataset>`` with path-unsafe characters replaced."""
@@ -133,11 +226,16 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
         raw = tomllib.load(handle)
     if "study" not in raw:
         raise StudySettingsError(f"{path} has no [study] table (it has {sorted(raw)})")
+    extra = sorted(set(raw) - {"study", "datasets"})
+    if extra:
+        raise StudySettingsError(f"{path}: unknown table(s) {extra}; a study has [study] and [[datasets]]")
     table = {**raw["study"], **overrides}
-    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    known = {f.name for f in dataclasses.fields(StudyConfig)} - {"source", "dataset_files"}
     unknown = sorted(set(table) - known)
     if unknown:
-        raise StudySettingsError(f"{path}: unknown key(s) {unknown}; known: {sorted(known - {'source'})}")
+        raise StudySettingsError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    if "datasets" not in overrides:  # [[datasets]] tables join the [study] list (an override replaces both)
+        table["datasets"] = list(table.get("datasets", [])) + list(raw.get("datasets", []))
     for key in ("name", "models", "datasets"):
         if key not in table:
             raise StudySettingsError(f"{path}: [study] needs {key!r}")
@@ -153,7 +251,86 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     table = {key: _tuple(value) for key, value in table.items()}
     if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
         table["results_dir"] = str((path.parent / table["results_dir"]).resolve())
-    return StudyConfig(**table, source=str(path))
+    table["models"] = tuple(_model_reference(model, path) for model in table["models"])
+    specs = [_dataset_spec(entry, path) for entry in table["datasets"]]
+    names = [spec if isinstance(spec, str) else spec["name"] for spec in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise StudySettingsError(f"{path}: dataset name(s) {repeated} appear more than once")
+    table["datasets"] = tuple(names)
+    cfg = StudyConfig(**table, source=str(path))
+    files = tuple(_read_dataset_file(spec, cfg) for spec in specs if not isinstance(spec, str))
+    return dataclasses.replace(cfg, dataset_files=files)
+
+
+def _model_reference(model: Any, path: Path) -> str:
+    """A model of the config as `ntps_nb.models.load_model` takes it: a registry name, a folder
+    (relative ones resolved against the TOML file's folder) or a Hub id; anything else is refused."""
+    if not isinstance(model, str) or not model.strip():
+        raise StudySettingsError(f"{path}: a model must be a non-empty string, got {model!r}")
+    from ntps_nb.models import known_models
+
+    suffix = ":random" if model.endswith(":random") else ""
+    base = model[: len(model) - len(suffix)]
+    if base in known_models():  # first, as load_model looks it up
+        return model
+    folder = Path(base).expanduser()
+    folder = folder if folder.is_absolute() else path.parent / folder
+    if folder.is_dir():
+        return str(folder.resolve()) + suffix
+    if HUB_ID.match(base):
+        return model
+    raise StudySettingsError(
+        f"{path}: model {model!r} is neither a known name ({', '.join(known_models())}, each also with ':random'), "
+        f"nor a folder (looked for {folder}), nor a Hugging Face id 'owner/name'")
+
+
+def _dataset_spec(entry: Any, path: Path) -> str | dict[str, Any]:
+    """A registry name as it is, or a ``[[datasets]]`` table checked and with its path resolved."""
+    from ntps_nb.datasets import _lookup
+
+    if isinstance(entry, str):
+        try:
+            _lookup(entry)
+        except ValueError as error:
+            raise StudySettingsError(f"{path}: {error}; or give your own file as a [[datasets]] table with name, "
+                                     "path, text and label") from None
+        return entry
+    if not isinstance(entry, dict):
+        raise StudySettingsError(f"{path}: a dataset is a registry name or a table, got {entry!r}")
+    unknown = sorted(set(entry) - set(DATASET_FILE_KEYS))
+    missing = [key for key in ("name", "path") if key not in entry]
+    if unknown or missing:
+        raise StudySettingsError(f"{path}: [[datasets]] table {entry!r}: unknown key(s) {unknown}, missing {missing} "
+                                 f"(keys: {', '.join(DATASET_FILE_KEYS)}; name and path required)")
+    name = entry["name"]
+    try:
+        _lookup(name)
+    except ValueError:
+        pass
+    else:
+        raise StudySettingsError(f"{path}: dataset name {name!r} of {entry['path']} is a registry dataset's; "
+                                 "give your file another name")
+    for key in ("name", "path", "text", "label", "split"):
+        if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
+            raise StudySettingsError(f"{path}: [[datasets]] {key} must be a non-empty string, got {entry[key]!r}")
+    file = Path(entry["path"]).expanduser()
+    return {"text": "text", "label": "label", "split": None, **entry,
+            "path": str((file if file.is_absolute() else path.parent / file).resolve())}
+
+
+def _read_dataset_file(spec: dict[str, Any], cfg: StudyConfig) -> DatasetFile:
+    """Read a data file once (`ntps_nb.datasets.read_dataset_file`): its errors, with the
+    config's name and the dataset's, are the config's; its sha256 is kept."""
+    from ntps_nb.datasets import SPLIT_SEED, read_dataset_file
+
+    try:
+        ds = read_dataset_file(spec["path"], spec["text"], spec["label"], spec["split"],
+                               test_size=cfg.file_test_size, seed=SPLIT_SEED)
+    except (ValueError, FileNotFoundError) as error:
+        raise StudySettingsError(f"{cfg.source}: dataset {spec['name']!r}: {error}") from error
+    sha256 = json.loads(ds["train"].info.description)["source"]["sha256"]
+    return DatasetFile(spec["name"], spec["path"], spec["text"], spec["label"], spec["split"], sha256)
 
 
 def resolve_layers(spec: Any, available: Sequence[int], what: str = "layers") -> list[int]:

@@ -81,13 +81,17 @@ class UnitClaim:
 
 
 def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
-    """"complete" (same settings), "stale" (complete, other settings) or "missing"."""
+    """"complete" (same settings), "stale" (complete, other settings, or a data file whose
+    content changed since) or "missing"."""
     meta_path = cfg.unit_folder(model, dataset) / "unit.json"
     if not meta_path.is_file():
         return "missing"
     meta = json.loads(meta_path.read_text())
     if not meta.get("complete"):
         return "missing"
+    file = cfg.dataset_file(dataset)
+    if file is not None and (meta.get("dataset_file") or {}).get("sha256") != file.sha256:
+        return "stale"
     return "complete" if meta.get("config_hash") == cfg.config_hash else "stale"
 
 

@@ -35,7 +35,7 @@ import pandas as pd
 
 from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
-                                  _versions, resolve_layers)
+                                  _versions, dataset_identity, load_unit_dataset, resolve_layers)
 
 #: Settings that choose the texts of a unit (with the model and the dataset).
 SAMPLE = ("max_train", "max_test", "seed")
@@ -117,7 +117,7 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     """The content key of every stage of unit (``model``, ``dataset``) under ``cfg``, in stage order.
 
     A key covers the study version, the stage's `Stage.version` (or ``versions[name]``), the
-    model, the dataset, the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
+    model, the dataset (a file's sha256 too: `ntps_nb.study.config.dataset_identity`), the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
     else (not the study's name, not where it runs).
     """
     values = _setting_values(cfg)
@@ -125,7 +125,7 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     for stage in STAGES:
         keys[stage.name] = content_key({
             "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
-            "study_version": STUDY_VERSION, "model": model, "dataset": dataset,
+            "study_version": STUDY_VERSION, "model": model, "dataset": dataset_identity(cfg, dataset),
             "settings": {name: values[name] for name in stage.settings},
             "inputs": {name: keys[name] for name in stage.inputs}})
     return keys
@@ -525,7 +525,6 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     from ntps_nb import __version__
     from ntps_nb import extract as extraction
     from ntps_nb.cache import cache_dir
-    from ntps_nb.datasets import dataset_info, load_dataset
     from ntps_nb.extract import as_text_set
 
     timings: dict[str, float] = {}
@@ -551,12 +550,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         loaded = load_model(model_name, seed=cfg.seed, device=cfg.device)
     model, tok, info = loaded
     lap("load_model")
-    ds = load_dataset(dataset_name, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    ds, dinfo = load_unit_dataset(cfg, dataset_name)  # a registry name or the study's own file
     train, test = as_text_set(ds["train"]), as_text_set(ds["test"])
-    try:
-        dinfo = dataset_info(dataset_name)
-    except Exception as error:  # provenance only; never fail a unit for it
-        dinfo = {"error": repr(error)}
     lap("load_dataset")
 
     available = list(range(info.n_hidden_states))
@@ -634,6 +629,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         "environment": _environment(model, cfg), "n_truncated_train": extraction_record.get("n_truncated"),
         "mean_length_train": extraction_record.get("mean_length"), "finished": _now(),
     }
+    if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
+        tables["unit"]["dataset_file"] = cfg.dataset_file(dataset_name)._asdict()
     return tables
 
 
