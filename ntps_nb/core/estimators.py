@@ -62,11 +62,10 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.stats
-from jaxtyping import Float
 
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
-from ntps_nb.core.subspaces import RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
+from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
 
 ESTIMATORS = ("plugin", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
@@ -177,9 +176,15 @@ class _Whitening:
         return nested_orthonormal_basis(coords, rtol=SPAN_RTOL)
 
 
-def _m_of(moments: Moments) -> int:
-    """rank(Sxy Sxy^T) as the plug-in computes it."""
-    return theory_geometry(moments).m
+def _m_of(moments: Moments, white: "_Whitening") -> int:
+    """rank(Sxy Sxy^T) on the range of Sxx, as the plug-in counts it (eigenvalues of the reduced
+    matrix above A_RANK_RTOL times the largest), from the singular values of S^-1/2 Q^T Sxy."""
+    G = (white.Q.T @ moments.Sxy) / np.sqrt(white.s)[:, None]
+    lam = np.linalg.svd(G, compute_uv=False) ** 2
+    m = int(np.count_nonzero(lam > A_RANK_RTOL * max(float(lam.max(initial=0.0)), np.finfo(np.float64).tiny)))
+    if m == 0:
+        raise ValueError("Sxy is zero: the pooled states carry no label signal, U is undefined")
+    return m
 
 
 def _safe_solve_trace(G: np.ndarray, X: np.ndarray) -> tuple[float, float]:
@@ -217,7 +222,7 @@ def _crossfit(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int
     full = _pooled(shards, drop)
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
-    m = _m_of(full)
+    m = _m_of(full, white)
     Vf, counts = white.next_token(full, rtol)
     ks_ok = ks <= counts.size
     num = np.zeros(ks.shape)
@@ -250,7 +255,7 @@ def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol:
     full = half_a + half_b
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
-    m = _m_of(full)
+    m = _m_of(full, white)
     Ua, Ub = white.perception(half_a.Sxy, m), white.perception(half_b.Sxy, m)
     Va, ca = white.next_token(half_a, rtol)
     Vb, cb = white.next_token(half_b, rtol)
@@ -300,7 +305,7 @@ def _adjusted(full: Moments, ks: np.ndarray, rtol: float,
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
     Vf, counts = white.next_token(full, rtol)
-    m = _m_of(full)
+    m = _m_of(full, white)
     N, r = full.n_texts, white.s.size
     values = np.full(ks.shape, np.nan)
     reliability = np.full(ks.shape, np.nan)
@@ -358,7 +363,7 @@ def _debiased(shards: list[Moments], ks: np.ndarray, *, rtol: float, drop: int |
     full = Moments.combine(kept)
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
-    m = _m_of(full)
+    m = _m_of(full, white)
     Vf, counts = white.next_token(full, rtol)
     scale = 1.0 / np.sqrt(white.s)[:, None]
     G = scale * (white.Q.T @ full.Sxy)
