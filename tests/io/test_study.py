@@ -569,6 +569,7 @@ REGENERATED = {
     "ntps": (["layer", "variant", "k"], ["ntps", "excess_loss", "r_V", "m"], "variant == 'theory'"),
     "probes": (["layer", "protocol"], ["accuracy", "mse"], "protocol == 'heldout'"),
     "peers": (["layer"], ["logme", "h_score", "rankme"], None),
+    "intervals": (["layer", "variant", "k"], ["ntps", "lower", "upper", "se_jackknife"], "variant == 'theory'"),
 }
 
 
@@ -603,8 +604,10 @@ def test_regenerate_committed_unit(tmp_path):
         merged = old.merge(new, on=keys, suffixes=("_committed", "_regenerated"), validate="one_to_one")
         assert len(merged) == len(old) == len(new) > 0, name
         for column in values:
-            np.testing.assert_allclose(merged[f"{column}_regenerated"], merged[f"{column}_committed"],
-                                       rtol=1e-5, atol=1e-6, err_msg=f"{name}.{column}")
+            # both sides are read back from CSV text written at CSV_FLOAT_FORMAT (7 significant
+            # digits): equal floats mean the regenerated table is the committed one to the letter
+            np.testing.assert_array_equal(merged[f"{column}_regenerated"], merged[f"{column}_committed"],
+                                          err_msg=f"{name}.{column}")
 
 
 def test_lora_summary_picks_k_and_names_the_columns():
