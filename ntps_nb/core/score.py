@@ -97,6 +97,16 @@ class TheoryGeometry:
         return _k_from(k, fraction, self.r_V)
 
     def ntps(self, k: int) -> float:
+        """NTPS_theory(k) = sum_{i <= k_U} ||Pt_k u_i||^2 / k_U, with k_U = min(k, m).
+
+        Parameters
+        ----------
+        k : number of next-token directions, 1 <= k <= r_V (not validated here; see `k`).
+
+        Returns
+        -------
+        float in [0, 1].
+        """
         kU = self.k_U(k)
         return float(self.projected[k - 1, :kU].sum() / kU)
 
@@ -122,6 +132,13 @@ class TheoryGeometry:
         return float((self.eigenvalues[kU - 1] - lam_next) * kU * gap), float(self.eigenvalues[0] * kU * gap)
 
     def sweep(self) -> pd.DataFrame:
+        """NTPS_theory, the excess loss and its bounds at every k = 1..r_V.
+
+        Returns
+        -------
+        DataFrame, one row per k with columns variant, k, fraction (k / r_V), k_U, m, r_U, r_V, ntps,
+        excess_loss, lower_bound, upper_bound.
+        """
         ks = np.arange(1, self.r_V + 1)
         kU = np.minimum(ks, self.m)
         cum = np.cumsum(self.projected, axis=1)  # sum over the first i+1 directions of U
@@ -151,7 +168,23 @@ def theory_geometry(
     moments: Moments, *, centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
     span_rtol: float = SPAN_RTOL,
 ) -> TheoryGeometry:
-    """One factorisation per layer; every k is then a lookup."""
+    """One factorisation per layer; every k is then a lookup.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`.
+    centred : use the centred perception moments (probe with intercept).
+    tol, rtol : absolute / relative tolerance on the eigenvalues of Sxx and C0.
+    span_rtol : relative residual below which a column of Sxx^{1/2} V adds no new direction.
+
+    Returns
+    -------
+    `TheoryGeometry` with the (m,) eigenvalues of M and the (r_V, m) table ``projected``.
+
+    Raises
+    ------
+    ValueError if Sxy is zero (no label signal, m = 0).
+    """
     if centred:
         moments = moments.centred()
     U = perception_subspace(moments, order="descending", tol=tol, rtol=rtol)
@@ -201,6 +234,16 @@ class ReferenceGeometry:
         return int(fraction * self.r_U), int(fraction * self.r_V)
 
     def ntps(self, fraction: float) -> float:
+        """The released algorithm's NTPS at one fraction: ||P_{V_kV} U_kU||_F^2 / ||U_kU||_F^2.
+
+        Parameters
+        ----------
+        fraction : f, with k_U = int(f * r_U), k_V = int(f * r_V).
+
+        Returns
+        -------
+        float, NaN when k_U or k_V is 0.
+        """
         kU, kV = self.counts_at(fraction)
         if kU < 1 or kV < 1:
             return float("nan")
@@ -209,6 +252,17 @@ class ReferenceGeometry:
         return numerator / float(self.norms[kU - 1])
 
     def sweep(self, fractions: np.ndarray = REFERENCE_FRACTIONS) -> pd.DataFrame:
+        """The released algorithm's NTPS at each fraction.
+
+        Parameters
+        ----------
+        fractions : (F,) fractions (default: the released code's 19, `REFERENCE_FRACTIONS`).
+
+        Returns
+        -------
+        DataFrame, one row per fraction with columns variant, fraction, k_U, k_V, r_U, r_V, ntps,
+        precision.
+        """
         rows = []
         for f in fractions:
             kU, kV = self.counts_at(f)
@@ -233,7 +287,19 @@ def reference_geometry(
     moments: Moments, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL,
     span_rtol: float = SPAN_RTOL,
 ) -> ReferenceGeometry:
-    """The released algorithm's subspaces; all fractions are then lookups."""
+    """The released algorithm's subspaces; all fractions are then lookups.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments` (uncentred, as released).
+    precision : "float32" (as released) or "float64", the dtype of the eigensolves.
+    tol : absolute tolerance on the eigenvalues of Sxx and C0 (released: 1e-8).
+    span_rtol : relative residual below which a column of V adds no new direction.
+
+    Returns
+    -------
+    `ReferenceGeometry` with U (d, r_U) and V (d, r_V) in ascending eigenvalue order.
+    """
     U, V = _reference_subspaces(moments, precision, tol)
     basis, counts = nested_orthonormal_basis(V.astype(np.float64), rtol=span_rtol)
     return reference_geometry_from(U, V, basis, counts, precision)
@@ -241,7 +307,20 @@ def reference_geometry(
 
 def reference_geometry_from(U: np.ndarray, V: np.ndarray, v_basis: np.ndarray, v_counts: np.ndarray,
                             precision: str) -> ReferenceGeometry:
-    """The lookup tables of `ReferenceGeometry` from U, V and V's nested orthonormal basis."""
+    """The lookup tables of `ReferenceGeometry` from U, V and V's nested orthonormal basis.
+
+    Parameters
+    ----------
+    U : (d, r_U) perception directions, ascending order.
+    V : (d, r_V) next-token directions, ascending order.
+    v_basis : (d, q) nested orthonormal basis of V's columns (`nested_orthonormal_basis`).
+    v_counts : (r_V,) integer array, number of ``v_basis`` columns spanning V's first j+1 columns.
+    precision : label stored with the geometry ("float32" or "float64").
+
+    Returns
+    -------
+    `ReferenceGeometry`.
+    """
     U64 = U.astype(np.float64)
     projected = np.cumsum(np.cumsum((v_basis.T @ U64) ** 2, axis=0), axis=1)
     norms = np.cumsum(np.sum(U64**2, axis=0))
@@ -251,7 +330,19 @@ def reference_geometry_from(U: np.ndarray, V: np.ndarray, v_basis: np.ndarray, v
 def reference_ntps_pinv(
     moments: Moments, fraction: float, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL
 ) -> float:
-    """The released algorithm literally: P = V_f pinv(V_f) per fraction (slow; for checks and benchmarks)."""
+    """The released algorithm literally: P = V_f pinv(V_f) per fraction (slow; for checks and benchmarks).
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`.
+    fraction : f, with k_U = int(f * r_U), k_V = int(f * r_V).
+    precision : "float32" (as released) or "float64".
+    tol : absolute tolerance on the eigenvalues of Sxx and C0.
+
+    Returns
+    -------
+    float, NaN when k_U or k_V is 0.
+    """
     U, V = _reference_subspaces(moments, precision, tol)
     kU, kV = int(fraction * U.shape[1]), int(fraction * V.shape[1])
     if kU < 1 or kV < 1:
@@ -359,6 +450,20 @@ def ntps_sweep(
     ``moments`` and ``estimator`` are as in `ntps`. Every row names its ``estimator``; with an
     estimator other than the plug-in the frame has k, fraction, k_U, m, r_V, ntps and that
     estimator's ``reliability`` (the excess loss and its bounds are plug-in quantities).
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`, or a list of per-shard `Moments` of that layer.
+    variant : "theory" (default) or "reference".
+    estimator : "plugin" (default) or another of `ntps_nb.core.estimators.ESTIMATORS` (theory only).
+    centred, tol, rtol, precision : as in `ntps`.
+    fractions : (F,) fractions for the reference variant (default: `REFERENCE_FRACTIONS`).
+
+    Returns
+    -------
+    DataFrame, one row per k (theory; columns as `TheoryGeometry.sweep` plus estimator, or with
+    reliability and n_shards for another estimator) or per fraction (reference; columns as
+    `ReferenceGeometry.sweep` plus estimator).
     """
     _check_estimator(estimator, variant)
     pooled, shards = _pooled_and_shards(moments)

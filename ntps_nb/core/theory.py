@@ -26,20 +26,52 @@ from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 def excess_loss(moments: Moments, k: int | None = None, *, fraction: float | None = None,
                 centred: bool = False, rtol: float = RANGE_RTOL) -> float:
     """DeltaL = L(V_k) - L*: the in-sample excess MSE of probing the k next-token features
-    instead of the best k features, from the moments alone (no probe is fitted)."""
+    instead of the best k features, from the moments alone (no probe is fitted).
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`.
+    k, fraction : number of next-token directions, or a fraction of r_V (k = int(fraction * r_V));
+        give exactly one.
+    centred : use the centred perception moments (probe with intercept).
+    rtol : relative tolerance on the eigenvalues of Sxx and C0.
+
+    Returns
+    -------
+    float, DeltaL >= 0 up to round-off.
+    """
     geometry = theory_geometry(moments, centred=centred, rtol=rtol)
     return geometry.excess_loss(geometry.k(k, fraction))
 
 
 def excess_loss_bounds(moments: Moments, k: int | None = None, *, fraction: float | None = None,
                        centred: bool = False, rtol: float = RANGE_RTOL) -> tuple[float, float]:
-    """(lower, upper) bounds on `excess_loss` in terms of 1 - NTPS_theory(k)."""
+    """(lower, upper) bounds on `excess_loss` in terms of 1 - NTPS_theory(k).
+
+    Parameters
+    ----------
+    moments, k, fraction, centred, rtol : as in `excess_loss`.
+
+    Returns
+    -------
+    (lower, upper) : tuple of two floats, ``TheoryGeometry.bounds(k)``.
+    """
     geometry = theory_geometry(moments, centred=centred, rtol=rtol)
     return geometry.bounds(geometry.k(k, fraction))
 
 
 def least_squares_loss(features: Float[np.ndarray, "N k"], targets: Float[np.ndarray, "N C"]) -> float:
-    """In-sample MSE (1/N) sum_n ||y_n - W^T f_n||^2 of the no-intercept least-squares probe."""
+    """In-sample MSE (1/N) sum_n ||y_n - W^T f_n||^2 of the no-intercept least-squares probe.
+
+    Parameters
+    ----------
+    features : (N, k) float array, the probe's inputs f_n.
+    targets : (N, C) float array, the targets y_n (one-hot labels for the identity).
+
+    Returns
+    -------
+    float, the mean over N of the squared residual norm.
+    """
     F = np.asarray(features, dtype=np.float64)
     Y = np.asarray(targets, dtype=np.float64)
     coef, *_ = np.linalg.lstsq(F, Y, rcond=None)
@@ -56,6 +88,20 @@ def fitted_excess_loss(features: Float[np.ndarray, "N d"], labels: np.ndarray, m
     k features: xbar^T V_k (the next-token directions) and xbar^T U_k (the best directions).
     With ``test_features``/``test_labels`` the same train-fitted probes are also scored on the
     test split (``heldout_*`` keys): the held-out excess loss, which no identity describes.
+
+    Parameters
+    ----------
+    features : (N, d) float array, pooled states of the training texts.
+    labels : (N,) integer labels in [0, C).
+    moments : `Moments` of the same texts (they define U and V, and C = ``moments.n_classes``).
+    k : number of directions; the best probe uses min(k, rank_B of U) of them.
+    test_features : (M, d) float array of held-out pooled states, optional.
+    test_labels : (M,) integer labels of the held-out texts; needed with ``test_features``.
+
+    Returns
+    -------
+    dict of str to float: ``loss_next_token``, ``loss_best``, ``excess_loss`` (their difference)
+    and, with test data, ``heldout_loss_next_token``, ``heldout_loss_best``, ``heldout_excess_loss``.
     """
     U = perception_subspace(moments, order="descending")
     V = next_token_subspace(moments, order="descending")
@@ -128,6 +174,23 @@ def synthetic_linear_task(
     span(P), U's top C close to span(U_true), and NTPS_theory(q) falls from ~1 (angle 0) to ~0
     (angle pi/2), roughly as cos^2(angle). The planted geometry is approximate at finite N and
     signal; the moments (and so NTPS) are exact for the sampled data.
+
+    Parameters
+    ----------
+    n_texts : number of texts N (labels are balanced: n mod C, shuffled).
+    n_tokens : tokens per text T, >= 2.
+    d : state dimension.
+    n_classes : number of classes C, 2 <= C <= n_predictable.
+    n_predictable : dimension q of the predictable subspace P; q + C <= d.
+    angle : planted principal angle (radians) between label directions and P.
+    signal : scale of the class centroids.
+    token_noise : standard deviation of the isotropic per-token noise.
+    seed : seed of the generator.
+
+    Returns
+    -------
+    `SyntheticTask` with (N, T, d) sequences, (N, d) pooled features, (N,) labels, their moments,
+    the (d, q) basis P and the (d, C) label directions U_true.
     """
     if n_predictable + n_classes > d:
         raise ValueError(f"need n_predictable + n_classes <= d, got {n_predictable} + {n_classes} > {d}")
@@ -162,7 +225,19 @@ def synthetic_linear_task(
 
 
 def angle_sweep(angles: np.ndarray, *, k: int | None = None, **task_kwargs) -> pd.DataFrame:
-    """NTPS_theory, DeltaL and its bounds on synthetic tasks over planted angles (one row each)."""
+    """NTPS_theory, DeltaL and its bounds on synthetic tasks over planted angles (one row each).
+
+    Parameters
+    ----------
+    angles : (A,) float array of planted angles in radians.
+    k : number of next-token directions (default: the task's ``n_predictable``).
+    **task_kwargs : passed to `synthetic_linear_task` (all but ``angle``).
+
+    Returns
+    -------
+    DataFrame, one row per angle with columns angle, angle_deg, k, ntps, cos2_angle, excess_loss,
+    lower_bound, upper_bound and the task's settings as ``task_*``.
+    """
     rows = []
     for angle in angles:
         task = synthetic_linear_task(angle=float(angle), **task_kwargs)
