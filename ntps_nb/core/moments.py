@@ -209,7 +209,17 @@ def _check_shapes(m: Moments) -> tuple[int, int]:
 
 
 def one_hot(labels: Iterable[int], n_classes: int | None = None) -> Float[np.ndarray, "N C"]:
-    """One-hot matrix of integer labels in 0..C-1, with clear errors for anything else."""
+    """One-hot matrix of integer labels in 0..C-1, with clear errors for anything else.
+
+    Parameters
+    ----------
+    labels : (N,) integer labels.
+    n_classes : number of columns C (default: max(labels) + 1).
+
+    Returns
+    -------
+    (N, C) float64 array with a single 1 per row.
+    """
     labels = check_labels(list(labels) if not isinstance(labels, np.ndarray) else labels, n_classes=n_classes)
     n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
     out = np.zeros((labels.size, n_classes))
@@ -220,7 +230,19 @@ def one_hot(labels: Iterable[int], n_classes: int | None = None) -> Float[np.nda
 def perception_moments(
     features: Float[np.ndarray, "N d"], labels: Iterable[int], n_classes: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Sxx, Sxy, Syy and x_mean of pooled features and labels, in float64 (brute force)."""
+    """Sxx, Sxy, Syy and x_mean of pooled features and labels, in float64 (brute force).
+
+    Parameters
+    ----------
+    features : (N, d) pooled states.
+    labels : (N,) integer labels.
+    n_classes : number of label columns C (default: max(labels) + 1).
+
+    Returns
+    -------
+    dict with ``Sxx`` (d, d), ``Sxy`` (d, C), ``Syy`` (C, C) (each a mean over the N texts) and
+    ``x_mean`` (d,).
+    """
     X = np.asarray(features, dtype=np.float64)
     Y = one_hot(labels, n_classes)
     if X.ndim != 2 or X.shape[0] != Y.shape[0]:
@@ -238,6 +260,17 @@ def moments_from_sequences(
 
     This is the brute-force computation the streaming extraction is tested against, and the way
     synthetic tasks become moments. Texts with a single state contribute to pooling only.
+
+    Parameters
+    ----------
+    sequences : N per-text state arrays, each (T_n, d) with T_n >= 1.
+    labels : (N,) integer labels.
+    n_classes : number of label columns C (default: max(labels) + 1).
+
+    Returns
+    -------
+    `Moments` with C0, C1, Shh (d, d) averaged over the N texts, the perception moments of the
+    mean-pooled states, ``n_texts`` = N and ``n_tokens`` = sum_n (T_n - 1).
     """
     sequences = [np.asarray(s, dtype=np.float64) for s in sequences]
     if not sequences:
@@ -353,5 +386,10 @@ class LayerMoments(Mapping[int, Moments]):
 
 
 def moment_names() -> tuple[str, ...]:
-    """Names of the array fields of `Moments`."""
+    """Names of the array fields of `Moments`.
+
+    Returns
+    -------
+    tuple of str, in the dataclass's field order.
+    """
     return tuple(f.name for f in fields(Moments) if f.name in _ARRAYS)

@@ -54,7 +54,17 @@ class ProbeConvergenceWarning(UserWarning):
 
 
 def chance_corrected_accuracy(accuracy: float, n_classes: int) -> float:
-    """kappa = (acc - 1/C) / (1 - 1/C): 0 at chance, 1 at perfect, negative below chance."""
+    """kappa = (acc - 1/C) / (1 - 1/C): 0 at chance, 1 at perfect, negative below chance.
+
+    Parameters
+    ----------
+    accuracy : accuracy in [0, 1].
+    n_classes : number of classes C >= 2.
+
+    Returns
+    -------
+    float, the chance-corrected accuracy.
+    """
     n_classes = check_n_classes(n_classes)
     chance = 1.0 / n_classes
     return float((accuracy - chance) / (1.0 - chance))
@@ -111,6 +121,16 @@ def classification_scores(y_true: Sequence[int], y_pred: Sequence[int], n_classe
       p_e = 1, e.g. one class everywhere). Predicting the majority class gives 0;
     - ``kappa_chance``: (accuracy - 1/C) / (1 - 1/C), chance from the number of classes only
       (`chance_corrected_accuracy`): a majority-class predictor scores above 0 on imbalanced data.
+
+    Parameters
+    ----------
+    y_true, y_pred : (N,) integer labels in 0..C-1, N >= 1.
+    n_classes : number of classes C.
+
+    Returns
+    -------
+    dict of str to float with keys ``accuracy``, ``balanced_accuracy``, ``cohen_kappa``,
+    ``kappa_chance``.
     """
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)

@@ -89,9 +89,13 @@ def load_published(figure: str) -> pd.DataFrame:
 def published_correlations(method: Method = "spearman") -> pd.DataFrame:
     """Per-model correlation across datasets of the published ntps with each figure's target.
 
+    Parameters
+    ----------
+    method : correlation passed to `ntps_nb.core.stats.correlate` (default "spearman").
+
     Returns
     -------
-    One row per (figure, model): ``figure``, ``model``, ``target``, ``target_description``, ``rho``, ``n_datasets``,
+    DataFrame, one row per (figure, model): ``figure``, ``model``, ``target``, ``target_description``, ``rho``, ``n_datasets``,
     ``expected_sign``, ``direction`` (a sentence), ``protocol`` (of the target), ``method``,
     ``source``.
     """

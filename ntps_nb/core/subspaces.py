@@ -83,6 +83,24 @@ def generalized_eigh(
     semi-definite; passing A reproduces the released code, which formed W^T A W. ``tol``
     (absolute) overrides ``rtol`` (relative to B's largest eigenvalue). ``dtype`` float32
     reproduces the released code's precision.
+
+    Parameters
+    ----------
+    B : (d, d) symmetric positive semi-definite matrix.
+    A_factor : (d, c) factor F with A = F F^T; give exactly one of ``A_factor`` and ``A``.
+    A : (d, d) symmetric matrix.
+    order : "descending" (default) or "ascending" order of the eigenvalues.
+    tol, rtol : absolute / relative threshold above which an eigenvalue of B is retained.
+    dtype : float dtype of the computation (np.float64 or np.float32).
+    name : name of B in error messages.
+
+    Returns
+    -------
+    `Subspace` with r = rank_B retained directions: (r,) eigenvalues, (d, r) B-orthonormal vectors.
+
+    Raises
+    ------
+    ValueError if B has no eigenvalue above the threshold, or on mismatched shapes.
     """
     if order not in ("descending", "ascending"):
         raise ValueError(f"order must be 'descending' or 'ascending', got {order!r}")
@@ -124,7 +142,16 @@ def generalized_eigh(
 
 
 def check_labels(moments: Moments) -> None:
-    """Raise if the label moments describe fewer than two classes."""
+    """Raise if the label moments describe fewer than two classes.
+
+    Parameters
+    ----------
+    moments : `Moments`; for uncentred moments, a class counts as present when its Syy diagonal is > 0.
+
+    Returns
+    -------
+    None; raises ValueError when C < 2 or fewer than two classes have texts.
+    """
     if moments.n_classes < 2:
         raise ValueError(f"the label matrix has {moments.n_classes} column(s); NTPS needs at least 2 classes")
     if not moments.is_centred:
@@ -137,7 +164,17 @@ def perception_subspace(
     moments: Moments, *, order: Order = "descending", tol: float | None = None, rtol: float = RANGE_RTOL,
     dtype: type = np.float64,
 ) -> Subspace:
-    """U: the k features of the pooled states that best predict the labels (A = Sxy Sxy^T, B = Sxx)."""
+    """U: the k features of the pooled states that best predict the labels (A = Sxy Sxy^T, B = Sxx).
+
+    Parameters
+    ----------
+    moments : the layer's `Moments` (at least two classes present).
+    order, tol, rtol, dtype : as in `generalized_eigh`.
+
+    Returns
+    -------
+    `Subspace` of (Sxy Sxy^T, Sxx); ``rank_A`` = m <= C directions carry label signal.
+    """
     check_labels(moments)
     return generalized_eigh(moments.Sxx, A_factor=moments.Sxy, order=order, tol=tol, rtol=rtol, dtype=dtype, name="Sxx")
 
@@ -146,7 +183,17 @@ def next_token_subspace(
     moments: Moments, *, order: Order = "descending", tol: float | None = None, rtol: float = RANGE_RTOL,
     dtype: type = np.float64,
 ) -> Subspace:
-    """V: the k features of the prefix sums that best predict the next state (A = C1 C1^T, B = C0)."""
+    """V: the k features of the prefix sums that best predict the next state (A = C1 C1^T, B = C0).
+
+    Parameters
+    ----------
+    moments : the layer's `Moments` (``n_tokens`` > 0).
+    order, tol, rtol, dtype : as in `generalized_eigh`.
+
+    Returns
+    -------
+    `Subspace` of (C1 C1^T, C0), with r_V = ``rank_B`` directions.
+    """
     if moments.n_tokens == 0:
         raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
     return generalized_eigh(moments.C0, A_factor=moments.C1, order=order, tol=tol, rtol=rtol, dtype=dtype, name="C0")
@@ -160,6 +207,17 @@ def nested_orthonormal_basis(
     A column whose residual against the span of the earlier columns is below ``rtol`` times its
     own norm adds no direction (the span is rank deficient there); plain Householder QR would
     put an arbitrary direction in its place. Blocks of independent columns go through one QR.
+
+    Parameters
+    ----------
+    columns : (d, n) float array.
+    rtol : relative residual below which a column adds no direction.
+
+    Returns
+    -------
+    Q : (d, q) float64 array with orthonormal columns, q <= min(d, n).
+    counts : (n,) int64 array, non-decreasing, ``counts[j]`` the number of columns of Q spanning
+        the first j + 1 columns.
     """
     A = np.asarray(columns, dtype=np.float64)
     d, n = A.shape

@@ -32,7 +32,12 @@ def _positive_int(value, what: str) -> int:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    """The cores this process may run on (its CPU affinity where the platform has one).
+
+    Returns
+    -------
+    int >= 1.
+    """
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
@@ -42,6 +47,14 @@ def default_threads(processes: int | None = None) -> int:
     """This process's share of its cores: available cores // processes (at least 1).
 
     ``processes`` defaults to the environment variable ``NTPS_NB_ANALYSIS_PROCESSES``, else 1.
+
+    Parameters
+    ----------
+    processes : number of processes sharing the cores, a positive integer.
+
+    Returns
+    -------
+    int >= 1, threads for this process.
     """
     if processes is None:
         raw = os.environ.get(PROCESSES_ENV, "1")
@@ -64,6 +77,10 @@ def analysis_threads(n: int | None = None, *, processes: int | None = None) -> I
     n : threads per pool; default `default_threads(processes)`.
     processes : how many processes analyse at once on these cores (only when ``n`` is not given;
         default: ``NTPS_NB_ANALYSIS_PROCESSES``, else 1).
+
+    Returns
+    -------
+    context manager yielding the int thread limit in force inside the block.
     """
     from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
