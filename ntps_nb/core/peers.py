@@ -101,7 +101,20 @@ def logme_per_class(
 ) -> pd.DataFrame:
     """LogME of each one-hot target: one row per class with ``evidence`` (log evidence / N at the
     optimum), the optimal ``alpha`` (weight precision) and ``beta`` (noise precision), ``n_iter``
-    and ``converged``. Features are used as given (no centring, no intercept), as in the paper."""
+    and ``converged``. Features are used as given (no centring, no intercept), as in the paper.
+
+    Parameters
+    ----------
+    features : (N, d) float array, N >= 2.
+    labels : (N,) integer labels, at least two classes.
+    rtol : relative change of alpha and beta below which the fixed point stops.
+    max_iter : iteration cap; reaching it warns with `PeerConvergenceWarning`.
+
+    Returns
+    -------
+    DataFrame, one row per class c = 0..max(labels) with columns class, evidence, alpha, beta,
+    n_iter, converged.
+    """
     X, y = _check(features, labels)
     n, d = X.shape
     U, s, _ = np.linalg.svd(X, full_matrices=False)
@@ -127,6 +140,14 @@ def logme(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: fl
     The maximum is found by MacKay's fixed point, with gamma = sum_i beta s_i^2 / (alpha + beta s_i^2):
     alpha <- gamma / ||m||^2, beta <- (N - gamma) / ||F m - y||^2, from alpha = beta = 1, all
     terms evaluated on F's singular values (one SVD for every class).
+
+    Parameters
+    ----------
+    features, labels, rtol, max_iter : as in `logme_per_class`.
+
+    Returns
+    -------
+    float, the mean over classes of ``logme_per_class(...)["evidence"]``.
     """
     return float(logme_per_class(features, labels, rtol=rtol, max_iter=max_iter)["evidence"].mean())
 
@@ -150,6 +171,16 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
     The pseudo-inverse drops eigenvalues of cov(f) below ``rtol`` times the largest (the class
     means lie in the range of cov(f), so nothing label-related is lost). Invariant to any
     invertible affine map of the features; at most C - 1.
+
+    Parameters
+    ----------
+    features : (N, d) float array, N >= 2.
+    labels : (N,) integer labels, at least two classes.
+    rtol : relative eigenvalue cutoff of the pseudo-inverse.
+
+    Returns
+    -------
+    float >= 0.
     """
     X, y = _check(features, labels)
     cov = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
@@ -172,6 +203,16 @@ def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int
     is `h_score`. This is our reading of the shrinkage-based H-score of Ibrahim et al. (2022);
     ``scale_between=False`` leaves out the (1 - delta) factor (plain plug-in of the shrunk
     covariance). For nearly isotropic features delta is large and the two differ by that factor.
+
+    Parameters
+    ----------
+    features : (N, d) float array, N >= 2.
+    labels : (N,) integer labels, at least two classes.
+    scale_between : multiply by (1 - delta) (default) or not.
+
+    Returns
+    -------
+    float >= 0.
     """
     X, y = _check(features, labels)
     estimator = LedoitWolf(assume_centered=False, store_precision=False).fit(X)
@@ -207,6 +248,19 @@ def knn_accuracy(
     texts. ``mode="heldout"``: a stratified split (``test_size``, ``seed``); test texts vote with
     their k nearest training texts. Ties in the vote go to the tied class whose member is nearest.
     Euclidean distances make the score invariant to rotations; "cosine" also to scaling.
+
+    Parameters
+    ----------
+    features : (N, d) float array, N >= 2.
+    labels : (N,) integer labels, at least two classes.
+    k : number of neighbours (at most N - 1 for "loo", the training size for "heldout").
+    metric : "euclidean" (default) or "cosine".
+    mode : "loo" (default) or "heldout".
+    seed, test_size : seed and held-out fraction of the stratified split (``mode="heldout"`` only).
+
+    Returns
+    -------
+    float in [0, 1], the fraction of (left-out or test) texts classified correctly.
     """
     X, y = _check(features, labels)
     k = check_k(k)
@@ -237,7 +291,18 @@ def rankme(features: Float[np.ndarray, "N d"], labels: Sequence[int] | None = No
            eps: float = RANKME_EPS) -> float:
     """RankMe (Garrido et al. 2023): exp(-sum_k p_k log p_k), p_k = s_k / ||s||_1 + eps, over the
     singular values s of the (uncentred) feature matrix. Label-free: ``labels`` is accepted for
-    the common call shape and ignored. Between 1 and min(N, d); d for an orthogonal matrix."""
+    the common call shape and ignored. Between 1 and min(N, d); d for an orthogonal matrix.
+
+    Parameters
+    ----------
+    features : (N, d) float array, N >= 2, not all zero.
+    labels : ignored.
+    eps : added to each normalised singular value.
+
+    Returns
+    -------
+    float, the effective rank.
+    """
     X, _ = _check(features, labels, need_labels=False)
     s = np.linalg.svd(X, compute_uv=False)
     if s.sum() <= 0:
@@ -271,6 +336,17 @@ def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: f
 
     Uses the core's `theory_geometry` (same whitening by Sxx, same k_U = min(k, m)). ``k`` must
     not exceed rank(Shh): further principal directions are arbitrary.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`, with ``Shh``.
+    k : number of principal directions, 1 <= k <= rank(Shh).
+    centred : use the centred perception moments.
+    rtol : relative tolerance on the eigenvalues of Shh and Sxx.
+
+    Returns
+    -------
+    float in [0, 1].
     """
     pca, rank = _principal_moments(moments, rtol)
     k = check_k(k, limit=rank, limit_name="rank(Shh)")
@@ -279,7 +355,17 @@ def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: f
 
 def pca_overlap_sweep(moments: Moments, *, centred: bool = False, rtol: float = RANGE_RTOL) -> pd.DataFrame:
     """`pca_overlap_ntps` at every k = 1..rank(Shh), as ``ntps_sweep`` rows with variant "pca_overlap"
-    (the excess-loss columns are those of the probe on the principal directions)."""
+    (the excess-loss columns are those of the probe on the principal directions).
+
+    Parameters
+    ----------
+    moments, centred, rtol : as in `pca_overlap_ntps`.
+
+    Returns
+    -------
+    DataFrame, one row per k = 1..rank(Shh) with the columns of `TheoryGeometry.sweep`; r_V is
+    rank(Shh) and fraction is k / rank(Shh).
+    """
     pca, rank = _principal_moments(moments, rtol)
     sweep = theory_geometry(pca, centred=centred, rtol=rtol).sweep()
     sweep = sweep[sweep["k"] <= rank].copy()
@@ -310,6 +396,19 @@ def peer_scores(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, kn
     (e.g. LogME when the features fit every one-hot target exactly, as with fewer texts than
     dimensions) is NaN, with the reason in ``<name>_error`` and a `PeerUndefinedWarning`, so
     that one undefined score does not lose the others (or a study unit).
+
+    Parameters
+    ----------
+    features : (N, d) float array, N >= 2.
+    labels : (N,) integer labels, at least two classes.
+    knn_k : neighbours of ``knn_accuracy`` (leave-one-out).
+    peers : names from `PEERS` to compute (default: all).
+    **provenance : extra key/value pairs copied into the row first.
+
+    Returns
+    -------
+    dict: the provenance, one float per peer name, ``<name>_error`` for undefined ones, and
+    ``knn_k``, ``knn_mode`` ("loo").
     """
     names = list(PEERS) if peers is None else list(peers)
     unknown = sorted(set(names) - set(PEERS))
