@@ -130,7 +130,13 @@ def split_into_shards(
 def layer_shards(parts: Sequence[LayerMoments]) -> dict[int, list[Moments]]:
     """Per-layer shard lists from per-shard `LayerMoments` (as a sharded extraction returns them).
 
-    Returns ``{layer: [Moments of shard 0, shard 1, ...]}``; every shard must have the same layers.
+    Parameters
+    ----------
+    parts : S per-shard `LayerMoments`, all with the same layers (none may be None).
+
+    Returns
+    -------
+    dict ``{layer: [Moments of shard 0, shard 1, ...]}``, each list of length S.
     """
     parts = list(parts)
     for i, part in enumerate(parts):
@@ -148,7 +154,18 @@ def layer_shards(parts: Sequence[LayerMoments]) -> dict[int, list[Moments]]:
 
 
 def check_shards(moment_shards: Sequence[Moments], *, name: str = "moment_shards") -> list[Moments]:
-    """The shards as a list, or a ValueError naming what is wrong with them."""
+    """The shards as a list, or a ValueError naming what is wrong with them.
+
+    Parameters
+    ----------
+    moment_shards : per-shard uncentred `Moments` of one layer: at least `MIN_SHARDS`, with the
+        same d and C.
+    name : name of the argument in error messages.
+
+    Returns
+    -------
+    list of the S shards, unchanged.
+    """
     if isinstance(moment_shards, Moments):
         raise ValueError(f"{name} must be a list of per-shard Moments, got a single Moments")
     if isinstance(moment_shards, LayerMoments):
@@ -201,6 +218,18 @@ class ShardStack:
         return len(self.shards)
 
     def combined(self, counts: Float[np.ndarray, "B S"]) -> Iterator[Moments]:
+        """Moments of the weighted union of the shards, one per row of ``counts``.
+
+        Parameters
+        ----------
+        counts : (B, S) non-negative float array; row b takes shard s ``counts[b, s]`` times, and
+            every row must cover at least one text.
+
+        Returns
+        -------
+        iterator of B `Moments` (the arrays of `CARRIED` present on every shard, mixed with weights
+        proportional to counts * n_texts; ``n_texts`` and ``n_tokens`` the weighted totals).
+        """
         counts = np.asarray(counts, dtype=np.float64)
         if counts.ndim != 2 or counts.shape[1] != len(self):
             raise ValueError(f"counts must have shape (B, {len(self)}), got {counts.shape}")
@@ -220,7 +249,18 @@ class ShardStack:
 
 
 def bootstrap_counts(n_shards: int, n_boot: int, seed: int) -> Int[np.ndarray, "B S"]:
-    """How often each shard is drawn in each of n_boot resamples of n_shards with replacement."""
+    """How often each shard is drawn in each of n_boot resamples of n_shards with replacement.
+
+    Parameters
+    ----------
+    n_shards : number of shards S.
+    n_boot : number of resamples B.
+    seed : seed of the multinomial draws.
+
+    Returns
+    -------
+    (B, S) integer array, each row summing to S.
+    """
     rng = np.random.default_rng(seed)
     return rng.multinomial(n_shards, np.full(n_shards, 1.0 / n_shards), size=n_boot)
 
@@ -253,7 +293,18 @@ class _Curve:
 
 def theory_values(geometry: TheoryGeometry, ks: np.ndarray, statistic: Statistic = "ntps") -> np.ndarray:
     """NTPS_theory or the excess loss at each k of ``ks`` from one `TheoryGeometry`; NaN where
-    k exceeds the geometry's r_V."""
+    k exceeds the geometry's r_V.
+
+    Parameters
+    ----------
+    geometry : `TheoryGeometry` of one layer.
+    ks : (K,) integer array of numbers of next-token directions.
+    statistic : "ntps" (default) or "excess_loss".
+
+    Returns
+    -------
+    (K,) float array, NaN where k < 1 or k > r_V.
+    """
     ks = np.asarray(ks, dtype=np.int64)
     out = np.full(ks.shape, np.nan)
     ok = (ks >= 1) & (ks <= geometry.r_V)
@@ -562,6 +613,10 @@ def ntps_interval(
         NTPS is biased low at finite N and "percentile" doubles that bias; "basic" covered the
         population value best in the coverage study (see the module docstring).
     centred, tol, rtol, precision : passed to the NTPS computation, as in `ntps`.
+
+    Returns
+    -------
+    `BootstrapInterval` with statistic "ntps"; ``replicates`` is (n_boot,).
     """
     return _interval_of(moment_shards, k, fraction, statistic="ntps", variant=variant, n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
@@ -582,7 +637,17 @@ def excess_loss_interval(
     rtol: float = RANGE_RTOL,
 ) -> BootstrapInterval:
     """The excess loss DeltaL = L(V_k) - L* (SPEC section 5) of the combined shards, with a
-    shard-bootstrap interval; arguments as in `ntps_interval` (theory variant only)."""
+    shard-bootstrap interval; arguments as in `ntps_interval` (theory variant only).
+
+    Parameters
+    ----------
+    moment_shards, k, fraction, n_boot, level, seed, method, centred, tol, rtol : as in
+        `ntps_interval`.
+
+    Returns
+    -------
+    `BootstrapInterval` with statistic "excess_loss" and variant "theory".
+    """
     return _interval_of(moment_shards, k, fraction, statistic="excess_loss", variant="theory", n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
                         precision="float64")
@@ -606,9 +671,22 @@ def ntps_interval_sweep(
     """Intervals at every k (theory: k = 1..r_V of the full data) or every fraction (reference),
     from one factorisation per replicate, as a tidy frame.
 
-    Columns: statistic, variant, k (theory) / fraction, the statistic's value (column named
-    ``ntps`` or ``excess_loss``), lower, upper, se_bootstrap, se_jackknife, bias_bootstrap,
-    n_valid (NaN where a replicate's r_V is below k), and the settings.
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer (disjoint texts, at least 2 shards).
+    statistic : "ntps" (default) or "excess_loss" (theory variant only).
+    variant : "theory" (default) or "reference".
+    n_boot, level, seed, method, centred, tol, rtol, precision : as in `ntps_interval`.
+    fractions : (F,) fractions for the reference variant (default: `REFERENCE_FRACTIONS`);
+        not allowed with the theory variant.
+
+    Returns
+    -------
+    DataFrame, one row per k = 1..r_V (theory; with fraction, k_U, m, r_V) or per fraction
+    (reference). Columns: statistic, variant, k (theory) / fraction, the statistic's value (column
+    named ``ntps`` or ``excess_loss``), lower, upper, se_bootstrap, se_jackknife, bias_bootstrap,
+    n_valid (replicates with a defined value; a replicate is undefined where its r_V is below k),
+    and the settings (n_shards, n_texts, n_boot, level, method, seed, centred).
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     stack = ShardStack(moment_shards)
@@ -655,8 +733,19 @@ def width_by_n(
     The first ``n_groups * j`` shards (j = 1, 2, 4, ... while shards last) hold about ``j`` times the
     texts of the first ``n_groups``; each prefix is merged into ``n_groups`` equal groups of
     consecutive shards, so every interval is a bootstrap over the same number of units and only N
-    changes. Shards are random groups of texts, so a prefix is a random subsample. Returns one row
-    per N: n_texts, the estimate, lower, upper, width, se_jackknife, and the settings.
+    changes. Shards are random groups of texts, so a prefix is a random subsample.
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer, at least ``n_groups`` of them.
+    k : number of next-token directions (theory) passed to `ntps_interval`.
+    n_groups : bootstrap units per interval, >= `MIN_SHARDS`.
+    variant, n_boot, level, seed, method : as in `ntps_interval`.
+
+    Returns
+    -------
+    DataFrame, one row per N: n_texts, n_shards_used, ntps (the estimate), lower, upper, width,
+    se_jackknife, and the settings (k, variant, n_groups, n_boot, level, method, seed).
     """
     shards = check_shards(moment_shards)
     if not isinstance(n_groups, (int, np.integer)) or n_groups < MIN_SHARDS:
@@ -719,6 +808,10 @@ def ntps_difference(
         same), so say paired= when you know; paired=True only requires equal text counts.
     statistic : "ntps" (default) or "excess_loss".
     Other arguments as in `ntps_interval`.
+
+    Returns
+    -------
+    `BootstrapDifference`; ``replicates`` is the (n_boot,) array of bootstrap differences.
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     stack_a = ShardStack(shards_a)
@@ -766,7 +859,17 @@ def ntps_difference(
 
 def bootstrap_pvalue(estimate: float, replicates: Float[np.ndarray, " B"]) -> float:
     """Two-sided bootstrap p-value of "the statistic is 0": 2 (1 + #replicates on the other side
-    of 0 from the estimate, 0 included) / (B + 1), capped at 1; 1 when the estimate is 0 or NaN."""
+    of 0 from the estimate, 0 included) / (B + 1), capped at 1; 1 when the estimate is 0 or NaN.
+
+    Parameters
+    ----------
+    estimate : the statistic on the full data.
+    replicates : (B,) bootstrap values; non-finite ones are dropped (B counts the finite ones).
+
+    Returns
+    -------
+    float in (0, 1]; 1 also when no replicate is finite.
+    """
     replicates = np.asarray(replicates, dtype=np.float64)
     replicates = replicates[np.isfinite(replicates)]
     if not np.isfinite(estimate) or estimate == 0 or replicates.size == 0:
@@ -807,11 +910,26 @@ def coverage_study(
     splits them into ``n_shards`` shards and computes the interval by every method from one set
     of ``n_boot`` replicates.
 
+    Parameters
+    ----------
+    n_repetitions : number of samples drawn from the pool.
+    n_texts : texts per sample, 1..population_n_texts.
+    n_shards : shards per sample (bootstrap units).
+    k : number of next-token directions (default: the task's ``n_predictable``).
+    statistic : "ntps" (default) or "excess_loss".
+    n_boot, level : replicates and coverage level of every interval.
+    methods : interval methods to evaluate, among `INTERVAL_METHODS`.
+    population_n_texts : size of the population draw.
+    truth_shards : shards for the jackknife error of the truth; 0 skips it.
+    seed : seed of the population task and of the sampling.
+    angle : planted angle of the task (radians).
+    **task_kwargs : further arguments of `synthetic_linear_task`.
+
     Returns
     -------
-    One row per (repetition, method): estimate, lower, upper, width, covered, miss ("below":
-    the interval lies below the truth, "above", or ""), se_bootstrap, se_jackknife,
-    bias_bootstrap, truth, truth_se_jackknife, and the settings.
+    DataFrame, one row per (repetition, method): estimate, lower, upper, width, covered, miss
+    ("below": the interval lies below the truth, "above", or ""), se_bootstrap, se_jackknife,
+    bias_bootstrap, n_valid, truth, truth_se_jackknife, and the settings.
     """
     for method in methods:
         if method not in INTERVAL_METHODS:
@@ -858,7 +976,18 @@ def coverage_study(
 
 
 def summarise_coverage(study: pd.DataFrame) -> pd.DataFrame:
-    """Coverage, misses on each side, mean width and bias of the estimate, per method (and N)."""
+    """Coverage, misses on each side, mean width and bias of the estimate, per method (and N).
+
+    Parameters
+    ----------
+    study : DataFrame returned by `coverage_study` (possibly several concatenated).
+
+    Returns
+    -------
+    DataFrame, one row per (n_texts, n_shards, method) present: repetitions, coverage, miss_below,
+    miss_above, mean_width, mean_estimate_minus_truth, mean_se_bootstrap, sd_estimate,
+    mean_bias_bootstrap.
+    """
     keys = [c for c in ("n_texts", "n_shards", "method") if c in study.columns]
     grouped = study.groupby(keys, sort=False)
     return pd.DataFrame({
