@@ -82,7 +82,17 @@ SPLIT_RCOND = 1e-8
 
 
 def theory_values(geometry: TheoryGeometry, ks: np.ndarray) -> np.ndarray:
-    """NTPS_theory at each k of ``ks`` from one `TheoryGeometry`; NaN where k exceeds r_V."""
+    """NTPS_theory at each k of ``ks`` from one `TheoryGeometry`; NaN where k exceeds r_V.
+
+    Parameters
+    ----------
+    geometry : `TheoryGeometry` of one layer.
+    ks : (K,) integer array of numbers of next-token directions.
+
+    Returns
+    -------
+    (K,) float array, NaN where k < 1 or k > r_V.
+    """
     ks = np.asarray(ks, dtype=np.int64)
     out = np.full(ks.shape, np.nan)
     ok = (ks >= 1) & (ks <= geometry.r_V)
@@ -102,8 +112,9 @@ class Estimate:
     estimator : the estimator's name.
     ks : (K,) numbers of next-token directions.
     estimate : (K,) the estimates (NaN where undefined at that k).
-    reliability : (K,) smallest split-half agreement min(sigma_min(G), sigma_min(H)) (crossfit
-        estimators; NaN for the others).
+    reliability : (K,) the estimator's own reliability statistic (for "crossfit_inverse" the
+        smallest split-half agreement min(sigma_min(G), sigma_min(H)); "adjusted", "adjusted_v",
+        "debiased", "extrapolate" and "crossfit" report theirs; NaN for the others).
     n_texts, n_shards : what the estimate is over.
     """
 
@@ -137,7 +148,18 @@ def _check_ks(ks) -> np.ndarray:
 
 
 def split_halves(n_shards: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the two halves of a seeded random split of ``n_shards`` shards."""
+    """Indices of the two halves of a seeded random split of ``n_shards`` shards.
+
+    Parameters
+    ----------
+    n_shards : number of shards S >= 2.
+    seed : seed of the permutation.
+
+    Returns
+    -------
+    (a, b) : two sorted integer arrays of lengths S // 2 and S - S // 2, together a partition of
+        0..S-1.
+    """
     if n_shards < 2:
         raise ValueError(f"a split into halves needs at least 2 shards, got {n_shards}")
     order = np.random.default_rng([int(seed), 7]).permutation(n_shards)
@@ -529,10 +551,16 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
     ----------
     data : the pooled `Moments`, or a list of per-shard `Moments` (disjoint texts); the shard
         estimators (`SHARD_ESTIMATORS`) need at least 2 shards.
-    ks : numbers of next-token directions.
+    ks : (K,) positive integers, numbers of next-token directions.
     estimator : one of `ESTIMATORS`.
     seed : seed of the split into halves (crossfit estimators).
     rtol : relative range tolerance of Sxx and C0.
+    n_splits : random splits into halves averaged by "crossfit" and "extrapolate".
+
+    Returns
+    -------
+    `Estimate` with (K,) ``estimate`` and ``reliability`` arrays (NaN where undefined, and
+    ``reliability`` NaN for estimators that do not report one).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -557,13 +585,24 @@ def ntps_estimate(
     """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
 
     The interval is estimate -/+ t_{S-1, (1+level)/2} * se, se the delete-one-shard jackknife
-    standard error over the S shards (S more evaluations of the estimator). ``reliable`` is True
-    when the interval is finite and, for crossfit estimators, the split-half agreement is at least
-    ``reliability_min``; for the other estimators it is always False (no calibrated criterion).
+    standard error over the S shards (S more evaluations of the estimator; NaN at a k where a
+    replicate fails). ``reliable`` is True when the interval is finite and the estimator's
+    reliability is at least ``reliability_min``, for the estimators that report a reliability
+    ("adjusted", "adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse"); for the
+    other estimators it is always False (no calibrated criterion).
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer, at least 3 shards.
+    ks : (K,) positive integers, numbers of next-token directions.
+    estimator : one of `ESTIMATORS` (default "crossfit").
+    level : coverage level of the interval, in (0, 1).
+    seed, rtol, n_splits : as in `estimate_ntps`.
+    reliability_min : smallest reliability for which ``reliable`` can be True.
 
     Returns
     -------
-    One row per k: k, estimator, estimate, se, lower, upper, level, reliability, reliable,
+    DataFrame, one row per k: k, estimator, estimate, se, lower, upper, level, reliability, reliable,
     n_texts, n_shards.
     """
     shards = _as_shards(moment_shards)

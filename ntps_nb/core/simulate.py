@@ -98,17 +98,47 @@ class PopulationModel:
         return self._moments()
 
     def population_ntps(self, ks) -> np.ndarray:
-        """Population NTPS_theory at each k of ``ks`` (NaN beyond the population's r_V)."""
+        """Population NTPS_theory at each k of ``ks`` (NaN beyond the population's r_V).
+
+        Parameters
+        ----------
+        ks : (K,) integer numbers of next-token directions (a scalar is taken as K = 1).
+
+        Returns
+        -------
+        (K,) float array.
+        """
         from ntps_nb.core.score import theory_geometry
         from ntps_nb.core.estimators import theory_values
 
         return theory_values(theory_geometry(self.population_moments()), np.atleast_1d(ks))
 
     def sample_labels(self, n_texts: int, rng: np.random.Generator) -> np.ndarray:
+        """Labels of ``n_texts`` texts drawn independently from the class priors.
+
+        Parameters
+        ----------
+        n_texts : number of texts N.
+        rng : the random generator to draw from.
+
+        Returns
+        -------
+        (N,) integer array in 0..C-1.
+        """
         return rng.choice(self.n_classes, size=int(n_texts), p=self.priors)
 
     def sample_sequences(self, labels: np.ndarray, rng: np.random.Generator) -> Float[np.ndarray, "N T d"]:
-        """(N, T, d) token states of texts with the given labels."""
+        """(N, T, d) token states of texts with the given labels.
+
+        Parameters
+        ----------
+        labels : (N,) integer labels in 0..C-1.
+        rng : the random generator to draw from.
+
+        Returns
+        -------
+        (N, T, d) float64 array.
+        """
         return self._sampler(np.asarray(labels), rng)
 
 
@@ -129,7 +159,7 @@ def factor_model(
 
     Parameters
     ----------
-    d, n_classes, n_tokens : hidden size, classes, tokens per text.
+    d, n_classes, n_tokens : hidden size, classes, tokens per text (T >= 2).
     n_predictable : number q of predictable (text-constant) directions; default min(d // 2, 64).
     signal : scale of the label centroids (larger: larger eigenvalues of the perception problem).
     angle : angle between the label directions and the predictable span (0: labels lie in the
@@ -138,6 +168,10 @@ def factor_model(
     token_noise : isotropic token-noise scale; unpredictable_noise: extra token noise in the
         directions orthogonal to the predictable span.
     seed : seed of the planted geometry (not of the samples).
+
+    Returns
+    -------
+    `PopulationModel` of family "factor" with equal class priors.
     """
     rng = np.random.default_rng([int(seed), 101])
     q = min(d // 2, 64) if n_predictable is None else int(n_predictable)
@@ -232,14 +266,18 @@ def lds_model(
 
     Parameters
     ----------
-    d, n_classes, n_tokens : hidden size, classes, tokens per text.
+    d, n_classes, n_tokens : hidden size, classes, tokens per text (T >= 2).
     signal : scale of the class inputs b_c.
     angle : angle between the input directions and the most persistent (predictable) modes of A
         (0: inputs drive the slowest modes; pi/2: the fastest).
     gap : spacing of A's persistence spectrum and of the class inputs' singular values.
-    max_persistence : largest eigenvalue of the symmetric transition matrix A (< 1: stable).
+    max_persistence : largest eigenvalue of the symmetric transition matrix A, in (0, 1).
     noise : standard deviation of the state noise w.
     seed : seed of the planted geometry.
+
+    Returns
+    -------
+    `PopulationModel` of family "lds" with equal class priors.
     """
     rng = np.random.default_rng([int(seed), 202])
     C = int(n_classes)
@@ -280,7 +318,18 @@ def lds_model(
 
 
 def moments_of_array(sequences: Float[np.ndarray, "N T d"], labels: np.ndarray, n_classes: int) -> Moments:
-    """The NTPS moments of equal-length sequences, vectorised (equals `moments_from_sequences`)."""
+    """The NTPS moments of equal-length sequences, vectorised (equals `moments_from_sequences`).
+
+    Parameters
+    ----------
+    sequences : (N, T, d) token states.
+    labels : (N,) integer labels in 0..C-1.
+    n_classes : number of label columns C.
+
+    Returns
+    -------
+    `Moments` with n_texts = N, n_tokens = N (T - 1) and ``x_mean``; ``Shh`` is not computed.
+    """
     X = np.asarray(sequences, dtype=np.float64)
     n, T, d = X.shape
     Y = np.zeros((n, n_classes))
@@ -299,6 +348,18 @@ def sample_shards(model: PopulationModel, n_texts: int, n_shards: int, rng: np.r
     Texts are generated in blocks of at most ``block`` per shard to bound memory; every shard
     holds floor or ceil of n_texts / n_shards texts. A shard missing a class is allowed (its Syy
     has a zero), since shards are combined before anything is solved.
+
+    Parameters
+    ----------
+    model : the `PopulationModel` to sample from.
+    n_texts : number of texts N.
+    n_shards : number of shards S, 1 <= S <= N.
+    rng : the random generator (labels and sequences are drawn from it in order).
+    block : largest number of texts generated at once.
+
+    Returns
+    -------
+    list of S `Moments`.
     """
     n_texts, n_shards = int(n_texts), int(n_shards)
     if not 1 <= n_shards <= n_texts:
@@ -334,10 +395,27 @@ def estimator_map(
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     jackknife interval and reliability flag against the population NTPS.
 
-    Returns one row per (model, N, draw, estimator, k): truth, estimate, se, lower, upper,
-    covered, reliable, reliability, and the model's settings (family, d, C, T, gap, ...). k
-    values beyond the population's or the sample's rank give NaN estimates and are kept.
-    `summarise_map` turns it into bias / SD / RMSE / coverage with Monte Carlo errors.
+    k values beyond the population's or the sample's rank give NaN estimates and are kept; an
+    estimator that raises on a draw gives a row of NaN. `summarise_map` turns the frame into
+    bias / SD / RMSE / coverage with Monte Carlo errors.
+
+    Parameters
+    ----------
+    models : the `PopulationModel` generators.
+    n_over_d : (R,) ratios N / d; N = max(round(ratio * d), n_shards).
+    ks : (K,) numbers of next-token directions.
+    estimators : names from `ESTIMATORS`, passed to `ntps_estimate`.
+    n_draws : samples per (model, N).
+    n_shards : shards per sample (jackknife units).
+    level : coverage level of the intervals.
+    seed : seed of the draws.
+    progress : show a progress bar.
+
+    Returns
+    -------
+    DataFrame, one row per (model, N, draw, estimator, k): the columns of `ntps_estimate`, truth,
+    n_over_d, n_texts, draw, model (index), covered, error (estimate - truth) and the model's
+    settings as ``task_*``.
     """
     from ntps_nb.core.estimators import ntps_estimate
 
@@ -375,7 +453,20 @@ def summarise_map(frame: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd
     over all draws and over the draws its reliability flag accepts.
 
     A draw whose estimate is NaN (undefined at that k) counts as not covered and is left out of
-    bias / SD / RMSE (``n_defined`` says how many were defined).
+    bias / SD / RMSE (``n_defined`` says how many were defined). Rows with a non-finite truth are
+    dropped.
+
+    Parameters
+    ----------
+    frame : DataFrame returned by `estimator_map`.
+    by : columns defining a cell (default: those of task_family, task_d, task_n_classes, task_gap,
+        n_over_d, k, estimator that are present).
+
+    Returns
+    -------
+    DataFrame, one row per cell: the ``by`` columns, truth, draws, n_defined, bias, bias_mcse, sd,
+    rmse, coverage, coverage_mcse, mean_width, share_reliable, n_reliable, bias_reliable,
+    rmse_reliable, coverage_reliable, coverage_reliable_mcse, width_reliable.
     """
     by = list(by) if by is not None else [c for c in ("task_family", "task_d", "task_n_classes", "task_gap",
                                                            "n_over_d", "k", "estimator") if c in frame.columns]
@@ -436,7 +527,20 @@ def bias_decomposition(
     that source's contribution (the contributions need not add up: the estimators are nonlinear).
     "Sxy and Sxx sampled" keeps the two moments of the pooled states noisy together (C0, C1 exact).
 
-    Returns one row per (estimator, k, what is sampled): truth, bias, its Monte Carlo SE, SD.
+    Parameters
+    ----------
+    model : the `PopulationModel` to sample from.
+    n_texts : texts per draw N.
+    ks : (K,) numbers of next-token directions.
+    estimators : names from `ESTIMATORS`, passed to `estimate_ntps`.
+    n_draws : number of samples.
+    n_shards : shards per sample.
+    seed : seed of the draws.
+
+    Returns
+    -------
+    DataFrame, one row per (estimator, k, what is sampled): estimator, k, sampled, truth, bias,
+    bias_mcse, sd, n_defined, n_texts and the model's settings as ``task_*``.
     """
     from dataclasses import replace
 
