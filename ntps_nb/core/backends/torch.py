@@ -330,7 +330,23 @@ def theory_geometry_torch(
     moments: Moments, *, centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
     span_rtol: float = SPAN_RTOL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
 ) -> TheoryGeometry:
-    """`ntps_nb.core.score.theory_geometry`, solved on ``device``; returns the numpy `TheoryGeometry`."""
+    """`ntps_nb.core.score.theory_geometry`, solved on ``device``; returns the numpy `TheoryGeometry`.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`.
+    centred, tol, rtol, span_rtol : as in `ntps_nb.core.score.theory_geometry`.
+    device : the torch device that solves it ("cpu", "cuda", ...).
+    dtype : torch.float64 (default) or torch.float32.
+
+    Returns
+    -------
+    `TheoryGeometry` (numpy arrays: (m,) eigenvalues, (r_V, m) projected).
+
+    Raises
+    ------
+    ValueError if the geometry is undefined (e.g. Sxy zero, fewer than two classes).
+    """
     if centred:
         moments = moments.centred()
     check_labels(moments)
@@ -364,7 +380,18 @@ def theory_sweep_torch(
     rtol: float = RANGE_RTOL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
 ) -> pd.DataFrame:
     """The frame of ``ntps_sweep(moments, variant="theory", ...)`` (plug-in), with the factorisations on
-    ``device``: NTPS, the excess loss and its bounds at every k = 1..r_V."""
+    ``device``: NTPS, the excess loss and its bounds at every k = 1..r_V.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`, or a list of per-shard `Moments` (pooled).
+    centred, tol, rtol, device, dtype : as in `theory_geometry_torch`.
+
+    Returns
+    -------
+    DataFrame, one row per k = 1..r_V with the columns of `TheoryGeometry.sweep` and estimator
+    ("plugin").
+    """
     geometry = theory_geometry_torch(_pooled(moments), centred=centred, tol=tol, rtol=rtol, device=device,
                                      dtype=dtype)
     return geometry.sweep().assign(estimator="plugin")
@@ -398,6 +425,18 @@ def reference_geometry_torch(
     below the retained rank of Sxx, the first columns of U are an arbitrary basis of a null
     eigenspace (the variant is ill-posed, SPEC section 4): torch and LAPACK pick different bases
     there, so the two backends agree only where the problem is well-posed.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments` (uncentred).
+    precision : "float32" (as released) or "float64".
+    tol : absolute tolerance on the eigenvalues of Sxx and C0.
+    span_rtol : relative residual below which a column of V adds no new direction.
+    device : the torch device that solves it.
+
+    Returns
+    -------
+    `ReferenceGeometry` (numpy arrays) with U (d, r_U) and V (d, r_V) in ascending order.
     """
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
@@ -432,7 +471,20 @@ def ntps_sweep_torch(
 ) -> pd.DataFrame:
     """`ntps_nb.core.score.ntps_sweep` with the factorisations on ``device``: the same arguments and
     frame, for the plug-in estimator; ``dtype`` is the theory variant's precision (the reference
-    variant takes ``precision``)."""
+    variant takes ``precision``).
+
+    Parameters
+    ----------
+    moments, variant, centred, tol, rtol, precision, fractions : as in `ntps_nb.core.score.ntps_sweep`.
+    estimator : must be "plugin" (anything else raises).
+    device : the torch device that solves it.
+    dtype : torch.float64 (default) or torch.float32, theory variant only.
+
+    Returns
+    -------
+    DataFrame as `ntps_nb.core.score.ntps_sweep` returns for the plug-in: one row per k (theory)
+    or per fraction (reference).
+    """
     _check_plugin(estimator)
     if variant == "theory":
         return theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
@@ -480,7 +532,17 @@ class TorchShardStack:
         return len(self.shards)
 
     def combined(self, shares: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The moments of each row of a (n, S) matrix of text shares (rows summing to 1), centred if asked."""
+        """The moments of each row of a (n, S) matrix of text shares (rows summing to 1), centred if asked.
+
+        Parameters
+        ----------
+        shares : (n, S) tensor on the stack's device and dtype.
+
+        Returns
+        -------
+        dict of batched tensors: ``Sxx`` (n, d, d), ``Sxy`` (n, d, C), ``Syy`` (n, C, C), ``C0``,
+        ``C1`` (n, d, d); with ``centred`` the first three are centred by the combined x_mean.
+        """
         arrays = {n: (shares @ a).reshape(shares.shape[0], *self.shapes[n]) for n, a in self.stacked.items()}
         if self.centred:
             x = arrays.pop("x_mean")
@@ -545,11 +607,25 @@ def interval_replicates_torch(
     """The theory statistic at ``ks`` for each weighted combination of the shards.
 
     Row i of the (n, S) ``counts`` takes shard s counts[i, s] times (a bootstrap draw; a row of
-    ones minus the unit vector e_s leaves shard s out). Returns the (n, len(ks)) values (NaN
-    where k exceeds the replicate's r_V, and a row of NaN where its geometry is undefined, e.g.
-    a resample with a single class) and the number of such undefined replicates.
-    ``batch_size`` replicates are combined by one product and solved by one batched eigensolve
-    (default: as many as fit in half the free device memory, at most `MAX_BATCH`).
+    ones minus the unit vector e_s leaves shard s out). ``batch_size`` replicates are combined by
+    one product and solved by one batched eigensolve (default: as many as fit in half the free
+    device memory, at most `MAX_BATCH`).
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer (at least `MIN_SHARDS`).
+    counts : (n, S) non-negative counts, every row covering at least one text.
+    ks : (K,) numbers of next-token directions.
+    statistic : "ntps" (default) or "excess_loss".
+    centred, tol, rtol, span_rtol : as in `theory_geometry_torch`.
+    device, dtype : the torch device and precision of the solves.
+    batch_size : replicates per batched solve, a positive integer (default: from free memory).
+
+    Returns
+    -------
+    values : (n, K) float array, NaN where k exceeds the replicate's r_V, and a row of NaN where
+        its geometry is undefined (e.g. a resample with a single class).
+    failed : int, the number of such undefined replicates.
     """
     dtype, device = _check_dtype(dtype), _device(device)
     stack = TorchShardStack(moment_shards, centred=centred, dtype=dtype, device=device)
@@ -596,6 +672,18 @@ def interval_sweep_torch(
     replicates as the numpy function, the same summaries; the replicates' moments are formed
     ``batch_size`` at a time as one product and their eigenproblems solved as one batched call
     (see `interval_replicates_torch`).
+
+    Parameters
+    ----------
+    moment_shards, statistic, n_boot, level, seed, method, centred, tol, rtol : as in
+        `ntps_nb.core.intervals.ntps_interval_sweep`.
+    variant : must be "theory".
+    device, dtype, batch_size : as in `interval_replicates_torch`.
+
+    Returns
+    -------
+    DataFrame, one row per k = 1..r_V of the full data, with the columns of
+    `ntps_nb.core.intervals.ntps_interval_sweep` (theory variant).
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     if variant != "theory":
