@@ -126,7 +126,14 @@ class Moments:
         return np.diag(self.Syy).copy()
 
     def centred(self) -> "Moments":
-        """The centred perception moments (a probe with intercept); the next-token side is unchanged."""
+        """The centred perception moments (a probe with intercept); the next-token side is unchanged.
+
+        Returns
+        -------
+        `Moments` with Sxx - x_mean x_mean^T, Sxy - x_mean y_mean^T, Syy - y_mean y_mean^T
+        (y_mean the diagonal of Syy) and ``is_centred`` True; ``self`` if already centred.
+        Raises ValueError when ``x_mean`` is missing.
+        """
         if self.is_centred:
             return self
         if self.x_mean is None:
@@ -141,7 +148,17 @@ class Moments:
         )
 
     def with_labels(self, Sxy: Float[np.ndarray, "d C"], Syy: Float[np.ndarray, "C C"]) -> "Moments":
-        """A copy with other label moments (e.g. under permuted labels); the cached arrays stay unchanged."""
+        """A copy with other label moments (e.g. under permuted labels); the cached arrays stay unchanged.
+
+        Parameters
+        ----------
+        Sxy : (d, C) the new cross moment of pooled states and one-hot labels.
+        Syy : (C, C) the new label second moment.
+
+        Returns
+        -------
+        `Moments`, the other fields unchanged.
+        """
         return replace(self, Sxy=Sxy, Syy=Syy)
 
     @staticmethod
@@ -149,6 +166,16 @@ class Moments:
         """Exact moments of the union of disjoint parts: the text-count-weighted mean of each moment.
 
         ``weights`` multiplies each part's text count (a bootstrap draws a part several times).
+
+        Parameters
+        ----------
+        parts : uncentred `Moments` with the same d and C.
+        weights : (P,) non-negative multiplicities, one per part, not all zero (default: ones).
+
+        Returns
+        -------
+        `Moments` with n_texts and n_tokens the weighted totals (rounded); an optional array is kept
+        only when every part has it.
         """
         parts = list(parts)
         if not parts:
@@ -339,7 +366,17 @@ class LayerMoments(Mapping[int, Moments]):
 
     @staticmethod
     def combine(parts: Sequence["LayerMoments"], weights: Sequence[float] | None = None) -> "LayerMoments":
-        """Layer-wise `Moments.combine`; the metadata of the first part is kept."""
+        """Layer-wise `Moments.combine`; the metadata of the first part is kept.
+
+        Parameters
+        ----------
+        parts : `LayerMoments` with the same layers.
+        weights : as in `Moments.combine`.
+
+        Returns
+        -------
+        `LayerMoments` of the combined layers.
+        """
         parts = list(parts)
         if not parts:
             raise ValueError("combine needs at least one LayerMoments")
@@ -354,7 +391,16 @@ class LayerMoments(Mapping[int, Moments]):
         return LayerMoments.combine([self, other])
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an ``.npz`` (no pickle) atomically: the file appears complete or not at all."""
+        """Write an ``.npz`` (no pickle) atomically: the file appears complete or not at all.
+
+        Parameters
+        ----------
+        path : destination file.
+
+        Returns
+        -------
+        Path of the written file.
+        """
         path = Path(path)
         payload: dict[str, np.ndarray] = {}
         for layer, moments in self._layers.items():
@@ -369,7 +415,16 @@ class LayerMoments(Mapping[int, Moments]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerMoments":
-        """Read what `save` wrote."""
+        """Read what `save` wrote.
+
+        Parameters
+        ----------
+        path : an ``.npz`` written by `save`.
+
+        Returns
+        -------
+        `LayerMoments` with the saved layers and metadata.
+        """
         with np.load(Path(path), allow_pickle=False) as data:
             metadata = json.loads(str(data["__metadata__"]))
             grouped: dict[int, dict[str, Any]] = {}

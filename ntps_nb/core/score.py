@@ -93,7 +93,16 @@ class TheoryGeometry:
         return min(k, self.m)
 
     def k(self, k: int | None = None, fraction: float | None = None) -> int:
-        """Validate k, or turn a fraction of r_V into k = int(fraction * r_V)."""
+        """Validate k, or turn a fraction of r_V into k = int(fraction * r_V).
+
+        Parameters
+        ----------
+        k, fraction : give exactly one; 1 <= k <= r_V, 0 < fraction <= 1.
+
+        Returns
+        -------
+        int, the number of next-token directions.
+        """
         return _k_from(k, fraction, self.r_V)
 
     def ntps(self, k: int) -> float:
@@ -111,21 +120,57 @@ class TheoryGeometry:
         return float(self.projected[k - 1, :kU].sum() / kU)
 
     def loss(self, k: int) -> float:
-        """In-sample MSE of the least-squares probe on the k next-token features V_k."""
+        """In-sample MSE of the least-squares probe on the k next-token features V_k.
+
+        Parameters
+        ----------
+        k : number of next-token directions, 1 <= k <= r_V.
+
+        Returns
+        -------
+        float, tr(Syy) - sum_i lambda_i ||Pt_k u_i||^2.
+        """
         return float(self.trace_Syy - self.eigenvalues @ self.projected[k - 1])
 
     def best_loss(self, k: int) -> float:
-        """In-sample MSE of the best k linear features (the top k_U perception directions)."""
+        """In-sample MSE of the best k linear features (the top k_U perception directions).
+
+        Parameters
+        ----------
+        k : number of directions.
+
+        Returns
+        -------
+        float, tr(Syy) - sum_{i <= k_U} lambda_i.
+        """
         return float(self.trace_Syy - self.eigenvalues[: self.k_U(k)].sum())
 
     def excess_loss(self, k: int) -> float:
-        """DeltaL = L(V_k) - L*, from the identity of SPEC section 5."""
+        """DeltaL = L(V_k) - L*, from the identity of SPEC section 5.
+
+        Parameters
+        ----------
+        k : number of next-token directions, 1 <= k <= r_V.
+
+        Returns
+        -------
+        float, ``loss(k) - best_loss(k)`` computed from the identity.
+        """
         kU = self.k_U(k)
         lam, proj = self.eigenvalues, self.projected[k - 1]
         return float(lam[:kU] @ (1.0 - proj[:kU]) - lam[kU:] @ proj[kU:])
 
     def bounds(self, k: int) -> tuple[float, float]:
-        """(lower, upper) = ((lambda_kU - lambda_{k+1}), lambda_1) * k_U * (1 - NTPS)."""
+        """(lower, upper) = ((lambda_kU - lambda_{k+1}), lambda_1) * k_U * (1 - NTPS).
+
+        Parameters
+        ----------
+        k : number of next-token directions, 1 <= k <= r_V.
+
+        Returns
+        -------
+        (lower, upper) : tuple of two floats (lambda_{k+1} taken as 0 when k >= m).
+        """
         kU = self.k_U(k)
         gap = 1.0 - self.ntps(k)
         lam_next = self.eigenvalues[k] if k < self.m else 0.0
@@ -230,7 +275,16 @@ class ReferenceGeometry:
         return self.V.shape[1]
 
     def counts_at(self, fraction: float) -> tuple[int, int]:
-        """(k_U, k_V) = (int(f * r_U), int(f * r_V)), as the released code truncates."""
+        """(k_U, k_V) = (int(f * r_U), int(f * r_V)), as the released code truncates.
+
+        Parameters
+        ----------
+        fraction : f.
+
+        Returns
+        -------
+        (k_U, k_V) : tuple of two ints (0 when f selects no column).
+        """
         return int(fraction * self.r_U), int(fraction * self.r_V)
 
     def ntps(self, fraction: float) -> float:

@@ -94,7 +94,13 @@ class PopulationModel:
     _sampler: Callable[[np.ndarray, np.random.Generator], np.ndarray] = field(repr=False)
 
     def population_moments(self) -> Moments:
-        """The NTPS moments of the population (expectations per text), exactly."""
+        """The NTPS moments of the population (expectations per text), exactly.
+
+        Returns
+        -------
+        `Moments` with n_texts = 1, n_tokens = T - 1 and ``x_mean``; Sxx, C0, C1 (d, d), Sxy (d, C),
+        Syy (C, C) = diag(priors).
+        """
         return self._moments()
 
     def population_ntps(self, ks) -> np.ndarray:

@@ -56,7 +56,16 @@ class Subspace:
     order: Order
 
     def top(self, k: int) -> Float[np.ndarray, "d k"]:
-        """The first k columns in this subspace's order."""
+        """The first k columns in this subspace's order.
+
+        Parameters
+        ----------
+        k : number of columns, 0 <= k <= r (larger k gives all r columns).
+
+        Returns
+        -------
+        (d, k) float array, a view of ``vectors``.
+        """
         return self.vectors[:, :k]
 
 
