@@ -55,7 +55,13 @@ class TextSet:
         return len(self.class_names)
 
     def fingerprint(self) -> str:
-        """sha256 of the texts and labels in order: the dataset part of a cache key."""
+        """sha256 of the texts and labels in order: the dataset part of a cache key.
+
+        Returns
+        -------
+        str
+            64 hex digits over every (text, label) pair in order and the class names.
+        """
         import hashlib
 
         digest = hashlib.sha256()
@@ -145,7 +151,18 @@ class Extraction:
         return len(self.class_names)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write atomically into ``folder`` (npz/npy/json only; no pickle)."""
+        """Write atomically into ``folder`` (npz/npy/json only; no pickle).
+
+        Parameters
+        ----------
+        folder : str or PathLike
+            The entry's folder (replaced if it exists).
+
+        Returns
+        -------
+        Path
+            ``folder``.
+        """
         folder = Path(folder)
         with atomic_path(folder, directory=True) as tmp:
             self.moments.save(tmp / "moments.npz")
@@ -163,6 +180,21 @@ class Extraction:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Extraction":
+        """An extraction written by `save`.
+
+        Parameters
+        ----------
+        folder : str or PathLike
+
+        Returns
+        -------
+        Extraction
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``folder`` holds no complete extraction (no ``extraction.json``).
+        """
         folder = Path(folder)
         meta_path = folder / "extraction.json"
         if not meta_path.is_file():

@@ -136,7 +136,16 @@ class LoraResult:
         return head.eval()
 
     def row(self) -> dict[str, Any]:
-        """A tidy row: model, data sizes, accuracy, budget (and the paper's) and the settings."""
+        """A tidy row: model, data sizes, accuracy, budget (and the paper's) and the settings.
+
+        Returns
+        -------
+        dict
+            ``model``, ``weights_sha256``, ``lora_key``, ``n_classes``, ``n_train``, ``n_test``,
+            ``lora_accuracy``, ``lora_kappa``, ``chance``, ``majority_rate``,
+            ``final_train_loss`` (mean of the last 10 steps' losses), ``budget_*`` and
+            ``paper_*`` entries, and the settings outside the budget (lists and dicts as JSON).
+        """
         return {
             "model": self.model["name"], "weights_sha256": self.model["weights_sha256"], "lora_key": self.key,
             "n_classes": self.n_classes, "n_train": self.n_train, "n_test": self.n_test,
@@ -149,7 +158,18 @@ class LoraResult:
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write atomically into ``folder``: JSON, npy and safetensors only (no pickle)."""
+        """Write atomically into ``folder``: JSON, npy and safetensors only (no pickle).
+
+        Parameters
+        ----------
+        folder : str or PathLike
+            The entry's folder (replaced if it exists); recorded as ``self.folder``.
+
+        Returns
+        -------
+        Path
+            ``folder``.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -168,6 +188,22 @@ class LoraResult:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "LoraResult":
+        """A result written by `save`.
+
+        Parameters
+        ----------
+        folder : str or PathLike
+
+        Returns
+        -------
+        LoraResult
+            With ``folder`` set.
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``folder`` holds no complete result (no ``result.json``).
+        """
         from safetensors.torch import load_file
 
         folder = Path(folder)

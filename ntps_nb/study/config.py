@@ -130,7 +130,15 @@ class StudyConfig:
     dataset_files: tuple[DatasetFile, ...] = ()
 
     def settings(self) -> dict[str, Any]:
-        """Everything that changes a unit's numbers (not the grid, not where results go)."""
+        """Everything that changes a unit's numbers (not the grid, not where results go).
+
+        Returns
+        -------
+        dict
+            The fields that decide the numbers as JSON values, plus ``study_version``; a setting
+            added after units were committed is left out while it has the value those units
+            were computed with.
+        """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
                              "analysis_threads", "torch_threads", "device", "dataset_files")}
@@ -153,9 +161,25 @@ class StudyConfig:
         return Path(self.results_dir) if self.results_dir else RESULTS_ROOT / self.name
 
     def units(self) -> list[tuple[str, str]]:
+        """The grid: every (model, dataset) pair, model by model.
+
+        Returns
+        -------
+        list of (str, str)
+        """
         return [(model, dataset) for model in self.models for dataset in self.datasets]
 
     def unit_folder(self, model: str, dataset: str) -> Path:
+        """Where a unit's tables go: ``<study folder>/units/<unit_name>``.
+
+        Parameters
+        ----------
+        model, dataset : str
+
+        Returns
+        -------
+        Path
+        """
         return self.folder / "units" / unit_name(model, dataset)
 
     def dataset_file(self, dataset: str) -> DatasetFile | None:

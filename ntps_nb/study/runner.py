@@ -31,7 +31,20 @@ class UnitClaim:
 
     @classmethod
     def take(cls, cfg: StudyConfig, model: str, dataset: str) -> "UnitClaim | None":
-        """The claim, or None when another live process holds it."""
+        """The claim, or None when another live process holds it.
+
+        Parameters
+        ----------
+        cfg : StudyConfig
+        model, dataset : str
+            The unit's model and dataset names.
+
+        Returns
+        -------
+        UnitClaim or None
+            The claim on ``<study>/units/.<unit>.claim`` (created exclusively, recording host,
+            pid and start time); a stale claim of a dead process on this host is taken over.
+        """
         path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"host": platform.node(), "pid": os.getpid(),
@@ -51,7 +64,19 @@ class UnitClaim:
 
     @classmethod
     def holder(cls, cfg: StudyConfig, model: str, dataset: str) -> dict | None:
-        """The live claim's record (host, pid, started) of a unit, or None."""
+        """The live claim's record (host, pid, started) of a unit, or None.
+
+        Parameters
+        ----------
+        cfg : StudyConfig
+        model, dataset : str
+            The unit's model and dataset names.
+
+        Returns
+        -------
+        dict or None
+            None when no live claim exists; an empty dict when the claim file cannot be read.
+        """
         path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
         if not path.is_file() or cls._stale(path):
             return None

@@ -188,13 +188,39 @@ class StageStore:
         return (self.path(stage, key) / "record.json").is_file()
 
     def keys(self, stage: str) -> list[str]:
-        """The keys stored for ``stage`` (current or not)."""
+        """The keys stored for ``stage`` (current or not).
+
+        Parameters
+        ----------
+        stage : str
+            A stage name.
+
+        Returns
+        -------
+        list of str
+            Sorted keys of the complete entries (those with a ``record.json``).
+        """
         if not self.folder.is_dir():
             return []
         return sorted(p.name[len(stage) + 1:] for p in self.folder.iterdir()
                       if p.name.startswith(f"{stage}-") and (p / "record.json").is_file())
 
     def load(self, stage: str, key: str) -> StageResult | None:
+        """The stored result of ``stage`` under ``key``, or None when there is none.
+
+        Parameters
+        ----------
+        stage : str
+            A stage name.
+        key : str
+            The stage's content key (`stage_keys`).
+
+        Returns
+        -------
+        StageResult or None
+            The table (None when the stage wrote none; text columns read back as text) and the
+            record.
+        """
         entry = self.path(stage, key)
         if not (entry / "record.json").is_file():
             return None
@@ -206,7 +232,23 @@ class StageStore:
 
     def save(self, stage: str, key: str, table: pd.DataFrame | None, record: dict[str, Any]) -> StageResult:
         """Store a stage's result; returns it as `load` reads it back, so a stage's table is the
-        same whether it was just computed or reused (None and NaN alike are missing values)."""
+        same whether it was just computed or reused (None and NaN alike are missing values).
+
+        Parameters
+        ----------
+        stage : str
+            A stage name.
+        key : str
+            The stage's content key.
+        table : DataFrame or None
+            The stage's table, if it has one.
+        record : dict
+            JSON-serialisable facts of the computation (``stage`` and ``key`` are added).
+
+        Returns
+        -------
+        StageResult
+        """
         record = {"stage": stage, "key": key, **record}
         if table is not None:
             record["text_columns"] = [name for name in table.columns if not pd.api.types.is_numeric_dtype(table[name])
