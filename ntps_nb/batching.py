@@ -172,7 +172,19 @@ def valid_mask(
 def mask_states(
     hidden: Float[torch.Tensor, "B T d"], valid: Bool[torch.Tensor, "B T"], dtype: torch.dtype
 ) -> Float[torch.Tensor, "B T d"]:
-    """Hidden states in ``dtype`` with every position that is not valid set to exactly zero."""
+    """Hidden states in ``dtype`` with every position that is not valid set to exactly zero.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape (B, T, d)
+    valid : Tensor of bool, shape (B, T)
+    dtype : torch.dtype
+        Precision of the result.
+
+    Returns
+    -------
+    Tensor, shape (B, T, d)
+    """
     return torch.where(valid[..., None], hidden.to(dtype), 0)
 
 

@@ -21,7 +21,18 @@ CACHE_ENV = "NTPS_NB_CACHE"
 
 
 def cache_dir(*parts: str) -> Path:
-    """Root of the ntps_nb cache (``$NTPS_NB_CACHE`` or ``~/.cache/ntps_nb``), joined with parts."""
+    """Root of the ntps_nb cache (``$NTPS_NB_CACHE`` or ``~/.cache/ntps_nb``), joined with parts.
+
+    Parameters
+    ----------
+    *parts : str
+        Sub-folder names below the root.
+
+    Returns
+    -------
+    Path
+        The folder, created (with its parents) if it did not exist.
+    """
     root = os.environ.get(CACHE_ENV)
     if root:
         base = Path(root).expanduser()
@@ -34,13 +45,38 @@ def cache_dir(*parts: str) -> Path:
 
 
 def content_key(fields: dict[str, Any], length: int = 16) -> str:
-    """Stable hex key of a JSON-serialisable dict (sorted keys), used as an entry name."""
+    """Stable hex key of a JSON-serialisable dict (sorted keys), used as an entry name.
+
+    Parameters
+    ----------
+    fields : dict
+        JSON-serialisable fields (values that are not are written with ``str``).
+    length : int
+        Number of hex characters kept.
+
+    Returns
+    -------
+    str
+        The first ``length`` hex digits of the sha256 of the canonical JSON.
+    """
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    chunk : int
+        Bytes read per step.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):

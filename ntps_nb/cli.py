@@ -59,6 +59,14 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m ntps_nb`` argument parser: ``demo``, ``run`` and the sub-commands that the
+    orchestration modules (study, lora, notebooks) register through their ``register_cli``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Each sub-command sets ``func``, the function that runs it on the parsed arguments.
+    """
     parser = argparse.ArgumentParser(prog="python -m ntps_nb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="NTPS and its bounds on synthetic planted-angle tasks")
@@ -87,5 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen sub-command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The sub-command's exit status.
+    """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)

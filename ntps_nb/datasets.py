@@ -120,7 +120,17 @@ class OfflineSource:
 
 
 def normalise_text(text: str) -> str:
-    """Whitespace-normalised text: the key used for duplicate detection."""
+    """Whitespace-normalised text: the key used for duplicate detection.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    str
+        The text's whitespace-separated words joined by single spaces (no leading or trailing space).
+    """
     return " ".join(text.split())
 
 
@@ -492,7 +502,12 @@ _HUB_BY_ID = {s.hf_id: s for s in HUB.values()}
 
 
 def list_datasets() -> list[str]:
-    """Known dataset names: the offline ones first (SPEC section 8 order), then the Hub ones."""
+    """Known dataset names: the offline ones first (SPEC section 8 order), then the Hub ones.
+
+    Returns
+    -------
+    list of str
+    """
     return list(OFFLINE) + list(HUB)
 
 
@@ -978,6 +993,16 @@ def dataset_info(name: str) -> dict:
     per-class counts per split after dedup, dedup counts, split rule, quirks (builds the cache
     entry if needed). Hub datasets: the registry entry and split rule (no sizes: nothing is
     downloaded).
+
+    Parameters
+    ----------
+    name : str
+        A name of `list_datasets` (or a Hub dataset's id).
+
+    Returns
+    -------
+    dict
+        The provenance record (a fresh copy; JSON-serialisable).
     """
     src = _lookup(name)
     if isinstance(src, HubSource):

@@ -55,7 +55,13 @@ class TextSet:
         return len(self.class_names)
 
     def fingerprint(self) -> str:
-        """sha256 of the texts and labels in order: the dataset part of a cache key."""
+        """sha256 of the texts and labels in order: the dataset part of a cache key.
+
+        Returns
+        -------
+        str
+            64 hex digits over every (text, label) pair in order and the class names.
+        """
         import hashlib
 
         digest = hashlib.sha256()
@@ -67,7 +73,29 @@ class TextSet:
 
 
 def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
-    """Accept a ``datasets.Dataset`` (columns text/label), a pandas DataFrame, or (texts, labels)."""
+    """Accept a ``datasets.Dataset`` (columns text/label), a pandas DataFrame, or (texts, labels).
+
+    Parameters
+    ----------
+    data : TextSet, ``datasets.Dataset``, DataFrame, or tuple (texts, labels)
+        N texts (strings) and N integer labels; a `TextSet` is returned as it is.
+    n_classes : int, optional
+        Number of classes C; default the dataset's class names, else max(label) + 1.
+
+    Returns
+    -------
+    TextSet
+        The N texts, labels (N,) checked to lie in 0..C-1, and C class names (the dataset's
+        label names, else "0".."C-1").
+
+    Raises
+    ------
+    ValueError
+        On an empty dataset, labels not of shape (N,), texts that are not strings, or an
+        ``n_classes`` other than the number of the dataset's class names.
+    TypeError
+        On data of another type.
+    """
     class_names: list[str] | None = None
     if isinstance(data, TextSet):
         return data
@@ -123,7 +151,18 @@ class Extraction:
         return len(self.class_names)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write atomically into ``folder`` (npz/npy/json only; no pickle)."""
+        """Write atomically into ``folder`` (npz/npy/json only; no pickle).
+
+        Parameters
+        ----------
+        folder : str or PathLike
+            The entry's folder (replaced if it exists).
+
+        Returns
+        -------
+        Path
+            ``folder``.
+        """
         folder = Path(folder)
         with atomic_path(folder, directory=True) as tmp:
             self.moments.save(tmp / "moments.npz")
@@ -141,6 +180,21 @@ class Extraction:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Extraction":
+        """An extraction written by `save`.
+
+        Parameters
+        ----------
+        folder : str or PathLike
+
+        Returns
+        -------
+        Extraction
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``folder`` holds no complete extraction (no ``extraction.json``).
+        """
         folder = Path(folder)
         meta_path = folder / "extraction.json"
         if not meta_path.is_file():
@@ -367,12 +421,23 @@ def extract(
         (benchmarks/results). The choice is recorded in the metadata. (Products split into
         bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
     pooled_layers : layers whose mean-pooled features (N x d) are returned, "all", or None.
+    pooled_dtype : numpy dtype name of the returned pooled features.
     padding_side : "right" or "left"; position ids are explicit, so this changes no moment.
     shards, shard_layers, shard_seed : also keep the moments of ``shards`` disjoint random groups
         of texts (for intervals), for ``shard_layers`` (default: all requested layers); the shards
         carry every moment but Shh.
     token_moments : also accumulate Shh, the second moment of the token states.
+    n_classes : number of classes C (default: the dataset's class names, else max(label) + 1).
+    progress : show a progress bar.
     metadata : extra provenance recorded with the result.
+
+    Returns
+    -------
+    Extraction
+        ``moments`` (the moments of every requested layer), ``labels`` (N,), ``class_names``,
+        ``lengths`` (N,) valid positions per text, ``pooled`` (layer -> (N, d) mean-pooled
+        features, texts in dataset order) when ``pooled_layers`` is given, ``shards`` (a list
+        of ``shards`` layer moments) when asked, and ``metadata`` (settings, timing, provenance).
     """
     if precision not in ("auto", "float32", "float64"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
@@ -497,6 +562,32 @@ def layer_factors(
     text; ``y`` (B, C) one-hot. Returns {moment: (a, b)} and the pooled vectors ``xbar`` (B, d).
     With ``shh_from_identity`` the Shh entry is "SS", the text totals' outer products (see
     `_Accumulator`); otherwise Shh's own token-level product.
+
+    Parameters
+    ----------
+    h : Tensor, shape (B, T, d)
+        Hidden states of one layer.
+    valid : Tensor of bool, shape (B, T)
+    pair_rows : Tensor of int, shape (P,)
+        Flat indices into (B, T-1) of the P positions t with t and t+1 valid.
+    counts : Tensor, shape (B, 1)
+        Valid positions per text.
+    y : Tensor, shape (B, C)
+        One-hot labels.
+    compute_dtype : torch.dtype
+        Precision of the factors.
+    token_moments : bool
+        Include the Shh (or SS) entry.
+    shh_from_identity : bool
+        Give "SS" (totals (B, d), twice) instead of "Shh" (token states (B*T, d), twice).
+
+    Returns
+    -------
+    factors : dict of str to (Tensor, Tensor)
+        "Sxx": (xbar, xbar), "Sxy": (xbar, y), "C0": (prefix, prefix) and "C1": (prefix,
+        following) with prefix and following (P, d), and "Shh" or "SS" with ``token_moments``.
+    xbar : Tensor, shape (B, d)
+        Mean of each text's valid states.
     """
     d = h.shape[-1]
     h = mask_states(h, valid, compute_dtype)
@@ -533,6 +624,17 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     9.0, 10.0: P100, V100, A100, H100/H200, B200), where it costs little or nothing more than float32;
     float32 elsewhere (consumer GPUs run float64 at 1/32-1/64 of the float32 rate; Apple's MPS has
     no float64).
+
+    Parameters
+    ----------
+    precision : str
+        "auto", "float32" or "float64".
+    device : str or torch.device
+
+    Returns
+    -------
+    str
+        "float32" or "float64" (``precision`` itself unless it is "auto").
     """
     if precision != "auto":
         return precision
@@ -546,7 +648,24 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 
 def extraction_key(model_info: dict[str, Any], text_set: TextSet, settings: dict[str, Any]) -> str:
-    """Content key of an extraction: model identity, the exact texts and labels, the settings."""
+    """Content key of an extraction: model identity, the exact texts and labels, the settings.
+
+    Parameters
+    ----------
+    model_info : dict
+        The model's info (`ntps_nb.models.ModelInfo.as_dict`); its name, weights_sha256, dtype,
+        model_type and n_params enter the key.
+    text_set : TextSet
+        The texts and labels (their fingerprint enters the key).
+    settings : dict
+        The extraction settings that decide the numbers.
+
+    Returns
+    -------
+    str
+        16 hex digits (`ntps_nb.cache.content_key`), also covering the package and extraction
+        versions.
+    """
     from ntps_nb import __version__
 
     identity = {name: model_info.get(name) for name in ("name", "weights_sha256", "dtype", "model_type", "n_params")}
@@ -580,7 +699,27 @@ def extract_cached(
     **settings: Any,
 ) -> Extraction:
     """`extract` behind a content-addressed cache: the same model weights, texts, labels and
-    settings load the stored result; anything else computes and stores a new entry atomically."""
+    settings load the stored result; anything else computes and stores a new entry atomically.
+
+    Parameters
+    ----------
+    model, tokenizer : a Hugging Face causal LM and its tokenizer.
+    model_info : ModelInfo or dict
+        The model's identity (see `extraction_key`).
+    data : as for `extract`.
+    cache : str or PathLike, optional
+        Cache folder (default ``cache_dir("extractions")``); the entry is ``<cache>/<key>``.
+    dataset_info : dict, optional
+        Dataset provenance recorded in the metadata of a new entry.
+    **settings
+        Keyword arguments of `extract`; those that decide the numbers (with defaults filled in
+        and "auto" precision resolved for the device) enter the key.
+
+    Returns
+    -------
+    Extraction
+        As `extract` returns it, loaded from the cache when the entry exists.
+    """
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
     key_settings = _settings_with_defaults(settings)

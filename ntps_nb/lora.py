@@ -136,7 +136,16 @@ class LoraResult:
         return head.eval()
 
     def row(self) -> dict[str, Any]:
-        """A tidy row: model, data sizes, accuracy, budget (and the paper's) and the settings."""
+        """A tidy row: model, data sizes, accuracy, budget (and the paper's) and the settings.
+
+        Returns
+        -------
+        dict
+            ``model``, ``weights_sha256``, ``lora_key``, ``n_classes``, ``n_train``, ``n_test``,
+            ``lora_accuracy``, ``lora_kappa``, ``chance``, ``majority_rate``,
+            ``final_train_loss`` (mean of the last 10 steps' losses), ``budget_*`` and
+            ``paper_*`` entries, and the settings outside the budget (lists and dicts as JSON).
+        """
         return {
             "model": self.model["name"], "weights_sha256": self.model["weights_sha256"], "lora_key": self.key,
             "n_classes": self.n_classes, "n_train": self.n_train, "n_test": self.n_test,
@@ -149,7 +158,18 @@ class LoraResult:
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write atomically into ``folder``: JSON, npy and safetensors only (no pickle)."""
+        """Write atomically into ``folder``: JSON, npy and safetensors only (no pickle).
+
+        Parameters
+        ----------
+        folder : str or PathLike
+            The entry's folder (replaced if it exists); recorded as ``self.folder``.
+
+        Returns
+        -------
+        Path
+            ``folder``.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -168,6 +188,22 @@ class LoraResult:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "LoraResult":
+        """A result written by `save`.
+
+        Parameters
+        ----------
+        folder : str or PathLike
+
+        Returns
+        -------
+        LoraResult
+            With ``folder`` set.
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``folder`` holds no complete result (no ``result.json``).
+        """
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -522,6 +558,18 @@ def adapter_model(result: LoraResult, base: str | LoadedModel | None = None) -> 
 
     ``base`` defaults to loading ``result.model["name"]``; a given base must have the same weights.
     Use with ``result.head()`` and `pooled_last_hidden` to reproduce the classifier.
+
+    Parameters
+    ----------
+    result : LoraResult
+        A fine-tuning result (its adapter weights and LoRA config).
+    base : str or LoadedModel, optional
+        The base model, by name or loaded (it is copied, not modified).
+
+    Returns
+    -------
+    LoadedModel
+        ``(peft_model, tokenizer, info)`` with the base model's tokenizer and info.
     """
     from peft import set_peft_model_state_dict
 
@@ -541,6 +589,17 @@ def merged_model(result: LoraResult, base: str | LoadedModel | None = None) -> L
     name ``<base>+lora-<key>`` and a source saying what was merged, so extraction caches key the
     post-LoRA moments apart from the base model's. "NTPS after LoRA" is the NTPS of this model
     extracted with the same settings (`ntps_before_after`).
+
+    Parameters
+    ----------
+    result : LoraResult
+    base : str or LoadedModel, optional
+        As for `adapter_model`.
+
+    Returns
+    -------
+    LoadedModel
+        ``(merged_model, tokenizer, merged_info)``.
     """
     peft_model, tokenizer, info = adapter_model(result, base)
     merged = peft_model.merge_and_unload().eval()
@@ -662,9 +721,36 @@ def lora_gain(
     (standardised logistic regression); ``"torch_linear"`` is the paper's torch probe
     (`ntps_nb.torch_probe.torch_linear_probe`).
 
+    Parameters
+    ----------
+    result : LoraResult
+    train, test : data as `ntps_nb.extract.as_text_set` accepts
+        The splits the LoRA result was trained and tested on.
+    base : str or LoadedModel, optional
+        The base model (default: loaded from ``result``).
+    probe : "heldout" or "torch_linear"
+    batch_size, precision : extraction settings of the base features.
+    base_features : tuple of two arrays, shapes (N_train, d) and (N_test, d), optional
+        The base model's pooled last-layer features of train and test.
+    cache : str or PathLike, optional
+        Extraction cache folder.
+    progress : bool
+        Show extraction progress.
+    seed : int
+        Seed of the probe.
+
     Returns
     -------
-    ``result.row()`` plus ``probe_protocol``, ``probe_accuracy``, ``gain``, ``gain_points``.
+    dict
+        ``result.row()`` plus ``probe_protocol``, ``probe_layer`` (the last hidden state),
+        ``probe_accuracy``, ``gain`` (LoRA minus probe test accuracy) and ``gain_points``
+        (100 x gain).
+
+    Raises
+    ------
+    ValueError
+        When the splits differ from the result's, ``base_features`` have the wrong shape, or
+        ``probe`` is unknown.
     """
     from ntps_nb.core.probes import heldout_probe
     from ntps_nb.torch_probe import torch_linear_probe
@@ -726,7 +812,17 @@ def _cli(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add ``python -m ntps_nb lora``: one fine-tuning run and its gain, printed as JSON."""
+    """Add ``python -m ntps_nb lora``: one fine-tuning run and its gain, printed as JSON.
+
+    Parameters
+    ----------
+    subparsers : argparse subparsers action
+        The ``python -m ntps_nb`` parser's sub-command group.
+
+    Returns
+    -------
+    None
+    """
     parser = subparsers.add_parser("lora", help="LoRA fine-tune one model on one dataset and report the gain")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dataset", default="trec6")

@@ -233,7 +233,13 @@ def _hub_quirks(ref: str, local: Path | None) -> _HubQuirks:
 
 
 def known_models() -> list[str]:
-    """Short names :func:`load_model` understands (each also with the ``:random`` suffix)."""
+    """Short names :func:`load_model` understands (each also with the ``:random`` suffix).
+
+    Returns
+    -------
+    list of str
+        The registered GGUF models, then the tiny test models, each group sorted.
+    """
     return sorted(_GGUF_MODELS) + sorted(_TINY_MODELS)
 
 
@@ -349,6 +355,16 @@ def converted_folder(name: str) -> Path:
     It is written under a temporary name and moved into place in one step, so an interrupted
     conversion leaves nothing that looks complete; the next call converts again. A file lock
     makes concurrent first uses (two notebooks, parallel tests) convert once.
+
+    Parameters
+    ----------
+    name : str
+        A registered GGUF model's short name.
+
+    Returns
+    -------
+    Path
+        The converted folder in the cache.
     """
     final = _converted_path(name)
     if _read_metadata(final) is not None:
@@ -668,6 +684,16 @@ def hidden_state_layers(model: PreTrainedModel) -> list[int]:
     """Indices ``0..L`` of ``output_hidden_states`` for a model with ``L`` blocks.
 
     Index 0 is the embedding output and index ``L`` the final-normed residual stream.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM (or a peft model wrapping one).
+
+    Returns
+    -------
+    list of int
+        ``[0, 1, ..., L]``.
     """
     return list(range(_n_layers(_text_config(model)) + 1))
 
@@ -807,6 +833,11 @@ def target_modules(model: torch.nn.Module) -> list[str]:
     q, k, v or fused-qkv projection name, and its parent's name says attention. Output
     projections (``o_proj``, ``c_proj``, ``out_proj``) never qualify.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose module tree is searched.
+
     Returns
     -------
     list of str
@@ -869,7 +900,18 @@ def check_target_modules(model: torch.nn.Module, targets: Sequence[str]) -> bool
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 over a model's state dict: sorted names, dtypes, shapes and raw bytes."""
+    """sha256 over a model's state dict: sorted names, dtypes, shapes and raw bytes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    str
+        64 hex digits; equal for two models exactly when their tensors are bit-identical
+        (same names, dtypes and shapes).
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)

@@ -78,7 +78,26 @@ class NotebookCheckError(ValueError):
 
 
 def notebook_path(name: str, folder: str | os.PathLike | None = None) -> Path:
-    """The notebook called ``name``: "00_quickstart", "00", "quickstart" or a path."""
+    """The notebook called ``name``: "00_quickstart", "00", "quickstart" or a path.
+
+    Parameters
+    ----------
+    name : str
+        A notebook's full name, number or name without the number, or the path of an existing
+        ``.ipynb`` file (returned as it is).
+    folder : str or PathLike, optional
+        Folder of the series (default ``NOTEBOOK_DIR``).
+
+    Returns
+    -------
+    Path
+        ``<folder>/<full name>.ipynb`` (not checked to exist).
+
+    Raises
+    ------
+    ValueError
+        When ``name`` matches no notebook of the series, or several.
+    """
     folder = Path(folder) if folder is not None else NOTEBOOK_DIR
     as_path = Path(name)
     if as_path.suffix == ".ipynb" and as_path.is_file():
@@ -101,6 +120,18 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
     other than tags, widget-view outputs (meaningless without widget state, and their text/plain
     fallback is only the widget's repr), and renumbers execution counts 1, 2, ... in order. ``keep_injected=False``
     also drops papermill's ``injected-parameters`` cell.
+
+    Parameters
+    ----------
+    nb : NotebookNode or dict
+        The notebook (not modified).
+    keep_injected : bool
+        Keep papermill's ``injected-parameters`` cell.
+
+    Returns
+    -------
+    NotebookNode
+        The cleaned copy, nbformat 4.4 (no cell ids).
     """
     import nbformat
 
@@ -135,7 +166,19 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
 
 
 def notebook_problems(nb: Any) -> list[str]:
-    """What is unclean about one notebook (empty when it is fine)."""
+    """What is unclean about one notebook (empty when it is fine).
+
+    Parameters
+    ----------
+    nb : NotebookNode or dict
+
+    Returns
+    -------
+    list of str
+        One sentence per problem: extra notebook or cell metadata, another kernelspec,
+        kernel-specific language_info, an injected-parameters cell, a widget-view output, or
+        other than exactly one cell tagged ``parameters``.
+    """
     problems = []
     extra = sorted(set(nb.get("metadata", {})) - ALLOWED_NOTEBOOK_METADATA)
     if extra:
@@ -167,6 +210,20 @@ def check_notebooks(names: Sequence[str] | None = None, *, folder: str | os.Path
     """`notebook_problems` of every notebook of the series (or ``names``); raise if any has one.
 
     A missing notebook is a problem too.
+
+    Parameters
+    ----------
+    names : sequence of str, optional
+        Notebooks to check (default: the whole series ``NOTEBOOKS``).
+    folder : str or PathLike, optional
+        Folder of the series (default ``NOTEBOOK_DIR``).
+    raise_on_error : bool
+        Raise `NotebookCheckError` listing every problem when any notebook has one.
+
+    Returns
+    -------
+    dict of str to list of str
+        Notebook name to its problems (an empty list when it is clean).
     """
     import nbformat
 
@@ -189,7 +246,18 @@ def check_notebooks(names: Sequence[str] | None = None, *, folder: str | os.Path
 
 def ensure_kernel(name: str = "python3") -> str:
     """Make sure kernel ``name`` runs THIS interpreter (the project's venv), installing a
-    kernelspec into ``sys.prefix`` when it does not; return the name for papermill."""
+    kernelspec into ``sys.prefix`` when it does not; return the name for papermill.
+
+    Parameters
+    ----------
+    name : str
+        Kernel name.
+
+    Returns
+    -------
+    str
+        ``name``.
+    """
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
@@ -229,7 +297,14 @@ def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir
     smoke : start from ``SMOKE_PARAMETERS[name]`` (tiny models, tiny subsets).
     in_place : also write the executed, cleaned notebook back over ``notebooks/<name>.ipynb``
         (how the committed outputs are refreshed; only without parameters or smoke).
+    html : also write ``<name>.html`` (nbconvert).
     timeout : per-cell timeout in seconds.
+
+    Returns
+    -------
+    NotebookRun
+        The notebook's name, the executed copy's path, the HTML path (None without ``html``),
+        the wall seconds of the execution and the parameters passed.
     """
     import nbformat
     import papermill
@@ -302,7 +377,17 @@ def _cli_clean(args) -> int:
 
 def register_cli(subparsers) -> None:
     """``notebooks run [--all | NAME] [-p key value ...] [--out DIR] [--smoke] [--in-place]``,
-    ``notebooks check`` and ``notebooks clean [NAME ...]``."""
+    ``notebooks check`` and ``notebooks clean [NAME ...]``.
+
+    Parameters
+    ----------
+    subparsers : argparse subparsers action
+        The ``python -m ntps_nb`` parser's sub-command group.
+
+    Returns
+    -------
+    None
+    """
     parser = subparsers.add_parser("notebooks", help="run, check and clean the notebook series")
     sub = parser.add_subparsers(dest="notebooks_command", required=True)
     run = sub.add_parser("run", help="execute notebooks with papermill (executed copy + HTML in --out)")
@@ -365,6 +450,36 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     to ~1e-5 (relative) and NTPS is within ~5e-5 of float64 products (SmolLM2 on 300 rt-polarity
     texts, benchmarks/results), far inside the bootstrap intervals the notebooks draw. "float64"
     gives ~1e-9 at ~1.1x the time on one CPU core.
+
+    Parameters
+    ----------
+    model : str
+        A model name of `ntps_nb.models.load_model` (loaded unless ``loaded`` is given).
+    dataset : str or DatasetDict
+        A registry name or a train/test DatasetDict, as above.
+    max_train, max_test : int
+        Most texts of each split (stratified subsample).
+    max_length : int
+        Truncation length in tokens.
+    seed : int
+        Seed of the subsample, of a random-initialised model and of the shard assignment.
+    batch_size, drop_bos : extraction settings (see `ntps_nb.extract.extract`).
+    precision : "float32", "float64" or "auto", as above; pooled features are float64 with
+        "float64", float32 otherwise.
+    loaded : tuple, optional
+        ``(model, tokenizer, info)`` already loaded.
+    shards : int, optional
+        Number of shards S of the train split, as above.
+    interval_layers : layer spec
+        Layers that keep shard moments.
+
+    Returns
+    -------
+    ModelOnDataset
+        ``train``: the train split's `Extraction` (moments and (N_train, d) pooled features of
+        every hidden state, shard moments with ``shards``); ``test``: the test split's pooled
+        features (N_test, d) per hidden state; ``settings``: the extraction settings with the
+        actual split sizes and the seed.
     """
     from ntps_nb.datasets import load_dataset, subsample
     from ntps_nb.extract import extract_cached
@@ -399,6 +514,30 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     ``intervals``: also the shard-bootstrap interval (`ntps_nb.core.intervals.ntps_interval`,
     ``n_boot`` replicates, method "basic") and the jackknife standard error, as ``ntps_lower``,
     ``ntps_upper``, ``ntps_se`` at the layers the extraction kept shards for (NaN elsewhere).
+
+    Parameters
+    ----------
+    run : ModelOnDataset
+        From `extract_model_on_dataset`.
+    k : int
+        Number of next-token directions.
+    variant : str
+        NTPS variant (see `ntps_nb.core.score.ntps`).
+    intervals : bool
+        Add the interval columns (needs an extraction with ``shards``).
+    n_boot, level, seed : replicates, confidence level and seed of the intervals.
+
+    Returns
+    -------
+    DataFrame
+        One row per layer: ``layer``, ``k``, ``variant``, ``ntps``, (with ``intervals``:
+        ``ntps_lower``, ``ntps_upper``, ``ntps_se``, ``n_shards``, ``n_boot``, ``level``),
+        ``accuracy``, ``kappa``, ``mse`` and the provenance columns.
+
+    Raises
+    ------
+    ValueError
+        When ``intervals`` is asked of an extraction without shard moments.
     """
     from ntps_nb.core.intervals import layer_shards, ntps_interval
     from ntps_nb.core.probes import probe_layers
@@ -427,7 +566,24 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
 def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) -> pd.DataFrame:
     """The excess-loss identity (moments only) against the in-sample excess MSE of fitted
     least-squares probes on the same train features, with the bounds, at each k; plus the
-    held-out excess loss of the same two probes on the test split, for contrast."""
+    held-out excess loss of the same two probes on the test split, for contrast.
+
+    Parameters
+    ----------
+    run : ModelOnDataset
+        From `extract_model_on_dataset`.
+    layer : int
+        Hidden-state index.
+    ks : sequence of int
+        Numbers of next-token directions k.
+
+    Returns
+    -------
+    DataFrame
+        One row per k: ``layer``, ``k``, ``ntps``, ``identity`` (excess loss from the moments),
+        ``fitted_in_sample``, ``lower_bound``, ``upper_bound``, ``heldout_excess``, ``model``,
+        ``dataset`` and ``abs_diff`` = |identity - fitted_in_sample|.
+    """
     from ntps_nb.core.score import theory_geometry
     from ntps_nb.core.theory import fitted_excess_loss
 
@@ -454,6 +610,32 @@ def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: A
 
     Returns one row per (space, group, word): ``axis1``, ``axis2`` (coordinates x^T u_1, x^T u_2
     with the B-normalised generalized eigenvectors, descending order), plus ``word`` and ``layer``.
+
+    Parameters
+    ----------
+    model : str
+        Model name (loaded unless ``loaded`` is given).
+    groups : mapping of str to sequence of str
+        Group name to its words; at least two groups (each word is labelled by its group).
+    moments : Moments
+        The moments of ``layer`` whose U and V directions are used.
+    layer : int
+        Hidden-state index.
+    loaded : tuple, optional
+        ``(model, tokenizer, info)`` already loaded.
+    max_length : int
+        Truncation length of each word in tokens.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``space`` ("U" or "V"), ``group``, ``word``, ``axis1``, ``axis2``, ``layer``;
+        2 x (number of words) rows.
+
+    Raises
+    ------
+    ValueError
+        With fewer than two groups, or when a problem has rank < 2.
     """
     from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
     from ntps_nb.extract import extract
@@ -488,6 +670,24 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
     other datasets. Returns one row per group: ``n_datasets``, ``mae`` (line), ``mae_mean``
     (baseline), ``skill`` = 1 - mae / mae_mean (> 0: the score helps), ``rho_heldout`` (Spearman
     of held-out predictions with gains: rank prediction) and ``slope`` of the fit on all datasets.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per (group, dataset), with the columns named below.
+    score, gain, group, dataset : str
+        Column names of the score, the gain, the grouping (e.g. model) and the dataset.
+
+    Returns
+    -------
+    DataFrame
+        One row per group (sorted): the group column, ``n_datasets``, ``mae``, ``mae_mean``,
+        ``skill``, ``rho_heldout``, ``slope``.
+
+    Raises
+    ------
+    ValueError
+        When a column is missing or a group has fewer than 4 datasets.
     """
     from ntps_nb.core.gain import gain_prediction
     from ntps_nb.core.stats import correlate
@@ -512,7 +712,18 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
 
 def dataset_name(ds: Any) -> str:
     """A DatasetDict's name from its provenance: the file it was read from (its stem), else the
-    provenance's name."""
+    provenance's name.
+
+    Parameters
+    ----------
+    ds : DatasetDict
+        With a ``train`` split whose ``info.description`` holds the provenance JSON.
+
+    Returns
+    -------
+    str
+        The file's stem, else the provenance's ``name``, else "data".
+    """
     provenance = json.loads(ds["train"].info.description or "{}")
     file = (provenance.get("source") or {}).get("file")
     return Path(file).stem if file else str(provenance.get("name", "data"))
@@ -528,6 +739,30 @@ def estimate_cost(loaded: tuple, ds: Any, *, max_train: int | None, max_test: in
     stratified). The time scales the timed texts' seconds per token to all tokens: rough (the
     first batch pays warm-up, longer texts cost more than linearly), but the right order. Floats
     are rounded to three significant digits (an estimate, not a measurement to quote).
+
+    Parameters
+    ----------
+    loaded : tuple
+        ``(model, tokenizer, info)``.
+    ds : DatasetDict
+        Train/test splits.
+    max_train, max_test : int or None
+        Most texts of each split (None: all).
+    max_length : int
+        Truncation length in tokens.
+    batch_size : int
+        Texts per forward pass.
+    n_timed : int
+        Train texts of the timed extraction.
+    seed : int
+        Seed of the subsample.
+
+    Returns
+    -------
+    Series
+        Indexed by "train texts", "test texts", "tokens", "truncated texts", "forward passes
+        (batches)", "timed texts", "seconds per 1000 tokens", "estimated seconds" and "memory
+        of the moments and features (MB)".
     """
     from ntps_nb.datasets import subsample
     from ntps_nb.extract import extract

@@ -40,6 +40,17 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
 
     ``profile``: one row per layer with ``layer``, ``ntps``, ``k``, ``variant``, ``accuracy``, ``kappa``
     (`ntps_nb.notebooks.layer_profile`).
+
+    Parameters
+    ----------
+    profile : DataFrame
+        One row per layer, as above; with ``ntps_lower``, ``ntps_upper`` and ``level`` columns
+        the intervals are drawn as vertical bars.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
     _require(profile, ["layer", "ntps", "k", "variant", "accuracy", "kappa"], "layer_profile")
     fig, (left, right) = _figure(2)
@@ -63,7 +74,23 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
 
 
 def ntps_over_k(sweep: pd.DataFrame, *, hue: str | None = None, log_k: bool = True) -> Figure:
-    """NTPS against k (theory sweep) with the k_U = min(k, m) knee marked."""
+    """NTPS against k (theory sweep) with the k_U = min(k, m) knee marked.
+
+    Parameters
+    ----------
+    sweep : DataFrame
+        One row per k (and ``hue`` value) with ``k`` and ``ntps``; an ``m`` column (rank of
+        Sxy Sxy^T) marks k = m when there is no ``hue``.
+    hue : str, optional
+        Column that splits the sweep into lines.
+    log_k : bool
+        Log scale on the k axis.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     _require(sweep, ["k", "ntps"], "ntps_over_k")
     fig, (ax,) = _figure(1)
     sns.lineplot(data=sweep, x="k", y="ntps", hue=hue, ax=ax, palette=_PALETTE if hue else None)
@@ -83,6 +110,18 @@ def bound_check(table: pd.DataFrame, *, x: str = "one_minus_ntps") -> Figure:
 
     ``table``: rows with ``ntps``, ``excess_loss``, ``lower_bound``, ``upper_bound`` (e.g.
     `ntps_nb.core.theory.angle_sweep`).
+
+    Parameters
+    ----------
+    table : DataFrame
+        As above, one row per configuration.
+    x : str
+        Column on the x axis (default 1 - NTPS, added here).
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
     _require(table, ["ntps", "excess_loss", "lower_bound", "upper_bound"], "bound_check")
     t = table.assign(one_minus_ntps=1.0 - table["ntps"]).sort_values(x)
@@ -105,7 +144,19 @@ def bound_check(table: pd.DataFrame, *, x: str = "one_minus_ntps") -> Figure:
 
 
 def identity_check(table: pd.DataFrame) -> Figure:
-    """Identity (moments only) against fitted in-sample probes, and the held-out excess loss."""
+    """Identity (moments only) against fitted in-sample probes, and the held-out excess loss.
+
+    Parameters
+    ----------
+    table : DataFrame
+        One row per k with ``k``, ``identity``, ``fitted_in_sample``, ``heldout_excess``
+        (`ntps_nb.notebooks.identity_vs_fitted`).
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     _require(table, ["k", "identity", "fitted_in_sample", "heldout_excess"], "identity_check")
     fig, (ax, right) = _figure(2)
     ax.plot(table["identity"], table["fitted_in_sample"], "o")
@@ -124,7 +175,27 @@ def identity_check(table: pd.DataFrame) -> Figure:
 def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy", hue: str = "model",
                     label: str | None = "dataset", title: str | None = None, diagonal: bool = False) -> Figure:
     """One point per dataset (and ``hue``): a score against a target, points labelled; with
-    ``lower``/``upper`` columns, each point carries the score's interval as a horizontal bar."""
+    ``lower``/``upper`` columns, each point carries the score's interval as a horizontal bar.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per point, with columns ``x`` and ``y``.
+    x, y : str
+        Columns of the score and the target.
+    hue : str
+        Column that colours the points (ignored when absent).
+    label : str, optional
+        Column whose value annotates each point (its last "/" part, 18 characters at most).
+    title : str, optional
+    diagonal : bool
+        Draw y = x.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     _require(frame, [x, y], "across_datasets")
     fig, (ax,) = _figure(1, width=5.5, height=4.0)
     if {"lower", "upper"} <= set(frame.columns):  # the score's interval (e.g. study.ntps_with_intervals)
@@ -147,7 +218,21 @@ def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy"
 
 def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> Figure:
     """rho (``estimate``) with its interval (``lower``, ``upper``, where the row has one) per score
-    and selection for one target, one panel per model (`ntps_nb.study.correlation_summary` rows)."""
+    and selection for one target, one panel per model (`ntps_nb.study.correlation_summary` rows).
+
+    Parameters
+    ----------
+    summary : DataFrame
+        Rows with ``model``, ``target``, ``score``, ``selection``, ``estimate`` (and optionally
+        ``lower``, ``upper``).
+    target : str
+        The target whose rows are drawn.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     _require(summary, ["model", "target", "score", "selection", "estimate"], "correlation_summary")
     s = summary[summary["target"] == target].copy()
     if s.empty:
@@ -173,7 +258,21 @@ def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> F
 
 
 def selection_null(null: np.ndarray, observed: float, *, title: str = "in-sample max under shuffled targets") -> Figure:
-    """Histogram of the permutation null of the in-sample maximum, with the observed value."""
+    """Histogram of the permutation null of the in-sample maximum, with the observed value.
+
+    Parameters
+    ----------
+    null : array, shape (n_perm,)
+        The maximum under each permutation.
+    observed : float
+        The observed maximum.
+    title : str
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     fig, (ax,) = _figure(1)
     ax.hist(np.asarray(null), bins=30, color="lightgrey", edgecolor="grey")
     ax.axvline(observed, color="tab:red", label=f"observed {observed:+.2f}")
@@ -185,7 +284,26 @@ def selection_null(null: np.ndarray, observed: float, *, title: str = "in-sample
 
 def published_panels(frame: pd.DataFrame, *, y: str, x: str = "ntps", col: str = "model",
                      rho: pd.DataFrame | None = None, col_wrap: int = 4) -> Figure:
-    """The paper's per-model scatter (Fig. 2 or 3 style): one panel per model, rho in the title."""
+    """The paper's per-model scatter (Fig. 2 or 3 style): one panel per model, rho in the title.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per point, with columns ``x``, ``y`` and ``col``.
+    y, x : str
+        Columns of the target and the score.
+    col : str
+        Column with one panel per value.
+    rho : DataFrame, optional
+        Rows with ``model`` and ``rho``, shown in each panel's title.
+    col_wrap : int
+        Most panels per row.
+
+    Returns
+    -------
+    Figure
+        The seaborn FacetGrid's figure.
+    """
     _require(frame, [x, y, col], "published_panels")
     grid = sns.FacetGrid(frame, col=col, col_wrap=min(col_wrap, frame[col].nunique()), height=2.6,
                          sharex=False, sharey=False)
@@ -202,7 +320,19 @@ def published_panels(frame: pd.DataFrame, *, y: str, x: str = "ntps", col: str =
 
 
 def word_projections(frame: pd.DataFrame) -> Figure:
-    """Words on the top-2 U and V directions (Figure 1 style): one panel per space."""
+    """Words on the top-2 U and V directions (Figure 1 style): one panel per space.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per (space, word) with ``space``, ``group``, ``axis1``, ``axis2`` (and ``word``
+        to annotate) (`ntps_nb.notebooks.word_projections`).
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     _require(frame, ["space", "group", "axis1", "axis2"], "word_projections")
     spaces = sorted(frame["space"].unique())
     fig, axes = _figure(len(spaces), width=4.2, height=3.8)
@@ -227,6 +357,25 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
     ``ntps_table``: study rows (model, dataset, variant, layer, k or fraction, ntps); ``probes``:
     study probe rows (model, dataset, layer, protocol, accuracy/kappa/mse). ``k`` is the fraction
     for the reference variant and k for the others (theory, pca_overlap).
+
+    Parameters
+    ----------
+    ntps_table, probes : DataFrame
+        As above.
+    model, dataset : str
+        The selection.
+    layer : int
+        Hidden-state index.
+    k : float
+        k, or the fraction for the reference variant.
+    variant : str
+    target : str
+        Probe column (of the held-out protocol) on the third panel's y axis.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
     kcol = "fraction" if variant == "reference" else "k"
     _require(ntps_table, ["model", "dataset", "variant", "layer", kcol, "ntps"], "explorer_view")
@@ -262,6 +411,18 @@ def diagnostics_bands(diag: pd.DataFrame, published: pd.DataFrame | None = None)
     task's labels sits well above the line.
 
     ``diag``: `ntps_nb.study.diagnostics_summary`; ``published``: `ntps_nb.load_published("fig2_accuracy")`.
+
+    Parameters
+    ----------
+    diag : DataFrame
+        Rows with ``variant``, ``config`` ("name=value"), ``ntps``, ``perm_z``, ``dataset``.
+    published : DataFrame, optional
+        Rows with ``model`` and ``ntps``; their per-model min-max are the bands.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
     _require(diag, ["variant", "config", "ntps", "perm_z", "dataset"], "diagnostics_bands")
     fig, (left, right) = _figure(2, width=6.0, height=4.2)
@@ -288,7 +449,19 @@ def diagnostics_bands(diag: pd.DataFrame, published: pd.DataFrame | None = None)
 
 def interval_width(table: pd.DataFrame) -> Figure:
     """Interval width against the number of texts, log-log, with the 1/sqrt(N) slope of a mean
-    drawn through the first point (`ntps_nb.width_by_n`). Left: the intervals themselves."""
+    drawn through the first point (`ntps_nb.width_by_n`). Left: the intervals themselves.
+
+    Parameters
+    ----------
+    table : DataFrame
+        One row per subsample size with ``n_texts``, ``ntps``, ``lower``, ``upper``, ``width``
+        and ``level``.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
     _require(table, ["n_texts", "ntps", "lower", "upper", "width"], "interval_width")
     fig, (left, right) = _figure(2, width=5.0, height=3.6)
     left.vlines(table["n_texts"], table["lower"], table["upper"], color="black", lw=1.5)

@@ -16,7 +16,19 @@ from ntps_nb import plots
 
 
 def explorer_options(ntps_table: pd.DataFrame) -> dict[str, list]:
-    """The choices the explorer offers: models, datasets, layers, theory k, reference fractions."""
+    """The choices the explorer offers: models, datasets, layers, theory k, reference fractions.
+
+    Parameters
+    ----------
+    ntps_table : DataFrame
+        The study's NTPS table (columns model, dataset, layer, variant, and k or fraction).
+
+    Returns
+    -------
+    dict of str to list
+        Sorted choices under keys ``model``, ``dataset``, ``layer``, ``k`` (of the non-reference
+        rows), ``fraction`` (of the reference rows, rounded to 4 decimals) and ``variant``.
+    """
     theory = ntps_table[ntps_table["variant"] != "reference"]
     reference = ntps_table[ntps_table["variant"] == "reference"]
     return {
@@ -30,7 +42,21 @@ def explorer_options(ntps_table: pd.DataFrame) -> dict[str, list]:
 
 
 def default_choice(ntps_table: pd.DataFrame, **initial: Any) -> dict[str, Any]:
-    """The explorer's starting selection (model, dataset, variant, layer, k), overridable by ``initial``."""
+    """The explorer's starting selection (model, dataset, variant, layer, k), overridable by ``initial``.
+
+    Parameters
+    ----------
+    ntps_table : DataFrame
+        The study's NTPS table, as for `explorer_options`.
+    **initial
+        Any of model, dataset, variant, layer, k to start from instead of the default.
+
+    Returns
+    -------
+    dict
+        Keys model, dataset, variant, layer, k; by default the first model and dataset, the
+        ``theory`` variant, the middle layer and the smallest k.
+    """
     options = explorer_options(ntps_table)
     layers, ks = options["layer"], options["k"] or [1]
     return {"model": initial.get("model", options["model"][0]), "dataset": initial.get("dataset", options["dataset"][0]),
@@ -44,6 +70,22 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
 
     ``initial`` may set any of model, dataset, layer, k, variant. Returns the ``VBox``; its
     ``.controls`` dict holds the widgets (for scripted changes and tests).
+
+    Parameters
+    ----------
+    ntps_table : DataFrame
+        The study's NTPS table.
+    probes : DataFrame
+        The study's probe table (the measured gains plotted against NTPS).
+    target : str
+        Probe column shown against NTPS.
+    **initial
+        Starting selection, as for `default_choice`.
+
+    Returns
+    -------
+    ipywidgets.VBox
+        The controls above the figure, with a ``.controls`` dict of the widgets.
     """
     import ipywidgets as w
     from IPython.display import display

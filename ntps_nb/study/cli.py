@@ -100,7 +100,17 @@ def _cli_summary(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add ``study run|combine|summary CONFIG`` to the ``python -m ntps_nb`` parser."""
+    """Add ``study run|status|combine|summary CONFIG`` to the ``python -m ntps_nb`` parser.
+
+    Parameters
+    ----------
+    subparsers : argparse subparsers action
+        The parser's sub-command group (``add_subparsers``'s result).
+
+    Returns
+    -------
+    None
+    """
     study = subparsers.add_parser("study", help="run, combine and summarise a study grid (studies/*.toml)")
     sub = study.add_subparsers(dest="study_command", required=True)
     run = sub.add_parser("run", help="compute the missing units of a study, then combine")

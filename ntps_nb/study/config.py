@@ -130,7 +130,15 @@ class StudyConfig:
     dataset_files: tuple[DatasetFile, ...] = ()
 
     def settings(self) -> dict[str, Any]:
-        """Everything that changes a unit's numbers (not the grid, not where results go)."""
+        """Everything that changes a unit's numbers (not the grid, not where results go).
+
+        Returns
+        -------
+        dict
+            The fields that decide the numbers as JSON values, plus ``study_version``; a setting
+            added after units were committed is left out while it has the value those units
+            were computed with.
+        """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
                              "analysis_threads", "torch_threads", "device", "dataset_files")}
@@ -153,9 +161,25 @@ class StudyConfig:
         return Path(self.results_dir) if self.results_dir else RESULTS_ROOT / self.name
 
     def units(self) -> list[tuple[str, str]]:
+        """The grid: every (model, dataset) pair, model by model.
+
+        Returns
+        -------
+        list of (str, str)
+        """
         return [(model, dataset) for model in self.models for dataset in self.datasets]
 
     def unit_folder(self, model: str, dataset: str) -> Path:
+        """Where a unit's tables go: ``<study folder>/units/<unit_name>``.
+
+        Parameters
+        ----------
+        model, dataset : str
+
+        Returns
+        -------
+        Path
+        """
         return self.folder / "units" / unit_name(model, dataset)
 
     def dataset_file(self, dataset: str) -> DatasetFile | None:
@@ -172,7 +196,20 @@ class StudyConfig:
 
 def dataset_identity(cfg: StudyConfig, dataset: str) -> Any:
     """What a stage key holds for ``dataset``: a registry name as it is; a file as its name,
-    sha256 and columns (editing the file, or reading other columns, changes every key)."""
+    sha256 and columns (editing the file, or reading other columns, changes every key).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    dataset : str
+        A dataset name of the study.
+
+    Returns
+    -------
+    str or dict
+        The name itself for a registry dataset; for a file, a dict with keys name, sha256,
+        text, label and split.
+    """
     entry = cfg.dataset_file(dataset)
     if entry is None:
         return dataset
@@ -186,6 +223,26 @@ def load_unit_dataset(cfg: StudyConfig, dataset: str) -> tuple[Any, dict[str, An
     A registry name goes through `ntps_nb.datasets.load_dataset`; a file through
     `ntps_nb.datasets.read_dataset_file`, refused when it changed since the config was read
     (its stage keys hold the sha256 read then).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+        Gives ``max_train``, ``max_test``, ``seed`` (and ``file_test_size`` for a file).
+    dataset : str
+        A dataset name of the study.
+
+    Returns
+    -------
+    ds : DatasetDict
+        The ``train`` and ``test`` splits, subsampled to at most ``max_train`` / ``max_test``.
+    info : dict
+        Provenance (`ntps_nb.datasets.dataset_info` for a registry name, the file's record with
+        its name for a file; ``{"error": ...}`` when a registry provenance could not be read).
+
+    Raises
+    ------
+    StudySettingsError
+        When the dataset file's sha256 differs from the one read with the config.
     """
     from ntps_nb.datasets import SPLIT_SEED, dataset_info, load_dataset, read_dataset_file, subsample
 
@@ -208,7 +265,17 @@ def load_unit_dataset(cfg: StudyConfig, dataset: str) -> tuple[Any, dict[str, An
 
 
 def unit_name(model: str, dataset: str) -> str:
-    """Folder name of a unit: ``<model>__<dataset>`` with path-unsafe characters replaced."""
+    """Folder name of a unit: ``<model>__<dataset>`` with path-unsafe characters replaced.
+
+    Parameters
+    ----------
+    model, dataset : str
+
+    Returns
+    -------
+    str
+        Every character other than letters, digits, ``-``, ``_`` and ``.`` becomes ``-``.
+    """
     safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s)  # noqa: E731
     return f"{safe(model)}__{safe(dataset)}"
 
@@ -218,7 +285,26 @@ def _tuple(value: Any) -> Any:
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
-    """Read a study TOML (its ``[study]`` table) into a `StudyConfig`; ``overrides`` replace keys."""
+    """Read a study TOML (its ``[study]`` table) into a `StudyConfig`; ``overrides`` replace keys.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The TOML file.
+    **overrides
+        `StudyConfig` fields that replace the file's values.
+
+    Returns
+    -------
+    StudyConfig
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no file at ``path``.
+    StudySettingsError
+        When the file has no ``[study]`` table or settings the study does not accept.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no study config at {path}")
@@ -334,7 +420,28 @@ def _read_dataset_file(spec: dict[str, Any], cfg: StudyConfig) -> DatasetFile:
 
 
 def resolve_layers(spec: Any, available: Sequence[int], what: str = "layers") -> list[int]:
-    """Hidden-state indices of a layer spec ("all", "last", "grid:N", or a list; negatives count from the end)."""
+    """Hidden-state indices of a layer spec ("all", "last", "grid:N", or a list; negatives count from the end).
+
+    Parameters
+    ----------
+    spec : str, int, list of int, or None
+        "all", "last", "grid:N" (N evenly spaced layers, first and last included), one index or
+        a list of them; None, False or () select none.
+    available : sequence of int
+        The hidden-state indices there are.
+    what : str
+        Setting name used in the error message.
+
+    Returns
+    -------
+    list of int
+        Sorted distinct indices (a negative index resolved against ``available``).
+
+    Raises
+    ------
+    StudySettingsError
+        When a listed layer is not available.
+    """
     available = sorted(int(layer) for layer in available)
     if spec == "all":
         return available

@@ -31,7 +31,20 @@ class UnitClaim:
 
     @classmethod
     def take(cls, cfg: StudyConfig, model: str, dataset: str) -> "UnitClaim | None":
-        """The claim, or None when another live process holds it."""
+        """The claim, or None when another live process holds it.
+
+        Parameters
+        ----------
+        cfg : StudyConfig
+        model, dataset : str
+            The unit's model and dataset names.
+
+        Returns
+        -------
+        UnitClaim or None
+            The claim on ``<study>/units/.<unit>.claim`` (created exclusively, recording host,
+            pid and start time); a stale claim of a dead process on this host is taken over.
+        """
         path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"host": platform.node(), "pid": os.getpid(),
@@ -51,7 +64,19 @@ class UnitClaim:
 
     @classmethod
     def holder(cls, cfg: StudyConfig, model: str, dataset: str) -> dict | None:
-        """The live claim's record (host, pid, started) of a unit, or None."""
+        """The live claim's record (host, pid, started) of a unit, or None.
+
+        Parameters
+        ----------
+        cfg : StudyConfig
+        model, dataset : str
+            The unit's model and dataset names.
+
+        Returns
+        -------
+        dict or None
+            None when no live claim exists; an empty dict when the claim file cannot be read.
+        """
         path = cfg.folder / "units" / f".{unit_name(model, dataset)}.claim"
         if not path.is_file() or cls._stale(path):
             return None
@@ -82,7 +107,19 @@ class UnitClaim:
 
 def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
     """"complete" (same settings), "stale" (complete, other settings, or a data file whose
-    content changed since) or "missing"."""
+    content changed since) or "missing".
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+
+    Returns
+    -------
+    str
+        The unit folder's status, read from its ``unit.json`` (an incomplete folder is "missing").
+    """
     meta_path = cfg.unit_folder(model, dataset) / "unit.json"
     if not meta_path.is_file():
         return "missing"
@@ -103,6 +140,19 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
     mean_length (tokens), and for complete units the headline numbers at the last layer: held-out
     probe accuracy, theory NTPS at ``k`` (or the largest k of the grid below it), and the LoRA
     accuracy and gain where LoRA ran.
+
+    Parameters
+    ----------
+    cfg : StudyConfig, or str or PathLike
+        The study, or the path of its TOML config.
+    k : int
+        Largest k of the theory NTPS shown (column ``ntps_theory_k{k}``).
+
+    Returns
+    -------
+    DataFrame
+        One row per unit, in the grid's order, with the columns above (``heldout_accuracy``,
+        ``ntps_theory_k{k}``, ``lora_accuracy``, ``lora_gain`` where they apply).
     """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
@@ -144,7 +194,18 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
 def stage_status(cfg: StudyConfig | str | os.PathLike) -> pd.DataFrame:
     """One row per unit of the grid, one column per stage (`ntps_nb.study.stages.STAGES`): whether
     the stage's result under the current settings is "complete", "stale", "missing" or "off"
-    (see `ntps_nb.study.stages.stage_states`). Nothing is computed or written."""
+    (see `ntps_nb.study.stages.stage_states`). Nothing is computed or written.
+
+    Parameters
+    ----------
+    cfg : StudyConfig, or str or PathLike
+        The study, or the path of its TOML config.
+
+    Returns
+    -------
+    DataFrame
+        Columns model, dataset and one per stage name, one row per unit of the grid.
+    """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
     rows = [{"model": model, "dataset": dataset, **stage_states(cfg, model, dataset)} for model, dataset in cfg.units()]
@@ -167,6 +228,33 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     Several processes may run the same study at once: each claims a unit before computing it
     (`UnitClaim`) and passes over units another live process holds (status "elsewhere").
     Returns one row per unit: model, dataset, status ("skipped", "done", "elsewhere"), seconds.
+
+    Parameters
+    ----------
+    cfg : StudyConfig, or str or PathLike
+        The study, or the path of its TOML config.
+    units_limit : int, optional
+        Most units computed in this call.
+    replace_stale : bool
+        Recompute units complete with other settings instead of raising.
+    models, datasets : sequence of str, optional
+        Restrict the run to these models / datasets of the grid (each must be in the config).
+    cache : str or PathLike, optional
+        Extraction cache folder, passed to `run_unit`.
+    log : callable
+        Receives one progress line at a time.
+
+    Returns
+    -------
+    DataFrame
+        One row per unit of (the restricted part of) the grid that was complete or taken up
+        here: columns model, dataset, status, seconds. Units beyond ``units_limit`` have no row.
+
+    Raises
+    ------
+    StudySettingsError
+        On a model or dataset not in the study, stale units without ``replace_stale``, or a
+        device torch cannot use.
     """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
@@ -293,7 +381,18 @@ def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd
 
 def load_units(cfg: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
     """The tables of a study's complete units, concatenated in memory (nothing is written): an
-    interim look at a study still running. Same settings checks as `combine`."""
+    interim look at a study still running. Same settings checks as `combine`.
+
+    Parameters
+    ----------
+    cfg : StudyConfig, or str or PathLike
+        The study, or the path of its TOML config.
+
+    Returns
+    -------
+    dict of str to DataFrame
+        Table name to the rows of every complete unit that has it (tables no unit has are absent).
+    """
     return _read_units(cfg if isinstance(cfg, StudyConfig) else load_config(cfg))[1]
 
 
@@ -302,6 +401,18 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
 
     Raises StudySettingsError when the units (or rows) carry different config hashes: rows
     computed with different settings never share a table.
+
+    Parameters
+    ----------
+    cfg : StudyConfig, or str or PathLike
+        The study, or the path of its TOML config.
+    log : callable
+        Receives the closing progress line.
+
+    Returns
+    -------
+    dict of str to DataFrame
+        Table name to the combined table, as written.
     """
     from ntps_nb import __version__
 
@@ -332,7 +443,19 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
 
 
 def load_results(cfg_or_folder: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
-    """The combined tables of a study: a config (TOML path or `StudyConfig`) or a results folder."""
+    """The combined tables of a study: a config (TOML path or `StudyConfig`) or a results folder.
+
+    Parameters
+    ----------
+    cfg_or_folder : StudyConfig, or str or PathLike
+        A study config, the path of its TOML file, or the folder holding the combined CSVs.
+
+    Returns
+    -------
+    dict of str to DataFrame
+        Table name (ntps, probes, ..., lora) to the table read from ``<folder>/<name>.csv``,
+        for every such file present.
+    """
     if isinstance(cfg_or_folder, StudyConfig):
         folder = cfg_or_folder.folder
     else:

@@ -119,6 +119,20 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     A key covers the study version, the stage's `Stage.version` (or ``versions[name]``), the
     model, the dataset (a file's sha256 too: `ntps_nb.study.config.dataset_identity`), the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
     else (not the study's name, not where it runs).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+    versions : dict of str to int, optional
+        Stage versions to key under instead of the current `Stage.version` (for units computed
+        by an earlier version).
+
+    Returns
+    -------
+    dict of str to str
+        Stage name to its hex content key, in `STAGES` order.
     """
     values = _setting_values(cfg)
     keys: dict[str, str] = {}
@@ -132,7 +146,20 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
 
 
 def stage_enabled(cfg: StudyConfig, stage: str) -> bool:
-    """Whether ``cfg`` asks for the stage at all (a disabled stage writes no table)."""
+    """Whether ``cfg`` asks for the stage at all (a disabled stage writes no table).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    stage : str
+        A name of `STAGE_NAMES`.
+
+    Returns
+    -------
+    bool
+        Always True for extraction and ntps; the others follow their settings (intervals need
+        both ``shards`` and ``interval_layers``).
+    """
     return {"extraction": True, "ntps": True, "probes": bool(cfg.probes), "peers": bool(cfg.peers),
             "intervals": bool(cfg.shards) and cfg.interval_layers not in (None, False, ()),
             "diagnostics": bool(cfg.diagnostics), "lora": bool(cfg.lora)}[stage]
@@ -161,13 +188,39 @@ class StageStore:
         return (self.path(stage, key) / "record.json").is_file()
 
     def keys(self, stage: str) -> list[str]:
-        """The keys stored for ``stage`` (current or not)."""
+        """The keys stored for ``stage`` (current or not).
+
+        Parameters
+        ----------
+        stage : str
+            A stage name.
+
+        Returns
+        -------
+        list of str
+            Sorted keys of the complete entries (those with a ``record.json``).
+        """
         if not self.folder.is_dir():
             return []
         return sorted(p.name[len(stage) + 1:] for p in self.folder.iterdir()
                       if p.name.startswith(f"{stage}-") and (p / "record.json").is_file())
 
     def load(self, stage: str, key: str) -> StageResult | None:
+        """The stored result of ``stage`` under ``key``, or None when there is none.
+
+        Parameters
+        ----------
+        stage : str
+            A stage name.
+        key : str
+            The stage's content key (`stage_keys`).
+
+        Returns
+        -------
+        StageResult or None
+            The table (None when the stage wrote none; text columns read back as text) and the
+            record.
+        """
         entry = self.path(stage, key)
         if not (entry / "record.json").is_file():
             return None
@@ -179,7 +232,23 @@ class StageStore:
 
     def save(self, stage: str, key: str, table: pd.DataFrame | None, record: dict[str, Any]) -> StageResult:
         """Store a stage's result; returns it as `load` reads it back, so a stage's table is the
-        same whether it was just computed or reused (None and NaN alike are missing values)."""
+        same whether it was just computed or reused (None and NaN alike are missing values).
+
+        Parameters
+        ----------
+        stage : str
+            A stage name.
+        key : str
+            The stage's content key.
+        table : DataFrame or None
+            The stage's table, if it has one.
+        record : dict
+            JSON-serialisable facts of the computation (``stage`` and ``key`` are added).
+
+        Returns
+        -------
+        StageResult
+        """
         record = {"stage": stage, "key": key, **record}
         if table is not None:
             record["text_columns"] = [name for name in table.columns if not pd.api.types.is_numeric_dtype(table[name])
@@ -195,7 +264,19 @@ class StageStore:
 
 
 def stage_store(cfg: StudyConfig, model: str, dataset: str) -> StageStore:
-    """Where the stages of a unit are kept: ``<study folder>/stages/<unit>/``."""
+    """Where the stages of a unit are kept: ``<study folder>/stages/<unit>/``.
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+
+    Returns
+    -------
+    StageStore
+        The store over that folder (the folder need not exist yet).
+    """
     from ntps_nb.study.config import unit_name
 
     return StageStore(cfg.folder / "stages" / unit_name(model, dataset))
@@ -206,7 +287,20 @@ def stage_store(cfg: StudyConfig, model: str, dataset: str) -> StageStore:
 
 def config_from_settings(cfg: StudyConfig, settings: dict[str, Any]) -> StudyConfig | None:
     """``cfg`` with the settings a unit recorded (``unit.json``'s ``settings``), or None when they
-    are not this package's (another study version, or keys it does not know)."""
+    are not this package's (another study version, or keys it does not know).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+        The config whose other fields (name, folder, ...) are kept.
+    settings : dict
+        The recorded settings, ``study_version`` included; settings added to the package later
+        and absent from the record take the value they had before they were added.
+
+    Returns
+    -------
+    StudyConfig or None
+    """
     settings = dict(settings)
     if settings.pop("study_version", None) != STUDY_VERSION:
         return None
@@ -231,7 +325,22 @@ def unit_folder_stages(cfg: StudyConfig, model: str, dataset: str,
     holds for each stage under ``cfg``: "valid" (its key under the folder's recorded settings is
     the key under ``cfg``, and the folder has its result), "stale" (another key), "skipped" (LoRA
     the unit skipped, e.g. on a random-initialised model) or nothing (no such folder, an
-    incomplete one, one of another study version, or a stage it has no result of)."""
+    incomplete one, one of another study version, or a stage it has no result of).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+    folder : str or PathLike, optional
+        The unit folder (default ``cfg.unit_folder(model, dataset)``).
+
+    Returns
+    -------
+    dict of str to str
+        Stage name to "valid", "stale" or "skipped"; stages without a result are absent (the
+        dict is empty when the folder is not a usable unit).
+    """
     folder = Path(folder) if folder is not None else cfg.unit_folder(model, dataset)
     meta_path = folder / "unit.json"
     if not meta_path.is_file():
@@ -270,6 +379,21 @@ def adopt_unit_folder(cfg: StudyConfig, model: str, dataset: str, store: StageSt
 
     The tables keep the folder's precision (``CSV_FLOAT_FORMAT``), so the unit tables written
     from them are the same text as the folder's.
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+    store : StageStore, optional
+        Where to adopt into (default `stage_store`).
+    folder : str or PathLike, optional
+        The unit folder (default ``cfg.unit_folder(model, dataset)``).
+
+    Returns
+    -------
+    list of str
+        The stages newly saved into the store, in `STAGES` order.
     """
     folder = Path(folder) if folder is not None else cfg.unit_folder(model, dataset)
     store = store or stage_store(cfg, model, dataset)
@@ -301,7 +425,19 @@ def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
     "not kept" (the extraction ran, but its arrays are not in the extraction cache: a stage that
     must be recomputed runs the forward pass again), "stale" (stored only under other keys),
     "missing", "skipped" (LoRA the unit skipped, e.g. on a random-initialised model) or "off" (the
-    config does not ask for it)."""
+    config does not ask for it).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+
+    Returns
+    -------
+    dict of str to str
+        Stage name to its state, one entry per stage of `STAGES`.
+    """
     keys = stage_keys(cfg, model, dataset)
     store = stage_store(cfg, model, dataset)
     in_folder = unit_folder_stages(cfg, model, dataset)
@@ -521,6 +657,28 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     ``loaded`` is ``(model, tokenizer, info)`` from `ntps_nb.models.load_model` (loaded here if None).
     ``cache``: an extraction cache folder (`ntps_nb.extract.extract_cached`); None caches only when
     the config sets ``cache_extractions`` (the default cache folder then).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model_name, dataset_name : str
+        The unit's model and dataset names.
+    loaded : tuple, optional
+        ``(model, tokenizer, info)``, as above.
+    cache : str or PathLike, optional
+        Extraction cache folder, as above.
+    log : callable
+        Receives one progress line at a time.
+    store : StageStore, optional
+        The stage store (default `stage_store`).
+
+    Returns
+    -------
+    dict
+        Stage name (ntps, probes, peers, intervals, diagnostics, lora) to its DataFrame with the
+        unit's provenance columns, for every stage that has a table; and ``"unit"`` to the unit's
+        metadata dict (settings, stage keys, timings, layers, model info, environment), as
+        written to ``unit.json`` by `write_unit`.
     """
     from ntps_nb import __version__
     from ntps_nb import extract as extraction
@@ -694,7 +852,21 @@ def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None, ex_test=None) -
 
 
 def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
-    """Write a unit's tables and ``unit.json`` atomically: the folder appears complete or not at all."""
+    """Write a unit's tables and ``unit.json`` atomically: the folder appears complete or not at all.
+
+    Parameters
+    ----------
+    folder : Path
+        The unit folder (replaced if it exists).
+    tables : dict
+        As returned by `run_unit`: each frame is written as ``<name>.csv`` (floats with
+        ``CSV_FLOAT_FORMAT``) and ``tables["unit"]`` as ``unit.json``.
+
+    Returns
+    -------
+    Path
+        ``folder``.
+    """
     with atomic_path(folder, directory=True) as tmp:
         for name, frame in tables.items():
             if name == "unit":
