@@ -86,8 +86,9 @@ def gain_correlation(
 
     Returns
     -------
-    One-row frame: ``score``, ``target``, ``method``, ``rho``, ``low``, ``high``, ``level``,
-    ``pvalue``, ``n_datasets``, ``n_boot_valid``. The paper expects rho < 0.
+    One-row frame: ``score``, ``target``, ``method``, ``rho``, ``lower``, ``upper``, ``se``
+    (bootstrap standard deviation of rho), ``level``, ``p_value``, ``p_side`` ("two-sided"),
+    ``n_datasets``, ``n_boot_valid``. The paper expects rho < 0.
     """
     table = per_dataset_table(frame, [score, gain], dataset=dataset)
     x, y = table[score].to_numpy(np.float64), table[gain].to_numpy(np.float64)
@@ -95,7 +96,8 @@ def gain_correlation(
     perm = permutation_pvalue(x, y, method=method, n_perm=n_perm, seed=seed)
     return pd.DataFrame([{
         "score": score, "target": gain, "method": method, "rho": correlate(x, y, method),
-        "low": ci["low"], "high": ci["high"], "level": level, "pvalue": perm["pvalue"],
+        "lower": ci["lower"], "upper": ci["upper"], "se": ci["se"], "level": level, "p_value": perm["p_value"],
+        "p_side": perm["p_side"],
         "n_datasets": len(table), "n_boot_valid": ci["n_valid"],
     }])
 

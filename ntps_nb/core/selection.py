@@ -51,6 +51,7 @@ from ntps_nb.core.stats import (
     _pvalue,
     _sign,
     correlate,
+    p_side,
     permutation_pvalue,
     selection_null,
 )
@@ -205,14 +206,6 @@ def _check_options(method, held_out, ties) -> None:
 
 
 # -- results ------------------------------------------------------------------------------------
-
-def p_side(direction: Direction | None) -> str:
-    """The side of a p-value: "one-sided greater" (positive), "one-sided less" (negative) or
-    "two-sided" (None: no expected sign)."""
-    if direction is None:
-        return "two-sided"
-    return "one-sided greater" if _sign(direction) > 0 else "one-sided less"
-
 
 def monte_carlo_se(p_value: float, n_perm: int, exact: bool) -> float:
     """Monte Carlo standard error of a permutation p-value: sqrt(p (1 - p) / n_perm), 0 when
@@ -459,9 +452,9 @@ def in_sample_rho(
     n = int(frame[dataset].nunique())
     return RhoResult(
         estimate=float(null["observed"]), lower=float("nan"), upper=float("nan"), se=float("nan"),
-        p_value=float(null["pvalue"]), p_side=p_side(direction),
+        p_value=float(null["p_value"]), p_side=p_side(direction),
         p_redone="in-sample selection (maximum over configurations) redone",
-        p_mc_se=monte_carlo_se(null["pvalue"], null["n_perm"], null["exact"]), n_perm=int(null["n_perm"]),
+        p_mc_se=monte_carlo_se(null["p_value"], null["n_perm"], null["exact"]), n_perm=int(null["n_perm"]),
         exact=bool(null["exact"]), interval="none: an in-sample maximum has no selection-aware interval here",
         level=float("nan"), n_boot=0, n_boot_valid=0, selection="in_sample", held_out="none",
         method=method, n_datasets=n)
@@ -496,8 +489,8 @@ def fixed_rho(
         lower, upper, se = _percentile_interval(values, level)
     return RhoResult(
         estimate=correlate(x, y, method), lower=float(lower), upper=float(upper), se=se,
-        p_value=float(perm["pvalue"]), p_side=p_side(direction), p_redone="none (no selection)",
-        p_mc_se=monte_carlo_se(perm["pvalue"], perm["n_perm"], perm["exact"]), n_perm=int(perm["n_perm"]),
+        p_value=float(perm["p_value"]), p_side=p_side(direction), p_redone="none (no selection)",
+        p_mc_se=monte_carlo_se(perm["p_value"], perm["n_perm"], perm["exact"]), n_perm=int(perm["n_perm"]),
         exact=bool(perm["exact"]),
         interval="percentile bootstrap over datasets (no selection)" if int(n_boot) > 0 else "none",
         level=float(level), n_boot=int(n_boot), n_boot_valid=int(n_valid), selection="none", held_out="none",

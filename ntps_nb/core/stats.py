@@ -130,9 +130,37 @@ def bootstrap_ci(
         warnings.warn(f"{values.size - valid.size} of {values.size} bootstrap resamples had a constant "
                       f"sample and were left out", DegenerateSampleWarning, stacklevel=2)
     alpha = (1.0 - level) / 2
-    low, high = (np.quantile(valid, [alpha, 1 - alpha]) if valid.size else (np.nan, np.nan))
-    return {"estimate": correlate(x, y, method), "low": float(low), "high": float(high), "level": float(level),
-            "n_boot": int(n_boot), "n_valid": int(valid.size), "method": method, "n_datasets": int(x.size)}
+    lower, upper = (np.quantile(valid, [alpha, 1 - alpha]) if valid.size else (np.nan, np.nan))
+    return {"estimate": correlate(x, y, method), "lower": float(lower), "upper": float(upper), "se": _boot_se(valid),
+            "level": float(level), "n_boot": int(n_boot), "n_valid": int(valid.size), "method": method,
+            "n_datasets": int(x.size)}
+
+
+def _boot_se(values: np.ndarray) -> float:
+    """Bootstrap standard error: the standard deviation (ddof=1) of the valid replicates, NaN for < 2."""
+    return float(np.std(values, ddof=1)) if values.size >= 2 else float("nan")
+
+
+#: The ``p_side`` of a result for each ``alternative`` of a permutation test.
+P_SIDES = {"two-sided": "two-sided", "greater": "one-sided greater", "less": "one-sided less"}
+
+
+def p_side(direction: Direction | None) -> str:
+    """The side of a p-value, as results name it in ``p_side``.
+
+    Parameters
+    ----------
+    direction : {"positive", "negative"} or None
+        The expected sign of the statistic; None when no sign is expected.
+
+    Returns
+    -------
+    str
+        "one-sided greater" (positive), "one-sided less" (negative) or "two-sided" (None).
+    """
+    if direction is None:
+        return P_SIDES["two-sided"]
+    return P_SIDES["greater"] if _sign(direction) > 0 else P_SIDES["less"]
 
 
 def _permuted_indices(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
@@ -175,8 +203,8 @@ def permutation_pvalue(
     observed = correlate(x, y, method)
     idx, exact = _permuted_indices(x.size, int(n_perm), np.random.default_rng(seed))
     null = np.clip(_embed(y[idx], method) @ _embed(x[None], method)[0], -1.0, 1.0)
-    return {"estimate": observed, "pvalue": _pvalue(observed, null, alternative, exact), "n_perm": int(idx.shape[0]),
-            "exact": exact, "alternative": alternative, "method": method, "n_datasets": int(x.size)}
+    return {"estimate": observed, "p_value": _pvalue(observed, null, alternative, exact), "p_side": P_SIDES[alternative],
+            "n_perm": int(idx.shape[0]), "exact": exact, "alternative": alternative, "method": method, "n_datasets": int(x.size)}
 
 
 def partial_correlation(
@@ -245,7 +273,8 @@ def partial_correlation_ci(
     Z = Z[:, None] if Z.ndim == 1 else Z
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    out = {"estimate": np.nan, "low": np.nan, "high": np.nan, "level": float(level), "n_boot": int(n_boot), "n_valid": 0}
+    out = {"estimate": np.nan, "lower": np.nan, "upper": np.nan, "se": np.nan, "level": float(level),
+           "n_boot": int(n_boot), "n_valid": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateSampleWarning)
         try:
@@ -265,7 +294,8 @@ def partial_correlation_ci(
     out["n_valid"] = int(boot.size)
     if boot.size >= max(10, int(n_boot) // 2):
         alpha = (1.0 - level) / 2
-        out["low"], out["high"] = (float(v) for v in np.quantile(boot, [alpha, 1 - alpha]))
+        out["lower"], out["upper"] = (float(v) for v in np.quantile(boot, [alpha, 1 - alpha]))
+        out["se"] = _boot_se(boot)
     return out
 
 
@@ -297,7 +327,7 @@ def stratified_concordance(
     members = [m for m in members if m.size >= 2]
     n_pairs = int(sum(m.size * (m.size - 1) // 2 for m in members))
     if n_pairs == 0:
-        return {"tau": np.nan, "n_pairs": 0, "n_groups": 0, "pvalue": np.nan, "n_perm": 0}
+        return {"tau": np.nan, "n_pairs": 0, "n_groups": 0, "p_value": np.nan, "p_side": P_SIDES["two-sided"], "n_perm": 0}
     pairs = [np.triu_indices(m.size, 1) for m in members]
     x_signs = [np.sign(x[m][i] - x[m][j]) for m, (i, j) in zip(members, pairs)]
 
@@ -307,9 +337,9 @@ def stratified_concordance(
     observed = tau([y[m] for m in members])
     rng = np.random.default_rng(seed)
     null = np.array([tau([rng.permutation(y[m]) for m in members]) for _ in range(int(n_perm))])
-    pvalue = (1 + np.sum(np.abs(null) >= abs(observed) - TIE_ATOL)) / (1 + int(n_perm))
-    return {"tau": observed, "n_pairs": n_pairs, "n_groups": len(members), "pvalue": float(pvalue),
-            "n_perm": int(n_perm)}
+    p_value = (1 + np.sum(np.abs(null) >= abs(observed) - TIE_ATOL)) / (1 + int(n_perm))
+    return {"tau": observed, "n_pairs": n_pairs, "n_groups": len(members), "p_value": float(p_value),
+            "p_side": P_SIDES["two-sided"], "n_perm": int(n_perm)}
 
 
 # -- configuration selection --------------------------------------------------------------------
@@ -510,8 +540,8 @@ def selection_null(
         T = _embed(grid.target[idx[start:start + 512]], method)
         null[start:start + 512] = np.max(sign * (S @ T.T), axis=0)
     null = np.clip(null, -1.0, 1.0) * sign
-    pvalue = _pvalue(observed, null, "greater" if sign > 0 else "less", exact)
-    return {"observed": observed, "pvalue": pvalue, "null": null, "null_median": float(np.median(null)),
+    p_value = _pvalue(observed, null, "greater" if sign > 0 else "less", exact)
+    return {"observed": observed, "p_value": p_value, "p_side": p_side(direction), "null": null, "null_median": float(np.median(null)),
             "null_q95": float(np.quantile(null, 0.95 if sign > 0 else 0.05)), "n_perm": int(idx.shape[0]),
             "exact": exact, "config": grid.config(best), "method": method, "direction": direction}
 
@@ -584,7 +614,7 @@ def leave_one_dataset_out_null(
             observed = select_leave_one_dataset_out(frame, **kwargs)["rho"]
     observed = float(observed)
     if not np.isfinite(observed):
-        return {"observed": observed, "pvalue": float("nan"), "n_perm": 0, "exact": False}
+        return {"observed": observed, "p_value": float("nan"), "p_side": p_side(direction), "n_perm": 0, "exact": False}
     per_dataset = frame.groupby(dataset)[target].first()
     values = per_dataset.to_numpy()
     exact = math.factorial(values.size) <= int(n_perm)
@@ -604,5 +634,6 @@ def leave_one_dataset_out_null(
             except ValueError:  # a fold whose other datasets have a constant target: no selection possible
                 rho = float("nan")
             hits += bool(np.isfinite(rho) and sign * rho >= sign * observed - TIE_ATOL)
-    pvalue = hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
-    return {"observed": observed, "pvalue": pvalue, "n_perm": len(orderings), "exact": exact}
+    p_value = hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
+    return {"observed": observed, "p_value": p_value, "p_side": p_side(direction), "n_perm": len(orderings),
+            "exact": exact}

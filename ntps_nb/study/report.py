@@ -373,7 +373,7 @@ def structure_controls(
                    "p_side": "none (no p-value)", "p_redone": "", "p_mc_se": np.nan}
             x, y, c = (part[col].to_numpy(float) for col in ("ntps", target, "n_classes"))
             ci = partial_correlation_ci(x, y, c, method=method, n_boot=n_boot, seed=seed)
-            rows.append({**row, "estimate": ci["estimate"], "lower": ci["low"], "upper": ci["high"], "se": np.nan})
+            rows.append({**row, "estimate": ci["estimate"], "lower": ci["lower"], "upper": ci["upper"], "se": np.nan})
         for who in ("all", "pretrained"):
             part = fixed if who == "all" else fixed[fixed["pretrained"].astype(bool)]
             agree = stratified_concordance(part["ntps"], sign * part[target].to_numpy(float), part["dataset"],
@@ -382,9 +382,9 @@ def structure_controls(
                 continue
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
                          "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "estimate": agree["tau"],
-                         "lower": np.nan, "upper": np.nan, "se": np.nan, "p_value": agree["pvalue"],
+                         "lower": np.nan, "upper": np.nan, "se": np.nan, "p_value": agree["p_value"],
                          "p_side": "two-sided", "p_redone": "target shuffled across models within each dataset",
-                         "p_mc_se": monte_carlo_se(agree["pvalue"], agree["n_perm"], False)})
+                         "p_mc_se": monte_carlo_se(agree["p_value"], agree["n_perm"], False)})
     columns = ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "estimate", "lower", "upper", "se",
                "p_value", "p_side", "p_redone", "p_mc_se"]
     return pd.DataFrame(rows, columns=columns)
@@ -439,8 +439,11 @@ def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         raise ValueError("this study recorded no diagnostics (set diagnostics = true)")
     config = np.where(diag["variant"] == "theory", "k=" + diag["k"].astype("Int64").astype(str),
                       "f=" + diag["fraction"].round(2).astype(str))
-    keep = ["model", "dataset", "n_classes", "layer", "variant", "ntps", "perturb_max_dev", "perm_mean", "perm_p",
-            "perm_z", "solver_max_dev", "n_permutations"]
+    from ntps_nb.core.diagnostics import label_null_p_value
+
+    diag = label_null_p_value(diag)
+    keep = ["model", "dataset", "n_classes", "layer", "variant", "ntps", "perturb_max_dev", "perm_mean", "p_value",
+            "p_side", "perm_z", "solver_max_dev", "n_permutations"]
     return diag.assign(config=config)[keep[:5] + ["config"] + keep[5:]].reset_index(drop=True)
 
 
