@@ -629,12 +629,18 @@ def three_dim_example(eps: float = 1e-9) -> dict[str, Any]:
     other: two equally valid answers, orthogonal to each other. Unperturbed, scipy and numpy each
     pick some vector of the plane; which one is up to the driver.
 
+    Parameters
+    ----------
+    eps : float
+        Relative size of the two perturbations (of ||A||).
+
     Returns
     -------
-    dict with ``A``, ``a``, ``zero_space`` (3, 2), ``eps``, ``frame`` (one row per (case, order):
-    eigenvalue and components of the first vector, its |cosine| with a/|a|, and its norm inside
-    the zero eigenspace), ``ascending_overlap`` (|cos| between the two perturbed ascending-first
-    vectors, ~0) and ``descending_overlap`` (same for the top vectors, ~1).
+    dict
+        ``A`` (3, 3), ``a`` (3,), ``zero_space`` (3, 2), ``eps``, ``frame`` (one row per (case,
+        order): eigenvalue and components of the first vector, its |cosine| with a/|a|, and its
+        norm inside the zero eigenspace), ``ascending_overlap`` (|cos| between the two perturbed
+        ascending-first vectors, ~0) and ``descending_overlap`` (same for the top vectors, ~1).
     """
     a = np.array([1.0, 2.0, 2.0])
     A = np.outer(a, a)

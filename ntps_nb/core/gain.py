@@ -52,7 +52,22 @@ class RankDeficientFitWarning(UserWarning):
 def per_dataset_table(
     frame: pd.DataFrame, columns: Sequence[str], *, dataset: str = "dataset"
 ) -> pd.DataFrame:
-    """Check a tidy frame has one row per dataset and finite values in ``columns``; sorted by dataset."""
+    """Check a tidy frame has one row per dataset and finite values in ``columns``; sorted by dataset.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per dataset (of one model).
+    columns : sequence of str
+        The columns that must be present and finite.
+    dataset : str
+        The column naming the dataset.
+
+    Returns
+    -------
+    DataFrame
+        ``dataset`` and ``columns``, one row per dataset, sorted by dataset.
+    """
     missing = [c for c in (dataset, *columns) if c not in frame.columns]
     if missing:
         raise ValueError(f"frame has no column(s) {missing}; it has {list(frame.columns)}")
@@ -112,10 +127,18 @@ def fit_gain_predictor(
 ) -> dict[str, float]:
     """Least-squares fit of gain ~ a + b * ntps (+ c * probe_accuracy) on the given datasets.
 
+    Parameters
+    ----------
+    ntps, gain : sequence of float, shape (n,)
+        One value per dataset each.
+    probe_accuracy : sequence of float, shape (n,), optional
+        A second predictor; None fits gain on NTPS only.
+
     Returns
     -------
-    dict with ``a``, ``b``, ``c`` (NaN without probe accuracy), ``rank`` of the design,
-    ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant).
+    dict
+        ``a``, ``b``, ``c`` (NaN without probe accuracy), ``rank`` of the design,
+        ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant).
     """
     x = np.asarray(ntps, dtype=np.float64)
     y = np.asarray(gain, dtype=np.float64)

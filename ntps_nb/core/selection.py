@@ -129,7 +129,22 @@ def weighted_correlation(
 ) -> float:
     """Correlation of the sample in which dataset i appears ``weights[i]`` times (a bootstrap
     resample as counts). Equals `ntps_nb.core.stats.correlate` of the repeated values; NaN when
-    either sample is constant among the datasets with positive weight."""
+    either sample is constant among the datasets with positive weight.
+
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each.
+    weights : sequence of float, shape (n,)
+        How many times each dataset appears (non-negative counts).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+
+    Returns
+    -------
+    float
+        The weighted correlation, in [-1, 1], or NaN.
+    """
     _check_method(method)
     x, y = _paired(x, y)
     w = np.asarray(weights, dtype=np.float64)
@@ -209,7 +224,22 @@ def _check_options(method, held_out, ties) -> None:
 
 def monte_carlo_se(p_value: float, n_perm: int, exact: bool) -> float:
     """Monte Carlo standard error of a permutation p-value: sqrt(p (1 - p) / n_perm), 0 when
-    every ordering was enumerated, NaN for a NaN p-value."""
+    every ordering was enumerated, NaN for a NaN p-value.
+
+    Parameters
+    ----------
+    p_value : float
+        The permutation p-value.
+    n_perm : int
+        The number of random orderings it was computed from.
+    exact : bool
+        Whether every ordering was enumerated.
+
+    Returns
+    -------
+    float
+        The standard error of ``p_value``.
+    """
     if exact:
         return 0.0 if np.isfinite(p_value) else float("nan")
     return float(np.sqrt(p_value * (1.0 - p_value) / n_perm))
@@ -393,6 +423,34 @@ def lodo_rho(
       Resamples with fewer than 4 distinct datasets or an undefined rho are left out (counted
       in ``n_boot_valid``). ``n_boot=0``: no interval.
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The configuration column(s), e.g. ``("layer", "k")``.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        "positive" selects the largest rho, "negative" the most negative (MSE, gain); the
+        p-value is one-sided that way.
+    held_out : {"rank", "standardised", "pooled_raw"}
+        How a held-out dataset's score is expressed (see `leave_one_dataset_out`).
+    ties : {"average", "first"}
+        How configurations tied within ``atol`` are combined (see `leave_one_dataset_out`).
+    n_perm : int
+        Random orderings of the targets when not all n! are enumerated (>= 1).
+    n_boot : int
+        Bootstrap resamples of the datasets (0: no interval).
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+        Seed of the permutation and resampling generators.
+    atol : float
+        Two rho closer than this count as tied.
+
     Returns
     -------
     `RhoResult` with ``selection="leave_one_dataset_out"``.
@@ -439,6 +497,24 @@ def in_sample_rho(
     in-sample maximum, even with the maximum redone per resample, centres on the optimistic
     value, so ``lower`` / ``upper`` / ``se`` are NaN and ``interval`` says why.
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The configuration column(s), e.g. ``("layer", "k")``.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        "positive" selects the largest rho, "negative" the most negative (MSE, gain); the
+        p-value is one-sided that way.
+    n_perm : int
+        Random orderings of the targets when not all n! are enumerated (>= 1).
+    seed : int
+        Seed of the permutation generator.
+
     Returns
     -------
     `RhoResult` with ``selection="in_sample"``.
@@ -468,6 +544,23 @@ def fixed_rho(
     pre-specified configuration), with a percentile bootstrap interval over datasets (valid
     here: nothing was selected) and a permutation p-value, two-sided unless ``direction``
     gives the expected sign (exact when n! <= ``n_perm``).
+
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        The score and the target, one value per dataset each.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"} or None
+        The expected sign of rho (one-sided p-value), or None (two-sided).
+    n_perm : int
+        Random orderings of the targets when not all n! are enumerated (>= 1).
+    n_boot : int
+        Bootstrap resamples of the datasets (0: no interval).
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+        Seed of the permutation and resampling generators.
 
     Returns
     -------
