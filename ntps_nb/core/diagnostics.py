@@ -526,6 +526,37 @@ def ntps_diagnostics(
     return pd.concat(frames, ignore_index=True)
 
 
+#: The side of the label-permutation p-value: real NTPS larger than under permuted labels.
+PERM_P_SIDE = "one-sided greater"
+
+
+def label_null_p_value(frame: pd.DataFrame) -> pd.DataFrame:
+    """A diagnostics table with its label-permutation p-value under the package's result names.
+
+    Tables written so far name the p-value ``perm_p``; this returns a copy where it is ``p_value``,
+    with ``p_side`` = `PERM_P_SIDE` ("one-sided greater": real NTPS above the permutation null)
+    beside it. A table that already has ``p_value`` keeps it. Committed tables are read as they are.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Output of `ntps_diagnostics` or a stored diagnostics table, one row per configuration.
+
+    Returns
+    -------
+    DataFrame
+        A copy with ``p_value`` and ``p_side`` in place of ``perm_p`` (same rows, same order).
+    """
+    out = frame.copy()
+    if "p_value" not in out.columns and "perm_p" in out.columns:
+        position = list(out.columns).index("perm_p")
+        out = out.rename(columns={"perm_p": "p_value"})
+        out.insert(position + 1, "p_side", PERM_P_SIDE)
+    elif "p_value" in out.columns and "p_side" not in out.columns:
+        out["p_side"] = PERM_P_SIDE
+    return out
+
+
 def stability_summary(
     frame: pd.DataFrame, *, threshold: float = PERTURB_THRESHOLD, alpha: float = SIGNIFICANCE,
     by: Sequence[str] = ("variant",),
@@ -535,14 +566,35 @@ def stability_summary(
     ``responds_to_labels``: in at least half of the configurations the permutation p-value is below
     ``alpha``. ``survives_rounding``: no configuration moved by ``threshold`` or more under the
     perturbations. ``statement`` says both in words, with the numbers.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Output of `ntps_diagnostics` (or a stored diagnostics table: its ``perm_p`` is read as
+        ``p_value``, see `label_null_p_value`), one row per configuration.
+    threshold : float
+        Largest perturbation deviation of NTPS that still "survives rounding".
+    alpha : float
+        Significance level of the label-permutation p-value.
+    by : sequence of str
+        Columns whose groups are summarised separately.
+
+    Returns
+    -------
+    DataFrame
+        One row per group: the ``by`` columns, ``n_configs``, ``median_ntps``,
+        ``share_label_responsive``, ``median_perm_p`` (median p-value of the label null),
+        ``max_perturb_dev``, ``max_solver_dev``, ``responds_to_labels``, ``survives_rounding``
+        (None when not run), ``statement``.
     """
-    missing = [c for c in (*by, "perm_p", "perturb_max_dev", "perturb_scale") if c not in frame.columns]
+    frame = label_null_p_value(frame)
+    missing = [c for c in (*by, "p_value", "perturb_max_dev", "perturb_scale") if c not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}; pass the output of ntps_diagnostics")
     rows = []
     for key, group in frame.groupby(list(by), sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        p = group["perm_p"].to_numpy(dtype=float)
+        p = group["p_value"].to_numpy(dtype=float)
         dev = group["perturb_max_dev"].to_numpy(dtype=float)
         tested = np.isfinite(p)
         share = float(np.mean(p[tested] < alpha)) if tested.any() else np.nan
@@ -577,12 +629,18 @@ def three_dim_example(eps: float = 1e-9) -> dict[str, Any]:
     other: two equally valid answers, orthogonal to each other. Unperturbed, scipy and numpy each
     pick some vector of the plane; which one is up to the driver.
 
+    Parameters
+    ----------
+    eps : float
+        Relative size of the two perturbations (of ||A||).
+
     Returns
     -------
-    dict with ``A``, ``a``, ``zero_space`` (3, 2), ``eps``, ``frame`` (one row per (case, order):
-    eigenvalue and components of the first vector, its |cosine| with a/|a|, and its norm inside
-    the zero eigenspace), ``ascending_overlap`` (|cos| between the two perturbed ascending-first
-    vectors, ~0) and ``descending_overlap`` (same for the top vectors, ~1).
+    dict
+        ``A`` (3, 3), ``a`` (3,), ``zero_space`` (3, 2), ``eps``, ``frame`` (one row per (case,
+        order): eigenvalue and components of the first vector, its |cosine| with a/|a|, and its
+        norm inside the zero eigenspace), ``ascending_overlap`` (|cos| between the two perturbed
+        ascending-first vectors, ~0) and ``descending_overlap`` (same for the top vectors, ~1).
     """
     a = np.array([1.0, 2.0, 2.0])
     A = np.outer(a, a)

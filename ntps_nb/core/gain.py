@@ -52,7 +52,22 @@ class RankDeficientFitWarning(UserWarning):
 def per_dataset_table(
     frame: pd.DataFrame, columns: Sequence[str], *, dataset: str = "dataset"
 ) -> pd.DataFrame:
-    """Check a tidy frame has one row per dataset and finite values in ``columns``; sorted by dataset."""
+    """Check a tidy frame has one row per dataset and finite values in ``columns``; sorted by dataset.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per dataset (of one model).
+    columns : sequence of str
+        The columns that must be present and finite.
+    dataset : str
+        The column naming the dataset.
+
+    Returns
+    -------
+    DataFrame
+        ``dataset`` and ``columns``, one row per dataset, sorted by dataset.
+    """
     missing = [c for c in (dataset, *columns) if c not in frame.columns]
     if missing:
         raise ValueError(f"frame has no column(s) {missing}; it has {list(frame.columns)}")
@@ -86,8 +101,9 @@ def gain_correlation(
 
     Returns
     -------
-    One-row frame: ``score``, ``target``, ``method``, ``rho``, ``low``, ``high``, ``level``,
-    ``pvalue``, ``n_datasets``, ``n_boot_valid``. The paper expects rho < 0.
+    One-row frame: ``score``, ``target``, ``method``, ``rho``, ``lower``, ``upper``, ``se``
+    (bootstrap standard deviation of rho), ``level``, ``p_value``, ``p_side`` ("two-sided"),
+    ``n_datasets``, ``n_boot_valid``. The paper expects rho < 0.
     """
     table = per_dataset_table(frame, [score, gain], dataset=dataset)
     x, y = table[score].to_numpy(np.float64), table[gain].to_numpy(np.float64)
@@ -95,7 +111,8 @@ def gain_correlation(
     perm = permutation_pvalue(x, y, method=method, n_perm=n_perm, seed=seed)
     return pd.DataFrame([{
         "score": score, "target": gain, "method": method, "rho": correlate(x, y, method),
-        "low": ci["low"], "high": ci["high"], "level": level, "pvalue": perm["pvalue"],
+        "lower": ci["lower"], "upper": ci["upper"], "se": ci["se"], "level": level, "p_value": perm["p_value"],
+        "p_side": perm["p_side"],
         "n_datasets": len(table), "n_boot_valid": ci["n_valid"],
     }])
 
@@ -110,10 +127,18 @@ def fit_gain_predictor(
 ) -> dict[str, float]:
     """Least-squares fit of gain ~ a + b * ntps (+ c * probe_accuracy) on the given datasets.
 
+    Parameters
+    ----------
+    ntps, gain : sequence of float, shape (n,)
+        One value per dataset each.
+    probe_accuracy : sequence of float, shape (n,), optional
+        A second predictor; None fits gain on NTPS only.
+
     Returns
     -------
-    dict with ``a``, ``b``, ``c`` (NaN without probe accuracy), ``rank`` of the design,
-    ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant).
+    dict
+        ``a``, ``b``, ``c`` (NaN without probe accuracy), ``rank`` of the design,
+        ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant).
     """
     x = np.asarray(ntps, dtype=np.float64)
     y = np.asarray(gain, dtype=np.float64)

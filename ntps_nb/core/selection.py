@@ -51,6 +51,7 @@ from ntps_nb.core.stats import (
     _pvalue,
     _sign,
     correlate,
+    p_side,
     permutation_pvalue,
     selection_null,
 )
@@ -128,7 +129,22 @@ def weighted_correlation(
 ) -> float:
     """Correlation of the sample in which dataset i appears ``weights[i]`` times (a bootstrap
     resample as counts). Equals `ntps_nb.core.stats.correlate` of the repeated values; NaN when
-    either sample is constant among the datasets with positive weight."""
+    either sample is constant among the datasets with positive weight.
+
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each.
+    weights : sequence of float, shape (n,)
+        How many times each dataset appears (non-negative counts).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+
+    Returns
+    -------
+    float
+        The weighted correlation, in [-1, 1], or NaN.
+    """
     _check_method(method)
     x, y = _paired(x, y)
     w = np.asarray(weights, dtype=np.float64)
@@ -206,17 +222,24 @@ def _check_options(method, held_out, ties) -> None:
 
 # -- results ------------------------------------------------------------------------------------
 
-def p_side(direction: Direction | None) -> str:
-    """The side of a p-value: "one-sided greater" (positive), "one-sided less" (negative) or
-    "two-sided" (None: no expected sign)."""
-    if direction is None:
-        return "two-sided"
-    return "one-sided greater" if _sign(direction) > 0 else "one-sided less"
-
-
 def monte_carlo_se(p_value: float, n_perm: int, exact: bool) -> float:
     """Monte Carlo standard error of a permutation p-value: sqrt(p (1 - p) / n_perm), 0 when
-    every ordering was enumerated, NaN for a NaN p-value."""
+    every ordering was enumerated, NaN for a NaN p-value.
+
+    Parameters
+    ----------
+    p_value : float
+        The permutation p-value.
+    n_perm : int
+        The number of random orderings it was computed from.
+    exact : bool
+        Whether every ordering was enumerated.
+
+    Returns
+    -------
+    float
+        The standard error of ``p_value``.
+    """
     if exact:
         return 0.0 if np.isfinite(p_value) else float("nan")
     return float(np.sqrt(p_value * (1.0 - p_value) / n_perm))
@@ -400,6 +423,34 @@ def lodo_rho(
       Resamples with fewer than 4 distinct datasets or an undefined rho are left out (counted
       in ``n_boot_valid``). ``n_boot=0``: no interval.
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The configuration column(s), e.g. ``("layer", "k")``.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        "positive" selects the largest rho, "negative" the most negative (MSE, gain); the
+        p-value is one-sided that way.
+    held_out : {"rank", "standardised", "pooled_raw"}
+        How a held-out dataset's score is expressed (see `leave_one_dataset_out`).
+    ties : {"average", "first"}
+        How configurations tied within ``atol`` are combined (see `leave_one_dataset_out`).
+    n_perm : int
+        Random orderings of the targets when not all n! are enumerated (>= 1).
+    n_boot : int
+        Bootstrap resamples of the datasets (0: no interval).
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+        Seed of the permutation and resampling generators.
+    atol : float
+        Two rho closer than this count as tied.
+
     Returns
     -------
     `RhoResult` with ``selection="leave_one_dataset_out"``.
@@ -446,6 +497,24 @@ def in_sample_rho(
     in-sample maximum, even with the maximum redone per resample, centres on the optimistic
     value, so ``lower`` / ``upper`` / ``se`` are NaN and ``interval`` says why.
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The configuration column(s), e.g. ``("layer", "k")``.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        "positive" selects the largest rho, "negative" the most negative (MSE, gain); the
+        p-value is one-sided that way.
+    n_perm : int
+        Random orderings of the targets when not all n! are enumerated (>= 1).
+    seed : int
+        Seed of the permutation generator.
+
     Returns
     -------
     `RhoResult` with ``selection="in_sample"``.
@@ -459,9 +528,9 @@ def in_sample_rho(
     n = int(frame[dataset].nunique())
     return RhoResult(
         estimate=float(null["observed"]), lower=float("nan"), upper=float("nan"), se=float("nan"),
-        p_value=float(null["pvalue"]), p_side=p_side(direction),
+        p_value=float(null["p_value"]), p_side=p_side(direction),
         p_redone="in-sample selection (maximum over configurations) redone",
-        p_mc_se=monte_carlo_se(null["pvalue"], null["n_perm"], null["exact"]), n_perm=int(null["n_perm"]),
+        p_mc_se=monte_carlo_se(null["p_value"], null["n_perm"], null["exact"]), n_perm=int(null["n_perm"]),
         exact=bool(null["exact"]), interval="none: an in-sample maximum has no selection-aware interval here",
         level=float("nan"), n_boot=0, n_boot_valid=0, selection="in_sample", held_out="none",
         method=method, n_datasets=n)
@@ -475,6 +544,23 @@ def fixed_rho(
     pre-specified configuration), with a percentile bootstrap interval over datasets (valid
     here: nothing was selected) and a permutation p-value, two-sided unless ``direction``
     gives the expected sign (exact when n! <= ``n_perm``).
+
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        The score and the target, one value per dataset each.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"} or None
+        The expected sign of rho (one-sided p-value), or None (two-sided).
+    n_perm : int
+        Random orderings of the targets when not all n! are enumerated (>= 1).
+    n_boot : int
+        Bootstrap resamples of the datasets (0: no interval).
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+        Seed of the permutation and resampling generators.
 
     Returns
     -------
@@ -496,8 +582,8 @@ def fixed_rho(
         lower, upper, se = _percentile_interval(values, level)
     return RhoResult(
         estimate=correlate(x, y, method), lower=float(lower), upper=float(upper), se=se,
-        p_value=float(perm["pvalue"]), p_side=p_side(direction), p_redone="none (no selection)",
-        p_mc_se=monte_carlo_se(perm["pvalue"], perm["n_perm"], perm["exact"]), n_perm=int(perm["n_perm"]),
+        p_value=float(perm["p_value"]), p_side=p_side(direction), p_redone="none (no selection)",
+        p_mc_se=monte_carlo_se(perm["p_value"], perm["n_perm"], perm["exact"]), n_perm=int(perm["n_perm"]),
         exact=bool(perm["exact"]),
         interval="percentile bootstrap over datasets (no selection)" if int(n_boot) > 0 else "none",
         level=float(level), n_boot=int(n_boot), n_boot_valid=int(n_valid), selection="none", held_out="none",

@@ -96,6 +96,18 @@ def correlate(x: Sequence[float], y: Sequence[float], method: Method = "spearman
 
     Raises ValueError for fewer than `MIN_DATASETS` values, NaN/inf, different lengths or a
     constant sample (whose correlation is undefined).
+
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each (n >= `MIN_DATASETS`, finite, not constant).
+    method : {"spearman", "kendall", "pearson"}
+        Spearman (average ranks), Kendall tau-b or Pearson.
+
+    Returns
+    -------
+    float
+        The correlation, in [-1, 1].
     """
     _check_method(method)
     x, y = _paired(x, y)
@@ -111,10 +123,25 @@ def bootstrap_ci(
     A resample that draws a constant sample (e.g. one dataset n times) has no correlation; such
     resamples are left out, counted in ``n_valid``, and a warning says how many.
 
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each (n >= `MIN_DATASETS`, finite, not constant).
+    method : {"spearman", "kendall", "pearson"}
+        Spearman (average ranks), Kendall tau-b or Pearson.
+    n_boot : int
+        Number of resamples (>= 1).
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+        Seed of the resampling generator.
+
     Returns
     -------
-    dict with ``estimate`` (on the original sample), ``low``, ``high``, ``level``, ``n_boot``,
-    ``n_valid``, ``method``, ``n_datasets``.
+    dict
+        ``estimate`` (on the original sample), ``lower``, ``upper`` (percentile interval at
+        ``level``), ``se`` (standard deviation of the valid resampled correlations), ``level``,
+        ``n_boot``, ``n_valid``, ``method``, ``n_datasets``.
     """
     _check_method(method)
     x, y = _paired(x, y)
@@ -130,9 +157,37 @@ def bootstrap_ci(
         warnings.warn(f"{values.size - valid.size} of {values.size} bootstrap resamples had a constant "
                       f"sample and were left out", DegenerateSampleWarning, stacklevel=2)
     alpha = (1.0 - level) / 2
-    low, high = (np.quantile(valid, [alpha, 1 - alpha]) if valid.size else (np.nan, np.nan))
-    return {"estimate": correlate(x, y, method), "low": float(low), "high": float(high), "level": float(level),
-            "n_boot": int(n_boot), "n_valid": int(valid.size), "method": method, "n_datasets": int(x.size)}
+    lower, upper = (np.quantile(valid, [alpha, 1 - alpha]) if valid.size else (np.nan, np.nan))
+    return {"estimate": correlate(x, y, method), "lower": float(lower), "upper": float(upper), "se": _boot_se(valid),
+            "level": float(level), "n_boot": int(n_boot), "n_valid": int(valid.size), "method": method,
+            "n_datasets": int(x.size)}
+
+
+def _boot_se(values: np.ndarray) -> float:
+    """Bootstrap standard error: the standard deviation (ddof=1) of the valid replicates, NaN for < 2."""
+    return float(np.std(values, ddof=1)) if values.size >= 2 else float("nan")
+
+
+#: The ``p_side`` of a result for each ``alternative`` of a permutation test.
+P_SIDES = {"two-sided": "two-sided", "greater": "one-sided greater", "less": "one-sided less"}
+
+
+def p_side(direction: Direction | None) -> str:
+    """The side of a p-value, as results name it in ``p_side``.
+
+    Parameters
+    ----------
+    direction : {"positive", "negative"} or None
+        The expected sign of the statistic; None when no sign is expected.
+
+    Returns
+    -------
+    str
+        "one-sided greater" (positive), "one-sided less" (negative) or "two-sided" (None).
+    """
+    if direction is None:
+        return P_SIDES["two-sided"]
+    return P_SIDES["greater"] if _sign(direction) > 0 else P_SIDES["less"]
 
 
 def _permuted_indices(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
@@ -164,9 +219,25 @@ def permutation_pvalue(
     With n! <= min(n_perm, 8!) all orderings are enumerated and the p-value is exact; otherwise
     it is the Monte-Carlo estimate (1 + #{null as extreme}) / (1 + n_perm), which is never 0.
 
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each (n >= `MIN_DATASETS`, finite, not constant).
+    method : {"spearman", "kendall", "pearson"}
+        Spearman (average ranks), Kendall tau-b or Pearson.
+    n_perm : int
+        Random orderings drawn when not all are enumerated (>= 1).
+    seed : int
+        Seed of the permutation generator.
+    alternative : {"two-sided", "greater", "less"}
+        Which correlations count as at least as extreme as the observed one.
+
     Returns
     -------
-    dict with ``estimate``, ``pvalue``, ``n_perm`` (orderings used), ``exact``, ``alternative``, ``method``.
+    dict
+        ``estimate``, ``p_value``, ``p_side`` ("two-sided", "one-sided greater" or "one-sided
+        less", from ``alternative``), ``n_perm`` (orderings used), ``exact``, ``alternative``,
+        ``method``, ``n_datasets``.
     """
     _check_method(method)
     x, y = _paired(x, y)
@@ -175,8 +246,8 @@ def permutation_pvalue(
     observed = correlate(x, y, method)
     idx, exact = _permuted_indices(x.size, int(n_perm), np.random.default_rng(seed))
     null = np.clip(_embed(y[idx], method) @ _embed(x[None], method)[0], -1.0, 1.0)
-    return {"estimate": observed, "pvalue": _pvalue(observed, null, alternative, exact), "n_perm": int(idx.shape[0]),
-            "exact": exact, "alternative": alternative, "method": method, "n_datasets": int(x.size)}
+    return {"estimate": observed, "p_value": _pvalue(observed, null, alternative, exact), "p_side": P_SIDES[alternative],
+            "n_perm": int(idx.shape[0]), "exact": exact, "alternative": alternative, "method": method, "n_datasets": int(x.size)}
 
 
 def partial_correlation(
@@ -191,6 +262,20 @@ def partial_correlation(
     sample, an (n, q) array or a mapping name -> sample. Needs n >= q + 3 datasets. When x or
     y is entirely explained by the controls the partial correlation is undefined: NaN with a
     warning.
+
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each (n >= `MIN_DATASETS`, finite, not constant).
+    controls : sequence of float (n,), array (n, q) or mapping name -> sequence (n,)
+        The variables whose linear effect is removed from x and y.
+    method : {"spearman", "pearson"}
+        Rank everything first ("spearman") or not.
+
+    Returns
+    -------
+    float
+        The partial correlation, in [-1, 1], or NaN when it is undefined.
     """
     if method not in ("spearman", "pearson"):
         raise ValueError(f"partial_correlation supports 'spearman' and 'pearson', got {method!r}")
@@ -236,16 +321,34 @@ def partial_correlation_ci(
     valid the interval is NaN. An undefined estimate (too few datasets, a constant control) is
     NaN with NaN bounds rather than an error.
 
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per dataset each (n >= `MIN_DATASETS`, finite, not constant).
+    controls : sequence of float (n,) or array (n, q)
+        The variables whose linear effect is removed from x and y.
+    method : {"spearman", "pearson"}
+        Rank everything first ("spearman") or not.
+    n_boot : int
+        Number of resamples of the datasets.
+    level : float
+        Coverage of the interval, in (0, 1).
+    seed : int
+        Seed of the resampling generator.
+
     Returns
     -------
-    dict with ``estimate``, ``low``, ``high``, ``level``, ``n_boot``, ``n_valid``.
+    dict
+        ``estimate``, ``lower``, ``upper``, ``se`` (standard deviation of the valid resampled
+        values; NaN with the bounds), ``level``, ``n_boot``, ``n_valid``.
     """
     x, y = _paired(x, y)
     Z = np.asarray(controls, dtype=np.float64)
     Z = Z[:, None] if Z.ndim == 1 else Z
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    out = {"estimate": np.nan, "low": np.nan, "high": np.nan, "level": float(level), "n_boot": int(n_boot), "n_valid": 0}
+    out = {"estimate": np.nan, "lower": np.nan, "upper": np.nan, "se": np.nan, "level": float(level),
+           "n_boot": int(n_boot), "n_valid": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateSampleWarning)
         try:
@@ -265,7 +368,8 @@ def partial_correlation_ci(
     out["n_valid"] = int(boot.size)
     if boot.size >= max(10, int(n_boot) // 2):
         alpha = (1.0 - level) / 2
-        out["low"], out["high"] = (float(v) for v in np.quantile(boot, [alpha, 1 - alpha]))
+        out["lower"], out["upper"] = (float(v) for v in np.quantile(boot, [alpha, 1 - alpha]))
+        out["se"] = _boot_se(boot)
     return out
 
 
@@ -280,9 +384,22 @@ def stratified_concordance(
     two-sided, from permutations that shuffle y among the members of each group (groups are kept
     apart: what differs between groups cannot enter). Groups with one member contribute nothing.
 
+    Parameters
+    ----------
+    x, y : sequence of float, shape (n,)
+        One value per member (finite).
+    groups : sequence, shape (n,)
+        The group of each member; pairs are formed within groups only.
+    n_perm : int
+        Number of within-group shuffles of y (>= 1).
+    seed : int
+        Seed of the permutation generator.
+
     Returns
     -------
-    dict with ``tau``, ``n_pairs``, ``n_groups`` (with at least two members), ``pvalue``, ``n_perm``.
+    dict
+        ``tau``, ``n_pairs``, ``n_groups`` (with at least two members), ``p_value``, ``p_side``
+        ("two-sided"), ``n_perm``. NaN tau and p-value when there is no pair.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -297,7 +414,7 @@ def stratified_concordance(
     members = [m for m in members if m.size >= 2]
     n_pairs = int(sum(m.size * (m.size - 1) // 2 for m in members))
     if n_pairs == 0:
-        return {"tau": np.nan, "n_pairs": 0, "n_groups": 0, "pvalue": np.nan, "n_perm": 0}
+        return {"tau": np.nan, "n_pairs": 0, "n_groups": 0, "p_value": np.nan, "p_side": P_SIDES["two-sided"], "n_perm": 0}
     pairs = [np.triu_indices(m.size, 1) for m in members]
     x_signs = [np.sign(x[m][i] - x[m][j]) for m, (i, j) in zip(members, pairs)]
 
@@ -307,9 +424,9 @@ def stratified_concordance(
     observed = tau([y[m] for m in members])
     rng = np.random.default_rng(seed)
     null = np.array([tau([rng.permutation(y[m]) for m in members]) for _ in range(int(n_perm))])
-    pvalue = (1 + np.sum(np.abs(null) >= abs(observed) - TIE_ATOL)) / (1 + int(n_perm))
-    return {"tau": observed, "n_pairs": n_pairs, "n_groups": len(members), "pvalue": float(pvalue),
-            "n_perm": int(n_perm)}
+    p_value = (1 + np.sum(np.abs(null) >= abs(observed) - TIE_ATOL)) / (1 + int(n_perm))
+    return {"tau": observed, "n_pairs": n_pairs, "n_groups": len(members), "p_value": float(p_value),
+            "p_side": P_SIDES["two-sided"], "n_perm": int(n_perm)}
 
 
 # -- configuration selection --------------------------------------------------------------------
@@ -396,6 +513,22 @@ def config_correlations(
 
     ``frame`` is tidy: one row per (dataset, configuration) with the score and the (per-dataset)
     target. Configurations with constant scores get rho = NaN.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The column(s) that name a configuration (e.g. layer and k).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+
+    Returns
+    -------
+    DataFrame
+        One row per configuration: the configuration columns, ``rho``, ``n_datasets``, ``method``.
     """
     _check_method(method)
     grid = _Grid(frame, score, target, configs, dataset)
@@ -417,9 +550,23 @@ def select_in_sample(
     ``direction="negative"`` selects the most negative rho (e.g. for MSE or LoRA gain targets).
     Ties go to the first configuration in sorted order.
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The column(s) that name a configuration (e.g. layer and k).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        Select the largest rho ("positive") or the most negative ("negative").
+
     Returns
     -------
-    dict with ``config`` (column -> value), ``rho``, ``n_datasets``, ``n_configs``, ``method``, ``direction``.
+    dict
+        ``config`` (column -> value), ``rho``, ``n_datasets``, ``n_configs``, ``method``, ``direction``.
     """
     _check_method(method)
     sign = _sign(direction)
@@ -442,12 +589,26 @@ def select_leave_one_dataset_out(
     The held-out dataset's scores and target never enter its own choice. Needs
     ``MIN_DATASETS + 1`` datasets (the others must support a correlation).
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The column(s) that name a configuration (e.g. layer and k).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        Select the largest rho ("positive") or the most negative ("negative").
+
     Returns
     -------
-    dict with ``rho`` (held-out scores vs targets), ``chosen`` (a frame: dataset, the configuration
-    columns, ``rho_others`` (the selection criterion on the other datasets), ``held_out_score``,
-    ``target``), ``n_distinct_configs``, ``n_datasets``, ``method``, ``direction``. ``rho`` is NaN,
-    with a warning, if the held-out scores come out constant.
+    dict
+        ``rho`` (held-out scores vs targets), ``chosen`` (a frame: dataset, the configuration
+        columns, ``rho_others`` (the selection criterion on the other datasets), ``held_out_score``,
+        ``target``), ``n_distinct_configs``, ``n_datasets``, ``method``, ``direction``. ``rho`` is
+        NaN, with a warning, if the held-out scores come out constant.
     """
     _check_method(method)
     sign = _sign(direction)
@@ -486,12 +647,31 @@ def selection_null(
     This answers "how high does in-sample selection push rho when scores and targets are
     unrelated?" for THIS grid of (correlated) configurations.
 
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The column(s) that name a configuration (e.g. layer and k).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        Select the largest rho ("positive") or the most negative ("negative").
+    n_perm : int
+        Random orderings of the target when not all n! are enumerated (>= 1).
+    seed : int
+        Seed of the permutation generator.
+
     Returns
     -------
-    dict with ``observed`` (the best rho, signed as selected), ``pvalue``
-    ((1 + #{null max >= observed}) / (1 + n_perm), or exact when all orderings are enumerated),
-    ``null`` (array of null maxima, in the same sign), ``null_median``, ``null_q95``, ``n_perm``,
-    ``exact``, ``config``, ``method``, ``direction``.
+    dict
+        ``observed`` (the best rho, signed as selected), ``p_value`` ((1 + #{null max >=
+        observed}) / (1 + n_perm), or exact when all orderings are enumerated), ``p_side``
+        ("one-sided greater" for direction positive, "one-sided less" for negative), ``null``
+        (array (n_perm,) of null maxima, in the same sign), ``null_median``, ``null_q95``,
+        ``n_perm``, ``exact``, ``config``, ``method``, ``direction``.
     """
     _check_method(method)
     sign = _sign(direction)
@@ -510,8 +690,8 @@ def selection_null(
         T = _embed(grid.target[idx[start:start + 512]], method)
         null[start:start + 512] = np.max(sign * (S @ T.T), axis=0)
     null = np.clip(null, -1.0, 1.0) * sign
-    pvalue = _pvalue(observed, null, "greater" if sign > 0 else "less", exact)
-    return {"observed": observed, "pvalue": pvalue, "null": null, "null_median": float(np.median(null)),
+    p_value = _pvalue(observed, null, "greater" if sign > 0 else "less", exact)
+    return {"observed": observed, "p_value": p_value, "p_side": p_side(direction), "null": null, "null_median": float(np.median(null)),
             "null_q95": float(np.quantile(null, 0.95 if sign > 0 else 0.05)), "n_perm": int(idx.shape[0]),
             "exact": exact, "config": grid.config(best), "method": method, "direction": direction}
 
@@ -527,6 +707,26 @@ def winning_configs(
     One row per configuration: the configuration columns, ``rho`` (in-sample), ``rank``
     (1 = best in-sample, in the selected direction), ``n_folds_chosen`` (of ``n_datasets``).
     A stable winner has a small rank and many folds; a fragile in-sample maximum has neither.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Tidy: one row per (dataset, configuration) with the ``score`` and the per-dataset ``target``.
+    score, target, dataset : str
+        Column names of the score, the target and the dataset.
+    configs : str or sequence of str
+        The column(s) that name a configuration (e.g. layer and k).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        Select the largest rho ("positive") or the most negative ("negative").
+    top : int
+        How many of the best in-sample configurations to keep.
+
+    Returns
+    -------
+    DataFrame
+        The configuration columns, ``rho``, ``rank``, ``n_folds_chosen``, ``n_datasets``, ``method``.
     """
     _check_method(method)
     sign = _sign(direction)
@@ -570,9 +770,10 @@ def leave_one_dataset_out_null(
 
     Returns
     -------
-    dict with ``observed``, ``pvalue`` (the share of orderings whose rho is at least as extreme
+    dict with ``observed``, ``p_value`` (the share of orderings whose rho is at least as extreme
     in ``direction``, within `TIE_ATOL`; ``(1 + hits) / (1 + n_perm)`` when sampled; NaN when
-    ``observed`` is NaN), ``n_perm`` (orderings used), ``exact``. An ordering under which some
+    ``observed`` is NaN), ``p_side`` ("one-sided greater" or "one-sided less", from ``direction``),
+    ``n_perm`` (orderings used), ``exact``. An ordering under which some
     fold's other datasets cannot support a selection (a constant target) counts as no hit.
     """
     if int(n_perm) < 1:
@@ -584,7 +785,7 @@ def leave_one_dataset_out_null(
             observed = select_leave_one_dataset_out(frame, **kwargs)["rho"]
     observed = float(observed)
     if not np.isfinite(observed):
-        return {"observed": observed, "pvalue": float("nan"), "n_perm": 0, "exact": False}
+        return {"observed": observed, "p_value": float("nan"), "p_side": p_side(direction), "n_perm": 0, "exact": False}
     per_dataset = frame.groupby(dataset)[target].first()
     values = per_dataset.to_numpy()
     exact = math.factorial(values.size) <= int(n_perm)
@@ -604,5 +805,6 @@ def leave_one_dataset_out_null(
             except ValueError:  # a fold whose other datasets have a constant target: no selection possible
                 rho = float("nan")
             hits += bool(np.isfinite(rho) and sign * rho >= sign * observed - TIE_ATOL)
-    pvalue = hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
-    return {"observed": observed, "pvalue": pvalue, "n_perm": len(orderings), "exact": exact}
+    p_value = hits / len(orderings) if exact else (1 + hits) / (1 + len(orderings))
+    return {"observed": observed, "p_value": p_value, "p_side": p_side(direction), "n_perm": len(orderings),
+            "exact": exact}

@@ -32,7 +32,18 @@ RESULT_COLUMNS = ("estimate", "lower", "upper", "se", "p_value", "p_side", "p_re
 
 def resolve_targets(targets: Sequence[str]) -> list[str]:
     """``targets`` with the aliases of `TARGET_ALIASES` replaced ("kappa" -> "kappa_chance");
-    raises for a name that is neither a target, an alias nor "lora_gain"."""
+    raises for a name that is neither a target, an alias nor "lora_gain".
+
+    Parameters
+    ----------
+    targets : sequence of str
+        Target names, aliases allowed.
+
+    Returns
+    -------
+    list of str
+        The targets under their current names, in the given order.
+    """
     out = []
     for name in targets:
         name = TARGET_ALIASES.get(name, name)
@@ -66,6 +77,20 @@ def probe_targets(probes: pd.DataFrame, *, protocol: str = "heldout", layer: str
     balanced_accuracy and cohen_kappa of the cross-validated probe (protocol "heldout_cv") at the
     same layer where the table holds it (NaN for a (model, dataset) without; absent when no row
     has it). With ``protocol="heldout_cv"`` every target is the cross-validated probe's (mse NaN).
+
+    Parameters
+    ----------
+    probes : DataFrame
+        A study's probes table, one row per (model, dataset, layer, protocol).
+    protocol : str
+        The probe protocol the targets come from ("heldout" or "heldout_cv").
+    layer : int or "last"
+        The layer of the probes ("last": each model's deepest).
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, dataset) with the columns above.
     """
     probes = _with_kappa_chance(probes)
     table = probes[probes["protocol"] == protocol]
@@ -198,6 +223,30 @@ def correlation_summary(
     is read as "kappa_chance"); a target the tables do not have (balanced_accuracy and
     cohen_kappa of a study without the cross-validated probe) is left out. ``pretrained`` tells
     pretrained models from their ``:random`` controls; `pretraining_contrast` pairs them.
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation across datasets.
+    n_boot : int
+        Bootstrap resamples of the datasets per interval.
+    n_perm : int
+        Permutations per p-value.
+    seed : int
+        Seed of the permutation and resampling generators.
+    protocol : str
+        The probe protocol of the targets (`probe_targets`).
+    targets : sequence of str
+        The targets to correlate with (`TARGETS` and "lora_gain").
+    variants : sequence of str
+        The NTPS variants scored ("theory", "reference").
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, target, score, selection), with the columns above.
     """
     targets = resolve_targets(targets)
     target_rows = probe_targets(tables["probes"], protocol=protocol)
@@ -279,7 +328,21 @@ def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, metho
 def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "heldout") -> pd.DataFrame:
     """Per dataset and (pretrained model, its ``:random`` control): last-layer probe targets and the
     median NTPS (theory, over layers and k) of both, and their differences. Does pretraining move
-    NTPS and the probes the same way across datasets?"""
+    NTPS and the probes the same way across datasets?
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    protocol : str
+        The probe protocol of the targets (`probe_targets`).
+
+    Returns
+    -------
+    DataFrame
+        One row per (dataset, pretrained model): targets and median NTPS of the model and of its
+        random control, and their differences.
+    """
     targets = probe_targets(tables["probes"], protocol=protocol)
     ntps_table = tables["ntps"]
     theory = ntps_table[ntps_table["variant"] == "theory"].groupby(["model", "dataset"])["ntps"].median()
@@ -305,7 +368,22 @@ def fixed_ntps(tables: dict[str, pd.DataFrame], *, k: int = 8, variant: str = "t
     """Theory NTPS of every (model, dataset) at one pre-specified configuration: each model's last
     layer and ``k`` (no selection, so no selection bias), beside the held-out probe targets of
     that layer. Columns: model, pretrained, dataset, n_classes, majority_rate, accuracy, kappa_chance,
-    mse (and balanced_accuracy, cohen_kappa where the study has the cross-validated probe), layer, k, ntps."""
+    mse (and balanced_accuracy, cohen_kappa where the study has the cross-validated probe), layer, k, ntps.
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    k : int
+        The number of directions of the pre-specified configuration.
+    variant : str
+        The NTPS variant ("theory").
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, dataset), with the columns above.
+    """
     scores = tables["ntps"]
     scores = scores[(scores["variant"] == variant) & (scores["k"] == k)]
     if scores.empty:
@@ -341,6 +419,28 @@ def structure_controls(
 
     Columns: analysis, model, target, k, n_datasets, n_pairs, estimate, lower, upper, se,
     p_value, p_side, p_redone, p_mc_se. ``targets`` accepts "kappa" for "kappa_chance".
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    k : int
+        The number of directions of the pre-specified configuration (`fixed_ntps`).
+    targets : sequence of str
+        The probe targets.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation across datasets.
+    n_boot : int
+        Bootstrap resamples of the datasets per interval.
+    n_perm : int
+        Permutations per p-value.
+    seed : int
+        Seed of the permutation and resampling generators.
+
+    Returns
+    -------
+    DataFrame
+        One row per (analysis, model, target), with the columns above.
     """
     from ntps_nb.core.selection import monte_carlo_se
     from ntps_nb.core.stats import partial_correlation_ci, stratified_concordance
@@ -373,7 +473,7 @@ def structure_controls(
                    "p_side": "none (no p-value)", "p_redone": "", "p_mc_se": np.nan}
             x, y, c = (part[col].to_numpy(float) for col in ("ntps", target, "n_classes"))
             ci = partial_correlation_ci(x, y, c, method=method, n_boot=n_boot, seed=seed)
-            rows.append({**row, "estimate": ci["estimate"], "lower": ci["low"], "upper": ci["high"], "se": np.nan})
+            rows.append({**row, "estimate": ci["estimate"], "lower": ci["lower"], "upper": ci["upper"], "se": np.nan})
         for who in ("all", "pretrained"):
             part = fixed if who == "all" else fixed[fixed["pretrained"].astype(bool)]
             agree = stratified_concordance(part["ntps"], sign * part[target].to_numpy(float), part["dataset"],
@@ -382,9 +482,9 @@ def structure_controls(
                 continue
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
                          "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "estimate": agree["tau"],
-                         "lower": np.nan, "upper": np.nan, "se": np.nan, "p_value": agree["pvalue"],
+                         "lower": np.nan, "upper": np.nan, "se": np.nan, "p_value": agree["p_value"],
                          "p_side": "two-sided", "p_redone": "target shuffled across models within each dataset",
-                         "p_mc_se": monte_carlo_se(agree["pvalue"], agree["n_perm"], False)})
+                         "p_mc_se": monte_carlo_se(agree["p_value"], agree["n_perm"], False)})
     columns = ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "estimate", "lower", "upper", "se",
                "p_value", "p_side", "p_redone", "p_mc_se"]
     return pd.DataFrame(rows, columns=columns)
@@ -412,7 +512,29 @@ def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, 
                         layer: str | int = "last", protocol: str = "heldout") -> pd.DataFrame:
     """One row per dataset: NTPS with its shard-bootstrap interval (``intervals.csv``) at ``layer``
     (an index, or "last": the deepest layer with intervals) and ``k``, beside the probe targets of
-    that model at its last layer. Raises if the study kept no interval there."""
+    that model at its last layer. Raises if the study kept no interval there.
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    model : str
+        The model.
+    k : int
+        The number of directions.
+    variant : str
+        The NTPS variant ("theory").
+    layer : int or "last"
+        The layer of the intervals.
+    protocol : str
+        The probe protocol of the targets (`probe_targets`).
+
+    Returns
+    -------
+    DataFrame
+        One row per dataset: dataset, layer, k, variant, ntps, lower, upper, se_jackknife,
+        n_shards, n_boot, level, the probe targets and model.
+    """
     intervals = tables.get("intervals")
     if intervals is None or intervals.empty:
         raise ValueError("this study has no intervals table (run it with shards and interval_layers)")
@@ -433,21 +555,51 @@ def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, 
 def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The diagnostics a study recorded, one row per (model, dataset, layer, variant, configuration):
     NTPS, its spread under 1e-6 relative perturbations of the moments, and the label-permutation
-    null (p-value, z-score). ``config`` names the configuration: "k=8" (theory), "f=0.5" (reference)."""
+    null (p-value, z-score). ``config`` names the configuration: "k=8" (theory), "f=0.5" (reference).
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+
+    Returns
+    -------
+    DataFrame
+        One row per recorded configuration: model, dataset, n_classes, layer, variant, config, ntps,
+        perturb_max_dev, perm_mean, p_value (of the label-permutation null; stored tables call it
+        perm_p), p_side ("one-sided greater": real NTPS above the null), perm_z, solver_max_dev,
+        n_permutations.
+    """
     diag = tables.get("diagnostics")
     if diag is None or diag.empty:
         raise ValueError("this study recorded no diagnostics (set diagnostics = true)")
     config = np.where(diag["variant"] == "theory", "k=" + diag["k"].astype("Int64").astype(str),
                       "f=" + diag["fraction"].round(2).astype(str))
-    keep = ["model", "dataset", "n_classes", "layer", "variant", "ntps", "perturb_max_dev", "perm_mean", "perm_p",
-            "perm_z", "solver_max_dev", "n_permutations"]
+    from ntps_nb.core.diagnostics import label_null_p_value
+
+    diag = label_null_p_value(diag)
+    keep = ["model", "dataset", "n_classes", "layer", "variant", "ntps", "perturb_max_dev", "perm_mean", "p_value",
+            "p_side", "perm_z", "solver_max_dev", "n_permutations"]
     return diag.assign(config=config)[keep[:5] + ["config"] + keep[5:]].reset_index(drop=True)
 
 
 def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
     """One row per (model, dataset) of a study's LoRA table (``lora.csv``) at ``k`` (theory NTPS of
     the layer LoRA was scored at): NTPS before and after LoRA, the held-out probe and LoRA test
-    accuracies, the gain (LoRA - probe) and the training budget, so gains are read with it."""
+    accuracies, the gain (LoRA - probe) and the training budget, so gains are read with it.
+
+    Parameters
+    ----------
+    lora : DataFrame
+        A study's LoRA table, one row per (model, dataset, layer, k, variant).
+    k : int
+        The number of directions of the NTPS shown.
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, dataset).
+    """
     needed = ["model", "dataset", "k", "ntps_before", "ntps_after", "lora_gain"]
     missing = [c for c in needed if c not in lora.columns]
     if missing:
@@ -480,7 +632,20 @@ def summary_markdown(summary: pd.DataFrame, *, targets: Sequence[str] | None = N
     configuration (layer/k or layer/fraction; under leave-one-out the one chosen most often) and
     the number of distinct configurations the folds chose.
 
-    ``targets`` / ``scores`` keep only those values (None: all; "kappa" means "kappa_chance")."""
+    ``targets`` / ``scores`` keep only those values (None: all; "kappa" means "kappa_chance").
+
+    Parameters
+    ----------
+    summary : DataFrame
+        Rows of `correlation_summary`.
+    targets, scores : sequence of str, optional
+        Keep only these targets / scores (None: all).
+
+    Returns
+    -------
+    str
+        The Markdown table.
+    """
     _require_columns(summary, ["model", "pretrained", "n_datasets", "target", "score", "selection", "estimate", "lower",
                                "upper", "p_value", "p_side", "p_mc_se"], "summary_markdown")
     rows = summary
@@ -502,7 +667,18 @@ def summary_markdown(summary: pd.DataFrame, *, targets: Sequence[str] | None = N
 
 def structure_markdown(controls: pd.DataFrame) -> str:
     """`structure_controls` rows as a Markdown table (the estimate is Kendall's tau over model
-    pairs for the ``across_models`` rows), in `summary_markdown`'s form."""
+    pairs for the ``across_models`` rows), in `summary_markdown`'s form.
+
+    Parameters
+    ----------
+    controls : DataFrame
+        Rows of `structure_controls`.
+
+    Returns
+    -------
+    str
+        The Markdown table.
+    """
     _require_columns(controls, ["analysis", "model", "target", "k", "n_datasets", "n_pairs", "estimate", "lower",
                                 "upper", "p_value", "p_side", "p_mc_se"], "structure_markdown")
     rows = controls.assign(analysis=controls["analysis"].str.replace("_", " "))
@@ -567,6 +743,18 @@ def summarise(cfg_or_tables: Any, **kwargs: Any) -> pd.DataFrame:
     """The tidy summary README and notebooks print: `correlation_summary` of a study's combined tables.
 
     Accepts a config path, a `StudyConfig`, a results folder or the tables dict.
+
+    Parameters
+    ----------
+    cfg_or_tables : str, Path, StudyConfig or dict of str to DataFrame
+        Where the study's tables come from.
+    **kwargs
+        Passed to `correlation_summary`.
+
+    Returns
+    -------
+    DataFrame
+        `correlation_summary`'s rows.
     """
     tables = cfg_or_tables if isinstance(cfg_or_tables, dict) else load_results(cfg_or_tables)
     return correlation_summary(tables, **kwargs)

@@ -18,6 +18,7 @@ from ntps_nb.core.diagnostics import (
     ReferenceFactorization,
     TheoryFactorization,
     _tail,
+    label_null_p_value,
     ntps_diagnostics,
     stability_summary,
     three_dim_example,
@@ -140,6 +141,16 @@ def test_stability_summary_says_which_variant_measures_the_task(planted_both):
     assert list(by_layer["layer"]) == [3, 3]
     with pytest.raises(ValueError, match="lacks columns"):
         stability_summary(planted_both.drop(columns="perm_p"))
+
+
+def test_label_null_p_value_reads_perm_p_as_a_one_sided_p_value(planted_both):
+    renamed = label_null_p_value(planted_both)
+    assert "perm_p" not in renamed and "perm_p" in planted_both  # a copy: the stored table is left as it is
+    np.testing.assert_array_equal(renamed["p_value"], planted_both["perm_p"])
+    assert (renamed["p_side"] == "one-sided greater").all()
+    assert list(renamed.columns).index("p_side") == list(renamed.columns).index("p_value") + 1
+    assert label_null_p_value(renamed).equals(renamed)  # already in the package's names: unchanged
+    pd.testing.assert_frame_equal(stability_summary(renamed), stability_summary(planted_both))
 
 
 # --- labels independent of the features -------------------------------------------------------

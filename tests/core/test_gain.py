@@ -64,7 +64,7 @@ def test_correlation_interval_and_sign():
     rng = np.random.default_rng(3)
     x = rng.uniform(0, 1, 10)
     row = gain_correlation(frame(x, -x + 0.05 * rng.standard_normal(10)), n_boot=500, n_perm=2000).iloc[0]
-    assert row["rho"] < -0.8 and row["low"] <= row["rho"] <= row["high"] and row["pvalue"] < 0.01
+    assert row["rho"] < -0.8 and row["lower"] <= row["rho"] <= row["upper"] and row["p_value"] < 0.01
     assert row["n_datasets"] == 10 and row["method"] == "spearman"
 
 

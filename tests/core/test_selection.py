@@ -218,7 +218,7 @@ def test_in_sample_rho_has_the_selection_null_pvalue_and_no_interval(rng):
     result = in_sample_rho(frame)
     null = selection_null(frame, n_perm=2000)
     assert result.estimate == pytest.approx(select_in_sample(frame)["rho"])
-    assert result.p_value == null["pvalue"] and result.n_perm == 2000
+    assert result.p_value == null["p_value"] and result.n_perm == 2000
     assert np.isnan(result.lower) and np.isnan(result.upper) and result.interval.startswith("none")
     assert result.p_redone.startswith("in-sample selection")
 
@@ -228,7 +228,7 @@ def test_fixed_rho_reuses_the_plain_bootstrap_and_labels_its_side(rng):
     y = x + rng.standard_normal(9)
     result = fixed_rho(x, y, n_boot=500, seed=3)
     ci = bootstrap_ci(x, y, n_boot=500, seed=3)
-    assert (result.lower, result.upper) == pytest.approx((ci["low"], ci["high"]), abs=1e-12)
+    assert (result.lower, result.upper) == pytest.approx((ci["lower"], ci["upper"]), abs=1e-12)
     assert result.estimate == pytest.approx(correlate(x, y))
     assert result.p_side == "two-sided" and result.p_redone == "none (no selection)" and result.se > 0
     assert fixed_rho(x, y, direction="negative", n_boot=0).p_side == "one-sided less"
@@ -285,7 +285,7 @@ def test_selection_aware_interval_keeps_its_level_under_permuted_targets():
             frame = tidy(dict(enumerate(S)), permuted, names=("config",))
             honest += lodo_rho(frame, configs="config", n_perm=1, n_boot=200, seed=b).lower > 0
             best = int(np.argmax([correlate(s, permuted) for s in S]))  # the in-sample choice
-            plain += bootstrap_ci(S[best], permuted, n_boot=200, seed=b)["low"] > 0
+            plain += bootstrap_ci(S[best], permuted, n_boot=200, seed=b)["lower"] > 0
     assert honest / 200 <= 0.05
     assert plain / 200 >= 0.10
 

@@ -63,9 +63,10 @@ def test_bootstrap_ci_equals_a_plain_loop_over_the_same_resamples(rng):
         loop = np.array([SCIPY["kendall"](x[i], y[i]) for i in idx])
     loop = loop[np.isfinite(loop)]
     assert out["n_valid"] == loop.size
-    assert out["low"] == pytest.approx(np.quantile(loop, 0.05), abs=1e-12)
-    assert out["high"] == pytest.approx(np.quantile(loop, 0.95), abs=1e-12)
-    assert out["low"] <= out["estimate"] <= out["high"]
+    assert out["lower"] == pytest.approx(np.quantile(loop, 0.05), abs=1e-12)
+    assert out["upper"] == pytest.approx(np.quantile(loop, 0.95), abs=1e-12)
+    assert out["lower"] <= out["estimate"] <= out["upper"]
+    assert out["se"] == pytest.approx(np.std(loop, ddof=1), abs=1e-12)
     assert bootstrap_ci(x, y, "kendall", n_boot=300, level=0.9, seed=4) == out  # seeded
 
 
@@ -79,21 +80,24 @@ def test_exact_permutation_pvalue_by_hand_and_against_scipy(rng):
     # n = 4, perfectly monotone: only the identity and the reversal reach |rho| = 1 among 24 orderings
     out = permutation_pvalue([1, 2, 3, 4], [10, 20, 30, 40])
     assert out["exact"] and out["n_perm"] == 24
-    assert out["pvalue"] == pytest.approx(2 / 24)
-    assert permutation_pvalue([1, 2, 3, 4], [10, 20, 30, 40], alternative="greater")["pvalue"] == pytest.approx(1 / 24)
+    assert out["p_value"] == pytest.approx(2 / 24) and out["p_side"] == "two-sided"
+    greater = permutation_pvalue([1, 2, 3, 4], [10, 20, 30, 40], alternative="greater")
+    assert greater["p_value"] == pytest.approx(1 / 24) and greater["p_side"] == "one-sided greater"
+    less = permutation_pvalue([1, 2, 3, 4], [10, 20, 30, 40], alternative="less")
+    assert less["p_value"] == pytest.approx(1.0) and less["p_side"] == "one-sided less"
     x, y = rng.standard_normal(6), rng.standard_normal(6)
     ours = permutation_pvalue(x, y, "spearman")
     observed = SCIPY["spearman"](x, y)
     null = np.array([SCIPY["spearman"](x, y[list(p)]) for p in itertools.permutations(range(6))])
     assert ours["exact"] and ours["estimate"] == pytest.approx(observed, abs=1e-12)
-    assert ours["pvalue"] == pytest.approx(np.mean(np.abs(null) >= abs(observed) - 1e-12), abs=1e-12)
+    assert ours["p_value"] == pytest.approx(np.mean(np.abs(null) >= abs(observed) - 1e-12), abs=1e-12)
 
 
 def test_monte_carlo_permutation_pvalue_is_calibrated_and_never_zero(rng):
     x = np.arange(12.0)
     strong = permutation_pvalue(x, x + 0.01 * rng.standard_normal(12), n_perm=999, seed=1)
-    assert not strong["exact"] and strong["pvalue"] == pytest.approx(1 / 1000)
-    pvalues = [permutation_pvalue(rng.standard_normal(12), rng.standard_normal(12), n_perm=199, seed=s)["pvalue"]
+    assert not strong["exact"] and strong["p_value"] == pytest.approx(1 / 1000)
+    pvalues = [permutation_pvalue(rng.standard_normal(12), rng.standard_normal(12), n_perm=199, seed=s)["p_value"]
                for s in range(60)]
     assert 0.3 < np.mean(pvalues) < 0.7  # uniform under the null
 
@@ -119,10 +123,11 @@ def test_partial_correlation_ci_brackets_the_estimate_and_degrades_to_nan(rng):
     x, y = z + 0.5 * rng.standard_normal(n), z + 0.5 * rng.standard_normal(n)
     out = partial_correlation_ci(x, y, z, n_boot=300, seed=1)
     assert out["estimate"] == partial_correlation(x, y, z)
-    assert -1 <= out["low"] < out["high"] <= 1 and out["n_valid"] > 250
+    assert -1 <= out["lower"] < out["upper"] <= 1 and out["n_valid"] > 250
     assert partial_correlation_ci(x, y, z, n_boot=300, seed=1) == out  # seeded
     flat = partial_correlation_ci(x, y, np.ones(n), n_boot=50)  # a constant control: undefined, not an error
-    assert np.isnan(flat["estimate"]) and np.isnan(flat["low"]) and flat["n_valid"] == 0
+    assert 0 < out["se"] < out["upper"] - out["lower"]  # a 95% interval spans about 4 standard errors
+    assert np.isnan(flat["estimate"]) and np.isnan(flat["lower"]) and np.isnan(flat["se"]) and flat["n_valid"] == 0
 
 
 def test_stratified_concordance_counts_pairs_within_groups_only(rng):
@@ -139,8 +144,8 @@ def test_stratified_concordance_counts_pairs_within_groups_only(rng):
     assert out["n_pairs"] == pairs == 18 and out["n_groups"] == 6
     assert out["tau"] == pytest.approx(brute / pairs, abs=1e-12)
     agree = stratified_concordance(x, 3 * x + groups, groups, n_perm=500)
-    assert agree["tau"] == 1.0 and agree["pvalue"] < 0.01
-    assert 0 < out["pvalue"] <= 1
+    assert agree["tau"] == 1.0 and agree["p_value"] < 0.01
+    assert 0 < out["p_value"] <= 1
     single = stratified_concordance([1.0, 2.0], [1.0, 2.0], ["a", "b"])
     assert single["n_pairs"] == 0 and np.isnan(single["tau"])
     with pytest.raises(ValueError, match="finite"):
@@ -243,7 +248,7 @@ def test_selection_null_equals_exhaustive_enumeration():
     maxima = np.array([max(SCIPY["spearman"](s, target[list(p)]) for s in scores.values())
                        for p in itertools.permutations(range(5))])
     assert out["observed"] == pytest.approx(select_in_sample(frame)["rho"])
-    assert out["pvalue"] == pytest.approx(np.mean(maxima >= out["observed"] - 1e-12))
+    assert out["p_value"] == pytest.approx(np.mean(maxima >= out["observed"] - 1e-12)) and out["p_side"] == "one-sided greater"
     np.testing.assert_allclose(np.sort(out["null"]), np.sort(maxima), atol=1e-12)
 
 
@@ -253,12 +258,12 @@ def test_selection_null_separates_a_planted_config_from_noise():
     noise = {(layer, k): rng.standard_normal(10) for layer in range(5) for k in range(8)}
     out_noise = selection_null(grid_frame(noise, target), n_perm=300, seed=2)
     assert out_noise["observed"] > 0.5  # in-sample search finds "high rho" in pure noise...
-    assert out_noise["pvalue"] > 0.05  # ...which the null of the max shows to be unremarkable
+    assert out_noise["p_value"] > 0.05  # ...which the null of the max shows to be unremarkable
     planted = dict(noise)
     planted[(9, 9)] = target + 0.01 * rng.standard_normal(10)
     out = selection_null(grid_frame(planted, target), n_perm=300, seed=2)
     assert out["config"] == {"layer": 9, "k": 9}
-    assert out["pvalue"] == pytest.approx(1 / 301)
+    assert out["p_value"] == pytest.approx(1 / 301)
 
 
 def test_selection_rejects_or_flags_bad_grids(rng):

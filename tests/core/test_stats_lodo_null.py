@@ -43,9 +43,10 @@ def test_exact_null_redoes_the_selection_under_every_ordering(seed):
     out = leave_one_dataset_out_null(frame, configs=["k"], method="pearson", n_perm=math.factorial(5))
     assert out["exact"] and out["n_perm"] == 120
     assert out["observed"] == pytest.approx(observed, abs=1e-12)
-    assert out["pvalue"] == pytest.approx(expected, abs=1e-12) and out["pvalue"] >= 1 / 120  # the identity counts
+    assert out["p_value"] == pytest.approx(expected, abs=1e-12) and out["p_value"] >= 1 / 120  # the identity counts
     negative = leave_one_dataset_out_null(frame, configs=["k"], method="pearson", direction="negative", n_perm=120)
-    assert 0 < negative["pvalue"] <= 1
+    assert 0 < negative["p_value"] <= 1
+    assert (out["p_side"], negative["p_side"]) == ("one-sided greater", "one-sided less")
 
 
 def test_single_configuration_is_the_plain_permutation_test():
@@ -56,16 +57,16 @@ def test_single_configuration_is_the_plain_permutation_test():
     observed = scipy.stats.spearmanr(x, y)[0]
     null = [scipy.stats.spearmanr(x, y[list(p)])[0] for p in itertools.permutations(range(y.size))]
     out = leave_one_dataset_out_null(frame, configs=["k"], n_perm=500)
-    assert out["pvalue"] == pytest.approx(np.mean([r >= observed - TIE_ATOL for r in null]), abs=1e-12)
+    assert out["p_value"] == pytest.approx(np.mean([r >= observed - TIE_ATOL for r in null]), abs=1e-12)
 
 
 def test_sampled_null_and_bad_input():
     frame = _frame(np.random.default_rng(4), n_datasets=6)  # 720 orderings > n_perm: sampled
     out = leave_one_dataset_out_null(frame, configs=["k"], n_perm=40, seed=7)
     assert not out["exact"] and out["n_perm"] == 40
-    hits = out["pvalue"] * 41 - 1
+    hits = out["p_value"] * 41 - 1
     assert hits == pytest.approx(round(hits), abs=1e-9) and 0 <= round(hits) <= 40
     assert leave_one_dataset_out_null(frame, configs=["k"], n_perm=40, seed=7) == out
-    assert np.isnan(leave_one_dataset_out_null(frame, configs=["k"], observed=float("nan"))["pvalue"])
+    assert np.isnan(leave_one_dataset_out_null(frame, configs=["k"], observed=float("nan"))["p_value"])
     with pytest.raises(ValueError, match="n_perm must be >= 1, got 0"):
         leave_one_dataset_out_null(frame, configs=["k"], n_perm=0)

@@ -556,6 +556,8 @@ def test_interval_and_diagnostic_views_of_committed_fast_results():
 
     diag = study.diagnostics_summary(tables)
     assert len(diag) == len(tables["diagnostics"])
+    np.testing.assert_array_equal(diag["p_value"], tables["diagnostics"]["perm_p"])  # stored as perm_p, read as p_value
+    assert (diag["p_side"] == "one-sided greater").all() and "perm_p" not in diag
     theory = diag[diag["variant"] == "theory"]
     assert set(theory["config"]) == {f"k={k}" for k in (1, 2, 4, 8, 16, 32)}
     assert set(diag.loc[diag["variant"] == "reference", "config"]) == {"f=0.1", "f=0.5", "f=0.9"}
