@@ -67,6 +67,8 @@ FEATURE_MATCH_RTOL = 1e-4
 #: A permuted NTPS within this of the real one counts as "at least as large" (ties). The reference
 #: variant runs in float32, so its values carry rounding noise of ~1e-7.
 PERM_TIE_ATOL = {"theory": 1e-10, "reference": 1e-6}
+#: The side of the label-permutation p-value: real NTPS larger than under permuted labels.
+PERM_P_SIDE = "one-sided greater"
 #: Eigensolver settings compared for ``solver_max_dev``: (precision, solver).
 SOLVER_CONFIGS = {
     "theory": (("float64", "scipy"), ("float64", "numpy")),
@@ -349,7 +351,8 @@ def _tail(real: np.ndarray, null: np.ndarray, atol: float) -> dict[str, np.ndarr
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(np.isfinite(real) & (stats["n"] > 0), (1.0 + hits) / (1.0 + stats["n"]), np.nan)
         z = np.where(stats["std"] > atol, (real - stats["mean"]) / stats["std"], np.nan)
-    return {"perm_mean": stats["mean"], "perm_std": stats["std"], "perm_p": p, "perm_z": z}
+    return {"perm_mean": stats["mean"], "perm_std": stats["std"], "p_value": p, "p_side": PERM_P_SIDE,
+            "perm_z": z}
 
 
 def ntps_diagnostics(
@@ -402,8 +405,8 @@ def ntps_diagnostics(
     DataFrame, one row per (variant, k or fraction), with columns variant, k, fraction, k_U, k_V,
     m (theory), r_U, r_V, precision, ntps (unperturbed), perturb_max_dev (max |NTPS_perturbed -
     NTPS|), perturb_std, perturb_rank_changes (perturbed copies whose retained ranks r_U / r_V
-    differ), perm_mean, perm_std, perm_p ((1 + #{null >= real}) / (1 + n), one-sided: "real NTPS
-    larger than under permuted labels"), perm_z, solver_max_dev, n_perturb, perturb_scale,
+    differ), perm_mean, perm_std, p_value ((1 + #{null >= real}) / (1 + n)) with p_side
+    "one-sided greater" (real NTPS larger than under permuted labels), perm_z, solver_max_dev, n_perturb, perturb_scale,
     n_permutations, seed, then the provenance columns.
     """
     if not isinstance(moments, Moments):
@@ -504,7 +507,8 @@ def ntps_diagnostics(
         max_dev = _column_stats(np.abs(perturbed[name] - real[None, :]))["max"]
         std = _column_stats(perturbed[name])["std"]
         tail = (_tail(real, null[name], PERM_TIE_ATOL[name]) if n_permutations
-                else dict.fromkeys(("perm_mean", "perm_std", "perm_p", "perm_z"), np.full(n_rows, np.nan)))
+                else {**dict.fromkeys(("perm_mean", "perm_std", "p_value"), np.full(n_rows, np.nan)),
+                      "p_side": PERM_P_SIDE, "perm_z": np.full(n_rows, np.nan)})
         r_U, r_V = grid["ranks"]
         if name == "theory":
             geometry = grid["geometry"]
@@ -526,14 +530,10 @@ def ntps_diagnostics(
     return pd.concat(frames, ignore_index=True)
 
 
-#: The side of the label-permutation p-value: real NTPS larger than under permuted labels.
-PERM_P_SIDE = "one-sided greater"
-
-
 def label_null_p_value(frame: pd.DataFrame) -> pd.DataFrame:
     """A diagnostics table with its label-permutation p-value under the package's result names.
 
-    Tables written so far name the p-value ``perm_p``; this returns a copy where it is ``p_value``,
+    Tables written before version 2 of the study's diagnostics stage name the p-value ``perm_p``; this returns a copy where it is ``p_value``,
     with ``p_side`` = `PERM_P_SIDE` ("one-sided greater": real NTPS above the permutation null)
     beside it. A table that already has ``p_value`` keeps it. Committed tables are read as they are.
 

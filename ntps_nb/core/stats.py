@@ -398,8 +398,8 @@ def stratified_concordance(
     Returns
     -------
     dict
-        ``tau``, ``n_pairs``, ``n_groups`` (with at least two members), ``p_value``, ``p_side``
-        ("two-sided"), ``n_perm``. NaN tau and p-value when there is no pair.
+        ``estimate`` (tau), ``n_pairs``, ``n_groups`` (with at least two members), ``p_value``,
+        ``p_side`` ("two-sided"), ``n_perm``. NaN estimate and p-value when there is no pair.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -414,7 +414,7 @@ def stratified_concordance(
     members = [m for m in members if m.size >= 2]
     n_pairs = int(sum(m.size * (m.size - 1) // 2 for m in members))
     if n_pairs == 0:
-        return {"tau": np.nan, "n_pairs": 0, "n_groups": 0, "p_value": np.nan, "p_side": P_SIDES["two-sided"], "n_perm": 0}
+        return {"estimate": np.nan, "n_pairs": 0, "n_groups": 0, "p_value": np.nan, "p_side": P_SIDES["two-sided"], "n_perm": 0}
     pairs = [np.triu_indices(m.size, 1) for m in members]
     x_signs = [np.sign(x[m][i] - x[m][j]) for m, (i, j) in zip(members, pairs)]
 
@@ -425,7 +425,7 @@ def stratified_concordance(
     rng = np.random.default_rng(seed)
     null = np.array([tau([rng.permutation(y[m]) for m in members]) for _ in range(int(n_perm))])
     p_value = (1 + np.sum(np.abs(null) >= abs(observed) - TIE_ATOL)) / (1 + int(n_perm))
-    return {"tau": observed, "n_pairs": n_pairs, "n_groups": len(members), "p_value": float(p_value),
+    return {"estimate": observed, "n_pairs": n_pairs, "n_groups": len(members), "p_value": float(p_value),
             "p_side": P_SIDES["two-sided"], "n_perm": int(n_perm)}
 
 

@@ -61,8 +61,9 @@ intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant
 diagnostics ``diagnostics   diagnostics, diagnostic_layers,   variant, k, fraction, k_U, k_V, m, precision,
             .csv``          diagnostic_k, diagnostic_         r_U, r_V, ntps, perturb_max_dev, perturb_std,
                             fractions, n_perturb,             perturb_rank_changes, perm_mean, perm_std,
-                            n_permutations, seed              perm_p, perm_z, solver_max_dev, n_perturb,
-                            (+ extraction)                    perturb_scale, n_permutations, layer
+                            n_permutations, seed              p_value, p_side, perm_z, solver_max_dev,
+                            (+ extraction)                    n_perturb, perturb_scale, n_permutations,
+                                                              layer
 lora        ``lora.csv``    max_train, max_test, seed,        layer, k, variant, ntps_before, ntps_after,
                             max_length, drop_bos, batch_size, delta, lora_key, weights_before, weights_after,
                             precision, lora, lora_budget, k   n_texts, lora_weights_sha256, lora_* (the

@@ -481,7 +481,7 @@ def structure_controls(
             if agree["n_pairs"] == 0:  # a single model (of that kind): no pairs to compare
                 continue
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,
-                         "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "estimate": agree["tau"],
+                         "n_datasets": agree["n_groups"], "n_pairs": agree["n_pairs"], "estimate": agree["estimate"],
                          "lower": np.nan, "upper": np.nan, "se": np.nan, "p_value": agree["p_value"],
                          "p_side": "two-sided", "p_redone": "target shuffled across models within each dataset",
                          "p_mc_se": monte_carlo_se(agree["p_value"], agree["n_perm"], False)})
@@ -566,8 +566,8 @@ def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     -------
     DataFrame
         One row per recorded configuration: model, dataset, n_classes, layer, variant, config, ntps,
-        perturb_max_dev, perm_mean, p_value (of the label-permutation null; stored tables call it
-        perm_p), p_side ("one-sided greater": real NTPS above the null), perm_z, solver_max_dev,
+        perturb_max_dev, perm_mean, p_value (of the label-permutation null; tables of version 1 of
+        the diagnostics stage call it perm_p), p_side ("one-sided greater": real NTPS above the null), perm_z, solver_max_dev,
         n_permutations.
     """
     diag = tables.get("diagnostics")

@@ -76,8 +76,8 @@ INTERVALS_COLUMNS = ("statistic", "variant", "k", "fraction", "k_U", "m", "r_V",
                      "se_bootstrap", "se_jackknife", "bias_bootstrap", "n_valid", "n_shards", "n_texts", "n_boot",
                      "level", "method", "centred", "layer")
 DIAGNOSTICS_COLUMNS = ("variant", "k", "fraction", "k_U", "k_V", "m", "precision", "r_U", "r_V", "ntps",
-                       "perturb_max_dev", "perturb_std", "perturb_rank_changes", "perm_mean", "perm_std", "perm_p",
-                       "perm_z", "solver_max_dev", "n_perturb", "perturb_scale", "n_permutations", "layer")
+                       "perturb_max_dev", "perturb_std", "perturb_rank_changes", "perm_mean", "perm_std", "p_value",
+                       "p_side", "perm_z", "solver_max_dev", "n_perturb", "perturb_scale", "n_permutations", "layer")
 LORA_COLUMNS = ("layer", "k", "variant", "ntps_before", "ntps_after", "delta", "lora_key", "weights_before",
                 "weights_after", "n_texts", "lora_weights_sha256", "lora_*")
 
@@ -91,8 +91,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers", PEERS_COLUMNS),
     Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k"), ("extraction",),
           "intervals", INTERVALS_COLUMNS),
+    # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
     Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
-                          "n_permutations", "seed"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS),
+                          "n_permutations", "seed"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS,
+          version=2),
     # LoRA reads the extraction's last layer where it holds it (the base model's side), but its
     # numbers depend only on which texts are read and how: not on the layer grids, so changing
     # them does not retrain.

@@ -109,13 +109,13 @@ def test_theory_is_stable_and_responds_to_labels_on_planted_task(planted_both):
     assert theory["perturb_max_dev"].max() < 1e-4
     assert (theory["perturb_rank_changes"] == 0).all()
     for k in (4, PLANTED_K):
-        assert theory.loc[k, "perm_p"] < 0.05
-        assert theory.loc[k, "perm_p"] == pytest.approx(1 / 101)  # no permutation reached the real score
+        assert theory.loc[k, "p_value"] < 0.05
+        assert theory.loc[k, "p_value"] == pytest.approx(1 / 101)  # no permutation reached the real score
         assert theory.loc[k, "ntps"] > theory.loc[k, "perm_mean"] + 5 * theory.loc[k, "perm_std"]
     assert theory["solver_max_dev"].max() < 1e-10
     # k = r_V: V spans everything, NTPS = 1 whatever the labels, and the null says so
     full = theory.loc[theory.index.max()]
-    assert full["ntps"] == pytest.approx(1.0) and full["perm_p"] == 1.0
+    assert full["ntps"] == pytest.approx(1.0) and full["p_value"] == 1.0
 
 
 def test_reference_moves_more_under_rounding_than_theory_and_than_under_random_labels(planted_both):
@@ -128,7 +128,7 @@ def test_reference_moves_more_under_rounding_than_theory_and_than_under_random_l
     # than replacing the labels by random ones
     first = reference.iloc[0]
     assert first["perturb_max_dev"] > abs(first["ntps"] - first["perm_mean"])
-    assert first["perm_p"] > 0.05
+    assert first["p_value"] > 0.05
 
 
 def test_stability_summary_says_which_variant_measures_the_task(planted_both):
@@ -140,13 +140,15 @@ def test_stability_summary_says_which_variant_measures_the_task(planted_both):
     by_layer = stability_summary(planted_both, by=("layer", "variant"))
     assert list(by_layer["layer"]) == [3, 3]
     with pytest.raises(ValueError, match="lacks columns"):
-        stability_summary(planted_both.drop(columns="perm_p"))
+        stability_summary(planted_both.drop(columns="p_value"))
 
 
 def test_label_null_p_value_reads_perm_p_as_a_one_sided_p_value(planted_both):
-    renamed = label_null_p_value(planted_both)
-    assert "perm_p" not in renamed and "perm_p" in planted_both  # a copy: the stored table is left as it is
-    np.testing.assert_array_equal(renamed["p_value"], planted_both["perm_p"])
+    # a table as version 1 of the study's diagnostics stage wrote it: perm_p, no p_side
+    stored = planted_both.drop(columns="p_side").rename(columns={"p_value": "perm_p"})
+    renamed = label_null_p_value(stored)
+    assert "perm_p" not in renamed and "perm_p" in stored  # a copy: the stored table is left as it is
+    np.testing.assert_array_equal(renamed["p_value"], stored["perm_p"])
     assert (renamed["p_side"] == "one-sided greater").all()
     assert list(renamed.columns).index("p_side") == list(renamed.columns).index("p_value") + 1
     assert label_null_p_value(renamed).equals(renamed)  # already in the package's names: unchanged
@@ -159,7 +161,7 @@ def test_null_task_pvalue_is_not_small(planted):
     moments, labels = shuffled(planted, NULL_SHUFFLE_SEED)
     frame = ntps_diagnostics(moments, planted.features, labels, k=[4, PLANTED_K], n_perturb=0, seed=0,
                              solvers=False).set_index("k")
-    assert (frame["perm_p"] > 0.05).all(), frame["perm_p"]
+    assert (frame["p_value"] > 0.05).all(), frame["p_value"]
     # the theory score falls when the labels carry no information about the features
     planted_value = theory_geometry(planted.moments).ntps(PLANTED_K)
     assert frame.loc[PLANTED_K, "ntps"] < planted_value - 0.3
@@ -174,7 +176,7 @@ def test_null_task_pvalues_are_calibrated(planted):
         moments = planted.moments.with_labels(pm["Sxy"], pm["Syy"])
         frame = ntps_diagnostics(moments, planted.features, labels, k=PLANTED_K, n_perturb=0, n_permutations=50,
                                  seed=seed, solvers=False)
-        small += int(frame["perm_p"].iloc[0] < 0.05)
+        small += int(frame["p_value"].iloc[0] < 0.05)
     assert small <= 2
 
 
@@ -182,7 +184,7 @@ def test_null_task_pvalues_are_calibrated(planted):
 
 def test_grid_columns_and_provenance(planted, planted_both):
     required = {"variant", "k", "fraction", "ntps", "perturb_max_dev", "perturb_std", "perm_mean", "perm_std",
-                "perm_p", "perm_z", "solver_max_dev", "model", "layer", "seed", "perturb_scale", "n_permutations"}
+                "p_value", "p_side", "perm_z", "solver_max_dev", "model", "layer", "seed", "perturb_scale", "n_permutations"}
     assert required <= set(planted_both.columns)
     r_V = theory_geometry(planted.moments).r_V
     assert (planted_both["variant"] == "theory").sum() == r_V
@@ -201,7 +203,7 @@ def test_grid_columns_and_provenance(planted, planted_both):
                                    solvers=False)
     assert list(by_fraction["k"]) == [int(0.25 * r_V), int(0.5 * r_V)]
     skipped = ntps_diagnostics(planted.moments, k=4, n_perturb=0, n_permutations=0, solvers=False)
-    assert skipped[["perturb_max_dev", "perm_p", "perm_z", "solver_max_dev"]].isna().all().all()
+    assert skipped[["perturb_max_dev", "p_value", "perm_z", "solver_max_dev"]].isna().all().all()
 
 
 def test_reproducible_for_a_fixed_seed(planted):
@@ -233,7 +235,7 @@ def test_centred_moments_use_the_centred_label_null(planted):
     centred = planted.moments.centred()
     frame = ntps_diagnostics(centred, planted.features, planted.labels, k=[4, PLANTED_K], n_perturb=0,
                              n_permutations=20, solvers=False)
-    assert (frame["perm_p"] < 0.05).all()
+    assert (frame["p_value"] < 0.05).all()
     permuted = permuted_moments(planted, 5).centred()  # label shuffle, then centring
     factor = TheoryFactorization.from_moments(centred)
     relabelled = centred.with_labels(permuted.Sxy, permuted.Syy)
@@ -245,7 +247,7 @@ def test_tail_pvalue_counts_ties_and_uses_the_plus_one_correction():
     real = np.array([0.5, 0.9, 1.0])
     null = np.array([[0.4, 0.1, 1.0], [0.6, 0.2, 1.0 - 1e-14], [0.5, 0.3, 1.0]])
     tail = _tail(real, null, 1e-10)
-    np.testing.assert_allclose(tail["perm_p"], [(1 + 2) / 4, 1 / 4, 1.0])
+    np.testing.assert_allclose(tail["p_value"], [(1 + 2) / 4, 1 / 4, 1.0])
     assert tail["perm_z"][1] == pytest.approx((0.9 - 0.2) / 0.1)
     assert np.isnan(tail["perm_z"][2])  # a constant null has no z-score
 

@@ -729,14 +729,15 @@ def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
     cfg = study.load_config(STUDIES / "default.toml", results_dir=str(tmp_path))
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     store = study.StageStore(tmp_path / "stages")
-    # the probes stage is at version 2 (the cross-validated probe): the committed probes are stale
+    # the probes stage is at version 2 (the cross-validated probe) and the diagnostics stage too
+    # (p_value + p_side): the committed probes and diagnostics are stale
     assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == {
-        **dict.fromkeys(["extraction", "ntps", "peers", "intervals", "diagnostics", "lora"], "valid"),
-        "probes": "stale"}
-    # a new n_boot: everything but the intervals (and the probes) is still valid, LoRA included
+        **dict.fromkeys(["extraction", "ntps", "peers", "intervals", "lora"], "valid"),
+        "probes": "stale", "diagnostics": "stale"}
+    # a new n_boot: everything but the intervals (and the probes, diagnostics) is still valid, LoRA included
     changed = dataclasses.replace(cfg, n_boot=100)
     adopted = study.adopt_unit_folder(changed, "smollm2-135m", "bbc-news", store, folder=folder)
-    assert adopted == ["extraction", "ntps", "peers", "diagnostics", "lora"]
+    assert adopted == ["extraction", "ntps", "peers", "lora"]
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # read-only
     keys = study.stage_keys(changed, "smollm2-135m", "bbc-news")
     meta = json.loads((folder / "unit.json").read_text())
@@ -773,6 +774,9 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
         if stage.name == "probes" and "balanced_accuracy" not in written:  # committed by version 1 of the stage
             written = ["kappa_chance" if c == "kappa" else c for c in written]
             listed = listed[:listed.index("balanced_accuracy")]
+        if stage.name == "diagnostics" and "perm_p" in written:  # committed by version 1 of the stage
+            at = written.index("perm_p")
+            written = written[:at] + ["p_value", "p_side"] + written[at + 1:]
         prefixes = [c[:-1] for c in stage.columns if c.endswith("*")]
         assert written[:len(listed)] == listed, stage.name
         assert all(any(c.startswith(p) for p in prefixes) for c in written[len(listed):]), stage.name
