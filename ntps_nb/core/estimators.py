@@ -63,8 +63,9 @@ import pandas as pd
 import scipy.linalg
 import scipy.stats
 
+from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
+from ntps_nb.core.score import SPAN_RTOL, theory_geometry
 from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
 
 ESTIMATORS = ("plugin", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
@@ -79,28 +80,6 @@ RELIABILITY_MIN = 0.5
 CROSSFIT_SPLITS = 8
 #: Relative size of the smallest singular value of G or H below which its inverse is not taken.
 SPLIT_RCOND = 1e-8
-
-
-def theory_values(geometry: TheoryGeometry, ks: np.ndarray) -> np.ndarray:
-    """NTPS_theory at each k of ``ks`` from one `TheoryGeometry`; NaN where k exceeds r_V.
-
-    Parameters
-    ----------
-    geometry : `TheoryGeometry` of one layer.
-    ks : (K,) integer array of numbers of next-token directions.
-
-    Returns
-    -------
-    (K,) float array, NaN where k < 1 or k > r_V.
-    """
-    ks = np.asarray(ks, dtype=np.int64)
-    out = np.full(ks.shape, np.nan)
-    ok = (ks >= 1) & (ks <= geometry.r_V)
-    k = ks[ok]
-    k_U = np.minimum(k, geometry.m)
-    cum = np.cumsum(geometry.projected, axis=1)
-    out[ok] = cum[k - 1, k_U - 1] / k_U
-    return out
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class PopulationModel:
         (K,) float array.
         """
         from ntps_nb.core.score import theory_geometry
-        from ntps_nb.core.estimators import theory_values
+        from ntps_nb.core.intervals import theory_values
 
         return theory_values(theory_geometry(self.population_moments()), np.atleast_1d(ks))
 
