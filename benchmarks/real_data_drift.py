@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")
     parser.add_argument("--from-csv", help="summarise an earlier run's drift.csv instead of running")
+    parser.add_argument("--shard-cache", help="folder keeping each dataset's last-layer shard moments (pickle): "
+                        "written after its forward pass, read instead of the pass when present")
     args = parser.parse_args()
     out = Path(args.out)
     if args.from_csv:
@@ -53,10 +56,19 @@ def main() -> None:
     last = model.config.num_hidden_layers
     rows = []
     for name in args.datasets:
-        data = load_dataset(name, max_train=args.max_train, max_test=10)["train"]
-        ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
-                     shard_layers=[last], progress=False)
-        shards = layer_shards(ex.shards)[last]
+        cached = Path(args.shard_cache) / f"{args.model}__{name}__{args.max_train}_{args.max_length}_{args.shards}.pkl" \
+            if args.shard_cache else None
+        if cached is not None and cached.exists():
+            shards = pickle.loads(cached.read_bytes())
+        else:
+            data = load_dataset(name, max_train=args.max_train, max_test=10)["train"]
+            ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
+                         shard_layers=[last], progress=False)
+            shards = layer_shards(ex.shards)[last]
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.with_suffix(".tmp").write_bytes(pickle.dumps(shards))
+                cached.with_suffix(".tmp").replace(cached)
         for n_used in (4, 8, 16, 32):
             if n_used > len(shards):
                 break

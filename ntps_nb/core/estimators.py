@@ -66,11 +66,12 @@ import scipy.stats
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, theory_geometry
-from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace
+from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace,
+                                    perception_subspace)
 
-ESTIMATORS = ("plugin", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
+ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
-SHARD_ESTIMATORS = ("adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
+SHARD_ESTIMATORS = ("richardson", "adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
 #: A crossfit value is flagged unreliable when its split-half agreement is below this
@@ -78,6 +79,10 @@ PCA_TEXTS_PER_DIM = 4
 RELIABILITY_MIN = 0.5
 #: Random splits into halves averaged by the "crossfit" estimator (each costs one SVD of r x C).
 CROSSFIT_SPLITS = 8
+#: Random splits into halves averaged by "richardson" (one: three factorisations per layer).
+RICHARDSON_SPLITS = 1
+#: PROVISIONAL: a row is reliable when the jackknife squared sine per direction of U and of V is at most this.
+NOISE_MAX = 0.05
 #: Relative size of the smallest singular value of G or H below which its inverse is not taken.
 SPLIT_RCOND = 1e-8
 
@@ -431,6 +436,32 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
     return values, attenuation
 
 
+def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
+                drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Richardson extrapolation of the plug-in to N = infinity from N and the two halves.
+
+    The plug-in's bias is a / N + O(1 / N^2) where the expansion of the eigenvectors in the
+    sampling noise holds (the regime `subspace_noise` measures). With h the mean of 1 / n over the
+    halves' text counts (2 / N for equal halves), w * plugin(N) + (1 - w) * mean(plugin(halves)) with
+    w = h / (h - 1 / N) has no 1 / N term (w = 2 for equal halves: 2 plugin(N) - mean of halves).
+    This is the half-sample (delete-N/2) jackknife (Quenouille's bias correction with two groups);
+    one split costs three factorisations per layer. The value is not clipped to [0, 1].
+    """
+    full = _pooled(shards, drop)
+    x_full = theory_values(theory_geometry(full, rtol=rtol), ks)
+    halves, inverse_sizes = [], []
+    for split in range(n_splits):
+        for half in _halves(shards, seed + split, drop):
+            try:
+                halves.append(theory_values(theory_geometry(half, rtol=rtol), ks))
+            except ValueError:  # a half with a single class
+                halves.append(np.full(ks.shape, np.nan))
+            inverse_sizes.append(1.0 / half.n_texts)
+    h = float(np.mean(inverse_sizes))
+    w = h / (h - 1.0 / full.n_texts)
+    return w * x_full + (1 - w) * np.mean(halves, axis=0), np.full(ks.shape, np.nan)
+
+
 # --------------------------------------------------------------------------------------------
 # Other candidates
 
@@ -468,6 +499,83 @@ def _projected(full: Moments, p: int) -> Moments:
                    C1=P.T @ full.C1 @ P, n_texts=full.n_texts, n_tokens=full.n_tokens)
 
 
+def _whitened_bases(moments: Moments, white: _Whitening, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """U (top m) and V (all r_V) of ``moments``, in the coordinates whitened by ``white`` (another
+    sample's Sxx, so that subspaces estimated on different shards are compared in one metric), each
+    orthonormalised in its own order (QR: the first k columns span the first k directions)."""
+    U = perception_subspace(moments, order="descending", rtol=rtol)
+    V = next_token_subspace(moments, order="descending", rtol=rtol)
+    to_white = np.sqrt(white.s)[:, None] * white.Q.T
+    u = np.linalg.qr(to_white @ U.vectors[:, : U.rank_A])[0]
+    v = np.linalg.qr(to_white @ V.vectors)[0]
+    return u, v
+
+
+def _nested_overlap(a: np.ndarray, b: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """||A_k^T B_k||_F^2 at each k (A_k, B_k the first k columns; k capped at the columns there are)."""
+    n = min(a.shape[1], b.shape[1])
+    if n == 0:
+        return np.zeros(ks.shape)
+    squared = (a[:, :n].T @ b[:, :n]) ** 2
+    leading = np.cumsum(np.cumsum(squared, axis=0), axis=1).diagonal()  # sum over the leading k x k block
+    return leading[np.minimum(ks, n) - 1]
+
+
+def subspace_noise(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_RTOL) -> pd.DataFrame:
+    """How much the estimated perception and next-token subspaces move with the sample, at each k.
+
+    For each leave-one-shard-out replicate g, U_k and V_k are estimated on the other shards and
+    compared with the full sample's in the full sample's whitened coordinates; the jackknife
+    estimate of the expected squared distance of the full-sample subspace from its mean is
+
+        noise_X(k) = (S - 1) / S * sum_g ||sin Theta(X_k^(-g), X_k)||_F^2 ,
+
+    a sum of squared sines over the k_X directions (k_U = min(k, m) for U, k for V), between 0
+    and k_X. The plug-in NTPS is a trace of a product of the two projectors, tr(P_V P_U) / k_U;
+    its bias comes from the second-order terms of their noise, which are bounded by the squared
+    sines, so ``bias_bound = (noise_U + noise_V) / k_U`` bounds its order of magnitude (the noise of
+    the whitening itself is not in it). By the Efron-Stein inequality the jackknife over S
+    independent shards overestimates a variance on average, so the bound errs on the safe side.
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer (disjoint texts), at least 3.
+    ks : (K,) positive integers, numbers of next-token directions.
+    rtol : relative range tolerance of Sxx and C0.
+
+    Returns
+    -------
+    DataFrame, one row per k: k, k_U, noise_U, noise_V, bias_bound (NaN where k exceeds the
+    rank of V in some replicate).
+    """
+    shards = _as_shards(moment_shards)
+    S = len(shards)
+    if S < 3:
+        raise ValueError(f"subspace noise needs at least 3 shards, got {S}")
+    ks = _check_ks(ks)
+    full = Moments.combine(shards)
+    white = _Whitening.of(full.Sxx, rtol)
+    u, v = _whitened_bases(full, white, rtol)
+    m = u.shape[1]
+    k_u = np.minimum(ks, m)
+    noise_u = np.zeros(ks.shape)
+    noise_v = np.zeros(ks.shape)
+    defined = ks <= v.shape[1]
+    for g in range(S):
+        ug, vg = _whitened_bases(Moments.combine(shards[:g] + shards[g + 1:]), white, rtol)
+        noise_u += k_u - _nested_overlap(ug, u, k_u)
+        noise_v += np.minimum(ks, v.shape[1]) - _nested_overlap(vg, v, ks)
+        defined &= ks <= vg.shape[1]
+        if ug.shape[1] < m:  # a replicate lost a label direction: U at k >= its m is not comparable
+            defined &= k_u <= ug.shape[1]
+    noise_u *= (S - 1) / S
+    noise_v *= (S - 1) / S
+    noise_u[~defined] = np.nan
+    noise_v[~defined] = np.nan
+    return pd.DataFrame({"k": ks, "k_U": k_u, "noise_U": noise_u, "noise_V": noise_v,
+                         "bias_bound": (noise_u + noise_v) / k_u})
+
+
 def _plugin(full: Moments, ks: np.ndarray, rtol: float) -> np.ndarray:
     return theory_values(theory_geometry(full, rtol=rtol), ks)
 
@@ -481,6 +589,8 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
                          "(extract with n_shards >= 2); estimator='plugin' needs only the pooled moments")
     if estimator == "debiased":
         return _debiased(shards, ks, rtol=rtol, drop=drop)
+    if estimator == "richardson":
+        return _richardson(shards, ks, n_splits=RICHARDSON_SPLITS, seed=seed, rtol=rtol, drop=drop)
     if estimator == "extrapolate":
         return _extrapolate(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     if estimator == "crossfit":
@@ -560,6 +670,7 @@ def ntps_estimate(
     rtol: float = RANGE_RTOL,
     reliability_min: float = RELIABILITY_MIN,
     n_splits: int = CROSSFIT_SPLITS,
+    noise_max: float = NOISE_MAX,
 ) -> pd.DataFrame:
     """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
 
@@ -607,12 +718,18 @@ def ntps_estimate(
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     lower, upper = point.estimate - t * se, point.estimate + t * se
     finite = np.isfinite(lower) & np.isfinite(upper)
-    if estimator in ("adjusted", "adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse"):
-        reliable = finite & (point.reliability >= reliability_min)
-    else:
-        reliable = np.zeros(ks.shape, dtype=bool)
+    bias_jackknife = np.full(ks.shape, np.nan)
+    bias_jackknife[complete] = (S - 1) * (loo[:, complete].mean(axis=0) - point.estimate[complete])
+    noise = subspace_noise(shards, ks, rtol=rtol)
+    k_u = noise["k_U"].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_direction = np.maximum(noise["noise_U"].to_numpy() / k_u, noise["noise_V"].to_numpy() / ks)
+    reliable = finite & (per_direction <= noise_max)
     return pd.DataFrame({
         "k": ks, "estimator": estimator, "estimate": point.estimate, "se": se, "lower": lower, "upper": upper,
         "level": level, "reliability": point.reliability, "reliable": reliable,
-        "n_texts": point.n_texts, "n_shards": S,
+        "n_texts": point.n_texts, "n_shards": S, "bias_jackknife": bias_jackknife,
+        "noise_U": noise["noise_U"].to_numpy(), "noise_V": noise["noise_V"].to_numpy(),
+        "bias_bound": noise["bias_bound"].to_numpy(), "k_U": k_u, "subspace_noise": per_direction,
     })
+
