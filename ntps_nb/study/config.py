@@ -93,7 +93,9 @@ class StudyConfig:
     Layer grids accept "all", "last", "grid:N" (N evenly spaced hidden states, the first and the
     last included) or a list of hidden-state indices (0 = embeddings; negative indices count from
     the end, -1 = the last hidden state). ``k`` is "all" (every k = 1..r_V
-    of the theory variant) or a list of integers.
+    of the theory variant) or a list of integers. ``estimator`` is the estimator of the theory
+    NTPS in the ntps, intervals, estimates and diagnostics tables (`ntps_nb.core.estimators.ESTIMATORS`;
+    "plugin", the default, is the NTPS of the sample's moments; see `ntps_nb.study`).
     """
 
     name: str
