@@ -20,6 +20,14 @@ basis is valid, so rounding and the LAPACK driver decide which subspace enters t
 The permutation null reuses everything that does not depend on the labels: the whitening of Sxx
 and the nested orthonormal basis of the next-token subspace are computed once
 (`TheoryFactorization`, `ReferenceFactorization`), and each permutation only redoes U.
+
+The theory rows can come from another estimator of the population NTPS than the plug-in
+(``estimator=``, `ntps_nb.core.estimators.ESTIMATORS`): the estimator is then evaluated on the
+real moments, on every perturbed copy and on the moments of every label permutation (a full
+evaluation each, no factorisation reused), and ``solver_max_dev`` is not measured (NaN). Only the
+pooled estimators can be: the perturbations and permutations act on the pooled moments and the
+per-text pooled features, which say nothing of shards, so a shard estimator
+(`ntps_nb.core.estimators.SHARD_ESTIMATORS`) is refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -369,6 +377,7 @@ def ntps_diagnostics(
     seed: int = 0,
     solvers: bool = True,
     feature_rtol: float = FEATURE_MATCH_RTOL,
+    estimator: str = "plugin",
     **provenance: Any,
 ) -> pd.DataFrame:
     """Stability and label dependence of NTPS for one layer, at a grid of k / fractions, in one call.
@@ -398,11 +407,16 @@ def ntps_diagnostics(
         eigensolver settings, scipy vs numpy in float64 for the theory variant (it is defined in
         float64) and {float32, float64} x {scipy, numpy} for the reference variant.
     feature_rtol : tolerance of the features-vs-moments check.
+    estimator : the estimator of the theory rows: "plugin" (default) or a pooled estimator of
+        `ntps_nb.core.estimators.ESTIMATORS` (one not in ``SHARD_ESTIMATORS``; uncentred moments,
+        theory variant only), evaluated on the real, perturbed and permuted moments alike; its
+        rows have ``solver_max_dev`` NaN. A shard estimator raises a ValueError (module docstring).
     **provenance : constant columns (model, dataset, layer, ...) added to every row.
 
     Returns
     -------
-    DataFrame, one row per (variant, k or fraction), with columns variant, k, fraction, k_U, k_V,
+    DataFrame, one row per (variant, k or fraction), with columns variant, estimator (the theory
+    rows' ``estimator``; "plugin" for the reference rows), k, fraction, k_U, k_V,
     m (theory), r_U, r_V, precision, ntps (unperturbed), perturb_max_dev (max |NTPS_perturbed -
     NTPS|), perturb_std, perturb_rank_changes (perturbed copies whose retained ranks r_U / r_V
     differ), perm_mean, perm_std, p_value ((1 + #{null >= real}) / (1 + n)) with p_side
@@ -424,7 +438,8 @@ def ntps_diagnostics(
     if n_permutations == 0 and features is not None:
         raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
                          "label-permutation null, or leave features and labels out to skip it")
-    clash = set(provenance) & {"variant", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
+    _check_diagnostics_estimator(estimator, variants, moments)
+    clash = set(provenance) & {"variant", "estimator", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
     if clash:
         raise ValueError(f"provenance names {sorted(clash)} clash with result columns")
     if variants == ["reference"] and k is not None:
@@ -437,10 +452,12 @@ def ntps_diagnostics(
 
     # Unperturbed geometry and the grid of each variant.
     grids: dict[str, dict[str, Any]] = {}
+    plugin = estimator == "plugin"
     if "theory" in variants:
         geometry = theory_geometry(moments)
         ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
-        grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": _theory_values(geometry, ks),
+        real = _theory_values(geometry, ks) if plugin else _estimated(moments, ks, estimator, seed)
+        grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": real,
                            "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
     if "reference" in variants:
         geometry = reference_geometry(moments)
@@ -469,25 +486,27 @@ def ntps_diagnostics(
         copy = _perturb(moments, perturb_scale, rng)
         for name in variants:
             geometry = theory_geometry(copy) if name == "theory" else reference_geometry(copy)
-            perturbed[name][i] = evaluate(name, geometry)
+            perturbed[name][i] = (evaluate(name, geometry) if plugin or name != "theory"
+                                  else _estimated(copy, grids[name]["ks"], estimator, seed))
             rank_changes[name] += int((geometry.r_U, geometry.r_V) != grids[name]["ranks"])
 
     # Label-permutation null: only Sxy changes, so U is redone on factorised Sxx and V.
     null = {name: np.full((n_permutations, len(grids[name]["ntps"])), np.nan) for name in variants}
     if n_permutations:
-        factor = {"theory": TheoryFactorization.from_moments(moments) if "theory" in variants else None,
+        factor = {"theory": TheoryFactorization.from_moments(moments) if "theory" in variants and plugin else None,
                   "reference": ReferenceFactorization.from_moments(moments) if "reference" in variants else None}
         rng = np.random.default_rng(perm_seq)
         XT = X.T / X.shape[0]
         for b in range(n_permutations):
             permuted = moments.with_labels(XT @ Y[rng.permutation(Y.shape[0])] - shift, moments.Syy)
             for name in variants:
-                null[name][b] = evaluate(name, factor[name].geometry(permuted))
+                null[name][b] = (evaluate(name, factor[name].geometry(permuted)) if factor[name] is not None
+                                 else _estimated(permuted, grids[name]["ks"], estimator, seed))
 
     # Eigensolver settings.
     solver_dev = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
     if solvers:
-        for name in variants:
+        for name in (v for v in variants if plugin or v != "theory"):  # the plug-in's solvers only
             values = [grids[name]["ntps"]]
             for precision, solver in SOLVER_CONFIGS[name]:
                 if name == "theory":
@@ -522,12 +541,40 @@ def ntps_diagnostics(
                        "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
                        "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
         frames.append(pd.DataFrame({
-            "variant": name, **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
+            "variant": name, "estimator": estimator if name == "theory" else "plugin", **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
             "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
             **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
             "n_permutations": n_permutations, "seed": seed, **provenance,
         }, index=pd.RangeIndex(n_rows)))
     return pd.concat(frames, ignore_index=True)
+
+
+def _check_diagnostics_estimator(estimator: str, variants: list[str], moments: Moments) -> None:
+    """A known estimator that the diagnostics can evaluate on these moments, or a ValueError."""
+    from ntps_nb.core.estimators import ESTIMATORS, SHARD_ESTIMATORS
+
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "plugin":
+        return
+    if estimator in SHARD_ESTIMATORS:
+        pooled = tuple(e for e in ESTIMATORS if e not in SHARD_ESTIMATORS)
+        raise ValueError(f"estimator {estimator!r} needs per-shard moments, and the diagnostics perturb the pooled "
+                         "moments and permute the labels of the pooled features, which hold no shards; use one of "
+                         f"the pooled estimators {pooled}")
+    if "reference" in variants:
+        raise ValueError("the reference variant is the released algorithm, computed from the pooled moments; "
+                         f"estimator={estimator!r} applies to the theory variant only (variant='theory')")
+    if moments.is_centred:
+        raise ValueError(f"estimator={estimator!r} takes uncentred moments; centred moments are an option of the "
+                         "plug-in")
+
+
+def _estimated(moments: Moments, ks: np.ndarray, estimator: str, seed: int) -> np.ndarray:
+    """A (pooled) estimator of NTPS at ``ks`` on one set of moments."""
+    from ntps_nb.core.estimators import estimate_ntps
+
+    return estimate_ntps(moments, ks, estimator=estimator, seed=seed).estimate
 
 
 def label_null_p_value(frame: pd.DataFrame) -> pd.DataFrame:

@@ -29,6 +29,16 @@ The percentile interval is centred near estimate + bootstrap bias, which doubles
 "basic" interval reflects it (centre estimate - bootstrap bias) and covers best, but the bootstrap
 sees only part of the bias at small N (-0.039 of -0.094 at N = 500).
 
+Every interval function takes ``estimator=`` (default "plugin", the NTPS of the combined
+moments; the others are `ntps_nb.core.estimators.ESTIMATORS`, theory variant only). Each
+replicate then evaluates that estimator: on the replicate's combined moments for the pooled
+estimators, on the replicate's list of shards (shard s repeated as often as it was drawn; the
+left-out shard removed) for the shard estimators (`ntps_nb.core.estimators.SHARD_ESTIMATORS`).
+A shard estimator costs several factorisations per replicate, and a bootstrap resample can put
+copies of one shard into both halves of a split-half estimator (which the estimator's own
+delete-one-shard jackknife interval, `ntps_nb.core.estimators.ntps_estimate`, never does). The
+plug-in keeps its own path: one factorisation per replicate, whatever k.
+
 Bootstrap replicates are drawn from ``numpy.random.default_rng(seed)`` as a multinomial count
 matrix that depends only on (seed, n_shards, n_boot): calls with the same seed on two layers of
 one extraction resample the same shards, so their intervals are paired by construction.
@@ -247,6 +257,27 @@ class ShardStack:
                 yield Moments(n_texts=int(round(totals[start + row])), n_tokens=int(round(tokens[start + row])),
                               **{n: arrays[n][row].reshape(self.shapes[n]) for n in arrays})
 
+    def resampled(self, counts: Int[np.ndarray, "B S"] | Float[np.ndarray, "B S"]) -> Iterator[list[Moments]]:
+        """The shard lists of resamples: for each row c of ``counts``, shard s repeated c[s] times.
+
+        Parameters
+        ----------
+        counts : (B, S) non-negative integer counts (a bootstrap draw; a row of ones with one 0
+            leaves that shard out); every row must keep at least one shard.
+
+        Returns
+        -------
+        iterator of B lists of `Moments` (the shards themselves, not copies), in shard order.
+        """
+        counts = np.asarray(counts)
+        if counts.ndim != 2 or counts.shape[1] != len(self):
+            raise ValueError(f"counts must have shape (B, {len(self)}), got {counts.shape}")
+        whole = np.round(counts)
+        if np.any(whole != counts) or np.any(whole < 0) or np.any(whole.sum(axis=1) < 1):
+            raise ValueError("a resample of shard lists needs non-negative integer counts keeping at least one shard")
+        for row in whole.astype(np.int64):
+            yield [shard for shard, times in zip(self.shards, row) for _ in range(times)]
+
 
 def bootstrap_counts(n_shards: int, n_boot: int, seed: int) -> Int[np.ndarray, "B S"]:
     """How often each shard is drawn in each of n_boot resamples of n_shards with replacement.
@@ -271,7 +302,11 @@ def bootstrap_counts(n_shards: int, n_boot: int, seed: int) -> Int[np.ndarray, "
 
 @dataclass(frozen=True, eq=False)
 class _Curve:
-    """Maps moments to the statistic at several k (theory) or fractions (reference)."""
+    """Maps moments to the statistic at several k (theory) or fractions (reference).
+
+    With an ``estimator`` other than "plugin" (theory NTPS only) it maps the replicate's data to
+    that estimator's values: its combined moments, or its list of shards when the estimator
+    needs shards (`needs_shards`); ``seed`` seeds the estimator's own splits."""
 
     statistic: str
     variant: str
@@ -281,8 +316,22 @@ class _Curve:
     tol: float | None = None
     rtol: float = RANGE_RTOL
     precision: str = "float32"
+    estimator: str = "plugin"
+    seed: int = 0
 
-    def __call__(self, moments: Moments) -> np.ndarray:
+    @property
+    def needs_shards(self) -> bool:
+        if self.estimator == "plugin":
+            return False
+        from ntps_nb.core.estimators import SHARD_ESTIMATORS
+
+        return self.estimator in SHARD_ESTIMATORS
+
+    def __call__(self, moments: Moments | list[Moments]) -> np.ndarray:
+        if self.estimator != "plugin":
+            from ntps_nb.core.estimators import estimate_ntps
+
+            return estimate_ntps(moments, self.ks, estimator=self.estimator, seed=self.seed, rtol=self.rtol).estimate
         if self.variant == "reference":
             tol = REFERENCE_ABS_TOL if self.tol is None else self.tol
             geometry = reference_geometry(moments, precision=self.precision, tol=tol)
@@ -322,9 +371,10 @@ def theory_values(geometry: TheoryGeometry, ks: np.ndarray, statistic: Statistic
     return out
 
 
-def _evaluate(curve: _Curve, moments: Iterator[Moments], n: int, width: int) -> tuple[np.ndarray, int]:
-    """The curve on each of n moments; a replicate whose geometry is undefined (e.g. a resample
-    with a single class) becomes a row of NaN and is counted."""
+def _evaluate(curve: _Curve, moments: Iterator[Moments] | Iterator[list[Moments]], n: int,
+              width: int) -> tuple[np.ndarray, int]:
+    """The curve on each of n moments (or shard lists); a replicate whose geometry is undefined
+    (e.g. a resample with a single class) becomes a row of NaN and is counted."""
     values = np.full((n, width), np.nan)
     failed = 0
     for i, m in enumerate(moments):
@@ -345,9 +395,11 @@ class _Replicates:
 
 def _replicates(stack: ShardStack, curve: _Curve, counts: np.ndarray, estimate: np.ndarray) -> _Replicates:
     width = estimate.size
-    boot, failed_boot = _evaluate(curve, stack.combined(counts), counts.shape[0], width)
+    # a shard estimator sees the resample's shards; every other curve its combined moments
+    replicate = stack.resampled if curve.needs_shards else stack.combined
+    boot, failed_boot = _evaluate(curve, replicate(counts), counts.shape[0], width)
     leave_one_out = 1.0 - np.eye(len(stack))
-    jack, failed_jack = _evaluate(curve, stack.combined(leave_one_out), len(stack), width)
+    jack, failed_jack = _evaluate(curve, replicate(leave_one_out), len(stack), width)
     return _Replicates(estimate=estimate, boot=boot, jack=jack, failed=failed_boot + failed_jack)
 
 
@@ -427,7 +479,30 @@ def _check_options(n_boot, level, seed, method, variant, statistic) -> None:
         raise ValueError("the excess-loss identity is about the theory variant; use variant='theory'")
 
 
-def _single_curve(full: Moments, k, fraction, *, statistic, variant, centred, tol, rtol, precision) -> _Curve:
+def _check_estimator(estimator, *, variant, statistic, centred, tol) -> None:
+    """The estimator is known, and the options asked with it apply to it."""
+    from ntps_nb.core.estimators import ESTIMATORS
+
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "plugin":
+        return
+    if variant == "reference":
+        raise ValueError("the reference variant is the released algorithm, computed from the pooled moments; "
+                         f"estimator={estimator!r} applies to the theory variant only")
+    if statistic != "ntps":
+        raise ValueError(f"the excess loss is a plug-in quantity; estimator={estimator!r} estimates NTPS only")
+    if centred or tol is not None:
+        raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
+
+
+def _estimate(curve: _Curve, stack: ShardStack, full: Moments) -> np.ndarray:
+    """The curve on all shards: the combined moments, or the shard list for a shard estimator."""
+    return curve(list(stack.shards) if curve.needs_shards else full)
+
+
+def _single_curve(full: Moments, k, fraction, *, statistic, variant, centred, tol, rtol, precision,
+                  estimator: str = "plugin", seed: int = 0) -> _Curve:
     """The curve at one k (theory; a fraction is turned into k with the full data's r_V and then
     held fixed across replicates) or one fraction (reference; int(fraction * r) per replicate)."""
     if variant == "reference":
@@ -440,7 +515,8 @@ def _single_curve(full: Moments, k, fraction, *, statistic, variant, centred, to
         return _Curve(statistic, variant, fractions=np.array([float(fraction)]), tol=tol, precision=precision)
     geometry = theory_geometry(full, centred=centred, tol=tol, rtol=rtol)
     kk = geometry.k(k, fraction)
-    return _Curve(statistic, variant, ks=np.array([kk]), centred=centred, tol=tol, rtol=rtol)
+    return _Curve(statistic, variant, ks=np.array([kk]), centred=centred, tol=tol, rtol=rtol, estimator=estimator,
+                  seed=int(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +538,8 @@ class BootstrapInterval:
         texts, so this tracks, roughly, the finite-N bias of the statistic).
     n_shards, n_texts : shards and texts the estimate is over.
     n_boot : replicates drawn; n_valid : replicates with a defined value.
+    estimator : the estimator of NTPS every value comes from ("plugin": the combined moments'
+        NTPS; see `ntps_nb.core.estimators.ESTIMATORS`).
     replicates : (n_boot,) the bootstrap values (NaN where undefined).
     """
 
@@ -483,6 +561,7 @@ class BootstrapInterval:
     k: int | None
     fraction: float | None
     centred: bool
+    estimator: str
     replicates: np.ndarray = field(repr=False)
 
     @property
@@ -514,6 +593,7 @@ class BootstrapDifference:
         estimate is exactly 0.
     paired : whether the same shard indices were resampled for a and b.
     se_bootstrap, se_jackknife : standard errors of the difference.
+    estimator : the estimator of NTPS on both sides.
     replicates : (n_boot,) bootstrap differences.
     """
 
@@ -540,6 +620,7 @@ class BootstrapDifference:
     k: int | None
     fraction: float | None
     centred: bool
+    estimator: str
     replicates: np.ndarray = field(repr=False)
 
     def as_dict(self) -> dict:
@@ -560,13 +641,14 @@ def _warn_failed(failed: int, total: int) -> None:
 
 
 def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, level, seed, method,
-                 centred, tol, rtol, precision) -> BootstrapInterval:
+                 centred, tol, rtol, precision, estimator="plugin") -> BootstrapInterval:
     _check_options(n_boot, level, seed, method, variant, statistic)
+    _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
     stack = ShardStack(moment_shards)
     full = Moments.combine(stack.shards)
     curve = _single_curve(full, k, fraction, statistic=statistic, variant=variant, centred=centred,
-                          tol=tol, rtol=rtol, precision=precision)
-    estimate = curve(full)
+                          tol=tol, rtol=rtol, precision=precision, estimator=estimator, seed=seed)
+    estimate = _estimate(curve, stack, full)
     reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate)
     _warn_failed(reps.failed, n_boot + len(stack))
     deviations, se_jack = _jackknife(reps.jack)
@@ -577,7 +659,8 @@ def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, leve
         bias_bootstrap=float(s["bias_bootstrap"][0]), n_shards=len(stack), n_texts=full.n_texts,
         n_boot=int(n_boot), n_valid=int(s["n_valid"][0]), level=float(level), method=method, seed=int(seed),
         variant=variant, k=None if curve.ks is None else int(curve.ks[0]),
-        fraction=None if fraction is None else float(fraction), centred=centred, replicates=reps.boot[:, 0].copy(),
+        fraction=None if fraction is None else float(fraction), centred=centred, estimator=estimator,
+        replicates=reps.boot[:, 0].copy(),
     )
 
 
@@ -595,6 +678,7 @@ def ntps_interval(
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
     precision: str = "float32",
+    estimator: str = "plugin",
 ) -> BootstrapInterval:
     """NTPS of the combined shards with a shard-bootstrap interval and jackknife standard error.
 
@@ -613,14 +697,17 @@ def ntps_interval(
         NTPS is biased low at finite N and "percentile" doubles that bias; "basic" covered the
         population value best in the coverage study (see the module docstring).
     centred, tol, rtol, precision : passed to the NTPS computation, as in `ntps`.
+    estimator : "plugin" (default) or another of `ntps_nb.core.estimators.ESTIMATORS` (theory
+        variant, rtol only): the estimate and every replicate come from it (module docstring);
+        ``seed`` also seeds its splits into halves.
 
     Returns
     -------
-    `BootstrapInterval` with statistic "ntps"; ``replicates`` is (n_boot,).
+    `BootstrapInterval` with statistic "ntps" and ``estimator``; ``replicates`` is (n_boot,).
     """
     return _interval_of(moment_shards, k, fraction, statistic="ntps", variant=variant, n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
-                        precision=precision)
+                        precision=precision, estimator=estimator)
 
 
 def excess_loss_interval(
@@ -667,9 +754,10 @@ def ntps_interval_sweep(
     rtol: float = RANGE_RTOL,
     precision: str = "float32",
     fractions: np.ndarray | None = None,
+    estimator: str = "plugin",
 ) -> pd.DataFrame:
     """Intervals at every k (theory: k = 1..r_V of the full data) or every fraction (reference),
-    from one factorisation per replicate, as a tidy frame.
+    from one factorisation per replicate (plug-in), as a tidy frame.
 
     Parameters
     ----------
@@ -679,16 +767,22 @@ def ntps_interval_sweep(
     n_boot, level, seed, method, centred, tol, rtol, precision : as in `ntps_interval`.
     fractions : (F,) fractions for the reference variant (default: `REFERENCE_FRACTIONS`);
         not allowed with the theory variant.
+    estimator : "plugin" (default) or another of `ntps_nb.core.estimators.ESTIMATORS` (theory
+        variant, statistic "ntps", rtol only): the estimate and every replicate at every k come
+        from it (the k grid and the fraction, k_U, m, r_V columns from the plug-in geometry of
+        the full data); ``seed`` also seeds its splits into halves.
 
     Returns
     -------
     DataFrame, one row per k = 1..r_V (theory; with fraction, k_U, m, r_V) or per fraction
-    (reference). Columns: statistic, variant, k (theory) / fraction, the statistic's value (column
-    named ``ntps`` or ``excess_loss``), lower, upper, se_bootstrap, se_jackknife, bias_bootstrap,
-    n_valid (replicates with a defined value; a replicate is undefined where its r_V is below k),
-    and the settings (n_shards, n_texts, n_boot, level, method, seed, centred).
+    (reference). Columns: statistic, variant, estimator, k (theory) / fraction, the statistic's
+    value (column named ``ntps`` or ``excess_loss``), lower, upper, se_bootstrap, se_jackknife,
+    bias_bootstrap, n_valid (replicates with a defined value; a replicate is undefined where its
+    r_V is below k, or where the estimator is undefined), and the settings (n_shards, n_texts,
+    n_boot, level, method, seed, centred).
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
+    _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
     stack = ShardStack(moment_shards)
     full = Moments.combine(stack.shards)
     if variant == "reference":
@@ -702,16 +796,17 @@ def ntps_interval_sweep(
             raise ValueError("fractions= is for the reference variant; the theory sweep covers every k")
         geometry = theory_geometry(full, centred=centred, tol=tol, rtol=rtol)
         ks = np.arange(1, geometry.r_V + 1)
-        curve = _Curve(statistic, variant, ks=ks, centred=centred, tol=tol, rtol=rtol)
+        curve = _Curve(statistic, variant, ks=ks, centred=centred, tol=tol, rtol=rtol, estimator=estimator,
+                       seed=int(seed))
         index = {"k": ks, "fraction": ks / geometry.r_V, "k_U": np.minimum(ks, geometry.m),
                  "m": geometry.m, "r_V": geometry.r_V}
-    estimate = curve(full)
+    estimate = _estimate(curve, stack, full)
     reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate)
     _warn_failed(reps.failed, n_boot + len(stack))
     deviations, se_jack = _jackknife(reps.jack)
     summary = _summary(estimate, reps.boot, deviations, se_jack, level, method)
     return pd.DataFrame({
-        "statistic": statistic, "variant": variant, **index, statistic: estimate, **summary,
+        "statistic": statistic, "variant": variant, "estimator": estimator, **index, statistic: estimate, **summary,
         "n_shards": len(stack), "n_texts": full.n_texts, "n_boot": int(n_boot), "level": float(level),
         "method": method, "seed": int(seed), "centred": centred,
     })
@@ -727,6 +822,7 @@ def width_by_n(
     level: float = 0.95,
     seed: int = 0,
     method: IntervalMethod = "basic",
+    estimator: str = "plugin",
 ) -> pd.DataFrame:
     """How the interval narrows as texts are added, from one sharded extraction.
 
@@ -740,12 +836,13 @@ def width_by_n(
     moment_shards : per-shard `Moments` of one layer, at least ``n_groups`` of them.
     k : number of next-token directions (theory) passed to `ntps_interval`.
     n_groups : bootstrap units per interval, >= `MIN_SHARDS`.
-    variant, n_boot, level, seed, method : as in `ntps_interval`.
+    variant, n_boot, level, seed, method, estimator : as in `ntps_interval` (a shard estimator
+        sees the ``n_groups`` merged groups as its shards).
 
     Returns
     -------
     DataFrame, one row per N: n_texts, n_shards_used, ntps (the estimate), lower, upper, width,
-    se_jackknife, and the settings (k, variant, n_groups, n_boot, level, method, seed).
+    se_jackknife, and the settings (k, variant, estimator, n_groups, n_boot, level, method, seed).
     """
     shards = check_shards(moment_shards)
     if not isinstance(n_groups, (int, np.integer)) or n_groups < MIN_SHARDS:
@@ -757,12 +854,13 @@ def width_by_n(
     while n_groups * j <= len(shards):
         prefix = shards[: n_groups * j]
         groups = [Moments.combine(prefix[g * j:(g + 1) * j]) for g in range(n_groups)]
-        iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method)
+        iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
+                           estimator=estimator)
         rows.append({"n_texts": iv.n_texts, "n_shards_used": len(prefix), "ntps": iv.estimate, "lower": iv.lower,
                      "upper": iv.upper, "width": iv.upper - iv.lower, "se_jackknife": iv.se_jackknife})
         j *= 2
-    return pd.DataFrame(rows).assign(k=k, variant=variant, n_groups=n_groups, n_boot=n_boot, level=level,
-                                     method=method, seed=seed)
+    return pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator, n_groups=n_groups, n_boot=n_boot,
+                                     level=level, method=method, seed=seed)
 
 
 def _same_counts(a: list[Moments], b: list[Moments]) -> bool:
@@ -793,6 +891,7 @@ def ntps_difference(
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
     precision: str = "float32",
+    estimator: str = "plugin",
 ) -> BootstrapDifference:
     """Do two NTPS values differ? statistic(a) - statistic(b) with a bootstrap interval and p-value.
 
@@ -807,6 +906,7 @@ def ntps_difference(
         per-shard class frequencies (Syy). That is a heuristic (it cannot prove the texts are the
         same), so say paired= when you know; paired=True only requires equal text counts.
     statistic : "ntps" (default) or "excess_loss".
+    estimator : as in `ntps_interval`, the same on both sides.
     Other arguments as in `ntps_interval`.
 
     Returns
@@ -814,6 +914,7 @@ def ntps_difference(
     `BootstrapDifference`; ``replicates`` is the (n_boot,) array of bootstrap differences.
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
+    _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
     stack_a = ShardStack(shards_a)
     stack_b = ShardStack(shards_b)
     if paired is None:
@@ -822,11 +923,12 @@ def ntps_difference(
         raise ValueError("paired=True needs the same number of shards with the same text counts on both sides; got "
                          f"{[s.n_texts for s in stack_a.shards]} and {[s.n_texts for s in stack_b.shards]}")
     paired = bool(paired)
-    options = dict(statistic=statistic, variant=variant, centred=centred, tol=tol, rtol=rtol, precision=precision)
+    options = dict(statistic=statistic, variant=variant, centred=centred, tol=tol, rtol=rtol, precision=precision,
+                   estimator=estimator, seed=seed)
     full_a, full_b = Moments.combine(stack_a.shards), Moments.combine(stack_b.shards)
     curve_a = _single_curve(full_a, k, fraction, **options)
     curve_b = _single_curve(full_b, k, fraction, **options)
-    est_a, est_b = curve_a(full_a), curve_b(full_b)
+    est_a, est_b = _estimate(curve_a, stack_a, full_a), _estimate(curve_b, stack_b, full_b)
     counts_a = bootstrap_counts(len(stack_a), n_boot, seed)
     if paired:
         counts_b = counts_a
@@ -853,7 +955,8 @@ def ntps_difference(
         n_shards_a=len(stack_a), n_shards_b=len(stack_b), n_texts_a=full_a.n_texts, n_texts_b=full_b.n_texts,
         n_boot=int(n_boot), n_valid=int(values.size), level=float(level), method=method, seed=int(seed),
         variant=variant, k=None if curve_a.ks is None else int(curve_a.ks[0]),
-        fraction=None if fraction is None else float(fraction), centred=centred, replicates=boot[:, 0].copy(),
+        fraction=None if fraction is None else float(fraction), centred=centred, estimator=estimator,
+        replicates=boot[:, 0].copy(),
     )
 
 
@@ -896,6 +999,7 @@ def coverage_study(
     truth_shards: int = 20,
     seed: int = 0,
     angle: float = np.pi / 4,
+    estimator: str = "plugin",
     **task_kwargs,
 ) -> pd.DataFrame:
     """How often do nominal intervals cover the population value? Repeated draws on a synthetic task.
@@ -923,18 +1027,21 @@ def coverage_study(
     truth_shards : shards for the jackknife error of the truth; 0 skips it.
     seed : seed of the population task and of the sampling.
     angle : planted angle of the task (radians).
+    estimator : the estimator of every sample's value and replicates, as in `ntps_interval`
+        (statistic "ntps" only); the truth is always the plug-in NTPS of the population draw.
     **task_kwargs : further arguments of `synthetic_linear_task`.
 
     Returns
     -------
     DataFrame, one row per (repetition, method): estimate, lower, upper, width, covered, miss
     ("below": the interval lies below the truth, "above", or ""), se_bootstrap, se_jackknife,
-    bias_bootstrap, n_valid, truth, truth_se_jackknife, and the settings.
+    bias_bootstrap, n_valid, truth, truth_se_jackknife, and the settings (estimator among them).
     """
     for method in methods:
         if method not in INTERVAL_METHODS:
             raise ValueError(f"methods must be among {INTERVAL_METHODS}, got {method!r}")
     _check_options(n_boot, level, seed, methods[0], "theory", statistic)
+    _check_estimator(estimator, variant="theory", statistic=statistic, centred=False, tol=None)
     if not 0 < n_texts <= population_n_texts:
         raise ValueError(f"n_texts must lie in 1..population_n_texts={population_n_texts}, got {n_texts}")
     pool = synthetic_linear_task(n_texts=population_n_texts, seed=seed, angle=angle, **task_kwargs)
@@ -947,6 +1054,8 @@ def coverage_study(
         leave_one_out = 1.0 - np.eye(truth_shards)
         _, truth_se = _jackknife(_evaluate(curve, pool_stack.combined(leave_one_out), truth_shards, 1)[0])
 
+    sample_curve = curve if estimator == "plugin" else _Curve(statistic, "theory", ks=np.array([k]),
+                                                              estimator=estimator, seed=int(seed))
     rng = np.random.default_rng([int(seed), 2])
     rows = []
     for rep in range(int(n_repetitions)):
@@ -954,14 +1063,14 @@ def coverage_study(
         stack = ShardStack(split_into_shards(pool.sequences[idx], n_shards, pool.labels[idx],
                                              n_classes=pool.n_classes, seed=rep))
         full = Moments.combine(stack.shards)
-        estimate = curve(full)
-        reps = _replicates(stack, curve, bootstrap_counts(n_shards, n_boot, rep), estimate)
+        estimate = _estimate(sample_curve, stack, full)
+        reps = _replicates(stack, sample_curve, bootstrap_counts(n_shards, n_boot, rep), estimate)
         deviations, se_jack = _jackknife(reps.jack)
         for method in methods:
             s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
             lower, upper = float(s["lower"][0]), float(s["upper"][0])
             rows.append({
-                "repetition": rep, "method": method, "statistic": statistic, "k": k,
+                "repetition": rep, "method": method, "statistic": statistic, "estimator": estimator, "k": k,
                 "estimate": float(estimate[0]), "lower": lower, "upper": upper, "width": upper - lower,
                 "covered": lower <= truth <= upper,
                 "miss": "below" if upper < truth else ("above" if lower > truth else ""),
@@ -984,11 +1093,11 @@ def summarise_coverage(study: pd.DataFrame) -> pd.DataFrame:
 
     Returns
     -------
-    DataFrame, one row per (n_texts, n_shards, method) present: repetitions, coverage, miss_below,
+    DataFrame, one row per (estimator, n_texts, n_shards, method) present: repetitions, coverage, miss_below,
     miss_above, mean_width, mean_estimate_minus_truth, mean_se_bootstrap, sd_estimate,
     mean_bias_bootstrap.
     """
-    keys = [c for c in ("n_texts", "n_shards", "method") if c in study.columns]
+    keys = [c for c in ("estimator", "n_texts", "n_shards", "method") if c in study.columns]
     grouped = study.groupby(keys, sort=False)
     return pd.DataFrame({
         "repetitions": grouped.size(),

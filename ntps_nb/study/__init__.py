@@ -39,9 +39,12 @@ extraction  (extraction     max_train, max_test, seed,        (read by the stage
                             probe_layers, peers, peer_layers,
                             shards, interval_layers,
                             diagnostics, diagnostic_layers
-ntps        ``ntps.csv``    k, peers, peer_layers             variant (theory, reference, pca_overlap), k,
-                            (+ extraction)                    fraction, k_U, m, r_U, r_V, ntps, excess_loss,
-                                                              lower_bound, upper_bound, layer, k_V, precision
+ntps        ``ntps.csv``    k, peers, peer_layers, estimator  variant (theory, reference, pca_overlap),
+                            (+ extraction)                    estimator, k, fraction, k_U, m, r_U, r_V, ntps,
+                                                              excess_loss, lower_bound, upper_bound, layer,
+                                                              k_V, precision (with an estimator other than
+                                                              the plug-in, its theory rows have reliability
+                                                              and n_shards, and no excess_loss or bounds)
 probes      ``probes.csv``  probes, probe_layers, seed        layer, protocol, evaluated_on, classes_in_train,
                             (+ extraction)                    n_eval, d, accuracy, kappa_chance, chance,
                                                               majority_rate, mse, mse_per_text,
@@ -54,16 +57,21 @@ probes      ``probes.csv``  probes, probe_layers, seed        layer, protocol, e
                                                               kappa_chance "kappa" and have no heldout_cv rows)
 peers       ``peers.csv``   peers, peer_layers                layer, logme, h_score, h_score_lw, knn_accuracy,
                             (+ extraction)                    rankme, knn_k, knn_mode
-intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant, k, fraction, k_U, m, r_V,
-            .csv``          interval_method, seed, k          ntps, lower, upper, se_bootstrap, se_jackknife,
-                            (+ extraction)                    bias_bootstrap, n_valid, n_shards, n_texts,
-                                                              n_boot, level, method, centred, layer
-diagnostics ``diagnostics   diagnostics, diagnostic_layers,   variant, k, fraction, k_U, k_V, m, precision,
-            .csv``          diagnostic_k, diagnostic_         r_U, r_V, ntps, perturb_max_dev, perturb_std,
-                            fractions, n_perturb,             perturb_rank_changes, perm_mean, perm_std,
-                            n_permutations, seed              p_value, p_side, perm_z, solver_max_dev,
-                            (+ extraction)                    n_perturb, perturb_scale, n_permutations,
-                                                              layer
+intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant, estimator, k, fraction, k_U,
+            .csv``          interval_method, seed, k,         m, r_V, ntps, lower, upper, se_bootstrap,
+                            estimator (+ extraction)          se_jackknife, bias_bootstrap, n_valid, n_shards,
+                                                              n_texts, n_boot, level, method, centred, layer
+estimates   ``estimates     estimator, k, interval_layers,    variant (theory), estimator, k, estimate, se,
+            .csv``          shards, seed (+ extraction)       lower, upper, level, reliability, reliable,
+                                                              n_texts, n_shards, layer: the estimator's
+                                                              delete-one-shard jackknife interval and
+                                                              reliability flag on the interval layers
+diagnostics ``diagnostics   diagnostics, diagnostic_layers,   variant, estimator, k, fraction, k_U, k_V, m,
+            .csv``          diagnostic_k, diagnostic_         precision, r_U, r_V, ntps, perturb_max_dev,
+                            fractions, n_perturb,             perturb_std, perturb_rank_changes, perm_mean,
+                            n_permutations, seed, estimator   perm_std, p_value, p_side, perm_z,
+                            (+ extraction)                    solver_max_dev, n_perturb, perturb_scale,
+                                                              n_permutations, layer
 lora        ``lora.csv``    max_train, max_test, seed,        layer, k, variant, ntps_before, ntps_after,
                             max_length, drop_bos, batch_size, delta, lora_key, weights_before, weights_after,
                             precision, lora, lora_budget, k   n_texts, lora_weights_sha256, lora_* (the
@@ -71,6 +79,16 @@ lora        ``lora.csv``    max_train, max_test, seed,        layer, k, variant,
                             layer; the layer grids do not     lora_lora_accuracy, lora_probe_accuracy,
                             enter its key)                    lora_gain, lora_budget_steps, ...)
 =========== =============== ================================= ==============================================
+
+The ``estimator`` setting (default "plugin"; `ntps_nb.core.estimators.ESTIMATORS`) chooses
+the estimator of the theory NTPS in the ntps, intervals, estimates and diagnostics tables; every
+row names its estimator (the reference variant and the PCA overlap are always "plugin"). It
+enters the config hash and those stages' keys only away from "plugin", so the units computed
+before the setting existed keep their keys, and their tables, which have no estimator column,
+are read with "plugin" filled in. A shard estimator (``SHARD_ESTIMATORS``) needs per-shard
+moments, which the extraction keeps on the interval layers only: on the other layers of the ntps
+table, and in the diagnostics (which permute per-text labels), the plug-in stands in, and its
+rows say "plugin".
 
 ``unit.json`` holds the settings, config hash, timings, each stage's key and whether it was
 computed or reused, and what was skipped and why. Unit folders written before stages existed
@@ -100,18 +118,18 @@ from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, 
                                   stage_store, unit_folder_stages, write_unit)
 from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, run_study, stage_status,
                                   study_status, unit_status)
-from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, correlation_summary, diagnostics_summary, fixed_ntps,
-                                  lora_summary, ntps_with_intervals, pretraining_contrast, probe_targets,
-                                  resolve_targets, structure_controls, structure_markdown, summarise, summary_markdown)
+from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, correlation_summary, diagnostics_summary,
+                                  estimates_markdown, estimates_summary, fixed_ntps, lora_summary, ntps_with_intervals,
+                                  pretraining_contrast, probe_targets, resolve_targets, structure_controls,
+                                  structure_markdown, summarise, summary_markdown)
 from ntps_nb.study.cli import register_cli
 
 __all__ = [
     "CSV_FLOAT_FORMAT", "DatasetFile", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS",
-    "TARGET_ALIASES", "Stage", "StageStore",
-    "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder", "combine", "correlation_summary",
-    "diagnostics_summary", "fixed_ntps", "load_config", "load_results", "load_units", "lora_summary",
-    "ntps_with_intervals", "pretraining_contrast", "probe_targets", "register_cli", "resolve_layers",
-    "resolve_targets", "run_study", "run_unit", "stage_keys", "stage_states", "stage_status", "stage_store", "structure_controls",
-    "structure_markdown", "study_status", "summarise", "summary_markdown", "unit_folder_stages", "unit_name",
-    "unit_status", "write_unit",
+    "TARGET_ALIASES", "Stage", "StageStore", "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder",
+    "combine", "correlation_summary", "diagnostics_summary", "estimates_markdown", "estimates_summary", "fixed_ntps",
+    "load_config", "load_results", "load_units", "lora_summary", "ntps_with_intervals", "pretraining_contrast",
+    "probe_targets", "register_cli", "resolve_layers", "resolve_targets", "run_study", "run_unit", "stage_keys",
+    "stage_states", "stage_status", "stage_store", "structure_controls", "structure_markdown", "study_status",
+    "summarise", "summary_markdown", "unit_folder_stages", "unit_name", "unit_status", "write_unit",
 ]

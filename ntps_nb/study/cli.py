@@ -80,11 +80,15 @@ def _cli_summary(args) -> int:
             "config", "n_distinct_configs"]
     controls = _study().structure_controls(tables, k=args.k, targets=[t for t in targets if t in TARGETS],
                                            n_boot=args.n_boot, n_perm=args.n_perm)
+    reliability = _study().estimates_summary(tables)  # empty for studies computed before the estimates stage
     if args.markdown:
         print(_study().summary_markdown(summary, targets=targets))
         if not controls.empty:
             print(f"\nBeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}):\n")
             print(_study().structure_markdown(controls))
+        if not reliability.empty:
+            print("\nNTPS estimates flagged reliable by their estimator (estimates table, interval layers):\n")
+            print(_study().estimates_markdown(reliability))
     else:
         with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
             print(f"study {cfg.name}: Spearman rho across datasets (targets: {summary['target_protocol'].iloc[0]} probes "
@@ -94,6 +98,9 @@ def _cli_summary(args) -> int:
                 print(f"\nbeyond dataset structure (theory NTPS at each model's last layer, k = {args.k}; "
                       "the estimate is Kendall's tau over model pairs for across_models)")
                 print(controls.drop(columns=["k"]).to_string(index=False))
+            if not reliability.empty:
+                print("\nNTPS estimates flagged reliable by their estimator (estimates table, interval layers)")
+                print(reliability.to_string(index=False))
     if args.output:
         summary.to_csv(args.output, index=False, float_format=CSV_FLOAT_FORMAT)
     return 0

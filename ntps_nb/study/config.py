@@ -40,8 +40,11 @@ import numpy as np
 
 from ntps_nb.cache import content_key
 
-#: The tables every unit writes (``lora`` only when LoRA ran).
-TABLES = ("ntps", "probes", "peers", "intervals", "diagnostics")
+#: The tables every unit writes (``lora`` only when LoRA ran; ``estimates`` from the units computed
+#: since the estimates stage exists).
+TABLES = ("ntps", "probes", "peers", "intervals", "diagnostics", "estimates")
+#: The tables whose rows name the estimator of NTPS that produced them (column ``estimator``).
+ESTIMATOR_TABLES = ("ntps", "intervals", "diagnostics", "estimates")
 #: Significant digits kept in the CSVs: enough for every comparison, small enough for git.
 CSV_FLOAT_FORMAT = "%.7g"
 #: Where results go unless a config says otherwise (relative to the repository root).
@@ -61,7 +64,9 @@ class StudySettingsError(ValueError):
 # -- configuration -------------------------------------------------------------------------------
 
 
-_ADDED_LATER = {"precision": "float32"}
+#: Settings added after units were committed, with the value those units were computed with: a
+#: setting at that value is left out of `StudyConfig.settings` (so of the config hash).
+_ADDED_LATER = {"precision": "float32", "estimator": "plugin"}
 
 
 class DatasetFile(NamedTuple):
@@ -88,7 +93,9 @@ class StudyConfig:
     Layer grids accept "all", "last", "grid:N" (N evenly spaced hidden states, the first and the
     last included) or a list of hidden-state indices (0 = embeddings; negative indices count from
     the end, -1 = the last hidden state). ``k`` is "all" (every k = 1..r_V
-    of the theory variant) or a list of integers.
+    of the theory variant) or a list of integers. ``estimator`` is the estimator of the theory
+    NTPS in the ntps, intervals, estimates and diagnostics tables (`ntps_nb.core.estimators.ESTIMATORS`;
+    "plugin", the default, is the NTPS of the sample's moments; see `ntps_nb.study`).
     """
 
     name: str
@@ -103,6 +110,7 @@ class StudyConfig:
     precision: str = "float32"  # the extraction's products; see `settings` for why float32 is the default here
     layers: Any = "all"
     k: Any = "all"
+    estimator: str = "plugin"  # of the theory NTPS (ntps_nb.core.estimators.ESTIMATORS); see `load_config`
     probes: tuple[str, ...] = ("heldout", "paper_in_sample")
     probe_layers: Any = "all"
     peers: bool = True
@@ -145,7 +153,8 @@ class StudyConfig:
         out["study_version"] = STUDY_VERSION
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit
-        # before it was computed on a CPU with float32 products (the then default of "auto").
+        # before it was computed on a CPU with float32 products (the then default of "auto");
+        # estimator: every unit before it was computed by the plug-in.
         for key, before in _ADDED_LATER.items():
             if out[key] == before:
                 del out[key]
@@ -334,6 +343,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
         raise StudySettingsError(f"{path}: precision must be float32 or float64 (a study records one, not 'auto')")
     if table.get("interval_method", "basic") not in ("percentile", "basic", "bca"):
         raise StudySettingsError(f"{path}: interval_method must be percentile, basic or bca")
+    check_estimator(table.get("estimator", "plugin"), str(path))
     table = {key: _tuple(value) for key, value in table.items()}
     if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
         table["results_dir"] = str((path.parent / table["results_dir"]).resolve())
@@ -347,6 +357,63 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     cfg = StudyConfig(**table, source=str(path))
     files = tuple(_read_dataset_file(spec, cfg) for spec in specs if not isinstance(spec, str))
     return dataclasses.replace(cfg, dataset_files=files)
+
+
+def check_estimator(estimator: Any, where: str = "the study config") -> str:
+    """The study's ``estimator`` setting, or a `StudySettingsError` that lists the estimators.
+
+    Parameters
+    ----------
+    estimator : Any
+        The value of the setting.
+    where : str
+        What the setting comes from (the config file), for the message.
+
+    Returns
+    -------
+    str
+        ``estimator``, one of `ntps_nb.core.estimators.ESTIMATORS`.
+
+    Raises
+    ------
+    StudySettingsError
+        When it is not one of them.
+    """
+    from ntps_nb.core.estimators import ESTIMATORS
+
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise StudySettingsError(f"{where}: estimator must be one of {', '.join(ESTIMATORS)} "
+                                 f"(ntps_nb.core.estimators.ESTIMATORS), got {estimator!r}")
+    return estimator
+
+
+def with_estimator(frame: Any, table: str) -> Any:
+    """A unit or study table with its ``estimator`` column: tables written before the study had
+    the setting lack it (or, combined with newer ones, leave it empty) and were computed by the
+    plug-in, so "plugin" is filled in there. Other tables are returned as they are.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        The table.
+    table : str
+        Its name (`TABLES`); only those of `ESTIMATOR_TABLES` have the column.
+
+    Returns
+    -------
+    DataFrame
+        ``frame`` itself when nothing is missing, else a copy with ``estimator`` (placed after
+        ``variant`` when it is new) holding "plugin" where it was missing.
+    """
+    if table not in ESTIMATOR_TABLES:
+        return frame
+    if "estimator" not in frame.columns:
+        frame = frame.copy()
+        at = list(frame.columns).index("variant") + 1 if "variant" in frame.columns else len(frame.columns)
+        frame.insert(at, "estimator", "plugin")
+    elif frame["estimator"].isna().any():
+        frame = frame.assign(estimator=frame["estimator"].fillna("plugin"))
+    return frame
 
 
 def _model_reference(model: Any, path: Path) -> str:

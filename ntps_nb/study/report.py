@@ -583,6 +583,74 @@ def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return diag.assign(config=config)[keep[:5] + ["config"] + keep[5:]].reset_index(drop=True)
 
 
+#: The columns of `estimates_summary`.
+ESTIMATES_SUMMARY_COLUMNS = ("model", "pretrained", "estimator", "n_datasets", "layers", "n_rows", "n_defined",
+                             "n_reliable", "share_reliable")
+
+
+def _flags(values: pd.Series) -> np.ndarray:
+    """A ``reliable`` column as booleans, whether it was read as booleans or as their text."""
+    text = values.astype(str).str.strip().str.lower()
+    return text.isin(["true", "1", "1.0"]).to_numpy()
+
+
+def estimates_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """How many of a study's NTPS estimates (the estimates stage, ``estimates.csv``) its
+    estimator's reliability flag accepts, per model and estimator: where the flag says
+    unreliable, the estimate and its interval are not to be read as the population NTPS.
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+        Studies computed before the estimates stage have no ``estimates`` table: the summary is
+        then empty.
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, estimator), columns `ESTIMATES_SUMMARY_COLUMNS`: pretrained (where
+        the table has it), the datasets and layers estimated, n_rows (estimate rows: dataset x
+        layer x k), n_defined (rows with a finite estimate), n_reliable (rows flagged reliable)
+        and share_reliable = n_reliable / n_rows. No rows when there is no estimates table.
+    """
+    estimates = tables.get("estimates")
+    if estimates is None or estimates.empty:
+        return pd.DataFrame(columns=list(ESTIMATES_SUMMARY_COLUMNS))
+    _require_columns(estimates, ["model", "estimator", "dataset", "layer", "estimate", "reliable"], "estimates_summary")
+    rows = []
+    for (model, estimator), group in estimates.groupby(["model", "estimator"], sort=False):
+        reliable = _flags(group["reliable"])
+        rows.append({"model": model,
+                     "pretrained": bool(group["pretrained"].iloc[0]) if "pretrained" in group else np.nan,
+                     "estimator": estimator, "n_datasets": int(group["dataset"].nunique()),
+                     "layers": "/".join(str(int(v)) for v in sorted(group["layer"].unique())),
+                     "n_rows": len(group), "n_defined": int(np.isfinite(group["estimate"].to_numpy(float)).sum()),
+                     "n_reliable": int(reliable.sum()), "share_reliable": float(reliable.mean())})
+    return pd.DataFrame(rows, columns=list(ESTIMATES_SUMMARY_COLUMNS))
+
+
+def estimates_markdown(summary: pd.DataFrame) -> str:
+    """`estimates_summary` rows as a Markdown table (counts as integers, the share to two decimals).
+
+    Parameters
+    ----------
+    summary : DataFrame
+        Rows of `estimates_summary`.
+
+    Returns
+    -------
+    str
+        The Markdown table.
+    """
+    _require_columns(summary, list(ESTIMATES_SUMMARY_COLUMNS), "estimates_markdown")
+    rows = summary.assign(**{name: summary[name].astype(int).astype(str)
+                             for name in ("n_datasets", "n_rows", "n_defined", "n_reliable")})
+    return _markdown(rows, {"model": "model", "estimator": "estimator", "n_datasets": "datasets", "layers": "layers",
+                            "n_rows": "estimates", "n_defined": "defined", "n_reliable": "flagged reliable",
+                            "share_reliable": "share reliable"})
+
+
 def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
     """One row per (model, dataset) of a study's LoRA table (``lora.csv``) at ``k`` (theory NTPS of
     the layer LoRA was scored at): NTPS before and after LoRA, the held-out probe and LoRA test

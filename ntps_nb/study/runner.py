@@ -15,7 +15,7 @@ import pandas as pd
 
 from ntps_nb.cache import atomic_path
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, TABLES, StudyConfig, StudySettingsError, _readable, _say,
-                                  _versions, load_config, unit_name)
+                                  _versions, load_config, unit_name, with_estimator)
 from ntps_nb.study.stages import STAGE_NAMES, run_unit, stage_states, write_unit
 
 
@@ -360,8 +360,8 @@ def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd
     tables: dict[str, pd.DataFrame] = {}
     for name in (*TABLES, "lora"):
         parts = [pd.read_csv(folder / f"{name}.csv") for folder, _ in metas if (folder / f"{name}.csv").is_file()]
-        if parts:
-            tables[name] = pd.concat(parts, ignore_index=True)
+        if parts:  # units written before the estimator setting were computed by the plug-in
+            tables[name] = with_estimator(pd.concat(parts, ignore_index=True), name)
     hashes = {meta.get("config_hash") for _, meta in metas}
     for name, frame in tables.items():
         hashes |= set(frame["config_hash"].astype(str).unique())
@@ -391,7 +391,9 @@ def load_units(cfg: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
     Returns
     -------
     dict of str to DataFrame
-        Table name to the rows of every complete unit that has it (tables no unit has are absent).
+        Table name to the rows of every complete unit that has it (tables no unit has are absent);
+        the ntps, intervals and diagnostics rows of units written before the ``estimator``
+        setting get estimator "plugin" (they were computed by the plug-in).
     """
     return _read_units(cfg if isinstance(cfg, StudyConfig) else load_config(cfg))[1]
 
@@ -412,7 +414,8 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
     Returns
     -------
     dict of str to DataFrame
-        Table name to the combined table, as written.
+        Table name to the combined table, as written (with the ``estimator`` column filled in as
+        `load_units` does).
     """
     from ntps_nb import __version__
 
@@ -454,14 +457,17 @@ def load_results(cfg_or_folder: StudyConfig | str | os.PathLike) -> dict[str, pd
     -------
     dict of str to DataFrame
         Table name (ntps, probes, ..., lora) to the table read from ``<folder>/<name>.csv``,
-        for every such file present.
+        for every such file present. Tables combined before the study had the ``estimator``
+        setting were computed by the plug-in: their ntps, intervals and diagnostics tables get
+        an ``estimator`` column holding "plugin".
     """
     if isinstance(cfg_or_folder, StudyConfig):
         folder = cfg_or_folder.folder
     else:
         path = Path(cfg_or_folder)
         folder = load_config(path).folder if path.suffix == ".toml" else path
-    tables = {name: pd.read_csv(folder / f"{name}.csv") for name in (*TABLES, "lora") if (folder / f"{name}.csv").is_file()}
+    tables = {name: with_estimator(pd.read_csv(folder / f"{name}.csv"), name) for name in (*TABLES, "lora")
+              if (folder / f"{name}.csv").is_file()}
     if not tables:
         raise FileNotFoundError(f"no combined tables in {folder}; run `study combine` first")
     return tables

@@ -35,12 +35,20 @@ import pandas as pd
 
 from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
-                                  _versions, dataset_identity, load_unit_dataset, resolve_layers)
+                                  _versions, dataset_identity, load_unit_dataset, resolve_layers, with_estimator)
 
 #: Settings that choose the texts of a unit (with the model and the dataset).
 SAMPLE = ("max_train", "max_test", "seed")
 #: Settings that decide how every text is read by the model (each forward pass depends on them).
 READING = ("max_length", "drop_bos", "batch_size", "precision")
+#: Settings that stages took up after results were stored under their keys: each enters a stage's
+#: key only away from its `ntps_nb.study.config._ADDED_LATER` value (what those results were
+#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in.
+ADDED_TO_STAGES = ("estimator",)
+#: Coverage level of the estimates stage's jackknife intervals (`ntps_nb.core.estimators.ntps_estimate`).
+ESTIMATE_LEVEL = 0.90
+#: Fewest shards of a delete-one-shard jackknife interval (`ntps_nb.core.estimators.ntps_estimate`).
+ESTIMATE_MIN_SHARDS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +70,8 @@ class Stage:
 #: The stages in the order a unit computes them.
 #: The columns each stage's table holds after the provenance columns (the package docstring's table);
 #: ``lora_*``: every result and budget field of `ntps_nb.lora`, prefixed.
-NTPS_COLUMNS = ("variant", "k", "fraction", "k_U", "m", "r_U", "r_V", "ntps", "excess_loss", "lower_bound",
-                "upper_bound", "layer", "k_V", "precision")
+NTPS_COLUMNS = ("variant", "estimator", "k", "fraction", "k_U", "m", "r_U", "r_V", "ntps", "excess_loss",
+                "lower_bound", "upper_bound", "layer", "k_V", "precision")
 #: Probes: the configured protocols on every probe layer, and (version 2 on) the cross-validated
 #: logistic probe (protocol "heldout_cv") on the last one; "kappa_chance" is (accuracy - 1/C) / (1 - 1/C)
 #: (tables of version 1 call it "kappa").
@@ -72,12 +80,17 @@ PROBES_COLUMNS = ("layer", "protocol", "evaluated_on", "classes_in_train", "n_ev
                   "converged", "n_iter", "balanced_accuracy", "cohen_kappa", "train_accuracy", "C_grid", "cv_folds",
                   "cv_scoring", "cv_score", "class_weight")
 PEERS_COLUMNS = ("layer", "logme", "h_score", "h_score_lw", "knn_accuracy", "rankme", "knn_k", "knn_mode")
-INTERVALS_COLUMNS = ("statistic", "variant", "k", "fraction", "k_U", "m", "r_V", "ntps", "lower", "upper",
-                     "se_bootstrap", "se_jackknife", "bias_bootstrap", "n_valid", "n_shards", "n_texts", "n_boot",
-                     "level", "method", "centred", "layer")
-DIAGNOSTICS_COLUMNS = ("variant", "k", "fraction", "k_U", "k_V", "m", "precision", "r_U", "r_V", "ntps",
-                       "perturb_max_dev", "perturb_std", "perturb_rank_changes", "perm_mean", "perm_std", "p_value",
-                       "p_side", "perm_z", "solver_max_dev", "n_perturb", "perturb_scale", "n_permutations", "layer")
+INTERVALS_COLUMNS = ("statistic", "variant", "estimator", "k", "fraction", "k_U", "m", "r_V", "ntps", "lower",
+                     "upper", "se_bootstrap", "se_jackknife", "bias_bootstrap", "n_valid", "n_shards", "n_texts",
+                     "n_boot", "level", "method", "centred", "layer")
+DIAGNOSTICS_COLUMNS = ("variant", "estimator", "k", "fraction", "k_U", "k_V", "m", "precision", "r_U", "r_V",
+                       "ntps", "perturb_max_dev", "perturb_std", "perturb_rank_changes", "perm_mean", "perm_std",
+                       "p_value", "p_side", "perm_z", "solver_max_dev", "n_perturb", "perturb_scale", "n_permutations",
+                       "layer")
+#: The estimator's own estimate with its delete-one-shard jackknife interval and reliability flag
+#: (`ntps_nb.core.estimators.ntps_estimate`; any further column it returns follows these).
+ESTIMATES_COLUMNS = ("variant", "estimator", "k", "estimate", "se", "lower", "upper", "level", "reliability",
+                     "reliable", "n_texts", "n_shards", "layer")
 LORA_COLUMNS = ("layer", "k", "variant", "ntps_before", "ntps_after", "delta", "lora_key", "weights_before",
                 "weights_after", "n_texts", "lora_weights_sha256", "lora_*")
 
@@ -85,15 +98,18 @@ LORA_COLUMNS = ("layer", "k", "variant", "ntps_before", "ntps_after", "delta", "
 STAGES: tuple[Stage, ...] = (
     Stage("extraction", SAMPLE + READING + ("layers", "probes", "probe_layers", "peers", "peer_layers", "shards",
                                             "interval_layers", "diagnostics", "diagnostic_layers"), (), None, ()),
-    Stage("ntps", ("k", "peers", "peer_layers"), ("extraction",), "ntps", NTPS_COLUMNS),
+    Stage("ntps", ("k", "peers", "peer_layers", "estimator"), ("extraction",), "ntps", NTPS_COLUMNS),
     # version 2: the cross-validated probe on the last layer, kappa renamed kappa_chance
     Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes", PROBES_COLUMNS, version=2),
     Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers", PEERS_COLUMNS),
-    Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k"), ("extraction",),
-          "intervals", INTERVALS_COLUMNS),
+    Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k", "estimator"),
+          ("extraction",), "intervals", INTERVALS_COLUMNS),
+    # the estimator's estimate, jackknife interval and reliability flag on the interval layers
+    Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed"), ("extraction",), "estimates",
+          ESTIMATES_COLUMNS),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
     Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
-                          "n_permutations", "seed"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS,
+                          "n_permutations", "seed", "estimator"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS,
           version=2),
     # LoRA reads the extraction's last layer where it holds it (the base model's side), but its
     # numbers depend only on which texts are read and how: not on the layer grids, so changing
@@ -120,7 +136,8 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
 
     A key covers the study version, the stage's `Stage.version` (or ``versions[name]``), the
     model, the dataset (a file's sha256 too: `ntps_nb.study.config.dataset_identity`), the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
-    else (not the study's name, not where it runs).
+    else (not the study's name, not where it runs). A setting of `ADDED_TO_STAGES` enters only
+    away from the value the stored results were computed with (``estimator`` other than "plugin").
 
     Parameters
     ----------
@@ -142,7 +159,8 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
         keys[stage.name] = content_key({
             "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
             "study_version": STUDY_VERSION, "model": model, "dataset": dataset_identity(cfg, dataset),
-            "settings": {name: values[name] for name in stage.settings},
+            "settings": {name: values[name] for name in stage.settings
+                         if not (name in ADDED_TO_STAGES and values[name] == _ADDED_LATER[name])},
             "inputs": {name: keys[name] for name in stage.inputs}})
     return keys
 
@@ -159,12 +177,13 @@ def stage_enabled(cfg: StudyConfig, stage: str) -> bool:
     Returns
     -------
     bool
-        Always True for extraction and ntps; the others follow their settings (intervals need
-        both ``shards`` and ``interval_layers``).
+        Always True for extraction and ntps; the others follow their settings (intervals and
+        estimates need both ``shards`` and ``interval_layers``).
     """
+    intervals = bool(cfg.shards) and cfg.interval_layers not in (None, False, ())
     return {"extraction": True, "ntps": True, "probes": bool(cfg.probes), "peers": bool(cfg.peers),
-            "intervals": bool(cfg.shards) and cfg.interval_layers not in (None, False, ()),
-            "diagnostics": bool(cfg.diagnostics), "lora": bool(cfg.lora)}[stage]
+            "intervals": intervals, "estimates": intervals, "diagnostics": bool(cfg.diagnostics),
+            "lora": bool(cfg.lora)}[stage]
 
 
 @dataclasses.dataclass
@@ -525,19 +544,50 @@ class _Unit:
     ex_test: Any = None
 
 
+def _estimator_after_variant(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ``estimator`` column moved right after ``variant`` (where every stage table has it)."""
+    columns = [c for c in frame.columns if c != "estimator"]
+    at = columns.index("variant") + 1
+    return frame[columns[:at] + ["estimator"] + columns[at:]]
+
+
+def _shard_layers(u: _Unit) -> dict[int, list]:
+    """The per-shard moments of the layers that have them (the interval layers), by layer."""
+    from ntps_nb.core.intervals import layer_shards
+
+    return layer_shards(u.ex.shards) if u.ex.shards else {}
+
+
+def _plugin_only(estimator: str, layers: list[int], why: str) -> dict[str, str]:
+    """A stage record's note that the plug-in stood in for ``estimator`` on ``layers``."""
+    return {"estimator": f"plug-in on layers {layers}: estimator {estimator!r} {why}"} if layers else {}
+
+
 def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    """Theory NTPS at the config's k by the config's estimator, the reference variant (always the
+    plug-in: the released algorithm) and the PCA-overlap peer on the peer layers. A shard
+    estimator is computed where the extraction kept shards (the interval layers); on the other
+    layers the plug-in stands in, its rows say so (estimator "plugin") and so does the record."""
+    from ntps_nb.core.estimators import SHARD_ESTIMATORS
     from ntps_nb.core.peers import pca_overlap_sweep
     from ntps_nb.core.score import ntps_sweep
 
-    rows = []
+    estimator = u.cfg.estimator
+    shards = _shard_layers(u) if estimator in SHARD_ESTIMATORS else {}
+    rows, stand_in = [], []
     for layer in u.layers:
         m = u.ex.moments[layer]
-        theory = _k_filter(ntps_sweep(m, variant="theory"), u.cfg.k)
+        if estimator == "plugin" or (estimator in SHARD_ESTIMATORS and layer not in shards):
+            stand_in += [layer] if estimator != "plugin" else []
+            theory = ntps_sweep(m, variant="theory")
+        else:
+            theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator)
         reference = ntps_sweep(m, variant="reference")
-        rows += [theory.assign(layer=layer), reference.assign(layer=layer)]
+        rows += [_k_filter(theory, u.cfg.k).assign(layer=layer), reference.assign(layer=layer)]
         if layer in u.peer_grid and m.Shh is not None:
-            rows.append(_k_filter(pca_overlap_sweep(m), u.cfg.k).assign(layer=layer))
-    return pd.concat(rows, ignore_index=True), {}
+            rows.append(_k_filter(pca_overlap_sweep(m), u.cfg.k).assign(layer=layer, estimator="plugin"))
+    why = "needs per-shard moments, which the extraction keeps on the interval layers only"
+    return _estimator_after_variant(pd.concat(rows, ignore_index=True)), _plugin_only(estimator, stand_in, why)
 
 
 def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
@@ -592,33 +642,81 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
-            for variant in ("theory", "reference"):
+            for variant in ("theory", "reference"):  # the reference variant is the released algorithm: plug-in
                 sweep = ntps_interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
-                                            method=u.cfg.interval_method)
+                                            method=u.cfg.interval_method,
+                                            estimator=u.cfg.estimator if variant == "theory" else "plugin")
                 if variant == "theory":
                     sweep = _k_filter(sweep, u.cfg.k)
                 rows.append(sweep.assign(layer=layer))
     return pd.concat(rows, ignore_index=True), {}
 
 
+def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    """`ntps_nb.core.estimators.ntps_estimate` of the theory NTPS on every interval layer at the
+    config's k (those up to the layer's r_V): the config's estimator, its delete-one-shard
+    jackknife standard error and `ESTIMATE_LEVEL` interval, and its reliability flag. A layer on
+    which the estimator fails is left out and named in the record."""
+    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.moments import Moments
+    from ntps_nb.core.score import theory_geometry
+
+    if not u.interval_grid:
+        return None, {}
+    if u.cfg.shards < ESTIMATE_MIN_SHARDS:
+        return None, {"estimates": f"skipped: a jackknife interval needs at least {ESTIMATE_MIN_SHARDS} shards, "
+                                   f"the study has {u.cfg.shards}"}
+    shards = _shard_layers(u)
+    rows, failed = [], {}
+    with warnings.catch_warnings():
+        _ignore_recorded_as_nan()
+        for layer in u.interval_grid:
+            try:
+                r_V = theory_geometry(Moments.combine(shards[layer])).r_V
+                ks = np.arange(1, r_V + 1) if u.cfg.k == "all" else np.array([k for k in u.cfg.k if k <= r_V], int)
+                if ks.size == 0:
+                    continue
+                frame = ntps_estimate(shards[layer], ks, estimator=u.cfg.estimator, level=ESTIMATE_LEVEL,
+                                      seed=u.cfg.seed)
+            except (ValueError, np.linalg.LinAlgError) as error:
+                failed[str(layer)] = str(error)
+                u.log(f"    estimates: layer {layer} left out: {error}")
+                continue
+            rows.append(frame.assign(variant="theory", layer=layer))
+    record = {"estimates_failed": failed} if failed else {}
+    if not rows:
+        return None, record
+    table = pd.concat(rows, ignore_index=True)
+    known = [c for c in ESTIMATES_COLUMNS if c in table.columns]
+    return table[known + [c for c in table.columns if c not in known]], record
+
+
 def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    """Perturbation, label-permutation and solver diagnostics (`ntps_nb.core.diagnostics`) on
+    the diagnostic layers: the theory rows by the config's estimator where it is a pooled one (a
+    shard estimator cannot be evaluated on permuted per-text labels: the plug-in stands in, its
+    rows say so and so does the record), the reference rows by the plug-in."""
     from ntps_nb.core.diagnostics import ntps_diagnostics
+    from ntps_nb.core.estimators import SHARD_ESTIMATORS
     from ntps_nb.core.score import ntps_sweep
 
     if not u.diag_grid:
         return None, {}
+    estimator = "plugin" if u.cfg.estimator in SHARD_ESTIMATORS else u.cfg.estimator
     rows = []
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.diag_grid:
             r_V = int(ntps_sweep(u.ex.moments[layer])["r_V"].iloc[0])
             ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
-            for variant, grid in (("theory", dict(k=ks)),
+            for variant, grid in (("theory", dict(k=ks, estimator=estimator)),
                                   ("reference", dict(fraction=list(u.cfg.diagnostic_fractions)))):
                 rows.append(ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
                                              n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
                                              seed=u.cfg.seed, layer=layer, **grid))
-    return pd.concat(rows, ignore_index=True), {}
+    why = "needs per-shard moments, and the diagnostics permute per-text labels of the pooled features"
+    stand_in = list(u.diag_grid) if estimator != u.cfg.estimator else []
+    return pd.concat(rows, ignore_index=True), _plugin_only(u.cfg.estimator, stand_in, why)
 
 
 def _lora_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
@@ -641,7 +739,7 @@ def _ignore_recorded_as_nan() -> None:
 
 _COMPUTE: dict[str, Callable[[_Unit], tuple[pd.DataFrame | None, dict]]] = {
     "ntps": _ntps_stage, "probes": _probes_stage, "peers": _peers_stage, "intervals": _intervals_stage,
-    "diagnostics": _diagnostics_stage, "lora": _lora_stage,
+    "estimates": _estimates_stage, "diagnostics": _diagnostics_stage, "lora": _lora_stage,
 }
 
 
@@ -677,7 +775,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     Returns
     -------
     dict
-        Stage name (ntps, probes, peers, intervals, diagnostics, lora) to its DataFrame with the
+        Stage name (ntps, probes, peers, intervals, estimates, diagnostics, lora) to its DataFrame with the
         unit's provenance columns, for every stage that has a table; and ``"unit"`` to the unit's
         metadata dict (settings, stage keys, timings, layers, model info, environment), as
         written to ``unit.json`` by `write_unit`.
@@ -775,8 +873,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                     result = store.save(name, keys[name], table, record)
             if name == "lora":
                 lora_status = result.record.get("lora", "done" if result.table is not None else lora_status)
-            if result.table is not None:
-                tables[name] = _with_provenance(result.table, provenance)
+            if result.table is not None:  # a table stored before the estimator setting was the plug-in's
+                tables[name] = _with_provenance(with_estimator(result.table, name), provenance)
             stage_meta[name] = {"key": keys[name], "computed": name in todo}
             lap(name)
 

@@ -263,5 +263,10 @@ def test_interval_sweep_rejects_what_numpy_rejects(task_shards):
         interval_sweep_torch(task_shards[:1])
     with pytest.raises(ValueError, match="x_mean"):
         interval_sweep_torch(random_shards(0), centred=True)
+    # the torch backend computes the plug-in only; another estimator is named and sent to numpy
+    with pytest.raises(ValueError, match=r"plug-in estimator only \(estimator='plugin'\), got "
+                                         r"estimator='adjusted'; use ntps_nb.core.intervals.ntps_interval_sweep"):
+        interval_sweep_torch(task_shards, n_boot=5, estimator="adjusted")
+    assert (interval_sweep_torch(task_shards, n_boot=5, estimator="plugin")["estimator"] == "plugin").all()
     with pytest.raises(ValueError, match="batch_size"):
         interval_sweep_torch(task_shards, n_boot=2, batch_size=0)

@@ -310,3 +310,45 @@ def test_three_dim_example_shows_arbitrary_ascending_and_stable_descending_vecto
     np.testing.assert_allclose(ascending["norm_in_zero_space"], 1.0, atol=1e-12)
     np.testing.assert_allclose(descending["abs_cos_with_a"], 1.0, atol=1e-12)
     np.testing.assert_allclose(descending["eigenvalue"], a @ a)
+
+
+# --- estimators ------------------------------------------------------------------------------
+
+
+def test_a_pooled_estimator_is_scored_on_the_real_perturbed_and_permuted_moments(planted):
+    """estimator='wishart': the real value is estimate_ntps of the moments, the permutation null
+    that of the moments under the same permutations of the labels (recomputed here from the
+    features), and the eigensolver spread, a plug-in measurement, is not reported."""
+    from ntps_nb.core.estimators import estimate_ntps
+
+    ks = np.array([1, 2, PLANTED_K])
+    frame = ntps_diagnostics(planted.moments, planted.features, planted.labels, k=list(ks), n_perturb=3,
+                             n_permutations=15, seed=4, estimator="wishart")
+    assert (frame["estimator"] == "wishart").all() and list(frame.columns[:3]) == ["variant", "estimator", "k"]
+    np.testing.assert_allclose(frame["ntps"], estimate_ntps(planted.moments, ks, estimator="wishart").estimate,
+                               rtol=1e-12)
+    # the permutations of ntps_diagnostics: the second stream of SeedSequence(seed)
+    rng = np.random.default_rng(np.random.SeedSequence(4).spawn(2)[1])
+    Y = np.eye(planted.n_classes)[planted.labels]
+    null = []
+    for _ in range(15):
+        Sxy = planted.features.T @ Y[rng.permutation(len(planted.labels))] / len(planted.labels)
+        null.append(estimate_ntps(planted.moments.with_labels(Sxy, planted.moments.Syy), ks,
+                                  estimator="wishart").estimate)
+    np.testing.assert_allclose(frame["perm_mean"], np.mean(null, axis=0), rtol=1e-9)
+    assert frame["solver_max_dev"].isna().all() and (frame["perturb_max_dev"] < PERTURB_THRESHOLD).all()
+    assert (frame["p_value"] < 0.1).all()  # the planted labels: above every permuted value
+    plugin = ntps_diagnostics(planted.moments, planted.features, planted.labels, k=list(ks), n_perturb=3,
+                              n_permutations=15, seed=4)
+    assert (plugin["estimator"] == "plugin").all() and plugin["solver_max_dev"].notna().all()
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"estimator": "ridge"}, r"estimator must be one of \('plugin', 'adjusted'"),
+    ({"estimator": "crossfit"}, r"needs per-shard moments.*pooled estimators \('plugin', 'adjusted'"),
+    ({"estimator": "adjusted", "variant": ["theory", "reference"]}, "theory variant only"),
+])
+def test_an_estimator_the_diagnostics_cannot_evaluate_is_refused(planted, options, match):
+    with pytest.raises(ValueError, match=match):
+        ntps_diagnostics(planted.moments, planted.features, planted.labels, k=[1], n_perturb=1, n_permutations=2,
+                         **options)

@@ -2,6 +2,7 @@
 differences and (a small version of) coverage on a planted synthetic task."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
@@ -296,3 +297,100 @@ def test_width_by_n_merges_prefixes_into_equal_groups(shards):
         width_by_n(shards, K, n_groups=30)
     with pytest.raises(ValueError, match="n_groups must be an integer >= 2"):
         width_by_n(shards, K, n_groups=1)
+
+
+# --- estimators ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def few_shards(task):
+    return split_into_shards(task, 6, seed=1)
+
+
+def test_plugin_keeps_its_path_and_names_itself(shards):
+    """The plug-in (the default) is what an explicit estimator='plugin' gives, and its replicates
+    are the NTPS of the shards drawn: each resample's shard list, combined, scored by the
+    estimator code (`estimate_ntps`), gives the fast path's replicate."""
+    from ntps_nb.core.estimators import estimate_ntps
+
+    default = ntps_interval_sweep(shards, n_boot=30, seed=4)
+    explicit = ntps_interval_sweep(shards, n_boot=30, seed=4, estimator="plugin")
+    pd.testing.assert_frame_equal(default, explicit, check_exact=True)
+    assert list(default.columns[:4]) == ["statistic", "variant", "estimator", "k"]
+    assert (default["estimator"] == "plugin").all()
+    single = ntps_interval(shards, K, n_boot=30, seed=4)
+    assert single.estimator == "plugin" and single.as_dict()["estimator"] == "plugin"
+    resamples = list(ShardStack(shards).resampled(bootstrap_counts(len(shards), 30, 4)))
+    assert [len(r) for r in resamples] == [len(shards)] * 30
+    by_estimator = [estimate_ntps(r, [K], estimator="plugin").estimate[0] for r in resamples]
+    np.testing.assert_allclose(single.replicates, by_estimator, rtol=0, atol=1e-12)
+
+
+def test_a_pooled_estimator_scores_the_estimate_and_every_replicate(shards):
+    """'wishart' (a pooled estimator): the point estimate is estimate_ntps of the pooled shards,
+    each replicate estimate_ntps of the resample's weighted pooled moments, and the jackknife
+    standard error that of the leave-one-shard-out estimates."""
+    from ntps_nb.core.estimators import estimate_ntps
+
+    sweep = ntps_interval_sweep(shards, n_boot=40, seed=2, estimator="wishart")
+    pooled = estimate_ntps(Moments.combine(shards), sweep["k"].to_numpy(), estimator="wishart").estimate
+    np.testing.assert_allclose(sweep["ntps"], pooled, rtol=1e-12, atol=1e-14)
+    assert (sweep["estimator"] == "wishart").all() and (sweep["variant"] == "theory").all()
+    plugin = ntps_interval_sweep(shards, n_boot=40, seed=2)
+    assert np.abs(sweep["ntps"] - plugin["ntps"]).max() > 1e-3  # another estimator, other numbers
+    single = ntps_interval(shards, K, n_boot=40, seed=2, estimator="wishart")
+    assert single.estimate == pytest.approx(sweep.loc[sweep["k"] == K, "ntps"].item(), abs=1e-14)
+    counts = bootstrap_counts(len(shards), 40, 2)
+    by_hand = [estimate_ntps(Moments.combine(shards, weights=c), [K], estimator="wishart").estimate[0] for c in counts]
+    np.testing.assert_allclose(single.replicates, by_hand, rtol=1e-10)
+    loo = np.array([estimate_ntps(Moments.combine(shards[:i] + shards[i + 1:]), [K], estimator="wishart").estimate[0]
+                    for i in range(len(shards))])
+    expected = np.sqrt((len(loo) - 1) / len(loo) * np.sum((loo.mean() - loo) ** 2))
+    assert single.se_jackknife == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_shard_estimator_sees_the_shards_of_each_resample(few_shards):
+    """'debiased' needs shards: the estimate is on the shards, each replicate on the resample's
+    shard list (a shard drawn twice appears twice), each jackknife replicate without one shard."""
+    from ntps_nb.core.estimators import estimate_ntps
+
+    result = ntps_interval(few_shards, K, n_boot=12, seed=5, estimator="debiased")
+    assert result.estimator == "debiased"
+    assert result.estimate == pytest.approx(estimate_ntps(few_shards, [K], estimator="debiased").estimate[0], abs=1e-14)
+    counts = bootstrap_counts(len(few_shards), 12, 5)
+    drawn = [[few_shards[s] for s in np.repeat(np.arange(len(few_shards)), c)] for c in counts]
+    by_hand = [estimate_ntps(d, [K], estimator="debiased").estimate[0] for d in drawn]
+    np.testing.assert_allclose(result.replicates, by_hand, rtol=1e-12, atol=1e-14)
+    loo = np.array([estimate_ntps(few_shards[:i] + few_shards[i + 1:], [K], estimator="debiased").estimate[0]
+                    for i in range(len(few_shards))])
+    assert result.se_jackknife == pytest.approx(np.sqrt(5 / 6 * np.sum((loo.mean() - loo) ** 2)), rel=1e-9)
+
+
+def test_every_interval_function_records_its_estimator(shards, few_shards):
+    a, b = few_shards[:3], few_shards[3:]
+    difference = ntps_difference(a, b, K, n_boot=10, paired=False, estimator="adjusted")
+    direct = [ntps_interval(side, K, n_boot=2, estimator="adjusted").estimate for side in (a, b)]
+    assert difference.estimator == "adjusted" and difference.estimate == pytest.approx(direct[0] - direct[1])
+    widths = width_by_n(shards, K, n_groups=5, n_boot=10, estimator="adjusted")
+    assert (widths["estimator"] == "adjusted").all()
+    first = ntps_interval([Moments.combine(shards[g:g + 1]) for g in range(5)], K, n_boot=10, estimator="adjusted")
+    assert widths["ntps"].iloc[0] == pytest.approx(first.estimate)
+    coverage = coverage_study(2, n_texts=300, n_shards=6, n_boot=10, population_n_texts=3000, truth_shards=0,
+                              estimator="adjusted", methods=["basic"])
+    plugin = coverage_study(2, n_texts=300, n_shards=6, n_boot=10, population_n_texts=3000, truth_shards=0,
+                            methods=["basic"])
+    assert (coverage["estimator"] == "adjusted").all() and (coverage["truth"] == plugin["truth"]).all()
+    assert not np.allclose(coverage["estimate"], plugin["estimate"])
+    assert set(summarise_coverage(pd.concat([coverage, plugin]))["estimator"]) == {"adjusted", "plugin"}
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"estimator": "ridge"}, r"estimator must be one of \('plugin', 'adjusted'"),
+    ({"estimator": "adjusted", "variant": "reference"}, "theory variant only"),
+    ({"estimator": "adjusted", "statistic": "excess_loss"}, "plug-in quantity"),
+    ({"estimator": "adjusted", "centred": True}, "options of the plug-in"),
+    ({"estimator": "adjusted", "tol": 1e-9}, "options of the plug-in"),
+])
+def test_an_estimator_that_does_not_apply_is_refused(shards, options, match):
+    with pytest.raises(ValueError, match=match):
+        ntps_interval_sweep(shards, n_boot=5, **options)

@@ -60,6 +60,43 @@ def test_precision_enters_the_hash_only_away_from_float32():
         study.load_config(STUDIES / "default.toml", precision="auto")
 
 
+def test_estimator_is_validated_and_enters_the_hash_only_away_from_the_plugin():
+    from ntps_nb.core.estimators import ESTIMATORS
+
+    cfg = study.load_config(STUDIES / "default.toml")
+    assert cfg.estimator == "plugin" and "estimator" not in cfg.settings()
+    assert study.load_config(STUDIES / "default.toml", estimator="plugin").config_hash == "1cedd9f67410"
+    adjusted = study.load_config(STUDIES / "default.toml", estimator="adjusted")
+    assert adjusted.settings()["estimator"] == "adjusted"
+    hashes = {study.load_config(STUDIES / "default.toml", estimator=name).config_hash for name in ESTIMATORS}
+    assert len(hashes) == len(ESTIMATORS) and cfg.config_hash in hashes  # every estimator its own hash
+    with pytest.raises(study.StudySettingsError, match="estimator must be one of plugin, adjusted, .*got 'ridge'"):
+        study.load_config(STUDIES / "default.toml", estimator="ridge")
+    # a unit recorded without the setting was the plug-in's: its settings map back to this config
+    recorded = {key: value for key, value in adjusted.settings().items() if key != "estimator"}
+    assert study.stages.config_from_settings(adjusted, recorded).estimator == "plugin"
+
+
+def test_tables_written_before_the_estimator_setting_are_read_as_the_plugins(tmp_path):
+    """Unit tables without the estimator column (the committed ones) were computed by the plug-in."""
+    from ntps_nb.study.config import with_estimator
+
+    old = pd.DataFrame({"variant": ["theory", "reference"], "k": [1.0, np.nan], "ntps": [0.2, 0.3]})
+    filled = with_estimator(old, "ntps")
+    assert list(filled.columns) == ["variant", "estimator", "k", "ntps"] and (filled["estimator"] == "plugin").all()
+    assert "estimator" not in old.columns  # the table read is left as it is
+    mixed = pd.concat([old, old.assign(estimator="adjusted")], ignore_index=True)
+    assert with_estimator(mixed, "intervals")["estimator"].tolist() == ["plugin", "plugin", "adjusted", "adjusted"]
+    assert with_estimator(old, "probes") is old  # a table without estimators
+    folder = ROOT / "data" / "results" / "fast"
+    if (folder / "ntps.csv").is_file():  # combined before the setting: every row is the plug-in's
+        tables = study.load_results(folder)
+        for name in ("ntps", "intervals", "diagnostics"):
+            if name in tables:
+                assert (tables[name]["estimator"] == "plugin").all(), name
+        assert "estimator" not in pd.read_csv(folder / "ntps.csv", nrows=1).columns
+
+
 def test_resolve_layers():
     assert study.resolve_layers("all", range(5)) == [0, 1, 2, 3, 4]
     assert study.resolve_layers([-1, 0], range(31)) == [0, 30]
@@ -91,6 +128,14 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     ntps = tables["ntps"]
     assert set(ntps["variant"]) == {"theory", "reference", "pca_overlap"}
     assert ntps["ntps"].dropna().between(-1e-9, 1 + 1e-9).all()
+    for name, columns in (("ntps", study.stages.NTPS_COLUMNS), ("intervals", study.stages.INTERVALS_COLUMNS),
+                          ("estimates", study.stages.ESTIMATES_COLUMNS)):
+        assert (tables[name]["estimator"] == "plugin").all(), name  # the default estimator, named on every row
+        written = [c for c in tables[name].columns if c not in study.stages.PROVENANCE]
+        assert written[:3] == list(columns[:3]) and set(columns) <= set(written), name
+    estimates = tables["estimates"]  # the plug-in's jackknife interval at every k of the last layer, per unit
+    assert set(estimates["dataset"]) == {"trec6", "sms-spam"} and (estimates["n_shards"] == cfg.shards).all()
+    assert (estimates["lower"] <= estimates["estimate"]).all() and (estimates["estimate"] <= estimates["upper"]).all()
     probes = tables["probes"]
     assert set(probes["protocol"]) == {"heldout", "paper_in_sample", "heldout_cv"}
     assert "kappa" not in probes.columns  # the 1/C-corrected accuracy is kappa_chance
@@ -575,6 +620,41 @@ REGENERATED = {
 }
 
 
+def test_estimates_summary_counts_the_rows_the_reliability_flag_accepts(tmp_path, monkeypatch, capsys):
+    estimates = pd.DataFrame({
+        "model": ["a"] * 4 + ["a:random"] * 2, "pretrained": [True] * 4 + [False] * 2, "estimator": "adjusted",
+        "dataset": ["x", "x", "y", "y", "x", "y"], "layer": [0, 30, 30, 30, 30, 30], "k": [1, 2, 1, 2, 1, 1],
+        "estimate": [0.1, np.nan, 0.3, 0.4, 0.5, 0.6], "reliable": [True, False, True, False, False, False]})
+    (tmp_path / "estimates.csv").write_text(estimates.to_csv(index=False))  # the flag read back from CSV text
+    as_text = estimates.assign(reliable=estimates["reliable"].astype(str))
+    for table in (estimates, pd.read_csv(tmp_path / "estimates.csv"), as_text):
+        out = study.estimates_summary({"estimates": table}).set_index("model")
+        assert list(out.index) == ["a", "a:random"]
+        assert out.loc["a", ["n_datasets", "n_rows", "n_defined", "n_reliable"]].tolist() == [2, 4, 3, 2]
+        assert out.loc["a", "share_reliable"] == 0.5 and out.loc["a", "layers"] == "0/30"
+        assert out.loc["a:random", "share_reliable"] == 0.0 and not out.loc["a:random", "pretrained"]
+    summary = study.estimates_summary({"estimates": estimates})
+    assert study.estimates_markdown(summary).splitlines()[2] == "| a | adjusted | 2 | 0/30 | 4 | 3 | 2 | 0.50 |"
+    # a study computed before the estimates stage has no such table: an empty summary, and
+    # `study summary` says nothing about it
+    assert study.estimates_summary({"ntps": estimates}).empty
+    import argparse
+
+    from ntps_nb.study import cli
+
+    tables = _synthetic_tables(n_datasets=4)
+    tables["ntps"] = tables["ntps"].assign(fraction=np.nan)  # theory rows only
+    monkeypatch.setattr(study, "load_results", lambda cfg: dict(tables))
+    args = argparse.Namespace(config=str(STUDIES / "smoke.toml"), partial=False, targets=["accuracy"], n_perm=10,
+                              n_boot=0, markdown=False, output=None, k=8)
+    cli._cli_summary(args)
+    assert "flagged reliable" not in capsys.readouterr().out
+    tables["estimates"] = estimates.assign(model="m")
+    cli._cli_summary(args)
+    printed = capsys.readouterr().out
+    assert "flagged reliable" in printed and "adjusted" in printed
+
+
 def test_regenerate_committed_unit(tmp_path):
     """CI regenerates one small committed unit (SmolLM2, trec6, 40 texts) and checks its rows."""
     from ntps_nb.models import ModelUnavailableError, load_model
@@ -634,7 +714,7 @@ def test_every_setting_enters_the_key_of_a_stage():
     covered = {name for stage in study.STAGES for name in stage.settings}
     assert set(cfg.settings()) - {"study_version"} <= covered  # else a setting could change numbers unseen
     keys = study.stage_keys(cfg, "smollm2-135m", "trec6")
-    assert list(keys) == ["extraction", "ntps", "probes", "peers", "intervals", "diagnostics", "lora"]
+    assert list(keys) == ["extraction", "ntps", "probes", "peers", "intervals", "estimates", "diagnostics", "lora"]
     assert len(set(keys.values())) == len(keys)
 
     def changed(**overrides):
@@ -643,7 +723,10 @@ def test_every_setting_enters_the_key_of_a_stage():
 
     assert changed(n_boot=100) == {"intervals"}
     assert changed(n_permutations=7) == {"diagnostics"}
-    assert changed(k=(1, 8)) == {"ntps", "intervals", "lora"}
+    assert changed(k=(1, 8)) == {"ntps", "intervals", "estimates", "lora"}
+    # the estimator decides the theory NTPS of these four stages, nothing else (no probe, no LoRA)
+    assert changed(estimator="adjusted") == {"ntps", "intervals", "estimates", "diagnostics"}
+    assert changed(estimator="plugin") == set()  # the default: the stored stages keep their keys
     assert changed(lora_budget={"steps": 5}) == {"lora"}
     # the layer grids change what is extracted and everything read from it, but not LoRA
     assert changed(probe_layers="last") == set(keys) - {"lora"}
@@ -717,7 +800,59 @@ def test_a_changed_analysis_setting_recomputes_only_its_stages(tmp_path, monkeyp
                        lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3}, peers=False, n_boot=3)
     states = study.unit_folder_stages(elsewhere, "tiny-llama", "trec6", folder)
     assert states == {"extraction": "valid", "ntps": "valid", "probes": "valid", "intervals": "stale",
-                      "lora": "valid", "peers": "valid", "diagnostics": "valid"}  # off then and now: no table
+                      "estimates": "valid", "lora": "valid", "peers": "valid",
+                      "diagnostics": "valid"}  # off then and now: no table
+
+    # another estimator ('chance': defined at N < d, unlike 'adjusted'): the theory NTPS of the ntps,
+    # intervals, estimates (and the switched-off diagnostics) stages is recomputed from the kept
+    # extraction; no probe, no LoRA, no forward pass
+    other = dataclasses.replace(changed, estimator="chance")
+    assert other.config_hash != changed.config_hash
+    before = dict(counts)
+    third = study.run_unit(other, "tiny-llama", "trec6", as_pretrained, **quiet)
+    ran = {name: counts.get(name, 0) - before.get(name, 0) for name in counts}
+    assert len(counted_extract) == forward
+    assert ran["finetune_lora"] == ran["lora_gain"] == ran["ntps_before_after"] == ran["probe_layers"] == 0
+    assert ran["ntps_sweep"] > 0 and ran["ntps_interval_sweep"] == 2
+    computed = {name for name, stage in third["unit"]["stages"].items() if stage.get("computed")}
+    assert computed == {"ntps", "intervals", "estimates", "diagnostics"}
+    for name in ("ntps", "intervals"):
+        table = third[name]
+        assert set(table.loc[table["variant"] == "theory", "estimator"]) == {"chance"}, name
+        assert set(table.loc[table["variant"] != "theory", "estimator"]) == {"plugin"}, name  # the released algorithm
+    assert set(third["estimates"]["estimator"]) == {"chance"}
+    for name in ("probes", "lora"):
+        pd.testing.assert_frame_equal(third[name].drop(columns="config_hash"), second[name].drop(columns="config_hash"))
+    # the interval sweep's estimate is the estimates table's estimate at every k
+    theory = third["intervals"].query("variant == 'theory'").merge(third["estimates"], on=["layer", "k"])
+    assert len(theory) > 0 and np.isfinite(theory["estimate"]).sum() >= 3
+    np.testing.assert_allclose(theory["ntps"], theory["estimate"], rtol=1e-12, atol=1e-12)
+
+
+def test_a_shard_estimator_runs_where_the_unit_has_shards_and_the_plugin_stands_in_elsewhere(tmp_path, tiny_llama):
+    """'debiased' needs shard moments, kept on the interval layers only: there the ntps, intervals
+    and estimates stages give the same estimate; the ntps table's other layers and the
+    diagnostics (label permutations of pooled features) are the plug-in's, and say so."""
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False, diagnostics=True, estimator="debiased")
+    tables = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
+    last = max(tables["unit"]["layers"])
+    assert tables["unit"]["interval_layers"] == [last]
+    theory = tables["ntps"].query("variant == 'theory'")
+    assert set(theory.loc[theory["layer"] == last, "estimator"]) == {"debiased"}
+    assert set(theory.loc[theory["layer"] != last, "estimator"]) == {"plugin"}
+    assert set(tables["diagnostics"]["estimator"]) == {"plugin"}
+    keys = study.stage_keys(cfg, "tiny-llama", "trec6")
+    store = study.stage_store(cfg, "tiny-llama", "trec6")
+    for stage in ("ntps", "diagnostics"):
+        assert "plug-in on layers" in store.load(stage, keys[stage]).record["estimator"], stage
+    intervals = tables["intervals"].query("variant == 'theory'")
+    assert set(intervals["estimator"]) == {"debiased"} and set(tables["estimates"]["estimator"]) == {"debiased"}
+    at_last = theory[theory["layer"] == last][["k", "ntps"]]
+    merged = at_last.merge(intervals[["k", "ntps"]], on="k", suffixes=("", "_iv"))
+    merged = merged.merge(tables["estimates"][["k", "estimate"]], on="k")
+    assert len(merged) > 0 and np.isfinite(merged["ntps"]).sum() >= 3
+    np.testing.assert_allclose(merged["ntps_iv"], merged["ntps"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged["estimate"], merged["ntps"], rtol=1e-12, atol=1e-12)
 
 
 def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
@@ -768,9 +903,16 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
     for stage in study.STAGES:
         if stage.table is None:
             continue
+        for text, where in ((study.__doc__, "docstring"), (readme, "README")):
+            for column in stage.columns:
+                assert re.search(rf"(?<![\w*]){re.escape(column)}(?![\w*])", text), (where, stage.name, column)
+        if not (folder / f"{stage.table}.csv").is_file():  # estimates: a stage the committed units predate
+            continue
         written = [c for c in pd.read_csv(folder / f"{stage.table}.csv", nrows=1).columns
                    if c not in study.stages.PROVENANCE]
         listed = [c for c in stage.columns if not c.endswith("*")]
+        if "estimator" in listed and "estimator" not in written:  # committed before the estimator setting
+            listed.remove("estimator")
         if stage.name == "probes" and "balanced_accuracy" not in written:  # committed by version 1 of the stage
             written = ["kappa_chance" if c == "kappa" else c for c in written]
             listed = listed[:listed.index("balanced_accuracy")]
@@ -780,9 +922,6 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
         prefixes = [c[:-1] for c in stage.columns if c.endswith("*")]
         assert written[:len(listed)] == listed, stage.name
         assert all(any(c.startswith(p) for p in prefixes) for c in written[len(listed):]), stage.name
-        for text, where in ((study.__doc__, "docstring"), (readme, "README")):
-            for column in stage.columns:
-                assert re.search(rf"(?<![\w*]){re.escape(column)}(?![\w*])", text), (where, stage.name, column)
 
 
 def test_without_the_extraction_cache_only_the_split_a_stage_reads_is_extracted_again(tmp_path, counted_extract,

@@ -369,10 +369,10 @@ def _pooled(moments: Moments | Sequence[Moments]) -> Moments:
     return Moments.combine(shards) if len(shards) > 1 else shards[0]
 
 
-def _check_plugin(estimator: str) -> None:
+def _check_plugin(estimator: str, numpy_function: str = "ntps_nb.core.score.ntps_sweep") -> None:
     if estimator != "plugin":
-        raise ValueError(f"the torch backend computes the plug-in estimator only, got estimator={estimator!r}; "
-                         "use ntps_nb.core.score.ntps_sweep for the others")
+        raise ValueError(f"the torch backend computes the plug-in estimator only (estimator='plugin'), got "
+                         f"estimator={estimator!r}; use {numpy_function} (numpy) for the others")
 
 
 def theory_sweep_torch(
@@ -665,6 +665,7 @@ def interval_sweep_torch(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
+    estimator: str = "plugin",
 ) -> pd.DataFrame:
     """The frame of ``ntps_interval_sweep(moment_shards, ...)`` (theory variant), solved on ``device``.
 
@@ -679,13 +680,16 @@ def interval_sweep_torch(
         `ntps_nb.core.intervals.ntps_interval_sweep`.
     variant : must be "theory".
     device, dtype, batch_size : as in `interval_replicates_torch`.
+    estimator : must be "plugin" (the other estimators run in numpy:
+        `ntps_nb.core.intervals.ntps_interval_sweep`); a ValueError says so.
 
     Returns
     -------
     DataFrame, one row per k = 1..r_V of the full data, with the columns of
-    `ntps_nb.core.intervals.ntps_interval_sweep` (theory variant).
+    `ntps_nb.core.intervals.ntps_interval_sweep` (theory variant, estimator "plugin").
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
+    _check_plugin(estimator, "ntps_nb.core.intervals.ntps_interval_sweep")
     if variant != "theory":
         raise ValueError("the torch backend computes the theory variant's intervals; use "
                          "ntps_nb.core.intervals.ntps_interval_sweep for variant='reference'")
@@ -708,7 +712,7 @@ def interval_sweep_torch(
     summary = _summary(estimate, boot, deviations, se_jack, level, method)
     index = {"k": ks, "fraction": ks / full.r_V, "k_U": np.minimum(ks, full.m), "m": full.m, "r_V": full.r_V}
     return pd.DataFrame({
-        "statistic": statistic, "variant": variant, **index, statistic: estimate, **summary,
+        "statistic": statistic, "variant": variant, "estimator": "plugin", **index, statistic: estimate, **summary,
         "n_shards": n_shards, "n_texts": full_n_texts, "n_boot": int(n_boot), "level": float(level),
         "method": method, "seed": int(seed), "centred": centred,
     })
