@@ -33,6 +33,7 @@ import pandas as pd
 import scipy.linalg
 from jaxtyping import Float
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments, one_hot
 from ntps_nb.core.score import (
     REFERENCE_FRACTIONS,
@@ -369,6 +370,7 @@ def ntps_diagnostics(
     seed: int = 0,
     solvers: bool = True,
     feature_rtol: float = FEATURE_MATCH_RTOL,
+    device: Any = None,
     **provenance: Any,
 ) -> pd.DataFrame:
     """Stability and label dependence of NTPS for one layer, at a grid of k / fractions, in one call.
@@ -398,6 +400,8 @@ def ntps_diagnostics(
         eigensolver settings, scipy vs numpy in float64 for the theory variant (it is defined in
         float64) and {float32, float64} x {scipy, numpy} for the reference variant.
     feature_rtol : tolerance of the features-vs-moments check.
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
+        the same frame from `ntps_nb.core.backends.torch.ntps_diagnostics_torch`.
     **provenance : constant columns (model, dataset, layer, ...) added to every row.
 
     Returns
@@ -409,6 +413,12 @@ def ntps_diagnostics(
     "one-sided greater" (real NTPS larger than under permuted labels), perm_z, solver_max_dev, n_perturb, perturb_scale,
     n_permutations, seed, then the provenance columns.
     """
+    backend = analysis_backend(device)
+    if backend is not None:
+        return backend.ntps_diagnostics_torch(
+            moments, features, labels, variant=variant, k=k, fraction=fraction, n_perturb=n_perturb,
+            perturb_scale=perturb_scale, n_permutations=n_permutations, seed=seed, solvers=solvers,
+            feature_rtol=feature_rtol, device=device, **provenance)
     if not isinstance(moments, Moments):
         raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
     variants = _variants(variant)
