@@ -13,7 +13,18 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
 - `interval_sweep_torch`: the frame of ``ntps_interval_sweep(shards)`` (theory variant), with
   the bootstrap and jackknife replicate moments formed as one product (shares x stacked shards)
   per block of replicates and each block's eigenproblems solved as one batched call;
-- `interval_replicates_torch`: the statistic of every replicate (the batched step alone).
+- `interval_replicates_torch`: the statistic of every replicate (the batched step alone);
+- the reference variant's intervals (`interval_sweep_torch` with ``variant="reference"``);
+- `ntps_diagnostics_torch`: ``ntps_diagnostics`` (perturbations and the label-permutation null,
+  each solved a block at a time in one batched call, from the numpy function's own random draws);
+- `least_squares_predictions_torch`: the least-squares probe of ``heldout_probe``, batched over
+  layers (the logistic probes stay on scikit-learn);
+- `singular_coordinates_torch`, `singular_values_torch`, `h_score_torch`,
+  `h_score_ledoit_wolf_torch`, `principal_root_torch`: the factorisations of LogME, RankMe, the
+  H-scores and the PCA-overlap control.
+
+The core's public functions reach these through ``device=`` (`ntps_nb.core.backends.analysis_backend`):
+``ntps_diagnostics``, ``heldout_probe``, ``probe_layers`` and the peers of `ntps_nb.core.peers`.
 
 Where the computation differs in form from the numpy code, the quantity is the same:
 
