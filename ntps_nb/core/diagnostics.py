@@ -41,6 +41,7 @@ import pandas as pd
 import scipy.linalg
 from jaxtyping import Float
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments, one_hot
 from ntps_nb.core.score import (
     REFERENCE_FRACTIONS,
@@ -378,6 +379,7 @@ def ntps_diagnostics(
     solvers: bool = True,
     feature_rtol: float = FEATURE_MATCH_RTOL,
     estimator: str = "plugin",
+    device: Any = None,
     **provenance: Any,
 ) -> pd.DataFrame:
     """Stability and label dependence of NTPS for one layer, at a grid of k / fractions, in one call.
@@ -411,6 +413,8 @@ def ntps_diagnostics(
         `ntps_nb.core.estimators.ESTIMATORS` (one not in ``SHARD_ESTIMATORS``; uncentred moments,
         theory variant only), evaluated on the real, perturbed and permuted moments alike; its
         rows have ``solver_max_dev`` NaN. A shard estimator raises a ValueError (module docstring).
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
+        the same frame from `ntps_nb.core.backends.torch.ntps_diagnostics_torch`.
     **provenance : constant columns (model, dataset, layer, ...) added to every row.
 
     Returns
@@ -423,6 +427,12 @@ def ntps_diagnostics(
     "one-sided greater" (real NTPS larger than under permuted labels), perm_z, solver_max_dev, n_perturb, perturb_scale,
     n_permutations, seed, then the provenance columns.
     """
+    backend = analysis_backend(device)
+    if backend is not None:
+        return backend.ntps_diagnostics_torch(
+            moments, features, labels, variant=variant, k=k, fraction=fraction, n_perturb=n_perturb,
+            perturb_scale=perturb_scale, n_permutations=n_permutations, seed=seed, solvers=solvers,
+            feature_rtol=feature_rtol, device=device, **provenance)
     if not isinstance(moments, Moments):
         raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
     variants = _variants(variant)

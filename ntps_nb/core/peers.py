@@ -1,7 +1,10 @@
 """Peer transferability scores: what NTPS must beat to be worth its theory.
 
 Every label-based peer has the call shape ``(features (N, d), labels (N,)) -> float`` and works
-in float64 on the same pooled features the probes see:
+in float64 on the same pooled features the probes see. ``device=`` (None or "cpu-numpy": numpy,
+the default; a torch device such as "cuda") puts the factorisations of LogME, the H-scores,
+RankMe and the PCA-overlap control on that device (`ntps_nb.core.backends.torch`, the same
+numbers to 1e-9); the k-NN accuracy stays on scikit-learn.
 
 - `logme` (You et al. 2021): the maximised log evidence of Bayesian linear regression of each
   one-hot target on the features, per text, averaged over classes;
@@ -30,6 +33,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments, one_hot
 from ntps_nb.core.score import RANGE_RTOL, theory_geometry
 from ntps_nb.core.validation import check_features, check_k, check_labels
@@ -97,7 +101,7 @@ def _logme_one_target(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: i
 
 def logme_per_class(
     features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = LOGME_RTOL,
-    max_iter: int = LOGME_MAX_ITER,
+    max_iter: int = LOGME_MAX_ITER, device: Any = None,
 ) -> pd.DataFrame:
     """LogME of each one-hot target: one row per class with ``evidence`` (log evidence / N at the
     optimum), the optimal ``alpha`` (weight precision) and ``beta`` (noise precision), ``n_iter``
@@ -109,6 +113,7 @@ def logme_per_class(
     labels : (N,) integer labels, at least two classes.
     rtol : relative change of alpha and beta below which the fixed point stops.
     max_iter : iteration cap; reaching it warns with `PeerConvergenceWarning`.
+    device : None or "cpu-numpy" (numpy, default) or a torch device for the SVD of the features.
 
     Returns
     -------
@@ -117,11 +122,15 @@ def logme_per_class(
     """
     X, y = _check(features, labels)
     n, d = X.shape
-    U, s, _ = np.linalg.svd(X, full_matrices=False)
-    keep = s > RANGE_RTOL * s[0]
-    U, s = U[:, keep], s[keep]
     Y = one_hot(y)
-    Z = U.T @ Y
+    backend = analysis_backend(device)
+    if backend is None:
+        U, s, _ = np.linalg.svd(X, full_matrices=False)
+        keep = s > RANGE_RTOL * s[0]
+        U, s = U[:, keep], s[keep]
+        Z = U.T @ Y
+    else:
+        s, Z = backend.singular_coordinates_torch(X, Y, rtol=RANGE_RTOL, device=device)
     rows = []
     for c in range(Y.shape[1]):
         row = _logme_one_target(s, Z[:, c], float(Y[:, c] @ Y[:, c]), n, d, rtol, max_iter)
@@ -133,7 +142,7 @@ def logme_per_class(
 
 
 def logme(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = LOGME_RTOL,
-          max_iter: int = LOGME_MAX_ITER) -> float:
+          max_iter: int = LOGME_MAX_ITER, device: Any = None) -> float:
     """LogME (You et al. 2021): the maximum over (alpha, beta) of the per-text log evidence of the
     Bayesian linear regression of each one-hot target on the features, averaged over classes.
 
@@ -143,13 +152,13 @@ def logme(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: fl
 
     Parameters
     ----------
-    features, labels, rtol, max_iter : as in `logme_per_class`.
+    features, labels, rtol, max_iter, device : as in `logme_per_class`.
 
     Returns
     -------
     float, the mean over classes of ``logme_per_class(...)["evidence"]``.
     """
-    return float(logme_per_class(features, labels, rtol=rtol, max_iter=max_iter)["evidence"].mean())
+    return float(logme_per_class(features, labels, rtol=rtol, max_iter=max_iter, device=device)["evidence"].mean())
 
 
 # -- H-score ---------------------------------------------------------------------------------------
@@ -165,7 +174,8 @@ def _between_class_covariance(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (means * (counts[present, None] / X.shape[0])).T @ means
 
 
-def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = HSCORE_RTOL) -> float:
+def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: float = HSCORE_RTOL,
+            device: Any = None) -> float:
     """H-score (Bao et al. 2019): tr(cov(f)^+ cov(E[f | y])), covariances with 1/N.
 
     The pseudo-inverse drops eigenvalues of cov(f) below ``rtol`` times the largest (the class
@@ -177,12 +187,16 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
     features : (N, d) float array, N >= 2.
     labels : (N,) integer labels, at least two classes.
     rtol : relative eigenvalue cutoff of the pseudo-inverse.
+    device : None or "cpu-numpy" (numpy, default) or a torch device for the eigensolve.
 
     Returns
     -------
     float >= 0.
     """
     X, y = _check(features, labels)
+    backend = analysis_backend(device)
+    if backend is not None:
+        return backend.h_score_torch(X, y, rtol=rtol, device=device)
     cov = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
     between = _between_class_covariance(X, y)
     s, Q = scipy.linalg.eigh(cov)
@@ -194,7 +208,7 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
 
 
 def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int], *,
-                        scale_between: bool = True) -> float:
+                        scale_between: bool = True, device: Any = None) -> float:
     """H-score with cov(f) replaced by its Ledoit-Wolf shrinkage estimate (shrinkage delta toward
     mu I, mu = tr(cov) / d), and cov(E[f | y]) scaled by (1 - delta) to match:
     tr(((1 - delta) cov + delta mu I)^-1 (1 - delta) cov(E[f | y])).
@@ -209,12 +223,16 @@ def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int
     features : (N, d) float array, N >= 2.
     labels : (N,) integer labels, at least two classes.
     scale_between : multiply by (1 - delta) (default) or not.
+    device : None or "cpu-numpy" (numpy, default) or a torch device for the covariance and the solve.
 
     Returns
     -------
     float >= 0.
     """
     X, y = _check(features, labels)
+    backend = analysis_backend(device)
+    if backend is not None:
+        return backend.h_score_ledoit_wolf_torch(X, y, scale_between=scale_between, device=device)
     estimator = LedoitWolf(assume_centered=False, store_precision=False).fit(X)
     shrunk, delta = estimator.covariance_, float(estimator.shrinkage_)
     between = _between_class_covariance(X, y)
@@ -288,7 +306,7 @@ def knn_accuracy(
 # -- RankMe ----------------------------------------------------------------------------------------
 
 def rankme(features: Float[np.ndarray, "N d"], labels: Sequence[int] | None = None, *,
-           eps: float = RANKME_EPS) -> float:
+           eps: float = RANKME_EPS, device: Any = None) -> float:
     """RankMe (Garrido et al. 2023): exp(-sum_k p_k log p_k), p_k = s_k / ||s||_1 + eps, over the
     singular values s of the (uncentred) feature matrix. Label-free: ``labels`` is accepted for
     the common call shape and ignored. Between 1 and min(N, d); d for an orthogonal matrix.
@@ -298,13 +316,15 @@ def rankme(features: Float[np.ndarray, "N d"], labels: Sequence[int] | None = No
     features : (N, d) float array, N >= 2, not all zero.
     labels : ignored.
     eps : added to each normalised singular value.
+    device : None or "cpu-numpy" (numpy, default) or a torch device for the singular values.
 
     Returns
     -------
     float, the effective rank.
     """
     X, _ = _check(features, labels, need_labels=False)
-    s = np.linalg.svd(X, compute_uv=False)
+    backend = analysis_backend(device)
+    s = np.linalg.svd(X, compute_uv=False) if backend is None else backend.singular_values_torch(X, device=device)
     if s.sum() <= 0:
         raise ValueError("features are all zero: RankMe is undefined")
     p = s / s.sum() + eps
@@ -313,23 +333,34 @@ def rankme(features: Float[np.ndarray, "N d"], labels: Sequence[int] | None = No
 
 # -- PCA-overlap control for NTPS ------------------------------------------------------------------
 
-def _principal_moments(moments: Moments, rtol: float) -> tuple[Moments, int]:
+def _principal_moments(moments: Moments, rtol: float, backend=None, device: Any = None) -> tuple[Moments, int]:
     """Moments whose next-token problem (A = C1 C1^T, B = C0) is PCA of Shh: C0 = I, C1 = Shh^{1/2},
     so V's directions are Shh's eigenvectors in descending order. Returns them and rank(Shh)."""
     if moments.Shh is None:
         raise ValueError("pca_overlap_ntps needs moments.Shh (the second moment of the token states); "
                          "these moments were extracted without it")
-    s, Q = scipy.linalg.eigh(moments.Shh)
-    if s[-1] <= 0:
-        raise ValueError("Shh is zero: the token states carry no variance")
-    rank = int(np.count_nonzero(s > rtol * s[-1]))
-    root = (Q * np.sqrt(np.clip(s, 0.0, None))) @ Q.T
+    if backend is not None:
+        root, rank = backend.principal_root_torch(moments.Shh, rtol=rtol, device=device)
+    else:
+        s, Q = scipy.linalg.eigh(moments.Shh)
+        if s[-1] <= 0:
+            raise ValueError("Shh is zero: the token states carry no variance")
+        rank = int(np.count_nonzero(s > rtol * s[-1]))
+        root = (Q * np.sqrt(np.clip(s, 0.0, None))) @ Q.T
     # n_tokens only guards next_token_subspace against empty C0/C1; Shh exists even for 1-token texts
     pca = replace(moments, C0=np.eye(moments.d), C1=root, n_tokens=max(moments.n_tokens, 1))
     return pca, rank
 
 
-def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: float = RANGE_RTOL) -> float:
+def _pca_geometry(pca: Moments, centred: bool, rtol: float, backend, device: Any):
+    """The theory geometry of the principal-direction control's moments, on ``device``."""
+    if backend is None:
+        return theory_geometry(pca, centred=centred, rtol=rtol)
+    return backend.theory_geometry_torch(pca, centred=centred, rtol=rtol, device=device)
+
+
+def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: float = RANGE_RTOL,
+                     device: Any = None) -> float:
     """NTPS_theory(k) with V_k replaced by the top-k principal directions of the token states
     (eigenvectors of the uncentred Shh, descending): a control that has the variance structure
     of the hidden states but no next-token prediction.
@@ -343,31 +374,35 @@ def pca_overlap_ntps(moments: Moments, k: int, *, centred: bool = False, rtol: f
     k : number of principal directions, 1 <= k <= rank(Shh).
     centred : use the centred perception moments.
     rtol : relative tolerance on the eigenvalues of Shh and Sxx.
+    device : None or "cpu-numpy" (numpy, default) or a torch device for the eigensolves.
 
     Returns
     -------
     float in [0, 1].
     """
-    pca, rank = _principal_moments(moments, rtol)
+    backend = analysis_backend(device)
+    pca, rank = _principal_moments(moments, rtol, backend, device)
     k = check_k(k, limit=rank, limit_name="rank(Shh)")
-    return theory_geometry(pca, centred=centred, rtol=rtol).ntps(k)
+    return _pca_geometry(pca, centred, rtol, backend, device).ntps(k)
 
 
-def pca_overlap_sweep(moments: Moments, *, centred: bool = False, rtol: float = RANGE_RTOL) -> pd.DataFrame:
+def pca_overlap_sweep(moments: Moments, *, centred: bool = False, rtol: float = RANGE_RTOL,
+                      device: Any = None) -> pd.DataFrame:
     """`pca_overlap_ntps` at every k = 1..rank(Shh), as ``ntps_sweep`` rows with variant "pca_overlap"
     (the excess-loss columns are those of the probe on the principal directions).
 
     Parameters
     ----------
-    moments, centred, rtol : as in `pca_overlap_ntps`.
+    moments, centred, rtol, device : as in `pca_overlap_ntps`.
 
     Returns
     -------
     DataFrame, one row per k = 1..rank(Shh) with the columns of `TheoryGeometry.sweep`; r_V is
     rank(Shh) and fraction is k / rank(Shh).
     """
-    pca, rank = _principal_moments(moments, rtol)
-    sweep = theory_geometry(pca, centred=centred, rtol=rtol).sweep()
+    backend = analysis_backend(device)
+    pca, rank = _principal_moments(moments, rtol, backend, device)
+    sweep = _pca_geometry(pca, centred, rtol, backend, device).sweep()
     sweep = sweep[sweep["k"] <= rank].copy()
     sweep["variant"] = "pca_overlap"
     sweep["r_V"] = rank
@@ -387,8 +422,12 @@ PEERS: dict[str, Callable[..., float]] = {
 }
 
 
+#: Peers whose factorisations run on a torch device when `peer_scores` is given one.
+DEVICE_PEERS = ("logme", "h_score", "h_score_lw", "rankme")
+
+
 def peer_scores(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, knn_k: int = 5,
-                peers: Sequence[str] | None = None, **provenance: Any) -> dict[str, Any]:
+                peers: Sequence[str] | None = None, device: Any = None, **provenance: Any) -> dict[str, Any]:
     """Every peer (or those named) on one layer's features, as one tidy row with provenance
     columns (``peer_scores(X, y, model=..., dataset=..., layer=...)``).
 
@@ -403,6 +442,8 @@ def peer_scores(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, kn
     labels : (N,) integer labels, at least two classes.
     knn_k : neighbours of ``knn_accuracy`` (leave-one-out).
     peers : names from `PEERS` to compute (default: all).
+    device : None or "cpu-numpy" (numpy, default) or a torch device for the peers of
+        `DEVICE_PEERS` (k-NN stays on scikit-learn).
     **provenance : extra key/value pairs copied into the row first.
 
     Returns
@@ -415,11 +456,12 @@ def peer_scores(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, kn
     if unknown:
         raise ValueError(f"unknown peer(s) {unknown}; available: {sorted(PEERS)}")
     _check(features, labels)
+    on_device = {"device": device} if analysis_backend(device) is not None else {}
     row: dict[str, Any] = dict(provenance)
     for name in names:
         try:
             row[name] = (PEERS[name](features, labels, k=knn_k) if name == "knn_accuracy"
-                         else PEERS[name](features, labels))
+                         else PEERS[name](features, labels, **(on_device if name in DEVICE_PEERS else {})))
         except (ValueError, np.linalg.LinAlgError) as error:
             row[name], row[f"{name}_error"] = float("nan"), str(error)
             warnings.warn(f"{name} is undefined on these features ({error}); recorded as NaN",

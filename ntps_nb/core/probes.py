@@ -15,6 +15,12 @@ MSE is sklearn's ``mean_squared_error`` on the one-hot targets (mean over N x C 
 the published ``train_mse``); ``mse_per_text`` = C * mse is the loss of SPEC section 5.
 Beside accuracy every row carries the dataset baselines of SPEC section 10: chance 1/C, the
 chance-corrected kappa = (acc - 1/C) / (1 - 1/C), and the majority-class rate.
+
+``device=`` on `heldout_probe` and `probe_layers` (None or "cpu-numpy": scikit-learn, the
+default; a torch device such as "cuda") fits the closed-form least-squares probe on that device
+(`ntps_nb.core.backends.torch.least_squares_predictions_torch`, batched over layers in
+`probe_layers`; the same predictions to 1e-9). The logistic probes stay on scikit-learn (lbfgs /
+saga on the CPU) either way.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.validation import check_finite, check_labels, check_n_classes
 
 Protocol = Literal["heldout", "paper_in_sample"]
@@ -285,6 +292,7 @@ def heldout_probe(
     protocol: Protocol = "heldout",
     max_iter: int = LOGISTIC_MAX_ITER,
     tol: float = LOGISTIC_TOL,
+    device: Any = None,
 ) -> dict[str, Any]:
     """Logistic-regression accuracy and least-squares MSE of linear probes on one layer's features.
 
@@ -302,6 +310,8 @@ def heldout_probe(
     protocol : "heldout" (fit on train, score on test) or "paper_in_sample" (the released code's
         saga / LinearRegression settings, fitted and scored on the train split).
     max_iter, tol : lbfgs settings of the held-out protocol (the paper protocol fixes its own).
+    device : None or "cpu-numpy" (scikit-learn, default) or a torch device for the least-squares
+        probe (the logistic probe stays on scikit-learn).
 
     Returns
     -------
@@ -310,6 +320,19 @@ def heldout_probe(
     ``mse``, ``mse_per_text``, ``lstsq_accuracy``, ``logreg_C``, ``ridge``, ``solver``,
     ``converged``, ``n_iter``, ``seed``.
     """
+    return _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
+                          protocol=protocol, max_iter=max_iter, tol=tol, backend=analysis_backend(device),
+                          device=device)
+
+
+def _least_squares_ridge(protocol: str, ridge: float) -> float:
+    """The L2 strength of the least-squares probe: 0 (LinearRegression) in the paper's protocol."""
+    return 0.0 if protocol == "paper_in_sample" else float(ridge)
+
+
+def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridge, protocol, max_iter, tol,
+                   backend=None, device=None, predicted: np.ndarray | None = None) -> dict[str, Any]:
+    """`heldout_probe`; ``predicted``: the least-squares probe's predictions when already made."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     in_sample = protocol == "paper_in_sample"
@@ -320,11 +343,10 @@ def heldout_probe(
     if in_sample:
         Xev, yev = Xtr, ytr
         logistic = LogisticRegression(C=C, random_state=seed, **PAPER_LOGISTIC)
-        least_squares = LinearRegression()
     else:
         Xev, yev = Xte, yte
         logistic = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)
-        least_squares = Ridge(alpha=ridge) if ridge > 0 else LinearRegression()
+    alpha = _least_squares_ridge(protocol, ridge)
 
     classifier = make_pipeline(StandardScaler(), logistic)
     with warnings.catch_warnings(record=True) as caught:
@@ -339,9 +361,13 @@ def heldout_probe(
                       "raise max_iter or C", ProbeConvergenceWarning, stacklevel=2)
     accuracy = float(np.mean(classifier.predict(Xev) == yev))
 
-    regressor = make_pipeline(StandardScaler(), least_squares)
-    regressor.fit(Xtr, _one_hot(ytr, n_classes))
-    predicted = regressor.predict(Xev)
+    if predicted is None and backend is not None:
+        (predicted,) = backend.least_squares_predictions_torch([Xtr], _one_hot(ytr, n_classes), [Xev], ridge=alpha,
+                                                               device=device)
+    elif predicted is None:
+        regressor = make_pipeline(StandardScaler(), Ridge(alpha=alpha) if alpha > 0 else LinearRegression())
+        regressor.fit(Xtr, _one_hot(ytr, n_classes))
+        predicted = regressor.predict(Xev)
     mse = float(np.mean((_one_hot(yev, n_classes) - predicted) ** 2))
 
     counts = np.bincount(ytr, minlength=n_classes)
@@ -381,6 +407,7 @@ def probe_layers(
     C: float = 1.0,
     ridge: float = HELDOUT_RIDGE,
     max_iter: int = LOGISTIC_MAX_ITER,
+    device: Any = None,
     **provenance: Any,
 ) -> pd.DataFrame:
     """`heldout_probe` for every layer (and protocol), as a tidy frame with provenance columns.
@@ -391,6 +418,8 @@ def probe_layers(
         None or the value may be train_X itself.
     train_y, test_y : labels of the two splits (shared by all layers).
     protocol : one protocol or several (one row per layer and protocol).
+    device : None or "cpu-numpy" (scikit-learn, default) or a torch device: the least-squares
+        probes of all layers are fitted there, batched over layers, per protocol.
     **provenance : constant columns (model, dataset, max_length, drop_bos, ...), e.g.
         ``probe_layers(feats, ytr, yte, n_classes=2, model="smollm2-135m", dataset="trec6")``.
 
@@ -407,14 +436,38 @@ def probe_layers(
     clash = sorted(reserved & set(provenance))
     if clash:
         raise ValueError(f"provenance keys {clash} would overwrite probe columns; rename them")
+    backend = analysis_backend(device)
+    layers = sorted(features_by_layer)
+    splits = {layer: (value if isinstance(value, tuple) else (value, None))
+              for layer, value in ((layer, features_by_layer[layer]) for layer in layers)}
+    predicted: dict[tuple[int, str], np.ndarray] = {}
+    if backend is not None:  # the least-squares probes of every layer, batched, per protocol
+        for proto in protocols:
+            if proto not in PROTOCOLS:
+                raise ValueError(f"protocol must be one of {PROTOCOLS}, got {proto!r}")
+            checked = {}
+            for layer in layers:
+                try:
+                    checked[layer] = _check_inputs(splits[layer][0], train_y, splits[layer][1], test_y, n_classes,
+                                                   need_test=proto != "paper_in_sample")
+                except ValueError as error:
+                    raise ValueError(f"layer {layer}, protocol {proto!r}: {error}") from None
+            if ridge < 0:
+                raise ValueError(f"ridge must be >= 0, got {ridge}")
+            Ytr = _one_hot(checked[layers[0]][1], int(n_classes))
+            evaluated = [checked[layer][0] if proto == "paper_in_sample" else checked[layer][2] for layer in layers]
+            fitted = backend.least_squares_predictions_torch([checked[layer][0] for layer in layers], Ytr, evaluated,
+                                                             ridge=_least_squares_ridge(proto, ridge), device=device)
+            predicted.update({(layer, proto): p for layer, p in zip(layers, fitted)})
+            del checked, evaluated
     rows = []
-    for layer in sorted(features_by_layer):
-        value = features_by_layer[layer]
-        train_X, test_X = (value if isinstance(value, tuple) else (value, None))
+    for layer in layers:
+        train_X, test_X = splits[layer]
         for proto in protocols:
             try:
-                row = heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C,
-                                    ridge=ridge, protocol=proto, max_iter=max_iter)
+                row = _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C,
+                                     ridge=ridge, protocol=proto, max_iter=max_iter, tol=LOGISTIC_TOL,
+                                     predicted=predicted.get((layer, proto)))
             except ValueError as error:
                 raise ValueError(f"layer {layer}, protocol {proto!r}: {error}") from None
             rows.append({"layer": int(layer), **provenance, **row})

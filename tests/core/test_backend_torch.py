@@ -257,8 +257,8 @@ def test_undefined_replicates_are_nan_rows_and_counted_as_numpy_does():
 def test_interval_sweep_rejects_what_numpy_rejects(task_shards):
     with pytest.raises(ValueError, match="n_boot"):
         interval_sweep_torch(task_shards, n_boot=0)
-    with pytest.raises(ValueError, match="reference"):
-        interval_sweep_torch(task_shards, variant="reference")
+    with pytest.raises(ValueError, match="precision"):
+        interval_sweep_torch(task_shards, variant="reference", precision="float16")
     with pytest.raises(ValueError, match="at least 2"):
         interval_sweep_torch(task_shards[:1])
     with pytest.raises(ValueError, match="x_mean"):

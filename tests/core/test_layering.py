@@ -21,14 +21,32 @@ ALLOWED_FORWARDS = {("probes.py", "ntps_nb.torch_probe")}
 # nothing else in the core imports (checked below), so importing the core still loads no torch.
 TORCH_BACKEND = Path("backends") / "torch.py"
 ALLOWED_TORCH = {(str(TORCH_BACKEND), "torch")}
+# The one place that imports the torch backend: the device dispatch of the core's public functions
+# (`ntps_nb.core.backends.analysis_backend`), inside a function body only, so that importing the
+# core still loads no torch (checked at run time below) and torch loads when a torch device is asked for.
+LAZY_BACKEND = {(str(Path("backends") / "__init__.py"), "ntps_nb.core.backends.torch")}
 
 
-def imported_modules(path: Path) -> list[tuple[str, int]]:
-    """(absolute module name, line) of every import in a core module, relative ones resolved."""
+def lines_inside_functions(tree: ast.AST) -> set[int]:
+    """The line numbers of every statement inside a function body (where an import is lazy)."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in node.body:
+                lines.update(range(inner.lineno, (inner.end_lineno or inner.lineno) + 1))
+    return lines
+
+
+def imported_modules(path: Path, *, lazy: bool = False) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import in a core module, relative ones resolved;
+    with ``lazy``, only the imports inside function bodies."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = ["ntps_nb", "core"]
     found = []
+    inside = lines_inside_functions(tree) if lazy else None
     for node in ast.walk(tree):
+        if inside is not None and getattr(node, "lineno", None) not in inside:
+            continue
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -52,11 +70,13 @@ def violations(path: Path, *, relative: str | None = None) -> list[str]:
     """The forbidden imports of a core module; ``relative`` is its path under ntps_nb/core."""
     relative = path.name if relative is None else relative
     bad = []
+    lazy = set(imported_modules(path, lazy=True))
     for name, line in imported_modules(path):
         top = name.split(".")[0]
         upward = top == "ntps_nb" and name != "ntps_nb" and not name.startswith("ntps_nb.core")
         backend = name.startswith("ntps_nb.core.backends.torch")
-        allowed = (relative, name) in ALLOWED_FORWARDS or (relative, top) in ALLOWED_TORCH
+        allowed = ((relative, name) in ALLOWED_FORWARDS or (relative, top) in ALLOWED_TORCH
+                   or ((relative, name) in LAZY_BACKEND and (name, line) in lazy))
         if (top in FORBIDDEN_TOP or upward or backend) and not allowed:
             bad.append(f"{path.name}:{line} imports {name}")
     return bad
@@ -91,6 +111,18 @@ def test_the_check_sees_upward_and_torch_imports(tmp_path):
     assert violations(sample) == ["sample.py:5 imports torch.nn", "sample.py:6 imports ntps_nb.cache",
                                   "sample.py:7 imports ntps_nb.extract", "sample.py:8 imports ntps_nb.core.backends.torch",
                                   "sample.py:9 imports ntps_nb.models"]
+
+
+def test_the_backend_may_be_imported_lazily_by_the_dispatch_only(tmp_path):
+    dispatch = tmp_path / "dispatch.py"
+    dispatch.write_text("from ntps_nb.core.backends import torch as eager\n"
+                        "def backend():\n    from ntps_nb.core.backends import torch as lazy\n    return lazy\n")
+    relative = str(Path("backends") / "__init__.py")
+    # inside the function: allowed for the dispatch module; at module level: not
+    assert violations(dispatch, relative=relative) == ["dispatch.py:1 imports ntps_nb.core.backends.torch"]
+    # any other core module: neither
+    assert violations(dispatch, relative="score.py") == ["dispatch.py:1 imports ntps_nb.core.backends.torch",
+                                                         "dispatch.py:3 imports ntps_nb.core.backends.torch"]
 
 
 def test_importing_the_whole_core_loads_no_torch_and_nothing_above_it():

@@ -13,7 +13,18 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
 - `interval_sweep_torch`: the frame of ``ntps_interval_sweep(shards)`` (theory variant), with
   the bootstrap and jackknife replicate moments formed as one product (shares x stacked shards)
   per block of replicates and each block's eigenproblems solved as one batched call;
-- `interval_replicates_torch`: the statistic of every replicate (the batched step alone).
+- `interval_replicates_torch`: the statistic of every replicate (the batched step alone);
+- the reference variant's intervals (`interval_sweep_torch` with ``variant="reference"``);
+- `ntps_diagnostics_torch`: ``ntps_diagnostics`` (perturbations and the label-permutation null,
+  each solved a block at a time in one batched call, from the numpy function's own random draws);
+- `least_squares_predictions_torch`: the least-squares probe of ``heldout_probe``, batched over
+  layers (the logistic probes stay on scikit-learn);
+- `singular_coordinates_torch`, `singular_values_torch`, `h_score_torch`,
+  `h_score_ledoit_wolf_torch`, `principal_root_torch`: the factorisations of LogME, RankMe, the
+  H-scores and the PCA-overlap control.
+
+The core's public functions reach these through ``device=`` (`ntps_nb.core.backends.analysis_backend`):
+``ntps_diagnostics``, ``heldout_probe``, ``probe_layers`` and the peers of `ntps_nb.core.peers`.
 
 Where the computation differs in form from the numpy code, the quantity is the same:
 
@@ -39,6 +50,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ntps_nb.core.diagnostics import (
+    FEATURE_MATCH_RTOL,
+    PERM_P_SIDE,
+    PERM_TIE_ATOL,
+    PERTURB_SCALE,
+    SOLVER_CONFIGS,
+    ReferenceFactorization,
+    TheoryFactorization,
+    _column_stats,
+    _count,
+    _fractions,
+    _label_design,
+    _perturb,
+    _reference_values,
+    _tail,
+    _theory_ks,
+    _theory_values,
+    _variants,
+)
 from ntps_nb.core.intervals import (
     _check_options,
     _jackknife,
@@ -70,13 +100,44 @@ CPU_BLOCK_BYTES = 1 * 2**30
 MAX_BATCH = 256
 #: Replicate-sized d x d arrays alive at once while a block is solved (moments, factors, products).
 _ARRAYS_PER_REPLICATE = 20
+#: Device types the backend computes on (both have float64 eigensolvers).
+DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, checked to be one this backend can compute on here.
+
+    Parameters
+    ----------
+    device : "cpu", "cuda", "cuda:<i>" or a ``torch.device`` of those types.
+
+    Returns
+    -------
+    torch.device.
+
+    Raises
+    ------
+    ValueError for a name that is not a torch device, a device type other than cpu / cuda (the
+    backend needs float64 eigensolvers), CUDA where torch sees none, or a CUDA index out of range.
+    """
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:0', ...), got {device!r}") from error
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"device must be None or 'cpu-numpy' (numpy) or a torch device name ('cpu', 'cuda', "
+                         f"'cuda:0', ...), got {device!r}") from error
+    if parsed.type not in DEVICE_TYPES:
+        raise ValueError(f"device {device!r}: the torch backend computes on {' or '.join(DEVICE_TYPES)} devices "
+                         f"(float64 eigensolvers), not {parsed.type!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here (torch.cuda.is_available() is "
+                             "False); use 'cpu' (torch) or None (numpy)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
+_device = check_device
 
 
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -563,9 +624,10 @@ def _default_batch(d: int, itemsize: int, device: torch.device) -> int:
     return int(max(1, min(MAX_BATCH, budget // per_replicate)))
 
 
-def _replicate_geometries(stack: TorchShardStack, counts: np.ndarray, *, tol, rtol, span_rtol, batch_size: int,
-                          dtype: torch.dtype, device: torch.device):
-    """Yield (row, TheoryGeometry or reason) for each row of a (n, S) count matrix, a block at a time."""
+def _replicate_blocks(stack: TorchShardStack, counts: np.ndarray, *, batch_size: int, dtype: torch.dtype,
+                      device: torch.device):
+    """Yield (first row, combined moments, tokens, labels_ok) for each block of ``batch_size`` rows
+    of a (n, S) count matrix."""
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 2 or counts.shape[1] != len(stack):
         raise ValueError(f"counts must have shape (n, {len(stack)}), got {counts.shape}")
@@ -583,11 +645,38 @@ def _replicate_geometries(stack: TorchShardStack, counts: np.ndarray, *, tol, rt
         else:
             present = _numpy((torch.diagonal(arrays["Syy"], dim1=-2, dim2=-1) > 0).sum(dim=-1))
             labels_ok = (present >= 2) & (stack.n_classes >= 2)
-        results = _theory_geometries(arrays["Sxx"], arrays["Sxy"], arrays["Syy"], arrays["C0"], arrays["C1"],
-                                     tokens[start:stop], labels_ok, tol=tol, rtol=rtol, span_rtol=span_rtol)
+        yield start, arrays, tokens[start:stop], labels_ok
         del arrays
+
+
+def _replicate_geometries(stack: TorchShardStack, counts: np.ndarray, *, tol, rtol, span_rtol, batch_size: int,
+                          dtype: torch.dtype, device: torch.device):
+    """Yield (row, TheoryGeometry or reason) for each row of a (n, S) count matrix, a block at a time."""
+    for start, arrays, tokens, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
+                                                              device=device):
+        results = _theory_geometries(arrays["Sxx"], arrays["Sxy"], arrays["Syy"], arrays["C0"], arrays["C1"],
+                                     tokens, labels_ok, tol=tol, rtol=rtol, span_rtol=span_rtol)
+        del arrays  # before the next block is combined
         for row, result in enumerate(results, start=start):
             yield row, result
+
+
+def _reference_replicates(stack: TorchShardStack, counts: np.ndarray, fractions: np.ndarray, *, precision: Precision,
+                          tol: float, batch_size: int, dtype: torch.dtype, device: torch.device
+                          ) -> tuple[np.ndarray, int]:
+    """The released algorithm's NTPS at ``fractions`` for each row of a count matrix, NaN rows
+    where the geometry is undefined, and how many those are."""
+    counts = np.asarray(counts, dtype=np.float64)
+    values = np.full((counts.shape[0] if counts.ndim == 2 else 0, fractions.size), np.nan)
+    failed = 0
+    for start, arrays, _, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
+                                                         device=device):
+        block, outcome = _reference_rows(arrays["Sxx"], arrays["Sxy"], arrays["C0"], arrays["C1"], labels_ok,
+                                         fractions, precision=precision, tol=tol, span_rtol=SPAN_RTOL)
+        del arrays
+        values[start:start + block.shape[0]] = block
+        failed += sum(isinstance(o, str) for o in outcome)
+    return values, failed
 
 
 def interval_replicates_torch(
@@ -633,11 +722,16 @@ def interval_replicates_torch(
                              rtol=rtol, span_rtol=span_rtol, batch_size=batch_size, dtype=dtype, device=device)
 
 
-def _replicate_values(stack, counts, ks, *, statistic, tol, rtol, span_rtol, batch_size, dtype, device):
+def _batch_size(batch_size: int | None, d: int, dtype: torch.dtype, device: torch.device) -> int:
     if batch_size is None:
-        batch_size = _default_batch(stack.d, torch.finfo(dtype).bits // 8, device)
+        return _default_batch(d, torch.finfo(dtype).bits // 8, device)
     if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _replicate_values(stack, counts, ks, *, statistic, tol, rtol, span_rtol, batch_size, dtype, device):
+    batch_size = _batch_size(batch_size, stack.d, dtype, device)
     counts = np.asarray(counts, dtype=np.float64)
     values = np.full((counts.shape[0] if counts.ndim == 2 else 0, ks.size), np.nan)
     failed = 0
@@ -662,57 +756,715 @@ def interval_sweep_torch(
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
+    precision: Precision = "float32",
+    fractions: np.ndarray | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
     estimator: str = "plugin",
 ) -> pd.DataFrame:
-    """The frame of ``ntps_interval_sweep(moment_shards, ...)`` (theory variant), solved on ``device``.
+    """The frame of ``ntps_interval_sweep(moment_shards, ...)``, solved on ``device``.
 
     The same bootstrap count matrix (``bootstrap_counts(S, n_boot, seed)``) and leave-one-shard-out
     replicates as the numpy function, the same summaries; the replicates' moments are formed
     ``batch_size`` at a time as one product and their eigenproblems solved as one batched call
-    (see `interval_replicates_torch`).
+    (see `interval_replicates_torch`). The reference variant runs the released algorithm on each
+    replicate in ``precision`` (float32 as released); where it is ill-posed (C below the rank of
+    Sxx, SPEC section 4) its U is an arbitrary basis of a null eigenspace and torch and LAPACK pick
+    different ones, so it equals numpy only where the problem is well-posed.
 
     Parameters
     ----------
-    moment_shards, statistic, n_boot, level, seed, method, centred, tol, rtol : as in
-        `ntps_nb.core.intervals.ntps_interval_sweep`.
-    variant : must be "theory".
-    device, dtype, batch_size : as in `interval_replicates_torch`.
+    moment_shards, statistic, variant, n_boot, level, seed, method, centred, tol, rtol, precision,
+        fractions : as in `ntps_nb.core.intervals.ntps_interval_sweep`.
+    device, dtype, batch_size : as in `interval_replicates_torch` (``dtype``: the theory variant's
+        precision and that of the stacked shard moments).
     estimator : must be "plugin" (the other estimators run in numpy:
         `ntps_nb.core.intervals.ntps_interval_sweep`); a ValueError says so.
 
     Returns
     -------
-    DataFrame, one row per k = 1..r_V of the full data, with the columns of
-    `ntps_nb.core.intervals.ntps_interval_sweep` (theory variant, estimator "plugin").
+    DataFrame with the columns of `ntps_nb.core.intervals.ntps_interval_sweep`: one row per
+    k = 1..r_V of the full data (theory) or per fraction (reference).
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_plugin(estimator, "ntps_nb.core.intervals.ntps_interval_sweep")
-    if variant != "theory":
-        raise ValueError("the torch backend computes the theory variant's intervals; use "
-                         "ntps_nb.core.intervals.ntps_interval_sweep for variant='reference'")
     dtype, device = _check_dtype(dtype), _device(device)
+    if variant == "reference":
+        if centred:
+            raise ValueError("the reference variant uses the uncentred moments, as released")
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    elif fractions is not None:
+        raise ValueError("fractions= is for the reference variant; the theory sweep covers every k")
     stack = TorchShardStack(moment_shards, centred=centred, dtype=dtype, device=device)
     n_shards = len(stack)
     full_n_texts = int(round(stack.n_texts.sum()))
-    ((_, full),) = list(_replicate_geometries(stack, np.ones((1, n_shards)), tol=tol, rtol=rtol, span_rtol=SPAN_RTOL,
-                                              batch_size=1, dtype=dtype, device=device))
-    if isinstance(full, str):
-        raise ValueError(full)
-    ks = np.arange(1, full.r_V + 1)
-    estimate = theory_values(full, ks, statistic)
     counts = np.vstack([bootstrap_counts(n_shards, n_boot, seed), 1.0 - np.eye(n_shards)])
-    values, failed = _replicate_values(stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
-                                       span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype, device=device)
+    if variant == "reference":
+        fr = REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions, dtype=np.float64)
+        ref_tol = REFERENCE_ABS_TOL if tol is None else tol
+        options = dict(precision=precision, tol=ref_tol, dtype=dtype, device=device)
+        (estimate,), failed_full = _reference_replicates(stack, np.ones((1, n_shards)), fr, batch_size=1, **options)
+        if failed_full:
+            raise ValueError("the reference geometry of the full data is undefined (fewer than 2 classes, or Sxx or "
+                             f"C0 without an eigenvalue above {ref_tol:.3g})")
+        values, failed = _reference_replicates(stack, counts, fr, batch_size=_batch_size(batch_size, stack.d, dtype,
+                                                                                         device), **options)
+        index = {"fraction": fr}
+    else:
+        ((_, full),) = list(_replicate_geometries(stack, np.ones((1, n_shards)), tol=tol, rtol=rtol,
+                                                  span_rtol=SPAN_RTOL, batch_size=1, dtype=dtype, device=device))
+        if isinstance(full, str):
+            raise ValueError(full)
+        ks = np.arange(1, full.r_V + 1)
+        estimate = theory_values(full, ks, statistic)
+        values, failed = _replicate_values(stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
+                                           span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype, device=device)
+        index = {"k": ks, "fraction": ks / full.r_V, "k_U": np.minimum(ks, full.m), "m": full.m, "r_V": full.r_V}
     boot, jack = values[:n_boot], values[n_boot:]
     _warn_failed(failed, n_boot + n_shards)
     deviations, se_jack = _jackknife(jack)
     summary = _summary(estimate, boot, deviations, se_jack, level, method)
-    index = {"k": ks, "fraction": ks / full.r_V, "k_U": np.minimum(ks, full.m), "m": full.m, "r_V": full.r_V}
     return pd.DataFrame({
         "statistic": statistic, "variant": variant, "estimator": "plugin", **index, statistic: estimate, **summary,
         "n_shards": n_shards, "n_texts": full_n_texts, "n_boot": int(n_boot), "level": float(level),
         "method": method, "seed": int(seed), "centred": centred,
     })
+
+
+# --------------------------------------------------------------------------------------------
+# Reference variant, batched (intervals, diagnostics)
+
+
+def _ascending_solutions(B: torch.Tensor, A: torch.Tensor, tol: float) -> list[torch.Tensor | None]:
+    """X = W Y of (A, B) on the range of each B (eigenvalues above the absolute ``tol``), Y in
+    eigh's ascending order as the released code keeps it; None where B retains nothing. B, A: (n, d, d)."""
+    d = B.shape[-1]
+    s, Q, _, rank = _eigh_range(B, tol, RANGE_RTOL)
+    ranks = _numpy(rank)
+    out: list[torch.Tensor | None] = [None] * B.shape[0]
+    for r in np.unique(ranks):
+        if r == 0:
+            continue
+        members = np.flatnonzero(ranks == r)
+        index = torch.as_tensor(members, device=B.device)
+        Q_r, s_r = Q[index][..., d - r:], s[index][..., d - r:]
+        W = Q_r / torch.sqrt(s_r)[:, None, :]
+        M = W.mT @ A[index] @ W
+        _, Y = torch.linalg.eigh((M + M.mT) / 2)
+        X = W @ Y
+        for j, i in enumerate(members):
+            out[i] = X[j]
+    return out
+
+
+def _fraction_cells(fractions: np.ndarray, r_U: int, r_V: int, counts: np.ndarray):
+    """For `ReferenceGeometry.ntps` at each fraction: the (row, column) of the doubly cumulated
+    projection table, and which fractions are defined (k_U, k_V >= 1) and have a basis column."""
+    kU = np.array([int(f * r_U) for f in fractions], dtype=np.int64)
+    kV = np.array([int(f * r_V) for f in fractions], dtype=np.int64)
+    defined = (kU >= 1) & (kV >= 1)
+    b = np.where(defined, counts[np.clip(kV - 1, 0, None)], 0)
+    return kU, b, defined
+
+
+def _reference_lookup(basis: torch.Tensor, counts: np.ndarray, U: torch.Tensor, fractions: np.ndarray) -> np.ndarray:
+    """`ReferenceGeometry.ntps` at each fraction for U (n, d, r_U) against one V's nested basis:
+    ||P_{V_kV} U_kU||_F^2 / ||U_kU||_F^2; (n, F), NaN where k_U or k_V is 0."""
+    U64 = U.to(torch.float64)
+    r_U = U.shape[-1]
+    kU, b, defined = _fraction_cells(fractions, r_U, counts.size, counts)
+    out = np.full((U.shape[0], fractions.size), np.nan)
+    if not defined.any():
+        return out
+    squares = (basis.T.to(torch.float64) @ U64) ** 2  # (n, q, r_U)
+    projected = torch.cumsum(torch.cumsum(squares, dim=1), dim=2)
+    norms = torch.cumsum(torch.sum(U64**2, dim=1), dim=1)  # (n, r_U)
+    rows = torch.as_tensor(np.clip(b - 1, 0, None), device=U.device)
+    cols = torch.as_tensor(np.clip(kU - 1, 0, None), device=U.device)
+    numerator = torch.where(torch.as_tensor(b > 0, device=U.device), projected[:, rows, cols],
+                            torch.zeros((), dtype=torch.float64, device=U.device))
+    values = _numpy(numerator / norms[:, cols])
+    out[:, defined] = values[:, defined]
+    return out
+
+
+def _reference_rows(Sxx: torch.Tensor, Sxy: torch.Tensor, C0: torch.Tensor, C1: torch.Tensor, labels_ok: np.ndarray,
+                    fractions: np.ndarray, *, precision: Precision, tol: float, span_rtol: float):
+    """The released algorithm (`reference_geometry`) on each batch element: (n, F) NTPS at the
+    fractions and per element (r_U, r_V), or the reason (a string) its geometry is undefined."""
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    Sxx, Sxy, C0, C1 = (t.to(dtype) for t in (Sxx, Sxy, C0, C1))
+    U = _ascending_solutions(Sxx, Sxy @ Sxy.mT, tol)
+    V = _ascending_solutions(C0, C1 @ C1.mT, tol)
+    values = np.full((Sxx.shape[0], fractions.size), np.nan)
+    outcome: list[tuple[int, int] | str] = []
+    for i in range(Sxx.shape[0]):
+        if not labels_ok[i]:
+            outcome.append("the labels contain fewer than 2 classes with any texts; NTPS needs at least 2 classes")
+        elif U[i] is None:
+            outcome.append(f"Sxx has no eigenvalue above the tolerance {tol:.3g}: it is zero or negative definite")
+        elif V[i] is None:
+            outcome.append(f"C0 has no eigenvalue above the tolerance {tol:.3g}: it is zero or negative definite")
+        else:
+            basis, counts = _nested_basis(V[i].to(torch.float64), span_rtol)
+            values[i] = _reference_lookup(basis, counts, U[i][None], fractions)[0]
+            outcome.append((int(U[i].shape[1]), int(V[i].shape[1])))
+    return values, outcome
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics: perturbation stability and the label-permutation null
+
+
+@dataclass(frozen=True, eq=False)
+class _TheoryFactor:
+    """`ntps_nb.core.diagnostics.TheoryFactorization` on the device: Sxx's whitening W (d, r_U) and
+    the nested orthonormal basis (r_U, q) of Sxx^{1/2} V with its counts."""
+
+    whitening: torch.Tensor
+    basis: torch.Tensor
+    counts: np.ndarray
+    r_U: int
+    r_V: int
+    trace_Syy: float
+
+    @classmethod
+    def of(cls, moments: Moments, *, tol: float | None, rtol: float, span_rtol: float, dtype: torch.dtype,
+           device: torch.device) -> "_TheoryFactor":
+        if moments.n_tokens == 0:
+            raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
+        d = moments.d
+        Sxx, C0, C1 = (_tensor(getattr(moments, n), dtype, device)[None] for n in ("Sxx", "C0", "C1"))
+        s, Q, threshold, rank = _eigh_range(Sxx, tol, rtol)
+        s0, Q0, threshold0, rank0 = _eigh_range(C0, tol, rtol)
+        r_U, r_V = int(rank[0]), int(rank0[0])
+        for r, t in ((r_U, threshold), (r_V, threshold0)):
+            if r == 0:
+                raise ValueError(f"no eigenvalue above the tolerance {float(t[0]):.3g}: the matrix is zero or "
+                                 "negative definite")
+        Q_r, s_r = Q[..., d - r_U:], s[..., d - r_U:]
+        V = _next_token_vectors(Q0[..., d - r_V:], s0[..., d - r_V:], C1)
+        v_coords = (torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V))[0]
+        basis, counts = _nested_basis(v_coords, span_rtol)
+        return cls(whitening=(Q_r / torch.sqrt(s_r)[:, None, :])[0], basis=basis, counts=counts, r_U=r_U, r_V=r_V,
+                   trace_Syy=float(np.trace(moments.Syy)))
+
+    def geometries(self, Sxy: torch.Tensor) -> list[TheoryGeometry]:
+        """`TheoryGeometry` for each (d, C) Sxy of a (n, d, C) batch, Sxx, C0, C1 as factorised."""
+        left, sigma, _ = torch.linalg.svd(self.whitening.T @ Sxy, full_matrices=False)
+        lam = _numpy(sigma).astype(np.float64) ** 2
+        cum = torch.cumsum((self.basis.T @ left) ** 2, dim=1)  # (n, q, c)
+        has_basis = self.counts > 0
+        projected = np.zeros((Sxy.shape[0], self.r_V, left.shape[-1]))
+        if has_basis.any():
+            rows = torch.as_tensor(self.counts[has_basis] - 1, device=Sxy.device)
+            projected[:, has_basis] = _numpy(cum[:, rows]).astype(np.float64)
+        out = []
+        for b in range(Sxy.shape[0]):
+            m = int(np.count_nonzero(lam[b] > A_RANK_RTOL * max(float(lam[b].max()), _TINY)))
+            if m == 0:
+                raise ValueError("Sxy is zero: the pooled states carry no label signal, U is undefined")
+            out.append(TheoryGeometry(eigenvalues=lam[b, :m].copy(), projected=np.clip(projected[b, :, :m], 0.0, 1.0),
+                                      r_V=self.r_V, r_U=self.r_U, trace_Syy=self.trace_Syy))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class _ReferenceFactor:
+    """`ntps_nb.core.diagnostics.ReferenceFactorization` (float32 as released) on the device:
+    Sxx's whitening and V's nested basis."""
+
+    whitening: torch.Tensor
+    basis: torch.Tensor
+    counts: np.ndarray
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, moments: Moments, *, precision: Precision, tol: float, span_rtol: float,
+           device: torch.device) -> "_ReferenceFactor":
+        dtype = torch.float32 if precision == "float32" else torch.float64
+        d = moments.d
+        Sxx, C0, C1 = (_tensor(getattr(moments, n), dtype, device)[None] for n in ("Sxx", "C0", "C1"))
+        s, Q, _, rank = _eigh_range(Sxx, tol, RANGE_RTOL)
+        if int(rank[0]) == 0:
+            raise ValueError(f"no eigenvalue above the tolerance {tol:.3g}: the matrix is zero or negative definite")
+        r = int(rank[0])
+        (V,) = _ascending_solutions(C0, C1 @ C1.mT, tol)
+        if V is None:
+            raise ValueError(f"no eigenvalue above the tolerance {tol:.3g}: the matrix is zero or negative definite")
+        basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
+        return cls(whitening=(Q[..., d - r:] / torch.sqrt(s[..., d - r:])[:, None, :])[0], basis=basis,
+                   counts=counts, dtype=dtype)
+
+    def values(self, Sxy: torch.Tensor, fractions: np.ndarray) -> np.ndarray:
+        """The released NTPS at ``fractions`` for each Sxy of a (n, d, C) batch; (n, F)."""
+        Sxy = Sxy.to(self.dtype)
+        W = self.whitening
+        M = W.T @ (Sxy @ Sxy.mT) @ W
+        _, Y = torch.linalg.eigh((M + M.mT) / 2)
+        return _reference_lookup(self.basis, self.counts, W @ Y, fractions)
+
+
+def _perturbed_stack(copies: list[Moments], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    return {n: torch.stack([_tensor(getattr(c, n), dtype, device) for c in copies])
+            for n in ("Sxx", "Sxy", "Syy", "C0", "C1")}
+
+
+def ntps_diagnostics_torch(
+    moments: Moments,
+    features: np.ndarray | None = None,
+    labels=None,
+    *,
+    variant: str | Sequence[str] = "theory",
+    k=None,
+    fraction=None,
+    n_perturb: int = 20,
+    perturb_scale: float = PERTURB_SCALE,
+    n_permutations: int = 100,
+    seed: int = 0,
+    solvers: bool = True,
+    feature_rtol: float = FEATURE_MATCH_RTOL,
+    estimator: str = "plugin",
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    **provenance,
+) -> pd.DataFrame:
+    """`ntps_nb.core.diagnostics.ntps_diagnostics` with the linear algebra on ``device``: the same
+    arguments, random draws and frame.
+
+    The perturbed copies and the label permutations are drawn on the host by the same numpy
+    generators in the same order as the numpy function (so the same seed gives the same copies
+    and permutations); the copies are then solved ``batch_size`` at a time in one batched
+    eigensolve per variant, and the permuted Sxy of a block of permutations are formed as one
+    product (features^T x stacked permuted one-hot labels) and solved as one batched SVD (theory)
+    or eigensolve (reference) against the label-free factorisation computed once. The
+    eigensolver comparison (``solver_max_dev``) compares LAPACK front ends, so it runs on the host
+    with numpy/scipy as in the numpy function; the device's own solve of the unperturbed moments
+    is its first setting (where numpy has its own). The theory rows equal numpy's to 1e-9; the
+    reference rows equal them (to float32 precision) where the reference variant is well-posed,
+    and elsewhere differ as the two backends' choices of a null-eigenspace basis do (SPEC
+    section 4).
+
+    Parameters
+    ----------
+    moments, features, labels, variant, k, fraction, n_perturb, perturb_scale, n_permutations, seed,
+        solvers, feature_rtol, **provenance : as in `ntps_nb.core.diagnostics.ntps_diagnostics`.
+    estimator : must be "plugin" (the diagnostics are of the plug-in estimate).
+    device : the torch device that solves it.
+    batch_size : perturbed copies or permutations per batched solve, a positive integer
+        (default: as many as fit in half the free device memory, at most `MAX_BATCH`).
+
+    Returns
+    -------
+    DataFrame, one row per (variant, k or fraction), the columns of
+    `ntps_nb.core.diagnostics.ntps_diagnostics`.
+    """
+    _check_plugin(estimator)
+    device = _device(device)
+    # the numpy function's checks, in its order
+    if not isinstance(moments, Moments):
+        raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
+    variants = _variants(variant)
+    n_perturb = _count(n_perturb, "n_perturb")
+    n_permutations = _count(n_permutations, "n_permutations")
+    if not (np.isfinite(perturb_scale) and perturb_scale > 0):
+        raise ValueError(f"perturb_scale must be a positive number, got {perturb_scale!r}")
+    if (features is None) != (labels is None):
+        raise ValueError("give both features and labels (for the label-permutation null), or neither")
+    if n_permutations > 0 and features is None:
+        raise ValueError(f"n_permutations = {n_permutations} asks for the label-permutation null, which needs the "
+                         "pooled features and labels; pass them, or n_permutations=0 to skip the null")
+    if n_permutations == 0 and features is not None:
+        raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
+                         "label-permutation null, or leave features and labels out to skip it")
+    clash = set(provenance) & {"variant", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
+    if clash:
+        raise ValueError(f"provenance names {sorted(clash)} clash with result columns")
+    if variants == ["reference"] and k is not None:
+        raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank)), not k=")
+    if variants == ["theory"] and k is not None and fraction is not None:
+        raise ValueError("give k or fraction for the theory variant, not both")
+    batch = _batch_size(batch_size, moments.d, torch.float64, device)
+    if n_permutations:
+        X, Y, shift = _label_design(moments, features, labels, feature_rtol)
+
+    grids: dict[str, dict] = {}
+    if "theory" in variants:
+        geometry = theory_geometry_torch(moments, device=device)
+        ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
+        grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": _theory_values(geometry, ks),
+                           "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
+    if "reference" in variants:
+        geometry = reference_geometry_torch(moments, device=device)
+        explicit = fraction is not None
+        fracs = np.array(_fractions(fraction, upper_inclusive=False) if explicit else REFERENCE_FRACTIONS, float)
+        counts = np.array([geometry.counts_at(f) for f in fracs], dtype=np.int64).reshape(-1, 2)
+        if explicit and np.any(counts < 1):
+            bad = int(np.argmax(np.any(counts < 1, axis=1)))
+            raise ValueError(f"fraction {fracs[bad]} selects k_U = {counts[bad, 0]}, k_V = {counts[bad, 1]} directions "
+                             f"(r_U = {geometry.r_U}, r_V = {geometry.r_V})")
+        grids["reference"] = {"fractions": fracs, "counts": counts, "ntps": _reference_values(geometry, fracs),
+                              "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
+
+    perturb_seq, perm_seq = np.random.SeedSequence(seed).spawn(2)
+
+    # Perturbations: the numpy function's copies, drawn in its order, solved a block at a time.
+    perturbed = {name: np.full((n_perturb, len(grids[name]["ntps"])), np.nan) for name in variants}
+    rank_changes = dict.fromkeys(variants, 0)
+    rng = np.random.default_rng(perturb_seq)
+    for start in range(0, n_perturb, batch):
+        copies = [_perturb(moments, perturb_scale, rng) for _ in range(min(batch, n_perturb - start))]
+        for copy in copies:
+            check_labels(copy)  # raises as theory_geometry / reference_geometry would
+        arrays = _perturbed_stack(copies, torch.float64, device)
+        if "theory" in variants:
+            results = _theory_geometries(arrays["Sxx"], arrays["Sxy"], arrays["Syy"], arrays["C0"], arrays["C1"],
+                                         np.array([c.n_tokens for c in copies]), np.ones(len(copies), bool),
+                                         tol=None, rtol=RANGE_RTOL, span_rtol=SPAN_RTOL)
+            for i, result in enumerate(results, start=start):
+                if isinstance(result, str):
+                    raise ValueError(result)
+                perturbed["theory"][i] = _theory_values(result, grids["theory"]["ks"])
+                rank_changes["theory"] += int((result.r_U, result.r_V) != grids["theory"]["ranks"])
+        if "reference" in variants:
+            values, outcome = _reference_rows(arrays["Sxx"], arrays["Sxy"], arrays["C0"], arrays["C1"],
+                                              np.ones(len(copies), bool), grids["reference"]["fractions"],
+                                              precision="float32", tol=REFERENCE_ABS_TOL, span_rtol=SPAN_RTOL)
+            for i, result in enumerate(outcome, start=start):
+                if isinstance(result, str):
+                    raise ValueError(result)
+                rank_changes["reference"] += int(result != grids["reference"]["ranks"])
+            perturbed["reference"][start:start + len(copies)] = values
+        del arrays, copies
+
+    # Label-permutation null: the numpy function's permutations, a block at a time, against the
+    # label-free factorisation.
+    null = {name: np.full((n_permutations, len(grids[name]["ntps"])), np.nan) for name in variants}
+    if n_permutations:
+        check_labels(moments)
+        theory_factor = (_TheoryFactor.of(moments, tol=None, rtol=RANGE_RTOL, span_rtol=SPAN_RTOL,
+                                          dtype=torch.float64, device=device) if "theory" in variants else None)
+        reference_factor = (_ReferenceFactor.of(moments, precision="float32", tol=REFERENCE_ABS_TOL,
+                                                span_rtol=SPAN_RTOL, device=device) if "reference" in variants else None)
+        rng = np.random.default_rng(perm_seq)
+        XT = _tensor(X.T / X.shape[0], torch.float64, device)
+        shift_t = _tensor(shift, torch.float64, device)
+        for start in range(0, n_permutations, batch):
+            stop = min(start + batch, n_permutations)
+            permuted = np.stack([Y[rng.permutation(Y.shape[0])] for _ in range(start, stop)])
+            Sxy = XT @ _tensor(permuted, torch.float64, device) - shift_t
+            if theory_factor is not None:
+                for b, geometry in enumerate(theory_factor.geometries(Sxy), start=start):
+                    null["theory"][b] = _theory_values(geometry, grids["theory"]["ks"])
+            if reference_factor is not None:
+                null["reference"][start:stop] = reference_factor.values(Sxy, grids["reference"]["fractions"])
+            del Sxy
+
+    # Eigensolver settings: LAPACK front ends on the host, beside the device's own solve.
+    solver_dev = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
+    if solvers:
+        for name in variants:
+            values = [grids[name]["ntps"]]
+            for precision, solver in SOLVER_CONFIGS[name]:
+                if name == "theory":
+                    geometry = TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
+                    values.append(_theory_values(geometry, grids[name]["ks"]))
+                else:
+                    geometry = ReferenceFactorization.from_moments(moments, precision=precision,
+                                                                   solver=solver).geometry(moments)
+                    values.append(_reference_values(geometry, grids[name]["fractions"]))
+            spread = _column_stats(np.vstack(values))
+            solver_dev[name] = spread["max"] - spread["min"]
+
+    frames = []
+    for name in variants:
+        grid = grids[name]
+        real = grid["ntps"]
+        n_rows = real.size
+        max_dev = _column_stats(np.abs(perturbed[name] - real[None, :]))["max"]
+        std = _column_stats(perturbed[name])["std"]
+        tail = (_tail(real, null[name], PERM_TIE_ATOL[name]) if n_permutations
+                else {**dict.fromkeys(("perm_mean", "perm_std", "p_value"), np.full(n_rows, np.nan)),
+                      "p_side": PERM_P_SIDE, "perm_z": np.full(n_rows, np.nan)})
+        r_U, r_V = grid["ranks"]
+        if name == "theory":
+            geometry = grid["geometry"]
+            ks = grid["ks"]
+            columns = {"k": pd.array(ks, dtype="Int64"), "fraction": grid["fractions"],
+                       "k_U": pd.array(np.minimum(ks, geometry.m), dtype="Int64"), "k_V": pd.array(ks, dtype="Int64"),
+                       "m": pd.array([geometry.m] * n_rows, dtype="Int64"), "precision": "float64"}
+        else:
+            columns = {"k": pd.array([pd.NA] * n_rows, dtype="Int64"), "fraction": grid["fractions"],
+                       "k_U": pd.array(grid["counts"][:, 0], dtype="Int64"),
+                       "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
+                       "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
+        frames.append(pd.DataFrame({
+            "variant": name, **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
+            "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
+            **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
+            "n_permutations": n_permutations, "seed": seed, **provenance,
+        }, index=pd.RangeIndex(n_rows)))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Probes: the closed-form least-squares probe, batched over layers
+
+#: float64 machine epsilon (scikit-learn's accumulators are float64 whatever the input).
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _linear_regression_cond() -> float | None:
+    """The ``cond`` scikit-learn's LinearRegression passes to scipy.linalg.lstsq on dense data:
+    its ``tol`` from version 1.9 on, None (scipy's default) before."""
+    import sklearn
+    from sklearn.linear_model import LinearRegression
+
+    major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
+    return float(LinearRegression().tol) if (major, minor) >= (1, 9) else None
+
+
+def _scaler(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """StandardScaler's mean_ and scale_ of each (N, d) slice of X (L, N, d): the corrected two-pass
+    variance, and scale 1 where a feature is constant within rounding (sklearn's rules)."""
+    n = X.shape[1]
+    mean = X.sum(dim=1) / n
+    temp = X - mean[:, None, :]
+    correction = temp.sum(dim=1)
+    var = ((temp**2).sum(dim=1) - correction**2 / n) / n
+    constant = var <= n * _EPS * var + (n * mean * _EPS) ** 2
+    return mean, torch.where(constant, torch.ones_like(var), torch.sqrt(var))
+
+
+def _least_squares_block(Xtr: torch.Tensor, Ytr: torch.Tensor, Xev: torch.Tensor, ridge: float,
+                         cond: float | None) -> torch.Tensor:
+    """Predictions on Xev (L, M, d) of StandardScaler + Ridge(alpha=ridge) (ridge > 0) or
+    + LinearRegression (ridge = 0), fitted on Xtr (L, N, d), Ytr (N, C), with intercept."""
+    mean, scale = _scaler(Xtr)
+    Z = (Xtr - mean[:, None, :]) / scale[:, None, :]
+    Zev = (Xev - mean[:, None, :]) / scale[:, None, :]
+    n, d = Z.shape[1], Z.shape[2]
+    x_offset = Z.sum(dim=1) / n  # the intercept's centring (_preprocess_data)
+    y_offset = Ytr.sum(dim=0) / n
+    Zc = Z - x_offset[:, None, :]
+    yc = (Ytr - y_offset)[None].expand(Z.shape[0], -1, -1)
+    if ridge > 0:  # the cholesky solver: the kernel (dual) form when d > N, as sklearn picks it
+        if d > n:
+            K = Zc @ Zc.mT
+            K.diagonal(dim1=-2, dim2=-1).add_(ridge)
+            coef = Zc.mT @ torch.cholesky_solve(yc, torch.linalg.cholesky(K))
+        else:
+            A = Zc.mT @ Zc
+            A.diagonal(dim1=-2, dim2=-1).add_(ridge)
+            coef = torch.cholesky_solve(Zc.mT @ yc, torch.linalg.cholesky(A))
+    else:  # minimum-norm least squares, singular values below cond * largest dropped (lstsq / gelsd)
+        U, s, Vh = torch.linalg.svd(Zc, full_matrices=False)
+        cut = (cond if cond is not None else _EPS) * s[:, :1]
+        inverse = torch.where(s > cut, 1.0 / torch.where(s > cut, s, torch.ones_like(s)), torch.zeros_like(s))
+        coef = Vh.mT @ (inverse[:, :, None] * (U.mT @ yc))
+    intercept = y_offset[None, :] - (x_offset[:, None, :] @ coef)[:, 0, :]
+    return Zev @ coef + intercept[:, None, :]
+
+
+def least_squares_predictions_torch(
+    train_X: Sequence[np.ndarray],
+    train_Y: np.ndarray,
+    eval_X: Sequence[np.ndarray],
+    *,
+    ridge: float,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+) -> list[np.ndarray]:
+    """The least-squares probe of `ntps_nb.core.probes.heldout_probe` for several layers at once:
+    StandardScaler fitted on the train split, then Ridge(alpha=ridge) (ridge > 0; the Cholesky
+    solve sklearn uses, in its kernel form when d > N) or LinearRegression (ridge = 0; the
+    minimum-norm solution with singular values below LinearRegression's ``cond`` dropped), with
+    intercept, in float64, ``batch_size`` layers per batched solve.
+
+    Parameters
+    ----------
+    train_X : L arrays (N, d) of train features, one per layer (same N and d).
+    train_Y : (N, C) one-hot train targets.
+    eval_X : L arrays (M, d) on which to predict (the test split, or the train split in sample).
+    ridge : L2 strength, >= 0.
+    device : the torch device that solves it.
+    batch_size : layers per batched solve (default: as many as fit in half the free device memory).
+
+    Returns
+    -------
+    list of L (M, C) float64 arrays of predicted targets.
+    """
+    device = _device(device)
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if len(train_X) != len(eval_X):
+        raise ValueError(f"{len(train_X)} train arrays but {len(eval_X)} evaluation arrays")
+    if not len(train_X):
+        return []
+    n, d = np.shape(train_X[0])
+    if batch_size is None:
+        per_layer = 8 * (6 * n * d + 2 * np.shape(eval_X[0])[0] * d + 2 * min(n, d) ** 2)
+        budget = GPU_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else CPU_BLOCK_BYTES
+        batch_size = int(max(1, budget // per_layer))
+    batch_size = _batch_size(batch_size, d, torch.float64, device)
+    cond = None if ridge > 0 else _linear_regression_cond()
+    Ytr = _tensor(train_Y, torch.float64, device)
+    out: list[np.ndarray] = []
+    for start in range(0, len(train_X), batch_size):
+        block = range(start, min(start + batch_size, len(train_X)))
+        Xtr = torch.stack([_tensor(train_X[i], torch.float64, device) for i in block])
+        Xev = torch.stack([_tensor(eval_X[i], torch.float64, device) for i in block])
+        predicted = _numpy(_least_squares_block(Xtr, Ytr, Xev, float(ridge), cond))
+        out += [predicted[j] for j in range(predicted.shape[0])]
+        del Xtr, Xev
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Peers: the factorisations of LogME, the H-scores and RankMe
+
+
+def singular_coordinates_torch(features: np.ndarray, targets: np.ndarray, *, rtol: float,
+                               device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The singular values s of the features above ``rtol`` times the largest, and the targets'
+    coordinates Z = U^T Y on the matching left singular vectors (what LogME's fixed point reads).
+
+    Parameters
+    ----------
+    features : (N, d) float array.
+    targets : (N, C) float array.
+    rtol : relative cutoff on the singular values.
+    device : the torch device of the SVD.
+
+    Returns
+    -------
+    s : (r,) float64 array, descending; Z : (r, C) float64 array (its rows' signs follow U's).
+    """
+    X = _tensor(features, torch.float64, _device(device))
+    U, s, _ = torch.linalg.svd(X, full_matrices=False)
+    keep = s > rtol * s[0]
+    return _numpy(s[keep]), _numpy(U[:, keep].T @ _tensor(targets, torch.float64, X.device))
+
+
+def singular_values_torch(features: np.ndarray, *, device: str | torch.device = "cpu") -> np.ndarray:
+    """The singular values of the (uncentred) features, descending (RankMe's input).
+
+    Parameters
+    ----------
+    features : (N, d) float array.
+    device : the torch device of the SVD.
+
+    Returns
+    -------
+    (min(N, d),) float64 array.
+    """
+    return _numpy(torch.linalg.svdvals(_tensor(features, torch.float64, _device(device))))
+
+
+def _centred_and_class_means(features: np.ndarray, labels: np.ndarray, device: torch.device):
+    """Centred features (N, d), the present classes' means of them (C', d) and their shares (C',)."""
+    X = _tensor(features, torch.float64, device)
+    Xc = X - X.mean(dim=0)
+    counts = np.bincount(labels)
+    present = np.flatnonzero(counts > 0)
+    Y = torch.zeros((X.shape[0], present.size), dtype=torch.float64, device=device)
+    column = np.searchsorted(present, labels)
+    Y[torch.arange(X.shape[0], device=device), torch.as_tensor(column, device=device)] = 1.0
+    means = (Y.T @ Xc) / _tensor(counts[present], torch.float64, device)[:, None]
+    return Xc, means, _tensor(counts[present] / X.shape[0], torch.float64, device)
+
+
+def h_score_torch(features: np.ndarray, labels: np.ndarray, *, rtol: float,
+                  device: str | torch.device = "cpu") -> float:
+    """`ntps_nb.core.peers.h_score` on ``device``: tr(cov(f)^+ cov(E[f | y])), eigenvalues of cov(f)
+    below ``rtol`` times the largest dropped.
+
+    Parameters
+    ----------
+    features : (N, d) float array (checked by the caller).
+    labels : (N,) integer labels in 0..C-1.
+    rtol : relative eigenvalue cutoff of the pseudo-inverse.
+    device : the torch device of the eigensolve.
+
+    Returns
+    -------
+    float >= 0.
+    """
+    Xc, means, shares = _centred_and_class_means(features, labels, _device(device))
+    cov = Xc.T @ Xc / Xc.shape[0]
+    s, Q = torch.linalg.eigh(cov)
+    if float(s[-1]) <= 0:
+        raise ValueError("features are constant: cov(f) is zero")
+    keep = s > rtol * s[-1]
+    projections = means @ Q[:, keep]  # (C', r): class means on the kept eigenvectors
+    return float(torch.sum((shares[:, None] * projections**2).sum(dim=0) / s[keep]))
+
+
+def h_score_ledoit_wolf_torch(features: np.ndarray, labels: np.ndarray, *, scale_between: bool = True,
+                              device: str | torch.device = "cpu") -> float:
+    """`ntps_nb.core.peers.h_score_ledoit_wolf` on ``device``: sklearn's Ledoit-Wolf shrinkage
+    (the same formula, summed whole instead of in blocks) and tr(shrunk^-1 cov(E[f | y])) by a
+    Cholesky solve against the class means.
+
+    Parameters
+    ----------
+    features : (N, d) float array (checked by the caller).
+    labels : (N,) integer labels in 0..C-1.
+    scale_between : multiply by (1 - delta) (default) or not.
+    device : the torch device of the solve.
+
+    Returns
+    -------
+    float >= 0.
+    """
+    Xc, means, shares = _centred_and_class_means(features, labels, _device(device))
+    n, p = Xc.shape
+    if p == 1:
+        delta = 0.0
+        shrunk = (Xc**2).mean().reshape(1, 1)
+    else:
+        squares = Xc**2
+        trace_terms = squares.sum(dim=0) / n
+        mu = trace_terms.sum() / p
+        gram = Xc.T @ Xc
+        beta_ = torch.sum(squares.sum(dim=1) ** 2)  # the sum of every entry of X2^T X2
+        delta_ = torch.sum(gram**2) / n**2
+        beta = 1.0 / (p * n) * (beta_ / n - delta_)
+        delta_sum = (delta_ - 2.0 * mu * trace_terms.sum() + p * mu**2) / p
+        beta = torch.minimum(beta, delta_sum)
+        delta = 0.0 if float(beta) == 0 else float(beta / delta_sum)
+        empirical = gram / n
+        shrunk = (1.0 - delta) * empirical
+        shrunk.diagonal().add_(delta * torch.trace(empirical) / p)
+    if not bool(torch.any(torch.diagonal(shrunk) > 0)):
+        raise ValueError("features are constant: cov(f) is zero")
+    factor, info = torch.linalg.cholesky_ex(shrunk)
+    if int(info) != 0:
+        raise ValueError("the shrunk covariance is not positive definite (Cholesky failed)")
+    solved = torch.cholesky_solve(means.T.contiguous(), factor)  # shrunk^-1 m_c, (d, C')
+    trace = torch.sum(shares * torch.sum(means.T * solved, dim=0))
+    return float((1.0 - delta if scale_between else 1.0) * trace)
+
+
+def principal_root_torch(Shh: np.ndarray, *, rtol: float, device: str | torch.device = "cpu") -> tuple[np.ndarray, int]:
+    """Shh^{1/2} (negative eigenvalues clipped to 0) and rank(Shh) at ``rtol`` times the largest
+    eigenvalue, as `ntps_nb.core.peers.pca_overlap_ntps` builds its control.
+
+    Parameters
+    ----------
+    Shh : (d, d) symmetric second moment of the token states.
+    rtol : relative eigenvalue tolerance of the rank.
+    device : the torch device of the eigensolve.
+
+    Returns
+    -------
+    root : (d, d) float64 array; rank : int.
+    """
+    S = _tensor(Shh, torch.float64, _device(device))
+    s, Q = torch.linalg.eigh(S)
+    if float(s[-1]) <= 0:
+        raise ValueError("Shh is zero: the token states carry no variance")
+    rank = int((s > rtol * s[-1]).sum())
+    return _numpy((Q * torch.sqrt(torch.clamp(s, min=0.0))) @ Q.T), rank
