@@ -432,7 +432,7 @@ def ntps_diagnostics(
         return backend.ntps_diagnostics_torch(
             moments, features, labels, variant=variant, k=k, fraction=fraction, n_perturb=n_perturb,
             perturb_scale=perturb_scale, n_permutations=n_permutations, seed=seed, solvers=solvers,
-            feature_rtol=feature_rtol, device=device, **provenance)
+            feature_rtol=feature_rtol, device=device, estimator=estimator, **provenance)
     if not isinstance(moments, Moments):
         raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
     variants = _variants(variant)

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from ntps_nb.core.estimators import ESTIMATORS, PCA_TEXTS_PER_DIM, estimate_ntps, ntps_estimate, split_halves
+import pandas as pd
+import scipy.linalg
+
+from ntps_nb.core.estimators import (DEFAULT_ESTIMATOR, ESTIMATORS, NOISE_MAX, PCA_TEXTS_PER_DIM, estimate_ntps,
+                                     ntps_estimate, split_halves, subspace_noise)
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import ntps, ntps_sweep
 from ntps_nb.core.simulate import lds_model, sample_shards
@@ -68,7 +72,89 @@ def test_interval_table_and_jackknife_on_a_known_case():
     se = np.sqrt(5 / 6 * np.sum((loo - loo.mean()) ** 2))
     assert table["se"].iloc[0] == pytest.approx(se, rel=1e-10)
     assert (table["lower"] < table["estimate"]).all() and (table["estimate"] < table["upper"]).all()
-    assert not table["reliable"].any()  # no calibrated criterion for the plug-in
+    # the flag is the subspace-noise rule, the same for every estimator
+    rule = (table["subspace_noise"] <= NOISE_MAX) & np.isfinite(table["lower"]) & np.isfinite(table["upper"])
+    np.testing.assert_array_equal(table["reliable"].to_numpy(), rule.to_numpy())
+    assert table["subspace_noise"].iloc[0] == pytest.approx(max(table["noise_U"].iloc[0] / table["k_U"].iloc[0],
+                                                                table["noise_V"].iloc[0] / 1))
+
+
+def _whitened_span(X, Sxx):
+    """span(Sxx^{1/2} X), orthonormal (an independent route: scipy's sqrtm)."""
+    root = np.real(scipy.linalg.sqrtm(Sxx))
+    return scipy.linalg.orth(root @ X)
+
+
+def test_subspace_noise_equals_principal_angles_computed_by_hand():
+    model = lds_model(d=6, n_classes=2, n_tokens=4, gap="separated", seed=2)
+    shards = sample_shards(model, 600, 5, np.random.default_rng(4))
+    ks = np.array([1, 2, 3])
+    table = subspace_noise(shards, ks)
+    full = Moments.combine(shards)
+    S = len(shards)
+
+    def spans(m, k):
+        # U for k >= m = 2: the whole label span, span(Sxx^-1 Sxy); V: top-k of (C1 C1^T, C0) by scipy
+        u = np.linalg.solve(m.Sxx, m.Sxy)
+        w, vecs = scipy.linalg.eigh(m.C1 @ m.C1.T, m.C0)
+        v = vecs[:, np.argsort(w)[::-1][:k]]
+        return _whitened_span(u, full.Sxx), _whitened_span(v, full.Sxx)
+
+    for i, k in enumerate(ks):
+        u_full, v_full = spans(full, k)
+        nu = nv = 0.0
+        for g in range(S):
+            u_g, v_g = spans(Moments.combine(shards[:g] + shards[g + 1:]), k)
+            nu += np.sum(np.sin(scipy.linalg.subspace_angles(u_g, u_full)) ** 2)
+            nv += np.sum(np.sin(scipy.linalg.subspace_angles(v_g, v_full)) ** 2)
+        if k >= 2:  # k_U = m = 2: U is the whole label span
+            assert table["noise_U"].iloc[i] == pytest.approx((S - 1) / S * nu, rel=1e-6, abs=1e-12)
+        assert table["noise_V"].iloc[i] == pytest.approx((S - 1) / S * nv, rel=1e-6, abs=1e-12)
+    assert (table["k_U"] == np.minimum(ks, 2)).all()
+
+
+def test_richardson_is_twice_the_plugin_minus_the_mean_of_its_halves():
+    model = lds_model(d=8, n_classes=3, n_tokens=4, seed=6)
+    shards = sample_shards(model, 800, 10, np.random.default_rng(1))
+    a, b = split_halves(10, seed=0)
+    halves = [Moments.combine([shards[i] for i in idx]) for idx in (a, b)]
+    assert halves[0].n_texts == halves[1].n_texts == 400
+    for k in (1, 2, 4):
+        want = 2 * ntps(Moments.combine(shards), k=k) - (ntps(halves[0], k=k) + ntps(halves[1], k=k)) / 2
+        assert estimate_ntps(shards, [k], estimator="richardson").estimate[0] == pytest.approx(want, rel=1e-10)
+
+
+# Coverage of the default estimator where the flag says reliable, on two cells of the d = 16 map
+# (N / d = 32, 10 shards, nominal 90%). With 200 draws the binomial SE of a coverage near 0.9 is
+# 0.021, so an interval covering at the plug-in's 0.77 (its median over the d = 16 map) cannot
+# land in [0.85, 0.95]; on the map this cell's coverage was 0.90 (100 draws).
+COVERAGE_DRAWS = 200
+
+
+def _default_rows(model, k, draws, seed):
+    return pd.concat([ntps_estimate(sample_shards(model, 32 * model.d, 10, np.random.default_rng([seed, i])), [k],
+                                    level=0.90)
+                      for i in range(draws)], ignore_index=True).assign(truth=model.population_ntps([k])[0])
+
+
+def test_default_intervals_cover_where_the_flag_says_reliable():
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="separated", seed=0)
+    rows = _default_rows(model, 2, COVERAGE_DRAWS, seed=11)
+    assert (rows["estimator"] == DEFAULT_ESTIMATOR).all()
+    reliable = rows[rows["reliable"]]
+    assert len(reliable) >= 0.9 * COVERAGE_DRAWS  # a well separated cell at N / d = 32: accepted
+    covered = ((reliable["lower"] <= reliable["truth"]) & (reliable["truth"] <= reliable["upper"])).mean()
+    assert 0.85 <= covered <= 0.95, covered
+    # and its bias is well inside the interval: below a quarter of the mean width
+    assert abs((reliable["estimate"] - reliable["truth"]).mean()) < (reliable["upper"] - reliable["lower"]).mean() / 4
+
+
+def test_the_flag_says_unreliable_at_a_nearly_tied_k():
+    # Two nearly tied label directions (within 2%): the top one (k = 1) is not identified at N / d = 32;
+    # on the map the flag accepted 4% of 100 draws in this cell.
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="tied", seed=0)
+    rows = _default_rows(model, 1, 100, seed=12)
+    assert rows["reliable"].mean() <= 0.10
 
 
 def test_split_halves_is_a_seeded_partition():

@@ -385,7 +385,7 @@ def test_every_interval_function_records_its_estimator(shards, few_shards):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"estimator": "ridge"}, r"estimator must be one of \('plugin', 'adjusted'"),
+    ({"estimator": "ridge"}, r"estimator must be one of \('plugin', "),
     ({"estimator": "adjusted", "variant": "reference"}, "theory variant only"),
     ({"estimator": "adjusted", "statistic": "excess_loss"}, "plug-in quantity"),
     ({"estimator": "adjusted", "centred": True}, "options of the plug-in"),

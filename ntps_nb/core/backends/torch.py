@@ -1079,7 +1079,7 @@ def ntps_diagnostics_torch(
     if n_permutations == 0 and features is not None:
         raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
                          "label-permutation null, or leave features and labels out to skip it")
-    clash = set(provenance) & {"variant", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
+    clash = set(provenance) & {"variant", "estimator", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
     if clash:
         raise ValueError(f"provenance names {sorted(clash)} clash with result columns")
     if variants == ["reference"] and k is not None:
@@ -1201,7 +1201,7 @@ def ntps_diagnostics_torch(
                        "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
                        "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
         frames.append(pd.DataFrame({
-            "variant": name, **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
+            "variant": name, "estimator": "plugin", **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
             "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
             **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
             "n_permutations": n_permutations, "seed": seed, **provenance,
