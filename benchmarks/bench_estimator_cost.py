@@ -1,0 +1,57 @@
+"""Cost of the default estimator against the plug-in, measured side by side in one run.
+
+Times `estimate_ntps` (the point estimate) and `ntps_estimate` (estimate, jackknife interval and
+reliability flag) for "plugin" and "richardson" on the same shard moments of one layer (an LDS
+generator, d hidden dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and
+prints the median seconds and the ratio to the plug-in. The issue's budget: the default estimator at
+most 3x the plug-in's factorisations (richardson: the full sample and its two halves).
+
+    python benchmarks/bench_estimator_cost.py --d 576 --texts 2000 --shards 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from ntps_nb.core.estimators import estimate_ntps, ntps_estimate  # noqa: E402
+from ntps_nb.core.simulate import lds_model, sample_shards  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model = lds_model(d=args.d, n_classes=6, n_tokens=8, gap="moderate")
+    shards = sample_shards(model, args.texts, args.shards, np.random.default_rng(0))
+    ks = [1, 2, 4, 8, 16, 32]
+    calls = {
+        ("estimate_ntps", e): (lambda e=e: estimate_ntps(shards, ks, estimator=e)) for e in ("plugin", "richardson")
+    }
+    calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e))
+                  for e in ("plugin", "richardson")})
+    times = {key: [] for key in calls}
+    for _ in range(args.repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - start)
+    print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, median of {args.repeats} interleaved rounds, "
+          f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+    for what in ("estimate_ntps", "ntps_estimate"):
+        base = np.median(times[(what, "plugin")])
+        for e in ("plugin", "richardson"):
+            t = np.median(times[(what, e)])
+            print(f"  {what:14s} {e:11s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")
+
+
+if __name__ == "__main__":
+    main()

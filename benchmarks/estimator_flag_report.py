@@ -1,0 +1,79 @@
+"""How the reliability flag of `ntps_estimate` performs on estimator-map draws (per-draw frames).
+
+For each estimator and threshold on the subspace noise per direction (`NOISE_MAX` is the default),
+per hidden size d: the share of rows the flag accepts, the pooled coverage of the accepted rows'
+nominal 90% intervals (with its binomial SE), and over the cells with at least 10 accepted draws
+the number whose coverage is below 0.85 by more than 2 binomial SEs, the number whose mean error
+exceeds a quarter of the mean interval width, and the worst RMSE. Example (docs/estimator.md):
+
+    python benchmarks/estimator_flag_report.py benchmarks/results/estimator_map/richardson/draws_d*.csv.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+
+from ntps_nb.core.estimators import NOISE_MAX
+
+CELL = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k", "estimator"]
+MIN_ACCEPTED = 10
+
+
+def cells(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per cell: draws, accepted draws, and the accepted draws' coverage, bias, width, RMSE."""
+    f = frame.assign(accepted=(frame["subspace_noise"] <= threshold) & np.isfinite(frame["lower"])
+                     & np.isfinite(frame["upper"]), width=frame["upper"] - frame["lower"])
+
+    def one(c: pd.DataFrame) -> pd.Series:
+        a = c[c["accepted"]]
+        return pd.Series({"draws": len(c), "accepted": len(a), "truth": c["truth"].iloc[0],
+                          "coverage": a["covered"].mean() if len(a) else np.nan,
+                          "bias": a["error"].mean() if len(a) else np.nan,
+                          "width": a["width"].mean() if len(a) else np.nan,
+                          "rmse": np.sqrt(np.mean(a["error"] ** 2)) if len(a) else np.nan})
+
+    return f.groupby(CELL).apply(one, include_groups=False).reset_index()
+
+
+def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
+    rows = []
+    frame = frame[np.isfinite(frame["truth"])]
+    for estimator in sorted(frame["estimator"].unique()):
+        for threshold in thresholds:
+            c = cells(frame[frame["estimator"] == estimator], threshold)
+            for d, g in c.groupby("task_d"):
+                n = g["accepted"].sum()
+                cov = np.average(g["coverage"].fillna(0), weights=g["accepted"]) if n else np.nan
+                big = g[g["accepted"] >= MIN_ACCEPTED]
+                se = np.sqrt(0.85 * 0.15 / big["accepted"])
+                rows.append({
+                    "estimator": estimator, "noise_max": threshold, "d": int(d),
+                    "share_accepted": n / g["draws"].sum(), "accepted_rows": int(n),
+                    "coverage_accepted": cov, "coverage_mcse": np.sqrt(cov * (1 - cov) / n) if n else np.nan,
+                    f"cells_with_{MIN_ACCEPTED}+": len(big),
+                    "undercover_2se": int((big["coverage"] < 0.85 - 2 * se).sum()),
+                    "overcover": int((big["coverage"] > 0.95).sum()),
+                    "bias_over_quarter_width": int((big["bias"].abs() > big["width"] / 4).sum()),
+                    "worst_rmse": big["rmse"].max() if len(big) else np.nan,
+                    "N/d accepted": ",".join(f"{r:g}" for r in sorted(g.loc[g["accepted"] > 0, "n_over_d"].unique())),
+                })
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("draws", nargs="+", help="per-draw frames written by benchmarks/estimator_map.py")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.02, NOISE_MAX, 0.1, 0.2])
+    args = parser.parse_args()
+    frame = pd.concat([pd.read_csv(p) for p in args.draws], ignore_index=True)
+    table = report(frame, args.thresholds)
+    print("| " + " | ".join(table.columns) + " |\n|" + "---|" * table.shape[1])
+    for row in table.itertuples(index=False):
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
