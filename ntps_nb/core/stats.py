@@ -492,10 +492,17 @@ def _correlate_configs(scores: np.ndarray, target: np.ndarray, method: str) -> n
 
 
 def _best(rho: np.ndarray, sign: float) -> int:
-    """Index of the best finite rho; ties go to the first configuration in sorted order."""
+    """Index of the best finite rho; ties (within `TIE_ATOL`) go to the first configuration in sorted order.
+
+    Rank correlations take few distinct values, so two configurations often tie exactly in exact
+    arithmetic; computed as dot products, the tied values can differ in the last bit, and which one
+    comes out larger depends on the BLAS kernel the CPU selects (AVX2 vs AVX-512). Comparing within
+    `TIE_ATOL` makes the choice the documented one on every machine.
+    """
     if not np.any(np.isfinite(rho)):
         raise ValueError("every configuration has constant scores across these datasets: no correlation is defined")
-    return int(np.nanargmax(sign * rho))
+    signed = sign * rho
+    return int(np.flatnonzero(signed >= np.nanmax(signed) - TIE_ATOL)[0])
 
 
 def _warn_constant(rho: np.ndarray, what: str) -> None:

@@ -655,29 +655,66 @@ def test_estimates_summary_counts_the_rows_the_reliability_flag_accepts(tmp_path
     assert "flagged reliable" in printed and "adjusted" in printed
 
 
+#: The CPU kernels the committed unit was computed with, pinned for its regeneration. torch and
+#: OpenBLAS pick their kernels from the CPU (AVX2, AVX-512): on an AVX-512 machine the forward pass
+#: and the moments move by ~1e-8 relative, and at this size (40 texts, d = 576) that moves NTPS at
+#: k where U or V is not well determined (tied eigenvalues of M, eigenvalues of C0 near the range
+#: tolerance) by up to 0.14, and r_V at layer 30 from 486 to 485. Both libraries read these
+#: variables when they load, hence the separate process. MKL (torch's BLAS) is left to its own
+#: dispatch, as when the unit was computed: pinning it (MKL_CBWR) changes the numbers too.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell"}
+
+#: Run by the regeneration test in a fresh process: argv = config, results folder, report file.
+_REGENERATE = """
+import json, sys
+import numpy, scipy.linalg, threadpoolctl, torch
+from ntps_nb import study
+from ntps_nb.models import ModelUnavailableError, load_model
+
+config, results, report = sys.argv[1:4]
+kernels = {"torch": torch.backends.cpu.get_cpu_capability(),
+           "openblas": sorted({p.get("architecture") for p in threadpoolctl.threadpool_info()
+                               if p["internal_api"] == "openblas"})}
+try:
+    loaded = load_model("smollm2-135m")
+except ModelUnavailableError as error:
+    json.dump({"unavailable": str(error), "kernels": kernels}, open(report, "w"))
+    sys.exit(0)
+cfg = study.load_config(config, results_dir=results)
+torch.set_num_threads(1)  # as `run_study` does
+tables = study.run_unit(cfg, "smollm2-135m", "trec6", loaded, cache=f"{results}/cache", log=lambda _: None)
+study.write_unit(cfg.unit_folder("smollm2-135m", "trec6"), tables)
+json.dump({"kernels": kernels}, open(report, "w"))
+"""
+
+
 def test_regenerate_committed_unit(tmp_path):
     """CI regenerates one small committed unit (SmolLM2, trec6, 40 texts) and checks its rows."""
-    from ntps_nb.models import ModelUnavailableError, load_model
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    import torch
 
     committed_cfg = study.load_config(STUDIES / "ci_unit.toml")
     committed = committed_cfg.unit_folder("smollm2-135m", "trec6")
     if not (committed / "unit.json").is_file():
         pytest.skip("data/results/ci_unit is not committed")
-    try:
-        loaded = load_model("smollm2-135m")
-    except ModelUnavailableError as error:
-        pytest.skip(f"SmolLM2 is not installed here: {error}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
+        pytest.skip(f"the committed unit was computed with x86-64 AVX2 kernels; this CPU ({platform.machine()}, "
+                    f"torch capability {capability}) rounds differently")
     cfg = study.load_config(STUDIES / "ci_unit.toml", results_dir=str(tmp_path))
     assert cfg.config_hash == json.loads((committed / "unit.json").read_text())["config_hash"]
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as `run_study` does; much faster on a shared machine, same numbers to 1e-6
-    try:
-        tables = study.run_unit(cfg, "smollm2-135m", "trec6", loaded, cache=tmp_path / "cache", log=lambda _: None)
-    finally:
-        torch.set_num_threads(threads)
-    study.write_unit(cfg.unit_folder("smollm2-135m", "trec6"), tables)
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-c", _REGENERATE, str(STUDIES / "ci_unit.toml"), str(tmp_path), str(report)],
+                          cwd=ROOT, env={**os.environ, **PINNED_KERNELS}, capture_output=True, text=True)
+    assert done.returncode == 0 and report.is_file(), done.stderr[-3000:]
+    outcome = json.loads(report.read_text())
+    if "unavailable" in outcome:
+        pytest.skip(f"SmolLM2 is not installed here: {outcome['unavailable']}")
+    assert outcome["kernels"] == {"torch": "AVX2", "openblas": ["Haswell"]}  # the pins took effect
     for name, (keys, values, query) in REGENERATED.items():
         old = pd.read_csv(committed / f"{name}.csv")
         new = pd.read_csv(cfg.unit_folder("smollm2-135m", "trec6") / f"{name}.csv")
