@@ -70,7 +70,7 @@ def test_estimator_is_validated_and_enters_the_hash_only_away_from_the_plugin():
     assert adjusted.settings()["estimator"] == "adjusted"
     hashes = {study.load_config(STUDIES / "default.toml", estimator=name).config_hash for name in ESTIMATORS}
     assert len(hashes) == len(ESTIMATORS) and cfg.config_hash in hashes  # every estimator its own hash
-    with pytest.raises(study.StudySettingsError, match="estimator must be one of plugin, adjusted, .*got 'ridge'"):
+    with pytest.raises(study.StudySettingsError, match="estimator must be one of plugin, richardson, .*got 'ridge'"):
         study.load_config(STUDIES / "default.toml", estimator="ridge")
     # a unit recorded without the setting was the plug-in's: its settings map back to this config
     recorded = {key: value for key, value in adjusted.settings().items() if key != "estimator"}
