@@ -65,8 +65,11 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
 
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
 ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
-#: Cell-level metadata a committed notebook may carry.
-ALLOWED_CELL_METADATA = {"tags"}
+#: Cell-level metadata a committed notebook may carry: tags, and JupyterLab's hidden source (the
+#: exercises' solution cells open collapsed).
+ALLOWED_CELL_METADATA = {"tags", "jupyter"}
+#: The only ``jupyter`` cell metadata kept: a hidden source (JupyterLab shows "..." until clicked).
+HIDDEN_SOURCE = {"source_hidden": True}
 #: The kernelspec every committed notebook names: the current environment's ``python3``.
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 #: Output MIME types that only mean something with live widget state.
@@ -120,7 +123,7 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
 
     Keeps the outputs. Removes notebook metadata other than a fixed ``python3`` kernelspec and
     the language name (papermill timings, widget state, kernel versions, ...), cell metadata
-    other than tags, widget-view outputs (meaningless without widget state, and their text/plain
+    other than tags and a hidden source (``{"jupyter": {"source_hidden": true}}``), widget-view outputs (meaningless without widget state, and their text/plain
     fallback is only the widget's repr), and renumbers execution counts 1, 2, ... in order. ``keep_injected=False``
     also drops papermill's ``injected-parameters`` cell.
 
@@ -146,7 +149,9 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
         tags = [t for t in cell.get("metadata", {}).get("tags", []) if t]
         if "injected-parameters" in tags and not keep_injected:
             continue
-        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+        hidden = cell.get("metadata", {}).get("jupyter", {}).get("source_hidden") is True
+        cell.metadata = nbformat.from_dict({**({"tags": tags} if tags else {}),
+                                            **({"jupyter": dict(HIDDEN_SOURCE)} if hidden else {})})
         cell.pop("id", None)
         if cell.cell_type == "code":
             executed = cell.get("execution_count") is not None or bool(cell.get("outputs"))
@@ -178,7 +183,8 @@ def notebook_problems(nb: Any) -> list[str]:
     Returns
     -------
     list of str
-        One sentence per problem: extra notebook or cell metadata, another kernelspec,
+        One sentence per problem: extra notebook or cell metadata (a cell's ``jupyter`` metadata
+        may only hide its source), another kernelspec,
         kernel-specific language_info, an injected-parameters cell, a widget-view output, or
         other than exactly one cell tagged ``parameters``.
     """
@@ -197,6 +203,8 @@ def notebook_problems(nb: Any) -> list[str]:
         extra = sorted(set(meta) - ALLOWED_CELL_METADATA)
         if extra:
             problems.append(f"cell {i} metadata has {extra}")
+        if "jupyter" in meta and meta["jupyter"] != HIDDEN_SOURCE:
+            problems.append(f"cell {i} jupyter metadata is {dict(meta['jupyter'])}; only {HIDDEN_SOURCE} is kept")
         parameters += "parameters" in meta.get("tags", [])
         if "injected-parameters" in meta.get("tags", []):
             problems.append(f"cell {i} is a papermill injected-parameters cell")
@@ -1070,6 +1078,62 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
         rows.append({group: name, "n_datasets": len(y), "mae": mae, "mae_mean": mae_mean,
                      "skill": 1.0 - mae / mae_mean if mae_mean > 0 else np.nan,
                      "rho_heldout": correlate(pred, y, "spearman"), "slope": float(linear["b"])})
+    return pd.DataFrame(rows)
+
+
+#: |z| above which a diagnosed NTPS counts as off its label-permutation null (notebook 03).
+NULL_Z = 2.0
+
+
+def diagnostics_digest(diag: pd.DataFrame, *, z: float = NULL_Z) -> pd.DataFrame:
+    """The label-null and perturbation diagnostics of a study, one row per (model, variant): what
+    notebook 03 reads, computed rather than quoted.
+
+    Parameters
+    ----------
+    diag : DataFrame
+        `ntps_nb.study.diagnostics_summary` rows: model, dataset, variant, config ("k=8",
+        "f=0.5"), perturb_max_dev, perm_z, n_permutations.
+    z : float
+        Threshold on the label-null z-score.
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, variant): ``n_pairs`` (dataset, configuration) pairs diagnosed,
+        ``above_null`` (z > ``z``: real labels give a higher NTPS than shuffled ones),
+        ``share_above``, ``below_null`` (z < -``z``: lower than shuffled), ``z_min``, ``z_max``,
+        ``above_null_k2`` and ``n_pairs_k2`` (the same over k >= 2, theory rows; NaN for the
+        reference variant), ``max_perturbation`` (largest change of NTPS under the relative
+        perturbations of the moments) and ``max_perturbation_at`` ("dataset, config"),
+        ``n_permutations`` and ``smallest_p`` = 1 / (n_permutations + 1), the smallest p-value
+        that many shuffles can give.
+
+    Raises
+    ------
+    ValueError
+        When a column is missing or the frame is empty.
+    """
+    needed = ["model", "dataset", "variant", "config", "perturb_max_dev", "perm_z", "n_permutations"]
+    missing = [c for c in needed if c not in diag.columns]
+    if missing or diag.empty:
+        raise ValueError(f"diagnostics_digest needs rows with columns {needed}; missing {missing}" if missing
+                         else "diagnostics_digest: no diagnostics rows")
+    rows = []
+    for (model, variant), group in diag.groupby(["model", "variant"], sort=True):
+        zs = group["perm_z"].to_numpy(float)
+        k = pd.to_numeric(group["config"].str.extract(r"^k=(\d+)$")[0], errors="coerce")
+        k2 = group[k >= 2]
+        worst = group.loc[group["perturb_max_dev"].idxmax()]
+        n_perm = int(group["n_permutations"].max())
+        rows.append({"model": model, "variant": variant, "n_pairs": len(group), "above_null": int(np.sum(zs > z)),
+                     "share_above": float(np.mean(zs > z)), "below_null": int(np.sum(zs < -z)),
+                     "z_min": float(np.nanmin(zs)), "z_max": float(np.nanmax(zs)),
+                     "above_null_k2": int(np.sum(k2["perm_z"] > z)) if len(k2) else np.nan,
+                     "n_pairs_k2": len(k2) if len(k2) else np.nan,
+                     "max_perturbation": float(worst["perturb_max_dev"]),
+                     "max_perturbation_at": f"{worst['dataset']}, {worst['config']}",
+                     "n_permutations": n_perm, "smallest_p": 1.0 / (n_perm + 1)})
     return pd.DataFrame(rows)
 
 
