@@ -6,7 +6,8 @@ Three things live here:
    interpreter's ``python3`` kernel and writes the executed notebook plus an HTML rendering;
    `clean_notebook` strips what must not be committed (kernel and papermill metadata, widget
    state, timings); `check_notebooks` lists what is wrong with the committed notebooks;
-   `register_cli` adds ``python -m ntps_nb notebooks run|check|clean``;
+   `unprinted_numbers` lists the numbers a notebook's markdown quotes that none of its outputs
+   prints; `register_cli` adds ``python -m ntps_nb notebooks run|check|clean``;
 2. ``SMOKE_PARAMETERS``: tiny models and tiny subsets, so that the whole series runs in a few
    minutes (tests/notebooks);
 3. recipes: the few multi-step computations the notebooks show (a model's per-layer NTPS beside
