@@ -6,7 +6,8 @@ Three things live here:
    interpreter's ``python3`` kernel and writes the executed notebook plus an HTML rendering;
    `clean_notebook` strips what must not be committed (kernel and papermill metadata, widget
    state, timings); `check_notebooks` lists what is wrong with the committed notebooks;
-   `register_cli` adds ``python -m ntps_nb notebooks run|check|clean``;
+   `unprinted_numbers` lists the numbers a notebook's markdown quotes that none of its outputs
+   prints; `register_cli` adds ``python -m ntps_nb notebooks run|check|clean``;
 2. ``SMOKE_PARAMETERS``: tiny models and tiny subsets, so that the whole series runs in a few
    minutes (tests/notebooks);
 3. recipes: the few multi-step computations the notebooks show (a model's per-layer NTPS beside
@@ -17,10 +18,13 @@ Three things live here:
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import html
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,8 +66,11 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
 
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
 ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
-#: Cell-level metadata a committed notebook may carry.
-ALLOWED_CELL_METADATA = {"tags"}
+#: Cell-level metadata a committed notebook may carry: tags, and JupyterLab's hidden source (the
+#: exercises' solution cells open collapsed).
+ALLOWED_CELL_METADATA = {"tags", "jupyter"}
+#: The only ``jupyter`` cell metadata kept: a hidden source (JupyterLab shows "..." until clicked).
+HIDDEN_SOURCE = {"source_hidden": True}
 #: The kernelspec every committed notebook names: the current environment's ``python3``.
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 #: Output MIME types that only mean something with live widget state.
@@ -117,7 +124,7 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
 
     Keeps the outputs. Removes notebook metadata other than a fixed ``python3`` kernelspec and
     the language name (papermill timings, widget state, kernel versions, ...), cell metadata
-    other than tags, widget-view outputs (meaningless without widget state, and their text/plain
+    other than tags and a hidden source (``{"jupyter": {"source_hidden": true}}``), widget-view outputs (meaningless without widget state, and their text/plain
     fallback is only the widget's repr), and renumbers execution counts 1, 2, ... in order. ``keep_injected=False``
     also drops papermill's ``injected-parameters`` cell.
 
@@ -143,7 +150,9 @@ def clean_notebook(nb: Any, *, keep_injected: bool = True) -> Any:
         tags = [t for t in cell.get("metadata", {}).get("tags", []) if t]
         if "injected-parameters" in tags and not keep_injected:
             continue
-        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+        hidden = cell.get("metadata", {}).get("jupyter", {}).get("source_hidden") is True
+        cell.metadata = nbformat.from_dict({**({"tags": tags} if tags else {}),
+                                            **({"jupyter": dict(HIDDEN_SOURCE)} if hidden else {})})
         cell.pop("id", None)
         if cell.cell_type == "code":
             executed = cell.get("execution_count") is not None or bool(cell.get("outputs"))
@@ -175,7 +184,8 @@ def notebook_problems(nb: Any) -> list[str]:
     Returns
     -------
     list of str
-        One sentence per problem: extra notebook or cell metadata, another kernelspec,
+        One sentence per problem: extra notebook or cell metadata (a cell's ``jupyter`` metadata
+        may only hide its source), another kernelspec,
         kernel-specific language_info, an injected-parameters cell, a widget-view output, or
         other than exactly one cell tagged ``parameters``.
     """
@@ -194,6 +204,8 @@ def notebook_problems(nb: Any) -> list[str]:
         extra = sorted(set(meta) - ALLOWED_CELL_METADATA)
         if extra:
             problems.append(f"cell {i} metadata has {extra}")
+        if "jupyter" in meta and meta["jupyter"] != HIDDEN_SOURCE:
+            problems.append(f"cell {i} jupyter metadata is {dict(meta['jupyter'])}; only {HIDDEN_SOURCE} is kept")
         parameters += "parameters" in meta.get("tags", [])
         if "injected-parameters" in meta.get("tags", []):
             problems.append(f"cell {i} is a papermill injected-parameters cell")
@@ -238,6 +250,350 @@ def check_notebooks(names: Sequence[str] | None = None, *, folder: str | os.Path
     if bad and raise_on_error:
         lines = [f"{name}: {problem}" for name, problems in bad.items() for problem in problems]
         raise NotebookCheckError("unclean notebooks (run `python -m ntps_nb notebooks clean`):\n  " + "\n  ".join(lines))
+    return report
+
+
+# -- numbers quoted in markdown ------------------------------------------------------------------
+#
+# A notebook's prose must not quote a result that its code does not print: the prose then goes
+# stale the day the data or the code changes (notebook 03 once quoted the fast study's numbers
+# above outputs of another run). `unprinted_numbers` lists every number of a markdown cell that
+# no output of the executed notebook contains. What counts as a quoted number:
+#
+# * checked: decimals (0.75, -0.13, +0.77, 2.6e-02), percentages (63%), and integers of at least
+#   MIN_CHECKED_INTEGER (smaller ones are counts in prose: "two classes", "top-2", "k = 1-8");
+# * skipped as formula or code: anything inside $...$, $$...$$, \(...\), \[...\], `code spans`
+#   and fenced code blocks;
+# * skipped as not a value: parts of names and versions (TREC-6, SmolLM2-135M, Q4_1, 3.11.9),
+#   anything in a link target, URL, HTML tag or comment, dates (2025-05-22) and years
+#   (1900-2100), list and heading markers ("10. ..." at the start of a line), numbers after a
+#   reference word (section 10, Figure 2, notebook 03, arXiv 2505.17169: REFERENCE_WORDS; a range
+#   after one, "sections 12-15", too), integers set in a formula after a one-letter name and a
+#   relation ("k = 32", "N = 300"), and confidence levels (a percentage followed within three
+#   words by interval, confidence, CI, level or quantile: "95% intervals");
+# * opted out: every number on a line that carries ``<!-- quoted: SOURCE -->`` (HTML comments do
+#   not render), for constants quoted from a named source (the paper, a benchmark) on purpose.
+#
+# A number with n decimals is printed when some output number rounds to it at n decimals
+# (0.75 matches 0.7512 and 0.751, not 0.76 nor 0.7); a percentage p% also matches an output
+# p/100 (63% matches 0.632). Outputs are text/plain, text/html, text/markdown, text/latex and
+# stream outputs, plus the values assigned in the cell tagged ``parameters`` (and papermill's
+# ``injected-parameters``): the settings a reader sees right there.
+
+#: Integers below this are not checked: counts in prose ("two classes", "top-2", "k = 1-8").
+MIN_CHECKED_INTEGER = 10
+#: Words after which a number names a place, not a value ("section 10", "Figure 2").
+REFERENCE_WORDS = frozenset({
+    "section", "sections", "sec", "§", "figure", "figures", "fig", "table", "tables", "eq", "eqs", "equation",
+    "equations", "chapter", "appendix", "notebook", "notebooks", "cell", "cells", "line", "lines", "step", "steps",
+    "issue", "issues", "item", "items", "theorem", "lemma", "proposition", "part", "arxiv", "commit", "version",
+    "python", "pr", "#",
+})
+#: A line carrying this HTML comment quotes its numbers from the named source on purpose.
+QUOTED_MARKER = re.compile(r"<!--\s*quoted:\s*[^\s>-][^>]*?-->")
+#: Output MIME types whose text is searched for printed numbers.
+TEXT_MIME = ("text/plain", "text/html", "text/markdown", "text/latex")
+
+_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})[^\n]*\n.*?(?:^\1?\2[`~]*[ \t]*$|\Z)", re.M | re.S)
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`).+?(?<!`)\1(?!`)", re.S)
+_MATH = re.compile(r"\$\$.+?\$\$|(?<![\\$])\$(?!\s)(?:\\\$|[^$])+?(?<![\s\\])\$|\\\(.+?\\\)|\\\[.+?\\\]", re.S)
+_SKIPPED_TEXT = re.compile(r"<!--.*?-->|\]\([^)]*\)|https?://\S+|<[A-Za-z/][^>\n]*>|\b\d{4}-\d{2}-\d{2}\b", re.S)
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+_EXPONENT = re.compile(r"[eE]([-+\u2212]?\d+)")
+_FORMULA_BEFORE = re.compile(r"(?:^|[^\w.])[A-Za-z](?:_\w+)?\s*(?:=|<=|>=|≤|≥|<|>|≈|~)\s*$")
+_LEVEL_AFTER = re.compile(r"^\s*%?\s*(?:[\w-]+\s+){0,2}(?:intervals?|confidence|CIs?|levels?|quantiles?)\b", re.I)
+_MARKER_BEFORE = re.compile(r"^\s*(?:>\s*)*(?:#{1,6}\s*|[-*+]\s+)?$")
+_OUTPUT_NUMBER = re.compile(r"([-+\u2212]?)(\d+(?:\.\d*)?|\.\d+)(?:[eE]([-+\u2212]?\d+))?(\s?%)?")
+_THOUSANDS = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotedNumber:
+    """One number a markdown cell quotes as a value.
+
+    Attributes
+    ----------
+    text : as written, sign and percent sign included ("-0.13", "63%").
+    value : its value (a percentage's number before the % sign: 63.0 for "63%").
+    decimals : digits after the decimal point (of the mantissa, for 2.6e-02).
+    exponent : the power of ten written after it (-2 for 2.6e-02; 0 without one).
+    percent : whether it is a percentage.
+    line : line of the cell it is on (1 = first).
+    context : that line, stripped.
+    """
+
+    text: str
+    value: float
+    decimals: int
+    exponent: int
+    percent: bool
+    line: int
+    context: str
+
+    @property
+    def tolerance(self) -> float:
+        """Half a unit of the last written digit: an output within it rounds to this number."""
+        return 0.5 * 10.0 ** (self.exponent - self.decimals)
+
+
+@dataclasses.dataclass(frozen=True)
+class NumberFinding:
+    """A number quoted in a markdown cell that no output of the notebook prints."""
+
+    cell: int
+    number: str
+    line: int
+    context: str
+
+    def __str__(self) -> str:
+        return f"cell {self.cell}, line {self.line}: {self.number!r} in \"{_shorten(self.context, self.number)}\""
+
+
+def _shorten(context: str, number: str, width: int = 110) -> str:
+    if len(context) <= width:
+        return context
+    at = max(context.find(number), 0)
+    start = max(0, min(at - width // 2, len(context) - width))
+    return ("..." if start else "") + context[start:start + width] + ("..." if start + width < len(context) else "")
+
+
+def _blank(match: re.Match) -> str:
+    """The match replaced by spaces, newlines kept (offsets and line numbers stay valid)."""
+    return re.sub(r"[^\n]", " ", match.group(0))
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _previous_word(text: str) -> str:
+    words = text.rstrip().split()
+    return words[-1].lower().rstrip(".:,;(") if words else ""
+
+
+def quoted_numbers(markdown: str) -> list[QuotedNumber]:
+    """The numbers a markdown text quotes as values, by the rules of this section (above).
+
+    Parameters
+    ----------
+    markdown : str
+        The source of one markdown cell.
+
+    Returns
+    -------
+    list of QuotedNumber
+        In reading order.
+    """
+    masked = markdown
+    for pattern in (_FENCE, _CODE_SPAN, _MATH, _SKIPPED_TEXT):
+        masked = pattern.sub(_blank, masked)
+    found = []
+    for line_no, (line, original) in enumerate(zip(masked.split("\n"), markdown.split("\n")), start=1):
+        if QUOTED_MARKER.search(original):
+            continue
+        skipped_end = None  # end of the last number skipped as a reference or formula (ranges inherit it)
+        for match in _NUMBER.finditer(line):
+            start, end = match.span()
+            before, after = line[:start], line[end:]
+            prev = before[-1:] if before else ""
+            if prev and (_is_word_char(prev) or prev == "." or prev == ","):
+                continue  # inside a name, a version, a list "1,2"
+            sign, range_member = "", False
+            if prev in ("-", "+", "\u2212", "\u2013"):
+                prev2 = before[-2:-1]
+                if prev2 and (prev2.isalpha() or prev2 == "_"):
+                    continue  # part of a name: TREC-6, top-2
+                if prev2 and (prev2.isdigit() or prev2 in ")]") or prev == "\u2013":
+                    range_member = True  # 1-8, 12-15
+                else:
+                    sign = "-" if prev in ("-", "\u2212") else "+"
+            exponent, exponent_text = 0, ""
+            exp = _EXPONENT.match(after)
+            if exp and not (after[exp.end():exp.end() + 1] and _is_word_char(after[exp.end()])):
+                exponent, exponent_text = int(exp.group(1).replace("\u2212", "-")), exp.group(0)
+                end += exp.end()
+                after = line[end:]
+            if after[:1] and (_is_word_char(after[0]) or (after[0] == "." and after[1:2].isdigit())):
+                continue  # a unit glued to it (135M, 2x) or a version (3.11.9)
+            percent = after[:1] == "%" or after[:2] == " %"
+            body = match.group(0)
+            decimals = len(body.split(".")[1]) if "." in body else 0
+            integer = decimals == 0 and not exponent_text and not percent
+            mantissa = float(body.replace(",", "")) * (-1 if sign == "-" else 1)
+            if range_member and skipped_end is not None and start - skipped_end <= 2:
+                skipped_end = end
+                continue
+            if _previous_word(before.rstrip("-+\u2212\u2013 ")) in REFERENCE_WORDS or (
+                    integer and _FORMULA_BEFORE.search(before[:len(before) - len(sign)])):
+                skipped_end = end
+                continue
+            if integer and (abs(mantissa) < MIN_CHECKED_INTEGER or (not sign and len(body) == 4 and 1900 <= mantissa <= 2100)):
+                continue
+            if integer and _MARKER_BEFORE.match(before) and re.match(r"[.)](\s|$)", after):
+                continue  # "10. item" / "## 7. Heading"
+            if percent and _LEVEL_AFTER.match(after):
+                continue  # a confidence level: "95% intervals"
+            text = sign + body + exponent_text + ("%" if percent else "")
+            found.append(QuotedNumber(text, mantissa * 10.0 ** exponent, decimals, exponent, percent, line_no,
+                                      original.strip()))
+    return found
+
+
+def _output_texts(nb: Any) -> list[str]:
+    texts = []
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                texts.append(_joined(output.get("text", "")))
+            data = output.get("data", {})
+            for mime in TEXT_MIME:
+                if mime not in data:
+                    continue
+                if mime == "text/plain" and ("text/html" in data or any(m.startswith("image/") for m in data)):
+                    continue  # the same table again, or a figure's repr ("<Figure size 500x360 ...>")
+                text = _joined(data[mime])
+                if mime == "text/html":
+                    text = html.unescape(re.sub(r"<[^>]+>", " ", _without_range_index(text)))
+                texts.append(text)
+    return texts
+
+
+def _without_range_index(text: str) -> str:
+    """A pandas HTML table without its row labels when they count 0, 1, 2, ... (a default index
+    prints numbers that mean nothing)."""
+    def body(match: re.Match) -> str:
+        rows = re.findall(r"<tr[^>]*>.*?</tr>", match.group(0), re.S)
+        labels = [m.group(1).strip() for m in (re.search(r"<th[^>]*>(.*?)</th>", row, re.S) for row in rows) if m]
+        counts = [int(label) for label in labels if label.isdigit()]
+        if counts and counts[0] == 0 and all(b > a for a, b in zip(counts, counts[1:])) \
+                and len(counts) + labels.count("...") == len(labels) == len(rows):
+            return re.sub(r"(<tr[^>]*>\s*)<th[^>]*>.*?</th>", r"\1", match.group(0), flags=re.S)
+        return match.group(0)
+
+    return re.sub(r"<tbody>.*?</tbody>", body, text, flags=re.S)
+
+
+def _joined(text: str | Sequence[str]) -> str:
+    return text if isinstance(text, str) else "".join(text)
+
+
+def _parameter_values(source: str) -> list[float]:
+    """The numbers a parameters cell assigns (not those of its comments)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [float(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, (int, float)) and not isinstance(node.value, bool)]
+
+
+def printed_numbers(nb: Any) -> np.ndarray:
+    """Every number the outputs of an executed notebook print, and those its parameters cell sets.
+
+    Reads text/html (tags removed, and a pandas table's row labels when they only count 0, 1,
+    2, ...), text/plain where an output has neither HTML nor an image (a figure's repr prints its
+    size), text/markdown, text/latex and stream outputs; a
+    number printed as a percentage counts as p and as p/100, a hyphenated one ("0-30", "1e-6")
+    as written. Values assigned in cells tagged ``parameters`` or ``injected-parameters`` count
+    too (the settings shown right there).
+
+    Parameters
+    ----------
+    nb : NotebookNode or dict
+        An executed notebook.
+
+    Returns
+    -------
+    ndarray
+        The values, sorted (float64).
+    """
+    values = []
+    for text in _output_texts(nb):
+        for match in _OUTPUT_NUMBER.finditer(text):
+            sign, body, exponent, percent = match.groups()
+            value = float(body.rstrip(".")) * 10.0 ** int((exponent or "0").replace("\u2212", "-"))
+            before = text[match.start() - 1:match.start()]
+            signed = -value if sign in ("-", "\u2212") else value
+            values.append(signed)
+            if sign and before and before.isalnum():
+                values.append(value)  # "0-30": a range, not a negative number
+            if percent:
+                values.append(signed / 100)
+        values += [float(m.group(0).replace(",", "")) for m in _THOUSANDS.finditer(text)]  # 1,500
+    for cell in nb.get("cells", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.get("cell_type") == "code" and ("parameters" in tags or "injected-parameters" in tags):
+            values += _parameter_values(_joined(cell.get("source", "")))
+    return np.sort(np.asarray(values, dtype=np.float64))
+
+
+def _is_printed(number: QuotedNumber, printed: np.ndarray) -> bool:
+    tolerance = number.tolerance * (1 + 1e-9) + 1e-12 * abs(number.value)
+    for scale in (1.0, 0.01) if number.percent else (1.0,):
+        lo = np.searchsorted(printed, (number.value - tolerance) * scale, side="left")
+        hi = np.searchsorted(printed, (number.value + tolerance) * scale, side="right")
+        if hi > lo:
+            return True
+    return False
+
+
+def unprinted_numbers(nb: Any) -> list[NumberFinding]:
+    """The numbers quoted in markdown cells of an executed notebook that no output prints.
+
+    See the rules at the top of this section: which numbers count (`quoted_numbers`), where
+    printed ones are read from (`printed_numbers`) and the rounding rule (a number with n
+    decimals matches an output that rounds to it at n decimals).
+
+    Parameters
+    ----------
+    nb : NotebookNode or dict
+        An executed notebook (its outputs are what the markdown may quote).
+
+    Returns
+    -------
+    list of NumberFinding
+        One per unprinted number: cell index, the number as written, its line and context.
+    """
+    printed = printed_numbers(nb)
+    findings = []
+    for index, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") != "markdown":
+            continue
+        for number in quoted_numbers(_joined(cell.get("source", ""))):
+            if not _is_printed(number, printed):
+                findings.append(NumberFinding(index, number.text, number.line, number.context))
+    return findings
+
+
+def check_quoted_numbers(paths: Sequence[str | os.PathLike]) -> dict[str, list[NumberFinding]]:
+    """`unprinted_numbers` of each executed notebook file.
+
+    Parameters
+    ----------
+    paths : sequence of str or PathLike
+        Executed notebooks (``.ipynb``), or names of the series (their committed copies, which
+        carry the outputs of their default run).
+
+    Returns
+    -------
+    dict of str to list of NumberFinding
+        Path to its findings (an empty list when every quoted number is printed).
+
+    Raises
+    ------
+    FileNotFoundError
+        When a path does not exist.
+    """
+    import nbformat
+
+    report = {}
+    for item in paths:
+        path = Path(item) if str(item).endswith(".ipynb") else notebook_path(str(item))
+        if not path.is_file():
+            raise FileNotFoundError(f"no notebook at {path}")
+        report[str(path)] = unprinted_numbers(nbformat.read(path, as_version=4))
     return report
 
 
@@ -359,10 +715,22 @@ def _cli_run(args) -> int:
 
 
 def _cli_check(args) -> int:
-    report = check_notebooks(raise_on_error=False)
-    for name, problems in report.items():
-        print(f"{name}: " + ("ok" if not problems else "; ".join(problems)))
-    return 0 if not any(report.values()) else 1
+    status = 0
+    if not args.notebooks:  # the committed series: metadata, then the numbers of their default-run outputs
+        report = check_notebooks(raise_on_error=False)
+        for name, problems in report.items():
+            print(f"{name}: " + ("metadata ok" if not problems else "; ".join(problems)))
+        status = int(any(report.values()))
+    findings = check_quoted_numbers(args.notebooks or [notebook_path(name) for name in NOTEBOOKS])
+    for path, found in findings.items():
+        if not found:
+            print(f"{path}: every number quoted in markdown is printed")
+            continue
+        print(f"{path}: {len(found)} number(s) quoted in markdown appear in no output "
+              "(print them from a code cell, or mark a quoted constant with <!-- quoted: SOURCE -->):")
+        for finding in found:
+            print(f"  {finding}")
+    return status or int(any(findings.values()))
 
 
 def _cli_clean(args) -> int:
@@ -377,7 +745,7 @@ def _cli_clean(args) -> int:
 
 def register_cli(subparsers) -> None:
     """``notebooks run [--all | NAME] [-p key value ...] [--out DIR] [--smoke] [--in-place]``,
-    ``notebooks check`` and ``notebooks clean [NAME ...]``.
+    ``notebooks check [NOTEBOOK ...]`` and ``notebooks clean [NAME ...]``.
 
     Parameters
     ----------
@@ -400,7 +768,11 @@ def register_cli(subparsers) -> None:
     run.add_argument("--in-place", action="store_true",
                      help="write the executed, cleaned notebook back into notebooks/ (refresh committed outputs)")
     run.set_defaults(func=_cli_run)
-    check = sub.add_parser("check", help="fail when a notebook has unclean metadata or no parameters cell")
+    check = sub.add_parser("check", help="fail on unclean metadata, a missing parameters cell, or a number quoted in "
+                                          "markdown that no output prints")
+    check.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
+                       help="executed notebooks (.ipynb) to check for unprinted numbers only; default: the committed "
+                            "series, metadata and numbers")
     check.set_defaults(func=_cli_check)
     clean = sub.add_parser("clean", help="strip kernel/papermill/widget metadata in place")
     clean.add_argument("names", nargs="*")
@@ -707,6 +1079,62 @@ def loo_gain_prediction(frame: pd.DataFrame, *, score: str = "ntps", gain: str =
         rows.append({group: name, "n_datasets": len(y), "mae": mae, "mae_mean": mae_mean,
                      "skill": 1.0 - mae / mae_mean if mae_mean > 0 else np.nan,
                      "rho_heldout": correlate(pred, y, "spearman"), "slope": float(linear["b"])})
+    return pd.DataFrame(rows)
+
+
+#: |z| above which a diagnosed NTPS counts as off its label-permutation null (notebook 03).
+NULL_Z = 2.0
+
+
+def diagnostics_digest(diag: pd.DataFrame, *, z: float = NULL_Z) -> pd.DataFrame:
+    """The label-null and perturbation diagnostics of a study, one row per (model, variant): what
+    notebook 03 reads, computed rather than quoted.
+
+    Parameters
+    ----------
+    diag : DataFrame
+        `ntps_nb.study.diagnostics_summary` rows: model, dataset, variant, config ("k=8",
+        "f=0.5"), perturb_max_dev, perm_z, n_permutations.
+    z : float
+        Threshold on the label-null z-score.
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, variant): ``n_pairs`` (dataset, configuration) pairs diagnosed,
+        ``above_null`` (z > ``z``: real labels give a higher NTPS than shuffled ones),
+        ``share_above``, ``below_null`` (z < -``z``: lower than shuffled), ``z_min``, ``z_max``,
+        ``above_null_k2`` and ``n_pairs_k2`` (the same over k >= 2, theory rows; NaN for the
+        reference variant), ``max_perturbation`` (largest change of NTPS under the relative
+        perturbations of the moments) and ``max_perturbation_at`` ("dataset, config"),
+        ``n_permutations`` and ``smallest_p`` = 1 / (n_permutations + 1), the smallest p-value
+        that many shuffles can give.
+
+    Raises
+    ------
+    ValueError
+        When a column is missing or the frame is empty.
+    """
+    needed = ["model", "dataset", "variant", "config", "perturb_max_dev", "perm_z", "n_permutations"]
+    missing = [c for c in needed if c not in diag.columns]
+    if missing or diag.empty:
+        raise ValueError(f"diagnostics_digest needs rows with columns {needed}; missing {missing}" if missing
+                         else "diagnostics_digest: no diagnostics rows")
+    rows = []
+    for (model, variant), group in diag.groupby(["model", "variant"], sort=True):
+        zs = group["perm_z"].to_numpy(float)
+        k = pd.to_numeric(group["config"].str.extract(r"^k=(\d+)$")[0], errors="coerce")
+        k2 = group[k >= 2]
+        worst = group.loc[group["perturb_max_dev"].idxmax()]
+        n_perm = int(group["n_permutations"].max())
+        rows.append({"model": model, "variant": variant, "n_pairs": len(group), "above_null": int(np.sum(zs > z)),
+                     "share_above": float(np.mean(zs > z)), "below_null": int(np.sum(zs < -z)),
+                     "z_min": float(np.nanmin(zs)), "z_max": float(np.nanmax(zs)),
+                     "above_null_k2": int(np.sum(k2["perm_z"] > z)) if len(k2) else np.nan,
+                     "n_pairs_k2": len(k2) if len(k2) else np.nan,
+                     "max_perturbation": float(worst["perturb_max_dev"]),
+                     "max_perturbation_at": f"{worst['dataset']}, {worst['config']}",
+                     "n_permutations": n_perm, "smallest_p": 1.0 / (n_perm + 1)})
     return pd.DataFrame(rows)
 
 

@@ -283,8 +283,12 @@ def selection_null(null: np.ndarray, observed: float, *, title: str = "in-sample
 
 
 def published_panels(frame: pd.DataFrame, *, y: str, x: str = "ntps", col: str = "model",
-                     rho: pd.DataFrame | None = None, col_wrap: int = 4) -> Figure:
+                     rho: pd.DataFrame | None = None, col_wrap: int = 4, rho_label: str = "rho") -> Figure:
     """The paper's per-model scatter (Fig. 2 or 3 style): one panel per model, rho in the title.
+
+    Say which correlation the titles show with ``rho_label`` (e.g. "rho(NTPS, gain)"): the paper
+    reports Figure 3 as rho(NTPS, -gain), whose sign is the opposite of the slopes drawn against
+    the gain.
 
     Parameters
     ----------
@@ -298,6 +302,8 @@ def published_panels(frame: pd.DataFrame, *, y: str, x: str = "ntps", col: str =
         Rows with ``model`` and ``rho``, shown in each panel's title.
     col_wrap : int
         Most panels per row.
+    rho_label : str
+        What the titles call the correlation.
 
     Returns
     -------
@@ -312,7 +318,7 @@ def published_panels(frame: pd.DataFrame, *, y: str, x: str = "ntps", col: str =
         text = name.split("/")[-1]
         if rho is not None:
             r = rho.loc[rho["model"] == name, "rho"]
-            text += f"\nrho = {r.iloc[0]:+.2f}" if len(r) else ""
+            text += f"\n{rho_label} = {r.iloc[0]:+.2f}" if len(r) else ""
         ax.set_title(text, fontsize=9)
     plt.close(grid.figure)
     grid.figure.tight_layout()
@@ -376,12 +382,19 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
     -------
     Figure
         A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+
+    Raises
+    ------
+    ValueError
+        When the model has no rows of ``variant``, or no such layer.
     """
     kcol = "fraction" if variant == "reference" else "k"
     _require(ntps_table, ["model", "dataset", "variant", "layer", kcol, "ntps"], "explorer_view")
     rows = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
     if rows.empty:
         raise ValueError(f"no {variant} NTPS rows for model {model!r}")
+    if layer not in set(rows["layer"]):  # a layer the model lacks would draw empty panels
+        raise ValueError(f"{model} has no layer {layer}; its layers are {sorted(int(v) for v in rows['layer'].unique())}")
     at_k = rows[np.isclose(rows[kcol], k)]
     fig, (a, b, c) = _figure(3, width=4.3, height=3.4)
     one = at_k[at_k["dataset"] == dataset].sort_values("layer")
@@ -475,3 +488,126 @@ def interval_width(table: pd.DataFrame) -> Figure:
     fig.tight_layout()
     return fig
 
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def _arc(ax, a: np.ndarray, b: np.ndarray, radius: float, label: str) -> None:
+    """The arc from unit vector a to unit vector b (angle < 90 degrees) at ``radius``, labelled."""
+    angle = np.arccos(np.clip(a @ b, -1.0, 1.0))
+    ortho = _unit(b - (a @ b) * a) if angle > 1e-9 else a
+    t = np.linspace(0, angle, 30)
+    points = radius * (np.outer(np.cos(t), a) + np.outer(np.sin(t), ortho))
+    ax.plot(*points.T, color="black", lw=1.2)
+    ax.text(*(1.35 * points[len(t) // 2]), label, fontsize=10)
+
+
+def _line(ax, direction: np.ndarray, color: str, label: str) -> None:
+    """A one-dimensional span: the line through the origin, with an arrow on the direction."""
+    ax.plot(*np.outer([-1, 1], direction).T, color=color, lw=1, alpha=0.6)
+    ax.quiver(0, 0, 0, *direction, color=color, lw=2.2, arrow_length_ratio=0.12, label=label)
+
+
+def _disk(ax, basis: np.ndarray, color: str, label: str) -> None:
+    """The unit disk of the plane spanned by the orthonormal columns of ``basis`` (3, 2)."""
+    r, t = np.meshgrid(np.linspace(0, 1, 2), np.linspace(0, 2 * np.pi, 73))
+    points = r[..., None] * (np.cos(t)[..., None] * basis[:, 0] + np.sin(t)[..., None] * basis[:, 1])
+    ax.plot_surface(points[..., 0], points[..., 1], points[..., 2], color=color, alpha=0.22, linewidth=0, shade=False)
+    ax.plot(*points[:, -1].T, color=color, lw=1.2, label=label)
+
+
+def _view_from(ax, direction: np.ndarray, turn: float = 25.0) -> None:
+    """Look at the origin from ``direction``, turned by ``turn`` degrees of azimuth (depth cue)."""
+    x, y, z = _unit(direction)
+    ax.view_init(elev=float(np.degrees(np.arcsin(z))), azim=float(np.degrees(np.arctan2(y, x))) + turn)
+
+
+def whitened_subspaces(perception: np.ndarray, next_token: np.ndarray, *, ks: Sequence[int] = (1, 2)) -> Figure:
+    """NTPS as geometry in a 3-d whitened space: one panel per k, the perception subspace
+    span(u_1..u_kU) (blue) against the next-token subspace span(Sxx^{1/2} v_1..v_k) (red); a
+    line is drawn with an arrow, a plane as a disk, and the angle between them is marked (for two
+    planes: the angle between them across their common line, which the view looks along).
+
+    With kU = min(k, m), NTPS(k) is the mean of cos^2 of the principal angles between the two
+    spans over the kU perception directions: cos^2(theta) for two lines, (1 + cos^2(phi)) / 2 for
+    two planes (they always share a line in 3-d). The panel titles give the angle.
+
+    Parameters
+    ----------
+    perception : (3, m) ndarray
+        Orthonormal perception directions u_1, u_2, ... in whitened coordinates (descending
+        eigenvalues), m = 1 or 2.
+    next_token : (3, r) ndarray
+        Next-token directions Sxx^{1/2} v_1, ... in whitened coordinates (descending; any
+        scale), r >= max(ks).
+    ks : sequence of int
+        The k of each panel, each 1 or 2.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure with one 3-d panel per k, closed in pyplot.
+
+    Raises
+    ------
+    ValueError
+        On arrays that are not 3 x something, or a k outside 1..min(2, r).
+    """
+    from scipy.linalg import subspace_angles
+
+    perception, next_token = np.asarray(perception, float), np.asarray(next_token, float)
+    if perception.ndim != 2 or next_token.ndim != 2 or perception.shape[0] != 3 or next_token.shape[0] != 3:
+        raise ValueError(f"whitened_subspaces draws 3-d spaces: got perception {perception.shape}, next_token {next_token.shape}")
+    if not all(1 <= k <= min(2, next_token.shape[1]) for k in ks):
+        raise ValueError(f"each k must be 1 or 2 and at most r = {next_token.shape[1]}, got {list(ks)}")
+    fig = plt.figure(figsize=(4.8 * len(ks), 4.6))
+    plt.close(fig)
+    for panel, k in enumerate(ks, start=1):
+        ax = fig.add_subplot(1, len(ks), panel, projection="3d")
+        k_u = min(k, perception.shape[1])
+        U = perception[:, :k_u]
+        V, _ = np.linalg.qr(next_token[:, :k])
+        angle = float(np.degrees(subspace_angles(U, V).max()))
+        if k_u == 1:
+            _line(ax, _unit(U[:, 0]), "tab:blue", r"span($u_1$)")
+        else:
+            _disk(ax, U, "tab:blue", r"span($u_1, u_2$)")
+        if k == 1:
+            _line(ax, _unit(V[:, 0]), "tab:red", r"span($\tilde v_1$)")
+        else:
+            _disk(ax, V, "tab:red", r"span($\tilde v_1, \tilde v_2$)")
+        if k_u == 1 and k == 1:
+            a, b = _unit(U[:, 0]), _unit(V[:, 0])
+            b = b if a @ b >= 0 else -b  # a span is a line: the angle between lines is at most 90 degrees
+            _arc(ax, a, b, 0.5, rf"$\theta$ = {angle:.0f}°")
+            _view_from(ax, np.cross(a, b))
+            title = f"k = 1: NTPS = cos²θ, θ = {angle:.1f}°"
+        elif k_u == 2 and k == 2:
+            common = _unit(np.cross(np.cross(U[:, 0], U[:, 1]), np.cross(V[:, 0], V[:, 1])))
+            ax.plot(*np.outer([-1.1, 1.1], common).T, color="black", ls="--", lw=1, label="common line")
+            a = _unit(np.cross(common, np.cross(U[:, 0], U[:, 1])))  # in span(U), orthogonal to the common line
+            b = _unit(np.cross(common, np.cross(V[:, 0], V[:, 1])))
+            b = b if a @ b >= 0 else -b
+            for vector, color in ((a, "tab:blue"), (b, "tab:red")):
+                ax.plot(*np.outer([0, 1], vector).T, color=color, lw=1, ls=":")
+            _arc(ax, a, b, 0.7, rf"$\varphi$ = {angle:.0f}°")
+            normals = _unit(np.cross(U[:, 0], U[:, 1])), _unit(np.cross(V[:, 0], V[:, 1]))
+            normal = normals[0] + (normals[1] if normals[0] @ normals[1] >= 0 else -normals[1])
+            _view_from(ax, _unit(normal) + 1.5 * common, turn=0.0)  # obliquely along the common line: the angle opens
+            title = f"k = 2: NTPS = (1 + cos²φ)/2, φ = {angle:.1f}°"
+        else:
+            title = f"k = {k}: largest principal angle {angle:.1f}°"
+        # the coordinate axes as short grey arrows instead of a box: the views are oblique
+        for axis in range(3):
+            ax.quiver(0, 0, 0, *(0.8 * np.eye(3)[axis]), color="grey", lw=0.8, arrow_length_ratio=0.1)
+            ax.text(*(0.9 * np.eye(3)[axis]), f"$z_{axis + 1}$", color="grey", fontsize=9)
+        ax.set(xlim=(-0.9, 0.9), ylim=(-0.9, 0.9), zlim=(-0.9, 0.9))
+        ax.set_box_aspect((1, 1, 1))
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(r"whitened coordinates $z = S_{xx}^{-1/2}\bar x$: perception (blue), next-token (red)", fontsize=10)
+    fig.tight_layout()
+    return fig

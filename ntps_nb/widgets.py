@@ -15,24 +15,43 @@ import pandas as pd
 from ntps_nb import plots
 
 
-def explorer_options(ntps_table: pd.DataFrame) -> dict[str, list]:
+#: The k the explorer opens at: k = 1 is the fragile setting (the top next-token directions can
+#: nearly tie, and one rounding-sized change swaps them: notebook 03, section 8).
+DEFAULT_K = 8
+
+
+def explorer_options(ntps_table: pd.DataFrame, model: str | None = None) -> dict[str, list]:
     """The choices the explorer offers: models, datasets, layers, theory k, reference fractions.
 
     Parameters
     ----------
     ntps_table : DataFrame
         The study's NTPS table (columns model, dataset, layer, variant, and k or fraction).
+    model : str, optional
+        Offer only what this model has (its own datasets, layers and k): models differ in depth
+        (Gemma-3-270M has 18 layers, SmolLM2-135M 30), and a layer a model lacks would draw
+        empty panels. ``model`` is still listed with all models.
 
     Returns
     -------
     dict of str to list
         Sorted choices under keys ``model``, ``dataset``, ``layer``, ``k`` (of the non-reference
         rows), ``fraction`` (of the reference rows, rounded to 4 decimals) and ``variant``.
+
+    Raises
+    ------
+    ValueError
+        When ``model`` has no rows in the table.
     """
+    models = sorted(ntps_table["model"].unique())
+    if model is not None:
+        if model not in models:
+            raise ValueError(f"model {model!r} has no NTPS rows; the table has {models}")
+        ntps_table = ntps_table[ntps_table["model"] == model]
     theory = ntps_table[ntps_table["variant"] != "reference"]
     reference = ntps_table[ntps_table["variant"] == "reference"]
     return {
-        "model": sorted(ntps_table["model"].unique()),
+        "model": models,
         "dataset": sorted(ntps_table["dataset"].unique()),
         "layer": sorted(int(v) for v in ntps_table["layer"].unique()),
         "k": sorted(int(v) for v in theory["k"].dropna().unique()) if "k" in theory else [],
@@ -54,14 +73,43 @@ def default_choice(ntps_table: pd.DataFrame, **initial: Any) -> dict[str, Any]:
     Returns
     -------
     dict
-        Keys model, dataset, variant, layer, k; by default the first model and dataset, the
-        ``theory`` variant, the middle layer and the smallest k.
+        Keys model, dataset, variant, layer, k; by default the first model and its first
+        dataset, the ``theory`` variant, that model's middle layer and the k of its grid nearest
+        to ``DEFAULT_K`` (in log scale).
     """
-    options = explorer_options(ntps_table)
+    model = initial.get("model", sorted(ntps_table["model"].unique())[0])
+    options = explorer_options(ntps_table, model)
     layers, ks = options["layer"], options["k"] or [1]
-    return {"model": initial.get("model", options["model"][0]), "dataset": initial.get("dataset", options["dataset"][0]),
+    return {"model": model, "dataset": initial.get("dataset", options["dataset"][0]),
             "variant": initial.get("variant", "theory"), "layer": initial.get("layer", layers[len(layers) // 2]),
-            "k": initial.get("k", ks[0])}
+            "k": initial.get("k", _nearest(ks, DEFAULT_K))}
+
+
+def _nearest(choices: list, value: float) -> Any:
+    """The choice nearest to ``value`` in log scale (k and fractions are positive)."""
+    return choices[int(np.argmin([abs(np.log(c / value)) if value > 0 else c for c in choices]))]
+
+
+def same_depth(layers: list[int], layer: int, previous: list[int]) -> int:
+    """The layer of ``layers`` at the same relative depth as ``layer`` among ``previous``.
+
+    Parameters
+    ----------
+    layers : list of int
+        The new model's layers, sorted.
+    layer : int
+        The layer chosen for the previous model.
+    previous : list of int
+        The previous model's layers, sorted.
+
+    Returns
+    -------
+    int
+        Embeddings stay embeddings and the last layer stays the last (SmolLM2's 15 of 0-30 is
+        Gemma-3's 9 of 0-18).
+    """
+    depth = previous.index(layer) / max(len(previous) - 1, 1) if layer in previous else 0.5
+    return layers[int(round(depth * (len(layers) - 1)))]
 
 
 def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "accuracy", **initial: Any):
@@ -90,8 +138,8 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
     import ipywidgets as w
     from IPython.display import display
 
-    options = explorer_options(ntps_table)
     start = default_choice(ntps_table, **initial)
+    options = explorer_options(ntps_table, start["model"])
     controls = {
         "model": w.Dropdown(options=options["model"], value=start["model"], description="model"),
         "dataset": w.Dropdown(options=options["dataset"], value=start["dataset"], description="dataset"),
@@ -100,18 +148,39 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
         "k": w.SelectionSlider(options=options["k"] or [1], value=start["k"], description="k"),
     }
     output = w.Output()
+    state = {"options": options, "updating": False}
+
+    def set_choices(control: Any, choices: list, value: Any) -> None:
+        control.options = choices
+        control.value = value
+
+    def model_options(change=None) -> None:
+        # each model offers its own datasets, layers and k, at the same relative depth
+        previous, new = state["options"], explorer_options(ntps_table, controls["model"].value)
+        state["options"], state["updating"] = new, True
+        try:
+            dataset = controls["dataset"].value
+            set_choices(controls["dataset"], new["dataset"], dataset if dataset in new["dataset"] else new["dataset"][0])
+            set_choices(controls["layer"], new["layer"], same_depth(new["layer"], controls["layer"].value, previous["layer"]))
+            scale_options()
+        finally:
+            state["updating"] = False
+        redraw()
 
     def scale_options(change=None) -> None:
         # the k slider means the fraction for the reference variant and k for the others
         reference = controls["variant"].value == "reference"
-        choices = options["fraction"] if reference else options["k"]
-        current = controls["k"].value
-        nearest = choices[int(np.argmin([abs(np.log(c / current)) if current > 0 else c for c in choices]))]
-        controls["k"].options = choices
-        controls["k"].value = nearest
-        controls["k"].description = "fraction" if reference else "k"
+        choices = (state["options"]["fraction"] if reference else state["options"]["k"]) or [1]
+        was_updating, state["updating"] = state["updating"], True
+        try:
+            set_choices(controls["k"], choices, _nearest(choices, controls["k"].value))
+            controls["k"].description = "fraction" if reference else "k"
+        finally:
+            state["updating"] = was_updating
 
     def redraw(change=None) -> None:
+        if state["updating"]:
+            return
         with output:
             output.clear_output(wait=True)
             try:
@@ -122,9 +191,11 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
             except ValueError as error:  # a selection the tables do not cover: say so in place
                 print(f"nothing to show for this selection: {error}")
 
+    controls["model"].observe(model_options, names="value")
     controls["variant"].observe(scale_options, names="value")
-    for control in controls.values():
-        control.observe(redraw, names="value")
+    for name, control in controls.items():
+        if name != "model":  # model_options redraws once, after the other controls follow the model
+            control.observe(redraw, names="value")
     box = w.VBox([w.HBox([controls["model"], controls["dataset"]]), controls["variant"],
                   w.HBox([controls["layer"], controls["k"]]), output])
     box.controls = controls

@@ -66,6 +66,38 @@ def test_check_finds_noise_and_clean_removes_it():
     assert cleaned.cells[1].outputs == []
 
 
+def test_hidden_solution_cells_keep_only_their_hidden_source():
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                             new_code_cell("solution", metadata={"jupyter": {"source_hidden": True, "outputs_hidden": True},
+                                                                 "collapsed": True})])
+    nb.metadata.update({"kernelspec": dict(nbs.KERNELSPEC), "language_info": {"name": "python"}})
+    problems = " ".join(nbs.notebook_problems(nb))
+    assert "cell 1 metadata has ['collapsed']" in problems and "outputs_hidden" in problems
+    cleaned = nbs.clean_notebook(nb)
+    assert cleaned.cells[1].metadata == {"jupyter": {"source_hidden": True}}
+    assert nbs.notebook_problems(cleaned) == []
+
+
+def test_every_notebook_ends_with_exercises_and_hidden_solutions():
+    for name in nbs.NOTEBOOKS:
+        nb = nbformat.read(nbs.notebook_path(name), as_version=4)
+        exercises, solutions = nb.cells[-2], nb.cells[-1]
+        assert exercises.cell_type == "markdown" and exercises.source.startswith("## Exercises"), name
+        numbered = [line for line in exercises.source.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ")]
+        assert 2 <= len(numbered) <= 3, (name, numbered)
+        assert solutions.cell_type == "code" and solutions.metadata.get("jupyter") == nbs.HIDDEN_SOURCE, name
+
+
+def test_committed_notebooks_quote_only_printed_numbers():
+    """The committed copies carry their default run's outputs: their markdown quotes no number those
+    outputs do not print (no execution here)."""
+    report = nbs.check_quoted_numbers(nbs.NOTEBOOKS)
+    assert len(report) == len(nbs.NOTEBOOKS)
+    assert {path: [str(f) for f in found] for path, found in report.items() if found} == {}
+
+
 def test_check_requires_one_parameters_cell(tmp_path):
     nb = nbs.clean_notebook(_noisy_notebook())
     nb.cells[0].metadata = {}
@@ -137,6 +169,15 @@ def test_smoke_run(smoke_runs, name):
 
 
 @pytest.mark.notebooks
+@pytest.mark.parametrize("name", nbs.NOTEBOOKS)
+def test_smoke_runs_quote_only_printed_numbers(smoke_runs, name):
+    """Every number a notebook's markdown quotes is printed by the smoke run too: the prose holds
+    whatever the data (reuses the smoke runs; no extra execution)."""
+    nb = nbformat.read(smoke_runs[name].notebook, as_version=4)
+    assert [str(f) for f in nbs.unprinted_numbers(nb)] == []
+
+
+@pytest.mark.notebooks
 def test_nbval_lax_on_key_numbers(smoke_runs):
     """Re-execute the smoke-executed notebooks with nbval; cells marked NBVAL_CHECK_OUTPUT must
     print the same rounded numbers (determinism of the key results)."""
@@ -179,3 +220,31 @@ def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
     plain = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32)
     with pytest.raises(ValueError, match="intervals need shard moments"):
         nbs.layer_profile(plain, k=2, intervals=True)
+
+
+def test_diagnostics_digest_counts_against_the_rows():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [{"model": m, "dataset": d, "variant": v, "config": c, "perturb_max_dev": rng.uniform(0, 0.1),
+             "perm_z": rng.normal(0, 5), "n_permutations": 10}
+            for m in ("a", "a:random") for d in ("x", "y", "z")
+            for v, configs in (("theory", ("k=1", "k=2", "k=8")), ("reference", ("f=0.1", "f=0.5")))
+            for c in configs]
+    diag = pd.DataFrame(rows)
+    digest = nbs.diagnostics_digest(diag).set_index(["model", "variant"])
+    for (model, variant), group in diag.groupby(["model", "variant"]):
+        row = digest.loc[(model, variant)]
+        assert row.n_pairs == len(group) and row.above_null == (group.perm_z > 2).sum()
+        assert row.below_null == (group.perm_z < -2).sum() and row.z_min == group.perm_z.min()
+        worst = group.loc[group.perturb_max_dev.idxmax()]
+        assert row.max_perturbation_at == f"{worst.dataset}, {worst.config}"
+        k2 = group[group.config.isin(["k=2", "k=8"])]
+        if variant == "theory":
+            assert (row.n_pairs_k2, row.above_null_k2) == (len(k2), (k2.perm_z > 2).sum())
+        else:
+            assert np.isnan(row.n_pairs_k2)
+    assert digest.smallest_p.iloc[0] == 1 / 11
+    with pytest.raises(ValueError, match="missing"):
+        nbs.diagnostics_digest(diag.drop(columns="perm_z"))

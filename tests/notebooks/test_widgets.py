@@ -1,0 +1,70 @@
+"""The explorer of notebook 05: each model's own layers, opening at k = 8 (fast, no kernel)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ntps_nb import plots, widgets
+
+
+def _tables():
+    """Theory NTPS of two models of different depth (layers 0-30 and 0-18) on two datasets, and
+    their held-out probes."""
+    rows, probes = [], []
+    for model, depth in (("deep", 30), ("shallow", 18)):
+        for dataset in ("a", "b"):
+            for layer in range(depth + 1):
+                probes.append({"model": model, "dataset": dataset, "layer": layer, "protocol": "heldout",
+                               "accuracy": 0.5 + layer / 100})
+                rows += [{"model": model, "dataset": dataset, "variant": "theory", "layer": layer, "k": k,
+                          "fraction": np.nan, "ntps": min(1.0, 0.1 * k ** 0.5)} for k in (1, 2, 4, 8, 16)]
+    return pd.DataFrame(rows), pd.DataFrame(probes)
+
+
+def test_each_model_offers_its_own_layers_and_the_explorer_opens_at_k_8():
+    ntps, _ = _tables()
+    assert widgets.explorer_options(ntps, "shallow")["layer"] == list(range(19))
+    assert widgets.explorer_options(ntps, "deep")["layer"] == list(range(31))
+    assert widgets.explorer_options(ntps, "shallow")["model"] == ["deep", "shallow"]
+    assert widgets.default_choice(ntps) == {"model": "deep", "dataset": "a", "variant": "theory", "layer": 15, "k": 8}
+    assert widgets.default_choice(ntps, model="shallow")["layer"] == 9
+    assert widgets.default_choice(ntps[ntps.k != 8])["k"] in (4, 16)  # the nearest in log scale
+    with pytest.raises(ValueError, match="no NTPS rows"):
+        widgets.explorer_options(ntps, "absent")
+
+
+def test_switching_model_keeps_the_relative_depth_and_never_offers_a_missing_layer():
+    ntps, probes = _tables()
+    box = widgets.explorer(ntps, probes)
+    controls = box.controls
+    controls["layer"].value = 30
+    controls["model"].value = "shallow"
+    assert list(controls["layer"].options) == list(range(19)) and controls["layer"].value == 18
+    assert controls["k"].value == 8
+    controls["layer"].value = 0
+    controls["model"].value = "deep"
+    assert list(controls["layer"].options) == list(range(31)) and controls["layer"].value == 0
+    assert widgets.same_depth(list(range(19)), 15, list(range(31))) == 9
+
+
+def test_the_view_refuses_a_layer_the_model_lacks():
+    ntps, probes = _tables()
+    plots.explorer_view(ntps, probes, model="shallow", dataset="a", layer=18, k=8)
+    with pytest.raises(ValueError, match="shallow has no layer 25"):
+        plots.explorer_view(ntps, probes, model="shallow", dataset="a", layer=25, k=8)
+
+
+def test_whitened_subspaces_draws_the_principal_angle():
+    rng = np.random.default_rng(0)
+    perception, _ = np.linalg.qr(rng.standard_normal((3, 2)))
+    next_token = rng.standard_normal((3, 3))
+    fig = plots.whitened_subspaces(perception, next_token)
+    assert len(fig.axes) == 2
+    u, v = perception[:, 0], next_token[:, 0]
+    theta = np.degrees(np.arccos(abs(u @ v) / np.linalg.norm(v)))
+    assert f"θ = {theta:.1f}°" in fig.axes[0].get_title()
+    normal_u, normal_v = np.cross(*perception.T), np.cross(*next_token[:, :2].T)
+    phi = np.degrees(np.arccos(abs(normal_u @ normal_v) / np.linalg.norm(normal_u) / np.linalg.norm(normal_v)))
+    assert f"φ = {phi:.1f}°" in fig.axes[1].get_title()
+    with pytest.raises(ValueError, match="3-d"):
+        plots.whitened_subspaces(np.eye(4)[:, :2], next_token)
