@@ -36,13 +36,17 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")
     parser.add_argument("--from-csv", help="summarise an earlier run's drift.csv instead of running")
+    parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
     parser.add_argument("--shard-cache", help="folder keeping each dataset's last-layer shard moments (pickle): "
                         "written after its forward pass, read instead of the pass when present")
     args = parser.parse_args()
     out = Path(args.out)
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
-        summarise(pd.read_csv(args.from_csv), out)
+        frame = pd.read_csv(args.from_csv)
+        summarise(frame, out)
+        if args.figure:
+            figure(frame, args.figure)
         return
 
     import torch
@@ -100,6 +104,48 @@ def summarise(frame: pd.DataFrame, out: Path) -> None:
     summary = pd.DataFrame(summary)
     summary.to_csv(out / "drift_summary.csv", index=False)
     print(summary.round(3).to_string(index=False))
+
+
+def figure(frame: pd.DataFrame, path: str) -> None:
+    """Estimate against N with its 90% jackknife interval, one panel per (dataset, k), one colour per
+    estimator; filled markers where the row is flagged reliable, hollow where not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    datasets, ks = sorted(frame["dataset"].unique()), sorted(frame["k"].unique())
+    fig, axes = plt.subplots(len(datasets), len(ks), figsize=(3.6 * len(ks), 2.9 * len(datasets)), squeeze=False,
+                             sharex=True)
+    colours = {"plugin": "tab:blue", "richardson": "tab:red"}
+    for i, dataset in enumerate(datasets):
+        for j, k in enumerate(ks):
+            ax = axes[i, j]
+            for n, (estimator, g) in enumerate(frame[(frame["dataset"] == dataset) & (frame["k"] == k)]
+                                                .groupby("estimator")):
+                g = g.sort_values("n_texts")
+                x = g["n_texts"] * (1 + 0.04 * (n - 0.5))  # side by side
+                colour = colours.get(estimator, f"C{n + 2}")
+                ax.errorbar(x, g["estimate"], yerr=[g["estimate"] - g["lower"], g["upper"] - g["estimate"]],
+                            color=colour, capsize=2, lw=1, label=estimator)
+                for reliable, face in ((True, colour), (False, "white")):
+                    sel = g["reliable"].astype(str) == str(reliable)
+                    ax.scatter(x[sel], g["estimate"][sel], color=colour, facecolors=face, zorder=3, s=24)
+            ax.set_xscale("log")
+            sizes = sorted(frame["n_texts"].unique())
+            ax.set_xticks(sizes, [str(v) for v in sizes])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_title(f"{dataset}, k = {k}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("NTPS (theory)")
+            if i == len(datasets) - 1:
+                ax.set_xlabel("N texts (nested shard subsets)")
+    axes[0, 0].legend(title="estimator", fontsize=8, title_fontsize=8)
+    fig.text(0.01, 0.005, "SmolLM2-135M, last layer; bars: 90% jackknife intervals over the subset's shards; "
+             "hollow markers: flagged unreliable (subspace noise per direction above NOISE_MAX)", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
