@@ -38,7 +38,7 @@ def _cli_run(args) -> int:
     cfg = load_config(args.config, **overrides)
     with _terminate_as_exit():
         table = _study().run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale,
-                                   models=args.models, datasets=args.datasets)
+                                   models=args.models, datasets=args.datasets, processes=args.processes)
     done = table[table["status"] == "done"]
     if len(done):
         print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")
@@ -130,7 +130,12 @@ def register_cli(subparsers) -> None:
     run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
     run.add_argument("--device", default=None, help='where the models run ("cuda", "cuda:1"; default cpu); '
                      "not part of the config hash, recorded in each unit's unit.json")
-    run.add_argument("--analysis-threads", type=int, default=None, help="BLAS threads of the analysis (default 1)")
+    run.add_argument("--processes", type=int, default=1,
+                     help="worker processes to start on the study (they share the grid unit by unit); each "
+                          "analyses with the cores this process may use // N BLAS threads")
+    run.add_argument("--analysis-threads", type=int, default=None,
+                     help="BLAS/OpenMP threads of each process's analysis (default: the cores this process may use "
+                          "// --processes, or // NTPS_NB_ANALYSIS_PROCESSES when you start several runs yourself)")
     run.add_argument("--torch-threads", type=int, default=None, help="torch threads of the forward passes (default 1)")
     run.set_defaults(func=_cli_run)
     stat = sub.add_parser("status", help="which units are complete, their time and headline numbers")

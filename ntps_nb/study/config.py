@@ -128,7 +128,9 @@ class StudyConfig:
     lora: bool = False
     lora_budget: dict = dataclasses.field(default_factory=dict)
     cache_extractions: bool = False  # shards: 4 float64 d x d per interval layer (10.6 MB SmolLM2, 13.1 Gemma-3)
-    analysis_threads: int | None = 1  # BLAS threads of the numpy/scipy/sklearn part (None: library default)
+    # BLAS/OpenMP threads of the numpy/scipy/sklearn part; None: this process's share of its cores
+    # (`ntps_nb.core.threads.default_threads`: its cores // the worker processes the run started)
+    analysis_threads: int | None = None
     torch_threads: int | None = 1  # torch intra-op threads of the forward passes (None: torch's default)
     device: str = "cpu"  # where the models run ("cpu", "cuda", "cuda:1"); recorded per unit, not in the hash
     results_dir: str | None = None
@@ -344,6 +346,10 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if table.get("interval_method", "basic") not in ("percentile", "basic", "bca"):
         raise StudySettingsError(f"{path}: interval_method must be percentile, basic or bca")
     check_estimator(table.get("estimator", "plugin"), str(path))
+    threads = table.get("analysis_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise StudySettingsError(f"{path}: analysis_threads must be a positive integer or absent (this process's "
+                                 f"share of its cores), got {threads!r}")
     table = {key: _tuple(value) for key, value in table.items()}
     if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
         table["results_dir"] = str((path.parent / table["results_dir"]).resolve())

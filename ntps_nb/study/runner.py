@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from ntps_nb.cache import atomic_path
+from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, TABLES, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
 from ntps_nb.study.stages import STAGE_NAMES, run_unit, stage_states, write_unit
@@ -218,7 +219,8 @@ def _fmt_seconds(seconds: float) -> str:
 
 def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
               models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
-              cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say) -> pd.DataFrame:
+              cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say,
+              processes: int = 1) -> pd.DataFrame:
     """Run every missing unit of a study (model by model, loading each model once), then `combine`.
 
     A unit already complete with the same settings is skipped; one complete with other settings
@@ -227,6 +229,9 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     every unit is complete.
     Several processes may run the same study at once: each claims a unit before computing it
     (`UnitClaim`) and passes over units another live process holds (status "elsewhere").
+    ``processes`` > 1 starts that many worker processes here, which share the grid that way; each
+    analyses with its share of the cores (`ntps_nb.core.threads.default_threads`: the cores this
+    process may use // ``processes``) unless the config sets ``analysis_threads``.
     Returns one row per unit: model, dataset, status ("skipped", "done", "elsewhere"), seconds.
 
     Parameters
@@ -234,7 +239,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     cfg : StudyConfig, or str or PathLike
         The study, or the path of its TOML config.
     units_limit : int, optional
-        Most units computed in this call.
+        Most units computed in this call (by each worker process when ``processes`` > 1).
     replace_stale : bool
         Recompute units complete with other settings instead of raising.
     models, datasets : sequence of str, optional
@@ -242,7 +247,10 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     cache : str or PathLike, optional
         Extraction cache folder, passed to `run_unit`.
     log : callable
-        Receives one progress line at a time.
+        Receives one progress line at a time (the worker processes print theirs, each line
+        starting with ``[worker i/N]``).
+    processes : int
+        Worker processes to start (1: compute in this process).
 
     Returns
     -------
@@ -258,6 +266,8 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise StudySettingsError(f"processes must be a positive integer, got {processes!r}")
     units = cfg.units()
     for given, known, what in ((models, cfg.models, "model"), (datasets, cfg.datasets, "dataset")):
         unknown = sorted(set(given or ()) - set(known))
@@ -275,6 +285,9 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     todo = [u for u in units if status[u] != "complete"]
     if todo:
         _check_device(cfg.device)
+    if processes > 1 and todo:
+        return _run_workers(cfg, processes, dict(units_limit=units_limit, replace_stale=replace_stale, models=models,
+                                                 datasets=datasets, cache=cache), log)
     if cfg.torch_threads is not None and todo:
         import torch
 
@@ -325,6 +338,55 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         log(f"{len(missing)} unit(s) still missing or running in another process ({missing[:4]}...): "
             "the study tables are combined when the last one lands")
     return pd.DataFrame(rows)
+
+
+def _run_workers(cfg: StudyConfig, processes: int, kwargs: dict[str, Any], log: Callable[[str], None]) -> pd.DataFrame:
+    """`run_study` in ``processes`` fresh worker processes (spawned: no forked torch state), each
+    with ``NTPS_NB_ANALYSIS_PROCESSES`` = ``processes`` so that its analysis takes its share of the
+    cores; their rows merged, one per unit (done by one worker, passed over by the others). The last
+    worker to finish a unit combines the study, as a single process does. A worker's error is raised
+    once the others have finished their units; leaving early (Ctrl-C, SIGTERM) terminates the
+    workers, which release their claims."""
+    import multiprocessing
+
+    share = f"{available_cores()} cores // {processes}" if cfg.analysis_threads is None else "the config's"
+    log(f"study {cfg.name}: {processes} worker processes, {cfg.analysis_threads or default_threads(processes)} "
+        f"analysis threads each ({share}), {cfg.torch_threads or 'torch default'} torch threads each")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_worker_init, initargs=(processes,)) as pool:
+        pending = [pool.apply_async(_worker_run, (cfg, kwargs, f"[worker {i}/{processes}]"))
+                   for i in range(1, processes + 1)]
+        for job in pending:
+            job.wait()
+        tables = [job.get() for job in pending]
+    rank = {"done": 0, "skipped": 1, "elsewhere": 2}
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for table in tables:
+        for row in table.to_dict("records"):
+            unit = (row["model"], row["dataset"])
+            if unit not in best or rank[row["status"]] < rank[best[unit]["status"]]:
+                best[unit] = row
+    return pd.DataFrame([best[unit] for unit in cfg.units() if unit in best],
+                        columns=["model", "dataset", "status", "seconds"])
+
+
+def _worker_init(processes: int) -> None:
+    """A worker process of `_run_workers`: its analysis share of the cores, and SIGTERM (the pool
+    terminating it) ends its unit as an exception, so that the claim and temporary folder go."""
+    import signal
+
+    from ntps_nb.core.threads import PROCESSES_ENV
+
+    os.environ[PROCESSES_ENV] = str(processes)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _worker_run(cfg: StudyConfig, kwargs: dict[str, Any], prefix: str) -> pd.DataFrame:
+    return run_study(cfg, **kwargs, log=lambda line: _say(f"{prefix} {line}"))
 
 
 # -- combine -------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ under the current ones takes its table from there (LoRA above all: no retraining
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ntps_nb.cache import atomic_path, content_key
+from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
                                   _versions, dataset_identity, load_unit_dataset, resolve_layers, with_estimator)
 
@@ -860,7 +860,9 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     # whenever a stage is computed; the other stages say whether they were computed or reused
     stage_meta: dict[str, Any] = {"extraction": {"key": keys["extraction"], "read": bool(reading)}}
     lora_status = "not configured"
-    with _blas_threads(cfg.analysis_threads):
+    # the analysis's BLAS/OpenMP pools get this process's share of its cores (torch's threads, of the
+    # forward passes and LoRA, stay as `run_study` set them)
+    with analysis_threads(cfg.analysis_threads) as n_threads:
         for name in ANALYSIS_STAGES:
             result = store.load(name, keys[name]) if name not in todo else None
             if result is None:
@@ -884,7 +886,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         "extraction_key": extraction_record.get("cache_key"), "extraction_seconds": extraction_record.get("seconds"),
         "layers": layers, "probe_layers": u.probe_grid, "peer_layers": u.peer_grid,
         "interval_layers": u.interval_grid, "diagnostic_layers": u.diag_grid, "model_info": info.as_dict(),
-        "environment": _environment(model, cfg), "n_truncated_train": extraction_record.get("n_truncated"),
+        "environment": _environment(model, cfg, n_threads), "n_truncated_train": extraction_record.get("n_truncated"),
         "mean_length_train": extraction_record.get("mean_length"), "finished": _now(),
     }
     if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
@@ -894,19 +896,6 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-@contextlib.contextmanager
-def _blas_threads(n: int | None):
-    """Cap BLAS threads for the eigensolves: on a shared 2-core machine, 2 spinning BLAS threads per
-    process made the NTPS sweeps ~15x slower than one thread (measured: 40 s vs 2.2 s, d=576)."""
-    if n is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=int(n), user_api="blas"):
-        yield
 
 
 
@@ -978,13 +967,17 @@ def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
 
 
 
-def _environment(model, cfg: StudyConfig) -> dict[str, Any]:
+def _environment(model, cfg: StudyConfig, analysis_threads: int) -> dict[str, Any]:
     """Where and with what a unit was computed (its ``unit.json``): the device the model ran on (with
-    the GPU's name), the host, the threads and the package versions; none of it enters the hash."""
+    the GPU's name), the host, the threads and the package versions; none of it enters the hash.
+    ``analysis_threads`` is the bound the analysis ran under; ``analysis_processes`` the processes
+    its cores were divided among when the bound was the default share (None when the config set it)."""
     import torch
 
     device = next(model.parameters()).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "host": platform.node(),
-            "torch_threads": torch.get_num_threads(), "analysis_threads": cfg.analysis_threads, **_versions()}
+            "torch_threads": torch.get_num_threads(), "analysis_threads": analysis_threads,
+            "analysis_processes": None if cfg.analysis_threads is not None else analysis_processes(),
+            "cores": available_cores(), **_versions()}
 

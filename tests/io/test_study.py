@@ -14,6 +14,7 @@ import pytest
 
 import ntps_nb.extract
 from ntps_nb import study
+from ntps_nb.core.threads import PROCESSES_ENV, analysis_processes, available_cores, default_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "studies"
@@ -116,7 +117,9 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
         assert meta["complete"] and meta["config_hash"] == cfg.config_hash
         env = meta["environment"]
         assert env["device"] == "cpu" and env["torch"] == importlib.metadata.version("torch")
-        assert env["analysis_threads"] == cfg.analysis_threads and env["torch_threads"] >= 1
+        # no analysis_threads in the config: this process's share of its cores
+        assert env["analysis_threads"] == default_threads() and env["torch_threads"] >= 1
+        assert env["analysis_processes"] == analysis_processes() and env["cores"] == available_cores()
     tables = study.load_results(cfg)
     for name in ("ntps", "probes", "peers", "intervals"):
         frame = tables[name]
@@ -217,21 +220,85 @@ def test_cli_run_passes_device_and_threads(monkeypatch):
     seen = {}
 
     def fake_run(cfg, **kwargs):
-        seen["cfg"] = cfg
+        seen["cfg"], seen["kwargs"] = cfg, kwargs
         return pd.DataFrame({"status": []})
 
     monkeypatch.setattr(study, "run_study", fake_run)
     parser = argparse.ArgumentParser()
     study.register_cli(parser.add_subparsers())
     args = parser.parse_args(["study", "run", str(STUDIES / "default.toml"), "--device", "cuda:1",
-                              "--analysis-threads", "4", "--torch-threads", "2"])
+                              "--analysis-threads", "4", "--torch-threads", "2", "--processes", "3"])
     assert args.func(args) == 0
     cfg = seen["cfg"]
-    assert (cfg.device, cfg.analysis_threads, cfg.torch_threads) == ("cuda:1", 4, 2)
+    assert (cfg.device, cfg.analysis_threads, cfg.torch_threads, seen["kwargs"]["processes"]) == ("cuda:1", 4, 2, 3)
     assert cfg.config_hash == study.load_config(STUDIES / "default.toml").config_hash
     args = parser.parse_args(["study", "run", str(STUDIES / "default.toml")])
     args.func(args)
-    assert (seen["cfg"].device, seen["cfg"].analysis_threads) == ("cpu", 1)  # the config's own values
+    # the config's own values: no analysis_threads (this process's share of its cores), one process
+    assert (seen["cfg"].device, seen["cfg"].analysis_threads, seen["kwargs"]["processes"]) == ("cpu", None, 1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(study.StudySettingsError, match="analysis_threads must be a positive integer"):
+            study.load_config(STUDIES / "default.toml", analysis_threads=bad)
+
+
+def _pools() -> list[tuple[str, str, int]]:
+    """(library file, "blas" or "openmp", threads) of every thread pool loaded in this process."""
+    from threadpoolctl import threadpool_info
+
+    return [(pool["filepath"], pool["user_api"], pool["num_threads"]) for pool in threadpool_info()]
+
+
+@pytest.mark.parametrize("setting", [None, 1])
+def test_the_analysis_stages_run_under_the_thread_bound(tmp_path, monkeypatch, tiny_llama, setting):
+    """Without analysis_threads the analysis gets the cores this process may use divided among the
+    processes analysing (12 cores, 3 processes: 4 threads); with it, the setting. numpy's, scipy's
+    and scikit-learn's pools are bounded inside a stage, torch's (the forward passes') is not, and
+    every pool is as it was after the unit; the unit records the bound."""
+    import torch
+
+    import ntps_nb.core.threads
+
+    monkeypatch.setattr(ntps_nb.core.threads, "available_cores", lambda: 12)
+    monkeypatch.setattr(study.stages, "available_cores", lambda: 12)
+    monkeypatch.setenv(PROCESSES_ENV, "3")
+    torch_threads = torch.get_num_threads()
+    before = _pools()
+    inside = {}
+
+    def peers_stage(u):
+        inside["pools"], inside["torch"] = _pools(), torch.get_num_threads()
+        return None, {}
+
+    monkeypatch.setitem(study.stages._COMPUTE, "peers", peers_stage)
+    cfg = _smoke(tmp_path, datasets=["trec6"], analysis_threads=setting, shards=0, probes=["heldout"])
+    tables = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
+    bound = 4 if setting is None else setting
+    analysis = [(api, threads) for path, api, threads in inside["pools"] if "/torch/lib/" not in path]
+    assert {api for api, _ in analysis} == {"blas", "openmp"}  # numpy's and scipy's BLAS, scikit-learn's OpenMP
+    assert {threads for _, threads in analysis} == {bound}
+    torch_pools = [pool for pool in inside["pools"] if "/torch/lib/" in pool[0]]
+    assert inside["torch"] == torch_threads and torch_pools == [pool for pool in before if "/torch/lib/" in pool[0]]
+    assert _pools() == before
+    env = tables["unit"]["environment"]
+    assert env["analysis_threads"] == bound and env["cores"] == 12
+    assert env["analysis_processes"] == (3 if setting is None else None)
+
+
+def test_worker_processes_share_the_grid_and_the_cores(tmp_path):
+    """`run_study(processes=2)` starts two worker processes: every unit is computed once, each under
+    the cores this process may use // 2 analysis threads, and the study is combined."""
+    cfg = _smoke(tmp_path, diagnostics=False, peers=False, shards=0, probes=["heldout"])
+    with pytest.raises(study.StudySettingsError, match="processes must be a positive integer, got 0"):
+        study.run_study(cfg, processes=0)
+    rows = study.run_study(cfg, processes=2, cache=tmp_path / "cache", log=lambda _: None)
+    assert list(zip(rows["dataset"], rows["status"])) == [("trec6", "done"), ("sms-spam", "done")]
+    for model, dataset in cfg.units():
+        env = json.loads((cfg.unit_folder(model, dataset) / "unit.json").read_text())["environment"]
+        assert (env["analysis_threads"], env["analysis_processes"]) == (max(1, available_cores() // 2), 2)
+    assert (cfg.folder / "provenance.json").is_file()
+    assert not [p.name for p in (cfg.folder / "units").iterdir() if p.name.startswith(".")]  # no claim left
+    again = study.run_study(cfg, processes=2, cache=tmp_path / "cache", log=lambda _: None)
+    assert set(again["status"]) == {"skipped"}  # nothing to compute: no worker started
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
