@@ -25,8 +25,9 @@ Exit status: 0 when every cell ran without error, the slider moved and the figur
 any of that fails (the reason is printed and written to result.json); 2 when Chromium or Playwright
 is missing (``apt-get install -y --no-install-recommends chromium``; ``make browser-setup``).
 Artefacts in the output folder: explorer_before.png, explorer_after.png (the explorer as a reader
-sees it), figure_before.png, figure_after.png (the kernel's figure images), page_full.png,
-failure.png (the page when a step fails), the executed notebook, jupyterlab.log, result.json.
+sees it), figure_before.png, figure_after.png (the kernel's figure images), failure.png (the
+page when a step fails), the executed notebook as saved from the browser, jupyterlab.log and
+result.json (timings, slider values, figure hashes, the share of pixels that changed).
 """
 
 from __future__ import annotations
@@ -229,7 +230,10 @@ def start_lab(root: Path, port: int, token: str, log: Path, settings: Path) -> s
            f"--LabApp.user_settings_dir={settings / 'settings'}",
            f"--LabApp.workspaces_dir={settings / 'workspaces'}",
            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # the user's Jupyter config and data folders left out: no kernelspec or server setting of an
+    # earlier session changes the run (the kernel is this environment's python3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "JUPYTER_CONFIG_DIR": str(settings / "config"), "JUPYTER_DATA_DIR": str(settings / "data")}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=root, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -340,7 +344,7 @@ def run_check(lab: Lab, url: str, out: Path, notebook: Path, timeout_s: float, c
         try:
             _drive(page, lab, url, out, notebook, timeout_s, change_timeout_s, steps, result)
         except Exception:
-            page.screenshot(path=str(out / "failure.png"), full_page=True)
+            page.screenshot(path=str(out / "failure.png"))  # JupyterLab scrolls inside the viewport
             raise
         finally:
             browser.close()
@@ -420,7 +424,6 @@ def _drive(page, lab, url, out, notebook, timeout_s, change_timeout_s, steps, re
     result["redraw_s"] = round(time.time() - t1, 1)
     cell.scroll_into_view_if_needed()
     page.screenshot(path=str(out / "explorer_after.png"))
-    page.screenshot(path=str(out / "page_full.png"), full_page=True)
     problems = page_problems(page)
     if EMPTY_SELECTION_TEXT in output.inner_text():
         problems.append(f"the explorer shows an empty selection at {SLIDER_LABEL} {value_after}")
