@@ -3,9 +3,10 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.installed-browser
 TORCH   := torch==2.13.0
 
-.PHONY: setup run demo study test test-all test-fast bench clean
+.PHONY: setup run demo study test test-all test-fast bench browser-setup browser-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,18 @@ test-all: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/core
+
+# The explorer notebook in JupyterLab in Debian's chromium (apt-get install -y --no-install-recommends
+# chromium; .ci/run installs it): all cells run without error, and moving the layer slider redraws
+# the figure. Screenshots, the executed notebook and result.json in out/browser/.
+browser-setup: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[browser]'
+	touch $(BROWSER_STAMP)
+
+browser-check: browser-setup
+	$(BIN)/python scripts/browser_check.py --results data/results/default --smoke --out out/browser
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sweep.py
