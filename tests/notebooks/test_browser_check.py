@@ -100,7 +100,8 @@ def test_image_difference_counts_changed_pixels_over_the_shared_area(check):
 
 def test_ci_runs_the_browser_check_after_the_tests():
     lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
-    assert lines.index("make test") < lines.index("make browser-check")
+    test_line = next(i for i, line in enumerate(lines) if line.startswith("make test"))
+    assert test_line < lines.index("make browser-check")
     makefile = (REPO / "Makefile").read_text()
     assert "scripts/browser_check.py" in makefile and "'.[browser]'" in makefile
     pyproject = (REPO / "pyproject.toml").read_text()
