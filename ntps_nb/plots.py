@@ -436,7 +436,7 @@ def ntps_over_k(sweep: pd.DataFrame, *, hue: str | None = None, log_k: bool = Tr
     sns.lineplot(data=sweep, x="k", y="ntps", hue=hue, ax=ax, palette=_PALETTE if hue else None)
     if "m" in sweep.columns and hue is None:
         ax.axvline(int(sweep["m"].iloc[0]), color="grey", ls=":", label="k = m (rank of Sxy Sxy^T)")
-        ax.legend()
+        ax.legend(title="marks", fontsize=8, title_fontsize=8)
     if log_k:
         ax.set_xscale("log")
     ax.set(ylabel="NTPS", ylim=(0, 1.02))
@@ -471,14 +471,14 @@ def bound_check(table: pd.DataFrame, *, x: str = "one_minus_ntps") -> Figure:
     ax.plot(t[x], t["lower_bound"], color="tab:blue", ls=":", label=r"lower: $(\lambda_{k_U}-\lambda_{k+1}) k_U (1-\mathrm{NTPS})$")
     ax.plot(t[x], t["excess_loss"], "o-", color="black", label=r"$\Delta L$ (identity)")
     ax.set(xlabel="1 - NTPS", ylabel="excess in-sample MSE", title="excess loss and its bounds")
-    ax.legend(fontsize=8)
+    ax.legend(title="excess loss", fontsize=8, title_fontsize=8)
     with np.errstate(divide="ignore", invalid="ignore"):
         up = np.where(t["upper_bound"] > 0, t["excess_loss"] / t["upper_bound"], np.nan)
         low = np.where(t["excess_loss"] > 0, t["lower_bound"] / t["excess_loss"], np.nan)
     tight.plot(t[x], up, "o-", label=r"$\Delta L$ / upper")
     tight.plot(t[x], low, "s-", label=r"lower / $\Delta L$")
     tight.set(xlabel="1 - NTPS", ylabel="ratio (1 = tight)", ylim=(0, 1.05), title="tightness")
-    tight.legend(fontsize=8)
+    tight.legend(title="ratio", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -854,7 +854,7 @@ def word_projections(frame: pd.DataFrame) -> Figure:
             for _, row in part.iterrows():
                 ax.annotate(row["word"], (row["axis1"], row["axis2"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
         ax.set(title=f"top-2 {space} directions", xlabel=f"{space} axis 1", ylabel=f"{space} axis 2")
-        ax.legend(fontsize=7)
+        ax.legend(title="group", fontsize=7, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -1044,7 +1044,7 @@ def interval_width(table: pd.DataFrame) -> Figure:
     n0, w0 = table["n_texts"].iloc[0], table["width"].iloc[0]
     right.loglog(table["n_texts"], w0 * np.sqrt(n0 / table["n_texts"]), "--", color="grey", label="1/sqrt(N)")
     right.set(xlabel="texts N", ylabel="interval width", title="interval width against N")
-    right.legend(fontsize=8)
+    right.legend(title="width", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -1167,7 +1167,7 @@ def whitened_subspaces(perception: np.ndarray, next_token: np.ndarray, *, ks: Se
         ax.set_box_aspect((1, 1, 1))
         ax.set_axis_off()
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(title="subspace", fontsize=8, title_fontsize=8, loc="upper left")
     fig.suptitle(r"whitened coordinates $z = S_{xx}^{-1/2}\bar x$: perception (blue), next-token (red)", fontsize=10)
     fig.tight_layout()
     return fig

@@ -203,3 +203,19 @@ def test_figures_name_points_by_legend_and_keep_reference_bands_off_the_theory_p
     _check_legends_and_caption(fig, "label permutations")
     summary = study.correlation_summary(tables, targets=["accuracy"], variants=["theory"], n_boot=20, n_perm=20)
     _check_legends_and_caption(plots.correlation_summary(summary, caption=plots.provenance_caption(tables)), "N = 900")
+
+
+def test_the_other_figures_of_the_series_title_their_legends():
+    figures = [
+        plots.ntps_over_k(pd.DataFrame({"k": [1, 2, 4, 8], "ntps": [0.2, 0.4, 0.5, 0.6], "m": 3})),
+        plots.bound_check(pd.DataFrame({"ntps": [0.2, 0.5, 0.9], "excess_loss": [1, 0.5, 0.1],
+                                        "lower_bound": [0.5, 0.2, 0.05], "upper_bound": [2, 1, 0.2]})),
+        plots.interval_width(pd.DataFrame({"n_texts": [100, 200, 400], "ntps": 0.5, "lower": [0.4, 0.43, 0.45],
+                                           "upper": [0.6, 0.57, 0.55], "width": [0.2, 0.14, 0.1], "level": 0.95})),
+        plots.word_projections(pd.DataFrame({"space": ["U", "U", "V", "V"], "group": ["a", "b", "a", "b"],
+                                             "axis1": [0, 1, 0, 1], "axis2": [1, 0, 1, 0]})),
+        plots.selection_null(np.linspace(-1, 1, 50), 0.5),
+    ]
+    for fig in figures:
+        legends = _legends(fig)
+        assert legends and all(legend.get_title().get_text().strip() for legend in legends)
