@@ -3,13 +3,25 @@
 Every function is pure: it reads the columns it names, draws with seaborn/matplotlib on a new
 figure, and returns that figure (nothing is shown or saved here). Column names follow the tidy
 tables of `ntps_nb.core` and `ntps_nb.study`.
+
+The series draws with one visual vocabulary: a dataset has the same colour in every figure
+(`dataset_color`: a fixed colour per offline dataset, a stable fallback for other names), a model
+has the same marker (`model_marker`; a ``:random`` control is its base model's marker, hollow),
+every legend has a title, and a figure made from study results carries a caption line with its
+provenance (`provenance_caption`, placed by `add_caption`: study, models, N, estimator, ...).
+Statistics are never computed here: they come in with the frame (`ntps_nb.core.selection`,
+`ntps_nb.study`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import textwrap
+import zlib
+from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.patches
+import matplotlib.transforms
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,8 +29,336 @@ import pandas as pd
 import seaborn as sns
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 _PALETTE = "colorblind"
+
+#: One colour per offline dataset (`ntps_nb.datasets.OFFLINE`, SPEC section 8 order), the same in
+#: every figure of the series (matplotlib's tab10 plus a navy; tab10's grey goes to trec50, which
+#: the studies do not use, so the grey interval bars of older figures are never mistaken for a dataset).
+DATASET_COLORS: dict[str, str] = {
+    "rt-polarity": "#1f77b4", "imdb-pl": "#ff7f0e", "hedge": "#2ca02c", "trec6": "#d62728",
+    "trec50": "#7f7f7f", "sms-spam": "#9467bd", "20ng": "#8c564b", "reuters-r8": "#e377c2",
+    "bbc-news": "#bcbd22", "tweet-sentiment": "#17becf", "election-tweets": "#393b79",
+}
+#: Colours of dataset names outside `DATASET_COLORS` (a user's own data), picked by the CRC-32 of
+#: the name: the same name gets the same colour in every process; two unknown names can share one.
+FALLBACK_COLORS = ("#5254a3", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+                   "#756bb1", "#636363", "#b5cf6b", "#e7ba52", "#d6616b", "#ce6dbd", "#6baed6", "#fd8d3c")
+#: One marker per model of the package's registry (`ntps_nb.models`); a ``:random`` control draws
+#: its base model's marker hollow.
+MODEL_MARKERS: dict[str, str] = {"smollm2-135m": "o", "gemma3-270m": "s", "tiny-llama": "D", "tiny-gpt2": "^"}
+#: Markers of model names outside `MODEL_MARKERS` (a Hub id, a local folder), by CRC-32 of the name.
+FALLBACK_MARKERS = ("v", "P", "X", "<", ">", "p", "h", "*")
+#: The suffix of a random-initialised control (`ntps_nb.models.RANDOM_SUFFIX`).
+RANDOM_SUFFIX = ":random"
+#: Font size of caption lines (points).
+CAPTION_FONTSIZE = 7.0
+
+
+def _crc(name: str) -> int:
+    return zlib.crc32(str(name).encode("utf-8"))
+
+
+def dataset_color(name: str) -> str:
+    """The colour of a dataset in every figure of the series (a hex string).
+
+    Parameters
+    ----------
+    name : str
+        A dataset name; an offline dataset's name gets its `DATASET_COLORS` entry, any other name
+        a `FALLBACK_COLORS` entry chosen by the CRC-32 of the name (stable across processes).
+
+    Returns
+    -------
+    str
+        The colour, "#rrggbb".
+    """
+    name = str(name)
+    return DATASET_COLORS.get(name) or FALLBACK_COLORS[_crc(name) % len(FALLBACK_COLORS)]
+
+
+def dataset_palette(names: Sequence[str]) -> dict[str, str]:
+    """`dataset_color` of each name, as a palette for seaborn's ``hue``.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Dataset names (repeats allowed).
+
+    Returns
+    -------
+    dict of str to str
+        Name to colour, in order of first appearance.
+    """
+    return {str(name): dataset_color(name) for name in dict.fromkeys(names)}
+
+
+def dataset_order(names: Sequence[str]) -> list[str]:
+    """The datasets in the series' order: offline datasets in `DATASET_COLORS` order, then the
+    other names sorted.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Dataset names (repeats allowed).
+
+    Returns
+    -------
+    list of str
+        The distinct names, ordered.
+    """
+    known = list(DATASET_COLORS)
+    distinct = {str(n) for n in names}
+    return [n for n in known if n in distinct] + sorted(distinct - set(known))
+
+
+def is_random_control(model: str) -> bool:
+    """Whether a model name is a random-initialised control (``name:random``).
+
+    Parameters
+    ----------
+    model : str
+        The model name of a study's rows.
+
+    Returns
+    -------
+    bool
+    """
+    return str(model).endswith(RANDOM_SUFFIX)
+
+
+def model_marker(model: str) -> str:
+    """The marker of a model in every figure of the series: `MODEL_MARKERS`, else one of
+    `FALLBACK_MARKERS` by the CRC-32 of the name; a ``:random`` control takes its base model's
+    marker (drawn hollow by the figures).
+
+    Parameters
+    ----------
+    model : str
+        The model name.
+
+    Returns
+    -------
+    str
+        A matplotlib marker.
+    """
+    base = str(model)[: -len(RANDOM_SUFFIX)] if is_random_control(model) else str(model)
+    return MODEL_MARKERS.get(base) or FALLBACK_MARKERS[_crc(base) % len(FALLBACK_MARKERS)]
+
+
+def _model_order(models: Sequence[str]) -> list[str]:
+    """Models in order of first appearance, each pretrained model followed by its ``:random`` control."""
+    distinct = list(dict.fromkeys(str(m) for m in models))
+    out = []
+    for model in distinct:
+        if is_random_control(model) and model[: -len(RANDOM_SUFFIX)] in distinct:
+            continue  # placed after its base model
+        out.append(model)
+        if f"{model}{RANDOM_SUFFIX}" in distinct:
+            out.append(f"{model}{RANDOM_SUFFIX}")
+    return out
+
+
+def _scatter(ax, x, y, *, dataset: str, model: str, hollow: bool | None = None, size: float = 46, **kwargs):
+    """One point in the series' vocabulary: the dataset's colour, the model's marker, hollow for a
+    random control (or when ``hollow``)."""
+    color = dataset_color(dataset)
+    hollow = is_random_control(model) if hollow is None else hollow
+    return ax.scatter(x, y, marker=model_marker(model), s=size, edgecolors=color, linewidths=1.4,
+                      facecolors="none" if hollow else color, zorder=3, **kwargs)
+
+
+def dataset_handles(datasets: Sequence[str]) -> list[Line2D]:
+    """Legend entries of datasets: a dot in each dataset's colour, labelled with its name.
+
+    Parameters
+    ----------
+    datasets : sequence of str
+        The datasets of the figure.
+
+    Returns
+    -------
+    list of Line2D
+        One handle per dataset, in `dataset_order`.
+    """
+    return [Line2D([], [], ls="none", marker="o", ms=6, color=dataset_color(d), label=d) for d in dataset_order(datasets)]
+
+
+def model_handles(models: Sequence[str]) -> list[Line2D]:
+    """Legend entries of models: each model's marker in black (hollow for a random control).
+
+    Parameters
+    ----------
+    models : sequence of str
+        The models of the figure.
+
+    Returns
+    -------
+    list of Line2D
+        One handle per model, pretrained models each followed by their control.
+    """
+    return [Line2D([], [], ls="none", marker=model_marker(m), ms=6, color="black",
+                   markerfacecolor="none" if is_random_control(m) else "black", label=m) for m in _model_order(models)]
+
+
+def _legends(ax, datasets: Sequence[str] | None, models: Sequence[str] | None = None, *,
+             extra: Sequence[Line2D] = (), extra_title: str = "marks") -> None:
+    """Legends right of ``ax``, stacked top-down without overlap: the datasets (title "dataset"),
+    the models (title "model", when ``models`` is given) and ``extra`` entries (title
+    ``extra_title``). They are figure legends anchored to ``ax``: they move with it, and a tight
+    bounding box (the notebooks' inline figures) includes them."""
+    groups = []
+    if datasets is not None and len(datasets):
+        groups.append(("dataset", dataset_handles(datasets)))
+    if models is not None and len(models):
+        groups.append(("model", model_handles(models)))
+    if extra:
+        groups.append((extra_title, list(extra)))
+    fig = ax.figure
+    below = 0.0  # points from the axes' top: the stack keeps its spacing whatever the layout does to the axes
+    for title, handles in groups:
+        anchor = matplotlib.transforms.offset_copy(ax.transAxes, fig=fig, y=-below, units="points")
+        legend = fig.legend(handles=handles, title=title, fontsize=7, title_fontsize=8, loc="upper left",
+                            bbox_to_anchor=(1.03, 1.0), bbox_transform=anchor, borderaxespad=0.0, alignment="left")
+        below += legend.get_window_extent().height * 72.0 / fig.dpi + 6.0
+
+
+def _first(frame: pd.DataFrame, column: str):
+    values = frame[column].dropna().unique() if column in frame.columns else []
+    return values
+
+
+def _span(values, fmt: str = "{:,}") -> str | None:
+    values = [v for v in values if pd.notna(v)]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+def provenance(frame: pd.DataFrame | Mapping[str, pd.DataFrame], *, models: Sequence[str] | None = None) -> dict:
+    """Where a figure's numbers come from, read off the provenance columns of a study's rows
+    (SPEC section 9): study, models, the range of N (train texts) and test texts per dataset,
+    max_length, seed, package version and the estimator of NTPS.
+
+    Parameters
+    ----------
+    frame : DataFrame or dict of str to DataFrame
+        Rows of a study table (ntps, intervals, estimates, lora, ...), or a study's tables (their
+        ``ntps`` table is read; an ``estimates`` table adds its estimator).
+    models : sequence of str, optional
+        Keep only these models' rows.
+
+    Returns
+    -------
+    dict
+        Keys study, models, n_train, n_test, max_length, seed, package_version, estimator; a
+        value is None where the rows do not say (e.g. no ``study`` column).
+    """
+    if isinstance(frame, Mapping):
+        tables = frame
+        frame = tables["ntps"]
+        estimates = tables.get("estimates")
+        if estimates is not None and not estimates.empty and "estimator" in estimates.columns:
+            frame = pd.concat([frame, estimates[[c for c in ("model", "variant", "estimator") if c in estimates]]],
+                              ignore_index=True)
+    if models is not None and "model" in frame.columns:
+        frame = frame[frame["model"].isin(list(models))]
+    if frame.empty:
+        raise ValueError("provenance: no rows (check models=)")
+    out = {"study": ", ".join(map(str, _first(frame, "study"))) or None,
+           "models": _model_order(frame["model"]) if "model" in frame.columns else [],
+           "n_train": _span([int(v) for v in _first(frame, "n_train")]),
+           "n_test": _span([int(v) for v in _first(frame, "n_test")]),
+           "max_length": _span([int(v) for v in _first(frame, "max_length")]),
+           "seed": _span([int(v) for v in _first(frame, "seed")]),
+           "package_version": ", ".join(map(str, _first(frame, "package_version"))) or None}
+    if "estimator" in frame.columns:
+        theory = frame[frame["variant"] == "theory"] if "variant" in frame.columns else frame
+        out["estimator"] = ", ".join(sorted(map(str, _first(theory, "estimator")))) or "plugin"
+    else:  # tables written before the estimator setting: the plug-in
+        out["estimator"] = "plugin"
+    return out
+
+
+def provenance_caption(frame: pd.DataFrame | Mapping[str, pd.DataFrame], *, models: Sequence[str] | None = None,
+                       estimator: str | None = None, note: str | None = None) -> str:
+    """The caption line of a figure: "study default · models a, a:random · N = 1,050-2,000 train
+    texts per dataset (test 450-1,000) · estimator plugin · max_length 256 · seed 0 · ntps_nb 0.1.0",
+    and ``note`` after it (what the marks mean, where that needs words).
+
+    Parameters
+    ----------
+    frame : DataFrame or dict of str to DataFrame
+        As in `provenance`.
+    models : sequence of str, optional
+        Keep only these models' rows.
+    estimator : str, optional
+        The estimator the figure's NTPS values come from, when it is not the rows' own (e.g. the
+        estimates table's estimator drawn beside plug-in rows).
+    note : str, optional
+        A sentence appended to the caption.
+
+    Returns
+    -------
+    str
+        The caption text.
+    """
+    p = provenance(frame, models=models)
+    parts = []
+    if p["study"]:
+        parts.append(f"study {p['study']}")
+    if p["models"]:
+        parts.append(("model " if len(p["models"]) == 1 else "models ") + ", ".join(p["models"]))
+    if p["n_train"]:
+        parts.append(f"N = {p['n_train']} train texts per dataset" + (f" (test {p['n_test']})" if p["n_test"] else ""))
+    parts.append(f"estimator {estimator or p['estimator']}")
+    for key, label in (("max_length", "max_length"), ("seed", "seed"), ("package_version", "ntps_nb")):
+        if p[key]:
+            parts.append(f"{label} {p[key]}")
+    text = " · ".join(parts)
+    return f"{text}. {note}" if note else text
+
+
+def add_caption(fig: Figure, text: str, *, fontsize: float = CAPTION_FONTSIZE) -> Figure:
+    """Put ``text`` in a caption band under the figure: the figure grows by the band's height and
+    every axes keeps its size and place above it, so nothing is overdrawn.
+
+    Parameters
+    ----------
+    fig : Figure
+        A finished figure (laid out).
+    text : str
+        The caption (`provenance_caption`); wrapped to the figure's width.
+    fontsize : float
+        Font size in points.
+
+    Returns
+    -------
+    Figure
+        ``fig``, with a text artist whose gid is "caption".
+    """
+    width, height = fig.get_size_inches()
+    chars = max(40, int(width * 72 / (0.55 * fontsize)))
+    wrapped = "\n".join(textwrap.fill(part, chars) for part in text.split("\n"))
+    band = (wrapped.count("\n") + 1) * fontsize * 1.3 / 72 + 0.12
+    scale = height / (height + band)
+    for ax in fig.axes:
+        x0, y0, w, h = ax.get_position().bounds
+        ax.set_position([x0, band / (height + band) + y0 * scale, w, h * scale])
+    for artist in fig.texts:  # suptitle and figure texts keep their distance from the top
+        x, y = artist.get_position()
+        artist.set_position((x, band / (height + band) + y * scale))
+    fig.set_size_inches(width, height + band)
+    fig.text(0.01, 0.04 / (height + band), wrapped, ha="left", va="bottom", fontsize=fontsize, color="dimgrey",
+             gid="caption")
+    return fig
+
+
+def _finish(fig: Figure, caption: str | None) -> Figure:
+    fig.tight_layout()
+    return add_caption(fig, caption) if caption else fig
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -96,7 +436,7 @@ def ntps_over_k(sweep: pd.DataFrame, *, hue: str | None = None, log_k: bool = Tr
     sns.lineplot(data=sweep, x="k", y="ntps", hue=hue, ax=ax, palette=_PALETTE if hue else None)
     if "m" in sweep.columns and hue is None:
         ax.axvline(int(sweep["m"].iloc[0]), color="grey", ls=":", label="k = m (rank of Sxy Sxy^T)")
-        ax.legend()
+        ax.legend(title="marks", fontsize=8, title_fontsize=8)
     if log_k:
         ax.set_xscale("log")
     ax.set(ylabel="NTPS", ylim=(0, 1.02))
@@ -131,14 +471,14 @@ def bound_check(table: pd.DataFrame, *, x: str = "one_minus_ntps") -> Figure:
     ax.plot(t[x], t["lower_bound"], color="tab:blue", ls=":", label=r"lower: $(\lambda_{k_U}-\lambda_{k+1}) k_U (1-\mathrm{NTPS})$")
     ax.plot(t[x], t["excess_loss"], "o-", color="black", label=r"$\Delta L$ (identity)")
     ax.set(xlabel="1 - NTPS", ylabel="excess in-sample MSE", title="excess loss and its bounds")
-    ax.legend(fontsize=8)
+    ax.legend(title="excess loss", fontsize=8, title_fontsize=8)
     with np.errstate(divide="ignore", invalid="ignore"):
         up = np.where(t["upper_bound"] > 0, t["excess_loss"] / t["upper_bound"], np.nan)
         low = np.where(t["excess_loss"] > 0, t["lower_bound"] / t["excess_loss"], np.nan)
     tight.plot(t[x], up, "o-", label=r"$\Delta L$ / upper")
     tight.plot(t[x], low, "s-", label=r"lower / $\Delta L$")
     tight.set(xlabel="1 - NTPS", ylabel="ratio (1 = tight)", ylim=(0, 1.05), title="tightness")
-    tight.legend(fontsize=8)
+    tight.legend(title="ratio", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -172,51 +512,211 @@ def identity_check(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy", hue: str = "model",
-                    label: str | None = "dataset", title: str | None = None, diagonal: bool = False) -> Figure:
-    """One point per dataset (and ``hue``): a score against a target, points labelled; with
-    ``lower``/``upper`` columns, each point carries the score's interval as a horizontal bar.
+def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy", title: str | None = None,
+                    diagonal: bool = False, caption: str | None = None) -> Figure:
+    """One point per dataset (and model): a score against a target, in the series' colours (one
+    per dataset) and markers (one per model, hollow for a random control); with ``lower`` /
+    ``upper`` columns each point carries the score's interval as a horizontal bar in its colour.
+    The legends (titles "dataset", "model") name the points: no text is written on the axes.
 
     Parameters
     ----------
     frame : DataFrame
-        One row per point, with columns ``x`` and ``y``.
+        One row per point, with columns ``dataset``, ``x`` and ``y`` (and ``model``).
     x, y : str
         Columns of the score and the target.
-    hue : str
-        Column that colours the points (ignored when absent).
-    label : str, optional
-        Column whose value annotates each point (its last "/" part, 18 characters at most).
     title : str, optional
     diagonal : bool
         Draw y = x.
+    caption : str, optional
+        A caption line under the figure (`provenance_caption`).
 
     Returns
     -------
     Figure
         A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
-    _require(frame, [x, y], "across_datasets")
-    fig, (ax,) = _figure(1, width=5.5, height=4.0)
-    if {"lower", "upper"} <= set(frame.columns):  # the score's interval (e.g. study.ntps_with_intervals)
-        ax.hlines(frame[y], frame["lower"], frame["upper"], color="grey", lw=1.2, zorder=1)
-    sns.scatterplot(data=frame, x=x, y=y, hue=hue if hue in frame.columns else None, ax=ax, palette=_PALETTE, s=50)
-    if label and label in frame.columns:
-        for _, row in frame.iterrows():
-            ax.annotate(str(row[label]).split("/")[-1][:18], (row[x], row[y]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+    _require(frame, ["dataset", x, y], "across_datasets")
+    fig, (ax,) = _figure(1, width=5.8, height=4.0)
+    models = frame["model"] if "model" in frame.columns else pd.Series("", index=frame.index)
+    bars = {"lower", "upper"} <= set(frame.columns)
+    for (_, row), model in zip(frame.iterrows(), models):
+        if bars and np.isfinite(row["lower"]) and np.isfinite(row["upper"]):
+            ax.hlines(row[y], row["lower"], row["upper"], color=dataset_color(row["dataset"]), lw=1.2, zorder=2)
+        _scatter(ax, row[x], row[y], dataset=row["dataset"], model=model)
     if diagonal:  # y = x, for before/after comparisons
         lo = float(min(frame[x].min(), frame[y].min()))
         hi = float(max(frame[x].max(), frame[y].max()))
         ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1)
-    if ax.get_legend() is not None:
-        ax.legend(fontsize=7)
-    ax.set(title=title)
-    fig.tight_layout()
-    return fig
+    _legends(ax, frame["dataset"], models.unique() if "model" in frame.columns else None)
+    ax.set(title=title, xlabel=x, ylabel=y)
+    return _finish(fig, caption)
 
 
-def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> Figure:
+def _draw_intervals(ax, frame: pd.DataFrame, *, x: str, y: str) -> None:
+    """Points with the interval of x that belongs to each (``lower``, ``upper``; ``centre`` where
+    the interval is not centred on the point, marked by a tick; dotted where ``reliable`` is
+    False), in the series' colours and markers."""
+    for _, row in frame.iterrows():
+        color = dataset_color(row["dataset"])
+        if np.isfinite(row.get("lower", np.nan)) and np.isfinite(row.get("upper", np.nan)):
+            dotted = row.get("reliable") is False or row.get("reliable") is np.False_
+            ax.hlines(row[y], row["lower"], row["upper"], color=color, lw=1.5, zorder=2, ls=":" if dotted else "-")
+            centred = row.get("centred")
+            if not (centred is True or centred is np.True_) and np.isfinite(row.get("centre", np.nan)):
+                ax.plot(row["centre"], row[y], marker="|", ms=10, mew=1.6, color=color, zorder=2)
+        _scatter(ax, row[x], row[y], dataset=row["dataset"], model=row.get("model", ""))
+
+
+def _interval_marks(frame: pd.DataFrame) -> tuple[list[Line2D], str]:
+    """Legend entries that say what the interval bars of ``frame`` are, and a caption note."""
+    handles, notes = [], []
+    has = frame.dropna(subset=["lower", "upper"]) if {"lower", "upper"} <= set(frame.columns) else frame.iloc[:0]
+    centred = has["centred"].astype(object).map(lambda v: v is True or v is np.True_)
+    for text in dict.fromkeys(has.loc[centred, "interval"]):
+        handles.append(Line2D([], [], color="black", lw=1.5, label=textwrap.fill(text, 34)))
+        notes.append(f"bars: {text}, centred on the point")
+    if (has.loc[centred, "reliable"].astype(object) == False).any():  # noqa: E712  (booleans or NaN)
+        handles.append(Line2D([], [], color="black", lw=1.5, ls=":", label="estimate flagged unreliable\n(subspace noise)"))
+        notes.append("dotted: the estimator's reliable flag is False (do not read it as the population NTPS)")
+    for text in dict.fromkeys(has.loc[~centred, "interval"]):
+        handles.append(Line2D([], [], color="black", lw=1.5, marker="|", ms=9,
+                              label=textwrap.fill(f"{text}; | its own centre", 34)))
+        notes.append(f"bars: {text}s, each centred on its own centre (tick), not on the estimate (marker), which "
+                     "it can exclude: this study has no estimates table")
+    return handles, "; ".join(notes)
+
+
+def ntps_intervals(points: pd.DataFrame, *, y: str = "accuracy", title: str | None = None,
+                   caption: str | None = None) -> Figure:
+    """NTPS with the interval that belongs to each value, against a probe target, one point per
+    dataset (`ntps_nb.study.interval_points`): the estimates table's estimate with its jackknife
+    interval (centred on it; dotted where the estimator flags it unreliable), or, for a study
+    without estimates, the plug-in NTPS with its shard-bootstrap interval, which is centred on the
+    bootstrap's own centre (a tick), not on the point; the legend says which.
+
+    Parameters
+    ----------
+    points : DataFrame
+        Rows of `ntps_nb.study.interval_points`: dataset, ntps, lower, upper, centre, centred,
+        reliable, interval, layer, k, estimator and ``y``.
+    y : str
+        The target column on the y axis.
+    title : str, optional
+    caption : str, optional
+        A caption line under the figure (`provenance_caption`); the interval's note is appended.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
+    _require(points, ["dataset", "ntps", "lower", "upper", "centre", "centred", "interval", "layer", "k", "estimator", y],
+             "ntps_intervals")
+    fig, (ax,) = _figure(1, width=6.6, height=4.0)
+    _draw_intervals(ax, points, x="ntps", y=y)
+    marks, note = _interval_marks(points)
+    models = points["model"].unique() if "model" in points.columns else None
+    _legends(ax, points["dataset"], models, extra=marks, extra_title="interval")
+    estimators = ", ".join(dict.fromkeys(points["estimator"].astype(str)))
+    ax.set(xlabel=f"NTPS at layer {int(points['layer'].iloc[0])}, k = {points['k'].iloc[0]:g} ({estimators})",
+           ylabel=y, title=title)
+    if caption is not None and note:
+        caption = f"{caption}. {note}"
+    return _finish(fig, caption)
+
+
+def _p_text(row: Mapping) -> str:
+    p = row.get("p_value", np.nan)
+    if not np.isfinite(p):
+        return ""
+    side = {"one-sided greater": "one-sided", "one-sided less": "one-sided"}.get(row.get("p_side"), row.get("p_side"))
+    return f"p {'< 0.001' if p < 0.001 else f'= {p:.3f}'} ({side})"
+
+
+def _rho_text(row: Mapping) -> str:
+    """"rho = +0.59 [-0.57, +0.93]" and the p-value on a second line."""
+    text = f"rho = {row['estimate']:+.2f}"
+    if np.isfinite(row.get("lower", np.nan)) and np.isfinite(row.get("upper", np.nan)):
+        text += f" [{row['lower']:+.2f}, {row['upper']:+.2f}]"
+    p = _p_text(row)
+    return f"{text}\n{p}" if p else text
+
+
+#: Row names of the headline figure, per selection.
+_HEADLINE_ROWS = {"leave_one_dataset_out": "out of sample (leave-one-dataset-out)",
+                  "fixed": "fixed configuration, with intervals"}
+
+
+def headline(data, *, caption: str | bool = True) -> Figure:
+    """The series' headline figure: out-of-sample NTPS against the probe target across datasets,
+    each pretrained model beside its random-initialised control (one column per model), one row
+    per selection (`ntps_nb.study.headline_points`): leave-one-dataset-out (x: the held-out rank,
+    the configuration chosen on the other datasets) and a fixed configuration (x: NTPS with the
+    interval that belongs to it). Each panel's title gives rho with its interval and p-value as
+    the study computed them (nothing is computed here).
+
+    Parameters
+    ----------
+    data : ntps_nb.study.Headline
+        Its ``points`` (selection, model, dataset, x, y, lower, upper, centre, centred, reliable,
+        interval, estimator, provenance columns) and ``rho`` (selection, model, pretrained,
+        estimate, lower, upper, p_value, p_side, n_datasets, config, x_label).
+    caption : str or bool
+        The caption line under the figure: True builds it from the points' provenance
+        (`provenance_caption`) with a note on what the rows and bars are; False: none.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
+    points, rho = data.points, data.rho
+    _require(points, ["selection", "model", "dataset", "x", "y"], "headline")
+    _require(rho, ["selection", "model", "estimate", "x_label"], "headline")
+    selections = [s for s in _HEADLINE_ROWS if s in set(rho["selection"])]
+    models = _model_order(rho["model"])
+    fig, axes = plt.subplots(len(selections), len(models), figsize=(3.2 * len(models) + 0.4, 3.2 * len(selections)),
+                             squeeze=False, sharey=True)
+    plt.close(fig)
+    for i, selection in enumerate(selections):
+        for j, model in enumerate(models):
+            ax = axes[i, j]
+            found = rho[(rho["selection"] == selection) & (rho["model"] == model)]
+            part = points[(points["selection"] == selection) & (points["model"] == model)]
+            kind = "random-initialised" if is_random_control(model) or not bool(
+                found["pretrained"].iloc[0] if len(found) and "pretrained" in found else True) else "pretrained"
+            head = f"{model}\n({kind})\n" if i == 0 else ""
+            if found.empty:
+                ax.text(0.5, 0.5, f"no {selection.replace('_', ' ')}\n(too few datasets)", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="dimgrey")
+                ax.set_title(head.strip(), fontsize=9)
+                continue
+            row = found.iloc[0]
+            _draw_intervals(ax, part.assign(model=model), x="x", y="y")
+            if selection == "leave_one_dataset_out":
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.set_title(f"{head}{_rho_text(row)}", fontsize=8.5)
+            ax.set_xlabel(textwrap.fill(str(row["x_label"]), 40), fontsize=8)
+        axes[i, 0].set_ylabel(f"{_HEADLINE_ROWS[selections[i]]}\n\nprobe {data.target} (held-out texts)", fontsize=8.5)
+    marks, note = _interval_marks(points)
+    if len(selections) > 1:
+        _legends(axes[0, -1], points["dataset"], models)
+        _legends(axes[-1, -1], None, extra=marks, extra_title="interval")
+    else:
+        _legends(axes[0, -1], points["dataset"], models, extra=marks, extra_title="interval")
+    if caption is True:
+        said = {"leave_one_dataset_out": "leave-one-dataset-out rho with its 95% bootstrap interval and permutation "
+                                         "p, the selection redone in each",
+                "fixed": "fixed-configuration rho with a bootstrap interval over datasets and a permutation p"}
+        rows = "; ".join(said[s] for s in selections)
+        caption = provenance_caption(points, models=models, estimator=", ".join(dict.fromkeys(
+            points.loc[points["selection"] == "fixed", "estimator"].astype(str))) or None,
+            note=f"{rows}. {note}" if note else rows)
+    return _finish(fig, caption or None)
+
+
+def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy", caption: str | None = None) -> Figure:
     """rho (``estimate``) with its interval (``lower``, ``upper``, where the row has one) per score
     and selection for one target, one panel per model (`ntps_nb.study.correlation_summary` rows).
 
@@ -227,6 +727,8 @@ def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> F
         ``lower``, ``upper``).
     target : str
         The target whose rows are drawn.
+    caption : str, optional
+        A caption line under the figure (`provenance_caption`).
 
     Returns
     -------
@@ -253,8 +755,11 @@ def correlation_summary(summary: pd.DataFrame, *, target: str = "accuracy") -> F
         ax.set_yticks(ypos, m["what"], fontsize=8)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set(xlim=(-1.05, 1.05), xlabel=f"Spearman rho with {target}", title=model)
-    fig.tight_layout()
-    return fig
+    labels = ("leave-one-dataset-out", "in-sample (the paper's)", "no selection / other")
+    handles = [Line2D([], [], ls="none", marker="o", color=c, label=t) for c, t in zip(colors, labels)]
+    handles.append(Line2D([], [], color="grey", lw=1, label="95% interval (where one exists)"))
+    _legends(axes[-1], None, extra=handles, extra_title="selection")
+    return _finish(fig, caption)
 
 
 def selection_null(null: np.ndarray, observed: float, *, title: str = "in-sample max under shuffled targets") -> Figure:
@@ -277,7 +782,7 @@ def selection_null(null: np.ndarray, observed: float, *, title: str = "in-sample
     ax.hist(np.asarray(null), bins=30, color="lightgrey", edgecolor="grey")
     ax.axvline(observed, color="tab:red", label=f"observed {observed:+.2f}")
     ax.set(xlabel="best rho over configurations", ylabel="permutations", title=title)
-    ax.legend()
+    ax.legend(title="in-sample maximum", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -349,7 +854,7 @@ def word_projections(frame: pd.DataFrame) -> Figure:
             for _, row in part.iterrows():
                 ax.annotate(row["word"], (row["axis1"], row["axis2"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
         ax.set(title=f"top-2 {space} directions", xlabel=f"{space} axis 1", ylabel=f"{space} axis 2")
-        ax.legend(fontsize=7)
+        ax.legend(title="group", fontsize=7, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -417,20 +922,34 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
     return fig
 
 
-def diagnostics_bands(diag: pd.DataFrame, published: pd.DataFrame | None = None) -> Figure:
-    """Left: NTPS of each variant and configuration across datasets (one point per dataset), with
-    the paper's published per-model ranges (min-max over its 12 datasets) as shaded bands. Right:
-    the label-permutation z-score of the same values (dashed: z = 2); a score that follows the
-    task's labels sits well above the line.
+def _dodge(datasets: Sequence[str], width: float = 0.6) -> dict[str, float]:
+    """A fixed horizontal offset per dataset inside a category (no random jitter: the same dataset
+    sits at the same place in every category, and no two datasets overprint)."""
+    order = dataset_order(datasets)
+    step = width / max(len(order), 1)
+    return {name: (i - (len(order) - 1) / 2) * step for i, name in enumerate(order)}
+
+
+def diagnostics_bands(diag: pd.DataFrame, published: pd.DataFrame | None = None, *,
+                      caption: str | None = None) -> Figure:
+    """The diagnostics per variant (one row of panels each, theory first): NTPS of each configuration
+    across datasets (one point per dataset, in its colour, at a fixed offset), and the
+    label-permutation z-score of the same values (dashed: z = +2 and -2; shaded: z < -2, where the
+    real labels give a LOWER NTPS than shuffled ones). Beside the reference variant's NTPS, the
+    paper's published NTPS per model (min-max over its 12 datasets, one labelled bar per model):
+    the paper published the reference variant only, so the theory row has no such comparison.
 
     ``diag``: `ntps_nb.study.diagnostics_summary`; ``published``: `ntps_nb.load_published("fig2_accuracy")`.
 
     Parameters
     ----------
     diag : DataFrame
-        Rows with ``variant``, ``config`` ("name=value"), ``ntps``, ``perm_z``, ``dataset``.
+        Rows with ``variant``, ``config`` ("name=value"), ``ntps``, ``perm_z``, ``dataset`` (and
+        ``model``).
     published : DataFrame, optional
-        Rows with ``model`` and ``ntps``; their per-model min-max are the bands.
+        Rows with ``model`` and ``ntps``; their per-model min-max are the bars.
+    caption : str, optional
+        A caption line under the figure (`provenance_caption`).
 
     Returns
     -------
@@ -438,26 +957,67 @@ def diagnostics_bands(diag: pd.DataFrame, published: pd.DataFrame | None = None)
         A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
     _require(diag, ["variant", "config", "ntps", "perm_z", "dataset"], "diagnostics_bands")
-    fig, (left, right) = _figure(2, width=6.0, height=4.2)
-    numeric = diag["config"].str.split("=").str[-1].astype(float)
-    order = list(dict.fromkeys(diag.assign(_n=numeric).sort_values(["variant", "_n"])["config"]))
-    if published is not None and not published.empty:
-        bands = published.groupby("model")["ntps"].agg(["min", "max"])
-        for i, (model, row) in enumerate(bands.iterrows()):
-            left.axhspan(row["min"], row["max"], color="grey", alpha=0.12, lw=0)
-            left.annotate(model.split("/")[-1], (len(order) - 0.5, row["max"]), fontsize=6, color="dimgrey",
-                          ha="right", va="bottom")
-    for ax, column, title in ((left, "ntps", "NTPS (grey: the paper's per-model ranges)"),
-                              (right, "perm_z", "label-permutation z-score")):
-        sns.stripplot(data=diag, x="config", y=column, hue="variant", order=order, ax=ax, palette=_PALETTE,
-                      dodge=False, size=5, jitter=0.15)
-        ax.set(title=title, xlabel="configuration (theory: k, reference: fraction)")
-        ax.tick_params(axis="x", labelrotation=45)
-    left.set(ylim=(-0.02, 1.02))
-    right.axhline(2.0, ls="--", color="black", lw=1)
-    right.set_yscale("symlog", linthresh=2.0)
-    fig.tight_layout()
-    return fig
+    variants = [v for v in ("theory", "reference") if v in set(diag["variant"])]
+    variants += sorted(set(diag["variant"]) - set(variants))
+    fig = plt.figure(figsize=(12.5, 3.3 * len(variants)))
+    plt.close(fig)
+    grid = fig.add_gridspec(len(variants), 3, width_ratios=[3.0, 1.1, 3.0])
+    offsets = _dodge(diag["dataset"])
+    models = diag["model"] if "model" in diag.columns else pd.Series("", index=diag.index)
+    diag = diag.assign(_model=models.to_numpy(), _value=diag["config"].str.split("=").str[-1].astype(float))
+    z_axes = []
+    for row, variant in enumerate(variants):
+        part = diag[diag["variant"] == variant]
+        order = list(dict.fromkeys(part.sort_values("_value")["config"]))
+        left, right = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 2])
+        for ax, column in ((left, "ntps"), (right, "perm_z")):
+            for _, r in part.iterrows():
+                _scatter(ax, order.index(r["config"]) + offsets[r["dataset"]], r[column], dataset=r["dataset"],
+                         model=r["_model"], size=30)
+            ax.set_xticks(range(len(order)), order)
+            ax.set_xlim(-0.6, len(order) - 0.4)
+            ax.set_xlabel(f"configuration ({'k' if variant == 'theory' else 'fraction f' if variant == 'reference' else 'setting'})")
+        left.set(ylim=(-0.02, 1.02), ylabel="NTPS", title=f"{variant}: NTPS on real labels (a point per dataset, layer)")
+        right.axhspan(-1e6, -2.0, color="tab:red", alpha=0.07, lw=0)
+        for level in (2.0, -2.0):
+            right.axhline(level, ls="--", color="black", lw=1)
+        right.set_yscale("symlog", linthresh=2.0)
+        right.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([-1000, -100, -10, -2, 0, 2, 10, 100, 1000]))
+        right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        right.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        low, high = float(np.nanmin(part["perm_z"])), float(np.nanmax(part["perm_z"]))
+        right.set_ylim(min(low * 1.3, -3.0), max(high * 1.3, 3.0))
+        right.set(ylabel="z (null standard deviations)", title=f"{variant}: label-permutation z-score")
+        z_axes.append(right)
+        middle = fig.add_subplot(grid[row, 1], sharey=left)
+        if variant == "reference" and published is not None and not published.empty:
+            bands = published.groupby("model", sort=False)["ntps"].agg(["min", "max"])
+            positions = np.arange(len(bands))
+            middle.vlines(positions, bands["min"], bands["max"], color="dimgrey", lw=3)
+            middle.set_xticks(positions, [m.split("/")[-1] for m in bands.index], rotation=90, fontsize=7)
+            middle.set_xlim(-0.8, len(bands) - 0.2)
+            middle.set_title("the paper (Fig. 2):\nreference NTPS per model", fontsize=9)
+            middle.tick_params(axis="y", labelleft=False)
+        else:
+            middle.set_axis_off()
+            if variant == "theory":
+                middle.text(0.5, 0.5, "the paper published\nthe reference variant\nonly: nothing to\ncompare the theory\n"
+                            "values with", ha="center", va="center", fontsize=8, color="dimgrey",
+                            transform=middle.transAxes)
+    extra = [Line2D([], [], ls="--", color="black", lw=1, label="z = +2 / -2"),
+             matplotlib.patches.Patch(color="tab:red", alpha=0.15, label="z < -2: real labels give lower\nNTPS than shuffled ones")]
+    if published is not None and not published.empty and "reference" in variants:
+        extra.append(Line2D([], [], color="dimgrey", lw=3, label="paper: min-max over its\n12 datasets (in-sample f)"))
+    if len(z_axes) > 1:
+        _legends(z_axes[0], diag["dataset"], models.unique() if "model" in diag.columns else None)
+        _legends(z_axes[-1], None, extra=extra)
+    else:
+        _legends(z_axes[0], diag["dataset"], models.unique() if "model" in diag.columns else None, extra=extra)
+    if caption and {"n_permutations", "layer"} <= set(diag.columns):
+        caption += (f". Diagnostic layers {', '.join(str(int(v)) for v in sorted(diag['layer'].unique()))}; "
+                    f"z from {_span([int(v) for v in diag['n_permutations'].dropna().unique()])} label permutations "
+                    "per point")
+    return _finish(fig, caption)
 
 
 def interval_width(table: pd.DataFrame) -> Figure:
@@ -484,7 +1044,7 @@ def interval_width(table: pd.DataFrame) -> Figure:
     n0, w0 = table["n_texts"].iloc[0], table["width"].iloc[0]
     right.loglog(table["n_texts"], w0 * np.sqrt(n0 / table["n_texts"]), "--", color="grey", label="1/sqrt(N)")
     right.set(xlabel="texts N", ylabel="interval width", title="interval width against N")
-    right.legend(fontsize=8)
+    right.legend(title="width", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -607,7 +1167,7 @@ def whitened_subspaces(perception: np.ndarray, next_token: np.ndarray, *, ks: Se
         ax.set_box_aspect((1, 1, 1))
         ax.set_axis_off()
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(title="subspace", fontsize=8, title_fontsize=8, loc="upper left")
     fig.suptitle(r"whitened coordinates $z = S_{xx}^{-1/2}\bar x$: perception (blue), next-token (red)", fontsize=10)
     fig.tight_layout()
     return fig

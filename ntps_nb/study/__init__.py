@@ -118,8 +118,9 @@ from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, 
                                   stage_store, unit_folder_stages, write_unit)
 from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, run_study, stage_status,
                                   study_status, unit_status)
-from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, correlation_summary, diagnostics_summary,
-                                  estimates_markdown, estimates_summary, fixed_ntps, lora_summary, ntps_with_intervals,
+from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, Headline, correlation_summary, diagnostics_summary,
+                                  estimates_markdown, estimates_summary, fixed_ntps, headline_points, interval_points,
+                                  lora_summary, ntps_with_intervals,
                                   pretraining_contrast, probe_targets, resolve_targets, structure_controls,
                                   structure_markdown, summarise, summary_markdown)
 from ntps_nb.study.cli import register_cli
@@ -127,7 +128,8 @@ from ntps_nb.study.cli import register_cli
 __all__ = [
     "CSV_FLOAT_FORMAT", "DatasetFile", "RESULTS_ROOT", "STAGES", "STUDY_VERSION", "TABLES", "TARGETS",
     "TARGET_ALIASES", "Stage", "StageStore", "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder",
-    "combine", "correlation_summary", "diagnostics_summary", "estimates_markdown", "estimates_summary", "fixed_ntps",
+    "Headline", "combine", "correlation_summary", "diagnostics_summary", "estimates_markdown", "estimates_summary",
+    "fixed_ntps", "headline_points", "interval_points",
     "load_config", "load_results", "load_units", "lora_summary", "ntps_with_intervals", "pretraining_contrast",
     "probe_targets", "register_cli", "resolve_layers", "resolve_targets", "run_study", "run_unit", "stage_keys",
     "stage_states", "stage_status", "stage_store", "structure_controls", "structure_markdown", "study_status",

@@ -4,6 +4,7 @@ Markdown. Pure pandas on top of `ntps_nb.core.stats`: the statistics themselves 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Sequence
 
@@ -191,6 +192,16 @@ def _baseline_rows(baselines: dict[str, Any], y: np.ndarray, base: dict, *, targ
     return rows
 
 
+def _score_frame(ntps_table: pd.DataFrame, targets: pd.DataFrame, *, model: str, variant: str,
+                 target: str) -> pd.DataFrame:
+    """One model's NTPS of ``variant`` per (dataset, configuration) beside the dataset's ``target``:
+    columns dataset, layer, k (theory) or fraction (reference), ntps, ``target``; NaN NTPS dropped."""
+    cfg_cols = ["layer", "k"] if variant == "theory" else ["layer", "fraction"]
+    scores = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
+    frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets[["dataset", target]], on="dataset")
+    return frame.dropna(subset=["ntps"])
+
+
 def correlation_summary(
     tables: dict[str, pd.DataFrame], *, method: str = "spearman", protocol: str = "heldout",
     n_boot: int = 1000, n_perm: int = 2000, seed: int = 0, targets: Sequence[str] = (*TARGETS, "lora_gain"),
@@ -266,9 +277,7 @@ def correlation_summary(
             base_t = {**base, "n_datasets": int(targets_t["dataset"].nunique())}
             for variant in variants:
                 cfg_cols = ["layer", "k"] if variant == "theory" else ["layer", "fraction"]
-                scores = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == variant)]
-                frame = scores[["dataset", *cfg_cols, "ntps"]].merge(targets_t[["dataset", target]], on="dataset")
-                frame = frame.dropna(subset=["ntps"])
+                frame = _score_frame(ntps_table, targets_t, model=model, variant=variant, target=target)
                 if frame["dataset"].nunique() < 3:  # scores of too few datasets (e.g. units still running)
                     continue
                 rows += _selection_rows(frame, base_t, target=target, name=f"ntps_{variant}", cfg_cols=cfg_cols,
@@ -550,6 +559,249 @@ def ntps_with_intervals(tables: dict[str, pd.DataFrame], *, model: str, k: int, 
     targets = probe_targets(tables["probes"], protocol=protocol)
     targets = targets[targets["model"] == model].drop(columns=["layer"], errors="ignore")
     return rows[keep].merge(targets, on="dataset").assign(model=model).reset_index(drop=True)
+
+
+#: Provenance columns `interval_points` and `headline_points` carry from the study's rows.
+PROVENANCE_COLUMNS = ("study", "pretrained", "n_train", "n_test", "max_length", "seed", "package_version",
+                      "config_hash")
+
+
+def _centre(rows: pd.DataFrame) -> np.ndarray:
+    """The centre of each shard-bootstrap interval: estimate - bootstrap bias for "basic" (the
+    interval reflects the replicates around the estimate), estimate + bias for "percentile", NaN
+    for "bca" (no single centre)."""
+    method = rows["method"].astype(str).to_numpy() if "method" in rows else np.full(len(rows), "basic")
+    bias = rows["bias_bootstrap"].to_numpy(float) if "bias_bootstrap" in rows else np.full(len(rows), np.nan)
+    ntps = rows["ntps"].to_numpy(float)
+    return np.where(method == "basic", ntps - bias, np.where(method == "percentile", ntps + bias, np.nan))
+
+
+def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, layer: str | int = "last",
+                    protocol: str = "heldout") -> pd.DataFrame:
+    """One row per dataset: the theory NTPS of ``model`` at (``layer``, ``k``) with the interval
+    that belongs to it, beside the probe targets (at the model's last layer).
+
+    - From the ``estimates`` table when the study has it there (the estimates stage): the point is
+      the study estimator's estimate (`ntps_nb.core.estimators.ntps_estimate`), the interval its
+      delete-one-shard jackknife interval, centred on that estimate (``centred`` True), with the
+      estimator's ``reliable`` flag; ``source`` "estimates".
+    - Otherwise from the ``intervals`` table (`ntps_with_intervals`): the point is the plug-in NTPS,
+      the interval its shard-bootstrap interval, which is centred on the bootstrap's own centre
+      (``centre``: estimate - bootstrap bias for the "basic" method), not on the point, and can
+      exclude it where the bias is large (``centred`` False, ``reliable`` NaN); ``source``
+      "intervals".
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    model : str
+        The model.
+    k : int
+        The number of directions.
+    layer : int or "last"
+        The layer ("last": the model's deepest layer with estimates, else with intervals).
+    protocol : str
+        The probe protocol of the targets (`probe_targets`).
+
+    Returns
+    -------
+    DataFrame
+        One row per dataset: model, dataset, layer, k, estimator, ntps (the point), lower, upper,
+        level, interval (how it was made), centre (the interval's own centre), centred, reliable,
+        source, the `PROVENANCE_COLUMNS` and the probe targets (n_classes, accuracy, ...).
+
+    Raises
+    ------
+    ValueError
+        When the study kept neither estimates nor intervals for the model at that layer and k.
+    """
+    estimates = tables.get("estimates")
+    rows = None
+    if estimates is not None and not estimates.empty:
+        rows = estimates[(estimates["model"] == model) & (estimates.get("variant", "theory") == "theory")]
+        if not rows.empty:
+            chosen = int(rows["layer"].max()) if layer == "last" else int(layer)
+            rows = rows[(rows["layer"] == chosen) & np.isclose(rows["k"].astype(float), k)]
+        if rows.empty:
+            rows = None
+    if rows is not None:
+        keep = ["dataset", "layer", "k", "estimator", "estimate", "lower", "upper", "level", "reliable",
+                *[c for c in PROVENANCE_COLUMNS if c in rows.columns]]
+        out = rows[keep].rename(columns={"estimate": "ntps"})
+        out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
+                         interval=[f"{level:.0%} delete-one-shard jackknife interval of the {estimator} estimate"
+                                   for level, estimator in zip(out["level"], out["estimator"])])
+    else:
+        intervals = tables.get("intervals")
+        if intervals is None or intervals.empty:
+            raise ValueError("this study has neither an estimates nor an intervals table "
+                             "(run it with shards and interval_layers)")
+        base = ntps_with_intervals(tables, model=model, k=k, layer=layer, protocol=protocol)
+        rows = intervals[(intervals["model"] == model) & (intervals["variant"] == "theory")
+                         & (intervals["statistic"] == "ntps") & (intervals["layer"] == int(base["layer"].iloc[0]))
+                         & np.isclose(intervals["k"].astype(float), k)]
+        rows = rows.assign(estimator=rows["estimator"] if "estimator" in rows else "plugin")
+        keep = ["dataset", "layer", "k", "estimator", "ntps", "lower", "upper", "level",
+                *[c for c in PROVENANCE_COLUMNS if c in rows.columns]]
+        method = rows["method"].astype(str) if "method" in rows else pd.Series("basic", index=rows.index)
+        out = rows[keep].assign(
+            reliable=np.nan, centre=_centre(rows), centred=False, source="intervals",
+            interval=[f"{level:.0%} shard-bootstrap ({m}) interval of the {e} NTPS"
+                      for level, m, e in zip(rows["level"], method, rows["estimator"])])
+    targets = probe_targets(tables["probes"], protocol=protocol)
+    targets = targets[targets["model"] == model].drop(columns=["model"])
+    out = out.merge(targets, on="dataset").assign(model=model)
+    first = ["model", "dataset", "layer", "k", "estimator", "ntps", "lower", "upper", "level", "interval", "centre",
+             "centred", "reliable", "source"]
+    return out[first + [c for c in out.columns if c not in first]].reset_index(drop=True)
+
+
+#: The selections `headline_points` draws, in the order of the headline figure's rows.
+HEADLINE_SELECTIONS = ("leave_one_dataset_out", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """The headline figure's numbers (`headline_points`).
+
+    ``points``: one row per (selection, model, dataset) with x (what is drawn on the x axis), y
+    (the target), lower / upper / centre of x's interval (NaN without one), centred, reliable,
+    estimator, and the provenance columns. ``rho``: one row per (selection, model) with the
+    correlation result (`ntps_nb.core.selection.RhoResult` columns estimate, lower, upper,
+    p_value, p_side, p_mc_se, exact, n_datasets), the configuration and ``x_label``. ``target``
+    names y; ``k`` is the fixed configuration's k.
+    """
+
+    points: pd.DataFrame
+    rho: pd.DataFrame
+    target: str
+    k: int
+
+
+def _summary_row(summary: pd.DataFrame | None, model: str, target: str) -> dict | None:
+    if summary is None or summary.empty:
+        return None
+    rows = summary[(summary["model"] == model) & (summary["target"] == target) & (summary["score"] == "ntps_theory")
+                   & (summary["selection"] == "leave_one_dataset_out")]
+    return rows.iloc[0].to_dict() if len(rows) else None
+
+
+def headline_points(
+    tables: dict[str, pd.DataFrame], *, summary: pd.DataFrame | None = None, target: str = "accuracy", k: int = 8,
+    method: str = "spearman", n_boot: int = 1000, n_perm: int = 2000, seed: int = 0, protocol: str = "heldout",
+) -> Headline:
+    """The numbers of the series' headline figure: out-of-sample NTPS against the probe target
+    across datasets, per model (pretrained models and their random-initialised controls), in two
+    selections:
+
+    - ``leave_one_dataset_out``: each dataset's configuration (layer, k) chosen on the other
+      datasets (`ntps_nb.core.selection.leave_one_dataset_out`, ranks, ties averaged, as in
+      `correlation_summary`); x is the held-out dataset's rank of NTPS under it (scale-free, so
+      folds that chose different configurations are comparable), no per-point interval. rho,
+      its interval and p-value: the ``summary`` row (`correlation_summary`, score ntps_theory)
+      when given, else `ntps_nb.core.selection.lodo_rho` with the same settings;
+    - ``fixed``: a configuration fixed in advance, the deepest interval layer and ``k``, with the
+      interval that belongs to each point (`interval_points`: the estimates table's estimate and
+      jackknife interval, else the plug-in NTPS and its bootstrap interval, centred elsewhere).
+      rho: `ntps_nb.core.selection.fixed_rho`, one-sided in the target's direction; without
+      estimates or intervals, the last layer's theory NTPS (`fixed_ntps`) and no intervals.
+
+    A selection needs its datasets (4 for leave-one-out, 3 for a fixed rho); models with fewer
+    have no rows there.
+
+    Parameters
+    ----------
+    tables : dict of str to DataFrame
+        A study's combined tables (`ntps_nb.study.runner.load_results`), keyed by table name.
+    summary : DataFrame, optional
+        `correlation_summary` rows of these tables (reused, not recomputed).
+    target : str
+        The probe target on the y axis (`TARGETS`; "kappa" means "kappa_chance").
+    k : int
+        The fixed configuration's number of directions.
+    method : {"spearman", "kendall", "pearson"}
+        The correlation across datasets.
+    n_boot : int
+        Bootstrap resamples of the datasets per interval.
+    n_perm : int
+        Permutations per p-value.
+    seed : int
+        Seed of the permutation and resampling generators.
+    protocol : str
+        The probe protocol of the targets (`probe_targets`).
+
+    Returns
+    -------
+    Headline
+        Its ``points`` and ``rho`` frames.
+    """
+    from ntps_nb.core.selection import MIN_DATASETS, fixed_rho, leave_one_dataset_out, lodo_rho
+    from ntps_nb.core.stats import DegenerateSampleWarning
+
+    target = resolve_targets([target])[0]
+    if target not in TARGETS:
+        raise ValueError(f"the headline's target must be one of {list(TARGETS)}, got {target!r}")
+    direction = TARGETS[target]
+    targets_all = probe_targets(tables["probes"], protocol=protocol)
+    ntps_table = tables["ntps"]
+    provenance = [c for c in PROVENANCE_COLUMNS if c in ntps_table.columns]
+    meta = ntps_table.drop_duplicates(["model", "dataset"]).set_index(["model", "dataset"])[provenance]
+    points, rhos = [], []
+    for model, targets_m in targets_all.groupby("model", sort=False):
+        targets_m = targets_m.dropna(subset=[target])
+        pretrained = bool(ntps_table.loc[ntps_table["model"] == model, "pretrained"].iloc[0])
+        common = {"model": model, "pretrained": pretrained, "target": target}
+        frame = _score_frame(ntps_table, targets_m, model=model, variant="theory", target=target)
+        estimator = ", ".join(sorted(ntps_table.loc[ntps_table["model"] == model].get(
+            "estimator", pd.Series(["plugin"])).dropna().astype(str).unique())) or "plugin"
+        if frame["dataset"].nunique() >= MIN_DATASETS + 1:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateSampleWarning)
+                chosen = leave_one_dataset_out(frame, score="ntps", target=target, configs=["layer", "k"],
+                                               method=method, direction=direction)
+                row = _summary_row(summary, model, target)
+                if row is None:
+                    row = lodo_rho(frame, score="ntps", target=target, configs=["layer", "k"], method=method,
+                                   direction=direction, n_perm=n_perm, n_boot=n_boot, seed=seed).row()
+            if not np.isclose(row["estimate"], chosen.rho, equal_nan=True):
+                raise ValueError(f"the summary's leave-one-dataset-out rho of {model} ({row['estimate']:+.3f}) is not "
+                                 f"these tables' ({chosen.rho:+.3f}): pass the summary of the same tables")
+            folds = chosen.folds
+            points.append(pd.DataFrame({**common, "selection": "leave_one_dataset_out", "dataset": folds["dataset"],
+                                        "x": folds["held_out_score"], "y": folds["target"], "lower": np.nan,
+                                        "upper": np.nan, "centre": np.nan, "centred": np.nan, "reliable": np.nan,
+                                        "estimator": estimator, "interval": "", "layer": np.nan, "k": np.nan}))
+            rhos.append({**common, "selection": "leave_one_dataset_out", **{c: row[c] for c in (
+                "estimate", "lower", "upper", "p_value", "p_side", "p_mc_se", "exact")},
+                "level": 0.95 if np.isfinite(row["lower"]) else np.nan, "n_datasets": int(chosen.n_datasets),
+                "config": f"chosen per fold ({chosen.n_distinct_configs} distinct of {chosen.n_configs})",
+                "x_label": "held-out rank of NTPS (layer, k chosen on the other datasets)"})
+        try:
+            fixed = interval_points(tables, model=model, k=k, protocol=protocol)
+        except ValueError:  # no intervals: the last layer's NTPS at k, without intervals
+            fixed = fixed_ntps(tables, k=k).query("model == @model").assign(
+                lower=np.nan, upper=np.nan, centre=np.nan, centred=np.nan, reliable=np.nan, estimator=estimator,
+                interval="")
+        fixed = fixed.dropna(subset=["ntps", target])
+        if fixed["dataset"].nunique() < MIN_DATASETS:
+            continue
+        result = fixed_rho(fixed["ntps"], fixed[target], method=method, direction=direction, n_perm=n_perm,
+                           n_boot=n_boot, seed=seed)
+        layer_k = f"layer {int(fixed['layer'].iloc[0])}, k = {k}"
+        points.append(pd.DataFrame({**common, "selection": "fixed", "dataset": fixed["dataset"], "x": fixed["ntps"],
+                                    "y": fixed[target], **{c: fixed[c] for c in (
+                                        "lower", "upper", "centre", "centred", "reliable", "estimator", "interval",
+                                        "layer", "k")}}))
+        rhos.append({**common, "selection": "fixed", **{c: getattr(result, c) for c in (
+            "estimate", "lower", "upper", "p_value", "p_side", "p_mc_se", "exact", "level")},
+            "n_datasets": int(result.n_datasets), "config": layer_k,
+            "x_label": f"NTPS at {layer_k} ({fixed['estimator'].iloc[0]})"})
+    if not points:
+        raise ValueError("no model has enough datasets for the headline (3 for a fixed configuration)")
+    out = pd.concat(points, ignore_index=True)
+    out = out.join(meta.drop(columns=["pretrained"], errors="ignore"), on=["model", "dataset"])
+    return Headline(points=out, rho=pd.DataFrame(rhos), target=target, k=int(k))
 
 
 def diagnostics_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
