@@ -416,6 +416,21 @@ def _debiased(shards: list[Moments], ks: np.ndarray, *, rtol: float, drop: int |
     return values, reliability
 
 
+def _plugin_on_halves(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
+                      drop: int | None) -> tuple[list[np.ndarray], list[int]]:
+    """The plug-in at ks on both halves of ``n_splits`` seeded splits (NaN for a half with a single
+    class), and the halves' text counts."""
+    values, sizes = [], []
+    for split in range(n_splits):
+        for half in _halves(shards, seed + split, drop):
+            try:
+                values.append(theory_values(theory_geometry(half, rtol=rtol), ks))
+            except ValueError:  # a half with a single class
+                values.append(np.full(ks.shape, np.nan))
+            sizes.append(half.n_texts)
+    return values, sizes
+
+
 def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
                  drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rational extrapolation to N = infinity from the plug-in at N and at N / 2.
@@ -430,13 +445,7 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
     full = _pooled(shards, drop)
     geometry = theory_geometry(full, rtol=rtol)
     x_full = theory_values(geometry, ks)
-    halves = []
-    for split in range(n_splits):
-        for half in _halves(shards, seed + split, drop):
-            try:
-                halves.append(theory_values(theory_geometry(half, rtol=rtol), ks))
-            except ValueError:  # a half with a single class
-                halves.append(np.full(ks.shape, np.nan))
+    halves, _ = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     chance = np.minimum(ks, geometry.r_U) / geometry.r_U
     x = x_full - chance
     y = np.mean(halves, axis=0) - chance
@@ -460,15 +469,8 @@ def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: i
     """
     full = _pooled(shards, drop)
     x_full = theory_values(theory_geometry(full, rtol=rtol), ks)
-    halves, inverse_sizes = [], []
-    for split in range(n_splits):
-        for half in _halves(shards, seed + split, drop):
-            try:
-                halves.append(theory_values(theory_geometry(half, rtol=rtol), ks))
-            except ValueError:  # a half with a single class
-                halves.append(np.full(ks.shape, np.nan))
-            inverse_sizes.append(1.0 / half.n_texts)
-    h = float(np.mean(inverse_sizes))
+    halves, sizes = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
+    h = float(np.mean(1.0 / np.asarray(sizes, dtype=np.float64)))
     w = h / (h - 1.0 / full.n_texts)
     return w * x_full + (1 - w) * np.mean(halves, axis=0), np.full(ks.shape, np.nan)
 
