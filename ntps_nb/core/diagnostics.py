@@ -364,6 +364,58 @@ def _tail(real: np.ndarray, null: np.ndarray, atol: float) -> dict[str, np.ndarr
             "perm_z": z}
 
 
+
+def diagnostics_frame(variants, grids: dict, perturbed: dict, null: dict, rank_changes: dict, solver_dev: dict, *,
+                      n_perturb: int, n_permutations: int, perturb_scale: float, seed: int, estimator: str,
+                      provenance: dict) -> pd.DataFrame:
+    """The table of `ntps_diagnostics` from its parts (shared with the torch backend's copy).
+
+    Parameters
+    ----------
+    variants : the variants computed, in order.
+    grids : per variant, the real NTPS grid: ``ntps``, ``ranks`` (r_U, r_V), ``fractions`` and, for
+        the theory variant, ``geometry`` and ``ks``; for the reference variant, ``counts``.
+    perturbed, null : per variant, (n_perturb, K) perturbed and (n_permutations, K) label-null values.
+    rank_changes, solver_dev : per variant, the perturbed copies whose ranks changed and the solver
+        spread per row.
+    n_perturb, n_permutations, perturb_scale, seed, estimator : as in `ntps_diagnostics`.
+    provenance : constant columns added to every row.
+
+    Returns
+    -------
+    DataFrame with the columns of `ntps_diagnostics`.
+    """
+    frames = []
+    for name in variants:
+        grid = grids[name]
+        real = grid["ntps"]
+        n_rows = real.size
+        max_dev = _column_stats(np.abs(perturbed[name] - real[None, :]))["max"]
+        std = _column_stats(perturbed[name])["std"]
+        tail = (_tail(real, null[name], PERM_TIE_ATOL[name]) if n_permutations
+                else {**dict.fromkeys(("perm_mean", "perm_std", "p_value"), np.full(n_rows, np.nan)),
+                      "p_side": PERM_P_SIDE, "perm_z": np.full(n_rows, np.nan)})
+        r_U, r_V = grid["ranks"]
+        if name == "theory":
+            geometry = grid["geometry"]
+            ks = grid["ks"]
+            columns = {"k": pd.array(ks, dtype="Int64"), "fraction": grid["fractions"],
+                       "k_U": pd.array(np.minimum(ks, geometry.m), dtype="Int64"), "k_V": pd.array(ks, dtype="Int64"),
+                       "m": pd.array([geometry.m] * n_rows, dtype="Int64"), "precision": "float64"}
+        else:  # k is a theory notion; the reference rows are indexed by fraction
+            columns = {"k": pd.array([pd.NA] * n_rows, dtype="Int64"), "fraction": grid["fractions"],
+                       "k_U": pd.array(grid["counts"][:, 0], dtype="Int64"),
+                       "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
+                       "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
+        frames.append(pd.DataFrame({
+            "variant": name, "estimator": estimator if name == "theory" else "plugin", **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
+            "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
+            **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
+            "n_permutations": n_permutations, "seed": seed, **provenance,
+        }, index=pd.RangeIndex(n_rows)))
+    return pd.concat(frames, ignore_index=True)
+
+
 def ntps_diagnostics(
     moments: Moments,
     features: Float[np.ndarray, "N d"] | None = None,
@@ -528,35 +580,9 @@ def ntps_diagnostics(
             spread = _column_stats(np.vstack(values))
             solver_dev[name] = spread["max"] - spread["min"]
 
-    frames = []
-    for name in variants:
-        grid = grids[name]
-        real = grid["ntps"]
-        n_rows = real.size
-        max_dev = _column_stats(np.abs(perturbed[name] - real[None, :]))["max"]
-        std = _column_stats(perturbed[name])["std"]
-        tail = (_tail(real, null[name], PERM_TIE_ATOL[name]) if n_permutations
-                else {**dict.fromkeys(("perm_mean", "perm_std", "p_value"), np.full(n_rows, np.nan)),
-                      "p_side": PERM_P_SIDE, "perm_z": np.full(n_rows, np.nan)})
-        r_U, r_V = grid["ranks"]
-        if name == "theory":
-            geometry = grid["geometry"]
-            ks = grid["ks"]
-            columns = {"k": pd.array(ks, dtype="Int64"), "fraction": grid["fractions"],
-                       "k_U": pd.array(np.minimum(ks, geometry.m), dtype="Int64"), "k_V": pd.array(ks, dtype="Int64"),
-                       "m": pd.array([geometry.m] * n_rows, dtype="Int64"), "precision": "float64"}
-        else:  # k is a theory notion; the reference rows are indexed by fraction
-            columns = {"k": pd.array([pd.NA] * n_rows, dtype="Int64"), "fraction": grid["fractions"],
-                       "k_U": pd.array(grid["counts"][:, 0], dtype="Int64"),
-                       "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
-                       "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
-        frames.append(pd.DataFrame({
-            "variant": name, "estimator": estimator if name == "theory" else "plugin", **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
-            "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
-            **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
-            "n_permutations": n_permutations, "seed": seed, **provenance,
-        }, index=pd.RangeIndex(n_rows)))
-    return pd.concat(frames, ignore_index=True)
+    return diagnostics_frame(variants, grids, perturbed, null, rank_changes, solver_dev, n_perturb=n_perturb,
+                             n_permutations=n_permutations, perturb_scale=perturb_scale, seed=seed,
+                             estimator=estimator, provenance=provenance)
 
 
 def _check_diagnostics_estimator(estimator: str, variants: list[str], moments: Moments) -> None:

@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 
 from ntps_nb.core.diagnostics import (
+    diagnostics_frame,
     FEATURE_MATCH_RTOL,
     PERM_P_SIDE,
     PERM_TIE_ATOL,
@@ -1178,35 +1179,9 @@ def ntps_diagnostics_torch(
             spread = _column_stats(np.vstack(values))
             solver_dev[name] = spread["max"] - spread["min"]
 
-    frames = []
-    for name in variants:
-        grid = grids[name]
-        real = grid["ntps"]
-        n_rows = real.size
-        max_dev = _column_stats(np.abs(perturbed[name] - real[None, :]))["max"]
-        std = _column_stats(perturbed[name])["std"]
-        tail = (_tail(real, null[name], PERM_TIE_ATOL[name]) if n_permutations
-                else {**dict.fromkeys(("perm_mean", "perm_std", "p_value"), np.full(n_rows, np.nan)),
-                      "p_side": PERM_P_SIDE, "perm_z": np.full(n_rows, np.nan)})
-        r_U, r_V = grid["ranks"]
-        if name == "theory":
-            geometry = grid["geometry"]
-            ks = grid["ks"]
-            columns = {"k": pd.array(ks, dtype="Int64"), "fraction": grid["fractions"],
-                       "k_U": pd.array(np.minimum(ks, geometry.m), dtype="Int64"), "k_V": pd.array(ks, dtype="Int64"),
-                       "m": pd.array([geometry.m] * n_rows, dtype="Int64"), "precision": "float64"}
-        else:
-            columns = {"k": pd.array([pd.NA] * n_rows, dtype="Int64"), "fraction": grid["fractions"],
-                       "k_U": pd.array(grid["counts"][:, 0], dtype="Int64"),
-                       "k_V": pd.array(grid["counts"][:, 1], dtype="Int64"),
-                       "m": pd.array([pd.NA] * n_rows, dtype="Int64"), "precision": "float32"}
-        frames.append(pd.DataFrame({
-            "variant": name, "estimator": "plugin", **columns, "r_U": r_U, "r_V": r_V, "ntps": real,
-            "perturb_max_dev": max_dev, "perturb_std": std, "perturb_rank_changes": rank_changes[name] if n_perturb else 0,
-            **tail, "solver_max_dev": solver_dev[name], "n_perturb": n_perturb, "perturb_scale": float(perturb_scale),
-            "n_permutations": n_permutations, "seed": seed, **provenance,
-        }, index=pd.RangeIndex(n_rows)))
-    return pd.concat(frames, ignore_index=True)
+    return diagnostics_frame(variants, grids, perturbed, null, rank_changes, solver_dev, n_perturb=n_perturb,
+                             n_permutations=n_permutations, perturb_scale=perturb_scale, seed=seed,
+                             estimator="plugin", provenance=provenance)
 
 
 # --------------------------------------------------------------------------------------------
