@@ -51,10 +51,7 @@ import pandas as pd
 import torch
 
 from ntps_nb.core.diagnostics import (
-    diagnostics_frame,
     FEATURE_MATCH_RTOL,
-    PERM_P_SIDE,
-    PERM_TIE_ATOL,
     PERTURB_SCALE,
     SOLVER_CONFIGS,
     ReferenceFactorization,
@@ -65,10 +62,10 @@ from ntps_nb.core.diagnostics import (
     _label_design,
     _perturb,
     _reference_values,
-    _tail,
     _theory_ks,
     _theory_values,
     _variants,
+    diagnostics_frame,
 )
 from ntps_nb.core.intervals import (
     _check_options,
