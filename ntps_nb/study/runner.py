@@ -346,22 +346,43 @@ def _run_workers(cfg: StudyConfig, processes: int, kwargs: dict[str, Any], log: 
     cores; their rows merged, one per unit (done by one worker, passed over by the others). The last
     worker to finish a unit combines the study, as a single process does. A worker's error is raised
     once the others have finished their units; leaving early (Ctrl-C, SIGTERM) terminates the
-    workers, which release their claims."""
+    workers, whose units release their claims."""
     import multiprocessing
 
     share = f"{available_cores()} cores // {processes}" if cfg.analysis_threads is None else "the config's"
     log(f"study {cfg.name}: {processes} worker processes, {cfg.analysis_threads or default_threads(processes)} "
         f"analysis threads each ({share}), {cfg.torch_threads or 'torch default'} torch threads each")
     context = multiprocessing.get_context("spawn")
-    with context.Pool(processes, initializer=_worker_init, initargs=(processes,)) as pool:
-        pending = [pool.apply_async(_worker_run, (cfg, kwargs, f"[worker {i}/{processes}]"))
-                   for i in range(1, processes + 1)]
-        for job in pending:
-            job.wait()
-        tables = [job.get() for job in pending]
+    workers = []
+    try:
+        for i in range(1, processes + 1):
+            receive, send = context.Pipe(duplex=False)
+            worker = context.Process(target=_worker, args=(cfg, kwargs, processes, f"[worker {i}/{processes}]", send),
+                                     name=f"worker {i}/{processes}")
+            worker.start()
+            send.close()  # the worker holds the sending end: a worker that dies closes the pipe
+            workers.append((worker, receive))
+        results = []
+        for worker, receive in workers:
+            try:
+                results.append((worker.name, *receive.recv()))
+            except EOFError:
+                results.append((worker.name, "error", None))
+            worker.join()
+    finally:
+        for worker, _ in workers:
+            if worker.is_alive():
+                worker.terminate()  # SIGTERM: its unit stops as an exception, releasing its claim
+        for worker, _ in workers:
+            worker.join()
+    failed = [(name, detail, worker.exitcode) for (name, status, detail), (worker, _) in zip(results, workers)
+              if status != "done"]
+    if failed:
+        name, detail, code = failed[0]
+        raise RuntimeError(f"study {cfg.name}: {name} failed" + (f":\n{detail}" if detail else f" (exit code {code})"))
     rank = {"done": 0, "skipped": 1, "elsewhere": 2}
     best: dict[tuple[str, str], dict[str, Any]] = {}
-    for table in tables:
+    for _, _, table in results:
         for row in table.to_dict("records"):
             unit = (row["model"], row["dataset"])
             if unit not in best or rank[row["status"]] < rank[best[unit]["status"]]:
@@ -370,23 +391,27 @@ def _run_workers(cfg: StudyConfig, processes: int, kwargs: dict[str, Any], log: 
                         columns=["model", "dataset", "status", "seconds"])
 
 
-def _worker_init(processes: int) -> None:
-    """A worker process of `_run_workers`: its analysis share of the cores, and SIGTERM (the pool
-    terminating it) ends its unit as an exception, so that the claim and temporary folder go."""
+def _worker(cfg: StudyConfig, kwargs: dict[str, Any], processes: int, prefix: str, send) -> None:
+    """One worker process of `_run_workers`: its analysis share of the cores, SIGTERM ending its unit
+    as an exception (so that the claim and temporary folder go), its rows or its error sent back."""
     import signal
+    import traceback
 
     from ntps_nb.core.threads import PROCESSES_ENV
-
-    os.environ[PROCESSES_ENV] = str(processes)
 
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-
-
-def _worker_run(cfg: StudyConfig, kwargs: dict[str, Any], prefix: str) -> pd.DataFrame:
-    return run_study(cfg, **kwargs, log=lambda line: _say(f"{prefix} {line}"))
+    os.environ[PROCESSES_ENV] = str(processes)
+    try:
+        table = run_study(cfg, **kwargs, log=lambda line: _say(f"{prefix} {line}"))
+    except Exception:
+        send.send(("error", traceback.format_exc()))
+    else:
+        send.send(("done", table))
+    finally:
+        send.close()
 
 
 # -- combine -------------------------------------------------------------------------------------
