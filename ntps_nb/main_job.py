@@ -57,7 +57,7 @@ KERNEL_NOTE = (
     "The committed unit was computed with the AVX2 kernels; other kernels round the forward pass and the "
     "moments differently (~1e-8 relative), and at this tiny size (40 texts, d = 576) that moves NTPS at k "
     "where U or V is ill-determined (tied eigenvalues, eigenvalues of C0 near the range tolerance) by up to "
-    "~0.14, and r_V at layer 30 by one. Probe accuracies and well-determined NTPS values agree. To reproduce "
+    "~0.14, and r_V at layer 30 by one; the probe accuracies agree. To reproduce "
     "the committed unit to the letter on an x86-64 CPU, run with the same kernels:\n"
     "    ATEN_CPU_CAPABILITY=avx2 OPENBLAS_CORETYPE=Haswell make run\n"
     "(tests/io/test_study.py::test_regenerate_committed_unit does so and requires exact equality). On a "
@@ -174,8 +174,8 @@ def unit_headline(tables: Mapping[str, pd.DataFrame], *, k: int = 8) -> pd.DataF
         add("r_V (next-token rank)", theory, "r_V")
     if "intervals" in tables:
         theory = tables["intervals"].query("variant == 'theory'")
-        add("  its interval, lower", theory[theory["k"] == k], "lower")
-        add("  its interval, upper", theory[theory["k"] == k], "upper")
+        add(f"theory NTPS, k = {k}: interval lower", theory[theory["k"] == k], "lower")
+        add(f"theory NTPS, k = {k}: interval upper", theory[theory["k"] == k], "upper")
     if "peers" in tables:
         add("LogME", tables["peers"], "logme")
         add("k-NN accuracy", tables["peers"], "knn_accuracy")
@@ -282,7 +282,7 @@ def _format_headline(table: pd.DataFrame) -> str:
     for row in table.itertuples(index=False):
         same = row.difference == 0 or (np.isnan(row.committed) and np.isnan(row.fresh))
         diff = "same" if same else f"{row.difference:+.2e}"
-        lines.append(f"  {row.quantity:34} {row.layer:>5} {row.committed:>10.4f} {row.fresh:>10.4f}  {diff}")
+        lines.append(f"  {row.quantity:34} {row.layer:>5} {row.committed:>10.4g} {row.fresh:>10.4g}  {diff}")
     return "\n".join(lines)
 
 
@@ -342,7 +342,8 @@ def check_fresh_unit(config: str | os.PathLike, folder: str | os.PathLike, *,
     say("\nevery compared value, per table and column (theory NTPS rows, held-out probes, peers, intervals):")
     say(_format_comparison(comparison))
     if bool(comparison["same"].all()):
-        say("\nthe fresh unit is the committed unit to the last printed digit: the pipeline works on this machine.")
+        say("\nthe fresh unit is the committed unit in every compared value (to the 7 significant digits the tables "
+            "keep): the pipeline works on this machine.")
     else:
         kernels = cpu_kernels()
         unpaired = int(comparison.groupby("table")["rows_unpaired"].first().sum())

@@ -93,7 +93,7 @@ def test_the_check_says_plainly_whether_the_fresh_unit_differs(committed, monkey
     printed = io.StringIO()
     say = lambda text: print(text, file=printed)  # noqa: E731
     out = main_job.check_fresh_unit(ROOT / "studies" / "ci_unit.toml", tmp_path, say=say)
-    assert out["same"].all() and "is the committed unit" in printed.getvalue()
+    assert out["same"].all() and "is the committed unit in every compared value" in printed.getvalue()
     assert "DIFFERS" not in printed.getvalue() and (tmp_path / "comparison.csv").is_file()
     first = fresh["ntps"].index[fresh["ntps"]["variant"] == "theory"][3]
     fresh["ntps"].loc[first, "ntps"] += 0.01
