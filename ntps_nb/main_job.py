@@ -303,8 +303,8 @@ def check_fresh_unit(config: str | os.PathLike, folder: str | os.PathLike, *,
                      say: Callable[[str], None] = print) -> pd.DataFrame | None:
     """Compute the unit of ``config`` live (`fresh_unit`) and print it beside its committed results.
 
-    Prints the headline numbers side by side (`headline_comparison`), the per-table maximum
-    absolute difference (`compare_tables`, also written to ``<folder>/comparison.csv``), a plain
+    Prints the headline numbers side by side (`headline_comparison`), the maximum absolute
+    difference per table and column (`compare_tables`, also written to ``<folder>/comparison.csv``), a plain
     verdict, and `KERNEL_NOTE` with this CPU's kernels when anything differs.
 
     Parameters
