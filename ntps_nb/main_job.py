@@ -47,6 +47,11 @@ COMPARED: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
     "intervals": (("layer", "variant", "k"), ("ntps", "lower", "upper", "se_jackknife"), "variant == 'theory'"),
 }
 
+#: BLAS threads of the fresh unit's analysis: one, as the committed unit was computed (and as the
+#: tests regenerate it, tests/conftest.py). With two, the reductions round differently and
+#: ill-determined NTPS values move in their 7th digit (up to 6e-7, measured with the pinned kernels).
+UNIT_ANALYSIS_THREADS = 1
+
 #: The CPU kernels the committed unit was computed with (tests/io/test_study.py pins the same,
 #: ``PINNED_KERNELS``); both libraries read these variables when they load.
 REFERENCE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell"}
@@ -240,7 +245,8 @@ def _progress_log(bar: Any, phases: list[str]) -> Callable[[str], None]:
     return log
 
 
-def fresh_unit(config: str | os.PathLike = UNIT_CONFIG, folder: str | os.PathLike = "out/fresh_unit") -> dict:
+def fresh_unit(config: str | os.PathLike = UNIT_CONFIG, folder: str | os.PathLike = "out/fresh_unit", *,
+               analysis_threads: int | None = UNIT_ANALYSIS_THREADS) -> dict:
     """Compute a one-unit study live into ``folder`` (no extraction cache: a real forward pass).
 
     Parameters
@@ -249,6 +255,9 @@ def fresh_unit(config: str | os.PathLike = UNIT_CONFIG, folder: str | os.PathLik
         The study config (default `UNIT_CONFIG`); it must have one unit.
     folder : str or PathLike
         Its results folder here (a fresh folder computes everything).
+    analysis_threads : int, optional
+        BLAS threads of the unit's analysis (default `UNIT_ANALYSIS_THREADS`; None: the study's
+        default, this process's share of its cores). Not a setting of the config hash.
 
     Returns
     -------
@@ -265,7 +274,7 @@ def fresh_unit(config: str | os.PathLike = UNIT_CONFIG, folder: str | os.PathLik
     from ntps_nb.study import load_config, load_results, run_study
     from ntps_nb.study.stages import ANALYSIS_STAGES
 
-    cfg = load_config(config, results_dir=str(Path(folder).resolve()))
+    cfg = load_config(config, results_dir=str(Path(folder).resolve()), analysis_threads=analysis_threads)
     if len(cfg.units()) != 1:
         raise ValueError(f"{config} has {len(cfg.units())} units; the fresh-unit check computes one")
     (model, dataset), = cfg.units()
