@@ -31,31 +31,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _main_job(args: argparse.Namespace) -> int:
-    """The README's first command: the fast study on the embedded assets, then a report.
-
-    Computes fresh results (extractions are cached, so a rerun is quick) into ``<out>/results``,
-    executes the quickstart and the per-model correlation notebooks on them, and writes the
-    executed notebooks and their HTML into ``<out>/report``.
-    """
+    """The README's first command (`make run`): `ntps_nb.main_job.main_job` into ``--out``."""
     import time
+
+    from ntps_nb.main_job import main_job
+
+    out = args.out or f"out/run-{time.strftime('%Y%m%d-%H%M%S')}"
+    return main_job(out, unit_config=args.unit_config, results=args.results, study=args.study, jobs=args.jobs)
+
+
+def _repository():
+    """The source checkout this package runs from (where studies/ and data/ are)."""
     from pathlib import Path
 
-    from ntps_nb.notebooks import run_notebook
-    from ntps_nb.study import load_config, run_study, summarise
-
-    out = Path(args.out or f"out/run-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    config = load_config(args.config, results_dir=str(out / "results"))
-    print(f"main job: study {config.name!r} ({len(config.models)} model(s) x {len(config.datasets)} datasets, "
-          f"max_train {config.max_train}, max_length {config.max_length}) -> {out / 'results'}", flush=True)
-    run_study(config)
-    summary = summarise(config)
-    summary.to_csv(out / "results" / "summary.csv", index=False)
-    report = out / "report"
-    for name, parameters in (("00_quickstart", {}), ("03_per_model_correlation", {"results_dir": str(out / "results")})):
-        done = run_notebook(name, parameters, out_dir=report)
-        print(f"report: {done.html} ({done.seconds:.0f} s)", flush=True)
-    print(f"\nmain job done. Results: {out / 'results'}\nReport (executed notebooks and HTML): {report}")
-    return 0
+    return Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-texts", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    run = sub.add_parser("run", help="the main job: the fast study on the embedded assets and its report")
-    run.add_argument("--config", default="studies/fast.toml", help="study config (TOML)")
+    run = sub.add_parser("run", help="the main job: one study unit computed live beside the committed one, then "
+                                     "every notebook executed on the committed default study (HTML + index.html)")
     run.add_argument("--out", help="output folder (default out/run-<date>-<time>)")
+    run.add_argument("--unit-config", default=str(_repository() / "studies" / "ci_unit.toml"),
+                     help="the one-unit study computed live and compared with its committed results "
+                          "[studies/ci_unit.toml]")
+    run.add_argument("--results", default=str(_repository() / "data" / "results" / "default"),
+                     help="the committed study the report shows [data/results/default]")
+    run.add_argument("--study", default=None, metavar="CONFIG",
+                     help="instead: compute this study into <out>/results and report on it "
+                          "(studies/fast.toml: ~30 min)")
+    run.add_argument("--jobs", type=int, default=None, help="notebooks executed at once [2 on two or more cores]")
     run.set_defaults(func=_main_job)
     # Commands of the orchestration modules register themselves: each module that has a
     # ``register_cli(subparsers)`` adds its own sub-command (study, notebooks, ...).

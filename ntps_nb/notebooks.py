@@ -7,7 +7,9 @@ Three things live here:
    `clean_notebook` strips what must not be committed (kernel and papermill metadata, widget
    state, timings); `check_notebooks` lists what is wrong with the committed notebooks;
    `unprinted_numbers` lists the numbers a notebook's markdown quotes that none of its outputs
-   prints; `register_cli` adds ``python -m ntps_nb notebooks run|check|clean``;
+   prints; `run_report` executes the whole series on one study's results into a folder with an
+   ``index.html`` (the main job's report); `register_cli` adds
+   ``python -m ntps_nb notebooks run|check|clean|report``;
 2. ``SMOKE_PARAMETERS``: tiny models and tiny subsets, so that the whole series runs in a few
    minutes (tests/notebooks);
 3. recipes: the few multi-step computations the notebooks show (a model's per-layer NTPS beside
@@ -642,7 +644,7 @@ class NotebookRun:
 
 def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir: str | os.PathLike = "out/notebooks",
                  smoke: bool = False, *, html: bool = True, in_place: bool = False,
-                 timeout: int | None = 1800) -> NotebookRun:
+                 timeout: int | None = 1800, cwd: str | os.PathLike | None = None) -> NotebookRun:
     """Execute one notebook with papermill; write the cleaned executed copy and its HTML.
 
     Parameters
@@ -655,12 +657,21 @@ def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir
         (how the committed outputs are refreshed; only without parameters or smoke).
     html : also write ``<name>.html`` (nbconvert).
     timeout : per-cell timeout in seconds.
+    cwd : folder the kernel runs in (default: ``notebooks/``, where the defaults' relative paths
+        point from). `run_report` runs each notebook in its output folder, so that the paths it
+        passes, relative to that folder, also hold when the executed copy is rerun where it lies.
 
     Returns
     -------
     NotebookRun
         The notebook's name, the executed copy's path, the HTML path (None without ``html``),
         the wall seconds of the execution and the parameters passed.
+
+    Raises
+    ------
+    papermill.PapermillExecutionError
+        When a cell raises; the executed copy (with the error) is still written, cleaned and
+        rendered to HTML first.
     """
     import nbformat
     import papermill
@@ -676,11 +687,28 @@ def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     start = time.perf_counter()
-    papermill.execute_notebook(str(source), str(target), parameters=params, kernel_name=ensure_kernel(),
-                               cwd=str(source.parent), progress_bar=False, log_output=False,
-                               execution_timeout=timeout)
+    try:
+        papermill.execute_notebook(str(source), str(target), parameters=params, kernel_name=ensure_kernel(),
+                                   cwd=str(cwd if cwd is not None else source.parent), progress_bar=False,
+                                   log_output=False, execution_timeout=timeout,
+                                   # the kernel's own warnings (TCP transport, ...) are noise in a job's output
+                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+    except Exception:
+        if target.is_file():  # papermill wrote the copy up to the failing cell: keep it readable
+            _finish_executed(target, html=html, keep_injected=True)
+        raise
     seconds = time.perf_counter() - start
-    executed = clean_notebook(nbformat.read(target, as_version=4), keep_injected=not in_place)
+    executed, html_path = _finish_executed(target, html=html, keep_injected=not in_place)
+    if in_place:
+        nbformat.write(executed, source)
+    return NotebookRun(source.stem, target, html_path, seconds, params)
+
+
+def _finish_executed(target: Path, *, html: bool, keep_injected: bool) -> tuple[Any, Path | None]:
+    """Clean the executed copy at ``target`` in place and render ``<target>.html`` next to it."""
+    import nbformat
+
+    executed = clean_notebook(nbformat.read(target, as_version=4), keep_injected=keep_injected)
     nbformat.write(executed, target)
     html_path = None
     if html:
@@ -689,9 +717,7 @@ def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir
         body, _ = HTMLExporter().from_notebook_node(executed)
         html_path = target.with_suffix(".html")
         html_path.write_text(body, encoding="utf-8")
-    if in_place:
-        nbformat.write(executed, source)
-    return NotebookRun(source.stem, target, html_path, seconds, params)
+    return executed, html_path
 
 
 def _parse_value(text: str) -> Any:
@@ -743,9 +769,406 @@ def _cli_clean(args) -> int:
     return 0
 
 
+# -- the report of a study: every notebook executed on its results, with an index ----------------
+
+#: The repository (source checkout): a report written inside it points at results and data files
+#: through paths relative to itself, so that the executed copies still find them when the
+#: repository is cloned elsewhere; a report written outside it uses absolute paths.
+REPOSITORY = NOTEBOOK_DIR.parent
+
+#: What each notebook shows, in one line, for the report's index page.
+DESCRIPTIONS = {
+    "00_quickstart": "NTPS of one model on one dataset: per layer with shard-bootstrap intervals, beside the "
+                     "held-out probe; how the interval narrows with more texts.",
+    "01_theory_derivation": "The derivation of NTPS and of the excess-loss identity and bounds, every step checked "
+                            "numerically; a 3-d example worked by hand.",
+    "02_bound_checks": "The bounds on planted synthetic tasks, then the identity against fitted probes on real "
+                       "features, and the held-out excess loss for contrast.",
+    "03_per_model_correlation": "Does NTPS rank datasets like the probes do? Per model: in-sample vs leave-one-"
+                                "dataset-out selection, permutation nulls, baselines, random controls, peers.",
+    "04_lora_gain_prediction": "Does NTPS predict the gain of LoRA fine-tuning over the probe? The study's LoRA runs "
+                               "beside the paper's Figure 3.",
+    "05_explorer": "NTPS by model, dataset, layer and k (live widgets in a kernel; here their first view), and a "
+                   "Figure-1-style view of words on the top U and V directions.",
+    "06_your_model_your_data": "NTPS on your own model and CSV/parquet file: its cost printed before it runs, then "
+                               "NTPS per layer beside the held-out probe.",
+}
+
+#: Parameters the report passes beyond the paths (`report_parameters`). No notebook is made
+#: faster: each one's defaults fit `make run`'s budget (10 minutes on 2 cores with the fresh unit;
+#: measured in the README). 05 runs headless: its live widget cell under papermill now and then
+#: leaves the kernel waiting on the widget's output area until the cell limit (seen here on a rerun
+#: of the executed copy), and the HTML shows the same first view either way (widget state is not
+#: kept); set ``interactive = True`` in the copy to get the widgets in JupyterLab.
+REPORT_PARAMETERS: dict[str, dict[str, Any]] = {"05_explorer": {"interactive": False}}
+
+#: Per-cell limit of a report run: a stuck kernel fails its notebook instead of holding the job.
+REPORT_CELL_TIMEOUT = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportEntry:
+    """One notebook of a report: what it is, where its executed copy went, and how its run ended."""
+
+    name: str
+    title: str
+    description: str
+    notebook: Path | None
+    html: Path | None
+    seconds: float
+    status: str  # "ok" or "failed"
+    error: str
+    parameters: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        """True when every cell ran."""
+        return self.status == "ok"
+
+
+def notebook_parameters(name: str, folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The defaults that a notebook's cell tagged ``parameters`` assigns.
+
+    Parameters
+    ----------
+    name : str
+        A notebook of the series (see `notebook_path`) or the path of an ``.ipynb`` file.
+    folder : str or PathLike, optional
+        Folder of the series (default ``NOTEBOOK_DIR``).
+
+    Returns
+    -------
+    dict
+        Parameter name to its literal value, in the cell's order (assignments that are not
+        literals are left out).
+    """
+    import nbformat
+
+    nb = nbformat.read(notebook_path(name, folder), as_version=4)
+    source = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    values: dict[str, Any] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return values
+
+
+def notebook_title(nb: Any) -> str:
+    """The first heading of a notebook's first markdown cell, without the ``#`` marks.
+
+    Parameters
+    ----------
+    nb : NotebookNode or dict
+
+    Returns
+    -------
+    str
+        The heading, or "" when the first markdown cell has none.
+    """
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            for line in _joined(cell.get("source", "")).splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+            return ""
+    return ""
+
+
+def portable_path(target: str | os.PathLike, start: str | os.PathLike, *,
+                  root: str | os.PathLike = REPOSITORY) -> str:
+    """``target`` as a notebook running in ``start`` should name it: relative to ``start`` when
+    both lie inside ``root`` (the repository: the path survives a clone elsewhere), else absolute.
+
+    Parameters
+    ----------
+    target : str or PathLike
+        The file or folder to point at.
+    start : str or PathLike
+        The folder the path is read from (where the notebook runs).
+    root : str or PathLike
+        The tree inside which relative paths are used (default `REPOSITORY`).
+
+    Returns
+    -------
+    str
+        ``os.path.relpath(target, start)`` or the absolute path of ``target``.
+    """
+    target, start, root = (Path(p).resolve() for p in (target, start, root))
+    if target.is_relative_to(root) and start.is_relative_to(root):
+        return os.path.relpath(target, start)
+    return str(target)
+
+
+def report_parameters(name: str, results_dir: str | os.PathLike, report_dir: str | os.PathLike, *,
+                      folder: str | os.PathLike | None = None, root: str | os.PathLike = REPOSITORY) -> dict[str, Any]:
+    """The parameters one notebook of a report runs with, in ``report_dir``.
+
+    ``results_dir`` (when the notebook declares it) points at the study's results; every other
+    default that is a relative path from the notebooks folder to an existing file or folder
+    (06's ``data_path``) is re-expressed from ``report_dir``; both by `portable_path`, so the
+    executed copy finds them when it is rerun where it lies. `REPORT_PARAMETERS` adds the rest.
+
+    Parameters
+    ----------
+    name : str
+        A notebook of the series or the path of an ``.ipynb`` file.
+    results_dir : str or PathLike
+        The combined study folder the notebooks read.
+    report_dir : str or PathLike
+        Where the executed copy is written and the kernel runs.
+    folder : str or PathLike, optional
+        Folder of the series (default ``NOTEBOOK_DIR``).
+    root : str or PathLike
+        See `portable_path`.
+
+    Returns
+    -------
+    dict
+        Parameter name to value, for papermill.
+    """
+    source = notebook_path(name, folder)
+    params: dict[str, Any] = {}
+    for key, value in notebook_parameters(str(source)).items():
+        if key == "results_dir":
+            params[key] = portable_path(results_dir, report_dir, root=root)
+        elif isinstance(value, str) and value.startswith(("./", "../")) and (source.parent / value).exists():
+            params[key] = portable_path(source.parent / value, report_dir, root=root)
+    return {**params, **REPORT_PARAMETERS.get(source.stem, {})}
+
+
+def _error_text(error: BaseException) -> str:
+    """One line for the index: a cell's exception name and message, or the runner's error."""
+    ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(error).__name__}: {error}"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _report_one(source: str, params: dict[str, Any], out_dir: str, html: bool, timeout: int | None) -> ReportEntry:
+    """Run one notebook of a report in ``out_dir``; a failure is returned, not raised."""
+    import nbformat
+
+    nb = nbformat.read(source, as_version=4)
+    stem = Path(source).stem
+    title, description = notebook_title(nb) or stem, DESCRIPTIONS.get(stem, "")
+    start = time.perf_counter()
+    try:
+        run = run_notebook(source, params, out_dir, html=html, timeout=timeout, cwd=out_dir)
+    except Exception as error:  # reported in the index; the other notebooks still run
+        target = Path(out_dir) / Path(source).name
+        html_path = target.with_suffix(".html")
+        return ReportEntry(stem, title, description, target if target.is_file() else None,
+                           html_path if html and html_path.is_file() else None, time.perf_counter() - start,
+                           "failed", _error_text(error), params)
+    return ReportEntry(stem, title, description, run.notebook, run.html, run.seconds, "ok", "", params)
+
+
+def _limit_threads(threads: int) -> None:
+    """In a report worker: the kernels it starts share the cores with the other workers' kernels."""
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, str(threads))
+
+
+def default_jobs() -> int:
+    """Notebooks a report runs at once: two where there are two cores (the series' longest two,
+    00 and 03, then overlap), else one.
+
+    Returns
+    -------
+    int
+        ``min(2, os.cpu_count())``.
+    """
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, names: Sequence[str] | None = None,
+               html: bool = True, jobs: int = 1, timeout: int | None = REPORT_CELL_TIMEOUT,
+               root: str | os.PathLike = REPOSITORY, log: Any = print, extra_html: str = "") -> list[ReportEntry]:
+    """Execute every notebook of the series on one study's results, into ``out_dir``, with an index.
+
+    Each notebook runs with papermill in ``out_dir`` (`report_parameters`: the results folder and
+    data files named from there), so its executed copy ``<out_dir>/<name>.ipynb`` finds them
+    when it is rerun in place. A notebook that fails is kept (its copy shows the error) and
+    reported; the others still run. Writes ``index.html`` and ``README.md`` (`write_report_index`).
+
+    Parameters
+    ----------
+    results_dir : str or PathLike
+        The combined study folder (ntps.csv, probes.csv, ...) the notebooks read.
+    out_dir : str or PathLike
+        Folder of the executed copies, their HTML and the index.
+    names : sequence of str, optional
+        Notebooks (names of the series or ``.ipynb`` paths; default: the whole series).
+    html : bool
+        Render each executed copy to HTML.
+    jobs : int
+        Notebooks executed at once (separate processes; their kernels get ``cores / jobs`` BLAS
+        and OpenMP threads unless the environment sets them).
+    timeout : int, optional
+        Per-cell limit in seconds.
+    root : str or PathLike
+        See `portable_path`.
+    log : callable
+        Receives one line per finished notebook.
+    extra_html : str
+        Passed to `write_report_index`.
+
+    Returns
+    -------
+    list of ReportEntry
+        One per notebook, in the series' order.
+    """
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [str(notebook_path(name)) for name in (names or NOTEBOOKS)]
+    tasks = [(source, report_parameters(source, results_dir, out, root=root), str(out), html, timeout)
+             for source in sources]
+    entries: dict[str, ReportEntry] = {}
+
+    def done(entry: ReportEntry) -> None:
+        entries[entry.name] = entry
+        where = entry.html or entry.notebook
+        log(f"[{len(entries)}/{len(tasks)}] {entry.name}: {entry.status}, {entry.seconds:.0f} s"
+            + (f" -> {where}" if where else "") + (f"\n      {entry.error}" if entry.error else ""))
+
+    if jobs <= 1:
+        for task in tasks:
+            done(_report_one(*task))
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # spawn, not fork: the caller may hold torch's thread pools, which a fork does not survive
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_limit_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_report_one, *task): task for task in tasks}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    done(future.result())
+                except Exception as error:  # the worker itself died: still one row per notebook
+                    source = futures[future][0]
+                    done(ReportEntry(Path(source).stem, Path(source).stem, DESCRIPTIONS.get(Path(source).stem, ""),
+                                     None, None, 0.0, "failed", _error_text(error), futures[future][1]))
+    ordered = [entries[Path(source).stem] for source in sources]
+    write_report_index(ordered, out, results_dir=results_dir, extra_html=extra_html)
+    return ordered
+
+
+_INDEX_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; width: 100%; margin: 1rem 0; }
+th, td { border-bottom: 1px solid #ddd; padding: .4rem .6rem; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; white-space: nowrap; }
+.ok { color: #176317; font-weight: bold; } .failed { color: #b00020; font-weight: bold; }
+.error { color: #b00020; font-size: .9em; } .small { color: #555; font-size: .9em; }
+"""
+
+
+def _display_path(path: str | os.PathLike) -> str:
+    """A results folder as the index names it: from the repository root when inside it (no machine's
+    absolute path in a committed index), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPOSITORY)) if path.is_relative_to(REPOSITORY) else str(path)
+
+
+def _link(path: Path | None, folder: Path, text: str) -> str:
+    if path is None or not Path(path).is_file():
+        return "-"
+    return f'<a href="{html.escape(os.path.relpath(path, folder))}">{html.escape(text)}</a>'
+
+
+def write_report_index(entries: Sequence[ReportEntry], out_dir: str | os.PathLike, *,
+                       results_dir: str | os.PathLike | None = None, extra_html: str = "") -> Path:
+    """Write ``index.html`` (and the same table as ``README.md``) listing a report's notebooks.
+
+    One row per notebook: title, one-line description, links to its HTML and executed ``.ipynb``
+    (relative, only to files that exist), execution time and status; a failed notebook says so
+    and carries its error.
+
+    Parameters
+    ----------
+    entries : sequence of ReportEntry
+        The notebooks, in order.
+    out_dir : str or PathLike
+        The report folder (the index goes there; links are relative to it).
+    results_dir : str or PathLike, optional
+        The results the notebooks read, named in the heading.
+    extra_html : str
+        HTML placed between the heading and the table (the main job's fresh-unit check).
+
+    Returns
+    -------
+    Path
+        The path of ``index.html``.
+    """
+    from ntps_nb import __version__
+
+    out = Path(out_dir).resolve()
+    failed = [e for e in entries if not e.ok]
+    verdict = (f"{len(entries) - len(failed)} of {len(entries)} notebooks ran"
+               + (f"; {len(failed)} failed: {', '.join(e.name for e in failed)}" if failed else ""))
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    with_html = any(e.html is not None and Path(e.html).is_file() for e in entries)  # else no HTML column
+    rows = []
+    for e in entries:
+        status = f'<span class="{e.status}">{e.status}</span>'
+        if e.error:
+            status += f'<div class="error">{html.escape(e.error)}</div>'
+        page_link = f"<td>{_link(e.html, out, 'HTML')}</td>" if with_html else ""
+        rows.append(f"<tr><td><b>{html.escape(e.title)}</b><div class=\"small\">{html.escape(e.name)}</div></td>"
+                    f"<td>{html.escape(e.description)}</td>{page_link}<td>{_link(e.notebook, out, '.ipynb')}</td>"
+                    f"<td class=\"num\">{e.seconds:.0f} s</td><td>{status}</td></tr>")
+    shown = _display_path(results_dir) if results_dir is not None else None
+    source = f" on <code>{html.escape(shown)}</code>" if shown is not None else ""
+    again = ("python -m ntps_nb notebooks report" + (f" --results {shown}" if shown is not None else "")
+             + f" --out {_display_path(out)}" + ("" if with_html else " --no-html"))
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>ntps_nb report</title>"
+            f"<style>{_INDEX_STYLE}</style></head><body>\n<h1>ntps_nb report</h1>\n"
+            f"<p>The notebook series executed{source} (ntps_nb {html.escape(__version__)}, {stamp}). "
+            f"{html.escape(verdict)}.</p>\n{extra_html}\n"
+            "<table><thead><tr><th>notebook</th><th>what it shows</th>" + ("<th>HTML</th>" if with_html else "")
+            + "<th>notebook</th>"
+            "<th>time</th><th>status</th></tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n"
+            "<p class=\"small\">Each executed copy keeps the parameters it ran with (the cell tagged "
+            "<code>injected-parameters</code>); its paths are written from this folder, so it can be rerun "
+            f"where it lies. Made by <code>{html.escape(again)}</code>.</p>\n</body></html>\n")
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+
+    def md_link(path: Path | None, text: str) -> str:
+        return f"[{text}]({os.path.relpath(path, out)})" if path is not None and Path(path).is_file() else "-"
+
+    lines = ["# ntps_nb report", "",
+             "The notebook series executed" + (f" on `{shown}`" if shown is not None else "")
+             + f" (ntps_nb {__version__}, {stamp}). {verdict}.", "",
+             "| notebook | what it shows | " + ("HTML | " if with_html else "") + "notebook | time | status |",
+             "|---|---|" + ("---|" if with_html else "") + "---|---|---|"]
+    for e in entries:
+        status = e.status + (f": {e.error}".replace("|", "\\|") if e.error else "")
+        lines.append(f"| **{e.title}** | {e.description} | " + (f"{md_link(e.html, 'HTML')} | " if with_html else "")
+                     + f"{md_link(e.notebook, e.name + '.ipynb')} | {e.seconds:.0f} s | {status} |")
+    lines += ["", "Each executed copy keeps the parameters it ran with (its `injected-parameters` cell); its paths are "
+              "written from this folder, so it can be rerun where it lies. Made by", "", f"    {again}"]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return index
+
+
+def _cli_report(args) -> int:
+    entries = run_report(args.results, args.out, names=args.names or None, html=not args.no_html,
+                         jobs=args.jobs if args.jobs is not None else default_jobs())
+    failed = [e.name for e in entries if not e.ok]
+    print(f"report: {Path(args.out).resolve() / 'index.html'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return int(bool(failed))
+
+
 def register_cli(subparsers) -> None:
     """``notebooks run [--all | NAME] [-p key value ...] [--out DIR] [--smoke] [--in-place]``,
-    ``notebooks check [NOTEBOOK ...]`` and ``notebooks clean [NAME ...]``.
+    ``notebooks check [NOTEBOOK ...]``, ``notebooks clean [NAME ...]`` and
+    ``notebooks report [NAME ...] [--results DIR] [--out DIR] [--jobs N] [--no-html]``.
 
     Parameters
     ----------
@@ -777,6 +1200,15 @@ def register_cli(subparsers) -> None:
     clean = sub.add_parser("clean", help="strip kernel/papermill/widget metadata in place")
     clean.add_argument("names", nargs="*")
     clean.set_defaults(func=_cli_clean)
+    report = sub.add_parser("report", help="execute every notebook on one study's results into --out: executed "
+                                           "copies, HTML and an index.html (what `make run` renders)")
+    report.add_argument("names", nargs="*", help="notebooks (default: the whole series)")
+    report.add_argument("--results", default=str(REPOSITORY / "data" / "results" / "default"),
+                        help="combined study folder [data/results/default]")
+    report.add_argument("--out", default="out/report", help="output folder [out/report]")
+    report.add_argument("--jobs", type=int, default=None, help="notebooks at once [2 on two or more cores]")
+    report.add_argument("--no-html", action="store_true", help="executed copies and index only")
+    report.set_defaults(func=_cli_report)
 
 
 # -- recipes the notebooks call ------------------------------------------------------------------
