@@ -365,6 +365,37 @@ def _tail(real: np.ndarray, null: np.ndarray, atol: float) -> dict[str, np.ndarr
 
 
 
+def check_diagnostics_inputs(moments, features, labels, variant, n_perturb, n_permutations,
+                             perturb_scale) -> tuple[list[str], int, int]:
+    """The argument checks of `ntps_diagnostics` (shared with the torch backend), in its order.
+
+    Parameters
+    ----------
+    moments, features, labels, variant, n_perturb, n_permutations, perturb_scale : as in
+        `ntps_diagnostics`.
+
+    Returns
+    -------
+    (variants, n_perturb, n_permutations) : the variants to compute and the two checked counts.
+    """
+    if not isinstance(moments, Moments):
+        raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
+    variants = _variants(variant)
+    n_perturb = _count(n_perturb, "n_perturb")
+    n_permutations = _count(n_permutations, "n_permutations")
+    if not (np.isfinite(perturb_scale) and perturb_scale > 0):
+        raise ValueError(f"perturb_scale must be a positive number, got {perturb_scale!r}")
+    if (features is None) != (labels is None):
+        raise ValueError("give both features and labels (for the label-permutation null), or neither")
+    if n_permutations > 0 and features is None:
+        raise ValueError(f"n_permutations = {n_permutations} asks for the label-permutation null, which needs the "
+                         "pooled features and labels; pass them, or n_permutations=0 to skip the null")
+    if n_permutations == 0 and features is not None:
+        raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
+                         "label-permutation null, or leave features and labels out to skip it")
+    return variants, n_perturb, n_permutations
+
+
 def diagnostics_frame(variants, grids: dict, perturbed: dict, null: dict, rank_changes: dict, solver_dev: dict, *,
                       n_perturb: int, n_permutations: int, perturb_scale: float, seed: int, estimator: str,
                       provenance: dict) -> pd.DataFrame:
@@ -485,21 +516,8 @@ def ntps_diagnostics(
             moments, features, labels, variant=variant, k=k, fraction=fraction, n_perturb=n_perturb,
             perturb_scale=perturb_scale, n_permutations=n_permutations, seed=seed, solvers=solvers,
             feature_rtol=feature_rtol, device=device, estimator=estimator, **provenance)
-    if not isinstance(moments, Moments):
-        raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
-    variants = _variants(variant)
-    n_perturb = _count(n_perturb, "n_perturb")
-    n_permutations = _count(n_permutations, "n_permutations")
-    if not (np.isfinite(perturb_scale) and perturb_scale > 0):
-        raise ValueError(f"perturb_scale must be a positive number, got {perturb_scale!r}")
-    if (features is None) != (labels is None):
-        raise ValueError("give both features and labels (for the label-permutation null), or neither")
-    if n_permutations > 0 and features is None:
-        raise ValueError(f"n_permutations = {n_permutations} asks for the label-permutation null, which needs the "
-                         "pooled features and labels; pass them, or n_permutations=0 to skip the null")
-    if n_permutations == 0 and features is not None:
-        raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
-                         "label-permutation null, or leave features and labels out to skip it")
+    variants, n_perturb, n_permutations = check_diagnostics_inputs(moments, features, labels, variant, n_perturb,
+                                                                   n_permutations, perturb_scale)
     _check_diagnostics_estimator(estimator, variants, moments)
     clash = set(provenance) & {"variant", "estimator", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
     if clash:

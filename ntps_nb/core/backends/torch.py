@@ -57,14 +57,13 @@ from ntps_nb.core.diagnostics import (
     ReferenceFactorization,
     TheoryFactorization,
     _column_stats,
-    _count,
     _fractions,
     _label_design,
     _perturb,
     _reference_values,
     _theory_ks,
     _theory_values,
-    _variants,
+    check_diagnostics_inputs,
     diagnostics_frame,
 )
 from ntps_nb.core.intervals import (
@@ -1062,21 +1061,8 @@ def ntps_diagnostics_torch(
     _check_plugin(estimator)
     device = _device(device)
     # the numpy function's checks, in its order
-    if not isinstance(moments, Moments):
-        raise TypeError(f"moments must be a Moments, got {type(moments).__name__}")
-    variants = _variants(variant)
-    n_perturb = _count(n_perturb, "n_perturb")
-    n_permutations = _count(n_permutations, "n_permutations")
-    if not (np.isfinite(perturb_scale) and perturb_scale > 0):
-        raise ValueError(f"perturb_scale must be a positive number, got {perturb_scale!r}")
-    if (features is None) != (labels is None):
-        raise ValueError("give both features and labels (for the label-permutation null), or neither")
-    if n_permutations > 0 and features is None:
-        raise ValueError(f"n_permutations = {n_permutations} asks for the label-permutation null, which needs the "
-                         "pooled features and labels; pass them, or n_permutations=0 to skip the null")
-    if n_permutations == 0 and features is not None:
-        raise ValueError("features and labels were given but n_permutations = 0: pass n_permutations >= 1 for the "
-                         "label-permutation null, or leave features and labels out to skip it")
+    variants, n_perturb, n_permutations = check_diagnostics_inputs(moments, features, labels, variant, n_perturb,
+                                                                   n_permutations, perturb_scale)
     clash = set(provenance) & {"variant", "estimator", "k", "fraction", "ntps", "seed", "n_perturb", "n_permutations"}
     if clash:
         raise ValueError(f"provenance names {sorted(clash)} clash with result columns")
