@@ -979,9 +979,11 @@ def default_jobs() -> int:
     Returns
     -------
     int
-        ``min(2, os.cpu_count())``.
+        ``min(2, available cores)`` (``ntps_nb.core.threads.available_cores``: the CPU affinity).
     """
-    return max(1, min(2, os.cpu_count() or 1))
+    from ntps_nb.core.threads import available_cores
+
+    return max(1, min(2, available_cores()))
 
 
 def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, names: Sequence[str] | None = None,
@@ -1041,7 +1043,9 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
         import concurrent.futures
         import multiprocessing
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        from ntps_nb.core.threads import available_cores
+
+        threads = max(1, available_cores() // jobs)
         # spawn, not fork: the caller may hold torch's thread pools, which a fork does not survive
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_limit_threads, initargs=(threads,)) as pool:
