@@ -913,12 +913,17 @@ def explorer_view(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, model: str,
           xscale="linear" if variant == "reference" else "log")
     heldout = probes[(probes["model"] == model) & (probes["protocol"] == "heldout") & (probes["layer"] == layer)]
     across = at_k[at_k["layer"] == layer].merge(heldout[["dataset", target]], on="dataset")
-    c.scatter(across["ntps"], across[target], c=["tab:red" if d == dataset else "tab:blue" for d in across["dataset"]])
-    for _, row in across.iterrows():
-        c.annotate(row["dataset"], (row["ntps"], row[target]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    chosen = across["dataset"] == dataset
+    c.scatter(across["ntps"], across[target], c=[dataset_color(d) for d in across["dataset"]], s=28)
+    # the dataset of the first two panels, ringed (names go to the legend, none on the axes)
+    c.scatter(across.loc[chosen, "ntps"], across.loc[chosen, target], s=110, facecolors="none", edgecolors="black",
+              linewidths=1.2)
     c.set(title=f"across datasets, layer {layer}", xlabel="NTPS", ylabel=f"held-out {target}")
     fig.suptitle(f"{model} · {variant}", fontsize=10)
     fig.tight_layout()
+    ring = Line2D([], [], marker="o", ls="none", markersize=9, markerfacecolor="none", markeredgecolor="black",
+                  label=f"{dataset} (left panels)")
+    _legends(c, list(across["dataset"]), extra=[ring], extra_title="shown left")
     return fig
 
 

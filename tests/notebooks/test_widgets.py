@@ -1,5 +1,6 @@
 """The explorer of notebook 05: each model's own layers, opening at k = 8 (fast, no kernel)."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -52,6 +53,18 @@ def test_the_view_refuses_a_layer_the_model_lacks():
     plots.explorer_view(ntps, probes, model="shallow", dataset="a", layer=18, k=8)
     with pytest.raises(ValueError, match="shallow has no layer 25"):
         plots.explorer_view(ntps, probes, model="shallow", dataset="a", layer=25, k=8)
+
+
+def test_the_view_names_datasets_in_a_legend_not_on_the_axes():
+    ntps, probes = _tables()
+    fig = plots.explorer_view(ntps, probes, model="shallow", dataset="a", layer=18, k=8)
+    across = fig.axes[2]
+    assert not across.texts  # no dataset names written over the points
+    titles = [legend.get_title().get_text() for legend in fig.legends]
+    assert "dataset" in titles
+    names = {t.get_text() for legend in fig.legends for t in legend.get_texts()}
+    assert set(probes["dataset"]) <= names | {"a (left panels)"}
+    plt.close(fig)
 
 
 def test_whitened_subspaces_draws_the_principal_angle():
