@@ -3,8 +3,11 @@
 For each estimator and threshold on the subspace noise per direction (`NOISE_MAX` is the default),
 per hidden size d: the share of rows the flag accepts, the pooled coverage of the accepted rows'
 nominal 90% intervals (with its binomial SE), and over the cells with at least 10 accepted draws
-the number whose coverage is below 0.85 by more than 2 binomial SEs, the number whose mean error
-exceeds a quarter of the mean interval width, and the worst RMSE. Example (docs/estimator.md):
+the number whose coverage is below 0.85 by more than 2 binomial SEs, the number above 0.95 as
+observed and the numbers outside [0.85, 0.95] by an exact one-sided binomial test at 2.5% per side
+(`BINOMIAL_ALPHA`; with n accepted draws a cell covering every time is told apart from 0.95 only
+from n = 72 on), the number whose mean error exceeds a quarter of the mean interval width, and the
+worst RMSE. Example (docs/estimator.md):
 
     python benchmarks/estimator_flag_report.py benchmarks/results/estimator_map/richardson/draws_d*.csv.gz
 """
@@ -15,11 +18,14 @@ import argparse
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from ntps_nb.core.estimators import NOISE_MAX
 
 CELL = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k", "estimator"]
 MIN_ACCEPTED = 10
+#: One-sided level of the exact binomial tests of a cell's coverage against 0.85 (below) and 0.95 (above).
+BINOMIAL_ALPHA = 0.025
 
 
 def cells(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -49,6 +55,9 @@ def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
                 cov = np.average(g["coverage"].fillna(0), weights=g["accepted"]) if n else np.nan
                 big = g[g["accepted"] >= MIN_ACCEPTED]
                 se = np.sqrt(0.85 * 0.15 / big["accepted"])
+                covered = np.rint(big["coverage"] * big["accepted"])
+                below = scipy.stats.binom.cdf(covered, big["accepted"], 0.85) < BINOMIAL_ALPHA
+                above = scipy.stats.binom.sf(covered - 1, big["accepted"], 0.95) < BINOMIAL_ALPHA
                 rows.append({
                     "estimator": estimator, "noise_max": threshold, "d": int(d),
                     "share_accepted": n / g["draws"].sum(), "accepted_rows": int(n),
@@ -56,6 +65,7 @@ def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
                     f"cells_with_{MIN_ACCEPTED}+": len(big),
                     "undercover_2se": int((big["coverage"] < 0.85 - 2 * se).sum()),
                     "overcover": int((big["coverage"] > 0.95).sum()),
+                    "below_0.85_exact": int(below.sum()), "above_0.95_exact": int(above.sum()),
                     "bias_over_quarter_width": int((big["bias"].abs() > big["width"] / 4).sum()),
                     "worst_rmse": big["rmse"].max() if len(big) else np.nan,
                     "N/d accepted": ",".join(f"{r:g}" for r in sorted(g.loc[g["accepted"] > 0, "n_over_d"].unique())),
