@@ -84,6 +84,8 @@ ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debi
 SHARD_ESTIMATORS = ("richardson", "adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
+#: The estimators `ntps_estimate` also computes on a torch device (``device=``); the others run in numpy only.
+DEVICE_ESTIMATORS = ("richardson", "plugin")
 #: Random splits into halves averaged by the "crossfit" estimator (each costs one SVD of r x C).
 CROSSFIT_SPLITS = 8
 #: Random splits into halves averaged by "richardson" (one: three factorisations per layer).
@@ -732,7 +734,7 @@ def ntps_estimate(
     device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
         every plug-in the estimate, its replicates and `subspace_noise` need solved as batches on
         that device (`ntps_nb.core.backends.torch.ntps_estimate_torch`, the same frame), for the
-        "richardson" and "plugin" estimators (the others raise there).
+        estimators of `DEVICE_ESTIMATORS` (the others raise there).
     batch_size : combinations of shards per batched solve on a torch device (default: from free
         memory); ignored by the numpy code.
 

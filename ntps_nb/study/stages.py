@@ -542,6 +542,9 @@ class _Unit:
     log: Callable[[str], None]
     ex: Any = None
     ex_test: Any = None
+    # where the analysis stages that take ``device=`` compute (`ntps_nb.core.backends.analysis_backend`):
+    # None is the numpy core; no setting chooses another yet, so every stage computes in numpy
+    analysis_device: Any = None
 
 
 def _estimator_after_variant(frame: pd.DataFrame) -> pd.DataFrame:
@@ -657,7 +660,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     config's k (those up to the layer's r_V): the config's estimator, its delete-one-shard
     jackknife standard error and `ESTIMATE_LEVEL` interval, and its reliability flag. A layer on
     which the estimator fails is left out and named in the record."""
-    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.estimators import DEVICE_ESTIMATORS, ntps_estimate
     from ntps_nb.core.moments import Moments
     from ntps_nb.core.score import theory_geometry
 
@@ -667,6 +670,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         return None, {"estimates": f"skipped: a jackknife interval needs at least {ESTIMATE_MIN_SHARDS} shards, "
                                    f"the study has {u.cfg.shards}"}
     shards = _shard_layers(u)
+    device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
     rows, failed = [], {}
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
@@ -677,7 +681,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 if ks.size == 0:
                     continue
                 frame = ntps_estimate(shards[layer], ks, estimator=u.cfg.estimator, level=ESTIMATE_LEVEL,
-                                      seed=u.cfg.seed)
+                                      seed=u.cfg.seed, device=device)
             except (ValueError, np.linalg.LinAlgError) as error:
                 failed[str(layer)] = str(error)
                 u.log(f"    estimates: layer {layer} left out: {error}")

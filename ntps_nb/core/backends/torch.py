@@ -68,6 +68,7 @@ from ntps_nb.core.diagnostics import (
 )
 from ntps_nb.core.estimators import (
     DEFAULT_ESTIMATOR,
+    DEVICE_ESTIMATORS,
     ESTIMATORS,
     NOISE_MAX,
     _as_shards,
@@ -1443,8 +1444,6 @@ def principal_root_torch(Shh: np.ndarray, *, rtol: float, device: str | torch.de
 # Estimators: the default estimator and the plug-in with their jackknife intervals, and the
 # subspace noise behind the reliability flag (`ntps_nb.core.estimators.ntps_estimate`)
 
-#: The estimators `ntps_estimate_torch` computes; the others run in numpy (``device=None``).
-TORCH_ESTIMATORS = ("richardson", "plugin")
 #: Why a combination's subspaces are undefined, as `_whitened_bases` raises it (every reason
 #: `_theory_geometries` gives except "Sxy is zero", where U is empty but V is defined).
 _NO_SIGNAL = "Sxy is zero"
@@ -1676,9 +1675,9 @@ def ntps_estimate_torch(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator not in TORCH_ESTIMATORS:
+    if estimator not in DEVICE_ESTIMATORS:
         raise ValueError(f"estimator {estimator!r} runs on device=None (numpy) only; on a torch device "
-                         f"ntps_estimate computes {' and '.join(map(repr, TORCH_ESTIMATORS))}")
+                         f"ntps_estimate computes {' and '.join(map(repr, DEVICE_ESTIMATORS))}")
     _check_estimate_options(_as_shards(moment_shards), level)
     shards, ks, stack, dtype, device, batch_size = _prepare(moment_shards, ks, dtype, device, batch_size)
     S = len(shards)
