@@ -49,7 +49,9 @@ Estimators (each returns NTPS_theory at the requested k; `ESTIMATORS` lists them
   it estimates the chance-corrected population NTPS, not NTPS itself.
 
 Intervals (`ntps_estimate`): delete-one-shard jackknife standard error and a Student-t interval
-around the estimate, for any estimator; S replicates of the estimator.
+around the estimate, for any estimator; S replicates of the estimator. With ``device=`` a torch
+device, `ntps_estimate` (for `DEVICE_ESTIMATORS`) and `subspace_noise` solve every shard
+combination they need as batches on that device (`ntps_nb.core.backends.torch`), the same numbers.
 
 Reliability (`ntps_estimate`'s ``reliable``, `subspace_noise`): the estimators' biases come from
 the sampling noise of the estimated subspaces U_k and V_k. Their jackknife spread over the shards

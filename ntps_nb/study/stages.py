@@ -659,7 +659,9 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     """`ntps_nb.core.estimators.ntps_estimate` of the theory NTPS on every interval layer at the
     config's k (those up to the layer's r_V): the config's estimator, its delete-one-shard
     jackknife standard error and `ESTIMATE_LEVEL` interval, and its reliability flag. A layer on
-    which the estimator fails is left out and named in the record."""
+    which the estimator fails is left out and named in the record. With an analysis device (for
+    the estimators that have a torch path) r_V and the estimates are solved there."""
+    from ntps_nb.core.backends import analysis_backend
     from ntps_nb.core.estimators import DEVICE_ESTIMATORS, ntps_estimate
     from ntps_nb.core.moments import Moments
     from ntps_nb.core.score import theory_geometry
@@ -671,12 +673,15 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                                    f"the study has {u.cfg.shards}"}
     shards = _shard_layers(u)
     device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
+    backend = analysis_backend(device)
     rows, failed = [], {}
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
             try:
-                r_V = theory_geometry(Moments.combine(shards[layer])).r_V
+                pooled = Moments.combine(shards[layer])
+                r_V = (theory_geometry(pooled) if backend is None
+                       else backend.theory_geometry_torch(pooled, device=device)).r_V
                 ks = np.arange(1, r_V + 1) if u.cfg.k == "all" else np.array([k for k in u.cfg.k if k <= r_V], int)
                 if ks.size == 0:
                     continue
