@@ -22,7 +22,10 @@ a unit:
 - probes: the least-squares probes of every layer (held-out ridge and in-sample least squares)
   and, on the host on both sides (scikit-learn), the logistic probes and the cross-validated
   logistic probe of the last layer;
-- peers on the 6 peer layers (k-NN on scikit-learn on both sides).
+- peers on the 6 peer layers (k-NN on scikit-learn on both sides);
+- estimates: the estimates stage, `ntps_estimate` with the default estimator (richardson, its
+  delete-one-shard jackknife interval and the subspace-noise flag) at the study's k grid (up to
+  r_V) on the 3 interval layers.
 
 Each row prints the CPU time, the GPU time and GPU/CPU. Host-only rows are measured once and
 counted in both columns. Above ``--skip-cpu-above`` (hidden size), the CPU column is sampled (a
@@ -58,8 +61,12 @@ from ntps_nb.core.backends.torch import (  # noqa: E402
     interval_sweep_torch,
     least_squares_predictions_torch,
     ntps_sweep_torch,
+    theory_geometry_torch,
 )
 from ntps_nb.core.diagnostics import ReferenceFactorization, TheoryFactorization, ntps_diagnostics  # noqa: E402
+from ntps_nb.core.estimators import DEFAULT_ESTIMATOR, _whitened_bases, _Whitening, ntps_estimate  # noqa: E402
+from ntps_nb.core.moments import Moments  # noqa: E402
+from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 from ntps_nb.core.intervals import (  # noqa: E402
     REFERENCE_FRACTIONS,
     ShardStack,
@@ -75,7 +82,7 @@ from ntps_nb.core.threads import analysis_threads  # noqa: E402
 from ntps_nb.extract import extract  # noqa: E402
 from ntps_nb.study.config import resolve_layers  # noqa: E402
 
-PARTS = ("extract", "ntps", "intervals", "diagnostics", "probes", "peers")
+PARTS = ("extract", "ntps", "intervals", "diagnostics", "probes", "peers", "estimates")
 #: The default protocol's settings (studies/default.toml) that a unit's analysis reads.
 DEFAULT = dict(shards=20, n_boot=200, interval_layers="grid:3", diagnostic_layers="grid:3", peer_layers="grid:6",
                diagnostic_k=[1, 2, 4, 8, 16, 32], diagnostic_fractions=[0.1, 0.5, 0.9], n_perturb=5,
@@ -421,6 +428,56 @@ def part_peers(unit, args, table, clock, say):
     say(f"    agreement: peer scores max relative |GPU - CPU| {worst:.2e}")
 
 
+def part_estimates(unit, args, table, clock, say):
+    """The estimates stage (`ntps_nb.study.stages._estimates_stage`): r_V of each interval layer,
+    then `ntps_estimate` (default estimator, 90% level) at the k grid up to r_V."""
+    device, grid = unit["device"], unit["interval_grid"]
+    shards = layer_shards(unit["ex"].shards)
+    n_shards = len(unit["ex"].shards)
+
+    def run(layer, on):
+        pooled = Moments.combine(shards[layer])
+        r_V = (theory_geometry(pooled) if on is None else theory_geometry_torch(pooled, device=on)).r_V
+        ks = np.array([k for k in DEFAULT["k"] if k <= r_V], dtype=int)
+        return ntps_estimate(shards[layer], ks, estimator=DEFAULT_ESTIMATOR, level=0.90, seed=args.seed, device=on)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t_gpu, gpu_frames = 0.0, {}
+        for layer in grid:
+            t, gpu_frames[layer] = clock(lambda: run(layer, device))
+            t_gpu += t
+        if not unit["sampled"]:
+            t_cpu, worst, nan_cells, flags = 0.0, 0.0, 0, 0
+            for layer in grid:
+                t, frame = clock(lambda: run(layer, None))
+                t_cpu += t
+                other = gpu_frames[layer]
+                for column in ("estimate", "se", "lower", "upper", "noise_U", "noise_V"):
+                    a, b = frame[column].to_numpy(float), other[column].to_numpy(float)
+                    nan_cells += int(np.sum(np.isnan(a) != np.isnan(b)))
+                    both = np.isfinite(a) & np.isfinite(b)
+                    worst = max(worst, float(np.abs(a[both] - b[both]).max(initial=0.0)))
+                flags += int(np.sum(frame["reliable"].to_numpy() != other["reliable"].to_numpy()))
+            note = ""
+            say(f"    agreement: estimates (estimate, se, lower, upper, noise_U, noise_V) max |GPU - CPU| {worst:.2e}, "
+                f"cells NaN on one side only {nan_cells}, reliable flags that differ {flags}"
+                + (TIES if worst > 1e-6 else ""))
+        else:  # one layer's factorisations timed once each, scaled by the counts the estimator solves
+            layer = grid[len(grid) // 2]
+            pooled = Moments.combine(shards[layer])
+            t_geo, _ = clock(lambda: theory_geometry(pooled))
+            t_white, white = clock(lambda: _Whitening.of(pooled.Sxx, RANGE_RTOL))
+            t_bases, _ = clock(lambda: _whitened_bases(pooled, white, RANGE_RTOL))
+            # r_V, the full sample and its two halves, and per left-out shard the rest and its halves;
+            # the subspace noise: the whitening, then U and V of the full sample and of each replicate
+            per_layer = (1 + 3 + 3 * n_shards) * t_geo + t_white + (1 + n_shards) * t_bases
+            t_cpu = per_layer * len(grid)
+            note = (f"layer {layer}: {4 + 3 * n_shards} geometries + whitening + {1 + n_shards} x U, V timed once "
+                    f"each, x {len(grid)} layers")
+    table.add(f"estimates: {DEFAULT_ESTIMATOR} + jackknife + noise, {len(grid)} layers", t_cpu, t_gpu, note)
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -464,7 +521,7 @@ def bench_shape(name: str, spec: dict, args, device: torch.device, say) -> None:
                   gpu_note="the same pass, in both")
     ntps_sweep_torch(unit["ex"].moments[0], device=device)  # warm-up of the analysis kernels
     functions = {"ntps": part_ntps, "intervals": part_intervals, "diagnostics": part_diagnostics,
-                 "probes": part_probes, "peers": part_peers}
+                 "probes": part_probes, "peers": part_peers, "estimates": part_estimates}
     with analysis_threads() as n_threads:
         say(f"analysis BLAS threads (both columns' host work): {n_threads}")
         for part in PARTS[1:]:

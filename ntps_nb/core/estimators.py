@@ -49,7 +49,9 @@ Estimators (each returns NTPS_theory at the requested k; `ESTIMATORS` lists them
   it estimates the chance-corrected population NTPS, not NTPS itself.
 
 Intervals (`ntps_estimate`): delete-one-shard jackknife standard error and a Student-t interval
-around the estimate, for any estimator; S replicates of the estimator.
+around the estimate, for any estimator; S replicates of the estimator. With ``device=`` a torch
+device, `ntps_estimate` (for `DEVICE_ESTIMATORS`) and `subspace_noise` solve every shard
+combination they need as batches on that device (`ntps_nb.core.backends.torch`), the same numbers.
 
 Reliability (`ntps_estimate`'s ``reliable``, `subspace_noise`): the estimators' biases come from
 the sampling noise of the estimated subspaces U_k and V_k. Their jackknife spread over the shards
@@ -65,13 +67,14 @@ it does not decide ``reliable``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.stats
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, theory_geometry
@@ -83,6 +86,8 @@ ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debi
 SHARD_ESTIMATORS = ("richardson", "adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
+#: The estimators `ntps_estimate` also computes on a torch device (``device=``); the others run in numpy only.
+DEVICE_ESTIMATORS = ("richardson", "plugin")
 #: Random splits into halves averaged by the "crossfit" estimator (each costs one SVD of r x C).
 CROSSFIT_SPLITS = 8
 #: Random splits into halves averaged by "richardson" (one: three factorisations per layer).
@@ -534,7 +539,8 @@ def _nested_overlap(a: np.ndarray, b: np.ndarray, ks: np.ndarray) -> np.ndarray:
     return leading[np.minimum(ks, n) - 1]
 
 
-def subspace_noise(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_RTOL) -> pd.DataFrame:
+def subspace_noise(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_RTOL, device: Any = None,
+                   batch_size: int | None = None) -> pd.DataFrame:
     """How much the estimated perception and next-token subspaces move with the sample, at each k.
 
     For each leave-one-shard-out replicate g, U_k and V_k are estimated on the other shards and
@@ -555,12 +561,20 @@ def subspace_noise(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_
     moment_shards : per-shard `Moments` of one layer (disjoint texts), at least 3.
     ks : (K,) positive integers, numbers of next-token directions.
     rtol : relative range tolerance of Sxx and C0.
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
+        the replicates' factorisations batched on that device
+        (`ntps_nb.core.backends.torch.subspace_noise_torch`, the same numbers).
+    batch_size : replicates per batched solve on a torch device (default: from free memory);
+        ignored by the numpy code.
 
     Returns
     -------
     DataFrame, one row per k: k, k_U, noise_U, noise_V, bias_bound (NaN where k exceeds the
     rank of V in some replicate).
     """
+    backend = analysis_backend(device)
+    if backend is not None:
+        return backend.subspace_noise_torch(moment_shards, ks, rtol=rtol, device=device, batch_size=batch_size)
     shards = _as_shards(moment_shards)
     S = len(shards)
     if S < 3:
@@ -569,18 +583,31 @@ def subspace_noise(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_
     full = Moments.combine(shards)
     white = _Whitening.of(full.Sxx, rtol)
     u, v = _whitened_bases(full, white, rtol)
-    m = u.shape[1]
+
+    def replicates():
+        for g in range(S):
+            ug, vg = _whitened_bases(Moments.combine(shards[:g] + shards[g + 1:]), white, rtol)
+            yield (_nested_overlap(ug, u, np.minimum(ks, u.shape[1])), _nested_overlap(vg, v, ks),
+                   ug.shape[1], vg.shape[1])
+
+    return _noise_frame(ks, u.shape[1], v.shape[1], S, replicates())
+
+
+def _noise_frame(ks: np.ndarray, m: int, v_columns: int, n_shards: int, replicates) -> pd.DataFrame:
+    """`subspace_noise`'s frame from the full sample's m and V columns and, for each of the
+    ``n_shards`` leave-one-shard-out replicates in order, (overlap of U at k_U, overlap of V at k,
+    the replicate's U columns, its V columns), the overlaps as `_nested_overlap` gives them."""
     k_u = np.minimum(ks, m)
     noise_u = np.zeros(ks.shape)
     noise_v = np.zeros(ks.shape)
-    defined = ks <= v.shape[1]
-    for g in range(S):
-        ug, vg = _whitened_bases(Moments.combine(shards[:g] + shards[g + 1:]), white, rtol)
-        noise_u += k_u - _nested_overlap(ug, u, k_u)
-        noise_v += np.minimum(ks, v.shape[1]) - _nested_overlap(vg, v, ks)
-        defined &= ks <= vg.shape[1]
-        if ug.shape[1] < m:  # a replicate lost a label direction: U at k >= its m is not comparable
-            defined &= k_u <= ug.shape[1]
+    defined = ks <= v_columns
+    for overlap_u, overlap_v, u_columns, vg_columns in replicates:
+        noise_u += k_u - overlap_u
+        noise_v += np.minimum(ks, v_columns) - overlap_v
+        defined &= ks <= vg_columns
+        if u_columns < m:  # a replicate lost a label direction: U at k >= its m is not comparable
+            defined &= k_u <= u_columns
+    S = n_shards
     noise_u *= (S - 1) / S
     noise_v *= (S - 1) / S
     noise_u[~defined] = np.nan
@@ -683,6 +710,8 @@ def ntps_estimate(
     rtol: float = RANGE_RTOL,
     n_splits: int = CROSSFIT_SPLITS,
     noise_max: float = NOISE_MAX,
+    device: Any = None,
+    batch_size: int | None = None,
 ) -> pd.DataFrame:
     """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
 
@@ -704,6 +733,12 @@ def ntps_estimate(
     level : coverage level of the interval, in (0, 1).
     seed, rtol, n_splits : as in `estimate_ntps`.
     noise_max : largest subspace noise per direction of a reliable row (default `NOISE_MAX`).
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
+        every plug-in the estimate, its replicates and `subspace_noise` need solved as batches on
+        that device (`ntps_nb.core.backends.torch.ntps_estimate_torch`, the same frame), for the
+        estimators of `DEVICE_ESTIMATORS` (the others raise there).
+    batch_size : combinations of shards per batched solve on a torch device (default: from free
+        memory); ignored by the numpy code.
 
     Returns
     -------
@@ -712,11 +747,12 @@ def ntps_estimate(
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`.
     """
+    backend = analysis_backend(device)
+    if backend is not None:
+        return backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
+                                           noise_max=noise_max, device=device, batch_size=batch_size)
     shards = _as_shards(moment_shards)
-    if len(shards) < 3:
-        raise ValueError(f"a jackknife interval needs at least 3 shards, got {len(shards)}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
+    _check_estimate_options(shards, level)
     ks = _check_ks(ks)
     point = estimate_ntps(shards, ks, estimator=estimator, seed=seed, rtol=rtol, n_splits=n_splits)
     S = len(shards)
@@ -726,6 +762,49 @@ def ntps_estimate(
             loo[i] = _values(shards, ks, estimator, seed=seed, rtol=rtol, drop=i, n_splits=n_splits)[0]
         except (ValueError, np.linalg.LinAlgError):
             pass
+    noise = subspace_noise(shards, ks, rtol=rtol)
+    return _estimate_frame(ks, estimator, point.estimate, point.reliability, loo, noise, level=level,
+                          noise_max=noise_max, n_texts=point.n_texts)
+
+
+def _check_estimate_options(shards: list[Moments], level: float) -> None:
+    """Raise the errors `ntps_estimate` raises on too few shards or a level outside (0, 1).
+
+    Parameters
+    ----------
+    shards : the per-shard `Moments` (as a list).
+    level : coverage level of the interval.
+
+    Returns
+    -------
+    None; a ValueError names the bad value.
+    """
+    if len(shards) < 3:
+        raise ValueError(f"a jackknife interval needs at least 3 shards, got {len(shards)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+
+
+def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliability: np.ndarray, loo: np.ndarray,
+                   noise: pd.DataFrame, *, level: float, noise_max: float, n_texts: int) -> pd.DataFrame:
+    """`ntps_estimate`'s frame from the point estimate, the S leave-one-shard-out replicates of the
+    estimator and the `subspace_noise` frame (shared by the numpy code and the torch backend).
+
+    Parameters
+    ----------
+    ks : (K,) numbers of next-token directions.
+    estimator : the estimator's name.
+    estimate, reliability : (K,) the estimate and the estimator's own statistic on all shards.
+    loo : (S, K) the estimator with shard i left out (row i), NaN where a replicate failed.
+    noise : `subspace_noise` of the same shards at ``ks``.
+    level, noise_max : as in `ntps_estimate`.
+    n_texts : texts in all the shards.
+
+    Returns
+    -------
+    DataFrame as `ntps_estimate` returns it.
+    """
+    S = loo.shape[0]
     n_ok = np.sum(np.isfinite(loo), axis=0)
     # the standard error needs every replicate; columns with a failed replicate get NaN
     complete = n_ok == S
@@ -733,20 +812,18 @@ def ntps_estimate(
     se = np.full(ks.shape, np.nan)
     se[complete] = np.sqrt((S - 1) / S * np.sum(dev**2, axis=0))
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
-    lower, upper = point.estimate - t * se, point.estimate + t * se
+    lower, upper = estimate - t * se, estimate + t * se
     finite = np.isfinite(lower) & np.isfinite(upper)
     bias_jackknife = np.full(ks.shape, np.nan)
-    bias_jackknife[complete] = (S - 1) * (loo[:, complete].mean(axis=0) - point.estimate[complete])
-    noise = subspace_noise(shards, ks, rtol=rtol)
+    bias_jackknife[complete] = (S - 1) * (loo[:, complete].mean(axis=0) - estimate[complete])
     k_u = noise["k_U"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         per_direction = np.maximum(noise["noise_U"].to_numpy() / k_u, noise["noise_V"].to_numpy() / ks)
     reliable = finite & (per_direction <= noise_max)
     return pd.DataFrame({
-        "k": ks, "estimator": estimator, "estimate": point.estimate, "se": se, "lower": lower, "upper": upper,
-        "level": level, "reliability": point.reliability, "reliable": reliable,
-        "n_texts": point.n_texts, "n_shards": S, "bias_jackknife": bias_jackknife,
+        "k": ks, "estimator": estimator, "estimate": estimate, "se": se, "lower": lower, "upper": upper,
+        "level": level, "reliability": reliability, "reliable": reliable,
+        "n_texts": n_texts, "n_shards": S, "bias_jackknife": bias_jackknife,
         "noise_U": noise["noise_U"].to_numpy(), "noise_V": noise["noise_V"].to_numpy(),
         "bias_bound": noise["bias_bound"].to_numpy(), "k_U": k_u, "subspace_noise": per_direction,
     })
-

@@ -542,6 +542,9 @@ class _Unit:
     log: Callable[[str], None]
     ex: Any = None
     ex_test: Any = None
+    # where the analysis stages that take ``device=`` compute (`ntps_nb.core.backends.analysis_backend`):
+    # None is the numpy core; no setting chooses another yet, so every stage computes in numpy
+    analysis_device: Any = None
 
 
 def _estimator_after_variant(frame: pd.DataFrame) -> pd.DataFrame:
@@ -656,8 +659,10 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     """`ntps_nb.core.estimators.ntps_estimate` of the theory NTPS on every interval layer at the
     config's k (those up to the layer's r_V): the config's estimator, its delete-one-shard
     jackknife standard error and `ESTIMATE_LEVEL` interval, and its reliability flag. A layer on
-    which the estimator fails is left out and named in the record."""
-    from ntps_nb.core.estimators import ntps_estimate
+    which the estimator fails is left out and named in the record. With an analysis device (for
+    the estimators that have a torch path) r_V and the estimates are solved there."""
+    from ntps_nb.core.backends import analysis_backend
+    from ntps_nb.core.estimators import DEVICE_ESTIMATORS, ntps_estimate
     from ntps_nb.core.moments import Moments
     from ntps_nb.core.score import theory_geometry
 
@@ -667,17 +672,21 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         return None, {"estimates": f"skipped: a jackknife interval needs at least {ESTIMATE_MIN_SHARDS} shards, "
                                    f"the study has {u.cfg.shards}"}
     shards = _shard_layers(u)
+    device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
+    backend = analysis_backend(device)
     rows, failed = [], {}
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
             try:
-                r_V = theory_geometry(Moments.combine(shards[layer])).r_V
+                pooled = Moments.combine(shards[layer])
+                r_V = (theory_geometry(pooled) if backend is None
+                       else backend.theory_geometry_torch(pooled, device=device)).r_V
                 ks = np.arange(1, r_V + 1) if u.cfg.k == "all" else np.array([k for k in u.cfg.k if k <= r_V], int)
                 if ks.size == 0:
                     continue
                 frame = ntps_estimate(shards[layer], ks, estimator=u.cfg.estimator, level=ESTIMATE_LEVEL,
-                                      seed=u.cfg.seed)
+                                      seed=u.cfg.seed, device=device)
             except (ValueError, np.linalg.LinAlgError) as error:
                 failed[str(layer)] = str(error)
                 u.log(f"    estimates: layer {layer} left out: {error}")

@@ -722,6 +722,43 @@ def test_estimates_summary_counts_the_rows_the_reliability_flag_accepts(tmp_path
     assert "flagged reliable" in printed and "adjusted" in printed
 
 
+def test_the_estimates_stage_computes_on_the_units_analysis_device(monkeypatch):
+    """The estimates stage passes the unit's analysis device to `ntps_estimate` for the estimators
+    it computes there (the same table as numpy to 1e-9), and keeps the others on numpy."""
+    from types import SimpleNamespace
+
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.moments import LayerMoments
+    from ntps_nb.core.simulate import lds_model, sample_shards
+    from ntps_nb.study.stages import _estimates_stage, _Unit
+
+    rng = np.random.default_rng(0)
+    model = lds_model(d=8, n_classes=3, seed=1)
+    by_layer = {layer: sample_shards(model, 300, 5, rng) for layer in (0, 2)}
+    parts = [LayerMoments({layer: shards[i] for layer, shards in by_layer.items()}) for i in range(5)]
+
+    on_device = []
+    real = backend.ntps_estimate_torch
+    monkeypatch.setattr(backend, "ntps_estimate_torch",
+                        lambda *args, **kwargs: on_device.append(kwargs["device"]) or real(*args, **kwargs))
+
+    def table(estimator, device):
+        cfg = study.StudyConfig(name="t", models=("m",), datasets=("d",), estimator=estimator, shards=5, k=(1, 2, 4, 16))
+        unit = _Unit(cfg, None, None, None, None, [0, 2], probe_grid=[], peer_grid=[], interval_grid=[0, 2],
+                     diag_grid=[], log=print, ex=SimpleNamespace(shards=parts), analysis_device=device)
+        frame, record = _estimates_stage(unit)
+        assert record == {}
+        return frame
+
+    want, got = table("richardson", None), table("richardson", "cpu")
+    assert on_device == ["cpu", "cpu"]  # one call per interval layer
+    assert list(got.columns) == list(want.columns) and list(got["k"]) == [1, 2, 4, 1, 2, 4]
+    numbers = want.select_dtypes("number").columns
+    np.testing.assert_allclose(got[numbers].to_numpy(float), want[numbers].to_numpy(float), rtol=0, atol=1e-9)
+    pd.testing.assert_frame_equal(table("adjusted", "cpu"), table("adjusted", None))
+    assert on_device == ["cpu", "cpu"]  # "adjusted" runs in numpy only: it stayed there
+
+
 #: The CPU kernels the committed unit was computed with, pinned for its regeneration. torch and
 #: OpenBLAS pick their kernels from the CPU (AVX2, AVX-512): on an AVX-512 machine the forward pass
 #: and the moments move by ~1e-8 relative, and at this size (40 texts, d = 576) that moves NTPS at

@@ -66,6 +66,18 @@ from ntps_nb.core.diagnostics import (
     check_diagnostics_inputs,
     diagnostics_frame,
 )
+from ntps_nb.core.estimators import (
+    DEFAULT_ESTIMATOR,
+    DEVICE_ESTIMATORS,
+    ESTIMATORS,
+    NOISE_MAX,
+    _as_shards,
+    _check_estimate_options,
+    _check_ks,
+    _estimate_frame,
+    _noise_frame,
+    split_halves,
+)
 from ntps_nb.core.intervals import (
     _check_options,
     _jackknife,
@@ -1426,3 +1438,288 @@ def principal_root_torch(Shh: np.ndarray, *, rtol: float, device: str | torch.de
         raise ValueError("Shh is zero: the token states carry no variance")
     rank = int((s > rtol * s[-1]).sum())
     return _numpy((Q * torch.sqrt(torch.clamp(s, min=0.0))) @ Q.T), rank
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators: the default estimator and the plug-in with their jackknife intervals, and the
+# subspace noise behind the reliability flag (`ntps_nb.core.estimators.ntps_estimate`)
+
+#: Why a combination's subspaces are undefined, as `_whitened_bases` raises it (every reason
+#: `_theory_geometries` gives except "Sxy is zero", where U is empty but V is defined).
+_NO_SIGNAL = "Sxy is zero"
+
+
+@dataclass(frozen=True, eq=False)
+class _NoiseReference:
+    """The full sample's whitening x -> S_r^{1/2} Q_r^T x ((r, d), `estimators._Whitening`) and its
+    U (top m) and V, orthonormalised in those coordinates ((r, m), (r, q)): what every
+    leave-one-shard-out replicate is compared with."""
+
+    to_white: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+def _nested_overlaps(a: torch.Tensor, b: torch.Tensor, columns: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """`estimators._nested_overlap` of each a[g] (n, r, w) against b (r, w'), where a[g] has
+    ``columns[g]`` columns (its later ones are not read); (n, K)."""
+    n = min(a.shape[-1], b.shape[-1])
+    out = np.zeros((a.shape[0], ks.size))
+    if n == 0:
+        return out
+    squared = (a[..., :n].mT @ b[:, :n]) ** 2
+    leading = _numpy(torch.cumsum(torch.cumsum(squared, dim=1), dim=2).diagonal(dim1=-2, dim2=-1))
+    for g in range(a.shape[0]):
+        cap = min(int(columns[g]), b.shape[-1])
+        if cap > 0:
+            out[g] = leading[g, np.minimum(ks, cap) - 1]
+    return out
+
+
+def _estimate_block(arrays: dict[str, torch.Tensor], tokens: np.ndarray, labels_ok: np.ndarray, noise: np.ndarray,
+                    reference: _NoiseReference | None, ks: np.ndarray, *, rtol: float, span_rtol: float):
+    """For each combination of a block: its `TheoryGeometry` (or the reason it is undefined), and
+    for those flagged in ``noise`` its subspaces in the reference's whitened coordinates, compared
+    with the reference's: (overlap of U at k_U, overlap of V at k, U columns, V columns), or the
+    reason they are undefined (a string). Without a reference (the full sample itself) a flagged
+    combination gets its own `_NoiseReference` instead."""
+    Sxx, Sxy, Syy, C0, C1 = (arrays[name] for name in ("Sxx", "Sxy", "Syy", "C0", "C1"))
+    n, d = Sxx.shape[0], Sxx.shape[-1]
+    s_U, Q_U, threshold_U, rank_U = _eigh_range(Sxx, None, rtol)
+    s_V, Q_V, threshold_V, rank_V = _eigh_range(C0, None, rtol)
+    trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
+    r_U, r_V = _numpy(rank_U), _numpy(rank_V)
+    geometries = _undefined_reasons(r_U, r_V, _numpy(threshold_U), _numpy(threshold_V), tokens, labels_ok)
+    compared: list = [geometries[i] if noise[i] else None for i in range(n)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(n):
+        if geometries[i] is None:
+            groups.setdefault((int(r_U[i]), int(r_V[i])), []).append(i)
+    for (ru, rv), members in groups.items():
+        index = torch.as_tensor(members, device=Sxx.device)
+        Q_r, s_r = Q_U[index][..., d - ru:], s_U[index][..., d - ru:]
+        lam, Y, m = _perception_top(Q_r, s_r, Sxy[index])
+        V = _next_token_vectors(Q_V[index][..., d - rv:], s_V[index][..., d - rv:], C1[index])
+        projected = _projected(torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V), Y, span_rtol)
+        lam, m = _numpy(lam).astype(np.float64), _numpy(m)
+        for j, i in enumerate(members):
+            mi = int(m[j])
+            geometries[i] = (TheoryGeometry(eigenvalues=lam[j, :mi].copy(), projected=projected[j, :, :mi].copy(),
+                                            r_V=rv, r_U=ru, trace_Syy=float(trace[i]))
+                             if mi > 0 else "Sxy is zero: the pooled states carry no label signal, U is undefined")
+        flagged = [j for j, i in enumerate(members) if noise[i]]
+        if not flagged:
+            continue
+        pick = torch.as_tensor(flagged, device=Sxx.device)
+        Q_f, s_f = Q_r[pick], s_r[pick]
+        X = (Q_f / torch.sqrt(s_f)[:, None, :]) @ Y[pick]  # U's vectors in the states' coordinates, descending
+        to_white = reference.to_white if reference is not None else torch.sqrt(s_f)[:, :, None] * Q_f.mT
+        u = torch.linalg.qr(to_white @ X).Q
+        v = torch.linalg.qr(to_white @ V[pick]).Q
+        m_f = m[flagged]
+        if reference is None:
+            for g, j in enumerate(flagged):
+                compared[members[j]] = _NoiseReference(to_white=to_white[g], u=u[g, :, :min(int(m_f[g]), u.shape[-1])],
+                                                       v=v[g])
+            continue
+        u_columns = np.minimum(m_f, u.shape[-1])
+        over_u = _nested_overlaps(u, reference.u, u_columns, np.minimum(ks, reference.u.shape[-1]))
+        over_v = _nested_overlaps(v, reference.v, np.full(len(flagged), v.shape[-1]), ks)
+        for g, j in enumerate(flagged):
+            compared[members[j]] = (over_u[g], over_v[g], int(u_columns[g]), int(v.shape[-1]))
+    return geometries, compared
+
+
+def _undefined_reasons(r_U: np.ndarray, r_V: np.ndarray, threshold_U: np.ndarray, threshold_V: np.ndarray,
+                       tokens: np.ndarray, labels_ok: np.ndarray) -> list:
+    """Why each combination's geometry is undefined before anything is solved (None: it is not),
+    in the order the numpy code checks (as `_theory_geometries` does)."""
+    out: list = [None] * r_U.size
+    for i in range(r_U.size):
+        if not labels_ok[i]:
+            out[i] = "the labels contain fewer than 2 classes with any texts; NTPS needs at least 2 classes"
+        elif r_U[i] == 0:
+            out[i] = f"Sxx has no eigenvalue above the tolerance {float(threshold_U[i]):.3g}: it is zero or negative definite"
+        elif tokens[i] == 0:
+            out[i] = "no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero"
+        elif r_V[i] == 0:
+            out[i] = f"C0 has no eigenvalue above the tolerance {float(threshold_V[i]):.3g}: it is zero or negative definite"
+    return out
+
+
+def _solve_combinations(stack: TorchShardStack, counts: np.ndarray, noise: np.ndarray, reference, ks: np.ndarray, *,
+                        rtol: float, batch_size: int, dtype: torch.dtype, device: torch.device):
+    """`_estimate_block` over the rows of a (n, S) count matrix, ``batch_size`` rows per batched
+    solve: the lists of geometries (or reasons) and of comparisons (None where not flagged)."""
+    geometries: list = []
+    compared: list = []
+    for start, arrays, tokens, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
+                                                              device=device):
+        block = _estimate_block(arrays, tokens, labels_ok, noise[start:start + tokens.size], reference, ks,
+                                rtol=rtol, span_rtol=SPAN_RTOL)
+        del arrays
+        geometries += block[0]
+        compared += block[1]
+    return geometries, compared
+
+
+def _noise_solutions(stack: TorchShardStack, rows: np.ndarray, noise: np.ndarray, ks: np.ndarray, *, rtol: float,
+                     batch_size: int, dtype: torch.dtype, device: torch.device):
+    """The full sample (all shards once) and the rows of a count matrix solved: the full sample's
+    geometry (or reason), its `_NoiseReference`, and each row's geometry and comparison."""
+    (full,), (reference,) = _solve_combinations(stack, np.ones((1, len(stack))), np.array([True]), None, ks,
+                                                rtol=rtol, batch_size=1, dtype=dtype, device=device)
+    if isinstance(reference, str):
+        raise ValueError(reference)
+    geometries, compared = _solve_combinations(stack, rows, noise, reference, ks, rtol=rtol, batch_size=batch_size,
+                                               dtype=dtype, device=device)
+    return full, reference, geometries, compared
+
+
+def _noise_of(ks: np.ndarray, reference: _NoiseReference, compared: list) -> pd.DataFrame:
+    """`subspace_noise`'s frame from the leave-one-shard-out comparisons, in shard order."""
+    for outcome in compared:
+        if isinstance(outcome, str):  # the numpy function raises where a replicate's subspaces are undefined
+            raise ValueError(outcome)
+    return _noise_frame(ks, reference.u.shape[-1], reference.v.shape[-1], len(compared), compared)
+
+
+def _prepare(moment_shards: Sequence[Moments], ks, dtype: torch.dtype, device, batch_size: int | None):
+    shards = _as_shards(moment_shards)
+    ks = _check_ks(ks)
+    dtype, device = _check_dtype(dtype), _device(device)
+    stack = TorchShardStack(shards, centred=False, dtype=dtype, device=device)
+    return shards, ks, stack, dtype, device, _batch_size(batch_size, stack.d, dtype, device)
+
+
+def subspace_noise_torch(
+    moment_shards: Sequence[Moments],
+    ks,
+    *,
+    rtol: float = RANGE_RTOL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+) -> pd.DataFrame:
+    """`ntps_nb.core.estimators.subspace_noise` on ``device``: the S leave-one-shard-out
+    replicates formed as one product per block and factorised in one batched call, each one's U
+    (top m) and V taken into the full sample's whitened coordinates, orthonormalised by QR in their
+    own order and compared with the full sample's by the nested overlaps.
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer (disjoint texts), at least 3.
+    ks : (K,) positive integers, numbers of next-token directions.
+    rtol : relative range tolerance of Sxx and C0.
+    device, dtype : the torch device and precision of the solves.
+    batch_size : replicates per batched solve (default: from free memory).
+
+    Returns
+    -------
+    DataFrame as `ntps_nb.core.estimators.subspace_noise` returns it.
+    """
+    shards, ks, stack, dtype, device, batch_size = _prepare(moment_shards, ks, dtype, device, batch_size)
+    S = len(shards)
+    if S < 3:
+        raise ValueError(f"subspace noise needs at least 3 shards, got {S}")
+    _, reference, _, compared = _noise_solutions(stack, 1.0 - np.eye(S), np.ones(S, dtype=bool), ks, rtol=rtol,
+                                                 batch_size=batch_size, dtype=dtype, device=device)
+    return _noise_of(ks, reference, compared)
+
+
+def _richardson_value(x_full: np.ndarray, halves: list[np.ndarray], sizes: list[int], n_texts: int) -> np.ndarray:
+    """`estimators._richardson`'s combination of the plug-in on N texts and on the two halves."""
+    h = float(np.mean(1.0 / np.asarray(sizes, dtype=np.float64)))
+    w = h / (h - 1.0 / n_texts)
+    return w * x_full + (1 - w) * np.mean(halves, axis=0)
+
+
+def ntps_estimate_torch(
+    moment_shards: Sequence[Moments],
+    ks,
+    *,
+    estimator: str = DEFAULT_ESTIMATOR,
+    level: float = 0.90,
+    seed: int = 0,
+    rtol: float = RANGE_RTOL,
+    noise_max: float = NOISE_MAX,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+) -> pd.DataFrame:
+    """`ntps_nb.core.estimators.ntps_estimate` on ``device``, for the "richardson" (default) and
+    "plugin" estimators: the same frame.
+
+    Every plug-in the estimate and its S delete-one-shard replicates need is one row of a count
+    matrix over the shards: all shards; for "richardson" also the two halves of the seeded split
+    (`ntps_nb.core.estimators.split_halves`) and, for each left-out shard, the rest and its own
+    half without it (the other half is unchanged, so it is one row, solved once). The rows are
+    combined as one product and solved as one batched call per block; the leave-one-shard-out rows
+    also give `subspace_noise` (their subspaces against the full sample's). The Richardson
+    combination, the jackknife standard error, the Student-t interval and the flag are then the
+    numpy code's own (`estimators._estimate_frame`).
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer, at least 3 shards.
+    ks : (K,) positive integers, numbers of next-token directions.
+    estimator : "richardson" (default) or "plugin"; the other estimators of
+        `ntps_nb.core.estimators.ESTIMATORS` run in numpy only (a ValueError says so).
+    level, seed, rtol, noise_max : as in `ntps_nb.core.estimators.ntps_estimate`.
+    device, dtype : the torch device and precision of the solves.
+    batch_size : combinations per batched solve (default: from free memory).
+
+    Returns
+    -------
+    DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator not in DEVICE_ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} runs on device=None (numpy) only; on a torch device "
+                         f"ntps_estimate computes {' and '.join(map(repr, DEVICE_ESTIMATORS))}")
+    _check_estimate_options(_as_shards(moment_shards), level)
+    shards, ks, stack, dtype, device, batch_size = _prepare(moment_shards, ks, dtype, device, batch_size)
+    S = len(shards)
+    n_texts = np.array([s.n_texts for s in shards], dtype=np.int64)
+    # the combinations, each solved once: row 0 is all shards (solved first: the noise's reference)
+    rows: dict[tuple[int, ...], int] = {}
+
+    def row(members) -> int | None:
+        key = tuple(int(i in members) for i in range(S))
+        return rows.setdefault(key, len(rows)) if any(key) else None
+
+    full = row(range(S))
+    loo = [row([j for j in range(S) if j != i]) for i in range(S)]
+    if estimator == "richardson":
+        a, b = split_halves(S, seed)
+        halves = (row(a), row(b))
+        loo_halves = [(row([j for j in a if j != i]), row([j for j in b if j != i])) for i in range(S)]
+    counts = np.array(list(rows), dtype=np.float64)
+    noise = np.zeros(len(rows), dtype=bool)
+    noise[loo] = True
+    full_geometry, reference, solved, compared = _noise_solutions(
+        stack, counts[1:], noise[1:], ks, rtol=rtol, batch_size=batch_size, dtype=dtype, device=device)
+    if isinstance(full_geometry, str):
+        raise ValueError(full_geometry)
+    geometries = [full_geometry] + solved
+    values = np.array([np.full(ks.shape, np.nan) if isinstance(g, str) else theory_values(g, ks) for g in geometries])
+    sizes = counts.astype(np.int64) @ n_texts
+
+    def estimate(whole: int, parts: tuple[int | None, int | None] | None) -> np.ndarray:
+        if isinstance(geometries[whole], str) or (parts is not None and None in parts):
+            return np.full(ks.shape, np.nan)  # numpy raises there: the replicate counts as failed
+        if parts is None:
+            return values[whole]
+        return _richardson_value(values[whole], [values[p] for p in parts], [int(sizes[p]) for p in parts],
+                                 int(sizes[whole]))
+
+    if estimator == "richardson":
+        point = estimate(full, halves)
+        replicates = np.array([estimate(loo[i], loo_halves[i]) for i in range(S)])
+    else:
+        point = values[full]
+        replicates = values[loo]
+    noise_frame = _noise_of(ks, reference, [compared[i - 1] for i in loo])
+    return _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, level=level,
+                           noise_max=noise_max, n_texts=sum(s.n_texts for s in shards))

@@ -1,0 +1,144 @@
+"""`ntps_estimate` and `subspace_noise` on the torch backend (on the CPU here) against the numpy
+code: the same frame, every column to 1e-9 in float64, on synthetic shard sets with the awkward
+cases (k beyond r_V, a half or a replicate with a single class, a class only one shard holds)."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ntps_nb.core.estimators import (DEVICE_ESTIMATORS, ESTIMATORS, ntps_estimate, split_halves,  # noqa: E402
+                                     subspace_noise)
+from ntps_nb.core.simulate import factor_model, lds_model, moments_of_array, sample_shards  # noqa: E402
+
+#: Agreement with numpy in float64, relative to the largest magnitude of the column (>= 1).
+AGREEMENT = 1e-9
+N_SHARDS = 10
+
+
+def assert_frames_agree(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    assert list(got.columns) == list(want.columns)
+    assert list(got.dtypes) == list(want.dtypes)
+    assert got.shape == want.shape
+    for column in want.columns:
+        if want[column].dtype.kind not in "fiub":
+            assert list(got[column]) == list(want[column]), column
+            continue
+        a, b = got[column].to_numpy(np.float64), want[column].to_numpy(np.float64)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), column
+        finite = ~np.isnan(b)
+        scale = max(1.0, float(np.abs(b[finite]).max(initial=0.0)))
+        assert np.abs(a[finite] - b[finite]).max(initial=0.0) <= AGREEMENT * scale, column
+
+
+def labelled_shards(model, labels: list[np.ndarray], seed: int):
+    """Shards of texts with the given labels, drawn from ``model``."""
+    rng = np.random.default_rng(seed)
+    return [moments_of_array(model.sample_sequences(y, rng), y, model.n_classes) for y in labels]
+
+
+def single_class_half():
+    """C = 2: one half of the seeded split holds class 0 only, except one shard with a few texts
+    of class 1, so that leaving that shard out leaves its half with a single class."""
+    model = factor_model(d=8, n_classes=2, n_tokens=4, seed=4)
+    a, _ = split_halves(N_SHARDS, 0)
+    rng = np.random.default_rng(1)
+    labels = [rng.integers(0, 2, 16) for _ in range(N_SHARDS)]
+    for i in a:
+        labels[i] = np.zeros(16, dtype=np.int64)
+    labels[a[0]][:3] = 1
+    return labelled_shards(model, labels, seed=2)
+
+
+def class_in_one_shard():
+    """C = 6: class 5 has texts in shard 0 only (its replicate loses a label direction)."""
+    model = lds_model(d=12, n_classes=6, n_tokens=5, signal=1.0, seed=6)
+    rng = np.random.default_rng(3)
+    labels = [rng.integers(0, 5, 20) for _ in range(N_SHARDS)]
+    labels[0][:4] = 5
+    return labelled_shards(model, labels, seed=4)
+
+
+CASES = {
+    # k = 16 lies beyond r_V = 12
+    "factor, C = 2": (lambda: sample_shards(factor_model(d=12, n_classes=2, seed=1), 300, N_SHARDS,
+                                            np.random.default_rng(0)), [1, 2, 3, 4, 8, 12, 16]),
+    # 12 texts a shard: shards and halves miss classes, m differs between replicates
+    "lds, C = 6": (lambda: sample_shards(lds_model(d=10, n_classes=6, seed=2), 120, N_SHARDS,
+                                         np.random.default_rng(0)), [1, 2, 3, 4, 6, 8, 10, 12]),
+    # large N, separated spectra: the flag says reliable at small k
+    "lds, C = 3, reliable": (lambda: sample_shards(lds_model(d=8, n_classes=3, n_tokens=4, signal=1.0, gap="separated",
+                                                             seed=5), 20_000, N_SHARDS, np.random.default_rng(1)),
+                             [1, 2, 3, 4, 8]),
+    "a half with a single class": (single_class_half, [1, 2, 4, 8]),
+    "a class in one shard": (class_in_one_shard, [1, 2, 4, 5, 6, 8]),
+}
+
+
+@pytest.fixture(scope="module")
+def shard_sets():
+    return {name: (make(), np.array(ks)) for name, (make, ks) in CASES.items()}
+
+
+def numpy_and_torch(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return function(*args, **kwargs), function(*args, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("estimator", ["richardson", "plugin"])
+def test_ntps_estimate_on_torch_equals_numpy(shard_sets, case, estimator):
+    shards, ks = shard_sets[case]
+    want, got = numpy_and_torch(ntps_estimate, shards, ks, estimator=estimator, seed=0)
+    assert_frames_agree(got, want)
+    # another seed splits the shards into other halves
+    want, got = numpy_and_torch(ntps_estimate, shards, ks, estimator=estimator, seed=3, level=0.8)
+    assert_frames_agree(got, want)
+
+
+def test_the_cases_cover_what_they_are_named_for(shard_sets):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        frames = {name: ntps_estimate(shards, ks) for name, (shards, ks) in shard_sets.items()}
+    assert frames["factor, C = 2"]["estimate"].isna().to_list()[-1]  # k beyond r_V
+    assert frames["lds, C = 3, reliable"]["reliable"].any()
+    # a replicate with a single-class half fails: no standard error, but an estimate
+    single = frames["a half with a single class"]
+    assert single["estimate"].notna().all() and single["se"].isna().all()
+    # the replicate without class 5 has m = 5 < 6: U is not compared at k_U = 6
+    one_shard = frames["a class in one shard"]
+    assert one_shard["k_U"].max() == 6
+    assert one_shard.loc[one_shard["k_U"] == 6, "noise_U"].isna().all()
+    assert one_shard.loc[one_shard["k_U"] < 6, "noise_U"].notna().all()
+
+
+@pytest.mark.parametrize("case", ["factor, C = 2", "lds, C = 6", "a class in one shard"])
+def test_subspace_noise_on_torch_equals_numpy(shard_sets, case):
+    shards, ks = shard_sets[case]
+    want, got = numpy_and_torch(subspace_noise, shards, ks)
+    assert_frames_agree(got, want)
+
+
+def test_batches_of_combinations_equal_one_batch(shard_sets):
+    shards, ks = shard_sets["lds, C = 6"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert_frames_agree(ntps_estimate(shards, ks, device="cpu", batch_size=3),
+                            ntps_estimate(shards, ks, device="cpu", batch_size=64))
+
+
+def test_estimators_without_a_torch_path_are_refused(shard_sets):
+    shards, ks = shard_sets["factor, C = 2"]
+    for estimator in sorted(set(ESTIMATORS) - set(DEVICE_ESTIMATORS)):
+        with pytest.raises(ValueError, match="device=None"):
+            ntps_estimate(shards, ks, estimator=estimator, device="cpu")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        ntps_estimate(shards, ks, estimator="nope", device="cpu")
+    with pytest.raises(ValueError, match="at least 3 shards"):
+        ntps_estimate(shards[:2], ks, device="cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        ntps_estimate(shards, ks, device=3)
