@@ -33,7 +33,8 @@ def _terminate_as_exit():
 
 
 def _cli_run(args) -> int:
-    overrides = {key: value for key, value in (("device", args.device), ("analysis_threads", args.analysis_threads),
+    overrides = {key: value for key, value in (("device", args.device), ("analysis_device", args.analysis_device),
+                                               ("analysis_threads", args.analysis_threads),
                                                ("torch_threads", args.torch_threads)) if value is not None}
     cfg = load_config(args.config, **overrides)
     with _terminate_as_exit():
@@ -130,6 +131,9 @@ def register_cli(subparsers) -> None:
     run.add_argument("--datasets", nargs="+", default=None, help="only these datasets of the grid")
     run.add_argument("--device", default=None, help='where the models run ("cuda", "cuda:1"; default cpu); '
                      "not part of the config hash, recorded in each unit's unit.json")
+    run.add_argument("--analysis-device", default=None,
+                     help='where the analysis computes: "auto" (default: the torch backend on the model\'s device '
+                          'when that is a GPU, else numpy), "numpy", or a torch device ("cuda", "cpu"); recorded per unit')
     run.add_argument("--processes", type=int, default=1,
                      help="worker processes to start on the study (they share the grid unit by unit); each "
                           "analyses with the cores this process may use // N BLAS threads")

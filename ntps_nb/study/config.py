@@ -133,6 +133,11 @@ class StudyConfig:
     analysis_threads: int | None = None
     torch_threads: int | None = 1  # torch intra-op threads of the forward passes (None: torch's default)
     device: str = "cpu"  # where the models run ("cpu", "cuda", "cuda:1"); recorded per unit, not in the hash
+    # where the analysis stages compute (`resolve_analysis_device`): "auto" (the torch backend on the
+    # model's device when that is a GPU, else the numpy core), "numpy", or a torch device ("cuda",
+    # "cpu" for torch on the CPU); recorded per unit, not in the hash (same numbers to 1e-9, except the
+    # reference variant where it is ill-posed and ties of eigenvalues, which either backend breaks its way)
+    analysis_device: str = "auto"
     results_dir: str | None = None
     source: str | None = None  # the TOML file, for messages only
     # the datasets of ``datasets`` that are files ([[datasets]] tables); part of the grid, and of
@@ -151,7 +156,7 @@ class StudyConfig:
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
-                             "analysis_threads", "torch_threads", "device", "dataset_files")}
+                             "analysis_threads", "torch_threads", "device", "analysis_device", "dataset_files")}
         out["study_version"] = STUDY_VERSION
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit

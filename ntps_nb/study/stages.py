@@ -26,6 +26,7 @@ import os
 import platform
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ntps_nb.cache import atomic_path, content_key
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
                                   _versions, dataset_identity, load_unit_dataset, resolve_layers, with_estimator)
@@ -542,9 +544,39 @@ class _Unit:
     log: Callable[[str], None]
     ex: Any = None
     ex_test: Any = None
-    # where the analysis stages that take ``device=`` compute (`ntps_nb.core.backends.analysis_backend`):
-    # None is the numpy core; no setting chooses another yet, so every stage computes in numpy
+    # where the analysis stages compute (`ntps_nb.core.backends.analysis_backend`): None is the numpy
+    # core, a torch device the torch backend (`resolve_analysis_device` of the config's analysis_device)
     analysis_device: Any = None
+
+
+def resolve_analysis_device(setting: str | None, model_device: Any) -> str | None:
+    """The ``device=`` the analysis stages pass to the core: None (the numpy core) or a torch device.
+
+    Parameters
+    ----------
+    setting : the config's ``analysis_device``: "auto" (the torch backend on the model's device when
+        that is a GPU, the numpy core otherwise), "numpy" (or None), or a torch device name ("cuda",
+        "cuda:1", "cpu" for the torch backend on the CPU).
+    model_device : the device the model's parameters are on (``torch.device`` or its name).
+
+    Returns
+    -------
+    None for the numpy core, else the torch device name.
+
+    Raises
+    ------
+    ValueError for a setting that is neither of these or names a device torch cannot use here.
+    """
+
+    if setting is None or setting == "numpy":
+        return None
+    if setting == "auto":
+        name = str(model_device)
+        return name if name.startswith("cuda") else None
+    if not isinstance(setting, str):
+        raise ValueError(f'analysis_device must be "auto", "numpy" or a torch device name, got {setting!r}')
+    analysis_backend(setting)  # refuses a device torch cannot use, with the reason
+    return setting
 
 
 def _estimator_after_variant(frame: pd.DataFrame) -> pd.DataFrame:
@@ -577,18 +609,21 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
 
     estimator = u.cfg.estimator
     shards = _shard_layers(u) if estimator in SHARD_ESTIMATORS else {}
+    device = u.analysis_device
+    sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
     rows, stand_in = [], []
     for layer in u.layers:
         m = u.ex.moments[layer]
         if estimator == "plugin" or (estimator in SHARD_ESTIMATORS and layer not in shards):
             stand_in += [layer] if estimator != "plugin" else []
-            theory = ntps_sweep(m, variant="theory")
-        else:
+            theory = sweep(m, variant="theory")
+        else:  # the other estimators' sweeps are numpy's
             theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator)
-        reference = ntps_sweep(m, variant="reference")
+        reference = sweep(m, variant="reference")
         rows += [_k_filter(theory, u.cfg.k).assign(layer=layer), reference.assign(layer=layer)]
         if layer in u.peer_grid and m.Shh is not None:
-            rows.append(_k_filter(pca_overlap_sweep(m), u.cfg.k).assign(layer=layer, estimator="plugin"))
+            rows.append(_k_filter(pca_overlap_sweep(m, device=device), u.cfg.k).assign(layer=layer,
+                                                                                     estimator="plugin"))
     why = "needs per-shard moments, which the extraction keeps on the interval layers only"
     return _estimator_after_variant(pd.concat(rows, ignore_index=True)), _plugin_only(estimator, stand_in, why)
 
@@ -610,7 +645,8 @@ def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         # saga's ConvergenceWarning under the paper's max_iter is expected (the in-sample protocol)
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
         table = probe_layers(features, u.ex.labels, u.ex_test.labels if u.ex_test is not None else None,
-                             n_classes=u.train.n_classes, protocol=list(u.cfg.probes), seed=u.cfg.seed)
+                             n_classes=u.train.n_classes, protocol=list(u.cfg.probes), seed=u.cfg.seed,
+                             device=u.analysis_device)
     table = table.rename(columns={"kappa": "kappa_chance"})
     last = max(u.probe_grid)
     if "heldout" not in u.cfg.probes or u.ex_test is None:
@@ -631,7 +667,8 @@ def _peers_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         return None, {}
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
-        table = pd.DataFrame([peer_scores(u.ex.pooled[layer], u.ex.labels, layer=layer) for layer in u.peer_grid])
+        table = pd.DataFrame([peer_scores(u.ex.pooled[layer], u.ex.labels, layer=layer, device=u.analysis_device)
+                              for layer in u.peer_grid])
     return table, {}
 
 
@@ -641,14 +678,18 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     if not u.interval_grid:
         return None, {}
     shards = layer_shards(u.ex.shards)
+    device = u.analysis_device
     rows = []
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
             for variant in ("theory", "reference"):  # the reference variant is the released algorithm: plug-in
-                sweep = ntps_interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
-                                            method=u.cfg.interval_method,
-                                            estimator=u.cfg.estimator if variant == "theory" else "plugin")
+                estimator = u.cfg.estimator if variant == "theory" else "plugin"
+                # the torch backend's interval sweeps are the plug-in's; other estimators' are numpy's
+                interval_sweep = (ntps_interval_sweep if device is None or estimator != "plugin"
+                                  else partial(analysis_backend(device).interval_sweep_torch, device=device))
+                sweep = interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
+                                       method=u.cfg.interval_method, estimator=estimator)
                 if variant == "theory":
                     sweep = _k_filter(sweep, u.cfg.k)
                 rows.append(sweep.assign(layer=layer))
@@ -712,17 +753,19 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     if not u.diag_grid:
         return None, {}
     estimator = "plugin" if u.cfg.estimator in SHARD_ESTIMATORS else u.cfg.estimator
+    device = u.analysis_device
+    sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
     rows = []
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.diag_grid:
-            r_V = int(ntps_sweep(u.ex.moments[layer])["r_V"].iloc[0])
+            r_V = int(sweep(u.ex.moments[layer])["r_V"].iloc[0])
             ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
             for variant, grid in (("theory", dict(k=ks, estimator=estimator)),
                                   ("reference", dict(fraction=list(u.cfg.diagnostic_fractions)))):
                 rows.append(ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
                                              n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
-                                             seed=u.cfg.seed, layer=layer, **grid))
+                                             seed=u.cfg.seed, layer=layer, device=device, **grid))
     why = "needs per-shard moments, and the diagnostics permute per-text labels of the pooled features"
     stand_in = list(u.diag_grid) if estimator != u.cfg.estimator else []
     return pd.concat(rows, ignore_index=True), _plugin_only(u.cfg.estimator, stand_in, why)
@@ -829,6 +872,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
               interval_grid=resolve_layers(cfg.interval_layers, layers, "interval_layers") if cfg.shards else [],
               diag_grid=resolve_layers(cfg.diagnostic_layers, layers, "diagnostic_layers") if cfg.diagnostics else [],
               log=log)
+    u.analysis_device = resolve_analysis_device(cfg.analysis_device, next(model.parameters()).device)
     pooled = sorted(set(u.probe_grid) | set(u.peer_grid) | set(u.diag_grid))
     todo = [name for name in ANALYSIS_STAGES if not store.has(name, keys[name])]
     reading = [name for name in todo if stage_enabled(cfg, name)]  # a stage that is off reads nothing
@@ -986,6 +1030,7 @@ def _environment(model, cfg: StudyConfig, analysis_threads: int) -> dict[str, An
     device = next(model.parameters()).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "host": platform.node(),
+            "analysis_device": resolve_analysis_device(cfg.analysis_device, device) or "numpy",
             "torch_threads": torch.get_num_threads(), "analysis_threads": analysis_threads,
             "analysis_processes": None if cfg.analysis_threads is not None else analysis_processes(),
             "cores": available_cores(), **_versions()}

@@ -214,6 +214,44 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
 
 
+#: Agreement of a whole smoke unit's tables between the backends. The functions agree to 1e-9 on
+#: well-conditioned problems (tests/core); at 40 texts nearly tied eigenvalues at small k amplify
+#: rounding (NTPS moved by 7e-9 at k = 1 of the embedding layer).
+UNIT_BACKEND_RTOL = 1e-6
+
+
+def test_a_unit_analysed_by_the_torch_backend_equals_the_numpy_unit(tmp_path, tiny_llama):
+    """analysis_device="cpu" runs every analysis stage on the torch backend (here on the CPU):
+    the same tables as the numpy core, the theory numbers to `UNIT_BACKEND_RTOL`; the reference variant, which the
+    two backends solve alike only where it is well-posed (float32, as released), on the same grid; each unit says
+    where its analysis ran. "auto" on a model on the CPU is the numpy core."""
+    from ntps_nb.study.stages import resolve_analysis_device
+
+    cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=True, probes=["heldout"], estimator="richardson")
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    numpy_unit = study.run_unit(dataclasses.replace(cfg, analysis_device="numpy"), "tiny-llama", "trec6",
+                                tiny_llama, **quiet)
+    torch_unit = study.run_unit(dataclasses.replace(cfg, analysis_device="cpu", results_dir=str(tmp_path / "t")),
+                                "tiny-llama", "trec6", tiny_llama, **quiet)
+    assert numpy_unit["unit"]["environment"]["analysis_device"] == "numpy"
+    assert torch_unit["unit"]["environment"]["analysis_device"] == "cpu"
+    assert all(torch_unit["unit"]["stages"][name]["computed"] for name in ("ntps", "intervals", "probes"))
+    assert resolve_analysis_device("auto", "cpu") is None and resolve_analysis_device("auto", "cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="device"):
+        resolve_analysis_device("tpu", "cpu")
+    for name in ("ntps", "intervals", "estimates", "diagnostics", "probes", "peers"):
+        want, got = numpy_unit[name], torch_unit[name]
+        assert list(got.columns) == list(want.columns) and len(got) == len(want), name
+        theory = (want["variant"] != "reference").to_numpy() if "variant" in want else np.ones(len(want), bool)
+        numbers = [c for c in want.select_dtypes("number").columns if c not in ("seconds",)]
+        # the reference rows: the same grid (its float32 rank decisions may differ between LAPACKs)
+        grid = [c for c in ("fraction", "layer") if c in want]
+        np.testing.assert_array_equal(got.loc[~theory, grid].to_numpy(float), want.loc[~theory, grid].to_numpy(float),
+                                      err_msg=name)
+        np.testing.assert_allclose(got.loc[theory, numbers].to_numpy(float), want.loc[theory, numbers].to_numpy(float),
+                                   rtol=UNIT_BACKEND_RTOL, atol=UNIT_BACKEND_RTOL, err_msg=name)
+
+
 def test_cli_run_passes_device_and_threads(monkeypatch):
     import argparse
 
@@ -227,15 +265,18 @@ def test_cli_run_passes_device_and_threads(monkeypatch):
     parser = argparse.ArgumentParser()
     study.register_cli(parser.add_subparsers())
     args = parser.parse_args(["study", "run", str(STUDIES / "default.toml"), "--device", "cuda:1",
-                              "--analysis-threads", "4", "--torch-threads", "2", "--processes", "3"])
+                              "--analysis-threads", "4", "--torch-threads", "2", "--processes", "3",
+                              "--analysis-device", "numpy"])
     assert args.func(args) == 0
     cfg = seen["cfg"]
     assert (cfg.device, cfg.analysis_threads, cfg.torch_threads, seen["kwargs"]["processes"]) == ("cuda:1", 4, 2, 3)
+    assert cfg.analysis_device == "numpy"
     assert cfg.config_hash == study.load_config(STUDIES / "default.toml").config_hash
     args = parser.parse_args(["study", "run", str(STUDIES / "default.toml")])
     args.func(args)
     # the config's own values: no analysis_threads (this process's share of its cores), one process
     assert (seen["cfg"].device, seen["cfg"].analysis_threads, seen["kwargs"]["processes"]) == ("cpu", None, 1)
+    assert seen["cfg"].analysis_device == "auto"
     for bad in (0, 2.5, True):
         with pytest.raises(study.StudySettingsError, match="analysis_threads must be a positive integer"):
             study.load_config(STUDIES / "default.toml", analysis_threads=bad)
