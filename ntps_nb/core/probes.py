@@ -120,6 +120,12 @@ def _one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes)[y]
 
 
+def _newton_cap(backend, max_iter: int) -> int:
+    """The Newton iterations a device fit may take: ``max_iter`` counts lbfgs iterations (hundreds
+    where Newton takes 5-20), so it is capped at the backend's `LOGISTIC_NEWTON_MAX_ITER`."""
+    return min(int(max_iter), backend.LOGISTIC_NEWTON_MAX_ITER)
+
+
 # -- cross-validated logistic probe (regularisation chosen on the train split only) -------------
 
 #: Inverse L2 strengths the cross-validated logistic probe chooses from (decades, weakest last).
@@ -236,8 +242,8 @@ def cv_logistic_probe(
     scoring : one of `CV_SCORINGS`.
     class_weight : None (every text counts once) or "balanced" (sklearn's inverse class frequency).
     seed : shuffling of the folds (and the solver's random state).
-    max_iter, tol : iteration cap (lbfgs iterations, or Newton iterations on a torch device) and
-        gradient tolerance (sklearn's, on either) of every fit.
+    max_iter, tol : iteration cap (lbfgs iterations; on a torch device Newton iterations, at most
+        LOGISTIC_NEWTON_MAX_ITER = 100) and gradient tolerance (sklearn's, on either) of every fit.
     device : None or "cpu-numpy" (scikit-learn, default) or a torch device.
 
     Returns
@@ -276,7 +282,8 @@ def cv_logistic_probe(
         fits = backend.logistic_probe_torch([Xtr[fit] for fit, _ in splits] + [Xtr],
                                             [ytr[fit] for fit, _ in splits] + [ytr],
                                             [Xtr[held] for _, held in splits] + [Xte], Cs=grid,
-                                            class_weight=class_weight, tol=tol, max_iter=max_iter,
+                                            class_weight=class_weight, tol=tol,
+                                            max_iter=_newton_cap(backend, max_iter),
                                             train_predictions=True, device=device)
         for f, (_, held) in enumerate(splits):
             for c in range(grid.size):
@@ -359,8 +366,9 @@ def heldout_probe(
     protocol : "heldout" (fit on train, score on test) or "paper_in_sample" (the released code's
         saga / LinearRegression settings, fitted and scored on the train split).
     max_iter, tol : iteration cap and gradient tolerance of the held-out logistic probe (the
-        paper protocol fixes its own): lbfgs iterations and its ``gtol`` on scikit-learn; Newton
-        iterations and the same gradient test on a torch device.
+        paper protocol fixes its own): lbfgs iterations and its ``gtol`` on scikit-learn; on a
+        torch device the same gradient test, and Newton iterations capped at
+        min(max_iter, LOGISTIC_NEWTON_MAX_ITER = 100).
     device : None or "cpu-numpy" (scikit-learn, default) or a torch device: the least-squares
         probe and the held-out protocol's logistic probe are fitted there (Newton-CG,
         `ntps_nb.core.backends.torch.logistic_probe_torch`); the paper protocol's saga stays on
@@ -398,8 +406,8 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     Xev, yev = (Xtr, ytr) if in_sample else (Xte, yte)
     if not in_sample and logistic_fit is None and backend is not None:
-        (logistic_fit,) = backend.logistic_probe_torch([Xtr], ytr, [Xte], Cs=C, tol=tol, max_iter=max_iter,
-                                                       device=device)
+        (logistic_fit,) = backend.logistic_probe_torch([Xtr], ytr, [Xte], Cs=C, tol=tol,
+                                                       max_iter=_newton_cap(backend, max_iter), device=device)
     if logistic_fit is not None:  # fitted on the device
         converged, n_iter = bool(logistic_fit.converged[0]), int(logistic_fit.n_iter[0])
         solver = logistic_fit.solver
@@ -527,7 +535,8 @@ def probe_layers(
             predicted.update({(layer, proto): p for layer, p in zip(layers, fitted)})
             if proto == "heldout":  # and the held-out logistic probes of every layer, batched
                 fits = backend.logistic_probe_torch([checked[layer][0] for layer in layers], checked[layers[0]][1],
-                                                    evaluated, Cs=C, tol=LOGISTIC_TOL, max_iter=max_iter,
+                                                    evaluated, Cs=C, tol=LOGISTIC_TOL,
+                                                    max_iter=_newton_cap(backend, max_iter),
                                                     device=device)
                 logistic_fits.update(zip(layers, fits))
             del checked, evaluated
