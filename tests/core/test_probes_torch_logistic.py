@@ -11,7 +11,11 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from ntps_nb.core import probes  # noqa: E402
-from ntps_nb.core.backends.torch import LOGISTIC_SOLVER, logistic_probe_torch  # noqa: E402
+from ntps_nb.core.backends.torch import (  # noqa: E402
+    LOGISTIC_NEWTON_MAX_ITER,
+    LOGISTIC_SOLVER,
+    logistic_probe_torch,
+)
 from tests.core.shapes import unchecked_shapes  # noqa: E402
 
 #: Both solvers iterated to this gradient tolerance (sklearn's max-abs test on its mean objective).
@@ -109,6 +113,14 @@ def test_batched_over_layers_and_a_grid_of_C_equals_one_at_a_time():
     (short,) = logistic_probe_torch([train[0][rows[:60]]], ytr[rows[:60]], [test[0]], Cs=1.0)
     np.testing.assert_allclose(folds[0].coef, short.coef, rtol=0, atol=1e-9 * np.abs(short.coef).max())
     np.testing.assert_array_equal(folds[0].eval_predictions, short.eval_predictions)
+
+
+def test_a_tolerance_below_rounding_stops_as_not_converged_instead_of_iterating_to_the_cap():
+    Xtr, ytr, Xte, _ = problem(1, n=150, m=60, d=8, k=3, spread=0.7)
+    (fit,) = logistic_probe_torch([Xtr], ytr, [Xte], Cs=[0.01, 100.0], tol=1e-300)
+    (tight,) = logistic_probe_torch([Xtr], ytr, [Xte], Cs=[0.01, 100.0], tol=TIGHT_TOL)
+    assert not fit.converged.any() and (fit.n_iter < LOGISTIC_NEWTON_MAX_ITER).all()
+    np.testing.assert_allclose(fit.coef, tight.coef, rtol=0, atol=COEF_RTOL * np.abs(tight.coef).max())
 
 
 def test_probe_layers_and_heldout_probe_on_the_device_equal_sklearn():
