@@ -19,9 +19,13 @@ a unit:
   the reference variant at fractions (0.1, 0.5, 0.9), 5 perturbations, 20 label permutations
   (and the r_V sweep the stage runs first); the eigensolver comparison (scipy vs numpy LAPACK, a
   host computation on both sides) is its own row;
-- probes: the least-squares probes of every layer (held-out ridge and in-sample least squares)
-  and, on the host on both sides (scikit-learn), the logistic probes and the cross-validated
-  logistic probe of the last layer;
+- probes: the least-squares probes of every layer (held-out ridge and in-sample least squares);
+  the held-out logistic probes of every layer (scikit-learn's lbfgs, one layer at a time, against
+  the torch backend's Newton-CG batched over layers, `logistic_probe_torch`); the paper's
+  in-sample saga probes (scikit-learn on the host on both sides: the released code's
+  early-stopped solver); the cross-validated logistic probe of the last layer (scikit-learn
+  against ``cv_logistic_probe(device=...)``, folds x C in one batched solve). Each logistic row
+  prints its agreement (accuracies, differing predictions, the chosen C);
 - peers on the 6 peer layers (k-NN on scikit-learn on both sides);
 - estimates: the estimates stage, `ntps_estimate` with the default estimator (richardson, its
   delete-one-shard jackknife interval and the subspace-noise flag) at the study's k grid (up to
@@ -58,8 +62,10 @@ from bench_extract import SHAPES, IdTokenizer, random_model, reporter  # noqa: E
 from ntps_nb.core import peers as peer_module  # noqa: E402
 from ntps_nb.core import probes as probe_module  # noqa: E402
 from ntps_nb.core.backends.torch import (  # noqa: E402
+    LOGISTIC_NEWTON_MAX_ITER,
     interval_sweep_torch,
     least_squares_predictions_torch,
+    logistic_probe_torch,
     ntps_sweep_torch,
     theory_geometry_torch,
 )
@@ -380,27 +386,62 @@ def part_probes(unit, args, table, clock, say):
     table.add(f"probes: least squares (ridge + in-sample), {len(layers)} layers", t_cpu, t_gpu, note)
     say(f"    agreement: least-squares predictions max |GPU - CPU| {worst:.2e}")
 
-    # logistic probes: scikit-learn on the host in both columns
-    def logistic(layer):
+    # held-out logistic probes: sklearn lbfgs one layer at a time against the torch fit of all layers at once
+    def cpu_logistic(layer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs", max_iter=probe_module.LOGISTIC_MAX_ITER,
-                                                               tol=probe_module.LOGISTIC_TOL)).fit(ex.pooled[layer],
-                                                                                                  ex.labels)
+            model = make_pipeline(StandardScaler(), LogisticRegression(
+                solver="lbfgs", max_iter=probe_module.LOGISTIC_MAX_ITER, tol=probe_module.LOGISTIC_TOL))
+            return model.fit(ex.pooled[layer], ex.labels).predict(np.asarray(ex_test.pooled[layer], dtype=np.float64))
+
+    def gpu_logistic():
+        return logistic_probe_torch([ex.pooled[layer] for layer in layers], ex.labels,
+                                    [ex_test.pooled[layer] for layer in layers], Cs=1.0, tol=probe_module.LOGISTIC_TOL,
+                                    max_iter=LOGISTIC_NEWTON_MAX_ITER, device=device)
+
+    t_gpu, fits = clock(gpu_logistic)
+    logistic_layers = sample_layers(layers, args.cpu_sample_layers) if unit["sampled"] else layers
+    t_cpu, worst, differing, compared = 0.0, 0.0, 0, 0
+    for layer in logistic_layers:
+        t, predicted = clock(lambda: cpu_logistic(layer))
+        t_cpu += t
+        on_gpu = fits[layers.index(layer)].eval_predictions[0]
+        worst = max(worst, abs(float(np.mean(on_gpu == ex_test.labels)) - float(np.mean(predicted == ex_test.labels))))
+        differing += int(np.count_nonzero(on_gpu != predicted))
+        compared += predicted.size
+    note = f"{len(logistic_layers)} of {len(layers)} layers timed, scaled" if unit["sampled"] else ""
+    table.add(f"probes: logistic held-out (lbfgs | torch), {len(layers)} layers",
+              t_cpu * len(layers) / len(logistic_layers), t_gpu, note)
+    say(f"    agreement: held-out logistic accuracy max |GPU - CPU| {worst:.2e} over {len(logistic_layers)} layers, "
+        f"{differing} of {compared} test predictions differ; GPU fits converged "
+        f"{sum(bool(f.converged[0]) for f in fits)}/{len(fits)}, Newton iterations <= "
+        f"{max(int(f.n_iter[0]) for f in fits)}, Hessian products <= {max(int(f.n_hessian_products[0]) for f in fits)}")
+
+    # the paper's in-sample saga probes: the released code's early-stopped solver, on the host in both columns
+    def saga(layer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
             make_pipeline(StandardScaler(), LogisticRegression(**probe_module.PAPER_LOGISTIC)).fit(ex.pooled[layer],
                                                                                                 ex.labels)
 
-    logistic_layers = sample_layers(layers, args.cpu_sample_layers) if unit["sampled"] else layers
-    t_log = sum(clock(lambda: logistic(layer))[0] for layer in logistic_layers) * len(layers) / len(logistic_layers)
-    note = f"{len(logistic_layers)} of {len(layers)} layers timed, scaled" if unit["sampled"] else ""
-    table.add(f"probes: logistic lbfgs + saga (sklearn, host, both), {len(layers)} layers", t_log, t_log, note,
+    t_saga = sum(clock(lambda: saga(layer))[0] for layer in logistic_layers) * len(layers) / len(logistic_layers)
+    table.add(f"probes: logistic in-sample saga (host, both), {len(layers)} layers", t_saga, t_saga, note,
               gpu_note=("~, the same" if note else "measured once, in both"))
     if args.cv_probe:
         last = layers[-1]
-        t_cv, _ = clock(lambda: probe_module.cv_logistic_probe(ex.pooled[last], ex.labels, ex_test.pooled[last],
-                                                               ex_test.labels, n_classes=n_classes, seed=args.seed))
-        table.add(f"probes: cross-validated logistic, layer {last} (sklearn, host, both)", t_cv, t_cv,
-                  gpu_note="measured once, in both")
+
+        def cv(on):
+            return probe_module.cv_logistic_probe(ex.pooled[last], ex.labels, ex_test.pooled[last], ex_test.labels,
+                                                  n_classes=n_classes, seed=args.seed, device=on)
+
+        t_cv, cpu_cv = clock(lambda: cv(None))
+        t_cv_gpu, gpu_cv = clock(lambda: cv(device))
+        table.add(f"probes: logistic cross-validated, layer {last}", t_cv, t_cv_gpu)
+        say(f"    agreement: cross-validated logistic chose C={gpu_cv.row['logreg_C']:g} (GPU) / "
+            f"C={cpu_cv.row['logreg_C']:g} (CPU), accuracy |GPU - CPU| "
+            f"{abs(gpu_cv.row['accuracy'] - cpu_cv.row['accuracy']):.2e}, "
+            f"{int(np.count_nonzero(gpu_cv.predictions != cpu_cv.predictions))} of {cpu_cv.predictions.size} "
+            f"test predictions differ")
 
 
 def part_peers(unit, args, table, clock, say):
@@ -558,7 +599,7 @@ def main() -> None:
     parser.add_argument("--n-permutations", type=int, default=DEFAULT["n_permutations"])
     parser.add_argument("--seed", type=int, default=DEFAULT["seed"])
     parser.add_argument("--no-cv-probe", dest="cv_probe", action="store_false",
-                        help="leave out the cross-validated logistic probe (host, sklearn)")
+                        help="leave out the cross-validated logistic probe")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",

@@ -16,11 +16,23 @@ the published ``train_mse``); ``mse_per_text`` = C * mse is the loss of SPEC sec
 Beside accuracy every row carries the dataset baselines of SPEC section 10: chance 1/C, the
 chance-corrected kappa = (acc - 1/C) / (1 - 1/C), and the majority-class rate.
 
-``device=`` on `heldout_probe` and `probe_layers` (None or "cpu-numpy": scikit-learn, the
-default; a torch device such as "cuda") fits the closed-form least-squares probe on that device
-(`ntps_nb.core.backends.torch.least_squares_predictions_torch`, batched over layers in
-`probe_layers`; the same predictions to 1e-9). The logistic probes stay on scikit-learn (lbfgs /
-saga on the CPU) either way.
+``device=`` on `heldout_probe`, `probe_layers` and `cv_logistic_probe` (None or "cpu-numpy":
+scikit-learn, the default; a torch device such as "cuda") fits on that device, batched over
+layers in `probe_layers`:
+
+- the closed-form least-squares probe (`ntps_nb.core.backends.torch.least_squares_predictions_torch`;
+  the same predictions to 1e-9);
+- the held-out logistic probe (`ntps_nb.core.backends.torch.logistic_probe_torch`): the same
+  strictly convex objective as sklearn's lbfgs (StandardScaler, L2, unpenalised intercept,
+  multinomial, binomial for two classes), solved by batched Newton-CG to the same gradient
+  tolerance, so the same optimum and predictions (coefficients to the solvers' tolerance); the
+  row's ``solver`` says which solver produced the number ("lbfgs" or "torch-newton-cg") and
+  ``n_iter`` counts that solver's iterations (Newton steps on the device);
+- the cross-validated probe's folds x C grid and its refit, as one batched solve.
+
+The paper's in-sample protocol keeps scikit-learn's saga on the host on every device: its number
+is the released code's early-stopped stochastic iterate (max_iter=1000, tol=0.01, stopped far
+from the optimum), which a solver run to convergence does not reproduce.
 """
 
 from __future__ import annotations
@@ -108,6 +120,12 @@ def _one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes)[y]
 
 
+def _newton_cap(backend, max_iter: int) -> int:
+    """The Newton iterations a device fit may take: ``max_iter`` counts lbfgs iterations (hundreds
+    where Newton takes 5-20), so it is capped at the backend's `LOGISTIC_NEWTON_MAX_ITER`."""
+    return min(int(max_iter), backend.LOGISTIC_NEWTON_MAX_ITER)
+
+
 # -- cross-validated logistic probe (regularisation chosen on the train split only) -------------
 
 #: Inverse L2 strengths the cross-validated logistic probe chooses from (decades, weakest last).
@@ -162,11 +180,18 @@ def classification_scores(y_true: Sequence[int], y_pred: Sequence[int], n_classe
 
 def _fold_score(model, X: np.ndarray, y: np.ndarray, scoring: str, n_classes: int) -> float:
     if scoring == "neg_log_loss":
-        probabilities = np.full((X.shape[0], n_classes), 0.0)
-        probabilities[:, model.classes_] = model.predict_proba(X)
-        return float(-np.mean(-np.log(np.clip(probabilities[np.arange(y.size), y], 1e-300, None))))
-    scores = classification_scores(y, model.predict(X).astype(np.int64), n_classes)
-    return scores[scoring]
+        return _scored(model.classes_, model.predict_proba(X), None, y, scoring, n_classes)
+    return _scored(model.classes_, None, model.predict(X), y, scoring, n_classes)
+
+
+def _scored(classes: np.ndarray, probabilities: np.ndarray | None, predictions: np.ndarray | None, y: np.ndarray,
+            scoring: str, n_classes: int) -> float:
+    """A fold's score from the probe's probabilities (M, K) over ``classes`` or its predicted labels (M,)."""
+    if scoring == "neg_log_loss":
+        full = np.full((y.size, n_classes), 0.0)
+        full[:, classes] = probabilities
+        return float(-np.mean(-np.log(np.clip(full[np.arange(y.size), y], 1e-300, None))))
+    return classification_scores(y, np.asarray(predictions).astype(np.int64), n_classes)[scoring]
 
 
 @dataclass(frozen=True)
@@ -194,6 +219,7 @@ def cv_logistic_probe(
     seed: int = 0,
     max_iter: int = LOGISTIC_MAX_ITER,
     tol: float = LOGISTIC_TOL,
+    device: Any = None,
 ) -> CVProbeResult:
     """Held-out logistic probe whose L2 strength is chosen by cross-validation on the TRAIN split.
 
@@ -203,6 +229,9 @@ def cv_logistic_probe(
     the smallest C, the strongest regularisation); the probe is refitted on the whole train
     split with it and scored once on the test split. The test split is never seen before that.
     Along the grid each fold warm-starts from the previous C (same optimum, fewer iterations).
+    On a torch ``device`` every fold at every C and the refit on the whole train split at every C
+    are one batched solve (`ntps_nb.core.backends.torch.logistic_probe_torch`, Newton-CG to the
+    same gradient tolerance; the same optimum), and the chosen C's refit is read off it.
 
     Parameters
     ----------
@@ -212,6 +241,10 @@ def cv_logistic_probe(
     n_folds : stratified folds (lowered to the smallest class count of the train split, >= 2).
     scoring : one of `CV_SCORINGS`.
     class_weight : None (every text counts once) or "balanced" (sklearn's inverse class frequency).
+    seed : shuffling of the folds (and the solver's random state).
+    max_iter, tol : iteration cap (lbfgs iterations; on a torch device Newton iterations, at most
+        LOGISTIC_NEWTON_MAX_ITER = 100) and gradient tolerance (sklearn's, on either) of every fit.
+    device : None or "cpu-numpy" (scikit-learn, default) or a torch device.
 
     Returns
     -------
@@ -220,8 +253,10 @@ def cv_logistic_probe(
     ``balanced_accuracy``, ``cohen_kappa``, ``kappa_chance``, ``chance``, ``majority_rate``,
     ``train_accuracy`` (in-sample, to see the overfit), ``logreg_C`` (chosen), ``C_grid``,
     ``cv_folds``, ``cv_scoring``, ``cv_score`` (the chosen C's mean fold score),
-    ``class_weight``, ``solver``, ``converged``, ``seed``.
+    ``class_weight``, ``solver`` ("lbfgs", or "torch-newton-cg" on a torch device), ``converged``
+    (of the refit), ``seed``.
     """
+    backend = analysis_backend(device)
     Xtr, ytr, Xte, yte = _check_inputs(train_X, train_y, test_X, test_y, n_classes, need_test=True)
     n_classes = int(n_classes)
     grid = np.sort(np.asarray(list(Cs), dtype=np.float64))
@@ -242,37 +277,58 @@ def cv_logistic_probe(
                                   random_state=seed, warm_start=warm_start)
 
     scores = np.empty((grid.size, folds))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # the refit below reports convergence
-        for f, (fit, held) in enumerate(splitter.split(Xtr, ytr)):
-            scaler = StandardScaler().fit(Xtr[fit])
-            Zfit, Zheld = scaler.transform(Xtr[fit]), scaler.transform(Xtr[held])
-            model = logistic(grid[0], warm_start=True)
-            for c, C in enumerate(grid):
-                model.set_params(C=C).fit(Zfit, ytr[fit])
-                scores[c, f] = _fold_score(model, Zheld, ytr[held], scoring, n_classes)
+    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(Xtr, ytr))
+    if backend is not None:  # every fold and the refit, at every C, as one batched solve
+        fits = backend.logistic_probe_torch([Xtr[fit] for fit, _ in splits] + [Xtr],
+                                            [ytr[fit] for fit, _ in splits] + [ytr],
+                                            [Xtr[held] for _, held in splits] + [Xte], Cs=grid,
+                                            class_weight=class_weight, tol=tol,
+                                            max_iter=_newton_cap(backend, max_iter),
+                                            train_predictions=True, device=device)
+        for f, (_, held) in enumerate(splits):
+            for c in range(grid.size):
+                scores[c, f] = _scored(fits[f].classes, fits[f].eval_probabilities[c], fits[f].eval_predictions[c],
+                                       ytr[held], scoring, n_classes)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the refit below reports convergence
+            for f, (fit, held) in enumerate(splits):
+                scaler = StandardScaler().fit(Xtr[fit])
+                Zfit, Zheld = scaler.transform(Xtr[fit]), scaler.transform(Xtr[held])
+                model = logistic(grid[0], warm_start=True)
+                for c, C in enumerate(grid):
+                    model.set_params(C=C).fit(Zfit, ytr[fit])
+                    scores[c, f] = _fold_score(model, Zheld, ytr[held], scoring, n_classes)
     mean = scores.mean(axis=1)
     best = int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])
 
-    classifier = make_pipeline(StandardScaler(), logistic(grid[best]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        classifier.fit(Xtr, ytr)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if backend is not None:
+        refit = fits[-1]
+        converged = bool(refit.converged[best])
+        predictions = refit.eval_predictions[best].astype(np.int64)
+        train_accuracy = float(np.mean(refit.train_predictions[best] == ytr))
+        solver = refit.solver
+    else:
+        classifier = make_pipeline(StandardScaler(), logistic(grid[best]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            classifier.fit(Xtr, ytr)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        predictions = classifier.predict(Xte).astype(np.int64)
+        train_accuracy = float(np.mean(classifier.predict(Xtr) == ytr))
+        solver = "lbfgs"
     if not converged:
         warnings.warn(f"cross-validated logistic probe (C={grid[best]:g}) did not converge in max_iter={max_iter}",
                       ProbeConvergenceWarning, stacklevel=2)
-    predictions = classifier.predict(Xte).astype(np.int64)
     row = {
         "protocol": "heldout_cv", "evaluated_on": "test", "n_classes": n_classes,
         "classes_in_train": int(np.count_nonzero(counts)), "n_train": int(Xtr.shape[0]), "n_eval": int(Xte.shape[0]),
         "d": int(Xtr.shape[1]), **classification_scores(yte, predictions, n_classes), "chance": 1.0 / n_classes,
         "majority_rate": float(np.mean(yte == int(np.argmax(counts)))),
-        "train_accuracy": float(np.mean(classifier.predict(Xtr) == ytr)),
+        "train_accuracy": train_accuracy,
         "logreg_C": float(grid[best]), "C_grid": " ".join(f"{C:g}" for C in grid), "cv_folds": folds,
         "cv_scoring": scoring, "cv_score": float(mean[best]), "class_weight": class_weight or "none",
-        "solver": "lbfgs", "converged": bool(converged), "seed": int(seed),
+        "solver": solver, "converged": bool(converged), "seed": int(seed),
     }
     cv_scores = pd.DataFrame({"C": grid, "mean_score": mean, "sd_score": scores.std(axis=1, ddof=1),
                               "chosen": np.arange(grid.size) == best})
@@ -309,16 +365,22 @@ def heldout_probe(
         least squares. The paper's in-sample protocol always uses LinearRegression.
     protocol : "heldout" (fit on train, score on test) or "paper_in_sample" (the released code's
         saga / LinearRegression settings, fitted and scored on the train split).
-    max_iter, tol : lbfgs settings of the held-out protocol (the paper protocol fixes its own).
-    device : None or "cpu-numpy" (scikit-learn, default) or a torch device for the least-squares
-        probe (the logistic probe stays on scikit-learn).
+    max_iter, tol : iteration cap and gradient tolerance of the held-out logistic probe (the
+        paper protocol fixes its own): lbfgs iterations and its ``gtol`` on scikit-learn; on a
+        torch device the same gradient test, and Newton iterations capped at
+        min(max_iter, LOGISTIC_NEWTON_MAX_ITER = 100).
+    device : None or "cpu-numpy" (scikit-learn, default) or a torch device: the least-squares
+        probe and the held-out protocol's logistic probe are fitted there (Newton-CG,
+        `ntps_nb.core.backends.torch.logistic_probe_torch`); the paper protocol's saga stays on
+        scikit-learn (its early-stopped iterate is what the released code reports).
 
     Returns
     -------
     A tidy row (dict): ``protocol``, ``evaluated_on``, ``n_classes``, ``classes_in_train``,
     ``n_train``, ``n_eval``, ``d``, ``accuracy``, ``kappa``, ``chance``, ``majority_rate``,
-    ``mse``, ``mse_per_text``, ``lstsq_accuracy``, ``logreg_C``, ``ridge``, ``solver``,
-    ``converged``, ``n_iter``, ``seed``.
+    ``mse``, ``mse_per_text``, ``lstsq_accuracy``, ``logreg_C``, ``ridge``, ``solver`` (the
+    logistic probe's: "lbfgs", "saga" or "torch-newton-cg"), ``converged``, ``n_iter`` (that
+    solver's iterations), ``seed``.
     """
     return _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
                           protocol=protocol, max_iter=max_iter, tol=tol, backend=analysis_backend(device),
@@ -331,8 +393,10 @@ def _least_squares_ridge(protocol: str, ridge: float) -> float:
 
 
 def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridge, protocol, max_iter, tol,
-                   backend=None, device=None, predicted: np.ndarray | None = None) -> dict[str, Any]:
-    """`heldout_probe`; ``predicted``: the least-squares probe's predictions when already made."""
+                   backend=None, device=None, predicted: np.ndarray | None = None,
+                   logistic_fit: Any = None) -> dict[str, Any]:
+    """`heldout_probe`; ``predicted``: the least-squares probe's predictions when already made;
+    ``logistic_fit``: the held-out logistic probe's `LogisticProbeFit` when already made on a device."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     in_sample = protocol == "paper_in_sample"
@@ -340,26 +404,33 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
     n_classes = int(n_classes)
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if in_sample:
-        Xev, yev = Xtr, ytr
-        logistic = LogisticRegression(C=C, random_state=seed, **PAPER_LOGISTIC)
+    Xev, yev = (Xtr, ytr) if in_sample else (Xte, yte)
+    if not in_sample and logistic_fit is None and backend is not None:
+        (logistic_fit,) = backend.logistic_probe_torch([Xtr], ytr, [Xte], Cs=C, tol=tol,
+                                                       max_iter=_newton_cap(backend, max_iter), device=device)
+    if logistic_fit is not None:  # fitted on the device
+        converged, n_iter = bool(logistic_fit.converged[0]), int(logistic_fit.n_iter[0])
+        solver = logistic_fit.solver
+        accuracy = float(np.mean(logistic_fit.eval_predictions[0] == yev))
     else:
-        Xev, yev = Xte, yte
-        logistic = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)
-    alpha = _least_squares_ridge(protocol, ridge)
-
-    classifier = make_pipeline(StandardScaler(), logistic)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        classifier.fit(Xtr, ytr)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    for w in caught:
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if in_sample:
+            logistic = LogisticRegression(C=C, random_state=seed, **PAPER_LOGISTIC)
+        else:
+            logistic = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)
+        classifier = make_pipeline(StandardScaler(), logistic)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            classifier.fit(Xtr, ytr)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        solver, n_iter = logistic.solver, int(np.max(logistic.n_iter_))
+        accuracy = float(np.mean(classifier.predict(Xev) == yev))
     if not converged and not in_sample:
         warnings.warn(f"logistic probe did not converge in max_iter={max_iter} iterations (tol={tol:g}); "
                       "raise max_iter or C", ProbeConvergenceWarning, stacklevel=2)
-    accuracy = float(np.mean(classifier.predict(Xev) == yev))
+    alpha = _least_squares_ridge(protocol, ridge)
 
     if predicted is None and backend is not None:
         (predicted,) = backend.least_squares_predictions_torch([Xtr], _one_hot(ytr, n_classes), [Xev], ridge=alpha,
@@ -389,9 +460,9 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
         "lstsq_accuracy": float(np.mean(np.argmax(predicted, axis=1) == yev)),
         "logreg_C": float(C),
         "ridge": float(ridge) if not in_sample else 0.0,
-        "solver": logistic.solver,
+        "solver": solver,
         "converged": bool(converged),
-        "n_iter": int(np.max(logistic.n_iter_)),
+        "n_iter": n_iter,
         "seed": int(seed),
     }
 
@@ -419,7 +490,9 @@ def probe_layers(
     train_y, test_y : labels of the two splits (shared by all layers).
     protocol : one protocol or several (one row per layer and protocol).
     device : None or "cpu-numpy" (scikit-learn, default) or a torch device: the least-squares
-        probes of all layers are fitted there, batched over layers, per protocol.
+        probes of all layers (per protocol) and the held-out protocol's logistic probes of all
+        layers are fitted there, each batched over layers; the paper protocol's saga stays on
+        scikit-learn.
     **provenance : constant columns (model, dataset, max_length, drop_bos, ...), e.g.
         ``probe_layers(feats, ytr, yte, n_classes=2, model="smollm2-135m", dataset="trec6")``.
 
@@ -441,6 +514,7 @@ def probe_layers(
     splits = {layer: (value if isinstance(value, tuple) else (value, None))
               for layer, value in ((layer, features_by_layer[layer]) for layer in layers)}
     predicted: dict[tuple[int, str], np.ndarray] = {}
+    logistic_fits: dict[int, Any] = {}
     if backend is not None:  # the least-squares probes of every layer, batched, per protocol
         for proto in protocols:
             if proto not in PROTOCOLS:
@@ -459,6 +533,12 @@ def probe_layers(
             fitted = backend.least_squares_predictions_torch([checked[layer][0] for layer in layers], Ytr, evaluated,
                                                              ridge=_least_squares_ridge(proto, ridge), device=device)
             predicted.update({(layer, proto): p for layer, p in zip(layers, fitted)})
+            if proto == "heldout":  # and the held-out logistic probes of every layer, batched
+                fits = backend.logistic_probe_torch([checked[layer][0] for layer in layers], checked[layers[0]][1],
+                                                    evaluated, Cs=C, tol=LOGISTIC_TOL,
+                                                    max_iter=_newton_cap(backend, max_iter),
+                                                    device=device)
+                logistic_fits.update(zip(layers, fits))
             del checked, evaluated
     rows = []
     for layer in layers:
@@ -467,7 +547,8 @@ def probe_layers(
             try:
                 row = _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C,
                                      ridge=ridge, protocol=proto, max_iter=max_iter, tol=LOGISTIC_TOL,
-                                     predicted=predicted.get((layer, proto)))
+                                     predicted=predicted.get((layer, proto)),
+                                     logistic_fit=logistic_fits.get(layer) if proto == "heldout" else None)
             except ValueError as error:
                 raise ValueError(f"layer {layer}, protocol {proto!r}: {error}") from None
             rows.append({"layer": int(layer), **provenance, **row})

@@ -655,7 +655,7 @@ def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     if counts[counts > 0].min() < 2:  # cross-validation needs two train texts of every class present
         return table, {"heldout_cv": f"skipped: a class has {int(counts[counts > 0].min())} train text"}
     cv = cv_logistic_probe(u.ex.pooled[last], u.ex.labels, u.ex_test.pooled[last], u.ex_test.labels,
-                           n_classes=u.train.n_classes, seed=u.cfg.seed)
+                           n_classes=u.train.n_classes, seed=u.cfg.seed, device=u.analysis_device)
     table = pd.concat([table, pd.DataFrame([{"layer": last, **cv.row}])], ignore_index=True)
     return table, {"heldout_cv": f"layer {last}, C = {cv.row['logreg_C']:g}"}
 

@@ -18,13 +18,17 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
 - `ntps_diagnostics_torch`: ``ntps_diagnostics`` (perturbations and the label-permutation null,
   each solved a block at a time in one batched call, from the numpy function's own random draws);
 - `least_squares_predictions_torch`: the least-squares probe of ``heldout_probe``, batched over
-  layers (the logistic probes stay on scikit-learn);
+  layers;
+- `logistic_probe_torch`: the held-out logistic-regression probe (StandardScaler + sklearn's L2
+  multinomial / binomial LogisticRegression objective, solved by batched Newton-CG to a gradient
+  tolerance), batched over layers and over a grid of C (the cross-validated probe's folds x C);
 - `singular_coordinates_torch`, `singular_values_torch`, `h_score_torch`,
   `h_score_ledoit_wolf_torch`, `principal_root_torch`: the factorisations of LogME, RankMe, the
   H-scores and the PCA-overlap control.
 
 The core's public functions reach these through ``device=`` (`ntps_nb.core.backends.analysis_backend`):
-``ntps_diagnostics``, ``heldout_probe``, ``probe_layers`` and the peers of `ntps_nb.core.peers`.
+``ntps_diagnostics``, ``heldout_probe``, ``probe_layers``, ``cv_logistic_probe`` and the peers of
+`ntps_nb.core.peers`.
 
 Where the computation differs in form from the numpy code, the quantity is the same:
 
@@ -37,6 +41,11 @@ Where the computation differs in form from the numpy code, the quantity is the s
   ``span_rtol`` times its column's norm (the generic case, where the numpy function also does a
   single QR and the remaining columns add no direction). A replicate where that check fails,
   i.e. the span is rank deficient, is handed to the numpy `nested_orthonormal_basis` on the CPU.
+- The logistic probe is iterative on both sides: sklearn's lbfgs and this Newton-CG stop at
+  different points within ``tol`` of the same optimum, so the coefficients agree to about tol
+  over the objective's smallest curvature, and a test text on the decision boundary may be
+  predicted differently (1 of 8000 at d = 896, tol = 1e-6 in benchmarks/bench_logistic_probe.py;
+  there sklearn's was the one off the tightly converged optimum).
 
 torch is imported by this module only; nothing else in `ntps_nb.core` imports it.
 """
@@ -97,6 +106,7 @@ from ntps_nb.core.score import (
     TheoryGeometry,
     Variant,
 )
+from ntps_nb.core import validation
 from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis
 
 #: The smallest positive float64, the floor of the rank-of-A threshold (as in `generalized_eigh`).
@@ -1290,6 +1300,336 @@ def least_squares_predictions_torch(
         out += [predicted[j] for j in range(predicted.shape[0])]
         del Xtr, Xev
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Probes: the held-out logistic-regression probe, batched over layers and over a grid of C
+
+#: Name of this solver in the probes' ``solver`` column.
+LOGISTIC_SOLVER = "torch-newton-cg"
+#: Newton iterations of `logistic_probe_torch` when no cap is given (probe-sized problems take 5-15).
+LOGISTIC_NEWTON_MAX_ITER = 100
+#: Conjugate-gradient iterations (Hessian-vector products) per Newton step, at most.
+LOGISTIC_MAX_CG = 1000
+#: Armijo's sufficient-decrease constant of the line search.
+_ARMIJO = 1e-4
+#: Halvings of the step the line search tries before it calls a problem stalled.
+_MAX_HALVINGS = 40
+#: The line search tolerates a rise of the objective of this many eps * |f|: close to the optimum
+#: the decrease a Newton step brings is below the rounding of f, and the step is still right.
+_ROUNDING_SLACK = 16
+#: Newton iterations in a row that neither lower the objective by more than 64 eps relative (the
+#: ftol of sklearn's lbfgs) nor reach a new smallest gradient, after which a problem is stalled
+#: (its tolerance is below what rounding allows): it stops, not converged.
+_STALL_ITERATIONS = 5
+
+
+@dataclass(frozen=True)
+class LogisticProbeFit:
+    """One problem's logistic probes (one layer, or one fold), one per C of a grid.
+
+    ``classes`` (K,): the labels present in the train split, sorted (sklearn's ``classes_``);
+    ``C`` (G,); ``coef`` (G, K', d) and ``intercept`` (G, K'): sklearn's ``coef_`` /
+    ``intercept_`` on the standardised features (K' = 1 for a binary problem, else K; the
+    multinomial intercepts sum to zero, the gauge lbfgs keeps from its zero start);
+    ``eval_probabilities`` (G, M, K); ``eval_predictions`` (G, M) and ``train_predictions``
+    (G, N) or None: predicted labels (values of ``classes``); ``converged`` (G,) bool: the
+    gradient reached ``tol``; ``n_iter`` (G,) Newton iterations; ``n_hessian_products`` (G,)
+    conjugate-gradient iterations over all of them; ``solver``: `LOGISTIC_SOLVER`.
+    """
+
+    classes: np.ndarray
+    C: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    eval_probabilities: np.ndarray
+    eval_predictions: np.ndarray
+    train_predictions: np.ndarray | None
+    converged: np.ndarray
+    n_iter: np.ndarray
+    n_hessian_products: np.ndarray
+    solver: str = LOGISTIC_SOLVER
+
+
+def _logistic_newton(Z: torch.Tensor, T: torch.Tensor, s: torch.Tensor, Cs: torch.Tensor, *, binary: bool,
+                     tol: float, max_iter: int, max_cg: int):
+    """Minimise C * sum_i s_i loss_i + 0.5 ||W||^2 for every (slot, C) at once by Newton-CG.
+
+    Z (S, N, d) standardised train features (zero rows where padded), T (S, N, K) targets (one-hot;
+    (S, N, 1) 0/1 for the binomial loss), s (S, N) sample weights (0 on padding), Cs (G,).
+    Returns W (S, G, K, d), b (S, G, K), converged, n_iter, n_products (S, G).
+    """
+    S, N, d = Z.shape
+    G, K = Cs.shape[0], T.shape[2]
+    weight = Cs[None, None, :, None] * s[:, :, None, None]  # C s_i, (S, N, G, 1)
+    target = T[:, :, None, :]
+    scale = Cs[None, :] * s.sum(dim=1)[:, None]  # f / scale is sklearn's (mean) objective, (S, G)
+    slack = _ROUNDING_SLACK * torch.finfo(Z.dtype).eps
+
+    def logits(W, b):
+        return (Z @ W.reshape(S, G * K, d).mT).reshape(S, N, G, K) + b[:, None]
+
+    def back(R):  # Z^T R of every problem, (S, N, G, K) -> (S, G, K, d); R^T Z is the fast product on a CPU
+        return (R.reshape(S, N, G * K).mT.contiguous() @ Z).reshape(S, G, K, d)
+
+    def objective(W, A):
+        if binary:
+            pointwise = torch.nn.functional.softplus(A) - target * A
+        else:
+            pointwise = torch.logsumexp(A, dim=3, keepdim=True) - (target * A).sum(dim=3, keepdim=True)
+        return (weight * pointwise).sum(dim=(1, 3)) + 0.5 * (W**2).sum(dim=(2, 3))
+
+    def dot(W1, b1, W2, b2):
+        return (W1 * W2).sum(dim=(2, 3)) + (b1 * b2).sum(dim=2)
+
+    def gauge(c):  # multinomial intercepts: the loss is blind to a shift of all K; keep their sum 0
+        return c if binary else c - c.mean(dim=2, keepdim=True)
+
+    W = Z.new_zeros((S, G, K, d))
+    b = Z.new_zeros((S, G, K))
+    A = logits(W, b)
+    f = objective(W, A)
+    active = torch.ones((S, G), dtype=torch.bool, device=Z.device)
+    converged = torch.zeros_like(active)
+    n_iter = torch.zeros((S, G), dtype=torch.int64, device=Z.device)
+    n_products = torch.zeros_like(n_iter)
+    best = torch.full((S, G), float("inf"), dtype=Z.dtype, device=Z.device)
+    decrease = torch.full_like(best, float("inf"))
+    flat_steps = torch.zeros_like(n_iter)
+    while True:
+        P = torch.sigmoid(A) if binary else torch.softmax(A, dim=3)
+        R = weight * (P - target)
+        gW, gb = back(R) + W, R.sum(dim=1)
+        gmax = torch.maximum(gW.abs().amax(dim=(2, 3)), gb.abs().amax(dim=2)) / scale
+        converged |= active & (gmax <= tol)
+        flat = (gmax >= best) & (decrease <= 64 * torch.finfo(Z.dtype).eps * f.abs())
+        flat_steps = torch.where(flat, flat_steps + 1, 0)
+        best = torch.minimum(best, gmax)
+        active &= ~converged & (n_iter < max_iter) & (flat_steps < _STALL_ITERATIONS)
+        if not bool(active.any()):
+            break
+        curvature = weight * P * (1 - P) if binary else None
+
+        def hessian(V, c):
+            Rv = logits(V, c)
+            if binary:
+                H = curvature * Rv
+            else:
+                PR = P * Rv
+                H = weight * (PR - P * PR.sum(dim=3, keepdim=True))
+            return back(H) + V, H.sum(dim=1)
+
+        # truncated conjugate gradients on H p = -g, to a residual of eta ||g||, eta = min(0.5, gmax^(1/4)):
+        # loose far from the optimum, tightening as it nears (superlinear); fewer products in all than
+        # sklearn newton-cg's sqrt(gmax) on ill-conditioned features
+        on = active.to(Z.dtype)
+        rW, rb = -gW * on[..., None, None], gauge(-gb) * on[..., None]
+        pW, pb = torch.zeros_like(rW), torch.zeros_like(rb)
+        dW, db = rW.clone(), rb.clone()
+        rr = dot(rW, rb, rW, rb)
+        goal = torch.clamp(gmax**0.25, max=0.5) ** 2 * rr
+        solving = active.clone()
+        for _ in range(max_cg):
+            HW, Hb = hessian(dW, db)
+            n_products += solving
+            curv = dot(dW, db, HW, Hb)
+            step = torch.where(solving & (curv > 0), rr / torch.where(curv > 0, curv, 1.0), 0.0)
+            pW, pb = pW + step[..., None, None] * dW, pb + step[..., None] * db
+            rW, rb = rW - step[..., None, None] * HW, gauge(rb - step[..., None] * Hb)
+            rr_next = dot(rW, rb, rW, rb)
+            solving &= (rr_next > goal) & (curv > 0)
+            if not bool(solving.any()):
+                break
+            beta = torch.where(solving, rr_next / torch.where(rr > 0, rr, 1.0), 0.0)
+            dW, db = rW + beta[..., None, None] * dW, rb + beta[..., None] * db
+            rr = rr_next
+        # Armijo backtracking, per problem, from the full Newton step
+        slope = dot(gW, gb, pW, pb)
+        t = on.clone()
+        searching = active.clone()
+        for _ in range(_MAX_HALVINGS):
+            W_next, b_next = W + t[..., None, None] * pW, b + t[..., None] * pb
+            A_next = logits(W_next, b_next)
+            f_next = objective(W_next, A_next)
+            searching &= ~(f_next <= f + _ARMIJO * t * slope + slack * f.abs())
+            if not bool(searching.any()):
+                break
+            t = torch.where(searching, 0.5 * t, t)
+        stalled = searching  # no step decreases f beyond rounding: the tolerance is out of reach
+        W = torch.where(stalled[..., None, None], W, W_next)
+        b = torch.where(stalled[..., None], b, b_next)
+        A = torch.where(stalled[:, None, :, None], A, A_next)
+        decrease = torch.where(stalled, 0.0, f - f_next)
+        f = torch.where(stalled, f, f_next)
+        n_iter += active & ~stalled
+        active &= ~stalled
+    return W, b, converged, n_iter, n_products
+
+
+def _logistic_batch(n: int, m: int, d: int, G: int, K: int, itemsize: int, device: torch.device) -> int:
+    per_slot = itemsize * (2 * (n + m) * d + 12 * n * G * K + 12 * G * K * d)
+    budget = GPU_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else CPU_BLOCK_BYTES
+    return int(max(1, min(MAX_BATCH, budget // per_slot)))
+
+
+def logistic_probe_torch(
+    train_X: Sequence[np.ndarray],
+    train_y: Sequence[int] | Sequence[Sequence[int]],
+    eval_X: Sequence[np.ndarray],
+    *,
+    Cs: float | Sequence[float] = 1.0,
+    class_weight: str | None = None,
+    tol: float = 1e-6,
+    max_iter: int = LOGISTIC_NEWTON_MAX_ITER,
+    max_cg: int = LOGISTIC_MAX_CG,
+    train_predictions: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+) -> list[LogisticProbeFit]:
+    """The held-out logistic-regression probe of `ntps_nb.core.probes.heldout_probe` for several
+    problems (layers, folds) at once, each at every C of ``Cs``: StandardScaler fitted on the
+    problem's train split, then scikit-learn's LogisticRegression(solver="lbfgs") objective,
+
+        minimise over W (K' x d), b (K')   C * sum_i s_i loss_i + 0.5 ||W||_F^2,
+
+    the intercept b unpenalised, s_i = 1 (or sklearn's "balanced" class weights), loss_i the
+    multinomial cross-entropy over the K classes present in the train split when K > 2, and the
+    binomial log-loss of the second class (K' = 1) when K = 2, as scikit-learn fits two classes
+    (its ``coef_`` has one row; checked against scikit-learn 1.9). The objective is strictly
+    convex (up to a common shift of the multinomial intercepts, which changes no probability), so
+    its optimum, every probability and prediction, is the one sklearn's lbfgs converges to.
+
+    The solver is Newton's method with the Newton step from truncated conjugate gradients on
+    Hessian-vector products (no dK x dK Hessian is formed; each product is two batched matrix
+    products with the features and a few elementwise kernels) and an Armijo backtracking line
+    search, all problems of a block advancing together, each stopping on its own. Why Newton-CG
+    rather than L-BFGS: the local convergence is quadratic, so a tight tolerance costs a few more
+    Newton steps, not a long linear tail (and no 64-eps ftol stop short of it, as lbfgs has); a
+    CG step has no history recursion: the whole batch advances with one Hessian product and a
+    handful of vector kernels per step; on probe features (d = 896, N = 2000, C = 6) it takes about as
+    many Hessian products as lbfgs takes iterations (each one gradient). Every problem of a block
+    advances in the same batched products, so 33 layers or 5 folds x 7 C take about as many
+    sequential steps as the slowest of them (on a GPU about the time of one; on a CPU, which is
+    bound by memory traffic, the sum of their times or a little more). A problem stops, converged,
+    when the largest |gradient| of sklearn's mean objective (the one above divided by C sum_i s_i),
+    intercept included, is <= ``tol``: the same test as lbfgs's ``gtol``, so ``tol`` means what it
+    means for sklearn. It stops not converged after ``max_iter`` Newton iterations, or when
+    `_STALL_ITERATIONS` iterations in a row bring neither a new smallest gradient nor a decrease of
+    f beyond rounding (a ``tol`` below what float arithmetic reaches).
+
+    Parameters
+    ----------
+    train_X : S arrays (N_s, d) of train features, one per problem (N_s may differ: shorter
+        problems are padded with rows of zero weight).
+    train_y : one (N,) array of integer labels shared by every problem (then all N_s = N), or S
+        arrays (N_s,).
+    eval_X : S arrays (M_s, d) on which to predict (the test split, or a held-out fold).
+    Cs : the inverse L2 strengths (sklearn's ``C``) every problem is fitted at.
+    class_weight : None or "balanced" (sklearn's n / (K count(y_i)) sample weights).
+    tol : gradient tolerance (max-abs, on sklearn's mean objective).
+    max_iter : Newton iterations per problem, at most.
+    max_cg : conjugate-gradient iterations per Newton step, at most.
+    train_predictions : also predict the train split.
+    device : the torch device that solves it.
+    dtype : torch.float64 (default) or torch.float32.
+    batch_size : problems per batched solve (default: as many as fit in half the free device memory).
+
+    Returns
+    -------
+    list of S `LogisticProbeFit`, in input order.
+    """
+    device, dtype = _device(device), _check_dtype(dtype)
+    if len(train_X) != len(eval_X):
+        raise ValueError(f"{len(train_X)} train arrays but {len(eval_X)} evaluation arrays")
+    if not len(train_X):
+        return []
+    grid = np.atleast_1d(np.asarray(Cs, dtype=np.float64))
+    if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        raise ValueError(f"Cs must be positive finite inverse strengths, got {Cs!r}")
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite gradient tolerance, got {tol!r}")
+    max_iter = validation.check_count(max_iter, "max_iter")
+    max_cg = validation.check_count(max_cg, "max_cg")
+    n_problems = len(train_X)
+    shared = np.ndim(train_y[0]) == 0 if len(train_y) else True
+    labels = [train_y] * n_problems if shared else list(train_y)
+    if len(labels) != n_problems:
+        raise ValueError(f"{n_problems} train arrays but {len(labels)} label arrays")
+    problems = []
+    for i in range(n_problems):
+        X = validation.check_finite(train_X[i], f"train features of problem {i}", ndim=2)
+        E = validation.check_finite(eval_X[i], f"evaluation features of problem {i}", ndim=2)
+        y = validation.check_labels(labels[i], n_rows=X.shape[0], min_classes=2, name=f"train labels of problem {i}")
+        if problems and X.shape[1] != problems[0][0].shape[1]:
+            raise ValueError(f"problem {i} has d={X.shape[1]} features, problem 0 d={problems[0][0].shape[1]}")
+        if E.shape[1] != X.shape[1]:
+            raise ValueError(f"problem {i}: train features have d={X.shape[1]} columns, evaluation features "
+                             f"d={E.shape[1]}")
+        problems.append((X, y, E))
+
+    Cs_t = _tensor(grid, dtype, device)
+    fits: list[LogisticProbeFit | None] = [None] * n_problems
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, y, _) in enumerate(problems):
+        groups.setdefault(tuple(np.unique(y).tolist()), []).append(i)
+    for key, members in groups.items():
+        classes = np.asarray(key, dtype=np.int64)
+        K, binary = classes.size, classes.size == 2
+        width = 1 if binary else K
+        n = max(problems[i][0].shape[0] for i in members)
+        m = max(problems[i][2].shape[0] for i in members)
+        d = problems[members[0]][0].shape[1]
+        size = (_batch_size(batch_size, d, dtype, device) if batch_size is not None
+                else _logistic_batch(n, m, d, grid.size, width, torch.finfo(dtype).bits // 8, device))
+        for start in range(0, len(members), size):
+            block = members[start:start + size]
+            S = len(block)
+            Z = torch.zeros((S, n, d), dtype=dtype, device=device)
+            Zev = torch.zeros((S, m, d), dtype=dtype, device=device)
+            T = torch.zeros((S, n, width), dtype=dtype, device=device)
+            s = torch.zeros((S, n), dtype=dtype, device=device)
+            for j, i in enumerate(block):
+                X, y, E = problems[i]
+                Xt = _tensor(X, torch.float64, device)
+                mean, spread = _scaler(Xt[None])
+                Z[j, :X.shape[0]] = ((Xt - mean) / spread).to(dtype)
+                Zev[j, :E.shape[0]] = ((_tensor(E, torch.float64, device) - mean) / spread).to(dtype)
+                column = np.searchsorted(classes, y)
+                if binary:
+                    T[j, :y.size, 0] = _tensor(column == 1, dtype, device)
+                else:
+                    T[j, torch.arange(y.size, device=device), torch.as_tensor(column, device=device)] = 1.0
+                counts = np.bincount(column, minlength=K)
+                weights = y.size / (K * counts[column]) if class_weight == "balanced" else np.ones(y.size)
+                s[j, :y.size] = _tensor(weights, dtype, device)
+            W, b, converged, n_iter, n_products = _logistic_newton(Z, T, s, Cs_t, binary=binary, tol=float(tol),
+                                                                   max_iter=max_iter, max_cg=max_cg)
+
+            def predict(F):  # (S, R, d) -> probabilities (S, G, R, K), predicted column (S, G, R)
+                decision = torch.einsum("srd,sgkd->sgrk", F, W) + b[:, :, None, :]
+                if binary:
+                    p = torch.sigmoid(decision)
+                    return torch.cat([1 - p, p], dim=3), (decision[..., 0] > 0).long()
+                return torch.softmax(decision, dim=3), decision.argmax(dim=3)
+
+            probabilities, predicted = predict(Zev)
+            train_predicted = _numpy(predict(Z)[1]) if train_predictions else None
+            probabilities, predicted = _numpy(probabilities), _numpy(predicted)
+            W, b = _numpy(W), _numpy(b)
+            converged, n_iter, n_products = _numpy(converged), _numpy(n_iter), _numpy(n_products)
+            for j, i in enumerate(block):
+                rows, evals = problems[i][0].shape[0], problems[i][2].shape[0]
+                fits[i] = LogisticProbeFit(
+                    classes=classes, C=grid.copy(), coef=W[j].astype(np.float64), intercept=b[j].astype(np.float64),
+                    eval_probabilities=probabilities[j, :, :evals].astype(np.float64),
+                    eval_predictions=classes[predicted[j, :, :evals]],
+                    train_predictions=None if train_predicted is None else classes[train_predicted[j, :, :rows]],
+                    converged=converged[j].astype(bool), n_iter=n_iter[j], n_hessian_products=n_products[j])
+            del Z, Zev, T, s
+    return fits
 
 
 # --------------------------------------------------------------------------------------------
