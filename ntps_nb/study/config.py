@@ -135,8 +135,10 @@ class StudyConfig:
     device: str = "cpu"  # where the models run ("cpu", "cuda", "cuda:1"); recorded per unit, not in the hash
     # where the analysis stages compute (`resolve_analysis_device`): "auto" (the torch backend on the
     # model's device when that is a GPU, else the numpy core), "numpy", or a torch device ("cuda",
-    # "cpu" for torch on the CPU); recorded per unit, not in the hash (same numbers to 1e-9, except the
-    # reference variant where it is ill-posed and ties of eigenvalues, which either backend breaks its way)
+    # "cpu" for torch on the CPU); recorded per unit, not in the hash: the theory numbers agree to 1e-9
+    # on well-conditioned problems; the reference variant where it is ill-posed, ties of eigenvalues
+    # (which either backend breaks its way) and logistic-probe predictions of texts on the decision
+    # boundary (each solver stops at its own tolerance) may differ
     analysis_device: str = "auto"
     results_dir: str | None = None
     source: str | None = None  # the TOML file, for messages only
