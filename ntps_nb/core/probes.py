@@ -479,9 +479,14 @@ def probe_layers(
     ridge: float = HELDOUT_RIDGE,
     max_iter: int = LOGISTIC_MAX_ITER,
     device: Any = None,
+    n_jobs: int | None = None,
     **provenance: Any,
 ) -> pd.DataFrame:
     """`heldout_probe` for every layer (and protocol), as a tidy frame with provenance columns.
+
+    The scikit-learn fits left on the host (every logistic probe without a device; the paper
+    protocol's saga with one) run ``n_jobs`` at a time in worker processes; each fit is
+    single-threaded and deterministic, so the rows are the same for any ``n_jobs``.
 
     Parameters
     ----------
@@ -493,6 +498,8 @@ def probe_layers(
         probes of all layers (per protocol) and the held-out protocol's logistic probes of all
         layers are fitted there, each batched over layers; the paper protocol's saga stays on
         scikit-learn.
+    n_jobs : scikit-learn fits at once (worker processes); default None: the BLAS thread bound in
+        force (`ntps_nb.analysis_threads`; the study's share of the cores), 1 runs them here.
     **provenance : constant columns (model, dataset, max_length, drop_bos, ...), e.g.
         ``probe_layers(feats, ytr, yte, n_classes=2, model="smollm2-135m", dataset="trec6")``.
 
@@ -540,19 +547,53 @@ def probe_layers(
                                                     device=device)
                 logistic_fits.update(zip(layers, fits))
             del checked, evaluated
-    rows = []
-    for layer in layers:
-        train_X, test_X = splits[layer]
-        for proto in protocols:
-            try:
-                row = _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C,
-                                     ridge=ridge, protocol=proto, max_iter=max_iter, tol=LOGISTIC_TOL,
-                                     predicted=predicted.get((layer, proto)),
-                                     logistic_fit=logistic_fits.get(layer) if proto == "heldout" else None)
-            except ValueError as error:
-                raise ValueError(f"layer {layer}, protocol {proto!r}: {error}") from None
-            rows.append({"layer": int(layer), **provenance, **row})
-    return pd.DataFrame(rows)
+    tasks = [dict(layer=layer, proto=proto, train_X=splits[layer][0], test_X=splits[layer][1],
+                  predicted=predicted.get((layer, proto)),
+                  logistic_fit=logistic_fits.get(layer) if proto == "heldout" else None)
+             for layer in layers for proto in protocols]
+    common = dict(train_y=train_y, test_y=test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
+                  max_iter=max_iter)
+    jobs = _host_jobs(n_jobs, len(tasks))
+    if jobs == 1:
+        rows = [_layer_row(**task, **common) for task in tasks]
+    else:
+        from joblib import Parallel, delayed
+
+        # worker processes: each fit's warnings are its own (catch_warnings is not thread-safe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProbeConvergenceWarning)  # re-issued below, from the rows
+            rows = Parallel(n_jobs=jobs, backend="loky", inner_max_num_threads=1)(
+                delayed(_layer_row)(**task, **common) for task in tasks)
+        for row in rows:
+            if not row["converged"] and row["protocol"] == "heldout":
+                warnings.warn(f"layer {row['layer']}: logistic probe did not converge in max_iter={max_iter} "
+                              f"iterations (tol={LOGISTIC_TOL:g}); raise max_iter or C", ProbeConvergenceWarning,
+                              stacklevel=2)
+    return pd.DataFrame([{"layer": row.pop("layer"), **provenance, **row} for row in rows])
+
+
+def _host_jobs(n_jobs: int | None, tasks: int) -> int:
+    """How many host fits run at once: ``n_jobs``, or the BLAS bound in force, at most ``tasks``."""
+    if n_jobs is None:
+        from threadpoolctl import threadpool_info
+
+        bounds = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        n_jobs = max(bounds) if bounds else 1
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive integer or None, got {n_jobs!r}")
+    return int(max(1, min(n_jobs, tasks)))
+
+
+def _layer_row(*, layer, proto, train_X, test_X, predicted, logistic_fit, train_y, test_y, n_classes, seed, C,
+               ridge, max_iter) -> dict[str, Any]:
+    """One (layer, protocol) row of `probe_layers` (run here or in a worker process)."""
+    try:
+        row = _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
+                             protocol=proto, max_iter=max_iter, tol=LOGISTIC_TOL, predicted=predicted,
+                             logistic_fit=logistic_fit)
+    except ValueError as error:
+        raise ValueError(f"layer {layer}, protocol {proto!r}: {error}") from None
+    return {"layer": int(layer), **row}
 
 
 def __getattr__(name: str) -> Any:

@@ -142,3 +142,22 @@ def test_probe_layers_is_tidy_with_provenance(rng):
         probe_layers({5: X[:80]}, y[:80], n_classes=3)
     with pytest.raises(ValueError, match="would overwrite"):
         probe_layers(feats, y[:80], y[80:], n_classes=3, accuracy=1.0)
+
+
+def test_probe_layers_in_worker_processes_equal_the_serial_rows(rng):
+    """n_jobs > 1 runs the scikit-learn fits in worker processes: the same rows as one at a time
+    (lbfgs is deterministic, saga seeded), errors still name the layer, and a held-out probe that
+    did not converge is still warned about in this process."""
+    X, y = blobs(rng, n=150, d=5)
+    feats = {layer: (X[:100] + 0.1 * layer * rng.standard_normal((100, 5)), X[100:]) for layer in range(4)}
+    both = ("heldout", "paper_in_sample")
+    serial = probe_layers(feats, y[:100], y[100:], n_classes=3, protocol=both, n_jobs=1, model="m")
+    parallel = probe_layers(feats, y[:100], y[100:], n_classes=3, protocol=both, n_jobs=2, model="m")
+    pd.testing.assert_frame_equal(parallel, serial)
+    with pytest.raises(ValueError, match="layer 5, protocol 'heldout'"):
+        probe_layers({5: X[:100], 6: X[:100]}, y[:100], n_classes=3, n_jobs=2)
+    with pytest.warns(ProbeConvergenceWarning, match="layer 1: logistic probe did not converge"):
+        frame = probe_layers(feats, y[:100], y[100:], n_classes=3, max_iter=1, n_jobs=2)
+    assert not frame["converged"].any()
+    with pytest.raises(ValueError, match="n_jobs must be a positive integer"):
+        probe_layers(feats, y[:100], y[100:], n_classes=3, n_jobs=0)
