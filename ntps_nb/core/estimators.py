@@ -475,9 +475,15 @@ def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: i
     full = _pooled(shards, drop)
     x_full = theory_values(theory_geometry(full, rtol=rtol), ks)
     halves, sizes = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
+    return _richardson_combination(x_full, halves, sizes, full.n_texts), np.full(ks.shape, np.nan)
+
+
+def _richardson_combination(x_full: np.ndarray, halves: Sequence[np.ndarray], sizes: Sequence[int],
+                            n_texts: int) -> np.ndarray:
+    """w * plugin(N) + (1 - w) * mean(plugin(halves)), w = h / (h - 1 / N), h the mean 1 / n of the halves."""
     h = float(np.mean(1.0 / np.asarray(sizes, dtype=np.float64)))
-    w = h / (h - 1.0 / full.n_texts)
-    return w * x_full + (1 - w) * np.mean(halves, axis=0), np.full(ks.shape, np.nan)
+    w = h / (h - 1.0 / n_texts)
+    return w * x_full + (1 - w) * np.mean(halves, axis=0)
 
 
 # --------------------------------------------------------------------------------------------

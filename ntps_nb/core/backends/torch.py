@@ -85,6 +85,7 @@ from ntps_nb.core.estimators import (
     _check_ks,
     _estimate_frame,
     _noise_frame,
+    _richardson_combination,
     split_halves,
 )
 from ntps_nb.core.intervals import (
@@ -364,16 +365,7 @@ def _theory_geometries(
     s_V, Q_V, threshold_V, rank_V = _eigh_range(C0, tol, rtol)
     trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
     r_U, r_V = _numpy(rank_U), _numpy(rank_V)
-    out: list[TheoryGeometry | str | None] = [None] * n
-    for i in range(n):
-        if not labels_ok[i]:
-            out[i] = "the labels contain fewer than 2 classes with any texts; NTPS needs at least 2 classes"
-        elif r_U[i] == 0:
-            out[i] = f"Sxx has no eigenvalue above the tolerance {float(threshold_U[i]):.3g}: it is zero or negative definite"
-        elif n_tokens[i] == 0:
-            out[i] = "no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero"
-        elif r_V[i] == 0:
-            out[i] = f"C0 has no eigenvalue above the tolerance {float(threshold_V[i]):.3g}: it is zero or negative definite"
+    out: list[TheoryGeometry | str | None] = _undefined_reasons(r_U, r_V, threshold_U, threshold_V, n_tokens, labels_ok)
     groups: dict[tuple[int, int], list[int]] = {}
     for i in range(n):
         if out[i] is None:
@@ -1967,13 +1959,6 @@ def subspace_noise_torch(
     return _noise_of(ks, reference, compared)
 
 
-def _richardson_value(x_full: np.ndarray, halves: list[np.ndarray], sizes: list[int], n_texts: int) -> np.ndarray:
-    """`estimators._richardson`'s combination of the plug-in on N texts and on the two halves."""
-    h = float(np.mean(1.0 / np.asarray(sizes, dtype=np.float64)))
-    w = h / (h - 1.0 / n_texts)
-    return w * x_full + (1 - w) * np.mean(halves, axis=0)
-
-
 def ntps_estimate_torch(
     moment_shards: Sequence[Moments],
     ks,
@@ -2051,7 +2036,7 @@ def ntps_estimate_torch(
             return np.full(ks.shape, np.nan)  # numpy raises there: the replicate counts as failed
         if parts is None:
             return values[whole]
-        return _richardson_value(values[whole], [values[p] for p in parts], [int(sizes[p]) for p in parts],
+        return _richardson_combination(values[whole], [values[p] for p in parts], [int(sizes[p]) for p in parts],
                                  int(sizes[whole]))
 
     if estimator == "richardson":
