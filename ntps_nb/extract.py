@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ntps_nb.batching import PADDING_SIDES, mask_states, pad_batch, pooling_tokens, valid_mask
 from ntps_nb.batching import tokenize  # noqa: F401  (re-exported: extraction's tokenization)
 from ntps_nb.cache import atomic_path, cache_dir, content_key
+from ntps_nb.core.estimators import split_halves
 from ntps_nb.core.moments import LayerMoments, Moments
 from ntps_nb.core.validation import check_count, check_labels
 from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_token_id
@@ -136,7 +137,7 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
 
 @dataclasses.dataclass
 class Extraction:
-    """Result of one pass: moments of every layer, optional pooled features and shard moments."""
+    """Result of one pass: moments of every layer, optional pooled features, shard and half moments."""
 
     moments: LayerMoments
     labels: np.ndarray
@@ -144,6 +145,8 @@ class Extraction:
     lengths: np.ndarray  # valid positions per text (after drop_bos and truncation)
     pooled: dict[int, np.ndarray] | None = None  # layer -> (N, d), texts in dataset order
     shards: list[LayerMoments] | None = None  # disjoint groups of texts; they combine to the moments
+    # the two halves of a seeded split of the shards (`split_halves`): half A, half B
+    halves: list[LayerMoments] | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -173,7 +176,10 @@ class Extraction:
                     np.savez(handle, **{f"layer{layer}": x for layer, x in self.pooled.items()})
             for i, shard in enumerate(self.shards or []):
                 shard.save(tmp / f"shard{i:03d}.npz")
+            for i, half in enumerate(self.halves or []):
+                half.save(tmp / f"half{i}.npz")
             meta = {"class_names": self.class_names, "n_shards": len(self.shards or []),
+                    "n_halves": len(self.halves or []),
                     "metadata": self.metadata, "complete": True}
             (tmp / "extraction.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
         return folder
@@ -205,12 +211,14 @@ class Extraction:
             with np.load(folder / "pooled.npz", allow_pickle=False) as data:
                 pooled = {int(key[len("layer"):]): data[key] for key in data.files}
         shards = [LayerMoments.load(folder / f"shard{i:03d}.npz") for i in range(meta["n_shards"])] or None
+        # entries written before halves existed have no "n_halves"
+        halves = [LayerMoments.load(folder / f"half{i}.npz") for i in range(meta.get("n_halves", 0))] or None
         return cls(
             moments=LayerMoments.load(folder / "moments.npz"),
             labels=np.load(folder / "labels.npy", allow_pickle=False),
             lengths=np.load(folder / "lengths.npy", allow_pickle=False),
             class_names=list(meta["class_names"]),
-            pooled=pooled, shards=shards, metadata=meta["metadata"],
+            pooled=pooled, shards=shards, halves=halves, metadata=meta["metadata"],
         )
 
 
@@ -397,6 +405,8 @@ def extract(
     shards: int | None = None,
     shard_layers: Iterable[int] | None = None,
     shard_seed: int = 0,
+    half_layers: Iterable[int] | None = None,
+    half_seed: int = 0,
     token_moments: bool = True,
     n_classes: int | None = None,
     progress: bool = True,
@@ -424,8 +434,17 @@ def extract(
     pooled_dtype : numpy dtype name of the returned pooled features.
     padding_side : "right" or "left"; position ids are explicit, so this changes no moment.
     shards, shard_layers, shard_seed : also keep the moments of ``shards`` disjoint random groups
-        of texts (for intervals), for ``shard_layers`` (default: all requested layers); the shards
-        carry every moment but Shh.
+        of texts (for intervals), for ``shard_layers`` (default: all requested layers; an empty
+        list keeps none: the shards then only group the texts for the halves); the shards carry
+        every moment but Shh.
+    half_layers, half_seed : also keep, for ``half_layers`` (a subset of ``layers``; needs
+        ``shards`` >= 2), the moments of the two halves of the shards that
+        ``ntps_nb.core.estimators.split_halves(shards, seed=half_seed)`` splits them into: half A
+        the texts of the shards of its first array, half B the rest. They are what the
+        "richardson" estimator reads (pass ``seed=half_seed`` to it, and the two halves as its
+        two shards: ``split_halves(2, seed)`` puts one in each half, so the value is the one
+        of the ``shards`` per-shard moments). Two d x d x 3 accumulators per layer instead of
+        ``shards`` of them; no Shh. Left at None, neither enters the cache key.
     token_moments : also accumulate Shh, the second moment of the token states.
     n_classes : number of classes C (default: the dataset's class names, else max(label) + 1).
     progress : show a progress bar.
@@ -437,7 +456,8 @@ def extract(
         ``moments`` (the moments of every requested layer), ``labels`` (N,), ``class_names``,
         ``lengths`` (N,) valid positions per text, ``pooled`` (layer -> (N, d) mean-pooled
         features, texts in dataset order) when ``pooled_layers`` is given, ``shards`` (a list
-        of ``shards`` layer moments) when asked, and ``metadata`` (settings, timing, provenance).
+        of ``shards`` layer moments) when asked, ``halves`` (half A, half B) with ``half_layers``,
+        and ``metadata`` (settings, timing, provenance).
     """
     if precision not in ("auto", "float32", "float64"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
@@ -468,6 +488,15 @@ def extract(
     if not set(pooled_set) <= set(chosen):
         raise ValueError(f"pooled_layers {pooled_set} must be among the extracted layers")
     kept_shard_layers = chosen if shard_layers is None else sorted({int(x) for x in shard_layers})
+    kept_half_layers = [] if half_layers is None else sorted({int(x) for x in half_layers})
+    if kept_half_layers and not shards:
+        raise ValueError(f"half_layers {kept_half_layers} need shards >= 2: the halves are unions of shards "
+                         "(split_halves), got shards=None")
+    if not set(kept_half_layers) <= set(chosen):
+        raise ValueError(f"half_layers {kept_half_layers} must be among the extracted layers {chosen}")
+    half_of = np.zeros(n_shards, dtype=np.int64)
+    if kept_half_layers:
+        half_of[split_halves(n_shards, seed=half_seed)[1]] = 1
     d = hidden_size(model)
 
     pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
@@ -476,12 +505,15 @@ def extract(
     timings: dict[str, float] = {}
     labels_t = torch.as_tensor(text_set.labels, device=device)
     shard_results: list[LayerMoments] = []
+    # the halves' accumulators: one set for each half, filled by the batches of its shards
+    half_accs = [_Accumulator(kept_half_layers, d, C, device, False, compute_dtype)
+                 for _ in range(2)] if kept_half_layers else []
     started = time.perf_counter()
     mine = np.arange(N)[np.arange(N) % world == rank]
     bar = tqdm(total=len(mine), desc="extract", unit="text", disable=not progress or rank != 0)
     for shard in range(n_shards):
         # shards serve the interval bootstrap, which needs no Shh: leaving it out saves a quarter of their size
-        acc = _Accumulator(kept_shard_layers, d, C, device, False, compute_dtype) if shards else None
+        acc = _Accumulator(kept_shard_layers, d, C, device, False, compute_dtype) if shards and kept_shard_layers else None
         for batch in _batches(mine[shard_of[mine] == shard], lengths, batch_size):
             inputs = pad_batch([ids[i] for i in batch], pad_id, padding_side, device)
             hidden = hidden_states(model, inputs)
@@ -493,7 +525,7 @@ def extract(
             y = torch.nn.functional.one_hot(labels_t[batch], C).to(compute_dtype)
             batch_counts = valid.sum(dim=1, keepdim=True)
             pair = valid[:, :-1] & valid[:, 1:]
-            targets = [total] + ([acc] if acc is not None else [])
+            targets = [total] + ([acc] if acc is not None else []) + half_accs[half_of[shard]:half_of[shard] + 1]
             for target in targets:
                 target.class_counts += y.sum(dim=0).double()
                 target.n_texts += len(batch)
@@ -528,6 +560,13 @@ def extract(
                 acc.all_reduce()
             shard_results.append(acc.to_layer_moments({"shard": shard, "n_shards": n_shards}, timings))
     bar.close()
+    half_results = []
+    for i, half in enumerate(half_accs):
+        if world > 1:
+            half.all_reduce()
+        half_results.append(half.to_layer_moments(
+            {"half": i, "shards_of_half": np.flatnonzero(half_of == i).tolist(), "n_shards": n_shards,
+             "half_seed": half_seed}, timings))
     if world > 1:
         total.all_reduce()
         for layer in pooled:
@@ -540,6 +579,7 @@ def extract(
         "n_truncated": int(sum(len(t) >= max_length for t in ids)), "precision": precision,
         "padding_side": padding_side, "batch_size": batch_size, "token_moments": token_moments,
         "shards": shards, "shard_seed": shard_seed, "world_size": world,
+        **({"half_layers": kept_half_layers, "half_seed": half_seed} if kept_half_layers else {}),
         "mean_length": float(lengths.mean()), "seconds": round(time.perf_counter() - started, 3),
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
         "extract_version": EXTRACT_VERSION, **(metadata or {}),
@@ -547,7 +587,8 @@ def extract(
     moments.metadata.update(meta)
     return Extraction(
         moments=moments, labels=text_set.labels, class_names=text_set.class_names,
-        lengths=lengths, pooled=pooled or None, shards=shard_results or None, metadata=meta,
+        lengths=lengths, pooled=pooled or None, shards=shard_results or None, halves=half_results or None,
+        metadata=meta,
     )
 
 
@@ -685,6 +726,8 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"unknown extraction settings: {sorted(unknown)}")
     full = {name: settings.get(name, p.default) for name, p in parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "device", "metadata")}
+    if not full["half_layers"]:  # added later: without halves the keys of the stored entries stand
+        del full["half_layers"], full["half_seed"]
     return {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in full.items()}
 
 

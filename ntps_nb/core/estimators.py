@@ -84,6 +84,10 @@ from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, check_labels, neste
 ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
 SHARD_ESTIMATORS = ("richardson", "adjusted_v", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage")
+#: The estimators that read only the two halves of one split of the shards (and the full sample, their
+#: union): given the moments of the two halves as two shards they give the value of all the shards,
+#: as `split_halves` (2, seed) puts one in each half (`ntps_nb.extract.extract`'s ``half_layers``).
+HALF_ESTIMATORS = ("richardson",)
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
 #: The estimators `ntps_estimate` also computes on a torch device (``device=``); the others run in numpy only.

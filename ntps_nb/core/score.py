@@ -433,6 +433,7 @@ def ntps(
     fraction: float | None = None,
     variant: Variant = "theory",
     estimator: str = "plugin",
+    seed: int = 0,
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
@@ -451,6 +452,7 @@ def ntps(
         "plugin" (default; the NTPS of the pooled moments) or another of
         `ntps_nb.core.estimators.ESTIMATORS` (see docs/estimator.md for what each does and how
         far each is from the population value on simulations; none is yet calibrated).
+    seed : seed of the estimators' split of the shards into halves (`ntps_nb.core.estimators.split_halves`).
     centred : use the centred perception moments (probe with intercept); theory variant, plug-in.
     tol, rtol : absolute / relative tolerance on the eigenvalues of Sxx and C0 (theory); the
         reference variant uses the released absolute 1e-8 unless ``tol`` is given.
@@ -471,7 +473,7 @@ def ntps(
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
         from ntps_nb.core.estimators import estimate_ntps
 
-        return float(estimate_ntps(shards, [kk], estimator=estimator, rtol=rtol).estimate[0])
+        return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
     if variant == "reference":
         if k is not None or fraction is None:
             raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
@@ -492,6 +494,7 @@ def ntps_sweep(
     *,
     variant: Variant = "theory",
     estimator: str = "plugin",
+    seed: int = 0,
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
@@ -510,6 +513,7 @@ def ntps_sweep(
     moments : the layer's `Moments`, or a list of per-shard `Moments` of that layer.
     variant : "theory" (default) or "reference".
     estimator : "plugin" (default) or another of `ntps_nb.core.estimators.ESTIMATORS` (theory only).
+    seed : as in `ntps` (the split into halves of the shard estimators).
     centred, tol, rtol, precision : as in `ntps`.
     fractions : (F,) fractions for the reference variant (default: `REFERENCE_FRACTIONS`).
 
@@ -529,7 +533,7 @@ def ntps_sweep(
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
         from ntps_nb.core.estimators import estimate_ntps
 
-        result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, rtol=rtol)
+        result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)
         return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
             ntps=result.estimate, estimator=estimator, reliability=result.reliability,
             n_shards=result.n_shards)

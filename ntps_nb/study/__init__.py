@@ -88,7 +88,10 @@ before the setting existed keep their keys, and their tables, which have no esti
 are read with "plugin" filled in. A shard estimator (``SHARD_ESTIMATORS``) needs per-shard
 moments, which the extraction keeps on the interval layers only: on the other layers of the ntps
 table, and in the diagnostics (which permute per-text labels), the plug-in stands in, and its
-rows say "plugin".
+rows say "plugin". "richardson" (``HALF_ESTIMATORS``) needs only the two halves of one split of
+the shards: with it (and shards) the extraction also keeps the halves' moments on every other
+layer (`stages.keeps_halves`; its key says so), and the ntps table is richardson's on every layer
+(its theory rows there say n_shards 2).
 
 ``unit.json`` holds the settings, config hash, timings, each stage's key and whether it was
 computed or reused, and what was skipped and why. Unit folders written before stages existed

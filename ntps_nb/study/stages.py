@@ -47,6 +47,11 @@ READING = ("max_length", "drop_bos", "batch_size", "precision")
 #: key only away from its `ntps_nb.study.config._ADDED_LATER` value (what those results were
 #: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in.
 ADDED_TO_STAGES = ("estimator",)
+#: What the extraction keeps beyond its settings, decided by the estimator: with one of
+#: `ntps_nb.core.estimators.HALF_ESTIMATORS` and shards, the moments of the two halves of the shards
+#: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
+#: when true, so the keys of the units without halves stand.
+HALVES_SETTING = "halves"
 #: Coverage level of the estimates stage's jackknife intervals (`ntps_nb.core.estimators.ntps_estimate`).
 ESTIMATE_LEVEL = 0.90
 #: Fewest shards of a delete-one-shard jackknife interval (`ntps_nb.core.estimators.ntps_estimate`).
@@ -140,6 +145,7 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     model, the dataset (a file's sha256 too: `ntps_nb.study.config.dataset_identity`), the stage's `Stage.settings` and the keys of its `Stage.inputs`: nothing
     else (not the study's name, not where it runs). A setting of `ADDED_TO_STAGES` enters only
     away from the value the stored results were computed with (``estimator`` other than "plugin").
+    The extraction's key also names the halves (`HALVES_SETTING`) where the unit keeps them (`keeps_halves`).
 
     Parameters
     ----------
@@ -158,13 +164,36 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     values = _setting_values(cfg)
     keys: dict[str, str] = {}
     for stage in STAGES:
+        settings = {name: values[name] for name in stage.settings
+                    if not (name in ADDED_TO_STAGES and values[name] == _ADDED_LATER[name])}
+        if stage.name == "extraction" and keeps_halves(cfg):
+            settings[HALVES_SETTING] = True
         keys[stage.name] = content_key({
             "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
             "study_version": STUDY_VERSION, "model": model, "dataset": dataset_identity(cfg, dataset),
-            "settings": {name: values[name] for name in stage.settings
-                         if not (name in ADDED_TO_STAGES and values[name] == _ADDED_LATER[name])},
-            "inputs": {name: keys[name] for name in stage.inputs}})
+            "settings": settings, "inputs": {name: keys[name] for name in stage.inputs}})
     return keys
+
+
+def keeps_halves(cfg: StudyConfig) -> bool:
+    """Whether a unit's extraction keeps the moments of the two halves of the shards.
+
+    It does for an estimator of `ntps_nb.core.estimators.HALF_ESTIMATORS` ("richardson") with
+    ``shards`` >= 2: on every layer without per-shard moments (all but the interval layers) the ntps
+    stage then computes that estimator from the two halves (split by `ntps_nb.core.estimators.split_halves`
+    with the study's seed), the value the per-shard moments would give, at two accumulators per layer.
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+
+    Returns
+    -------
+    bool
+    """
+    from ntps_nb.core.estimators import HALF_ESTIMATORS
+
+    return cfg.estimator in HALF_ESTIMATORS and bool(cfg.shards) and int(cfg.shards) >= 2
 
 
 def stage_enabled(cfg: StudyConfig, stage: str) -> bool:
@@ -515,11 +544,17 @@ def _k_filter(sweep: pd.DataFrame, k: Any) -> pd.DataFrame:
 
 def _extraction_settings(cfg: StudyConfig, layers: list[int], *, train: bool, pooled: list[int],
                          shard_layers: list[int]) -> dict[str, Any]:
+    """`ntps_nb.extract.extract`'s settings of a unit's train (``train``) or test extraction: per-shard
+    moments on ``shard_layers`` and, where `keeps_halves`, the two halves' moments on the other layers."""
     settings = dict(layers=layers, batch_size=cfg.batch_size, max_length=cfg.max_length, drop_bos=cfg.drop_bos,
                     precision=cfg.precision, pooled_layers=pooled, progress=False)
     if train:
         settings.update(shards=cfg.shards if shard_layers else None, shard_layers=shard_layers or None,
                         shard_seed=cfg.seed, token_moments=True)
+        half_layers = [layer for layer in layers if layer not in shard_layers] if keeps_halves(cfg) else []
+        if half_layers:  # the halves are unions of the shards: the shards group the texts even without layers
+            settings.update(shards=cfg.shards, shard_layers=shard_layers, half_layers=half_layers,
+                            half_seed=cfg.seed)
     else:  # the test split only feeds the held-out probes: pooled features suffice
         settings.update(token_moments=False)
     return settings
@@ -601,14 +636,20 @@ def _plugin_only(estimator: str, layers: list[int], why: str) -> dict[str, str]:
 def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     """Theory NTPS at the config's k by the config's estimator, the reference variant (always the
     plug-in: the released algorithm) and the PCA-overlap peer on the peer layers. A shard
-    estimator is computed where the extraction kept shards (the interval layers); on the other
-    layers the plug-in stands in, its rows say so (estimator "plugin") and so does the record."""
-    from ntps_nb.core.estimators import SHARD_ESTIMATORS
+    estimator is computed where the extraction kept shards (the interval layers), and one of
+    `ntps_nb.core.estimators.HALF_ESTIMATORS` also where it kept the two halves' moments (the
+    other layers, `keeps_halves`: the halves as two shards give the value of the shards); on the
+    layers with neither the plug-in stands in, its rows say so (estimator "plugin") and so does
+    the record. The split into halves is the study seed's."""
+    from ntps_nb.core.estimators import HALF_ESTIMATORS, SHARD_ESTIMATORS
+    from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.peers import pca_overlap_sweep
     from ntps_nb.core.score import ntps_sweep
 
     estimator = u.cfg.estimator
     shards = _shard_layers(u) if estimator in SHARD_ESTIMATORS else {}
+    if estimator in HALF_ESTIMATORS and u.ex.halves:
+        shards = {**layer_shards(u.ex.halves), **shards}
     device = u.analysis_device
     sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
     rows, stand_in = [], []
@@ -618,13 +659,14 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
             stand_in += [layer] if estimator != "plugin" else []
             theory = sweep(m, variant="theory")
         else:  # the other estimators' sweeps are numpy's
-            theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator)
+            theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
         reference = sweep(m, variant="reference")
         rows += [_k_filter(theory, u.cfg.k).assign(layer=layer), reference.assign(layer=layer)]
         if layer in u.peer_grid and m.Shh is not None:
             rows.append(_k_filter(pca_overlap_sweep(m, device=device), u.cfg.k).assign(layer=layer,
                                                                                      estimator="plugin"))
-    why = "needs per-shard moments, which the extraction keeps on the interval layers only"
+    why = ("needs per-shard moments, which the extraction keeps on the interval layers only" if estimator
+           not in HALF_ESTIMATORS else "needs per-shard or half-sample moments, which the extraction did not keep there")
     return _estimator_after_variant(pd.concat(rows, ignore_index=True)), _plugin_only(estimator, stand_in, why)
 
 

@@ -168,6 +168,67 @@ def test_shards_combine_to_the_full_moments(tiny_llama):
         assert_moments_close(merged[layer], full, rtol=1e-12)
 
 
+# labels that the texts carry (their first sentence's), in classes of unequal sizes: the perception
+# eigenvalues (the class shares where the states separate the classes) do not tie, so rounding (a sum
+# in another order) moves NTPS by ~1e-15; tied shares leave the top-k_U directions to rounding
+HALF_TEXTS = [f"{a} {b} {c}" for a in TEXTS[:8] for b in ("indeed", "not really", "maybe so", "sure")
+              for c in ("yes.", "no!", "fine")]
+HALF_LABELS = [(0, 0, 0, 0, 1, 1, 1, 2)[i // 12] for i in range(len(HALF_TEXTS))]  # unequal classes: no tie in U
+
+
+@pytest.fixture(scope="module")
+def with_halves(tiny_llama):
+    model, tok, _ = tiny_llama
+    return extract(model, tok, (HALF_TEXTS, HALF_LABELS), shards=6, shard_seed=3, half_layers=[2], half_seed=5,
+                   batch_size=4, progress=False)
+
+
+def test_halves_are_the_unions_of_the_shards_of_each_half(with_halves):
+    from ntps_nb.core.estimators import estimate_ntps, split_halves
+    from ntps_nb.core.moments import Moments
+
+    result = with_halves
+    assert len(result.halves) == 2 and all(half.layers == [2] for half in result.halves)
+    assert result.halves[0].n_texts + result.halves[1].n_texts == len(HALF_TEXTS)
+    for half, shard_ids in zip(result.halves, split_halves(6, seed=5)):
+        assert half.metadata["shards_of_half"] == shard_ids.tolist()
+        union = Moments.combine([result.shards[i][2] for i in shard_ids])  # independent: the per-shard sums
+        assert half[2].Shh is None
+        assert_moments_close(half[2], union, rtol=1e-12)
+    # the halves as two shards: richardson of the full sample, as from the six shards
+    ks = np.arange(1, 9)
+    from_shards = estimate_ntps([s[2] for s in result.shards], ks, estimator="richardson", seed=5).estimate
+    from_halves = estimate_ntps([h[2] for h in result.halves], ks, estimator="richardson", seed=5).estimate
+    assert np.isfinite(from_shards).sum() >= 4
+    np.testing.assert_allclose(from_halves, from_shards, rtol=1e-12, atol=1e-12)
+    # another split seed gives other halves
+    assert not np.allclose(estimate_ntps([s[2] for s in result.shards], ks, estimator="richardson",
+                                         seed=6).estimate, from_shards, equal_nan=True)
+
+
+def test_halves_round_trip_through_the_cache_and_leave_other_keys_alone(tiny_llama, tmp_path):
+    from ntps_nb.extract import _settings_with_defaults
+
+    model, tok, info = tiny_llama
+    plain = dict(max_length=32, shards=3, progress=False)
+    # without halves the key is the one of the settings before halves existed
+    assert _settings_with_defaults(plain) == _settings_with_defaults({**plain, "half_layers": None, "half_seed": 4})
+    assert "half_layers" not in _settings_with_defaults(plain)
+    first = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, half_layers=[1, 2], half_seed=2,
+                           shard_layers=[], **plain)
+    assert first.shards is None and first.metadata["half_layers"] == [1, 2]  # no shard layers: halves only
+    extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, **plain)
+    extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, half_layers=[1, 2], half_seed=3,
+                   shard_layers=[], **plain)
+    assert len(list(tmp_path.iterdir())) == 3  # halves, their seed: each its own entry
+    again = Extraction.load(tmp_path / first.metadata["cache_key"])
+    for got, want in zip(again.halves, first.halves, strict=True):
+        assert got.layers == want.layers == [1, 2] and got.metadata["half"] == want.metadata["half"]
+        for layer in (1, 2):
+            for name, value in want[layer].arrays().items():
+                np.testing.assert_array_equal(getattr(got[layer], name), value, err_msg=name)
+
+
 def test_bad_input_gets_clear_errors(tiny_llama):
     model, tok, _ = tiny_llama
     with pytest.raises(ValueError, match="empty"):
@@ -180,6 +241,10 @@ def test_bad_input_gets_clear_errors(tiny_llama):
         extract(model, tok, (["a b", "c d"], ["pos", "neg"]), progress=False)
     with pytest.raises(ValueError, match="layers \\[7\\] do not exist"):
         extract(model, tok, (TEXTS, LABELS), layers=[0, 7], progress=False)
+    with pytest.raises(ValueError, match=r"half_layers \[2\] need shards >= 2"):
+        extract(model, tok, (TEXTS, LABELS), half_layers=[2], progress=False)
+    with pytest.raises(ValueError, match=r"half_layers \[3\] must be among the extracted layers"):
+        extract(model, tok, (TEXTS, LABELS), layers=[1, 2], shards=2, half_layers=[3], progress=False)
 
 
 def test_nan_hidden_states_name_the_layer(tiny_gpt2):

@@ -915,6 +915,12 @@ def test_every_setting_enters_the_key_of_a_stage():
     # the estimator decides the theory NTPS of these four stages, nothing else (no probe, no LoRA)
     assert changed(estimator="adjusted") == {"ntps", "intervals", "estimates", "diagnostics"}
     assert changed(estimator="plugin") == set()  # the default: the stored stages keep their keys
+    # "richardson" also keeps the halves' moments on every layer: a new extraction, read by all but LoRA
+    assert changed(estimator="richardson") == set(keys) - {"lora"}
+    no_shards = dataclasses.replace(cfg, shards=0)  # no shards, no halves: the extraction stands
+    before = study.stage_keys(no_shards, "smollm2-135m", "trec6")
+    after = study.stage_keys(dataclasses.replace(no_shards, estimator="richardson"), "smollm2-135m", "trec6")
+    assert {name for name in keys if after[name] != before[name]} == {"ntps", "intervals", "estimates", "diagnostics"}
     assert changed(lora_budget={"steps": 5}) == {"lora"}
     # the layer grids change what is extracted and everything read from it, but not LoRA
     assert changed(probe_layers="last") == set(keys) - {"lora"}
@@ -1022,6 +1028,7 @@ def test_a_shard_estimator_runs_where_the_unit_has_shards_and_the_plugin_stands_
     and estimates stages give the same estimate; the ntps table's other layers and the
     diagnostics (label permutations of pooled features) are the plug-in's, and say so."""
     cfg = _smoke(tmp_path, datasets=["trec6"], peers=False, diagnostics=True, estimator="debiased")
+    assert not study.stages.keeps_halves(cfg)  # "debiased" needs every shard: no halves are kept
     tables = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
     last = max(tables["unit"]["layers"])
     assert tables["unit"]["interval_layers"] == [last]
@@ -1041,6 +1048,41 @@ def test_a_shard_estimator_runs_where_the_unit_has_shards_and_the_plugin_stands_
     assert len(merged) > 0 and np.isfinite(merged["ntps"]).sum() >= 3
     np.testing.assert_allclose(merged["ntps_iv"], merged["ntps"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(merged["estimate"], merged["ntps"], rtol=1e-12, atol=1e-12)
+
+
+def test_richardson_runs_on_every_layer_from_the_halves_and_the_shards(tmp_path, tiny_llama):
+    """With "richardson" the extraction keeps the two halves' moments on the layers without shards:
+    every theory row is richardson's (no stand-in), equal to richardson of per-shard moments of
+    every layer (an extraction that keeps shards everywhere)."""
+    from ntps_nb.core.intervals import layer_shards
+    from ntps_nb.core.score import ntps_sweep
+    from ntps_nb.extract import Extraction, extract
+    from ntps_nb.study.config import load_unit_dataset
+
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], estimator="richardson", seed=3,
+                 cache_extractions=True)
+    tables = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
+    layers, last = tables["unit"]["layers"], max(tables["unit"]["layers"])
+    theory = tables["ntps"].query("variant == 'theory'")
+    assert set(theory["estimator"]) == {"richardson"} and set(theory["layer"]) == set(layers)
+    keys = study.stage_keys(cfg, "tiny-llama", "trec6")
+    store = study.stage_store(cfg, "tiny-llama", "trec6")
+    assert "estimator" not in store.load("ntps", keys["ntps"]).record  # nothing stood in
+    kept = Extraction.load(store.load("extraction", keys["extraction"]).record["kept"])
+    assert [half.layers for half in kept.halves] == [[x for x in layers if x != last]] * 2
+    assert kept.shards[0].layers == [last]
+    # independent: per-shard moments of every layer, richardson on them with the study's seed
+    model, tok, _ = tiny_llama
+    train = load_unit_dataset(cfg, "trec6")[0]["train"]
+    every = extract(model, tok, train, shards=cfg.shards, shard_seed=cfg.seed, max_length=cfg.max_length,
+                    batch_size=cfg.batch_size, precision=cfg.precision, progress=False)
+    for layer, shards in layer_shards(every.shards).items():
+        want = ntps_sweep(shards, estimator="richardson", seed=cfg.seed)
+        got = theory[theory["layer"] == layer].merge(want[["k", "ntps"]], on="k", suffixes=("", "_shards"))
+        assert len(got) == len(want) and np.isfinite(got["ntps"]).sum() >= 3, layer
+        # the moments agree to 1e-12 (tests/io/test_extract.py); with 40 texts in d = 64 the eigensolves
+        # amplify the rounding of another summation order to ~1e-7 at a few k, another split moves it by ~1e-2
+        np.testing.assert_allclose(got["ntps"], got["ntps_shards"], rtol=0, atol=1e-6, err_msg=str(layer))
 
 
 def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
