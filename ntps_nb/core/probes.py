@@ -479,7 +479,7 @@ def probe_layers(
     ridge: float = HELDOUT_RIDGE,
     max_iter: int = LOGISTIC_MAX_ITER,
     device: Any = None,
-    n_jobs: int | None = None,
+    n_jobs: int | None = 1,
     **provenance: Any,
 ) -> pd.DataFrame:
     """`heldout_probe` for every layer (and protocol), as a tidy frame with provenance columns.
@@ -498,8 +498,9 @@ def probe_layers(
         probes of all layers (per protocol) and the held-out protocol's logistic probes of all
         layers are fitted there, each batched over layers; the paper protocol's saga stays on
         scikit-learn.
-    n_jobs : scikit-learn fits at once (worker processes); default None: the BLAS thread bound in
-        force (`ntps_nb.analysis_threads`; the study's share of the cores), 1 runs them here.
+    n_jobs : scikit-learn fits at once; 1 (default) runs them here, one after the other; more, in
+        worker processes; None: as many as the BLAS thread bound in force (`ntps_nb.analysis_threads`;
+        the study's probes stage passes None, i.e. its share of the cores).
     **provenance : constant columns (model, dataset, max_length, drop_bos, ...), e.g.
         ``probe_layers(feats, ytr, yte, n_classes=2, model="smollm2-135m", dataset="trec6")``.
 
