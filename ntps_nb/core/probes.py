@@ -387,6 +387,11 @@ def heldout_probe(
                           device=device)
 
 
+def _not_converged(max_iter: int, tol: float) -> str:
+    """The held-out logistic probe's non-convergence message."""
+    return f"logistic probe did not converge in max_iter={max_iter} iterations (tol={tol:g}); raise max_iter or C"
+
+
 def _least_squares_ridge(protocol: str, ridge: float) -> float:
     """The L2 strength of the least-squares probe: 0 (LinearRegression) in the paper's protocol."""
     return 0.0 if protocol == "paper_in_sample" else float(ridge)
@@ -428,8 +433,7 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
         solver, n_iter = logistic.solver, int(np.max(logistic.n_iter_))
         accuracy = float(np.mean(classifier.predict(Xev) == yev))
     if not converged and not in_sample:
-        warnings.warn(f"logistic probe did not converge in max_iter={max_iter} iterations (tol={tol:g}); "
-                      "raise max_iter or C", ProbeConvergenceWarning, stacklevel=2)
+        warnings.warn(_not_converged(max_iter, tol), ProbeConvergenceWarning, stacklevel=2)
     alpha = _least_squares_ridge(protocol, ridge)
 
     if predicted is None and backend is not None:
@@ -567,9 +571,8 @@ def probe_layers(
                 delayed(_layer_row)(**task, **common) for task in tasks)
         for row in rows:
             if not row["converged"] and row["protocol"] == "heldout":
-                warnings.warn(f"layer {row['layer']}: logistic probe did not converge in max_iter={max_iter} "
-                              f"iterations (tol={LOGISTIC_TOL:g}); raise max_iter or C", ProbeConvergenceWarning,
-                              stacklevel=2)
+                warnings.warn(f"layer {row['layer']}: {_not_converged(max_iter, LOGISTIC_TOL)}",
+                              ProbeConvergenceWarning, stacklevel=2)
     return pd.DataFrame([{"layer": row.pop("layer"), **provenance, **row} for row in rows])
 
 

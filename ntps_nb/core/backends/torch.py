@@ -360,16 +360,31 @@ def _theory_geometries(
 ) -> list[TheoryGeometry | str]:
     """`theory_geometry` of each batch element, or the reason (a string) it is undefined, checked
     in the order the numpy code raises."""
+    return _grouped_geometries(Sxx, Sxy, Syy, C0, C1, n_tokens, labels_ok, tol=tol, rtol=rtol,
+                               span_rtol=span_rtol)[0]
+
+
+def _grouped_geometries(
+    Sxx: torch.Tensor, Sxy: torch.Tensor, Syy: torch.Tensor, C0: torch.Tensor, C1: torch.Tensor,
+    n_tokens: np.ndarray, labels_ok: np.ndarray, *, tol: float | None, rtol: float, span_rtol: float,
+    keep: np.ndarray | None = None,
+) -> tuple[list[TheoryGeometry | str], list[tuple]]:
+    """`_theory_geometries`, solved per group of elements with equal ranks (r_U, r_V); and, for the
+    groups holding an element flagged in ``keep``, their solutions (members, Q_r, s_r, Y, m, V):
+    the retained range of Sxx, U's whitened coordinates (descending), the counts m and the
+    next-token vectors, for callers that compare the subspaces themselves."""
     n, d = Sxx.shape[0], Sxx.shape[-1]
     s_U, Q_U, threshold_U, rank_U = _eigh_range(Sxx, tol, rtol)
     s_V, Q_V, threshold_V, rank_V = _eigh_range(C0, tol, rtol)
     trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
     r_U, r_V = _numpy(rank_U), _numpy(rank_V)
-    out: list[TheoryGeometry | str | None] = _undefined_reasons(r_U, r_V, threshold_U, threshold_V, n_tokens, labels_ok)
+    out: list[TheoryGeometry | str | None] = _undefined_reasons(r_U, r_V, _numpy(threshold_U), _numpy(threshold_V),
+                                                                n_tokens, labels_ok)
     groups: dict[tuple[int, int], list[int]] = {}
     for i in range(n):
         if out[i] is None:
             groups.setdefault((int(r_U[i]), int(r_V[i])), []).append(i)
+    kept = []
     for (ru, rv), members in groups.items():
         if len(members) == n:  # the usual case: one group, no copies
             def take(t):
@@ -383,19 +398,17 @@ def _theory_geometries(
         lam, Y, m = _perception_top(Q_r, s_r, take(Sxy))
         V = _next_token_vectors(take(Q_V)[..., d - rv:], take(s_V)[..., d - rv:], take(C1))
         # coordinates in the retained range of Sxx: u_i -> Y[:, i]; Sxx^{1/2} V -> S^{1/2} Q_r^T V
-        v_coords = torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V)
-        del V
-        projected = _projected(v_coords, Y, span_rtol)
-        del v_coords, Q_r
+        projected = _projected(torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V), Y, span_rtol)
         lam, m = _numpy(lam).astype(np.float64), _numpy(m)
         for j, i in enumerate(members):
             mi = int(m[j])
-            if mi == 0:
-                out[i] = "Sxy is zero: the pooled states carry no label signal, U is undefined"
-                continue
-            out[i] = TheoryGeometry(eigenvalues=lam[j, :mi].copy(), projected=projected[j, :, :mi].copy(),
-                                    r_V=rv, r_U=ru, trace_Syy=float(trace[i]))
-    return out
+            out[i] = (TheoryGeometry(eigenvalues=lam[j, :mi].copy(), projected=projected[j, :, :mi].copy(),
+                                     r_V=rv, r_U=ru, trace_Syy=float(trace[i]))
+                      if mi > 0 else "Sxy is zero: the pooled states carry no label signal, U is undefined")
+        if keep is not None and any(keep[i] for i in members):
+            kept.append((members, Q_r, s_r, Y, m, V))
+        del V, Q_r
+    return out, kept
 
 
 def theory_geometry_torch(
@@ -1815,34 +1828,14 @@ def _estimate_block(arrays: dict[str, torch.Tensor], tokens: np.ndarray, labels_
     with the reference's: (overlap of U at k_U, overlap of V at k, U columns, V columns), or the
     reason they are undefined (a string). Without a reference (the full sample itself) a flagged
     combination gets its own `_NoiseReference` instead."""
-    Sxx, Sxy, Syy, C0, C1 = (arrays[name] for name in ("Sxx", "Sxy", "Syy", "C0", "C1"))
-    n, d = Sxx.shape[0], Sxx.shape[-1]
-    s_U, Q_U, threshold_U, rank_U = _eigh_range(Sxx, None, rtol)
-    s_V, Q_V, threshold_V, rank_V = _eigh_range(C0, None, rtol)
-    trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
-    r_U, r_V = _numpy(rank_U), _numpy(rank_V)
-    geometries = _undefined_reasons(r_U, r_V, _numpy(threshold_U), _numpy(threshold_V), tokens, labels_ok)
-    compared: list = [geometries[i] if noise[i] else None for i in range(n)]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in range(n):
-        if geometries[i] is None:
-            groups.setdefault((int(r_U[i]), int(r_V[i])), []).append(i)
-    for (ru, rv), members in groups.items():
-        index = torch.as_tensor(members, device=Sxx.device)
-        Q_r, s_r = Q_U[index][..., d - ru:], s_U[index][..., d - ru:]
-        lam, Y, m = _perception_top(Q_r, s_r, Sxy[index])
-        V = _next_token_vectors(Q_V[index][..., d - rv:], s_V[index][..., d - rv:], C1[index])
-        projected = _projected(torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V), Y, span_rtol)
-        lam, m = _numpy(lam).astype(np.float64), _numpy(m)
-        for j, i in enumerate(members):
-            mi = int(m[j])
-            geometries[i] = (TheoryGeometry(eigenvalues=lam[j, :mi].copy(), projected=projected[j, :, :mi].copy(),
-                                            r_V=rv, r_U=ru, trace_Syy=float(trace[i]))
-                             if mi > 0 else "Sxy is zero: the pooled states carry no label signal, U is undefined")
+    geometries, solved = _grouped_geometries(*(arrays[name] for name in ("Sxx", "Sxy", "Syy", "C0", "C1")), tokens,
+                                             labels_ok, tol=None, rtol=rtol, span_rtol=span_rtol, keep=noise)
+    compared: list = [geometries[i] if noise[i] else None for i in range(len(geometries))]
+    for members, Q_r, s_r, Y, m, V in solved:
         flagged = [j for j, i in enumerate(members) if noise[i]]
         if not flagged:
             continue
-        pick = torch.as_tensor(flagged, device=Sxx.device)
+        pick = torch.as_tensor(flagged, device=Q_r.device)
         Q_f, s_f = Q_r[pick], s_r[pick]
         X = (Q_f / torch.sqrt(s_f)[:, None, :]) @ Y[pick]  # U's vectors in the states' coordinates, descending
         to_white = reference.to_white if reference is not None else torch.sqrt(s_f)[:, :, None] * Q_f.mT
