@@ -155,7 +155,7 @@ def test_probe_layers_in_worker_processes_equal_the_serial_rows(rng):
     parallel = probe_layers(feats, y[:100], y[100:], n_classes=3, protocol=both, n_jobs=2, model="m")
     pd.testing.assert_frame_equal(parallel, serial)
     with pytest.raises(ValueError, match="layer 5, protocol 'heldout'"):
-        probe_layers({5: X[:100], 6: X[:100]}, y[:100], n_classes=3, n_jobs=2)
+        probe_layers({5: X[:100], 6: (X[:100], X[100:])}, y[:100], y[100:], n_classes=3, n_jobs=2)
     with pytest.warns(ProbeConvergenceWarning, match="layer 1: logistic probe did not converge"):
         frame = probe_layers(feats, y[:100], y[100:], n_classes=3, max_iter=1, n_jobs=2)
     assert not frame["converged"].any()
