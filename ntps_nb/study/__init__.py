@@ -58,8 +58,10 @@ probes      ``probes.csv``  probes, probe_layers, seed        layer, protocol, e
 peers       ``peers.csv``   peers, peer_layers                layer, logme, h_score, h_score_lw, knn_accuracy,
                             (+ extraction)                    rankme, knn_k, knn_mode
 intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant, estimator, k, fraction, k_U,
-            .csv``          interval_method, seed, k,         m, r_V, ntps, lower, upper, se_bootstrap,
-                            estimator (+ extraction)          se_jackknife, bias_bootstrap, n_valid, n_shards,
+            .csv``          interval_method, seed, k, the     m, r_V, ntps, lower, upper, se_bootstrap,
+                            estimator bootstrapped            se_jackknife, bias_bootstrap, n_valid, n_shards,
+                            (interval_estimator)
+                            (+ extraction)
                                                               n_texts, n_boot, level, method, centred, layer
 estimates   ``estimates     estimator, k, interval_layers,    variant (theory), estimator, k, estimate, se,
             .csv``          shards, seed (+ extraction)       lower, upper, level, reliability, reliable,
@@ -81,7 +83,10 @@ lora        ``lora.csv``    max_train, max_test, seed,        layer, k, variant,
 =========== =============== ================================= ==============================================
 
 The ``estimator`` setting (default "plugin"; `ntps_nb.core.estimators.ESTIMATORS`) chooses
-the estimator of the theory NTPS in the ntps, intervals, estimates and diagnostics tables; every
+the estimator of the theory NTPS in the ntps, estimates and diagnostics tables, and in the
+intervals table where ``interval_estimator`` is "estimator" (its default, "plugin", keeps the
+plug-in's shard bootstrap there: the released protocol's intervals, for comparison, at a third of
+richardson's cost; the estimator's own interval is the estimates table's jackknife); every
 row names its estimator (the reference variant and the PCA overlap are always "plugin"). It
 enters the config hash and those stages' keys only away from "plugin", so the units computed
 before the setting existed keep their keys, and their tables, which have no estimator column,
@@ -92,6 +97,12 @@ rows say "plugin". "richardson" (``HALF_ESTIMATORS``) needs only the two halves 
 the shards: with it (and shards) the extraction also keeps the halves' moments on every other
 layer (`stages.keeps_halves`; its key says so), and the ntps table is richardson's on every layer
 (its theory rows there say n_shards 2).
+
+A config can start from another: ``extends = "default.toml"`` takes that file's [study] table
+and lays its own keys over it. ``reuse_from`` (a study name or a results folder; not in the hash)
+names a study whose complete unit folders lend every stage still valid under this config, so a
+variant of a study (another estimator, say) reuses its LoRA results instead of retraining them
+(studies/default-richardson.toml does so for the default study).
 
 ``unit.json`` holds the settings, config hash, timings, each stage's key and whether it was
 computed or reused, and what was skipped and why. Unit folders written before stages existed

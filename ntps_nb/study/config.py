@@ -66,7 +66,11 @@ class StudySettingsError(ValueError):
 
 #: Settings added after units were committed, with the value those units were computed with: a
 #: setting at that value is left out of `StudyConfig.settings` (so of the config hash).
-_ADDED_LATER = {"precision": "float32", "estimator": "plugin"}
+_ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin"}
+
+
+#: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
+INTERVAL_ESTIMATORS = ("plugin", "estimator")
 
 
 class DatasetFile(NamedTuple):
@@ -94,8 +98,10 @@ class StudyConfig:
     last included) or a list of hidden-state indices (0 = embeddings; negative indices count from
     the end, -1 = the last hidden state). ``k`` is "all" (every k = 1..r_V
     of the theory variant) or a list of integers. ``estimator`` is the estimator of the theory
-    NTPS in the ntps, intervals, estimates and diagnostics tables (`ntps_nb.core.estimators.ESTIMATORS`;
-    "plugin", the default, is the NTPS of the sample's moments; see `ntps_nb.study`).
+    NTPS in the ntps, estimates and diagnostics tables (`ntps_nb.core.estimators.ESTIMATORS`;
+    "plugin", the default, is the NTPS of the sample's moments; see `ntps_nb.study`), and in the
+    intervals table where ``interval_estimator`` is "estimator" (its default, "plugin", bootstraps
+    the plug-in: the estimator's own interval is the estimates table's jackknife).
     """
 
     name: str
@@ -119,6 +125,10 @@ class StudyConfig:
     interval_layers: Any = (-1,)
     n_boot: int = 200
     interval_method: str = "basic"
+    # the estimator the shard bootstrap of the intervals stage resamples: "plugin" (the released
+    # protocol's intervals, kept for comparison; the study estimator's own interval is the estimates
+    # stage's jackknife) or "estimator" (the study's ``estimator``: richardson's bootstrap costs ~3x)
+    interval_estimator: str = "plugin"
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -141,6 +151,10 @@ class StudyConfig:
     # boundary (each solver stops at its own tolerance) may differ
     analysis_device: str = "auto"
     results_dir: str | None = None
+    # another study's results folder (a study name under data/results, or a path) whose complete unit
+    # folders lend their still-valid stages (`ntps_nb.study.stages.adopt_unit_folder`): a variant of a
+    # study reuses its LoRA results instead of retraining; not in the hash
+    reuse_from: str | None = None
     source: str | None = None  # the TOML file, for messages only
     # the datasets of ``datasets`` that are files ([[datasets]] tables); part of the grid, and of
     # their own units' stage keys (`dataset_identity`), not of the study-wide settings
@@ -157,7 +171,7 @@ class StudyConfig:
             were computed with.
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("name", "models", "datasets", "results_dir", "source", "cache_extractions",
+               if f.name not in ("name", "models", "datasets", "results_dir", "reuse_from", "source", "cache_extractions",
                              "analysis_threads", "torch_threads", "device", "analysis_device", "dataset_files")}
         out["study_version"] = STUDY_VERSION
         # Keys added after units were committed enter the hash only away from the value those units
@@ -177,6 +191,15 @@ class StudyConfig:
     @property
     def folder(self) -> Path:
         return Path(self.results_dir) if self.results_dir else RESULTS_ROOT / self.name
+
+    @property
+    def reuse_folder(self) -> Path | None:
+        """The results folder of ``reuse_from`` (None without one): a path, or a study name under
+        the results root."""
+        if not self.reuse_from:
+            return None
+        path = Path(self.reuse_from)
+        return path if path.is_absolute() or len(path.parts) > 1 else RESULTS_ROOT / self.reuse_from
 
     def units(self) -> list[tuple[str, str]]:
         """The grid: every (model, dataset) pair, model by model.
@@ -302,6 +325,29 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+#: Longest chain of ``extends`` (a config extending one that extends another ...).
+MAX_EXTENDS = 8
+
+
+def _extended(table: dict[str, Any], path: Path, depth: int = 0) -> dict[str, Any]:
+    """A ``[study]`` table with its ``extends`` resolved: the keys of the TOML it names (relative to
+    ``path``'s folder) with this table's keys on top; ``extends`` itself is dropped."""
+    if "extends" not in table:
+        return table
+    if depth >= MAX_EXTENDS:
+        raise StudySettingsError(f"{path}: more than {MAX_EXTENDS} configs extend one another (a cycle?)")
+    base_path = (path.parent / str(table["extends"])).resolve()
+    if not base_path.is_file():
+        raise StudySettingsError(f"{path}: extends {table['extends']!r}, but there is no file {base_path}")
+    with open(base_path, "rb") as handle:
+        base = tomllib.load(handle)
+    if set(base) - {"study"}:
+        raise StudySettingsError(f"{path}: extends {base_path}, which has tables besides [study] ({sorted(base)}); "
+                                 "extend a config without [[datasets]]")
+    rest = {key: value for key, value in table.items() if key != "extends"}
+    return {**_extended(base.get("study", {}), base_path, depth + 1), **rest}
+
+
 def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     """Read a study TOML (its ``[study]`` table) into a `StudyConfig`; ``overrides`` replace keys.
 
@@ -333,7 +379,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     extra = sorted(set(raw) - {"study", "datasets"})
     if extra:
         raise StudySettingsError(f"{path}: unknown table(s) {extra}; a study has [study] and [[datasets]]")
-    table = {**raw["study"], **overrides}
+    table = {**_extended(raw["study"], path), **overrides}
     known = {f.name for f in dataclasses.fields(StudyConfig)} - {"source", "dataset_files"}
     unknown = sorted(set(table) - known)
     if unknown:
@@ -353,6 +399,10 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if table.get("interval_method", "basic") not in ("percentile", "basic", "bca"):
         raise StudySettingsError(f"{path}: interval_method must be percentile, basic or bca")
     check_estimator(table.get("estimator", "plugin"), str(path))
+    if table.get("interval_estimator", "plugin") not in INTERVAL_ESTIMATORS:
+        raise StudySettingsError(f"{path}: interval_estimator must be one of {', '.join(INTERVAL_ESTIMATORS)} "
+                                 f"(the plug-in's bootstrap, or the study estimator's), "
+                                 f"got {table.get('interval_estimator')!r}")
     threads = table.get("analysis_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise StudySettingsError(f"{path}: analysis_threads must be a positive integer or absent (this process's "
@@ -360,6 +410,8 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     table = {key: _tuple(value) for key, value in table.items()}
     if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
         table["results_dir"] = str((path.parent / table["results_dir"]).resolve())
+    if table.get("reuse_from") and len(Path(table["reuse_from"]).parts) > 1 and not Path(table["reuse_from"]).is_absolute():
+        table["reuse_from"] = str((path.parent / table["reuse_from"]).resolve())  # a path; a bare name is a study
     table["models"] = tuple(_model_reference(model, path) for model in table["models"])
     specs = [_dataset_spec(entry, path) for entry in table["datasets"]]
     names = [spec if isinstance(spec, str) else spec["name"] for spec in specs]

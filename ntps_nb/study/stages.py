@@ -14,7 +14,8 @@ forward pass; the stages whose keys did not change are still reused.
 
 A unit folder written before stages existed (``unit.json`` and its tables) is recognised by
 `adopt_unit_folder`: every stage whose key under the folder's recorded settings equals the key
-under the current ones takes its table from there (LoRA above all: no retraining).
+under the current ones takes its table from there (LoRA above all: no retraining). So are the unit
+folders of another study named by ``reuse_from`` (a variant of that study, e.g. another estimator).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
-                                  _versions, dataset_identity, load_unit_dataset, resolve_layers, with_estimator)
+                                  _versions, dataset_identity, load_unit_dataset, resolve_layers, unit_name, with_estimator)
 
 #: Settings that choose the texts of a unit (with the model and the dataset).
 SAMPLE = ("max_train", "max_test", "seed")
@@ -45,8 +46,9 @@ SAMPLE = ("max_train", "max_test", "seed")
 READING = ("max_length", "drop_bos", "batch_size", "precision")
 #: Settings that stages took up after results were stored under their keys: each enters a stage's
 #: key only away from its `ntps_nb.study.config._ADDED_LATER` value (what those results were
-#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in.
-ADDED_TO_STAGES = ("estimator",)
+#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in;
+#: interval_estimator: the intervals stage bootstrapped ``estimator`` before it, which was the plug-in.
+ADDED_TO_STAGES = ("estimator", "interval_estimator")
 #: What the extraction keeps beyond its settings, decided by the estimator: with one of
 #: `ntps_nb.core.estimators.HALF_ESTIMATORS` and shards, the moments of the two halves of the shards
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
@@ -109,8 +111,10 @@ STAGES: tuple[Stage, ...] = (
     # version 2: the cross-validated probe on the last layer, kappa renamed kappa_chance
     Stage("probes", ("probes", "probe_layers", "seed"), ("extraction",), "probes", PROBES_COLUMNS, version=2),
     Stage("peers", ("peers", "peer_layers"), ("extraction",), "peers", PEERS_COLUMNS),
-    Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k", "estimator"),
-          ("extraction",), "intervals", INTERVALS_COLUMNS),
+    # the theory rows bootstrap the plug-in or, with interval_estimator "estimator", the study's
+    # estimator: the key names the one bootstrapped (`stage_keys`), not the two settings
+    Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k", "interval_estimator",
+                        "estimator"), ("extraction",), "intervals", INTERVALS_COLUMNS),
     # the estimator's estimate, jackknife interval and reliability flag on the interval layers
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed"), ("extraction",), "estimates",
           ESTIMATES_COLUMNS),
@@ -166,6 +170,11 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     for stage in STAGES:
         settings = {name: values[name] for name in stage.settings
                     if not (name in ADDED_TO_STAGES and values[name] == _ADDED_LATER[name])}
+        if stage.name == "intervals":  # keyed by the estimator it bootstraps (as before interval_estimator)
+            settings.pop("interval_estimator", None)
+            settings.pop("estimator", None)
+            if interval_estimator(cfg) != _ADDED_LATER["estimator"]:
+                settings["estimator"] = interval_estimator(cfg)
         if stage.name == "extraction" and keeps_halves(cfg):
             settings[HALVES_SETTING] = True
         keys[stage.name] = content_key({
@@ -329,8 +338,6 @@ def stage_store(cfg: StudyConfig, model: str, dataset: str) -> StageStore:
     StageStore
         The store over that folder (the folder need not exist yet).
     """
-    from ntps_nb.study.config import unit_name
-
     return StageStore(cfg.folder / "stages" / unit_name(model, dataset))
 
 
@@ -493,6 +500,9 @@ def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
     keys = stage_keys(cfg, model, dataset)
     store = stage_store(cfg, model, dataset)
     in_folder = unit_folder_stages(cfg, model, dataset)
+    if cfg.reuse_folder is not None:  # what the study reused from lends its valid stages too
+        lent = unit_folder_stages(cfg, model, dataset, cfg.reuse_folder / "units" / unit_name(model, dataset))
+        in_folder = {**lent, **{name: state for name, state in in_folder.items() if state == "valid" or name not in lent}}
     out = {}
     for stage in STAGES:
         name = stage.name
@@ -714,6 +724,22 @@ def _peers_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     return table, {}
 
 
+def interval_estimator(cfg: StudyConfig) -> str:
+    """The estimator whose shard bootstrap the intervals stage computes for the theory variant:
+    the plug-in, or the study's ``estimator`` where ``interval_estimator`` is "estimator".
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+
+    Returns
+    -------
+    str
+        One of `ntps_nb.core.estimators.ESTIMATORS`.
+    """
+    return cfg.estimator if cfg.interval_estimator == "estimator" else "plugin"
+
+
 def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     from ntps_nb.core.intervals import layer_shards, ntps_interval_sweep
 
@@ -726,7 +752,7 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
             for variant in ("theory", "reference"):  # the reference variant is the released algorithm: plug-in
-                estimator = u.cfg.estimator if variant == "theory" else "plugin"
+                estimator = interval_estimator(u.cfg) if variant == "theory" else "plugin"
                 # the torch backend's interval sweeps are the plug-in's; other estimators' are numpy's
                 interval_sweep = (ntps_interval_sweep if device is None or estimator != "plugin"
                                   else partial(analysis_backend(device).interval_sweep_torch, device=device))
@@ -895,6 +921,11 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     adopted = adopt_unit_folder(cfg, model_name, dataset_name, store)
     if adopted:
         log(f"    {model_name} x {dataset_name}: reusing {', '.join(adopted)} of the unit folder computed before")
+    if cfg.reuse_folder is not None:
+        lent = cfg.reuse_folder / "units" / unit_name(model_name, dataset_name)
+        adopted = adopt_unit_folder(cfg, model_name, dataset_name, store, folder=lent)
+        if adopted:
+            log(f"    {model_name} x {dataset_name}: reusing {', '.join(adopted)} of {lent}")
 
     if loaded is None:
         from ntps_nb.models import load_model

@@ -65,14 +65,18 @@ def test_estimator_is_validated_and_enters_the_hash_only_away_from_the_plugin():
     from ntps_nb.core.estimators import ESTIMATORS
 
     cfg = study.load_config(STUDIES / "default.toml")
-    assert cfg.estimator == "plugin" and "estimator" not in cfg.settings()
-    assert study.load_config(STUDIES / "default.toml", estimator="plugin").config_hash == "1cedd9f67410"
+    assert "estimator" not in cfg.settings() and "interval_estimator" not in cfg.settings()
+    assert cfg.config_hash == "1cedd9f67410"  # the hash of the units computed before either setting
     adjusted = study.load_config(STUDIES / "default.toml", estimator="adjusted")
     assert adjusted.settings()["estimator"] == "adjusted"
     hashes = {study.load_config(STUDIES / "default.toml", estimator=name).config_hash for name in ESTIMATORS}
     assert len(hashes) == len(ESTIMATORS) and cfg.config_hash in hashes  # every estimator its own hash
     with pytest.raises(study.StudySettingsError, match="estimator must be one of plugin, richardson, .*got 'ridge'"):
         study.load_config(STUDIES / "default.toml", estimator="ridge")
+    with pytest.raises(study.StudySettingsError, match="interval_estimator must be one of plugin, estimator"):
+        study.load_config(STUDIES / "default.toml", interval_estimator="richardson")
+    both = study.load_config(STUDIES / "default.toml", estimator="adjusted", interval_estimator="estimator")
+    assert both.settings()["interval_estimator"] == "estimator" and both.config_hash != adjusted.config_hash
     # a unit recorded without the setting was the plug-in's: its settings map back to this config
     recorded = {key: value for key, value in adjusted.settings().items() if key != "estimator"}
     assert study.stages.config_from_settings(adjusted, recorded).estimator == "plugin"
@@ -912,15 +916,19 @@ def test_every_setting_enters_the_key_of_a_stage():
     assert changed(n_boot=100) == {"intervals"}
     assert changed(n_permutations=7) == {"diagnostics"}
     assert changed(k=(1, 8)) == {"ntps", "intervals", "estimates", "lora"}
-    # the estimator decides the theory NTPS of these four stages, nothing else (no probe, no LoRA)
-    assert changed(estimator="adjusted") == {"ntps", "intervals", "estimates", "diagnostics"}
+    # the estimator decides the theory NTPS of these three stages, nothing else (no probe, no LoRA);
+    # the intervals bootstrap the plug-in unless interval_estimator asks for the study's estimator
+    assert changed(estimator="adjusted") == {"ntps", "estimates", "diagnostics"}
+    assert changed(estimator="adjusted", interval_estimator="estimator") == {"ntps", "intervals", "estimates",
+                                                                            "diagnostics"}
+    assert changed(interval_estimator="estimator") == set()  # the study's estimator is the plug-in: the same intervals
     assert changed(estimator="plugin") == set()  # the default: the stored stages keep their keys
     # "richardson" also keeps the halves' moments on every layer: a new extraction, read by all but LoRA
     assert changed(estimator="richardson") == set(keys) - {"lora"}
     no_shards = dataclasses.replace(cfg, shards=0)  # no shards, no halves: the extraction stands
     before = study.stage_keys(no_shards, "smollm2-135m", "trec6")
     after = study.stage_keys(dataclasses.replace(no_shards, estimator="richardson"), "smollm2-135m", "trec6")
-    assert {name for name in keys if after[name] != before[name]} == {"ntps", "intervals", "estimates", "diagnostics"}
+    assert {name for name in keys if after[name] != before[name]} == {"ntps", "estimates", "diagnostics"}
     assert changed(lora_budget={"steps": 5}) == {"lora"}
     # the layer grids change what is extracted and everything read from it, but not LoRA
     assert changed(probe_layers="last") == set(keys) - {"lora"}
@@ -1000,7 +1008,7 @@ def test_a_changed_analysis_setting_recomputes_only_its_stages(tmp_path, monkeyp
     # another estimator ('chance': defined at N < d, unlike 'adjusted'): the theory NTPS of the ntps,
     # intervals, estimates (and the switched-off diagnostics) stages is recomputed from the kept
     # extraction; no probe, no LoRA, no forward pass
-    other = dataclasses.replace(changed, estimator="chance")
+    other = dataclasses.replace(changed, estimator="chance", interval_estimator="estimator")
     assert other.config_hash != changed.config_hash
     before = dict(counts)
     third = study.run_unit(other, "tiny-llama", "trec6", as_pretrained, **quiet)
@@ -1027,7 +1035,8 @@ def test_a_shard_estimator_runs_where_the_unit_has_shards_and_the_plugin_stands_
     """'debiased' needs shard moments, kept on the interval layers only: there the ntps, intervals
     and estimates stages give the same estimate; the ntps table's other layers and the
     diagnostics (label permutations of pooled features) are the plug-in's, and say so."""
-    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False, diagnostics=True, estimator="debiased")
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False, diagnostics=True, estimator="debiased",
+                 interval_estimator="estimator")
     assert not study.stages.keeps_halves(cfg)  # "debiased" needs every shard: no halves are kept
     tables = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
     last = max(tables["unit"]["layers"])
@@ -1167,3 +1176,63 @@ def test_without_the_extraction_cache_only_the_split_a_stage_reads_is_extracted_
     assert {name for name, stage in again["unit"]["stages"].items() if stage.get("computed")} == {"intervals"}
     study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, log=lambda _: None)
     assert len(counted_extract) == 3  # every stage of the first settings is stored: no extraction at all
+
+
+def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
+    """``extends`` reads the named TOML's [study] table under this one: the default-richardson
+    study is the default study's grid and settings but for its estimator and name."""
+    base = study.load_config(STUDIES / "default.toml")
+    variant = study.load_config(STUDIES / "default-richardson.toml")
+    assert variant.units() == base.units() and variant.name == "default-richardson"
+    differing = {key for key in set(base.settings()) | set(variant.settings())
+                 if base.settings().get(key) != variant.settings().get(key)}
+    assert differing == {"estimator"} and variant.interval_estimator == "plugin"
+    assert variant.reuse_folder == study.config.RESULTS_ROOT / "default"
+    chain = tmp_path / "chain.toml"
+    chain.write_text(f'[study]\nextends = "{STUDIES / "default-richardson.toml"}"\nname = "chain"\nn_boot = 7\n')
+    chained = study.load_config(chain)
+    assert (chained.estimator, chained.n_boot, chained.models) == ("richardson", 7, base.models)
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[study]\nextends = "nowhere.toml"\nname = "m"\n')
+    with pytest.raises(study.StudySettingsError, match="extends 'nowhere.toml', but there is no file"):
+        study.load_config(missing)
+    loop = tmp_path / "loop.toml"
+    loop.write_text('[study]\nextends = "loop.toml"\nname = "l"\n')
+    with pytest.raises(study.StudySettingsError, match="extend one another"):
+        study.load_config(loop)
+
+
+def test_a_variant_study_reuses_the_lora_of_the_study_it_names(tmp_path, monkeypatch, tiny_llama):
+    """A study with another estimator and ``reuse_from`` the first study's folder takes the first's
+    LoRA table (no training step) and recomputes the stages the estimator decides; without
+    ``reuse_from`` the same variant trains LoRA again (so the test can fail)."""
+    pytest.importorskip("peft")
+    import ntps_nb.lora
+
+    counts: dict[str, int] = {}
+    _counting(monkeypatch, ntps_nb.lora, "finetune_lora", counts)
+    budget = {"steps": 2, "batch_size": 4, "lr": 1e-3}
+    model, tok, info = tiny_llama
+    as_pretrained = (model, tok, dataclasses.replace(info, pretrained=True))
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    first = _smoke(tmp_path / "first", datasets=["trec6"], lora=True, lora_budget=budget, peers=False)
+    tables = study.run_unit(first, "tiny-llama", "trec6", as_pretrained, **quiet)
+    study.write_unit(first.unit_folder("tiny-llama", "trec6"), tables)
+    assert counts["finetune_lora"] == 1
+
+    variant = _smoke(tmp_path / "variant", datasets=["trec6"], lora=True, lora_budget=budget, peers=False,
+                     estimator="richardson", reuse_from=str(first.folder))
+    assert study.stages.stage_states(variant, "tiny-llama", "trec6")["lora"] == "complete"
+    again = study.run_unit(variant, "tiny-llama", "trec6", as_pretrained, **quiet)
+    assert counts["finetune_lora"] == 1  # no training step
+    computed = {name for name, stage in again["unit"]["stages"].items() if stage.get("computed")}
+    assert "lora" not in computed and {"ntps", "estimates"} <= computed
+    pd.testing.assert_frame_equal(again["lora"].drop(columns="config_hash"), tables["lora"].drop(columns="config_hash"),
+                                  check_dtype=False)  # read back from the folder's CSV
+    assert set(again["ntps"].query("variant == 'theory'")["estimator"]) == {"richardson"}
+    assert set(again["intervals"]["estimator"]) == {"plugin"}  # the plug-in's bootstrap (interval_estimator)
+
+    alone = _smoke(tmp_path / "alone", datasets=["trec6"], lora=True, lora_budget=budget, peers=False,
+                   estimator="richardson")
+    study.run_unit(alone, "tiny-llama", "trec6", as_pretrained, **quiet)
+    assert counts["finetune_lora"] == 2
