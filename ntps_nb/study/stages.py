@@ -651,7 +651,7 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     other layers, `keeps_halves`: the halves as two shards give the value of the shards); on the
     layers with neither the plug-in stands in, its rows say so (estimator "plugin") and so does
     the record. The split into halves is the study seed's."""
-    from ntps_nb.core.estimators import HALF_ESTIMATORS, SHARD_ESTIMATORS
+    from ntps_nb.core.estimators import DEVICE_ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.peers import pca_overlap_sweep
     from ntps_nb.core.score import ntps_sweep
@@ -668,6 +668,8 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         if estimator == "plugin" or (estimator in SHARD_ESTIMATORS and layer not in shards):
             stand_in += [layer] if estimator != "plugin" else []
             theory = sweep(m, variant="theory")
+        elif estimator in DEVICE_ESTIMATORS:  # richardson: the torch backend's on a device
+            theory = sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
         else:  # the other estimators' sweeps are numpy's
             theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
         reference = sweep(m, variant="reference")

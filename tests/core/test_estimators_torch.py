@@ -17,6 +17,8 @@ from ntps_nb.core.simulate import factor_model, lds_model, moments_of_array, sam
 #: Agreement with numpy in float64, relative to the largest magnitude of the column (>= 1).
 AGREEMENT = 1e-9
 N_SHARDS = 10
+#: Smallest gap between perception eigenvalues at which the backends' eigenvectors are compared.
+TIE_GAP = 1e-3
 
 
 def assert_frames_agree(got: pd.DataFrame, want: pd.DataFrame) -> None:
@@ -142,3 +144,49 @@ def test_estimators_without_a_torch_path_are_refused(shard_sets):
         ntps_estimate(shards[:2], ks, device="cpu")
     with pytest.raises(ValueError, match="device must be"):
         ntps_estimate(shards, ks, device=3)
+
+
+def single_class_whole_half():
+    """C = 2: one half of the seeded split holds class 0 only (richardson is NaN at every k)."""
+    model = factor_model(d=8, n_classes=2, n_tokens=4, seed=4)
+    a, _ = split_halves(N_SHARDS, 0)
+    rng = np.random.default_rng(1)
+    labels = [rng.integers(0, 2, 16) for _ in range(N_SHARDS)]
+    for i in a:
+        labels[i] = np.zeros(16, dtype=np.int64)
+    return labelled_shards(model, labels, seed=2)
+
+
+@pytest.mark.parametrize("case", ["two_halves", "ten_shards", "k_beyond_half", "single_class_half"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_richardson_sweep_on_a_device_is_numpys(case, seed):
+    """`ntps_sweep_torch(..., estimator="richardson")` (one batched solve of all shards and the two
+    halves) gives `ntps_sweep`'s frame: the study's ntps stage on a GPU computes it on every layer
+    from the two halves an extraction keeps, and on the interval layers from the shards."""
+    from ntps_nb.core.backends.torch import ntps_sweep_torch
+    from ntps_nb.core.score import ntps_sweep, theory_geometry
+
+    if case == "single_class_half":
+        if seed != 0:
+            pytest.skip("the planted single-class half is the seed-0 split's")
+        shards = single_class_whole_half()
+    elif case == "k_beyond_half":  # few texts per half: r_V of a half below the pooled r_V
+        shards = sample_shards(factor_model(d=24, n_classes=3, n_tokens=2, seed=5), 40, 2, np.random.default_rng(seed))
+        # below d texts a half's perception eigenvalues are its class shares: equal shares tie, and
+        # each backend breaks a tie its own way (the documented exception); these halves have none
+        for half in shards:
+            assert np.abs(np.diff(theory_geometry(half).eigenvalues)).min() > TIE_GAP
+    else:
+        model = factor_model(d=16, n_classes=4, n_tokens=6, seed=1)
+        shards = sample_shards(model, 400, 2 if case == "two_halves" else N_SHARDS, np.random.default_rng(seed))
+    want = ntps_sweep(shards, variant="theory", estimator="richardson", seed=seed)
+    got = ntps_sweep_torch(shards, variant="theory", estimator="richardson", seed=seed, device="cpu")
+    assert_frames_agree(got, want)
+    if case == "single_class_half":
+        assert want["ntps"].isna().all()
+    else:
+        assert np.isfinite(want["ntps"]).sum() >= 3  # the comparison is not between NaNs
+    with pytest.raises(ValueError, match="at least 2 shards"):
+        ntps_sweep_torch(shards[:1], estimator="richardson", device="cpu")
+    with pytest.raises(ValueError, match="computes the plug-in and, on the theory variant, 'richardson'"):
+        ntps_sweep_torch(shards, variant="reference", estimator="richardson", device="cpu")

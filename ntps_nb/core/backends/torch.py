@@ -541,11 +541,59 @@ def reference_geometry_torch(
                              counts=counts, precision=precision)
 
 
+def richardson_sweep_torch(
+    moment_shards: Sequence[Moments], *, seed: int = 0, rtol: float = RANGE_RTOL,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+) -> pd.DataFrame:
+    """The frame of ``ntps_sweep(moment_shards, variant="theory", estimator="richardson", seed=seed)``
+    with the three factorisations (all shards, and the two halves of the seeded split
+    `ntps_nb.core.estimators.split_halves`) solved as one batched call on ``device``; the numpy sweep
+    factorises the pooled moments twice (its k grid, then the estimate), this one once.
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer, at least 2 (e.g. the two halves a study keeps).
+    seed, rtol : as in `ntps_nb.core.score.ntps_sweep`.
+    device, dtype : the torch device and precision of the solves.
+
+    Returns
+    -------
+    DataFrame as `ntps_nb.core.score.ntps_sweep` returns it for "richardson": one row per k = 1..r_V
+    of the pooled moments, NaN where a half is undefined (a single class) or has r_V below k.
+    """
+    shards = _as_shards(moment_shards)
+    if len(shards) < 2:
+        raise ValueError("estimator 'richardson' needs the moments of at least 2 shards of the texts "
+                         "(extract with n_shards >= 2); estimator='plugin' needs only the pooled moments")
+    dtype, device = _check_dtype(dtype), _device(device)
+    stack = TorchShardStack(shards, centred=False, dtype=dtype, device=device)
+    S = len(shards)
+    counts = np.zeros((3, S))
+    counts[0] = 1.0
+    for row, half in enumerate(split_halves(S, seed), start=1):
+        counts[row, half] = 1.0
+    solved = dict(_replicate_geometries(stack, counts, tol=None, rtol=rtol, span_rtol=SPAN_RTOL, batch_size=3,
+                                        dtype=dtype, device=device))
+    full = solved[0]
+    if isinstance(full, str):
+        raise ValueError(full)
+    frame = full.sweep()
+    ks = frame["k"].to_numpy()
+    halves = [np.full(ks.shape, np.nan) if isinstance(solved[row], str) else theory_values(solved[row], ks)
+              for row in (1, 2)]
+    sizes = (counts[1:] @ stack.n_texts).astype(np.int64)
+    estimate = _richardson_combination(theory_values(full, ks), halves, [int(n) for n in sizes],
+                                       int(stack.n_texts.sum()))
+    return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
+        ntps=estimate, estimator="richardson", reliability=np.nan, n_shards=S)
+
+
 def ntps_sweep_torch(
     moments: Moments | Sequence[Moments],
     *,
     variant: Variant = "theory",
     estimator: str = "plugin",
+    seed: int = 0,
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
@@ -555,13 +603,14 @@ def ntps_sweep_torch(
     dtype: torch.dtype = torch.float64,
 ) -> pd.DataFrame:
     """`ntps_nb.core.score.ntps_sweep` with the factorisations on ``device``: the same arguments and
-    frame, for the plug-in estimator; ``dtype`` is the theory variant's precision (the reference
-    variant takes ``precision``).
+    frame, for the plug-in estimator and, on the theory variant, "richardson"
+    (`richardson_sweep_torch`); ``dtype`` is the theory variant's precision (the reference variant
+    takes ``precision``).
 
     Parameters
     ----------
-    moments, variant, centred, tol, rtol, precision, fractions : as in `ntps_nb.core.score.ntps_sweep`.
-    estimator : must be "plugin" (anything else raises).
+    moments, variant, seed, centred, tol, rtol, precision, fractions : as in `ntps_nb.core.score.ntps_sweep`.
+    estimator : "plugin" or, theory variant only, "richardson" (anything else raises).
     device : the torch device that solves it.
     dtype : torch.float64 (default) or torch.float32, theory variant only.
 
@@ -570,7 +619,13 @@ def ntps_sweep_torch(
     DataFrame as `ntps_nb.core.score.ntps_sweep` returns for the plug-in: one row per k (theory)
     or per fraction (reference).
     """
-    _check_plugin(estimator)
+    if estimator == "richardson" and variant == "theory":
+        if centred or tol is not None:
+            raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
+        return richardson_sweep_torch(moments, seed=seed, rtol=rtol, device=device, dtype=dtype)
+    if estimator != "plugin":
+        raise ValueError(f"ntps_sweep_torch computes the plug-in and, on the theory variant, 'richardson'; got "
+                         f"estimator={estimator!r} (variant {variant!r}): use ntps_nb.core.score.ntps_sweep (numpy)")
     if variant == "theory":
         return theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     if variant == "reference":
