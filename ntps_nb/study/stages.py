@@ -1005,7 +1005,9 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                 lora_status = result.record.get("lora", "done" if result.table is not None else lora_status)
             if result.table is not None:  # a table stored before the estimator setting was the plug-in's
                 tables[name] = _with_provenance(with_estimator(result.table, name), provenance)
-            stage_meta[name] = {"key": keys[name], "computed": name in todo}
+            # a reused stage keeps the seconds and date of the run that computed it (timings_s: this run's)
+            stage_meta[name] = {"key": keys[name], "computed": name in todo, "seconds": result.record.get("seconds"),
+                                "finished": result.record.get("finished")}
             lap(name)
 
     tables["unit"] = {

@@ -989,6 +989,9 @@ def test_a_changed_analysis_setting_recomputes_only_its_stages(tmp_path, monkeyp
     assert ran["ntps_interval_sweep"] == 2  # the intervals are recomputed (one layer, two variants)
     computed = {name for name, stage in second["unit"]["stages"].items() if stage.get("computed")}
     assert computed == {"intervals"}
+    for name in ("ntps", "probes"):  # a reused stage says when it was computed and how long it took
+        assert second["unit"]["stages"][name]["seconds"] == first["unit"]["stages"][name]["seconds"] > 0
+        assert second["unit"]["stages"][name]["finished"] == first["unit"]["stages"][name]["finished"]
     assert (second["intervals"]["n_boot"] == cfg.n_boot + 5).all() and (first["intervals"]["n_boot"] == cfg.n_boot).all()
     for name in ("ntps", "probes", "lora"):
         assert (second[name]["config_hash"] == changed.config_hash).all()
