@@ -1239,3 +1239,29 @@ def test_a_variant_study_reuses_the_lora_of_the_study_it_names(tmp_path, monkeyp
                    estimator="richardson")
     study.run_unit(alone, "tiny-llama", "trec6", as_pretrained, **quiet)
     assert counts["finetune_lora"] == 2
+
+
+def test_the_committed_default_richardson_units_reuse_the_default_studys_lora_and_controls():
+    """The rerun with richardson (studies/default-richardson.toml): every committed unit has the
+    config's hash, its LoRA rows are the default study's (reused, not retrained: only the provenance
+    columns differ), and its random controls hold the default study's weights."""
+    folder = ROOT / "data" / "results" / "default-richardson" / "units"
+    if not folder.is_dir():
+        pytest.skip("data/results/default-richardson is not committed")
+    cfg = study.load_config(STUDIES / "default-richardson.toml")
+    units = sorted(p for p in folder.iterdir() if (p / "unit.json").is_file())
+    assert units
+    provenance = list(study.stages.PROVENANCE)
+    for unit in units:
+        meta = json.loads((unit / "unit.json").read_text())
+        assert meta["complete"] and meta["config_hash"] == cfg.config_hash, unit.name
+        before = json.loads((ROOT / "data" / "results" / "default" / "units" / unit.name / "unit.json").read_text())
+        assert meta["model_info"]["weights_sha256"] == before["model_info"]["weights_sha256"], unit.name
+        theory = pd.read_csv(unit / "ntps.csv").query("variant == 'theory'")
+        assert set(theory["estimator"]) == {"richardson"}, unit.name
+        if meta["pretrained"]:
+            new = pd.read_csv(unit / "lora.csv").drop(columns=provenance)
+            old = pd.read_csv(ROOT / "data" / "results" / "default" / "units" / unit.name / "lora.csv")
+            pd.testing.assert_frame_equal(new, old.drop(columns=provenance), check_dtype=False)
+        else:
+            assert str(meta["lora"]).startswith("skipped"), unit.name
