@@ -42,16 +42,18 @@ def labelled_shards(model, labels: list[np.ndarray], seed: int):
     return [moments_of_array(model.sample_sequences(y, rng), y, model.n_classes) for y in labels]
 
 
-def single_class_half():
-    """C = 2: one half of the seeded split holds class 0 only, except one shard with a few texts
-    of class 1, so that leaving that shard out leaves its half with a single class."""
+def single_class_half(whole: bool = False):
+    """C = 2: one half of the seeded split holds class 0 only, except (unless ``whole``) one shard
+    with a few texts of class 1, so that leaving that shard out leaves its half with a single class;
+    with ``whole`` the half has a single class outright (richardson is NaN at every k)."""
     model = factor_model(d=8, n_classes=2, n_tokens=4, seed=4)
     a, _ = split_halves(N_SHARDS, 0)
     rng = np.random.default_rng(1)
     labels = [rng.integers(0, 2, 16) for _ in range(N_SHARDS)]
     for i in a:
         labels[i] = np.zeros(16, dtype=np.int64)
-    labels[a[0]][:3] = 1
+    if not whole:
+        labels[a[0]][:3] = 1
     return labelled_shards(model, labels, seed=2)
 
 
@@ -146,17 +148,6 @@ def test_estimators_without_a_torch_path_are_refused(shard_sets):
         ntps_estimate(shards, ks, device=3)
 
 
-def single_class_whole_half():
-    """C = 2: one half of the seeded split holds class 0 only (richardson is NaN at every k)."""
-    model = factor_model(d=8, n_classes=2, n_tokens=4, seed=4)
-    a, _ = split_halves(N_SHARDS, 0)
-    rng = np.random.default_rng(1)
-    labels = [rng.integers(0, 2, 16) for _ in range(N_SHARDS)]
-    for i in a:
-        labels[i] = np.zeros(16, dtype=np.int64)
-    return labelled_shards(model, labels, seed=2)
-
-
 @pytest.mark.parametrize("case, seed", [(case, seed) for case in ("two_halves", "ten_shards", "k_beyond_half")
                                         for seed in (0, 3)] + [("single_class_half", 0)])  # the seed-0 split's half
 def test_the_richardson_sweep_on_a_device_is_numpys(case, seed):
@@ -167,7 +158,7 @@ def test_the_richardson_sweep_on_a_device_is_numpys(case, seed):
     from ntps_nb.core.score import ntps_sweep, theory_geometry
 
     if case == "single_class_half":
-        shards = single_class_whole_half()
+        shards = single_class_half(whole=True)
     elif case == "k_beyond_half":  # few texts per half: r_V of a half below the pooled r_V
         shards = sample_shards(factor_model(d=24, n_classes=3, n_tokens=2, seed=5), 40, 2, np.random.default_rng(seed))
         # below d texts a half's perception eigenvalues are its class shares: equal shares tie, and
