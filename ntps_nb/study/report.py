@@ -294,7 +294,8 @@ def correlation_summary(
             rows += _baseline_rows(baselines, targets_t[target].to_numpy(dtype=float), base_t, target=target,
                                    method=method, n_boot=n_boot, seed=seed)
         if "lora_gain" in targets and "lora" in tables:
-            rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed)
+            rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed,
+                               ntps_table=ntps_table)
     return pd.DataFrame(rows)
 
 
@@ -304,11 +305,31 @@ NAIVE_PROBE_NOTE = ("probe accuracy and gain (LoRA - probe accuracy) measured on
                     "by construction; the stored LoRA results keep no per-text predictions to cross-fit it")
 
 
+def _before_lora(rows_m: pd.DataFrame, ntps_table: pd.DataFrame | None, model: str) -> tuple[pd.DataFrame, str | None]:
+    """NTPS before LoRA per (dataset, layer, k): the LoRA table's ``ntps_before`` (the plug-in's,
+    computed by the LoRA stage), or, where the study's ntps table holds another estimator's theory
+    NTPS at the LoRA layer (the same base model and texts), that estimator's values; and a note
+    saying so (None for the LoRA table's own)."""
+    frame = rows_m[["dataset", "layer", "k", "ntps_before"]].rename(columns={"ntps_before": "ntps"})
+    if ntps_table is None or "estimator" not in ntps_table.columns:
+        return frame, None
+    theory = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == "theory")
+                        & (ntps_table["estimator"] != "plugin") & ntps_table["layer"].isin(frame["layer"].unique())]
+    if theory.empty:
+        return frame, None
+    estimators = sorted(theory["estimator"].unique())
+    study = frame[["dataset", "layer", "k"]].merge(theory[["dataset", "layer", "k", "ntps"]], on=["dataset", "layer", "k"])
+    return study, (f"NTPS before LoRA by the study's estimator ({', '.join(estimators)}) from the ntps table at the "
+                   "LoRA layer; the LoRA table's ntps_before is the plug-in's")
+
+
 def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, method: str, n_boot: int, n_perm: int,
-               seed: int) -> list[dict]:
+               seed: int, ntps_table: pd.DataFrame | None = None) -> list[dict]:
     """`correlation_summary`'s ``lora_gain`` rows of one model (none with fewer than 3 datasets).
 
-    NTPS *before* LoRA (theory, at the layer LoRA was scored at) against the gain of LoRA over
+    NTPS *before* LoRA (theory, at the layer LoRA was scored at; by the study's estimator where the
+    ``ntps_table`` holds it there, else the LoRA table's plug-in ``ntps_before``: `_before_lora`,
+    and the rows' ``note`` says which) against the gain of LoRA over
     the held-out probe, k selected with direction "negative" (the paper: lower NTPS, larger
     gain): `_selection_rows` (leave-one-dataset-out on held-out ranks, its pooled comparison and
     the in-sample maximum). Baselines, two-sided: -C, the majority rate, and the probe accuracy
@@ -321,11 +342,13 @@ def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, metho
     if rows_m["dataset"].nunique() < 3:
         return []
     gains = rows_m.groupby("dataset")[["lora_gain", "lora_probe_accuracy"]].first()
-    frame = rows_m[["dataset", "layer", "k", "ntps_before"]].rename(columns={"ntps_before": "ntps"})
-    frame = frame.merge(gains["lora_gain"], left_on="dataset", right_index=True)
+    frame, note = _before_lora(rows_m, ntps_table, base["model"])
+    frame = frame.dropna(subset=["ntps"]).merge(gains["lora_gain"], left_on="dataset", right_index=True)
     base = {**base, "n_datasets": int(gains.shape[0]), "target_layer": int(rows_m["layer"].max())}
     out = _selection_rows(frame, base, target="lora_gain", name="ntps_theory_before", cfg_cols=["layer", "k"],
                           direction="negative", method=method, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    if note is not None:
+        out = [{**row, "note": note} for row in out]
     meta = targets_m.set_index("dataset").reindex(gains.index)
     baselines = {"-C": -meta["n_classes"].astype(float), "majority_rate": meta["majority_rate"],
                  "probe_accuracy_naive_same_test_set": gains["lora_probe_accuracy"]}

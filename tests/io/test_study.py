@@ -505,6 +505,33 @@ def test_gain_rows_on_committed_fast_lora_results():
     assert -1 <= lodo["estimate"] <= 1 and 0 < lodo["p_value"] <= 1
 
 
+def test_gain_rows_score_ntps_before_lora_by_the_studys_estimator(tmp_path):
+    """In a study of another estimator (default-richardson reuses plug-in LoRA tables), NTPS before
+    LoRA is the ntps table's theory value at the LoRA layer, not the LoRA table's plug-in column:
+    planted here so that the two order the datasets oppositely."""
+    from scipy.stats import spearmanr
+
+    folder = ROOT / "data" / "results" / "fast_lora"
+    if not (folder / "lora.csv").is_file():
+        pytest.skip("data/results/fast_lora is not committed")
+    tables = study.load_results(folder)
+    lora = tables["lora"]
+    theory = lora[lora["variant"] == "theory"]
+    # the "study estimator": minus the plug-in's ntps_before at the LoRA layer, on the ntps table's rows
+    other = theory[["model", "pretrained", "dataset", "layer", "k"]].assign(
+        variant="theory", estimator="richardson", ntps=-theory["ntps_before"].to_numpy())
+    planted = {**tables, "ntps": pd.concat([tables["ntps"], other], ignore_index=True)}
+    before = study.correlation_summary(tables, targets=["lora_gain"], n_boot=20, n_perm=20).set_index(["score", "selection"])
+    after = study.correlation_summary(planted, targets=["lora_gain"], n_boot=20, n_perm=20).set_index(["score", "selection"])
+    key = ("ntps_theory_before", "in_sample")
+    per_k = [spearmanr(-g.sort_values("dataset")["ntps_before"], g.sort_values("dataset")["lora_gain"])[0]
+             for _, g in theory.groupby("k")]
+    assert after.loc[key, "estimate"] == pytest.approx(np.nanmin(per_k), abs=1e-12)
+    assert after.loc[key, "estimate"] != pytest.approx(before.loc[key, "estimate"])
+    assert "the study's estimator (richardson)" in after.loc[key, "note"]
+    assert pd.isna(before.loc[key].get("note", np.nan))
+
+
 def test_summary_markdown_orders_models_and_marks_missing_values():
     import pandas as pd
 
