@@ -171,8 +171,9 @@ class StudyConfig:
             were computed with.
         """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("name", "models", "datasets", "results_dir", "reuse_from", "source", "cache_extractions",
-                             "analysis_threads", "torch_threads", "device", "analysis_device", "dataset_files")}
+               if f.name not in ("name", "models", "datasets", "results_dir", "reuse_from", "source",
+                                 "cache_extractions", "analysis_threads", "torch_threads", "device", "analysis_device",
+                                 "dataset_files")}
         out["study_version"] = STUDY_VERSION
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit
@@ -331,7 +332,8 @@ MAX_EXTENDS = 8
 
 def _extended(table: dict[str, Any], path: Path, depth: int = 0) -> dict[str, Any]:
     """A ``[study]`` table with its ``extends`` resolved: the keys of the TOML it names (relative to
-    ``path``'s folder) with this table's keys on top; ``extends`` itself is dropped."""
+    ``path``'s folder) with this table's keys on top; ``extends`` itself is dropped. Relative paths
+    among the inherited keys (results_dir, reuse_from) resolve against the config being loaded."""
     if "extends" not in table:
         return table
     if depth >= MAX_EXTENDS:
@@ -410,8 +412,9 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     table = {key: _tuple(value) for key, value in table.items()}
     if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
         table["results_dir"] = str((path.parent / table["results_dir"]).resolve())
-    if table.get("reuse_from") and len(Path(table["reuse_from"]).parts) > 1 and not Path(table["reuse_from"]).is_absolute():
-        table["reuse_from"] = str((path.parent / table["reuse_from"]).resolve())  # a path; a bare name is a study
+    reuse = Path(table["reuse_from"]) if table.get("reuse_from") else None
+    if reuse is not None and len(reuse.parts) > 1 and not reuse.is_absolute():  # a path; a bare name is a study
+        table["reuse_from"] = str((path.parent / reuse).resolve())
     table["models"] = tuple(_model_reference(model, path) for model in table["models"])
     specs = [_dataset_spec(entry, path) for entry in table["datasets"]]
     names = [spec if isinstance(spec, str) else spec["name"] for spec in specs]

@@ -318,7 +318,8 @@ def _before_lora(rows_m: pd.DataFrame, ntps_table: pd.DataFrame | None, model: s
     if theory.empty:
         return frame, None
     estimators = sorted(theory["estimator"].unique())
-    study = frame[["dataset", "layer", "k"]].merge(theory[["dataset", "layer", "k", "ntps"]], on=["dataset", "layer", "k"])
+    keys = ["dataset", "layer", "k"]
+    study = frame[keys].merge(theory[[*keys, "ntps"]], on=keys)
     return study, (f"NTPS before LoRA by the study's estimator ({', '.join(estimators)}) from the ntps table at the "
                    "LoRA layer; the LoRA table's ntps_before is the plug-in's")
 

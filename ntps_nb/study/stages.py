@@ -38,7 +38,8 @@ from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
-                                  _versions, dataset_identity, load_unit_dataset, resolve_layers, unit_name, with_estimator)
+                                  _versions, dataset_identity, load_unit_dataset, resolve_layers, unit_name,
+                                  with_estimator)
 
 #: Settings that choose the texts of a unit (with the model and the dataset).
 SAMPLE = ("max_train", "max_test", "seed")
@@ -502,7 +503,8 @@ def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
     in_folder = unit_folder_stages(cfg, model, dataset)
     if cfg.reuse_folder is not None:  # what the study reused from lends its valid stages too
         lent = unit_folder_stages(cfg, model, dataset, cfg.reuse_folder / "units" / unit_name(model, dataset))
-        in_folder = {**lent, **{name: state for name, state in in_folder.items() if state == "valid" or name not in lent}}
+        own = {name: state for name, state in in_folder.items() if state == "valid" or name not in lent}
+        in_folder = {**lent, **own}
     out = {}
     for stage in STAGES:
         name = stage.name

@@ -521,8 +521,9 @@ def test_gain_rows_score_ntps_before_lora_by_the_studys_estimator(tmp_path):
     other = theory[["model", "pretrained", "dataset", "layer", "k"]].assign(
         variant="theory", estimator="richardson", ntps=-theory["ntps_before"].to_numpy())
     planted = {**tables, "ntps": pd.concat([tables["ntps"], other], ignore_index=True)}
-    before = study.correlation_summary(tables, targets=["lora_gain"], n_boot=20, n_perm=20).set_index(["score", "selection"])
-    after = study.correlation_summary(planted, targets=["lora_gain"], n_boot=20, n_perm=20).set_index(["score", "selection"])
+    quick = dict(targets=["lora_gain"], n_boot=20, n_perm=20)
+    before = study.correlation_summary(tables, **quick).set_index(["score", "selection"])
+    after = study.correlation_summary(planted, **quick).set_index(["score", "selection"])
     key = ("ntps_theory_before", "in_sample")
     per_k = [spearmanr(-g.sort_values("dataset")["ntps_before"], g.sort_values("dataset")["lora_gain"])[0]
              for _, g in theory.groupby("k")]
