@@ -927,10 +927,15 @@ def estimates_markdown(summary: pd.DataFrame) -> str:
                             "share_reliable": "share reliable"})
 
 
-def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
+def lora_summary(lora: pd.DataFrame, *, k: int, ntps: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (model, dataset) of a study's LoRA table (``lora.csv``) at ``k`` (theory NTPS of
     the layer LoRA was scored at): NTPS before and after LoRA, the held-out probe and LoRA test
     accuracies, the gain (LoRA - probe) and the training budget, so gains are read with it.
+
+    ``ntps_before`` / ``ntps_after`` are the LoRA stage's plug-in values. With the study's ``ntps``
+    table of a study whose estimator is not the plug-in, a column ``ntps_before_<estimator>`` adds
+    that estimator's NTPS of the base model at the LoRA layer (the values `correlation_summary`'s
+    gain rows use).
 
     Parameters
     ----------
@@ -938,6 +943,8 @@ def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
         A study's LoRA table, one row per (model, dataset, layer, k, variant).
     k : int
         The number of directions of the NTPS shown.
+    ntps : DataFrame, optional
+        The study's ntps table.
 
     Returns
     -------
@@ -958,6 +965,24 @@ def lora_summary(lora: pd.DataFrame, *, k: int) -> pd.DataFrame:
         "lora_probe_accuracy": "probe_accuracy", "lora_lora_accuracy": "lora_accuracy", "lora_gain": "gain",
         "lora_budget_steps": "steps", "lora_budget_batch_size": "batch_size", "lora_budget_lr": "lr",
         "lora_budget_max_length": "lora_max_length"})
+    out = out.reset_index(drop=True)
+    if ntps is not None and "layer" in out.columns:
+        theory = rows[rows["variant"] == "theory"] if "variant" in rows.columns else rows
+        for model, rows_m in theory.groupby("model"):
+            before, note = _before_lora(rows_m, ntps, model)
+            if note is None:
+                continue
+            estimator = "_".join(sorted(ntps.loc[(ntps["model"] == model) & (ntps["estimator"] != "plugin"),
+                                                 "estimator"].unique()))
+            column = f"ntps_before_{estimator}"
+            values = before.assign(model=model).rename(columns={"ntps": column})
+            found = out.merge(values, on=["model", "dataset", "layer", "k"], how="left")[column].to_numpy()
+            out[column] = out[column].fillna(pd.Series(found)) if column in out.columns else found  # one model at a time
+        placed = [c for c in out.columns if c.startswith("ntps_before_")]
+        if placed:
+            at = list(out.columns).index("ntps_before") + 1
+            rest = [c for c in out.columns if c not in placed]
+            out = out[rest[:at] + placed + rest[at:]]
     return out.sort_values(["model", "dataset"]).reset_index(drop=True)
 
 

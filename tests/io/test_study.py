@@ -924,6 +924,16 @@ def test_lora_summary_picks_k_and_names_the_columns():
         study.lora_summary(lora, k=4)
     with pytest.raises(ValueError, match="lacks columns"):
         study.lora_summary(lora.drop(columns=["lora_gain"]), k=8)
+    # a study of another estimator: its NTPS of the base model at the LoRA layer beside the plug-in's
+    ntps = pd.DataFrame({"model": "m", "dataset": ["a", "b", "a", "b"], "variant": "theory",
+                         "estimator": ["richardson"] * 2 + ["plugin"] * 2, "layer": [30, 30, 29, 30], "k": 8,
+                         "ntps": [0.45, 0.35, 0.9, 0.9]})
+    out = study.lora_summary(lora.assign(variant="theory"), k=8, ntps=ntps)
+    assert list(out.columns[:8]) == ["model", "dataset", "n_classes", "layer", "k", "ntps_before",
+                                     "ntps_before_richardson", "ntps_after"]
+    assert out["ntps_before_richardson"].tolist() == [0.45, 0.35] and out["ntps_before"].tolist() == [0.4, 0.3]
+    plugin_only = ntps[ntps["estimator"] == "plugin"]
+    assert "ntps_before_richardson" not in study.lora_summary(lora, k=8, ntps=plugin_only).columns
 
 
 # -- stages ---------------------------------------------------------------------------------------
