@@ -305,23 +305,24 @@ NAIVE_PROBE_NOTE = ("probe accuracy and gain (LoRA - probe accuracy) measured on
                     "by construction; the stored LoRA results keep no per-text predictions to cross-fit it")
 
 
-def _before_lora(rows_m: pd.DataFrame, ntps_table: pd.DataFrame | None, model: str) -> tuple[pd.DataFrame, str | None]:
+def _before_lora(rows_m: pd.DataFrame, ntps_table: pd.DataFrame | None,
+                 model: str) -> tuple[pd.DataFrame, str | None, list[str]]:
     """NTPS before LoRA per (dataset, layer, k): the LoRA table's ``ntps_before`` (the plug-in's,
     computed by the LoRA stage), or, where the study's ntps table holds another estimator's theory
-    NTPS at the LoRA layer (the same base model and texts), that estimator's values; and a note
-    saying so (None for the LoRA table's own)."""
+    NTPS at the LoRA layer (the same base model and texts), that estimator's values; a note saying
+    so (None for the LoRA table's own) and the estimators used (empty for the LoRA table's own)."""
     frame = rows_m[["dataset", "layer", "k", "ntps_before"]].rename(columns={"ntps_before": "ntps"})
     if ntps_table is None or "estimator" not in ntps_table.columns:
-        return frame, None
+        return frame, None, []
     theory = ntps_table[(ntps_table["model"] == model) & (ntps_table["variant"] == "theory")
                         & (ntps_table["estimator"] != "plugin") & ntps_table["layer"].isin(frame["layer"].unique())]
     if theory.empty:
-        return frame, None
+        return frame, None, []
     estimators = sorted(theory["estimator"].unique())
     keys = ["dataset", "layer", "k"]
     study = frame[keys].merge(theory[[*keys, "ntps"]], on=keys)
     return study, (f"NTPS before LoRA by the study's estimator ({', '.join(estimators)}) from the ntps table at the "
-                   "LoRA layer; the LoRA table's ntps_before is the plug-in's")
+                   "LoRA layer; the LoRA table's ntps_before is the plug-in's"), estimators
 
 
 def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, method: str, n_boot: int, n_perm: int,
@@ -343,7 +344,7 @@ def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, metho
     if rows_m["dataset"].nunique() < 3:
         return []
     gains = rows_m.groupby("dataset")[["lora_gain", "lora_probe_accuracy"]].first()
-    frame, note = _before_lora(rows_m, ntps_table, base["model"])
+    frame, note, _ = _before_lora(rows_m, ntps_table, base["model"])
     frame = frame.dropna(subset=["ntps"]).merge(gains["lora_gain"], left_on="dataset", right_index=True)
     base = {**base, "n_datasets": int(gains.shape[0]), "target_layer": int(rows_m["layer"].max())}
     out = _selection_rows(frame, base, target="lora_gain", name="ntps_theory_before", cfg_cols=["layer", "k"],
@@ -969,12 +970,10 @@ def lora_summary(lora: pd.DataFrame, *, k: int, ntps: pd.DataFrame | None = None
     if ntps is not None and "layer" in out.columns:
         theory = rows[rows["variant"] == "theory"] if "variant" in rows.columns else rows
         for model, rows_m in theory.groupby("model"):
-            before, note = _before_lora(rows_m, ntps, model)
+            before, note, estimators = _before_lora(rows_m, ntps, model)
             if note is None:
                 continue
-            estimator = "_".join(sorted(ntps.loc[(ntps["model"] == model) & (ntps["estimator"] != "plugin"),
-                                                 "estimator"].unique()))
-            column = f"ntps_before_{estimator}"
+            column = f"ntps_before_{'_'.join(estimators)}"
             values = before.assign(model=model).rename(columns={"ntps": column})
             found = out.merge(values, on=["model", "dataset", "layer", "k"], how="left")[column].to_numpy()
             out[column] = out[column].fillna(pd.Series(found)) if column in out.columns else found  # one model at a time

@@ -47,9 +47,9 @@ SAMPLE = ("max_train", "max_test", "seed")
 READING = ("max_length", "drop_bos", "batch_size", "precision")
 #: Settings that stages took up after results were stored under their keys: each enters a stage's
 #: key only away from its `ntps_nb.study.config._ADDED_LATER` value (what those results were
-#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in;
-#: interval_estimator: the intervals stage bootstrapped ``estimator`` before it, which was the plug-in.
-ADDED_TO_STAGES = ("estimator", "interval_estimator")
+#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in.
+#: (interval_estimator keys the intervals stage through the estimator it bootstraps: `stage_keys`.)
+ADDED_TO_STAGES = ("estimator",)
 #: What the extraction keeps beyond its settings, decided by the estimator: with one of
 #: `ntps_nb.core.estimators.HALF_ESTIMATORS` and shards, the moments of the two halves of the shards
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
