@@ -731,6 +731,23 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in full.items()}
 
 
+class TokenizerMismatchError(ValueError):
+    """A stored extraction was made with another tokenizer than the model's now (same weights)."""
+
+
+def _check_tokenizer(stored: dict[str, Any], now: dict[str, Any], entry: Path) -> None:
+    """Raise TokenizerMismatchError when ``stored`` and ``now`` (model infos) both fingerprint
+    their tokenizer (`ntps_nb.models.tokenizer_fingerprint`) and the fingerprints differ."""
+    before, current = stored.get("tokenizer_sha256") or "", now.get("tokenizer_sha256") or ""
+    if before and current and before != current:
+        raise TokenizerMismatchError(
+            f"the cached extraction {entry} was made with the same weights of {now.get('name')!r} but "
+            f"another tokenizer (fingerprint {before[:12]}, now {current[:12]}): the tokenizer was "
+            "rebuilt differently, e.g. from a GGUF by another transformers version. Its features "
+            "are not this tokenizer's; point `cache=` at another folder, or delete the entry to "
+            "recompute it here")
+
+
 def extract_cached(
     model: torch.nn.Module,
     tokenizer,
@@ -762,6 +779,12 @@ def extract_cached(
     -------
     Extraction
         As `extract` returns it, loaded from the cache when the entry exists.
+
+    Raises
+    ------
+    TokenizerMismatchError
+        When the stored entry's model info fingerprints another tokenizer than ``model_info``'s
+        (entries written before the fingerprint are not checked).
     """
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
@@ -772,7 +795,9 @@ def extract_cached(
     folder = Path(cache) if cache is not None else cache_dir("extractions")
     entry = folder / key
     if (entry / "extraction.json").is_file():
-        return Extraction.load(entry)
+        stored = Extraction.load(entry)
+        _check_tokenizer(stored.metadata.get("model", {}), info, entry)
+        return stored
     metadata = {"model": info, "dataset": dataset_info or {}, "cache_key": key, **settings.get("metadata", {})}
     result = extract(model, tokenizer, text_set, **{**settings, "metadata": metadata})
     result.save(entry)

@@ -110,7 +110,9 @@ class ModelInfo:
     ``weights_sha256`` identifies the float32 weights before any dtype cast: the sha256 of the
     converted safetensors file for GGUF models, of the weight files for local / Hub folders, and
     of the state dict (:func:`state_dict_sha256`) for random models. Combine it with ``dtype``
-    in cache keys.
+    in cache keys. ``tokenizer_sha256`` identifies what the tokenizer does
+    (:func:`tokenizer_fingerprint`): the same weights can meet different tokenizers, e.g. a GGUF's
+    tokenizer rebuilt by another transformers version.
     """
 
     name: str
@@ -130,6 +132,7 @@ class ModelInfo:
     pad_token_id: int
     padding_side: str
     weights_sha256: str
+    tokenizer_sha256: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for provenance columns and JSON)."""
@@ -623,8 +626,46 @@ def _finish(
         pad_token_id=int(tok.pad_token_id),
         padding_side=str(tok.padding_side),
         weights_sha256=weights_sha256,
+        tokenizer_sha256=tokenizer_fingerprint(tok),
     )
     return LoadedModel(model, tok, info)
+
+
+# Texts whose token ids fingerprint a tokenizer (tokenizer_fingerprint): leading, repeated and
+# odd whitespace, accents, digits and prices, punctuation, a long rare word, a URL, CJK, an emoji.
+TOKENIZER_PROBES: tuple[str, ...] = (
+    "The BBC said on Monday that shares in Vodafone rose 3.5% to 120p.",
+    "  two leading spaces,\ttabs\tand a\nnew line",
+    "Hélène's naïve façade: 1,234,567.89 € (approx.) -- isn't it?!",
+    "antidisestablishmentarianism pneumonoultramicroscopic",
+    "https://example.org/path?q=1&lang=en #tag @user",
+    "日本語の文。 😀",
+)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of what a tokenizer does: its size, BOS/EOS/UNK ids and the token ids (special
+    tokens included, as the extraction calls it) of `TOKENIZER_PROBES`. The pad id is left out:
+    padded positions are masked and pooled out, and `load_model` picks it (the EOS by default).
+
+    Two tokenizers with the same fingerprint tokenise those texts identically; one built from
+    the same files by another library version that splits or adds tokens differently gets another
+    one. The weights hash cannot see this: Gemma-3's GGUF gives the same weights but a different
+    tokenizer (no BOS, other merges) under transformers 5.17 than under 5.24.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk")}
+    payload = {"size": len(tokenizer), "special": special,
+               "ids": [list(tokenizer(text)["input_ids"]) for text in TOKENIZER_PROBES]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:

@@ -463,7 +463,36 @@ def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd
     if hashes != {cfg.config_hash}:
         raise StudySettingsError(f"study {cfg.name!r}: its units were computed with config hash {hashes.pop()}, "
                                  f"but {cfg.source or 'the config'} now hashes to {cfg.config_hash}")
+    _check_model_identity(cfg, metas)
     return metas, tables
+
+
+#: What must agree between the units of one model for their rows to share a table: the weights,
+#: the tokenizer's fingerprint (`ntps_nb.models.tokenizer_fingerprint`; units written before it
+#: lack it and are not compared on it) and whether and which BOS token it puts in front.
+MODEL_IDENTITY = ("weights_sha256", "tokenizer_sha256", "adds_bos", "bos_token_id")
+
+
+def _check_model_identity(cfg: StudyConfig, metas: list[tuple[Path, dict]]) -> None:
+    """Raise StudySettingsError when units of one model record different `MODEL_IDENTITY` values
+    in their ``model_info``: the same name ran with other weights or another tokenizer (a GGUF's
+    tokenizer rebuilt by another transformers version tokenises differently; the weights hash
+    cannot see it)."""
+    for model in dict.fromkeys(str(meta.get("model")) for _, meta in metas):
+        for field in MODEL_IDENTITY:
+            by_value: dict[str, list[str]] = {}
+            for folder, meta in metas:
+                info = meta.get("model_info") or {}
+                if str(meta.get("model")) != model or field not in info or info[field] in ("", None) and \
+                        field == "tokenizer_sha256":
+                    continue
+                by_value.setdefault(json.dumps(info[field]), []).append(folder.name)
+            if len(by_value) > 1:
+                raise StudySettingsError(
+                    f"study {cfg.name!r}: the units of {model!r} record different {field} ({by_value}); "
+                    "they ran with other weights or another tokenizer and do not share a table. Recompute "
+                    "the odd units where the model loads as in the others (a GGUF's tokenizer depends on "
+                    "the transformers version that converts it)")
 
 
 def load_units(cfg: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:

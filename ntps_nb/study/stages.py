@@ -974,10 +974,12 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         store.save("extraction", keys["extraction"], None, {
             "cache_key": cache_key, "kept": str(where / cache_key) if kept and cache_key else None,
             "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
-            "mean_length": u.ex.metadata.get("mean_length"), "finished": _now()})
+            "mean_length": u.ex.metadata.get("mean_length"), "finished": _now(),
+            "tokenizer_sha256": info.tokenizer_sha256})
     else:
         log(f"    {model_name} x {dataset_name}: every stage it computes reads nothing new: no extraction")
     extraction_record = (store.load("extraction", keys["extraction"]) or StageResult(None, {})).record
+    _check_stage_tokenizer(extraction_record, info, f"{model_name} x {dataset_name}")
 
     provenance = {
         "study": cfg.name, "model": model_name, "pretrained": bool(info.pretrained), "quantized": bool(info.quantized),
@@ -1024,6 +1026,21 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
         tables["unit"]["dataset_file"] = cfg.dataset_file(dataset_name)._asdict()
     return tables
+
+
+def _check_stage_tokenizer(record: dict, info, unit: str) -> None:
+    """Stop a unit whose stored extraction stage was computed with another tokenizer than the
+    loaded model's (fingerprints of `ntps_nb.models.tokenizer_fingerprint`; stages stored before
+    the fingerprint are not checked): its stages describe other token sequences."""
+    from ntps_nb.extract import TokenizerMismatchError
+
+    stored = record.get("tokenizer_sha256") or ""
+    if stored and info.tokenizer_sha256 and stored != info.tokenizer_sha256:
+        raise TokenizerMismatchError(
+            f"{unit}: the stored stages were computed with another tokenizer (fingerprint {stored[:12]}) "
+            f"than the one loaded here ({info.tokenizer_sha256[:12]}), same model name; e.g. a GGUF's tokenizer "
+            "rebuilt by another transformers version. Run the unit where the tokenizer matches, or remove "
+            "its stages (study run --replace-stale does not: the settings did not change)")
 
 
 def _now() -> str:
