@@ -483,8 +483,8 @@ def _check_model_identity(cfg: StudyConfig, metas: list[tuple[Path, dict]]) -> N
             by_value: dict[str, list[str]] = {}
             for folder, meta in metas:
                 info = meta.get("model_info") or {}
-                if str(meta.get("model")) != model or field not in info or info[field] in ("", None) and \
-                        field == "tokenizer_sha256":
+                unrecorded = field not in info or (field == "tokenizer_sha256" and not info[field])
+                if str(meta.get("model")) != model or unrecorded:
                     continue
                 by_value.setdefault(json.dumps(info[field]), []).append(folder.name)
             if len(by_value) > 1:
