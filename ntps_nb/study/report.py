@@ -975,8 +975,10 @@ def lora_summary(lora: pd.DataFrame, *, k: int, ntps: pd.DataFrame | None = None
                 continue
             column = f"ntps_before_{'_'.join(estimators)}"
             values = before.assign(model=model).rename(columns={"ntps": column})
-            found = out.merge(values, on=["model", "dataset", "layer", "k"], how="left")[column].to_numpy()
-            out[column] = out[column].fillna(pd.Series(found)) if column in out.columns else found  # one model at a time
+            # one model at a time: the rows of the models done before keep their values
+            found = out.drop(columns=[column], errors="ignore").merge(
+                values, on=["model", "dataset", "layer", "k"], how="left")[column].to_numpy()
+            out[column] = out[column].fillna(pd.Series(found, index=out.index)) if column in out.columns else found
         placed = [c for c in out.columns if c.startswith("ntps_before_")]
         if placed:
             at = list(out.columns).index("ntps_before") + 1

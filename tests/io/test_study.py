@@ -934,6 +934,12 @@ def test_lora_summary_picks_k_and_names_the_columns():
     assert out["ntps_before_richardson"].tolist() == [0.45, 0.35] and out["ntps_before"].tolist() == [0.4, 0.3]
     plugin_only = ntps[ntps["estimator"] == "plugin"]
     assert "ntps_before_richardson" not in study.lora_summary(lora, k=8, ntps=plugin_only).columns
+    # two models (a whole study): each model's rows get its own values, none is lost to the other's
+    two = pd.concat([lora.assign(variant="theory"), lora.assign(variant="theory", model="n", layer=18)])
+    ntps2 = pd.concat([ntps, ntps.assign(model="n", layer=18, ntps=[0.15, 0.25, 0.9, 0.9])])
+    out = study.lora_summary(two, k=8, ntps=ntps2)
+    assert out["model"].tolist() == ["m", "m", "n", "n"]
+    assert out["ntps_before_richardson"].tolist() == [0.45, 0.35, 0.15, 0.25]
 
 
 # -- stages ---------------------------------------------------------------------------------------
