@@ -553,6 +553,15 @@ def across_datasets(frame: pd.DataFrame, *, x: str = "ntps", y: str = "accuracy"
     return _finish(fig, caption)
 
 
+def _flag(value) -> bool | None:
+    """A boolean column's value as True, False or None (missing): the flags ``centred`` and
+    ``reliable`` arrive as bools, numpy bools, or 1.0 / 0.0 where a frame concatenated them with
+    missing values (pandas then makes the column float)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return bool(value)
+
+
 def _draw_intervals(ax, frame: pd.DataFrame, *, x: str, y: str) -> None:
     """Points with the interval of x that belongs to each (``lower``, ``upper``; ``centre`` where
     the interval is not centred on the point, marked by a tick; dotted where ``reliable`` is
@@ -560,10 +569,10 @@ def _draw_intervals(ax, frame: pd.DataFrame, *, x: str, y: str) -> None:
     for _, row in frame.iterrows():
         color = dataset_color(row["dataset"])
         if np.isfinite(row.get("lower", np.nan)) and np.isfinite(row.get("upper", np.nan)):
-            dotted = row.get("reliable") is False or row.get("reliable") is np.False_
+            dotted = _flag(row.get("reliable")) is False
             ax.hlines(row[y], row["lower"], row["upper"], color=color, lw=1.5, zorder=2, ls=":" if dotted else "-")
             centred = row.get("centred")
-            if not (centred is True or centred is np.True_) and np.isfinite(row.get("centre", np.nan)):
+            if _flag(centred) is not True and np.isfinite(row.get("centre", np.nan)):
                 ax.plot(row["centre"], row[y], marker="|", ms=10, mew=1.6, color=color, zorder=2)
         _scatter(ax, row[x], row[y], dataset=row["dataset"], model=row.get("model", ""))
 
@@ -572,11 +581,11 @@ def _interval_marks(frame: pd.DataFrame) -> tuple[list[Line2D], str]:
     """Legend entries that say what the interval bars of ``frame`` are, and a caption note."""
     handles, notes = [], []
     has = frame.dropna(subset=["lower", "upper"]) if {"lower", "upper"} <= set(frame.columns) else frame.iloc[:0]
-    centred = has["centred"].astype(object).map(lambda v: v is True or v is np.True_)
+    centred = has["centred"].map(lambda v: _flag(v) is True).astype(bool)
     for text in dict.fromkeys(has.loc[centred, "interval"]):
         handles.append(Line2D([], [], color="black", lw=1.5, label=textwrap.fill(text, 34)))
         notes.append(f"bars: {text}, centred on the point")
-    if (has.loc[centred, "reliable"].astype(object) == False).any():  # noqa: E712  (booleans or NaN)
+    if has.loc[centred, "reliable"].map(lambda v: _flag(v) is False).any():
         handles.append(Line2D([], [], color="black", lw=1.5, ls=":", label="estimate flagged unreliable\n(subspace noise)"))
         notes.append("dotted: the estimator's reliable flag is False (do not read it as the population NTPS)")
     for text in dict.fromkeys(has.loc[~centred, "interval"]):

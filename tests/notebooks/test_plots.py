@@ -135,7 +135,15 @@ def test_headline_draws_the_selection_functions_held_out_values():
         result = fixed_rho(fixed["estimate"], fixed["accuracy"], direction="positive", n_boot=40, n_perm=40)
         assert f"rho = {result.estimate:+.2f} [{result.lower:+.2f}, {result.upper:+.2f}]" in axes[1, column].get_title()
     _check_legends_and_caption(fig, "study synthetic", "smollm2-135m, smollm2-135m:random", "N = 900",
-                               "estimator richardson", "jackknife")
+                               "estimator richardson", "jackknife", "centred on the point", "reliable flag is False")
+    # the fixed row's flags survive the concatenation with the leave-one-out rows (which made them
+    # floats): jackknife bars are centred on their estimate, the unreliable one is dotted
+    caption = next(t for t in fig.texts if t.get_gid() == "caption").get_text().replace("\n", " ")
+    assert "no estimates table" not in caption and "its own centre" not in caption
+    dotted = [c for ax in axes[1] for c in ax.collections
+              if isinstance(c, LineCollection) and c.get_linestyle()[0][1] is not None]
+    assert len(dotted) >= 1
+    assert not any(line.get_marker() == "|" for ax in axes[1] for line in ax.lines)  # no separate centre ticks
 
 
 def test_headline_takes_rho_from_the_summary_and_refuses_another_study():
