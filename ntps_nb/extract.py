@@ -35,6 +35,7 @@ from ntps_nb.cache import atomic_path, cache_dir, content_key
 from ntps_nb.core.estimators import split_halves
 from ntps_nb.core.moments import LayerMoments, Moments
 from ntps_nb.core.validation import check_count, check_labels
+from ntps_nb.models import TokenizerMismatchError, check_same_tokenizer  # noqa: F401  (the error re-exported)
 from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_token_id
 
 Precision = Literal["auto", "float32", "float64"]
@@ -731,23 +732,6 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in full.items()}
 
 
-class TokenizerMismatchError(ValueError):
-    """A stored extraction was made with another tokenizer than the model's now (same weights)."""
-
-
-def _check_tokenizer(stored: dict[str, Any], now: dict[str, Any], entry: Path) -> None:
-    """Raise TokenizerMismatchError when ``stored`` and ``now`` (model infos) both fingerprint
-    their tokenizer (`ntps_nb.models.tokenizer_fingerprint`) and the fingerprints differ."""
-    before, current = stored.get("tokenizer_sha256") or "", now.get("tokenizer_sha256") or ""
-    if before and current and before != current:
-        raise TokenizerMismatchError(
-            f"the cached extraction {entry} was made with the same weights of {now.get('name')!r} but "
-            f"another tokenizer (fingerprint {before[:12]}, now {current[:12]}): the tokenizer was "
-            "rebuilt differently, e.g. from a GGUF by another transformers version. Its features "
-            "are not this tokenizer's; point `cache=` at another folder, or delete the entry to "
-            "recompute it here")
-
-
 def extract_cached(
     model: torch.nn.Module,
     tokenizer,
@@ -796,7 +780,8 @@ def extract_cached(
     entry = folder / key
     if (entry / "extraction.json").is_file():
         stored = Extraction.load(entry)
-        _check_tokenizer(stored.metadata.get("model", {}), info, entry)
+        check_same_tokenizer(stored.metadata.get("model", {}).get("tokenizer_sha256"), info.get("tokenizer_sha256"),
+                             f"the cached extraction {entry} (point `cache=` at another folder, or delete it)")
         return stored
     metadata = {"model": info, "dataset": dataset_info or {}, "cache_key": key, **settings.get("metadata", {})}
     result = extract(model, tokenizer, text_set, **{**settings, "metadata": metadata})

@@ -668,6 +668,21 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+class TokenizerMismatchError(ValueError):
+    """Results stored for a model were made with another tokenizer than the model's now (same weights)."""
+
+
+def check_same_tokenizer(stored: str | None, current: str | None, what: str) -> None:
+    """Raise TokenizerMismatchError when two tokenizer fingerprints (`tokenizer_fingerprint`) are
+    both known and differ; ``what`` names the stored results in the message. A missing fingerprint
+    (results stored before it existed) is not compared."""
+    if stored and current and stored != current:
+        raise TokenizerMismatchError(
+            f"{what} was made with the same weights but another tokenizer (fingerprint {stored[:12]}, "
+            f"now {current[:12]}): the tokenizer was rebuilt differently, e.g. from a GGUF by another "
+            "transformers version, and its results describe other token sequences")
+
+
 def _ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
     if tok.pad_token is None:
         if tok.eos_token is None:

@@ -969,18 +969,16 @@ def lora_summary(lora: pd.DataFrame, *, k: int, ntps: pd.DataFrame | None = None
     out = out.reset_index(drop=True)
     if ntps is not None and "layer" in out.columns:
         theory = rows[rows["variant"] == "theory"] if "variant" in rows.columns else rows
+        found = []
         for model, rows_m in theory.groupby("model"):
             before, note, estimators = _before_lora(rows_m, ntps, model)
-            if note is None:
-                continue
-            column = f"ntps_before_{'_'.join(estimators)}"
-            values = before.assign(model=model).rename(columns={"ntps": column})
-            # one model at a time: the rows of the models done before keep their values
-            found = out.drop(columns=[column], errors="ignore").merge(
-                values, on=["model", "dataset", "layer", "k"], how="left")[column].to_numpy()
-            out[column] = out[column].fillna(pd.Series(found, index=out.index)) if column in out.columns else found
-        placed = [c for c in out.columns if c.startswith("ntps_before_")]
-        if placed:
+            if note is not None:
+                found.append(before.assign(model=model, column=f"ntps_before_{'_'.join(estimators)}"))
+        if found:  # one column per estimator, every model's values in it
+            keys = ["model", "dataset", "layer", "k"]
+            wide = pd.concat(found).pivot_table(index=keys, columns="column", values="ntps", aggfunc="first")
+            out = out.merge(wide.rename_axis(columns=None).reset_index(), on=keys, how="left")
+            placed = list(wide.columns)
             at = list(out.columns).index("ntps_before") + 1
             rest = [c for c in out.columns if c not in placed]
             out = out[rest[:at] + placed + rest[at:]]

@@ -979,7 +979,11 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     else:
         log(f"    {model_name} x {dataset_name}: every stage it computes reads nothing new: no extraction")
     extraction_record = (store.load("extraction", keys["extraction"]) or StageResult(None, {})).record
-    _check_stage_tokenizer(extraction_record, info, f"{model_name} x {dataset_name}")
+    from ntps_nb.models import check_same_tokenizer
+
+    check_same_tokenizer(extraction_record.get("tokenizer_sha256"), info.tokenizer_sha256,
+                         f"{model_name} x {dataset_name}: the stored extraction stage (run the unit where the "
+                         "tokenizer matches, or remove its stages)")
 
     provenance = {
         "study": cfg.name, "model": model_name, "pretrained": bool(info.pretrained), "quantized": bool(info.quantized),
@@ -1026,21 +1030,6 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
         tables["unit"]["dataset_file"] = cfg.dataset_file(dataset_name)._asdict()
     return tables
-
-
-def _check_stage_tokenizer(record: dict, info, unit: str) -> None:
-    """Stop a unit whose stored extraction stage was computed with another tokenizer than the
-    loaded model's (fingerprints of `ntps_nb.models.tokenizer_fingerprint`; stages stored before
-    the fingerprint are not checked): its stages describe other token sequences."""
-    from ntps_nb.extract import TokenizerMismatchError
-
-    stored = record.get("tokenizer_sha256") or ""
-    if stored and info.tokenizer_sha256 and stored != info.tokenizer_sha256:
-        raise TokenizerMismatchError(
-            f"{unit}: the stored stages were computed with another tokenizer (fingerprint {stored[:12]}) "
-            f"than the one loaded here ({info.tokenizer_sha256[:12]}), same model name; e.g. a GGUF's tokenizer "
-            "rebuilt by another transformers version. Run the unit where the tokenizer matches, or remove "
-            "its stages (study run --replace-stale does not: the settings did not change)")
 
 
 def _now() -> str:
