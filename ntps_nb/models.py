@@ -674,8 +674,22 @@ class TokenizerMismatchError(ValueError):
 
 def check_same_tokenizer(stored: str | None, current: str | None, what: str) -> None:
     """Raise TokenizerMismatchError when two tokenizer fingerprints (`tokenizer_fingerprint`) are
-    both known and differ; ``what`` names the stored results in the message. A missing fingerprint
-    (results stored before it existed) is not compared."""
+    both known and differ. A missing fingerprint (results stored before it existed) is not compared.
+
+    Parameters
+    ----------
+    stored : str or None
+        The fingerprint recorded with the stored results.
+    current : str or None
+        The fingerprint of the tokenizer loaded now.
+    what : str
+        Names the stored results (and what to do) in the error message.
+
+    Returns
+    -------
+    None
+        Returns only when the two may be combined.
+    """
     if stored and current and stored != current:
         raise TokenizerMismatchError(
             f"{what} was made with the same weights but another tokenizer (fingerprint {stored[:12]}, "
