@@ -72,6 +72,7 @@ __all__ = [
     "merged_model",
     "ntps_before_after",
     "pooled_last_hidden",
+    "predictions_table",
 ]
 
 #: Version of the training algorithm; part of every cache key.
@@ -743,8 +744,9 @@ def lora_gain(
     -------
     dict
         ``result.row()`` plus ``probe_protocol``, ``probe_layer`` (the last hidden state),
-        ``probe_accuracy``, ``gain`` (LoRA minus probe test accuracy) and ``gain_points``
-        (100 x gain).
+        ``probe_accuracy``, ``gain`` (LoRA minus probe test accuracy), ``gain_points``
+        (100 x gain) and ``predictions`` (`predictions_table`: the LoRA and probe class of every
+        test text, from which both accuracies are recomputed exactly).
 
     Raises
     ------
@@ -776,16 +778,44 @@ def lora_gain(
                 raise ValueError(f"base_features for {name} must have one row per text ({len(split.texts)}), "
                                  f"got shape {f.shape}")
     if probe == "heldout":
-        row = heldout_probe(features[0], train_set.labels, features[1], test_set.labels,
-                            n_classes=train_set.n_classes, seed=seed)
+        row, predictions = heldout_probe(features[0], train_set.labels, features[1], test_set.labels,
+                                         n_classes=train_set.n_classes, seed=seed, return_predictions=True)
     elif probe == "torch_linear":
-        row = torch_linear_probe(features[0], train_set.labels, features[1], test_set.labels,
-                                 n_classes=train_set.n_classes, seed=seed)
+        row, predictions = torch_linear_probe(features[0], train_set.labels, features[1], test_set.labels,
+                                              n_classes=train_set.n_classes, seed=seed, return_predictions=True)
     else:
         raise ValueError(f"probe must be 'heldout' or 'torch_linear', got {probe!r}")
     gain = result.accuracy - row["accuracy"]
     return {**result.row(), "probe_protocol": row["protocol"], "probe_layer": last,
-            "probe_accuracy": row["accuracy"], "gain": gain, "gain_points": 100 * gain}
+            "probe_accuracy": row["accuracy"], "gain": gain, "gain_points": 100 * gain,
+            "predictions": predictions_table(result, predictions)}
+
+
+def predictions_table(result: LoraResult, probe_predictions: np.ndarray) -> pd.DataFrame:
+    """Per test text: its position in the test split, its label, the class the LoRA-tuned model
+    predicts and the class the probe on the base model predicts: what a gain whose noise is
+    independent of the probe accuracy's needs (`ntps_nb.core.gain.crossfit_gain`).
+
+    Parameters
+    ----------
+    result : LoraResult
+        Holds the test labels and the LoRA predictions.
+    probe_predictions : (n_test,) the probe's predicted classes of the same texts, in test order.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``text_index``, ``label``, ``lora_prediction``, ``probe_prediction`` (int64), one
+        row per test text.
+    """
+    probe_predictions = np.asarray(probe_predictions)
+    if probe_predictions.shape != result.test_labels.shape:
+        raise ValueError(f"probe_predictions must have one class per test text ({result.test_labels.shape}), "
+                         f"got shape {probe_predictions.shape}")
+    return pd.DataFrame({"text_index": np.arange(result.test_labels.size, dtype=np.int64),
+                         "label": result.test_labels.astype(np.int64),
+                         "lora_prediction": np.asarray(result.predictions, dtype=np.int64),
+                         "probe_prediction": probe_predictions.astype(np.int64)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,6 +836,7 @@ def _cli(args) -> int:
                            cache=not args.no_cache)
     seconds = time.perf_counter() - started
     row = lora_gain(result, ds["train"], ds["test"], base=loaded, probe=args.probe)
+    row.pop("predictions")  # per text: not for a printed summary
     row = {"dataset": args.dataset, "wall_seconds": round(seconds, 1), **result.metadata, **row}
     print(json.dumps(row, indent=1, default=str))
     return 0

@@ -33,7 +33,8 @@ def torch_linear_probe(
     weight_decay: float = 0.01,
     seed: int = 0,
     device: str = "cpu",
-) -> dict[str, Any]:
+    return_predictions: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], np.ndarray]:
     """The paper's torch probe (SPEC section 7): dropout + linear head on mean-pooled features,
     cross-entropy, AdamW, shuffled mini-batches; test accuracy after the last epoch.
 
@@ -59,12 +60,15 @@ def torch_linear_probe(
         Seeds initialisation, dropout and shuffling.
     device : str
         Where the head is trained.
+    return_predictions : bool
+        Also return the predicted class of every test text, in input order.
 
     Returns
     -------
-    dict
+    dict, or (dict, ndarray)
         A tidy row like `heldout_probe`'s with ``protocol="torch_linear"``, ``final_train_loss``,
-        ``epochs``, ``lr``, ``batch_size``, ``dropout``, and NaN for the least-squares columns.
+        ``epochs``, ``lr``, ``batch_size``, ``dropout``, and NaN for the least-squares columns;
+        with ``return_predictions``, also the (M,) int64 predicted classes.
     """
     Xtr, ytr, Xte, yte = _check_inputs(train_X, train_y, test_X, test_y, n_classes, need_test=True)
     n_classes = int(n_classes)
@@ -95,7 +99,7 @@ def torch_linear_probe(
             predicted = logits.argmax(dim=1).cpu().numpy()
     accuracy = float(np.mean(predicted == yte))
     counts = np.bincount(ytr, minlength=n_classes)
-    return {
+    row = {
         "protocol": "torch_linear", "evaluated_on": "test", "n_classes": n_classes,
         "classes_in_train": int(np.count_nonzero(counts)), "n_train": int(Xtr.shape[0]), "n_eval": int(Xte.shape[0]),
         "d": int(Xtr.shape[1]), "accuracy": accuracy, "kappa": chance_corrected_accuracy(accuracy, n_classes),
@@ -104,3 +108,4 @@ def torch_linear_probe(
         "final_train_loss": total / X.shape[0], "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size),
         "dropout": float(dropout), "weight_decay": float(weight_decay), "seed": int(seed),
     }
+    return (row, np.asarray(predicted, dtype=np.int64)) if return_predictions else row

@@ -349,7 +349,8 @@ def heldout_probe(
     max_iter: int = LOGISTIC_MAX_ITER,
     tol: float = LOGISTIC_TOL,
     device: Any = None,
-) -> dict[str, Any]:
+    return_predictions: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], np.ndarray]:
     """Logistic-regression accuracy and least-squares MSE of linear probes on one layer's features.
 
     Parameters
@@ -373,6 +374,9 @@ def heldout_probe(
         probe and the held-out protocol's logistic probe are fitted there (Newton-CG,
         `ntps_nb.core.backends.torch.logistic_probe_torch`); the paper protocol's saga stays on
         scikit-learn (its early-stopped iterate is what the released code reports).
+    return_predictions : also return the logistic probe's predicted class of every evaluated text
+        (the test split, or the train split in the paper's protocol), in input order: what a
+        per-text comparison with another classifier needs (`ntps_nb.core.gain.crossfit_gain`).
 
     Returns
     -------
@@ -380,11 +384,14 @@ def heldout_probe(
     ``n_train``, ``n_eval``, ``d``, ``accuracy``, ``kappa``, ``chance``, ``majority_rate``,
     ``mse``, ``mse_per_text``, ``lstsq_accuracy``, ``logreg_C``, ``ridge``, ``solver`` (the
     logistic probe's: "lbfgs", "saga" or "torch-newton-cg"), ``converged``, ``n_iter`` (that
-    solver's iterations), ``seed``.
+    solver's iterations), ``seed``; with ``return_predictions`` the tuple (row, predictions),
+    predictions an int64 array of shape (n_eval,) whose agreement with the labels is ``accuracy``.
     """
-    return _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
-                          protocol=protocol, max_iter=max_iter, tol=tol, backend=analysis_backend(device),
-                          device=device)
+    kept: dict[str, np.ndarray] = {}
+    row = _heldout_probe(train_X, train_y, test_X, test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
+                         protocol=protocol, max_iter=max_iter, tol=tol, backend=analysis_backend(device),
+                         device=device, kept=kept)
+    return (row, kept["predictions"]) if return_predictions else row
 
 
 def _not_converged(max_iter: int, tol: float) -> str:
@@ -399,9 +406,10 @@ def _least_squares_ridge(protocol: str, ridge: float) -> float:
 
 def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridge, protocol, max_iter, tol,
                    backend=None, device=None, predicted: np.ndarray | None = None,
-                   logistic_fit: Any = None) -> dict[str, Any]:
+                   logistic_fit: Any = None, kept: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """`heldout_probe`; ``predicted``: the least-squares probe's predictions when already made;
-    ``logistic_fit``: the held-out logistic probe's `LogisticProbeFit` when already made on a device."""
+    ``logistic_fit``: the held-out logistic probe's `LogisticProbeFit` when already made on a device;
+    ``kept``: receives the logistic probe's class predictions of the evaluated texts as "predictions"."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     in_sample = protocol == "paper_in_sample"
@@ -416,7 +424,7 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
     if logistic_fit is not None:  # fitted on the device
         converged, n_iter = bool(logistic_fit.converged[0]), int(logistic_fit.n_iter[0])
         solver = logistic_fit.solver
-        accuracy = float(np.mean(logistic_fit.eval_predictions[0] == yev))
+        classes = np.asarray(logistic_fit.eval_predictions[0])
     else:
         if in_sample:
             logistic = LogisticRegression(C=C, random_state=seed, **PAPER_LOGISTIC)
@@ -431,7 +439,10 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
             if not issubclass(w.category, ConvergenceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         solver, n_iter = logistic.solver, int(np.max(logistic.n_iter_))
-        accuracy = float(np.mean(classifier.predict(Xev) == yev))
+        classes = classifier.predict(Xev)
+    accuracy = float(np.mean(classes == yev))
+    if kept is not None:
+        kept["predictions"] = np.asarray(classes, dtype=np.int64)
     if not converged and not in_sample:
         warnings.warn(_not_converged(max_iter, tol), ProbeConvergenceWarning, stacklevel=2)
     alpha = _least_squares_ridge(protocol, ridge)

@@ -80,6 +80,9 @@ lora        ``lora.csv``    max_train, max_test, seed,        layer, k, variant,
                             (reads the extraction's last      result and budget of `ntps_nb.lora`:
                             layer; the layer grids do not     lora_lora_accuracy, lora_probe_accuracy,
                             enter its key)                    lora_gain, lora_budget_steps, ...)
+            and a second                                      and (stage version 2 on) lora_predictions.csv,
+            table                                             one row per test text: text_index, label,
+                                                              lora_prediction, probe_prediction
 =========== =============== ================================= ==============================================
 
 The ``estimator`` setting (default "plugin"; `ntps_nb.core.estimators.ESTIMATORS`) chooses
@@ -130,8 +133,8 @@ from ntps_nb.study.stages import _extraction_settings  # noqa: F401  (benchmarks
 from ntps_nb.study import stages  # noqa: F401
 from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, run_unit, stage_keys, stage_states,
                                   stage_store, unit_folder_stages, write_unit)
-from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, run_study, stage_status,
-                                  study_status, unit_status)
+from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, outdated_stages, run_study,
+                                  stage_status, study_status, unit_status)
 from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, Headline, correlation_summary, diagnostics_summary,
                                   estimates_markdown, estimates_summary, fixed_ntps, headline_points, interval_points,
                                   lora_summary, ntps_with_intervals,
@@ -144,8 +147,9 @@ __all__ = [
     "TARGET_ALIASES", "Stage", "StageStore", "StudyConfig", "StudySettingsError", "UnitClaim", "adopt_unit_folder",
     "Headline", "combine", "correlation_summary", "diagnostics_summary", "estimates_markdown", "estimates_summary",
     "fixed_ntps", "headline_points", "interval_points",
-    "load_config", "load_results", "load_units", "lora_summary", "ntps_with_intervals", "pretraining_contrast",
-    "probe_targets", "register_cli", "resolve_layers", "resolve_targets", "run_study", "run_unit", "stage_keys",
+    "load_config", "load_results", "load_units", "lora_summary", "ntps_with_intervals", "outdated_stages",
+    "pretraining_contrast", "probe_targets", "register_cli", "resolve_layers", "resolve_targets", "run_study",
+    "run_unit", "stage_keys",
     "stage_states", "stage_status", "stage_store", "structure_controls", "structure_markdown", "study_status",
     "summarise", "summary_markdown", "unit_folder_stages", "unit_name", "unit_status", "write_unit",
 ]

@@ -39,7 +39,8 @@ def _cli_run(args) -> int:
     cfg = load_config(args.config, **overrides)
     with _terminate_as_exit():
         table = _study().run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale,
-                                   models=args.models, datasets=args.datasets, processes=args.processes)
+                                   models=args.models, datasets=args.datasets, processes=args.processes,
+                                   update_stages=args.update_stages)
     done = table[table["status"] == "done"]
     if len(done):
         print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")
@@ -125,6 +126,9 @@ def register_cli(subparsers) -> None:
     run.add_argument("config")
     run.add_argument("--units-limit", type=int, default=None, help="compute at most N units in this call")
     run.add_argument("--replace-stale", action="store_true", help="recompute units computed with other settings")
+    run.add_argument("--update-stages", action="store_true",
+                     help="recompute the stages of complete units that this package version computes anew (e.g. "
+                          "LoRA results of stage version 1, without per-text predictions); the others are reused")
     run.add_argument("--models", nargs="+", default=None,
                      help="only these models of the grid (processes started on one study share it anyway: "
                           "each claims its units)")

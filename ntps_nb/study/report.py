@@ -295,14 +295,20 @@ def correlation_summary(
                                    method=method, n_boot=n_boot, seed=seed)
         if "lora_gain" in targets and "lora" in tables:
             rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed,
-                               ntps_table=ntps_table)
+                               ntps_table=ntps_table, predictions=tables.get("lora_predictions"))
     return pd.DataFrame(rows)
 
 
 #: What the naive probe-accuracy baseline of the LoRA gain does not remove (its row's ``note``).
 NAIVE_PROBE_NOTE = ("probe accuracy and gain (LoRA - probe accuracy) measured on the same test texts: the gain "
                     "shares the probe's noise, so regression to the mean is NOT removed and rho is pushed negative "
-                    "by construction; the stored LoRA results keep no per-text predictions to cross-fit it")
+                    "by construction; compare the probe_accuracy_crossfit row where the LoRA stage kept per-text "
+                    "predictions")
+#: What the cross-fitted probe-accuracy baseline of the LoRA gain does (its row's ``note``).
+CROSSFIT_PROBE_NOTE = ("probe accuracy on one half of each test split (stratified by label), gain (LoRA - probe "
+                       "accuracy) on the other half, and the halves swapped; rho averaged over the two folds: "
+                       "the baseline shares no test text with the gain, so regression to the mean cannot make the "
+                       "correlation (ntps_nb.core.gain.crossfit_gain_correlation)")
 
 
 def _before_lora(rows_m: pd.DataFrame, ntps_table: pd.DataFrame | None,
@@ -326,7 +332,8 @@ def _before_lora(rows_m: pd.DataFrame, ntps_table: pd.DataFrame | None,
 
 
 def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, method: str, n_boot: int, n_perm: int,
-               seed: int, ntps_table: pd.DataFrame | None = None) -> list[dict]:
+               seed: int, ntps_table: pd.DataFrame | None = None,
+               predictions: pd.DataFrame | None = None) -> list[dict]:
     """`correlation_summary`'s ``lora_gain`` rows of one model (none with fewer than 3 datasets).
 
     NTPS *before* LoRA (theory, at the layer LoRA was scored at; by the study's estimator where the
@@ -335,10 +342,11 @@ def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, metho
     the held-out probe, k selected with direction "negative" (the paper: lower NTPS, larger
     gain): `_selection_rows` (leave-one-dataset-out on held-out ranks, its pooled comparison and
     the in-sample maximum). Baselines, two-sided: -C, the majority rate, and the probe accuracy
-    itself as ``probe_accuracy_naive_same_test_set``: the LoRA table keeps no per-text
-    predictions, so the probe accuracy and the gain come from the same test texts and its
-    ``note`` says that regression to the mean is not removed
-    (`ntps_nb.core.gain.crossfit_gain_correlation` needs those predictions).
+    itself as ``probe_accuracy_naive_same_test_set``: the probe accuracy and the gain from the
+    same test texts, whose ``note`` says that regression to the mean is not removed; and, where
+    the ``predictions`` table (the LoRA stage's per-text predictions, version 2 on) covers at least
+    3 of the model's datasets, ``probe_accuracy_crossfit``: the baseline and the gain from disjoint
+    halves of each test split (`_crossfit_row`).
     """
     rows_m = lora[(lora["model"] == base["model"]) & (lora["variant"] == "theory")].dropna(subset=["ntps_before"])
     if rows_m["dataset"].nunique() < 3:
@@ -354,9 +362,34 @@ def _gain_rows(lora: pd.DataFrame, targets_m: pd.DataFrame, base: dict, *, metho
     meta = targets_m.set_index("dataset").reindex(gains.index)
     baselines = {"-C": -meta["n_classes"].astype(float), "majority_rate": meta["majority_rate"],
                  "probe_accuracy_naive_same_test_set": gains["lora_probe_accuracy"]}
-    return out + _baseline_rows(baselines, gains["lora_gain"].to_numpy(dtype=float), base, target="lora_gain",
-                                method=method, n_boot=n_boot, seed=seed,
-                                notes={"probe_accuracy_naive_same_test_set": NAIVE_PROBE_NOTE})
+    out += _baseline_rows(baselines, gains["lora_gain"].to_numpy(dtype=float), base, target="lora_gain",
+                          method=method, n_boot=n_boot, seed=seed,
+                          notes={"probe_accuracy_naive_same_test_set": NAIVE_PROBE_NOTE})
+    if predictions is not None:
+        out += _crossfit_row(predictions[predictions["model"] == base["model"]], base, method=method, n_boot=n_boot,
+                             n_perm=n_perm, seed=seed)
+    return out
+
+
+def _crossfit_row(predictions: pd.DataFrame, base: dict, *, method: str, n_boot: int, n_perm: int,
+                  seed: int) -> list[dict]:
+    """The ``probe_accuracy_crossfit`` row of one model's LoRA gain (none with predictions of fewer
+    than 3 datasets): per dataset, `ntps_nb.core.gain.crossfit_gain` of its per-text predictions
+    (halves drawn with ``seed``), and across datasets `ntps_nb.core.gain.crossfit_gain_correlation`
+    (two-sided permutation p, percentile bootstrap over datasets). ``n_datasets`` counts the
+    datasets with predictions, ``datasets`` names them."""
+    from ntps_nb.core.gain import crossfit_gain, crossfit_gain_correlation
+
+    frames = [crossfit_gain(group["label"], group["probe_prediction"], group["lora_prediction"], seed=seed)
+              .assign(dataset=dataset)
+              for dataset, group in predictions.sort_values("text_index").groupby("dataset", sort=True)]
+    if len(frames) < 3:
+        return []
+    result = crossfit_gain_correlation(pd.concat(frames, ignore_index=True), method=method, n_perm=n_perm,
+                                       n_boot=n_boot, seed=seed).iloc[0]
+    return [{**base, "n_datasets": len(frames), "target": "lora_gain", "score": "probe_accuracy_crossfit",
+             "selection": "none", **_result(result.to_dict()), "config": "dataset only",
+             "datasets": ", ".join(sorted(predictions["dataset"].unique())), "note": CROSSFIT_PROBE_NOTE}]
 
 
 def pretraining_contrast(tables: dict[str, pd.DataFrame], *, protocol: str = "heldout") -> pd.DataFrame:

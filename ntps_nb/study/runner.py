@@ -15,9 +15,9 @@ import pandas as pd
 
 from ntps_nb.cache import atomic_path
 from ntps_nb.core.threads import available_cores, default_threads
-from ntps_nb.study.config import (CSV_FLOAT_FORMAT, TABLES, StudyConfig, StudySettingsError, _readable, _say,
+from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
-from ntps_nb.study.stages import STAGE_NAMES, run_unit, stage_states, write_unit
+from ntps_nb.study.stages import STAGE_NAMES, UNIT_TABLES, run_unit, stage_states, write_unit
 
 
 class UnitClaim:
@@ -217,13 +217,43 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def outdated_stages(cfg: StudyConfig, model: str, dataset: str) -> list[str]:
+    """The stages of a unit that the installed package would compute anew: "stale" or "missing"
+    under the current stage keys (`ntps_nb.study.stages.stage_states`), e.g. after a stage's
+    version was raised. A complete unit with outdated stages keeps its results until
+    ``run_study(..., update_stages=True)`` recomputes exactly those stages.
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+
+    Returns
+    -------
+    list of str
+        Stage names, in stage order (empty when every stage is current, off or skipped).
+    """
+    return [name for name, state in stage_states(cfg, model, dataset).items() if state in ("stale", "missing")]
+
+
+def _unit_state(cfg: StudyConfig, unit: tuple[str, str], update_stages: bool) -> str:
+    """`unit_status`, and "outdated" for a complete unit with `outdated_stages` when ``update_stages``."""
+    status = unit_status(cfg, *unit)
+    if status == "complete" and update_stages and outdated_stages(cfg, *unit):
+        return "outdated"
+    return status
+
+
 def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
               models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
               cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say,
-              processes: int = 1) -> pd.DataFrame:
+              processes: int = 1, update_stages: bool = False) -> pd.DataFrame:
     """Run every missing unit of a study (model by model, loading each model once), then `combine`.
 
-    A unit already complete with the same settings is skipped; one complete with other settings
+    A unit already complete with the same settings is skipped (with ``update_stages``, unless
+    the installed package computes some of its stages anew: `outdated_stages`, which are then
+    recomputed and the others reused); one complete with other settings
     is an error unless ``replace_stale``. ``units_limit`` caps the units computed in this call;
     ``models`` / ``datasets`` restrict it to part of the grid. The study tables are combined when
     every unit is complete.
@@ -251,6 +281,9 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         starting with ``[worker i/N]``).
     processes : int
         Worker processes to start (1: compute in this process).
+    update_stages : bool
+        Also run the complete units with `outdated_stages` (e.g. LoRA results of stage version 1,
+        which keep no per-text predictions); only those stages are computed.
 
     Returns
     -------
@@ -275,7 +308,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
             raise StudySettingsError(f"{what}(s) {unknown} are not in study {cfg.name!r} (it has {list(known)})")
     restricted = models is not None or datasets is not None
     units = [(m, d) for (m, d) in units if (models is None or m in models) and (datasets is None or d in datasets)]
-    status = {unit: unit_status(cfg, *unit) for unit in units}
+    status = {unit: _unit_state(cfg, unit, update_stages) for unit in units}
     stale = [unit_name(*u) for u, s in status.items() if s == "stale"]
     if stale and not replace_stale:
         raise StudySettingsError(
@@ -287,7 +320,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         _check_device(cfg.device)
     if processes > 1 and todo:
         return _run_workers(cfg, processes, dict(units_limit=units_limit, replace_stale=replace_stale, models=models,
-                                                 datasets=datasets, cache=cache), log)
+                                                 datasets=datasets, cache=cache, update_stages=update_stages), log)
     if cfg.torch_threads is not None and todo:
         import torch
 
@@ -296,8 +329,9 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         torch.set_num_threads(int(cfg.torch_threads))
     if units_limit is not None:
         todo = todo[:max(0, int(units_limit))]
-    log(f"study {cfg.name}: {len(units)} units, {len(units) - sum(s != 'complete' for s in status.values())} complete, "
-        f"{len(todo)} to run now -> {cfg.folder}")
+    outdated = sum(s == "outdated" for s in status.values())
+    log(f"study {cfg.name}: {len(units)} units, {len(units) - sum(s != 'complete' for s in status.values())} complete"
+        + (f", {outdated} with outdated stages" if outdated else "") + f", {len(todo)} to run now -> {cfg.folder}")
     rows = [{"model": m, "dataset": d, "status": "skipped", "seconds": 0.0} for (m, d) in units
             if status[(m, d)] == "complete"]
     done_before = len(rows)
@@ -306,7 +340,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     computed = 0
     for i, (model_name, dataset_name) in enumerate(todo, start=1):
         claim = UnitClaim.take(cfg, model_name, dataset_name)
-        if claim is None or unit_status(cfg, model_name, dataset_name) == "complete":
+        if claim is None or _unit_state(cfg, (model_name, dataset_name), update_stages) == "complete":
             if claim is not None:  # finished by another process since this one looked
                 claim.release()
             log(f"    {model_name} x {dataset_name}: {'complete' if claim else 'being computed by another process'}, "
@@ -445,7 +479,7 @@ def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd
     if not metas:
         raise FileNotFoundError(f"study {cfg.name!r} has no complete unit under {units_dir}")
     tables: dict[str, pd.DataFrame] = {}
-    for name in (*TABLES, "lora"):
+    for name in UNIT_TABLES:
         parts = [pd.read_csv(folder / f"{name}.csv") for folder, _ in metas if (folder / f"{name}.csv").is_file()]
         if parts:  # units written before the estimator setting were computed by the plug-in
             tables[name] = with_estimator(pd.concat(parts, ignore_index=True), name)
@@ -582,7 +616,7 @@ def load_results(cfg_or_folder: StudyConfig | str | os.PathLike) -> dict[str, pd
     else:
         path = Path(cfg_or_folder)
         folder = load_config(path).folder if path.suffix == ".toml" else path
-    tables = {name: with_estimator(pd.read_csv(folder / f"{name}.csv"), name) for name in (*TABLES, "lora")
+    tables = {name: with_estimator(pd.read_csv(folder / f"{name}.csv"), name) for name in UNIT_TABLES
               if (folder / f"{name}.csv").is_file()}
     if not tables:
         raise FileNotFoundError(f"no combined tables in {folder}; run `study combine` first")

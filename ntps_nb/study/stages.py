@@ -67,7 +67,9 @@ class Stage:
     table it writes (None: none) and that table's columns after the provenance columns.
 
     ``version`` enters the stage's key: bump it when what the stage computes changes (a new
-    estimator, say), and exactly that stage and the stages reading it are recomputed."""
+    estimator, say), and exactly that stage and the stages reading it are recomputed.
+    ``extras`` names further unit tables the stage writes beside ``table`` (LoRA's per-text
+    predictions), stored and reused with it."""
 
     name: str
     settings: tuple[str, ...]
@@ -75,6 +77,7 @@ class Stage:
     table: str | None
     columns: tuple[str, ...]
     version: int = 1
+    extras: tuple[str, ...] = ()
 
 
 #: The stages in the order a unit computes them.
@@ -103,6 +106,12 @@ ESTIMATES_COLUMNS = ("variant", "estimator", "k", "estimate", "se", "lower", "up
                      "reliable", "n_texts", "n_shards", "layer")
 LORA_COLUMNS = ("layer", "k", "variant", "ntps_before", "ntps_after", "delta", "lora_key", "weights_before",
                 "weights_after", "n_texts", "lora_weights_sha256", "lora_*")
+#: LoRA's second table (stage version 2 on): the class LoRA and the held-out probe predict for every
+#: test text (`ntps_nb.lora.predictions_table`), from which `ntps_nb.core.gain.crossfit_gain`
+#: measures the gain and the probe-accuracy baseline on disjoint halves of the test split.
+LORA_PREDICTIONS_COLUMNS = ("text_index", "label", "lora_prediction", "probe_prediction")
+#: The columns of each extra table (`Stage.extras`) after the provenance columns.
+EXTRA_COLUMNS = {"lora_predictions": LORA_PREDICTIONS_COLUMNS}
 
 #: The stages in the order a unit computes them.
 STAGES: tuple[Stage, ...] = (
@@ -125,12 +134,16 @@ STAGES: tuple[Stage, ...] = (
           version=2),
     # LoRA reads the extraction's last layer where it holds it (the base model's side), but its
     # numbers depend only on which texts are read and how: not on the layer grids, so changing
-    # them does not retrain.
-    Stage("lora", SAMPLE + READING + ("lora", "lora_budget", "k"), (), "lora", LORA_COLUMNS),
+    # them does not retrain. Version 2: the per-text predictions of LoRA and of the probe are kept
+    # (table lora_predictions); version 1 results have none, and are retrained.
+    Stage("lora", SAMPLE + READING + ("lora", "lora_budget", "k"), (), "lora", LORA_COLUMNS, version=2,
+          extras=("lora_predictions",)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 #: The stages computed from the extraction (everything but the extraction itself).
 ANALYSIS_STAGES = STAGE_NAMES[1:]
+#: Every table a unit can write: the stages' tables and their extras, in stage order.
+UNIT_TABLES = tuple(name for stage in STAGES for name in ((stage.table,) if stage.table else ()) + stage.extras)
 #: Provenance columns every unit table starts with (`_with_provenance`).
 PROVENANCE = ("study", "model", "pretrained", "quantized", "dataset", "n_train", "n_test", "n_classes", "max_length",
               "drop_bos", "seed", "package_version", "config_hash")
@@ -229,10 +242,12 @@ def stage_enabled(cfg: StudyConfig, stage: str) -> bool:
 
 @dataclasses.dataclass
 class StageResult:
-    """A stage's stored result: its table (None when it wrote none) and its record."""
+    """A stage's stored result: its table (None when it wrote none), its record and its extra
+    tables (`Stage.extras`) by name."""
 
     table: pd.DataFrame | None
     record: dict[str, Any]
+    extra: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
 
 
 class StageStore:
@@ -290,9 +305,11 @@ class StageStore:
         table = None
         if (entry / "table.csv").is_file():  # floats read back bit for bit; text stays text (a key "12e4" too)
             table = pd.read_csv(entry / "table.csv", dtype={name: object for name in record.get("text_columns", [])})
-        return StageResult(table, record)
+        extra = {name: pd.read_csv(entry / f"extra-{name}.csv") for name in record.get("extra_tables", [])}
+        return StageResult(table, record, extra)
 
-    def save(self, stage: str, key: str, table: pd.DataFrame | None, record: dict[str, Any]) -> StageResult:
+    def save(self, stage: str, key: str, table: pd.DataFrame | None, record: dict[str, Any],
+             extra: dict[str, pd.DataFrame] | None = None) -> StageResult:
         """Store a stage's result; returns it as `load` reads it back, so a stage's table is the
         same whether it was just computed or reused (None and NaN alike are missing values).
 
@@ -306,12 +323,16 @@ class StageStore:
             The stage's table, if it has one.
         record : dict
             JSON-serialisable facts of the computation (``stage`` and ``key`` are added).
+        extra : dict of str to DataFrame, optional
+            The stage's extra tables (`Stage.extras`), numeric columns only; written beside the
+            table and named in the record (``extra_tables``).
 
         Returns
         -------
         StageResult
         """
-        record = {"stage": stage, "key": key, **record}
+        extra = dict(extra or {})
+        record = {"stage": stage, "key": key, **record, **({"extra_tables": sorted(extra)} if extra else {})}
         if table is not None:
             record["text_columns"] = [name for name in table.columns if not pd.api.types.is_numeric_dtype(table[name])
                                       and not pd.api.types.is_bool_dtype(table[name])
@@ -320,6 +341,8 @@ class StageStore:
         with atomic_path(self.path(stage, key), directory=True) as tmp:
             if table is not None:
                 table.to_csv(tmp / "table.csv", index=False)  # shortest repr of every float: exact
+            for name, frame in extra.items():
+                frame.to_csv(tmp / f"extra-{name}.csv", index=False)
             (tmp / "record.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
             _readable(tmp)
         return self.load(stage, key)
@@ -427,6 +450,9 @@ def unit_folder_stages(cfg: StudyConfig, model: str, dataset: str,
             has_result = (folder / f"{stage.table}.csv").is_file()
         if has_result:
             out[stage.name] = "valid" if old[stage.name] == new[stage.name] else "stale"
+            if out[stage.name] == "valid" and meta.get("lora", "done") == "done" and not all(
+                    (folder / f"{extra}.csv").is_file() for extra in stage.extras):
+                del out[stage.name]  # a current key without its extra tables: an incomplete result
     return out
 
 
@@ -473,9 +499,11 @@ def adopt_unit_folder(cfg: StudyConfig, model: str, dataset: str, store: StageSt
         else:
             table_path = folder / f"{stage.table}.csv"
             table = _strip_provenance(pd.read_csv(table_path)) if table_path.is_file() else None
-            extra = {"lora": meta.get("lora", "done")} if stage.name == "lora" else {}
+            status = {"lora": meta.get("lora", "done")} if stage.name == "lora" else {}
+            extras = {name: _strip_provenance(pd.read_csv(folder / f"{name}.csv")) for name in stage.extras
+                      if (folder / f"{name}.csv").is_file()}
             store.save(stage.name, key, table, {**source, "seconds": (meta.get("timings_s") or {}).get(stage.name),
-                                                **extra})
+                                                **status}, extra=extras)
         adopted.append(stage.name)
     return adopted
 
@@ -843,11 +871,11 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     return pd.concat(rows, ignore_index=True), _plugin_only(u.cfg.estimator, stand_in, why)
 
 
-def _lora_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+def _lora_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict, dict[str, pd.DataFrame]]:
     if not u.cfg.lora:
-        return None, {"lora": "not configured"}
-    status, table = _run_lora(u.cfg, u.loaded, u.ds, u.log, u.ex, u.ex_test)
-    return table, {"lora": status}
+        return None, {"lora": "not configured"}, {}
+    status, table, predictions = _run_lora(u.cfg, u.loaded, u.ds, u.log, u.ex, u.ex_test)
+    return table, {"lora": status}, ({"lora_predictions": predictions} if predictions is not None else {})
 
 
 def _ignore_recorded_as_nan() -> None:
@@ -861,7 +889,9 @@ def _ignore_recorded_as_nan() -> None:
     warnings.filterwarnings("ignore", message=r".* resamples had undefined geometry", category=RuntimeWarning)
 
 
-_COMPUTE: dict[str, Callable[[_Unit], tuple[pd.DataFrame | None, dict]]] = {
+#: Each stage's computation: (table or None, record) or, for a stage with `Stage.extras`,
+#: (table, record, extra tables by name).
+_COMPUTE: dict[str, Callable[[_Unit], tuple]] = {
     "ntps": _ntps_stage, "probes": _probes_stage, "peers": _peers_stage, "intervals": _intervals_stage,
     "estimates": _estimates_stage, "diagnostics": _diagnostics_stage, "lora": _lora_stage,
 }
@@ -1003,16 +1033,19 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             result = store.load(name, keys[name]) if name not in todo else None
             if result is None:
                 t0 = time.perf_counter()
-                table, record = _COMPUTE[name](u)
+                table, record, *more = _COMPUTE[name](u)
+                extra = more[0] if more else {}
                 record = {**record, "seconds": round(time.perf_counter() - t0, 3), "finished": _now()}
                 if name == "lora" and str(record.get("lora", "")).startswith("skipped"):
                     result = StageResult(table, record)  # deciding to skip again is instant: not stored
                 else:
-                    result = store.save(name, keys[name], table, record)
+                    result = store.save(name, keys[name], table, record, extra=extra)
             if name == "lora":
                 lora_status = result.record.get("lora", "done" if result.table is not None else lora_status)
             if result.table is not None:  # a table stored before the estimator setting was the plug-in's
                 tables[name] = _with_provenance(with_estimator(result.table, name), provenance)
+            for extra_name, frame in result.extra.items():
+                tables[extra_name] = _with_provenance(frame, provenance)
             # a reused stage keeps the seconds and date of the run that computed it (timings_s: this run's)
             stage_meta[name] = {"key": keys[name], "computed": name in todo, "seconds": result.record.get("seconds"),
                                 "finished": result.record.get("finished")}
@@ -1037,16 +1070,18 @@ def _now() -> str:
 
 
 
-def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None, ex_test=None) -> tuple[str, pd.DataFrame | None]:
+def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None,
+              ex_test=None) -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
     """LoRA of one unit with `ntps_nb.lora` (imported lazily): the gain over the held-out probe and
-    NTPS of the last layer before and after merging, as rows; or the reason it was skipped.
+    NTPS of the last layer before and after merging, as rows, and the per-text predictions of LoRA
+    and the probe (`ntps_nb.lora.predictions_table`); or the reason it was skipped (and two Nones).
 
     The base model's side (pooled features for the probe, moments for NTPS before) comes from the
     unit's own extractions ``ex`` / ``ex_test`` where they hold the last layer, so only the merged
     model is extracted again (on long texts that saves ~40 minutes of CPU per unit)."""
     model, tok, info = loaded
     if not info.pretrained:
-        return "skipped: LoRA runs on pretrained models only (the random controls are not fine-tuned)", None
+        return "skipped: LoRA runs on pretrained models only (the random controls are not fine-tuned)", None, None
     try:
         import importlib
 
@@ -1054,7 +1089,7 @@ def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None, ex_test=None) -
     except ModuleNotFoundError as error:
         if error.name not in ("ntps_nb.lora", "peft"):
             raise
-        return f"skipped: {error.name} is not available", None
+        return f"skipped: {error.name} is not available", None, None
     budget = dict(cfg.lora_budget)
     result = lora.finetune_lora(loaded, ds["train"], ds["test"], max_length=cfg.max_length, drop_bos=cfg.drop_bos,
                                 seed=cfg.seed, progress=False, **budget)
@@ -1064,7 +1099,7 @@ def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None, ex_test=None) -
         base_features = (ex.pooled[last], ex_test.pooled[last])
     before = ex.moments if ex is not None and last in ex.moments else None
     gain = lora.lora_gain(result, ds["train"], ds["test"], base=loaded, progress=False, seed=cfg.seed,
-                          precision=cfg.precision, base_features=base_features)
+                          precision=cfg.precision, batch_size=cfg.batch_size, base_features=base_features)
     ks = [k for k in (cfg.k if cfg.k != "all" else (1, 2, 4, 8, 16, 32, 64)) if k <= 64]
     before_after = lora.ntps_before_after(result, ds["train"], k=ks, base=loaded, layers=[last],
                                           batch_size=cfg.batch_size, precision=cfg.precision, before=before,
@@ -1074,7 +1109,7 @@ def _run_lora(cfg: StudyConfig, loaded: tuple, ds, log, ex=None, ex_test=None) -
     table = table.assign(**{f"lora_{key}": value for key, value in gain_row.items()
                             if key not in ("model", "max_length", "drop_bos", "n_classes", "seed")})
     log(f"    LoRA: accuracy {gain.get('lora_accuracy', float('nan')):.3f}, gain {gain.get('gain', float('nan')):+.3f}")
-    return "done", table
+    return "done", table, gain["predictions"]
 
 
 

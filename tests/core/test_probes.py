@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from ntps_nb.core.probes import (
     ProbeConvergenceWarning,
@@ -49,6 +50,15 @@ def test_heldout_probe_against_independent_computations(rng):
     assert row["accuracy"] > 0.8 > row["majority_rate"]
     ridge = heldout_probe(Xtr, ytr, Xte, yte, n_classes=3, ridge=5.0)
     assert ridge["mse"] == pytest.approx(standardised_lstsq_mse(Xtr, ytr, Xte, yte, 3, ridge=5.0), rel=1e-9)
+    # the per-text classes: an independent standardised lbfgs fit predicts the same, and they give the accuracy
+    same, predicted = heldout_probe(Xtr, ytr, Xte, yte, n_classes=3, return_predictions=True)
+    assert same == row and predicted.shape == (80,) and predicted.dtype == np.int64
+    assert np.mean(predicted == yte) == row["accuracy"]
+    mean, sd = Xtr.mean(axis=0), Xtr.std(axis=0)
+    independent = LogisticRegression(C=1.0, max_iter=10_000, tol=1e-10).fit((Xtr - mean) / sd, ytr)
+    np.testing.assert_array_equal(predicted, independent.predict((Xte - mean) / sd))
+    _, in_sample = heldout_probe(Xtr, ytr, n_classes=3, protocol="paper_in_sample", return_predictions=True)
+    assert in_sample.shape == (160,)
 
 
 def test_heldout_logistic_probe_reaches_the_unique_optimum(rng):

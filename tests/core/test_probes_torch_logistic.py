@@ -137,6 +137,9 @@ def test_probe_layers_and_heldout_probe_on_the_device_equal_sklearn():
     row = probes.heldout_probe(features[3][0], ytr, features[3][1], yte, n_classes=3, device="cpu")
     assert row["solver"] == LOGISTIC_SOLVER
     assert row["accuracy"] == got.query("layer == 3 and protocol == 'heldout'")["accuracy"].item()
+    _, predicted = probes.heldout_probe(features[3][0], ytr, features[3][1], yte, n_classes=3, device="cpu",
+                                        return_predictions=True)
+    assert np.mean(predicted == yte) == row["accuracy"]
     with pytest.warns(probes.ProbeConvergenceWarning, match="did not converge"):
         capped = probes.heldout_probe(Xtr, ytr, Xte, yte, n_classes=3, max_iter=1, device="cpu")
     assert not capped["converged"] and capped["n_iter"] == 1

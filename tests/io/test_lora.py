@@ -142,6 +142,12 @@ def test_gain_is_lora_minus_probe(trained, llama, task, tmp_path):
     train, test = task
     row = lora_gain(trained, train, test, base=llama, cache=tmp_path, progress=False)
     assert row["gain"] == pytest.approx(trained.accuracy - row["probe_accuracy"])
+    # the per-text predictions recompute both accuracies exactly, text by text in test order
+    per_text = row["predictions"]
+    assert list(per_text.columns) == ["text_index", "label", "lora_prediction", "probe_prediction"]
+    np.testing.assert_array_equal(per_text["label"], test[1])
+    assert np.mean(per_text["lora_prediction"] == per_text["label"]) == trained.accuracy
+    assert np.mean(per_text["probe_prediction"] == per_text["label"]) == row["probe_accuracy"]
     assert row["probe_protocol"] == "heldout" and row["probe_layer"] == llama[2].n_layers
     assert row["budget_steps"] == 30 and row["paper_steps"] == 5000
     with pytest.raises(ValueError, match="same splits"):
@@ -152,6 +158,7 @@ def test_gain_is_lora_minus_probe(trained, llama, task, tmp_path):
     pooled = [extract_cached(*llama, split, **settings).pooled[last] for split in (train, test)]
     given = lora_gain(trained, train, test, base=llama, base_features=pooled, cache=tmp_path / "unused",
                       progress=False)
+    pd.testing.assert_frame_equal(given.pop("predictions"), row.pop("predictions"))
     assert given == row and not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="one row per text"):
         lora_gain(trained, train, test, base=llama, base_features=(pooled[0][:5], pooled[1]), progress=False)

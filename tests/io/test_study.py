@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -444,6 +445,22 @@ def test_lora_unit_reuses_the_units_own_extraction(tmp_path, tiny_llama):
     theory = scores[(scores["variant"] == "theory") & (scores["layer"] == last)].set_index("k")["ntps"]
     for _, row in lora.iterrows():
         assert row["ntps_before"] == pytest.approx(theory[row["k"]], abs=1e-12)
+    # the per-text predictions (stage version 2) give back both accuracies of the LoRA table exactly
+    per_text = tables["lora_predictions"]
+    assert len(per_text) == lora["n_test"].iloc[0] and (per_text["config_hash"] == cfg.config_hash).all()
+    assert np.mean(per_text["lora_prediction"] == per_text["label"]) == lora["lora_lora_accuracy"].iloc[0]
+    assert np.mean(per_text["probe_prediction"] == per_text["label"]) == lora["lora_probe_accuracy"].iloc[0]
+    # written with the unit, adopted from the folder with it, and read back unchanged
+    folder = study.write_unit(tmp_path / "unit", tables)
+    assert study.unit_folder_stages(cfg, "tiny-llama", "trec6", folder)["lora"] == "valid"
+    store = study.StageStore(tmp_path / "adopted")
+    assert "lora" in study.adopt_unit_folder(cfg, "tiny-llama", "trec6", store, folder=folder)
+    entry = store.load("lora", study.stage_keys(cfg, "tiny-llama", "trec6")["lora"])
+    pd.testing.assert_frame_equal(entry.extra["lora_predictions"],
+                                  per_text[list(study.stages.LORA_PREDICTIONS_COLUMNS)], check_dtype=False)
+    # a current LoRA result without its predictions is not a result
+    (folder / "lora_predictions.csv").unlink()
+    assert "lora" not in study.unit_folder_stages(cfg, "tiny-llama", "trec6", folder)
 
 
 def test_status_reads_the_committed_units(tmp_path):
@@ -503,6 +520,42 @@ def test_gain_rows_on_committed_fast_lora_results():
     assert rows.loc[("probe_accuracy_naive_same_test_set", "none"), "estimate"] == pytest.approx(expected, abs=1e-12)
     lodo = rows.loc[("ntps_theory_before", "leave_one_dataset_out")]
     assert -1 <= lodo["estimate"] <= 1 and 0 < lodo["p_value"] <= 1
+
+
+def test_gain_rows_cross_fit_the_probe_baseline_where_the_units_kept_predictions():
+    """With per-text predictions (the LoRA stage from version 2) the summary adds the cross-fitted
+    probe-accuracy baseline: the same number as `crossfit_gain_correlation` on the predictions,
+    beside the naive one. Planted: LoRA and probe right at random with rates unrelated across
+    datasets, so only the naive baseline shares noise with the gain."""
+    from ntps_nb.core.gain import crossfit_gain, crossfit_gain_correlation
+
+    folder = ROOT / "data" / "results" / "fast_lora"
+    if not (folder / "lora.csv").is_file():
+        pytest.skip("data/results/fast_lora is not committed")
+    tables = study.load_results(folder)
+    rng = np.random.default_rng(3)
+    rows, frames = [], []
+    for dataset in sorted(tables["lora"]["dataset"].unique()):
+        labels = rng.integers(0, 2, 300)
+        probe = np.where(rng.random(300) < 0.7, labels, 1 - labels)
+        lora = np.where(rng.random(300) < 0.75, labels, 1 - labels)
+        rows.append(pd.DataFrame({"model": "smollm2-135m", "dataset": dataset, "text_index": np.arange(300),
+                                  "label": labels, "lora_prediction": lora, "probe_prediction": probe}))
+        frames.append(crossfit_gain(labels, probe, lora, seed=0).assign(dataset=dataset))
+    quick = dict(targets=["lora_gain"], n_boot=40, n_perm=50, seed=0)
+    planted = {**tables, "lora_predictions": pd.concat(rows, ignore_index=True)}
+    summary = study.correlation_summary(planted, **quick).set_index(["score", "selection"])
+    row = summary.loc[("probe_accuracy_crossfit", "none")]
+    expected = crossfit_gain_correlation(pd.concat(frames), n_perm=50, n_boot=40, seed=0).iloc[0]
+    for column in ("estimate", "lower", "upper", "p_value"):
+        assert row[column] == pytest.approx(expected[column], abs=1e-12), column
+    assert row["p_side"] == "two-sided" and row["n_datasets"] == len(frames)
+    assert "shares no test text" in row["note"]
+    assert ("probe_accuracy_naive_same_test_set", "none") in summary.index
+    # predictions of fewer than 3 datasets: no cross-fitted row, and none without predictions at all
+    few = {**tables, "lora_predictions": pd.concat(rows[:2], ignore_index=True)}
+    assert "probe_accuracy_crossfit" not in set(study.correlation_summary(few, **quick)["score"])
+    assert "probe_accuracy_crossfit" not in set(study.correlation_summary(tables, **quick)["score"])
 
 
 def test_gain_rows_score_ntps_before_lora_by_the_studys_estimator(tmp_path):
@@ -1142,34 +1195,36 @@ def test_richardson_runs_on_every_layer_from_the_halves_and_the_shards(tmp_path,
 
 
 def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
-    """The committed default units were written before stages: their LoRA table (and every other
-    table whose settings did not change) is taken over, read-only, and writes back the same text."""
+    """The committed default units were written before stages: every table whose settings and stage
+    version did not change is taken over, read-only, and writes back the same text; their LoRA
+    table (stage version 1, no per-text predictions) is stale."""
     folder = ROOT / "data" / "results" / "default" / "units" / "smollm2-135m__bbc-news"
     if not (folder / "lora.csv").is_file():
         pytest.skip("data/results/default is not committed")
     cfg = study.load_config(STUDIES / "default.toml", results_dir=str(tmp_path))
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     store = study.StageStore(tmp_path / "stages")
-    # the probes stage is at version 2 (the cross-validated probe) and the diagnostics stage too
-    # (p_value + p_side): the committed probes and diagnostics are stale
+    # the probes stage is at version 2 (the cross-validated probe), the diagnostics stage too
+    # (p_value + p_side) and LoRA (per-text predictions): those committed tables are stale
     assert study.unit_folder_stages(cfg, "smollm2-135m", "bbc-news", folder) == {
-        **dict.fromkeys(["extraction", "ntps", "peers", "intervals", "lora"], "valid"),
-        "probes": "stale", "diagnostics": "stale"}
-    # a new n_boot: everything but the intervals (and the probes, diagnostics) is still valid, LoRA included
+        **dict.fromkeys(["extraction", "ntps", "peers", "intervals"], "valid"),
+        **dict.fromkeys(["probes", "diagnostics", "lora"], "stale")}
+    # a new n_boot: everything but the intervals (and the probes, diagnostics, LoRA) is still valid
     changed = dataclasses.replace(cfg, n_boot=100)
     adopted = study.adopt_unit_folder(changed, "smollm2-135m", "bbc-news", store, folder=folder)
-    assert adopted == ["extraction", "ntps", "peers", "lora"]
+    assert adopted == ["extraction", "ntps", "peers"]
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # read-only
     keys = study.stage_keys(changed, "smollm2-135m", "bbc-news")
     meta = json.loads((folder / "unit.json").read_text())
     provenance = {name: meta[name] for name in study.stages.PROVENANCE}
-    for stage, table in (("lora", "lora"), ("ntps", "ntps")):
+    for stage, table in (("ntps", "ntps"),):
         entry = store.load(stage, keys[stage])
         assert "config_hash" not in entry.table.columns and entry.record["adopted_from"] == str(folder)
         text = study.stages._with_provenance(entry.table, provenance).to_csv(index=False,
                                                                               float_format=study.CSV_FLOAT_FORMAT)
         assert text == (folder / f"{table}.csv").read_text(), stage
     assert not store.has("intervals", keys["intervals"]) and not store.has("probes", keys["probes"])
+    assert not store.has("lora", keys["lora"])
     # a random-initialised control has no LoRA to take over; a changed LoRA budget invalidates it
     control = folder.parent / "smollm2-135m-random__bbc-news"
     assert study.unit_folder_stages(cfg, "smollm2-135m:random", "bbc-news", control)["lora"] == "skipped"
@@ -1190,7 +1245,7 @@ def test_the_stage_table_names_every_column_of_the_committed_tables():
         if stage.table is None:
             continue
         for text, where in ((study.__doc__, "docstring"), (readme, "README")):
-            for column in stage.columns:
+            for column in (*stage.columns, *(c for extra in stage.extras for c in study.stages.EXTRA_COLUMNS[extra])):
                 assert re.search(rf"(?<![\w*]){re.escape(column)}(?![\w*])", text), (where, stage.name, column)
         if not (folder / f"{stage.table}.csv").is_file():  # estimates: a stage the committed units predate
             continue
@@ -1274,8 +1329,9 @@ def test_a_variant_study_reuses_the_lora_of_the_study_it_names(tmp_path, monkeyp
     assert counts["finetune_lora"] == 1  # no training step
     computed = {name for name, stage in again["unit"]["stages"].items() if stage.get("computed")}
     assert "lora" not in computed and {"ntps", "estimates"} <= computed
-    pd.testing.assert_frame_equal(again["lora"].drop(columns="config_hash"), tables["lora"].drop(columns="config_hash"),
-                                  check_dtype=False)  # read back from the folder's CSV
+    for name in ("lora", "lora_predictions"):  # read back from the folder's CSVs
+        pd.testing.assert_frame_equal(again[name].drop(columns="config_hash"), tables[name].drop(columns="config_hash"),
+                                      check_dtype=False)
     assert set(again["ntps"].query("variant == 'theory'")["estimator"]) == {"richardson"}
     assert set(again["intervals"]["estimator"]) == {"plugin"}  # the plug-in's bootstrap (interval_estimator)
 
@@ -1283,6 +1339,42 @@ def test_a_variant_study_reuses_the_lora_of_the_study_it_names(tmp_path, monkeyp
                    estimator="richardson")
     study.run_unit(alone, "tiny-llama", "trec6", as_pretrained, **quiet)
     assert counts["finetune_lora"] == 2
+
+
+def test_update_stages_recomputes_only_the_outdated_stage_of_a_complete_unit(tmp_path, monkeypatch, tiny_llama):
+    """A complete unit whose LoRA result an older stage version wrote (no per-text predictions):
+    a plain run passes over it; ``update_stages`` retrains LoRA, writes its predictions, and
+    computes nothing else."""
+    pytest.importorskip("peft")
+    import ntps_nb.lora
+    import ntps_nb.models
+
+    counts: dict[str, int] = {}
+    _counting(monkeypatch, ntps_nb.lora, "finetune_lora", counts)
+    model, tok, info = tiny_llama
+    monkeypatch.setattr(ntps_nb.models, "load_model",
+                        lambda *args, **kwargs: (model, tok, dataclasses.replace(info, pretrained=True)))
+    cfg = _smoke(tmp_path, datasets=["trec6"], lora=True, lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3},
+                 peers=False)
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    study.run_study(cfg, **quiet)
+    folder = cfg.unit_folder("tiny-llama", "trec6")
+    assert counts["finetune_lora"] == 1 and (folder / "lora_predictions.csv").is_file()
+    assert study.outdated_stages(cfg, "tiny-llama", "trec6") == []
+    # make it a unit of LoRA's version 1: another recorded key, no predictions, nothing in the store
+    meta = json.loads((folder / "unit.json").read_text())
+    key = meta["stages"]["lora"]["key"]
+    shutil.rmtree(study.stage_store(cfg, "tiny-llama", "trec6").path("lora", key))
+    meta["stages"]["lora"]["key"] = study.stage_keys(cfg, "tiny-llama", "trec6", versions={"lora": 1})["lora"]
+    (folder / "unit.json").write_text(json.dumps(meta))
+    (folder / "lora_predictions.csv").unlink()
+    assert study.outdated_stages(cfg, "tiny-llama", "trec6") == ["lora"]
+    assert study.run_study(cfg, **quiet)["status"].tolist() == ["skipped"] and counts["finetune_lora"] == 1
+    assert study.run_study(cfg, update_stages=True, **quiet)["status"].tolist() == ["done"]
+    assert counts["finetune_lora"] == 2 and (folder / "lora_predictions.csv").is_file()
+    meta = json.loads((folder / "unit.json").read_text())
+    assert {name for name, stage in meta["stages"].items() if stage.get("computed")} == {"lora"}
+    assert study.outdated_stages(cfg, "tiny-llama", "trec6") == []
 
 
 def test_the_committed_default_richardson_units_reuse_the_default_studys_lora_and_controls():
