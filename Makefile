@@ -47,7 +47,7 @@ $(BROWSER_STAMP): $(STAMP)
 	touch $(BROWSER_STAMP)
 
 browser-check: browser-setup
-	$(BIN)/python scripts/browser_check.py --results data/results/default --smoke --out out/browser
+	$(BIN)/python scripts/browser_check.py --results data/results/default-richardson --smoke --out out/browser
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sweep.py

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--unit-config", default=str(_repository() / "studies" / "ci_unit.toml"),
                      help="the one-unit study computed live and compared with its committed results "
                           "[studies/ci_unit.toml]")
-    run.add_argument("--results", default=str(_repository() / "data" / "results" / "default"),
-                     help="the committed study the report shows [data/results/default]")
+    run.add_argument("--results", default=str(_repository() / "data" / "results" / "default-richardson"),
+                     help="the committed study the report shows [data/results/default-richardson; the plug-in "
+                          "study: data/results/default]")
     run.add_argument("--study", default=None, metavar="CONFIG",
                      help="instead: compute this study into <out>/results and report on it "
                           "(studies/fast.toml: ~30 min)")

@@ -8,7 +8,9 @@ Two steps, a few minutes on 2 CPU cores after ``make setup`` (the README has the
    (``data/results/ci_unit/``, the same config) and every value of its tables is compared
    (`compare_tables`). A difference is printed, never hidden, with what explains it where the
    CPU's kernels differ from those the unit was computed with (`KERNEL_NOTE`);
-2. the report of the committed default study (``data/results/default/``, 40 units): every
+2. the report of the committed default study (``data/results/default-richardson/``, 40 units,
+   NTPS by the package's default estimator; the released protocol's plug-in study,
+   ``data/results/default/``, is one ``--results`` away): every
    notebook of the series executed on it (`ntps_nb.notebooks.run_report`) into ``<out>/report/``:
    executed copies, their HTML and ``index.html``.
 
@@ -32,8 +34,9 @@ from ntps_nb.notebooks import REPOSITORY
 
 #: The unit computed live: a committed study of one unit that CI regenerates too.
 UNIT_CONFIG = REPOSITORY / "studies" / "ci_unit.toml"
-#: The committed study the report shows.
-DEFAULT_RESULTS = REPOSITORY / "data" / "results" / "default"
+#: The committed study the report shows: the default study with the package's default estimator
+#: (richardson), whose numbers README's "Results so far" leads with.
+DEFAULT_RESULTS = REPOSITORY / "data" / "results" / "default-richardson"
 #: The longer study one command away (``python -m ntps_nb run --study studies/fast.toml``).
 FAST_CONFIG = REPOSITORY / "studies" / "fast.toml"
 

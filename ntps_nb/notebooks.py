@@ -966,10 +966,19 @@ def _report_one(source: str, params: dict[str, Any], out_dir: str, html: bool, t
     return ReportEntry(stem, title, description, run.notebook, run.html, run.seconds, "ok", "", params)
 
 
-def _limit_threads(threads: int) -> None:
-    """In a report worker: the kernels it starts share the cores with the other workers' kernels."""
+def _limit_threads(threads: int, jobs: int) -> None:
+    """In a report worker: the kernels it starts share the cores with the other workers' kernels.
+
+    Both the pools' initial size and the bound a notebook sets itself: `ntps_nb.analysis_threads()`
+    in a kernel reads ``NTPS_NB_ANALYSIS_PROCESSES`` (set here to ``jobs``) and takes its share
+    (cores // jobs); without it each kernel took every core, and two kernels' OpenBLAS threads
+    spinning against each other on 2 cores made notebook 00's interval cell ~10x slower (it ran
+    past the 600 s cell timeout)."""
+    from ntps_nb.core.threads import PROCESSES_ENV
+
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, str(threads))
+    os.environ.setdefault(PROCESSES_ENV, str(jobs))
 
 
 def default_jobs() -> int:
@@ -1048,7 +1057,7 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
         threads = max(1, available_cores() // jobs)
         # spawn, not fork: the caller may hold torch's thread pools, which a fork does not survive
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_limit_threads, initargs=(threads,)) as pool:
+                                                    initializer=_limit_threads, initargs=(threads, jobs)) as pool:
             futures = {pool.submit(_report_one, *task): task for task in tasks}
             for future in concurrent.futures.as_completed(futures):
                 try:
@@ -1207,8 +1216,8 @@ def register_cli(subparsers) -> None:
     report = sub.add_parser("report", help="execute every notebook on one study's results into --out: executed "
                                            "copies, HTML and an index.html (what `make run` renders)")
     report.add_argument("names", nargs="*", help="notebooks (default: the whole series)")
-    report.add_argument("--results", default=str(REPOSITORY / "data" / "results" / "default"),
-                        help="combined study folder [data/results/default]")
+    report.add_argument("--results", default=str(REPOSITORY / "data" / "results" / "default-richardson"),
+                        help="combined study folder [data/results/default-richardson]")
     report.add_argument("--out", default="out/report", help="output folder [out/report]")
     report.add_argument("--jobs", type=int, default=None, help="notebooks at once [2 on two or more cores]")
     report.add_argument("--no-html", action="store_true", help="executed copies and index only")

@@ -445,7 +445,7 @@ def _drive(page, lab, url, out, notebook, timeout_s, change_timeout_s, steps, re
 def main(argv: list[str] | None = None) -> int:
     global CHROMIUM
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default=str(REPO / "data" / "results" / "default"),
+    parser.add_argument("--results", default=str(REPO / "data" / "results" / "default-richardson"),
                         help="combined study folder the explorer reads (default: the committed default study)")
     parser.add_argument("--out", default=str(REPO / "out" / "browser"), help="screenshots, logs, result.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model for the Figure-1 cell")

@@ -123,10 +123,14 @@ def test_a_report_runs_in_its_folder_and_its_copies_rerun_in_place(tmp_path):
     assert "found results: True" in printed(again)
 
 
-def test_committed_report_copies_find_the_default_results():
-    """data/results/default/report/ holds the series executed on the default study; each copy's
-    injected parameters, read from that folder, name the committed results and files."""
-    copies = sorted(COMMITTED_REPORT.glob("*.ipynb"))
+@pytest.mark.parametrize("results", [DEFAULT, REPO / "data" / "results" / "default-richardson"],
+                         ids=["default", "default-richardson"])
+def test_committed_report_copies_find_the_default_results(results):
+    """data/results/<study>/report/ holds the series executed on the default study (plug-in, and
+    the package's default estimator: what `make run` shows); each copy's injected parameters,
+    read from that folder, name the committed results and files."""
+    committed = results / "report"
+    copies = sorted(committed.glob("*.ipynb"))
     if not copies:
         pytest.skip("no committed report copies")
     assert [p.stem for p in copies] == list(nbs.NOTEBOOKS)
@@ -135,9 +139,34 @@ def test_committed_report_copies_find_the_default_results():
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, path.name
         injected = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-        expected = nbs.report_parameters(path.stem, DEFAULT, COMMITTED_REPORT)
+        expected = nbs.report_parameters(path.stem, results, committed)
         if expected:
             assert len(injected) == 1, path.name
             for key, value in expected.items():
                 assert f"{key} = {value!r}" in injected[0].replace('"', "'"), (path.name, key)
-                assert not isinstance(value, str) or (COMMITTED_REPORT / value).exists(), (path.name, key)
+                assert not isinstance(value, str) or (committed / value).exists(), (path.name, key)
+
+
+@pytest.mark.notebooks
+def test_notebooks_executed_side_by_side_take_their_share_of_the_cores(tmp_path, monkeypatch):
+    """With two notebooks at a time, each kernel's own `ntps_nb.analysis_threads()` bound is
+    cores // 2, not every core: two kernels whose OpenBLAS threads spin against each other made
+    notebook 00 ~10x slower on 2 cores. Checked inside the kernels of a report of two tiny notebooks."""
+    from ntps_nb.core.threads import PROCESSES_ENV, available_cores
+
+    monkeypatch.delenv(PROCESSES_ENV, raising=False)  # as in `make run` (the tests' conftest sets it)
+    source, results = tmp_path / "series", tmp_path / "results"
+    source.mkdir(), results.mkdir()
+    shows = ("import ntps_nb\nwith ntps_nb.analysis_threads() as n:\n"
+             "    from threadpoolctl import threadpool_info\n"
+             "    print('bound', n, 'blas', max(p['num_threads'] for p in threadpool_info()))")
+    for name in ("93_first", "94_second"):
+        _tiny_notebook(source / f"{name}.ipynb", shows)
+    entries = nbs.run_report(results, tmp_path / "report", names=[str(source / f"{n}.ipynb") for n in ("93_first",
+                             "94_second")], html=False, jobs=2, timeout=120, root=tmp_path, log=lambda line: None)
+    share = max(1, available_cores() // 2)
+    for entry in entries:
+        assert entry.status == "ok", entry.error
+        nb = nbformat.read(entry.notebook, as_version=4)
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert f"bound {share} blas {share}" in text, text
