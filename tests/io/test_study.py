@@ -1380,7 +1380,9 @@ def test_update_stages_recomputes_only_the_outdated_stage_of_a_complete_unit(tmp
 def test_the_committed_default_richardson_units_reuse_the_default_studys_lora_and_controls():
     """The rerun with richardson (studies/default-richardson.toml): every committed unit has the
     config's hash, its LoRA rows are the default study's (reused, not retrained: only the provenance
-    columns differ), and its random controls hold the default study's weights."""
+    columns differ) unless the LoRA stage was brought to version 2 (`study run --update-stages`:
+    retrained with the same budget, its per-text predictions giving back both accuracies exactly),
+    and its random controls hold the default study's weights."""
     folder = ROOT / "data" / "results" / "default-richardson" / "units"
     if not folder.is_dir():
         pytest.skip("data/results/default-richardson is not committed")
@@ -1398,6 +1400,19 @@ def test_the_committed_default_richardson_units_reuse_the_default_studys_lora_an
         if meta["pretrained"]:
             new = pd.read_csv(unit / "lora.csv").drop(columns=provenance)
             old = pd.read_csv(ROOT / "data" / "results" / "default" / "units" / unit.name / "lora.csv")
-            pd.testing.assert_frame_equal(new, old.drop(columns=provenance), check_dtype=False)
+            if (unit / "lora_predictions.csv").is_file():  # retrained by LoRA's stage version 2
+                assert meta["stages"]["lora"]["key"] == study.stage_keys(cfg, meta["model"], meta["dataset"])["lora"]
+                per_text = pd.read_csv(unit / "lora_predictions.csv")
+                assert len(per_text) == meta["n_test"] and per_text["text_index"].tolist() == list(range(len(per_text)))
+                for column, predicted in (("lora_lora_accuracy", "lora_prediction"),
+                                          ("lora_probe_accuracy", "probe_prediction")):
+                    assert (new[column] == np.mean(per_text[predicted] == per_text["label"])).all(), (unit.name, column)
+                budget = [c for c in new.columns if c.startswith(("lora_budget_", "lora_paper_"))]
+                pd.testing.assert_frame_equal(new[budget], old[budget], check_dtype=False)
+                # the base model's side is the unit's own: NTPS before LoRA as before, the probe the same fit
+                np.testing.assert_allclose(new["ntps_before"], old["ntps_before"], rtol=0, atol=1e-6)  # 7 digits
+                assert (new["lora_probe_accuracy"] == old["lora_probe_accuracy"]).all(), unit.name
+            else:
+                pd.testing.assert_frame_equal(new, old.drop(columns=provenance), check_dtype=False)
         else:
             assert str(meta["lora"]).startswith("skipped"), unit.name
