@@ -1249,7 +1249,8 @@ class ModelOnDataset:
 def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, max_test: int = 200,
                              max_length: int = 64, seed: int = 0, batch_size: int = 16,
                              drop_bos: bool = True, precision: str = "float32", loaded: tuple | None = None,
-                             shards: int | None = None, interval_layers: Any = "grid:4") -> ModelOnDataset:
+                             shards: int | None = None, interval_layers: Any = "grid:4",
+                             halves: bool = False) -> ModelOnDataset:
     """Load ``model`` and ``dataset`` (offline registries), extract every layer's moments and
     pooled features of the train split and the pooled features of the test split (cached).
 
@@ -1259,7 +1260,10 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     ``shards`` (e.g. 10): also keep per-shard moments of the train split at ``interval_layers``
     ("all", "grid:n" for n evenly spaced layers, or indices; see `ntps_nb.study.resolve_layers`),
     for NTPS intervals (`layer_profile(..., intervals=True)`). Each shard and layer adds three
-    float64 d x d matrices to the cached entry (~8 MB at d = 576).
+    float64 d x d matrices to the cached entry (~8 MB at d = 576). ``halves`` (with ``shards``):
+    also keep, on every other layer, the moments of the two halves of a ``seed``-ed split of the
+    shards (`ntps_nb.core.estimators.split_halves`), all the default estimator, "richardson",
+    reads: `layer_profile(..., estimator="richardson")` then has it on every layer.
 
     ``precision`` is the extraction's (moment products and pooled features). "float32" (default
     here, unlike `extract`'s "auto": the committed notebook outputs were computed with it) sums
@@ -1289,6 +1293,8 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         Number of shards S of the train split, as above.
     interval_layers : layer spec
         Layers that keep shard moments.
+    halves : bool
+        Keep the two halves' moments on the other layers, as above (needs ``shards`` >= 2).
 
     Returns
     -------
@@ -1311,11 +1317,17 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     settings = dict(max_length=max_length, drop_bos=drop_bos, batch_size=batch_size, pooled_layers="all",
                     precision=precision, pooled_dtype="float64" if precision == "float64" else "float32")
     sharding = {}
+    if halves and not shards:
+        raise ValueError("halves=True needs shards >= 2: the halves are unions of the shards")
     if shards:
         from ntps_nb.study import resolve_layers
 
+        every = list(range(info.n_hidden_states))
         sharding = dict(shards=int(shards), shard_seed=seed,
-                        shard_layers=resolve_layers(interval_layers, list(range(info.n_hidden_states)), "interval_layers"))
+                        shard_layers=resolve_layers(interval_layers, every, "interval_layers"))
+        if halves:
+            sharding.update(half_layers=[layer for layer in every if layer not in sharding["shard_layers"]],
+                            half_seed=seed)
     train = extract_cached(net, tokenizer, info, ds["train"], progress=False, **settings, **sharding)
     test = extract_cached(net, tokenizer, info, ds["test"], progress=False, token_moments=False, **settings)
     return ModelOnDataset(model, dataset, train, test,
@@ -1324,13 +1336,20 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
 
 
 def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", intervals: bool = False,
-                  n_boot: int = 50, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                  n_boot: int = 50, level: float = 0.95, seed: int = 0, estimator: str = "plugin") -> pd.DataFrame:
     """Per layer: NTPS (``variant``, at ``k``) and the held-out probe accuracy, kappa and MSE.
 
     One row per layer with the provenance columns (model, dataset, sizes, max_length, drop_bos).
-    ``intervals``: also the shard-bootstrap interval (`ntps_nb.core.intervals.ntps_interval`,
-    ``n_boot`` replicates, method "basic") and the jackknife standard error, as ``ntps_lower``,
-    ``ntps_upper``, ``ntps_se`` at the layers the extraction kept shards for (NaN elsewhere).
+    ``estimator`` "plugin" (default): the NTPS of the pooled moments, and with ``intervals`` the
+    shard-bootstrap interval (`ntps_nb.core.intervals.ntps_interval`, ``n_boot`` replicates, method
+    "basic", which need not contain the estimate) and the jackknife standard error, as
+    ``ntps_lower``, ``ntps_upper``, ``ntps_se`` at the layers the extraction kept shards for (NaN
+    elsewhere). Another estimator (theory variant; "richardson", the package's default): its
+    estimate on every layer, from the shards where the extraction kept them and from the two
+    halves elsewhere (`extract_model_on_dataset(..., halves=True)`), and with ``intervals`` its
+    delete-one-shard jackknife interval around that estimate, at ``level``, with the reliability
+    flag (`ntps_nb.core.estimators.ntps_estimate`; ``reliable`` False: do not read the number as
+    the population NTPS) at the shard layers.
 
     Parameters
     ----------
@@ -1342,19 +1361,24 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         NTPS variant (see `ntps_nb.core.score.ntps`).
     intervals : bool
         Add the interval columns (needs an extraction with ``shards``).
-    n_boot, level, seed : replicates, confidence level and seed of the intervals.
+    n_boot, level, seed : replicates (bootstrap only), confidence level and seed of the intervals.
+    estimator : str
+        "plugin" or a name of `ntps_nb.core.estimators.ESTIMATORS` (theory variant only; a shard
+        estimator needs the shards or, for "richardson", the halves at every layer).
 
     Returns
     -------
     DataFrame
-        One row per layer: ``layer``, ``k``, ``variant``, ``ntps``, (with ``intervals``:
-        ``ntps_lower``, ``ntps_upper``, ``ntps_se``, ``n_shards``, ``n_boot``, ``level``),
-        ``accuracy``, ``kappa``, ``mse`` and the provenance columns.
+        One row per layer: ``layer``, ``k``, ``variant``, ``estimator``, ``ntps``, (with
+        ``intervals``: ``ntps_lower``, ``ntps_upper``, ``ntps_se``, ``n_shards``, ``level``,
+        ``interval`` (how it was made), and ``n_boot`` for the plug-in's bootstrap or ``reliable``
+        for another estimator's jackknife), ``accuracy``, ``kappa``, ``mse`` and the provenance columns.
 
     Raises
     ------
     ValueError
-        When ``intervals`` is asked of an extraction without shard moments.
+        When ``intervals`` is asked of an extraction without shard moments, or ``estimator``
+        of a layer without the shards or halves it needs.
     """
     from ntps_nb.core.intervals import layer_shards, ntps_interval
     from ntps_nb.core.probes import probe_layers
@@ -1363,10 +1387,15 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     provenance = {"model": run.model, "dataset": run.dataset, "n_train": run.settings["max_train"],
                   "n_test": run.settings["max_test"], "max_length": run.settings["max_length"],
                   "drop_bos": run.settings["drop_bos"]}
-    scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant,
-                           "ntps": [ntps(run.train.moments[layer], k=k, variant=variant) for layer in run.layers]})
     features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
     probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, **provenance)
+    keep = ["layer", "accuracy", "kappa", "mse", *provenance]
+    if estimator != "plugin":
+        scores = _estimator_profile(run, k=k, variant=variant, intervals=intervals, level=level, seed=seed,
+                                    estimator=estimator)
+        return scores.merge(probes[keep], on="layer")
+    scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant, "estimator": "plugin",
+                           "ntps": [ntps(run.train.moments[layer], k=k, variant=variant) for layer in run.layers]})
     if intervals:
         if not run.train.shards:
             raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
@@ -1375,9 +1404,48 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
             iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed)
             rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper, "ntps_se": iv.se_jackknife})
         scores = scores.merge(pd.DataFrame(rows), on="layer", how="left").assign(
-            n_shards=len(run.train.shards), n_boot=n_boot, level=level)
-    keep = ["layer", "accuracy", "kappa", "mse", *provenance]
+            n_shards=len(run.train.shards), n_boot=n_boot, level=level, interval="basic shard bootstrap")
     return scores.merge(probes[keep], on="layer")
+
+
+def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: bool, level: float, seed: int,
+                       estimator: str) -> pd.DataFrame:
+    """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
+    layer (shards where kept, else the two halves), with ``intervals`` the jackknife interval and
+    the reliability flag on the shard layers."""
+    from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, estimate_ntps, ntps_estimate
+    from ntps_nb.core.intervals import layer_shards
+
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if variant != "theory":
+        raise ValueError(f"an estimator other than the plug-in estimates the theory NTPS, got variant={variant!r}")
+    shards = layer_shards(run.train.shards) if run.train.shards else {}
+    halves = layer_shards(run.train.halves) if estimator in HALF_ESTIMATORS and run.train.halves else {}
+    split_seed = run.settings.get("half_seed", run.settings.get("seed", seed))  # the halves' split, on every layer
+    if intervals and not shards:
+        raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
+    rows = []
+    for layer in run.layers:
+        if layer in shards and intervals:
+            frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
+            rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
+                         "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"])})
+        elif layer in shards:
+            rows.append({"layer": layer, "ntps": float(estimate_ntps(shards[layer], [k], estimator=estimator,
+                                                                     seed=split_seed).estimate[0])})
+        elif layer in halves:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
+            rows.append({"layer": layer, "ntps": float(estimate_ntps(halves[layer], [k], estimator=estimator,
+                                                                     seed=split_seed).estimate[0])})
+        else:
+            raise ValueError(f"estimator {estimator!r} needs the shards or halves of every layer; layer {layer} has "
+                             "neither: extract with extract_model_on_dataset(..., shards=20, halves=True)")
+    scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
+    if intervals:
+        scores = scores.assign(n_shards=len(run.train.shards), level=level,
+                               interval="delete-one-shard jackknife (Student t), around the estimate")
+    first = ["layer", "k", "variant", "estimator", "ntps"]
+    return scores[first + [c for c in scores.columns if c not in first]]
 
 
 def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) -> pd.DataFrame:

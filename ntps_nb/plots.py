@@ -385,7 +385,8 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
     ----------
     profile : DataFrame
         One row per layer, as above; with ``ntps_lower``, ``ntps_upper`` and ``level`` columns
-        the intervals are drawn as vertical bars.
+        the intervals are drawn as vertical bars (with a ``reliable`` column, an estimator's
+        jackknife intervals: dotted where the flag says unreliable).
 
     Returns
     -------
@@ -395,15 +396,28 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
     _require(profile, ["layer", "ntps", "k", "variant", "accuracy", "kappa"], "layer_profile")
     fig, (left, right) = _figure(2)
     sns.lineplot(data=profile, x="layer", y="ntps", marker="o", ax=left)
-    title = f"NTPS ({profile['variant'].iloc[0]}, k={profile['k'].iloc[0]})"
+    estimator = str(profile["estimator"].iloc[0]) if "estimator" in profile.columns else "plugin"
+    title = f"NTPS ({profile['variant'].iloc[0]}, k={profile['k'].iloc[0]}" + (
+        f", {estimator} estimate)" if estimator != "plugin" else ")")
     if {"ntps_lower", "ntps_upper"} <= set(profile.columns):
         bars = profile.dropna(subset=["ntps_lower", "ntps_upper"])
-        # vertical segments, not errorbar(): a "basic" bootstrap interval need not contain the estimate
-        left.vlines(bars["layer"], bars["ntps_lower"], bars["ntps_upper"], color="black", lw=1.2)
+        if "reliable" in bars.columns:  # the estimator's jackknife interval, around its estimate
+            for flag, style in ((True, "solid"), (False, "dotted")):
+                part = bars[bars["reliable"].map(_flag) == flag]
+                left.vlines(part["layer"], part["ntps_lower"], part["ntps_upper"], color="black", lw=1.2,
+                            linestyles=style, label=None if flag else "flagged unreliable")
+            if not bars["reliable"].map(_flag).all():
+                left.legend(loc="upper left", fontsize="small")
+            kind = "jackknife intervals (dotted: flagged unreliable)"
+        else:  # vertical segments, not errorbar(): a "basic" bootstrap interval need not contain the estimate
+            left.vlines(bars["layer"], bars["ntps_lower"], bars["ntps_upper"], color="black", lw=1.2)
+            kind = "shard-bootstrap intervals"
         for end in ("ntps_lower", "ntps_upper"):
             left.scatter(bars["layer"], bars[end], marker="_", color="black", s=40)
-        title += f"\n{bars['level'].iloc[0]:.0%} shard-bootstrap intervals" if len(bars) else ""
-    left.set(title=title, ylabel="NTPS", ylim=(0, 1.02))
+        title += f"\n{bars['level'].iloc[0]:.0%} {kind}" if len(bars) else ""
+    values = profile[[c for c in ("ntps", "ntps_lower", "ntps_upper") if c in profile.columns]].to_numpy(dtype=float)
+    left.set(title=title, ylabel="NTPS",  # an estimator other than the plug-in is not clipped to [0, 1]
+             ylim=(min(0.0, float(np.nanmin(values))) - 0.02, max(1.0, float(np.nanmax(values))) + 0.02))
     long = profile.melt(id_vars="layer", value_vars=["accuracy", "kappa"], var_name="metric", value_name="value")
     sns.lineplot(data=long, x="layer", y="value", hue="metric", marker="o", ax=right, palette=_PALETTE)
     right.set(title="held-out logistic probe", ylabel="score", ylim=(min(0, long["value"].min()), 1.02))

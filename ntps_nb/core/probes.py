@@ -50,11 +50,21 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from threadpoolctl import threadpool_limits
+
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.validation import check_finite, check_labels, check_n_classes
 
 Protocol = Literal["heldout", "paper_in_sample"]
 PROTOCOLS = ("heldout", "paper_in_sample")
+
+#: BLAS/OpenMP threads of each scikit-learn logistic fit on the host. lbfgs (and saga) is a
+#: sequence of small matrix-vector products whose thread wake-ups cost more than a second core
+#: gives: on the project's 2-core machines the held-out fit of 300 x 576 features took 5-8x longer
+#: with two threads than with one (`benchmarks/bench_probe_threads.py`, two runs), and notebook 00's
+#: 31 layer probes 57 s instead of 4 s. One thread also makes an
+#: in-process fit the same as one in a worker process of `probe_layers` (``n_jobs``), bit for bit.
+LOGISTIC_FIT_THREADS = 1
 
 #: Iteration cap of the held-out logistic probe (lbfgs on standardised features converges long before).
 LOGISTIC_MAX_ITER = 10_000
@@ -297,7 +307,8 @@ def cv_logistic_probe(
                 Zfit, Zheld = scaler.transform(Xtr[fit]), scaler.transform(Xtr[held])
                 model = logistic(grid[0], warm_start=True)
                 for c, C in enumerate(grid):
-                    model.set_params(C=C).fit(Zfit, ytr[fit])
+                    with threadpool_limits(LOGISTIC_FIT_THREADS):
+                        model.set_params(C=C).fit(Zfit, ytr[fit])
                     scores[c, f] = _fold_score(model, Zheld, ytr[held], scoring, n_classes)
     mean = scores.mean(axis=1)
     best = int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])
@@ -310,7 +321,7 @@ def cv_logistic_probe(
         solver = refit.solver
     else:
         classifier = make_pipeline(StandardScaler(), logistic(grid[best]))
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(LOGISTIC_FIT_THREADS):
             warnings.simplefilter("always", ConvergenceWarning)
             classifier.fit(Xtr, ytr)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
@@ -406,10 +417,12 @@ def _least_squares_ridge(protocol: str, ridge: float) -> float:
 
 def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridge, protocol, max_iter, tol,
                    backend=None, device=None, predicted: np.ndarray | None = None,
-                   logistic_fit: Any = None, kept: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                   logistic_fit: Any = None, kept: dict[str, np.ndarray] | None = None,
+                   fit_threads: int | None = LOGISTIC_FIT_THREADS) -> dict[str, Any]:
     """`heldout_probe`; ``predicted``: the least-squares probe's predictions when already made;
     ``logistic_fit``: the held-out logistic probe's `LogisticProbeFit` when already made on a device;
-    ``kept``: receives the logistic probe's class predictions of the evaluated texts as "predictions"."""
+    ``kept``: receives the logistic probe's class predictions of the evaluated texts as "predictions";
+    ``fit_threads``: BLAS/OpenMP threads of the scikit-learn logistic fit (None: the pools as they are)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     in_sample = protocol == "paper_in_sample"
@@ -431,15 +444,15 @@ def _heldout_probe(train_X, train_y, test_X, test_y, *, n_classes, seed, C, ridg
         else:
             logistic = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)
         classifier = make_pipeline(StandardScaler(), logistic)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(fit_threads):
             warnings.simplefilter("always", ConvergenceWarning)
             classifier.fit(Xtr, ytr)
+            classes = classifier.predict(Xev)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         for w in caught:
             if not issubclass(w.category, ConvergenceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         solver, n_iter = logistic.solver, int(np.max(logistic.n_iter_))
-        classes = classifier.predict(Xev)
     accuracy = float(np.mean(classes == yev))
     if kept is not None:
         kept["predictions"] = np.asarray(classes, dtype=np.int64)

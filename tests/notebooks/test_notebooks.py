@@ -222,6 +222,40 @@ def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
         nbs.layer_profile(plain, k=2, intervals=True)
 
 
+def test_layer_profile_with_richardson_is_that_estimator_on_every_layer():
+    """estimator="richardson": on the shard layers `ntps_estimate`'s estimate, jackknife interval and
+    flag; on the other layers the halves' value, checked against the Richardson formula from the
+    plug-ins of the full sample and the two halves (computed here independently)."""
+    import numpy as np
+
+    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.intervals import layer_shards
+    from ntps_nb.core.moments import Moments
+    from ntps_nb.core.score import ntps
+
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                       shards=6, interval_layers=[0, 2], halves=True)
+    profile = nbs.layer_profile(run, k=2, intervals=True, estimator="richardson", level=0.9).set_index("layer")
+    assert (profile["estimator"] == "richardson").all() and profile["ntps_lower"].notna().tolist() == [True, False, True]
+    est = ntps_estimate(layer_shards(run.train.shards)[2], [2], level=0.9, seed=0).iloc[0]
+    for column, value in (("ntps", "estimate"), ("ntps_lower", "lower"), ("ntps_upper", "upper"), ("ntps_se", "se")):
+        assert profile.loc[2, column] == est[value], column
+    assert profile.loc[2, "reliable"] == est["reliable"]
+    finite = profile.dropna(subset=["ntps_lower"])
+    assert ((finite["ntps_lower"] <= finite["ntps"]) & (finite["ntps"] <= finite["ntps_upper"])).all()  # centred
+    half_a, half_b = (half[1] for half in run.train.halves)
+    full = Moments.combine([half_a, half_b])
+    h = np.mean([1 / half_a.n_texts, 1 / half_b.n_texts])
+    w = h / (h - 1 / full.n_texts)
+    by_hand = w * ntps(full, k=2) + (1 - w) * np.mean([ntps(half_a, k=2), ntps(half_b, k=2)])
+    assert profile.loc[1, "ntps"] == pytest.approx(by_hand, abs=1e-12)
+    with pytest.raises(ValueError, match="neither"):  # no halves: layer 1 has nothing richardson can read
+        nbs.layer_profile(nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                                       shards=6, interval_layers=[0, 2]), k=2, estimator="richardson")
+    with pytest.raises(ValueError, match="needs shards"):
+        nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, halves=True)
+
+
 def test_diagnostics_digest_counts_against_the_rows():
     import numpy as np
     import pandas as pd

@@ -227,3 +227,21 @@ def test_the_other_figures_of_the_series_title_their_legends():
     for fig in figures:
         legends = _legends(fig)
         assert legends and all(legend.get_title().get_text().strip() for legend in legends)
+
+
+def test_layer_profile_draws_an_estimators_intervals_around_it_dotted_where_unreliable():
+    profile = pd.DataFrame({"layer": [0, 1, 2, 3], "k": 6, "variant": "theory", "estimator": "richardson",
+                            "ntps": [0.30, 0.35, -0.05, 0.50], "ntps_lower": [0.20, np.nan, -0.30, 0.45],
+                            "ntps_upper": [0.40, np.nan, 0.20, 0.58], "reliable": [True, np.nan, False, True],
+                            "level": 0.9, "accuracy": 0.7, "kappa": 0.6})
+    fig = plots.layer_profile(profile)
+    left = fig.axes[0]
+    vertical = [c for c in left.collections if isinstance(c, LineCollection)]
+    drawn = {tuple(np.round(s[:, 1], 3)): c.get_linestyle() for c in vertical for s in c.get_segments()}
+    assert set(drawn) == {(0.2, 0.4), (-0.3, 0.2), (0.45, 0.58)}  # one bar per interval, none on layer 1
+    solid, dotted = drawn[(0.2, 0.4)], drawn[(-0.3, 0.2)]
+    assert solid != dotted and drawn[(0.45, 0.58)] == solid
+    assert "richardson estimate" in left.get_title() and "90% jackknife intervals (dotted" in left.get_title()
+    assert left.get_ylim()[0] < -0.3  # a negative estimate or bound stays in view
+    plugin = plots.layer_profile(profile.drop(columns=["estimator", "reliable"]))
+    assert "shard-bootstrap intervals" in plugin.axes[0].get_title()
