@@ -407,7 +407,7 @@ def layer_profile(profile: pd.DataFrame) -> Figure:
                 left.vlines(part["layer"], part["ntps_lower"], part["ntps_upper"], color="black", lw=1.2,
                             linestyles=style, label=None if flag else "flagged unreliable")
             if not bars["reliable"].map(_flag).all():
-                left.legend(loc="upper left", fontsize="small")
+                left.legend(title="interval", loc="upper left", fontsize="small", title_fontsize="small")
             kind = "jackknife intervals (dotted: flagged unreliable)"
         else:  # vertical segments, not errorbar(): a "basic" bootstrap interval need not contain the estimate
             left.vlines(bars["layer"], bars["ntps_lower"], bars["ntps_upper"], color="black", lw=1.2)

@@ -243,5 +243,6 @@ def test_layer_profile_draws_an_estimators_intervals_around_it_dotted_where_unre
     assert solid != dotted and drawn[(0.45, 0.58)] == solid
     assert "richardson estimate" in left.get_title() and "90% jackknife intervals (dotted" in left.get_title()
     assert left.get_ylim()[0] < -0.3  # a negative estimate or bound stays in view
+    assert left.get_legend().get_title().get_text() == "interval"
     plugin = plots.layer_profile(profile.drop(columns=["estimator", "reliable"]))
     assert "shard-bootstrap intervals" in plugin.axes[0].get_title()
