@@ -58,8 +58,12 @@ class UnitClaim:
                     return None
                 path.unlink(missing_ok=True)  # its process is gone: take it over
                 continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(record)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(record)
+            except BaseException:  # interrupted (SIGTERM as an exception) while writing: leave no claim
+                path.unlink(missing_ok=True)
+                raise
             return cls(path)
         return None
 
@@ -339,15 +343,15 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     started = time.perf_counter()
     computed = 0
     for i, (model_name, dataset_name) in enumerate(todo, start=1):
-        claim = UnitClaim.take(cfg, model_name, dataset_name)
-        if claim is None or _unit_state(cfg, (model_name, dataset_name), update_stages) == "complete":
-            if claim is not None:  # finished by another process since this one looked
-                claim.release()
-            log(f"    {model_name} x {dataset_name}: {'complete' if claim else 'being computed by another process'}, "
-                "skipped")
-            rows.append({"model": model_name, "dataset": dataset_name, "status": "elsewhere", "seconds": 0.0})
-            continue
-        try:
+        claim = None
+        try:  # the claim is released whatever ends this unit, a SIGTERM between taking it and computing too
+            claim = UnitClaim.take(cfg, model_name, dataset_name)
+            if claim is None or _unit_state(cfg, (model_name, dataset_name), update_stages) == "complete":
+                # held by another process, or finished by one since this one looked
+                log(f"    {model_name} x {dataset_name}: "
+                    f"{'complete' if claim else 'being computed by another process'}, skipped")
+                rows.append({"model": model_name, "dataset": dataset_name, "status": "elsewhere", "seconds": 0.0})
+                continue
             if loaded_name != model_name:
                 from ntps_nb.models import load_model
 
@@ -357,7 +361,8 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
             tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
             write_unit(cfg.unit_folder(model_name, dataset_name), tables)
         finally:
-            claim.release()
+            if claim is not None:
+                claim.release()
         seconds = time.perf_counter() - t0
         computed += 1
         rows.append({"model": model_name, "dataset": dataset_name, "status": "done", "seconds": round(seconds, 2)})

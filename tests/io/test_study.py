@@ -428,6 +428,23 @@ def test_a_terminated_run_releases_its_claim_and_leaves_no_partial_unit(tmp_path
     assert [p.name for p in units.iterdir()] == [], output  # no claim, no temporary folder left behind
 
 
+def test_a_signal_between_taking_a_claim_and_computing_leaves_no_claim(tmp_path, monkeypatch):
+    """The window the terminated-run test hits under load: SIGTERM (an exception here) right after
+    the claim file is made, while the unit's status is checked, must still release the claim."""
+    import ntps_nb.study.runner as runner
+
+    cfg = _smoke(tmp_path, datasets=["trec6"])
+
+    def interrupted(*args, **kwargs):
+        raise SystemExit(128 + 15)
+
+    monkeypatch.setattr(runner, "_unit_state", lambda cfg, unit, update: (
+        "missing" if not (cfg.folder / "units" / f".{study.unit_name(*unit)}.claim").exists() else interrupted()))
+    with pytest.raises(SystemExit):
+        study.run_study(cfg, log=lambda _: None)
+    assert list((cfg.folder / "units").iterdir()) == []
+
+
 def test_lora_unit_reuses_the_units_own_extraction(tmp_path, tiny_llama):
     pytest.importorskip("peft")
     import dataclasses
