@@ -544,6 +544,8 @@ def test_gain_rows_cross_fit_the_probe_baseline_where_the_units_kept_predictions
     probe-accuracy baseline: the same number as `crossfit_gain_correlation` on the predictions,
     beside the naive one. Planted: LoRA and probe right at random with rates unrelated across
     datasets, so only the naive baseline shares noise with the gain."""
+    from scipy.stats import spearmanr
+
     from ntps_nb.core.gain import crossfit_gain, crossfit_gain_correlation
 
     folder = ROOT / "data" / "results" / "fast_lora"
@@ -567,6 +569,10 @@ def test_gain_rows_cross_fit_the_probe_baseline_where_the_units_kept_predictions
     for column in ("estimate", "lower", "upper", "p_value"):
         assert row[column] == pytest.approx(expected[column], abs=1e-12), column
     assert row["p_side"] == "two-sided" and row["n_datasets"] == len(frames)
+    by_dataset = planted["lora_predictions"].groupby("dataset")
+    probe = by_dataset.apply(lambda g: np.mean(g["probe_prediction"] == g["label"]))
+    gain = by_dataset.apply(lambda g: np.mean(g["lora_prediction"] == g["label"])) - probe
+    assert row["naive_same_datasets"] == pytest.approx(spearmanr(probe, gain)[0], abs=1e-12)
     assert "shares no test text" in row["note"]
     assert ("probe_accuracy_naive_same_test_set", "none") in summary.index
     # predictions of fewer than 3 datasets: no cross-fitted row, and none without predictions at all
