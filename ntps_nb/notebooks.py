@@ -778,8 +778,9 @@ REPOSITORY = NOTEBOOK_DIR.parent
 
 #: What each notebook shows, in one line, for the report's index page.
 DESCRIPTIONS = {
-    "00_quickstart": "NTPS of one model on one dataset: per layer with shard-bootstrap intervals, beside the "
-                     "held-out probe; how the interval narrows with more texts.",
+    "00_quickstart": "NTPS of one model on one dataset: the default estimator per layer with its jackknife "
+                     "intervals and reliability flag, beside the held-out probe; how an interval narrows with "
+                     "more texts.",
     "01_theory_derivation": "The derivation of NTPS and of the excess-loss identity and bounds, every step checked "
                             "numerically; a 3-d example worked by hand.",
     "02_bound_checks": "The bounds on planted synthetic tasks, then the identity against fitted probes on real "
