@@ -1432,15 +1432,13 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
             frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"])})
-        elif layer in shards:
-            rows.append({"layer": layer, "ntps": float(estimate_ntps(shards[layer], [k], estimator=estimator,
-                                                                     seed=split_seed).estimate[0])})
-        elif layer in halves:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
-            rows.append({"layer": layer, "ntps": float(estimate_ntps(halves[layer], [k], estimator=estimator,
-                                                                     seed=split_seed).estimate[0])})
-        else:
-            raise ValueError(f"estimator {estimator!r} needs the shards or halves of every layer; layer {layer} has "
-                             "neither: extract with extract_model_on_dataset(..., shards=20, halves=True)")
+        else:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
+            parts = shards.get(layer) or halves.get(layer)
+            if parts is None:
+                raise ValueError(f"estimator {estimator!r} needs the shards or halves of every layer; layer {layer} "
+                                 "has neither: extract with extract_model_on_dataset(..., shards=20, halves=True)")
+            rows.append({"layer": layer,
+                         "ntps": float(estimate_ntps(parts, [k], estimator=estimator, seed=split_seed).estimate[0])})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
     if intervals:
         scores = scores.assign(n_shards=len(run.train.shards), level=level,
