@@ -270,3 +270,67 @@ def test_interval_sweep_rejects_what_numpy_rejects(task_shards):
     assert (interval_sweep_torch(task_shards, n_boot=5, estimator="plugin")["estimator"] == "plugin").all()
     with pytest.raises(ValueError, match="batch_size"):
         interval_sweep_torch(task_shards, n_boot=2, batch_size=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Whitening by certified Cholesky factors (the fast path of full-rank replicates)
+
+
+def _stacked(ms):
+    names = ("Sxx", "Sxy", "Syy", "C0", "C1")
+    return [torch.as_tensor(np.stack([getattr(m, n) for m in ms]), dtype=torch.float64) for n in names]
+
+
+def _solve(ms, whitening):
+    from ntps_nb.core.backends.torch import _grouped_geometries
+
+    geometries, _ = _grouped_geometries(*_stacked(ms), np.array([m.n_tokens for m in ms]), np.ones(len(ms), bool),
+                                        tol=None, rtol=1e-10, span_rtol=1e-10, whitening=whitening)
+    return geometries
+
+
+def test_cholesky_whitening_equals_eigh_whitening_and_numpy():
+    rng = np.random.default_rng(7)
+    # full rank, full rank with a condition number near 1e6, and two rank-deficient ones (Sxx, C0)
+    ms = [moments(rng, 24), moments(rng, 24), moments(rng, 24, rank_Sxx=15), moments(rng, 24, rank_C0=18)]
+    w, Q = np.linalg.eigh(ms[1].Sxx)
+    ill = (Q * np.geomspace(1e-6, 1.0, 24)) @ Q.T * w.max()
+    ms[1] = Moments(Sxx=ill, Sxy=ill @ rng.standard_normal((24, 5)) / 24, Syy=ms[1].Syy, C0=ms[1].C0, C1=ms[1].C1,
+                    n_texts=100, n_tokens=1000)
+    from ntps_nb.core.backends.torch import _certified_cholesky
+
+    _, ok_U = _certified_cholesky(_stacked(ms)[0], None, 1e-10)
+    _, ok_V = _certified_cholesky(_stacked(ms)[3], None, 1e-10)
+    assert ok_U.tolist() == [True, True, False, True] and ok_V.tolist() == [True, True, True, False]
+    fast, slow = _solve(ms, "auto"), _solve(ms, "eigh")
+    for f, s, m in zip(fast, slow, ms):
+        want = theory_geometry(m)
+        assert (f.r_U, f.r_V) == (s.r_U, s.r_V) == (want.r_U, want.r_V)
+        for got in (f, s):
+            assert np.abs(got.eigenvalues - want.eigenvalues).max() <= AGREEMENT * want.eigenvalues.max()
+            assert np.abs(got.projected - want.projected).max() <= AGREEMENT
+    # the rank-deficient elements went through eigh in both: identical
+    for i in (2, 3):
+        assert np.array_equal(fast[i].projected, slow[i].projected)
+
+
+def test_cholesky_certificate_never_claims_a_rank_eigh_would_not_find():
+    """Along a ladder of smallest eigenvalues around the range threshold (rtol x the largest),
+    the certificate holds only where eigh keeps all d eigenvalues, and holds well above it."""
+    from ntps_nb.core.backends.torch import _certified_cholesky, _eigh_range
+
+    rng = np.random.default_rng(3)
+    d, rtol = 30, 1e-10
+    Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    ratios = np.geomspace(1e-13, 1e-6, 36)  # smallest / largest eigenvalue
+    B = np.stack([(Q * np.concatenate([[r], np.geomspace(1e-3, 1.0, d - 1)])) @ Q.T for r in ratios])
+    Bt = torch.as_tensor(B)
+    _, ok = _certified_cholesky(Bt, None, rtol)
+    _, _, _, rank = _eigh_range(Bt, None, rtol)
+    ok, full = ok.numpy(), rank.numpy() == d
+    assert not np.any(ok & ~full)
+    assert ok[ratios >= 1e-8].all() and not ok[ratios <= 1e-10].any()
+    # an absolute tolerance: the same rule against tol
+    _, ok_tol = _certified_cholesky(Bt, 1e-7, rtol)
+    ok_tol = ok_tol.numpy()
+    assert not np.any(ok_tol & (ratios <= 1e-7)) and ok_tol[ratios >= 2e-7].all()

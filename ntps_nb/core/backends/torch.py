@@ -52,6 +52,7 @@ torch is imported by this module only; nothing else in `ntps_nb.core` imports it
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -120,6 +121,9 @@ CPU_BLOCK_BYTES = 1 * 2**30
 MAX_BATCH = 256
 #: Replicate-sized d x d arrays alive at once while a block is solved (moments, factors, products).
 _ARRAYS_PER_REPLICATE = 20
+#: Safety factor on d eps ||B||_F added to the rank threshold before a Cholesky factorisation
+#: certifies that B has full rank (`_certified_cholesky`); far above Cholesky's backward error.
+CERTIFY_MARGIN = 16.0
 #: Device types the backend computes on (both have float64 eigensolvers).
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -308,7 +312,12 @@ def _perception_top(Q_r: torch.Tensor, s_r: torch.Tensor, Sxy: torch.Tensor):
     """Descending eigenvalues and whitened-coordinate eigenvectors Y of (Sxy Sxy^T, Sxx) on the
     range of Sxx, for at most min(C, r_U) directions, and m per batch element."""
     W = Q_r / torch.sqrt(s_r)[:, None, :]
-    G = W.mT @ Sxy  # (n, r_U, C)
+    return _perception_whitened(W.mT @ Sxy)
+
+
+def _perception_whitened(G: torch.Tensor):
+    """`_perception_top` from the whitened label moments G = W^T Sxy, (n, r_U, C), for any
+    whitening W of Sxx (W^T Sxx W = I on its range)."""
     r, c = G.shape[-2:]
     if c < r:  # the C x C Gram form of (G G^T): the same nonzero eigenpairs
         H = G.mT @ G
@@ -364,33 +373,100 @@ def _theory_geometries(
                                span_rtol=span_rtol)[0]
 
 
+def _certified_cholesky(B: torch.Tensor, tol: float | None, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factors L (B = L L^T) of a (n, d, d) batch, and which elements are certified to
+    have every eigenvalue above the range threshold of `_eigh_range` (rank d, as eigh would find).
+
+    The certificate is a Cholesky factorisation of B - tau I with tau = the threshold's upper bound
+    (``tol``, or ``rtol`` times the Frobenius norm, which bounds the largest eigenvalue) plus
+    `CERTIFY_MARGIN` d eps ||B||_F, more than both factorisations' rounding errors: where it
+    succeeds, every eigenvalue lies above the threshold, so the eigh path would keep all d."""
+    d = B.shape[-1]
+    B = (B + B.mT) / 2
+    size = torch.linalg.matrix_norm(B)
+    base = torch.full_like(size, float(tol)) if tol is not None else rtol * size
+    shift = base + CERTIFY_MARGIN * d * torch.finfo(B.dtype).eps * size
+    eye = torch.eye(d, dtype=B.dtype, device=B.device)
+    _, shifted = torch.linalg.cholesky_ex(B - shift[:, None, None] * eye)
+    L, info = torch.linalg.cholesky_ex(B)
+    return L, (shifted == 0) & (info == 0) & torch.isfinite(size)
+
+
+def _cholesky_geometries(L_U: torch.Tensor, L_V: torch.Tensor, Sxy: torch.Tensor, C1: torch.Tensor,
+                         span_rtol: float):
+    """The theory geometry's parts for a batch where Sxx = L_U L_U^T and C0 = L_V L_V^T are of full
+    rank: whitening by W = L^{-T} instead of Q S^{-1/2} (NTPS is a ratio of projections in the Sxx
+    and C0 inner products, the same for any whitening) costs a Cholesky and triangular solves
+    instead of two eigendecompositions. Returns (lam, m, projected) as `_grouped_geometries` uses them."""
+    lam, Y, m = _perception_whitened(torch.linalg.solve_triangular(L_U, Sxy, upper=False))
+    G = torch.linalg.solve_triangular(L_V, C1, upper=False)
+    M = G @ G.mT
+    _, Y_V = torch.linalg.eigh((M + M.mT) / 2)
+    V = torch.linalg.solve_triangular(L_V.mT, Y_V.flip(-1), upper=True)
+    # coordinates in Sxx's whitened basis: x -> W_U^{-1} x = L_U^T x
+    return lam, m, _projected(L_U.mT @ V, Y, span_rtol)
+
+
 def _grouped_geometries(
     Sxx: torch.Tensor, Sxy: torch.Tensor, Syy: torch.Tensor, C0: torch.Tensor, C1: torch.Tensor,
     n_tokens: np.ndarray, labels_ok: np.ndarray, *, tol: float | None, rtol: float, span_rtol: float,
-    keep: np.ndarray | None = None,
+    keep: np.ndarray | None = None, whitening: str = "auto",
 ) -> tuple[list[TheoryGeometry | str], list[tuple]]:
     """`_theory_geometries`, solved per group of elements with equal ranks (r_U, r_V); and, for the
     groups holding an element flagged in ``keep``, their solutions (members, Q_r, s_r, Y, m, V):
     the retained range of Sxx, U's whitened coordinates (descending), the counts m and the
-    next-token vectors, for callers that compare the subspaces themselves."""
+    next-token vectors, for callers that compare the subspaces themselves.
+
+    ``whitening="auto"`` solves the elements not flagged in ``keep`` whose Sxx and C0 are certified of
+    full rank (`_certified_cholesky`) through Cholesky factors (`_cholesky_geometries`) and the
+    others through eigh, as ``whitening="eigh"`` does for all: the same geometry to rounding."""
+    if whitening not in ("auto", "eigh"):
+        raise ValueError(f"whitening must be 'auto' or 'eigh', got {whitening!r}")
     n, d = Sxx.shape[0], Sxx.shape[-1]
+    trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
+    out: list[TheoryGeometry | str | None] = [None] * n
+    certified = np.zeros(n, dtype=bool)
+    if whitening == "auto" and (keep is None or not np.all(keep)):
+        L_U, ok_U = _certified_cholesky(Sxx, tol, rtol)
+        L_V, ok_V = _certified_cholesky(C0, tol, rtol)
+        certified = _numpy(ok_U & ok_V) & np.asarray(labels_ok, dtype=bool) & (np.asarray(n_tokens) > 0)
+        if keep is not None:  # the kept elements' eigh factors are part of the result
+            certified &= ~np.asarray(keep, dtype=bool)
+        if certified.any():
+            index = None if certified.all() else torch.as_tensor(np.flatnonzero(certified), device=Sxx.device)
+
+            def pick(t):
+                return t if index is None else t[index]
+
+            lam, m, projected = _cholesky_geometries(pick(L_U), pick(L_V), pick(Sxy), pick(C1), span_rtol)
+            lam, m = _numpy(lam).astype(np.float64), _numpy(m)
+            for j, i in enumerate(np.flatnonzero(certified)):
+                out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), d, d, float(trace[i]))
+        del L_U, L_V
+    rest = np.flatnonzero(~certified)
+    if rest.size == 0:
+        return out, []
+    if rest.size < n:  # solve the others by eigh, as a batch of their own
+        index = torch.as_tensor(rest, device=Sxx.device)
+        Sxx, Sxy, C0, C1 = Sxx[index], Sxy[index], C0[index], C1[index]
     s_U, Q_U, threshold_U, rank_U = _eigh_range(Sxx, tol, rtol)
     s_V, Q_V, threshold_V, rank_V = _eigh_range(C0, tol, rtol)
-    trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
     r_U, r_V = _numpy(rank_U), _numpy(rank_V)
-    out: list[TheoryGeometry | str | None] = _undefined_reasons(r_U, r_V, _numpy(threshold_U), _numpy(threshold_V),
-                                                                n_tokens, labels_ok)
+    reasons = _undefined_reasons(r_U, r_V, _numpy(threshold_U), _numpy(threshold_V), np.asarray(n_tokens)[rest],
+                                 np.asarray(labels_ok)[rest])
     groups: dict[tuple[int, int], list[int]] = {}
-    for i in range(n):
-        if out[i] is None:
-            groups.setdefault((int(r_U[i]), int(r_V[i])), []).append(i)
+    for j, i in enumerate(rest):
+        if reasons[j] is None:
+            groups.setdefault((int(r_U[j]), int(r_V[j])), []).append(j)
+        else:
+            out[i] = reasons[j]
     kept = []
-    for (ru, rv), members in groups.items():
-        if len(members) == n:  # the usual case: one group, no copies
+    for (ru, rv), local in groups.items():
+        if len(local) == rest.size:  # the usual case: one group, no copies
             def take(t):
                 return t
         else:
-            index = torch.as_tensor(members, device=Sxx.device)
+            index = torch.as_tensor(local, device=Sxx.device)
 
             def take(t):
                 return t[index]
@@ -400,15 +476,22 @@ def _grouped_geometries(
         # coordinates in the retained range of Sxx: u_i -> Y[:, i]; Sxx^{1/2} V -> S^{1/2} Q_r^T V
         projected = _projected(torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V), Y, span_rtol)
         lam, m = _numpy(lam).astype(np.float64), _numpy(m)
+        members = [int(rest[j]) for j in local]
         for j, i in enumerate(members):
-            mi = int(m[j])
-            out[i] = (TheoryGeometry(eigenvalues=lam[j, :mi].copy(), projected=projected[j, :, :mi].copy(),
-                                     r_V=rv, r_U=ru, trace_Syy=float(trace[i]))
-                      if mi > 0 else "Sxy is zero: the pooled states carry no label signal, U is undefined")
+            out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), ru, rv, float(trace[i]))
         if keep is not None and any(keep[i] for i in members):
             kept.append((members, Q_r, s_r, Y, m, V))
         del V, Q_r
     return out, kept
+
+
+def _geometry_or_reason(lam: np.ndarray, projected: np.ndarray, m: int, r_U: int, r_V: int,
+                        trace_Syy: float) -> TheoryGeometry | str:
+    """One element's `TheoryGeometry` from its descending eigenvalues and projections, or why U is undefined."""
+    if m == 0:
+        return "Sxy is zero: the pooled states carry no label signal, U is undefined"
+    return TheoryGeometry(eigenvalues=lam[:m].copy(), projected=projected[:, :m].copy(), r_V=r_V, r_U=r_U,
+                          trace_Syy=trace_Syy)
 
 
 def theory_geometry_torch(
@@ -1174,6 +1257,39 @@ def ntps_diagnostics_torch(
         grids["reference"] = {"fractions": fracs, "counts": counts, "ntps": _reference_values(geometry, fracs),
                               "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
 
+    # The eigensolver comparison is host LAPACK (numpy / scipy, which release the GIL): it runs in a
+    # thread while the device solves the perturbations and the null.
+    host = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntps-host-solvers")
+    host_solves = host.submit(_host_solver_values, moments, variants, grids) if solvers else None
+    try:
+        return _diagnostics_on_device(moments, variants, grids, host_solves, X=X if n_permutations else None,
+                                      Y=Y if n_permutations else None, shift=shift if n_permutations else None,
+                                      n_perturb=n_perturb, perturb_scale=perturb_scale,
+                                      n_permutations=n_permutations, seed=seed, batch=batch, device=device,
+                                      provenance=provenance)
+    finally:
+        host.shutdown(wait=True)
+
+
+def _host_solver_values(moments: Moments, variants: list[str], grids: dict) -> dict[str, list[np.ndarray]]:
+    """NTPS at each variant's grid under each host eigensolver setting (`SOLVER_CONFIGS`)."""
+    out: dict[str, list[np.ndarray]] = {}
+    for name in variants:
+        out[name] = []
+        for precision, solver in SOLVER_CONFIGS[name]:
+            if name == "theory":
+                geometry = TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
+                out[name].append(_theory_values(geometry, grids[name]["ks"]))
+            else:
+                geometry = ReferenceFactorization.from_moments(moments, precision=precision,
+                                                               solver=solver).geometry(moments)
+                out[name].append(_reference_values(geometry, grids[name]["fractions"]))
+    return out
+
+
+def _diagnostics_on_device(moments, variants, grids, host_solves, *, X, Y, shift, n_perturb, perturb_scale,
+                           n_permutations, seed, batch, device, provenance) -> pd.DataFrame:
+    """The perturbations and the label null of `ntps_diagnostics_torch` on the device, then its frame."""
     perturb_seq, perm_seq = np.random.SeedSequence(seed).spawn(2)
 
     # Perturbations: the numpy function's copies, drawn in its order, solved a block at a time.
@@ -1228,20 +1344,12 @@ def ntps_diagnostics_torch(
                 null["reference"][start:stop] = reference_factor.values(Sxy, grids["reference"]["fractions"])
             del Sxy
 
-    # Eigensolver settings: LAPACK front ends on the host, beside the device's own solve.
+    # Eigensolver settings: LAPACK front ends on the host (started above, beside the device's work),
+    # against the device's own solve.
     solver_dev = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
-    if solvers:
-        for name in variants:
-            values = [grids[name]["ntps"]]
-            for precision, solver in SOLVER_CONFIGS[name]:
-                if name == "theory":
-                    geometry = TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
-                    values.append(_theory_values(geometry, grids[name]["ks"]))
-                else:
-                    geometry = ReferenceFactorization.from_moments(moments, precision=precision,
-                                                                   solver=solver).geometry(moments)
-                    values.append(_reference_values(geometry, grids[name]["fractions"]))
-            spread = _column_stats(np.vstack(values))
+    if host_solves is not None:
+        for name, values in host_solves.result().items():
+            spread = _column_stats(np.vstack([grids[name]["ntps"], *values]))
             solver_dev[name] = spread["max"] - spread["min"]
 
     return diagnostics_frame(variants, grids, perturbed, null, rank_changes, solver_dev, n_perturb=n_perturb,
