@@ -268,43 +268,35 @@ def part_intervals(unit, args, table, clock, say):
         table.add(f"intervals: {variant}, {n_boot}+{n_shards} replicates, {len(grid)} layers", t_cpu, t_gpu, note)
 
 
-def _solver_comparison(m, variant_name):
-    if variant_name == "theory":
-        for solver in ("scipy", "numpy"):
-            TheoryFactorization.from_moments(m, solver=solver).geometry(m)
-    else:
-        for precision, solver in (("float32", "scipy"), ("float32", "numpy"), ("float64", "scipy"),
-                                  ("float64", "numpy")):
-            ReferenceFactorization.from_moments(m, precision=precision, solver=solver).geometry(m)
+def diagnostics_stage(unit, args, on):
+    """The study's diagnostics stage (`ntps_nb.study.stages._diagnostics_stage`) on ``on`` (None:
+    numpy): both variants on every diagnostic layer, the host eigensolver comparison included (on a
+    device, in threads beside the device work)."""
+    from types import SimpleNamespace
+
+    from ntps_nb.study.stages import _diagnostics_stage
+
+    cfg = SimpleNamespace(estimator="plugin", diagnostic_k=DEFAULT["diagnostic_k"],
+                          diagnostic_fractions=DEFAULT["diagnostic_fractions"], n_perturb=args.n_perturb,
+                          n_permutations=args.n_permutations, seed=args.seed)
+    u = SimpleNamespace(cfg=cfg, diag_grid=unit["diag_grid"], ex=unit["ex"], analysis_device=on)
+    return _diagnostics_stage(u)[0]
 
 
 def part_diagnostics(unit, args, table, clock, say):
     device, grid, ex = unit["device"], unit["diag_grid"], unit["ex"]
-    settings = dict(n_perturb=args.n_perturb, n_permutations=args.n_permutations, seed=args.seed, solvers=False)
-
-    def run(layer, on):
-        m = ex.moments[layer]
-        sweep = ntps_sweep(m) if on is None else ntps_sweep_torch(m, device=on)
-        r_V = int(sweep["r_V"].iloc[0])
-        ks = [k for k in DEFAULT["diagnostic_k"] if k <= r_V] or [1]
-        return [ntps_diagnostics(m, ex.pooled[layer], ex.labels, variant=variant, device=on, **settings, **grid_kw)
-                for variant, grid_kw in (("theory", dict(k=ks)),
-                                         ("reference", dict(fraction=DEFAULT["diagnostic_fractions"])))]
-
-    t_gpu, gpu_frames = 0.0, {}
-    for layer in grid:
-        t, gpu_frames[layer] = clock(lambda: run(layer, device))
-        t_gpu += t
+    t_gpu, gpu_frame = clock(lambda: diagnostics_stage(unit, args, device))
     if not unit["sampled"]:
-        t_cpu, worst = 0.0, 0.0
-        for layer in grid:
-            t, frames = clock(lambda: run(layer, None))
-            t_cpu += t
-            a, b = frames[0], gpu_frames[layer][0]
-            for column in ("ntps", "perturb_max_dev", "perm_mean", "p_value"):
-                worst = max(worst, float(np.nanmax(np.abs(a[column].to_numpy(float) - b[column].to_numpy(float)))))
+        t_cpu, cpu_frame = clock(lambda: diagnostics_stage(unit, args, None))
+        theory = (cpu_frame["variant"] == "theory").to_numpy()
+        worst = 0.0
+        for column in ("ntps", "perturb_max_dev", "perm_mean", "p_value", "solver_max_dev"):
+            a = cpu_frame.loc[theory, column].to_numpy(float)
+            b = gpu_frame.loc[theory, column].to_numpy(float)
+            worst = max(worst, float(np.nanmax(np.abs(a - b))))
         note = ""
-        say(f"    agreement: theory diagnostics (ntps, perturb_max_dev, perm_mean, p_value) max |GPU - CPU| {worst:.2e}")
+        say(f"    agreement: theory diagnostics (ntps, perturb_max_dev, perm_mean, p_value, solver_max_dev) "
+            f"max |GPU - CPU| {worst:.2e}")
     else:  # the steps of one layer timed once each, the stage's counts of them summed
         layer = grid[len(grid) // 2]
         m, X, y = ex.moments[layer], ex.pooled[layer], ex.labels
@@ -321,28 +313,13 @@ def part_diagnostics(unit, args, table, clock, say):
         t_perm_t, _ = clock(lambda: factor_t.geometry(permuted))
         t_perm_r, _ = clock(lambda: factor_r.geometry(permuted))
         n_p, n_q = args.n_perturb, args.n_permutations
-        per_layer = (t_sweep + (1 + n_p) * (t_geo_t + t_geo_r) + t_fac_t + t_fac_r + n_q * (t_perm_t + t_perm_r))
+        per_layer = (t_sweep + (1 + n_p) * (t_geo_t + t_geo_r) + t_fac_t + t_fac_r + n_q * (t_perm_t + t_perm_r)
+                     + 2 * t_fac_t + 4 * t_fac_r)
         t_cpu = per_layer * len(grid)
         note = (f"layer {layer}'s steps timed once: sweep + {1 + n_p} x geometries + factorisations + "
-                f"{n_q} x permutations, x {len(grid)} layers")
-        unit["cpu_factorisation_seconds"] = (t_fac_t, t_fac_r)
-    table.add(f"diagnostics: theory+reference, {len(grid)} layers (no solver comparison)", t_cpu, t_gpu, note)
-
-    # the eigensolver comparison: LAPACK front ends on the host, the same code in both columns
-    if not unit["sampled"]:
-        t_host = 0.0
-        for layer in grid:
-            for variant in ("theory", "reference"):
-                t, _ = clock(lambda: _solver_comparison(ex.moments[layer], variant))
-                t_host += t
-        table.add(f"diagnostics: solver comparison (host LAPACK, both), {len(grid)} layers", t_host, t_host,
-                  gpu_note="measured once, in both")
-    else:
-        t_fac_t, t_fac_r = unit["cpu_factorisation_seconds"]
-        t_host = (2 * t_fac_t + 4 * t_fac_r) * len(grid)
-        table.add(f"diagnostics: solver comparison (host LAPACK, both), {len(grid)} layers", t_host, t_host,
-                  "2 theory + 4 reference factorisations at the timed cost, x layers",
-                  gpu_note="~, the same estimate")
+                f"{n_q} x permutations + the solver comparison's 2 + 4 factorisations, x {len(grid)} layers")
+    table.add(f"diagnostics stage: theory+reference with the solver comparison, {len(grid)} layers", t_cpu, t_gpu,
+              note, gpu_note="host solver comparison in threads beside the device")
 
 
 def part_probes(unit, args, table, clock, say):
@@ -417,16 +394,26 @@ def part_probes(unit, args, table, clock, say):
         f"{sum(bool(f.converged[0]) for f in fits)}/{len(fits)}, Newton iterations <= "
         f"{max(int(f.n_iter[0]) for f in fits)}, Hessian products <= {max(int(f.n_hessian_products[0]) for f in fits)}")
 
-    # the paper's in-sample saga probes: the released code's early-stopped solver, on the host in both columns
-    def saga(layer):
+    # the paper's in-sample saga probes (and its least squares) as the probes stage runs them:
+    # `probe_layers(n_jobs=None)`, scikit-learn's saga on the host in worker processes (one per BLAS
+    # thread of the bound), in both columns
+    def paper(on):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            make_pipeline(StandardScaler(), LogisticRegression(**probe_module.PAPER_LOGISTIC)).fit(ex.pooled[layer],
-                                                                                                ex.labels)
+            return probe_module.probe_layers({layer: ex.pooled[layer] for layer in layers}, ex.labels,
+                                             n_classes=n_classes, protocol="paper_in_sample", seed=args.seed,
+                                             device=on, n_jobs=None)
 
-    t_saga = sum(clock(lambda: saga(layer))[0] for layer in logistic_layers) * len(layers) / len(logistic_layers)
-    table.add(f"probes: logistic in-sample saga (host, both), {len(layers)} layers", t_saga, t_saga, note,
-              gpu_note=("~, the same" if note else "measured once, in both"))
+    t_paper_gpu, paper_gpu = clock(lambda: paper(device))
+    if unit["sampled"]:
+        t_paper_cpu, note = t_paper_gpu, "~, the same host work (saga dominates)"
+    else:
+        t_paper_cpu, paper_cpu = clock(lambda: paper(None))
+        note = ""
+        say(f"    agreement: paper in-sample accuracy max |GPU - CPU| "
+            f"{float(np.abs(paper_gpu['accuracy'] - paper_cpu['accuracy']).max()):.2e}")
+    table.add(f"probes: paper in-sample (saga in host worker processes + least squares), {len(layers)} layers",
+              t_paper_cpu, t_paper_gpu, note)
     if args.cv_probe:
         last = layers[-1]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -365,6 +365,85 @@ def _tail(real: np.ndarray, null: np.ndarray, atol: float) -> dict[str, np.ndarr
 
 
 
+def _solver_values(moments: Moments, name: str, ks: np.ndarray | None, fractions: np.ndarray) -> list[np.ndarray]:
+    """NTPS at the grid (ks for the theory variant, fractions for the reference) under each host
+    eigensolver setting of `SOLVER_CONFIGS`."""
+    values = []
+    for precision, solver in SOLVER_CONFIGS[name]:
+        if name == "theory":
+            values.append(_theory_values(TheoryFactorization.from_moments(moments, solver=solver).geometry(moments), ks))
+        else:
+            geometry = ReferenceFactorization.from_moments(moments, precision=precision, solver=solver).geometry(moments)
+            values.append(_reference_values(geometry, fractions))
+    return values
+
+
+def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fraction: Any = None) -> list[np.ndarray]:
+    """The host eigensolver settings' NTPS of one variant, at the grid `ntps_diagnostics` would use
+    for the same ``k`` / ``fraction``: what its ``solver_max_dev`` compares, computed apart (the
+    study computes them for every layer at once, beside the device work) and handed back as
+    ``ntps_diagnostics(..., solvers={variant: values})``.
+
+    Parameters
+    ----------
+    moments : the layer's `Moments`.
+    variant : "theory" or "reference".
+    k, fraction : as in `ntps_diagnostics` for that variant.
+
+    Returns
+    -------
+    list of (G,) float arrays, one per setting of ``SOLVER_CONFIGS[variant]``, in its order.
+    """
+    if variant == "theory":
+        geometries = [TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
+                      for _, solver in SOLVER_CONFIGS["theory"]]
+        ks, _ = _theory_ks(k, fraction if k is None else None, geometries[0].r_V)
+        return [_theory_values(geometry, ks) for geometry in geometries]
+    if variant == "reference":
+        fractions = np.array(_fractions(fraction, upper_inclusive=False) if fraction is not None
+                             else REFERENCE_FRACTIONS, dtype=np.float64)
+        return _solver_values(moments, "reference", None, fractions)
+    raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+
+
+def solver_deviations(variants: Sequence[str], grids: dict, solvers: Any, compute, *,
+                      compared: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``solver_max_dev`` per variant: the spread (max - min) of NTPS over this computation's own
+    solve and the host settings' values, which ``solvers`` gives (a mapping variant -> the list
+    `host_solver_values` returns) or asks to compute (True: ``compute(variant)``; False: none).
+
+    Parameters
+    ----------
+    variants : the variants of the frame.
+    grids : per variant, at least ``ntps`` (this computation's values at the grid).
+    solvers : bool or mapping, as in `ntps_diagnostics`.
+    compute : callable variant -> list of arrays, used when ``solvers`` is True.
+    compared : the variants that get a spread (default: all); the others stay NaN.
+
+    Returns
+    -------
+    dict variant -> (G,) array, NaN where not compared.
+    """
+    out = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
+    if solvers is False or solvers is None:
+        return out
+    for name in (variants if compared is None else compared):
+        if isinstance(solvers, Mapping):
+            if name not in solvers:
+                raise ValueError(f"solvers= gives host solver values for {sorted(solvers)}, not for {name!r}")
+            values = [np.asarray(v, dtype=np.float64) for v in solvers[name]]
+            if len(values) != len(SOLVER_CONFIGS[name]) or any(v.shape != out[name].shape for v in values):
+                raise ValueError(f"solvers[{name!r}] must be {len(SOLVER_CONFIGS[name])} arrays of {out[name].size} "
+                                 "values (host_solver_values at the same k / fraction)")
+        elif solvers is True:
+            values = compute(name)
+        else:
+            raise ValueError(f"solvers must be True, False or a mapping variant -> host_solver_values, got {solvers!r}")
+        spread = _column_stats(np.vstack([grids[name]["ntps"], *values]))
+        out[name] = spread["max"] - spread["min"]
+    return out
+
+
 def check_diagnostics_inputs(moments, features, labels, variant, n_perturb, n_permutations,
                              perturb_scale) -> tuple[list[str], int, int]:
     """The argument checks of `ntps_diagnostics` (shared with the torch backend), in its order.
@@ -490,7 +569,9 @@ def ntps_diagnostics(
         variants, so their rows are paired).
     solvers : also compute ``solver_max_dev``: the largest disagreement of NTPS between
         eigensolver settings, scipy vs numpy in float64 for the theory variant (it is defined in
-        float64) and {float32, float64} x {scipy, numpy} for the reference variant.
+        float64) and {float32, float64} x {scipy, numpy} for the reference variant. Or a mapping
+        variant -> `host_solver_values` at the same k / fraction, computed elsewhere (the study
+        computes every layer's at once, in threads beside the device work).
     feature_rtol : tolerance of the features-vs-moments check.
     estimator : the estimator of the theory rows: "plugin" (default) or a pooled estimator of
         `ntps_nb.core.estimators.ESTIMATORS` (one not in ``SHARD_ESTIMATORS``; uncentred moments,
@@ -584,19 +665,10 @@ def ntps_diagnostics(
                                  else _estimated(permuted, grids[name]["ks"], estimator, seed))
 
     # Eigensolver settings.
-    solver_dev = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
-    if solvers:
-        for name in (v for v in variants if plugin or v != "theory"):  # the plug-in's solvers only
-            values = [grids[name]["ntps"]]
-            for precision, solver in SOLVER_CONFIGS[name]:
-                if name == "theory":
-                    geometry = TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
-                else:
-                    geometry = ReferenceFactorization.from_moments(moments, precision=precision,
-                                                                   solver=solver).geometry(moments)
-                values.append(evaluate(name, geometry))
-            spread = _column_stats(np.vstack(values))
-            solver_dev[name] = spread["max"] - spread["min"]
+    solver_dev = solver_deviations(variants, grids, solvers,
+                                   lambda name: _solver_values(moments, name, grids[name].get("ks"),
+                                                               grids[name]["fractions"]),
+                                   compared=[v for v in variants if plugin or v != "theory"])
 
     return diagnostics_frame(variants, grids, perturbed, null, rank_changes, solver_dev, n_perturb=n_perturb,
                              n_permutations=n_permutations, perturb_scale=perturb_scale, seed=seed,

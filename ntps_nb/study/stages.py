@@ -841,6 +841,55 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     return table[known + [c for c in table.columns if c not in known]], record
 
 
+class _HostSolvers:
+    """The diagnostics' host eigensolver comparison (``solver_max_dev``) of every (layer, variant)
+    job, computed in threads while the device computes the rest (analysis on a GPU): the host
+    LAPACK factorisations were most of the stage's time there (d = 4096: minutes). The threads
+    share the BLAS bound in force (`ntps_nb.analysis_threads`), each taking an equal part."""
+
+    def __init__(self, u: _Unit, jobs: list):
+        self.u, self.jobs, self.pool, self.futures = u, jobs, None, {}
+        self.computing = bool(jobs)
+
+    def __enter__(self) -> "_HostSolvers":
+        if not self.computing:
+            return self
+        import concurrent.futures
+
+        from threadpoolctl import threadpool_info
+
+        from ntps_nb.core.diagnostics import host_solver_values
+        from ntps_nb.core.threads import analysis_threads
+
+        bounds = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        budget = max(bounds) if bounds else 1
+        workers = max(1, min(len(self.jobs), budget))
+        self.threads = analysis_threads(max(1, budget // workers))
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ntps-solvers")
+        for layer, variant, grid in self.jobs:
+            self.futures[layer, variant] = self.pool.submit(host_solver_values, self.u.ex.moments[layer], variant,
+                                                            **grid)
+        return self
+
+    def fill(self, frame: pd.DataFrame, layer: int, variant: str) -> pd.DataFrame:
+        """``frame`` with its ``solver_max_dev`` from the host values (when computed here)."""
+        if not self.computing:
+            return frame
+        from ntps_nb.core.diagnostics import solver_deviations
+
+        compared = [variant] if variant == "reference" or (frame["estimator"] == "plugin").all() else []
+        spread = solver_deviations([variant], {variant: {"ntps": frame["ntps"].to_numpy(np.float64)}},
+                                   {variant: self.futures[layer, variant].result()}, None, compared=compared)
+        return frame.assign(solver_max_dev=spread[variant])
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            for future in self.futures.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            self.threads.restore()
+
+
 def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     """Perturbation, label-permutation and solver diagnostics (`ntps_nb.core.diagnostics`) on
     the diagnostic layers: the theory rows by the config's estimator where it is a pooled one (a
@@ -855,17 +904,21 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     estimator = "plugin" if u.cfg.estimator in SHARD_ESTIMATORS else u.cfg.estimator
     device = u.analysis_device
     sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
+    jobs = []
+    for layer in u.diag_grid:
+        r_V = int(sweep(u.ex.moments[layer])["r_V"].iloc[0])
+        ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
+        jobs += [(layer, "theory", dict(k=ks)), (layer, "reference", dict(fraction=list(u.cfg.diagnostic_fractions)))]
     rows = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _HostSolvers(u, jobs if device is not None else []) as host:
         _ignore_recorded_as_nan()
-        for layer in u.diag_grid:
-            r_V = int(sweep(u.ex.moments[layer])["r_V"].iloc[0])
-            ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
-            for variant, grid in (("theory", dict(k=ks, estimator=estimator)),
-                                  ("reference", dict(fraction=list(u.cfg.diagnostic_fractions)))):
-                rows.append(ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
-                                             n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
-                                             seed=u.cfg.seed, layer=layer, device=device, **grid))
+        for layer, variant, grid in jobs:
+            options = dict(estimator=estimator) if variant == "theory" else {}
+            frame = ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
+                                     n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
+                                     seed=u.cfg.seed, layer=layer, device=device, solvers=not host.computing,
+                                     **grid, **options)
+            rows.append(host.fill(frame, layer, variant))
     why = "needs per-shard moments, and the diagnostics permute per-text labels of the pooled features"
     stand_in = list(u.diag_grid) if estimator != u.cfg.estimator else []
     return pd.concat(rows, ignore_index=True), _plugin_only(u.cfg.estimator, stand_in, why)

@@ -1442,3 +1442,43 @@ def test_the_committed_default_richardson_units_reuse_the_default_studys_lora_an
                 pd.testing.assert_frame_equal(new, old.drop(columns=provenance), check_dtype=False)
         else:
             assert str(meta["lora"]).startswith("skipped"), unit.name
+
+
+def test_on_a_device_the_diagnostics_host_solvers_run_in_threads_and_give_the_in_call_numbers(tmp_path, monkeypatch,
+                                                                                               tiny_llama):
+    """With the analysis on the torch backend, the diagnostics stage computes the host eigensolver
+    comparison of every (layer, variant) in threads that share the BLAS bound, beside the device
+    work; its solver_max_dev equals the one `ntps_diagnostics(..., device=, solvers=True)` computes
+    in the call (the same host solves, the same spread)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from ntps_nb.core import diagnostics
+
+    seen = []
+    real = diagnostics.host_solver_values
+
+    def recording(moments, variant, **grid):
+        blas = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+        seen.append((threading.current_thread().name, variant, blas, moments, grid))
+        return real(moments, variant, **grid)
+
+    monkeypatch.setattr(diagnostics, "host_solver_values", recording)
+    cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=True, probes=[], analysis_device="cpu", analysis_threads=4)
+    table = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache",
+                           log=lambda _: None)["diagnostics"]
+    jobs = 2 * table["layer"].nunique()
+    assert len(seen) == jobs and all(name.startswith("ntps-solvers") for name, *_ in seen)
+    assert all(blas == {max(1, 4 // min(jobs, 4))} for _, _, blas, _, _ in seen)
+    assert table["solver_max_dev"].notna().all()
+    matched = set()
+    for _, variant, _, moments, grid in seen:  # threads start in any order: find each job's layer by its NTPS
+        in_call = diagnostics.ntps_diagnostics(moments, variant=variant, n_perturb=0, n_permutations=0, device="cpu",
+                                               solvers=True, **grid)
+        (layer,) = [layer for layer, rows in table[table["variant"] == variant].groupby("layer")
+                    if np.allclose(rows["ntps"].to_numpy(float), in_call["ntps"].to_numpy(float), rtol=0, atol=1e-12,
+                                   equal_nan=True) and (layer, variant) not in matched]
+        matched.add((layer, variant))
+        rows = table[(table["layer"] == layer) & (table["variant"] == variant)]
+        np.testing.assert_array_equal(rows["solver_max_dev"].to_numpy(float), in_call["solver_max_dev"].to_numpy(float))

@@ -63,18 +63,16 @@ import torch
 from ntps_nb.core.diagnostics import (
     FEATURE_MATCH_RTOL,
     PERTURB_SCALE,
-    SOLVER_CONFIGS,
-    ReferenceFactorization,
-    TheoryFactorization,
-    _column_stats,
     _fractions,
     _label_design,
     _perturb,
     _reference_values,
+    _solver_values,
     _theory_ks,
     _theory_values,
     check_diagnostics_inputs,
     diagnostics_frame,
+    solver_deviations,
 )
 from ntps_nb.core.estimators import (
     DEFAULT_ESTIMATOR,
@@ -1257,12 +1255,14 @@ def ntps_diagnostics_torch(
         grids["reference"] = {"fractions": fracs, "counts": counts, "ntps": _reference_values(geometry, fracs),
                               "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
 
-    # The eigensolver comparison is host LAPACK (numpy / scipy, which release the GIL): it runs in a
-    # thread while the device solves the perturbations and the null.
+    # The eigensolver comparison is host LAPACK (numpy / scipy, which release the GIL): unless the
+    # caller computed it (``solvers`` a mapping), it runs in a thread beside the device's work.
     host = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntps-host-solvers")
-    host_solves = host.submit(_host_solver_values, moments, variants, grids) if solvers else None
+    host_solves = (host.submit(lambda: {name: _solver_values(moments, name, grids[name].get("ks"),
+                                                             grids[name]["fractions"]) for name in variants})
+                   if solvers is True else None)
     try:
-        return _diagnostics_on_device(moments, variants, grids, host_solves, X=X if n_permutations else None,
+        return _diagnostics_on_device(moments, variants, grids, solvers, host_solves, X=X if n_permutations else None,
                                       Y=Y if n_permutations else None, shift=shift if n_permutations else None,
                                       n_perturb=n_perturb, perturb_scale=perturb_scale,
                                       n_permutations=n_permutations, seed=seed, batch=batch, device=device,
@@ -1271,23 +1271,7 @@ def ntps_diagnostics_torch(
         host.shutdown(wait=True)
 
 
-def _host_solver_values(moments: Moments, variants: list[str], grids: dict) -> dict[str, list[np.ndarray]]:
-    """NTPS at each variant's grid under each host eigensolver setting (`SOLVER_CONFIGS`)."""
-    out: dict[str, list[np.ndarray]] = {}
-    for name in variants:
-        out[name] = []
-        for precision, solver in SOLVER_CONFIGS[name]:
-            if name == "theory":
-                geometry = TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
-                out[name].append(_theory_values(geometry, grids[name]["ks"]))
-            else:
-                geometry = ReferenceFactorization.from_moments(moments, precision=precision,
-                                                               solver=solver).geometry(moments)
-                out[name].append(_reference_values(geometry, grids[name]["fractions"]))
-    return out
-
-
-def _diagnostics_on_device(moments, variants, grids, host_solves, *, X, Y, shift, n_perturb, perturb_scale,
+def _diagnostics_on_device(moments, variants, grids, solvers, host_solves, *, X, Y, shift, n_perturb, perturb_scale,
                            n_permutations, seed, batch, device, provenance) -> pd.DataFrame:
     """The perturbations and the label null of `ntps_diagnostics_torch` on the device, then its frame."""
     perturb_seq, perm_seq = np.random.SeedSequence(seed).spawn(2)
@@ -1344,13 +1328,9 @@ def _diagnostics_on_device(moments, variants, grids, host_solves, *, X, Y, shift
                 null["reference"][start:stop] = reference_factor.values(Sxy, grids["reference"]["fractions"])
             del Sxy
 
-    # Eigensolver settings: LAPACK front ends on the host (started above, beside the device's work),
-    # against the device's own solve.
-    solver_dev = {name: np.full(len(grids[name]["ntps"]), np.nan) for name in variants}
-    if host_solves is not None:
-        for name, values in host_solves.result().items():
-            spread = _column_stats(np.vstack([grids[name]["ntps"], *values]))
-            solver_dev[name] = spread["max"] - spread["min"]
+    # Eigensolver settings: LAPACK front ends on the host (started above, beside the device's work,
+    # or given), against the device's own solve.
+    solver_dev = solver_deviations(variants, grids, solvers, lambda name: host_solves.result()[name])
 
     return diagnostics_frame(variants, grids, perturbed, null, rank_changes, solver_dev, n_perturb=n_perturb,
                              n_permutations=n_permutations, perturb_scale=perturb_scale, seed=seed,
