@@ -9,8 +9,9 @@ A random-initialised model is built from the real config of each shape (Qwen2-0.
 24 layers; Llama-3-8B: d = 4096, 32 layers; no download), and N texts of random token ids with
 lengths uniform in [32, 512] (C classes; a held-out split of N/2 texts for the probes) go
 through `ntps_nb.extract.extract` as a unit of studies/default.toml does (every hidden state,
-20 shards on the interval layers, pooled features, Shh). Then, as `ntps_nb.study.stages` computes
-a unit:
+20 shards on the interval layers, pooled features, Shh; on a GPU the moments also stay there for
+the GPU column, ``keep_on_device``, as the study keeps them). Then, as `ntps_nb.study.stages`
+computes a unit:
 
 - ntps: theory and reference sweeps of every layer, the PCA-overlap control on the peer layers;
 - intervals: theory and reference interval sweeps, 200 bootstrap + 20 jackknife replicates, on
@@ -536,7 +537,8 @@ def bench_shape(name: str, spec: dict, args, device: torch.device, say) -> None:
     extract(model, tok, (texts[:4], labels[:4]), layers=[0, 1], **common)
     t_train, unit["ex"] = clock(lambda: extract(model, tok, (texts, labels), layers="all", pooled_layers="all",
                                                 shards=args.shards, shard_layers=unit["interval_grid"], shard_seed=0,
-                                                token_moments=True, n_classes=args.classes, **common))
+                                                token_moments=True, n_classes=args.classes,
+                                                keep_on_device=device.type == "cuda", **common))
     t_test, unit["ex_test"] = clock(lambda: extract(model, tok, (test_texts, test_labels), layers="all",
                                                     pooled_layers="all", token_moments=False, n_classes=args.classes,
                                                     **common))

@@ -292,11 +292,15 @@ class _Accumulator:
                     value.copy_((value + value.T) / 2)
                 value /= n
 
-    def to_layer_moments(self, metadata: dict[str, Any], timings: dict[str, float] | None = None) -> LayerMoments:
+    def to_layer_moments(self, metadata: dict[str, Any], timings: dict[str, float] | None = None, *,
+                         keep_on_device: bool = False) -> LayerMoments:
         """Divide by N, make the symmetric moments exactly symmetric and bring them to the host.
 
         The accumulators are consumed (finalised in place on their device). ``timings`` receives the
-        seconds spent finalising on the device and copying to the host.
+        seconds spent finalising on the device and copying to the host. With ``keep_on_device``
+        each finalised device matrix stays alive as the resident copy of its host array
+        (`ntps_nb.core.backends.torch.keep_resident`): the torch backend reads it instead of
+        copying the array back (on a CPU the two share memory: no copy at all).
         """
         n = float(self.n_texts)
         device = self.class_counts.device
@@ -309,12 +313,20 @@ class _Accumulator:
         seconds_copy = seconds_checks = 0.0
         for layer in self.layers:
             s = {name: staging.to_host(value) for name, value in self.sums[layer].items()}
-            self.sums[layer] = {}  # the device copy goes as soon as the host has it
+            kept = self.sums[layer] if keep_on_device else {}
+            self.sums[layer] = {}  # the device copy goes as soon as the host has it, unless kept
             seconds_copy += clock.lap()
             out[layer] = Moments(
                 Sxx=s["Sxx"], Sxy=s["Sxy"], Syy=np.diag(counts / n), C0=s["C0"], C1=s["C1"],
                 x_mean=s["x_sum"], Shh=s.get("Shh"), n_texts=int(round(n)), n_tokens=int(round(float(self.n_pairs))),
             )
+            if keep_on_device:
+                from ntps_nb.core.backends.torch import keep_resident
+
+                for name, value in kept.items():
+                    array = getattr(out[layer], "x_mean" if name == "x_sum" else name)
+                    if np.shares_memory(array, s[name]):  # not a copy Moments made (it never changes values)
+                        keep_resident(array, value)
             seconds_checks += clock.lap()
         if timings is not None:
             for name, seconds in (("finalise_device", seconds_device), ("finalise_host", seconds_copy),
@@ -412,6 +424,7 @@ def extract(
     n_classes: int | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    keep_on_device: bool = False,
 ) -> Extraction:
     """Moments of SPEC section 2 for every requested layer, from one forward pass over ``data``.
 
@@ -450,6 +463,12 @@ def extract(
     n_classes : number of classes C (default: the dataset's class names, else max(label) + 1).
     progress : show a progress bar.
     metadata : extra provenance recorded with the result.
+    keep_on_device : on a GPU, keep every finalised moment on the device as well as on the host,
+        for as long as the returned moments live: the torch analysis backend (``device=`` of the
+        sweeps, intervals, diagnostics, estimates) then reads them there instead of copying them
+        back (at the Llama-3-8B shape 17.7 GB for one extraction; the host copy is made all the
+        same, for saving and the host-side analysis). Off by default: the device memory stays taken
+        until the moments are freed. Changes no number and no cache key.
 
     Returns
     -------
@@ -559,7 +578,8 @@ def extract(
         if acc is not None:
             if world > 1:
                 acc.all_reduce()
-            shard_results.append(acc.to_layer_moments({"shard": shard, "n_shards": n_shards}, timings))
+            shard_results.append(acc.to_layer_moments({"shard": shard, "n_shards": n_shards}, timings,
+                                                      keep_on_device=keep_on_device))
     bar.close()
     half_results = []
     for i, half in enumerate(half_accs):
@@ -567,13 +587,13 @@ def extract(
             half.all_reduce()
         half_results.append(half.to_layer_moments(
             {"half": i, "shards_of_half": np.flatnonzero(half_of == i).tolist(), "n_shards": n_shards,
-             "half_seed": half_seed}, timings))
+             "half_seed": half_seed}, timings, keep_on_device=keep_on_device))
     if world > 1:
         total.all_reduce()
         for layer in pooled:
             pooled[layer] = _all_gather_rows(pooled[layer], mine, N)
     timings["pass"] = _Clock(device).last - started - sum(timings.values())
-    moments = total.to_layer_moments({}, timings)
+    moments = total.to_layer_moments({}, timings, keep_on_device=keep_on_device)
     meta = {
         "n_texts": N, "n_classes": C, "class_names": text_set.class_names, "layers": chosen,
         "max_length": max_length, "drop_bos": drop_bos, "bos_dropped": int(starts.sum()),
@@ -726,7 +746,7 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown extraction settings: {sorted(unknown)}")
     full = {name: settings.get(name, p.default) for name, p in parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "device", "metadata")}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "device", "metadata", "keep_on_device")}
     if not full["half_layers"]:  # added later: without halves the keys of the stored entries stand
         del full["half_layers"], full["half_seed"]
     return {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in full.items()}

@@ -325,3 +325,41 @@ def test_extraction_computes_logits_for_one_position_only(llama64):
     assert seen and all(shape[1] == 1 for shape in seen), seen
     theirs, _ = brute_force(model, tok, TEXTS, LABELS)
     assert_moments_close(ours.moments[2], theirs[2])
+
+
+@pytest.mark.filterwarnings("ignore:.*resamples had undefined geometry")
+def test_moments_kept_on_the_device_are_read_in_place_and_go_with_their_arrays(tiny_llama, tmp_path):
+    """keep_on_device: every finalised moment (all layers, the shards) stays as the resident copy of
+    its host array; the torch backend reads that copy instead of copying the array (here on the CPU
+    the two share memory), with the same numbers; it is no part of the cache key; and the copies go
+    when the extraction is freed."""
+    import gc
+
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.extract import _settings_with_defaults
+
+    model, tok, _ = tiny_llama
+    options = dict(shards=3, shard_layers=[1, 2], progress=False)
+    plain = extract(model, tok, (TEXTS, LABELS), **options)
+    kept = extract(model, tok, (TEXTS, LABELS), keep_on_device=True, **options)
+    before = len(backend._RESIDENT)
+    for m in [*(kept.moments[layer] for layer in kept.moments.layers), *(s[1] for s in kept.shards)]:
+        for name in ("Sxx", "Sxy", "C0", "C1", "x_mean"):
+            array = getattr(m, name)
+            copy = backend.resident(array)
+            assert copy is not None and np.array_equal(copy.numpy(), array), name
+            assert backend._tensor(array, torch.float64, torch.device("cpu")).data_ptr() == copy.data_ptr()
+    assert backend.resident(plain.moments[1].Sxx) is None
+    assert backend._tensor(plain.moments[1].Sxx, torch.float64, torch.device("cpu")).data_ptr() != \
+        plain.moments[1].Sxx.__array_interface__["data"][0]
+    for layer in (1, 2):
+        want = backend.ntps_sweep_torch(plain.moments[layer], device="cpu")
+        got = backend.ntps_sweep_torch(kept.moments[layer], device="cpu")
+        np.testing.assert_array_equal(got["ntps"].to_numpy(), want["ntps"].to_numpy())
+    want = backend.interval_sweep_torch([s[2] for s in plain.shards], n_boot=5, device="cpu")
+    got = backend.interval_sweep_torch([s[2] for s in kept.shards], n_boot=5, device="cpu")
+    np.testing.assert_array_equal(got["upper"].to_numpy(), want["upper"].to_numpy())
+    assert _settings_with_defaults({"keep_on_device": True}) == _settings_with_defaults({})
+    del kept, m, array, copy
+    gc.collect()
+    assert len(backend._RESIDENT) < before and all(ref() is not None for ref, _ in backend._RESIDENT.values())

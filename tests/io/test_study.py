@@ -1482,3 +1482,26 @@ def test_on_a_device_the_diagnostics_host_solvers_run_in_threads_and_give_the_in
         matched.add((layer, variant))
         rows = table[(table["layer"] == layer) & (table["variant"] == variant)]
         np.testing.assert_array_equal(rows["solver_max_dev"].to_numpy(float), in_call["solver_max_dev"].to_numpy(float))
+
+
+def test_a_unit_keeps_its_moments_on_the_gpu_only_where_they_fit(monkeypatch):
+    """The extraction keeps its moments on the analysis GPU when they take at most
+    RESIDENT_MEMORY_SHARE of its memory; never for numpy or CPU analysis."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ntps_nb.study.stages import RESIDENT_MEMORY_SHARE, _keeps_moments_on_device
+
+    d = 4096
+    settings = dict(layers=list(range(33)), shards=20, shard_layers=[0, 16, 32], half_layers=list(range(1, 31)))
+    nbytes = 8 * d * d * (4 * 33 + 3 * 60 + 3 * 2 * 30)
+    unit = SimpleNamespace(loaded=(None, None, SimpleNamespace(hidden_size=d)), analysis_device=None)
+    assert not _keeps_moments_on_device(unit, settings)
+    unit.analysis_device = "cpu"
+    assert not _keeps_moments_on_device(unit, settings)
+    unit.analysis_device = "cuda:0"
+    for total, keeps in ((nbytes / RESIDENT_MEMORY_SHARE * 1.01, True), (nbytes / RESIDENT_MEMORY_SHARE * 0.99, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(
+            total_memory=total))
+        assert _keeps_moments_on_device(unit, settings) is keeps

@@ -53,6 +53,7 @@ torch is imported by this module only; nothing else in `ntps_nb.core` imports it
 from __future__ import annotations
 
 import concurrent.futures
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -168,9 +169,49 @@ def _check_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+# --------------------------------------------------------------------------------------------
+# Moments that stay on the device between extraction and analysis
+
+#: id(host array) -> (weak reference to it, its copy on a device); an entry goes with its array.
+_RESIDENT: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def keep_resident(array: np.ndarray, tensor: torch.Tensor) -> None:
+    """Record that ``tensor`` (on a device) holds the same numbers as the host ``array``, so that
+    the backend reads it instead of copying ``array`` to that device again (extraction keeps its
+    finalised moments this way: `ntps_nb.extract.extract(..., keep_on_device=True)`). The record,
+    and with it the device copy, goes when ``array`` is freed. The backend never writes to its
+    inputs; the caller promises that ``array`` is not modified (the moments' arrays are read-only).
+
+    Parameters
+    ----------
+    array : a host numpy array (read-only).
+    tensor : a torch tensor of the same shape and values.
+
+    Returns
+    -------
+    None
+    """
+    if tuple(tensor.shape) != array.shape:
+        raise ValueError(f"a resident copy must have the array's shape {array.shape}, got {tuple(tensor.shape)}")
+    key = id(array)
+    _RESIDENT[key] = (weakref.ref(array, lambda _, key=key: _RESIDENT.pop(key, None)), tensor)
+
+
+def resident(array: object) -> torch.Tensor | None:
+    """The device copy recorded for this very host array by `keep_resident`, or None."""
+    entry = _RESIDENT.get(id(array))
+    if entry is None or entry[0]() is not array:
+        return None
+    return entry[1]
+
+
 def _tensor(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
+    kept = resident(array)
+    if kept is not None and kept.device == device:
+        return kept.to(dtype=dtype)
     # np.array copies: the core's moment arrays are read-only views, which torch.from_numpy warns about
     return torch.from_numpy(np.array(array, dtype=np.float64)).to(device=device, dtype=dtype)
 
@@ -746,7 +787,7 @@ class TorchShardStack:
             size = int(np.prod(self.shapes[n]))
             out = torch.empty((len(self.shards), size), dtype=dtype, device=device)
             for i, shard in enumerate(self.shards):
-                out[i] = _tensor(getattr(shard, n).reshape(-1), dtype, device)
+                out[i] = _tensor(getattr(shard, n), dtype, device).reshape(-1)
             self.stacked[n] = out
 
     def __len__(self) -> int:
