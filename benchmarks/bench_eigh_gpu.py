@@ -104,11 +104,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also append every line to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    lines: list[str] = []
 
-    def say(text: str) -> None:
+    def say(text: str) -> None:  # every line goes to --out as soon as it is measured: a cut run keeps it
         print(text, flush=True)
-        lines.append(text)
+        if args.out is not None:
+            with open(args.out, "a") as f:
+                f.write(text + "\n")
 
     say(f"# bench_eigh_gpu: torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
@@ -165,9 +166,6 @@ def main() -> None:
         del B, B32, L, arrays
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out is not None:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ class Table:
         estimated = any(r[2] for r in self.rows)
         missing = [r[0] for r in self.rows if r[1] is None or r[3] is None]
         self.say(f"  {'TOTAL ' + title:<52} CPU {('~' if estimated else '') + seconds(cpu):<44} GPU {seconds(gpu):<24} "
-                 f"GPU/CPU {gpu / cpu:.3f}" + (f"   (rows without both columns: {missing})" if missing else ""))
+                 f"GPU/CPU {f'{gpu / cpu:.3f}' if cpu else '-'}"
+                 + (f"   (rows without both columns: {missing})" if missing else ""))
 
 
 def layer_spec(text: str):
@@ -208,6 +209,9 @@ def part_ntps(unit, args, table, clock, say):
     for layer in layers:
         t, gpu_frames[layer] = clock(lambda: gpu_layer(layer))
         t_gpu += t
+    if args.gpu_only:
+        table.add(f"ntps: theory+reference sweeps, {len(layers)} layers (+pca {len(peer_grid)})", None, t_gpu)
+        return
     sampled = unit["sampled"]
     cpu_layers = sample_layers(layers, args.cpu_sample_layers) if sampled else layers
     t_cpu, worst, cpu_times = 0.0, 0.0, {}
@@ -236,6 +240,9 @@ def part_intervals(unit, args, table, clock, say):
             t, gpu_frames[layer] = clock(lambda: interval_sweep_torch(shards[layer], variant=variant, n_boot=n_boot,
                                                                       seed=args.seed, device=device))
             t_gpu += t
+        if args.gpu_only:
+            table.add(f"intervals: {variant}, {n_boot}+{n_shards} replicates, {len(grid)} layers", None, t_gpu)
+            continue
         if not unit["sampled"]:
             t_cpu, worst = 0.0, 0.0
             with warnings.catch_warnings():
@@ -287,6 +294,10 @@ def diagnostics_stage(unit, args, on):
 def part_diagnostics(unit, args, table, clock, say):
     device, grid, ex = unit["device"], unit["diag_grid"], unit["ex"]
     t_gpu, gpu_frame = clock(lambda: diagnostics_stage(unit, args, device))
+    if args.gpu_only:
+        table.add(f"diagnostics stage: theory+reference with the solver comparison, {len(grid)} layers", None, t_gpu,
+                  gpu_note="host solver comparison in threads beside the device")
+        return
     if not unit["sampled"]:
         t_cpu, cpu_frame = clock(lambda: diagnostics_stage(unit, args, None))
         theory = (cpu_frame["variant"] == "theory").to_numpy()
@@ -349,7 +360,7 @@ def part_probes(unit, args, table, clock, say):
         return out
 
     t_gpu, gpu_predictions = clock(gpu_least_squares)
-    cpu_layers = sample_layers(layers, args.cpu_sample_layers) if unit["sampled"] else layers
+    cpu_layers = [] if args.gpu_only else sample_layers(layers, args.cpu_sample_layers) if unit["sampled"] else layers
     t_cpu, worst = 0.0, 0.0
     for layer in cpu_layers:
         t, predictions = clock(lambda: cpu_least_squares(layer))
@@ -358,10 +369,11 @@ def part_probes(unit, args, table, clock, say):
         for s, p in enumerate(predictions):
             worst = max(worst, float(np.abs(p - gpu_predictions[s][index]).max()))
     note = ""
-    if unit["sampled"]:
+    if unit["sampled"] and cpu_layers:
         t_cpu *= len(layers) / len(cpu_layers)
         note = f"{len(cpu_layers)} of {len(layers)} layers timed, scaled"
-    table.add(f"probes: least squares (ridge + in-sample), {len(layers)} layers", t_cpu, t_gpu, note)
+    table.add(f"probes: least squares (ridge + in-sample), {len(layers)} layers", t_cpu if cpu_layers else None,
+              t_gpu, note)
     say(f"    agreement: least-squares predictions max |GPU - CPU| {worst:.2e}")
 
     # held-out logistic probes: sklearn lbfgs one layer at a time against the torch fit of all layers at once
@@ -378,7 +390,8 @@ def part_probes(unit, args, table, clock, say):
                                     max_iter=LOGISTIC_NEWTON_MAX_ITER, device=device)
 
     t_gpu, fits = clock(gpu_logistic)
-    logistic_layers = sample_layers(layers, args.cpu_sample_layers) if unit["sampled"] else layers
+    logistic_layers = ([] if args.gpu_only else sample_layers(layers, args.cpu_sample_layers)
+                       if unit["sampled"] else layers)
     t_cpu, worst, differing, compared = 0.0, 0.0, 0, 0
     for layer in logistic_layers:
         t, predicted = clock(lambda: cpu_logistic(layer))
@@ -389,7 +402,7 @@ def part_probes(unit, args, table, clock, say):
         compared += predicted.size
     note = f"{len(logistic_layers)} of {len(layers)} layers timed, scaled" if unit["sampled"] else ""
     table.add(f"probes: logistic held-out (lbfgs | torch), {len(layers)} layers",
-              t_cpu * len(layers) / len(logistic_layers), t_gpu, note)
+              None if args.gpu_only else t_cpu * len(layers) / len(logistic_layers), t_gpu, note)
     say(f"    agreement: held-out logistic accuracy max |GPU - CPU| {worst:.2e} over {len(logistic_layers)} layers, "
         f"{differing} of {compared} test predictions differ; GPU fits converged "
         f"{sum(bool(f.converged[0]) for f in fits)}/{len(fits)}, Newton iterations <= "
@@ -406,7 +419,7 @@ def part_probes(unit, args, table, clock, say):
                                              device=on, n_jobs=None)
 
     t_paper_gpu, paper_gpu = clock(lambda: paper(device))
-    if unit["sampled"]:
+    if unit["sampled"] or args.gpu_only:
         t_paper_cpu, note = t_paper_gpu, "~, the same host work (saga dominates)"
     else:
         t_paper_cpu, paper_cpu = clock(lambda: paper(None))
@@ -422,8 +435,11 @@ def part_probes(unit, args, table, clock, say):
             return probe_module.cv_logistic_probe(ex.pooled[last], ex.labels, ex_test.pooled[last], ex_test.labels,
                                                   n_classes=n_classes, seed=args.seed, device=on)
 
-        t_cv, cpu_cv = clock(lambda: cv(None))
         t_cv_gpu, gpu_cv = clock(lambda: cv(device))
+        if args.gpu_only:
+            table.add(f"probes: logistic cross-validated, layer {last}", None, t_cv_gpu)
+            return
+        t_cv, cpu_cv = clock(lambda: cv(None))
         table.add(f"probes: logistic cross-validated, layer {last}", t_cv, t_cv_gpu)
         say(f"    agreement: cross-validated logistic chose C={gpu_cv.row['logreg_C']:g} (GPU) / "
             f"C={cpu_cv.row['logreg_C']:g} (CPU), accuracy |GPU - CPU| "
@@ -440,7 +456,8 @@ def part_peers(unit, args, table, clock, say):
         for layer in grid:
             t, gpu_rows[layer] = clock(lambda: peer_module.peer_scores(ex.pooled[layer], ex.labels, device=device))
             t_gpu += t
-        cpu_layers = sample_layers(grid, max(2, args.cpu_sample_layers - 1)) if unit["sampled"] else grid
+        cpu_layers = ([] if args.gpu_only else sample_layers(grid, max(2, args.cpu_sample_layers - 1))
+                      if unit["sampled"] else grid)
         t_cpu, worst = 0.0, 0.0
         for layer in cpu_layers:
             t, row = clock(lambda: peer_module.peer_scores(ex.pooled[layer], ex.labels))
@@ -450,10 +467,11 @@ def part_peers(unit, args, table, clock, say):
                 if np.isfinite(a) and np.isfinite(b):
                     worst = max(worst, abs(a - b) / max(1.0, abs(a)))
     note = ""
-    if unit["sampled"]:
+    if unit["sampled"] and cpu_layers:
         t_cpu *= len(grid) / len(cpu_layers)
         note = f"{len(cpu_layers)} of {len(grid)} layers timed, scaled"
-    table.add(f"peers (LogME, H, H-LW, RankMe; k-NN on sklearn), {len(grid)} layers", t_cpu, t_gpu, note)
+    table.add(f"peers (LogME, H, H-LW, RankMe; k-NN on sklearn), {len(grid)} layers", t_cpu if cpu_layers else None,
+              t_gpu, note)
     say(f"    agreement: peer scores max relative |GPU - CPU| {worst:.2e}")
 
 
@@ -476,7 +494,9 @@ def part_estimates(unit, args, table, clock, say):
         for layer in grid:
             t, gpu_frames[layer] = clock(lambda: run(layer, device))
             t_gpu += t
-        if not unit["sampled"]:
+        if args.gpu_only:
+            t_cpu, note = None, ""
+        elif not unit["sampled"]:
             t_cpu, worst, nan_cells, flags = 0.0, 0.0, 0, 0
             for layer in grid:
                 t, frame = clock(lambda: run(layer, None))
@@ -593,6 +613,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 160 texts of 8-40 tokens, 5 shards, 20 bootstrap replicates (a CPU check)")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="time the GPU column only (the CPU column is left empty: for runs that time the rest of a "
+                             "shape whose CPU column an earlier run sampled)")
     parser.add_argument("--out", help="also append every line to this file")
     args = parser.parse_args()
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]

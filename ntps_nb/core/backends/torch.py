@@ -431,96 +431,97 @@ def _certified_cholesky(B: torch.Tensor, tol: float | None, rtol: float) -> tupl
     return L, (shifted == 0) & (info == 0) & torch.isfinite(size)
 
 
-def _cholesky_geometries(L_U: torch.Tensor, L_V: torch.Tensor, Sxy: torch.Tensor, C1: torch.Tensor,
-                         span_rtol: float):
-    """The theory geometry's parts for a batch where Sxx = L_U L_U^T and C0 = L_V L_V^T are of full
-    rank: whitening by W = L^{-T} instead of Q S^{-1/2} (NTPS is a ratio of projections in the Sxx
-    and C0 inner products, the same for any whitening) costs a Cholesky and triangular solves
-    instead of two eigendecompositions. Returns (lam, m, projected) as `_grouped_geometries` uses them."""
-    lam, Y, m = _perception_whitened(torch.linalg.solve_triangular(L_U, Sxy, upper=False))
-    G = torch.linalg.solve_triangular(L_V, C1, upper=False)
-    M = G @ G.mT
-    _, Y_V = torch.linalg.eigh((M + M.mT) / 2)
-    V = torch.linalg.solve_triangular(L_V.mT, Y_V.flip(-1), upper=True)
-    # coordinates in Sxx's whitened basis: x -> W_U^{-1} x = L_U^T x
-    return lam, m, _projected(L_U.mT @ V, Y, span_rtol)
-
-
 def _grouped_geometries(
     Sxx: torch.Tensor, Sxy: torch.Tensor, Syy: torch.Tensor, C0: torch.Tensor, C1: torch.Tensor,
     n_tokens: np.ndarray, labels_ok: np.ndarray, *, tol: float | None, rtol: float, span_rtol: float,
     keep: np.ndarray | None = None, whitening: str = "auto",
 ) -> tuple[list[TheoryGeometry | str], list[tuple]]:
-    """`_theory_geometries`, solved per group of elements with equal ranks (r_U, r_V); and, for the
-    groups holding an element flagged in ``keep``, their solutions (members, Q_r, s_r, Y, m, V):
-    the retained range of Sxx, U's whitened coordinates (descending), the counts m and the
+    """`_theory_geometries`, solved per group of elements with equal ranks (r_U, r_V) and whitenings;
+    and, for the groups holding an element flagged in ``keep``, their solutions (members, Q_r, s_r,
+    Y, m, V): the retained range of Sxx, U's whitened coordinates (descending), the counts m and the
     next-token vectors, for callers that compare the subspaces themselves.
 
-    ``whitening="auto"`` solves the elements not flagged in ``keep`` whose Sxx and C0 are certified of
-    full rank (`_certified_cholesky`) through Cholesky factors (`_cholesky_geometries`) and the
-    others through eigh, as ``whitening="eigh"`` does for all: the same geometry to rounding."""
+    Whitening: with ``whitening="auto"`` a Sxx (or C0) certified of full rank (`_certified_cholesky`)
+    is whitened by its Cholesky factor, W = L^{-T}, and any other by eigh, W = Q_r S_r^{-1/2}, each
+    side on its own (at N < d Sxx is rank deficient while C0, from every token, is not);
+    ``whitening="eigh"`` uses eigh for all. NTPS is a ratio of projections in the Sxx and C0 inner
+    products, the same for any whitening, so both give the same geometry to rounding; a Cholesky
+    factor and two triangular solves cost a small part of an eigendecomposition. Elements flagged in
+    ``keep`` whiten Sxx by eigh (their Q_r, s_r are part of the result)."""
     if whitening not in ("auto", "eigh"):
         raise ValueError(f"whitening must be 'auto' or 'eigh', got {whitening!r}")
     n, d = Sxx.shape[0], Sxx.shape[-1]
+    device = Sxx.device
     trace = _numpy(torch.diagonal(Syy, dim1=-2, dim2=-1).sum(dim=-1))
-    out: list[TheoryGeometry | str | None] = [None] * n
-    certified = np.zeros(n, dtype=bool)
-    if whitening == "auto" and (keep is None or not np.all(keep)):
-        L_U, ok_U = _certified_cholesky(Sxx, tol, rtol)
-        L_V, ok_V = _certified_cholesky(C0, tol, rtol)
-        certified = _numpy(ok_U & ok_V) & np.asarray(labels_ok, dtype=bool) & (np.asarray(n_tokens) > 0)
-        if keep is not None:  # the kept elements' eigh factors are part of the result
-            certified &= ~np.asarray(keep, dtype=bool)
-        if certified.any():
-            index = None if certified.all() else torch.as_tensor(np.flatnonzero(certified), device=Sxx.device)
+    chol_U = chol_V = np.zeros(n, dtype=bool)
+    L_U = L_V = None
+    if whitening == "auto":
+        L_U, ok = _certified_cholesky(Sxx, tol, rtol)
+        chol_U = _numpy(ok) & (np.ones(n, dtype=bool) if keep is None else ~np.asarray(keep, dtype=bool))
+        L_V, ok = _certified_cholesky(C0, tol, rtol)
+        chol_V = _numpy(ok)
 
-            def pick(t):
-                return t if index is None else t[index]
+    def eigh_side(B: torch.Tensor, chol: np.ndarray):
+        """eigh of the elements not whitened by Cholesky: (positions of each element in that
+        batch, s, Q, ranks and thresholds of all n elements)."""
+        rest = np.flatnonzero(~chol)
+        rank, threshold = np.full(n, d), np.zeros(n)
+        if rest.size == 0:
+            return {}, None, None, rank, threshold
+        sub = B if rest.size == n else B[torch.as_tensor(rest, device=device)]
+        s_, Q_, thr, r = _eigh_range(sub, tol, rtol)
+        rank[rest], threshold[rest] = _numpy(r), _numpy(thr)
+        return {int(i): j for j, i in enumerate(rest)}, s_, Q_, rank, threshold
 
-            lam, m, projected = _cholesky_geometries(pick(L_U), pick(L_V), pick(Sxy), pick(C1), span_rtol)
-            lam, m = _numpy(lam).astype(np.float64), _numpy(m)
-            for j, i in enumerate(np.flatnonzero(certified)):
-                out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), d, d, float(trace[i]))
-        del L_U, L_V
-    rest = np.flatnonzero(~certified)
-    if rest.size == 0:
-        return out, []
-    if rest.size < n:  # solve the others by eigh, as a batch of their own
-        index = torch.as_tensor(rest, device=Sxx.device)
-        Sxx, Sxy, C0, C1 = Sxx[index], Sxy[index], C0[index], C1[index]
-    s_U, Q_U, threshold_U, rank_U = _eigh_range(Sxx, tol, rtol)
-    s_V, Q_V, threshold_V, rank_V = _eigh_range(C0, tol, rtol)
-    r_U, r_V = _numpy(rank_U), _numpy(rank_V)
-    reasons = _undefined_reasons(r_U, r_V, _numpy(threshold_U), _numpy(threshold_V), np.asarray(n_tokens)[rest],
-                                 np.asarray(labels_ok)[rest])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for j, i in enumerate(rest):
-        if reasons[j] is None:
-            groups.setdefault((int(r_U[j]), int(r_V[j])), []).append(j)
-        else:
-            out[i] = reasons[j]
+    pos_U, s_U, Q_U, r_U, threshold_U = eigh_side(Sxx, chol_U)
+    pos_V, s_V, Q_V, r_V, threshold_V = eigh_side(C0, chol_V)
+    out: list[TheoryGeometry | str | None] = _undefined_reasons(r_U, r_V, threshold_U, threshold_V, n_tokens,
+                                                                labels_ok)
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n):
+        if out[i] is None:
+            groups.setdefault((bool(chol_U[i]), int(r_U[i]), bool(chol_V[i]), int(r_V[i])), []).append(i)
     kept = []
-    for (ru, rv), local in groups.items():
-        if len(local) == rest.size:  # the usual case: one group, no copies
-            def take(t):
-                return t
-        else:
-            index = torch.as_tensor(local, device=Sxx.device)
+    for (cu, ru, cv, rv), members in groups.items():
+        everyone = len(members) == n
+        index = None if everyone else torch.as_tensor(members, device=device)
 
-            def take(t):
-                return t[index]
-        Q_r, s_r = take(Q_U)[..., d - ru:], take(s_U)[..., d - ru:]
-        lam, Y, m = _perception_top(Q_r, s_r, take(Sxy))
-        V = _next_token_vectors(take(Q_V)[..., d - rv:], take(s_V)[..., d - rv:], take(C1))
-        # coordinates in the retained range of Sxx: u_i -> Y[:, i]; Sxx^{1/2} V -> S^{1/2} Q_r^T V
-        projected = _projected(torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V), Y, span_rtol)
+        def take(t):
+            return t if index is None else t[index]
+
+        def take_eigh(t, pos):  # rows of an eigh batch that holds only the non-Cholesky elements
+            if len(pos) == n and everyone:
+                return t
+            return t[torch.as_tensor([pos[i] for i in members], device=device)]
+
+        if cu:
+            L = take(L_U)
+            lam, Y, m = _perception_whitened(torch.linalg.solve_triangular(L, take(Sxy), upper=False))
+
+            def coordinates(X, L=L):  # x -> W_U^{-1} x = L_U^T x
+                return L.mT @ X
+            Q_r = s_r = None
+        else:
+            Q_r, s_r = take_eigh(Q_U, pos_U)[..., d - ru:], take_eigh(s_U, pos_U)[..., d - ru:]
+            lam, Y, m = _perception_top(Q_r, s_r, take(Sxy))
+
+            def coordinates(X, Q_r=Q_r, s_r=s_r):  # x -> S_r^{1/2} Q_r^T x
+                return torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ X)
+        if cv:
+            L = take(L_V)
+            G = torch.linalg.solve_triangular(L, take(C1), upper=False)
+            M = G @ G.mT
+            _, Y_V = torch.linalg.eigh((M + M.mT) / 2)
+            V = torch.linalg.solve_triangular(L.mT, Y_V.flip(-1), upper=True)
+        else:
+            V = _next_token_vectors(take_eigh(Q_V, pos_V)[..., d - rv:], take_eigh(s_V, pos_V)[..., d - rv:], take(C1))
+        projected = _projected(coordinates(V), Y, span_rtol)
         lam, m = _numpy(lam).astype(np.float64), _numpy(m)
-        members = [int(rest[j]) for j in local]
         for j, i in enumerate(members):
             out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), ru, rv, float(trace[i]))
-        if keep is not None and any(keep[i] for i in members):
+        if keep is not None and any(keep[i] for i in members):  # flagged elements are never Cholesky-whitened on U
             kept.append((members, Q_r, s_r, Y, m, V))
-        del V, Q_r
+        del V
     return out, kept
 
 
