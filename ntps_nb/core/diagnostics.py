@@ -378,7 +378,8 @@ def _solver_values(moments: Moments, name: str, ks: np.ndarray | None, fractions
     return values
 
 
-def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fraction: Any = None) -> list[np.ndarray]:
+def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fraction: Any = None,
+                       configs: Sequence[tuple[str, str]] | None = None) -> list[np.ndarray]:
     """The host eigensolver settings' NTPS of one variant, at the grid `ntps_diagnostics` would use
     for the same ``k`` / ``fraction``: what its ``solver_max_dev`` compares, computed apart (the
     study computes them for every layer at once, beside the device work) and handed back as
@@ -389,21 +390,29 @@ def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fractio
     moments : the layer's `Moments`.
     variant : "theory" or "reference".
     k, fraction : as in `ntps_diagnostics` for that variant.
+    configs : some of the settings ``SOLVER_CONFIGS[variant]`` (precision, solver), to compute
+        them apart (in parallel); default all of them.
 
     Returns
     -------
-    list of (G,) float arrays, one per setting of ``SOLVER_CONFIGS[variant]``, in its order.
+    list of (G,) float arrays, one per setting of ``configs``, in its order.
     """
+    if variant not in SOLVER_CONFIGS:
+        raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+    chosen = list(SOLVER_CONFIGS[variant]) if configs is None else [tuple(c) for c in configs]
+    unknown = [c for c in chosen if c not in SOLVER_CONFIGS[variant]]
+    if unknown:
+        raise ValueError(f"unknown solver settings {unknown} for the {variant} variant; choose from "
+                         f"{list(SOLVER_CONFIGS[variant])}")
     if variant == "theory":
         geometries = [TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
-                      for _, solver in SOLVER_CONFIGS["theory"]]
-        ks, _ = _theory_ks(k, fraction if k is None else None, geometries[0].r_V)
-        return [_theory_values(geometry, ks) for geometry in geometries]
-    if variant == "reference":
-        fractions = np.array(_fractions(fraction, upper_inclusive=False) if fraction is not None
-                             else REFERENCE_FRACTIONS, dtype=np.float64)
-        return _solver_values(moments, "reference", None, fractions)
-    raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+                      for _, solver in chosen]
+        ks, _ = _theory_ks(k, fraction if k is None else None, geometries[0].r_V) if geometries else ([], None)
+        return [_theory_values(geometry, np.asarray(ks)) for geometry in geometries]
+    fractions = np.array(_fractions(fraction, upper_inclusive=False) if fraction is not None
+                         else REFERENCE_FRACTIONS, dtype=np.float64)
+    return [_reference_values(ReferenceFactorization.from_moments(moments, precision=precision, solver=solver)
+                              .geometry(moments), fractions) for precision, solver in chosen]
 
 
 def solver_deviations(variants: Sequence[str], grids: dict, solvers: Any, compute, *,

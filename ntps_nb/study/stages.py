@@ -885,14 +885,18 @@ class _HostSolvers:
         from ntps_nb.core.diagnostics import host_solver_values
         from ntps_nb.core.threads import analysis_threads
 
+        from ntps_nb.core.diagnostics import SOLVER_CONFIGS
+
+        tasks = [(layer, variant, grid, config) for layer, variant, grid in self.jobs
+                 for config in SOLVER_CONFIGS[variant]]  # one factorisation each: the threads stay busy alike
         bounds = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
         budget = max(bounds) if bounds else 1
-        workers = max(1, min(len(self.jobs), budget))
+        workers = max(1, min(len(tasks), budget))
         self.threads = analysis_threads(max(1, budget // workers))
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ntps-solvers")
-        for layer, variant, grid in self.jobs:
-            self.futures[layer, variant] = self.pool.submit(host_solver_values, self.u.ex.moments[layer], variant,
-                                                            **grid)
+        for layer, variant, grid, config in tasks:
+            self.futures.setdefault((layer, variant), []).append(self.pool.submit(
+                host_solver_values, self.u.ex.moments[layer], variant, configs=[config], **grid))
         return self
 
     def fill(self, frame: pd.DataFrame, layer: int, variant: str) -> pd.DataFrame:
@@ -903,13 +907,15 @@ class _HostSolvers:
 
         compared = [variant] if variant == "reference" or (frame["estimator"] == "plugin").all() else []
         spread = solver_deviations([variant], {variant: {"ntps": frame["ntps"].to_numpy(np.float64)}},
-                                   {variant: self.futures[layer, variant].result()}, None, compared=compared)
+                                   {variant: [future.result()[0] for future in self.futures[layer, variant]]}, None,
+                                   compared=compared)
         return frame.assign(solver_max_dev=spread[variant])
 
     def __exit__(self, *exc_info) -> None:
         if self.pool is not None:
-            for future in self.futures.values():
-                future.cancel()
+            for futures in self.futures.values():
+                for future in futures:
+                    future.cancel()
             self.pool.shutdown(wait=True)
             self.threads.restore()
 

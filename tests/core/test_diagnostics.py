@@ -352,3 +352,24 @@ def test_an_estimator_the_diagnostics_cannot_evaluate_is_refused(planted, option
     with pytest.raises(ValueError, match=match):
         ntps_diagnostics(planted.moments, planted.features, planted.labels, k=[1], n_perturb=1, n_permutations=2,
                          **options)
+
+
+def test_host_solver_values_split_by_setting_equal_the_whole_and_feed_solvers():
+    """`host_solver_values` of each setting alone equals its share of all settings at once, and
+    handed back as ``solvers=`` gives the frame ntps_diagnostics computes itself; bad settings and
+    malformed values are refused."""
+    from ntps_nb.core.diagnostics import SOLVER_CONFIGS, host_solver_values
+
+    m = synthetic_linear_task(n_texts=300, d=12, n_classes=3, n_predictable=4, seed=4).moments
+    for variant, grid in (("theory", dict(k=[1, 2, 4])), ("reference", dict(fraction=[0.2, 0.5]))):
+        whole = host_solver_values(m, variant, **grid)
+        parts = [host_solver_values(m, variant, configs=[c], **grid)[0] for c in SOLVER_CONFIGS[variant]]
+        for a, b in zip(whole, parts):
+            np.testing.assert_array_equal(a, b)
+        own = ntps_diagnostics(m, variant=variant, n_perturb=0, n_permutations=0, **grid)
+        given = ntps_diagnostics(m, variant=variant, n_perturb=0, n_permutations=0, solvers={variant: parts}, **grid)
+        np.testing.assert_array_equal(given["solver_max_dev"].to_numpy(float), own["solver_max_dev"].to_numpy(float))
+        with pytest.raises(ValueError, match="solvers"):
+            ntps_diagnostics(m, variant=variant, n_perturb=0, n_permutations=0, solvers={variant: parts[:1]}, **grid)
+    with pytest.raises(ValueError, match="unknown solver settings"):
+        host_solver_values(m, "theory", k=[1], configs=[("float32", "scipy")])

@@ -1459,21 +1459,26 @@ def test_on_a_device_the_diagnostics_host_solvers_run_in_threads_and_give_the_in
     seen = []
     real = diagnostics.host_solver_values
 
-    def recording(moments, variant, **grid):
+    def recording(moments, variant, *, configs, **grid):
         blas = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
-        seen.append((threading.current_thread().name, variant, blas, moments, grid))
-        return real(moments, variant, **grid)
+        seen.append((threading.current_thread().name, variant, blas, moments, grid, tuple(configs)))
+        return real(moments, variant, configs=configs, **grid)
 
     monkeypatch.setattr(diagnostics, "host_solver_values", recording)
     cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=True, probes=[], analysis_device="cpu", analysis_threads=4)
     table = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache",
                            log=lambda _: None)["diagnostics"]
-    jobs = 2 * table["layer"].nunique()
-    assert len(seen) == jobs and all(name.startswith("ntps-solvers") for name, *_ in seen)
-    assert all(blas == {max(1, 4 // min(jobs, 4))} for _, _, blas, _, _ in seen)
+    # one factorisation per task: every (layer, variant) x its solver settings, 4 threads of 1 BLAS thread
+    tasks = table["layer"].nunique() * sum(len(c) for c in diagnostics.SOLVER_CONFIGS.values())
+    assert len(seen) == tasks and all(name.startswith("ntps-solvers") for name, *_ in seen)
+    assert all(blas == {1} for _, _, blas, *_ in seen)
+    jobs: dict = {}
+    for _, variant, _, moments, grid, configs in seen:
+        jobs.setdefault((id(moments), variant), (moments, grid, []))[2].extend(configs)
+    assert all(sorted(c) == sorted(diagnostics.SOLVER_CONFIGS[v]) for (_, v), (_, _, c) in jobs.items())
     assert table["solver_max_dev"].notna().all()
     matched = set()
-    for _, variant, _, moments, grid in seen:  # threads start in any order: find each job's layer by its NTPS
+    for (_, variant), (moments, grid, _) in jobs.items():  # find each job's layer by its NTPS
         in_call = diagnostics.ntps_diagnostics(moments, variant=variant, n_perturb=0, n_permutations=0, device="cpu",
                                                solvers=True, **grid)
         (layer,) = [layer for layer, rows in table[table["variant"] == variant].groupby("layer")
