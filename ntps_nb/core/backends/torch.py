@@ -199,7 +199,18 @@ def keep_resident(array: np.ndarray, tensor: torch.Tensor) -> None:
 
 
 def resident(array: object) -> torch.Tensor | None:
-    """The device copy recorded for this very host array by `keep_resident`, or None."""
+    """The device copy recorded for this very host array by `keep_resident`.
+
+    Parameters
+    ----------
+    array : any object (a host numpy array, usually a moment of `ntps_nb.core.moments.Moments`).
+
+    Returns
+    -------
+    torch.Tensor or None
+        The tensor `keep_resident` recorded for ``array`` itself (not for a copy or a view of it),
+        None if there is none.
+    """
     entry = _RESIDENT.get(id(array))
     if entry is None or entry[0]() is not array:
         return None
