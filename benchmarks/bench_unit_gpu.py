@@ -18,13 +18,15 @@ computes a unit:
   the 3 interval layers;
 - diagnostics: on the 3 diagnostic layers, the theory variant at k in (1, 2, 4, 8, 16, 32) and
   the reference variant at fractions (0.1, 0.5, 0.9), 5 perturbations, 20 label permutations
-  (and the r_V sweep the stage runs first); the eigensolver comparison (scipy vs numpy LAPACK, a
-  host computation on both sides) is its own row;
+  (and the r_V sweep the stage runs first), through the study's own stage function, the
+  eigensolver comparison (scipy vs numpy LAPACK, a host computation on both sides) included: on
+  the GPU it runs in host threads beside the device work, as in the study;
 - probes: the least-squares probes of every layer (held-out ridge and in-sample least squares);
   the held-out logistic probes of every layer (scikit-learn's lbfgs, one layer at a time, against
   the torch backend's Newton-CG batched over layers, `logistic_probe_torch`); the paper's
-  in-sample saga probes (scikit-learn on the host on both sides: the released code's
-  early-stopped solver); the cross-validated logistic probe of the last layer (scikit-learn
+  in-sample probes as the probes stage runs them (`probe_layers(n_jobs=None)`: scikit-learn's
+  saga, the released code's early-stopped solver, in host worker processes, one per thread of the
+  analysis bound); the cross-validated logistic probe of the last layer (scikit-learn
   against ``cv_logistic_probe(device=...)``, folds x C in one batched solve). Each logistic row
   prints its agreement (accuracies, differing predictions, the chosen C);
 - peers on the 6 peer layers (k-NN on scikit-learn on both sides);
