@@ -290,6 +290,30 @@ def crossfit_gain(
     return pd.DataFrame(rows)
 
 
+def whole_split_gain(
+    test_labels: Sequence[int], probe_predictions: Sequence[int], lora_predictions: Sequence[int],
+) -> tuple[float, float]:
+    """The naive baseline and gain of one dataset: probe accuracy and LoRA - probe accuracy, both
+    on the whole test split (so they share the probe's test noise; `crossfit_gain` separates them).
+
+    Parameters
+    ----------
+    test_labels : (M,) true classes of the test texts.
+    probe_predictions, lora_predictions : (M,) classes predicted by the probe and by the
+        LoRA-tuned model for the same texts, in the same order.
+
+    Returns
+    -------
+    (probe_accuracy, gain) : two floats.
+    """
+    labels, probe, lora = (np.asarray(a) for a in (test_labels, probe_predictions, lora_predictions))
+    if not (labels.shape == probe.shape == lora.shape) or labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"test_labels, probe_predictions and lora_predictions must be 1-D of one non-zero length, "
+                         f"got shapes {labels.shape}, {probe.shape}, {lora.shape}")
+    accuracy = float(np.mean(probe == labels))
+    return accuracy, float(np.mean(lora == labels)) - accuracy
+
+
 def crossfit_gain_correlation(
     frame: pd.DataFrame, *, baseline: str = "probe_accuracy_baseline", gain: str = "gain", fold: str = "fold",
     dataset: str = "dataset", method: Method = "spearman", n_perm: int = 2000, n_boot: int = 1000,

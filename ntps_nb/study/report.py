@@ -380,7 +380,7 @@ def _crossfit_row(predictions: pd.DataFrame, base: dict, *, method: str, n_boot:
     datasets with predictions, ``datasets`` names them; ``naive_same_datasets`` is the naive rho
     (probe accuracy and gain on the whole test split) of those same datasets, for a like-for-like
     comparison, and ``rho_fold_0`` / ``rho_fold_1`` the two folds' rho."""
-    from ntps_nb.core.gain import crossfit_gain, crossfit_gain_correlation
+    from ntps_nb.core.gain import crossfit_gain, crossfit_gain_correlation, whole_split_gain
     from ntps_nb.core.stats import correlate
 
     groups = list(predictions.sort_values("text_index").groupby("dataset", sort=True))
@@ -390,11 +390,11 @@ def _crossfit_row(predictions: pd.DataFrame, base: dict, *, method: str, n_boot:
               .assign(dataset=dataset) for dataset, group in groups]
     result = crossfit_gain_correlation(pd.concat(frames, ignore_index=True), method=method, n_perm=n_perm,
                                        n_boot=n_boot, seed=seed).iloc[0]
-    probe = [float(np.mean(g["probe_prediction"] == g["label"])) for _, g in groups]
-    gain = [float(np.mean(g["lora_prediction"] == g["label"])) - p for (_, g), p in zip(groups, probe)]
+    probe, gain = zip(*(whole_split_gain(g["label"], g["probe_prediction"], g["lora_prediction"]) for _, g in groups))
     return [{**base, "n_datasets": len(frames), "target": "lora_gain", "score": "probe_accuracy_crossfit",
              "selection": "none", **_result(result.to_dict()), "config": "dataset only",
-             "datasets": ", ".join(name for name, _ in groups), "naive_same_datasets": correlate(probe, gain, method),
+             "datasets": ", ".join(name for name, _ in groups),
+             "naive_same_datasets": correlate(list(probe), list(gain), method),
              "rho_fold_0": float(result["rho_fold_0"]), "rho_fold_1": float(result["rho_fold_1"]),
              "note": CROSSFIT_PROBE_NOTE}]
 

@@ -75,3 +75,21 @@ def test_crossfit_correlation_averages_the_folds_and_labels_its_side(rng):
         crossfit_gain_correlation(frame[frame.fold == 0])
     with pytest.raises(ValueError, match="fold 1 has datasets"):
         crossfit_gain_correlation(frame[(frame.fold == 0) | (frame.dataset != "d3")])
+
+
+def test_whole_split_gain_is_the_text_weighted_mean_of_the_two_halves():
+    """The naive (whole test split) probe accuracy and gain equal the halves' values of
+    `crossfit_gain` weighted by their sizes; mismatched inputs are refused."""
+    from ntps_nb.core.gain import crossfit_gain, whole_split_gain
+
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 3, 101)
+    probe = np.where(rng.random(101) < 0.7, labels, (labels + 1) % 3)
+    lora = np.where(rng.random(101) < 0.8, labels, (labels + 2) % 3)
+    accuracy, gain = whole_split_gain(labels, probe, lora)
+    halves = crossfit_gain(labels, probe, lora, seed=3)
+    weights = halves["n_gain"].to_numpy(float)
+    assert accuracy == pytest.approx(np.average(halves["probe_accuracy"], weights=weights), abs=1e-12)
+    assert gain == pytest.approx(np.average(halves["gain"], weights=weights), abs=1e-12)
+    with pytest.raises(ValueError, match="one non-zero length"):
+        whole_split_gain(labels, probe[:-1], lora)
