@@ -365,17 +365,19 @@ def _tail(real: np.ndarray, null: np.ndarray, atol: float) -> dict[str, np.ndarr
 
 
 
+def _solver_geometries(moments: Moments, name: str, configs: Sequence[tuple[str, str]]) -> list:
+    """The variant's geometry of the moments under each host eigensolver setting (precision, solver)."""
+    if name == "theory":
+        return [TheoryFactorization.from_moments(moments, solver=solver).geometry(moments) for _, solver in configs]
+    return [ReferenceFactorization.from_moments(moments, precision=precision, solver=solver).geometry(moments)
+            for precision, solver in configs]
+
+
 def _solver_values(moments: Moments, name: str, ks: np.ndarray | None, fractions: np.ndarray) -> list[np.ndarray]:
     """NTPS at the grid (ks for the theory variant, fractions for the reference) under each host
     eigensolver setting of `SOLVER_CONFIGS`."""
-    values = []
-    for precision, solver in SOLVER_CONFIGS[name]:
-        if name == "theory":
-            values.append(_theory_values(TheoryFactorization.from_moments(moments, solver=solver).geometry(moments), ks))
-        else:
-            geometry = ReferenceFactorization.from_moments(moments, precision=precision, solver=solver).geometry(moments)
-            values.append(_reference_values(geometry, fractions))
-    return values
+    return [_theory_values(g, ks) if name == "theory" else _reference_values(g, fractions)
+            for g in _solver_geometries(moments, name, SOLVER_CONFIGS[name])]
 
 
 def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fraction: Any = None,
@@ -404,15 +406,13 @@ def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fractio
     if unknown:
         raise ValueError(f"unknown solver settings {unknown} for the {variant} variant; choose from "
                          f"{list(SOLVER_CONFIGS[variant])}")
+    geometries = _solver_geometries(moments, variant, chosen)
     if variant == "theory":
-        geometries = [TheoryFactorization.from_moments(moments, solver=solver).geometry(moments)
-                      for _, solver in chosen]
-        ks, _ = _theory_ks(k, fraction if k is None else None, geometries[0].r_V) if geometries else ([], None)
-        return [_theory_values(geometry, np.asarray(ks)) for geometry in geometries]
+        ks = _theory_ks(k, fraction if k is None else None, geometries[0].r_V)[0] if geometries else np.array([], int)
+        return [_theory_values(g, ks) for g in geometries]
     fractions = np.array(_fractions(fraction, upper_inclusive=False) if fraction is not None
                          else REFERENCE_FRACTIONS, dtype=np.float64)
-    return [_reference_values(ReferenceFactorization.from_moments(moments, precision=precision, solver=solver)
-                              .geometry(moments), fractions) for precision, solver in chosen]
+    return [_reference_values(g, fractions) for g in geometries]
 
 
 def solver_deviations(variants: Sequence[str], grids: dict, solvers: Any, compute, *,

@@ -1310,10 +1310,11 @@ def ntps_diagnostics_torch(
 
     # The eigensolver comparison is host LAPACK (numpy / scipy, which release the GIL): unless the
     # caller computed it (``solvers`` a mapping), it runs in a thread beside the device's work.
-    host = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntps-host-solvers")
+    host = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntps-host-solvers")
+            if solvers is True else None)
     host_solves = (host.submit(lambda: {name: _solver_values(moments, name, grids[name].get("ks"),
                                                              grids[name]["fractions"]) for name in variants})
-                   if solvers is True else None)
+                   if host is not None else None)
     try:
         return _diagnostics_on_device(moments, variants, grids, solvers, host_solves, X=X if n_permutations else None,
                                       Y=Y if n_permutations else None, shift=shift if n_permutations else None,
@@ -1321,7 +1322,8 @@ def ntps_diagnostics_torch(
                                       n_permutations=n_permutations, seed=seed, batch=batch, device=device,
                                       provenance=provenance)
     finally:
-        host.shutdown(wait=True)
+        if host is not None:
+            host.shutdown(wait=True)
 
 
 def _diagnostics_on_device(moments, variants, grids, solvers, host_solves, *, X, Y, shift, n_perturb, perturb_scale,
