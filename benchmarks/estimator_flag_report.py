@@ -7,7 +7,8 @@ the number whose coverage is below 0.85 by more than 2 binomial SEs, the number 
 observed and the numbers outside [0.85, 0.95] by an exact one-sided binomial test at 2.5% per side
 (`BINOMIAL_ALPHA`; with n accepted draws a cell covering every time is told apart from 0.95 only
 from n = 72 on), the number whose mean error exceeds a quarter of the mean interval width, and the
-worst RMSE. Example (docs/estimator.md):
+worst RMSE; with ``--cells``, each such cell's numbers and its accepted rows off by more than
+`BAD_ERROR`. Example (docs/estimator.md):
 
     python benchmarks/estimator_flag_report.py benchmarks/results/estimator_map/richardson/draws_d*.csv.gz
 """
@@ -24,6 +25,8 @@ from ntps_nb.core.estimators import NOISE_MAX
 
 CELL = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k", "estimator"]
 MIN_ACCEPTED = 10
+#: |estimate - truth| above which an accepted row counts as badly wrong (the cell table's last column).
+BAD_ERROR = 0.2
 #: One-sided level of the exact binomial tests of a cell's coverage against 0.85 (below) and 0.95 (above).
 BINOMIAL_ALPHA = 0.025
 
@@ -73,16 +76,38 @@ def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cell_table(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per estimator, the cells with at least `MIN_ACCEPTED` accepted draws at ``threshold`` or an
+    accepted row off by more than `BAD_ERROR`: accepted draws, coverage, bias, width, RMSE, and
+    those badly wrong rows."""
+    frame = frame[np.isfinite(frame["truth"])]
+    accepted = (frame["subspace_noise"] <= threshold) & np.isfinite(frame["lower"]) & np.isfinite(frame["upper"])
+    off = (frame[accepted & (frame["error"].abs() > BAD_ERROR)].groupby(CELL).size().rename(f"off_by_{BAD_ERROR:g}"))
+    c = cells(frame, threshold)
+    c = c.merge(off, left_on=CELL, right_index=True, how="left").fillna({f"off_by_{BAD_ERROR:g}": 0})
+    return c[(c["accepted"] >= MIN_ACCEPTED) | (c[f"off_by_{BAD_ERROR:g}"] > 0)].reset_index(drop=True)
+
+
+def _markdown(table: pd.DataFrame) -> None:
+    print("| " + " | ".join(table.columns) + " |\n|" + "---|" * table.shape[1])
+    for row in table.itertuples(index=False):
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("draws", nargs="+", help="per-draw frames written by benchmarks/estimator_map.py")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.02, NOISE_MAX, 0.1, 0.2])
+    parser.add_argument("--cells", action="store_true",
+                        help=f"also print the cells with >= {MIN_ACCEPTED} accepted draws at NOISE_MAX, or a "
+                             f"badly wrong accepted row")
     args = parser.parse_args()
     frame = pd.concat([pd.read_csv(p) for p in args.draws], ignore_index=True)
-    table = report(frame, args.thresholds)
-    print("| " + " | ".join(table.columns) + " |\n|" + "---|" * table.shape[1])
-    for row in table.itertuples(index=False):
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    _markdown(report(frame, args.thresholds))
+    if args.cells:
+        print(f"\nCells with >= {MIN_ACCEPTED} accepted draws at noise_max = {NOISE_MAX:g}, or an accepted row off "
+              f"by more than {BAD_ERROR:g}:\n")
+        _markdown(cell_table(frame, NOISE_MAX))
 
 
 if __name__ == "__main__":
