@@ -900,15 +900,11 @@ class _HostSolvers:
         return self
 
     def fill(self, frame: pd.DataFrame, layer: int, variant: str) -> pd.DataFrame:
-        """``frame`` with its ``solver_max_dev`` from the host values (when computed here)."""
-        if not self.computing:
-            return frame
+        """A device job's ``frame`` (the plug-in's rows) with its ``solver_max_dev`` from the host values."""
         from ntps_nb.core.diagnostics import solver_deviations
 
-        compared = [variant] if variant == "reference" or (frame["estimator"] == "plugin").all() else []
         spread = solver_deviations([variant], {variant: {"ntps": frame["ntps"].to_numpy(np.float64)}},
-                                   {variant: [future.result()[0] for future in self.futures[layer, variant]]}, None,
-                                   compared=compared)
+                                   {variant: [future.result()[0] for future in self.futures[layer, variant]]}, None)
         return frame.assign(solver_max_dev=spread[variant])
 
     def __exit__(self, *exc_info) -> None:
@@ -934,21 +930,25 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     estimator = "plugin" if u.cfg.estimator in SHARD_ESTIMATORS else u.cfg.estimator
     device = u.analysis_device
     sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
+    # the torch backend's diagnostics are the plug-in's; a pooled estimator's theory rows are numpy's
+    theory_device = device if estimator == "plugin" else None
     jobs = []
     for layer in u.diag_grid:
         r_V = int(sweep(u.ex.moments[layer])["r_V"].iloc[0])
         ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
-        jobs += [(layer, "theory", dict(k=ks)), (layer, "reference", dict(fraction=list(u.cfg.diagnostic_fractions)))]
+        jobs += [(layer, "theory", dict(k=ks), theory_device),
+                 (layer, "reference", dict(fraction=list(u.cfg.diagnostic_fractions)), device)]
     rows = []
-    with warnings.catch_warnings(), _HostSolvers(u, jobs if device is not None else []) as host:
+    on_device = [(layer, variant, grid) for layer, variant, grid, on in jobs if on is not None]
+    with warnings.catch_warnings(), _HostSolvers(u, on_device) as host:
         _ignore_recorded_as_nan()
-        for layer, variant, grid in jobs:
+        for layer, variant, grid, on in jobs:
             options = dict(estimator=estimator) if variant == "theory" else {}
             frame = ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
                                      n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
-                                     seed=u.cfg.seed, layer=layer, device=device, solvers=not host.computing,
+                                     seed=u.cfg.seed, layer=layer, device=on, solvers=on is None,
                                      **grid, **options)
-            rows.append(host.fill(frame, layer, variant))
+            rows.append(frame if on is None else host.fill(frame, layer, variant))
     why = "needs per-shard moments, and the diagnostics permute per-text labels of the pooled features"
     stand_in = list(u.diag_grid) if estimator != u.cfg.estimator else []
     return pd.concat(rows, ignore_index=True), _plugin_only(u.cfg.estimator, stand_in, why)

@@ -1510,3 +1510,23 @@ def test_a_unit_keeps_its_moments_on_the_gpu_only_where_they_fit(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(
             total_memory=total))
         assert _keeps_moments_on_device(unit, settings) is keeps
+
+
+def test_a_pooled_estimators_diagnostics_run_in_numpy_beside_a_torch_analysis(tmp_path, tiny_llama):
+    """With the analysis on the torch backend (plug-in only) and a pooled estimator ("adjusted"),
+    the diagnostics stage computes that estimator's theory rows with numpy and the reference rows on
+    the device: the same table as a numpy unit (it used to stop with the backend's ValueError)."""
+    cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=True, probes=[], estimator="adjusted")
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    numpy_unit = study.run_unit(dataclasses.replace(cfg, analysis_device="numpy"), "tiny-llama", "trec6",
+                                tiny_llama, **quiet)
+    torch_unit = study.run_unit(dataclasses.replace(cfg, analysis_device="cpu", results_dir=str(tmp_path / "t")),
+                                "tiny-llama", "trec6", tiny_llama, **quiet)
+    want, got = numpy_unit["diagnostics"], torch_unit["diagnostics"]
+    assert set(got.loc[got["variant"] == "theory", "estimator"]) == {"adjusted"}
+    theory = (want["variant"] == "theory").to_numpy()
+    assert list(got.columns) == list(want.columns) and len(got) == len(want)
+    numbers = [c for c in want.select_dtypes("number").columns if c != "seconds"]
+    np.testing.assert_allclose(got.loc[theory, numbers].to_numpy(float), want.loc[theory, numbers].to_numpy(float),
+                               rtol=1e-12, atol=1e-12)
+    assert got.loc[~theory, "solver_max_dev"].notna().all()
