@@ -59,7 +59,9 @@ the sampling noise of the estimated subspaces U_k and V_k. Their jackknife sprea
 one metric) measures that noise from the data; a row is reliable when it is at most `NOISE_MAX` per
 direction for both subspaces, i.e. where a second-order expansion in the noise holds and a 1 / N
 bias correction is enough. Nearly tied eigenvalues at k make the subspace move with the sample and
-the row unreliable. Calibrated on the estimator map (docs/estimator.md). Some estimators also
+the row unreliable; where they are tied far below the sampling noise the shards can all break the
+tie the same wrong way, so a row also needs both eigengaps at k to be at least `GAP_MIN` jackknife
+standard errors (`eigengap_ratios`). Calibrated on the estimator map (docs/estimator.md). Some estimators also
 report their own statistic in ``reliability`` (the crossfit ones: the split-half agreement at k);
 it does not decide ``reliable``.
 """
@@ -77,7 +79,7 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import SPAN_RTOL, theory_geometry
+from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace,
                                     perception_subspace)
 
@@ -103,6 +105,14 @@ DEFAULT_ESTIMATOR = "richardson"
 #: is at most this. Calibrated on the d = 16 and 64 maps, checked on d = 256 and 576
 #: (docs/estimator.md): accepted rows' 90% intervals covered 0.89 / 0.93 / 0.93 / 1.00 (pooled).
 NOISE_MAX = 0.05
+#: ... and when the eigengap at k of the perception problem (after direction k_U) and of the
+#: next-token problem (after direction k) are each at least this many delete-one-shard jackknife
+#: standard errors (`eigengap_ratios`). Where the population eigenvalues around k are nearly tied,
+#: which direction comes first is not a property the sample can resolve: the subspaces can then
+#: agree across shards (small `subspace_noise`) and still be the wrong tie-break. Chosen on the
+#: d = 64 map and the d = 64 / 256 held-out runs, checked on fresh d = 16 and 576 draws
+#: (docs/estimator.md, "The eigengap condition").
+GAP_MIN = 5.0
 #: Relative size of the smallest singular value of G or H below which its inverse is not taken.
 SPLIT_RCOND = 1e-8
 
@@ -466,7 +476,7 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
 
 
 def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
-                drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                drop: int | None = None, pooled: TheoryGeometry | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Richardson extrapolation of the plug-in to N = infinity from N and the two halves.
 
     The plug-in's bias is a / N + O(1 / N^2) where the expansion of the eigenvectors in the
@@ -475,9 +485,10 @@ def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: i
     w = h / (h - 1 / N) has no 1 / N term (w = 2 for equal halves: 2 plugin(N) - mean of halves).
     This is the half-sample (delete-N/2) jackknife (Quenouille's bias correction with two groups);
     one split costs three factorisations per layer. The value is not clipped to [0, 1].
+    ``pooled``: the pooled shards' (less ``drop``) geometry where the caller has it already.
     """
     full = _pooled(shards, drop)
-    x_full = theory_values(theory_geometry(full, rtol=rtol), ks)
+    x_full = theory_values(pooled if pooled is not None else theory_geometry(full, rtol=rtol), ks)
     halves, sizes = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     return _richardson_combination(x_full, halves, sizes, full.n_texts), np.full(ks.shape, np.nan)
 
@@ -626,13 +637,88 @@ def _noise_frame(ks: np.ndarray, m: int, v_columns: int, n_shards: int, replicat
                          "bias_bound": (noise_u + noise_v) / k_u})
 
 
+def _gaps_at(geometry: TheoryGeometry | None, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eigengaps at each k of one geometry: perception after direction k_U = min(k, m) (to 0
+    after the last label direction), next-token after direction k (to 0 after the last retained
+    one); NaN where the geometry is missing or did not keep the next-token eigenvalues."""
+    if geometry is None or geometry.next_token_eigenvalues is None:
+        return np.full(ks.shape, np.nan), np.full(ks.shape, np.nan)
+    lam_u = np.append(np.asarray(geometry.eigenvalues, dtype=np.float64), 0.0)
+    lam_v = np.append(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64), 0.0)
+    k_u = np.minimum(ks, lam_u.size - 1)
+    k_v = np.minimum(ks, lam_v.size - 1)
+    gap_v = np.where(ks <= lam_v.size - 1, lam_v[k_v - 1] - lam_v[k_v], np.nan)
+    return lam_u[k_u - 1] - lam_u[k_u], gap_v
+
+
+def _gap_frame(full: TheoryGeometry, replicates: Sequence[TheoryGeometry | None], ks: np.ndarray) -> pd.DataFrame:
+    """`eigengap_ratios`'s frame from the full sample's geometry and the S leave-one-shard-out
+    replicates' (None where a replicate is undefined: its k get NaN ratios)."""
+    S = len(replicates)
+    full_u, full_v = _gaps_at(full, ks)
+    reps = [_gaps_at(g, ks) for g in replicates]
+    out = {"k": ks, "gap_U": full_u, "gap_V": full_v}
+    for name, full_gap, column in (("U", full_u, 0), ("V", full_v, 1)):
+        values = np.array([r[column] for r in reps]).reshape(S, ks.size)
+        se = np.sqrt((S - 1) / S * np.sum((values - values.mean(axis=0)) ** 2, axis=0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"gap_ratio_{name}"] = full_gap / np.maximum(se, np.finfo(np.float64).tiny)
+    out["gap_ratio"] = np.fmin(out["gap_ratio_U"], out["gap_ratio_V"])
+    out["gap_ratio"][~(np.isfinite(out["gap_ratio_U"]) & np.isfinite(out["gap_ratio_V"]))] = np.nan
+    return pd.DataFrame(out)
+
+
+def eigengap_ratios(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_RTOL) -> pd.DataFrame:
+    """How well the sample separates the eigenvalues around k: each eigengap at k over its
+    delete-one-shard jackknife standard error.
+
+    The perception gap is lambda_{k_U} - lambda_{k_U + 1} of (Sxy Sxy^T, Sxx) (k_U = min(k, m), the
+    gap to 0 after the last label direction), the next-token gap mu_k - mu_{k+1} of (C1 C1^T, C0);
+    each replicate's eigenvalues are those of its own moments (S - 1 shards). A small ratio says
+    the order of the directions around k is not resolved by the sample: U_k or V_k is then one
+    tie-break of nearly tied population eigenvalues, possibly the same in every shard, which
+    `subspace_noise` cannot see. `ntps_estimate`'s ``reliable`` asks for ``gap_ratio >= GAP_MIN``.
+
+    Parameters
+    ----------
+    moment_shards : per-shard `Moments` of one layer (disjoint texts), at least 3.
+    ks : (K,) positive integers, numbers of next-token directions.
+    rtol : relative range tolerance of Sxx and C0.
+
+    Returns
+    -------
+    DataFrame, one row per k: k, gap_U, gap_V (the full sample's gaps), gap_ratio_U, gap_ratio_V
+    and gap_ratio (the smaller of the two; NaN where a replicate is undefined or k exceeds r_V).
+    """
+    shards = _as_shards(moment_shards)
+    if len(shards) < 3:
+        raise ValueError(f"eigengap ratios need at least 3 shards, got {len(shards)}")
+    ks = _check_ks(ks)
+    full = theory_geometry(Moments.combine(shards), rtol=rtol)
+    return _gap_frame(full, _replicate_geometries(shards, rtol), ks)
+
+
+def _replicate_geometries(shards: list[Moments], rtol: float) -> list[TheoryGeometry | None]:
+    """The theory geometry of each leave-one-shard-out pooled sample (None where it is undefined)."""
+    out: list[TheoryGeometry | None] = []
+    for i in range(len(shards)):
+        try:
+            out.append(theory_geometry(_pooled(shards, i), rtol=rtol))
+        except (ValueError, np.linalg.LinAlgError):
+            out.append(None)
+    return out
+
+
 def _plugin(full: Moments, ks: np.ndarray, rtol: float) -> np.ndarray:
     return theory_values(theory_geometry(full, rtol=rtol), ks)
 
 
 def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int, rtol: float,
-            drop: int | None = None, n_splits: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The estimator at ks on the shards, leaving shard ``drop`` out (a jackknife replicate)."""
+            drop: int | None = None, n_splits: int = 1,
+            pooled: TheoryGeometry | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The estimator at ks on the shards, leaving shard ``drop`` out (a jackknife replicate);
+    ``pooled``, where given, is the theory geometry of those shards pooled (read by "plugin" and
+    "richardson" instead of factorising again)."""
     none = np.full(ks.shape, np.nan)
     if estimator in SHARD_ESTIMATORS and len(shards) < 2:
         raise ValueError(f"estimator {estimator!r} needs the moments of at least 2 shards of the texts "
@@ -640,7 +726,7 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
     if estimator == "debiased":
         return _debiased(shards, ks, rtol=rtol, drop=drop)
     if estimator == "richardson":
-        return _richardson(shards, ks, n_splits=RICHARDSON_SPLITS, seed=seed, rtol=rtol, drop=drop)
+        return _richardson(shards, ks, n_splits=RICHARDSON_SPLITS, seed=seed, rtol=rtol, drop=drop, pooled=pooled)
     if estimator == "extrapolate":
         return _extrapolate(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     if estimator == "crossfit":
@@ -651,7 +737,7 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
         shards = shards[:drop] + shards[drop + 1:]
     full = Moments.combine(shards) if len(shards) > 1 else shards[0]
     if estimator == "plugin":
-        return _plugin(full, ks, rtol), none
+        return (_plugin(full, ks, rtol) if pooled is None else theory_values(pooled, ks)), none
     if estimator == "adjusted":
         return _adjusted(full, ks, rtol)
     if estimator == "adjusted_v":
@@ -720,6 +806,7 @@ def ntps_estimate(
     rtol: float = RANGE_RTOL,
     n_splits: int = CROSSFIT_SPLITS,
     noise_max: float = NOISE_MAX,
+    gap_min: float = GAP_MIN,
     device: Any = None,
     batch_size: int | None = None,
 ) -> pd.DataFrame:
@@ -730,10 +817,12 @@ def ntps_estimate(
     replicate fails). ``reliable`` says whether the number can be read as an estimate of the
     population NTPS with that interval: True when the interval is finite and the subspaces are in
     the regime where their sampling noise is small (`subspace_noise`: the jackknife squared sine per
-    direction of U and of V at most ``noise_max``). It is a property of the data at that k, the same
-    for every estimator; it was calibrated for the default estimator (docs/estimator.md), whose
-    intervals covered 0.89-1.00 (pooled, per d) where it said reliable. Outside that regime no
-    estimator here has intervals that cover: the estimate still moves with N.
+    direction of U and of V at most ``noise_max``) and the order of the directions around k is
+    resolved (`eigengap_ratios`: both eigengaps at k at least ``gap_min`` jackknife standard
+    errors). It is a property of the data at that k, the same for every estimator; it was
+    calibrated for the default estimator (docs/estimator.md), whose intervals covered 0.89-1.00
+    (pooled, per d) where it said reliable. Outside that regime no estimator here has intervals
+    that cover: the estimate still moves with N.
 
     Parameters
     ----------
@@ -743,6 +832,7 @@ def ntps_estimate(
     level : coverage level of the interval, in (0, 1).
     seed, rtol, n_splits : as in `estimate_ntps`.
     noise_max : largest subspace noise per direction of a reliable row (default `NOISE_MAX`).
+    gap_min : smallest eigengap ratio (`eigengap_ratios`) of a reliable row (default `GAP_MIN`).
     device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
         every plug-in the estimate, its replicates and `subspace_noise` need solved as batches on
         that device (`ntps_nb.core.backends.torch.ntps_estimate_torch`, the same frame), for the
@@ -755,26 +845,30 @@ def ntps_estimate(
     DataFrame, one row per k: k, estimator, estimate, se, lower, upper, level, reliability (the
     estimator's own statistic, NaN for most), reliable, n_texts, n_shards, bias_jackknife (the
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
-    k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`.
+    k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
+    gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`.
     """
     backend = analysis_backend(device)
     if backend is not None:
         return backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
-                                           noise_max=noise_max, device=device, batch_size=batch_size)
+                                           noise_max=noise_max, gap_min=gap_min, device=device, batch_size=batch_size)
     shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)
     ks = _check_ks(ks)
     point = estimate_ntps(shards, ks, estimator=estimator, seed=seed, rtol=rtol, n_splits=n_splits)
     S = len(shards)
+    geometries = _replicate_geometries(shards, rtol)  # the eigengaps' replicates, reused by the estimator
     loo = np.full((S, ks.size), np.nan)
     for i in range(S):
         try:
-            loo[i] = _values(shards, ks, estimator, seed=seed, rtol=rtol, drop=i, n_splits=n_splits)[0]
+            loo[i] = _values(shards, ks, estimator, seed=seed, rtol=rtol, drop=i, n_splits=n_splits,
+                             pooled=geometries[i])[0]
         except (ValueError, np.linalg.LinAlgError):
             pass
     noise = subspace_noise(shards, ks, rtol=rtol)
-    return _estimate_frame(ks, estimator, point.estimate, point.reliability, loo, noise, level=level,
-                          noise_max=noise_max, n_texts=point.n_texts)
+    gaps = _gap_frame(theory_geometry(Moments.combine(shards), rtol=rtol), geometries, ks)
+    return _estimate_frame(ks, estimator, point.estimate, point.reliability, loo, noise, gaps, level=level,
+                          noise_max=noise_max, gap_min=gap_min, n_texts=point.n_texts)
 
 
 def _check_estimate_options(shards: list[Moments], level: float) -> None:
@@ -796,7 +890,8 @@ def _check_estimate_options(shards: list[Moments], level: float) -> None:
 
 
 def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliability: np.ndarray, loo: np.ndarray,
-                   noise: pd.DataFrame, *, level: float, noise_max: float, n_texts: int) -> pd.DataFrame:
+                   noise: pd.DataFrame, gaps: pd.DataFrame, *, level: float, noise_max: float, gap_min: float,
+                   n_texts: int) -> pd.DataFrame:
     """`ntps_estimate`'s frame from the point estimate, the S leave-one-shard-out replicates of the
     estimator and the `subspace_noise` frame (shared by the numpy code and the torch backend).
 
@@ -807,7 +902,8 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
     estimate, reliability : (K,) the estimate and the estimator's own statistic on all shards.
     loo : (S, K) the estimator with shard i left out (row i), NaN where a replicate failed.
     noise : `subspace_noise` of the same shards at ``ks``.
-    level, noise_max : as in `ntps_estimate`.
+    gaps : `eigengap_ratios` of the same shards at ``ks``.
+    level, noise_max, gap_min : as in `ntps_estimate`.
     n_texts : texts in all the shards.
 
     Returns
@@ -829,11 +925,13 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
     k_u = noise["k_U"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         per_direction = np.maximum(noise["noise_U"].to_numpy() / k_u, noise["noise_V"].to_numpy() / ks)
-    reliable = finite & (per_direction <= noise_max)
+    gap_ratio = gaps["gap_ratio"].to_numpy()
+    reliable = finite & (per_direction <= noise_max) & (gap_ratio >= gap_min)
     return pd.DataFrame({
         "k": ks, "estimator": estimator, "estimate": estimate, "se": se, "lower": lower, "upper": upper,
         "level": level, "reliability": reliability, "reliable": reliable,
         "n_texts": n_texts, "n_shards": S, "bias_jackknife": bias_jackknife,
         "noise_U": noise["noise_U"].to_numpy(), "noise_V": noise["noise_V"].to_numpy(),
         "bias_bound": noise["bias_bound"].to_numpy(), "k_U": k_u, "subspace_noise": per_direction,
+        **{name: gaps[name].to_numpy() for name in ("gap_U", "gap_V", "gap_ratio_U", "gap_ratio_V", "gap_ratio")},
     })

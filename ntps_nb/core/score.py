@@ -76,6 +76,9 @@ class TheoryGeometry:
     r_V : retained rank of C0 (the largest valid k).
     r_U : retained rank of Sxx.
     trace_Syy : tr(Syy), the loss of the zero probe.
+    next_token_eigenvalues : (r_V,) the descending eigenvalues of the next-token problem
+        (C1 C1^T, C0) on the retained range of C0, or None where the code that built the geometry
+        did not keep them; the reliability flag's eigengaps read them (`ntps_nb.core.estimators.eigengap_ratios`).
     """
 
     eigenvalues: Float[np.ndarray, " m"]
@@ -83,6 +86,7 @@ class TheoryGeometry:
     r_V: int
     r_U: int
     trace_Syy: float
+    next_token_eigenvalues: np.ndarray | None = None
 
     @property
     def m(self) -> int:
@@ -252,6 +256,7 @@ def theory_geometry(
         r_V=V.rank_B,
         r_U=U.rank_B,
         trace_Syy=float(np.trace(moments.Syy)),
+        next_token_eigenvalues=np.asarray(V.eigenvalues, dtype=np.float64).copy(),
     )
 
 

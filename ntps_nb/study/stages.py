@@ -125,9 +125,10 @@ STAGES: tuple[Stage, ...] = (
     # estimator: the key names the one bootstrapped (`stage_keys`), not the two settings
     Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k", "interval_estimator",
                         "estimator"), ("extraction",), "intervals", INTERVALS_COLUMNS),
-    # the estimator's estimate, jackknife interval and reliability flag on the interval layers
+    # the estimator's estimate, jackknife interval and reliability flag on the interval layers;
+    # version 2: the flag also asks for resolved eigengaps at k (`estimators.GAP_MIN`), gap columns added
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed"), ("extraction",), "estimates",
-          ESTIMATES_COLUMNS),
+          ESTIMATES_COLUMNS, version=2),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
     Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
                           "n_permutations", "seed", "estimator"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS,

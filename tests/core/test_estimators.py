@@ -6,11 +6,11 @@ import pytest
 import pandas as pd
 import scipy.linalg
 
-from ntps_nb.core.estimators import (DEFAULT_ESTIMATOR, ESTIMATORS, NOISE_MAX, PCA_TEXTS_PER_DIM, estimate_ntps,
-                                     ntps_estimate, split_halves, subspace_noise)
+from ntps_nb.core.estimators import (DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
+                                     eigengap_ratios, estimate_ntps, ntps_estimate, split_halves, subspace_noise)
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import ntps, ntps_sweep
-from ntps_nb.core.simulate import lds_model, sample_shards
+from ntps_nb.core.simulate import lds_model, moments_of_array, sample_shards
 
 KS = np.array([1, 2, 4])
 
@@ -72,9 +72,13 @@ def test_interval_table_and_jackknife_on_a_known_case():
     se = np.sqrt(5 / 6 * np.sum((loo - loo.mean()) ** 2))
     assert table["se"].iloc[0] == pytest.approx(se, rel=1e-10)
     assert (table["lower"] < table["estimate"]).all() and (table["estimate"] < table["upper"]).all()
-    # the flag is the subspace-noise rule, the same for every estimator
-    rule = (table["subspace_noise"] <= NOISE_MAX) & np.isfinite(table["lower"]) & np.isfinite(table["upper"])
+    # the flag is the subspace-noise and eigengap rule, the same for every estimator
+    rule = ((table["subspace_noise"] <= NOISE_MAX) & (table["gap_ratio"] >= GAP_MIN) & np.isfinite(table["lower"])
+            & np.isfinite(table["upper"]))
     np.testing.assert_array_equal(table["reliable"].to_numpy(), rule.to_numpy())
+    assert rule.any() and not rule.all()  # this case exercises both outcomes
+    other = ntps_estimate(shards, [1, 2], estimator="richardson", level=0.9)
+    np.testing.assert_array_equal(other["reliable"].to_numpy(), table["reliable"].to_numpy())
     assert table["subspace_noise"].iloc[0] == pytest.approx(max(table["noise_U"].iloc[0] / table["k_U"].iloc[0],
                                                                 table["noise_V"].iloc[0] / 1))
 
@@ -155,6 +159,57 @@ def test_the_flag_says_unreliable_at_a_nearly_tied_k():
     model = lds_model(d=16, n_classes=2, n_tokens=8, gap="tied", seed=0)
     rows = _default_rows(model, 1, 100, seed=12)
     assert rows["reliable"].mean() <= 0.10
+
+
+def _own_gaps(moments, ks):
+    """The eigengaps at k from the two generalized eigenproblems solved directly (scipy, not the geometry)."""
+    lam_u = np.sort(scipy.linalg.eigh(moments.Sxy @ moments.Sxy.T, moments.Sxx, eigvals_only=True))[::-1]
+    lam_v = np.sort(scipy.linalg.eigh(moments.C1 @ moments.C1.T, moments.C0, eigvals_only=True))[::-1]
+    m = int(np.sum(lam_u > 1e-9 * lam_u[0]))
+    lam_u = np.append(lam_u[:m], 0.0)
+    k_u = np.minimum(ks, m)
+    return lam_u[k_u - 1] - lam_u[k_u], lam_v[ks - 1] - lam_v[ks]
+
+
+def test_eigengap_ratios_against_a_direct_computation():
+    # full-rank Sxx and C0 (N >> d), so the generalized problems can be solved directly
+    model = lds_model(d=6, n_classes=3, n_tokens=4, seed=2)
+    shards = sample_shards(model, 2400, 5, np.random.default_rng(3))
+    ks = np.array([1, 2, 3, 4])
+    got = eigengap_ratios(shards, ks)
+    full_u, full_v = _own_gaps(Moments.combine(shards), ks)
+    np.testing.assert_allclose(got["gap_U"], full_u, rtol=1e-8)
+    np.testing.assert_allclose(got["gap_V"], full_v, rtol=1e-8)
+    reps = [_own_gaps(Moments.combine(shards[:i] + shards[i + 1:]), ks) for i in range(5)]
+    for column, full in ((0, full_u), (1, full_v)):
+        values = np.array([r[column] for r in reps])
+        se = np.sqrt(4 / 5 * ((values - values.mean(axis=0)) ** 2).sum(axis=0))
+        np.testing.assert_allclose(got[f"gap_ratio_{'UV'[column]}"], full / se, rtol=1e-6)
+    np.testing.assert_allclose(got["gap_ratio"], np.minimum(got["gap_ratio_U"], got["gap_ratio_V"]))
+    # the estimate's frame carries the same numbers
+    table = ntps_estimate(shards, ks, estimator="plugin")
+    np.testing.assert_allclose(table["gap_ratio"], got["gap_ratio"], rtol=1e-12)
+
+
+def test_the_gap_condition_refuses_a_stable_tie_break():
+    # Two label directions tied exactly in the population (C = 3, equal class means' norms and
+    # isotropic noise): at k = 1 U_1 is one arbitrary direction of a 2-dimensional eigenspace. Every
+    # draw's gap at k_U = 1 is pure sampling noise, so its ratio to its jackknife SE stays small
+    # and the flag says unreliable whatever the subspace noise says; at k = 2 both directions are in
+    # and the gap to the third is large.
+    rng = np.random.default_rng(8)  # a draw whose shards happen to agree on U_1 (small subspace noise)
+    d, n = 8, 4000
+    centres = np.zeros((3, d))
+    centres[0, 0] = centres[1, 1] = 3.0  # two label directions of equal strength, class 2 at the origin
+    shards = []
+    for _ in range(6):
+        labels = rng.integers(0, 3, size=n)
+        states = centres[labels][:, None, :] + rng.standard_normal((n, 3, d))
+        shards.append(moments_of_array(states, labels, n_classes=3))
+    table = ntps_estimate(shards, [1, 2], estimator="plugin")
+    assert table["subspace_noise"].iloc[0] <= NOISE_MAX  # the noise rule alone would accept this tie-break
+    assert table["gap_ratio_U"].iloc[0] < GAP_MIN and not table["reliable"].iloc[0]
+    assert table["gap_ratio_U"].iloc[1] > GAP_MIN
 
 
 def test_split_halves_is_a_seeded_partition():

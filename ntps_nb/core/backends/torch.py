@@ -79,11 +79,13 @@ from ntps_nb.core.estimators import (
     DEFAULT_ESTIMATOR,
     DEVICE_ESTIMATORS,
     ESTIMATORS,
+    GAP_MIN,
     NOISE_MAX,
     _as_shards,
     _check_estimate_options,
     _check_ks,
     _estimate_frame,
+    _gap_frame,
     _noise_frame,
     _richardson_combination,
     split_halves,
@@ -383,13 +385,14 @@ def _perception_whitened(G: torch.Tensor):
     return lam, Y, _rank_A(lam)
 
 
-def _next_token_vectors(Q_r: torch.Tensor, s_r: torch.Tensor, C1: torch.Tensor) -> torch.Tensor:
-    """V: the C0-orthonormal generalized eigenvectors of (C1 C1^T, C0), descending, (n, d, r_V)."""
+def _next_token_vectors(Q_r: torch.Tensor, s_r: torch.Tensor, C1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generalized eigenvalues (n, r_V) and C0-orthonormal eigenvectors V (n, d, r_V) of
+    (C1 C1^T, C0), both descending."""
     W = Q_r / torch.sqrt(s_r)[:, None, :]
     G = W.mT @ C1
     M = G @ G.mT
-    _, Y = torch.linalg.eigh((M + M.mT) / 2)
-    return W @ Y.flip(-1)
+    mu, Y = torch.linalg.eigh((M + M.mT) / 2)
+    return mu.flip(-1), W @ Y.flip(-1)
 
 
 def _projected(v_coords: torch.Tensor, u_coords: torch.Tensor, span_rtol: float) -> np.ndarray:
@@ -522,14 +525,16 @@ def _grouped_geometries(
             L = take(L_V)
             G = torch.linalg.solve_triangular(L, take(C1), upper=False)
             M = G @ G.mT
-            _, Y_V = torch.linalg.eigh((M + M.mT) / 2)
+            mu, Y_V = torch.linalg.eigh((M + M.mT) / 2)
+            mu = mu.flip(-1)
             V = torch.linalg.solve_triangular(L.mT, Y_V.flip(-1), upper=True)
         else:
-            V = _next_token_vectors(take_eigh(Q_V, pos_V)[..., d - rv:], take_eigh(s_V, pos_V)[..., d - rv:], take(C1))
+            mu, V = _next_token_vectors(take_eigh(Q_V, pos_V)[..., d - rv:], take_eigh(s_V, pos_V)[..., d - rv:],
+                                        take(C1))
         projected = _projected(coordinates(V), Y, span_rtol)
-        lam, m = _numpy(lam).astype(np.float64), _numpy(m)
+        lam, m, mu = _numpy(lam).astype(np.float64), _numpy(m), _numpy(mu).astype(np.float64)
         for j, i in enumerate(members):
-            out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), ru, rv, float(trace[i]))
+            out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), ru, rv, float(trace[i]), mu[j])
         if keep is not None and any(keep[i] for i in members):  # flagged elements are never Cholesky-whitened on U
             kept.append((members, Q_r, s_r, Y, m, V))
         del V
@@ -537,12 +542,13 @@ def _grouped_geometries(
 
 
 def _geometry_or_reason(lam: np.ndarray, projected: np.ndarray, m: int, r_U: int, r_V: int,
-                        trace_Syy: float) -> TheoryGeometry | str:
-    """One element's `TheoryGeometry` from its descending eigenvalues and projections, or why U is undefined."""
+                        trace_Syy: float, next_token: np.ndarray | None = None) -> TheoryGeometry | str:
+    """One element's `TheoryGeometry` from its descending eigenvalues (perception; next-token
+    where given) and projections, or why U is undefined."""
     if m == 0:
         return "Sxy is zero: the pooled states carry no label signal, U is undefined"
     return TheoryGeometry(eigenvalues=lam[:m].copy(), projected=projected[:, :m].copy(), r_V=r_V, r_U=r_U,
-                          trace_Syy=trace_Syy)
+                          trace_Syy=trace_Syy, next_token_eigenvalues=None if next_token is None else next_token.copy())
 
 
 def theory_geometry_torch(
@@ -1158,7 +1164,7 @@ class _TheoryFactor:
                 raise ValueError(f"no eigenvalue above the tolerance {float(t[0]):.3g}: the matrix is zero or "
                                  "negative definite")
         Q_r, s_r = Q[..., d - r_U:], s[..., d - r_U:]
-        V = _next_token_vectors(Q0[..., d - r_V:], s0[..., d - r_V:], C1)
+        _, V = _next_token_vectors(Q0[..., d - r_V:], s0[..., d - r_V:], C1)
         v_coords = (torch.sqrt(s_r)[:, :, None] * (Q_r.mT @ V))[0]
         basis, counts = _nested_basis(v_coords, span_rtol)
         return cls(whitening=(Q_r / torch.sqrt(s_r)[:, None, :])[0], basis=basis, counts=counts, r_U=r_U, r_V=r_V,
@@ -2159,6 +2165,7 @@ def ntps_estimate_torch(
     seed: int = 0,
     rtol: float = RANGE_RTOL,
     noise_max: float = NOISE_MAX,
+    gap_min: float = GAP_MIN,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
@@ -2173,7 +2180,8 @@ def ntps_estimate_torch(
     combined as one product and solved as one batched call per block; the leave-one-shard-out rows
     also give `subspace_noise` (their subspaces against the full sample's). The Richardson
     combination, the jackknife standard error, the Student-t interval and the flag are then the
-    numpy code's own (`estimators._estimate_frame`).
+    numpy code's own (`estimators._estimate_frame`); the eigengaps of the flag come from the full
+    and leave-one-shard-out rows' own eigenvalues, as `ntps_nb.core.estimators.eigengap_ratios`.
 
     Parameters
     ----------
@@ -2181,7 +2189,7 @@ def ntps_estimate_torch(
     ks : (K,) positive integers, numbers of next-token directions.
     estimator : "richardson" (default) or "plugin"; the other estimators of
         `ntps_nb.core.estimators.ESTIMATORS` run in numpy only (a ValueError says so).
-    level, seed, rtol, noise_max : as in `ntps_nb.core.estimators.ntps_estimate`.
+    level, seed, rtol, noise_max, gap_min : as in `ntps_nb.core.estimators.ntps_estimate`.
     device, dtype : the torch device and precision of the solves.
     batch_size : combinations per batched solve (default: from free memory).
 
@@ -2237,5 +2245,6 @@ def ntps_estimate_torch(
         point = values[full]
         replicates = values[loo]
     noise_frame = _noise_of(ks, reference, [compared[i - 1] for i in loo])
-    return _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, level=level,
-                           noise_max=noise_max, n_texts=sum(s.n_texts for s in shards))
+    gaps = _gap_frame(full_geometry, [None if isinstance(geometries[i], str) else geometries[i] for i in loo], ks)
+    return _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps, level=level,
+                           noise_max=noise_max, gap_min=gap_min, n_texts=sum(s.n_texts for s in shards))
