@@ -1,13 +1,14 @@
 """How the reliability flag of `ntps_estimate` performs on estimator-map draws (per-draw frames).
 
 For each estimator and threshold on the subspace noise per direction (`NOISE_MAX` is the default),
-per hidden size d: the share of rows the flag accepts, the pooled coverage of the accepted rows'
+with the eigengap condition (``gap_ratio >= --gap-min``, default `GAP_MIN`; 0: the noise rule alone,
+as the flag was before the condition, for draws without the gap columns), per hidden size d: the share of rows the flag accepts, the pooled coverage of the accepted rows'
 nominal 90% intervals (with its binomial SE), and over the cells with at least 10 accepted draws
 the number whose coverage is below 0.85 by more than 2 binomial SEs, the number above 0.95 as
 observed and the numbers outside [0.85, 0.95] by an exact one-sided binomial test at 2.5% per side
 (`BINOMIAL_ALPHA`; with n accepted draws a cell covering every time is told apart from 0.95 only
 from n = 72 on), the number whose mean error exceeds a quarter of the mean interval width, and the
-worst RMSE; with ``--cells``, each such cell's numbers and its accepted rows off by more than
+worst RMSE, and the accepted rows off by more than `BAD_ERROR`; with ``--cells``, each such cell's numbers and its accepted rows off by more than
 `BAD_ERROR`. Example (docs/estimator.md):
 
     python benchmarks/estimator_flag_report.py benchmarks/results/estimator_map/richardson/draws_d*.csv.gz
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from ntps_nb.core.estimators import NOISE_MAX
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX
 
 CELL = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k", "estimator"]
 MIN_ACCEPTED = 10
@@ -31,10 +32,20 @@ BAD_ERROR = 0.2
 BINOMIAL_ALPHA = 0.025
 
 
-def cells(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def accepted(frame: pd.DataFrame, threshold: float, gap_min: float) -> pd.Series:
+    """The rows the flag accepts at noise threshold ``threshold`` and eigengap ratio ``gap_min``."""
+    out = (frame["subspace_noise"] <= threshold) & np.isfinite(frame["lower"]) & np.isfinite(frame["upper"])
+    if gap_min > 0:
+        if "gap_ratio" not in frame.columns:
+            raise SystemExit("these draws have no gap_ratio column (written before the eigengap condition): "
+                             "report them with --gap-min 0 (the noise rule alone) or regenerate them")
+        out &= frame["gap_ratio"] >= gap_min
+    return out
+
+
+def cells(frame: pd.DataFrame, threshold: float, gap_min: float) -> pd.DataFrame:
     """Per cell: draws, accepted draws, and the accepted draws' coverage, bias, width, RMSE."""
-    f = frame.assign(accepted=(frame["subspace_noise"] <= threshold) & np.isfinite(frame["lower"])
-                     & np.isfinite(frame["upper"]), width=frame["upper"] - frame["lower"])
+    f = frame.assign(accepted=accepted(frame, threshold, gap_min), width=frame["upper"] - frame["lower"])
 
     def one(c: pd.DataFrame) -> pd.Series:
         a = c[c["accepted"]]
@@ -47,12 +58,14 @@ def cells(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return f.groupby(CELL).apply(one, include_groups=False).reset_index()
 
 
-def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
+def report(frame: pd.DataFrame, thresholds, gap_min: float) -> pd.DataFrame:
     rows = []
     frame = frame[np.isfinite(frame["truth"])]
     for estimator in sorted(frame["estimator"].unique()):
         for threshold in thresholds:
-            c = cells(frame[frame["estimator"] == estimator], threshold)
+            mine = frame[frame["estimator"] == estimator]
+            c = cells(mine, threshold, gap_min)
+            bad = mine[accepted(mine, threshold, gap_min) & (mine["error"].abs() > BAD_ERROR)]
             for d, g in c.groupby("task_d"):
                 n = g["accepted"].sum()
                 cov = np.average(g["coverage"].fillna(0), weights=g["accepted"]) if n else np.nan
@@ -62,7 +75,7 @@ def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
                 below = scipy.stats.binom.cdf(covered, big["accepted"], 0.85) < BINOMIAL_ALPHA
                 above = scipy.stats.binom.sf(covered - 1, big["accepted"], 0.95) < BINOMIAL_ALPHA
                 rows.append({
-                    "estimator": estimator, "noise_max": threshold, "d": int(d),
+                    "estimator": estimator, "noise_max": threshold, "gap_min": gap_min, "d": int(d),
                     "share_accepted": n / g["draws"].sum(), "accepted_rows": int(n),
                     "coverage_accepted": cov, "coverage_mcse": np.sqrt(cov * (1 - cov) / n) if n else np.nan,
                     f"cells_with_{MIN_ACCEPTED}+": len(big),
@@ -71,19 +84,20 @@ def report(frame: pd.DataFrame, thresholds) -> pd.DataFrame:
                     "below_0.85_exact": int(below.sum()), "above_0.95_exact": int(above.sum()),
                     "bias_over_quarter_width": int((big["bias"].abs() > big["width"] / 4).sum()),
                     "worst_rmse": big["rmse"].max() if len(big) else np.nan,
+                    f"off_by_{BAD_ERROR:g}": int((bad["task_d"] == d).sum()),
                     "N/d accepted": ",".join(f"{r:g}" for r in sorted(g.loc[g["accepted"] > 0, "n_over_d"].unique())),
                 })
     return pd.DataFrame(rows)
 
 
-def cell_table(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def cell_table(frame: pd.DataFrame, threshold: float, gap_min: float) -> pd.DataFrame:
     """Per estimator, the cells with at least `MIN_ACCEPTED` accepted draws at ``threshold`` or an
     accepted row off by more than `BAD_ERROR`: accepted draws, coverage, bias, width, RMSE, and
     those badly wrong rows."""
     frame = frame[np.isfinite(frame["truth"])]
-    accepted = (frame["subspace_noise"] <= threshold) & np.isfinite(frame["lower"]) & np.isfinite(frame["upper"])
-    off = (frame[accepted & (frame["error"].abs() > BAD_ERROR)].groupby(CELL).size().rename(f"off_by_{BAD_ERROR:g}"))
-    c = cells(frame, threshold)
+    ok = accepted(frame, threshold, gap_min)
+    off = (frame[ok & (frame["error"].abs() > BAD_ERROR)].groupby(CELL).size().rename(f"off_by_{BAD_ERROR:g}"))
+    c = cells(frame, threshold, gap_min)
     c = c.merge(off, left_on=CELL, right_index=True, how="left").fillna({f"off_by_{BAD_ERROR:g}": 0})
     return c[(c["accepted"] >= MIN_ACCEPTED) | (c[f"off_by_{BAD_ERROR:g}"] > 0)].reset_index(drop=True)
 
@@ -101,13 +115,16 @@ def main() -> None:
     parser.add_argument("--cells", action="store_true",
                         help=f"also print the cells with >= {MIN_ACCEPTED} accepted draws at NOISE_MAX, or a "
                              f"badly wrong accepted row")
+    parser.add_argument("--gap-min", type=float, default=GAP_MIN,
+                        help=f"smallest eigengap ratio of an accepted row (default GAP_MIN = {GAP_MIN:g}; 0: the "
+                             f"noise rule alone)")
     args = parser.parse_args()
     frame = pd.concat([pd.read_csv(p) for p in args.draws], ignore_index=True)
-    _markdown(report(frame, args.thresholds))
+    _markdown(report(frame, args.thresholds, args.gap_min))
     if args.cells:
-        print(f"\nCells with >= {MIN_ACCEPTED} accepted draws at noise_max = {NOISE_MAX:g}, or an accepted row off "
-              f"by more than {BAD_ERROR:g}:\n")
-        _markdown(cell_table(frame, NOISE_MAX))
+        print(f"\nCells with >= {MIN_ACCEPTED} accepted draws at noise_max = {NOISE_MAX:g}, gap_min = "
+              f"{args.gap_min:g}, or an accepted row off by more than {BAD_ERROR:g}:\n")
+        _markdown(cell_table(frame, NOISE_MAX, args.gap_min))
 
 
 if __name__ == "__main__":

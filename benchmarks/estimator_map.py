@@ -1,7 +1,7 @@
 """Bias, spread and interval coverage of the NTPS estimators on generators with known truth.
 
 Runs `ntps_nb.core.simulate.estimator_map` over a grid of (family, d, C, eigengap regime) x N/d x k,
-one process per grid cell group (``--processes``), and writes the per-draw frame (csv.gz) and the
+one task per grid cell (or per range of its draws, ``--chunks``) on ``--processes`` processes, and writes the per-draw frame (csv.gz) and the
 per-cell summary (CSV) under ``--out``. Example (the run behind docs/estimator.md):
 
     python benchmarks/estimator_map.py --d 16 64 --draws 60 --processes 16 --out benchmarks/results/estimator_map
@@ -13,7 +13,7 @@ import argparse
 import itertools
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -28,11 +28,17 @@ FAMILIES = {"factor": factor_model, "lds": lds_model}
 
 
 def one_cell(args) -> pd.DataFrame:
-    family, d, C, gap, ratios, ks, estimators, draws, shards, seed = args
+    family, d, C, gap, ratios, ks, estimators, (first, draws), shards, seed = args
     model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed)
     ks = [k for k in ks if k <= d // 2]
     return estimator_map([model], ratios, ks, estimators=estimators, n_draws=draws, n_shards=shards, level=0.90,
-                         seed=seed)
+                         seed=seed, first_draw=first)
+
+
+def draw_ranges(draws: int, chunks: int) -> list[tuple[int, int]]:
+    """(first draw, number of draws) of ``chunks`` near-equal ranges covering 0 .. draws - 1."""
+    edges = [round(i * draws / chunks) for i in range(chunks + 1)]
+    return [(a, b - a) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def main() -> None:
@@ -47,23 +53,31 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=50)
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--processes", type=int, default=os.cpu_count())
+    parser.add_argument("--chunks", type=int, default=1,
+                        help="split each cell's draws into this many ranges, one task each (the same draws)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/estimator_map")
     args = parser.parse_args()
-    cells = [(f, d, C, g, args.ratios, args.ks, args.estimators, args.draws, args.shards, args.seed)
+    cells = [(f, d, C, g, args.ratios, args.ks, args.estimators, span, args.shards, args.seed)
              for f, d, C, g in itertools.product(args.families, args.d, args.classes, args.gaps)
-             if C <= d // 2]
+             if C <= d // 2 for span in draw_ranges(args.draws, max(1, args.chunks))]
     start = time.time()
-    with ProcessPoolExecutor(args.processes) as pool:
-        frames = list(pool.map(one_cell, cells))
-    frame = pd.concat(frames, ignore_index=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = "d" + "-".join(map(str, args.d))
+    parts = out / f"parts_{tag}"  # each finished task at once: a run cut short keeps what it did
+    parts.mkdir(parents=True, exist_ok=True)
+    frames = {}
+    with ProcessPoolExecutor(args.processes) as pool:
+        futures = {pool.submit(one_cell, cell): i for i, cell in enumerate(cells)}
+        for future in as_completed(futures):
+            i = futures[future]
+            frames[i] = future.result()
+            frames[i].to_csv(parts / f"task{i:04d}.csv.gz", index=False)
+    frame = pd.concat([frames[i] for i in range(len(cells))], ignore_index=True)
     frame.to_csv(out / f"draws_{tag}.csv.gz", index=False)
     summary = summarise_map(frame)
     summary.to_csv(out / f"summary_{tag}.csv", index=False)
-    print(f"{len(cells)} cells, {len(frame)} rows, {time.time() - start:.0f} s on {args.processes} processes")
+    print(f"{len(cells)} tasks, {len(frame)} rows, {time.time() - start:.0f} s on {args.processes} processes")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ draws as ``benchmarks/estimator_map.py``), computes the halves' squared sines fo
 reports, for the rows the current flag accepts, what a flag that also asks ``split / 4 <=
 NOISE_MAX`` would keep: coverage, the rows with |error| > 0.2, and the share accepted. It also
 tries a second candidate: each eigengap at k (perception after k_U, next-token after k) over its
-delete-one-shard jackknife standard error (`gap_ratios`), small where the sample cannot separate
+delete-one-shard jackknife standard error (`ntps_nb.core.estimators.eigengap_ratios`, the
+flag's second condition since), small where the sample cannot separate
 the directions around k. Example:
 
     python benchmarks/estimator_split_check.py \
@@ -34,10 +35,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ntps_nb.core.estimators import NOISE_MAX, _halves, _nested_overlap, _Whitening, _whitened_bases  # noqa: E402
+from ntps_nb.core.estimators import NOISE_MAX, _halves, eigengap_ratios, _nested_overlap, _Whitening, _whitened_bases  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.simulate import factor_model, lds_model, sample_shards  # noqa: E402
-from ntps_nb.core.subspaces import RANGE_RTOL, next_token_subspace, perception_subspace  # noqa: E402
+from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 
 FAMILIES = {"factor": factor_model, "lds": lds_model}
 #: |estimate - truth| above which an accepted row counts as badly wrong.
@@ -63,34 +64,6 @@ def split_noise(shards: list[Moments], ks: np.ndarray, seed: int, rtol: float = 
     return pd.DataFrame({"k": ks, "split_U": split_u, "split_V": split_v})
 
 
-def _gaps(moments: Moments, ks: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
-    """The eigengap after direction k_U of the perception problem and after k of the next-token one."""
-    out = []
-    for subspace, kk in ((perception_subspace(moments, order="descending", rtol=rtol), None),
-                         (next_token_subspace(moments, order="descending", rtol=rtol), ks)):
-        lam = np.append(np.asarray(subspace.eigenvalues, dtype=np.float64), 0.0)
-        if kk is None:  # U: k_U = min(k, m), the gap to the next label direction (or to 0 after the last)
-            lam = np.append(lam[: subspace.rank_A], 0.0)
-            kk = np.minimum(ks, subspace.rank_A)
-        kk = np.minimum(kk, lam.size - 1)
-        out.append(lam[kk - 1] - lam[kk])
-    return out[0], out[1]
-
-
-def gap_ratios(shards: list[Moments], ks: np.ndarray, rtol: float = RANGE_RTOL) -> pd.DataFrame:
-    """Each eigengap at k (perception after k_U, next-token after k) over its delete-one-shard
-    jackknife standard error: small where the sample cannot tell the directions around k apart."""
-    S = len(shards)
-    full_u, full_v = _gaps(Moments.combine(shards), ks, rtol)
-    reps = [_gaps(Moments.combine(shards[:g] + shards[g + 1:]), ks, rtol) for g in range(S)]
-    out = {}
-    for name, full, column in (("U", full_u, 0), ("V", full_v, 1)):
-        values = np.array([r[column] for r in reps])
-        se = np.sqrt((S - 1) / S * ((values - values.mean(axis=0)) ** 2).sum(axis=0))
-        out[f"gap_ratio_{name}"] = full / np.maximum(se, np.finfo(np.float64).tiny)
-    return pd.DataFrame({"k": ks, **out})
-
-
 def regenerate(draws: pd.DataFrame, ratios: list[float]) -> pd.DataFrame:
     """The split-half squared sines of every draw of ``draws``'s cells at ``ratios``."""
     rows = []
@@ -103,7 +76,8 @@ def regenerate(draws: pd.DataFrame, ratios: list[float]) -> pd.DataFrame:
             rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), int(draw)])
             sample = sample_shards(model, n_texts, int(shards), rng)
             try:
-                frame = split_noise(sample, ks, seed=int(draw)).merge(gap_ratios(sample, ks), on="k")
+                frame = split_noise(sample, ks, seed=int(draw)).merge(
+                    eigengap_ratios(sample, ks)[["k", "gap_ratio_U", "gap_ratio_V"]], on="k")
             except (ValueError, np.linalg.LinAlgError):
                 continue
             rows.append(frame.assign(task_family=family, task_d=d, task_n_classes=C, task_gap=gap, n_over_d=ratio,
@@ -111,7 +85,7 @@ def regenerate(draws: pd.DataFrame, ratios: list[float]) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-#: Thresholds of the smaller eigengap ratio (`gap_ratios`) tried as a second condition.
+#: Thresholds of the smaller eigengap ratio (`eigengap_ratios`) tried as a second condition.
 GAP_MINS = (2.0, 3.0, 5.0, 8.0)
 
 

@@ -396,6 +396,7 @@ def estimator_map(
     n_shards: int = 10,
     level: float = 0.90,
     seed: int = 0,
+    first_draw: int = 0,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
@@ -415,6 +416,8 @@ def estimator_map(
     n_shards : shards per sample (jackknife units).
     level : coverage level of the intervals.
     seed : seed of the draws.
+    first_draw : index of the first draw: draws first_draw .. first_draw + n_draws - 1 (each draw's
+        sample is seeded by its index, so a map split into ranges of draws equals the whole map).
     progress : show a progress bar.
 
     Returns
@@ -433,7 +436,7 @@ def estimator_map(
         truth = model.population_ntps(ks)
         for ratio in n_over_d:
             n_texts = max(int(round(ratio * model.d)), n_shards)
-            for draw in range(int(n_draws)):
+            for draw in range(int(first_draw), int(first_draw) + int(n_draws)):
                 rng = np.random.default_rng([int(seed), mi, int(round(ratio * 1000)), draw])
                 shards = sample_shards(model, n_texts, n_shards, rng)
                 for estimator in estimators:

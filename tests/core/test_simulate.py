@@ -1,6 +1,7 @@
 """The generators' population moments are exact, and the estimator map reports what it sees."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ntps_nb.core.estimators import ESTIMATORS, estimate_ntps, ntps_estimate, split_halves
@@ -91,6 +92,15 @@ def test_estimator_map_records_truth_and_the_summary_counts_draws():
     one = frame[(frame.estimator == "plugin") & (frame.k == 1)]
     got = summary[(summary.estimator == "plugin") & (summary.k == 1)]["bias"].iloc[0]
     assert got == pytest.approx(float((one.estimate - one.truth).mean()), rel=1e-12)
+
+
+def test_an_estimator_map_split_into_ranges_of_draws_is_the_whole_map():
+    model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
+    whole = estimator_map([model], [8], [1, 2], estimators=("plugin",), n_draws=3, n_shards=4, seed=2)
+    parts = pd.concat([estimator_map([model], [8], [1, 2], estimators=("plugin",), n_draws=n, n_shards=4, seed=2,
+                                     first_draw=first) for first, n in ((0, 1), (1, 2))], ignore_index=True)
+    pd.testing.assert_frame_equal(parts, whole)
+    assert whole["draw"].tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_bias_decomposition_with_nothing_sampled_has_no_bias():

@@ -1,0 +1,90 @@
+"""What the eigengap condition of the reliability flag changes in a committed study.
+
+The estimates stage of a study records ``reliable`` as the flag stood when the unit ran. Version 2
+of the stage (`ntps_nb.core.estimators.GAP_MIN`) also asks both eigengaps at k to be resolved
+(`eigengap_ratios`). Rerunning the stage needs each unit's per-shard moments; where the unit's
+extraction is still in the extraction cache, this script reads them and computes, for every row
+the committed table flags reliable, the eigengap ratios and whether the new flag keeps the row.
+Units whose extraction is not cached are counted and named, not guessed. Example:
+
+    python benchmarks/flag_gap_on_study.py data/results/default-richardson \
+        --out benchmarks/results/estimator_map/richardson/flag_gap_default_richardson.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ntps_nb.cache import cache_dir  # noqa: E402
+from ntps_nb.core.estimators import GAP_MIN, eigengap_ratios  # noqa: E402
+from ntps_nb.core.intervals import layer_shards  # noqa: E402
+from ntps_nb.extract import Extraction  # noqa: E402
+
+
+def unit_rows(unit: Path, estimates: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
+    """The eigengap ratios of the unit's committed reliable rows, or None and why not."""
+    meta = json.loads((unit / "unit.json").read_text())
+    mine = estimates[(estimates["model"] == meta["model"]) & (estimates["dataset"] == meta["dataset"])
+                     & estimates["reliable"]]
+    if mine.empty:
+        return None, "no reliable row"
+    folder = cache_dir("extractions", str(meta.get("extraction_key")))
+    if not (folder / "extraction.json").is_file():
+        return None, "extraction not cached"
+    ex = Extraction.load(folder)
+    if not ex.shards:
+        return None, "cached extraction has no shards"
+    shards = layer_shards(ex.shards)
+    out = []
+    for layer, rows in mine.groupby("layer"):
+        ks = np.sort(rows["k"].to_numpy(dtype=np.int64))
+        gaps = eigengap_ratios(shards[int(layer)], ks)
+        out.append(rows.merge(gaps.assign(layer=layer), on=["layer", "k"]))
+    return pd.concat(out, ignore_index=True), "computed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a committed study folder (estimates.csv and units/)")
+    parser.add_argument("--out", help="CSV of the reliable rows with their eigengap ratios")
+    args = parser.parse_args()
+    results = Path(args.results)
+    estimates = pd.read_csv(results / "estimates.csv")
+    start = time.time()
+    frames, states = [], {}
+    for unit in sorted(p for p in (results / "units").iterdir() if (p / "unit.json").is_file()):
+        frame, state = unit_rows(unit, estimates)
+        states[unit.name] = state
+        if frame is not None:
+            frames.append(frame)
+    joined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    n_reliable = int(estimates["reliable"].sum())
+    print(f"{results}: {len(estimates)} estimate rows, {n_reliable} flagged reliable by the committed flag")
+    for state in ("computed", "extraction not cached", "no reliable row"):
+        names = [name for name, s in states.items() if s == state]
+        print(f"  units {state}: {len(names)}" + (f" ({', '.join(names)})" if state != "no reliable row" else ""))
+    if not joined.empty:
+        joined["reliable_with_gap"] = joined["gap_ratio"] >= GAP_MIN
+        kept = int(joined["reliable_with_gap"].sum())
+        print(f"reliable rows whose moments were read: {len(joined)} of {n_reliable}; the flag with the eigengap "
+              f"condition (gap_ratio >= {GAP_MIN:g}) keeps {kept}")
+        columns = ["model", "dataset", "layer", "k", "estimate", "lower", "upper", "gap_ratio_U", "gap_ratio_V",
+                   "gap_ratio", "reliable_with_gap"]
+        print(joined[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        if args.out:
+            joined.to_csv(args.out, index=False)
+    print(f"{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
