@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import sys
@@ -188,6 +189,13 @@ def texts_of(n: int, min_len: int, max_len: int, vocab: int, n_classes: int, see
 # Parts
 
 
+def _host_copy(moments):
+    """The moments with every array copied on the host: nothing of them is resident on a device."""
+    return dataclasses.replace(moments, **{f.name: np.array(getattr(moments, f.name), copy=True)
+                                           for f in dataclasses.fields(moments)
+                                           if isinstance(getattr(moments, f.name), np.ndarray)})
+
+
 def part_ntps(unit, args, table, clock, say):
     layers, moments, device = unit["layers"], unit["ex"].moments, unit["device"]
     peer_grid = unit["peer_grid"]
@@ -211,6 +219,20 @@ def part_ntps(unit, args, table, clock, say):
     for layer in layers:
         t, gpu_frames[layer] = clock(lambda: gpu_layer(layer))
         t_gpu += t
+    if device.type == "cuda" and args.resident_check:
+        # the same sweeps on host copies of the moments (not resident: each matrix copied to the device
+        # as it is read), to measure what keeping the extraction's moments on the device saves
+        copies = {layer: _host_copy(moments[layer]) for layer in layers}
+        t_copied = 0.0
+        for layer in layers:
+            m = copies[layer]
+            t, _ = clock(lambda: [ntps_sweep_torch(m, device=device),
+                                  ntps_sweep_torch(m, variant="reference", device=device)]
+                         + ([peer_module.pca_overlap_sweep(m, device=device)] if layer in peer_grid else []))
+            t_copied += t
+        say(f"    resident check: the sweeps on resident moments {t_gpu:.1f} s, on host copies {t_copied:.1f} s "
+            f"(copies / resident {t_copied / t_gpu:.2f})")
+        del copies
     if args.gpu_only:
         table.add(f"ntps: theory+reference sweeps, {len(layers)} layers (+pca {len(peer_grid)})", None, t_gpu)
         return
@@ -615,6 +637,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 160 texts of 8-40 tokens, 5 shards, 20 bootstrap replicates (a CPU check)")
+    parser.add_argument("--resident-check", action="store_true",
+                        help="on a GPU, also time the sweeps on host copies of the moments (what resident moments save)")
     parser.add_argument("--gpu-only", action="store_true",
                         help="time the GPU column only (the CPU column is left empty: for runs that time the rest of a "
                              "shape whose CPU column an earlier run sampled)")
