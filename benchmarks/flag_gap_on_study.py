@@ -1,10 +1,11 @@
-"""What the eigengap condition of the reliability flag changes in a committed study.
+"""What the version-2 reliability flag changes in a committed study.
 
 The estimates stage of a study records ``reliable`` as the flag stood when the unit ran. Version 2
-of the stage (`ntps_nb.core.estimators.GAP_MIN`) also asks both eigengaps at k to be resolved
-(`eigengap_ratios`). Rerunning the stage needs each unit's per-shard moments; where the unit's
-extraction is still in the extraction cache, this script reads them and computes, for every row
-the committed table flags reliable, the eigengap ratios and whether the new flag keeps the row.
+of the stage also asks both eigengaps at k to be resolved (`ntps_nb.core.estimators.GAP_MIN`,
+`eigengap_ratios`) and the interval to meet [0, 1]. Rerunning the stage needs each unit's
+per-shard moments; where the unit's extraction is still in the extraction cache, this script reads
+them and computes, for every row the committed table flags reliable, the eigengap ratios and
+whether the new flag keeps the row (the interval condition needs only the committed row).
 Units whose extraction is not cached are counted and named, not guessed. Example:
 
     python benchmarks/flag_gap_on_study.py data/results/default-richardson \
@@ -73,13 +74,19 @@ def main() -> None:
     for state in ("computed", "extraction not cached", "no reliable row"):
         names = [name for name, s in states.items() if s == state]
         print(f"  units {state}: {len(names)}" + (f" ({', '.join(names)})" if state != "no reliable row" else ""))
+    reliable = estimates[estimates["reliable"]]
+    outside = reliable[(reliable["lower"] > 1) | (reliable["upper"] < 0)]
+    print(f"reliable rows whose interval misses [0, 1] (unreliable by version 2 from the committed row alone): "
+          f"{len(outside)}" + "".join(f"\n  {r.model} {r.dataset} layer {r.layer} k {r.k}: {r.estimate:.3f} "
+                                      f"[{r.lower:.3f}, {r.upper:.3f}]" for r in outside.itertuples()))
     if not joined.empty:
         joined["reliable_with_gap"] = joined["gap_ratio"] >= GAP_MIN
-        kept = int(joined["reliable_with_gap"].sum())
-        print(f"reliable rows whose moments were read: {len(joined)} of {n_reliable}; the flag with the eigengap "
-              f"condition (gap_ratio >= {GAP_MIN:g}) keeps {kept}")
+        joined["reliable_v2"] = joined["reliable_with_gap"] & (joined["lower"] <= 1) & (joined["upper"] >= 0)
+        print(f"reliable rows whose moments were read: {len(joined)} of {n_reliable}; the eigengap condition "
+              f"(gap_ratio >= {GAP_MIN:g}) keeps {int(joined['reliable_with_gap'].sum())}, version 2's whole flag "
+              f"{int(joined['reliable_v2'].sum())}")
         columns = ["model", "dataset", "layer", "k", "estimate", "lower", "upper", "gap_ratio_U", "gap_ratio_V",
-                   "gap_ratio", "reliable_with_gap"]
+                   "gap_ratio", "reliable_with_gap", "reliable_v2"]
         print(joined[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         if args.out:
             joined.to_csv(args.out, index=False)

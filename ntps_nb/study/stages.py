@@ -126,7 +126,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k", "interval_estimator",
                         "estimator"), ("extraction",), "intervals", INTERVALS_COLUMNS),
     # the estimator's estimate, jackknife interval and reliability flag on the interval layers;
-    # version 2: the flag also asks for resolved eigengaps at k (`estimators.GAP_MIN`), gap columns added
+    # version 2: the flag also asks for resolved eigengaps at k (`estimators.GAP_MIN`) and an interval
+    # meeting [0, 1]; gap columns added
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed"), ("extraction",), "estimates",
           ESTIMATES_COLUMNS, version=2),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)

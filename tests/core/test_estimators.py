@@ -74,7 +74,7 @@ def test_interval_table_and_jackknife_on_a_known_case():
     assert (table["lower"] < table["estimate"]).all() and (table["estimate"] < table["upper"]).all()
     # the flag is the subspace-noise and eigengap rule, the same for every estimator
     rule = ((table["subspace_noise"] <= NOISE_MAX) & (table["gap_ratio"] >= GAP_MIN) & np.isfinite(table["lower"])
-            & np.isfinite(table["upper"]))
+            & np.isfinite(table["upper"]) & (table["lower"] <= 1) & (table["upper"] >= 0))
     np.testing.assert_array_equal(table["reliable"].to_numpy(), rule.to_numpy())
     assert rule.any() and not rule.all()  # this case exercises both outcomes
     other = ntps_estimate(shards, [1, 2], estimator="richardson", level=0.9)
@@ -210,6 +210,23 @@ def test_the_gap_condition_refuses_a_stable_tie_break():
     assert table["subspace_noise"].iloc[0] <= NOISE_MAX  # the noise rule alone would accept this tie-break
     assert table["gap_ratio_U"].iloc[0] < GAP_MIN and not table["reliable"].iloc[0]
     assert table["gap_ratio_U"].iloc[1] > GAP_MIN
+
+
+def test_an_interval_wholly_outside_0_1_is_not_reliable():
+    # NTPS lies in [0, 1]; with quiet subspaces and resolved gaps, an estimate whose interval misses
+    # [0, 1] altogether (seen once on real data: 1.34 with [1.16, 1.51]) is still flagged
+    from ntps_nb.core.estimators import _estimate_frame
+
+    ks = np.array([1, 2, 3])
+    estimate = np.array([0.5, 1.4, -0.3])
+    loo = estimate + 0.01 * np.array([[1.0], [-1.0], [0.5], [-0.5]])  # jackknife SE ~0.03
+    noise = pd.DataFrame({"k": ks, "k_U": ks, "noise_U": 0.001 * ks, "noise_V": 0.001 * ks, "bias_bound": 0.0})
+    gaps = pd.DataFrame({"k": ks, "gap_U": 1.0, "gap_V": 1.0, "gap_ratio_U": 50.0, "gap_ratio_V": 50.0,
+                         "gap_ratio": 50.0})
+    table = _estimate_frame(ks, "richardson", estimate, np.full(3, np.nan), loo, noise, gaps, level=0.9,
+                            noise_max=NOISE_MAX, gap_min=GAP_MIN, n_texts=400)
+    assert table["upper"].iloc[2] < 0 < 1 < table["lower"].iloc[1]
+    assert table["reliable"].tolist() == [True, False, False]
 
 
 def test_split_halves_is_a_seeded_partition():
