@@ -300,27 +300,44 @@ def part_intervals(unit, args, table, clock, say):
         table.add(f"intervals: {variant}, {n_boot}+{n_shards} replicates, {len(grid)} layers", t_cpu, t_gpu, note)
 
 
-def diagnostics_stage(unit, args, on):
-    """The study's diagnostics stage (`ntps_nb.study.stages._diagnostics_stage`) on ``on`` (None:
-    numpy): both variants on every diagnostic layer, the host eigensolver comparison included (on a
-    device, in threads beside the device work)."""
+def _diagnostics_unit(unit, args, on, host_solvers=None):
+    """What the study's diagnostics stage reads of a unit, with the analysis on ``on``."""
     from types import SimpleNamespace
-
-    from ntps_nb.study.stages import _diagnostics_stage
 
     cfg = SimpleNamespace(estimator="plugin", diagnostic_k=DEFAULT["diagnostic_k"],
                           diagnostic_fractions=DEFAULT["diagnostic_fractions"], n_perturb=args.n_perturb,
                           n_permutations=args.n_permutations, seed=args.seed)
-    u = SimpleNamespace(cfg=cfg, diag_grid=unit["diag_grid"], ex=unit["ex"], analysis_device=on)
-    return _diagnostics_stage(u)[0]
+    return SimpleNamespace(cfg=cfg, diag_grid=unit["diag_grid"], ex=unit["ex"], analysis_device=on,
+                           host_solvers=host_solvers)
+
+
+def start_host_solvers(unit, args):
+    """The diagnostics' host solver comparison started now, as the study starts it before the
+    intervals stage on a CUDA device (`ntps_nb.study.stages._early_host_solvers`); None elsewhere."""
+    from ntps_nb.study.stages import _early_host_solvers
+
+    return _early_host_solvers(_diagnostics_unit(unit, args, unit["device"]))
+
+
+def diagnostics_stage(unit, args, on):
+    """The study's diagnostics stage (`ntps_nb.study.stages._diagnostics_stage`) on ``on`` (None:
+    numpy): both variants on every diagnostic layer, the host eigensolver comparison included (on a
+    device, in threads beside the device work; started before the intervals where the run did so)."""
+    from ntps_nb.study.stages import _diagnostics_stage
+
+    early = unit.get("host_solvers") if on is not None else None
+    return _diagnostics_stage(_diagnostics_unit(unit, args, on, early))[0]
 
 
 def part_diagnostics(unit, args, table, clock, say):
     device, grid, ex = unit["device"], unit["diag_grid"], unit["ex"]
+    early = unit.get("host_solvers") is not None
+    gpu_note = ("host solver comparison in threads started before the intervals" if early
+                else "host solver comparison in threads beside the device")
     t_gpu, gpu_frame = clock(lambda: diagnostics_stage(unit, args, device))
     if args.gpu_only:
         table.add(f"diagnostics stage: theory+reference with the solver comparison, {len(grid)} layers", None, t_gpu,
-                  gpu_note="host solver comparison in threads beside the device")
+                  gpu_note=gpu_note)
         return
     if not unit["sampled"]:
         t_cpu, cpu_frame = clock(lambda: diagnostics_stage(unit, args, None))
@@ -355,7 +372,7 @@ def part_diagnostics(unit, args, table, clock, say):
         note = (f"layer {layer}'s steps timed once: sweep + {1 + n_p} x geometries + factorisations + "
                 f"{n_q} x permutations + the solver comparison's 2 + 4 factorisations, x {len(grid)} layers")
     table.add(f"diagnostics stage: theory+reference with the solver comparison, {len(grid)} layers", t_cpu, t_gpu,
-              note, gpu_note="host solver comparison in threads beside the device")
+              note, gpu_note=gpu_note)
 
 
 def part_probes(unit, args, table, clock, say):
@@ -599,6 +616,8 @@ def bench_shape(name: str, spec: dict, args, device: torch.device, say) -> None:
     with analysis_threads() as n_threads:
         say(f"analysis BLAS threads (both columns' host work): {n_threads}")
         for part in PARTS[1:]:
+            if part == "intervals" and "diagnostics" in args.parts and device.type == "cuda" and not args.late_host_solvers:
+                unit["host_solvers"] = start_host_solvers(unit, args)  # as the study does, before the intervals
             if part in args.parts:
                 start = time.perf_counter()
                 functions[part](unit, args, table, clock, say)
@@ -637,6 +656,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 160 texts of 8-40 tokens, 5 shards, 20 bootstrap replicates (a CPU check)")
+    parser.add_argument("--late-host-solvers", action="store_true",
+                        help="on a GPU, start the diagnostics' host solver comparison in the diagnostics part "
+                             "(as before session 16) instead of before the intervals (as the study does)")
     parser.add_argument("--resident-check", action="store_true",
                         help="on a GPU, also time the sweeps on host copies of the moments (what resident moments save)")
     parser.add_argument("--gpu-only", action="store_true",

@@ -20,6 +20,7 @@ folders of another study named by ``reuse_from`` (a variant of that study, e.g. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -648,6 +649,9 @@ class _Unit:
     # where the analysis stages compute (`ntps_nb.core.backends.analysis_backend`): None is the numpy
     # core, a torch device the torch backend (`resolve_analysis_device` of the config's analysis_device)
     analysis_device: Any = None
+    # the diagnostics' host solver comparison when it was started before the intervals stage
+    # (`_early_host_solvers`); None: the diagnostics stage starts its own
+    host_solvers: Any = None
 
 
 def resolve_analysis_device(setting: str | None, model_device: Any) -> str | None:
@@ -878,7 +882,7 @@ class _HostSolvers:
         self.computing = bool(jobs)
 
     def __enter__(self) -> "_HostSolvers":
-        if not self.computing:
+        if not self.computing or self.pool is not None:  # nothing to do, or started already
             return self
         import concurrent.futures
 
@@ -916,19 +920,15 @@ class _HostSolvers:
                     future.cancel()
             self.pool.shutdown(wait=True)
             self.threads.restore()
+            self.pool, self.computing = None, False
 
 
-def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
-    """Perturbation, label-permutation and solver diagnostics (`ntps_nb.core.diagnostics`) on
-    the diagnostic layers: the theory rows by the config's estimator where it is a pooled one (a
-    shard estimator cannot be evaluated on permuted per-text labels: the plug-in stands in, its
-    rows say so and so does the record), the reference rows by the plug-in."""
-    from ntps_nb.core.diagnostics import ntps_diagnostics
+def _diagnostic_jobs(u: _Unit) -> tuple[str, list[tuple]]:
+    """The diagnostics stage's estimator and jobs: (layer, variant, grid, device or None) for each
+    diagnostic layer and variant, the theory k grid cut at the layer's r_V."""
     from ntps_nb.core.estimators import SHARD_ESTIMATORS
     from ntps_nb.core.score import ntps_sweep
 
-    if not u.diag_grid:
-        return None, {}
     estimator = "plugin" if u.cfg.estimator in SHARD_ESTIMATORS else u.cfg.estimator
     device = u.analysis_device
     sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
@@ -940,9 +940,47 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
         jobs += [(layer, "theory", dict(k=ks), theory_device),
                  (layer, "reference", dict(fraction=list(u.cfg.diagnostic_fractions)), device)]
+    return estimator, jobs
+
+
+def _device_jobs(jobs: list[tuple]) -> list[tuple]:
+    """The (layer, variant, grid) of the diagnostics jobs that run on a device (their host solver
+    comparison is computed apart, `_HostSolvers`)."""
+    return [(layer, variant, grid) for layer, variant, grid, on in jobs if on is not None]
+
+
+def _starts_host_solvers_early(u: _Unit) -> bool:
+    """Whether the diagnostics' host solver comparison starts before the intervals stage: with the
+    analysis on a CUDA device the intervals and estimates keep the GPU busy and the CPU mostly idle,
+    so the host LAPACK factorisations (at d = 4096 ~150 s a layer, most of the diagnostics' time)
+    run beside them instead of after them. Not with a CPU analysis: the threads would compete."""
+    device = u.analysis_device
+    return device is not None and str(device).startswith("cuda") and bool(u.diag_grid)
+
+
+def _early_host_solvers(u: _Unit) -> "_HostSolvers | None":
+    """The diagnostics' `_HostSolvers`, started now (their threads run while later stages compute),
+    or None where they do not start early (`_starts_host_solvers_early`) or have no device job."""
+    if not _starts_host_solvers_early(u):
+        return None
+    jobs = _device_jobs(_diagnostic_jobs(u)[1])
+    return _HostSolvers(u, jobs).__enter__() if jobs else None
+
+
+def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
+    """Perturbation, label-permutation and solver diagnostics (`ntps_nb.core.diagnostics`) on
+    the diagnostic layers: the theory rows by the config's estimator where it is a pooled one (a
+    shard estimator cannot be evaluated on permuted per-text labels: the plug-in stands in, its
+    rows say so and so does the record), the reference rows by the plug-in."""
+    from ntps_nb.core.diagnostics import ntps_diagnostics
+
+    if not u.diag_grid:
+        return None, {}
+    estimator, jobs = _diagnostic_jobs(u)
     rows = []
-    on_device = [(layer, variant, grid) for layer, variant, grid, on in jobs if on is not None]
-    with warnings.catch_warnings(), _HostSolvers(u, on_device) as host:
+    # started before the intervals stage (`_early_host_solvers`), or here
+    host_solvers = u.host_solvers if u.host_solvers is not None else _HostSolvers(u, _device_jobs(jobs))
+    with warnings.catch_warnings(), host_solvers as host:
         _ignore_recorded_as_nan()
         for layer, variant, grid, on in jobs:
             options = dict(estimator=estimator) if variant == "theory" else {}
@@ -1114,9 +1152,13 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     lora_status = "not configured"
     # the analysis's BLAS/OpenMP pools get this process's share of its cores (torch's threads, of the
     # forward passes and LoRA, stay as `run_study` set them)
-    with analysis_threads(cfg.analysis_threads) as n_threads:
+    with analysis_threads(cfg.analysis_threads) as n_threads, contextlib.ExitStack() as cleanup:
         for name in ANALYSIS_STAGES:
             result = store.load(name, keys[name]) if name not in todo else None
+            if name == "intervals" and "diagnostics" in todo and stage_enabled(cfg, "diagnostics"):
+                u.host_solvers = _early_host_solvers(u)  # beside the GPU's intervals and estimates
+                if u.host_solvers is not None:
+                    cleanup.callback(u.host_solvers.__exit__, None, None, None)
             if result is None:
                 t0 = time.perf_counter()
                 table, record, *more = _COMPUTE[name](u)

@@ -1489,6 +1489,54 @@ def test_on_a_device_the_diagnostics_host_solvers_run_in_threads_and_give_the_in
         np.testing.assert_array_equal(rows["solver_max_dev"].to_numpy(float), in_call["solver_max_dev"].to_numpy(float))
 
 
+def test_on_a_gpu_the_host_solvers_start_before_the_intervals_and_give_the_same_diagnostics(tmp_path, monkeypatch,
+                                                                                             tiny_llama):
+    """With the analysis on a CUDA device the diagnostics' host solver comparison starts before the
+    intervals stage (its threads run while the GPU computes the intervals and estimates); the
+    diagnostics table is the one the stage computes when it starts them itself. The CUDA condition
+    is stood in for on the CPU torch backend."""
+    from ntps_nb.study import stages
+
+    events = []
+    intervals = stages._COMPUTE["intervals"]
+    enter = stages._HostSolvers.__enter__
+
+    def recording_intervals(u):
+        events.append("intervals")
+        return intervals(u)
+
+    def recording_enter(self):
+        if self.pool is None and self.computing:
+            events.append("host solvers start")
+        return enter(self)
+
+    monkeypatch.setitem(stages._COMPUTE, "intervals", recording_intervals)
+    monkeypatch.setattr(stages._HostSolvers, "__enter__", recording_enter)
+    tables = {}
+    for early in (False, True):
+        monkeypatch.setattr(stages, "_starts_host_solvers_early", lambda u, early=early: early and bool(u.diag_grid))
+        events.clear()
+        cfg = _smoke(tmp_path / str(early), datasets=["trec6"], diagnostics=True, probes=[], analysis_device="cpu",
+                     analysis_threads=2)
+        tables[early] = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache",
+                                       log=lambda _: None)["diagnostics"]
+        assert events == (["host solvers start", "intervals"] if early else ["intervals", "host solvers start"])
+    assert tables[True]["solver_max_dev"].notna().all()
+    pd.testing.assert_frame_equal(tables[True], tables[False])
+
+
+def test_only_a_cuda_analysis_starts_the_host_solvers_early():
+    from types import SimpleNamespace
+
+    import torch
+
+    from ntps_nb.study.stages import _starts_host_solvers_early
+
+    for device, grid, want in (("cuda", [3], True), (torch.device("cuda", 1), [3], True), ("cuda", [], False),
+                               ("cpu", [3], False), (None, [3], False)):
+        assert _starts_host_solvers_early(SimpleNamespace(analysis_device=device, diag_grid=grid)) is want, device
+
+
 def test_a_unit_keeps_its_moments_on_the_gpu_only_where_they_fit(monkeypatch):
     """The extraction keeps its moments on the analysis GPU when they take at most
     RESIDENT_MEMORY_SHARE of its memory; never for numpy or CPU analysis."""
