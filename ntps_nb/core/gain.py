@@ -262,12 +262,7 @@ def crossfit_gain(
     ``probe_accuracy_baseline`` (half f), ``lora_accuracy``, ``probe_accuracy``, ``gain`` (the
     other half), ``construction`` (`CROSSFIT_CONSTRUCTION`) and ``seed``.
     """
-    labels = np.asarray(test_labels)
-    probe = np.asarray(probe_predictions)
-    lora = np.asarray(lora_predictions)
-    if not (labels.ndim == probe.ndim == lora.ndim == 1) or not (labels.size == probe.size == lora.size):
-        raise ValueError(f"test_labels, probe_predictions and lora_predictions must be 1-D of one length, got shapes "
-                         f"{labels.shape}, {probe.shape}, {lora.shape}")
+    labels, probe, lora = _prediction_arrays(test_labels, probe_predictions, lora_predictions)
     if labels.size < 4:
         raise ValueError(f"halving the test split needs at least 4 texts, got {labels.size}")
     rng = np.random.default_rng(seed)
@@ -290,6 +285,15 @@ def crossfit_gain(
     return pd.DataFrame(rows)
 
 
+def _prediction_arrays(test_labels, probe_predictions, lora_predictions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three per-text arrays of a gain, checked to be 1-D of one non-zero length."""
+    labels, probe, lora = (np.asarray(a) for a in (test_labels, probe_predictions, lora_predictions))
+    if not (labels.shape == probe.shape == lora.shape) or labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"test_labels, probe_predictions and lora_predictions must be 1-D of one non-zero length, "
+                         f"got shapes {labels.shape}, {probe.shape}, {lora.shape}")
+    return labels, probe, lora
+
+
 def whole_split_gain(
     test_labels: Sequence[int], probe_predictions: Sequence[int], lora_predictions: Sequence[int],
 ) -> tuple[float, float]:
@@ -306,10 +310,7 @@ def whole_split_gain(
     -------
     (probe_accuracy, gain) : two floats.
     """
-    labels, probe, lora = (np.asarray(a) for a in (test_labels, probe_predictions, lora_predictions))
-    if not (labels.shape == probe.shape == lora.shape) or labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"test_labels, probe_predictions and lora_predictions must be 1-D of one non-zero length, "
-                         f"got shapes {labels.shape}, {probe.shape}, {lora.shape}")
+    labels, probe, lora = _prediction_arrays(test_labels, probe_predictions, lora_predictions)
     accuracy = float(np.mean(probe == labels))
     return accuracy, float(np.mean(lora == labels)) - accuracy
 

@@ -30,7 +30,7 @@ def test_crossfit_halves_are_stratified():
     probe = lora = labels
     out = crossfit_gain(labels, probe, lora, seed=1)
     assert out["n_baseline"].tolist() == [28, 28]
-    with pytest.raises(ValueError, match="one length"):
+    with pytest.raises(ValueError, match="one non-zero length"):
         crossfit_gain(labels, probe[:-1], lora)
 
 
