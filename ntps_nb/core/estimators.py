@@ -858,9 +858,13 @@ def ntps_estimate(
     shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)
     ks = _check_ks(ks)
-    point = estimate_ntps(shards, ks, estimator=estimator, seed=seed, rtol=rtol, n_splits=n_splits)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    # the full sample's and the leave-one-shard-out geometries: the eigengaps', reused by the estimator
+    full = theory_geometry(Moments.combine(shards), rtol=rtol)
+    estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)
     S = len(shards)
-    geometries = _replicate_geometries(shards, rtol)  # the eigengaps' replicates, reused by the estimator
+    geometries = _replicate_geometries(shards, rtol)
     loo = np.full((S, ks.size), np.nan)
     for i in range(S):
         try:
@@ -869,9 +873,9 @@ def ntps_estimate(
         except (ValueError, np.linalg.LinAlgError):
             pass
     noise = subspace_noise(shards, ks, rtol=rtol)
-    gaps = _gap_frame(theory_geometry(Moments.combine(shards), rtol=rtol), geometries, ks)
-    return _estimate_frame(ks, estimator, point.estimate, point.reliability, loo, noise, gaps, level=level,
-                          noise_max=noise_max, gap_min=gap_min, n_texts=point.n_texts)
+    gaps = _gap_frame(full, geometries, ks)
+    return _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
+                          noise_max=noise_max, gap_min=gap_min, n_texts=sum(s.n_texts for s in shards))
 
 
 def _check_estimate_options(shards: list[Moments], level: float) -> None:
