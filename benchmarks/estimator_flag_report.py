@@ -121,6 +121,11 @@ def main() -> None:
     args = parser.parse_args()
     frame = pd.concat([pd.read_csv(p) for p in args.draws], ignore_index=True)
     _markdown(report(frame, args.thresholds, args.gap_min))
+    finite = frame[np.isfinite(frame["truth"])]
+    ok = accepted(finite, NOISE_MAX, args.gap_min)
+    outside = ok & ((finite["lower"] > 1) | (finite["upper"] < 0))
+    print(f"\nAccepted at noise_max = {NOISE_MAX:g}, gap_min = {args.gap_min:g}: {int(ok.sum())} rows, of which "
+          f"{int(outside.sum())} have an interval wholly outside [0, 1] (the flag's third condition refuses those)")
     if args.cells:
         print(f"\nCells with >= {MIN_ACCEPTED} accepted draws at noise_max = {NOISE_MAX:g}, gap_min = "
               f"{args.gap_min:g}, or an accepted row off by more than {BAD_ERROR:g}:\n")
