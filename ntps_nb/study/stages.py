@@ -877,9 +877,11 @@ class _HostSolvers:
     LAPACK factorisations were most of the stage's time there (d = 4096: minutes). The threads
     share the BLAS bound in force (`ntps_nb.analysis_threads`), each taking an equal part."""
 
-    def __init__(self, u: _Unit, jobs: list):
-        self.u, self.jobs, self.pool, self.futures = u, jobs, None, {}
-        self.computing = bool(jobs)
+    def __init__(self, u: _Unit, plan: tuple[str, list[tuple]]):
+        # plan: `_diagnostic_jobs`'s (estimator, jobs); the host comparison serves the device jobs
+        self.u, self.plan, self.pool, self.futures = u, plan, None, {}
+        self.jobs = _device_jobs(plan[1])
+        self.computing = bool(self.jobs)
 
     def __enter__(self) -> "_HostSolvers":
         if not self.computing or self.pool is not None:  # nothing to do, or started already
@@ -963,8 +965,8 @@ def _early_host_solvers(u: _Unit) -> "_HostSolvers | None":
     or None where they do not start early (`_starts_host_solvers_early`) or have no device job."""
     if not _starts_host_solvers_early(u):
         return None
-    jobs = _device_jobs(_diagnostic_jobs(u)[1])
-    return _HostSolvers(u, jobs).__enter__() if jobs else None
+    host = _HostSolvers(u, _diagnostic_jobs(u))
+    return host.__enter__() if host.computing else None
 
 
 def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
@@ -976,10 +978,10 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
 
     if not u.diag_grid:
         return None, {}
-    estimator, jobs = _diagnostic_jobs(u)
+    # the host comparison started before the intervals stage (`_early_host_solvers`), with its plan, or here
+    host_solvers = u.host_solvers if u.host_solvers is not None else _HostSolvers(u, _diagnostic_jobs(u))
+    estimator, jobs = host_solvers.plan
     rows = []
-    # started before the intervals stage (`_early_host_solvers`), or here
-    host_solvers = u.host_solvers if u.host_solvers is not None else _HostSolvers(u, _device_jobs(jobs))
     with warnings.catch_warnings(), host_solvers as host:
         _ignore_recorded_as_nan()
         for layer, variant, grid, on in jobs:
