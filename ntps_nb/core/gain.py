@@ -302,9 +302,7 @@ def whole_split_gain(
 
     Parameters
     ----------
-    test_labels : (M,) true classes of the test texts.
-    probe_predictions, lora_predictions : (M,) classes predicted by the probe and by the
-        LoRA-tuned model for the same texts, in the same order.
+    test_labels, probe_predictions, lora_predictions : as in `crossfit_gain`.
 
     Returns
     -------
