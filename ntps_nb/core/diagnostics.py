@@ -415,6 +415,118 @@ def host_solver_values(moments: Moments, variant: str, *, k: Any = None, fractio
     return [_reference_values(g, fractions) for g in geometries]
 
 
+#: A worker process's BLAS bound (`_bind_worker`), kept for the worker's life.
+_WORKER_BOUND: list = []
+
+
+def _bind_worker(threads: int) -> None:
+    """A `HostSolverProcesses` worker's start: bound its BLAS threads to ``threads``."""
+    from ntps_nb.core.threads import analysis_threads
+
+    _WORKER_BOUND.append(analysis_threads(threads))
+
+
+def _setting_values(moments: Moments, variant: str, config: tuple[str, str], grid: Mapping[str, Any]) -> np.ndarray:
+    """One host eigensolver setting's NTPS (a worker's task). ``grid``: ``ks`` and ``fractions``
+    (the caller's grid, evaluated as given) or `host_solver_values`'s ``k`` / ``fraction``."""
+    if "fractions" in grid:
+        geometry = _solver_geometries(moments, variant, [tuple(config)])[0]
+        if variant == "theory":
+            return _theory_values(geometry, np.asarray(grid["ks"]))
+        return _reference_values(geometry, np.asarray(grid["fractions"], dtype=np.float64))
+    return host_solver_values(moments, variant, configs=[config], **grid)[0]
+
+
+class HostSolverProcesses:
+    """Host eigensolver settings (what ``solver_max_dev`` compares) computed in worker processes,
+    one setting a task, while this process drives a device.
+
+    scipy's LAPACK wrappers keep the GIL for a whole factorisation (numpy's release it): in a thread,
+    a scipy eigh of a 4096 x 4096 matrix stops the thread that launches the device's work for as long
+    as it takes (measured on an H200 host: a theory interval sweep took 174.7 s beside the
+    comparison's threads against 57.9 s alone). Worker processes do not share the GIL; they are
+    started by spawn (safe beside an initialised CUDA context and running BLAS threads) and each
+    binds its BLAS threads to ``threads`` when it starts. Tasks receive the moments without ``Shh``
+    (no geometry reads it).
+
+    Parameters
+    ----------
+    workers : worker processes, a positive integer.
+    threads : BLAS threads of each worker, a positive integer.
+    """
+
+    def __init__(self, workers: int, threads: int):
+        import concurrent.futures
+        import multiprocessing
+
+        if int(workers) < 1 or int(threads) < 1:
+            raise ValueError(f"workers and threads must be positive, got {workers} and {threads}")
+        self.threads = int(threads)
+        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=int(workers),
+                                                           mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_bind_worker, initargs=(self.threads,))
+
+    @classmethod
+    def beside_device(cls, n_tasks: int) -> "HostSolverProcesses":
+        """Workers for ``n_tasks`` settings sharing the BLAS bound in force (the largest BLAS pool's
+        threads) less one core, which stays with the thread that drives the device.
+
+        Parameters
+        ----------
+        n_tasks : how many settings will be submitted (at most that many workers start).
+
+        Returns
+        -------
+        HostSolverProcesses
+        """
+        from threadpoolctl import threadpool_info
+
+        bounds = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        budget = max(1, (max(bounds) if bounds else 1) - 1)
+        workers = max(1, min(int(n_tasks), budget))
+        return cls(workers, max(1, budget // workers))
+
+    def submit(self, moments: Moments, variant: str, config: tuple[str, str], **grid: Any):
+        """Start one setting's values.
+
+        Parameters
+        ----------
+        moments : the layer's `Moments`.
+        variant : "theory" or "reference".
+        config : one setting (precision, solver) of ``SOLVER_CONFIGS[variant]``.
+        **grid : ``k`` or ``fraction`` as in `host_solver_values`, or ``ks`` and ``fractions``: a
+            grid computed by the caller's own solve, evaluated as given.
+
+        Returns
+        -------
+        concurrent.futures.Future
+            Of the (G,) float array of that setting's NTPS at the grid.
+        """
+        if variant not in SOLVER_CONFIGS or tuple(config) not in SOLVER_CONFIGS[variant]:
+            raise ValueError(f"unknown solver setting {config!r} for variant {variant!r}; choose from {SOLVER_CONFIGS}")
+        light = replace(moments, Shh=None) if moments.Shh is not None else moments
+        return self.pool.submit(_setting_values, light, variant, tuple(config), dict(grid))
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the workers (after their tasks; ``cancel`` drops the tasks not started).
+
+        Parameters
+        ----------
+        cancel : drop the queued tasks instead of computing them.
+
+        Returns
+        -------
+        None
+        """
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self) -> "HostSolverProcesses":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close(cancel=exc_info[0] is not None)
+
+
 def solver_deviations(variants: Sequence[str], grids: dict, solvers: Any, compute, *,
                       compared: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """``solver_max_dev`` per variant: the spread (max - min) of NTPS over this computation's own
@@ -580,7 +692,7 @@ def ntps_diagnostics(
         eigensolver settings, scipy vs numpy in float64 for the theory variant (it is defined in
         float64) and {float32, float64} x {scipy, numpy} for the reference variant. Or a mapping
         variant -> `host_solver_values` at the same k / fraction, computed elsewhere (the study
-        computes every layer's at once, in threads beside the device work).
+        computes every layer's at once, in worker processes beside the device work).
     feature_rtol : tolerance of the features-vs-moments check.
     estimator : the estimator of the theory rows: "plugin" (default) or a pooled estimator of
         `ntps_nb.core.estimators.ESTIMATORS` (one not in ``SHARD_ESTIMATORS``; uncentred moments,

@@ -873,9 +873,11 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
 
 class _HostSolvers:
     """The diagnostics' host eigensolver comparison (``solver_max_dev``) of every (layer, variant)
-    job, computed in threads while the device computes the rest (analysis on a GPU): the host
-    LAPACK factorisations were most of the stage's time there (d = 4096: minutes). The threads
-    share the BLAS bound in force (`ntps_nb.analysis_threads`), each taking an equal part."""
+    job, computed in worker processes while the device computes the rest (analysis on a GPU): the
+    host LAPACK factorisations were most of the stage's time there (d = 4096: minutes). Processes,
+    not threads: scipy's LAPACK wrappers keep the GIL (`HostSolverProcesses`). The workers share
+    the BLAS bound in force (`ntps_nb.analysis_threads`) less one core, left to the thread that
+    drives the device, each taking an equal part."""
 
     def __init__(self, u: _Unit, plan: tuple[str, list[tuple]]):
         # plan: `_diagnostic_jobs`'s (estimator, jobs); the host comparison serves the device jobs
@@ -886,25 +888,14 @@ class _HostSolvers:
     def __enter__(self) -> "_HostSolvers":
         if not self.computing or self.pool is not None:  # nothing to do, or started already
             return self
-        import concurrent.futures
-
-        from threadpoolctl import threadpool_info
-
-        from ntps_nb.core.diagnostics import host_solver_values
-        from ntps_nb.core.threads import analysis_threads
-
-        from ntps_nb.core.diagnostics import SOLVER_CONFIGS
+        from ntps_nb.core.diagnostics import SOLVER_CONFIGS, HostSolverProcesses
 
         tasks = [(layer, variant, grid, config) for layer, variant, grid in self.jobs
-                 for config in SOLVER_CONFIGS[variant]]  # one factorisation each: the threads stay busy alike
-        bounds = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-        budget = max(bounds) if bounds else 1
-        workers = max(1, min(len(tasks), budget))
-        self.threads = analysis_threads(max(1, budget // workers))
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ntps-solvers")
+                 for config in SOLVER_CONFIGS[variant]]  # one factorisation each: the workers stay busy alike
+        self.pool = HostSolverProcesses.beside_device(len(tasks))
         for layer, variant, grid, config in tasks:
-            self.futures.setdefault((layer, variant), []).append(self.pool.submit(
-                host_solver_values, self.u.ex.moments[layer], variant, configs=[config], **grid))
+            self.futures.setdefault((layer, variant), []).append(
+                self.pool.submit(self.u.ex.moments[layer], variant, config, **grid))
         return self
 
     def fill(self, frame: pd.DataFrame, layer: int, variant: str) -> pd.DataFrame:
@@ -912,7 +903,7 @@ class _HostSolvers:
         from ntps_nb.core.diagnostics import solver_deviations
 
         spread = solver_deviations([variant], {variant: {"ntps": frame["ntps"].to_numpy(np.float64)}},
-                                   {variant: [future.result()[0] for future in self.futures[layer, variant]]}, None)
+                                   {variant: [future.result() for future in self.futures[layer, variant]]}, None)
         return frame.assign(solver_max_dev=spread[variant])
 
     def __exit__(self, *exc_info) -> None:
@@ -920,8 +911,7 @@ class _HostSolvers:
             for futures in self.futures.values():
                 for future in futures:
                     future.cancel()
-            self.pool.shutdown(wait=True)
-            self.threads.restore()
+            self.pool.close()
             self.pool, self.computing = None, False
 
 

@@ -373,3 +373,34 @@ def test_host_solver_values_split_by_setting_equal_the_whole_and_feed_solvers():
             ntps_diagnostics(m, variant=variant, n_perturb=0, n_permutations=0, solvers={variant: parts[:1]}, **grid)
     with pytest.raises(ValueError, match="unknown solver settings"):
         host_solver_values(m, "theory", k=[1], configs=[("float32", "scipy")])
+
+
+def test_host_solver_processes_compute_each_setting_in_a_bounded_worker_process():
+    """`HostSolverProcesses` computes a setting in another process (not a thread of this one: scipy's
+    LAPACK wrappers keep the GIL), with its BLAS threads bound, and gets exactly the values this
+    process gets, on either grid form; unknown settings and bad sizes are refused."""
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    from ntps_nb.core.diagnostics import SOLVER_CONFIGS, HostSolverProcesses, host_solver_values
+
+    m = synthetic_linear_task(n_texts=300, d=12, n_classes=3, n_predictable=4, seed=4).moments
+    grids = {"theory": dict(k=[1, 2, 4]), "reference": dict(fraction=[0.2, 0.5])}
+    with HostSolverProcesses(2, 1) as pool:
+        assert pool.pool.submit(os.getpid).result() != os.getpid()
+        blas = {p["num_threads"] for p in pool.pool.submit(threadpool_info).result() if p["user_api"] == "blas"}
+        assert blas == {1}
+        for variant, grid in grids.items():
+            here = host_solver_values(m, variant, **grid)
+            futures = [pool.submit(m, variant, c, **grid) for c in SOLVER_CONFIGS[variant]]
+            for want, future in zip(here, futures):
+                np.testing.assert_array_equal(future.result(), want)
+        # the explicit grid form (a caller's own ks / fractions) gives the same numbers
+        explicit = pool.submit(m, "theory", ("float64", "numpy"), ks=np.array([1, 2, 4]), fractions=np.zeros(3))
+        np.testing.assert_array_equal(explicit.result(),
+                                      host_solver_values(m, "theory", k=[1, 2, 4], configs=[("float64", "numpy")])[0])
+        with pytest.raises(ValueError, match="unknown solver setting"):
+            pool.submit(m, "theory", ("float32", "scipy"), k=[1])
+    with pytest.raises(ValueError, match="positive"):
+        HostSolverProcesses(0, 1)

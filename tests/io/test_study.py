@@ -1444,36 +1444,32 @@ def test_the_committed_default_richardson_units_reuse_the_default_studys_lora_an
             assert str(meta["lora"]).startswith("skipped"), unit.name
 
 
-def test_on_a_device_the_diagnostics_host_solvers_run_in_threads_and_give_the_in_call_numbers(tmp_path, monkeypatch,
-                                                                                               tiny_llama):
+def test_on_a_device_the_diagnostics_host_solvers_run_in_worker_processes_and_give_the_in_call_numbers(
+        tmp_path, monkeypatch, tiny_llama):
     """With the analysis on the torch backend, the diagnostics stage computes the host eigensolver
-    comparison of every (layer, variant) in threads that share the BLAS bound, beside the device
-    work; its solver_max_dev equals the one `ntps_diagnostics(..., device=, solvers=True)` computes
-    in the call (the same host solves, the same spread)."""
-    import threading
-
-    from threadpoolctl import threadpool_info
-
+    comparison of every (layer, variant) in worker processes that share the BLAS bound less one core
+    (left to the thread driving the device), beside the device work; its solver_max_dev equals the
+    one `ntps_diagnostics(..., device=, solvers=True)` computes in the call."""
     from ntps_nb.core import diagnostics
 
-    seen = []
-    real = diagnostics.host_solver_values
+    seen, pools = [], []
+    real_submit = diagnostics.HostSolverProcesses.submit
 
-    def recording(moments, variant, *, configs, **grid):
-        blas = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
-        seen.append((threading.current_thread().name, variant, blas, moments, grid, tuple(configs)))
-        return real(moments, variant, configs=configs, **grid)
+    def recording(self, moments, variant, config, **grid):
+        pools.append((id(self), self.pool._max_workers, self.threads))
+        seen.append((variant, moments, grid, (tuple(config),)))
+        return real_submit(self, moments, variant, config, **grid)
 
-    monkeypatch.setattr(diagnostics, "host_solver_values", recording)
+    monkeypatch.setattr(diagnostics.HostSolverProcesses, "submit", recording)
     cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=True, probes=[], analysis_device="cpu", analysis_threads=4)
     table = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache",
                            log=lambda _: None)["diagnostics"]
-    # one factorisation per task: every (layer, variant) x its solver settings, 4 threads of 1 BLAS thread
+    # one factorisation per task: every (layer, variant) x its solver settings, in one pool of
+    # 3 workers (4 BLAS threads less 1) of 1 BLAS thread each
     tasks = table["layer"].nunique() * sum(len(c) for c in diagnostics.SOLVER_CONFIGS.values())
-    assert len(seen) == tasks and all(name.startswith("ntps-solvers") for name, *_ in seen)
-    assert all(blas == {1} for _, _, blas, *_ in seen)
+    assert len(seen) == tasks and set(pools) == {(pools[0][0], 3, 1)}
     jobs: dict = {}
-    for _, variant, _, moments, grid, configs in seen:
+    for variant, moments, grid, configs in seen:
         jobs.setdefault((id(moments), variant), (moments, grid, []))[2].extend(configs)
     assert all(sorted(c) == sorted(diagnostics.SOLVER_CONFIGS[v]) for (_, v), (_, _, c) in jobs.items())
     assert table["solver_max_dev"].notna().all()

@@ -64,11 +64,12 @@ import torch
 from ntps_nb.core.diagnostics import (
     FEATURE_MATCH_RTOL,
     PERTURB_SCALE,
+    SOLVER_CONFIGS,
+    HostSolverProcesses,
     _fractions,
     _label_design,
     _perturb,
     _reference_values,
-    _solver_values,
     _theory_ks,
     _theory_values,
     check_diagnostics_inputs,
@@ -1314,13 +1315,16 @@ def ntps_diagnostics_torch(
         grids["reference"] = {"fractions": fracs, "counts": counts, "ntps": _reference_values(geometry, fracs),
                               "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
 
-    # The eigensolver comparison is host LAPACK (numpy / scipy, which release the GIL): unless the
-    # caller computed it (``solvers`` a mapping), it runs in a thread beside the device's work.
-    host = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ntps-host-solvers")
-            if solvers is True else None)
-    host_solves = (host.submit(lambda: {name: _solver_values(moments, name, grids[name].get("ks"),
-                                                             grids[name]["fractions"]) for name in variants})
-                   if host is not None else None)
+    # The eigensolver comparison is host LAPACK (numpy / scipy): unless the caller computed it
+    # (``solvers`` a mapping), each setting runs in a worker process beside the device's work (not a
+    # thread: scipy's wrappers keep the GIL, `HostSolverProcesses`), the BLAS bound less one core shared.
+    host, host_solves = None, None
+    if solvers is True:
+        settings = [(name, config) for name in variants for config in SOLVER_CONFIGS[name]]
+        host = HostSolverProcesses.beside_device(len(settings))
+        futures = [(name, host.submit(moments, name, config, ks=grids[name].get("ks"),
+                                      fractions=grids[name]["fractions"])) for name, config in settings]
+        host_solves = _HostSolves(futures)
     try:
         return _diagnostics_on_device(moments, variants, grids, solvers, host_solves, X=X if n_permutations else None,
                                       Y=Y if n_permutations else None, shift=shift if n_permutations else None,
@@ -1329,7 +1333,21 @@ def ntps_diagnostics_torch(
                                       provenance=provenance)
     finally:
         if host is not None:
-            host.shutdown(wait=True)
+            host.close(cancel=True)
+
+
+class _HostSolves:
+    """The worker processes' settings as the one result `_diagnostics_on_device` waits for:
+    ``result()`` is {variant: [values of each setting, in SOLVER_CONFIGS order]}."""
+
+    def __init__(self, futures: list[tuple[str, concurrent.futures.Future]]):
+        self.futures = futures
+
+    def result(self) -> dict[str, list[np.ndarray]]:
+        out: dict[str, list[np.ndarray]] = {}
+        for name, future in self.futures:
+            out.setdefault(name, []).append(future.result())
+        return out
 
 
 def _diagnostics_on_device(moments, variants, grids, solvers, host_solves, *, X, Y, shift, n_perturb, perturb_scale,
