@@ -20,7 +20,7 @@ computes a unit:
   the reference variant at fractions (0.1, 0.5, 0.9), 5 perturbations, 20 label permutations
   (and the r_V sweep the stage runs first), through the study's own stage function, the
   eigensolver comparison (scipy vs numpy LAPACK, a host computation on both sides) included: on
-  the GPU it runs in host threads beside the device work, as in the study;
+  the GPU it runs in host worker processes beside the device work, as in the study;
 - probes: the least-squares probes of every layer (held-out ridge and in-sample least squares);
   the held-out logistic probes of every layer (scikit-learn's lbfgs, one layer at a time, against
   the torch backend's Newton-CG batched over layers, `logistic_probe_torch`); the paper's
@@ -200,11 +200,20 @@ def part_ntps(unit, args, table, clock, say):
     layers, moments, device = unit["layers"], unit["ex"].moments, unit["device"]
     peer_grid = unit["peer_grid"]
 
+    per_sweep = {"theory": 0.0, "reference": 0.0, "pca": 0.0}
+
     def gpu_layer(layer):
+        # each sweep timed on its own (the issue's targets are per sweep), summed into the layer's time
         m = moments[layer]
-        out = [ntps_sweep_torch(m, device=device), ntps_sweep_torch(m, variant="reference", device=device)]
+        t, theory = clock(lambda: ntps_sweep_torch(m, device=device))
+        per_sweep["theory"] += t
+        t, reference = clock(lambda: ntps_sweep_torch(m, variant="reference", device=device))
+        per_sweep["reference"] += t
+        out = [theory, reference]
         if layer in peer_grid:
-            out.append(peer_module.pca_overlap_sweep(m, device=device))
+            t, pca = clock(lambda: peer_module.pca_overlap_sweep(m, device=device))
+            per_sweep["pca"] += t
+            out.append(pca)
         return out
 
     def cpu_layer(layer):
@@ -219,6 +228,9 @@ def part_ntps(unit, args, table, clock, say):
     for layer in layers:
         t, gpu_frames[layer] = clock(lambda: gpu_layer(layer))
         t_gpu += t
+    say(f"    GPU sweeps apart: theory {per_sweep['theory'] / len(layers):.3f} s a layer, reference "
+        f"{per_sweep['reference'] / len(layers):.3f} s a layer, pca control "
+        f"{per_sweep['pca'] / max(len(peer_grid), 1):.3f} s a layer ({len(peer_grid)} layers)")
     if device.type == "cuda" and args.resident_check:
         # the same sweeps on host copies of the moments (not resident: each matrix copied to the device
         # as it is read), to measure what keeping the extraction's moments on the device saves
@@ -322,7 +334,7 @@ def start_host_solvers(unit, args):
 def diagnostics_stage(unit, args, on):
     """The study's diagnostics stage (`ntps_nb.study.stages._diagnostics_stage`) on ``on`` (None:
     numpy): both variants on every diagnostic layer, the host eigensolver comparison included (on a
-    device, in threads beside the device work; started before the intervals where the run did so)."""
+    device, in worker processes beside the device work; started before the intervals where the run did so)."""
     from ntps_nb.study.stages import _diagnostics_stage
 
     early = unit.get("host_solvers") if on is not None else None
@@ -332,8 +344,8 @@ def diagnostics_stage(unit, args, on):
 def part_diagnostics(unit, args, table, clock, say):
     device, grid, ex = unit["device"], unit["diag_grid"], unit["ex"]
     early = unit.get("host_solvers") is not None
-    gpu_note = ("host solver comparison in threads started before the intervals" if early
-                else "host solver comparison in threads beside the device")
+    gpu_note = ("host solver comparison in worker processes started before the intervals" if early
+                else "host solver comparison in worker processes beside the device")
     t_gpu, gpu_frame = clock(lambda: diagnostics_stage(unit, args, device))
     if args.gpu_only:
         table.add(f"diagnostics stage: theory+reference with the solver comparison, {len(grid)} layers", None, t_gpu,
