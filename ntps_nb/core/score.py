@@ -322,12 +322,31 @@ class ReferenceGeometry:
         DataFrame, one row per fraction with columns variant, fraction, k_U, k_V, r_U, r_V, ntps,
         precision.
         """
-        rows = []
-        for f in fractions:
-            kU, kV = self.counts_at(f)
-            rows.append({"variant": "reference", "fraction": float(f), "k_U": kU, "k_V": kV,
-                         "r_U": self.r_U, "r_V": self.r_V, "ntps": self.ntps(f), "precision": self.precision})
-        return pd.DataFrame(rows)
+        return reference_sweep_frame(fractions, self.r_U, self.r_V, [self.ntps(f) for f in fractions], self.precision)
+
+
+def reference_sweep_frame(fractions: Sequence[float], r_U: int, r_V: int, values: Sequence[float],
+                          precision: str) -> pd.DataFrame:
+    """The reference sweep's frame from the released algorithm's NTPS at each fraction (computed by
+    `ReferenceGeometry.ntps`, or on a device by the torch backend).
+
+    Parameters
+    ----------
+    fractions : (F,) fractions f; k_U = int(f * r_U), k_V = int(f * r_V) as the released code truncates.
+    r_U, r_V : retained ranks of Sxx and C0 (the numbers of columns of U and V).
+    values : (F,) NTPS at each fraction (NaN where k_U or k_V is 0).
+    precision : "float32" or "float64", the solve's precision.
+
+    Returns
+    -------
+    DataFrame, one row per fraction with columns variant, fraction, k_U, k_V, r_U, r_V, ntps,
+    precision.
+    """
+    rows = []
+    for f, value in zip(fractions, values, strict=True):
+        rows.append({"variant": "reference", "fraction": float(f), "k_U": int(f * r_U), "k_V": int(f * r_V),
+                     "r_U": int(r_U), "r_V": int(r_V), "ntps": float(value), "precision": precision})
+    return pd.DataFrame(rows)
 
 
 def _reference_subspaces(moments: Moments, precision: Precision, tol: float) -> tuple[np.ndarray, np.ndarray]:

@@ -122,6 +122,20 @@ def test_ill_posed_reference_sweep_has_the_numpy_ranks_and_counts():
     assert got["ntps"].between(0, 1 + FLOAT32_AGREEMENT).all()
 
 
+def test_reference_sweep_reads_only_the_fractions_off_the_device_and_equals_the_geometrys_sweep():
+    """The reference sweep computes its NTPS at the fractions on the device (U, V and the projection
+    table stay there); its frame equals `ReferenceGeometry.sweep` of the same device solve, columns
+    and dtypes included, well-posed or not, with fractions selecting no column giving NaN."""
+    fractions = np.array([0.01, 0.1, 0.3, 0.95])
+    for m in (moments(np.random.default_rng(9), 12, n_classes=16), moments(np.random.default_rng(6), 24, rank_Sxx=20)):
+        for precision in ("float32", "float64"):
+            got = ntps_sweep_torch(m, variant="reference", precision=precision, fractions=fractions)
+            want = reference_geometry_torch(m, precision=precision).sweep(fractions).assign(estimator="plugin")
+            pd.testing.assert_frame_equal(got.drop(columns="ntps"), want.drop(columns="ntps"))
+            np.testing.assert_allclose(got["ntps"], want["ntps"], rtol=0, atol=1e-12)
+            assert np.isnan(got["ntps"].iloc[0]) and got["ntps"].iloc[1:].notna().all()
+
+
 def test_sweep_dispatch_and_its_errors():
     m = moments(np.random.default_rng(7), 16, n_classes=20)  # well-posed reference variant (C >= d)
     assert_frames_agree(ntps_sweep_torch(m), ntps_sweep(m))

@@ -109,6 +109,7 @@ from ntps_nb.core.score import (
     ReferenceGeometry,
     TheoryGeometry,
     Variant,
+    reference_sweep_frame,
 )
 from ntps_nb.core import validation
 from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis
@@ -640,6 +641,23 @@ def _nested_basis(columns: torch.Tensor, span_rtol: float) -> tuple[torch.Tensor
     return torch.from_numpy(nested).to(device=columns.device, dtype=columns.dtype), counts
 
 
+def _reference_solve(moments: Moments, precision: Precision, tol: float, span_rtol: float,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """The released algorithm's U and V (ascending) on ``device``, and V's nested orthonormal basis
+    (float64) with its counts: what `reference_geometry_torch` and the reference sweep share."""
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    check_labels(moments)
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    Sxy, C1 = _tensor(moments.Sxy, dtype, device), _tensor(moments.C1, dtype, device)
+    U = generalized_eigh_torch(moments.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
+                               device=device, name="Sxx").vectors
+    V = generalized_eigh_torch(moments.C0, A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype,
+                               device=device, name="C0").vectors
+    basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
+    return U, V, basis, counts
+
+
 def reference_geometry_torch(
     moments: Moments, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL,
     span_rtol: float = SPAN_RTOL, device: str | torch.device = "cpu",
@@ -664,17 +682,7 @@ def reference_geometry_torch(
     -------
     `ReferenceGeometry` (numpy arrays) with U (d, r_U) and V (d, r_V) in ascending order.
     """
-    if precision not in ("float32", "float64"):
-        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    check_labels(moments)
-    device = _device(device)
-    dtype = torch.float32 if precision == "float32" else torch.float64
-    Sxy, C1 = _tensor(moments.Sxy, dtype, device), _tensor(moments.C1, dtype, device)
-    U = generalized_eigh_torch(moments.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
-                               device=device, name="Sxx").vectors
-    V = generalized_eigh_torch(moments.C0, A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype,
-                               device=device, name="C0").vectors
-    basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
+    U, V, basis, counts = _reference_solve(moments, precision, tol, span_rtol, _device(device))
     U64 = U.to(torch.float64)
     projected = torch.cumsum(torch.cumsum((basis.T @ U64) ** 2, dim=0), dim=1)
     norms = torch.cumsum(torch.sum(U64**2, dim=0), dim=0)
@@ -772,10 +780,12 @@ def ntps_sweep_torch(
     if variant == "reference":
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
-        geometry = reference_geometry_torch(_pooled(moments), precision=precision,
-                                            tol=REFERENCE_ABS_TOL if tol is None else tol, device=device)
-        return geometry.sweep(REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions)).assign(
-            estimator="plugin")
+        # only the NTPS at the fractions leave the device (U, V and the projection table stay there)
+        U, V, basis, counts = _reference_solve(_pooled(moments), precision, REFERENCE_ABS_TOL if tol is None else tol,
+                                               SPAN_RTOL, _device(device))
+        grid = np.asarray(REFERENCE_FRACTIONS if fractions is None else fractions, dtype=np.float64)
+        values = _reference_lookup(basis, counts, U[None], grid)[0]
+        return reference_sweep_frame(grid, U.shape[1], V.shape[1], values, precision).assign(estimator="plugin")
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
 
 
