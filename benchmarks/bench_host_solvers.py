@@ -1,6 +1,8 @@
 """The diagnostics' host eigensolver comparison at one layer: one setting after another with every
-BLAS thread, against the settings in concurrent threads sharing the threads (as the study's
-diagnostics stage runs them beside the device work), side by side in one run.
+BLAS thread, against the settings in concurrent threads sharing the threads, and in worker
+processes sharing them (`HostSolverProcesses`, as the study's diagnostics stage runs them beside the
+device work since threads were found to stall it: scipy's LAPACK wrappers keep the GIL), side by
+side in one run.
 
 ``solver_max_dev`` compares the NTPS of host LAPACK front ends and precisions
 (`ntps_nb.core.diagnostics.SOLVER_CONFIGS`): a host computation by definition, and at d = 4096 most
@@ -20,7 +22,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_info
 
-from ntps_nb.core.diagnostics import SOLVER_CONFIGS, host_solver_values
+from ntps_nb.core.diagnostics import SOLVER_CONFIGS, HostSolverProcesses, host_solver_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.threads import analysis_threads
 
@@ -50,6 +52,8 @@ def main() -> None:
                         help="submit the concurrent settings slowest first (reference float32 scipy: the released "
                              "algorithm's own LAPACK calls)")
     parser.add_argument("--skip-sequential", action="store_true", help="time the concurrent runs only")
+    parser.add_argument("--mode", nargs="+", choices=["threads", "processes"], default=["threads", "processes"],
+                        help="run the concurrent settings in threads, in worker processes, or both")
     args = parser.parse_args()
     moments = synthetic_moments(args.d, args.n_texts, args.classes)
     tasks = [(variant, config) for variant in GRIDS for config in SOLVER_CONFIGS[variant]]
@@ -72,21 +76,27 @@ def main() -> None:
         if args.longest_first:
             tasks = sorted(tasks, key=lambda task: (task[1][1] != "scipy", task[1][0] != "float32", task[0] != "reference"))
             print("concurrent settings submitted slowest first: " + ", ".join(f"{v} {c[0]} {c[1]}" for v, c in tasks))
-        for workers in args.workers:
-            start = time.perf_counter()
-            with analysis_threads(max(1, n_threads // workers)) as each, \
-                    concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = {task: pool.submit(host_solver_values, moments, task[0], configs=[task[1]], **GRIDS[task[0]])
-                           for task in tasks}
-                results = {task: futures[task].result()[0] for task in tasks}
-            seconds = time.perf_counter() - start
-            if values:
-                moved = max(float(np.nanmax(np.abs(results[task] - values[task]))) for task in tasks)
-                print(f"{workers} concurrent threads, {each} BLAS threads each: {seconds:.1f} s "
-                      f"({seconds / sequential:.2f} x one after another; largest NTPS change {moved:.1e}, LAPACK "
-                      f"with other thread counts)")
-            else:
-                print(f"{workers} concurrent threads, {each} BLAS threads each: {seconds:.1f} s")
+        for mode in args.mode:
+            for workers in args.workers:
+                each = max(1, n_threads // workers)
+                start = time.perf_counter()
+                if mode == "threads":
+                    with analysis_threads(each), concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                        futures = {task: pool.submit(host_solver_values, moments, task[0], configs=[task[1]],
+                                                     **GRIDS[task[0]]) for task in tasks}
+                        results = {task: futures[task].result()[0] for task in tasks}
+                else:  # spawned workers (their start, ~seconds of imports, is counted)
+                    with HostSolverProcesses(workers, each) as pool:
+                        futures = {task: pool.submit(moments, task[0], task[1], **GRIDS[task[0]]) for task in tasks}
+                        results = {task: futures[task].result() for task in tasks}
+                seconds = time.perf_counter() - start
+                label = f"{workers} concurrent {mode}, {each} BLAS threads each: {seconds:.1f} s"
+                if values:
+                    moved = max(float(np.nanmax(np.abs(results[task] - values[task]))) for task in tasks)
+                    print(f"{label} ({seconds / sequential:.2f} x one after another; largest NTPS change {moved:.1e}, "
+                          f"LAPACK with other thread counts)", flush=True)
+                else:
+                    print(label, flush=True)
 
 
 if __name__ == "__main__":

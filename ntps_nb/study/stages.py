@@ -951,7 +951,7 @@ def _starts_host_solvers_early(u: _Unit) -> bool:
 
 
 def _early_host_solvers(u: _Unit) -> "_HostSolvers | None":
-    """The diagnostics' `_HostSolvers`, started now (their threads run while later stages compute),
+    """The diagnostics' `_HostSolvers`, started now (their worker processes run while later stages compute),
     or None where they do not start early (`_starts_host_solvers_early`) or have no device job."""
     if not _starts_host_solvers_early(u):
         return None
