@@ -85,7 +85,7 @@ def main() -> None:
                         futures = {task: pool.submit(host_solver_values, moments, task[0], configs=[task[1]],
                                                      **GRIDS[task[0]]) for task in tasks}
                         results = {task: futures[task].result()[0] for task in tasks}
-                else:  # spawned workers (their start, ~seconds of imports, is counted)
+                else:  # worker processes (their start, ~seconds of imports, is counted)
                     with HostSolverProcesses(workers, each) as pool:
                         futures = {task: pool.submit(moments, task[0], task[1], **GRIDS[task[0]]) for task in tasks}
                         results = {task: futures[task].result() for task in tasks}

@@ -444,10 +444,11 @@ class HostSolverProcesses:
     scipy's LAPACK wrappers keep the GIL for a whole factorisation (numpy's release it): in a thread,
     a scipy eigh of a 4096 x 4096 matrix stops the thread that launches the device's work for as long
     as it takes (measured on an H200 host: a theory interval sweep took 174.7 s beside the
-    comparison's threads against 57.9 s alone). Worker processes do not share the GIL; they are
-    started by spawn (safe beside an initialised CUDA context and running BLAS threads) and each
-    binds its BLAS threads to ``threads`` when it starts. Tasks receive the moments without ``Shh``
-    (no geometry reads it).
+    comparison's threads against 57.9 s alone). Worker processes do not share the GIL. They are
+    joblib's loky workers: fresh interpreters (safe beside an initialised CUDA context and running
+    BLAS threads) that, unlike ``multiprocessing``'s spawn, do not re-run the calling script, so a
+    script needs no ``if __name__ == "__main__"`` guard. Each binds its BLAS threads to ``threads``
+    when it starts; tasks receive the moments without ``Shh`` (no geometry reads it).
 
     Parameters
     ----------
@@ -456,15 +457,13 @@ class HostSolverProcesses:
     """
 
     def __init__(self, workers: int, threads: int):
-        import concurrent.futures
-        import multiprocessing
+        from joblib.externals.loky import ProcessPoolExecutor  # joblib: a dependency of scikit-learn
 
         if int(workers) < 1 or int(threads) < 1:
             raise ValueError(f"workers and threads must be positive, got {workers} and {threads}")
         self.threads = int(threads)
-        self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=int(workers),
-                                                           mp_context=multiprocessing.get_context("spawn"),
-                                                           initializer=_bind_worker, initargs=(self.threads,))
+        self.futures: list = []
+        self.pool = ProcessPoolExecutor(max_workers=int(workers), initializer=_bind_worker, initargs=(self.threads,))
 
     @classmethod
     def beside_device(cls, n_tasks: int) -> "HostSolverProcesses":
@@ -505,7 +504,9 @@ class HostSolverProcesses:
         if variant not in SOLVER_CONFIGS or tuple(config) not in SOLVER_CONFIGS[variant]:
             raise ValueError(f"unknown solver setting {config!r} for variant {variant!r}; choose from {SOLVER_CONFIGS}")
         light = replace(moments, Shh=None) if moments.Shh is not None else moments
-        return self.pool.submit(_setting_values, light, variant, tuple(config), dict(grid))
+        future = self.pool.submit(_setting_values, light, variant, tuple(config), dict(grid))
+        self.futures.append(future)
+        return future
 
     def close(self, cancel: bool = False) -> None:
         """Stop the workers (after their tasks; ``cancel`` drops the tasks not started).
@@ -518,7 +519,10 @@ class HostSolverProcesses:
         -------
         None
         """
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        if cancel:
+            for future in self.futures:
+                future.cancel()
+        self.pool.shutdown(wait=True)
 
     def __enter__(self) -> "HostSolverProcesses":
         return self

@@ -404,3 +404,24 @@ def test_host_solver_processes_compute_each_setting_in_a_bounded_worker_process(
             pool.submit(m, "theory", ("float32", "scipy"), k=[1])
     with pytest.raises(ValueError, match="positive"):
         HostSolverProcesses(0, 1)
+
+
+def test_host_solver_processes_work_from_a_script_without_a_main_guard(tmp_path):
+    """A user's script that calls the device diagnostics at top level (no ``if __name__ ==
+    "__main__"``) is not re-run by the workers, as multiprocessing's spawn would re-run it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from ntps_nb.core.diagnostics import HostSolverProcesses, host_solver_values\n"
+        "from ntps_nb import synthetic_linear_task\n"
+        "print('top level ran', flush=True)\n"
+        "m = synthetic_linear_task(n_texts=200, d=8, n_classes=3, n_predictable=3, seed=1).moments\n"
+        "with HostSolverProcesses(2, 1) as pool:\n"
+        "    got = pool.submit(m, 'theory', ('float64', 'scipy'), k=[1, 2]).result()\n"
+        "want = host_solver_values(m, 'theory', k=[1, 2], configs=[('float64', 'scipy')])[0]\n"
+        "print('equal', bool((got == want).all()), flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["top level ran", "equal True"]
