@@ -14,25 +14,28 @@ Output of an H200 run: benchmarks/results/eigh_gpu/h200_reference_sweep_profile.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ntps_nb.core.backends import torch as backend
-from ntps_nb.core.moments import Moments
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eigh_gpu import sync  # noqa: E402
+
+from ntps_nb.core.backends import torch as backend  # noqa: E402
+from ntps_nb.core.moments import Moments  # noqa: E402
 
 
 def clock(fn, device: torch.device, repeats: int = 3):
     """The best of ``repeats`` timings of ``fn`` (the device synchronised around each), and its result."""
     best, out = float("inf"), None
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best, out
 
