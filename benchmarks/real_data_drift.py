@@ -7,6 +7,14 @@ of that subset). An estimator whose value still moves from the smallest to the l
 than its interval at the smallest N is not estimating a fixed quantity at these sizes.
 
     python benchmarks/real_data_drift.py --datasets rt-polarity trec6 --out benchmarks/results/real_data_drift
+
+With ``--groups G`` the extraction is cut into ``--shards`` fine shards and every nested subset
+(the first G, 2G, 4G, ... fine shards, up to all of them) is regrouped into G shards of consecutive
+fine shards, so that every N has its interval from the same number of shards; ``--max-train 0``
+takes every train text. The largest available N:
+
+    python benchmarks/real_data_drift.py --datasets rt-polarity trec6 --max-train 0 --shards 512 --groups 16 \
+        --estimators plugin richardson --out benchmarks/results/real_data_drift/largest_n
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 from ntps_nb.core.estimators import ntps_estimate  # noqa: E402
 from ntps_nb.core.intervals import layer_shards  # noqa: E402
+from ntps_nb.core.moments import Moments  # noqa: E402
 
 
 def main() -> None:
@@ -32,10 +41,15 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=2000)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--shards", type=int, default=32)
+    parser.add_argument("--groups", type=int, default=0,
+                        help="regroup each nested subset into this many shards (0: the subsets are the first "
+                             "4, 8, 16, 32 shards as extracted)")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")
     parser.add_argument("--from-csv", help="summarise an earlier run's drift.csv instead of running")
+    parser.add_argument("--min-n", type=int, default=0,
+                        help="the drift is measured from the smallest N at or above this (default: the smallest)")
     parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
     parser.add_argument("--shard-cache", help="folder keeping each dataset's last-layer shard moments (pickle): "
                         "written after its forward pass, read instead of the pass when present")
@@ -44,7 +58,7 @@ def main() -> None:
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
         frame = pd.read_csv(args.from_csv)
-        summarise(frame, out)
+        summarise(frame, out, args.min_n)
         if args.figure:
             figure(frame, args.figure)
         return
@@ -63,36 +77,53 @@ def main() -> None:
         cached = Path(args.shard_cache) / f"{args.model}__{name}__{args.max_train}_{args.max_length}_{args.shards}.pkl" \
             if args.shard_cache else None
         if cached is not None and cached.exists():
-            shards = pickle.loads(cached.read_bytes())
+            with cached.open("rb") as handle:
+                shards = pickle.load(handle)
         else:
-            data = load_dataset(name, max_train=args.max_train, max_test=10)["train"]
+            data = load_dataset(name, max_train=args.max_train or None, max_test=10)["train"]
             ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
                          shard_layers=[last], progress=False)
             shards = layer_shards(ex.shards)[last]
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.with_suffix(".tmp").write_bytes(pickle.dumps(shards))
+                with cached.with_suffix(".tmp").open("wb") as handle:  # streamed: hundreds of shards are GBs
+                    pickle.dump(shards, handle, protocol=pickle.HIGHEST_PROTOCOL)
                 cached.with_suffix(".tmp").replace(cached)
-        for n_used in (4, 8, 16, 32):
-            if n_used > len(shards):
-                break
+        for n_used, subset in nested_subsets(shards, args.groups):
             for estimator in args.estimators:
-                table = ntps_estimate(shards[:n_used], args.ks, estimator=estimator, level=0.90)
+                table = ntps_estimate(subset, args.ks, estimator=estimator, level=0.90)
                 rows.append(table.assign(dataset=name, model=args.model, layer=last, n_shards_used=n_used,
                                          max_length=args.max_length))
         print(name, "done", flush=True)
     frame = pd.concat(rows, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "drift.csv", index=False)
-    summarise(frame, out)
+    summarise(frame, out, args.min_n)
 
 
-def summarise(frame: pd.DataFrame, out: Path) -> None:
-    """Drift from the smallest N where the estimator is defined to the largest, against the
-    jackknife interval at that smallest N."""
+def nested_subsets(shards: list, groups: int):
+    """(fine shards used, the subset's shards) for each nested subset: the first 4, 8, 16, 32 shards
+    (``groups`` 0), or the first G, 2G, 4G, ... fine shards regrouped into G shards of consecutive
+    fine shards, up to all of them (their number must be G times a power of two)."""
+    if not groups:
+        yield from ((n, shards[:n]) for n in (4, 8, 16, 32) if n <= len(shards))
+        return
+    per_group = len(shards) // groups
+    if len(shards) % groups or per_group & (per_group - 1):
+        raise SystemExit(f"--shards ({len(shards)}) must be --groups ({groups}) times a power of two")
+    n = groups
+    while n <= len(shards):
+        step = n // groups
+        yield n, [Moments.combine(shards[i:i + step]) for i in range(0, n, step)]
+        n *= 2
+
+
+def summarise(frame: pd.DataFrame, out: Path, min_n: int = 0) -> None:
+    """Drift from the smallest N (at least ``min_n``) where the estimator is defined to the largest,
+    against the jackknife interval at that smallest N."""
     summary = []
     for (dataset, estimator, k), g in frame.groupby(["dataset", "estimator", "k"]):
-        g = g[np.isfinite(g["estimate"])].sort_values("n_texts")
+        g = g[np.isfinite(g["estimate"]) & (g["n_texts"] >= min_n)].sort_values("n_texts")
         if len(g) < 2:
             continue
         first, final = g.iloc[0], g.iloc[-1]
@@ -102,7 +133,7 @@ def summarise(frame: pd.DataFrame, out: Path) -> None:
                         "half_width_small": (first["upper"] - first["lower"]) / 2,
                         "drift_inside": bool(first["lower"] <= final["estimate"] <= first["upper"])})
     summary = pd.DataFrame(summary)
-    summary.to_csv(out / "drift_summary.csv", index=False)
+    summary.to_csv(out / ("drift_summary.csv" if not min_n else f"drift_summary_from_{min_n}.csv"), index=False)
     print(summary.round(3).to_string(index=False))
 
 
@@ -117,7 +148,7 @@ def figure(frame: pd.DataFrame, path: str) -> None:
 
     datasets, ks = sorted(frame["dataset"].unique()), sorted(frame["k"].unique())
     fig, axes = plt.subplots(len(datasets), len(ks), figsize=(3.6 * len(ks), 2.9 * len(datasets)), squeeze=False,
-                             sharex=True)
+                             sharex="row")
     colours = {"plugin": "tab:blue", "richardson": "tab:red"}
     for i, dataset in enumerate(datasets):
         for j, k in enumerate(ks):
@@ -133,7 +164,7 @@ def figure(frame: pd.DataFrame, path: str) -> None:
                     sel = g["reliable"].astype(str) == str(reliable)
                     ax.scatter(x[sel], g["estimate"][sel], color=colour, facecolors=face, zorder=3, s=24)
             ax.set_xscale("log")
-            sizes = sorted(frame["n_texts"].unique())
+            sizes = sorted(frame.loc[frame["dataset"] == dataset, "n_texts"].unique())  # each dataset's own N
             ax.set_xticks(sizes, [str(v) for v in sizes])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_title(f"{dataset}, k = {k}", fontsize=9)
