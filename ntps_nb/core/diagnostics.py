@@ -509,11 +509,13 @@ class HostSolverProcesses:
         return future
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the workers (after their tasks; ``cancel`` drops the tasks not started).
+        """Stop the workers: after their tasks, or (``cancel``) at once, dropping the queued tasks and
+        terminating the running ones (an interrupted analysis does not wait for a factorisation of
+        minutes whose result nobody reads).
 
         Parameters
         ----------
-        cancel : drop the queued tasks instead of computing them.
+        cancel : drop the queued tasks and terminate the running ones.
 
         Returns
         -------
@@ -522,7 +524,7 @@ class HostSolverProcesses:
         if cancel:
             for future in self.futures:
                 future.cancel()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, kill_workers=cancel)
 
     def __enter__(self) -> "HostSolverProcesses":
         return self

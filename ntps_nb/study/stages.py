@@ -908,10 +908,9 @@ class _HostSolvers:
 
     def __exit__(self, *exc_info) -> None:
         if self.pool is not None:
-            for futures in self.futures.values():
-                for future in futures:
-                    future.cancel()
-            self.pool.close()
+            # values nobody read (a stage before the diagnostics failed or was interrupted): stop at once
+            unread = any(not future.done() for futures in self.futures.values() for future in futures)
+            self.pool.close(cancel=unread or exc_info[0] is not None)
             self.pool, self.computing = None, False
 
 
@@ -1150,7 +1149,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             if name == "intervals" and "diagnostics" in todo and stage_enabled(cfg, "diagnostics"):
                 u.host_solvers = _early_host_solvers(u)  # beside the GPU's intervals and estimates
                 if u.host_solvers is not None:
-                    cleanup.callback(u.host_solvers.__exit__, None, None, None)
+                    cleanup.push(u.host_solvers.__exit__)  # sees the exception: a failure stops the workers at once
             if result is None:
                 t0 = time.perf_counter()
                 table, record, *more = _COMPUTE[name](u)

@@ -425,3 +425,22 @@ def test_host_solver_processes_work_from_a_script_without_a_main_guard(tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["top level ran", "equal True"]
+
+
+def test_host_solver_processes_closed_with_cancel_terminate_a_running_task():
+    """An interrupted analysis does not wait for a running factorisation: ``close(cancel=True)``
+    terminates it (its future ends without a result); a plain close waits and gets the result."""
+    import time
+
+    from ntps_nb.core.diagnostics import HostSolverProcesses
+
+    pool = HostSolverProcesses(1, 1)
+    running = pool.pool.submit(time.sleep, 120)
+    pool.futures.append(running)
+    while not running.running():
+        time.sleep(0.05)
+    pool.close(cancel=True)
+    assert running.done() and (running.cancelled() or running.exception() is not None)
+    with HostSolverProcesses(1, 1) as pool:
+        short = pool.pool.submit(time.sleep, 0.1)
+    assert short.done() and short.result() is None

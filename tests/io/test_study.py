@@ -1521,6 +1521,32 @@ def test_on_a_gpu_the_host_solvers_start_before_the_intervals_and_give_the_same_
     pd.testing.assert_frame_equal(tables[True], tables[False])
 
 
+def test_host_solvers_started_early_are_stopped_at_once_when_a_later_stage_fails(tmp_path, monkeypatch, tiny_llama):
+    """If the intervals stage fails after the host solver comparison started early, the unit's error
+    propagates and the workers are closed with cancel (their values would never be read), not
+    waited for."""
+    from ntps_nb.core import diagnostics
+    from ntps_nb.study import stages
+
+    closes = []
+    close = diagnostics.HostSolverProcesses.close
+
+    def recording_close(self, cancel=False):
+        closes.append(cancel)
+        return close(self, cancel=cancel)
+
+    def failing_intervals(u):
+        raise RuntimeError("interval stage failed")
+
+    monkeypatch.setattr(diagnostics.HostSolverProcesses, "close", recording_close)
+    monkeypatch.setitem(stages._COMPUTE, "intervals", failing_intervals)
+    monkeypatch.setattr(stages, "_starts_host_solvers_early", lambda u: bool(u.diag_grid))
+    cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=True, probes=[], analysis_device="cpu", analysis_threads=2)
+    with pytest.raises(RuntimeError, match="interval stage failed"):
+        study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
+    assert closes == [True]
+
+
 def test_only_a_cuda_analysis_starts_the_host_solvers_early():
     from types import SimpleNamespace
 
