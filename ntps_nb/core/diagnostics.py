@@ -462,7 +462,6 @@ class HostSolverProcesses:
         if int(workers) < 1 or int(threads) < 1:
             raise ValueError(f"workers and threads must be positive, got {workers} and {threads}")
         self.threads = int(threads)
-        self.futures: list = []
         self.pool = ProcessPoolExecutor(max_workers=int(workers), initializer=_bind_worker, initargs=(self.threads,))
 
     @classmethod
@@ -504,9 +503,7 @@ class HostSolverProcesses:
         if variant not in SOLVER_CONFIGS or tuple(config) not in SOLVER_CONFIGS[variant]:
             raise ValueError(f"unknown solver setting {config!r} for variant {variant!r}; choose from {SOLVER_CONFIGS}")
         light = replace(moments, Shh=None) if moments.Shh is not None else moments
-        future = self.pool.submit(_setting_values, light, variant, tuple(config), dict(grid))
-        self.futures.append(future)
-        return future
+        return self.pool.submit(_setting_values, light, variant, tuple(config), dict(grid))
 
     def close(self, cancel: bool = False) -> None:
         """Stop the workers: after their tasks, or (``cancel``) at once, dropping the queued tasks and
@@ -521,9 +518,8 @@ class HostSolverProcesses:
         -------
         None
         """
-        if cancel:
-            for future in self.futures:
-                future.cancel()
+        # loky fails the queued futures itself when it kills the workers (cancelling them first makes
+        # its manager thread raise InvalidStateError)
         self.pool.shutdown(wait=True, kill_workers=cancel)
 
     def __enter__(self) -> "HostSolverProcesses":

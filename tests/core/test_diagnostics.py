@@ -436,7 +436,6 @@ def test_host_solver_processes_closed_with_cancel_terminate_a_running_task():
 
     pool = HostSolverProcesses(1, 1)
     running = pool.pool.submit(time.sleep, 120)
-    pool.futures.append(running)
     while not running.running():
         time.sleep(0.05)
     pool.close(cancel=True)
