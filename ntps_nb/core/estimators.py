@@ -79,9 +79,9 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, theory_geometry
-from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, check_labels, nested_orthonormal_basis, next_token_subspace,
-                                    perception_subspace)
+from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, _theory_geometry_of, theory_geometry
+from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
+                                    next_token_subspace, perception_subspace)
 
 ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
@@ -538,12 +538,20 @@ def _projected(full: Moments, p: int) -> Moments:
                    C1=P.T @ full.C1 @ P, n_texts=full.n_texts, n_tokens=full.n_tokens)
 
 
-def _whitened_bases(moments: Moments, white: _Whitening, rtol: float) -> tuple[np.ndarray, np.ndarray]:
-    """U (top m) and V (all r_V) of ``moments``, in the coordinates whitened by ``white`` (another
-    sample's Sxx, so that subspaces estimated on different shards are compared in one metric), each
-    orthonormalised in its own order (QR: the first k columns span the first k directions)."""
-    U = perception_subspace(moments, order="descending", rtol=rtol)
-    V = next_token_subspace(moments, order="descending", rtol=rtol)
+def _solve(moments: Moments, rtol: float) -> tuple[Subspace, Subspace]:
+    """The descending perception and next-token subspaces of ``moments`` (what `theory_geometry`,
+    `subspace_noise` and the eigengaps all read: one solve serves the three)."""
+    return (perception_subspace(moments, order="descending", rtol=rtol),
+            next_token_subspace(moments, order="descending", rtol=rtol))
+
+
+def _whitened_bases(moments: Moments, white: _Whitening, rtol: float,
+                    solved: tuple[Subspace, Subspace] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """U (top m) and V (all r_V) of ``moments`` (``solved``: its `_solve`, where the caller has it),
+    in the coordinates whitened by ``white`` (another sample's Sxx, so that subspaces estimated on
+    different shards are compared in one metric), each orthonormalised in its own order (QR: the
+    first k columns span the first k directions)."""
+    U, V = solved if solved is not None else _solve(moments, rtol)
     to_white = np.sqrt(white.s)[:, None] * white.Q.T
     u = np.linalg.qr(to_white @ U.vectors[:, : U.rank_A])[0]
     v = np.linalg.qr(to_white @ V.vectors)[0]
@@ -597,17 +605,28 @@ def subspace_noise(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE_
     if backend is not None:
         return backend.subspace_noise_torch(moment_shards, ks, rtol=rtol, device=device, batch_size=batch_size)
     shards = _as_shards(moment_shards)
+    if len(shards) < 3:
+        raise ValueError(f"subspace noise needs at least 3 shards, got {len(shards)}")
+    return _noise_of_solves(shards, _check_ks(ks), rtol)
+
+
+def _noise_of_solves(shards: list[Moments], ks: np.ndarray, rtol: float,
+                     solves: "_Solves | None" = None) -> pd.DataFrame:
+    """`subspace_noise` (numpy) of at least 3 shards, from the caller's `_Solves` of them where
+    given (else solved here); a replicate whose solve failed raises its error, as solving it here would."""
     S = len(shards)
-    if S < 3:
-        raise ValueError(f"subspace noise needs at least 3 shards, got {S}")
-    ks = _check_ks(ks)
-    full = Moments.combine(shards)
+    full = Moments.combine(shards) if solves is None else solves.pooled
     white = _Whitening.of(full.Sxx, rtol)
-    u, v = _whitened_bases(full, white, rtol)
+    u, v = _whitened_bases(full, white, rtol, None if solves is None else solves.full)
 
     def replicates():
         for g in range(S):
-            ug, vg = _whitened_bases(Moments.combine(shards[:g] + shards[g + 1:]), white, rtol)
+            if solves is None:
+                ug, vg = _whitened_bases(_pooled(shards, g), white, rtol)
+            elif isinstance(solves.replicates[g], Exception):
+                raise solves.replicates[g]
+            else:
+                ug, vg = _whitened_bases(solves.pools[g], white, rtol, solves.replicates[g])
             yield (_nested_overlap(ug, u, np.minimum(ks, u.shape[1])), _nested_overlap(vg, v, ks),
                    ug.shape[1], vg.shape[1])
 
@@ -693,20 +712,47 @@ def eigengap_ratios(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE
     shards = _as_shards(moment_shards)
     if len(shards) < 3:
         raise ValueError(f"eigengap ratios need at least 3 shards, got {len(shards)}")
-    ks = _check_ks(ks)
-    full = theory_geometry(Moments.combine(shards), rtol=rtol)
-    return _gap_frame(full, _replicate_geometries(shards, rtol), ks)
+    solves = _Solves.of(shards, rtol)
+    return _gap_frame(solves.full_geometry(), solves.replicate_geometries(), _check_ks(ks))
 
 
-def _replicate_geometries(shards: list[Moments], rtol: float) -> list[TheoryGeometry | None]:
-    """The theory geometry of each leave-one-shard-out pooled sample (None where it is undefined)."""
-    out: list[TheoryGeometry | None] = []
-    for i in range(len(shards)):
-        try:
-            out.append(theory_geometry(_pooled(shards, i), rtol=rtol))
-        except (ValueError, np.linalg.LinAlgError):
-            out.append(None)
-    return out
+@dataclass(frozen=True)
+class _Solves:
+    """The pooled shards (``pooled``, its subspaces ``full``) and each leave-one-shard-out pool
+    (``pools``, their subspaces or the error the solve raised in ``replicates``), solved once and read
+    by the estimator's plug-ins (their theory geometries), `subspace_noise` and the eigengaps."""
+
+    pooled: Moments
+    full: tuple[Subspace, Subspace]
+    pools: list
+    replicates: list
+
+    @classmethod
+    def of(cls, shards: list[Moments], rtol: float) -> "_Solves":
+        pooled = Moments.combine(shards)
+        full = _solve(pooled, rtol)  # first: its error is the caller's
+        pools = [_pooled(shards, i) for i in range(len(shards))]
+        replicates: list = []
+        for pool in pools:
+            try:
+                replicates.append(_solve(pool, rtol))
+            except (ValueError, np.linalg.LinAlgError) as error:
+                replicates.append(error)
+        return cls(pooled, full, pools, replicates)
+
+    def full_geometry(self) -> TheoryGeometry:
+        """The pooled shards' theory geometry (ValueError where Sxy is zero, as `theory_geometry`)."""
+        return _theory_geometry_of(self.pooled, *self.full)
+
+    def replicate_geometries(self) -> list[TheoryGeometry | None]:
+        """Each leave-one-shard-out pool's theory geometry, None where it is undefined."""
+        out: list[TheoryGeometry | None] = []
+        for pool, solved in zip(self.pools, self.replicates):
+            try:
+                out.append(None if isinstance(solved, Exception) else _theory_geometry_of(pool, *solved))
+            except (ValueError, np.linalg.LinAlgError):
+                out.append(None)
+        return out
 
 
 def _plugin(full: Moments, ks: np.ndarray, rtol: float) -> np.ndarray:
@@ -860,11 +906,13 @@ def ntps_estimate(
     ks = _check_ks(ks)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    # the full sample's and the leave-one-shard-out geometries: the eigengaps', reused by the estimator
-    full = theory_geometry(Moments.combine(shards), rtol=rtol)
+    # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
+    # plug-ins (their geometries), the eigengaps and the subspace noise
+    solves = _Solves.of(shards, rtol)
+    full = solves.full_geometry()
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)
     S = len(shards)
-    geometries = _replicate_geometries(shards, rtol)
+    geometries = solves.replicate_geometries()
     loo = np.full((S, ks.size), np.nan)
     for i in range(S):
         try:
@@ -872,7 +920,7 @@ def ntps_estimate(
                              pooled=geometries[i])[0]
         except (ValueError, np.linalg.LinAlgError):
             pass
-    noise = subspace_noise(shards, ks, rtol=rtol)
+    noise = _noise_of_solves(shards, ks, rtol, solves)
     gaps = _gap_frame(full, geometries, ks)
     return _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
                           noise_max=noise_max, gap_min=gap_min, n_texts=sum(s.n_texts for s in shards))

@@ -29,6 +29,7 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.subspaces import (
     RANGE_RTOL,
     REFERENCE_ABS_TOL,
+    Subspace,
     nested_orthonormal_basis,
     next_token_subspace,
     perception_subspace,
@@ -238,6 +239,12 @@ def theory_geometry(
         moments = moments.centred()
     U = perception_subspace(moments, order="descending", tol=tol, rtol=rtol)
     V = next_token_subspace(moments, order="descending", tol=tol, rtol=rtol)
+    return _theory_geometry_of(moments, U, V, span_rtol=span_rtol)
+
+
+def _theory_geometry_of(moments: Moments, U: Subspace, V: Subspace, *, span_rtol: float = SPAN_RTOL) -> TheoryGeometry:
+    """`theory_geometry` from the moments' descending perception and next-token subspaces, solved
+    by the caller (who may need them for something else too)."""
     m = U.rank_A
     if m == 0:
         raise ValueError("Sxy is zero: the pooled states carry no label signal, U is undefined")

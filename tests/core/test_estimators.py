@@ -281,3 +281,35 @@ def test_adjusted_removes_the_joint_label_and_whitening_bias():
         plug, adj = rows.loc[("plugin", k)], rows.loc[("adjusted", k)]
         assert abs(plug["bias"]) > 3 * plug["bias_mcse"], plug
         assert abs(adj["bias"]) <= 3 * adj["bias_mcse"], adj
+
+
+def test_ntps_estimate_solves_each_pool_once_for_its_plugins_gaps_and_noise(monkeypatch):
+    """The plug-in's `ntps_estimate` solves the perception and next-token subspaces once for the
+    full sample and once per leave-one-shard-out pool (S + 1 each), shared by the jackknife, the
+    eigengaps and the subspace noise; its noise and gap columns equal `subspace_noise` and
+    `eigengap_ratios` computed on their own, exactly."""
+    import ntps_nb.core.estimators as estimators
+    import ntps_nb.core.score as score_module
+
+    model = lds_model(d=6, n_classes=3, n_tokens=4, gap="separated", seed=2)
+    shards = sample_shards(model, 600, 5, np.random.default_rng(4))
+    ks = np.array([1, 2, 4])
+    alone_noise, alone_gaps = subspace_noise(shards, ks), eigengap_ratios(shards, ks)
+    calls = {"perception": 0, "next_token": 0}
+    perception, next_token = estimators.perception_subspace, estimators.next_token_subspace
+
+    def counting(name, solve):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return solve(*args, **kwargs)
+        return call
+
+    for module in (estimators, score_module):  # every place the estimator's code can solve them from
+        monkeypatch.setattr(module, "perception_subspace", counting("perception", perception))
+        monkeypatch.setattr(module, "next_token_subspace", counting("next_token", next_token))
+    frame = ntps_estimate(shards, ks, estimator="plugin")
+    assert calls == {"perception": len(shards) + 1, "next_token": len(shards) + 1}
+    for column in ("noise_U", "noise_V", "bias_bound"):
+        np.testing.assert_array_equal(frame[column].to_numpy(), alone_noise[column].to_numpy())
+    for column in ("gap_U", "gap_V", "gap_ratio_U", "gap_ratio_V", "gap_ratio"):
+        np.testing.assert_array_equal(frame[column].to_numpy(), alone_gaps[column].to_numpy())
