@@ -943,8 +943,9 @@ def _device_jobs(jobs: list[tuple]) -> list[tuple]:
 def _starts_host_solvers_early(u: _Unit) -> bool:
     """Whether the diagnostics' host solver comparison starts before the intervals stage: with the
     analysis on a CUDA device the intervals and estimates keep the GPU busy and the CPU mostly idle,
-    so the host LAPACK factorisations (at d = 4096 ~150 s a layer, most of the diagnostics' time)
-    run beside them instead of after them. Not with a CPU analysis: the threads would compete."""
+    so the host LAPACK factorisations (at d = 4096 ~100-150 s a layer, most of the diagnostics'
+    time) run beside them instead of after them. Not with a CPU analysis: the workers would compete
+    with it for the cores."""
     device = u.analysis_device
     return device is not None and str(device).startswith("cuda") and bool(u.diag_grid)
 

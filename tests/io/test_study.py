@@ -1488,7 +1488,7 @@ def test_on_a_device_the_diagnostics_host_solvers_run_in_worker_processes_and_gi
 def test_on_a_gpu_the_host_solvers_start_before_the_intervals_and_give_the_same_diagnostics(tmp_path, monkeypatch,
                                                                                              tiny_llama):
     """With the analysis on a CUDA device the diagnostics' host solver comparison starts before the
-    intervals stage (its threads run while the GPU computes the intervals and estimates); the
+    intervals stage (its worker processes run while the GPU computes the intervals and estimates); the
     diagnostics table is the one the stage computes when it starts them itself. The CUDA condition
     is stood in for on the CPU torch backend."""
     from ntps_nb.study import stages
