@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")
     parser.add_argument("--from-csv", help="summarise an earlier run's drift.csv instead of running")
+    parser.add_argument("--gap-scan", type=int, default=0, metavar="K",
+                        help="with --shard-cache: print, per dataset, the k <= K whose next-token and perception "
+                             "eigengap ratios (all shards) reach GAP_MIN, then stop")
     parser.add_argument("--min-n", type=int, default=0,
                         help="the drift is measured from the smallest N at or above this (default: the smallest)")
     parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
@@ -63,6 +66,10 @@ def main() -> None:
             figure(frame, args.figure)
         return
 
+    if args.gap_scan:
+        gap_scan(args)
+        return
+
     import torch
 
     from ntps_nb.datasets import load_dataset
@@ -74,8 +81,7 @@ def main() -> None:
     last = model.config.num_hidden_layers
     rows = []
     for name in args.datasets:
-        cached = Path(args.shard_cache) / f"{args.model}__{name}__{args.max_train}_{args.max_length}_{args.shards}.pkl" \
-            if args.shard_cache else None
+        cached = shard_cache_path(args, name) if args.shard_cache else None
         if cached is not None and cached.exists():
             with cached.open("rb") as handle:
                 shards = pickle.load(handle)
@@ -99,6 +105,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "drift.csv", index=False)
     summarise(frame, out, args.min_n)
+
+
+def shard_cache_path(args, name: str) -> Path:
+    """Where a dataset's last-layer shard moments are kept (``--shard-cache``)."""
+    return Path(args.shard_cache) / f"{args.model}__{name}__{args.max_train}_{args.max_length}_{args.shards}.pkl"
+
+
+def gap_scan(args) -> None:
+    """The k <= ``--gap-scan`` at which each eigengap ratio of the cached shards (all of them) reaches
+    `GAP_MIN`, per dataset: where V_k (next-token) and U_k (perception) are resolved by the sample."""
+    from ntps_nb.core.estimators import GAP_MIN, eigengap_ratios
+
+    ks = np.arange(1, args.gap_scan + 1)
+    print(f"k <= {args.gap_scan} with eigengap ratio >= GAP_MIN = {GAP_MIN} ({args.model}, last layer, "
+          f"max_train {args.max_train}, {args.shards} shards)")
+    for name in args.datasets:
+        with shard_cache_path(args, name).open("rb") as handle:
+            table = eigengap_ratios(pickle.load(handle), ks)
+        for side in ("V", "U"):
+            resolved = [int(k) for k in table["k"][table[f"gap_ratio_{side}"] >= GAP_MIN]]
+            print(f"{name}: gap_ratio_{side} resolved at k = {resolved}", flush=True)
 
 
 def nested_subsets(shards: list, groups: int):
