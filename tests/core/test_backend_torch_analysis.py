@@ -12,6 +12,8 @@ from ntps_nb import Moments, reference_geometry, synthetic_linear_task  # noqa: 
 from ntps_nb.core import peers, probes  # noqa: E402
 from ntps_nb.core.backends import analysis_backend  # noqa: E402
 from ntps_nb.core.backends.torch import (  # noqa: E402
+    _ascending_solutions,
+    _certified_cholesky,
     _perturbed_stack,
     _reference_rows,
     _ReferenceFactor,
@@ -22,6 +24,7 @@ from ntps_nb.core.backends.torch import (  # noqa: E402
 from ntps_nb.core.diagnostics import ReferenceFactorization, _perturb, ntps_diagnostics  # noqa: E402
 from ntps_nb.core.intervals import ntps_interval_sweep  # noqa: E402
 from ntps_nb.core.moments import one_hot  # noqa: E402
+from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 
 #: Agreement with numpy in float64, relative to the largest magnitude of the quantity (>= 1).
 AGREEMENT = 1e-9
@@ -105,6 +108,31 @@ def test_reference_null_and_perturbations_equal_numpy_in_float64():
     geometries = [reference_geometry(c, precision="float64") for c in copies]
     assert outcome == [(g.r_U, g.r_V) for g in geometries]
     assert np.abs(got - np.array([[g.ntps(f) for f in fractions] for g in geometries])).max() <= AGREEMENT
+
+
+def test_cholesky_whitening_gives_the_eigh_whitening_solutions_and_keeps_the_batch_order():
+    # (A, B) pairs with a full-rank B (Cholesky-whitened), a rank-deficient B (certification fails:
+    # eigh on its range, as without the option) and another full-rank one, in that order; A has
+    # distinct eigenvalues, so the B-orthonormal eigenvectors are unique up to sign
+    rng = np.random.default_rng(7)
+    d = 9
+    Bs, As = [], []
+    for rank in (d, d - 3, d):
+        F = rng.standard_normal((d, rank))
+        Bs.append(F @ F.T / rank + (0.1 * np.eye(d) if rank == d else 0.0))
+        G = rng.standard_normal((d, d))
+        As.append(G @ G.T)
+    B, A = torch.from_numpy(np.stack(Bs)), torch.from_numpy(np.stack(As))
+    _, certified = _certified_cholesky(B, 1e-8, RANGE_RTOL)
+    assert certified.tolist() == [True, False, True]  # both paths are exercised
+    plain = _ascending_solutions(B, A, 1e-8)
+    whitened = _ascending_solutions(B, A, 1e-8, cholesky=True)
+    assert [x.shape for x in whitened] == [x.shape for x in plain] == [(d, d), (d, d - 3), (d, d)]
+    for i in range(3):  # element 1 takes the eigh path in both calls (batched apart: equal to rounding)
+        X, want = whitened[i].numpy(), plain[i].numpy()
+        assert np.abs(X.T @ Bs[i] @ X - np.eye(X.shape[1])).max() <= AGREEMENT * d
+        signs = np.sign(np.sum(X * want, axis=0))
+        assert np.abs(X * signs - want).max() <= AGREEMENT * max(1.0, np.abs(want).max())
 
 
 def test_batched_diagnostics_equal_one_at_a_time():

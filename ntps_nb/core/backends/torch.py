@@ -36,6 +36,12 @@ Where the computation differs in form from the numpy code, the quantity is the s
   the reduced problem (W^T Sxy)(W^T Sxy)^T is solved through its C x C Gram form
   G^T G = Z diag(lambda) Z^T, Y = G Z diag(lambda)^{-1/2}: the same nonzero eigenpairs, from an
   eigensolve of size C instead of r_U.
+- The released algorithm's next-token side (C1 C1^T, C0) is whitened by C0's Cholesky factor where
+  C0 is certified to keep all d directions (`_certified_cholesky`), instead of by its
+  eigendecomposition: the same C0-orthonormal eigenvectors up to sign and rounding (its eigenvalues
+  are distinct), one eigendecomposition of size d fewer per solve. Its perception side keeps the
+  eigendecomposition: the released order reads Sxy Sxy^T's null space first, whose basis depends on
+  the whitening (SPEC section 4).
 - The nested orthonormal basis of Sxx^{1/2} V (`nested_orthonormal_basis`) is one batched
   Householder QR of the first min(r_U, r_V) columns when every diagonal of R is above
   ``span_rtol`` times its column's norm (the generic case, where the numpy function also does a
@@ -652,8 +658,9 @@ def _reference_solve(moments: Moments, precision: Precision, tol: float, span_rt
     Sxy, C1 = _tensor(moments.Sxy, dtype, device), _tensor(moments.C1, dtype, device)
     U = generalized_eigh_torch(moments.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
                                device=device, name="Sxx").vectors
-    V = generalized_eigh_torch(moments.C0, A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype,
-                               device=device, name="C0").vectors
+    (V,) = _ascending_solutions(_tensor(moments.C0, dtype, device)[None], (C1 @ C1.T)[None], tol, cholesky=True)
+    if V is None:
+        raise ValueError(f"C0 has no eigenvalue above the tolerance {tol:.3g}: it is zero or negative definite")
     basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
     return U, V, basis, counts
 
@@ -1067,13 +1074,42 @@ def interval_sweep_torch(
 # Reference variant, batched (intervals, diagnostics)
 
 
-def _ascending_solutions(B: torch.Tensor, A: torch.Tensor, tol: float) -> list[torch.Tensor | None]:
+def _ascending_solutions(B: torch.Tensor, A: torch.Tensor, tol: float, *, cholesky: bool = False
+                         ) -> list[torch.Tensor | None]:
     """X = W Y of (A, B) on the range of each B (eigenvalues above the absolute ``tol``), Y in
-    eigh's ascending order as the released code keeps it; None where B retains nothing. B, A: (n, d, d)."""
-    d = B.shape[-1]
+    eigh's ascending order as the released code keeps it; None where B retains nothing. B, A: (n, d, d).
+
+    With ``cholesky``, a B certified to keep all d eigenvalues (`_certified_cholesky`) is whitened
+    by its Cholesky factor, W = L^{-T}, instead of W = Q S^{-1/2} from its eigendecomposition: on the
+    full range any whitening gives the same B-orthonormal eigenvectors X of (A, B) (up to sign,
+    where the eigenvalues of A are distinct), so one eigendecomposition of size d is replaced by a
+    factorisation of a small part of its cost. Where A has repeated eigenvalues (e.g. a null space,
+    as Sxy Sxy^T has) the basis eigh picks inside that eigenspace depends on the whitening, as it
+    depends on the LAPACK driver: the released algorithm's next-token side (C1 C1^T, full rank)
+    takes ``cholesky``, its perception side does not."""
+    n, d = B.shape[0], B.shape[-1]
+    out: list[torch.Tensor | None] = [None] * n
+    rest = np.arange(n)
+    if cholesky:
+        L, certified = _certified_cholesky(B, tol, RANGE_RTOL)
+        certified = _numpy(certified)
+        if certified.any():
+            members = np.flatnonzero(certified)
+            index = torch.as_tensor(members, device=B.device)
+            L = L[index]
+            half = torch.linalg.solve_triangular(L, A[index], upper=False)  # L^{-1} A
+            M = torch.linalg.solve_triangular(L, half.mT, upper=False)  # L^{-1} A L^{-T} (A symmetric)
+            _, Y = torch.linalg.eigh((M + M.mT) / 2)
+            X = torch.linalg.solve_triangular(L.mT, Y, upper=True)
+            for j, i in enumerate(members):
+                out[i] = X[j]
+            rest = np.flatnonzero(~certified)
+        if rest.size == 0:
+            return out
+        B, A = (B, A) if rest.size == n else (B[torch.as_tensor(rest, device=B.device)],
+                                                A[torch.as_tensor(rest, device=B.device)])
     s, Q, _, rank = _eigh_range(B, tol, RANGE_RTOL)
     ranks = _numpy(rank)
-    out: list[torch.Tensor | None] = [None] * B.shape[0]
     for r in np.unique(ranks):
         if r == 0:
             continue
@@ -1085,7 +1121,7 @@ def _ascending_solutions(B: torch.Tensor, A: torch.Tensor, tol: float) -> list[t
         _, Y = torch.linalg.eigh((M + M.mT) / 2)
         X = W @ Y
         for j, i in enumerate(members):
-            out[i] = X[j]
+            out[int(rest[i])] = X[j]
     return out
 
 
@@ -1127,7 +1163,7 @@ def _reference_rows(Sxx: torch.Tensor, Sxy: torch.Tensor, C0: torch.Tensor, C1: 
     dtype = torch.float32 if precision == "float32" else torch.float64
     Sxx, Sxy, C0, C1 = (t.to(dtype) for t in (Sxx, Sxy, C0, C1))
     U = _ascending_solutions(Sxx, Sxy @ Sxy.mT, tol)
-    V = _ascending_solutions(C0, C1 @ C1.mT, tol)
+    V = _ascending_solutions(C0, C1 @ C1.mT, tol, cholesky=True)
     values = np.full((Sxx.shape[0], fractions.size), np.nan)
     outcome: list[tuple[int, int] | str] = []
     for i in range(Sxx.shape[0]):
@@ -1221,7 +1257,7 @@ class _ReferenceFactor:
         if int(rank[0]) == 0:
             raise ValueError(f"no eigenvalue above the tolerance {tol:.3g}: the matrix is zero or negative definite")
         r = int(rank[0])
-        (V,) = _ascending_solutions(C0, C1 @ C1.mT, tol)
+        (V,) = _ascending_solutions(C0, C1 @ C1.mT, tol, cholesky=True)
         if V is None:
             raise ValueError(f"no eigenvalue above the tolerance {tol:.3g}: the matrix is zero or negative definite")
         basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
