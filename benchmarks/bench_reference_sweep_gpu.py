@@ -2,13 +2,16 @@
 
 The reference variant is the released algorithm: four float32 eigendecompositions (the whitening of
 Sxx and C0, the reduced problems of Sxy Sxy^T and C1 C1^T), V's nested orthonormal basis, and a
-lookup at the 19 fractions. This prints the best of three timings of the whole sweep, of each step,
+lookup at the 19 fractions. Where C0 is certified to keep all d directions its whitening is a
+Cholesky factor instead of an eigendecomposition (the same V to rounding); the profile times both
+and prints how far apart the 19 NTPS values are. This prints the best of three timings of the whole sweep, of each step,
 and of the host copies the sweep no longer makes (U, V and the projection table), with the
 moments resident on the device as the study keeps them:
 
     python benchmarks/bench_reference_sweep_gpu.py --d 4096 --n-texts 2000
 
-Output of an H200 run: benchmarks/results/eigh_gpu/h200_reference_sweep_profile.txt.
+Output of H200 runs: benchmarks/results/eigh_gpu/h200_reference_sweep_profile.txt (before the Cholesky
+whitening of C0), h200_reference_sweep_profile_cholesky.txt (with it).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def main() -> None:
                 C0=(H.T @ H / N).cpu().numpy(), C1=(H.T @ H_next / N).cpu().numpy(), n_texts=N, n_tokens=T * N)
     for name in ("Sxx", "Sxy", "C0", "C1"):  # resident, as the study keeps an extraction's moments
         backend.keep_resident(getattr(m, name), torch.tensor(np.array(getattr(m, name)), device=device))
-    say = lambda label, t: print(f"{label} {t:.3f}", flush=True)  # noqa: E731
+    say = lambda label, t: print(f"{label} {t:.3g}", flush=True)  # noqa: E731
     print(f"d = {d}, N = {N}, C = {C}, device {device}; seconds, best of 3", flush=True)
     say("reference sweep", clock(lambda: backend.ntps_sweep_torch(m, variant="reference", device=device), device)[0])
     say("theory sweep", clock(lambda: backend.ntps_sweep_torch(m, device=device), device)[0])
@@ -74,11 +77,22 @@ def main() -> None:
     t, U = clock(lambda: backend.generalized_eigh_torch(m.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=1e-8, dtype=f32,
                                                          device=device, name="Sxx").vectors, device)
     say("generalized U", t)
-    t, V = clock(lambda: backend.generalized_eigh_torch(m.C0, A=C1 @ C1.T, order="ascending", tol=1e-8, dtype=f32,
+    t, V_eigh = clock(lambda: backend.generalized_eigh_torch(m.C0, A=C1 @ C1.T, order="ascending", tol=1e-8, dtype=f32,
                                                          device=device, name="C0").vectors, device)
-    say("generalized V", t)
-    t, (basis, _) = clock(lambda: backend._nested_basis(V.to(torch.float64), 1e-6), device)
+    say("generalized V, eigh whitening (before)", t)
+    C0 = torch.as_tensor(m.C0, device=device, dtype=f32)
+    say("C0 certified full rank (float32): ", float(backend._certified_cholesky(C0[None], 1e-8, 1e-10)[1][0]))
+    t, (V,) = clock(lambda: backend._ascending_solutions(C0[None], (C1 @ C1.T)[None], 1e-8, cholesky=True), device)
+    say("generalized V, Cholesky whitening (the sweep)", t)
+    t, (basis, counts) = clock(lambda: backend._nested_basis(V.to(torch.float64), 1e-6), device)
     say("nested basis (QR f64)", t)
+    fractions = np.arange(0.05, 1.0, 0.05)
+    values = {}
+    for name, vectors in (("eigh", V_eigh), ("cholesky", V)):
+        nested, nested_counts = backend._nested_basis(vectors.to(torch.float64), 1e-6)
+        values[name] = backend._reference_lookup(nested, nested_counts, U[None], fractions)[0]
+    say("max |NTPS(eigh whitening of C0) - NTPS(Cholesky)| over the 19 fractions, float32:",
+        float(np.nanmax(np.abs(values["eigh"] - values["cholesky"]))))
     U64 = U.double()
     t, projected = clock(lambda: torch.cumsum(torch.cumsum((basis.T @ U64) ** 2, dim=0), dim=1), device)
     say("projected", t)

@@ -66,7 +66,9 @@ from bench_extract import SHAPES, IdTokenizer, random_model, reporter  # noqa: E
 from ntps_nb.core import peers as peer_module  # noqa: E402
 from ntps_nb.core import probes as probe_module  # noqa: E402
 from ntps_nb.core.backends.torch import (  # noqa: E402
+    CERTIFY_MARGIN,
     LOGISTIC_NEWTON_MAX_ITER,
+    _certified_cholesky,
     interval_sweep_torch,
     least_squares_predictions_torch,
     logistic_probe_torch,
@@ -270,6 +272,18 @@ def part_intervals(unit, args, table, clock, say):
     device, grid, n_boot = unit["device"], unit["interval_grid"], args.n_boot
     shards = layer_shards(unit["ex"].shards)
     n_shards = len(unit["ex"].shards)
+    # the reference replicates whiten C0 by Cholesky where it is certified of full rank in float32 (else by eigh);
+    # the certificate needs lambda_min(C0) above CERTIFY_MARGIN d eps32 ||C0||_F
+    certified, relative = {}, {}
+    for layer in unit["layers"]:
+        C0 = torch.as_tensor(np.array(unit["ex"].moments[layer].C0), device=device)
+        certified[layer] = bool(_certified_cholesky(C0.float()[None], 1e-8, 1e-10)[1][0])
+        relative[layer] = float(torch.linalg.eigvalsh(C0)[0] / torch.linalg.matrix_norm(C0))
+    bar = CERTIFY_MARGIN * unit["ex"].moments[grid[0]].d * float(np.finfo(np.float32).eps)
+    say(f"    reference: C0 certified of full rank in float32 (Cholesky whitening) at interval layers "
+        f"{ {layer: certified[layer] for layer in grid} }, at {sum(certified.values())} of {len(certified)} layers; "
+        f"lambda_min(C0) / ||C0||_F (float64) {min(relative.values()):.2e} to {max(relative.values()):.2e} "
+        f"(median {np.median(list(relative.values())):.2e}), the certificate's bar {bar:.2e}")
     for variant in ("theory", "reference"):
         t_gpu, gpu_frames = 0.0, {}
         for layer in grid:
