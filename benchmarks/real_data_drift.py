@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--from-csv", help="summarise an earlier run's drift.csv instead of running")
     parser.add_argument("--gap-scan", type=int, default=0, metavar="K",
                         help="with --shard-cache: print, per dataset, the k <= K whose next-token and perception "
-                             "eigengap ratios (all shards) reach GAP_MIN, then stop")
+                             "eigengap ratios (all shards) reach GAP_MIN, whose subspace noise is at most NOISE_MAX "
+                             "and which the default estimate flags reliable, then stop")
     parser.add_argument("--min-n", type=int, default=0,
                         help="the drift is measured from the smallest N at or above this (default: the smallest)")
     parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
@@ -114,18 +115,23 @@ def shard_cache_path(args, name: str) -> Path:
 
 def gap_scan(args) -> None:
     """The k <= ``--gap-scan`` at which each eigengap ratio of the cached shards (all of them) reaches
-    `GAP_MIN`, per dataset: where V_k (next-token) and U_k (perception) are resolved by the sample."""
-    from ntps_nb.core.estimators import GAP_MIN, eigengap_ratios
+    `GAP_MIN`, per dataset: where V_k (next-token) and U_k (perception) are resolved by the sample;
+    and the k whose subspace noise is at most `NOISE_MAX` and whose row the default estimate flags
+    reliable (all three conditions of `ntps_estimate`)."""
+    from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, ntps_estimate
 
     ks = np.arange(1, args.gap_scan + 1)
     print(f"k <= {args.gap_scan} with eigengap ratio >= GAP_MIN = {GAP_MIN} ({args.model}, last layer, "
           f"max_train {args.max_train}, {args.shards} shards)")
     for name in args.datasets:
         with shard_cache_path(args, name).open("rb") as handle:
-            table = eigengap_ratios(pickle.load(handle), ks)
+            table = ntps_estimate(pickle.load(handle), ks)
         for side in ("V", "U"):
             resolved = [int(k) for k in table["k"][table[f"gap_ratio_{side}"] >= GAP_MIN]]
             print(f"{name}: gap_ratio_{side} resolved at k = {resolved}", flush=True)
+        print(f"{name}: subspace noise <= NOISE_MAX = {NOISE_MAX} at k = "
+              f"{[int(k) for k in table['k'][table['subspace_noise'] <= NOISE_MAX]]}; reliable at k = "
+              f"{[int(k) for k in table['k'][table['reliable']]]}", flush=True)
 
 
 def nested_subsets(shards: list, groups: int):
