@@ -347,3 +347,38 @@ def test_cholesky_certificate_never_claims_a_rank_eigh_would_not_find():
     _, ok_tol = _certified_cholesky(Bt, 1e-7, rtol)
     ok_tol = ok_tol.numpy()
     assert not np.any(ok_tol & (ratios <= 1e-7)) and ok_tol[ratios >= 2e-7].all()
+
+
+def test_replicates_of_fewer_texts_than_dimensions_are_whitened_inside_the_shards_range(monkeypatch):
+    """30 texts in 6 shards at d = 64: every combination's Sxx lies in the 30-dimensional range of
+    the pooled Sxx, so the replicates' whitening is an eigensolve of size 30. At k >= m (U is all m
+    label directions, whatever the order of its eigenvalues: with fewer texts than dimensions they
+    are the class counts, which replicates often tie) the intervals and the estimate frame equal
+    numpy's, through the restriction and through the whole-space fallback alike."""
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.simulate import factor_model, sample_shards
+
+    shards = sample_shards(factor_model(d=64, n_classes=3, gap="separated", seed=0), 30, 6, np.random.default_rng(0))
+    stack = backend.TorchShardStack(shards, centred=False, dtype=torch.float64, device=torch.device("cpu"))
+    R, R_perp = stack.range_basis()
+    assert R.shape == (64, 30) and R_perp.shape == (64, 34)
+    assert np.abs((R.mT @ R_perp).numpy()).max() <= AGREEMENT
+    want = ntps_interval_sweep(shards, n_boot=20, seed=1)
+    ks = np.array([3, 4, 8, 16, 40])
+    want_estimate = ntps_estimate(shards, ks)
+    at_m = (want["k_U"] == want["m"]).to_numpy()
+    sizes = []
+    original = backend._eigh_range
+
+    def recorded(B, tol, rtol):
+        sizes.append(B.shape[-1])
+        return original(B, tol, rtol)
+
+    monkeypatch.setattr(backend, "_eigh_range", recorded)
+    for safety in (backend.RANGE_BASIS_SAFETY, -1.0):  # -1: no block passes the check, all fall back
+        monkeypatch.setattr(backend, "RANGE_BASIS_SAFETY", safety)
+        sizes.clear()
+        assert_frames_agree(interval_sweep_torch(shards, n_boot=20, seed=1)[at_m], want[at_m])
+        assert_frames_agree(ntps_estimate(shards, ks, device="cpu"), want_estimate)
+        assert 30 in sizes and (64 in sizes) == (safety < 0)  # the whole space only where the check fails

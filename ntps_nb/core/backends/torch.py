@@ -36,6 +36,12 @@ Where the computation differs in form from the numpy code, the quantity is the s
   the reduced problem (W^T Sxy)(W^T Sxy)^T is solved through its C x C Gram form
   G^T G = Z diag(lambda) Z^T, Y = G Z diag(lambda)^{-1/2}: the same nonzero eigenpairs, from an
   eigensolve of size C instead of r_U.
+- Interval and estimate replicates of shards with fewer texts than dimensions (the pooled Sxx of
+  numerical rank p <= `RANGE_BASIS_MAX_SHARE` d) whiten each replicate's Sxx inside the pooled
+  range R (`TorchShardStack.range_basis`): eigh of R^T Sxx R (p x p) instead of Sxx (d x d). Every
+  combination of the shards has its Sxx in that range, so the eigenpairs above the rank threshold
+  are the same; a block where some Sxx reaches outside R by more than `RANGE_BASIS_SAFETY` times
+  its threshold is solved on the whole space.
 - The released algorithm's next-token side (C1 C1^T, C0) is whitened by C0's Cholesky factor where
   C0 is certified to keep all d directions (`_certified_cholesky`), instead of by its
   eigendecomposition: the same C0-orthonormal eigenvectors up to sign and rounding (its eigenvalues
@@ -130,6 +136,14 @@ CPU_BLOCK_BYTES = 1 * 2**30
 MAX_BATCH = 256
 #: Replicate-sized d x d arrays alive at once while a block is solved (moments, factors, products).
 _ARRAYS_PER_REPLICATE = 20
+#: Shards whose pooled Sxx has a numerical rank p at most this share of d (fewer texts than
+#: dimensions, as at N = 2,000 and d = 4,096) have every combination's Sxx whitened inside that
+#: p-dimensional range (`TorchShardStack.range_basis`): an eigensolve of size p instead of d.
+RANGE_BASIS_MAX_SHARE = 0.6
+#: ... provided a combination's Sxx reaches outside the range by at most this share of its own rank
+#: threshold (||Sxx R_perp||_F, which bounds the part of Sxx the restriction leaves out); a block
+#: where one does not is solved on the whole space instead.
+RANGE_BASIS_SAFETY = 1e-2
 #: Safety factor on d eps ||B||_F added to the rank threshold before a Cholesky factorisation
 #: certifies that B has full rank (`_certified_cholesky`); far above Cholesky's backward error.
 CERTIFY_MARGIN = 16.0
@@ -457,6 +471,7 @@ def _grouped_geometries(
     Sxx: torch.Tensor, Sxy: torch.Tensor, Syy: torch.Tensor, C0: torch.Tensor, C1: torch.Tensor,
     n_tokens: np.ndarray, labels_ok: np.ndarray, *, tol: float | None, rtol: float, span_rtol: float,
     keep: np.ndarray | None = None, whitening: str = "auto",
+    range_basis: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[TheoryGeometry | str], list[tuple]]:
     """`_theory_geometries`, solved per group of elements with equal ranks (r_U, r_V) and whitenings;
     and, for the groups holding an element flagged in ``keep``, their solutions (members, Q_r, s_r,
@@ -469,7 +484,12 @@ def _grouped_geometries(
     ``whitening="eigh"`` uses eigh for all. NTPS is a ratio of projections in the Sxx and C0 inner
     products, the same for any whitening, so both give the same geometry to rounding; a Cholesky
     factor and two triangular solves cost a small part of an eigendecomposition. Elements flagged in
-    ``keep`` whiten Sxx by eigh (their Q_r, s_r are part of the result)."""
+    ``keep`` whiten Sxx by eigh (their Q_r, s_r are part of the result).
+
+    With ``range_basis`` (R, R_perp) from `TorchShardStack.range_basis` (the elements are
+    combinations of those shards), Sxx is eigendecomposed inside span(R): eigh of R^T Sxx R (p x p),
+    Q = R Z, the same eigenpairs above the rank threshold; where some element's ||Sxx R_perp||_F
+    exceeds `RANGE_BASIS_SAFETY` times its threshold, the block's Sxx is eigendecomposed whole."""
     if whitening not in ("auto", "eigh"):
         raise ValueError(f"whitening must be 'auto' or 'eigh', got {whitening!r}")
     n, d = Sxx.shape[0], Sxx.shape[-1]
@@ -478,25 +498,35 @@ def _grouped_geometries(
     chol_U = chol_V = np.zeros(n, dtype=bool)
     L_U = L_V = None
     if whitening == "auto":
-        L_U, ok = _certified_cholesky(Sxx, tol, rtol)
-        chol_U = _numpy(ok) & (np.ones(n, dtype=bool) if keep is None else ~np.asarray(keep, dtype=bool))
+        if range_basis is None:  # inside a range of p < d dimensions Sxx is never of full rank
+            L_U, ok = _certified_cholesky(Sxx, tol, rtol)
+            chol_U = _numpy(ok) & (np.ones(n, dtype=bool) if keep is None else ~np.asarray(keep, dtype=bool))
         L_V, ok = _certified_cholesky(C0, tol, rtol)
         chol_V = _numpy(ok)
 
-    def eigh_side(B: torch.Tensor, chol: np.ndarray):
-        """eigh of the elements not whitened by Cholesky: (positions of each element in that
-        batch, s, Q, ranks and thresholds of all n elements)."""
+    def eigh_side(B: torch.Tensor, chol: np.ndarray, basis=None):
+        """eigh of the elements not whitened by Cholesky (inside span(R) for a ``basis`` (R, R_perp)
+        that holds all of them): (positions of each element in that batch, s, Q (d, width), ranks
+        and thresholds of all n elements)."""
         rest = np.flatnonzero(~chol)
         rank, threshold = np.full(n, d), np.zeros(n)
         if rest.size == 0:
             return {}, None, None, rank, threshold
         sub = B if rest.size == n else B[torch.as_tensor(rest, device=device)]
-        s_, Q_, thr, r = _eigh_range(sub, tol, rtol)
+        solved = None
+        if basis is not None:
+            R, R_perp = basis
+            s_, Z, thr, r = _eigh_range(R.mT @ sub @ R, tol, rtol)
+            outside = torch.linalg.matrix_norm(sub @ R_perp)
+            if bool((outside <= RANGE_BASIS_SAFETY * thr).all()):
+                solved = s_, R @ Z, thr, r
+        s_, Q_, thr, r = solved if solved is not None else _eigh_range(sub, tol, rtol)
         rank[rest], threshold[rest] = _numpy(r), _numpy(thr)
         return {int(i): j for j, i in enumerate(rest)}, s_, Q_, rank, threshold
 
-    pos_U, s_U, Q_U, r_U, threshold_U = eigh_side(Sxx, chol_U)
+    pos_U, s_U, Q_U, r_U, threshold_U = eigh_side(Sxx, chol_U, range_basis)
     pos_V, s_V, Q_V, r_V, threshold_V = eigh_side(C0, chol_V)
+    width_U = d if Q_U is None else Q_U.shape[-1]
     out: list[TheoryGeometry | str | None] = _undefined_reasons(r_U, r_V, threshold_U, threshold_V, n_tokens,
                                                                 labels_ok)
     groups: dict[tuple, list[int]] = {}
@@ -524,7 +554,7 @@ def _grouped_geometries(
                 return L.mT @ X
             Q_r = s_r = None
         else:
-            Q_r, s_r = take_eigh(Q_U, pos_U)[..., d - ru:], take_eigh(s_U, pos_U)[..., d - ru:]
+            Q_r, s_r = take_eigh(Q_U, pos_U)[..., width_U - ru:], take_eigh(s_U, pos_U)[..., width_U - ru:]
             lam, Y, m = _perception_top(Q_r, s_r, take(Sxy))
 
             def coordinates(X, Q_r=Q_r, s_r=s_r):  # x -> S_r^{1/2} Q_r^T x
@@ -829,6 +859,27 @@ class TorchShardStack:
     def __len__(self) -> int:
         return len(self.shards)
 
+    def range_basis(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An orthonormal basis R (d, p) of the range of the shards' pooled Sxx and one of its
+        complement, R_perp (d, d - p), when p <= `RANGE_BASIS_MAX_SHARE` d; else None. Computed once.
+
+        Every weighted combination of the shards has its Sxx inside the span of the shards' Sxx
+        ranges, which is the range of their pooled Sxx (a sum of positive semi-definite matrices):
+        with fewer texts than dimensions, each combination can be whitened inside R. p counts the
+        pooled eigenvalues above d eps times the largest (rounding level, far below the rank
+        threshold of any combination), so R leaves out nothing but rounding; each use still checks
+        what it leaves out (`RANGE_BASIS_SAFETY`)."""
+        if not hasattr(self, "_range_basis"):
+            self._range_basis = None
+            pooled = self.combined(_tensor(self.n_texts[None] / self.n_texts.sum(), self.stacked["Sxx"].dtype,
+                                           self.stacked["Sxx"].device))["Sxx"][0]
+            s, Q = torch.linalg.eigh((pooled + pooled.mT) / 2)
+            floor = self.d * torch.finfo(s.dtype).eps * float(s[-1].clamp(min=0.0))
+            p = int((s > floor).sum())
+            if 0 < p <= RANGE_BASIS_MAX_SHARE * self.d:
+                self._range_basis = (Q[:, self.d - p:].contiguous(), Q[:, :self.d - p].contiguous())
+        return self._range_basis
+
     def combined(self, shares: torch.Tensor) -> dict[str, torch.Tensor]:
         """The moments of each row of a (n, S) matrix of text shares (rows summing to 1), centred if asked.
 
@@ -891,8 +942,9 @@ def _replicate_geometries(stack: TorchShardStack, counts: np.ndarray, *, tol, rt
     """Yield (row, TheoryGeometry or reason) for each row of a (n, S) count matrix, a block at a time."""
     for start, arrays, tokens, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
                                                               device=device):
-        results = _theory_geometries(arrays["Sxx"], arrays["Sxy"], arrays["Syy"], arrays["C0"], arrays["C1"],
-                                     tokens, labels_ok, tol=tol, rtol=rtol, span_rtol=span_rtol)
+        results = _grouped_geometries(arrays["Sxx"], arrays["Sxy"], arrays["Syy"], arrays["C0"], arrays["C1"],
+                                      tokens, labels_ok, tol=tol, rtol=rtol, span_rtol=span_rtol,
+                                      range_basis=stack.range_basis())[0]
         del arrays  # before the next block is combined
         for row, result in enumerate(results, start=start):
             yield row, result
@@ -2090,14 +2142,16 @@ def _nested_overlaps(a: torch.Tensor, b: torch.Tensor, columns: np.ndarray, ks: 
 
 
 def _estimate_block(arrays: dict[str, torch.Tensor], tokens: np.ndarray, labels_ok: np.ndarray, noise: np.ndarray,
-                    reference: _NoiseReference | None, ks: np.ndarray, *, rtol: float, span_rtol: float):
+                    reference: _NoiseReference | None, ks: np.ndarray, *, rtol: float, span_rtol: float,
+                    range_basis: tuple[torch.Tensor, torch.Tensor] | None = None):
     """For each combination of a block: its `TheoryGeometry` (or the reason it is undefined), and
     for those flagged in ``noise`` its subspaces in the reference's whitened coordinates, compared
     with the reference's: (overlap of U at k_U, overlap of V at k, U columns, V columns), or the
     reason they are undefined (a string). Without a reference (the full sample itself) a flagged
-    combination gets its own `_NoiseReference` instead."""
+    combination gets its own `_NoiseReference` instead. ``range_basis``: as `_grouped_geometries` takes it."""
     geometries, solved = _grouped_geometries(*(arrays[name] for name in ("Sxx", "Sxy", "Syy", "C0", "C1")), tokens,
-                                             labels_ok, tol=None, rtol=rtol, span_rtol=span_rtol, keep=noise)
+                                             labels_ok, tol=None, rtol=rtol, span_rtol=span_rtol, keep=noise,
+                                             range_basis=range_basis)
     compared: list = [geometries[i] if noise[i] else None for i in range(len(geometries))]
     for members, Q_r, s_r, Y, m, V in solved:
         flagged = [j for j, i in enumerate(members) if noise[i]]
@@ -2149,7 +2203,7 @@ def _solve_combinations(stack: TorchShardStack, counts: np.ndarray, noise: np.nd
     for start, arrays, tokens, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
                                                               device=device):
         block = _estimate_block(arrays, tokens, labels_ok, noise[start:start + tokens.size], reference, ks,
-                                rtol=rtol, span_rtol=SPAN_RTOL)
+                                rtol=rtol, span_rtol=SPAN_RTOL, range_basis=stack.range_basis())
         del arrays
         geometries += block[0]
         compared += block[1]
