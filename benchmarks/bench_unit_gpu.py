@@ -65,6 +65,7 @@ from bench_extract import SHAPES, IdTokenizer, random_model, reporter  # noqa: E
 
 from ntps_nb.core import peers as peer_module  # noqa: E402
 from ntps_nb.core import probes as probe_module  # noqa: E402
+from ntps_nb.core.backends import torch as backend_module  # noqa: E402
 from ntps_nb.core.backends.torch import (  # noqa: E402
     CERTIFY_MARGIN,
     LOGISTIC_NEWTON_MAX_ITER,
@@ -290,6 +291,25 @@ def part_intervals(unit, args, table, clock, say):
             t, gpu_frames[layer] = clock(lambda: interval_sweep_torch(shards[layer], variant=variant, n_boot=n_boot,
                                                                       seed=args.seed, device=device))
             t_gpu += t
+        if variant == "theory" and args.compare_range_basis:
+            # the same sweep of the first interval layer with the replicates whitened on the whole space
+            layer = grid[0]
+            share, backend_module.RANGE_BASIS_MAX_SHARE = backend_module.RANGE_BASIS_MAX_SHARE, 0.0
+            try:
+                t_whole, whole = clock(lambda: interval_sweep_torch(shards[layer], variant=variant, n_boot=n_boot,
+                                                                    seed=args.seed, device=device))
+            finally:
+                backend_module.RANGE_BASIS_MAX_SHARE = share
+            t_range, _ = clock(lambda: interval_sweep_torch(shards[layer], variant=variant, n_boot=n_boot,
+                                                           seed=args.seed, device=device))
+            restricted = backend_module.TorchShardStack(shards[layer], centred=False, dtype=torch.float64,
+                                                        device=device).range_basis()
+            at_m = (whole["k_U"] == whole["m"]).to_numpy()
+            worst = float(np.nanmax(np.abs(whole.loc[at_m, ["lower", "upper"]].to_numpy()
+                                           - gpu_frames[layer].loc[at_m, ["lower", "upper"]].to_numpy())))
+            say(f"    theory intervals, layer {layer}: whole-space whitening {t_whole:.1f} s, inside the shards' Sxx "
+                f"range (p = {None if restricted is None else restricted[0].shape[1]} of d = {unit['ex'].moments[layer].d}) "
+                f"{t_range:.1f} s, ratio {t_range / t_whole:.2f}; bounds at k >= m max |difference| {worst:.2e}")
         if args.gpu_only:
             table.add(f"intervals: {variant}, {n_boot}+{n_shards} replicates, {len(grid)} layers", None, t_gpu)
             continue
@@ -687,6 +707,9 @@ def main() -> None:
                              "(as before session 16) instead of before the intervals (as the study does)")
     parser.add_argument("--resident-check", action="store_true",
                         help="on a GPU, also time the sweeps on host copies of the moments (what resident moments save)")
+    parser.add_argument("--compare-range-basis", action="store_true",
+                        help="also time the first interval layer's theory intervals with the replicates whitened on "
+                             "the whole space (RANGE_BASIS_MAX_SHARE = 0) against inside the shards' Sxx range")
     parser.add_argument("--gpu-only", action="store_true",
                         help="time the GPU column only (the CPU column is left empty: for runs that time the rest of a "
                              "shape whose CPU column an earlier run sampled)")
