@@ -40,7 +40,7 @@ def _cli_run(args) -> int:
     with _terminate_as_exit():
         table = _study().run_study(cfg, units_limit=args.units_limit, replace_stale=args.replace_stale,
                                    models=args.models, datasets=args.datasets, processes=args.processes,
-                                   update_stages=args.update_stages)
+                                   update_stages=args.update_stages, stages=args.stages)
     done = table[table["status"] == "done"]
     if len(done):
         print(f"computed {len(done)} unit(s): mean {done['seconds'].mean():.1f} s, total {done['seconds'].sum():.1f} s")
@@ -129,6 +129,9 @@ def register_cli(subparsers) -> None:
     run.add_argument("--update-stages", action="store_true",
                      help="recompute the stages of complete units that this package version computes anew (e.g. "
                           "LoRA results of stage version 1, without per-text predictions); the others are reused")
+    run.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                     help="with --update-stages: update only these of the outdated stages (e.g. estimates); the "
+                          "others keep what the unit folders hold")
     run.add_argument("--models", nargs="+", default=None,
                      help="only these models of the grid (processes started on one study share it anyway: "
                           "each claims its units)")

@@ -17,7 +17,7 @@ from ntps_nb.cache import atomic_path
 from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
-from ntps_nb.study.stages import STAGE_NAMES, UNIT_TABLES, run_unit, stage_states, write_unit
+from ntps_nb.study.stages import ANALYSIS_STAGES, STAGE_NAMES, UNIT_TABLES, run_unit, stage_states, write_unit
 
 
 class UnitClaim:
@@ -241,10 +241,13 @@ def outdated_stages(cfg: StudyConfig, model: str, dataset: str) -> list[str]:
     return [name for name, state in stage_states(cfg, model, dataset).items() if state in ("stale", "missing")]
 
 
-def _unit_state(cfg: StudyConfig, unit: tuple[str, str], update_stages: bool) -> str:
-    """`unit_status`, and "outdated" for a complete unit with `outdated_stages` when ``update_stages``."""
+def _unit_state(cfg: StudyConfig, unit: tuple[str, str], update_stages: bool,
+                stages: Sequence[str] | None = None) -> str:
+    """`unit_status`, and "outdated" for a complete unit with `outdated_stages` (of ``stages``, when
+    given) when ``update_stages``."""
     status = unit_status(cfg, *unit)
-    if status == "complete" and update_stages and outdated_stages(cfg, *unit):
+    if status == "complete" and update_stages and [s for s in outdated_stages(cfg, *unit)
+                                                    if stages is None or s in stages]:
         return "outdated"
     return status
 
@@ -252,7 +255,7 @@ def _unit_state(cfg: StudyConfig, unit: tuple[str, str], update_stages: bool) ->
 def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None = None, replace_stale: bool = False,
               models: Sequence[str] | None = None, datasets: Sequence[str] | None = None,
               cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say,
-              processes: int = 1, update_stages: bool = False) -> pd.DataFrame:
+              processes: int = 1, update_stages: bool = False, stages: Sequence[str] | None = None) -> pd.DataFrame:
     """Run every missing unit of a study (model by model, loading each model once), then `combine`.
 
     A unit already complete with the same settings is skipped (with ``update_stages``, unless
@@ -288,6 +291,10 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     update_stages : bool
         Also run the complete units with `outdated_stages` (e.g. LoRA results of stage version 1,
         which keep no per-text predictions); only those stages are computed.
+    stages : sequence of str, optional
+        With ``update_stages``: update only these of the outdated stages; the others keep what the
+        unit folders hold (`run_unit`'s ``only``), e.g. ``["estimates"]`` to bring a new reliability
+        flag to every unit without retraining LoRA results of an old stage version.
 
     Returns
     -------
@@ -312,7 +319,14 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
             raise StudySettingsError(f"{what}(s) {unknown} are not in study {cfg.name!r} (it has {list(known)})")
     restricted = models is not None or datasets is not None
     units = [(m, d) for (m, d) in units if (models is None or m in models) and (datasets is None or d in datasets)]
-    status = {unit: _unit_state(cfg, unit, update_stages) for unit in units}
+    if stages is not None:
+        if not update_stages:
+            raise StudySettingsError("stages chooses among the outdated stages of complete units: give it with "
+                                     "update_stages")
+        unknown = sorted(set(stages) - set(ANALYSIS_STAGES))
+        if unknown:
+            raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
+    status = {unit: _unit_state(cfg, unit, update_stages, stages) for unit in units}
     stale = [unit_name(*u) for u, s in status.items() if s == "stale"]
     if stale and not replace_stale:
         raise StudySettingsError(
@@ -324,7 +338,8 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         _check_device(cfg.device)
     if processes > 1 and todo:
         return _run_workers(cfg, processes, dict(units_limit=units_limit, replace_stale=replace_stale, models=models,
-                                                 datasets=datasets, cache=cache, update_stages=update_stages), log)
+                                                 datasets=datasets, cache=cache, update_stages=update_stages,
+                                                 stages=stages), log)
     if cfg.torch_threads is not None and todo:
         import torch
 
@@ -346,7 +361,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         claim = None
         try:  # the claim is released whatever ends this unit, a SIGTERM between taking it and computing too
             claim = UnitClaim.take(cfg, model_name, dataset_name)
-            if claim is None or _unit_state(cfg, (model_name, dataset_name), update_stages) == "complete":
+            if claim is None or _unit_state(cfg, (model_name, dataset_name), update_stages, stages) == "complete":
                 # held by another process, or finished by one since this one looked
                 log(f"    {model_name} x {dataset_name}: "
                     f"{'complete' if claim else 'being computed by another process'}, skipped")
@@ -358,7 +373,8 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
                 loaded, loaded_name = None, None  # free the previous model first
                 loaded, loaded_name = load_model(model_name, seed=cfg.seed, device=cfg.device), model_name
             t0 = time.perf_counter()
-            tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log)
+            only = stages if status[(model_name, dataset_name)] == "outdated" else None  # a new unit: whole
+            tables = run_unit(cfg, model_name, dataset_name, loaded, cache=cache, log=log, only=only)
             write_unit(cfg.unit_folder(model_name, dataset_name), tables)
         finally:
             if claim is not None:

@@ -26,11 +26,12 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,9 +39,9 @@ import pandas as pd
 from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
-from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, _readable, _say,
-                                  _versions, dataset_identity, load_unit_dataset, resolve_layers, unit_name,
-                                  with_estimator)
+from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, StudySettingsError,
+                                  _readable, _say, _versions, dataset_identity, load_unit_dataset, resolve_layers,
+                                  unit_name, with_estimator)
 
 #: Settings that choose the texts of a unit (with the model and the dataset).
 SAMPLE = ("max_train", "max_test", "seed")
@@ -1014,7 +1015,7 @@ _COMPUTE: dict[str, Callable[[_Unit], tuple]] = {
 
 def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple | None = None,
              *, cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say,
-             store: StageStore | None = None) -> dict[str, Any]:
+             store: StageStore | None = None, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Every table of one (model, dataset) unit; returns {table: frame, "unit": meta dict}.
 
     Stage by stage (`STAGES`): a stage whose key (`stage_keys`) is in the ``store`` (default
@@ -1040,6 +1041,12 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         Receives one progress line at a time.
     store : StageStore, optional
         The stage store (default `stage_store`).
+    only : sequence of str, optional
+        Compute only these of the stages that are not stored under their current keys; every
+        other such stage keeps what the complete unit folder holds: `write_unit` copies its tables
+        as they are, and ``unit.json`` keeps its recorded entry (so `stage_states` still calls it
+        stale). For a unit with several outdated stages of which one is wanted now (e.g. the
+        estimates of a new flag without retraining LoRA results of an old stage version).
 
     Returns
     -------
@@ -1047,7 +1054,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         Stage name (ntps, probes, peers, intervals, estimates, diagnostics, lora) to its DataFrame with the
         unit's provenance columns, for every stage that has a table; and ``"unit"`` to the unit's
         metadata dict (settings, stage keys, timings, layers, model info, environment), as
-        written to ``unit.json`` by `write_unit`.
+        written to ``unit.json`` by `write_unit` (with ``only``, ``"held"`` names the stages kept
+        from the folder).
     """
     from ntps_nb import __version__
     from ntps_nb import extract as extraction
@@ -1097,6 +1105,17 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     u.analysis_device = resolve_analysis_device(cfg.analysis_device, next(model.parameters()).device)
     pooled = sorted(set(u.probe_grid) | set(u.peer_grid) | set(u.diag_grid))
     todo = [name for name in ANALYSIS_STAGES if not store.has(name, keys[name])]
+    held: list[str] = []
+    if only is not None:
+        unknown = sorted(set(only) - set(ANALYSIS_STAGES))
+        if unknown:
+            raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
+        before = _complete_unit_meta(cfg, model_name, dataset_name)
+        held = [name for name in todo if name not in only]
+        if held and before is None:
+            raise StudySettingsError(f"{model_name} x {dataset_name}: stages {held} are not stored under their current "
+                                     "keys and there is no complete unit folder to keep them from; run the unit whole")
+        todo = [name for name in todo if name in only]
     reading = [name for name in todo if stage_enabled(cfg, name)]  # a stage that is off reads nothing
     kept = cache is not None or cfg.cache_extractions
 
@@ -1146,6 +1165,11 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     # forward passes and LoRA, stay as `run_study` set them)
     with analysis_threads(cfg.analysis_threads) as n_threads, contextlib.ExitStack() as cleanup:
         for name in ANALYSIS_STAGES:
+            if name in held:  # kept from the unit folder as it is (`write_unit` copies its tables)
+                stage_meta[name] = {**before.get("stages", {}).get(name, {"key": None}), "computed": False, "held": True}
+                if name == "lora":
+                    lora_status = before.get("lora", lora_status)
+                continue
             result = store.load(name, keys[name]) if name not in todo else None
             if name == "intervals" and "diagnostics" in todo and stage_enabled(cfg, "diagnostics"):
                 u.host_solvers = _early_host_solvers(u)  # beside the GPU's intervals and estimates
@@ -1182,7 +1206,20 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     }
     if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
         tables["unit"]["dataset_file"] = cfg.dataset_file(dataset_name)._asdict()
+    if held:
+        tables["unit"]["held"] = held
     return tables
+
+
+def _complete_unit_meta(cfg: StudyConfig, model: str, dataset: str) -> dict[str, Any] | None:
+    """The ``unit.json`` of the unit's folder when it is complete and of this unit, else None."""
+    path = cfg.unit_folder(model, dataset) / "unit.json"
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if not meta.get("complete") or meta.get("model") != model or meta.get("dataset") != dataset:
+        return None
+    return meta
 
 
 def _now() -> str:
@@ -1249,7 +1286,12 @@ def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
     Path
         ``folder``.
     """
+    held = [stage for stage in STAGES if stage.name in tables["unit"].get("held", ())]
     with atomic_path(folder, directory=True) as tmp:
+        for stage in held:  # the stages `run_unit(..., only=...)` kept: their tables as the folder has them
+            for name in (stage.table, *stage.extras):
+                if name and (folder / f"{name}.csv").is_file() and name not in tables:
+                    shutil.copyfile(folder / f"{name}.csv", tmp / f"{name}.csv")
         for name, frame in tables.items():
             if name == "unit":
                 continue

@@ -438,7 +438,7 @@ def test_a_signal_between_taking_a_claim_and_computing_leaves_no_claim(tmp_path,
     def interrupted(*args, **kwargs):
         raise SystemExit(128 + 15)
 
-    monkeypatch.setattr(runner, "_unit_state", lambda cfg, unit, update: (
+    monkeypatch.setattr(runner, "_unit_state", lambda cfg, unit, update, stages=None: (
         "missing" if not (cfg.folder / "units" / f".{study.unit_name(*unit)}.claim").exists() else interrupted()))
     with pytest.raises(SystemExit):
         study.run_study(cfg, log=lambda _: None)
@@ -1397,6 +1397,57 @@ def test_update_stages_recomputes_only_the_outdated_stage_of_a_complete_unit(tmp
     assert counts["finetune_lora"] == 2 and (folder / "lora_predictions.csv").is_file()
     meta = json.loads((folder / "unit.json").read_text())
     assert {name for name, stage in meta["stages"].items() if stage.get("computed")} == {"lora"}
+    assert study.outdated_stages(cfg, "tiny-llama", "trec6") == []
+
+
+def test_update_stages_can_update_one_outdated_stage_and_keep_the_others_as_the_folder_has_them(
+        tmp_path, monkeypatch, tiny_llama):
+    """Two outdated stages of a complete unit (LoRA of version 1, estimates computed under another
+    key): ``stages=["estimates"]`` recomputes the estimates alone, copies lora.csv unchanged, keeps
+    LoRA's recorded entry (still outdated) and trains nothing; a later plain update retrains LoRA."""
+    pytest.importorskip("peft")
+    import ntps_nb.lora
+    import ntps_nb.models
+
+    counts: dict[str, int] = {}
+    _counting(monkeypatch, ntps_nb.lora, "finetune_lora", counts)
+    model, tok, info = tiny_llama
+    monkeypatch.setattr(ntps_nb.models, "load_model",
+                        lambda *args, **kwargs: (model, tok, dataclasses.replace(info, pretrained=True)))
+    cfg = _smoke(tmp_path, datasets=["trec6"], lora=True, lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3},
+                 peers=False)
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    study.run_study(cfg, **quiet)
+    folder = cfg.unit_folder("tiny-llama", "trec6")
+    store = study.stage_store(cfg, "tiny-llama", "trec6")
+    meta = json.loads((folder / "unit.json").read_text())
+    for name in ("lora", "estimates"):  # neither is stored under its current key any more
+        shutil.rmtree(store.path(name, meta["stages"][name]["key"]))
+        meta["stages"][name]["key"] = study.stage_keys(cfg, "tiny-llama", "trec6", versions={name: 99})[name]
+    (folder / "unit.json").write_text(json.dumps(meta))
+    (folder / "lora_predictions.csv").unlink()
+    lora_before = (folder / "lora.csv").read_bytes()
+    estimates_before = pd.read_csv(folder / "estimates.csv")
+    assert study.outdated_stages(cfg, "tiny-llama", "trec6") == ["estimates", "lora"]
+    with pytest.raises(study.StudySettingsError, match="update_stages"):
+        study.run_study(cfg, stages=["estimates"], **quiet)
+    with pytest.raises(study.StudySettingsError, match="unknown stage"):
+        study.run_study(cfg, update_stages=True, stages=["estimate"], **quiet)
+
+    assert study.run_study(cfg, update_stages=True, stages=["estimates"], **quiet)["status"].tolist() == ["done"]
+    assert counts["finetune_lora"] == 1  # no LoRA trained
+    assert (folder / "lora.csv").read_bytes() == lora_before and not (folder / "lora_predictions.csv").exists()
+    after = json.loads((folder / "unit.json").read_text())
+    assert {name for name, stage in after["stages"].items() if stage.get("computed")} == {"estimates"}
+    assert after["stages"]["lora"]["key"] == meta["stages"]["lora"]["key"] and after["stages"]["lora"]["held"]
+    assert after["held"] == ["lora"]
+    assert after["lora"] == meta["lora"]
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "estimates.csv"), estimates_before)  # same numbers, new key
+    assert study.outdated_stages(cfg, "tiny-llama", "trec6") == ["lora"]
+    assert study.run_study(cfg, update_stages=True, stages=["estimates"], **quiet)["status"].tolist() == ["skipped"]
+
+    assert study.run_study(cfg, update_stages=True, **quiet)["status"].tolist() == ["done"]
+    assert counts["finetune_lora"] == 2 and (folder / "lora_predictions.csv").is_file()
     assert study.outdated_stages(cfg, "tiny-llama", "trec6") == []
 
 
