@@ -382,3 +382,13 @@ def test_replicates_of_fewer_texts_than_dimensions_are_whitened_inside_the_shard
         assert_frames_agree(interval_sweep_torch(shards, n_boot=20, seed=1)[at_m], want[at_m])
         assert_frames_agree(ntps_estimate(shards, ks, device="cpu"), want_estimate)
         assert 30 in sizes and (64 in sizes) == (safety < 0)  # the whole space only where the check fails
+    # centred: the pooled range loses the mean's direction (29 dimensions), the replicates stay inside it
+    monkeypatch.undo()
+    centred = backend.TorchShardStack(shards, centred=True, dtype=torch.float64, device=torch.device("cpu"))
+    assert centred.range_basis()[0].shape == (64, 29)
+    want = ntps_interval_sweep(shards, n_boot=20, seed=1, centred=True)
+    at_m = (want["k_U"] == want["m"]).to_numpy()
+    monkeypatch.setattr(backend, "_eigh_range", recorded)
+    sizes.clear()
+    assert_frames_agree(interval_sweep_torch(shards, n_boot=20, seed=1, centred=True)[at_m], want[at_m])
+    assert 29 in sizes and 64 not in sizes
