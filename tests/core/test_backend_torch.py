@@ -363,6 +363,8 @@ def test_replicates_of_fewer_texts_than_dimensions_are_whitened_inside_the_shard
     stack = backend.TorchShardStack(shards, centred=False, dtype=torch.float64, device=torch.device("cpu"))
     R, R_perp = stack.range_basis()
     assert R.shape == (64, 30) and R_perp.shape == (64, 34)
+    assert backend.TorchShardStack(shards, centred=False, dtype=torch.float32,
+                                   device=torch.device("cpu")).range_basis() is None  # float32: whole space
     assert np.abs((R.mT @ R_perp).numpy()).max() <= AGREEMENT
     want = ntps_interval_sweep(shards, n_boot=20, seed=1)
     ks = np.array([3, 4, 8, 16, 40])

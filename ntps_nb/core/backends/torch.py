@@ -868,9 +868,13 @@ class TorchShardStack:
         with fewer texts than dimensions, each combination can be whitened inside R. p counts the
         pooled eigenvalues above d eps times the largest (rounding level, far below the rank
         threshold of any combination), so R leaves out nothing but rounding; each use still checks
-        what it leaves out (`RANGE_BASIS_SAFETY`)."""
+        what it leaves out (`RANGE_BASIS_SAFETY`). None for a float32 stack: there the rounding of
+        Sxx lies above the rank threshold (1e-10 of the largest eigenvalue), and the whole-space
+        eigendecomposition keeps some of it, which the restriction would not."""
         if not hasattr(self, "_range_basis"):
             self._range_basis = None
+            if self.stacked["Sxx"].dtype != torch.float64:
+                return None
             pooled = self.combined(_tensor(self.n_texts[None] / self.n_texts.sum(), self.stacked["Sxx"].dtype,
                                            self.stacked["Sxx"].device))["Sxx"][0]
             s, Q = torch.linalg.eigh((pooled + pooled.mT) / 2)
