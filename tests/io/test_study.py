@@ -1364,10 +1364,9 @@ def test_a_variant_study_reuses_the_lora_of_the_study_it_names(tmp_path, monkeyp
     assert counts["finetune_lora"] == 2
 
 
-def test_update_stages_recomputes_only_the_outdated_stage_of_a_complete_unit(tmp_path, monkeypatch, tiny_llama):
-    """A complete unit whose LoRA result an older stage version wrote (no per-text predictions):
-    a plain run passes over it; ``update_stages`` retrains LoRA, writes its predictions, and
-    computes nothing else."""
+def _complete_lora_unit(tmp_path, monkeypatch, tiny_llama):
+    """A smoke study of one unit (tiny-llama as a pretrained model, trec6) run whole with a 2-step
+    LoRA whose training is counted: (cfg, run options, counts, the unit folder)."""
     pytest.importorskip("peft")
     import ntps_nb.lora
     import ntps_nb.models
@@ -1381,7 +1380,14 @@ def test_update_stages_recomputes_only_the_outdated_stage_of_a_complete_unit(tmp
                  peers=False)
     quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
     study.run_study(cfg, **quiet)
-    folder = cfg.unit_folder("tiny-llama", "trec6")
+    return cfg, quiet, counts, cfg.unit_folder("tiny-llama", "trec6")
+
+
+def test_update_stages_recomputes_only_the_outdated_stage_of_a_complete_unit(tmp_path, monkeypatch, tiny_llama):
+    """A complete unit whose LoRA result an older stage version wrote (no per-text predictions):
+    a plain run passes over it; ``update_stages`` retrains LoRA, writes its predictions, and
+    computes nothing else."""
+    cfg, quiet, counts, folder = _complete_lora_unit(tmp_path, monkeypatch, tiny_llama)
     assert counts["finetune_lora"] == 1 and (folder / "lora_predictions.csv").is_file()
     assert study.outdated_stages(cfg, "tiny-llama", "trec6") == []
     # make it a unit of LoRA's version 1: another recorded key, no predictions, nothing in the store
@@ -1405,20 +1411,7 @@ def test_update_stages_can_update_one_outdated_stage_and_keep_the_others_as_the_
     """Two outdated stages of a complete unit (LoRA of version 1, estimates computed under another
     key): ``stages=["estimates"]`` recomputes the estimates alone, copies lora.csv unchanged, keeps
     LoRA's recorded entry (still outdated) and trains nothing; a later plain update retrains LoRA."""
-    pytest.importorskip("peft")
-    import ntps_nb.lora
-    import ntps_nb.models
-
-    counts: dict[str, int] = {}
-    _counting(monkeypatch, ntps_nb.lora, "finetune_lora", counts)
-    model, tok, info = tiny_llama
-    monkeypatch.setattr(ntps_nb.models, "load_model",
-                        lambda *args, **kwargs: (model, tok, dataclasses.replace(info, pretrained=True)))
-    cfg = _smoke(tmp_path, datasets=["trec6"], lora=True, lora_budget={"steps": 2, "batch_size": 4, "lr": 1e-3},
-                 peers=False)
-    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
-    study.run_study(cfg, **quiet)
-    folder = cfg.unit_folder("tiny-llama", "trec6")
+    cfg, quiet, counts, folder = _complete_lora_unit(tmp_path, monkeypatch, tiny_llama)
     store = study.stage_store(cfg, "tiny-llama", "trec6")
     meta = json.loads((folder / "unit.json").read_text())
     for name in ("lora", "estimates"):  # neither is stored under its current key any more
