@@ -429,11 +429,8 @@ def unit_folder_stages(cfg: StudyConfig, model: str, dataset: str,
         dict is empty when the folder is not a usable unit).
     """
     folder = Path(folder) if folder is not None else cfg.unit_folder(model, dataset)
-    meta_path = folder / "unit.json"
-    if not meta_path.is_file():
-        return {}
-    meta = json.loads(meta_path.read_text())
-    if not meta.get("complete") or meta.get("model") != model or meta.get("dataset") != dataset:
+    meta = _complete_unit_meta(folder, model, dataset)
+    if meta is None:
         return {}
     then = config_from_settings(cfg, meta.get("settings") or {})
     if then is None:
@@ -1110,7 +1107,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         unknown = sorted(set(only) - set(ANALYSIS_STAGES))
         if unknown:
             raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
-        before = _complete_unit_meta(cfg, model_name, dataset_name)
+        before = _complete_unit_meta(cfg.unit_folder(model_name, dataset_name), model_name, dataset_name)
         held = [name for name in todo if name not in only]
         if held and before is None:
             raise StudySettingsError(f"{model_name} x {dataset_name}: stages {held} are not stored under their current "
@@ -1211,9 +1208,9 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     return tables
 
 
-def _complete_unit_meta(cfg: StudyConfig, model: str, dataset: str) -> dict[str, Any] | None:
-    """The ``unit.json`` of the unit's folder when it is complete and of this unit, else None."""
-    path = cfg.unit_folder(model, dataset) / "unit.json"
+def _complete_unit_meta(folder: Path, model: str, dataset: str) -> dict[str, Any] | None:
+    """The ``unit.json`` of a unit folder when it is complete and of this unit, else None."""
+    path = folder / "unit.json"
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
