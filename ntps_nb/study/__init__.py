@@ -60,7 +60,8 @@ peers       ``peers.csv``   peers, peer_layers                layer, logme, h_sc
 intervals   ``intervals     shards, interval_layers, n_boot,  statistic, variant, estimator, k, fraction, k_U,
             .csv``          interval_method, seed, k, the     m, r_V, ntps, lower, upper, se_bootstrap,
                             estimator bootstrapped            se_jackknife, bias_bootstrap, n_valid, n_shards,
-                            (interval_estimator)
+                            (interval_estimator),
+                            interval_variants
                             (+ extraction)
                                                               n_texts, n_boot, level, method, centred, layer
 estimates   ``estimates     estimator, k, interval_layers,    variant (theory), estimator, k, estimate, se,

@@ -39,7 +39,7 @@ import pandas as pd
 from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
-from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, StudySettingsError,
+from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, StudySettingsError, _json,
                                   _readable, _say, _versions, dataset_identity, load_unit_dataset, resolve_layers,
                                   unit_name, with_estimator)
 
@@ -49,9 +49,10 @@ SAMPLE = ("max_train", "max_test", "seed")
 READING = ("max_length", "drop_bos", "batch_size", "precision")
 #: Settings that stages took up after results were stored under their keys: each enters a stage's
 #: key only away from its `ntps_nb.study.config._ADDED_LATER` value (what those results were
-#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in.
+#: computed with), so taking it up left them valid. estimator: every stage before it was the plug-in;
+#: interval_variants: every intervals stage before it bootstrapped both variants.
 #: (interval_estimator keys the intervals stage through the estimator it bootstraps: `stage_keys`.)
-ADDED_TO_STAGES = ("estimator",)
+ADDED_TO_STAGES = ("estimator", "interval_variants")
 #: What the extraction keeps beyond its settings, decided by the estimator: with one of
 #: `ntps_nb.core.estimators.HALF_ESTIMATORS` and shards, the moments of the two halves of the shards
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
@@ -126,7 +127,7 @@ STAGES: tuple[Stage, ...] = (
     # the theory rows bootstrap the plug-in or, with interval_estimator "estimator", the study's
     # estimator: the key names the one bootstrapped (`stage_keys`), not the two settings
     Stage("intervals", ("shards", "interval_layers", "n_boot", "interval_method", "seed", "k", "interval_estimator",
-                        "estimator"), ("extraction",), "intervals", INTERVALS_COLUMNS),
+                        "estimator", "interval_variants"), ("extraction",), "intervals", INTERVALS_COLUMNS),
     # the estimator's estimate, jackknife interval and reliability flag on the interval layers;
     # version 2: the flag also asks for resolved eigengaps at k (`estimators.GAP_MIN`) and an interval
     # meeting [0, 1]; gap columns added
@@ -187,7 +188,7 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
     keys: dict[str, str] = {}
     for stage in STAGES:
         settings = {name: values[name] for name in stage.settings
-                    if not (name in ADDED_TO_STAGES and values[name] == _ADDED_LATER[name])}
+                    if not (name in ADDED_TO_STAGES and values[name] == _json(_ADDED_LATER[name]))}
         if stage.name == "intervals":  # keyed by the estimator it bootstraps (as before interval_estimator)
             settings.pop("interval_estimator", None)
             settings.pop("estimator", None)
@@ -811,7 +812,7 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
-            for variant in ("theory", "reference"):  # the reference variant is the released algorithm: plug-in
+            for variant in u.cfg.interval_variants:  # the reference variant is the released algorithm: plug-in
                 estimator = interval_estimator(u.cfg) if variant == "theory" else "plugin"
                 # the torch backend's interval sweeps are the plug-in's; other estimators' are numpy's
                 interval_sweep = (ntps_interval_sweep if device is None or estimator != "plugin"

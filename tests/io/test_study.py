@@ -1303,6 +1303,38 @@ def test_without_the_extraction_cache_only_the_split_a_stage_reads_is_extracted_
     assert len(counted_extract) == 3  # every stage of the first settings is stored: no extraction at all
 
 
+def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_intervals(tmp_path, tiny_llama):
+    cfg = study.load_config(STUDIES / "default.toml")
+    assert cfg.interval_variants == ("theory", "reference") and "interval_variants" not in cfg.settings()
+    assert cfg.config_hash == "1cedd9f67410"  # the committed units' hash: the setting's default leaves it alone
+    swapped = study.load_config(STUDIES / "default.toml", interval_variants=["reference", "theory"])
+    assert swapped.interval_variants == cfg.interval_variants and swapped.config_hash == cfg.config_hash
+    theory = study.load_config(STUDIES / "default.toml", interval_variants=["theory"])
+    assert theory.settings()["interval_variants"] == ["theory"] and theory.config_hash != cfg.config_hash
+    for bad in (["theory", "theory"], [], ["pca"], "theory"):
+        with pytest.raises(study.StudySettingsError, match="interval_variants must be a non-empty list"):
+            study.load_config(STUDIES / "default.toml", interval_variants=bad)
+    keys = study.stage_keys(cfg, "smollm2-135m", "trec6")
+    other = study.stage_keys(theory, "smollm2-135m", "trec6")
+    assert {name for name in keys if other[name] != keys[name]} == {"intervals"}
+    # a unit: only the intervals stage is computed again, without the reference rows; the theory
+    # rows are the same bootstrap (the same seed, drawn per variant)
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False)
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    both = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)
+    assert set(both["intervals"]["variant"]) == {"theory", "reference"}
+    alone = study.run_unit(dataclasses.replace(smoke, interval_variants=("theory",)), "tiny-llama", "trec6",
+                           tiny_llama, **quiet)
+    assert {name for name, stage in alone["unit"]["stages"].items() if stage.get("computed")} == {"intervals"}
+    assert set(alone["intervals"]["variant"]) == {"theory"}
+    assert set(alone["intervals"]["config_hash"]) == {theory_hash := dataclasses.replace(
+        smoke, interval_variants=("theory",)).config_hash} and theory_hash != smoke.config_hash
+    pd.testing.assert_frame_equal(alone["intervals"].drop(columns="config_hash").reset_index(drop=True),
+                                  both["intervals"][both["intervals"]["variant"] == "theory"]
+                                  .drop(columns="config_hash").reset_index(drop=True),
+                                  check_dtype=False)  # k is float beside the reference rows' NaN
+
+
 def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
     """``extends`` reads the named TOML's [study] table under this one: the default-richardson
     study is the default study's grid and settings but for its estimator and name."""
