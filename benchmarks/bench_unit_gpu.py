@@ -285,7 +285,7 @@ def part_intervals(unit, args, table, clock, say):
         f"{ {layer: certified[layer] for layer in grid} }, at {sum(certified.values())} of {len(certified)} layers; "
         f"lambda_min(C0) / ||C0||_F (float64) {min(relative.values()):.2e} to {max(relative.values()):.2e} "
         f"(median {np.median(list(relative.values())):.2e}), the certificate's bar {bar:.2e}")
-    for variant in ("theory", "reference"):
+    for variant in args.interval_variants:
         t_gpu, gpu_frames = 0.0, {}
         for layer in grid:
             t, gpu_frames[layer] = clock(lambda: interval_sweep_torch(shards[layer], variant=variant, n_boot=n_boot,
@@ -682,6 +682,10 @@ def main() -> None:
                         help="hidden size above which the CPU column is sampled and extrapolated (labelled)")
     parser.add_argument("--interval-layers", default=DEFAULT["interval_layers"],
                         help='layers of the intervals: "grid:3" (the default protocol), "last", or indices "0,16"')
+    parser.add_argument("--interval-variants", nargs="+", default=["theory", "reference"],
+                        choices=["theory", "reference"],
+                        help="the variants the intervals bootstrap, as the study's interval_variants setting "
+                             "(default both, the released protocol)")
     parser.add_argument("--diagnostic-layers", default=DEFAULT["diagnostic_layers"],
                         help="layers of the diagnostics, as --interval-layers")
     parser.add_argument("--cpu-sample-layers", type=int, default=3, help="layers timed when the CPU column is sampled")
@@ -736,7 +740,8 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}; GPU column: {name} ({device}); "
         f"CPU column: numpy/scipy on {platform.machine()}, {len(os.sched_getaffinity(0))} cores available")
     say(f"parts: {', '.join(args.parts)}; n_boot {args.n_boot}, shards {args.shards}, n_perturb {args.n_perturb}, "
-        f"n_permutations {args.n_permutations}")
+        f"n_permutations {args.n_permutations}, interval variants {', '.join(args.interval_variants)}, "
+        f"batch_size {args.batch_size}")
     with contextlib.ExitStack():
         for shape, spec in shapes.items():
             bench_shape(shape, spec, args, device, say)
