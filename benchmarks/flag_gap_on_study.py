@@ -6,9 +6,14 @@ of the stage also asks both eigengaps at k to be resolved (`ntps_nb.core.estimat
 per-shard moments; where the unit's extraction is still in the extraction cache, this script reads
 them and computes, for every row the committed table flags reliable, the eigengap ratios and
 whether the new flag keeps the row (the interval condition needs only the committed row).
-Units whose extraction is not cached are counted and named, not guessed. Example:
+Units whose extraction is not cached are counted and named, not guessed; with ``--extract-missing
+CONFIG`` the train split of each such unit with a reliable row is read first (the study's own
+extraction of the unit, `ntps_nb.study.stages.run_unit` with only the estimates stage, so the
+extraction lands in the cache under the key the unit recorded; nothing under the results folder is
+written). Example:
 
     python benchmarks/flag_gap_on_study.py data/results/default-richardson \
+        --extract-missing studies/default-richardson.toml \
         --out benchmarks/results/estimator_map/richardson/flag_gap_default_richardson.csv
 """
 
@@ -54,14 +59,44 @@ def unit_rows(unit: Path, estimates: pd.DataFrame) -> tuple[pd.DataFrame | None,
     return pd.concat(out, ignore_index=True), "computed"
 
 
+def extract_missing(results: Path, config: str, estimates: pd.DataFrame) -> None:
+    """Read the train split of every unit with a committed reliable row whose extraction is not
+    cached (forward passes: minutes to tens of minutes a unit on a CPU)."""
+    import torch
+
+    from ntps_nb.study.config import load_config
+    from ntps_nb.study.stages import run_unit
+
+    cfg = load_config(config, results_dir=str(results))
+    for unit in sorted(p for p in (results / "units").iterdir() if (p / "unit.json").is_file()):
+        meta = json.loads((unit / "unit.json").read_text())
+        reliable = estimates[(estimates["model"] == meta["model"]) & (estimates["dataset"] == meta["dataset"])
+                             & estimates["reliable"]]
+        key = str(meta.get("extraction_key"))
+        if reliable.empty or (cache_dir("extractions", key) / "extraction.json").is_file():
+            continue
+        torch.set_num_threads(1)  # the study's default for forward passes
+        t0 = time.time()
+        print(f"{unit.name}: reading the train split (extraction {key} not cached)", flush=True)
+        run_unit(cfg, meta["model"], meta["dataset"], only=["estimates"],
+                 log=lambda line: print(line, flush=True))
+        cached = (cache_dir("extractions", key) / "extraction.json").is_file()
+        print(f"{unit.name}: {time.time() - t0:.0f} s; extraction under the recorded key: {cached}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="a committed study folder (estimates.csv and units/)")
     parser.add_argument("--out", help="CSV of the reliable rows with their eigengap ratios")
+    parser.add_argument("--extract-missing", metavar="CONFIG", default=None,
+                        help="the study's TOML: first read the train split of the units whose extraction is not "
+                             "cached (only those with a committed reliable row)")
     args = parser.parse_args()
     results = Path(args.results)
     estimates = pd.read_csv(results / "estimates.csv")
     start = time.time()
+    if args.extract_missing:
+        extract_missing(results, args.extract_missing, estimates)
     frames, states = [], {}
     for unit in sorted(p for p in (results / "units").iterdir() if (p / "unit.json").is_file()):
         frame, state = unit_rows(unit, estimates)
