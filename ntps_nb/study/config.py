@@ -421,7 +421,8 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
                                  f"(the plug-in's bootstrap, or the study estimator's), "
                                  f"got {table.get('interval_estimator')!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)
-    if (isinstance(variants, str) or not list(variants) or len(set(variants)) != len(list(variants))
+    if (not isinstance(variants, (list, tuple)) or not variants or not all(isinstance(v, str) for v in variants)
+            or len(set(variants)) != len(variants)
             or not set(variants) <= set(INTERVAL_VARIANTS)):
         raise StudySettingsError(f"{path}: interval_variants must be a non-empty list of distinct variants of "
                                  f"{list(INTERVAL_VARIANTS)}, got {variants!r}")

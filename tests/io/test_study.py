@@ -1311,7 +1311,7 @@ def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_
     assert swapped.interval_variants == cfg.interval_variants and swapped.config_hash == cfg.config_hash
     theory = study.load_config(STUDIES / "default.toml", interval_variants=["theory"])
     assert theory.settings()["interval_variants"] == ["theory"] and theory.config_hash != cfg.config_hash
-    for bad in (["theory", "theory"], [], ["pca"], "theory"):
+    for bad in (["theory", "theory"], [], ["pca"], "theory", 2, [["theory"]]):
         with pytest.raises(study.StudySettingsError, match="interval_variants must be a non-empty list"):
             study.load_config(STUDIES / "default.toml", interval_variants=bad)
     keys = study.stage_keys(cfg, "smollm2-135m", "trec6")
