@@ -688,11 +688,19 @@ def _reference_solve(moments: Moments, precision: Precision, tol: float, span_rt
     Sxy, C1 = _tensor(moments.Sxy, dtype, device), _tensor(moments.C1, dtype, device)
     U = generalized_eigh_torch(moments.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
                                device=device, name="Sxx").vectors
-    (V,) = _ascending_solutions(_tensor(moments.C0, dtype, device)[None], (C1 @ C1.T)[None], tol, cholesky=True)
+    V, basis, counts = _released_next_token(_tensor(moments.C0, dtype, device)[None], C1[None], tol, span_rtol)
+    return U, V, basis, counts
+
+
+def _released_next_token(C0: torch.Tensor, C1: torch.Tensor, tol: float,
+                         span_rtol: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The released algorithm's V of one (1, d, d) C0 and C1 (ascending; C0 whitened by Cholesky
+    where certified) and V's nested orthonormal basis (float64) with its counts."""
+    (V,) = _ascending_solutions(C0, C1 @ C1.mT, tol, cholesky=True)
     if V is None:
         raise ValueError(f"C0 has no eigenvalue above the tolerance {tol:.3g}: it is zero or negative definite")
     basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
-    return U, V, basis, counts
+    return V, basis, counts
 
 
 def reference_geometry_torch(
@@ -1313,10 +1321,7 @@ class _ReferenceFactor:
         if int(rank[0]) == 0:
             raise ValueError(f"no eigenvalue above the tolerance {tol:.3g}: the matrix is zero or negative definite")
         r = int(rank[0])
-        (V,) = _ascending_solutions(C0, C1 @ C1.mT, tol, cholesky=True)
-        if V is None:
-            raise ValueError(f"no eigenvalue above the tolerance {tol:.3g}: the matrix is zero or negative definite")
-        basis, counts = _nested_basis(V.to(torch.float64), span_rtol)
+        _, basis, counts = _released_next_token(C0, C1, tol, span_rtol)
         return cls(whitening=(Q[..., d - r:] / torch.sqrt(s[..., d - r:])[:, None, :])[0], basis=basis,
                    counts=counts, dtype=dtype)
 
