@@ -17,7 +17,7 @@ from ntps_nb.cache import atomic_path
 from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
-from ntps_nb.study.stages import ANALYSIS_STAGES, STAGE_NAMES, UNIT_TABLES, run_unit, stage_states, write_unit
+from ntps_nb.study.stages import STAGE_NAMES, UNIT_TABLES, check_stage_names, run_unit, stage_states, write_unit
 
 
 class UnitClaim:
@@ -323,9 +323,7 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
         if not update_stages:
             raise StudySettingsError("stages chooses among the outdated stages of complete units: give it with "
                                      "update_stages")
-        unknown = sorted(set(stages) - set(ANALYSIS_STAGES))
-        if unknown:
-            raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
+        check_stage_names(stages)
     status = {unit: _unit_state(cfg, unit, update_stages, stages) for unit in units}
     stale = [unit_name(*u) for u, s in status.items() if s == "stale"]
     if stale and not replace_stale:

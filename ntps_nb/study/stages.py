@@ -1105,9 +1105,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     todo = [name for name in ANALYSIS_STAGES if not store.has(name, keys[name])]
     held: list[str] = []
     if only is not None:
-        unknown = sorted(set(only) - set(ANALYSIS_STAGES))
-        if unknown:
-            raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
+        check_stage_names(only)
         before = _complete_unit_meta(cfg.unit_folder(model_name, dataset_name), model_name, dataset_name)
         held = [name for name in todo if name not in only]
         if held and before is None:
@@ -1207,6 +1205,23 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     if held:
         tables["unit"]["held"] = held
     return tables
+
+
+def check_stage_names(names: Sequence[str]) -> None:
+    """Raise a `StudySettingsError` naming the analysis stages when ``names`` holds another name.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Stage names asked for (``run_unit``'s ``only``, ``run_study``'s ``stages``).
+
+    Returns
+    -------
+    None
+    """
+    unknown = sorted(set(names) - set(ANALYSIS_STAGES))
+    if unknown:
+        raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
 
 
 def _complete_unit_meta(folder: Path, model: str, dataset: str) -> dict[str, Any] | None:
