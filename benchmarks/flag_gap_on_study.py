@@ -37,11 +37,16 @@ from ntps_nb.core.intervals import layer_shards  # noqa: E402
 from ntps_nb.extract import Extraction  # noqa: E402
 
 
+def reliable_rows(meta: dict, estimates: pd.DataFrame) -> pd.DataFrame:
+    """The committed reliable rows of the unit whose ``unit.json`` is ``meta``."""
+    return estimates[(estimates["model"] == meta["model"]) & (estimates["dataset"] == meta["dataset"])
+                     & estimates["reliable"]]
+
+
 def unit_rows(unit: Path, estimates: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """The eigengap ratios of the unit's committed reliable rows, or None and why not."""
     meta = json.loads((unit / "unit.json").read_text())
-    mine = estimates[(estimates["model"] == meta["model"]) & (estimates["dataset"] == meta["dataset"])
-                     & estimates["reliable"]]
+    mine = reliable_rows(meta, estimates)
     if mine.empty:
         return None, "no reliable row"
     folder = cache_dir("extractions", str(meta.get("extraction_key")))
@@ -68,14 +73,12 @@ def extract_missing(results: Path, config: str, estimates: pd.DataFrame) -> None
     from ntps_nb.study.stages import run_unit
 
     cfg = load_config(config, results_dir=str(results))
+    torch.set_num_threads(1)  # the study's default for forward passes
     for unit in sorted(p for p in (results / "units").iterdir() if (p / "unit.json").is_file()):
         meta = json.loads((unit / "unit.json").read_text())
-        reliable = estimates[(estimates["model"] == meta["model"]) & (estimates["dataset"] == meta["dataset"])
-                             & estimates["reliable"]]
         key = str(meta.get("extraction_key"))
-        if reliable.empty or (cache_dir("extractions", key) / "extraction.json").is_file():
+        if reliable_rows(meta, estimates).empty or (cache_dir("extractions", key) / "extraction.json").is_file():
             continue
-        torch.set_num_threads(1)  # the study's default for forward passes
         t0 = time.time()
         print(f"{unit.name}: reading the train split (extraction {key} not cached)", flush=True)
         run_unit(cfg, meta["model"], meta["dataset"], only=["estimates"],
