@@ -4,7 +4,10 @@
 prints the tables quoted in docs/estimator.md;
 
     python benchmarks/estimator_map_report.py --figure docs/estimator_map.png SUMMARY.csv [SUMMARY.csv ...]
-draws mean |bias| and median coverage against N/d, one line per estimator and hidden size.
+draws mean |bias| and median coverage against N/d, one line per estimator and hidden size;
+
+    python benchmarks/estimator_map_report.py --flag SUMMARY.csv [SUMMARY.csv ...]
+tells, per summary and estimator, how the reliability flag recorded in the draws did (`flag_table`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
+
+#: Cells with fewer accepted draws than this get no per-cell statement.
+MIN_ACCEPTED = 10
+#: One-sided level of the exact binomial tests against 0.85 and 0.95.
+BINOMIAL_ALPHA = 0.025
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -72,6 +81,56 @@ def main(path: str) -> None:
     print(table(out))
 
 
+def flag_table(summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How the reliability flag did in one map summary, per estimator, and the cells outside the band.
+
+    Parameters
+    ----------
+    summary : `ntps_nb.core.simulate.summarise_map` output (``n_reliable``, ``coverage_reliable``,
+        ``bias_reliable``, ``width_reliable`` and ``rmse_reliable`` per cell: the rows whose
+        ``reliable`` flag was True when the map ran).
+
+    Returns
+    -------
+    (per estimator: rows, accepted, share accepted overall and by N/d, pooled coverage of the accepted
+    rows, and over the cells with at least `MIN_ACCEPTED` accepted draws how many cover below 0.85 or
+    above 0.95 by an exact one-sided binomial test at `BINOMIAL_ALPHA`, how many have a mean error
+    above a quarter of the mean interval width, and the worst RMSE;
+    the cells outside [0.85, 0.95] by those tests).
+    """
+    rows, outside = [], []
+    for estimator, g in summary[np.isfinite(summary["truth"])].groupby("estimator"):
+        accepted = g["n_reliable"].sum()
+        covered = (g["coverage_reliable"].fillna(0) * g["n_reliable"]).round()
+        cells = g[g["n_reliable"] >= MIN_ACCEPTED]
+        hits = covered[cells.index]
+        below = scipy.stats.binom.cdf(hits, cells["n_reliable"], 0.85) < BINOMIAL_ALPHA
+        above = scipy.stats.binom.sf(hits - 1, cells["n_reliable"], 0.95) < BINOMIAL_ALPHA
+        by_ratio = g.groupby("n_over_d").apply(lambda c: c["n_reliable"].sum() / c["draws"].sum(), include_groups=False)
+        rows.append({"estimator": estimator, "d": int(g["task_d"].iloc[0]), "draws_per_cell": int(g["draws"].max()),
+                     "rows": int(g["draws"].sum()), "accepted": int(accepted),
+                     "share_accepted": accepted / g["draws"].sum(),
+                     "share_by_N/d": ", ".join(f"{r:g}: {v:.4f}" for r, v in by_ratio.items()),
+                     "coverage_accepted": covered.sum() / accepted if accepted else np.nan,
+                     f"cells_{MIN_ACCEPTED}+": len(cells), "below_0.85": int(below.sum()), "above_0.95": int(above.sum()),
+                     "bias_over_quarter_width": int((cells["bias_reliable"].abs() > cells["width_reliable"] / 4).sum()),
+                     "worst_rmse": cells["rmse_reliable"].max()})
+        outside.append(cells[below | above])
+    keys = ["estimator", "task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k", "truth",
+            "n_reliable", "coverage_reliable", "bias_reliable", "width_reliable"]
+    return pd.DataFrame(rows).set_index("estimator"), pd.concat(outside)[keys]
+
+
+def print_flag(paths: list[str]) -> None:
+    for path in paths:
+        per_estimator, outside = flag_table(pd.read_csv(path))
+        print(f"\n{Path(path).name}\n")
+        print(table(per_estimator))
+        if len(outside):
+            print("\nCells outside [0.85, 0.95] by the exact tests:\n")
+            print(table(outside.set_index("estimator")))
+
+
 def figure(out: str, paths: list[str]) -> None:
     import matplotlib
 
@@ -104,5 +163,7 @@ def figure(out: str, paths: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--figure":
         figure(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "--flag":
+        print_flag(sys.argv[2:])
     else:
         main(sys.argv[1])
