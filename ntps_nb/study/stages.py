@@ -490,22 +490,22 @@ def adopt_unit_folder(cfg: StudyConfig, model: str, dataset: str, store: StageSt
         return []
     meta = json.loads((folder / "unit.json").read_text())
     keys = stage_keys(cfg, model, dataset)
-    source = {"adopted_from": str(folder), "config_hash": meta.get("config_hash"), "finished": meta.get("finished")}
+    source = {"adopted_from": str(folder), "config_hash": meta.get("config_hash")}
     adopted = []
     for stage in STAGES:
         key = keys[stage.name]
         if stage.name not in valid or store.has(stage.name, key):
             continue
         if stage.name == "extraction":
-            store.save("extraction", key, None, {**source, "kept": None, **_extraction_facts_of_unit(meta)})
+            store.save("extraction", key, None, {**source, "finished": meta.get("finished"), "kept": None,
+                                                 **_extraction_facts_of_unit(meta)})
         else:
             table_path = folder / f"{stage.table}.csv"
             table = _strip_provenance(pd.read_csv(table_path)) if table_path.is_file() else None
             status = {"lora": meta.get("lora", "done")} if stage.name == "lora" else {}
             extras = {name: _strip_provenance(pd.read_csv(folder / f"{name}.csv")) for name in stage.extras
                       if (folder / f"{name}.csv").is_file()}
-            store.save(stage.name, key, table, {**source, "seconds": (meta.get("timings_s") or {}).get(stage.name),
-                                                **status}, extra=extras)
+            store.save(stage.name, key, table, {**source, **_computed_when(meta, stage.name), **status}, extra=extras)
         adopted.append(stage.name)
     return adopted
 
@@ -554,6 +554,19 @@ def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
         else:
             out[name] = "missing"
     return out
+
+
+def _computed_when(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """Seconds and date of the run that computed a stage, as a unit's unit.json records them.
+
+    A unit written with stage records keeps, for a stage it reused, the seconds and date of the run
+    that computed it (its ``timings_s`` are the last run's: a reuse takes milliseconds); a unit
+    written before stage records has only ``timings_s`` and its finishing date.
+    """
+    record = (meta.get("stages") or {}).get(name) or {}
+    if "seconds" in record and "finished" in record:
+        return {"seconds": record["seconds"], "finished": record["finished"]}
+    return {"seconds": (meta.get("timings_s") or {}).get(name), "finished": meta.get("finished")}
 
 
 def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:

@@ -1255,6 +1255,29 @@ def test_a_committed_default_unit_maps_into_the_stages(tmp_path):
     assert study.unit_folder_stages(retrained, "smollm2-135m", "bbc-news", folder)["lora"] == "stale"
 
 
+def test_an_adopted_stage_keeps_the_seconds_and_date_of_the_run_that_computed_it(tmp_path):
+    """A unit folder written with stage records (default-richardson) records, for a stage its last
+    run reused, the run that computed it; its timings_s are that last run's (milliseconds for a
+    reuse). Adopting the folder on a fresh clone must keep the former, or every update run would
+    overwrite the stages' computing times with reuse times."""
+    folder = ROOT / "data" / "results" / "default-richardson" / "units" / "smollm2-135m__trec6"
+    if not (folder / "unit.json").is_file():
+        pytest.skip("data/results/default-richardson is not committed")
+    cfg = study.load_config(STUDIES / "default-richardson.toml", results_dir=str(tmp_path))
+    meta = json.loads((folder / "unit.json").read_text())
+    store = study.StageStore(tmp_path / "stages")
+    adopted = study.adopt_unit_folder(cfg, "smollm2-135m", "trec6", store, folder=folder)
+    keys = study.stage_keys(cfg, "smollm2-135m", "trec6")
+    reused = [name for name in adopted if name != "extraction" and not meta["stages"][name].get("computed")]
+    assert "intervals" in reused  # computed in the unit's first run, reused by the LoRA update
+    for name in reused:
+        record = store.load(name, keys[name]).record
+        assert (record["seconds"], record["finished"]) == (meta["stages"][name]["seconds"],
+                                                           meta["stages"][name]["finished"]), name
+    # the case this guards: the last run's timing of the reused intervals is a reuse's
+    assert meta["timings_s"]["intervals"] < 1 < meta["stages"]["intervals"]["seconds"]
+
+
 def test_the_stage_table_names_every_column_of_the_committed_tables():
     """The package docstring's (and README's) stage table is how a reader finds the stage behind
     a column: it must list what the stages really write."""
