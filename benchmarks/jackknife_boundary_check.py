@@ -86,6 +86,7 @@ def toy_ratios(n_shards: int, p: int, linear: float, reps: int, rng: np.random.G
 
 
 def print_toy(reps: int, seed: int) -> None:
+    """Part 1: the measured factor of three toy statistics beside R(S), and the coverage R(S) implies."""
     rng = np.random.default_rng(seed)
     print(f"Part 1: E[delete-one jackknife variance] / variance, {reps:,} simulated samples each, p = 8")
     print("| S | R(S) = 2(S-1)/(S-2) | pairwise | pairwise + 0.3 x linear | pairwise + 3 x linear "
@@ -123,6 +124,7 @@ def cell_table(draws: pd.DataFrame) -> pd.DataFrame:
 
 
 def print_draws(paths: list[str]) -> None:
+    """Part 2: se / sd and the accepted rows' coverage by the truth's distance to 0 or 1."""
     cells = pd.concat([cell_table(pd.read_csv(p)).assign(file=Path(p).name) for p in paths], ignore_index=True)
     cells = cells[cells["draws"] >= MIN_ACCEPTED]
     print(f"\nPart 2: {len(paths)} draw files, {len(cells)} cells with >= {MIN_ACCEPTED} draws "

@@ -68,6 +68,7 @@ def _richardson_toy(x: np.ndarray, shards: list[int], statistic, seed: int, drop
 
 
 def _jackknife_variance(x: np.ndarray, shards: list[int], statistic, seed: int) -> np.ndarray:
+    """Delete-one-shard jackknife variance of `_richardson_toy` over ``shards``, per toy sample."""
     loo = np.stack([_richardson_toy(x, shards, statistic, seed, drop=s) for s in shards], axis=-1)
     S = len(shards)
     return (S - 1) / S * np.sum((loo - loo.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
@@ -105,6 +106,7 @@ def two_size_variance(f: np.ndarray, h: np.ndarray, factors: dict[str, float]) -
 
 
 def one_model(args) -> pd.DataFrame:
+    """One generator's draws (a range of them): the full estimate, its se, flag and the halves' h."""
     family, d, C, gap, ratios, ks, (first, draws), shards_per_draw, seed = args
     model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed)
     ks = np.array([k for k in ks if k <= d // 2])
