@@ -32,6 +32,15 @@ BAD_ERROR = 0.2
 BINOMIAL_ALPHA = 0.025
 
 
+def exact_band_tests(covered, accepted) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each cell covers below 0.85 / above 0.95 by an exact one-sided binomial test at
+    `BINOMIAL_ALPHA`, from its covered and accepted draw counts (arrays of the same length)."""
+    covered, accepted = np.asarray(covered), np.asarray(accepted)
+    below = scipy.stats.binom.cdf(covered, accepted, 0.85) < BINOMIAL_ALPHA
+    above = scipy.stats.binom.sf(covered - 1, accepted, 0.95) < BINOMIAL_ALPHA
+    return below, above
+
+
 def accepted(frame: pd.DataFrame, threshold: float, gap_min: float) -> pd.Series:
     """The rows the flag accepts at noise threshold ``threshold`` and eigengap ratio ``gap_min``."""
     out = (frame["subspace_noise"] <= threshold) & np.isfinite(frame["lower"]) & np.isfinite(frame["upper"])
@@ -72,8 +81,7 @@ def report(frame: pd.DataFrame, thresholds, gap_min: float) -> pd.DataFrame:
                 big = g[g["accepted"] >= MIN_ACCEPTED]
                 se = np.sqrt(0.85 * 0.15 / big["accepted"])
                 covered = np.rint(big["coverage"] * big["accepted"])
-                below = scipy.stats.binom.cdf(covered, big["accepted"], 0.85) < BINOMIAL_ALPHA
-                above = scipy.stats.binom.sf(covered - 1, big["accepted"], 0.95) < BINOMIAL_ALPHA
+                below, above = exact_band_tests(covered, big["accepted"])
                 rows.append({
                     "estimator": estimator, "noise_max": threshold, "gap_min": gap_min, "d": int(d),
                     "share_accepted": n / g["draws"].sum(), "accepted_rows": int(n),

@@ -17,12 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
-#: Cells with fewer accepted draws than this get no per-cell statement.
-MIN_ACCEPTED = 10
-#: One-sided level of the exact binomial tests against 0.85 and 0.95.
-BINOMIAL_ALPHA = 0.025
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimator_flag_report import BINOMIAL_ALPHA, MIN_ACCEPTED, exact_band_tests  # noqa: E402
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -103,9 +100,7 @@ def flag_table(summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         accepted = g["n_reliable"].sum()
         covered = (g["coverage_reliable"].fillna(0) * g["n_reliable"]).round()
         cells = g[g["n_reliable"] >= MIN_ACCEPTED]
-        hits = covered[cells.index]
-        below = scipy.stats.binom.cdf(hits, cells["n_reliable"], 0.85) < BINOMIAL_ALPHA
-        above = scipy.stats.binom.sf(hits - 1, cells["n_reliable"], 0.95) < BINOMIAL_ALPHA
+        below, above = exact_band_tests(covered[cells.index], cells["n_reliable"])
         by_ratio = g.groupby("n_over_d").apply(lambda c: c["n_reliable"].sum() / c["draws"].sum(), include_groups=False)
         rows.append({"estimator": estimator, "d": int(g["task_d"].iloc[0]), "draws_per_cell": int(g["draws"].max()),
                      "rows": int(g["draws"].sum()), "accepted": int(accepted),

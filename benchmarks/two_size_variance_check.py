@@ -41,8 +41,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.stats  # noqa: E402
 
-from ntps_nb.core.estimators import split_halves, ntps_estimate  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ntps_nb.core.estimators import _richardson_combination, ntps_estimate, split_halves  # noqa: E402
 from ntps_nb.core.simulate import factor_model, lds_model, sample_shards  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jackknife_boundary_check import jackknife_variance  # noqa: E402
 
 FAMILIES = {"factor": factor_model, "lds": lds_model}
 LEVEL = 0.90
@@ -59,19 +65,14 @@ def _richardson_toy(x: np.ndarray, shards: list[int], statistic, seed: int, drop
     a = [shards[i] for i in a_pos if shards[i] != drop]
     b = [shards[i] for i in b_pos if shards[i] != drop]
     kept = [s for s in shards if s != drop]
-    n_full, n_a, n_b = len(kept), len(a), len(b)
-    h = (1 / n_a + 1 / n_b) / 2
-    w = h / (h - 1 / n_full)
-    full = statistic(x[:, kept].mean(axis=1))
-    halves = (statistic(x[:, a].mean(axis=1)) + statistic(x[:, b].mean(axis=1))) / 2
-    return w * full + (1 - w) * halves
+    halves = [statistic(x[:, a].mean(axis=1)), statistic(x[:, b].mean(axis=1))]
+    # the package's combination; shard counts stand for text counts (equal texts per shard)
+    return _richardson_combination(statistic(x[:, kept].mean(axis=1)), halves, [len(a), len(b)], len(kept))
 
 
 def _jackknife_variance(x: np.ndarray, shards: list[int], statistic, seed: int) -> np.ndarray:
     """Delete-one-shard jackknife variance of `_richardson_toy` over ``shards``, per toy sample."""
-    loo = np.stack([_richardson_toy(x, shards, statistic, seed, drop=s) for s in shards], axis=-1)
-    S = len(shards)
-    return (S - 1) / S * np.sum((loo - loo.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
+    return jackknife_variance(np.stack([_richardson_toy(x, shards, statistic, seed, drop=s) for s in shards], axis=-1))
 
 
 def procedure_factors(n_shards: int, seed: int = 0, reps: int = 100_000, p: int = 8) -> dict[str, float]:
@@ -90,12 +91,17 @@ def procedure_factors(n_shards: int, seed: int = 0, reps: int = 100_000, p: int 
     return out
 
 
+def combination(factors: dict[str, float]) -> tuple[float, float]:
+    """(c_f, c_h) with v_L + v_Q = c_f f + c_h h: the column sums of the inverse of the factors' system."""
+    inverse = np.linalg.inv(np.array([[factors["a_f"], factors["b_f"]], [factors["a_h"], factors["b_h"]]]))
+    return float(inverse[0, 0] + inverse[1, 0]), float(inverse[0, 1] + inverse[1, 1])
+
+
 def two_size_variance(f: np.ndarray, h: np.ndarray, factors: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     """v_L + v_Q from f and h (NaN where h is NaN: fall back to f), and the same clipped into
     [f / b_f, f / a_f]."""
-    A = np.array([[factors["a_f"], factors["b_f"]], [factors["a_h"], factors["b_h"]]])
-    inverse = np.linalg.inv(A)
-    v = inverse[0, 0] * f + inverse[0, 1] * h + inverse[1, 0] * f + inverse[1, 1] * h
+    coef_f, coef_h = combination(factors)
+    v = coef_f * f + coef_h * h
     v = np.where(np.isfinite(h), v, f)
     clipped = np.clip(v, f / factors["b_f"], f / factors["a_f"])
     return v, clipped
@@ -179,8 +185,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     factors = procedure_factors(args.shards, reps=args.reps)
+    coef_f, coef_h = combination(factors)
     print("Procedure factors (E f and E h over the variance; linear a, pairwise b): "
-          + ", ".join(f"{k} = {v:.3f}" for k, v in factors.items()))
+          + ", ".join(f"{k} = {v:.3f}" for k, v in factors.items())
+          + f"; so v_L + v_Q = {coef_f:.3f} f {coef_h:+.3f} h")
     if args.from_csv:
         for path in args.from_csv:
             print(f"\n{path}")
