@@ -16,7 +16,7 @@ writing each leave-one-out replicate's pairwise terms out. The delete-two jackkn
 more, (2S - 3) / (S - 3) = 2.43 at S = 10, so combining the two to remove the pairwise part
 multiplies the noise of their difference by (R(S) - 1) / ((2S - 3) / (S - 3) - R(S)) = 7 at S = 10.
 
-Part 1 (``--toy``) checks R(S) by simulation on shard means x_i ~ N(0, I_p / n): the pairwise
+Part 1 (``--toy``) checks R(S) and the delete-two factor by simulation on shard means x_i ~ N(0, I_p / n): the pairwise
 statistic sum_{i != j} x_i . x_j / (S (S - 1)), the same plus a linear term (the factor falls to 1
 as the linear part dominates), and |x_bar|^2 (the plug-in's form, whose diagonal terms add to it).
 Part 2 reads estimator-map draws (`benchmarks/estimator_map.py` outputs) and, per grid cell,
@@ -31,6 +31,7 @@ of the estimate over the cell's draws, binned by the population NTPS's distance 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,12 @@ import scipy.stats
 
 from ntps_nb.core.estimators import GAP_MIN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
+
 CELL = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k"]
 #: Distance of the population NTPS to the nearer of 0 and 1: the bins' edges.
 EDGE_BINS = (0.0, 0.005, 0.02, 0.1, 0.5)
-MIN_ACCEPTED = 10
 LEVEL = 0.90
 
 
@@ -77,7 +80,17 @@ def toy_ratios(n_shards: int, p: int, linear: float, reps: int, rng: np.random.G
     lin_full, lin_loo = linear * total[:, 0] / S, linear * loo_total[:, :, 0] / (S - 1)
     # the plug-in's form, the squared norm of the mean (diagonal terms included)
     norm_full, norm_loo = np.sum(total**2, axis=1) / S**2, np.sum(loo_total**2, axis=2) / (S - 1) ** 2
-    out = {}
+    # the delete-two jackknife of the pairwise statistic: (S - 2) / (2 C(S, 2)) sum over pairs of
+    # (theta_(ij) - their mean)^2, accumulated pair by pair
+    total_squares = squares.sum(axis=1)
+    first, second, n_pairs = np.zeros(reps), np.zeros(reps), 0
+    for i in range(S):
+        for j in range(i + 1, S):
+            kept = total - x[:, i] - x[:, j]
+            theta = (np.sum(kept**2, axis=1) - (total_squares - squares[:, i] - squares[:, j])) / ((S - 2) * (S - 3))
+            first, second, n_pairs = first + theta, second + theta**2, n_pairs + 1
+    delete_two = (S - 2) / (2 * n_pairs) * (second - first**2 / n_pairs)
+    out = {"pairwise, delete-two": float(delete_two.mean() / pair_full.var())}
     for name, full, loo in (("pairwise", pair_full, pair_loo),
                             (f"pairwise + {linear:g} x linear", pair_full + lin_full, pair_loo + lin_loo),
                             ("squared norm of the mean", norm_full, norm_loo)):
@@ -90,18 +103,22 @@ def print_toy(reps: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     print(f"Part 1: E[delete-one jackknife variance] / variance, {reps:,} simulated samples each, p = 8")
     print("| S | R(S) = 2(S-1)/(S-2) | pairwise | pairwise + 0.3 x linear | pairwise + 3 x linear "
-          "| squared norm of the mean | delete-two factor (formula) |\n|---|---|---|---|---|---|---|")
+          "| squared norm of the mean | delete-two (2S-3)/(S-3) | pairwise, delete-two |\n"
+          "|---|---|---|---|---|---|---|---|")
     for S in (5, 10, 20, 32):
         weak, strong = toy_ratios(S, 8, 0.3, reps, rng), toy_ratios(S, 8, 3.0, reps, rng)
         print(f"| {S} | {pairwise_factor(S):.3f} | {weak['pairwise']:.3f} | {weak['pairwise + 0.3 x linear']:.3f} "
               f"| {strong['pairwise + 3 x linear']:.3f} | {weak['squared norm of the mean']:.3f} "
-              f"| {delete_two_factor(S):.3f} |")
+              f"| {delete_two_factor(S):.3f} | {weak['pairwise, delete-two']:.3f} |")
     S = 10
     t = scipy.stats.t.ppf((1 + LEVEL) / 2, S - 1)
     inflated = 2 * scipy.stats.t.cdf(t * np.sqrt(pairwise_factor(S)), S - 1) - 1
     print(f"\nAt S = {S}, a nominal {LEVEL:.2f} jackknife-t interval whose standard error is sqrt(R(S)) = "
           f"{np.sqrt(pairwise_factor(S)):.2f} times too large covers about {inflated:.3f} "
           f"(P(|T_{S - 1}| <= t sqrt(R)) with t = {t:.3f}).")
+    noise = (pairwise_factor(S) - 1) / (delete_two_factor(S) - pairwise_factor(S))
+    print(f"Removing the pairwise part with the delete-two jackknife, variance = f1 - c (f2 - f1), takes "
+          f"c = (R(S) - 1) / (delete-two factor - R(S)) = {noise:.2f} at S = {S}.")
 
 
 def cell_table(draws: pd.DataFrame) -> pd.DataFrame:
@@ -141,7 +158,7 @@ def print_draws(paths: list[str]) -> None:
         coverage_median=("coverage", "median"), coverage_min=("coverage", "min"), coverage_max=("coverage", "max"),
         accepted_rows=("accepted", "sum"), covered_rows=("covered", "sum"),
     ).to_string(float_format=lambda v: f"{v:.3f}"))
-    high = scipy.stats.binom.sf(accepted["covered"] - 1, accepted["accepted"], 0.95) < 0.025
+    high = exact_band_tests(accepted["covered"], accepted["accepted"])[1]
     print("\nCells covering significantly above 0.95 (exact one-sided binomial test at 2.5%):")
     print(accepted[high][["file", *CELL, "truth", "accepted", "coverage", "se_over_sd"]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}"))

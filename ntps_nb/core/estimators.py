@@ -871,8 +871,8 @@ def ntps_estimate(
     estimator; it was calibrated for the default estimator (docs/estimator.md): on populations not
     used to calibrate it (d = 16-576) its intervals covered 0.92-0.94 (pooled, per d) where it said
     reliable, and 2 of 1,444 accepted rows were off by more than 0.2; over the whole grid
-    (N/d = 0.5-32) on further fresh populations 0.90-0.94, none of the 1,251 accepted rows whose
-    errors were kept off by more than 0.2, and it accepted nothing at N/d <= 4. Outside that regime
+    (N/d = 0.5-32) on further fresh populations 0.90-0.94, none of the 1,251 rows meeting its
+    noise and eigengap conditions whose errors were kept off by more than 0.2, and it accepted nothing at N/d <= 4. Outside that regime
     no estimator here has intervals that cover: the estimate still moves with N. Where the population
     NTPS is 0 or 1 (an interval reaching past 0 or 1 is the sign) the interval is conservative: there
     the estimate's error is quadratic in the noise and the jackknife variance is about
