@@ -38,8 +38,6 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from ntps_nb.core.estimators import GAP_MIN
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
 
@@ -123,11 +121,9 @@ def print_toy(reps: int, seed: int) -> None:
 
 def cell_table(draws: pd.DataFrame) -> pd.DataFrame:
     """Per grid cell: the population NTPS, the estimate's SD over draws, the median jackknife SE and
-    the accepted rows' count and coverage (the flag with the eigengap condition where the draws have it)."""
+    the accepted rows' count and coverage (the ``reliable`` flag as the draws recorded it)."""
     rows = draws[draws["estimator"] == "richardson"].copy()
     accepted = rows["reliable"].astype(bool)
-    if "gap_ratio" in rows:
-        accepted &= rows["gap_ratio"] >= GAP_MIN
     rows["covered_accepted"] = rows["covered"].astype(float).where(accepted)
     rows["accepted"] = accepted
     cells = rows.groupby(CELL).agg(draws=("estimate", "size"), truth=("truth", "first"),
