@@ -15,6 +15,10 @@ takes every train text. The largest available N:
 
     python benchmarks/real_data_drift.py --datasets rt-polarity trec6 --max-train 0 --shards 512 --groups 16 \
         --estimators plugin richardson --out benchmarks/results/real_data_drift/largest_n
+
+On a GPU machine without the dataset packages (the device tool): write the train texts here with
+``--export-texts DIR``, carry DIR, and run there with ``--texts DIR --device cuda`` (the forward pass
+and the estimates on the GPU; every row records its device).
 """
 
 from __future__ import annotations
@@ -57,8 +61,19 @@ def main() -> None:
     parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
     parser.add_argument("--shard-cache", help="folder keeping each dataset's last-layer shard moments (pickle): "
                         "written after its forward pass, read instead of the pass when present")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the forward pass and of the estimates (e.g. cuda)")
+    parser.add_argument("--texts", metavar="DIR",
+                        help="read each dataset's train texts from DIR/<dataset>.parquet (written by --export-texts) "
+                             "instead of its package")
+    parser.add_argument("--export-texts", metavar="DIR",
+                        help="write each dataset's train texts (text, label) to DIR/<dataset>.parquet, its "
+                             "provenance to DIR/<dataset>.json, and stop")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.export_texts:
+        export_texts(args)
+        return
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
         frame = pd.read_csv(args.from_csv)
@@ -78,7 +93,8 @@ def main() -> None:
     from ntps_nb.models import load_model
 
     torch.set_num_threads(1)
-    model, tok, info = load_model(args.model)
+    model, tok, info = load_model(args.model, device=args.device)
+    print(f"{args.model}: weights sha256 {info.weights_sha256}, device {args.device}", flush=True)
     last = model.config.num_hidden_layers
     rows = []
     for name in args.datasets:
@@ -87,7 +103,8 @@ def main() -> None:
             with cached.open("rb") as handle:
                 shards = pickle.load(handle)
         else:
-            data = load_dataset(name, max_train=args.max_train or None, max_test=10)["train"]
+            data = (pd.read_parquet(Path(args.texts) / f"{name}.parquet") if args.texts
+                    else load_dataset(name, max_train=args.max_train or None, max_test=10)["train"])
             ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
                          shard_layers=[last], progress=False)
             shards = layer_shards(ex.shards)[last]
@@ -98,14 +115,31 @@ def main() -> None:
                 cached.with_suffix(".tmp").replace(cached)
         for n_used, subset in nested_subsets(shards, args.groups):
             for estimator in args.estimators:
-                table = ntps_estimate(subset, args.ks, estimator=estimator, level=0.90)
+                table = ntps_estimate(subset, args.ks, estimator=estimator, level=0.90,
+                                      device=None if args.device == "cpu" else args.device)
                 rows.append(table.assign(dataset=name, model=args.model, layer=last, n_shards_used=n_used,
-                                         max_length=args.max_length))
+                                         max_length=args.max_length, device=args.device))
         print(name, "done", flush=True)
     frame = pd.concat(rows, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "drift.csv", index=False)
     summarise(frame, out, args.min_n)
+
+
+def export_texts(args) -> None:
+    """Each dataset's train texts and labels as ``--max-train`` selects them (the order the forward
+    pass shards them in), to ``<dir>/<dataset>.parquet``, with the dataset's provenance beside."""
+    import json
+
+    from ntps_nb.datasets import load_dataset
+
+    folder = Path(args.export_texts)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in args.datasets:
+        data = load_dataset(name, max_train=args.max_train or None, max_test=10)["train"]
+        data.to_pandas()[["text", "label"]].to_parquet(folder / f"{name}.parquet", index=False)
+        (folder / f"{name}.json").write_text(json.dumps(json.loads(data.info.description), indent=1) + "\n")
+        print(f"{name}: {len(data)} train texts -> {folder / f'{name}.parquet'}", flush=True)
 
 
 def shard_cache_path(args, name: str) -> Path:
