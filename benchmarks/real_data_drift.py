@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")
-    parser.add_argument("--from-csv", help="summarise an earlier run's drift.csv instead of running")
+    parser.add_argument("--from-csv", nargs="+", metavar="CSV",
+                        help="summarise earlier runs' drift.csv files (together) instead of running")
     parser.add_argument("--gap-scan", type=int, default=0, metavar="K",
                         help="with --shard-cache: print, per dataset, the k <= K whose next-token and perception "
                              "eigengap ratios (all shards) reach GAP_MIN, whose subspace noise is at most NOISE_MAX "
@@ -76,7 +77,7 @@ def main() -> None:
         return
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
-        frame = pd.read_csv(args.from_csv)
+        frame = pd.concat([pd.read_csv(path) for path in args.from_csv], ignore_index=True)
         summarise(frame, out, args.min_n)
         if args.figure:
             figure(frame, args.figure)
@@ -240,9 +241,12 @@ def figure(frame: pd.DataFrame, path: str) -> None:
             if i == len(datasets) - 1:
                 ax.set_xlabel("N texts (nested shard subsets)")
     axes[0, 0].legend(title="estimator", fontsize=8, title_fontsize=8)
+    devices = (frame.assign(device=frame["device"].fillna("cpu")) if "device" in frame
+               else frame.assign(device="cpu")).groupby("dataset")["device"].agg(lambda d: "/".join(sorted(set(d))))
     fig.text(0.01, 0.005, "SmolLM2-135M, last layer; bars: 90% jackknife intervals over the subset's shards; "
-             "hollow markers: flagged unreliable (subspace noise per direction above NOISE_MAX)", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+             "hollow markers: flagged unreliable (the rows' `reliable`: subspace noise, eigengaps, [0, 1]);\n"
+             "forward pass and estimates on " + ", ".join(f"{name}: {device}" for name, device in devices.items()), fontsize=7)
+    fig.tight_layout(rect=(0, 0.045, 1, 1))
     fig.savefig(path, dpi=110)
 
 
