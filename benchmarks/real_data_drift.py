@@ -241,8 +241,8 @@ def figure(frame: pd.DataFrame, path: str) -> None:
             if i == len(datasets) - 1:
                 ax.set_xlabel("N texts (nested shard subsets)")
     axes[0, 0].legend(title="estimator", fontsize=8, title_fontsize=8)
-    devices = (frame.assign(device=frame["device"].fillna("cpu")) if "device" in frame
-               else frame.assign(device="cpu")).groupby("dataset")["device"].agg(lambda d: "/".join(sorted(set(d))))
+    device = frame["device"].fillna("cpu") if "device" in frame else pd.Series("cpu", index=frame.index)  # runs before --device: cpu
+    devices = device.groupby(frame["dataset"]).agg(lambda d: "/".join(sorted(set(d))))
     fig.text(0.01, 0.005, "SmolLM2-135M, last layer; bars: 90% jackknife intervals over the subset's shards; "
              "hollow markers: flagged unreliable (the rows' `reliable`: subspace noise, eigengaps, [0, 1]);\n"
              "forward pass and estimates on " + ", ".join(f"{name}: {device}" for name, device in devices.items()), fontsize=7)

@@ -873,7 +873,9 @@ def ntps_estimate(
     reliable, and 2 of 1,444 accepted rows were off by more than 0.2; over the whole grid
     (N/d = 0.5-32) on further fresh populations 0.90-0.94, none of the 1,251 rows meeting its
     noise and eigengap conditions whose errors were kept off by more than 0.2, and it accepted nothing at N/d <= 4. Outside that regime
-    no estimator here has intervals that cover: the estimate still moves with N. Where the population
+    the intervals are not known to cover (on the map they cover in some cells and not in others; at
+    d = 256-576 and N/d <= 1, 0-6% of cells cover within [0.85, 0.95]: v2map_unflagged_report.md):
+    the estimate still moves with N. Where the population
     NTPS is 0 or 1 (an interval reaching past 0 or 1 is the sign) the interval is conservative: there
     the estimate's error is quadratic in the noise and the jackknife variance is about
     2 (S - 1) / (S - 2) times too large (S shards; accepted rows covered 0.99 at nominal 0.90 on the
