@@ -66,7 +66,7 @@ def main() -> None:
                         help="torch device of the forward pass and of the estimates (e.g. cuda)")
     parser.add_argument("--texts", metavar="DIR",
                         help="read each dataset's train texts from DIR/<dataset>.parquet (written by --export-texts) "
-                             "instead of its package")
+                             "instead of its package (the texts --export-texts selected: --max-train is not applied again)")
     parser.add_argument("--export-texts", metavar="DIR",
                         help="write each dataset's train texts (text, label) to DIR/<dataset>.parquet, its "
                              "provenance to DIR/<dataset>.json, and stop")
