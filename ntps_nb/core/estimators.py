@@ -113,6 +113,18 @@ NOISE_MAX = 0.05
 #: d = 64 map and the d = 64 / 256 held-out runs, checked on fresh d = 16, 64, 256 and 576 draws
 #: (docs/estimator.md, "The eigengap condition": accepted rows off by > 0.2, 39 of 2,452 -> 2 of 1,444).
 GAP_MIN = 5.0
+#: ... and when its estimate lies more than this many jackknife standard errors inside [0, 1]
+#: (`flag_at_bound`). Where the population NTPS is 0 or 1 the estimate's error is quadratic in the
+#: noise and the jackknife variance about 2 (S - 1) / (S - 2) times too large: accepted rows there
+#: covered 0.985-1.00 at nominal 0.90, above the 0.85-0.95 a reliable row promises. Chosen on the
+#: v2 map and held-out draws (seeds 6-13), checked on fresh populations (seeds 14-19,
+#: d = 16 / 64 / 256): every cell whose truth lies within 0.003 of 0 or 1 came into the band and no
+#: other cell left it (docs/estimator.md, "Rows at the bounds of [0, 1]").
+BOUND_SE = 1.0
+#: An estimate within this of 0 or 1 is at the bound whatever its standard error (an NTPS of exactly
+#: 0 or 1, k beyond a subspace's rank, say, has a standard error of rounding size; so it stays at the
+#: bound when read back from a table written to 7 significant digits).
+BOUND_ATOL = 1e-6
 #: Relative size of the smallest singular value of G or H below which its inverse is not taken.
 SPLIT_RCOND = 1e-8
 
@@ -853,6 +865,7 @@ def ntps_estimate(
     n_splits: int = CROSSFIT_SPLITS,
     noise_max: float = NOISE_MAX,
     gap_min: float = GAP_MIN,
+    bound_se: float = BOUND_SE,
     device: Any = None,
     batch_size: int | None = None,
 ) -> pd.DataFrame:
@@ -875,11 +888,12 @@ def ntps_estimate(
     noise and eigengap conditions whose errors were kept off by more than 0.2, and it accepted nothing at N/d <= 4. Outside that regime
     the intervals are not known to cover (on the map they cover in some cells and not in others; at
     d = 256-576 and N/d <= 1, 0-6% of cells cover within [0.85, 0.95]: v2map_unflagged_report.md):
-    the estimate still moves with N. Where the population
-    NTPS is 0 or 1 (an interval reaching past 0 or 1 is the sign) the interval is conservative: there
-    the estimate's error is quadratic in the noise and the jackknife variance is about
-    2 (S - 1) / (S - 2) times too large (S shards; accepted rows covered 0.99 at nominal 0.90 on the
-    maps, docs/estimator.md).
+    the estimate still moves with N. Where the population NTPS is 0 or 1 the interval is
+    conservative: there the estimate's error is quadratic in the noise and the jackknife variance is
+    about 2 (S - 1) / (S - 2) times too large (S shards; rows meeting the other conditions covered
+    0.985-1.00 at nominal 0.90 on the maps). Such a row is not ``reliable`` but ``at_bound``
+    (`flag_at_bound`: its estimate within ``bound_se`` standard errors of 0 or 1, or past either):
+    read its interval as conservative, not as calibrated (docs/estimator.md).
 
     Parameters
     ----------
@@ -890,6 +904,7 @@ def ntps_estimate(
     seed, rtol, n_splits : as in `estimate_ntps`.
     noise_max : largest subspace noise per direction of a reliable row (default `NOISE_MAX`).
     gap_min : smallest eigengap ratio (`eigengap_ratios`) of a reliable row (default `GAP_MIN`).
+    bound_se : standard errors inside [0, 1] a reliable row's estimate must lie (default `BOUND_SE`).
     device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
         every plug-in the estimate, its replicates and `subspace_noise` need solved as batches on
         that device (`ntps_nb.core.backends.torch.ntps_estimate_torch`, the same frame), for the
@@ -903,12 +918,14 @@ def ntps_estimate(
     estimator's own statistic, NaN for most), reliable, n_texts, n_shards, bias_jackknife (the
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
-    gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`.
+    gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
+    (`flag_at_bound`).
     """
     backend = analysis_backend(device)
     if backend is not None:
         return backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
-                                           noise_max=noise_max, gap_min=gap_min, device=device, batch_size=batch_size)
+                                           noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
+                                           batch_size=batch_size)
     shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)
     ks = _check_ks(ks)
@@ -931,7 +948,8 @@ def ntps_estimate(
     noise = _noise_of_solves(shards, ks, rtol, solves)
     gaps = _gap_frame(full, geometries, ks)
     return _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
-                          noise_max=noise_max, gap_min=gap_min, n_texts=sum(s.n_texts for s in shards))
+                          noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
+                          n_texts=sum(s.n_texts for s in shards))
 
 
 def _check_estimate_options(shards: list[Moments], level: float) -> None:
@@ -954,7 +972,7 @@ def _check_estimate_options(shards: list[Moments], level: float) -> None:
 
 def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliability: np.ndarray, loo: np.ndarray,
                    noise: pd.DataFrame, gaps: pd.DataFrame, *, level: float, noise_max: float, gap_min: float,
-                   n_texts: int) -> pd.DataFrame:
+                   n_texts: int, bound_se: float = BOUND_SE) -> pd.DataFrame:
     """`ntps_estimate`'s frame from the point estimate, the S leave-one-shard-out replicates of the
     estimator and the `subspace_noise` frame (shared by the numpy code and the torch backend).
 
@@ -966,7 +984,7 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
     loo : (S, K) the estimator with shard i left out (row i), NaN where a replicate failed.
     noise : `subspace_noise` of the same shards at ``ks``.
     gaps : `eigengap_ratios` of the same shards at ``ks``.
-    level, noise_max, gap_min : as in `ntps_estimate`.
+    level, noise_max, gap_min, bound_se : as in `ntps_estimate`.
     n_texts : texts in all the shards.
 
     Returns
@@ -992,7 +1010,7 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
     # NTPS lies in [0, 1]: an interval wholly outside it shows a bias beyond the stated uncertainty
     feasible = (lower <= 1.0) & (upper >= 0.0)
     reliable = finite & feasible & (per_direction <= noise_max) & (gap_ratio >= gap_min)
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "k": ks, "estimator": estimator, "estimate": estimate, "se": se, "lower": lower, "upper": upper,
         "level": level, "reliability": reliability, "reliable": reliable,
         "n_texts": n_texts, "n_shards": S, "bias_jackknife": bias_jackknife,
@@ -1000,3 +1018,41 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
         "bias_bound": noise["bias_bound"].to_numpy(), "k_U": k_u, "subspace_noise": per_direction,
         **{name: gaps[name].to_numpy() for name in ("gap_U", "gap_V", "gap_ratio_U", "gap_ratio_V", "gap_ratio")},
     })
+    return flag_at_bound(frame, bound_se)
+
+
+def flag_at_bound(frame: pd.DataFrame, bound_se: float = BOUND_SE) -> pd.DataFrame:
+    """Mark the rows of an `ntps_estimate` frame whose estimate is at the bounds of [0, 1].
+
+    A row is ``at_bound`` when its estimate lies within ``bound_se`` standard errors of 0 or 1, or
+    past either: min(estimate, 1 - estimate) < bound_se * se, or within `BOUND_ATOL` of either. There the population NTPS is most
+    likely 0 or 1, where the estimate's error is quadratic in the sampling noise and the
+    delete-one-shard jackknife overstates its variance by about 2 (S - 1) / (S - 2): the interval is
+    conservative (covered 0.985-1.00 at nominal 0.90 on the maps), so such a row is not
+    ``reliable`` (a reliable row's interval is calibrated). A row without a finite standard error is
+    not at_bound (nor reliable: its interval is not finite).
+
+    The result depends only on the frame's estimate, se and reliable columns, so an estimates table
+    written before this condition existed is brought up to date from its own values (the study's
+    estimates stage, version 2 to 3); from a table's 7 significant digits it differs from the
+    computation only where min(estimate, 1 - estimate) lies within about 1e-7 of bound_se * se.
+
+    Parameters
+    ----------
+    frame : DataFrame with columns estimate, se and reliable (bools, or 1.0 / 0.0).
+    bound_se : standard errors inside [0, 1] a reliable row's estimate must lie (default `BOUND_SE`).
+
+    Returns
+    -------
+    DataFrame: ``frame`` with ``at_bound`` set (added as the last column where it is new) and
+    ``reliable`` turned False where at_bound is True.
+    """
+    if not bound_se >= 0:
+        raise ValueError(f"bound_se must be a non-negative number, got {bound_se!r}")
+    estimate = frame["estimate"].to_numpy(dtype=float)
+    se = frame["se"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        distance = np.minimum(estimate, 1.0 - estimate)
+        at_bound = ((distance < bound_se * se) | (distance <= BOUND_ATOL)) & np.isfinite(se) & np.isfinite(estimate)
+    reliable = frame["reliable"].fillna(False).astype(bool).to_numpy()
+    return frame.assign(reliable=reliable & ~at_bound, at_bound=at_bound)

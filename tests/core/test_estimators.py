@@ -6,8 +6,9 @@ import pytest
 import pandas as pd
 import scipy.linalg
 
-from ntps_nb.core.estimators import (DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
-                                     eigengap_ratios, estimate_ntps, ntps_estimate, split_halves, subspace_noise)
+from ntps_nb.core.estimators import (BOUND_SE, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
+                                     eigengap_ratios, estimate_ntps, flag_at_bound, ntps_estimate, split_halves,
+                                     subspace_noise)
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import ntps, ntps_sweep
 from ntps_nb.core.simulate import lds_model, moments_of_array, sample_shards
@@ -72,9 +73,10 @@ def test_interval_table_and_jackknife_on_a_known_case():
     se = np.sqrt(5 / 6 * np.sum((loo - loo.mean()) ** 2))
     assert table["se"].iloc[0] == pytest.approx(se, rel=1e-10)
     assert (table["lower"] < table["estimate"]).all() and (table["estimate"] < table["upper"]).all()
-    # the flag is the subspace-noise and eigengap rule, the same for every estimator
+    # the flag is the subspace-noise, eigengap, [0, 1] and bound rule, the same for every estimator
+    inside = (table["estimate"] - BOUND_SE * table["se"] >= 0) & (table["estimate"] + BOUND_SE * table["se"] <= 1)
     rule = ((table["subspace_noise"] <= NOISE_MAX) & (table["gap_ratio"] >= GAP_MIN) & np.isfinite(table["lower"])
-            & np.isfinite(table["upper"]) & (table["lower"] <= 1) & (table["upper"] >= 0))
+            & np.isfinite(table["upper"]) & (table["lower"] <= 1) & (table["upper"] >= 0) & inside)
     np.testing.assert_array_equal(table["reliable"].to_numpy(), rule.to_numpy())
     assert rule.any() and not rule.all()  # this case exercises both outcomes
     other = ntps_estimate(shards, [1, 2], estimator="richardson", level=0.9)
@@ -227,6 +229,61 @@ def test_an_interval_wholly_outside_0_1_is_not_reliable():
                             noise_max=NOISE_MAX, gap_min=GAP_MIN, n_texts=400)
     assert table["upper"].iloc[2] < 0 < 1 < table["lower"].iloc[1]
     assert table["reliable"].tolist() == [True, False, False]
+
+
+def test_an_estimate_at_the_bounds_of_0_1_is_not_reliable():
+    # quiet subspaces, resolved gaps, intervals meeting [0, 1]: the rows whose estimate lies within
+    # BOUND_SE jackknife standard errors of 0 or 1, or past either, are at_bound and not reliable
+    from ntps_nb.core.estimators import _estimate_frame
+
+    ks = np.arange(1, 7)
+    estimate = np.array([0.5, 0.995, 0.004, 0.95, 1.003, 1.0])
+    loo = estimate + 0.01 * np.array([[1.0], [-1.0], [0.5], [-0.5]])
+    se = np.sqrt(3 / 4 * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))  # 0.0137 in every column
+    loo[:, 5] = 1.0  # an NTPS of exactly 1 (k beyond a rank): SE 0, still at the bound
+    noise = pd.DataFrame({"k": ks, "k_U": ks, "noise_U": 0.001 * ks, "noise_V": 0.001 * ks, "bias_bound": 0.0})
+    gaps = pd.DataFrame({"k": ks, "gap_U": 1.0, "gap_V": 1.0, "gap_ratio_U": 50.0, "gap_ratio_V": 50.0,
+                         "gap_ratio": 50.0})
+    table = _estimate_frame(ks, "richardson", estimate, np.full(6, np.nan), loo, noise, gaps, level=0.9,
+                            noise_max=NOISE_MAX, gap_min=GAP_MIN, n_texts=400)
+    assert np.all((table["lower"] <= 1) & (table["upper"] >= 0))  # the [0, 1] condition passes every row
+    np.testing.assert_allclose(table["se"].iloc[:5], se[:5])
+    distance = np.minimum(estimate, 1 - estimate)
+    assert distance[1] < BOUND_SE * se[1] and distance[3] > BOUND_SE * se[3]  # 0.005 against 0.0137 * BOUND_SE
+    assert table["at_bound"].tolist() == [False, True, True, False, True, True]
+    assert table["reliable"].tolist() == [True, False, False, True, False, False]
+    # bound_se = 0 keeps only the rows past 0 or 1 (or on them) out
+    loose = _estimate_frame(ks, "richardson", estimate, np.full(6, np.nan), loo, noise, gaps, level=0.9,
+                            noise_max=NOISE_MAX, gap_min=GAP_MIN, n_texts=400, bound_se=0.0)
+    assert loose["at_bound"].tolist() == [False, False, False, False, True, True]
+
+
+def test_flag_at_bound_reads_a_table_and_refuses_a_bad_bound():
+    frame = pd.DataFrame({"estimate": [0.999, 0.5, np.nan, 0.9999], "se": [0.01, 0.01, 0.01, np.nan],
+                          "reliable": [1.0, 1.0, 0.0, 0.0]})  # a table's flags read back as floats
+    out = flag_at_bound(frame)
+    assert out["at_bound"].tolist() == [True, False, False, False]  # no estimate or SE: not at the bound
+    assert out["reliable"].tolist() == [False, True, False, False]
+    assert list(out.columns) == ["estimate", "se", "reliable", "at_bound"]
+    pd.testing.assert_frame_equal(flag_at_bound(out), out)  # applying it twice changes nothing
+    with pytest.raises(ValueError, match="bound_se"):
+        flag_at_bound(frame, bound_se=-1.0)
+    with pytest.raises(ValueError, match="bound_se"):
+        flag_at_bound(frame, bound_se=np.nan)
+
+
+def test_the_bound_condition_removes_the_over_covering_rows_at_a_population_ntps_of_1():
+    # LDS, C = 2, nearly tied, k = 2, N / d = 32: the population NTPS is 0.9986, an extremum, where the
+    # estimate's error is quadratic and the jackknife SE ~1.5x too large. Of 200 draws, the rows
+    # meeting the flag's other conditions cover about 0.99 (binomial SE ~0.007): the bound condition
+    # takes most of them out of `reliable` (at_bound), and those it takes out are the over-covering ones.
+    model = lds_model(d=16, n_classes=2, n_tokens=8, signal=0.5, gap="tied", seed=17)
+    rows = _default_rows(model, 2, COVERAGE_DRAWS, seed=13)
+    assert 1 - rows["truth"].iloc[0] < 0.005
+    covered = (rows["lower"] <= rows["truth"]) & (rows["truth"] <= rows["upper"])
+    other = rows["reliable"] | rows["at_bound"]  # the noise, eigengap and [0, 1] conditions
+    assert other.sum() >= 0.9 * COVERAGE_DRAWS and covered[other].mean() >= 0.97
+    assert rows["at_bound"].sum() >= 0.75 * COVERAGE_DRAWS and covered[rows["at_bound"]].mean() >= 0.97
 
 
 def test_split_halves_is_a_seeded_partition():

@@ -89,6 +89,7 @@ from ntps_nb.core.diagnostics import (
     solver_deviations,
 )
 from ntps_nb.core.estimators import (
+    BOUND_SE,
     DEFAULT_ESTIMATOR,
     DEVICE_ESTIMATORS,
     ESTIMATORS,
@@ -2293,6 +2294,7 @@ def ntps_estimate_torch(
     rtol: float = RANGE_RTOL,
     noise_max: float = NOISE_MAX,
     gap_min: float = GAP_MIN,
+    bound_se: float = BOUND_SE,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
@@ -2316,7 +2318,7 @@ def ntps_estimate_torch(
     ks : (K,) positive integers, numbers of next-token directions.
     estimator : "richardson" (default) or "plugin"; the other estimators of
         `ntps_nb.core.estimators.ESTIMATORS` run in numpy only (a ValueError says so).
-    level, seed, rtol, noise_max, gap_min : as in `ntps_nb.core.estimators.ntps_estimate`.
+    level, seed, rtol, noise_max, gap_min, bound_se : as in `ntps_nb.core.estimators.ntps_estimate`.
     device, dtype : the torch device and precision of the solves.
     batch_size : combinations per batched solve (default: from free memory).
 
@@ -2374,4 +2376,5 @@ def ntps_estimate_torch(
     noise_frame = _noise_of(ks, reference, [compared[i - 1] for i in loo])
     gaps = _gap_frame(full_geometry, [None if isinstance(geometries[i], str) else geometries[i] for i in loo], ks)
     return _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps, level=level,
-                           noise_max=noise_max, gap_min=gap_min, n_texts=sum(s.n_texts for s in shards))
+                           noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
+                           n_texts=sum(s.n_texts for s in shards))
