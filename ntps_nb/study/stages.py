@@ -130,9 +130,10 @@ STAGES: tuple[Stage, ...] = (
                         "estimator", "interval_variants"), ("extraction",), "intervals", INTERVALS_COLUMNS),
     # the estimator's estimate, jackknife interval and reliability flag on the interval layers;
     # version 2: the flag also asks for resolved eigengaps at k (`estimators.GAP_MIN`) and an interval
-    # meeting [0, 1]; gap columns added
+    # meeting [0, 1]; gap columns added. Version 3: and an estimate inside [0, 1] by `estimators.BOUND_SE`
+    # standard errors (column at_bound), refreshed from a version-2 table (`REFRESHES`)
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed"), ("extraction",), "estimates",
-          ESTIMATES_COLUMNS, version=2),
+          ESTIMATES_COLUMNS, version=3),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
     Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
                           "n_permutations", "seed", "estimator"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS,
@@ -145,6 +146,21 @@ STAGES: tuple[Stage, ...] = (
           extras=("lora_predictions",)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def _estimates_from_version_2(table: pd.DataFrame) -> pd.DataFrame:
+    """An estimates table of stage version 2 at version 3: the flag's bound condition
+    (`ntps_nb.core.estimators.flag_at_bound`) applied to its own estimate, se and reliable columns."""
+    from ntps_nb.core.estimators import flag_at_bound
+
+    return flag_at_bound(table)
+
+
+#: Stages whose table of an earlier version is brought to the current version from that table's own
+#: values, with no extraction: stage name -> {earlier version: the function of its table}. A unit
+#: holding such a result (in its stage store or its unit folder, under the key of that version and
+#: the same settings) is refreshed instead of recomputed; its record names the version refreshed from.
+REFRESHES: dict[str, dict[int, Callable[[pd.DataFrame], pd.DataFrame]]] = {"estimates": {2: _estimates_from_version_2}}
 #: The stages computed from the extraction (everything but the extraction itself).
 ANALYSIS_STAGES = STAGE_NAMES[1:]
 #: Every table a unit can write: the stages' tables and their extras, in stage order.
@@ -1024,13 +1040,51 @@ _COMPUTE: dict[str, Callable[[_Unit], tuple]] = {
 }
 
 
+def _earlier_result(cfg: StudyConfig, model: str, dataset: str, name: str,
+                    store: StageStore) -> tuple[int, str, StageResult] | None:
+    """The newest result of stage ``name`` that `REFRESHES` can bring to the current version.
+
+    Looks under the key the stage had at each refreshable version (same settings, same inputs) in
+    the stage store, then in the complete unit folder (its recorded key for the stage must be that
+    key).
+
+    Parameters
+    ----------
+    cfg : StudyConfig
+    model, dataset : str
+        The unit's model and dataset names.
+    name : str
+        A stage name.
+    store : StageStore
+        The unit's stage store.
+
+    Returns
+    -------
+    (version, key, result) of the earlier result with a table, or None when there is none.
+    """
+    folder = cfg.unit_folder(model, dataset)
+    meta = _complete_unit_meta(folder, model, dataset)
+    for version in sorted(REFRESHES.get(name, {}), reverse=True):
+        key = stage_keys(cfg, model, dataset, versions={name: version})[name]
+        found = store.load(name, key)
+        table_path = folder / f"{STAGES[STAGE_NAMES.index(name)].table}.csv"
+        if (found is None and meta is not None and ((meta.get("stages") or {}).get(name) or {}).get("key") == key
+                and table_path.is_file()):
+            found = StageResult(_strip_provenance(pd.read_csv(table_path)),
+                                {"adopted_from": str(folder), **_computed_when(meta, name)})
+        if found is not None and found.table is not None:
+            return version, key, found
+    return None
+
+
 def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple | None = None,
              *, cache: str | os.PathLike | None = None, log: Callable[[str], None] = _say,
              store: StageStore | None = None, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Every table of one (model, dataset) unit; returns {table: frame, "unit": meta dict}.
 
     Stage by stage (`STAGES`): a stage whose key (`stage_keys`) is in the ``store`` (default
-    `stage_store`) is read from there, any other is computed and stored, so a changed setting
+    `stage_store`) is read from there, one with a result of an earlier version that `REFRESHES`
+    updates is refreshed from it, any other is computed and stored, so a changed setting
     recomputes only the stages that depend on it. A complete unit folder from before stages is
     mapped into the store first (`adopt_unit_folder`). The extraction runs only when a stage has
     to be computed.
@@ -1125,7 +1179,10 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             raise StudySettingsError(f"{model_name} x {dataset_name}: stages {held} are not stored under their current "
                                      "keys and there is no complete unit folder to keep them from; run the unit whole")
         todo = [name for name in todo if name in only]
-    reading = [name for name in todo if stage_enabled(cfg, name)]  # a stage that is off reads nothing
+    # results of an earlier version brought up to date from their own tables read no extraction
+    refreshable = {name: found for name in todo if stage_enabled(cfg, name)
+                   and (found := _earlier_result(cfg, model_name, dataset_name, name, store)) is not None}
+    reading = [name for name in todo if stage_enabled(cfg, name) and name not in refreshable]  # off: reads nothing
     kept = cache is not None or cfg.cache_extractions
 
     def run_extraction(data, settings):
@@ -1184,7 +1241,14 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                 u.host_solvers = _early_host_solvers(u)  # beside the GPU's intervals and estimates
                 if u.host_solvers is not None:
                     cleanup.push(u.host_solvers.__exit__)  # sees the exception: a failure stops the workers at once
-            if result is None:
+            if result is None and name in refreshable:
+                version, earlier_key, earlier = refreshable[name]
+                table = REFRESHES[name][version](earlier.table)
+                record = {**earlier.record, "refreshed_from": {"version": version, "key": earlier_key},
+                          "refreshed": _now()}
+                result = store.save(name, keys[name], table, record, extra=earlier.extra)
+                log(f"    {model_name} x {dataset_name}: {name} refreshed from its version-{version} table")
+            elif result is None:
                 t0 = time.perf_counter()
                 table, record, *more = _COMPUTE[name](u)
                 extra = more[0] if more else {}
@@ -1200,8 +1264,10 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             for extra_name, frame in result.extra.items():
                 tables[extra_name] = _with_provenance(frame, provenance)
             # a reused stage keeps the seconds and date of the run that computed it (timings_s: this run's)
-            stage_meta[name] = {"key": keys[name], "computed": name in todo, "seconds": result.record.get("seconds"),
-                                "finished": result.record.get("finished")}
+            stage_meta[name] = {"key": keys[name], "computed": name in todo and name not in refreshable,
+                                "seconds": result.record.get("seconds"), "finished": result.record.get("finished")}
+            if "refreshed_from" in result.record:
+                stage_meta[name]["refreshed_from"] = result.record["refreshed_from"]
             lap(name)
 
     tables["unit"] = {

@@ -1699,3 +1699,49 @@ def test_a_pooled_estimators_diagnostics_run_in_numpy_beside_a_torch_analysis(tm
     np.testing.assert_allclose(got.loc[theory, numbers].to_numpy(float), want.loc[theory, numbers].to_numpy(float),
                                rtol=1e-12, atol=1e-12)
     assert got.loc[~theory, "solver_max_dev"].notna().all()
+
+
+def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward_pass(tmp_path, monkeypatch,
+                                                                                         counted_extract, tiny_llama):
+    """Estimates stage version 3 adds the flag's bound condition (`flag_at_bound`), a function of the
+    table alone: a unit holding version-2 estimates, in its stage store or only in its unit folder,
+    is brought up to date from that table with no forward pass and no estimator call, and the result
+    is the version-3 table computed from the extraction, value for value."""
+    import ntps_nb.core.estimators as estimators
+    import ntps_nb.study.stages as stages
+
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    older = _smoke(tmp_path / "a", datasets=["trec6"], peers=False)
+    with monkeypatch.context() as then:  # the package as it was at estimates version 2
+        then.setattr(stages, "STAGES", tuple(dataclasses.replace(s, version=2) if s.name == "estimates" else s
+                                             for s in stages.STAGES))
+        then.setattr(estimators, "flag_at_bound", lambda frame, bound_se=None: frame)
+        v2 = study.run_unit(older, "tiny-llama", "trec6", tiny_llama, **quiet)
+        study.write_unit(older.unit_folder("tiny-llama", "trec6"), v2)
+    assert "at_bound" not in v2["estimates"].columns
+    fresh = study.run_unit(_smoke(tmp_path / "b", datasets=["trec6"], peers=False), "tiny-llama", "trec6",
+                           tiny_llama, **quiet)
+    assert fresh["unit"]["stages"]["estimates"]["computed"]
+
+    counts: dict[str, int] = {}
+    _counting(monkeypatch, estimators, "ntps_estimate", counts)
+    forward = len(counted_extract)
+    # from the stage store of the version-2 run, then from its unit folder alone (another results
+    # folder holding a copy of it, no stage store)
+    copied = _smoke(tmp_path / "c", datasets=["trec6"], peers=False)
+    shutil.copytree(older.unit_folder("tiny-llama", "trec6"), copied.unit_folder("tiny-llama", "trec6"))
+    for cfg in (older, copied):
+        assert study.stage_states(cfg, "tiny-llama", "trec6")["estimates"] == "stale"
+        refreshed = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, **quiet)
+        entry = refreshed["unit"]["stages"]["estimates"]
+        assert not entry["computed"] and entry["refreshed_from"]["version"] == 2
+        assert entry["refreshed_from"]["key"] == v2["unit"]["stages"]["estimates"]["key"] != entry["key"]
+        assert entry["seconds"] == v2["unit"]["stages"]["estimates"]["seconds"]  # the run that computed it
+        assert study.stage_states(cfg, "tiny-llama", "trec6")["estimates"] == "complete"
+        assert not {name for name, stage in refreshed["unit"]["stages"].items() if stage.get("computed")}
+        provenance = ["config_hash", "study"]
+        pd.testing.assert_frame_equal(refreshed["estimates"].drop(columns=provenance),
+                                      fresh["estimates"].drop(columns=provenance))
+        assert (refreshed["estimates"]["reliable"] == (v2["estimates"]["reliable"].astype(bool)
+                                                       & ~refreshed["estimates"]["at_bound"])).all()
+    assert len(counted_extract) == forward and counts.get("ntps_estimate", 0) == 0
