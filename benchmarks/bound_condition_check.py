@@ -11,7 +11,7 @@ frame's columns (so frames written before the condition are read the same way):
   and the cells with at least `MIN_ACCEPTED` accepted draws outside [0.85, 0.95] by the exact
   one-sided binomial tests of `estimator_flag_report` (each such cell listed);
 - pooled over the files, per ``c``: the accepted rows whose population NTPS lies within `NEAR` of 0 or
-  1 and the others, with their coverage.
+  1 and the others, with their coverage; and the per-file counts summed.
 
 ``--cells`` lists every cell with at least `MIN_ACCEPTED` accepted rows at each bound, with the exact
 one-sided p-values of its coverage against 0.85 (below) and 0.95 (above). ``--save-candidates DIR`` writes, per file, the rows meeting the other conditions with the columns
@@ -106,7 +106,8 @@ def main() -> None:
                     print(f"    cell {where}: {int(row['covered'])} of {int(row['n'])} ({row['covered'] / row['n']:.3f}), "
                           f"p below 0.85 {p_below:.3g}, p above 0.95 {p_above:.3g}")
             near = np.minimum(rows["truth"], 1 - rows["truth"]) < NEAR
-            pooled.append({"bound": bound, "near_rows": int(near.sum()), "near_covered": int(rows["covered"][near].sum()),
+            pooled.append({"bound": bound, "accepted": len(rows), "cells": len(g), "cells_below": int(below.sum()),
+                           "cells_above": int(above.sum()), "near_rows": int(near.sum()), "near_covered": int(rows["covered"][near].sum()),
                            "other_rows": int((~near).sum()), "other_covered": int(rows["covered"][~near].sum())})
     table = pd.DataFrame(pooled).groupby("bound").sum()
     table["near_coverage"] = (table["near_covered"] / table["near_rows"]).round(3)
@@ -114,6 +115,9 @@ def main() -> None:
     print(f"\nPooled over the files: accepted rows whose population NTPS lies within {NEAR:g} of 0 or 1 (near) "
           f"and the others, by bound (standard errors; 0: no bound condition)\n")
     print(table[["near_rows", "near_coverage", "other_rows", "other_coverage"]].to_string())
+    print(f"\nSummed over the files, by bound: accepted rows, cells with >= {MIN_ACCEPTED} of them, and those "
+          f"below 0.85 / above 0.95 by the exact tests\n")
+    print(table[["accepted", "cells", "cells_below", "cells_above"]].to_string())
 
 
 if __name__ == "__main__":
