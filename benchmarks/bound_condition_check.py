@@ -14,7 +14,8 @@ frame's columns (so frames written before the condition are read the same way):
   1 and the others, with their coverage; and the per-file counts summed.
 
 ``--cells`` lists every cell with at least `MIN_ACCEPTED` accepted rows at each bound, with the exact
-one-sided p-values of its coverage against 0.85 (below) and 0.95 (above). ``--save-candidates DIR`` writes, per file, the rows meeting the other conditions with the columns
+one-sided p-values of its coverage against 0.85 (below) and 0.95 (above), and the SD of its accepted
+estimates beside their median jackknife SE. ``--save-candidates DIR`` writes, per file, the rows meeting the other conditions with the columns
 this report reads (small enough to commit; the report reads them back like full frames). Example:
 
     python benchmarks/bound_condition_check.py benchmarks/results/estimator_map/bound/candidates_*.csv.gz
@@ -64,7 +65,8 @@ def kept(frame: pd.DataFrame, bound: float) -> pd.Series:
 
 def cell_tests(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Per cell with at least `MIN_ACCEPTED` rows: rows, covered, truth; and the exact band tests."""
-    g = frame.groupby(CELL).agg(n=("covered", "size"), covered=("covered", "sum"), truth=("truth", "first"))
+    g = frame.groupby(CELL).agg(n=("covered", "size"), covered=("covered", "sum"), truth=("truth", "first"),
+                                sd=("estimate", "std"), median_se=("se", "median"))
     g = g[g["n"] >= MIN_ACCEPTED]
     below, above = exact_band_tests(g["covered"], g["n"])
     return g, below, above
@@ -104,7 +106,8 @@ def main() -> None:
                     p_below = scipy.stats.binom.cdf(row["covered"], row["n"], 0.85)
                     p_above = scipy.stats.binom.sf(row["covered"] - 1, row["n"], 0.95)
                     print(f"    cell {where}: {int(row['covered'])} of {int(row['n'])} ({row['covered'] / row['n']:.3f}), "
-                          f"p below 0.85 {p_below:.3g}, p above 0.95 {p_above:.3g}")
+                          f"p below 0.85 {p_below:.3g}, p above 0.95 {p_above:.3g}; SD of the estimates "
+                          f"{row['sd']:.3f}, median SE {row['median_se']:.3f}")
             near = np.minimum(rows["truth"], 1 - rows["truth"]) < NEAR
             pooled.append({"bound": bound, "accepted": len(rows), "cells": len(g), "cells_below": int(below.sum()),
                            "cells_above": int(above.sum()), "near_rows": int(near.sum()), "near_covered": int(rows["covered"][near].sum()),

@@ -152,7 +152,7 @@ def gap_scan(args) -> None:
     """The k <= ``--gap-scan`` at which each eigengap ratio of the cached shards (all of them) reaches
     `GAP_MIN`, per dataset: where V_k (next-token) and U_k (perception) are resolved by the sample;
     and the k whose subspace noise is at most `NOISE_MAX` and whose row the default estimate flags
-    reliable (all three conditions of `ntps_estimate`)."""
+    reliable (every condition of `ntps_estimate`)."""
     from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, ntps_estimate
 
     ks = np.arange(1, args.gap_scan + 1)
