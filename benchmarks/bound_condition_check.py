@@ -13,6 +13,7 @@ frame's columns (so frames written before the condition are read the same way):
 - pooled over the files, per ``c``: the accepted rows whose population NTPS lies within `NEAR` of 0 or
   1 and the others, with their coverage; and the per-file counts summed.
 
+``--gap-min`` / ``--noise-max`` ask a stricter eigengap / noise condition than the flag's (what-if).
 ``--cells`` lists every cell with at least `MIN_ACCEPTED` accepted rows at each bound, with the exact
 one-sided p-values of its coverage against 0.85 (below) and 0.95 (above), and the SD of its accepted
 estimates beside their median jackknife SE. ``--save-candidates DIR`` writes, per file, the rows meeting the other conditions with the columns
@@ -78,11 +79,18 @@ def main() -> None:
     parser.add_argument("--bounds", type=float, nargs="+", default=[0.0, 0.5, BOUND_SE, 2.0])
     parser.add_argument("--save-candidates", metavar="DIR", help="write each file's candidate rows there")
     parser.add_argument("--cells", action="store_true", help="list every cell with enough accepted rows")
+    parser.add_argument("--gap-min", type=float, default=GAP_MIN,
+                        help=f"a stricter eigengap condition than the flag's (at least GAP_MIN = {GAP_MIN:g})")
+    parser.add_argument("--noise-max", type=float, default=NOISE_MAX,
+                        help=f"a stricter noise condition than the flag's (at most NOISE_MAX = {NOISE_MAX:g})")
     args = parser.parse_args()
+    if args.gap_min < GAP_MIN or args.noise_max > NOISE_MAX:
+        parser.error("--gap-min and --noise-max can only be stricter than the flag's (the candidates are its rows)")
     pd.set_option("display.width", 200)
     pooled = []
     for path in args.draws:
         frame = candidates(pd.read_csv(path))
+        frame = frame[(frame["gap_ratio"] >= args.gap_min) & (frame["subspace_noise"] <= args.noise_max)]
         frame["covered"] = frame["covered"].astype(bool)
         name = Path(path).name
         if args.save_candidates:
