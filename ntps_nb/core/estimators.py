@@ -893,7 +893,10 @@ def ntps_estimate(
     about 2 (S - 1) / (S - 2) times too large (S shards; rows meeting the other conditions covered
     0.985-1.00 at nominal 0.90 on the maps). Such a row is not ``reliable`` but ``at_bound``
     (`flag_at_bound`: its estimate within ``bound_se`` standard errors of 0 or 1, or past either):
-    read its interval as conservative, not as calibrated (docs/estimator.md).
+    read its interval as conservative, not as calibrated (docs/estimator.md). One simulated design
+    is known where reliable rows under-cover: d = 64, an LDS with 2 classes and moderate eigengaps,
+    k = 1, N/d = 32 (0.62 in 2 of 5 populations: the estimates spread 1.6-1.8x their jackknife SE
+    while the shards agree; docs/estimator.md, "A design where the flag fails").
 
     Parameters
     ----------
