@@ -65,6 +65,10 @@ def main() -> None:
               f"{int(rows['reliable_now'].sum())} now, the same rows in every unit: "
               f"{bool(rows['same_reliable_rows'].all())}; estimates stage times {rows['estimates_seconds'].min():.0f}-"
               f"{rows['estimates_seconds'].max():.0f} s (the run that computed it, forward pass not included)")
+        gone = rerun[rerun["reliable_then"].astype(bool) & ~rerun["reliable_now"].astype(bool)]
+        if len(gone):
+            print("rows that left reliable (at_bound where the bound condition took them):")
+            print(gone[KEYS + ["estimate_now", "se_now", "lower_now", "upper_now", "at_bound_now"]].to_string(index=False))
     else:
         print("none")
     refreshed = both[both["gap_ratio_then"].notna() & both["at_bound_then"].isna() & both["at_bound_now"].notna()]
