@@ -33,9 +33,9 @@ import pandas as pd
 import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
+from estimator_flag_report import CELL, MIN_ACCEPTED, accepted, exact_band_tests  # noqa: E402
 
-from ntps_nb.core.estimators import BOUND_ATOL, BOUND_SE, GAP_MIN, NOISE_MAX  # noqa: E402
+from ntps_nb.core.estimators import BOUND_SE, GAP_MIN, NOISE_MAX, flag_at_bound  # noqa: E402
 
 #: A population NTPS within this of 0 or 1 counts as at the bound in the pooled table.
 NEAR = 0.005
@@ -48,10 +48,7 @@ def candidates(frame: pd.DataFrame) -> pd.DataFrame:
     """The richardson rows meeting the flag's conditions other than the bound: finite interval meeting
     [0, 1], subspace noise at most `NOISE_MAX`, eigengap ratio at least `GAP_MIN`."""
     f = frame[frame["estimator"] == "richardson"]
-    if "gap_ratio" not in f.columns:
-        raise SystemExit("these draws have no gap_ratio column (written before the eigengap condition)")
-    ok = (np.isfinite(f["lower"]) & np.isfinite(f["upper"]) & (f["lower"] <= 1) & (f["upper"] >= 0)
-          & (f["subspace_noise"] <= NOISE_MAX) & (f["gap_ratio"] >= GAP_MIN))
+    ok = accepted(f, NOISE_MAX, GAP_MIN) & (f["lower"] <= 1) & (f["upper"] >= 0)
     return f.loc[ok, [c for c in KEEP if c in f.columns]].reset_index(drop=True)
 
 
@@ -60,8 +57,7 @@ def kept(frame: pd.DataFrame, bound: float) -> pd.Series:
     decides (0: every row, no bound condition)."""
     if bound == 0:
         return pd.Series(True, index=frame.index)
-    distance = np.minimum(frame["estimate"], 1 - frame["estimate"])
-    return ~((distance < bound * frame["se"]) | (distance <= BOUND_ATOL))
+    return ~flag_at_bound(frame.assign(reliable=True), bound)["at_bound"]
 
 
 def cell_tests(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
