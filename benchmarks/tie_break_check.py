@@ -6,7 +6,9 @@ first; a sample that swaps u_1 and u_2 reads the second); then over ``--draws`` 
 texts in 10 shards (seeded as `ntps_nb.core.simulate.estimator_map` seeds them) the perception gap
 at k_U = 1 (lambda_1 - lambda_2): its mean and SD across draws against its median delete-one-shard
 jackknife SE, the population gap over that SD (the ratio the flag's eigengap condition estimates, to
-compare with `GAP_MIN`), and the draws the flag accepts with their coverage. Example
+compare with `GAP_MIN`), how often the sample ratio passes `GAP_MIN` against how often it would if the
+SE in its denominator were exact (a normal sample gap), and the draws the flag accepts with their
+coverage. Example
 (docs/estimator.md):
 
     python benchmarks/tie_break_check.py --seeds 15 23 24 25 26 --draws 100
@@ -18,6 +20,7 @@ import argparse
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 from threadpoolctl import threadpool_limits
 
 from ntps_nb.core.estimators import GAP_MIN, ntps_estimate
@@ -46,7 +49,11 @@ def one_population(seed: int, draws: int) -> dict:
             "u1_in_V1 (truth)": truth, "u2_in_V1": geometry.projected[0, 1], "draws": draws,
             "gap_mean": t["gap_U"].mean(), "gap_sd": t["gap_U"].std(),
             "gap_median_se": (t["gap_U"] / t["gap_ratio_U"]).median(),
-            "population_gap_ratio": gap / t["gap_U"].std(), "accepted": int(accepted.sum()),
+            "population_gap_ratio": gap / t["gap_U"].std(),
+            # how often the sample ratio passes GAP_MIN, against a normal sample gap over a known SE
+            "share_ratio_ge_gap_min": float(np.mean(t["gap_ratio_U"] >= GAP_MIN)),
+            "normal_share": float(scipy.stats.norm.sf(GAP_MIN - gap / t["gap_U"].std())),
+            "accepted": int(accepted.sum()),
             "accepted_coverage": covered[accepted].mean() if accepted.any() else np.nan,
             "accepted_gap_ratio_median": t.loc[accepted, "gap_ratio_U"].median() if accepted.any() else np.nan}
 
