@@ -896,8 +896,10 @@ def ntps_estimate(
     (`flag_at_bound`: its estimate within ``bound_se`` standard errors of 0 or 1, or past either):
     read its interval as conservative, not as calibrated (docs/estimator.md). One simulated design
     is known where reliable rows under-cover: d = 64, an LDS with 2 classes and moderate eigengaps,
-    k = 1, N/d = 32 (0.62 in 2 of 5 populations: the estimates spread 1.6-1.8x their jackknife SE
-    while the shards agree; docs/estimator.md, "A design where the flag fails").
+    k = 1, N/d = 32 (0.29-0.69 in 4 of 13 populations): the two perception eigenvalues at k are
+    nearly tied, the jackknife interval of an eigenvector rotated across a gap of a few SDs
+    under-covers, and the eigengap condition cannot tell such a population from a resolved one
+    (docs/estimator.md, "Why the near-tied design fails").
 
     Parameters
     ----------
