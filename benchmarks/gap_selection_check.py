@@ -15,10 +15,12 @@ models whose truth is known and reads the map's frames:
   off the diagonal, so the population ratio delta = g / sqrt 2 is the gap over the SD of its diagonal
   noise), the leading eigenvector u of their mean, its sample gap the eigenvalue difference, and an
   NTPS-like score (u . v)^2 with v = (alpha, beta): truth alpha^2, beta^2 the score of the other
-  eigenvector (pairs as in `tie_break_report.txt`'s populations). Printed per delta: coverage over all
+  eigenvector (pairs as in `tie_break_report.txt`'s populations: `EXACT_PAIRS`). Printed per delta: coverage over all
   draws, the share accepted and their coverage, the SD of their z = error / SE; the exact model's
   coverage per bin of the sample ratio; and, in the exact model, the coverage of the eigenvector's
-  angle and of its linearised rotation h / (g' ) among all and accepted draws, with the mean |h| of each.
+  angle and of its linearised rotation h / (g') among all and accepted draws, with the mean |h| of each;
+  (3) in the exact model, a candidate interval: the jackknife-t interval widened to the score's range
+  over the rotations of the sample eigenvector the shards allow (the "rotation hull", `exact_draws`).
 - frames (per-draw csv.gz of `benchmarks/estimator_map.py`, or candidate frames): the flag's accepted
   rows (noise, eigengap, [0, 1] and bound conditions) by bin of the sample gap ratio, in the failing
   design and in every other cell; and per frame of the failing design, its accepted k = 1 rows'
@@ -118,17 +120,39 @@ def exact_draws(delta: float, alpha2: float, beta2: float, draws: int, shards: i
         rotation = a[..., 0, 1] / (a[..., 0, 0] - a[..., 1, 1])
         return w[..., 1] - w[..., 0], (u @ v) ** 2, np.arctan2(u[..., 1], u[..., 0]), rotation
 
-    gap, score, angle, rotation = statistics(total / S)
-    loo = statistics((total[:, None] - m) / (S - 1))
+    mean = total / S
+    gap, score, angle, rotation = statistics(mean)
+    replicates = (total[:, None] - m) / (S - 1)
+    loo = statistics(replicates)
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     score_se = _jackknife_se(loo[1])
+    lower, upper = score - t * score_se, score + t * score_se
+    # The rotation hull: the replicates in the sample eigenbasis give the jackknife SEs of the
+    # off-diagonal entry and of the diagonal gap there; the population eigenvector lies within
+    # phi_max = atan(2 t se_h / (gap - t se_gap)) / 2 of the sample one (any angle where the
+    # denominator is not positive), and the interval is widened to the score's range over those rotations.
+    _, basis = np.linalg.eigh(mean)
+    local = np.einsum("dji,dsjk,dkl->dsil", basis, replicates, basis)
+    se_h = _jackknife_se(local[..., 0, 1])
+    se_gap = _jackknife_se(local[..., 1, 1] - local[..., 0, 0])
+    denominator = gap - t * se_gap
+    phi_max = np.where(denominator > 0, 0.5 * np.arctan2(2 * t * se_h, np.maximum(denominator, 1e-300)), np.pi / 2)
+    phis = np.linspace(-1.0, 1.0, HULL_ANGLES)[None, :] * phi_max[:, None]
+    lead, other = basis[..., :, 1], basis[..., :, 0]
+    rotated = np.cos(phis)[..., None] * lead[:, None, :] + np.sin(phis)[..., None] * other[:, None, :]
+    scores = (rotated @ v) ** 2
+    hull_lower, hull_upper = np.minimum(lower, scores.min(axis=1)), np.maximum(upper, scores.max(axis=1))
     return pd.DataFrame({"ratio": gap / _jackknife_se(loo[0]), "covered": np.abs(score - alpha2) <= t * score_se,
                          "z": (score - alpha2) / score_se,
                          "angle_covered": np.abs(angle) <= t * _jackknife_se(loo[2]),
                          "rotation_covered": np.abs(rotation) <= t * _jackknife_se(loo[3]),
-                         "abs_h": np.abs(total[:, 0, 1] / S)})
+                         "abs_h": np.abs(total[:, 0, 1] / S),
+                         "hull_covered": (hull_lower <= alpha2) & (alpha2 <= hull_upper),
+                         "hull_width_ratio": (hull_upper - hull_lower) / (upper - lower)})
 
 
+#: Rotation angles the hull interval evaluates the score at, evenly over [-phi_max, phi_max].
+HULL_ANGLES = 41
 #: (alpha^2, beta^2) of the exact model: the k = 1 truths of the failing design's populations,
 #: u1 and u2 in V_1 in `tie_break_report.txt` (seeds 23, 15, 26, 24).
 EXACT_PAIRS = [(0.1513, 0.6087), (0.2892, 0.4787), (0.3786, 0.3942), (0.7922, 0.0003)]
@@ -162,8 +186,8 @@ def toy_report(draws: int, shards: int, seed: int) -> None:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
     print("\n## (2) exact two-dimensional model: the leading eigenvector of a 2 x 2 mean, score (u . v)^2")
-    exact_deltas = [2, 3, 4, 6, 10, 20]
-    rows, by_bin, parts = [], [], []
+    exact_deltas = [2, 3, 4, 6, 10, 20, 50]
+    rows, by_bin, parts, hull = [], [], [], []
     for alpha2, beta2 in EXACT_PAIRS:
         for delta in exact_deltas:
             f = exact_draws(delta, alpha2, beta2, draws, shards, rng)
@@ -175,6 +199,10 @@ def toy_report(draws: int, shards: int, seed: int) -> None:
             a = f[f["ratio"] >= GAP_MIN]
             row["z_sd_accepted"] = a["z"].std() if len(a) > 1 else np.nan
             rows.append(row)
+            hull.append({"alpha2": alpha2, "beta2": beta2, "delta": delta, "coverage_all": f["covered"].mean(),
+                         "hull_coverage_all": f["hull_covered"].mean(), "coverage_accepted": a["covered"].mean(),
+                         "hull_coverage_accepted": a["hull_covered"].mean(),
+                         "median_width_ratio_accepted": a["hull_width_ratio"].median()})
             if (alpha2, beta2) == EXACT_PAIRS[0]:
                 parts.append({"delta": delta,
                               "angle_all": f["angle_covered"].mean(), "angle_accepted": a["angle_covered"].mean(),
@@ -192,6 +220,11 @@ def toy_report(draws: int, shards: int, seed: int) -> None:
     print("\nthe eigenvector's angle and its linearised rotation h / (g') (same draws), and the mean |h| of the "
           "draws, all and accepted (ratio >= GAP_MIN):")
     print(pd.DataFrame(parts).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print("\n## (3) the rotation hull in the exact model (a candidate, not in the package): the jackknife-t interval "
+          "widened to the score's range over the rotations within phi_max of the sample eigenvector "
+          "(exact_draws); coverage over all and accepted draws, and the accepted draws' median width over the "
+          "jackknife-t width")
+    print(pd.DataFrame(hull).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
 def _flag_accepted(frame: pd.DataFrame) -> pd.Series:
