@@ -163,7 +163,8 @@ def toy_report(draws: int, shards: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     deltas = [2, 2.5, 3, 4, 5, 6, 8, 12, 20]
     thresholds = [GAP_MIN, 8.0, 10.0]
-    print(f"{draws:,} draws per population ratio delta, {shards} shards, nominal 0.90, seed {seed}, GAP_MIN = {GAP_MIN:g}")
+    print(f"{draws:,} draws per population ratio delta, {shards} shards, nominal 0.90, seed {seed}, "
+          f"GAP_MIN = {GAP_MIN:g}")
     print("(binomial SE of a coverage p over n accepted draws: sqrt(p (1 - p) / n), e.g. 0.009 at n = 1,000)")
     print("\n## (1) linear model: theta = mean(h) / mean(gap), gap and h independent")
     frames = {delta: toy_draws(delta, draws, shards, rng) for delta in deltas}
@@ -315,7 +316,7 @@ def with_split_halves(path: str, seed: int, out: Path) -> None:
     from ntps_nb.core.intervals import theory_values
     from ntps_nb.core.moments import Moments
     from ntps_nb.core.score import theory_geometry
-    from ntps_nb.core.simulate import estimator_map, lds_model, sample_shards  # noqa: F401 (the draws' recipe)
+    from ntps_nb.core.simulate import lds_model, sample_shards
 
     f = pd.read_csv(path)
     f = f[(f["estimator"] == "richardson")]

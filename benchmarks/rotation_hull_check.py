@@ -1,0 +1,223 @@
+"""The rotation hull on the estimator map: does widening a reliable row's interval over the rotations
+the shards allow make the near-tied design cover without over-covering the others?
+
+`gap_selection_check.py --toy` shows, on an exact two-dimensional model, that the jackknife interval of
+an eigenvector's score under-covers where the population eigengap is 2-4 SDs, and that the "rotation
+hull" (the interval widened to the score's range over the rotations of the sample eigenvector within
+phi_max) keeps it at 0.87-0.95 from population ratio 2 to 50. This script carries the hull to NTPS:
+
+For each row the flag accepts in the given candidate frames (richardson rows of
+`benchmarks/estimator_map.py`, as `gap_selection_check.py --save-candidates` or the bound/ candidates
+keep them), the row's draw is generated again from the map's recipe (the model of its design and run
+seed, rng [seed, 0, round(1000 N/d), draw]; the eigengap ratios recomputed from those shards must
+match the frame's, or the script stops). At k, with k_U = min(k, m):
+
+- U side (when k_U < m): the pooled perception eigenvectors u_{k_U}, u_{k_U + 1} (Sxx-orthonormal);
+  each delete-one-shard replicate's u_{k_U} has angle theta_s = atan(<u_{k_U + 1}, x_s> / <u_{k_U}, x_s>)
+  in the pooled Sxx inner product; phi_U = atan(2 t se(theta) r_U / (r_U - t)) / 2 with r_U the
+  perception eigengap ratio and t the interval's Student-t quantile (any angle up to pi / 2 where
+  r_U <= t); the same exact-model formula, with se_h / gap ~ se(theta).
+- V side (when k < r_V): v_k, v_{k + 1} of the next-token problem in the pooled C0 inner product, phi_V
+  likewise from r_V.
+- NTPS_theory is evaluated on a grid of `GRID` x `GRID` rotations (u_{k_U} towards u_{k_U + 1} by
+  phi in [-phi_U, phi_U], v_k towards v_{k + 1} by psi in [-phi_V, phi_V]) of the pooled subspaces;
+  the hull is [min, max] of those values shifted by the row's estimate minus the pooled plug-in
+  (richardson's correction), joined with the row's interval. The grid's centre must reproduce the
+  pooled plug-in (checked).
+
+Printed: per cell with at least `MIN_ACCEPTED` accepted rows, the coverage of the row's interval and
+of the hull, with the exact binomial tests of `estimator_flag_report.py`; pooled coverage and median
+width ratio. The per-row results go to ``--out`` (csv.gz). Example:
+
+    python benchmarks/rotation_hull_check.py benchmarks/results/estimator_map/bound/candidates_draws_d16_seed14.csv.gz --out hull_d16_seed14.csv.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
+from gap_selection_check import FAILING, _flag_accepted  # noqa: E402
+
+from ntps_nb.core.estimators import eigengap_ratios  # noqa: E402
+from ntps_nb.core.moments import Moments  # noqa: E402
+from ntps_nb.core.score import theory_geometry  # noqa: E402
+from ntps_nb.core.simulate import factor_model, lds_model, sample_shards  # noqa: E402
+from ntps_nb.core.subspaces import next_token_subspace, perception_subspace  # noqa: E402
+
+FAMILIES = {"factor": factor_model, "lds": lds_model}
+#: Rotation angles per side the hull evaluates NTPS at, evenly over [-phi, phi].
+GRID = 9
+#: Largest relative difference between the recomputed and the frame's eigengap ratio (the frames
+#: keep about 16 significant digits; the solves agree to rounding).
+RATIO_RTOL = 1e-6
+#: Largest difference between the grid's centre and the pooled plug-in NTPS.
+CENTRE_ATOL = 1e-9
+DRAW = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "task_seed", "draw"]
+
+
+def _angle_se(pooled_vectors: np.ndarray, metric: np.ndarray, replicate_vectors: list[np.ndarray]) -> float:
+    """Jackknife SE of the replicates' angle in the plane of the two pooled vectors (columns of
+    ``pooled_vectors``, orthonormal in ``metric``)."""
+    coords = np.array([pooled_vectors.T @ metric @ x for x in replicate_vectors])   # (S, 2)
+    theta = np.arctan(coords[:, 1] / coords[:, 0])
+    S = theta.size
+    return float(np.sqrt((S - 1) / S * np.sum((theta - theta.mean()) ** 2)))
+
+
+def _phi_max(se_theta: float, ratio: float, t: float) -> float:
+    if not np.isfinite(ratio) or ratio <= t or not np.isfinite(se_theta):
+        return np.pi / 2
+    return 0.5 * np.arctan(2 * t * se_theta * ratio / (ratio - t))
+
+
+def _ntps_grid(U, V, k: int, phis: np.ndarray, psis: np.ndarray) -> np.ndarray:
+    """NTPS_theory(k) with u_{k_U} rotated towards u_{k_U + 1} by each phi and v_k towards v_{k + 1} by
+    each psi (the pooled subspaces otherwise); as `_theory_geometry_of` computes it."""
+    m = U.rank_A
+    kU = min(k, m)
+    Q_r, s_r = U.range_basis, U.range_eigenvalues
+    u = Q_r.T @ U.whitened[:, : min(kU + 1, m)]
+    v = np.sqrt(s_r)[:, None] * (Q_r.T @ V.vectors[:, : min(k + 1, V.rank_B)])
+    out = np.empty((phis.size, psis.size))
+    for i, phi in enumerate(phis):
+        uu = u[:, :kU].copy()
+        if phi != 0.0:
+            uu[:, kU - 1] = np.cos(phi) * u[:, kU - 1] + np.sin(phi) * u[:, kU]
+        for j, psi in enumerate(psis):
+            vv = v[:, :k].copy()
+            if psi != 0.0:
+                vv[:, k - 1] = np.cos(psi) * v[:, k - 1] + np.sin(psi) * v[:, k]
+            basis, _ = np.linalg.qr(vv)
+            out[i, j] = np.clip(np.sum((basis.T @ uu) ** 2) / kU, 0.0, 1.0)
+    return out
+
+
+def hull_of_draw(args) -> pd.DataFrame:
+    """The hull of each accepted row of one draw (``rows``: its frame rows)."""
+    key, rows = args
+    family, d, C, gap, ratio, seed, draw = key
+    model = FAMILIES[family](d=int(d), n_classes=int(C), n_tokens=8, gap=gap, seed=int(seed))
+    n_shards = int(rows["n_shards"].iloc[0])
+    n_texts = max(int(round(ratio * model.d)), n_shards)
+    rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), int(draw)])
+    shards = sample_shards(model, n_texts, n_shards, rng)
+    ks = np.sort(rows["k"].unique())
+    gaps = eigengap_ratios(shards, ks).set_index("k")
+    expected = rows.set_index("k")["gap_ratio"]
+    if not np.allclose(gaps.loc[expected.index, "gap_ratio"], expected, rtol=RATIO_RTOL, atol=0):
+        raise SystemExit(f"draw {key} does not regenerate: gap ratios {gaps['gap_ratio'].tolist()} against {expected.tolist()}")
+    pooled = Moments.combine(shards)
+    U, V = perception_subspace(pooled), next_token_subspace(pooled)
+    plugin = theory_geometry(pooled)
+    pools = [Moments.combine([s for j, s in enumerate(shards) if j != i]) for i in range(n_shards)]
+    reps = [(perception_subspace(p), next_token_subspace(p)) for p in pools]
+    t = scipy.stats.t.ppf(0.95, n_shards - 1)      # the nominal 0.90 interval of the map
+    out = []
+    for _, row in rows.iterrows():
+        k = int(row["k"])
+        m = U.rank_A
+        kU = min(k, m)
+        phi_U = phi_V = 0.0
+        if kU < m:
+            se = _angle_se(U.vectors[:, kU - 1: kU + 1], pooled.Sxx, [r[0].vectors[:, kU - 1] for r in reps])
+            phi_U = _phi_max(se, gaps.loc[k, "gap_ratio_U"], t)
+        if k < V.rank_B:
+            se = _angle_se(V.vectors[:, k - 1: k + 1], pooled.C0, [r[1].vectors[:, k - 1] for r in reps])
+            phi_V = _phi_max(se, gaps.loc[k, "gap_ratio_V"], t)
+        phis = np.linspace(-phi_U, phi_U, GRID) if phi_U > 0 else np.zeros(1)
+        psis = np.linspace(-phi_V, phi_V, GRID) if phi_V > 0 else np.zeros(1)
+        grid = _ntps_grid(U, V, k, phis, psis)
+        centre = grid[phis.size // 2, psis.size // 2]
+        if abs(centre - plugin.ntps(k)) > CENTRE_ATOL:
+            raise SystemExit(f"draw {key}, k = {k}: the grid's centre {centre} is not the plug-in {plugin.ntps(k)}")
+        shift = row["estimate"] - plugin.ntps(k)
+        lower = min(row["lower"], grid.min() + shift)
+        upper = max(row["upper"], grid.max() + shift)
+        out.append({**row.to_dict(), "phi_U": phi_U, "phi_V": phi_V, "plugin": plugin.ntps(k),
+                    "grid_min": grid.min(), "grid_max": grid.max(), "hull_lower": lower, "hull_upper": upper,
+                    "hull_covered": lower <= row["truth"] <= upper,
+                    "hull_width_ratio": (upper - lower) / (row["upper"] - row["lower"])})
+    return pd.DataFrame(out)
+
+
+def report(f: pd.DataFrame) -> None:
+    f = f.drop_duplicates(subset=CELL + ["task_seed", "draw"], keep="last")   # a rerun repeats its first draws
+    f = f.assign(failing=[all(r[c] == v for c, v in FAILING.items()) for _, r in f.iterrows()])
+    print(f"{len(f):,} accepted rows, {f.groupby(DRAW).ngroups:,} draws; pooled coverage: interval "
+          f"{f['covered'].mean():.3f}, hull {f['hull_covered'].mean():.3f}; median width ratio "
+          f"{f['hull_width_ratio'].median():.3f} (90% quantile {f['hull_width_ratio'].quantile(0.9):.3f})")
+    cells = f.groupby(CELL + ["task_seed"]).agg(accepted=("covered", "size"), covered=("covered", "sum"),
+                                                hull_covered=("hull_covered", "sum"), failing=("failing", "first"),
+                                                width_ratio=("hull_width_ratio", "median")).reset_index()
+    cells = cells[cells["accepted"] >= MIN_ACCEPTED]
+    below, above = exact_band_tests(cells["covered"], cells["accepted"])
+    hull_below, hull_above = exact_band_tests(cells["hull_covered"], cells["accepted"])
+    cells = cells.assign(coverage=cells["covered"] / cells["accepted"], hull=cells["hull_covered"] / cells["accepted"],
+                         below=below, above=above, hull_below=hull_below, hull_above=hull_above)
+    print(f"cells (design x seed) with >= {MIN_ACCEPTED} accepted rows: {len(cells)}; significantly below 0.85: "
+          f"interval {int(below.sum())}, hull {int(hull_below.sum())}; above 0.95: interval {int(above.sum())}, "
+          f"hull {int(hull_above.sum())}")
+    print(f"  their coverage outside [0.85, 0.95] as a point value (not tested): interval "
+          f"{int((cells['coverage'] < 0.85).sum())} below / {int((cells['coverage'] > 0.95).sum())} above, hull "
+          f"{int((cells['hull'] < 0.85).sum())} below / {int((cells['hull'] > 0.95).sum())} above; the hull's median "
+          f"width ratio per cell {cells['width_ratio'].min():.3f}-{cells['width_ratio'].max():.3f}")
+    show = cells[cells["failing"] | cells["below"] | cells["above"] | cells["hull_below"] | cells["hull_above"]]
+    columns = CELL[:-1] + ["task_seed", "accepted", "coverage", "hull", "width_ratio", "below", "hull_below", "hull_above"]
+    print(show[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("frames", nargs="*")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--report", type=Path, nargs="*", help="report hull frames written before (--out)")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--ks", type=int, nargs="*", help="only the rows at these k")
+    parser.add_argument("--max-draws", type=int, default=None,
+                        help="at most this many draws per design and seed (the first ones), for a quick run")
+    args = parser.parse_args()
+    if args.report:
+        report(pd.concat([pd.read_csv(p) for p in args.report], ignore_index=True))
+        return
+    parts = []
+    for path in args.frames:
+        f = pd.read_csv(path)
+        f = f[(f["estimator"] == "richardson")]
+        f = f[_flag_accepted(f)]
+        parts.append(f[f["k"].isin(args.ks)] if args.ks else f)
+    f = pd.concat(parts, ignore_index=True).drop_duplicates(subset=CELL + ["task_seed", "draw"], keep="last")
+    groups = list(f.groupby(DRAW))
+    if args.max_draws:
+        counts: dict = {}
+        chosen = []
+        for key, rows in groups:
+            counts[key[:-1]] = counts.get(key[:-1], 0) + 1
+            if counts[key[:-1]] <= args.max_draws:
+                chosen.append((key, rows))
+        groups = chosen
+    start = time.time()
+    with ProcessPoolExecutor(args.processes) as pool:
+        frames = list(pool.map(hull_of_draw, groups, chunksize=8))
+    out = pd.concat(frames, ignore_index=True)
+    print(f"{len(groups)} draws in {time.time() - start:.0f} s on {args.processes} processes")
+    if args.out:
+        out.to_csv(args.out, index=False)
+    report(out)
+
+
+if __name__ == "__main__":
+    main()
