@@ -154,6 +154,61 @@ def hull_of_draw(args) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def decompose_draw(args) -> pd.DataFrame:
+    """Known-truth split of each row's plug-in error (``rows``: one draw's rows of a hull frame): the
+    plug-in with the next-token moments (C0, C1) of the population and the perception moments of the
+    sample (``plugin_U_error``: U's error alone, with Sxx's), and the reverse (``plugin_V_error``)."""
+    key, rows = args
+    family, d, C, gap, ratio, seed, draw = key
+    model = FAMILIES[family](d=int(d), n_classes=int(C), n_tokens=8, gap=gap, seed=int(seed))
+    n_shards = int(rows["n_shards"].iloc[0])
+    n_texts = max(int(round(ratio * model.d)), n_shards)
+    rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), int(draw)])
+    sample = Moments.combine(sample_shards(model, n_texts, n_shards, rng))
+    population = model.population_moments()
+
+    def mixed(perception: Moments, next_token: Moments) -> Moments:
+        return Moments(Sxx=perception.Sxx, Sxy=perception.Sxy, Syy=perception.Syy, C0=next_token.C0,
+                       C1=next_token.C1, n_texts=sample.n_texts, n_tokens=sample.n_tokens)
+
+    u_only, v_only = theory_geometry(mixed(sample, population)), theory_geometry(mixed(population, sample))
+    plugin = theory_geometry(sample)
+    # where the sample's leading perception direction lies against the population's first two, in the
+    # population's Sxx inner product: its angle within their plane and the share of it outside
+    U_pop, U_sample = perception_subspace(population), perception_subspace(sample)
+    x = U_sample.vectors[:, 0]
+    c = U_pop.vectors[:, :2].T @ population.Sxx @ x
+    in_plane_angle = float(np.arctan(abs(c[1] / c[0])))
+    out_of_plane = float(1.0 - np.sum(c ** 2) / (x @ population.Sxx @ x))
+    out = []
+    for _, row in rows.iterrows():
+        k = int(row["k"])
+        if abs(plugin.ntps(k) - row["plugin"]) > CENTRE_ATOL:
+            raise SystemExit(f"draw {key}, k = {k} does not regenerate its plug-in")
+        out.append({**row.to_dict(), "plugin_error": plugin.ntps(k) - row["truth"],
+                    "plugin_U_error": u_only.ntps(k) - row["truth"], "plugin_V_error": v_only.ntps(k) - row["truth"],
+                    "u1_in_plane_angle": in_plane_angle, "u1_out_of_plane": out_of_plane})
+    return pd.DataFrame(out)
+
+
+def decompose(path: Path) -> None:
+    """Print the known-truth split of the plug-in's error for the rows of a hull frame, by whether the
+    hull covered."""
+    f = pd.read_csv(path)
+    with ProcessPoolExecutor(1) as pool:
+        f = pd.concat(pool.map(decompose_draw, list(f.groupby(DRAW))), ignore_index=True)
+    print(f"{len(f)} rows of {path}: |error| of the plug-in, of the plug-in with the population's next-token "
+          "moments (U's error alone) and with the population's perception moments (V's error alone)")
+    summary = f.assign(abs_plugin=f["plugin_error"].abs(), abs_U=f["plugin_U_error"].abs(),
+                       abs_V=f["plugin_V_error"].abs())
+    print(summary.groupby(["task_seed", "hull_covered"])[["abs_plugin", "abs_U", "abs_V", "phi_U", "phi_V",
+                                                         "u1_in_plane_angle", "u1_out_of_plane"]]
+          .median().round(3).to_string())
+    print("(medians per population and whether the hull covered; u1_in_plane_angle: the sample's u_1 against the "
+          "population's u_1 within the population's (u_1, u_2) plane, radians; u1_out_of_plane: the share of its "
+          "squared norm outside that plane)")
+
+
 def report(f: pd.DataFrame) -> None:
     f = f.drop_duplicates(subset=CELL + ["task_seed", "draw"], keep="last")   # a rerun repeats its first draws
     f = f.assign(failing=[all(r[c] == v for c, v in FAILING.items()) for _, r in f.iterrows()])
@@ -189,7 +244,11 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="*", help="only the rows at these k")
     parser.add_argument("--max-draws", type=int, default=None,
                         help="at most this many draws per design and seed (the first ones), for a quick run")
+    parser.add_argument("--decompose", type=Path, help="a hull frame (--out) of a design: split its errors")
     args = parser.parse_args()
+    if args.decompose:
+        decompose(args.decompose)
+        return
     if args.report:
         report(pd.concat([pd.read_csv(p) for p in args.report], ignore_index=True))
         return
