@@ -307,6 +307,18 @@ def frames_report(paths) -> None:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
+def map_draw(family: str, d: int, n_classes: int, gap: str, ratio: float, seed: int, draw: int, n_shards: int):
+    """The model and the shards of one draw of `benchmarks/estimator_map.py` (one model per task, so
+    `estimator_map`'s generator for model 0 of a run with this seed, this N/d and draw)."""
+    from ntps_nb.core.simulate import factor_model, lds_model, sample_shards
+
+    make = {"factor": factor_model, "lds": lds_model}[family]
+    model = make(d=int(d), n_classes=int(n_classes), n_tokens=8, gap=gap, seed=int(seed))
+    n_texts = max(int(round(ratio * model.d)), int(n_shards))
+    rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), int(draw)])
+    return model, sample_shards(model, n_texts, int(n_shards), rng)
+
+
 def with_split_halves(path: str, seed: int, out: Path) -> None:
     """The failing design's rows of one per-draw frame of `benchmarks/estimator_map.py` (run with
     ``--families lds --classes 2 --gaps moderate --ratios 32 --d 64 --seed SEED``), with the plug-in
@@ -316,23 +328,17 @@ def with_split_halves(path: str, seed: int, out: Path) -> None:
     from ntps_nb.core.intervals import theory_values
     from ntps_nb.core.moments import Moments
     from ntps_nb.core.score import theory_geometry
-    from ntps_nb.core.simulate import lds_model, sample_shards
 
     f = pd.read_csv(path)
     f = f[(f["estimator"] == "richardson")]
     for column, value in FAILING.items():
         if column != "k":
             f = f[f[column] == value]
-    model = lds_model(d=FAILING["task_d"], n_classes=FAILING["task_n_classes"], n_tokens=8, gap=FAILING["task_gap"],
-                      seed=seed)
-    ratio = FAILING["n_over_d"]
-    n_texts = int(round(ratio * model.d))
     ks = np.sort(f["k"].unique())
     rows = []
     for draw in np.sort(f["draw"].unique()):
-        # estimator_map's generator for model 0 of the run, this N/d and draw
-        rng = np.random.default_rng([seed, 0, int(round(ratio * 1000)), int(draw)])
-        shards = sample_shards(model, n_texts, int(f["n_shards"].iloc[0]), rng)
+        _, shards = map_draw(FAILING["task_family"], FAILING["task_d"], FAILING["task_n_classes"], FAILING["task_gap"],
+                             FAILING["n_over_d"], seed, draw, f["n_shards"].iloc[0])
         a, b = split_halves(len(shards), int(draw))
         halves = [theory_values(theory_geometry(Moments.combine([shards[i] for i in half])), ks) for half in (a, b)]
         rows.append(pd.DataFrame({"draw": draw, "k": ks, "half_a": halves[0], "half_b": halves[1]}))

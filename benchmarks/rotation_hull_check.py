@@ -50,15 +50,13 @@ import scipy.stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
-from gap_selection_check import FAILING, _flag_accepted  # noqa: E402
+from gap_selection_check import FAILING, _flag_accepted, map_draw  # noqa: E402
 
 from ntps_nb.core.estimators import eigengap_ratios  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.score import theory_geometry  # noqa: E402
-from ntps_nb.core.simulate import factor_model, lds_model, sample_shards  # noqa: E402
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace  # noqa: E402
 
-FAMILIES = {"factor": factor_model, "lds": lds_model}
 #: Rotation angles per side the hull evaluates NTPS at, evenly over [-phi, phi].
 GRID = 9
 #: Largest relative difference between the recomputed and the frame's eigengap ratio (the frames
@@ -109,12 +107,8 @@ def _ntps_grid(U, V, k: int, phis: np.ndarray, psis: np.ndarray) -> np.ndarray:
 def hull_of_draw(args) -> pd.DataFrame:
     """The hull of each accepted row of one draw (``rows``: its frame rows)."""
     key, rows = args
-    family, d, C, gap, ratio, seed, draw = key
-    model = FAMILIES[family](d=int(d), n_classes=int(C), n_tokens=8, gap=gap, seed=int(seed))
     n_shards = int(rows["n_shards"].iloc[0])
-    n_texts = max(int(round(ratio * model.d)), n_shards)
-    rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), int(draw)])
-    shards = sample_shards(model, n_texts, n_shards, rng)
+    _, shards = map_draw(*key, n_shards)
     ks = np.sort(rows["k"].unique())
     gaps = eigengap_ratios(shards, ks).set_index("k")
     expected = rows.set_index("k")["gap_ratio"]
@@ -159,12 +153,8 @@ def decompose_draw(args) -> pd.DataFrame:
     plug-in with the next-token moments (C0, C1) of the population and the perception moments of the
     sample (``plugin_U_error``: U's error alone, with Sxx's), and the reverse (``plugin_V_error``)."""
     key, rows = args
-    family, d, C, gap, ratio, seed, draw = key
-    model = FAMILIES[family](d=int(d), n_classes=int(C), n_tokens=8, gap=gap, seed=int(seed))
-    n_shards = int(rows["n_shards"].iloc[0])
-    n_texts = max(int(round(ratio * model.d)), n_shards)
-    rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), int(draw)])
-    sample = Moments.combine(sample_shards(model, n_texts, n_shards, rng))
+    model, shards = map_draw(*key, rows["n_shards"].iloc[0])
+    sample = Moments.combine(shards)
     population = model.population_moments()
 
     def mixed(perception: Moments, next_token: Moments) -> Moments:
