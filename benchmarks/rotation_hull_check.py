@@ -27,9 +27,13 @@ match the frame's, or the script stops). At k, with k_U = min(k, m):
 
 Printed: per cell with at least `MIN_ACCEPTED` accepted rows, the coverage of the row's interval and
 of the hull, with the exact binomial tests of `estimator_flag_report.py`; pooled coverage and median
-width ratio. The per-row results go to ``--out`` (csv.gz). Example:
+width ratio. The per-row results go to ``--out`` (csv.gz); ``--report`` reads such files again.
+``--decompose HULL_FRAME`` splits each row's plug-in error with known truth (the population's
+next-token or perception moments in place of the sample's) and places the sample's u_1 against the
+population's (u_1, u_2) plane, by whether the hull covered. Examples:
 
     python benchmarks/rotation_hull_check.py benchmarks/results/estimator_map/bound/candidates_draws_d16_seed14.csv.gz --out hull_d16_seed14.csv.gz
+    python benchmarks/rotation_hull_check.py --decompose benchmarks/results/estimator_map/gap_selection/hull_failing_design_k1.csv.gz
 """
 
 from __future__ import annotations
