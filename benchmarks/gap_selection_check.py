@@ -45,9 +45,10 @@ import pandas as pd
 import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
+from estimator_flag_report import CELL, MIN_ACCEPTED, accepted, exact_band_tests  # noqa: E402
 
 from ntps_nb.core.estimators import BOUND_SE, GAP_MIN, NOISE_MAX, flag_at_bound  # noqa: E402
+from ntps_nb.core.intervals import _jackknife  # noqa: E402
 
 #: The columns a candidates frame keeps.
 KEEP = CELL + ["draw", "estimate", "se", "lower", "upper", "truth", "covered", "subspace_noise", "gap_ratio",
@@ -66,9 +67,7 @@ def save_candidates(paths, out: Path) -> None:
         f = pd.read_csv(path)
         f = f[f["estimator"] == "richardson"]
         f = f.assign(cell_draws=f.groupby(CELL)["draw"].transform("nunique"))
-        ok = ((f["subspace_noise"] <= NOISE_MAX) & np.isfinite(f["lower"]) & np.isfinite(f["upper"])
-              & (f["lower"] <= 1) & (f["upper"] >= 0))
-        f = f.loc[ok, [c for c in KEEP + ["cell_draws"] if c in f.columns]]
+        f = f.loc[accepted(f, NOISE_MAX, 0.0) & _meets_unit_interval(f), [c for c in KEEP + ["cell_draws"] if c in f.columns]]
         target = out / f"{Path(path).parent.name}_{Path(path).name}"
         f.to_csv(target, index=False)
         print(f"{path}: {len(f)} rows -> {target}")
@@ -83,20 +82,17 @@ def toy_draws(delta: float, draws: int, shards: int, rng: np.random.Generator, l
     total_g, total_h = gaps.sum(axis=1, keepdims=True), offs.sum(axis=1, keepdims=True)
     loo_g, loo_h = (total_g - gaps) / (S - 1), (total_h - offs) / (S - 1)
 
-    def jackknife_se(replicates: np.ndarray) -> np.ndarray:
-        return np.sqrt((S - 1) / S * np.sum((replicates - replicates.mean(axis=1, keepdims=True)) ** 2, axis=1))
-
     gap = total_g[:, 0] / S
     theta = total_h[:, 0] / total_g[:, 0]
-    se = jackknife_se(loo_h / loo_g)
+    se = _jackknife_se(loo_h / loo_g)
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
-    return pd.DataFrame({"ratio": gap / jackknife_se(loo_g), "covered": np.abs(theta) <= t * se})
+    return pd.DataFrame({"ratio": gap / _jackknife_se(loo_g), "covered": np.abs(theta) <= t * se})
 
 
 def _jackknife_se(replicates: np.ndarray) -> np.ndarray:
-    """Delete-one-shard jackknife SE over the last axis of ``replicates`` (draws x S)."""
-    S = replicates.shape[1]
-    return np.sqrt((S - 1) / S * np.sum((replicates - replicates.mean(axis=1, keepdims=True)) ** 2, axis=1))
+    """Delete-one-shard jackknife SE of each row of ``replicates`` (draws x S), as the package's
+    intervals compute it."""
+    return _jackknife(replicates.T)[1]
 
 
 def exact_draws(delta: float, alpha2: float, beta2: float, draws: int, shards: int, rng: np.random.Generator,
@@ -228,12 +224,15 @@ def toy_report(draws: int, shards: int, seed: int) -> None:
     print(pd.DataFrame(hull).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
+def _meets_unit_interval(frame: pd.DataFrame) -> pd.Series:
+    """The flag's [0, 1] condition: the interval meets [0, 1]."""
+    return (frame["lower"] <= 1) & (frame["upper"] >= 0)
+
+
 def _flag_accepted(frame: pd.DataFrame) -> pd.Series:
     """The flag's accepted rows: noise, eigengap, finite interval meeting [0, 1], not at_bound."""
-    ok = ((frame["subspace_noise"] <= NOISE_MAX) & np.isfinite(frame["lower"]) & np.isfinite(frame["upper"])
-          & (frame["lower"] <= 1) & (frame["upper"] >= 0) & (frame["gap_ratio"] >= GAP_MIN))
     at_bound = flag_at_bound(frame[["estimate", "se"]].assign(reliable=True))["at_bound"]
-    return ok & ~at_bound
+    return accepted(frame, NOISE_MAX, GAP_MIN) & _meets_unit_interval(frame) & ~at_bound
 
 
 def _in_failing(frame: pd.DataFrame) -> pd.Series:

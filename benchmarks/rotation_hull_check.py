@@ -54,7 +54,7 @@ import scipy.stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
-from gap_selection_check import FAILING, _flag_accepted, map_draw  # noqa: E402
+from gap_selection_check import _flag_accepted, _in_failing, _jackknife_se, map_draw  # noqa: E402
 
 from ntps_nb.core.estimators import eigengap_ratios  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
@@ -75,9 +75,7 @@ def _angle_se(pooled_vectors: np.ndarray, metric: np.ndarray, replicate_vectors:
     """Jackknife SE of the replicates' angle in the plane of the two pooled vectors (columns of
     ``pooled_vectors``, orthonormal in ``metric``)."""
     coords = np.array([pooled_vectors.T @ metric @ x for x in replicate_vectors])   # (S, 2)
-    theta = np.arctan(coords[:, 1] / coords[:, 0])
-    S = theta.size
-    return float(np.sqrt((S - 1) / S * np.sum((theta - theta.mean()) ** 2)))
+    return float(_jackknife_se(np.arctan(coords[:, 1] / coords[:, 0])[None, :])[0])
 
 
 def _phi_max(se_theta: float, ratio: float, t: float) -> float:
@@ -205,7 +203,7 @@ def decompose(path: Path) -> None:
 
 def report(f: pd.DataFrame) -> None:
     f = f.drop_duplicates(subset=CELL + ["task_seed", "draw"], keep="last")   # a rerun repeats its first draws
-    f = f.assign(failing=[all(r[c] == v for c, v in FAILING.items()) for _, r in f.iterrows()])
+    f = f.assign(failing=_in_failing(f))
     print(f"{len(f):,} accepted rows, {f.groupby(DRAW).ngroups:,} draws; pooled coverage: interval "
           f"{f['covered'].mean():.3f}, hull {f['hull_covered'].mean():.3f}; median width ratio "
           f"{f['hull_width_ratio'].median():.3f} (90% quantile {f['hull_width_ratio'].quantile(0.9):.3f})")
@@ -216,7 +214,8 @@ def report(f: pd.DataFrame) -> None:
     below, above = exact_band_tests(cells["covered"], cells["accepted"])
     hull_below, hull_above = exact_band_tests(cells["hull_covered"], cells["accepted"])
     cells = cells.assign(coverage=cells["covered"] / cells["accepted"], hull=cells["hull_covered"] / cells["accepted"],
-                         below=below, above=above, hull_below=hull_below, hull_above=hull_above)
+                         below=below, above=above, hull_below=hull_below, hull_above=hull_above,
+                         hull_p_below=scipy.stats.binom.cdf(cells["hull_covered"], cells["accepted"], 0.85))
     print(f"cells (design x seed) with >= {MIN_ACCEPTED} accepted rows: {len(cells)}; significantly below 0.85: "
           f"interval {int(below.sum())}, hull {int(hull_below.sum())}; above 0.95: interval {int(above.sum())}, "
           f"hull {int(hull_above.sum())}")
@@ -225,7 +224,8 @@ def report(f: pd.DataFrame) -> None:
           f"{int((cells['hull'] < 0.85).sum())} below / {int((cells['hull'] > 0.95).sum())} above; the hull's median "
           f"width ratio per cell {cells['width_ratio'].min():.3f}-{cells['width_ratio'].max():.3f}")
     show = cells[cells["failing"] | cells["below"] | cells["above"] | cells["hull_below"] | cells["hull_above"]]
-    columns = CELL[:-1] + ["task_seed", "accepted", "coverage", "hull", "width_ratio", "below", "hull_below", "hull_above"]
+    columns = CELL[:-1] + ["task_seed", "accepted", "coverage", "hull", "width_ratio", "below", "hull_below",
+                           "hull_p_below", "hull_above"]
     print(show[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
