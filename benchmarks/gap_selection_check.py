@@ -20,7 +20,9 @@ models whose truth is known and reads the map's frames:
   coverage per bin of the sample ratio; and, in the exact model, the coverage of the eigenvector's
   angle and of its linearised rotation h / (g') among all and accepted draws, with the mean |h| of each;
   (3) in the exact model, a candidate interval: the jackknife-t interval widened to the score's range
-  over the rotations of the sample eigenvector the shards allow (the "rotation hull", `exact_draws`).
+  over the rotations of the sample eigenvector the shards allow (the "rotation hull", `exact_draws`);
+  (4) the same widening over confidence sets for the rotation by test inversion (`ntps_nb.core.rotation.rotation_sets`:
+  Fieller's set, and the selective set conditioned on the eigengap condition), `exact_set_draws`.
 - frames (per-draw csv.gz of `benchmarks/estimator_map.py`, or candidate frames): the flag's accepted
   rows (noise, eigengap, [0, 1] and bound conditions) by bin of the sample gap ratio, in the failing
   design and in every other cell; and per frame of the failing design, its accepted k = 1 rows'
@@ -49,6 +51,7 @@ from estimator_flag_report import CELL, MIN_ACCEPTED, accepted, exact_band_tests
 
 from ntps_nb.core.estimators import BOUND_SE, GAP_MIN, NOISE_MAX, flag_at_bound  # noqa: E402
 from ntps_nb.core.intervals import _jackknife  # noqa: E402
+from ntps_nb.core.rotation import SET_ANGLES, rotation_sets  # noqa: E402
 
 #: The columns a candidates frame keeps.
 KEEP = CELL + ["draw", "estimate", "se", "lower", "upper", "truth", "covered", "subspace_noise", "gap_ratio",
@@ -147,6 +150,54 @@ def exact_draws(delta: float, alpha2: float, beta2: float, draws: int, shards: i
                          "hull_width_ratio": (hull_upper - hull_lower) / (upper - lower)})
 
 
+#: Draws of the exact model `toy_report` holds in memory at once for the rotation sets (section (4)).
+SET_CHUNK = 4_000
+
+
+def exact_set_draws(delta: float, alpha2: float, beta2: float, draws: int, shards: int,
+                    rng: np.random.Generator, level: float = 0.90) -> pd.DataFrame:
+    """Draws of the exact two-dimensional model (as `exact_draws`) with the score's range over each
+    confidence set of `rotation_sets` (the Fieller and the selective set): whether each range, and
+    each range joined with the jackknife-t interval, covers the truth ``alpha2``; whether each set
+    holds the population direction; the joined intervals' widths over the jackknife-t interval's."""
+    S = shards
+    noise = rng.standard_normal((draws, S, 3)) * np.sqrt(S)
+    m = np.zeros((draws, S, 2, 2))
+    m[..., 0, 0] = delta * np.sqrt(2) + noise[..., 0]
+    m[..., 1, 1] = noise[..., 1]
+    m[..., 0, 1] = m[..., 1, 0] = noise[..., 2] / np.sqrt(2)
+    total = m.sum(axis=1)
+    replicates = (total[:, None] - m) / (S - 1)
+    v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
+    w, basis = np.linalg.eigh(total / S)
+    basis = basis[..., ::-1]                                 # leading first
+    gap = w[:, 1] - w[:, 0]
+    w_r, u_r = np.linalg.eigh(replicates)
+    se_gap = _jackknife_se(w_r[..., 1] - w_r[..., 0])
+    t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
+    score = (basis[..., 0] @ v) ** 2
+    se = _jackknife_se((u_r[..., 1] @ v) ** 2)
+    lower, upper = score - t * se, score + t * se
+    local = np.einsum("dji,dsjk,dkl->dsil", basis, replicates, basis)
+    sets = rotation_sets(gap, se_gap, local, level=level, gap_min=GAP_MIN)
+    phis, fieller, selective = sets.phis, sets.fieller, sets.selective
+    rotated = np.cos(phis)[None, :, None] * basis[:, None, :, 0] + np.sin(phis)[None, :, None] * basis[:, None, :, 1]
+    scores = (rotated @ v) ** 2
+    # the population's leading direction (1, 0) as a rotation of the sample's, folded into [-pi/2, pi/2)
+    phi0 = (np.arctan2(basis[:, 0, 1], basis[:, 0, 0]) + np.pi / 2) % np.pi - np.pi / 2
+    nearest = np.round((phi0 + np.pi / 2) / np.pi * SET_ANGLES).astype(int) % SET_ANGLES
+    out = {"ratio": gap / se_gap, "covered": np.abs(score - alpha2) <= t * se}
+    for name, kept in (("fieller", fieller), ("selective", selective)):
+        lo = np.where(kept, scores, np.inf).min(axis=1)
+        hi = np.where(kept, scores, -np.inf).max(axis=1)
+        joined_lo, joined_hi = np.minimum(lo, lower), np.maximum(hi, upper)
+        out[f"{name}_holds_direction"] = kept[np.arange(draws), nearest]
+        out[f"{name}_range_covered"] = (lo <= alpha2) & (alpha2 <= hi)
+        out[f"{name}_covered"] = (joined_lo <= alpha2) & (alpha2 <= joined_hi)
+        out[f"{name}_width_ratio"] = (joined_hi - joined_lo) / (upper - lower)
+    return pd.DataFrame(out)
+
+
 #: Rotation angles the hull interval evaluates the score at, evenly over [-phi_max, phi_max].
 HULL_ANGLES = 41
 #: (alpha^2, beta^2) of the exact model: the k = 1 truths of the failing design's populations,
@@ -154,7 +205,7 @@ HULL_ANGLES = 41
 EXACT_PAIRS = [(0.1513, 0.6087), (0.2892, 0.4787), (0.3786, 0.3942), (0.7922, 0.0003)]
 
 
-def toy_report(draws: int, shards: int, seed: int) -> None:
+def toy_report(draws: int, shards: int, seed: int, set_draws: int = 20_000) -> None:
     """Print the linear and the exact model's acceptance and coverage per population ratio."""
     rng = np.random.default_rng(seed)
     deltas = [2, 2.5, 3, 4, 5, 6, 8, 12, 20]
@@ -222,6 +273,29 @@ def toy_report(draws: int, shards: int, seed: int) -> None:
           "(exact_draws); coverage over all and accepted draws, and the accepted draws' median width over the "
           "jackknife-t width")
     print(pd.DataFrame(hull).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+    print(f"\n## (4) confidence sets for the rotation by test inversion (`rotation_sets`, {set_draws:,} draws per "
+          f"delta, {SET_ANGLES} angles): the Fieller set and the selective set (conditioned on the eigengap "
+          "condition); the accepted draws' coverage of the population direction (direction), of the score by the "
+          "set's range alone (range) and joined with the jackknife-t interval (joined), and the joined interval's "
+          "median width over the jackknife-t width")
+    rows = []
+    for alpha2, beta2 in EXACT_PAIRS:
+        for delta in exact_deltas:
+            f = pd.concat([exact_set_draws(delta, alpha2, beta2, min(SET_CHUNK, set_draws - i), shards, rng)
+                           for i in range(0, set_draws, SET_CHUNK)], ignore_index=True)
+            a = f[f["ratio"] >= GAP_MIN]
+            row = {"alpha2": alpha2, "delta": delta, "accepted": len(a), "jackknife": a["covered"].mean()}
+            for name in ("fieller", "selective"):
+                row[f"{name}_direction"] = a[f"{name}_holds_direction"].mean()
+                row[f"{name}_range"] = a[f"{name}_range_covered"].mean()
+                row[f"{name}_joined"] = a[f"{name}_covered"].mean()
+                row[f"{name}_width"] = a[f"{name}_width_ratio"].median()
+            row["fieller_direction_all"] = f["fieller_holds_direction"].mean()
+            rows.append(row)
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print("(fieller_direction_all: the Fieller set over all draws, accepted or not; binomial SE of a coverage near 0.9 "
+          "over n accepted draws 0.3 / sqrt(n))")
 
 
 def _meets_unit_interval(frame: pd.DataFrame) -> pd.Series:
@@ -354,6 +428,8 @@ def main() -> None:
     parser.add_argument("--save-candidates", type=Path)
     parser.add_argument("--toy", action="store_true", help="the toy model with known truth")
     parser.add_argument("--toy-draws", type=int, default=200_000)
+    parser.add_argument("--toy-set-draws", type=int, default=20_000,
+                        help="draws per population ratio of the toy's rotation sets (section (4))")
     parser.add_argument("--shards", type=int, default=10, help="shards of the toy model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-halves", type=Path, metavar="OUT",
@@ -364,7 +440,7 @@ def main() -> None:
         with_split_halves(args.frames[0], args.seed, args.split_halves)
         return
     if args.toy:
-        toy_report(args.toy_draws, args.shards, args.seed)
+        toy_report(args.toy_draws, args.shards, args.seed, args.toy_set_draws)
     if args.save_candidates:
         save_candidates(args.frames, args.save_candidates)
     elif args.frames:

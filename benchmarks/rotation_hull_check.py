@@ -1,5 +1,5 @@
-"""The rotation hull on the estimator map: does widening a reliable row's interval over the rotations
-the shards allow make the near-tied design cover without over-covering the others?
+"""The rotation hull and the rotation sets on the estimator map: does widening a reliable row's interval
+over the rotations the shards allow make the near-tied design cover without over-covering the others?
 
 `gap_selection_check.py --toy` shows, on an exact two-dimensional model, that the jackknife interval of
 an eigenvector's score under-covers where the population eigengap is 2-4 SDs, and that the "rotation
@@ -25,9 +25,14 @@ match the frame's, or the script stops). At k, with k_U = min(k, m):
   (richardson's correction), joined with the row's interval. The grid's centre must reproduce the
   pooled plug-in (checked).
 
+Beside the hull, the two intervals of `ntps_nb.core.rotation` (test inversion instead of phi_max): the
+same widening over the Fieller set and over the selective set of each side's rotation (the selective
+one is `ntps_estimate(interval="rotation")` on an accepted row; the script checks that the package's
+`rotation_interval` gives the same bounds).
+
 Printed: per cell with at least `MIN_ACCEPTED` accepted rows, the coverage of the row's interval and
-of the hull, with the exact binomial tests of `estimator_flag_report.py`; pooled coverage and median
-width ratio. The per-row results go to ``--out`` (csv.gz); ``--report`` reads such files again.
+of each widened one, with the exact binomial tests of `estimator_flag_report.py`; pooled coverage,
+width ratios, and coverage by bin of the sample gap ratio. The per-row results go to ``--out`` (csv.gz); ``--report`` reads such files again.
 ``--decompose HULL_FRAME`` splits each row's plug-in error with known truth (the population's
 next-token or perception moments in place of the sample's) and places the sample's u_1 against the
 population's (u_1, u_2) plane, by whether the hull covered. Examples:
@@ -56,10 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
 from gap_selection_check import _flag_accepted, _in_failing, _jackknife_se, map_draw  # noqa: E402
 
-from ntps_nb.core.estimators import eigengap_ratios  # noqa: E402
+from ntps_nb.core.estimators import GAP_MIN, eigengap_ratios  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
+from ntps_nb.core.rotation import (  # noqa: E402
+    SET_ANGLES, ntps_over_rotations, plane_replicates, rotation_interval, rotation_sets)
 from ntps_nb.core.score import theory_geometry  # noqa: E402
-from ntps_nb.core.subspaces import next_token_subspace, perception_subspace  # noqa: E402
+from ntps_nb.core.subspaces import RANGE_RTOL, next_token_subspace, perception_subspace  # noqa: E402
 
 #: Rotation angles per side the hull evaluates NTPS at, evenly over [-phi, phi].
 GRID = 9
@@ -68,6 +75,8 @@ GRID = 9
 RATIO_RTOL = 1e-6
 #: Largest difference between the grid's centre and the pooled plug-in NTPS.
 CENTRE_ATOL = 1e-9
+#: The candidate rotations of `rotation_sets`.
+SET_PHIS = np.linspace(-np.pi / 2, np.pi / 2, SET_ANGLES, endpoint=False)
 DRAW = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "task_seed", "draw"]
 
 
@@ -143,10 +152,43 @@ def hull_of_draw(args) -> pd.DataFrame:
         shift = row["estimate"] - plugin.ntps(k)
         lower = min(row["lower"], grid.min() + shift)
         upper = max(row["upper"], grid.max() + shift)
-        out.append({**row.to_dict(), "phi_U": phi_U, "phi_V": phi_V, "plugin": plugin.ntps(k),
-                    "grid_min": grid.min(), "grid_max": grid.max(), "hull_lower": lower, "hull_upper": upper,
-                    "hull_covered": lower <= row["truth"] <= upper,
-                    "hull_width_ratio": (upper - lower) / (row["upper"] - row["lower"])})
+        record = {**row.to_dict(), "phi_U": phi_U, "phi_V": phi_V, "plugin": plugin.ntps(k),
+                  "grid_min": grid.min(), "grid_max": grid.max(), "hull_lower": lower, "hull_upper": upper,
+                  "hull_covered": lower <= row["truth"] <= upper,
+                  "hull_width_ratio": (upper - lower) / (row["upper"] - row["lower"])}
+        # the confidence sets of the rotation by test inversion (ntps_nb.core.rotation): both sets on
+        # every side with a next direction
+        sets = {}
+        for side, space, kk, rank, factor, metric, ratio in (
+                ("U", U, kU, m, pooled.Sxy, pooled.Sxx, gaps.loc[k, "gap_ratio_U"]),
+                ("V", V, k, V.rank_B, pooled.C1, pooled.C0, gaps.loc[k, "gap_ratio_V"])):
+            if kk < rank:
+                gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
+                local = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
+                sets[side] = rotation_sets(gap, gap / ratio, local, gap_min=GAP_MIN)
+            else:
+                sets[side] = None
+        for name in ("fieller", "selective"):
+            kept = [np.zeros(1) if sets[side] is None else SET_PHIS[getattr(sets[side], name)] for side in ("U", "V")]
+            kept = [x if x.size else np.zeros(1) for x in kept]
+            values = ntps_over_rotations(U, V, k, *kept)
+            lower, upper = min(row["lower"], values.min() + shift), max(row["upper"], values.max() + shift)
+            record.update({f"{name}_lower": lower, f"{name}_upper": upper,
+                           f"{name}_covered": lower <= row["truth"] <= upper,
+                           f"{name}_width_ratio": (upper - lower) / (row["upper"] - row["lower"]),
+                           f"{name}_rotation_U": float(np.abs(kept[0]).max()),
+                           f"{name}_rotation_V": float(np.abs(kept[1]).max())})
+        # the package's interval option computes the selective one (the flag accepted the row; the
+        # ratios as the draw gives them, some candidate frames do not keep them)
+        ratios = gaps.loc[k, ["gap_ratio_U", "gap_ratio_V"]].to_dict()
+        packaged = rotation_interval(shards, pd.DataFrame([{**row.to_dict(), **ratios}]), level=0.90,
+                                     gap_min=GAP_MIN, rtol=RANGE_RTOL, solved=(U, V), pools=pools).iloc[0]
+        if abs(packaged["lower"] - record["selective_lower"]) > CENTRE_ATOL or \
+                abs(packaged["upper"] - record["selective_upper"]) > CENTRE_ATOL:
+            raise SystemExit(f"draw {key}, k = {k}: ntps_estimate's rotation interval differs from the sets here "
+                             f"({packaged['lower']}, {packaged['upper']}) against ({record['selective_lower']}, "
+                             f"{record['selective_upper']})")
+        out.append(record)
     return pd.DataFrame(out)
 
 
@@ -201,32 +243,54 @@ def decompose(path: Path) -> None:
           "squared norm outside that plane)")
 
 
+#: The widened intervals a hull frame holds: (name, its covered column, its width-ratio column).
+CONSTRUCTIONS = [("hull", "hull_covered", "hull_width_ratio"), ("fieller", "fieller_covered", "fieller_width_ratio"),
+                 ("selective", "selective_covered", "selective_width_ratio")]
+
+
 def report(f: pd.DataFrame) -> None:
     f = f.drop_duplicates(subset=CELL + ["task_seed", "draw"], keep="last")   # a rerun repeats its first draws
     f = f.assign(failing=_in_failing(f))
+    present = [c for c in CONSTRUCTIONS if c[1] in f.columns]
     print(f"{len(f):,} accepted rows, {f.groupby(DRAW).ngroups:,} draws; pooled coverage: interval "
-          f"{f['covered'].mean():.3f}, hull {f['hull_covered'].mean():.3f}; median width ratio "
-          f"{f['hull_width_ratio'].median():.3f} (90% quantile {f['hull_width_ratio'].quantile(0.9):.3f})")
+          f"{f['covered'].mean():.3f}, " + ", ".join(f"{name} {f[cov].mean():.3f}" for name, cov, _ in present))
+    for name, _, width in present:
+        print(f"  {name}: median width over the interval's {f[width].median():.3f} (90% quantile "
+              f"{f[width].quantile(0.9):.3f}, 99% {f[width].quantile(0.99):.3f})")
     cells = f.groupby(CELL + ["task_seed"]).agg(accepted=("covered", "size"), covered=("covered", "sum"),
-                                                hull_covered=("hull_covered", "sum"), failing=("failing", "first"),
-                                                width_ratio=("hull_width_ratio", "median")).reset_index()
+                                                failing=("failing", "first"),
+                                                **{f"{name}_covered": (cov, "sum") for name, cov, _ in present},
+                                                **{f"{name}_width": (w, "median") for name, _, w in present})
+    cells = cells.reset_index()
     cells = cells[cells["accepted"] >= MIN_ACCEPTED]
     below, above = exact_band_tests(cells["covered"], cells["accepted"])
-    hull_below, hull_above = exact_band_tests(cells["hull_covered"], cells["accepted"])
-    cells = cells.assign(coverage=cells["covered"] / cells["accepted"], hull=cells["hull_covered"] / cells["accepted"],
-                         below=below, above=above, hull_below=hull_below, hull_above=hull_above,
-                         hull_p_below=scipy.stats.binom.cdf(cells["hull_covered"], cells["accepted"], 0.85))
-    print(f"cells (design x seed) with >= {MIN_ACCEPTED} accepted rows: {len(cells)}; significantly below 0.85: "
-          f"interval {int(below.sum())}, hull {int(hull_below.sum())}; above 0.95: interval {int(above.sum())}, "
-          f"hull {int(hull_above.sum())}")
-    print(f"  their coverage outside [0.85, 0.95] as a point value (not tested): interval "
-          f"{int((cells['coverage'] < 0.85).sum())} below / {int((cells['coverage'] > 0.95).sum())} above, hull "
-          f"{int((cells['hull'] < 0.85).sum())} below / {int((cells['hull'] > 0.95).sum())} above; the hull's median "
-          f"width ratio per cell {cells['width_ratio'].min():.3f}-{cells['width_ratio'].max():.3f}")
-    show = cells[cells["failing"] | cells["below"] | cells["above"] | cells["hull_below"] | cells["hull_above"]]
-    columns = CELL[:-1] + ["task_seed", "accepted", "coverage", "hull", "width_ratio", "below", "hull_below",
-                           "hull_p_below", "hull_above"]
+    cells = cells.assign(coverage=cells["covered"] / cells["accepted"], below=below, above=above)
+    print(f"cells (design x seed) with >= {MIN_ACCEPTED} accepted rows: {len(cells)}; significantly below 0.85 / "
+          f"above 0.95 (exact binomial tests), and as a point value (not tested) below / above:")
+    rows = [{"interval": "jackknife-t", "below": int(below.sum()), "above": int(above.sum()),
+             "point_below": int((cells["coverage"] < 0.85).sum()), "point_above": int((cells["coverage"] > 0.95).sum())}]
+    flagged = below | above
+    for name, _, _ in present:
+        b, a = exact_band_tests(cells[f"{name}_covered"], cells["accepted"])
+        p = cells[f"{name}_covered"] / cells["accepted"]
+        cells = cells.assign(**{name: p, f"{name}_below": b, f"{name}_above": a,
+                                f"{name}_p_below": scipy.stats.binom.cdf(cells[f"{name}_covered"], cells["accepted"], 0.85)})
+        rows.append({"interval": name, "below": int(b.sum()), "above": int(a.sum()),
+                     "point_below": int((p < 0.85).sum()), "point_above": int((p > 0.95).sum())})
+        flagged = flagged | b | a
+    print(pd.DataFrame(rows).to_string(index=False))
+    show = cells[cells["failing"] | flagged]
+    columns = CELL[:-1] + ["task_seed", "accepted", "coverage", "below"]
+    for name, _, _ in present:
+        columns += [name, f"{name}_width", f"{name}_below", f"{name}_p_below", f"{name}_above"]
     print(show[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if "selective_covered" in f.columns:
+        print("\ncoverage and median width ratio by bin of the row's sample gap ratio:")
+        by_bin = f.groupby(pd.cut(f["gap_ratio"], [5, 6, 7, 8, 10, 15, np.inf], right=False), observed=True)
+        table = by_bin.agg(rows=("covered", "size"), interval=("covered", "mean"),
+                           **{name: (cov, "mean") for name, cov, _ in present},
+                           **{f"{name}_width": (w, "median") for name, _, w in present})
+        print(table.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
 def main() -> None:

@@ -79,6 +79,7 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
+from ntps_nb.core.rotation import INTERVALS, rotation_interval
 from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, _theory_geometry_of, theory_geometry
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
@@ -869,6 +870,7 @@ def ntps_estimate(
     bound_se: float = BOUND_SE,
     device: Any = None,
     batch_size: int | None = None,
+    interval: str = "jackknife",
 ) -> pd.DataFrame:
     """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
 
@@ -917,6 +919,13 @@ def ntps_estimate(
         estimators of `DEVICE_ESTIMATORS` (the others raise there).
     batch_size : combinations of shards per batched solve on a torch device (default: from free
         memory); ignored by the numpy code.
+    interval : "jackknife" (default): the Student-t interval above. "rotation": that interval
+        widened to NTPS's range over confidence sets of the rotation of the eigenvector pairs at k,
+        by test inversion and, where the row passed the eigengap condition, conditioned on it
+        (`ntps_nb.core.rotation`; numpy, after either backend). On the estimator map it makes the
+        near-tied design's reliable rows cover and leaves the other cells' intervals as they were
+        except near the eigengap threshold, where it is conservative (docs/estimator.md, "The
+        selective rotation interval"). The flag does not change.
 
     Returns
     -------
@@ -925,13 +934,19 @@ def ntps_estimate(
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
-    (`flag_at_bound`).
+    (`flag_at_bound`). With ``interval="rotation"`` also interval ("rotation"), lower_jackknife,
+    upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
     """
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be one of {INTERVALS}, got {interval!r}")
     backend = analysis_backend(device)
     if backend is not None:
-        return backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
-                                           noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
-                                           batch_size=batch_size)
+        frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
+                                            noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
+                                            batch_size=batch_size)
+        if interval == "rotation":
+            frame = rotation_interval(_as_shards(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol)
+        return frame
     shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)
     ks = _check_ks(ks)
@@ -953,9 +968,13 @@ def ntps_estimate(
             pass
     noise = _noise_of_solves(shards, ks, rtol, solves)
     gaps = _gap_frame(full, geometries, ks)
-    return _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
-                          noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
-                          n_texts=sum(s.n_texts for s in shards))
+    frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
+                            noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
+                            n_texts=sum(s.n_texts for s in shards))
+    if interval == "rotation":
+        frame = rotation_interval(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solves.full,
+                                  pools=solves.pools)
+    return frame
 
 
 def _check_estimate_options(shards: list[Moments], level: float) -> None:

@@ -1,0 +1,299 @@
+"""Intervals that allow for the rotation of a nearly tied pair of eigenvectors (`ntps_estimate`'s
+``interval="rotation"``).
+
+The jackknife-t interval of `ntps_estimate` is a linearisation: the shards' spread of the estimate
+around its own value. Where two eigenvalues at k are separated by only a few standard errors, the
+estimated eigenvector is rotated within their plane by an angle that is not linear in the noise
+(atan of a ratio whose denominator, the gap, is itself noisy), and the eigengap condition of the
+reliability flag passes the draws whose sample gap the rotating noise has inflated. There the
+interval under-covers (docs/estimator.md, "Why the near-tied design fails").
+
+``interval="rotation"`` widens the interval to NTPS's range over a confidence set of the rotation,
+built by test inversion rather than by linearisation. For the pair (w_1, w_2) at k (the perception
+pair k_U, k_U + 1 in the Sxx inner product when k_U < m, the next-token pair k, k + 1 in the C0
+inner product when k < r_V), a candidate rotation phi of the sample's w_1 towards w_2 is tested by
+the off-diagonal entry h(phi) of the pair's matrix in the rotated basis, which is 0 in the
+population's basis (Fieller's construction for a ratio, Fieller 1954): h(phi) against its
+delete-one-shard jackknife SE at that phi. Where the row passed the eigengap condition the test is
+conditioned on having passed it (selective inference: Lee, Sun, Sun and Taylor 2016; Fithian, Sun
+and Taylor 2014): given the part of the diagonal difference g(phi) uncorrelated with h(phi), which
+carries the unknown population gap, the condition sqrt(g^2 + 4 h^2) >= gap_min * se(gap) keeps
+h(phi) outside an interval, and the test uses h(phi)'s Student-t distribution truncated to that
+set. NTPS is evaluated in closed form on every pair of kept rotations (U's and V's), shifted by the
+estimator's correction (estimate minus the pooled plug-in), and joined with the jackknife-t interval.
+
+Validated on the estimator map's accepted rows (docs/estimator.md, "The selective rotation interval"):
+it is what makes the flag's accepted rows of the near-tied design cover; elsewhere it is the
+jackknife-t interval except near the eigengap threshold, where it is conservative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from ntps_nb.core.moments import Moments
+from ntps_nb.core.score import SPAN_RTOL, _theory_geometry_of
+from ntps_nb.core.subspaces import Subspace, nested_orthonormal_basis
+
+#: Candidate rotations tested per pair, evenly over [-pi/2, pi/2) (0.5 degree apart).
+SET_ANGLES = 360
+#: The values of `ntps_estimate`'s ``interval``.
+INTERVALS = ("jackknife", "rotation")
+#: Largest off-diagonal entry of a pooled pair's plane matrices (relative to its leading
+#: eigenvalue, and of the metric against the identity) before the pair is taken as not the pooled
+#: eigenvectors (a programming error, not a data condition).
+PLANE_RTOL = 1e-8
+
+
+@dataclass(frozen=True)
+class RotationSets:
+    """Confidence sets for the rotation of a pair's leading eigenvector (`rotation_sets`).
+
+    phis : (SET_ANGLES,) the candidate rotations, radians in [-pi/2, pi/2).
+    fieller : (..., SET_ANGLES) bool, the rotations the plain t test keeps.
+    selective : (..., SET_ANGLES) bool, those the test conditioned on the eigengap condition keeps.
+    """
+
+    phis: np.ndarray
+    fieller: np.ndarray
+    selective: np.ndarray
+
+
+def rotation_sets(gap, se_gap, local: np.ndarray, *, level: float = 0.90, gap_min: float) -> RotationSets:
+    """Confidence sets, by test inversion, for the population eigenvector of a pair's leading eigenvalue.
+
+    A candidate rotation phi of the sample's leading eigenvector w_1 towards the second w_2 is the
+    basis (w_1(phi), w_2(phi)) = (cos phi w_1 + sin phi w_2, -sin phi w_1 + cos phi w_2). In the
+    population's eigenbasis the pair's mean matrix is diagonal, so phi is tested by the t statistic
+    of the off-diagonal entry h(phi) against 0, with h(phi)'s jackknife SE at that phi (the
+    replicates' matrices in the same basis). A phi is also kept only where the diagonal difference
+    g(phi) = w_1(phi)' M w_1(phi) - w_2(phi)' M w_2(phi) is not significantly negative (h is 0 at the
+    second eigenvector as well).
+
+    ``fieller``: the plain t test (Student t, S - 1 degrees of freedom), a set covering the population
+    rotation with probability ``level`` over all draws. ``selective``: the test conditioned on the
+    eigengap condition having passed, sample gap sqrt(g(phi)^2 + 4 h(phi)^2) (the same in every
+    basis) at least ``gap_min`` * ``se_gap``: with z = g(phi) - beta h(phi) the part of g
+    uncorrelated with h (which carries the nuisance population gap), the condition is a quadratic
+    in h(phi) and keeps it outside an interval (r_1, r_2); phi is kept where both tails of h(phi)'s
+    Student-t distribution truncated to that set are at least (1 - level) / 2. Meaningful only for a
+    draw that passed the condition.
+
+    Parameters
+    ----------
+    gap : (...,) the pair's pooled eigengap, leading minus second (> 0).
+    se_gap : (...,) its jackknife SE as the eigengap condition computes it (`eigengap_ratios`).
+    local : (..., S, 2, 2) each delete-one-shard replicate's matrix of the pair in the pooled
+        eigenbasis, leading direction first (the pooled matrix there is diag(lambda_1, lambda_2)).
+    level : coverage level, in (0, 1).
+    gap_min : the eigengap condition's threshold (`ntps_nb.core.estimators.GAP_MIN`).
+
+    Returns
+    -------
+    `RotationSets`.
+    """
+    local = np.asarray(local, dtype=np.float64)
+    if local.ndim < 3 or local.shape[-2:] != (2, 2) or local.shape[-3] < 3:
+        raise ValueError(f"local must be (..., S, 2, 2) with S >= 3 replicates, got shape {local.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    S = local.shape[-3]
+    t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
+    student = scipy.stats.t(S - 1)
+    diff, off = local[..., 0, 0] - local[..., 1, 1], local[..., 0, 1]
+
+    def jackknife_cov(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        dx, dy = x - x.mean(axis=-1, keepdims=True), y - y.mean(axis=-1, keepdims=True)
+        return ((S - 1) / S * np.sum(dx * dy, axis=-1))[..., None]
+
+    v_diff, v_off, c_diff_off = jackknife_cov(diff, diff), jackknife_cov(off, off), jackknife_cov(diff, off)
+    phis = np.linspace(-np.pi / 2, np.pi / 2, SET_ANGLES, endpoint=False)
+    s2, c2 = np.sin(2 * phis), np.cos(2 * phis)
+    gap = np.asarray(gap, dtype=np.float64)[..., None]
+    se_gap = np.asarray(se_gap, dtype=np.float64)[..., None]
+    h, g = -0.5 * gap * s2, gap * c2                  # the pooled matrix in the basis of each phi
+    # per replicate h(phi) = -(diff / 2) sin 2phi + off cos 2phi, g(phi) = diff cos 2phi + 2 off sin 2phi
+    v_h = 0.25 * s2**2 * v_diff + c2**2 * v_off - s2 * c2 * c_diff_off
+    v_g = c2**2 * v_diff + 4 * s2**2 * v_off + 4 * s2 * c2 * c_diff_off
+    c_gh = -0.5 * s2 * c2 * v_diff + 2 * s2 * c2 * v_off + (c2**2 - s2**2) * c_diff_off
+    se_h = np.sqrt(np.maximum(v_h, np.finfo(np.float64).tiny))
+    ordered = g >= -t * np.sqrt(np.maximum(v_g, 0.0))
+    fieller = (np.abs(h) <= t * se_h) & ordered
+    beta = c_gh / se_h**2
+    z = g - beta * h
+    qa, qb, qc = beta**2 + 4, 2 * z * beta, z**2 - (gap_min * se_gap) ** 2
+    root = np.sqrt(np.maximum(qb**2 - 4 * qa * qc, 0.0))
+    r1, r2 = (-qb - root) / (2 * qa), (-qb + root) / (2 * qa)      # r1 = r2: nothing truncated
+    below, above = student.cdf(r1 / se_h), student.sf(r2 / se_h)
+    mass = below + above
+    cdf, sf = student.cdf(h / se_h), student.sf(h / se_h)
+    lower_tail = np.where(h <= r1, cdf, below + np.maximum(cdf - (1 - above), 0.0)) / mass
+    upper_tail = np.where(h >= r2, sf, above + np.maximum(sf - (1 - below), 0.0)) / mass
+    alpha = (1 - level) / 2
+    selective = (lower_tail >= alpha) & (upper_tail >= alpha) & ordered
+    return RotationSets(phis=phis, fieller=fieller, selective=selective)
+
+
+def plane_replicates(pair: np.ndarray, factor: np.ndarray, metric: np.ndarray, pools: Sequence[Moments],
+                     side: str) -> np.ndarray:
+    """Each replicate's matrix of a pair's generalized problem (A = F F', B) in the plane of the
+    pooled pair, whitened by the replicate's own B there.
+
+    Parameters
+    ----------
+    pair : (d, 2) the pooled eigenvectors of the pair, B-orthonormal, leading first.
+    factor, metric : the pooled F and B (to check that ``pair`` diagonalises them).
+    pools : the delete-one-shard pools (S `Moments`).
+    side : "U" reads (Sxy, Sxx) from each pool, "V" (C1, C0).
+
+    Returns
+    -------
+    (S, 2, 2) float64.
+    """
+    pooled = pair.T @ factor
+    pooled = pooled @ pooled.T
+    scale = max(abs(pooled[0, 0]), np.finfo(np.float64).tiny)
+    if abs(pooled[0, 1]) > PLANE_RTOL * scale or np.abs(pair.T @ metric @ pair - np.eye(2)).max() > PLANE_RTOL:
+        raise ValueError(f"the {side} pair does not diagonalise its pooled problem")
+    out = np.empty((len(pools), 2, 2))
+    for i, pool in enumerate(pools):
+        F, B = (pool.Sxy, pool.Sxx) if side == "U" else (pool.C1, pool.C0)
+        a = pair.T @ F
+        w, q = np.linalg.eigh(pair.T @ B @ pair)
+        inv_root = (q / np.sqrt(w)) @ q.T
+        out[i] = inv_root @ (a @ a.T) @ inv_root
+    return out
+
+
+def ntps_over_rotations(U: Subspace, V: Subspace, k: int, phis_U: np.ndarray, phis_V: np.ndarray,
+                        *, span_rtol: float = SPAN_RTOL) -> np.ndarray:
+    """NTPS_theory(k) with u_{k_U} rotated towards u_{k_U + 1} by each of ``phis_U`` (Sxx inner
+    product) and v_k towards v_{k + 1} by each of ``phis_V`` (C0 inner product), the pooled
+    subspaces otherwise; in closed form.
+
+    With Q an orthonormal basis of span(v_1 .. v_{k-1}) and R = (r_k, r_{k+1}) the two next-token
+    directions' residuals against it (in the coordinates of `theory_geometry`), the projector onto
+    V_k(psi) is Q Q' + e e', e the normalised c(psi)' R; so NTPS is a ratio of quadratic forms in
+    (cos psi, sin psi) and (cos phi, sin phi). ``phis_U`` must be [0] where k_U = m (no pair) and
+    ``phis_V`` [0] where k = r_V.
+
+    Parameters
+    ----------
+    U, V : the pooled descending perception and next-token subspaces.
+    k : number of next-token directions, 1 <= k <= r_V.
+    phis_U, phis_V : (nU,), (nV,) rotations in radians.
+    span_rtol : as in `theory_geometry`: a rotated v_k whose residual against span(v_1 .. v_{k-1})
+        is below it (relative) adds no direction.
+
+    Returns
+    -------
+    (len(phis_U), len(phis_V)) float64 in [0, 1].
+    """
+    m, r_V = U.rank_A, V.rank_B
+    kU = min(k, m)
+    if (kU >= m and np.any(phis_U != 0)) or (k >= r_V and np.any(phis_V != 0)):
+        raise ValueError("a rotation needs a next direction: k_U < m for U, k < r_V for V")
+    Q_r, s_r = U.range_basis, U.range_eigenvalues
+    u = np.zeros((Q_r.shape[1], kU + 1))
+    u[:, : min(kU + 1, m)] = Q_r.T @ U.whitened[:, : min(kU + 1, m)]
+    v = np.zeros((Q_r.shape[1], k + 1))
+    v[:, : min(k + 1, r_V)] = np.sqrt(s_r)[:, None] * (Q_r.T @ V.vectors[:, : min(k + 1, r_V)])
+    Q = np.zeros((v.shape[0], 0))
+    if k > 1:
+        basis, counts = nested_orthonormal_basis(v[:, : k - 1], rtol=span_rtol)
+        Q = basis[:, : counts[-1]]
+    R = v[:, k - 1: k + 1] - Q @ (Q.T @ v[:, k - 1: k + 1])
+    G = Q.T @ u                                  # (q, kU + 1)
+    H = R.T @ u                                  # (2, kU + 1)
+    fixed_Q = np.sum(G[:, : kU - 1] ** 2)
+    G2, H2, Hf = G[:, kU - 1:], H[:, kU - 1:], H[:, : kU - 1]
+    D = np.stack([np.cos(phis_U), np.sin(phis_U)], axis=1)      # (nU, 2)
+    C = np.stack([np.cos(phis_V), np.sin(phis_V)], axis=1)      # (nV, 2)
+    rotated_Q = np.einsum("ai,ij,aj->a", D, G2.T @ G2, D)
+    norm = np.einsum("bi,ij,bj->b", C, R.T @ R, C)
+    fixed_e = np.einsum("bi,ij,bj->b", C, Hf @ Hf.T, C)
+    cross = (C @ H2 @ D.T) ** 2                                  # (nV, nU)
+    # a rotated v_k inside span(v_1 .. v_{k-1}) (rank-deficient V) adds no direction
+    scale = np.einsum("bi,ij,bj->b", C, v[:, k - 1: k + 1].T @ v[:, k - 1: k + 1], C)
+    adds = norm > (span_rtol**2) * np.maximum(scale, np.finfo(np.float64).tiny)
+    e_part = np.where(adds[:, None], (fixed_e[:, None] + cross) / np.where(adds, norm, 1.0)[:, None], 0.0)
+    values = (fixed_Q + rotated_Q[None, :] + e_part) / kU
+    return np.clip(values.T, 0.0, 1.0)
+
+
+def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
+                      rtol: float, solved: tuple[Subspace, Subspace] | None = None,
+                      pools: Sequence[Moments] | None = None) -> pd.DataFrame:
+    """`ntps_estimate`'s frame with each row's interval widened over the rotation sets (module docstring).
+
+    Per row: each side with a next direction (U: k_U < m, V: k < r_V) gets the selective set of
+    `rotation_sets` where its eigengap ratio passed ``gap_min`` and the Fieller set otherwise; NTPS
+    over every pair of kept rotations (`ntps_over_rotations`) is shifted by the row's estimate minus
+    the pooled plug-in and joined with the row's jackknife-t interval. Rows with a non-finite
+    interval or eigengap ratio keep theirs. The flag is left as it was.
+
+    Parameters
+    ----------
+    moment_shards : the shards the frame was computed from.
+    frame : `ntps_estimate`'s frame (jackknife intervals).
+    level, gap_min, rtol : as in `ntps_estimate`.
+    solved : the pooled (U, V) if already solved.
+    pools : the delete-one-shard pools if already combined (pool i: every shard but i).
+
+    Returns
+    -------
+    The frame with ``lower`` / ``upper`` widened, the jackknife interval kept as ``lower_jackknife`` /
+    ``upper_jackknife``, ``rotation_U`` / ``rotation_V`` (the largest |angle| kept, radians; 0 without
+    a pair) and ``interval`` = "rotation".
+    """
+    from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
+
+    shards = list(moment_shards)
+    pooled = Moments.combine(shards)
+    if solved is None:
+        solved = perception_subspace(pooled, rtol=rtol), next_token_subspace(pooled, rtol=rtol)
+    U, V = solved
+    plugin = _theory_geometry_of(pooled, U, V)
+    if pools is None:
+        pools = [Moments.combine([s for j, s in enumerate(shards) if j != i]) for i in range(len(shards))]
+    m, r_V = U.rank_A, V.rank_B
+    out = frame.copy()
+    out["lower_jackknife"], out["upper_jackknife"] = frame["lower"], frame["upper"]
+    out["rotation_U"], out["rotation_V"] = np.nan, np.nan
+    planes: dict = {}
+    for index, row in frame.iterrows():
+        k = int(row["k"])
+        if not (np.isfinite(row["lower"]) and np.isfinite(row["upper"]) and np.isfinite(row["estimate"])):
+            continue
+        kept = []
+        for side, space, kk, rank in (("U", U, min(k, m), m), ("V", V, k, r_V)):
+            if kk >= rank:
+                kept.append(np.zeros(1))
+                continue
+            ratio = row[f"gap_ratio_{side}"]
+            gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
+            if not (np.isfinite(ratio) and ratio > 0 and gap > 0):
+                kept = None
+                break
+            if (side, kk) not in planes:
+                factor, metric = (pooled.Sxy, pooled.Sxx) if side == "U" else (pooled.C1, pooled.C0)
+                planes[side, kk] = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
+            sets = rotation_sets(gap, gap / ratio, planes[side, kk], level=level, gap_min=gap_min)
+            keep = sets.selective if ratio >= gap_min else sets.fieller
+            kept.append(sets.phis[keep] if keep.any() else np.zeros(1))
+        if kept is None:
+            continue
+        values = ntps_over_rotations(U, V, k, kept[0], kept[1])
+        shift = row["estimate"] - plugin.ntps(k)
+        out.loc[index, "lower"] = min(row["lower"], values.min() + shift)
+        out.loc[index, "upper"] = max(row["upper"], values.max() + shift)
+        out.loc[index, "rotation_U"] = float(np.abs(kept[0]).max())
+        out.loc[index, "rotation_V"] = float(np.abs(kept[1]).max())
+    out["interval"] = "rotation"
+    return out
+

@@ -1,0 +1,152 @@
+"""The rotation interval (`ntps_nb.core.rotation`, `ntps_estimate(interval="rotation")`).
+
+Known truth: an exact two-dimensional model, the leading eigenvector of a mean of S shards' 2 x 2
+symmetric matrices diag(g, 0) + noise (the population eigenvector is e_1), scored (u . v)^2; and
+the closed-form NTPS over rotations against the rotated subspaces' NTPS computed by QR.
+"""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from ntps_nb.core.estimators import GAP_MIN, ntps_estimate
+from ntps_nb.core.moments import Moments
+from ntps_nb.core.rotation import SET_ANGLES, ntps_over_rotations, rotation_sets
+from ntps_nb.core.score import theory_geometry
+from ntps_nb.core.simulate import factor_model, lds_model, sample_shards
+from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
+
+SHARDS = 10
+LEVEL = 0.90
+#: Tolerance of the closed form against the QR computation.
+CLOSED_FORM_ATOL = 1e-10
+
+
+def exact_model(delta: float, draws: int, rng: np.random.Generator):
+    """The pooled gap, its jackknife SE (from the replicates' own eigengaps), the replicates'
+    matrices in the pooled eigenbasis and that basis, for ``draws`` draws at population gap ratio
+    ``delta`` (the gap over the SD of its diagonal noise)."""
+    S = SHARDS
+    noise = rng.standard_normal((draws, S, 3)) * np.sqrt(S)
+    m = np.zeros((draws, S, 2, 2))
+    m[..., 0, 0] = delta * np.sqrt(2) + noise[..., 0]
+    m[..., 1, 1] = noise[..., 1]
+    m[..., 0, 1] = m[..., 1, 0] = noise[..., 2] / np.sqrt(2)
+    total = m.sum(axis=1)
+    replicates = (total[:, None] - m) / (S - 1)
+    w, basis = np.linalg.eigh(total / S)
+    basis = basis[..., ::-1]
+    w_r = np.linalg.eigvalsh(replicates)
+    gaps_r = w_r[..., 1] - w_r[..., 0]
+    se_gap = np.sqrt((S - 1) / S * np.sum((gaps_r - gaps_r.mean(axis=1, keepdims=True)) ** 2, axis=1))
+    local = np.einsum("dji,dsjk,dkl->dsil", basis, replicates, basis)
+    return w[:, 1] - w[:, 0], se_gap, local, basis, replicates
+
+
+def population_index(basis: np.ndarray) -> np.ndarray:
+    """The candidate rotation nearest the population direction e_1, per draw."""
+    phi0 = (np.arctan2(basis[:, 0, 1], basis[:, 0, 0]) + np.pi / 2) % np.pi - np.pi / 2
+    return np.round((phi0 + np.pi / 2) / np.pi * SET_ANGLES).astype(int) % SET_ANGLES
+
+
+def test_fieller_set_covers_the_population_direction_at_its_level():
+    # Fieller's test at the population basis is an exact t test here: coverage 0.90 over all draws
+    draws = 6000
+    gap, se_gap, local, basis, _ = exact_model(3.0, draws, np.random.default_rng(0))
+    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
+    coverage = sets.fieller[np.arange(draws), population_index(basis)].mean()
+    se = np.sqrt(LEVEL * (1 - LEVEL) / draws)      # 0.0039
+    assert abs(coverage - LEVEL) < 3 * se + np.pi / SET_ANGLES
+
+
+def test_selective_widening_makes_the_accepted_draws_cover_where_the_jackknife_does_not():
+    # population gap ratio 3: the draws the eigengap condition accepts are the rotated ones; the
+    # jackknife-t interval of the score covers them far below 0.85, the score's range over the
+    # selective set joined with it covers at least 0.90 (docs/estimator.md)
+    rng = np.random.default_rng(1)
+    draws = 6000
+    alpha2, beta2 = 0.1513, 0.6087
+    v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
+    gap, se_gap, local, basis, replicates = exact_model(3.0, draws, rng)
+    accepted = gap / se_gap >= GAP_MIN
+    n = int(accepted.sum())
+    assert n > 500
+    t = scipy.stats.t.ppf((1 + LEVEL) / 2, SHARDS - 1)
+    score = (basis[..., 0] @ v) ** 2
+    scores_r = (np.linalg.eigh(replicates)[1][..., 1] @ v) ** 2
+    se = np.sqrt((SHARDS - 1) / SHARDS * np.sum((scores_r - scores_r.mean(axis=1, keepdims=True)) ** 2, axis=1))
+    lower, upper = score - t * se, score + t * se
+    jackknife = ((lower <= alpha2) & (alpha2 <= upper))[accepted]
+    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
+    rotated = (np.cos(sets.phis)[None, :, None] * basis[:, None, :, 0]
+               + np.sin(sets.phis)[None, :, None] * basis[:, None, :, 1])
+    scores = (rotated @ v) ** 2
+    lo = np.minimum(np.where(sets.selective, scores, np.inf).min(axis=1), lower)
+    hi = np.maximum(np.where(sets.selective, scores, -np.inf).max(axis=1), upper)
+    selective = ((lo <= alpha2) & (alpha2 <= hi))[accepted]
+    # exact binomial tests: the jackknife below 0.85, the selective interval not below 0.90
+    assert scipy.stats.binom.cdf(jackknife.sum(), n, 0.85) < 1e-3
+    assert scipy.stats.binom.cdf(selective.sum(), n, 0.90) > 0.05
+    assert selective.mean() > jackknife.mean() + 0.05
+
+
+def test_selective_set_is_fieller_far_from_the_eigengap_threshold():
+    gap, se_gap, local, _, _ = exact_model(40.0, 200, np.random.default_rng(2))
+    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
+    np.testing.assert_array_equal(sets.selective, sets.fieller)
+    assert sets.fieller[:, SET_ANGLES // 2].all()            # the sample direction, phi = 0
+
+
+def test_rotation_sets_reject_bad_input():
+    with pytest.raises(ValueError, match="S >= 3"):
+        rotation_sets(1.0, 0.1, np.zeros((2, 2, 2)), gap_min=GAP_MIN)
+    with pytest.raises(ValueError, match="level"):
+        rotation_sets(1.0, 0.1, np.zeros((5, 2, 2)), level=1.5, gap_min=GAP_MIN)
+
+
+def rotated_ntps(pooled: Moments, U, V, k: int, phi: float, psi: float) -> float:
+    """NTPS_theory(k) of the rotated subspaces, by QR (independent of the closed form)."""
+    m = U.rank_A
+    kU = min(k, m)
+    Q_r, s_r = U.range_basis, U.range_eigenvalues
+    u = Q_r.T @ U.whitened[:, :kU]
+    if phi:
+        u[:, kU - 1] = np.cos(phi) * u[:, kU - 1] + np.sin(phi) * (Q_r.T @ U.whitened[:, kU])
+    v = np.sqrt(s_r)[:, None] * (Q_r.T @ V.vectors[:, :k])
+    if psi:
+        v[:, k - 1] = np.cos(psi) * v[:, k - 1] + np.sin(psi) * np.sqrt(s_r) * (Q_r.T @ V.vectors[:, k])
+    q, _ = np.linalg.qr(v)
+    return float(np.sum((q.T @ u) ** 2) / kU)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_closed_form_ntps_over_rotations_matches_qr(k):
+    model = factor_model(d=12, n_classes=4, n_tokens=8, gap="moderate", seed=3)
+    pooled = Moments.combine(sample_shards(model, 400, 4, np.random.default_rng(3)))
+    U, V = perception_subspace(pooled), next_token_subspace(pooled)
+    assert k < U.rank_A and k < V.rank_B
+    phis, psis = np.array([-1.2, -0.3, 0.0, 0.7]), np.array([-0.9, 0.0, 0.2, 1.4])
+    values = ntps_over_rotations(U, V, k, phis, psis)
+    assert values.shape == (4, 4)
+    expected = np.array([[rotated_ntps(pooled, U, V, k, phi, psi) for psi in psis] for phi in phis])
+    np.testing.assert_allclose(values, expected, atol=CLOSED_FORM_ATOL, rtol=0)
+    assert values[2, 1] == pytest.approx(theory_geometry(pooled).ntps(k), abs=CLOSED_FORM_ATOL)
+    with pytest.raises(ValueError, match="next direction"):
+        ntps_over_rotations(U, V, V.rank_B, np.zeros(1), np.array([0.1]))
+
+
+def test_ntps_estimate_rotation_interval_contains_the_jackknife_one_and_keeps_the_flag():
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="moderate", seed=5)
+    shards = sample_shards(model, 16 * 32, SHARDS, np.random.default_rng(5))
+    ks = [1, 2, 4]
+    plain = ntps_estimate(shards, ks)
+    widened = ntps_estimate(shards, ks, interval="rotation")
+    assert (widened["interval"] == "rotation").all() and "interval" not in plain.columns
+    np.testing.assert_array_equal(widened["lower_jackknife"], plain["lower"])
+    np.testing.assert_array_equal(widened["upper_jackknife"], plain["upper"])
+    assert (widened["lower"] <= plain["lower"]).all() and (widened["upper"] >= plain["upper"]).all()
+    np.testing.assert_array_equal(widened["reliable"], plain["reliable"])
+    np.testing.assert_array_equal(widened["estimate"], plain["estimate"])
+    assert (widened["rotation_U"] >= 0).all() and (widened["rotation_V"] >= 0).all()
+    with pytest.raises(ValueError, match="interval must be one of"):
+        ntps_estimate(shards, ks, interval="bootstrap")
