@@ -153,7 +153,7 @@ def plane_replicates(pair: np.ndarray, factor: np.ndarray, metric: np.ndarray, p
 
     Returns
     -------
-    (S, 2, 2) float64.
+    (S, 2, 2) float64; NaN for a replicate whose B is singular on the plane.
     """
     pooled = pair.T @ factor
     pooled = pooled @ pooled.T
@@ -165,6 +165,9 @@ def plane_replicates(pair: np.ndarray, factor: np.ndarray, metric: np.ndarray, p
         F, B = (pool.Sxy, pool.Sxx) if side == "U" else (pool.C1, pool.C0)
         a = pair.T @ F
         w, q = np.linalg.eigh(pair.T @ B @ pair)
+        if not w[0] > PLANE_RTOL * max(w[1], 0.0):     # the replicate's metric is singular on the plane
+            out[i] = np.nan
+            continue
         inv_root = (q / np.sqrt(w)) @ q.T
         out[i] = inv_root @ (a @ a.T) @ inv_root
     return out
@@ -235,7 +238,8 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     `rotation_sets` where its eigengap ratio passed ``gap_min`` and the Fieller set otherwise; NTPS
     over every pair of kept rotations (`ntps_over_rotations`) is shifted by the row's estimate minus
     the pooled plug-in and joined with the row's jackknife-t interval. Rows with a non-finite
-    interval or eigengap ratio keep theirs. The flag is left as it was.
+    interval or eigengap ratio, or a replicate whose metric is singular on a pair's plane, keep their
+    interval (``rotation_U`` / ``rotation_V`` NaN). The flag is left as it was.
 
     Parameters
     ----------
@@ -283,6 +287,9 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
             if (side, kk) not in planes:
                 factor, metric = (pooled.Sxy, pooled.Sxx) if side == "U" else (pooled.C1, pooled.C0)
                 planes[side, kk] = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
+            if not np.isfinite(planes[side, kk]).all():
+                kept = None
+                break
             sets = rotation_sets(gap, gap / ratio, planes[side, kk], level=level, gap_min=gap_min)
             keep = sets.selective if ratio >= gap_min else sets.fieller
             kept.append(sets.phis[keep] if keep.any() else np.zeros(1))

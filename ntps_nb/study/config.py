@@ -67,7 +67,7 @@ class StudySettingsError(ValueError):
 #: Settings added after units were committed, with the value those units were computed with: a
 #: setting at that value is left out of `StudyConfig.settings` (so of the config hash).
 _ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin",
-                "interval_variants": ("theory", "reference")}
+                "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife"}
 
 
 #: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
@@ -107,6 +107,8 @@ class StudyConfig:
     the plug-in: the estimator's own interval is the estimates table's jackknife).
     ``interval_variants`` names the variants the intervals stage bootstraps (both by default; the
     theory variant alone where the released algorithm's replicates cost too much at a large d).
+    ``estimate_interval`` is the estimates table's interval: "jackknife" (default) or "rotation"
+    (`ntps_nb.core.rotation`).
     """
 
     name: str
@@ -139,6 +141,10 @@ class StudyConfig:
     # H200: 90 s a layer against the theory variant's 39 s); a study can keep its point values (the
     # ntps table) and bootstrap the theory variant alone
     interval_variants: tuple[str, ...] = ("theory", "reference")
+    # the estimates table's interval (`ntps_nb.core.estimators.ntps_estimate`'s ``interval``): the
+    # jackknife-t interval, or "rotation", that interval widened over the rotation of nearly tied
+    # eigenvector pairs at k (`ntps_nb.core.rotation`; docs/estimator.md)
+    estimate_interval: str = "jackknife"
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -420,6 +426,11 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
         raise StudySettingsError(f"{path}: interval_estimator must be one of {', '.join(INTERVAL_ESTIMATORS)} "
                                  f"(the plug-in's bootstrap, or the study estimator's), "
                                  f"got {table.get('interval_estimator')!r}")
+    from ntps_nb.core.rotation import INTERVALS
+
+    if table.get("estimate_interval", "jackknife") not in INTERVALS:
+        raise StudySettingsError(f"{path}: estimate_interval must be one of {', '.join(INTERVALS)} (the interval "
+                                 f"of ntps_estimate), got {table.get('estimate_interval')!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)
     if (not isinstance(variants, (list, tuple)) or not variants or not all(isinstance(v, str) for v in variants)
             or len(set(variants)) != len(variants)

@@ -693,10 +693,14 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
     if rows is not None:
         keep = ["dataset", "layer", "k", "estimator", "estimate", "lower", "upper", "level", "reliable",
                 *[c for c in PROVENANCE_COLUMNS if c in rows.columns]]
+        kinds = (rows["interval"].fillna("jackknife") if "interval" in rows.columns
+                 else pd.Series("jackknife", index=rows.index))
         out = rows[keep].rename(columns={"estimate": "ntps"})
         out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
                          interval=[f"{level:.0%} delete-one-shard jackknife interval of the {estimator} estimate"
-                                   for level, estimator in zip(out["level"], out["estimator"])])
+                                   + (", widened over the rotation of nearly tied eigenvector pairs"
+                                      if kind == "rotation" else "")
+                                   for level, estimator, kind in zip(out["level"], out["estimator"], kinds)])
     else:
         intervals = tables.get("intervals")
         if intervals is None or intervals.empty:

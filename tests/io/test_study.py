@@ -1358,6 +1358,32 @@ def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_
                                   check_dtype=False)  # k is float beside the reference rows' NaN
 
 
+def test_estimate_interval_widens_the_estimates_table_and_keys_only_the_estimates(tmp_path, tiny_llama):
+    cfg = study.load_config(STUDIES / "default.toml")
+    assert cfg.estimate_interval == "jackknife" and "estimate_interval" not in cfg.settings()
+    assert cfg.config_hash == "1cedd9f67410"  # the committed units' hash: the setting's default leaves it alone
+    rotation = study.load_config(STUDIES / "default.toml", estimate_interval="rotation")
+    assert rotation.settings()["estimate_interval"] == "rotation" and rotation.config_hash != cfg.config_hash
+    with pytest.raises(study.StudySettingsError, match="estimate_interval must be one of jackknife, rotation"):
+        study.load_config(STUDIES / "default.toml", estimate_interval="bca")
+    keys, other = study.stage_keys(cfg, "smollm2-135m", "trec6"), study.stage_keys(rotation, "smollm2-135m", "trec6")
+    assert {name for name in keys if other[name] != keys[name]} == {"estimates"}
+    # a unit: only the estimates stage is computed again; the same estimates and flags, intervals
+    # that contain the jackknife ones (kept beside them)
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False)
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
+    run = study.run_unit(dataclasses.replace(smoke, estimate_interval="rotation"), "tiny-llama", "trec6", tiny_llama,
+                         **quiet)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    widened = run["estimates"]
+    assert (widened["interval"] == "rotation").all() and "interval" not in plain.columns
+    np.testing.assert_array_equal(widened["estimate"], plain["estimate"])
+    np.testing.assert_array_equal(widened["reliable"], plain["reliable"])
+    np.testing.assert_allclose(widened["lower_jackknife"], plain["lower"], rtol=1e-12)
+    assert (widened["lower"] <= plain["lower"] + 1e-12).all() and (widened["upper"] >= plain["upper"] - 1e-12).all()
+
+
 def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
     """``extends`` reads the named TOML's [study] table under this one: the default-richardson
     study is the default study's grid and settings but for its estimator and name."""
