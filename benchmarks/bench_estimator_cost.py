@@ -1,7 +1,8 @@
 """Cost of the default estimator against the plug-in, measured side by side in one run.
 
 Times `estimate_ntps` (the point estimate) and `ntps_estimate` (estimate, jackknife interval and
-reliability flag) for "plugin" and "richardson" on the same shard moments of one layer (an LDS
+reliability flag) for "plugin" and "richardson" (and richardson with ``interval="rotation"``) on the
+same shard moments of one layer (an LDS
 generator, d hidden dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and
 prints the median seconds and the ratio to the plug-in. The issue's budget: the default estimator at
 most 3x the plug-in's factorisations (richardson: the full sample and its two halves).
@@ -38,6 +39,8 @@ def main() -> None:
     }
     calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e))
                   for e in ("plugin", "richardson")})
+    # the rotation interval (ntps_nb.core.rotation) on top of the default estimator's
+    calls[("ntps_estimate", "richardson+rotation")] = lambda: ntps_estimate(shards, ks, interval="rotation")
     times = {key: [] for key in calls}
     for _ in range(args.repeats):
         for key, call in calls.items():
@@ -48,9 +51,10 @@ def main() -> None:
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     for what in ("estimate_ntps", "ntps_estimate"):
         base = np.median(times[(what, "plugin")])
-        for e in ("plugin", "richardson"):
-            t = np.median(times[(what, e)])
-            print(f"  {what:14s} {e:11s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")
+        for e in ("plugin", "richardson", "richardson+rotation"):
+            if (what, e) in times:
+                t = np.median(times[(what, e)])
+                print(f"  {what:14s} {e:20s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")
 
 
 if __name__ == "__main__":

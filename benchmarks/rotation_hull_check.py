@@ -75,6 +75,8 @@ GRID = 9
 RATIO_RTOL = 1e-6
 #: Largest difference between the grid's centre and the pooled plug-in NTPS.
 CENTRE_ATOL = 1e-9
+#: Step (radians) of the central differences of NTPS in a rotation.
+ROTATION_STEP = 1e-4
 #: The candidate rotations of `rotation_sets`.
 SET_PHIS = np.linspace(-np.pi / 2, np.pi / 2, SET_ANGLES, endpoint=False)
 DRAW = ["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "task_seed", "draw"]
@@ -158,7 +160,7 @@ def hull_of_draw(args) -> pd.DataFrame:
                   "hull_width_ratio": (upper - lower) / (row["upper"] - row["lower"])}
         # the confidence sets of the rotation by test inversion (ntps_nb.core.rotation): both sets on
         # every side with a next direction
-        sets = {}
+        sets, angles = {}, {}
         for side, space, kk, rank, factor, metric, ratio in (
                 ("U", U, kU, m, pooled.Sxy, pooled.Sxx, gaps.loc[k, "gap_ratio_U"]),
                 ("V", V, k, V.rank_B, pooled.C1, pooled.C0, gaps.loc[k, "gap_ratio_V"])):
@@ -166,8 +168,24 @@ def hull_of_draw(args) -> pd.DataFrame:
                 gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
                 local = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
                 sets[side] = rotation_sets(gap, gap / ratio, local, gap_min=GAP_MIN)
+                # the replicates' in-plane angle of the leading direction: the jackknife's own
+                # (linearised) account of the rotation
+                angles[side] = 0.5 * np.arctan2(2 * local[:, 0, 1], local[:, 0, 0] - local[:, 1, 1])
             else:
                 sets[side] = None
+        # the rotation's share of the jackknife variance, to first order: (dNTPS / dphi)^2 se(angle)^2
+        # per side, dNTPS / dphi by central differences of the closed form
+        se_rotation2 = 0.0
+        for side in ("U", "V"):
+            if sets[side] is not None:
+                steps = np.array([-ROTATION_STEP, ROTATION_STEP])
+                grid = (ntps_over_rotations(U, V, k, steps, np.zeros(1))[:, 0] if side == "U"
+                        else ntps_over_rotations(U, V, k, np.zeros(1), steps)[0])
+                slope = (grid[1] - grid[0]) / (2 * ROTATION_STEP)
+                se_rotation2 += slope ** 2 * float(_jackknife_se(angles[side][None, :])[0]) ** 2
+        t = scipy.stats.t.ppf(0.95, n_shards - 1)
+        rest = t * np.sqrt(max(row["se"] ** 2 - se_rotation2, 0.0))
+        record["se_rotation"] = np.sqrt(se_rotation2)
         for name in ("fieller", "selective"):
             kept = [np.zeros(1) if sets[side] is None else SET_PHIS[getattr(sets[side], name)] for side in ("U", "V")]
             kept = [x if x.size else np.zeros(1) for x in kept]
@@ -178,6 +196,14 @@ def hull_of_draw(args) -> pd.DataFrame:
                            f"{name}_width_ratio": (upper - lower) / (row["upper"] - row["lower"]),
                            f"{name}_rotation_U": float(np.abs(kept[0]).max()),
                            f"{name}_rotation_V": float(np.abs(kept[1]).max())})
+            # the rotation's range and the rest of the jackknife's noise added in quadrature (a
+            # variant of the union above that does not count the rotation twice)
+            below = max(row["estimate"] - (values.min() + shift), 0.0)
+            above = max(values.max() + shift - row["estimate"], 0.0)
+            lower, upper = row["estimate"] - np.hypot(below, rest), row["estimate"] + np.hypot(above, rest)
+            record.update({f"{name}_q_lower": lower, f"{name}_q_upper": upper,
+                           f"{name}_q_covered": lower <= row["truth"] <= upper,
+                           f"{name}_q_width_ratio": (upper - lower) / (row["upper"] - row["lower"])})
         # the package's interval option computes the selective one (the flag accepted the row; the
         # ratios as the draw gives them, some candidate frames do not keep them)
         ratios = gaps.loc[k, ["gap_ratio_U", "gap_ratio_V"]].to_dict()
@@ -245,7 +271,9 @@ def decompose(path: Path) -> None:
 
 #: The widened intervals a hull frame holds: (name, its covered column, its width-ratio column).
 CONSTRUCTIONS = [("hull", "hull_covered", "hull_width_ratio"), ("fieller", "fieller_covered", "fieller_width_ratio"),
-                 ("selective", "selective_covered", "selective_width_ratio")]
+                 ("selective", "selective_covered", "selective_width_ratio"),
+                 ("fieller_q", "fieller_q_covered", "fieller_q_width_ratio"),
+                 ("selective_q", "selective_q_covered", "selective_q_width_ratio")]
 
 
 def report(f: pd.DataFrame) -> None:
