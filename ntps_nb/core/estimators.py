@@ -901,7 +901,8 @@ def ntps_estimate(
     k = 1, N/d = 32 (0.29-0.69 in 4 of 13 populations): the two perception eigenvalues at k are
     nearly tied, the jackknife interval of an eigenvector rotated across a gap of a few SDs
     under-covers, and the eigengap condition cannot tell such a population from a resolved one
-    (docs/estimator.md, "Why the near-tied design fails").
+    (docs/estimator.md, "Why the near-tied design fails"); ``interval="rotation"`` covers there, and
+    is conservative for rows near the eigengap threshold elsewhere.
 
     Parameters
     ----------

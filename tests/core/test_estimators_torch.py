@@ -179,3 +179,16 @@ def test_the_richardson_sweep_on_a_device_is_numpys(case, seed):
         ntps_sweep_torch(shards[:1], estimator="richardson", device="cpu")
     with pytest.raises(ValueError, match="computes the plug-in and, on the theory variant, 'richardson'"):
         ntps_sweep_torch(shards, variant="reference", estimator="richardson", device="cpu")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_rotation_interval_after_torch_equals_numpy(shard_sets, case):
+    # the widening runs on the host after either backend; the edge cases (k beyond r_V, halves and
+    # replicates missing classes) keep their rows or widen them the same way
+    shards, ks = shard_sets[case]
+    want, got = numpy_and_torch(ntps_estimate, shards, ks, interval="rotation")
+    assert_frames_agree(got, want)
+    finite = np.isfinite(want["lower_jackknife"])
+    np.testing.assert_array_equal(np.isfinite(want["lower"]), finite)    # a NaN interval stays NaN
+    assert (want["lower"][finite] <= want["lower_jackknife"][finite]).all()
+    assert (want["upper"][finite] >= want["upper_jackknife"][finite]).all()
