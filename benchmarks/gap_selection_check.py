@@ -52,6 +52,7 @@ from estimator_flag_report import CELL, MIN_ACCEPTED, accepted, exact_band_tests
 from ntps_nb.core.estimators import BOUND_SE, GAP_MIN, NOISE_MAX, flag_at_bound  # noqa: E402
 from ntps_nb.core.intervals import _jackknife  # noqa: E402
 from ntps_nb.core.rotation import SET_ANGLES, rotation_sets  # noqa: E402
+from ntps_nb.core.simulate import pair_shards  # noqa: E402
 
 #: The columns a candidates frame keeps.
 KEEP = CELL + ["draw", "estimate", "se", "lower", "upper", "truth", "covered", "subspace_noise", "gap_ratio",
@@ -105,11 +106,7 @@ def exact_draws(delta: float, alpha2: float, beta2: float, draws: int, shards: i
     ``alpha2``), of the eigenvector's angle and of its linearised rotation h / (g') cover (truth 0 for
     both); and the off-diagonal |h| of the mean matrix."""
     S = shards
-    noise = rng.standard_normal((draws, S, 3)) * np.sqrt(S)
-    m = np.zeros((draws, S, 2, 2))
-    m[..., 0, 0] = delta * np.sqrt(2) + noise[..., 0]
-    m[..., 1, 1] = noise[..., 1]
-    m[..., 0, 1] = m[..., 1, 0] = noise[..., 2] / np.sqrt(2)
+    m = pair_shards(delta, draws, S, rng)
     total = m.sum(axis=1)
     v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
 
@@ -161,11 +158,7 @@ def exact_set_draws(delta: float, alpha2: float, beta2: float, draws: int, shard
     each range joined with the jackknife-t interval, covers the truth ``alpha2``; whether each set
     holds the population direction; the joined intervals' widths over the jackknife-t interval's."""
     S = shards
-    noise = rng.standard_normal((draws, S, 3)) * np.sqrt(S)
-    m = np.zeros((draws, S, 2, 2))
-    m[..., 0, 0] = delta * np.sqrt(2) + noise[..., 0]
-    m[..., 1, 1] = noise[..., 1]
-    m[..., 0, 1] = m[..., 1, 0] = noise[..., 2] / np.sqrt(2)
+    m = pair_shards(delta, draws, S, rng)
     total = m.sum(axis=1)
     replicates = (total[:, None] - m) / (S - 1)
     v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])

@@ -382,6 +382,35 @@ def sample_shards(model: PopulationModel, n_texts: int, n_shards: int, rng: np.r
     return shards
 
 
+def pair_shards(delta: float, n_draws: int, n_shards: int, rng: np.random.Generator) -> np.ndarray:
+    """Shard matrices of the exact two-dimensional eigenvector model, the known truth of a nearly
+    tied pair of eigenvalues.
+
+    Each shard's matrix is diag(sqrt(2) delta, 0) + noise, with independent normal noise of SD
+    sqrt(S) on each diagonal entry and sqrt(S / 2) on the off-diagonal one (S = ``n_shards``), so
+    the mean of the S shards has the population eigenvectors e_1, e_2 and a gap delta times the SD
+    of its diagonal difference's noise (the population eigengap ratio).
+
+    Parameters
+    ----------
+    delta : the population gap over the SD of the mean's diagonal difference.
+    n_draws : independent draws.
+    n_shards : shards per draw, S.
+    rng : the random generator (one standard normal array of shape (n_draws, S, 3) is drawn).
+
+    Returns
+    -------
+    (n_draws, S, 2, 2) float64, symmetric.
+    """
+    S = int(n_shards)
+    noise = rng.standard_normal((int(n_draws), S, 3)) * np.sqrt(S)
+    m = np.zeros((int(n_draws), S, 2, 2))
+    m[..., 0, 0] = delta * np.sqrt(2) + noise[..., 0]
+    m[..., 1, 1] = noise[..., 1]
+    m[..., 0, 1] = m[..., 1, 0] = noise[..., 2] / np.sqrt(2)
+    return m
+
+
 # --------------------------------------------------------------------------------------------
 # Bias, spread and coverage of estimators, over a grid of generators and sizes
 

@@ -13,7 +13,7 @@ from ntps_nb.core.estimators import GAP_MIN, ntps_estimate
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.rotation import SET_ANGLES, ntps_over_rotations, rotation_sets
 from ntps_nb.core.score import theory_geometry
-from ntps_nb.core.simulate import factor_model, lds_model, sample_shards
+from ntps_nb.core.simulate import factor_model, lds_model, pair_shards, sample_shards
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 
 SHARDS = 10
@@ -27,11 +27,7 @@ def exact_model(delta: float, draws: int, rng: np.random.Generator):
     matrices in the pooled eigenbasis and that basis, for ``draws`` draws at population gap ratio
     ``delta`` (the gap over the SD of its diagonal noise)."""
     S = SHARDS
-    noise = rng.standard_normal((draws, S, 3)) * np.sqrt(S)
-    m = np.zeros((draws, S, 2, 2))
-    m[..., 0, 0] = delta * np.sqrt(2) + noise[..., 0]
-    m[..., 1, 1] = noise[..., 1]
-    m[..., 0, 1] = m[..., 1, 0] = noise[..., 2] / np.sqrt(2)
+    m = pair_shards(delta, draws, S, rng)
     total = m.sum(axis=1)
     replicates = (total[:, None] - m) / (S - 1)
     w, basis = np.linalg.eigh(total / S)

@@ -119,3 +119,17 @@ def test_bias_decomposition_with_nothing_sampled_has_no_bias():
     table = bias_decomposition(model, 60, [1, 2], n_draws=4, n_shards=3)
     assert set(table["sampled"]) == {"all sampled", "Sxy and Sxx sampled", *(f"only {s} sampled" for s in SOURCES)}
     assert (table["n_defined"] == 4).all()
+
+
+def test_pair_shards_have_the_stated_population_gap_ratio_and_noise():
+    from ntps_nb.core.simulate import pair_shards
+
+    draws, S, delta = 20_000, 10, 3.0
+    m = pair_shards(delta, draws, S, np.random.default_rng(0))
+    assert m.shape == (draws, S, 2, 2) and np.array_equal(m, np.swapaxes(m, -1, -2))
+    mean = m.mean(axis=1)
+    diff = mean[:, 0, 0] - mean[:, 1, 1]
+    # the mean's diagonal difference: mean sqrt(2) delta, SD sqrt(2); off-diagonal SD 1 / sqrt(2)
+    assert abs(diff.mean() / np.sqrt(2) - delta) < 3 / np.sqrt(draws)
+    assert abs(diff.std() - np.sqrt(2)) < 3 * np.sqrt(2) / np.sqrt(2 * draws)
+    assert abs(mean[:, 0, 1].std() - 1 / np.sqrt(2)) < 3 / np.sqrt(2) / np.sqrt(2 * draws)
