@@ -118,8 +118,10 @@ def _ntps_grid(U, V, k: int, phis: np.ndarray, psis: np.ndarray) -> np.ndarray:
 
 
 def hull_of_draw(args) -> pd.DataFrame:
-    """The hull of each accepted row of one draw (``rows``: its frame rows)."""
-    key, rows = args
+    """The hull of each accepted row of one draw (``rows``: its frame rows; optionally a third item, the
+    eigengap threshold the rotation sets condition on, `GAP_MIN` otherwise)."""
+    key, rows, *rest = args
+    gap_min = rest[0] if rest else GAP_MIN
     n_shards = int(rows["n_shards"].iloc[0])
     _, shards = map_draw(*key, n_shards)
     ks = np.sort(rows["k"].unique())
@@ -167,7 +169,7 @@ def hull_of_draw(args) -> pd.DataFrame:
             if kk < rank:
                 gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
                 local = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
-                sets[side] = rotation_sets(gap, gap / ratio, local, gap_min=GAP_MIN)
+                sets[side] = rotation_sets(gap, gap / ratio, local, gap_min=gap_min)
                 # the replicates' in-plane angle of the leading direction: the jackknife's own
                 # (linearised) account of the rotation
                 angles[side] = 0.5 * np.arctan2(2 * local[:, 0, 1], local[:, 0, 0] - local[:, 1, 1])
@@ -208,7 +210,7 @@ def hull_of_draw(args) -> pd.DataFrame:
         # ratios as the draw gives them, some candidate frames do not keep them)
         ratios = gaps.loc[k, ["gap_ratio_U", "gap_ratio_V"]].to_dict()
         packaged = rotation_interval(shards, pd.DataFrame([{**row.to_dict(), **ratios}]), level=0.90,
-                                     gap_min=GAP_MIN, rtol=RANGE_RTOL, solved=(U, V), pools=pools).iloc[0]
+                                     gap_min=gap_min, rtol=RANGE_RTOL, solved=(U, V), pools=pools).iloc[0]
         if abs(packaged["lower"] - record["selective_lower"]) > CENTRE_ATOL or \
                 abs(packaged["upper"] - record["selective_upper"]) > CENTRE_ATOL:
             raise SystemExit(f"draw {key}, k = {k}: ntps_estimate's rotation interval differs from the sets here "
@@ -331,6 +333,9 @@ def main() -> None:
     parser.add_argument("--max-draws", type=int, default=None,
                         help="at most this many draws per design and seed (the first ones), for a quick run")
     parser.add_argument("--decompose", type=Path, help="a hull frame (--out) of a design: split its errors")
+    parser.add_argument("--gap-min", type=float, default=GAP_MIN,
+                        help="a stricter eigengap condition: keep the accepted rows whose gap ratio is at least this, "
+                             "and condition the selective sets on it (default GAP_MIN, the flag's)")
     args = parser.parse_args()
     if args.decompose:
         decompose(args.decompose)
@@ -345,6 +350,7 @@ def main() -> None:
         f = f[_flag_accepted(f)]
         parts.append(f[f["k"].isin(args.ks)] if args.ks else f)
     f = pd.concat(parts, ignore_index=True).drop_duplicates(subset=CELL + ["task_seed", "draw"], keep="last")
+    f = f[f["gap_ratio"] >= args.gap_min]
     groups = list(f.groupby(DRAW))
     if args.max_draws:
         counts: dict = {}
@@ -356,7 +362,7 @@ def main() -> None:
         groups = chosen
     start = time.time()
     with ProcessPoolExecutor(args.processes) as pool:
-        frames = list(pool.map(hull_of_draw, groups, chunksize=8))
+        frames = list(pool.map(hull_of_draw, [(key, rows, args.gap_min) for key, rows in groups], chunksize=8))
     out = pd.concat(frames, ignore_index=True)
     print(f"{len(groups)} draws in {time.time() - start:.0f} s on {args.processes} processes")
     if args.out:
