@@ -36,9 +36,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from ntps_nb.core.intervals import _jackknife
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import SPAN_RTOL, _theory_geometry_of
-from ntps_nb.core.subspaces import Subspace, nested_orthonormal_basis
+from ntps_nb.core.subspaces import Subspace, nested_orthonormal_basis, next_token_subspace, perception_subspace
 
 #: Candidate rotations tested per pair, evenly over [-pi/2, pi/2) (0.5 degree apart).
 SET_ANGLES = 360
@@ -108,8 +109,9 @@ def rotation_sets(gap, se_gap, local: np.ndarray, *, level: float = 0.90, gap_mi
     diff, off = local[..., 0, 0] - local[..., 1, 1], local[..., 0, 1]
 
     def jackknife_cov(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        dx, dy = x - x.mean(axis=-1, keepdims=True), y - y.mean(axis=-1, keepdims=True)
-        return ((S - 1) / S * np.sum(dx * dy, axis=-1))[..., None]
+        # the delete-one jackknife's covariance of two statistics, from `intervals._jackknife`'s deviations
+        dx, dy = _jackknife(np.moveaxis(x, -1, 0))[0], _jackknife(np.moveaxis(y, -1, 0))[0]
+        return ((S - 1) / S * np.sum(dx * dy, axis=0))[..., None]
 
     v_diff, v_off, c_diff_off = jackknife_cov(diff, diff), jackknife_cov(off, off), jackknife_cov(diff, off)
     phis = np.linspace(-np.pi / 2, np.pi / 2, SET_ANGLES, endpoint=False)
@@ -237,7 +239,8 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     Per row: each side with a next direction (U: k_U < m, V: k < r_V) gets the selective set of
     `rotation_sets` where its eigengap ratio passed ``gap_min`` and the Fieller set otherwise; NTPS
     over every pair of kept rotations (`ntps_over_rotations`) is shifted by the row's estimate minus
-    the pooled plug-in and joined with the row's jackknife-t interval. Rows with a non-finite
+    the pooled plug-in and joined with the row's jackknife-t interval. A side whose set is empty (the
+    test rejects every rotation, the sample's own included) is not rotated. Rows with a non-finite
     interval or eigengap ratio, or a replicate whose metric is singular on a pair's plane, keep their
     interval (``rotation_U`` / ``rotation_V`` NaN). The flag is left as it was.
 
@@ -255,8 +258,6 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     ``upper_jackknife``, ``rotation_U`` / ``rotation_V`` (the largest |angle| kept, radians; 0 without
     a pair) and ``interval`` = "rotation".
     """
-    from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
-
     shards = list(moment_shards)
     pooled = Moments.combine(shards)
     if solved is None:
