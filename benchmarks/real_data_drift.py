@@ -50,6 +50,9 @@ def main() -> None:
                              "4, 8, 16, 32 shards as extracted)")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
+    parser.add_argument("--interval", choices=["jackknife", "rotation"], default="jackknife",
+                        help="ntps_estimate's interval; with rotation the rows keep the jackknife-t bounds too "
+                             "(lower_jackknife, upper_jackknife) and the summary gives the drift against both")
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")
     parser.add_argument("--from-csv", nargs="+", metavar="CSV",
                         help="summarise earlier runs' drift.csv files (together) instead of running")
@@ -116,7 +119,7 @@ def main() -> None:
                 cached.with_suffix(".tmp").replace(cached)
         for n_used, subset in nested_subsets(shards, args.groups):
             for estimator in args.estimators:
-                table = ntps_estimate(subset, args.ks, estimator=estimator, level=0.90,
+                table = ntps_estimate(subset, args.ks, estimator=estimator, level=0.90, interval=args.interval,
                                       device=None if args.device == "cpu" else args.device)
                 rows.append(table.assign(dataset=name, model=args.model, layer=last, n_shards_used=n_used,
                                          max_length=args.max_length, device=args.device))
@@ -188,18 +191,24 @@ def nested_subsets(shards: list, groups: int):
 
 def summarise(frame: pd.DataFrame, out: Path, min_n: int = 0) -> None:
     """Drift from the smallest N (at least ``min_n``) where the estimator is defined to the largest,
-    against the jackknife interval at that smallest N."""
+    against the interval at that smallest N (runs with ``--interval rotation``: against the rotation
+    interval, and against the jackknife-t interval the same rows keep in ``drift_inside_jackknife``)."""
     summary = []
-    for (dataset, estimator, k), g in frame.groupby(["dataset", "estimator", "k"]):
+    frame = frame.assign(interval=frame["interval"].fillna("jackknife") if "interval" in frame else "jackknife")
+    for (dataset, estimator, interval, k), g in frame.groupby(["dataset", "estimator", "interval", "k"]):
         g = g[np.isfinite(g["estimate"]) & (g["n_texts"] >= min_n)].sort_values("n_texts")
         if len(g) < 2:
             continue
         first, final = g.iloc[0], g.iloc[-1]
-        summary.append({"dataset": dataset, "estimator": estimator, "k": k, "n_small": first["n_texts"],
-                        "n_large": final["n_texts"], "at_small": first["estimate"], "at_large": final["estimate"],
-                        "drift": final["estimate"] - first["estimate"],
-                        "half_width_small": (first["upper"] - first["lower"]) / 2,
-                        "drift_inside": bool(first["lower"] <= final["estimate"] <= first["upper"])})
+        record = {"dataset": dataset, "estimator": estimator, "interval": interval, "k": k,
+                  "n_small": first["n_texts"], "n_large": final["n_texts"], "at_small": first["estimate"],
+                  "at_large": final["estimate"], "drift": final["estimate"] - first["estimate"],
+                  "half_width_small": (first["upper"] - first["lower"]) / 2,
+                  "drift_inside": bool(first["lower"] <= final["estimate"] <= first["upper"])}
+        if interval == "rotation":
+            record["drift_inside_jackknife"] = bool(
+                first["lower_jackknife"] <= final["estimate"] <= first["upper_jackknife"])
+        summary.append(record)
     summary = pd.DataFrame(summary)
     summary.to_csv(out / ("drift_summary.csv" if not min_n else f"drift_summary_from_{min_n}.csv"), index=False)
     print(summary.round(3).to_string(index=False))
