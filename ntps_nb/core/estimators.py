@@ -79,7 +79,7 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.rotation import INTERVALS, rotation_interval
+from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, _theory_geometry_of, theory_geometry
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
@@ -871,6 +871,7 @@ def ntps_estimate(
     device: Any = None,
     batch_size: int | None = None,
     interval: str = "jackknife",
+    rotation_flag: bool = True,
 ) -> pd.DataFrame:
     """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
 
@@ -883,8 +884,8 @@ def ntps_estimate(
     resolved (`eigengap_ratios`: both eigengaps at k at least ``gap_min`` jackknife standard
     errors), and the interval meets [0, 1], where NTPS lies (one wholly outside it shows a bias
     beyond the stated uncertainty; never seen on the simulated maps where the other conditions
-    hold, seen once on real data). It is a property of the data at that k, the same for every
-    estimator; it was calibrated for the default estimator (docs/estimator.md): on populations not
+    hold, seen once on real data). The noise and eigengap conditions are properties of the data at
+    that k, the same for every estimator; the others read the estimator's own interval. It was calibrated for the default estimator (docs/estimator.md): on populations not
     used to calibrate it (d = 16-576) its intervals covered 0.92-0.94 (pooled, per d) where it said
     reliable, and 2 of 1,444 accepted rows were off by more than 0.2; over the whole grid
     (N/d = 0.5-32) on further fresh populations 0.90-0.94, none of the 1,251 rows meeting its
@@ -896,13 +897,20 @@ def ntps_estimate(
     about 2 (S - 1) / (S - 2) times too large (S shards; rows meeting the other conditions covered
     0.985-1.00 at nominal 0.90 on the maps). Such a row is not ``reliable`` but ``at_bound``
     (`flag_at_bound`: its estimate within ``bound_se`` standard errors of 0 or 1, or past either):
-    read its interval as conservative, not as calibrated (docs/estimator.md). One simulated design
-    is known where reliable rows under-cover: d = 64, an LDS with 2 classes and moderate eigengaps,
-    k = 1, N/d = 32 (0.29-0.69 in 4 of 13 populations): the two perception eigenvalues at k are
-    nearly tied, the jackknife interval of an eigenvector rotated across a gap of a few SDs
-    under-covers, and the eigengap condition cannot tell such a population from a resolved one
-    (docs/estimator.md, "Why the near-tied design fails"); ``interval="rotation"`` covers there, and
-    is conservative for rows near the eigengap threshold elsewhere.
+    read its interval as conservative, not as calibrated (docs/estimator.md). The flag's fifth
+    condition (``rotation_flag``, on by default): NTPS's range over the rotations of the eigenvector
+    pairs at k that the shards cannot reject (Fieller's confidence sets, `ntps_nb.core.rotation`)
+    stays inside the interval (`rotation_stability`). Without it one simulated design was known where
+    reliable rows under-cover: d = 64, an LDS with 2 classes and moderate eigengaps, k = 1, N/d = 32
+    (0.29-0.69 in 4 of 13 populations): the two perception eigenvalues at k are nearly tied, the
+    jackknife interval of an eigenvector rotated across a gap of a few SDs under-covers, and the
+    eigengap condition passes the most rotated draws (docs/estimator.md, "Why the near-tied design
+    fails"). With it the flag accepts under 1% of that design's draws, and no cell of the maps or of
+    fresh populations (d = 16 and 64) covers significantly outside [0.85, 0.95] (docs/estimator.md,
+    "The flag's rotation condition"). Known truth where the condition does not help: an exact
+    two-dimensional model whose true score sits at a stationary point of the rotation, with no noise
+    but the rotation's (the few draws it accepts cover 0.53-0.85). ``interval="rotation"`` widens the
+    interval instead (an option, conservative near the eigengap threshold).
 
     Parameters
     ----------
@@ -927,6 +935,11 @@ def ntps_estimate(
         near-tied design's reliable rows cover and leaves the other cells' intervals as they were
         except near the eigengap threshold, where it is conservative (docs/estimator.md, "The
         selective rotation interval"). The flag does not change.
+    rotation_flag : give the flag its rotation condition (default True; False: the flag of the
+        estimates stage before it, the committed study units'). Adds rotation_lower, rotation_upper
+        (NTPS's range over the Fieller sets, shifted by the estimator's correction) and
+        rotation_stable; numpy, on the host after either backend (no factorisation beyond the
+        pooled solve, which the torch path repeats on the host).
 
     Returns
     -------
@@ -935,7 +948,8 @@ def ntps_estimate(
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
-    (`flag_at_bound`). With ``interval="rotation"`` also interval ("rotation"), lower_jackknife,
+    (`flag_at_bound`); with ``rotation_flag`` rotation_lower, rotation_upper and rotation_stable
+    (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"`` also interval ("rotation"), lower_jackknife,
     upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
     """
     if interval not in INTERVALS:
@@ -945,9 +959,8 @@ def ntps_estimate(
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
                                             batch_size=batch_size)
-        if interval == "rotation":
-            frame = rotation_interval(_as_shards(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol)
-        return frame
+        return _with_rotation(_as_shards(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol,
+                              interval=interval, rotation_flag=rotation_flag)
     shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)
     ks = _check_ks(ks)
@@ -972,9 +985,23 @@ def ntps_estimate(
     frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
+    return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
+                          rotation_flag=rotation_flag, solved=solves.full, pools=solves.pools)
+
+
+def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
+                   interval: str, rotation_flag: bool, solved=None, pools=None) -> pd.DataFrame:
+    """`ntps_estimate`'s frame with the flag's rotation condition (``rotation_flag``:
+    `ntps_nb.core.rotation.rotation_stability`) and the rotation interval (``interval="rotation"``:
+    `ntps_nb.core.rotation.rotation_interval`), both from one computation of the rotation sets (numpy, on the
+    host after either backend)."""
+    if not rotation_flag and interval != "rotation":
+        return frame
+    ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, pools=pools)
+    if rotation_flag:
+        frame = rotation_stability(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     if interval == "rotation":
-        frame = rotation_interval(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solves.full,
-                                  pools=solves.pools)
+        frame = rotation_interval(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     return frame
 
 

@@ -25,6 +25,13 @@ estimator's correction (estimate minus the pooled plug-in), and joined with the 
 Validated on the estimator map's accepted rows (docs/estimator.md, "The selective rotation interval"):
 it is what makes the flag's accepted rows of the near-tied design cover; elsewhere it is the
 jackknife-t interval except near the eigengap threshold, where it is conservative.
+
+The same sets give the reliability flag its rotation condition (`rotation_stability`, on by default in
+`ntps_estimate`): a row is reliable only where NTPS's range over the Fieller sets (unconditional, valid
+over all draws) lies inside its jackknife-t interval, that is where the data do not contradict the
+interval's linearisation in the rotation. On the maps and on fresh populations it takes the near-tied
+design's accepted rows out of the flag and leaves no cell covering significantly outside [0.85, 0.95]
+(docs/estimator.md, "The flag's rotation condition").
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ from ntps_nb.core.subspaces import Subspace, nested_orthonormal_basis, next_toke
 SET_ANGLES = 360
 #: The values of `ntps_estimate`'s ``interval``.
 INTERVALS = ("jackknife", "rotation")
+#: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
+#: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
+STABLE_ATOL = 1e-9
 #: Largest off-diagonal entry of a pooled pair's plane matrices (relative to its leading
 #: eigenvalue, and of the metric against the identity) before the pair is taken as not the pooled
 #: eigenvectors (a programming error, not a data condition).
@@ -231,9 +241,65 @@ def ntps_over_rotations(U: Subspace, V: Subspace, k: int, phis_U: np.ndarray, ph
     return np.clip(values.T, 0.0, 1.0)
 
 
+def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
+                     solved: tuple[Subspace, Subspace] | None, pools: Sequence[Moments] | None) -> pd.DataFrame:
+    """Per row of ``frame``, NTPS's range over the rotation sets of its pairs, shifted by the row's
+    estimate minus the pooled plug-in: over the Fieller sets (``fieller_*``) and over the sets
+    `rotation_interval` uses (``chosen_*``: the selective set on a side whose eigengap ratio passed
+    ``gap_min``, the Fieller set otherwise). Columns ``{kind}_lower``, ``{kind}_upper`` and
+    ``{kind}_U`` / ``{kind}_V`` (the largest |angle| kept, 0 without a pair); NaN on a row with a
+    non-finite interval or eigengap ratio or a replicate whose metric is singular on a pair's plane.
+    A side whose set is empty (the test rejects every rotation, the sample's own included) is not
+    rotated."""
+    pooled = Moments.combine(shards)
+    if solved is None:
+        solved = perception_subspace(pooled, rtol=rtol), next_token_subspace(pooled, rtol=rtol)
+    U, V = solved
+    plugin = _theory_geometry_of(pooled, U, V)
+    if pools is None:
+        pools = [Moments.combine([s for j, s in enumerate(shards) if j != i]) for i in range(len(shards))]
+    m, r_V = U.rank_A, V.rank_B
+    columns = [f"{kind}_{what}" for kind in ("fieller", "chosen") for what in ("lower", "upper", "U", "V")]
+    out = pd.DataFrame(np.nan, index=frame.index, columns=columns)
+    planes: dict = {}
+    for index, row in frame.iterrows():
+        k = int(row["k"])
+        if not (np.isfinite(row["lower"]) and np.isfinite(row["upper"]) and np.isfinite(row["estimate"])):
+            continue
+        kept: dict[str, list[np.ndarray]] | None = {"fieller": [], "chosen": []}
+        for side, space, kk, rank in (("U", U, min(k, m), m), ("V", V, k, r_V)):
+            if kk >= rank:
+                for angles in kept.values():
+                    angles.append(np.zeros(1))
+                continue
+            ratio = row[f"gap_ratio_{side}"]
+            gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
+            if not (np.isfinite(ratio) and ratio > 0 and gap > 0):
+                kept = None
+                break
+            if (side, kk) not in planes:
+                factor, metric = (pooled.Sxy, pooled.Sxx) if side == "U" else (pooled.C1, pooled.C0)
+                planes[side, kk] = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
+            if not np.isfinite(planes[side, kk]).all():
+                kept = None
+                break
+            sets = rotation_sets(gap, gap / ratio, planes[side, kk], level=level, gap_min=gap_min)
+            for kind, keep in (("fieller", sets.fieller),
+                               ("chosen", sets.selective if ratio >= gap_min else sets.fieller)):
+                kept[kind].append(sets.phis[keep] if keep.any() else np.zeros(1))
+        if kept is None:
+            continue
+        shift = row["estimate"] - plugin.ntps(k)
+        for kind, (phis_U, phis_V) in kept.items():
+            values = ntps_over_rotations(U, V, k, phis_U, phis_V)
+            out.loc[index, [f"{kind}_lower", f"{kind}_upper", f"{kind}_U", f"{kind}_V"]] = (
+                values.min() + shift, values.max() + shift, float(np.abs(phis_U).max()), float(np.abs(phis_V).max()))
+    return out
+
+
 def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
                       rtol: float, solved: tuple[Subspace, Subspace] | None = None,
-                      pools: Sequence[Moments] | None = None) -> pd.DataFrame:
+                      pools: Sequence[Moments] | None = None, ranges: pd.DataFrame | None = None) -> pd.DataFrame:
     """`ntps_estimate`'s frame with each row's interval widened over the rotation sets (module docstring).
 
     Per row: each side with a next direction (U: k_U < m, V: k < r_V) gets the selective set of
@@ -251,6 +317,7 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     level, gap_min, rtol : as in `ntps_estimate`.
     solved : the pooled (U, V) if already solved.
     pools : the delete-one-shard pools if already combined (pool i: every shard but i).
+    ranges : the rows' ranges if already computed (`_rotation_ranges` of the same frame).
 
     Returns
     -------
@@ -258,50 +325,53 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     ``upper_jackknife``, ``rotation_U`` / ``rotation_V`` (the largest |angle| kept, radians; 0 without
     a pair) and ``interval`` = "rotation".
     """
-    shards = list(moment_shards)
-    pooled = Moments.combine(shards)
-    if solved is None:
-        solved = perception_subspace(pooled, rtol=rtol), next_token_subspace(pooled, rtol=rtol)
-    U, V = solved
-    plugin = _theory_geometry_of(pooled, U, V)
-    if pools is None:
-        pools = [Moments.combine([s for j, s in enumerate(shards) if j != i]) for i in range(len(shards))]
-    m, r_V = U.rank_A, V.rank_B
+    if ranges is None:
+        ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved,
+                                  pools=pools)
     out = frame.copy()
     out["lower_jackknife"], out["upper_jackknife"] = frame["lower"], frame["upper"]
-    out["rotation_U"], out["rotation_V"] = np.nan, np.nan
-    planes: dict = {}
-    for index, row in frame.iterrows():
-        k = int(row["k"])
-        if not (np.isfinite(row["lower"]) and np.isfinite(row["upper"]) and np.isfinite(row["estimate"])):
-            continue
-        kept = []
-        for side, space, kk, rank in (("U", U, min(k, m), m), ("V", V, k, r_V)):
-            if kk >= rank:
-                kept.append(np.zeros(1))
-                continue
-            ratio = row[f"gap_ratio_{side}"]
-            gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
-            if not (np.isfinite(ratio) and ratio > 0 and gap > 0):
-                kept = None
-                break
-            if (side, kk) not in planes:
-                factor, metric = (pooled.Sxy, pooled.Sxx) if side == "U" else (pooled.C1, pooled.C0)
-                planes[side, kk] = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
-            if not np.isfinite(planes[side, kk]).all():
-                kept = None
-                break
-            sets = rotation_sets(gap, gap / ratio, planes[side, kk], level=level, gap_min=gap_min)
-            keep = sets.selective if ratio >= gap_min else sets.fieller
-            kept.append(sets.phis[keep] if keep.any() else np.zeros(1))
-        if kept is None:
-            continue
-        values = ntps_over_rotations(U, V, k, kept[0], kept[1])
-        shift = row["estimate"] - plugin.ntps(k)
-        out.loc[index, "lower"] = min(row["lower"], values.min() + shift)
-        out.loc[index, "upper"] = max(row["upper"], values.max() + shift)
-        out.loc[index, "rotation_U"] = float(np.abs(kept[0]).max())
-        out.loc[index, "rotation_V"] = float(np.abs(kept[1]).max())
+    done = ranges["chosen_lower"].notna()
+    out.loc[done, "lower"] = np.minimum(frame.loc[done, "lower"], ranges.loc[done, "chosen_lower"])
+    out.loc[done, "upper"] = np.maximum(frame.loc[done, "upper"], ranges.loc[done, "chosen_upper"])
+    out["rotation_U"], out["rotation_V"] = ranges["chosen_U"], ranges["chosen_V"]
     out["interval"] = "rotation"
     return out
 
+
+def rotation_stability(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
+                       rtol: float, solved: tuple[Subspace, Subspace] | None = None,
+                       pools: Sequence[Moments] | None = None,
+                       ranges: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`ntps_estimate`'s frame with the flag's rotation condition: ``rotation_stable`` where NTPS's
+    range over the Fieller sets of the rotation of the pairs at k (test inversion, valid over all
+    draws: no conditioning on the flag) lies inside the row's jackknife-t interval, up to
+    `STABLE_ATOL`; ``reliable`` is and-ed with it.
+
+    The jackknife-t interval is a linearisation of the estimate in the shards' noise; where the pair
+    at k is nearly tied, the rotation of its eigenvector is not linear in that noise and the rows
+    the eigengap condition accepts are those the noise has rotated furthest (docs/estimator.md, "Why
+    the near-tied design fails"). The condition asks the data whether the linearisation holds at
+    this row: if a rotation the shards cannot reject moves NTPS outside the interval, the interval
+    is not read as calibrated. Rows where the ranges cannot be computed (a non-finite interval or
+    eigengap ratio, a replicate's metric singular on a pair's plane) are not ``rotation_stable``.
+
+    Parameters
+    ----------
+    moment_shards, frame, level, gap_min, rtol, solved, pools, ranges : as in `rotation_interval`
+        (``frame`` with its jackknife-t interval).
+
+    Returns
+    -------
+    The frame with ``rotation_lower`` / ``rotation_upper`` (the Fieller range, shifted by the
+    estimator's correction; NaN where not computed), ``rotation_stable`` and ``reliable`` updated.
+    """
+    if ranges is None:
+        ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved,
+                                  pools=pools)
+    out = frame.copy()
+    out["rotation_lower"], out["rotation_upper"] = ranges["fieller_lower"], ranges["fieller_upper"]
+    slack = STABLE_ATOL
+    stable = (ranges["fieller_lower"] >= frame["lower"] - slack) & (ranges["fieller_upper"] <= frame["upper"] + slack)
+    out["rotation_stable"] = stable.fillna(False).astype(bool)
+    out["reliable"] = frame["reliable"].astype(bool) & out["rotation_stable"]
+    return out

@@ -11,7 +11,7 @@ import scipy.stats
 
 from ntps_nb.core.estimators import GAP_MIN, ntps_estimate
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.rotation import SET_ANGLES, ntps_over_rotations, rotation_sets
+from ntps_nb.core.rotation import SET_ANGLES, STABLE_ATOL, ntps_over_rotations, rotation_sets
 from ntps_nb.core.score import theory_geometry
 from ntps_nb.core.simulate import factor_model, lds_model, pair_shards, sample_shards
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
@@ -146,3 +146,64 @@ def test_ntps_estimate_rotation_interval_contains_the_jackknife_one_and_keeps_th
     assert (widened["rotation_U"] >= 0).all() and (widened["rotation_V"] >= 0).all()
     with pytest.raises(ValueError, match="interval must be one of"):
         ntps_estimate(shards, ks, interval="bootstrap")
+
+
+def test_rotation_condition_makes_the_accepted_draws_of_a_near_tie_cover():
+    # known truth, the exact model at population gap ratio 3: the draws the eigengap condition
+    # accepts cover far below 0.85 with the jackknife-t interval; those of them where the score's
+    # range over the Fieller set stays inside that interval (the flag's rotation condition) do not
+    # (docs/estimator.md, gap_selection/toy_stable_report.txt)
+    rng = np.random.default_rng(3)
+    draws = 6000
+    alpha2, beta2 = 0.2892, 0.4787
+    v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
+    gap, se_gap, local, basis, replicates = exact_model(3.0, draws, rng)
+    t = scipy.stats.t.ppf((1 + LEVEL) / 2, SHARDS - 1)
+    score = (basis[..., 0] @ v) ** 2
+    scores_r = (np.linalg.eigh(replicates)[1][..., 1] @ v) ** 2
+    se = np.sqrt((SHARDS - 1) / SHARDS * np.sum((scores_r - scores_r.mean(axis=1, keepdims=True)) ** 2, axis=1))
+    lower, upper = score - t * se, score + t * se
+    covered = (lower <= alpha2) & (alpha2 <= upper)
+    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
+    rotated = (np.cos(sets.phis)[None, :, None] * basis[:, None, :, 0]
+               + np.sin(sets.phis)[None, :, None] * basis[:, None, :, 1])
+    scores = (rotated @ v) ** 2
+    slack = STABLE_ATOL
+    stable = ((np.where(sets.fieller, scores, np.inf).min(axis=1) >= lower - slack)
+              & (np.where(sets.fieller, scores, -np.inf).max(axis=1) <= upper + slack))
+    accepted = gap / se_gap >= GAP_MIN
+    kept = accepted & stable
+    n, n_kept = int(accepted.sum()), int(kept.sum())
+    assert n > 500 and n_kept > 200
+    # exact one-sided binomial tests at 0.025 (the map's): the accepted draws below 0.85 (0.82 of 774
+    # here); the stable ones not below 0.85, not above 0.95 (0.876 of 314; binomial SE 0.019)
+    assert scipy.stats.binom.cdf(covered[accepted].sum(), n, 0.85) < 0.025
+    assert scipy.stats.binom.cdf(covered[kept].sum(), n_kept, 0.85) > 0.05
+    assert scipy.stats.binom.sf(covered[kept].sum() - 1, n_kept, 0.95) > 0.05
+
+
+def test_ntps_estimate_rotation_condition_narrows_the_flag_and_nothing_else():
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="moderate", seed=5)
+    shards = sample_shards(model, 16 * 32, SHARDS, np.random.default_rng(5))
+    ks = [1, 2, 3, 4, 6, 8]
+    plain = ntps_estimate(shards, ks, rotation_flag=False)
+    flagged = ntps_estimate(shards, ks)
+    assert "rotation_stable" not in plain.columns
+    for column in ("estimate", "se", "lower", "upper", "subspace_noise", "gap_ratio", "at_bound"):
+        np.testing.assert_array_equal(flagged[column], plain[column])
+    np.testing.assert_array_equal(flagged["reliable"], plain["reliable"] & flagged["rotation_stable"])
+    # the range holds the estimate (the sample's own rotation, shifted by the estimator's correction),
+    # and the condition is exactly the range inside the interval
+    done = flagged["rotation_lower"].notna()
+    assert done.all()
+    assert (flagged["rotation_lower"] <= flagged["estimate"] + 1e-12).all()
+    assert (flagged["rotation_upper"] >= flagged["estimate"] - 1e-12).all()
+    inside = ((flagged["rotation_lower"] >= flagged["lower"] - 1e-6 * (flagged["upper"] - flagged["lower"]))
+              & (flagged["rotation_upper"] <= flagged["upper"] + 1e-6 * (flagged["upper"] - flagged["lower"])))
+    np.testing.assert_array_equal(flagged["rotation_stable"], inside)
+    # the rotation interval's widening is the same sets' range where the eigengap condition failed
+    widened = ntps_estimate(shards, ks, interval="rotation")
+    np.testing.assert_array_equal(widened["reliable"], flagged["reliable"])
+    failed_gap = widened["gap_ratio_U"].lt(GAP_MIN) & widened["gap_ratio_V"].lt(GAP_MIN) & done
+    np.testing.assert_allclose(widened.loc[failed_gap, "lower"],
+                               np.minimum(flagged.loc[failed_gap, "lower"], flagged.loc[failed_gap, "rotation_lower"]))
