@@ -67,7 +67,8 @@ class StudySettingsError(ValueError):
 #: Settings added after units were committed, with the value those units were computed with: a
 #: setting at that value is left out of `StudyConfig.settings` (so of the config hash).
 _ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin",
-                "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife"}
+                "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife",
+                "estimate_rotation_flag": False}
 
 
 #: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
@@ -108,7 +109,10 @@ class StudyConfig:
     ``interval_variants`` names the variants the intervals stage bootstraps (both by default; the
     theory variant alone where the released algorithm's replicates cost too much at a large d).
     ``estimate_interval`` is the estimates table's interval: "jackknife" (default) or "rotation"
-    (`ntps_nb.core.rotation`).
+    (`ntps_nb.core.rotation`). ``estimate_rotation_flag = true`` gives the estimates table's
+    ``reliable`` the flag's rotation condition (`ntps_estimate`'s ``rotation_flag``, on by default
+    there); a study's default is false, what the committed units were computed with, so that their
+    keys (and every study's config hash) stand until the default study is rerun.
     """
 
     name: str
@@ -145,6 +149,11 @@ class StudyConfig:
     # jackknife-t interval, or "rotation", that interval widened over the rotation of nearly tied
     # eigenvector pairs at k (`ntps_nb.core.rotation`; docs/estimator.md)
     estimate_interval: str = "jackknife"
+    # the estimates table's flag with its rotation condition (`ntps_nb.core.rotation.rotation_stability`):
+    # a row is reliable only where NTPS's range over the rotations of the pairs at k that the shards
+    # cannot reject stays inside its interval (docs/estimator.md). False here (the committed units'
+    # flag) while ntps_estimate's default is true: set it true in a new study
+    estimate_rotation_flag: bool = False
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -431,6 +440,9 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if table.get("estimate_interval", "jackknife") not in INTERVALS:
         raise StudySettingsError(f"{path}: estimate_interval must be one of {', '.join(INTERVALS)} (the interval "
                                  f"of ntps_estimate), got {table.get('estimate_interval')!r}")
+    if not isinstance(table.get("estimate_rotation_flag", False), bool):
+        raise StudySettingsError(f"{path}: estimate_rotation_flag must be true or false (the flag's rotation "
+                                 f"condition), got {table.get('estimate_rotation_flag')!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)
     if (not isinstance(variants, (list, tuple)) or not variants or not all(isinstance(v, str) for v in variants)
             or len(set(variants)) != len(variants)

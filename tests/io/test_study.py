@@ -1771,3 +1771,28 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
         assert (refreshed["estimates"]["reliable"] == (v2["estimates"]["reliable"].astype(bool)
                                                        & ~refreshed["estimates"]["at_bound"])).all()
     assert len(counted_extract) == forward and counts.get("ntps_estimate", 0) == 0
+
+
+def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_estimates(tmp_path, tiny_llama):
+    cfg = study.load_config(STUDIES / "default.toml")
+    assert cfg.estimate_rotation_flag is False and "estimate_rotation_flag" not in cfg.settings()
+    assert cfg.config_hash == "1cedd9f67410"  # the committed units' hash: the setting's default leaves it alone
+    flagged = study.load_config(STUDIES / "default.toml", estimate_rotation_flag=True)
+    assert flagged.settings()["estimate_rotation_flag"] is True and flagged.config_hash != cfg.config_hash
+    with pytest.raises(study.StudySettingsError, match="estimate_rotation_flag must be true or false"):
+        study.load_config(STUDIES / "default.toml", estimate_rotation_flag="yes")
+    keys, other = study.stage_keys(cfg, "smollm2-135m", "trec6"), study.stage_keys(flagged, "smollm2-135m", "trec6")
+    assert {name for name in keys if other[name] != keys[name]} == {"estimates"}
+    # a unit: only the estimates stage is computed again; the same estimates and intervals, a flag that
+    # is the plain one and the rotation condition
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False)
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
+    run = study.run_unit(dataclasses.replace(smoke, estimate_rotation_flag=True), "tiny-llama", "trec6", tiny_llama,
+                         **quiet)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    narrowed = run["estimates"]
+    assert "rotation_stable" in narrowed.columns and "rotation_stable" not in plain.columns
+    for column in ("estimate", "lower", "upper"):
+        np.testing.assert_array_equal(narrowed[column], plain[column])
+    np.testing.assert_array_equal(narrowed["reliable"], plain["reliable"] & narrowed["rotation_stable"])
