@@ -23,6 +23,8 @@ models whose truth is known and reads the map's frames:
   over the rotations of the sample eigenvector the shards allow (the "rotation hull", `exact_draws`);
   (4) the same widening over confidence sets for the rotation by test inversion (`ntps_nb.core.rotation.rotation_sets`:
   Fieller's set, and the selective set conditioned on the eigengap condition), `exact_set_draws`.
+- ``--toy-stable``: section (5) alone, the flag's rotation condition in the exact model (the accepted
+  draws whose score range over the Fieller set stays inside the jackknife-t interval; `toy_stable_report`).
 - frames (per-draw csv.gz of `benchmarks/estimator_map.py`, or candidate frames): the flag's accepted
   rows (noise, eigengap, [0, 1] and bound conditions) by bin of the sample gap ratio, in the failing
   design and in every other cell; and per frame of the failing design, its accepted k = 1 rows'
@@ -33,6 +35,7 @@ models whose truth is known and reads the map's frames:
 ``cell_draws``, the draws of the row's cell in the full frame. Examples:
 
     python benchmarks/gap_selection_check.py --toy
+    python benchmarks/gap_selection_check.py --toy-stable --seed 5
     python benchmarks/gap_selection_check.py benchmarks/results/estimator_map/bound/candidates_draws_*.csv.gz
 """
 
@@ -51,7 +54,7 @@ from estimator_flag_report import CELL, MIN_ACCEPTED, accepted, exact_band_tests
 
 from ntps_nb.core.estimators import BOUND_SE, GAP_MIN, NOISE_MAX, flag_at_bound  # noqa: E402
 from ntps_nb.core.intervals import _jackknife  # noqa: E402
-from ntps_nb.core.rotation import SET_ANGLES, rotation_sets  # noqa: E402
+from ntps_nb.core.rotation import SET_ANGLES, STABLE_ATOL, rotation_sets  # noqa: E402
 from ntps_nb.core.simulate import pair_shards  # noqa: E402
 
 #: The columns a candidates frame keeps.
@@ -188,7 +191,33 @@ def exact_set_draws(delta: float, alpha2: float, beta2: float, draws: int, shard
         out[f"{name}_range_covered"] = (lo <= alpha2) & (alpha2 <= hi)
         out[f"{name}_covered"] = (joined_lo <= alpha2) & (alpha2 <= joined_hi)
         out[f"{name}_width_ratio"] = (joined_hi - joined_lo) / (upper - lower)
+        # the flag's rotation condition (`rotation_stability`): the range inside the jackknife-t interval
+        slack = STABLE_ATOL
+        out[f"{name}_stable"] = (lo >= lower - slack) & (hi <= upper + slack)
     return pd.DataFrame(out)
+
+
+def toy_stable_report(draws: int, shards: int, seed: int) -> None:
+    """Section (5) of the toy report: the flag's rotation condition on the exact model."""
+    rng = np.random.default_rng(seed)
+    print(f"## (5) the flag's rotation condition (`rotation_stability`) in the exact two-dimensional model: {draws:,} "
+          f"draws per population ratio, {shards} shards, seed {seed}, GAP_MIN = {GAP_MIN:g}. A draw is stable where "
+          "the score's range over the Fieller set lies inside its jackknife-t interval. Coverage of the jackknife-t "
+          "interval over the draws the eigengap condition accepts, and over those of them that are also stable; "
+          "below / above: exact one-sided binomial test against 0.85 / 0.95 at 0.025")
+    rows = []
+    for alpha2, beta2 in EXACT_PAIRS:
+        for delta in [2, 3, 4, 6, 10, 20, 50]:
+            f = pd.concat([exact_set_draws(delta, alpha2, beta2, min(SET_CHUNK, draws - i), shards, rng)
+                           for i in range(0, draws, SET_CHUNK)], ignore_index=True)
+            a = f[f["ratio"] >= GAP_MIN]
+            b = a[a["fieller_stable"]]
+            below, above = exact_band_tests([b["covered"].sum()], [len(b)]) if len(b) else ([False], [False])
+            rows.append({"alpha2": alpha2, "beta2": beta2, "delta": delta, "accepted": len(a),
+                         "jackknife": a["covered"].mean(), "stable": len(b), "stable_share": len(b) / max(len(a), 1),
+                         "jackknife_stable": b["covered"].mean() if len(b) else np.nan,
+                         "below": bool(below[0]), "above": bool(above[0])})
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
 #: Rotation angles the hull interval evaluates the score at, evenly over [-phi_max, phi_max].
@@ -423,6 +452,8 @@ def main() -> None:
     parser.add_argument("--toy-draws", type=int, default=200_000)
     parser.add_argument("--toy-set-draws", type=int, default=20_000,
                         help="draws per population ratio of the toy's rotation sets (section (4))")
+    parser.add_argument("--toy-stable", action="store_true",
+                        help="section (5) alone: the flag's rotation condition in the exact model (--toy-set-draws)")
     parser.add_argument("--shards", type=int, default=10, help="shards of the toy model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-halves", type=Path, metavar="OUT",
@@ -431,6 +462,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.split_halves:
         with_split_halves(args.frames[0], args.seed, args.split_halves)
+        return
+    if args.toy_stable:
+        toy_stable_report(args.toy_set_draws, args.shards, args.seed)
         return
     if args.toy:
         toy_report(args.toy_draws, args.shards, args.seed, args.toy_set_draws)

@@ -1,0 +1,90 @@
+"""The flag's rotation condition on the estimator map: per-cell coverage of the reliable rows with and
+without it, with the exact binomial tests of `estimator_flag_report.py`.
+
+The condition (`ntps_nb.core.rotation.rotation_stability`, on by default in `ntps_estimate`): a row is
+reliable only where NTPS's range over the Fieller sets of the rotation of the eigenvector pairs at k
+lies inside its jackknife-t interval. Two kinds of input:
+
+- per-draw frames of `benchmarks/estimator_map.py` run with the condition (columns ``reliable`` and
+  ``rotation_stable``): the flag without it is recomputed from the frame's columns (noise, eigengaps,
+  [0, 1], the bound condition: `gap_selection_check._flag_accepted`), and must hold every row the flag
+  with it holds;
+- ``--hull`` frames of `benchmarks/rotation_hull_check.py` (rows the flag accepted before the
+  condition, with ``fieller_lower`` / ``fieller_upper``: the jackknife-t interval joined with the
+  Fieller range): the condition is that union being the interval itself (up to `STABLE_ATOL`).
+
+    python benchmarks/rotation_flag_report.py benchmarks/results/estimator_map/rotation_flag/fresh_*.csv.gz \\
+        --hull benchmarks/results/estimator_map/rotation_sets/hull_maps.csv.gz \\
+        benchmarks/results/estimator_map/rotation_sets/hull_failing_design_k1.csv.gz \\
+        benchmarks/results/estimator_map/rotation_sets/hull_fresh.csv.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimator_flag_report import CELL, MIN_ACCEPTED, exact_band_tests  # noqa: E402
+from gap_selection_check import _flag_accepted, _in_failing  # noqa: E402
+
+from ntps_nb.core.rotation import STABLE_ATOL  # noqa: E402
+
+
+def summary(name: str, frame: pd.DataFrame, kept: pd.Series, flag: str) -> dict:
+    """The kept rows' coverage, their cells (>= `MIN_ACCEPTED` rows, design x population) and the tests."""
+    g = frame[kept]
+    key = CELL + (["task_seed"] if "task_seed" in frame else [])
+    cells = g.groupby(key)["covered"].agg(["sum", "size"]).reset_index()
+    cells = cells[cells["size"] >= MIN_ACCEPTED]
+    below, above = exact_band_tests(cells["sum"], cells["size"])
+    failing = g[_in_failing(g)]
+    share = cells["sum"] / cells["size"]
+    return {"frame": name, "flag": flag, "rows": int(kept.sum()), "coverage": g["covered"].mean(),
+            "cells": len(cells), "below": int(below.sum()), "above": int(above.sum()),
+            "point_below": int((share < 0.85).sum()), "point_above": int((share > 0.95).sum()),
+            "failing_design_rows": len(failing),
+            "failing_design_coverage": failing["covered"].mean() if len(failing) else np.nan}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("frames", nargs="*", help="estimator_map per-draw frames run with the condition")
+    parser.add_argument("--hull", nargs="*", default=[], help="rotation_hull_check.py frames (--out)")
+    args = parser.parse_args()
+    rows, removed = [], []
+    for path in args.frames:
+        f = pd.read_csv(path)
+        f = f[f["estimator"] == "richardson"]
+        before, after = _flag_accepted(f), f["reliable"].astype(bool)
+        if (after & ~before).any():
+            raise SystemExit(f"{path}: the flag with the condition holds rows the flag without it does not")
+        name = Path(path).name
+        rows += [summary(name, f, before, "without"), summary(name, f, after, "with")]
+        gone = f[before & ~after]
+        removed.append({"frame": name, "removed": len(gone), "removed_share": len(gone) / max(int(before.sum()), 1),
+                        "removed_coverage": gone["covered"].mean() if len(gone) else np.nan})
+    for path in args.hull:
+        f = pd.read_csv(path)
+        if "task_seed" in f:        # a rerun with more draws repeats the first draws of its population
+            f = f.drop_duplicates(subset=CELL + ["task_seed", "draw", "k"], keep="last")
+        stable = (f["fieller_lower"] >= f["lower"] - STABLE_ATOL) & (f["fieller_upper"] <= f["upper"] + STABLE_ATOL)
+        name = Path(path).name + " (hull)"
+        everything = pd.Series(True, index=f.index)
+        rows += [summary(name, f, everything, "without"), summary(name, f, stable, "with")]
+        gone = f[~stable]
+        removed.append({"frame": name, "removed": len(gone), "removed_share": len(gone) / len(f),
+                        "removed_coverage": gone["covered"].mean() if len(gone) else np.nan})
+    print(f"cells: design x population with >= {MIN_ACCEPTED} reliable rows; below / above: significantly below 0.85 "
+          "/ above 0.95 (exact one-sided binomial tests at 0.025); point_*: outside as a point value")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print("\nrows the condition takes out of the flag, and their coverage:")
+    print(pd.DataFrame(removed).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
