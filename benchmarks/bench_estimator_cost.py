@@ -1,7 +1,8 @@
 """Cost of the default estimator against the plug-in, measured side by side in one run.
 
 Times `estimate_ntps` (the point estimate) and `ntps_estimate` (estimate, jackknife interval and
-reliability flag) for "plugin" and "richardson" (and richardson with ``interval="rotation"``) on the
+reliability flag) for "plugin" and "richardson" (and richardson without the flag's rotation condition,
+``rotation_flag=False``, and with ``interval="rotation"``) on the
 same shard moments of one layer (an LDS
 generator, d hidden dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and
 prints the median seconds and the ratio to the plug-in. The issue's budget: the default estimator at
@@ -30,16 +31,19 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--all-ks", action="store_true", help="every k from 1 to d (a study's k = \"all\")")
     args = parser.parse_args()
     model = lds_model(d=args.d, n_classes=6, n_tokens=8, gap="moderate")
     shards = sample_shards(model, args.texts, args.shards, np.random.default_rng(0))
-    ks = [1, 2, 4, 8, 16, 32]
+    ks = list(range(1, args.d + 1)) if args.all_ks else [1, 2, 4, 8, 16, 32]
     calls = {
         ("estimate_ntps", e): (lambda e=e: estimate_ntps(shards, ks, estimator=e)) for e in ("plugin", "richardson")
     }
     calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e))
                   for e in ("plugin", "richardson")})
-    # the rotation interval (ntps_nb.core.rotation) on top of the default estimator's
+    # the flag's rotation condition (ntps_nb.core.rotation.rotation_stability) left out, and the rotation
+    # interval on top of the default estimator's
+    calls[("ntps_estimate", "richardson, no rotation flag")] = lambda: ntps_estimate(shards, ks, rotation_flag=False)
     calls[("ntps_estimate", "richardson+rotation")] = lambda: ntps_estimate(shards, ks, interval="rotation")
     times = {key: [] for key in calls}
     for _ in range(args.repeats):
@@ -47,14 +51,14 @@ def main() -> None:
             start = time.perf_counter()
             call()
             times[key].append(time.perf_counter() - start)
-    print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, median of {args.repeats} interleaved rounds, "
+    print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, {len(ks)} values of k, median of {args.repeats} interleaved rounds, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     for what in ("estimate_ntps", "ntps_estimate"):
         base = np.median(times[(what, "plugin")])
-        for e in ("plugin", "richardson", "richardson+rotation"):
+        for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation"):
             if (what, e) in times:
                 t = np.median(times[(what, e)])
-                print(f"  {what:14s} {e:20s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")
+                print(f"  {what:14s} {e:30s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")
 
 
 if __name__ == "__main__":

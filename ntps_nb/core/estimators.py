@@ -885,7 +885,8 @@ def ntps_estimate(
     errors), and the interval meets [0, 1], where NTPS lies (one wholly outside it shows a bias
     beyond the stated uncertainty; never seen on the simulated maps where the other conditions
     hold, seen once on real data). The noise and eigengap conditions are properties of the data at
-    that k, the same for every estimator; the others read the estimator's own interval. It was calibrated for the default estimator (docs/estimator.md): on populations not
+    that k, the same for every estimator; the others read the estimator's own interval. It was
+    calibrated for the default estimator (docs/estimator.md): on populations not
     used to calibrate it (d = 16-576) its intervals covered 0.92-0.94 (pooled, per d) where it said
     reliable, and 2 of 1,444 accepted rows were off by more than 0.2; over the whole grid
     (N/d = 0.5-32) on further fresh populations 0.90-0.94, none of the 1,251 rows meeting its
@@ -937,9 +938,10 @@ def ntps_estimate(
         selective rotation interval"). The flag does not change.
     rotation_flag : give the flag its rotation condition (default True; False: the flag of the
         estimates stage before it, the committed study units'). Adds rotation_lower, rotation_upper
-        (NTPS's range over the Fieller sets, shifted by the estimator's correction) and
-        rotation_stable; numpy, on the host after either backend (no factorisation beyond the
-        pooled solve, which the torch path repeats on the host).
+        (NTPS's range over the Fieller sets, shifted by the estimator's correction; computed on the
+        rows the other conditions accept, NaN elsewhere) and rotation_stable; numpy, on the host
+        after either backend (no factorisation beyond the pooled solve, which the torch path repeats
+        on the host).
 
     Returns
     -------
@@ -949,7 +951,8 @@ def ntps_estimate(
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
     (`flag_at_bound`); with ``rotation_flag`` rotation_lower, rotation_upper and rotation_stable
-    (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"`` also interval ("rotation"), lower_jackknife,
+    (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"`` also interval
+    ("rotation"), lower_jackknife,
     upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
     """
     if interval not in INTERVALS:
@@ -997,7 +1000,14 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
     host after either backend)."""
     if not rotation_flag and interval != "rotation":
         return frame
-    ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, pools=pools)
+    # the condition needs the Fieller ranges of the rows the other conditions accept; the interval
+    # needs its sets on every row
+    if interval == "rotation":
+        kinds, rows = ("fieller", "chosen"), None
+    else:
+        kinds, rows = ("fieller",), frame["reliable"].astype(bool)
+    ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, pools=pools,
+                              kinds=kinds, rows=rows)
     if rotation_flag:
         frame = rotation_stability(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     if interval == "rotation":

@@ -242,15 +242,18 @@ def ntps_over_rotations(U: Subspace, V: Subspace, k: int, phis_U: np.ndarray, ph
 
 
 def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
-                     solved: tuple[Subspace, Subspace] | None, pools: Sequence[Moments] | None) -> pd.DataFrame:
-    """Per row of ``frame``, NTPS's range over the rotation sets of its pairs, shifted by the row's
-    estimate minus the pooled plug-in: over the Fieller sets (``fieller_*``) and over the sets
-    `rotation_interval` uses (``chosen_*``: the selective set on a side whose eigengap ratio passed
-    ``gap_min``, the Fieller set otherwise). Columns ``{kind}_lower``, ``{kind}_upper`` and
-    ``{kind}_U`` / ``{kind}_V`` (the largest |angle| kept, 0 without a pair); NaN on a row with a
-    non-finite interval or eigengap ratio or a replicate whose metric is singular on a pair's plane.
-    A side whose set is empty (the test rejects every rotation, the sample's own included) is not
-    rotated."""
+                     solved: tuple[Subspace, Subspace] | None, pools: Sequence[Moments] | None,
+                     kinds: Sequence[str] = ("fieller", "chosen"), rows: pd.Series | None = None) -> pd.DataFrame:
+    """Per row of ``frame`` (those where ``rows`` is True, all by default), NTPS's range over the
+    rotation sets of its pairs, shifted by the row's estimate minus the pooled plug-in: over the
+    Fieller sets (kind "fieller") and over the sets `rotation_interval` uses (kind "chosen": the
+    selective set on a side whose eigengap ratio passed ``gap_min``, the Fieller set otherwise).
+    Columns ``{kind}_lower``, ``{kind}_upper`` and ``{kind}_U`` / ``{kind}_V`` (the largest |angle|
+    kept, 0 without a pair) for each of ``kinds``; NaN on rows left out, on a row with a non-finite
+    interval or eigengap ratio, or with a replicate whose metric is singular on a pair's plane. A side
+    whose set is empty (the test rejects every rotation, the sample's own included) is not rotated.
+    Each row costs a few products of d x d matrices and a basis of its first k next-token directions,
+    so `ntps_estimate` asks it of the rows its flag needs it for."""
     pooled = Moments.combine(shards)
     if solved is None:
         solved = perception_subspace(pooled, rtol=rtol), next_token_subspace(pooled, rtol=rtol)
@@ -262,11 +265,11 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
     columns = [f"{kind}_{what}" for kind in ("fieller", "chosen") for what in ("lower", "upper", "U", "V")]
     out = pd.DataFrame(np.nan, index=frame.index, columns=columns)
     planes: dict = {}
-    for index, row in frame.iterrows():
+    for index, row in frame[rows if rows is not None else np.ones(len(frame), bool)].iterrows():
         k = int(row["k"])
         if not (np.isfinite(row["lower"]) and np.isfinite(row["upper"]) and np.isfinite(row["estimate"])):
             continue
-        kept: dict[str, list[np.ndarray]] | None = {"fieller": [], "chosen": []}
+        kept: dict[str, list[np.ndarray]] | None = {kind: [] for kind in kinds}
         for side, space, kk, rank in (("U", U, min(k, m), m), ("V", V, k, r_V)):
             if kk >= rank:
                 for angles in kept.values():
@@ -284,9 +287,9 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
                 kept = None
                 break
             sets = rotation_sets(gap, gap / ratio, planes[side, kk], level=level, gap_min=gap_min)
-            for kind, keep in (("fieller", sets.fieller),
-                               ("chosen", sets.selective if ratio >= gap_min else sets.fieller)):
-                kept[kind].append(sets.phis[keep] if keep.any() else np.zeros(1))
+            choice = {"fieller": sets.fieller, "chosen": sets.selective if ratio >= gap_min else sets.fieller}
+            for kind in kinds:
+                kept[kind].append(sets.phis[choice[kind]] if choice[kind].any() else np.zeros(1))
         if kept is None:
             continue
         shift = row["estimate"] - plugin.ntps(k)
@@ -352,13 +355,16 @@ def rotation_stability(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
     the eigengap condition accepts are those the noise has rotated furthest (docs/estimator.md, "Why
     the near-tied design fails"). The condition asks the data whether the linearisation holds at
     this row: if a rotation the shards cannot reject moves NTPS outside the interval, the interval
-    is not read as calibrated. Rows where the ranges cannot be computed (a non-finite interval or
-    eigengap ratio, a replicate's metric singular on a pair's plane) are not ``rotation_stable``.
+    is not read as calibrated. The ranges are computed on the rows the other conditions accept
+    (``reliable`` on entry; elsewhere NaN and not ``rotation_stable``: the condition cannot make them
+    reliable, and a study's k = "all" at a large d would pay a basis of k directions per row); rows
+    where they cannot be computed (a non-finite interval or eigengap ratio, a replicate's metric
+    singular on a pair's plane) are not ``rotation_stable``.
 
     Parameters
     ----------
     moment_shards, frame, level, gap_min, rtol, solved, pools, ranges : as in `rotation_interval`
-        (``frame`` with its jackknife-t interval).
+        (``frame`` with its jackknife-t interval and flag; ``ranges`` at least on its reliable rows).
 
     Returns
     -------
@@ -367,11 +373,11 @@ def rotation_stability(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
     """
     if ranges is None:
         ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved,
-                                  pools=pools)
+                                  pools=pools, kinds=("fieller",), rows=frame["reliable"].astype(bool))
     out = frame.copy()
     out["rotation_lower"], out["rotation_upper"] = ranges["fieller_lower"], ranges["fieller_upper"]
     slack = STABLE_ATOL
     stable = (ranges["fieller_lower"] >= frame["lower"] - slack) & (ranges["fieller_upper"] <= frame["upper"] + slack)
-    out["rotation_stable"] = stable.fillna(False).astype(bool)
+    out["rotation_stable"] = stable.fillna(False).astype(bool) & frame["reliable"].astype(bool)
     out["reliable"] = frame["reliable"].astype(bool) & out["rotation_stable"]
     return out

@@ -182,28 +182,40 @@ def test_rotation_condition_makes_the_accepted_draws_of_a_near_tie_cover():
     assert scipy.stats.binom.sf(covered[kept].sum() - 1, n_kept, 0.95) > 0.05
 
 
-def test_ntps_estimate_rotation_condition_narrows_the_flag_and_nothing_else():
-    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="moderate", seed=5)
-    shards = sample_shards(model, 16 * 32, SHARDS, np.random.default_rng(5))
-    ks = [1, 2, 3, 4, 6, 8]
+@pytest.mark.parametrize("gap, seed", [("separated", 3), ("tied", 0)])
+def test_ntps_estimate_rotation_condition_narrows_the_flag_and_nothing_else(gap, seed):
+    # LDS, d = 16, C = 2, N/d = 32: two rows the other conditions accept (separated), or one that the
+    # rotation condition takes out (tied)
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap=gap, seed=seed)
+    shards = sample_shards(model, 16 * 32, SHARDS, np.random.default_rng(seed))
+    ks = [1, 2, 3, 4, 5, 6, 8]
     plain = ntps_estimate(shards, ks, rotation_flag=False)
     flagged = ntps_estimate(shards, ks)
     assert "rotation_stable" not in plain.columns
     for column in ("estimate", "se", "lower", "upper", "subspace_noise", "gap_ratio", "at_bound"):
         np.testing.assert_array_equal(flagged[column], plain[column])
     np.testing.assert_array_equal(flagged["reliable"], plain["reliable"] & flagged["rotation_stable"])
-    # the range holds the estimate (the sample's own rotation, shifted by the estimator's correction),
-    # and the condition is exactly the range inside the interval
-    done = flagged["rotation_lower"].notna()
-    assert done.all()
-    assert (flagged["rotation_lower"] <= flagged["estimate"] + 1e-12).all()
-    assert (flagged["rotation_upper"] >= flagged["estimate"] - 1e-12).all()
-    inside = ((flagged["rotation_lower"] >= flagged["lower"] - 1e-6 * (flagged["upper"] - flagged["lower"]))
-              & (flagged["rotation_upper"] <= flagged["upper"] + 1e-6 * (flagged["upper"] - flagged["lower"])))
-    np.testing.assert_array_equal(flagged["rotation_stable"], inside)
-    # the rotation interval's widening is the same sets' range where the eigengap condition failed
+    # the ranges are computed where the other conditions accept (and only there)
+    assert plain["reliable"].sum() == {"separated": 2, "tied": 1}[gap]
+    assert flagged["reliable"].sum() == {"separated": 2, "tied": 0}[gap]
+    np.testing.assert_array_equal(flagged["rotation_lower"].notna(), plain["reliable"])
+    # with the rotation interval the ranges are on every row: each holds the estimate (the sample's
+    # own rotation, shifted by the estimator's correction), and the condition is exactly the range
+    # inside the jackknife-t interval on the rows the other conditions accept
     widened = ntps_estimate(shards, ks, interval="rotation")
+    assert widened["rotation_lower"].notna().all()
+    assert (widened["rotation_lower"] <= widened["estimate"] + 1e-12).all()
+    assert (widened["rotation_upper"] >= widened["estimate"] - 1e-12).all()
+    width = plain["upper"] - plain["lower"]
+    inside = ((widened["rotation_lower"] >= plain["lower"] - 1e-6 * width)
+              & (widened["rotation_upper"] <= plain["upper"] + 1e-6 * width))
+    assert inside.any()
+    np.testing.assert_array_equal(widened["rotation_stable"], inside & plain["reliable"])
     np.testing.assert_array_equal(widened["reliable"], flagged["reliable"])
-    failed_gap = widened["gap_ratio_U"].lt(GAP_MIN) & widened["gap_ratio_V"].lt(GAP_MIN) & done
+    reliable = plain["reliable"].to_numpy()
+    np.testing.assert_allclose(widened.loc[reliable, "rotation_lower"], flagged.loc[reliable, "rotation_lower"],
+                               rtol=0, atol=1e-12)
+    # where the eigengap condition failed on both sides, the rotation interval is the Fieller range joined
+    failed_gap = widened["gap_ratio_U"].lt(GAP_MIN) & widened["gap_ratio_V"].lt(GAP_MIN)
     np.testing.assert_allclose(widened.loc[failed_gap, "lower"],
-                               np.minimum(flagged.loc[failed_gap, "lower"], flagged.loc[failed_gap, "rotation_lower"]))
+                               np.minimum(plain.loc[failed_gap, "lower"], widened.loc[failed_gap, "rotation_lower"]))
