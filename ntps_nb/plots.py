@@ -600,7 +600,7 @@ def _interval_marks(frame: pd.DataFrame) -> tuple[list[Line2D], str]:
         handles.append(Line2D([], [], color="black", lw=1.5, label=textwrap.fill(text, 34)))
         notes.append(f"bars: {text}, centred on the point")
     if has.loc[centred, "reliable"].map(lambda v: _flag(v) is False).any():
-        handles.append(Line2D([], [], color="black", lw=1.5, ls=":", label="estimate flagged unreliable\n(subspace noise, eigengap, or at 0 / 1)"))
+        handles.append(Line2D([], [], color="black", lw=1.5, ls=":", label="estimate flagged unreliable\n(a condition of its flag fails)"))
         notes.append("dotted: the estimator's reliable flag is False (do not read it as the population NTPS)")
     for text in dict.fromkeys(has.loc[~centred, "interval"]):
         handles.append(Line2D([], [], color="black", lw=1.5, marker="|", ms=9,

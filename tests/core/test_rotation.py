@@ -45,6 +45,24 @@ def population_index(basis: np.ndarray) -> np.ndarray:
     return np.round((phi0 + np.pi / 2) / np.pi * SET_ANGLES).astype(int) % SET_ANGLES
 
 
+def exact_scores(delta: float, alpha2: float, beta2: float, draws: int, rng: np.random.Generator) -> dict:
+    """The exact model's score (u . v)^2, v = (alpha, beta), per draw: its jackknife-t interval
+    (``lower``, ``upper``) and whether it covers the truth alpha^2 (``covered``), the draws the eigengap
+    condition accepts, the rotation sets and the score at each of their candidate rotations."""
+    v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
+    gap, se_gap, local, basis, replicates = exact_model(delta, draws, rng)
+    t = scipy.stats.t.ppf((1 + LEVEL) / 2, SHARDS - 1)
+    score = (basis[..., 0] @ v) ** 2
+    scores_r = (np.linalg.eigh(replicates)[1][..., 1] @ v) ** 2
+    se = np.sqrt((SHARDS - 1) / SHARDS * np.sum((scores_r - scores_r.mean(axis=1, keepdims=True)) ** 2, axis=1))
+    lower, upper = score - t * se, score + t * se
+    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
+    rotated = (np.cos(sets.phis)[None, :, None] * basis[:, None, :, 0]
+               + np.sin(sets.phis)[None, :, None] * basis[:, None, :, 1])
+    return {"lower": lower, "upper": upper, "covered": (lower <= alpha2) & (alpha2 <= upper),
+            "accepted": gap / se_gap >= GAP_MIN, "sets": sets, "scores": (rotated @ v) ** 2}
+
+
 def test_fieller_set_covers_the_population_direction_at_its_level():
     # Fieller's test at the population basis is an exact t test here: coverage 0.90 over all draws
     draws = 6000
@@ -59,26 +77,14 @@ def test_selective_widening_makes_the_accepted_draws_cover_where_the_jackknife_d
     # population gap ratio 3: the draws the eigengap condition accepts are the rotated ones; the
     # jackknife-t interval of the score covers them far below 0.85, the score's range over the
     # selective set joined with it covers at least 0.90 (docs/estimator.md)
-    rng = np.random.default_rng(1)
-    draws = 6000
-    alpha2, beta2 = 0.1513, 0.6087
-    v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
-    gap, se_gap, local, basis, replicates = exact_model(3.0, draws, rng)
-    accepted = gap / se_gap >= GAP_MIN
+    alpha2 = 0.1513
+    x = exact_scores(3.0, alpha2, 0.6087, 6000, np.random.default_rng(1))
+    accepted, sets, scores = x["accepted"], x["sets"], x["scores"]
     n = int(accepted.sum())
     assert n > 500
-    t = scipy.stats.t.ppf((1 + LEVEL) / 2, SHARDS - 1)
-    score = (basis[..., 0] @ v) ** 2
-    scores_r = (np.linalg.eigh(replicates)[1][..., 1] @ v) ** 2
-    se = np.sqrt((SHARDS - 1) / SHARDS * np.sum((scores_r - scores_r.mean(axis=1, keepdims=True)) ** 2, axis=1))
-    lower, upper = score - t * se, score + t * se
-    jackknife = ((lower <= alpha2) & (alpha2 <= upper))[accepted]
-    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
-    rotated = (np.cos(sets.phis)[None, :, None] * basis[:, None, :, 0]
-               + np.sin(sets.phis)[None, :, None] * basis[:, None, :, 1])
-    scores = (rotated @ v) ** 2
-    lo = np.minimum(np.where(sets.selective, scores, np.inf).min(axis=1), lower)
-    hi = np.maximum(np.where(sets.selective, scores, -np.inf).max(axis=1), upper)
+    jackknife = x["covered"][accepted]
+    lo = np.minimum(np.where(sets.selective, scores, np.inf).min(axis=1), x["lower"])
+    hi = np.maximum(np.where(sets.selective, scores, -np.inf).max(axis=1), x["upper"])
     selective = ((lo <= alpha2) & (alpha2 <= hi))[accepted]
     # exact binomial tests: the jackknife below 0.85, the selective interval not below 0.90
     assert scipy.stats.binom.cdf(jackknife.sum(), n, 0.85) < 1e-3
@@ -153,25 +159,10 @@ def test_rotation_condition_makes_the_accepted_draws_of_a_near_tie_cover():
     # accepts cover far below 0.85 with the jackknife-t interval; those of them where the score's
     # range over the Fieller set stays inside that interval (the flag's rotation condition) do not
     # (docs/estimator.md, gap_selection/toy_stable_report.txt)
-    rng = np.random.default_rng(3)
-    draws = 6000
-    alpha2, beta2 = 0.2892, 0.4787
-    v = np.array([np.sqrt(alpha2), np.sqrt(beta2)])
-    gap, se_gap, local, basis, replicates = exact_model(3.0, draws, rng)
-    t = scipy.stats.t.ppf((1 + LEVEL) / 2, SHARDS - 1)
-    score = (basis[..., 0] @ v) ** 2
-    scores_r = (np.linalg.eigh(replicates)[1][..., 1] @ v) ** 2
-    se = np.sqrt((SHARDS - 1) / SHARDS * np.sum((scores_r - scores_r.mean(axis=1, keepdims=True)) ** 2, axis=1))
-    lower, upper = score - t * se, score + t * se
-    covered = (lower <= alpha2) & (alpha2 <= upper)
-    sets = rotation_sets(gap, se_gap, local, level=LEVEL, gap_min=GAP_MIN)
-    rotated = (np.cos(sets.phis)[None, :, None] * basis[:, None, :, 0]
-               + np.sin(sets.phis)[None, :, None] * basis[:, None, :, 1])
-    scores = (rotated @ v) ** 2
-    slack = STABLE_ATOL
-    stable = ((np.where(sets.fieller, scores, np.inf).min(axis=1) >= lower - slack)
-              & (np.where(sets.fieller, scores, -np.inf).max(axis=1) <= upper + slack))
-    accepted = gap / se_gap >= GAP_MIN
+    x = exact_scores(3.0, 0.2892, 0.4787, 6000, np.random.default_rng(3))
+    covered, accepted, sets, scores = x["covered"], x["accepted"], x["sets"], x["scores"]
+    stable = ((np.where(sets.fieller, scores, np.inf).min(axis=1) >= x["lower"] - STABLE_ATOL)
+              & (np.where(sets.fieller, scores, -np.inf).max(axis=1) <= x["upper"] + STABLE_ATOL))
     kept = accepted & stable
     n, n_kept = int(accepted.sum()), int(kept.sum())
     assert n > 500 and n_kept > 200
