@@ -105,7 +105,8 @@ def main() -> None:
     print("\nrows the condition takes out of the flag, and their coverage:")
     print(pd.DataFrame(removed).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if bounds:
-        print("\nthe bound condition at other numbers of SEs (an estimate that many SEs inside [0, 1]; not the package's):")
+        print("\nthe bound condition at other numbers of SEs (an estimate that many SEs inside [0, 1]; "
+              "not the package's):")
         print(pd.DataFrame(bounds).drop(columns=["failing_design_rows", "failing_design_coverage"])
               .to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
