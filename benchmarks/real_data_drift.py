@@ -60,6 +60,9 @@ def main() -> None:
                         help="with --shard-cache: print, per dataset, the k <= K whose next-token and perception "
                              "eigengap ratios (all shards) reach GAP_MIN, whose subspace noise is at most NOISE_MAX "
                              "and which the default estimate flags reliable, then stop")
+    parser.add_argument("--compare", nargs=2, metavar=("CSV_A", "CSV_B"),
+                        help="two runs' drift.csv files of the same texts: the largest difference of the estimate "
+                             "and of the jackknife-t bounds per dataset and N, then stop")
     parser.add_argument("--min-n", type=int, default=0,
                         help="the drift is measured from the smallest N at or above this (default: the smallest)")
     parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
@@ -77,6 +80,9 @@ def main() -> None:
     out = Path(args.out)
     if args.export_texts:
         export_texts(args)
+        return
+    if args.compare:
+        compare_runs(*args.compare)
         return
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +150,24 @@ def export_texts(args) -> None:
         data.to_pandas()[["text", "label"]].to_parquet(folder / f"{name}.parquet", index=False)
         (folder / f"{name}.json").write_text(json.dumps(json.loads(data.info.description), indent=1) + "\n")
         print(f"{name}: {len(data)} train texts -> {folder / f'{name}.parquet'}", flush=True)
+
+
+def compare_runs(path_a: str, path_b: str) -> None:
+    """Print, per dataset and N, the largest absolute difference between two runs of the same texts
+    (rows matched on dataset, estimator, k and N) of the estimate and of the jackknife-t bounds (a run
+    with ``--interval rotation`` keeps those as lower_jackknife / upper_jackknife)."""
+    frames = []
+    for path in (path_a, path_b):
+        f = pd.read_csv(path)
+        if "lower_jackknife" in f:
+            f = f.assign(lower=f["lower_jackknife"], upper=f["upper_jackknife"])
+        frames.append(f[["dataset", "estimator", "k", "n_texts", "estimate", "lower", "upper"]])
+    both = frames[0].merge(frames[1], on=["dataset", "estimator", "k", "n_texts"], suffixes=("_a", "_b"))
+    for column in ("estimate", "lower", "upper"):
+        both[column] = (both[f"{column}_a"] - both[f"{column}_b"]).abs()
+    table = both.groupby(["dataset", "n_texts"])[["estimate", "lower", "upper"]].max()
+    print(f"largest |difference| over estimators and k, {path_a} against {path_b} ({len(both)} rows matched):")
+    print(table.to_string(float_format=lambda x: f"{x:.5f}"))
 
 
 def shard_cache_path(args, name: str) -> Path:
