@@ -906,7 +906,7 @@ def ntps_estimate(
     (0.29-0.69 in 4 of 13 populations): the two perception eigenvalues at k are nearly tied, the
     jackknife interval of an eigenvector rotated across a gap of a few SDs under-covers, and the
     eigengap condition passes the most rotated draws (docs/estimator.md, "Why the near-tied design
-    fails"). With it the flag accepts under 1% of that design's draws, and no cell of the maps or of
+    fails"). With it the flag accepts at most 1% of that design's draws, and no cell of the maps or of
     fresh populations (d = 16 and 64) covers significantly outside [0.85, 0.95] (docs/estimator.md,
     "The flag's rotation condition"). Known truth where the condition does not help: an exact
     two-dimensional model whose true score sits at a stationary point of the rotation, with no noise
