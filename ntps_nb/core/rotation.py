@@ -254,6 +254,10 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
     whose set is empty (the test rejects every rotation, the sample's own included) is not rotated.
     Each row costs a few products of d x d matrices and a basis of its first k next-token directions,
     so `ntps_estimate` asks it of the rows its flag needs it for."""
+    columns = [f"{kind}_{what}" for kind in ("fieller", "chosen") for what in ("lower", "upper", "U", "V")]
+    out = pd.DataFrame(np.nan, index=frame.index, columns=columns)
+    if rows is not None and not rows.any():      # nothing to compute: no pooled solve (the torch path's host)
+        return out
     pooled = Moments.combine(shards)
     if solved is None:
         solved = perception_subspace(pooled, rtol=rtol), next_token_subspace(pooled, rtol=rtol)
@@ -262,8 +266,6 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
     if pools is None:
         pools = [Moments.combine([s for j, s in enumerate(shards) if j != i]) for i in range(len(shards))]
     m, r_V = U.rank_A, V.rank_B
-    columns = [f"{kind}_{what}" for kind in ("fieller", "chosen") for what in ("lower", "upper", "U", "V")]
-    out = pd.DataFrame(np.nan, index=frame.index, columns=columns)
     planes: dict = {}
     for index, row in frame[rows if rows is not None else np.ones(len(frame), bool)].iterrows():
         k = int(row["k"])

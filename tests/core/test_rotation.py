@@ -210,3 +210,21 @@ def test_ntps_estimate_rotation_condition_narrows_the_flag_and_nothing_else(gap,
     failed_gap = widened["gap_ratio_U"].lt(GAP_MIN) & widened["gap_ratio_V"].lt(GAP_MIN)
     np.testing.assert_allclose(widened.loc[failed_gap, "lower"],
                                np.minimum(plain.loc[failed_gap, "lower"], widened.loc[failed_gap, "rotation_lower"]))
+
+
+def test_rotation_condition_solves_nothing_where_no_row_is_otherwise_reliable(monkeypatch):
+    # the torch path computes the sets on the host: with no row left to check it must not solve the
+    # pooled problem there (a generalized eigensolve of d x d at a large d)
+    import ntps_nb.core.rotation as rotation
+
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="tied", seed=1)
+    shards = sample_shards(model, 16, SHARDS, np.random.default_rng(1))   # N/d = 1: nothing reliable
+    frame = ntps_estimate(shards, [1, 2, 4], rotation_flag=False)
+    assert not frame["reliable"].any()
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the pooled problem was solved")
+
+    monkeypatch.setattr(rotation, "perception_subspace", no_solve)
+    out = rotation.rotation_stability(shards, frame, level=LEVEL, gap_min=GAP_MIN, rtol=1e-10)
+    assert not out["rotation_stable"].any() and out["rotation_lower"].isna().all()
