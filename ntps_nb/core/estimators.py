@@ -941,7 +941,7 @@ def ntps_estimate(
         (NTPS's range over the Fieller sets, shifted by the estimator's correction; computed on the
         rows the other conditions accept, NaN elsewhere) and rotation_stable; numpy, on the host
         after either backend (no factorisation beyond the pooled solve, which the torch path repeats
-        on the host).
+        on the host where a row is left to check).
 
     Returns
     -------
