@@ -75,6 +75,7 @@ def main() -> None:
                              "numbers of SEs (BOUND_SE is 1): the rows kept, the band and bias counts")
     args = parser.parse_args()
     rows, removed, bounds = [], [], []
+    failing = {"without": [0, 0], "with": [0, 0]}       # the failing design's rows and covered rows, pooled
     for path in args.frames:
         f = pd.read_csv(path)
         f = f[f["estimator"] == "richardson"]
@@ -83,6 +84,10 @@ def main() -> None:
             raise SystemExit(f"{path}: the flag with the condition holds rows the flag without it does not")
         name = Path(path).name
         rows += [summary(name, f, before, "without"), summary(name, f, after, "with")]
+        for flag, kept in (("without", before), ("with", after)):
+            design = f[kept & _in_failing(f)]
+            failing[flag][0] += len(design)
+            failing[flag][1] += int(design["covered"].sum())
         bounds += [summary(name, f, after & inside_by(f, b), f"with, bound {b:g} SE") for b in args.bound_se]
         gone = f[before & ~after]
         removed.append({"frame": name, "removed": len(gone), "removed_share": len(gone) / max(int(before.sum()), 1),
@@ -102,6 +107,10 @@ def main() -> None:
     print(f"cells: design x population with >= {MIN_ACCEPTED} reliable rows; below / above: significantly below 0.85 "
           "/ above 0.95 (exact one-sided binomial tests at 0.025); point_*: outside as a point value")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.frames:
+        print("the failing design's rows pooled over the estimator_map frames: " + "; ".join(
+            f"{flag} the condition {n} rows covering {covered / n:.3f}" if n else f"{flag} the condition none"
+            for flag, (n, covered) in failing.items()))
     print("\nrows the condition takes out of the flag, and their coverage:")
     print(pd.DataFrame(removed).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if bounds:

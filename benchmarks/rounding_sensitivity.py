@@ -6,9 +6,9 @@ independent normal noise of SD ``--relative`` times the entry (6e-8: float32 rou
 one matrix family at a time (C0 and C1 / Sxx / Sxy), and prints the largest change of the default
 estimate and of its jackknife-t lower bound over ``--repeats`` perturbations, for each nested subset of
 `real_data_drift.py` (the first G, 2G, ... fine shards regrouped into G shards) up to ``--max-fine``.
-Reads a shard cache written by ``real_data_drift.py --shard-cache``. Perturbing Sxx entrywise also
-lifts its null space (rank N below d) above the range tolerance, so its rows overstate what float32
-products do there; Sxy's and C0 / C1's do not change a rank.
+Reads a shard cache written by ``real_data_drift.py --shard-cache``. Perturbing Sxx entrywise can
+also lift part of its null space (rank N below d) above the range tolerance, so its column may
+overstate what float32 products do there; perturbing Sxy or C0 / C1 leaves Sxx's range as it is.
 
     python benchmarks/rounding_sensitivity.py DIR/smollm2-135m__trec6__0_256_512.pkl --groups 16 --max-fine 128
 """

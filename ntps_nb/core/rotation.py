@@ -378,8 +378,8 @@ def rotation_stability(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
                                   pools=pools, kinds=("fieller",), rows=frame["reliable"].astype(bool))
     out = frame.copy()
     out["rotation_lower"], out["rotation_upper"] = ranges["fieller_lower"], ranges["fieller_upper"]
-    slack = STABLE_ATOL
-    stable = (ranges["fieller_lower"] >= frame["lower"] - slack) & (ranges["fieller_upper"] <= frame["upper"] + slack)
-    out["rotation_stable"] = stable.fillna(False).astype(bool) & frame["reliable"].astype(bool)
-    out["reliable"] = frame["reliable"].astype(bool) & out["rotation_stable"]
+    inside = ((ranges["fieller_lower"] >= frame["lower"] - STABLE_ATOL)
+              & (ranges["fieller_upper"] <= frame["upper"] + STABLE_ATOL))
+    out["rotation_stable"] = inside.fillna(False).astype(bool) & frame["reliable"].astype(bool)
+    out["reliable"] = out["rotation_stable"]      # the other conditions and the range inside the interval
     return out

@@ -1358,16 +1358,25 @@ def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_
                                   check_dtype=False)  # k is float beside the reference rows' NaN
 
 
-def test_estimate_interval_widens_the_estimates_table_and_keys_only_the_estimates(tmp_path, tiny_llama):
+def _an_estimates_setting(setting: str, value, bad, message: str):
+    """A setting added to the estimates stage (`stages.ADDED_TO_STAGES`): at its default it leaves the
+    committed units' config hash alone, away from it the hash and the estimates stage's key alone
+    change, and a bad value is refused."""
     cfg = study.load_config(STUDIES / "default.toml")
-    assert cfg.estimate_interval == "jackknife" and "estimate_interval" not in cfg.settings()
+    assert setting not in cfg.settings()
     assert cfg.config_hash == "1cedd9f67410"  # the committed units' hash: the setting's default leaves it alone
-    rotation = study.load_config(STUDIES / "default.toml", estimate_interval="rotation")
-    assert rotation.settings()["estimate_interval"] == "rotation" and rotation.config_hash != cfg.config_hash
-    with pytest.raises(study.StudySettingsError, match="estimate_interval must be one of jackknife, rotation"):
-        study.load_config(STUDIES / "default.toml", estimate_interval="bca")
-    keys, other = study.stage_keys(cfg, "smollm2-135m", "trec6"), study.stage_keys(rotation, "smollm2-135m", "trec6")
+    changed = study.load_config(STUDIES / "default.toml", **{setting: value})
+    assert changed.settings()[setting] == value and changed.config_hash != cfg.config_hash
+    with pytest.raises(study.StudySettingsError, match=message):
+        study.load_config(STUDIES / "default.toml", **{setting: bad})
+    keys, other = study.stage_keys(cfg, "smollm2-135m", "trec6"), study.stage_keys(changed, "smollm2-135m", "trec6")
     assert {name for name in keys if other[name] != keys[name]} == {"estimates"}
+
+
+def test_estimate_interval_widens_the_estimates_table_and_keys_only_the_estimates(tmp_path, tiny_llama):
+    assert study.load_config(STUDIES / "default.toml").estimate_interval == "jackknife"
+    _an_estimates_setting("estimate_interval", "rotation", "bca",
+                          "estimate_interval must be one of jackknife, rotation")
     # a unit: only the estimates stage is computed again; the same estimates and flags, intervals
     # that contain the jackknife ones (kept beside them)
     smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False)
@@ -1774,15 +1783,8 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
 
 
 def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_estimates(tmp_path, tiny_llama):
-    cfg = study.load_config(STUDIES / "default.toml")
-    assert cfg.estimate_rotation_flag is False and "estimate_rotation_flag" not in cfg.settings()
-    assert cfg.config_hash == "1cedd9f67410"  # the committed units' hash: the setting's default leaves it alone
-    flagged = study.load_config(STUDIES / "default.toml", estimate_rotation_flag=True)
-    assert flagged.settings()["estimate_rotation_flag"] is True and flagged.config_hash != cfg.config_hash
-    with pytest.raises(study.StudySettingsError, match="estimate_rotation_flag must be true or false"):
-        study.load_config(STUDIES / "default.toml", estimate_rotation_flag="yes")
-    keys, other = study.stage_keys(cfg, "smollm2-135m", "trec6"), study.stage_keys(flagged, "smollm2-135m", "trec6")
-    assert {name for name in keys if other[name] != keys[name]} == {"estimates"}
+    assert study.load_config(STUDIES / "default.toml").estimate_rotation_flag is False
+    _an_estimates_setting("estimate_rotation_flag", True, "yes", "estimate_rotation_flag must be true or false")
     # a unit: only the estimates stage is computed again; the same estimates and intervals, a flag that
     # is the plain one and the rotation condition
     smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False)
