@@ -68,6 +68,7 @@ it does not decide ``reliable``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -80,7 +81,8 @@ from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
-from ntps_nb.core.score import SPAN_RTOL, TheoryGeometry, _theory_geometry_of, theory_geometry
+from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of,
+                                interpolation_message, theory_geometry)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
 
@@ -828,6 +830,44 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 
 
+def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 0, replicates: bool,
+                          rank: int | None = None) -> None:
+    """Warn (`InterpolationWarning`) where a plug-in the estimate or its interval needs is computed from
+    no more texts than the rank of its Sxx, where the labels are fitted exactly
+    (`ntps_nb.core.score.interpolation_message`): the pooled shards, a leave-one-shard-out replicate
+    (``replicates``, the jackknife interval's) or, for "richardson", a half of the split (less a shard
+    in a replicate). A part of n texts has Sxx of rank min(n, rank), ``rank`` the pooled Sxx's retained
+    rank where the caller has it, else min(N, d), the rank of states in general position; so it
+    interpolates where n <= rank. One warning, for the largest part that does.
+
+    Parameters
+    ----------
+    shards : the per-shard `Moments` (as a list).
+    estimator : the estimator's name (its halves are checked for "richardson").
+    seed : seed of the split into halves.
+    replicates : whether the caller also computes leave-one-shard-out replicates (an interval).
+    rank : the pooled Sxx's retained rank, or None for min(N, d).
+
+    Returns
+    -------
+    None; warns `ntps_nb.core.score.InterpolationWarning` at most once.
+    """
+    n = sum(s.n_texts for s in shards)
+    rank = min(n, shards[0].d) if rank is None else int(rank)
+    largest = max(s.n_texts for s in shards)
+    parts = [("the pooled moments", n)]
+    if replicates and len(shards) > 1:
+        parts.append(("a leave-one-shard-out replicate of the interval", n - largest))
+    if estimator in HALF_ESTIMATORS and len(shards) >= 2:
+        half = min(sum(shards[i].n_texts for i in side) for side in split_halves(len(shards), seed))
+        parts.append((f"a half of the {estimator} estimator's split" + (" less a shard" if replicates else ""),
+                      half - (largest if replicates else 0)))
+    for what, size in parts:
+        if 0 < size <= rank:
+            warnings.warn(interpolation_message(what, size, size), InterpolationWarning, stacklevel=3)
+            return
+
+
 def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "plugin", seed: int = 0,
                   rtol: float = RANGE_RTOL, n_splits: int = CROSSFIT_SPLITS) -> Estimate:
     """NTPS_theory at each k of ``ks`` by one estimator (no interval).
@@ -959,6 +999,7 @@ def ntps_estimate(
         raise ValueError(f"interval must be one of {INTERVALS}, got {interval!r}")
     backend = analysis_backend(device)
     if backend is not None:
+        warn_if_interpolating(_as_shards(moment_shards), estimator, seed=seed, replicates=True)
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
                                             batch_size=batch_size)
@@ -973,6 +1014,7 @@ def ntps_estimate(
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol)
     full = solves.full_geometry()
+    warn_if_interpolating(shards, estimator, seed=seed, replicates=True, rank=full.r_U)
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)
     S = len(shards)
     geometries = solves.replicate_geometries()

@@ -18,6 +18,7 @@ Sweeps over all k cost one factorisation: V's columns are orthonormalised once, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -44,6 +45,52 @@ Precision = Literal["float32", "float64"]
 REFERENCE_FRACTIONS = np.arange(0.05, 1.0, 0.05)
 #: Relative residual below which a column of Sxx^{1/2} V adds no new direction to the span.
 SPAN_RTOL = 1e-9
+
+
+class InterpolationWarning(UserWarning):
+    """NTPS from moments of no more texts than the rank of Sxx, where the labels are fitted exactly."""
+
+
+def interpolation_message(what: str, n_texts: int, rank: int) -> str:
+    """Why NTPS from ``n_texts`` texts whose Sxx has rank ``rank`` (>= n_texts) describes the labels
+    more than the features: the least-squares fit of the one-hot labels on the pooled states is exact,
+    so the perception problem's eigenvalues are fixed by the class counts alone (Y^T Y: the counts
+    themselves for uncentred moments), U's directions come in order of class size and classes of equal
+    size are tied (a tie broken by rounding, which can differ between devices).
+
+    Parameters
+    ----------
+    what : which moments (e.g. "the pooled moments", "a half of the split").
+    n_texts : their number of texts.
+    rank : the retained rank of their Sxx.
+
+    Returns
+    -------
+    str, the `InterpolationWarning` message.
+    """
+    beyond = (" (more than the texts: eigenvalues of rounding size are retained as directions)"
+              if rank > n_texts else "")
+    return (f"{what}: {n_texts} texts, no more than the rank of Sxx ({rank}{beyond}): the labels are fitted "
+            "exactly, so the perception eigenvalues are fixed by the class counts, U's directions come in order of class size and "
+            "classes of equal size are tied (broken by rounding: values can differ between devices). NTPS "
+            "there describes the labels more than the features (docs/estimator.md, 'Fewer texts than dimensions').")
+
+
+def interpolates(n_texts: int, rank: int, centred: bool = False) -> bool:
+    """Whether a least-squares fit on moments of ``n_texts`` texts whose Sxx has retained rank ``rank``
+    fits every label exactly: the rank reaches the number of texts (one less when centred).
+
+    Parameters
+    ----------
+    n_texts : number of texts of the moments.
+    rank : retained rank of their Sxx (e.g. `TheoryGeometry.r_U`).
+    centred : whether the moments are centred (the intercept takes one direction).
+
+    Returns
+    -------
+    bool.
+    """
+    return rank >= n_texts - (1 if centred else 0)
 
 
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
@@ -499,11 +546,13 @@ def ntps(
         geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)
         kk = geometry.k(k, fraction)
         if estimator == "plugin":
+            _warn_if_interpolating(pooled, geometry, centred)
             return geometry.ntps(kk)
         if centred or tol is not None:
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        from ntps_nb.core.estimators import estimate_ntps
+        from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
 
+        warn_if_interpolating(shards, estimator, seed=seed, replicates=False)
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
     if variant == "reference":
         if k is not None or fraction is None:
@@ -518,6 +567,12 @@ def ntps(
             raise ValueError(f"fraction {fraction} selects k_U = {kU}, k_V = {kV} directions (r_U = {geometry.r_U}, r_V = {geometry.r_V})")
         return geometry.ntps(fraction)
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+
+
+def _warn_if_interpolating(pooled: Moments, geometry: TheoryGeometry, centred: bool) -> None:
+    if interpolates(pooled.n_texts, geometry.r_U, centred):
+        warnings.warn(interpolation_message("the pooled moments", pooled.n_texts, geometry.r_U),
+                      InterpolationWarning, stacklevel=3)
 
 
 def ntps_sweep(
@@ -557,13 +612,16 @@ def ntps_sweep(
     _check_estimator(estimator, variant)
     pooled, shards = _pooled_and_shards(moments)
     if variant == "theory":
-        frame = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol).sweep()
+        geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)
+        frame = geometry.sweep()
         if estimator == "plugin":
+            _warn_if_interpolating(pooled, geometry, centred)
             return frame.assign(estimator="plugin")
         if centred or tol is not None:
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        from ntps_nb.core.estimators import estimate_ntps
+        from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
 
+        warn_if_interpolating(shards, estimator, seed=seed, replicates=False)
         result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)
         return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
             ntps=result.estimate, estimator=estimator, reliability=result.reliability,

@@ -29,6 +29,7 @@ shards (the input of the shard estimators and intervals), in O(N T d^2).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -38,6 +39,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ntps_nb.core.moments import Moments
+from ntps_nb.core.score import InterpolationWarning
 
 Gap = Literal["separated", "moderate", "tied"]
 
@@ -470,7 +472,9 @@ def estimator_map(
                 shards = sample_shards(model, n_texts, n_shards, rng)
                 for estimator in estimators:
                     try:
-                        table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw)
+                        with warnings.catch_warnings():  # the map's rows carry n_over_d: N <= d is theirs to read
+                            warnings.simplefilter("ignore", InterpolationWarning)
+                            table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw)
                     except (ValueError, np.linalg.LinAlgError):
                         table = pd.DataFrame({"k": ks, "estimator": estimator, "estimate": np.nan, "se": np.nan,
                                               "lower": np.nan, "upper": np.nan, "reliability": np.nan,

@@ -1,5 +1,7 @@
 """Estimators of the population NTPS: consistency at large N, intervals, errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from ntps_nb.core.estimators import (BOUND_SE, DEFAULT_ESTIMATOR, ESTIMATORS, GA
                                      eigengap_ratios, estimate_ntps, flag_at_bound, ntps_estimate, split_halves,
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import ntps, ntps_sweep
+from ntps_nb.core.score import InterpolationWarning, ntps, ntps_sweep, theory_geometry
 from ntps_nb.core.simulate import lds_model, moments_of_array, sample_shards
 
 KS = np.array([1, 2, 4])
@@ -383,3 +385,49 @@ def test_ntps_estimate_solves_each_pool_once_for_its_plugins_gaps_and_noise(monk
         np.testing.assert_array_equal(frame[column].to_numpy(), alone_noise[column].to_numpy())
     for column in ("gap_U", "gap_V", "gap_ratio_U", "gap_ratio_V", "gap_ratio"):
         np.testing.assert_array_equal(frame[column].to_numpy(), alone_gaps[column].to_numpy())
+
+
+def _interpolation_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, InterpolationWarning)]
+
+
+def test_below_n_equals_d_the_perception_eigenvalues_are_the_class_counts_and_ntps_says_so():
+    # 12 texts of 16-dimensional states: Sxx has rank 12, the one-hot labels are fitted exactly, and
+    # the perception eigenvalues are those of Y^T Y (the class counts) or, centred, of
+    # diag(counts) - counts counts^T / N: fixed by the labels, whatever the states.
+    model = lds_model(d=16, n_classes=6, n_tokens=8, seed=0)
+    pooled = Moments.combine(sample_shards(model, 12, 4, np.random.default_rng(1)))
+    counts = np.diag(pooled.Syy)
+    geometry = theory_geometry(pooled)
+    assert geometry.r_U == 12
+    present = np.sort(counts[counts > 0])[::-1]
+    np.testing.assert_allclose(geometry.eigenvalues, present, rtol=1e-8)
+    centred = theory_geometry(pooled, centred=True)
+    expected = np.linalg.eigvalsh(np.diag(counts) - np.outer(counts, counts) / counts.sum())[::-1]
+    np.testing.assert_allclose(centred.eigenvalues, expected[: centred.m], rtol=1e-8)
+    [message] = _interpolation_warnings(lambda: ntps(pooled, k=2))
+    assert message.startswith("the pooled moments: 12 texts, no more than the rank of Sxx (12)")
+    assert _interpolation_warnings(lambda: ntps_sweep(pooled, centred=True))
+    # 100 texts of the same states: nothing to say
+    more = Moments.combine(sample_shards(model, 100, 4, np.random.default_rng(1)))
+    assert theory_geometry(more).r_U == 16 and not _interpolation_warnings(lambda: ntps(more, k=2))
+
+
+def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
+    # 40 texts in 10 shards at d = 16: the pooled moments (40), the jackknife's replicates (36) and
+    # richardson's halves (20) are above the rank, the halves less a shard (16), which the interval's
+    # replicates of richardson use, are not; at 30 texts the halves (15) are not either; at 100 none is.
+    model = lds_model(d=16, n_classes=2, n_tokens=8, seed=0)
+    shards = sample_shards(model, 40, 10, np.random.default_rng(2))
+    [message] = _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2]))
+    assert message.startswith("a half of the richardson estimator's split less a shard: 16 texts")
+    assert not _interpolation_warnings(lambda: ntps(shards, k=1, estimator="richardson"))
+    assert not _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2], estimator="plugin"))
+    fewer = sample_shards(model, 30, 10, np.random.default_rng(2))
+    [message] = _interpolation_warnings(lambda: ntps(fewer, k=1, estimator="richardson"))
+    assert message.startswith("a half of the richardson estimator's split: 15 texts")
+    more = sample_shards(model, 100, 10, np.random.default_rng(2))
+    assert not _interpolation_warnings(lambda: ntps_estimate(more, [1, 2]))
