@@ -76,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     rows, removed, bounds = [], [], []
     failing = {"without": [0, 0], "with": [0, 0]}       # the failing design's rows and covered rows, pooled
+    by_d: dict[int, list[int]] = {}                      # reliable rows and covered rows at each d, pooled
     for path in args.frames:
         f = pd.read_csv(path)
         f = f[f["estimator"] == "richardson"]
@@ -89,6 +90,10 @@ def main() -> None:
             failing[flag][0] += len(design)
             failing[flag][1] += int(design["covered"].sum())
         bounds += [summary(name, f, after & inside_by(f, b), f"with, bound {b:g} SE") for b in args.bound_se]
+        for d, g in f[after].groupby("task_d"):
+            by_d.setdefault(int(d), [0, 0])
+            by_d[int(d)][0] += len(g)
+            by_d[int(d)][1] += int(g["covered"].sum())
         gone = f[before & ~after]
         removed.append({"frame": name, "removed": len(gone), "removed_share": len(gone) / max(int(before.sum()), 1),
                         "removed_coverage": gone["covered"].mean() if len(gone) else np.nan})
@@ -111,6 +116,9 @@ def main() -> None:
         print("the failing design's rows pooled over the estimator_map frames: " + "; ".join(
             f"{flag} the condition {n} rows covering {covered / n:.3f}" if n else f"{flag} the condition none"
             for flag, (n, covered) in failing.items()))
+    if by_d:
+        print("the reliable rows pooled over the estimator_map frames at each d: " + "; ".join(
+            f"d = {d}: {covered} of {n} covered ({covered / n:.3f})" for d, (n, covered) in sorted(by_d.items())))
     print("\nrows the condition takes out of the flag, and their coverage:")
     print(pd.DataFrame(removed).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if bounds:

@@ -81,7 +81,7 @@ from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
-from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of,
+from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
                                 interpolation_message, theory_geometry)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
@@ -863,7 +863,7 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
         parts.append((f"a half of the {estimator} estimator's split" + (" less a shard" if replicates else ""),
                       half - (largest if replicates else 0)))
     for what, size in parts:
-        if 0 < size <= rank:
+        if size > 0 and interpolates(size, min(size, rank)):
             warnings.warn(interpolation_message(what, size, size), InterpolationWarning, stacklevel=3)
             return
 

@@ -71,9 +71,10 @@ def interpolation_message(what: str, n_texts: int, rank: int) -> str:
     beyond = (" (more than the texts: eigenvalues of rounding size are retained as directions)"
               if rank > n_texts else "")
     return (f"{what}: {n_texts} texts, no more than the rank of Sxx ({rank}{beyond}): the labels are fitted "
-            "exactly, so the perception eigenvalues are fixed by the class counts, U's directions come in order of class size and "
-            "classes of equal size are tied (broken by rounding: values can differ between devices). NTPS "
-            "there describes the labels more than the features (docs/estimator.md, 'Fewer texts than dimensions').")
+            "exactly, so the perception eigenvalues are fixed by the class counts, U's directions come in order of "
+            "class size and classes of equal size are tied (broken by rounding: values can differ between devices). "
+            "NTPS there describes the labels more than the features (docs/estimator.md, 'Fewer texts than "
+            "dimensions').")
 
 
 def interpolates(n_texts: int, rank: int, centred: bool = False) -> bool:
