@@ -424,6 +424,7 @@ def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
     shards = sample_shards(model, 40, 10, np.random.default_rng(2))
     [message] = _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2]))
     assert message.startswith("a half of the richardson estimator's split less a shard: 16 texts")
+    assert _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2], device="cpu")) == [message]  # torch
     assert not _interpolation_warnings(lambda: ntps(shards, k=1, estimator="richardson"))
     assert not _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2], estimator="plugin"))
     fewer = sample_shards(model, 30, 10, np.random.default_rng(2))
