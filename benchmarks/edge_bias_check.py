@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimator_flag_report import CELL, MIN_ACCEPTED, accepted, exact_band_tests  # noqa: E402
+from estimator_flag_report import CELL, MIN_ACCEPTED, accepted  # noqa: E402
 from gap_selection_check import GAP_MIN, NOISE_MAX, _meets_unit_interval  # noqa: E402
-from rotation_flag_report import summary  # noqa: E402
+from rotation_flag_report import cell_table, summary  # noqa: E402
 
 from ntps_nb.core.estimators import flag_at_bound  # noqa: E402
 
@@ -69,7 +69,8 @@ def shrunk(frame: pd.DataFrame, rows: pd.Series) -> pd.DataFrame:
 def edge_cells(frame: pd.DataFrame, name: str) -> list[dict]:
     """Per edge cell: the rows meeting the other conditions against the flag's (both bounds' effect)."""
     edge = (frame["truth"] < EDGE) | (frame["truth"] > 1 - EDGE)
-    others, flagged = other_conditions(frame), other_conditions(frame) & ~at_bound(frame)
+    others = other_conditions(frame)
+    flagged = others & ~at_bound(frame)
     key = CELL + (["task_seed"] if "task_seed" in frame else [])
     rows = []
     for cell, g in frame[edge & others].groupby(key):
@@ -86,13 +87,12 @@ def edge_cells(frame: pd.DataFrame, name: str) -> list[dict]:
 
 def outside(frame: pd.DataFrame, kept: pd.Series, name: str, label: str) -> list[dict]:
     """The cells of the kept rows significantly outside [0.85, 0.95], with their truths."""
-    key = CELL + (["task_seed"] if "task_seed" in frame else [])
-    cells = frame[kept].groupby(key).agg(covered=("covered", "sum"), rows=("covered", "size"),
-                                         truth=("truth", "first")).reset_index()
-    cells = cells[cells["rows"] >= MIN_ACCEPTED]
-    below, above = exact_band_tests(cells["covered"], cells["rows"])
-    return [{"treatment": label, "frame": name, "side": "below" if b else "above", **row}
-            for row, b, a in zip(cells.drop(columns=["estimator"]).to_dict("records"), below, above) if b or a]
+    cells = cell_table(frame, kept)
+    cells = cells[cells["below"] | cells["above"]]
+    return [{"treatment": label, "frame": name, "side": "below" if row.pop("below") else "above",
+             **{k: v for k, v in row.items() if k not in ("above", "bias", "sd", "width")}}
+            for row in cells.drop(columns=["estimator"]).rename(columns={"sum": "covered", "size": "rows"})
+            .to_dict("records")]
 
 
 def main() -> None:

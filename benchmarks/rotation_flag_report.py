@@ -43,16 +43,25 @@ from ntps_nb.core.rotation import STABLE_ATOL  # noqa: E402
 BIAS_Z = 1.96
 
 
-def summary(name: str, frame: pd.DataFrame, kept: pd.Series, flag: str) -> dict:
-    """The kept rows' coverage, their cells (>= `MIN_ACCEPTED` rows, design x population), the band
-    tests, and the cells whose |bias| reaches a quarter of their mean width (as a point value, and by
-    more than `BIAS_Z` Monte Carlo SEs), with the truths of the latter."""
+def cell_table(frame: pd.DataFrame, kept: pd.Series) -> pd.DataFrame:
+    """The kept rows' cells (design x population) with >= `MIN_ACCEPTED` rows: covered rows (sum), rows
+    (size), bias, SD of the error, mean width, truth, and the exact band tests (below, above)."""
     g = frame[kept].assign(width=lambda x: x["upper"] - x["lower"], err=lambda x: x["estimate"] - x["truth"])
     key = CELL + (["task_seed"] if "task_seed" in frame else [])
     cells = g.groupby(key).agg(sum=("covered", "sum"), size=("covered", "size"), bias=("err", "mean"),
                                sd=("err", "std"), width=("width", "mean"), truth=("truth", "first")).reset_index()
     cells = cells[cells["size"] >= MIN_ACCEPTED]
     below, above = exact_band_tests(cells["sum"], cells["size"])
+    return cells.assign(below=np.asarray(below, dtype=bool), above=np.asarray(above, dtype=bool))
+
+
+def summary(name: str, frame: pd.DataFrame, kept: pd.Series, flag: str) -> dict:
+    """The kept rows' coverage, their cells (`cell_table`), the band tests, and the cells whose |bias|
+    reaches a quarter of their mean width (as a point value, and by more than `BIAS_Z` Monte Carlo
+    SEs), with the truths of the latter."""
+    g = frame[kept]
+    cells = cell_table(frame, kept)
+    below, above = cells["below"], cells["above"]
     failing = g[_in_failing(g)]
     share = cells["sum"] / cells["size"]
     biased = cells["bias"].abs() >= cells["width"] / 4

@@ -831,14 +831,15 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
 
 
 def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 0, replicates: bool,
-                          rank: int | None = None) -> None:
+                          rank: int | None = None, centred: bool = False) -> None:
     """Warn (`InterpolationWarning`) where a plug-in the estimate or its interval needs is computed from
     no more texts than the rank of its Sxx, where the labels are fitted exactly
     (`ntps_nb.core.score.interpolation_message`): the pooled shards, a leave-one-shard-out replicate
     (``replicates``, the jackknife interval's) or, for "richardson", a half of the split (less a shard
     in a replicate). A part of n texts has Sxx of rank min(n, rank), ``rank`` the pooled Sxx's retained
-    rank where the caller has it, else min(N, d), the rank of states in general position; so it
-    interpolates where n <= rank. One warning, for the largest part that does.
+    rank where the caller has it, else min(N, d), the rank of states in general position (the pooled
+    part: that rank itself); `ntps_nb.core.score.interpolates` decides. One warning, for the largest
+    part that does.
 
     Parameters
     ----------
@@ -847,6 +848,7 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     seed : seed of the split into halves.
     replicates : whether the caller also computes leave-one-shard-out replicates (an interval).
     rank : the pooled Sxx's retained rank, or None for min(N, d).
+    centred : whether the plug-in centres the moments (the plug-in's ``centred``).
 
     Returns
     -------
@@ -855,16 +857,17 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     n = sum(s.n_texts for s in shards)
     rank = min(n, shards[0].d) if rank is None else int(rank)
     largest = max(s.n_texts for s in shards)
-    parts = [("the pooled moments", n)]
+    parts = [("the pooled moments", n, rank)]
     if replicates and len(shards) > 1:
-        parts.append(("a leave-one-shard-out replicate of the interval", n - largest))
+        parts.append(("a leave-one-shard-out replicate of the interval", n - largest, None))
     if estimator in HALF_ESTIMATORS and len(shards) >= 2:
         half = min(sum(shards[i].n_texts for i in side) for side in split_halves(len(shards), seed))
         parts.append((f"a half of the {estimator} estimator's split" + (" less a shard" if replicates else ""),
-                      half - (largest if replicates else 0)))
-    for what, size in parts:
-        if size > 0 and interpolates(size, min(size, rank)):
-            warnings.warn(interpolation_message(what, size, size), InterpolationWarning, stacklevel=3)
+                      half - (largest if replicates else 0), None))
+    for what, size, part_rank in parts:
+        part_rank = min(size, rank) if part_rank is None else part_rank
+        if size > 0 and interpolates(size, part_rank, centred):
+            warnings.warn(interpolation_message(what, size, part_rank), InterpolationWarning, stacklevel=3)
             return
 
 
@@ -947,7 +950,7 @@ def ntps_estimate(
     jackknife interval of an eigenvector rotated across a gap of a few SDs under-covers, and the
     eigengap condition passes the most rotated draws (docs/estimator.md, "Why the near-tied design
     fails"). With it the flag accepts at most 1% of that design's draws, and no cell of the maps or of
-    fresh populations (d = 16 and 64) covers significantly outside [0.85, 0.95] (docs/estimator.md,
+    fresh populations (d = 16, 64 and 576) covers significantly outside [0.85, 0.95] (docs/estimator.md,
     "The flag's rotation condition"). Known truth where the condition does not help: an exact
     two-dimensional model whose true score sits at a stationary point of the rotation, with no noise
     but the rotation's (the few draws it accepts cover 0.53-0.85). ``interval="rotation"`` widens the
@@ -999,11 +1002,12 @@ def ntps_estimate(
         raise ValueError(f"interval must be one of {INTERVALS}, got {interval!r}")
     backend = analysis_backend(device)
     if backend is not None:
-        warn_if_interpolating(_as_shards(moment_shards), estimator, seed=seed, replicates=True)
+        shards = _as_shards(moment_shards)
+        warn_if_interpolating(shards, estimator, seed=seed, replicates=True)
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
                                             batch_size=batch_size)
-        return _with_rotation(_as_shards(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol,
+        return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol,
                               interval=interval, rotation_flag=rotation_flag)
     shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)

@@ -18,7 +18,6 @@ Sweeps over all k cost one factorisation: V's columns are orthonormalised once, 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -546,14 +545,13 @@ def ntps(
     if variant == "theory":
         geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)
         kk = geometry.k(k, fraction)
-        if estimator == "plugin":
-            _warn_if_interpolating(pooled, geometry, centred)
-            return geometry.ntps(kk)
-        if centred or tol is not None:
+        if estimator != "plugin" and (centred or tol is not None):
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
         from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
 
-        warn_if_interpolating(shards, estimator, seed=seed, replicates=False)
+        warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
+        if estimator == "plugin":
+            return geometry.ntps(kk)
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
     if variant == "reference":
         if k is not None or fraction is None:
@@ -568,12 +566,6 @@ def ntps(
             raise ValueError(f"fraction {fraction} selects k_U = {kU}, k_V = {kV} directions (r_U = {geometry.r_U}, r_V = {geometry.r_V})")
         return geometry.ntps(fraction)
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
-
-
-def _warn_if_interpolating(pooled: Moments, geometry: TheoryGeometry, centred: bool) -> None:
-    if interpolates(pooled.n_texts, geometry.r_U, centred):
-        warnings.warn(interpolation_message("the pooled moments", pooled.n_texts, geometry.r_U),
-                      InterpolationWarning, stacklevel=3)
 
 
 def ntps_sweep(
@@ -615,14 +607,13 @@ def ntps_sweep(
     if variant == "theory":
         geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)
         frame = geometry.sweep()
-        if estimator == "plugin":
-            _warn_if_interpolating(pooled, geometry, centred)
-            return frame.assign(estimator="plugin")
-        if centred or tol is not None:
+        if estimator != "plugin" and (centred or tol is not None):
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
         from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
 
-        warn_if_interpolating(shards, estimator, seed=seed, replicates=False)
+        warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
+        if estimator == "plugin":
+            return frame.assign(estimator="plugin")
         result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)
         return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
             ntps=result.estimate, estimator=estimator, reliability=result.reliability,
