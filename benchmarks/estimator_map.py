@@ -22,9 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pandas as pd  # noqa: E402
 
 from ntps_nb.core.estimators import ESTIMATORS  # noqa: E402
-from ntps_nb.core.simulate import estimator_map, factor_model, lds_model, summarise_map  # noqa: E402
+from ntps_nb.core.simulate import estimator_map, factor_model, lds_model, reflection_model, summarise_map  # noqa: E402
 
-FAMILIES = {"factor": factor_model, "lds": lds_model}
+FAMILIES = {"factor": factor_model, "lds": lds_model, "reflection": reflection_model}
 
 
 def one_cell(args) -> pd.DataFrame:
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--d", type=int, nargs="+", default=[16])
     parser.add_argument("--classes", type=int, nargs="+", default=[2, 6, 20])
     parser.add_argument("--gaps", nargs="+", default=["separated", "moderate", "tied"])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=["factor", "lds"], choices=list(FAMILIES),
+                        help="generator families (reflection: the stationary case, C >= 3 only)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 32])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     cells = [(f, d, C, g, args.ratios, args.ks, args.estimators, span, args.shards, args.seed)
              for f, d, C, g in itertools.product(args.families, args.d, args.classes, args.gaps)
-             if C <= d // 2 for span in draw_ranges(args.draws, max(1, args.chunks))]
+             if C <= d // 2 and not (f == "reflection" and C < 3) for span in draw_ranges(args.draws, max(1, args.chunks))]
     start = time.time()
     out = Path(args.out)
     tag = "d" + "-".join(map(str, args.d))

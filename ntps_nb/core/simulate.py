@@ -4,7 +4,7 @@ Every NTPS the package prints is computed from sample moments, i.e. it estimates
 population the texts come from. To check an estimator (bias, spread, interval coverage) the truth
 must be known, so each generator here gives its population moments in closed form
 (`PopulationModel.population_moments`), and the population NTPS is the theory NTPS of those
-moments (`PopulationModel.population_ntps`). Two families:
+moments (`PopulationModel.population_ntps`). Three families:
 
 ``factor_model`` (low-rank plus noise). Text n has T tokens
 ``h_{n,t} = F g_n + L mu_{y_n} + e_{n,t}``: a text-constant part (``F g_n``, g_n ~ N(0, I_q),
@@ -19,9 +19,14 @@ alpha = sum_{t<T} t^2 and beta = sum_{t<T} t::
 the state and of its prefix sum follows a class-independent recursion, the means a per-class one;
 the moments are their sums (see `_lds_moments`).
 
-Both families control the hidden size d, the number of classes C, the length T, the label
+The first two control the hidden size d, the number of classes C, the length T, the label
 signal, the angle between the label directions and the predictable ones, and the eigenvalue
 spacing of the perception and next-token problems (``gap``: "separated", "moderate", "tied").
+
+``reflection_model``: the factor model with a mirror symmetry (centroids on a regular C-gon in
+the plane of an "even" and an "odd" label direction), which puts the population NTPS at k = 1 at
+a stationary point of the rotation of U's top pair: the case symmetric designs produce and the
+generic families do not (its docstring).
 
 Sampling is vectorised: `sample_shards` draws N texts and returns the moments of S disjoint
 shards (the input of the shard estimators and intervals), in O(N T d^2).
@@ -40,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import InterpolationWarning
+from ntps_nb.core.subspaces import generalized_eigh
 
 Gap = Literal["separated", "moderate", "tied"]
 
@@ -47,6 +53,9 @@ Gap = Literal["separated", "moderate", "tied"]
 GAP_RATIOS = {"separated": 1.5, "moderate": 1.15, "tied": 1.0}
 #: In the "tied" regime the spectra are flat up to this relative jitter (nearly tied, not exactly).
 TIED_JITTER = 0.02
+#: `reflection_model`: ratio of U's even to its odd eigenvalue per eigengap regime (wider than
+#: `GAP_RATIOS`: a pair at 1.5 is resolved by only 2-5 standard errors at N / d = 32 there).
+REFLECTION_RATIOS = {"separated": 4.0, "moderate": 2.0, "tied": 1.0 + TIED_JITTER}
 
 
 def _spectrum(n: int, gap: str, rng: np.random.Generator) -> np.ndarray:
@@ -194,14 +203,24 @@ def factor_model(
     mix = _orthonormal(rank, rng)
     L = (np.cos(angle) * P[:, :rank] + np.sin(angle) * R[:, :rank]) @ mix
     mu = signal * _centroids(C, rank, _spectrum(rank, gap, rng), rng)  # (C, rank)
-    priors = np.full(C, 1.0 / C)
     noise_scales = np.full(d, float(token_noise) ** 2)
     noise_scales[q:] += float(unpredictable_noise) ** 2
-    Sigma_e = (frame * noise_scales) @ frame.T
-    noise_factor = frame * np.sqrt(noise_scales)
     T = int(n_tokens)
     if T < 2:
         raise ValueError(f"n_tokens must be >= 2 (the next-token moments need a next token), got {T}")
+    settings = dict(family="factor", d=d, n_classes=C, n_tokens=T, n_predictable=q, signal=signal,
+                    angle=float(angle), gap=gap, token_noise=token_noise,
+                    unpredictable_noise=unpredictable_noise, seed=seed)
+    return _low_rank_plus_noise(F, L, mu, frame * np.sqrt(noise_scales), T, settings)
+
+
+def _low_rank_plus_noise(F: np.ndarray, L: np.ndarray, mu: np.ndarray, noise_factor: np.ndarray, T: int,
+                         settings: dict) -> PopulationModel:
+    """The population ``h_{n,t} = F g_n + L mu_{y_n} + e_{n,t}`` (g ~ N(0, I), e = noise_factor z,
+    z ~ N(0, I), i.i.d. over t; equal priors), its exact moments and its sampler (module docstring)."""
+    d, C = F.shape[0], mu.shape[0]
+    priors = np.full(C, 1.0 / C)
+    Sigma_e = noise_factor @ noise_factor.T
 
     def moments() -> Moments:
         centroids = mu @ L.T  # (C, d)
@@ -214,16 +233,91 @@ def factor_model(
 
     def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
         n = labels.size
-        constant = gen.standard_normal((n, q)) @ F.T + mu[labels] @ L.T
+        constant = gen.standard_normal((n, F.shape[1])) @ F.T + mu[labels] @ L.T
         noise = gen.standard_normal((n, T, d)) @ noise_factor.T
         return constant[:, None, :] + noise
 
-    return PopulationModel(
-        family="factor", d=d, n_classes=C, n_tokens=T, priors=priors, _moments=moments, _sampler=sampler,
-        settings=dict(family="factor", d=d, n_classes=C, n_tokens=T, n_predictable=q, signal=signal,
-                      angle=float(angle), gap=gap, token_noise=token_noise,
-                      unpredictable_noise=unpredictable_noise, seed=seed),
-    )
+    return PopulationModel(family=settings["family"], d=d, n_classes=C, n_tokens=T, priors=priors,
+                           _moments=moments, _sampler=sampler, settings=settings)
+
+
+def reflection_model(
+    d: int = 16,
+    n_classes: int = 3,
+    *,
+    n_tokens: int = 8,
+    n_predictable: int | None = None,
+    signal: float = 1.0,
+    angle: float = np.pi / 4,
+    gap: Gap = "moderate",
+    token_noise: float = 1.0,
+    unpredictable_noise: float = 4.0,
+    seed: int = 0,
+) -> PopulationModel:
+    """A factor model with a mirror symmetry: the population NTPS at k = 1 sits at a stationary
+    point of the rotation of U's top pair.
+
+    The class centroids are the vertices of a regular C-gon in the plane of two label directions:
+    an "even" one u1 = cos(angle) p + sin(angle) r (p the most predictable direction, r an
+    unpredictable one) with a vertex on it, and an "odd" one u2, unpredictable and orthogonal to
+    both. Reflecting u2 to -u2 (and relabelling the classes) leaves every population moment
+    unchanged, so U's two directions are one even and one odd, V is even, and NTPS(k = 1) as a
+    function of the angle phi by which U's top direction turns from the even towards the odd one
+    is even in phi: its derivative is zero at the truth (phi = 0), a maximum (the odd direction
+    carries none of V). There the error of the estimate is quadratic in the rotation, not linear:
+    the case the rotation condition of the reliability flag cannot linearise. Symmetric designs
+    (axis-aligned covariances, centroids placed symmetrically) have such points wherever an even
+    and an odd direction are nearly tied; the generic families have none.
+
+    ``gap`` sets the ratio of the even to the odd perception eigenvalue (`REFLECTION_RATIOS`), the
+    even one on top; the predictable factors' spectrum is always
+    "separated", so V is resolved. The seed draws the frame (the design is symmetric in any frame).
+
+    Parameters
+    ----------
+    d, n_classes : hidden size (>= 4) and classes (C >= 3, so that the centroids span the plane).
+    n_tokens, n_predictable, signal, token_noise, unpredictable_noise, seed : as in `factor_model`
+        (``signal`` scales the even direction's centroids; n_predictable defaults to min(d // 2, 64)).
+    angle : angle of u1 from the predictable direction p (0: U's top direction lies in V).
+    gap : the ratio of U's two eigenvalues ("separated", "moderate" or "tied").
+
+    Returns
+    -------
+    `PopulationModel` of family "reflection" with equal class priors.
+    """
+    rng = np.random.default_rng([int(seed), 303])
+    C, T = int(n_classes), int(n_tokens)
+    q = min(d // 2, 64) if n_predictable is None else int(n_predictable)
+    if C < 3:
+        raise ValueError(f"the reflection model needs n_classes >= 3 (a C-gon spans the plane), got {C}")
+    if not 1 <= q <= d - 2:
+        raise ValueError(f"need 1 <= n_predictable <= d - 2 (two unpredictable directions): d={d}, q={q}")
+    if T < 2:
+        raise ValueError(f"n_tokens must be >= 2 (the next-token moments need a next token), got {T}")
+    if gap not in REFLECTION_RATIOS:
+        raise ValueError(f"gap must be one of {tuple(REFLECTION_RATIOS)}, got {gap!r}")
+    ratio = REFLECTION_RATIOS[gap]
+    frame = _orthonormal(d, rng)
+    F = frame[:, :q] * _spectrum(q, "separated", rng)
+    noise_scales = np.full(d, float(token_noise) ** 2)
+    noise_scales[q:] += float(unpredictable_noise) ** 2
+    u1 = np.cos(angle) * frame[:, 0] + np.sin(angle) * frame[:, q]
+    u2 = frame[:, q + 1]
+    # The odd direction's eigenvalue in closed form: u2 is an eigenvector of Sxx (noise n2 plus the
+    # centroids' x = s2^2 / 2) and of A = Sxy Sxy^T = M_mu / C, so lambda_odd = (x / C) / (n2 / T + x).
+    even = _low_rank_plus_noise(F, u1[:, None], np.sqrt(2.0) * signal * np.cos(2 * np.pi * np.arange(C) / C)[:, None],
+                                frame * np.sqrt(noise_scales), T, {"family": "reflection"})
+    lam_even = float(generalized_eigh(even.population_moments().Sxx, A_factor=even.population_moments().Sxy).eigenvalues[0])
+    lam_odd = lam_even / ratio
+    if not 0 < lam_odd * C < 1:
+        raise ValueError(f"no odd scale gives the eigenvalue {lam_odd:.3g} with C = {C}")
+    x = lam_odd * C * (noise_scales[q + 1] / T) / (1 - lam_odd * C)
+    angles = 2 * np.pi * np.arange(C) / C
+    mu = np.column_stack([np.sqrt(2.0) * signal * np.cos(angles), np.sqrt(2 * x) * np.sin(angles)])  # (C, 2)
+    settings = dict(family="reflection", d=d, n_classes=C, n_tokens=T, n_predictable=q, signal=signal,
+                    angle=float(angle), gap=gap, token_noise=token_noise,
+                    unpredictable_noise=unpredictable_noise, seed=seed)
+    return _low_rank_plus_noise(F, np.column_stack([u1, u2]), mu, frame * np.sqrt(noise_scales), T, settings)
 
 
 def _lds_moments(A, B_inputs, priors, noise_var, T) -> Moments:

@@ -7,16 +7,19 @@ import pytest
 from ntps_nb.core.estimators import ESTIMATORS, estimate_ntps, ntps_estimate, split_halves
 from ntps_nb.core.moments import Moments, moments_from_sequences
 from ntps_nb.core.score import ntps
+from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 from ntps_nb.core.simulate import (
     estimator_map,
     factor_model,
+    REFLECTION_RATIOS,
     lds_model,
     moments_of_array,
+    reflection_model,
     sample_shards,
     summarise_map,
 )
 
-FAMILIES = [factor_model, lds_model]
+FAMILIES = [factor_model, lds_model, reflection_model]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -70,11 +73,45 @@ def test_gap_regimes_set_the_spacing_of_the_perception_eigenvalues():
     assert spacing["separated"] > 1.5 and spacing["tied"] < 1.2
 
 
+def _top_pair_ntps(model, phi: float) -> float:
+    """NTPS at k = 1 of U's top direction turned by phi towards its second one (whitened coordinates,
+    as the theory geometry measures it): an independent path to the population value at phi = 0."""
+    moments = model.population_moments()
+    U, V = perception_subspace(moments), next_token_subspace(moments)
+    y = U.range_basis.T @ U.whitened[:, :2]
+    v = np.sqrt(U.range_eigenvalues) * (U.range_basis.T @ V.vectors[:, 0])
+    return float((v @ (np.cos(phi) * y[:, 0] + np.sin(phi) * y[:, 1])) ** 2 / (v @ v))
+
+
+@pytest.mark.parametrize("gap", sorted(REFLECTION_RATIOS))
+def test_the_reflection_model_puts_the_truth_at_a_stationary_point_of_the_rotation(gap):
+    # U's two eigenvalues at the stated ratio, the population NTPS(1) interior, and NTPS as a function
+    # of the rotation of U's top pair even about the truth: its derivative there is zero, while a
+    # generic factor model's is not (the contrast shows the check can fail).
+    model = reflection_model(d=12, n_classes=4, gap=gap, seed=3)
+    lam = perception_subspace(model.population_moments()).eigenvalues
+    assert lam[0] / lam[1] == pytest.approx(REFLECTION_RATIOS[gap], rel=1e-9)
+    assert np.count_nonzero(lam > 1e-10 * lam[0]) == 2
+    truth = model.population_ntps([1])[0]
+    assert _top_pair_ntps(model, 0.0) == pytest.approx(truth, rel=1e-10) and 0.05 < truth < 0.95
+    h = 1e-4
+    slope = (_top_pair_ntps(model, h) - _top_pair_ntps(model, -h)) / (2 * h)
+    curvature = (_top_pair_ntps(model, h) - 2 * truth + _top_pair_ntps(model, -h)) / h**2
+    assert abs(slope) < 1e-8 and curvature < -0.1  # a maximum: the odd direction carries none of V
+    generic = factor_model(d=12, n_classes=4, gap=gap, seed=3)
+    generic_slope = (_top_pair_ntps(generic, h) - _top_pair_ntps(generic, -h)) / (2 * h)
+    assert abs(generic_slope) > 1e-3
+
+
 def test_bad_generator_settings_are_refused():
     with pytest.raises(ValueError, match="gap"):
         factor_model(d=8, gap="wide")
     with pytest.raises(ValueError, match="n_tokens"):
         lds_model(d=8, n_tokens=1)
+    with pytest.raises(ValueError, match="n_classes >= 3"):
+        reflection_model(d=8, n_classes=2)
+    with pytest.raises(ValueError, match="n_predictable"):
+        reflection_model(d=8, n_predictable=7)
     with pytest.raises(ValueError, match="n_shards"):
         sample_shards(factor_model(d=4, n_classes=2), 3, 5, np.random.default_rng(0))
 
