@@ -307,7 +307,8 @@ def reflection_model(
     # centroids' x = s2^2 / 2) and of A = Sxy Sxy^T = M_mu / C, so lambda_odd = (x / C) / (n2 / T + x).
     even = _low_rank_plus_noise(F, u1[:, None], np.sqrt(2.0) * signal * np.cos(2 * np.pi * np.arange(C) / C)[:, None],
                                 frame * np.sqrt(noise_scales), T, {"family": "reflection"})
-    lam_even = float(generalized_eigh(even.population_moments().Sxx, A_factor=even.population_moments().Sxy).eigenvalues[0])
+    even_moments = even.population_moments()
+    lam_even = float(generalized_eigh(even_moments.Sxx, A_factor=even_moments.Sxy).eigenvalues[0])
     lam_odd = lam_even / ratio
     if not 0 < lam_odd * C < 1:
         raise ValueError(f"no odd scale gives the eigenvalue {lam_odd:.3g} with C = {C}")
