@@ -5,9 +5,10 @@ rotation of U's top pair (a maximum), where the estimate's error is quadratic in
 exact two-dimensional model (`gap_selection_check.py --toy-stable`) says the rotation condition then
 keeps mostly the draws whose Fieller set misses the truth; this prints what the flag does on map frames
 of the family (`estimator_map.py --families reflection`): for every design x population x N/d x k, the
-draws, the share the flag accepts, the share its rotation condition takes out, and the accepted rows'
-coverage (exact one-sided binomial tests against 0.85 / 0.95 at 0.025), bias over the mean width, and
-median sample eigengap ratio of U at k.
+draws, the share the flag accepts, the share its rotation condition takes out, the jackknife's mean
+standard error over the estimate's SD across all draws (sqrt(R(S)) = 1.5 at S = 10 where the error is
+purely quadratic), and the accepted rows' coverage (exact one-sided binomial tests against 0.85 / 0.95
+at 0.025), bias over the mean width, and median sample eigengap ratio of U at k.
 
     python benchmarks/reflection_cells.py benchmarks/results/estimator_map/reflection/draws_*.csv.gz
 """
@@ -24,7 +25,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
 
-KEY = ["task_d", "task_n_classes", "task_gap", "task_seed", "n_over_d", "k"]
+KEY = ["task_angle", "task_d", "task_n_classes", "task_gap", "task_seed", "n_over_d", "k"]
 
 
 def cells(frame: pd.DataFrame) -> pd.DataFrame:
@@ -33,12 +34,14 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
     f = frame.assign(reliable=frame["reliable"].astype(bool), width=frame["upper"] - frame["lower"])
     stable = f["rotation_stable"].fillna(True).astype(bool)
     f = f.assign(taken=~stable & f["rotation_lower"].notna())
+    key_columns = [c for c in KEY if c in f]  # frames slimmed before the angle was kept are at the default
     rows = []
-    for key, g in f.groupby(KEY):
+    for key, g in f.groupby(key_columns):
         r = g[g["reliable"]]
-        rows.append(dict(zip(KEY, key), truth=g["truth"].iloc[0], draws=len(g), accepted=len(r),
+        rows.append(dict(zip(key_columns, key), truth=g["truth"].iloc[0], draws=len(g), accepted=len(r),
                          accepted_share=len(r) / len(g), rotation_taken=int(g["taken"].sum()),
                          gap_ratio_U=g["gap_ratio_U"].median(),
+                         se_over_sd=g["se"].mean() / g["estimate"].std(),
                          covered=int(r["covered"].sum()),
                          coverage=r["covered"].mean() if len(r) >= MIN_ACCEPTED else np.nan,
                          bias_over_width=(r["error"].mean() / r["width"].mean()) if len(r) >= MIN_ACCEPTED else np.nan))
@@ -55,11 +58,11 @@ def main() -> None:
     parser.add_argument("frames", nargs="+", help="estimator_map per-draw frames of the reflection family")
     args = parser.parse_args()
     table = pd.concat([cells(pd.read_csv(p)) for p in args.frames], ignore_index=True)
-    table = table.sort_values(KEY).reset_index(drop=True)
+    table = table.sort_values([c for c in KEY if c in table]).reset_index(drop=True)
     print(f"## every cell (accepted rows' coverage and bias where >= {MIN_ACCEPTED})")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     assessed = table[table["accepted"] >= MIN_ACCEPTED]
-    print(f"\n## cells with >= {MIN_ACCEPTED} accepted rows, by k (k = 1: the truth at the stationary point)")
+    print(f"\n## cells with >= {MIN_ACCEPTED} accepted rows, by k (at the default angle k = 1 is the stationary point)")
     for k, g in assessed.groupby("k"):
         print(f"k = {k}: {len(g)} cells, coverage {g['coverage'].min():.3f}-{g['coverage'].max():.3f}, "
               f"pooled {g['covered'].sum()} of {g['accepted'].sum()} ({g['covered'].sum() / g['accepted'].sum():.3f}); "

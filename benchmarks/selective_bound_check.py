@@ -16,7 +16,8 @@ This script applies it to every row the flag accepts in estimator_map frames and
 flag's rows as they are, the cells significantly outside [0.85, 0.95] and those whose |bias| is above a
 quarter of the mean interval width (the tests of `rotation_flag_report.py`), and the edge cells.
 
-    python benchmarks/selective_bound_check.py benchmarks/results/estimator_map/bound/candidates_draws_d*_seed??.csv.gz \\
+    python benchmarks/selective_bound_check.py \\
+        benchmarks/results/estimator_map/bound/candidates_draws_d*_seed??.csv.gz \\
         benchmarks/results/estimator_map/rotation_flag/fresh_*.csv.gz
 """
 
