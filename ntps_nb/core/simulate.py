@@ -53,6 +53,9 @@ Gap = Literal["separated", "moderate", "tied"]
 GAP_RATIOS = {"separated": 1.5, "moderate": 1.15, "tied": 1.0}
 #: In the "tied" regime the spectra are flat up to this relative jitter (nearly tied, not exactly).
 TIED_JITTER = 0.02
+#: The ``n_texts`` of population moments: they are the limit of infinitely many texts, and a count this
+#: large makes every finite-sample correction of the estimators vanish and no `InterpolationWarning` apply.
+POPULATION_N_TEXTS = 2**31 - 1
 #: `reflection_model`: ratio of U's even to its odd eigenvalue per eigengap regime (wider than
 #: `GAP_RATIOS`: a pair at 1.5 is resolved by only 2-5 standard errors at N / d = 32 there).
 REFLECTION_RATIOS = {"separated": 4.0, "moderate": 2.0, "tied": 1.0 + TIED_JITTER}
@@ -109,8 +112,8 @@ class PopulationModel:
 
         Returns
         -------
-        `Moments` with n_texts = 1, n_tokens = T - 1 and ``x_mean``; Sxx, C0, C1 (d, d), Sxy (d, C),
-        Syy (C, C) = diag(priors).
+        `Moments` with n_texts = `POPULATION_N_TEXTS` (the limit of infinitely many texts), n_tokens =
+        T - 1 and ``x_mean``; Sxx, C0, C1 (d, d), Sxy (d, C), Syy (C, C) = diag(priors).
         """
         return self._moments()
 
@@ -228,7 +231,7 @@ def _low_rank_plus_noise(F: np.ndarray, L: np.ndarray, mu: np.ndarray, noise_fac
         t = np.arange(1, T, dtype=np.float64)
         alpha, beta = float(np.sum(t**2)), float(np.sum(t))
         return Moments(Sxx=K + Sigma_e / T, Sxy=(centroids * priors[:, None]).T, Syy=np.diag(priors),
-                       C0=alpha * K + beta * Sigma_e, C1=beta * K, n_texts=1, n_tokens=T - 1,
+                       C0=alpha * K + beta * Sigma_e, C1=beta * K, n_texts=POPULATION_N_TEXTS, n_tokens=T - 1,
                        x_mean=priors @ centroids)
 
     def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
@@ -349,7 +352,7 @@ def _lds_moments(A, B_inputs, priors, noise_var, T) -> Moments:
         mh, ms = mh_next, ms + mh_next
     Sxx = (Sss + (ms.T * priors) @ ms) / T**2
     Sxy = (ms * priors[:, None]).T / T
-    return Moments(Sxx=Sxx, Sxy=Sxy, Syy=np.diag(priors), C0=C0, C1=C1, n_texts=1, n_tokens=n_pairs,
+    return Moments(Sxx=Sxx, Sxy=Sxy, Syy=np.diag(priors), C0=C0, C1=C1, n_texts=POPULATION_N_TEXTS, n_tokens=n_pairs,
                    x_mean=priors @ ms / T)
 
 

@@ -1,12 +1,14 @@
 """The generators' population moments are exact, and the estimator map reports what it sees."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from ntps_nb.core.estimators import ESTIMATORS, estimate_ntps, ntps_estimate, split_halves
 from ntps_nb.core.moments import Moments, moments_from_sequences
-from ntps_nb.core.score import ntps
+from ntps_nb.core.score import InterpolationWarning, ntps
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 from ntps_nb.core.simulate import (
     estimator_map,
@@ -52,8 +54,11 @@ def test_population_moments_are_the_mean_of_many_sample_moments(family):
 
 
 def test_population_ntps_is_the_theory_ntps_of_the_population_moments():
+    # population moments are the limit of infinitely many texts: nothing interpolates, no warning
     model = lds_model(d=8, n_classes=2, seed=4)
-    expected = [ntps(model.population_moments(), k=k) for k in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InterpolationWarning)
+        expected = [ntps(model.population_moments(), k=k) for k in (1, 2, 3)]
     np.testing.assert_allclose(model.population_ntps([1, 2, 3]), expected, rtol=1e-12)
 
 
