@@ -5,7 +5,7 @@ rotation of U's top pair (a maximum), where the estimate's error is quadratic in
 exact two-dimensional model (`gap_selection_check.py --toy-stable`) says the rotation condition then
 keeps mostly the draws whose Fieller set misses the truth; this prints what the flag does on map frames
 of the family (`estimator_map.py --families reflection`): for every design x population x N/d x k, the
-draws, the share the flag accepts, the share its rotation condition takes out, the jackknife's mean
+draws, the share the flag accepts, how many rows its rotation condition takes out, the jackknife's mean
 standard error over the estimate's SD across all draws (sqrt(R(S)) = 1.5 at S = 10 where the error is
 purely quadratic), and the accepted rows' coverage (exact one-sided binomial tests against 0.85 / 0.95
 at 0.025), bias over the mean width, and median sample eigengap ratio of U at k.

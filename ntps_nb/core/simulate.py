@@ -57,7 +57,7 @@ TIED_JITTER = 0.02
 #: large makes every finite-sample correction of the estimators vanish and no `InterpolationWarning` apply.
 POPULATION_N_TEXTS = 2**31 - 1
 #: `reflection_model`: ratio of U's even to its odd eigenvalue per eigengap regime (wider than
-#: `GAP_RATIOS`: a pair at 1.5 is resolved by only 2-5 standard errors at N / d = 32 there).
+#: `GAP_RATIOS`, so that the pair is resolved well enough at N / d = 32 for the flag to accept rows there).
 REFLECTION_RATIOS = {"separated": 4.0, "moderate": 2.0, "tied": 1.0 + TIED_JITTER}
 
 
@@ -270,15 +270,19 @@ def reflection_model(
     carries none of V). There the error of the estimate is quadratic in the rotation, not linear:
     the case the rotation condition of the reliability flag cannot linearise. Symmetric designs
     (axis-aligned covariances, centroids placed symmetrically) have such points wherever an even
-    and an odd direction are nearly tied; the generic families have none.
+    and an odd direction are nearly tied; in the generic families NTPS has a nonzero slope in the
+    rotation (tests/core/test_simulate.py checks one factor model).
 
     ``gap`` sets the ratio of the even to the odd perception eigenvalue (`REFLECTION_RATIOS`), the
-    even one on top; the predictable factors' spectrum is always
-    "separated", so V is resolved. The seed draws the frame (the design is symmetric in any frame).
+    even one on top; the predictable factors' spectrum is always "separated", so V is resolved. The
+    seed draws the frame (the design is symmetric in any frame). At ``angle = 0`` the even direction
+    lies in V and the odd one outside it, so at k = 2 (U the whole pair) every principal angle between
+    U and V is 0 or 90 degrees and NTPS = 0.5: a stationary point of NTPS inside (0, 1) of another
+    kind (docs/estimator.md, "A truth at a stationary point of the rotation").
 
     Parameters
     ----------
-    d, n_classes : hidden size (>= 4) and classes (C >= 3, so that the centroids span the plane).
+    d, n_classes : hidden size (at least n_predictable + 2) and classes (C >= 3: the centroids span the plane).
     n_tokens, n_predictable, signal, token_noise, unpredictable_noise, seed : as in `factor_model`
         (``signal`` scales the even direction's centroids; n_predictable defaults to min(d // 2, 64)).
     angle : angle of u1 from the predictable direction p (0: U's top direction lies in V).

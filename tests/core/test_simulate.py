@@ -9,17 +9,17 @@ import pytest
 from ntps_nb.core.estimators import ESTIMATORS, estimate_ntps, ntps_estimate, split_halves
 from ntps_nb.core.moments import Moments, moments_from_sequences
 from ntps_nb.core.score import InterpolationWarning, ntps
-from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 from ntps_nb.core.simulate import (
+    REFLECTION_RATIOS,
     estimator_map,
     factor_model,
-    REFLECTION_RATIOS,
     lds_model,
     moments_of_array,
     reflection_model,
     sample_shards,
     summarise_map,
 )
+from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 
 FAMILIES = [factor_model, lds_model, reflection_model]
 
