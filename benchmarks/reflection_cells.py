@@ -5,10 +5,10 @@ rotation of U's top pair (a maximum), where the estimate's error is quadratic in
 exact two-dimensional model (`gap_selection_check.py --toy-stable`) says the rotation condition then
 keeps mostly the draws whose Fieller set misses the truth; this prints what the flag does on map frames
 of the family (`estimator_map.py --families reflection`): for every design x population x N/d x k, the
-draws, the share the flag accepts, how many rows its rotation condition takes out, the jackknife's mean
-standard error over the estimate's SD across all draws (sqrt(R(S)) = 1.5 at S = 10 where the error is
-purely quadratic), and the accepted rows' coverage (exact one-sided binomial tests against 0.85 / 0.95
-at 0.025), bias over the mean width, and median sample eigengap ratio of U at k.
+draws, the share the flag accepts, how many rows its rotation condition takes out, U's median sample
+eigengap ratio at k, the jackknife's mean standard error over the estimate's SD and the bias across all
+draws (sqrt(R(S)) = 1.5 at S = 10 where the error is purely quadratic), and the accepted rows'
+coverage (exact one-sided binomial tests against 0.85 / 0.95 at 0.025) and bias over the mean width.
 
     python benchmarks/reflection_cells.py benchmarks/results/estimator_map/reflection/draws_*.csv.gz
 """
@@ -19,38 +19,34 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
-
-KEY = ["task_angle", "task_d", "task_n_classes", "task_gap", "task_seed", "n_over_d", "k"]
-
+from estimator_flag_report import CELL, MIN_ACCEPTED  # noqa: E402
+from rotation_flag_report import cell_table  # noqa: E402
 
 def cells(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell of the frame: draws, accepted share, rotation-condition share, accepted rows'
-    coverage, bias / mean width and the band tests (NaN / False below `MIN_ACCEPTED` accepted rows)."""
-    f = frame.assign(reliable=frame["reliable"].astype(bool), width=frame["upper"] - frame["lower"])
-    stable = f["rotation_stable"].fillna(True).astype(bool)
-    f = f.assign(taken=~stable & f["rotation_lower"].notna())
-    key_columns = [c for c in KEY if c in f]  # frames slimmed before the angle was kept are at the default
-    rows = []
-    for key, g in f.groupby(key_columns):
-        r = g[g["reliable"]]
-        rows.append(dict(zip(key_columns, key), truth=g["truth"].iloc[0], draws=len(g), accepted=len(r),
-                         accepted_share=len(r) / len(g), rotation_taken=int(g["taken"].sum()),
-                         gap_ratio_U=g["gap_ratio_U"].median(),
-                         se_over_sd=g["se"].mean() / g["estimate"].std(),
-                         covered=int(r["covered"].sum()),
-                         coverage=r["covered"].mean() if len(r) >= MIN_ACCEPTED else np.nan,
-                         bias_over_width=(r["error"].mean() / r["width"].mean()) if len(r) >= MIN_ACCEPTED else np.nan))
-    out = pd.DataFrame(rows)
-    enough = out["accepted"] >= MIN_ACCEPTED
-    below, above = exact_band_tests(out.loc[enough, "covered"], out.loc[enough, "accepted"])
-    out["below"], out["above"] = False, False
-    out.loc[enough, "below"], out.loc[enough, "above"] = np.asarray(below, bool), np.asarray(above, bool)
-    return out
+    """One row per cell of the frame: over all draws, the draws, the accepted rows and their share, the
+    rows the rotation condition takes out, U's median eigengap ratio, the mean se over the estimate's SD
+    and the bias; over the accepted rows (`rotation_flag_report.cell_table`, cells with >= `MIN_ACCEPTED`
+    of them), coverage, bias over the mean width and the band tests (NaN / False below that)."""
+    f = frame.assign(reliable=frame["reliable"].astype(bool),
+                     taken=~frame["rotation_stable"].fillna(True).astype(bool) & frame["rotation_lower"].notna())
+    key = [c for c in CELL + ["task_seed"] if c in f]
+    out = f.groupby(key).agg(truth=("truth", "first"), draws=("estimate", "size"), accepted=("reliable", "sum"),
+                             rotation_taken=("taken", "sum"), gap_ratio_U=("gap_ratio_U", "median"),
+                             se=("se", "mean"), sd=("estimate", "std"), bias_all=("error", "mean")).reset_index()
+    out = out.assign(accepted_share=out["accepted"] / out["draws"], se_over_sd=out["se"] / out["sd"])
+    kept = cell_table(f, f["reliable"]).rename(columns={"sum": "covered", "size": "kept"})
+    out = out.merge(kept.assign(coverage=kept["covered"] / kept["kept"],
+                                bias_over_width=kept["bias"] / kept["width"])[key + ["covered", "coverage",
+                                                                                   "bias_over_width", "below",
+                                                                                   "above"]],
+                    on=key, how="left")
+    out[["below", "above"]] = out[["below", "above"]].fillna(False).astype(bool)
+    out["covered"] = out["covered"].astype("Int64")
+    return out[key + ["truth", "draws", "accepted", "accepted_share", "rotation_taken", "gap_ratio_U", "se_over_sd",
+                      "bias_all", "covered", "coverage", "bias_over_width", "below", "above"]]
 
 
 def main() -> None:
@@ -58,14 +54,15 @@ def main() -> None:
     parser.add_argument("frames", nargs="+", help="estimator_map per-draw frames of the reflection family")
     args = parser.parse_args()
     table = pd.concat([cells(pd.read_csv(p)) for p in args.frames], ignore_index=True)
-    table = table.sort_values([c for c in KEY if c in table]).reset_index(drop=True)
+    table = table.sort_values([c for c in CELL + ["task_seed"] if c in table]).reset_index(drop=True)
     print(f"## every cell (accepted rows' coverage and bias where >= {MIN_ACCEPTED})")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     assessed = table[table["accepted"] >= MIN_ACCEPTED]
     print(f"\n## cells with >= {MIN_ACCEPTED} accepted rows, by k (at the default angle k = 1 is the stationary point)")
     for k, g in assessed.groupby("k"):
         print(f"k = {k}: {len(g)} cells, coverage {g['coverage'].min():.3f}-{g['coverage'].max():.3f}, "
-              f"pooled {g['covered'].sum()} of {g['accepted'].sum()} ({g['covered'].sum() / g['accepted'].sum():.3f}); "
+              f"pooled {g['covered'].sum():.0f} of {g['accepted'].sum()} "
+              f"({g['covered'].sum() / g['accepted'].sum():.3f}); "
               f"significantly below 0.85: {int(g['below'].sum())}, above 0.95: {int(g['above'].sum())}; "
               f"|bias| / width {g['bias_over_width'].abs().max():.3f} at most")
     none = table[table["accepted"] == 0]
