@@ -28,8 +28,9 @@ Modes:
       rotation condition recomputed for each interval.
   --report CSV...: per cell, coverage and bias / width of the rows the flag accepts as it stands
       (bound condition included) and of the rows the other conditions accept with the narrowed
-      interval (no bound condition); SD of the errors over the median SE; the 90% quantile of
-      |error| / SE; Spearman correlation of |error| with the SE.
+      interval (no bound condition) and the share of the latter the bound condition would take; over the
+      rows the other conditions accept, SD of the errors over the median SE, the 90% quantile of
+      |error| / SE, Spearman correlation of |error| with the SE and the errors' excess kurtosis.
 """
 from __future__ import annotations
 
@@ -248,6 +249,8 @@ def report(paths: list[str]) -> None:
             n, x = len(h), int(h[covered].sum())
             bias = (h["estimate"] - h["truth"]).mean() / h[width].mean() if n else np.nan
             row[name] = f"{x}/{n}" + (f" {x / n:.3f}{_band(x, n)}, bias/width {bias:+.2f}" if n else "")
+        narrowed = g[g["reliable_narrow"].astype(bool)]
+        row["narrowed rows at_bound"] = f"{narrowed['at_bound'].mean():.2f}" if len(narrowed) else ""
         other = g[g["other"].astype(bool)]
         if len(other) >= 30:
             error = other["estimate"] - other["truth"]
@@ -255,6 +258,7 @@ def report(paths: list[str]) -> None:
                                                 f"{error.std() / other['se_narrow'].median():.2f}")
             row["q90 |error| / se_narrow"] = round(float((error.abs() / other["se_narrow"]).quantile(0.9)), 2)
             row["spearman(|error|, se)"] = round(float(error.abs().corr(other["se"], method="spearman")), 2)
+            row["excess kurtosis"] = round(float(st.kurtosis(error)), 1)
         rows.append(row)
     pd.set_option("display.width", 300)
     print(f"t quantile of the interval: {st.t.ppf((1 + LEVEL) / 2, N_SHARDS - 1):.3f}; 'below' / 'above': exact "
