@@ -1,0 +1,163 @@
+"""A flag condition for stationary points of NTPS inside (0, 1): every principal angle between U_k
+and V_k at 0 or 90 degrees within noise (issue 21, item 4; docs/estimator.md, "A variance without the
+jackknife's quadratic excess", session 29).
+
+NTPS_theory(k) is the mean of cos^2 of the principal angles between U_k and V_k (whitened); it is
+stationary in every rotation of the two subspaces exactly where each angle is 0 or 90 degrees, and
+there the jackknife-t interval over-covers (the reflection family at angle 0: truth 0.5 at k = 2).
+The bound condition (`flag_at_bound`) sees only the case where all angles are at the same bound
+(NTPS at 0 or 1). This script checks the condition that generalises it: a row is ``stationary`` when
+every angle's cos^2, extrapolated to N = infinity the way richardson extrapolates NTPS (2 x pooled -
+mean of the halves, with the estimator's split and weights), lies within ``--bound`` of its delete-one-
+shard jackknife SEs of 0 or 1 (the plug-in's cos^2 is biased away from the bound by more than its SE
+where the angle is at it, so unextrapolated angles are seldom within an SE of it). The flag as it
+stands and the flag with ``~stationary`` added are compared per cell: coverage, bias / width and the
+share of draws the condition marks. Not in the package.
+
+    python benchmarks/stationary_condition_check.py --cells SPEC.json --out CSV [--bound 1]
+    python benchmarks/stationary_condition_check.py --report CSV...
+
+SPEC.json as in `quadratic_variance_check.py` (a list of {"family", "settings", "ratio", "ks", "draws",
+"seed"}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.stats as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ntps_nb.core.estimators import _whitened_bases, _Whitening, ntps_estimate, split_halves  # noqa: E402
+from ntps_nb.core.moments import Moments  # noqa: E402
+from ntps_nb.core.score import InterpolationWarning  # noqa: E402
+from ntps_nb.core.simulate import factor_model, lds_model, reflection_model, sample_shards  # noqa: E402
+from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
+from ntps_nb.core.threads import analysis_threads  # noqa: E402
+
+FAMILIES = {"factor": factor_model, "lds": lds_model, "reflection": reflection_model}
+N_SHARDS = 10
+
+
+def principal_cos2(moments: Moments, ks: np.ndarray) -> np.ndarray:
+    """(K, max k) descending cos^2 of the principal angles between U_k (k_U directions) and V_k in the
+    sample's own whitened coordinates; NaN beyond min(k, k_U, r_V) angles."""
+    white = _Whitening.of(moments.Sxx, RANGE_RTOL)
+    u, v = _whitened_bases(moments, white, RANGE_RTOL)
+    out = np.full((ks.size, int(ks.max())), np.nan)
+    for row, k in enumerate(ks):
+        cos = np.linalg.svd(v[:, : min(k, v.shape[1])].T @ u[:, : min(k, u.shape[1])], compute_uv=False)
+        out[row, : cos.size] = np.sort(cos**2)[::-1]
+    return out
+
+
+def extrapolated_cos2(shards: list[Moments], ks: np.ndarray, seed: int, drop: int | None) -> np.ndarray:
+    """Each angle's cos^2 extrapolated as richardson extrapolates NTPS (its split of ``seed``, its
+    weights), on the shards less ``drop``."""
+    a_idx, b_idx = split_halves(len(shards), seed)
+    keep = [i for i in range(len(shards)) if i != drop]
+    halves = [[i for i in a_idx if i != drop], [i for i in b_idx if i != drop]]
+    n_full = sum(shards[i].n_texts for i in keep)
+    h = np.mean([1.0 / sum(shards[i].n_texts for i in half) for half in halves])
+    w = h / (h - 1.0 / n_full)
+    pooled = principal_cos2(Moments.combine([shards[i] for i in keep]), ks)
+    on_halves = [principal_cos2(Moments.combine([shards[i] for i in half]), ks) for half in halves]
+    return w * pooled + (1 - w) * (on_halves[0] + on_halves[1]) / 2
+
+
+def one_draw(args) -> pd.DataFrame:
+    family, settings, ratio, ks, draw, seed, bound = args
+    ks = np.asarray(ks)
+    with analysis_threads(1):
+        model = FAMILIES[family](**settings)
+        truth = model.population_ntps(ks)
+        rng = np.random.default_rng([seed, int(round(ratio * 1000)), draw])
+        shards = sample_shards(model, int(round(ratio * model.d)), N_SHARDS, rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InterpolationWarning)
+            frame = ntps_estimate(shards, ks, seed=draw)
+        S = len(shards)
+        cos2 = extrapolated_cos2(shards, ks, draw, None)
+        loo = np.array([extrapolated_cos2(shards, ks, draw, i) for i in range(S)])
+    se = np.sqrt((S - 1) / S * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
+    distance = np.minimum(cos2, 1 - cos2)
+    with np.errstate(invalid="ignore"):
+        near = (distance < bound * se) | (distance <= 1e-6)
+    stationary = np.where(np.isnan(cos2), True, near).all(axis=1)
+    return pd.DataFrame({
+        "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
+        "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "se": frame["se"],
+        "width": frame["upper"] - frame["lower"], "covered": (frame["lower"] <= truth) & (truth <= frame["upper"]),
+        "reliable": frame["reliable"], "at_bound": frame["at_bound"], "stationary": stationary, "bound": bound})
+
+
+def cells(spec_path: str, out: str, processes: int, bound: float) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    jobs = [(s["family"], s["settings"], s["ratio"], s["ks"], draw, s["seed"], bound)
+            for s in spec for draw in range(s["draws"])]
+    with Pool(processes) as pool:
+        frames = pool.map(one_draw, jobs, chunksize=4)
+    pd.concat(frames, ignore_index=True).to_csv(out, index=False)
+    print(f"wrote {out}: {len(jobs)} draws")
+
+
+def _band(covered: int, n: int) -> str:
+    if n < 10:
+        return ""
+    if st.binom.cdf(covered, n, 0.85) < 0.025:
+        return " below"
+    if st.binom.sf(covered - 1, n, 0.95) < 0.025:
+        return " above"
+    return ""
+
+
+def report(paths: list[str]) -> None:
+    frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    rows = []
+    for (family, settings, ratio, k), g in frame.groupby(["family", "settings", "n_over_d", "k"], sort=False):
+        s = json.loads(settings)
+        row = {"family": family, "d": s["d"], "C": s["n_classes"], "gap": s["gap"],
+               "angle": round(s.get("angle", np.pi / 4), 3), "seed": s["seed"], "N/d": ratio, "k": k,
+               "truth": round(g["truth"].iloc[0], 4), "draws": len(g)}
+        reliable = g["reliable"].astype(bool)
+        for name, keep in (("flag as it is", reliable), ("with ~stationary", reliable & ~g["stationary"].astype(bool))):
+            h = g[keep]
+            n, x = len(h), int(h["covered"].sum())
+            bias = (h["estimate"] - h["truth"]).mean() / h["width"].mean() if n else np.nan
+            row[name] = f"{x}/{n}" + (f" {x / n:.3f}{_band(x, n)}, bias/width {bias:+.2f}" if n else "")
+        row["stationary share"] = round(float(g["stationary"].mean()), 2)
+        rows.append(row)
+    pd.set_option("display.width", 300)
+    print("'below' / 'above': exact one-sided binomial test against 0.85 / 0.95 at 2.5% (cells with >= 10 rows)")
+    print(pd.DataFrame(rows).to_string(index=False))
+    reliable = frame["reliable"].astype(bool)
+    taken = reliable & frame["stationary"].astype(bool)
+    edge = np.minimum(frame["truth"], 1 - frame["truth"]) <= 0.005
+    print(f"\nrows the flag accepts: {int(reliable.sum())}; the condition takes {int(taken.sum())} of them, "
+          f"{int((taken & edge).sum())} with truth within 0.005 of 0 or 1 and {int((taken & ~edge).sum())} elsewhere "
+          f"({int((taken & ~edge & np.isclose(frame['truth'], 0.5)).sum())} at truth 0.5)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells")
+    parser.add_argument("--out")
+    parser.add_argument("--bound", type=float, default=1.0, help="jackknife SEs of cos^2 from 0 or 1 (default 1)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--report", nargs="+")
+    args = parser.parse_args()
+    if args.cells:
+        cells(args.cells, args.out, args.processes, args.bound)
+    if args.report:
+        report(args.report)
+
+
+if __name__ == "__main__":
+    main()
