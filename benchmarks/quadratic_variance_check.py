@@ -48,7 +48,7 @@ import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntps_nb.core.estimators import GAP_MIN, ntps_estimate, split_halves  # noqa: E402
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, ntps_estimate, split_halves  # noqa: E402
 from ntps_nb.core.intervals import theory_values  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.rotation import rotation_stability  # noqa: E402
@@ -197,7 +197,11 @@ def one_draw(args) -> pd.DataFrame:
         v_quadratic = quadratic_variance(shards, ks, draw)
         J = frame["se"].to_numpy() ** 2
         se_narrow = np.sqrt(np.maximum(J - (b - 1) * v_quadratic, J / b))
-        other = (frame["reliable"] | frame["at_bound"]).to_numpy()  # noise, eigengaps, finite, meets [0, 1]
+        # the flag's conditions other than the bound condition (noise, eigengaps, finite, meets [0, 1]):
+        # at_bound is set whatever the others say, so it is and-ed with them here
+        conditions = ((frame["subspace_noise"] <= NOISE_MAX) & (frame["gap_ratio"] >= GAP_MIN)
+                      & (frame["lower"] <= 1) & (frame["upper"] >= 0))
+        other = (frame["reliable"] | (frame["at_bound"] & conditions)).to_numpy()
         as_is = rotation_stability(shards, frame, level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL)
         narrow = frame.assign(se=se_narrow, lower=frame["estimate"] - t * se_narrow,
                               upper=frame["estimate"] + t * se_narrow)
@@ -208,7 +212,8 @@ def one_draw(args) -> pd.DataFrame:
     return pd.DataFrame({
         "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
         "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "se": frame["se"],
-        "se_narrow": se_narrow, "v_quadratic": v_quadratic, "other": other, "at_bound": frame["at_bound"],
+        "se_narrow": se_narrow, "v_quadratic": v_quadratic, "subspace_noise": frame["subspace_noise"],
+        "gap_ratio": frame["gap_ratio"], "other": other, "at_bound": frame["at_bound"],
         "reliable": as_is["reliable"], "reliable_narrow": narrow["reliable"],
         "covered": np.abs(error) <= t * frame["se"].to_numpy(), "covered_narrow": np.abs(error) <= t * se_narrow,
         "width": 2 * t * frame["se"], "width_narrow": 2 * t * se_narrow})
