@@ -181,14 +181,19 @@ def quadratic_variance(shards: list[Moments], ks: np.ndarray, seed: int) -> np.n
     return cross_half_T(contrasts * (S - 1) ** 2) / S**2
 
 
+def draw_shards(family: str, settings: dict, ratio: float, ks: np.ndarray, draw: int,
+                seed: int) -> tuple[np.ndarray, list[Moments]]:
+    """(population NTPS at ks, the N_SHARDS shards of draw ``draw``) of a spec's population at N/d = ratio."""
+    model = FAMILIES[family](**settings)
+    rng = np.random.default_rng([seed, int(round(ratio * 1000)), draw])
+    return model.population_ntps(ks), sample_shards(model, int(round(ratio * model.d)), N_SHARDS, rng)
+
+
 def one_draw(args) -> pd.DataFrame:
     family, settings, ratio, ks, draw, seed = args
     ks = np.asarray(ks)
     with analysis_threads(1):
-        model = FAMILIES[family](**settings)
-        truth = model.population_ntps(ks)
-        rng = np.random.default_rng([seed, int(round(ratio * 1000)), draw])
-        shards = sample_shards(model, int(round(ratio * model.d)), N_SHARDS, rng)
+        truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
             frame = ntps_estimate(shards, ks, seed=draw, rotation_flag=False)
@@ -219,17 +224,22 @@ def one_draw(args) -> pd.DataFrame:
         "width": 2 * t * frame["se"], "width_narrow": 2 * t * se_narrow})
 
 
-def cells(spec_path: str, out: str, processes: int) -> None:
+def cells(spec_path: str, out: str, processes: int, worker=None, extra: tuple = ()) -> None:
+    """Run ``worker`` (default `one_draw`) on every draw of the spec's populations, with ``extra``
+    appended to each job's (family, settings, ratio, ks, draw, seed), on ``processes`` processes;
+    write the rows to ``out``."""
     spec = json.loads(Path(spec_path).read_text())
-    jobs = [(s["family"], s["settings"], s["ratio"], s["ks"], draw, s["seed"])
+    jobs = [(s["family"], s["settings"], s["ratio"], s["ks"], draw, s["seed"], *extra)
             for s in spec for draw in range(s["draws"])]
     with Pool(processes) as pool:
-        frames = pool.map(one_draw, jobs, chunksize=4)
+        frames = pool.map(worker or one_draw, jobs, chunksize=4)
     pd.concat(frames, ignore_index=True).to_csv(out, index=False)
     print(f"wrote {out}: {len(jobs)} draws")
 
 
-def _band(covered: int, n: int) -> str:
+def band(covered: int, n: int) -> str:
+    """' below' / ' above' where ``covered`` of ``n`` (>= 10) is significantly below 0.85 / above 0.95
+    (exact one-sided binomial tests at 2.5%), else ''."""
     if n < 10:
         return ""
     if st.binom.cdf(covered, n, 0.85) < 0.025:
@@ -253,7 +263,7 @@ def report(paths: list[str]) -> None:
             h = g[g[keep].astype(bool)]
             n, x = len(h), int(h[covered].sum())
             bias = (h["estimate"] - h["truth"]).mean() / h[width].mean() if n else np.nan
-            row[name] = f"{x}/{n}" + (f" {x / n:.3f}{_band(x, n)}, bias/width {bias:+.2f}" if n else "")
+            row[name] = f"{x}/{n}" + (f" {x / n:.3f}{band(x, n)}, bias/width {bias:+.2f}" if n else "")
         narrowed = g[g["reliable_narrow"].astype(bool)]
         row["narrowed rows at_bound"] = f"{narrowed['at_bound'].mean():.2f}" if len(narrowed) else ""
         other = g[g["other"].astype(bool)]

@@ -26,24 +26,21 @@ import argparse
 import json
 import sys
 import warnings
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ntps_nb.core.estimators import _whitened_bases, _Whitening, ntps_estimate, split_halves  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning  # noqa: E402
-from ntps_nb.core.simulate import factor_model, lds_model, reflection_model, sample_shards  # noqa: E402
 from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 from ntps_nb.core.threads import analysis_threads  # noqa: E402
 
-FAMILIES = {"factor": factor_model, "lds": lds_model, "reflection": reflection_model}
-N_SHARDS = 10
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quadratic_variance_check import band, cells, draw_shards  # noqa: E402
 
 
 def principal_cos2(moments: Moments, ks: np.ndarray) -> np.ndarray:
@@ -76,10 +73,7 @@ def one_draw(args) -> pd.DataFrame:
     family, settings, ratio, ks, draw, seed, bound = args
     ks = np.asarray(ks)
     with analysis_threads(1):
-        model = FAMILIES[family](**settings)
-        truth = model.population_ntps(ks)
-        rng = np.random.default_rng([seed, int(round(ratio * 1000)), draw])
-        shards = sample_shards(model, int(round(ratio * model.d)), N_SHARDS, rng)
+        truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
             frame = ntps_estimate(shards, ks, seed=draw)
@@ -98,26 +92,6 @@ def one_draw(args) -> pd.DataFrame:
         "reliable": frame["reliable"], "at_bound": frame["at_bound"], "stationary": stationary, "bound": bound})
 
 
-def cells(spec_path: str, out: str, processes: int, bound: float) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    jobs = [(s["family"], s["settings"], s["ratio"], s["ks"], draw, s["seed"], bound)
-            for s in spec for draw in range(s["draws"])]
-    with Pool(processes) as pool:
-        frames = pool.map(one_draw, jobs, chunksize=4)
-    pd.concat(frames, ignore_index=True).to_csv(out, index=False)
-    print(f"wrote {out}: {len(jobs)} draws")
-
-
-def _band(covered: int, n: int) -> str:
-    if n < 10:
-        return ""
-    if st.binom.cdf(covered, n, 0.85) < 0.025:
-        return " below"
-    if st.binom.sf(covered - 1, n, 0.95) < 0.025:
-        return " above"
-    return ""
-
-
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     rows = []
@@ -131,7 +105,7 @@ def report(paths: list[str]) -> None:
             h = g[keep]
             n, x = len(h), int(h["covered"].sum())
             bias = (h["estimate"] - h["truth"]).mean() / h["width"].mean() if n else np.nan
-            row[name] = f"{x}/{n}" + (f" {x / n:.3f}{_band(x, n)}, bias/width {bias:+.2f}" if n else "")
+            row[name] = f"{x}/{n}" + (f" {x / n:.3f}{band(x, n)}, bias/width {bias:+.2f}" if n else "")
         row["stationary share"] = round(float(g["stationary"].mean()), 2)
         rows.append(row)
     pd.set_option("display.width", 300)
@@ -154,7 +128,7 @@ def main() -> None:
     parser.add_argument("--report", nargs="+")
     args = parser.parse_args()
     if args.cells:
-        cells(args.cells, args.out, args.processes, args.bound)
+        cells(args.cells, args.out, args.processes, worker=one_draw, extra=(args.bound,))
     if args.report:
         report(args.report)
 
