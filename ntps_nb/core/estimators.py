@@ -1139,7 +1139,9 @@ def flag_at_bound(frame: pd.DataFrame, bound_se: float = BOUND_SE) -> pd.DataFra
     delete-one-shard jackknife overstates its variance by about 2 (S - 1) / (S - 2): the interval is
     conservative (covered 0.985-1.00 at nominal 0.90 on the maps), so such a row is not
     ``reliable`` (a reliable row's interval is calibrated). A row without a finite standard error is
-    not at_bound (nor reliable: its interval is not finite).
+    not at_bound (nor reliable: its interval is not finite). at_bound reads only the estimate and its
+    SE: it is set whether or not the flag's other conditions hold, so an at_bound row need not meet
+    them (and-ed with them it is the row the flag would accept but for the bound).
 
     The result depends only on the frame's estimate, se and reliable columns, so an estimates table
     written before this condition existed is brought up to date from its own values (the study's
