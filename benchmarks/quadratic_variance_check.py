@@ -251,7 +251,7 @@ def band(covered: int, n: int) -> str:
 
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    rows = []
+    rows, tally = [], {}
     for (family, settings, ratio, k), g in frame.groupby(["family", "settings", "n_over_d", "k"]):
         s = json.loads(settings)
         row = {"family": family, "d": s["d"], "C": s["n_classes"], "gap": s["gap"],
@@ -264,6 +264,12 @@ def report(paths: list[str]) -> None:
             n, x = len(h), int(h[covered].sum())
             bias = (h["estimate"] - h["truth"]).mean() / h[width].mean() if n else np.nan
             row[name] = f"{x}/{n}" + (f" {x / n:.3f}{band(x, n)}, bias/width {bias:+.2f}" if n else "")
+            if n >= 10:
+                t = tally.setdefault(name, {"cells": 0, "below": 0, "above": 0, "|bias| > width / 4": 0})
+                t["cells"] += 1
+                t["below"] += band(x, n) == " below"
+                t["above"] += band(x, n) == " above"
+                t["|bias| > width / 4"] += abs(bias) > 0.25
         narrowed = g[g["reliable_narrow"].astype(bool)]
         row["narrowed rows at_bound"] = f"{narrowed['at_bound'].mean():.2f}" if len(narrowed) else ""
         other = g[g["other"].astype(bool)]
@@ -280,6 +286,9 @@ def report(paths: list[str]) -> None:
           "one-sided binomial test against 0.85 / 0.95 at 2.5% (cells with >= 10 rows); statistics of the "
           "errors over the rows the other conditions accept (>= 30)")
     print(pd.DataFrame(rows).to_string(index=False))
+    print("\ncells with >= 10 rows (bias as a point value):")
+    for name, t in tally.items():
+        print(f"  {name}: " + ", ".join(f"{key} {value}" for key, value in t.items()))
 
 
 def main() -> None:
