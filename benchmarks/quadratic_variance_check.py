@@ -48,7 +48,13 @@ import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, ntps_estimate, split_halves  # noqa: E402
+from ntps_nb.core.estimators import (  # noqa: E402
+    GAP_MIN,
+    NOISE_MAX,
+    _richardson_combination,
+    ntps_estimate,
+    split_halves,
+)
 from ntps_nb.core.intervals import theory_values  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.rotation import rotation_stability  # noqa: E402
@@ -69,15 +75,13 @@ N_SHARDS = 10
 def _richardson_coefficients(S: int, a_idx, b_idx, keep: np.ndarray) -> np.ndarray:
     """(S, S) M with richardson = z' (M kron H) z for F(x) = x' H x / 2 of the shard means z (equal
     shards, stacked), on the shards ``keep`` with the split a_idx | b_idx."""
-    idx = np.flatnonzero(keep)
-    mean = np.zeros(S)
-    mean[idx] = 1 / len(idx)
-    ia, ib = [i for i in a_idx if keep[i]], [i for i in b_idx if keep[i]]
-    mean_a, mean_b = np.zeros(S), np.zeros(S)
-    mean_a[ia], mean_b[ib] = 1 / len(ia), 1 / len(ib)
-    h = (1 / len(ia) + 1 / len(ib)) / 2
-    w = h / (h - 1 / len(idx))
-    return w / 2 * np.outer(mean, mean) + (1 - w) / 4 * (np.outer(mean_a, mean_a) + np.outer(mean_b, mean_b))
+    parts = [np.flatnonzero(keep), [i for i in a_idx if keep[i]], [i for i in b_idx if keep[i]]]
+    means = []
+    for part in parts:
+        mean = np.zeros(S)
+        mean[part] = 1 / len(part)
+        means.append(np.outer(mean, mean) / 2)
+    return _richardson_combination(means[0], means[1:], [len(p) for p in parts[1:]], len(parts[0]))
 
 
 def jackknife_factor(S: int) -> tuple[float, float]:
@@ -119,11 +123,9 @@ def _toy(S: int, p: int, linear: float, hessian: str, draws: int, rng: np.random
         return x @ g + 0.5 * np.einsum("...i,ij,...j->...", x, H, x)
 
     def rich(z, keep):
-        idx = np.flatnonzero(keep)
-        ia, ib = [i for i in a_idx if keep[i]], [i for i in b_idx if keep[i]]
-        h = (1 / len(ia) + 1 / len(ib)) / 2
-        w = h / (h - 1 / len(idx))
-        return w * F(z[idx].mean(0)) + (1 - w) * (F(z[ia].mean(0)) + F(z[ib].mean(0))) / 2
+        parts = [np.flatnonzero(keep), [i for i in a_idx if keep[i]], [i for i in b_idx if keep[i]]]
+        values = [F(z[part].mean(0)) for part in parts]
+        return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
 
     covered = np.zeros(2)
     T_hat = np.empty(draws)

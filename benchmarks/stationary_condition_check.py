@@ -33,7 +33,14 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntps_nb.core.estimators import _whitened_bases, _Whitening, ntps_estimate, split_halves  # noqa: E402
+from ntps_nb.core.estimators import (  # noqa: E402
+    _halves,
+    _pooled,
+    _richardson_combination,
+    _whitened_bases,
+    _Whitening,
+    ntps_estimate,
+)
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning  # noqa: E402
 from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
@@ -56,17 +63,12 @@ def principal_cos2(moments: Moments, ks: np.ndarray) -> np.ndarray:
 
 
 def extrapolated_cos2(shards: list[Moments], ks: np.ndarray, seed: int, drop: int | None) -> np.ndarray:
-    """Each angle's cos^2 extrapolated as richardson extrapolates NTPS (its split of ``seed``, its
-    weights), on the shards less ``drop``."""
-    a_idx, b_idx = split_halves(len(shards), seed)
-    keep = [i for i in range(len(shards)) if i != drop]
-    halves = [[i for i in a_idx if i != drop], [i for i in b_idx if i != drop]]
-    n_full = sum(shards[i].n_texts for i in keep)
-    h = np.mean([1.0 / sum(shards[i].n_texts for i in half) for half in halves])
-    w = h / (h - 1.0 / n_full)
-    pooled = principal_cos2(Moments.combine([shards[i] for i in keep]), ks)
-    on_halves = [principal_cos2(Moments.combine([shards[i] for i in half]), ks) for half in halves]
-    return w * pooled + (1 - w) * (on_halves[0] + on_halves[1]) / 2
+    """Each angle's cos^2 extrapolated as richardson extrapolates NTPS (the estimator's own halves of
+    ``seed`` and its combination), on the shards less ``drop``."""
+    pooled = _pooled(shards, drop)
+    halves = _halves(shards, seed, drop)
+    return _richardson_combination(principal_cos2(pooled, ks), [principal_cos2(h, ks) for h in halves],
+                                   [h.n_texts for h in halves], pooled.n_texts)
 
 
 def one_draw(args) -> pd.DataFrame:
