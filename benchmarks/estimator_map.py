@@ -28,12 +28,12 @@ FAMILIES = {"factor": factor_model, "lds": lds_model, "reflection": reflection_m
 
 
 def one_cell(args) -> pd.DataFrame:
-    family, d, C, gap, ratios, ks, estimators, (first, draws), shards, seed, angle = args
+    family, d, C, gap, ratios, ks, estimators, (first, draws), shards, seed, angle, interval = args
     model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed,
                              **({} if angle is None else {"angle": angle}))
     ks = [k for k in ks if k <= d // 2]
     return estimator_map([model], ratios, ks, estimators=estimators, n_draws=draws, n_shards=shards, level=0.90,
-                         seed=seed, first_draw=first)
+                         seed=seed, first_draw=first, interval=interval)
 
 
 def draw_ranges(draws: int, chunks: int) -> list[tuple[int, int]]:
@@ -60,9 +60,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--angle", type=float, default=None,
                         help="the families' angle between label and predictable directions (default: each family's)")
+    parser.add_argument("--interval", default="jackknife", choices=["jackknife", "rotation", "quadratic"],
+                        help="ntps_estimate's interval (quadratic: --estimators richardson)")
     parser.add_argument("--out", default="benchmarks/results/estimator_map")
     args = parser.parse_args()
-    cells = [(f, d, C, g, args.ratios, args.ks, args.estimators, span, args.shards, args.seed, args.angle)
+    cells = [(f, d, C, g, args.ratios, args.ks, args.estimators, span, args.shards, args.seed, args.angle,
+              args.interval)
              for f, d, C, g in itertools.product(args.families, args.d, args.classes, args.gaps)
              if C <= d // 2 and not (f == "reflection" and C < 3)
              for span in draw_ranges(args.draws, max(1, args.chunks))]

@@ -1,23 +1,14 @@
 """Does removing the jackknife's excess on the quadratic part of the error make the interval cover
 at stationary points of NTPS? (issue 21, item 4; docs/estimator.md, "A variance without the
-quadratic excess", session 29.)
+quadratic excess", session 29; the construction is the package's since session 30,
+`ntps_nb.core.quadratic`, `ntps_estimate(interval="quadratic")`.)
 
 Where the population NTPS is stationary (at 0 or 1, or inside (0, 1) with every principal angle at
 0 or 90 degrees) the estimate's error is quadratic in the shards' noise, and the delete-one-shard
-jackknife variance of richardson counts that part b(S) times (b(10) = 2.670; computed here exactly).
-This script estimates the quadratic part's variance without that excess and narrows the interval
-accordingly:
-
-- richardson = 2 F(mean) - (F(mean of A) + F(mean of B)) / 2 for the plug-in F and a split A | B of
-  the shards; for a quadratic F its quadratic part is the cross term between the halves, whose
-  variance is T / S^2 with T = tr((H Omega)^2) (H: F's Hessian in the shard moments, Omega: one
-  shard's covariance);
-- the plug-in's interaction contrasts F(m + d_i + d_j) - F(m + d_i) - F(m + d_j) + F(m), i in A and
-  j in B (m: the pooled moments, d_i: the change leaving shard i out) are (S - 1)^-2 u_i' H u_j with
-  u_i shard i's deviation from m; the mean over i != k in A, j != l in B of
-  (G_ij - G_il - G_kj + G_kl)^2 / 4, G = (S - 1)^2 times the contrasts, is unbiased for T whatever
-  the mean (25 more plug-in solves at S = 10);
-- variance = max(J - (b - 1) T / S^2, J / b), J the jackknife variance; Student-t interval as before.
+jackknife variance of richardson counts that part b(S) times (b(10) = 2.670, exactly). The
+interval's variance is max(J - (b - 1) T / S^2, J / b), J the jackknife's, T = tr((H Omega)^2)
+estimated without bias from the plug-in's interaction contrasts between shards of different halves
+(`ntps_nb.core.quadratic`'s docstring has the derivation).
 
 Modes:
   --toy: b(S) exactly; then a quadratic-plus-linear statistic of Gaussian shard means, where the
@@ -35,7 +26,6 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import warnings
@@ -48,17 +38,11 @@ import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntps_nb.core.estimators import (  # noqa: E402
-    GAP_MIN,
-    NOISE_MAX,
-    _richardson_combination,
-    ntps_estimate,
-    split_halves,
-)
-from ntps_nb.core.intervals import theory_values  # noqa: E402
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, _richardson_combination, ntps_estimate  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
+from ntps_nb.core.quadratic import interaction_T, numpy_plugins, quadratic_factors, quadratic_interval  # noqa: E402
 from ntps_nb.core.rotation import rotation_stability  # noqa: E402
-from ntps_nb.core.score import InterpolationWarning, theory_geometry  # noqa: E402
+from ntps_nb.core.score import InterpolationWarning  # noqa: E402
 from ntps_nb.core.simulate import factor_model, lds_model, reflection_model, sample_shards  # noqa: E402
 from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 from ntps_nb.core.threads import analysis_threads  # noqa: E402
@@ -68,43 +52,11 @@ LEVEL = 0.90
 N_SHARDS = 10
 
 
-# --------------------------------------------------------------------------------------------
-# richardson's jackknife factor on a quadratic statistic, exactly
-
-
-def _richardson_coefficients(S: int, a_idx, b_idx, keep: np.ndarray) -> np.ndarray:
-    """(S, S) M with richardson = z' (M kron H) z for F(x) = x' H x / 2 of the shard means z (equal
-    shards, stacked), on the shards ``keep`` with the split a_idx | b_idx."""
-    parts = [np.flatnonzero(keep), [i for i in a_idx if keep[i]], [i for i in b_idx if keep[i]]]
-    means = []
-    for part in parts:
-        mean = np.zeros(S)
-        mean[part] = 1 / len(part)
-        means.append(np.outer(mean, mean) / 2)
-    return _richardson_combination(means[0], means[1:], [len(p) for p in parts[1:]], len(parts[0]))
-
-
 def jackknife_factor(S: int) -> tuple[float, float]:
-    """(b, v): E[J] = b Var(richardson) and Var(richardson) = v T / S^2 for a quadratic F of
-    Gaussian shard means (the split into halves S // 2 | S - S // 2); E[(z' (N kron H) z)^2] =
-    tr(N)^2 tr(H Omega)^2 + 2 tr(N^2) T, so both follow from the coefficient matrices."""
-    a_idx, b_idx = np.arange(S // 2), np.arange(S // 2, S)
-    full = _richardson_coefficients(S, a_idx, b_idx, np.ones(S, bool))
-    loo = [_richardson_coefficients(S, a_idx, b_idx, np.arange(S) != i) for i in range(S)]
-    centre = np.mean(loo, axis=0)
-    excess = (S - 1) / S * sum(2 * np.trace((m - centre) @ (m - centre)) for m in loo)
-    variance = 2 * np.trace(full @ full)
-    return excess / variance, variance * S**2
-
-
-def cross_half_T(G: np.ndarray) -> np.ndarray:
-    """Unbiased T = tr((H Omega)^2) from G[a, b, ...] = u_i' H u_j (i the a-th shard of A, j the b-th of
-    B): the mean of (G_ij - G_il - G_kj + G_kl)^2 / 4 over i != k, j != l (deviations from the unknown
-    mean cancel in the differences)."""
-    quads = np.array([(i, k, j, m) for i, k in itertools.permutations(range(G.shape[0]), 2)
-                      for j, m in itertools.permutations(range(G.shape[1]), 2)])
-    i, k, j, m = quads.T
-    return np.mean((G[i, j] - G[i, m] - G[k, j] + G[k, m]) ** 2, axis=0) / 4
+    """(b, v): E[J] = b Var(richardson) and Var(richardson) = v T / S^2 for a quadratic F of the shard
+    means (the package's exact coefficients, `quadratic_factors`)."""
+    variance, jackknife = quadratic_factors(S, seed=0)
+    return jackknife / variance, variance * S**2
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +90,7 @@ def _toy(S: int, p: int, linear: float, hessian: str, draws: int, rng: np.random
         d = np.array([np.delete(z, i, 0).mean(0) - m for i in range(S)])
         Fi = F(m + d)
         C = np.array([[F(m + d[i] + d[j]) - Fi[i] - Fi[j] + F(m) for j in b_idx] for i in a_idx])
-        T_hat[draw] = cross_half_T(C * (S - 1) ** 2)
+        T_hat[draw] = interaction_T(C * (S - 1) ** 2)
         V = max(J - (b - 1) * T_hat[draw] / S**2, J / b)
         covered += [abs(estimate) <= t * np.sqrt(J), abs(estimate) <= t * np.sqrt(V)]
     T = np.trace(H @ H)
@@ -164,25 +116,6 @@ def toy(draws: int) -> None:
 # the generators
 
 
-def _plugin(shards: list[Moments], weights: np.ndarray, ks: np.ndarray) -> np.ndarray:
-    return theory_values(theory_geometry(Moments.combine(shards, weights), rtol=RANGE_RTOL), ks)
-
-
-def quadratic_variance(shards: list[Moments], ks: np.ndarray, seed: int) -> np.ndarray:
-    """T / S^2 at each k from the plug-in's cross-half interaction contrasts (richardson's split of
-    ``seed``); shards treated as equal units."""
-    S = len(shards)
-    n = np.array([s.n_texts for s in shards], dtype=float)
-    share = n / n.sum()
-    loo = [np.where(np.arange(S) == i, 0.0, n / (n.sum() - n[i])) for i in range(S)]
-    a_idx, b_idx = split_halves(S, seed)
-    pooled = _plugin(shards, np.ones(S), ks)
-    left_out = {i: _plugin(shards, loo[i] / share, ks) for i in range(S)}
-    contrasts = np.array([[_plugin(shards, (loo[i] + loo[j] - share) / share, ks) - left_out[i] - left_out[j] + pooled
-                           for j in b_idx] for i in a_idx])
-    return cross_half_T(contrasts * (S - 1) ** 2) / S**2
-
-
 def draw_shards(family: str, settings: dict, ratio: float, ks: np.ndarray, draw: int,
                 seed: int) -> tuple[np.ndarray, list[Moments]]:
     """(population NTPS at ks, the N_SHARDS shards of draw ``draw``) of a spec's population at N/d = ratio."""
@@ -199,11 +132,10 @@ def one_draw(args) -> pd.DataFrame:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
             frame = ntps_estimate(shards, ks, seed=draw, rotation_flag=False)
-        b, _ = jackknife_factor(N_SHARDS)
         t = st.t.ppf((1 + LEVEL) / 2, N_SHARDS - 1)
-        v_quadratic = quadratic_variance(shards, ks, draw)
-        J = frame["se"].to_numpy() ** 2
-        se_narrow = np.sqrt(np.maximum(J - (b - 1) * v_quadratic, J / b))
+        quadratic = quadratic_interval(shards, frame, level=LEVEL, seed=draw, noise_max=NOISE_MAX, gap_min=GAP_MIN,
+                                       solve=numpy_plugins(shards, ks, RANGE_RTOL))
+        se_narrow = quadratic["se"].to_numpy()
         # the flag's conditions other than the bound condition (noise, eigengaps, finite, meets [0, 1]):
         # at_bound is set whatever the others say, so it is and-ed with them here
         conditions = ((frame["subspace_noise"] <= NOISE_MAX) & (frame["gap_ratio"] >= GAP_MIN)
@@ -219,7 +151,7 @@ def one_draw(args) -> pd.DataFrame:
     return pd.DataFrame({
         "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
         "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "se": frame["se"],
-        "se_narrow": se_narrow, "v_quadratic": v_quadratic, "subspace_noise": frame["subspace_noise"],
+        "se_narrow": se_narrow, "quadratic_excess": quadratic["quadratic_excess"], "subspace_noise": frame["subspace_noise"],
         "gap_ratio": frame["gap_ratio"], "other": other, "at_bound": frame["at_bound"],
         "reliable": as_is["reliable"], "reliable_narrow": narrow["reliable"],
         "covered": np.abs(error) <= t * frame["se"].to_numpy(), "covered_narrow": np.abs(error) <= t * se_narrow,

@@ -50,8 +50,8 @@ from ntps_nb.core.subspaces import Subspace, nested_orthonormal_basis, next_toke
 
 #: Candidate rotations tested per pair, evenly over [-pi/2, pi/2) (0.5 degree apart).
 SET_ANGLES = 360
-#: The values of `ntps_estimate`'s ``interval``.
-INTERVALS = ("jackknife", "rotation")
+#: The values of `ntps_estimate`'s ``interval`` ("quadratic": `ntps_nb.core.quadratic`).
+INTERVALS = ("jackknife", "rotation", "quadratic")
 #: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
 #: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
 STABLE_ATOL = 1e-9

@@ -531,9 +531,10 @@ def estimator_map(
     seed: int = 0,
     first_draw: int = 0,
     progress: bool = False,
+    interval: str = "jackknife",
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
-    jackknife interval and reliability flag against the population NTPS.
+    interval and reliability flag against the population NTPS.
 
     k values beyond the population's or the sample's rank give NaN estimates and are kept; an
     estimator that raises on a draw gives a row of NaN. `summarise_map` turns the frame into
@@ -552,6 +553,8 @@ def estimator_map(
     first_draw : index of the first draw: draws first_draw .. first_draw + n_draws - 1 (each draw's
         sample is seeded by its index, so a map split into ranges of draws equals the whole map).
     progress : show a progress bar.
+    interval : `ntps_estimate`'s interval ("jackknife", the default; "rotation"; "quadratic", for
+        the estimator "richardson" only).
 
     Returns
     -------
@@ -562,6 +565,8 @@ def estimator_map(
     from ntps_nb.core.estimators import ntps_estimate
 
     ks = np.asarray(ks, dtype=np.int64)
+    if interval == "quadratic" and set(estimators) != {"richardson"}:
+        raise ValueError(f"interval='quadratic' is derived for the estimator 'richardson', got {list(estimators)}")
     rows = []
     total = len(models) * len(n_over_d) * int(n_draws)
     bar = tqdm(total=total, disable=not progress, desc="estimator map")
@@ -576,7 +581,8 @@ def estimator_map(
                     try:
                         with warnings.catch_warnings():  # the map's rows carry n_over_d: N <= d is theirs to read
                             warnings.simplefilter("ignore", InterpolationWarning)
-                            table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw)
+                            table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
+                                                  interval=interval)
                     except (ValueError, np.linalg.LinAlgError):
                         table = pd.DataFrame({"k": ks, "estimator": estimator, "estimate": np.nan, "se": np.nan,
                                               "lower": np.nan, "upper": np.nan, "reliability": np.nan,

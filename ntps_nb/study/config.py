@@ -108,8 +108,8 @@ class StudyConfig:
     the plug-in: the estimator's own interval is the estimates table's jackknife).
     ``interval_variants`` names the variants the intervals stage bootstraps (both by default; the
     theory variant alone where the released algorithm's replicates cost too much at a large d).
-    ``estimate_interval`` is the estimates table's interval: "jackknife" (default) or "rotation"
-    (`ntps_nb.core.rotation`). ``estimate_rotation_flag = true`` gives the estimates table's
+    ``estimate_interval`` is the estimates table's interval: "jackknife" (default), "rotation"
+    (`ntps_nb.core.rotation`) or "quadratic" (`ntps_nb.core.quadratic`; the estimator "richardson"). ``estimate_rotation_flag = true`` gives the estimates table's
     ``reliable`` the flag's rotation condition (`ntps_estimate`'s ``rotation_flag``, on by default
     there); a study's default is false, what the committed units were computed with, so that their
     keys (and every study's config hash) stand until the default study is rerun.
@@ -147,7 +147,8 @@ class StudyConfig:
     interval_variants: tuple[str, ...] = ("theory", "reference")
     # the estimates table's interval (`ntps_nb.core.estimators.ntps_estimate`'s ``interval``): the
     # jackknife-t interval, or "rotation", that interval widened over the rotation of nearly tied
-    # eigenvector pairs at k (`ntps_nb.core.rotation`; docs/estimator.md)
+    # eigenvector pairs at k (`ntps_nb.core.rotation`; docs/estimator.md), or "quadratic", its variance
+    # without the jackknife's excess on the error's quadratic part (`ntps_nb.core.quadratic`)
     estimate_interval: str = "jackknife"
     # the estimates table's flag with its rotation condition (`ntps_nb.core.rotation.rotation_stability`):
     # a row is reliable only where NTPS's range over the rotations of the pairs at k that the shards
@@ -440,6 +441,9 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if table.get("estimate_interval", "jackknife") not in INTERVALS:
         raise StudySettingsError(f"{path}: estimate_interval must be one of {', '.join(INTERVALS)} (the interval "
                                  f"of ntps_estimate), got {table.get('estimate_interval')!r}")
+    if table.get("estimate_interval") == "quadratic" and table.get("estimator", "plugin") != "richardson":
+        raise StudySettingsError(f"{path}: estimate_interval = 'quadratic' needs estimator = 'richardson' (the "
+                                 f"interval is derived for it), got estimator = {table.get('estimator', 'plugin')!r}")
     if not isinstance(table.get("estimate_rotation_flag", False), bool):
         raise StudySettingsError(f"{path}: estimate_rotation_flag must be true or false (the flag's rotation "
                                  f"condition), got {table.get('estimate_rotation_flag')!r}")

@@ -192,3 +192,14 @@ def test_the_rotation_interval_after_torch_equals_numpy(shard_sets, case):
     np.testing.assert_array_equal(np.isfinite(want["lower"]), finite)    # a NaN interval stays NaN
     assert (want["lower"][finite] <= want["lower_jackknife"][finite]).all()
     assert (want["upper"][finite] >= want["upper_jackknife"][finite]).all()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_quadratic_interval_on_torch_equals_numpy(shard_sets, case):
+    # the interaction contrasts are solved on the device as one more batch of combinations; the edge
+    # cases (k beyond r_V, halves and replicates missing classes) give the same NaN and the same rows
+    shards, ks = shard_sets[case]
+    want, got = numpy_and_torch(ntps_estimate, shards, ks, interval="quadratic")
+    assert_frames_agree(got, want)
+    finite = np.isfinite(want["se"])
+    assert (want["se"][finite] <= want["se_jackknife"][finite] + 1e-15).all()

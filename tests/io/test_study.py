@@ -1393,6 +1393,29 @@ def test_estimate_interval_widens_the_estimates_table_and_keys_only_the_estimate
     assert (widened["lower"] <= plain["lower"] + 1e-12).all() and (widened["upper"] >= plain["upper"] - 1e-12).all()
 
 
+def test_the_quadratic_estimate_interval_needs_richardson_and_narrows_its_jackknife_interval(tmp_path, tiny_llama):
+    with pytest.raises(study.StudySettingsError, match="needs estimator = 'richardson'"):
+        study.load_config(STUDIES / "default.toml", estimate_interval="quadratic")
+    cfg = study.load_config(STUDIES / "default-richardson.toml")
+    quadratic = study.load_config(STUDIES / "default-richardson.toml", estimate_interval="quadratic")
+    assert quadratic.config_hash != cfg.config_hash
+    keys, other = study.stage_keys(cfg, "smollm2-135m", "trec6"), study.stage_keys(quadratic, "smollm2-135m", "trec6")
+    assert {name for name in keys if other[name] != keys[name]} == {"estimates"}
+    # a unit: the same estimates, the jackknife interval kept beside a narrower one
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
+    run = study.run_unit(dataclasses.replace(smoke, estimate_interval="quadratic"), "tiny-llama", "trec6",
+                         tiny_llama, **quiet)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    narrowed = run["estimates"]
+    assert (narrowed["interval"] == "quadratic").all()
+    np.testing.assert_array_equal(narrowed["estimate"], plain["estimate"])
+    np.testing.assert_allclose(narrowed["se_jackknife"], plain["se"], rtol=1e-12)
+    finite = np.isfinite(plain["se"])
+    assert finite.any() and (narrowed["se"][finite] <= plain["se"][finite] * (1 + 1e-12)).all()
+
+
 def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
     """``extends`` reads the named TOML's [study] table under this one: the default-richardson
     study is the default study's grid and settings but for its estimator and name."""
