@@ -1,0 +1,132 @@
+"""The quadratic interval on the estimator map: item 4 of issue 21 for `ntps_estimate(interval="quadratic")`
+and its flag against the jackknife-t interval with the flag as it stands, on the same draws.
+
+Input: per-draw frames of `benchmarks/estimator_map.py --estimators richardson --interval quadratic` (the
+columns the device runs kept: the quadratic interval in lower / upper / covered and its flag in reliable,
+the jackknife-t interval in lower_jackknife / upper_jackknife / se_jackknife, the Fieller range of the
+rotation condition in rotation_lower / rotation_upper). The flag as it stands is recomputed from the
+columns: noise, eigengaps, a finite jackknife-t interval meeting [0, 1], not `at_bound` on the jackknife
+SE, and the Fieller range inside the jackknife-t interval. Its rows are a subset of the rows on which the
+range was computed (those the quadratic flag's other conditions accept: a row not at_bound has its
+estimate inside [0, 1] by a jackknife SE, so the narrower interval meets [0, 1] too), which the script
+checks.
+
+Per frame and flag: rows kept, cells with at least `MIN_ACCEPTED` rows, cells significantly below 0.85 /
+above 0.95 (exact one-sided binomial tests at 2.5%), cells whose |bias| reaches a quarter of the mean
+width as a point value and by more than `BIAS_Z` Monte Carlo SEs; then every cell outside on either flag.
+
+    python benchmarks/quadratic_map_report.py benchmarks/results/estimator_map/quadratic_map/*.csv.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rotation_flag_report import BIAS_Z, cell_table  # noqa: E402
+
+from ntps_nb.core.estimators import BOUND_ATOL, BOUND_SE, GAP_MIN, NOISE_MAX  # noqa: E402
+from ntps_nb.core.rotation import STABLE_ATOL  # noqa: E402
+
+#: A cell is "stationary" where its truth lies within this of 0 or 1 (or the reflection family at angle 0).
+EDGE = 0.005
+
+
+def as_it_stands(f: pd.DataFrame) -> pd.Series:
+    """The flag as it stands (`ntps_estimate`'s default interval) from the quadratic frame's columns."""
+    est, se = f["estimate"], f["se_jackknife"]
+    lower, upper = f["lower_jackknife"], f["upper_jackknife"]
+    distance = np.minimum(est, 1 - est)
+    at_bound = ((distance < BOUND_SE * se) | (distance <= BOUND_ATOL)) & np.isfinite(se) & np.isfinite(est)
+    inside = ((f["rotation_lower"] >= lower - STABLE_ATOL) & (f["rotation_upper"] <= upper + STABLE_ATOL))
+    return (np.isfinite(lower) & np.isfinite(upper) & (lower <= 1) & (upper >= 0) & ~at_bound
+            & (f["subspace_noise"] <= NOISE_MAX) & (f["gap_ratio"] >= GAP_MIN) & inside)
+
+
+def jackknife_view(f: pd.DataFrame) -> pd.DataFrame:
+    return f.assign(lower=f["lower_jackknife"], upper=f["upper_jackknife"],
+                    covered=(f["lower_jackknife"] <= f["truth"]) & (f["truth"] <= f["upper_jackknife"]))
+
+
+def load(path: str) -> pd.DataFrame:
+    f = pd.read_csv(path, low_memory=False).assign(estimator="richardson", frame=Path(path).name.split(".")[0])
+    angle0 = "angle0" in Path(path).name
+    stationary = (np.minimum(f["truth"], 1 - f["truth"]) <= EDGE) | angle0
+    return f.assign(stationary=stationary, task_family=np.where(angle0, "reflection angle 0", f["task_family"]))
+
+
+def tally(cells: pd.DataFrame) -> dict:
+    biased = cells["bias"].abs() >= cells["width"] / 4
+    z = (cells["bias"].abs() - cells["width"] / 4) / (cells["sd"] / np.sqrt(cells["size"]))
+    return {"cells": len(cells), "below": int(cells["below"].sum()), "above": int(cells["above"].sum()),
+            "bias >= width/4": int(biased.sum()), "significantly": int((z > BIAS_Z).sum()),
+            "coverage (pooled)": round(cells["sum"].sum() / cells["size"].sum(), 3) if len(cells) else np.nan}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("frames", nargs="+")
+    args = parser.parse_args()
+    rows, outside, stationary_rows, per_cell = [], [], [], []
+    for path in args.frames:
+        f = load(path)
+        stands = as_it_stands(f)
+        if (stands & f["rotation_lower"].isna()).any():
+            raise SystemExit(f"{path}: a row the flag as it stands keeps has no Fieller range")
+        for name, view, kept in (("as it stands (jackknife-t)", jackknife_view(f), stands),
+                                 ("quadratic, no bound condition", f, f["reliable"].astype(bool))):
+            cells = cell_table(view, kept)
+            stationary = view.groupby(["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k",
+                                       "estimator", "task_seed"])["stationary"].first().rename("stationary_cell")
+            cells = cells.join(stationary, on=list(stationary.index.names))
+            for part, sub in (("all", cells), ("stationary", cells[cells["stationary_cell"]]),
+                              ("interior", cells[~cells["stationary_cell"]])):
+                rows.append({"frame": f["frame"].iloc[0], "flag": name, "part": part, **tally(sub),
+                             "rows": int(sub["size"].sum())})
+            for part, sub in (("all", cells), ("stationary", cells[cells["stationary_cell"]]),
+                              ("interior", cells[~cells["stationary_cell"]])):
+                stationary_rows.append({"flag": name, "part": part, "covered": sub["sum"].sum(),
+                                        "rows": sub["size"].sum()})
+            z = (cells["bias"].abs() - cells["width"] / 4) / (cells["sd"] / np.sqrt(cells["size"]))
+            if name.startswith("quadratic"):
+                for _, c in cells[cells["stationary_cell"]].iterrows():
+                    per_cell.append({"family": c["task_family"], "d": c["task_d"], "C": c["task_n_classes"],
+                                     "gap": c["task_gap"], "seed": c["task_seed"], "N/d": c["n_over_d"], "k": c["k"],
+                                     "truth": round(c["truth"], 4), "covered": f"{int(c['sum'])}/{int(c['size'])}",
+                                     "coverage": round(c["sum"] / c["size"], 3),
+                                     "bias/width": round(c["bias"] / c["width"], 2)})
+            bad = cells[cells["below"] | cells["above"] | (cells["bias"].abs() >= cells["width"] / 4)]
+            for _, c in bad.iterrows():
+                outside.append({"flag": name, "family": c["task_family"], "d": c["task_d"], "C": c["task_n_classes"],
+                                "gap": c["task_gap"], "seed": c["task_seed"], "N/d": c["n_over_d"], "k": c["k"],
+                                "truth": round(c["truth"], 4), "covered": f"{int(c['sum'])}/{int(c['size'])}",
+                                "coverage": round(c["sum"] / c["size"], 3),
+                                "band": "below" if c["below"] else "above" if c["above"] else "",
+                                "bias/width": round(c["bias"] / c["width"], 2),
+                                "bias significant": bool(z.loc[c.name] > BIAS_Z)})
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_rows", 500)
+    table = pd.DataFrame(rows)
+    print(f"cells with >= 10 kept rows; below / above: exact one-sided binomial tests against 0.85 / 0.95 at 2.5%; "
+          f"bias significantly above a quarter of the width: z > {BIAS_Z}; stationary: truth within {EDGE} of 0 or 1, "
+          "or the reflection family at angle 0\n")
+    print(table.to_string(index=False))
+    totals = table.groupby(["flag", "part"], sort=False)[["rows", "cells", "below", "above", "bias >= width/4",
+                                                         "significantly"]].sum()
+    pooled = pd.DataFrame(stationary_rows).groupby(["flag", "part"], sort=False)[["covered", "rows"]].sum()
+    totals["coverage (pooled)"] = (pooled["covered"] / pooled["rows"]).round(3)
+    print("\nover all frames (rows in the cells counted):\n" + totals.to_string())
+    print("\nthe stationary cells of the quadratic flag, one by one:")
+    print(pd.DataFrame(per_cell).to_string(index=False))
+    print("\ncells outside the band, or with |bias| >= a quarter of the width:")
+    print(pd.DataFrame(outside).to_string(index=False) if outside else "none")
+
+
+if __name__ == "__main__":
+    main()
