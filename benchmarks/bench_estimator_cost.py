@@ -1,8 +1,9 @@
 """Cost of the default estimator against the plug-in, measured side by side in one run.
 
 Times `estimate_ntps` (the point estimate) and `ntps_estimate` (estimate, jackknife interval and
-reliability flag) for "plugin" and "richardson" (and richardson without the flag's rotation condition,
-``rotation_flag=False``, and with ``interval="rotation"``) on the
+reliability flag) for "plugin" and "richardson" with the jackknife-t interval (and richardson without the
+flag's rotation condition, ``rotation_flag=False``, with ``interval="rotation"`` and with the default
+interval, "quadratic") on the
 same shard moments of one layer (an LDS
 generator, d hidden dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and
 prints the median seconds and the ratio to the plug-in. The issue's budget: the default estimator at
@@ -39,12 +40,14 @@ def main() -> None:
     calls = {
         ("estimate_ntps", e): (lambda e=e: estimate_ntps(shards, ks, estimator=e)) for e in ("plugin", "richardson")
     }
-    calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e))
+    calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e, interval="jackknife"))
                   for e in ("plugin", "richardson")})
-    # the flag's rotation condition (ntps_nb.core.rotation.rotation_stability) left out, and the rotation
-    # interval on top of the default estimator's
-    calls[("ntps_estimate", "richardson, no rotation flag")] = lambda: ntps_estimate(shards, ks, rotation_flag=False)
+    # the flag's rotation condition (ntps_nb.core.rotation.rotation_stability) left out, the rotation
+    # interval, and the default interval ("quadratic": 25 more plug-ins at 10 shards, 100 at 20)
+    calls[("ntps_estimate", "richardson, no rotation flag")] = lambda: ntps_estimate(shards, ks, rotation_flag=False,
+                                                                                     interval="jackknife")
     calls[("ntps_estimate", "richardson+rotation")] = lambda: ntps_estimate(shards, ks, interval="rotation")
+    calls[("ntps_estimate", "richardson+quadratic (default)")] = lambda: ntps_estimate(shards, ks)
     times = {key: [] for key in calls}
     for _ in range(args.repeats):
         for key, call in calls.items():
@@ -55,7 +58,8 @@ def main() -> None:
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     for what in ("estimate_ntps", "ntps_estimate"):
         base = np.median(times[(what, "plugin")])
-        for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation"):
+        for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
+                  "richardson+quadratic (default)"):
             if (what, e) in times:
                 t = np.median(times[(what, e)])
                 print(f"  {what:14s} {e:30s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")

@@ -68,7 +68,7 @@ def main() -> None:
         ranks = [theory_geometry(Moments.combine(part)).r_U for part in (exact, rounded)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            a, b = (ntps_estimate(part, args.ks, rotation_flag=False) for part in (exact, rounded))
+            a, b = (ntps_estimate(part, args.ks, rotation_flag=False, interval="jackknife") for part in (exact, rounded))
         texts = int(a["n_texts"].iloc[0])
         print(f"  {texts:5d} texts: rank(Sxx) float64 {ranks[0]}, float32 {ranks[1]}; largest |difference| of the "
               f"estimate {np.nanmax(np.abs(a['estimate'] - b['estimate'])):.1e}, of the lower bound "

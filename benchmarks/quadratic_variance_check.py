@@ -131,7 +131,7 @@ def one_draw(args) -> pd.DataFrame:
         truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            frame = ntps_estimate(shards, ks, seed=draw, rotation_flag=False)
+            frame = ntps_estimate(shards, ks, seed=draw, rotation_flag=False, interval="jackknife")
         t = st.t.ppf((1 + LEVEL) / 2, N_SHARDS - 1)
         quadratic = quadratic_interval(shards, frame, level=LEVEL, seed=draw, noise_max=NOISE_MAX, gap_min=GAP_MIN,
                                        solve=numpy_plugins(shards, ks, RANGE_RTOL))

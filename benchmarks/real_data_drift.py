@@ -50,7 +50,7 @@ def main() -> None:
                              "4, 8, 16, 32 shards as extracted)")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--estimators", nargs="+", default=["plugin", "adjusted", "wishart"])
-    parser.add_argument("--interval", choices=["jackknife", "rotation"], default="jackknife",
+    parser.add_argument("--interval", choices=["jackknife", "rotation", "quadratic"], default="jackknife",
                         help="ntps_estimate's interval; with rotation the rows keep the jackknife-t bounds too "
                              "(lower_jackknife, upper_jackknife) and the summary gives the drift against both")
     parser.add_argument("--out", default="benchmarks/results/real_data_drift")

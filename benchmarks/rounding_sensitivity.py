@@ -80,12 +80,13 @@ def main() -> None:
     for n_fine, subset in nested_subsets(shards, args.groups):
         if n_fine > args.max_fine:
             break
-        base = ntps_estimate(subset, args.ks, rotation_flag=False)
+        base = ntps_estimate(subset, args.ks, rotation_flag=False, interval="jackknife")
         cells = []
         for label, names in FAMILIES.items():
             estimate = lower = 0.0
             for _ in range(args.repeats):
-                frame = ntps_estimate(perturbed(subset, names, args.relative, rng), args.ks, rotation_flag=False)
+                frame = ntps_estimate(perturbed(subset, names, args.relative, rng), args.ks, rotation_flag=False,
+                                       interval="jackknife")
                 estimate = max(estimate, float((frame["estimate"] - base["estimate"]).abs().max()))
                 lower = max(lower, float((frame["lower"] - base["lower"]).abs().max()))
             cells.append(f"{label} {estimate:.1e} / {lower:.1e}")

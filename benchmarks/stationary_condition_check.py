@@ -78,7 +78,7 @@ def one_draw(args) -> pd.DataFrame:
         truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            frame = ntps_estimate(shards, ks, seed=draw)
+            frame = ntps_estimate(shards, ks, seed=draw, interval="jackknife")
         S = len(shards)
         cos2 = extrapolated_cos2(shards, ks, draw, None)
         loo = np.array([extrapolated_cos2(shards, ks, draw, i) for i in range(S)])

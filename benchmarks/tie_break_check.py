@@ -39,7 +39,7 @@ def one_population(seed: int, draws: int) -> dict:
     for draw in range(draws):
         # as estimator_map seeds a draw: [seed, model index 0, round(ratio * 1000), draw]
         shards = sample_shards(model, RATIO * D, 10, np.random.default_rng([seed, 0, RATIO * 1000, draw]))
-        rows.append(ntps_estimate(shards, [1], seed=draw).iloc[0])
+        rows.append(ntps_estimate(shards, [1], seed=draw, interval="jackknife").iloc[0])
     t = pd.DataFrame(rows)
     truth = geometry.projected[0, 0]
     covered = (t["lower"] <= truth) & (truth <= t["upper"])

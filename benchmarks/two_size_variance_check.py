@@ -125,14 +125,15 @@ def one_model(args) -> pd.DataFrame:
             rng = np.random.default_rng([int(seed), 0, int(round(ratio * 1000)), draw])
             shards = sample_shards(model, n_texts, shards_per_draw, rng)
             try:
-                full = ntps_estimate(shards, ks, estimator="richardson", level=LEVEL, seed=draw)
+                full = ntps_estimate(shards, ks, estimator="richardson", level=LEVEL, seed=draw, interval="jackknife")
             except (ValueError, np.linalg.LinAlgError):
                 continue
             a_idx, b_idx = split_halves(len(shards), draw)
             half_var = []
             for idx in (a_idx, b_idx):
                 try:
-                    half = ntps_estimate([shards[i] for i in idx], ks, estimator="richardson", level=LEVEL, seed=draw)
+                    half = ntps_estimate([shards[i] for i in idx], ks, estimator="richardson", level=LEVEL, seed=draw,
+                                         interval="jackknife")
                     half_var.append(half["se"].to_numpy() ** 2)
                 except (ValueError, np.linalg.LinAlgError):
                     half_var.append(np.full(ks.shape, np.nan))

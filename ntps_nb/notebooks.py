@@ -66,6 +66,13 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                                 "n_boot": 20},
 }
 
+#: How `layer_profile` names `ntps_estimate`'s intervals in its ``interval`` column.
+INTERVAL_NAMES = {
+    "jackknife": "delete-one-shard jackknife (Student t), around the estimate",
+    "quadratic": "delete-one-shard jackknife less its excess on the error's quadratic part (Student t), "
+                 "around the estimate",
+    "rotation": "delete-one-shard jackknife (Student t) widened over the rotations of nearly tied pairs",
+}
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
 ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
 #: Cell-level metadata a committed notebook may carry: tags, and JupyterLab's hidden source (the
@@ -1431,7 +1438,8 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
         if layer in shards and intervals:
             frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
-                         "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"])})
+                         "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
+                         "interval": INTERVAL_NAMES[frame.get("interval", "jackknife")]})
         else:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
             parts = shards.get(layer) or halves.get(layer)
             if parts is None:
@@ -1441,8 +1449,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                          "ntps": float(estimate_ntps(parts, [k], estimator=estimator, seed=split_seed).estimate[0])})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
     if intervals:
-        scores = scores.assign(n_shards=len(run.train.shards), level=level,
-                               interval="delete-one-shard jackknife (Student t), around the estimate")
+        scores = scores.assign(n_shards=len(run.train.shards), level=level)
     first = ["layer", "k", "variant", "estimator", "ntps"]
     return scores[first + [c for c in scores.columns if c not in first]]
 

@@ -80,7 +80,7 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.quadratic import numpy_plugins, quadratic_factors, quadratic_interval
+from ntps_nb.core.quadratic import MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
                                 interpolation_message, theory_geometry)
@@ -105,6 +105,12 @@ RICHARDSON_SPLITS = 1
 #: The estimator `ntps_estimate` uses unless told otherwise, chosen on the estimator map
 #: (docs/estimator.md): the only candidate whose intervals cover where `NOISE_MAX` accepts.
 DEFAULT_ESTIMATOR = "richardson"
+#: The interval `ntps_estimate` gives "richardson" unless told otherwise (``interval=None``): the
+#: jackknife-t interval without the jackknife's excess on the quadratic part of the error, whose flag
+#: has no bound condition (`ntps_nb.core.quadratic`; chosen on the estimator map in session 30,
+#: docs/estimator.md, "The quadratic interval as the default"). The study's ``estimate_interval`` stays
+#: "jackknife" unless set, the committed units' interval.
+DEFAULT_INTERVAL = "quadratic"
 #: A row is reliable when the jackknife squared sine per direction (`subspace_noise`) of U and of V
 #: is at most this. Calibrated on the d = 16 and 64 maps, checked on d = 256 and 576
 #: (docs/estimator.md): accepted rows' 90% intervals covered 0.89 / 0.93 / 0.93 / 1.00 (pooled).
@@ -914,48 +920,47 @@ def ntps_estimate(
     bound_se: float = BOUND_SE,
     device: Any = None,
     batch_size: int | None = None,
-    interval: str = "jackknife",
+    interval: str | None = None,
     rotation_flag: bool = True,
 ) -> pd.DataFrame:
-    """Estimate, jackknife standard error, Student-t interval and reliability flag at each k.
+    """Estimate, standard error, Student-t interval and reliability flag at each k.
 
-    The interval is estimate -/+ t_{S-1, (1+level)/2} * se, se the delete-one-shard jackknife
-    standard error of the estimator over the S shards (S more evaluations of it; NaN at a k where a
-    replicate fails). ``reliable`` says whether the number can be read as an estimate of the
-    population NTPS with that interval: True when the interval is finite and the subspaces are in
-    the regime where their sampling noise is small (`subspace_noise`: the jackknife squared sine per
-    direction of U and of V at most ``noise_max``), the order of the directions around k is
-    resolved (`eigengap_ratios`: both eigengaps at k at least ``gap_min`` jackknife standard
-    errors), and the interval meets [0, 1], where NTPS lies (one wholly outside it shows a bias
-    beyond the stated uncertainty; never seen on the simulated maps where the other conditions
-    hold, seen once on real data). The noise and eigengap conditions are properties of the data at
-    that k, the same for every estimator; the others read the estimator's own interval. It was
-    calibrated for the default estimator (docs/estimator.md): on populations not
-    used to calibrate it (d = 16-576) its intervals covered 0.92-0.94 (pooled, per d) where it said
-    reliable, and 2 of 1,444 accepted rows were off by more than 0.2; over the whole grid
-    (N/d = 0.5-32) on further fresh populations 0.90-0.94, none of the 1,251 rows meeting its
-    noise and eigengap conditions whose errors were kept off by more than 0.2, and it accepted nothing at N/d <= 4. Outside that regime
-    the intervals are not known to cover (on the map they cover in some cells and not in others; at
-    d = 256-576 and N/d <= 1, 0-6% of cells cover within [0.85, 0.95]: v2map_unflagged_report.md):
-    the estimate still moves with N. Where the population NTPS is 0 or 1 the interval is
-    conservative: there the estimate's error is quadratic in the noise and the jackknife variance is
-    about 2 (S - 1) / (S - 2) times too large (S shards; rows meeting the other conditions covered
-    0.985-1.00 at nominal 0.90 on the maps). Such a row is not ``reliable`` but ``at_bound``
-    (`flag_at_bound`: its estimate within ``bound_se`` standard errors of 0 or 1, or past either):
-    read its interval as conservative, not as calibrated (docs/estimator.md). The flag's fifth
-    condition (``rotation_flag``, on by default): NTPS's range over the rotations of the eigenvector
-    pairs at k that the shards cannot reject (Fieller's confidence sets, `ntps_nb.core.rotation`)
-    stays inside the interval (`rotation_stability`). Without it one simulated design was known where
-    reliable rows under-cover: d = 64, an LDS with 2 classes and moderate eigengaps, k = 1, N/d = 32
-    (0.29-0.69 in 4 of 13 populations): the two perception eigenvalues at k are nearly tied, the
-    jackknife interval of an eigenvector rotated across a gap of a few SDs under-covers, and the
-    eigengap condition passes the most rotated draws (docs/estimator.md, "Why the near-tied design
-    fails"). With it the flag accepts at most 1% of that design's draws, and no cell of the maps or of
-    fresh populations (d = 16, 64 and 576) covers significantly outside [0.85, 0.95] (docs/estimator.md,
-    "The flag's rotation condition"). Known truth where the condition does not help: an exact
-    two-dimensional model whose true score sits at a stationary point of the rotation, with no noise
-    but the rotation's (the few draws it accepts cover 0.53-0.85). ``interval="rotation"`` widens the
-    interval instead (an option, conservative near the eigengap threshold).
+    The interval is estimate -/+ t_{S-1, (1+level)/2} * se over the S shards. By default (``interval``
+    None) se is, for "richardson" with at least 4 shards, the delete-one-shard jackknife standard error
+    less the jackknife's excess on the quadratic part of the error ("quadratic",
+    `ntps_nb.core.quadratic`), and for the other estimators (or 3 shards) the jackknife standard
+    error itself ("jackknife"; S more evaluations of the estimator; NaN at a k where a replicate
+    fails). ``reliable`` says whether the number can be read as an estimate of the population NTPS
+    with that interval: True when the interval is finite and the subspaces are in the regime where
+    their sampling noise is small (`subspace_noise`: the jackknife squared sine per direction of U
+    and of V at most ``noise_max``), the order of the directions around k is resolved
+    (`eigengap_ratios`: both eigengaps at k at least ``gap_min`` jackknife standard errors), the
+    interval meets [0, 1], where NTPS lies (one wholly outside it shows a bias beyond the stated
+    uncertainty), and NTPS's range over the rotations of the eigenvector pairs at k that the shards
+    cannot reject stays inside the interval (``rotation_flag``, `rotation_stability`). The noise and
+    eigengap conditions are properties of the data at that k, the same for every estimator; the
+    others read the estimator's own interval. The flag accepted nothing at N/d <= 4 on any simulated
+    population: there the estimate still moves with N and the intervals are not known to cover.
+
+    Where the population NTPS is stationary (at 0 or 1, or every principal angle between U_k and V_k
+    at 0 or 90 degrees) the estimate's error is quadratic in the noise and the jackknife counts that
+    part about 2.3-2.7 times over (10-20 shards). The "jackknife" interval is then conservative
+    (0.985-1.00 at nominal 0.90 on the maps), and its flag has a sixth condition, the bound condition:
+    a row whose estimate lies within ``bound_se`` standard errors of 0 or 1, or past either, is
+    ``at_bound`` and not reliable (`flag_at_bound`); the rows it keeps near 0 and 1 are those whose
+    estimate fell furthest inside, biased inward by up to a third of the interval's width. The
+    "quadratic" interval removes the excess, and its flag has no bound condition (``at_bound`` is
+    still reported): on the estimator map (docs/estimator.md, "The quadratic interval as the default",
+    fresh populations at d = 16-256) no cell of its reliable rows covered significantly below 0.85 and
+    none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
+    third; it stays conservative in part of the stationary cells (e.g. every principal angle at 0: 0.98
+    over 400 draws), and away from them it covers about 0.03 less than the jackknife (0.89 pooled
+    against 0.93). The "jackknife" flag's calibration (session 26): no cell of the maps or of fresh
+    populations (d = 16-576) significantly outside [0.85, 0.95] but at the edges and at angle 0; without
+    the rotation condition one design was known where reliable rows under-cover (d = 64, an LDS with 2
+    classes and moderate eigengaps, k = 1, N/d = 32: the perception eigenvalues at k nearly tied;
+    docs/estimator.md, "Why the near-tied design fails"). ``interval="rotation"`` widens the jackknife
+    interval over those rotations instead (an option, conservative near the eigengap threshold).
 
     Parameters
     ----------
@@ -966,14 +971,17 @@ def ntps_estimate(
     seed, rtol, n_splits : as in `estimate_ntps`.
     noise_max : largest subspace noise per direction of a reliable row (default `NOISE_MAX`).
     gap_min : smallest eigengap ratio (`eigengap_ratios`) of a reliable row (default `GAP_MIN`).
-    bound_se : standard errors inside [0, 1] a reliable row's estimate must lie (default `BOUND_SE`).
+    bound_se : standard errors inside [0, 1] a row's estimate must lie not to be ``at_bound`` (default
+        `BOUND_SE`); the bound condition of the "jackknife" and "rotation" intervals' flag.
     device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
         every plug-in the estimate, its replicates and `subspace_noise` need solved as batches on
         that device (`ntps_nb.core.backends.torch.ntps_estimate_torch`, the same frame), for the
         estimators of `DEVICE_ESTIMATORS` (the others raise there).
     batch_size : combinations of shards per batched solve on a torch device (default: from free
         memory); ignored by the numpy code.
-    interval : "jackknife" (default): the Student-t interval above. "rotation": that interval
+    interval : None (default): `DEFAULT_INTERVAL` ("quadratic") for "richardson" with at least 4 shards,
+        else "jackknife". "jackknife": the Student-t interval on the jackknife SE, with the bound
+        condition in its flag. "rotation": that interval
         widened to NTPS's range over confidence sets of the rotation of the eigenvector pairs at k,
         by test inversion and, where the row passed the eigengap condition, conditioned on it
         (`ntps_nb.core.rotation`; numpy, after either backend). On the estimator map it makes the
@@ -982,13 +990,9 @@ def ntps_estimate(
         selective rotation interval"). The flag does not change. "quadratic" (estimator "richardson",
         at least 4 shards): the jackknife-t interval on a variance without the jackknife's excess on the
         quadratic part of the error (`ntps_nb.core.quadratic`; |A| |B| more plug-ins, 25 at 10 shards,
-        solved on ``device``), and a flag without the bound condition (``at_bound`` is still reported).
-        Where NTPS is stationary (at 0 or 1, or every principal angle at 0 or 90 degrees) the
-        jackknife-t interval over-covers and the bound condition that keeps it out of the flag biases
-        the rows it keeps near 0 and 1; on the simulated populations this interval brings about half
-        the stationary cells into [0.85, 0.95] unbiased, leaves the rest conservative, and covers up
-        to 0.05 less elsewhere (docs/estimator.md, "The quadratic interval"). Adds se_jackknife,
-        lower_jackknife, upper_jackknife and quadratic_excess.
+        solved on ``device``), and a flag without the bound condition (``at_bound`` is still reported;
+        above). Adds interval ("quadratic"), se_jackknife, lower_jackknife, upper_jackknife and
+        quadratic_excess (the variance removed).
     rotation_flag : give the flag its rotation condition (default True; False: the flag of the
         estimates stage before it, the committed study units'). Adds rotation_lower, rotation_upper
         (NTPS's range over the Fieller sets, shifted by the estimator's correction; computed on the
@@ -1008,8 +1012,7 @@ def ntps_estimate(
     ("rotation"), lower_jackknife,
     upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
     """
-    if interval not in INTERVALS:
-        raise ValueError(f"interval must be one of {INTERVALS}, got {interval!r}")
+    interval = resolve_interval(interval, estimator, len(_as_shards(moment_shards)))
     if interval == "quadratic":
         _check_quadratic(moment_shards, estimator, seed)
     backend = analysis_backend(device)
@@ -1084,6 +1087,27 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
     if interval == "rotation":
         frame = rotation_interval(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     return frame
+
+
+def resolve_interval(interval: str | None, estimator: str, n_shards: int) -> str:
+    """The interval `ntps_estimate` computes for ``interval``: None means `DEFAULT_INTERVAL` where it is
+    derived (estimator "richardson", at least 4 shards), else "jackknife".
+
+    Parameters
+    ----------
+    interval : None or one of `ntps_nb.core.rotation.INTERVALS`.
+    estimator : the estimator's name.
+    n_shards : number of shards.
+
+    Returns
+    -------
+    The interval's name; a ValueError for a name not in INTERVALS.
+    """
+    if interval is None:
+        return DEFAULT_INTERVAL if estimator == "richardson" and n_shards >= 2 * MIN_HALF else "jackknife"
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be None or one of {INTERVALS}, got {interval!r}")
+    return interval
 
 
 def _check_quadratic(moment_shards: Sequence[Moments], estimator: str, seed: int) -> None:

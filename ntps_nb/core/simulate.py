@@ -531,7 +531,7 @@ def estimator_map(
     seed: int = 0,
     first_draw: int = 0,
     progress: bool = False,
-    interval: str = "jackknife",
+    interval: str | None = None,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -553,8 +553,8 @@ def estimator_map(
     first_draw : index of the first draw: draws first_draw .. first_draw + n_draws - 1 (each draw's
         sample is seeded by its index, so a map split into ranges of draws equals the whole map).
     progress : show a progress bar.
-    interval : `ntps_estimate`'s interval ("jackknife", the default; "rotation"; "quadratic", for
-        the estimator "richardson" only).
+    interval : `ntps_estimate`'s interval (None, the default: "quadratic" for "richardson", "jackknife"
+        for the others; "jackknife"; "rotation"; "quadratic", for "richardson" only).
 
     Returns
     -------

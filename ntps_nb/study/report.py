@@ -698,8 +698,9 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
         out = rows[keep].rename(columns={"estimate": "ntps"})
         out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
                          interval=[f"{level:.0%} delete-one-shard jackknife interval of the {estimator} estimate"
-                                   + (", widened over the rotation of nearly tied eigenvector pairs"
-                                      if kind == "rotation" else "")
+                                   + {"rotation": ", widened over the rotation of nearly tied eigenvector pairs",
+                                      "quadratic": ", less the jackknife's excess on the error's quadratic part"
+                                      }.get(kind, "")
                                    for level, estimator, kind in zip(out["level"], out["estimator"], kinds)])
     else:
         intervals = tables.get("intervals")

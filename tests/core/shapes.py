@@ -29,8 +29,8 @@ TYPECHECKER = "tests.core.shapes.array_hints_only"
 #: intervals joins this list.
 CHECKED_MODULES = [
     f"ntps_nb.core.{name}"
-    for name in ("atomic", "diagnostics", "estimators", "gain", "moments", "peers", "probes", "published", "rotation",
-                 "score", "selection", "simulate", "stats",
+    for name in ("atomic", "diagnostics", "estimators", "gain", "moments", "peers", "probes", "published",
+                 "quadratic", "rotation", "score", "selection", "simulate", "stats",
                  "subspaces", "theory", "threads", "validation")
 ]
 

@@ -139,9 +139,9 @@ def test_richardson_is_twice_the_plugin_minus_the_mean_of_its_halves():
 COVERAGE_DRAWS = 200
 
 
-def _default_rows(model, k, draws, seed):
+def _default_rows(model, k, draws, seed, interval=None):
     return pd.concat([ntps_estimate(sample_shards(model, 32 * model.d, 10, np.random.default_rng([seed, i])), [k],
-                                    level=0.90)
+                                    level=0.90, interval=interval)
                       for i in range(draws)], ignore_index=True).assign(truth=model.population_ntps([k])[0])
 
 
@@ -275,12 +275,13 @@ def test_flag_at_bound_reads_a_table_and_refuses_a_bad_bound():
 
 
 def test_the_bound_condition_removes_the_over_covering_rows_at_a_population_ntps_of_1():
-    # LDS, C = 2, nearly tied, k = 2, N / d = 32: the population NTPS is 0.9986, an extremum, where the
-    # estimate's error is quadratic and the jackknife SE ~1.5x too large. Of 200 draws, the rows
+    # The "jackknife" interval's flag (the default interval, "quadratic", has no bound condition:
+    # test_quadratic.py). LDS, C = 2, nearly tied, k = 2, N / d = 32: the population NTPS is 0.9986,
+    # an extremum, where the estimate's error is quadratic and the jackknife SE ~1.5x too large. Of 200 draws, the rows
     # meeting the flag's other conditions cover about 0.99 (binomial SE ~0.007): the bound condition
     # takes most of them out of `reliable` (at_bound), and those it takes out are the over-covering ones.
     model = lds_model(d=16, n_classes=2, n_tokens=8, signal=0.5, gap="tied", seed=17)
-    rows = _default_rows(model, 2, COVERAGE_DRAWS, seed=13)
+    rows = _default_rows(model, 2, COVERAGE_DRAWS, seed=13, interval="jackknife")
     assert 1 - rows["truth"].iloc[0] < 0.005
     covered = (rows["lower"] <= rows["truth"]) & (rows["truth"] <= rows["upper"])
     other = rows["reliable"] | rows["at_bound"]  # the noise, eigengap and [0, 1] conditions
