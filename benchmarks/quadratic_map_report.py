@@ -5,8 +5,8 @@ Input: per-draw frames of `benchmarks/estimator_map.py --estimators richardson -
 columns the device runs kept: the quadratic interval in lower / upper / covered and its flag in reliable,
 the jackknife-t interval in lower_jackknife / upper_jackknife / se_jackknife, the Fieller range of the
 rotation condition in rotation_lower / rotation_upper). The flag as it stands is recomputed from the
-columns: noise, eigengaps, a finite jackknife-t interval meeting [0, 1], not `at_bound` on the jackknife
-SE, and the Fieller range inside the jackknife-t interval. Its rows are a subset of the rows on which the
+columns (`as_it_stands`): noise, eigengaps, a finite jackknife-t interval meeting [0, 1], not `at_bound` on
+the jackknife SE, and the Fieller range inside the jackknife-t interval. Its rows are a subset of the rows on which the
 range was computed (those the quadratic flag's other conditions accept: a row not at_bound has its
 estimate inside [0, 1] by a jackknife SE, so the narrower interval meets [0, 1] too), which the script
 checks.
@@ -29,29 +29,29 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gap_selection_check import _flag_accepted  # noqa: E402
 from rotation_flag_report import BIAS_Z, cell_table  # noqa: E402
 
-from ntps_nb.core.estimators import BOUND_ATOL, BOUND_SE, GAP_MIN, NOISE_MAX  # noqa: E402
 from ntps_nb.core.rotation import STABLE_ATOL  # noqa: E402
 
 #: A cell is "stationary" where its truth lies within this of 0 or 1 (or the reflection family at angle 0).
 EDGE = 0.005
 
 
-def as_it_stands(f: pd.DataFrame) -> pd.Series:
-    """The flag as it stands (`ntps_estimate`'s default interval) from the quadratic frame's columns."""
-    est, se = f["estimate"], f["se_jackknife"]
-    lower, upper = f["lower_jackknife"], f["upper_jackknife"]
-    distance = np.minimum(est, 1 - est)
-    at_bound = ((distance < BOUND_SE * se) | (distance <= BOUND_ATOL)) & np.isfinite(se) & np.isfinite(est)
-    inside = ((f["rotation_lower"] >= lower - STABLE_ATOL) & (f["rotation_upper"] <= upper + STABLE_ATOL))
-    return (np.isfinite(lower) & np.isfinite(upper) & (lower <= 1) & (upper >= 0) & ~at_bound
-            & (f["subspace_noise"] <= NOISE_MAX) & (f["gap_ratio"] >= GAP_MIN) & inside)
-
-
 def jackknife_view(f: pd.DataFrame) -> pd.DataFrame:
-    return f.assign(lower=f["lower_jackknife"], upper=f["upper_jackknife"],
+    """The frame with the jackknife SE and interval in se / lower / upper / covered."""
+    return f.assign(se=f["se_jackknife"], lower=f["lower_jackknife"], upper=f["upper_jackknife"],
                     covered=(f["lower_jackknife"] <= f["truth"]) & (f["truth"] <= f["upper_jackknife"]))
+
+
+def as_it_stands(f: pd.DataFrame) -> pd.Series:
+    """The flag as it stands (the "jackknife" interval's) from the quadratic frame's columns: the flag
+    without the rotation condition (`gap_selection_check._flag_accepted`) on the jackknife view, and the
+    Fieller range inside the jackknife interval."""
+    view = jackknife_view(f)
+    inside = ((f["rotation_lower"] >= view["lower"] - STABLE_ATOL)
+              & (f["rotation_upper"] <= view["upper"] + STABLE_ATOL))
+    return _flag_accepted(view) & inside
 
 
 def load(path: str) -> pd.DataFrame:
