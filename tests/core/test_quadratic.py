@@ -134,7 +134,7 @@ def test_at_a_population_ntps_of_1_the_quadratic_flag_keeps_the_bound_rows_and_i
     # keeps most draws, at_bound ones included, and they cover in [0.85, 0.95] without bias (200 draws:
     # 0.91 of 173 here, mean error -0.0005 with Monte Carlo SE 0.0007 against a quarter-width of 0.010).
     # This is an edge population where the construction works; on others it stays conservative
-    # (docs/estimator.md, "The quadratic interval").
+    # (docs/estimator.md, "The quadratic interval as the default").
     model = lds_model(d=16, n_classes=2, n_tokens=8, signal=0.5, gap="tied", seed=17)
     truth = model.population_ntps([2])[0]
     with warnings.catch_warnings():
