@@ -954,7 +954,7 @@ def ntps_estimate(
     fresh populations at d = 16-256) no cell of its reliable rows covered significantly below 0.85 and
     none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
     third; it stays conservative in part of the stationary cells (e.g. every principal angle at 0: 0.98
-    over 400 draws), and away from them it covers about 0.03 less than the jackknife (0.89 pooled
+    over 400 draws), and away from them it covers about 0.04 less than the jackknife (0.89 pooled
     against 0.93). The "jackknife" flag's calibration (session 26): no cell of the maps or of fresh
     populations (d = 16-576) significantly outside [0.85, 0.95] but at the edges and at angle 0; without
     the rotation condition one design was known where reliable rows under-cover (d = 64, an LDS with 2
