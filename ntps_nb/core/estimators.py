@@ -1012,12 +1012,12 @@ def ntps_estimate(
     ("rotation"), lower_jackknife,
     upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
     """
-    interval = resolve_interval(interval, estimator, len(_as_shards(moment_shards)))
+    shards = _as_shards(moment_shards)
+    interval = resolve_interval(interval, estimator, len(shards))
     if interval == "quadratic":
-        _check_quadratic(moment_shards, estimator, seed)
+        _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
-        shards = _as_shards(moment_shards)
         warn_if_interpolating(shards, estimator, seed=seed, replicates=True)
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
@@ -1031,7 +1031,6 @@ def ntps_estimate(
                                        solve=solve)
         return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol,
                               interval=interval, rotation_flag=rotation_flag)
-    shards = _as_shards(moment_shards)
     _check_estimate_options(shards, level)
     ks = _check_ks(ks)
     if estimator not in ESTIMATORS:
@@ -1110,13 +1109,13 @@ def resolve_interval(interval: str | None, estimator: str, n_shards: int) -> str
     return interval
 
 
-def _check_quadratic(moment_shards: Sequence[Moments], estimator: str, seed: int) -> None:
+def _check_quadratic(shards: list[Moments], estimator: str, seed: int) -> None:
     """Raise the errors ``interval="quadratic"`` raises: an estimator other than "richardson", or a
     split with fewer than `ntps_nb.core.quadratic.MIN_HALF` shards in a half."""
     if estimator != "richardson":
         raise ValueError("interval='quadratic' is derived for estimator='richardson' (its error has no "
                          f"diagonal quadratic term), got estimator={estimator!r}")
-    quadratic_factors(len(_as_shards(moment_shards)), seed)
+    quadratic_factors(len(shards), seed)
 
 
 def _check_estimate_options(shards: list[Moments], level: float) -> None:
@@ -1167,16 +1166,13 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
     se[complete] = np.sqrt((S - 1) / S * np.sum(dev**2, axis=0))
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     lower, upper = estimate - t * se, estimate + t * se
-    finite = np.isfinite(lower) & np.isfinite(upper)
     bias_jackknife = np.full(ks.shape, np.nan)
     bias_jackknife[complete] = (S - 1) * (loo[:, complete].mean(axis=0) - estimate[complete])
     k_u = noise["k_U"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         per_direction = np.maximum(noise["noise_U"].to_numpy() / k_u, noise["noise_V"].to_numpy() / ks)
     gap_ratio = gaps["gap_ratio"].to_numpy()
-    # NTPS lies in [0, 1]: an interval wholly outside it shows a bias beyond the stated uncertainty
-    feasible = (lower <= 1.0) & (upper >= 0.0)
-    reliable = finite & feasible & (per_direction <= noise_max) & (gap_ratio >= gap_min)
+    reliable = flag_conditions(lower, upper, per_direction, gap_ratio, noise_max=noise_max, gap_min=gap_min)
     frame = pd.DataFrame({
         "k": ks, "estimator": estimator, "estimate": estimate, "se": se, "lower": lower, "upper": upper,
         "level": level, "reliability": reliability, "reliable": reliable,
@@ -1186,6 +1182,31 @@ def _estimate_frame(ks: np.ndarray, estimator: str, estimate: np.ndarray, reliab
         **{name: gaps[name].to_numpy() for name in ("gap_U", "gap_V", "gap_ratio_U", "gap_ratio_V", "gap_ratio")},
     })
     return flag_at_bound(frame, bound_se)
+
+
+def flag_conditions(lower: np.ndarray, upper: np.ndarray, subspace_noise: np.ndarray, gap_ratio: np.ndarray, *,
+                    noise_max: float, gap_min: float) -> np.ndarray:
+    """The reliability flag's conditions on a row's interval and data, before the bound and rotation
+    conditions: a finite interval meeting [0, 1] (NTPS lies there: an interval wholly outside it shows a
+    bias beyond the stated uncertainty), subspace noise per direction at most ``noise_max`` and the
+    eigengap ratio at least ``gap_min`` (NaN fails every condition).
+
+    Parameters
+    ----------
+    lower, upper : (K,) the interval's bounds.
+    subspace_noise : (K,) the larger per-direction noise of U and V (`subspace_noise`).
+    gap_ratio : (K,) the smaller eigengap ratio at k (`eigengap_ratios`).
+    noise_max, gap_min : as in `ntps_estimate`.
+
+    Returns
+    -------
+    (K,) bool array.
+    """
+    lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
+    noise, gaps = np.asarray(subspace_noise, dtype=float), np.asarray(gap_ratio, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(lower) & np.isfinite(upper) & (lower <= 1.0) & (upper >= 0.0)
+                & (noise <= noise_max) & (gaps >= gap_min))
 
 
 def flag_at_bound(frame: pd.DataFrame, bound_se: float = BOUND_SE) -> pd.DataFrame:

@@ -237,7 +237,7 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
     The frame with se, lower, upper, reliable and at_bound replaced, and interval ("quadratic"),
     se_jackknife, lower_jackknife, upper_jackknife and quadratic_excess (the variance removed).
     """
-    from ntps_nb.core.estimators import flag_at_bound
+    from ntps_nb.core.estimators import flag_at_bound, flag_conditions
 
     shards = list(moment_shards)
     S = len(shards)
@@ -257,11 +257,8 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     estimate = frame["estimate"].to_numpy(dtype=float)
     lower, upper = estimate - t * se, estimate + t * se
-    with np.errstate(invalid="ignore"):
-        per_direction = frame["subspace_noise"].to_numpy(dtype=float)
-        gap_ratio = frame["gap_ratio"].to_numpy(dtype=float)
-        reliable = (np.isfinite(lower) & np.isfinite(upper) & (lower <= 1.0) & (upper >= 0.0)
-                    & (per_direction <= noise_max) & (gap_ratio >= gap_min))
+    reliable = flag_conditions(lower, upper, frame["subspace_noise"], frame["gap_ratio"], noise_max=noise_max,
+                               gap_min=gap_min)
     out = frame.assign(interval="quadratic", se_jackknife=frame["se"], lower_jackknife=frame["lower"],
                        upper_jackknife=frame["upper"], se=se, lower=lower, upper=upper,
                        quadratic_excess=J - narrowed)
