@@ -38,7 +38,13 @@ import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, _richardson_combination, ntps_estimate  # noqa: E402
+from ntps_nb.core.estimators import (  # noqa: E402
+    GAP_MIN,
+    NOISE_MAX,
+    _richardson_combination,
+    flag_conditions,
+    ntps_estimate,
+)
 from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.quadratic import interaction_T, numpy_plugins, quadratic_factors, quadratic_interval  # noqa: E402
 from ntps_nb.core.rotation import rotation_stability  # noqa: E402
@@ -136,22 +142,19 @@ def one_draw(args) -> pd.DataFrame:
         quadratic = quadratic_interval(shards, frame, level=LEVEL, seed=draw, noise_max=NOISE_MAX, gap_min=GAP_MIN,
                                        solve=numpy_plugins(shards, ks, RANGE_RTOL))
         se_narrow = quadratic["se"].to_numpy()
-        # the flag's conditions other than the bound condition (noise, eigengaps, finite, meets [0, 1]):
-        # at_bound is set whatever the others say, so it is and-ed with them here
-        conditions = ((frame["subspace_noise"] <= NOISE_MAX) & (frame["gap_ratio"] >= GAP_MIN)
-                      & (frame["lower"] <= 1) & (frame["upper"] >= 0))
-        other = (frame["reliable"] | (frame["at_bound"] & conditions)).to_numpy()
+        # the flag's conditions other than the bound condition, on the jackknife interval (at_bound is set
+        # whatever the others say, so the conditions are read directly)
+        other = flag_conditions(frame["lower"], frame["upper"], frame["subspace_noise"], frame["gap_ratio"],
+                                noise_max=NOISE_MAX, gap_min=GAP_MIN)
         as_is = rotation_stability(shards, frame, level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL)
-        narrow = frame.assign(se=se_narrow, lower=frame["estimate"] - t * se_narrow,
-                              upper=frame["estimate"] + t * se_narrow)
-        feasible = (narrow["lower"] <= 1) & (narrow["upper"] >= 0)
-        narrow = rotation_stability(shards, narrow.assign(reliable=other & feasible), level=LEVEL, gap_min=GAP_MIN,
-                                    rtol=RANGE_RTOL)
+        # the quadratic interval's flag: the same conditions on its interval, then the rotation condition
+        narrow = rotation_stability(shards, quadratic, level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL)
     error = frame["estimate"].to_numpy() - truth
     return pd.DataFrame({
         "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
         "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "se": frame["se"],
-        "se_narrow": se_narrow, "quadratic_excess": quadratic["quadratic_excess"], "subspace_noise": frame["subspace_noise"],
+        "se_narrow": se_narrow, "quadratic_excess": quadratic["quadratic_excess"],
+        "subspace_noise": frame["subspace_noise"],
         "gap_ratio": frame["gap_ratio"], "other": other, "at_bound": frame["at_bound"],
         "reliable": as_is["reliable"], "reliable_narrow": narrow["reliable"],
         "covered": np.abs(error) <= t * frame["se"].to_numpy(), "covered_narrow": np.abs(error) <= t * se_narrow,
