@@ -66,6 +66,7 @@ def tally(cells: pd.DataFrame) -> dict:
     z = (cells["bias"].abs() - cells["width"] / 4) / (cells["sd"] / np.sqrt(cells["size"]))
     return {"cells": len(cells), "below": int(cells["below"].sum()), "above": int(cells["above"].sum()),
             "bias >= width/4": int(biased.sum()), "significantly": int((z > BIAS_Z).sum()),
+            "max |bias|/width": round(float((cells["bias"].abs() / cells["width"]).max()), 3) if len(cells) else np.nan,
             "coverage (pooled)": round(cells["sum"].sum() / cells["size"].sum(), 3) if len(cells) else np.nan}
 
 
@@ -117,8 +118,9 @@ def main() -> None:
           f"bias significantly above a quarter of the width: z > {BIAS_Z}; stationary: truth within {EDGE} of 0 or 1, "
           "or the reflection family at angle 0\n")
     print(table.to_string(index=False))
-    totals = table.groupby(["flag", "part"], sort=False)[["rows", "cells", "below", "above", "bias >= width/4",
-                                                         "significantly"]].sum()
+    groups = table.groupby(["flag", "part"], sort=False)
+    totals = groups[["rows", "cells", "below", "above", "bias >= width/4", "significantly"]].sum()
+    totals["max |bias|/width"] = groups["max |bias|/width"].max()
     pooled = pd.DataFrame(stationary_rows).groupby(["flag", "part"], sort=False)[["covered", "rows"]].sum()
     totals["coverage (pooled)"] = (pooled["covered"] / pooled["rows"]).round(3)
     print("\nover all frames (rows in the cells counted):\n" + totals.to_string())
