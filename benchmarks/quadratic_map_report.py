@@ -14,6 +14,11 @@ checks.
 Per frame and flag: rows kept, cells with at least `MIN_ACCEPTED` rows, cells significantly below 0.85 /
 above 0.95 (exact one-sided binomial tests at 2.5%), cells whose |bias| reaches a quarter of the mean
 width as a point value and by more than `BIAS_Z` Monte Carlo SEs; then every cell outside on either flag.
+Frames with a df column (the Satterthwaite interval, session 31) are also read as session 30's
+interval: the Student t on S - 1 degrees of freedom on the same SE, its flag recomputed
+(`session30_view`). Last, the default flag's rows (in the cells counted) by their estimated quadratic share, the part of
+the variance the interval gives the error's quadratic part (`quadratic_share`): the coverage of a cell
+is an average over rows whose variance estimates err in both directions, and this table shows how.
 
     python benchmarks/quadratic_map_report.py benchmarks/results/estimator_map/quadratic_map/*.csv.gz
 """
@@ -26,16 +31,54 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gap_selection_check import _flag_accepted  # noqa: E402
 from rotation_flag_report import BIAS_Z, cell_table  # noqa: E402
 
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, flag_conditions  # noqa: E402
+from ntps_nb.core.quadratic import quadratic_factors  # noqa: E402
 from ntps_nb.core.rotation import STABLE_ATOL  # noqa: E402
 
 #: A cell is "stationary" where its truth lies within this of 0 or 1 (or the reflection family at angle 0).
 EDGE = 0.005
+#: Bins of the estimated quadratic share (the last holds the rows at the interval's floor, share 1).
+SHARE_BINS = [0.0, 0.2, 0.4, 0.6, 0.8, 0.999, 1.0]
+
+
+#: The default interval and flag as the frames hold them.
+DEFAULT = "quadratic, no bound condition"
+
+
+def session30_view(f: pd.DataFrame, n_shards: int, level: float = 0.90) -> tuple[pd.DataFrame, pd.Series]:
+    """Session 30's quadratic interval (the Student t on S - 1 degrees of freedom on the same SE) in
+    lower / upper / covered, and its flag recomputed from the columns: noise, eigengaps, the interval
+    meeting [0, 1], and the rotation condition's Fieller range inside the interval. The range is
+    computed wherever the other conditions hold on the default interval, which is at least as wide, so
+    every row session 30's flag needs has it."""
+    t = scipy.stats.t.ppf((1 + level) / 2, n_shards - 1)
+    lower, upper = f["estimate"] - t * f["se"], f["estimate"] + t * f["se"]
+    inside = (f["rotation_lower"] >= lower - STABLE_ATOL) & (f["rotation_upper"] <= upper + STABLE_ATOL)
+    kept = flag_conditions(lower.to_numpy(), upper.to_numpy(), f["subspace_noise"], f["gap_ratio"],
+                           noise_max=NOISE_MAX, gap_min=GAP_MIN) & inside.to_numpy()
+    view = f.assign(lower=lower, upper=upper, covered=(lower <= f["truth"]) & (f["truth"] <= upper))
+    return view, pd.Series(kept, index=f.index)
+
+
+def quadratic_share(f: pd.DataFrame, n_shards: int) -> pd.Series:
+    """Each row's estimated share of the quadratic part in the quadratic interval's variance.
+
+    With J = se_jackknife^2 and the excess removed J - se^2 = (jackknife - variance) T-hat
+    (`ntps_nb.core.quadratic.quadratic_factors`), the quadratic part's variance is variance T-hat; at
+    the floor (se^2 = J variance / jackknife) the whole variance is the quadratic part's (share 1).
+    The factors depend on the number of shards only, not on the split's seed.
+    """
+    variance, jackknife = quadratic_factors(n_shards, 0)
+    J, se2 = f["se_jackknife"] ** 2, f["se"] ** 2
+    quadratic = (J - se2) * variance / (jackknife - variance)
+    return (quadratic / se2).clip(0.0, 1.0)
 
 
 def jackknife_view(f: pd.DataFrame) -> pd.DataFrame:
@@ -73,15 +116,19 @@ def tally(cells: pd.DataFrame) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("frames", nargs="+")
+    parser.add_argument("--shards", type=int, default=10, help="shards per draw of the frames (estimator_map.py's)")
     args = parser.parse_args()
-    rows, outside, stationary_rows, per_cell = [], [], [], []
+    rows, outside, stationary_rows, per_cell, shares = [], [], [], [], []
     for path in args.frames:
         f = load(path)
         stands = as_it_stands(f)
         if (stands & f["rotation_lower"].isna()).any():
             raise SystemExit(f"{path}: a row the flag as it stands keeps has no Fieller range")
-        for name, view, kept in (("as it stands (jackknife-t)", jackknife_view(f), stands),
-                                 ("quadratic, no bound condition", f, f["reliable"].astype(bool))):
+        views = [("as it stands (jackknife-t)", jackknife_view(f), stands),
+                 (DEFAULT, f, f["reliable"].astype(bool))]
+        if "df" in f.columns:  # frames of the Satterthwaite interval (session 31): session 30's beside it
+            views.append(("quadratic, t on S - 1 (session 30)", *session30_view(f, args.shards)))
+        for name, view, kept in views:
             cells = cell_table(view, kept)
             stationary = view.groupby(["task_family", "task_d", "task_n_classes", "task_gap", "n_over_d", "k",
                                        "estimator", "task_seed"])["stationary"].first().rename("stationary_cell")
@@ -95,7 +142,12 @@ def main() -> None:
                 stationary_rows.append({"flag": name, "part": part, "covered": sub["sum"].sum(),
                                         "rows": sub["size"].sum()})
             z = (cells["bias"].abs() - cells["width"] / 4) / (cells["sd"] / np.sqrt(cells["size"]))
-            if name.startswith("quadratic"):
+            if name == DEFAULT:
+                keys = list(stationary.index.names)
+                counted = view[kept].merge(cells[keys + ["stationary_cell"]], on=keys, how="inner")
+                jk = jackknife_view(counted)["covered"]
+                shares.append(counted[["covered", "stationary_cell"]].assign(
+                    covered_jackknife=jk, share=quadratic_share(counted, args.shards)))
                 for _, c in cells[cells["stationary_cell"]].iterrows():
                     per_cell.append({"family": c["task_family"], "d": c["task_d"], "C": c["task_n_classes"],
                                      "gap": c["task_gap"], "seed": c["task_seed"], "N/d": c["n_over_d"], "k": c["k"],
@@ -128,6 +180,14 @@ def main() -> None:
     print(pd.DataFrame(per_cell).to_string(index=False))
     print("\ncells outside the band, or with |bias| >= a quarter of the width:")
     print(pd.DataFrame(outside).to_string(index=False) if outside else "none")
+    share = pd.concat(shares, ignore_index=True)
+    share["part"] = np.where(share["stationary_cell"], "stationary", "interior")
+    share["estimated share"] = pd.cut(share["share"], SHARE_BINS, include_lowest=True)
+    by_share = share.groupby(["part", "estimated share"], observed=True).agg(
+        rows=("covered", "size"), coverage=("covered", "mean"), jackknife_t=("covered_jackknife", "mean"))
+    print(f"\nthe quadratic flag's rows in the cells counted, by their estimated quadratic share ({args.shards} shards; "
+          "coverage of the quadratic interval and of the jackknife-t interval on the same rows):")
+    print(by_share.round(3).to_string())
 
 
 if __name__ == "__main__":
