@@ -69,8 +69,8 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
 #: How `layer_profile` names `ntps_estimate`'s intervals in its ``interval`` column.
 INTERVAL_NAMES = {
     "jackknife": "delete-one-shard jackknife (Student t), around the estimate",
-    "quadratic": "delete-one-shard jackknife less its excess on the error's quadratic part (Student t), "
-                 "around the estimate",
+    "quadratic": "delete-one-shard jackknife less its excess on the error's quadratic part (Student t on "
+                 "its Satterthwaite degrees of freedom), around the estimate",
     "rotation": "delete-one-shard jackknife (Student t) widened over the rotations of nearly tied pairs",
 }
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).

@@ -925,7 +925,8 @@ def ntps_estimate(
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
 
-    The interval is estimate -/+ t_{S-1, (1+level)/2} * se over the S shards. By default (``interval``
+    The interval is estimate -/+ t_{S-1, (1+level)/2} * se over the S shards (for "quadratic", t on
+    the row's ``df``). By default (``interval``
     None) se is, for "richardson" with at least 4 shards, the delete-one-shard jackknife standard error
     less the jackknife's excess on the quadratic part of the error ("quadratic",
     `ntps_nb.core.quadratic`), and for the other estimators (or 3 shards) the jackknife standard
@@ -949,13 +950,15 @@ def ntps_estimate(
     a row whose estimate lies within ``bound_se`` standard errors of 0 or 1, or past either, is
     ``at_bound`` and not reliable (`flag_at_bound`); the rows it keeps near 0 and 1 are those whose
     estimate fell furthest inside, biased inward by up to a third of the interval's width. The
-    "quadratic" interval removes the excess, and its flag has no bound condition (``at_bound`` is
-    still reported): on the estimator map (docs/estimator.md, "The quadratic interval as the default",
-    fresh populations at d = 16-256) no cell of its reliable rows covered significantly below 0.85 and
+    "quadratic" interval removes the excess, reads its Student t on the Satterthwaite degrees of
+    freedom of the difference (``df``), and its flag has no bound condition (``at_bound`` is still
+    reported): on new populations of the estimator map (docs/estimator.md, "The quadratic interval's
+    degrees of freedom", d = 16-256) no cell of its reliable rows covered significantly below 0.85 and
     none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
-    third; it stays conservative in part of the stationary cells (e.g. every principal angle at 0: 0.98
-    over 400 draws), and away from them it covers about 0.04 less than the jackknife (0.89 pooled
-    against 0.93). The "jackknife" flag's calibration (session 26): no cell of the maps or of fresh
+    third; it stays conservative in part of the stationary cells (e.g. every principal angle at 0:
+    0.98-1.00), and away from them it covers about as the jackknife does (0.92 pooled against 0.93);
+    a nearly tied eigengap at k that the flag lets through in a few draws can still under-cover (0.76
+    on one population). The "jackknife" flag's calibration (session 26): no cell of the maps or of fresh
     populations (d = 16-576) significantly outside [0.85, 0.95] but at the edges and at angle 0; without
     the rotation condition one design was known where reliable rows under-cover (d = 64, an LDS with 2
     classes and moderate eigengaps, k = 1, N/d = 32: the perception eigenvalues at k nearly tied;
@@ -990,9 +993,10 @@ def ntps_estimate(
         selective rotation interval"). The flag does not change. "quadratic" (estimator "richardson",
         at least 4 shards): the jackknife-t interval on a variance without the jackknife's excess on the
         quadratic part of the error (`ntps_nb.core.quadratic`; |A| |B| more plug-ins, 25 at 10 shards,
-        solved on ``device``), and a flag without the bound condition (``at_bound`` is still reported;
-        above). Adds interval ("quadratic"), se_jackknife, lower_jackknife, upper_jackknife and
-        quadratic_excess (the variance removed).
+        solved on ``device``), on the Satterthwaite degrees of freedom of that variance, and a flag
+        without the bound condition (``at_bound`` is still reported; above). Adds interval
+        ("quadratic"), se_jackknife, lower_jackknife, upper_jackknife, quadratic_excess (the variance
+        removed) and df (the t's degrees of freedom).
     rotation_flag : give the flag its rotation condition (default True; False: the flag of the
         estimates stage before it, the committed study units'). Adds rotation_lower, rotation_upper
         (NTPS's range over the Fieller sets, shifted by the estimator's correction; computed on the

@@ -700,6 +700,7 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
                          interval=[f"{level:.0%} delete-one-shard jackknife interval of the {estimator} estimate"
                                    + {"rotation": ", widened over the rotation of nearly tied eigenvector pairs",
                                       "quadratic": ", less the jackknife's excess on the error's quadratic part"
+                                                   " (Student t on its Satterthwaite degrees of freedom)"
                                       }.get(kind, "")
                                    for level, estimator, kind in zip(out["level"], out["estimator"], kinds)])
     else:
