@@ -30,8 +30,8 @@ The difference J - excess is noisier than J where the excess is a large part of 
 25 squared double differences at S = 10): the interval's Student t has the Satterthwaite degrees of
 freedom of that difference (`satterthwaite_df`), J counted on S - 1 and T-hat's variance from a
 delete-one-shard jackknife over the same interactions (`interaction_T_variance`, no further plug-in).
-Without it (sessions 29-30) the rows whose estimated quadratic share of the variance was above 0.2
-covered 0.54-0.83 in interior cells of the map while their cells covered 0.85-0.95 on average
+Without it (sessions 29-30) the rows whose estimated quadratic share of the variance was above 0.2 (not
+at the floor) covered 0.54-0.83 in interior cells of the map while their cells covered 0.85-0.95
 (docs/estimator.md, session 31).
 
 What it does on known truth (docs/estimator.md, sessions 29-31): on a quadratic toy T is recovered
