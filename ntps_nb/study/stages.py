@@ -59,6 +59,11 @@ ADDED_TO_STAGES = ("estimator", "interval_variants", "estimate_interval", "estim
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
 #: when true, so the keys of the units without halves stand.
 HALVES_SETTING = "halves"
+#: How the "quadratic" estimate interval reads its Student t: since session 31 on the Satterthwaite
+#: degrees of freedom of its variance (`ntps_nb.core.quadratic.satterthwaite_df`), before on S - 1.
+#: It enters the estimates stage's key only with ``estimate_interval = "quadratic"``, so that tables
+#: computed before are not read as the current interval's, and the other units' keys stand.
+QUADRATIC_DF_SETTING = ("quadratic_df", "satterthwaite")
 #: Coverage level of the estimates stage's jackknife intervals (`ntps_nb.core.estimators.ntps_estimate`).
 ESTIMATE_LEVEL = 0.90
 #: Fewest shards of a delete-one-shard jackknife interval (`ntps_nb.core.estimators.ntps_estimate`).
@@ -214,6 +219,8 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
                 settings["estimator"] = interval_estimator(cfg)
         if stage.name == "extraction" and keeps_halves(cfg):
             settings[HALVES_SETTING] = True
+        if stage.name == "estimates" and values["estimate_interval"] == "quadratic":
+            settings[QUADRATIC_DF_SETTING[0]] = QUADRATIC_DF_SETTING[1]
         keys[stage.name] = content_key({
             "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
             "study_version": STUDY_VERSION, "model": model, "dataset": dataset_identity(cfg, dataset),

@@ -1416,6 +1416,18 @@ def test_the_quadratic_estimate_interval_needs_richardson_and_narrows_its_jackkn
     assert finite.any() and (narrowed["se"][finite] <= plain["se"][finite] * (1 + 1e-12)).all()
 
 
+def test_the_quadratic_intervals_degrees_of_freedom_key_its_estimates_and_nothing_else(monkeypatch):
+    # tables of the quadratic interval computed on S - 1 degrees of freedom (before session 31) must not be
+    # read as the current interval's: its estimates key names how the t is read; other units' keys stand
+    cfg = study.load_config(STUDIES / "default-richardson.toml")
+    quadratic = dataclasses.replace(cfg, estimate_interval="quadratic")
+    before = [study.stage_keys(c, "smollm2-135m", "trec6") for c in (cfg, quadratic)]
+    monkeypatch.setattr(study.stages, "QUADRATIC_DF_SETTING", ("quadratic_df", "another reading"))
+    after = [study.stage_keys(c, "smollm2-135m", "trec6") for c in (cfg, quadratic)]
+    assert after[0] == before[0]
+    assert {name for name in before[1] if after[1][name] != before[1][name]} == {"estimates"}
+
+
 def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
     """``extends`` reads the named TOML's [study] table under this one: the default-richardson
     study is the default study's grid and settings but for its estimator and name."""
