@@ -1,4 +1,4 @@
-"""The quadratic interval with and without its Satterthwaite degrees of freedom (issue 21, item 4;
+r"""The quadratic interval with and without its Satterthwaite degrees of freedom (issue 21, item 4;
 docs/estimator.md, session 31).
 
 The quadratic interval's variance J - (jackknife - variance) T-hat is a difference of two noisy
@@ -19,8 +19,10 @@ Without --grid: five d = 16 cells (interior LDS and reflection cells, an edge ce
 inside (0, 1)); with --grid the d = 16 map's designs (factor and LDS, C = 2 / 6 / 20, three eigengap
 regimes, k = 1, 2, 4, 8; the reflection family at its default angle and at 0).
 
-    python benchmarks/quadratic_df_check.py --draws 400 --seed 201 --processes 2 --out benchmarks/results/estimator_map/quadratic_map/df_check
-    python benchmarks/quadratic_df_check.py --grid --draws 200 --seed 202 --processes 2 --out benchmarks/results/estimator_map/quadratic_map/df_check
+    python benchmarks/quadratic_df_check.py --draws 400 --seed 201 --processes 2 \
+        --out benchmarks/results/estimator_map/quadratic_map/df_check
+    python benchmarks/quadratic_df_check.py --grid --draws 200 --seed 202 --processes 2 \
+        --out benchmarks/results/estimator_map/quadratic_map/df_check
 """
 
 from __future__ import annotations

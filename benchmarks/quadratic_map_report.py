@@ -185,7 +185,8 @@ def main() -> None:
     share["estimated share"] = pd.cut(share["share"], SHARE_BINS, include_lowest=True)
     by_share = share.groupby(["part", "estimated share"], observed=True).agg(
         rows=("covered", "size"), coverage=("covered", "mean"), jackknife_t=("covered_jackknife", "mean"))
-    print(f"\nthe quadratic flag's rows in the cells counted, by their estimated quadratic share ({args.shards} shards; "
+    print("\nthe quadratic flag's rows in the cells counted, by their estimated quadratic share "
+          f"({args.shards} shards; "
           "coverage of the quadratic interval and of the jackknife-t interval on the same rows):")
     print(by_share.round(3).to_string())
 

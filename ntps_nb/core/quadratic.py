@@ -240,24 +240,6 @@ def satterthwaite_df(J: np.ndarray, excess: np.ndarray, excess_variance: np.ndar
     return np.where(np.isnan(J), np.nan, df)
 
 
-def quadratic_excess(pooled: np.ndarray, left_out: np.ndarray, contrasts: np.ndarray, n_shards: int,
-                     seed: int) -> tuple[np.ndarray, float, float]:
-    """The jackknife's expected excess on the quadratic part, (jackknife - variance) T at each k.
-
-    Parameters
-    ----------
-    pooled, left_out, contrasts, n_shards, seed : as in `interactions`.
-
-    Returns
-    -------
-    (excess, variance, jackknife) : (K,) the excess to remove from the jackknife variance (NaN where
-        a plug-in is NaN), and `quadratic_factors`.
-    """
-    variance, jackknife = quadratic_factors(n_shards, seed)
-    T = interaction_T(interactions(pooled, left_out, contrasts, n_shards, seed))
-    return (jackknife - variance) * T, variance, jackknife
-
-
 def numpy_plugins(moment_shards: Sequence[Moments], ks: np.ndarray, rtol: float
                   ) -> Callable[[np.ndarray], np.ndarray]:
     """A solver of `quadratic_interval`: the theory plug-in at ``ks`` on each row of a count matrix, in numpy.
@@ -294,12 +276,13 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
                        pooled: np.ndarray | None = None, left_out: np.ndarray | None = None) -> pd.DataFrame:
     """`ntps_estimate`'s richardson frame with the quadratic interval and its flag.
 
-    The standard error becomes sqrt(max(J - excess, J variance / jackknife)) (`quadratic_excess`), the
-    interval the Student-t interval on it with the Satterthwaite degrees of freedom of J - excess
-    (`satterthwaite_df`: the excess' variance from `interaction_T_variance`; S - 1 at the floor); ``reliable`` is the flag's conditions on that interval
-    without the bound condition: a finite interval meeting [0, 1], subspace noise per direction at
-    most ``noise_max`` and the eigengap ratio at least ``gap_min`` (the rotation condition, where
-    asked, is applied after, on this interval). ``at_bound`` is recomputed on the new standard error
+    The standard error becomes sqrt(max(J - excess, J variance / jackknife)), the excess (jackknife -
+    variance) T-hat (`quadratic_factors`, `interactions`, `interaction_T`), the interval the Student-t
+    interval on it with the Satterthwaite degrees of freedom of J - excess (`satterthwaite_df`: the
+    excess' variance from `interaction_T_variance`; S - 1 at the floor); ``reliable`` is the flag's
+    conditions on that interval without the bound condition: a finite interval meeting [0, 1],
+    subspace noise per direction at most ``noise_max`` and the eigengap ratio at least ``gap_min``
+    (the rotation condition, where asked, is applied after, on this interval). ``at_bound`` is recomputed on the new standard error
     and reported, not and-ed in.
 
     Parameters
