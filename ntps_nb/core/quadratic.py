@@ -39,7 +39,7 @@ within Monte Carlo error and the interval covers 0.86-0.95 where the quadratic p
 several directions; on the generators it brings part of the stationary cells into [0.85, 0.95],
 unbiased, and leaves the rest conservative (there |error| / SE is not Student's t: the SE grows with
 the error, or the error is peaked); with the degrees of freedom, away from stationary points it covers
-about as the plain jackknife does (0.92 pooled on the map, session 31; 0.89 without them).
+about as the plain jackknife does (0.92 pooled on the map, session 31; 0.88 without them).
 """
 
 from __future__ import annotations
