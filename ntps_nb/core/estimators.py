@@ -953,7 +953,7 @@ def ntps_estimate(
     "quadratic" interval removes the excess, reads its Student t on the Satterthwaite degrees of
     freedom of the difference (``df``), and its flag has no bound condition (``at_bound`` is still
     reported): on new populations of the estimator map (docs/estimator.md, "The quadratic interval's
-    degrees of freedom", d = 16-256) no cell of its reliable rows covered significantly below 0.85 and
+    degrees of freedom", d = 16-576) no cell of its reliable rows covered significantly below 0.85 and
     none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
     third; it stays conservative in part of the stationary cells (e.g. every principal angle at 0:
     0.96-1.00), and away from them it covers about as the jackknife does (0.92 pooled against 0.93);
