@@ -41,7 +41,7 @@ import scipy.stats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
-from quadratic_map_report import SHARE_BINS, quadratic_share, session30_view  # noqa: E402
+from quadratic_map_report import EDGE, SHARE_BINS, quadratic_share, session30_view  # noqa: E402
 
 from ntps_nb.core.estimators import ntps_estimate  # noqa: E402
 from ntps_nb.core.simulate import factor_model, lds_model, reflection_model, sample_shards  # noqa: E402
@@ -52,8 +52,6 @@ LEVEL = 0.90
 #: The columns of `ntps_estimate` each draw keeps.
 COLUMNS = ["k", "estimate", "se", "lower", "upper", "df", "reliable", "se_jackknife", "quadratic_excess",
            "subspace_noise", "gap_ratio", "rotation_lower", "rotation_upper"]
-#: A cell is stationary where its truth lies within this of 0 or 1 (or the reflection family at angle 0).
-EDGE = 0.005
 
 
 def cells(seed: int) -> dict:
@@ -111,9 +109,9 @@ def _run(task: tuple) -> str:
     name, make, ks, n_draws, seed, path = task
     if not path.exists():  # one file per cell: a run cut short keeps its finished cells
         frame = draws(name, make(), ks, n_draws, seed)
-        partial = path.with_name(path.name + ".partial")
-        frame.to_csv(partial, index=False, compression="gzip")
-        partial.replace(path)
+        unfinished = path.with_name(path.name + ".partial")
+        frame.to_csv(unfinished, index=False, compression="gzip")
+        unfinished.replace(path)
     return name
 
 

@@ -1,7 +1,8 @@
 """Does removing the jackknife's excess on the quadratic part of the error make the interval cover
 at stationary points of NTPS? (issue 21, item 4; docs/estimator.md, "A variance without the
 quadratic excess", session 29; the construction is the package's since session 30,
-`ntps_nb.core.quadratic`, `ntps_estimate(interval="quadratic")`.)
+`ntps_nb.core.quadratic`, `ntps_estimate(interval="quadratic")`, which since session 31 reads its t on
+the Satterthwaite degrees of freedom: this script rebuilds session 29's t on S - 1 and its flag.)
 
 Where the population NTPS is stationary (at 0 or 1, or inside (0, 1) with every principal angle at
 0 or 90 degrees) the estimate's error is quadratic in the shards' noise, and the delete-one-shard
@@ -142,6 +143,13 @@ def one_draw(args) -> pd.DataFrame:
         quadratic = quadratic_interval(shards, frame, level=LEVEL, seed=draw, noise_max=NOISE_MAX, gap_min=GAP_MIN,
                                        solve=numpy_plugins(shards, ks, RANGE_RTOL))
         se_narrow = quadratic["se"].to_numpy()
+        # this script measures session 29's construction: the Student t on S - 1 degrees of freedom (the
+        # package's interval reads it on the Satterthwaite degrees of freedom since session 31), its flag's
+        # conditions on that interval
+        estimate = quadratic["estimate"].to_numpy()
+        lower, upper = estimate - t * se_narrow, estimate + t * se_narrow
+        quadratic = quadratic.assign(lower=lower, upper=upper, reliable=flag_conditions(
+            lower, upper, quadratic["subspace_noise"], quadratic["gap_ratio"], noise_max=NOISE_MAX, gap_min=GAP_MIN))
         # the flag's conditions other than the bound condition, on the jackknife interval (at_bound is set
         # whatever the others say, so the conditions are read directly)
         other = flag_conditions(frame["lower"], frame["upper"], frame["subspace_noise"], frame["gap_ratio"],

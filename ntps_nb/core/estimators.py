@@ -926,10 +926,9 @@ def ntps_estimate(
     """Estimate, standard error, Student-t interval and reliability flag at each k.
 
     The interval is estimate -/+ t_{S-1, (1+level)/2} * se over the S shards (for "quadratic", t on
-    the row's ``df``). By default (``interval``
-    None) se is, for "richardson" with at least 4 shards, the delete-one-shard jackknife standard error
-    less the jackknife's excess on the quadratic part of the error ("quadratic",
-    `ntps_nb.core.quadratic`), and for the other estimators (or 3 shards) the jackknife standard
+    the row's ``df``). By default (``interval`` None) se is, for "richardson" with at least 4 shards,
+    the delete-one-shard jackknife standard error less the jackknife's excess on the quadratic part of
+    the error ("quadratic", `ntps_nb.core.quadratic`), and for the other estimators (or 3 shards) the jackknife standard
     error itself ("jackknife"; S more evaluations of the estimator; NaN at a k where a replicate
     fails). ``reliable`` says whether the number can be read as an estimate of the population NTPS
     with that interval: True when the interval is finite and the subspaces are in the regime where

@@ -26,8 +26,8 @@ contrasts are (z_i - z_k)'H(z_j - z_l): the unknown population drops out (|A| |B
 S = 10). The variance is max(J - (jackknife - variance) T, J variance / jackknife), J the jackknife's:
 at most the whole excess is removed, and never more than a purely quadratic error would have.
 
-The difference J - excess is noisier than J where the excess is a large part of it (T-hat is a mean of
-25 squared double differences at S = 10): the interval's Student t has the Satterthwaite degrees of
+The difference J - excess is noisier than J where the excess is a large part of it (T-hat comes from the
+interactions of 5 x 5 shard pairs at S = 10): the interval's Student t has the Satterthwaite degrees of
 freedom of that difference (`satterthwaite_df`), J counted on S - 1 and T-hat's variance from a
 delete-one-shard jackknife over the same interactions (`interaction_T_variance`, no further plug-in).
 Without it (sessions 29-30) the rows whose estimated quadratic share of the variance was above 0.2 (not
