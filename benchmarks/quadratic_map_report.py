@@ -118,9 +118,10 @@ def main() -> None:
     parser.add_argument("frames", nargs="+")
     parser.add_argument("--shards", type=int, default=10, help="shards per draw of the frames (estimator_map.py's)")
     args = parser.parse_args()
-    rows, outside, stationary_rows, per_cell, shares = [], [], [], [], []
+    rows, outside, stationary_rows, per_cell, shares, accepted = [], [], [], [], [], []
     for path in args.frames:
         f = load(path)
+        accepted.append(f[["task_d", "n_over_d", "reliable", "covered"]])
         stands = as_it_stands(f)
         if (stands & f["rotation_lower"].isna()).any():
             raise SystemExit(f"{path}: a row the flag as it stands keeps has no Fieller range")
@@ -189,6 +190,11 @@ def main() -> None:
           f"({args.shards} shards; "
           "coverage of the quadratic interval and of the jackknife-t interval on the same rows):")
     print(by_share.round(3).to_string())
+    by_size = pd.concat(accepted, ignore_index=True).groupby(["task_d", "n_over_d"]).agg(
+        rows=("covered", "size"), reliable=("reliable", "sum"), coverage_every_row=("covered", "mean"))
+    print("\nthe default flag by d and N/d, every frame's rows (coverage_every_row: the default interval with "
+          "the flag ignored):")
+    print(by_size.round(3).to_string())
 
 
 if __name__ == "__main__":
