@@ -44,6 +44,7 @@ about as the plain jackknife does (0.92 pooled on the map, session 31; 0.88 with
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Sequence
 
@@ -78,6 +79,7 @@ def _richardson_coefficients(n_shards: int, a: np.ndarray, b: np.ndarray, drop: 
     return _coefficients(weights, combination)
 
 
+@functools.lru_cache(maxsize=64)  # a function of the split alone; ntps_estimate asks for it twice a call
 def quadratic_factors(n_shards: int, seed: int) -> tuple[float, float]:
     """Richardson's quadratic error against T = tr((H Omega)^2), exactly, for equal shards.
 

@@ -1,0 +1,165 @@
+"""The default interval on a linear-plus-quadratic toy with known truth, by the quadratic part's rank and
+share; and an unbiased variance of T-hat in place of its jackknife (issue 21, item 4; docs/estimator.md,
+session 32).
+
+The toy is the statistic F(x) = g'x + x'Hx / 2 of S = 10 equal shards' means (x the pooled mean's
+deviation from the population, standard normal per shard), truth F(0) = 0: the local model the
+quadratic interval is derived for (`ntps_nb.core.quadratic`). H = -I on r directions (``--signs mixed``:
+alternating signs, a saddle) and g along one further direction, scaled so that the quadratic part is
+the given share of richardson's variance: share 1 is a stationary point.
+
+Printed, per (signs, r, share): the coverage of the default interval (`quadratic_interval`, Satterthwaite
+degrees of freedom on T-hat's delete-one-shard jackknife variance), of the same interval with T-hat's
+variance estimated without bias (`unbiased_T_variance`, below; negative estimates read as 0), of the
+jackknife-t interval; the 90% quantile of |error| / SE against the median t; the share of rows whose t
+has S - 1 degrees of freedom (at the floor, or capped). Before that, the two variances of T-hat against
+T-hat's variance across draws (purely quadratic toys).
+
+The unbiased variance: T-hat is a two-sample U-statistic of degree (2, 2) over the shards of the two
+halves (the mean of h = (z_i - z_k)'H(z_j - z_l)^2 / 4 over pairs i, k of one half and j, l of the
+other). E[T-hat^2] - theta^2 is its variance, and theta^2 has the unbiased estimate Q, the mean of
+h(q) h(q') over pairs of quadruples q, q' that share no shard (each half needs 4 shards), so T-hat^2 - Q
+is unbiased; the jackknife's expectation exceeds the variance (Efron-Stein).
+
+    python benchmarks/quadratic_toy_check.py --draws 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ntps_nb.core import quadratic  # noqa: E402
+from ntps_nb.core.estimators import _richardson_combination, split_halves  # noqa: E402
+
+S = 10
+LEVEL = 0.90
+N_TEXTS = 50  # texts per shard: only the shares matter
+
+
+def unbiased_T_variance(G: np.ndarray) -> np.ndarray:
+    """T-hat^2 less the unbiased estimate of T^2 from pairs of disjoint quadruples (each half needs 4 shards)."""
+    G = np.asarray(G, dtype=np.float64)
+    pairs_a = list(itertools.combinations(range(G.shape[0]), 2))
+    pairs_b = list(itertools.combinations(range(G.shape[1]), 2))
+    h = np.array([[(G[i, j] - G[i, m] - G[k, j] + G[k, m]) ** 2 / 4 for j, m in pairs_b] for i, k in pairs_a])
+    disjoint_a = np.array([[not set(p) & set(q) for q in pairs_a] for p in pairs_a], dtype=float)
+    disjoint_b = np.array([[not set(p) & set(q) for q in pairs_b] for p in pairs_b], dtype=float)
+    if not disjoint_a.any() or not disjoint_b.any():
+        raise ValueError(f"the unbiased variance needs at least 4 shards in each half, got {G.shape[:2]}")
+    T_hat = h.mean(axis=(0, 1))
+    Q = np.einsum("ab,cd,ac...,bd...->...", disjoint_a, disjoint_b, h, h) / (disjoint_a.sum() * disjoint_b.sum())
+    return T_hat ** 2 - Q
+
+
+def _plugins(z: np.ndarray, F, counts: np.ndarray) -> np.ndarray:
+    """F on each count row's pooling of the shard means; z is (draws, S, p); returns (rows, draws)."""
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    return np.array([F(np.einsum("s,nsp->np", row, z)) for row in shares])
+
+
+def _richardson(z: np.ndarray, F, a, b, drop=None) -> np.ndarray:
+    parts = [[i for i in range(S) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
+    values = [F(z[:, part].mean(axis=1)) for part in parts]
+    return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
+
+
+def toy(r: int, share: float, signs: str, draws: int, seed: int):
+    """Draws of the toy: its F, the shard deviations z (draws, S, r + 1), richardson's estimate and jackknife SE."""
+    rng = np.random.default_rng([seed, r, round(share * 1000), signs == "mixed"])
+    h = -np.ones(r)
+    if signs == "mixed":
+        h[::2] = 1.0
+    H = np.diag(np.r_[0.0, h])
+    g = np.zeros(r + 1)
+    if share < 1:  # linear variance 1 / S against the quadratic's r / S^2 (T = r)
+        g[0] = np.sqrt(r / S * (1 - share) / share)
+
+    def F(x):
+        return x @ g + 0.5 * np.einsum("...i,ij,...j->...", x, H, x)
+
+    z = rng.standard_normal((draws, S, r + 1))
+    a, b = split_halves(S, 0)
+    estimate = _richardson(z, F, a, b)
+    loo = np.array([_richardson(z, F, a, b, drop=i) for i in range(S)])
+    se = np.sqrt((S - 1) / S * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
+    return F, z, estimate, se
+
+
+def interval(F, z, estimate, se, T_variance) -> pd.DataFrame:
+    """`quadratic_interval` on the toy's draws (one row each), with T-hat's variance from ``T_variance``."""
+    t = scipy.stats.t.ppf((1 + LEVEL) / 2, S - 1)
+    frame = pd.DataFrame({"k": np.arange(len(estimate)), "estimator": "richardson", "estimate": estimate, "se": se,
+                          "lower": estimate - t * se, "upper": estimate + t * se, "subspace_noise": 0.0,
+                          "gap_ratio": np.inf})
+    default = quadratic.interaction_T_variance
+    quadratic.interaction_T_variance = T_variance
+    try:
+        return quadratic.quadratic_interval([types.SimpleNamespace(n_texts=N_TEXTS)] * S, frame, level=LEVEL, seed=0,
+                                            noise_max=1.0, gap_min=0.0, solve=lambda counts: _plugins(z, F, counts))
+    finally:
+        quadratic.interaction_T_variance = default
+
+
+def variance_table(draws: int, seed: int) -> pd.DataFrame:
+    rows = []
+    for r in (1, 2, 5, 20):
+        F, z, _, _ = toy(r, 1.0, "same", draws, seed)
+        counts, _, _ = quadratic.contrast_counts(np.full(S, N_TEXTS), 0)
+        base = _plugins(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]))
+        G = quadratic.interactions(base[0], base[1:], _plugins(z, F, counts), S, 0)
+        T_hat, jack, unbiased = quadratic.interaction_T(G), quadratic.interaction_T_variance(G), unbiased_T_variance(G)
+        rows.append({"r (= T)": r, "T-hat mean": T_hat.mean(), "Var(T-hat) across draws": T_hat.var(),
+                     "jackknife: mean": jack.mean(), "jackknife: SD": jack.std(), "unbiased: mean": unbiased.mean(),
+                     "unbiased: SD": unbiased.std(), "unbiased < 0": (unbiased < 0).mean()})
+    return pd.DataFrame(rows)
+
+
+def coverage_table(draws: int, seed: int) -> pd.DataFrame:
+    t = scipy.stats.t.ppf((1 + LEVEL) / 2, S - 1)
+    rows = []
+    for signs in ("same", "mixed"):
+        for r in (1, 2, 4, 8):
+            if signs == "mixed" and r == 1:
+                continue
+            for share in (1.0, 0.8, 0.5, 0.2):
+                F, z, estimate, se = toy(r, share, signs, draws, seed)
+                out = interval(F, z, estimate, se, quadratic.interaction_T_variance)
+                unbiased = interval(F, z, estimate, se, lambda G: np.maximum(unbiased_T_variance(G), 0.0))
+                pivot = np.abs(estimate) / out["se"]
+                rows.append({"signs": signs, "r": r, "share": share,
+                             "default": ((out["lower"] <= 0) & (0 <= out["upper"])).mean(),
+                             "unbiased Var(T-hat)": ((unbiased["lower"] <= 0) & (0 <= unbiased["upper"])).mean(),
+                             "jackknife-t": (np.abs(estimate) <= t * se).mean(),
+                             "q90 |error|/SE": np.quantile(pivot, 0.9),
+                             "median t": np.median(scipy.stats.t.ppf((1 + LEVEL) / 2, out["df"])),
+                             "df = S - 1": (out["df"] == S - 1).mean(),
+                             "width ratio (unbiased / default)": np.median((unbiased["upper"] - unbiased["lower"])
+                                                                           / (out["upper"] - out["lower"]))})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pd.set_option("display.width", 250)
+    se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
+    print(f"{args.draws} draws per row, S = {S}; binomial SE of a coverage at 0.90: {se:.3f}\n")
+    print("T-hat's variance, purely quadratic toys (H = -I on r directions):")
+    print(variance_table(args.draws, args.seed).round(3).to_string(index=False))
+    print("\ncoverage (nominal 0.90; truth 0) by the quadratic part's rank r, signs and share of the variance:")
+    print(coverage_table(args.draws, args.seed).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
