@@ -137,6 +137,26 @@ def main() -> None:
     print(pd.DataFrame(rows).to_string(index=False))
     print("\ncells outside the band:")
     print(pd.DataFrame(outside).to_string(index=False) if outside else "none")
+    print("\nstep 3 on the rows of step 2, by how far the Fieller range leaves the interval (in half-widths; 0: "
+          "inside) and by the eigengap ratio, every row of step 2: rows and coverage, stationary and interior "
+          "cells apart")
+    print(rotation_bins(f, kept["2. and meets [0, 1]"]).to_string())
+
+
+def rotation_bins(f: pd.DataFrame, meets: pd.Series) -> pd.DataFrame:
+    """Rows meeting step 2, by how far the Fieller range leaves the interval (0: step 3 keeps the row) and
+    by the eigengap ratio, the rows step 3 keeps and drops apart."""
+    d = f[meets]
+    raw = np.maximum(d["lower"] - d["rotation_lower"], d["rotation_upper"] - d["upper"])
+    beyond = np.where(raw <= STABLE_ATOL, 0.0, raw / ((d["upper"] - d["lower"]) / 2))
+    d = d.assign(part=np.where(d["stationary"], "stationary", "interior"), kept=beyond == 0,
+                 range_beyond=pd.cut(beyond, [-np.inf, 0.0, 0.25, 0.5, 1.0, np.inf]),
+                 gap_ratio_bin=pd.cut(d["gap_ratio"], [GAP_MIN, 7, 10, 20, np.inf], include_lowest=True))
+    tables = []
+    for by in ("range_beyond", "gap_ratio_bin"):
+        t = d.groupby(["part", "kept", by], observed=True)["covered"].agg(["size", "mean"]).round(3)
+        tables.append(t.rename_axis(["part", "kept", "bin"]).assign(by=by).set_index("by", append=True))
+    return pd.concat(tables).reorder_levels(["by", "part", "kept", "bin"])
 
 
 if __name__ == "__main__":
