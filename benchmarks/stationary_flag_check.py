@@ -10,8 +10,10 @@ This check follows the flag's conditions one at a time on the same rows:
      stands; the script checks that step 3 reproduces the frames' `reliable` column).
 For each step it gives per cell (design x k, >= `MIN_ACCEPTED` rows) the coverage of the rows kept and of the
 rows the step drops, and cells significantly outside [0.85, 0.95] (exact one-sided binomial tests at
-2.5%), stationary and interior cells apart. Two variants of the last step beside it: no rotation
-condition, and the rotation condition against the jackknife-t interval instead.
+2.5%), stationary and interior cells apart. Variants of the last step beside it: no rotation
+condition; the rotation condition against the jackknife-t interval; against only the range's
+first-order part; and the hull, which keeps every row of step 2 with a Fieller range and widens its
+interval over the range instead of dropping it.
 
 Input: frames of `estimator_map.py --interval quadratic` (the map's reduced columns, e.g.
 `quadratic_map/satterthwaite/`, `quadratic_map/more/`'s LDS file) and of `quadratic_df_check.py`
@@ -88,6 +90,16 @@ def steps(f: pd.DataFrame) -> dict[str, pd.Series]:
             "variant: rotation, first-order part": meets & inside_first}
 
 
+def hull(f: pd.DataFrame) -> pd.DataFrame:
+    """The frame with the interval widened over the Fieller range wherever the range was computed (the
+    rotation hull of "Why the near-tied design fails", on the default interval): the variant that keeps
+    the rows step 3 drops, with a wider interval, instead of dropping them."""
+    ranged = f["rotation_lower"].notna()
+    lower = np.where(ranged, np.minimum(f["lower"], f["rotation_lower"]), f["lower"])
+    upper = np.where(ranged, np.maximum(f["upper"], f["rotation_upper"]), f["upper"])
+    return f.assign(lower=lower, upper=upper, covered=(lower <= f["truth"]) & (f["truth"] <= upper))
+
+
 def band(f: pd.DataFrame, kept: pd.Series) -> pd.DataFrame:
     """Per cell of the kept rows (>= MIN_ACCEPTED): rows, covered, and the band tests."""
     g = f[kept].groupby(["cell", "k"]).agg(rows=("covered", "size"), covered=("covered", "sum"),
@@ -108,8 +120,10 @@ def main() -> None:
         raise SystemExit(f"step 3 differs from the frames' reliable column on {mismatch} rows")
     rows, outside = [], []
     previous = None
+    widened = hull(f)
+    kept["variant: hull instead of rotation"] = kept["2. and meets [0, 1]"] & f["rotation_lower"].notna()
     for name, rows_kept in kept.items():
-        cells = band(f, rows_kept)
+        cells = band(widened if "hull" in name else f, rows_kept)
         dropped = (previous & ~rows_kept) if previous is not None and name[0].isdigit() else None
         for part, m in (("stationary", cells["stationary"]), ("interior", ~cells["stationary"])):
             c = cells[m]
