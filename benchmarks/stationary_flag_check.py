@@ -155,6 +155,11 @@ def main() -> None:
           "inside) and by the eigengap ratio, every row of step 2: rows and coverage, stationary and interior "
           "cells apart")
     print(rotation_bins(f, kept["2. and meets [0, 1]"]).to_string())
+    meets = kept["2. and meets [0, 1]"]
+    d = f[meets].assign(kept=kept["3. and rotation (the flag)"][meets], width=f["upper"] - f["lower"])
+    d["relative width"] = d["width"] / d.groupby(["cell", "k"])["width"].transform("median")
+    print("\nthe interval's width against its cell's median, rows of step 2 that step 3 keeps and drops (median):")
+    print(d.groupby(["stationary", "kept"])["relative width"].median().round(2).to_string())
 
 
 def rotation_bins(f: pd.DataFrame, meets: pd.Series) -> pd.DataFrame:
