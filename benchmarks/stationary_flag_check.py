@@ -13,7 +13,9 @@ rows the step drops, and cells significantly outside [0.85, 0.95] (exact one-sid
 2.5%), stationary and interior cells apart. Variants of the last step beside it: no rotation
 condition; the rotation condition against the jackknife-t interval; against only the range's
 first-order part; and the hull, which keeps every row of step 2 with a Fieller range and widens its
-interval over the range instead of dropping it.
+interval over the range instead of dropping it. Last, the rows of step 2 by how far the Fieller range
+leaves the interval and by eigengap ratio, and the widths of the rows step 3 keeps and drops against
+their cell's median width.
 
 Input: frames of `estimator_map.py --interval quadratic` (the map's reduced columns, e.g.
 `quadratic_map/satterthwaite/`, `quadratic_map/more/`'s LDS file) and of `quadratic_df_check.py`
