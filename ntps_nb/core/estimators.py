@@ -955,7 +955,7 @@ def ntps_estimate(
     degrees of freedom", d = 16-576) no cell of its reliable rows covered significantly below 0.85 and
     none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
     third; its reliable rows stay conservative in part of the stationary cells (e.g. every principal
-    angle at 0: 0.96-1.00; mostly the rotation condition's selection, docs/estimator.md, session 32),
+    angle at 0: 0.96-1.00; mostly the flag's selection, docs/estimator.md, session 32),
     and away from them it covers about as the jackknife does (0.92 pooled);
     a nearly tied eigengap at k that the flag lets through in a few draws can still under-cover (0.76
     on one population). The "jackknife" flag's calibration (session 26): no cell of the maps or of fresh
