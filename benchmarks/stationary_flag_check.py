@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
 from quadratic_map_report import EDGE  # noqa: E402
 
-from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX  # noqa: E402
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, flag_conditions  # noqa: E402
 from ntps_nb.core.rotation import STABLE_ATOL  # noqa: E402
 
 SHARDS = 10
@@ -73,10 +73,12 @@ def load(path: str) -> pd.DataFrame:
 
 
 def steps(f: pd.DataFrame) -> dict[str, pd.Series]:
-    """The rows each step of the flag keeps, and the two variants of its last step."""
+    """The rows each step of the flag keeps, and variants of its last step (the hull is added in `main`)."""
     candidate = ((f["subspace_noise"] <= NOISE_MAX) & (f["gap_ratio"] >= GAP_MIN)
                  & np.isfinite(f["lower"]) & np.isfinite(f["upper"]))
-    meets = candidate & (f["lower"] <= 1) & (f["upper"] >= 0)
+    # step 2 is the package's own conditions before the rotation condition: the candidates and [0, 1]
+    meets = pd.Series(flag_conditions(f["lower"], f["upper"], f["subspace_noise"], f["gap_ratio"],
+                                      noise_max=NOISE_MAX, gap_min=GAP_MIN), index=f.index)
     inside = (f["rotation_lower"] >= f["lower"] - STABLE_ATOL) & (f["rotation_upper"] <= f["upper"] + STABLE_ATOL)
     inside_jackknife = ((f["rotation_lower"] >= f["lower_jackknife"] - STABLE_ATOL)
                         & (f["rotation_upper"] <= f["upper_jackknife"] + STABLE_ATOL))

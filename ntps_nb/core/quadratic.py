@@ -41,8 +41,8 @@ unbiased, and leaves the rest conservative (there |error| / SE is not Student's 
 the error, or the error is peaked); with the degrees of freedom, away from stationary points it covers
 about as the plain jackknife does (0.92 pooled on the map, session 31; 0.88 without them). Session 32:
 on every row meeting the flag's noise and eigengap conditions the stationary cells of the map and of the
-d = 16 checks cover 0.93, none above 0.95; the conservative cells are the flag's selection, and on the local model
-itself the interval over-covers only where the quadratic part has rank 1 or 2 (0.97-0.99).
+d = 16 checks cover 0.93-0.95, none above 0.95; the conservative cells are the flag's selection, and on
+the local model itself the interval over-covers only where the quadratic part has rank 1 or 2 (0.97-0.99).
 """
 
 from __future__ import annotations
