@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--min-n", type=int, default=0,
                         help="the drift is measured from the smallest N at or above this (default: the smallest)")
     parser.add_argument("--figure", help="with --from-csv: draw estimate against N per dataset and k to this PNG")
+    parser.add_argument("--series", nargs="+", metavar="ESTIMATOR:INTERVAL",
+                        help="with --from-csv: keep only these (estimator, interval) pairs, e.g. plugin:jackknife "
+                             "richardson:quadratic (rows of runs before --interval count as jackknife)")
     parser.add_argument("--shard-cache", help="folder keeping each dataset's last-layer shard moments (pickle): "
                         "written after its forward pass, read instead of the pass when present")
     parser.add_argument("--device", default="cpu",
@@ -87,6 +90,17 @@ def main() -> None:
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
         frame = pd.concat([pd.read_csv(path) for path in args.from_csv], ignore_index=True)
+        frame = frame.assign(interval=frame["interval"].fillna("jackknife") if "interval" in frame else "jackknife")
+        if args.series:
+            kept = frame["estimator"] + ":" + frame["interval"]
+            missing = sorted(set(args.series) - set(kept))
+            if missing:
+                raise SystemExit(f"--series {missing}: no such rows (the files hold {sorted(set(kept))})")
+            frame = frame[kept.isin(args.series)]
+        duplicated = frame.duplicated(["dataset", "estimator", "interval", "k", "n_texts"])
+        if duplicated.any():
+            raise SystemExit(f"{int(duplicated.sum())} rows appear in more than one file (same dataset, estimator, "
+                             "interval, k and N): pick one run per series with --series or fewer files")
         summarise(frame, out, args.min_n)
         if args.figure:
             figure(frame, args.figure)
@@ -239,8 +253,8 @@ def summarise(frame: pd.DataFrame, out: Path, min_n: int = 0) -> None:
 
 
 def figure(frame: pd.DataFrame, path: str) -> None:
-    """Estimate against N with its 90% jackknife interval, one panel per (dataset, k), one colour per
-    estimator; filled markers where the row is flagged reliable, hollow where not."""
+    """Estimate against N with its 90% interval, one panel per (dataset, k), one colour per (estimator,
+    interval); filled markers where the row is flagged reliable, hollow where not."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,17 +264,18 @@ def figure(frame: pd.DataFrame, path: str) -> None:
     datasets, ks = sorted(frame["dataset"].unique()), sorted(frame["k"].unique())
     fig, axes = plt.subplots(len(datasets), len(ks), figsize=(3.6 * len(ks), 2.9 * len(datasets)), squeeze=False,
                              sharex="row")
-    colours = {"plugin": "tab:blue", "richardson": "tab:red"}
+    colours = {("plugin", "jackknife"): "tab:blue", ("richardson", "quadratic"): "tab:red",
+               ("richardson", "jackknife"): "tab:orange"}
     for i, dataset in enumerate(datasets):
         for j, k in enumerate(ks):
             ax = axes[i, j]
-            for n, (estimator, g) in enumerate(frame[(frame["dataset"] == dataset) & (frame["k"] == k)]
-                                                .groupby("estimator")):
+            panel = frame[(frame["dataset"] == dataset) & (frame["k"] == k)]
+            for n, ((estimator, interval), g) in enumerate(panel.groupby(["estimator", "interval"])):
                 g = g.sort_values("n_texts")
                 x = g["n_texts"] * (1 + 0.04 * (n - 0.5))  # side by side
-                colour = colours.get(estimator, f"C{n + 2}")
+                colour = colours.get((estimator, interval), f"C{n + 2}")
                 ax.errorbar(x, g["estimate"], yerr=[g["estimate"] - g["lower"], g["upper"] - g["estimate"]],
-                            color=colour, capsize=2, lw=1, label=estimator)
+                            color=colour, capsize=2, lw=1, label=f"{estimator}, {interval}")
                 for reliable, face in ((True, colour), (False, "white")):
                     sel = g["reliable"].astype(str) == str(reliable)
                     ax.scatter(x[sel], g["estimate"][sel], color=colour, facecolors=face, zorder=3, s=24)
@@ -273,11 +288,11 @@ def figure(frame: pd.DataFrame, path: str) -> None:
                 ax.set_ylabel("NTPS (theory)")
             if i == len(datasets) - 1:
                 ax.set_xlabel("N texts (nested shard subsets)")
-    axes[0, 0].legend(title="estimator", fontsize=8, title_fontsize=8)
+    axes[0, 0].legend(title="estimator, interval", fontsize=8, title_fontsize=8)
     device = frame["device"].fillna("cpu") if "device" in frame else pd.Series("cpu", index=frame.index)  # runs before --device: cpu
     devices = device.groupby(frame["dataset"]).agg(lambda d: "/".join(sorted(set(d))))
-    fig.text(0.01, 0.005, "SmolLM2-135M, last layer; bars: 90% jackknife intervals over the subset's shards; "
-             "hollow markers: flagged unreliable (the rows' `reliable`: subspace noise, eigengaps, [0, 1]);\n"
+    fig.text(0.01, 0.005, "SmolLM2-135M, last layer; bars: 90% intervals over the subset's shards (jackknife-t, or "
+             "the default quadratic interval); hollow markers: flagged unreliable (the rows' `reliable`);\n"
              "forward pass and estimates on " + ", ".join(f"{name}: {device}" for name, device in devices.items()), fontsize=7)
     fig.tight_layout(rect=(0, 0.045, 1, 1))
     fig.savefig(path, dpi=110)
