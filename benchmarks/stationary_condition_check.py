@@ -14,7 +14,16 @@ where the angle is at it, so unextrapolated angles are seldom within an SE of it
 stands and the flag with ``~stationary`` added are compared per cell: coverage, bias / width and the
 share of draws the condition marks. Not in the package.
 
-    python benchmarks/stationary_condition_check.py --cells SPEC.json --out CSV [--bound 1]
+With ``--interval quadratic`` (session 33) each draw is estimated with `ntps_estimate`'s defaults (the
+quadratic interval on Satterthwaite degrees of freedom, the rotation condition) instead of session 29's
+jackknife-t interval, and keeps the flag's steps (``candidate``: noise and eigengaps; ``meets``: and the
+interval meets [0, 1]; ``rotation_stable``); the report then adds a tally of the flag's variants, stationary and
+interior cells apart: the flag; without the rotation condition; the rotation condition waived on rows the
+condition calls stationary (at a stationary point of the rotation NTPS moves over the Fieller set only to
+second order, and the condition keeps the rows whose interval came out wide: docs/estimator.md, session 32);
+and the flag with ``~stationary``.
+
+    python benchmarks/stationary_condition_check.py --cells SPEC.json --out CSV [--bound 1] [--interval quadratic]
     python benchmarks/stationary_condition_check.py --report CSV...
 
 SPEC.json as in `quadratic_variance_check.py` (a list of {"family", "settings", "ratio", "ks", "draws",
@@ -34,11 +43,14 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ntps_nb.core.estimators import (  # noqa: E402
+    GAP_MIN,
+    NOISE_MAX,
     _halves,
     _pooled,
     _richardson_combination,
     _whitened_bases,
     _Whitening,
+    flag_conditions,
     ntps_estimate,
 )
 from ntps_nb.core.moments import Moments  # noqa: E402
@@ -72,13 +84,14 @@ def extrapolated_cos2(shards: list[Moments], ks: np.ndarray, seed: int, drop: in
 
 
 def one_draw(args) -> pd.DataFrame:
-    family, settings, ratio, ks, draw, seed, bound = args
+    family, settings, ratio, ks, draw, seed, bound, interval = args
     ks = np.asarray(ks)
     with analysis_threads(1):
         truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            frame = ntps_estimate(shards, ks, seed=draw, interval="jackknife")
+            # "quadratic": ntps_estimate's defaults (the quadratic interval, the rotation condition)
+            frame = ntps_estimate(shards, ks, seed=draw, interval=interval)
         S = len(shards)
         cos2 = extrapolated_cos2(shards, ks, draw, None)
         loo = np.array([extrapolated_cos2(shards, ks, draw, i) for i in range(S)])
@@ -87,11 +100,21 @@ def one_draw(args) -> pd.DataFrame:
     with np.errstate(invalid="ignore"):
         near = (distance < bound * se) | (distance <= 1e-6)
     stationary = np.where(np.isnan(cos2), True, near).all(axis=1)
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
         "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "se": frame["se"],
         "width": frame["upper"] - frame["lower"], "covered": (frame["lower"] <= truth) & (truth <= frame["upper"]),
         "reliable": frame["reliable"], "at_bound": frame["at_bound"], "stationary": stationary, "bound": bound})
+    if interval == "quadratic":  # the flag's steps, to compare its variants on the same rows
+        noise, gap = frame["subspace_noise"].to_numpy(), frame["gap_ratio"].to_numpy()
+        with np.errstate(invalid="ignore"):
+            candidate = ((noise <= NOISE_MAX) & (gap >= GAP_MIN) & np.isfinite(frame["lower"].to_numpy())
+                         & np.isfinite(frame["upper"].to_numpy()))
+        out = out.assign(interval=interval, df=frame["df"], candidate=candidate,
+                         meets=flag_conditions(frame["lower"], frame["upper"], noise, gap, noise_max=NOISE_MAX,
+                                               gap_min=GAP_MIN),
+                         rotation_stable=frame["rotation_stable"])
+    return out
 
 
 def report(paths: list[str]) -> None:
@@ -119,6 +142,46 @@ def report(paths: list[str]) -> None:
     print(f"\nrows the flag accepts: {int(reliable.sum())}; the condition takes {int(taken.sum())} of them, "
           f"{int((taken & edge).sum())} with truth within 0.005 of 0 or 1 and {int((taken & ~edge).sum())} elsewhere "
           f"({int((taken & ~edge & np.isclose(frame['truth'], 0.5)).sum())} at truth 0.5)")
+    if "meets" in frame:
+        variants_tally(frame)
+
+
+def variants_tally(frame: pd.DataFrame) -> None:
+    """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95],
+    stationary cells (truth within 0.005 of 0 or 1, or the reflection family at angle 0) and interior ones apart."""
+    settings = frame["settings"].map(json.loads)
+    angle0 = settings.map(lambda s: s.get("angle", None) == 0)
+    frame = frame.assign(part=np.where((np.minimum(frame["truth"], 1 - frame["truth"]) <= 0.005) | angle0,
+                                       "stationary", "interior"))
+    meets, stable = frame["meets"].astype(bool), frame["rotation_stable"].astype(bool)
+    stationary = frame["stationary"].astype(bool)
+    variants = {"1. candidates (noise, eigengaps)": frame["candidate"].astype(bool),
+                "2. and meets [0, 1] (no rotation condition)": meets,
+                "3. the flag (and the rotation condition)": frame["reliable"].astype(bool),
+                "rotation condition waived where stationary": meets & (stable | stationary),
+                "the flag and ~stationary": frame["reliable"].astype(bool) & ~stationary}
+    if not (variants["3. the flag (and the rotation condition)"] == (meets & stable)).all():
+        raise SystemExit("the frames' reliable is not meets & rotation_stable: not the default flag's steps")
+    rows, outside = [], []
+    for name, kept in variants.items():
+        for part, g in frame[kept].groupby("part"):
+            cells = g.groupby(["family", "settings", "n_over_d", "k"])["covered"].agg(["sum", "size"])
+            cells = cells[cells["size"] >= 10]
+            bands = [band(int(x), int(n)) for x, n in zip(cells["sum"], cells["size"])]
+            rows.append({"variant": name, "part": part, "cells": len(cells), "below": bands.count(" below"),
+                         "above": bands.count(" above"), "rows": int(cells["size"].sum()),
+                         "coverage": cells["sum"].sum() / max(cells["size"].sum(), 1)})
+            for (family, settings_, ratio, k), x, n, b in zip(cells.index, cells["sum"], cells["size"], bands):
+                if b:
+                    s = json.loads(settings_)
+                    outside.append({"variant": name, "cell": f"{family} d={s['d']} C={s['n_classes']} {s['gap']} "
+                                    f"angle={s.get('angle', '-')} seed {s['seed']} N/d={ratio}", "k": k,
+                                    "covered": f"{int(x)}/{int(n)}", "band": b.strip()})
+    print("\nthe flag's variants, cells with >= 10 kept rows (stationary: truth within 0.005 of 0 or 1, or angle 0):")
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+    if outside:
+        print("\ncells outside the band:")
+        print(pd.DataFrame(outside).to_string(index=False))
 
 
 def main() -> None:
@@ -127,10 +190,13 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--bound", type=float, default=1.0, help="jackknife SEs of cos^2 from 0 or 1 (default 1)")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--interval", choices=["jackknife", "quadratic"], default="jackknife",
+                        help="jackknife: session 29's runs (the jackknife-t interval and its flag); quadratic: "
+                             "ntps_estimate's defaults, with the flag's steps kept for the variants' tally")
     parser.add_argument("--report", nargs="+")
     args = parser.parse_args()
     if args.cells:
-        cells(args.cells, args.out, args.processes, worker=one_draw, extra=(args.bound,))
+        cells(args.cells, args.out, args.processes, worker=one_draw, extra=(args.bound, args.interval))
     if args.report:
         report(args.report)
 
