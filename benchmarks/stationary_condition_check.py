@@ -126,7 +126,10 @@ def report(paths: list[str]) -> None:
                "angle": round(s.get("angle", np.pi / 4), 3), "seed": s["seed"], "N/d": ratio, "k": k,
                "truth": round(g["truth"].iloc[0], 4), "draws": len(g)}
         reliable = g["reliable"].astype(bool)
-        for name, keep in (("flag as it is", reliable), ("with ~stationary", reliable & ~g["stationary"].astype(bool))):
+        steps = ((("candidates", g["candidate"].astype(bool)), ("meets [0, 1]", g["meets"].astype(bool)))
+                 if "meets" in g else ())
+        not_stationary = ~g["stationary"].astype(bool)
+        for name, keep in (*steps, ("flag as it is", reliable), ("with ~stationary", reliable & not_stationary)):
             h = g[keep]
             n, x = len(h), int(h["covered"].sum())
             bias = (h["estimate"] - h["truth"]).mean() / h["width"].mean() if n else np.nan
