@@ -59,6 +59,7 @@ from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 from ntps_nb.core.threads import analysis_threads  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quadratic_map_report import EDGE  # noqa: E402
 from quadratic_variance_check import band, cells, draw_shards  # noqa: E402
 
 
@@ -151,10 +152,10 @@ def report(paths: list[str]) -> None:
 
 def variants_tally(frame: pd.DataFrame) -> None:
     """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95],
-    stationary cells (truth within 0.005 of 0 or 1, or the reflection family at angle 0) and interior ones apart."""
+    stationary cells (truth within `EDGE` of 0 or 1, or the reflection family at angle 0) and interior ones apart."""
     settings = frame["settings"].map(json.loads)
     angle0 = settings.map(lambda s: s.get("angle", None) == 0)
-    frame = frame.assign(part=np.where((np.minimum(frame["truth"], 1 - frame["truth"]) <= 0.005) | angle0,
+    frame = frame.assign(part=np.where((np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0,
                                        "stationary", "interior"))
     meets, stable = frame["meets"].astype(bool), frame["rotation_stable"].astype(bool)
     stationary = frame["stationary"].astype(bool)
