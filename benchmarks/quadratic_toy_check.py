@@ -26,8 +26,13 @@ With --cells: the effective rank of the interactions G (`ntps_nb.core.quadratic.
 squares, on d = 16 cells of the generators at N/d = 32, against the default interval's coverage on all
 rows: whether G tells a low-rank stationary point from the rest.
 
+With --floor: the default interval's rows at its floor (the removed excess reaches J (1 - variance /
+jackknife), so the variance is J variance / jackknife on S - 1 degrees of freedom) against the rest, at 10
+and 20 shards, by rank and share: where the rows at the floor cover within the interval's own coverage.
+
     python benchmarks/quadratic_toy_check.py --draws 2000
     python benchmarks/quadratic_toy_check.py --cells --draws 300 --seed 301
+    python benchmarks/quadratic_toy_check.py --floor --draws 4000 --seed 1
 """
 
 from __future__ import annotations
@@ -74,35 +79,36 @@ def _plugins(z: np.ndarray, F, counts: np.ndarray) -> np.ndarray:
 
 
 def _richardson(z: np.ndarray, F, a, b, drop=None) -> np.ndarray:
-    parts = [[i for i in range(S) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
+    parts = [[i for i in range(z.shape[1]) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
     values = [F(z[:, part].mean(axis=1)) for part in parts]
     return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
 
 
-def toy(r: int, share: float, signs: str, draws: int, seed: int):
-    """Draws of the toy: its F, the shard deviations z (draws, S, r + 1), richardson's estimate and jackknife SE."""
-    rng = np.random.default_rng([seed, r, round(share * 1000), signs == "mixed"])
+def toy(r: int, share: float, signs: str, draws: int, seed: int, shards: int = S):
+    """Draws of the toy: its F, the shard deviations z (draws, shards, r + 1), richardson's estimate and jackknife SE."""
+    rng = np.random.default_rng([seed, r, round(share * 1000), signs == "mixed", *([] if shards == S else [shards])])
     h = -np.ones(r)
     if signs == "mixed":
         h[::2] = 1.0
     H = np.diag(np.r_[0.0, h])
     g = np.zeros(r + 1)
     if share < 1:  # linear variance 1 / S against the quadratic's r / S^2 (T = r)
-        g[0] = np.sqrt(r / S * (1 - share) / share)
+        g[0] = np.sqrt(r / shards * (1 - share) / share)
 
     def F(x):
         return x @ g + 0.5 * np.einsum("...i,ij,...j->...", x, H, x)
 
-    z = rng.standard_normal((draws, S, r + 1))
-    a, b = split_halves(S, 0)
+    z = rng.standard_normal((draws, shards, r + 1))
+    a, b = split_halves(shards, 0)
     estimate = _richardson(z, F, a, b)
-    loo = np.array([_richardson(z, F, a, b, drop=i) for i in range(S)])
-    se = np.sqrt((S - 1) / S * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
+    loo = np.array([_richardson(z, F, a, b, drop=i) for i in range(shards)])
+    se = np.sqrt((shards - 1) / shards * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
     return F, z, estimate, se
 
 
 def interval(F, z, estimate, se, T_variance) -> pd.DataFrame:
     """`quadratic_interval` on the toy's draws (one row each), with T-hat's variance from ``T_variance``."""
+    S = z.shape[1]
     t = scipy.stats.t.ppf((1 + LEVEL) / 2, S - 1)
     frame = pd.DataFrame({"k": np.arange(len(estimate)), "estimator": "richardson", "estimate": estimate, "se": se,
                           "lower": estimate - t * se, "upper": estimate + t * se, "subspace_noise": 0.0,
@@ -154,6 +160,25 @@ def coverage_table(draws: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def floor_table(draws: int, seed: int) -> pd.DataFrame:
+    """The default interval's rows at its floor (variance J variance / jackknife, S - 1 degrees of freedom)
+    and the rest, by the number of shards, the quadratic part's rank and its share (signs "same")."""
+    rows = []
+    for shards in (S, 2 * S):
+        variance, jackknife = quadratic.quadratic_factors(shards, 0)
+        for r in (1, 2, 8):
+            for share in (1.0, 0.8, 0.5, 0.2):
+                F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
+                out = interval(F, z, estimate, se, quadratic.interaction_T_variance)
+                covered = ((out["lower"] <= 0) & (0 <= out["upper"])).to_numpy()
+                floor = np.isclose(out["se"] ** 2, se ** 2 * variance / jackknife, rtol=1e-9, atol=0.0)
+                rows.append({"shards": shards, "r": r, "share": share, "at the floor": floor.mean(),
+                             "coverage at the floor": covered[floor].mean() if floor.any() else np.nan,
+                             "coverage of the rest": covered[~floor].mean() if (~floor).any() else np.nan,
+                             "coverage": covered.mean()})
+    return pd.DataFrame(rows)
+
+
 def interaction_rank_table(draws: int, seed: int) -> pd.DataFrame:
     from functools import partial
 
@@ -198,8 +223,16 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cells", action="store_true", help="the interactions' effective rank on d = 16 cells")
+    parser.add_argument("--floor", action="store_true",
+                        help="coverage of the rows at the interval's floor and of the rest, at 10 and 20 shards")
     args = parser.parse_args()
     pd.set_option("display.width", 250)
+    if args.floor:
+        se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
+        print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90 over all of them: {se:.3f}), seed "
+              f"{args.seed}, signs same; truth 0; the floor: variance J variance / jackknife, S - 1 degrees of freedom")
+        print(floor_table(args.draws, args.seed).round(3).to_string(index=False))
+        return
     if args.cells:
         print(f"{args.draws} draws per cell, d = 16, N/d = 32, S = {S}, seed {args.seed}; coverage of the default "
               "interval on every row (flag ignored), overall and by the interactions' effective rank (mean, rows)")

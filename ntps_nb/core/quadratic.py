@@ -43,6 +43,9 @@ about as the plain jackknife does (0.92 pooled on the map, session 31; 0.88 with
 on every row meeting the flag's noise and eigengap conditions the stationary cells of the map and of the
 d = 16 checks cover 0.93-0.95, none above 0.95; the conservative cells are the flag's selection, and on
 the local model itself the interval over-covers only where the quadratic part has rank 1 or 2 (0.97-0.99).
+Session 33: the rows at the floor (``quadratic_excess`` = J (1 - variance / jackknife), ``df`` = S - 1) are the
+least covered rows away from stationary points: on the local model with the quadratic part half the
+variance or less they cover 0.58-0.80, the rest 0.95-0.99, all of them together 0.905-0.920.
 """
 
 from __future__ import annotations
