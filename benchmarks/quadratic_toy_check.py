@@ -28,7 +28,8 @@ rows: whether G tells a low-rank stationary point from the rest.
 
 With --floor: the default interval's rows at its floor (the removed excess reaches J (1 - variance /
 jackknife), so the variance is J variance / jackknife on S - 1 degrees of freedom) against the rest, at 10
-and 20 shards, by rank and share: where the rows at the floor cover within the interval's own coverage.
+and 20 shards, by rank and share: where the rows at the floor cover within the interval's own coverage; and
+the variant that keeps the Satterthwaite degrees of freedom at the floor (continuous there).
 
     python benchmarks/quadratic_toy_check.py --draws 2000
     python benchmarks/quadratic_toy_check.py --cells --draws 300 --seed 301
@@ -162,7 +163,8 @@ def coverage_table(draws: int, seed: int) -> pd.DataFrame:
 
 def floor_table(draws: int, seed: int) -> pd.DataFrame:
     """The default interval's rows at its floor (variance J variance / jackknife, S - 1 degrees of freedom)
-    and the rest, by the number of shards, the quadratic part's rank and its share (signs "same")."""
+    and the rest, by the number of shards, the quadratic part's rank and its share (signs "same"); and a
+    variant whose t has the Satterthwaite degrees of freedom at the floor too (continuous across it)."""
     rows = []
     for shards in (S, 2 * S):
         variance, jackknife = quadratic.quadratic_factors(shards, 0)
@@ -171,11 +173,21 @@ def floor_table(draws: int, seed: int) -> pd.DataFrame:
                 F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
                 out = interval(F, z, estimate, se, quadratic.interaction_T_variance)
                 covered = ((out["lower"] <= 0) & (0 <= out["upper"])).to_numpy()
-                floor = np.isclose(out["se"] ** 2, se ** 2 * variance / jackknife, rtol=1e-9, atol=0.0)
+                J = se ** 2
+                floor = np.isclose(out["se"] ** 2, J * variance / jackknife, rtol=1e-9, atol=0.0)
+                # the variant: at the floor too, the Satterthwaite degrees of freedom of the excess (not S - 1)
+                counts, _, _ = quadratic.contrast_counts(np.full(shards, N_TEXTS), 0)
+                base = _plugins(z, F, np.vstack([np.ones(shards), 1.0 - np.eye(shards)]))
+                G = quadratic.interactions(base[0], base[1:], _plugins(z, F, counts), shards, 0)
+                excess_variance = (jackknife - variance) ** 2 * quadratic.interaction_T_variance(G)
+                df = np.clip(2 * out["se"] ** 4 / (2 * J ** 2 / (shards - 1) + excess_variance), 1.0, shards - 1)
+                continuous = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * out["se"]
                 rows.append({"shards": shards, "r": r, "share": share, "at the floor": floor.mean(),
                              "coverage at the floor": covered[floor].mean() if floor.any() else np.nan,
                              "coverage of the rest": covered[~floor].mean() if (~floor).any() else np.nan,
-                             "coverage": covered.mean()})
+                             "coverage": covered.mean(),
+                             "variant: at the floor": continuous[floor].mean() if floor.any() else np.nan,
+                             "variant: coverage": continuous.mean()})
     return pd.DataFrame(rows)
 
 
