@@ -62,6 +62,10 @@ from ntps_nb.core.moments import Moments
 
 #: Shards each half of richardson's split needs for `interaction_T` (a difference within each half).
 MIN_HALF = 2
+#: A jackknife SE at most this is rounding of an estimate the shards do not move (NTPS lies in [0, 1]; e.g.
+#: NTPS = 1 at k >= r): the Satterthwaite ratio of two rounding errors is arbitrary (numpy and torch differ),
+#: so such a row keeps S - 1 degrees of freedom, as at the floor.
+SETTLED_SE = 1e-12
 
 
 def _coefficients(weights: Sequence[np.ndarray], factors: Sequence[float]) -> np.ndarray:
@@ -226,7 +230,8 @@ def satterthwaite_df(J: np.ndarray, excess: np.ndarray, excess_variance: np.ndar
     J is read as a scaled chi-square on S - 1 degrees of freedom (variance 2 J^2 / (S - 1)) and the
     excess as independent of it with variance ``excess_variance``: df = 2 (J - excess)^2 / (2 J^2 /
     (S - 1) + excess_variance). Where the variance is at its floor J variance / jackknife (``floored``),
-    or the excess' variance is unknown (NaN), S - 1: the floor is a multiple of J.
+    or the excess' variance is unknown (NaN), S - 1: the floor is a multiple of J; and where sqrt(J) is at
+    most `SETTLED_SE` (rounding of an estimate that does not move), S - 1.
 
     Parameters
     ----------
@@ -244,7 +249,8 @@ def satterthwaite_df(J: np.ndarray, excess: np.ndarray, excess_variance: np.ndar
     full = float(n_shards - 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         df = 2 * (J - excess) ** 2 / (2 * J ** 2 / full + excess_variance)
-    df = np.where(np.asarray(floored) | np.isnan(excess_variance), full, np.clip(df, 1.0, full))
+    settled = J <= SETTLED_SE ** 2
+    df = np.where(np.asarray(floored) | np.isnan(excess_variance) | settled, full, np.clip(df, 1.0, full))
     return np.where(np.isnan(J), np.nan, df)
 
 

@@ -202,6 +202,13 @@ def test_satterthwaite_df_against_the_variance_of_a_simulated_difference():
                            np.array([0.1, np.nan, 0.1, 0.0, 10.0]), np.array([True, False, False, False, False]), S)
     np.testing.assert_array_equal(got[[0, 1, 3]], [S - 1, S - 1, S - 1])
     assert np.isnan(got[2]) and got[4] == 1.0
+    # an estimate the shards do not move (J and the excess at rounding level, e.g. NTPS = 1 at k >= r):
+    # S - 1 whatever the ratio of the two rounding errors, where the formula would give anything in [1, S - 1]
+    rounding = np.array([1e-30, 1e-30, 6.6e-31])
+    got = satterthwaite_df(rounding, np.array([0.99e-30, 0.5e-30, 4.5e-31]), np.array([1e-58, 1e-62, 1e-60]),
+                           np.array([False, False, False]), S)
+    np.testing.assert_array_equal(got, [S - 1] * 3)
+    assert satterthwaite_df(np.array([1e-20]), np.array([0.99e-20]), np.array([1e-40]), np.array([False]), S)[0] == 1.0
 
 
 @pytest.mark.parametrize("p, scale, seed", [(2, 0.6, 41), (3, 0.5, 41)])
