@@ -114,13 +114,9 @@ def interval(F, z, estimate, se, T_variance) -> pd.DataFrame:
     frame = pd.DataFrame({"k": np.arange(len(estimate)), "estimator": "richardson", "estimate": estimate, "se": se,
                           "lower": estimate - t * se, "upper": estimate + t * se, "subspace_noise": 0.0,
                           "gap_ratio": np.inf})
-    default = quadratic.interaction_T_variance
-    quadratic.interaction_T_variance = T_variance
-    try:
-        return quadratic.quadratic_interval([types.SimpleNamespace(n_texts=N_TEXTS)] * S, frame, level=LEVEL, seed=0,
-                                            noise_max=1.0, gap_min=0.0, solve=lambda counts: _plugins(z, F, counts))
-    finally:
-        quadratic.interaction_T_variance = default
+    return quadratic.quadratic_interval([types.SimpleNamespace(n_texts=N_TEXTS)] * S, frame, level=LEVEL, seed=0,
+                                        noise_max=1.0, gap_min=0.0, solve=lambda counts: _plugins(z, F, counts),
+                                        T_variance=T_variance)
 
 
 def variance_table(draws: int, seed: int) -> pd.DataFrame:

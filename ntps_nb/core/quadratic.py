@@ -287,7 +287,8 @@ def numpy_plugins(moment_shards: Sequence[Moments], ks: np.ndarray, rtol: float
 
 def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, seed: int,
                        noise_max: float, gap_min: float, solve: Callable[[np.ndarray], np.ndarray],
-                       pooled: np.ndarray | None = None, left_out: np.ndarray | None = None) -> pd.DataFrame:
+                       pooled: np.ndarray | None = None, left_out: np.ndarray | None = None,
+                       T_variance: Callable[[np.ndarray], np.ndarray] | None = None) -> pd.DataFrame:
     """`ntps_estimate`'s richardson frame with the quadratic interval and its flag.
 
     The standard error becomes sqrt(max(J - excess, J variance / jackknife)), the excess (jackknife -
@@ -308,6 +309,8 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
         the torch backend's replicates).
     pooled, left_out : (K,) and (S, K) plug-ins on all shards and without each, where the caller has
         them (else solved through ``solve``).
+    T_variance : T-hat's variance from the interactions, for the degrees of freedom (default
+        `interaction_T_variance`; `benchmarks/quadratic_toy_check.py` passes an unbiased one to compare).
 
     Returns
     -------
@@ -335,7 +338,8 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
     with np.errstate(invalid="ignore"):
         floored = J - excess <= floor
         narrowed = np.maximum(J - excess, floor)
-    df = satterthwaite_df(J, excess, (jackknife - variance) ** 2 * interaction_T_variance(G), floored, S)
+    T_var = (interaction_T_variance if T_variance is None else T_variance)(G)
+    df = satterthwaite_df(J, excess, (jackknife - variance) ** 2 * T_var, floored, S)
     se = np.sqrt(narrowed)
     t = scipy.stats.t.ppf((1 + level) / 2, np.where(np.isnan(df), S - 1, df))
     estimate = frame["estimate"].to_numpy(dtype=float)
