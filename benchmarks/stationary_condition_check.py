@@ -60,6 +60,7 @@ from ntps_nb.core.threads import analysis_threads  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quadratic_map_report import EDGE  # noqa: E402
+from stationary_flag_check import band as cell_bands  # noqa: E402
 from quadratic_variance_check import band, cells, draw_shards  # noqa: E402
 
 
@@ -147,40 +148,39 @@ def report(paths: list[str]) -> None:
           f"{int((taken & edge).sum())} with truth within 0.005 of 0 or 1 and {int((taken & ~edge).sum())} elsewhere "
           f"({int((taken & ~edge & np.isclose(frame['truth'], 0.5)).sum())} at truth 0.5)")
     if "meets" in frame:
-        variants_tally(frame)
+        variants_tally(frame.assign(stationary_row=frame["stationary"].astype(bool)))
 
 
 def variants_tally(frame: pd.DataFrame) -> None:
-    """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95],
-    stationary cells (truth within `EDGE` of 0 or 1, or the reflection family at angle 0) and interior ones apart."""
+    """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95]
+    (`stationary_flag_check.band`), stationary cells (truth within `EDGE` of 0 or 1, or the reflection family at
+    angle 0) and interior ones apart; ``stationary_row`` is the per-row condition the variants read."""
     settings = frame["settings"].map(json.loads)
     angle0 = settings.map(lambda s: s.get("angle", None) == 0)
-    frame = frame.assign(part=np.where((np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0,
-                                       "stationary", "interior"))
+    names = [f"{family} d={s['d']} C={s['n_classes']} {s['gap']} angle={s.get('angle', '-')} seed {s['seed']} N/d={r}"
+             for family, s, r in zip(frame["family"], settings, frame["n_over_d"])]
+    frame = frame.assign(cell=names, covered=frame["covered"].astype(bool),
+                         stationary=(np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0)
     meets, stable = frame["meets"].astype(bool), frame["rotation_stable"].astype(bool)
-    stationary = frame["stationary"].astype(bool)
+    reliable = frame["reliable"].astype(bool)
     variants = {"1. candidates (noise, eigengaps)": frame["candidate"].astype(bool),
                 "2. and meets [0, 1] (no rotation condition)": meets,
-                "3. the flag (and the rotation condition)": frame["reliable"].astype(bool),
-                "rotation condition waived where stationary": meets & (stable | stationary),
-                "the flag and ~stationary": frame["reliable"].astype(bool) & ~stationary}
-    if not (variants["3. the flag (and the rotation condition)"] == (meets & stable)).all():
+                "3. the flag (and the rotation condition)": reliable,
+                "rotation condition waived where stationary": meets & (stable | frame["stationary_row"]),
+                "the flag and ~stationary": reliable & ~frame["stationary_row"]}
+    if not (reliable == (meets & stable)).all():
         raise SystemExit("the frames' reliable is not meets & rotation_stable: not the default flag's steps")
     rows, outside = [], []
     for name, kept in variants.items():
-        for part, g in frame[kept].groupby("part"):
-            cells = g.groupby(["family", "settings", "n_over_d", "k"])["covered"].agg(["sum", "size"])
-            cells = cells[cells["size"] >= 10]
-            bands = [band(int(x), int(n)) for x, n in zip(cells["sum"], cells["size"])]
-            rows.append({"variant": name, "part": part, "cells": len(cells), "below": bands.count(" below"),
-                         "above": bands.count(" above"), "rows": int(cells["size"].sum()),
-                         "coverage": cells["sum"].sum() / max(cells["size"].sum(), 1)})
-            for (family, settings_, ratio, k), x, n, b in zip(cells.index, cells["sum"], cells["size"], bands):
-                if b:
-                    s = json.loads(settings_)
-                    outside.append({"variant": name, "cell": f"{family} d={s['d']} C={s['n_classes']} {s['gap']} "
-                                    f"angle={s.get('angle', '-')} seed {s['seed']} N/d={ratio}", "k": k,
-                                    "covered": f"{int(x)}/{int(n)}", "band": b.strip()})
+        cells = cell_bands(frame, kept)
+        for part, c in (("interior", cells[~cells["stationary"]]), ("stationary", cells[cells["stationary"]])):
+            if len(c):
+                rows.append({"variant": name, "part": part, "cells": len(c), "below": int(c["below"].sum()),
+                             "above": int(c["above"].sum()), "rows": int(c["rows"].sum()),
+                             "coverage": c["covered"].sum() / c["rows"].sum()})
+        for (cell, k), c in cells[cells["below"] | cells["above"]].iterrows():
+            outside.append({"variant": name, "cell": cell, "k": k, "covered": f"{int(c['covered'])}/{int(c['rows'])}",
+                            "band": "below" if c["below"] else "above"})
     print("\nthe flag's variants, cells with >= 10 kept rows (stationary: truth within 0.005 of 0 or 1, or angle 0):")
     print(pd.DataFrame(rows).round(3).to_string(index=False))
     if outside:
