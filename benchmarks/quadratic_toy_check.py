@@ -51,7 +51,7 @@ import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ntps_nb.core import quadratic  # noqa: E402
-from ntps_nb.core.estimators import _richardson_combination, split_halves  # noqa: E402
+from ntps_nb.core.estimators import split_halves  # noqa: E402
 
 S = 10
 LEVEL = 0.90
@@ -73,20 +73,9 @@ def unbiased_T_variance(G: np.ndarray) -> np.ndarray:
     return T_hat ** 2 - Q
 
 
-def _plugins(z: np.ndarray, F, counts: np.ndarray) -> np.ndarray:
-    """F on each count row's pooling of the shard means; z is (draws, S, p); returns (rows, draws)."""
-    shares = counts / counts.sum(axis=1, keepdims=True)
-    return np.array([F(np.einsum("s,nsp->np", row, z)) for row in shares])
-
-
-def _richardson(z: np.ndarray, F, a, b, drop=None) -> np.ndarray:
-    parts = [[i for i in range(z.shape[1]) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
-    values = [F(z[:, part].mean(axis=1)) for part in parts]
-    return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
-
-
 def toy(r: int, share: float, signs: str, draws: int, seed: int, shards: int = S):
-    """Draws of the toy: its F, the shard deviations z (draws, shards, r + 1), richardson's estimate and jackknife SE."""
+    """Draws of the toy: its F, the shard deviations z (draws, shards, r + 1), richardson's estimate and its
+    jackknife SE."""
     rng = np.random.default_rng([seed, r, round(share * 1000), signs == "mixed", *([] if shards == S else [shards])])
     h = -np.ones(r)
     if signs == "mixed":
@@ -101,9 +90,8 @@ def toy(r: int, share: float, signs: str, draws: int, seed: int, shards: int = S
 
     z = rng.standard_normal((draws, shards, r + 1))
     a, b = split_halves(shards, 0)
-    estimate = _richardson(z, F, a, b)
-    loo = np.array([_richardson(z, F, a, b, drop=i) for i in range(shards)])
-    se = np.sqrt((shards - 1) / shards * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
+    estimate = quadratic.local_richardson(z, F, a, b)
+    se = np.sqrt(quadratic.local_jackknife_variance(z, F, a, b))
     return F, z, estimate, se
 
 
@@ -115,8 +103,8 @@ def interval(F, z, estimate, se, T_variance) -> pd.DataFrame:
                           "lower": estimate - t * se, "upper": estimate + t * se, "subspace_noise": 0.0,
                           "gap_ratio": np.inf})
     return quadratic.quadratic_interval([types.SimpleNamespace(n_texts=N_TEXTS)] * S, frame, level=LEVEL, seed=0,
-                                        noise_max=1.0, gap_min=0.0, solve=lambda counts: _plugins(z, F, counts),
-                                        T_variance=T_variance)
+                                        noise_max=1.0, gap_min=0.0, T_variance=T_variance,
+                                        solve=lambda counts: quadratic.local_poolings(z, F, counts))
 
 
 def variance_table(draws: int, seed: int) -> pd.DataFrame:
@@ -124,8 +112,8 @@ def variance_table(draws: int, seed: int) -> pd.DataFrame:
     for r in (1, 2, 5, 20):
         F, z, _, _ = toy(r, 1.0, "same", draws, seed)
         counts, _, _ = quadratic.contrast_counts(np.full(S, N_TEXTS), 0)
-        base = _plugins(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]))
-        G = quadratic.interactions(base[0], base[1:], _plugins(z, F, counts), S, 0)
+        base = quadratic.local_poolings(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]))
+        G = quadratic.interactions(base[0], base[1:], quadratic.local_poolings(z, F, counts), S, 0)
         T_hat, jack, unbiased = quadratic.interaction_T(G), quadratic.interaction_T_variance(G), unbiased_T_variance(G)
         rows.append({"r (= T)": r, "T-hat mean": T_hat.mean(), "Var(T-hat) across draws": T_hat.var(),
                      "jackknife: mean": jack.mean(), "jackknife: SD": jack.std(), "unbiased: mean": unbiased.mean(),
@@ -167,15 +155,18 @@ def floor_table(draws: int, seed: int) -> pd.DataFrame:
         for r in (1, 2, 8):
             for share in (1.0, 0.8, 0.5, 0.2):
                 F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
-                out = interval(F, z, estimate, se, quadratic.interaction_T_variance)
+                T_var = []  # T-hat's variance as the interval computed it, for the variant below
+
+                def recorded(G):
+                    T_var.append(quadratic.interaction_T_variance(G))
+                    return T_var[-1]
+
+                out = interval(F, z, estimate, se, recorded)
                 covered = ((out["lower"] <= 0) & (0 <= out["upper"])).to_numpy()
                 J = se ** 2
                 floor = np.isclose(out["se"] ** 2, J * variance / jackknife, rtol=1e-9, atol=0.0)
                 # the variant: at the floor too, the Satterthwaite degrees of freedom of the excess (not S - 1)
-                counts, _, _ = quadratic.contrast_counts(np.full(shards, N_TEXTS), 0)
-                base = _plugins(z, F, np.vstack([np.ones(shards), 1.0 - np.eye(shards)]))
-                G = quadratic.interactions(base[0], base[1:], _plugins(z, F, counts), shards, 0)
-                excess_variance = (jackknife - variance) ** 2 * quadratic.interaction_T_variance(G)
+                excess_variance = (jackknife - variance) ** 2 * T_var[0]
                 df = np.clip(2 * out["se"] ** 4 / (2 * J ** 2 / (shards - 1) + excess_variance), 1.0, shards - 1)
                 continuous = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * out["se"]
                 rows.append({"shards": shards, "r": r, "share": share, "at the floor": floor.mean(),

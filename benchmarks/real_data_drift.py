@@ -90,7 +90,7 @@ def main() -> None:
     if args.from_csv:
         out.mkdir(parents=True, exist_ok=True)
         frame = pd.concat([pd.read_csv(path) for path in args.from_csv], ignore_index=True)
-        frame = frame.assign(interval=frame["interval"].fillna("jackknife") if "interval" in frame else "jackknife")
+        frame = with_interval(frame)
         if args.series:
             kept = frame["estimator"] + ":" + frame["interval"]
             missing = sorted(set(args.series) - set(kept))
@@ -147,7 +147,7 @@ def main() -> None:
     frame = pd.concat(rows, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "drift.csv", index=False)
-    summarise(frame, out, args.min_n)
+    summarise(with_interval(frame), out, args.min_n)
 
 
 def export_texts(args) -> None:
@@ -227,12 +227,18 @@ def nested_subsets(shards: list, groups: int):
         n *= 2
 
 
+def with_interval(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with an ``interval`` column on every row (runs before ``--interval``, and the jackknife-t
+    interval, leave it empty: "jackknife")."""
+    return frame.assign(interval=frame["interval"].fillna("jackknife") if "interval" in frame else "jackknife")
+
+
 def summarise(frame: pd.DataFrame, out: Path, min_n: int = 0) -> None:
     """Drift from the smallest N (at least ``min_n``) where the estimator is defined to the largest,
     against the interval at that smallest N (runs with ``--interval rotation``: against the rotation
-    interval, and against the jackknife-t interval the same rows keep in ``drift_inside_jackknife``)."""
+    interval, and against the jackknife-t interval the same rows keep in ``drift_inside_jackknife``). ``frame``
+    has its interval on every row (`with_interval`)."""
     summary = []
-    frame = frame.assign(interval=frame["interval"].fillna("jackknife") if "interval" in frame else "jackknife")
     for (dataset, estimator, interval, k), g in frame.groupby(["dataset", "estimator", "interval", "k"]):
         g = g[np.isfinite(g["estimate"]) & (g["n_texts"] >= min_n)].sort_values("n_texts")
         if len(g) < 2:

@@ -351,3 +351,50 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
                        quadratic_excess=J - narrowed, df=df)
     at_bound = flag_at_bound(out.assign(reliable=True))["at_bound"].to_numpy()
     return out.assign(reliable=reliable, at_bound=at_bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# The local model the construction is derived for, as known truth for its checks: a statistic F of the
+# shards' mean deviations z (draws, S, p), richardson on its poolings (tests/core/test_quadratic.py,
+# benchmarks/quadratic_toy_check.py).
+
+
+def local_poolings(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], counts: np.ndarray,
+                   n_texts: np.ndarray | None = None) -> np.ndarray:
+    """F on each count row's pooling of the shard means (weights: counts times ``n_texts``, normalised;
+    equal shards without ``n_texts``), as `numpy_plugins` pools moments: a ``solve`` of `quadratic_interval`.
+
+    Parameters
+    ----------
+    z : (draws, S, p) the shards' mean deviations.
+    F : the statistic, from (draws, p) to (draws,).
+    counts : (rows, S) weights per shard.
+    n_texts : (S,) texts per shard, or None.
+
+    Returns
+    -------
+    (rows, draws) float array.
+    """
+    shares = np.asarray(counts, dtype=np.float64) if n_texts is None else counts * np.asarray(n_texts)
+    shares = shares / shares.sum(axis=1, keepdims=True)
+    return np.array([F(np.einsum("s,nsp->np", row, z)) for row in shares])
+
+
+def local_richardson(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], a: Sequence[int], b: Sequence[int],
+                     drop: int | None = None) -> np.ndarray:
+    """richardson of F on the shard means, from F on the pooling and on halves ``a`` and ``b`` (less shard
+    ``drop``: a delete-one-shard replicate); (draws,)."""
+    from ntps_nb.core.estimators import _richardson_combination
+
+    parts = [[i for i in range(z.shape[1]) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
+    values = [F(z[:, part].mean(axis=1)) for part in parts]
+    return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
+
+
+def local_jackknife_variance(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], a: Sequence[int],
+                             b: Sequence[int]) -> np.ndarray:
+    """The delete-one-shard jackknife variance of `local_richardson` (the split fixed, as the estimator's
+    jackknife keeps it); (draws,)."""
+    S = z.shape[1]
+    loo = np.array([local_richardson(z, F, a, b, drop=i) for i in range(S)])
+    return (S - 1) / S * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0)

@@ -11,24 +11,13 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from ntps_nb.core.estimators import _richardson_combination, ntps_estimate, split_halves
+from ntps_nb.core.estimators import ntps_estimate, split_halves
 from ntps_nb.core.quadratic import (contrast_counts, interaction_T, interaction_T_variance, interactions,
-                                    quadratic_factors, quadratic_interval, satterthwaite_df)
+                                    local_jackknife_variance, local_poolings, local_richardson, quadratic_factors,
+                                    quadratic_interval, satterthwaite_df)
 from ntps_nb.core.simulate import lds_model, sample_shards
 
 S = 10
-
-
-def _richardson_of_means(z: np.ndarray, F, a, b, drop=None) -> np.ndarray:
-    """richardson of the statistic F of shard means, computed from F on the poolings (draws on axis 0)."""
-    parts = [[i for i in range(z.shape[1]) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
-    values = [F(z[:, part].mean(axis=1)) for part in parts]
-    return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
-
-
-def _jackknife_variance(z: np.ndarray, F, a, b) -> np.ndarray:
-    loo = np.array([_richardson_of_means(z, F, a, b, drop=i) for i in range(z.shape[1])])
-    return (z.shape[1] - 1) / z.shape[1] * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0)
 
 
 @pytest.mark.parametrize("n_shards", [6, 10, 16])
@@ -53,8 +42,8 @@ def test_the_factors_match_a_brute_force_simulation_of_a_quadratic_statistic():
         return 0.5 * np.einsum("ni,ij,nj->n", x, H, x)
 
     a, b = split_halves(S, 4)
-    estimate = _richardson_of_means(z, F, a, b)
-    J = _jackknife_variance(z, F, a, b)
+    estimate = local_richardson(z, F, a, b)
+    J = local_jackknife_variance(z, F, a, b)
     variance, jackknife = quadratic_factors(S, 4)
     # Monte Carlo SEs of a variance and of a mean of the draws
     var_se = np.std((estimate - estimate.mean()) ** 2) / np.sqrt(len(z))
@@ -68,13 +57,6 @@ def _toy_F(mu, g, H):
         x = x + mu  # the population mean is not 0: the contrasts must not need it
         return x @ g + 0.5 * np.einsum("...i,ij,...j->...", x, H, x)
     return F
-
-
-def _plugins_on_rows(z: np.ndarray, F, counts: np.ndarray, n_texts: np.ndarray) -> np.ndarray:
-    """F on each count row's pooling of the shard means (shares: counts times texts, normalised); draws on axis 1."""
-    shares = counts * n_texts
-    shares = shares / shares.sum(axis=1, keepdims=True)
-    return np.array([F(np.einsum("s,nsp->np", row, z)) for row in shares])
 
 
 def test_the_interaction_contrasts_estimate_T_without_bias():
@@ -91,8 +73,8 @@ def test_the_interaction_contrasts_estimate_T_without_bias():
     n_texts = np.full(S, 50)
     counts, _, _ = contrast_counts(n_texts, seed=2)
     assert (counts > 0).all()
-    base = _plugins_on_rows(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]), n_texts)
-    contrasts = _plugins_on_rows(z, F, counts, n_texts)
+    base = local_poolings(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]), n_texts)
+    contrasts = local_poolings(z, F, counts, n_texts)
     T_hat = interaction_T(interactions(base[0], base[1:], contrasts, S, seed=2))
     assert abs(T_hat.mean() - T) < 3 * T_hat.std() / np.sqrt(draws)
     # the same through interaction_T on interactions built by hand
@@ -110,8 +92,8 @@ def test_the_quadratic_interval_covers_a_purely_quadratic_error_where_the_jackkn
     F = _toy_F(np.zeros(p), np.zeros(p), -np.eye(p))
     z = rng.standard_normal((draws, S, p))
     a, b = split_halves(S, 0)
-    estimate = _richardson_of_means(z, F, a, b)
-    se = np.sqrt(_jackknife_variance(z, F, a, b))
+    estimate = local_richardson(z, F, a, b)
+    se = np.sqrt(local_jackknife_variance(z, F, a, b))
     t = scipy.stats.t.ppf((1 + level) / 2, S - 1)
     frame = pd.DataFrame({"k": np.arange(draws), "estimator": "richardson", "estimate": estimate, "se": se,
                           "lower": estimate - t * se, "upper": estimate + t * se,
@@ -119,7 +101,7 @@ def test_the_quadratic_interval_covers_a_purely_quadratic_error_where_the_jackkn
     shards = [types.SimpleNamespace(n_texts=50)] * S
     n_texts = np.full(S, 50)
     out = quadratic_interval(shards, frame, level=level, seed=0, noise_max=0.05, gap_min=5.0,
-                             solve=lambda counts: _plugins_on_rows(z, F, counts, n_texts))
+                             solve=lambda counts: local_poolings(z, F, counts, n_texts))
     assert (np.abs(estimate) <= t * se).mean() >= 0.97                      # the jackknife-t interval
     covered = (out["lower"] <= 0) & (0 <= out["upper"])
     assert 0.85 <= covered.mean() <= 0.95, covered.mean()
@@ -166,8 +148,8 @@ def test_the_quadratic_interval_refuses_what_it_is_not_derived_for():
 def _toy_interactions(z: np.ndarray, F, seed: int) -> np.ndarray:
     n_texts = np.full(S, 50)
     counts, _, _ = contrast_counts(n_texts, seed)
-    base = _plugins_on_rows(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]), n_texts)
-    return interactions(base[0], base[1:], _plugins_on_rows(z, F, counts, n_texts), S, seed)
+    base = local_poolings(z, F, np.vstack([np.ones(S), 1.0 - np.eye(S)]), n_texts)
+    return interactions(base[0], base[1:], local_poolings(z, F, counts, n_texts), S, seed)
 
 
 def test_the_jackknife_variance_of_T_hat_is_conservative():
@@ -220,15 +202,15 @@ def test_the_quadratic_interval_covers_a_linear_plus_quadratic_error(p, scale, s
     F = _toy_F(np.zeros(p), scale * rng.standard_normal(p), -np.eye(p))
     z = rng.standard_normal((2000, S, p))
     a, b = split_halves(S, 0)
-    estimate = _richardson_of_means(z, F, a, b)
-    se = np.sqrt(_jackknife_variance(z, F, a, b))
+    estimate = local_richardson(z, F, a, b)
+    se = np.sqrt(local_jackknife_variance(z, F, a, b))
     t = scipy.stats.t.ppf(0.95, S - 1)
     frame = pd.DataFrame({"k": np.arange(len(z)), "estimator": "richardson", "estimate": estimate, "se": se,
                           "lower": estimate - t * se, "upper": estimate + t * se,
                           "subspace_noise": 0.0, "gap_ratio": np.inf})
     n_texts = np.full(S, 50)
     out = quadratic_interval([types.SimpleNamespace(n_texts=50)] * S, frame, level=0.90, seed=0, noise_max=0.05,
-                             gap_min=5.0, solve=lambda counts: _plugins_on_rows(z, F, counts, n_texts))
+                             gap_min=5.0, solve=lambda counts: local_poolings(z, F, counts, n_texts))
     covered = (out["lower"] <= 0) & (0 <= out["upper"])
     assert 0.85 <= covered.mean() <= 0.95, covered.mean()
     assert covered.mean() > (np.abs(estimate) <= t * out["se"]).mean()
