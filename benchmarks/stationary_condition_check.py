@@ -61,6 +61,7 @@ from ntps_nb.core.threads import analysis_threads  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quadratic_map_report import EDGE  # noqa: E402
 from stationary_flag_check import band as cell_bands  # noqa: E402
+from stationary_flag_check import candidates  # noqa: E402
 from quadratic_variance_check import band, cells, draw_shards  # noqa: E402
 
 
@@ -108,13 +109,9 @@ def one_draw(args) -> pd.DataFrame:
         "width": frame["upper"] - frame["lower"], "covered": (frame["lower"] <= truth) & (truth <= frame["upper"]),
         "reliable": frame["reliable"], "at_bound": frame["at_bound"], "stationary": stationary, "bound": bound})
     if interval == "quadratic":  # the flag's steps, to compare its variants on the same rows
-        noise, gap = frame["subspace_noise"].to_numpy(), frame["gap_ratio"].to_numpy()
-        with np.errstate(invalid="ignore"):
-            candidate = ((noise <= NOISE_MAX) & (gap >= GAP_MIN) & np.isfinite(frame["lower"].to_numpy())
-                         & np.isfinite(frame["upper"].to_numpy()))
-        out = out.assign(interval=interval, df=frame["df"], candidate=candidate,
-                         meets=flag_conditions(frame["lower"], frame["upper"], noise, gap, noise_max=NOISE_MAX,
-                                               gap_min=GAP_MIN),
+        out = out.assign(interval=interval, df=frame["df"], candidate=candidates(frame).to_numpy(),
+                         meets=flag_conditions(frame["lower"], frame["upper"], frame["subspace_noise"],
+                                               frame["gap_ratio"], noise_max=NOISE_MAX, gap_min=GAP_MIN),
                          rotation_stable=frame["rotation_stable"])
     return out
 

@@ -72,10 +72,17 @@ def load(path: str) -> pd.DataFrame:
          "upper_jackknife", "subspace_noise", "gap_ratio", "rotation_lower", "rotation_upper", "reliable"]]
 
 
+def candidates(f: pd.DataFrame) -> pd.Series:
+    """The flag's first step: subspace noise at most `NOISE_MAX`, eigengap ratio at least `GAP_MIN`, a finite
+    interval (`flag_conditions` without its [0, 1] condition)."""
+    with np.errstate(invalid="ignore"):
+        return ((f["subspace_noise"] <= NOISE_MAX) & (f["gap_ratio"] >= GAP_MIN)
+                & np.isfinite(f["lower"]) & np.isfinite(f["upper"]))
+
+
 def steps(f: pd.DataFrame) -> dict[str, pd.Series]:
     """The rows each step of the flag keeps, and variants of its last step (the hull is added in `main`)."""
-    candidate = ((f["subspace_noise"] <= NOISE_MAX) & (f["gap_ratio"] >= GAP_MIN)
-                 & np.isfinite(f["lower"]) & np.isfinite(f["upper"]))
+    candidate = candidates(f)
     # step 2 is the package's own conditions before the rotation condition: the candidates and [0, 1]
     meets = pd.Series(flag_conditions(f["lower"], f["upper"], f["subspace_noise"], f["gap_ratio"],
                                       noise_max=NOISE_MAX, gap_min=GAP_MIN), index=f.index)
