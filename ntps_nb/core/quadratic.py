@@ -382,8 +382,19 @@ def local_poolings(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], counts:
 
 def local_richardson(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], a: Sequence[int], b: Sequence[int],
                      drop: int | None = None) -> np.ndarray:
-    """richardson of F on the shard means, from F on the pooling and on halves ``a`` and ``b`` (less shard
-    ``drop``: a delete-one-shard replicate); (draws,)."""
+    """richardson of F on the shard means, from F on the pooling and on the halves.
+
+    Parameters
+    ----------
+    z : (draws, S, p) the shards' mean deviations.
+    F : the statistic, from (draws, p) to (draws,).
+    a, b : the shards of the two halves (`ntps_nb.core.estimators.split_halves`).
+    drop : a shard left out of the pooling and its half (a delete-one-shard replicate), or None.
+
+    Returns
+    -------
+    (draws,) float array.
+    """
     from ntps_nb.core.estimators import _richardson_combination
 
     parts = [[i for i in range(z.shape[1]) if i != drop], [i for i in a if i != drop], [i for i in b if i != drop]]
@@ -394,7 +405,16 @@ def local_richardson(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], a: Se
 def local_jackknife_variance(z: np.ndarray, F: Callable[[np.ndarray], np.ndarray], a: Sequence[int],
                              b: Sequence[int]) -> np.ndarray:
     """The delete-one-shard jackknife variance of `local_richardson` (the split fixed, as the estimator's
-    jackknife keeps it); (draws,)."""
+    jackknife keeps it).
+
+    Parameters
+    ----------
+    z, F, a, b : as in `local_richardson`.
+
+    Returns
+    -------
+    (draws,) float array.
+    """
     S = z.shape[1]
     loo = np.array([local_richardson(z, F, a, b, drop=i) for i in range(S)])
     return (S - 1) / S * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0)
