@@ -34,6 +34,7 @@ the variant that keeps the Satterthwaite degrees of freedom at the floor (contin
     python benchmarks/quadratic_toy_check.py --draws 2000
     python benchmarks/quadratic_toy_check.py --cells --draws 300 --seed 301
     python benchmarks/quadratic_toy_check.py --floor --draws 4000 --seed 1
+    python benchmarks/quadratic_toy_check.py --cap --draws 4000 --seed 2
 """
 
 from __future__ import annotations
@@ -95,15 +96,16 @@ def toy(r: int, share: float, signs: str, draws: int, seed: int, shards: int = S
     return F, z, estimate, se
 
 
-def interval(F, z, estimate, se, T_variance) -> pd.DataFrame:
-    """`quadratic_interval` on the toy's draws (one row each), with T-hat's variance from ``T_variance``."""
+def interval(F, z, estimate, se, T_variance, half: int | None = quadratic.INTERACTION_HALF) -> pd.DataFrame:
+    """`quadratic_interval` on the toy's draws (one row each), with T-hat's variance from ``T_variance`` and
+    T-hat from at most ``half`` shards of each half."""
     S = z.shape[1]
     t = scipy.stats.t.ppf((1 + LEVEL) / 2, S - 1)
     frame = pd.DataFrame({"k": np.arange(len(estimate)), "estimator": "richardson", "estimate": estimate, "se": se,
                           "lower": estimate - t * se, "upper": estimate + t * se, "subspace_noise": 0.0,
                           "gap_ratio": np.inf})
     return quadratic.quadratic_interval([types.SimpleNamespace(n_texts=N_TEXTS)] * S, frame, level=LEVEL, seed=0,
-                                        noise_max=1.0, gap_min=0.0, T_variance=T_variance,
+                                        noise_max=1.0, gap_min=0.0, T_variance=T_variance, interaction_half=half,
                                         solve=lambda counts: quadratic.local_poolings(z, F, counts))
 
 
@@ -178,6 +180,29 @@ def floor_table(draws: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cap_table(draws: int, seed: int) -> pd.DataFrame:
+    """The default interval with T-hat from at most ``half`` shards of each half against every shard, on the
+    same draws, at 10 and 20 shards, by the quadratic part's rank and share (signs "same")."""
+    rows = []
+    for shards in (S, 2 * S):
+        halves = [h for h in (3, 4, 5) if h < shards // 2] + [None]
+        for r in (1, 2, 8):
+            for share in (1.0, 0.8, 0.5, 0.2):
+                F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
+                outs = {h: interval(F, z, estimate, se, quadratic.interaction_T_variance, half=h) for h in halves}
+                width_all = outs[None]["upper"] - outs[None]["lower"]
+                for h, out in outs.items():
+                    n = shards // 2 if h is None else h
+                    rows.append({"shards": shards, "half": n, "plug-ins": n * n, "r": r, "share": share,
+                                 "coverage": ((out["lower"] <= 0) & (0 <= out["upper"])).mean(),
+                                 "width / all": np.median((out["upper"] - out["lower"]) / width_all),
+                                 "median df": out["df"].median(),
+                                 "at the floor": np.isclose(out["se_jackknife"] ** 2 - out["quadratic_excess"],
+                                                            se ** 2 * np.divide(*quadratic.quadratic_factors(
+                                                                shards, 0)), rtol=1e-9, atol=0.0).mean()})
+    return pd.DataFrame(rows)
+
+
 def interaction_rank_table(draws: int, seed: int) -> pd.DataFrame:
     from functools import partial
 
@@ -224,8 +249,17 @@ def main() -> None:
     parser.add_argument("--cells", action="store_true", help="the interactions' effective rank on d = 16 cells")
     parser.add_argument("--floor", action="store_true",
                         help="coverage of the rows at the interval's floor and of the rest, at 10 and 20 shards")
+    parser.add_argument("--cap", action="store_true",
+                        help="T-hat from 3, 4 or 5 shards of each half against every shard, at 10 and 20 shards")
     args = parser.parse_args()
     pd.set_option("display.width", 250)
+    if args.cap:
+        se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
+        print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90: {se:.3f}), seed {args.seed}, signs "
+              "same; truth 0; the same draws for every half; width / all: median ratio of the interval's width to "
+              "the one with every shard of each half; plug-ins: the interactions' |A| |B|")
+        print(cap_table(args.draws, args.seed).round(3).to_string(index=False))
+        return
     if args.floor:
         se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
         print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90 over all of them: {se:.3f}), seed "

@@ -80,7 +80,7 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.quadratic import MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
+from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
                                 interpolation_message, theory_geometry)
@@ -922,6 +922,7 @@ def ntps_estimate(
     batch_size: int | None = None,
     interval: str | None = None,
     rotation_flag: bool = True,
+    interaction_half: int | None = INTERACTION_HALF,
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
 
@@ -992,8 +993,8 @@ def ntps_estimate(
         except near the eigengap threshold, where it is conservative (docs/estimator.md, "The
         selective rotation interval"). The flag does not change. "quadratic" (estimator "richardson",
         at least 4 shards): the jackknife-t interval on a variance without the jackknife's excess on the
-        quadratic part of the error (`ntps_nb.core.quadratic`; |A| |B| more plug-ins, 25 at 10 shards,
-        solved on ``device``), on the Satterthwaite degrees of freedom of that variance, and a flag
+        quadratic part of the error (`ntps_nb.core.quadratic`; at most 25 more plug-ins, one per pair of
+        shards from the two halves of richardson's split, ``interaction_half``; solved on ``device``), on the Satterthwaite degrees of freedom of that variance, and a flag
         without the bound condition (``at_bound`` is still reported; above). Adds interval
         ("quadratic"), se_jackknife, lower_jackknife, upper_jackknife, quadratic_excess (the variance
         removed) and df (the t's degrees of freedom).
@@ -1003,6 +1004,9 @@ def ntps_estimate(
         rows the other conditions accept, NaN elsewhere) and rotation_stable; numpy, on the host
         after either backend (no factorisation beyond the pooled solve, which the torch path repeats
         on the host where a row is left to check).
+    interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
+        enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
+        25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
 
     Returns
     -------
@@ -1032,7 +1036,7 @@ def ntps_estimate(
                                                          device=device, batch_size=batch_size)[0]
 
             frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
-                                       solve=solve)
+                                       solve=solve, interaction_half=interaction_half)
         return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol,
                               interval=interval, rotation_flag=rotation_flag)
     _check_estimate_options(shards, level)
@@ -1064,7 +1068,7 @@ def ntps_estimate(
         left_out = np.array([none if g is None else theory_values(g, ks) for g in geometries])
         frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
                                    solve=numpy_plugins(shards, ks, rtol), pooled=theory_values(full, ks),
-                                   left_out=left_out)
+                                   left_out=left_out, interaction_half=interaction_half)
     return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                           rotation_flag=rotation_flag, solved=solves.full, pools=solves.pools)
 

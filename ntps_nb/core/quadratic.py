@@ -22,8 +22,8 @@ split. T is estimated without bias from the plug-in's interaction contrasts betw
 different halves (`interaction_T`): with m the pooled moments and d_i the change leaving shard i out,
 F(m + d_i + d_j) - F(m + d_i) - F(m + d_j) + F(m) = d_i'H d_j = (z_i - zbar)'H(z_j - zbar) / (S - 1)^2 to
 second order, and the double differences G_ij - G_il - G_kj + G_kl of G = (S - 1)^2 times the
-contrasts are (z_i - z_k)'H(z_j - z_l): the unknown population drops out (|A| |B| more plug-ins, 25 at
-S = 10). The variance is max(J - (jackknife - variance) T, J variance / jackknife), J the jackknife's:
+contrasts are (z_i - z_k)'H(z_j - z_l): the unknown population drops out (|A| |B| more plug-ins, from at
+most `INTERACTION_HALF` = 5 shards of each half: 25 at 10 shards and at 20). The variance is max(J - (jackknife - variance) T, J variance / jackknife), J the jackknife's:
 at most the whole excess is removed, and never more than a purely quadratic error would have.
 
 The difference J - excess is noisier than J where the excess is a large part of it (T-hat comes from the
@@ -66,6 +66,12 @@ MIN_HALF = 2
 #: NTPS = 1 at k >= r): the Satterthwaite ratio of two rounding errors is arbitrary (numpy and torch differ),
 #: so such a row keeps S - 1 degrees of freedom, as at the floor.
 SETTLED_SE = 1e-12
+#: At most this many shards of each half of richardson's split enter T-hat's interactions (the first of each
+#: half, `interaction_halves`): T-hat is unbiased from any of them, and the interactions cost one plug-in per
+#: pair (25 at this cap; 100 with every shard at 20 shards). 5 x 5 is what the interval was checked with on the
+#: estimator map (10 shards); on the local model at 20 shards the cap leaves coverage as it was
+#: (docs/estimator.md, "The interactions from five shards of each half").
+INTERACTION_HALF = 5
 
 
 def _coefficients(weights: Sequence[np.ndarray], factors: Sequence[float]) -> np.ndarray:
@@ -119,6 +125,28 @@ def quadratic_factors(n_shards: int, seed: int) -> tuple[float, float]:
     return 2 * float(np.trace(M @ M)), jackknife
 
 
+def interaction_halves(n_shards: int, seed: int, half: int | None = INTERACTION_HALF
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The shards of each half of richardson's split whose interactions T-hat is read from.
+
+    Parameters
+    ----------
+    n_shards : number of shards S.
+    seed : the seed of richardson's split (`ntps_nb.core.estimators.split_halves`).
+    half : at most this many shards of each half, the first (None: all of them); at least `MIN_HALF`.
+
+    Returns
+    -------
+    (a, b) : sorted shard indices, one array per half.
+    """
+    from ntps_nb.core.estimators import split_halves
+
+    if half is not None and half < MIN_HALF:
+        raise ValueError(f"the interactions need at least {MIN_HALF} shards of each half, got half={half}")
+    a, b = split_halves(n_shards, seed)
+    return (a, b) if half is None else (a[:half], b[:half])
+
+
 def interaction_T(G: np.ndarray) -> np.ndarray:
     """Unbiased T = tr((H Omega)^2) from the interactions G[i, j] = (z_i - zbar)'H (z_j - zbar) between
     shard i of one half and shard j of the other.
@@ -144,9 +172,10 @@ def interaction_T(G: np.ndarray) -> np.ndarray:
     return np.mean((G[i, j] - G[i, m] - G[k, j] + G[k, m]) ** 2, axis=0) / 4
 
 
-def contrast_counts(n_texts: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def contrast_counts(n_texts: np.ndarray, seed: int, half: int | None = INTERACTION_HALF
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The weighted poolings whose plug-ins the interactions need: m + d_i + d_j for i in one half of
-    richardson's split and j in the other.
+    richardson's split and j in the other (at most ``half`` shards of each, `interaction_halves`).
 
     m + d_i + d_j is the pooling with text shares p_(i) + p_(j) - p (p the pooled shares, p_(i) those
     without shard i), all positive.
@@ -155,17 +184,16 @@ def contrast_counts(n_texts: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
     ----------
     n_texts : (S,) texts per shard.
     seed : the seed of richardson's split.
+    half : at most this many shards of each half (None: all).
 
     Returns
     -------
     (counts, a, b) : (|a| |b|, S) multiplicities of each shard (`Moments.combine`'s weights), row
-        i_a * |b| + j_b for the pair (a[i_a], b[j_b]); the two halves.
+        i_a * |b| + j_b for the pair (a[i_a], b[j_b]); the shards of the two halves taken.
     """
-    from ntps_nb.core.estimators import split_halves
-
     n = np.asarray(n_texts, dtype=np.float64)
     S = n.size
-    a, b = split_halves(S, seed)
+    a, b = interaction_halves(S, seed, half)
     share = n / n.sum()
     without = [np.where(np.arange(S) == i, 0.0, n / (n.sum() - n[i])) for i in range(S)]
     counts = np.array([(without[i] + without[j] - share) / share for i in a for j in b])
@@ -173,9 +201,9 @@ def contrast_counts(n_texts: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 def interactions(pooled: np.ndarray, left_out: np.ndarray, contrasts: np.ndarray, n_shards: int,
-                 seed: int) -> np.ndarray:
+                 seed: int, half: int | None = INTERACTION_HALF) -> np.ndarray:
     """The interactions G[i, j] = (z_i - zbar)'H (z_j - zbar) between shard i of one half of richardson's
-    split and shard j of the other, from the plug-in's contrasts (to second order).
+    split and shard j of the other (at most ``half`` of each), from the plug-in's contrasts (to second order).
 
     Parameters
     ----------
@@ -183,14 +211,13 @@ def interactions(pooled: np.ndarray, left_out: np.ndarray, contrasts: np.ndarray
     left_out : (S, K) the plug-in without shard i (row i).
     contrasts : (|a| |b|, K) the plug-in on the rows of `contrast_counts`.
     n_shards, seed : S and the seed of richardson's split.
+    half : at most this many shards of each half, as for `contrast_counts`.
 
     Returns
     -------
     (|a|, |b|, K) array (NaN where a plug-in is NaN).
     """
-    from ntps_nb.core.estimators import split_halves
-
-    a, b = split_halves(n_shards, seed)
+    a, b = interaction_halves(n_shards, seed, half)
     contrasts = np.asarray(contrasts, dtype=np.float64).reshape(len(a), len(b), -1)
     left_out = np.asarray(left_out, dtype=np.float64)
     G = contrasts - left_out[a][:, None] - left_out[b][None, :] + np.asarray(pooled)[None, None]
@@ -288,7 +315,8 @@ def numpy_plugins(moment_shards: Sequence[Moments], ks: np.ndarray, rtol: float
 def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, seed: int,
                        noise_max: float, gap_min: float, solve: Callable[[np.ndarray], np.ndarray],
                        pooled: np.ndarray | None = None, left_out: np.ndarray | None = None,
-                       T_variance: Callable[[np.ndarray], np.ndarray] | None = None) -> pd.DataFrame:
+                       T_variance: Callable[[np.ndarray], np.ndarray] | None = None,
+                       interaction_half: int | None = INTERACTION_HALF) -> pd.DataFrame:
     """`ntps_estimate`'s richardson frame with the quadratic interval and its flag.
 
     The standard error becomes sqrt(max(J - excess, J variance / jackknife)), the excess (jackknife -
@@ -311,6 +339,8 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
         them (else solved through ``solve``).
     T_variance : T-hat's variance from the interactions, for the degrees of freedom (default
         `interaction_T_variance`; `benchmarks/quadratic_toy_check.py` passes an unbiased one to compare).
+    interaction_half : at most this many shards of each half enter T-hat (`interaction_halves`; None: all,
+        |A| |B| plug-ins).
 
     Returns
     -------
@@ -326,11 +356,11 @@ def quadratic_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *,
         raise ValueError("interval='quadratic' is derived for the 'richardson' estimator (its error has no "
                          f"diagonal quadratic term); got {sorted(set(frame['estimator']))}")
     n_texts = np.array([s.n_texts for s in shards])
-    counts, _, _ = contrast_counts(n_texts, seed)
+    counts, _, _ = contrast_counts(n_texts, seed, interaction_half)
     if pooled is None or left_out is None:
         base = solve(np.vstack([np.ones(S), 1.0 - np.eye(S)]))
         pooled, left_out = base[0], base[1:]
-    G = interactions(pooled, left_out, solve(counts), S, seed)
+    G = interactions(pooled, left_out, solve(counts), S, seed, interaction_half)
     variance, jackknife = quadratic_factors(S, seed)
     excess = (jackknife - variance) * interaction_T(G)
     J = frame["se"].to_numpy(dtype=float) ** 2

@@ -38,6 +38,7 @@ import pandas as pd
 
 from ntps_nb.cache import atomic_path, content_key
 from ntps_nb.core.backends import analysis_backend
+from ntps_nb.core.quadratic import INTERACTION_HALF
 from ntps_nb.core.threads import analysis_processes, analysis_threads, available_cores
 from ntps_nb.study.config import (_ADDED_LATER, CSV_FLOAT_FORMAT, STUDY_VERSION, StudyConfig, StudySettingsError, _json,
                                   _readable, _say, _versions, dataset_identity, load_unit_dataset, resolve_layers,
@@ -64,6 +65,10 @@ HALVES_SETTING = "halves"
 #: It enters the estimates stage's key only with ``estimate_interval = "quadratic"``, so that tables
 #: computed before are not read as the current interval's, and the other units' keys stand.
 QUADRATIC_DF_SETTING = ("quadratic_df", "satterthwaite")
+#: ... and from how many shards of each half of richardson's split its T-hat is read (since session 34 at most
+#: `ntps_nb.core.quadratic.INTERACTION_HALF`, every shard before; the same at 10 shards, not at 20): also in the
+#: estimates stage's key only with ``estimate_interval = "quadratic"``.
+QUADRATIC_INTERACTION_SETTING = "interaction_half"
 #: Coverage level of the estimates stage's jackknife intervals (`ntps_nb.core.estimators.ntps_estimate`).
 ESTIMATE_LEVEL = 0.90
 #: Fewest shards of a delete-one-shard jackknife interval (`ntps_nb.core.estimators.ntps_estimate`).
@@ -221,6 +226,7 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
             settings[HALVES_SETTING] = True
         if stage.name == "estimates" and values["estimate_interval"] == "quadratic":
             settings[QUADRATIC_DF_SETTING[0]] = QUADRATIC_DF_SETTING[1]
+            settings[QUADRATIC_INTERACTION_SETTING] = INTERACTION_HALF
         keys[stage.name] = content_key({
             "stage": stage.name, "version": (versions or {}).get(stage.name, stage.version),
             "study_version": STUDY_VERSION, "model": model, "dataset": dataset_identity(cfg, dataset),

@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 
 from ntps_nb.core.estimators import ntps_estimate, split_halves
-from ntps_nb.core.quadratic import (contrast_counts, interaction_T, interaction_T_variance, interactions,
+from ntps_nb.core.quadratic import (INTERACTION_HALF, contrast_counts, interaction_halves, interaction_T, interaction_T_variance, interactions,
                                     local_jackknife_variance, local_poolings, local_richardson, quadratic_factors,
                                     quadratic_interval, satterthwaite_df)
 from ntps_nb.core.simulate import lds_model, sample_shards
@@ -82,6 +82,49 @@ def test_the_interaction_contrasts_estimate_T_without_bias():
     zbar = z.mean(axis=1, keepdims=True)
     G = np.einsum("nip,pq,njq->ijn", (z - zbar)[:, a], H, (z - zbar)[:, b])
     np.testing.assert_allclose(interaction_T(G), T_hat, rtol=1e-8)
+
+
+def test_at_20_shards_T_is_estimated_without_bias_from_five_shards_of_each_half():
+    # the interactions take the first INTERACTION_HALF shards of each half of the split: 25 contrasts instead
+    # of 100, and T-hat is still unbiased (the double differences of any shards of the two halves are)
+    p, draws, shards, seed = 4, 3000, 20, 3
+    rng = np.random.default_rng(33)
+    H = rng.standard_normal((p, p))
+    H = (H + H.T) / 2
+    F = _toy_F(rng.standard_normal(p), rng.standard_normal(p), H)
+    z = rng.standard_normal((draws, shards, p))
+    T = np.trace(H @ H)
+    n_texts = np.full(shards, 40)
+    counts, a, b = contrast_counts(n_texts, seed)
+    every, a_all, b_all = contrast_counts(n_texts, seed, half=None)
+    assert INTERACTION_HALF == 5 and counts.shape == (25, shards) and every.shape == (100, shards)
+    np.testing.assert_array_equal(a, a_all[:5])
+    np.testing.assert_array_equal(b, b_all[:5])
+    np.testing.assert_array_equal(counts, every.reshape(10, 10, shards)[:5, :5].reshape(25, shards))
+    base = local_poolings(z, F, np.vstack([np.ones(shards), 1.0 - np.eye(shards)]), n_texts)
+    G = interactions(base[0], base[1:], local_poolings(z, F, counts, n_texts), shards, seed)
+    assert G.shape == (5, 5, draws)
+    T_hat = interaction_T(G)
+    assert abs(T_hat.mean() - T) < 3 * T_hat.std() / np.sqrt(draws)
+    # by hand, from the same five shards of each half
+    zbar = z.mean(axis=1, keepdims=True)
+    by_hand = np.einsum("nip,pq,njq->ijn", (z - zbar)[:, a], H, (z - zbar)[:, b])
+    np.testing.assert_allclose(G, by_hand, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="at least 2 shards of each half"):
+        interaction_halves(shards, seed, half=1)
+
+
+def test_with_at_most_five_shards_a_half_the_cap_changes_nothing_and_above_it_only_the_quadratic_part():
+    model = lds_model(d=6, n_classes=2, n_tokens=4, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ten = sample_shards(model, 600, 10, np.random.default_rng(1))
+        pd.testing.assert_frame_equal(ntps_estimate(ten, [1, 2]), ntps_estimate(ten, [1, 2], interaction_half=None))
+        twenty = sample_shards(model, 1200, 20, np.random.default_rng(2))
+        five, every = ntps_estimate(twenty, [1, 2]), ntps_estimate(twenty, [1, 2], interaction_half=None)
+    same = ["estimate", "se_jackknife", "lower_jackknife", "upper_jackknife", "subspace_noise", "gap_ratio"]
+    pd.testing.assert_frame_equal(five[same], every[same])
+    assert not np.allclose(five["quadratic_excess"], every["quadratic_excess"])
 
 
 def test_the_quadratic_interval_covers_a_purely_quadratic_error_where_the_jackknife_over_covers():

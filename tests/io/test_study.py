@@ -1416,9 +1416,10 @@ def test_the_quadratic_estimate_interval_needs_richardson_and_narrows_its_jackkn
     assert finite.any() and (narrowed["se"][finite] <= plain["se"][finite] * (1 + 1e-12)).all()
 
 
-def test_the_quadratic_intervals_degrees_of_freedom_key_its_estimates_and_nothing_else(monkeypatch):
-    # tables of the quadratic interval computed on S - 1 degrees of freedom (before session 31) must not be
-    # read as the current interval's: its estimates key names how the t is read; other units' keys stand
+def test_the_quadratic_intervals_reading_keys_its_estimates_and_nothing_else(monkeypatch):
+    # tables of the quadratic interval computed on S - 1 degrees of freedom (before session 31), or with T-hat
+    # from every shard (before session 34), must not be read as the current interval's: its estimates key names
+    # how the t and T-hat are read; other units' keys stand
     cfg = study.load_config(STUDIES / "default-richardson.toml")
     quadratic = dataclasses.replace(cfg, estimate_interval="quadratic")
     before = [study.stage_keys(c, "smollm2-135m", "trec6") for c in (cfg, quadratic)]
@@ -1426,6 +1427,11 @@ def test_the_quadratic_intervals_degrees_of_freedom_key_its_estimates_and_nothin
     after = [study.stage_keys(c, "smollm2-135m", "trec6") for c in (cfg, quadratic)]
     assert after[0] == before[0]
     assert {name for name in before[1] if after[1][name] != before[1][name]} == {"estimates"}
+    # so does how many shards of each half its T-hat is read from (every shard before session 34)
+    monkeypatch.setattr(study.stages, "INTERACTION_HALF", None)
+    every = [study.stage_keys(c, "smollm2-135m", "trec6") for c in (cfg, quadratic)]
+    assert every[0] == before[0]
+    assert {name for name in after[1] if every[1][name] != after[1][name]} == {"estimates"}
 
 
 def test_a_config_extends_another_and_its_own_keys_win(tmp_path):
