@@ -181,6 +181,19 @@ def test_the_richardson_sweep_on_a_device_is_numpys(case, seed):
         ntps_sweep_torch(shards, variant="reference", estimator="richardson", device="cpu")
 
 
+def test_the_quadratic_intervals_cap_on_torch_equals_numpy_at_20_shards():
+    # at 20 shards the interactions take 5 of each half's 10 shards by default, every one with
+    # interaction_half=None: the torch path passes the cap to the same contrasts
+    shards = sample_shards(factor_model(d=12, n_classes=3, seed=4), 1_000, 20, np.random.default_rng(5))
+    frames = {}
+    for half in (5, None):
+        want, got = numpy_and_torch(ntps_estimate, shards, [1, 2, 4], interaction_half=half)
+        assert_frames_agree(got, want)
+        frames[half] = want
+    assert np.isfinite(frames[5]["quadratic_excess"]).all()
+    assert not np.allclose(frames[5]["quadratic_excess"], frames[None]["quadratic_excess"])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("interval", ["rotation", "quadratic"])
 def test_the_rotation_and_quadratic_intervals_on_torch_equal_numpy(shard_sets, case, interval):
