@@ -66,13 +66,6 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                                 "n_boot": 20},
 }
 
-#: How `layer_profile` names `ntps_estimate`'s intervals in its ``interval`` column.
-INTERVAL_NAMES = {
-    "jackknife": "delete-one-shard jackknife (Student t), around the estimate",
-    "quadratic": "delete-one-shard jackknife less its excess on the error's quadratic part (Student t on "
-                 "its Satterthwaite degrees of freedom), around the estimate",
-    "rotation": "delete-one-shard jackknife (Student t) widened over the rotations of nearly tied pairs",
-}
 #: Notebook-level metadata a committed notebook may carry (everything else is kernel/tool noise).
 ALLOWED_NOTEBOOK_METADATA = {"kernelspec", "language_info"}
 #: Cell-level metadata a committed notebook may carry: tags, and JupyterLab's hidden source (the
@@ -1423,6 +1416,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     the reliability flag on the shard layers."""
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, estimate_ntps, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
+    from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -1439,7 +1433,8 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
             frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
-                         "interval": INTERVAL_NAMES[frame.get("interval", "jackknife")]})
+                         "interval": f"{INTERVAL_DESCRIPTIONS[frame.get('interval', 'jackknife')]}, around the "
+                                     "estimate"})
         else:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
             parts = shards.get(layer) or halves.get(layer)
             if parts is None:

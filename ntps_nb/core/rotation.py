@@ -52,6 +52,14 @@ from ntps_nb.core.subspaces import Subspace, nested_orthonormal_basis, next_toke
 SET_ANGLES = 360
 #: The values of `ntps_estimate`'s ``interval`` ("quadratic": `ntps_nb.core.quadratic`).
 INTERVALS = ("jackknife", "rotation", "quadratic")
+#: How the study's report and the notebooks' layer profiles name each interval (after its level, e.g. "90% ...").
+INTERVAL_DESCRIPTIONS = {
+    "jackknife": "delete-one-shard jackknife interval (Student t)",
+    "rotation": "delete-one-shard jackknife interval (Student t) widened over the rotations of nearly tied "
+                "eigenvector pairs",
+    "quadratic": "delete-one-shard jackknife interval less the jackknife's excess on the error's quadratic part "
+                 "(Student t on its Satterthwaite degrees of freedom)",
+}
 #: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
 #: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
 STABLE_ATOL = 1e-9

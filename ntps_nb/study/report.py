@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
 from ntps_nb.study.runner import load_results
 
 #: (target column of `probe_targets`, the direction a good score correlates with it). ``accuracy``,
@@ -697,11 +698,7 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
                  else pd.Series("jackknife", index=rows.index))
         out = rows[keep].rename(columns={"estimate": "ntps"})
         out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
-                         interval=[f"{level:.0%} delete-one-shard jackknife interval of the {estimator} estimate"
-                                   + {"rotation": ", widened over the rotation of nearly tied eigenvector pairs",
-                                      "quadratic": ", less the jackknife's excess on the error's quadratic part"
-                                                   " (Student t on its Satterthwaite degrees of freedom)"
-                                      }.get(kind, "")
+                         interval=[f"{level:.0%} {INTERVAL_DESCRIPTIONS[kind]}, around the {estimator} estimate"
                                    for level, estimator, kind in zip(out["level"], out["estimator"], kinds)])
     else:
         intervals = tables.get("intervals")
