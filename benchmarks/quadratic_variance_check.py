@@ -42,12 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ntps_nb.core.estimators import (  # noqa: E402
     GAP_MIN,
     NOISE_MAX,
-    _richardson_combination,
     flag_conditions,
     ntps_estimate,
 )
 from ntps_nb.core.moments import Moments  # noqa: E402
-from ntps_nb.core.quadratic import interaction_T, numpy_plugins, quadratic_factors, quadratic_interval  # noqa: E402
+from ntps_nb.core.quadratic import (  # noqa: E402
+    interaction_T,
+    local_jackknife_variance,
+    local_richardson,
+    numpy_plugins,
+    quadratic_factors,
+    quadratic_interval,
+)
 from ntps_nb.core.rotation import rotation_stability  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning  # noqa: E402
 from ntps_nb.core.simulate import factor_model, lds_model, reflection_model, sample_shards  # noqa: E402
@@ -81,18 +87,12 @@ def _toy(S: int, p: int, linear: float, hessian: str, draws: int, rng: np.random
     def F(x):
         return x @ g + 0.5 * np.einsum("...i,ij,...j->...", x, H, x)
 
-    def rich(z, keep):
-        parts = [np.flatnonzero(keep), [i for i in a_idx if keep[i]], [i for i in b_idx if keep[i]]]
-        values = [F(z[part].mean(0)) for part in parts]
-        return _richardson_combination(values[0], values[1:], [len(p) for p in parts[1:]], len(parts[0]))
-
     covered = np.zeros(2)
     T_hat = np.empty(draws)
     for draw in range(draws):
         z = rng.standard_normal((S, p))  # shard deviations, Omega = I; truth F(0) = 0
-        estimate = rich(z, np.ones(S, bool))
-        loo = np.array([rich(z, np.arange(S) != i) for i in range(S)])
-        J = (S - 1) / S * np.sum((loo - loo.mean()) ** 2)
+        estimate = local_richardson(z[None], F, a_idx, b_idx)[0]
+        J = local_jackknife_variance(z[None], F, a_idx, b_idx)[0]
         m = z.mean(0)
         d = np.array([np.delete(z, i, 0).mean(0) - m for i in range(S)])
         Fi = F(m + d)
