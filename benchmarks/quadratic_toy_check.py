@@ -109,6 +109,12 @@ def interval(F, z, estimate, se, T_variance, half: int | None = quadratic.INTERA
                                         solve=lambda counts: quadratic.local_poolings(z, F, counts))
 
 
+def at_floor(out: pd.DataFrame, shards: int) -> np.ndarray:
+    """Rows of `interval`'s frame whose variance is at the floor J variance / jackknife."""
+    variance, jackknife = quadratic.quadratic_factors(shards, 0)
+    return np.isclose(out["se"] ** 2, out["se_jackknife"] ** 2 * variance / jackknife, rtol=1e-9, atol=0.0)
+
+
 def variance_table(draws: int, seed: int) -> pd.DataFrame:
     rows = []
     for r in (1, 2, 5, 20):
@@ -166,7 +172,7 @@ def floor_table(draws: int, seed: int) -> pd.DataFrame:
                 out = interval(F, z, estimate, se, recorded)
                 covered = ((out["lower"] <= 0) & (0 <= out["upper"])).to_numpy()
                 J = se ** 2
-                floor = np.isclose(out["se"] ** 2, J * variance / jackknife, rtol=1e-9, atol=0.0)
+                floor = at_floor(out, shards)
                 # the variant: at the floor too, the Satterthwaite degrees of freedom of the excess (not S - 1)
                 excess_variance = (jackknife - variance) ** 2 * T_var[0]
                 df = np.clip(2 * out["se"] ** 4 / (2 * J ** 2 / (shards - 1) + excess_variance), 1.0, shards - 1)
@@ -197,9 +203,7 @@ def cap_table(draws: int, seed: int) -> pd.DataFrame:
                                  "coverage": ((out["lower"] <= 0) & (0 <= out["upper"])).mean(),
                                  "width / all": np.median((out["upper"] - out["lower"]) / width_all),
                                  "median df": out["df"].median(),
-                                 "at the floor": np.isclose(out["se_jackknife"] ** 2 - out["quadratic_excess"],
-                                                            se ** 2 * np.divide(*quadratic.quadratic_factors(
-                                                                shards, 0)), rtol=1e-9, atol=0.0).mean()})
+                                 "at the floor": at_floor(out, shards).mean()})
     return pd.DataFrame(rows)
 
 

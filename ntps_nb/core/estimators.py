@@ -994,8 +994,9 @@ def ntps_estimate(
         selective rotation interval"). The flag does not change. "quadratic" (estimator "richardson",
         at least 4 shards): the jackknife-t interval on a variance without the jackknife's excess on the
         quadratic part of the error (`ntps_nb.core.quadratic`; at most 25 more plug-ins, one per pair of
-        shards from the two halves of richardson's split, ``interaction_half``; solved on ``device``), on the Satterthwaite degrees of freedom of that variance, and a flag
-        without the bound condition (``at_bound`` is still reported; above). Adds interval
+        shards from the two halves of richardson's split, ``interaction_half``; solved on ``device``), on
+        the Satterthwaite degrees of freedom of that variance, and a flag without the bound condition
+        (``at_bound`` is still reported; above). Adds interval
         ("quadratic"), se_jackknife, lower_jackknife, upper_jackknife, quadratic_excess (the variance
         removed) and df (the t's degrees of freedom).
     rotation_flag : give the flag its rotation condition (default True; False: the flag of the

@@ -12,7 +12,8 @@ import pytest
 import scipy.stats
 
 from ntps_nb.core.estimators import ntps_estimate, split_halves
-from ntps_nb.core.quadratic import (INTERACTION_HALF, contrast_counts, interaction_halves, interaction_T, interaction_T_variance, interactions,
+from ntps_nb.core.quadratic import (INTERACTION_HALF, contrast_counts, interaction_halves, interaction_T,
+                                    interaction_T_variance, interactions,
                                     local_jackknife_variance, local_poolings, local_richardson, quadratic_factors,
                                     quadratic_interval, satterthwaite_df)
 from ntps_nb.core.simulate import lds_model, sample_shards
@@ -110,8 +111,9 @@ def test_at_20_shards_T_is_estimated_without_bias_from_five_shards_of_each_half(
     zbar = z.mean(axis=1, keepdims=True)
     by_hand = np.einsum("nip,pq,njq->ijn", (z - zbar)[:, a], H, (z - zbar)[:, b])
     np.testing.assert_allclose(G, by_hand, rtol=1e-6, atol=1e-9)
-    with pytest.raises(ValueError, match="at least 2 shards of each half"):
-        interaction_halves(shards, seed, half=1)
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="at least 2 shards of each half"):
+            interaction_halves(shards, seed, half=bad)
 
 
 def test_with_at_most_five_shards_a_half_the_cap_changes_nothing_and_above_it_only_the_quadratic_part():
