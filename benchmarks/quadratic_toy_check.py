@@ -31,10 +31,15 @@ jackknife), so the variance is J variance / jackknife on S - 1 degrees of freedo
 and 20 shards, by rank and share: where the rows at the floor cover within the interval's own coverage; and
 the variant that keeps the Satterthwaite degrees of freedom at the floor (continuous there).
 
+With --cap (session 34): T-hat from 3, 4 or 5 shards of each half of the split against every shard, at 10 and 20 shards
+(`ntps_nb.core.quadratic.INTERACTION_HALF`). With --shrink (session 34): the default against removing only the excess
+T-hat is sure of, max(T-hat - kappa SE(T-hat), 0), a variant for the rows at the floor.
+
     python benchmarks/quadratic_toy_check.py --draws 2000
     python benchmarks/quadratic_toy_check.py --cells --draws 300 --seed 301
     python benchmarks/quadratic_toy_check.py --floor --draws 4000 --seed 1
     python benchmarks/quadratic_toy_check.py --cap --draws 4000 --seed 2
+    python benchmarks/quadratic_toy_check.py --shrink --draws 4000 --seed 3
 """
 
 from __future__ import annotations
@@ -207,6 +212,45 @@ def cap_table(draws: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def shrink_table(draws: int, seed: int) -> pd.DataFrame:
+    """The default interval against variants that remove only the excess T-hat is sure of: T-hat less kappa times
+    its jackknife SE (at least 0), the rest of the construction as the default's (floor, Satterthwaite degrees of
+    freedom on T-hat's variance); by shards, the quadratic part's rank and share (signs "same")."""
+    rows = []
+    for shards in (S, 2 * S):
+        variance, jackknife = quadratic.quadratic_factors(shards, 0)
+        for r in (1, 2, 8):
+            for share in (1.0, 0.8, 0.5, 0.2):
+                F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
+                seen = {}
+
+                def recorded(G):
+                    seen["T"], seen["var"] = quadratic.interaction_T(G), quadratic.interaction_T_variance(G)
+                    return seen["var"]
+
+                out = interval(F, z, estimate, se, recorded)
+                J, floor = se ** 2, se ** 2 * variance / jackknife
+                row = {"shards": shards, "r": r, "share": share}
+                for kappa in (0.0, 0.5, 1.0, 2.0):
+                    excess = (jackknife - variance) * np.maximum(seen["T"] - kappa * np.sqrt(seen["var"]), 0.0)
+                    floored = J - excess <= floor
+                    V = np.maximum(J - excess, floor)
+                    df = quadratic.satterthwaite_df(J, excess, (jackknife - variance) ** 2 * seen["var"], floored, shards)
+                    covered = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * np.sqrt(V)
+                    if kappa == 0.0:  # the default, recomputed: a check on this table's construction
+                        np.testing.assert_allclose(np.sqrt(V), out["se"], rtol=1e-9)
+                    name = "default" if kappa == 0.0 else f"kappa {kappa:g}"
+                    row[f"{name}: coverage"] = covered.mean()
+                    row[f"{name}: at the floor"] = floored.mean()
+                    row[f"{name}: floor rows cover"] = covered[floored].mean() if floored.any() else np.nan
+                    row[f"{name}: width"] = np.median(scipy.stats.t.ppf((1 + LEVEL) / 2, df) * np.sqrt(V))
+                rows.append(row)
+    f = pd.DataFrame(rows)
+    for kappa in ("kappa 0.5", "kappa 1", "kappa 2"):  # widths relative to the default's
+        f[f"{kappa}: width"] = f[f"{kappa}: width"] / f["default: width"]
+    return f.drop(columns="default: width")
+
+
 def interaction_rank_table(draws: int, seed: int) -> pd.DataFrame:
     from functools import partial
 
@@ -255,8 +299,17 @@ def main() -> None:
                         help="coverage of the rows at the interval's floor and of the rest, at 10 and 20 shards")
     parser.add_argument("--cap", action="store_true",
                         help="T-hat from 3, 4 or 5 shards of each half against every shard, at 10 and 20 shards")
+    parser.add_argument("--shrink", action="store_true",
+                        help="the default against removing T-hat less kappa of its SEs (floor rows, coverage)")
     args = parser.parse_args()
     pd.set_option("display.width", 250)
+    if args.shrink:
+        se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
+        print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90: {se:.3f}), seed {args.seed}, signs "
+              "same; truth 0; the same draws for every variant; kappa k: the excess from max(T-hat - k SE(T-hat), 0); "
+              "width: median of the variant's half-width over the default's")
+        print(shrink_table(args.draws, args.seed).round(3).to_string(index=False))
+        return
     if args.cap:
         se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
         print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90: {se:.3f}), seed {args.seed}, signs "
