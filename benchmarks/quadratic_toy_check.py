@@ -303,26 +303,20 @@ def main() -> None:
                         help="the default against removing T-hat less kappa of its SEs (floor rows, coverage)")
     args = parser.parse_args()
     pd.set_option("display.width", 250)
-    if args.shrink:
-        se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
-        print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90: {se:.3f}), seed {args.seed}, signs "
-              "same; truth 0; the same draws for every variant; kappa k: the excess from max(T-hat - k SE(T-hat), 0); "
-              "width: median of the variant's half-width over the default's")
-        print(shrink_table(args.draws, args.seed).round(3).to_string(index=False))
-        return
-    if args.cap:
-        se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
-        print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90: {se:.3f}), seed {args.seed}, signs "
-              "same; truth 0; the same draws for every half; width / all: median ratio of the interval's width to "
-              "the one with every shard of each half; plug-ins: the interactions' |A| |B|")
-        print(cap_table(args.draws, args.seed).round(3).to_string(index=False))
-        return
-    if args.floor:
-        se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
-        print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90 over all of them: {se:.3f}), seed "
-              f"{args.seed}, signs same; truth 0; the floor: variance J variance / jackknife, S - 1 degrees of freedom")
-        print(floor_table(args.draws, args.seed).round(3).to_string(index=False))
-        return
+    # the per-row tables: (table, what the SE is of, what the header adds)
+    tables = {"shrink": (shrink_table, "", "the same draws for every variant; kappa k: the excess from max(T-hat - k "
+                                           "SE(T-hat), 0); width: median of the variant's half-width over the default's"),
+              "cap": (cap_table, "", "the same draws for every half; width / all: median ratio of the interval's width to "
+                                     "the one with every shard of each half; plug-ins: the interactions' |A| |B|"),
+              "floor": (floor_table, " over all of them", "the floor: variance J variance / jackknife, S - 1 degrees of "
+                                                          "freedom")}
+    for mode, (table, over, what) in tables.items():
+        if getattr(args, mode):
+            se = np.sqrt(LEVEL * (1 - LEVEL) / args.draws)
+            print(f"{args.draws} draws per row (binomial SE of a coverage at 0.90{over}: {se:.3f}), seed {args.seed}, "
+                  f"signs same; truth 0; {what}")
+            print(table(args.draws, args.seed).round(3).to_string(index=False))
+            return
     if args.cells:
         print(f"{args.draws} draws per cell, d = 16, N/d = 32, S = {S}, seed {args.seed}; coverage of the default "
               "interval on every row (flag ignored), overall and by the interactions' effective rank (mean, rows)")
