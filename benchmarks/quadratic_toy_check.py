@@ -158,36 +158,42 @@ def coverage_table(draws: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def designs(draws: int, seed: int):
+    """The per-row tables' toys: (shards, r, share, F, z, estimate, se) at 10 and 20 shards, rank 1, 2, 8 and share
+    1, 0.8, 0.5, 0.2 (signs "same")."""
+    for shards in (S, 2 * S):
+        for r in (1, 2, 8):
+            for share in (1.0, 0.8, 0.5, 0.2):
+                yield (shards, r, share, *toy(r, share, "same", draws, seed, shards=shards))
+
+
 def floor_table(draws: int, seed: int) -> pd.DataFrame:
     """The default interval's rows at its floor (variance J variance / jackknife, S - 1 degrees of freedom)
     and the rest, by the number of shards, the quadratic part's rank and its share (signs "same"); and a
     variant whose t has the Satterthwaite degrees of freedom at the floor too (continuous across it)."""
     rows = []
-    for shards in (S, 2 * S):
+    for shards, r, share, F, z, estimate, se in designs(draws, seed):
         variance, jackknife = quadratic.quadratic_factors(shards, 0)
-        for r in (1, 2, 8):
-            for share in (1.0, 0.8, 0.5, 0.2):
-                F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
-                T_var = []  # T-hat's variance as the interval computed it, for the variant below
+        T_var = []  # T-hat's variance as the interval computed it, for the variant below
 
-                def recorded(G):
-                    T_var.append(quadratic.interaction_T_variance(G))
-                    return T_var[-1]
+        def recorded(G):
+            T_var.append(quadratic.interaction_T_variance(G))
+            return T_var[-1]
 
-                out = interval(F, z, estimate, se, recorded)
-                covered = ((out["lower"] <= 0) & (0 <= out["upper"])).to_numpy()
-                J = se ** 2
-                floor = at_floor(out, shards)
-                # the variant: at the floor too, the Satterthwaite degrees of freedom of the excess (not S - 1)
-                excess_variance = (jackknife - variance) ** 2 * T_var[0]
-                df = np.clip(2 * out["se"] ** 4 / (2 * J ** 2 / (shards - 1) + excess_variance), 1.0, shards - 1)
-                continuous = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * out["se"]
-                rows.append({"shards": shards, "r": r, "share": share, "at the floor": floor.mean(),
-                             "coverage at the floor": covered[floor].mean() if floor.any() else np.nan,
-                             "coverage of the rest": covered[~floor].mean() if (~floor).any() else np.nan,
-                             "coverage": covered.mean(),
-                             "variant: at the floor": continuous[floor].mean() if floor.any() else np.nan,
-                             "variant: coverage": continuous.mean()})
+        out = interval(F, z, estimate, se, recorded)
+        covered = ((out["lower"] <= 0) & (0 <= out["upper"])).to_numpy()
+        J = se ** 2
+        floor = at_floor(out, shards)
+        # the variant: at the floor too, the Satterthwaite degrees of freedom of the excess (not S - 1)
+        excess_variance = (jackknife - variance) ** 2 * T_var[0]
+        df = np.clip(2 * out["se"] ** 4 / (2 * J ** 2 / (shards - 1) + excess_variance), 1.0, shards - 1)
+        continuous = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * out["se"]
+        rows.append({"shards": shards, "r": r, "share": share, "at the floor": floor.mean(),
+                     "coverage at the floor": covered[floor].mean() if floor.any() else np.nan,
+                     "coverage of the rest": covered[~floor].mean() if (~floor).any() else np.nan,
+                     "coverage": covered.mean(),
+                     "variant: at the floor": continuous[floor].mean() if floor.any() else np.nan,
+                     "variant: coverage": continuous.mean()})
     return pd.DataFrame(rows)
 
 
@@ -195,20 +201,17 @@ def cap_table(draws: int, seed: int) -> pd.DataFrame:
     """The default interval with T-hat from at most ``half`` shards of each half against every shard, on the
     same draws, at 10 and 20 shards, by the quadratic part's rank and share (signs "same")."""
     rows = []
-    for shards in (S, 2 * S):
+    for shards, r, share, F, z, estimate, se in designs(draws, seed):
         halves = [h for h in (3, 4, 5) if h < shards // 2] + [None]
-        for r in (1, 2, 8):
-            for share in (1.0, 0.8, 0.5, 0.2):
-                F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
-                outs = {h: interval(F, z, estimate, se, quadratic.interaction_T_variance, half=h) for h in halves}
-                width_all = outs[None]["upper"] - outs[None]["lower"]
-                for h, out in outs.items():
-                    n = shards // 2 if h is None else h
-                    rows.append({"shards": shards, "half": n, "plug-ins": n * n, "r": r, "share": share,
-                                 "coverage": ((out["lower"] <= 0) & (0 <= out["upper"])).mean(),
-                                 "width / all": np.median((out["upper"] - out["lower"]) / width_all),
-                                 "median df": out["df"].median(),
-                                 "at the floor": at_floor(out, shards).mean()})
+        outs = {h: interval(F, z, estimate, se, quadratic.interaction_T_variance, half=h) for h in halves}
+        width_all = outs[None]["upper"] - outs[None]["lower"]
+        for h, out in outs.items():
+            n = shards // 2 if h is None else h
+            rows.append({"shards": shards, "half": n, "plug-ins": n * n, "r": r, "share": share,
+                         "coverage": ((out["lower"] <= 0) & (0 <= out["upper"])).mean(),
+                         "width / all": np.median((out["upper"] - out["lower"]) / width_all),
+                         "median df": out["df"].median(),
+                         "at the floor": at_floor(out, shards).mean()})
     return pd.DataFrame(rows)
 
 
@@ -217,34 +220,31 @@ def shrink_table(draws: int, seed: int) -> pd.DataFrame:
     its jackknife SE (at least 0), the rest of the construction as the default's (floor, Satterthwaite degrees of
     freedom on T-hat's variance); by shards, the quadratic part's rank and share (signs "same")."""
     rows = []
-    for shards in (S, 2 * S):
+    for shards, r, share, F, z, estimate, se in designs(draws, seed):
         variance, jackknife = quadratic.quadratic_factors(shards, 0)
-        for r in (1, 2, 8):
-            for share in (1.0, 0.8, 0.5, 0.2):
-                F, z, estimate, se = toy(r, share, "same", draws, seed, shards=shards)
-                seen = {}
+        seen = {}
 
-                def recorded(G):
-                    seen["T"], seen["var"] = quadratic.interaction_T(G), quadratic.interaction_T_variance(G)
-                    return seen["var"]
+        def recorded(G):
+            seen["T"], seen["var"] = quadratic.interaction_T(G), quadratic.interaction_T_variance(G)
+            return seen["var"]
 
-                out = interval(F, z, estimate, se, recorded)
-                J, floor = se ** 2, se ** 2 * variance / jackknife
-                row = {"shards": shards, "r": r, "share": share}
-                for kappa in (0.0, 0.5, 1.0, 2.0):
-                    excess = (jackknife - variance) * np.maximum(seen["T"] - kappa * np.sqrt(seen["var"]), 0.0)
-                    floored = J - excess <= floor
-                    V = np.maximum(J - excess, floor)
-                    df = quadratic.satterthwaite_df(J, excess, (jackknife - variance) ** 2 * seen["var"], floored, shards)
-                    covered = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * np.sqrt(V)
-                    if kappa == 0.0:  # the default, recomputed: a check on this table's construction
-                        np.testing.assert_allclose(np.sqrt(V), out["se"], rtol=1e-9)
-                    name = "default" if kappa == 0.0 else f"kappa {kappa:g}"
-                    row[f"{name}: coverage"] = covered.mean()
-                    row[f"{name}: at the floor"] = floored.mean()
-                    row[f"{name}: floor rows cover"] = covered[floored].mean() if floored.any() else np.nan
-                    row[f"{name}: width"] = np.median(scipy.stats.t.ppf((1 + LEVEL) / 2, df) * np.sqrt(V))
-                rows.append(row)
+        out = interval(F, z, estimate, se, recorded)
+        J, floor = se ** 2, se ** 2 * variance / jackknife
+        row = {"shards": shards, "r": r, "share": share}
+        for kappa in (0.0, 0.5, 1.0, 2.0):
+            excess = (jackknife - variance) * np.maximum(seen["T"] - kappa * np.sqrt(seen["var"]), 0.0)
+            floored = J - excess <= floor
+            V = np.maximum(J - excess, floor)
+            df = quadratic.satterthwaite_df(J, excess, (jackknife - variance) ** 2 * seen["var"], floored, shards)
+            covered = np.abs(estimate) <= scipy.stats.t.ppf((1 + LEVEL) / 2, df) * np.sqrt(V)
+            if kappa == 0.0:  # the default, recomputed: a check on this table's construction
+                np.testing.assert_allclose(np.sqrt(V), out["se"], rtol=1e-9)
+            name = "default" if kappa == 0.0 else f"kappa {kappa:g}"
+            row[f"{name}: coverage"] = covered.mean()
+            row[f"{name}: at the floor"] = floored.mean()
+            row[f"{name}: floor rows cover"] = covered[floored].mean() if floored.any() else np.nan
+            row[f"{name}: width"] = np.median(scipy.stats.t.ppf((1 + LEVEL) / 2, df) * np.sqrt(V))
+        rows.append(row)
     f = pd.DataFrame(rows)
     for kappa in ("kappa 0.5", "kappa 1", "kappa 2"):  # widths relative to the default's
         f[f"{kappa}: width"] = f[f"{kappa}: width"] / f["default: width"]
