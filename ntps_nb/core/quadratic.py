@@ -48,7 +48,7 @@ Session 33: the rows at the floor (``quadratic_excess`` = J (1 - variance / jack
 least covered rows away from stationary points: on the local model with the quadratic part half the
 variance or less they cover 0.58-0.80, the rest 0.95-0.99, all of them together 0.905-0.920.
 Session 34: T-hat from at most 5 shards of each half (`INTERACTION_HALF`): at 20 shards 25 plug-ins instead
-of 100, coverage as with every shard on the local model and on 29 d = 16 designs, widths about 6% more on
+of 100, coverage as with every shard on the local model and on 29 designs at d = 16 and 64, widths 5-6% more on
 average (docs/estimator.md, "The interactions from five shards of each half").
 """
 
@@ -73,8 +73,8 @@ SETTLED_SE = 1e-12
 #: At most this many shards of each half of richardson's split enter T-hat's interactions (the first of each
 #: half, `interaction_halves`): T-hat is unbiased from any of them, and the interactions cost one plug-in per
 #: pair (25 at this cap; 100 with every shard at 20 shards). 5 x 5 is what the interval was checked with on the
-#: estimator map (10 shards); at 20 shards, on the local model and on 29 d = 16 designs of the generators, the cap
-#: leaves coverage as it was and widens intervals by about 6% on average (docs/estimator.md, "The interactions
+#: estimator map (10 shards); at 20 shards, on the local model and on 29 generator designs at d = 16 and 64, the cap
+#: leaves coverage as it was and widens intervals by 5-6% on average (docs/estimator.md, "The interactions
 #: from five shards of each half").
 INTERACTION_HALF = 5
 
