@@ -4,7 +4,7 @@ Every NTPS the package prints is computed from sample moments, i.e. it estimates
 population the texts come from. To check an estimator (bias, spread, interval coverage) the truth
 must be known, so each generator here gives its population moments in closed form
 (`PopulationModel.population_moments`), and the population NTPS is the theory NTPS of those
-moments (`PopulationModel.population_ntps`). Three families:
+moments (`PopulationModel.population_ntps`). Four families:
 
 ``factor_model`` (low-rank plus noise). Text n has T tokens
 ``h_{n,t} = F g_n + L mu_{y_n} + e_{n,t}``: a text-constant part (``F g_n``, g_n ~ N(0, I_q),
@@ -27,6 +27,12 @@ spacing of the perception and next-token problems (``gap``: "separated", "modera
 the plane of an "even" and an "odd" label direction), which puts the population NTPS at k = 1 at
 a stationary point of the rotation of U's top pair: the case symmetric designs produce and the
 generic families do not (its docstring).
+
+``markov_model`` (discrete tokens): a class-dependent Markov chain over a vocabulary read through
+embeddings, h_t = memory h_(t-1) + E[x_t], with imbalanced class priors. Its features are discrete
+mixtures rather than Gaussian and its eigengaps are not planted: a population of another kind than
+the three the estimators' settings were chosen on (docs/estimator.md, "A family the calibration never
+saw").
 
 Sampling is vectorised: `sample_shards` draws N texts and returns the moments of S disjoint
 shards (the input of the shard estimators and intervals), in O(N T d^2).
@@ -92,7 +98,7 @@ class PopulationModel:
 
     Attributes
     ----------
-    family : "factor" or "lds".
+    family : "factor", "lds", "reflection" or "markov".
     d, n_classes, n_tokens : hidden size, classes C, tokens per text T.
     priors : (C,) class probabilities.
     settings : the generator's parameters (for provenance).
@@ -424,6 +430,127 @@ def lds_model(
         family="lds", d=d, n_classes=C, n_tokens=T, priors=priors, _moments=moments, _sampler=sampler,
         settings=dict(family="lds", d=d, n_classes=C, n_tokens=T, signal=signal, angle=float(angle), gap=gap,
                       max_persistence=max_persistence, noise=noise, seed=seed),
+    )
+
+
+def _markov_moments(E, start, trans, priors, memory, T) -> Moments:
+    """Exact moments of the Markov token model (`markov_model`).
+
+    With o_s the one-hot of token s, h_t = E' sum_{s<=t} memory^(t-s) o_s, so every moment is E' Q E
+    with Q = sum_{s,u} b_s c_u E[o_s o_u'] for the tokens' coefficients b, c of the two features, and
+    E[o_s o_u' | y] = diag(pi_s) P^(u - s) for s <= u (pi_s the class's token marginal at s, P its
+    transition matrix).
+    """
+    V, d = E.shape
+    steps = np.arange(T)
+    lag = np.subtract.outer(steps, steps)
+    decay = np.where(lag >= 0, float(memory) ** np.clip(lag, 0, None), 0.0)  # (t, s): h_t's weight on o_s
+    x_coef = decay.T @ np.full(T, 1.0 / T)
+    prefix = [decay.T @ (steps <= t) for t in range(T - 1)]  # s_t = h_0 + ... + h_t
+    following = [decay[t + 1] for t in range(T - 1)]  # h_(t+1)
+    Sxx, C0, C1 = np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, d))
+    Sxy, x_mean = np.zeros((d, len(priors))), np.zeros(d)
+    for c, p in enumerate(priors):
+        powers = [np.eye(V)]
+        for _ in range(T - 1):
+            powers.append(powers[-1] @ trans[c])
+        marginals = np.stack([start[c] @ power for power in powers])  # (T, V)
+        joint = np.empty((T, T, V, V))
+        for s in range(T):
+            for u in range(s, T):
+                joint[s, u] = marginals[s][:, None] * powers[u - s]
+                joint[u, s] = joint[s, u].T
+
+        def second(b, c_):
+            return E.T @ np.einsum("s,u,suvw->vw", b, c_, joint) @ E
+
+        mean_x = E.T @ (x_coef @ marginals)
+        Sxx += p * second(x_coef, x_coef)
+        Sxy[:, c] = p * mean_x
+        x_mean += p * mean_x
+        C0 += p * sum(second(b, b) for b in prefix)
+        C1 += p * sum(second(b, f) for b, f in zip(prefix, following))
+    return Moments(Sxx=Sxx, Sxy=Sxy, Syy=np.diag(priors), C0=C0, C1=C1, n_texts=POPULATION_N_TEXTS,
+                   n_tokens=T - 1, x_mean=x_mean)
+
+
+def markov_model(
+    d: int = 16,
+    n_classes: int = 4,
+    *,
+    n_tokens: int = 8,
+    vocabulary: int | None = None,
+    memory: float = 0.7,
+    signal: float = 0.5,
+    concentration: float = 0.3,
+    imbalance: float = 1.0,
+    gap: Gap = "moderate",
+    seed: int = 0,
+) -> PopulationModel:
+    """Discrete tokens: a class-dependent Markov chain over a vocabulary, read through embeddings.
+
+    Text n's tokens x_1..x_T follow a Markov chain whose start distribution and transition matrix
+    depend on the label: P_y = (1 - signal) P_0 + signal Q_y, every row of P_0 and Q_y drawn from a
+    Dirichlet with ``concentration`` (small: sparse, peaked transitions); the state is a decaying sum
+    of the tokens' embeddings, h_t = memory h_(t-1) + E[x_t] (E: vocabulary x d). Class priors are
+    unequal, p_c proportional to (c + 1)^-imbalance. Unlike the other families the features are
+    discrete mixtures, not Gaussian, the classes are imbalanced, and the eigenvalue spacing of the
+    perception and next-token problems is not planted: ``gap`` sets only the spacing of the
+    embeddings' singular values. A family to check the estimators on a population their calibration
+    never saw; the moments are exact (`_markov_moments`).
+
+    Parameters
+    ----------
+    d, n_classes, n_tokens : hidden size, classes, tokens per text (T >= 2).
+    vocabulary : number of token types V (default 4 d; at least d, so that the features span R^d).
+    memory : decay of the state in [0, 1) (0: h_t is the embedding of token t alone).
+    signal : in [0, 1], how far each class's chain departs from the shared one.
+    concentration : Dirichlet concentration of the chains' rows (> 0).
+    imbalance : exponent of the class priors (0: equal priors).
+    gap : spacing of the embeddings' singular values ("separated", "moderate" or "tied").
+    seed : seed of the chains and embeddings (not of the samples).
+
+    Returns
+    -------
+    `PopulationModel` of family "markov".
+    """
+    rng = np.random.default_rng([int(seed), 404])
+    C, T = int(n_classes), int(n_tokens)
+    V = 4 * int(d) if vocabulary is None else int(vocabulary)
+    if T < 2:
+        raise ValueError(f"n_tokens must be >= 2 (the next-token moments need a next token), got {T}")
+    if V < d:
+        raise ValueError(f"vocabulary must be at least d (the embeddings span R^d), got {V} < {d}")
+    if not (0 <= memory < 1 and 0 <= signal <= 1 and concentration > 0 and imbalance >= 0 and C >= 2):
+        raise ValueError(f"need 0 <= memory < 1, 0 <= signal <= 1, concentration > 0, imbalance >= 0 and "
+                         f"n_classes >= 2, got {memory}, {signal}, {concentration}, {imbalance}, {C}")
+    E = rng.standard_normal((V, d)) / np.sqrt(V) @ np.diag(_spectrum(d, gap, rng)) @ _orthonormal(d, rng)
+    shared_start = rng.dirichlet(np.full(V, concentration))
+    shared = rng.dirichlet(np.full(V, concentration), size=V)
+    start = (1 - signal) * shared_start + signal * rng.dirichlet(np.full(V, concentration), size=C)  # (C, V)
+    trans = (1 - signal) * shared + signal * rng.dirichlet(np.full(V, concentration), size=(C, V))  # (C, V, V)
+    priors = (np.arange(1, C + 1, dtype=np.float64) ** -float(imbalance))
+    priors /= priors.sum()
+    start_cdf, trans_cdf = np.cumsum(start, axis=-1), np.cumsum(trans, axis=-1)
+
+    def moments() -> Moments:
+        return _markov_moments(E, start, trans, priors, memory, T)
+
+    def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+        draws = gen.random((labels.size, T))
+        tokens = np.empty((labels.size, T), dtype=np.int64)
+        tokens[:, 0] = (start_cdf[labels] < draws[:, :1]).sum(axis=1)
+        for t in range(1, T):
+            tokens[:, t] = (trans_cdf[labels, tokens[:, t - 1]] < draws[:, t:t + 1]).sum(axis=1)
+        out = E[np.minimum(tokens, V - 1)]  # a draw above the cdf's rounded last entry is the last token
+        for t in range(1, T):
+            out[:, t] += memory * out[:, t - 1]
+        return out
+
+    return PopulationModel(
+        family="markov", d=d, n_classes=C, n_tokens=T, priors=priors, _moments=moments, _sampler=sampler,
+        settings=dict(family="markov", d=d, n_classes=C, n_tokens=T, vocabulary=V, memory=memory, signal=signal,
+                      concentration=concentration, imbalance=imbalance, gap=gap, seed=seed),
     )
 
 

@@ -14,6 +14,7 @@ from ntps_nb.core.simulate import (
     estimator_map,
     factor_model,
     lds_model,
+    markov_model,
     moments_of_array,
     reflection_model,
     sample_shards,
@@ -21,7 +22,7 @@ from ntps_nb.core.simulate import (
 )
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 
-FAMILIES = [factor_model, lds_model, reflection_model]
+FAMILIES = [factor_model, lds_model, reflection_model, markov_model]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -60,6 +61,17 @@ def test_population_ntps_is_the_theory_ntps_of_the_population_moments():
         warnings.simplefilter("error", InterpolationWarning)
         expected = [ntps(model.population_moments(), k=k) for k in (1, 2, 3)]
     np.testing.assert_allclose(model.population_ntps([1, 2, 3]), expected, rtol=1e-12)
+
+
+def test_the_markov_model_has_imbalanced_classes_and_discrete_states():
+    # the departures from the Gaussian, equal-prior families it exists for: priors proportional to 1 / (c + 1),
+    # and every state one of finitely many (memory 0: h_t is the embedding of token t, a row of E)
+    model = markov_model(d=6, n_classes=3, memory=0.0, vocabulary=10, seed=1)
+    np.testing.assert_allclose(model.priors, np.array([1, 1 / 2, 1 / 3]) / (11 / 6), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    states = model.sample_sequences(model.sample_labels(500, rng), rng).reshape(-1, 6)
+    assert len(np.unique(states.round(12), axis=0)) <= 10
+    assert markov_model(d=6, n_classes=3, imbalance=0.0).priors == pytest.approx(np.full(3, 1 / 3))
 
 
 def test_angle_moves_the_population_ntps():
@@ -117,6 +129,10 @@ def test_bad_generator_settings_are_refused():
         reflection_model(d=8, n_classes=2)
     with pytest.raises(ValueError, match="n_predictable"):
         reflection_model(d=8, n_predictable=7)
+    with pytest.raises(ValueError, match="vocabulary"):
+        markov_model(d=8, vocabulary=7)
+    with pytest.raises(ValueError, match="memory"):
+        markov_model(d=8, memory=1.0)
     with pytest.raises(ValueError, match="n_shards"):
         sample_shards(factor_model(d=4, n_classes=2), 3, 5, np.random.default_rng(0))
 
