@@ -554,6 +554,44 @@ def markov_model(
     )
 
 
+def heavy_tailed(model: PopulationModel, df: float) -> PopulationModel:
+    """``model`` with each text's whole sequence scaled by its own random factor: heavy-tailed texts.
+
+    Text n's states become s_n h_(n,t) with s_n^2 = (df - 2) / chi2_df drawn independently of the text and its
+    label, so that E[s^2] = 1: each text is a multivariate Student t in the Gaussian families (kurtosis infinite
+    at df <= 4), the way a few texts with outsized activations dominate a sample of real hidden states. The
+    second moments Sxx, C0, C1 are unchanged and the label moments scale by E[s] (Sxy and x_mean), so the
+    population moments stay exact.
+
+    Parameters
+    ----------
+    model : any `PopulationModel`.
+    df : degrees of freedom of the scale (> 2; smaller: heavier tails).
+
+    Returns
+    -------
+    `PopulationModel` of the same family, its settings with ``tails = df``.
+    """
+    import scipy.special
+
+    if not df > 2:
+        raise ValueError(f"df must be > 2 (E[s^2] = 1 needs a finite variance), got {df}")
+    df = float(df)
+    mean_scale = float(np.sqrt((df - 2) / 2) * np.exp(scipy.special.gammaln((df - 1) / 2) - scipy.special.gammaln(df / 2)))
+
+    def moments() -> Moments:
+        m = model.population_moments()
+        return Moments(Sxx=m.Sxx, Sxy=mean_scale * m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=m.n_texts,
+                       n_tokens=m.n_tokens, x_mean=None if m.x_mean is None else mean_scale * m.x_mean)
+
+    def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+        states = model.sample_sequences(labels, gen)
+        return states * np.sqrt((df - 2) / gen.chisquare(df, size=labels.size))[:, None, None]
+
+    return PopulationModel(family=model.family, d=model.d, n_classes=model.n_classes, n_tokens=model.n_tokens,
+                           priors=model.priors, _moments=moments, _sampler=sampler, settings={**model.settings, "tails": df})
+
+
 def moments_of_array(sequences: Float[np.ndarray, "N T d"], labels: np.ndarray, n_classes: int) -> Moments:
     """The NTPS moments of equal-length sequences, vectorised (equals `moments_from_sequences`).
 

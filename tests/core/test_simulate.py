@@ -13,6 +13,7 @@ from ntps_nb.core.simulate import (
     REFLECTION_RATIOS,
     estimator_map,
     factor_model,
+    heavy_tailed,
     lds_model,
     markov_model,
     moments_of_array,
@@ -22,7 +23,14 @@ from ntps_nb.core.simulate import (
 )
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 
-FAMILIES = [factor_model, lds_model, reflection_model, markov_model]
+
+
+def heavy_tailed_factor_model(**settings):
+    """The factor model with Student t texts (5 degrees of freedom: the sample moments' variance is finite)."""
+    return heavy_tailed(factor_model(**settings), df=5)
+
+
+FAMILIES = [factor_model, lds_model, reflection_model, markov_model, heavy_tailed_factor_model]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,6 +80,20 @@ def test_the_markov_model_has_imbalanced_classes_and_discrete_states():
     states = model.sample_sequences(model.sample_labels(500, rng), rng).reshape(-1, 6)
     assert len(np.unique(states.round(12), axis=0)) <= 10
     assert markov_model(d=6, n_classes=3, imbalance=0.0).priors == pytest.approx(np.full(3, 1 / 3))
+
+
+def test_heavy_tailed_texts_scale_the_label_moments_by_the_mean_scale():
+    # E[s] against the texts themselves: per shard, the least-squares factor between the sampled Sxy and the
+    # Gaussian model's; at 3 degrees of freedom E[s] = sqrt(1 / 2) Gamma(1) / Gamma(3 / 2) = 0.798
+    gaussian = factor_model(d=5, n_classes=3, n_tokens=4, seed=1)
+    model = heavy_tailed(gaussian, df=3)
+    mean_scale = np.sqrt(0.5) / (np.sqrt(np.pi) / 2)
+    np.testing.assert_allclose(model.population_moments().Sxy, mean_scale * gaussian.population_moments().Sxy)
+    shards = sample_shards(model, 100_000, 20, np.random.default_rng(4))
+    base = gaussian.population_moments()
+    factors = np.array([np.sum(s.Sxy * base.Sxy) / np.sum(base.Sxy**2) for s in shards])
+    se = factors.std(ddof=1) / np.sqrt(len(factors))
+    assert abs(factors.mean() - mean_scale) < 4 * se and se < 0.02  # (Sxx, C0, C1: the df = 5 model above)
 
 
 def test_angle_moves_the_population_ntps():
@@ -133,6 +155,8 @@ def test_bad_generator_settings_are_refused():
         markov_model(d=8, vocabulary=7)
     with pytest.raises(ValueError, match="memory"):
         markov_model(d=8, memory=1.0)
+    with pytest.raises(ValueError, match="df must be > 2"):
+        heavy_tailed(factor_model(d=8), df=2)
     with pytest.raises(ValueError, match="n_shards"):
         sample_shards(factor_model(d=4, n_classes=2), 3, 5, np.random.default_rng(0))
 
