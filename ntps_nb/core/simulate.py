@@ -92,6 +92,13 @@ def _centroids(n_classes: int, rank: int, scales: np.ndarray, rng: np.random.Gen
     return np.sqrt(n_classes) * left @ np.diag(scales) @ right
 
 
+def _offset(d: int, norm: float, seed: int) -> np.ndarray:
+    """A fixed vector of length ``norm`` in a random direction (its own random stream: a model's other
+    parameters are the same with or without it)."""
+    direction = np.random.default_rng([int(seed), 505]).standard_normal(d)
+    return float(norm) * direction / np.linalg.norm(direction)
+
+
 @dataclass(frozen=True, eq=False)
 class PopulationModel:
     """A labelled sequence generator with exact population moments.
@@ -179,6 +186,7 @@ def factor_model(
     gap: Gap = "moderate",
     token_noise: float = 1.0,
     unpredictable_noise: float = 4.0,
+    offset: float = 0.0,
     seed: int = 0,
 ) -> PopulationModel:
     """Low-rank plus noise: text-constant predictable factors, label centroids, token noise.
@@ -193,6 +201,9 @@ def factor_model(
     gap : eigenvalue spacing of both spectra ("separated", "moderate" or "tied").
     token_noise : isotropic token-noise scale; unpredictable_noise: extra token noise in the
         directions orthogonal to the predictable span.
+    offset : length of a constant vector added to every state (0: none): a "massive activation", a
+        common direction far larger than the rest that dominates the uncentred moments, as in real
+        hidden states.
     seed : seed of the planted geometry (not of the samples).
 
     Returns
@@ -219,20 +230,23 @@ def factor_model(
         raise ValueError(f"n_tokens must be >= 2 (the next-token moments need a next token), got {T}")
     settings = dict(family="factor", d=d, n_classes=C, n_tokens=T, n_predictable=q, signal=signal,
                     angle=float(angle), gap=gap, token_noise=token_noise,
-                    unpredictable_noise=unpredictable_noise, seed=seed)
-    return _low_rank_plus_noise(F, L, mu, frame * np.sqrt(noise_scales), T, settings)
+                    unpredictable_noise=unpredictable_noise, offset=float(offset), seed=seed)
+    return _low_rank_plus_noise(F, L, mu, frame * np.sqrt(noise_scales), T, settings, _offset(d, offset, seed))
 
 
 def _low_rank_plus_noise(F: np.ndarray, L: np.ndarray, mu: np.ndarray, noise_factor: np.ndarray, T: int,
-                         settings: dict) -> PopulationModel:
-    """The population ``h_{n,t} = F g_n + L mu_{y_n} + e_{n,t}`` (g ~ N(0, I), e = noise_factor z,
-    z ~ N(0, I), i.i.d. over t; equal priors), its exact moments and its sampler (module docstring)."""
+                         settings: dict, offset: np.ndarray | None = None) -> PopulationModel:
+    """The population ``h_{n,t} = F g_n + L mu_{y_n} + c + e_{n,t}`` (g ~ N(0, I), e = noise_factor z,
+    z ~ N(0, I), i.i.d. over t; equal priors; c = ``offset``, default 0), its exact moments and its sampler
+    (module docstring; c enters as a shift of every class centroid)."""
     d, C = F.shape[0], mu.shape[0]
     priors = np.full(C, 1.0 / C)
     Sigma_e = noise_factor @ noise_factor.T
 
+    shift = np.zeros(d) if offset is None else np.asarray(offset, dtype=np.float64)
+
     def moments() -> Moments:
-        centroids = mu @ L.T  # (C, d)
+        centroids = mu @ L.T + shift  # (C, d)
         K = F @ F.T + (centroids.T * priors) @ centroids
         t = np.arange(1, T, dtype=np.float64)
         alpha, beta = float(np.sum(t**2)), float(np.sum(t))
@@ -242,7 +256,7 @@ def _low_rank_plus_noise(F: np.ndarray, L: np.ndarray, mu: np.ndarray, noise_fac
 
     def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
         n = labels.size
-        constant = gen.standard_normal((n, F.shape[1])) @ F.T + mu[labels] @ L.T
+        constant = gen.standard_normal((n, F.shape[1])) @ F.T + mu[labels] @ L.T + shift
         noise = gen.standard_normal((n, T, d)) @ noise_factor.T
         return constant[:, None, :] + noise
 
@@ -376,6 +390,7 @@ def lds_model(
     gap: Gap = "moderate",
     max_persistence: float = 0.9,
     noise: float = 1.0,
+    offset: float = 0.0,
     seed: int = 0,
 ) -> PopulationModel:
     """Linear dynamical system with class-dependent constant input.
@@ -389,6 +404,8 @@ def lds_model(
     gap : spacing of A's persistence spectrum and of the class inputs' singular values.
     max_persistence : largest eigenvalue of the symmetric transition matrix A, in (0, 1).
     noise : standard deviation of the state noise w.
+    offset : length of a constant input c added to every class's (0: none); the states' common mean,
+        sum_j A^j c, then dominates the uncentred moments, as a "massive activation" does in real hidden states.
     seed : seed of the planted geometry.
 
     Returns
@@ -408,7 +425,7 @@ def lds_model(
     A = (frame * rho) @ frame.T
     slow, fast = frame[:, :rank], frame[:, d - rank:]
     directions = (np.cos(angle) * slow + np.sin(angle) * fast) @ _orthonormal(rank, rng)
-    inputs = signal * _centroids(C, rank, _spectrum(rank, gap, rng), rng) @ directions.T  # (C, d)
+    inputs = signal * _centroids(C, rank, _spectrum(rank, gap, rng), rng) @ directions.T + _offset(d, offset, seed)
     priors = np.full(C, 1.0 / C)
     noise_var = float(noise) ** 2
 
@@ -429,7 +446,7 @@ def lds_model(
     return PopulationModel(
         family="lds", d=d, n_classes=C, n_tokens=T, priors=priors, _moments=moments, _sampler=sampler,
         settings=dict(family="lds", d=d, n_classes=C, n_tokens=T, signal=signal, angle=float(angle), gap=gap,
-                      max_persistence=max_persistence, noise=noise, seed=seed),
+                      max_persistence=max_persistence, noise=noise, offset=float(offset), seed=seed),
     )
 
 
@@ -577,7 +594,8 @@ def heavy_tailed(model: PopulationModel, df: float) -> PopulationModel:
     if not df > 2:
         raise ValueError(f"df must be > 2 (E[s^2] = 1 needs a finite variance), got {df}")
     df = float(df)
-    mean_scale = float(np.sqrt((df - 2) / 2) * np.exp(scipy.special.gammaln((df - 1) / 2) - scipy.special.gammaln(df / 2)))
+    log_ratio = scipy.special.gammaln((df - 1) / 2) - scipy.special.gammaln(df / 2)
+    mean_scale = float(np.sqrt((df - 2) / 2) * np.exp(log_ratio))
 
     def moments() -> Moments:
         m = model.population_moments()
@@ -589,7 +607,8 @@ def heavy_tailed(model: PopulationModel, df: float) -> PopulationModel:
         return states * np.sqrt((df - 2) / gen.chisquare(df, size=labels.size))[:, None, None]
 
     return PopulationModel(family=model.family, d=model.d, n_classes=model.n_classes, n_tokens=model.n_tokens,
-                           priors=model.priors, _moments=moments, _sampler=sampler, settings={**model.settings, "tails": df})
+                           priors=model.priors, _moments=moments, _sampler=sampler,
+                           settings={**model.settings, "tails": df})
 
 
 def moments_of_array(sequences: Float[np.ndarray, "N T d"], labels: np.ndarray, n_classes: int) -> Moments:

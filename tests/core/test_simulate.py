@@ -30,7 +30,12 @@ def heavy_tailed_factor_model(**settings):
     return heavy_tailed(factor_model(**settings), df=5)
 
 
-FAMILIES = [factor_model, lds_model, reflection_model, markov_model, heavy_tailed_factor_model]
+def offset_lds_model(**settings):
+    """The LDS with a common input of length 10 (a "massive activation")."""
+    return lds_model(offset=10.0, **settings)
+
+
+FAMILIES = [factor_model, lds_model, reflection_model, markov_model, heavy_tailed_factor_model, offset_lds_model]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,6 +99,20 @@ def test_heavy_tailed_texts_scale_the_label_moments_by_the_mean_scale():
     factors = np.array([np.sum(s.Sxy * base.Sxy) / np.sum(base.Sxy**2) for s in shards])
     se = factors.std(ddof=1) / np.sqrt(len(factors))
     assert abs(factors.mean() - mean_scale) < 4 * se and se < 0.02  # (Sxx, C0, C1: the df = 5 model above)
+
+
+def test_an_offset_shifts_every_state_by_one_vector_and_leaves_the_rest_of_the_model():
+    # the factor model's label moments gain c p' and nothing else: c recovered from the difference has the
+    # offset's length, and the model's other parameters are those of the model without it (its own stream)
+    plain = factor_model(d=8, n_classes=3, seed=2).population_moments()
+    shifted = factor_model(d=8, n_classes=3, offset=25.0, seed=2).population_moments()
+    priors = np.diag(plain.Syy)
+    c = (shifted.Sxy - plain.Sxy) / priors
+    np.testing.assert_allclose(c, np.repeat(c[:, :1], 3, axis=1), atol=1e-12)
+    assert np.linalg.norm(c[:, 0]) == pytest.approx(25.0)
+    m = plain.x_mean
+    np.testing.assert_allclose(shifted.Sxx, plain.Sxx + np.outer(m, c[:, 0]) + np.outer(c[:, 0], m)
+                               + np.outer(c[:, 0], c[:, 0]), rtol=1e-12, atol=1e-9)
 
 
 def test_angle_moves_the_population_ntps():
