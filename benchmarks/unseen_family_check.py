@@ -44,26 +44,28 @@ from ntps_nb.core.simulate import estimator_map, factor_model, heavy_tailed, lds
 FAMILIES = {"markov": markov_model, "factor": factor_model, "lds": lds_model}
 
 #: The columns kept per draw (the frame of `estimator_map` has every column of `ntps_estimate`).
-KEPT = ["task_family", "task_tails", "task_d", "task_n_classes", "task_gap", "task_memory", "task_seed", "n_over_d",
-        "n_texts", "draw", "k", "truth", "estimate", "se", "lower", "upper", "df", "reliable", "covered",
-        "subspace_noise", "gap_ratio"]
+KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
+        "task_seed", "n_over_d", "n_texts", "draw", "k", "truth", "estimate", "se", "lower", "upper", "df",
+        "reliable", "covered", "subspace_noise", "gap_ratio"]
 #: The design columns of a cell (one population: the seed draws its chains and embeddings).
-POPULATION = ["task_family", "task_tails", "task_d", "task_n_classes", "task_gap", "task_memory", "task_seed"]
+POPULATION = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
+              "task_seed"]
 #: A truth this close to 0 or 1 is at a stationary point of NTPS (docs/estimator.md): reported apart.
 EDGE = 0.005
 
 
-def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, tails: float | None):
-    """The population of one design: ``memory`` is the Markov family's; ``tails`` the Student t degrees of freedom
-    of `heavy_tailed` (None: the family as it is)."""
-    settings = {"memory": memory} if family == "markov" else {}
+def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, tails: float | None,
+               offset: float = 0.0):
+    """The population of one design: ``memory`` is the Markov family's, ``offset`` the factor and LDS families';
+    ``tails`` the Student t degrees of freedom of `heavy_tailed` (None: the family as it is)."""
+    settings = {"memory": memory} if family == "markov" else {"offset": offset}
     model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed, **settings)
     return model if tails is None else heavy_tailed(model, tails)
 
 
 def one_task(args) -> pd.DataFrame:
-    family, tails, d, C, gap, memory, seed, ratios, ks, (first, draws), shards = args
-    model = population(family, d, C, gap, memory, seed, tails)
+    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards = args
+    model = population(family, d, C, gap, memory, seed, tails, offset)
     frame = estimator_map([model], ratios, [k for k in ks if k <= d // 2], estimators=["richardson"],
                           n_draws=draws, n_shards=shards, seed=seed, first_draw=first, interval="quadratic")
     return frame.reindex(columns=KEPT)  # a family without memory, or no tails: those columns empty
@@ -71,10 +73,12 @@ def one_task(args) -> pd.DataFrame:
 
 def run(args) -> None:
     memories = args.memory if args.family == "markov" else [None]
-    tasks = [(args.family, args.tails, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards)
+    if args.offset and args.family == "markov":
+        raise SystemExit("--offset is the factor and LDS families' (the Markov family has none)")
+    tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards)
              for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
              if C <= d // 2
-             for span in draw_ranges(args.draws, args.chunks)]
+             for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
     start = time.time()
     with ProcessPoolExecutor(args.processes) as pool:
         frame = pd.concat(pool.map(one_task, tasks), ignore_index=True)
@@ -109,19 +113,19 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 #: The report's short names of the design columns.
-SHORT = {"task_family": "family", "task_tails": "tails", "task_d": "d", "task_n_classes": "C", "task_gap": "gap",
-         "task_memory": "memory", "task_seed": "seed", "size": "reliable"}
+SHORT = {"task_family": "family", "task_tails": "tails", "task_offset": "offset", "task_d": "d",
+         "task_n_classes": "C", "task_gap": "gap", "task_memory": "memory", "task_seed": "seed", "size": "reliable"}
 
 
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    frame = frame[np.isfinite(frame["truth"])]
+    frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)  # frames written before --offset: NaN there
     table = cells(frame)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 500)
     print(f"{len(frame)} rows in {len(table)} cells; reliable rows {int(frame['reliable'].sum())}")
     print("\nThe flag's acceptance and every row's coverage (flag ignored), by population kind and N/d:")
-    by_size = frame.groupby(["task_family", "task_tails", "task_d", "n_over_d"], dropna=False)
+    by_size = frame.groupby(["task_family", "task_tails", "task_offset", "task_d", "n_over_d"], dropna=False)
     print(by_size.agg(rows=("covered", "size"), accepted=("reliable", "mean"), covered_all=("covered", "mean"))
           .round(3).rename_axis(index=[SHORT.get(n, n) for n in by_size.keys]).to_string())
     counted = table[table["counted"]]
@@ -134,7 +138,7 @@ def report(paths: list[str]) -> None:
                   f"significantly below 0.85: {int(part['below'].sum())}, above 0.95: {int(part['above'].sum())}; "
                   f"|bias| a quarter of the width (z > {BIAS_Z}): {int(part['biased'].sum())}")
     kinds = counted.assign(point_below=counted["coverage"] < 0.85, point_above=counted["coverage"] > 0.95)
-    kinds = kinds.groupby(["task_family", "task_tails", "task_d", "edge"], dropna=False).agg(
+    kinds = kinds.groupby(["task_family", "task_tails", "task_offset", "task_d", "edge"], dropna=False).agg(
         cells=("size", "size"), reliable=("size", "sum"), covered=("sum", "sum"), below=("below", "sum"),
         above=("above", "sum"), point_below=("point_below", "sum"), point_above=("point_above", "sum"),
         biased=("biased", "sum"))
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--report", nargs="*", default=None, help="report these per-draw frames instead of running")
     parser.add_argument("--family", default="markov", choices=list(FAMILIES))
     parser.add_argument("--tails", type=float, default=None, help="heavy_tailed's degrees of freedom (> 2)")
+    parser.add_argument("--offset", type=float, default=0.0,
+                        help="factor / LDS: length of a constant vector added to every state (input)")
     parser.add_argument("--d", type=int, nargs="+", default=[16])
     parser.add_argument("--classes", type=int, nargs="+", default=[2, 6, 20])
     parser.add_argument("--gaps", nargs="+", default=["separated", "moderate", "tied"])
@@ -160,6 +166,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[8, 32, 128])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--first-draw", type=int, default=0, help="draws first-draw .. first-draw + draws - 1")
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--chunks", type=int, default=4, help="tasks per population (ranges of its draws)")
     parser.add_argument("--processes", type=int, default=os.cpu_count())

@@ -160,7 +160,7 @@ def test_default_intervals_cover_where_the_flag_says_reliable():
 def test_default_intervals_cover_on_a_family_their_calibration_never_saw():
     # Discrete tokens from class-dependent Markov chains, classes imbalanced 2 : 1: every threshold of the flag
     # and the interval was chosen on Gaussian, equal-prior families. This population (k = 1, N / d = 32) covered
-    # 0.912 on 193 reliable rows of 200 in benchmarks/markov_family_check.py; here 200 other draws (binomial SE
+    # 0.912 on 193 reliable rows of 200 in benchmarks/unseen_family_check.py; here 200 other draws (binomial SE
     # 0.021 near 0.9).
     model = markov_model(d=16, n_classes=2, gap="separated", memory=0.7, seed=500)
     rows = _default_rows(model, 1, COVERAGE_DRAWS, seed=14)
