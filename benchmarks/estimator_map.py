@@ -22,10 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pandas as pd  # noqa: E402
 
 from ntps_nb.core.estimators import ESTIMATORS  # noqa: E402
-from ntps_nb.core.simulate import (  # noqa: E402
-    estimator_map, factor_model, lds_model, markov_model, reflection_model, summarise_map)
-
-FAMILIES = {"factor": factor_model, "lds": lds_model, "reflection": reflection_model, "markov": markov_model}
+from ntps_nb.core.simulate import FAMILIES, estimator_map, summarise_map  # noqa: E402
 
 
 def one_cell(args) -> pd.DataFrame:

@@ -611,6 +611,11 @@ def heavy_tailed(model: PopulationModel, df: float) -> PopulationModel:
                            settings={**model.settings, "tails": df})
 
 
+#: The generator families by name (`PopulationModel.family`), for scripts and notebooks that pick one.
+FAMILIES: dict[str, Callable[..., PopulationModel]] = {"factor": factor_model, "lds": lds_model,
+                                                       "reflection": reflection_model, "markov": markov_model}
+
+
 def moments_of_array(sequences: Float[np.ndarray, "N T d"], labels: np.ndarray, n_classes: int) -> Moments:
     """The NTPS moments of equal-length sequences, vectorised (equals `moments_from_sequences`).
 
