@@ -5,8 +5,9 @@ reliability flag) was chosen on the Gaussian families of `ntps_nb.core.simulate`
 all with equal class priors. Three departures are checked here: `markov_model` (``--family markov``: discrete
 tokens from a class-dependent Markov chain read through embeddings, imbalanced classes, eigengaps not planted),
 `heavy_tailed` (``--tails DF``: any family with each text scaled by its own random factor, Student t texts,
-the way a few texts with outsized activations dominate real hidden states) and the factor and LDS families'
-``offset`` (``--offset``: a constant vector that dominates the uncentred moments, a massive activation).
+the way a few texts with outsized activations dominate real hidden states) and the factor and LDS
+families' ``offset`` (``--offset``: a constant vector that dominates the uncentred moments, a massive
+activation).
 Nothing in this script chooses anything: it draws samples of fresh populations and reports item 4 of issue 21 for
 the defaults as they are, in the terms of the rest of docs/estimator.md: per cell (population x N/d x k) with at least `MIN_ACCEPTED` reliable
 rows, the reliable rows' coverage with exact one-sided binomial tests against 0.85 and 0.95 (`exact_band_tests`,

@@ -1199,3 +1199,50 @@ def whitened_subspaces(perception: np.ndarray, next_token: np.ndarray, *, ks: Se
     fig.suptitle(r"whitened coordinates $z = S_{xx}^{-1/2}\bar x$: perception (blue), next-token (red)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def known_truth(frame: pd.DataFrame, *, caption: str | None = None) -> Figure:
+    """Estimates and their intervals over independent draws from a population whose NTPS is known
+    (`ntps_nb.core.simulate.estimator_map`), one panel per estimator.
+
+    Draws are sorted by estimate; each interval is drawn at its draw's rank, blue where it contains the
+    population value (the horizontal line), red where it misses it; a filled dot marks a row the
+    reliability flag accepts, a hollow one a row it does not. The title gives the mean error (the
+    bias), the share of intervals that cover, and the same among the reliable rows.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per (draw, estimator) at a single k: ``estimator``, ``estimate``, ``lower``,
+        ``upper``, ``reliable``, ``truth`` (as `estimator_map` writes them).
+    caption : str, optional
+        Provenance printed under the panels.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
+    _require(frame, ["estimator", "estimate", "lower", "upper", "reliable", "truth"], "known_truth")
+    if "k" in frame and frame["k"].nunique() > 1:
+        raise ValueError(f"known_truth draws one k at a time; the frame has k = {sorted(frame['k'].unique())}")
+    estimators = list(dict.fromkeys(frame["estimator"]))
+    fig, axes = _figure(len(estimators), width=4.6, height=3.6, sharey=True)
+    for ax, name in zip(axes, estimators):
+        rows = frame[(frame["estimator"] == name) & np.isfinite(frame["estimate"])].sort_values("estimate")
+        truth = float(rows["truth"].iloc[0])
+        rank = np.arange(len(rows))
+        covered = ((rows["lower"] <= truth) & (truth <= rows["upper"])).to_numpy()
+        reliable = rows["reliable"].astype(bool).to_numpy()
+        ax.vlines(rank, rows["lower"], rows["upper"], colors=np.where(covered, "C0", "C3"), lw=1.2)
+        ax.scatter(rank[reliable], rows["estimate"].to_numpy()[reliable], color="black", s=12, zorder=3,
+                   label="reliable")
+        ax.scatter(rank[~reliable], rows["estimate"].to_numpy()[~reliable], facecolors="white", edgecolors="black",
+                   s=12, zorder=3, label="not reliable")
+        ax.axhline(truth, color="grey", ls="--", lw=1, label="population NTPS")
+        among = f"{covered[reliable].mean():.0%} of {reliable.sum()} reliable" if reliable.any() else "none reliable"
+        ax.set(xlabel="draw (sorted by estimate)", ylabel="NTPS",
+               title=f"{name}: bias {(rows['estimate'] - truth).mean():+.3f}\ncovers {covered.mean():.0%}; {among}")
+        ax.title.set_fontsize(9)
+    axes[0].legend(fontsize=7, loc="best")
+    return _finish(fig, caption)
