@@ -11,7 +11,8 @@ activation). Nothing in this script chooses anything: it draws samples of fresh 
 of issue 21 for the defaults as they are, in the terms of the rest of docs/estimator.md: per cell (population x
 N/d x k) with at least `MIN_ACCEPTED` reliable rows, the reliable rows' coverage with exact one-sided binomial
 tests against 0.85 and 0.95 (`exact_band_tests`, 2.5% each), and whether their |bias| reaches a quarter of their
-mean width by more than `BIAS_Z` Monte Carlo SEs; beside it every row's coverage, flag ignored, and the share of rows the flag accepts.
+mean width by more than `BIAS_Z` Monte Carlo SEs; beside it every row's coverage, flag ignored, and the share
+of rows the flag accepts.
 
     python benchmarks/unseen_family_check.py --d 16 --seeds 500 501 --draws 200 --processes 16 --out D/markov_d16.csv.gz
     python benchmarks/unseen_family_check.py --family lds --tails 3 --d 16 --out D/lds_t3_d16.csv.gz
