@@ -56,7 +56,7 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                       "n_boot": 20},
     "01_theory_derivation": {"n_texts": 400, "n_checks": 20},
     "02_bound_checks": {"n_angles": 5, "n_texts": 400, "model": "tiny-llama", "dataset": "trec6", "max_train": 60,
-                        "max_test": 40, "max_length": 32, "precision": "float64"},
+                        "max_test": 40, "max_length": 32, "precision": "float64", "truth_draws": 10},
     "03_per_model_correlation": {"n_boot": 50, "n_perm": 20},
     "04_lora_gain_prediction": {"n_boot": 50, "n_perm": 20},
     # headless: a live widget under papermill once left the kernel waiting on its output area

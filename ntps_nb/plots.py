@@ -1244,5 +1244,5 @@ def known_truth(frame: pd.DataFrame, *, caption: str | None = None) -> Figure:
         ax.set(xlabel="draw (sorted by estimate)", ylabel="NTPS",
                title=f"{name}: bias {(rows['estimate'] - truth).mean():+.3f}\ncovers {covered.mean():.0%}; {among}")
         ax.title.set_fontsize(9)
-    axes[0].legend(fontsize=7, loc="best")
+    axes[0].legend(title="draws", fontsize=7, title_fontsize=7, loc="best")
     return _finish(fig, caption)

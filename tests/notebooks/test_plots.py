@@ -229,6 +229,28 @@ def test_the_other_figures_of_the_series_title_their_legends():
         assert legends and all(legend.get_title().get_text().strip() for legend in legends)
 
 
+def test_known_truth_colours_each_interval_by_whether_it_covers_and_titles_the_bias():
+    frame = pd.DataFrame({"estimator": ["plugin"] * 3 + ["richardson"] * 3, "k": 2, "truth": 0.5,
+                          "estimate": [0.40, 0.55, 0.30, 0.52, 0.45, 0.60],
+                          "lower": [0.35, 0.45, 0.20, 0.42, 0.40, 0.55], "upper": [0.45, 0.65, 0.40, 0.62, 0.55, 0.65],
+                          "reliable": [True, False, False, True, True, False]})
+    fig = plots.known_truth(frame, caption="3 draws")
+    for ax, name in zip(fig.axes, ["plugin", "richardson"]):
+        rows = frame[frame.estimator == name].sort_values("estimate")
+        lines = next(c for c in ax.collections if isinstance(c, LineCollection) and len(c.get_segments()) == 3)
+        spans = [tuple(np.round(seg[:, 1], 3)) for seg in lines.get_segments()]
+        assert spans == [(lo, hi) for lo, hi in zip(rows.lower, rows.upper)]  # sorted by estimate
+        red_rgb = tuple(np.round(matplotlib.colors.to_rgb("C3"), 3))
+        red = [tuple(np.round(c[:3], 3)) == red_rgb for c in lines.get_colors()]
+        assert red == list(~((rows.lower <= 0.5) & (0.5 <= rows.upper)))
+        bias = (rows.estimate - 0.5).mean()
+        assert f"bias {bias:+.3f}" in ax.get_title()
+    assert "covers 33%; 0% of 1 reliable" in fig.axes[0].get_title()  # the reliable draw (0.40) misses
+    _check_legends_and_caption(fig, "3 draws")
+    with pytest.raises(ValueError, match="one k at a time"):
+        plots.known_truth(frame.assign(k=[1, 2, 1, 2, 1, 2]))
+
+
 def test_layer_profile_draws_an_estimators_intervals_around_it_dotted_where_unreliable():
     profile = pd.DataFrame({"layer": [0, 1, 2, 3], "k": 6, "variant": "theory", "estimator": "richardson",
                             "ntps": [0.30, 0.35, -0.05, 0.50], "ntps_lower": [0.20, np.nan, -0.30, 0.45],
