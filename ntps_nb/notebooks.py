@@ -784,7 +784,8 @@ DESCRIPTIONS = {
     "01_theory_derivation": "The derivation of NTPS and of the excess-loss identity and bounds, every step checked "
                             "numerically; a 3-d example worked by hand.",
     "02_bound_checks": "The bounds on planted synthetic tasks, then the identity against fitted probes on real "
-                       "features, and the held-out excess loss for contrast.",
+                       "features, and the held-out excess loss for contrast; last, one NTPS as an estimate of a "
+                       "known population value.",
     "03_per_model_correlation": "Does NTPS rank datasets like the probes do? Per model: in-sample vs leave-one-"
                                 "dataset-out selection, permutation nulls, baselines, random controls, peers.",
     "04_lora_gain_prediction": "Does NTPS predict the gain of LoRA fine-tuning over the probe? The study's LoRA runs "
