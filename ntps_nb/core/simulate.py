@@ -31,8 +31,10 @@ generic families do not (its docstring).
 ``markov_model`` (discrete tokens): a class-dependent Markov chain over a vocabulary read through
 embeddings, h_t = memory h_(t-1) + E[x_t], with imbalanced class priors. Its features are discrete
 mixtures rather than Gaussian and its eigengaps are not planted: a population of another kind than
-the three the estimators' settings were chosen on (docs/estimator.md, "A family the calibration never
-saw").
+the three the estimators' settings were chosen on. Two more departures apply to the others:
+`heavy_tailed` (Student t texts, any family) and the factor and LDS families' ``offset`` (a constant
+vector that dominates the uncentred moments, a massive activation). docs/estimator.md, "Families the
+calibration never saw", has what the default estimator does on all three.
 
 Sampling is vectorised: `sample_shards` draws N texts and returns the moments of S disjoint
 shards (the input of the shard estimators and intervals), in O(N T d^2).
