@@ -41,6 +41,7 @@ from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
 from estimator_map import draw_ranges  # noqa: E402
 from rotation_flag_report import BIAS_Z  # noqa: E402
 
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX  # noqa: E402
 from ntps_nb.core.simulate import FAMILIES, estimator_map, heavy_tailed  # noqa: E402
 
 #: The families this script draws from (reflection is the map's own stationary case, not a new kind).
@@ -127,9 +128,14 @@ def report(paths: list[str]) -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 500)
     print(f"{len(frame)} rows in {len(table)} cells; reliable rows {int(frame['reliable'].sum())}")
-    print("\nThe flag's acceptance and every row's coverage (flag ignored), by population kind and N/d:")
-    by_size = frame.groupby(["task_family", "task_tails", "task_offset", "task_d", "n_over_d"], dropna=False)
-    print(by_size.agg(rows=("covered", "size"), accepted=("reliable", "mean"), covered_all=("covered", "mean"))
+    print("\nThe flag's acceptance and every row's coverage (flag ignored), by population kind and N/d; the shares of "
+          f"rows meeting the flag's noise (subspace_noise <= {NOISE_MAX}) and eigengap (gap_ratio >= {GAP_MIN}) "
+          "conditions, and those statistics' medians:")
+    conditions = frame.assign(noise_ok=frame["subspace_noise"] <= NOISE_MAX, gap_ok=frame["gap_ratio"] >= GAP_MIN)
+    by_size = conditions.groupby(["task_family", "task_tails", "task_offset", "task_d", "n_over_d"], dropna=False)
+    print(by_size.agg(rows=("covered", "size"), accepted=("reliable", "mean"), covered_all=("covered", "mean"),
+                      noise_ok=("noise_ok", "mean"), gap_ok=("gap_ok", "mean"), noise=("subspace_noise", "median"),
+                      gap_ratio=("gap_ratio", "median"))
           .round(3).rename_axis(index=[SHORT.get(n, n) for n in by_size.keys]).to_string())
     counted = table[table["counted"]]
     print(f"\nCells with at least {MIN_ACCEPTED} reliable rows: {len(counted)} ({int(counted['edge'].sum())} with "
