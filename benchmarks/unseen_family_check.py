@@ -123,7 +123,9 @@ SHORT = {"task_family": "family", "task_tails": "tails", "task_offset": "offset"
 
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)  # frames written before --offset: NaN there
+    frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)
+    offsettable = frame["task_family"].isin(["factor", "lds"])  # frames written before --offset had none: 0
+    frame.loc[offsettable, "task_offset"] = frame.loc[offsettable, "task_offset"].fillna(0.0)
     table = cells(frame)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 500)
