@@ -154,7 +154,7 @@ def report(paths: list[str]) -> None:
         above=("above", "sum"), point_below=("point_below", "sum"), point_above=("point_above", "sum"),
         biased=("biased", "sum"))
     kinds.insert(2, "coverage", kinds.pop("covered") / kinds["reliable"])
-    print("\nBy population kind (edge: truth within EDGE of 0 or 1), cells with reliable rows:")
+    print(f"\nBy population kind (edge: truth within {EDGE} of 0 or 1), cells with reliable rows:")
     print(kinds.round(3).rename_axis(index=[SHORT.get(n, n) for n in kinds.index.names]).to_string())
     columns = POPULATION + ["n_over_d", "k", "truth", "rows", "covered_all", "accepted", "size", "coverage", "bias",
                             "width", "below", "above", "biased"]

@@ -43,7 +43,7 @@ shards (the input of the shard estimators and intervals), in O(N T d^2).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -601,8 +601,7 @@ def heavy_tailed(model: PopulationModel, df: float) -> PopulationModel:
 
     def moments() -> Moments:
         m = model.population_moments()
-        return Moments(Sxx=m.Sxx, Sxy=mean_scale * m.Sxy, Syy=m.Syy, C0=m.C0, C1=m.C1, n_texts=m.n_texts,
-                       n_tokens=m.n_tokens, x_mean=None if m.x_mean is None else mean_scale * m.x_mean)
+        return replace(m, Sxy=mean_scale * m.Sxy, x_mean=None if m.x_mean is None else mean_scale * m.x_mean)
 
     def sampler(labels: np.ndarray, gen: np.random.Generator) -> np.ndarray:
         states = model.sample_sequences(labels, gen)
@@ -883,8 +882,6 @@ def bias_decomposition(
     DataFrame, one row per (estimator, k, what is sampled): estimator, k, sampled, truth, bias,
     bias_mcse, sd, n_defined, n_texts and the model's settings as ``task_*``.
     """
-    from dataclasses import replace
-
     from ntps_nb.core.estimators import estimate_ntps
 
     ks = np.asarray(ks, dtype=np.int64)

@@ -24,7 +24,6 @@ from ntps_nb.core.simulate import (
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 
 
-
 def heavy_tailed_factor_model(**settings):
     """The factor model with Student t texts (5 degrees of freedom: the sample moments' variance is finite)."""
     return heavy_tailed(factor_model(**settings), df=5)
