@@ -11,9 +11,10 @@ import scipy.stats
 
 from ntps_nb.core.estimators import GAP_MIN, ntps_estimate
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.rotation import SET_ANGLES, STABLE_ATOL, ntps_over_rotations, rotation_sets
+from ntps_nb.core.rotation import (PLANE_RTOL, SET_ANGLES, STABLE_ATOL, ntps_over_rotations, plane_replicates,
+                                   rotation_sets)
 from ntps_nb.core.score import theory_geometry
-from ntps_nb.core.simulate import factor_model, lds_model, pair_shards, sample_shards
+from ntps_nb.core.simulate import factor_model, lds_model, markov_model, pair_shards, sample_shards
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
 
 SHARDS = 10
@@ -228,3 +229,45 @@ def test_rotation_condition_solves_nothing_where_no_row_is_otherwise_reliable(mo
     monkeypatch.setattr(rotation, "perception_subspace", no_solve)
     out = rotation.rotation_stability(shards, frame, level=LEVEL, gap_min=GAP_MIN, rtol=1e-10)
     assert not out["rotation_stable"].any() and out["rotation_lower"].isna().all()
+
+
+def _plane_problem(condition: float, d: int = 6):
+    """A pair that diagonalises (F F', B) exactly, B of the given condition number: pair = B^{-1/2} W with W
+    orthonormal and F = B^{1/2} W diag(sqrt(lambda)), so pair' B pair = I and pair' F F' pair = diag(lambda)."""
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    s = np.logspace(0, -np.log10(condition), d)
+    B = Q @ np.diag(s) @ Q.T
+    root, inv_root = Q @ np.diag(np.sqrt(s)) @ Q.T, Q @ np.diag(1 / np.sqrt(s)) @ Q.T
+    W = np.linalg.qr(rng.normal(size=(d, 2)))[0]
+    F = root @ W @ np.diag(np.sqrt([2.0, 1.0]))
+    pools = [Moments(Sxx=B, Sxy=F, Syy=np.eye(2) / 2, C0=B, C1=B, n_texts=10, n_tokens=10) for _ in range(3)]
+    return inv_root @ W, F, B, pools
+
+
+def test_the_pair_check_allows_the_rounding_an_ill_conditioned_metric_gives_and_nothing_more():
+    # eigenvectors that come through a whitening of condition number kappa are B-orthonormal to about
+    # eps * kappa only (1e-8 for states whose scales span ten decades), which the check once took for a
+    # programming error: ntps_estimate raised on such data
+    kappa = 1e10
+    pair, F, B, pools = _plane_problem(kappa)
+    rounded = pair * (1 + 5e-8)          # pair' B pair - I = 1e-7: above PLANE_RTOL, below eps * kappa
+    assert np.abs(rounded.T @ B @ rounded - np.eye(2)).max() > PLANE_RTOL
+    planes = plane_replicates(rounded, F, B, pools, "U", condition=kappa)
+    # each replicate is the pooled problem itself: its plane matrix is diag(lambda), to the rounding allowed
+    assert np.allclose(planes, np.diag([2.0, 1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="does not diagonalise"):
+        plane_replicates(rounded, F, B, pools, "U")                       # a well-conditioned metric: 1e-7 is wrong
+    with pytest.raises(ValueError, match="does not diagonalise"):
+        plane_replicates(pair * (1 + 1e-3), F, B, pools, "U", condition=kappa)   # a real error is still caught
+
+
+def test_ntps_estimate_runs_where_sxx_spans_ten_decades():
+    # a draw of the Markov family at d = 64 whose embeddings' scales span ten decades (Sxx retains 29
+    # directions, condition number ~9e9): the rotation condition raised here before its check allowed for
+    # the metric's conditioning, in about 1% of such draws (docs/estimator.md, session 36)
+    model = markov_model(d=64, n_classes=2, n_tokens=8, gap="separated", seed=602, memory=0.7)
+    shards = sample_shards(model, 2048, SHARDS, np.random.default_rng([602, 32000, 2]))
+    frame = ntps_estimate(shards, [1])
+    assert frame["reliable"].item() and frame["rotation_stable"].item()
+    assert frame["rotation_lower"].item() <= frame["estimate"].item() <= frame["rotation_upper"].item()
