@@ -50,7 +50,7 @@ CHECKED = ("markov", "factor", "lds")
 #: The columns kept per draw (the frame of `estimator_map` has every column of `ntps_estimate`).
 KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
         "task_seed", "n_over_d", "n_texts", "draw", "k", "truth", "estimate", "se", "lower", "upper", "df",
-        "reliable", "covered", "subspace_noise", "gap_ratio"]
+        "reliable", "covered", "subspace_noise", "gap_ratio", "failure"]
 #: The design columns of a cell (one population: the seed draws its chains and embeddings).
 POPULATION = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
               "task_seed"]
@@ -130,6 +130,10 @@ def report(paths: list[str]) -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 500)
     print(f"{len(frame)} rows in {len(table)} cells; reliable rows {int(frame['reliable'].sum())}")
+    failed = frame["failure"].astype(object).where(frame["failure"].notna(), "")  # older frames: none recorded
+    print(f"Rows on which ntps_estimate raised (counted as not covered, never reliable): {int((failed != '').sum())}")
+    for message, count in failed[failed != ""].value_counts().items():
+        print(f"  {count}: {message}")
     print("\nThe flag's acceptance and every row's coverage (flag ignored), by population kind and N/d; the shares of "
           f"rows meeting the flag's noise (subspace_noise <= {NOISE_MAX}) and eigengap (gap_ratio >= {GAP_MIN}) "
           "conditions, and those statistics' medians:")

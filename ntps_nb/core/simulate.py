@@ -727,8 +727,9 @@ def estimator_map(
     interval and reliability flag against the population NTPS.
 
     k values beyond the population's or the sample's rank give NaN estimates and are kept; an
-    estimator that raises on a draw gives a row of NaN. `summarise_map` turns the frame into
-    bias / SD / RMSE / coverage with Monte Carlo errors.
+    estimator that raises on a draw gives a row of NaN with the exception in ``failure`` (so a map
+    never drops a draw silently: `summarise_map` counts them as ``n_failed``). `summarise_map` turns
+    the frame into bias / SD / RMSE / coverage with Monte Carlo errors.
 
     Parameters
     ----------
@@ -748,8 +749,9 @@ def estimator_map(
 
     Returns
     -------
-    DataFrame, one row per (model, N, draw, estimator, k): the columns of `ntps_estimate`, truth,
-    n_over_d, n_texts, draw, model (index), covered, error (estimate - truth) and the model's
+    DataFrame, one row per (model, N, draw, estimator, k): the columns of `ntps_estimate`, failure
+    (the exception `ntps_estimate` raised on the draw, as "Type: message"; empty where it did not),
+    truth, n_over_d, n_texts, draw, model (index), covered, error (estimate - truth) and the model's
     settings as ``task_*``.
     """
     from ntps_nb.core.estimators import ntps_estimate
@@ -773,11 +775,14 @@ def estimator_map(
                             warnings.simplefilter("ignore", InterpolationWarning)
                             table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
                                                   interval=interval)
-                    except (ValueError, np.linalg.LinAlgError):
+                        failure = ""
+                    except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
+                        failure = f"{type(error).__name__}: {error}"
                         table = pd.DataFrame({"k": ks, "estimator": estimator, "estimate": np.nan, "se": np.nan,
                                               "lower": np.nan, "upper": np.nan, "reliability": np.nan,
                                               "reliable": False})
-                    table = table.assign(truth=truth, n_over_d=float(ratio), n_texts=n_texts, draw=draw, model=mi,
+                    table = table.assign(failure=failure, truth=truth, n_over_d=float(ratio), n_texts=n_texts,
+                                         draw=draw, model=mi,
                                          **{f"task_{k}": v for k, v in model.settings.items()})
                     rows.append(table)
                 bar.update()
@@ -788,13 +793,21 @@ def estimator_map(
     return out
 
 
+def _failed(frame: pd.DataFrame) -> np.ndarray:
+    """Whether the estimator raised on each row of an `estimator_map` frame (False where the frame,
+    read from a file written before the column, has no ``failure``; an empty message reads back as NaN)."""
+    if "failure" not in frame:
+        return np.zeros(len(frame), dtype=bool)
+    return (frame["failure"].notna() & (frame["failure"].astype(object) != "")).to_numpy()
+
+
 def summarise_map(frame: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd.DataFrame:
     """Per cell: bias, SD, RMSE and coverage of each estimator, with Monte Carlo standard errors,
     over all draws and over the draws its reliability flag accepts.
 
-    A draw whose estimate is NaN (undefined at that k) counts as not covered and is left out of
-    bias / SD / RMSE (``n_defined`` says how many were defined). Rows with a non-finite truth are
-    dropped.
+    A draw whose estimate is NaN (undefined at that k, or the estimator raised: ``n_failed``) counts
+    as not covered and is left out of bias / SD / RMSE (``n_defined`` says how many were defined).
+    Rows with a non-finite truth are dropped.
 
     Parameters
     ----------
@@ -804,7 +817,8 @@ def summarise_map(frame: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd
 
     Returns
     -------
-    DataFrame, one row per cell: the ``by`` columns, truth, draws, n_defined, bias, bias_mcse, sd,
+    DataFrame, one row per cell: the ``by`` columns, truth, draws, n_defined, n_failed (draws on which
+    the estimator raised; 0 for a frame without a ``failure`` column), bias, bias_mcse, sd,
     rmse, coverage, coverage_mcse, mean_width, share_reliable, n_reliable, bias_reliable,
     rmse_reliable, coverage_reliable, coverage_reliable_mcse, width_reliable.
     """
@@ -821,6 +835,7 @@ def summarise_map(frame: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd
         width = (g["upper"] - g["lower"]).to_numpy()
         out = {
             "truth": float(g["truth"].iloc[0]), "draws": n, "n_defined": int(ok.sum()),
+            "n_failed": int(_failed(g).sum()),
             "bias": np.mean(err[ok]) if ok.any() else np.nan,
             "bias_mcse": np.std(err[ok], ddof=1) / np.sqrt(ok.sum()) if ok.sum() > 1 else np.nan,
             "sd": np.std(err[ok], ddof=1) if ok.sum() > 1 else np.nan,

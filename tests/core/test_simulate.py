@@ -194,6 +194,29 @@ def test_estimator_map_records_truth_and_the_summary_counts_draws():
     assert got == pytest.approx(float((one.estimate - one.truth).mean()), rel=1e-12)
 
 
+def test_a_draw_the_estimator_raises_on_is_kept_and_said(monkeypatch):
+    import ntps_nb.core.estimators as estimators
+
+    real = estimators.ntps_estimate
+    calls = []
+
+    def fails_on_the_second_draw(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("the U pair does not diagonalise its pooled problem")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimators, "ntps_estimate", fails_on_the_second_draw)
+    model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
+    frame = estimator_map([model], [8], [1, 2], estimators=("plugin",), n_draws=3, n_shards=4)
+    failed = frame[frame["draw"] == 1]
+    assert (failed["failure"] == "ValueError: the U pair does not diagonalise its pooled problem").all()
+    assert failed["estimate"].isna().all() and not failed["covered"].any()
+    assert (frame.loc[frame["draw"] != 1, "failure"] == "").all()
+    summary = summarise_map(frame)
+    assert (summary["n_failed"] == 1).all() and (summary["n_defined"] == 2).all() and (summary["draws"] == 3).all()
+
+
 def test_an_estimator_map_split_into_ranges_of_draws_is_the_whole_map():
     model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
     whole = estimator_map([model], [8], [1, 2], estimators=("plugin",), n_draws=3, n_shards=4, seed=2)
