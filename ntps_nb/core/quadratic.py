@@ -77,6 +77,8 @@ SETTLED_SE = 1e-12
 #: leaves coverage as it was and widens intervals by 5-6% on average (docs/estimator.md, "The interactions
 #: from five shards of each half").
 INTERACTION_HALF = 5
+#: Rounding allowed in the trace of richardson's quadratic coefficients (zero: no 1 / N bias; entries are O(1 / S^2)).
+TRACE_ATOL = 1e-12
 
 
 def _coefficients(weights: Sequence[np.ndarray], factors: Sequence[float]) -> np.ndarray:
@@ -104,6 +106,13 @@ def _richardson_coefficients(n_shards: int, a: np.ndarray, b: np.ndarray, drop: 
 def quadratic_factors(n_shards: int, seed: int) -> tuple[float, float]:
     """Richardson's quadratic error against T = tr((H Omega)^2), exactly, for equal shards.
 
+    With an even number of shards the halves are equal and richardson's coefficients M have a zero
+    diagonal, so the factors hold for any distribution of the shards. With an odd number the halves
+    differ by a shard and M keeps a diagonal (its trace, the 1 / N bias, is still zero, in every
+    replicate too): the factors are then exact for Gaussian shard means (the diagonal adds a fourth-moment
+    term, which averaging the texts of a shard makes small) and were checked against a brute-force
+    simulation (tests/core/test_quadratic.py) and on the estimator map (docs/estimator.md, session 36).
+
     Parameters
     ----------
     n_shards : number of shards S (each half of the split needs at least `MIN_HALF`).
@@ -122,9 +131,10 @@ def quadratic_factors(n_shards: int, seed: int) -> tuple[float, float]:
         raise ValueError(f"the quadratic interval needs at least {MIN_HALF} shards in each half of the split "
                          f"(at least {2 * MIN_HALF} shards), got {n_shards}")
     M = _richardson_coefficients(n_shards, a, b, None)
-    if np.max(np.abs(np.diag(M))) > 1e-12:  # richardson's 1 / N term: a programming error if not removed
-        raise RuntimeError("richardson's quadratic coefficients have a diagonal")
     replicates = np.array([_richardson_coefficients(n_shards, a, b, i) for i in range(n_shards)])
+    # richardson's 1 / N term is the trace (E z'Mz = tr(M) tr(H Omega)): a programming error if not removed
+    if max(abs(np.trace(M)), np.abs(np.trace(replicates, axis1=1, axis2=2)).max()) > TRACE_ATOL:
+        raise RuntimeError("richardson's quadratic coefficients keep a 1 / N term")
     centred = replicates - replicates.mean(axis=0)
     jackknife = (n_shards - 1) / n_shards * 2 * float(np.einsum("sij,sji->", centred, centred))
     return 2 * float(np.trace(M @ M)), jackknife
