@@ -94,6 +94,13 @@ SHARD_ESTIMATORS = ("richardson", "adjusted_v", "debiased", "extrapolate", "cros
 #: union): given the moments of the two halves as two shards they give the value of all the shards,
 #: as `split_halves` (2, seed) puts one in each half (`ntps_nb.extract.extract`'s ``half_layers``).
 HALF_ESTIMATORS = ("richardson",)
+#: The estimators that split the shards into two halves: a delete-one-shard replicate must leave a shard in
+#: each half, so their jackknife interval needs `SPLIT_MIN_SHARDS` shards (with 3, one half holds a single
+#: shard and every replicate that leaves it out fails).
+SPLIT_ESTIMATORS = ("richardson", "extrapolate", "crossfit", "crossfit_inverse")
+#: Fewest shards of `ntps_estimate`'s jackknife interval: 3 for most estimators, 4 for `SPLIT_ESTIMATORS`.
+MIN_SHARDS = 3
+SPLIT_MIN_SHARDS = 4
 #: Texts per retained dimension of the "pca" estimator: p = N // PCA_TEXTS_PER_DIM.
 PCA_TEXTS_PER_DIM = 4
 #: The estimators `ntps_estimate` also computes on a torch device (``device=``); the others run in numpy only.
@@ -968,7 +975,8 @@ def ntps_estimate(
 
     Parameters
     ----------
-    moment_shards : per-shard `Moments` of one layer, at least 3 shards.
+    moment_shards : per-shard `Moments` of one layer, at least 3 shards (4 for the estimators that split
+        them into halves, `SPLIT_ESTIMATORS`, the default among them: `min_shards`).
     ks : (K,) positive integers, numbers of next-token directions.
     estimator : one of `ESTIMATORS` (default `DEFAULT_ESTIMATOR`, "richardson").
     level : coverage level of the interval, in (0, 1).
@@ -1040,10 +1048,10 @@ def ntps_estimate(
                                        solve=solve, interaction_half=interaction_half)
         return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol,
                               interval=interval, rotation_flag=rotation_flag)
-    _check_estimate_options(shards, level)
-    ks = _check_ks(ks)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_estimate_options(shards, level, estimator)
+    ks = _check_ks(ks)
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol)
@@ -1127,20 +1135,39 @@ def _check_quadratic(shards: list[Moments], estimator: str, seed: int) -> None:
     quadratic_factors(len(shards), seed)
 
 
-def _check_estimate_options(shards: list[Moments], level: float) -> None:
+def min_shards(estimator: str) -> int:
+    """Fewest shards `ntps_estimate` gives an interval with for ``estimator``.
+
+    Parameters
+    ----------
+    estimator : one of `ESTIMATORS`.
+
+    Returns
+    -------
+    `SPLIT_MIN_SHARDS` (4) for the estimators that split the shards into halves (`SPLIT_ESTIMATORS`: a
+    delete-one-shard replicate must leave a shard in each half), `MIN_SHARDS` (3) for the others.
+    """
+    return SPLIT_MIN_SHARDS if estimator in SPLIT_ESTIMATORS else MIN_SHARDS
+
+
+def _check_estimate_options(shards: list[Moments], level: float, estimator: str = "plugin") -> None:
     """Raise the errors `ntps_estimate` raises on too few shards or a level outside (0, 1).
 
     Parameters
     ----------
     shards : the per-shard `Moments` (as a list).
     level : coverage level of the interval.
+    estimator : the estimator (`min_shards`).
 
     Returns
     -------
     None; a ValueError names the bad value.
     """
-    if len(shards) < 3:
-        raise ValueError(f"a jackknife interval needs at least 3 shards, got {len(shards)}")
+    fewest = min_shards(estimator)
+    if len(shards) < fewest:
+        why = (f" for estimator={estimator!r} (it splits the shards into halves, and a delete-one-shard replicate "
+               "must leave a shard in each)" if estimator in SPLIT_ESTIMATORS else "")
+        raise ValueError(f"a jackknife interval needs at least {fewest} shards{why}, got {len(shards)}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
 

@@ -71,8 +71,6 @@ QUADRATIC_DF_SETTING = ("quadratic_df", "satterthwaite")
 QUADRATIC_INTERACTION_SETTING = "interaction_half"
 #: Coverage level of the estimates stage's jackknife intervals (`ntps_nb.core.estimators.ntps_estimate`).
 ESTIMATE_LEVEL = 0.90
-#: Fewest shards of a delete-one-shard jackknife interval (`ntps_nb.core.estimators.ntps_estimate`).
-ESTIMATE_MIN_SHARDS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -882,9 +880,12 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
 
     if not u.interval_grid:
         return None, {}
-    if u.cfg.shards < ESTIMATE_MIN_SHARDS:
-        return None, {"estimates": f"skipped: a jackknife interval needs at least {ESTIMATE_MIN_SHARDS} shards, "
-                                   f"the study has {u.cfg.shards}"}
+    from ntps_nb.core.estimators import min_shards
+
+    fewest = min_shards(u.cfg.estimator)  # the estimator's jackknife interval (4 where it splits into halves)
+    if u.cfg.shards < fewest:
+        return None, {"estimates": f"skipped: a jackknife interval of {u.cfg.estimator} needs at least {fewest} "
+                                   f"shards, the study has {u.cfg.shards}"}
     shards = _shard_layers(u)
     device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
     backend = analysis_backend(device)

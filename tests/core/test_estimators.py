@@ -9,6 +9,7 @@ import pandas as pd
 import scipy.linalg
 
 from ntps_nb.core.estimators import (BOUND_SE, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
+                                     SPLIT_ESTIMATORS,
                                      eigengap_ratios, estimate_ntps, flag_at_bound, ntps_estimate, split_halves,
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
@@ -332,7 +333,14 @@ def test_bad_input_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="positive integers"):
         estimate_ntps(shards, [0])
     with pytest.raises(ValueError, match="at least 3 shards"):
-        ntps_estimate(shards[:2], [1])
+        ntps_estimate(shards[:2], [1], estimator="plugin")
+    # the estimators that split into halves: with 3 shards one half holds a single shard and every replicate that
+    # leaves it out fails, so the interval would be NaN on every row; 3 shards suffice for the others
+    for estimator in SPLIT_ESTIMATORS:
+        with pytest.raises(ValueError, match=f"at least 4 shards for estimator='{estimator}'"):
+            ntps_estimate(shards[:3], [1], estimator=estimator)
+    assert DEFAULT_ESTIMATOR in SPLIT_ESTIMATORS and np.isfinite(ntps_estimate(shards, [1])["se"]).all()
+    assert np.isfinite(ntps_estimate(shards[:3], [1], estimator="plugin")["se"]).all()
 
 
 def test_ntps_and_ntps_sweep_take_the_estimator_option(large_draws):

@@ -143,7 +143,9 @@ def test_estimators_without_a_torch_path_are_refused(shard_sets):
     with pytest.raises(ValueError, match="estimator must be one of"):
         ntps_estimate(shards, ks, estimator="nope", device="cpu")
     with pytest.raises(ValueError, match="at least 3 shards"):
-        ntps_estimate(shards[:2], ks, device="cpu")
+        ntps_estimate(shards[:2], ks, estimator="plugin", device="cpu")
+    with pytest.raises(ValueError, match="at least 4 shards for estimator='richardson'"):
+        ntps_estimate(shards[:3], ks, device="cpu")
     with pytest.raises(ValueError, match="device must be"):
         ntps_estimate(shards, ks, device=3)
 

@@ -2331,7 +2331,7 @@ def ntps_estimate_torch(
     if estimator not in DEVICE_ESTIMATORS:
         raise ValueError(f"estimator {estimator!r} runs on device=None (numpy) only; on a torch device "
                          f"ntps_estimate computes {' and '.join(map(repr, DEVICE_ESTIMATORS))}")
-    _check_estimate_options(_as_shards(moment_shards), level)
+    _check_estimate_options(_as_shards(moment_shards), level, estimator)
     shards, ks, stack, dtype, device, batch_size = _prepare(moment_shards, ks, dtype, device, batch_size)
     S = len(shards)
     n_texts = np.array([s.n_texts for s in shards], dtype=np.int64)
