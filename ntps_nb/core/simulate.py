@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -722,6 +722,7 @@ def estimator_map(
     first_draw: int = 0,
     progress: bool = False,
     interval: str | None = None,
+    device: Any = None,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -746,6 +747,8 @@ def estimator_map(
     progress : show a progress bar.
     interval : `ntps_estimate`'s interval (None, the default: "quadratic" for "richardson", "jackknife"
         for the others; "jackknife"; "rotation"; "quadratic", for "richardson" only).
+    device : `ntps_estimate`'s ``device`` (None: numpy; a torch device such as "cuda": the estimators of
+        `ntps_nb.core.estimators.DEVICE_ESTIMATORS` solved there).
 
     Returns
     -------
@@ -774,7 +777,7 @@ def estimator_map(
                         with warnings.catch_warnings():  # the map's rows carry n_over_d: N <= d is theirs to read
                             warnings.simplefilter("ignore", InterpolationWarning)
                             table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
-                                                  interval=interval)
+                                                  interval=interval, device=device)
                         failure = ""
                     except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
                         failure = f"{type(error).__name__}: {error}"

@@ -217,6 +217,18 @@ def test_a_draw_the_estimator_raises_on_is_kept_and_said(monkeypatch):
     assert (summary["n_failed"] == 1).all() and (summary["n_defined"] == 2).all() and (summary["draws"] == 3).all()
 
 
+def test_an_estimator_map_on_a_torch_device_gives_the_numpy_map():
+    pytest.importorskip("torch")
+    model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
+    numpy_map = estimator_map([model], [16], [1, 2], estimators=("richardson",), n_draws=2, n_shards=5, seed=3)
+    torch_map = estimator_map([model], [16], [1, 2], estimators=("richardson",), n_draws=2, n_shards=5, seed=3,
+                              device="cpu")
+    assert (torch_map["failure"] == "").all()
+    for column in ("estimate", "se", "lower", "upper"):
+        np.testing.assert_allclose(torch_map[column], numpy_map[column], rtol=1e-6, atol=1e-8)
+    assert (torch_map["reliable"] == numpy_map["reliable"]).all()
+
+
 def test_an_estimator_map_split_into_ranges_of_draws_is_the_whole_map():
     model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
     whole = estimator_map([model], [8], [1, 2], estimators=("plugin",), n_draws=3, n_shards=4, seed=2)
