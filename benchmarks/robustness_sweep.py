@@ -1,8 +1,8 @@
 """Does `ntps_estimate` (the default row) run on every kind of population the simulators make?
 
-Session 36 found `ntps_estimate` raising on an ill-conditioned Sxx (the rotation condition's check, since fixed;
-docs/estimator.md, "A crash on an ill-conditioned Sxx"), on a design nobody had aimed at it. This script aims at
-such designs on purpose: every family of `ntps_nb.core.simulate` (factor, LDS, reflection, Markov), with and without
+Session 36 found `ntps_estimate` raising on an ill-conditioned Sxx and on odd shard counts (both since fixed;
+docs/estimator.md, "Crashes on an ill-conditioned Sxx and on odd shard counts"), on designs nobody had aimed at it.
+This script aims at such designs on purpose: every family of `ntps_nb.core.simulate` (factor, LDS, reflection, Markov), with and without
 Student t texts, with massive activations from nothing to 1e4 (condition numbers of Sxx past `RANGE_RTOL`'s 1e10,
 so directions are dropped), at N/d from 1 to 32, k up to d / 2, any number of shards (``--shards``; an odd number
 raised before session 36), and lists every exception by message. A
