@@ -2,12 +2,12 @@
 
 Session 36 found `ntps_estimate` raising on an ill-conditioned Sxx and on odd shard counts (both since fixed;
 docs/estimator.md, "Crashes on an ill-conditioned Sxx and on odd shard counts"), on designs nobody had aimed at it.
-This script aims at such designs on purpose: every family of `ntps_nb.core.simulate` (factor, LDS, reflection, Markov), with and without
-Student t texts, with massive activations from nothing to 1e4 (condition numbers of Sxx past `RANGE_RTOL`'s 1e10,
-so directions are dropped), at N/d from 1 to 32, k up to d / 2, any number of shards (``--shards``; an odd number
-raised before session 36), and lists every exception by message. A
-message that names a data condition (one class in a part of the sample, no label signal) is the package saying
-what it cannot do; anything else is a fault to fix. Also reports rows whose estimate is finite but whose interval
+This script aims at such designs on purpose: every family of `ntps_nb.core.simulate` (factor, LDS, reflection,
+Markov), with and without Student t texts, with massive activations from nothing to 1e4 (condition numbers of Sxx
+past `RANGE_RTOL`'s 1e10, so directions are dropped), at N/d from 1 to 32, k up to d / 2, any number of shards
+(``--shards``; an odd number raised before session 36), and lists every exception by message. A message that names
+a data condition (one class in a part of the sample, no label signal) is the package saying what it cannot do;
+anything else is a fault to fix. Also reports rows whose estimate is finite but whose interval
 is not, and estimates outside [-0.5, 1.5] (richardson extrapolates, so a little outside [0, 1] is possible).
 
     python benchmarks/robustness_sweep.py --d 16 64 --draws 10 --processes 16 --out D/sweep.csv.gz
