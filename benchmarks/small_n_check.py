@@ -93,10 +93,10 @@ def one_task(args) -> pd.DataFrame:
         with warnings.catch_warnings():  # rows carry n_over_d: N <= d is theirs to read
             warnings.simplefilter("ignore")
             try:
-                row = ntps_estimate(shards, ks).reindex(columns=KEPT).assign(error="")
+                row = ntps_estimate(shards, ks).reindex(columns=KEPT).assign(failure="")
                 row["plugin"] = estimate_ntps(shards, ks).estimate
             except (ValueError, np.linalg.LinAlgError) as error:  # kept: a draw the package cannot estimate
-                row = pd.DataFrame({"error": [f"{type(error).__name__}: {error}"] * ks.size})
+                row = pd.DataFrame({"failure": [f"{type(error).__name__}: {error}"] * ks.size})
             try:
                 row = pd.concat([row, disattenuated(shards, ks)], axis=1)
             except ValueError:  # a half with one class (small N, imbalanced priors): no prototype value
@@ -135,7 +135,7 @@ def _accepted(rows: pd.DataFrame, name: str, accept: pd.Series) -> dict:
 
 def report(paths: list[str]) -> None:
     f = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    failed = f["error"].astype(object).where(f["error"].notna(), "")
+    failed = f["failure"].astype(object).where(f["failure"].notna(), "")
     print(f"Rows on which ntps_estimate raised (left out below): {int((failed != '').sum())}")
     for message, count in failed[failed != ""].value_counts().items():
         print(f"  {count}: {message}")
