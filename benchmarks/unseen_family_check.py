@@ -68,10 +68,11 @@ def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, 
 
 
 def one_task(args) -> pd.DataFrame:
-    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards = args
+    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, weights = args
     model = population(family, d, C, gap, memory, seed, tails, offset)
     frame = estimator_map([model], ratios, [k for k in ks if k <= d // 2], estimators=["richardson"],
-                          n_draws=draws, n_shards=shards, seed=seed, first_draw=first, interval="quadratic")
+                          n_draws=draws, n_shards=shards, seed=seed, first_draw=first, interval="quadratic",
+                          shard_weights=weights)
     return frame.reindex(columns=KEPT)  # a family without memory, or no tails: those columns empty
 
 
@@ -79,7 +80,10 @@ def run(args) -> None:
     memories = args.memory if args.family == "markov" else [None]
     if args.offset and args.family == "markov":
         raise SystemExit("--offset is the factor and LDS families' (the Markov family has none)")
-    tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards)
+    if args.shard_weights is not None and len(args.shard_weights) != args.shards:
+        raise SystemExit(f"--shard-weights needs {args.shards} weights (--shards), got {len(args.shard_weights)}")
+    tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards,
+              args.shard_weights)
              for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
              if C <= d // 2
              for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
@@ -183,6 +187,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--first-draw", type=int, default=0, help="draws first-draw .. first-draw + draws - 1")
     parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--shard-weights", type=float, nargs="+", default=None,
+                        help="relative shard sizes, one per shard (default: equal shards)")
     parser.add_argument("--chunks", type=int, default=4, help="tasks per population (ranges of its draws)")
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="unseen_family.csv.gz")

@@ -641,12 +641,30 @@ def moments_of_array(sequences: Float[np.ndarray, "N T d"], labels: np.ndarray, 
                    C0=S.T @ S / n, C1=S.T @ H / n, n_texts=n, n_tokens=n * (T - 1), x_mean=xbar.mean(axis=0))
 
 
+def _shard_sizes(n_texts: int, n_shards: int, weights: Sequence[float] | None) -> np.ndarray:
+    """Texts per shard: equal (floor or ceil) without ``weights``, else proportional to them (largest
+    remainders), each at least 1."""
+    if weights is None:
+        sizes = np.full(n_shards, n_texts // n_shards)
+        sizes[: n_texts % n_shards] += 1
+        return sizes
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n_shards,) or not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError(f"weights must be {n_shards} positive finite numbers, got {weights!r}")
+    share = 1 + (n_texts - n_shards) * w / w.sum()        # one text each, the rest by weight
+    sizes = np.floor(share).astype(np.int64)
+    sizes[np.argsort(sizes - share)[: n_texts - sizes.sum()]] += 1
+    return sizes
+
+
 def sample_shards(model: PopulationModel, n_texts: int, n_shards: int, rng: np.random.Generator,
-                  *, block: int = 4096) -> list[Moments]:
+                  *, block: int = 4096, weights: Sequence[float] | None = None) -> list[Moments]:
     """Draw n_texts texts and return the moments of n_shards disjoint random shards.
 
     Texts are generated in blocks of at most ``block`` per shard to bound memory; every shard
-    holds floor or ceil of n_texts / n_shards texts. A shard missing a class is allowed (its Syy
+    holds floor or ceil of n_texts / n_shards texts, or with ``weights`` about n_texts times its
+    weight's share (floors, the remainder to the largest fractional parts, at least one text each),
+    as shards of unequal sizes (files, workers) would. A shard missing a class is allowed (its Syy
     has a zero), since shards are combined before anything is solved.
 
     Parameters
@@ -656,6 +674,7 @@ def sample_shards(model: PopulationModel, n_texts: int, n_shards: int, rng: np.r
     n_shards : number of shards S, 1 <= S <= N.
     rng : the random generator (labels and sequences are drawn from it in order).
     block : largest number of texts generated at once.
+    weights : (S,) positive relative shard sizes, or None (equal shards).
 
     Returns
     -------
@@ -664,8 +683,7 @@ def sample_shards(model: PopulationModel, n_texts: int, n_shards: int, rng: np.r
     n_texts, n_shards = int(n_texts), int(n_shards)
     if not 1 <= n_shards <= n_texts:
         raise ValueError(f"need 1 <= n_shards <= n_texts, got n_shards={n_shards}, n_texts={n_texts}")
-    sizes = np.full(n_shards, n_texts // n_shards)
-    sizes[: n_texts % n_shards] += 1
+    sizes = _shard_sizes(n_texts, n_shards, weights)
     shards = []
     for size in sizes:
         parts = []
@@ -723,6 +741,7 @@ def estimator_map(
     progress: bool = False,
     interval: str | None = None,
     device: Any = None,
+    shard_weights: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -749,6 +768,7 @@ def estimator_map(
         for the others; "jackknife"; "rotation"; "quadratic", for "richardson" only).
     device : `ntps_estimate`'s ``device`` (None: numpy; a torch device such as "cuda": the estimators of
         `ntps_nb.core.estimators.DEVICE_ESTIMATORS` solved there).
+    shard_weights : (n_shards,) relative shard sizes (`sample_shards`' ``weights``), or None (equal).
 
     Returns
     -------
@@ -771,7 +791,7 @@ def estimator_map(
             n_texts = max(int(round(ratio * model.d)), n_shards)
             for draw in range(int(first_draw), int(first_draw) + int(n_draws)):
                 rng = np.random.default_rng([int(seed), mi, int(round(ratio * 1000)), draw])
-                shards = sample_shards(model, n_texts, n_shards, rng)
+                shards = sample_shards(model, n_texts, n_shards, rng, weights=shard_weights)
                 for estimator in estimators:
                     try:
                         with warnings.catch_warnings():  # the map's rows carry n_over_d: N <= d is theirs to read

@@ -229,6 +229,19 @@ def test_an_estimator_map_on_a_torch_device_gives_the_numpy_map():
     assert (torch_map["reliable"] == numpy_map["reliable"]).all()
 
 
+def test_shards_of_unequal_sizes_follow_their_weights():
+    model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
+    shards = sample_shards(model, 512, 10, np.random.default_rng(0), weights=np.arange(1, 11))
+    sizes = np.array([s.n_texts for s in shards])
+    assert sizes.sum() == 512 and (np.diff(sizes) > 0).all()
+    np.testing.assert_allclose(sizes, 1 + 502 * np.arange(1, 11) / 55, atol=1)   # one each, the rest by weight
+    equal = [s.n_texts for s in sample_shards(model, 37, 10, np.random.default_rng(0))]
+    assert equal == [s.n_texts for s in sample_shards(model, 37, 10, np.random.default_rng(0), weights=[2] * 10)]
+    for bad in ([1] * 9, [1] * 9 + [0], [1] * 9 + [np.nan]):
+        with pytest.raises(ValueError, match="positive finite"):
+            sample_shards(model, 100, 10, np.random.default_rng(0), weights=bad)
+
+
 def test_an_estimator_map_split_into_ranges_of_draws_is_the_whole_map():
     model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
     whole = estimator_map([model], [8], [1, 2], estimators=("plugin",), n_draws=3, n_shards=4, seed=2)
