@@ -38,7 +38,8 @@ from ntps_nb.core.simulate import FAMILIES, estimator_map, heavy_tailed  # noqa:
 
 #: The columns kept per row.
 KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_seed", "task_shards",
-        "n_over_d", "draw", "k", "truth", "estimate", "se", "lower", "upper", "reliable", "covered", "failure"]
+        "n_over_d", "draw", "k", "estimator", "truth", "estimate", "se", "lower", "upper", "reliable", "covered",
+        "failure"]
 #: Estimates outside this range are listed (richardson may leave [0, 1] by its extrapolation).
 PLAUSIBLE = (-0.5, 1.5)
 
@@ -55,19 +56,19 @@ def designs(args) -> list[tuple]:
 
 
 def one_task(args) -> pd.DataFrame:
-    (family, tails, offset, d, C, gap, seed), ratios, draws, device, n_shards = args
+    (family, tails, offset, d, C, gap, seed), ratios, draws, device, n_shards, estimator = args
     settings = {"offset": offset} if family in ("factor", "lds") else {}
     model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed, **settings)
     model = model if tails is None else heavy_tailed(model, tails)
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= d // 2]
-    frame = estimator_map([model], ratios, ks, estimators=["richardson"], n_draws=draws, n_shards=n_shards,
+    frame = estimator_map([model], ratios, ks, estimators=[estimator], n_draws=draws, n_shards=n_shards,
                           seed=seed, device=device)
     return frame.assign(task_family=family, task_tails=tails, task_offset=offset,
                         task_shards=n_shards).reindex(columns=KEPT)
 
 
 def run(args) -> None:
-    tasks = [(design, args.ratios, args.draws, args.device, n_shards) for design in designs(args)
+    tasks = [(design, args.ratios, args.draws, args.device, n_shards, args.estimator) for design in designs(args)
              for n_shards in args.shards]
     start = time.time()
     if args.processes == 1:
@@ -86,7 +87,8 @@ def report(paths: list[str]) -> None:
     f = pd.concat([pd.read_csv(p, dtype={"failure": object}) for p in paths], ignore_index=True)
     failure = f["failure"].astype(object).where(f["failure"].notna(), "")
     f["task_shards"] = f.get("task_shards", pd.Series(np.nan, index=f.index)).fillna(10)  # older frames: 10 shards
-    kinds = ["task_family", "task_tails", "task_offset", "task_d", "task_shards"]
+    f["estimator"] = f["estimator"].fillna("richardson") if "estimator" in f else "richardson"
+    kinds = ["estimator", "task_family", "task_tails", "task_offset", "task_d", "task_shards"]
     print(f"{len(f)} rows ({f.groupby(kinds + ['task_n_classes', 'task_gap'], dropna=False).ngroups} populations, "
           f"{f.groupby(kinds + ['task_n_classes', 'task_gap', 'n_over_d', 'draw'], dropna=False).ngroups} draws)")
     raised = f[failure != ""].assign(message=failure[failure != ""])
@@ -117,7 +119,9 @@ def compare(first: str, second: str) -> None:
     frames = [pd.read_csv(p, dtype={"failure": object}) for p in (first, second)]
     key = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_seed",
            "task_shards", "n_over_d", "draw", "k"]
+    key.insert(0, "estimator")
     for f in frames:
+        f["estimator"] = f["estimator"].fillna("richardson") if "estimator" in f else "richardson"
         f["task_tails"] = f["task_tails"].fillna(0)
         f["task_shards"] = f.get("task_shards", pd.Series(np.nan, index=f.index)).fillna(10)
     both = frames[0].merge(frames[1], on=key, suffixes=("_1", "_2"))
@@ -143,6 +147,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=700)
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--shards", type=int, nargs="+", default=[10], help="shard counts (each population, each)")
+    parser.add_argument("--estimator", default="richardson", help="ntps_estimate's estimator (its default interval)")
     parser.add_argument("--device", default=None, help="ntps_estimate's device (e.g. cuda); default numpy")
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="robustness_sweep.csv.gz")
