@@ -33,8 +33,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ntps_nb.core.simulate import FAMILIES, estimator_map, heavy_tailed  # noqa: E402
+from unseen_family_check import OFFSET, failures, population  # noqa: E402
+
+from ntps_nb.core.simulate import FAMILIES, estimator_map  # noqa: E402
 
 #: The columns kept per row.
 KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_seed", "task_shards",
@@ -49,7 +52,7 @@ def designs(args) -> list[tuple]:
     out = []
     for family, tails, offset, d, C, gap in itertools.product(args.families, args.tails, args.offsets, args.d,
                                                               args.classes, args.gaps):
-        if C > d // 2 or (family == "reflection" and C < 3) or (offset and family not in ("factor", "lds")):
+        if C > d // 2 or (family == "reflection" and C < 3) or (offset and family not in OFFSET):
             continue
         out.append((family, None if tails == 0 else tails, offset, d, C, gap, args.seed))
     return out
@@ -57,9 +60,7 @@ def designs(args) -> list[tuple]:
 
 def one_task(args) -> pd.DataFrame:
     (family, tails, offset, d, C, gap, seed), ratios, draws, device, n_shards, estimator = args
-    settings = {"offset": offset} if family in ("factor", "lds") else {}
-    model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed, **settings)
-    model = model if tails is None else heavy_tailed(model, tails)
+    model = population(family, d, C, gap, 0.7, seed, tails, offset)    # the Markov family at its default memory
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= d // 2]
     frame = estimator_map([model], ratios, ks, estimators=[estimator], n_draws=draws, n_shards=n_shards,
                           seed=seed, device=device)
@@ -85,7 +86,7 @@ def run(args) -> None:
 
 def report(paths: list[str]) -> None:
     f = pd.concat([pd.read_csv(p, dtype={"failure": object}) for p in paths], ignore_index=True)
-    failure = f["failure"].astype(object).where(f["failure"].notna(), "")
+    failure = failures(f)
     f["task_shards"] = f.get("task_shards", pd.Series(np.nan, index=f.index)).fillna(10)  # older frames: 10 shards
     f["estimator"] = f["estimator"].fillna("richardson") if "estimator" in f else "richardson"
     kinds = ["estimator", "task_family", "task_tails", "task_offset", "task_d", "task_shards"]
@@ -108,8 +109,8 @@ def report(paths: list[str]) -> None:
                                                                    highest=("estimate", "max"),
                                                                    reliable=("reliable", "sum")).to_string())
     print("\nRows, reliable share and every row's coverage by population kind:")
-    print(f.groupby(kinds, dropna=False).agg(rows=("k", "size"), raised=("failure", lambda s: int(s.notna().sum())),
-                                             reliable=("reliable", "mean"), covered=("covered", "mean"))
+    print(f.assign(raised=failure != "").groupby(kinds, dropna=False)
+          .agg(rows=("k", "size"), raised=("raised", "sum"), reliable=("reliable", "mean"), covered=("covered", "mean"))
           .round(3).to_string())
 
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
 from estimator_map import draw_ranges  # noqa: E402
-from unseen_family_check import population  # noqa: E402
+from unseen_family_check import failures, population, print_failures  # noqa: E402
 
 from ntps_nb.core.estimators import (RANGE_RTOL, _m_of, _whitened_bases, _Whitening, estimate_ntps,  # noqa: E402
                                      ntps_estimate, split_halves)
@@ -135,10 +135,7 @@ def _accepted(rows: pd.DataFrame, name: str, accept: pd.Series) -> dict:
 
 def report(paths: list[str]) -> None:
     f = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    failed = f["failure"].astype(object).where(f["failure"].notna(), "")
-    print(f"Rows on which ntps_estimate raised (left out below): {int((failed != '').sum())}")
-    for message, count in failed[failed != ""].value_counts().items():
-        print(f"  {count}: {message}")
+    print_failures(f, "left out below")
     f = f[np.isfinite(f["truth"]) & np.isfinite(f["se"])].copy()
     f["covered"] = (f["lower"] <= f["truth"]) & (f["truth"] <= f["upper"])
     correction = (f["estimate"] - f["plugin"]).abs() / f["se"]

@@ -54,15 +54,18 @@ KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", 
 #: The design columns of a cell (one population: the seed draws its chains and embeddings).
 POPULATION = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
               "task_seed"]
+#: The families with a massive activation option (``offset``).
+OFFSET = ("factor", "lds")
 #: A truth this close to 0 or 1 is at a stationary point of NTPS (docs/estimator.md): reported apart.
 EDGE = 0.005
 
 
 def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, tails: float | None,
                offset: float = 0.0):
-    """The population of one design: ``memory`` is the Markov family's, ``offset`` the factor and LDS families';
-    ``tails`` the Student t degrees of freedom of `heavy_tailed` (None: the family as it is)."""
-    settings = {"memory": memory} if family == "markov" else {"offset": offset}
+    """The population of one design: ``memory`` is the Markov family's, ``offset`` the factor and LDS families'
+    (the others take neither); ``tails`` the Student t degrees of freedom of `heavy_tailed` (None: the family as
+    it is)."""
+    settings = {"memory": memory} if family == "markov" else {"offset": offset} if family in OFFSET else {}
     model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed, **settings)
     return model if tails is None else heavy_tailed(model, tails)
 
@@ -125,6 +128,22 @@ SHORT = {"task_family": "family", "task_tails": "tails", "task_offset": "offset"
          "task_n_classes": "C", "task_gap": "gap", "task_memory": "memory", "task_seed": "seed", "size": "reliable"}
 
 
+def failures(frame: pd.DataFrame) -> pd.Series:
+    """The exception each row's draw raised (`ntps_nb.core.simulate.estimator_map`'s ``failure``), "" where it
+    raised none: an empty message reads back from a file as NaN, and older frames have no column."""
+    if "failure" not in frame:
+        return pd.Series("", index=frame.index, dtype=object)
+    return frame["failure"].astype(object).where(frame["failure"].notna(), "")
+
+
+def print_failures(frame: pd.DataFrame, what: str) -> None:
+    """How many rows raised, with ``what`` becomes of them, and their count per message."""
+    failed = failures(frame)
+    print(f"Rows on which ntps_estimate raised ({what}): {int((failed != '').sum())}")
+    for message, count in failed[failed != ""].value_counts().items():
+        print(f"  {count}: {message}")
+
+
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)
@@ -134,10 +153,7 @@ def report(paths: list[str]) -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 500)
     print(f"{len(frame)} rows in {len(table)} cells; reliable rows {int(frame['reliable'].sum())}")
-    failed = frame["failure"].astype(object).where(frame["failure"].notna(), "")  # older frames: none recorded
-    print(f"Rows on which ntps_estimate raised (counted as not covered, never reliable): {int((failed != '').sum())}")
-    for message, count in failed[failed != ""].value_counts().items():
-        print(f"  {count}: {message}")
+    print_failures(frame, "counted as not covered, never reliable")
     print("\nThe flag's acceptance and every row's coverage (flag ignored), by population kind and N/d; the shares of "
           f"rows meeting the flag's noise (subspace_noise <= {NOISE_MAX}) and eigengap (gap_ratio >= {GAP_MIN}) "
           "conditions, and those statistics' medians:")

@@ -1150,7 +1150,7 @@ def min_shards(estimator: str) -> int:
     return SPLIT_MIN_SHARDS if estimator in SPLIT_ESTIMATORS else MIN_SHARDS
 
 
-def _check_estimate_options(shards: list[Moments], level: float, estimator: str = "plugin") -> None:
+def _check_estimate_options(shards: list[Moments], level: float, estimator: str) -> None:
     """Raise the errors `ntps_estimate` raises on too few shards or a level outside (0, 1).
 
     Parameters
