@@ -114,7 +114,7 @@ RICHARDSON_SPLITS = 1
 DEFAULT_ESTIMATOR = "richardson"
 #: The interval `ntps_estimate` gives "richardson" unless told otherwise (``interval=None``): the
 #: jackknife-t interval without the jackknife's excess on the quadratic part of the error, whose flag
-#: has no bound condition (`ntps_nb.core.quadratic`; chosen on the estimator map in session 30,
+#: has no bound condition (`ntps_nb.core.quadratic`; chosen on the estimator map,
 #: docs/estimator.md, "The quadratic interval as the default"). The study's ``estimate_interval`` stays
 #: "jackknife" unless set, the committed units' interval.
 DEFAULT_INTERVAL = "quadratic"
@@ -963,10 +963,10 @@ def ntps_estimate(
     degrees of freedom", d = 16-576) no cell of its reliable rows covered significantly below 0.85 and
     none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
     third; its reliable rows stay conservative in part of the stationary cells (e.g. every principal
-    angle at 0: 0.96-1.00; mostly the flag's selection, docs/estimator.md, session 32),
+    angle at 0: 0.96-1.00; mostly the flag's selection, docs/estimator.md, "In short"),
     and away from them it covers about as the jackknife does (0.92 pooled);
     a nearly tied eigengap at k that the flag lets through in a few draws can still under-cover (0.76
-    on one population). The "jackknife" flag's calibration (session 26): no cell of the maps or of fresh
+    on one population). The "jackknife" flag's calibration: no cell of the maps or of fresh
     populations (d = 16-576) significantly outside [0.85, 0.95] but at the edges and at angle 0; without
     the rotation condition one design was known where reliable rows under-cover (d = 64, an LDS with 2
     classes and moderate eigengaps, k = 1, N/d = 32: the perception eigenvalues at k nearly tied;

@@ -31,23 +31,25 @@ The difference J - excess is noisier than J where the excess is a large part of 
 interactions of at most 5 x 5 shard pairs): the interval's Student t has the Satterthwaite degrees of
 freedom of that difference (`satterthwaite_df`), J counted on S - 1 and T-hat's variance from a
 delete-one-shard jackknife over the same interactions (`interaction_T_variance`, no further plug-in).
-Without it (sessions 29-30) the rows whose estimated quadratic share of the variance was above 0.2 (not
+Without them the rows whose estimated quadratic share of the variance was above 0.2 (not
 at the floor) covered 0.54-0.83 in interior cells of the map while their cells covered 0.85-0.95
-(docs/estimator.md, session 31).
+(docs/estimator.md, "The quadratic interval's degrees of freedom").
 
-What it does on known truth (docs/estimator.md, sessions 29-31): on a quadratic toy T is recovered
+What it does on known truth (docs/estimator.md, "A variance without the jackknife's quadratic excess" to
+"The quadratic interval's degrees of freedom"): on a quadratic toy T is recovered
 within Monte Carlo error and the interval covers 0.86-0.95 where the quadratic part spreads over
 several directions; on the generators it brings part of the stationary cells into [0.85, 0.95],
 unbiased, and leaves the rest conservative (there |error| / SE is not Student's t: the SE grows with
 the error, or the error is peaked); with the degrees of freedom, away from stationary points it covers
-about as the plain jackknife does (0.92 pooled on the map, session 31; 0.88 without them). Session 32:
+about as the plain jackknife does (0.92 pooled on the map; 0.88 without them). On the whole map
+(docs/estimator.md, "The whole map with the Satterthwaite default"):
 on every row meeting the flag's noise and eigengap conditions the stationary cells of the map and of the
 d = 16 checks cover 0.93-0.95, none above 0.95; the conservative cells are the flag's selection, and on
 the local model itself the interval over-covers only where the quadratic part has rank 1 or 2 (0.97-0.99).
-Session 33: the rows at the floor (``quadratic_excess`` = J (1 - variance / jackknife), ``df`` = S - 1) are the
+The rows at the floor (``quadratic_excess`` = J (1 - variance / jackknife), ``df`` = S - 1) are the
 least covered rows away from stationary points: on the local model with the quadratic part half the
 variance or less they cover 0.58-0.80, the rest 0.95-0.99, all of them together 0.905-0.920.
-Session 34: T-hat from at most 5 shards of each half (`INTERACTION_HALF`): at 20 shards 25 plug-ins instead
+T-hat from at most 5 shards of each half (`INTERACTION_HALF`): at 20 shards 25 plug-ins instead
 of 100, coverage as with every shard on the local model and on 29 designs at d = 16 and 64, widths 5-6% more on
 average (docs/estimator.md, "The interactions from five shards of each half").
 """
@@ -111,7 +113,8 @@ def quadratic_factors(n_shards: int, seed: int) -> tuple[float, float]:
     differ by a shard and M keeps a diagonal (its trace, the 1 / N bias, is still zero, in every
     replicate too): the factors are then exact for Gaussian shard means (the diagonal adds a fourth-moment
     term, which averaging the texts of a shard makes small) and were checked against a brute-force
-    simulation (tests/core/test_quadratic.py) and on the estimator map (docs/estimator.md, session 36).
+    simulation (tests/core/test_quadratic.py) and on the estimator map (docs/estimator.md, "Crashes on an
+    ill-conditioned Sxx and on odd shard counts").
 
     Parameters
     ----------

@@ -60,14 +60,14 @@ ADDED_TO_STAGES = ("estimator", "interval_variants", "estimate_interval", "estim
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
 #: when true, so the keys of the units without halves stand.
 HALVES_SETTING = "halves"
-#: How the "quadratic" estimate interval reads its Student t: since session 31 on the Satterthwaite
-#: degrees of freedom of its variance (`ntps_nb.core.quadratic.satterthwaite_df`), before on S - 1.
+#: How the "quadratic" estimate interval reads its Student t: on the Satterthwaite degrees of
+#: freedom of its variance (`ntps_nb.core.quadratic.satterthwaite_df`; an earlier version read it on S - 1).
 #: It enters the estimates stage's key only with ``estimate_interval = "quadratic"``, so that tables
 #: computed before are not read as the current interval's, and the other units' keys stand.
 QUADRATIC_DF_SETTING = ("quadratic_df", "satterthwaite")
-#: ... and from how many shards of each half of richardson's split its T-hat is read (since session 34 at most
-#: `ntps_nb.core.quadratic.INTERACTION_HALF`, every shard before; the same at 10 shards, not at 20): also in the
-#: estimates stage's key only with ``estimate_interval = "quadratic"``.
+#: ... and from how many shards of each half of richardson's split its T-hat is read (at most
+#: `ntps_nb.core.quadratic.INTERACTION_HALF`; an earlier version took every shard, the same at 10 shards,
+#: not at 20): also in the estimates stage's key only with ``estimate_interval = "quadratic"``.
 QUADRATIC_INTERACTION_SETTING = "interaction_half"
 #: Coverage level of the estimates stage's jackknife intervals (`ntps_nb.core.estimators.ntps_estimate`).
 ESTIMATE_LEVEL = 0.90
