@@ -1365,8 +1365,9 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         Add the interval columns (needs an extraction with ``shards``).
     n_boot, level, seed : replicates (bootstrap only), confidence level and seed of the intervals.
     estimator : str
-        "plugin" or a name of `ntps_nb.core.estimators.ESTIMATORS` (theory variant only; a shard
-        estimator needs the shards or, for "richardson", the halves at every layer).
+        "plugin" or a name of `ntps_nb.core.estimators.ESTIMATORS` (theory variant only). One of the
+        pooled moments alone (not in `SHARD_ESTIMATORS`) is computed from them where there are no
+        shards; a shard estimator needs the shards of every layer or, for "richardson", the halves.
 
     Returns
     -------
@@ -1415,7 +1416,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
     layer (shards where kept, else the two halves), with ``intervals`` the jackknife interval and
     the reliability flag on the shard layers."""
-    from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, estimate_ntps, ntps_estimate
+    from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, estimate_ntps, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
 
@@ -1438,9 +1439,10 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                                      "estimate"})
         else:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
             parts = shards.get(layer) or halves.get(layer)
+            if parts is None and estimator not in SHARD_ESTIMATORS:
+                parts = run.train.moments[layer]  # an estimator of the pooled moments alone
             if parts is None:
-                raise ValueError(f"estimator {estimator!r} needs the shards or halves of every layer; layer {layer} "
-                                 "has neither: extract with extract_model_on_dataset(..., shards=20, halves=True)")
+                raise ValueError(_missing_parts_message(estimator, layer))
             rows.append({"layer": layer,
                          "ntps": float(estimate_ntps(parts, [k], estimator=estimator, seed=split_seed).estimate[0])})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
@@ -1448,6 +1450,19 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
         scores = scores.assign(n_shards=len(run.train.shards), level=level)
     first = ["layer", "k", "variant", "estimator", "ntps"]
     return scores[first + [c for c in scores.columns if c not in first]]
+
+
+def _missing_parts_message(estimator: str, layer: int) -> str:
+    """Why ``estimator`` cannot be computed at ``layer`` of an extraction, and which extraction it needs."""
+    from ntps_nb.core.estimators import HALF_ESTIMATORS
+
+    if estimator in HALF_ESTIMATORS:
+        return (f"estimator {estimator!r} needs the shards or the two halves of every layer; layer {layer} has "
+                "neither: extract with extract_model_on_dataset(..., shards=20, halves=True)")
+    return (f"estimator {estimator!r} needs the shard moments of every layer and layer {layer} has none: extract "
+            "with extract_model_on_dataset(..., shards=10, interval_layers=\"all\") (every layer's interval then "
+            "costs about (shards + 1)^2 plug-ins), or use \"richardson\", the default, which reads the two halves "
+            "(halves=True) where there are no shards")
 
 
 def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) -> pd.DataFrame:

@@ -258,6 +258,29 @@ def test_layer_profile_with_richardson_is_that_estimator_on_every_layer():
         nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, halves=True)
 
 
+def test_layer_profile_with_other_estimators_reads_what_each_needs():
+    """An estimator of the pooled moments alone is computed from them on the layers without shards (the
+    value `estimate_ntps` gives those moments); a shard estimator other than richardson needs shards on
+    every layer, says how to get them, and then gives its own value everywhere."""
+    from ntps_nb.core.estimators import estimate_ntps
+    from ntps_nb.core.intervals import layer_shards
+
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                       shards=5, interval_layers=[0, 2])
+    profile = nbs.layer_profile(run, k=2, intervals=True, estimator="pca", level=0.9).set_index("layer")
+    assert (profile["estimator"] == "pca").all() and profile["ntps_lower"].notna().tolist() == [True, False, True]
+    for layer in (0, 1, 2):  # the shards add up to the pooled moments, so every layer is that estimator's value
+        value = estimate_ntps(run.train.moments[layer], [2], estimator="pca").estimate[0]
+        assert profile.loc[layer, "ntps"] == pytest.approx(value, abs=1e-12), layer
+    with pytest.raises(ValueError, match='interval_layers="all"'):
+        nbs.layer_profile(run, k=2, estimator="jackknife")
+    every = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                         shards=5, interval_layers="all")
+    profile = nbs.layer_profile(every, k=2, estimator="jackknife").set_index("layer")
+    value = estimate_ntps(layer_shards(every.train.shards)[1], [2], estimator="jackknife").estimate[0]
+    assert (profile["estimator"] == "jackknife").all() and profile.loc[1, "ntps"] == pytest.approx(value, abs=1e-12)
+
+
 def test_diagnostics_digest_counts_against_the_rows():
     import numpy as np
     import pandas as pd
