@@ -30,7 +30,9 @@ Estimators (each returns NTPS_theory at the requested k; `ESTIMATORS` lists them
   NTPS = sum tr(Ua^T P_k Ub Omega) / sum tr(Ua^T Ub Omega), Omega the rotation that best aligns
   Ub with Ua. The noise of the halves is independent, so numerator and denominator carry the
   same attenuation, which cancels in the ratio (Spearman's correction for attenuation, with
-  split halves as the two measurements); nothing is inverted. V's own noise is not corrected.
+  split halves as the two measurements); nothing is inverted. V's own noise is not corrected. Like
+  "crossfit_inverse" it is undefined (NaN) where the pooled texts are no more than the rank of Sxx:
+  the pooled whitening then makes the two halves' spans orthogonal.
 - ``"crossfit_inverse"``: the first-order correction for both subspaces,
   tr(G^-1 Ua^T Vb H^-1 Va^T Ub) / k_U with G = Ua^T Ub and H = Va^T Vb, U and V from each half.
   Exact to first order, but the inverses make it heavy-tailed wherever the halves disagree.
@@ -143,7 +145,11 @@ BOUND_SE = 1.0
 #: 0 or 1, k beyond a subspace's rank, say, has a standard error of rounding size; so it stays at the
 #: bound when read back from a table written to 7 significant digits).
 BOUND_ATOL = 1e-6
-#: Relative size of the smallest singular value of G or H below which its inverse is not taken.
+#: Size of the smallest singular value of G or H below which its inverse is not taken, and of the mean
+#: cosine below which "crossfit"'s ratio is not formed. Both are cosines of principal angles between two
+#: halves' orthonormal bases (at most 1), so the test is absolute: where the pooled texts are no more than
+#: the rank of Sxx, the pooled whitening makes the two halves' spans orthogonal and every cosine is of
+#: rounding size (a test relative to the largest passes them, and the ratio came out at 1e11-1e16).
 SPLIT_RCOND = 1e-8
 
 
@@ -254,10 +260,11 @@ def _m_of(moments: Moments, white: "_Whitening") -> int:
 
 
 def _safe_solve_trace(G: np.ndarray, X: np.ndarray) -> tuple[float, float]:
-    """(tr(G^{-1} X), sigma_min(G)); NaN trace when G is numerically singular."""
+    """(tr(G^{-1} X), sigma_min(G)); NaN trace when G is numerically singular (its singular values are
+    cosines, at most 1: `SPLIT_RCOND` is absolute)."""
     sing = np.linalg.svd(G, compute_uv=False)
     smin = float(sing.min()) if sing.size else float("nan")
-    if sing.size == 0 or smin <= SPLIT_RCOND * max(float(sing.max()), 1e-300):
+    if sing.size == 0 or smin <= SPLIT_RCOND * max(float(sing.max()), 1.0):
         return float("nan"), smin
     return float(np.trace(np.linalg.solve(G, X))), smin
 
@@ -276,6 +283,13 @@ def _pooled(shards: list[Moments], drop: int | None) -> Moments:
     return Moments.combine(kept) if len(kept) > 1 else kept[0]
 
 
+def _undefined_split(ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The split-half estimators where the pooled texts are no more than the rank of Sxx: whitened by the
+    pooled Sxx the texts are orthogonal, so are the two halves' spans, and every cosine between the halves'
+    U is zero (rounding in floating point, which made the ratios 1e11-1e16): NaN, reliability 0."""
+    return np.full(ks.shape, np.nan), np.zeros(ks.shape)
+
+
 def _crossfit(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
               drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split-half ratio estimator: U from each half, V from the pooled moments.
@@ -288,6 +302,8 @@ def _crossfit(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int
     full = _pooled(shards, drop)
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
+    if interpolates(full.n_texts, white.s.size, full.is_centred):
+        return _undefined_split(ks)
     m = _m_of(full, white)
     Vf, counts = white.next_token(full, rtol)
     ks_ok = ks <= counts.size
@@ -306,11 +322,11 @@ def _crossfit(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int
             b = counts[k - 1]
             num[i] += np.trace(Za[:b, :kU].T @ Zb[:b, :kU] @ omega)
             den[i] += sing.sum()
-    kU = np.minimum(ks, m)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = np.where(ks_ok & (den > 0), num / den, np.nan)
     # split-half reliability: the mean cosine of the principal angles between the halves' U_k
-    return values, np.where(ks_ok, den / (n_splits * kU), np.nan)
+    cosine = np.where(ks_ok, den / (n_splits * np.minimum(ks, m)), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):  # halves' U orthogonal (N <= rank): no ratio
+        values = np.where(ks_ok & (cosine > SPLIT_RCOND), num / den, np.nan)
+    return values, cosine
 
 
 def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol: float,
@@ -321,6 +337,8 @@ def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol:
     full = half_a + half_b
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
+    if interpolates(full.n_texts, white.s.size, full.is_centred):
+        return _undefined_split(ks)
     m = _m_of(full, white)
     Ua, Ub = white.perception(half_a.Sxy, m), white.perception(half_b.Sxy, m)
     Va, ca = white.next_token(half_a, rtol)
@@ -338,7 +356,7 @@ def _crossfit_inverse(shards: list[Moments], ks: np.ndarray, *, seed: int, rtol:
         H = va.T @ vb
         h_sing = np.linalg.svd(H, compute_uv=False)
         h_min = float(h_sing.min())
-        if h_min <= SPLIT_RCOND * float(h_sing.max()):
+        if h_min <= SPLIT_RCOND * max(float(h_sing.max()), 1.0):
             reliability[i] = h_min
             continue
         # oblique projector estimate Vb H^{-1} Va^T between the halves

@@ -455,3 +455,31 @@ def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
     assert message.startswith("a half of the richardson estimator's split: 15 texts")
     more = sample_shards(model, 100, 10, np.random.default_rng(2))
     assert not _interpolation_warnings(lambda: ntps_estimate(more, [1, 2]))
+
+
+@pytest.mark.parametrize("estimator", ["crossfit", "crossfit_inverse"])
+def test_split_half_estimators_are_undefined_where_the_texts_do_not_exceed_the_rank(estimator):
+    """With no more pooled texts than the rank of Sxx, whitening by the pooled Sxx makes the texts, and so
+    the two halves' spans, orthogonal (checked here on the whitened halves themselves): the cosines the
+    split-half ratios divide by are zero, the estimators are NaN with reliability 0 (before, rounding made
+    them 1e11-1e16). Above the rank they are finite."""
+    from ntps_nb.core.simulate import factor_model
+
+    model = factor_model(d=16, n_classes=3, seed=1)
+    rng = np.random.default_rng(4)
+    few = sample_shards(model, 14, 4, rng)
+    pooled = Moments.combine(few)
+    s, Q = scipy.linalg.eigh(pooled.Sxx)
+    keep = s > 1e-10 * s.max()
+    white = Q[:, keep] / np.sqrt(s[keep])
+    a, b = (Moments.combine([few[i] for i in side]) for side in split_halves(4, 0))
+    cross = (white.T @ a.Sxy).T @ (white.T @ b.Sxy)  # whitened class sums of one half against the other's
+    assert np.abs(cross).max() <= 1e-8 * np.abs(white.T @ a.Sxy).max() * np.abs(white.T @ b.Sxy).max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InterpolationWarning)
+        undefined = estimate_ntps(few, [1, 2], estimator=estimator)
+        rows = ntps_estimate(few, [1, 2], estimator=estimator)
+    assert np.isnan(undefined.estimate).all() and (undefined.reliability == 0).all()
+    assert rows["estimate"].isna().all() and not rows["reliable"].any()
+    enough = estimate_ntps(sample_shards(model, 400, 4, rng), [1, 2], estimator=estimator)
+    assert np.isfinite(enough.estimate).all() and (enough.reliability > 1e-3).all()
