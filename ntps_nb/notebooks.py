@@ -1414,7 +1414,8 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
 def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: bool, level: float, seed: int,
                        estimator: str) -> pd.DataFrame:
     """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
-    layer (shards where kept, else the two halves), with ``intervals`` the jackknife interval and
+    layer (shards where kept, else the two halves, or the pooled moments for an estimator of those
+    alone), with ``intervals`` the jackknife interval and
     the reliability flag on the shard layers."""
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, estimate_ntps, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
@@ -1460,9 +1461,9 @@ def _missing_parts_message(estimator: str, layer: int) -> str:
         return (f"estimator {estimator!r} needs the shards or the two halves of every layer; layer {layer} has "
                 "neither: extract with extract_model_on_dataset(..., shards=20, halves=True)")
     return (f"estimator {estimator!r} needs the shard moments of every layer and layer {layer} has none: extract "
-            "with extract_model_on_dataset(..., shards=10, interval_layers=\"all\") (every layer's interval then "
-            "costs about (shards + 1)^2 plug-ins), or use \"richardson\", the default, which reads the two halves "
-            "(halves=True) where there are no shards")
+            "with extract_model_on_dataset(..., shards=10, interval_layers=\"all\") (intervals=True then gives every "
+            "layer an interval: for \"jackknife\" about (shards + 1)^2 plug-ins a layer), or use \"richardson\", the "
+            "default, which reads the two halves (halves=True) where there are no shards")
 
 
 def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) -> pd.DataFrame:
