@@ -493,7 +493,9 @@ def structure_controls(
       The model is ``"all"``; rows for pretrained models only (``"pretrained"``) come beside it.
 
     Columns: analysis, model, target, k, n_datasets, n_pairs, estimate, lower, upper, se,
-    p_value, p_side, p_redone, p_mc_se. ``targets`` accepts "kappa" for "kappa_chance".
+    p_value, p_side, p_redone, p_mc_se. ``targets`` accepts "kappa" for "kappa_chance". Datasets whose
+    NTPS is NaN there (an estimator undefined at their size) are left out, as in `correlation_summary`,
+    and ``n_datasets`` counts the rest.
 
     Parameters
     ----------
@@ -520,7 +522,7 @@ def structure_controls(
     from ntps_nb.core.selection import monte_carlo_se
     from ntps_nb.core.stats import partial_correlation_ci, stratified_concordance
 
-    fixed = fixed_ntps(tables, k=k)
+    fixed = fixed_ntps(tables, k=k).dropna(subset=["ntps"])  # an estimator undefined there: left out
     rows = []
     for target in resolve_targets(targets):
         if target not in TARGETS:

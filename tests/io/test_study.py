@@ -710,6 +710,21 @@ def test_structure_controls_against_independent_formulas():
             assert 0 < row["p_value"] <= 1
 
 
+def test_structure_controls_leave_out_datasets_whose_ntps_is_undefined():
+    """An estimator undefined at a dataset's size gives NaN NTPS there (e.g. crossfit below the rank of Sxx):
+    the controls are those of the tables without that dataset's rows for that model, with n_datasets one less."""
+    tables = _synthetic_tables(n_datasets=8)
+    ntps = tables["ntps"]
+    undefined = (ntps["model"] == "g") & (ntps["dataset"] == "d3")
+    with_nan = {**tables, "ntps": ntps.assign(ntps=ntps["ntps"].mask(undefined))}
+    without = {**tables, "ntps": ntps[~undefined]}
+    quick = dict(k=8, targets=["accuracy"], n_boot=50, n_perm=50)
+    got, expected = (study.structure_controls(t, **quick) for t in (with_nan, without))
+    pd.testing.assert_frame_equal(got, expected)
+    partial = got.query("analysis == 'partial_given_C'").set_index("model")["n_datasets"]
+    assert partial["g"] == 7 and partial["m"] == 8
+
+
 def test_structure_controls_on_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "ntps.csv").is_file():
