@@ -21,6 +21,7 @@ Three things live here:
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import html
@@ -29,6 +30,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -1393,30 +1395,84 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
     probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, **provenance)
     keep = ["layer", "accuracy", "kappa", "mse", *provenance]
+    gathered = _GatheredInterpolation()
     if estimator != "plugin":
         scores = _estimator_profile(run, k=k, variant=variant, intervals=intervals, level=level, seed=seed,
-                                    estimator=estimator)
+                                    estimator=estimator, gathered=gathered)
+        gathered.warn(len(run.layers))
         return scores.merge(probes[keep], on="layer")
-    scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant, "estimator": "plugin",
-                           "ntps": [ntps(run.train.moments[layer], k=k, variant=variant) for layer in run.layers]})
+    values = []
+    for layer in run.layers:
+        with gathered.at(layer):
+            values.append(ntps(run.train.moments[layer], k=k, variant=variant))
+    scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant, "estimator": "plugin", "ntps": values})
     if intervals:
         if not run.train.shards:
             raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
         rows = []
         for layer, parts in layer_shards(run.train.shards).items():
-            iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed)
+            with gathered.at(layer):
+                iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed)
             rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper, "ntps_se": iv.se_jackknife})
         scores = scores.merge(pd.DataFrame(rows), on="layer", how="left").assign(
             n_shards=len(run.train.shards), n_boot=n_boot, level=level, interval="basic shard bootstrap")
+    gathered.warn(len(run.layers))
     return scores.merge(probes[keep], on="layer")
 
 
+class _GatheredInterpolation:
+    """The `ntps_nb.core.score.InterpolationWarning`s of a loop over layers, said once when it ends: at how
+    many layers, which, and the first one's message (one warning a layer filled a notebook cell). Other
+    warnings pass through as they came."""
+
+    def __init__(self) -> None:
+        self.messages: dict[int, str] = {}
+
+    @contextlib.contextmanager
+    def at(self, layer: int):
+        """Record the interpolation warnings of the work at ``layer``."""
+        from ntps_nb.core.score import InterpolationWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InterpolationWarning)
+            yield
+        for caught_warning in caught:
+            if issubclass(caught_warning.category, InterpolationWarning):
+                self.messages.setdefault(layer, str(caught_warning.message))
+            else:
+                warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                                       caught_warning.lineno)
+
+    def warn(self, n_layers: int) -> None:
+        """One `InterpolationWarning` for the layers recorded (none when there are none), at the caller's
+        caller (the notebook cell that called `layer_profile`)."""
+        from ntps_nb.core.score import InterpolationWarning
+
+        if not self.messages:
+            return
+        layers = sorted(self.messages)
+        warnings.warn(f"NTPS at {len(layers)} of {n_layers} layers ({_layer_ranges(layers)}) comes from no more texts "
+                      f"than the rank of Sxx. Layer {layers[0]}: {self.messages[layers[0]]}", InterpolationWarning,
+                      stacklevel=3)
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    """Sorted layer indices as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(f"{start}" if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)
+
+
 def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: bool, level: float, seed: int,
-                       estimator: str) -> pd.DataFrame:
+                       estimator: str, gathered: _GatheredInterpolation) -> pd.DataFrame:
     """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
     layer (shards where kept, else the two halves, or the pooled moments for an estimator of those
     alone), with ``intervals`` the jackknife interval and
-    the reliability flag on the shard layers."""
+    the reliability flag on the shard layers; interpolation warnings go to ``gathered``."""
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, estimate_ntps, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
@@ -1433,7 +1489,8 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     rows = []
     for layer in run.layers:
         if layer in shards and intervals:
-            frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
+            with gathered.at(layer):
+                frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
                          "interval": f"{INTERVAL_DESCRIPTIONS[frame.get('interval', 'jackknife')]}, around the "
@@ -1444,8 +1501,9 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                 parts = run.train.moments[layer]  # an estimator of the pooled moments alone
             if parts is None:
                 raise ValueError(_missing_parts_message(estimator, layer))
-            rows.append({"layer": layer,
-                         "ntps": float(estimate_ntps(parts, [k], estimator=estimator, seed=split_seed).estimate[0])})
+            with gathered.at(layer):
+                value = float(estimate_ntps(parts, [k], estimator=estimator, seed=split_seed).estimate[0])
+            rows.append({"layer": layer, "ntps": value})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
     if intervals:
         scores = scores.assign(n_shards=len(run.train.shards), level=level)

@@ -281,6 +281,32 @@ def test_layer_profile_with_other_estimators_reads_what_each_needs():
     assert (profile["estimator"] == "jackknife").all() and profile.loc[1, "ntps"] == pytest.approx(value, abs=1e-12)
 
 
+def test_layer_profile_says_interpolation_once_with_its_layers():
+    """Fewer texts than the rank of Sxx at every layer: one InterpolationWarning for the whole profile (not
+    one a layer), naming the layers, whichever estimator; other warnings are not swallowed."""
+    import warnings
+
+    from ntps_nb.core.score import InterpolationWarning
+
+    assert nbs._layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and nbs._layer_ranges([4]) == "4"
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                       shards=5, interval_layers=[0, 2], halves=True)
+    for estimator in ("plugin", "richardson"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            nbs.layer_profile(run, k=2, intervals=True, estimator=estimator, n_boot=10)
+        said = [w for w in caught if issubclass(w.category, InterpolationWarning)]
+        assert len(said) == 1, [str(w.message)[:80] for w in said]
+        message = str(said[0].message)
+        assert message.startswith("NTPS at ") and "Layer 0: the pooled moments: 40 texts" in message
+        assert said[0].filename == __file__  # said at the caller's line
+    gathered = nbs._GatheredInterpolation()
+    with pytest.warns(RuntimeWarning, match="passes through"):
+        with gathered.at(3):
+            warnings.warn("passes through", RuntimeWarning)
+    assert not gathered.messages
+
+
 def test_diagnostics_digest_counts_against_the_rows():
     import numpy as np
     import pandas as pd
