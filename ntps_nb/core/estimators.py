@@ -147,9 +147,10 @@ BOUND_SE = 1.0
 BOUND_ATOL = 1e-6
 #: Size of the smallest singular value of G or H below which its inverse is not taken, and of the mean
 #: cosine below which "crossfit"'s ratio is not formed. Both are cosines of principal angles between two
-#: halves' orthonormal bases (at most 1), so the test is absolute: where the pooled texts are no more than
-#: the rank of Sxx, the pooled whitening makes the two halves' spans orthogonal and every cosine is of
-#: rounding size (a test relative to the largest passes them, and the ratio came out at 1e11-1e16).
+#: halves' orthonormal bases (at most 1), so the test is absolute (one relative to the largest cosine passes
+#: a G whose cosines are all of rounding size). Where the pooled texts are no more than the rank of Sxx every
+#: cosine is zero in exact arithmetic and the split-half estimators are NaN before any ratio
+#: (`_undefined_split`; the ratios came out at 1e11-1e16).
 SPLIT_RCOND = 1e-8
 
 
