@@ -1420,6 +1420,40 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     return scores.merge(probes[keep], on="layer")
 
 
+def profile_headline(profile: pd.DataFrame) -> str:
+    """What a layer profile says in two lines: the layer of highest NTPS, the layer of the best held-out probe,
+    and Spearman's rho over layers between the two (notebooks 00 and 06 print it).
+
+    Layers whose NTPS is NaN (an estimator undefined there: "crossfit" below the rank of Sxx, say) are left out
+    of both and counted; with fewer than `ntps_nb.core.stats.MIN_DATASETS` layers left there is no ranking.
+
+    Parameters
+    ----------
+    profile : DataFrame
+        From `layer_profile` (columns layer, ntps, accuracy).
+
+    Returns
+    -------
+    str
+        The lines to print.
+    """
+    from ntps_nb.core.stats import MIN_DATASETS, correlate
+
+    defined = profile.dropna(subset=["ntps"])
+    best_probe = profile.loc[profile["accuracy"].idxmax()]
+    probe = f"best held-out probe: layer {best_probe['layer']:.0f} (accuracy {best_probe['accuracy']:.2f})"
+    if len(defined) < MIN_DATASETS:
+        return (f"NTPS is defined at {len(defined)} of {len(profile)} layers (NaN where the estimator is undefined): "
+                f"too few to rank them; {probe}")
+    best = defined.loc[defined["ntps"].idxmax()]
+    rho = correlate(defined["ntps"], defined["accuracy"], "spearman")
+    lines = [f"highest NTPS: layer {best['layer']:.0f} ({best['ntps']:.2f}); {probe}",
+             f"Spearman rho over layers, NTPS vs held-out accuracy: {rho:+.2f}"]
+    if len(defined) < len(profile):
+        lines.append(f"({len(profile) - len(defined)} of {len(profile)} layers left out: NTPS undefined there)")
+    return "\n".join(lines)
+
+
 class _GatheredInterpolation:
     """The `ntps_nb.core.score.InterpolationWarning`s of a loop over layers, said once when it ends: at how
     many layers, which, and the first one's message (one warning a layer filled a notebook cell). Other

@@ -307,6 +307,27 @@ def test_layer_profile_says_interpolation_once_with_its_layers():
     assert not gathered.messages
 
 
+def test_profile_headline_leaves_out_layers_without_a_defined_ntps():
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    profile = pd.DataFrame({"layer": [0, 1, 2, 3, 4], "ntps": [0.2, 0.5, 0.3, 0.4, 0.1],
+                            "accuracy": [0.6, 0.7, 0.9, 0.8, 0.5]})
+    rho = spearmanr(profile["ntps"], profile["accuracy"])[0]
+    assert nbs.profile_headline(profile).splitlines() == [
+        "highest NTPS: layer 1 (0.50); best held-out probe: layer 2 (accuracy 0.90)",
+        f"Spearman rho over layers, NTPS vs held-out accuracy: {rho:+.2f}"]
+    undefined = profile.assign(ntps=profile["ntps"].mask(profile["layer"] == 1))
+    kept = undefined.dropna()
+    lines = nbs.profile_headline(undefined).splitlines()
+    assert lines[0].startswith("highest NTPS: layer 3 (0.40)")
+    assert lines[1].endswith(f"{spearmanr(kept['ntps'], kept['accuracy'])[0]:+.2f}")
+    assert lines[2] == "(1 of 5 layers left out: NTPS undefined there)"
+    none = nbs.profile_headline(profile.assign(ntps=np.nan))
+    assert none.startswith("NTPS is defined at 0 of 5 layers") and "layer 2 (accuracy 0.90)" in none
+
+
 def test_diagnostics_digest_counts_against_the_rows():
     import numpy as np
     import pandas as pd
