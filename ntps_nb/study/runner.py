@@ -17,7 +17,8 @@ from ntps_nb.cache import atomic_path
 from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
-from ntps_nb.study.stages import STAGE_NAMES, UNIT_TABLES, check_stage_names, run_unit, stage_states, write_unit
+from ntps_nb.study.stages import (STAGE_NAMES, UNIT_TABLES, check_stage_names, estimates_shortfall, run_unit,
+                                  stage_states, write_unit)
 
 
 class UnitClaim:
@@ -349,6 +350,9 @@ def run_study(cfg: StudyConfig | str | os.PathLike, *, units_limit: int | None =
     outdated = sum(s == "outdated" for s in status.values())
     log(f"study {cfg.name}: {len(units)} units, {len(units) - sum(s != 'complete' for s in status.values())} complete"
         + (f", {outdated} with outdated stages" if outdated else "") + f", {len(todo)} to run now -> {cfg.folder}")
+    shortfall = estimates_shortfall(cfg)
+    if todo and shortfall:
+        log(f"  no estimates.csv in this study: {shortfall}")
     rows = [{"model": m, "dataset": d, "status": "skipped", "seconds": 0.0} for (m, d) in units
             if status[(m, d)] == "complete"]
     done_before = len(rows)

@@ -867,6 +867,31 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     return pd.concat(rows, ignore_index=True), {}
 
 
+def estimates_shortfall(cfg: StudyConfig) -> str | None:
+    """Why a study's estimates stage cannot run on its shards, or None when it can (or has no shards,
+    where the stage is off): the estimator's delete-one-shard jackknife interval needs
+    `ntps_nb.core.estimators.min_shards` shards (4 where the estimator splits them into halves).
+
+    Parameters
+    ----------
+    cfg : `StudyConfig`
+        The study.
+
+    Returns
+    -------
+    str or None
+        The reason, in words, or None.
+    """
+    from ntps_nb.core.estimators import min_shards
+
+    fewest = min_shards(cfg.estimator)
+    no_layers = cfg.interval_layers is None or cfg.interval_layers is False or cfg.interval_layers == ()
+    if not cfg.shards or no_layers or cfg.shards >= fewest:
+        return None
+    return (f"a jackknife interval of {cfg.estimator} needs at least {fewest} shards, the study has {cfg.shards} "
+            f"(set shards = {fewest} or more for estimates.csv)")
+
+
 def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     """`ntps_nb.core.estimators.ntps_estimate` of the theory NTPS on every interval layer at the
     config's k (those up to the layer's r_V): the config's estimator, its delete-one-shard
@@ -880,12 +905,9 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
 
     if not u.interval_grid:
         return None, {}
-    from ntps_nb.core.estimators import min_shards
-
-    fewest = min_shards(u.cfg.estimator)  # the estimator's jackknife interval (4 where it splits into halves)
-    if u.cfg.shards < fewest:
-        return None, {"estimates": f"skipped: a jackknife interval of {u.cfg.estimator} needs at least {fewest} "
-                                   f"shards, the study has {u.cfg.shards}"}
+    shortfall = estimates_shortfall(u.cfg)
+    if shortfall:
+        return None, {"estimates": f"skipped: {shortfall}"}
     shards = _shard_layers(u)
     device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
     backend = analysis_backend(device)
@@ -1285,6 +1307,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                                 "seconds": result.record.get("seconds"), "finished": result.record.get("finished")}
             if "refreshed_from" in result.record:
                 stage_meta[name]["refreshed_from"] = result.record["refreshed_from"]
+            if str(result.record.get(name, "")).startswith("skipped"):  # why the stage wrote no table
+                stage_meta[name]["skipped"] = result.record[name]
             lap(name)
 
     tables["unit"] = {

@@ -1854,3 +1854,22 @@ def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_est
     for column in ("estimate", "lower", "upper"):
         np.testing.assert_array_equal(narrowed[column], plain[column])
     np.testing.assert_array_equal(narrowed["reliable"], plain["reliable"] & narrowed["rotation_stable"])
+
+
+def test_a_study_with_too_few_shards_for_its_estimators_interval_says_so_when_it_starts(tmp_path):
+    """Richardson's jackknife interval needs 4 shards: with 3 the run says at its start that the study
+    will have no estimates.csv, and each unit records why its estimates stage was skipped."""
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], estimator="richardson", shards=3)
+    lines = []
+    study.run_study(cfg, cache=tmp_path / "cache", log=lines.append)
+    reason = "a jackknife interval of richardson needs at least 4 shards, the study has 3"
+    assert any(reason in line for line in lines), lines
+    folder = cfg.unit_folder("tiny-llama", "trec6")
+    meta = json.loads((folder / "unit.json").read_text())
+    skipped = meta["stages"]["estimates"]["skipped"]
+    assert skipped.startswith(f"skipped: {reason}") and not (folder / "estimates.csv").exists()
+    assert study.stages.estimates_shortfall(dataclasses.replace(cfg, shards=4)) is None
+    assert study.stages.estimates_shortfall(dataclasses.replace(cfg, shards=0)) is None  # no shards: no stage
+    assert study.stages.estimates_shortfall(dataclasses.replace(cfg, interval_layers=())) is None
+    assert "needs at least 3" in study.stages.estimates_shortfall(dataclasses.replace(cfg, estimator="plugin",
+                                                                                       shards=2))
