@@ -908,6 +908,11 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
                   rtol: float = RANGE_RTOL, n_splits: int = CROSSFIT_SPLITS) -> Estimate:
     """NTPS_theory at each k of ``ks`` by one estimator (no interval).
 
+    The building block of `ntps_nb.core.score.ntps` / `ntps_sweep` and of the shard bootstrap (once a
+    replicate): unlike `ntps`, `ntps_sweep` and `ntps_estimate` it does not warn where the texts are no
+    more than the rank of Sxx; call `warn_if_interpolating` beside it, or use those, when the values
+    are read.
+
     Parameters
     ----------
     data : the pooled `Moments`, or a list of per-shard `Moments` (disjoint texts); the shard
