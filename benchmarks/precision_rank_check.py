@@ -2,8 +2,11 @@
 
 `ntps_nb.extract.extract(precision=...)`: "float32" forms each batch's products in float32 and sums them
 into float64 totals (the study's default, and "auto"'s on a GPU); "float64" forms them in float64
-("auto"'s on a CPU). Below N = d the pooled Sxx has rank N in exact arithmetic; float32 products can
-leave eigenvalues of rounding size above the range tolerance (`RANGE_RTOL`), retained as directions.
+("auto"'s on a CPU). Below N = d the pooled Sxx has rank N in exact arithmetic; float32 products
+left eigenvalues of rounding size above the range tolerance (`RANGE_RTOL`), retained as directions,
+until extraction version 2 formed the text-level products (Sxx, Sxy) in float64 under either precision
+(`ntps_nb.extract.TEXT_PRODUCTS`). Where the retained rank reaches the texts the labels are fitted
+exactly and classes of equal size are tied, an order rounding decides: the class counts are printed.
 This extracts the same texts both ways on this machine's CPU and prints, for nested subsets of the
 fine shards (the first G, 2G, ... regrouped into G shards, as `real_data_drift.py`), the retained rank
 of Sxx both ways and the largest differences of the default estimate and of its interval's lower bound.
@@ -70,9 +73,13 @@ def main() -> None:
             warnings.simplefilter("ignore", InterpolationWarning)
             a, b = (ntps_estimate(part, args.ks, rotation_flag=False, interval="jackknife") for part in (exact, rounded))
         texts = int(a["n_texts"].iloc[0])
+        counts = np.rint(np.diag(Moments.combine(exact).Syy) * texts).astype(int)
+        tied = len(counts) - len(set(counts.tolist()))
         print(f"  {texts:5d} texts: rank(Sxx) float64 {ranks[0]}, float32 {ranks[1]}; largest |difference| of the "
               f"estimate {np.nanmax(np.abs(a['estimate'] - b['estimate'])):.1e}, of the lower bound "
-              f"{np.nanmax(np.abs(a['lower'] - b['lower'])):.1e}", flush=True)
+              f"{np.nanmax(np.abs(a['lower'] - b['lower'])):.1e}; class counts {counts.tolist()}"
+              + (f", {tied} tied (rounding orders them where the labels are fitted exactly)" if tied else ""),
+              flush=True)
 
 
 if __name__ == "__main__":

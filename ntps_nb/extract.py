@@ -40,8 +40,15 @@ from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_
 
 Precision = Literal["auto", "float32", "float64"]
 
-#: Version of the extraction algorithm; part of every cache key.
-EXTRACT_VERSION = 1
+#: Version of the extraction algorithm; part of every cache key. Version 2: the text-level products
+#: (`TEXT_PRODUCTS`) in float64 under precision "float32" too.
+EXTRACT_VERSION = 2
+#: The moments formed from one pooled vector per text, always in float64: they cost d^2 a text
+#: (the token products d^2 a token), and in float32 the rounding of a batch's product leaves Sxx with
+#: eigenvalues of rounding size above the range tolerance: below N = d whitening kept them as
+#: directions (Sxx of 64 SmolLM2 texts at d = 576 retained 147) and moved NTPS by up to 0.1
+#: (benchmarks/precision_rank_check.py).
+TEXT_PRODUCTS = ("Sxx", "Sxy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,8 +443,9 @@ def extract(
     batch_size, max_length : texts per forward pass; truncation length in tokens (recorded).
     drop_bos : leave the BOS position out of pooling and of C0/C1 (it still serves as context).
     device : where to run; defaults to the model's device.
-    precision : "float32" (per-batch products in float32, summed into float64 totals), "float64"
-        (products in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
+    precision : "float32" (per-batch products of the token states in float32, summed into float64
+        totals; the text-level products Sxx and Sxy are float64 whatever the choice: `TEXT_PRODUCTS`),
+        "float64" (every product in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
         GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Float32 products
         keep the moments within ~1e-6 of float64 but move NTPS by up to 5.5e-5 (SmolLM2, real
         data) where nearly tied eigenvalues amplify rounding; float64 costs 1.09x end to end on a
@@ -559,7 +567,7 @@ def extract(
                 finite.append(torch.isfinite(xbar).all())
                 for target in targets:
                     if layer in target.sums:
-                        target.sums[layer]["x_sum"] += xbar.sum(dim=0)
+                        target.sums[layer]["x_sum"] += factors["Sxx"][0].sum(dim=0)  # float64, as Sxx
                         for name, (a, b) in factors.items():
                             if name in target.sums[layer]:  # shard accumulators carry no Shh
                                 target.add(layer, name, a, b)
@@ -637,7 +645,7 @@ def layer_factors(
     y : Tensor, shape (B, C)
         One-hot labels.
     compute_dtype : torch.dtype
-        Precision of the factors.
+        Precision of the token factors (those of `TEXT_PRODUCTS` are float64).
     token_moments : bool
         Include the Shh (or SS) entry.
     shh_from_identity : bool
@@ -658,7 +666,9 @@ def layer_factors(
     # s_t = sum_{i<=t} h_i; zeros before the text, so left padding needs no special case
     prefix = torch.cumsum(h, dim=1)[:, :-1].reshape(-1, d).index_select(0, pair_rows)
     following = h[:, 1:].reshape(-1, d).index_select(0, pair_rows)
-    factors = {"Sxx": (xbar, xbar), "Sxy": (xbar, y), "C0": (prefix, prefix), "C1": (prefix, following)}
+    pooled = xbar.double()  # `TEXT_PRODUCTS`: float64 whatever compute_dtype
+    factors = {"Sxx": (pooled, pooled), "Sxy": (pooled, y.double()), "C0": (prefix, prefix),
+               "C1": (prefix, following)}
     if token_moments:
         if shh_from_identity:
             factors["SS"] = (totals, totals)

@@ -135,6 +135,30 @@ def test_float32_products_are_close_to_float64(tiny_llama):
             assert rel < 1e-5, (layer, name, rel)
 
 
+def test_float32_products_leave_sxx_the_rank_of_its_texts(tiny_llama):
+    """Sxx of N < d texts has rank at most N: with float32 products the text-level products stay float64
+    (`TEXT_PRODUCTS`), so no eigenvalue of rounding size is retained as a direction and the theory NTPS
+    is the float64 extraction's to rounding. (Formed in float32, Sxx of these 40 texts at d = 64 kept
+    40 directions at the embeddings, 21 in float64, and 51-52 in the layers; NTPS moved by up to 8e-3.)
+    The classes have distinct sizes: where the labels are fitted exactly, classes of equal size are
+    tied and rounding orders them, whatever the precision."""
+    from ntps_nb.core.intervals import theory_values
+    from ntps_nb.core.score import theory_geometry
+
+    model, tok, _ = tiny_llama
+    texts = [f"{TEXTS[i % len(TEXTS)]} (copy {i}, take {i * 7 % 13})" for i in range(40)]
+    labels = [0] * 20 + [1] * 13 + [2] * 7
+    m32 = extract(model, tok, (texts, labels), precision="float32", progress=False).moments
+    m64 = extract(model, tok, (texts, labels), precision="float64", progress=False).moments
+    ks = np.arange(1, 33)
+    for layer in m32:
+        assert m32[layer].d == 64 and m32[layer].n_texts == 40
+        g32, g64 = theory_geometry(m32[layer]), theory_geometry(m64[layer])
+        assert g32.r_U == g64.r_U <= 40, layer
+        np.testing.assert_allclose(theory_values(g32, ks), theory_values(g64, ks), rtol=0, atol=1e-3,
+                                   err_msg=str(layer))
+
+
 def test_auto_precision_is_float64_where_float64_is_cheap(tiny_llama, monkeypatch):
     model, tok, _ = tiny_llama
     assert extract(model, tok, (TEXTS[:3], LABELS[:3]), progress=False).metadata["precision"] == "float64"  # CPU
