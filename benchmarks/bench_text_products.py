@@ -9,9 +9,9 @@ Sxx at the last hidden state against the number of texts.
 
 The extra work is d^2 a text against the token products' d^2 a token, so it is largest for short texts;
 on GPUs whose float64 runs at a small fraction of float32 (most consumer parts, where "auto" resolves to
-float32) it is larger than on the H200 or a CPU, where this was measured.
+float32) it costs more than on a CPU, where it was measured (`benchmarks/results/precision/text_products_*`).
 
-    python benchmarks/bench_text_products.py --real smollm2-135m --n-texts 64            # CPU, real model
+    python benchmarks/bench_text_products.py --real smollm2-135m --dataset trec6 --n-texts 64   # CPU, real model
     python benchmarks/bench_text_products.py --shape qwen2-0.5b --n-texts 512 --min-len 8 --max-len 48   # GPU
 """
 
