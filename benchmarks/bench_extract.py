@@ -194,13 +194,18 @@ def synthetic_texts(n: int, min_len: int, max_len: int, vocab: int, seed: int):
     return texts, labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model and the texts: --shape or --real, --dataset, --n-texts, --batch-size."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--real", help="a model name for ntps_nb.models.load_model instead of a random shape")
     parser.add_argument("--dataset", default="rt-polarity")
     parser.add_argument("--n-texts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--min-len", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_extract import SHAPES, IdTokenizer, random_model, reporter, synchronize, synthetic_texts  # noqa: E402
+from bench_extract import (IdTokenizer, add_model_arguments, random_model, reporter, synchronize,  # noqa: E402
+                           synthetic_texts)
 
 import ntps_nb.extract as extraction  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning, theory_geometry  # noqa: E402
@@ -63,11 +64,7 @@ def _run(version: int, model, tokenizer, data, args, device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--real", help="a model name for ntps_nb.models.load_model instead of a random shape")
-    parser.add_argument("--dataset", default="rt-polarity")
-    parser.add_argument("--n-texts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_model_arguments(parser)
     parser.add_argument("--min-len", type=int, default=8, help="random shapes: shortest text in tokens")
     parser.add_argument("--max-len", type=int, default=64, help="longest text in tokens (truncation for --real)")
     parser.add_argument("--repeats", type=int, default=3)
