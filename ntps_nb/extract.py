@@ -447,8 +447,8 @@ def extract(
         totals; the text-level products Sxx and Sxy are float64 whatever the choice: `TEXT_PRODUCTS`),
         "float64" (every product in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
         GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Float32 products
-        keep the moments within ~1e-6 of float64 but move NTPS by up to 5.5e-5 (SmolLM2, real
-        data) where nearly tied eigenvalues amplify rounding; float64 costs 1.09x end to end on a
+        keep the moments within ~1e-6 of float64 but moved NTPS by up to 5.5e-5 (SmolLM2, 300 real
+        texts, extraction version 1) where nearly tied eigenvalues amplify rounding; float64 costs 1.09x end to end on a
         CPU core (the forward dominates) and is faster than float32 on an H200
         (benchmarks/results). The choice is recorded in the metadata. (Products split into
         bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
