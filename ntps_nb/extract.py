@@ -46,8 +46,9 @@ EXTRACT_VERSION = 2
 #: The moments formed from one pooled vector per text, always in float64: they cost d^2 a text
 #: (the token products d^2 a token), and in float32 the rounding of a batch's product leaves Sxx with
 #: eigenvalues of rounding size above the range tolerance: below N = d whitening kept them as
-#: directions (Sxx of 64 SmolLM2 texts at d = 576 retained 147) and moved NTPS by up to 0.1
-#: (benchmarks/precision_rank_check.py).
+#: directions (Sxx of 64 SmolLM2 texts at d = 576 retained 147; benchmarks/precision_rank_check.py).
+#: What float32 token products still change there is mostly the order of classes of equal size,
+#: which are tied where the labels are fitted exactly (docs/estimator.md, "Sxx's rank with float32 products").
 TEXT_PRODUCTS = ("Sxx", "Sxy")
 
 
@@ -448,8 +449,8 @@ def extract(
         "float64" (every product in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
         GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Float32 products
         keep the moments within ~1e-6 of float64 but moved NTPS by up to 5.5e-5 (SmolLM2, 300 real
-        texts, extraction version 1) where nearly tied eigenvalues amplify rounding; float64 costs 1.09x end to end on a
-        CPU core (the forward dominates) and is faster than float32 on an H200
+        texts, extraction version 1) where nearly tied eigenvalues amplify rounding; float64 costs
+        1.09x end to end on a CPU core (the forward dominates) and is faster than float32 on an H200
         (benchmarks/results). The choice is recorded in the metadata. (Products split into
         bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
     pooled_layers : layers whose mean-pooled features (N x d) are returned, "all", or None.
