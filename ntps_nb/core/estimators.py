@@ -85,7 +85,7 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
-                                interpolation_message, theory_geometry)
+                                interpolation_message, theory_geometry, tied_ks)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
 
@@ -890,17 +890,22 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     n = sum(s.n_texts for s in shards)
     rank = min(n, shards[0].d) if rank is None else int(rank)
     largest = max(s.n_texts for s in shards)
-    parts = [("the pooled moments", n, rank)]
+    # (what, texts, rank or None for min(texts, rank), the moments whose tied classes to name or None)
+    parts = [("the pooled moments", n, rank, lambda: Moments.combine(shards) if len(shards) > 1 else shards[0])]
     if replicates and len(shards) > 1:
-        parts.append(("a leave-one-shard-out replicate of the interval", n - largest, None))
+        parts.append(("a leave-one-shard-out replicate of the interval", n - largest, None, None))
     if estimator in HALF_ESTIMATORS and len(shards) >= 2:
-        half = min(sum(shards[i].n_texts for i in side) for side in split_halves(len(shards), seed))
+        sides = split_halves(len(shards), seed)
+        side = min(sides, key=lambda ids: sum(shards[i].n_texts for i in ids))
+        half = sum(shards[i].n_texts for i in side)
         parts.append((f"a half of the {estimator} estimator's split" + (" less a shard" if replicates else ""),
-                      half - (largest if replicates else 0), None))
-    for what, size, part_rank in parts:
+                      half - (largest if replicates else 0), None,
+                      None if replicates else lambda: Moments.combine([shards[i] for i in side])))
+    for what, size, part_rank, part in parts:
         part_rank = min(size, rank) if part_rank is None else part_rank
         if size > 0 and interpolates(size, part_rank, centred):
-            warnings.warn(interpolation_message(what, size, part_rank), InterpolationWarning, stacklevel=3)
+            tied = None if part is None else tied_ks(part(), centred)
+            warnings.warn(interpolation_message(what, size, part_rank, tied), InterpolationWarning, stacklevel=3)
             return
 
 

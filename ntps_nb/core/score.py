@@ -27,6 +27,7 @@ from jaxtyping import Float
 
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.subspaces import (
+    A_RANK_RTOL,
     RANGE_RTOL,
     REFERENCE_ABS_TOL,
     Subspace,
@@ -50,7 +51,37 @@ class InterpolationWarning(UserWarning):
     """NTPS from moments of no more texts than the rank of Sxx, where the labels are fitted exactly."""
 
 
-def interpolation_message(what: str, n_texts: int, rank: int) -> str:
+#: Relative gap (to the largest) below which two eigenvalues of the label moments Syy count as tied. Syy is
+#: made of class frequencies: two distinct class counts differ by at least 1 / N of the largest.
+TIE_RTOL = 1e-9
+
+
+def tied_ks(moments: Moments, centred: bool = False) -> list[int]:
+    """The k < m at which U_k is not determined where the labels are fitted exactly (no more texts than
+    the rank of Sxx): there the perception eigenvalues are those of the label moments Syy (the class
+    frequencies, uncentred), and U_k is one of many equally good choices, made by rounding, wherever the
+    k-th and (k+1)-th of them are equal: classes of the same size.
+
+    Parameters
+    ----------
+    moments : the `Moments` (uncentred, or centred).
+    centred : whether NTPS is computed on the centred moments (``y_mean`` the diagonal of Syy).
+
+    Returns
+    -------
+    list of int, increasing (empty when no two leading eigenvalues of Syy are tied).
+    """
+    Syy = moments.Syy
+    if centred and not moments.is_centred:
+        y_mean = np.diag(Syy)
+        Syy = Syy - np.outer(y_mean, y_mean)
+    lam = np.linalg.eigvalsh((Syy + Syy.T) / 2)[::-1]  # descending
+    top = max(float(lam[0]), np.finfo(np.float64).tiny)
+    m = int(np.count_nonzero(lam > A_RANK_RTOL * top))
+    return [k for k in range(1, m) if lam[k - 1] - lam[k] <= TIE_RTOL * top]
+
+
+def interpolation_message(what: str, n_texts: int, rank: int, tied: Sequence[int] | None = None) -> str:
     """Why NTPS from ``n_texts`` texts whose Sxx has rank ``rank`` (>= n_texts) describes the labels
     more than the features: the least-squares fit of the one-hot labels on the pooled states is exact,
     so the perception problem's eigenvalues are fixed by the class counts alone (Y^T Y: the counts
@@ -62,6 +93,7 @@ def interpolation_message(what: str, n_texts: int, rank: int) -> str:
     what : which moments (e.g. "the pooled moments", "a half of the split").
     n_texts : their number of texts.
     rank : the retained rank of their Sxx.
+    tied : the k at which those moments' classes tie (`tied_ks`), or None where not known.
 
     Returns
     -------
@@ -69,11 +101,17 @@ def interpolation_message(what: str, n_texts: int, rank: int) -> str:
     """
     beyond = (" (more than the texts: eigenvalues of rounding size are retained as directions)"
               if rank > n_texts else "")
+    if tied is None:
+        ties = "classes of equal size are tied (broken by rounding: values can differ between devices)"
+    elif tied:
+        ties = (f"classes of equal size are tied: here at k = {', '.join(map(str, tied))}, where U_k is chosen by "
+                "rounding and NTPS can differ between devices")
+    else:
+        ties = "classes of equal size would be tied (no two are here)"
     return (f"{what}: {n_texts} texts, no more than the rank of Sxx ({rank}{beyond}): the labels are fitted "
-            "exactly, so the perception eigenvalues are fixed by the class counts, U's directions come in order of "
-            "class size and classes of equal size are tied (broken by rounding: values can differ between devices). "
-            "NTPS there describes the labels more than the features (docs/estimator.md, 'Fewer texts than "
-            "dimensions').")
+            f"exactly, so the perception eigenvalues are fixed by the class counts, U's directions come in order of "
+            f"class size and {ties}. NTPS there describes the labels more than the features (docs/estimator.md, "
+            "'Fewer texts than dimensions').")
 
 
 def interpolates(n_texts: int, rank: int, centred: bool = False) -> bool:

@@ -439,6 +439,43 @@ def test_below_n_equals_d_the_perception_eigenvalues_are_the_class_counts_and_nt
     assert theory_geometry(more).r_U == 16 and not _interpolation_warnings(lambda: ntps(more, k=2))
 
 
+@pytest.mark.parametrize("counts", [(10, 10, 6, 6, 3), (10, 10, 10, 6, 3), (12, 9, 6, 3, 1)])
+def test_below_the_rank_tied_ks_are_where_equal_classes_leave_u_to_rounding(counts):
+    """No more texts than dimensions: the k `tied_ks` names from Syy alone are exactly where the perception
+    eigenvalues of the Sxx, Sxy problem tie (an independent eigensolve), uncentred and centred; there NTPS
+    moves under a perturbation of Sxx at rounding size and nowhere else; the warning names them."""
+    from ntps_nb.core.score import tied_ks
+
+    rng = np.random.default_rng(sum(counts))
+    labels = np.repeat(np.arange(len(counts)), counts)
+    n, d = len(labels), 64  # 25-37 texts in 64 dimensions
+    states = rng.standard_normal((n, 6, d)) @ np.diag(np.linspace(1, 3, d))
+    moments = moments_of_array(states, labels, len(counts))
+    for centred in (False, True):
+        geometry = theory_geometry(moments, centred=centred)
+        assert geometry.r_U == n - centred  # the labels are fitted exactly
+        values = geometry.eigenvalues
+        by_solve = [k for k in range(1, geometry.m) if values[k - 1] - values[k] <= 1e-9 * values[0]]
+        assert tied_ks(moments, centred) == by_solve, centred
+    tied = tied_ks(moments)
+    assert tied == [k for k in range(1, len(counts)) if sorted(counts)[::-1][k - 1] == sorted(counts)[::-1][k]]
+    ks = np.arange(1, len(counts))
+    spread = []
+    for _ in range(8):  # symmetric noise of relative size 1e-12 on Sxx
+        noise = rng.standard_normal((d, d)) * 1e-12 * np.abs(moments.Sxx).max()
+        nudged = Moments(**{**moments.arrays(), "Sxx": moments.Sxx + (noise + noise.T) / 2},
+                         n_texts=moments.n_texts, n_tokens=moments.n_tokens)
+        spread.append([theory_geometry(nudged).ntps(int(k)) for k in ks])
+    spread = np.ptp(np.array(spread), axis=0)
+    for k, moved in zip(ks, spread):
+        assert (moved > 1e-3) if k in tied else (moved < 1e-6), (k, moved)
+    [message] = _interpolation_warnings(lambda: ntps(moments, k=1))
+    if tied:
+        assert f"here at k = {', '.join(map(str, tied))}, where U_k is chosen by rounding" in message
+    else:
+        assert "no two are here" in message
+
+
 def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
     # 40 texts in 10 shards at d = 16: the pooled moments (40), the jackknife's replicates (36) and
     # richardson's halves (20) are above the rank, the halves less a shard (16), which the interval's
