@@ -872,7 +872,8 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     in a replicate). A part of n texts has Sxx of rank min(n, rank), ``rank`` the pooled Sxx's retained
     rank where the caller has it, else min(N, d), the rank of states in general position (the pooled
     part: that rank itself); `ntps_nb.core.score.interpolates` decides. One warning, for the largest
-    part that does.
+    part that does, naming the k at which its classes tie (`ntps_nb.core.score.tied_ks`) where it is
+    the pooled moments or a half.
 
     Parameters
     ----------
@@ -890,21 +891,23 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     n = sum(s.n_texts for s in shards)
     rank = min(n, shards[0].d) if rank is None else int(rank)
     largest = max(s.n_texts for s in shards)
-    # (what, texts, rank or None for min(texts, rank), the moments whose tied classes to name or None)
-    parts = [("the pooled moments", n, rank, lambda: Moments.combine(shards) if len(shards) > 1 else shards[0])]
+    # (what, texts, rank or None for min(texts, rank), the shards it is made of where its tied k are named)
+    parts = [("the pooled moments", n, rank, list(range(len(shards))))]
     if replicates and len(shards) > 1:
         parts.append(("a leave-one-shard-out replicate of the interval", n - largest, None, None))
     if estimator in HALF_ESTIMATORS and len(shards) >= 2:
-        sides = split_halves(len(shards), seed)
-        side = min(sides, key=lambda ids: sum(shards[i].n_texts for i in ids))
+        side = min(split_halves(len(shards), seed), key=lambda ids: sum(shards[i].n_texts for i in ids))
         half = sum(shards[i].n_texts for i in side)
         parts.append((f"a half of the {estimator} estimator's split" + (" less a shard" if replicates else ""),
-                      half - (largest if replicates else 0), None,
-                      None if replicates else lambda: Moments.combine([shards[i] for i in side])))
-    for what, size, part_rank, part in parts:
+                      half - (largest if replicates else 0), None, None if replicates else list(side)))
+    for what, size, part_rank, members in parts:
         part_rank = min(size, rank) if part_rank is None else part_rank
         if size > 0 and interpolates(size, part_rank, centred):
-            tied = None if part is None else tied_ks(part(), centred)
+            tied = None
+            if members is not None:  # Syy of the union, as `Moments.combine` weighs it (no d x d array is needed)
+                counts = np.array([shards[i].n_texts for i in members], dtype=np.float64)
+                Syy = sum(c * shards[i].Syy for c, i in zip(counts, members)) / counts.sum()
+                tied = tied_ks(Syy, centred and not shards[0].is_centred)
             warnings.warn(interpolation_message(what, size, part_rank, tied), InterpolationWarning, stacklevel=3)
             return
 

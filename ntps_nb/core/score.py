@@ -56,7 +56,7 @@ class InterpolationWarning(UserWarning):
 TIE_RTOL = 1e-9
 
 
-def tied_ks(moments: Moments, centred: bool = False) -> list[int]:
+def tied_ks(Syy: Float[np.ndarray, "C C"], centred: bool = False) -> list[int]:
     """The k < m at which U_k is not determined where the labels are fitted exactly (no more texts than
     the rank of Sxx): there the perception eigenvalues are those of the label moments Syy (the class
     frequencies, uncentred), and U_k is one of many equally good choices, made by rounding, wherever the
@@ -64,15 +64,16 @@ def tied_ks(moments: Moments, centred: bool = False) -> list[int]:
 
     Parameters
     ----------
-    moments : the `Moments` (uncentred, or centred).
-    centred : whether NTPS is computed on the centred moments (``y_mean`` the diagonal of Syy).
+    Syy : (C, C) the label moments of the `Moments` NTPS is computed from (``Moments.Syy``).
+    centred : whether NTPS centres uncentred moments (``y_mean`` the diagonal of Syy); False for moments
+        that are centred already.
 
     Returns
     -------
     list of int, increasing (empty when no two leading eigenvalues of Syy are tied).
     """
-    Syy = moments.Syy
-    if centred and not moments.is_centred:
+    Syy = np.asarray(Syy, dtype=np.float64)
+    if centred:
         y_mean = np.diag(Syy)
         Syy = Syy - np.outer(y_mean, y_mean)
     lam = np.linalg.eigvalsh((Syy + Syy.T) / 2)[::-1]  # descending

@@ -456,8 +456,8 @@ def test_below_the_rank_tied_ks_are_where_equal_classes_leave_u_to_rounding(coun
         assert geometry.r_U == n - centred  # the labels are fitted exactly
         values = geometry.eigenvalues
         by_solve = [k for k in range(1, geometry.m) if values[k - 1] - values[k] <= 1e-9 * values[0]]
-        assert tied_ks(moments, centred) == by_solve, centred
-    tied = tied_ks(moments)
+        assert tied_ks(moments.Syy, centred) == by_solve, centred
+    tied = tied_ks(moments.Syy)
     assert tied == [k for k in range(1, len(counts)) if sorted(counts)[::-1][k - 1] == sorted(counts)[::-1][k]]
     ks = np.arange(1, len(counts))
     spread = []
@@ -474,6 +474,17 @@ def test_below_the_rank_tied_ks_are_where_equal_classes_leave_u_to_rounding(coun
         assert f"here at k = {', '.join(map(str, tied))}, where U_k is chosen by rounding" in message
     else:
         assert "no two are here" in message
+
+
+def test_the_interpolation_warning_names_the_tied_k_of_the_half_it_names():
+    """120 texts in 8 shards at d = 64: the pooled moments are above the rank, richardson's halves (60 texts)
+    are not; each shard has classes of 5, 5, 3 and 2 texts, so a half ties at k = 1 only (20, 20, 12, 8)."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), (5, 5, 3, 2))
+    shards = [moments_of_array(rng.standard_normal((15, 6, 64)), labels, 4) for _ in range(8)]
+    [message] = _interpolation_warnings(lambda: ntps(shards, k=1, estimator="richardson"))
+    assert message.startswith("a half of the richardson estimator's split: 60 texts")
+    assert "here at k = 1, where U_k is chosen by rounding" in message
 
 
 def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
