@@ -47,7 +47,7 @@ EXTRACT_VERSION = 2
 #: (the token products d^2 a token), and in float32 the rounding of a batch's product leaves Sxx with
 #: eigenvalues of rounding size above the range tolerance: below N = d whitening kept them as
 #: directions (Sxx of 64 SmolLM2 texts at d = 576 retained 147; benchmarks/precision_rank_check.py).
-#: What float32 token products still change there is mostly the order of classes of equal size,
+#: Float32 token products still move NTPS there, in part through the order of classes of equal size,
 #: which are tied where the labels are fitted exactly (docs/estimator.md, "Sxx's rank with float32 products").
 TEXT_PRODUCTS = ("Sxx", "Sxy")
 

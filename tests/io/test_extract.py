@@ -138,8 +138,8 @@ def test_float32_products_are_close_to_float64(tiny_llama):
 def test_float32_products_leave_sxx_the_rank_of_its_texts(tiny_llama):
     """Sxx of N < d texts has rank at most N: with float32 products the text-level products stay float64
     (`TEXT_PRODUCTS`), so no eigenvalue of rounding size is retained as a direction and the theory NTPS
-    is the float64 extraction's to rounding. (Formed in float32, Sxx of these 40 texts at d = 64 kept
-    40 directions at the embeddings, 21 in float64, and 51-52 in the layers; NTPS moved by up to 8e-3.)
+    is the float64 extraction's to rounding. (Formed in float32, as in extraction version 1, Sxx of these
+    40 texts at d = 64 kept 40 directions at the embeddings, where float64 keeps 21: this test fails there.)
     The classes have distinct sizes: where the labels are fitted exactly, classes of equal size are
     tied and rounding orders them, whatever the precision."""
     from ntps_nb.core.intervals import theory_values
