@@ -869,7 +869,8 @@ def headline_points(
             "x_label": f"NTPS at {layer_k} ({fixed['estimator'].iloc[0]})"})
     if not points:
         raise ValueError(f"no model has enough datasets for the headline: {MIN_DATASETS} with a defined NTPS and "
-                         f"{target} at the last layer, k = {k} (an estimator can be undefined, NaN, at a dataset's size)")
+                         f"{target} at the last layer, k = {k} (an estimator can be undefined, NaN, at a dataset's "
+                         "size)")
     out = pd.concat(points, ignore_index=True)
     out = out.join(meta.drop(columns=["pretrained"], errors="ignore"), on=["model", "dataset"])
     return Headline(points=out, rho=pd.DataFrame(rhos), target=target, k=int(k))
