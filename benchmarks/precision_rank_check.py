@@ -36,6 +36,31 @@ from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning, theory_geometry  # noqa: E402
 
 
+def extract_both(model, tok, data, layer: int, *, max_length: int, shards: int) -> dict[str, list[Moments]]:
+    """The per-shard moments of ``layer`` from extractions with float64 and with float32 products.
+
+    Parameters
+    ----------
+    model, tok : the causal LM and its tokenizer (on the CPU).
+    data : the texts (`ntps_nb.datasets.load_dataset`'s split).
+    layer : the layer whose shards are kept.
+    max_length : tokens a text.
+    shards : shards of the extraction.
+
+    Returns
+    -------
+    dict precision -> list of the shards' `Moments`, in shard order.
+    """
+    from ntps_nb.extract import extract
+
+    out = {}
+    for precision in ("float64", "float32"):
+        ex = extract(model, tok, data, layers=[layer], max_length=max_length, shards=shards,
+                     shard_layers=[layer], progress=False, precision=precision)
+        out[precision] = layer_shards(ex.shards)[layer]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -50,7 +75,6 @@ def main() -> None:
     import torch
 
     from ntps_nb.datasets import load_dataset
-    from ntps_nb.extract import extract
     from ntps_nb.models import load_model
 
     torch.set_num_threads(1)
@@ -60,11 +84,7 @@ def main() -> None:
     last = model.config.num_hidden_layers
     print(f"{args.model} (weights sha256 {info.weights_sha256[:12]}), {args.dataset}, {len(data)} texts, last layer "
           f"{last}, d = {model.config.hidden_size}; k = {args.ks}, richardson, rotation condition off")
-    shards = {}
-    for precision in ("float64", "float32"):
-        ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
-                     shard_layers=[last], progress=False, precision=precision)
-        shards[precision] = layer_shards(ex.shards)[last]
+    shards = extract_both(model, tok, data, last, max_length=args.max_length, shards=args.shards)
     print(f"two extractions: {time.time() - start:.0f} s")
     subsets = {p: list(nested_subsets(s, args.groups)) for p, s in shards.items()}
     for (n_fine, exact), (_, rounded) in zip(subsets["float64"], subsets["float32"]):

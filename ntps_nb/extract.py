@@ -41,15 +41,26 @@ from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_
 Precision = Literal["auto", "float32", "float64"]
 
 #: Version of the extraction algorithm; part of every cache key. Version 2: the text-level products
-#: (`TEXT_PRODUCTS`) in float64 under precision "float32" too.
-EXTRACT_VERSION = 2
+#: (`TEXT_PRODUCTS`) in float64 under precision "float32" too. Version 3: the token products too where
+#: a pass has few token pairs (`token_precision`).
+EXTRACT_VERSION = 3
 #: The moments formed from one pooled vector per text, always in float64: they cost d^2 a text
 #: (the token products d^2 a token), and in float32 the rounding of a batch's product leaves Sxx with
 #: eigenvalues of rounding size above the range tolerance: below N = d whitening kept them as
 #: directions (Sxx of 64 SmolLM2 texts at d = 576 retained 147; benchmarks/precision_rank_check.py).
-#: Float32 token products still move NTPS there, in part through the order of classes of equal size,
-#: which are tied where the labels are fitted exactly (docs/estimator.md, "Sxx's rank with float32 products").
+#: Rounding still moves NTPS there through the order of classes of equal size, which are tied where the
+#: labels are fitted exactly (docs/estimator.md, "Sxx's rank with float32 products").
 TEXT_PRODUCTS = ("Sxx", "Sxy")
+#: Token pairs per hidden dimension up to which precision "float32" forms the token products (C0, C1, Shh)
+#: in float64 as well (`token_precision`). With fewer pairs than d, C0's rank is at most the pairs, and
+#: float32 rounding left eigenvalues above `RANGE_RTOL` that the next-token problem kept as directions
+#: (SmolLM2, 364 trec6 pairs: 432 retained against 328); up to a few d pairs its smallest eigenvalues are
+#: at the rounding's size. Float32 token products moved the theory plug-in by 1e-3 or more only below 4 d
+#: pairs (SmolLM2 on trec6 and rt-polarity, benchmarks/token_products_check.py; docs/estimator.md, "Float32
+#: token products below a few d token pairs"). Up to 4 d pairs float64 costs at most 2 x 4 d^3
+#: multiply-adds a layer, about one float64 eigendecomposition of a d x d matrix: less than the plug-in's
+#: own solves of that layer.
+FLOAT64_TOKEN_PAIRS_PER_DIM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,9 +458,12 @@ def extract(
     precision : "float32" (per-batch products of the token states in float32, summed into float64
         totals; the text-level products Sxx and Sxy are float64 whatever the choice: `TEXT_PRODUCTS`),
         "float64" (every product in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
-        GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Float32 products
-        keep the moments within ~1e-6 of float64 but moved NTPS by up to 5.5e-5 (SmolLM2, 300 real
-        texts, extraction version 1) where nearly tied eigenvalues amplify rounding; float64 costs
+        GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Under "float32" a pass
+        of at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs forms its token products in float64
+        too (`token_precision`: float32 token products moved the plug-in there by up to 0.3; metadata
+        ``token_precision`` says which). Float32 products keep the moments within ~1e-6 of float64
+        and moved NTPS by at most 2.4e-4 from 4 d pairs, ~1e-6 from 15-20 d (SmolLM2,
+        benchmarks/token_products_check.py); float64 costs
         1.09x end to end on a CPU core (the forward dominates) and is faster than float32 on an H200
         (benchmarks/results). The choice is recorded in the metadata. (Products split into
         bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
@@ -501,12 +515,10 @@ def extract(
     pad_id = pad_token_id(tokenizer)
 
     rank, world = _distributed()
-    rng = np.random.default_rng(shard_seed)
     n_shards = int(shards) if shards else 1
     if shards is not None and (int(shards) < 2 or int(shards) > N):
         raise ValueError(f"shards must be between 2 and the number of texts ({N}), got {shards}")
-    shard_of = np.empty(N, dtype=np.int64)
-    shard_of[rng.permutation(N)] = np.arange(N) % n_shards  # sizes differ by at most one
+    shard_of = shard_assignment(N, n_shards, shard_seed)
 
     all_layers = hidden_state_layers(model)
     chosen = all_layers if layers == "all" else sorted({int(layer) for layer in layers})
@@ -529,7 +541,9 @@ def extract(
     d = hidden_size(model)
 
     pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
-    compute_dtype = torch.float32 if precision == "float32" else torch.float64
+    # every text's (prefix, next state) pairs, known before the pass: each rank decides alike
+    tokens_precision = token_precision(precision, int((lengths - 1).sum()), d)
+    compute_dtype = torch.float32 if tokens_precision == "float32" else torch.float64
     total = _Accumulator(chosen, d, C, device, token_moments, compute_dtype)
     timings: dict[str, float] = {}
     labels_t = torch.as_tensor(text_set.labels, device=device)
@@ -607,6 +621,7 @@ def extract(
         "n_texts": N, "n_classes": C, "class_names": text_set.class_names, "layers": chosen,
         "max_length": max_length, "drop_bos": drop_bos, "bos_dropped": int(starts.sum()),
         "n_truncated": int(sum(len(t) >= max_length for t in ids)), "precision": precision,
+        "token_precision": tokens_precision,
         "padding_side": padding_side, "batch_size": batch_size, "token_moments": token_moments,
         "shards": shards, "shard_seed": shard_seed, "world_size": world,
         **({"half_layers": kept_half_layers, "half_seed": half_seed} if kept_half_layers else {}),
@@ -688,6 +703,44 @@ def _all_gather_rows(local: np.ndarray, mine: np.ndarray, N: int) -> np.ndarray:
     for rows, values in gathered:
         out[rows] = values
     return out
+
+
+def shard_assignment(n_texts: int, shards: int, seed: int = 0) -> np.ndarray:
+    """The shard of each text, as `extract` assigns them (``shards``, ``shard_seed``): a seeded random
+    permutation dealt out in turn, so shard sizes differ by at most one.
+
+    Parameters
+    ----------
+    n_texts : number of texts N, in the order `extract` was given them.
+    shards : number of shards S (1: every text in shard 0).
+    seed : `extract`'s ``shard_seed``.
+
+    Returns
+    -------
+    (N,) int64 array of shard indices 0..S-1.
+    """
+    shard_of = np.empty(n_texts, dtype=np.int64)
+    shard_of[np.random.default_rng(seed).permutation(n_texts)] = np.arange(n_texts) % shards
+    return shard_of
+
+
+def token_precision(precision: str, n_pairs: int, d: int) -> str:
+    """The precision of a pass's token products (C0, C1, Shh): float64 where ``precision`` is "float64"
+    or the pass has at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs, else ``precision``.
+
+    Parameters
+    ----------
+    precision : "float32" or "float64" (resolved: `resolve_precision`).
+    n_pairs : the pass's (prefix, next state) pairs, over every text (``n_tokens`` of its moments).
+    d : hidden size.
+
+    Returns
+    -------
+    "float32" or "float64".
+    """
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64' here (resolved), got {precision!r}")
+    return "float64" if precision == "float64" or n_pairs <= FLOAT64_TOKEN_PAIRS_PER_DIM * d else "float32"
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

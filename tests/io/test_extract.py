@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ntps_nb import LayerMoments, moments_from_sequences, ntps
-from ntps_nb.extract import Extraction, extract, extract_cached, resolve_precision, tokenize
+from ntps_nb.extract import (FLOAT64_TOKEN_PAIRS_PER_DIM, Extraction, extract, extract_cached, resolve_precision,
+                             token_precision, tokenize)
 
 STREAM_RTOL = 1e-10
 
@@ -125,9 +126,11 @@ def test_drop_bos_removes_exactly_the_bos_position(llama64):
 
 def test_float32_products_are_close_to_float64(tiny_llama):
     model, tok, _ = tiny_llama
-    m32 = extract(model, tok, (TEXTS, LABELS), precision="float32", progress=False).moments
-    m64 = extract(model, tok, (TEXTS, LABELS), precision="float64", progress=False).moments
-    assert m32.metadata["precision"] == "float32"
+    texts, labels = TEXTS * 4, LABELS * 4  # more token pairs than FLOAT64_TOKEN_PAIRS_PER_DIM x d: float32 products
+    m32 = extract(model, tok, (texts, labels), precision="float32", progress=False).moments
+    m64 = extract(model, tok, (texts, labels), precision="float64", progress=False).moments
+    assert m32[0].n_tokens > FLOAT64_TOKEN_PAIRS_PER_DIM * m32[0].d
+    assert m32.metadata["precision"] == m32.metadata["token_precision"] == "float32"
     assert set(m32.metadata["timings_s"]) == {"pass", "finalise_device", "finalise_host", "finalise_checks"}
     for layer in m32:
         for name, value in m64[layer].arrays().items():
@@ -157,6 +160,47 @@ def test_float32_products_leave_sxx_the_rank_of_its_texts(tiny_llama):
         assert g32.r_U == g64.r_U <= 40, layer
         np.testing.assert_allclose(theory_values(g32, ks), theory_values(g64, ks), rtol=0, atol=1e-3,
                                    err_msg=str(layer))
+
+
+def test_a_pass_of_few_token_pairs_forms_its_token_products_in_float64():
+    """Under "float32", a pass of at most FLOAT64_TOKEN_PAIRS_PER_DIM x d token pairs forms C0 and C1 in float64."""
+    d = 64
+    limit = FLOAT64_TOKEN_PAIRS_PER_DIM * d
+    assert token_precision("float32", limit, d) == "float64" and token_precision("float32", limit + 1, d) == "float32"
+    assert token_precision("float64", 10 * limit, d) == "float64"
+    with pytest.raises(ValueError, match="resolved"):
+        token_precision("auto", 10, d)
+
+
+def test_float32_leaves_c0_of_fewer_token_pairs_than_d_its_rank(tiny_llama):
+    """C0 is the mean of one outer product a (prefix, next state) pair: its rank is at most the pairs.
+    Formed in float32 (extraction version 2, or FLOAT64_TOKEN_PAIRS_PER_DIM = 0), C0 of these 30 pairs at
+    d = 64 kept 43 / 46 / 47 directions by layer (rounding eigenvalues above RANGE_RTOL) where float64 keeps
+    22 / 30 / 30; under "float32" such a pass now forms its token products in float64, so it is the float64
+    extraction to the letter. The rank is checked against the distinct token prefixes among the pairs (identical
+    prefixes give identical prefix vectors; beyond the embeddings a random model's states of distinct prefixes are
+    in general position)."""
+    from ntps_nb.batching import pooling_tokens
+    from ntps_nb.core.score import next_token_subspace
+
+    model, tok, _ = tiny_llama
+    words = "red green blue small large quick slow bright dark warm cold soft loud".split()
+    texts = [" ".join(words[(j * i + j + i) % len(words)] for j in (1, 3, 5, 7)) for i in range(10)]
+    labels = [0] * 5 + [1] * 3 + [2] * 2
+    e32 = extract(model, tok, (texts, labels), precision="float32", progress=False)
+    e64 = extract(model, tok, (texts, labels), precision="float64", progress=False)
+    assert e32.metadata["precision"] == "float32" and e32.metadata["token_precision"] == "float64"
+    ids, starts, lengths = pooling_tokens(tok, texts, 256, drop_bos=True)
+    prefixes = len({tuple(ids[i][:starts[i] + j + 1]) for i in range(len(texts)) for j in range(lengths[i] - 1)})
+    for layer in e32.moments:
+        m32, m64 = e32.moments[layer], e64.moments[layer]
+        assert m32.n_tokens == int((e32.lengths - 1).sum()) < m32.d
+        rank = next_token_subspace(m32).rank_B
+        assert rank == next_token_subspace(m64).rank_B <= prefixes <= m32.n_tokens, layer
+        if layer > 0:  # the embeddings' prefix vectors are sums of token embeddings: fewer directions
+            assert rank == prefixes, layer
+        for name, value in m64.arrays().items():
+            np.testing.assert_array_equal(getattr(m32, name), value, err_msg=f"{layer} {name}")
 
 
 def test_auto_precision_is_float64_where_float64_is_cheap(tiny_llama, monkeypatch):
