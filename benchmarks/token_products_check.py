@@ -116,8 +116,8 @@ def main() -> None:
             diffs = " / ".join(f"{largest_difference(exact, part, ks):.1e}" for part in parts)
         ranks = [next_token_subspace(m).rank_B for m in (exact, rounded)]
         prefixes = distinct_prefixes(tok, list(data["text"]), shard_of, n, args.max_length)
-        print(f"{exact.n_texts:5d} {exact.n_tokens:6d} ({exact.n_tokens / exact.d:4.1f})  {prefixes:8d}  {ranks[0]:4d} / "
-              f"{ranks[1]:4d}      {diffs}   {tied_ks(exact.Syy) or '-'}", flush=True)
+        print(f"{exact.n_texts:5d} {exact.n_tokens:6d} ({exact.n_tokens / exact.d:4.1f})  {prefixes:8d}  "
+              f"{ranks[0]:4d} / {ranks[1]:4d}      {diffs}   {tied_ks(exact.Syy) or '-'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ VARIANTS = {
     "00_jackknife_every_layer": ("00", {"estimator": "jackknife", "shards": 4, "interval_layers": "all",
                                         "max_train": 150}),
     "00_crossfit_below_rank": ("00", {"estimator": "crossfit", "shards": 6, "k": 32, "interval_layers": "all"}),
+    # 40 texts: fewer token pairs than 4 d (float64 token products under "float32"), every part interpolating
+    "00_forty_texts": ("00", {"max_train": 40, "shards": 4}),
     "02_markov": ("02", {"truth_family": "markov", "truth_k": 1, "truth_draws": 20}),
     "06_plugin_four_shards": ("06", {"estimator": "plugin", "shards": 4}),
     "06_k20_seven_shards": ("06", {"k": 20, "shards": 7}),

@@ -871,9 +871,9 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     (``replicates``, the jackknife interval's) or, for "richardson", a half of the split (less a shard
     in a replicate). A part of n texts has Sxx of rank min(n, rank), ``rank`` the pooled Sxx's retained
     rank where the caller has it, else min(N, d), the rank of states in general position (the pooled
-    part: that rank itself); `ntps_nb.core.score.interpolates` decides. One warning, for the largest
-    part that does, naming the k at which its classes tie (`ntps_nb.core.score.tied_ks`) where it is
-    the pooled moments or a half.
+    part: that rank itself); `ntps_nb.core.score.interpolates` decides. One warning, naming the largest
+    part that does and the k at which the classes of any part that does tie (`ntps_nb.core.score.tied_ks`:
+    the value, or its interval, at such k is a rounding choice).
 
     Parameters
     ----------
@@ -890,26 +890,31 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     """
     n = sum(s.n_texts for s in shards)
     rank = min(n, shards[0].d) if rank is None else int(rank)
-    largest = max(s.n_texts for s in shards)
-    # (what, texts, rank or None for min(texts, rank), the shards it is made of where its tied k are named)
-    parts = [("the pooled moments", n, rank, list(range(len(shards))))]
-    if replicates and len(shards) > 1:
-        parts.append(("a leave-one-shard-out replicate of the interval", n - largest, None, None))
-    if estimator in HALF_ESTIMATORS and len(shards) >= 2:
-        side = min(split_halves(len(shards), seed), key=lambda ids: sum(shards[i].n_texts for i in ids))
-        half = sum(shards[i].n_texts for i in side)
-        parts.append((f"a half of the {estimator} estimator's split" + (" less a shard" if replicates else ""),
-                      half - (largest if replicates else 0), None, None if replicates else list(side)))
-    for what, size, part_rank, members in parts:
-        part_rank = min(size, rank) if part_rank is None else part_rank
+    halves = split_halves(len(shards), seed) if estimator in HALF_ESTIMATORS and len(shards) >= 2 else ()
+    drops = [None] + (list(range(len(shards))) if replicates and len(shards) > 1 else [])
+    # (what, its shards) for every part read: the pooled shards and the halves, less each shard in a replicate
+    parts = []
+    for drop in drops:
+        parts.append(("the pooled moments" if drop is None else "a leave-one-shard-out replicate of the interval",
+                      [i for i in range(len(shards)) if i != drop]))
+        parts += [(f"a half of the {estimator} estimator's split" + ("" if drop is None else " less a shard"),
+                   [i for i in side if i != drop]) for side in halves]
+    found = []  # (texts, what, rank, shards) of the parts that interpolate
+    for what, members in parts:
+        size = sum(shards[i].n_texts for i in members)
+        part_rank = rank if len(members) == len(shards) else min(size, rank)
         if size > 0 and interpolates(size, part_rank, centred):
-            tied = None
-            if members is not None:  # Syy of the union, as `Moments.combine` weighs it (no d x d array is needed)
-                counts = np.array([shards[i].n_texts for i in members], dtype=np.float64)
-                Syy = sum(c * shards[i].Syy for c, i in zip(counts, members)) / counts.sum()
-                tied = tied_ks(Syy, centred and not shards[0].is_centred)
-            warnings.warn(interpolation_message(what, size, part_rank, tied), InterpolationWarning, stacklevel=3)
-            return
+            found.append((size, what, part_rank, members))
+    if not found:
+        return
+    tied = set()
+    for _, _, _, members in found:  # Syy of each union as `Moments.combine` weighs it (no d x d array is needed)
+        counts = np.array([shards[i].n_texts for i in members], dtype=np.float64)
+        Syy = sum(c * shards[i].Syy for c, i in zip(counts, members)) / counts.sum()
+        tied.update(tied_ks(Syy, centred and not shards[0].is_centred))
+    size, what, part_rank, _ = max(found, key=lambda part: part[0])
+    warnings.warn(interpolation_message(what, size, part_rank, sorted(tied), parts=len(found)), InterpolationWarning,
+                  stacklevel=3)
 
 
 def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "plugin", seed: int = 0,

@@ -82,7 +82,8 @@ def tied_ks(Syy: Float[np.ndarray, "C C"], centred: bool = False) -> list[int]:
     return [k for k in range(1, m) if lam[k - 1] - lam[k] <= TIE_RTOL * top]
 
 
-def interpolation_message(what: str, n_texts: int, rank: int, tied: Sequence[int] | None = None) -> str:
+def interpolation_message(what: str, n_texts: int, rank: int, tied: Sequence[int] | None = None,
+                          parts: int = 1) -> str:
     """Why NTPS from ``n_texts`` texts whose Sxx has rank ``rank`` (>= n_texts) describes the labels
     more than the features: the least-squares fit of the one-hot labels on the pooled states is exact,
     so the perception problem's eigenvalues are fixed by the class counts alone (Y^T Y: the counts
@@ -95,6 +96,8 @@ def interpolation_message(what: str, n_texts: int, rank: int, tied: Sequence[int
     n_texts : their number of texts.
     rank : the retained rank of their Sxx.
     tied : the k at which those moments' classes tie (`tied_ks`), or None where not known.
+    parts : how many parts of an estimate (its pooled moments, halves, replicates) fit the labels exactly,
+        ``what`` the largest of them; ``tied`` then holds the k at which any of them ties.
 
     Returns
     -------
@@ -105,10 +108,12 @@ def interpolation_message(what: str, n_texts: int, rank: int, tied: Sequence[int
     if tied is None:
         ties = "classes of equal size are tied (broken by rounding: values can differ between devices)"
     elif tied:
-        ties = (f"classes of equal size are tied: here at k = {', '.join(map(str, tied))}, where U_k is chosen by "
-                "rounding and NTPS can differ between devices")
+        where = "" if parts == 1 else f" in one of the {parts} parts of the estimate that fit the labels exactly"
+        ties = (f"classes of equal size are tied: here at k = {', '.join(map(str, tied))}{where}, where U_k is "
+                "chosen by rounding and NTPS can differ between devices")
     else:
-        ties = "classes of equal size would be tied (no two are here)"
+        ties = ("classes of equal size would be tied (no two are here" + ("" if parts == 1 else
+                f", in any of the {parts} parts of the estimate that fit the labels exactly") + ")")
     return (f"{what}: {n_texts} texts, no more than the rank of Sxx ({rank}{beyond}): the labels are fitted "
             f"exactly, so the perception eigenvalues are fixed by the class counts, U's directions come in order of "
             f"class size and {ties}. NTPS there describes the labels more than the features (docs/estimator.md, "

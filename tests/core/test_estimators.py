@@ -484,7 +484,39 @@ def test_the_interpolation_warning_names_the_tied_k_of_the_half_it_names():
     shards = [moments_of_array(rng.standard_normal((15, 6, 64)), labels, 4) for _ in range(8)]
     [message] = _interpolation_warnings(lambda: ntps(shards, k=1, estimator="richardson"))
     assert message.startswith("a half of the richardson estimator's split: 60 texts")
-    assert "here at k = 1, where U_k is chosen by rounding" in message
+    assert "here at k = 1 in one of the 2 parts of the estimate that fit the labels exactly, where U_k" in message
+
+
+def _tied_from_counts(counts) -> set[int]:
+    """The k < m at which the k-th and (k+1)-th largest nonzero class counts are equal (uncentred moments)."""
+    top = sorted((c for c in counts if c > 0), reverse=True)
+    return {k for k in range(1, len(top)) if top[k - 1] == top[k]}
+
+
+def test_the_interpolation_warning_names_the_tied_k_of_every_part_that_fits_the_labels_exactly():
+    """56 texts in 8 shards at d = 64: the pooled moments, richardson's halves and every leave-one-shard-out
+    replicate (and its halves) fit the labels exactly, each with its own class counts. The warning names the
+    union of their ties, checked against the counts of the labels themselves (not the moments); the pooled
+    counts alone tie nowhere, so a list of the pooled part's ties alone (as before) names none."""
+    rng = np.random.default_rng(6)
+    shard_labels = [rng.choice(5, size=7, p=[0.4, 0.25, 0.15, 0.12, 0.08]) for _ in range(8)]
+    shards = [moments_of_array(rng.standard_normal((7, 5, 64)), labels, 5) for labels in shard_labels]
+
+    def counts(members):
+        return np.bincount(np.concatenate([shard_labels[i] for i in members]), minlength=5)
+
+    assert not _tied_from_counts(counts(range(8)))  # the pooled moments tie nowhere
+    halves = [list(side) for side in split_halves(8, 0)]
+    value_parts = [list(range(8))] + halves
+    interval_parts = value_parts + [[i for i in part if i != drop] for drop in range(8) for part in value_parts]
+    for call, members in ((lambda: ntps(shards, k=1, estimator="richardson"), value_parts),
+                          (lambda: ntps_estimate(shards, [1, 2], rotation_flag=False), interval_parts)):
+        expected = sorted(set().union(*(_tied_from_counts(counts(part)) for part in members)))
+        assert expected, "the construction must tie somewhere"
+        [message] = _interpolation_warnings(call)
+        assert message.startswith("the pooled moments: 56 texts")
+        assert (f"here at k = {', '.join(map(str, expected))} in one of the {len(members)} parts of the estimate "
+                "that fit the labels exactly") in message
 
 
 def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
