@@ -42,8 +42,9 @@ Precision = Literal["auto", "float32", "float64"]
 
 #: Version of the extraction algorithm; part of every cache key. Version 2: the text-level products
 #: (`TEXT_PRODUCTS`) in float64 under precision "float32" too. Version 3: the token products too where
-#: a pass has few token pairs (`token_precision`).
-EXTRACT_VERSION = 3
+#: a pass has few token pairs (`token_precision`). Version 4: the pairs counted in the smallest part of the
+#: pass that NTPS or its interval reads (`fewest_pairs_read`); float64 pooled features at float64 precision.
+EXTRACT_VERSION = 4
 #: The moments formed from one pooled vector per text, always in float64: they cost d^2 a text
 #: (the token products d^2 a token), and in float32 the rounding of a batch's product leaves Sxx with
 #: eigenvalues of rounding size above the range tolerance: below N = d whitening kept them as
@@ -52,14 +53,16 @@ EXTRACT_VERSION = 3
 #: labels are fitted exactly (docs/estimator.md, "Sxx's rank with float32 products").
 TEXT_PRODUCTS = ("Sxx", "Sxy")
 #: Token pairs per hidden dimension up to which precision "float32" forms the token products (C0, C1, Shh)
-#: in float64 as well (`token_precision`). With fewer pairs than d, C0's rank is at most the pairs, and
+#: in float64 as well, counted in the smallest part of the pass that NTPS or its interval reads
+#: (`token_precision`, `fewest_pairs_read`). With fewer pairs than d, C0's rank is at most the pairs, and
 #: float32 rounding left eigenvalues above `RANGE_RTOL` that the next-token problem kept as directions
 #: (SmolLM2, 364 trec6 pairs: 432 retained against 328); up to a few d pairs its smallest eigenvalues are
 #: at the rounding's size. Float32 token products moved the theory plug-in by 1e-3 or more only below 4 d
 #: pairs (SmolLM2 on trec6 and rt-polarity, benchmarks/token_products_check.py; docs/estimator.md, "Float32
-#: token products below a few d token pairs"). Up to 4 d pairs float64 costs at most 2 x 4 d^3
+#: token products below a few d token pairs"). Without shards float64 then costs at most 2 x 4 d^3
 #: multiply-adds a layer, about one float64 eigendecomposition of a d x d matrix: less than the plug-in's
-#: own solves of that layer.
+#: own solves of that layer; with S shards at most S / (S / 2 - 1) times that (4x at S = 4, 2.2x at 20),
+#: less than the interval's factorisations, several a shard.
 FLOAT64_TOKEN_PAIRS_PER_DIM = 4
 
 
@@ -459,7 +462,8 @@ def extract(
         totals; the text-level products Sxx and Sxy are float64 whatever the choice: `TEXT_PRODUCTS`),
         "float64" (every product in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
         GPUs with full-rate float64 (data-centre parts), float32 on other GPUs. Under "float32" a pass
-        of at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs forms its token products in float64
+        whose smallest part read (with shards, a half of the split less a shard: `fewest_pairs_read`)
+        has at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs forms its token products in float64
         too (`token_precision`: float32 token products moved the plug-in there by up to 0.3; metadata
         ``token_precision`` says which). Float32 products keep the moments within ~1e-6 of float64
         and moved NTPS by at most 2.4e-4 from 4 d pairs, ~1e-6 from 15-20 d (SmolLM2,
@@ -468,7 +472,9 @@ def extract(
         (benchmarks/results). The choice is recorded in the metadata. (Products split into
         bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)
     pooled_layers : layers whose mean-pooled features (N x d) are returned, "all", or None.
-    pooled_dtype : numpy dtype name of the returned pooled features.
+    pooled_dtype : numpy dtype name of the returned pooled features (each text's mean, summed at the token
+        products' precision: `token_precision`), or "auto": that precision, so that the features are the
+        vectors Sxx and Sxy are formed from (probes fitted on them match the moments to rounding).
     padding_side : "right" or "left"; position ids are explicit, so this changes no moment.
     shards, shard_layers, shard_seed : also keep the moments of ``shards`` disjoint random groups
         of texts (for intervals), for ``shard_layers`` (default: all requested layers; an empty
@@ -540,10 +546,14 @@ def extract(
         half_of[split_halves(n_shards, seed=half_seed)[1]] = 1
     d = hidden_size(model)
 
-    pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
     # every text's (prefix, next state) pairs, known before the pass: each rank decides alike
-    tokens_precision = token_precision(precision, int((lengths - 1).sum()), d)
+    shard_pairs = np.bincount(shard_of, weights=lengths - 1, minlength=n_shards) if shards else [(lengths - 1).sum()]
+    tokens_precision = token_precision(precision, fewest_pairs_read(shard_pairs), d)
     compute_dtype = torch.float32 if tokens_precision == "float32" else torch.float64
+    pooled_dtype = tokens_precision if pooled_dtype == "auto" else pooled_dtype
+    pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
+    # the rows cross to the host at the precision they are stored at (float32 rounded float64 features before)
+    pooled_torch_dtype = torch.float64 if np.dtype(pooled_dtype).itemsize > 4 else torch.float32
     total = _Accumulator(chosen, d, C, device, token_moments, compute_dtype)
     timings: dict[str, float] = {}
     labels_t = torch.as_tensor(text_set.labels, device=device)
@@ -587,7 +597,7 @@ def extract(
                             if name in target.sums[layer]:  # shard accumulators carry no Shh
                                 target.add(layer, name, a, b)
                 if layer in pooled:
-                    pooled_rows.append((layer, xbar.float()))
+                    pooled_rows.append((layer, xbar.to(pooled_torch_dtype)))
             finite = torch.stack(finite).cpu().numpy()  # the batch's one device->host sync, with the pooled rows
             if pooled_rows:
                 host = torch.stack([rows for _, rows in pooled_rows]).cpu().numpy()
@@ -678,6 +688,8 @@ def layer_factors(
     d = h.shape[-1]
     h = mask_states(h, valid, compute_dtype)
     totals = h.sum(dim=1)
+    # in compute_dtype: under float32 the pooled features are then float32 as stored, the same vectors the
+    # text-level moments are formed from (a float64 sum made notebook 02's identity hold to 1e-9, not 1e-15)
     xbar = totals / counts
     # s_t = sum_{i<=t} h_i; zeros before the text, so left padding needs no special case
     prefix = torch.cumsum(h, dim=1)[:, :-1].reshape(-1, d).index_select(0, pair_rows)
@@ -724,14 +736,36 @@ def shard_assignment(n_texts: int, shards: int, seed: int = 0) -> np.ndarray:
     return shard_of
 
 
+def fewest_pairs_read(shard_pairs) -> int:
+    """A lower bound on the token pairs of the smallest part of a pass that NTPS or its interval reads: with
+    S >= 4 shards a half of the default estimator's split less one of its shards (at least the S // 2 - 1 shards
+    with the fewest pairs, whatever the split), with 2 or 3 the pass less its largest shard (a jackknife
+    replicate), without shards the pass.
+
+    Parameters
+    ----------
+    shard_pairs : the (prefix, next state) pairs of each shard (one entry: a pass without shards).
+
+    Returns
+    -------
+    int.
+    """
+    pairs = np.sort(np.asarray(shard_pairs, dtype=np.int64))
+    if len(pairs) >= 4:
+        return int(pairs[: len(pairs) // 2 - 1].sum())
+    return int(pairs.sum() - (pairs[-1] if len(pairs) > 1 else 0))
+
+
 def token_precision(precision: str, n_pairs: int, d: int) -> str:
     """The precision of a pass's token products (C0, C1, Shh): float64 where ``precision`` is "float64"
-    or the pass has at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs, else ``precision``.
+    or the smallest part of the pass that is read has at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token
+    pairs, else ``precision``.
 
     Parameters
     ----------
     precision : "float32" or "float64" (resolved: `resolve_precision`).
-    n_pairs : the pass's (prefix, next state) pairs, over every text (``n_tokens`` of its moments).
+    n_pairs : the (prefix, next state) pairs of the smallest part of the pass that is read
+        (`fewest_pairs_read`; the pass's own, ``n_tokens`` of its moments, without shards).
     d : hidden size.
 
     Returns

@@ -1290,8 +1290,8 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     seed : int
         Seed of the subsample, of a random-initialised model and of the shard assignment.
     batch_size, drop_bos : extraction settings (see `ntps_nb.extract.extract`).
-    precision : "float32", "float64" or "auto", as above; pooled features are float64 with
-        "float64", float32 otherwise.
+    precision : "float32", "float64" or "auto", as above; pooled features are kept at the precision of the
+        token products (``pooled_dtype="auto"`` of `ntps_nb.extract.extract`: the vectors Sxx is formed from).
     loaded : tuple, optional
         ``(model, tokenizer, info)`` already loaded.
     shards : int, optional
@@ -1320,7 +1320,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         ds = subsample(dataset, max_train=max_train, max_test=max_test, seed=seed)
         dataset = dataset_name(ds)
     settings = dict(max_length=max_length, drop_bos=drop_bos, batch_size=batch_size, pooled_layers="all",
-                    precision=precision, pooled_dtype="float64" if precision == "float64" else "float32")
+                    precision=precision, pooled_dtype="auto")
     sharding = {}
     if halves and not shards:
         raise ValueError("halves=True needs shards >= 2: the halves are unions of the shards")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ntps_nb import LayerMoments, moments_from_sequences, ntps
-from ntps_nb.extract import (FLOAT64_TOKEN_PAIRS_PER_DIM, Extraction, extract, extract_cached, resolve_precision,
-                             token_precision, tokenize)
+from ntps_nb.extract import (FLOAT64_TOKEN_PAIRS_PER_DIM, Extraction, extract, extract_cached, fewest_pairs_read,
+                             resolve_precision, token_precision, tokenize)
 
 STREAM_RTOL = 1e-10
 
@@ -162,6 +162,34 @@ def test_float32_products_leave_sxx_the_rank_of_its_texts(tiny_llama):
                                    err_msg=str(layer))
 
 
+def test_float64_pooled_features_keep_float64_precision(llama64):
+    """``pooled_dtype="float64"``: the pooled features are each text's float64 mean, not a float32 rounding of it."""
+    model, tok, _ = llama64
+    result = extract(model, tok, (TEXTS, LABELS), batch_size=4, precision="float64", pooled_layers="all",
+                     pooled_dtype="float64", progress=False)
+    _, states = brute_force(model, tok, TEXTS, LABELS)
+    for layer, per_text in enumerate(states):
+        pooled = np.stack([h.mean(axis=0) for h in per_text])
+        np.testing.assert_allclose(result.pooled[layer], pooled, rtol=0, atol=STREAM_RTOL * np.abs(pooled).max())
+
+
+def test_auto_pooled_features_are_the_vectors_sxx_is_formed_from(tiny_llama):
+    """``pooled_dtype="auto"`` keeps the features at the token products' precision: whether a "float32" pass
+    forms them in float64 (few pairs) or float32, Sxx is the mean outer product of the returned features to
+    float64 rounding (with float32 features of a float64 mean it would be ~1e-8 off)."""
+    model, tok, _ = tiny_llama
+    for data, expected in (((TEXTS, LABELS), "float64"), ((TEXTS * 4, LABELS * 4), "float32")):
+        result = extract(model, tok, data, precision="float32", pooled_layers="all", pooled_dtype="auto",
+                         progress=False)
+        assert result.metadata["token_precision"] == expected
+        for layer in result.moments:
+            X = result.pooled[layer]
+            assert X.dtype == np.dtype(expected)
+            X = X.astype(np.float64)
+            np.testing.assert_allclose(result.moments[layer].Sxx, X.T @ X / len(X), rtol=0,
+                                       atol=1e-13 * np.abs(X.T @ X / len(X)).max(), err_msg=f"{expected} {layer}")
+
+
 def test_a_pass_of_few_token_pairs_forms_its_token_products_in_float64():
     """Under "float32", a pass of at most FLOAT64_TOKEN_PAIRS_PER_DIM x d token pairs forms C0 and C1 in float64."""
     d = 64
@@ -170,6 +198,32 @@ def test_a_pass_of_few_token_pairs_forms_its_token_products_in_float64():
     assert token_precision("float64", 10 * limit, d) == "float64"
     with pytest.raises(ValueError, match="resolved"):
         token_precision("auto", 10, d)
+
+
+def test_the_fewest_pairs_read_are_a_half_of_the_shards_less_one():
+    """With S >= 4 shards the smallest part read is a half of the split less a shard: at least the S // 2 - 1
+    shards with the fewest pairs (checked against every split into halves of sizes S // 2 and S - S // 2, less
+    each of its shards); with 2 or 3 the pass less its largest shard; without shards the pass."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for n_shards in (4, 5, 6, 9):
+        pairs = rng.integers(50, 500, size=n_shards)
+        smallest = min(pairs[list(half)].sum() - pairs[drop] for half in itertools.combinations(range(n_shards),
+                       n_shards // 2) for drop in half)
+        assert fewest_pairs_read(pairs) == smallest  # the bound is reached by the split of the smallest shards
+    assert fewest_pairs_read([10, 20, 30]) == 30 and fewest_pairs_read([10, 20]) == 10 and fewest_pairs_read([50]) == 50
+
+
+def test_a_sharded_pass_reads_its_smallest_part_for_the_token_precision(tiny_llama):
+    """44 texts have more pairs than 4 d at d = 64 (float32 token products), but in 4 shards a half less a shard
+    is a single shard, with fewer: the pass forms its token products in float64."""
+    model, tok, _ = tiny_llama
+    data = (TEXTS * 4, LABELS * 4)
+    whole = extract(model, tok, data, precision="float32", progress=False, layers=[0])
+    sharded = extract(model, tok, data, precision="float32", progress=False, layers=[0], shards=4)
+    assert whole.moments[0].n_tokens > FLOAT64_TOKEN_PAIRS_PER_DIM * 64 >= max(s[0].n_tokens for s in sharded.shards)
+    assert (whole.metadata["token_precision"], sharded.metadata["token_precision"]) == ("float32", "float64")
 
 
 def test_float32_leaves_c0_of_fewer_token_pairs_than_d_its_rank(tiny_llama):
