@@ -36,6 +36,32 @@ from ntps_nb.core.moments import Moments  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning, theory_geometry  # noqa: E402
 
 
+def load_last_layer(model_name: str, dataset: str, texts: int):
+    """The model on the CPU (one torch thread), ``texts`` train texts of ``dataset`` and a line naming them.
+
+    Parameters
+    ----------
+    model_name, dataset : registry names (`ntps_nb.models.load_model`, `ntps_nb.datasets.load_dataset`).
+    texts : train texts (stratified subsample).
+
+    Returns
+    -------
+    (model, tokenizer, info, data, last layer, header line).
+    """
+    import torch
+
+    from ntps_nb.datasets import load_dataset
+    from ntps_nb.models import load_model
+
+    torch.set_num_threads(1)
+    model, tok, info = load_model(model_name, device="cpu")
+    data = load_dataset(dataset, max_train=texts, max_test=10)["train"]
+    last = model.config.num_hidden_layers
+    header = (f"{model_name} (weights sha256 {info.weights_sha256[:12]}), {dataset}, {len(data)} texts, last layer "
+              f"{last}, d = {model.config.hidden_size}")
+    return model, tok, info, data, last, header
+
+
 def extract_both(model, tok, data, layer: int, *, max_length: int, shards: int) -> dict[str, list[Moments]]:
     """The per-shard moments of ``layer`` from extractions with float64 and with float32 products.
 
@@ -72,18 +98,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
 
-    import torch
-
-    from ntps_nb.datasets import load_dataset
-    from ntps_nb.models import load_model
-
-    torch.set_num_threads(1)
     start = time.time()
-    model, tok, info = load_model(args.model, device="cpu")
-    data = load_dataset(args.dataset, max_train=args.texts, max_test=10)["train"]
-    last = model.config.num_hidden_layers
-    print(f"{args.model} (weights sha256 {info.weights_sha256[:12]}), {args.dataset}, {len(data)} texts, last layer "
-          f"{last}, d = {model.config.hidden_size}; k = {args.ks}, richardson, rotation condition off")
+    model, tok, info, data, last, header = load_last_layer(args.model, args.dataset, args.texts)
+    print(f"{header}; k = {args.ks}, richardson, rotation condition off")
     shards = extract_both(model, tok, data, last, max_length=args.max_length, shards=args.shards)
     print(f"two extractions: {time.time() - start:.0f} s")
     subsets = {p: list(nested_subsets(s, args.groups)) for p, s in shards.items()}

@@ -41,7 +41,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precision_rank_check import extract_both  # noqa: E402
+from precision_rank_check import extract_both, load_last_layer  # noqa: E402
 
 from ntps_nb.core.intervals import layer_shards, theory_values  # noqa: E402
 from ntps_nb.core.moments import Moments  # noqa: E402
@@ -81,20 +81,12 @@ def main() -> None:
                         help="also extract with float64 products at this batch size (0: not)")
     args = parser.parse_args()
 
-    import torch
-
     from ntps_nb.core.score import next_token_subspace
-    from ntps_nb.datasets import load_dataset
     from ntps_nb.extract import extract, shard_assignment
-    from ntps_nb.models import load_model
 
-    torch.set_num_threads(1)
     start = time.time()
-    model, tok, info = load_model(args.model, device="cpu")
-    data = load_dataset(args.dataset, max_train=args.texts, max_test=10)["train"]
-    last = model.config.num_hidden_layers
-    print(f"{args.model} (weights sha256 {info.weights_sha256[:12]}), {args.dataset}, {len(data)} texts, last layer "
-          f"{last}, d = {model.config.hidden_size}; theory plug-in at k = 1..{args.max_k}")
+    model, tok, info, data, last, header = load_last_layer(args.model, args.dataset, args.texts)
+    print(f"{header}; theory plug-in at k = 1..{args.max_k}")
     shards = extract_both(model, tok, data, last, max_length=args.max_length, shards=args.shards)
     if args.batch_size_check:
         ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
