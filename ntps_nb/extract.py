@@ -457,7 +457,8 @@ def extract(
     layers : "all" (hidden states 0..L, 0 = embeddings) or an iterable of indices.
     batch_size, max_length : texts per forward pass; truncation length in tokens (recorded).
     drop_bos : leave the BOS position out of pooling and of C0/C1 (it still serves as context).
-    device : where to run; defaults to the model's device.
+    device : where to run; defaults to the model's device (a CPU or CUDA device: Apple's MPS has no float64,
+        in which the moments are summed).
     precision : "float32" (per-batch products of the token states in float32, summed into float64
         totals; the text-level products Sxx and Sxy are float64 whatever the choice: `TEXT_PRODUCTS`),
         "float64" (every product in float64), or "auto" (default, `resolve_precision`): float64 on a CPU and on
@@ -516,6 +517,9 @@ def extract(
     text_set = as_text_set(data, n_classes=n_classes)
     N, C = len(text_set.texts), text_set.n_classes
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "mps":  # the totals, and the text products, are float64 on the device
+        raise ValueError("extraction sums its moments in float64 on the device, which Apple's MPS does not have: "
+                         "extract with device='cpu' (the model moved there) instead")
     precision = resolve_precision(precision, device)
     ids, starts, lengths = pooling_tokens(tokenizer, text_set.texts, max_length, drop_bos=drop_bos)
     pad_id = pad_token_id(tokenizer)

@@ -267,6 +267,13 @@ def test_auto_precision_is_float64_where_float64_is_cheap(tiny_llama, monkeypatc
         assert resolve_precision("auto", "cuda:0") == expected, capability
 
 
+def test_extraction_on_mps_says_it_needs_float64(tiny_llama):
+    """MPS has no float64, in which the moments are summed on the device: a clear error before any work."""
+    model, tok, _ = tiny_llama
+    with pytest.raises(ValueError, match="MPS does not have: extract with device='cpu'"):
+        extract(model, tok, (TEXTS, LABELS), device="mps", progress=False)
+
+
 def test_texts_of_one_token_only_pool(llama64):
     model, tok, _ = llama64
     texts = ["ok", "fine", "The film was fine.", "Bad."]
