@@ -692,8 +692,8 @@ def layer_factors(
     d = h.shape[-1]
     h = mask_states(h, valid, compute_dtype)
     totals = h.sum(dim=1)
-    # in compute_dtype: under float32 the pooled features are then float32 as stored, the same vectors the
-    # text-level moments are formed from (a float64 sum made notebook 02's identity hold to 1e-9, not 1e-15)
+    # in compute_dtype: under float32 the pooled features are then, as stored, the vectors Sxx and Sxy are formed
+    # from, so probes fitted on them match the moments (docs/estimator.md, session 39: a float64 sum broke that)
     xbar = totals / counts
     # s_t = sum_{i<=t} h_i; zeros before the text, so left padding needs no special case
     prefix = torch.cumsum(h, dim=1)[:, :-1].reshape(-1, d).index_select(0, pair_rows)

@@ -936,7 +936,7 @@ def test_the_estimates_stage_computes_on_the_units_analysis_device(monkeypatch):
 #: OpenBLAS pick their kernels from the CPU (AVX2, AVX-512): on an AVX-512 machine the forward pass
 #: and the moments move by ~1e-8 relative, and at this size (40 texts, d = 576) that moves NTPS at
 #: k where U or V is not well determined (tied eigenvalues: the theory rows by up to 0.12 at the tied k,
-#: by 0.07 at layer 0 k = 254-283, by 6e-7 elsewhere; every reference row; docs/estimator.md's session-39
+#: by 0.07 at layer 0 k = 254-283, below 1e-3 elsewhere; every reference row; docs/estimator.md's session-39
 #: section). Both libraries read these
 #: variables when they load, hence the separate process. MKL (torch's BLAS) is left to its own
 #: dispatch, as when the unit was computed: pinning it (MKL_CBWR) changes the numbers too.
