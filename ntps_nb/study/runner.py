@@ -143,7 +143,8 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
 
     Columns: model, dataset, status ("complete", "stale", "running" (claimed by a live process),
     "missing"), minutes, finished (or, while running, who started it when), n_train,
-    mean_length (tokens), and for complete units the headline numbers at the last layer: held-out
+    mean_length (tokens), extract_version (`ntps_nb.extract.EXTRACT_VERSION` of its train extraction;
+    empty for a unit written before units recorded it), and for complete units the headline numbers at the last layer: held-out
     probe accuracy, theory NTPS at ``k`` (or the largest k of the grid below it), and the LoRA
     accuracy and gain where LoRA ran.
 
@@ -173,7 +174,8 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
         if row["status"] not in ("missing", "running"):
             meta = json.loads((folder / "unit.json").read_text())
             row.update(minutes=round(meta.get("seconds", float("nan")) / 60, 1), finished=meta.get("finished"),
-                       n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"))
+                       n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"),
+                       extract_version=meta.get("extract_version"))
         if row["status"] == "complete":
             probes = pd.read_csv(folder / "probes.csv")
             held = probes[probes["protocol"] == "heldout"]
@@ -608,7 +610,9 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
         "versions": _versions(),
         "units": {folder.name: {"seconds": meta.get("seconds"), "timings_s": meta.get("timings_s"),
                                 "finished": meta.get("finished"), "lora": meta.get("lora"),
-                                "n_train": meta.get("n_train"), "n_test": meta.get("n_test")}
+                                "n_train": meta.get("n_train"), "n_test": meta.get("n_test"),
+                                "extract_version": meta.get("extract_version"),
+                                "token_precision_train": meta.get("token_precision_train")}
                   for folder, meta in metas},
     }
     with atomic_path(cfg.folder / "provenance.json") as tmp:

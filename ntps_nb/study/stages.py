@@ -600,7 +600,8 @@ def _computed_when(meta: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:
     return {"cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
-            "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train")}
+            "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train"),
+            "extract_version": meta.get("extract_version"), "token_precision": meta.get("token_precision_train")}
 
 
 # -- computing a unit -----------------------------------------------------------------------------
@@ -1245,7 +1246,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             "cache_key": cache_key, "kept": str(where / cache_key) if kept and cache_key else None,
             "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
             "mean_length": u.ex.metadata.get("mean_length"), "finished": _now(),
-            "tokenizer_sha256": info.tokenizer_sha256})
+            "tokenizer_sha256": info.tokenizer_sha256, "extract_version": u.ex.metadata.get("extract_version"),
+            "token_precision": u.ex.metadata.get("token_precision")})
     else:
         log(f"    {model_name} x {dataset_name}: every stage it computes reads nothing new: no extraction")
     extraction_record = (store.load("extraction", keys["extraction"]) or StageResult(None, {})).record
@@ -1319,6 +1321,9 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         "interval_layers": u.interval_grid, "diagnostic_layers": u.diag_grid, "model_info": info.as_dict(),
         "environment": _environment(model, cfg, n_threads), "n_truncated_train": extraction_record.get("n_truncated"),
         "mean_length_train": extraction_record.get("mean_length"), "finished": _now(),
+        # which extraction rules formed the moments (absent: a unit extracted before they were recorded)
+        "extract_version": extraction_record.get("extract_version"),
+        "token_precision_train": extraction_record.get("token_precision"),
     }
     if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
         tables["unit"]["dataset_file"] = cfg.dataset_file(dataset_name)._asdict()

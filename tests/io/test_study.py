@@ -16,6 +16,7 @@ import pytest
 import ntps_nb.extract
 from ntps_nb import study
 from ntps_nb.core.threads import PROCESSES_ENV, analysis_processes, available_cores, default_threads
+from ntps_nb.extract import EXTRACT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "studies"
@@ -125,6 +126,12 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
         # no analysis_threads in the config: this process's share of its cores
         assert env["analysis_threads"] == default_threads() and env["torch_threads"] >= 1
         assert env["analysis_processes"] == analysis_processes() and env["cores"] == available_cores()
+        # the extraction rules the moments were formed under: the smoke units' few token pairs, float64
+        assert meta["extract_version"] == EXTRACT_VERSION
+        assert meta["token_precision_train"] == "float64" and cfg.precision == "float32"
+    assert (study.study_status(cfg)["extract_version"] == EXTRACT_VERSION).all()
+    provenance = json.loads((cfg.folder / "provenance.json").read_text())["units"]
+    assert {unit["token_precision_train"] for unit in provenance.values()} == {"float64"}
     tables = study.load_results(cfg)
     for name in ("ntps", "probes", "peers", "intervals"):
         frame = tables[name]
