@@ -31,7 +31,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -1061,6 +1061,28 @@ def _lora_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict, dict[str, pd.DataF
     return table, {"lora": status}, ({"lora_predictions": predictions} if predictions is not None else {})
 
 
+@contextlib.contextmanager
+def _interpolation_warnings_once(where: str) -> Iterator[None]:
+    """Issue each distinct `ntps_nb.core.score.InterpolationWarning` of the block once, saying how often
+    it arose ``where``, and the block's other warnings as they came: a sweep over 31 layers below the
+    rank of Sxx said the same paragraph 31 times, burying the study's progress lines. A block that
+    raises gives way to its exception: its warnings are not issued."""
+    from ntps_nb.core.score import InterpolationWarning
+
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InterpolationWarning)  # every occurrence counted; filtered when re-issued
+        yield
+    for item in caught:
+        if issubclass(item.category, InterpolationWarning):
+            counts[str(item.message)] = counts.get(str(item.message), 0) + 1
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
+    for message, count in counts.items():
+        said = f" (said once for the {count} times it arose in {where})" if count > 1 else ""
+        warnings.warn(InterpolationWarning(message + said), stacklevel=3)
+
+
 def _ignore_recorded_as_nan() -> None:
     """Warnings of the package's own scores that the tables record anyway (a NaN, a count of
     resamples left out): expected on small or degenerate units, so not repeated on the console."""
@@ -1291,7 +1313,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                 log(f"    {model_name} x {dataset_name}: {name} refreshed from its version-{version} table")
             elif result is None:
                 t0 = time.perf_counter()
-                table, record, *more = _COMPUTE[name](u)
+                with _interpolation_warnings_once(f"the {name} stage of {model_name} x {dataset_name}"):
+                    table, record, *more = _COMPUTE[name](u)
                 extra = more[0] if more else {}
                 record = {**record, "seconds": round(time.perf_counter() - t0, 3), "finished": _now()}
                 if name == "lora" and str(record.get("lora", "")).startswith("skipped"):

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.metadata
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,25 @@ def test_run_restricted_to_part_of_the_grid(tmp_path, counted_extract, tiny_llam
     rest = study.run_study(cfg, models=["tiny-llama"], datasets=["trec6"], cache=tmp_path / "cache", log=lambda _: None)
     assert list(rest["status"]) == ["done"]
     assert set(study.load_results(cfg)["ntps"]["dataset"]) == {"trec6", "sms-spam"}  # the last part combines
+
+
+def test_a_stage_says_each_interpolation_warning_once_with_how_often_it_arose(tmp_path, tiny_llama):
+    """The smoke unit has no more texts than Sxx's rank on any layer: the ntps stage's sweep warned once
+    a layer, the same paragraph each time."""
+    import re
+
+    from ntps_nb.core.score import InterpolationWarning
+
+    cfg = _smoke(tmp_path, datasets=["trec6"], peers=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study.run_study(cfg, cache=tmp_path / "cache", log=lambda _: None)
+    said = [str(w.message) for w in caught
+            if issubclass(w.category, InterpolationWarning) and "the ntps stage of tiny-llama x trec6" in str(w.message)]
+    layers = json.loads((cfg.unit_folder("tiny-llama", "trec6") / "unit.json").read_text())["layers"]
+    assert said and len(set(said)) == len(said), said  # each distinct paragraph once
+    times = [int(re.search(r"said once for the (\d+) times it arose", message).group(1)) for message in said]
+    assert sum(times) == len(layers) > 1  # one sweep a layer, each warned
 
 
 #: Agreement of a whole smoke unit's tables between the backends. The functions agree to 1e-9 on
