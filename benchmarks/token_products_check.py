@@ -24,6 +24,9 @@ Since extraction version 3, "float32" forms the token products of a pass of at m
 (``--texts 64``) now compares equal (benchmarks/results/precision/token_products_trec6_64_extract_v3.txt).
 
     python benchmarks/token_products_check.py --dataset trec6 --texts 1024 --shards 32
+
+``--layer`` compares another hidden state than the last, ``--model`` another model: the 4 d threshold was
+measured on SmolLM2's last layer first (token_products_*_layer*.txt, token_products_gemma*.txt: the others).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=32, help="shards of the extraction")
     parser.add_argument("--max-k", type=int, default=32, help="NTPS compared at k = 1..max-k")
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--layer", type=int, default=None, help="hidden state compared (default: the last)")
     parser.add_argument("--batch-size-check", type=int, default=0,
                         help="also extract with float64 products at this batch size (0: not)")
     args = parser.parse_args()
@@ -86,12 +90,15 @@ def main() -> None:
 
     start = time.time()
     model, tok, info, data, last, header = load_last_layer(args.model, args.dataset, args.texts)
+    layer = last if args.layer is None else args.layer
+    if layer != last:
+        header = header.replace(f"last layer {last}", f"layer {layer} (of 0..{last})")
     print(f"{header}; theory plug-in at k = 1..{args.max_k}")
-    shards = extract_both(model, tok, data, last, max_length=args.max_length, shards=args.shards)
+    shards = extract_both(model, tok, data, layer, max_length=args.max_length, shards=args.shards)
     if args.batch_size_check:
-        ex = extract(model, tok, data, layers=[last], max_length=args.max_length, shards=args.shards,
-                     shard_layers=[last], progress=False, precision="float64", batch_size=args.batch_size_check)
-        shards["batch"] = layer_shards(ex.shards)[last]
+        ex = extract(model, tok, data, layers=[layer], max_length=args.max_length, shards=args.shards,
+                     shard_layers=[layer], progress=False, precision="float64", batch_size=args.batch_size_check)
+        shards["batch"] = layer_shards(ex.shards)[layer]
     print(f"{len(shards)} extractions: {time.time() - start:.0f} s")
     shard_of = shard_assignment(len(data), args.shards)
     batch = f" / float64 at batch {args.batch_size_check}" if args.batch_size_check else ""
