@@ -96,7 +96,7 @@ def test_tables_written_before_the_estimator_setting_are_read_as_the_plugins(tmp
     mixed = pd.concat([old, old.assign(estimator="adjusted")], ignore_index=True)
     assert with_estimator(mixed, "intervals")["estimator"].tolist() == ["plugin", "plugin", "adjusted", "adjusted"]
     assert with_estimator(old, "probes") is old  # a table without estimators
-    folder = ROOT / "data" / "results" / "fast"
+    folder = ROOT / "data" / "results" / "fast_lora"
     if (folder / "ntps.csv").is_file():  # combined before the setting: every row is the plug-in's
         tables = study.load_results(folder)
         for name in ("ntps", "intervals", "diagnostics"):
@@ -868,8 +868,13 @@ def test_interval_and_diagnostic_views_of_committed_fast_results():
 
     diag = study.diagnostics_summary(tables)
     assert len(diag) == len(tables["diagnostics"])
-    np.testing.assert_array_equal(diag["p_value"], tables["diagnostics"]["perm_p"])  # stored as perm_p, read as p_value
+    np.testing.assert_array_equal(diag["p_value"], tables["diagnostics"]["p_value"])
     assert (diag["p_side"] == "one-sided greater").all() and "perm_p" not in diag
+    # a table of the diagnostics stage's version 1 names the p-value perm_p, without p_side: read as p_value
+    legacy = tables["diagnostics"].drop(columns="p_side").rename(columns={"p_value": "perm_p"})
+    read = study.diagnostics_summary({**tables, "diagnostics": legacy})
+    np.testing.assert_array_equal(read["p_value"], tables["diagnostics"]["p_value"])
+    assert (read["p_side"] == "one-sided greater").all() and "perm_p" not in read
     theory = diag[diag["variant"] == "theory"]
     assert set(theory["config"]) == {f"k={k}" for k in (1, 2, 4, 8, 16, 32)}
     assert set(diag.loc[diag["variant"] == "reference", "config"]) == {"f=0.1", "f=0.5", "f=0.9"}
