@@ -58,8 +58,9 @@ TEXT_PRODUCTS = ("Sxx", "Sxy")
 #: float32 rounding left eigenvalues above `RANGE_RTOL` that the next-token problem kept as directions
 #: (SmolLM2, 364 trec6 pairs: 432 retained against 328); up to a few d pairs its smallest eigenvalues are
 #: at the rounding's size. Float32 token products moved the theory plug-in by 1e-3 or more only below 4 d
-#: pairs (SmolLM2 on trec6 and rt-polarity, benchmarks/token_products_check.py; docs/estimator.md, "Float32
-#: token products below a few d token pairs"). Without shards float64 then costs at most 2 x 4 d^3
+#: pairs (SmolLM2's last layer on trec6 and rt-polarity, benchmarks/token_products_check.py; docs/estimator.md,
+#: "Float32 token products below a few d token pairs"), below 2.5 d at SmolLM2's layer 2 and Gemma-3's layers 9
+#: and 18, below 4.9 d at SmolLM2's layer 15 (trec6). Without shards float64 then costs at most 2 x 4 d^3
 #: multiply-adds a layer, about one float64 eigendecomposition of a d x d matrix: less than the plug-in's
 #: own solves of that layer; with S shards at most S / (S / 2 - 1) times that (4x at S = 4, 2.2x at 20),
 #: less than the interval's factorisations, several a shard.
@@ -467,8 +468,8 @@ def extract(
         has at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs forms its token products in float64
         too (`token_precision`: float32 token products moved the plug-in there by up to 0.3; metadata
         ``token_precision`` says which). Float32 products keep the moments within ~1e-6 of float64
-        and moved NTPS by at most 2.4e-4 from 4 d pairs, ~1e-6 from 15-20 d (SmolLM2,
-        benchmarks/token_products_check.py); float64 costs
+        and moved NTPS by at most 2.4e-4 from 4 d pairs, ~1e-6 from 15-20 d (SmolLM2's last layer;
+        1e-4 to 2e-4 from 7 d to 19 d at its layer 15: benchmarks/token_products_check.py); float64 costs
         1.09x end to end on a CPU core (the forward dominates) and is faster than float32 on an H200
         (benchmarks/results). The choice is recorded in the metadata. (Products split into
         bfloat16 pieces for tensor cores were measured and rejected: benchmarks/bench_products.py.)

@@ -238,8 +238,8 @@ def test_a_stage_says_each_interpolation_warning_once_with_how_often_it_arose(tm
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         study.run_study(cfg, cache=tmp_path / "cache", log=lambda _: None)
-    said = [str(w.message) for w in caught
-            if issubclass(w.category, InterpolationWarning) and "the ntps stage of tiny-llama x trec6" in str(w.message)]
+    stage = "the ntps stage of tiny-llama x trec6"
+    said = [str(w.message) for w in caught if issubclass(w.category, InterpolationWarning) and stage in str(w.message)]
     layers = json.loads((cfg.unit_folder("tiny-llama", "trec6") / "unit.json").read_text())["layers"]
     assert said and len(set(said)) == len(said), said  # each distinct paragraph once
     times = [int(re.search(r"said once for the (\d+) times it arose", message).group(1)) for message in said]
