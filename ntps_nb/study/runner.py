@@ -143,10 +143,10 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
 
     Columns: model, dataset, status ("complete", "stale", "running" (claimed by a live process),
     "missing"), minutes, finished (or, while running, who started it when), n_train,
-    mean_length (tokens), extract_version (`ntps_nb.extract.EXTRACT_VERSION` of its train extraction;
-    empty for a unit written before units recorded it), and for complete units the headline numbers at the last layer: held-out
-    probe accuracy, theory NTPS at ``k`` (or the largest k of the grid below it), and the LoRA
-    accuracy and gain where LoRA ran.
+    mean_length (tokens), extract_version (`ntps_nb.extract.EXTRACT_VERSION` of its train
+    extraction; None for a unit written before units recorded it), and for complete units the
+    headline numbers at the last layer: held-out probe accuracy, theory NTPS at ``k`` (or the
+    largest k of the grid below it), and the LoRA accuracy and gain where LoRA ran.
 
     Parameters
     ----------
