@@ -59,8 +59,8 @@ TEXT_PRODUCTS = ("Sxx", "Sxy")
 #: (SmolLM2, 364 trec6 pairs: 432 retained against 328); up to a few d pairs its smallest eigenvalues are
 #: at the rounding's size. Float32 token products moved the theory plug-in by 1e-3 or more only below 4 d
 #: pairs (SmolLM2's last layer on trec6 and rt-polarity, benchmarks/token_products_check.py; docs/estimator.md,
-#: "Float32 token products below a few d token pairs"), below 2.5 d at SmolLM2's layer 2 and Gemma-3's layers 9
-#: and 18, below 4.9 d at SmolLM2's layer 15 (trec6). Without shards float64 then costs at most 2 x 4 d^3
+#: "Float32 token products below a few d token pairs"), below 2.5 d at SmolLM2's layers 2 and 22 and Gemma-3's
+#: layers 9 and 18, below 4.9 d at SmolLM2's layer 15 (trec6). Without shards float64 then costs at most 2 x 4 d^3
 #: multiply-adds a layer, about one float64 eigendecomposition of a d x d matrix: less than the plug-in's
 #: own solves of that layer; with S shards at most S / (S / 2 - 1) times that (4x at S = 4, 2.2x at 20),
 #: less than the interval's factorisations, several a shard.
