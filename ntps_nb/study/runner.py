@@ -9,7 +9,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 
@@ -573,6 +573,28 @@ def load_units(cfg: StudyConfig | str | os.PathLike) -> dict[str, pd.DataFrame]:
     return _read_units(cfg if isinstance(cfg, StudyConfig) else load_config(cfg))[1]
 
 
+def extraction_versions(metas: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """The units of each extraction version, from their ``unit.json`` records.
+
+    Parameters
+    ----------
+    metas : iterable of dict
+        Units' ``unit.json`` contents (with ``model`` and ``dataset``).
+
+    Returns
+    -------
+    dict of str to list of str
+        "version N" (or "not recorded", for units written before they recorded it) to the units'
+        "model x dataset" names, in the order met.
+    """
+    found: dict[str, list[str]] = {}
+    for meta in metas:
+        version = meta.get("extract_version")
+        key = "not recorded" if version is None else f"version {version}"
+        found.setdefault(key, []).append(f"{meta.get('model')} x {meta.get('dataset')}")
+    return found
+
+
 def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] = _say) -> dict[str, pd.DataFrame]:
     """Concatenate the complete units of a study into ``<study>/<table>.csv`` and ``provenance.json``.
 
@@ -584,7 +606,8 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
     cfg : StudyConfig, or str or PathLike
         The study, or the path of its TOML config.
     log : callable
-        Receives the closing progress line.
+        Receives the closing progress line, and a line naming the units of each extraction version
+        where the units were extracted under more than one (`extraction_versions`).
 
     Returns
     -------
@@ -597,6 +620,11 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
     metas, tables = _read_units(cfg)
+    versions = extraction_versions(meta for _, meta in metas)
+    if len(versions) > 1:  # the settings agree (one config hash), the extraction rules did not
+        log("the units were extracted under different extraction versions (ntps_nb.extract.EXTRACT_VERSION; "
+            "README, 'study status'): " + "; ".join(f"{version}: {', '.join(units)}"
+                                                    for version, units in versions.items()))
     for name, frame in tables.items():
         with atomic_path(cfg.folder / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT)

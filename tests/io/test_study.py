@@ -187,6 +187,20 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     assert dict(zip(third["dataset"], third["status"])) == {"trec6": "skipped", "sms-spam": "skipped", "bbc-news": "done"}
     assert set(study.load_results(wider)["probes"]["dataset"]) == {"trec6", "sms-spam", "bbc-news"}
 
+    # units of one config hash extracted under different rules combine, and combine says which are which
+    said = []
+    study.combine(wider, log=said.append)
+    assert not [line for line in said if "extraction versions" in line]  # all three of this package's version
+    unit = wider.unit_folder("tiny-llama", "bbc-news")
+    meta = json.loads((unit / "unit.json").read_text())
+    (unit / "unit.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "extract_version"}))
+    study.combine(wider, log=said.append)
+    assert [line for line in said if "extraction versions" in line] == [
+        "the units were extracted under different extraction versions (ntps_nb.extract.EXTRACT_VERSION; README, "
+        f"'study status'): version {EXTRACT_VERSION}: tiny-llama x trec6, tiny-llama x sms-spam; "
+        "not recorded: tiny-llama x bbc-news"]
+    (unit / "unit.json").write_text(json.dumps(meta))
+
     # other settings: the runner refuses to treat old units as current, and combine refuses to mix
     changed = _smoke(tmp_path, datasets=["trec6", "sms-spam", "bbc-news"], n_boot=21)
     assert changed.config_hash != wider.config_hash
