@@ -21,7 +21,6 @@ Three things live here:
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
 import dataclasses
 import html
@@ -36,6 +35,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from ntps_nb.core.score import GatheredInterpolationWarnings
 
 #: The repository's notebooks folder (source checkout / editable install).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -1455,28 +1456,9 @@ def profile_headline(profile: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-class _GatheredInterpolation:
-    """The `ntps_nb.core.score.InterpolationWarning`s of a loop over layers, said once when it ends: at how
-    many layers, which, and the first one's message (one warning a layer filled a notebook cell). Other
-    warnings pass through as they came."""
-
-    def __init__(self) -> None:
-        self.messages: dict[int, str] = {}
-
-    @contextlib.contextmanager
-    def at(self, layer: int):
-        """Record the interpolation warnings of the work at ``layer``."""
-        from ntps_nb.core.score import InterpolationWarning
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", InterpolationWarning)
-            yield
-        for caught_warning in caught:
-            if issubclass(caught_warning.category, InterpolationWarning):
-                self.messages.setdefault(layer, str(caught_warning.message))
-            else:
-                warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
-                                       caught_warning.lineno)
+class _GatheredInterpolation(GatheredInterpolationWarnings):
+    """The `ntps_nb.core.score.InterpolationWarning`s of a loop over layers (``at(layer)``), said once when it
+    ends: at how many layers, which, and the first one's message."""
 
     def warn(self, n_layers: int) -> None:
         """One `InterpolationWarning` for the layers recorded (none when there are none), at the caller's
@@ -1487,7 +1469,7 @@ class _GatheredInterpolation:
             return
         layers = sorted(self.messages)
         warnings.warn(f"NTPS at {len(layers)} of {n_layers} layers ({_layer_ranges(layers)}) comes from no more texts "
-                      f"than the rank of Sxx. Layer {layers[0]}: {self.messages[layers[0]]}", InterpolationWarning,
+                      f"than the rank of Sxx. Layer {layers[0]}: {self.messages[layers[0]][0]}", InterpolationWarning,
                       stacklevel=3)
 
 

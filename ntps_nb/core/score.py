@@ -18,8 +18,10 @@ Sweeps over all k cost one factorisation: V's columns are orthonormalised once, 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Hashable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,6 +51,42 @@ SPAN_RTOL = 1e-9
 
 class InterpolationWarning(UserWarning):
     """NTPS from moments of no more texts than the rank of Sxx, where the labels are fitted exactly."""
+
+
+class GatheredInterpolationWarnings:
+    """The `InterpolationWarning`s of a block of work, kept to be said once when it ends, by the caller (one
+    warning a layer filled a notebook cell, and a study stage's log with one paragraph 31 times); the block's
+    other warnings pass through as they came.
+
+    ``with gathered.at(label):`` records the block's interpolation warnings under ``label`` (a layer, or
+    None); ``messages`` maps each label to its messages, in the order they arose.
+    """
+
+    def __init__(self) -> None:
+        self.messages: dict[Hashable, list[str]] = {}
+
+    @contextlib.contextmanager
+    def at(self, label: Hashable = None) -> Iterator[None]:
+        """Record the interpolation warnings of the block under ``label`` (a block that raises gives way to
+        its exception: its warnings are not recorded).
+
+        Parameters
+        ----------
+        label : hashable
+            The key of ``messages`` they are recorded under.
+
+        Returns
+        -------
+        context manager
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InterpolationWarning)  # every occurrence, filtered when said
+            yield
+        for item in caught:
+            if issubclass(item.category, InterpolationWarning):
+                self.messages.setdefault(label, []).append(str(item.message))
+            else:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
 
 
 #: Relative gap (to the largest) below which two eigenvalues of the label moments Syy count as tied. Syy is

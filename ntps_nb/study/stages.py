@@ -1064,21 +1064,17 @@ def _lora_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict, dict[str, pd.DataF
 @contextlib.contextmanager
 def _interpolation_warnings_once(where: str) -> Iterator[None]:
     """Issue each distinct `ntps_nb.core.score.InterpolationWarning` of the block once, saying how often
-    it arose ``where``, and the block's other warnings as they came: a sweep over 31 layers below the
-    rank of Sxx said the same paragraph 31 times, burying the study's progress lines. A block that
-    raises gives way to its exception: its warnings are not issued."""
-    from ntps_nb.core.score import InterpolationWarning
+    it arose ``where``, and the block's other warnings as they came
+    (`ntps_nb.core.score.GatheredInterpolationWarnings`): a sweep over 31 layers below the rank of Sxx
+    said the same paragraph 31 times, burying the study's progress lines."""
+    from collections import Counter
 
-    counts: dict[str, int] = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", InterpolationWarning)  # every occurrence counted; filtered when re-issued
+    from ntps_nb.core.score import GatheredInterpolationWarnings, InterpolationWarning
+
+    gathered = GatheredInterpolationWarnings()
+    with gathered.at():
         yield
-    for item in caught:
-        if issubclass(item.category, InterpolationWarning):
-            counts[str(item.message)] = counts.get(str(item.message), 0) + 1
-        else:
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
-    for message, count in counts.items():
+    for message, count in Counter(gathered.messages.get(None, [])).items():  # in the order they first arose
         said = f" (said once for the {count} times it arose in {where})" if count > 1 else ""
         warnings.warn(InterpolationWarning(message + said), stacklevel=3)
 
