@@ -4,7 +4,8 @@ V_k is spanned by the k leading generalized eigenvectors of (C1 C1^T, C0) among 
 (`ntps_nb.core.subspaces.next_token_subspace`). Where C1 C1^T has lower rank than C0 retains, the eigenvalues
 below the top rank(C1 C1^T) are zero in exact arithmetic: every k inside that block takes some of its
 directions, and which ones rounding decides, as classes of equal size decide U_k where the labels are fitted
-exactly. This extracts a study's unit as the study does (its train split, settings and precision) and prints,
+exactly. This extracts the train split of a study's first unit with the study's layers, length, batch size and
+precision (the pooled moments only, no shards; the token products' precision is printed) and prints,
 per layer, r_V, the largest eigenvalue, the eigenvalues below `NULL_RTOL` times it (the block, and the k it
 spans) and the last eigenvalues above it.
 

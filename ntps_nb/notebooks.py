@@ -1274,8 +1274,9 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     here, unlike `extract`'s "auto": the committed notebook outputs were computed with it) sums
     float32 products into float64 totals: the identity of notebook 02 then matches fitted probes
     to ~1e-5 (relative) and NTPS is within ~5e-5 of float64 products (SmolLM2 on 300 rt-polarity
-    texts, benchmarks/results), far inside the bootstrap intervals the notebooks draw; a pass of at most
-    4 d token pairs forms them in float64 anyway (`ntps_nb.extract.token_precision`). "float64"
+    texts, benchmarks/results), far inside the bootstrap intervals the notebooks draw; a pass whose
+    smallest part read has at most 4 d token pairs forms them in float64 anyway
+    (`ntps_nb.extract.token_precision`). "float64"
     gives ~1e-9 at ~1.1x the time on one CPU core.
 
     Parameters
