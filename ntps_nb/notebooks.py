@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ntps_nb.core.score import GatheredInterpolationWarnings
+from ntps_nb.core.score import GatheredInterpolationWarnings, integer_ranges
 
 #: The repository's notebooks folder (source checkout / editable install).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -1469,20 +1469,9 @@ class _GatheredInterpolation(GatheredInterpolationWarnings):
         if not self.messages:
             return
         layers = sorted(self.messages)
-        warnings.warn(f"NTPS at {len(layers)} of {n_layers} layers ({_layer_ranges(layers)}) comes from no more texts "
+        warnings.warn(f"NTPS at {len(layers)} of {n_layers} layers ({integer_ranges(layers)}) comes from no more texts "
                       f"than the rank of Sxx. Layer {layers[0]}: {self.messages[layers[0]][0]}", InterpolationWarning,
                       stacklevel=3)
-
-
-def _layer_ranges(layers: Sequence[int]) -> str:
-    """Sorted layer indices as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
-    parts, start = [], None
-    for i, layer in enumerate(layers):
-        start = layer if start is None else start
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            parts.append(f"{start}" if start == layer else f"{start}-{layer}")
-            start = None
-    return ", ".join(parts)
 
 
 def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: bool, level: float, seed: int,

@@ -175,6 +175,108 @@ def interpolates(n_texts: int, rank: int, centred: bool = False) -> bool:
     return rank >= n_texts - (1 if centred else 0)
 
 
+class NextTokenTieWarning(UserWarning):
+    """NTPS at a k where the next-token eigenvalues mu_k and mu_{k+1} are tied: V_k takes directions rounding
+    picks."""
+
+
+#: Gaps between neighbouring next-token eigenvalues at or below r_V x this x mu_1 count as ties (mu_1 the largest
+#: eigenvalue, r_V their number): the float64 eigensolve's backward error, a modest multiple of n eps ||M|| for a
+#: symmetric matrix M of order n (here the reduced matrix, ||M|| = mu_1), so the solve does not resolve them. A
+#: block of zeros (C1 C1^T of lower rank than C0 retains) sits below it: SmolLM2's embedding layer on 40 trec6
+#: texts has 36 at 3.9e-17 x mu_1 and below (r_V = 289: the tolerance is 6.4e-14 x mu_1). The spectra of its
+#: hidden layers stay far above it: their smallest gap is 1.9e-8 x mu_1 on 40 texts and 1.7e-11 on 1,024
+#: (layer 15, whose smallest eigenvalue is 5e-13 x mu_1; tolerance 1.3e-13), by
+#: `benchmarks/next_token_null_block.py` (benchmarks/results/precision/ci_unit_next_token_null_block*.txt).
+#: A_RANK_RTOL (1e-10 x mu_1), the rank tolerance of U's label directions, would call that gap a tie.
+NEXT_TOKEN_TIE_EPS = float(np.finfo(np.float64).eps)
+
+
+def _next_token_tie_tolerance(mu: np.ndarray) -> float:
+    """r_V x `NEXT_TOKEN_TIE_EPS` x mu_1 for the (r_V,) next-token eigenvalues ``mu`` (descending)."""
+    return mu.size * NEXT_TOKEN_TIE_EPS * max(float(mu[0]), np.finfo(np.float64).tiny)
+
+
+def next_token_tied_ks(eigenvalues: Float[np.ndarray, " rV"]) -> list[int]:
+    """The k < r_V at which V_k is not determined: the k-th and (k+1)-th eigenvalues of the next-token
+    problem (C1 C1^T, C0) on the retained range of C0 are equal, so V_k holds some of the directions of
+    their eigenspace and which ones rounding decides (as classes of equal size decide U_k where the labels
+    are fitted exactly, `tied_ks`). The common case is a block of zero eigenvalues, where C1 C1^T has lower
+    rank than C0 retains: at the embedding layer, next states of repeated tokens are the same vector
+    (docs/estimator.md, "Tied next-token eigenvalues"). At k = r_V, V_k is C0's whole retained range.
+
+    Parameters
+    ----------
+    eigenvalues : (r_V,) the next-token eigenvalues (`TheoryGeometry.next_token_eigenvalues`), in any order.
+
+    Returns
+    -------
+    list of int, increasing: the k with mu_k - mu_{k+1} <= r_V x `NEXT_TOKEN_TIE_EPS` x mu_1, gaps the
+    float64 solve does not resolve (empty where none).
+    """
+    mu = np.asarray(eigenvalues, dtype=np.float64)
+    if mu.ndim != 1:
+        raise ValueError(f"eigenvalues must be one-dimensional, got shape {mu.shape}")
+    if not np.all(np.isfinite(mu)):
+        raise ValueError("the next-token eigenvalues are not all finite")
+    mu = np.sort(mu)[::-1]  # descending, mu_1 first
+    if mu.size < 2:
+        return []
+    return [int(k) for k in np.flatnonzero(mu[:-1] - mu[1:] <= _next_token_tie_tolerance(mu)) + 1]
+
+
+def integer_ranges(values: Sequence[int]) -> str:
+    """Integers as ranges, in increasing order: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8".
+
+    Parameters
+    ----------
+    values : integers (any order; repeats are read once).
+
+    Returns
+    -------
+    str, comma-separated ranges ("" for none).
+    """
+    ordered = sorted(set(int(v) for v in values))
+    parts, start = [], None
+    for i, value in enumerate(ordered):
+        start = value if start is None else start
+        if i + 1 == len(ordered) or ordered[i + 1] != value + 1:
+            parts.append(f"{start}" if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
+
+
+def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int], what: str = "the pooled moments") -> None:
+    """Warn (`NextTokenTieWarning`) where a k of ``ks`` is one of the geometry's `next_token_tied_ks`:
+    NTPS there is one of several equally valid values, chosen by rounding.
+
+    Parameters
+    ----------
+    geometry : the `TheoryGeometry` the values are read from (nothing is said where it kept no
+        next-token eigenvalues).
+    ks : the k whose values the caller returns.
+    what : which moments the geometry is of, for the message.
+
+    Returns
+    -------
+    None; warns at most once.
+    """
+    if geometry.next_token_eigenvalues is None:
+        return
+    mu = np.sort(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64))[::-1]
+    tied = sorted(set(next_token_tied_ks(mu)) & {int(k) for k in ks})
+    if not tied:
+        return
+    zero = int(np.count_nonzero(mu <= _next_token_tie_tolerance(mu)))
+    block = (f" ({zero} of the r_V = {mu.size} are zero: C1 C1^T has rank {mu.size - zero} where C0 retains {mu.size})"
+             if zero > 1 else f" (of r_V = {mu.size})")
+    warnings.warn(
+        f"{what}: the next-token eigenvalues are tied at k = {integer_ranges(tied)}{block}, "
+        "so V_k there holds directions rounding picks and NTPS at those k can differ between machines and "
+        "kernels. At the embedding layer this follows from the tokenization: next states of repeated tokens are "
+        "the same vector (docs/estimator.md, 'Tied next-token eigenvalues').", NextTokenTieWarning, stacklevel=3)
+
+
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k (an integer) and fraction (of the retained rank of C0)")
@@ -632,6 +734,7 @@ def ntps(
         from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
 
         warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
+        warn_if_next_token_tied(geometry, [kk])
         if estimator == "plugin":
             return geometry.ntps(kk)
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
@@ -694,6 +797,7 @@ def ntps_sweep(
         from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
 
         warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
+        warn_if_next_token_tied(geometry, frame["k"].to_numpy())
         if estimator == "plugin":
             return frame.assign(estimator="plugin")
         result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)

@@ -1,11 +1,15 @@
 """NTPS, both variants, against independent computations and invariants."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
 from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
+from ntps_nb.core.moments import moments_from_sequences
+from ntps_nb.core.score import NextTokenTieWarning, next_token_tied_ks
 from tests.core.conftest import random_moments, random_spd
 
 REFERENCE_MATCH = 1e-10
@@ -206,3 +210,88 @@ def test_rank_deficient_c0_limits_k(rng):
     assert theory_geometry(low_rank).r_V == 4
     with pytest.raises(ValueError, match="r_V = 4"):
         ntps(low_rank, 5)
+
+
+def token_embedding_moments(seed, *, n_texts=60, n_shards=1, vocab=10, later=4, d=16):
+    """Moments of hidden states that are token embeddings (the embedding layer): each text's first token from
+    the whole vocabulary, its later tokens from the first ``later`` only, so the next states span fewer
+    directions than the prefix sums. Returns the moments (a list of ``n_shards`` shards' where more than one)
+    and the ranks r0 of the prefix counts and r1 of (prefix counts x next token), computed from integer
+    matrices alone: r0 - r1 zero next-token eigenvalues (the embeddings' rows are independent, vocab <= d)."""
+    rng = np.random.default_rng(seed)
+    E = rng.standard_normal((vocab, d))
+    texts = [np.concatenate([[rng.integers(vocab)], rng.integers(later, size=rng.integers(1, 6))])
+             for _ in range(n_texts)]
+    labels = rng.integers(3, size=n_texts)
+    counts, nexts = [], []
+    for tokens in texts:
+        c = np.zeros(vocab)
+        for j in range(len(tokens) - 1):
+            c[tokens[j]] += 1
+            counts.append(c.copy())
+            nexts.append(np.eye(vocab)[tokens[j + 1]])
+    counts, nexts = np.array(counts), np.array(nexts)
+    r0, r1 = np.linalg.matrix_rank(counts), np.linalg.matrix_rank(counts.T @ nexts)
+    shards = [moments_from_sequences([E[t] for t in texts[i::n_shards]], labels[i::n_shards], 3)
+              for i in range(n_shards)]
+    return (shards[0] if n_shards == 1 else shards), r0, r1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_next_token_ties_are_the_k_the_tokens_predict_and_only_there_ntps_depends_on_rounding(seed):
+    """At the embedding layer the next-token eigenvalues below rank(counts x next) are zero: the tied k are
+    r1 + 1 .. r0 - 1 (at r0 = r_V, V_k is C0's whole range). There, and only there, NTPS is not invariant
+    to a rotation of the hidden space (mathematically it is): the solver picks V_k's directions."""
+    m, r0, r1 = token_embedding_moments(seed)
+    assert r1 < r0 - 1  # a block with at least one tied k inside it
+    geometry = theory_geometry(m)
+    assert geometry.r_V == r0
+    tied = next_token_tied_ks(geometry.next_token_eigenvalues)
+    assert tied == list(range(r1 + 1, r0))
+    R = ortho_group.rvs(m.d, random_state=np.random.default_rng(100 + seed))
+    rotated = Moments(Sxx=R @ m.Sxx @ R.T, Sxy=R @ m.Sxy, Syy=m.Syy, C0=R @ m.C0 @ R.T,
+                      C1=R @ m.C1 @ R.T, n_texts=m.n_texts, n_tokens=m.n_tokens)
+    with pytest.warns(NextTokenTieWarning):
+        base = ntps_sweep(m).set_index("k").ntps
+    with pytest.warns(NextTokenTieWarning):
+        moved = (ntps_sweep(rotated).set_index("k").ntps - base).abs()
+    untied = [k for k in base.index if k not in tied]
+    assert moved[untied].max() < 1e-9
+    assert moved[tied].max() > 1e-3
+
+
+def test_the_next_token_tie_warning_names_the_block_and_is_silent_elsewhere(rng):
+    m, r0, r1 = token_embedding_moments(0)
+    with pytest.warns(NextTokenTieWarning) as caught:
+        ntps_sweep(m)
+    message = str(caught[0].message)
+    assert f"tied at k = {r1 + 1}-{r0 - 1}" in message
+    assert f"{r0 - r1} of the r_V = {r0} are zero: C1 C1^T has rank {r1} where C0 retains {r0}" in message
+    with pytest.warns(NextTokenTieWarning, match=f"tied at k = {r1 + 1} "):
+        ntps(m, r1 + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NextTokenTieWarning)
+        ntps(m, r1)  # the last nonzero eigenvalue is separated from the block
+        ntps(m, r0)  # V_k is C0's whole retained range
+        ntps_sweep(random_moments(rng, d=12, n_classes=3))  # a continuous spectrum ties nowhere
+    assert next_token_tied_ks(np.array([3.0, 2.0, 2.0, 1.0])) == [2]
+    assert next_token_tied_ks(np.array([1.0, 2.0, 3.0])) == []  # any order: sorted descending first
+    assert next_token_tied_ks(np.array([5.0])) == []
+    with pytest.raises(ValueError, match="finite"):
+        next_token_tied_ks(np.array([1.0, np.nan]))
+
+
+def test_the_flag_refuses_rows_at_tied_next_token_eigenvalues():
+    """Inside a block of zero next-token eigenvalues the eigengap and its jackknife SE are both rounding:
+    gap_ratio_V is set to 0 there, so the flag refuses every tied row, and the other rows keep their ratio."""
+    from ntps_nb.core.estimators import eigengap_ratios, ntps_estimate
+
+    shards, r0, r1 = token_embedding_moments(0, n_texts=240, n_shards=8)
+    tied = list(range(r1 + 1, r0))
+    assert tied and next_token_tied_ks(theory_geometry(Moments.combine(shards)).next_token_eigenvalues) == tied
+    frame = ntps_estimate(shards, list(range(1, r0 + 1))).set_index("k")
+    assert (frame.loc[tied, "gap_ratio_V"] == 0).all() and not frame.loc[tied, "reliable"].any()
+    untied = [k for k in range(1, r0) if k not in tied]
+    assert (frame.loc[untied, "gap_ratio_V"] != 0).all()
+    gaps = eigengap_ratios(shards, tied).set_index("k")
+    assert (gaps["gap_ratio_V"] == 0).all() and (gaps["gap_ratio"] <= 0).all()

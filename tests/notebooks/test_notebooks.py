@@ -288,9 +288,9 @@ def test_layer_profile_says_interpolation_once_with_its_layers():
     one a layer), naming the layers, whichever estimator; other warnings are not swallowed."""
     import warnings
 
-    from ntps_nb.core.score import InterpolationWarning
+    from ntps_nb.core.score import InterpolationWarning, integer_ranges
 
-    assert nbs._layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and nbs._layer_ranges([4]) == "4"
+    assert integer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and integer_ranges([4]) == "4"
     run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
                                        shards=5, interval_layers=[0, 2], halves=True)
     for estimator in ("plugin", "richardson"):
