@@ -6,8 +6,11 @@ below the top rank(C1 C1^T) are zero in exact arithmetic: every k inside that bl
 directions, and which ones rounding decides, as classes of equal size decide U_k where the labels are fitted
 exactly. This extracts the train split of a study's first unit with the study's layers, length, batch size and
 precision (the pooled moments only, no shards; the token products' precision is printed) and prints,
-per layer, r_V, the largest eigenvalue, the eigenvalues below `NULL_RTOL` times it (the block, and the k it
-spans) and the last eigenvalues above it.
+per layer, r_V, the largest eigenvalue mu_1, the eigenvalues at or below r_V x eps x mu_1 (the block;
+`ntps_nb.core.score.NEXT_TOKEN_TIE_EPS`) and the last eigenvalues above it, the k
+`ntps_nb.core.score.next_token_tied_ks` names (where `ntps` and `ntps_sweep` warn) and the smallest gap
+between neighbouring eigenvalues at the other k, against the largest (how far from the rule they are).
+``--texts`` and ``--layers`` replace the study's train size and layers.
 
 At the embedding layer (hidden state 0) the block is predicted by the tokenization alone: a pair's prefix sum
 is E^T c (c the token counts of the prefix, E the embeddings) and its next state E^T e_b, so C0's rank is that
@@ -15,6 +18,7 @@ of the count vectors c and C1's that of sum c e_b^T (prefix counts x next token)
 tokens met are independent; the script prints both ranks and their difference, the zeros it predicts.
 
     python benchmarks/next_token_null_block.py studies/ci_unit.toml
+    python benchmarks/next_token_null_block.py studies/ci_unit.toml --texts 1024 --layers 0 15 30
 """
 
 from __future__ import annotations
@@ -26,11 +30,6 @@ import warnings
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-
-#: Eigenvalues below this times the largest count as zero (float64 rounding of the generalized problem is
-#: ~1e-16 relative; in ci_unit's layer 0 the block sits at 3e-17 and below, the eigenvalue before it at 3.7e-7).
-NULL_RTOL = 1e-12
-
 
 def embedding_layer_ranks(tok, texts, max_length: int, drop_bos: bool) -> tuple[int, int]:
     """Ranks of the prefixes' token-count vectors and of (prefix counts x next token), from the tokenization."""
@@ -55,24 +54,31 @@ def embedding_layer_ranks(tok, texts, max_length: int, drop_bos: bool) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a study TOML (its first model and dataset)")
+    parser.add_argument("--texts", type=int, help="train texts (default: the study's max_train)")
+    parser.add_argument("--layers", type=int, nargs="+", help="hidden states (default: the study's layers)")
     args = parser.parse_args()
 
-    from ntps_nb.core.score import InterpolationWarning, theory_geometry
+    from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, InterpolationWarning, integer_ranges, next_token_tied_ks,
+                                    theory_geometry)
     from ntps_nb.extract import as_text_set, extract
     from ntps_nb.models import load_model
     from ntps_nb.study.config import load_config
     from ntps_nb.study.stages import load_unit_dataset, resolve_layers
 
-    cfg = load_config(args.config)
+    overrides = {key: value for key, value in (("max_train", args.texts), ("layers", args.layers)) if value}
+    cfg = load_config(args.config, **overrides)
     model_name, dataset_name = cfg.units()[0]
     model, tok, info = load_model(model_name)
     ds, _ = load_unit_dataset(cfg, dataset_name)
     layers = resolve_layers(cfg.layers, list(range(info.n_hidden_states)), "layers")
     ex = extract(model, tok, as_text_set(ds["train"]), layers=layers, max_length=cfg.max_length,
                  batch_size=cfg.batch_size, drop_bos=cfg.drop_bos, precision=cfg.precision, progress=False)
-    print(f"$ python benchmarks/next_token_null_block.py {args.config}")
+    options = "".join(f" --{key} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                      for key, v in (("texts", args.texts), ("layers", args.layers)) if v)
+    print(f"$ python benchmarks/next_token_null_block.py {args.config}{options}")
     print(f"{model_name} x {dataset_name}: {ex.moments[layers[0]].n_texts} texts, {ex.moments[layers[0]].n_tokens} "
-          f"token pairs, token products {ex.metadata['token_precision']}; zero: below {NULL_RTOL:g} x the largest")
+          f"token pairs, token products {ex.metadata['token_precision']}; zero, and tied: at or below r_V x eps x the "
+          f"largest (eps = {NEXT_TOKEN_TIE_EPS:.2g})")
     if 0 in layers:
         r0, r1 = embedding_layer_ranks(tok, as_text_set(ds["train"]).texts, cfg.max_length, cfg.drop_bos)
         print(f"from the tokenization, at the embeddings: rank of the prefixes' token counts {r0}, of (counts x next "
@@ -81,17 +87,23 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
             eig = theory_geometry(ex.moments[layer]).next_token_eigenvalues  # descending, r_V of them
-        zero = np.flatnonzero(np.abs(eig) < NULL_RTOL * eig[0])
+        tolerance = eig.size * NEXT_TOKEN_TIE_EPS * eig[0]
+        zero = np.flatnonzero(eig <= tolerance)
+        tied = np.array(next_token_tied_ks(eig), dtype=int)
+        untied = np.setdiff1d(np.arange(1, eig.size), tied)  # k < r_V where mu_k and mu_{k+1} are apart
+        nearest = f"{np.min(eig[untied - 1] - eig[untied]) / eig[0]:.1e}" if untied.size else "none"
+        said = (f"tied k (the warning's): {integer_ranges(tied.tolist()) or 'none'}; smallest gap at the other k "
+                f"/ largest: {nearest} (the tolerance {tolerance / eig[0]:.1e})")
         if zero.size:
             first = int(zero[0]) + 1  # k of the first zero eigenvalue
             above = ", ".join(f"{v / eig[0]:.1e}" for v in eig[max(first - 4, 0):first - 1])
             print(f"layer {layer:2d}: r_V {eig.size}, largest {eig[0]:.3g}; {zero.size} zero eigenvalues at k = "
-                  f"{first}-{eig.size} (contiguous: {bool(np.all(np.diff(zero) == 1))}); the three before, "
-                  f"/ largest: {above}")
+                  f"{first}-{eig.size} (contiguous: {bool(np.all(np.diff(zero) == 1))}; the largest of them / largest: "
+                  f"{np.max(np.abs(eig[zero])) / eig[0]:.1e}); the three before, "
+                  f"/ largest: {above}; {said}")
         else:
             print(f"layer {layer:2d}: r_V {eig.size}, largest {eig[0]:.3g}; no zero eigenvalue (smallest / largest "
-                  f"{eig[-1] / eig[0]:.1e})")
-
+                  f"{eig[-1] / eig[0]:.1e}); {said}")
 
 if __name__ == "__main__":
     main()
