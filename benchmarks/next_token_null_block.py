@@ -10,7 +10,7 @@ per layer, r_V, the largest eigenvalue mu_1, the eigenvalues at or below r_V x e
 `ntps_nb.core.score.NEXT_TOKEN_TIE_EPS`) and the last eigenvalues above it, the k
 `ntps_nb.core.score.next_token_tied_ks` names (where `ntps` and `ntps_sweep` warn) and the smallest gap
 between neighbouring eigenvalues at the other k, against the largest (how far from the rule they are).
-``--texts`` and ``--layers`` replace the study's train size and layers.
+``--texts``, ``--layers`` and ``--model`` replace the study's train size, layers and (first) model.
 
 At the embedding layer (hidden state 0) the block is predicted by the tokenization alone: a pair's prefix sum
 is E^T c (c the token counts of the prefix, E the embeddings) and its next state E^T e_b, so C0's rank is that
@@ -18,7 +18,8 @@ of the count vectors c and C1's that of sum c e_b^T (prefix counts x next token)
 tokens met are independent; the script prints both ranks and their difference, the zeros it predicts.
 
     python benchmarks/next_token_null_block.py studies/ci_unit.toml
-    python benchmarks/next_token_null_block.py studies/ci_unit.toml --texts 1024 --layers 0 15 30
+    python benchmarks/next_token_null_block.py studies/ci_unit.toml --texts 1024 --layers 0 2 15 22 30
+    python benchmarks/next_token_null_block.py studies/ci_unit.toml --model gemma3-270m --layers 0 9 18
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("config", help="a study TOML (its first model and dataset)")
     parser.add_argument("--texts", type=int, help="train texts (default: the study's max_train)")
     parser.add_argument("--layers", type=int, nargs="+", help="hidden states (default: the study's layers)")
+    parser.add_argument("--model", help="a model name (default: the study's first)")
     args = parser.parse_args()
 
     from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, InterpolationWarning, integer_ranges, next_token_tied_ks,
@@ -65,7 +67,8 @@ def main() -> None:
     from ntps_nb.study.config import load_config
     from ntps_nb.study.stages import load_unit_dataset, resolve_layers
 
-    overrides = {key: value for key, value in (("max_train", args.texts), ("layers", args.layers)) if value}
+    overrides = {key: value for key, value in (("max_train", args.texts), ("layers", args.layers),
+                                               ("models", [args.model] if args.model else None)) if value}
     cfg = load_config(args.config, **overrides)
     model_name, dataset_name = cfg.units()[0]
     model, tok, info = load_model(model_name)
@@ -74,7 +77,7 @@ def main() -> None:
     ex = extract(model, tok, as_text_set(ds["train"]), layers=layers, max_length=cfg.max_length,
                  batch_size=cfg.batch_size, drop_bos=cfg.drop_bos, precision=cfg.precision, progress=False)
     options = "".join(f" --{key} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                      for key, v in (("texts", args.texts), ("layers", args.layers)) if v)
+                      for key, v in (("texts", args.texts), ("layers", args.layers), ("model", args.model)) if v)
     print(f"$ python benchmarks/next_token_null_block.py {args.config}{options}")
     print(f"{model_name} x {dataset_name}: {ex.moments[layers[0]].n_texts} texts, {ex.moments[layers[0]].n_tokens} "
           f"token pairs, token products {ex.metadata['token_precision']}; zero, and tied: at or below r_V x eps x the "

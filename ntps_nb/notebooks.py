@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ntps_nb.core.score import GatheredInterpolationWarnings, integer_ranges
+from ntps_nb.core.score import GatheredInterpolationWarnings, integer_ranges, warnings_named
 
 #: The repository's notebooks folder (source checkout / editable install).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -1406,7 +1406,7 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         return scores.merge(probes[keep], on="layer")
     values = []
     for layer in run.layers:
-        with gathered.at(layer):
+        with gathered.at(layer), warnings_named(f"layer {layer}"):
             values.append(ntps(run.train.moments[layer], k=k, variant=variant))
     scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant, "estimator": "plugin", "ntps": values})
     if intervals:

@@ -246,6 +246,29 @@ def integer_ranges(values: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+@contextlib.contextmanager
+def warnings_named(where: str, category: type[Warning] = NextTokenTieWarning) -> Iterator[None]:
+    """Re-issue the block's warnings of ``category`` with ``where`` before their message ("layer 0, the pooled
+    moments: ..."): `ntps_sweep` does not know which layer or unit its moments are of, and a loop over layers
+    does. The block's other warnings pass as they came.
+
+    Parameters
+    ----------
+    where : what the block computes (a layer, a unit).
+    category : the warnings to name (default `NextTokenTieWarning`).
+
+    Returns
+    -------
+    context manager
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        yield
+    for item in caught:
+        message = f"{where}, {item.message}" if issubclass(item.category, category) else item.message
+        warnings.warn_explicit(message, item.category, item.filename, item.lineno, source=item.source)
+
+
 def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int], what: str = "the pooled moments") -> None:
     """Warn (`NextTokenTieWarning`) where a k of ``ks`` is one of the geometry's `next_token_tied_ks`:
     NTPS there is one of several equally valid values, chosen by rounding.

@@ -756,7 +756,7 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     from ntps_nb.core.estimators import DEVICE_ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.peers import pca_overlap_sweep
-    from ntps_nb.core.score import ntps_sweep
+    from ntps_nb.core.score import ntps_sweep, warnings_named
 
     estimator = u.cfg.estimator
     shards = _shard_layers(u) if estimator in SHARD_ESTIMATORS else {}
@@ -767,13 +767,14 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     rows, stand_in = [], []
     for layer in u.layers:
         m = u.ex.moments[layer]
-        if estimator == "plugin" or (estimator in SHARD_ESTIMATORS and layer not in shards):
-            stand_in += [layer] if estimator != "plugin" else []
-            theory = sweep(m, variant="theory")
-        elif estimator in DEVICE_ESTIMATORS:  # richardson: the torch backend's on a device
-            theory = sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
-        else:  # the other estimators' sweeps are numpy's
-            theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
+        with warnings_named(f"layer {layer}"):  # a NextTokenTieWarning names its layer
+            if estimator == "plugin" or (estimator in SHARD_ESTIMATORS and layer not in shards):
+                stand_in += [layer] if estimator != "plugin" else []
+                theory = sweep(m, variant="theory")
+            elif estimator in DEVICE_ESTIMATORS:  # richardson: the torch backend's on a device
+                theory = sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
+            else:  # the other estimators' sweeps are numpy's
+                theory = ntps_sweep(shards.get(layer, m), variant="theory", estimator=estimator, seed=u.cfg.seed)
         reference = sweep(m, variant="reference")
         rows += [_k_filter(theory, u.cfg.k).assign(layer=layer), reference.assign(layer=layer)]
         if layer in u.peer_grid and m.Shh is not None:
@@ -1069,10 +1070,10 @@ def _interpolation_warnings_once(where: str) -> Iterator[None]:
     said the same paragraph 31 times, burying the study's progress lines."""
     from collections import Counter
 
-    from ntps_nb.core.score import GatheredInterpolationWarnings, InterpolationWarning
+    from ntps_nb.core.score import GatheredInterpolationWarnings, InterpolationWarning, warnings_named
 
     gathered = GatheredInterpolationWarnings()
-    with gathered.at():
+    with warnings_named(where), gathered.at():  # NextTokenTieWarnings name the stage and unit too
         yield
     for message, count in Counter(gathered.messages.get(None, [])).items():  # in the order they first arose
         said = f" (said once for the {count} times it arose in {where})" if count > 1 else ""

@@ -295,3 +295,24 @@ def test_the_flag_refuses_rows_at_tied_next_token_eigenvalues():
     assert (frame.loc[untied, "gap_ratio_V"] != 0).all()
     gaps = eigengap_ratios(shards, tied).set_index("k")
     assert (gaps["gap_ratio_V"] == 0).all() and (gaps["gap_ratio"] <= 0).all()
+
+
+def test_the_tie_warning_names_the_layer_in_a_loop_and_the_torch_sweeps_say_it_too():
+    """`warnings_named` puts the loop's label before the message; the torch backend's plug-in and
+    richardson sweeps warn as the numpy ones do, at the same k."""
+    pytest.importorskip("torch")
+    from ntps_nb.core.backends.torch import ntps_sweep_torch
+    from ntps_nb.core.score import warnings_named
+
+    shards, r0, r1 = token_embedding_moments(0, n_texts=240, n_shards=8)
+    with pytest.warns(NextTokenTieWarning, match=f"^layer 0, the pooled moments: .* tied at k = {r1 + 1}-{r0 - 1} "):
+        with warnings_named("layer 0"):
+            ntps_sweep(Moments.combine(shards))
+    for estimator in ("plugin", "richardson"):
+        with pytest.warns(NextTokenTieWarning, match=f"tied at k = {r1 + 1}-{r0 - 1} "):
+            ntps_sweep_torch(shards, variant="theory", estimator=estimator)
+    with warnings.catch_warnings(record=True) as caught:  # other warnings pass through unnamed
+        warnings.simplefilter("always")
+        with warnings_named("layer 0"):
+            warnings.warn("something else", UserWarning)
+    assert [str(w.message) for w in caught] == ["something else"]

@@ -123,6 +123,7 @@ from ntps_nb.core.score import (
     TheoryGeometry,
     Variant,
     reference_sweep_frame,
+    warn_if_next_token_tied,
 )
 from ntps_nb.core import validation
 from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis
@@ -658,7 +659,9 @@ def theory_sweep_torch(
     """
     geometry = theory_geometry_torch(_pooled(moments), centred=centred, tol=tol, rtol=rtol, device=device,
                                      dtype=dtype)
-    return geometry.sweep().assign(estimator="plugin")
+    frame = geometry.sweep()
+    warn_if_next_token_tied(geometry, frame["k"].to_numpy())
+    return frame.assign(estimator="plugin")
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,6 +777,7 @@ def richardson_sweep_torch(
         raise ValueError(full)
     frame = full.sweep()
     ks = frame["k"].to_numpy()
+    warn_if_next_token_tied(full, ks)
     halves = [np.full(ks.shape, np.nan) if isinstance(solved[row], str) else theory_values(solved[row], ks)
               for row in (1, 2)]
     sizes = (counts[1:] @ stack.n_texts).astype(np.int64)
