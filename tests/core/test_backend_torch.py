@@ -394,3 +394,26 @@ def test_replicates_of_fewer_texts_than_dimensions_are_whitened_inside_the_shard
     sizes.clear()
     assert_frames_agree(interval_sweep_torch(shards, n_boot=20, seed=1, centred=True)[at_m], want[at_m])
     assert 29 in sizes and 64 not in sizes
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "richardson"])
+def test_the_torch_sweeps_warn_of_interpolation_as_numpy_does(estimator):
+    """Fewer texts than the rank of Sxx: the torch sweep says what `ntps_sweep` says, word for word (a study
+    on a GPU had said nothing)."""
+    import warnings
+
+    from ntps_nb.core.moments import moments_from_sequences
+    from ntps_nb.core.score import InterpolationWarning
+
+    rng = np.random.default_rng(3)
+    texts = [rng.standard_normal((int(rng.integers(3, 7)), 24)) for _ in range(16)]  # 16 texts in d = 24
+    labels = np.arange(16) % 3
+    shards = [moments_from_sequences(texts[i::4], labels[i::4], 3) for i in range(4)]
+    said = {}
+    for name, sweep in (("numpy", ntps_sweep), ("torch", ntps_sweep_torch)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sweep(shards, variant="theory", estimator=estimator)
+        said[name] = [str(w.message) for w in caught if issubclass(w.category, InterpolationWarning)]
+    assert len(said["numpy"]) == 1 and "16 texts, no more than the rank of Sxx" in said["numpy"][0]
+    assert said["torch"] == said["numpy"]

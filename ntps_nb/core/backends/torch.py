@@ -103,6 +103,7 @@ from ntps_nb.core.estimators import (
     _noise_frame,
     _richardson_combination,
     split_halves,
+    warn_if_interpolating,
 )
 from ntps_nb.core.intervals import (
     _check_options,
@@ -821,12 +822,19 @@ def ntps_sweep_torch(
     if estimator == "richardson" and variant == "theory":
         if centred or tol is not None:
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        return richardson_sweep_torch(moments, seed=seed, rtol=rtol, device=device, dtype=dtype)
+        frame = richardson_sweep_torch(moments, seed=seed, rtol=rtol, device=device, dtype=dtype)
+        # as ntps_sweep warns: the pooled moments and the halves against the pooled Sxx's retained rank
+        warn_if_interpolating(_as_shards(moments), estimator, seed=seed, replicates=False,
+                              rank=int(frame["r_U"].iloc[0]))
+        return frame
     if estimator != "plugin":
         raise ValueError(f"ntps_sweep_torch computes the plug-in and, on the theory variant, 'richardson'; got "
                          f"estimator={estimator!r} (variant {variant!r}): use ntps_nb.core.score.ntps_sweep (numpy)")
     if variant == "theory":
-        return theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+        frame = theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+        warn_if_interpolating(_as_shards(moments), estimator, seed=seed, replicates=False,
+                              rank=int(frame["r_U"].iloc[0]), centred=centred)
+        return frame
     if variant == "reference":
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
