@@ -53,6 +53,22 @@ class InterpolationWarning(UserWarning):
     """NTPS from moments of no more texts than the rank of Sxx, where the labels are fitted exactly."""
 
 
+@contextlib.contextmanager
+def _caught(category: type[Warning]) -> Iterator[list]:
+    """Record every warning of ``category`` the block raises (each occurrence, filtered when the caller says
+    it) into the yielded list; the block's other warnings pass on as they came, when it ends. A block that
+    raises gives way to its exception: nothing is recorded or passed on."""
+    mine: list = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        yield mine
+    for item in caught:
+        if issubclass(item.category, category):
+            mine.append(item)
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
+
+
 class GatheredInterpolationWarnings:
     """The `InterpolationWarning`s of a block of work, kept to be said once when it ends, by the caller (one
     warning a layer filled a notebook cell, and a study stage's log with one paragraph 31 times); the block's
@@ -79,14 +95,10 @@ class GatheredInterpolationWarnings:
         -------
         context manager
         """
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", InterpolationWarning)  # every occurrence, filtered when said
+        with _caught(InterpolationWarning) as caught:
             yield
-        for item in caught:
-            if issubclass(item.category, InterpolationWarning):
-                self.messages.setdefault(label, []).append(str(item.message))
-            else:
-                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
+        if caught:  # a label is recorded only where the block warned
+            self.messages.setdefault(label, []).extend(str(item.message) for item in caught)
 
 
 #: Relative gap (to the largest) below which two eigenvalues of the label moments Syy count as tied. Syy is
@@ -261,24 +273,22 @@ def warnings_named(where: str, category: type[Warning] = NextTokenTieWarning) ->
     -------
     context manager
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", category)
+    with _caught(category) as caught:
         yield
     for item in caught:
-        message = f"{where}, {item.message}" if issubclass(item.category, category) else item.message
-        warnings.warn_explicit(message, item.category, item.filename, item.lineno, source=item.source)
+        warnings.warn_explicit(f"{where}, {item.message}", item.category, item.filename, item.lineno,
+                               source=item.source)
 
 
-def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int], what: str = "the pooled moments") -> None:
+def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> None:
     """Warn (`NextTokenTieWarning`) where a k of ``ks`` is one of the geometry's `next_token_tied_ks`:
     NTPS there is one of several equally valid values, chosen by rounding.
 
     Parameters
     ----------
-    geometry : the `TheoryGeometry` the values are read from (nothing is said where it kept no
-        next-token eigenvalues).
+    geometry : the `TheoryGeometry` of the pooled moments the values are read from (nothing is said where it
+        kept no next-token eigenvalues).
     ks : the k whose values the caller returns.
-    what : which moments the geometry is of, for the message.
 
     Returns
     -------
@@ -294,7 +304,7 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int], what:
     block = (f" ({zero} of the r_V = {mu.size} are zero: C1 C1^T has rank {mu.size - zero} where C0 retains {mu.size})"
              if zero > 1 else f" (of r_V = {mu.size})")
     warnings.warn(
-        f"{what}: the next-token eigenvalues are tied at k = {integer_ranges(tied)}{block}, "
+        f"the pooled moments: the next-token eigenvalues are tied at k = {integer_ranges(tied)}{block}, "
         "so V_k there holds directions rounding picks and NTPS at those k can differ between machines and "
         "kernels. At the embedding layer this follows from the tokenization: next states of repeated tokens are "
         "the same vector (docs/estimator.md, 'Tied next-token eigenvalues').", NextTokenTieWarning, stacklevel=3)

@@ -1067,7 +1067,8 @@ def _interpolation_warnings_once(where: str) -> Iterator[None]:
     """Issue each distinct `ntps_nb.core.score.InterpolationWarning` of the block once, saying how often
     it arose ``where``, and the block's other warnings as they came
     (`ntps_nb.core.score.GatheredInterpolationWarnings`): a sweep over 31 layers below the rank of Sxx
-    said the same paragraph 31 times, burying the study's progress lines."""
+    said the same paragraph 31 times, burying the study's progress lines. A
+    `ntps_nb.core.score.NextTokenTieWarning` is said with ``where`` before it (`warnings_named`)."""
     from collections import Counter
 
     from ntps_nb.core.score import GatheredInterpolationWarnings, InterpolationWarning, warnings_named
