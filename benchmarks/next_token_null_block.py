@@ -8,8 +8,9 @@ exactly. This extracts the train split of a study's first unit with the study's 
 precision (the pooled moments only, no shards; the token products' precision is printed) and prints,
 per layer, r_V, the largest eigenvalue mu_1, the eigenvalues at or below r_V x eps x mu_1 (the block;
 `ntps_nb.core.score.NEXT_TOKEN_TIE_EPS`) and the last eigenvalues above it, the k
-`ntps_nb.core.score.next_token_tied_ks` names (where `ntps` and `ntps_sweep` warn) and the smallest gap
-between neighbouring eigenvalues at the other k, against the largest (how far from the rule they are).
+`ntps_nb.core.score.next_token_tied_ks` names, those the warning of `ntps` and `ntps_sweep` names (where the
+tie can move NTPS by more than `NEXT_TOKEN_TIE_SPREAD`: `next_token_tie_spread`) with the largest such move, and
+the smallest gap between neighbouring eigenvalues at the other k, against the largest (how far from the rule).
 ``--texts``, ``--layers`` and ``--model`` replace the study's train size, layers and (first) model.
 
 At the embedding layer (hidden state 0) the block is predicted by the tokenization alone: a pair's prefix sum
@@ -60,8 +61,8 @@ def main() -> None:
     parser.add_argument("--model", help="a model name (default: the study's first)")
     args = parser.parse_args()
 
-    from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, InterpolationWarning, integer_ranges, next_token_tied_ks,
-                                    theory_geometry)
+    from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, NEXT_TOKEN_TIE_SPREAD, InterpolationWarning, integer_ranges,
+                                    next_token_tie_spread, next_token_tied_ks, theory_geometry)
     from ntps_nb.extract import as_text_set, extract
     from ntps_nb.models import load_model
     from ntps_nb.study.config import load_config
@@ -89,14 +90,17 @@ def main() -> None:
     for layer in layers:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            eig = theory_geometry(ex.moments[layer]).next_token_eigenvalues  # descending, r_V of them
+            geometry = theory_geometry(ex.moments[layer])
+        eig = geometry.next_token_eigenvalues  # descending, r_V of them
+        spread = {k: w for k, w in next_token_tie_spread(geometry).items() if w > NEXT_TOKEN_TIE_SPREAD}
         tolerance = eig.size * NEXT_TOKEN_TIE_EPS * eig[0]
         zero = np.flatnonzero(eig <= tolerance)
         tied = np.array(next_token_tied_ks(eig), dtype=int)
         untied = np.setdiff1d(np.arange(1, eig.size), tied)  # k < r_V where mu_k and mu_{k+1} are apart
         nearest = f"{np.min(eig[untied - 1] - eig[untied]) / eig[0]:.1e}" if untied.size else "none"
-        said = (f"tied k (the warning's): {integer_ranges(tied.tolist()) or 'none'}; smallest gap at the other k "
-                f"/ largest: {nearest} (the tolerance {tolerance / eig[0]:.1e})")
+        said = (f"tied k: {integer_ranges(tied.tolist()) or 'none'}, the warning's: {integer_ranges(spread) or 'none'}"
+                + (f" (NTPS can move by up to {max(spread.values()):.2g})" if spread else "")
+                + f"; smallest gap at the other k / largest: {nearest} (the tolerance {tolerance / eig[0]:.1e})")
         if zero.size:
             first = int(zero[0]) + 1  # k of the first zero eigenvalue
             above = ", ".join(f"{v / eig[0]:.1e}" for v in eig[max(first - 4, 0):first - 1])

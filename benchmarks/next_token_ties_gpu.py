@@ -6,9 +6,10 @@ A random-initialised model is built from the real config of each shape (bench_ex
 Llama-3-8B; no download); N texts of token ids drawn from a Zipf law over the vocabulary (so that tokens
 repeat, as in text; lengths uniform in [--min-len, --max-len]) go through `ntps_nb.extract.extract` (precision
 "auto") for the embedding layer and a grid of hidden layers, and the theory geometry of each layer is solved
-(on the device, `theory_geometry_torch`, float64). Printed per layer: r_V, the k the rule calls tied, the
-eigenvalues at or below the tolerance (zero), the smallest gap between neighbouring eigenvalues at the other
-k over mu_1, the tolerance over mu_1 and their ratio (the margin). Random weights are not a trained model's
+(on the device, `theory_geometry_torch`, float64). Printed per layer: r_V, the k the rule calls tied, how
+far the tie can move NTPS there (`next_token_tie_spread`) and the k the warning names (a move above
+`NEXT_TOKEN_TIE_SPREAD`), the eigenvalues at or below the tolerance (zero), the smallest gap between
+neighbouring eigenvalues at the other k over mu_1, the tolerance over mu_1 and their ratio (the margin). Random weights are not a trained model's
 (no massive activations): the margin at trained layers is what benchmarks/next_token_null_block.py measures.
 
     python benchmarks/next_token_ties_gpu.py --shapes qwen2-0.5b llama3-8b --texts 1000 4000     (a GPU)
@@ -33,8 +34,8 @@ sys.path.insert(0, str(HERE))
 from bench_extract import SHAPES, IdTokenizer, random_model  # noqa: E402
 
 from ntps_nb.core.backends.torch import theory_geometry_torch  # noqa: E402
-from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, InterpolationWarning, integer_ranges,  # noqa: E402
-                                next_token_tied_ks)
+from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, NEXT_TOKEN_TIE_SPREAD, InterpolationWarning,  # noqa: E402
+                                integer_ranges, next_token_tie_spread, next_token_tied_ks)
 from ntps_nb.extract import extract  # noqa: E402
 
 
@@ -77,15 +78,19 @@ def main() -> None:
             for layer in layers:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", InterpolationWarning)
-                    mu = theory_geometry_torch(ex.moments[layer], device=device).next_token_eigenvalues
-                mu = np.sort(np.asarray(mu, dtype=np.float64))[::-1]
+                    geometry = theory_geometry_torch(ex.moments[layer], device=device)
+                mu = np.sort(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64))[::-1]
+                spread = next_token_tie_spread(geometry)
+                said = {k: w for k, w in spread.items() if w > NEXT_TOKEN_TIE_SPREAD}
                 tolerance = mu.size * NEXT_TOKEN_TIE_EPS
                 tied = next_token_tied_ks(mu)
                 zero = int(np.count_nonzero(mu <= tolerance * mu[0]))
                 gaps = (mu[:-1] - mu[1:]) / mu[0]  # gaps[k - 1] = (mu_k - mu_{k+1}) / mu_1
                 gaps[np.array(tied, dtype=int) - 1] = np.inf  # the other k
                 at = int(np.argmin(gaps)) + 1
-                print(f"  layer {layer:2d}: r_V {mu.size:4d}; tied k {integer_ranges(tied) or 'none'}; {zero} zero; "
+                moves = f" (NTPS moves by up to {max(spread.values()):.1e})" if spread else ""
+                print(f"  layer {layer:2d}: r_V {mu.size:4d}; tied k {integer_ranges(tied) or 'none'}{moves}, "
+                      f"the warning's {integer_ranges(said) or 'none'}; {zero} zero; "
                       f"smallest gap elsewhere / mu_1 {gaps[at - 1]:.1e} at k = {at}; "
                       f"tolerance / mu_1 {tolerance:.1e}; "
                       f"margin {gaps[at - 1] / tolerance:.0f}; smallest eigenvalue / mu_1 {mu[-1] / mu[0]:.1e}")

@@ -84,8 +84,9 @@ from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
-from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
-                                interpolation_message, next_token_tied_ks, theory_geometry, tied_ks)
+from ntps_nb.core.score import (NEXT_TOKEN_TIE_SPREAD, SPAN_RTOL, InterpolationWarning, TheoryGeometry,
+                                _theory_geometry_of, interpolates, interpolation_message, next_token_tie_spread,
+                                theory_geometry, tied_ks)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
 
@@ -731,8 +732,9 @@ def _gap_frame(full: TheoryGeometry, replicates: Sequence[TheoryGeometry | None]
         se = np.sqrt((S - 1) / S * np.sum((values - values.mean(axis=0)) ** 2, axis=0))
         with np.errstate(invalid="ignore", divide="ignore"):
             out[f"gap_ratio_{name}"] = full_gap / np.maximum(se, np.finfo(np.float64).tiny)
-    if full is not None and full.next_token_eigenvalues is not None:  # a gap the solve does not resolve is none
-        out["gap_ratio_V"][np.isin(ks, next_token_tied_ks(full.next_token_eigenvalues))] = 0.0
+    if full is not None:  # a gap the solve does not resolve, where the choice it leaves moves NTPS, is none
+        moving = [k for k, width in next_token_tie_spread(full).items() if width > NEXT_TOKEN_TIE_SPREAD]
+        out["gap_ratio_V"][np.isin(ks, moving)] = 0.0
     out["gap_ratio"] = np.fmin(out["gap_ratio_U"], out["gap_ratio_V"])
     out["gap_ratio"][~(np.isfinite(out["gap_ratio_U"]) & np.isfinite(out["gap_ratio_V"]))] = np.nan
     return pd.DataFrame(out)
@@ -749,8 +751,9 @@ def eigengap_ratios(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE
     tie-break of nearly tied population eigenvalues, possibly the same in every shard, which
     `subspace_noise` cannot see. `ntps_estimate`'s ``reliable`` asks for ``gap_ratio >= GAP_MIN``.
     Where the full sample's next-token eigenvalues tie at k within the solve's resolution
-    (`ntps_nb.core.score.next_token_tied_ks`: a block of zeros, say), gap_ratio_V is 0: the gap and its
-    standard error are both rounding there, and their ratio says nothing.
+    (`ntps_nb.core.score.next_token_tied_ks`: a block of zeros, say) and the choice the tie leaves can move
+    NTPS by more than `ntps_nb.core.score.NEXT_TOKEN_TIE_SPREAD` (`next_token_tie_spread`), gap_ratio_V is 0:
+    the gap and its standard error are both rounding there, and their ratio says nothing.
 
     Parameters
     ----------

@@ -237,6 +237,50 @@ def next_token_tied_ks(eigenvalues: Float[np.ndarray, " rV"]) -> list[int]:
     return [int(k) for k in np.flatnonzero(mu[:-1] - mu[1:] <= _next_token_tie_tolerance(mu)) + 1]
 
 
+#: Width of NTPS's range over the choices a next-token tie leaves V_k (`next_token_tie_spread`) above which the
+#: tie is said (`warn_if_next_token_tied`) and the flag refuses the row (`eigengap_ratios`): below any precision
+#: the tables print (7 significant digits) or a reader reads.
+NEXT_TOKEN_TIE_SPREAD = 1e-6
+
+
+def next_token_tie_spread(geometry: "TheoryGeometry") -> dict[int, float]:
+    """How far NTPS_theory can move at each tied k (`next_token_tied_ks`) as rounding picks V_k.
+
+    A run of tied k from a to b ties the eigenvalues mu_a .. mu_{b+1}: V_k for k in [a, b] is V_{a-1} plus
+    k - a + 1 directions of their eigenspace W, chosen by rounding. In Sxx-whitened coordinates, where U's
+    directions u_i are orthonormal, ||P_{V_k} u_i||^2 then lies between ||P_{V_{a-1}} u_i||^2 and
+    ||P_{V_{b+1}} u_i||^2, and NTPS(k) within a range of width sum_{i <= k_U} (||P_{V_{b+1}} u_i||^2 -
+    ||P_{V_{a-1}} u_i||^2) / k_U: U's share in W. Read off the geometry's ``projected`` table, no solve. Where U
+    has nothing in W the tie moves nothing; at the embedding layer on few texts it moved ci_unit's NTPS by up
+    to 0.071 between CPU kernels (docs/estimator.md, "Tied next-token eigenvalues").
+
+    Parameters
+    ----------
+    geometry : a `TheoryGeometry` that kept its next-token eigenvalues (descending, as solved).
+
+    Returns
+    -------
+    dict mapping each tied k to the width of NTPS's range there (empty where none is tied, or where the
+    geometry kept no next-token eigenvalues).
+    """
+    if geometry.next_token_eigenvalues is None:
+        return {}
+    tied = set(next_token_tied_ks(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64)))
+    spread: dict[int, float] = {}
+    for k in sorted(tied):
+        if k - 1 in tied:
+            continue  # inside a run already read
+        b = k
+        while b + 1 in tied:
+            b += 1
+        lower = geometry.projected[k - 2] if k >= 2 else np.zeros(geometry.m)  # ||P_{V_{a-1}} u_i||^2
+        share = geometry.projected[b] - lower  # U's directions' squared projections onto W (k = b + 1 <= r_V)
+        for j in range(k, b + 1):
+            kU = geometry.k_U(j)
+            spread[j] = float(share[:kU].sum() / kU)
+    return spread
+
+
 def integer_ranges(values: Sequence[int]) -> str:
     """Integers as ranges, in increasing order: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8".
 
@@ -281,8 +325,9 @@ def warnings_named(where: str, category: type[Warning] = NextTokenTieWarning) ->
 
 
 def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> None:
-    """Warn (`NextTokenTieWarning`) where a k of ``ks`` is one of the geometry's `next_token_tied_ks`:
-    NTPS there is one of several equally valid values, chosen by rounding.
+    """Warn (`NextTokenTieWarning`) where a k of ``ks`` is one of the geometry's `next_token_tied_ks` and the tie
+    can move NTPS there by more than `NEXT_TOKEN_TIE_SPREAD` (`next_token_tie_spread`): NTPS is then one of
+    several equally valid values, chosen by rounding.
 
     Parameters
     ----------
@@ -294,20 +339,21 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> No
     -------
     None; warns at most once.
     """
-    if geometry.next_token_eigenvalues is None:
+    asked = {int(k) for k in ks}
+    spread = {k: width for k, width in next_token_tie_spread(geometry).items()
+              if k in asked and width > NEXT_TOKEN_TIE_SPREAD}
+    if not spread:
         return
     mu = np.sort(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64))[::-1]
-    tied = sorted(set(next_token_tied_ks(mu)) & {int(k) for k in ks})
-    if not tied:
-        return
     zero = int(np.count_nonzero(mu <= _next_token_tie_tolerance(mu)))
     block = (f" ({zero} of the r_V = {mu.size} are zero: C1 C1^T has rank {mu.size - zero} where C0 retains {mu.size})"
              if zero > 1 else f" (of r_V = {mu.size})")
     warnings.warn(
-        f"the pooled moments: the next-token eigenvalues are tied at k = {integer_ranges(tied)}{block}, "
+        f"the pooled moments: the next-token eigenvalues are tied at k = {integer_ranges(spread)}{block}, "
         "so V_k there holds directions rounding picks and NTPS at those k can differ between machines and "
-        "kernels. At the embedding layer this follows from the tokenization: next states of repeated tokens are "
-        "the same vector (docs/estimator.md, 'Tied next-token eigenvalues').", NextTokenTieWarning, stacklevel=3)
+        f"kernels, by up to {max(spread.values()):.2g}. At the embedding layer this follows from the tokenization: "
+        "next states of repeated tokens are the same vector (docs/estimator.md, 'Tied next-token eigenvalues').",
+        NextTokenTieWarning, stacklevel=3)
 
 
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:

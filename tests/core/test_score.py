@@ -9,7 +9,7 @@ from scipy.stats import ortho_group
 
 from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
 from ntps_nb.core.moments import moments_from_sequences
-from ntps_nb.core.score import NextTokenTieWarning, next_token_tied_ks
+from ntps_nb.core.score import NextTokenTieWarning, next_token_tie_spread, next_token_tied_ks
 from tests.core.conftest import random_moments, random_spd
 
 REFERENCE_MATCH = 1e-10
@@ -258,6 +258,26 @@ def test_next_token_ties_are_the_k_the_tokens_predict_and_only_there_ntps_depend
     untied = [k for k in base.index if k not in tied]
     assert moved[untied].max() < 1e-9
     assert moved[tied].max() > 1e-3
+    # the range the tie leaves NTPS (U's share in the tied eigenspace) holds both rounding choices
+    spread = next_token_tie_spread(geometry)
+    assert sorted(spread) == tied and all(moved[k] <= spread[k] + 1e-9 for k in tied)
+
+
+def test_a_tie_is_not_said_where_u_has_nothing_in_the_tied_directions():
+    """Labels whose perception directions lie in the span of the determined next-token directions (Sxy =
+    Sxx V_{r1} c): every choice of V_k inside the block gives the same NTPS, so the spread is 0 and nothing
+    is said."""
+    from ntps_nb.core.subspaces import next_token_subspace
+
+    m, r0, r1 = token_embedding_moments(1)
+    determined = next_token_subspace(m, order="descending").vectors[:, :r1]
+    inside = m.with_labels(m.Sxx @ determined @ np.random.default_rng(1).standard_normal((r1, 3)), m.Syy)
+    geometry = theory_geometry(inside)
+    assert next_token_tied_ks(geometry.next_token_eigenvalues) == list(range(r1 + 1, r0))  # the tie is there
+    assert max(next_token_tie_spread(geometry).values()) < 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NextTokenTieWarning)
+        ntps_sweep(inside)
 
 
 def test_the_next_token_tie_warning_names_the_block_and_is_silent_elsewhere(rng):
@@ -267,6 +287,7 @@ def test_the_next_token_tie_warning_names_the_block_and_is_silent_elsewhere(rng)
     message = str(caught[0].message)
     assert f"tied at k = {r1 + 1}-{r0 - 1}" in message
     assert f"{r0 - r1} of the r_V = {r0} are zero: C1 C1^T has rank {r1} where C0 retains {r0}" in message
+    assert f"by up to {max(next_token_tie_spread(theory_geometry(m)).values()):.2g}." in message
     with pytest.warns(NextTokenTieWarning, match=f"tied at k = {r1 + 1} "):
         ntps(m, r1 + 1)
     with warnings.catch_warnings():
