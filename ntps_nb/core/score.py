@@ -241,8 +241,9 @@ def next_token_tied_ks(eigenvalues: Float[np.ndarray, " rV"]) -> list[int]:
 
 
 #: Width of NTPS's range over the choices a next-token tie leaves V_k (`next_token_tie_spread`) above which the
-#: tie is said (`warn_if_next_token_tied`) and the flag refuses the row (`eigengap_ratios`): below any precision
-#: the tables print (7 significant digits) or a reader reads.
+#: tie is said (`warn_if_next_token_tied`) and the flag refuses the row (`eigengap_ratios`): far below the 3-4
+#: decimals NTPS is read to. The tables' 7 significant digits can show smaller moves, as they show the rounding
+#: of different CPU kernels at untied k.
 NEXT_TOKEN_TIE_SPREAD = 1e-6
 
 
