@@ -9,7 +9,8 @@ precision (the pooled moments only, no shards; the token products' precision is 
 per layer, r_V, the largest eigenvalue mu_1, the eigenvalues at or below r_V x eps x mu_1 (the block;
 `ntps_nb.core.score.NEXT_TOKEN_TIE_EPS`) and the last eigenvalues above it, the k
 `ntps_nb.core.score.next_token_tied_ks` names, those the warning of `ntps` and `ntps_sweep` names (where the
-tie can move NTPS by more than `NEXT_TOKEN_TIE_SPREAD`: `next_token_tie_spread`) with the largest such move, and
+tie can move NTPS by more than `NEXT_TOKEN_TIE_SPREAD`: `moving_next_token_ties`) with the largest such move,
+and
 the smallest gap between neighbouring eigenvalues at the other k, against the largest (how far from the rule).
 ``--texts``, ``--layers`` and ``--model`` replace the study's train size, layers and (first) model.
 
@@ -61,8 +62,8 @@ def main() -> None:
     parser.add_argument("--model", help="a model name (default: the study's first)")
     args = parser.parse_args()
 
-    from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, NEXT_TOKEN_TIE_SPREAD, InterpolationWarning, integer_ranges,
-                                    next_token_tie_spread, next_token_tied_ks, theory_geometry)
+    from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, InterpolationWarning, integer_ranges, moving_next_token_ties,
+                                    next_token_tie_tolerance, next_token_tied_ks, theory_geometry)
     from ntps_nb.extract import as_text_set, extract
     from ntps_nb.models import load_model
     from ntps_nb.study.config import load_config
@@ -92,8 +93,8 @@ def main() -> None:
             warnings.simplefilter("ignore", InterpolationWarning)
             geometry = theory_geometry(ex.moments[layer])
         eig = geometry.next_token_eigenvalues  # descending, r_V of them
-        spread = {k: w for k, w in next_token_tie_spread(geometry).items() if w > NEXT_TOKEN_TIE_SPREAD}
-        tolerance = eig.size * NEXT_TOKEN_TIE_EPS * eig[0]
+        spread = moving_next_token_ties(geometry)
+        tolerance = next_token_tie_tolerance(eig)
         zero = np.flatnonzero(eig <= tolerance)
         tied = np.array(next_token_tied_ks(eig), dtype=int)
         untied = np.setdiff1d(np.arange(1, eig.size), tied)  # k < r_V where mu_k and mu_{k+1} are apart

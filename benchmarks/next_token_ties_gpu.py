@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))
 from bench_extract import SHAPES, IdTokenizer, random_model  # noqa: E402
 
 from ntps_nb.core.backends.torch import theory_geometry_torch  # noqa: E402
-from ntps_nb.core.score import (NEXT_TOKEN_TIE_EPS, NEXT_TOKEN_TIE_SPREAD, InterpolationWarning,  # noqa: E402
-                                integer_ranges, next_token_tie_spread, next_token_tied_ks)
+from ntps_nb.core.score import (InterpolationWarning, integer_ranges, moving_next_token_ties,  # noqa: E402
+                                next_token_tie_spread, next_token_tie_tolerance, next_token_tied_ks)
 from ntps_nb.extract import extract  # noqa: E402
 
 
@@ -81,8 +81,8 @@ def main() -> None:
                     geometry = theory_geometry_torch(ex.moments[layer], device=device)
                 mu = np.sort(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64))[::-1]
                 spread = next_token_tie_spread(geometry)
-                said = {k: w for k, w in spread.items() if w > NEXT_TOKEN_TIE_SPREAD}
-                tolerance = mu.size * NEXT_TOKEN_TIE_EPS
+                said = moving_next_token_ties(geometry)
+                tolerance = next_token_tie_tolerance(mu) / mu[0]  # over mu_1
                 tied = next_token_tied_ks(mu)
                 zero = int(np.count_nonzero(mu <= tolerance * mu[0]))
                 gaps = (mu[:-1] - mu[1:]) / mu[0]  # gaps[k - 1] = (mu_k - mu_{k+1}) / mu_1

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 def main() -> None:
     from ntps_nb.core.moments import Moments
-    from ntps_nb.core.score import NEXT_TOKEN_TIE_EPS, next_token_tied_ks, theory_geometry
+    from ntps_nb.core.score import next_token_tie_tolerance, next_token_tied_ks, theory_geometry
     from ntps_nb.core.simulate import FAMILIES, sample_shards
 
     warnings.simplefilter("ignore")  # the interpolation warnings of N <= d
@@ -47,7 +47,7 @@ def main() -> None:
                             tied += bool(next_token_tied_ks(mu))
                             low = float(np.min(mu[:-1] - mu[1:]) / mu[0])
                             if low < smallest:
-                                smallest, tolerance = low, mu.size * NEXT_TOKEN_TIE_EPS
+                                smallest, tolerance = low, next_token_tie_tolerance(mu) / mu[0]
             print(f"{family:<10} {d:3d}  {count:7d}  {tied:13d}  {smallest:19.1e}  {tolerance:.1e}")
 
 

@@ -84,9 +84,8 @@ from ntps_nb.core.intervals import theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
-from ntps_nb.core.score import (NEXT_TOKEN_TIE_SPREAD, SPAN_RTOL, InterpolationWarning, TheoryGeometry,
-                                _theory_geometry_of, interpolates, interpolation_message, next_token_tie_spread,
-                                theory_geometry, tied_ks)
+from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
+                                interpolation_message, moving_next_token_ties, theory_geometry, tied_ks)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace)
 
@@ -733,8 +732,7 @@ def _gap_frame(full: TheoryGeometry, replicates: Sequence[TheoryGeometry | None]
         with np.errstate(invalid="ignore", divide="ignore"):
             out[f"gap_ratio_{name}"] = full_gap / np.maximum(se, np.finfo(np.float64).tiny)
     if full is not None:  # a gap the solve does not resolve, where the choice it leaves moves NTPS, is none
-        moving = [k for k, width in next_token_tie_spread(full).items() if width > NEXT_TOKEN_TIE_SPREAD]
-        out["gap_ratio_V"][np.isin(ks, moving)] = 0.0
+        out["gap_ratio_V"][np.isin(ks, list(moving_next_token_ties(full)))] = 0.0
     out["gap_ratio"] = np.fmin(out["gap_ratio_U"], out["gap_ratio_V"])
     out["gap_ratio"][~(np.isfinite(out["gap_ratio_U"]) & np.isfinite(out["gap_ratio_V"]))] = np.nan
     return pd.DataFrame(out)
@@ -752,7 +750,7 @@ def eigengap_ratios(moment_shards: Sequence[Moments], ks, *, rtol: float = RANGE
     `subspace_noise` cannot see. `ntps_estimate`'s ``reliable`` asks for ``gap_ratio >= GAP_MIN``.
     Where the full sample's next-token eigenvalues tie at k within the solve's resolution
     (`ntps_nb.core.score.next_token_tied_ks`: a block of zeros, say) and the choice the tie leaves can move
-    NTPS by more than `ntps_nb.core.score.NEXT_TOKEN_TIE_SPREAD` (`next_token_tie_spread`), gap_ratio_V is 0:
+    NTPS by more than `ntps_nb.core.score.NEXT_TOKEN_TIE_SPREAD` (`moving_next_token_ties`), gap_ratio_V is 0:
     the gap and its standard error are both rounding there, and their ratio says nothing.
 
     Parameters

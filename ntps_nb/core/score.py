@@ -207,9 +207,19 @@ class NextTokenTieWarning(UserWarning):
 NEXT_TOKEN_TIE_EPS = float(np.finfo(np.float64).eps)
 
 
-def _next_token_tie_tolerance(mu: np.ndarray) -> float:
-    """r_V x `NEXT_TOKEN_TIE_EPS` x mu_1 for the (r_V,) next-token eigenvalues ``mu`` (descending)."""
-    return mu.size * NEXT_TOKEN_TIE_EPS * max(float(mu[0]), np.finfo(np.float64).tiny)
+def next_token_tie_tolerance(eigenvalues: Float[np.ndarray, " rV"]) -> float:
+    """The gap at or below which two neighbouring next-token eigenvalues tie: r_V x `NEXT_TOKEN_TIE_EPS` x mu_1.
+
+    Parameters
+    ----------
+    eigenvalues : (r_V,) the next-token eigenvalues, in any order.
+
+    Returns
+    -------
+    float, absolute (in the eigenvalues' units); eigenvalues at or below it count as zero.
+    """
+    mu = np.asarray(eigenvalues, dtype=np.float64)
+    return mu.size * NEXT_TOKEN_TIE_EPS * max(float(mu.max()), np.finfo(np.float64).tiny)
 
 
 def next_token_tied_ks(eigenvalues: Float[np.ndarray, " rV"]) -> list[int]:
@@ -237,7 +247,7 @@ def next_token_tied_ks(eigenvalues: Float[np.ndarray, " rV"]) -> list[int]:
     mu = np.sort(mu)[::-1]  # descending, mu_1 first
     if mu.size < 2:
         return []
-    return [int(k) for k in np.flatnonzero(mu[:-1] - mu[1:] <= _next_token_tie_tolerance(mu)) + 1]
+    return [int(k) for k in np.flatnonzero(mu[:-1] - mu[1:] <= next_token_tie_tolerance(mu)) + 1]
 
 
 #: Width of NTPS's range over the choices a next-token tie leaves V_k (`next_token_tie_spread`) above which the
@@ -283,6 +293,21 @@ def next_token_tie_spread(geometry: "TheoryGeometry") -> dict[int, float]:
             kU = geometry.k_U(j)
             spread[j] = float(share[:kU].sum() / kU)
     return spread
+
+
+def moving_next_token_ties(geometry: "TheoryGeometry") -> dict[int, float]:
+    """The tied k at which the tie can move NTPS by more than `NEXT_TOKEN_TIE_SPREAD`: those the
+    `NextTokenTieWarning` names and the flag refuses (`ntps_nb.core.estimators.eigengap_ratios`).
+
+    Parameters
+    ----------
+    geometry : a `TheoryGeometry` (nothing is tied where it kept no next-token eigenvalues).
+
+    Returns
+    -------
+    dict mapping each such k to the width of NTPS's range there (`next_token_tie_spread`).
+    """
+    return {k: width for k, width in next_token_tie_spread(geometry).items() if width > NEXT_TOKEN_TIE_SPREAD}
 
 
 def integer_ranges(values: Sequence[int]) -> str:
@@ -344,12 +369,11 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> No
     None; warns at most once.
     """
     asked = {int(k) for k in ks}
-    spread = {k: width for k, width in next_token_tie_spread(geometry).items()
-              if k in asked and width > NEXT_TOKEN_TIE_SPREAD}
+    spread = {k: width for k, width in moving_next_token_ties(geometry).items() if k in asked}
     if not spread:
         return
     mu = np.sort(np.asarray(geometry.next_token_eigenvalues, dtype=np.float64))[::-1]
-    zero = int(np.count_nonzero(mu <= _next_token_tie_tolerance(mu)))
+    zero = int(np.count_nonzero(mu <= next_token_tie_tolerance(mu)))
     block = (f" ({zero} of the r_V = {mu.size} are zero: C1 C1^T has rank {mu.size - zero} where C0 retains {mu.size})"
              if zero > 1 else f" (of r_V = {mu.size})")
     warnings.warn(
