@@ -27,6 +27,7 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ntps_nb.batching import PADDING_SIDES, mask_states, pad_batch, pooling_tokens, valid_mask
@@ -34,6 +35,7 @@ from ntps_nb.batching import tokenize  # noqa: F401  (re-exported: extraction's 
 from ntps_nb.cache import atomic_path, cache_dir, content_key
 from ntps_nb.core.estimators import split_halves
 from ntps_nb.core.moments import LayerMoments, Moments
+from ntps_nb.core.subspaces import RANGE_RTOL
 from ntps_nb.core.validation import check_count, check_labels
 from ntps_nb.models import TokenizerMismatchError, check_same_tokenizer  # noqa: F401  (the error re-exported)
 from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_token_id
@@ -44,7 +46,9 @@ Precision = Literal["auto", "float32", "float64"]
 #: (`TEXT_PRODUCTS`) in float64 under precision "float32" too. Version 3: the token products too where
 #: a pass has few token pairs (`token_precision`). Version 4: the pairs counted in the smallest part of the
 #: pass that NTPS or its interval reads (`fewest_pairs_read`); float64 pooled features at float64 precision.
-EXTRACT_VERSION = 4
+#: Version 5: the layers where float32 token products' rounding reaches C0's retained range (`token_rounding`)
+#: are passed again with float64 products.
+EXTRACT_VERSION = 5
 #: The moments formed from one pooled vector per text, always in float64: they cost d^2 a text
 #: (the token products d^2 a token), and in float32 the rounding of a batch's product leaves Sxx with
 #: eigenvalues of rounding size above the range tolerance: below N = d whitening kept them as
@@ -63,8 +67,49 @@ TEXT_PRODUCTS = ("Sxx", "Sxy")
 #: layers 9 and 18, below 4.9 d at SmolLM2's layer 15 (trec6). Without shards float64 then costs at most 2 x 4 d^3
 #: multiply-adds a layer, about one float64 eigendecomposition of a d x d matrix: less than the plug-in's
 #: own solves of that layer; with S shards at most S / (S / 2 - 1) times that (4x at S = 4, 2.2x at 20),
-#: less than the interval's factorisations, several a shard.
+#: less than the interval's factorisations, several a shard. Many pairs need not give C0 full rank: at the
+#: embedding layer its rank is at most the distinct tokens met; the pass checks C0 afterwards (`token_rounding`).
 FLOAT64_TOKEN_PAIRS_PER_DIM = 4
+
+
+def token_rounding(C0: Float[np.ndarray, "d d"] | torch.Tensor, device: str | torch.device | None = None) -> float:
+    """How far below zero C0's spectrum reaches, over its largest eigenvalue: 0 where it does not reach
+    below -`RANGE_RTOL` x the largest (the range tolerance of `ntps_nb.core.subspaces.generalized_eigh`).
+
+    C0 is a sum of outer products, positive semi-definite in exact arithmetic: a negative eigenvalue is the
+    rounding of its products. Float32 token products leave a symmetric rounding error spread about zero, so
+    where C0 is rank deficient (the embedding layer of texts with fewer distinct tokens than d) or its
+    smallest eigenvalues lie below the rounding, the error shows as negative eigenvalues and, in C0's null
+    directions, as positive ones of about the same size (0.88-1.09 times the most negative one on a random
+    model's embedding layer, benchmarks/token_rounding_check.py), which the range tolerance keeps as directions of
+    V: r_V grows past C0's rank (39 against 14 there), NTPS at the added k is rounding, and a tie of the
+    next-token eigenvalues can go unsaid. `extract` passes such layers again with float64 products.
+    The test is a Cholesky factorisation of C0 + RANGE_RTOL x max(diag C0) I, which succeeds only where every
+    eigenvalue lies above -RANGE_RTOL x max(diag C0) >= -RANGE_RTOL x the largest; only where it fails are the
+    eigenvalues computed.
+
+    Parameters
+    ----------
+    C0 : (d, d) symmetric matrix (numpy array or torch tensor); float64.
+    device : where to factorise it (default: where it is; the host for an array).
+
+    Returns
+    -------
+    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0.
+    """
+    B = torch.as_tensor(np.array(C0, dtype=np.float64) if isinstance(C0, np.ndarray) else C0,  # writable
+                        dtype=torch.float64, device=device)
+    B = (B + B.mT) / 2
+    shift = RANGE_RTOL * float(torch.diagonal(B).max().clamp(min=0.0))
+    eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
+    if shift > 0 and int(torch.linalg.cholesky_ex(B + shift * eye).info) == 0:
+        return 0.0
+    s = torch.linalg.eigvalsh(B)
+    top = float(s[-1])
+    if top <= 0:
+        return 0.0  # zero or negative definite: the moments' checks and the solve say so
+    reach = -float(s[0]) / top
+    return reach if reach > RANGE_RTOL else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +490,7 @@ def extract(
     half_seed: int = 0,
     token_moments: bool = True,
     n_classes: int | None = None,
+    float64_where_rounded: bool = True,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
     keep_on_device: bool = False,
@@ -467,7 +513,11 @@ def extract(
         whose smallest part read (with shards, a half of the split less a shard: `fewest_pairs_read`)
         has at most `FLOAT64_TOKEN_PAIRS_PER_DIM` x d token pairs forms its token products in float64
         too (`token_precision`: float32 token products moved the plug-in there by up to 0.3; metadata
-        ``token_precision`` says which). Float32 products keep the moments within ~1e-6 of float64
+        ``token_precision`` says which), and after the pass the layers where the rounding of float32 products
+        reaches C0's retained range (`token_rounding`; e.g. the embedding layer of texts with fewer distinct
+        tokens than d) are passed again with float64 products (metadata ``token_rounding``, each layer's
+        reach, and ``float64_layers``; the second pass's time in ``timings_s["float64_pass"]``), unless
+        ``float64_where_rounded`` is False. Float32 products keep the moments within ~1e-6 of float64
         and moved NTPS by at most 2.4e-4 from 4 d pairs, ~1e-6 from 15-20 d (SmolLM2's last layer;
         1e-4 to 2e-4 from 7 d to 19 d at its layer 15: benchmarks/token_products_check.py); float64 costs
         1.09x end to end on a CPU core (the forward dominates) and is faster than float32 on an H200
@@ -493,6 +543,9 @@ def extract(
     token_moments : also accumulate Shh, the second moment of the token states.
     n_classes : number of classes C (default: the dataset's class names, else max(label) + 1).
     progress : show a progress bar.
+    float64_where_rounded : pass again, with float64 products, the layers whose float32 token products' rounding
+        reaches C0's retained range (default); False keeps their float32 products (the reach is recorded all
+        the same; ``float64_layers`` is then empty).
     metadata : extra provenance recorded with the result.
     keep_on_device : on a GPU, keep every finalised moment on the device as well as on the host,
         for as long as the returned moments live: the torch analysis backend (``device=`` of the
@@ -555,6 +608,7 @@ def extract(
     shard_pairs = np.bincount(shard_of, weights=lengths - 1, minlength=n_shards) if shards else [(lengths - 1).sum()]
     tokens_precision = token_precision(precision, fewest_pairs_read(shard_pairs), d)
     compute_dtype = torch.float32 if tokens_precision == "float32" else torch.float64
+    asked_pooled_dtype = pooled_dtype  # "auto" follows each pass's token precision (see the float64 pass below)
     pooled_dtype = tokens_precision if pooled_dtype == "auto" else pooled_dtype
     pooled = {layer: np.zeros((N, d), dtype=pooled_dtype) for layer in pooled_set}
     # the rows cross to the host at the precision they are stored at (float32 rounded float64 features before)
@@ -632,11 +686,21 @@ def extract(
             pooled[layer] = _all_gather_rows(pooled[layer], mine, N)
     timings["pass"] = _Clock(device).last - started - sum(timings.values())
     moments = total.to_layer_moments({}, timings, keep_on_device=keep_on_device)
+    rounding, again = None, []
+    if tokens_precision == "float32":  # where the rounding reaches C0's range (the pooled moments and the halves)
+        rounding = {str(layer): token_rounding(moments[layer].C0, device) for layer in chosen}
+        for half in half_results:
+            for layer in half.layers:
+                rounding[str(layer)] = max(rounding[str(layer)], token_rounding(half[layer].C0, device))
+        again = [layer for layer in chosen if rounding[str(layer)] > 0] if float64_where_rounded else []
+        if world > 1:  # one decision for every rank (each calls the pass again, or none does)
+            again = _broadcast_from_rank0(again)
+        timings["rounding_check"] = _Clock(device).last - started - sum(timings.values())
     meta = {
         "n_texts": N, "n_classes": C, "class_names": text_set.class_names, "layers": chosen,
         "max_length": max_length, "drop_bos": drop_bos, "bos_dropped": int(starts.sum()),
         "n_truncated": int(sum(len(t) >= max_length for t in ids)), "precision": precision,
-        "token_precision": tokens_precision,
+        "token_precision": tokens_precision, "token_rounding": rounding, "float64_layers": again,
         "padding_side": padding_side, "batch_size": batch_size, "token_moments": token_moments,
         "shards": shards, "shard_seed": shard_seed, "world_size": world,
         **({"half_layers": kept_half_layers, "half_seed": half_seed} if kept_half_layers else {}),
@@ -644,12 +708,42 @@ def extract(
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
         "extract_version": EXTRACT_VERSION, **(metadata or {}),
     }
-    moments.metadata.update(meta)
-    return Extraction(
+    result = Extraction(
         moments=moments, labels=text_set.labels, class_names=text_set.class_names,
         lengths=lengths, pooled=pooled or None, shards=shard_results or None, halves=half_results or None,
         metadata=meta,
     )
+    if again:  # the layers whose float32 products' rounding reached C0's range: their products again, in float64
+        second = extract(
+            model, tokenizer, (text_set.texts, text_set.labels), layers=again, batch_size=batch_size,
+            max_length=max_length, drop_bos=drop_bos, device=device, precision="float64",
+            pooled_layers=[layer for layer in pooled_set if layer in again], pooled_dtype=asked_pooled_dtype,
+            padding_side=padding_side, shards=shards, shard_layers=[x for x in kept_shard_layers if x in again],
+            shard_seed=shard_seed, half_layers=[x for x in kept_half_layers if x in again], half_seed=half_seed,
+            token_moments=token_moments, n_classes=C, progress=progress, keep_on_device=keep_on_device)
+        result = _with_layers_of(result, second)
+        meta["timings_s"]["float64_pass"] = second.metadata["seconds"]
+        meta["seconds"] = round(time.perf_counter() - started, 3)
+    moments = result.moments
+    moments.metadata.update(meta)
+    return result
+
+
+def _with_layers_of(first: Extraction, second: Extraction) -> Extraction:
+    """``first`` with the moments (pooled, shards, halves) and pooled features of ``second``'s layers in place of
+    its own: the same texts, shards and halves, passed again for some layers."""
+
+    def replaced(mine: LayerMoments, theirs: LayerMoments) -> LayerMoments:
+        return LayerMoments({**{layer: mine[layer] for layer in mine}, **{layer: theirs[layer] for layer in theirs}},
+                            mine.metadata)
+
+    def each(mine: list[LayerMoments] | None, theirs: list[LayerMoments] | None) -> list[LayerMoments] | None:
+        return mine if mine is None or theirs is None else [replaced(a, b) for a, b in zip(mine, theirs)]
+
+    return dataclasses.replace(
+        first, moments=replaced(first.moments, second.moments),
+        pooled=None if first.pooled is None else {**first.pooled, **(second.pooled or {})},
+        shards=each(first.shards, second.shards), halves=each(first.halves, second.halves))
 
 
 def layer_factors(
@@ -709,6 +803,13 @@ def layer_factors(
             flat = h.reshape(-1, d)
             factors["Shh"] = (flat, flat)
     return factors, xbar
+
+
+def _broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank of the process group."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _all_gather_rows(local: np.ndarray, mine: np.ndarray, N: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Streaming extraction against brute force on tiny random models."""
 
 import dataclasses
+import warnings
 import numpy as np
 import pytest
 import torch
@@ -131,7 +132,8 @@ def test_float32_products_are_close_to_float64(tiny_llama):
     m64 = extract(model, tok, (texts, labels), precision="float64", progress=False).moments
     assert m32[0].n_tokens > FLOAT64_TOKEN_PAIRS_PER_DIM * m32[0].d
     assert m32.metadata["precision"] == m32.metadata["token_precision"] == "float32"
-    assert set(m32.metadata["timings_s"]) == {"pass", "finalise_device", "finalise_host", "finalise_checks"}
+    assert set(m32.metadata["timings_s"]) == {"pass", "finalise_device", "finalise_host", "finalise_checks",
+                                              "rounding_check"}
     for layer in m32:
         for name, value in m64[layer].arrays().items():
             rel = np.abs(getattr(m32[layer], name) - value).max() / np.abs(value).max()
@@ -255,6 +257,68 @@ def test_float32_leaves_c0_of_fewer_token_pairs_than_d_its_rank(tiny_llama):
             assert rank == prefixes, layer
         for name, value in m64.arrays().items():
             np.testing.assert_array_equal(getattr(m32, name), value, err_msg=f"{layer} {name}")
+
+
+def test_token_rounding_is_the_negative_reach_of_c0_beyond_the_range_tolerance():
+    """`token_rounding` against numpy's eigenvalues: 0 for exact products of rank below d (float64 rounding of
+    a rank-deficient product stays far inside RANGE_RTOL), for a negative reach at RANGE_RTOL / 2 (the Cholesky
+    test fails there, the eigenvalues decide), and -lambda_min / lambda_max beyond it."""
+    from ntps_nb.core.subspaces import RANGE_RTOL
+    from ntps_nb.extract import token_rounding
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 40))  # rank 12 at d = 40
+    product = X.T @ X / 500
+    assert token_rounding(product) == 0.0
+    Q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    for reach, expected in ((RANGE_RTOL / 2, 0.0), (1e-8, 1e-8), (1e-3, 1e-3)):
+        eigenvalues = np.concatenate([[1.0], np.linspace(0.5, 0.1, 30), np.zeros(8), [-reach]])
+        B = (Q * eigenvalues) @ Q.T
+        lam = np.linalg.eigvalsh(B)
+        assert token_rounding(B) == pytest.approx(-lam[0] / lam[-1] if expected else 0.0, rel=1e-6, abs=0.0)
+        assert token_rounding(torch.as_tensor(B)) == token_rounding(B)
+
+
+def few_word_texts(n=200, seed=0):
+    """``n`` texts of 6-11 words from 8 (fewer distinct tokens than the tiny models' d = 64) and 3 labels."""
+    words = "red green blue small large quick slow dark".split()
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(words, size=rng.integers(6, 12))) for _ in range(n)]
+    return texts, rng.integers(0, 3, size=n).tolist()
+
+
+def test_float32_products_where_c0_is_rank_deficient_are_formed_again_in_float64(tiny_llama):
+    """Texts of 8 distinct words: C0 at the embedding layer (prefix sums of token embeddings) spans at most the
+    tokens met, fewer than d = 64, and float32 token products (a shard has more pairs than 4 d) leave a rounding
+    error spread about zero: negative eigenvalues, which exact products cannot have, and positive ones in C0's
+    null directions that the range tolerance would keep as directions of V (r_V above C0's rank). The pass
+    records the reach and forms that layer's products again in float64: its moments, shards, halves and pooled
+    features are then a float64 extraction's; the other layers keep their float32 products."""
+    from ntps_nb.core.score import next_token_subspace
+    from ntps_nb.extract import token_rounding
+
+    model, tok, _ = tiny_llama
+    texts, labels = few_word_texts()
+    run = dict(progress=False, shards=4, half_layers=[0, 1], pooled_layers="all", pooled_dtype="auto")
+    first32 = extract(model, tok, (texts, labels), precision="float32", layers=[0], **{**run, "half_layers": [0]})
+    e32 = extract(model, tok, (texts, labels), precision="float32", **run)
+    e64 = extract(model, tok, (texts, labels), precision="float64", **run)
+    assert e32.metadata["token_precision"] == "float32" and e32.metadata["float64_layers"] == [0]
+    reach = e32.metadata["token_rounding"]
+    assert set(reach) == {str(layer) for layer in e32.moments} and reach["1"] == reach["2"] == 0.0
+    assert reach["0"] > 1e-10 and e64.metadata["token_rounding"] is None and e64.metadata["float64_layers"] == []
+    assert token_rounding(e64.moments[0].C0) == 0.0
+    # what the first pass had at layer 0 (a pass of that layer alone is passed again too: its products are undone)
+    assert first32.metadata["float64_layers"] == [0]
+    assert set(first32.metadata["timings_s"]) >= {"rounding_check", "float64_pass"}
+    for got, want in [(e32.moments, e64.moments), *zip(e32.shards, e64.shards), *zip(e32.halves, e64.halves)]:
+        for name, value in want[0].arrays().items():
+            np.testing.assert_allclose(getattr(got[0], name), value, rtol=1e-12, atol=0, err_msg=name)
+        assert not np.array_equal(got[1].C0, want[1].C0)  # float32 products at layer 1
+    assert e32.pooled[0].dtype == np.float64 and e32.pooled[1].dtype == np.float32
+    np.testing.assert_array_equal(e32.pooled[0], e64.pooled[0])
+    for layer in e32.moments:
+        assert next_token_subspace(e32.moments[layer]).rank_B == next_token_subspace(e64.moments[layer]).rank_B
 
 
 def test_auto_precision_is_float64_where_float64_is_cheap(tiny_llama, monkeypatch):
