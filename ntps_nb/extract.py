@@ -12,7 +12,9 @@ Every extraction records where its time went in ``metadata["timings_s"]``: ``pas
 products), ``finalise_device``, ``finalise_host`` (bringing L x 4 float64 d x d matrices to the
 host: 17.7 GB for an 8B model, a few seconds; under torchrun, whose default is one OpenMP thread,
 set OMP_NUM_THREADS so that each rank's host copy is multi-threaded; benchmarks/results) and
-``finalise_checks`` (the finiteness and symmetry checks of `Moments`).
+``finalise_checks`` (the finiteness and symmetry checks of `Moments`); with float32 token products also
+``rounding_check`` (`token_rounding` on each layer's C0) and, where it finds a layer, ``float64_pass`` (that
+layer's products passed again in float64).
 """
 
 from __future__ import annotations

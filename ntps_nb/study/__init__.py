@@ -35,8 +35,8 @@ stage       writes          key: settings (+ stages it reads) columns (after the
 extraction  (extraction     max_train, max_test, seed,        (read by the stages below; ``unit.json``:
             cache)          max_length, drop_bos, batch_size, extraction_key, extraction_seconds,
                             precision, layers, and the grids  n_truncated_train, mean_length_train,
-                                                              extract_version, token_precision_train)
-                            with their switches: probes,
+                                                              extract_version, token_precision_train,
+                            with their switches: probes,      float64_layers_train)
                             probe_layers, peers, peer_layers,
                             shards, interval_layers,
                             diagnostics, diagnostic_layers

@@ -640,7 +640,8 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
                                 "finished": meta.get("finished"), "lora": meta.get("lora"),
                                 "n_train": meta.get("n_train"), "n_test": meta.get("n_test"),
                                 "extract_version": meta.get("extract_version"),
-                                "token_precision_train": meta.get("token_precision_train")}
+                                "token_precision_train": meta.get("token_precision_train"),
+                                "float64_layers_train": meta.get("float64_layers_train")}
                   for folder, meta in metas},
     }
     with atomic_path(cfg.folder / "provenance.json") as tmp:

@@ -601,7 +601,8 @@ def _computed_when(meta: dict[str, Any], name: str) -> dict[str, Any]:
 def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:
     return {"cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
             "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train"),
-            "extract_version": meta.get("extract_version"), "token_precision": meta.get("token_precision_train")}
+            "extract_version": meta.get("extract_version"), "token_precision": meta.get("token_precision_train"),
+            "float64_layers": meta.get("float64_layers_train")}
 
 
 # -- computing a unit -----------------------------------------------------------------------------
@@ -1267,7 +1268,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
             "mean_length": u.ex.metadata.get("mean_length"), "finished": _now(),
             "tokenizer_sha256": info.tokenizer_sha256, "extract_version": u.ex.metadata.get("extract_version"),
-            "token_precision": u.ex.metadata.get("token_precision")})
+            "token_precision": u.ex.metadata.get("token_precision"),
+            "float64_layers": u.ex.metadata.get("float64_layers")})
     else:
         log(f"    {model_name} x {dataset_name}: every stage it computes reads nothing new: no extraction")
     extraction_record = (store.load("extraction", keys["extraction"]) or StageResult(None, {})).record
@@ -1345,6 +1347,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         # which extraction rules formed the moments (absent: a unit extracted before they were recorded)
         "extract_version": extraction_record.get("extract_version"),
         "token_precision_train": extraction_record.get("token_precision"),
+        # the layers a float32 pass formed again in float64 (`ntps_nb.extract.token_rounding`; absent before version 5)
+        "float64_layers_train": extraction_record.get("float64_layers"),
     }
     if cfg.dataset_file(dataset_name) is not None:  # the file read (`ntps_nb.study.runner.unit_status` checks it)
         tables["unit"]["dataset_file"] = cfg.dataset_file(dataset_name)._asdict()

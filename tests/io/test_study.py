@@ -133,6 +133,7 @@ def test_run_skip_interrupt_and_combine(tmp_path, counted_extract, monkeypatch, 
     assert (study.study_status(cfg)["extract_version"] == EXTRACT_VERSION).all()
     provenance = json.loads((cfg.folder / "provenance.json").read_text())["units"]
     assert {unit["token_precision_train"] for unit in provenance.values()} == {"float64"}
+    assert all(unit["float64_layers_train"] == [] for unit in provenance.values())  # float64 pass: none again
     tables = study.load_results(cfg)
     for name in ("ntps", "probes", "peers", "intervals"):
         frame = tables[name]
