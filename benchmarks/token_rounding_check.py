@@ -22,7 +22,16 @@ Part 2, pretrained SmolLM2 on offline datasets under the study's float32 product
 the default pass forms again in float64, and the next-token rank r_V from float32 products kept, from the default
 pass and from float64 products.
 
-    python benchmarks/token_rounding_check.py            (about 4 minutes on 2 cores)
+Part 4 (printed before part 3), what the check cannot see: C0 only one to five directions short of full rank (texts of
+63 to 59 distinct tokens at d = 64, 600 texts, ten draws each), where the rounding of the few null directions can
+come out positive with no negative eigenvalue to show it: how many draws' float32 C0 retains more directions than
+the float64 one, in how many of those the check finds the layer, and in those draws how far NTPS moves at the k
+below C0's rank where V_k is determined and how small the last next-token eigenvalue (a rounding direction's) is.
+
+Part 3, the check's cost on this machine's CPU: `token_rounding` of a positive definite C0 (one Cholesky) and of
+one with an eigenvalue at -1e-8 of the largest (the Cholesky fails; the eigenvalues follow), at d = 576 and 4096.
+
+    python benchmarks/token_rounding_check.py            (about 5 minutes on 2 cores)
     python benchmarks/token_rounding_check.py --part 1   (seconds)
 """
 
@@ -137,15 +146,74 @@ def part2() -> None:
                   f"{r64} (float64)")
 
 
+def part4() -> None:
+    print("part 4: C0 a few directions short of full rank (tiny model, d = 64, embedding layer, 600 texts, 10 draws)")
+    torch.set_num_threads(1)
+    model = random_model("tiny", torch.device("cpu"), torch.float32)
+    run = dict(layers=[0], batch_size=32, max_length=64, drop_bos=False, device="cpu", progress=False,
+               token_moments=False)
+    for null in (1, 2, 3, 5):
+        spurious = found = 0
+        moved = last = 0.0
+        where = 0
+        ranks = set()
+        for seed in range(10):
+            rng = np.random.default_rng(seed)
+            texts = [" ".join(map(str, rng.integers(1, 64 - null + 1, rng.integers(6, 20)))) for _ in range(600)]
+            data = (texts, np.arange(600) % 3)
+            e32 = extract(model, IdTokenizer(), data, precision="float32", float64_where_rounded=False, **run)
+            e64 = extract(model, IdTokenizer(), data, precision="float64", **run)
+            s32, s64 = np.linalg.eigvalsh(e32.moments[0].C0), np.linalg.eigvalsh(e64.moments[0].C0)
+            rank = int((s64 > RANGE_RTOL * s64[-1]).sum())
+            ranks.add(rank)
+            if (s32 > RANGE_RTOL * s32[-1]).sum() > rank:
+                spurious += 1
+                found += e32.metadata["token_rounding"]["0"] > 0
+                (g32, n32, _), (g64, n64, _) = sweep(e32.moments[0]), sweep(e64.moments[0])
+                below = [k for k in range(1, rank) if k not in next_token_tied_ks(g64.next_token_eigenvalues)]
+                gaps = (n32[below] - n64[below]).abs()
+                if float(gaps.max()) > moved:
+                    moved, where = float(gaps.max()), rank - int(gaps.idxmax())
+                last = max(last, float(g32.next_token_eigenvalues[-1] / g32.next_token_eigenvalues[0]))
+        print(f"  {64 - null} distinct tokens (C0's float64 rank {'/'.join(map(str, sorted(ranks)))} of 64): {spurious} "
+              f"of 10 draws keep rounding directions under float32 products; the check finds {found} of them; in "
+              f"those draws |NTPS float32 - float64| at the untied k below C0's rank r is at most {moved:.1e} (at k = "
+              f"r - {where}), the "
+              f"float32 problem's last next-token eigenvalue at most {last:.1e} of its first")
+
+
+def part3() -> None:
+    import time
+
+    print(f"part 3: the check's cost, {torch.get_num_threads()} torch threads on the CPU")
+    rng = np.random.default_rng(0)
+    for d in (576, 4096):
+        Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+        eigenvalues = np.geomspace(1.0, 1e-6, d)
+        seconds = {}
+        for name, last in (("positive definite", 1e-6), ("reaching -1e-8", -1e-8)):
+            eigenvalues[-1] = last
+            C0 = (Q * eigenvalues) @ Q.T
+            start = time.perf_counter()
+            reach = token_rounding(C0)
+            seconds[name] = (time.perf_counter() - start, reach)
+        print(f"  d = {d}: " + "; ".join(f"{name} {t:.2f} s (reach {r:.1e})" for name, (t, r) in seconds.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", type=int, choices=[1, 2], nargs="+", default=[1, 2])
+    parser.add_argument("--part", type=int, choices=[1, 2, 3, 4], nargs="+", default=[1, 2, 4, 3])
     args = parser.parse_args()
-    print(f"$ python benchmarks/token_rounding_check.py{' --part ' + ' '.join(map(str, args.part)) if args.part != [1, 2] else ''}")
+    parts = "" if args.part == [1, 2, 4, 3] else " --part " + " ".join(map(str, args.part))
+    print(f"$ python benchmarks/token_rounding_check.py{parts}")
     if 1 in args.part:
         part1()
     if 2 in args.part:
         part2()
+    if 4 in args.part:
+        part4()
+    if 3 in args.part:
+        part3()
 
 
 if __name__ == "__main__":
