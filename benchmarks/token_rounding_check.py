@@ -33,6 +33,7 @@ one with an eigenvalue at -1e-8 of the largest (the Cholesky fails; the eigenval
 
     python benchmarks/token_rounding_check.py            (about 5 minutes on 2 cores)
     python benchmarks/token_rounding_check.py --part 1   (seconds)
+    python benchmarks/token_rounding_check.py --part 2 --model gemma3-270m --layers 0 2 9 18
 """
 
 from __future__ import annotations
@@ -117,15 +118,16 @@ def part1() -> None:
               f"float32 {said32}")
 
 
-def part2() -> None:
+def part2(model_name: str, chosen: list[int] | None) -> None:
     from ntps_nb.extract import as_text_set
     from ntps_nb.models import load_model
     from ntps_nb.study.config import load_config
     from ntps_nb.study.stages import load_unit_dataset
 
-    print("part 2: pretrained SmolLM2 under float32 token products (drop_bos, batch 8)")
-    model, tok, _ = load_model("smollm2-135m")
+    print(f"part 2: pretrained {model_name} under float32 token products (drop_bos, batch 8)")
+    model, tok, _ = load_model(model_name)
     for dataset, n, length, layers in PART2:
+        layers = chosen or layers
         cfg = load_config(HERE.parent / "studies" / "ci_unit.toml", max_train=n, datasets=[dataset], max_length=length)
         ds, _ = load_unit_dataset(cfg, dataset)
         run = dict(layers=layers, max_length=length, batch_size=8, drop_bos=True, progress=False)
@@ -203,13 +205,17 @@ def part3() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", type=int, choices=[1, 2, 3, 4], nargs="+", default=[1, 2, 4, 3])
+    parser.add_argument("--model", default="smollm2-135m", help="part 2's model (ntps_nb.models.load_model)")
+    parser.add_argument("--layers", type=int, nargs="+", help="part 2's layers (default: SmolLM2's, as in PART2)")
     args = parser.parse_args()
     parts = "" if args.part == [1, 2, 4, 3] else " --part " + " ".join(map(str, args.part))
+    parts += "".join(f" --{key} {value}" for key, value in (("model", args.model if args.model != "smollm2-135m" else None),
+                                                           ("layers", " ".join(map(str, args.layers or [])))) if value)
     print(f"$ python benchmarks/token_rounding_check.py{parts}")
     if 1 in args.part:
         part1()
     if 2 in args.part:
-        part2()
+        part2(args.model, args.layers)
     if 4 in args.part:
         part4()
     if 3 in args.part:
