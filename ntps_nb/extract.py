@@ -37,7 +37,7 @@ from ntps_nb.batching import tokenize  # noqa: F401  (re-exported: extraction's 
 from ntps_nb.cache import atomic_path, cache_dir, content_key
 from ntps_nb.core.estimators import split_halves
 from ntps_nb.core.moments import LayerMoments, Moments
-from ntps_nb.core.subspaces import RANGE_RTOL
+from ntps_nb.core.backends.torch import negative_reach_torch as token_rounding  # noqa: F401  (the check)
 from ntps_nb.core.validation import check_count, check_labels
 from ntps_nb.models import TokenizerMismatchError, check_same_tokenizer  # noqa: F401  (the error re-exported)
 from ntps_nb.models import hidden_size, hidden_state_layers, hidden_states, pad_token_id
@@ -72,46 +72,6 @@ TEXT_PRODUCTS = ("Sxx", "Sxy")
 #: less than the interval's factorisations, several a shard. Many pairs need not give C0 full rank: at the
 #: embedding layer its rank is at most the distinct tokens met; the pass checks C0 afterwards (`token_rounding`).
 FLOAT64_TOKEN_PAIRS_PER_DIM = 4
-
-
-def token_rounding(C0: Float[np.ndarray, "d d"] | torch.Tensor, device: str | torch.device | None = None) -> float:
-    """How far below zero C0's spectrum reaches, over its largest eigenvalue: 0 where it does not reach
-    below -`RANGE_RTOL` x the largest (the range tolerance of `ntps_nb.core.subspaces.generalized_eigh`).
-
-    C0 is a sum of outer products, positive semi-definite in exact arithmetic: a negative eigenvalue is the
-    rounding of its products. Float32 token products leave a symmetric rounding error spread about zero, so
-    where C0 is rank deficient (the embedding layer of texts with fewer distinct tokens than d) or its
-    smallest eigenvalues lie below the rounding, the error shows as negative eigenvalues and, in C0's null
-    directions, as positive ones of about the same size (0.88-1.09 times the most negative one on a random
-    model's embedding layer, benchmarks/token_rounding_check.py), which the range tolerance keeps as directions of
-    V: r_V grows past C0's rank (39 against 14 there), NTPS at the added k is rounding, and a tie of the
-    next-token eigenvalues can go unsaid. `extract` passes such layers again with float64 products.
-    The test is a Cholesky factorisation of C0 + RANGE_RTOL x max(diag C0) I, which succeeds only where every
-    eigenvalue lies above -RANGE_RTOL x max(diag C0) >= -RANGE_RTOL x the largest; only where it fails are the
-    eigenvalues computed.
-
-    Parameters
-    ----------
-    C0 : (d, d) symmetric matrix (numpy array or torch tensor); float64.
-    device : where to factorise it (default: where it is; the host for an array).
-
-    Returns
-    -------
-    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0.
-    """
-    B = torch.as_tensor(np.array(C0, dtype=np.float64) if isinstance(C0, np.ndarray) else C0,  # writable
-                        dtype=torch.float64, device=device)
-    B = (B + B.mT) / 2
-    shift = RANGE_RTOL * float(torch.diagonal(B).max().clamp(min=0.0))
-    eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
-    if shift > 0 and int(torch.linalg.cholesky_ex(B + shift * eye).info) == 0:
-        return 0.0
-    s = torch.linalg.eigvalsh(B)
-    top = float(s[-1])
-    if top <= 0:
-        return 0.0  # zero or negative definite: the moments' checks and the solve say so
-    reach = -float(s[0]) / top
-    return reach if reach > RANGE_RTOL else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

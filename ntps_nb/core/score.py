@@ -38,6 +38,7 @@ from ntps_nb.core.subspaces import (
     perception_subspace,
     check_labels,
     generalized_eigh,
+    negative_reach,
 )
 
 Variant = Literal["theory", "reference"]
@@ -54,13 +55,14 @@ class InterpolationWarning(UserWarning):
 
 
 @contextlib.contextmanager
-def _caught(category: type[Warning]) -> Iterator[list]:
-    """Record every warning of ``category`` the block raises (each occurrence, filtered when the caller says
-    it) into the yielded list; the block's other warnings pass on as they came, when it ends. A block that
-    raises gives way to its exception: nothing is recorded or passed on."""
+def _caught(category: type[Warning] | tuple[type[Warning], ...]) -> Iterator[list]:
+    """Record every warning of ``category`` (a class or a tuple of them) the block raises (each occurrence,
+    filtered when the caller says it) into the yielded list; the block's other warnings pass on as they came,
+    when it ends. A block that raises gives way to its exception: nothing is recorded or passed on."""
     mine: list = []
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", category)
+        for one in category if isinstance(category, tuple) else (category,):
+            warnings.simplefilter("always", one)
         yield mine
     for item in caught:
         if issubclass(item.category, category):
@@ -185,6 +187,11 @@ def interpolates(n_texts: int, rank: int, centred: bool = False) -> bool:
     bool.
     """
     return rank >= n_texts - (1 if centred else 0)
+
+
+class RoundedMomentsWarning(UserWarning):
+    """NTPS from moments whose C0 reaches below zero beyond the range tolerance: its products were rounded, and
+    the rounding sits among V's retained directions."""
 
 
 class NextTokenTieWarning(UserWarning):
@@ -332,7 +339,8 @@ def integer_ranges(values: Sequence[int]) -> str:
 
 
 @contextlib.contextmanager
-def warnings_named(where: str, category: type[Warning] = NextTokenTieWarning) -> Iterator[None]:
+def warnings_named(where: str, category: type[Warning] | tuple[type[Warning], ...] = (
+        NextTokenTieWarning, RoundedMomentsWarning)) -> Iterator[None]:
     """Re-issue the block's warnings of ``category`` with ``where`` before their message ("layer 0, the pooled
     moments: ..."): `ntps_sweep` does not know which layer or unit its moments are of, and a loop over layers
     does. The block's other warnings pass as they came.
@@ -340,7 +348,8 @@ def warnings_named(where: str, category: type[Warning] = NextTokenTieWarning) ->
     Parameters
     ----------
     where : what the block computes (a layer, a unit).
-    category : the warnings to name (default `NextTokenTieWarning`).
+    category : the warnings to name, a class or a tuple (default `NextTokenTieWarning` and
+        `RoundedMomentsWarning`).
 
     Returns
     -------
@@ -382,6 +391,32 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> No
         f"kernels, by up to {max(spread.values()):.2g}. At the embedding layer this follows from the tokenization: "
         "next states of repeated tokens are the same vector (docs/estimator.md, 'Tied next-token eigenvalues').",
         NextTokenTieWarning, stacklevel=3)
+
+
+def warn_if_rounded(reach: float, r_V: int) -> None:
+    """Warn (`RoundedMomentsWarning`) where the pooled C0's `negative_reach` is above zero: a sum of outer products
+    has no negative eigenvalue, so its products were rounded (float32 token products that the extraction was
+    told to keep, ``float64_where_rounded=False``, or moments formed elsewhere), and rounding of that size in
+    C0's null directions is kept as directions of V.
+
+    Parameters
+    ----------
+    reach : `negative_reach` of the pooled C0 (0 where it is within the range tolerance).
+    r_V : the retained rank of that C0.
+
+    Returns
+    -------
+    None; warns at most once.
+    """
+    if reach <= 0:
+        return
+    warnings.warn(
+        f"the pooled moments: C0 has negative eigenvalues down to {reach:.1g} times its largest, which exact products "
+        "cannot have: its products were rounded, and the range tolerance keeps directions of that rounding among V's "
+        f"r_V = {r_V}, so r_V and NTPS at the k they enter need not be the texts' own (docs/estimator.md, 'Float32 "
+        "token products where C0 is rank deficient'). ntps_nb.extract forms such layers again with float64 products "
+        "unless told not to (float64_where_rounded=False).",
+        RoundedMomentsWarning, stacklevel=3)
 
 
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
@@ -842,6 +877,7 @@ def ntps(
 
         warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
         warn_if_next_token_tied(geometry, [kk])
+        warn_if_rounded(negative_reach(pooled.C0), geometry.r_V)
         if estimator == "plugin":
             return geometry.ntps(kk)
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
@@ -905,6 +941,7 @@ def ntps_sweep(
 
         warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
         warn_if_next_token_tied(geometry, frame["k"].to_numpy())
+        warn_if_rounded(negative_reach(pooled.C0), geometry.r_V)
         if estimator == "plugin":
             return frame.assign(estimator="plugin")
         result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)

@@ -30,6 +30,55 @@ A_RANK_RTOL = 1e-10
 REFERENCE_ABS_TOL = 1e-8
 
 
+
+def negative_reach(B: Float[np.ndarray, "d d"]) -> float:
+    """How far below zero a symmetric B that is positive semi-definite in exact arithmetic (a sum of outer
+    products: C0, Sxx) reaches, over its largest eigenvalue: 0 where it reaches no lower than -`RANGE_RTOL` x
+    the largest, the range tolerance. A larger reach is the rounding of its products, and rounding of that size
+    spreads about zero: where B is rank deficient it puts positive eigenvalues of about the same size in B's
+    null directions, which the tolerance keeps as directions (`ntps_nb.extract.token_rounding`, the extraction's
+    check of float32 token products, is the torch twin; docs/estimator.md, "Float32 token products where C0 is
+    rank deficient"). A Cholesky factorisation of B + RANGE_RTOL x max(diag B) I decides; the eigenvalues are
+    computed only where it fails.
+
+    Parameters
+    ----------
+    B : (d, d) symmetric matrix.
+
+    Returns
+    -------
+    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0.
+    """
+    B = np.asarray(B, dtype=np.float64)
+    B = (B + B.T) / 2
+    shift = RANGE_RTOL * max(float(np.diagonal(B).max()), 0.0)
+    if shift > 0:
+        try:
+            scipy.linalg.cholesky(B + shift * np.eye(B.shape[0]), lower=True, check_finite=False)
+            return 0.0
+        except np.linalg.LinAlgError:
+            pass
+    return reach_of(scipy.linalg.eigvalsh(B))
+
+
+def reach_of(eigenvalues: Float[np.ndarray, " d"]) -> float:
+    """`negative_reach` from a symmetric matrix's eigenvalues (any order).
+
+    Parameters
+    ----------
+    eigenvalues : (d,) the eigenvalues.
+
+    Returns
+    -------
+    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0 (0 too where none is positive).
+    """
+    s = np.asarray(eigenvalues, dtype=np.float64)
+    top = float(s.max())
+    if top <= 0:
+        return 0.0  # zero or negative definite: the moments' checks and the solves say so
+    reach = -float(s.min()) / top
+    return reach if reach > RANGE_RTOL else 0.0
+
 @dataclass(frozen=True, eq=False)
 class Subspace:
     """Solution of a generalized eigenproblem (A, B) on the range of B.

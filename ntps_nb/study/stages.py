@@ -768,7 +768,7 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     rows, stand_in = [], []
     for layer in u.layers:
         m = u.ex.moments[layer]
-        with warnings_named(f"layer {layer}"):  # a NextTokenTieWarning names its layer
+        with warnings_named(f"layer {layer}"):  # a NextTokenTieWarning or RoundedMomentsWarning names its layer
             if estimator == "plugin" or (estimator in SHARD_ESTIMATORS and layer not in shards):
                 stand_in += [layer] if estimator != "plugin" else []
                 theory = sweep(m, variant="theory")
@@ -1069,13 +1069,14 @@ def _interpolation_warnings_once(where: str) -> Iterator[None]:
     it arose ``where``, and the block's other warnings as they came
     (`ntps_nb.core.score.GatheredInterpolationWarnings`): a sweep over 31 layers below the rank of Sxx
     said the same paragraph 31 times, burying the study's progress lines. A
-    `ntps_nb.core.score.NextTokenTieWarning` is said with ``where`` before it (`warnings_named`)."""
+    `ntps_nb.core.score.NextTokenTieWarning` or `RoundedMomentsWarning` is said with ``where`` before it
+    (`warnings_named`)."""
     from collections import Counter
 
     from ntps_nb.core.score import GatheredInterpolationWarnings, InterpolationWarning, warnings_named
 
     gathered = GatheredInterpolationWarnings()
-    with warnings_named(where), gathered.at():  # NextTokenTieWarnings name the stage and unit too
+    with warnings_named(where), gathered.at():  # tie and rounding warnings name the stage and unit too
         yield
     for message, count in Counter(gathered.messages.get(None, [])).items():  # in the order they first arose
         said = f" (said once for the {count} times it arose in {where})" if count > 1 else ""

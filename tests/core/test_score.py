@@ -337,3 +337,65 @@ def test_the_tie_warning_names_the_layer_in_a_loop_and_the_torch_sweeps_say_it_t
         with warnings_named("layer 0"):
             warnings.warn("something else", UserWarning)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+def rounded(m, reach, seed=0):
+    """``m`` with a symmetric error added to C0 whose spectrum spreads about zero (as float32 products' rounding
+    does), scaled so that C0's most negative eigenvalue is about -``reach`` times its largest."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((m.d, m.d))
+    E = (G + G.T) / 2
+    E *= reach * np.linalg.eigvalsh(m.C0)[-1] / np.abs(np.linalg.eigvalsh(E)).max()
+    return Moments(Sxx=m.Sxx, Sxy=m.Sxy, Syy=m.Syy, C0=m.C0 + E, C1=m.C1, n_texts=m.n_texts, n_tokens=m.n_tokens)
+
+
+def test_negative_reach_is_the_rounding_below_zero_against_the_eigenvalues():
+    """`negative_reach` against numpy's eigenvalues: 0 for an exact rank-deficient product (float64 rounding stays
+    far inside RANGE_RTOL) and for a reach at RANGE_RTOL / 2 (the Cholesky test fails there, the eigenvalues
+    decide), -lambda_min / lambda_max beyond it."""
+    from ntps_nb.core.subspaces import RANGE_RTOL, negative_reach
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 40))  # rank 12 at d = 40
+    assert negative_reach(X.T @ X / 500) == 0.0
+    Q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    for reach, expected in ((RANGE_RTOL / 2, False), (1e-8, True), (1e-3, True)):
+        B = (Q * np.concatenate([[1.0], np.linspace(0.5, 0.1, 30), np.zeros(8), [-reach]])) @ Q.T
+        lam = np.linalg.eigvalsh(B)
+        assert negative_reach(B) == pytest.approx(-lam[0] / lam[-1] if expected else 0.0, rel=1e-6, abs=0.0)
+
+
+def test_rounded_moments_are_said_next_to_the_number_on_both_backends():
+    """C0 of token-embedding states (rank r0 < d) with a rounding-like error of up to 1e-8 of its largest eigenvalue:
+    the range tolerance keeps rounding directions (r_V above r0), and `ntps_sweep`, `ntps` and the torch
+    backend's plug-in and richardson sweeps say so with a `RoundedMomentsWarning` that a loop names; the exact
+    moments are silent."""
+    from ntps_nb.core.score import RoundedMomentsWarning, warnings_named
+    from ntps_nb.core.subspaces import negative_reach
+
+    shards, r0, _ = token_embedding_moments(0, n_texts=240, n_shards=8)
+    exact = Moments.combine(shards)
+    noisy = rounded(exact, 1e-8)
+    assert theory_geometry(exact).r_V == r0 < theory_geometry(noisy).r_V  # rounding kept as directions of V
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NextTokenTieWarning)
+        warnings.simplefilter("error", RoundedMomentsWarning)
+        ntps_sweep(exact)
+        reach, r_V = f"{negative_reach(noisy.C0):.1g}", theory_geometry(noisy).r_V
+        with pytest.warns(RoundedMomentsWarning, match=r"^layer 0, the pooled moments: C0 has negative eigenvalues "
+                                                       rf"down to {reach} .* among V's r_V = {r_V},"):
+            with warnings_named("layer 0"):
+                ntps_sweep(noisy)
+        with pytest.warns(RoundedMomentsWarning):
+            ntps(noisy, 1)
+    pytest.importorskip("torch")
+    from ntps_nb.core.backends.torch import ntps_sweep_torch
+
+    noisy_shards = [rounded(shard, 1e-8, seed=i) for i, shard in enumerate(shards)]
+    for estimator in ("plugin", "richardson"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NextTokenTieWarning)
+            with pytest.warns(RoundedMomentsWarning):
+                ntps_sweep_torch(noisy_shards, variant="theory", estimator=estimator)
+            warnings.simplefilter("error", RoundedMomentsWarning)
+            ntps_sweep_torch(shards, variant="theory", estimator=estimator)

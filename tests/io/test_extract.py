@@ -260,10 +260,11 @@ def test_float32_leaves_c0_of_fewer_token_pairs_than_d_its_rank(tiny_llama):
 
 
 def test_token_rounding_is_the_negative_reach_of_c0_beyond_the_range_tolerance():
-    """`token_rounding` against numpy's eigenvalues: 0 for exact products of rank below d (float64 rounding of
-    a rank-deficient product stays far inside RANGE_RTOL), for a negative reach at RANGE_RTOL / 2 (the Cholesky
-    test fails there, the eigenvalues decide), and -lambda_min / lambda_max beyond it."""
-    from ntps_nb.core.subspaces import RANGE_RTOL
+    """`token_rounding` (the torch twin of `negative_reach`) against numpy's eigenvalues: 0 for exact products of
+    rank below d (float64 rounding of a rank-deficient product stays far inside RANGE_RTOL), for a negative reach
+    at RANGE_RTOL / 2 (the Cholesky test fails there, the eigenvalues decide), and -lambda_min / lambda_max beyond
+    it; the numpy twin agrees."""
+    from ntps_nb.core.subspaces import RANGE_RTOL, negative_reach
     from ntps_nb.extract import token_rounding
 
     rng = np.random.default_rng(0)
@@ -277,6 +278,7 @@ def test_token_rounding_is_the_negative_reach_of_c0_beyond_the_range_tolerance()
         lam = np.linalg.eigvalsh(B)
         assert token_rounding(B) == pytest.approx(-lam[0] / lam[-1] if expected else 0.0, rel=1e-6, abs=0.0)
         assert token_rounding(torch.as_tensor(B)) == token_rounding(B)
+        assert token_rounding(B) == pytest.approx(negative_reach(B), rel=1e-6, abs=0.0)  # the numpy twin
 
 
 def few_word_texts(n=200, seed=0):

@@ -72,6 +72,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 
 from ntps_nb.core.diagnostics import (
     FEATURE_MATCH_RTOL,
@@ -125,9 +126,11 @@ from ntps_nb.core.score import (
     Variant,
     reference_sweep_frame,
     warn_if_next_token_tied,
+    warn_if_rounded,
 )
 from ntps_nb.core import validation
-from ntps_nb.core.subspaces import A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis
+from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis,
+                                   reach_of)
 
 #: The smallest positive float64, the floor of the rank-of-A threshold (as in `generalized_eigh`).
 _TINY = float(np.finfo(np.float64).tiny)
@@ -256,6 +259,40 @@ def _tensor(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
+
+
+def negative_reach_torch(B: Float[np.ndarray, "d d"] | torch.Tensor, device: str | torch.device | None = None) -> float:
+    """`ntps_nb.core.subspaces.negative_reach` on ``device``: how far below zero a symmetric B, positive
+    semi-definite in exact arithmetic, reaches over its largest eigenvalue (0 within -`RANGE_RTOL` x it).
+
+    The extraction's check of float32 token products (`ntps_nb.extract.token_rounding`, this function): their
+    rounding is a symmetric error spread about zero, so where C0 is rank deficient (the embedding layer of texts
+    with fewer distinct tokens than d) or its smallest eigenvalues lie below the rounding, it shows as negative
+    eigenvalues and, in C0's null directions, as positive ones of about the same size (0.88-1.09 times the most
+    negative one on a random model's embedding layer, benchmarks/token_rounding_check.py), which the range
+    tolerance keeps as directions of V: r_V grows past C0's rank (39 against 14 there), NTPS at the added k is
+    rounding, and a tie of the next-token eigenvalues can go unsaid. `ntps_nb.extract.extract` passes such layers
+    again with float64 products. A Cholesky factorisation of B + RANGE_RTOL x max(diag B) I succeeds only where
+    every eigenvalue lies above -RANGE_RTOL x max(diag B) >= -RANGE_RTOL x the largest; only where it fails are
+    the eigenvalues computed.
+
+    Parameters
+    ----------
+    B : (d, d) symmetric matrix (numpy array or torch tensor); float64.
+    device : where to factorise it (default: where it is; the host for an array).
+
+    Returns
+    -------
+    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0.
+    """
+    B = torch.as_tensor(np.array(B, dtype=np.float64) if isinstance(B, np.ndarray) else B,  # writable
+                        dtype=torch.float64, device=device)
+    B = (B + B.mT) / 2
+    shift = RANGE_RTOL * float(torch.diagonal(B).max().clamp(min=0.0))
+    eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
+    if shift > 0 and int(torch.linalg.cholesky_ex(B + shift * eye).info) == 0:
+        return 0.0
+    return reach_of(_numpy(torch.linalg.eigvalsh(B)))
 
 
 def _eigh_range(B: torch.Tensor, tol: float | None, rtol: float):
@@ -662,6 +699,7 @@ def theory_sweep_torch(
                                      dtype=dtype)
     frame = geometry.sweep()
     warn_if_next_token_tied(geometry, frame["k"].to_numpy())
+    warn_if_rounded(negative_reach_torch(_pooled(moments).C0, device=_device(device)), geometry.r_V)
     return frame.assign(estimator="plugin")
 
 
@@ -779,6 +817,7 @@ def richardson_sweep_torch(
     frame = full.sweep()
     ks = frame["k"].to_numpy()
     warn_if_next_token_tied(full, ks)
+    warn_if_rounded(negative_reach_torch(_pooled(shards).C0, device=device), full.r_V)
     halves = [np.full(ks.shape, np.nan) if isinstance(solved[row], str) else theory_values(solved[row], ks)
               for row in (1, 2)]
     sizes = (counts[1:] @ stack.n_texts).astype(np.int64)
