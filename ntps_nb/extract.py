@@ -29,7 +29,6 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
-from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ntps_nb.batching import PADDING_SIDES, mask_states, pad_batch, pooling_tokens, valid_mask

@@ -341,7 +341,8 @@ def test_the_tie_warning_names_the_layer_in_a_loop_and_the_torch_sweeps_say_it_t
 
 def rounded(m, reach, seed=0):
     """``m`` with a symmetric error added to C0 whose spectrum spreads about zero (as float32 products' rounding
-    does), scaled so that C0's most negative eigenvalue is about -``reach`` times its largest."""
+    does), its largest eigenvalue in magnitude ``reach`` times C0's largest (C0's most negative eigenvalue then
+    lies within that)."""
     rng = np.random.default_rng(seed)
     G = rng.standard_normal((m.d, m.d))
     E = (G + G.T) / 2
@@ -352,17 +353,27 @@ def rounded(m, reach, seed=0):
 def test_negative_reach_is_the_rounding_below_zero_against_the_eigenvalues():
     """`negative_reach` against numpy's eigenvalues: 0 for an exact rank-deficient product (float64 rounding stays
     far inside RANGE_RTOL) and for a reach at RANGE_RTOL / 2 (the Cholesky test fails there, the eigenvalues
-    decide), -lambda_min / lambda_max beyond it."""
+    decide), -lambda_min / lambda_max beyond it; its torch twin (the extraction's `token_rounding`) agrees, from
+    an array or a tensor."""
     from ntps_nb.core.subspaces import RANGE_RTOL, negative_reach
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 40))  # rank 12 at d = 40
-    assert negative_reach(X.T @ X / 500) == 0.0
+    matrices = [X.T @ X / 500]
+    expected = [0.0]
     Q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
-    for reach, expected in ((RANGE_RTOL / 2, False), (1e-8, True), (1e-3, True)):
+    for reach, beyond in ((RANGE_RTOL / 2, False), (1e-8, True), (1e-3, True)):
         B = (Q * np.concatenate([[1.0], np.linspace(0.5, 0.1, 30), np.zeros(8), [-reach]])) @ Q.T
         lam = np.linalg.eigvalsh(B)
-        assert negative_reach(B) == pytest.approx(-lam[0] / lam[-1] if expected else 0.0, rel=1e-6, abs=0.0)
+        matrices.append(B)
+        expected.append(-lam[0] / lam[-1] if beyond else 0.0)
+    for B, value in zip(matrices, expected):
+        assert negative_reach(B) == pytest.approx(value, rel=1e-6, abs=0.0)
+    torch = pytest.importorskip("torch")
+    from ntps_nb.extract import token_rounding
+
+    for B, value in zip(matrices, expected):
+        assert token_rounding(B) == token_rounding(torch.as_tensor(B)) == pytest.approx(value, rel=1e-6, abs=0.0)
 
 
 def test_rounded_moments_are_said_next_to_the_number_on_both_backends():

@@ -259,28 +259,6 @@ def test_float32_leaves_c0_of_fewer_token_pairs_than_d_its_rank(tiny_llama):
             np.testing.assert_array_equal(getattr(m32, name), value, err_msg=f"{layer} {name}")
 
 
-def test_token_rounding_is_the_negative_reach_of_c0_beyond_the_range_tolerance():
-    """`token_rounding` (the torch twin of `negative_reach`) against numpy's eigenvalues: 0 for exact products of
-    rank below d (float64 rounding of a rank-deficient product stays far inside RANGE_RTOL), for a negative reach
-    at RANGE_RTOL / 2 (the Cholesky test fails there, the eigenvalues decide), and -lambda_min / lambda_max beyond
-    it; the numpy twin agrees."""
-    from ntps_nb.core.subspaces import RANGE_RTOL, negative_reach
-    from ntps_nb.extract import token_rounding
-
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 40))  # rank 12 at d = 40
-    product = X.T @ X / 500
-    assert token_rounding(product) == 0.0
-    Q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
-    for reach, expected in ((RANGE_RTOL / 2, 0.0), (1e-8, 1e-8), (1e-3, 1e-3)):
-        eigenvalues = np.concatenate([[1.0], np.linspace(0.5, 0.1, 30), np.zeros(8), [-reach]])
-        B = (Q * eigenvalues) @ Q.T
-        lam = np.linalg.eigvalsh(B)
-        assert token_rounding(B) == pytest.approx(-lam[0] / lam[-1] if expected else 0.0, rel=1e-6, abs=0.0)
-        assert token_rounding(torch.as_tensor(B)) == token_rounding(B)
-        assert token_rounding(B) == pytest.approx(negative_reach(B), rel=1e-6, abs=0.0)  # the numpy twin
-
-
 def few_word_texts(n=200, seed=0):
     """``n`` texts of 6-11 words from 8 (fewer distinct tokens than the tiny models' d = 64) and 3 labels."""
     words = "red green blue small large quick slow dark".split()

@@ -262,19 +262,10 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def negative_reach_torch(B: Float[np.ndarray, "d d"] | torch.Tensor, device: str | torch.device | None = None) -> float:
-    """`ntps_nb.core.subspaces.negative_reach` on ``device``: how far below zero a symmetric B, positive
-    semi-definite in exact arithmetic, reaches over its largest eigenvalue (0 within -`RANGE_RTOL` x it).
-
-    The extraction's check of float32 token products (`ntps_nb.extract.token_rounding`, this function): their
-    rounding is a symmetric error spread about zero, so where C0 is rank deficient (the embedding layer of texts
-    with fewer distinct tokens than d) or its smallest eigenvalues lie below the rounding, it shows as negative
-    eigenvalues and, in C0's null directions, as positive ones of about the same size (0.88-1.09 times the most
-    negative one on a random model's embedding layer, benchmarks/token_rounding_check.py), which the range
-    tolerance keeps as directions of V: r_V grows past C0's rank (39 against 14 there), NTPS at the added k is
-    rounding, and a tie of the next-token eigenvalues can go unsaid. `ntps_nb.extract.extract` passes such layers
-    again with float64 products. A Cholesky factorisation of B + RANGE_RTOL x max(diag B) I succeeds only where
-    every eigenvalue lies above -RANGE_RTOL x max(diag B) >= -RANGE_RTOL x the largest; only where it fails are
-    the eigenvalues computed.
+    """`ntps_nb.core.subspaces.negative_reach` on ``device`` (the same Cholesky test, then the eigenvalues where it
+    fails): how far below zero a symmetric B, positive semi-definite in exact arithmetic, reaches over its largest
+    eigenvalue, 0 within -`RANGE_RTOL` x it. The extraction's check of float32 token products
+    (`ntps_nb.extract.token_rounding` is this function; why the reach matters: `negative_reach`).
 
     Parameters
     ----------
@@ -695,11 +686,11 @@ def theory_sweep_torch(
     DataFrame, one row per k = 1..r_V with the columns of `TheoryGeometry.sweep` and estimator
     ("plugin").
     """
-    geometry = theory_geometry_torch(_pooled(moments), centred=centred, tol=tol, rtol=rtol, device=device,
-                                     dtype=dtype)
+    pooled = _pooled(moments)
+    geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     frame = geometry.sweep()
     warn_if_next_token_tied(geometry, frame["k"].to_numpy())
-    warn_if_rounded(negative_reach_torch(_pooled(moments).C0, device=_device(device)), geometry.r_V)
+    warn_if_rounded(negative_reach_torch(pooled.C0, device=_device(device)), geometry.r_V)
     return frame.assign(estimator="plugin")
 
 
