@@ -85,9 +85,10 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
-                                interpolation_message, moving_next_token_ties, theory_geometry, tied_ks)
-from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
-                                    next_token_subspace, perception_subspace)
+                                interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
+                                warn_if_rounded)
+from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, negative_reach,
+                                    nested_orthonormal_basis, next_token_subspace, perception_subspace)
 
 ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
@@ -956,6 +957,14 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
                     n_texts=sum(s.n_texts for s in shards), n_shards=len(shards))
 
 
+def _warn_if_rounded(shards: list[Moments], rtol: float, reach: float, r_V: int | None = None) -> None:
+    """`warn_if_rounded` for `ntps_estimate`: the pooled shards' C0 ``reach`` (`negative_reach`), with its
+    retained rank solved here only where it is needed (a reach above zero) and not given."""
+    if reach > 0 and r_V is None:
+        r_V = next_token_subspace(Moments.combine(shards), rtol=rtol).rank_B
+    warn_if_rounded(reach, r_V, stacklevel=4)
+
+
 def ntps_estimate(
     moment_shards: Sequence[Moments],
     ks,
@@ -1082,6 +1091,7 @@ def ntps_estimate(
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
                                             batch_size=batch_size)
+        _warn_if_rounded(shards, rtol, backend.negative_reach_torch(Moments.combine(shards).C0, device=device, rtol=rtol))
         if interval == "quadratic":
             def solve(counts: np.ndarray) -> np.ndarray:
                 return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
@@ -1098,6 +1108,7 @@ def ntps_estimate(
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol)
+    _warn_if_rounded(shards, rtol, negative_reach(solves.pooled.C0, rtol=rtol), solves.full[1].rank_B)
     full = solves.full_geometry()
     warn_if_interpolating(shards, estimator, seed=seed, replicates=True, rank=full.r_U)
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)

@@ -393,7 +393,7 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> No
         NextTokenTieWarning, stacklevel=3)
 
 
-def warn_if_rounded(reach: float, r_V: int) -> None:
+def warn_if_rounded(reach: float, r_V: int, stacklevel: int = 3) -> None:
     """Warn (`RoundedMomentsWarning`) where the pooled C0's `negative_reach` is above zero: a sum of outer products
     has no negative eigenvalue, so its products were rounded (float32 token products that the extraction was
     told to keep, ``float64_where_rounded=False``, or moments formed elsewhere), and rounding of that size in
@@ -403,6 +403,7 @@ def warn_if_rounded(reach: float, r_V: int) -> None:
     ----------
     reach : `negative_reach` of the pooled C0 (0 where it is within the range tolerance).
     r_V : the retained rank of that C0.
+    stacklevel : as in `warnings.warn` (default: the caller of the function that calls this one).
 
     Returns
     -------
@@ -416,7 +417,7 @@ def warn_if_rounded(reach: float, r_V: int) -> None:
         f"r_V = {r_V}, so r_V and NTPS at the k they enter need not be the texts' own (docs/estimator.md, 'Float32 "
         "token products where C0 is rank deficient'). ntps_nb.extract forms such layers again with float64 products "
         "unless told not to (float64_where_rounded=False).",
-        RoundedMomentsWarning, stacklevel=3)
+        RoundedMomentsWarning, stacklevel=stacklevel)
 
 
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
@@ -877,7 +878,7 @@ def ntps(
 
         warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
         warn_if_next_token_tied(geometry, [kk])
-        warn_if_rounded(negative_reach(pooled.C0), geometry.r_V)
+        warn_if_rounded(negative_reach(pooled.C0, tol=tol, rtol=rtol), geometry.r_V)
         if estimator == "plugin":
             return geometry.ntps(kk)
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
@@ -941,7 +942,7 @@ def ntps_sweep(
 
         warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
         warn_if_next_token_tied(geometry, frame["k"].to_numpy())
-        warn_if_rounded(negative_reach(pooled.C0), geometry.r_V)
+        warn_if_rounded(negative_reach(pooled.C0, tol=tol, rtol=rtol), geometry.r_V)
         if estimator == "plugin":
             return frame.assign(estimator="plugin")
         result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)

@@ -30,57 +30,61 @@ A_RANK_RTOL = 1e-10
 REFERENCE_ABS_TOL = 1e-8
 
 
-def negative_reach(B: Float[np.ndarray, "d d"]) -> float:
+def negative_reach(B: Float[np.ndarray, "d d"], *, tol: float | None = None, rtol: float = RANGE_RTOL) -> float:
     """How far below zero a symmetric B that is positive semi-definite in exact arithmetic (a sum of outer
-    products: C0, Sxx) reaches, over its largest eigenvalue: 0 where it reaches no lower than -`RANGE_RTOL` x
-    the largest, the range tolerance. A larger reach is the rounding of its products, and rounding of that size
-    spreads about zero: where B is rank deficient (C0 at the embedding layer of texts with fewer distinct tokens
-    than d, under float32 token products) it puts positive eigenvalues of about the same size in B's null
-    directions (0.88-1.09 times the most negative one on a random model's embedding layer,
+    products: C0, Sxx) reaches, over its largest eigenvalue: 0 where it reaches no lower than the range
+    tolerance below zero (-``rtol`` x the largest, default `RANGE_RTOL`, or -``tol``), the threshold above which
+    the solves retain B's eigenvalues as directions. A larger reach is the rounding of its products, and
+    rounding of that size spreads about zero: where B is rank deficient (C0 at the embedding layer of texts with
+    fewer distinct tokens than d, under float32 token products) it puts positive eigenvalues of about the same
+    size in B's null directions (0.88-1.09 times the most negative one on a random model's embedding layer,
     benchmarks/token_rounding_check.py), which the tolerance keeps as directions: r_V grows past C0's rank (39
     against 14 there), NTPS at the added k is rounding, and a next-token tie can go unsaid
     (`ntps_nb.extract.token_rounding`, the extraction's check, is the torch twin; docs/estimator.md, "Float32
-    token products where C0 is rank deficient"). A Cholesky factorisation of B + RANGE_RTOL x max(diag B) I
-    succeeds only where every eigenvalue lies above -RANGE_RTOL x max(diag B) >= -RANGE_RTOL x the largest; the
-    eigenvalues are computed only where it fails.
+    token products where C0 is rank deficient"). A Cholesky factorisation of B + rtol x max(diag B) I (of
+    B + tol I) succeeds only where every eigenvalue lies above -rtol x max(diag B) >= -rtol x the largest (above
+    -tol); the eigenvalues are computed only where it fails.
 
     Parameters
     ----------
     B : (d, d) symmetric matrix.
+    tol, rtol : the range tolerance, absolute (overrides ``rtol``) or relative to B's largest eigenvalue, as in
+        `generalized_eigh`.
 
     Returns
     -------
-    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0.
+    float >= 0: -lambda_min / lambda_max where -lambda_min exceeds the tolerance, else 0.
     """
     B = np.asarray(B, dtype=np.float64)
     B = (B + B.T) / 2
-    shift = RANGE_RTOL * max(float(np.diagonal(B).max()), 0.0)
+    shift = float(tol) if tol is not None else rtol * max(float(np.diagonal(B).max()), 0.0)
     if shift > 0:
         try:
             scipy.linalg.cholesky(B + shift * np.eye(B.shape[0]), lower=True, check_finite=False)
             return 0.0
         except np.linalg.LinAlgError:
             pass
-    return reach_of(scipy.linalg.eigvalsh(B))
+    return reach_of(scipy.linalg.eigvalsh(B), tol=tol, rtol=rtol)
 
 
-def reach_of(eigenvalues: Float[np.ndarray, " d"]) -> float:
+def reach_of(eigenvalues: Float[np.ndarray, " d"], *, tol: float | None = None, rtol: float = RANGE_RTOL) -> float:
     """`negative_reach` from a symmetric matrix's eigenvalues (any order).
 
     Parameters
     ----------
     eigenvalues : (d,) the eigenvalues.
+    tol, rtol : the range tolerance, as in `negative_reach`.
 
     Returns
     -------
-    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0 (0 too where none is positive).
+    float >= 0: -lambda_min / lambda_max where -lambda_min exceeds the tolerance, else 0 (0 too where none is
+    positive).
     """
     s = np.asarray(eigenvalues, dtype=np.float64)
     top = float(s.max())
     if top <= 0:
         return 0.0  # zero or negative definite: the moments' checks and the solves say so
-    reach = -float(s.min()) / top
-    return reach if reach > RANGE_RTOL else 0.0
+    return -float(s.min()) / top if -float(s.min()) > _range_threshold(s, tol, rtol) else 0.0
 
 
 @dataclass(frozen=True, eq=False)

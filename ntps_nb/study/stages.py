@@ -904,7 +904,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     from ntps_nb.core.backends import analysis_backend
     from ntps_nb.core.estimators import DEVICE_ESTIMATORS, ntps_estimate
     from ntps_nb.core.moments import Moments
-    from ntps_nb.core.score import theory_geometry
+    from ntps_nb.core.score import theory_geometry, warnings_named
 
     if not u.interval_grid:
         return None, {}
@@ -925,9 +925,10 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 ks = np.arange(1, r_V + 1) if u.cfg.k == "all" else np.array([k for k in u.cfg.k if k <= r_V], int)
                 if ks.size == 0:
                     continue
-                frame = ntps_estimate(shards[layer], ks, estimator=u.cfg.estimator, level=ESTIMATE_LEVEL,
-                                      seed=u.cfg.seed, device=device, interval=u.cfg.estimate_interval,
-                                      rotation_flag=u.cfg.estimate_rotation_flag)
+                with warnings_named(f"layer {layer}"):  # a RoundedMomentsWarning names its layer
+                    frame = ntps_estimate(shards[layer], ks, estimator=u.cfg.estimator, level=ESTIMATE_LEVEL,
+                                          seed=u.cfg.seed, device=device, interval=u.cfg.estimate_interval,
+                                          rotation_flag=u.cfg.estimate_rotation_flag)
             except (ValueError, np.linalg.LinAlgError) as error:
                 failed[str(layer)] = str(error)
                 u.log(f"    estimates: layer {layer} left out: {error}")

@@ -1,5 +1,6 @@
 """NTPS, both variants, against independent computations and invariants."""
 
+import importlib.util
 import warnings
 
 import numpy as np
@@ -8,6 +9,7 @@ import scipy.linalg
 from scipy.stats import ortho_group
 
 from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
+from ntps_nb.core.estimators import ntps_estimate
 from ntps_nb.core.moments import moments_from_sequences
 from ntps_nb.core.score import NextTokenTieWarning, next_token_tie_spread, next_token_tied_ks
 from tests.core.conftest import random_moments, random_spd
@@ -369,11 +371,20 @@ def test_negative_reach_is_the_rounding_below_zero_against_the_eigenvalues():
         expected.append(-lam[0] / lam[-1] if beyond else 0.0)
     for B, value in zip(matrices, expected):
         assert negative_reach(B) == pytest.approx(value, rel=1e-6, abs=0.0)
+    # a caller's own range tolerance: the reach of 1e-8 (largest eigenvalue 1) is within rtol = 1e-6 or tol = 2e-8,
+    # beyond rtol = 1e-9 or tol = 5e-9
+    tolerances = [({"rtol": 1e-6}, 0.0), ({"tol": 2e-8}, 0.0),
+                  ({"rtol": 1e-9}, expected[2]), ({"tol": 5e-9}, expected[2])]
+    for options, value in tolerances:
+        assert negative_reach(matrices[2], **options) == pytest.approx(value, rel=1e-6, abs=0.0)
     torch = pytest.importorskip("torch")
+    from ntps_nb.core.backends.torch import negative_reach_torch
     from ntps_nb.extract import token_rounding
 
     for B, value in zip(matrices, expected):
         assert token_rounding(B) == token_rounding(torch.as_tensor(B)) == pytest.approx(value, rel=1e-6, abs=0.0)
+    for options, value in tolerances:
+        assert negative_reach_torch(matrices[2], **options) == pytest.approx(value, rel=1e-6, abs=0.0)
 
 
 def test_rounded_moments_are_said_next_to_the_number_on_both_backends():
@@ -399,10 +410,24 @@ def test_rounded_moments_are_said_next_to_the_number_on_both_backends():
                 ntps_sweep(noisy)
         with pytest.warns(RoundedMomentsWarning):
             ntps(noisy, 1)
+        # a range tolerance wider than the rounding keeps none of it (r_V is C0's rank) and is silent
+        for options in ({"rtol": 1e-6}, {"tol": 1e-6 * np.linalg.eigvalsh(exact.C0)[-1]}):
+            assert theory_geometry(noisy, **options).r_V == r0
+            ntps_sweep(noisy, **options)
+            ntps(noisy, 1, **options)
+    noisy_shards = [rounded(shard, 1e-8, seed=i) for i, shard in enumerate(shards)]
+    devices = [None] + (["cpu"] if importlib.util.find_spec("torch") else [])
+    for device in devices:  # the default estimator's rows (numpy, and the torch backend's)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NextTokenTieWarning)
+            with pytest.warns(RoundedMomentsWarning, match=r"among V's r_V = \d+,"):
+                ntps_estimate(noisy_shards, [1, 2], device=device)
+            warnings.simplefilter("error", RoundedMomentsWarning)
+            ntps_estimate(shards, [1, 2], device=device)
+            ntps_estimate(noisy_shards, [1, 2], device=device, rtol=1e-6)
     pytest.importorskip("torch")
     from ntps_nb.core.backends.torch import ntps_sweep_torch
 
-    noisy_shards = [rounded(shard, 1e-8, seed=i) for i, shard in enumerate(shards)]
     for estimator in ("plugin", "richardson"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NextTokenTieWarning)
@@ -410,3 +435,4 @@ def test_rounded_moments_are_said_next_to_the_number_on_both_backends():
                 ntps_sweep_torch(noisy_shards, variant="theory", estimator=estimator)
             warnings.simplefilter("error", RoundedMomentsWarning)
             ntps_sweep_torch(shards, variant="theory", estimator=estimator)
+            ntps_sweep_torch(noisy_shards, variant="theory", estimator=estimator, rtol=1e-6)

@@ -261,29 +261,32 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def negative_reach_torch(B: Float[np.ndarray, "d d"] | torch.Tensor, device: str | torch.device | None = None) -> float:
+def negative_reach_torch(B: Float[np.ndarray, "d d"] | torch.Tensor, device: str | torch.device | None = None, *,
+                         tol: float | None = None, rtol: float = RANGE_RTOL) -> float:
     """`ntps_nb.core.subspaces.negative_reach` on ``device`` (the same Cholesky test, then the eigenvalues where it
     fails): how far below zero a symmetric B, positive semi-definite in exact arithmetic, reaches over its largest
-    eigenvalue, 0 within -`RANGE_RTOL` x it. The extraction's check of float32 token products
-    (`ntps_nb.extract.token_rounding` is this function; why the reach matters: `negative_reach`).
+    eigenvalue, 0 within the range tolerance (-``rtol`` x it, default `RANGE_RTOL`, or -``tol``). The extraction's
+    check of float32 token products (`ntps_nb.extract.token_rounding` is this function; why the reach matters:
+    `negative_reach`).
 
     Parameters
     ----------
     B : (d, d) symmetric matrix (numpy array or torch tensor); float64.
     device : where to factorise it (default: where it is; the host for an array).
+    tol, rtol : the range tolerance, as in `ntps_nb.core.subspaces.negative_reach`.
 
     Returns
     -------
-    float >= 0: -lambda_min / lambda_max where that exceeds `RANGE_RTOL`, else 0.
+    float >= 0: -lambda_min / lambda_max where -lambda_min exceeds the tolerance, else 0.
     """
     B = torch.as_tensor(np.array(B, dtype=np.float64) if isinstance(B, np.ndarray) else B,  # writable
                         dtype=torch.float64, device=device)
     B = (B + B.mT) / 2
-    shift = RANGE_RTOL * float(torch.diagonal(B).max().clamp(min=0.0))
+    shift = float(tol) if tol is not None else rtol * float(torch.diagonal(B).max().clamp(min=0.0))
     eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device)
     if shift > 0 and int(torch.linalg.cholesky_ex(B + shift * eye).info) == 0:
         return 0.0
-    return reach_of(_numpy(torch.linalg.eigvalsh(B)))
+    return reach_of(_numpy(torch.linalg.eigvalsh(B)), tol=tol, rtol=rtol)
 
 
 def _eigh_range(B: torch.Tensor, tol: float | None, rtol: float):
@@ -690,7 +693,7 @@ def theory_sweep_torch(
     geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     frame = geometry.sweep()
     warn_if_next_token_tied(geometry, frame["k"].to_numpy())
-    warn_if_rounded(negative_reach_torch(pooled.C0, device=_device(device)), geometry.r_V)
+    warn_if_rounded(negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol), geometry.r_V)
     return frame.assign(estimator="plugin")
 
 
@@ -808,7 +811,7 @@ def richardson_sweep_torch(
     frame = full.sweep()
     ks = frame["k"].to_numpy()
     warn_if_next_token_tied(full, ks)
-    warn_if_rounded(negative_reach_torch(_pooled(shards).C0, device=device), full.r_V)
+    warn_if_rounded(negative_reach_torch(_pooled(shards).C0, device=device, rtol=rtol), full.r_V)
     halves = [np.full(ks.shape, np.nan) if isinstance(solved[row], str) else theory_values(solved[row], ks)
               for row in (1, 2)]
     sizes = (counts[1:] @ stack.n_texts).astype(np.int64)
