@@ -1091,7 +1091,8 @@ def ntps_estimate(
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
                                             batch_size=batch_size)
-        _warn_if_rounded(shards, rtol, backend.negative_reach_torch(Moments.combine(shards).C0, device=device, rtol=rtol))
+        reach = backend.negative_reach_torch(Moments.combine(shards).C0, device=device, rtol=rtol)
+        _warn_if_rounded(shards, rtol, reach)
         if interval == "quadratic":
             def solve(counts: np.ndarray) -> np.ndarray:
                 return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
