@@ -118,8 +118,8 @@ DEFAULT_ESTIMATOR = "richardson"
 #: The interval `ntps_estimate` gives "richardson" unless told otherwise (``interval=None``): the
 #: jackknife-t interval without the jackknife's excess on the quadratic part of the error, whose flag
 #: has no bound condition (`ntps_nb.core.quadratic`; chosen on the estimator map,
-#: docs/estimator.md, "The quadratic interval as the default"). The study's ``estimate_interval`` stays
-#: "jackknife" unless set, the committed units' interval.
+#: docs/estimator.md, "The quadratic interval as the default"); a study's ``estimate_interval`` too unless
+#: set (the committed studies set "jackknife", their units' interval).
 DEFAULT_INTERVAL = "quadratic"
 #: A row is reliable when the jackknife squared sine per direction (`subspace_noise`) of U and of V
 #: is at most this. Calibrated on the d = 16 and 64 maps, checked on d = 256 and 576

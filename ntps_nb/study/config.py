@@ -108,11 +108,16 @@ class StudyConfig:
     the plug-in: the estimator's own interval is the estimates table's jackknife).
     ``interval_variants`` names the variants the intervals stage bootstraps (both by default; the
     theory variant alone where the released algorithm's replicates cost too much at a large d).
-    ``estimate_interval`` is the estimates table's interval: "jackknife" (default), "rotation"
-    (`ntps_nb.core.rotation`) or "quadratic" (`ntps_nb.core.quadratic`; the estimator "richardson"). ``estimate_rotation_flag = true`` gives the estimates table's
-    ``reliable`` the flag's rotation condition (`ntps_estimate`'s ``rotation_flag``, on by default
-    there); a study's default is false, what the committed units were computed with, so that their
-    keys (and every study's config hash) stand until the default study is rerun.
+    ``estimate_interval`` is the estimates table's interval: "jackknife", "rotation"
+    (`ntps_nb.core.rotation`) or "quadratic" (`ntps_nb.core.quadratic`; the estimator "richardson");
+    unset, `ntps_estimate`'s own choice for the study's estimator and shards
+    (`ntps_nb.core.estimators.resolve_interval`: "quadratic" for "richardson" with at least 4 shards, else
+    "jackknife"). ``estimate_rotation_flag`` gives the estimates table's ``reliable`` the flag's rotation
+    condition (`ntps_estimate`'s ``rotation_flag``; true unless set). Both defaults are `ntps_estimate`'s,
+    the ones calibrated on the estimator map (docs/estimator.md). The committed studies were computed with
+    "jackknife" and without the rotation condition, and their configs say so (``estimate_interval =
+    "jackknife"``, ``estimate_rotation_flag = false``): at those values the two settings stay out of the
+    config hash (`_ADDED_LATER`), so those studies' keys stand.
     """
 
     name: str
@@ -148,13 +153,14 @@ class StudyConfig:
     # the estimates table's interval (`ntps_nb.core.estimators.ntps_estimate`'s ``interval``): the
     # jackknife-t interval, or "rotation", that interval widened over the rotation of nearly tied
     # eigenvector pairs at k (`ntps_nb.core.rotation`; docs/estimator.md), or "quadratic", its variance
-    # without the jackknife's excess on the error's quadratic part (`ntps_nb.core.quadratic`)
-    estimate_interval: str = "jackknife"
+    # without the jackknife's excess on the error's quadratic part (`ntps_nb.core.quadratic`). None (unset):
+    # ntps_estimate's choice for the estimator and shards, resolved when the config is made
+    estimate_interval: str | None = None
     # the estimates table's flag with its rotation condition (`ntps_nb.core.rotation.rotation_stability`):
     # a row is reliable only where NTPS's range over the rotations of the pairs at k that the shards
-    # cannot reject stays inside its interval (docs/estimator.md). False here (the committed units'
-    # flag) while ntps_estimate's default is true: set it true in a new study
-    estimate_rotation_flag: bool = False
+    # cannot reject stays inside its interval (docs/estimator.md), as ntps_estimate's default; the
+    # committed studies set it false, the flag their units were computed with
+    estimate_rotation_flag: bool = True
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -185,6 +191,13 @@ class StudyConfig:
     # the datasets of ``datasets`` that are files ([[datasets]] tables); part of the grid, and of
     # their own units' stage keys (`dataset_identity`), not of the study-wide settings
     dataset_files: tuple[DatasetFile, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.estimate_interval is None:  # ntps_estimate's own choice, recorded as the interval it is
+            from ntps_nb.core.estimators import resolve_interval
+
+            object.__setattr__(self, "estimate_interval",
+                               resolve_interval(None, self.estimator, int(self.shards or 0)))
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes a unit's numbers (not the grid, not where results go).
@@ -438,13 +451,13 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
                                  f"got {table.get('interval_estimator')!r}")
     from ntps_nb.core.rotation import INTERVALS
 
-    if table.get("estimate_interval", "jackknife") not in INTERVALS:
+    if table.get("estimate_interval") is not None and table["estimate_interval"] not in INTERVALS:
         raise StudySettingsError(f"{path}: estimate_interval must be one of {', '.join(INTERVALS)} (the interval "
                                  f"of ntps_estimate), got {table.get('estimate_interval')!r}")
     if table.get("estimate_interval") == "quadratic" and table.get("estimator", "plugin") != "richardson":
         raise StudySettingsError(f"{path}: estimate_interval = 'quadratic' needs estimator = 'richardson' (the "
                                  f"interval is derived for it), got estimator = {table.get('estimator', 'plugin')!r}")
-    if not isinstance(table.get("estimate_rotation_flag", False), bool):
+    if not isinstance(table.get("estimate_rotation_flag", True), bool):
         raise StudySettingsError(f"{path}: estimate_rotation_flag must be true or false (the flag's rotation "
                                  f"condition), got {table.get('estimate_rotation_flag')!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)

@@ -1459,6 +1459,31 @@ def test_estimate_interval_widens_the_estimates_table_and_keys_only_the_estimate
     assert (widened["lower"] <= plain["lower"] + 1e-12).all() and (widened["upper"] >= plain["upper"] - 1e-12).all()
 
 
+def test_a_new_study_gets_ntps_estimates_calibrated_interval_and_flag_and_the_committed_ones_keep_theirs(tmp_path):
+    """A study config that leaves ``estimate_interval`` and ``estimate_rotation_flag`` unset gets `ntps_estimate`'s
+    defaults (the interval and flag chosen on the estimator map), resolved and recorded in the hash; the committed
+    studies set the values their units were computed with, so their hashes stand."""
+    from ntps_nb.core.estimators import resolve_interval
+
+    new = tmp_path / "new.toml"
+    new.write_text('[study]\nname = "new"\nmodels = ["smollm2-135m"]\ndatasets = ["trec6"]\nestimator = "richardson"\n')
+    cfg = study.load_config(new)
+    assert cfg.estimate_interval == resolve_interval(None, "richardson", cfg.shards) == "quadratic"
+    assert cfg.estimate_rotation_flag is True
+    assert cfg.settings()["estimate_interval"] == "quadratic" and cfg.settings()["estimate_rotation_flag"] is True
+    assert study.load_config(new, estimator="plugin").estimate_interval == "jackknife"  # quadratic is richardson's
+    assert study.load_config(new, shards=3).estimate_interval == "jackknife"  # too few shards for its halves
+    assert "estimate_interval" not in study.load_config(new, estimator="plugin").settings()  # committed value
+    committed = study.load_config(new, estimate_interval="jackknife", estimate_rotation_flag=False)
+    assert not {"estimate_interval", "estimate_rotation_flag"} & set(committed.settings())
+    programmatic = study.StudyConfig(name="t", models=("m",), datasets=("d",), estimator="richardson")
+    assert programmatic.estimate_interval == "quadratic" and programmatic.estimate_rotation_flag is True
+    for path in sorted(STUDIES.glob("*.toml")):  # every committed study says what its units used
+        settings = study.load_config(path).settings()
+        assert not {"estimate_interval", "estimate_rotation_flag"} & set(settings), path
+    assert study.load_config(STUDIES / "default-richardson.toml").config_hash == "5fa0bfabada9"  # its provenance's
+
+
 def test_the_quadratic_estimate_interval_needs_richardson_and_narrows_its_jackknife_interval(tmp_path, tiny_llama):
     with pytest.raises(study.StudySettingsError, match="needs estimator = 'richardson'"):
         study.load_config(STUDIES / "default.toml", estimate_interval="quadratic")
