@@ -1354,9 +1354,10 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     elsewhere). Another estimator (theory variant; "richardson", the package's default): its
     estimate on every layer, from the shards where the extraction kept them and from the two
     halves elsewhere (`extract_model_on_dataset(..., halves=True)`), and with ``intervals`` its
-    delete-one-shard jackknife interval around that estimate, at ``level``, with the reliability
-    flag (`ntps_nb.core.estimators.ntps_estimate`; ``reliable`` False: do not read the number as
-    the population NTPS) at the shard layers.
+    interval at ``level`` and reliability flag as `ntps_nb.core.estimators.ntps_estimate` gives them by
+    default (for "richardson" the delete-one-shard jackknife interval less the jackknife's excess on the
+    quadratic part of the error, "quadratic"; the plain jackknife's for the others; ``reliable`` False: do not
+    read the number as the population NTPS) at the shard layers.
 
     Parameters
     ----------
