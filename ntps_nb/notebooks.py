@@ -1497,7 +1497,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     rows = []
     for layer in run.layers:
         if layer in shards and intervals:
-            with gathered.at(layer):
+            with gathered.at(layer), warnings_named(f"layer {layer}"):
                 frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
