@@ -1,7 +1,6 @@
 """Streaming extraction against brute force on tiny random models."""
 
 import dataclasses
-import warnings
 import numpy as np
 import pytest
 import torch
