@@ -1479,11 +1479,12 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                        estimator: str, gathered: _GatheredInterpolation) -> pd.DataFrame:
     """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
     layer (shards where kept, else the two halves, or the pooled moments for an estimator of those
-    alone), with ``intervals`` the jackknife interval and
-    the reliability flag on the shard layers; interpolation warnings go to ``gathered``."""
-    from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, estimate_ntps, ntps_estimate
+    alone), with ``intervals`` `ntps_estimate`'s default interval and reliability flag on the shard layers;
+    interpolation warnings go to ``gathered`` from every layer, the tie and rounding warnings name their layer."""
+    from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
+    from ntps_nb.core.score import ntps
 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -1509,8 +1510,8 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                 parts = run.train.moments[layer]  # an estimator of the pooled moments alone
             if parts is None:
                 raise ValueError(_missing_parts_message(estimator, layer))
-            with gathered.at(layer):
-                value = float(estimate_ntps(parts, [k], estimator=estimator, seed=split_seed).estimate[0])
+            with gathered.at(layer), warnings_named(f"layer {layer}"):  # `ntps` warns as the shard rows do
+                value = ntps(parts, k, estimator=estimator, seed=split_seed)
             rows.append({"layer": layer, "ntps": value})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
     if intervals:

@@ -285,7 +285,8 @@ def test_layer_profile_with_other_estimators_reads_what_each_needs():
 
 def test_layer_profile_says_interpolation_once_with_its_layers():
     """Fewer texts than the rank of Sxx at every layer: one InterpolationWarning for the whole profile (not
-    one a layer), naming the layers, whichever estimator; other warnings are not swallowed."""
+    one a layer), naming every layer, whichever estimator and whether or not it has the interval columns;
+    other warnings are not swallowed."""
     import warnings
 
     from ntps_nb.core.score import InterpolationWarning, integer_ranges
@@ -293,14 +294,16 @@ def test_layer_profile_says_interpolation_once_with_its_layers():
     assert integer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and integer_ranges([4]) == "4"
     run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
                                        shards=5, interval_layers=[0, 2], halves=True)
-    for estimator in ("plugin", "richardson"):
+    every = f"NTPS at {len(run.layers)} of {len(run.layers)} layers ({integer_ranges(run.layers)}) "
+    # richardson's layer without shards (1) reads the halves: said too, with or without the interval columns
+    for estimator, intervals in (("plugin", True), ("plugin", False), ("richardson", True), ("richardson", False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            nbs.layer_profile(run, k=2, intervals=True, estimator=estimator, n_boot=10)
+            nbs.layer_profile(run, k=2, intervals=intervals, estimator=estimator, n_boot=10)
         said = [w for w in caught if issubclass(w.category, InterpolationWarning)]
         assert len(said) == 1, [str(w.message)[:80] for w in said]
         message = str(said[0].message)
-        assert message.startswith("NTPS at ") and "Layer 0: the pooled moments: 40 texts" in message
+        assert message.startswith(every) and "Layer 0: the pooled moments: 40 texts" in message, message[:80]
         assert said[0].filename == __file__  # said at the caller's line
     gathered = nbs._GatheredInterpolation()
     with pytest.warns(RuntimeWarning, match="passes through"):
