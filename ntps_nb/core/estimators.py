@@ -86,7 +86,7 @@ from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, qu
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
                                 interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
-                                warn_if_rounded)
+                                warn_if_next_token_tied, warn_if_rounded)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, negative_reach,
                                     nested_orthonormal_basis, next_token_subspace, perception_subspace)
 
@@ -1112,6 +1112,7 @@ def ntps_estimate(
     _warn_if_rounded(shards, rtol, negative_reach(solves.pooled.C0, rtol=rtol), solves.full[1].rank_B)
     full = solves.full_geometry()
     warn_if_interpolating(shards, estimator, seed=seed, replicates=True, rank=full.r_U)
+    warn_if_next_token_tied(full, ks)  # the flag refuses those rows (`eigengap_ratios`); this says why
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)
     S = len(shards)
     geometries = solves.replicate_geometries()

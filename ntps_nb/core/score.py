@@ -362,7 +362,7 @@ def warnings_named(where: str, category: type[Warning] | tuple[type[Warning], ..
                                source=item.source)
 
 
-def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> None:
+def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int], stacklevel: int = 3) -> None:
     """Warn (`NextTokenTieWarning`) where a k of ``ks`` is one of the geometry's `next_token_tied_ks` and the tie
     can move NTPS there by more than `NEXT_TOKEN_TIE_SPREAD` (`next_token_tie_spread`): NTPS is then one of
     several equally valid values, chosen by rounding.
@@ -372,6 +372,7 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> No
     geometry : the `TheoryGeometry` of the pooled moments the values are read from (nothing is said where it
         kept no next-token eigenvalues).
     ks : the k whose values the caller returns.
+    stacklevel : as in `warnings.warn`; the default 3 points at the caller of this function's caller.
 
     Returns
     -------
@@ -390,7 +391,7 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int]) -> No
         "so V_k there holds directions rounding picks and NTPS at those k can differ between machines and "
         f"kernels, by up to {max(spread.values()):.2g}. At the embedding layer this follows from the tokenization: "
         "next states of repeated tokens are the same vector (docs/estimator.md, 'Tied next-token eigenvalues').",
-        NextTokenTieWarning, stacklevel=3)
+        NextTokenTieWarning, stacklevel=stacklevel)
 
 
 def warn_if_rounded(reach: float, r_V: int, stacklevel: int = 3) -> None:

@@ -1,6 +1,9 @@
 """NTPS, both variants, against independent computations and invariants."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
+import ntps_nb
 from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
 from ntps_nb.core.estimators import ntps_estimate
 from ntps_nb.core.moments import moments_from_sequences
@@ -304,18 +308,41 @@ def test_the_next_token_tie_warning_names_the_block_and_is_silent_elsewhere(rng)
         next_token_tied_ks(np.array([1.0, np.nan]))
 
 
-def test_the_flag_refuses_rows_at_tied_next_token_eigenvalues():
+def test_the_flag_refuses_rows_at_tied_next_token_eigenvalues_and_ntps_estimate_says_why():
     """Inside a block of zero next-token eigenvalues the eigengap and its jackknife SE are both rounding:
-    gap_ratio_V is set to 0 there, so the flag refuses every tied row, and the other rows keep their ratio."""
+    gap_ratio_V is set to 0 there, so the flag refuses every tied row, and the other rows keep their ratio.
+    `ntps_estimate` says why with the `NextTokenTieWarning` `ntps_sweep` gives, on both backends, at its
+    caller's line (checked in a fresh interpreter: under tests/core the shape checker wraps the functions in
+    frames of its own), and is silent where it is asked only untied k."""
     from ntps_nb.core.estimators import eigengap_ratios, ntps_estimate
 
     shards, r0, r1 = token_embedding_moments(0, n_texts=240, n_shards=8)
     tied = list(range(r1 + 1, r0))
     assert tied and next_token_tied_ks(theory_geometry(Moments.combine(shards)).next_token_eigenvalues) == tied
-    frame = ntps_estimate(shards, list(range(1, r0 + 1))).set_index("k")
+    with pytest.warns(NextTokenTieWarning, match=f"tied at k = {r1 + 1}-{r0 - 1} ") as caught:
+        frame = ntps_estimate(shards, list(range(1, r0 + 1))).set_index("k")
     assert (frame.loc[tied, "gap_ratio_V"] == 0).all() and not frame.loc[tied, "reliable"].any()
     untied = [k for k in range(1, r0) if k not in tied]
     assert (frame.loc[untied, "gap_ratio_V"] != 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NextTokenTieWarning)
+        ntps_estimate(shards, untied)
+    if importlib.util.find_spec("torch") is not None:
+        with pytest.warns(NextTokenTieWarning, match=f"tied at k = {r1 + 1} "):  # the k it is asked
+            ntps_estimate(shards, [r1, r1 + 1], device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NextTokenTieWarning)
+            ntps_estimate(shards, [r1, r0], device="cpu")
+    devices = ["None", '"cpu"'] if importlib.util.find_spec("torch") is not None else ["None"]
+    code = ("import warnings\nfrom ntps_nb.core.estimators import ntps_estimate\n"
+            "from tests.core.test_score import token_embedding_moments\n"
+            "shards, r0, r1 = token_embedding_moments(0, n_texts=240, n_shards=8)\n"
+            "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+            + "".join(f"    ntps_estimate(shards, [r1 + 1], device={device})\n" for device in devices)
+            + "print([(w.category.__name__, w.filename, w.lineno) for w in caught])\n")
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    assert said.strip() == repr([("NextTokenTieWarning", "<string>", 7 + i) for i in range(len(devices))])
     gaps = eigengap_ratios(shards, tied).set_index("k")
     assert (gaps["gap_ratio_V"] == 0).all() and (gaps["gap_ratio"] <= 0).all()
 

@@ -2400,6 +2400,7 @@ def ntps_estimate_torch(
         stack, counts[1:], noise[1:], ks, rtol=rtol, batch_size=batch_size, dtype=dtype, device=device)
     if isinstance(full_geometry, str):
         raise ValueError(full_geometry)
+    warn_if_next_token_tied(full_geometry, ks, stacklevel=4)  # at the caller of `ntps_estimate`, as its numpy path
     geometries = [full_geometry] + solved
     values = np.array([np.full(ks.shape, np.nan) if isinstance(g, str) else theory_values(g, ks) for g in geometries])
     sizes = counts.astype(np.int64) @ n_texts
