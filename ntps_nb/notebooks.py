@@ -1484,7 +1484,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
-    from ntps_nb.core.score import ntps
+    from ntps_nb.core.score import BeyondRankError, ntps
 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -1511,7 +1511,10 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
             if parts is None:
                 raise ValueError(_missing_parts_message(estimator, layer))
             with gathered.at(layer), warnings_named(f"layer {layer}"):  # `ntps` warns as the shard rows do
-                value = ntps(parts, k, estimator=estimator, seed=split_seed)
+                try:
+                    value = ntps(parts, k, estimator=estimator, seed=split_seed)
+                except BeyondRankError:  # undefined at this layer: NaN, as `ntps_estimate` gives on the shard layers
+                    value = np.nan
             rows.append({"layer": layer, "ntps": value})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
     if intervals:

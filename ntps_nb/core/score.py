@@ -199,6 +199,12 @@ class NextTokenTieWarning(UserWarning):
     picks."""
 
 
+class BeyondRankError(ValueError):
+    """A k beyond the retained rank of C0 (r_V): there are not k next-token directions, so NTPS is undefined.
+    A `ValueError`; a loop that reports NaN where an estimate is undefined (the notebooks' `layer_profile`) catches
+    this one and nothing else."""
+
+
 #: Gaps between neighbouring next-token eigenvalues at or below r_V x this x mu_1 count as ties (mu_1 the largest
 #: eigenvalue, r_V their number): the float64 eigensolve's backward error, a modest multiple of n eps ||M|| for a
 #: symmetric matrix M of order n (here the reduced matrix, ||M|| = mu_1), so the solve does not resolve them. A
@@ -436,7 +442,7 @@ def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k > r_V:
-        raise ValueError(f"k = {k} is beyond the retained rank of C0 (r_V = {r_V})")
+        raise BeyondRankError(f"k = {k} is beyond the retained rank of C0 (r_V = {r_V})")
     return k
 
 

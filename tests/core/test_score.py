@@ -15,7 +15,7 @@ import ntps_nb
 from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
 from ntps_nb.core.estimators import ntps_estimate
 from ntps_nb.core.moments import moments_from_sequences
-from ntps_nb.core.score import NextTokenTieWarning, next_token_tie_spread, next_token_tied_ks
+from ntps_nb.core.score import BeyondRankError, NextTokenTieWarning, next_token_tie_spread, next_token_tied_ks
 from tests.core.conftest import random_moments, random_spd
 
 REFERENCE_MATCH = 1e-10
@@ -182,8 +182,12 @@ def test_bad_k_and_fraction_raise_clear_errors(rng):
     m = random_moments(rng, d=6)
     with pytest.raises(ValueError, match="k must be >= 1"):
         ntps(m, 0)
-    with pytest.raises(ValueError, match="beyond the retained rank"):
+    with pytest.raises(BeyondRankError, match="beyond the retained rank"):  # a ValueError of its own kind
         ntps(m, 7)
+    assert issubclass(BeyondRankError, ValueError)
+    with pytest.raises(ValueError, match="k must be >= 1") as refused:
+        ntps(m, 0)
+    assert not isinstance(refused.value, BeyondRankError)  # only k beyond r_V is that kind
     with pytest.raises(ValueError, match="exactly one of k"):
         ntps(m)
     with pytest.raises(ValueError, match="selects no direction"):

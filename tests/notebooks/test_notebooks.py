@@ -253,6 +253,10 @@ def test_layer_profile_with_richardson_is_that_estimator_on_every_layer():
     w = h / (h - 1 / full.n_texts)
     by_hand = w * ntps(full, k=2) + (1 - w) * np.mean([ntps(half_a, k=2), ntps(half_b, k=2)])
     assert profile.loc[1, "ntps"] == pytest.approx(by_hand, abs=1e-12)
+    beyond = full.d + 1  # more next-token directions than any layer has (r_V <= d): undefined, NaN on every layer
+    assert nbs.layer_profile(run, k=beyond, intervals=True, estimator="richardson")["ntps"].isna().all()
+    with pytest.raises(ValueError, match="beyond the retained rank"):  # the plug-in's profile refuses it
+        nbs.layer_profile(run, k=beyond)
     with pytest.raises(ValueError, match="neither"):  # no halves: layer 1 has nothing richardson can read
         nbs.layer_profile(nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
                                                        shards=6, interval_layers=[0, 2]), k=2, estimator="richardson")
