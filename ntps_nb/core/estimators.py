@@ -929,9 +929,9 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
     """NTPS_theory at each k of ``ks`` by one estimator (no interval).
 
     The building block of `ntps_nb.core.score.ntps` / `ntps_sweep` and of the shard bootstrap (once a
-    replicate): unlike `ntps`, `ntps_sweep` and `ntps_estimate` it does not warn where the texts are no
-    more than the rank of Sxx; call `warn_if_interpolating` beside it, or use those, when the values
-    are read.
+    replicate): unlike `ntps`, `ntps_sweep` and `ntps_estimate` it warns of nothing (texts no more than
+    the rank of Sxx, tied next-token eigenvalues, rounded moments); read values through those, or call
+    `warn_if_interpolating` beside it.
 
     Parameters
     ----------
