@@ -871,7 +871,7 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
 
 
 def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 0, replicates: bool,
-                          rank: int | None = None, centred: bool = False) -> None:
+                          rank: int | None = None, centred: bool = False, stacklevel: int = 3) -> None:
     """Warn (`InterpolationWarning`) where a plug-in the estimate or its interval needs is computed from
     no more texts than the rank of its Sxx, where the labels are fitted exactly
     (`ntps_nb.core.score.interpolation_message`): the pooled shards, a leave-one-shard-out replicate
@@ -890,6 +890,7 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
     replicates : whether the caller also computes leave-one-shard-out replicates (an interval).
     rank : the pooled Sxx's retained rank, or None for min(N, d).
     centred : whether the plug-in centres the moments (the plug-in's ``centred``).
+    stacklevel : as in `warnings.warn`; the default 3 points at the caller of this function's caller.
 
     Returns
     -------
@@ -921,7 +922,7 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
         tied.update(tied_ks(Syy, centred and not shards[0].is_centred))
     size, what, part_rank, _ = max(found, key=lambda part: part[0])
     warnings.warn(interpolation_message(what, size, part_rank, sorted(tied), parts=len(found)), InterpolationWarning,
-                  stacklevel=3)
+                  stacklevel=stacklevel)
 
 
 def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "plugin", seed: int = 0,

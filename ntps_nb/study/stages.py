@@ -1036,6 +1036,7 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     shard estimator cannot be evaluated on permuted per-text labels: the plug-in stands in, its
     rows say so and so does the record), the reference rows by the plug-in."""
     from ntps_nb.core.diagnostics import ntps_diagnostics
+    from ntps_nb.core.score import InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning
 
     if not u.diag_grid:
         return None, {}
@@ -1045,6 +1046,8 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     rows = []
     with warnings.catch_warnings(), host_solvers as host:
         _ignore_recorded_as_nan()
+        for category in (InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning):
+            warnings.filterwarnings("ignore", category=category)  # the ntps stage says them of the same moments
         for layer, variant, grid, on in jobs:
             options = dict(estimator=estimator) if variant == "theory" else {}
             frame = ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,

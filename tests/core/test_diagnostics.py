@@ -443,3 +443,67 @@ def test_host_solver_processes_closed_with_cancel_terminate_a_running_task():
     with HostSolverProcesses(1, 1) as pool:
         short = pool.pool.submit(time.sleep, 0.1)
     assert short.done() and short.result() is None
+
+
+def test_the_unperturbed_theory_rows_carry_the_sweeps_warnings_and_the_copies_none(planted):
+    """`ntps_diagnostics` says of its unperturbed NTPS what `ntps_sweep` says of it: once, however many
+    perturbed copies and permutations it draws, on both backends; a sample `ntps_sweep` is silent on gives
+    no warning. Where each points is checked in a fresh interpreter (the shape checker's wrappers add frames
+    here)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    import ntps_nb
+    from ntps_nb.core.score import InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning
+    from tests.core.test_score import rounded, token_embedding_moments
+
+    said = (InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning)
+    devices = [None, "cpu"] if importlib.util.find_spec("torch") is not None else [None]
+
+    def caught(moments, features=None, labels=None, **options):
+        """The package's warnings of one call per device, as (category, sweep's first words) pairs."""
+        out = []
+        for device in devices:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                ntps_diagnostics(moments, features, labels, n_perturb=5, n_permutations=10 if labels is not None
+                                 else 0, solvers=False, device=device, **options)
+            out.append([w.category for w in record if issubclass(w.category, said)])
+        return out
+
+    for categories in caught(planted.moments, planted.features, planted.labels, k=[4, PLANTED_K]):
+        assert categories == []  # 2,000 texts in d = 32: nothing to say
+    few = synthetic_linear_task(angle=0.3, seed=0, n_texts=24)  # no more texts than d
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ntps_nb.ntps_sweep(few.moments)
+    assert [w.category for w in record if issubclass(w.category, said)] == [InterpolationWarning]
+    for categories in caught(few.moments, few.features, few.labels, k=[4, PLANTED_K]):
+        assert categories == [InterpolationWarning]
+    m, r0, r1 = token_embedding_moments(0)
+    for categories in caught(m, k=[r1 + 1]):
+        assert categories == [NextTokenTieWarning]
+    for categories in caught(m, k=[r1]):
+        assert categories == []
+    for categories in caught(rounded(m, 1e-8), k=[r1]):  # C0 of rank r0 < d: the rounding reaches below zero
+        assert categories == [RoundedMomentsWarning]
+    header = ("import warnings\nfrom ntps_nb import ntps_diagnostics\n"
+              "from ntps_nb.core.theory import synthetic_linear_task\n"
+              "from tests.core.test_score import rounded, token_embedding_moments\n"
+              "m, r0, r1 = token_embedding_moments(0)\nfew = synthetic_linear_task(angle=0.3, seed=0, n_texts=24)\n"
+              "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n")
+    calls = [(category, f"    ntps_diagnostics({moments}, k=[{k}], n_perturb=2, n_permutations=0, solvers=False, "
+                        f"device={device!r})\n")
+             for category, moments, k in (("InterpolationWarning", "few.moments", 4),
+                                          ("NextTokenTieWarning", "m", "r1 + 1"),
+                                          ("RoundedMomentsWarning", "rounded(m, 1e-8)", "r1"))
+             for device in devices]
+    code = (header + "".join(call for _, call in calls)
+            + "print([(w.category.__name__, w.filename, w.lineno) for w in caught])\n")
+    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    first = header.count("\n") + 1  # the line of the first call
+    assert where.strip() == repr([(category, "<string>", first + i) for i, (category, _) in enumerate(calls)])

@@ -88,6 +88,7 @@ from ntps_nb.core.diagnostics import (
     check_diagnostics_inputs,
     diagnostics_frame,
     solver_deviations,
+    warn_of_the_sample,
 )
 from ntps_nb.core.estimators import (
     BOUND_SE,
@@ -1454,6 +1455,7 @@ def ntps_diagnostics_torch(
     if "theory" in variants:
         geometry = theory_geometry_torch(moments, device=device)
         ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
+        warn_of_the_sample(moments, geometry, ks, estimator=estimator, stacklevel=4)  # at `ntps_diagnostics`'s caller
         grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": _theory_values(geometry, ks),
                            "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
     if "reference" in variants:
