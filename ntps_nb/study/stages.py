@@ -985,6 +985,19 @@ class _HostSolvers:
             self.pool, self.computing = None, False
 
 
+@contextlib.contextmanager
+def _said_by_the_ntps_stage() -> Iterator[None]:
+    """A block that computes NTPS again from moments the ntps stage has swept (the diagnostics' r_V and their
+    unperturbed rows) says nothing of the sample: the interpolation, next-token tie and rounded-moments warnings
+    were said there, named by layer."""
+    from ntps_nb.core.score import InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning
+
+    with warnings.catch_warnings():
+        for category in (InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning):
+            warnings.filterwarnings("ignore", category=category)
+        yield
+
+
 def _diagnostic_jobs(u: _Unit) -> tuple[str, list[tuple]]:
     """The diagnostics stage's estimator and jobs: (layer, variant, grid, device or None) for each
     diagnostic layer and variant, the theory k grid cut at the layer's r_V."""
@@ -998,7 +1011,8 @@ def _diagnostic_jobs(u: _Unit) -> tuple[str, list[tuple]]:
     theory_device = device if estimator == "plugin" else None
     jobs = []
     for layer in u.diag_grid:
-        r_V = int(sweep(u.ex.moments[layer])["r_V"].iloc[0])
+        with _said_by_the_ntps_stage():
+            r_V = int(sweep(u.ex.moments[layer])["r_V"].iloc[0])
         ks = [k for k in u.cfg.diagnostic_k if k <= r_V] or [1]
         jobs += [(layer, "theory", dict(k=ks), theory_device),
                  (layer, "reference", dict(fraction=list(u.cfg.diagnostic_fractions)), device)]
@@ -1036,7 +1050,6 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     shard estimator cannot be evaluated on permuted per-text labels: the plug-in stands in, its
     rows say so and so does the record), the reference rows by the plug-in."""
     from ntps_nb.core.diagnostics import ntps_diagnostics
-    from ntps_nb.core.score import InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning
 
     if not u.diag_grid:
         return None, {}
@@ -1044,10 +1057,8 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     host_solvers = u.host_solvers if u.host_solvers is not None else _HostSolvers(u, _diagnostic_jobs(u))
     estimator, jobs = host_solvers.plan
     rows = []
-    with warnings.catch_warnings(), host_solvers as host:
+    with warnings.catch_warnings(), _said_by_the_ntps_stage(), host_solvers as host:
         _ignore_recorded_as_nan()
-        for category in (InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning):
-            warnings.filterwarnings("ignore", category=category)  # the ntps stage says them of the same moments
         for layer, variant, grid, on in jobs:
             options = dict(estimator=estimator) if variant == "theory" else {}
             frame = ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,

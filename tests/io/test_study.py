@@ -1953,3 +1953,25 @@ def test_a_study_with_too_few_shards_for_its_estimators_interval_says_so_when_it
     assert study.stages.estimates_shortfall(dataclasses.replace(cfg, interval_layers=())) is None
     assert "needs at least 3" in study.stages.estimates_shortfall(dataclasses.replace(cfg, estimator="plugin",
                                                                                        shards=2))
+
+
+def test_the_diagnostics_stage_adds_no_warning_the_ntps_stage_gives_of_the_same_moments(tmp_path, tiny_llama):
+    """`ntps_diagnostics` warns of its unperturbed moments as `ntps_sweep` does; in a study the ntps stage has
+    said that of every layer already, so a unit with diagnostics says exactly what the same unit without them
+    says (40 texts in d = 64: every layer interpolates, so there is something to repeat)."""
+    from ntps_nb.core.score import InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning
+
+    said = (InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning)
+    heard = {}
+    for diagnostics in (False, True):
+        cfg = _smoke(tmp_path, datasets=["trec6"], diagnostics=diagnostics, peers=False, probes=["heldout"],
+                     results_dir=str(tmp_path / f"results-{diagnostics}"))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            unit = study.run_unit(cfg, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache",
+                                  log=lambda _: None)
+        assert (unit.get("diagnostics") is not None) == diagnostics
+        heard[diagnostics] = sorted((w.category.__name__, str(w.message)) for w in record
+                                    if issubclass(w.category, said))
+    assert any(name == "InterpolationWarning" for name, _ in heard[False])
+    assert heard[True] == heard[False]
