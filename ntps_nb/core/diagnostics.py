@@ -51,8 +51,7 @@ from ntps_nb.core.score import (
     reference_geometry,
     reference_geometry_from,
     theory_geometry,
-    warn_if_next_token_tied,
-    warn_if_rounded,
+    warn_of_the_sample,
 )
 from ntps_nb.core.subspaces import (
     A_RANK_RTOL,
@@ -60,7 +59,6 @@ from ntps_nb.core.subspaces import (
     REFERENCE_ABS_TOL,
     check_labels,
     generalized_eigh,
-    negative_reach,
     nested_orthonormal_basis,
 )
 
@@ -708,8 +706,8 @@ def ntps_diagnostics(
     **provenance : constant columns (model, dataset, layer, ...) added to every row.
 
     The theory rows' unperturbed NTPS comes with the warnings `ntps_nb.core.score.ntps_sweep` gives it
-    (`warn_of_the_sample`: no more texts than the rank of Sxx, tied next-token eigenvalues at one of its k,
-    rounded moments); the perturbed copies and permutations say nothing.
+    (`ntps_nb.core.score.warn_of_the_sample`: no more texts than the rank of Sxx, tied next-token eigenvalues at
+    one of its k, rounded moments); the perturbed copies and permutations say nothing.
 
     Returns
     -------
@@ -747,7 +745,7 @@ def ntps_diagnostics(
     if "theory" in variants:
         geometry = theory_geometry(moments)
         ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
-        warn_of_the_sample(moments, geometry, ks, estimator=estimator)
+        warn_of_the_sample(moments, [moments], geometry, ks, estimator=estimator)
         real = _theory_values(geometry, ks) if plugin else _estimated(moments, ks, estimator, seed)
         grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": real,
                            "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
@@ -825,32 +823,6 @@ def _check_diagnostics_estimator(estimator: str, variants: list[str], moments: M
     if moments.is_centred:
         raise ValueError(f"estimator={estimator!r} takes uncentred moments; centred moments are an option of the "
                          "plug-in")
-
-
-def warn_of_the_sample(moments: Moments, geometry: TheoryGeometry, ks: Sequence[int], *, estimator: str,
-                       stacklevel: int = 3) -> None:
-    """The warnings `ntps_nb.core.score.ntps_sweep` gives next to the theory NTPS of ``moments`` at ``ks``, said
-    by the diagnostics of the unperturbed moments (never of their perturbed or permuted copies): no more texts
-    than the rank of Sxx (`InterpolationWarning`), tied next-token eigenvalues at one of ``ks``
-    (`NextTokenTieWarning`), a C0 reaching below zero (`RoundedMomentsWarning`).
-
-    Parameters
-    ----------
-    moments : the unperturbed moments.
-    geometry : their theory geometry (either backend's).
-    ks : the k of the theory rows.
-    estimator : the theory rows' estimator (its name goes into the interpolation message).
-    stacklevel : as in `warnings.warn`, counted from this function's caller (3: the caller's caller).
-
-    Returns
-    -------
-    None.
-    """
-    from ntps_nb.core.estimators import warn_if_interpolating
-
-    warn_if_interpolating([moments], estimator, replicates=False, rank=geometry.r_U, stacklevel=stacklevel + 1)
-    warn_if_next_token_tied(geometry, ks, stacklevel=stacklevel + 1)
-    warn_if_rounded(negative_reach(moments.C0), geometry.r_V, stacklevel=stacklevel + 1)
 
 
 def _estimated(moments: Moments, ks: np.ndarray, estimator: str, seed: int) -> np.ndarray:

@@ -86,9 +86,9 @@ from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, qu
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
                                 interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
-                                warn_if_next_token_tied, warn_if_rounded)
-from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, negative_reach,
-                                    nested_orthonormal_basis, next_token_subspace, perception_subspace)
+                                warn_of_the_sample)
+from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
+                                    next_token_subspace, perception_subspace)
 
 ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
@@ -932,7 +932,7 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
     The building block of `ntps_nb.core.score.ntps` / `ntps_sweep` and of the shard bootstrap (once a
     replicate): unlike `ntps`, `ntps_sweep` and `ntps_estimate` it warns of nothing (texts no more than
     the rank of Sxx, tied next-token eigenvalues, rounded moments); read values through those, or call
-    `warn_if_interpolating` beside it.
+    `ntps_nb.core.score.warn_of_the_sample` beside it.
 
     Parameters
     ----------
@@ -956,14 +956,6 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
     values, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits)
     return Estimate(estimator=estimator, ks=ks, estimate=values, reliability=reliability,
                     n_texts=sum(s.n_texts for s in shards), n_shards=len(shards))
-
-
-def _warn_if_rounded(shards: list[Moments], rtol: float, reach: float, r_V: int | None = None) -> None:
-    """`warn_if_rounded` for `ntps_estimate`: the pooled shards' C0 ``reach`` (`negative_reach`), with its
-    retained rank solved here only where it is needed (a reach above zero) and not given."""
-    if reach > 0 and r_V is None:
-        r_V = next_token_subspace(Moments.combine(shards), rtol=rtol).rank_B
-    warn_if_rounded(reach, r_V, stacklevel=4)
 
 
 def ntps_estimate(
@@ -1088,12 +1080,9 @@ def ntps_estimate(
         _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
-        warn_if_interpolating(shards, estimator, seed=seed, replicates=True)
         frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
                                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
                                             batch_size=batch_size)
-        reach = backend.negative_reach_torch(Moments.combine(shards).C0, device=device, rtol=rtol)
-        _warn_if_rounded(shards, rtol, reach)
         if interval == "quadratic":
             def solve(counts: np.ndarray) -> np.ndarray:
                 return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
@@ -1110,10 +1099,9 @@ def ntps_estimate(
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol)
-    _warn_if_rounded(shards, rtol, negative_reach(solves.pooled.C0, rtol=rtol), solves.full[1].rank_B)
     full = solves.full_geometry()
-    warn_if_interpolating(shards, estimator, seed=seed, replicates=True, rank=full.r_U)
-    warn_if_next_token_tied(full, ks)  # the flag refuses those rows (`eigengap_ratios`); this says why
+    # the flag refuses rows at tied next-token eigenvalues (`eigengap_ratios`); the warning says why
+    warn_of_the_sample(solves.pooled, shards, full, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol)
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)
     S = len(shards)
     geometries = solves.replicate_geometries()

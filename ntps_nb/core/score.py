@@ -427,6 +427,41 @@ def warn_if_rounded(reach: float, r_V: int, stacklevel: int = 3) -> None:
         RoundedMomentsWarning, stacklevel=stacklevel)
 
 
+
+def warn_of_the_sample(pooled: Moments, shards: Sequence[Moments], geometry: "TheoryGeometry", ks: Sequence[int], *,
+                       estimator: str, seed: int = 0, replicates: bool = False, centred: bool = False,
+                       tol: float | None = None, rtol: float = RANGE_RTOL, reach: float | None = None,
+                       stacklevel: int = 3) -> None:
+    """What every theory NTPS read from these moments is said with, once per call: no more texts than the rank
+    of Sxx in a part the value (or its interval, ``replicates``) reads (`InterpolationWarning`,
+    `ntps_nb.core.estimators.warn_if_interpolating`), tied next-token eigenvalues that can move NTPS at one of
+    ``ks`` (`NextTokenTieWarning`), and C0 reaching below zero beyond the range tolerance (`RoundedMomentsWarning`).
+    `ntps`, `ntps_sweep`, `ntps_estimate` (both backends) and `ntps_nb.core.diagnostics.ntps_diagnostics` call it.
+
+    Parameters
+    ----------
+    pooled : the pooled moments the values are read from.
+    shards : the per-shard moments (``[pooled]`` where there are none).
+    geometry : the pooled moments' theory geometry (either backend's).
+    ks : the k whose values the caller returns.
+    estimator, seed, replicates, centred : as in `warn_if_interpolating`.
+    tol, rtol : the caller's range tolerance (of the rounding check).
+    reach : `negative_reach` of the pooled C0 where the caller measured it (a device's); None: measured here.
+    stacklevel : as in `warnings.warn`, counted from this function's caller (3: the caller's caller).
+
+    Returns
+    -------
+    None.
+    """
+    from ntps_nb.core.estimators import warn_if_interpolating
+
+    warn_if_interpolating(list(shards), estimator, seed=seed, replicates=replicates, rank=geometry.r_U,
+                          centred=centred, stacklevel=stacklevel + 1)
+    warn_if_next_token_tied(geometry, ks, stacklevel=stacklevel + 1)
+    if reach is None:
+        reach = negative_reach(pooled.C0, tol=tol, rtol=rtol)
+    warn_if_rounded(reach, geometry.r_V, stacklevel=stacklevel + 1)
+
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k (an integer) and fraction (of the retained rank of C0)")
@@ -881,11 +916,10 @@ def ntps(
         kk = geometry.k(k, fraction)
         if estimator != "plugin" and (centred or tol is not None):
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
+        from ntps_nb.core.estimators import estimate_ntps
 
-        warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
-        warn_if_next_token_tied(geometry, [kk])
-        warn_if_rounded(negative_reach(pooled.C0, tol=tol, rtol=rtol), geometry.r_V)
+        warn_of_the_sample(pooled, shards, geometry, [kk], estimator=estimator, seed=seed, centred=centred, tol=tol,
+                           rtol=rtol)
         if estimator == "plugin":
             return geometry.ntps(kk)
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
@@ -945,11 +979,10 @@ def ntps_sweep(
         frame = geometry.sweep()
         if estimator != "plugin" and (centred or tol is not None):
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        from ntps_nb.core.estimators import estimate_ntps, warn_if_interpolating
+        from ntps_nb.core.estimators import estimate_ntps
 
-        warn_if_interpolating(shards, estimator, seed=seed, replicates=False, rank=geometry.r_U, centred=centred)
-        warn_if_next_token_tied(geometry, frame["k"].to_numpy())
-        warn_if_rounded(negative_reach(pooled.C0, tol=tol, rtol=rtol), geometry.r_V)
+        warn_of_the_sample(pooled, shards, geometry, frame["k"].to_numpy(), estimator=estimator, seed=seed,
+                           centred=centred, tol=tol, rtol=rtol)
         if estimator == "plugin":
             return frame.assign(estimator="plugin")
         result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)

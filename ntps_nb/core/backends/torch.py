@@ -88,7 +88,6 @@ from ntps_nb.core.diagnostics import (
     check_diagnostics_inputs,
     diagnostics_frame,
     solver_deviations,
-    warn_of_the_sample,
 )
 from ntps_nb.core.estimators import (
     BOUND_SE,
@@ -128,6 +127,7 @@ from ntps_nb.core.score import (
     reference_sweep_frame,
     warn_if_next_token_tied,
     warn_if_rounded,
+    warn_of_the_sample,
 )
 from ntps_nb.core import validation
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis,
@@ -1455,7 +1455,7 @@ def ntps_diagnostics_torch(
     if "theory" in variants:
         geometry = theory_geometry_torch(moments, device=device)
         ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
-        warn_of_the_sample(moments, geometry, ks, estimator=estimator, stacklevel=4)  # at `ntps_diagnostics`'s caller
+        warn_of_the_sample(moments, [moments], geometry, ks, estimator=estimator, stacklevel=4)  # at its caller's
         grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": _theory_values(geometry, ks),
                            "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
     if "reference" in variants:
@@ -2402,7 +2402,10 @@ def ntps_estimate_torch(
         stack, counts[1:], noise[1:], ks, rtol=rtol, batch_size=batch_size, dtype=dtype, device=device)
     if isinstance(full_geometry, str):
         raise ValueError(full_geometry)
-    warn_if_next_token_tied(full_geometry, ks, stacklevel=4)  # at the caller of `ntps_estimate`, as its numpy path
+    pooled = _pooled(shards)
+    warn_of_the_sample(pooled, shards, full_geometry, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol,
+                       reach=negative_reach_torch(pooled.C0, device=device, rtol=rtol),
+                       stacklevel=4)  # at the caller of `ntps_estimate`, as its numpy path
     geometries = [full_geometry] + solved
     values = np.array([np.full(ks.shape, np.nan) if isinstance(g, str) else theory_values(g, ks) for g in geometries])
     sizes = counts.astype(np.int64) @ n_texts
