@@ -6,8 +6,10 @@ flag's rotation condition, ``rotation_flag=False``, with ``interval="rotation"``
 interval, "quadratic", whose interactions take at most 5 shards of each half; and that interval with every
 shard, ``interaction_half=None``) on the same shard moments of one layer (an LDS
 generator, d hidden dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and
-prints the median seconds and the ratio to the plug-in. The issue's budget: the default estimator at
-most 3x the plug-in's factorisations (richardson: the full sample and its two halves).
+prints the median seconds and the ratio to the plug-in, and beside them the number of d x d symmetric
+eigensolves each call makes (counted on one more, untimed call) and its ratio to the plug-in's. The issue's
+budget: the default estimator at most 3x the plug-in's factorisations (richardson: the full sample and its
+two halves).
 
     python benchmarks/bench_estimator_cost.py --d 576 --texts 2000 --shards 20
 """
@@ -21,9 +23,30 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
 
 from ntps_nb.core.estimators import estimate_ntps, ntps_estimate  # noqa: E402
 from ntps_nb.core.simulate import lds_model, sample_shards  # noqa: E402
+
+
+def count_eigensolves(call, d: int) -> int:
+    """The d x d symmetric eigensolves (scipy's and numpy's eigh) ``call`` makes."""
+    count = 0
+    originals = scipy.linalg.eigh, np.linalg.eigh
+
+    def counted(original):
+        def eigh(a, *args, **kwargs):
+            nonlocal count
+            count += np.shape(a)[-1] == d
+            return original(a, *args, **kwargs)
+        return eigh
+
+    scipy.linalg.eigh, np.linalg.eigh = (counted(f) for f in originals)
+    try:
+        call()
+    finally:
+        scipy.linalg.eigh, np.linalg.eigh = originals
+    return count
 
 
 def main() -> None:
@@ -51,6 +74,7 @@ def main() -> None:
     calls[("ntps_estimate", "richardson+quadratic (default)")] = lambda: ntps_estimate(shards, ks)
     calls[("ntps_estimate", "richardson+quadratic, every shard")] = lambda: ntps_estimate(shards, ks,
                                                                                          interaction_half=None)
+    solves = {key: count_eigensolves(call, args.d) for key, call in calls.items()}
     times = {key: [] for key in calls}
     for _ in range(args.repeats):
         for key, call in calls.items():
@@ -65,7 +89,9 @@ def main() -> None:
                   "richardson+quadratic (default)", "richardson+quadratic, every shard"):
             if (what, e) in times:
                 t = np.median(times[(what, e)])
-                print(f"  {what:14s} {e:33s} {t:8.3f} s   ratio to plugin {t / base:5.2f}")
+                n, n_base = solves[(what, e)], solves[(what, "plugin")]
+                print(f"  {what:14s} {e:33s} {t:8.3f} s   ratio to plugin {t / base:5.2f}   "
+                      f"{n:4d} eigensolves, ratio {n / n_base:5.2f}")
 
 
 if __name__ == "__main__":

@@ -271,12 +271,18 @@ def _safe_solve_trace(G: np.ndarray, X: np.ndarray) -> tuple[float, float]:
     return float(np.trace(np.linalg.solve(G, X))), smin
 
 
-def _halves(shards: list[Moments], seed: int, drop: int | None) -> tuple[Moments, Moments]:
-    a_idx, b_idx = split_halves(len(shards), seed)
+def _half_members(n_shards: int, seed: int, drop: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shards of each half of the seeded split, less shard ``drop``."""
+    a_idx, b_idx = split_halves(n_shards, seed)
     # a jackknife replicate leaves one shard out of its half: the split itself stays fixed
-    a_idx, b_idx = [i for i in a_idx if i != drop], [i for i in b_idx if i != drop]
+    a_idx, b_idx = tuple(int(i) for i in a_idx if i != drop), tuple(int(i) for i in b_idx if i != drop)
     if not a_idx or not b_idx:
         raise ValueError("a half of the split holds no shard")
+    return a_idx, b_idx
+
+
+def _halves(shards: list[Moments], seed: int, drop: int | None) -> tuple[Moments, Moments]:
+    a_idx, b_idx = _half_members(len(shards), seed, drop)
     return Moments.combine([shards[i] for i in a_idx]), Moments.combine([shards[i] for i in b_idx])
 
 
@@ -486,22 +492,35 @@ def _debiased(shards: list[Moments], ks: np.ndarray, *, rtol: float, drop: int |
 
 
 def _plugin_on_halves(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
-                      drop: int | None) -> tuple[list[np.ndarray], list[int]]:
+                      drop: int | None, memo: dict | None = None) -> tuple[list[np.ndarray], list[int]]:
     """The plug-in at ks on both halves of ``n_splits`` seeded splits (NaN for a half with a single
-    class), and the halves' text counts."""
+    class), and the halves' text counts.
+
+    ``memo``, where given, keeps each half's plug-in by its shards for the next call on the same shards,
+    ks and rtol: a jackknife replicate leaves one shard out of one half, and the other half is the one the
+    estimate (or an earlier replicate) solved already, so each replicate costs one half's factorisation,
+    not two."""
     values, sizes = [], []
     for split in range(n_splits):
-        for half in _halves(shards, seed + split, drop):
-            try:
-                values.append(theory_values(theory_geometry(half, rtol=rtol), ks))
-            except ValueError:  # a half with a single class
-                values.append(np.full(ks.shape, np.nan))
-            sizes.append(half.n_texts)
+        for members in _half_members(len(shards), seed + split, drop):
+            if memo is not None and members in memo:
+                value = memo[members]
+            else:
+                half = Moments.combine([shards[i] for i in members])
+                try:
+                    value = theory_values(theory_geometry(half, rtol=rtol), ks)
+                except ValueError:  # a half with a single class
+                    value = np.full(ks.shape, np.nan)
+                if memo is not None:
+                    memo[members] = value
+            values.append(value)
+            sizes.append(sum(shards[i].n_texts for i in members))
     return values, sizes
 
 
 def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
-                 drop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 drop: int | None = None, pooled: TheoryGeometry | None = None,
+                 memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rational extrapolation to N = infinity from the plug-in at N and at N / 2.
 
     Model: E[plugin at N] = chance + (NTPS - chance) / (1 + b / N), chance = k / r (what random
@@ -509,12 +528,12 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
     ``n_splits`` random splits), b / N = (x - y) / (2 y - x) and
     NTPS = chance + x y / (2 y - x). The estimated attenuation at N, 1 / (1 + b / N) =
     (2 y - x) / y, is returned as the reliability: near 1 the plug-in is barely attenuated and
-    the correction small; near 0 (the halves sit at chance) nothing can be recovered.
+    the correction small; near 0 (the halves sit at chance) nothing can be recovered. ``pooled`` and
+    ``memo`` as for `_richardson`.
     """
-    full = _pooled(shards, drop)
-    geometry = theory_geometry(full, rtol=rtol)
+    geometry = pooled if pooled is not None else theory_geometry(_pooled(shards, drop), rtol=rtol)
     x_full = theory_values(geometry, ks)
-    halves, _ = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
+    halves, _ = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop, memo=memo)
     chance = np.minimum(ks, geometry.r_U) / geometry.r_U
     x = x_full - chance
     y = np.mean(halves, axis=0) - chance
@@ -526,7 +545,8 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
 
 
 def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
-                drop: int | None = None, pooled: TheoryGeometry | None = None) -> tuple[np.ndarray, np.ndarray]:
+                drop: int | None = None, pooled: TheoryGeometry | None = None,
+                memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Richardson extrapolation of the plug-in to N = infinity from N and the two halves.
 
     The plug-in's bias is a / N + O(1 / N^2) where the expansion of the eigenvectors in the
@@ -535,11 +555,12 @@ def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: i
     w = h / (h - 1 / N) has no 1 / N term (w = 2 for equal halves: 2 plugin(N) - mean of halves).
     This is the half-sample (delete-N/2) jackknife (Quenouille's bias correction with two groups);
     one split costs three factorisations per layer. The value is not clipped to [0, 1].
-    ``pooled``: the pooled shards' (less ``drop``) geometry where the caller has it already.
+    ``pooled``: the pooled shards' (less ``drop``) geometry where the caller has it already; ``memo``: the
+    halves' plug-ins kept across calls (`_plugin_on_halves`).
     """
     full = _pooled(shards, drop)
     x_full = theory_values(pooled if pooled is not None else theory_geometry(full, rtol=rtol), ks)
-    halves, sizes = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
+    halves, sizes = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop, memo=memo)
     return _richardson_combination(x_full, halves, sizes, full.n_texts), np.full(ks.shape, np.nan)
 
 
@@ -816,11 +837,12 @@ def _plugin(full: Moments, ks: np.ndarray, rtol: float) -> np.ndarray:
 
 
 def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int, rtol: float,
-            drop: int | None = None, n_splits: int = 1,
-            pooled: TheoryGeometry | None = None) -> tuple[np.ndarray, np.ndarray]:
+            drop: int | None = None, n_splits: int = 1, pooled: TheoryGeometry | None = None,
+            memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The estimator at ks on the shards, leaving shard ``drop`` out (a jackknife replicate);
-    ``pooled``, where given, is the theory geometry of those shards pooled (read by "plugin" and
-    "richardson" instead of factorising again)."""
+    ``pooled``, where given, is the theory geometry of those shards pooled (read by "plugin",
+    "richardson" and "extrapolate" instead of factorising again); ``memo``, a dict kept by the caller across the calls on
+    the same shards, ks and rtol, spares "richardson" and "extrapolate" the halves already solved."""
     none = np.full(ks.shape, np.nan)
     if estimator in SHARD_ESTIMATORS and len(shards) < 2:
         raise ValueError(f"estimator {estimator!r} needs the moments of at least 2 shards of the texts "
@@ -828,9 +850,11 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
     if estimator == "debiased":
         return _debiased(shards, ks, rtol=rtol, drop=drop)
     if estimator == "richardson":
-        return _richardson(shards, ks, n_splits=RICHARDSON_SPLITS, seed=seed, rtol=rtol, drop=drop, pooled=pooled)
+        return _richardson(shards, ks, n_splits=RICHARDSON_SPLITS, seed=seed, rtol=rtol, drop=drop, pooled=pooled,
+                           memo=memo)
     if estimator == "extrapolate":
-        return _extrapolate(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
+        return _extrapolate(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop, pooled=pooled,
+                            memo=memo)
     if estimator == "crossfit":
         return _crossfit(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop)
     if estimator == "crossfit_inverse":
@@ -1102,14 +1126,17 @@ def ntps_estimate(
     full = solves.full_geometry()
     # the flag refuses rows at tied next-token eigenvalues (`eigengap_ratios`); the warning says why
     warn_of_the_sample(solves.pooled, shards, full, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol)
-    estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full)
+    # each half's plug-in solved once: a replicate leaves one half as the estimate had it
+    halves: dict = {}
+    estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full,
+                                    memo=halves)
     S = len(shards)
     geometries = solves.replicate_geometries()
     loo = np.full((S, ks.size), np.nan)
     for i in range(S):
         try:
             loo[i] = _values(shards, ks, estimator, seed=seed, rtol=rtol, drop=i, n_splits=n_splits,
-                             pooled=geometries[i])[0]
+                             pooled=geometries[i], memo=halves)[0]
         except (ValueError, np.linalg.LinAlgError):
             pass
     noise = _noise_of_solves(shards, ks, rtol, solves)

@@ -410,6 +410,46 @@ def test_ntps_estimate_solves_each_pool_once_for_its_plugins_gaps_and_noise(monk
         np.testing.assert_array_equal(frame[column].to_numpy(), alone_gaps[column].to_numpy())
 
 
+@pytest.mark.parametrize("estimator", ["richardson", "extrapolate"])
+def test_a_jackknife_replicate_solves_only_the_half_it_leaves_a_shard_out_of(monkeypatch, estimator):
+    """Each replicate of the split-half estimators leaves one shard out of one half; the other half is as
+    the estimate had it, and its plug-in is read, not solved again: S + 1 pools and, for each split, its
+    2 halves and S halves less one shard (richardson's one split: 2 S + 3 solves, where solving both
+    halves per replicate took 3 S + 3; extrapolate's splits share the halves they have in common). The
+    frame is the one the halves solved afresh in every replicate give, exactly."""
+    import ntps_nb.core.estimators as estimators
+    import ntps_nb.core.score as score_module
+
+    model = lds_model(d=6, n_classes=3, n_tokens=4, gap="separated", seed=2)
+    shards = sample_shards(model, 600, 6, np.random.default_rng(4))
+    S, ks = len(shards), np.array([1, 2, 4])
+    on_halves = estimators._plugin_on_halves
+    monkeypatch.setattr(estimators, "_plugin_on_halves",
+                        lambda *args, memo=None, **kwargs: on_halves(*args, memo=None, **kwargs))
+    afresh = ntps_estimate(shards, ks, estimator=estimator, interval="jackknife")
+    monkeypatch.setattr(estimators, "_plugin_on_halves", on_halves)
+    calls = {"perception": 0, "next_token": 0}
+    perception, next_token = estimators.perception_subspace, estimators.next_token_subspace
+
+    def counting(name, solve):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return solve(*args, **kwargs)
+        return call
+
+    for module in (estimators, score_module):
+        monkeypatch.setattr(module, "perception_subspace", counting("perception", perception))
+        monkeypatch.setattr(module, "next_token_subspace", counting("next_token", next_token))
+    frame = ntps_estimate(shards, ks, estimator=estimator, interval="jackknife")
+    halves = set()
+    for split in range(1 if estimator == "richardson" else estimators.CROSSFIT_SPLITS):
+        for half in split_halves(S, seed=split):
+            halves |= {tuple(half)} | {tuple(j for j in half if j != i) for i in half}
+    assert calls == {"perception": S + 1 + len(halves), "next_token": S + 1 + len(halves)}
+    pd.testing.assert_frame_equal(frame, afresh, check_exact=True)
+    assert np.isfinite(frame["se"]).all()
+
+
 def _interpolation_warnings(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
