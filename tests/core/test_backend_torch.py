@@ -417,3 +417,49 @@ def test_the_torch_sweeps_warn_of_interpolation_as_numpy_does(estimator):
         said[name] = [str(w.message) for w in caught if issubclass(w.category, InterpolationWarning)]
     assert len(said["numpy"]) == 1 and "16 texts, no more than the rank of Sxx" in said["numpy"][0]
     assert said["torch"] == said["numpy"]
+
+
+def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
+    """`ntps_sweep_torch` (plug-in and richardson), `theory_sweep_torch` and `richardson_sweep_torch` give the
+    warnings `ntps_sweep` gives of the same moments (interpolation, a next-token tie, rounded C0), each pointing
+    at the line that called them: `ntps_sweep_torch` had pointed the tie and rounding warnings at its own line
+    in the package. Checked in a fresh interpreter (the shape checker's wrappers add frames under tests/core)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import ntps_nb
+
+    header = ("import warnings\nimport numpy as np\n"
+              "from ntps_nb.core.score import ntps_sweep\n"
+              "from ntps_nb.core.backends.torch import ntps_sweep_torch, richardson_sweep_torch, theory_sweep_torch\n"
+              "from ntps_nb.core.moments import moments_from_sequences\n"
+              "from tests.core.test_score import rounded, token_embedding_moments\n"
+              "tied, _, _ = token_embedding_moments(0, n_texts=240, n_shards=4)\n"
+              "noisy = [rounded(s, 1e-8) for s in tied]\n"
+              "rng = np.random.default_rng(3)\n"
+              "texts = [rng.standard_normal((int(rng.integers(3, 7)), 24)) for _ in range(16)]\n"
+              "few = [moments_from_sequences(texts[i::4], np.arange(16)[i::4] % 3, 3) for i in range(4)]\n"
+              "said = []\n"
+              "for shards in (tied, noisy, few):\n"
+              "    with warnings.catch_warnings(record=True) as caught:\n"
+              "        warnings.simplefilter('always')\n")
+    calls = ["ntps_sweep(shards)", "ntps_sweep_torch(shards)", "theory_sweep_torch(shards)",
+             "ntps_sweep(shards, estimator='richardson')", "ntps_sweep_torch(shards, estimator='richardson')",
+             "richardson_sweep_torch(shards)"]
+    code = (header + "".join(f"        {call}\n" for call in calls)
+            + "    said.append([(w.category.__name__, w.filename, w.lineno) for w in caught "
+              "if w.category.__module__.startswith('ntps_nb')])\n"
+            + "print(repr(said))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    said = ast.literal_eval(out)  # per moments, the (category, file, line) of each warning
+    first = header.count("\n") + 1  # the line of the first call
+    lines = {first + i: call for i, call in enumerate(calls)}
+    expected = [["NextTokenTieWarning"], ["NextTokenTieWarning", "RoundedMomentsWarning"], ["InterpolationWarning"]]
+    for categories, caught in zip(expected, said):
+        assert {(name, file) for name, file, _ in caught} == {(name, "<string>") for name in categories}
+        for call_line in lines:  # every sweep, numpy's and torch's, says the same at its own line
+            assert sorted(name for name, _, line in caught if line == call_line) == sorted(categories), (
+                lines[call_line], caught)

@@ -67,7 +67,8 @@ from __future__ import annotations
 import concurrent.futures
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -104,7 +105,6 @@ from ntps_nb.core.estimators import (
     _noise_frame,
     _richardson_combination,
     split_halves,
-    warn_if_interpolating,
 )
 from ntps_nb.core.intervals import (
     _check_options,
@@ -125,8 +125,6 @@ from ntps_nb.core.score import (
     TheoryGeometry,
     Variant,
     reference_sweep_frame,
-    warn_if_next_token_tied,
-    warn_if_rounded,
     warn_of_the_sample,
 )
 from ntps_nb.core import validation
@@ -688,14 +686,24 @@ def theory_sweep_torch(
     Returns
     -------
     DataFrame, one row per k = 1..r_V with the columns of `TheoryGeometry.sweep` and estimator
-    ("plugin").
+    ("plugin"); with the warnings of `ntps_nb.core.score.ntps_sweep` (`ntps_nb.core.score.warn_of_the_sample`).
     """
+    frame, said = _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+    said(stacklevel=3)
+    return frame
+
+
+def _theory_sweep(moments: Moments | Sequence[Moments], *, centred: bool, tol: float | None, rtol: float,
+                  device: str | torch.device, dtype: torch.dtype) -> tuple[pd.DataFrame, Callable[..., None]]:
+    """`theory_sweep_torch`'s frame, and the call that gives its warnings (``stacklevel`` counted from that
+    call's caller, as `warn_of_the_sample`'s)."""
     pooled = _pooled(moments)
     geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     frame = geometry.sweep()
-    warn_if_next_token_tied(geometry, frame["k"].to_numpy())
-    warn_if_rounded(negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol), geometry.r_V)
-    return frame.assign(estimator="plugin")
+    reach = negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol)
+    said = partial(warn_of_the_sample, pooled, _as_shards(moments), geometry, frame["k"].to_numpy(),
+                   estimator="plugin", centred=centred, tol=tol, rtol=rtol, reach=reach)
+    return frame.assign(estimator="plugin"), said
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,8 +799,17 @@ def richardson_sweep_torch(
     Returns
     -------
     DataFrame as `ntps_nb.core.score.ntps_sweep` returns it for "richardson": one row per k = 1..r_V
-    of the pooled moments, NaN where a half is undefined (a single class) or has r_V below k.
+    of the pooled moments, NaN where a half is undefined (a single class) or has r_V below k; with
+    `ntps_nb.core.score.ntps_sweep`'s warnings (`ntps_nb.core.score.warn_of_the_sample`).
     """
+    frame, said = _richardson_sweep(moment_shards, seed=seed, rtol=rtol, device=device, dtype=dtype)
+    said(stacklevel=3)
+    return frame
+
+
+def _richardson_sweep(moment_shards: Sequence[Moments], *, seed: int, rtol: float, device: str | torch.device,
+                      dtype: torch.dtype) -> tuple[pd.DataFrame, Callable[..., None]]:
+    """`richardson_sweep_torch`'s frame, and the call that gives its warnings (as `_theory_sweep`'s)."""
     shards = _as_shards(moment_shards)
     if len(shards) < 2:
         raise ValueError("estimator 'richardson' needs the moments of at least 2 shards of the texts "
@@ -811,15 +828,17 @@ def richardson_sweep_torch(
         raise ValueError(full)
     frame = full.sweep()
     ks = frame["k"].to_numpy()
-    warn_if_next_token_tied(full, ks)
-    warn_if_rounded(negative_reach_torch(_pooled(shards).C0, device=device, rtol=rtol), full.r_V)
+    pooled = _pooled(shards)
+    # the pooled moments and the halves against the pooled Sxx's retained rank, as ntps_sweep warns
+    said = partial(warn_of_the_sample, pooled, shards, full, ks, estimator="richardson", seed=seed, rtol=rtol,
+                   reach=negative_reach_torch(pooled.C0, device=device, rtol=rtol))
     halves = [np.full(ks.shape, np.nan) if isinstance(solved[row], str) else theory_values(solved[row], ks)
               for row in (1, 2)]
     sizes = (counts[1:] @ stack.n_texts).astype(np.int64)
     estimate = _richardson_combination(theory_values(full, ks), halves, [int(n) for n in sizes],
                                        int(stack.n_texts.sum()))
     return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
-        ntps=estimate, estimator="richardson", reliability=np.nan, n_shards=S)
+        ntps=estimate, estimator="richardson", reliability=np.nan, n_shards=S), said
 
 
 def ntps_sweep_torch(
@@ -856,18 +875,15 @@ def ntps_sweep_torch(
     if estimator == "richardson" and variant == "theory":
         if centred or tol is not None:
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        frame = richardson_sweep_torch(moments, seed=seed, rtol=rtol, device=device, dtype=dtype)
-        # as ntps_sweep warns: the pooled moments and the halves against the pooled Sxx's retained rank
-        warn_if_interpolating(_as_shards(moments), estimator, seed=seed, replicates=False,
-                              rank=int(frame["r_U"].iloc[0]))
+        frame, said = _richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype)
+        said(stacklevel=3)  # at this function's caller
         return frame
     if estimator != "plugin":
         raise ValueError(f"ntps_sweep_torch computes the plug-in and, on the theory variant, 'richardson'; got "
                          f"estimator={estimator!r} (variant {variant!r}): use ntps_nb.core.score.ntps_sweep (numpy)")
     if variant == "theory":
-        frame = theory_sweep_torch(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
-        warn_if_interpolating(_as_shards(moments), estimator, seed=seed, replicates=False,
-                              rank=int(frame["r_U"].iloc[0]), centred=centred)
+        frame, said = _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+        said(stacklevel=3)  # at this function's caller
         return frame
     if variant == "reference":
         if centred:
