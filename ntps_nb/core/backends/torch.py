@@ -1471,7 +1471,8 @@ def ntps_diagnostics_torch(
     if "theory" in variants:
         geometry = theory_geometry_torch(moments, device=device)
         ks, fracs = _theory_ks(k, fraction if k is None else None, geometry.r_V)
-        warn_of_the_sample(moments, [moments], geometry, ks, estimator=estimator, stacklevel=4)  # at its caller's
+        warn_of_the_sample(moments, [moments], geometry, ks, estimator=estimator, stacklevel=4,  # at its caller's
+                           reach=negative_reach_torch(moments.C0, device=device))  # C0's check on the device too
         grids["theory"] = {"ks": ks, "fractions": fracs, "ntps": _theory_values(geometry, ks),
                            "ranks": (geometry.r_U, geometry.r_V), "geometry": geometry}
     if "reference" in variants:
