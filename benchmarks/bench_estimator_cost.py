@@ -1,7 +1,7 @@
 """Cost of the default estimator against the plug-in, measured side by side in one run.
 
-Times `estimate_ntps` (the point estimate) and `ntps_estimate` (estimate, jackknife interval and
-reliability flag) for "plugin" and "richardson" with the jackknife-t interval (and richardson without the
+Times `estimate_ntps` (the point estimate), `ntps_sweep` (every k, with its warnings) and `ntps_estimate`
+(estimate, jackknife interval and reliability flag) for "plugin" and "richardson" with the jackknife-t interval (and richardson without the
 flag's rotation condition, ``rotation_flag=False``, with ``interval="rotation"`` and with the default
 interval, "quadratic", whose interactions take at most 5 shards of each half; and that interval with every
 shard, ``interaction_half=None``) on the same shard moments of one layer (an LDS
@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 
 from ntps_nb.core.estimators import estimate_ntps, ntps_estimate  # noqa: E402
+from ntps_nb.core.score import ntps_sweep  # noqa: E402
 from ntps_nb.core.simulate import lds_model, sample_shards  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def main() -> None:
     calls = {
         ("estimate_ntps", e): (lambda e=e: estimate_ntps(shards, ks, estimator=e)) for e in ("plugin", "richardson")
     }
+    calls.update({("ntps_sweep", e): (lambda e=e: ntps_sweep(shards, estimator=e)) for e in ("plugin", "richardson")})
     calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e, interval="jackknife"))
                   for e in ("plugin", "richardson")})
     # the flag's rotation condition (ntps_nb.core.rotation.rotation_stability) left out, the rotation
@@ -83,7 +85,7 @@ def main() -> None:
             times[key].append(time.perf_counter() - start)
     print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, {len(ks)} values of k, median of {args.repeats} interleaved rounds, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
-    for what in ("estimate_ntps", "ntps_estimate"):
+    for what in ("estimate_ntps", "ntps_sweep", "ntps_estimate"):
         base = np.median(times[(what, "plugin")])
         for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
                   "richardson+quadratic (default)", "richardson+quadratic, every shard"):

@@ -950,7 +950,8 @@ def warn_if_interpolating(shards: list[Moments], estimator: str, *, seed: int = 
 
 
 def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "plugin", seed: int = 0,
-                  rtol: float = RANGE_RTOL, n_splits: int = CROSSFIT_SPLITS) -> Estimate:
+                  rtol: float = RANGE_RTOL, n_splits: int = CROSSFIT_SPLITS,
+                  geometry: TheoryGeometry | None = None) -> Estimate:
     """NTPS_theory at each k of ``ks`` by one estimator (no interval).
 
     The building block of `ntps_nb.core.score.ntps` / `ntps_sweep` and of the shard bootstrap (once a
@@ -967,6 +968,9 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
     seed : seed of the split into halves (crossfit estimators).
     rtol : relative range tolerance of Sxx and C0.
     n_splits : random splits into halves averaged by "crossfit" and "extrapolate".
+    geometry : ``theory_geometry(Moments.combine(shards), rtol=rtol)`` where the caller has solved it already
+        (`ntps_nb.core.score.ntps` and `ntps_sweep` have): "plugin", "richardson" and "extrapolate" read it
+        instead of factorising the pooled moments again; the other estimators do not need it.
 
     Returns
     -------
@@ -977,7 +981,8 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     shards = _as_shards(data)
     ks = _check_ks(ks)
-    values, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits)
+    values, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=geometry,
+                                  memo={})  # a half two of extrapolate's splits share is solved once
     return Estimate(estimator=estimator, ks=ks, estimate=values, reliability=reliability,
                     n_texts=sum(s.n_texts for s in shards), n_shards=len(shards))
 

@@ -922,7 +922,8 @@ def ntps(
                            rtol=rtol)
         if estimator == "plugin":
             return geometry.ntps(kk)
-        return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol).estimate[0])
+        return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol,
+                                   geometry=geometry).estimate[0])
     if variant == "reference":
         if k is not None or fraction is None:
             raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
@@ -985,7 +986,8 @@ def ntps_sweep(
                            centred=centred, tol=tol, rtol=rtol)
         if estimator == "plugin":
             return frame.assign(estimator="plugin")
-        result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol)
+        result = estimate_ntps(shards, frame["k"].to_numpy(), estimator=estimator, seed=seed, rtol=rtol,
+                               geometry=geometry)
         return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
             ntps=result.estimate, estimator=estimator, reliability=result.reliability,
             n_shards=result.n_shards)

@@ -8,7 +8,7 @@ import pytest
 import pandas as pd
 import scipy.linalg
 
-from ntps_nb.core.estimators import (BOUND_SE, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
+from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
                                      SPLIT_ESTIMATORS,
                                      eigengap_ratios, estimate_ntps, flag_at_bound, ntps_estimate, split_halves,
                                      subspace_noise)
@@ -448,6 +448,39 @@ def test_a_jackknife_replicate_solves_only_the_half_it_leaves_a_shard_out_of(mon
     assert calls == {"perception": S + 1 + len(halves), "next_token": S + 1 + len(halves)}
     pd.testing.assert_frame_equal(frame, afresh, check_exact=True)
     assert np.isfinite(frame["se"]).all()
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "richardson", "extrapolate"])
+def test_ntps_and_ntps_sweep_solve_the_pooled_moments_once(monkeypatch, estimator):
+    """`ntps` and `ntps_sweep` solve the pooled moments for their k grid and warnings, and the estimator reads
+    that solve (`estimate_ntps(geometry=...)`) instead of factorising them again: 1 solve, plus the halves of
+    richardson's split (2) or extrapolate's splits; the values are those of `estimate_ntps` solving on its own."""
+    import ntps_nb.core.score as score_module
+
+    model = lds_model(d=6, n_classes=3, n_tokens=4, gap="separated", seed=2)
+    shards = sample_shards(model, 600, 6, np.random.default_rng(4))
+    halves = set()
+    for split in range({"plugin": 0, "richardson": 1}.get(estimator, CROSSFIT_SPLITS)):
+        halves |= {tuple(half) for half in split_halves(len(shards), seed=split)}
+    alone = estimate_ntps(shards, [1, 2, 3], estimator=estimator).estimate
+    calls = {"perception": 0, "next_token": 0}
+    perception, next_token = score_module.perception_subspace, score_module.next_token_subspace
+
+    def counting(name, solve):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return solve(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(score_module, "perception_subspace", counting("perception", perception))
+    monkeypatch.setattr(score_module, "next_token_subspace", counting("next_token", next_token))
+    swept = ntps_sweep(shards, estimator=estimator).set_index("k")["ntps"]
+    assert calls == {"perception": 1 + len(halves), "next_token": 1 + len(halves)}
+    calls.update(perception=0, next_token=0)
+    at_2 = ntps(shards, 2, estimator=estimator)
+    assert calls == {"perception": 1 + len(halves), "next_token": 1 + len(halves)}
+    np.testing.assert_array_equal(swept.loc[[1, 2, 3]].to_numpy(), alone)
+    assert at_2 == alone[1]
 
 
 def _interpolation_warnings(call):

@@ -787,8 +787,7 @@ def richardson_sweep_torch(
 ) -> pd.DataFrame:
     """The frame of ``ntps_sweep(moment_shards, variant="theory", estimator="richardson", seed=seed)``
     with the three factorisations (all shards, and the two halves of the seeded split
-    `ntps_nb.core.estimators.split_halves`) solved as one batched call on ``device``; the numpy sweep
-    factorises the pooled moments twice (its k grid, then the estimate), this one once.
+    `ntps_nb.core.estimators.split_halves`) solved as one batched call on ``device``.
 
     Parameters
     ----------
