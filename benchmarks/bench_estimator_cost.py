@@ -57,25 +57,38 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--all-ks", action="store_true", help="every k from 1 to d (a study's k = \"all\")")
+    parser.add_argument("--device", default=None,
+                        help="a torch device (\"cuda\"): ntps_sweep and ntps_estimate solve there (ntps_sweep_torch, "
+                             "device=); estimate_ntps stays numpy; the eigensolves counted are then the host's")
     args = parser.parse_args()
+    options = {} if args.device is None else {"device": args.device}
+    if args.device is not None:
+        from ntps_nb.core.backends.torch import ntps_sweep_torch
+
+        def sweep(shards, **kwargs):
+            return ntps_sweep_torch(shards, device=args.device, **kwargs)
+    else:
+        sweep = ntps_sweep
     model = lds_model(d=args.d, n_classes=6, n_tokens=8, gap="moderate")
     shards = sample_shards(model, args.texts, args.shards, np.random.default_rng(0))
     ks = list(range(1, args.d + 1)) if args.all_ks else [1, 2, 4, 8, 16, 32]
     calls = {
         ("estimate_ntps", e): (lambda e=e: estimate_ntps(shards, ks, estimator=e)) for e in ("plugin", "richardson")
     }
-    calls.update({("ntps_sweep", e): (lambda e=e: ntps_sweep(shards, estimator=e)) for e in ("plugin", "richardson")})
-    calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e, interval="jackknife"))
+    calls.update({("ntps_sweep", e): (lambda e=e: sweep(shards, estimator=e)) for e in ("plugin", "richardson")})
+    calls.update({("ntps_estimate", e): (lambda e=e: ntps_estimate(shards, ks, estimator=e, interval="jackknife",
+                                                                   **options))
                   for e in ("plugin", "richardson")})
     # the flag's rotation condition (ntps_nb.core.rotation.rotation_stability) left out, the rotation
     # interval, and the default interval ("quadratic": 25 more plug-ins at 10 shards and at 20; with every shard
     # of each half, 100 at 20)
     calls[("ntps_estimate", "richardson, no rotation flag")] = lambda: ntps_estimate(shards, ks, rotation_flag=False,
-                                                                                     interval="jackknife")
-    calls[("ntps_estimate", "richardson+rotation")] = lambda: ntps_estimate(shards, ks, interval="rotation")
-    calls[("ntps_estimate", "richardson+quadratic (default)")] = lambda: ntps_estimate(shards, ks)
+                                                                                     interval="jackknife", **options)
+    calls[("ntps_estimate", "richardson+rotation")] = lambda: ntps_estimate(shards, ks, interval="rotation", **options)
+    calls[("ntps_estimate", "richardson+quadratic (default)")] = lambda: ntps_estimate(shards, ks, **options)
     calls[("ntps_estimate", "richardson+quadratic, every shard")] = lambda: ntps_estimate(shards, ks,
-                                                                                         interaction_half=None)
+                                                                                         interaction_half=None,
+                                                                                         **options)
     solves = {key: count_eigensolves(call, args.d) for key, call in calls.items()}
     times = {key: [] for key in calls}
     for _ in range(args.repeats):
@@ -84,7 +97,8 @@ def main() -> None:
             call()
             times[key].append(time.perf_counter() - start)
     print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, {len(ks)} values of k, median of {args.repeats} interleaved rounds, "
-          f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+          f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
+          + ("" if args.device is None else f", ntps_sweep and ntps_estimate on {args.device}"))
     for what in ("estimate_ntps", "ntps_sweep", "ntps_estimate"):
         base = np.median(times[(what, "plugin")])
         for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
@@ -92,8 +106,8 @@ def main() -> None:
             if (what, e) in times:
                 t = np.median(times[(what, e)])
                 n, n_base = solves[(what, e)], solves[(what, "plugin")]
-                print(f"  {what:14s} {e:33s} {t:8.3f} s   ratio to plugin {t / base:5.2f}   "
-                      f"{n:4d} eigensolves, ratio {n / n_base:5.2f}")
+                ratio = f", ratio {n / n_base:5.2f}" if n_base else ""
+                print(f"  {what:14s} {e:33s} {t:8.3f} s   ratio to plugin {t / base:5.2f}   {n:4d} eigensolves{ratio}")
 
 
 if __name__ == "__main__":
