@@ -1,15 +1,16 @@
 """Cost of the default estimator against the plug-in, measured side by side in one run.
 
-Times `estimate_ntps` (the point estimate), `ntps_sweep` (every k, with its warnings) and `ntps_estimate`
-(estimate, jackknife interval and reliability flag) for "plugin" and "richardson" with the jackknife-t interval (and richardson without the
-flag's rotation condition, ``rotation_flag=False``, with ``interval="rotation"`` and with the default
-interval, "quadratic", whose interactions take at most 5 shards of each half; and that interval with every
-shard, ``interaction_half=None``) on the same shard moments of one layer (an LDS
-generator, d hidden dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and
-prints the median seconds and the ratio to the plug-in, and beside them the number of d x d symmetric
-eigensolves each call makes (counted on one more, untimed call) and its ratio to the plug-in's. The issue's
-budget: the default estimator at most 3x the plug-in's factorisations (richardson: the full sample and its
-two halves).
+Times `estimate_ntps` (the point estimate), `ntps_sweep` (every k, with its warnings) and
+`ntps_estimate` (estimate, jackknife interval and reliability flag) for "plugin" and "richardson"
+with the jackknife-t interval (and richardson without the flag's rotation condition,
+``rotation_flag=False``, with ``interval="rotation"`` and with the default interval, "quadratic",
+whose interactions take at most 5 shards of each half; and that interval with every shard,
+``interaction_half=None``) on the same shard moments of one layer (an LDS generator, d hidden
+dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and prints the median
+seconds and the ratio to the plug-in, and beside them the number of d x d symmetric eigensolves
+each call makes (counted on one more, untimed call) and its ratio to the plug-in's. The issue's
+budget: the default estimator at most 3x the plug-in's factorisations (richardson: the full sample
+and its two halves). ``--device cuda`` solves the sweeps and `ntps_estimate` on a torch device.
 
     python benchmarks/bench_estimator_cost.py --d 576 --texts 2000 --shards 20
 """

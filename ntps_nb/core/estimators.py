@@ -841,8 +841,9 @@ def _values(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int,
             memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The estimator at ks on the shards, leaving shard ``drop`` out (a jackknife replicate);
     ``pooled``, where given, is the theory geometry of those shards pooled (read by "plugin",
-    "richardson" and "extrapolate" instead of factorising again); ``memo``, a dict kept by the caller across the calls on
-    the same shards, ks and rtol, spares "richardson" and "extrapolate" the halves already solved."""
+    "richardson" and "extrapolate" instead of factorising again); ``memo``, a dict kept by the caller
+    across the calls on the same shards, ks and rtol, spares "richardson" and "extrapolate" the halves
+    already solved."""
     none = np.full(ks.shape, np.nan)
     if estimator in SHARD_ESTIMATORS and len(shards) < 2:
         raise ValueError(f"estimator {estimator!r} needs the moments of at least 2 shards of the texts "

@@ -8,8 +8,8 @@ import pytest
 import pandas as pd
 import scipy.linalg
 
-from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX, PCA_TEXTS_PER_DIM,
-                                     SPLIT_ESTIMATORS,
+from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX,
+                                     PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS,
                                      eigengap_ratios, estimate_ntps, flag_at_bound, ntps_estimate, split_halves,
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
