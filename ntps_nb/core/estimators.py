@@ -1110,16 +1110,18 @@ def ntps_estimate(
         _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
-        frame = backend.ntps_estimate_torch(moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol,
-                                            noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, device=device,
-                                            batch_size=batch_size)
+        frame, pooled, left_out = backend.ntps_estimate_torch(
+            moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
+            gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True)
         if interval == "quadratic":
             def solve(counts: np.ndarray) -> np.ndarray:
                 return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
                                                          device=device, batch_size=batch_size)[0]
 
+            # the plug-ins on all shards and without each are the replicates' own: only the contrasts are solved
             frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
-                                       solve=solve, interaction_half=interaction_half)
+                                       solve=solve, pooled=pooled, left_out=left_out,
+                                       interaction_half=interaction_half)
         return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol,
                               interval=interval, rotation_flag=rotation_flag)
     if estimator not in ESTIMATORS:

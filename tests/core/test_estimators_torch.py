@@ -196,6 +196,29 @@ def test_the_quadratic_intervals_cap_on_torch_equals_numpy_at_20_shards():
     assert not np.allclose(frames[5]["quadratic_excess"], frames[None]["quadratic_excess"])
 
 
+def test_the_quadratic_interval_on_torch_solves_only_its_contrasts(monkeypatch):
+    """The default row on a device solves the interactions' contrast poolings and nothing else for its
+    interval: the plug-ins on all shards and without each are the ones the replicates solved (the device path
+    solved those S + 1 again, as one more batch, before); the frame is numpy's."""
+    import ntps_nb.core.backends.torch as backend
+    from ntps_nb.core.quadratic import contrast_counts
+
+    shards = sample_shards(factor_model(d=12, n_classes=3, seed=4), 1_000, 20, np.random.default_rng(5))
+    solved = []
+    replicates = backend.interval_replicates_torch
+
+    def counting(moment_shards, counts, *args, **kwargs):
+        solved.append(np.asarray(counts).copy())
+        return replicates(moment_shards, counts, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "interval_replicates_torch", counting)
+    want, got = numpy_and_torch(ntps_estimate, shards, [1, 2, 4])
+    assert_frames_agree(got, want)
+    contrasts, _, _ = contrast_counts(np.array([s.n_texts for s in shards]), 0)
+    assert len(solved) == 1
+    np.testing.assert_array_equal(solved[0], contrasts)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("interval", ["rotation", "quadratic"])
 def test_the_rotation_and_quadratic_intervals_on_torch_equal_numpy(shard_sets, case, interval):

@@ -2361,7 +2361,8 @@ def ntps_estimate_torch(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
-) -> pd.DataFrame:
+    plugins: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """`ntps_nb.core.estimators.ntps_estimate` on ``device``, for the "richardson" (default) and
     "plugin" estimators: the same frame.
 
@@ -2384,10 +2385,13 @@ def ntps_estimate_torch(
     level, seed, rtol, noise_max, gap_min, bound_se : as in `ntps_nb.core.estimators.ntps_estimate`.
     device, dtype : the torch device and precision of the solves.
     batch_size : combinations per batched solve (default: from free memory).
+    plugins : also return the plug-in at ``ks`` on all shards and without each, solved here for the
+        replicates (what `ntps_nb.core.quadratic.quadratic_interval` reads as ``pooled`` and ``left_out``).
 
     Returns
     -------
-    DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it.
+    DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it; with ``plugins``, the tuple (frame,
+    (K,) plug-in on all shards, (S, K) plug-in without shard i in row i, NaN where that pool is undefined).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -2442,6 +2446,7 @@ def ntps_estimate_torch(
         replicates = values[loo]
     noise_frame = _noise_of(ks, reference, [compared[i - 1] for i in loo])
     gaps = _gap_frame(full_geometry, [None if isinstance(geometries[i], str) else geometries[i] for i in loo], ks)
-    return _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps, level=level,
-                           noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
-                           n_texts=sum(s.n_texts for s in shards))
+    frame = _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps,
+                            level=level, noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
+                            n_texts=sum(s.n_texts for s in shards))
+    return (frame, values[full], values[loo]) if plugins else frame
