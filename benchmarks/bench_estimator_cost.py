@@ -26,6 +26,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 
+import ntps_nb  # noqa: E402
 from ntps_nb.core.estimators import estimate_ntps, ntps_estimate  # noqa: E402
 from ntps_nb.core.score import ntps_sweep  # noqa: E402
 from ntps_nb.core.simulate import lds_model, sample_shards  # noqa: E402
@@ -99,7 +100,8 @@ def main() -> None:
             times[key].append(time.perf_counter() - start)
     print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, {len(ks)} values of k, median of {args.repeats} interleaved rounds, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
-          + ("" if args.device is None else f", ntps_sweep and ntps_estimate on {args.device}"))
+          + ("" if args.device is None else f", ntps_sweep and ntps_estimate on {args.device}")
+          + f", the package at {os.path.relpath(os.path.dirname(ntps_nb.__file__))}")
     for what in ("estimate_ntps", "ntps_sweep", "ntps_estimate"):
         base = np.median(times[(what, "plugin")])
         for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
