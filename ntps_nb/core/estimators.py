@@ -971,7 +971,8 @@ def estimate_ntps(data: Moments | Sequence[Moments], ks, *, estimator: str = "pl
     n_splits : random splits into halves averaged by "crossfit" and "extrapolate".
     geometry : ``theory_geometry(Moments.combine(shards), rtol=rtol)`` where the caller has solved it already
         (`ntps_nb.core.score.ntps` and `ntps_sweep` have): "plugin", "richardson" and "extrapolate" read it
-        instead of factorising the pooled moments again; the other estimators do not need it.
+        instead of factorising the pooled moments again; the other estimators do not need it. It is not
+        checked: another sample's geometry gives that sample's plug-in.
 
     Returns
     -------
