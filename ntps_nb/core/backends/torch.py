@@ -67,8 +67,7 @@ from __future__ import annotations
 import concurrent.futures
 import weakref
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -688,22 +687,20 @@ def theory_sweep_torch(
     DataFrame, one row per k = 1..r_V with the columns of `TheoryGeometry.sweep` and estimator
     ("plugin"); with the warnings of `ntps_nb.core.score.ntps_sweep` (`ntps_nb.core.score.warn_of_the_sample`).
     """
-    frame, said = _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
-    said(stacklevel=3)
-    return frame
+    return _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype, stacklevel=3)
 
 
 def _theory_sweep(moments: Moments | Sequence[Moments], *, centred: bool, tol: float | None, rtol: float,
-                  device: str | torch.device, dtype: torch.dtype) -> tuple[pd.DataFrame, Callable[..., None]]:
-    """`theory_sweep_torch`'s frame, and the call that gives its warnings (``stacklevel`` counted from that
-    call's caller, as `warn_of_the_sample`'s)."""
+                  device: str | torch.device, dtype: torch.dtype, stacklevel: int) -> pd.DataFrame:
+    """`theory_sweep_torch`, its warnings at ``stacklevel`` counted from this function's caller (3: the caller's
+    caller), as `warn_of_the_sample` counts it."""
     pooled = _pooled(moments)
     geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     frame = geometry.sweep()
-    reach = negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol)
-    said = partial(warn_of_the_sample, pooled, _as_shards(moments), geometry, frame["k"].to_numpy(),
-                   estimator="plugin", centred=centred, tol=tol, rtol=rtol, reach=reach)
-    return frame.assign(estimator="plugin"), said
+    warn_of_the_sample(pooled, _as_shards(moments), geometry, frame["k"].to_numpy(), estimator="plugin",
+                       centred=centred, tol=tol, rtol=rtol, stacklevel=stacklevel + 1,
+                       reach=negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol))
+    return frame.assign(estimator="plugin")
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,14 +798,12 @@ def richardson_sweep_torch(
     of the pooled moments, NaN where a half is undefined (a single class) or has r_V below k; with
     `ntps_nb.core.score.ntps_sweep`'s warnings (`ntps_nb.core.score.warn_of_the_sample`).
     """
-    frame, said = _richardson_sweep(moment_shards, seed=seed, rtol=rtol, device=device, dtype=dtype)
-    said(stacklevel=3)
-    return frame
+    return _richardson_sweep(moment_shards, seed=seed, rtol=rtol, device=device, dtype=dtype, stacklevel=3)
 
 
 def _richardson_sweep(moment_shards: Sequence[Moments], *, seed: int, rtol: float, device: str | torch.device,
-                      dtype: torch.dtype) -> tuple[pd.DataFrame, Callable[..., None]]:
-    """`richardson_sweep_torch`'s frame, and the call that gives its warnings (as `_theory_sweep`'s)."""
+                      dtype: torch.dtype, stacklevel: int) -> pd.DataFrame:
+    """`richardson_sweep_torch`, its warnings at ``stacklevel`` (as `_theory_sweep`'s)."""
     shards = _as_shards(moment_shards)
     if len(shards) < 2:
         raise ValueError("estimator 'richardson' needs the moments of at least 2 shards of the texts "
@@ -829,15 +824,15 @@ def _richardson_sweep(moment_shards: Sequence[Moments], *, seed: int, rtol: floa
     ks = frame["k"].to_numpy()
     pooled = _pooled(shards)
     # the pooled moments and the halves against the pooled Sxx's retained rank, as ntps_sweep warns
-    said = partial(warn_of_the_sample, pooled, shards, full, ks, estimator="richardson", seed=seed, rtol=rtol,
-                   reach=negative_reach_torch(pooled.C0, device=device, rtol=rtol))
+    warn_of_the_sample(pooled, shards, full, ks, estimator="richardson", seed=seed, rtol=rtol,
+                       reach=negative_reach_torch(pooled.C0, device=device, rtol=rtol), stacklevel=stacklevel + 1)
     halves = [np.full(ks.shape, np.nan) if isinstance(solved[row], str) else theory_values(solved[row], ks)
               for row in (1, 2)]
     sizes = (counts[1:] @ stack.n_texts).astype(np.int64)
     estimate = _richardson_combination(theory_values(full, ks), halves, [int(n) for n in sizes],
                                        int(stack.n_texts.sum()))
     return frame[["variant", "k", "fraction", "k_U", "m", "r_U", "r_V"]].assign(
-        ntps=estimate, estimator="richardson", reliability=np.nan, n_shards=S), said
+        ntps=estimate, estimator="richardson", reliability=np.nan, n_shards=S)
 
 
 def ntps_sweep_torch(
@@ -874,16 +869,12 @@ def ntps_sweep_torch(
     if estimator == "richardson" and variant == "theory":
         if centred or tol is not None:
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        frame, said = _richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype)
-        said(stacklevel=3)  # at this function's caller
-        return frame
+        return _richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype, stacklevel=3)
     if estimator != "plugin":
         raise ValueError(f"ntps_sweep_torch computes the plug-in and, on the theory variant, 'richardson'; got "
                          f"estimator={estimator!r} (variant {variant!r}): use ntps_nb.core.score.ntps_sweep (numpy)")
     if variant == "theory":
-        frame, said = _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
-        said(stacklevel=3)  # at this function's caller
-        return frame
+        return _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype, stacklevel=3)
     if variant == "reference":
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
