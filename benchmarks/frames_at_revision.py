@@ -1,0 +1,142 @@
+"""The estimators' frames as the package computes them now, against the package at a git revision.
+
+For a change meant to save work without changing a number (a solve shared instead of repeated), this says
+whether it did: the same calls on the same simulated shards (two generator families, 4-20 shards, 12-1,024
+texts at d = 16, some below the rank of Sxx) through the package at ``REV`` (extracted with ``git archive``
+into a temporary folder) and through the working tree, each in its own interpreter, then compared: how many
+results are identical to the bit, and the largest difference among the rest. The calls: `ntps_estimate` with
+"richardson" (its default interval and the jackknife-t one), "extrapolate" and "plugin"; `ntps_sweep` and
+`ntps` at k = 1, 2, 5 with five estimators; and, where torch is installed, `ntps_estimate` on the CPU
+through the torch backend (batched solves: rounding may differ between batchings).
+
+    python benchmarks/frames_at_revision.py 2704f58 > benchmarks/results/estimator_cost/frames_at_2704f58.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP_ESTIMATORS = ("plugin", "richardson", "extrapolate", "crossfit", "jackknife")
+
+
+def frames() -> dict:
+    """Every call's result by a key naming it (an error's repr where it raised)."""
+    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.score import ntps, ntps_sweep
+    from ntps_nb.core.simulate import factor_model, lds_model, sample_shards
+
+    try:
+        import torch  # noqa: F401
+        devices = [None, "cpu"]
+    except ImportError:
+        devices = [None]
+    calls = {}
+    for family, model in (("factor", factor_model(d=16, n_classes=6, seed=3)),
+                          ("lds", lds_model(d=16, n_classes=2, seed=4))):
+        for n_texts, n_shards in ((12, 4), (64, 4), (256, 9), (512, 10), (1024, 20)):
+            shards = sample_shards(model, n_texts, n_shards, np.random.default_rng(n_texts + n_shards))
+            case = (family, n_texts, n_shards)
+            for estimator, interval in (("richardson", None), ("richardson", "jackknife"), ("extrapolate", None),
+                                        ("plugin", None)):
+                calls[case + ("ntps_estimate", estimator, interval)] = (
+                    lambda s=shards, e=estimator, i=interval: ntps_estimate(s, [1, 2, 4, 8], estimator=e, interval=i))
+            for estimator in SWEEP_ESTIMATORS:
+                calls[case + ("ntps_sweep", estimator)] = lambda s=shards, e=estimator: ntps_sweep(s, estimator=e)
+                calls[case + ("ntps", estimator)] = (
+                    lambda s=shards, e=estimator: np.array([ntps(s, k, estimator=e) for k in (1, 2, 5)]))
+            if "cpu" in devices:
+                calls[case + ("ntps_estimate", "richardson", "torch cpu")] = (
+                    lambda s=shards: ntps_estimate(s, [1, 2, 4, 8], device="cpu"))
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, call in calls.items():
+            try:
+                out[key] = call()
+            except Exception as error:  # noqa: BLE001 - the same error on both sides is agreement
+                out[key] = repr(error)
+    return out
+
+
+def difference(a, b) -> float | None:
+    """0.0 where identical to the bit, the largest absolute difference of the numbers otherwise (inf where
+    the shapes, columns, NaN patterns or errors differ); None where both raised the same error."""
+    if isinstance(a, str) or isinstance(b, str):
+        return None if a == b else float("inf")
+    if isinstance(a, pd.DataFrame):
+        if list(a.columns) != list(b.columns) or a.shape != b.shape:
+            return float("inf")
+        if a.equals(b):
+            return 0.0
+        numbers = a.select_dtypes("number").columns
+        if not a.drop(columns=numbers).equals(b.drop(columns=numbers)):
+            return float("inf")
+        a, b = a[numbers].to_numpy(float), b[numbers].to_numpy(float)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return float("inf")
+    return float(np.nanmax(np.abs(a - b), initial=0.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev", nargs="?", help="the git revision to compare with")
+    parser.add_argument("--write", help=argparse.SUPPRESS)  # the child: pickle frames() here
+    args = parser.parse_args()
+    if args.write:
+        import ntps_nb
+
+        with open(args.write, "wb") as file:
+            pickle.dump((str(Path(ntps_nb.__file__).parent), frames()), file)
+        return
+    if not args.rev:
+        parser.error("give the git revision to compare with")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        archive = subprocess.run(["git", "archive", args.rev, "ntps_nb"], cwd=REPO, capture_output=True,
+                                 check=True).stdout
+        (tmp / "then.tar").write_bytes(archive)
+        with tarfile.open(tmp / "then.tar") as tar:
+            tar.extractall(tmp / "then", filter="data")
+        results = {}
+        for name, root in (("then", tmp / "then"), ("now", REPO)):
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in sys.path if p]))
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write", str(tmp / f"{name}.pkl")],
+                           cwd=tmp, env=env, check=True)
+            with open(tmp / f"{name}.pkl", "rb") as file:
+                where, results[name] = pickle.load(file)
+            if Path(where) != root / "ntps_nb":
+                raise SystemExit(f"the {name} run imported the package from {where}, not from {root}")
+    then, now = results["then"], results["now"]
+    if then.keys() != now.keys():
+        raise SystemExit("the two runs made different calls")
+    rows = []
+    for key in then:
+        rows.append({"call": key[3], "estimator": key[4], "how": key[5] if len(key) > 5 else "",
+                     "difference": difference(then[key], now[key])})
+    table = pd.DataFrame(rows)
+    table["how"] = table["how"].fillna("default interval")
+    summary = table.groupby(["call", "estimator", "how"], sort=False)["difference"].agg(
+        results="size", both_raised=lambda d: int(d.isna().sum()), identical=lambda d: int((d == 0).sum()),
+        largest_difference=lambda d: float(d.max()) if d.notna().any() else float("nan"))
+    print(f"the package at {args.rev} against the working tree, {len(then)} results on simulated shards (d = 16)")
+    print(summary.to_string())
+    print(f"identical to the bit: {int((table['difference'] == 0).sum())} of {int(table['difference'].notna().sum())} "
+          f"results that were computed on both sides ({int(table['difference'].isna().sum())} raised the same error "
+          "on both)")
+
+
+if __name__ == "__main__":
+    main()
