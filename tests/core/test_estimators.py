@@ -378,6 +378,22 @@ def test_adjusted_removes_the_joint_label_and_whitening_bias():
         assert abs(adj["bias"]) <= 3 * adj["bias_mcse"], adj
 
 
+def counted_solves(monkeypatch, *modules) -> dict:
+    """The perception and next-token subspace solves made through ``modules`` from now on (every place the
+    code under test can solve them from), counted in the returned dict as they happen."""
+    calls = {"perception": 0, "next_token": 0}
+    for module in modules:
+        for name in calls:
+            solve = getattr(module, f"{name}_subspace")
+
+            def call(*args, _name=name, _solve=solve, **kwargs):
+                calls[_name] += 1
+                return _solve(*args, **kwargs)
+
+            monkeypatch.setattr(module, f"{name}_subspace", call)
+    return calls
+
+
 def test_ntps_estimate_solves_each_pool_once_for_its_plugins_gaps_and_noise(monkeypatch):
     """The plug-in's `ntps_estimate` solves the perception and next-token subspaces once for the
     full sample and once per leave-one-shard-out pool (S + 1 each), shared by the jackknife, the
@@ -390,18 +406,7 @@ def test_ntps_estimate_solves_each_pool_once_for_its_plugins_gaps_and_noise(monk
     shards = sample_shards(model, 600, 5, np.random.default_rng(4))
     ks = np.array([1, 2, 4])
     alone_noise, alone_gaps = subspace_noise(shards, ks), eigengap_ratios(shards, ks)
-    calls = {"perception": 0, "next_token": 0}
-    perception, next_token = estimators.perception_subspace, estimators.next_token_subspace
-
-    def counting(name, solve):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return solve(*args, **kwargs)
-        return call
-
-    for module in (estimators, score_module):  # every place the estimator's code can solve them from
-        monkeypatch.setattr(module, "perception_subspace", counting("perception", perception))
-        monkeypatch.setattr(module, "next_token_subspace", counting("next_token", next_token))
+    calls = counted_solves(monkeypatch, estimators, score_module)
     frame = ntps_estimate(shards, ks, estimator="plugin")
     assert calls == {"perception": len(shards) + 1, "next_token": len(shards) + 1}
     for column in ("noise_U", "noise_V", "bias_bound"):
@@ -428,18 +433,7 @@ def test_a_jackknife_replicate_solves_only_the_half_it_leaves_a_shard_out_of(mon
                         lambda *args, memo=None, **kwargs: on_halves(*args, memo=None, **kwargs))
     afresh = ntps_estimate(shards, ks, estimator=estimator, interval="jackknife")
     monkeypatch.setattr(estimators, "_plugin_on_halves", on_halves)
-    calls = {"perception": 0, "next_token": 0}
-    perception, next_token = estimators.perception_subspace, estimators.next_token_subspace
-
-    def counting(name, solve):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return solve(*args, **kwargs)
-        return call
-
-    for module in (estimators, score_module):
-        monkeypatch.setattr(module, "perception_subspace", counting("perception", perception))
-        monkeypatch.setattr(module, "next_token_subspace", counting("next_token", next_token))
+    calls = counted_solves(monkeypatch, estimators, score_module)
     frame = ntps_estimate(shards, ks, estimator=estimator, interval="jackknife")
     halves = set()
     for split in range(1 if estimator == "richardson" else estimators.CROSSFIT_SPLITS):
@@ -455,6 +449,7 @@ def test_ntps_and_ntps_sweep_solve_the_pooled_moments_once(monkeypatch, estimato
     """`ntps` and `ntps_sweep` solve the pooled moments for their k grid and warnings, and the estimator reads
     that solve (`estimate_ntps(geometry=...)`) instead of factorising them again: 1 solve, plus the halves of
     richardson's split (2) or extrapolate's splits; the values are those of `estimate_ntps` solving on its own."""
+    import ntps_nb.core.estimators as estimators
     import ntps_nb.core.score as score_module
 
     model = lds_model(d=6, n_classes=3, n_tokens=4, gap="separated", seed=2)
@@ -463,17 +458,7 @@ def test_ntps_and_ntps_sweep_solve_the_pooled_moments_once(monkeypatch, estimato
     for split in range({"plugin": 0, "richardson": 1}.get(estimator, CROSSFIT_SPLITS)):
         halves |= {tuple(half) for half in split_halves(len(shards), seed=split)}
     alone = estimate_ntps(shards, [1, 2, 3], estimator=estimator).estimate
-    calls = {"perception": 0, "next_token": 0}
-    perception, next_token = score_module.perception_subspace, score_module.next_token_subspace
-
-    def counting(name, solve):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return solve(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(score_module, "perception_subspace", counting("perception", perception))
-    monkeypatch.setattr(score_module, "next_token_subspace", counting("next_token", next_token))
+    calls = counted_solves(monkeypatch, estimators, score_module)
     swept = ntps_sweep(shards, estimator=estimator).set_index("k")["ntps"]
     assert calls == {"perception": 1 + len(halves), "next_token": 1 + len(halves)}
     calls.update(perception=0, next_token=0)
