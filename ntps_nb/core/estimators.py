@@ -558,10 +558,11 @@ def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: i
     ``pooled``: the pooled shards' (less ``drop``) geometry where the caller has it already; ``memo``: the
     halves' plug-ins kept across calls (`_plugin_on_halves`).
     """
-    full = _pooled(shards, drop)
-    x_full = theory_values(pooled if pooled is not None else theory_geometry(full, rtol=rtol), ks)
+    if pooled is None:
+        pooled = theory_geometry(_pooled(shards, drop), rtol=rtol)
     halves, sizes = _plugin_on_halves(shards, ks, n_splits=n_splits, seed=seed, rtol=rtol, drop=drop, memo=memo)
-    return _richardson_combination(x_full, halves, sizes, full.n_texts), np.full(ks.shape, np.nan)
+    n_texts = sum(s.n_texts for i, s in enumerate(shards) if i != drop)  # the pooled moments' count
+    return _richardson_combination(theory_values(pooled, ks), halves, sizes, n_texts), np.full(ks.shape, np.nan)
 
 
 def _richardson_combination(x_full: np.ndarray, halves: Sequence[np.ndarray], sizes: Sequence[int],

@@ -427,7 +427,6 @@ def warn_if_rounded(reach: float, r_V: int, stacklevel: int = 3) -> None:
         RoundedMomentsWarning, stacklevel=stacklevel)
 
 
-
 def warn_of_the_sample(pooled: Moments, shards: Sequence[Moments], geometry: "TheoryGeometry", ks: Sequence[int], *,
                        estimator: str, seed: int = 0, replicates: bool = False, centred: bool = False,
                        tol: float | None = None, rtol: float = RANGE_RTOL, reach: float | None = None,
@@ -461,6 +460,7 @@ def warn_of_the_sample(pooled: Moments, shards: Sequence[Moments], geometry: "Th
     if reach is None:
         reach = negative_reach(pooled.C0, tol=tol, rtol=rtol)
     warn_if_rounded(reach, geometry.r_V, stacklevel=stacklevel + 1)
+
 
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
     if (k is None) == (fraction is None):
