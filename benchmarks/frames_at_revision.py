@@ -5,9 +5,10 @@ whether it did: the same calls on the same simulated shards (two generator famil
 texts at d = 16, some below the rank of Sxx) through the package at ``REV`` (extracted with ``git archive``
 into a temporary folder) and through the working tree, each in its own interpreter, then compared: how many
 results are identical to the bit, and the largest difference among the rest. The calls: `ntps_estimate` with
-"richardson" (its default interval and the jackknife-t one), "extrapolate" and "plugin"; `ntps_sweep` and
-`ntps` at k = 1, 2, 5 with five estimators; and, where torch is installed, `ntps_estimate` on the CPU
-through the torch backend (batched solves: rounding may differ between batchings).
+"richardson" (its default interval, the jackknife-t one and the rotation interval), "extrapolate" and "plugin";
+`ntps_sweep` and `ntps` at k = 1, 2, 5 with five estimators; and, where torch is installed, `ntps_estimate` on
+the CPU through the torch backend, with its default and its rotation interval (batched solves: rounding may
+differ between batchings).
 
     python benchmarks/frames_at_revision.py 2704f58 > benchmarks/results/estimator_cost/frames_at_2704f58.txt
 """
@@ -48,8 +49,8 @@ def frames() -> dict:
         for n_texts, n_shards in ((12, 4), (64, 4), (256, 9), (512, 10), (1024, 20)):
             shards = sample_shards(model, n_texts, n_shards, np.random.default_rng(n_texts + n_shards))
             case = (family, n_texts, n_shards)
-            for estimator, interval in (("richardson", None), ("richardson", "jackknife"), ("extrapolate", None),
-                                        ("plugin", None)):
+            for estimator, interval in (("richardson", None), ("richardson", "jackknife"), ("richardson", "rotation"),
+                                        ("extrapolate", None), ("plugin", None)):
                 calls[case + ("ntps_estimate", estimator, interval)] = (
                     lambda s=shards, e=estimator, i=interval: ntps_estimate(s, [1, 2, 4, 8], estimator=e, interval=i))
             for estimator in SWEEP_ESTIMATORS:
@@ -59,6 +60,8 @@ def frames() -> dict:
             if "cpu" in devices:
                 calls[case + ("ntps_estimate", "richardson", "torch cpu")] = (
                     lambda s=shards: ntps_estimate(s, [1, 2, 4, 8], device="cpu"))
+                calls[case + ("ntps_estimate", "richardson", "torch cpu, rotation")] = (
+                    lambda s=shards: ntps_estimate(s, [1, 2, 4, 8], device="cpu", interval="rotation"))
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

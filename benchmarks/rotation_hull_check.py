@@ -168,7 +168,7 @@ def hull_of_draw(args) -> pd.DataFrame:
                 ("V", V, k, V.rank_B, pooled.C1, pooled.C0, gaps.loc[k, "gap_ratio_V"])):
             if kk < rank:
                 gap = space.eigenvalues[kk - 1] - space.eigenvalues[kk]
-                local = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, pools, side)
+                local = plane_replicates(space.vectors[:, kk - 1: kk + 1], factor, metric, shards, side)
                 sets[side] = rotation_sets(gap, gap / ratio, local, gap_min=gap_min)
                 # the replicates' in-plane angle of the leading direction: the jackknife's own
                 # (linearised) account of the rotation
@@ -210,7 +210,7 @@ def hull_of_draw(args) -> pd.DataFrame:
         # ratios as the draw gives them, some candidate frames do not keep them)
         ratios = gaps.loc[k, ["gap_ratio_U", "gap_ratio_V"]].to_dict()
         packaged = rotation_interval(shards, pd.DataFrame([{**row.to_dict(), **ratios}]), level=0.90,
-                                     gap_min=gap_min, rtol=RANGE_RTOL, solved=(U, V), pools=pools).iloc[0]
+                                     gap_min=gap_min, rtol=RANGE_RTOL, solved=(U, V)).iloc[0]
         if abs(packaged["lower"] - record["selective_lower"]) > CENTRE_ATOL or \
                 abs(packaged["upper"] - record["selective_upper"]) > CENTRE_ATOL:
             raise SystemExit(f"draw {key}, k = {k}: ntps_estimate's rotation interval differs from the sets here "

@@ -1124,8 +1124,8 @@ def ntps_estimate(
             frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
                                        solve=solve, pooled=pooled, left_out=left_out,
                                        interaction_half=interaction_half)
-        return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol,
-                              interval=interval, rotation_flag=rotation_flag)
+        return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
+                              rotation_flag=rotation_flag, plugins=pooled, device=device)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_estimate_options(shards, level, estimator)
@@ -1154,22 +1154,25 @@ def ntps_estimate(
     frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
+    plugins = theory_values(full, ks)
     if interval == "quadratic":
         none = np.full(ks.shape, np.nan)
         left_out = np.array([none if g is None else theory_values(g, ks) for g in geometries])
         frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
-                                   solve=numpy_plugins(shards, ks, rtol), pooled=theory_values(full, ks),
+                                   solve=numpy_plugins(shards, ks, rtol), pooled=plugins,
                                    left_out=left_out, interaction_half=interaction_half)
     return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
-                          rotation_flag=rotation_flag, solved=solves.full, pools=solves.pools)
+                          rotation_flag=rotation_flag, solved=solves.full, plugins=plugins)
 
 
 def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
-                   interval: str, rotation_flag: bool, solved=None, pools=None) -> pd.DataFrame:
+                   interval: str, rotation_flag: bool, plugins: np.ndarray, solved=None, device=None) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the flag's rotation condition (``rotation_flag``:
     `ntps_nb.core.rotation.rotation_stability`) and the rotation interval (``interval="rotation"``:
-    `ntps_nb.core.rotation.rotation_interval`), both from one computation of the rotation sets (numpy, on the
-    host after either backend)."""
+    `ntps_nb.core.rotation.rotation_interval`), both from one computation of the rotation sets, in numpy
+    on the host after either backend. ``plugins``: the pooled plug-in at the frame's k; ``solved``: the
+    pooled (U, V) the numpy path solved; on a torch ``device`` they are solved there, and only where a
+    row needs them."""
     if not rotation_flag and interval != "rotation":
         return frame
     # the condition needs the Fieller ranges of the rows the other conditions accept; the interval
@@ -1178,7 +1181,9 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
         kinds, rows = ("fieller", "chosen"), None
     else:
         kinds, rows = ("fieller",), frame["reliable"].astype(bool)
-    ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, pools=pools,
+    if solved is None and device is not None and (rows is None or rows.any()):
+        solved = analysis_backend(device).pooled_subspaces_torch(shards, rtol=rtol, device=device)
+    ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, plugins=plugins,
                               kinds=kinds, rows=rows)
     if rotation_flag:
         frame = rotation_stability(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)

@@ -234,3 +234,23 @@ def test_the_rotation_and_quadratic_intervals_on_torch_equal_numpy(shard_sets, c
                                                                           >= want["upper_jackknife"][finite])
     # the rotation interval contains the jackknife's; the quadratic one lies inside it
     assert wider.all() if interval == "rotation" else (want["se"][finite] <= want["se_jackknife"][finite]).all()
+
+
+def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
+    """The flag's rotation condition and the rotation interval on a device read the pooled subspaces solved
+    there and the plug-in the replicates solved: nothing of the pooled problem is solved on the host (it was
+    solved again there, 4 d x d eigensolves and a basis of every next-token direction, before); the frame is
+    numpy's, every column to 1e-9."""
+    import ntps_nb.core.rotation as rotation
+
+    shards, ks = CASES["lds, C = 3, reliable"][0](), CASES["lds, C = 3, reliable"][1]
+    want = {interval: ntps_estimate(shards, ks, interval=interval) for interval in ("rotation", None)}
+
+    def on_the_host(*args, **kwargs):
+        raise AssertionError("the pooled problem was solved on the host")
+
+    for name in ("perception_subspace", "next_token_subspace", "_theory_geometry_of"):
+        monkeypatch.setattr(rotation, name, on_the_host)
+    assert want[None]["rotation_lower"].notna().any()    # the default row's flag computed its ranges somewhere
+    for interval, frame in want.items():
+        assert_frames_agree(ntps_estimate(shards, ks, interval=interval, device="cpu"), frame)

@@ -241,8 +241,8 @@ def _plane_problem(condition: float, d: int = 6):
     root, inv_root = Q @ np.diag(np.sqrt(s)) @ Q.T, Q @ np.diag(1 / np.sqrt(s)) @ Q.T
     W = np.linalg.qr(rng.normal(size=(d, 2)))[0]
     F = root @ W @ np.diag(np.sqrt([2.0, 1.0]))
-    pools = [Moments(Sxx=B, Sxy=F, Syy=np.eye(2) / 2, C0=B, C1=B, n_texts=10, n_tokens=10) for _ in range(3)]
-    return inv_root @ W, F, B, pools
+    shards = [Moments(Sxx=B, Sxy=F, Syy=np.eye(2) / 2, C0=B, C1=B, n_texts=10, n_tokens=10) for _ in range(3)]
+    return inv_root @ W, F, B, shards
 
 
 def test_the_pair_check_allows_the_rounding_an_ill_conditioned_metric_gives_and_nothing_more():
@@ -250,16 +250,36 @@ def test_the_pair_check_allows_the_rounding_an_ill_conditioned_metric_gives_and_
     # eps * kappa only (1e-8 for states whose scales span ten decades), which the check once took for a
     # programming error: ntps_estimate raised on such data
     kappa = 1e10
-    pair, F, B, pools = _plane_problem(kappa)
+    pair, F, B, shards = _plane_problem(kappa)
     rounded = pair * (1 + 5e-8)          # pair' B pair - I = 1e-7: above PLANE_RTOL, below eps * kappa
     assert np.abs(rounded.T @ B @ rounded - np.eye(2)).max() > PLANE_RTOL
-    planes = plane_replicates(rounded, F, B, pools, "U", condition=kappa)
+    planes = plane_replicates(rounded, F, B, shards, "U", condition=kappa)
     # each replicate is the pooled problem itself: its plane matrix is diag(lambda), to the rounding allowed
     assert np.allclose(planes, np.diag([2.0, 1.0]), atol=1e-6)
     with pytest.raises(ValueError, match="does not diagonalise"):
-        plane_replicates(rounded, F, B, pools, "U")                       # a well-conditioned metric: 1e-7 is wrong
+        plane_replicates(rounded, F, B, shards, "U")                       # a well-conditioned metric: 1e-7 is wrong
     with pytest.raises(ValueError, match="does not diagonalise"):
-        plane_replicates(pair * (1 + 1e-3), F, B, pools, "U", condition=kappa)   # a real error is still caught
+        plane_replicates(pair * (1 + 1e-3), F, B, shards, "U", condition=kappa)   # a real error is still caught
+
+
+def test_the_replicates_plane_matrices_from_the_shards_equal_those_of_the_pools_they_combine():
+    # each replicate's plane matrix is formed from the shards' own projections, weighted as Moments.combine
+    # weighs them; here against the pools combined outright, on shards of unequal sizes
+    model = lds_model(d=10, n_classes=3, n_tokens=5, seed=2)
+    rng = np.random.default_rng(4)
+    shards = [sample_shards(model, n, 1, rng)[0] for n in (40, 55, 70, 90, 130, 200)]
+    pooled = Moments.combine(shards)
+    for side, space in (("U", perception_subspace(pooled)), ("V", next_token_subspace(pooled))):
+        pair = space.vectors[:, 1:3]
+        F, B = (pooled.Sxy, pooled.Sxx) if side == "U" else (pooled.C1, pooled.C0)
+        got = plane_replicates(pair, F, B, shards, side)
+        for i in range(len(shards)):
+            pool = Moments.combine([s for j, s in enumerate(shards) if j != i])
+            F_i, B_i = (pool.Sxy, pool.Sxx) if side == "U" else (pool.C1, pool.C0)
+            w, q = np.linalg.eigh(pair.T @ B_i @ pair)
+            inv_root = (q / np.sqrt(w)) @ q.T
+            want = inv_root @ (pair.T @ F_i) @ (pair.T @ F_i).T @ inv_root
+            np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
 
 
 def test_ntps_estimate_runs_where_sxx_spans_ten_decades():

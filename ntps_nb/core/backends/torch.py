@@ -654,6 +654,33 @@ def theory_geometry_torch(
     return result
 
 
+def pooled_subspaces_torch(
+    moment_shards: Moments | Sequence[Moments], *, rtol: float = RANGE_RTOL, device: str | torch.device = "cpu",
+) -> tuple[Subspace, Subspace]:
+    """`ntps_nb.core.subspaces.perception_subspace` and `next_token_subspace` (descending) of the pooled
+    shards, solved on ``device`` in float64 and returned as numpy `Subspace`: what the rotation sets of
+    `ntps_estimate`'s flag and interval read (`ntps_nb.core.rotation`), without solving the pooled
+    moments again on the host.
+
+    Parameters
+    ----------
+    moment_shards : one `Moments` or per-shard `Moments` of one layer (pooled as `ntps_sweep` pools them).
+    rtol : relative range tolerance of Sxx and C0.
+    device : the torch device that solves them.
+
+    Returns
+    -------
+    (U, V) : the perception subspace of (Sxy Sxy^T, Sxx) and the next-token subspace of (C1 C1^T, C0).
+    """
+    pooled = _pooled(moment_shards)
+    check_labels(pooled)
+    if pooled.n_tokens == 0:
+        raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
+    U, V = (generalized_eigh_torch(B, A_factor=F, rtol=rtol, device=device, name=name).to_numpy()
+            for B, F, name in ((pooled.Sxx, pooled.Sxy, "Sxx"), (pooled.C0, pooled.C1, "C0")))
+    return U, V
+
+
 def _pooled(moments: Moments | Sequence[Moments]) -> Moments:
     """One `Moments`, or a list of per-shard `Moments` pooled (as ``ntps_sweep`` takes them)."""
     if isinstance(moments, Moments):
