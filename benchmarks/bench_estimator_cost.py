@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--device", default=None,
                         help="a torch device (\"cuda\"): ntps_sweep and ntps_estimate solve there (ntps_sweep_torch, "
                              "device=); estimate_ntps stays numpy; the eigensolves counted are then the host's")
+    parser.add_argument("--without", action="append", default=[],
+                        choices=("estimate_ntps", "ntps_sweep", "ntps_estimate"),
+                        help="leave this function's calls out (repeatable; e.g. the host's estimate_ntps at a large d)")
     args = parser.parse_args()
     options = {} if args.device is None else {"device": args.device}
     if args.device is not None:
@@ -91,6 +94,7 @@ def main() -> None:
     calls[("ntps_estimate", "richardson+quadratic, every shard")] = lambda: ntps_estimate(shards, ks,
                                                                                          interaction_half=None,
                                                                                          **options)
+    calls = {key: call for key, call in calls.items() if key[0] not in args.without}
     solves = {key: count_eigensolves(call, args.d) for key, call in calls.items()}
     times = {key: [] for key in calls}
     for _ in range(args.repeats):
@@ -103,6 +107,8 @@ def main() -> None:
           + ("" if args.device is None else f", ntps_sweep and ntps_estimate on {args.device}")
           + f", the package at {os.path.relpath(os.path.dirname(ntps_nb.__file__))}")
     for what in ("estimate_ntps", "ntps_sweep", "ntps_estimate"):
+        if what in args.without:
+            continue
         base = np.median(times[(what, "plugin")])
         for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
                   "richardson+quadratic (default)", "richardson+quadratic, every shard"):
@@ -111,6 +117,11 @@ def main() -> None:
                 n, n_base = solves[(what, e)], solves[(what, "plugin")]
                 ratio = f", ratio {n / n_base:5.2f}" if n_base else ""
                 print(f"  {what:14s} {e:33s} {t:8.3f} s   ratio to plugin {t / base:5.2f}   {n:4d} eigensolves{ratio}")
+    if "ntps_estimate" not in args.without:
+        # the flag's rotation condition computes its ranges on the rows its other conditions accept only
+        frame = ntps_estimate(shards, ks, **options)
+        print(f"  the default row's flag computed rotation ranges on {int(frame['rotation_lower'].notna().sum())} of "
+              f"{len(frame)} rows (reliable: {int(frame['reliable'].sum())})")
 
 
 if __name__ == "__main__":
