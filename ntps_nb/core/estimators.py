@@ -1088,8 +1088,8 @@ def ntps_estimate(
         estimates stage before it, the committed study units'). Adds rotation_lower, rotation_upper
         (NTPS's range over the Fieller sets, shifted by the estimator's correction; computed on the
         rows the other conditions accept, NaN elsewhere) and rotation_stable; numpy, on the host
-        after either backend (no factorisation beyond the pooled solve, which the torch path repeats
-        on the host where a row is left to check).
+        after either backend, from the pooled solve (on a device the pooled subspaces are solved there,
+        once, where a row is left to check) and the shards' projections on each pair's plane.
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
