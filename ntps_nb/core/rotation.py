@@ -269,7 +269,7 @@ def ntps_over_rotations(U: Subspace, V: Subspace, k: int, phis_U: np.ndarray, ph
 
 def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
                      solved: tuple[Subspace, Subspace] | None, plugins: np.ndarray | None = None,
-                     kinds: Sequence[str] = ("fieller", "chosen"), rows: pd.Series | None = None) -> pd.DataFrame:
+                     pooled: Moments | None = None, kinds: Sequence[str] = ("fieller", "chosen"), rows: pd.Series | None = None) -> pd.DataFrame:
     """Per row of ``frame`` (those where ``rows`` is True, all by default), NTPS's range over the
     rotation sets of its pairs, shifted by the row's estimate minus the pooled plug-in: over the
     Fieller sets (kind "fieller") and over the sets `rotation_interval` uses (kind "chosen": the
@@ -282,12 +282,13 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
     so `ntps_estimate` asks it of the rows its flag needs it for. ``solved``: the pooled (U, V) if
     already solved; ``plugins``: the pooled plug-in NTPS at each row's k (len(frame),) if already known
     (else a `theory_geometry` of the pooled moments gives it: an orthonormal basis of all r_V next-token
-    directions, d^3 work)."""
+    directions, d^3 work); ``pooled``: the shards combined, if already (`Moments.combine`)."""
     columns = [f"{kind}_{what}" for kind in ("fieller", "chosen") for what in ("lower", "upper", "U", "V")]
     out = pd.DataFrame(np.nan, index=frame.index, columns=columns)
     if rows is not None and not rows.any():      # nothing to compute: no pooled solve (the torch path's host)
         return out
-    pooled = Moments.combine(shards)
+    if pooled is None:
+        pooled = Moments.combine(shards)
     if solved is None:
         solved = perception_subspace(pooled, rtol=rtol), next_token_subspace(pooled, rtol=rtol)
     U, V = solved

@@ -239,9 +239,11 @@ def test_the_rotation_and_quadratic_intervals_on_torch_equal_numpy(shard_sets, c
 def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
     """The flag's rotation condition and the rotation interval on a device read the pooled subspaces solved
     there and the plug-in the replicates solved: nothing of the pooled problem is solved on the host (it was
-    solved again there, 4 d x d eigensolves and a basis of every next-token direction, before); the frame is
+    solved again there, 4 d x d eigensolves and a basis of every next-token direction, before), and the shards
+    are combined on the host once (three times before, twenty more for the delete-one pools); the frame is
     numpy's, every column to 1e-9."""
     import ntps_nb.core.rotation as rotation
+    from ntps_nb.core.moments import Moments
 
     shards, ks = CASES["lds, C = 3, reliable"][0](), CASES["lds, C = 3, reliable"][1]
     want = {interval: ntps_estimate(shards, ks, interval=interval) for interval in ("rotation", None)}
@@ -252,5 +254,14 @@ def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
     for name in ("perception_subspace", "next_token_subspace", "_theory_geometry_of"):
         monkeypatch.setattr(rotation, name, on_the_host)
     assert want[None]["rotation_lower"].notna().any()    # the default row's flag computed its ranges somewhere
+    combine, combined = Moments.combine, []
+
+    def counting(parts, weights=None):
+        combined.append(len(list(parts)))
+        return combine(parts, weights)
+
+    monkeypatch.setattr(Moments, "combine", staticmethod(counting))
     for interval, frame in want.items():
+        combined.clear()
         assert_frames_agree(ntps_estimate(shards, ks, interval=interval, device="cpu"), frame)
+        assert combined == [len(shards)]

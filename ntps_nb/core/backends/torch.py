@@ -2380,7 +2380,7 @@ def ntps_estimate_torch(
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
     plugins: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray, np.ndarray, Moments]:
     """`ntps_nb.core.estimators.ntps_estimate` on ``device``, for the "richardson" (default) and
     "plugin" estimators: the same frame.
 
@@ -2404,12 +2404,15 @@ def ntps_estimate_torch(
     device, dtype : the torch device and precision of the solves.
     batch_size : combinations per batched solve (default: from free memory).
     plugins : also return the plug-in at ``ks`` on all shards and without each, solved here for the
-        replicates (what `ntps_nb.core.quadratic.quadratic_interval` reads as ``pooled`` and ``left_out``).
+        replicates (what `ntps_nb.core.quadratic.quadratic_interval` reads as ``pooled`` and ``left_out``),
+        and the shards combined on the host (`Moments.combine`, for the rounding check of C0 here; the
+        rotation sets read it too).
 
     Returns
     -------
     DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it; with ``plugins``, the tuple (frame,
-    (K,) plug-in on all shards, (S, K) plug-in without shard i in row i, NaN where that pool is undefined).
+    (K,) plug-in on all shards, (S, K) plug-in without shard i in row i, NaN where that pool is undefined,
+    the pooled `Moments`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -2467,4 +2470,4 @@ def ntps_estimate_torch(
     frame = _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps,
                             level=level, noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
-    return (frame, values[full], values[loo]) if plugins else frame
+    return (frame, values[full], values[loo], pooled) if plugins else frame
