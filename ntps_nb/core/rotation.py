@@ -269,7 +269,8 @@ def ntps_over_rotations(U: Subspace, V: Subspace, k: int, phis_U: np.ndarray, ph
 
 def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
                      solved: tuple[Subspace, Subspace] | None, plugins: np.ndarray | None = None,
-                     pooled: Moments | None = None, kinds: Sequence[str] = ("fieller", "chosen"), rows: pd.Series | None = None) -> pd.DataFrame:
+                     pooled: Moments | None = None, kinds: Sequence[str] = ("fieller", "chosen"),
+                     rows: pd.Series | None = None) -> pd.DataFrame:
     """Per row of ``frame`` (those where ``rows`` is True, all by default), NTPS's range over the
     rotation sets of its pairs, shifted by the row's estimate minus the pooled plug-in: over the
     Fieller sets (kind "fieller") and over the sets `rotation_interval` uses (kind "chosen": the
