@@ -1112,7 +1112,7 @@ def ntps_estimate(
         _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
-        frame, plugins, left_out, pooled = backend.ntps_estimate_torch(
+        frame, plugins, left_out = backend.ntps_estimate_torch(
             moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
             gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True)
         if interval == "quadratic":
@@ -1125,7 +1125,7 @@ def ntps_estimate(
                                        solve=solve, pooled=plugins, left_out=left_out,
                                        interaction_half=interaction_half)
         return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
-                              rotation_flag=rotation_flag, plugins=plugins, pooled=pooled, device=device)
+                              rotation_flag=rotation_flag, plugins=plugins, device=device)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_estimate_options(shards, level, estimator)
@@ -1166,14 +1166,14 @@ def ntps_estimate(
 
 
 def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
-                   interval: str, rotation_flag: bool, plugins: np.ndarray, pooled: Moments, solved=None,
-                   device=None) -> pd.DataFrame:
+                   interval: str, rotation_flag: bool, plugins: np.ndarray, pooled: Moments | None = None,
+                   solved=None, device=None) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the flag's rotation condition (``rotation_flag``:
     `ntps_nb.core.rotation.rotation_stability`) and the rotation interval (``interval="rotation"``:
     `ntps_nb.core.rotation.rotation_interval`), both from one computation of the rotation sets, in numpy
-    on the host after either backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled``: the
-    shards combined; ``solved``: the pooled (U, V) the numpy path solved; on a torch ``device`` they are
-    solved there, and only where a row needs them."""
+    on the host after either backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled`` and
+    ``solved``: the shards combined and their (U, V), as the numpy path has them; on a torch ``device`` the
+    shards are combined once and solved there, only where a row needs them."""
     if not rotation_flag and interval != "rotation":
         return frame
     # the condition needs the Fieller ranges of the rows the other conditions accept; the interval
@@ -1183,6 +1183,7 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
     else:
         kinds, rows = ("fieller",), frame["reliable"].astype(bool)
     if solved is None and device is not None and (rows is None or rows.any()):
+        pooled = Moments.combine(shards) if pooled is None else pooled
         solved = analysis_backend(device).pooled_subspaces_torch(pooled, rtol=rtol, device=device)
     ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, plugins=plugins,
                               pooled=pooled, kinds=kinds, rows=rows)

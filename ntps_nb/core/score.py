@@ -427,10 +427,10 @@ def warn_if_rounded(reach: float, r_V: int, stacklevel: int = 3) -> None:
         RoundedMomentsWarning, stacklevel=stacklevel)
 
 
-def warn_of_the_sample(pooled: Moments, shards: Sequence[Moments], geometry: "TheoryGeometry", ks: Sequence[int], *,
-                       estimator: str, seed: int = 0, replicates: bool = False, centred: bool = False,
-                       tol: float | None = None, rtol: float = RANGE_RTOL, reach: float | None = None,
-                       stacklevel: int = 3) -> None:
+def warn_of_the_sample(pooled: Moments | None, shards: Sequence[Moments], geometry: "TheoryGeometry",
+                       ks: Sequence[int], *, estimator: str, seed: int = 0, replicates: bool = False,
+                       centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
+                       reach: float | None = None, stacklevel: int = 3) -> None:
     """What every theory NTPS read from these moments is said with, once per call: no more texts than the rank
     of Sxx in a part the value (or its interval, ``replicates``) reads (`InterpolationWarning`,
     `ntps_nb.core.estimators.warn_if_interpolating`), tied next-token eigenvalues that can move NTPS at one of
@@ -439,7 +439,8 @@ def warn_of_the_sample(pooled: Moments, shards: Sequence[Moments], geometry: "Th
 
     Parameters
     ----------
-    pooled : the pooled moments the values are read from.
+    pooled : the pooled moments the values are read from (their C0's rounding is checked); None where the caller
+        gives ``reach``.
     shards : the per-shard moments (``[pooled]`` where there are none).
     geometry : the pooled moments' theory geometry (either backend's).
     ks : the k whose values the caller returns.
@@ -458,6 +459,8 @@ def warn_of_the_sample(pooled: Moments, shards: Sequence[Moments], geometry: "Th
                           centred=centred, stacklevel=stacklevel + 1)
     warn_if_next_token_tied(geometry, ks, stacklevel=stacklevel + 1)
     if reach is None:
+        if pooled is None:
+            raise ValueError("warn_of_the_sample needs the pooled moments or the reach of their C0")
         reach = negative_reach(pooled.C0, tol=tol, rtol=rtol)
     warn_if_rounded(reach, geometry.r_V, stacklevel=stacklevel + 1)
 
