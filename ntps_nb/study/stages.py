@@ -900,7 +900,8 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     config's k (those up to the layer's r_V): the config's estimator, its delete-one-shard
     jackknife standard error and `ESTIMATE_LEVEL` interval, and its reliability flag. A layer on
     which the estimator fails is left out and named in the record. With an analysis device (for
-    the estimators that have a torch path) r_V and the estimates are solved there."""
+    the estimators that have a torch path) r_V and the estimates are solved there, from the shards
+    combined on the device."""
     from ntps_nb.core.backends import analysis_backend
     from ntps_nb.core.estimators import DEVICE_ESTIMATORS, ntps_estimate
     from ntps_nb.core.moments import Moments
@@ -919,9 +920,9 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         _ignore_recorded_as_nan()
         for layer in u.interval_grid:
             try:
-                pooled = Moments.combine(shards[layer])
-                r_V = (theory_geometry(pooled) if backend is None
-                       else backend.theory_geometry_torch(pooled, device=device)).r_V
+                # on a device r_V comes from the shards combined there, as the row's own full solve
+                r_V = (theory_geometry(Moments.combine(shards[layer])) if backend is None
+                       else backend.pooled_geometry_torch(shards[layer], device=device)).r_V
                 ks = np.arange(1, r_V + 1) if u.cfg.k == "all" else np.array([k for k in u.cfg.k if k <= r_V], int)
                 if ks.size == 0:
                     continue

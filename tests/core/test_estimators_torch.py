@@ -269,3 +269,24 @@ def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
     combined.clear()
     frame = ntps_estimate(shards, ks, interval="jackknife", rotation_flag=False, device="cpu")
     assert frame["reliable"].any() and combined == []
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_pooled_geometry_on_torch_is_numpys_from_the_shards_combined_on_the_device(shard_sets, case, monkeypatch):
+    # what a study's estimates stage reads r_V from before it asks the row: numpy's geometry of the combined
+    # shards, with no host combination (C0 and Sxx ranks equal, the projections to 1e-9)
+    from ntps_nb.core.backends.torch import pooled_geometry_torch
+    from ntps_nb.core.moments import Moments
+    from ntps_nb.core.score import theory_geometry
+
+    shards, _ = shard_sets[case]
+    want = theory_geometry(Moments.combine(shards))
+
+    def no_combine(parts, weights=None):
+        raise AssertionError("the shards were combined on the host")
+
+    monkeypatch.setattr(Moments, "combine", staticmethod(no_combine))
+    got = pooled_geometry_torch(shards, device="cpu")
+    assert (got.r_V, got.r_U, got.m) == (want.r_V, want.r_U, want.m)
+    np.testing.assert_allclose(got.eigenvalues, want.eigenvalues, rtol=AGREEMENT)
+    np.testing.assert_allclose(got.projected, want.projected, atol=AGREEMENT)
