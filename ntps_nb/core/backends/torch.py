@@ -964,8 +964,7 @@ class TorchShardStack:
             self._range_basis = None
             if self.stacked["Sxx"].dtype != torch.float64:
                 return None
-            pooled = self.combined(_tensor(self.n_texts[None] / self.n_texts.sum(), self.stacked["Sxx"].dtype,
-                                           self.stacked["Sxx"].device))["Sxx"][0]
+            pooled = self.combined(self._all_shares())["Sxx"][0]
             s, Q = torch.linalg.eigh((pooled + pooled.mT) / 2)
             floor = self.d * torch.finfo(s.dtype).eps * float(s[-1].clamp(min=0.0))
             p = int((s > floor).sum())
@@ -977,11 +976,14 @@ class TorchShardStack:
         """The shards' pooled C0 (never centred), as `Moments.combine` weighs it, for the check of its rounding
         (`negative_reach_torch`): on the device for a float64 stack; a float32 stack's own rounding would read
         as the moments', so there it is combined on the host."""
-        a = self.stacked["C0"]
-        if a.dtype != torch.float64:
+        if self.stacked["C0"].dtype != torch.float64:
             return Moments.combine(self.shards).C0
-        shares = _tensor(self.n_texts[None] / self.n_texts.sum(), a.dtype, a.device)
-        return (shares @ a)[0].reshape(self.shapes["C0"])
+        return (self._all_shares() @ self.stacked["C0"])[0].reshape(self.shapes["C0"])
+
+    def _all_shares(self) -> torch.Tensor:
+        """(1, S) text shares of all the shards pooled (`Moments.combine`'s weights), on the stack's device."""
+        a = self.stacked["Sxx"]
+        return _tensor(self.n_texts[None] / self.n_texts.sum(), a.dtype, a.device)
 
     def combined(self, shares: torch.Tensor) -> dict[str, torch.Tensor]:
         """The moments of each row of a (n, S) matrix of text shares (rows summing to 1), centred if asked.
