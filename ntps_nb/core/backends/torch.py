@@ -2350,10 +2350,11 @@ def pooled_geometry_torch(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> TheoryGeometry:
-    """The theory geometry of all the shards pooled, solved as `ntps_estimate_torch` solves its full row: the
-    shards stacked on ``device`` (read there where they are resident, `keep_resident`) and combined there, so no
-    host combination of the shards (4.6-5.9 s at d = 4096 and 20 shards on the device tool's host). What a study's
-    estimates stage reads r_V from before it asks the row.
+    """The theory geometry of all the shards pooled, combined on ``device`` as `ntps_estimate_torch` combines its
+    full row (the shards stacked there, read where they are resident, `keep_resident`) and with the same solve of
+    C0, so the same r_V; no host combination of the shards (4.6-5.9 s at d = 4096 and 20 shards on the device
+    tool's host, benchmarks/results/device_pooling). What a study's estimates stage reads r_V from before it asks
+    the row.
 
     Parameters
     ----------
@@ -2365,9 +2366,10 @@ def pooled_geometry_torch(
     -------
     `TheoryGeometry` (numpy arrays); a ValueError where it is undefined (as `theory_geometry`).
     """
-    shards, _, stack, dtype, device, _ = _prepare(moment_shards, [1], dtype, device, 1)
-    (geometry,), _ = _solve_combinations(stack, np.ones((1, len(shards))), np.zeros(1, dtype=bool), None,
-                                         np.array([1]), rtol=rtol, batch_size=1, dtype=dtype, device=device)
+    dtype, device = _check_dtype(dtype), _device(device)
+    stack = TorchShardStack(_as_shards(moment_shards), centred=False, dtype=dtype, device=device)
+    ((_, geometry),) = _replicate_geometries(stack, np.ones((1, len(stack))), tol=None, rtol=rtol,
+                                             span_rtol=SPAN_RTOL, batch_size=1, dtype=dtype, device=device)
     if isinstance(geometry, str):
         raise ValueError(geometry)
     return geometry
@@ -2483,7 +2485,8 @@ def ntps_estimate_torch(
         stack, counts[1:], noise[1:], ks, rtol=rtol, batch_size=batch_size, dtype=dtype, device=device)
     if isinstance(full_geometry, str):
         raise ValueError(full_geometry)
-    # C0's rounding checked on the device: no host combination of the shards (3.7 s at d = 4096 and 20 shards)
+    # C0's rounding checked on the device: no host combination of the shards (4.6-5.9 s at d = 4096 and 20
+    # shards on the device tool's host, benchmarks/results/device_pooling)
     warn_of_the_sample(None, shards, full_geometry, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol,
                        reach=negative_reach_torch(stack.pooled_C0(), device=device, rtol=rtol),
                        stacklevel=4)  # at the caller of `ntps_estimate`, as its numpy path
