@@ -450,12 +450,20 @@ def _debiased(shards: list[Moments], ks: np.ndarray, *, rtol: float, drop: int |
     Both Gram matrices are debiased (X = I and X = P_k) before the eigendecomposition and the
     ratio. Noise of V and of the whitening is not corrected. Reliability: the smallest share of
     signal among the kept eigenvalues, min_i lambda_i(debiased) / lambda_i(raw).
+
+    Undefined (NaN) with no more texts than retained directions (N <= r, as for "adjusted"): the
+    labels are then fitted exactly, the shards' spread removes all of G^T G and the debiased
+    eigenvalues are rounding; and at any k whose k_U-th debiased eigenvalue is at most `A_RANK_RTOL`
+    times the raw Gram's largest (no signal left, reliability 0): dividing by rounding gave values
+    orders of magnitude outside [0, 1].
     """
     kept = [s for i, s in enumerate(shards) if i != drop]
     full = Moments.combine(kept)
     check_labels(full)
     white = _Whitening.of(full.Sxx, rtol)
     m = _m_of(full, white)
+    if full.n_texts <= white.s.size:
+        return np.full(ks.shape, np.nan), np.full(ks.shape, np.nan)
     Vf, counts = white.next_token(full, rtol)
     scale = 1.0 / np.sqrt(white.s)[:, None]
     G = scale * (white.Q.T @ full.Sxy)
@@ -480,7 +488,7 @@ def _debiased(shards: list[Moments], ks: np.ndarray, *, rtol: float, drop: int |
         if k > counts.size or counts[k - 1] == 0:
             continue
         kU = min(int(k), m)
-        if lam[kU - 1] <= 0:
+        if lam[kU - 1] <= A_RANK_RTOL * raw_lam[0]:
             reliability[i] = 0.0
             continue
         b = counts[k - 1] - 1

@@ -17,6 +17,8 @@ from ntps_nb.core.score import InterpolationWarning, ntps, ntps_sweep, theory_ge
 from ntps_nb.core.simulate import lds_model, markov_model, moments_of_array, sample_shards
 
 KS = np.array([1, 2, 4])
+#: "debiased" is not confined to [0, 1], but where defined it stays of NTPS's order (its largest here: 1.07).
+DEBIASED_BOUND = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +343,24 @@ def test_bad_input_is_refused_with_a_clear_error():
             ntps_estimate(shards[:3], [1], estimator=estimator)
     assert DEFAULT_ESTIMATOR in SPLIT_ESTIMATORS and np.isfinite(ntps_estimate(shards, [1])["se"]).all()
     assert np.isfinite(ntps_estimate(shards[:3], [1], estimator="plugin")["se"]).all()
+
+
+@pytest.mark.parametrize("family", ["lds", "factor"])
+def test_debiased_is_undefined_where_the_labels_are_fitted_exactly(family):
+    """At N <= r the shards' spread removes all of G^T G and the debiased eigenvalues are rounding: the
+    estimator says NaN (as "adjusted" does), where it divided by rounding and gave values orders of magnitude
+    outside [0, 1]. Above the rank it is defined and of NTPS's order."""
+    from ntps_nb.core.simulate import factor_model
+
+    model = (lds_model if family == "lds" else factor_model)(d=16, n_classes=6, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InterpolationWarning)
+        for n_texts in (12, 16):  # N below and at d = 16
+            shards = sample_shards(model, n_texts, 4, np.random.default_rng(n_texts))
+            swept = ntps_sweep(shards, estimator="debiased")
+            assert swept["ntps"].isna().all(), (family, n_texts)
+        above = ntps_sweep(sample_shards(model, 64, 4, np.random.default_rng(64)), estimator="debiased")
+    assert np.isfinite(above["ntps"]).sum() >= 3 and np.nanmax(np.abs(above["ntps"])) < DEBIASED_BOUND
 
 
 def test_ntps_and_ntps_sweep_take_the_estimator_option(large_draws):
