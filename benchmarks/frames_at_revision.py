@@ -93,6 +93,17 @@ def difference(a, b) -> float | None:
     return float(np.nanmax(np.abs(a - b), initial=0.0))
 
 
+def package_at(rev: str, folder: Path) -> Path:
+    """Extract the package ``ntps_nb`` as it was at git revision ``rev`` into ``folder`` (``git archive``), and
+    return ``folder``: put it first on PYTHONPATH to import that package."""
+    archive = subprocess.run(["git", "archive", rev, "ntps_nb"], cwd=REPO, capture_output=True, check=True).stdout
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "package.tar").write_bytes(archive)
+    with tarfile.open(folder / "package.tar") as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", nargs="?", help="the git revision to compare with")
@@ -108,13 +119,8 @@ def main() -> None:
         parser.error("give the git revision to compare with")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        archive = subprocess.run(["git", "archive", args.rev, "ntps_nb"], cwd=REPO, capture_output=True,
-                                 check=True).stdout
-        (tmp / "then.tar").write_bytes(archive)
-        with tarfile.open(tmp / "then.tar") as tar:
-            tar.extractall(tmp / "then", filter="data")
         results = {}
-        for name, root in (("then", tmp / "then"), ("now", REPO)):
+        for name, root in (("then", package_at(args.rev, tmp / "then")), ("now", REPO)):
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in sys.path if p]))
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write", str(tmp / f"{name}.pkl")],
                            cwd=tmp, env=env, check=True)

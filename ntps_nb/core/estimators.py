@@ -76,7 +76,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.stats
 
 from ntps_nb.core.backends import analysis_backend
@@ -88,7 +87,7 @@ from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry,
                                 interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
                                 warn_of_the_sample)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
-                                    next_token_subspace, perception_subspace)
+                                    next_token_subspace, perception_subspace, symmetric_eigh)
 
 ESTIMATORS = ("plugin", "richardson", "adjusted", "adjusted_v", "wishart", "debiased", "extrapolate", "crossfit", "crossfit_inverse", "jackknife", "shrinkage", "pca", "chance")
 #: The estimators that need at least two shards (the others also accept one `Moments`).
@@ -231,7 +230,7 @@ class _Whitening:
 
     @classmethod
     def of(cls, Sxx: np.ndarray, rtol: float) -> "_Whitening":
-        s, Q = scipy.linalg.eigh(Sxx)
+        s, Q = symmetric_eigh(Sxx)
         keep = s > rtol * max(float(s.max()), 0.0)
         if not keep.any():
             raise ValueError("Sxx has no eigenvalue above the tolerance")
@@ -612,7 +611,7 @@ def _shrunk(shards: list[Moments]) -> Moments:
 
 def _projected(full: Moments, p: int) -> Moments:
     """The moments of the states projected on the top-p principal directions of Sxx."""
-    s, Q = scipy.linalg.eigh(full.Sxx)
+    s, Q = symmetric_eigh(full.Sxx)
     P = Q[:, np.argsort(s)[::-1][:p]]
     return Moments(Sxx=P.T @ full.Sxx @ P, Sxy=P.T @ full.Sxy, Syy=full.Syy, C0=P.T @ full.C0 @ P,
                    C1=P.T @ full.C1 @ P, n_texts=full.n_texts, n_tokens=full.n_tokens)

@@ -27,7 +27,6 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 from jaxtyping import Float
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import train_test_split
@@ -36,6 +35,7 @@ from sklearn.neighbors import NearestNeighbors
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments, one_hot
 from ntps_nb.core.score import RANGE_RTOL, theory_geometry
+from ntps_nb.core.subspaces import symmetric_eigh
 from ntps_nb.core.validation import check_features, check_k, check_labels
 
 #: Relative change of alpha and beta below which the LogME fixed-point iteration stops.
@@ -199,7 +199,7 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
         return backend.h_score_torch(X, y, rtol=rtol, device=device)
     cov = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
     between = _between_class_covariance(X, y)
-    s, Q = scipy.linalg.eigh(cov)
+    s, Q = symmetric_eigh(cov)
     if s[-1] <= 0:
         raise ValueError("features are constant: cov(f) is zero")
     keep = s > rtol * s[-1]
@@ -238,7 +238,7 @@ def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int
     between = _between_class_covariance(X, y)
     if not np.any(np.diag(shrunk) > 0):
         raise ValueError("features are constant: cov(f) is zero")
-    solved = scipy.linalg.solve(shrunk, between, assume_a="pos")
+    solved = np.linalg.solve(shrunk, between)
     return float((1.0 - delta if scale_between else 1.0) * np.trace(solved))
 
 
@@ -342,7 +342,7 @@ def _principal_moments(moments: Moments, rtol: float, backend=None, device: Any 
     if backend is not None:
         root, rank = backend.principal_root_torch(moments.Shh, rtol=rtol, device=device)
     else:
-        s, Q = scipy.linalg.eigh(moments.Shh)
+        s, Q = symmetric_eigh(moments.Shh)
         if s[-1] <= 0:
             raise ValueError("Shh is zero: the token states carry no variance")
         rank = int(np.count_nonzero(s > rtol * s[-1]))

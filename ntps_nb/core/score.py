@@ -782,8 +782,11 @@ def _reference_subspaces(moments: Moments, precision: Precision, tol: float) -> 
     dtype = np.float32 if precision == "float32" else np.float64
     Sxy = moments.Sxy.astype(dtype)
     C1 = moments.C1.astype(dtype)
-    U = generalized_eigh(moments.Sxx.astype(dtype), A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype, name="Sxx")
-    V = generalized_eigh(moments.C0.astype(dtype), A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype, name="C0")
+    # the released code's steps, scipy's eigh included (SPEC section 4)
+    U = generalized_eigh(moments.Sxx.astype(dtype), A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype, name="Sxx",
+                         solver="scipy")
+    V = generalized_eigh(moments.C0.astype(dtype), A=C1 @ C1.T, order="ascending", tol=tol, dtype=dtype, name="C0",
+                         solver="scipy")
     return U.vectors, V.vectors
 
 

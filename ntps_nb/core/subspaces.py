@@ -5,6 +5,13 @@ section 3): eigendecompose B, keep the eigenvalues above a tolerance, whiten wit
 W = Q_r S_r^{-1/2}, eigendecompose W^T A W = Y diag(lambda) Y^T, and return X = W Y, so that
 X^T B X = I. The eigenvalue order is always explicit: ``order="descending"`` (top-k, the theory)
 or ``"ascending"`` (the order `eigh` returns, which the released NTPS code relied on).
+
+Every eigensolve goes through numpy's LAPACK (`symmetric_eigh`), on the BLAS that numpy's products use, except
+the reference variant's, which keeps scipy's as the released code did (SPEC section 4). pip's numpy and scipy
+wheels each bundle their own OpenBLAS, with its own thread pool; a pool's threads keep spinning for a while
+after each call, so analysis code that alternates scipy's LAPACK with numpy's products runs two pools of
+threads against each other: on 2 cores a theory geometry at d = 256 took 2-4x as long with both pools at
+2 threads as with either at 1 (`benchmarks/bench_blas_pools.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from jaxtyping import Float
 from ntps_nb.core.moments import Moments
 
 Order = Literal["descending", "ascending"]
+#: The LAPACK front end of a symmetric eigensolve: "numpy" (the package's) or "scipy" (the released code's, kept by
+#: the reference variant and compared by `ntps_nb.core.diagnostics`' solver check).
+Solver = Literal["numpy", "scipy"]
 
 #: Default relative tolerance: eigenvalues of B at or below ``RANGE_RTOL * max eigenvalue`` are
 #: treated as zero (outside the range of B).
@@ -55,16 +65,16 @@ def negative_reach(B: Float[np.ndarray, "d d"], *, tol: float | None = None, rto
     -------
     float >= 0: -lambda_min / lambda_max where -lambda_min exceeds the tolerance, else 0.
     """
-    B = np.asarray(B, dtype=np.float64)
+    B = _finite(np.asarray(B, dtype=np.float64))
     B = (B + B.T) / 2
     shift = float(tol) if tol is not None else rtol * max(float(np.diagonal(B).max()), 0.0)
     if shift > 0:
         try:
-            scipy.linalg.cholesky(B + shift * np.eye(B.shape[0]), lower=True, check_finite=False)
+            np.linalg.cholesky(B + shift * np.eye(B.shape[0]))
             return 0.0
         except np.linalg.LinAlgError:
             pass
-    return reach_of(scipy.linalg.eigvalsh(B), tol=tol, rtol=rtol)
+    return reach_of(np.linalg.eigvalsh(B), tol=tol, rtol=rtol)
 
 
 def reach_of(eigenvalues: Float[np.ndarray, " d"], *, tol: float | None = None, rtol: float = RANGE_RTOL) -> float:
@@ -132,6 +142,43 @@ def _range_threshold(evals: np.ndarray, tol: float | None, rtol: float) -> float
     return float(rtol * max(float(evals.max()), 0.0))
 
 
+def symmetric_eigh(matrix: Float[np.ndarray, "d d"], solver: Solver = "numpy"
+                   ) -> tuple[Float[np.ndarray, " d"], Float[np.ndarray, "d d"]]:
+    """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric matrix (its lower triangle).
+
+    ``solver="numpy"`` runs LAPACK's divide-and-conquer driver on numpy's BLAS, the one numpy's products
+    use, so that analysis code does not alternate between two BLAS thread pools (module docstring);
+    ``"scipy"`` is `scipy.linalg.eigh` (its default driver), as the released NTPS code called it. Both
+    refuse a matrix with NaN or inf entries, which numpy's own `eigh` would turn into NaN silently.
+
+    Parameters
+    ----------
+    matrix : (d, d) symmetric float array (float32 stays float32).
+    solver : "numpy" (default) or "scipy".
+
+    Returns
+    -------
+    (eigenvalues, eigenvectors) : (d,) ascending, and (d, d) with the eigenvectors as columns.
+
+    Raises
+    ------
+    ValueError on a non-finite entry or an unknown solver.
+    """
+    if solver == "scipy":
+        return scipy.linalg.eigh(matrix)
+    if solver != "numpy":
+        raise ValueError(f"solver must be 'numpy' or 'scipy', got {solver!r}")
+    evals, evecs = np.linalg.eigh(_finite(np.asarray(matrix)))
+    return evals, evecs
+
+
+def _finite(matrix: np.ndarray) -> np.ndarray:
+    """``matrix``, refused where an entry is NaN or inf (scipy's LAPACK front ends check this; numpy's do not)."""
+    if not np.isfinite(matrix).all():
+        raise ValueError("array must not contain infs or NaNs")
+    return matrix
+
+
 def generalized_eigh(
     B: Float[np.ndarray, "d d"],
     *,
@@ -142,6 +189,7 @@ def generalized_eigh(
     rtol: float = RANGE_RTOL,
     dtype: type = np.float64,
     name: str = "B",
+    solver: Solver = "numpy",
 ) -> Subspace:
     """Solve (A, B) on the range of B; A is given as A_factor (A = F F^T) or as A itself.
 
@@ -159,6 +207,8 @@ def generalized_eigh(
     tol, rtol : absolute / relative threshold above which an eigenvalue of B is retained.
     dtype : float dtype of the computation (np.float64 or np.float32).
     name : name of B in error messages.
+    solver : the LAPACK front end of both eigensolves (`symmetric_eigh`): "numpy" (default) or "scipy"
+        (the released code's, which the reference variant keeps).
 
     Returns
     -------
@@ -176,7 +226,7 @@ def generalized_eigh(
     given = np.asarray(A if A is not None else A_factor, dtype=dtype)
     if B.ndim != 2 or B.shape[0] != B.shape[1] or given.ndim != 2 or given.shape[0] != B.shape[0]:
         raise ValueError(f"shape mismatch: B {B.shape}, A {given.shape}")
-    s, Q = scipy.linalg.eigh(B)  # ascending
+    s, Q = symmetric_eigh(B, solver)  # ascending
     threshold = _range_threshold(s, tol, rtol)
     keep = s > threshold
     r = int(keep.sum())
@@ -189,7 +239,7 @@ def generalized_eigh(
         M = G @ G.T
     else:
         M = W.T @ given @ W
-    lam, Y = scipy.linalg.eigh((M + M.T) / 2)  # ascending
+    lam, Y = symmetric_eigh((M + M.T) / 2, solver)  # ascending
     if order == "descending":
         lam, Y = lam[::-1], Y[:, ::-1]
     rank_A = int(np.count_nonzero(lam > A_RANK_RTOL * max(float(lam.max()), np.finfo(np.float64).tiny)))
