@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the available cores)")
+    parser.add_argument("--then-package", default=None,
+                        help="a folder holding the package at REV (ntps_nb/), where there is no git history to extract "
+                             "it from (REV then only names it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one side's timings as JSON
     args = parser.parse_args()
     from ntps_nb.core.threads import available_cores
@@ -95,10 +98,12 @@ def main() -> None:
                                                            "MKL_NUM_THREADS", "NTPS_NB_ANALYSIS_PROCESSES")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        sides = {"then": package_at(args.rev, Path(tmp) / "then"), "now": REPO}
+        then = Path(args.then_package).resolve() if args.then_package else package_at(args.rev, Path(tmp) / "then")
+        sides = {"then": then, "now": REPO}
         for round_ in range(args.repeats):
             for side, root in sides.items():
-                side_env = dict(env, PYTHONPATH=os.pathsep.join([str(root), str(REPO)]))
+                given = [str(Path(path).resolve()) for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]
+                side_env = dict(env, PYTHONPATH=os.pathsep.join([str(root), str(REPO)] + given))
                 command = [sys.executable, str(Path(__file__).resolve()), "--child", "--d", str(args.d), "--texts",
                            str(args.texts), "--shards", str(args.shards), "--threads", str(threads)]
                 out = subprocess.run(command, cwd=tmp, env=side_env, capture_output=True, text=True, check=True)

@@ -93,6 +93,22 @@ def difference(a, b) -> float | None:
     return float(np.nanmax(np.abs(a - b), initial=0.0))
 
 
+def column_differences(key: tuple, a, b) -> list[dict]:
+    """One row per numeric column of a frame result (or one for an array), with its largest |difference|
+    (inf where the NaN patterns differ) and its NaN counts on both sides."""
+    pairs = ([(col, a[col], b[col]) for col in a.select_dtypes("number").columns] if isinstance(a, pd.DataFrame)
+             else [("value", a, b)])
+    rows = []
+    for column, x, y in pairs:
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        same = x.shape == y.shape and np.array_equal(np.isnan(x), np.isnan(y))
+        rows.append({"family": key[0], "texts": key[1], "shards": key[2], "call": key[3], "estimator": key[4],
+                     "how": key[5] if len(key) > 5 else "", "column": column,
+                     "difference": float(np.nanmax(np.abs(x - y), initial=0.0)) if same else float("inf"),
+                     "nan_then": int(np.isnan(x).sum()), "nan_now": int(np.isnan(y).sum())})
+    return rows
+
+
 def package_at(rev: str, folder: Path) -> Path:
     """Extract the package ``ntps_nb`` as it was at git revision ``rev`` into ``folder`` (``git archive``), and
     return ``folder``: put it first on PYTHONPATH to import that package."""
@@ -107,6 +123,8 @@ def package_at(rev: str, folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", nargs="?", help="the git revision to compare with")
+    parser.add_argument("--detail", type=float, default=None, metavar="TOL",
+                        help="also list every case and column whose results differ by more than TOL")
     parser.add_argument("--write", help=argparse.SUPPRESS)  # the child: pickle frames() here
     args = parser.parse_args()
     if args.write:
@@ -145,6 +163,13 @@ def main() -> None:
     print(f"identical to the bit: {int((table['difference'] == 0).sum())} of {int(table['difference'].notna().sum())} "
           f"results that were computed on both sides ({int(table['difference'].isna().sum())} raised the same error "
           "on both)")
+    if args.detail is not None:
+        columns = pd.DataFrame([row for key in then if not isinstance(then[key], str) and not isinstance(now[key], str)
+                                for row in column_differences(key, then[key], now[key])])
+        moved = columns[columns["difference"] > args.detail]
+        print(f"\ncases and columns that differ by more than {args.detail:g} (inf: the NaN patterns differ), "
+              f"{len(moved)} of {len(columns)}:")
+        print(moved.to_string(index=False) if len(moved) else "none")
 
 
 if __name__ == "__main__":

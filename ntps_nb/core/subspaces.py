@@ -10,8 +10,8 @@ Every eigensolve goes through numpy's LAPACK (`symmetric_eigh`), on the BLAS tha
 the reference variant's, which keeps scipy's as the released code did (SPEC section 4). pip's numpy and scipy
 wheels each bundle their own OpenBLAS, with its own thread pool; a pool's threads keep spinning for a while
 after each call, so analysis code that alternates scipy's LAPACK with numpy's products runs two pools of
-threads against each other: on 2 cores a theory geometry at d = 256 took 2-4x as long with both pools at
-2 threads as with either at 1 (`benchmarks/bench_blas_pools.py`).
+threads against each other: on 2 cores a theory geometry at d = 256 took 4.1x as long as it does now with
+both pools at 2 threads (`benchmarks/bench_blas_pools.py`, docs/estimator.md "One BLAS pool").
 """
 
 from __future__ import annotations

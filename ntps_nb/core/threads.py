@@ -17,6 +17,14 @@ by orders of magnitude (a 128 x 128 eigh: 0.009 s with one thread, 0.76 s with t
 
 torch's own thread pool (its bundled OpenMP) is left alone: the forward passes take their
 threads from ``torch.set_num_threads``, the study from its ``torch_threads`` setting.
+
+One process can oversubscribe its cores on its own: pip's numpy and scipy wheels each bundle an
+OpenBLAS with its own pool of threads, and a pool's threads keep spinning for a while after each
+call. Code that alternates scipy's LAPACK with numpy's products runs both pools at once; on 2 cores
+with both at 2 threads the default `ntps_estimate` row at d = 256 took almost four times as long as
+with one thread a pool. So the analysis solves its eigenproblems through numpy's LAPACK
+(`ntps_nb.core.subspaces.symmetric_eigh`), on the pool its products use; only the reference variant
+keeps scipy's, as the released code did (`benchmarks/bench_blas_pools.py`).
 """
 
 from __future__ import annotations
