@@ -111,7 +111,9 @@ def main() -> None:
                 if Path(result["package"]) != Path(root) / "ntps_nb":
                     raise SystemExit(f"the {side} side imported the package from {result['package']}, not {root}")
                 if round_ == 0:
-                    print(f"{side} ({args.rev if side == 'then' else 'working tree'}): BLAS pools {result['pools']}")
+                    print(f"{side} ({args.rev if side == 'then' else 'working tree'}): BLAS pools {result['pools']}", flush=True)
+                seconds = ", ".join(f"{call} {s:.3f}" for call, s in result["seconds"].items())
+                print(f"round {round_ + 1}, {side}: {seconds}", flush=True)  # a long run killed midway keeps these
                 rows += [{"side": side, "call": call, "seconds": s} for call, s in result["seconds"].items()]
     table = pd.DataFrame(rows).groupby(["call", "side"], sort=False)["seconds"].median().unstack("side")
     table["then / now"] = table["then"] / table["now"]
