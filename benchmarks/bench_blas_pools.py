@@ -96,13 +96,13 @@ def main() -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                            "MKL_NUM_THREADS", "NTPS_NB_ANALYSIS_PROCESSES")}
+    given = [str(Path(path).resolve()) for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         then = Path(args.then_package).resolve() if args.then_package else package_at(args.rev, Path(tmp) / "then")
         sides = {"then": then, "now": REPO}
         for round_ in range(args.repeats):
             for side, root in sides.items():
-                given = [str(Path(path).resolve()) for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]
                 side_env = dict(env, PYTHONPATH=os.pathsep.join([str(root), str(REPO)] + given))
                 command = [sys.executable, str(Path(__file__).resolve()), "--child", "--d", str(args.d), "--texts",
                            str(args.texts), "--shards", str(args.shards), "--threads", str(threads)]
@@ -111,7 +111,8 @@ def main() -> None:
                 if Path(result["package"]) != Path(root) / "ntps_nb":
                     raise SystemExit(f"the {side} side imported the package from {result['package']}, not {root}")
                 if round_ == 0:
-                    print(f"{side} ({args.rev if side == 'then' else 'working tree'}): BLAS pools {result['pools']}", flush=True)
+                    name = args.rev if side == "then" else "working tree"
+                    print(f"{side} ({name}): BLAS pools {result['pools']}", flush=True)
                 seconds = ", ".join(f"{call} {s:.3f}" for call, s in result["seconds"].items())
                 print(f"round {round_ + 1}, {side}: {seconds}", flush=True)  # a long run killed midway keeps these
                 rows += [{"side": side, "call": call, "seconds": s} for call, s in result["seconds"].items()]

@@ -1,7 +1,8 @@
 """What one switch between numpy's and scipy's BLAS pools costs: the reference geometry (scipy's eigh, as the
 released code) timed alone and right after numpy work (a theory geometry, a default `ntps_estimate` row), every
 pool at 16 threads (the device machine's cores), on one layer's LDS shards at d = 256. Run once per package, e.g.
-the package at a revision first on PYTHONPATH:
+the package at a revision first on PYTHONPATH. Its "reference after theory" line times the pair (a theory geometry
+and then a reference geometry); the next line times the reference geometry alone, started right after a theory one.
 
     cd /tmp && PYTHONPATH=$REPO/.oldpkg:$REPO python $REPO/benchmarks/blas_pool_switch.py
     cd /tmp && PYTHONPATH=$REPO python $REPO/benchmarks/blas_pool_switch.py

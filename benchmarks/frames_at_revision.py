@@ -6,7 +6,7 @@ texts at d = 16, some below the rank of Sxx) through the package at ``REV`` (ext
 into a temporary folder) and through the working tree, each in its own interpreter, then compared: how many
 results are identical to the bit, and the largest difference among the rest. The calls: `ntps_estimate` with
 "richardson" (its default interval, the jackknife-t one and the rotation interval), "extrapolate" and "plugin";
-`ntps_sweep` and `ntps` at k = 1, 2, 5 with five estimators; and, where torch is installed, `ntps_estimate` on
+`ntps_sweep` and `ntps` at k = 1, 2, 5 with six estimators; and, where torch is installed, `ntps_estimate` on
 the CPU through the torch backend, with its default and its rotation interval (batched solves: rounding may
 differ between batchings).
 
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEP_ESTIMATORS = ("plugin", "richardson", "extrapolate", "crossfit", "jackknife")
+SWEEP_ESTIMATORS = ("plugin", "richardson", "extrapolate", "crossfit", "jackknife", "debiased")
 
 
 def frames() -> dict:
