@@ -170,3 +170,20 @@ def test_notebooks_executed_side_by_side_take_their_share_of_the_cores(tmp_path,
         nb = nbformat.read(entry.notebook, as_version=4)
         text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
         assert f"bound {share} blas {share}" in text, text
+
+
+@pytest.mark.parametrize("results", [DEFAULT, REPO / "data" / "results" / "default-richardson"],
+                         ids=["default", "default-richardson"])
+def test_committed_report_copies_are_of_the_notebooks_as_they_are(results):
+    """Each committed copy holds the cells of its notebook in ``notebooks/``, source for source (papermill's
+    injected-parameters cell aside): a notebook changed without its reports re-executed fails here.
+    Re-execute with ``python -m ntps_nb notebooks report --results <study> --out <study>/report --no-html``."""
+    copies = sorted((results / "report").glob("*.ipynb"))
+    if not copies:
+        pytest.skip("no committed report copies")
+    for path in copies:
+        copy_cells = [c for c in nbformat.read(path, as_version=4).cells
+                      if "injected-parameters" not in c.metadata.get("tags", [])]
+        source_cells = nbformat.read(nbs.notebook_path(path.stem), as_version=4).cells
+        assert [(c.cell_type, c.source) for c in copy_cells] == [(c.cell_type, c.source) for c in source_cells], (
+            f"{path} is not an execution of {nbs.notebook_path(path.stem).name} as it is: re-execute the report")
