@@ -812,6 +812,46 @@ def ntps_interval_sweep(
     })
 
 
+def nested_groups(moment_shards: Sequence[Moments], n_groups: int, *, min_groups: int = MIN_SHARDS,
+                  caller: str = "nested_groups") -> Iterator[tuple[int, list[Moments]]]:
+    """Nested subsamples of one sharded extraction, each as ``n_groups`` groups of shards.
+
+    The first ``n_groups * j`` shards (j = 1, 2, 4, ... while shards last) hold about ``j`` times the
+    texts of the first ``n_groups``; each prefix is merged into ``n_groups`` groups of ``j``
+    consecutive shards, so every subsample has the same number of units and only N changes. Shards
+    are random groups of texts, so a prefix is a random subsample, and each is nested in the next.
+
+    Parameters
+    ----------
+    moment_shards : sequence of Moments
+        Per-shard moments of one layer, at least ``n_groups`` of them.
+    n_groups : int
+        Groups per subsample, at least ``min_groups``.
+    min_groups : int
+        The fewest groups the caller's statistic needs (`MIN_SHARDS` by default).
+    caller : str
+        The function named in the errors.
+
+    Returns
+    -------
+    iterator of (int, list of Moments)
+        For each subsample, smallest first: the number of shards it uses and its ``n_groups`` groups.
+
+    Raises
+    ------
+    ValueError
+        When ``n_groups`` is not an integer of at least ``min_groups``, or there are fewer shards.
+    """
+    shards = check_shards(moment_shards)
+    if not isinstance(n_groups, (int, np.integer)) or isinstance(n_groups, bool) or n_groups < min_groups:
+        raise ValueError(f"n_groups must be an integer >= {min_groups}, got {n_groups!r}")
+    if len(shards) < n_groups:
+        raise ValueError(f"{caller} needs at least n_groups = {n_groups} shards, got {len(shards)}")
+    sizes = [n_groups * 2 ** i for i in range((len(shards) // n_groups).bit_length())]
+    return ((used, [Moments.combine(shards[g * (used // n_groups):(g + 1) * (used // n_groups)])
+                    for g in range(n_groups)]) for used in sizes)
+
+
 def width_by_n(
     moment_shards: Sequence[Moments],
     k: int,
@@ -826,10 +866,9 @@ def width_by_n(
 ) -> pd.DataFrame:
     """How the interval narrows as texts are added, from one sharded extraction.
 
-    The first ``n_groups * j`` shards (j = 1, 2, 4, ... while shards last) hold about ``j`` times the
-    texts of the first ``n_groups``; each prefix is merged into ``n_groups`` equal groups of
-    consecutive shards, so every interval is a bootstrap over the same number of units and only N
-    changes. Shards are random groups of texts, so a prefix is a random subsample.
+    The nested subsamples of `nested_groups` (the first ``n_groups``, ``2 n_groups``, ``4 n_groups``, ...
+    shards, each merged into ``n_groups`` groups), so every interval is a bootstrap over the same number
+    of units and only N changes.
 
     Parameters
     ----------
@@ -844,21 +883,12 @@ def width_by_n(
     DataFrame, one row per N: n_texts, n_shards_used, ntps (the estimate), lower, upper, width,
     se_jackknife, and the settings (k, variant, estimator, n_groups, n_boot, level, method, seed).
     """
-    shards = check_shards(moment_shards)
-    if not isinstance(n_groups, (int, np.integer)) or n_groups < MIN_SHARDS:
-        raise ValueError(f"n_groups must be an integer >= {MIN_SHARDS}, got {n_groups!r}")
-    if len(shards) < n_groups:
-        raise ValueError(f"width_by_n needs at least n_groups = {n_groups} shards, got {len(shards)}")
     rows = []
-    j = 1
-    while n_groups * j <= len(shards):
-        prefix = shards[: n_groups * j]
-        groups = [Moments.combine(prefix[g * j:(g + 1) * j]) for g in range(n_groups)]
+    for used, groups in nested_groups(moment_shards, n_groups, caller="width_by_n"):
         iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
                            estimator=estimator)
-        rows.append({"n_texts": iv.n_texts, "n_shards_used": len(prefix), "ntps": iv.estimate, "lower": iv.lower,
+        rows.append({"n_texts": iv.n_texts, "n_shards_used": used, "ntps": iv.estimate, "lower": iv.lower,
                      "upper": iv.upper, "width": iv.upper - iv.lower, "se_jackknife": iv.se_jackknife})
-        j *= 2
     return pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator, n_groups=n_groups, n_boot=n_boot,
                                      level=level, method=method, seed=seed)
 
