@@ -79,13 +79,13 @@ import pandas as pd
 import scipy.stats
 
 from ntps_nb.core.backends import analysis_backend
-from ntps_nb.core.intervals import theory_values
+from ntps_nb.core.intervals import nested_groups, theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
-from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, TheoryGeometry, _theory_geometry_of, interpolates,
-                                interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
-                                warn_of_the_sample)
+from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning,
+                                TheoryGeometry, _caught, _theory_geometry_of, interpolates, interpolation_message,
+                                moving_next_token_ties, theory_geometry, tied_ks, warn_of_the_sample)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace, symmetric_eigh)
 
@@ -1170,6 +1170,77 @@ def ntps_estimate(
                                    left_out=left_out, interaction_half=interaction_half)
     return _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                           rotation_flag=rotation_flag, plugins=plugins, pooled=solves.pooled, solved=solves.full)
+
+
+def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, estimator: str = DEFAULT_ESTIMATOR,
+                  **options: Any) -> pd.DataFrame:
+    """Does the estimate settle as texts are added? `ntps_estimate` on nested subsamples of one extraction.
+
+    The subsamples are `ntps_nb.core.intervals.nested_groups`': the first ``n_groups``, ``2 n_groups``,
+    ``4 n_groups``, ... shards, each merged into ``n_groups`` groups, so every row's interval comes from
+    the same number of shards and only N changes. An estimate of a fixed population value should move
+    from the smallest N to the largest by no more than its interval at the smallest N allows: where it
+    moves further (``inside_first`` False), the estimator has not settled at these sizes, and its rows
+    should say unreliable (the reliability flag is `ntps_estimate`'s, row by row). Item 5 of issue 21 asks
+    this of the default estimator on real data (docs/estimator.md, "Item 5 with the default on all three
+    datasets").
+
+    Parameters
+    ----------
+    moment_shards : sequence of Moments
+        Per-shard moments of one layer, at least ``n_groups`` of them; their order decides the nesting
+        (shards are random groups of texts, so each prefix is a random subsample).
+    ks : int or sequence of int
+        Numbers of next-token directions, as in `ntps_estimate`.
+    n_groups : int
+        Shards of every subsample's estimate, at least `min_shards` of the estimator (default 5).
+    estimator : str
+        One of `ESTIMATORS` (default `DEFAULT_ESTIMATOR`).
+    **options
+        Passed to `ntps_estimate` (``level``, ``seed``, ``interval``, ``device``, ...).
+
+    Returns
+    -------
+    DataFrame
+        `ntps_estimate`'s rows, one per (subsample, k), smallest N first, with n_shards_used (the
+        extraction's shards the subsample holds), n_groups, and, per k, against the smallest N where
+        the estimate and its interval are defined: n_first (its texts), drift (the estimate less the
+        estimate there) and inside_first (whether the estimate lies in the interval there; missing
+        where the estimate is undefined or no row of the k has an interval).
+
+    Raises
+    ------
+    ValueError
+        On an unknown estimator, fewer shards than ``n_groups``, or ``n_groups`` below `min_shards`.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    subsamples = nested_groups(moment_shards, n_groups, min_groups=min_shards(estimator), caller="estimate_by_n")
+    frames = []
+    for used, groups in subsamples:
+        with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning)) as caught:
+            frames.append(ntps_estimate(groups, ks, estimator=estimator, **options).assign(n_shards_used=used,
+                                                                                           n_groups=n_groups))
+        for item in caught:  # said at the caller's line, with the subsample they are of
+            where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"
+            warnings.warn(f"estimate_by_n, {where}: {item.message}", item.category, stacklevel=2)
+    return _with_drift(pd.concat(frames, ignore_index=True))
+
+
+def _with_drift(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (rows of `estimate_by_n`, smallest N first) with n_first, drift and inside_first per k."""
+    frame = frame.assign(n_first=np.nan, drift=np.nan, inside_first=pd.array([pd.NA] * len(frame), dtype="boolean"))
+    for _, rows in frame.groupby("k", sort=False):
+        defined = rows[np.isfinite(rows[["estimate", "lower", "upper"]].to_numpy(float)).all(axis=1)]
+        if defined.empty:
+            continue
+        first = defined.iloc[0]
+        finite = rows.index[np.isfinite(rows["estimate"].to_numpy(float))]
+        frame.loc[rows.index, "n_first"] = first["n_texts"]
+        frame.loc[finite, "drift"] = frame.loc[finite, "estimate"] - first["estimate"]
+        frame.loc[finite, "inside_first"] = ((first["lower"] <= frame.loc[finite, "estimate"])
+                                             & (frame.loc[finite, "estimate"] <= first["upper"])).to_numpy()
+    return frame
 
 
 def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,

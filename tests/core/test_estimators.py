@@ -10,7 +10,8 @@ import scipy.linalg
 
 from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX,
                                      PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS,
-                                     eigengap_ratios, estimate_ntps, flag_at_bound, ntps_estimate, split_halves,
+                                     eigengap_ratios, estimate_by_n, estimate_ntps, flag_at_bound, ntps_estimate,
+                                     split_halves,
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import InterpolationWarning, ntps, ntps_sweep, theory_geometry
@@ -641,3 +642,81 @@ def test_split_half_estimators_are_undefined_where_the_texts_do_not_exceed_the_r
     assert rows["estimate"].isna().all() and not rows["reliable"].any()
     enough = estimate_ntps(sample_shards(model, 400, 4, rng), [1, 2], estimator=estimator)
     assert np.isfinite(enough.estimate).all() and (enough.reliability > 1e-3).all()
+
+
+def test_estimate_by_n_is_ntps_estimate_on_the_nested_groups_with_the_drift_against_the_smallest_n():
+    model = lds_model(d=6, n_classes=2, n_tokens=4, seed=1)
+    shards = sample_shards(model, 4000, 20, np.random.default_rng(3))
+    table = estimate_by_n(shards, [1, 2], n_groups=5)
+    assert table["n_shards_used"].tolist() == [5, 5, 10, 10, 20, 20] and (table["n_groups"] == 5).all()
+    assert (table["estimator"] == DEFAULT_ESTIMATOR).all()
+    for used in (5, 10, 20):  # the groups by hand: 5 groups of used / 5 consecutive shards
+        step = used // 5
+        groups = [Moments.combine(shards[g * step:(g + 1) * step]) for g in range(5)]
+        expected = ntps_estimate(groups, [1, 2])
+        got = table[table["n_shards_used"] == used].reset_index(drop=True)
+        for column in ("estimate", "lower", "upper", "reliable", "n_texts"):
+            assert got[column].tolist() == expected[column].tolist(), (used, column)
+    for k, rows in table.groupby("k"):
+        first = rows.iloc[0]  # every estimate and interval is defined here, so the smallest N is the first
+        assert np.isfinite(rows[["estimate", "lower", "upper"]].to_numpy()).all()
+        np.testing.assert_allclose(rows["drift"], rows["estimate"] - first["estimate"], rtol=0, atol=0)
+        assert rows["inside_first"].tolist() == [bool(first["lower"] <= e <= first["upper"]) for e in rows["estimate"]]
+        assert (rows["n_first"] == first["n_texts"]).all()
+    plugin = estimate_by_n(shards[:8], [1], n_groups=4, estimator="plugin", level=0.5)
+    assert plugin["n_shards_used"].tolist() == [4, 8] and (plugin["level"] == 0.5).all()
+
+
+def test_estimate_by_n_refuses_what_ntps_estimate_cannot_give_an_interval_for():
+    model = lds_model(d=6, n_classes=2, n_tokens=4, seed=1)
+    shards = sample_shards(model, 800, 6, np.random.default_rng(3))
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        estimate_by_n(shards, [1], estimator="nope")
+    with pytest.raises(ValueError, match=r"n_groups must be an integer >= 4"):  # richardson splits into halves
+        estimate_by_n(shards, [1], n_groups=3)
+    with pytest.raises(ValueError, match="estimate_by_n needs at least n_groups = 8 shards, got 6"):
+        estimate_by_n(shards, [1], n_groups=8)
+
+
+def test_estimate_by_n_leaves_the_drift_missing_where_the_estimate_is_undefined():
+    # "debiased" is NaN at no more texts than the rank of Sxx (16 texts, d = 16): the drift is measured
+    # from the smallest N with an estimate and an interval
+    model = lds_model(d=16, n_classes=2, n_tokens=8, seed=2)
+    shards = sample_shards(model, 64, 16, np.random.default_rng(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InterpolationWarning)
+        table = estimate_by_n(shards, [1], n_groups=4, estimator="debiased")
+    assert table["n_texts"].tolist() == [16, 32, 64]
+    defined = np.isfinite(table[["estimate", "lower", "upper"]].to_numpy()).all(axis=1)
+    assert defined.tolist() == [False, True, True], table[["n_texts", "estimate", "lower", "upper"]]
+    first = table.iloc[1]
+    assert table["inside_first"].iloc[0] is pd.NA and np.isnan(table["drift"].iloc[0])
+    assert table["drift"].iloc[1] == 0 and table["drift"].iloc[2] == table["estimate"].iloc[2] - first["estimate"]
+    assert bool(table["inside_first"].iloc[2]) == bool(first["lower"] <= table["estimate"].iloc[2] <= first["upper"])
+    assert (table["n_first"] == 32).all()
+
+
+def test_estimate_by_n_names_the_subsample_of_each_warning_at_the_callers_line():
+    """Each warning of a subsample's `ntps_estimate` is said with the subsample, at the line that called
+    `estimate_by_n`. Where it points is checked in a fresh interpreter: the test session's shape checker
+    wraps the package's functions, which adds frames."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import ntps_nb
+
+    code = ("import warnings\nimport numpy as np\nfrom ntps_nb.core.estimators import estimate_by_n\n"
+            "from ntps_nb.core.simulate import lds_model, sample_shards\n"
+            "model = lds_model(d=16, n_classes=2, n_tokens=8, seed=2)\n"
+            "shards = sample_shards(model, 64, 16, np.random.default_rng(0))\n"
+            "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+            "    estimate_by_n(shards, [1], n_groups=4, estimator='debiased')\n"
+            "print(repr([(w.category.__name__, w.filename, w.lineno, str(w.message)) for w in caught]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    said = [w for w in ast.literal_eval(out) if w[0] == "InterpolationWarning"]
+    assert said and {(name, file, line) for name, file, line, _ in said} == {("InterpolationWarning", "<string>", 9)}
+    assert all(message.startswith("estimate_by_n, the first ") for *_, message in said)
+    assert "the first 4 shards (16 texts): the pooled moments: 16 texts" in said[0][3]
