@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import matplotlib
 import matplotlib.patches
+import matplotlib.ticker
 import matplotlib.transforms
 
 import matplotlib.pyplot as plt
@@ -1076,6 +1077,58 @@ def interval_width(table: pd.DataFrame) -> Figure:
     fig.tight_layout()
     return fig
 
+
+
+def estimate_by_n(table: pd.DataFrame) -> Figure:
+    """Does the estimate settle as texts are added? Estimate and interval against N, one panel per k.
+
+    Each estimator of ``table`` (`ntps_nb.core.estimators.estimate_by_n` rows, several estimators
+    concatenated) gets a colour; its points are filled where the row is flagged reliable and hollow
+    where not, and a band of its colour spans its interval at the smallest N where it has one: an
+    estimate that has settled stays inside that band.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Rows with ``k``, ``estimator``, ``n_texts``, ``estimate``, ``lower``, ``upper``, ``reliable``
+        and ``level``.
+
+    Returns
+    -------
+    Figure
+        A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
+    """
+    _require(table, ["k", "estimator", "n_texts", "estimate", "lower", "upper", "reliable", "level"], "estimate_by_n")
+    ks = sorted(table["k"].unique())
+    estimators = list(dict.fromkeys(table["estimator"]))
+    fig, axes = _figure(len(ks), width=4.2, height=3.4, sharey=True)
+    for ax, k in zip(axes, ks):
+        for i, name in enumerate(estimators):
+            rows = table[(table["k"] == k) & (table["estimator"] == name)].sort_values("n_texts")
+            colour = f"C{i}"
+            x = rows["n_texts"].to_numpy(float) * (1 + 0.05 * (i - (len(estimators) - 1) / 2))  # side by side
+            y = rows["estimate"].to_numpy(float)
+            ax.errorbar(x, y, yerr=[y - rows["lower"].to_numpy(float), rows["upper"].to_numpy(float) - y], fmt="none",
+                        ecolor=colour, elinewidth=1.2, capsize=2)
+            reliable = rows["reliable"].map(_flag).eq(True).to_numpy()
+            ax.scatter(x[reliable], y[reliable], color=colour, zorder=3, s=28)
+            ax.scatter(x[~reliable], y[~reliable], facecolors="white", edgecolors=colour, zorder=3, s=28)
+            defined = rows[np.isfinite(rows[["estimate", "lower", "upper"]].to_numpy(float)).all(axis=1)]
+            if not defined.empty:
+                ax.axhspan(defined["lower"].iloc[0], defined["upper"].iloc[0], color=colour, alpha=0.12, lw=0)
+            ax.plot([], [], "o-", color=colour, label=name)
+        sizes = sorted(table["n_texts"].unique())
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(int(n)) for n in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set(xlabel="texts N (nested subsamples)", title=f"k = {k}")
+    axes[0].set_ylabel(f"NTPS, {table['level'].iloc[0]:.0%} interval")
+    axes[0].plot([], [], "o", color="grey", label="reliable")
+    axes[0].plot([], [], "o", markerfacecolor="white", markeredgecolor="grey", label="not reliable")
+    fig.legend(*axes[0].get_legend_handles_labels(), title="estimator\n(band: its interval\nat the smallest N)",
+               fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(0.86 if len(ks) == 1 else 0.9, 0.5))
+    fig.tight_layout(rect=(0, 0, 0.86 if len(ks) == 1 else 0.9, 1))
+    return fig
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -268,3 +268,27 @@ def test_layer_profile_draws_an_estimators_intervals_around_it_dotted_where_unre
     assert left.get_legend().get_title().get_text() == "interval"
     plugin = plots.layer_profile(profile.drop(columns=["estimator", "reliable"]))
     assert "shard-bootstrap intervals" in plugin.axes[0].get_title()
+
+
+def test_estimate_by_n_bands_each_estimators_first_interval_and_hollows_unreliable_rows():
+    frame = pd.DataFrame({"estimator": ["plugin"] * 6 + ["richardson"] * 6, "k": [1, 2] * 6,
+                          "n_texts": [100, 100, 200, 200, 400, 400] * 2,
+                          "estimate": [np.nan, 0.3, 0.5, 0.32, 0.6, 0.35, 0.45, 0.31, 0.52, 0.33, 0.7, 0.36],
+                          "lower": [np.nan, 0.2, 0.4, 0.25, 0.55, 0.3, 0.3, 0.2, 0.45, 0.28, 0.65, 0.33],
+                          "upper": [np.nan, 0.4, 0.6, 0.39, 0.65, 0.4, 0.6, 0.42, 0.59, 0.38, 0.75, 0.39],
+                          "reliable": [False, False, True, False, True, True] * 2, "level": 0.9})
+    fig = plots.estimate_by_n(frame)
+    assert [ax.get_title() for ax in fig.axes] == ["k = 1", "k = 2"]
+    for ax, k in zip(fig.axes, (1, 2)):
+        bands = sorted((round(p.get_y(), 3), round(p.get_y() + p.get_height(), 3)) for p in ax.patches)
+        first = frame[(frame.k == k)].dropna().groupby("estimator").first()  # the smallest N with an interval
+        assert bands == sorted(zip(first.lower, first.upper))  # plugin at k = 1: from 200 texts, not 100
+        points = [c for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)]
+        white = [bool(np.all(c.get_facecolors()[:, :3] == 1)) for c in points]
+        filled = sum(len(c.get_offsets()) for c, w in zip(points, white) if not w)
+        hollow = sum(len(c.get_offsets()) for c, w in zip(points, white) if w)
+        rows = frame[frame.k == k]
+        assert (filled, hollow) == (int(rows.reliable.sum()), int((~rows.reliable).sum()))
+    assert all(legend.get_title().get_text().strip() for legend in _legends(fig))
+    with pytest.raises(ValueError, match="estimate_by_n needs column"):
+        plots.estimate_by_n(frame.drop(columns=["reliable"]))
