@@ -67,8 +67,8 @@ KERNEL_NOTE = (
     "and NextTokenTieWarning name k where U_k or V_k is chosen among tied directions (classes of equal size, "
     "tied next-token eigenvalues): there the rounding picks the directions, so NTPS can move by any amount "
     "in [0, 1]; where the eigenvalues at k are well separated it moves by rounding, and the released "
-    "algorithm's float32 reference rows move throughout. r_V of the theory rows and the probe accuracies agree. To reproduce "
-    "the committed unit to the letter on an x86-64 CPU, run with the same kernels:\n"
+    "algorithm's float32 reference rows move throughout. r_V of the theory rows and the probe accuracies agree. "
+    "To reproduce the committed unit to the letter on an x86-64 CPU, run with the same kernels:\n"
     "    ATEN_CPU_CAPABILITY=avx2 OPENBLAS_CORETYPE=Haswell make run\n"
     "(tests/io/test_study.py::test_regenerate_committed_unit does so and requires exact equality). On a "
     "machine that already runs these kernels, a difference is not explained by them: please report it.")
