@@ -34,8 +34,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ntps_nb.core.estimators import ntps_estimate  # noqa: E402
-from ntps_nb.core.intervals import layer_shards  # noqa: E402
-from ntps_nb.core.moments import Moments  # noqa: E402
+from ntps_nb.core.intervals import layer_shards, nested_groups  # noqa: E402
 
 
 def main() -> None:
@@ -220,11 +219,7 @@ def nested_subsets(shards: list, groups: int):
     per_group = len(shards) // groups
     if len(shards) % groups or per_group & (per_group - 1):
         raise SystemExit(f"--shards ({len(shards)}) must be --groups ({groups}) times a power of two")
-    n = groups
-    while n <= len(shards):
-        step = n // groups
-        yield n, [Moments.combine(shards[i:i + step]) for i in range(0, n, step)]
-        n *= 2
+    yield from nested_groups(shards, groups)  # the package's scheme (estimate_by_n's): up to every shard here
 
 
 def with_interval(frame: pd.DataFrame) -> pd.DataFrame:
