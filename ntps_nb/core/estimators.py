@@ -535,8 +535,10 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
     ``n_splits`` random splits), b / N = (x - y) / (2 y - x) and
     NTPS = chance + x y / (2 y - x). The estimated attenuation at N, 1 / (1 + b / N) =
     (2 y - x) / y, is returned as the reliability: near 1 the plug-in is barely attenuated and
-    the correction small; near 0 (the halves sit at chance) nothing can be recovered. ``pooled`` and
-    ``memo`` as for `_richardson`.
+    the correction small; near 0 (the halves sit at chance) nothing can be recovered. Where k reaches
+    r_U (V_k the whole whitened space) every plug-in is 1 = chance and the model reads 0 / 0: the value
+    is 1 there and the attenuation 1 (rounding had decided between 1 and NaN). ``pooled`` and ``memo``
+    as for `_richardson`.
     """
     geometry = pooled if pooled is not None else theory_geometry(_pooled(shards, drop), rtol=rtol)
     x_full = theory_values(geometry, ks)
@@ -548,7 +550,8 @@ def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: 
         denominator = 2 * y - x
         attenuation = np.where(y != 0, denominator / y, np.nan)
         values = np.where(attenuation > 0, chance + x * y / denominator, np.nan)
-    return values, attenuation
+    whole = chance >= 1  # k = r_V = r_U: NTPS is 1 by definition, at every N
+    return np.where(whole, 1.0, values), np.where(whole, 1.0, attenuation)
 
 
 def _richardson(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,

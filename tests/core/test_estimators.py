@@ -15,7 +15,7 @@ from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATO
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import InterpolationWarning, ntps, ntps_sweep, theory_geometry
-from ntps_nb.core.simulate import lds_model, markov_model, moments_of_array, sample_shards
+from ntps_nb.core.simulate import factor_model, lds_model, markov_model, moments_of_array, sample_shards
 
 KS = np.array([1, 2, 4])
 #: "debiased" is not confined to [0, 1], but where defined it stays of NTPS's order (its largest here: 1.07).
@@ -720,3 +720,17 @@ def test_estimate_by_n_names_the_subsample_of_each_warning_at_the_callers_line()
     assert said and {(name, file, line) for name, file, line, _ in said} == {("InterpolationWarning", "<string>", 9)}
     assert all(message.startswith("estimate_by_n, the first ") for *_, message in said)
     assert "the first 4 shards (16 texts): the pooled moments: 16 texts" in said[0][3]
+
+
+def test_extrapolate_is_one_where_next_token_subspace_is_the_whole_space():
+    """At k = r_V = r_U (V_k the whole whitened space) every plug-in is 1 = chance, and the rational model
+    reads 0 / 0: "extrapolate" gives 1 with attenuation 1 on every draw. Before, rounding decided
+    between 1 and NaN on these draws."""
+    for family in (lds_model, factor_model):
+        model = family(d=16, n_classes=3, seed=1)
+        for i in range(10):
+            shards = sample_shards(model, 640, 10, np.random.default_rng([4, i]))
+            geometry = theory_geometry(Moments.combine(shards))
+            assert geometry.r_V == geometry.r_U == 16
+            row = estimate_ntps(shards, [geometry.r_V], estimator="extrapolate")
+            assert row.estimate[0] == 1.0 and row.reliability[0] == 1.0, (family.__name__, i, row)
