@@ -1125,9 +1125,10 @@ def estimate_by_n(table: pd.DataFrame) -> Figure:
     axes[0].set_ylabel(f"NTPS, {table['level'].iloc[0]:.0%} interval")
     axes[0].plot([], [], "o", color="grey", label="reliable")
     axes[0].plot([], [], "o", markerfacecolor="white", markeredgecolor="grey", label="not reliable")
+    right = 0.86 if len(ks) == 1 else 0.9  # the panels' right edge; the legend stands beyond it
     fig.legend(*axes[0].get_legend_handles_labels(), title="estimator\n(band: its interval\nat the smallest N)",
-               fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(0.86 if len(ks) == 1 else 0.9, 0.5))
-    fig.tight_layout(rect=(0, 0, 0.86 if len(ks) == 1 else 0.9, 1))
+               fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(right, 0.5))
+    fig.tight_layout(rect=(0, 0, right, 1))
     return fig
 
 

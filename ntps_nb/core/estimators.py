@@ -1224,8 +1224,8 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
         with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning)) as caught:
             frames.append(ntps_estimate(groups, ks, estimator=estimator, **options).assign(n_shards_used=used,
                                                                                            n_groups=n_groups))
+        where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"
         for item in caught:  # said at the caller's line, with the subsample they are of
-            where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"
             warnings.warn(f"estimate_by_n, {where}: {item.message}", item.category, stacklevel=2)
     return _with_drift(pd.concat(frames, ignore_index=True))
 
