@@ -1084,8 +1084,8 @@ def estimate_by_n(table: pd.DataFrame) -> Figure:
 
     Each estimator of ``table`` (`ntps_nb.core.estimators.estimate_by_n` rows, several estimators
     concatenated) gets a colour; its points are filled where the row is flagged reliable and hollow
-    where not, and a band of its colour spans its interval at the smallest N where it has one: an
-    estimate that has settled stays inside that band.
+    where not, and a band of its colour spans its interval at the smallest N where it has one. How to
+    read an estimate that leaves or keeps to its band: `ntps_nb.core.estimators.estimate_by_n`.
 
     Parameters
     ----------

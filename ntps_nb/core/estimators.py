@@ -1182,11 +1182,14 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
     The subsamples are `ntps_nb.core.intervals.nested_groups`': the first ``n_groups``, ``2 n_groups``,
     ``4 n_groups``, ... shards, each merged into ``n_groups`` groups, so every row's interval comes from
     the same number of shards and only N changes. An estimate of a fixed population value should move
-    from the smallest N to the largest by no more than its interval at the smallest N allows: where it
-    moves further (``inside_first`` False), the estimator has not settled at these sizes, and its rows
-    should say unreliable (the reliability flag is `ntps_estimate`'s, row by row). Item 5 of issue 21 asks
-    this of the default estimator on real data (docs/estimator.md, "Item 5 with the default on all three
-    datasets").
+    from the smallest N to the largest by no more than its interval at the smallest N allows. Item 5 of
+    issue 21 asks this of the default estimator on real data (docs/estimator.md, "Item 5 with the default
+    on all three datasets"). On populations with known NTPS (`benchmarks/estimate_by_n_check.py`, d = 16,
+    5 groups) the check reads only one way: ``inside_first`` False means the estimate had not settled or its
+    smallest-N interval was too narrow (rows the flag refuses under-cover often), and True shows little
+    where the smallest-N row is not flagged reliable: a plug-in biased by 0.21 at the largest N stayed
+    inside in 65% of draws. Where the smallest-N row is reliable, the estimates (unbiased there) stayed
+    inside in 0.905-1.000 of the draws, in the cells with 20 or more such rows.
 
     Parameters
     ----------
