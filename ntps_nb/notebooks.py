@@ -1373,7 +1373,9 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     estimator : str
         "plugin" or a name of `ntps_nb.core.estimators.ESTIMATORS` (theory variant only). One of the
         pooled moments alone (not in `SHARD_ESTIMATORS`) is computed from them where there are no
-        shards; a shard estimator needs the shards of every layer or, for "richardson", the halves.
+        shards; a shard estimator needs the shards of every layer or, for "richardson", the halves. There a
+        ``k`` beyond a layer's retained rank of C0 gives NaN with a `ntps_nb.core.score.BeyondRankWarning`
+        naming the layer; the plug-in raises `ntps_nb.core.score.BeyondRankError`.
 
     Returns
     -------
@@ -1484,7 +1486,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
-    from ntps_nb.core.score import BeyondRankError, ntps
+    from ntps_nb.core.score import BeyondRankError, BeyondRankWarning, ntps
 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -1513,7 +1515,8 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
             with gathered.at(layer), warnings_named(f"layer {layer}"):  # `ntps` warns as the shard rows do
                 try:
                     value = ntps(parts, k, estimator=estimator, seed=split_seed)
-                except BeyondRankError:  # undefined at this layer: NaN, as `ntps_estimate` gives on the shard layers
+                except BeyondRankError as error:  # undefined at this layer: NaN, said as `ntps_estimate` says it
+                    warnings.warn(f"{error}: NTPS is undefined there, NaN", BeyondRankWarning, stacklevel=2)
                     value = np.nan
             rows.append({"layer": layer, "ntps": value})
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)

@@ -83,9 +83,10 @@ from ntps_nb.core.intervals import nested_groups, theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
-from ntps_nb.core.score import (SPAN_RTOL, InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning,
-                                TheoryGeometry, _caught, _theory_geometry_of, interpolates, interpolation_message,
-                                moving_next_token_ties, theory_geometry, tied_ks, warn_of_the_sample)
+from ntps_nb.core.score import (SPAN_RTOL, BeyondRankWarning, InterpolationWarning, NextTokenTieWarning,
+                                RoundedMomentsWarning, TheoryGeometry, _caught, _theory_geometry_of, interpolates,
+                                interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
+                                warn_of_the_sample)
 from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Subspace, check_labels, nested_orthonormal_basis,
                                     next_token_subspace, perception_subspace, symmetric_eigh)
 
@@ -1064,7 +1065,8 @@ def ntps_estimate(
     ----------
     moment_shards : per-shard `Moments` of one layer, at least 3 shards (4 for the estimators that split
         them into halves, `SPLIT_ESTIMATORS`, the default among them: `min_shards`).
-    ks : (K,) positive integers, numbers of next-token directions.
+    ks : (K,) positive integers, numbers of next-token directions; a k beyond the pooled C0's retained rank
+        r_V gets a NaN row and a `ntps_nb.core.score.BeyondRankWarning`.
     estimator : one of `ESTIMATORS` (default `DEFAULT_ESTIMATOR`, "richardson").
     level : coverage level of the interval, in (0, 1).
     seed, rtol, n_splits : as in `estimate_ntps`.
@@ -1224,7 +1226,8 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
     subsamples = nested_groups(moment_shards, n_groups, min_groups=min_shards(estimator), caller="estimate_by_n")
     frames = []
     for used, groups in subsamples:
-        with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning)) as caught:
+        with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning,
+                      BeyondRankWarning)) as caught:
             frames.append(ntps_estimate(groups, ks, estimator=estimator, **options).assign(n_shards_used=used,
                                                                                            n_groups=n_groups))
         where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"

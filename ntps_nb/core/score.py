@@ -199,6 +199,11 @@ class NextTokenTieWarning(UserWarning):
     picks."""
 
 
+class BeyondRankWarning(UserWarning):
+    """NTPS asked at a k beyond the retained rank of C0 (r_V) in a call that reports every k it is given
+    (`ntps_nb.core.estimators.ntps_estimate`): there are not k next-token directions, so those rows are NaN."""
+
+
 class BeyondRankError(ValueError):
     """A k beyond the retained rank of C0 (r_V): there are not k next-token directions, so NTPS is undefined.
     A `ValueError`; a loop that reports NaN where an estimate is undefined (the notebooks' `layer_profile`) catches
@@ -346,7 +351,7 @@ def integer_ranges(values: Sequence[int]) -> str:
 
 @contextlib.contextmanager
 def warnings_named(where: str, category: type[Warning] | tuple[type[Warning], ...] = (
-        NextTokenTieWarning, RoundedMomentsWarning)) -> Iterator[None]:
+        NextTokenTieWarning, RoundedMomentsWarning, BeyondRankWarning)) -> Iterator[None]:
     """Re-issue the block's warnings of ``category`` with ``where`` before their message ("layer 0, the pooled
     moments: ..."): `ntps_sweep` does not know which layer or unit its moments are of, and a loop over layers
     does. The block's other warnings pass as they came.
@@ -354,8 +359,8 @@ def warnings_named(where: str, category: type[Warning] | tuple[type[Warning], ..
     Parameters
     ----------
     where : what the block computes (a layer, a unit).
-    category : the warnings to name, a class or a tuple (default `NextTokenTieWarning` and
-        `RoundedMomentsWarning`).
+    category : the warnings to name, a class or a tuple (default `NextTokenTieWarning`, `RoundedMomentsWarning`
+        and `BeyondRankWarning`).
 
     Returns
     -------
@@ -400,6 +405,30 @@ def warn_if_next_token_tied(geometry: "TheoryGeometry", ks: Sequence[int], stack
         NextTokenTieWarning, stacklevel=stacklevel)
 
 
+def warn_if_beyond_rank(r_V: int, ks: Sequence[int], stacklevel: int = 3) -> None:
+    """Warn (`BeyondRankWarning`) where a k of ``ks`` exceeds ``r_V``: NTPS is undefined there, and a caller that
+    returns a row for every k it was given returns NaN (`ntps` raises `BeyondRankError` instead).
+
+    Parameters
+    ----------
+    r_V : the retained rank of the pooled C0 (the number of next-token directions).
+    ks : the k whose values the caller returns.
+    stacklevel : as in `warnings.warn` (default: the caller of the function that calls this one).
+
+    Returns
+    -------
+    None; warns at most once.
+    """
+    beyond = sorted({int(k) for k in ks if int(k) > r_V})
+    if not beyond:
+        return
+    warnings.warn(
+        f"k = {integer_ranges(beyond)} is beyond the retained rank of C0 (r_V = {r_V}): there are not that many "
+        "next-token directions, so NTPS is undefined there and those rows are NaN. The pooled moments' r_V is their "
+        "theory_geometry's (ntps_sweep gives every valid k).",
+        BeyondRankWarning, stacklevel=stacklevel)
+
+
 def warn_if_rounded(reach: float, r_V: int, stacklevel: int = 3) -> None:
     """Warn (`RoundedMomentsWarning`) where the pooled C0's `negative_reach` is above zero: a sum of outer products
     has no negative eigenvalue, so its products were rounded (float32 token products that the extraction was
@@ -434,7 +463,8 @@ def warn_of_the_sample(pooled: Moments | None, shards: Sequence[Moments], geomet
     """What every theory NTPS read from these moments is said with, once per call: no more texts than the rank
     of Sxx in a part the value (or its interval, ``replicates``) reads (`InterpolationWarning`,
     `ntps_nb.core.estimators.warn_if_interpolating`), tied next-token eigenvalues that can move NTPS at one of
-    ``ks`` (`NextTokenTieWarning`), and C0 reaching below zero beyond the range tolerance (`RoundedMomentsWarning`).
+    ``ks`` (`NextTokenTieWarning`), C0 reaching below zero beyond the range tolerance (`RoundedMomentsWarning`),
+    and a k of ``ks`` beyond C0's retained rank (`BeyondRankWarning`; only callers that take any k reach it).
     `ntps`, `ntps_sweep`, `ntps_estimate` (both backends) and `ntps_nb.core.diagnostics.ntps_diagnostics` call it.
 
     Parameters
@@ -458,6 +488,7 @@ def warn_of_the_sample(pooled: Moments | None, shards: Sequence[Moments], geomet
     warn_if_interpolating(list(shards), estimator, seed=seed, replicates=replicates, rank=geometry.r_U,
                           centred=centred, stacklevel=stacklevel + 1)
     warn_if_next_token_tied(geometry, ks, stacklevel=stacklevel + 1)
+    warn_if_beyond_rank(geometry.r_V, ks, stacklevel=stacklevel + 1)
     if reach is None:
         if pooled is None:
             raise ValueError("warn_of_the_sample needs the pooled moments or the reach of their C0")

@@ -14,7 +14,8 @@ from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATO
                                      split_halves,
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.score import InterpolationWarning, ntps, ntps_sweep, theory_geometry
+from ntps_nb.core.score import (BeyondRankError, BeyondRankWarning, InterpolationWarning, ntps, ntps_sweep,
+                                theory_geometry)
 from ntps_nb.core.simulate import factor_model, lds_model, markov_model, moments_of_array, sample_shards
 
 KS = np.array([1, 2, 4])
@@ -720,6 +721,31 @@ def test_estimate_by_n_names_the_subsample_of_each_warning_at_the_callers_line()
     assert said and {(name, file, line) for name, file, line, _ in said} == {("InterpolationWarning", "<string>", 9)}
     assert all(message.startswith("estimate_by_n, the first ") for *_, message in said)
     assert "the first 4 shards (16 texts): the pooled moments: 16 texts" in said[0][3]
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_ntps_estimate_says_which_k_are_beyond_the_rank_of_c0(device):
+    """A k beyond C0's retained rank has no NTPS: `ntps` raises, and `ntps_estimate`, which reports a row for
+    every k it is given, returns NaN there and says so once, naming those k and r_V (on either backend).
+    Before, the rows were NaN without a word."""
+    if device is not None:
+        pytest.importorskip("torch")
+    model = lds_model(d=8, n_classes=3, gap="separated", seed=1)
+    shards = sample_shards(model, 640, 10, np.random.default_rng(0))
+    r_V = theory_geometry(Moments.combine(shards)).r_V
+    assert r_V == 8
+    with pytest.raises(BeyondRankError):
+        ntps(Moments.combine(shards), k=r_V + 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = ntps_estimate(shards, [2, r_V + 1, 40], device=device)
+    said = [str(w.message) for w in caught if w.category is BeyondRankWarning]
+    assert len(said) == 1 and said[0].startswith("k = 9, 40 is beyond the retained rank of C0 (r_V = 8)")
+    assert np.isfinite(frame["estimate"].iloc[0]) and frame["estimate"].iloc[1:].isna().all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ntps_estimate(shards, [2, r_V], device=device)
+    assert not [w for w in caught if w.category is BeyondRankWarning]
 
 
 def test_extrapolate_is_one_where_next_token_subspace_is_the_whole_space():

@@ -228,13 +228,16 @@ def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
 def test_layer_profile_with_richardson_is_that_estimator_on_every_layer():
     """estimator="richardson": on the shard layers `ntps_estimate`'s estimate, jackknife interval and
     flag; on the other layers the halves' value, checked against the Richardson formula from the
-    plug-ins of the full sample and the two halves (computed here independently)."""
+    plug-ins of the full sample and the two halves (computed here independently). A k beyond every layer's
+    rank gives NaN, and each layer says so by name."""
+    import warnings
+
     import numpy as np
 
     from ntps_nb.core.estimators import ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.moments import Moments
-    from ntps_nb.core.score import ntps
+    from ntps_nb.core.score import BeyondRankWarning, ntps
 
     run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
                                        shards=6, interval_layers=[0, 2], halves=True)
@@ -254,7 +257,13 @@ def test_layer_profile_with_richardson_is_that_estimator_on_every_layer():
     by_hand = w * ntps(full, k=2) + (1 - w) * np.mean([ntps(half_a, k=2), ntps(half_b, k=2)])
     assert profile.loc[1, "ntps"] == pytest.approx(by_hand, abs=1e-12)
     beyond = full.d + 1  # more next-token directions than any layer has (r_V <= d): undefined, NaN on every layer
-    assert nbs.layer_profile(run, k=beyond, intervals=True, estimator="richardson")["ntps"].isna().all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert nbs.layer_profile(run, k=beyond, intervals=True, estimator="richardson")["ntps"].isna().all()
+    said = [str(w.message) for w in caught if w.category is BeyondRankWarning]  # each layer says why, by name
+    assert sorted(said) == sorted(set(said)) and len(said) == len(run.layers)
+    assert {m.split(",")[0] for m in said} == {f"layer {layer}" for layer in run.layers}
+    assert all(f"k = {beyond} is beyond the retained rank of C0" in m for m in said)
     with pytest.raises(ValueError, match="beyond the retained rank"):  # the plug-in's profile refuses it
         nbs.layer_profile(run, k=beyond)
     with pytest.raises(ValueError, match="neither"):  # no halves: layer 1 has nothing richardson can read
