@@ -153,6 +153,11 @@ BOUND_ATOL = 1e-6
 #: cosine is zero in exact arithmetic and the split-half estimators are NaN before any ratio
 #: (`_undefined_split`; the ratios came out at 1e11-1e16).
 SPLIT_RCOND = 1e-8
+#: `estimate_by_n`'s ``inside_first`` counts an estimate within this of its smallest-N interval as inside. At
+#: k = r_V = r_U every estimate and bound is 1 (NTPS's value there) up to float64 rounding, a few 1e-15, which
+#: differs between the host's solve and a device's: the comparison was decided by rounding (the torch backend
+#: put one of three such rows outside where numpy put it inside). Far below any drift an interval resolves.
+INSIDE_ATOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -1219,8 +1224,8 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
         `ntps_estimate`'s rows, one per (subsample, k), smallest N first, with n_shards_used (the
         extraction's shards the subsample holds), n_groups, and, per k, against the smallest N where
         the estimate and its interval are defined: n_first (its texts), drift (the estimate less the
-        estimate there) and inside_first (whether the estimate lies in the interval there; missing
-        where the estimate is undefined or no row of the k has an interval).
+        estimate there) and inside_first (whether the estimate lies in the interval there, to `INSIDE_ATOL`;
+        missing where the estimate is undefined or no row of the k has an interval).
 
     Raises
     ------
@@ -1253,8 +1258,9 @@ def _with_drift(frame: pd.DataFrame) -> pd.DataFrame:
         finite = rows.index[np.isfinite(rows["estimate"].to_numpy(float))]
         frame.loc[rows.index, "n_first"] = first["n_texts"]
         frame.loc[finite, "drift"] = frame.loc[finite, "estimate"] - first["estimate"]
-        frame.loc[finite, "inside_first"] = ((first["lower"] <= frame.loc[finite, "estimate"])
-                                             & (frame.loc[finite, "estimate"] <= first["upper"])).to_numpy()
+        estimate = frame.loc[finite, "estimate"]
+        frame.loc[finite, "inside_first"] = ((first["lower"] - INSIDE_ATOL <= estimate)
+                                             & (estimate <= first["upper"] + INSIDE_ATOL)).to_numpy()
     return frame
 
 

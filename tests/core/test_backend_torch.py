@@ -463,3 +463,45 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
         for call_line in lines:  # every sweep, numpy's and torch's, says the same at its own line
             assert sorted(name for name, _, line in caught if line == call_line) == sorted(categories), (
                 lines[call_line], caught)
+
+
+def test_estimate_by_n_on_torch_equals_numpy(monkeypatch):
+    """`estimate_by_n` passes ``device`` to each subsample's `ntps_estimate`, which solves it on the torch
+    backend (CPU here; counted): the rows, the drift and ``inside_first`` are numpy's, with 5 and with 10
+    groups."""
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.estimators import estimate_by_n
+    from ntps_nb.core.simulate import lds_model, sample_shards
+
+    solved = []
+    original = backend.ntps_estimate_torch
+
+    def counted(moment_shards, *args, **kwargs):
+        solved.append(len(moment_shards))
+        return original(moment_shards, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "ntps_estimate_torch", counted)
+
+    shards = sample_shards(lds_model(d=16, n_classes=3, gap="separated", seed=3), 1280, 40, np.random.default_rng(5))
+    for n_groups, used in ((5, [5, 10, 20, 40]), (10, [10, 20, 40])):
+        want = estimate_by_n(shards, [1, 2, 4], n_groups=n_groups)
+        assert want["n_shards_used"].unique().tolist() == used
+        assert want["inside_first"].notna().all() and not solved
+        assert_frames_agree(estimate_by_n(shards, [1, 2, 4], n_groups=n_groups, device="cpu"), want)
+        assert solved == [n_groups] * len(used)  # every subsample on the backend, as n_groups groups
+        solved.clear()
+
+
+def test_estimate_by_n_reads_the_whole_space_as_inside_on_either_backend():
+    """At k = r_V = r_U (here d = 32) every estimate and bound is 1 up to float64 rounding, and the
+    rounding differs between numpy's solve and torch's: ``inside_first`` must not depend on it. Before
+    `INSIDE_ATOL` the torch backend put the 20-shard row of this sample outside its 10-shard interval."""
+    from ntps_nb.core.estimators import INSIDE_ATOL, estimate_by_n
+    from ntps_nb.core.simulate import lds_model, sample_shards
+
+    shards = sample_shards(lds_model(d=32, n_classes=6, gap="moderate", seed=1), 2000, 40, np.random.default_rng(0))
+    assert theory_geometry(Moments.combine(shards)).r_V == 32
+    for options in ({}, {"device": "cpu"}):
+        frame = estimate_by_n(shards, [32], n_groups=10, **options)
+        assert np.abs(frame[["estimate", "lower", "upper"]].to_numpy(float) - 1).max() < INSIDE_ATOL
+        assert frame["inside_first"].tolist() == [True] * 3, options
