@@ -201,7 +201,9 @@ class NextTokenTieWarning(UserWarning):
 
 class BeyondRankWarning(UserWarning):
     """NTPS asked at a k beyond the retained rank of C0 (r_V) in a call that reports every k it is given
-    (`ntps_nb.core.estimators.ntps_estimate`): there are not k next-token directions, so those rows are NaN."""
+    (`ntps_nb.core.estimators.ntps_estimate`, `ntps_nb.core.estimators.estimate_by_n`, the notebooks'
+    `layer_profile` with another estimator than the plug-in): there are not k next-token directions, so those
+    rows are NaN."""
 
 
 class BeyondRankError(ValueError):
@@ -424,8 +426,8 @@ def warn_if_beyond_rank(r_V: int, ks: Sequence[int], stacklevel: int = 3) -> Non
         return
     warnings.warn(
         f"k = {integer_ranges(beyond)} is beyond the retained rank of C0 (r_V = {r_V}): there are not that many "
-        "next-token directions, so NTPS is undefined there and those rows are NaN. The pooled moments' r_V is their "
-        "theory_geometry's (ntps_sweep gives every valid k).",
+        "next-token directions, so NTPS is undefined there and those rows are NaN (ntps_sweep gives every k up to "
+        "r_V).",
         BeyondRankWarning, stacklevel=stacklevel)
 
 
