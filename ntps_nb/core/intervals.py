@@ -682,6 +682,11 @@ def ntps_interval(
 ) -> BootstrapInterval:
     """NTPS of the combined shards with a shard-bootstrap interval and jackknife standard error.
 
+    The interval describes the sampling spread of the plug-in (or of ``estimator``) at this N; at the
+    sizes of most studies it misses the population NTPS far more often than its level says (module
+    docstring). For a number to report with an interval on the population value and a reliability
+    flag, use `ntps_nb.core.estimators.ntps_estimate` on the same shards.
+
     Parameters
     ----------
     moment_shards : per-shard `Moments` of one layer (disjoint texts, at least 2 shards).

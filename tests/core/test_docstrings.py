@@ -33,3 +33,24 @@ def test_the_check_finds_a_function_without_them(tmp_path, monkeypatch):
     (tmp_path / "ntps_nb" / "bare.py").write_text('def f(x):\n    """Only a summary."""\n    return x\n')
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "ntps_nb")
     assert undocumented() == ["ntps_nb/bare.py:1:f"]
+
+
+def test_the_package_docstrings_way_to_a_number_to_report_runs_from_the_top_level():
+    """The route `ntps_nb`'s docstring shows for a reportable NTPS (per-layer shards, `ntps_estimate`,
+    `estimate_by_n`) works from the top-level names, on a sharded extraction's `LayerMoments`, and gives the
+    rows of the functions in `ntps_nb.core.estimators`."""
+    import numpy as np
+
+    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.moments import LayerMoments
+    from ntps_nb.core.simulate import lds_model, sample_shards
+
+    model = lds_model(d=8, n_classes=2, n_tokens=8, seed=3)
+    per_layer = {layer: sample_shards(model, 320, 10, np.random.default_rng(layer)) for layer in (0, 4)}
+    result_shards = [LayerMoments({layer: per_layer[layer][s] for layer in per_layer}) for s in range(10)]
+    shards = ntps_nb.layer_shards(result_shards)[4]
+    rows = ntps_nb.ntps_estimate(shards, [1, 2])
+    assert rows["k"].tolist() == [1, 2] and rows["estimate"].notna().all()
+    assert rows.equals(ntps_estimate(per_layer[4], [1, 2]))
+    settles = ntps_nb.estimate_by_n(shards, [1, 2])
+    assert set(settles["n_texts"]) == {160, 320} and {"drift", "inside_first"} <= set(settles.columns)
