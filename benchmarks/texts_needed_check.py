@@ -65,8 +65,8 @@ def main() -> None:
                             row = dict(family=family, C=C, gap=gap, ratio=ratio, k=k, draw=draw, projected=projected)
                             if np.isfinite(projected) and projected <= args.cap * args.d:
                                 for name, multiple in MULTIPLES.items():
-                                    at = ntps_estimate(sample_shards(model, max(int(projected * multiple), 40), 10, rng),
-                                                       [k])
+                                    n = max(int(projected * multiple), 40)
+                                    at = ntps_estimate(sample_shards(model, n, 10, rng), [k])
                                     row[name] = float(at["reliable"].iloc[0])
                                     if name == "at":
                                         row["noise_ok"] = float(at["subspace_noise"].iloc[0] <= NOISE_MAX)

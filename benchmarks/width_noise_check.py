@@ -54,7 +54,8 @@ def main() -> None:
         frames.append(width_by_n(shards, args.k, n_groups=args.groups, n_boot=args.n_boot, seed=draw).assign(draw=draw))
     table = pd.concat(frames, ignore_index=True)
     print(f"{args.family}, d = {args.d}, C = {args.classes}, k = {args.k}, {args.draws} draws of {n_shards} shards, "
-          f"{args.groups} groups, n_boot = {args.n_boot}; 1 / sqrt(2 (G - 1)) = {1 / np.sqrt(2 * (args.groups - 1)):.3f}")
+          f"{args.groups} groups, n_boot = {args.n_boot}; "
+          f"1 / sqrt(2 (G - 1)) = {1 / np.sqrt(2 * (args.groups - 1)):.3f}")
     print("   n_texts  mean width  rel. SD of width (MC SE)  rel. SD of jackknife SE (MC SE)")
     for n, rows in table.groupby("n_texts"):
         w, w_se = relative_sd(rows["width"])
