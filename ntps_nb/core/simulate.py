@@ -742,6 +742,7 @@ def estimator_map(
     interval: str | None = None,
     device: Any = None,
     shard_weights: Sequence[float] | None = None,
+    flag_any_estimator: bool = True,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -769,6 +770,10 @@ def estimator_map(
     device : `ntps_estimate`'s ``device`` (None: numpy; a torch device such as "cuda": the estimators of
         `ntps_nb.core.estimators.DEVICE_ESTIMATORS` solved there).
     shard_weights : (n_shards,) relative shard sizes (`sample_shards`' ``weights``), or None (equal).
+    flag_any_estimator : `ntps_estimate`'s: True (the default here) marks every estimator's rows reliable by the
+        flag's conditions, so that the map compares estimators on the rows the flag accepts (how the default was
+        chosen, and how the plug-in's such rows were found to under-cover); False gives what a user of
+        `ntps_estimate` gets, reliable rows only for `ntps_nb.core.estimators.CALIBRATED_ESTIMATORS`.
 
     Returns
     -------
@@ -777,7 +782,7 @@ def estimator_map(
     truth, n_over_d, n_texts, draw, model (index), covered, error (estimate - truth) and the model's
     settings as ``task_*``.
     """
-    from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.estimators import FlagNotCalibratedWarning, ntps_estimate
 
     ks = np.asarray(ks, dtype=np.int64)
     if interval == "quadratic" and set(estimators) != {"richardson"}:
@@ -794,10 +799,14 @@ def estimator_map(
                 shards = sample_shards(model, n_texts, n_shards, rng, weights=shard_weights)
                 for estimator in estimators:
                     try:
-                        with warnings.catch_warnings():  # the map's rows carry n_over_d: N <= d is theirs to read
+                        # the map's rows carry n_over_d (N <= d is theirs to read) and the estimator (whose flag
+                        # is calibrated is the map's to say)
+                        with warnings.catch_warnings():
                             warnings.simplefilter("ignore", InterpolationWarning)
+                            warnings.simplefilter("ignore", FlagNotCalibratedWarning)
                             table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
-                                                  interval=interval, device=device)
+                                                  interval=interval, device=device,
+                                                  flag_any_estimator=flag_any_estimator)
                         failure = ""
                     except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
                         failure = f"{type(error).__name__}: {error}"

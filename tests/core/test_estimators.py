@@ -8,7 +8,8 @@ import pytest
 import pandas as pd
 import scipy.linalg
 
-from ntps_nb.core.estimators import (BOUND_SE, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR, ESTIMATORS, GAP_MIN, NOISE_MAX,
+from ntps_nb.core.estimators import (BOUND_SE, CALIBRATED_ESTIMATORS, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR,
+                                     ESTIMATORS, GAP_MIN, NOISE_MAX, FlagNotCalibratedWarning,
                                      PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS,
                                      eigengap_ratios, estimate_by_n, estimate_ntps, flag_at_bound, ntps_estimate,
                                      split_halves,
@@ -73,7 +74,7 @@ def test_plugin_is_biased_toward_chance_at_small_n():
 def test_interval_table_and_jackknife_on_a_known_case():
     model = lds_model(d=6, n_classes=2, n_tokens=4, seed=1)
     shards = sample_shards(model, 3000, 6, np.random.default_rng(0))
-    table = ntps_estimate(shards, [1, 2], estimator="plugin", level=0.9)
+    table = ntps_estimate(shards, [1, 2], estimator="plugin", level=0.9, flag_any_estimator=True)
     assert list(table.columns[:6]) == ["k", "estimator", "estimate", "se", "lower", "upper"]
     # the jackknife standard error, recomputed by hand at k = 1
     loo = np.array([ntps(Moments.combine(shards[:i] + shards[i + 1:]), k=1) for i in range(6)])
@@ -86,10 +87,43 @@ def test_interval_table_and_jackknife_on_a_known_case():
             & np.isfinite(table["upper"]) & (table["lower"] <= 1) & (table["upper"] >= 0) & inside)
     np.testing.assert_array_equal(table["reliable"].to_numpy(), rule.to_numpy())
     assert rule.any() and not rule.all()  # this case exercises both outcomes
+    # by default only the calibrated estimators' rows can be reliable; the plug-in's rows say why they are not
+    with pytest.warns(FlagNotCalibratedWarning, match="1 of 2 rows of the 'plugin' estimator meet"):
+        plain = ntps_estimate(shards, [1, 2], estimator="plugin", level=0.9)
+    assert not plain["reliable"].any()
+    pd.testing.assert_frame_equal(plain.drop(columns="reliable"), table.drop(columns="reliable"))
     other = ntps_estimate(shards, [1, 2], estimator="richardson", level=0.9)
     np.testing.assert_array_equal(other["reliable"].to_numpy(), table["reliable"].to_numpy())
     assert table["subspace_noise"].iloc[0] == pytest.approx(max(table["noise_U"].iloc[0] / table["k_U"].iloc[0],
                                                                 table["noise_V"].iloc[0] / 1))
+
+
+#: Coverage at nominal 0.90 below which the plug-in's flagged rows count as failing the flag's promise: with 20 or
+#: more rows, a calibrated interval falls this low with probability below 1e-7 (binomial).
+PLUGIN_FLAGGED_BELOW = 0.5
+#: ... and the least coverage the default's reliable rows must reach on the same draws (3 binomial SEs below 0.90 at
+#: 20 rows is 0.70; the population is at an edge, where they are conservative on the map).
+DEFAULT_RELIABLE_AT_LEAST = 0.75
+
+
+def test_the_flag_is_the_default_estimators_the_plugins_flagged_rows_under_cover():
+    """Known truth: a population whose NTPS is 0.998 (LDS, 2 classes, tied gaps, k = 2, N/d = 32). The plug-in is
+    biased toward chance by more than its jackknife interval there, so its rows that meet the flag's conditions
+    cover far below 0.90, while the default's reliable rows cover. `ntps_estimate` therefore marks only
+    `CALIBRATED_ESTIMATORS`' rows reliable; `estimator_map` marks every estimator's by the conditions unless told
+    to give what a user gets."""
+    from ntps_nb.core.simulate import estimator_map
+
+    assert CALIBRATED_ESTIMATORS == (DEFAULT_ESTIMATOR,)
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="tied", seed=60)
+    plug = estimator_map([model], [32], [2], estimators=["plugin"], n_draws=40, seed=60, interval="jackknife")
+    default = estimator_map([model], [32], [2], estimators=[DEFAULT_ESTIMATOR], n_draws=40, seed=60)
+    flagged, reliable = plug[plug["reliable"]], default[default["reliable"]]
+    assert len(flagged) >= 20 and flagged["covered"].mean() < PLUGIN_FLAGGED_BELOW
+    assert len(reliable) >= 20 and reliable["covered"].mean() >= DEFAULT_RELIABLE_AT_LEAST
+    as_users_get = estimator_map([model], [32], [2], estimators=["plugin"], n_draws=5, seed=60, interval="jackknife",
+                                 flag_any_estimator=False)
+    assert not as_users_get["reliable"].any()
 
 
 def _whitened_span(X, Sxx):
@@ -210,7 +244,7 @@ def test_eigengap_ratios_against_a_direct_computation():
         np.testing.assert_allclose(got[f"gap_ratio_{'UV'[column]}"], full / se, rtol=1e-6)
     np.testing.assert_allclose(got["gap_ratio"], np.minimum(got["gap_ratio_U"], got["gap_ratio_V"]))
     # the estimate's frame carries the same numbers
-    table = ntps_estimate(shards, ks, estimator="plugin")
+    table = ntps_estimate(shards, ks, estimator="plugin", flag_any_estimator=True)
     np.testing.assert_allclose(table["gap_ratio"], got["gap_ratio"], rtol=1e-12)
 
 
