@@ -140,10 +140,11 @@ STAGES: tuple[Stage, ...] = (
     # the estimator's estimate, jackknife interval and reliability flag on the interval layers;
     # version 2: the flag also asks for resolved eigengaps at k (`estimators.GAP_MIN`) and an interval
     # meeting [0, 1]; gap columns added. Version 3: and an estimate inside [0, 1] by `estimators.BOUND_SE`
-    # standard errors (column at_bound), refreshed from a version-2 table (`REFRESHES`)
+    # standard errors (column at_bound), refreshed from a version-2 table (`REFRESHES`). Version 4: reliable only
+    # for the estimators the flag was calibrated for (`estimators.CALIBRATED_ESTIMATORS`), refreshed from 3 or 2
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed", "estimate_interval",
                         "estimate_rotation_flag"), ("extraction",),
-          "estimates", ESTIMATES_COLUMNS, version=3),
+          "estimates", ESTIMATES_COLUMNS, version=4),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
     Stage("diagnostics", ("diagnostics", "diagnostic_layers", "diagnostic_k", "diagnostic_fractions", "n_perturb",
                           "n_permutations", "seed", "estimator"), ("extraction",), "diagnostics", DIAGNOSTICS_COLUMNS,
@@ -166,11 +167,20 @@ def _estimates_from_version_2(table: pd.DataFrame) -> pd.DataFrame:
     return flag_at_bound(table)
 
 
+def _estimates_from_version_3(table: pd.DataFrame) -> pd.DataFrame:
+    """An estimates table of stage version 3 at version 4: ``reliable`` kept only on the rows of the estimators
+    the flag was calibrated for (`ntps_nb.core.estimators.CALIBRATED_ESTIMATORS`), as `ntps_estimate` now gives it."""
+    from ntps_nb.core.estimators import CALIBRATED_ESTIMATORS
+
+    return table.assign(reliable=table["reliable"].astype(bool) & table["estimator"].isin(CALIBRATED_ESTIMATORS))
+
+
 #: Stages whose table of an earlier version is brought to the current version from that table's own
 #: values, with no extraction: stage name -> {earlier version: the function of its table}. A unit
 #: holding such a result (in its stage store or its unit folder, under the key of that version and
 #: the same settings) is refreshed instead of recomputed; its record names the version refreshed from.
-REFRESHES: dict[str, dict[int, Callable[[pd.DataFrame], pd.DataFrame]]] = {"estimates": {2: _estimates_from_version_2}}
+REFRESHES: dict[str, dict[int, Callable[[pd.DataFrame], pd.DataFrame]]] = {"estimates": {
+    3: _estimates_from_version_3, 2: lambda table: _estimates_from_version_3(_estimates_from_version_2(table))}}
 #: The stages computed from the extraction (everything but the extraction itself).
 ANALYSIS_STAGES = STAGE_NAMES[1:]
 #: Every table a unit can write: the stages' tables and their extras, in stage order.
@@ -903,7 +913,8 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     the estimators that have a torch path) r_V and the estimates are solved there, from the shards
     combined on the device."""
     from ntps_nb.core.backends import analysis_backend
-    from ntps_nb.core.estimators import DEVICE_ESTIMATORS, ntps_estimate
+    from ntps_nb.core.estimators import (CALIBRATED_ESTIMATORS, DEVICE_ESTIMATORS, FlagNotCalibratedWarning,
+                                         ntps_estimate)
     from ntps_nb.core.moments import Moments
     from ntps_nb.core.score import theory_geometry, warnings_named
 
@@ -916,8 +927,15 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
     backend = analysis_backend(device)
     rows, failed = [], {}
+    flag = {}
+    if u.cfg.estimator not in CALIBRATED_ESTIMATORS:  # said once for the unit, in its log and record, not per layer
+        flag = {"estimates_flag": f"reliable is False on every row: the flag was calibrated for "
+                                  f"{', '.join(CALIBRATED_ESTIMATORS)} only, not for {u.cfg.estimator} "
+                                  "(docs/estimator.md, 'The reliability flag is the default estimator's')"}
+        u.log(f"    estimates: {flag['estimates_flag']}")
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
+        warnings.filterwarnings("ignore", category=FlagNotCalibratedWarning)
         for layer in u.interval_grid:
             try:
                 # on a device r_V comes from the shards combined there, as the row's own full solve
@@ -935,7 +953,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 u.log(f"    estimates: layer {layer} left out: {error}")
                 continue
             rows.append(frame.assign(variant="theory", layer=layer))
-    record = {"estimates_failed": failed} if failed else {}
+    record = {**flag, **({"estimates_failed": failed} if failed else {})}
     if not rows:
         return None, record
     table = pd.concat(rows, ignore_index=True)
@@ -1351,6 +1369,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                 stage_meta[name]["refreshed_from"] = result.record["refreshed_from"]
             if str(result.record.get(name, "")).startswith("skipped"):  # why the stage wrote no table
                 stage_meta[name]["skipped"] = result.record[name]
+            if "estimates_flag" in result.record:  # why no row of the study's estimator is reliable
+                stage_meta[name]["flag"] = result.record["estimates_flag"]
             lap(name)
 
     tables["unit"] = {

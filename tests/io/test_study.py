@@ -1918,6 +1918,35 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
     assert len(counted_extract) == forward and counts.get("ntps_estimate", 0) == 0
 
 
+def test_estimates_of_version_3_keep_reliable_only_for_the_calibrated_estimators():
+    """Estimates stage version 4: `reliable` only on the rows of `CALIBRATED_ESTIMATORS` (the plug-in's rows that
+    meet the flag's conditions under-cover), brought from a version-3 or version-2 table's own values."""
+    from ntps_nb.core.estimators import CALIBRATED_ESTIMATORS
+
+    assert study.stages.STAGES[study.stages.STAGE_NAMES.index("estimates")].version == 4
+    table = pd.DataFrame({"estimator": ["plugin", "plugin", "richardson", "richardson"],
+                          "reliable": [True, False, True, False], "estimate": 0.5, "se": 0.1})
+    for version in (3, 2):
+        out = study.stages.REFRESHES["estimates"][version](table)
+        assert out["reliable"].tolist() == [False, False, True, False]
+    assert CALIBRATED_ESTIMATORS == ("richardson",)
+
+
+def test_a_plugin_studys_estimates_say_why_no_row_is_reliable(tmp_path, tiny_llama):
+    """A study whose estimator is not calibrated writes its estimates with reliable False and says why once, in
+    the unit's log and in unit.json (stages.estimates.flag); a richardson study's unit carries no such note."""
+    said = []
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="plugin")
+    run = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=said.append)
+    assert not run["estimates"]["reliable"].any()
+    note = run["unit"]["stages"]["estimates"]["flag"]
+    assert "calibrated for richardson only, not for plugin" in note
+    assert sum("calibrated for richardson only" in line for line in said) == 1
+    other = study.run_unit(dataclasses.replace(smoke, estimator="richardson"), "tiny-llama", "trec6", tiny_llama,
+                           cache=tmp_path / "cache", log=lambda _: None)
+    assert "flag" not in other["unit"]["stages"]["estimates"]
+
+
 def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_estimates(tmp_path, tiny_llama):
     assert study.load_config(STUDIES / "default.toml").estimate_rotation_flag is False
     _an_estimates_setting("estimate_rotation_flag", True, "yes", "estimate_rotation_flag must be true or false")
