@@ -927,12 +927,12 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     device = u.analysis_device if u.cfg.estimator in DEVICE_ESTIMATORS else None  # the others: numpy only
     backend = analysis_backend(device)
     rows, failed = [], {}
-    flag = {}
+    note = {}
     if u.cfg.estimator not in CALIBRATED_ESTIMATORS:  # said once for the unit, in its log and record, not per layer
-        flag = {"estimates_flag": f"reliable is False on every row: the flag was calibrated for "
+        note = {"estimates_flag": f"reliable is False on every row: the flag was calibrated for "
                                   f"{', '.join(CALIBRATED_ESTIMATORS)} only, not for {u.cfg.estimator} "
                                   "(docs/estimator.md, 'The reliability flag is the default estimator's')"}
-        u.log(f"    estimates: {flag['estimates_flag']}")
+        u.log(f"    estimates: {note['estimates_flag']}")
     with warnings.catch_warnings():
         _ignore_recorded_as_nan()
         warnings.filterwarnings("ignore", category=FlagNotCalibratedWarning)
@@ -953,7 +953,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 u.log(f"    estimates: layer {layer} left out: {error}")
                 continue
             rows.append(frame.assign(variant="theory", layer=layer))
-    record = {**flag, **({"estimates_failed": failed} if failed else {})}
+    record = {**note, **({"estimates_failed": failed} if failed else {})}
     if not rows:
         return None, record
     table = pd.concat(rows, ignore_index=True)
