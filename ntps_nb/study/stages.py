@@ -911,7 +911,9 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     jackknife standard error and `ESTIMATE_LEVEL` interval, and its reliability flag. A layer on
     which the estimator fails is left out and named in the record. With an analysis device (for
     the estimators that have a torch path) r_V and the estimates are solved there, from the shards
-    combined on the device."""
+    combined on the device. For an estimator the flag was not calibrated for (outside
+    `ntps_nb.core.estimators.CALIBRATED_ESTIMATORS`) no row is reliable, and the unit says why once, in its log
+    and record (``estimates_flag``), not with a warning per layer."""
     from ntps_nb.core.backends import analysis_backend
     from ntps_nb.core.estimators import (CALIBRATED_ESTIMATORS, DEVICE_ESTIMATORS, FlagNotCalibratedWarning,
                                          ntps_estimate)
