@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -27,19 +29,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ntps_nb.core.simulate import FAMILIES, estimator_map  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimator_map import one_cell  # noqa: E402  (the map's own task: estimator_map marks every estimator's rows)
 
 #: (estimator, interval) pairs compared: each estimator with the interval `ntps_estimate` gives it by default.
 RUNS = (("plugin", "jackknife"), ("richardson", "quadratic"))
-
-
-def one_cell(args) -> pd.DataFrame:
-    """The map of one (family, C, gap) population for one estimator."""
-    family, d, C, gap, ratios, draws, seed, estimator, interval = args
-    model = FAMILIES[family](d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed)
-    ks = [k for k in (1, 2, 4, 8, 32) if k <= d // 2]
-    return estimator_map([model], ratios, ks, estimators=[estimator], n_draws=draws, n_shards=10, level=0.90,
-                         seed=seed, interval=interval, flag_any_estimator=True)
 
 
 def main() -> None:
@@ -52,8 +46,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     args = parser.parse_args()
     cells = [(family, args.d, C, gap) for family, C, gap in itertools.product(
-        ("factor", "lds"), (2, 6, 20), ("separated", "moderate", "tied")) if C < args.d]
-    tasks = [(*cell, args.ratios, args.draws, args.seed, estimator, interval)
+        ("factor", "lds"), (2, 6, 20), ("separated", "moderate", "tied")) if C <= args.d // 2]
+    tasks = [(*cell, args.ratios, (1, 2, 4, 8, 32), [estimator], (0, args.draws), 10, args.seed, None, interval)
              for estimator, interval in RUNS for cell in cells]
     start = time.perf_counter()
     with ProcessPoolExecutor(args.processes) as pool:
