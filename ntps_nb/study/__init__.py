@@ -134,7 +134,7 @@ from ntps_nb.study.config import (CSV_FLOAT_FORMAT, RESULTS_ROOT, STUDY_VERSION,
 from ntps_nb.study.stages import _extraction_settings  # noqa: F401  (benchmarks/check_device_agreement.py)
 from ntps_nb.study import stages  # noqa: F401
 from ntps_nb.study.stages import (STAGES, Stage, StageStore, adopt_unit_folder, run_unit, stage_keys, stage_states,
-                                  stage_store, unit_folder_stages, write_unit)
+                                  stage_store, unit_compute_seconds, unit_folder_stages, write_unit)
 from ntps_nb.study.runner import (UnitClaim, combine, load_results, load_units, outdated_stages, run_study,
                                   stage_status, study_status, unit_status)
 from ntps_nb.study.report import (TARGET_ALIASES, TARGETS, Headline, correlation_summary, diagnostics_summary,
@@ -153,5 +153,6 @@ __all__ = [
     "pretraining_contrast", "probe_targets", "register_cli", "resolve_layers", "resolve_targets", "run_study",
     "run_unit", "stage_keys",
     "stage_states", "stage_status", "stage_store", "structure_controls", "structure_markdown", "study_status",
-    "summarise", "summary_markdown", "unit_folder_stages", "unit_name", "unit_status", "write_unit",
+    "summarise", "summary_markdown", "unit_compute_seconds", "unit_folder_stages", "unit_name", "unit_status",
+    "write_unit",
 ]

@@ -18,7 +18,7 @@ from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
 from ntps_nb.study.stages import (STAGE_NAMES, UNIT_TABLES, check_stage_names, estimates_shortfall, run_unit,
-                                  stage_states, write_unit)
+                                  stage_states, unit_compute_seconds, write_unit)
 
 
 class UnitClaim:
@@ -142,7 +142,8 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
     """One row per unit of the grid, read from the unit folders (nothing combined or computed).
 
     Columns: model, dataset, status ("complete", "stale", "running" (claimed by a live process),
-    "missing"), minutes, finished (or, while running, who started it when), n_train,
+    "missing"), minutes (what its results took to compute, each stage where it was computed:
+    `ntps_nb.study.stages.unit_compute_seconds`), finished (or, while running, who started it when), n_train,
     mean_length (tokens), extract_version (`ntps_nb.extract.EXTRACT_VERSION` of its train
     extraction; None for a unit written before units recorded it), and for complete units the
     headline numbers at the last layer: held-out probe accuracy, theory NTPS at ``k`` (or the
@@ -173,7 +174,9 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
             row["finished"] = f"started {claim.get('started')} (pid {claim.get('pid')} on {claim.get('host')})"
         if row["status"] not in ("missing", "running"):
             meta = json.loads((folder / "unit.json").read_text())
-            row.update(minutes=round(meta.get("seconds", float("nan")) / 60, 1), finished=meta.get("finished"),
+            seconds = unit_compute_seconds(meta)
+            row.update(minutes=round(seconds / 60, 1) if seconds is not None else float("nan"),
+                       finished=meta.get("finished"),
                        n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"),
                        extract_version=meta.get("extract_version"))
         if row["status"] == "complete":
@@ -636,7 +639,8 @@ def combine(cfg: StudyConfig | str | os.PathLike, *, log: Callable[[str], None] 
         "combined": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "versions": _versions(),
-        "units": {folder.name: {"seconds": meta.get("seconds"), "timings_s": meta.get("timings_s"),
+        "units": {folder.name: {"seconds": meta.get("seconds"), "compute_seconds": unit_compute_seconds(meta),
+                                "timings_s": meta.get("timings_s"),
                                 "finished": meta.get("finished"), "lora": meta.get("lora"),
                                 "n_train": meta.get("n_train"), "n_test": meta.get("n_test"),
                                 "extract_version": meta.get("extract_version"),

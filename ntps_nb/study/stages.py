@@ -608,8 +608,37 @@ def _computed_when(meta: dict[str, Any], name: str) -> dict[str, Any]:
     return {"seconds": (meta.get("timings_s") or {}).get(name), "finished": meta.get("finished")}
 
 
+def unit_compute_seconds(meta: dict[str, Any]) -> float | None:
+    """Seconds a unit's results took to compute, read from its ``unit.json``.
+
+    A run reuses what is stored, so the ``seconds`` of a run that took stored stages (or refreshed one from its
+    table) are not what the results cost. This sums, from the unit's stage records, the extraction's seconds (the
+    train texts' pass and, where recorded, the test texts') and each analysis stage's, as the run that computed
+    each recorded them. Loading the model is not in it. A unit written before stage records holds only its one
+    run's ``seconds``, which are returned.
+
+    Parameters
+    ----------
+    meta : dict
+        A unit's ``unit.json``, as `run_unit` writes it.
+
+    Returns
+    -------
+    float or None
+        The seconds, or None where the unit records none.
+    """
+    records = {name: record for name, record in (meta.get("stages") or {}).items()
+               if name != "extraction" and isinstance(record, dict)}
+    if not any("seconds" in record for record in records.values()):
+        return meta.get("seconds")
+    parts = [meta.get("extraction_seconds"), meta.get("extraction_seconds_test"),
+             *(record.get("seconds") for record in records.values())]
+    return round(sum(float(part) for part in parts if part is not None), 3)
+
+
 def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:
     return {"cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
+            "test_seconds": meta.get("extraction_seconds_test"),
             "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train"),
             "extract_version": meta.get("extract_version"), "token_precision": meta.get("token_precision_train"),
             "float64_layers": meta.get("float64_layers_train")}
@@ -1218,7 +1247,11 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         unit's provenance columns, for every stage that has a table; and ``"unit"`` to the unit's
         metadata dict (settings, stage keys, timings, layers, model info, environment), as
         written to ``unit.json`` by `write_unit` (with ``only``, ``"held"`` names the stages kept
-        from the folder).
+        from the folder). Its ``timings_s``, ``seconds``, ``finished`` and ``environment`` are this run's,
+        except where the run read no extraction (every stage stored or refreshed from its table) and the
+        unit folder holds a complete unit: those keep the folder's values, the run that computed the unit,
+        and this run's go under ``last_run``. What each stage cost where it was computed is in its record
+        (``stages``; `unit_compute_seconds` sums them).
     """
     from ntps_nb import __version__
     from ntps_nb import extract as extraction
@@ -1303,6 +1336,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         store.save("extraction", keys["extraction"], None, {
             "cache_key": cache_key, "kept": str(where / cache_key) if kept and cache_key else None,
             "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
+            "test_seconds": u.ex_test.metadata.get("seconds") if u.ex_test is not None else None,
             "mean_length": u.ex.metadata.get("mean_length"), "finished": _now(),
             "tokenizer_sha256": info.tokenizer_sha256, "extract_version": u.ex.metadata.get("extract_version"),
             "token_precision": u.ex.metadata.get("token_precision"),
@@ -1375,14 +1409,23 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                 stage_meta[name]["flag"] = result.record["estimates_flag"]
             lap(name)
 
+    this_run = {"timings_s": timings, "seconds": round(sum(timings.values()), 3), "finished": _now(),
+                "environment": _environment(model, cfg, n_threads)}
+    earlier = _complete_unit_meta(cfg.unit_folder(model_name, dataset_name), model_name, dataset_name)
+    if not reading and earlier is not None:
+        # a run that read no extraction took stored stages or refreshed them from their tables: the unit keeps
+        # when, how long and where it was computed, and this run is its last_run
+        run = {**{name: earlier[name] for name in this_run if name in earlier}, "last_run": this_run}
+    else:
+        run = this_run
     tables["unit"] = {
-        **provenance, "complete": True, "settings": cfg.settings(), "timings_s": timings,
-        "seconds": round(sum(timings.values()), 3), "lora": lora_status, "stages": stage_meta,
+        **provenance, "complete": True, "settings": cfg.settings(), **run, "lora": lora_status, "stages": stage_meta,
         "extraction_key": extraction_record.get("cache_key"), "extraction_seconds": extraction_record.get("seconds"),
+        "extraction_seconds_test": extraction_record.get("test_seconds"),
         "layers": layers, "probe_layers": u.probe_grid, "peer_layers": u.peer_grid,
         "interval_layers": u.interval_grid, "diagnostic_layers": u.diag_grid, "model_info": info.as_dict(),
-        "environment": _environment(model, cfg, n_threads), "n_truncated_train": extraction_record.get("n_truncated"),
-        "mean_length_train": extraction_record.get("mean_length"), "finished": _now(),
+        "n_truncated_train": extraction_record.get("n_truncated"),
+        "mean_length_train": extraction_record.get("mean_length"),
         # which extraction rules formed the moments (absent: a unit extracted before they were recorded)
         "extract_version": extraction_record.get("extract_version"),
         "token_precision_train": extraction_record.get("token_precision"),

@@ -537,6 +537,23 @@ def test_status_reads_the_committed_units(tmp_path):
     assert list(empty["status"]) == ["missing", "missing"]
 
 
+def test_status_minutes_are_what_the_units_results_cost_not_the_last_runs():
+    """The committed default-richardson study had 22 units whose last run refreshed one stage from its table
+    (a second's work): ``study status`` gave them 0.0 minutes. Its minutes now sum each stage where it was
+    computed (`unit_compute_seconds`), so every unit's are at least its train extraction's."""
+    cfg = study.load_config(STUDIES / "default-richardson.toml")
+    status = study.study_status(cfg)
+    metas = [json.loads((cfg.unit_folder(m, d) / "unit.json").read_text()) for m, d in cfg.units()]
+    refreshed = [meta for meta in metas if not meta["stages"]["extraction"]["read"]]
+    assert refreshed and all(meta["seconds"] < 1 for meta in refreshed)  # what the minutes used to read
+    extraction_minutes = np.array([meta["extraction_seconds"] / 60 for meta in metas])
+    assert (status["minutes"].to_numpy(float) >= np.round(extraction_minutes, 1)).all()
+    # a unit written before stage records (the committed default study's) has its one run's seconds
+    older = json.loads((study.load_config(STUDIES / "default.toml").unit_folder("smollm2-135m", "trec6")
+                        / "unit.json").read_text())
+    assert "stages" not in older and study.unit_compute_seconds(older) == older["seconds"]
+
+
 def test_summary_on_committed_fast_results():
     folder = ROOT / "data" / "results" / "fast"
     if not (folder / "probes.csv").is_file():
@@ -1893,7 +1910,13 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
     assert "at_bound" not in v2["estimates"].columns
     fresh = study.run_unit(_smoke(tmp_path / "b", datasets=["trec6"], peers=False), "tiny-llama", "trec6",
                            tiny_llama, **quiet)
-    assert fresh["unit"]["stages"]["estimates"]["computed"]
+    assert fresh["unit"]["stages"]["estimates"]["computed"] and "last_run" not in fresh["unit"]
+    # a unit whose stages were computed in one run (its extraction read from the cache the first run filled: the
+    # extraction's seconds are that pass's): each stage's part lies within this run's lap for it
+    meta = fresh["unit"]
+    extraction = meta["extraction_seconds"] + meta["extraction_seconds_test"]
+    laps = sum(seconds for name, seconds in meta["timings_s"].items() if name in study.stages.ANALYSIS_STAGES)
+    assert extraction < study.unit_compute_seconds(meta) <= extraction + laps
 
     counts: dict[str, int] = {}
     _counting(monkeypatch, estimators, "ntps_estimate", counts)
@@ -1911,6 +1934,12 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
         assert entry["seconds"] == v2["unit"]["stages"]["estimates"]["seconds"]  # the run that computed it
         assert study.stage_states(cfg, "tiny-llama", "trec6")["estimates"] == "complete"
         assert not {name for name, stage in refreshed["unit"]["stages"].items() if stage.get("computed")}
+        # the unit keeps when, how long and where it was computed; the refresh is its last run
+        for name in ("seconds", "timings_s", "finished", "environment"):
+            assert refreshed["unit"][name] == v2["unit"][name], name
+        assert set(refreshed["unit"]["last_run"]) == {"seconds", "timings_s", "finished", "environment"}
+        assert "extract_train" not in refreshed["unit"]["last_run"]["timings_s"]
+        assert study.unit_compute_seconds(refreshed["unit"]) == study.unit_compute_seconds(v2["unit"])
         provenance = ["config_hash", "study"]
         pd.testing.assert_frame_equal(refreshed["estimates"].drop(columns=provenance),
                                       fresh["estimates"].drop(columns=provenance))
