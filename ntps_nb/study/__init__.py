@@ -109,8 +109,8 @@ names a study whose complete unit folders lend every stage still valid under thi
 variant of a study (another estimator, say) reuses its LoRA results instead of retraining them
 (studies/default-richardson.toml does so for the default study).
 
-``unit.json`` holds the settings, config hash, timings, each stage's key and whether it was
-computed or reused, and what was skipped and why. Unit folders written before stages existed
+``unit.json`` holds the settings, config hash, timings, each stage's key, whether it was
+computed or reused and when, how long and where it was computed (``ran_on``), and what was skipped and why. Unit folders written before stages existed
 (the committed default study) are taken over stage by stage where their keys still match
 (`adopt_unit_folder`), so their LoRA results are never retrained.
 

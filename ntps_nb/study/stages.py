@@ -596,15 +596,16 @@ def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
 
 
 def _computed_when(meta: dict[str, Any], name: str) -> dict[str, Any]:
-    """Seconds and date of the run that computed a stage, as a unit's unit.json records them.
+    """Seconds, date (and where recorded, place) of the run that computed a stage, as a unit's unit.json records them.
 
     A unit written with stage records keeps, for a stage it reused, the seconds and date of the run
-    that computed it (its ``timings_s`` are the last run's: a reuse takes milliseconds); a unit
-    written before stage records has only ``timings_s`` and its finishing date.
+    that computed it (its ``timings_s`` are the last run's: a reuse takes milliseconds) and, since stages record
+    it, where it ran (``ran_on``); a unit written before stage records has only ``timings_s`` and its finishing date.
     """
     record = (meta.get("stages") or {}).get(name) or {}
     if "seconds" in record and "finished" in record:
-        return {"seconds": record["seconds"], "finished": record["finished"]}
+        return {"seconds": record["seconds"], "finished": record["finished"],
+                **({"ran_on": record["ran_on"]} if "ran_on" in record else {})}
     return {"seconds": (meta.get("timings_s") or {}).get(name), "finished": meta.get("finished")}
 
 
@@ -637,7 +638,9 @@ def unit_compute_seconds(meta: dict[str, Any]) -> float | None:
 
 
 def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:
-    return {"cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
+    extraction = (meta.get("stages") or {}).get("extraction") or {}
+    where = {"ran_on": extraction["ran_on"]} if "ran_on" in extraction else {}
+    return {**where, "cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
             "test_seconds": meta.get("extraction_seconds_test"),
             "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train"),
             "extract_version": meta.get("extract_version"), "token_precision": meta.get("token_precision_train"),
@@ -1250,8 +1253,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         from the folder). Its ``timings_s``, ``seconds``, ``finished`` and ``environment`` are this run's,
         except where the run read no extraction (every stage stored or refreshed from its table) and the
         unit folder holds a complete unit: those keep the folder's values, the run that computed the unit,
-        and this run's go under ``last_run``. What each stage cost where it was computed is in its record
-        (``stages``; `unit_compute_seconds` sums them).
+        and this run's go under ``last_run``. What each stage cost, when and where it was computed is in its
+        record (``stages``: ``seconds``, ``finished``, ``ran_on``; `unit_compute_seconds` sums the seconds).
     """
     from ntps_nb import __version__
     from ntps_nb import extract as extraction
@@ -1323,6 +1326,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             return extraction.extract(model, tok, data, **settings, metadata=metadata)
         return extraction.extract_cached(model, tok, info, data, cache=cache, dataset_info=dinfo, **settings)
 
+    # where this run computes (each stage it computes records it: a unit's stages may come from several runs)
+    ran_on = _ran_on(model, cfg)
     if reading:  # some stage needs the extractions (LoRA reads them too: the base model's side)
         u.ex = run_extraction(train, _extraction_settings(cfg, layers, train=True, pooled=pooled,
                                                            shard_layers=u.interval_grid))
@@ -1336,7 +1341,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         store.save("extraction", keys["extraction"], None, {
             "cache_key": cache_key, "kept": str(where / cache_key) if kept and cache_key else None,
             "seconds": u.ex.metadata.get("seconds"), "n_truncated": u.ex.metadata.get("n_truncated"),
-            "test_seconds": u.ex_test.metadata.get("seconds") if u.ex_test is not None else None,
+            "test_seconds": u.ex_test.metadata.get("seconds") if u.ex_test is not None else None, "ran_on": ran_on,
             "mean_length": u.ex.metadata.get("mean_length"), "finished": _now(),
             "tokenizer_sha256": info.tokenizer_sha256, "extract_version": u.ex.metadata.get("extract_version"),
             "token_precision": u.ex.metadata.get("token_precision"),
@@ -1360,6 +1365,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
     # the extraction is read (from the extraction cache where it is kept, else by a forward pass)
     # whenever a stage is computed; the other stages say whether they were computed or reused
     stage_meta: dict[str, Any] = {"extraction": {"key": keys["extraction"], "read": bool(reading)}}
+    if "ran_on" in extraction_record:
+        stage_meta["extraction"]["ran_on"] = extraction_record["ran_on"]
     lora_status = "not configured"
     # the analysis's BLAS/OpenMP pools get this process's share of its cores (torch's threads, of the
     # forward passes and LoRA, stay as `run_study` set them)
@@ -1387,7 +1394,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                 with _interpolation_warnings_once(f"the {name} stage of {model_name} x {dataset_name}"):
                     table, record, *more = _COMPUTE[name](u)
                 extra = more[0] if more else {}
-                record = {**record, "seconds": round(time.perf_counter() - t0, 3), "finished": _now()}
+                record = {**record, "seconds": round(time.perf_counter() - t0, 3), "finished": _now(), "ran_on": ran_on}
                 if name == "lora" and str(record.get("lora", "")).startswith("skipped"):
                     result = StageResult(table, record)  # deciding to skip again is instant: not stored
                 else:
@@ -1401,8 +1408,9 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             # a reused stage keeps the seconds and date of the run that computed it (timings_s: this run's)
             stage_meta[name] = {"key": keys[name], "computed": name in todo and name not in refreshable,
                                 "seconds": result.record.get("seconds"), "finished": result.record.get("finished")}
-            if "refreshed_from" in result.record:
-                stage_meta[name]["refreshed_from"] = result.record["refreshed_from"]
+            for said in ("ran_on", "refreshed_from"):  # where it was computed; the table it was refreshed from
+                if said in result.record:
+                    stage_meta[name][said] = result.record[said]
             if str(result.record.get(name, "")).startswith("skipped"):  # why the stage wrote no table
                 stage_meta[name]["skipped"] = result.record[name]
             if "estimates_flag" in result.record:  # why no row of the study's estimator is reliable
@@ -1547,18 +1555,25 @@ def write_unit(folder: Path, tables: dict[str, Any]) -> Path:
 
 
 
-def _environment(model, cfg: StudyConfig, analysis_threads: int) -> dict[str, Any]:
-    """Where and with what a unit was computed (its ``unit.json``): the device the model ran on (with
-    the GPU's name), the host, the threads and the package versions; none of it enters the hash.
-    ``analysis_threads`` is the bound the analysis ran under; ``analysis_processes`` the processes
-    its cores were divided among when the bound was the default share (None when the config set it)."""
+def _ran_on(model, cfg: StudyConfig) -> dict[str, str]:
+    """Where a run computes: the device the model runs on (with the GPU's name), the host and the analysis's
+    device. Each stage a run computes records it as ``ran_on`` (a unit's stages may come from several runs)."""
     import torch
 
     device = next(model.parameters()).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "host": platform.node(),
-            "analysis_device": resolve_analysis_device(cfg.analysis_device, device) or "numpy",
-            "torch_threads": torch.get_num_threads(), "analysis_threads": analysis_threads,
+            "analysis_device": resolve_analysis_device(cfg.analysis_device, device) or "numpy"}
+
+
+def _environment(model, cfg: StudyConfig, analysis_threads: int) -> dict[str, Any]:
+    """Where and with what a unit was computed (its ``unit.json``): `_ran_on`, the threads and the package
+    versions; none of it enters the hash. ``analysis_threads`` is the bound the analysis ran under;
+    ``analysis_processes`` the processes its cores were divided among when the bound was the default share (None
+    when the config set it)."""
+    import torch
+
+    return {**_ran_on(model, cfg), "torch_threads": torch.get_num_threads(), "analysis_threads": analysis_threads,
             "analysis_processes": None if cfg.analysis_threads is not None else analysis_processes(),
             "cores": available_cores(), **_versions()}
 

@@ -1932,6 +1932,7 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
         assert not entry["computed"] and entry["refreshed_from"]["version"] == 2
         assert entry["refreshed_from"]["key"] == v2["unit"]["stages"]["estimates"]["key"] != entry["key"]
         assert entry["seconds"] == v2["unit"]["stages"]["estimates"]["seconds"]  # the run that computed it
+        assert entry["ran_on"] == v2["unit"]["stages"]["estimates"]["ran_on"]
         assert study.stage_states(cfg, "tiny-llama", "trec6")["estimates"] == "complete"
         assert not {name for name, stage in refreshed["unit"]["stages"].items() if stage.get("computed")}
         # the unit keeps when, how long and where it was computed; the refresh is its last run
@@ -1946,6 +1947,32 @@ def test_estimates_of_version_2_are_refreshed_from_their_table_without_a_forward
         assert (refreshed["estimates"]["reliable"] == (v2["estimates"]["reliable"].astype(bool)
                                                        & ~refreshed["estimates"]["at_bound"])).all()
     assert len(counted_extract) == forward and counts.get("ntps_estimate", 0) == 0
+
+
+def test_each_stage_records_where_it_was_computed_through_later_runs(tmp_path, monkeypatch, tiny_llama):
+    """A unit's stages may come from several runs on several machines (the committed default-richardson study:
+    most stages on an H200, the estimates later on a CPU). Each computed stage records its run's ``ran_on``, and
+    a later run that recomputes one stage changes that stage's alone; the unit's ``environment`` is the last
+    run that read the extraction."""
+    import ntps_nb.study.stages as stages
+
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False)
+    here = stages._ran_on(tiny_llama[0], smoke)
+    assert set(here) == {"device", "device_name", "host", "analysis_device"}
+    first = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)
+    study.write_unit(smoke.unit_folder("tiny-llama", "trec6"), first)
+    computed = [name for name, stage in first["unit"]["stages"].items() if stage.get("computed")]
+    assert computed and all(first["unit"]["stages"][name]["ran_on"] == here for name in computed)
+    assert first["unit"]["stages"]["extraction"]["ran_on"] == here
+    elsewhere = {**here, "host": "another-machine", "device_name": "another GPU"}
+    monkeypatch.setattr(stages, "_ran_on", lambda model, cfg: elsewhere)
+    second = study.run_unit(dataclasses.replace(smoke, estimate_rotation_flag=not smoke.estimate_rotation_flag),
+                            "tiny-llama", "trec6", tiny_llama, **quiet)
+    meta = second["unit"]
+    assert [name for name, stage in meta["stages"].items() if stage.get("computed")] == ["estimates"]
+    assert meta["stages"]["estimates"]["ran_on"] == elsewhere and meta["environment"]["host"] == "another-machine"
+    assert all(meta["stages"][name]["ran_on"] == here for name in computed if name != "estimates")
 
 
 def test_estimates_of_version_3_keep_reliable_only_for_the_calibrated_estimators():
