@@ -538,14 +538,15 @@ def test_status_reads_the_committed_units(tmp_path):
 
 
 def test_status_minutes_are_what_the_units_results_cost_not_the_last_runs():
-    """The committed default-richardson study had 22 units whose last run refreshed one stage from its table
-    (a second's work): ``study status`` gave them 0.0 minutes. Its minutes now sum each stage where it was
-    computed (`unit_compute_seconds`), so every unit's are at least its train extraction's."""
+    """The committed default-richardson study's units were last run to refresh one stage from its table (a
+    second's work, `last_run`); before that was kept apart, ``study status`` gave 22 of them 0.0 minutes. Its
+    minutes sum each stage where it was computed (`unit_compute_seconds`), so every unit's are at least its train
+    extraction's."""
     cfg = study.load_config(STUDIES / "default-richardson.toml")
     status = study.study_status(cfg)
     metas = [json.loads((cfg.unit_folder(m, d) / "unit.json").read_text()) for m, d in cfg.units()]
     refreshed = [meta for meta in metas if not meta["stages"]["extraction"]["read"]]
-    assert refreshed and all(meta["seconds"] < 1 for meta in refreshed)  # what the minutes used to read
+    assert refreshed and all(meta["last_run"]["seconds"] < 1 for meta in refreshed)
     extraction_minutes = np.array([meta["extraction_seconds"] / 60 for meta in metas])
     assert (status["minutes"].to_numpy(float) >= np.round(extraction_minutes, 1)).all()
     # a unit written before stage records (the committed default study's) has its one run's seconds
