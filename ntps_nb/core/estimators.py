@@ -207,7 +207,9 @@ def _as_shards(data: Moments | Sequence[Moments]) -> list[Moments]:
 
 def _check_ks(ks) -> np.ndarray:
     ks = np.atleast_1d(np.asarray(ks))
-    if ks.dtype.kind not in "iu" or ks.ndim != 1 or ks.size == 0 or np.any(ks < 1):
+    if ks.size == 0:
+        raise ValueError("ks is empty: give at least one k (a positive integer)")
+    if ks.dtype.kind not in "iu" or ks.ndim != 1 or np.any(ks < 1):
         raise ValueError(f"ks must be positive integers, got {ks!r}")
     return ks.astype(np.int64)
 

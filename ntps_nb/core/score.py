@@ -19,6 +19,7 @@ Sweeps over all k cost one factorisation: V's columns are orthonormalised once, 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Hashable, Iterator, Literal, Sequence
@@ -501,6 +502,11 @@ def warn_of_the_sample(pooled: Moments | None, shards: Sequence[Moments], geomet
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k (an integer) and fraction (of the retained rank of C0)")
+    for name, value in (("k", k), ("fraction", fraction)):
+        if value is not None and not (np.ndim(value) == 0 and isinstance(value, (numbers.Real, np.number))):
+            several = ": for several, ntps_sweep, ntps_interval_sweep or ntps_estimate take a grid" if np.ndim(
+                value) else ""
+            raise ValueError(f"{name} must be one number, got {value!r}{several}")
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")

@@ -370,6 +370,8 @@ def test_bad_input_is_refused_with_a_clear_error():
         estimate_ntps(Moments.combine(shards), [1], estimator="crossfit")
     with pytest.raises(ValueError, match="positive integers"):
         estimate_ntps(shards, [0])
+    with pytest.raises(ValueError, match="ks is empty"):
+        ntps_estimate(shards, [])
     with pytest.raises(ValueError, match="at least 3 shards"):
         ntps_estimate(shards[:2], [1], estimator="plugin")
     # the estimators that split into halves: with 3 shards one half holds a single shard and every replicate that

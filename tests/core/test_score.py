@@ -196,6 +196,12 @@ def test_bad_k_and_fraction_raise_clear_errors(rng):
         ntps(m, fraction=0.1, variant="reference")
     with pytest.raises(ValueError, match="variant"):
         ntps(m, 2, variant="released")
+    # a grid where one k is taken: said so, with where grids go (it was an int() TypeError)
+    with pytest.raises(ValueError, match=r"k must be one number, got \[1, 2\]: for several, ntps_sweep"):
+        ntps(m, [1, 2])
+    with pytest.raises(ValueError, match="fraction must be one number"):
+        ntps(m, fraction=[0.5])
+    assert ntps(m, np.int64(2)) == ntps(m, 2.0) == ntps(m, 2)
 
 
 def test_one_class_and_zero_signal_raise(rng):
