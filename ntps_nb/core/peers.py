@@ -42,6 +42,13 @@ from ntps_nb.core.validation import check_features, check_k, check_labels
 LOGME_RTOL = 1e-10
 #: Iteration cap of the LogME fixed point (it typically converges in tens of steps).
 LOGME_MAX_ITER = 10_000
+#: LogME's weight precision alpha past this multiple of the largest beta s_i^2: the prior holds the weights at zero
+#: to double precision. The fixed point runs there when a target carries nothing the features fit better than
+#: noise (alpha grows without end); the evidence is then its limit alpha -> inf, the noise model's.
+LOGME_ALPHA_LIMIT = 1e16
+#: ||F m - y||^2 at most this share of ||y||^2 is an exact fit to rounding (the residual comes from ||y||^2 - ||z||^2,
+#: exact to about 1e-15 of ||y||^2): with fewer singular values than texts the evidence then grows without bound.
+LOGME_EXACT_FIT = 1e-12
 #: Relative cutoff of the pseudo-inverse of cov(f) in the H-score (eigenvalues below it are dropped).
 HSCORE_RTOL = 1e-10
 #: The epsilon RankMe adds to each normalised singular value (Garrido et al. 2023).
@@ -72,7 +79,13 @@ def _check(features, labels, *, need_labels: bool = True) -> tuple[np.ndarray, n
 def _logme_one_target(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: int, rtol: float,
                       max_iter: int) -> dict[str, float]:
     """Maximise the evidence of y = F w + noise, w ~ N(0, I / alpha), noise ~ N(0, 1 / beta), given
-    F's singular values s (r of them) and the coordinates z = U^T y of y on F's left singular vectors."""
+    F's singular values s (r of them) and the coordinates z = U^T y of y on F's left singular vectors.
+
+    Where alpha runs away (past `LOGME_ALPHA_LIMIT` times beta s_max^2, or ||m|| underflows: y has nothing the
+    features fit better than noise) the evidence is its limit alpha -> inf, w = 0, beta = N / ||y||^2, returned with
+    alpha = inf (with no more texts than dimensions the fixed point mostly goes there too). Where ||F m - y|| falls to
+    rounding (`LOGME_EXACT_FIT`: y in the span of fewer singular vectors than texts, e.g. a feature that is the label)
+    the evidence grows without bound with beta: an error."""
     sigma = s**2
     residual_out = max(y_norm2 - float(z @ z), 0.0)  # the part of y outside the span of F
     alpha, beta = 1.0, 1.0
@@ -82,8 +95,14 @@ def _logme_one_target(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: i
         gamma = float(np.sum(beta * sigma / shrink))  # effective number of parameters
         m2 = float(np.sum((beta * s * z / shrink) ** 2))  # ||m||^2
         res2 = float(np.sum((alpha * z / shrink) ** 2)) + residual_out  # ||F m - y||^2
-        if m2 <= 0 or res2 <= 0:
-            raise ValueError("LogME is unbounded: the target is orthogonal to the features or fitted exactly")
+        if res2 <= LOGME_EXACT_FIT * y_norm2:
+            raise ValueError("LogME is unbounded: the features fit the target exactly (to rounding), so the evidence "
+                             "grows without bound as the noise precision does")
+        if m2 <= 0 or alpha > LOGME_ALPHA_LIMIT * beta * sigma.max():  # the prior holds w at 0: the noise model
+            beta = n / y_norm2
+            evidence = (np.log(beta) - np.log(2 * np.pi) - 1) / 2  # (n log beta - n log 2 pi - beta ||y||^2) / 2n
+            return {"evidence": float(evidence), "alpha": float("inf"), "beta": float(beta), "n_iter": iteration,
+                    "converged": True}
         new_alpha, new_beta = gamma / m2, (n - gamma) / res2
         change = max(abs(new_alpha - alpha) / alpha, abs(new_beta - beta) / beta)
         alpha, beta = new_alpha, new_beta
@@ -148,7 +167,9 @@ def logme(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: fl
 
     The maximum is found by MacKay's fixed point, with gamma = sum_i beta s_i^2 / (alpha + beta s_i^2):
     alpha <- gamma / ||m||^2, beta <- (N - gamma) / ||F m - y||^2, from alpha = beta = 1, all
-    terms evaluated on F's singular values (one SVD for every class).
+    terms evaluated on F's singular values (one SVD for every class). A class whose target the features fit no
+    better than noise has its maximum in the limit alpha -> inf (w = 0): its evidence is the noise model's and its
+    ``alpha`` inf (`logme_per_class`). A target the features fit exactly (to rounding) has no maximum: ValueError.
 
     Parameters
     ----------

@@ -170,6 +170,28 @@ def test_logme_with_more_features_than_texts_and_label_permutation(rng):
     assert logme(F @ Q, y) == pytest.approx(logme(F, y), rel=1e-8)
 
 
+def test_logme_of_a_target_without_signal_is_the_noise_models_evidence():
+    """A target the features fit no better than noise sends the fixed point's alpha to infinity (it raised
+    "unbounded" before): LogME is then the limit alpha -> inf, w = 0, beta = N / ||y||^2, which a brute-force grid
+    over (alpha, beta) reaches from below and never beats. Three such targets: one orthogonal to every feature, one
+    of labels drawn apart from the features (seed 0: class 1), and one of 10 texts in 50 dimensions (it was said to
+    be fitted exactly, but with as many singular values as texts the evidence stays bounded)."""
+    rng = np.random.default_rng(0)
+    F, y = rng.normal(size=(200, 8)), rng.integers(0, 3, 200)
+    target = (y == 0).astype(float)
+    orthogonal = F - np.outer(target, target @ F) / (target @ target)
+    wide = np.random.default_rng(12345).standard_normal((10, 50))
+    for features, labels, c in ((orthogonal, y, 0), (F, y, 1), (wide, np.arange(10) % 2, 0)):
+        row = logme_per_class(features, labels).iloc[c]
+        target = (labels == c).astype(float)
+        noise_beta = len(target) / (target @ target)
+        assert np.isinf(row.alpha) and row.converged and row.beta == pytest.approx(noise_beta, rel=1e-12)
+        assert row.evidence == pytest.approx(direct_log_evidence(features, target, 1e12, noise_beta), abs=1e-9)
+        best = grid_maximum(features, target, centre=(20.0, 0.0), half_width=20.0)  # alpha from 1 to e^40
+        assert row.evidence >= best - 1e-12 and row.evidence == pytest.approx(best, abs=1e-6)
+    assert np.isfinite(logme(F, y))
+
+
 def test_logme_warns_when_stopped_early(rng):
     F, y = labelled_features(rng, n=50, d=3)
     with pytest.warns(PeerConvergenceWarning, match="max_iter=1"):
@@ -250,8 +272,8 @@ def test_peer_scores_row(rng):
 
 
 def test_an_undefined_peer_is_nan_with_its_reason(rng):
-    X = rng.standard_normal((10, 50))  # fewer texts than dimensions: every one-hot target is fitted exactly
-    y = np.arange(10) % 2
+    y = np.arange(60) % 2
+    X = np.column_stack([y, 1 - y, rng.standard_normal((60, 3))])  # the labels among the features: fitted exactly
     with pytest.raises(ValueError, match="unbounded"):
         logme(X, y)
     with pytest.warns(PeerUndefinedWarning, match="logme"):
