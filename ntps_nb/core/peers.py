@@ -136,8 +136,8 @@ def logme_per_class(
 
     Returns
     -------
-    DataFrame, one row per class c = 0..max(labels) with columns class, evidence, alpha, beta,
-    n_iter, converged.
+    DataFrame, one row per class present in ``labels`` (a value no text carries has no target) with columns class,
+    evidence, alpha, beta, n_iter, converged.
     """
     X, y = _check(features, labels)
     n, d = X.shape
@@ -151,12 +151,12 @@ def logme_per_class(
     else:
         s, Z = backend.singular_coordinates_torch(X, Y, rtol=RANGE_RTOL, device=device)
     rows = []
-    for c in range(Y.shape[1]):
+    for c in np.unique(y):  # a label value no text carries has no target to fit
         row = _logme_one_target(s, Z[:, c], float(Y[:, c] @ Y[:, c]), n, d, rtol, max_iter)
         if not row["converged"]:
             warnings.warn(f"LogME for class {c} stopped at max_iter={max_iter} before the relative change fell "
                           f"below {rtol:g}", PeerConvergenceWarning, stacklevel=2)
-        rows.append({"class": c, **row})
+        rows.append({"class": int(c), **row})
     return pd.DataFrame(rows)
 
 

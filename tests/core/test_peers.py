@@ -192,6 +192,15 @@ def test_logme_of_a_target_without_signal_is_the_noise_models_evidence():
     assert np.isfinite(logme(F, y))
 
 
+def test_logme_reads_the_classes_present(rng):
+    """Labels 0, 2 and 5 (values no text carries between them): LogME is over the three classes present, as with
+    the labels 0, 1, 2 (it raised 'unbounded' on the empty targets of 1, 3 and 4)."""
+    F, y = labelled_features(rng, n=90, d=4, n_classes=3)
+    gapped = np.array([0, 2, 5])[y]
+    assert logme_per_class(F, gapped)["class"].tolist() == [0, 2, 5]
+    assert logme(F, gapped) == logme(F, y)
+
+
 def test_logme_warns_when_stopped_early(rng):
     F, y = labelled_features(rng, n=50, d=3)
     with pytest.warns(PeerConvergenceWarning, match="max_iter=1"):
