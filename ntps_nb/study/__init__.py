@@ -110,9 +110,10 @@ variant of a study (another estimator, say) reuses its LoRA results instead of r
 (studies/default-richardson.toml does so for the default study).
 
 ``unit.json`` holds the settings, config hash, timings, each stage's key, whether it was
-computed or reused and when, how long and where it was computed (``ran_on``), and what was skipped and why. Unit folders written before stages existed
-(the committed default study) are taken over stage by stage where their keys still match
-(`adopt_unit_folder`), so their LoRA results are never retrained.
+computed or reused and when, how long and where it was computed (``ran_on``), and what was
+skipped and why. Unit folders written before stages existed (the committed default study) are
+taken over stage by stage where their keys still match (`adopt_unit_folder`), so their LoRA
+results are never retrained.
 
 The unit folder is written under a temporary name and renamed into place when everything
 succeeded (`ntps_nb.cache.atomic_path`), so a crash loses at most the stage in progress and a
