@@ -596,16 +596,18 @@ def stage_states(cfg: StudyConfig, model: str, dataset: str) -> dict[str, str]:
 
 
 def _computed_when(meta: dict[str, Any], name: str) -> dict[str, Any]:
-    """Seconds, date (and where recorded, place) of the run that computed a stage, as a unit's unit.json records them.
+    """Seconds and date (where recorded, place and extraction version) of the run that computed a stage, as a unit's
+    unit.json records them.
 
     A unit written with stage records keeps, for a stage it reused, the seconds and date of the run
     that computed it (its ``timings_s`` are the last run's: a reuse takes milliseconds) and, since stages record
-    it, where it ran (``ran_on``); a unit written before stage records has only ``timings_s`` and its finishing date.
+    them, where it ran (``ran_on``) and from moments of which extraction version (``extract_version``); a unit
+    written before stage records has only ``timings_s`` and its finishing date.
     """
     record = (meta.get("stages") or {}).get(name) or {}
     if "seconds" in record and "finished" in record:
         return {"seconds": record["seconds"], "finished": record["finished"],
-                **({"ran_on": record["ran_on"]} if "ran_on" in record else {})}
+                **{key: record[key] for key in ("ran_on", "extract_version") if key in record}}
     return {"seconds": (meta.get("timings_s") or {}).get(name), "finished": meta.get("finished")}
 
 
@@ -1254,7 +1256,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
         except where the run read no extraction (every stage stored or refreshed from its table) and the
         unit folder holds a complete unit: those keep the folder's values, the run that computed the unit,
         and this run's go under ``last_run``. What each stage cost, when and where it was computed is in its
-        record (``stages``: ``seconds``, ``finished``, ``ran_on``; `unit_compute_seconds` sums the seconds).
+        record (``stages``: ``seconds``, ``finished``, ``ran_on``, and ``extract_version``, the rules of the moments it
+        read, which a stage reused from an earlier pass keeps; `unit_compute_seconds` sums the seconds).
     """
     from ntps_nb import __version__
     from ntps_nb import extract as extraction
@@ -1395,6 +1398,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
                     table, record, *more = _COMPUTE[name](u)
                 extra = more[0] if more else {}
                 record = {**record, "seconds": round(time.perf_counter() - t0, 3), "finished": _now(), "ran_on": ran_on}
+                if u.ex is not None:  # the extraction rules of the moments it read (a later pass may have others)
+                    record["extract_version"] = u.ex.metadata.get("extract_version")
                 if name == "lora" and str(record.get("lora", "")).startswith("skipped"):
                     result = StageResult(table, record)  # deciding to skip again is instant: not stored
                 else:
@@ -1408,7 +1413,8 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             # a reused stage keeps the seconds and date of the run that computed it (timings_s: this run's)
             stage_meta[name] = {"key": keys[name], "computed": name in todo and name not in refreshable,
                                 "seconds": result.record.get("seconds"), "finished": result.record.get("finished")}
-            for said in ("ran_on", "refreshed_from"):  # where it was computed; the table it was refreshed from
+            # where it was computed, from moments of which extraction version; the table it was refreshed from
+            for said in ("ran_on", "extract_version", "refreshed_from"):
                 if said in result.record:
                     stage_meta[name][said] = result.record[said]
             if str(result.record.get(name, "")).startswith("skipped"):  # why the stage wrote no table

@@ -1965,6 +1965,9 @@ def test_each_stage_records_where_it_was_computed_through_later_runs(tmp_path, m
     study.write_unit(smoke.unit_folder("tiny-llama", "trec6"), first)
     computed = [name for name, stage in first["unit"]["stages"].items() if stage.get("computed")]
     assert computed and all(first["unit"]["stages"][name]["ran_on"] == here for name in computed)
+    version = first["unit"]["extract_version"]
+    assert version is not None and all(first["unit"]["stages"][name]["extract_version"] == version
+                                       for name in computed)
     assert first["unit"]["stages"]["extraction"]["ran_on"] == here
     elsewhere = {**here, "host": "another-machine", "device_name": "another GPU"}
     monkeypatch.setattr(stages, "_ran_on", lambda model, cfg: elsewhere)
@@ -1974,6 +1977,17 @@ def test_each_stage_records_where_it_was_computed_through_later_runs(tmp_path, m
     assert [name for name, stage in meta["stages"].items() if stage.get("computed")] == ["estimates"]
     assert meta["stages"]["estimates"]["ran_on"] == elsewhere and meta["environment"]["host"] == "another-machine"
     assert all(meta["stages"][name]["ran_on"] == here for name in computed if name != "estimates")
+    # a later pass under other extraction rules: the reused stages keep the version of the moments they read
+    monkeypatch.setattr(stages, "_ran_on", lambda model, cfg: here)
+    from ntps_nb import extract
+
+    monkeypatch.setattr(extract, "EXTRACT_VERSION", version + 1)
+    third = study.run_unit(dataclasses.replace(smoke, estimate_interval="rotation"), "tiny-llama", "trec6", tiny_llama,
+                           cache=tmp_path / "other-cache", log=lambda _: None)
+    assert third["unit"]["extract_version"] == version + 1
+    assert [name for name, stage in third["unit"]["stages"].items() if stage.get("computed")] == ["estimates"]
+    assert third["unit"]["stages"]["estimates"]["extract_version"] == version + 1
+    assert all(third["unit"]["stages"][name]["extract_version"] == version for name in computed if name != "estimates")
 
 
 def test_estimates_of_version_3_keep_reliable_only_for_the_calibrated_estimators():
