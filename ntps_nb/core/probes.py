@@ -37,6 +37,7 @@ from the optimum), which a solver run to convergence does not reproduce.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
@@ -95,7 +96,7 @@ def chance_corrected_accuracy(accuracy: float, n_classes: int) -> float:
     float, the chance-corrected accuracy (NaN for a NaN accuracy: a probe that could not run).
     """
     n_classes = check_n_classes(n_classes)
-    if np.ndim(accuracy) != 0 or not (np.isnan(accuracy) or 0.0 <= accuracy <= 1.0):
+    if not isinstance(accuracy, (numbers.Real, np.number)) or not (np.isnan(accuracy) or 0.0 <= accuracy <= 1.0):
         raise ValueError(f"accuracy must be one number in [0, 1], got {accuracy!r}")
     chance = 1.0 / n_classes
     return float((accuracy - chance) / (1.0 - chance))

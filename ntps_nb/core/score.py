@@ -502,11 +502,10 @@ def warn_of_the_sample(pooled: Moments | None, shards: Sequence[Moments], geomet
 def _k_from(k: int | None, fraction: float | None, r_V: int) -> int:
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k (an integer) and fraction (of the retained rank of C0)")
+    grids = ": for several, ntps_sweep, ntps_interval_sweep or ntps_estimate take a grid"
     for name, value in (("k", k), ("fraction", fraction)):
         if value is not None and not (np.ndim(value) == 0 and isinstance(value, (numbers.Real, np.number))):
-            several = ": for several, ntps_sweep, ntps_interval_sweep or ntps_estimate take a grid" if np.ndim(
-                value) else ""
-            raise ValueError(f"{name} must be one number, got {value!r}{several}")
+            raise ValueError(f"{name} must be one number, got {value!r}{grids if np.ndim(value) else ''}")
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")

@@ -102,7 +102,7 @@ def test_chance_correction_and_baselines():
     assert chance_corrected_accuracy(0.1, 5) == pytest.approx(-0.125)
     with pytest.raises(ValueError, match="n_classes must be an integer >= 2, got 1"):
         chance_corrected_accuracy(0.5, 1)
-    for bad in (1.5, -0.1, [0.5, 0.6]):  # a percentage or a list is not an accuracy (1.5 gave 1.75)
+    for bad in (1.5, -0.1, [0.5, 0.6], "0.5"):  # a percentage, a list or a string is not an accuracy (1.5 gave 1.75)
         with pytest.raises(ValueError, match="accuracy must be one number in"):
             chance_corrected_accuracy(bad, 3)
     assert np.isnan(chance_corrected_accuracy(float("nan"), 3))
