@@ -34,7 +34,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments, one_hot
-from ntps_nb.core.score import RANGE_RTOL, theory_geometry
+from ntps_nb.core.score import RANGE_RTOL, InterpolationWarning, theory_geometry
 from ntps_nb.core.subspaces import symmetric_eigh
 from ntps_nb.core.validation import check_features, check_k, check_labels
 
@@ -51,6 +51,8 @@ LOGME_ALPHA_LIMIT = 1e16
 LOGME_EXACT_FIT = 1e-12
 #: Relative cutoff of the pseudo-inverse of cov(f) in the H-score (eigenvalues below it are dropped).
 HSCORE_RTOL = 1e-10
+#: An H-score within this share of C - 1 from no more texts than d + 1 is C - 1 by construction (`h_score`).
+HSCORE_SATURATED_RTOL = 1e-6
 #: The epsilon RankMe adds to each normalised singular value (Garrido et al. 2023).
 RANKME_EPS = 1e-7
 #: Fraction held out by ``knn_accuracy(mode="heldout")``.
@@ -203,6 +205,11 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
     means lie in the range of cov(f), so nothing label-related is lost). Invariant to any
     invertible affine map of the features; at most C - 1.
 
+    With no more texts than d + 1 the centred features of general position span every direction the texts
+    can, the class indicators are fitted exactly, and the H-score is C - 1 whatever the features: it then
+    counts the classes, and says so with an `ntps_nb.core.score.InterpolationWarning` (as NTPS does below the
+    rank of Sxx). `h_score_ledoit_wolf` does not saturate so.
+
     Parameters
     ----------
     features : (N, d) float array, N >= 2.
@@ -217,15 +224,24 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
     X, y = _check(features, labels)
     backend = analysis_backend(device)
     if backend is not None:
-        return backend.h_score_torch(X, y, rtol=rtol, device=device)
-    cov = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
-    between = _between_class_covariance(X, y)
-    s, Q = symmetric_eigh(cov)
-    if s[-1] <= 0:
-        raise ValueError("features are constant: cov(f) is zero")
-    keep = s > rtol * s[-1]
-    Q, s = Q[:, keep], s[keep]
-    return float(np.sum(np.einsum("ij,jk,ki->i", Q.T, between, Q) / s))
+        value = backend.h_score_torch(X, y, rtol=rtol, device=device)
+    else:
+        cov = np.cov(X, rowvar=False, bias=True).reshape(X.shape[1], X.shape[1])
+        between = _between_class_covariance(X, y)
+        s, Q = symmetric_eigh(cov)
+        if s[-1] <= 0:
+            raise ValueError("features are constant: cov(f) is zero")
+        keep = s > rtol * s[-1]
+        Q, s = Q[:, keep], s[keep]
+        value = float(np.sum(np.einsum("ij,jk,ki->i", Q.T, between, Q) / s))
+    n, d = X.shape
+    top = np.unique(y).size - 1
+    if n - 1 <= d and abs(value - top) <= HSCORE_SATURATED_RTOL * top:
+        warnings.warn(InterpolationWarning(
+            f"h_score of {n} texts in {d} dimensions is C - 1 = {top} whatever the features: the centred features "
+            "span every direction the texts can, so the class indicators are fitted exactly and the score counts "
+            "the classes (h_score_ledoit_wolf does not saturate so)"), stacklevel=2)
+    return value
 
 
 def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int], *,

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from ntps_nb.core.peers import HSCORE_SATURATED_RTOL
 from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
 from ntps_nb.study.runner import load_results
 
@@ -227,7 +228,9 @@ def correlation_summary(
       datasets with its selection-aware p-value and no interval;
     - scores ``-C`` and ``majority_rate`` (no selection): dataset-only baselines (SPEC section 10),
       two-sided;
-    - peers at the last layer (no selection), when the peers table is present.
+    - peers at the last layer (no selection), when the peers table is present; ``peer:h_score``'s row says so
+      (``note``) where the H-score is C - 1 on every dataset (no more texts than dimensions: it counts the
+      classes, `ntps_nb.core.peers.h_score`).
 
     Target ``lora_gain`` (when the tables hold a ``lora`` table): see `_gain_rows`.
 
@@ -285,6 +288,7 @@ def correlation_summary(
                                         direction=TARGETS[target], method=method, n_boot=n_boot, n_perm=n_perm,
                                         seed=seed)
             baselines = {"-C": -targets_t["n_classes"].astype(float), "majority_rate": targets_t["majority_rate"]}
+            notes = {}
             if "peers" in tables:
                 peers = tables["peers"]
                 peers = peers[peers["model"] == model]
@@ -292,14 +296,21 @@ def correlation_summary(
                 for peer in ("logme", "h_score", "h_score_lw", "knn_accuracy", "rankme"):
                     if peer in peers.columns:
                         baselines[f"peer:{peer}"] = targets_t["dataset"].map(peers[peer])
+                if "peer:h_score" in baselines and np.allclose(baselines["peer:h_score"], targets_t["n_classes"] - 1,
+                                                               rtol=HSCORE_SATURATED_RTOL, atol=0):
+                    notes["peer:h_score"] = SATURATED_H_SCORE_NOTE
             rows += _baseline_rows(baselines, targets_t[target].to_numpy(dtype=float), base_t, target=target,
-                                   method=method, n_boot=n_boot, seed=seed)
+                                   method=method, n_boot=n_boot, seed=seed, notes=notes)
         if "lora_gain" in targets and "lora" in tables:
             rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed,
                                ntps_table=ntps_table, predictions=tables.get("lora_predictions"))
     return pd.DataFrame(rows)
 
 
+#: What the H-score baseline is where it equals C - 1 on every dataset (its row's ``note``).
+SATURATED_H_SCORE_NOTE = ("h_score = C - 1 on every dataset: with no more texts than dimensions the class indicators "
+                          "are fitted exactly, so this row ranks the datasets by their class count, not by the "
+                          "features (ntps_nb.core.peers.h_score; peer:h_score_lw does not saturate so)")
 #: What the naive probe-accuracy baseline of the LoRA gain does not remove (its row's ``note``).
 NAIVE_PROBE_NOTE = ("probe accuracy and gain (LoRA - probe accuracy) measured on the same test texts: the gain "
                     "shares the probe's noise, so regression to the mean is NOT removed and rho is pushed negative "

@@ -1,11 +1,14 @@
 """Peer scores: hand-solvable cases, independent computations and invariances."""
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
 from ntps_nb import Moments, ntps, theory_geometry
 from ntps_nb.core.peers import (
+    HSCORE_SATURATED_RTOL,
     PeerConvergenceWarning,
     PeerUndefinedWarning,
     h_score,
@@ -77,6 +80,21 @@ def test_h_score_against_explicit_inverse(rng):
         between += np.mean(y == c) * np.outer(g, g)
     assert h_score(X, y) == pytest.approx(np.trace(np.linalg.inv(cov) @ between), rel=1e-10)
     assert 0 < h_score(X, y) <= 3  # at most C - 1
+
+
+def test_h_score_of_no_more_texts_than_dimensions_counts_the_classes(rng):
+    """With N <= d + 1 the H-score is C - 1 whatever the features (the class indicators are fitted exactly): it
+    says so with an InterpolationWarning. One dimension fewer and the features are seen again, with no warning."""
+    from ntps_nb.core.score import InterpolationWarning
+
+    y = np.arange(50) % 3
+    for d in (49, 80):
+        with pytest.warns(InterpolationWarning, match="is C - 1 = 2 whatever the features"):
+            assert h_score(rng.standard_normal((50, d)), y) == pytest.approx(2.0, rel=HSCORE_SATURATED_RTOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InterpolationWarning)
+        assert h_score(rng.standard_normal((50, 48)), y) < 2.0 * (1 - HSCORE_SATURATED_RTOL)
+        assert h_score_ledoit_wolf(rng.standard_normal((50, 80)), y) < 2.0 * (1 - HSCORE_SATURATED_RTOL)
 
 
 def test_h_score_invariances(rng):

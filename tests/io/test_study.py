@@ -574,6 +574,27 @@ def test_summary_on_committed_fast_results():
     assert (summary.loc[summary["selection"] == "none", "p_side"] == "two-sided").all()
 
 
+def test_a_saturated_h_score_baseline_says_it_counts_the_classes():
+    """The fast study has 300 texts in d = 576: every H-score is C - 1, so its baseline row is the class count, and
+    its note says so; an H-score off C - 1 on one dataset and the row carries no such note."""
+    from ntps_nb.study.report import SATURATED_H_SCORE_NOTE
+
+    tables = study.load_results(ROOT / "data" / "results" / "fast")
+    peers = tables["peers"]
+    assert np.allclose(peers["h_score"], peers["n_classes"] - 1)
+    quick = dict(targets=["accuracy"], n_boot=20, n_perm=20)
+    rows = study.correlation_summary(tables, **quick)
+    h = rows[rows["score"] == "peer:h_score"]
+    assert len(h) == 2 and (h["note"] == SATURATED_H_SCORE_NOTE).all()
+    minus_c = rows[rows["score"] == "-C"].set_index("model")["estimate"]
+    assert np.allclose(h.set_index("model")["estimate"], -minus_c.loc[h["model"]])  # the class count, sign flipped
+    off = peers.astype({"h_score": float})
+    off.loc[off["dataset"] == "trec6", "h_score"] *= 0.9
+    rows = study.correlation_summary({**tables, "peers": off}, **quick)
+    assert rows[rows["score"] == "peer:h_score"].get("note", pd.Series(dtype=object)).isna().all()
+    assert (rows["score"] == "peer:h_score").sum() == 2
+
+
 def test_gain_rows_on_committed_fast_lora_results():
     from scipy.stats import spearmanr
 
