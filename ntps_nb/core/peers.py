@@ -235,13 +235,30 @@ def h_score(features: Float[np.ndarray, "N d"], labels: Sequence[int], *, rtol: 
         Q, s = Q[:, keep], s[keep]
         value = float(np.sum(np.einsum("ij,jk,ki->i", Q.T, between, Q) / s))
     n, d = X.shape
-    top = np.unique(y).size - 1
-    if n - 1 <= d and abs(value - top) <= HSCORE_SATURATED_RTOL * top:
+    n_classes = np.unique(y).size
+    if n - 1 <= d and h_score_saturated(value, n_classes):
         warnings.warn(InterpolationWarning(
-            f"h_score of {n} texts in {d} dimensions is C - 1 = {top} whatever the features: the centred features "
-            "span every direction the texts can, so the class indicators are fitted exactly and the score counts "
-            "the classes (h_score_ledoit_wolf does not saturate so)"), stacklevel=2)
+            f"h_score of {n} texts in {d} dimensions is C - 1 = {n_classes - 1} whatever the features: the centred "
+            "features span every direction the texts can, so the class indicators are fitted exactly and the score "
+            "counts the classes (h_score_ledoit_wolf does not saturate so)"), stacklevel=2)
     return value
+
+
+def h_score_saturated(values: Any, n_classes: Any) -> bool:
+    """Whether H-scores are all C - 1 (within `HSCORE_SATURATED_RTOL`), the value they take whatever the features
+    with no more texts than d + 1 (`h_score`).
+
+    Parameters
+    ----------
+    values : float or array of H-scores.
+    n_classes : int or array of the matching class counts C.
+
+    Returns
+    -------
+    bool
+    """
+    top = np.asarray(n_classes, dtype=np.float64) - 1
+    return bool(np.all(np.abs(np.asarray(values, dtype=np.float64) - top) <= HSCORE_SATURATED_RTOL * top))
 
 
 def h_score_ledoit_wolf(features: Float[np.ndarray, "N d"], labels: Sequence[int], *,

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ntps_nb.core.peers import HSCORE_SATURATED_RTOL
+from ntps_nb.core.peers import h_score_saturated
 from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
 from ntps_nb.study.runner import load_results
 
@@ -296,8 +296,7 @@ def correlation_summary(
                 for peer in ("logme", "h_score", "h_score_lw", "knn_accuracy", "rankme"):
                     if peer in peers.columns:
                         baselines[f"peer:{peer}"] = targets_t["dataset"].map(peers[peer])
-                if "peer:h_score" in baselines and np.allclose(baselines["peer:h_score"], targets_t["n_classes"] - 1,
-                                                               rtol=HSCORE_SATURATED_RTOL, atol=0):
+                if "peer:h_score" in baselines and h_score_saturated(baselines["peer:h_score"], targets_t["n_classes"]):
                     notes["peer:h_score"] = SATURATED_H_SCORE_NOTE
             rows += _baseline_rows(baselines, targets_t[target].to_numpy(dtype=float), base_t, target=target,
                                    method=method, n_boot=n_boot, seed=seed, notes=notes)

@@ -641,8 +641,8 @@ def unit_compute_seconds(meta: dict[str, Any]) -> float | None:
 
 def _extraction_facts_of_unit(meta: dict[str, Any]) -> dict[str, Any]:
     extraction = (meta.get("stages") or {}).get("extraction") or {}
-    where = {"ran_on": extraction["ran_on"]} if "ran_on" in extraction else {}
-    return {**where, "cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
+    return {**{key: extraction[key] for key in ("ran_on",) if key in extraction},
+            "cache_key": meta.get("extraction_key"), "seconds": meta.get("extraction_seconds"),
             "test_seconds": meta.get("extraction_seconds_test"),
             "n_truncated": meta.get("n_truncated_train"), "mean_length": meta.get("mean_length_train"),
             "extract_version": meta.get("extract_version"), "token_precision": meta.get("token_precision_train"),
@@ -1424,7 +1424,7 @@ def run_unit(cfg: StudyConfig, model_name: str, dataset_name: str, loaded: tuple
             lap(name)
 
     this_run = {"timings_s": timings, "seconds": round(sum(timings.values()), 3), "finished": _now(),
-                "environment": _environment(model, cfg, n_threads)}
+                "environment": _environment(ran_on, cfg, n_threads)}
     earlier = _complete_unit_meta(cfg.unit_folder(model_name, dataset_name), model_name, dataset_name)
     if not reading and earlier is not None:
         # a run that read no extraction took stored stages or refreshed them from their tables: the unit keeps
@@ -1572,14 +1572,14 @@ def _ran_on(model, cfg: StudyConfig) -> dict[str, str]:
             "analysis_device": resolve_analysis_device(cfg.analysis_device, device) or "numpy"}
 
 
-def _environment(model, cfg: StudyConfig, analysis_threads: int) -> dict[str, Any]:
-    """Where and with what a unit was computed (its ``unit.json``): `_ran_on`, the threads and the package
-    versions; none of it enters the hash. ``analysis_threads`` is the bound the analysis ran under;
+def _environment(ran_on: dict[str, str], cfg: StudyConfig, analysis_threads: int) -> dict[str, Any]:
+    """Where and with what a unit was computed (its ``unit.json``): ``ran_on`` (`_ran_on`), the threads and the
+    package versions; none of it enters the hash. ``analysis_threads`` is the bound the analysis ran under;
     ``analysis_processes`` the processes its cores were divided among when the bound was the default share (None
     when the config set it)."""
     import torch
 
-    return {**_ran_on(model, cfg), "torch_threads": torch.get_num_threads(), "analysis_threads": analysis_threads,
+    return {**ran_on, "torch_threads": torch.get_num_threads(), "analysis_threads": analysis_threads,
             "analysis_processes": None if cfg.analysis_threads is not None else analysis_processes(),
             "cores": available_cores(), **_versions()}
 
