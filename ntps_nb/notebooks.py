@@ -824,6 +824,8 @@ class ReportEntry:
     status: str  # "ok" or "failed"
     error: str
     parameters: dict[str, Any]
+    finished: str = ""  # when its run ended ("%Y-%m-%d %H:%M"); "" where unknown
+    earlier: bool = False  # kept from an earlier run into the same folder (`run_report` with ``names``)
 
     @property
     def ok(self) -> bool:
@@ -850,7 +852,14 @@ def notebook_parameters(name: str, folder: str | os.PathLike | None = None) -> d
     import nbformat
 
     nb = nbformat.read(notebook_path(name, folder), as_version=4)
-    source = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    return _tagged_assignments(nb, "parameters")
+
+
+def _tagged_assignments(nb: Any, tag: str) -> dict[str, Any]:
+    """The literal values the first cell tagged ``tag`` assigns (``parameters``, or papermill's
+    ``injected-parameters`` in an executed copy); assignments that are not literals are left out."""
+    source = next((_joined(c.get("source", "")) for c in nb.get("cells", [])
+                   if tag in c.get("metadata", {}).get("tags", [])), "")
     values: dict[str, Any] = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -967,8 +976,9 @@ def _report_one(source: str, params: dict[str, Any], out_dir: str, html: bool, t
         html_path = target.with_suffix(".html")
         return ReportEntry(stem, title, description, target if target.is_file() else None,
                            html_path if html and html_path.is_file() else None, time.perf_counter() - start,
-                           "failed", _error_text(error), params)
-    return ReportEntry(stem, title, description, run.notebook, run.html, run.seconds, "ok", "", params)
+                           "failed", _error_text(error), params, time.strftime(STAMP_FORMAT))
+    return ReportEntry(stem, title, description, run.notebook, run.html, run.seconds, "ok", "", params,
+                       time.strftime(STAMP_FORMAT))
 
 
 def _limit_threads(threads: int, jobs: int) -> None:
@@ -1000,6 +1010,99 @@ def default_jobs() -> int:
     return max(1, min(2, available_cores()))
 
 
+#: The record of a report's rows, next to its index: what a later run of some of its notebooks into the same
+#: folder reads to keep the others' rows (`earlier_report_entries`).
+REPORT_RECORD = "report.json"
+
+#: How the index stamps a run.
+STAMP_FORMAT = "%Y-%m-%d %H:%M"
+
+
+def _record_of(entries: Sequence[ReportEntry], out: Path, results_dir: str | os.PathLike | None,
+               extra_html: str) -> dict[str, Any]:
+    def relative(path: Path | None) -> str | None:
+        return os.path.relpath(path, out) if path is not None else None
+
+    rows = [{**dataclasses.asdict(e), "notebook": relative(e.notebook), "html": relative(e.html),
+             "seconds": e.seconds if np.isfinite(e.seconds) else None} for e in entries]
+    for row in rows:
+        row.pop("earlier")
+    return {"results_dir": None if results_dir is None else portable_path(results_dir, out),
+            "extra_html": extra_html, "entries": rows}
+
+
+def _error_outputs(nb: Any) -> list[str]:
+    return [f"{o.get('ename', '')}: {o.get('evalue', '')}" for c in nb.get("cells", []) if c.get("cell_type") == "code"
+            for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def earlier_report_entries(out_dir: str | os.PathLike, results_dir: str | os.PathLike,
+                           *, skip: Sequence[str] = ()) -> tuple[list[ReportEntry], str]:
+    """The rows of an earlier report in ``out_dir`` on the same results, which a run of some of
+    its notebooks keeps beside its own.
+
+    From `REPORT_RECORD` where the earlier run wrote one (time, status, error, parameters as they
+    were); in a folder without it (a report older than the record), from the executed copies of
+    the series there: their status is read from their outputs (an error output makes a failed
+    row) and their time is unknown. A row whose notebook read other results (its ``results_dir``
+    parameter points elsewhere) is dropped, and so is one whose executed copy is gone; a notebook
+    that reads no results keeps its row.
+
+    Parameters
+    ----------
+    out_dir : str or PathLike
+        The report folder.
+    results_dir : str or PathLike
+        The results this run reads.
+    skip : sequence of str
+        Notebooks this run executes again (their rows are its own).
+
+    Returns
+    -------
+    list of ReportEntry
+        The kept rows, marked ``earlier``.
+    str
+        The earlier run's ``extra_html`` ("" without a record).
+    """
+    import nbformat
+
+    out, results = Path(out_dir).resolve(), Path(results_dir).resolve()
+
+    def reads_other_results(parameters: Mapping[str, Any]) -> bool:
+        reads = parameters.get("results_dir")
+        return isinstance(reads, str) and (out / reads).resolve() != results
+
+    record_path = out / REPORT_RECORD
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        kept = []
+        for row in record.get("entries", []):
+            notebook = out / row["notebook"] if row.get("notebook") else None
+            if (row["name"] in skip or notebook is None or not notebook.is_file()
+                    or reads_other_results(row.get("parameters", {}))):
+                continue
+            page = out / row["html"] if row.get("html") else None
+            kept.append(ReportEntry(**{**row, "notebook": notebook, "html": page if page and page.is_file() else None,
+                                       "seconds": float("nan") if row["seconds"] is None else row["seconds"],
+                                       "earlier": True}))
+        return kept, record.get("extra_html", "")
+    kept = []
+    for name in NOTEBOOKS:
+        notebook = out / f"{name}.ipynb"
+        if name in skip or not notebook.is_file():
+            continue
+        nb = nbformat.read(notebook, as_version=4)
+        injected = _tagged_assignments(nb, "injected-parameters")
+        if reads_other_results(injected):
+            continue
+        errors = _error_outputs(nb)
+        page = notebook.with_suffix(".html")
+        kept.append(ReportEntry(name, notebook_title(nb) or name, DESCRIPTIONS.get(name, ""), notebook,
+                                page if page.is_file() else None, float("nan"), "failed" if errors else "ok",
+                                " ".join(errors[0].split())[:300] if errors else "", injected, "", True))
+    return kept, ""
+
+
 def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, names: Sequence[str] | None = None,
                html: bool = True, jobs: int = 1, timeout: int | None = REPORT_CELL_TIMEOUT,
                root: str | os.PathLike = REPOSITORY, log: Any = print, extra_html: str = "") -> list[ReportEntry]:
@@ -1009,6 +1112,8 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
     data files named from there), so its executed copy ``<out_dir>/<name>.ipynb`` finds them
     when it is rerun in place. A notebook that fails is kept (its copy shows the error) and
     reported; the others still run. Writes ``index.html`` and ``README.md`` (`write_report_index`).
+    With ``names``, the index also keeps the rows of the folder's other notebooks executed there
+    before on the same results (`earlier_report_entries`), marked as from an earlier run.
 
     Parameters
     ----------
@@ -1035,7 +1140,7 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
     Returns
     -------
     list of ReportEntry
-        One per notebook, in the series' order.
+        One per notebook this run executed, in the order given.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -1072,7 +1177,14 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
                     done(ReportEntry(Path(source).stem, Path(source).stem, DESCRIPTIONS.get(Path(source).stem, ""),
                                      None, None, 0.0, "failed", _error_text(error), futures[future][1]))
     ordered = [entries[Path(source).stem] for source in sources]
-    write_report_index(ordered, out, results_dir=results_dir, extra_html=extra_html)
+    rows = ordered
+    if names:  # the folder's other notebooks keep their rows
+        kept, earlier_html = earlier_report_entries(out, results_dir, skip=list(entries))
+        if kept:
+            log(f"kept the rows of {len(kept)} notebooks executed here before: {', '.join(e.name for e in kept)}")
+        rows = sorted(kept + ordered, key=lambda e: e.name)
+        extra_html = extra_html or earlier_html
+    write_report_index(rows, out, results_dir=results_dir, extra_html=extra_html)
     return ordered
 
 
@@ -1105,7 +1217,8 @@ def write_report_index(entries: Sequence[ReportEntry], out_dir: str | os.PathLik
 
     One row per notebook: title, one-line description, links to its HTML and executed ``.ipynb``
     (relative, only to files that exist), execution time and status; a failed notebook says so
-    and carries its error.
+    and carries its error, and a row kept from an earlier run says when that run was. The rows
+    are also recorded in `REPORT_RECORD`, for a later run of some of the notebooks.
 
     Parameters
     ----------
@@ -1127,19 +1240,27 @@ def write_report_index(entries: Sequence[ReportEntry], out_dir: str | os.PathLik
 
     out = Path(out_dir).resolve()
     failed = [e for e in entries if not e.ok]
+    earlier = [e.name for e in entries if e.earlier]
     verdict = (f"{len(entries) - len(failed)} of {len(entries)} notebooks ran"
-               + (f"; {len(failed)} failed: {', '.join(e.name for e in failed)}" if failed else ""))
-    stamp = time.strftime("%Y-%m-%d %H:%M")
+               + (f"; {len(failed)} failed: {', '.join(e.name for e in failed)}" if failed else "")
+               + (f"; {len(earlier)} of the rows are from earlier runs here: {', '.join(earlier)}" if earlier else ""))
+    stamp = time.strftime(STAMP_FORMAT)
+
+    def when(e: ReportEntry) -> str:
+        return f"{e.seconds:.0f} s" if np.isfinite(e.seconds) else "-"
+
+    def status_note(e: ReportEntry) -> str:
+        return "" if not e.earlier else f" (earlier run{', ' + e.finished if e.finished else ''})"
     with_html = any(e.html is not None and Path(e.html).is_file() for e in entries)  # else no HTML column
     rows = []
     for e in entries:
-        status = f'<span class="{e.status}">{e.status}</span>'
+        status = f'<span class="{e.status}">{e.status}</span>{html.escape(status_note(e))}'
         if e.error:
             status += f'<div class="error">{html.escape(e.error)}</div>'
         page_link = f"<td>{_link(e.html, out, 'HTML')}</td>" if with_html else ""
         rows.append(f"<tr><td><b>{html.escape(e.title)}</b><div class=\"small\">{html.escape(e.name)}</div></td>"
                     f"<td>{html.escape(e.description)}</td>{page_link}<td>{_link(e.notebook, out, '.ipynb')}</td>"
-                    f"<td class=\"num\">{e.seconds:.0f} s</td><td>{status}</td></tr>")
+                    f"<td class=\"num\">{when(e)}</td><td>{status}</td></tr>")
     shown = _display_path(results_dir) if results_dir is not None else None
     source = f" on <code>{html.escape(shown)}</code>" if shown is not None else ""
     again = ("python -m ntps_nb notebooks report" + (f" --results {shown}" if shown is not None else "")
@@ -1166,12 +1287,14 @@ def write_report_index(entries: Sequence[ReportEntry], out_dir: str | os.PathLik
              "| notebook | what it shows | " + ("HTML | " if with_html else "") + "notebook | time | status |",
              "|---|---|" + ("---|" if with_html else "") + "---|---|---|"]
     for e in entries:
-        status = e.status + (f": {e.error}".replace("|", "\\|") if e.error else "")
+        status = e.status + status_note(e) + (f": {e.error}".replace("|", "\\|") if e.error else "")
         lines.append(f"| **{e.title}** | {e.description} | " + (f"{md_link(e.html, 'HTML')} | " if with_html else "")
-                     + f"{md_link(e.notebook, e.name + '.ipynb')} | {e.seconds:.0f} s | {status} |")
+                     + f"{md_link(e.notebook, e.name + '.ipynb')} | {when(e)} | {status} |")
     lines += ["", "Each executed copy keeps the parameters it ran with (its `injected-parameters` cell); its paths are "
               "written from this folder, so it can be rerun where it lies. Made by", "", f"    {again}"]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    record = _record_of(entries, out, results_dir, extra_html)
+    (out / REPORT_RECORD).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return index
 
 
@@ -1220,7 +1343,8 @@ def register_cli(subparsers) -> None:
     clean.set_defaults(func=_cli_clean)
     report = sub.add_parser("report", help="execute every notebook on one study's results into --out: executed "
                                            "copies, HTML and an index.html (what `make run` renders)")
-    report.add_argument("names", nargs="*", help="notebooks (default: the whole series)")
+    report.add_argument("names", nargs="*", help="notebooks (default: the whole series; the index keeps the rows "
+                        "of the others executed in --out before)")
     report.add_argument("--results", default=str(REPOSITORY / "data" / "results" / "default-richardson"),
                         help="combined study folder [data/results/default-richardson]")
     report.add_argument("--out", default="out/report", help="output folder [out/report]")

@@ -5,12 +5,15 @@ series itself is executed by the smoke runs of test_notebooks.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import json
 import os
 import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
@@ -121,6 +124,71 @@ def test_a_report_runs_in_its_folder_and_its_copies_rerun_in_place(tmp_path):
     papermill.execute_notebook(str(entries[0].notebook), str(again), cwd=str(out), kernel_name=nbs.ensure_kernel(),
                                progress_bar=False, execution_timeout=120)
     assert "found results: True" in printed(again)
+    # executing one of them again keeps the other's row, marked as from the earlier run
+    lines = []
+    again = nbs.run_report(results, out, names=[str(source / "91_reads.ipynb")], html=True, jobs=1, timeout=120,
+                           root=tmp_path, log=lines.append)
+    assert [e.name for e in again] == ["91_reads"]  # what this run executed
+    assert any("kept the rows of 1 notebooks" in line and "92_fails" in line for line in lines)
+    page = (out / "index.html").read_text()
+    rows = re.findall(r"<tr><td>.*?</tr>", page, flags=re.S)
+    assert len(rows) == 2 and "91_reads" in rows[0] and "92_fails" in rows[1]
+    assert "earlier run" not in rows[0] and f"(earlier run, {entries[1].finished})" in rows[1]
+    assert 'class="failed"' in rows[1] and "no such table" in rows[1]
+    assert "1 of 2 notebooks ran; 1 failed: 92_fails; 1 of the rows are from earlier runs here: 92_fails" in page
+
+
+def _series_copy(folder, name, results_dir, *, error=False):
+    """An executed copy of a notebook of the series as a report leaves it: its injected results_dir, and an
+    error output when ``error``."""
+    nb = nbformat.read(nbs.notebook_path(name), as_version=4)
+    cell = new_code_cell(f"results_dir = {results_dir!r}" if results_dir else "# Parameters",
+                         metadata={"tags": ["injected-parameters"]})
+    failing = new_code_cell("1/0")
+    failing.outputs = [nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero",
+                                              traceback=[])] if error else []
+    nb.cells = [nb.cells[0], cell, failing]
+    nbformat.write(nb, folder / f"{name}.ipynb")
+
+
+def test_a_report_keeps_the_rows_of_the_notebooks_not_executed_again(tmp_path):
+    """`earlier_report_entries`: from the record the index writes, rows as they were (time, status, error,
+    when); from the executed copies where a folder has no record. Rows of other results, or whose copy is
+    gone, are not kept."""
+    results, other, out = tmp_path / "results", tmp_path / "other", tmp_path / "report"
+    for folder in (results, other, out):
+        folder.mkdir()
+    names = list(nbs.NOTEBOOKS[:4])
+    entries = [dataclasses.replace(_entry(name, out, status="failed" if name == names[1] else "ok",
+                                          error="KeyError: 'x'" if name == names[1] else ""),
+                                   parameters={"results_dir": "../results"} if name != names[2] else {})
+               for name in names]
+    entries[2] = dataclasses.replace(entries[2], seconds=float("nan"), finished="2026-01-02 03:04")
+    nbs.write_report_index(entries, out, results_dir=results, extra_html="<p>check</p>")
+    assert json.loads((out / nbs.REPORT_RECORD).read_text())["results_dir"] == str(results.resolve())
+    (out / f"{names[3]}.ipynb").unlink()
+    kept, extra = nbs.earlier_report_entries(out, results, skip=[names[0]])
+    assert [e.name for e in kept] == names[1:3] and all(e.earlier for e in kept) and extra == "<p>check</p>"
+    assert (kept[0].status, kept[0].error, kept[0].seconds) == ("failed", "KeyError: 'x'", 12.4)
+    assert np.isnan(kept[1].seconds) and kept[1].finished == "2026-01-02 03:04"
+    assert kept[0].notebook == out / f"{names[1]}.ipynb" and kept[0].html == out / f"{names[1]}.html"
+    assert [e.name for e in nbs.earlier_report_entries(out, other)[0]] == [names[2]]  # the one reading no results
+    page = nbs.write_report_index(sorted(kept + entries[:1], key=lambda e: e.name), out, results_dir=results).read_text()
+    assert page.count("(earlier run") == 2 and "(earlier run, 2026-01-02 03:04)" in page and ">-</td>" in page
+    # a folder without the record (a report written before it): the executed copies say what ran on these results
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _series_copy(bare, names[0], "../results")
+    _series_copy(bare, names[1], "../results", error=True)
+    _series_copy(bare, names[2], "../other")
+    _series_copy(bare, names[3], None)
+    kept, extra = nbs.earlier_report_entries(bare, results)
+    assert [(e.name, e.status, e.error) for e in kept] == [(names[0], "ok", ""),
+                                                           (names[1], "failed", "ZeroDivisionError: division by zero"),
+                                                           (names[3], "ok", "")]
+    assert all(np.isnan(e.seconds) and e.finished == "" for e in kept)
+    assert [e.parameters for e in kept] == [{"results_dir": "../results"}] * 2 + [{}]
+    assert extra == "" and nbs.earlier_report_entries(bare, results, skip=[names[0]])[0][0].name == names[1]
 
 
 @pytest.mark.parametrize("results", [DEFAULT, REPO / "data" / "results" / "default-richardson"],
@@ -145,6 +213,21 @@ def test_committed_report_copies_find_the_default_results(results):
             for key, value in expected.items():
                 assert f"{key} = {value!r}" in injected[0].replace('"', "'"), (path.name, key)
                 assert not isinstance(value, str) or (committed / value).exists(), (path.name, key)
+
+
+@pytest.mark.parametrize("results", [DEFAULT, REPO / "data" / "results" / "default-richardson"],
+                         ids=["default", "default-richardson"])
+def test_executing_one_committed_copy_again_keeps_the_others_rows(results):
+    """What `notebooks report 03 --results <study> --out <study>/report` keeps: the other six copies' rows."""
+    committed = results / "report"
+    if not sorted(committed.glob("*.ipynb")):
+        pytest.skip("no committed report copies")
+    kept, _ = nbs.earlier_report_entries(committed, results, skip=["03_per_model_correlation"])
+    assert [e.name for e in kept] == [name for name in nbs.NOTEBOOKS if name != "03_per_model_correlation"]
+    assert all(e.ok and e.earlier for e in kept)
+    reads = [name for name in nbs.NOTEBOOKS if "results_dir" in nbs.notebook_parameters(name)]
+    assert reads and [e.name for e in nbs.earlier_report_entries(committed, REPO / "data" / "results" / "fast")[0]] \
+        == [name for name in nbs.NOTEBOOKS if name not in reads]
 
 
 @pytest.mark.notebooks
