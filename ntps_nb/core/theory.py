@@ -12,6 +12,7 @@ V_k, with k_U = min(k, m) and NTPS = NTPS_theory(k)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from jaxtyping import Float
 from ntps_nb.core.moments import Moments, moments_from_sequences, one_hot
 from ntps_nb.core.score import RANGE_RTOL, theory_geometry
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
+from ntps_nb.core.validation import check_finite, check_labels
 
 
 def excess_loss(moments: Moments, k: int | None = None, *, fraction: float | None = None,
@@ -103,23 +105,36 @@ def fitted_excess_loss(features: Float[np.ndarray, "N d"], labels: np.ndarray, m
     dict of str to float: ``loss_next_token``, ``loss_best``, ``excess_loss`` (their difference)
     and, with test data, ``heldout_loss_next_token``, ``heldout_loss_best``, ``heldout_excess_loss``.
     """
+    if (test_features is None) != (test_labels is None):
+        raise ValueError("give test_features and test_labels together, or neither")
+    X, Y = _probe_data(features, labels, moments, "features")
+    if test_features is not None:
+        Xt, Yt = _probe_data(test_features, test_labels, moments, "test_features")
     U = perception_subspace(moments, order="descending")
     V = next_token_subspace(moments, order="descending")
-    X = np.asarray(features, dtype=np.float64)
-    Y = one_hot(labels, moments.n_classes)
     bases = {"next_token": V.top(k), "best": U.top(min(k, U.rank_B))}
     out: dict[str, float] = {}
     for name, basis in bases.items():
         coef, *_ = np.linalg.lstsq(X @ basis, Y, rcond=None)
         out[f"loss_{name}"] = float(np.sum((Y - X @ basis @ coef) ** 2) / X.shape[0])
         if test_features is not None:
-            Xt = np.asarray(test_features, dtype=np.float64)
-            Yt = one_hot(test_labels, moments.n_classes)
             out[f"heldout_loss_{name}"] = float(np.sum((Yt - Xt @ basis @ coef) ** 2) / Xt.shape[0])
     out["excess_loss"] = out["loss_next_token"] - out["loss_best"]
     if test_features is not None:
         out["heldout_excess_loss"] = out["heldout_loss_next_token"] - out["heldout_loss_best"]
     return out
+
+
+def _probe_data(features: Any, labels: Any, moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Finite (N, d) float64 features of the moments' d and their one-hot labels, one per row."""
+    X = check_finite(features, name, ndim=2)
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} are empty")
+    if X.shape[1] != moments.d:
+        raise ValueError(f"{name} have d = {X.shape[1]} columns, the moments d = {moments.d}")
+    y = check_labels(labels, n_classes=moments.n_classes, n_rows=X.shape[0],
+                     name="labels" if name == "features" else "test_labels")
+    return X, one_hot(y, moments.n_classes)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,5 +1,7 @@
 """The excess-loss identity and bounds: against fitted probes and a brute-force formula."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from ntps_nb import (
 )
 from ntps_nb.core.theory import fitted_excess_loss
 from tests.core.conftest import random_moments
+from tests.core.shapes import unchecked_shapes
 
 IDENTITY_RTOL = 1e-8
 BOUND_SLACK = 1e-10
@@ -52,6 +55,27 @@ def test_fitted_probes_scored_on_a_test_split():
     expected = float(np.mean(np.sum((Yt - test.features @ V @ coef) ** 2, axis=1)))
     assert out["heldout_loss_next_token"] == pytest.approx(expected, rel=1e-8)
     assert out["heldout_excess_loss"] == pytest.approx(out["heldout_loss_next_token"] - out["heldout_loss_best"])
+
+
+def test_fitted_probes_refuse_features_that_are_not_the_moments_texts():
+    task = synthetic_linear_task(n_texts=60, d=12, n_predictable=4, n_classes=3, seed=2)
+    X, y, m = task.features, task.labels, task.moments
+    bad = [((X[:, :5], y), "features have d = 5 columns, the moments d = 12"),
+           ((X[:10], y), "labels must be one per feature row: 10 feature rows but 60 labels"),
+           ((np.where(X > 2, np.nan, X), y), "features have NaN/inf in 17 row(s)"),
+           ((X, y.astype(str)), "labels must be integers 0..2, got dtype <U"),
+           ((X, y + 3), "labels must lie in 0..2"),
+           ((X[:0], y[:0]), "features are empty")]
+    with unchecked_shapes():  # the messages users get (the test-time shape check would answer first)
+        for (features, labels), message in bad:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                fitted_excess_loss(features, labels, m, 2)
+        with pytest.raises(ValueError, match="test_features and test_labels together"):
+            fitted_excess_loss(X, y, m, 2, test_features=X)
+        with pytest.raises(ValueError, match=re.escape("test_features have d = 11 columns")):
+            fitted_excess_loss(X, y, m, 2, test_features=X[:, 1:], test_labels=y)
+        with pytest.raises(ValueError, match=re.escape("test_labels must be one per feature row")):
+            fitted_excess_loss(X, y, m, 2, test_features=X, test_labels=y[:3])
 
 
 def test_identity_holds_for_centred_moments():
