@@ -28,6 +28,8 @@ import pandas as pd
 import scipy.stats
 from jaxtyping import Float
 
+from ntps_nb.core.validation import check_count
+
 Method = Literal["spearman", "kendall", "pearson"]
 Direction = Literal["positive", "negative"]
 
@@ -147,8 +149,7 @@ def bootstrap_ci(
     x, y = _paired(x, y)
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n_boot = check_count(n_boot, "n_boot")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(int(n_boot), x.size))
     values = _rowwise(x[idx], y[idx], method)
@@ -241,8 +242,7 @@ def permutation_pvalue(
     """
     _check_method(method)
     x, y = _paired(x, y)
-    if int(n_perm) < 1:
-        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    n_perm = check_count(n_perm, "n_perm")
     observed = correlate(x, y, method)
     idx, exact = _permuted_indices(x.size, int(n_perm), np.random.default_rng(seed))
     null = np.clip(_embed(y[idx], method) @ _embed(x[None], method)[0], -1.0, 1.0)
@@ -347,6 +347,7 @@ def partial_correlation_ci(
     Z = Z[:, None] if Z.ndim == 1 else Z
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
+    n_boot = check_count(n_boot, "n_boot")
     out = {"estimate": np.nan, "lower": np.nan, "upper": np.nan, "se": np.nan, "level": float(level),
            "n_boot": int(n_boot), "n_valid": 0}
     with warnings.catch_warnings():
@@ -408,8 +409,7 @@ def stratified_concordance(
         raise ValueError(f"x, y and groups must be 1-d of one length, got {x.shape}, {y.shape}, {labels.shape}")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError("x and y must be finite")
-    if int(n_perm) < 1:
-        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    n_perm = check_count(n_perm, "n_perm")
     members = [np.flatnonzero(labels == g) for g in pd.unique(labels)]
     members = [m for m in members if m.size >= 2]
     n_pairs = int(sum(m.size * (m.size - 1) // 2 for m in members))
@@ -682,8 +682,7 @@ def selection_null(
     """
     _check_method(method)
     sign = _sign(direction)
-    if int(n_perm) < 1:
-        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    n_perm = check_count(n_perm, "n_perm")
     grid = _Grid(frame, score, target, configs, dataset)
     S = _embed(grid.scores, method)  # (n_configs, p)
     rho = np.clip(S @ _embed(grid.target[None], method)[0], -1.0, 1.0)
@@ -783,8 +782,7 @@ def leave_one_dataset_out_null(
     ``n_perm`` (orderings used), ``exact``. An ordering under which some
     fold's other datasets cannot support a selection (a constant target) counts as no hit.
     """
-    if int(n_perm) < 1:
-        raise ValueError(f"n_perm must be >= 1, got {n_perm}")
+    n_perm = check_count(n_perm, "n_perm")
     kwargs = dict(score=score, target=target, configs=configs, dataset=dataset, method=method, direction=direction)
     if observed is None:
         with warnings.catch_warnings():

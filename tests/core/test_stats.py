@@ -129,6 +129,11 @@ def test_partial_correlation_ci_brackets_the_estimate_and_degrades_to_nan(rng):
     flat = partial_correlation_ci(x, y, np.ones(n), n_boot=50)  # a constant control: undefined, not an error
     assert 0 < out["se"] < out["upper"] - out["lower"]  # a 95% interval spans about 4 standard errors
     assert np.isnan(flat["estimate"]) and np.isnan(flat["lower"]) and np.isnan(flat["se"]) and flat["n_valid"] == 0
+    for n_boot in (0, -1, 2.5):  # no resample, or a count that is not one: refused, not a silent NaN interval
+        with pytest.raises(ValueError, match=f"n_boot must be a positive integer, got {n_boot}"):
+            partial_correlation_ci(x, y, z, n_boot=n_boot)
+        with pytest.raises(ValueError, match=f"n_boot must be a positive integer, got {n_boot}"):
+            bootstrap_ci(x, y, n_boot=n_boot)
 
 
 def test_stratified_concordance_counts_pairs_within_groups_only(rng):

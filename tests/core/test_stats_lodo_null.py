@@ -68,5 +68,5 @@ def test_sampled_null_and_bad_input():
     assert hits == pytest.approx(round(hits), abs=1e-9) and 0 <= round(hits) <= 40
     assert leave_one_dataset_out_null(frame, configs=["k"], n_perm=40, seed=7) == out
     assert np.isnan(leave_one_dataset_out_null(frame, configs=["k"], observed=float("nan"))["p_value"])
-    with pytest.raises(ValueError, match="n_perm must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="n_perm must be a positive integer, got 0"):
         leave_one_dataset_out_null(frame, configs=["k"], n_perm=0)
