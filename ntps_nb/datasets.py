@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import tarfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -653,7 +654,37 @@ def _finalise(
     stats["class_counts"] = {
         k: _class_counts(v["label"].to_numpy(), classes) for k, v in out.items()
     }
+    _check_cleaned(stats, classes)
     return out, stats
+
+
+def _dropped_text(dropped: dict[str, Any]) -> str:
+    """What cleaning dropped, for an error: ``empty 0, ambiguous_label 3, ...`` (per split where split)."""
+    def counts(part: dict[str, int]) -> str:
+        return ", ".join(f"{name} {n}" for name, n in part.items())
+
+    flat = {name: n for name, n in dropped.items() if not isinstance(n, dict)}
+    nested = [f"{split}: {counts(part)}" for split, part in dropped.items() if isinstance(part, dict)]
+    return "; ".join(([counts(flat)] if flat else []) + nested)
+
+
+def _check_cleaned(stats: dict[str, Any], classes: list[str]) -> None:
+    """Cleaning (empty texts, texts with two labels, duplicates, test texts in train) and the split must
+    leave texts in both splits and two classes to learn; a class with no train text left is warned of."""
+    dropped = _dropped_text(stats["dropped"])
+    for split in ("train", "test"):
+        if stats["sizes"][split] == 0:
+            rows = sum(stats["raw_rows"].values())
+            raise ValueError(f"no {split} texts are left after cleaning and splitting ({rows} rows; dropped: {dropped}; "
+                             f"split: {stats['split_rule']})")
+    learnable = [c for c, n in stats["class_counts"]["train"].items() if n > 0]
+    if len(learnable) < 2:
+        raise ValueError(f"the train split holds {len(learnable)} class(es) after cleaning ({learnable}); a probe "
+                         f"needs 2 (dropped: {dropped})")
+    unlearnable = sorted(set(classes) - set(learnable))
+    if unlearnable:
+        warnings.warn(f"classes {unlearnable[:10]} have no train text after cleaning and splitting (train counts "
+                      f"{stats['class_counts']['train']}): a probe cannot predict them", UserWarning, stacklevel=3)
 
 
 def _to_datasetdict(frames: Frames, classes: list[str], provenance: dict) -> "hf.DatasetDict":

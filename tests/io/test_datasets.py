@@ -327,6 +327,29 @@ def test_from_pandas_rejects_bad_input(df, kwargs, message):
         nd.from_pandas(df, **kwargs)
 
 
+def test_from_pandas_says_when_cleaning_leaves_nothing_to_learn():
+    """Two classes in the frame are not enough: cleaning and the split must leave texts in both splits and two
+    classes in train. The error says what cleaning dropped."""
+    texts = [f"text number {i}" for i in range(30)]
+    same = pd.DataFrame({"text": ["one text"] * 30, "label": ["a", "b"] * 15})  # every copy has two labels
+    with pytest.raises(ValueError, match="no train texts are left after cleaning and splitting .30 rows; "
+                                         "dropped: empty 0, ambiguous_label 30, duplicate 0"):
+        nd.from_pandas(same)
+    with pytest.raises(ValueError, match="no test texts are left"):  # one text a class: round(0.3) = 0 to test
+        nd.from_pandas(pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}))
+    split = ["train"] * 20 + ["test"] * 10
+    one_in_train = pd.DataFrame({"text": texts, "label": ["a"] * 20 + ["b"] * 10, "split": split})
+    with pytest.raises(ValueError, match=r"the train split holds 1 class\(es\) after cleaning \(\['a'\]\)"):
+        nd.from_pandas(one_in_train, split_col="split")
+    only_in_test = one_in_train.assign(label=["a", "b"] * 10 + ["c"] * 10)
+    with pytest.warns(UserWarning, match=r"classes \['c'\] have no train text"):
+        ds = nd.from_pandas(only_in_test, split_col="split")
+    assert ds["train"].features["label"].names == ["a", "b", "c"] and len(ds["test"]) == 10
+    leaked = one_in_train.assign(label=["a", "b"] * 15, text=texts[:20] + texts[:10])  # test texts all in train
+    with pytest.raises(ValueError, match="no test texts are left.*test_in_train 10"):
+        nd.from_pandas(leaked, split_col="split")
+
+
 def test_hub_registry_matches_the_paper():
     ids = {s.hf_id for s in nd.HUB.values()}
     assert ids == {
