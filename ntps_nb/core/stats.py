@@ -330,7 +330,7 @@ def partial_correlation_ci(
     method : {"spearman", "pearson"}
         Rank everything first ("spearman") or not.
     n_boot : int
-        Number of resamples of the datasets.
+        Number of resamples of the datasets (0: the estimate alone, with NaN bounds).
     level : float
         Coverage of the interval, in (0, 1).
     seed : int
@@ -347,7 +347,7 @@ def partial_correlation_ci(
     Z = Z[:, None] if Z.ndim == 1 else Z
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    n_boot = check_count(n_boot, "n_boot")
+    n_boot = check_count(n_boot, "n_boot", minimum=0)
     out = {"estimate": np.nan, "lower": np.nan, "upper": np.nan, "se": np.nan, "level": float(level),
            "n_boot": int(n_boot), "n_valid": 0}
     with warnings.catch_warnings():

@@ -129,8 +129,12 @@ def test_partial_correlation_ci_brackets_the_estimate_and_degrades_to_nan(rng):
     flat = partial_correlation_ci(x, y, np.ones(n), n_boot=50)  # a constant control: undefined, not an error
     assert 0 < out["se"] < out["upper"] - out["lower"]  # a 95% interval spans about 4 standard errors
     assert np.isnan(flat["estimate"]) and np.isnan(flat["lower"]) and np.isnan(flat["se"]) and flat["n_valid"] == 0
-    for n_boot in (0, -1, 2.5):  # no resample, or a count that is not one: refused, not a silent NaN interval
-        with pytest.raises(ValueError, match=f"n_boot must be a positive integer, got {n_boot}"):
+    alone = partial_correlation_ci(x, y, z, n_boot=0)  # the estimate without an interval (`study summary --n-boot 0`)
+    assert alone["estimate"] == out["estimate"] and np.isnan(alone["lower"]) and alone["n_valid"] == 0
+    with pytest.raises(ValueError, match="n_boot must be a positive integer, got 0"):
+        bootstrap_ci(x, y, n_boot=0)
+    for n_boot in (-1, 2.5):  # a count that is not one: refused, not a silent NaN interval or 2 resamples
+        with pytest.raises(ValueError, match=f"n_boot must be an integer >= 0, got {n_boot}"):
             partial_correlation_ci(x, y, z, n_boot=n_boot)
         with pytest.raises(ValueError, match=f"n_boot must be a positive integer, got {n_boot}"):
             bootstrap_ci(x, y, n_boot=n_boot)
