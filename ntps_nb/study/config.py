@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import platform
 import re
@@ -374,6 +375,15 @@ def _json(value: Any) -> Any:
 MAX_EXTENDS = 8
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A study TOML's tables; a file that is not TOML is a `StudySettingsError` that names it."""
+    with open(path, "rb") as handle:
+        try:
+            return tomllib.load(handle)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise StudySettingsError(f"{path} is not a valid TOML file: {error}") from error
+
+
 def _extended(table: dict[str, Any], path: Path, depth: int = 0) -> dict[str, Any]:
     """A ``[study]`` table with its ``extends`` resolved: the keys of the TOML it names (relative to
     ``path``'s folder) with this table's keys on top; ``extends`` itself is dropped. Relative paths
@@ -385,8 +395,7 @@ def _extended(table: dict[str, Any], path: Path, depth: int = 0) -> dict[str, An
     base_path = (path.parent / str(table["extends"])).resolve()
     if not base_path.is_file():
         raise StudySettingsError(f"{path}: extends {table['extends']!r}, but there is no file {base_path}")
-    with open(base_path, "rb") as handle:
-        base = tomllib.load(handle)
+    base = _read_toml(base_path)
     if set(base) - {"study"}:
         raise StudySettingsError(f"{path}: extends {base_path}, which has tables besides [study] ({sorted(base)}); "
                                  "extend a config without [[datasets]]")
@@ -418,8 +427,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no study config at {path}")
-    with open(path, "rb") as handle:
-        raw = tomllib.load(handle)
+    raw = _read_toml(path)
     if "study" not in raw:
         raise StudySettingsError(f"{path} has no [study] table (it has {sorted(raw)})")
     extra = sorted(set(raw) - {"study", "datasets"})
@@ -471,6 +479,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise StudySettingsError(f"{path}: analysis_threads must be a positive integer or absent (this process's "
                                  f"share of its cores), got {threads!r}")
+    _check_values(table, path)
     table = {key: _tuple(value) for key, value in table.items()}
     if table.get("results_dir") and not Path(table["results_dir"]).is_absolute():
         table["results_dir"] = str((path.parent / table["results_dir"]).resolve())
@@ -487,6 +496,66 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     cfg = StudyConfig(**table, source=str(path))
     files = tuple(_read_dataset_file(spec, cfg) for spec in specs if not isinstance(spec, str))
     return dataclasses.replace(cfg, dataset_files=files)
+
+
+#: Settings that are counts: the smallest value each takes, and whether it may be absent (None: no limit).
+_COUNTS = {"max_train": (1, True), "max_test": (1, True), "seed": (0, False), "max_length": (1, False),
+           "batch_size": (1, False), "n_boot": (1, False), "n_perturb": (0, False), "n_permutations": (0, False),
+           "torch_threads": (1, True)}
+#: Settings that are true or false.
+_SWITCHES = ("drop_bos", "peers", "diagnostics", "lora", "cache_extractions")
+#: Settings that name hidden states (`resolve_layers`; whether a layer exists is known once the model is).
+_LAYER_SPECS = ("layers", "probe_layers", "peer_layers", "interval_layers", "diagnostic_layers")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _layer_spec_problem(spec: Any) -> str | None:
+    """Why ``spec`` is no layer spec `resolve_layers` reads, or None."""
+    if spec in ("all", "last") or spec is None or spec is False or _is_int(spec):
+        return None
+    if isinstance(spec, str):
+        count = spec[len("grid:"):] if spec.startswith("grid:") else ""
+        return None if count.isdigit() and int(count) >= 1 else "a string must be 'all', 'last' or 'grid:N' (N >= 1)"
+    if isinstance(spec, (list, tuple)):
+        return None if all(_is_int(layer) for layer in spec) else "a list must hold hidden-state indices (integers)"
+    return "it must be 'all', 'last', 'grid:N', a hidden-state index or a list of them"
+
+
+def _check_values(table: dict[str, Any], path: Path) -> None:
+    """The settings' types and ranges, checked when the config is read rather than when a unit meets them."""
+    name = table["name"]
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
+        raise StudySettingsError(f"{path}: name must be a folder name (the results go to data/results/<name>), "
+                                 f"got {name!r}")
+    for key, (minimum, optional) in _COUNTS.items():
+        value = table.get(key)
+        if key in table and not ((optional and value is None) or (_is_int(value) and value >= minimum)):
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise StudySettingsError(f"{path}: {key} must be {what}{' or absent' if optional else ''}, got {value!r}")
+    shards = table.get("shards")
+    if "shards" in table and not (shards is None or (_is_int(shards) and (shards == 0 or shards >= 2))):
+        raise StudySettingsError(f"{path}: shards must be 0 (no intervals) or an integer >= 2 (groups of train texts "
+                                 f"whose moments give the intervals), got {shards!r}")
+    for key in _SWITCHES:
+        if key in table and not isinstance(table[key], bool):
+            raise StudySettingsError(f"{path}: {key} must be true or false, got {table[key]!r}")
+    for key in _LAYER_SPECS:
+        problem = _layer_spec_problem(table[key]) if key in table else None
+        if problem:
+            raise StudySettingsError(f"{path}: {key} = {table[key]!r}: {problem}")
+    k = table.get("k", "all")
+    if k != "all" and not (isinstance(k, (list, tuple)) and k and all(_is_int(v) and v >= 1 for v in k)):
+        raise StudySettingsError(f"{path}: k must be 'all' or a non-empty list of integers >= 1, got {k!r}")
+    ks = table.get("diagnostic_k", ())
+    if not (isinstance(ks, (list, tuple)) and all(_is_int(v) and v >= 1 for v in ks)):
+        raise StudySettingsError(f"{path}: diagnostic_k must be a list of integers >= 1, got {ks!r}")
+    fractions = table.get("diagnostic_fractions", ())
+    if not (isinstance(fractions, (list, tuple))
+            and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions)):
+        raise StudySettingsError(f"{path}: diagnostic_fractions must be a list of numbers in (0, 1], got {fractions!r}")
 
 
 def check_estimator(estimator: Any, where: str = "the study config") -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -50,6 +51,53 @@ def test_configs_parse():
         assert cfg.units() and len(cfg.config_hash) == 12, path
     with pytest.raises(study.StudySettingsError, match="unknown key"):
         study.load_config(STUDIES / "smoke.toml", n_bootstrap=3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"max_train": "forty"}, "max_train must be a positive integer or absent, got 'forty'"),
+    ({"max_train": True}, "max_train must be a positive integer or absent, got True"),
+    ({"max_test": 0}, "max_test must be a positive integer or absent, got 0"),
+    ({"max_length": 32.5}, "max_length must be a positive integer, got 32.5"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"n_boot": 0}, "n_boot must be a positive integer, got 0"),
+    ({"n_permutations": -2}, "n_permutations must be an integer >= 0"),
+    ({"torch_threads": 0}, "torch_threads must be a positive integer or absent"),
+    ({"shards": 1}, "shards must be 0 .no intervals. or an integer >= 2"),
+    ({"shards": "ten"}, "shards must be 0"),
+    ({"peers": "yes"}, "peers must be true or false, got 'yes'"),
+    ({"k": "many"}, "k must be 'all' or a non-empty list of integers >= 1, got 'many'"),
+    ({"k": [0, 2]}, "k must be 'all' or a non-empty list"),
+    ({"k": []}, "k must be 'all' or a non-empty list"),
+    ({"layers": "middle"}, "layers = 'middle': a string must be 'all', 'last' or 'grid:N'"),
+    ({"probe_layers": "grid:0"}, "probe_layers = 'grid:0': a string must be"),
+    ({"interval_layers": [-1, "last"]}, "interval_layers = .*a list must hold hidden-state indices"),
+    ({"diagnostic_k": [1, 0]}, "diagnostic_k must be a list of integers >= 1"),
+    ({"diagnostic_fractions": [0.5, 1.5]}, r"diagnostic_fractions must be a list of numbers in \(0, 1\]"),
+    ({"name": "../elsewhere"}, "name must be a folder name .the results go to data/results/<name>., got '../"),
+    ({"name": ""}, "name must be a folder name"),
+])
+def test_a_setting_of_the_wrong_kind_is_refused_when_the_config_is_read(override, message):
+    """Not when a unit meets it, hours into a study: each value is checked for its kind and range on reading."""
+    with pytest.raises(study.StudySettingsError, match=message):
+        study.load_config(STUDIES / "smoke.toml", **override)
+
+
+def test_a_config_that_is_not_toml_is_refused_by_name(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[study]\nname = "x"\n[[[\n')
+    with pytest.raises(study.StudySettingsError, match=f"{re.escape(str(bad))} is not a valid TOML file"):
+        study.load_config(bad)
+    extends = tmp_path / "extends.toml"
+    extends.write_text('[study]\nextends = "bad.toml"\n')
+    with pytest.raises(study.StudySettingsError, match="bad.toml is not a valid TOML file"):
+        study.load_config(extends)
+
+
+def test_settings_of_the_right_kind_are_taken():
+    cfg = study.load_config(STUDIES / "smoke.toml", max_train=None, shards=0, layers="grid:3", k=[1, 2],
+                            probe_layers=[-1, 0], peer_layers="last", interval_layers=None, diagnostic_fractions=[1])
+    assert (cfg.max_train, cfg.shards, cfg.layers, cfg.k, cfg.probe_layers) == (None, 0, "grid:3", (1, 2), (-1, 0))
 
 
 def test_precision_enters_the_hash_only_away_from_float32():
