@@ -141,6 +141,9 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
         if hasattr(feature, "names"):
             class_names = list(feature.names)
     elif hasattr(data, "columns") and hasattr(data, "iloc"):  # pandas
+        if "text" not in data.columns or "label" not in data.columns:
+            raise ValueError(f"the DataFrame needs columns 'text' and 'label', has {list(data.columns)} (rename them, "
+                             "or read a file with ntps_nb.datasets.read_dataset_file, which takes the column names)")
         texts, labels = data["text"].tolist(), data["label"].to_numpy()
     else:
         raise TypeError(f"expected a datasets.Dataset, a DataFrame or (texts, labels); got {type(data).__name__}")

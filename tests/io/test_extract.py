@@ -2,6 +2,7 @@
 
 import dataclasses
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -417,6 +418,10 @@ def test_bad_input_gets_clear_errors(tiny_llama):
         extract(model, tok, (TEXTS, LABELS), half_layers=[2], progress=False)
     with pytest.raises(ValueError, match=r"half_layers \[3\] must be among the extracted layers"):
         extract(model, tok, (TEXTS, LABELS), layers=[1, 2], shards=2, half_layers=[3], progress=False)
+    with pytest.raises(ValueError, match=r"the DataFrame needs columns 'text' and 'label', has \['sentence', 'y'\]"):
+        extract(model, tok, pd.DataFrame({"sentence": TEXTS, "y": LABELS}), progress=False)
+    with pytest.raises(ValueError, match=r"texts must be strings; entries \[0\] are not"):
+        extract(model, tok, ([None, "c d"], [0, 1]), progress=False)
 
 
 def test_nan_hidden_states_name_the_layer(tiny_gpt2):
