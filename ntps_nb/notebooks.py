@@ -681,6 +681,10 @@ def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, out_dir
 
     source = notebook_path(name)
     params = {**(SMOKE_PARAMETERS.get(source.stem, {}) if smoke else {}), **dict(parameters or {})}
+    declared = declared_parameters(str(source))
+    unknown = sorted(set(params) - set(declared))
+    if unknown:  # papermill would inject them and run on the defaults they were meant to replace
+        raise ValueError(f"{source.stem} has no parameter(s) {unknown}; its parameters cell sets {declared}")
     if in_place and params:
         raise ValueError("in_place writes the committed notebook: run it with its own defaults (no parameters, no smoke)")
     out = Path(out_dir)
@@ -737,8 +741,18 @@ def _cli_run(args) -> int:
         print("give a notebook name or --all", file=sys.stderr)
         return 2
     params = {key: _parse_value(value) for key, value in (args.parameter or [])}
-    for name in names:
-        result = run_notebook(name, params, args.out, smoke=args.smoke, in_place=args.in_place)
+    if args.in_place and (params or args.smoke):
+        print("--in-place writes the committed notebooks: run them with their own defaults (no -p, no --smoke)",
+              file=sys.stderr)
+        return 2
+    declared = {name: declared_parameters(name) for name in names}
+    unknown = sorted(set(params) - set().union(*declared.values()))
+    if unknown:
+        print(f"no notebook of {', '.join(names)} has parameter(s) {unknown}", file=sys.stderr)
+        return 2
+    for name in names:  # with --all, each notebook gets the parameters it has
+        own = {key: value for key, value in params.items() if key in declared[name]}
+        result = run_notebook(name, own, args.out, smoke=args.smoke, in_place=args.in_place)
         print(f"{result.name}: {result.seconds:.0f} s -> {result.notebook}" + (f", {result.html}" if result.html else ""))
     return 0
 
@@ -853,6 +867,33 @@ def notebook_parameters(name: str, folder: str | os.PathLike | None = None) -> d
 
     nb = nbformat.read(notebook_path(name, folder), as_version=4)
     return _tagged_assignments(nb, "parameters")
+
+
+def declared_parameters(name: str, folder: str | os.PathLike | None = None) -> list[str]:
+    """The names a notebook's cell tagged ``parameters`` assigns, literal or not, in its order.
+
+    Parameters
+    ----------
+    name : str
+        A notebook of the series (see `notebook_path`) or the path of an ``.ipynb`` file.
+    folder : str or PathLike, optional
+        Folder of the series (default ``NOTEBOOK_DIR``).
+
+    Returns
+    -------
+    list of str
+        The parameters papermill can set (an empty list for a notebook without the cell).
+    """
+    import nbformat
+
+    nb = nbformat.read(notebook_path(name, folder), as_version=4)
+    source = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    names: list[str] = []
+    for node in ast.parse(source).body:
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+    return names
 
 
 def _tagged_assignments(nb: Any, tag: str) -> dict[str, Any]:

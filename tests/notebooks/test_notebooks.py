@@ -125,6 +125,23 @@ def test_cli_parses_run_and_check():
     assert build_parser().parse_args(["notebooks", "check"]).func is nbs._cli_check
 
 
+def test_a_parameter_the_notebook_does_not_have_is_refused_before_it_runs(tmp_path, capsys):
+    """papermill injects any name and runs on the defaults a misspelt one was meant to replace."""
+    from ntps_nb.cli import build_parser
+
+    assert nbs.declared_parameters("00")[:3] == list(nbs.notebook_parameters("00"))[:3]
+    assert set(nbs.declared_parameters("00")) == set(nbs.notebook_parameters("00"))  # all literals there
+    with pytest.raises(ValueError, match=r"00_quickstart has no parameter\(s\) \['max_trian'\]; its parameters"):
+        nbs.run_notebook("00", {"max_trian": 50}, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing ran
+    parse = build_parser().parse_args
+    args = parse(["notebooks", "run", "--all", "-p", "max_trian", "50", "--out", str(tmp_path)])
+    assert args.func(args) == 2 and "has parameter(s) ['max_trian']" in capsys.readouterr().err
+    args = parse(["notebooks", "run", "00", "--in-place", "-p", "max_train", "50"])
+    assert args.func(args) == 2 and "--in-place writes the committed notebooks" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 # -- smoke runs (papermill) and nbval ---------------------------------------------------------
 
 
