@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+from pathlib import Path
 
 import numpy as np
+
+
+#: Set (to anything) to see the traceback of an error the command line otherwise reports in one line.
+TRACEBACK_ENV = "NTPS_NB_TRACEBACK"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -104,7 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        The sub-command's exit status.
+        The sub-command's exit status; 2 for a ValueError or FileNotFoundError (a setting, a file or
+        a table the command cannot use), which is printed as one line with where it was raised
+        (the traceback with `TRACEBACK_ENV` set).
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:  # a setting, a file, a table: said in one line
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        print(f"python -m ntps_nb {args.command}: error: {error}\n  (raised at {Path(frame.filename).name}:"
+              f"{frame.lineno}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 2

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ntps_nb.core.peers import h_score_saturated
 from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
+from ntps_nb.core.score import integer_ranges
 from ntps_nb.study.runner import load_results
 
 #: (target column of `probe_targets`, the direction a good score correlates with it). ``accuracy``,
@@ -303,6 +304,9 @@ def correlation_summary(
         if "lora_gain" in targets and "lora" in tables:
             rows += _gain_rows(tables["lora"], targets_m, base, method=method, n_boot=n_boot, n_perm=n_perm, seed=seed,
                                ntps_table=ntps_table, predictions=tables.get("lora_predictions"))
+    if not rows:
+        lora = "" if "lora" in tables else "; lora_gain needs the LoRA stage (lora = true), which this study has not"
+        raise ValueError(f"no correlation to summarise for the targets {list(targets)}{lora}")
     return pd.DataFrame(rows)
 
 
@@ -470,9 +474,11 @@ def fixed_ntps(tables: dict[str, pd.DataFrame], *, k: int = 8, variant: str = "t
         One row per (model, dataset), with the columns above.
     """
     scores = tables["ntps"]
-    scores = scores[(scores["variant"] == variant) & (scores["k"] == k)]
+    of_variant = scores[scores["variant"] == variant]
+    scores = of_variant[of_variant["k"] == k]
     if scores.empty:
-        raise ValueError(f"no {variant} NTPS rows at k = {k}")
+        ks = integer_ranges(of_variant["k"].dropna())
+        raise ValueError(f"no {variant} NTPS rows at k = {k}" + (f"; the study has k = {ks}" if ks else ""))
     last = scores.groupby("model")["layer"].transform("max")
     scores = scores[scores["layer"] == last][["model", "pretrained", "dataset", "layer", "k", "ntps"]]
     targets = probe_targets(tables["probes"]).drop(columns=["target_layer"])

@@ -355,6 +355,26 @@ def test_a_unit_analysed_by_the_torch_backend_equals_the_numpy_unit(tmp_path, ti
                                    rtol=UNIT_BACKEND_RTOL, atol=UNIT_BACKEND_RTOL, err_msg=name)
 
 
+def test_the_command_line_says_a_users_error_in_one_line(tmp_path, capsys, monkeypatch):
+    """A setting, file or table the command cannot use: its message and where it was raised, exit status 2;
+    NTPS_NB_TRACEBACK=1 gives the traceback."""
+    from ntps_nb.cli import TRACEBACK_ENV, main
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    missing = tmp_path / "missing.toml"
+    assert main(["study", "status", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m ntps_nb study: error: no study config at {missing}\n  (raised at config.py:" in err
+    assert "Traceback" not in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[study]\nname = "x"\nmodels = ["smollm2-135m"]\ndatasets = ["trec6"]\nk = "many"\n')
+    assert main(["study", "status", str(bad)]) == 2
+    assert "k must be 'all' or a non-empty list of integers >= 1, got 'many'" in capsys.readouterr().err
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(FileNotFoundError, match="no study config"):
+        main(["study", "status", str(missing)])
+
+
 def test_cli_run_passes_device_and_threads(monkeypatch):
     import argparse
 
@@ -865,7 +885,7 @@ def test_structure_controls_on_committed_fast_results():
     assert set(out["analysis"]) == {"pretrained_minus_random", "partial_given_C", "across_models"}
     # one pretrained model and its control: no pretrained-only pairs, 4 datasets x 1 pair overall
     assert (out.query("analysis == 'across_models'")["n_pairs"] == 4).all()
-    with pytest.raises(ValueError, match="no theory NTPS rows at k = 7"):
+    with pytest.raises(ValueError, match="no theory NTPS rows at k = 7; the study has k = 1-6, 8, 10"):
         study.fixed_ntps(study.load_results(folder), k=7)
 
 
@@ -948,6 +968,11 @@ def test_summary_of_synthetic_tables_has_the_new_columns_the_pooled_row_and_cv_t
     assert set(old["target"]) == {"accuracy"}
     with pytest.raises(ValueError, match="target must be one of"):
         study.correlation_summary(tables, targets=["f1"])
+    # nothing to correlate (it was a KeyError on the empty frame)
+    with pytest.raises(ValueError, match=r"no correlation to summarise for the targets \['lora_gain'\]; lora_gain "
+                                         r"needs the LoRA stage"):
+        study.correlation_summary({k: v for k, v in tables.items() if k != "lora"}, targets=["lora_gain"], n_boot=0,
+                                  n_perm=10)
 
 
 def test_interval_and_diagnostic_views_of_committed_fast_results():
