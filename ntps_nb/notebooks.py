@@ -1182,7 +1182,16 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
     -------
     list of ReportEntry
         One per notebook this run executed, in the order given.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``results_dir`` holds no combined study (no ``ntps.csv``): the notebooks that read
+        results would show the published values alone.
     """
+    if not (Path(results_dir) / "ntps.csv").is_file():  # the notebooks would run, on the published values alone
+        raise FileNotFoundError(f"no combined study results at {results_dir} (no ntps.csv): give --results a study's "
+                                "folder, or combine its units first (python -m ntps_nb study combine CONFIG)")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sources = [str(notebook_path(name)) for name in (names or NOTEBOOKS)]

@@ -119,6 +119,8 @@ def test_a_report_runs_in_its_folder_and_its_copies_rerun_in_place(tmp_path):
         return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
     assert "found results: True" in printed(entries[0].notebook)
+    with pytest.raises(FileNotFoundError, match="no combined study results at .*no ntps.csv"):
+        nbs.run_report(tmp_path / "series", out, names=[str(source / "91_reads.ipynb")], log=lambda line: None)
     # rerun the executed copy where it lies, with no parameters: its injected cell still holds
     again = tmp_path / "again.ipynb"
     papermill.execute_notebook(str(entries[0].notebook), str(again), cwd=str(out), kernel_name=nbs.ensure_kernel(),
@@ -243,6 +245,7 @@ def test_notebooks_executed_side_by_side_take_their_share_of_the_cores(tmp_path,
     shows = ("import ntps_nb\nwith ntps_nb.analysis_threads() as n:\n"
              "    from threadpoolctl import threadpool_info\n"
              "    print('bound', n, 'blas', max(p['num_threads'] for p in threadpool_info()))")
+    (results / "ntps.csv").write_text("layer,ntps\n0,0.5\n")
     for name in ("93_first", "94_second"):
         _tiny_notebook(source / f"{name}.ipynb", shows)
     entries = nbs.run_report(results, tmp_path / "report", names=[str(source / f"{n}.ipynb") for n in ("93_first",
