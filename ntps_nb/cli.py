@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # a setting, a file, a table: said in one line
         if os.environ.get(TRACEBACK_ENV):
             raise
-        frame = traceback.extract_tb(error.__traceback__)[-1]
+        frames = traceback.extract_tb(error.__traceback__)  # the check's caller, not the shared check
+        frame = next((f for f in reversed(frames) if Path(f.filename).name != "validation.py"), frames[-1])
         print(f"python -m ntps_nb {args.command}: error: {error}\n  (raised at {Path(frame.filename).name}:"
               f"{frame.lineno}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         return 2
