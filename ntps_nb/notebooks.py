@@ -874,10 +874,7 @@ def declared_parameters(name: str, folder: str | os.PathLike | None = None) -> l
 
     Parameters
     ----------
-    name : str
-        A notebook of the series (see `notebook_path`) or the path of an ``.ipynb`` file.
-    folder : str or PathLike, optional
-        Folder of the series (default ``NOTEBOOK_DIR``).
+    name, folder : as in `notebook_parameters`.
 
     Returns
     -------
@@ -887,22 +884,25 @@ def declared_parameters(name: str, folder: str | os.PathLike | None = None) -> l
     import nbformat
 
     nb = nbformat.read(notebook_path(name, folder), as_version=4)
-    source = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
     names: list[str] = []
-    for node in ast.parse(source).body:
+    for node in ast.parse(_tagged_source(nb, "parameters")).body:
         targets = (node.targets if isinstance(node, ast.Assign)
                    else [node.target] if isinstance(node, ast.AnnAssign) else [])
         names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
     return names
 
 
+def _tagged_source(nb: Any, tag: str) -> str:
+    """The source of a notebook's first cell tagged ``tag`` ("" without one)."""
+    return next((_joined(c.get("source", "")) for c in nb.get("cells", [])
+                 if tag in c.get("metadata", {}).get("tags", [])), "")
+
+
 def _tagged_assignments(nb: Any, tag: str) -> dict[str, Any]:
     """The literal values the first cell tagged ``tag`` assigns (``parameters``, or papermill's
     ``injected-parameters`` in an executed copy); assignments that are not literals are left out."""
-    source = next((_joined(c.get("source", "")) for c in nb.get("cells", [])
-                   if tag in c.get("metadata", {}).get("tags", [])), "")
     values: dict[str, Any] = {}
-    for node in ast.parse(source).body:
+    for node in ast.parse(_tagged_source(nb, tag)).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 values[node.targets[0].id] = ast.literal_eval(node.value)
