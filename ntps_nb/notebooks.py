@@ -997,9 +997,13 @@ def report_parameters(name: str, results_dir: str | os.PathLike, report_dir: str
 def _error_text(error: BaseException) -> str:
     """One line for the index: a cell's exception name and message, or the runner's error."""
     ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)
-    text = f"{ename}: {evalue}" if ename else f"{type(error).__name__}: {error}"
+    return _one_line(f"{ename}: {evalue}" if ename else f"{type(error).__name__}: {error}")
+
+
+def _one_line(text: str, width: int = 300) -> str:
+    """``text`` on one line for the index, cut to ``width`` characters."""
     text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _report_one(source: str, params: dict[str, Any], out_dir: str, html: bool, timeout: int | None) -> ReportEntry:
@@ -1140,7 +1144,7 @@ def earlier_report_entries(out_dir: str | os.PathLike, results_dir: str | os.Pat
         page = notebook.with_suffix(".html")
         kept.append(ReportEntry(name, notebook_title(nb) or name, DESCRIPTIONS.get(name, ""), notebook,
                                 page if page.is_file() else None, float("nan"), "failed" if errors else "ok",
-                                " ".join(errors[0].split())[:300] if errors else "", injected, "", True))
+                                _one_line(errors[0]) if errors else "", injected, "", True))
     return kept, ""
 
 
