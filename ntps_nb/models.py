@@ -552,6 +552,9 @@ def _load_transformers_model(
     trust = quirks.trust_remote_code if trust_remote_code is None else trust_remote_code
     where = str(local.resolve()) if is_local else ref
     tok_where = tokenizer_ref or quirks.tokenizer or where
+    if is_local and not (local / "config.json").is_file():
+        raise ValueError(f"the folder {where} holds no config.json, so it is no Hugging Face model folder (write one "
+                         "with model.save_pretrained(folder) and tokenizer.save_pretrained(folder))")
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust)
         tok = AutoTokenizer.from_pretrained(tok_where, trust_remote_code=trust)
@@ -564,6 +567,9 @@ def _load_transformers_model(
             digest = _weight_files_identity(Path(transformers.utils.cached_file(
                 where, "config.json")).parent)
     except OSError as err:
+        if is_local:
+            raise ModelUnavailableError(f"cannot load the model folder {where} (its weights, or the tokenizer "
+                                        f"{tok_where!r}): {err}") from err
         offline = " (the Hub is offline: HF_HUB_OFFLINE=1)" if _hub_offline() else ""
         raise ModelUnavailableError(
             f"cannot load {ref!r}{offline}: it is not a known name ({', '.join(known_models())}),"

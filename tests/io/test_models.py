@@ -243,6 +243,15 @@ def test_local_folder_loads_like_a_checkpoint(tiny_llama, tmp_path):
     control, _, control_info = load_model(f"{tmp_path}:random", seed=5)
     assert not control_info.pretrained and control_info.init_seed == 5
     assert control_info.weights_sha256 != info.weights_sha256
+    # a folder that is no model folder, or a model folder without its weights, says which
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"the folder {empty.resolve()} holds no config.json"):
+        load_model(str(empty))
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelUnavailableError, match=f"cannot load the model folder {tmp_path.resolve()} .its weights"):
+        load_model(str(tmp_path))
 
 
 def fake_hub_cache(root, repo_id, folder):
