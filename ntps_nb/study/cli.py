@@ -72,6 +72,9 @@ def _cli_summary(args) -> int:
     cfg = load_config(args.config)
     tables = _study().load_units(cfg) if args.partial else _study().load_results(cfg)
     targets = resolve_targets(args.targets)  # "kappa" is kappa_chance
+    # the controls first: a --k the study lacks is said before the minute the summary takes
+    controls = _study().structure_controls(tables, k=args.k, targets=[t for t in targets if t in TARGETS],
+                                           n_boot=args.n_boot, n_perm=args.n_perm)
     summary = _study().summarise(tables, n_perm=args.n_perm, n_boot=args.n_boot, targets=targets)
     if args.partial:
         counts = tables["probes"].groupby("model")["dataset"].nunique()
@@ -80,8 +83,6 @@ def _cli_summary(args) -> int:
     shown = summary[summary["target"].isin(targets)]
     cols = ["model", "target", "score", "selection", "estimate", "lower", "upper", "p_value", "p_side", "p_mc_se",
             "config", "n_distinct_configs"]
-    controls = _study().structure_controls(tables, k=args.k, targets=[t for t in targets if t in TARGETS],
-                                           n_boot=args.n_boot, n_perm=args.n_perm)
     reliability = _study().estimates_summary(tables)  # empty for studies computed before the estimates stage
     if args.markdown:
         print(_study().summary_markdown(summary, targets=targets))
