@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -1081,13 +1081,30 @@ def _error_outputs(nb: Any) -> list[str]:
             for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
+def _entries_of_record(record: dict[str, Any], out: Path, skip: Sequence[str],
+                       reads_other_results: Callable[[Mapping[str, Any]], bool]) -> tuple[list[ReportEntry], str]:
+    """`earlier_report_entries` from a `REPORT_RECORD`."""
+    kept = []
+    for row in record["entries"]:
+        notebook = out / row["notebook"] if row.get("notebook") else None
+        if (row["name"] in skip or notebook is None or not notebook.is_file()
+                or reads_other_results(row.get("parameters", {}))):
+            continue
+        page = out / row["html"] if row.get("html") else None
+        kept.append(ReportEntry(**{**row, "notebook": notebook, "html": page if page and page.is_file() else None,
+                                   "seconds": float("nan") if row["seconds"] is None else float(row["seconds"]),
+                                   "earlier": True}))
+    return kept, str(record.get("extra_html", ""))
+
+
 def earlier_report_entries(out_dir: str | os.PathLike, results_dir: str | os.PathLike,
                            *, skip: Sequence[str] = ()) -> tuple[list[ReportEntry], str]:
     """The rows of an earlier report in ``out_dir`` on the same results, which a run of some of
     its notebooks keeps beside its own.
 
     From `REPORT_RECORD` where the earlier run wrote one (time, status, error, parameters as they
-    were); in a folder without it (a report older than the record), from the executed copies of
+    were); in a folder without it (a report older than the record) or with one that cannot be
+    read (warned of), from the executed copies of
     the series there: their status is read from their outputs (an error output makes a failed
     row) and their time is unknown. A row whose notebook read other results (its ``results_dir``
     parameter points elsewhere) is dropped, and so is one whose executed copy is gone; a notebook
@@ -1119,18 +1136,12 @@ def earlier_report_entries(out_dir: str | os.PathLike, results_dir: str | os.Pat
 
     record_path = out / REPORT_RECORD
     if record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        kept = []
-        for row in record.get("entries", []):
-            notebook = out / row["notebook"] if row.get("notebook") else None
-            if (row["name"] in skip or notebook is None or not notebook.is_file()
-                    or reads_other_results(row.get("parameters", {}))):
-                continue
-            page = out / row["html"] if row.get("html") else None
-            kept.append(ReportEntry(**{**row, "notebook": notebook, "html": page if page and page.is_file() else None,
-                                       "seconds": float("nan") if row["seconds"] is None else row["seconds"],
-                                       "earlier": True}))
-        return kept, record.get("extra_html", "")
+        try:
+            return _entries_of_record(json.loads(record_path.read_text(encoding="utf-8")), out, skip,
+                                      reads_other_results)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # edited or cut short: read the copies
+            warnings.warn(f"{record_path} cannot be read ({type(error).__name__}: {error}); the earlier rows are "
+                          "taken from the executed copies", stacklevel=2)
     kept = []
     for name in NOTEBOOKS:
         notebook = out / f"{name}.ipynb"

@@ -150,6 +150,8 @@ def _series_copy(folder, name, results_dir, *, error=False):
     failing.outputs = [nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero",
                                               traceback=[])] if error else []
     nb.cells = [nb.cells[0], cell, failing]
+    for added in (cell, failing):  # the series is nbformat 4.4: cells without ids
+        added.pop("id", None)
     nbformat.write(nb, folder / f"{name}.ipynb")
 
 
@@ -191,6 +193,13 @@ def test_a_report_keeps_the_rows_of_the_notebooks_not_executed_again(tmp_path):
     assert all(np.isnan(e.seconds) and e.finished == "" for e in kept)
     assert [e.parameters for e in kept] == [{"results_dir": "../results"}] * 2 + [{}]
     assert extra == "" and nbs.earlier_report_entries(bare, results, skip=[names[0]])[0][0].name == names[1]
+    # a record cut short or edited by hand: warned of, and the copies answer
+    for broken in ('{"entries": [{"name": ', f'{{"entries": [{{"name": "x", "notebook": "{names[0]}.ipynb"}}]}}',
+                   "[1, 2]"):
+        (bare / nbs.REPORT_RECORD).write_text(broken)
+        with pytest.warns(UserWarning, match="report.json cannot be read"):
+            again, _ = nbs.earlier_report_entries(bare, results)
+        assert [e.name for e in again] == [e.name for e in kept]
 
 
 @pytest.mark.parametrize("results", [DEFAULT, REPO / "data" / "results" / "default-richardson"],
