@@ -1147,7 +1147,12 @@ def earlier_report_entries(out_dir: str | os.PathLike, results_dir: str | os.Pat
         notebook = out / f"{name}.ipynb"
         if name in skip or not notebook.is_file():
             continue
-        nb = nbformat.read(notebook, as_version=4)
+        try:
+            nb = nbformat.read(notebook, as_version=4)
+        except Exception as error:  # not a notebook (any more): its row is not kept, and this run's index is written
+            warnings.warn(f"{notebook} cannot be read as a notebook ({type(error).__name__}); its row is left out",
+                          stacklevel=2)
+            continue
         injected = _tagged_assignments(nb, "injected-parameters")
         if reads_other_results(injected):
             continue

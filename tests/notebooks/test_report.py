@@ -200,6 +200,10 @@ def test_a_report_keeps_the_rows_of_the_notebooks_not_executed_again(tmp_path):
         with pytest.warns(UserWarning, match="report.json cannot be read"):
             again, _ = nbs.earlier_report_entries(bare, results)
         assert [e.name for e in again] == [e.name for e in kept]
+    (bare / nbs.REPORT_RECORD).unlink()
+    (bare / f"{names[0]}.ipynb").write_text("{}")  # a copy that is no notebook any more
+    with pytest.warns(UserWarning, match=f"{names[0]}.ipynb cannot be read as a notebook"):
+        assert [e.name for e in nbs.earlier_report_entries(bare, results)[0]] == [names[1], names[3]]
 
 
 @pytest.mark.parametrize("results", [DEFAULT, REPO / "data" / "results" / "default-richardson"],
