@@ -37,6 +37,7 @@ from ntps_nb.core.stats import (
     correlate,
     permutation_pvalue,
 )
+from ntps_nb.core.validation import check_labels
 
 __all__ = ["CROSSFIT_CONSTRUCTION", "POINTS", "RankDeficientFitWarning", "crossfit_gain", "crossfit_gain_correlation",
            "fit_gain_predictor", "gain_correlation", "gain_prediction", "per_dataset_table"]
@@ -286,12 +287,14 @@ def crossfit_gain(
 
 
 def _prediction_arrays(test_labels, probe_predictions, lora_predictions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three per-text arrays of a gain, checked to be 1-D of one non-zero length."""
+    """The three per-text arrays of a gain, checked to be 1-D of one non-zero length and to hold classes 0..C-1
+    (a prediction of another kind, e.g. class names beside integer labels, would never count as correct)."""
     labels, probe, lora = (np.asarray(a) for a in (test_labels, probe_predictions, lora_predictions))
     if not (labels.shape == probe.shape == lora.shape) or labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"test_labels, probe_predictions and lora_predictions must be 1-D of one non-zero length, "
                          f"got shapes {labels.shape}, {probe.shape}, {lora.shape}")
-    return labels, probe, lora
+    return (check_labels(labels, name="test_labels"), check_labels(probe, name="probe_predictions"),
+            check_labels(lora, name="lora_predictions"))
 
 
 def whole_split_gain(

@@ -93,3 +93,20 @@ def test_whole_split_gain_is_the_text_weighted_mean_of_the_two_halves():
     assert gain == pytest.approx(np.average(halves["gain"], weights=weights), abs=1e-12)
     with pytest.raises(ValueError, match="one non-zero length"):
         whole_split_gain(labels, probe[:-1], lora)
+
+
+def test_predictions_of_another_kind_than_the_labels_are_refused():
+    """Class names beside integer labels never compare equal: every prediction counted wrong, accuracy 0, silently."""
+    from ntps_nb.core.gain import crossfit_gain, whole_split_gain
+
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    probe, lora = np.array([0, 1, 1, 1, 0, 0, 0, 1]), np.array([0, 1, 0, 1, 0, 1, 1, 1])
+    for bad, message in ((probe.astype(str), "probe_predictions must be integers 0..C-1, got dtype <U"),
+                         (probe - 1, "probe_predictions must lie in 0..C-1"),
+                         (np.where(probe == 0, np.nan, probe), "probe_predictions must be integers 0..C-1; got")):
+        for gain in (lambda: crossfit_gain(labels, bad, lora), lambda: whole_split_gain(labels, bad, lora)):
+            with pytest.raises(ValueError, match=message):
+                gain()
+    with pytest.raises(ValueError, match="test_labels must be integers"):
+        whole_split_gain(labels.astype(str), probe, lora)
+    assert whole_split_gain(labels.astype(float), probe, lora) == whole_split_gain(labels, probe, lora)
