@@ -727,7 +727,7 @@ def winning_configs(
     direction : {"positive", "negative"}
         Select the largest rho ("positive") or the most negative ("negative").
     top : int
-        How many of the best in-sample configurations to keep.
+        How many of the best in-sample configurations to keep (0: only those chosen in a fold).
 
     Returns
     -------
@@ -735,6 +735,7 @@ def winning_configs(
         The configuration columns, ``rho``, ``rank``, ``n_folds_chosen``, ``n_datasets``, ``method``.
     """
     _check_method(method)
+    top = check_count(top, "top", minimum=0)
     sign = _sign(direction)
     table = config_correlations(frame, score=score, target=target, configs=configs, dataset=dataset, method=method)
     names = _as_list(configs)

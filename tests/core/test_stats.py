@@ -330,3 +330,7 @@ def test_winning_configs_reports_in_sample_rank_and_fold_counts():
     assert (table.n_folds_chosen == 1).all()
     top = table[table["rank"] == 1]
     assert set(top.layer) == {2, 3}
+    assert winning_configs(frame, top=0).equals(table)  # every config here was chosen in a fold anyway
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"top must be an integer >= 0, got {bad}"):
+            winning_configs(frame, top=bad)
