@@ -60,6 +60,33 @@ def explorer_options(ntps_table: pd.DataFrame, model: str | None = None) -> dict
     }
 
 
+#: What the explorer's selection is made of (`default_choice`'s keys).
+CHOICES = ("model", "dataset", "variant", "layer", "k")
+
+
+def scale_choices(options: dict[str, list], variant: str) -> list:
+    """What the explorer's second slider offers: the reference variant's fractions, or the k of the others.
+
+    Parameters
+    ----------
+    options : dict
+        `explorer_options` of one model.
+    variant : str
+        The chosen variant.
+
+    Returns
+    -------
+    list
+        The fractions for "reference", else the ks (``[1]`` where the table has none).
+    """
+    return (options["fraction"] if variant == "reference" else options["k"]) or [1]
+
+
+def _check_choice(name: str, value: Any, choices: list, model: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not among {model}'s: {choices}")
+
+
 def default_choice(ntps_table: pd.DataFrame, **initial: Any) -> dict[str, Any]:
     """The explorer's starting selection (model, dataset, variant, layer, k), overridable by ``initial``.
 
@@ -68,21 +95,40 @@ def default_choice(ntps_table: pd.DataFrame, **initial: Any) -> dict[str, Any]:
     ntps_table : DataFrame
         The study's NTPS table, as for `explorer_options`.
     **initial
-        Any of model, dataset, variant, layer, k to start from instead of the default.
+        Any of `CHOICES` to start from instead of the default; a negative layer counts from the
+        model's last, and for the reference variant ``k`` is the fraction.
 
     Returns
     -------
     dict
         Keys model, dataset, variant, layer, k; by default the first model and its first
         dataset, the ``theory`` variant, that model's middle layer and the k of its grid nearest
-        to ``DEFAULT_K`` (in log scale).
+        to ``DEFAULT_K`` (in log scale), or for the reference variant its middle fraction.
+
+    Raises
+    ------
+    ValueError
+        On an empty table, a key not in `CHOICES`, or a value the chosen model's rows do not have.
     """
+    unknown = sorted(set(initial) - set(CHOICES))
+    if unknown:
+        raise ValueError(f"unknown choice(s) {unknown}; the explorer starts from any of {list(CHOICES)}")
+    if ntps_table.empty:
+        raise ValueError("the NTPS table is empty: nothing to explore")
     model = initial.get("model", sorted(ntps_table["model"].unique())[0])
     options = explorer_options(ntps_table, model)
-    layers, ks = options["layer"], options["k"] or [1]
-    return {"model": model, "dataset": initial.get("dataset", options["dataset"][0]),
-            "variant": initial.get("variant", "theory"), "layer": initial.get("layer", layers[len(layers) // 2]),
-            "k": initial.get("k", _nearest(ks, DEFAULT_K))}
+    layers = options["layer"]
+    choice = {"model": model, "dataset": initial.get("dataset", options["dataset"][0]),
+              "variant": initial.get("variant", "theory"), "layer": initial.get("layer", layers[len(layers) // 2])}
+    if isinstance(choice["layer"], (int, np.integer)) and -len(layers) <= choice["layer"] < 0:
+        choice["layer"] = layers[choice["layer"]]
+    for name in ("dataset", "variant", "layer"):
+        _check_choice(name, choice[name], options[name], model)
+    scale = scale_choices(options, choice["variant"])
+    reference = choice["variant"] == "reference"
+    choice["k"] = initial.get("k", scale[len(scale) // 2] if reference else _nearest(scale, DEFAULT_K))
+    _check_choice("fraction" if reference else "k", choice["k"], scale, model)
+    return choice
 
 
 def _nearest(choices: list, value: float) -> Any:
@@ -140,12 +186,16 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
 
     start = default_choice(ntps_table, **initial)
     options = explorer_options(ntps_table, start["model"])
+    if not probes.empty and target not in probes.columns:
+        raise ValueError(f"the probes table has no column {target!r} to show against NTPS")
+    reference = start["variant"] == "reference"
     controls = {
         "model": w.Dropdown(options=options["model"], value=start["model"], description="model"),
         "dataset": w.Dropdown(options=options["dataset"], value=start["dataset"], description="dataset"),
         "variant": w.ToggleButtons(options=options["variant"], value=start["variant"], description="variant"),
         "layer": w.SelectionSlider(options=options["layer"], value=start["layer"], description="layer"),
-        "k": w.SelectionSlider(options=options["k"] or [1], value=start["k"], description="k"),
+        "k": w.SelectionSlider(options=scale_choices(options, start["variant"]), value=start["k"],
+                               description="fraction" if reference else "k"),
     }
     output = w.Output()
     state = {"options": options, "updating": False}
@@ -170,7 +220,7 @@ def explorer(ntps_table: pd.DataFrame, probes: pd.DataFrame, *, target: str = "a
     def scale_options(change=None) -> None:
         # the k slider means the fraction for the reference variant and k for the others
         reference = controls["variant"].value == "reference"
-        choices = (state["options"]["fraction"] if reference else state["options"]["k"]) or [1]
+        choices = scale_choices(state["options"], controls["variant"].value)
         was_updating, state["updating"] = state["updating"], True
         try:
             set_choices(controls["k"], choices, _nearest(choices, controls["k"].value))

@@ -81,3 +81,40 @@ def test_whitened_subspaces_draws_the_principal_angle():
     assert f"φ = {phi:.1f}°" in fig.axes[1].get_title()
     with pytest.raises(ValueError, match="3-d"):
         plots.whitened_subspaces(np.eye(4)[:, :2], next_token)
+
+
+def test_a_starting_choice_the_tables_lack_is_refused_by_name():
+    """It was a TraitError ("Invalid selection: value not found") from the slider, or an IndexError."""
+    ntps, probes = _tables()
+    for initial, message in (({"dataset": "c"}, r"dataset 'c' is not among deep's: \['a', 'b'\]"),
+                             ({"model": "shallow", "layer": 25}, "layer 25 is not among shallow's"),
+                             ({"k": 3}, r"k 3 is not among deep's: \[1, 2, 4, 8, 16\]"),
+                             ({"variant": "bogus"}, "variant 'bogus' is not among deep's"),
+                             ({"modle": "deep"}, r"unknown choice\(s\) \['modle'\]")):
+        with pytest.raises(ValueError, match=message):
+            widgets.explorer(ntps, probes, **initial)
+    with pytest.raises(ValueError, match="the NTPS table is empty"):
+        widgets.explorer(ntps.iloc[:0], probes)
+    with pytest.raises(ValueError, match="the probes table has no column 'f1'"):
+        widgets.explorer(ntps, probes, target="f1")
+    assert widgets.default_choice(ntps, model="shallow", layer=-1)["layer"] == 18  # from the model's last
+
+
+def test_the_explorer_opened_on_the_reference_variant_offers_its_fractions():
+    """It opened with the k slider and k = 8 passed as the fraction."""
+    ntps, probes = _tables()
+    places = ntps[["model", "dataset", "layer"]].drop_duplicates().itertuples(index=False)
+    reference = [{"model": model, "dataset": dataset, "variant": "reference", "layer": layer, "k": np.nan,
+                  "fraction": fraction, "ntps": fraction} for (model, dataset, layer) in places
+                 for fraction in (0.1, 0.5, 0.9)]
+    ntps = pd.concat([ntps, pd.DataFrame(reference)], ignore_index=True)
+    start = widgets.default_choice(ntps, variant="reference")
+    assert start["k"] == 0.5
+    controls = widgets.explorer(ntps, probes, variant="reference").controls
+    assert (list(controls["k"].options), controls["k"].value, controls["k"].description) == ([0.1, 0.5, 0.9], 0.5,
+                                                                                            "fraction")
+    controls["variant"].value = "theory"
+    assert list(controls["k"].options) == [1, 2, 4, 8, 16] and controls["k"].description == "k"
+    with pytest.raises(ValueError, match=r"fraction 8 is not among deep's: \[0.1, 0.5, 0.9\]"):
+        widgets.default_choice(ntps, variant="reference", k=8)
+    plt.close("all")
