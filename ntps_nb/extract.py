@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -957,6 +958,8 @@ def extract_cached(
     TokenizerMismatchError
         When the stored entry's model info fingerprints another tokenizer than ``model_info``'s
         (entries written before the fingerprint are not checked).
+    ValueError
+        When the stored entry cannot be read (damaged after it was written): the message names its folder.
     """
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
@@ -967,7 +970,11 @@ def extract_cached(
     folder = Path(cache) if cache is not None else cache_dir("extractions")
     entry = folder / key
     if (entry / "extraction.json").is_file():
-        stored = Extraction.load(entry)
+        try:
+            stored = Extraction.load(entry)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # entries are written whole
+            raise ValueError(f"the cached extraction {entry} cannot be read ({type(error).__name__}: {error}): it was "
+                             "damaged after it was written; delete that folder and it is computed again") from error
         check_same_tokenizer(stored.metadata.get("model", {}).get("tokenizer_sha256"), info.get("tokenizer_sha256"),
                              f"the cached extraction {entry} (point `cache=` at another folder, or delete it)")
         return stored

@@ -487,6 +487,16 @@ def test_cache_round_trip_and_interrupted_write(tiny_llama, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=16, progress=False)
     assert list(tmp_path.iterdir()) == entries
+    monkeypatch.undo()
+
+    # an entry damaged after it was written (a truncated file) is named, with what to do (it was "BadZipFile:
+    # File is not a zip file"), and left as it is
+    moments = entries[0] / "moments.npz"
+    moments.write_bytes(moments.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"the cached extraction {entries[0]} cannot be read .BadZipFile.*delete that"):
+        extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, max_length=32, pooled_layers=[2],
+                       progress=False)
+    assert moments.stat().st_size == 100
 
 
 def test_extraction_computes_logits_for_one_position_only(llama64):
