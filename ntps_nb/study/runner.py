@@ -17,8 +17,8 @@ from ntps_nb.cache import atomic_path
 from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
-from ntps_nb.study.stages import (STAGE_NAMES, UNIT_TABLES, check_stage_names, estimates_shortfall, run_unit,
-                                  stage_states, unit_compute_seconds, write_unit)
+from ntps_nb.study.stages import (STAGE_NAMES, UNIT_TABLES, check_stage_names, estimates_shortfall,
+                                  read_unit_record, run_unit, stage_states, unit_compute_seconds, write_unit)
 
 
 class UnitClaim:
@@ -129,7 +129,7 @@ def unit_status(cfg: StudyConfig, model: str, dataset: str) -> str:
     meta_path = cfg.unit_folder(model, dataset) / "unit.json"
     if not meta_path.is_file():
         return "missing"
-    meta = json.loads(meta_path.read_text())
+    meta = read_unit_record(meta_path)
     if not meta.get("complete"):
         return "missing"
     file = cfg.dataset_file(dataset)
@@ -173,7 +173,7 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
             row["status"] = "running"
             row["finished"] = f"started {claim.get('started')} (pid {claim.get('pid')} on {claim.get('host')})"
         if row["status"] not in ("missing", "running"):
-            meta = json.loads((folder / "unit.json").read_text())
+            meta = read_unit_record(folder / "unit.json")
             seconds = unit_compute_seconds(meta)
             row.update(minutes=round(seconds / 60, 1) if seconds is not None else float("nan"),
                        finished=meta.get("finished"),
@@ -503,7 +503,7 @@ def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd
     for model, dataset in cfg.units():
         path = cfg.unit_folder(model, dataset) / "unit.json"
         if path.is_file():
-            metas.append((cfg.unit_folder(model, dataset), json.loads(path.read_text())))
+            metas.append((cfg.unit_folder(model, dataset), read_unit_record(path)))
     if not metas:
         raise FileNotFoundError(f"study {cfg.name!r} has no complete unit under {units_dir}")
     tables: dict[str, pd.DataFrame] = {}

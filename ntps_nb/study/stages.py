@@ -345,7 +345,7 @@ class StageStore:
         entry = self.path(stage, key)
         if not (entry / "record.json").is_file():
             return None
-        record = json.loads((entry / "record.json").read_text())
+        record = read_unit_record(entry / "record.json")
         table = None
         if (entry / "table.csv").is_file():  # floats read back bit for bit; text stays text (a key "12e4" too)
             table = pd.read_csv(entry / "table.csv", dtype={name: object for name in record.get("text_columns", [])})
@@ -527,7 +527,7 @@ def adopt_unit_folder(cfg: StudyConfig, model: str, dataset: str, store: StageSt
     valid = [name for name, state in unit_folder_stages(cfg, model, dataset, folder).items() if state == "valid"]
     if not valid:
         return []
-    meta = json.loads((folder / "unit.json").read_text())
+    meta = read_unit_record(folder / "unit.json")
     keys = stage_keys(cfg, model, dataset)
     source = {"adopted_from": str(folder), "config_hash": meta.get("config_hash")}
     adopted = []
@@ -1470,12 +1470,38 @@ def check_stage_names(names: Sequence[str]) -> None:
         raise StudySettingsError(f"unknown stage(s) {unknown}; the stages are {list(ANALYSIS_STAGES)}")
 
 
+def read_unit_record(path: str | os.PathLike) -> dict[str, Any]:
+    """A unit's ``unit.json`` (or a stage's ``record.json``), with an error that names it where it is no JSON.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The record file.
+
+    Returns
+    -------
+    dict
+        Its contents.
+
+    Raises
+    ------
+    StudySettingsError
+        When the file is not valid JSON (a merge conflict in committed results, or a damaged file).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise StudySettingsError(f"{path} is not valid JSON ({error}): a merge conflict or a damaged file; restore "
+                                 "it (git checkout -- <file>) or delete its folder to compute it again") from error
+
+
 def _complete_unit_meta(folder: Path, model: str, dataset: str) -> dict[str, Any] | None:
     """The ``unit.json`` of a unit folder when it is complete and of this unit, else None."""
     path = folder / "unit.json"
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text())
+    meta = read_unit_record(path)
     if not meta.get("complete") or meta.get("model") != model or meta.get("dataset") != dataset:
         return None
     return meta

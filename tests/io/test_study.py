@@ -375,6 +375,27 @@ def test_the_command_line_says_a_users_error_in_one_line(tmp_path, capsys, monke
         main(["study", "status", str(missing)])
 
 
+def test_a_unit_record_that_is_no_json_is_named(tmp_path, capsys):
+    """A merge conflict in a committed unit.json (or a damaged file) was a JSONDecodeError without a path."""
+    from ntps_nb.cli import main
+
+    source = ROOT / "data" / "results" / "fast"
+    if not (source / "units").is_dir():
+        pytest.skip("data/results/fast is not committed")
+    results = tmp_path / "fast"
+    shutil.copytree(source, results)
+    cfg = study.load_config(STUDIES / "fast.toml", results_dir=str(results))
+    record = cfg.unit_folder(*cfg.units()[0]) / "unit.json"
+    record.write_text("<<<<<<< HEAD\n" + record.read_text())
+    with pytest.raises(study.StudySettingsError, match=f"{re.escape(str(record))} is not valid JSON .* merge conflict"):
+        study.study_status(cfg)
+    with pytest.raises(study.StudySettingsError, match="is not valid JSON"):
+        study.load_units(cfg)
+    config = tmp_path / "fast.toml"
+    config.write_text((STUDIES / "fast.toml").read_text() + f'results_dir = "{results}"\n')
+    assert main(["study", "status", str(config)]) == 2 and "is not valid JSON" in capsys.readouterr().err
+
+
 def test_cli_run_passes_device_and_threads(monkeypatch):
     import argparse
 
