@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ntps_nb.core.atomic import atomic_path
 
-__all__ = ["CACHE_ENV", "atomic_path", "cache_dir", "content_key", "sha256_file"]
+T = TypeVar("T")
+
+__all__ = ["CACHE_ENV", "atomic_path", "cache_dir", "content_key", "read_entry", "sha256_file"]
 
 CACHE_ENV = "NTPS_NB_CACHE"
 
@@ -82,3 +84,34 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_entry(load: Callable[[Path], T], entry: str | os.PathLike, what: str) -> T:
+    """``load(entry)`` for a cache entry, with an error that names the entry where it cannot be read.
+
+    Entries are written whole (`atomic_path`), so an entry that fails to load was damaged after it
+    was written (a truncated or edited file); deleting it makes the next call compute it again.
+
+    Parameters
+    ----------
+    load : callable
+        Reads the entry folder (e.g. ``Extraction.load``).
+    entry : str or PathLike
+        The entry's folder.
+    what : str
+        What the entry holds, for the message ("extraction", "LoRA result").
+
+    Returns
+    -------
+    The loaded entry.
+
+    Raises
+    ------
+    ValueError
+        When ``load`` fails; the message names the folder and says to delete it.
+    """
+    try:
+        return load(Path(entry))
+    except Exception as error:  # whichever reader failed (numpy, zip, JSON, safetensors): the entry is damaged
+        raise ValueError(f"the cached {what} {entry} cannot be read ({type(error).__name__}: {error}): it was "
+                         "damaged after it was written; delete that folder and it is computed again") from error

@@ -24,7 +24,6 @@ import inspect
 import json
 import os
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ntps_nb.batching import PADDING_SIDES, mask_states, pad_batch, pooling_tokens, valid_mask
 from ntps_nb.batching import tokenize  # noqa: F401  (re-exported: extraction's tokenization)
-from ntps_nb.cache import atomic_path, cache_dir, content_key
+from ntps_nb.cache import atomic_path, cache_dir, content_key, read_entry
 from ntps_nb.core.estimators import split_halves
 from ntps_nb.core.moments import LayerMoments, Moments
 from ntps_nb.core.backends.torch import negative_reach_torch as token_rounding  # noqa: F401  (the check)
@@ -970,11 +969,7 @@ def extract_cached(
     folder = Path(cache) if cache is not None else cache_dir("extractions")
     entry = folder / key
     if (entry / "extraction.json").is_file():
-        try:
-            stored = Extraction.load(entry)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # entries are written whole
-            raise ValueError(f"the cached extraction {entry} cannot be read ({type(error).__name__}: {error}): it was "
-                             "damaged after it was written; delete that folder and it is computed again") from error
+        stored = read_entry(Extraction.load, entry, "extraction")
         check_same_tokenizer(stored.metadata.get("model", {}).get("tokenizer_sha256"), info.get("tokenizer_sha256"),
                              f"the cached extraction {entry} (point `cache=` at another folder, or delete it)")
         return stored

@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ntps_nb.batching import mean_pool, pad_batch, pooling_tokens, valid_mask
-from ntps_nb.cache import atomic_path, cache_dir, content_key
+from ntps_nb.cache import atomic_path, cache_dir, content_key, read_entry
 from ntps_nb.core.validation import check_count, check_k
 from ntps_nb.extract import TextSet, as_text_set, extract_cached
 from ntps_nb.models import (
@@ -376,6 +376,11 @@ def finetune_lora(
     Returns
     -------
     LoraResult
+
+    Raises
+    ------
+    ValueError
+        When the cached result cannot be read (damaged after it was written): the message names its folder.
     """
     model, tokenizer, info = _resolve_model(model_name_or_loaded)
     train_set = as_text_set(train)
@@ -414,7 +419,7 @@ def finetune_lora(
         root = cache_dir("lora") if cache is True else Path(cache)
         entry, checkpoint = root / key, root / f"{key}.checkpoint.pt"
         if (entry / "result.json").is_file():
-            return LoraResult.load(entry)
+            return read_entry(LoraResult.load, entry, "LoRA result")
 
     result = _train_and_evaluate(model, tokenizer, info, train_set, test_set, settings, data, key,
                                  checkpoint=checkpoint, checkpoint_every=int(checkpoint_every),

@@ -67,6 +67,19 @@ def test_training_loss_decreases_and_task_is_learned(trained, llama):
     assert trained.settings["target_modules"] == ["q_proj", "k_proj", "v_proj"]
 
 
+def test_a_damaged_cache_entry_is_named_and_left_as_it_is(trained, llama, task, tmp_path):
+    import shutil
+
+    train, test = task
+    entry = tmp_path / trained.folder.name
+    shutil.copytree(trained.folder, entry)
+    assert finetune_lora(llama, train, test, steps=30, cache=tmp_path, **FAST).folder == entry  # read back
+    (entry / "predictions.npy").write_bytes(b"\x93NUMPY")  # truncated
+    with pytest.raises(ValueError, match=f"the cached LoRA result {entry} cannot be read .* delete that folder"):
+        finetune_lora(llama, train, test, steps=30, cache=tmp_path, **FAST)
+    assert (entry / "predictions.npy").read_bytes() == b"\x93NUMPY"
+
+
 def test_global_rng_and_given_model_are_left_alone(llama, task, tmp_path):
     train, test = task
     state, weights = torch.get_rng_state(), {k: v.clone() for k, v in llama[0].state_dict().items()}
