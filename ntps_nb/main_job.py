@@ -420,9 +420,22 @@ def main_job(out: str | os.PathLike, *, unit_config: str | os.PathLike = UNIT_CO
     -------
     int
         0 when the unit (or study) was computed and every notebook ran, else 1.
-    """
-    from ntps_nb.notebooks import default_jobs, run_report
 
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Before any work: a unit config or study config that cannot be read, a results folder
+        without a combined study, or ``jobs`` below 1.
+    """
+    from ntps_nb.core.validation import check_count
+    from ntps_nb.notebooks import check_results_folder, default_jobs, run_report
+    from ntps_nb.study import load_config
+
+    # what the job reads is checked before its minutes of work: a setting error is not a failed fresh unit
+    jobs = check_count(jobs, "jobs") if jobs is not None else None
+    if study is None:
+        load_config(unit_config)
+        check_results_folder(results)
     started = time.perf_counter()
     out = Path(out).resolve()
     status, comparison, fresh_folder = 0, None, out / "fresh_unit"
@@ -435,7 +448,7 @@ def main_job(out: str | os.PathLike, *, unit_config: str | os.PathLike = UNIT_CO
             status = 1
             say(f"THE FRESH UNIT FAILED: {type(error).__name__}: {error}")
     else:
-        from ntps_nb.study import load_config, run_study
+        from ntps_nb.study import run_study
 
         cfg = load_config(study, results_dir=str(out / "results"))
         say(f"main job, 1/2: study {cfg.name!r} ({len(cfg.models)} model(s) x {len(cfg.datasets)} datasets) "

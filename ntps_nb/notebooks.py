@@ -1164,6 +1164,24 @@ def earlier_report_entries(out_dir: str | os.PathLike, results_dir: str | os.Pat
     return kept, ""
 
 
+def check_results_folder(results_dir: str | os.PathLike) -> None:
+    """Refuse a folder without a combined study, on which a report's notebooks would show the published values alone.
+
+    Parameters
+    ----------
+    results_dir : str or PathLike
+        The folder a report is to read.
+
+    Raises
+    ------
+    FileNotFoundError
+        When it holds no ``ntps.csv``.
+    """
+    if not (Path(results_dir) / "ntps.csv").is_file():
+        raise FileNotFoundError(f"no combined study results at {results_dir} (no ntps.csv): give --results a study's "
+                                "folder, or combine its units first (python -m ntps_nb study combine CONFIG)")
+
+
 def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, names: Sequence[str] | None = None,
                html: bool = True, jobs: int = 1, timeout: int | None = REPORT_CELL_TIMEOUT,
                root: str | os.PathLike = REPOSITORY, log: Any = print, extra_html: str = "") -> list[ReportEntry]:
@@ -1209,9 +1227,7 @@ def run_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *, na
         When ``results_dir`` holds no combined study (no ``ntps.csv``): the notebooks that read
         results would show the published values alone.
     """
-    if not (Path(results_dir) / "ntps.csv").is_file():  # the notebooks would run, on the published values alone
-        raise FileNotFoundError(f"no combined study results at {results_dir} (no ntps.csv): give --results a study's "
-                                "folder, or combine its units first (python -m ntps_nb study combine CONFIG)")
+    check_results_folder(results_dir)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sources = [str(notebook_path(name)) for name in (names or NOTEBOOKS)]

@@ -103,3 +103,16 @@ def test_the_check_says_plainly_whether_the_fresh_unit_differs(committed, monkey
     assert "THE FRESH UNIT DIFFERS" in text and "1 of" in text and main_job.KERNEL_NOTE in text
     assert "ATEN_CPU_CAPABILITY=avx2 OPENBLAS_CORETYPE=Haswell" in text
     assert pd.read_csv(tmp_path / "comparison.csv")["values_differing"].sum() == 1
+
+
+def test_what_the_job_reads_is_checked_before_its_minutes_of_work(tmp_path, monkeypatch):
+    """A missing unit config was a 'failed fresh unit' after which the report still ran; a results folder without a
+    combined study failed only after the fresh unit's minutes; jobs = 0 went through."""
+    ran = []
+    monkeypatch.setattr(main_job, "check_fresh_unit", lambda *a, **k: ran.append("unit"))
+    for kwargs, error, message in (({"unit_config": tmp_path / "none.toml"}, FileNotFoundError, "no study config"),
+                                   ({"results": tmp_path}, FileNotFoundError, "no combined study results"),
+                                   ({"jobs": 0}, ValueError, "jobs must be a positive integer, got 0")):
+        with pytest.raises(error, match=message):
+            main_job.main_job(tmp_path / "out", say=lambda line: None, **kwargs)
+    assert ran == [] and not (tmp_path / "out").exists()
