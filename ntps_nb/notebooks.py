@@ -1172,6 +1172,11 @@ def check_results_folder(results_dir: str | os.PathLike) -> None:
     results_dir : str or PathLike
         The folder a report is to read.
 
+    Returns
+    -------
+    None
+        The folder holds a combined study.
+
     Raises
     ------
     FileNotFoundError
