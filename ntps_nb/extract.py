@@ -465,7 +465,8 @@ def extract(
     ----------
     model, tokenizer : a Hugging Face causal LM and its tokenizer (see `ntps_nb.models.load_model`).
     data : ``datasets.Dataset`` with ``text``/``label`` columns, a DataFrame, or (texts, labels).
-    layers : "all" (hidden states 0..L, 0 = embeddings) or an iterable of indices.
+    layers : "all" (hidden states 0..L, 0 = embeddings) or an iterable of indices (negative ones count from the
+        last, -1 = L, here and in the other layer settings: `resolve_layer_indices`).
     batch_size, max_length : texts per forward pass; truncation length in tokens (recorded).
     drop_bos : leave the BOS position out of pooling and of C0/C1 (it still serves as context).
     device : where to run; defaults to the model's device (a CPU or CUDA device: Apple's MPS has no float64,
@@ -549,6 +550,10 @@ def extract(
     shard_of = shard_assignment(N, n_shards, shard_seed)
 
     all_layers = hidden_state_layers(model)
+    layers, pooled_layers, shard_layers, half_layers = (
+        resolve_layer_indices(spec, all_layers, name) for spec, name in
+        ((layers, "layers"), (pooled_layers, "pooled_layers"), (shard_layers, "shard_layers"),
+         (half_layers, "half_layers")))
     chosen = all_layers if layers == "all" else sorted({int(layer) for layer in layers})
     bad_layers = [layer for layer in chosen if layer not in all_layers]
     if bad_layers:
@@ -906,6 +911,43 @@ def extraction_key(model_info: dict[str, Any], text_set: TextSet, settings: dict
 _EXTRACT_PARAMETERS = inspect.signature(extract).parameters
 
 
+#: The settings of `extract` that name hidden states (`resolve_layer_indices`).
+LAYER_SETTINGS = ("layers", "pooled_layers", "shard_layers", "half_layers")
+
+
+def resolve_layer_indices(spec: Any, all_layers: list[int], name: str = "layers") -> Any:
+    """A layer setting with its negative hidden-state indices counted from the last (-1: the last).
+
+    Parameters
+    ----------
+    spec : "all", None or iterable of int
+        The setting as given; "all" and None are returned as they are.
+    all_layers : list of int
+        The model's hidden states, ``0..L`` (`ntps_nb.models.hidden_state_layers`).
+    name : str
+        The setting's name, for the error.
+
+    Returns
+    -------
+    "all", None or list of int
+        The indices, negatives resolved, in the order given.
+
+    Raises
+    ------
+    ValueError
+        On a negative index beyond the first hidden state.
+    """
+    if spec is None or isinstance(spec, str):
+        return spec
+    resolved = []
+    for layer in spec:
+        layer = int(layer)
+        if layer < -len(all_layers):
+            raise ValueError(f"{name}: layer {layer} does not exist; the model has hidden states 0..{all_layers[-1]}")
+        resolved.append(all_layers[layer] if layer < 0 else layer)
+    return resolved
+
+
 def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide an extraction's numbers, with `extract`'s defaults filled in, so
     that passing a default explicitly or leaving it out gives the same cache key."""
@@ -961,6 +1003,11 @@ def extract_cached(
         When the stored entry cannot be read (damaged after it was written): the message names its folder.
     """
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
+    if any(not isinstance(settings.get(name), (str, type(None))) and any(int(v) < 0 for v in settings[name])
+           for name in LAYER_SETTINGS):  # -1 and the last index are one entry
+        all_layers = hidden_state_layers(model)
+        settings = {**settings, **{name: resolve_layer_indices(settings[name], all_layers, name)
+                                   for name in LAYER_SETTINGS if name in settings}}
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
     key_settings = _settings_with_defaults(settings)
     device = settings.get("device") or next(model.parameters()).device

@@ -9,6 +9,7 @@ import torch
 from ntps_nb import LayerMoments, moments_from_sequences, ntps
 from ntps_nb.extract import (FLOAT64_TOKEN_PAIRS_PER_DIM, Extraction, extract, extract_cached, fewest_pairs_read,
                              resolve_precision, token_precision, tokenize)
+from ntps_nb.models import hidden_state_layers
 
 STREAM_RTOL = 1e-10
 
@@ -414,6 +415,8 @@ def test_bad_input_gets_clear_errors(tiny_llama):
         extract(model, tok, (["a b", "c d"], ["pos", "neg"]), progress=False)
     with pytest.raises(ValueError, match="layers \\[7\\] do not exist"):
         extract(model, tok, (TEXTS, LABELS), layers=[0, 7], progress=False)
+    with pytest.raises(ValueError, match="pooled_layers: layer -9 does not exist; the model has hidden states 0..2"):
+        extract(model, tok, (TEXTS, LABELS), pooled_layers=[-9], progress=False)
     with pytest.raises(ValueError, match=r"half_layers \[2\] need shards >= 2"):
         extract(model, tok, (TEXTS, LABELS), half_layers=[2], progress=False)
     with pytest.raises(ValueError, match=r"half_layers \[3\] must be among the extracted layers"):
@@ -452,6 +455,19 @@ def test_model_without_hidden_states_is_refused(tiny_llama):
 
     with pytest.raises(ValueError, match="no hidden states"):
         extract(NoHidden(), tok, (TEXTS, LABELS), progress=False)
+
+
+def test_negative_layers_count_from_the_last_and_name_the_same_cache_entry(tiny_llama, tmp_path):
+    model, tok, info = tiny_llama
+    last = max(hidden_state_layers(model))
+    given = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, layers=[-1, 0], pooled_layers=[-1],
+                           shards=2, shard_layers=[-1], progress=False)
+    assert given.moments.layers == [0, last] and list(given.pooled) == [last]
+    assert given.shards[0].layers == [last]
+    again = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, layers=[0, last], pooled_layers=[last],
+                           shards=2, shard_layers=[last], progress=False)
+    assert len(list(tmp_path.iterdir())) == 1  # one entry: -1 is the last index
+    np.testing.assert_array_equal(again.pooled[last], given.pooled[last])
 
 
 def test_cache_round_trip_and_interrupted_write(tiny_llama, tmp_path, monkeypatch):
