@@ -139,7 +139,9 @@ def fit_gain_predictor(
     -------
     dict
         ``a``, ``b``, ``c`` (NaN without probe accuracy), ``rank`` of the design,
-        ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant).
+        ``n_datasets``, ``r2`` (in-sample; NaN when the gains are constant, or when there are no
+        more datasets than coefficients: the fit then passes through every point, and 1 would
+        say nothing about the predictor).
     """
     x = np.asarray(ntps, dtype=np.float64)
     y = np.asarray(gain, dtype=np.float64)
@@ -158,7 +160,7 @@ def fit_gain_predictor(
     total = np.sum((y - y.mean()) ** 2)
     return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]) if len(coef) > 2 else float("nan"),
             "rank": int(rank), "n_datasets": int(y.size),
-            "r2": float(1 - np.sum(residual ** 2) / total) if total > 0 else float("nan")}
+            "r2": float(1 - np.sum(residual ** 2) / total) if total > 0 and y.size > X.shape[1] else float("nan")}
 
 
 def gain_prediction(

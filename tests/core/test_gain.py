@@ -18,6 +18,10 @@ def test_noiseless_linear_data_is_recovered_exactly():
     fit = fit_gain_predictor(x, 0.2 - 0.15 * x)
     assert fit["a"] == pytest.approx(0.2, abs=1e-12) and fit["b"] == pytest.approx(-0.15, abs=1e-12)
     assert fit["r2"] == pytest.approx(1.0)
+    exact = fit_gain_predictor(x[:2], [0.3, -0.1])  # two datasets, two coefficients: any gains fit exactly
+    assert exact["n_datasets"] == 2 and np.isnan(exact["r2"])
+    assert np.isnan(fit_gain_predictor(x[:3], [0.3, -0.1, 0.2], probe_accuracy=[0.5, 0.7, 0.6])["r2"])
+    assert 0 <= fit_gain_predictor(x[:3], [0.3, -0.1, 0.2])["r2"] <= 1  # three datasets, two coefficients: a fit
     out = gain_prediction(table)
     folds, summary = out["folds"], out["summary"].set_index("predictor")
     np.testing.assert_allclose(folds["predicted"], folds["gain"], atol=1e-12)
