@@ -17,7 +17,7 @@ from ntps_nb.cache import atomic_path
 from ntps_nb.core.threads import available_cores, default_threads
 from ntps_nb.study.config import (CSV_FLOAT_FORMAT, StudyConfig, StudySettingsError, _readable, _say,
                                   _versions, load_config, unit_name, with_estimator)
-from ntps_nb.study.stages import (STAGE_NAMES, UNIT_TABLES, check_stage_names, estimates_shortfall,
+from ntps_nb.study.stages import (STAGE_NAMES, UNIT_TABLES, check_stage_names, estimates_shortfall, read_table,
                                   read_unit_record, run_unit, stage_states, unit_compute_seconds, write_unit)
 
 
@@ -180,11 +180,11 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
                        n_train=meta.get("n_train"), mean_length=meta.get("mean_length_train"),
                        extract_version=meta.get("extract_version"))
         if row["status"] == "complete":
-            probes = pd.read_csv(folder / "probes.csv")
+            probes = read_table(folder / "probes.csv")
             held = probes[probes["protocol"] == "heldout"]
             last = held["layer"].max()
             row["heldout_accuracy"] = float(held.loc[held["layer"] == last, "accuracy"].iloc[0])
-            scores = pd.read_csv(folder / "ntps.csv")
+            scores = read_table(folder / "ntps.csv")
             theory = scores[(scores["variant"] == "theory") & (scores["layer"] == scores["layer"].max())]
             below = theory[theory["k"] <= k]
             if len(below):
@@ -192,7 +192,7 @@ def study_status(cfg: StudyConfig | str | os.PathLike, *, k: int = 8) -> pd.Data
                 row[f"ntps_theory_k{k}"] = float(chosen["ntps"])
             lora_path = folder / "lora.csv"
             if lora_path.is_file():
-                lora = pd.read_csv(lora_path)
+                lora = read_table(lora_path)
                 row["lora_accuracy"] = float(lora["lora_lora_accuracy"].iloc[0])
                 row["lora_gain"] = float(lora["lora_gain"].iloc[0])
         rows.append(row)
@@ -508,7 +508,7 @@ def _read_units(cfg: StudyConfig) -> tuple[list[tuple[Path, dict]], dict[str, pd
         raise FileNotFoundError(f"study {cfg.name!r} has no complete unit under {units_dir}")
     tables: dict[str, pd.DataFrame] = {}
     for name in UNIT_TABLES:
-        parts = [pd.read_csv(folder / f"{name}.csv") for folder, _ in metas if (folder / f"{name}.csv").is_file()]
+        parts = [read_table(folder / f"{name}.csv") for folder, _ in metas if (folder / f"{name}.csv").is_file()]
         if parts:  # units written before the estimator setting were computed by the plug-in
             tables[name] = with_estimator(pd.concat(parts, ignore_index=True), name)
     hashes = {meta.get("config_hash") for _, meta in metas}
@@ -676,7 +676,7 @@ def load_results(cfg_or_folder: StudyConfig | str | os.PathLike) -> dict[str, pd
     else:
         path = Path(cfg_or_folder)
         folder = load_config(path).folder if path.suffix == ".toml" else path
-    tables = {name: with_estimator(pd.read_csv(folder / f"{name}.csv"), name) for name in UNIT_TABLES
+    tables = {name: with_estimator(read_table(folder / f"{name}.csv"), name) for name in UNIT_TABLES
               if (folder / f"{name}.csv").is_file()}
     if not tables:
         raise FileNotFoundError(f"no combined tables in {folder}; run `study combine` first")

@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import io
 import json
 import os
 import platform
+import re
 import shutil
 import time
 import warnings
@@ -348,8 +350,8 @@ class StageStore:
         record = read_unit_record(entry / "record.json")
         table = None
         if (entry / "table.csv").is_file():  # floats read back bit for bit; text stays text (a key "12e4" too)
-            table = pd.read_csv(entry / "table.csv", dtype={name: object for name in record.get("text_columns", [])})
-        extra = {name: pd.read_csv(entry / f"extra-{name}.csv") for name in record.get("extra_tables", [])}
+            table = read_table(entry / "table.csv", dtype={name: object for name in record.get("text_columns", [])})
+        extra = {name: read_table(entry / f"extra-{name}.csv") for name in record.get("extra_tables", [])}
         return StageResult(table, record, extra)
 
     def save(self, stage: str, key: str, table: pd.DataFrame | None, record: dict[str, Any],
@@ -540,9 +542,9 @@ def adopt_unit_folder(cfg: StudyConfig, model: str, dataset: str, store: StageSt
                                                  **_extraction_facts_of_unit(meta)})
         else:
             table_path = folder / f"{stage.table}.csv"
-            table = _strip_provenance(pd.read_csv(table_path)) if table_path.is_file() else None
+            table = _strip_provenance(read_table(table_path)) if table_path.is_file() else None
             status = {"lora": meta.get("lora", "done")} if stage.name == "lora" else {}
-            extras = {name: _strip_provenance(pd.read_csv(folder / f"{name}.csv")) for name in stage.extras
+            extras = {name: _strip_provenance(read_table(folder / f"{name}.csv")) for name in stage.extras
                       if (folder / f"{name}.csv").is_file()}
             store.save(stage.name, key, table, {**source, **_computed_when(meta, stage.name), **status}, extra=extras)
         adopted.append(stage.name)
@@ -1202,7 +1204,7 @@ def _earlier_result(cfg: StudyConfig, model: str, dataset: str, name: str,
         table_path = folder / f"{STAGES[STAGE_NAMES.index(name)].table}.csv"
         if (found is None and meta is not None and ((meta.get("stages") or {}).get(name) or {}).get("key") == key
                 and table_path.is_file()):
-            found = StageResult(_strip_provenance(pd.read_csv(table_path)),
+            found = StageResult(_strip_provenance(read_table(table_path)),
                                 {"adopted_from": str(folder), **_computed_when(meta, name)})
         if found is not None and found.table is not None:
             return version, key, found
@@ -1494,6 +1496,43 @@ def read_unit_record(path: str | os.PathLike) -> dict[str, Any]:
     except ValueError as error:
         raise StudySettingsError(f"{path} is not valid JSON ({error}): a merge conflict or a damaged file; restore "
                                  "it (git checkout -- <file>) or delete its folder to compute it again") from error
+
+
+def read_table(path: str | os.PathLike, **options: Any) -> pd.DataFrame:
+    """A study table (a unit's, a stage's or a combined one), with an error that names it where it cannot be read.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The CSV file.
+    **options
+        Passed to ``pandas.read_csv``.
+
+    Returns
+    -------
+    DataFrame
+
+    Raises
+    ------
+    StudySettingsError
+        When it holds git's merge-conflict markers (pandas would read them as rows of NaN), or
+        pandas cannot parse it (a damaged file).
+    """
+    remedy = "restore it (git checkout -- <file>, or resolve the conflict) or compute it again"
+    text = Path(path).read_text()
+    conflict = CONFLICT_MARKER.search(text)
+    if conflict:
+        line = text.count("\n", 0, conflict.start()) + 1
+        raise StudySettingsError(f"{path} holds a git merge-conflict marker at line {line}: {remedy}")
+    try:
+        return pd.read_csv(io.StringIO(text), **options)
+    except ValueError as error:  # pandas' ParserError and EmptyDataError
+        raise StudySettingsError(f"{path} cannot be read as a table ({type(error).__name__}: {error}): {remedy}") \
+            from error
+
+
+#: A line git writes into a file whose merge conflicts (``<<<<<<< ours``, ``=======``, ``>>>>>>> theirs``).
+CONFLICT_MARKER = re.compile(r"^(<{7} |={7}$|>{7} )", flags=re.MULTILINE)
 
 
 def _complete_unit_meta(folder: Path, model: str, dataset: str) -> dict[str, Any] | None:

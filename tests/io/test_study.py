@@ -375,7 +375,7 @@ def test_the_command_line_says_a_users_error_in_one_line(tmp_path, capsys, monke
         main(["study", "status", str(missing)])
 
 
-def test_a_unit_record_that_is_no_json_is_named(tmp_path, capsys):
+def test_a_unit_record_or_table_that_cannot_be_read_is_named(tmp_path, capsys):
     """A merge conflict in a committed unit.json (or a damaged file) was a JSONDecodeError without a path."""
     from ntps_nb.cli import main
 
@@ -394,6 +394,22 @@ def test_a_unit_record_that_is_no_json_is_named(tmp_path, capsys):
     config = tmp_path / "fast.toml"
     config.write_text((STUDIES / "fast.toml").read_text() + f'results_dir = "{results}"\n')
     assert main(["study", "status", str(config)]) == 2 and "is not valid JSON" in capsys.readouterr().err
+    # the same in a table: a combined one, and a unit's
+    # a table with a merge conflict: pandas reads its marker lines as rows of NaN, without a word
+    combined = results / "ntps.csv"
+    lines = combined.read_text().splitlines(keepends=True)
+    combined.write_text("".join(lines[:3] + ["<<<<<<< HEAD\n", lines[3], "=======\n", lines[3], ">>>>>>> other\n"]
+                                + lines[4:]))
+    assert pd.read_csv(combined).iloc[:, 0].astype(str).str.startswith("<<<<<<<").any()
+    with pytest.raises(study.StudySettingsError, match=f"{re.escape(str(combined))} holds a git merge-conflict "
+                                                       "marker at line 4"):
+        study.load_results(results)
+    record.write_text(record.read_text().removeprefix("<<<<<<< HEAD\n"))
+    probes = record.parent / "probes.csv"
+    probes.write_text("".join(probes.read_text().splitlines(keepends=True)[:2]) + "1,2,3," + "9," * 200 + "\n")
+    with pytest.raises(study.StudySettingsError, match=f"{re.escape(str(probes))} cannot be read as a table "
+                                                       r"\(ParserError"):
+        study.study_status(cfg)
 
 
 def test_cli_run_passes_device_and_threads(monkeypatch):
