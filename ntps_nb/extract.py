@@ -1003,11 +1003,9 @@ def extract_cached(
         When the stored entry cannot be read (damaged after it was written): the message names its folder.
     """
     info = model_info.as_dict() if hasattr(model_info, "as_dict") else dict(model_info)
-    if any(not isinstance(settings.get(name), (str, type(None))) and any(int(v) < 0 for v in settings[name])
-           for name in LAYER_SETTINGS):  # -1 and the last index are one entry
-        all_layers = hidden_state_layers(model)
-        settings = {**settings, **{name: resolve_layer_indices(settings[name], all_layers, name)
-                                   for name in LAYER_SETTINGS if name in settings}}
+    all_layers = hidden_state_layers(model)  # -1 and the last index are one entry (the key sorts the lists)
+    settings = {**settings, **{name: resolve_layer_indices(settings[name], all_layers, name)
+                               for name in LAYER_SETTINGS if name in settings}}
     text_set = as_text_set(data, n_classes=settings.get("n_classes"))
     key_settings = _settings_with_defaults(settings)
     device = settings.get("device") or next(model.parameters()).device

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from ntps_nb.core.moments import Moments, moments_from_sequences, one_hot
 from ntps_nb.core.score import RANGE_RTOL, theory_geometry
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
-from ntps_nb.core.validation import check_finite, check_labels
+from ntps_nb.core.validation import check_features, check_labels
 
 
 def excess_loss(moments: Moments, k: int | None = None, *, fraction: float | None = None,
@@ -127,9 +127,7 @@ def fitted_excess_loss(features: Float[np.ndarray, "N d"], labels: np.ndarray, m
 
 def _probe_data(features: Any, labels: Any, moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Finite (N, d) float64 features of the moments' d and their one-hot labels, one per row."""
-    X = check_finite(features, name, ndim=2)
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} are empty")
+    X = check_features(features, name)
     if X.shape[1] != moments.d:
         raise ValueError(f"{name} have d = {X.shape[1]} columns, the moments d = {moments.d}")
     y = check_labels(labels, n_classes=moments.n_classes, n_rows=X.shape[0],

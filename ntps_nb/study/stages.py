@@ -1498,6 +1498,10 @@ def read_unit_record(path: str | os.PathLike) -> dict[str, Any]:
                                  "it (git checkout -- <file>) or delete its folder to compute it again") from error
 
 
+#: A line git writes into a file whose merge conflicts (``<<<<<<< ours``, ``=======``, ``>>>>>>> theirs``).
+CONFLICT_MARKER = re.compile(r"^(<{7} |={7}$|>{7} )", flags=re.MULTILINE)
+
+
 def read_table(path: str | os.PathLike, **options: Any) -> pd.DataFrame:
     """A study table (a unit's, a stage's or a combined one), with an error that names it where it cannot be read.
 
@@ -1529,10 +1533,6 @@ def read_table(path: str | os.PathLike, **options: Any) -> pd.DataFrame:
     except ValueError as error:  # pandas' ParserError and EmptyDataError
         raise StudySettingsError(f"{path} cannot be read as a table ({type(error).__name__}: {error}): {remedy}") \
             from error
-
-
-#: A line git writes into a file whose merge conflicts (``<<<<<<< ours``, ``=======``, ``>>>>>>> theirs``).
-CONFLICT_MARKER = re.compile(r"^(<{7} |={7}$|>{7} )", flags=re.MULTILINE)
 
 
 def _complete_unit_meta(folder: Path, model: str, dataset: str) -> dict[str, Any] | None:

@@ -65,7 +65,7 @@ def test_fitted_probes_refuse_features_that_are_not_the_moments_texts():
            ((np.where(X > 2, np.nan, X), y), "features have NaN/inf in 17 row(s)"),
            ((X, y.astype(str)), "labels must be integers 0..2, got dtype <U"),
            ((X, y + 3), "labels must lie in 0..2"),
-           ((X[:0], y[:0]), "features are empty")]
+           ((X[:0], y[:0]), "features must be (N, d >= 1), got shape (0, 12)")]
     with unchecked_shapes():  # the messages users get (the test-time shape check would answer first)
         for (features, labels), message in bad:
             with pytest.raises(ValueError, match=re.escape(message)):
