@@ -400,7 +400,8 @@ def stratified_concordance(
     -------
     dict
         ``estimate`` (tau), ``n_pairs``, ``n_groups`` (with at least two members), ``p_value``,
-        ``p_side`` ("two-sided"), ``n_perm``. NaN estimate and p-value when there is no pair.
+        ``p_side`` ("two-sided"), ``n_perm``. NaN estimate and p-value, with a `DegenerateSampleWarning`,
+        when there is no pair.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -414,6 +415,8 @@ def stratified_concordance(
     members = [m for m in members if m.size >= 2]
     n_pairs = int(sum(m.size * (m.size - 1) // 2 for m in members))
     if n_pairs == 0:
+        warnings.warn("no group has two members, so there is no pair to compare: the concordance is undefined, "
+                      "returning NaN", DegenerateSampleWarning, stacklevel=2)
         return {"estimate": np.nan, "n_pairs": 0, "n_groups": 0, "p_value": np.nan, "p_side": P_SIDES["two-sided"], "n_perm": 0}
     pairs = [np.triu_indices(m.size, 1) for m in members]
     x_signs = [np.sign(x[m][i] - x[m][j]) for m, (i, j) in zip(members, pairs)]

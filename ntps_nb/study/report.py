@@ -536,7 +536,7 @@ def structure_controls(
         One row per (analysis, model, target), with the columns above.
     """
     from ntps_nb.core.selection import monte_carlo_se
-    from ntps_nb.core.stats import partial_correlation_ci, stratified_concordance
+    from ntps_nb.core.stats import DegenerateSampleWarning, partial_correlation_ci, stratified_concordance
 
     fixed = fixed_ntps(tables, k=k).dropna(subset=["ntps"])  # an estimator undefined there: left out
     rows = []
@@ -569,8 +569,10 @@ def structure_controls(
             rows.append({**row, "estimate": ci["estimate"], "lower": ci["lower"], "upper": ci["upper"], "se": np.nan})
         for who in ("all", "pretrained"):
             part = fixed if who == "all" else fixed[fixed["pretrained"].astype(bool)]
-            agree = stratified_concordance(part["ntps"], sign * part[target].to_numpy(float), part["dataset"],
-                                           n_perm=n_perm, seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateSampleWarning)  # no pair: the row is left out below
+                agree = stratified_concordance(part["ntps"], sign * part[target].to_numpy(float), part["dataset"],
+                                               n_perm=n_perm, seed=seed)
             if agree["n_pairs"] == 0:  # a single model (of that kind): no pairs to compare
                 continue
             rows.append({"analysis": "across_models", "model": who, "target": target, "k": k,

@@ -156,7 +156,8 @@ def test_stratified_concordance_counts_pairs_within_groups_only(rng):
     agree = stratified_concordance(x, 3 * x + groups, groups, n_perm=500)
     assert agree["estimate"] == 1.0 and agree["p_value"] < 0.01
     assert 0 < out["p_value"] <= 1
-    single = stratified_concordance([1.0, 2.0], [1.0, 2.0], ["a", "b"])
+    with pytest.warns(DegenerateSampleWarning, match="no group has two members"):
+        single = stratified_concordance([1.0, 2.0], [1.0, 2.0], ["a", "b"])
     assert single["n_pairs"] == 0 and np.isnan(single["estimate"])
     with pytest.raises(ValueError, match="finite"):
         stratified_concordance([1.0, np.nan], [1.0, 2.0], ["a", "a"])
