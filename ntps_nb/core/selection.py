@@ -36,7 +36,6 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
-from jaxtyping import Float
 
 from ntps_nb.core.stats import (
     MIN_DATASETS,

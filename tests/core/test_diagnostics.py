@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from ntps_nb import (
-    Moments,
     moments_from_sequences,
     perception_moments,
     reference_geometry,

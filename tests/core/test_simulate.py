@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ntps_nb.core.estimators import ESTIMATORS, estimate_ntps, ntps_estimate, split_halves
-from ntps_nb.core.moments import Moments, moments_from_sequences
+from ntps_nb.core.estimators import estimate_ntps
+from ntps_nb.core.moments import moments_from_sequences
 from ntps_nb.core.score import InterpolationWarning, ntps
 from ntps_nb.core.simulate import (
     REFLECTION_RATIOS,
@@ -256,7 +256,6 @@ def test_bias_decomposition_with_nothing_sampled_has_no_bias():
     # decomposition's variants each keep one source noisy, and "all sampled" keeps all of them.
     from dataclasses import replace
 
-    from ntps_nb.core.estimators import estimate_ntps
     from ntps_nb.core.simulate import SOURCES, bias_decomposition
 
     model = lds_model(d=6, n_classes=2, n_tokens=4, seed=2)
