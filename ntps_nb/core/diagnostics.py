@@ -43,6 +43,7 @@ from jaxtyping import Float
 
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments, one_hot
+from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.score import (
     REFERENCE_FRACTIONS,
     SPAN_RTOL,
@@ -658,6 +659,7 @@ def ntps_diagnostics(
     feature_rtol: float = FEATURE_MATCH_RTOL,
     estimator: str = "plugin",
     device: Any = None,
+    progress: bool = True,
     **provenance: Any,
 ) -> pd.DataFrame:
     """Stability and label dependence of NTPS for one layer, at a grid of k / fractions, in one call.
@@ -695,6 +697,8 @@ def ntps_diagnostics(
         rows have ``solver_max_dev`` NaN. A shard estimator raises a ValueError (module docstring).
     device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
         the same frame from `ntps_nb.core.backends.torch.ntps_diagnostics_torch`.
+    progress : on this numpy path, a bar over the perturbed copies and permutations, shown once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (the torch path solves them in batches, without one).
     **provenance : constant columns (model, dataset, layer, ...) added to every row.
 
     The theory rows' unperturbed NTPS comes with the warnings `ntps_nb.core.score.ntps_sweep` gives it
@@ -763,27 +767,30 @@ def ntps_diagnostics(
     # Perturbations: one perturbed copy at a time (memory O(d^2)), every variant evaluated on it.
     perturbed = {name: np.full((n_perturb, len(grids[name]["ntps"])), np.nan) for name in variants}
     rank_changes = dict.fromkeys(variants, 0)
-    rng = np.random.default_rng(perturb_seq)
-    for i in range(n_perturb):
-        copy = _perturb(moments, perturb_scale, rng)
-        for name in variants:
-            geometry = theory_geometry(copy) if name == "theory" else reference_geometry(copy)
-            perturbed[name][i] = (evaluate(name, geometry) if plugin or name != "theory"
-                                  else _estimated(copy, grids[name]["ks"], estimator, seed))
-            rank_changes[name] += int((geometry.r_U, geometry.r_V) != grids[name]["ranks"])
-
-    # Label-permutation null: only Sxy changes, so U is redone on factorised Sxx and V.
-    null = {name: np.full((n_permutations, len(grids[name]["ntps"])), np.nan) for name in variants}
-    if n_permutations:
-        factor = {"theory": TheoryFactorization.from_moments(moments) if "theory" in variants and plugin else None,
-                  "reference": ReferenceFactorization.from_moments(moments) if "reference" in variants else None}
-        rng = np.random.default_rng(perm_seq)
-        XT = X.T / X.shape[0]
-        for b in range(n_permutations):
-            permuted = moments.with_labels(XT @ Y[rng.permutation(Y.shape[0])] - shift, moments.Syy)
+    with progress_bar(n_perturb + n_permutations, "ntps_diagnostics", progress, unit="copy") as bar:
+        rng = np.random.default_rng(perturb_seq)
+        for i in range(n_perturb):
+            copy = _perturb(moments, perturb_scale, rng)
             for name in variants:
-                null[name][b] = (evaluate(name, factor[name].geometry(permuted)) if factor[name] is not None
-                                 else _estimated(permuted, grids[name]["ks"], estimator, seed))
+                geometry = theory_geometry(copy) if name == "theory" else reference_geometry(copy)
+                perturbed[name][i] = (evaluate(name, geometry) if plugin or name != "theory"
+                                      else _estimated(copy, grids[name]["ks"], estimator, seed))
+                rank_changes[name] += int((geometry.r_U, geometry.r_V) != grids[name]["ranks"])
+            bar.update(1)
+
+        # Label-permutation null: only Sxy changes, so U is redone on factorised Sxx and V.
+        null = {name: np.full((n_permutations, len(grids[name]["ntps"])), np.nan) for name in variants}
+        if n_permutations:
+            factor = {"theory": TheoryFactorization.from_moments(moments) if "theory" in variants and plugin else None,
+                      "reference": ReferenceFactorization.from_moments(moments) if "reference" in variants else None}
+            rng = np.random.default_rng(perm_seq)
+            XT = X.T / X.shape[0]
+            for b in range(n_permutations):
+                permuted = moments.with_labels(XT @ Y[rng.permutation(Y.shape[0])] - shift, moments.Syy)
+                for name in variants:
+                    null[name][b] = (evaluate(name, factor[name].geometry(permuted)) if factor[name] is not None
+                                     else _estimated(permuted, grids[name]["ks"], estimator, seed))
+                bar.update(1)
 
     # Eigensolver settings.
     solver_dev = solver_deviations(variants, grids, solvers,

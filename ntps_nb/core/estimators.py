@@ -81,6 +81,7 @@ import scipy.stats
 from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import nested_groups, theory_values
 from ntps_nb.core.moments import Moments
+from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, BeyondRankWarning, InterpolationWarning, NextTokenTieWarning,
@@ -1230,7 +1231,7 @@ def ntps_estimate(
 
 
 def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, estimator: str = DEFAULT_ESTIMATOR,
-                  **options: Any) -> pd.DataFrame:
+                  progress: bool = True, **options: Any) -> pd.DataFrame:
     """Does the estimate settle as texts are added? `ntps_estimate` on nested subsamples of one extraction.
 
     The subsamples are `ntps_nb.core.intervals.nested_groups`': the first ``n_groups``, ``2 n_groups``,
@@ -1262,6 +1263,9 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
         Shards of every subsample's estimate, at least `min_shards` of the estimator (default 5).
     estimator : str
         One of `ESTIMATORS` (default `DEFAULT_ESTIMATOR`).
+    progress : bool
+        Show a bar over the subsamples (one `ntps_estimate` each) once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds.
     **options
         Passed to `ntps_estimate` (``level``, ``seed``, ``interval``, ``device``, ...).
 
@@ -1281,16 +1285,19 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    subsamples = nested_groups(moment_shards, n_groups, min_groups=min_shards(estimator), caller="estimate_by_n")
+    subsamples = list(nested_groups(moment_shards, n_groups, min_groups=min_shards(estimator),
+                                    caller="estimate_by_n"))
     frames = []
-    for used, groups in subsamples:
-        with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning,
-                      BeyondRankWarning)) as caught:
-            frames.append(ntps_estimate(groups, ks, estimator=estimator, **options).assign(n_shards_used=used,
-                                                                                           n_groups=n_groups))
-        where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"
-        for item in caught:  # said at the caller's line, with the subsample they are of
-            warnings.warn(f"estimate_by_n, {where}: {item.message}", item.category, stacklevel=2)
+    with progress_bar(len(subsamples), "estimate_by_n", progress, unit="subsample") as bar:
+        for used, groups in subsamples:
+            with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning,
+                          BeyondRankWarning)) as caught:
+                frames.append(ntps_estimate(groups, ks, estimator=estimator, **options).assign(n_shards_used=used,
+                                                                                               n_groups=n_groups))
+            where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"
+            for item in caught:  # said at the caller's line, with the subsample they are of
+                warnings.warn(f"estimate_by_n, {where}: {item.message}", item.category, stacklevel=2)
+            bar.update(1)
     return _with_drift(pd.concat(frames, ignore_index=True))
 
 

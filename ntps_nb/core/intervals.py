@@ -57,6 +57,7 @@ import scipy.special
 from jaxtyping import Float, Int
 
 from ntps_nb.core.moments import LayerMoments, Moments, moments_from_sequences
+from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.score import (
     REFERENCE_ABS_TOL,
     REFERENCE_FRACTIONS,
@@ -372,9 +373,10 @@ def theory_values(geometry: TheoryGeometry, ks: np.ndarray, statistic: Statistic
 
 
 def _evaluate(curve: _Curve, moments: Iterator[Moments] | Iterator[list[Moments]], n: int,
-              width: int) -> tuple[np.ndarray, int]:
+              width: int, bar=None) -> tuple[np.ndarray, int]:
     """The curve on each of n moments (or shard lists); a replicate whose geometry is undefined
-    (e.g. a resample with a single class) becomes a row of NaN and is counted."""
+    (e.g. a resample with a single class) becomes a row of NaN and is counted. ``bar`` (a
+    `progress_bar`) advances by one per replicate."""
     values = np.full((n, width), np.nan)
     failed = 0
     for i, m in enumerate(moments):
@@ -382,6 +384,8 @@ def _evaluate(curve: _Curve, moments: Iterator[Moments] | Iterator[list[Moments]
             values[i] = curve(m)
         except (ValueError, np.linalg.LinAlgError):
             failed += 1
+        if bar is not None:
+            bar.update(1)
     return values, failed
 
 
@@ -393,13 +397,14 @@ class _Replicates:
     failed: int
 
 
-def _replicates(stack: ShardStack, curve: _Curve, counts: np.ndarray, estimate: np.ndarray) -> _Replicates:
+def _replicates(stack: ShardStack, curve: _Curve, counts: np.ndarray, estimate: np.ndarray,
+                bar=None) -> _Replicates:
     width = estimate.size
     # a shard estimator sees the resample's shards; every other curve its combined moments
     replicate = stack.resampled if curve.needs_shards else stack.combined
-    boot, failed_boot = _evaluate(curve, replicate(counts), counts.shape[0], width)
+    boot, failed_boot = _evaluate(curve, replicate(counts), counts.shape[0], width, bar)
     leave_one_out = 1.0 - np.eye(len(stack))
-    jack, failed_jack = _evaluate(curve, replicate(leave_one_out), len(stack), width)
+    jack, failed_jack = _evaluate(curve, replicate(leave_one_out), len(stack), width, bar)
     return _Replicates(estimate=estimate, boot=boot, jack=jack, failed=failed_boot + failed_jack)
 
 
@@ -641,7 +646,7 @@ def _warn_failed(failed: int, total: int) -> None:
 
 
 def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, level, seed, method,
-                 centred, tol, rtol, precision, estimator="plugin") -> BootstrapInterval:
+                 centred, tol, rtol, precision, estimator="plugin", progress=True) -> BootstrapInterval:
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
     stack = ShardStack(moment_shards)
@@ -649,7 +654,8 @@ def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, leve
     curve = _single_curve(full, k, fraction, statistic=statistic, variant=variant, centred=centred,
                           tol=tol, rtol=rtol, precision=precision, estimator=estimator, seed=seed)
     estimate = _estimate(curve, stack, full)
-    reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate)
+    with progress_bar(n_boot + len(stack), f"{statistic}_interval", progress, unit="replicate") as bar:
+        reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate, bar)
     _warn_failed(reps.failed, n_boot + len(stack))
     deviations, se_jack = _jackknife(reps.jack)
     s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
@@ -679,6 +685,7 @@ def ntps_interval(
     rtol: float = RANGE_RTOL,
     precision: str = "float32",
     estimator: str = "plugin",
+    progress: bool = True,
 ) -> BootstrapInterval:
     """NTPS of the combined shards with a shard-bootstrap interval and jackknife standard error.
 
@@ -705,6 +712,8 @@ def ntps_interval(
     estimator : "plugin" (default) or another of `ntps_nb.core.estimators.ESTIMATORS` (theory
         variant, rtol only): the estimate and every replicate come from it (module docstring);
         ``seed`` also seeds its splits into halves.
+    progress : show a bar over the replicates once the call has run `ntps_nb.core.progress.PROGRESS_DELAY_S`
+        seconds (each replicate is one factorisation: minutes at d = 576 on one core).
 
     Returns
     -------
@@ -712,7 +721,7 @@ def ntps_interval(
     """
     return _interval_of(moment_shards, k, fraction, statistic="ntps", variant=variant, n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
-                        precision=precision, estimator=estimator)
+                        precision=precision, estimator=estimator, progress=progress)
 
 
 def excess_loss_interval(
@@ -727,13 +736,14 @@ def excess_loss_interval(
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
+    progress: bool = True,
 ) -> BootstrapInterval:
     """The excess loss DeltaL = L(V_k) - L* (SPEC section 5) of the combined shards, with a
     shard-bootstrap interval; arguments as in `ntps_interval` (theory variant only).
 
     Parameters
     ----------
-    moment_shards, k, fraction, n_boot, level, seed, method, centred, tol, rtol : as in
+    moment_shards, k, fraction, n_boot, level, seed, method, centred, tol, rtol, progress : as in
         `ntps_interval`.
 
     Returns
@@ -742,7 +752,7 @@ def excess_loss_interval(
     """
     return _interval_of(moment_shards, k, fraction, statistic="excess_loss", variant="theory", n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
-                        precision="float64")
+                        precision="float64", progress=progress)
 
 
 def ntps_interval_sweep(
@@ -760,6 +770,7 @@ def ntps_interval_sweep(
     precision: str = "float32",
     fractions: np.ndarray | None = None,
     estimator: str = "plugin",
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Intervals at every k (theory: k = 1..r_V of the full data) or every fraction (reference),
     from one factorisation per replicate (plug-in), as a tidy frame.
@@ -806,7 +817,8 @@ def ntps_interval_sweep(
         index = {"k": ks, "fraction": ks / geometry.r_V, "k_U": np.minimum(ks, geometry.m),
                  "m": geometry.m, "r_V": geometry.r_V}
     estimate = _estimate(curve, stack, full)
-    reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate)
+    with progress_bar(n_boot + len(stack), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
+        reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate, bar)
     _warn_failed(reps.failed, n_boot + len(stack))
     deviations, se_jack = _jackknife(reps.jack)
     summary = _summary(estimate, reps.boot, deviations, se_jack, level, method)
@@ -868,6 +880,7 @@ def width_by_n(
     seed: int = 0,
     method: IntervalMethod = "basic",
     estimator: str = "plugin",
+    progress: bool = True,
 ) -> pd.DataFrame:
     """How the interval narrows as texts are added, from one sharded extraction.
 
@@ -882,18 +895,23 @@ def width_by_n(
     n_groups : bootstrap units per interval, >= `MIN_SHARDS`.
     variant, n_boot, level, seed, method, estimator : as in `ntps_interval` (a shard estimator
         sees the ``n_groups`` merged groups as its shards).
+    progress : a bar over the subsamples (each ``n_boot + n_groups`` factorisations), shown as in `ntps_interval`.
 
     Returns
     -------
     DataFrame, one row per N: n_texts, n_shards_used, ntps (the estimate), lower, upper, width,
     se_jackknife, and the settings (k, variant, estimator, n_groups, n_boot, level, method, seed).
     """
+    _check_options(n_boot, level, seed, method, variant, "ntps")
+    subsamples = list(nested_groups(moment_shards, n_groups, caller="width_by_n"))
     rows = []
-    for used, groups in nested_groups(moment_shards, n_groups, caller="width_by_n"):
-        iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
-                           estimator=estimator)
-        rows.append({"n_texts": iv.n_texts, "n_shards_used": used, "ntps": iv.estimate, "lower": iv.lower,
-                     "upper": iv.upper, "width": iv.upper - iv.lower, "se_jackknife": iv.se_jackknife})
+    with progress_bar(len(subsamples), "width_by_n", progress, unit="subsample") as bar:
+        for used, groups in subsamples:
+            iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
+                               estimator=estimator, progress=False)
+            rows.append({"n_texts": iv.n_texts, "n_shards_used": used, "ntps": iv.estimate, "lower": iv.lower,
+                         "upper": iv.upper, "width": iv.upper - iv.lower, "se_jackknife": iv.se_jackknife})
+            bar.update(1)
     return pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator, n_groups=n_groups, n_boot=n_boot,
                                      level=level, method=method, seed=seed)
 
@@ -927,6 +945,7 @@ def ntps_difference(
     rtol: float = RANGE_RTOL,
     precision: str = "float32",
     estimator: str = "plugin",
+    progress: bool = True,
 ) -> BootstrapDifference:
     """Do two NTPS values differ? statistic(a) - statistic(b) with a bootstrap interval and p-value.
 
@@ -942,6 +961,7 @@ def ntps_difference(
         same), so say paired= when you know; paired=True only requires equal text counts.
     statistic : "ntps" (default) or "excess_loss".
     estimator : as in `ntps_interval`, the same on both sides.
+    progress : one bar over both sides' replicates, as in `ntps_interval`.
     Other arguments as in `ntps_interval`.
 
     Returns
@@ -970,8 +990,9 @@ def ntps_difference(
     else:
         # an independent stream for b, reproducible from the same seed
         counts_b = bootstrap_counts(len(stack_b), n_boot, np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
-    reps_a = _replicates(stack_a, curve_a, counts_a, est_a)
-    reps_b = _replicates(stack_b, curve_b, counts_b, est_b)
+    with progress_bar(2 * n_boot + len(stack_a) + len(stack_b), "ntps_difference", progress, unit="replicate") as bar:
+        reps_a = _replicates(stack_a, curve_a, counts_a, est_a, bar)
+        reps_b = _replicates(stack_b, curve_b, counts_b, est_b, bar)
     _warn_failed(reps_a.failed + reps_b.failed, 2 * n_boot + len(stack_a) + len(stack_b))
     estimate = est_a - est_b
     boot = reps_a.boot - reps_b.boot
@@ -1035,6 +1056,7 @@ def coverage_study(
     seed: int = 0,
     angle: float = np.pi / 4,
     estimator: str = "plugin",
+    progress: bool = True,
     **task_kwargs,
 ) -> pd.DataFrame:
     """How often do nominal intervals cover the population value? Repeated draws on a synthetic task.
@@ -1064,6 +1086,7 @@ def coverage_study(
     angle : planted angle of the task (radians).
     estimator : the estimator of every sample's value and replicates, as in `ntps_interval`
         (statistic "ntps" only); the truth is always the plug-in NTPS of the population draw.
+    progress : a bar over the repetitions (each ``n_boot + n_shards`` factorisations), shown as in `ntps_interval`.
     **task_kwargs : further arguments of `synthetic_linear_task`.
 
     Returns
@@ -1093,29 +1116,31 @@ def coverage_study(
                                                               estimator=estimator, seed=int(seed))
     rng = np.random.default_rng([int(seed), 2])
     rows = []
-    for rep in range(int(n_repetitions)):
-        idx = np.sort(rng.choice(population_n_texts, size=n_texts, replace=False))
-        stack = ShardStack(split_into_shards(pool.sequences[idx], n_shards, pool.labels[idx],
-                                             n_classes=pool.n_classes, seed=rep))
-        full = Moments.combine(stack.shards)
-        estimate = _estimate(sample_curve, stack, full)
-        reps = _replicates(stack, sample_curve, bootstrap_counts(n_shards, n_boot, rep), estimate)
-        deviations, se_jack = _jackknife(reps.jack)
-        for method in methods:
-            s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
-            lower, upper = float(s["lower"][0]), float(s["upper"][0])
-            rows.append({
-                "repetition": rep, "method": method, "statistic": statistic, "estimator": estimator, "k": k,
-                "estimate": float(estimate[0]), "lower": lower, "upper": upper, "width": upper - lower,
-                "covered": lower <= truth <= upper,
-                "miss": "below" if upper < truth else ("above" if lower > truth else ""),
-                "se_bootstrap": float(s["se_bootstrap"][0]), "se_jackknife": float(se_jack[0]),
-                "bias_bootstrap": float(s["bias_bootstrap"][0]), "n_valid": int(s["n_valid"][0]),
-                "truth": truth, "truth_se_jackknife": float(truth_se[0]),
-                "n_texts": n_texts, "n_shards": n_shards, "n_boot": int(n_boot), "level": float(level),
-                "population_n_texts": population_n_texts, "seed": int(seed),
-                **{f"task_{key}": value for key, value in pool.settings.items() if key not in ("n_texts", "seed")},
-            })
+    with progress_bar(int(n_repetitions), "coverage_study", progress, unit="sample") as bar:
+        for rep in range(int(n_repetitions)):
+            idx = np.sort(rng.choice(population_n_texts, size=n_texts, replace=False))
+            stack = ShardStack(split_into_shards(pool.sequences[idx], n_shards, pool.labels[idx],
+                                                 n_classes=pool.n_classes, seed=rep))
+            full = Moments.combine(stack.shards)
+            estimate = _estimate(sample_curve, stack, full)
+            reps = _replicates(stack, sample_curve, bootstrap_counts(n_shards, n_boot, rep), estimate)
+            deviations, se_jack = _jackknife(reps.jack)
+            for method in methods:
+                s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
+                lower, upper = float(s["lower"][0]), float(s["upper"][0])
+                rows.append({
+                    "repetition": rep, "method": method, "statistic": statistic, "estimator": estimator, "k": k,
+                    "estimate": float(estimate[0]), "lower": lower, "upper": upper, "width": upper - lower,
+                    "covered": lower <= truth <= upper,
+                    "miss": "below" if upper < truth else ("above" if lower > truth else ""),
+                    "se_bootstrap": float(s["se_bootstrap"][0]), "se_jackknife": float(se_jack[0]),
+                    "bias_bootstrap": float(s["bias_bootstrap"][0]), "n_valid": int(s["n_valid"][0]),
+                    "truth": truth, "truth_se_jackknife": float(truth_se[0]),
+                    "n_texts": n_texts, "n_shards": n_shards, "n_boot": int(n_boot), "level": float(level),
+                    "population_n_texts": population_n_texts, "seed": int(seed),
+                    **{f"task_{key}": value for key, value in pool.settings.items() if key not in ("n_texts", "seed")},
+                })
+            bar.update(1)
     return pd.DataFrame(rows)
 
 

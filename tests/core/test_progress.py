@@ -1,0 +1,135 @@
+"""Progress bars of the core's long loops: each counts its own steps, appears only after the delay,
+and is off with progress=False or TQDM_DISABLE."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tqdm.std import tqdm
+
+import ntps_nb.core.progress as progress_module
+from ntps_nb import (
+    Moments,
+    estimate_by_n,
+    excess_loss_interval,
+    ntps_diagnostics,
+    ntps_difference,
+    ntps_interval,
+    ntps_interval_sweep,
+    split_into_shards,
+    synthetic_linear_task,
+    width_by_n,
+)
+from ntps_nb.core.intervals import coverage_study
+
+N_BOOT = 6
+N_SHARDS = 8
+
+
+@pytest.fixture(scope="module")
+def task():
+    return synthetic_linear_task(n_texts=800, d=12, n_classes=3, n_predictable=4, seed=5)
+
+
+@pytest.fixture(scope="module")
+def shards(task):
+    return split_into_shards(task, N_SHARDS, seed=0)
+
+
+def _calls(task, shards):
+    """(name on the bar, the call, the steps it must count): each step one replicate, perturbed copy,
+    permutation, subsample or sample, as the function's docstring says."""
+    full = Moments.combine(shards)
+    n_subsamples = 2  # nested_groups of 8 shards in groups of 4: the first 4, then all 8
+    return [
+        ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, **kw), N_BOOT + N_SHARDS),
+        ("excess_loss_interval", lambda **kw: excess_loss_interval(shards, k=2, n_boot=N_BOOT, **kw),
+         N_BOOT + N_SHARDS),
+        ("ntps_interval_sweep", lambda **kw: ntps_interval_sweep(shards, n_boot=N_BOOT, **kw), N_BOOT + N_SHARDS),
+        ("ntps_difference", lambda **kw: ntps_difference(shards, shards[::-1], k=2, n_boot=N_BOOT, **kw),
+         2 * (N_BOOT + N_SHARDS)),
+        ("width_by_n", lambda **kw: width_by_n(shards, 2, n_groups=4, n_boot=N_BOOT, **kw), n_subsamples),
+        ("estimate_by_n", lambda **kw: estimate_by_n(shards, [2], n_groups=4, **kw), n_subsamples),
+        ("ntps_diagnostics", lambda **kw: ntps_diagnostics(full, task.features, task.labels, k=[2], n_perturb=3,
+                                                           n_permutations=4, solvers=False, **kw), 3 + 4),
+        ("coverage_study", lambda **kw: coverage_study(3, n_texts=200, n_shards=4, n_boot=N_BOOT,
+                                                       population_n_texts=400, truth_shards=0, d=12, **kw), 3),
+    ]
+
+
+def _totals(text: str, name: str) -> set[int]:
+    """The totals the bar named ``name`` showed ("name: ... | i/total [")."""
+    return {int(total) for total in re.findall(rf"{name}:[^|\r\n]*\|[^|]*\|\s*\d+/(\d+)", text)}
+
+
+class RecordingBar(tqdm):
+    """tqdm that keeps every bar made, to read its desc, total and final count after the call."""
+
+    made: list["RecordingBar"] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.enabled = not self.disable  # closing disables every bar
+        RecordingBar.made.append(self)
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    RecordingBar.made = []
+    monkeypatch.setattr(progress_module, "tqdm", RecordingBar)
+    monkeypatch.setattr(progress_module, "PROGRESS_DELAY_S", 0.0)
+    return RecordingBar.made
+
+
+CALL_NAMES = ["ntps_interval", "excess_loss_interval", "ntps_interval_sweep", "ntps_difference", "width_by_n",
+              "estimate_by_n", "ntps_diagnostics", "coverage_study"]
+
+
+@pytest.mark.parametrize("name", CALL_NAMES)
+def test_a_bar_counts_the_steps_of_its_call_once_the_delay_has_passed(task, shards, name, bars, capsys):
+    desc, call, steps = next(c for c in _calls(task, shards) if c[0] == name)
+    call()
+    assert _totals(capsys.readouterr().err, desc) == {steps}  # shown, with its total
+    [bar] = [b for b in bars if b.enabled]  # one bar a call: inner calls keep theirs off
+    assert (bar.desc, bar.total, bar.n, bar.disable) == (desc, steps, steps, True)  # every step counted, closed
+
+
+@pytest.mark.parametrize("name", CALL_NAMES)
+def test_no_bar_with_progress_false(task, shards, name, bars, capsys):
+    desc, call, _ = next(c for c in _calls(task, shards) if c[0] == name)
+    call(progress=False)
+    assert desc + ":" not in capsys.readouterr().err
+    assert bars and not any(b.enabled for b in bars)
+
+
+def test_no_bar_where_the_environment_sets_tqdm_disable():
+    # tqdm reads TQDM_* variables when it is imported: the variable is set before Python starts
+    script = (
+        "import ntps_nb.core.progress as p; p.PROGRESS_DELAY_S = 0.0\n"
+        "from ntps_nb import ntps_interval, split_into_shards, synthetic_linear_task\n"
+        "task = synthetic_linear_task(n_texts=200, d=8, n_classes=2, n_predictable=2, seed=0)\n"
+        "ntps_interval(split_into_shards(task, 4, seed=0), k=1, n_boot=3)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TQDM_")}
+    shown = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert "ntps_interval:" in shown.stderr  # the script does show a bar without the variable
+    off = subprocess.run([sys.executable, "-c", script], env={**env, "TQDM_DISABLE": "1"}, capture_output=True,
+                         text=True, check=True)
+    assert "ntps_interval:" not in off.stderr
+
+
+def test_a_call_quicker_than_the_delay_shows_no_bar(shards, capsys):
+    assert progress_module.PROGRESS_DELAY_S >= 1.0  # far above the call below (a few hundredths of a second)
+    ntps_interval(shards, k=2, n_boot=N_BOOT)
+    assert "ntps_interval:" not in capsys.readouterr().err
+
+
+def test_the_bar_does_not_change_the_numbers(shards, monkeypatch):
+    monkeypatch.setattr(progress_module, "PROGRESS_DELAY_S", 0.0)
+    shown = ntps_interval_sweep(shards, n_boot=N_BOOT)
+    quiet = ntps_interval_sweep(shards, n_boot=N_BOOT, progress=False)
+    np.testing.assert_array_equal(shown.drop(columns=["statistic", "variant", "estimator", "method"]).to_numpy(float),
+                                  quiet.drop(columns=["statistic", "variant", "estimator", "method"]).to_numpy(float))
