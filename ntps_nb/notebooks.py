@@ -1633,7 +1633,7 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         rows = []
         for layer, parts in layer_shards(run.train.shards).items():
             with gathered.at(layer):
-                iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed)
+                iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, progress=False)
             rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper, "ntps_se": iv.se_jackknife})
         scores = scores.merge(pd.DataFrame(rows), on="layer", how="left").assign(
             n_shards=len(run.train.shards), n_boot=n_boot, level=level, interval="basic shard bootstrap")

@@ -906,7 +906,9 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
             for variant in u.cfg.interval_variants:  # the reference variant is the released algorithm: plug-in
                 estimator = interval_estimator(u.cfg) if variant == "theory" else "plugin"
                 # the torch backend's interval sweeps are the plug-in's; other estimators' are numpy's
-                interval_sweep = (ntps_interval_sweep if device is None or estimator != "plugin"
+                # (no progress bar: the unit's log says where the stage is)
+                on_host = device is None or estimator != "plugin"
+                interval_sweep = (partial(ntps_interval_sweep, progress=False) if on_host
                                   else partial(analysis_backend(device).interval_sweep_torch, device=device))
                 sweep = interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
                                        method=u.cfg.interval_method, estimator=estimator)
@@ -1120,7 +1122,7 @@ def _diagnostics_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
             options = dict(estimator=estimator) if variant == "theory" else {}
             frame = ntps_diagnostics(u.ex.moments[layer], u.ex.pooled[layer], u.ex.labels, variant=variant,
                                      n_perturb=u.cfg.n_perturb, n_permutations=u.cfg.n_permutations,
-                                     seed=u.cfg.seed, layer=layer, device=on, solvers=on is None,
+                                     seed=u.cfg.seed, layer=layer, device=on, solvers=on is None, progress=False,
                                      **grid, **options)
             rows.append(frame if on is None else host.fill(frame, layer, variant))
     why = "needs per-shard moments, and the diagnostics permute per-text labels of the pooled features"
