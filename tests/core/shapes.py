@@ -30,7 +30,7 @@ TYPECHECKER = "tests.core.shapes.array_hints_only"
 CHECKED_MODULES = [
     f"ntps_nb.core.{name}"
     for name in ("atomic", "diagnostics", "estimators", "gain", "moments", "peers", "probes", "published",
-                 "quadratic", "rotation", "score", "selection", "simulate", "stats",
+                 "progress", "quadratic", "rotation", "score", "selection", "simulate", "stats",
                  "subspaces", "theory", "threads", "validation")
 ]
 
