@@ -1,6 +1,6 @@
 """How the committed ci_unit unit differs when recomputed with this CPU's own kernels instead of the pinned ones.
 
-The regeneration test (tests/io/test_study.py, ``_REGENERATE``) recomputes the unit with torch's and OpenBLAS's
+The regeneration test (tests/io/test_study.py, ``_REGENERATE``) recomputes the unit with torch's, OpenBLAS's and MKL's
 AVX2 kernels pinned (``PINNED_KERNELS``) and requires equality. This runs the same script without the pins (and
 with two analysis processes, as the tests do) and prints, for ntps.csv merged with the committed rows on
 (variant, estimator, layer, k, fraction), how many rows differ, where and by how much, and whether r_V does;
@@ -27,13 +27,13 @@ UNIT = "units/smollm2-135m__trec6"
 
 def main() -> None:
     script = re.search(r'_REGENERATE = """(.*?)"""', (ROOT / "tests/io/test_study.py").read_text(), re.S).group(1)
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE", "MKL_CBWR")}
     env.update(NTPS_NB_ANALYSIS_PROCESSES="2", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as out:
         report = Path(out) / "report.json"
         subprocess.run([sys.executable, "-c", script, str(ROOT / "studies/ci_unit.toml"), out, str(report)],
                        cwd=ROOT, env=env, check=True, capture_output=True)
-        print(f"kernels: {json.loads(report.read_text())['kernels']} (the committed unit: AVX2 / Haswell)")
+        print(f"kernels: {json.loads(report.read_text())['kernels']} (the committed unit: AVX2 / Haswell / MKL_CBWR=AVX2)")
         fresh = next(Path(out).rglob(f"{UNIT}/ntps.csv")).parent
         committed = ROOT / "data/results/ci_unit" / UNIT
         keys = ["variant", "estimator", "layer", "k", "fraction"]

@@ -55,13 +55,18 @@ COMPARED: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
 #: ill-determined NTPS values move in their 7th digit (up to 6e-7, measured with the pinned kernels).
 UNIT_ANALYSIS_THREADS = 1
 
-#: The CPU kernels the committed unit was computed with (tests/io/test_study.py pins the same,
-#: ``PINNED_KERNELS``); both libraries read these variables when they load.
-REFERENCE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell"}
+#: The CPU kernels the committed unit was computed with (tests/io/test_study.py's regeneration pins
+#: them): torch's own kernels, OpenBLAS's (numpy's and scipy's) and MKL's (torch's BLAS, in the forward
+#: pass) in conditional-numerical-reproducibility mode on its AVX2 branch, which gives the same results on
+#: every processor that runs that branch. MKL left to its own dispatch picks its kernels, and their
+#: blocking, from the processor: on an Intel Xeon with AMX (Sapphire Rapids) it rounded the forward pass
+#: differently under the other two pins, so the unit as first committed, without MKL_CBWR, did not
+#: regenerate there. Each library reads its variable when it loads.
+REFERENCE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2"}
 
 #: Printed when the fresh unit differs from the committed one.
 KERNEL_NOTE = (
-    "Why they can differ: torch and OpenBLAS pick their CPU kernels (AVX2, AVX-512) from the processor. "
+    "Why they can differ: torch, OpenBLAS and MKL pick their CPU kernels (AVX2, AVX-512) from the processor. "
     "The committed unit was computed with the AVX2 kernels; other kernels round the forward pass and the "
     "moments differently (~1e-8 relative). At this tiny size (40 texts, d = 576) the unit's InterpolationWarning "
     "and NextTokenTieWarning name k where U_k or V_k is chosen among tied directions (classes of equal size, "
@@ -69,7 +74,7 @@ KERNEL_NOTE = (
     "in [0, 1]; where the eigenvalues at k are well separated it moves by rounding, and the released "
     "algorithm's float32 reference rows move throughout. r_V of the theory rows and the probe accuracies agree. "
     "To reproduce the committed unit to the letter on an x86-64 CPU, run with the same kernels:\n"
-    "    ATEN_CPU_CAPABILITY=avx2 OPENBLAS_CORETYPE=Haswell make run\n"
+    "    " + " ".join(f"{name}={value}" for name, value in REFERENCE_KERNELS.items()) + " make run\n"
     "(tests/io/test_study.py::test_regenerate_committed_unit does so and requires exact equality). On a "
     "machine that already runs these kernels, a difference is not explained by them: please report it.")
 
@@ -224,14 +229,16 @@ def cpu_kernels() -> dict[str, Any]:
     -------
     dict
         ``torch``: torch's CPU capability ("AVX2", "AVX512", ...); ``openblas``: the OpenBLAS
-        core types loaded (numpy's and scipy's), e.g. ["Haswell"].
+        core types loaded (numpy's and scipy's), e.g. ["Haswell"]; ``mkl_cbwr``: the branch MKL was
+        pinned to by the environment it loaded in (``MKL_CBWR``), or None where it picks its own.
     """
     import threadpoolctl
     import torch
 
     return {"torch": torch.backends.cpu.get_cpu_capability(),
             "openblas": sorted({str(p.get("architecture")) for p in threadpoolctl.threadpool_info()
-                                if p.get("internal_api") == "openblas"})}
+                                if p.get("internal_api") == "openblas"}),
+            "mkl_cbwr": os.environ.get("MKL_CBWR")}
 
 
 def _progress_log(bar: Any, phases: list[str]) -> Callable[[str], None]:
@@ -366,8 +373,9 @@ def check_fresh_unit(config: str | os.PathLike, folder: str | os.PathLike, *,
                    if len(ntps) and ntps["max_abs_diff"].iloc[0] > 0 else "")
         say(f"\nTHE FRESH UNIT DIFFERS from the committed one: {int(comparison['values_differing'].sum())} of "
             f"{int(comparison['values'].sum())} compared values differ{largest}; {unpaired} row(s) on one side only.")
-        say(f"This machine's kernels: torch {kernels['torch']}, OpenBLAS {', '.join(kernels['openblas']) or '?'} "
-            f"(the committed unit: torch AVX2, OpenBLAS Haswell).\n" + KERNEL_NOTE)
+        mkl = f"MKL_CBWR={kernels['mkl_cbwr']}" if kernels["mkl_cbwr"] else "MKL its own dispatch"
+        say(f"This machine's kernels: torch {kernels['torch']}, OpenBLAS {', '.join(kernels['openblas']) or '?'}, "
+            f"{mkl} (the committed unit: torch AVX2, OpenBLAS Haswell, MKL_CBWR=AVX2).\n" + KERNEL_NOTE)
     return comparison
 
 

@@ -19,6 +19,7 @@ import ntps_nb.extract
 from ntps_nb import study
 from ntps_nb.core.threads import PROCESSES_ENV, analysis_processes, available_cores, default_threads
 from ntps_nb.extract import EXTRACT_VERSION
+from ntps_nb.main_job import REFERENCE_KERNELS
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "studies"
@@ -1152,27 +1153,24 @@ def test_the_estimates_stage_computes_on_the_units_analysis_device(monkeypatch):
     assert on_device == ["cpu", "cpu"]  # "adjusted" runs in numpy only: it stayed there
 
 
-#: The CPU kernels the committed unit was computed with, pinned for its regeneration. torch and
-#: OpenBLAS pick their kernels from the CPU (AVX2, AVX-512): on an AVX-512 machine the forward pass
-#: and the moments move by ~1e-8 relative, and at this size (40 texts, d = 576) that moves NTPS at
-#: k where U or V is not well determined (tied eigenvalues: the theory rows by up to 0.12 at the tied k,
-#: by 0.07 at layer 0 k = 254-283, below 1e-3 elsewhere; every reference row; docs/estimator.md's session-39
-#: section). Both libraries read these
-#: variables when they load, hence the separate process. MKL (torch's BLAS) is left to its own
-#: dispatch, as when the unit was computed: pinning it (MKL_CBWR) changes the numbers too.
-PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell"}
+#: The CPU kernels the committed unit was computed with, pinned for its regeneration (torch's, OpenBLAS's
+#: and MKL's; `ntps_nb.main_job.REFERENCE_KERNELS` says why each). Other kernels move the forward pass
+#: and the moments by ~1e-8 relative, and at this size (40 texts, d = 576) that moves NTPS at k where U or
+#: V is not well determined (tied eigenvalues: the theory rows by up to 0.12 at the tied k, by 0.07 at
+#: layer 0 k = 254-283, below 1e-3 elsewhere; every reference row; docs/estimator.md's session-39
+#: section). The libraries read these variables when they load, hence the separate process.
+PINNED_KERNELS = REFERENCE_KERNELS
 
 #: Run by the regeneration test in a fresh process: argv = config, results folder, report file.
 _REGENERATE = """
 import json, sys
-import numpy, scipy.linalg, threadpoolctl, torch
+import numpy, scipy.linalg, torch
 from ntps_nb import study
+from ntps_nb.main_job import cpu_kernels
 from ntps_nb.models import ModelUnavailableError, load_model
 
 config, results, report = sys.argv[1:4]
-kernels = {"torch": torch.backends.cpu.get_cpu_capability(),
-           "openblas": sorted({p.get("architecture") for p in threadpoolctl.threadpool_info()
-                               if p["internal_api"] == "openblas"})}
+kernels = cpu_kernels()
 try:
     loaded = load_model("smollm2-135m")
 except ModelUnavailableError as error:
@@ -1212,7 +1210,7 @@ def test_regenerate_committed_unit(tmp_path):
     outcome = json.loads(report.read_text())
     if "unavailable" in outcome:
         pytest.skip(f"SmolLM2 is not installed here: {outcome['unavailable']}")
-    assert outcome["kernels"] == {"torch": "AVX2", "openblas": ["Haswell"]}  # the pins took effect
+    assert outcome["kernels"] == {"torch": "AVX2", "openblas": ["Haswell"], "mkl_cbwr": "AVX2"}  # the pins took effect
     for name, (keys, values, query) in REGENERATED.items():
         old = pd.read_csv(committed / f"{name}.csv")
         new = pd.read_csv(cfg.unit_folder("smollm2-135m", "trec6") / f"{name}.csv")
