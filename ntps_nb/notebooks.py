@@ -1716,7 +1716,8 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     for layer in run.layers:
         if layer in shards and intervals:
             with gathered.at(layer), warnings_named(f"layer {layer}"):
-                frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed).iloc[0]
+                frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed,
+                                      progress=False).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
                          "interval": f"{INTERVAL_DESCRIPTIONS[frame.get('interval', 'jackknife')]}, around the "

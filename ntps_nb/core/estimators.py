@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -833,9 +833,12 @@ class _Solves:
     replicates: list
 
     @classmethod
-    def of(cls, shards: list[Moments], rtol: float) -> "_Solves":
+    def of(cls, shards: list[Moments], rtol: float, step: Callable[[], Any] | None = None) -> "_Solves":
+        """Solved, calling ``step()`` (a progress bar's) after each of the 1 + S solves."""
+        step = step or (lambda: None)
         pooled = Moments.combine(shards)
         full = _solve(pooled, rtol)  # first: its error is the caller's
+        step()
         pools = [_pooled(shards, i) for i in range(len(shards))]
         replicates: list = []
         for pool in pools:
@@ -843,6 +846,7 @@ class _Solves:
                 replicates.append(_solve(pool, rtol))
             except (ValueError, np.linalg.LinAlgError) as error:
                 replicates.append(error)
+            step()
         return cls(pooled, full, pools, replicates)
 
     def full_geometry(self) -> TheoryGeometry:
@@ -1061,6 +1065,7 @@ def ntps_estimate(
     rotation_flag: bool = True,
     interaction_half: int | None = INTERACTION_HALF,
     flag_any_estimator: bool = False,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
 
@@ -1156,6 +1161,9 @@ def ntps_estimate(
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
+    progress : on the numpy code, a bar over the solves (the pooled and leave-one-shard-out subspaces, the
+        estimate and its replicates, the quadratic part, the flag's rotation condition), shown once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds; a torch device solves them in batches, without one.
 
     Returns
     -------
@@ -1194,9 +1202,22 @@ def ntps_estimate(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_estimate_options(shards, level, estimator)
     ks = _check_ks(ks)
+    steps = 3 + 2 * len(shards) + (interval == "quadratic")
+    with progress_bar(steps, "ntps_estimate", progress) as bar:
+        frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
+                               noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
+                               rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update)
+    return _calibrated_flag(frame, estimator, flag_any_estimator)
+
+
+def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, level: float, seed: int, rtol: float,
+                   n_splits: int, noise_max: float, gap_min: float, bound_se: float, interval: str, rotation_flag: bool,
+                   interaction_half: int | None, step: Callable[[], Any]) -> pd.DataFrame:
+    """`ntps_estimate`'s rows on the numpy code, before the calibration of the flag; ``step()`` after each of its
+    3 + 2 S (+ 1 for the quadratic interval) parts."""
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
-    solves = _Solves.of(shards, rtol)
+    solves = _Solves.of(shards, rtol, step)
     full = solves.full_geometry()
     # the flag refuses rows at tied next-token eigenvalues (`eigengap_ratios`); the warning says why
     warn_of_the_sample(solves.pooled, shards, full, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol)
@@ -1204,6 +1225,7 @@ def ntps_estimate(
     halves: dict = {}
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full,
                                     memo=halves)
+    step()
     S = len(shards)
     geometries = solves.replicate_geometries()
     loo = np.full((S, ks.size), np.nan)
@@ -1213,6 +1235,7 @@ def ntps_estimate(
                              pooled=geometries[i], memo=halves)[0]
         except (ValueError, np.linalg.LinAlgError):
             pass
+        step()
     noise = _noise_of_solves(shards, ks, rtol, solves)
     gaps = _gap_frame(full, geometries, ks)
     frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
@@ -1225,9 +1248,11 @@ def ntps_estimate(
         frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
                                    solve=numpy_plugins(shards, ks, rtol), pooled=plugins,
                                    left_out=left_out, interaction_half=interaction_half)
+        step()
     frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                            rotation_flag=rotation_flag, plugins=plugins, pooled=solves.pooled, solved=solves.full)
-    return _calibrated_flag(frame, estimator, flag_any_estimator)
+    step()
+    return frame
 
 
 def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, estimator: str = DEFAULT_ESTIMATOR,
@@ -1292,8 +1317,8 @@ def estimate_by_n(moment_shards: Sequence[Moments], ks, *, n_groups: int = 5, es
         for used, groups in subsamples:
             with _caught((InterpolationWarning, NextTokenTieWarning, RoundedMomentsWarning,
                           BeyondRankWarning)) as caught:
-                frames.append(ntps_estimate(groups, ks, estimator=estimator, **options).assign(n_shards_used=used,
-                                                                                               n_groups=n_groups))
+                frames.append(ntps_estimate(groups, ks, estimator=estimator, progress=False, **options).assign(
+                    n_shards_used=used, n_groups=n_groups))
             where = f"the first {used} shards ({sum(g.n_texts for g in groups)} texts)"
             for item in caught:  # said at the caller's line, with the subsample they are of
                 warnings.warn(f"estimate_by_n, {where}: {item.message}", item.category, stacklevel=2)

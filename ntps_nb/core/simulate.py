@@ -806,7 +806,7 @@ def estimator_map(
                             warnings.simplefilter("ignore", FlagNotCalibratedWarning)
                             table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
                                                   interval=interval, device=device,
-                                                  flag_any_estimator=flag_any_estimator)
+                                                  flag_any_estimator=flag_any_estimator, progress=False)
                         failure = ""
                     except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
                         failure = f"{type(error).__name__}: {error}"

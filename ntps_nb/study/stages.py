@@ -987,7 +987,7 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 with warnings_named(f"layer {layer}"):  # a RoundedMomentsWarning names its layer
                     frame = ntps_estimate(shards[layer], ks, estimator=u.cfg.estimator, level=ESTIMATE_LEVEL,
                                           seed=u.cfg.seed, device=device, interval=u.cfg.estimate_interval,
-                                          rotation_flag=u.cfg.estimate_rotation_flag)
+                                          rotation_flag=u.cfg.estimate_rotation_flag, progress=False)
             except (ValueError, np.linalg.LinAlgError) as error:
                 failed[str(layer)] = str(error)
                 u.log(f"    estimates: layer {layer} left out: {error}")

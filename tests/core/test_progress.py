@@ -18,6 +18,7 @@ from ntps_nb import (
     ntps_diagnostics,
     ntps_difference,
     ntps_interval,
+    ntps_estimate,
     ntps_interval_sweep,
     split_into_shards,
     synthetic_linear_task,
@@ -27,6 +28,7 @@ from ntps_nb.core.intervals import coverage_study
 
 N_BOOT = 6
 N_SHARDS = 8
+CALLS = 10  # the entries of `_calls`
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,10 @@ def shards(task):
 
 def _calls(task, shards):
     """(name on the bar, the call, the steps it must count): each step one replicate, perturbed copy,
-    permutation, subsample or sample, as the function's docstring says."""
+    permutation, subsample, sample or part of an estimate, as the function's docstring says; `CALLS` of them."""
     full = Moments.combine(shards)
     n_subsamples = 2  # nested_groups of 8 shards in groups of 4: the first 4, then all 8
-    return [
+    calls = [
         ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, **kw), N_BOOT + N_SHARDS),
         ("excess_loss_interval", lambda **kw: excess_loss_interval(shards, k=2, n_boot=N_BOOT, **kw),
          N_BOOT + N_SHARDS),
@@ -53,11 +55,17 @@ def _calls(task, shards):
          2 * (N_BOOT + N_SHARDS)),
         ("width_by_n", lambda **kw: width_by_n(shards, 2, n_groups=4, n_boot=N_BOOT, **kw), n_subsamples),
         ("estimate_by_n", lambda **kw: estimate_by_n(shards, [2], n_groups=4, **kw), n_subsamples),
+        # the pooled and S leave-one-out solves, the estimate, its S replicates, the quadratic part, the rotation check
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], **kw), 1 + N_SHARDS + 1 + N_SHARDS + 1 + 1),
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", **kw),
+         1 + N_SHARDS + 1 + N_SHARDS + 1),
         ("ntps_diagnostics", lambda **kw: ntps_diagnostics(full, task.features, task.labels, k=[2], n_perturb=3,
                                                            n_permutations=4, solvers=False, **kw), 3 + 4),
         ("coverage_study", lambda **kw: coverage_study(3, n_texts=200, n_shards=4, n_boot=N_BOOT,
                                                        population_n_texts=400, truth_shards=0, d=12, **kw), 3),
     ]
+    assert len(calls) == CALLS
+    return calls
 
 
 def _totals(text: str, name: str) -> set[int]:
@@ -84,22 +92,20 @@ def bars(monkeypatch):
     return RecordingBar.made
 
 
-CALL_NAMES = ["ntps_interval", "excess_loss_interval", "ntps_interval_sweep", "ntps_difference", "width_by_n",
-              "estimate_by_n", "ntps_diagnostics", "coverage_study"]
 
 
-@pytest.mark.parametrize("name", CALL_NAMES)
-def test_a_bar_counts_the_steps_of_its_call_once_the_delay_has_passed(task, shards, name, bars, capsys):
-    desc, call, steps = next(c for c in _calls(task, shards) if c[0] == name)
+@pytest.mark.parametrize("index", range(CALLS))
+def test_a_bar_counts_the_steps_of_its_call_once_the_delay_has_passed(task, shards, index, bars, capsys):
+    desc, call, steps = _calls(task, shards)[index]
     call()
     assert _totals(capsys.readouterr().err, desc) == {steps}  # shown, with its total
     [bar] = [b for b in bars if b.enabled]  # one bar a call: inner calls keep theirs off
     assert (bar.desc, bar.total, bar.n, bar.disable) == (desc, steps, steps, True)  # every step counted, closed
 
 
-@pytest.mark.parametrize("name", CALL_NAMES)
-def test_no_bar_with_progress_false(task, shards, name, bars, capsys):
-    desc, call, _ = next(c for c in _calls(task, shards) if c[0] == name)
+@pytest.mark.parametrize("index", range(CALLS))
+def test_no_bar_with_progress_false(task, shards, index, bars, capsys):
+    desc, call, _ = _calls(task, shards)[index]
     call(progress=False)
     assert desc + ":" not in capsys.readouterr().err
     assert bars and not any(b.enabled for b in bars)

@@ -310,7 +310,7 @@ def test_a_stage_says_each_interpolation_warning_once_with_how_often_it_arose(tm
 
 
 def test_a_units_stages_show_no_core_progress_bar(tmp_path, tiny_llama, monkeypatch):
-    """The intervals and diagnostics stages call the core's long loops with progress=False (the unit's log
+    """The intervals, estimates and diagnostics stages call the core's long loops with progress=False (the unit's log
     says where it is): no bar is enabled even where every bar would show at once."""
     import ntps_nb.core.progress as progress_module
     from tqdm.std import tqdm
@@ -329,7 +329,8 @@ def test_a_units_stages_show_no_core_progress_bar(tmp_path, tiny_llama, monkeypa
     tables = study.load_results(cfg.results_dir)
     assert len(tables["intervals"]) and len(tables["diagnostics"])  # the stages that call them ran
     descs = {desc for desc, _ in enabled}
-    assert {"ntps_interval_sweep", "ntps_diagnostics"} <= descs and not any(on for _, on in enabled), enabled
+    assert {"ntps_interval_sweep", "ntps_diagnostics", "ntps_estimate"} <= descs
+    assert not any(on for _, on in enabled), enabled
 
 
 #: Agreement of a whole smoke unit's tables between the backends. The functions agree to 1e-9 on
