@@ -57,11 +57,11 @@ UNIT_ANALYSIS_THREADS = 1
 
 #: The CPU kernels the committed unit was computed with (tests/io/test_study.py's regeneration pins
 #: them): torch's own kernels, OpenBLAS's (numpy's and scipy's) and MKL's (torch's BLAS, in the forward
-#: pass) in conditional-numerical-reproducibility mode on its AVX2 branch, which gives the same results on
-#: every processor that runs that branch. MKL left to its own dispatch picks its kernels, and their
-#: blocking, from the processor: on an Intel Xeon with AMX (Sapphire Rapids) it rounded the forward pass
-#: differently under the other two pins, so the unit as first committed, without MKL_CBWR, did not
-#: regenerate there. Each library reads its variable when it loads.
+#: pass) in conditional-numerical-reproducibility mode on its AVX2 branch, which MKL documents as giving
+#: the same results on every processor that runs that branch (checked here only on one machine, against MKL
+#: restricted to AVX2 instructions). MKL left to its own dispatch picks its kernels from the processor: on an
+#: Intel Xeon with AMX the unit as first committed, without MKL_CBWR, did not regenerate under the other two
+#: pins, and no MKL setting reproduced it there. Each library reads its variable when it loads.
 REFERENCE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2"}
 
 #: Printed when the fresh unit differs from the committed one.

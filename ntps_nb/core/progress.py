@@ -1,7 +1,7 @@
 """Progress bars for the core's long loops of eigensolves.
 
 A shard-bootstrap interval is one factorisation per replicate: `ntps_interval_sweep`'s default 1,000
-replicates (and one per shard) take about 4 minutes at d = 576 on one core, and a factorisation's cost
+replicates (and one per shard) take minutes at d = 576 on one core, and a factorisation's cost
 grows as d^3; `ntps_estimate` (3 + 2 S parts at S shards), `estimate_by_n` and `ntps_diagnostics` repeat
 whole solves too. Those functions take ``progress=True`` (the default) and, on the numpy code, show a bar
 (`tqdm.auto`: a widget in Jupyter, a line on stderr elsewhere) once a call has run `PROGRESS_DELAY_S`
