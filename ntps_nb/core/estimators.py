@@ -1219,8 +1219,10 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol, step)
     full = solves.full_geometry()
-    # the flag refuses rows at tied next-token eigenvalues (`eigengap_ratios`); the warning says why
-    warn_of_the_sample(solves.pooled, shards, full, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol)
+    # the flag refuses rows at tied next-token eigenvalues (`eigengap_ratios`); the warning says why, at the line
+    # that called ntps_estimate
+    warn_of_the_sample(solves.pooled, shards, full, ks, estimator=estimator, seed=seed, replicates=True, rtol=rtol,
+                       stacklevel=4)
     # each half's plug-in solved once: a replicate leaves one half as the estimate had it
     halves: dict = {}
     estimate, reliability = _values(shards, ks, estimator, seed=seed, rtol=rtol, n_splits=n_splits, pooled=full,
