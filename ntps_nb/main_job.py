@@ -57,12 +57,14 @@ UNIT_ANALYSIS_THREADS = 1
 
 #: The CPU kernels the committed unit was computed with (tests/io/test_study.py's regeneration pins
 #: them): torch's own kernels, OpenBLAS's (numpy's and scipy's) and MKL's (torch's BLAS, in the forward
-#: pass) in conditional-numerical-reproducibility mode on its AVX2 branch, which MKL documents as giving
-#: the same results on every processor that runs that branch (checked here only on one machine, against MKL
-#: restricted to AVX2 instructions). MKL left to its own dispatch picks its kernels from the processor: on an
-#: Intel Xeon with AMX the unit as first committed, without MKL_CBWR, did not regenerate under the other two
-#: pins, and no MKL setting reproduced it there. Each library reads its variable when it loads.
-REFERENCE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2"}
+#: pass) in conditional-numerical-reproducibility mode on its COMPATIBLE branch (SSE2 without the
+#: approximate rcpps/rsqrtps), the one branch MKL documents as reproducible on Intel and other x86-64
+#: processors alike (its AVX2 branch is for Intel processors only: elsewhere MKL falls back to its own
+#: dispatch). Checked here on one machine only, against MKL restricted to fewer instructions. MKL left to
+#: its own dispatch picks its kernels from the processor: on an Intel Xeon with AMX the unit as first
+#: committed, without MKL_CBWR, did not regenerate under the other two pins, and no MKL setting reproduced
+#: it there. Each library reads its variable when it loads.
+REFERENCE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "COMPATIBLE"}
 
 #: Printed when the fresh unit differs from the committed one.
 KERNEL_NOTE = (
@@ -375,7 +377,8 @@ def check_fresh_unit(config: str | os.PathLike, folder: str | os.PathLike, *,
             f"{int(comparison['values'].sum())} compared values differ{largest}; {unpaired} row(s) on one side only.")
         mkl = f"MKL_CBWR={kernels['mkl_cbwr']}" if kernels["mkl_cbwr"] else "MKL its own dispatch"
         say(f"This machine's kernels: torch {kernels['torch']}, OpenBLAS {', '.join(kernels['openblas']) or '?'}, "
-            f"{mkl} (the committed unit: torch AVX2, OpenBLAS Haswell, MKL_CBWR=AVX2).\n" + KERNEL_NOTE)
+            f"{mkl} (the committed unit: torch AVX2, OpenBLAS Haswell, MKL_CBWR={REFERENCE_KERNELS['MKL_CBWR']}).\n"
+            + KERNEL_NOTE)
     return comparison
 
 
