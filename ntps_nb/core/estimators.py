@@ -1203,7 +1203,7 @@ def ntps_estimate(
     _check_estimate_options(shards, level, estimator)
     ks = _check_ks(ks)
     steps = 3 + 2 * len(shards) + (interval == "quadratic")
-    with progress_bar(steps, "ntps_estimate", progress) as bar:
+    with progress_bar(steps, "ntps_estimate", progress, unit="part") as bar:
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
                                noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
                                rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 PROGRESS_DELAY_S = 5.0
 
 
-def progress_bar(total: int, desc: str, progress: bool, *, unit: str = "solve") -> tqdm:
+def progress_bar(total: int, desc: str, progress: bool, *, unit: str) -> tqdm:
     """A bar over ``total`` steps that appears after `PROGRESS_DELAY_S` seconds, or none.
 
     Parameters
@@ -33,7 +33,7 @@ def progress_bar(total: int, desc: str, progress: bool, *, unit: str = "solve") 
         False: a disabled bar, which shows nothing. True: shown after the delay, unless the
         environment Python started with sets ``TQDM_DISABLE``.
     unit : str
-        The name of one step.
+        The name of one step ("replicate", "part", "subsample", ...).
 
     Returns
     -------
