@@ -21,19 +21,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from ntps_nb.main_job import REFERENCE_KERNELS
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = "units/smollm2-135m__trec6"
 
 
 def main() -> None:
     script = re.search(r'_REGENERATE = """(.*?)"""', (ROOT / "tests/io/test_study.py").read_text(), re.S).group(1)
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE", "MKL_CBWR")}
+    env = {k: v for k, v in os.environ.items() if k not in REFERENCE_KERNELS}
     env.update(NTPS_NB_ANALYSIS_PROCESSES="2", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as out:
         report = Path(out) / "report.json"
         subprocess.run([sys.executable, "-c", script, str(ROOT / "studies/ci_unit.toml"), out, str(report)],
                        cwd=ROOT, env=env, check=True, capture_output=True)
-        print(f"kernels: {json.loads(report.read_text())['kernels']} (the committed unit: AVX2 / Haswell / MKL_CBWR=COMPATIBLE)")
+        print(f"kernels: {json.loads(report.read_text())['kernels']} (the committed unit: {REFERENCE_KERNELS})")
         fresh = next(Path(out).rglob(f"{UNIT}/ntps.csv")).parent
         committed = ROOT / "data/results/ci_unit" / UNIT
         keys = ["variant", "estimator", "layer", "k", "fraction"]

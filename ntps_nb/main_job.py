@@ -377,8 +377,8 @@ def check_fresh_unit(config: str | os.PathLike, folder: str | os.PathLike, *,
             f"{int(comparison['values'].sum())} compared values differ{largest}; {unpaired} row(s) on one side only.")
         mkl = f"MKL_CBWR={kernels['mkl_cbwr']}" if kernels["mkl_cbwr"] else "MKL its own dispatch"
         say(f"This machine's kernels: torch {kernels['torch']}, OpenBLAS {', '.join(kernels['openblas']) or '?'}, "
-            f"{mkl} (the committed unit: torch AVX2, OpenBLAS Haswell, MKL_CBWR={REFERENCE_KERNELS['MKL_CBWR']}).\n"
-            + KERNEL_NOTE)
+            f"{mkl} (the committed unit: torch {REFERENCE_KERNELS['ATEN_CPU_CAPABILITY'].upper()}, OpenBLAS "
+            f"{REFERENCE_KERNELS['OPENBLAS_CORETYPE']}, MKL_CBWR={REFERENCE_KERNELS['MKL_CBWR']}).\n" + KERNEL_NOTE)
     return comparison
 
 

@@ -28,6 +28,28 @@ def _load(name):
     return load_model(name, seed=0)
 
 
+@pytest.fixture
+def core_bars(monkeypatch):
+    """Every progress bar `ntps_nb.core.progress` makes during the test, each shown at once (delay 0): a list of
+    tqdm bars, each with ``enabled`` (whether it was made to show; closing disables every bar) and ``given_desc``
+    (the desc it was made with; a disabled bar keeps none of its own)."""
+    from tqdm.std import tqdm
+
+    import ntps_nb.core.progress as progress
+
+    made = []
+
+    class RecordingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.enabled, self.given_desc = not self.disable, kwargs.get("desc")
+            made.append(self)
+
+    monkeypatch.setattr(progress, "tqdm", RecordingBar)
+    monkeypatch.setattr(progress, "PROGRESS_DELAY_S", 0.0)
+    return made
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     """(model, tokenizer, info) of ``tiny-llama``: 2 layers, d=64, SmolLM2 tokenizer, seed 0."""

@@ -1161,8 +1161,8 @@ def ntps_estimate(
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
-    progress : on the numpy code, a bar over the solves (the pooled and leave-one-shard-out subspaces, the
-        estimate and its replicates, the quadratic part, the flag's rotation condition), shown once the call has run
+    progress : on the numpy code, a bar over its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the
+        estimate and its S replicates, the quadratic part, the flag's rotation condition), shown once the call has run
         `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds; a torch device solves them in batches, without one.
 
     Returns

@@ -6,9 +6,7 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from tqdm.std import tqdm
 
 import ntps_nb.core.progress as progress_module
 from ntps_nb import (
@@ -73,42 +71,21 @@ def _totals(text: str, name: str) -> set[int]:
     return {int(total) for total in re.findall(rf"{name}:[^|\r\n]*\|[^|]*\|\s*\d+/(\d+)", text)}
 
 
-class RecordingBar(tqdm):
-    """tqdm that keeps every bar made, to read its desc, total and final count after the call."""
-
-    made: list["RecordingBar"] = []
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.enabled = not self.disable  # closing disables every bar
-        RecordingBar.made.append(self)
-
-
-@pytest.fixture
-def bars(monkeypatch):
-    RecordingBar.made = []
-    monkeypatch.setattr(progress_module, "tqdm", RecordingBar)
-    monkeypatch.setattr(progress_module, "PROGRESS_DELAY_S", 0.0)
-    return RecordingBar.made
-
-
-
-
 @pytest.mark.parametrize("index", range(CALLS))
-def test_a_bar_counts_the_steps_of_its_call_once_the_delay_has_passed(task, shards, index, bars, capsys):
+def test_a_bar_counts_the_steps_of_its_call_once_the_delay_has_passed(task, shards, index, core_bars, capsys):
     desc, call, steps = _calls(task, shards)[index]
     call()
     assert _totals(capsys.readouterr().err, desc) == {steps}  # shown, with its total
-    [bar] = [b for b in bars if b.enabled]  # one bar a call: inner calls keep theirs off
+    [bar] = [b for b in core_bars if b.enabled]  # one bar a call: inner calls keep theirs off
     assert (bar.desc, bar.total, bar.n, bar.disable) == (desc, steps, steps, True)  # every step counted, closed
 
 
 @pytest.mark.parametrize("index", range(CALLS))
-def test_no_bar_with_progress_false(task, shards, index, bars, capsys):
+def test_no_bar_with_progress_false(task, shards, index, core_bars, capsys):
     desc, call, _ = _calls(task, shards)[index]
     call(progress=False)
     assert desc + ":" not in capsys.readouterr().err
-    assert bars and not any(b.enabled for b in bars)
+    assert core_bars and not any(b.enabled for b in core_bars)
 
 
 def test_no_bar_where_the_environment_sets_tqdm_disable():
@@ -131,11 +108,3 @@ def test_a_call_quicker_than_the_delay_shows_no_bar(shards, capsys):
     assert progress_module.PROGRESS_DELAY_S >= 1.0  # far above the call below (a few hundredths of a second)
     ntps_interval(shards, k=2, n_boot=N_BOOT)
     assert "ntps_interval:" not in capsys.readouterr().err
-
-
-def test_the_bar_does_not_change_the_numbers(shards, monkeypatch):
-    monkeypatch.setattr(progress_module, "PROGRESS_DELAY_S", 0.0)
-    shown = ntps_interval_sweep(shards, n_boot=N_BOOT)
-    quiet = ntps_interval_sweep(shards, n_boot=N_BOOT, progress=False)
-    np.testing.assert_array_equal(shown.drop(columns=["statistic", "variant", "estimator", "method"]).to_numpy(float),
-                                  quiet.drop(columns=["statistic", "variant", "estimator", "method"]).to_numpy(float))
