@@ -1,7 +1,7 @@
 """How the committed ci_unit unit differs when recomputed with this CPU's own kernels instead of the pinned ones.
 
-The regeneration test (tests/io/test_study.py, ``_REGENERATE``) recomputes the unit with torch's, OpenBLAS's and MKL's
-AVX2 kernels pinned (``PINNED_KERNELS``) and requires equality. This runs the same script without the pins (and
+The regeneration test (tests/io/test_study.py, ``_REGENERATE``) recomputes the unit with torch's, OpenBLAS's and
+MKL's kernels pinned (`ntps_nb.main_job.REFERENCE_KERNELS`) and requires equality. This runs the same script without the pins (and
 with two analysis processes, as the tests do) and prints, for ntps.csv merged with the committed rows on
 (variant, estimator, layer, k, fraction), how many rows differ, where and by how much, and whether r_V does;
 and the largest difference of the probes' accuracies.
