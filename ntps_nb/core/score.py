@@ -941,8 +941,10 @@ def ntps(
     variant : "theory" (default) or "reference" (the released code's algorithm).
     estimator : how the population NTPS is estimated from the sample (theory variant):
         "plugin" (default; the NTPS of the pooled moments) or another of
-        `ntps_nb.core.estimators.ESTIMATORS` (see docs/estimator.md for what each does and how
-        far each is from the population value on simulations; none is yet calibrated).
+        `ntps_nb.core.estimators.ESTIMATORS` (docs/estimator.md: what each does and how far each is
+        from the population value on simulations). This gives the value alone; for a number to report
+        use `ntps_nb.core.estimators.ntps_estimate`, whose default "richardson" rows carry an interval
+        and a reliability flag calibrated on those simulations.
     seed : seed of the estimators' split of the shards into halves (`ntps_nb.core.estimators.split_halves`).
     centred : use the centred perception moments (probe with intercept); theory variant, plug-in.
     tol, rtol : absolute / relative tolerance on the eigenvalues of Sxx and C0 (theory); the
