@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -104,11 +105,11 @@ class TextSet:
 
 
 def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
-    """Accept a ``datasets.Dataset`` (columns text/label), a pandas DataFrame, or (texts, labels).
+    """Accept a ``datasets.Dataset`` (columns text/label), a pandas DataFrame, a mapping, or (texts, labels).
 
     Parameters
     ----------
-    data : TextSet, ``datasets.Dataset``, DataFrame, or tuple (texts, labels)
+    data : TextSet, ``datasets.Dataset``, DataFrame, mapping {"text": texts, "label": labels}, or tuple (texts, labels)
         N texts (strings) and N integer labels; a `TextSet` is returned as it is.
     n_classes : int, optional
         Number of classes C; default the dataset's class names, else max(label) + 1.
@@ -145,8 +146,13 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
             raise ValueError(f"the DataFrame needs columns 'text' and 'label', has {list(data.columns)} (rename them, "
                              "or read a file with ntps_nb.datasets.read_dataset_file, which takes the column names)")
         texts, labels = data["text"].tolist(), data["label"].to_numpy()
+    elif isinstance(data, Mapping):  # columns by name, as datasets.Dataset.from_dict takes them
+        if "text" not in data or "label" not in data:
+            raise ValueError(f"the mapping needs keys 'text' and 'label', has {list(data)}")
+        texts, labels = data["text"], data["label"]
     else:
-        raise TypeError(f"expected a datasets.Dataset, a DataFrame or (texts, labels); got {type(data).__name__}")
+        raise TypeError("expected a datasets.Dataset, a DataFrame, a mapping with keys 'text' and 'label' or "
+                        f"(texts, labels); got {type(data).__name__}")
     texts = list(texts)
     labels = np.asarray(labels)
     if len(texts) == 0:
@@ -464,7 +470,8 @@ def extract(
     Parameters
     ----------
     model, tokenizer : a Hugging Face causal LM and its tokenizer (see `ntps_nb.models.load_model`).
-    data : ``datasets.Dataset`` with ``text``/``label`` columns, a DataFrame, or (texts, labels).
+    data : ``datasets.Dataset`` with ``text``/``label`` columns, a DataFrame, a mapping with those keys, or
+        (texts, labels).
     layers : "all" (hidden states 0..L, 0 = embeddings) or an iterable of indices (negative ones count from the
         last, -1 = L, here and in the other layer settings: `resolve_layer_indices`).
     batch_size, max_length : texts per forward pass; truncation length in tokens (recorded).

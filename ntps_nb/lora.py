@@ -349,7 +349,7 @@ def finetune_lora(
     ----------
     model_name_or_loaded : a name for `ntps_nb.models.load_model` or its (model, tokenizer,
         info) triple. The given model is never modified: training runs on a deep copy.
-    train, test : labelled texts (``datasets.Dataset``, DataFrame or (texts, labels)); the test
+    train, test : labelled texts (``datasets.Dataset``, DataFrame, mapping or (texts, labels)); the test
         labels must lie in the train split's classes 0..C-1, and train must have >= 2 classes.
     r, alpha, dropout : LoRA rank, scaling numerator and dropout (the paper: 32, 32, 0.05).
     head_dropout : dropout before the linear head (the paper: 0.05).

@@ -427,6 +427,20 @@ def test_bad_input_gets_clear_errors(tiny_llama):
         extract(model, tok, ([None, "c d"], [0, 1]), progress=False)
 
 
+def test_a_mapping_of_columns_is_read_as_its_texts_and_labels(tiny_llama):
+    model, tok, _ = tiny_llama
+    from_tuple = extract(model, tok, (TEXTS, LABELS), progress=False)
+    from_mapping = extract(model, tok, {"text": TEXTS, "label": LABELS}, progress=False)
+    np.testing.assert_array_equal(from_mapping.labels, from_tuple.labels)
+    for layer in from_tuple.moments.layers:
+        for name, value in from_tuple.moments[layer].arrays().items():
+            np.testing.assert_array_equal(getattr(from_mapping.moments[layer], name), value, err_msg=name)
+    with pytest.raises(ValueError, match=r"the mapping needs keys 'text' and 'label', has \['sentence', 'y'\]"):
+        extract(model, tok, {"sentence": TEXTS, "y": LABELS}, progress=False)
+    with pytest.raises(TypeError, match="a mapping with keys 'text' and 'label'.*got list"):
+        extract(model, tok, list(zip(TEXTS, LABELS)), progress=False)
+
+
 def test_nan_hidden_states_name_the_layer(tiny_gpt2):
     model, tok, _ = tiny_gpt2
     block = model.transformer.h[1]
