@@ -445,9 +445,10 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
             raise StudySettingsError(f"{path}: [study] needs {key!r}")
     if not table["models"] or not table["datasets"]:
         raise StudySettingsError(f"{path}: models and datasets must be non-empty lists")
-    unknown_probes = sorted(set(table.get("probes", [])) - {"heldout", "paper_in_sample"})
+    protocols = ["heldout", "paper_in_sample"]
+    unknown_probes = sorted(set(table.get("probes", [])) - set(protocols))
     if unknown_probes:
-        raise StudySettingsError(f"{path}: unknown probe protocol(s) {unknown_probes}")
+        raise StudySettingsError(f"{path}: unknown probe protocol(s) {unknown_probes}; known: {protocols}")
     if table.get("precision", "float32") not in ("float32", "float64"):
         raise StudySettingsError(f"{path}: precision must be float32 or float64 (a study records one, not 'auto')")
     if table.get("interval_method", "basic") not in ("percentile", "basic", "bca"):

@@ -77,6 +77,7 @@ def test_configs_parse():
     ({"diagnostic_fractions": [0.5, 1.5]}, r"diagnostic_fractions must be a list of numbers in \(0, 1\]"),
     ({"name": "../elsewhere"}, "name must be a folder name .the results go to data/results/<name>., got '../"),
     ({"name": ""}, "name must be a folder name"),
+    ({"probes": ["heldot"]}, r"unknown probe protocol\(s\) \[.heldot.\]; known: \[.heldout., .paper_in_sample.\]"),
 ])
 def test_a_setting_of_the_wrong_kind_is_refused_when_the_config_is_read(override, message):
     """Not when a unit meets it, hours into a study: each value is checked for its kind and range on reading."""
