@@ -1558,7 +1558,8 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
 
 
 def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", intervals: bool = False,
-                  n_boot: int = 50, level: float = 0.95, seed: int = 0, estimator: str = "plugin") -> pd.DataFrame:
+                  n_boot: int = 50, level: float = 0.95, seed: int = 0, estimator: str = "plugin",
+                  progress: bool = True) -> pd.DataFrame:
     """Per layer: NTPS (``variant``, at ``k``) and the held-out probe accuracy, kappa and MSE.
 
     One row per layer with the provenance columns (model, dataset, sizes, max_length, drop_bos).
@@ -1591,6 +1592,10 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         shards; a shard estimator needs the shards of every layer or, for "richardson", the halves. There a
         ``k`` beyond a layer's retained rank of C0 gives NaN with a `ntps_nb.core.score.BeyondRankWarning`
         naming the layer; the plug-in raises `ntps_nb.core.score.BeyondRankError`.
+    progress : bool
+        Two bars, each shown once its part has run `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds: the
+        probes' fits (`ntps_nb.core.probes.probe_layers`), then NTPS layer by layer (with ``intervals`` a
+        layer with shards takes as long as its interval). False: none.
 
     Returns
     -------
@@ -1608,33 +1613,39 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     """
     from ntps_nb.core.intervals import layer_shards, ntps_interval
     from ntps_nb.core.probes import probe_layers
+    from ntps_nb.core.progress import progress_bar
     from ntps_nb.core.score import ntps
 
     provenance = {"model": run.model, "dataset": run.dataset, "n_train": run.settings["max_train"],
                   "n_test": run.settings["max_test"], "max_length": run.settings["max_length"],
                   "drop_bos": run.settings["drop_bos"]}
     features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
-    probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, **provenance)
+    if intervals and not run.train.shards:
+        raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
+    probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, progress=progress,
+                          **provenance)
     keep = ["layer", "accuracy", "kappa", "mse", *provenance]
     gathered = _GatheredInterpolation()
-    if estimator != "plugin":
-        scores = _estimator_profile(run, k=k, variant=variant, intervals=intervals, level=level, seed=seed,
-                                    estimator=estimator, gathered=gathered)
-        gathered.warn(len(run.layers))
-        return scores.merge(probes[keep], on="layer")
-    values = []
-    for layer in run.layers:
-        with gathered.at(layer), warnings_named(f"layer {layer}"):
-            values.append(ntps(run.train.moments[layer], k=k, variant=variant))
+    with progress_bar(len(run.layers), "layer_profile", progress, unit="layer") as bar:
+        if estimator != "plugin":
+            scores = _estimator_profile(run, k=k, variant=variant, intervals=intervals, level=level, seed=seed,
+                                        estimator=estimator, gathered=gathered, step=bar.update)
+            gathered.warn(len(run.layers))
+            return scores.merge(probes[keep], on="layer")
+        shards = layer_shards(run.train.shards) if intervals else {}
+        values, rows = [], []
+        for layer in run.layers:
+            with gathered.at(layer), warnings_named(f"layer {layer}"):
+                values.append(ntps(run.train.moments[layer], k=k, variant=variant))
+            if layer in shards:
+                with gathered.at(layer):
+                    iv = ntps_interval(shards[layer], k=k, variant=variant, n_boot=n_boot, level=level, seed=seed,
+                                       progress=False)
+                rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper,
+                             "ntps_se": iv.se_jackknife})
+            bar.update(1)
     scores = pd.DataFrame({"layer": run.layers, "k": k, "variant": variant, "estimator": "plugin", "ntps": values})
     if intervals:
-        if not run.train.shards:
-            raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
-        rows = []
-        for layer, parts in layer_shards(run.train.shards).items():
-            with gathered.at(layer):
-                iv = ntps_interval(parts, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, progress=False)
-            rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper, "ntps_se": iv.se_jackknife})
         scores = scores.merge(pd.DataFrame(rows), on="layer", how="left").assign(
             n_shards=len(run.train.shards), n_boot=n_boot, level=level, interval="basic shard bootstrap")
     gathered.warn(len(run.layers))
@@ -1693,11 +1704,12 @@ class _GatheredInterpolation(GatheredInterpolationWarnings):
 
 
 def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: bool, level: float, seed: int,
-                       estimator: str, gathered: _GatheredInterpolation) -> pd.DataFrame:
+                       estimator: str, gathered: _GatheredInterpolation, step: Callable[[], Any]) -> pd.DataFrame:
     """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
     layer (shards where kept, else the two halves, or the pooled moments for an estimator of those
     alone), with ``intervals`` `ntps_estimate`'s default interval and reliability flag on the shard layers;
-    interpolation warnings go to ``gathered`` from every layer, the tie and rounding warnings name their layer."""
+    interpolation warnings go to ``gathered`` from every layer, the tie and rounding warnings name their layer.
+    ``step()`` is called once each layer is done."""
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
@@ -1710,8 +1722,6 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     shards = layer_shards(run.train.shards) if run.train.shards else {}
     halves = layer_shards(run.train.halves) if estimator in HALF_ESTIMATORS and run.train.halves else {}
     split_seed = run.settings.get("half_seed", run.settings.get("seed", seed))  # the halves' split, on every layer
-    if intervals and not shards:
-        raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
     rows = []
     for layer in run.layers:
         if layer in shards and intervals:
@@ -1735,6 +1745,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                     warnings.warn(f"{error}: NTPS is undefined there, NaN", BeyondRankWarning, stacklevel=2)
                     value = np.nan
             rows.append({"layer": layer, "ntps": value})
+        step()
     scores = pd.DataFrame(rows).assign(k=k, variant=variant, estimator=estimator)
     if intervals:
         scores = scores.assign(n_shards=len(run.train.shards), level=level)

@@ -54,6 +54,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from ntps_nb.core.backends import analysis_backend
+from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.validation import check_finite, check_labels, check_n_classes
 
 Protocol = Literal["heldout", "paper_in_sample"]
@@ -511,6 +512,7 @@ def probe_layers(
     max_iter: int = LOGISTIC_MAX_ITER,
     device: Any = None,
     n_jobs: int | None = 1,
+    progress: bool = True,
     **provenance: Any,
 ) -> pd.DataFrame:
     """`heldout_probe` for every layer (and protocol), as a tidy frame with provenance columns.
@@ -532,6 +534,8 @@ def probe_layers(
     n_jobs : scikit-learn fits at once; 1 (default) runs them here, one after the other; more, in
         worker processes; None: as many as the BLAS thread bound in force (`ntps_nb.analysis_threads`;
         the study's probes stage passes None, i.e. its share of the cores).
+    progress : a bar over the (layer, protocol) rows as their fits finish, shown once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (False: none; a study's stage passes False).
     **provenance : constant columns (model, dataset, max_length, drop_bos, ...), e.g.
         ``probe_layers(feats, ytr, yte, n_classes=2, model="smollm2-135m", dataset="trec6")``.
 
@@ -586,21 +590,30 @@ def probe_layers(
     common = dict(train_y=train_y, test_y=test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
                   max_iter=max_iter)
     jobs = _host_jobs(n_jobs, len(tasks))
+    bar = progress_bar(len(tasks), "probe_layers", progress, unit="fit")
     if jobs == 1:
-        rows = [_layer_row(**task, **common) for task in tasks]
+        with bar:
+            rows = [_counted(bar, _layer_row(**task, **common)) for task in tasks]
     else:
         from joblib import Parallel, delayed
 
         # worker processes: each fit's warnings are its own (catch_warnings is not thread-safe)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), bar:
             warnings.simplefilter("ignore", ProbeConvergenceWarning)  # re-issued below, from the rows
-            rows = Parallel(n_jobs=jobs, backend="loky", inner_max_num_threads=1)(
-                delayed(_layer_row)(**task, **common) for task in tasks)
+            rows = [_counted(bar, row) for row in Parallel(n_jobs=jobs, backend="loky", inner_max_num_threads=1,
+                                                           return_as="generator")(
+                delayed(_layer_row)(**task, **common) for task in tasks)]
         for row in rows:
             if not row["converged"] and row["protocol"] == "heldout":
                 warnings.warn(f"layer {row['layer']}: {_not_converged(max_iter, LOGISTIC_TOL)}",
                               ProbeConvergenceWarning, stacklevel=2)
     return pd.DataFrame([{"layer": row.pop("layer"), **provenance, **row} for row in rows])
+
+
+def _counted(bar: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """``row``, once ``bar`` has counted it."""
+    bar.update(1)
+    return row
 
 
 def _host_jobs(n_jobs: int | None, tasks: int) -> int:

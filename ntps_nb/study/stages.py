@@ -850,7 +850,8 @@ def _probes_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
         table = probe_layers(features, u.ex.labels, u.ex_test.labels if u.ex_test is not None else None,
                              n_classes=u.train.n_classes, protocol=list(u.cfg.probes), seed=u.cfg.seed,
-                             device=u.analysis_device, n_jobs=None)  # host fits: the analysis's share of cores
+                             device=u.analysis_device, n_jobs=None,  # host fits: the analysis's share of cores
+                             progress=False)
     table = table.rename(columns={"kappa": "kappa_chance"})
     last = max(u.probe_grid)
     if "heldout" not in u.cfg.probes or u.ex_test is None:

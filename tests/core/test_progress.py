@@ -23,10 +23,11 @@ from ntps_nb import (
     width_by_n,
 )
 from ntps_nb.core.intervals import coverage_study
+from ntps_nb.core.probes import probe_layers
 
 N_BOOT = 6
 N_SHARDS = 8
-CALLS = 10  # the entries of `_calls`
+CALLS = 12  # the entries of `_calls`
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,10 @@ def shards(task):
 
 def _calls(task, shards):
     """(name on the bar, the call, the steps it must count): each step one replicate, perturbed copy,
-    permutation, subsample, sample or part of an estimate, as the function's docstring says; `CALLS` of them."""
+    permutation, subsample, sample, part of an estimate or probe fit, as the function's docstring says; `CALLS`
+    of them."""
     full = Moments.combine(shards)
+    layers = {layer: (task.features[:600] * layer, task.features[600:] * layer) for layer in (1, 2, 3)}
     n_subsamples = 2  # nested_groups of 8 shards in groups of 4: the first 4, then all 8
     calls = [
         ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, **kw), N_BOOT + N_SHARDS),
@@ -61,6 +64,11 @@ def _calls(task, shards):
                                                            n_permutations=4, solvers=False, **kw), 3 + 4),
         ("coverage_study", lambda **kw: coverage_study(3, n_texts=200, n_shards=4, n_boot=N_BOOT,
                                                        population_n_texts=400, truth_shards=0, d=12, **kw), 3),
+        # one fit per (layer, protocol), here and in worker processes
+        ("probe_layers", lambda **kw: probe_layers(layers, task.labels[:600], task.labels[600:], n_classes=3,
+                                                   protocol=["heldout", "paper_in_sample"], **kw), 3 * 2),
+        ("probe_layers", lambda **kw: probe_layers(layers, task.labels[:600], task.labels[600:], n_classes=3,
+                                                   n_jobs=2, **kw), 3),
     ]
     assert len(calls) == CALLS
     return calls

@@ -242,6 +242,18 @@ def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
         nbs.layer_profile(plain, k=2, intervals=True)
 
 
+@pytest.mark.parametrize("estimator", ["plugin", "richardson"])
+def test_layer_profile_shows_a_bar_over_its_probe_fits_then_one_over_its_layers(estimator, core_bars, capsys):
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
+                                       shards=6, interval_layers=[0, 2], halves=True)
+    nbs.layer_profile(run, k=2, intervals=True, estimator=estimator, n_boot=5, progress=False)
+    assert core_bars and not any(bar.enabled for bar in core_bars)
+    nbs.layer_profile(run, k=2, intervals=True, estimator=estimator, n_boot=5)
+    made = [(bar.given_desc, bar.total, bar.n) for bar in core_bars if bar.enabled]
+    assert made == [("probe_layers", 3, 3), ("layer_profile", 3, 3)]  # 3 layers: each fitted, then each scored
+    assert "layer_profile:" in capsys.readouterr().err
+
+
 def test_layer_profile_with_richardson_is_that_estimator_on_every_layer():
     """estimator="richardson": on the shard layers `ntps_estimate`'s estimate, jackknife interval and
     flag; on the other layers the halves' value, checked against the Richardson formula from the
