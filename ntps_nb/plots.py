@@ -1084,21 +1084,22 @@ def estimate_by_n(table: pd.DataFrame) -> Figure:
 
     Each estimator of ``table`` (`ntps_nb.core.estimators.estimate_by_n` rows, several estimators
     concatenated) gets a colour; its points are filled where the row is flagged reliable and hollow
-    where not, and a band of its colour spans its interval at the smallest N where it has one. How to
+    where not, and a band of its colour spans its interval at its ``n_first`` (the smallest N where it has one). How to
     read an estimate that leaves or keeps to its band: `ntps_nb.core.estimators.estimate_by_n`.
 
     Parameters
     ----------
     table : DataFrame
-        Rows with ``k``, ``estimator``, ``n_texts``, ``estimate``, ``lower``, ``upper``, ``reliable``
-        and ``level``.
+        Rows with ``k``, ``estimator``, ``n_texts``, ``estimate``, ``lower``, ``upper``, ``reliable``,
+        ``level`` and ``n_first`` (NaN where no N has an interval).
 
     Returns
     -------
     Figure
         A new matplotlib figure, closed in pyplot (it is shown only where the caller displays it).
     """
-    _require(table, ["k", "estimator", "n_texts", "estimate", "lower", "upper", "reliable", "level"], "estimate_by_n")
+    _require(table, ["k", "estimator", "n_texts", "estimate", "lower", "upper", "reliable", "level", "n_first"],
+             "estimate_by_n")
     ks = sorted(table["k"].unique())
     estimators = list(dict.fromkeys(table["estimator"]))
     fig, axes = _figure(len(ks), width=4.2, height=3.4, sharey=True)
@@ -1113,9 +1114,9 @@ def estimate_by_n(table: pd.DataFrame) -> Figure:
             reliable = rows["reliable"].map(_flag).eq(True).to_numpy()
             ax.scatter(x[reliable], y[reliable], color=colour, zorder=3, s=28)
             ax.scatter(x[~reliable], y[~reliable], facecolors="white", edgecolors=colour, zorder=3, s=28)
-            defined = rows[np.isfinite(rows[["estimate", "lower", "upper"]].to_numpy(float)).all(axis=1)]
-            if not defined.empty:
-                ax.axhspan(defined["lower"].iloc[0], defined["upper"].iloc[0], color=colour, alpha=0.12, lw=0)
+            first = rows[rows["n_texts"] == rows["n_first"]]
+            if not first.empty:
+                ax.axhspan(first["lower"].iloc[0], first["upper"].iloc[0], color=colour, alpha=0.12, lw=0)
             ax.plot([], [], "o-", color=colour, label=name)
         sizes = sorted(table["n_texts"].unique())
         ax.set_xscale("log")

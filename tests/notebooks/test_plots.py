@@ -276,7 +276,8 @@ def test_estimate_by_n_bands_each_estimators_first_interval_and_hollows_unreliab
                           "estimate": [np.nan, 0.3, 0.5, 0.32, 0.6, 0.35, 0.45, 0.31, 0.52, 0.33, 0.7, 0.36],
                           "lower": [np.nan, 0.2, 0.4, 0.25, 0.55, 0.3, 0.3, 0.2, 0.45, 0.28, 0.65, 0.33],
                           "upper": [np.nan, 0.4, 0.6, 0.39, 0.65, 0.4, 0.6, 0.42, 0.59, 0.38, 0.75, 0.39],
-                          "reliable": [False, False, True, False, True, True] * 2, "level": 0.9})
+                          "reliable": [False, False, True, False, True, True] * 2, "level": 0.9,
+                          "n_first": [200, 100] + [200, 100] * 2 + [100] * 6})  # plugin at k = 1: no interval at 100
     fig = plots.estimate_by_n(frame)
     assert [ax.get_title() for ax in fig.axes] == ["k = 1", "k = 2"]
     for ax, k in zip(fig.axes, (1, 2)):
