@@ -1077,9 +1077,10 @@ def from_pandas(
         labels outside class_names, test_size outside (0, 1), or split values other than
         "train" / "test" (or a split without rows).
     """
-    for col in (text_col, label_col) + ((split_col,) if split_col is not None else ()):
-        if col not in df.columns:
-            raise ValueError(f"column {col!r} not in the DataFrame (columns: {list(df.columns)})")
+    for col, argument in ((text_col, "text_col"), (label_col, "label_col"), (split_col, "split_col")):
+        if col is not None and col not in df.columns:
+            raise ValueError(f"column {col!r} not in the DataFrame (columns: {list(df.columns)}); name the column "
+                             f"with {argument}=")
     if not 0 < test_size < 1:
         raise ValueError(f"test_size must be in (0, 1), got {test_size!r}")
     text, label = df[text_col], df[label_col]

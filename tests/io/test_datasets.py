@@ -308,7 +308,11 @@ def test_from_pandas_string_and_integer_labels():
         (pd.DataFrame({"text": ["a", "  ", "c"], "label": [0, 1, 1]}), {}, "empty"),
         (pd.DataFrame({"text": ["a", None, "c"], "label": [0, 1, 1]}), {}, "empty or non-string"),
         (pd.DataFrame({"text": ["a", "b", "c"], "label": [0, np.nan, 1]}), {}, "NaN labels"),
-        (pd.DataFrame({"txt": ["a", "b"], "label": [0, 1]}), {}, "column 'text'"),
+        (pd.DataFrame({"txt": ["a", "b"], "label": [0, 1]}), {}, r"column 'text' not in .*'txt'.*name the column with "
+                                                                 "text_col="),
+        (pd.DataFrame({"text": ["a", "b"], "y": [0, 1]}), {}, "column 'label' not in .*label_col="),
+        (pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}), {"split_col": "part"},
+         "column 'part' not in .*split_col="),
         (
             pd.DataFrame({"text": ["a", "b"], "label": [0, 5]}),
             {"class_names": ["x", "y"]},
