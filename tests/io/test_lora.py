@@ -244,3 +244,27 @@ def test_bad_inputs(llama, task):
     result = finetune_lora(llama, train, test, steps=1, cache=False, **FAST)
     with pytest.raises(ValueError, match="not the one this adapter was trained on"):
         merged_model(result, other)
+
+
+def test_the_command_line_runs_on_the_device_it_is_given(monkeypatch, capsys):
+    import json
+
+    import ntps_nb.lora as lora_module
+    from ntps_nb.cli import build_parser
+
+    asked = []
+
+    def recording_load_model(name, **kwargs):
+        asked.append((name, kwargs))
+        return load_model(name, **kwargs)
+
+    monkeypatch.setattr(lora_module, "load_model", recording_load_model)
+    args = build_parser().parse_args(["lora", "--model", "tiny-llama", "--max-train", "24", "--max-test", "12",
+                                      "--steps", "2", "--max-length", "16", "--threads", "1", "--no-cache",
+                                      "--device", "cpu"])
+    assert args.func(args) == 0
+    assert asked == [("tiny-llama", {"device": "cpu"})]
+    row = json.loads(capsys.readouterr().out)
+    settings = (row["dataset"], row["device"], row["n_train"], row["n_test"], row["budget_steps"])
+    assert settings == ("trec6", "cpu", 24, 12, 2)
+    assert row["gain"] == pytest.approx(row["lora_accuracy"] - row["probe_accuracy"])
