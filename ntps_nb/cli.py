@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="NTPS and its bounds on synthetic planted-angle tasks")
     demo.add_argument("--angles", type=int, default=7, help="number of planted angles from 0 to 90 degrees")
-    demo.add_argument("--n-texts", type=int, default=2000)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--n-texts", type=int, default=2000, help="texts of each planted task")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the tasks")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="the main job: one study unit computed live beside the committed one, then "
                                      "every notebook executed on the committed default study (HTML + index.html)")

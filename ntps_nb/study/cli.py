@@ -124,7 +124,7 @@ def register_cli(subparsers) -> None:
     study = subparsers.add_parser("study", help="run, combine and summarise a study grid (studies/*.toml)")
     sub = study.add_subparsers(dest="study_command", required=True)
     run = sub.add_parser("run", help="compute the missing units of a study, then combine")
-    run.add_argument("config")
+    run.add_argument("config", help="the study's TOML file (studies/*.toml)")
     run.add_argument("--units-limit", type=int, default=None, help="compute at most N units in this call")
     run.add_argument("--replace-stale", action="store_true", help="recompute units computed with other settings")
     run.add_argument("--update-stages", action="store_true",
@@ -151,21 +151,22 @@ def register_cli(subparsers) -> None:
     run.add_argument("--torch-threads", type=int, default=None, help="torch threads of the forward passes (default 1)")
     run.set_defaults(func=_cli_run)
     stat = sub.add_parser("status", help="which units are complete, their time and headline numbers")
-    stat.add_argument("config")
+    stat.add_argument("config", help="the study's TOML file (studies/*.toml)")
     stat.add_argument("--k", type=int, default=8, help="k of the theory NTPS column (last layer)")
     stat.set_defaults(func=_cli_status)
     comb = sub.add_parser("combine", help="concatenate the complete units into the study tables")
-    comb.add_argument("config")
+    comb.add_argument("config", help="the study's TOML file (studies/*.toml)")
     comb.set_defaults(func=_cli_combine)
     summ = sub.add_parser("summary", help="rho of NTPS vs probes per model, with baselines and controls")
-    summ.add_argument("config")
+    summ.add_argument("config", help="the study's TOML file (studies/*.toml)")
     summ.add_argument("--targets", nargs="+", default=["accuracy", "kappa_chance", "lora_gain"],
                       choices=[*TARGETS, *TARGET_ALIASES, "lora_gain"],
                       help="lora_gain: where the study ran LoRA; kappa: kappa_chance (the 1/C-corrected accuracy); "
                            "balanced_accuracy, cohen_kappa: where the study has the cross-validated probe")
     summ.add_argument("--n-perm", type=int, default=2000,
                       help="permutations of every p-value (exact enumeration where n! is smaller)")
-    summ.add_argument("--n-boot", type=int, default=1000)
+    summ.add_argument("--n-boot", type=int, default=1000,
+                      help="bootstrap resamples of the datasets for every rho's 95%% interval")
     summ.add_argument("--output", default=None, help="also write the full summary as CSV")
     summ.add_argument("--markdown", action="store_true", help="print a Markdown table (README's Results form)")
     summ.add_argument("--k", type=int, default=8, help="k of the fixed-configuration controls (last layer)")
