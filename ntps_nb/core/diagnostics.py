@@ -697,8 +697,8 @@ def ntps_diagnostics(
         rows have ``solver_max_dev`` NaN. A shard estimator raises a ValueError (module docstring).
     device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...):
         the same frame from `ntps_nb.core.backends.torch.ntps_diagnostics_torch`.
-    progress : on this numpy path, a bar over the perturbed copies and permutations, shown once the call has run
-        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (the torch path solves them in batches, without one).
+    progress : a bar over the perturbed copies and permutations, shown once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (on a torch device advanced a solved block at a time).
     **provenance : constant columns (model, dataset, layer, ...) added to every row.
 
     The theory rows' unperturbed NTPS comes with the warnings `ntps_nb.core.score.ntps_sweep` gives it
@@ -720,7 +720,7 @@ def ntps_diagnostics(
         return backend.ntps_diagnostics_torch(
             moments, features, labels, variant=variant, k=k, fraction=fraction, n_perturb=n_perturb,
             perturb_scale=perturb_scale, n_permutations=n_permutations, seed=seed, solvers=solvers,
-            feature_rtol=feature_rtol, device=device, estimator=estimator, **provenance)
+            feature_rtol=feature_rtol, device=device, estimator=estimator, progress=progress, **provenance)
     variants, n_perturb, n_permutations = check_diagnostics_inputs(moments, features, labels, variant, n_perturb,
                                                                    n_permutations, perturb_scale)
     _check_diagnostics_estimator(estimator, variants, moments)

@@ -1161,9 +1161,10 @@ def ntps_estimate(
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
-    progress : on the numpy code, a bar over its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the
-        estimate and its S replicates, the quadratic part, the flag's rotation condition), shown once the call has run
-        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds; a torch device solves them in batches, without one.
+    progress : a bar over the call's parts, shown once it has run `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds:
+        on the numpy code its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the estimate and its S
+        replicates, the quadratic part, the flag's rotation condition); on a torch device, which solves them in
+        batches, 2 or 3 (the estimate with its replicates, the quadratic part, the rotation condition).
 
     Returns
     -------
@@ -1183,20 +1184,24 @@ def ntps_estimate(
         _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
-        frame, plugins, left_out = backend.ntps_estimate_torch(
-            moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
-            gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True)
-        if interval == "quadratic":
-            def solve(counts: np.ndarray) -> np.ndarray:
-                return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
-                                                         device=device, batch_size=batch_size)[0]
+        with progress_bar(2 + (interval == "quadratic"), "ntps_estimate", progress, unit="part") as bar:
+            frame, plugins, left_out = backend.ntps_estimate_torch(
+                moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
+                gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True)
+            bar.update(1)
+            if interval == "quadratic":
+                def solve(counts: np.ndarray) -> np.ndarray:
+                    return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
+                                                             device=device, batch_size=batch_size, progress=False)[0]
 
-            # the plug-ins on all shards and without each are the replicates' own: only the contrasts are solved
-            frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max, gap_min=gap_min,
-                                       solve=solve, pooled=plugins, left_out=left_out,
-                                       interaction_half=interaction_half)
-        frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
-                               rotation_flag=rotation_flag, plugins=plugins, device=device)
+                # the plug-ins on all shards and without each are the replicates' own: only the contrasts are solved
+                frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max,
+                                           gap_min=gap_min, solve=solve, pooled=plugins, left_out=left_out,
+                                           interaction_half=interaction_half)
+                bar.update(1)
+            frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
+                                   rotation_flag=rotation_flag, plugins=plugins, device=device)
+            bar.update(1)
         return _calibrated_flag(frame, estimator, flag_any_estimator)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")

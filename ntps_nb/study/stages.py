@@ -910,7 +910,8 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 # (no progress bar: the unit's log says where the stage is)
                 on_host = device is None or estimator != "plugin"
                 interval_sweep = (partial(ntps_interval_sweep, progress=False) if on_host
-                                  else partial(analysis_backend(device).interval_sweep_torch, device=device))
+                                  else partial(analysis_backend(device).interval_sweep_torch, device=device,
+                                               progress=False))
                 sweep = interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
                                        method=u.cfg.interval_method, estimator=estimator)
                 if variant == "theory":

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import ntps_nb.core.progress as progress_module
@@ -27,7 +28,7 @@ from ntps_nb.core.probes import probe_layers
 
 N_BOOT = 6
 N_SHARDS = 8
-CALLS = 12  # the entries of `_calls`
+CALLS = 18  # the entries of `_calls`
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,29 @@ def _calls(task, shards):
                                                    protocol=["heldout", "paper_in_sample"], **kw), 3 * 2),
         ("probe_layers", lambda **kw: probe_layers(layers, task.labels[:600], task.labels[600:], n_classes=3,
                                                    n_jobs=2, **kw), 3),
+        # the torch backend (on the CPU here): its replicates and copies solved a block at a time, its parts
+        ("ntps_interval_sweep", lambda **kw: _torch().interval_sweep_torch(shards, n_boot=N_BOOT, batch_size=4, **kw),
+         N_BOOT + N_SHARDS),
+        ("ntps_interval_sweep", lambda **kw: _torch().interval_sweep_torch(shards, variant="reference", n_boot=N_BOOT,
+                                                                           batch_size=4, **kw), N_BOOT + N_SHARDS),
+        ("interval_replicates_torch", lambda **kw: _torch().interval_replicates_torch(shards, np.ones((5, N_SHARDS)),
+                                                                                      [1, 2], batch_size=2, **kw), 5),
+        ("ntps_diagnostics", lambda **kw: ntps_diagnostics(full, task.features, task.labels, k=[2], n_perturb=3,
+                                                           n_permutations=4, solvers=False, device="cpu",
+                                                           batch_size=2, **kw), 3 + 4),
+        # the estimate with its replicates, the quadratic part, the rotation check
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], device="cpu", **kw), 3),
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", device="cpu", **kw), 2),
     ]
     assert len(calls) == CALLS
     return calls
+
+
+def _torch():
+    """The torch backend, imported only by the calls that use it."""
+    import ntps_nb.core.backends.torch as backend
+
+    return backend
 
 
 def _totals(text: str, name: str) -> set[int]:

@@ -115,6 +115,7 @@ from ntps_nb.core.intervals import (
     theory_values,
 )
 from ntps_nb.core.moments import Moments
+from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.score import (
     REFERENCE_ABS_TOL,
     REFERENCE_FRACTIONS,
@@ -1018,9 +1019,10 @@ def _default_batch(d: int, itemsize: int, device: torch.device) -> int:
 
 
 def _replicate_blocks(stack: TorchShardStack, counts: np.ndarray, *, batch_size: int, dtype: torch.dtype,
-                      device: torch.device):
+                      device: torch.device, bar=None):
     """Yield (first row, combined moments, tokens, labels_ok) for each block of ``batch_size`` rows
-    of a (n, S) count matrix."""
+    of a (n, S) count matrix; ``bar`` (a `progress_bar`) counts a block's rows once its consumer is done
+    with it."""
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 2 or counts.shape[1] != len(stack):
         raise ValueError(f"counts must have shape (n, {len(stack)}), got {counts.shape}")
@@ -1040,13 +1042,15 @@ def _replicate_blocks(stack: TorchShardStack, counts: np.ndarray, *, batch_size:
             labels_ok = (present >= 2) & (stack.n_classes >= 2)
         yield start, arrays, tokens[start:stop], labels_ok
         del arrays
+        if bar is not None:
+            bar.update(stop - start)
 
 
 def _replicate_geometries(stack: TorchShardStack, counts: np.ndarray, *, tol, rtol, span_rtol, batch_size: int,
-                          dtype: torch.dtype, device: torch.device):
+                          dtype: torch.dtype, device: torch.device, bar=None):
     """Yield (row, TheoryGeometry or reason) for each row of a (n, S) count matrix, a block at a time."""
     for start, arrays, tokens, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
-                                                              device=device):
+                                                              device=device, bar=bar):
         results = _grouped_geometries(arrays["Sxx"], arrays["Sxy"], arrays["Syy"], arrays["C0"], arrays["C1"],
                                       tokens, labels_ok, tol=tol, rtol=rtol, span_rtol=span_rtol,
                                       range_basis=stack.range_basis())[0]
@@ -1056,7 +1060,7 @@ def _replicate_geometries(stack: TorchShardStack, counts: np.ndarray, *, tol, rt
 
 
 def _reference_replicates(stack: TorchShardStack, counts: np.ndarray, fractions: np.ndarray, *, precision: Precision,
-                          tol: float, batch_size: int, dtype: torch.dtype, device: torch.device
+                          tol: float, batch_size: int, dtype: torch.dtype, device: torch.device, bar=None
                           ) -> tuple[np.ndarray, int]:
     """The released algorithm's NTPS at ``fractions`` for each row of a count matrix, NaN rows
     where the geometry is undefined, and how many those are."""
@@ -1064,7 +1068,7 @@ def _reference_replicates(stack: TorchShardStack, counts: np.ndarray, fractions:
     values = np.full((counts.shape[0] if counts.ndim == 2 else 0, fractions.size), np.nan)
     failed = 0
     for start, arrays, _, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
-                                                         device=device):
+                                                         device=device, bar=bar):
         block, outcome = _reference_rows(arrays["Sxx"], arrays["Sxy"], arrays["C0"], arrays["C1"], labels_ok,
                                          fractions, precision=precision, tol=tol, span_rtol=SPAN_RTOL)
         del arrays
@@ -1086,6 +1090,7 @@ def interval_replicates_torch(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, int]:
     """The theory statistic at ``ks`` for each weighted combination of the shards.
 
@@ -1103,6 +1108,8 @@ def interval_replicates_torch(
     centred, tol, rtol, span_rtol : as in `theory_geometry_torch`.
     device, dtype : the torch device and precision of the solves.
     batch_size : replicates per batched solve, a positive integer (default: from free memory).
+    progress : a bar over the n combinations, advanced a solved block at a time and shown once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (False: none).
 
     Returns
     -------
@@ -1112,8 +1119,11 @@ def interval_replicates_torch(
     """
     dtype, device = _check_dtype(dtype), _device(device)
     stack = TorchShardStack(moment_shards, centred=centred, dtype=dtype, device=device)
-    return _replicate_values(stack, counts, np.asarray(ks, dtype=np.int64), statistic=statistic, tol=tol,
-                             rtol=rtol, span_rtol=span_rtol, batch_size=batch_size, dtype=dtype, device=device)
+    rows = np.shape(counts)[0] if np.ndim(counts) == 2 else 0
+    with progress_bar(rows, "interval_replicates_torch", progress, unit="replicate") as bar:
+        return _replicate_values(stack, counts, np.asarray(ks, dtype=np.int64), statistic=statistic, tol=tol,
+                                 rtol=rtol, span_rtol=span_rtol, batch_size=batch_size, dtype=dtype, device=device,
+                                 bar=bar)
 
 
 def _batch_size(batch_size: int | None, d: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -1124,13 +1134,13 @@ def _batch_size(batch_size: int | None, d: int, dtype: torch.dtype, device: torc
     return int(batch_size)
 
 
-def _replicate_values(stack, counts, ks, *, statistic, tol, rtol, span_rtol, batch_size, dtype, device):
+def _replicate_values(stack, counts, ks, *, statistic, tol, rtol, span_rtol, batch_size, dtype, device, bar=None):
     batch_size = _batch_size(batch_size, stack.d, dtype, device)
     counts = np.asarray(counts, dtype=np.float64)
     values = np.full((counts.shape[0] if counts.ndim == 2 else 0, ks.size), np.nan)
     failed = 0
     for row, result in _replicate_geometries(stack, counts, tol=tol, rtol=rtol, span_rtol=span_rtol,
-                                             batch_size=int(batch_size), dtype=dtype, device=device):
+                                             batch_size=int(batch_size), dtype=dtype, device=device, bar=bar):
         if isinstance(result, str):
             failed += 1
         else:
@@ -1156,6 +1166,7 @@ def interval_sweep_torch(
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
     estimator: str = "plugin",
+    progress: bool = True,
 ) -> pd.DataFrame:
     """The frame of ``ntps_interval_sweep(moment_shards, ...)``, solved on ``device``.
 
@@ -1175,6 +1186,8 @@ def interval_sweep_torch(
         precision and that of the stacked shard moments).
     estimator : must be "plugin" (the other estimators run in numpy:
         `ntps_nb.core.intervals.ntps_interval_sweep`); a ValueError says so.
+    progress : a bar over the n_boot + S replicates, as `ntps_nb.core.intervals.ntps_interval_sweep` shows it,
+        advanced a solved block at a time (False: none; a study's intervals stage passes False).
 
     Returns
     -------
@@ -1203,8 +1216,10 @@ def interval_sweep_torch(
         if failed_full:
             raise ValueError("the reference geometry of the full data is undefined (fewer than 2 classes, or Sxx or "
                              f"C0 without an eigenvalue above {ref_tol:.3g})")
-        values, failed = _reference_replicates(stack, counts, fr, batch_size=_batch_size(batch_size, stack.d, dtype,
-                                                                                         device), **options)
+        with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
+            values, failed = _reference_replicates(stack, counts, fr, batch_size=_batch_size(batch_size, stack.d,
+                                                                                             dtype, device),
+                                                   bar=bar, **options)
         index = {"fraction": fr}
     else:
         ((_, full),) = list(_replicate_geometries(stack, np.ones((1, n_shards)), tol=tol, rtol=rtol,
@@ -1213,8 +1228,10 @@ def interval_sweep_torch(
             raise ValueError(full)
         ks = np.arange(1, full.r_V + 1)
         estimate = theory_values(full, ks, statistic)
-        values, failed = _replicate_values(stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
-                                           span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype, device=device)
+        with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
+            values, failed = _replicate_values(stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
+                                               span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype,
+                                               device=device, bar=bar)
         index = {"k": ks, "fraction": ks / full.r_V, "k_U": np.minimum(ks, full.m), "m": full.m, "r_V": full.r_V}
     boot, jack = values[:n_boot], values[n_boot:]
     _warn_failed(failed, n_boot + n_shards)
@@ -1449,6 +1466,7 @@ def ntps_diagnostics_torch(
     estimator: str = "plugin",
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
+    progress: bool = True,
     **provenance,
 ) -> pd.DataFrame:
     """`ntps_nb.core.diagnostics.ntps_diagnostics` with the linear algebra on ``device``: the same
@@ -1475,6 +1493,8 @@ def ntps_diagnostics_torch(
     device : the torch device that solves it.
     batch_size : perturbed copies or permutations per batched solve, a positive integer
         (default: as many as fit in half the free device memory, at most `MAX_BATCH`).
+    progress : a bar over the perturbed copies and permutations, as the numpy function shows it, advanced a solved
+        block at a time (False: none).
 
     Returns
     -------
@@ -1528,11 +1548,12 @@ def ntps_diagnostics_torch(
                                       fractions=grids[name]["fractions"])) for name, config in settings]
         host_solves = _HostSolves(futures)
     try:
-        return _diagnostics_on_device(moments, variants, grids, solvers, host_solves, X=X if n_permutations else None,
-                                      Y=Y if n_permutations else None, shift=shift if n_permutations else None,
-                                      n_perturb=n_perturb, perturb_scale=perturb_scale,
-                                      n_permutations=n_permutations, seed=seed, batch=batch, device=device,
-                                      provenance=provenance)
+        with progress_bar(n_perturb + n_permutations, "ntps_diagnostics", progress, unit="copy") as bar:
+            return _diagnostics_on_device(moments, variants, grids, solvers, host_solves,
+                                          X=X if n_permutations else None, Y=Y if n_permutations else None,
+                                          shift=shift if n_permutations else None, n_perturb=n_perturb,
+                                          perturb_scale=perturb_scale, n_permutations=n_permutations, seed=seed,
+                                          batch=batch, device=device, provenance=provenance, bar=bar)
     finally:
         if host is not None:
             host.close(cancel=True)
@@ -1553,8 +1574,9 @@ class _HostSolves:
 
 
 def _diagnostics_on_device(moments, variants, grids, solvers, host_solves, *, X, Y, shift, n_perturb, perturb_scale,
-                           n_permutations, seed, batch, device, provenance) -> pd.DataFrame:
-    """The perturbations and the label null of `ntps_diagnostics_torch` on the device, then its frame."""
+                           n_permutations, seed, batch, device, provenance, bar) -> pd.DataFrame:
+    """The perturbations and the label null of `ntps_diagnostics_torch` on the device, then its frame; ``bar``
+    counts each block of copies or permutations once solved."""
     perturb_seq, perm_seq = np.random.SeedSequence(seed).spawn(2)
 
     # Perturbations: the numpy function's copies, drawn in its order, solved a block at a time.
@@ -1584,6 +1606,7 @@ def _diagnostics_on_device(moments, variants, grids, solvers, host_solves, *, X,
                     raise ValueError(result)
                 rank_changes["reference"] += int(result != grids["reference"]["ranks"])
             perturbed["reference"][start:start + len(copies)] = values
+        bar.update(len(copies))
         del arrays, copies
 
     # Label-permutation null: the numpy function's permutations, a block at a time, against the
@@ -1607,6 +1630,7 @@ def _diagnostics_on_device(moments, variants, grids, solvers, host_solves, *, X,
                     null["theory"][b] = _theory_values(geometry, grids["theory"]["ks"])
             if reference_factor is not None:
                 null["reference"][start:stop] = reference_factor.values(Sxy, grids["reference"]["fractions"])
+            bar.update(stop - start)
             del Sxy
 
     # Eigensolver settings: LAPACK front ends on the host (started above, beside the device's work,
