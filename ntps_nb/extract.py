@@ -148,7 +148,8 @@ def as_text_set(data: Any, *, n_classes: int | None = None) -> TextSet:
         texts, labels = data["text"].tolist(), data["label"].to_numpy()
     elif isinstance(data, Mapping):  # columns by name, as datasets.Dataset.from_dict takes them
         if "text" not in data or "label" not in data:
-            raise ValueError(f"the mapping needs keys 'text' and 'label', has {list(data)}")
+            splits = " (the splits of a dataset: give one, e.g. data['train'])" if "train" in data else ""
+            raise ValueError(f"the mapping needs keys 'text' and 'label', has {list(data)}{splits}")
         texts, labels = data["text"], data["label"]
     else:
         raise TypeError("expected a datasets.Dataset, a DataFrame, a mapping with keys 'text' and 'label' or "

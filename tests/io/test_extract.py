@@ -437,6 +437,12 @@ def test_a_mapping_of_columns_is_read_as_its_texts_and_labels(tiny_llama):
             np.testing.assert_array_equal(getattr(from_mapping.moments[layer], name), value, err_msg=name)
     with pytest.raises(ValueError, match=r"the mapping needs keys 'text' and 'label', has \['sentence', 'y'\]"):
         extract(model, tok, {"sentence": TEXTS, "y": LABELS}, progress=False)
+    from ntps_nb.datasets import from_pandas
+
+    splits = from_pandas(pd.DataFrame({"text": TEXTS, "label": LABELS}), test_size=0.5)  # a DatasetDict
+    with pytest.raises(ValueError, match=r"has \['train', 'test'\] \(the splits of a dataset: give one, e\.g\. "
+                                         r"data\['train'\]\)"):
+        extract(model, tok, splits, progress=False)
     with pytest.raises(TypeError, match="a mapping with keys 'text' and 'label'.*got list"):
         extract(model, tok, list(zip(TEXTS, LABELS)), progress=False)
 
