@@ -590,19 +590,18 @@ def probe_layers(
     common = dict(train_y=train_y, test_y=test_y, n_classes=n_classes, seed=seed, C=C, ridge=ridge,
                   max_iter=max_iter)
     jobs = _host_jobs(n_jobs, len(tasks))
-    bar = progress_bar(len(tasks), "probe_layers", progress, unit="fit")
     if jobs == 1:
-        with bar:
+        with progress_bar(len(tasks), "probe_layers", progress, unit="fit") as bar:
             rows = [_counted(bar, _layer_row(**task, **common)) for task in tasks]
     else:
         from joblib import Parallel, delayed
 
         # worker processes: each fit's warnings are its own (catch_warnings is not thread-safe)
-        with warnings.catch_warnings(), bar:
+        with warnings.catch_warnings(), progress_bar(len(tasks), "probe_layers", progress, unit="fit") as bar:
             warnings.simplefilter("ignore", ProbeConvergenceWarning)  # re-issued below, from the rows
-            rows = [_counted(bar, row) for row in Parallel(n_jobs=jobs, backend="loky", inner_max_num_threads=1,
-                                                           return_as="generator")(
-                delayed(_layer_row)(**task, **common) for task in tasks)]
+            fits = Parallel(n_jobs=jobs, backend="loky", inner_max_num_threads=1, return_as="generator")(
+                delayed(_layer_row)(**task, **common) for task in tasks)
+            rows = [_counted(bar, row) for row in fits]
         for row in rows:
             if not row["converged"] and row["protocol"] == "heldout":
                 warnings.warn(f"layer {row['layer']}: {_not_converged(max_iter, LOGISTIC_TOL)}",

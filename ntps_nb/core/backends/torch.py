@@ -67,6 +67,7 @@ from __future__ import annotations
 import concurrent.futures
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -1216,10 +1217,8 @@ def interval_sweep_torch(
         if failed_full:
             raise ValueError("the reference geometry of the full data is undefined (fewer than 2 classes, or Sxx or "
                              f"C0 without an eigenvalue above {ref_tol:.3g})")
-        with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
-            values, failed = _reference_replicates(stack, counts, fr, batch_size=_batch_size(batch_size, stack.d,
-                                                                                             dtype, device),
-                                                   bar=bar, **options)
+        replicates = partial(_reference_replicates, stack, counts, fr,
+                             batch_size=_batch_size(batch_size, stack.d, dtype, device), **options)
         index = {"fraction": fr}
     else:
         ((_, full),) = list(_replicate_geometries(stack, np.ones((1, n_shards)), tol=tol, rtol=rtol,
@@ -1228,11 +1227,11 @@ def interval_sweep_torch(
             raise ValueError(full)
         ks = np.arange(1, full.r_V + 1)
         estimate = theory_values(full, ks, statistic)
-        with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
-            values, failed = _replicate_values(stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
-                                               span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype,
-                                               device=device, bar=bar)
+        replicates = partial(_replicate_values, stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
+                             span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype, device=device)
         index = {"k": ks, "fraction": ks / full.r_V, "k_U": np.minimum(ks, full.m), "m": full.m, "r_V": full.r_V}
+    with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
+        values, failed = replicates(bar=bar)
     boot, jack = values[:n_boot], values[n_boot:]
     _warn_failed(failed, n_boot + n_shards)
     deviations, se_jack = _jackknife(jack)
