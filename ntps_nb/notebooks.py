@@ -1470,7 +1470,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
                              max_length: int = 64, seed: int = 0, batch_size: int = 16,
                              drop_bos: bool = True, precision: str = "float32", loaded: tuple | None = None,
                              shards: int | None = None, interval_layers: Any = "grid:4",
-                             halves: bool = False) -> ModelOnDataset:
+                             halves: bool = False, device: str = "cpu", progress: bool = True) -> ModelOnDataset:
     """Load ``model`` and ``dataset`` (offline registries), extract every layer's moments and
     pooled features of the train split and the pooled features of the test split (cached).
 
@@ -1517,6 +1517,11 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         Layers that keep shard moments.
     halves : bool
         Keep the two halves' moments on the other layers, as above (needs ``shards`` >= 2).
+    device : str
+        Where ``model`` is loaded and runs ("cpu", "cuda", "cuda:1", ...); a model given as ``loaded`` stays where
+        it is. The cache key does not depend on it.
+    progress : bool
+        The extraction's bar over the texts of each split that is not in the cache (False: none).
 
     Returns
     -------
@@ -1530,7 +1535,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     from ntps_nb.extract import extract_cached
     from ntps_nb.models import load_model
 
-    net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed)
+    net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed, device=device)
     if isinstance(dataset, str):
         ds = load_dataset(dataset, max_train=max_train, max_test=max_test, seed=seed)
     else:
@@ -1550,8 +1555,8 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         if halves:
             sharding.update(half_layers=[layer for layer in every if layer not in sharding["shard_layers"]],
                             half_seed=seed)
-    train = extract_cached(net, tokenizer, info, ds["train"], progress=False, **settings, **sharding)
-    test = extract_cached(net, tokenizer, info, ds["test"], progress=False, token_moments=False, **settings)
+    train = extract_cached(net, tokenizer, info, ds["train"], progress=progress, **settings, **sharding)
+    test = extract_cached(net, tokenizer, info, ds["test"], progress=progress, token_moments=False, **settings)
     return ModelOnDataset(model, dataset, train, test,
                           {**settings, **sharding, "max_train": len(train.labels), "max_test": len(test.labels),
                            "seed": seed})

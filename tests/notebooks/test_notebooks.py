@@ -8,6 +8,7 @@ path.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,28 @@ def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
     plain = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32)
     with pytest.raises(ValueError, match="intervals need shard moments"):
         nbs.layer_profile(plain, k=2, intervals=True)
+
+
+def test_extract_model_on_dataset_loads_on_its_device_and_shows_the_extraction(tiny_llama, monkeypatch, tmp_path,
+                                                                               capsys):
+    import ntps_nb.models
+
+    asked = []
+
+    def recording_load_model(name, **kwargs):
+        asked.append(kwargs.get("device"))
+        return tiny_llama
+
+    monkeypatch.setattr(ntps_nb.models, "load_model", recording_load_model)
+    monkeypatch.setenv("NTPS_NB_CACHE", str(tmp_path))  # nothing cached: both splits are extracted
+    options = dict(max_train=24, max_test=12, max_length=16)
+    nbs.extract_model_on_dataset("tiny-llama", "trec6", progress=False, **options)
+    assert "extract:" not in capsys.readouterr().err
+    monkeypatch.setenv("NTPS_NB_CACHE", str(tmp_path / "fresh"))
+    nbs.extract_model_on_dataset("tiny-llama", "trec6", device="cuda:7", **options)  # the stand-in loads on the CPU
+    finished = set(re.findall(r"extract: 100%\|[^|]*\| (\d+/\d+)", capsys.readouterr().err))
+    assert finished == {"24/24", "12/12"}  # the train split's bar, then the test split's
+    assert asked == ["cpu", "cuda:7"]  # the default, then the device given
 
 
 @pytest.mark.parametrize("estimator", ["plugin", "richardson"])
