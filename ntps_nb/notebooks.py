@@ -1519,7 +1519,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         Keep the two halves' moments on the other layers, as above (needs ``shards`` >= 2).
     device : str
         Where ``model`` is loaded and runs ("cpu", "cuda", "cuda:1", ...); a model given as ``loaded`` stays where
-        it is. The cache key does not depend on it.
+        it is. The cache key depends on it only through ``precision="auto"``, which is resolved per device.
     progress : bool
         The extraction's bar over the texts of each split that is not in the cache (False: none).
 
