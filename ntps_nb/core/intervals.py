@@ -49,13 +49,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.special
 from jaxtyping import Float, Int
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import LayerMoments, Moments, moments_from_sequences
 from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.score import (
@@ -638,11 +639,11 @@ class BootstrapDifference:
 # Public entry points
 
 
-def _warn_failed(failed: int, total: int) -> None:
+def _warn_failed(failed: int, total: int, stacklevel: int = 3) -> None:
     if failed:
         warnings.warn(f"{failed} of {total} resamples had undefined geometry (e.g. a single class, or "
                       "k beyond the resample's rank of C0); they are left out of the interval", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
 
 
 def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, level, seed, method,
@@ -771,6 +772,7 @@ def ntps_interval_sweep(
     fractions: np.ndarray | None = None,
     estimator: str = "plugin",
     progress: bool = True,
+    device: Any = None,
 ) -> pd.DataFrame:
     """Intervals at every k (theory: k = 1..r_V of the full data) or every fraction (reference),
     from one factorisation per replicate (plug-in), as a tidy frame.
@@ -787,6 +789,11 @@ def ntps_interval_sweep(
         variant, statistic "ntps", rtol only): the estimate and every replicate at every k come
         from it (the k grid and the fraction, k_U, m, r_V columns from the plug-in geometry of
         the full data); ``seed`` also seeds its splits into halves.
+    progress : a bar over the n_boot + S replicates, shown once the call has run
+        `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (False: none).
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...): the same frame
+        from `ntps_nb.core.backends.torch.interval_sweep_torch`, the replicates solved in batches there, for the
+        plug-in (another estimator raises a ValueError).
 
     Returns
     -------
@@ -799,6 +806,15 @@ def ntps_interval_sweep(
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
+    backend = analysis_backend(device)
+    if backend is not None:
+        if estimator != "plugin":
+            raise ValueError(f"device={device!r} solves the plug-in's interval sweep; estimator={estimator!r} runs on "
+                             "the numpy code (device=None)")
+        return backend.interval_sweep_torch(
+            moment_shards, statistic=statistic, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
+            centred=centred, tol=tol, rtol=rtol, precision=precision, fractions=fractions, device=device,
+            progress=progress, stacklevel=3)  # its warning at the line that called ntps_interval_sweep
     stack = ShardStack(moment_shards)
     full = Moments.combine(stack.shards)
     if variant == "reference":

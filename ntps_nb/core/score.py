@@ -22,12 +22,13 @@ import contextlib
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Literal, Sequence
+from typing import Any, Hashable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
+from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.subspaces import (
     A_RANK_RTOL,
@@ -996,6 +997,7 @@ def ntps_sweep(
     rtol: float = RANGE_RTOL,
     precision: Precision = "float32",
     fractions: np.ndarray | None = None,
+    device: Any = None,
 ) -> pd.DataFrame:
     """NTPS at every k (theory: k = 1..r_V, with the excess loss and its bounds) or at the 19
     fractions (reference), as a tidy frame, from one factorisation.
@@ -1012,6 +1014,9 @@ def ntps_sweep(
     seed : as in `ntps` (the split into halves of the shard estimators).
     centred, tol, rtol, precision : as in `ntps`.
     fractions : (F,) fractions for the reference variant (default: `REFERENCE_FRACTIONS`).
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...): the same frame
+        from `ntps_nb.core.backends.torch.ntps_sweep_torch`, for the plug-in and, on the theory variant,
+        "richardson" (another estimator raises a ValueError).
 
     Returns
     -------
@@ -1020,6 +1025,14 @@ def ntps_sweep(
     `ReferenceGeometry.sweep` plus estimator).
     """
     _check_estimator(estimator, variant)
+    backend = analysis_backend(device)
+    if backend is not None:
+        if estimator not in ("plugin", "richardson"):
+            raise ValueError(f"device={device!r} solves the plug-in's and richardson's sweeps; estimator={estimator!r} "
+                             "runs on the numpy code (device=None)")
+        return backend.ntps_sweep_torch(moments, variant=variant, estimator=estimator, seed=seed, centred=centred,
+                                        tol=tol, rtol=rtol, precision=precision, fractions=fractions, device=device,
+                                        stacklevel=3)  # its warnings at the line that called ntps_sweep
     pooled, shards = _pooled_and_shards(moments)
     if variant == "theory":
         geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)

@@ -420,10 +420,11 @@ def test_the_torch_sweeps_warn_of_interpolation_as_numpy_does(estimator):
 
 
 def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
-    """`ntps_sweep_torch` (plug-in and richardson), `theory_sweep_torch` and `richardson_sweep_torch` give the
-    warnings `ntps_sweep` gives of the same moments (interpolation, a next-token tie, rounded C0), each pointing
-    at the line that called them: `ntps_sweep_torch` had pointed the tie and rounding warnings at its own line
-    in the package. Checked in a fresh interpreter (the shape checker's wrappers add frames under tests/core)."""
+    """`ntps_sweep_torch` (plug-in and richardson), `theory_sweep_torch`, `richardson_sweep_torch` and `ntps_sweep`
+    with a torch device give the warnings `ntps_sweep` gives of the same moments (interpolation, a next-token tie,
+    rounded C0), each pointing at the line that called them: `ntps_sweep_torch` had pointed the tie and rounding
+    warnings at its own line in the package. Checked in a fresh interpreter (the shape checker's wrappers add frames
+    under tests/core)."""
     import ast
     import os
     import subprocess
@@ -447,7 +448,8 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
               "        warnings.simplefilter('always')\n")
     calls = ["ntps_sweep(shards)", "ntps_sweep_torch(shards)", "theory_sweep_torch(shards)",
              "ntps_sweep(shards, estimator='richardson')", "ntps_sweep_torch(shards, estimator='richardson')",
-             "richardson_sweep_torch(shards)"]
+             "richardson_sweep_torch(shards)", "ntps_sweep(shards, device='cpu')",
+             "ntps_sweep(shards, estimator='richardson', device='cpu')"]
     code = (header + "".join(f"        {call}\n" for call in calls)
             + "    said.append([(w.category.__name__, w.filename, w.lineno) for w in caught "
               "if w.category.__module__.startswith('ntps_nb')])\n"
@@ -463,6 +465,52 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
         for call_line in lines:  # every sweep, numpy's and torch's, says the same at its own line
             assert sorted(name for name, _, line in caught if line == call_line) == sorted(categories), (
                 lines[call_line], caught)
+
+
+def test_ntps_sweep_and_ntps_interval_sweep_solve_on_the_torch_device_they_are_given(task_shards, monkeypatch):
+    """``device=`` of the numpy functions hands the call to the torch backend (counted here), whose frames agree
+    with numpy's; the estimators the backend does not solve are refused by name, and the warning of undefined
+    replicates points at the line that called `ntps_interval_sweep` (a fresh interpreter, as above)."""
+    import os
+    import subprocess
+    import sys
+
+    import ntps_nb
+    from ntps_nb.core import backends
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.intervals import ntps_interval_sweep
+
+    handed = []
+    for name in ("ntps_sweep_torch", "interval_sweep_torch"):
+        original = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda *a, _f=original, _n=name, **kw: handed.append(_n) or _f(*a, **kw))
+    assert backends.analysis_backend("cpu") is backend
+    shards = task_shards
+    for estimator in ("plugin", "richardson"):
+        assert_frames_agree(ntps_sweep(shards, estimator=estimator, device="cpu"),
+                            ntps_sweep(shards, estimator=estimator))
+    for statistic in ("ntps", "excess_loss"):
+        assert_frames_agree(ntps_interval_sweep(shards, statistic=statistic, n_boot=12, device="cpu"),
+                            ntps_interval_sweep(shards, statistic=statistic, n_boot=12))
+    assert handed == ["ntps_sweep_torch", "ntps_sweep_torch", "interval_sweep_torch", "interval_sweep_torch"]
+    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's sweeps; "
+                                         "estimator='jackknife' runs on the numpy code"):
+        ntps_sweep(shards, estimator="jackknife", device="cpu")
+    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's interval sweep; estimator='richardson'"):
+        ntps_interval_sweep(shards, estimator="richardson", n_boot=12, device="cpu")
+    code = ("import warnings\nimport numpy as np\n"
+            "from ntps_nb.core.intervals import ntps_interval_sweep\n"
+            "from ntps_nb.core.moments import moments_from_sequences\n"
+            "rng = np.random.default_rng(0)\n"
+            "texts = [rng.standard_normal((4, 6)) for _ in range(8)]\n"
+            "shards = [moments_from_sequences(texts[2 * i:2 * i + 2], [i % 2] * 2, 2) for i in range(4)]\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ntps_interval_sweep(shards, n_boot=40, device='cpu', progress=False)\n"
+            "print([(w.filename, w.lineno) for w in caught if 'undefined geometry' in str(w.message)])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    assert out.strip() == "[('<string>', 10)]"  # one warning (some resamples hold one class), at the call's line
 
 
 def test_estimate_by_n_on_torch_equals_numpy(monkeypatch):

@@ -878,6 +878,7 @@ def ntps_sweep_torch(
     fractions: np.ndarray | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
+    stacklevel: int = 2,
 ) -> pd.DataFrame:
     """`ntps_nb.core.score.ntps_sweep` with the factorisations on ``device``: the same arguments and
     frame, for the plug-in estimator and, on the theory variant, "richardson"
@@ -890,6 +891,9 @@ def ntps_sweep_torch(
     estimator : "plugin" or, theory variant only, "richardson" (anything else raises).
     device : the torch device that solves it.
     dtype : torch.float64 (default) or torch.float32, theory variant only.
+    stacklevel : where its warnings point, as `warnings.warn` counts from this function: 2 (default) is the line
+        that called it; a function that calls it for its own caller (`ntps_nb.core.score.ntps_sweep` with
+        ``device``) passes 3.
 
     Returns
     -------
@@ -899,12 +903,13 @@ def ntps_sweep_torch(
     if estimator == "richardson" and variant == "theory":
         if centred or tol is not None:
             raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
-        return _richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype, stacklevel=3)
+        return _richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype, stacklevel=stacklevel + 1)
     if estimator != "plugin":
         raise ValueError(f"ntps_sweep_torch computes the plug-in and, on the theory variant, 'richardson'; got "
                          f"estimator={estimator!r} (variant {variant!r}): use ntps_nb.core.score.ntps_sweep (numpy)")
     if variant == "theory":
-        return _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype, stacklevel=3)
+        return _theory_sweep(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype,
+                             stacklevel=stacklevel + 1)
     if variant == "reference":
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
@@ -1168,6 +1173,7 @@ def interval_sweep_torch(
     batch_size: int | None = None,
     estimator: str = "plugin",
     progress: bool = True,
+    stacklevel: int = 2,
 ) -> pd.DataFrame:
     """The frame of ``ntps_interval_sweep(moment_shards, ...)``, solved on ``device``.
 
@@ -1189,6 +1195,8 @@ def interval_sweep_torch(
         `ntps_nb.core.intervals.ntps_interval_sweep`); a ValueError says so.
     progress : a bar over the n_boot + S replicates, as `ntps_nb.core.intervals.ntps_interval_sweep` shows it,
         advanced a solved block at a time (False: none; a study's intervals stage passes False).
+    stacklevel : where its warning of undefined replicates points, as in `ntps_sweep_torch` (3 from
+        `ntps_nb.core.intervals.ntps_interval_sweep` with ``device``).
 
     Returns
     -------
@@ -1233,7 +1241,7 @@ def interval_sweep_torch(
     with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
         values, failed = replicates(bar=bar)
     boot, jack = values[:n_boot], values[n_boot:]
-    _warn_failed(failed, n_boot + n_shards)
+    _warn_failed(failed, n_boot + n_shards, stacklevel=stacklevel + 1)
     deviations, se_jack = _jackknife(jack)
     summary = _summary(estimate, boot, deviations, se_jack, level, method)
     return pd.DataFrame({
