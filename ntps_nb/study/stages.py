@@ -810,7 +810,7 @@ def _ntps_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
     if estimator in HALF_ESTIMATORS and u.ex.halves:
         shards = {**layer_shards(u.ex.halves), **shards}
     device = u.analysis_device
-    sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
+    sweep = partial(ntps_sweep, device=device)  # a torch device: the backend's sweep
     rows, stand_in = [], []
     for layer in u.layers:
         m = u.ex.moments[layer]
@@ -909,9 +909,7 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 # the torch backend's interval sweeps are the plug-in's; other estimators' are numpy's
                 # (no progress bar: the unit's log says where the stage is)
                 on_host = device is None or estimator != "plugin"
-                interval_sweep = (partial(ntps_interval_sweep, progress=False) if on_host
-                                  else partial(analysis_backend(device).interval_sweep_torch, device=device,
-                                               progress=False))
+                interval_sweep = partial(ntps_interval_sweep, progress=False, device=None if on_host else device)
                 sweep = interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
                                        method=u.cfg.interval_method, estimator=estimator)
                 if variant == "theory":
@@ -1067,7 +1065,7 @@ def _diagnostic_jobs(u: _Unit) -> tuple[str, list[tuple]]:
 
     estimator = "plugin" if u.cfg.estimator in SHARD_ESTIMATORS else u.cfg.estimator
     device = u.analysis_device
-    sweep = ntps_sweep if device is None else partial(analysis_backend(device).ntps_sweep_torch, device=device)
+    sweep = partial(ntps_sweep, device=device)  # a torch device: the backend's sweep
     # the torch backend's diagnostics are the plug-in's; a pooled estimator's theory rows are numpy's
     theory_device = device if estimator == "plugin" else None
     jobs = []
