@@ -21,6 +21,7 @@ from ntps_nb.core.backends.torch import (  # noqa: E402
 from ntps_nb.core.intervals import ShardStack, _Curve, _evaluate, bootstrap_counts, ntps_interval_sweep  # noqa: E402
 from ntps_nb.core.score import theory_geometry  # noqa: E402
 from ntps_nb.core.subspaces import nested_orthonormal_basis  # noqa: E402
+from tests.core.fresh import run_fresh  # noqa: E402
 
 #: Agreement with numpy, relative to the largest magnitude of the quantity compared (float64).
 AGREEMENT = 1e-9
@@ -426,11 +427,7 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
     warnings at its own line in the package. Checked in a fresh interpreter (the shape checker's wrappers add frames
     under tests/core)."""
     import ast
-    import os
-    import subprocess
-    import sys
 
-    import ntps_nb
 
     header = ("import warnings\nimport numpy as np\n"
               "from ntps_nb.core.score import ntps_sweep\n"
@@ -454,8 +451,7 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
             + "    said.append([(w.category.__name__, w.filename, w.lineno) for w in caught "
               "if w.category.__module__.startswith('ntps_nb')])\n"
             + "print(repr(said))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    out = run_fresh(code)
     said = ast.literal_eval(out)  # per moments, the (category, file, line) of each warning
     first = header.count("\n") + 1  # the line of the first call
     lines = {first + i: call for i, call in enumerate(calls)}
@@ -471,11 +467,7 @@ def test_ntps_sweep_and_ntps_interval_sweep_solve_on_the_torch_device_they_are_g
     """``device=`` of the numpy functions hands the call to the torch backend (counted here), whose frames agree
     with numpy's; the estimators the backend does not solve are refused by name, and the warning of undefined
     replicates points at the line that called `ntps_interval_sweep` (a fresh interpreter, as above)."""
-    import os
-    import subprocess
-    import sys
 
-    import ntps_nb
     from ntps_nb.core import backends
     from ntps_nb.core.backends import torch as backend
     from ntps_nb.core.intervals import ntps_interval_sweep
@@ -508,8 +500,7 @@ def test_ntps_sweep_and_ntps_interval_sweep_solve_on_the_torch_device_they_are_g
             "    warnings.simplefilter('always')\n"
             "    ntps_interval_sweep(shards, n_boot=40, device='cpu', progress=False)\n"
             "print([(w.filename, w.lineno) for w in caught if 'undefined geometry' in str(w.message)])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    out = run_fresh(code)
     assert out.strip() == "[('<string>', 10)]"  # one warning (some resamples hold one class), at the call's line
 
 

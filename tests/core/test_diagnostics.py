@@ -23,6 +23,7 @@ from ntps_nb.core.diagnostics import (
     three_dim_example,
 )
 from tests.core.conftest import random_moments
+from tests.core.fresh import run_fresh
 
 PLANTED_K = 8  # n_predictable of the planted task: V has a wide eigengap after its 8th direction
 # Shuffle seed of the null task. Under independent labels the permutation p-value is uniform,
@@ -450,9 +451,6 @@ def test_the_unperturbed_theory_rows_carry_the_sweeps_warnings_and_the_copies_no
     no warning. Where each points is checked in a fresh interpreter (the shape checker's wrappers add frames
     here)."""
     import importlib.util
-    import os
-    import subprocess
-    import sys
     import warnings
 
     import ntps_nb
@@ -502,7 +500,6 @@ def test_the_unperturbed_theory_rows_carry_the_sweeps_warnings_and_the_copies_no
              for device in devices]
     code = (header + "".join(call for _, call in calls)
             + "print([(w.category.__name__, w.filename, w.lineno) for w in caught])\n")
-    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    where = run_fresh(code)
     first = header.count("\n") + 1  # the line of the first call
     assert where.strip() == repr([(category, "<string>", first + i) for i, (category, _) in enumerate(calls)])

@@ -18,6 +18,7 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import (BeyondRankError, BeyondRankWarning, InterpolationWarning, ntps, ntps_sweep,
                                 theory_geometry)
 from ntps_nb.core.simulate import factor_model, lds_model, markov_model, moments_of_array, sample_shards
+from tests.core.fresh import run_fresh
 
 KS = np.array([1, 2, 4])
 #: "debiased" is not confined to [0, 1], but where defined it stays of NTPS's order (its largest here: 1.07).
@@ -738,11 +739,7 @@ def test_estimate_by_n_names_the_subsample_of_each_warning_at_the_callers_line()
     `estimate_by_n`. Where it points is checked in a fresh interpreter: the test session's shape checker
     wraps the package's functions, which adds frames."""
     import ast
-    import os
-    import subprocess
-    import sys
 
-    import ntps_nb
 
     code = ("import warnings\nimport numpy as np\nfrom ntps_nb.core.estimators import estimate_by_n\n"
             "from ntps_nb.core.simulate import lds_model, sample_shards\n"
@@ -751,8 +748,7 @@ def test_estimate_by_n_names_the_subsample_of_each_warning_at_the_callers_line()
             "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
             "    estimate_by_n(shards, [1], n_groups=4, estimator='debiased')\n"
             "print(repr([(w.category.__name__, w.filename, w.lineno, str(w.message)) for w in caught]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    out = run_fresh(code)
     said = [w for w in ast.literal_eval(out) if w[0] == "InterpolationWarning"]
     assert said and {(name, file, line) for name, file, line, _ in said} == {("InterpolationWarning", "<string>", 9)}
     assert all(message.startswith("estimate_by_n, the first ") for *_, message in said)

@@ -1,9 +1,6 @@
 """NTPS, both variants, against independent computations and invariants."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -11,12 +8,12 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-import ntps_nb
 from ntps_nb import Moments, ntps, ntps_sweep, reference_ntps_pinv, theory_geometry
 from ntps_nb.core.estimators import ntps_estimate
 from ntps_nb.core.moments import moments_from_sequences
 from ntps_nb.core.score import BeyondRankError, NextTokenTieWarning, next_token_tie_spread, next_token_tied_ks
 from tests.core.conftest import random_moments, random_spd
+from tests.core.fresh import run_fresh
 
 REFERENCE_MATCH = 1e-10
 
@@ -348,8 +345,7 @@ def test_the_flag_refuses_rows_at_tied_next_token_eigenvalues_and_ntps_estimate_
             "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
             + "".join(f"    ntps_estimate(shards, [r1 + 1], device={device})\n" for device in devices)
             + "print([(w.category.__name__, w.filename, w.lineno) for w in caught])\n")
-    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(os.path.dirname(ntps_nb.__file__))).stdout
+    said = run_fresh(code)
     assert said.strip() == repr([("NextTokenTieWarning", "<string>", 7 + i) for i in range(len(devices))])
     gaps = eigengap_ratios(shards, tied).set_index("k")
     assert (gaps["gap_ratio_V"] == 0).all() and (gaps["gap_ratio"] <= 0).all()
