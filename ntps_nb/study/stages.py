@@ -908,10 +908,9 @@ def _intervals_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                 estimator = interval_estimator(u.cfg) if variant == "theory" else "plugin"
                 # the torch backend's interval sweeps are the plug-in's; other estimators' are numpy's
                 # (no progress bar: the unit's log says where the stage is)
-                on_host = device is None or estimator != "plugin"
-                interval_sweep = partial(ntps_interval_sweep, progress=False, device=None if on_host else device)
-                sweep = interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
-                                       method=u.cfg.interval_method, estimator=estimator)
+                sweep = ntps_interval_sweep(shards[layer], variant=variant, n_boot=u.cfg.n_boot, seed=u.cfg.seed,
+                                            method=u.cfg.interval_method, estimator=estimator, progress=False,
+                                            device=device if estimator == "plugin" else None)
                 if variant == "theory":
                     sweep = _k_filter(sweep, u.cfg.k)
                 rows.append(sweep.assign(layer=layer))
