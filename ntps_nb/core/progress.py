@@ -3,9 +3,10 @@
 A shard-bootstrap interval is one factorisation per replicate: `ntps_interval_sweep`'s default 1,000
 replicates (and one per shard) take minutes at d = 576 on one core, and a factorisation's cost
 grows as d^3; `ntps_estimate` (3 + 2 S parts at S shards), `estimate_by_n` and `ntps_diagnostics` repeat
-whole solves too. Those functions take ``progress=True`` (the default) and, on the numpy code, show a bar
-(`tqdm.auto`: a widget in Jupyter, a line on stderr elsewhere) once a call has run `PROGRESS_DELAY_S`
-seconds, so quick calls (small d, tests) print nothing. ``progress=False`` turns a call's bar off;
+whole solves too, and `probe_layers` fits one probe per layer. Those functions take ``progress=True`` (the
+default) and show a bar (`tqdm.auto`: a widget in Jupyter, a line on stderr elsewhere) once a call has run
+`PROGRESS_DELAY_S` seconds, so quick calls (small d, tests) print nothing; on a torch device
+(`ntps_nb.core.backends.torch`) the bar advances a solved batch at a time. ``progress=False`` turns a call's bar off;
 ``TQDM_DISABLE=1`` in the environment Python starts with turns every such bar off (tqdm reads its
 variables when it is imported). A study's stages pass ``progress=False``: they report their progress in
 the unit's log. Executed notebooks keep no bar: a bar in Jupyter is a widget, and
