@@ -64,6 +64,7 @@ from ntps_nb.core.score import (
     REFERENCE_FRACTIONS,
     RANGE_RTOL,
     TheoryGeometry,
+    check_reference_fraction,
     reference_geometry,
     theory_geometry,
 )
@@ -508,21 +509,67 @@ def _estimate(curve: _Curve, stack: ShardStack, full: Moments) -> np.ndarray:
 
 
 def _single_curve(full: Moments, k, fraction, *, statistic, variant, centred, tol, rtol, precision,
-                  estimator: str = "plugin", seed: int = 0) -> _Curve:
+                  estimator: str = "plugin", seed: int = 0, geometry: TheoryGeometry | None = None) -> _Curve:
     """The curve at one k (theory; a fraction is turned into k with the full data's r_V and then
-    held fixed across replicates) or one fraction (reference; int(fraction * r) per replicate)."""
+    held fixed across replicates) or one fraction (reference; int(fraction * r) per replicate).
+    ``geometry``: the full data's theory geometry where the caller solved it (on a device)."""
     if variant == "reference":
-        if k is not None or fraction is None:
-            raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
-        if centred:
-            raise ValueError("the reference variant uses the uncentred moments, as released")
+        check_reference_fraction(k, fraction, centred)
         return _Curve(statistic, variant, fractions=np.array([float(fraction)]), tol=tol, precision=precision)
-    geometry = theory_geometry(full, centred=centred, tol=tol, rtol=rtol)
+    if geometry is None:
+        geometry = theory_geometry(full, centred=centred, tol=tol, rtol=rtol)
     kk = geometry.k(k, fraction)
     return _Curve(statistic, variant, ks=np.array([kk]), centred=centred, tol=tol, rtol=rtol, estimator=estimator,
                   seed=int(seed))
+
+
+@dataclass(frozen=True, eq=False)
+class _Side:
+    """One sharded sample's statistic at one k or fraction: its curve, its estimate on all shards, and its
+    bootstrap and leave-one-shard-out replicates, solved by this numpy code or on a torch device."""
+
+    shards: list[Moments]
+    full: Moments
+    curve: _Curve
+    estimate: np.ndarray
+    stack: ShardStack | None  # the numpy code's stacked shards; None on a device
+    backend: Any = None
+    device: Any = None
+
+    @classmethod
+    def of(cls, moment_shards: Sequence[Moments], k, fraction, *, device: Any = None, **options) -> "_Side":
+        backend = analysis_backend(device)
+        if backend is None:
+            stack = ShardStack(moment_shards)
+            full = Moments.combine(stack.shards)
+            curve = _single_curve(full, k, fraction, **options)
+            return cls(stack.shards, full, curve, _estimate(curve, stack, full), stack)
+        shards = check_shards(moment_shards)
+        full = Moments.combine(shards)
+        if options["variant"] == "reference":
+            curve = _single_curve(full, k, fraction, **options)
+            estimate = backend.ntps_sweep_torch(full, variant="reference", tol=curve.tol, precision=curve.precision,
+                                                fractions=curve.fractions, device=device)["ntps"].to_numpy()
+        else:
+            geometry = backend.theory_geometry_torch(full, centred=options["centred"], tol=options["tol"],
+                                                     rtol=options["rtol"], device=device)
+            curve = _single_curve(full, k, fraction, **options, geometry=geometry)
+            estimate = theory_values(geometry, curve.ks, curve.statistic)
+        return cls(shards, full, curve, estimate, None, backend, device)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def replicates(self, counts: np.ndarray, bar=None) -> _Replicates:
+        """The statistic on each bootstrap draw of ``counts`` and on each leave-one-shard-out combination."""
+        if self.backend is None:
+            return _replicates(self.stack, self.curve, counts, self.estimate, bar)
+        curve = self.curve
+        values, failed = self.backend.interval_replicates_torch(
+            self.shards, np.vstack([counts, 1.0 - np.eye(len(self))]), curve.ks, variant=curve.variant,
+            fractions=curve.fractions, statistic=curve.statistic, centred=curve.centred, tol=curve.tol,
+            rtol=curve.rtol, precision=curve.precision, device=self.device, bar=bar)
+        return _Replicates(estimate=self.estimate, boot=values[:len(counts)], jack=values[len(counts):], failed=failed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,24 +693,32 @@ def _warn_failed(failed: int, total: int, stacklevel: int = 3) -> None:
                       stacklevel=stacklevel)
 
 
+def _plugin_backend(device: Any, estimator: str, what: str):
+    """The torch backend for ``device`` (None: this numpy code), refusing an estimator other than the plug-in."""
+    backend = analysis_backend(device)
+    if backend is not None and estimator != "plugin":
+        raise ValueError(f"device={device!r} solves the plug-in's {what}; estimator={estimator!r} runs on the numpy "
+                         "code (device=None)")
+    return backend
+
+
 def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, level, seed, method,
-                 centred, tol, rtol, precision, estimator="plugin", progress=True) -> BootstrapInterval:
+                 centred, tol, rtol, precision, estimator="plugin", progress=True, device=None) -> BootstrapInterval:
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    stack = ShardStack(moment_shards)
-    full = Moments.combine(stack.shards)
-    curve = _single_curve(full, k, fraction, statistic=statistic, variant=variant, centred=centred,
-                          tol=tol, rtol=rtol, precision=precision, estimator=estimator, seed=seed)
-    estimate = _estimate(curve, stack, full)
-    with progress_bar(n_boot + len(stack), f"{statistic}_interval", progress, unit="replicate") as bar:
-        reps = _replicates(stack, curve, bootstrap_counts(len(stack), n_boot, seed), estimate, bar)
-    _warn_failed(reps.failed, n_boot + len(stack))
+    _plugin_backend(device, estimator, "interval")
+    side = _Side.of(moment_shards, k, fraction, statistic=statistic, variant=variant, centred=centred, tol=tol,
+                    rtol=rtol, precision=precision, estimator=estimator, seed=seed, device=device)
+    with progress_bar(n_boot + len(side), f"{statistic}_interval", progress, unit="replicate") as bar:
+        reps = side.replicates(bootstrap_counts(len(side), n_boot, seed), bar)
+    _warn_failed(reps.failed, n_boot + len(side), stacklevel=4)
     deviations, se_jack = _jackknife(reps.jack)
+    estimate, curve = side.estimate, side.curve
     s = _summary(estimate, reps.boot, deviations, se_jack, level, method)
     return BootstrapInterval(
         statistic=statistic, estimate=float(estimate[0]), lower=float(s["lower"][0]), upper=float(s["upper"][0]),
         se_bootstrap=float(s["se_bootstrap"][0]), se_jackknife=float(s["se_jackknife"][0]),
-        bias_bootstrap=float(s["bias_bootstrap"][0]), n_shards=len(stack), n_texts=full.n_texts,
+        bias_bootstrap=float(s["bias_bootstrap"][0]), n_shards=len(side), n_texts=side.full.n_texts,
         n_boot=int(n_boot), n_valid=int(s["n_valid"][0]), level=float(level), method=method, seed=int(seed),
         variant=variant, k=None if curve.ks is None else int(curve.ks[0]),
         fraction=None if fraction is None else float(fraction), centred=centred, estimator=estimator,
@@ -687,6 +742,7 @@ def ntps_interval(
     precision: str = "float32",
     estimator: str = "plugin",
     progress: bool = True,
+    device: Any = None,
 ) -> BootstrapInterval:
     """NTPS of the combined shards with a shard-bootstrap interval and jackknife standard error.
 
@@ -715,6 +771,10 @@ def ntps_interval(
         ``seed`` also seeds its splits into halves.
     progress : show a bar over the replicates once the call has run `ntps_nb.core.progress.PROGRESS_DELAY_S`
         seconds (each replicate is one factorisation: minutes at d = 576 on one core).
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...): the same interval
+        with the full data and the replicates solved there, the replicates in batches
+        (`ntps_nb.core.backends.torch.interval_replicates_torch`), for the plug-in (another estimator raises a
+        ValueError). The bar advances a solved batch at a time.
 
     Returns
     -------
@@ -722,7 +782,7 @@ def ntps_interval(
     """
     return _interval_of(moment_shards, k, fraction, statistic="ntps", variant=variant, n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
-                        precision=precision, estimator=estimator, progress=progress)
+                        precision=precision, estimator=estimator, progress=progress, device=device)
 
 
 def excess_loss_interval(
@@ -738,13 +798,14 @@ def excess_loss_interval(
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
     progress: bool = True,
+    device: Any = None,
 ) -> BootstrapInterval:
     """The excess loss DeltaL = L(V_k) - L* (SPEC section 5) of the combined shards, with a
     shard-bootstrap interval; arguments as in `ntps_interval` (theory variant only).
 
     Parameters
     ----------
-    moment_shards, k, fraction, n_boot, level, seed, method, centred, tol, rtol, progress : as in
+    moment_shards, k, fraction, n_boot, level, seed, method, centred, tol, rtol, progress, device : as in
         `ntps_interval`.
 
     Returns
@@ -753,7 +814,7 @@ def excess_loss_interval(
     """
     return _interval_of(moment_shards, k, fraction, statistic="excess_loss", variant="theory", n_boot=n_boot,
                         level=level, seed=seed, method=method, centred=centred, tol=tol, rtol=rtol,
-                        precision="float64", progress=progress)
+                        precision="float64", progress=progress, device=device)
 
 
 def ntps_interval_sweep(
@@ -806,11 +867,8 @@ def ntps_interval_sweep(
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    backend = analysis_backend(device)
+    backend = _plugin_backend(device, estimator, "interval sweep")
     if backend is not None:
-        if estimator != "plugin":
-            raise ValueError(f"device={device!r} solves the plug-in's interval sweep; estimator={estimator!r} runs on "
-                             "the numpy code (device=None)")
         return backend.interval_sweep_torch(
             moment_shards, statistic=statistic, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
             centred=centred, tol=tol, rtol=rtol, precision=precision, fractions=fractions, device=device,
@@ -897,6 +955,7 @@ def width_by_n(
     method: IntervalMethod = "basic",
     estimator: str = "plugin",
     progress: bool = True,
+    device: Any = None,
 ) -> pd.DataFrame:
     """How the interval narrows as texts are added, from one sharded extraction.
 
@@ -912,6 +971,7 @@ def width_by_n(
     variant, n_boot, level, seed, method, estimator : as in `ntps_interval` (a shard estimator
         sees the ``n_groups`` merged groups as its shards).
     progress : a bar over the subsamples (each ``n_boot + n_groups`` factorisations), shown as in `ntps_interval`.
+    device : where each subsample's interval is solved, as in `ntps_interval` (plug-in only on a torch device).
 
     Returns
     -------
@@ -919,12 +979,13 @@ def width_by_n(
     se_jackknife, and the settings (k, variant, estimator, n_groups, n_boot, level, method, seed).
     """
     _check_options(n_boot, level, seed, method, variant, "ntps")
+    _plugin_backend(device, estimator, "interval")
     subsamples = list(nested_groups(moment_shards, n_groups, caller="width_by_n"))
     rows = []
     with progress_bar(len(subsamples), "width_by_n", progress, unit="subsample") as bar:
         for used, groups in subsamples:
             iv = ntps_interval(groups, k=k, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
-                               estimator=estimator, progress=False)
+                               estimator=estimator, progress=False, device=device)
             rows.append({"n_texts": iv.n_texts, "n_shards_used": used, "ntps": iv.estimate, "lower": iv.lower,
                          "upper": iv.upper, "width": iv.upper - iv.lower, "se_jackknife": iv.se_jackknife})
             bar.update(1)
@@ -962,6 +1023,7 @@ def ntps_difference(
     precision: str = "float32",
     estimator: str = "plugin",
     progress: bool = True,
+    device: Any = None,
 ) -> BootstrapDifference:
     """Do two NTPS values differ? statistic(a) - statistic(b) with a bootstrap interval and p-value.
 
@@ -978,6 +1040,7 @@ def ntps_difference(
     statistic : "ntps" (default) or "excess_loss".
     estimator : as in `ntps_interval`, the same on both sides.
     progress : one bar over both sides' replicates, as in `ntps_interval`.
+    device : as in `ntps_interval`: both sides' replicates solved in batches on a torch device (plug-in only).
     Other arguments as in `ntps_interval`.
 
     Returns
@@ -986,30 +1049,29 @@ def ntps_difference(
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    stack_a = ShardStack(shards_a)
-    stack_b = ShardStack(shards_b)
+    _plugin_backend(device, estimator, "difference")
+    shards_a, shards_b = check_shards(shards_a, name="shards_a"), check_shards(shards_b, name="shards_b")
     if paired is None:
-        paired = _default_paired(stack_a.shards, stack_b.shards)
-    elif paired and not _same_counts(stack_a.shards, stack_b.shards):
+        paired = _default_paired(shards_a, shards_b)
+    elif paired and not _same_counts(shards_a, shards_b):
         raise ValueError("paired=True needs the same number of shards with the same text counts on both sides; got "
-                         f"{[s.n_texts for s in stack_a.shards]} and {[s.n_texts for s in stack_b.shards]}")
+                         f"{[s.n_texts for s in shards_a]} and {[s.n_texts for s in shards_b]}")
     paired = bool(paired)
     options = dict(statistic=statistic, variant=variant, centred=centred, tol=tol, rtol=rtol, precision=precision,
-                   estimator=estimator, seed=seed)
-    full_a, full_b = Moments.combine(stack_a.shards), Moments.combine(stack_b.shards)
-    curve_a = _single_curve(full_a, k, fraction, **options)
-    curve_b = _single_curve(full_b, k, fraction, **options)
-    est_a, est_b = _estimate(curve_a, stack_a, full_a), _estimate(curve_b, stack_b, full_b)
-    counts_a = bootstrap_counts(len(stack_a), n_boot, seed)
+                   estimator=estimator, seed=seed, device=device)
+    side_a, side_b = _Side.of(shards_a, k, fraction, **options), _Side.of(shards_b, k, fraction, **options)
+    est_a, est_b = side_a.estimate, side_b.estimate
+    counts_a = bootstrap_counts(len(side_a), n_boot, seed)
     if paired:
         counts_b = counts_a
     else:
         # an independent stream for b, reproducible from the same seed
-        counts_b = bootstrap_counts(len(stack_b), n_boot, np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
-    with progress_bar(2 * n_boot + len(stack_a) + len(stack_b), "ntps_difference", progress, unit="replicate") as bar:
-        reps_a = _replicates(stack_a, curve_a, counts_a, est_a, bar)
-        reps_b = _replicates(stack_b, curve_b, counts_b, est_b, bar)
-    _warn_failed(reps_a.failed + reps_b.failed, 2 * n_boot + len(stack_a) + len(stack_b))
+        counts_b = bootstrap_counts(len(side_b), n_boot, np.random.SeedSequence([int(seed), 1]).generate_state(1)[0])
+    total = 2 * n_boot + len(side_a) + len(side_b)
+    with progress_bar(total, "ntps_difference", progress, unit="replicate") as bar:
+        reps_a = side_a.replicates(counts_a, bar)
+        reps_b = side_b.replicates(counts_b, bar)
+    _warn_failed(reps_a.failed + reps_b.failed, total)
     estimate = est_a - est_b
     boot = reps_a.boot - reps_b.boot
     if paired:
@@ -1024,9 +1086,9 @@ def ntps_difference(
         statistic=statistic, estimate=float(estimate[0]), estimate_a=float(est_a[0]), estimate_b=float(est_b[0]),
         lower=float(s["lower"][0]), upper=float(s["upper"][0]), p_value=bootstrap_pvalue(float(estimate[0]), values),
         se_bootstrap=float(s["se_bootstrap"][0]), se_jackknife=float(se_jack[0]), paired=paired,
-        n_shards_a=len(stack_a), n_shards_b=len(stack_b), n_texts_a=full_a.n_texts, n_texts_b=full_b.n_texts,
-        n_boot=int(n_boot), n_valid=int(values.size), level=float(level), method=method, seed=int(seed),
-        variant=variant, k=None if curve_a.ks is None else int(curve_a.ks[0]),
+        n_shards_a=len(side_a), n_shards_b=len(side_b), n_texts_a=side_a.full.n_texts,
+        n_texts_b=side_b.full.n_texts, n_boot=int(n_boot), n_valid=int(values.size), level=float(level), method=method,
+        seed=int(seed), variant=variant, k=None if side_a.curve.ks is None else int(side_a.curve.ks[0]),
         fraction=None if fraction is None else float(fraction), centred=centred, estimator=estimator,
         replicates=boot[:, 0].copy(),
     )

@@ -908,6 +908,52 @@ def _pooled_and_shards(data: "Moments | Sequence[Moments]") -> tuple[Moments, li
     return (Moments.combine(shards) if len(shards) > 1 else shards[0]), shards
 
 
+def check_reference_fraction(k: int | None, fraction: float | None, centred: bool) -> None:
+    """The arguments the reference variant's NTPS at one fraction takes: a fraction in (0, 1), no k, uncentred.
+
+    Parameters
+    ----------
+    k, fraction : as given to `ntps` (k must be None).
+    centred : as given to `ntps` (must be False).
+
+    Returns
+    -------
+    None; a ValueError says what is wrong.
+    """
+    if k is not None or fraction is None:
+        raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    if centred:
+        raise ValueError("the reference variant uses the uncentred moments, as released")
+
+
+def check_reference_counts(fraction: float, k_U: int, k_V: int, r_U: int, r_V: int) -> None:
+    """The reference variant's NTPS at ``fraction`` is defined: it selects at least one direction of each subspace.
+
+    Parameters
+    ----------
+    fraction : the fraction f.
+    k_U, k_V : int(f * r_U), int(f * r_V) (`ReferenceGeometry.counts_at`).
+    r_U, r_V : the retained ranks.
+
+    Returns
+    -------
+    None; a ValueError names the counts where either is 0.
+    """
+    if k_U < 1 or k_V < 1:
+        raise ValueError(f"fraction {fraction} selects k_U = {k_U}, k_V = {k_V} directions (r_U = {r_U}, r_V = {r_V})")
+
+
+def _device_backend(device: Any, estimator: str, what: str):
+    """The torch backend for ``device`` (None: the numpy code), refusing an estimator it does not solve."""
+    backend = analysis_backend(device)
+    if backend is not None and estimator not in ("plugin", "richardson"):
+        raise ValueError(f"device={device!r} solves the plug-in's and richardson's {what}; estimator={estimator!r} "
+                         "runs on the numpy code (device=None)")
+    return backend
+
+
 def _check_estimator(estimator: str, variant: str) -> None:
     from ntps_nb.core.estimators import ESTIMATORS
 
@@ -930,6 +976,7 @@ def ntps(
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
     precision: Precision = "float32",
+    device: Any = None,
 ) -> float:
     """NTPS of one layer at k next-token directions (or a fraction of r_V).
 
@@ -951,12 +998,20 @@ def ntps(
     tol, rtol : absolute / relative tolerance on the eigenvalues of Sxx and C0 (theory); the
         reference variant uses the released absolute 1e-8 unless ``tol`` is given.
     precision : "float32" (as released) or "float64"; reference variant only.
+    device : None or "cpu-numpy" (default): this numpy code; a torch device ("cpu", "cuda", ...): the same value
+        from `ntps_nb.core.backends.torch.ntps_torch`, for the plug-in and, on the theory variant, "richardson"
+        (another estimator raises a ValueError), as `ntps_sweep` solves them.
 
     Returns
     -------
     float, in [0, 1] for the plug-in (other estimators can leave that range; NaN where undefined).
     """
     _check_estimator(estimator, variant)
+    backend = _device_backend(device, estimator, "value")
+    if backend is not None:
+        return backend.ntps_torch(moments, k, fraction=fraction, variant=variant, estimator=estimator, seed=seed,
+                                  centred=centred, tol=tol, rtol=rtol, precision=precision, device=device,
+                                  stacklevel=3)  # its warnings at the line that called ntps
     pooled, shards = _pooled_and_shards(moments)
     if variant == "theory":
         geometry = theory_geometry(pooled, centred=centred, tol=tol, rtol=rtol)
@@ -972,16 +1027,9 @@ def ntps(
         return float(estimate_ntps(shards, [kk], estimator=estimator, seed=seed, rtol=rtol,
                                    geometry=geometry).estimate[0])
     if variant == "reference":
-        if k is not None or fraction is None:
-            raise ValueError("the reference variant takes fraction= (its k_U, k_V are int(fraction * rank))")
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
-        if centred:
-            raise ValueError("the reference variant uses the uncentred moments, as released")
+        check_reference_fraction(k, fraction, centred)
         geometry = reference_geometry(pooled, precision=precision, tol=REFERENCE_ABS_TOL if tol is None else tol)
-        kU, kV = geometry.counts_at(fraction)
-        if kU < 1 or kV < 1:
-            raise ValueError(f"fraction {fraction} selects k_U = {kU}, k_V = {kV} directions (r_U = {geometry.r_U}, r_V = {geometry.r_V})")
+        check_reference_counts(fraction, *geometry.counts_at(fraction), geometry.r_U, geometry.r_V)
         return geometry.ntps(fraction)
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
 
@@ -1025,11 +1073,8 @@ def ntps_sweep(
     `ReferenceGeometry.sweep` plus estimator).
     """
     _check_estimator(estimator, variant)
-    backend = analysis_backend(device)
+    backend = _device_backend(device, estimator, "sweeps")
     if backend is not None:
-        if estimator not in ("plugin", "richardson"):
-            raise ValueError(f"device={device!r} solves the plug-in's and richardson's sweeps; estimator={estimator!r} "
-                             "runs on the numpy code (device=None)")
         return backend.ntps_sweep_torch(moments, variant=variant, estimator=estimator, seed=seed, centred=centred,
                                         tol=tol, rtol=rtol, precision=precision, fractions=fractions, device=device,
                                         stacklevel=3)  # its warnings at the line that called ntps_sweep

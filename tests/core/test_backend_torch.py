@@ -504,6 +504,121 @@ def test_ntps_sweep_and_ntps_interval_sweep_solve_on_the_torch_device_they_are_g
     assert out.strip() == "[('<string>', 10)]"  # one warning (some resamples hold one class), at the call's line
 
 
+def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shards, monkeypatch):
+    """``device=`` of `ntps`, `ntps_interval`, `excess_loss_interval`, `ntps_difference` and `width_by_n` hands the
+    solves to the torch backend (counted here), whose values, intervals and replicates agree with numpy's; the
+    errors are numpy's, and the estimators the backend does not solve are refused by name. Before, these functions
+    took no ``device``."""
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.intervals import excess_loss_interval, ntps_difference, ntps_interval, width_by_n
+    from ntps_nb.core.score import BeyondRankError, ntps
+
+    handed = []
+    for name in ("ntps_torch", "interval_replicates_torch"):
+        original = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda *a, _f=original, _n=name, **kw: handed.append(_n) or _f(*a, **kw))
+    shards, other = task_shards, split_into_shards(synthetic_linear_task(n_texts=600, angle=1.0, seed=4), 12, seed=0)
+    for options in (dict(k=3), dict(fraction=0.5), dict(k=2, centred=True), dict(k=2, estimator="richardson")):
+        assert abs(ntps(shards, device="cpu", **options) - ntps(shards, **options)) <= AGREEMENT, options
+    assert handed == ["ntps_torch"] * 4
+
+    def agree(got, want):
+        g, w = got.as_dict(), want.as_dict()
+        assert g.keys() == w.keys()
+        for key in w:
+            if isinstance(w[key], float) and not isinstance(w[key], bool):
+                assert abs(g[key] - w[key]) <= AGREEMENT, key
+            else:
+                assert g[key] == w[key], key
+        assert np.abs(got.replicates - want.replicates).max() <= AGREEMENT
+
+    one = dict(n_boot=20, seed=3, progress=False)
+    for options in (dict(k=3), dict(fraction=0.5, method="bca"), dict(k=2, centred=True)):
+        agree(ntps_interval(shards, device="cpu", **options, **one), ntps_interval(shards, **options, **one))
+    agree(excess_loss_interval(shards, k=2, device="cpu", **one), excess_loss_interval(shards, k=2, **one))
+    for paired in (True, False):
+        agree(ntps_difference(shards, other, k=3, paired=paired, device="cpu", **one),
+              ntps_difference(shards, other, k=3, paired=paired, **one))
+    assert_frames_agree(width_by_n(shards, 2, n_groups=3, device="cpu", **one),
+                        width_by_n(shards, 2, n_groups=3, **one))
+    assert handed.count("interval_replicates_torch") == 3 + 1 + 4 + 3  # a side per interval, 3 subsamples
+
+    # the reference variant where it is well-posed (C >= d): float64 exactly, float32 to its precision
+    rng = np.random.default_rng(7)
+    well_posed = [moments(rng, 16, n_classes=20) for _ in range(4)]
+    for precision, tol in (("float64", AGREEMENT), ("float32", FLOAT32_AGREEMENT)):
+        options = dict(fraction=0.3, variant="reference", precision=precision)
+        assert abs(ntps(well_posed, device="cpu", **options) - ntps(well_posed, **options)) <= tol
+        got = ntps_interval(well_posed, device="cpu", **options, **one)
+        want = ntps_interval(well_posed, **options, **one)
+        assert abs(got.estimate - want.estimate) <= tol and np.abs(got.replicates - want.replicates).max() <= tol
+
+    for device in (None, "cpu"):  # the same errors on either backend
+        with pytest.raises(BeyondRankError, match="k = 99 is beyond the retained rank of C0"):
+            ntps(shards, k=99, device=device)
+        with pytest.raises(BeyondRankError, match="k = 99 is beyond the retained rank of C0"):
+            ntps_interval(shards, k=99, device=device, **one)
+        with pytest.raises(ValueError, match="the reference variant takes fraction="):
+            ntps(well_posed, k=2, variant="reference", device=device)
+        with pytest.raises(ValueError, match="fraction 0.01 selects k_U = 0, k_V = 0 directions"):
+            ntps(well_posed, fraction=0.01, variant="reference", device=device)
+    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's value; "
+                                         "estimator='jackknife' runs on the numpy code"):
+        ntps(shards, k=2, estimator="jackknife", device="cpu")
+    for call in (lambda: ntps_interval(shards, k=2, estimator="richardson", device="cpu", **one),
+                 lambda: width_by_n(shards, 2, n_groups=3, estimator="richardson", device="cpu", **one)):
+        with pytest.raises(ValueError, match="device='cpu' solves the plug-in's interval; estimator='richardson'"):
+            call()
+    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's difference; estimator='richardson'"):
+        ntps_difference(shards, other, k=2, estimator="richardson", device="cpu", **one)
+
+
+def test_ntps_and_ntps_interval_warn_at_the_callers_line_on_either_backend():
+    """`ntps` with a torch device says what `ntps` says of the same moments (a next-token tie at k, rounded C0,
+    interpolation), at the caller's line; `ntps_interval`'s warning of undefined replicates points at the caller's
+    line on either backend (numpy's had pointed at a line of `ntps_interval` in the package). A fresh interpreter,
+    as above."""
+    import ast
+
+    header = ("import warnings\nimport numpy as np\n"
+              "from ntps_nb.core.score import ntps\n"
+              "from ntps_nb.core.intervals import ntps_interval\n"
+              "from ntps_nb.core.moments import moments_from_sequences\n"
+              "from tests.core.test_score import rounded, token_embedding_moments\n"
+              "tied, _, _ = token_embedding_moments(0, n_texts=240, n_shards=4)\n"
+              "noisy = [rounded(s, 1e-8) for s in tied]\n"
+              "rng = np.random.default_rng(3)\n"
+              "texts = [rng.standard_normal((int(rng.integers(3, 7)), 24)) for _ in range(16)]\n"
+              "few = [moments_from_sequences(texts[i::4], np.arange(16)[i::4] % 3, 3) for i in range(4)]\n"
+              "single = [moments_from_sequences(texts[2 * i:2 * i + 2], [i % 2] * 2, 2) for i in range(4)]\n"
+              "said = []\n"
+              "for shards, k in ((tied, 8), (noisy, 2), (noisy, 8), (few, 1)):\n"
+              "    with warnings.catch_warnings(record=True) as caught:\n"
+              "        warnings.simplefilter('always')\n")
+    pairs = [("ntps(shards, k=k)", "ntps(shards, k=k, device='cpu')"),
+             ("ntps(shards, k=k, estimator='richardson')", "ntps(shards, k=k, estimator='richardson', device='cpu')"),
+             ("ntps_interval(single, k=1, n_boot=40, progress=False)",  # shards of one class: resamples too
+              "ntps_interval(single, k=1, n_boot=40, progress=False, device='cpu')")]
+    calls = [call for pair in pairs for call in pair]
+    code = (header + "".join(f"        {call}\n" for call in calls)
+            + "    said.append([(w.category.__name__, w.filename, w.lineno) for w in caught "
+              "if w.category.__module__.startswith('ntps_nb') or 'undefined geometry' in str(w.message)])\n"
+            + "print(repr(said))\n")
+    said = ast.literal_eval(run_fresh(code))  # per (moments, k), the (category, file, line) of each warning
+    first = header.count("\n") + 1  # the line of the first call
+    expected = [{"NextTokenTieWarning"}, {"RoundedMomentsWarning"}, {"NextTokenTieWarning", "RoundedMomentsWarning"},
+                {"InterpolationWarning"}]
+    assert len(said) == len(expected)
+    for categories, caught in zip(expected, said):
+        assert {name for name, _, _ in caught} == categories | {"RuntimeWarning"}
+        assert {file for _, file, _ in caught} == {"<string>"}
+        for i in range(0, len(calls), 2):  # each device call says what its numpy twin says, at its own line
+            at = [sorted(name for name, _, line in caught if line == first + j) for j in (i, i + 1)]
+            assert at[0] == at[1], (calls[i], caught)
+        # the undefined resamples, said once by each interval at its own line
+        assert sorted(line - first for name, _, line in caught if name == "RuntimeWarning") == [4, 5]
+
+
 def test_estimate_by_n_on_torch_equals_numpy(monkeypatch):
     """`estimate_by_n` passes ``device`` to each subsample's `ntps_estimate`, which solves it on the torch
     backend (CPU here; counted): the rows, the drift and ``inside_first`` are numpy's, with 5 and with 10

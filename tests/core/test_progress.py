@@ -28,7 +28,7 @@ from ntps_nb.core.probes import probe_layers
 
 N_BOOT = 6
 N_SHARDS = 8
-CALLS = 18  # the entries of `_calls`
+CALLS = 21  # the entries of `_calls`
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,11 @@ def _calls(task, shards):
         # the estimate with its replicates, the quadratic part, the rotation check
         ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], device="cpu", **kw), 3),
         ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", device="cpu", **kw), 2),
+        ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, device="cpu", **kw),
+         N_BOOT + N_SHARDS),
+        ("ntps_difference", lambda **kw: ntps_difference(shards, shards[::-1], k=2, n_boot=N_BOOT, device="cpu", **kw),
+         2 * (N_BOOT + N_SHARDS)),
+        ("width_by_n", lambda **kw: width_by_n(shards, 2, n_groups=4, n_boot=N_BOOT, device="cpu", **kw), n_subsamples),
     ]
     assert len(calls) == CALLS
     return calls

@@ -10,10 +10,13 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
   sweep, the frame of ``ntps_sweep(moments, variant="theory")``;
 - `reference_geometry_torch`: the released algorithm's `ReferenceGeometry` (float32, ascending);
 - `ntps_sweep_torch`: ``ntps_sweep`` (either variant, the plug-in estimator) with ``device=``;
+- `ntps_torch`: ``ntps`` at one k or fraction (either variant; the plug-in and richardson);
 - `interval_sweep_torch`: the frame of ``ntps_interval_sweep(shards)`` (theory variant), with
   the bootstrap and jackknife replicate moments formed as one product (shares x stacked shards)
   per block of replicates and each block's eigenproblems solved as one batched call;
-- `interval_replicates_torch`: the statistic of every replicate (the batched step alone);
+- `interval_replicates_torch`: the statistic of every replicate (the batched step alone; either
+  variant), which ``ntps_interval``, ``excess_loss_interval``, ``ntps_difference`` and ``width_by_n``
+  use with ``device=``;
 - the reference variant's intervals (`interval_sweep_torch` with ``variant="reference"``);
 - `ntps_diagnostics_torch`: ``ntps_diagnostics`` (perturbations and the label-permutation null,
   each solved a block at a time in one batched call, from the numpy function's own random draws);
@@ -27,8 +30,9 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
   H-scores and the PCA-overlap control.
 
 The core's public functions reach these through ``device=`` (`ntps_nb.core.backends.analysis_backend`):
-``ntps_diagnostics``, ``heldout_probe``, ``probe_layers``, ``cv_logistic_probe`` and the peers of
-`ntps_nb.core.peers`.
+``ntps``, ``ntps_sweep``, ``ntps_interval``, ``excess_loss_interval``, ``ntps_interval_sweep``,
+``ntps_difference``, ``width_by_n``, ``ntps_estimate``, ``estimate_by_n``, ``ntps_diagnostics``,
+``heldout_probe``, ``probe_layers``, ``cv_logistic_probe`` and the peers of `ntps_nb.core.peers`.
 
 Where the computation differs in form from the numpy code, the quantity is the same:
 
@@ -125,6 +129,8 @@ from ntps_nb.core.score import (
     ReferenceGeometry,
     TheoryGeometry,
     Variant,
+    check_reference_counts,
+    check_reference_fraction,
     reference_sweep_frame,
     warn_of_the_sample,
 )
@@ -831,8 +837,10 @@ def richardson_sweep_torch(
 
 
 def _richardson_sweep(moment_shards: Sequence[Moments], *, seed: int, rtol: float, device: str | torch.device,
-                      dtype: torch.dtype, stacklevel: int) -> pd.DataFrame:
-    """`richardson_sweep_torch`, its warnings at ``stacklevel`` (as `_theory_sweep`'s)."""
+                      dtype: torch.dtype, stacklevel: int, at: tuple[int | None, float | None] | None = None
+                      ) -> pd.DataFrame:
+    """`richardson_sweep_torch`, its warnings at ``stacklevel`` (as `_theory_sweep`'s); ``at`` = (k, fraction): only
+    the row of that k (as `ntps_nb.core.score.ntps` validates it), warned of as `ntps` warns."""
     shards = _as_shards(moment_shards)
     if len(shards) < 2:
         raise ValueError("estimator 'richardson' needs the moments of at least 2 shards of the texts "
@@ -850,6 +858,8 @@ def _richardson_sweep(moment_shards: Sequence[Moments], *, seed: int, rtol: floa
     if isinstance(full, str):
         raise ValueError(full)
     frame = full.sweep()
+    if at is not None:
+        frame = frame[frame["k"] == full.k(*at)].reset_index(drop=True)
     ks = frame["k"].to_numpy()
     # the pooled moments and the halves against the pooled Sxx's retained rank, as ntps_sweep warns; C0's
     # rounding checked on the device
@@ -920,6 +930,65 @@ def ntps_sweep_torch(
         values = _reference_lookup(basis, counts, U[None], grid)[0]
         return reference_sweep_frame(grid, U.shape[1], V.shape[1], values, precision).assign(estimator="plugin")
     raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+
+
+def ntps_torch(
+    moments: Moments | Sequence[Moments],
+    k: int | None = None,
+    *,
+    fraction: float | None = None,
+    variant: Variant = "theory",
+    estimator: str = "plugin",
+    seed: int = 0,
+    centred: bool = False,
+    tol: float | None = None,
+    rtol: float = RANGE_RTOL,
+    precision: Precision = "float32",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+    stacklevel: int = 2,
+) -> float:
+    """`ntps_nb.core.score.ntps` with the factorisations on ``device``: the same arguments, value, errors and
+    warnings, for the plug-in and, on the theory variant, "richardson" (its three factorisations batched, as in
+    `richardson_sweep_torch`).
+
+    Parameters
+    ----------
+    moments, k, fraction, variant, seed, centred, tol, rtol, precision : as in `ntps_nb.core.score.ntps`.
+    estimator : "plugin" or, theory variant only, "richardson" (anything else raises).
+    device : the torch device that solves it.
+    dtype : torch.float64 (default) or torch.float32, theory variant only.
+    stacklevel : where its warnings point, as in `ntps_sweep_torch` (3 from `ntps_nb.core.score.ntps` with
+        ``device``).
+
+    Returns
+    -------
+    float, as `ntps_nb.core.score.ntps` returns it.
+    """
+    if variant == "reference":
+        check_reference_fraction(k, fraction, centred)
+        if estimator != "plugin":
+            raise ValueError(f"the reference variant is the released algorithm; estimator={estimator!r} applies to the "
+                             "theory variant only")
+        frame = ntps_sweep_torch(moments, variant="reference", tol=tol, precision=precision, fractions=[fraction],
+                                 device=device)
+        check_reference_counts(fraction, *frame.loc[0, ["k_U", "k_V", "r_U", "r_V"]].astype(int))
+        return float(frame.loc[0, "ntps"])
+    if variant != "theory":
+        raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
+    if estimator == "richardson":
+        if centred or tol is not None:
+            raise ValueError("centred= and tol= are options of the plug-in; the other estimators use rtol only")
+        return float(_richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype,
+                                       stacklevel=stacklevel + 1, at=(k, fraction))["ntps"].iloc[0])
+    _check_plugin(estimator, "ntps_nb.core.score.ntps")
+    pooled, shards = _pooled(moments), _as_shards(moments)
+    geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+    kk = geometry.k(k, fraction)
+    warn_of_the_sample(pooled, shards, geometry, [kk], estimator="plugin", seed=seed, centred=centred, tol=tol,
+                       rtol=rtol, stacklevel=stacklevel + 1,
+                       reach=negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol))
+    return geometry.ntps(kk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1086,19 +1155,23 @@ def _reference_replicates(stack: TorchShardStack, counts: np.ndarray, fractions:
 def interval_replicates_torch(
     moment_shards: Sequence[Moments],
     counts,
-    ks,
+    ks=None,
     *,
+    variant: Variant = "theory",
+    fractions: np.ndarray | None = None,
     statistic: str = "ntps",
     centred: bool = False,
     tol: float | None = None,
     rtol: float = RANGE_RTOL,
     span_rtol: float = SPAN_RTOL,
+    precision: Precision = "float32",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
     progress: bool = True,
+    bar=None,
 ) -> tuple[np.ndarray, int]:
-    """The theory statistic at ``ks`` for each weighted combination of the shards.
+    """The statistic at ``ks`` (theory) or ``fractions`` (reference) for each weighted combination of the shards.
 
     Row i of the (n, S) ``counts`` takes shard s counts[i, s] times (a bootstrap draw; a row of
     ones minus the unit vector e_s leaves shard s out). ``batch_size`` replicates are combined by
@@ -1109,13 +1182,19 @@ def interval_replicates_torch(
     ----------
     moment_shards : per-shard `Moments` of one layer (at least `MIN_SHARDS`).
     counts : (n, S) non-negative counts, every row covering at least one text.
-    ks : (K,) numbers of next-token directions.
-    statistic : "ntps" (default) or "excess_loss".
-    centred, tol, rtol, span_rtol : as in `theory_geometry_torch`.
+    ks : (K,) numbers of next-token directions (theory variant).
+    variant : "theory" (default) or "reference" (the released algorithm on each combination, in ``precision``).
+    fractions : (K,) fractions of the reference variant (default: `REFERENCE_FRACTIONS`).
+    statistic : "ntps" (default) or "excess_loss" (theory variant).
+    centred, tol, rtol, span_rtol : as in `theory_geometry_torch` (the reference variant: ``tol`` as in
+        `ntps_nb.core.score.reference_geometry`, default `REFERENCE_ABS_TOL`).
+    precision : the reference variant's, "float32" (as released) or "float64".
     device, dtype : the torch device and precision of the solves.
     batch_size : replicates per batched solve, a positive integer (default: from free memory).
     progress : a bar over the n combinations, advanced a solved block at a time and shown once the call has run
         `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds (False: none).
+    bar : an open `ntps_nb.core.progress.progress_bar` to advance instead (``progress`` is then not read): what
+        `ntps_nb.core.intervals.ntps_interval` with ``device`` passes, its bar counting these replicates.
 
     Returns
     -------
@@ -1124,12 +1203,41 @@ def interval_replicates_torch(
     failed : int, the number of such undefined replicates.
     """
     dtype, device = _check_dtype(dtype), _device(device)
+    if variant == "reference":
+        _check_reference(centred, precision)
+    elif variant != "theory":
+        raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
     stack = TorchShardStack(moment_shards, centred=centred, dtype=dtype, device=device)
+    replicates = _curve_replicates(stack, counts, variant=variant, ks=ks, fractions=fractions, statistic=statistic,
+                                   tol=tol, rtol=rtol, span_rtol=span_rtol, precision=precision,
+                                   batch_size=batch_size, dtype=dtype, device=device)
+    if bar is not None:
+        return replicates(bar=bar)
     rows = np.shape(counts)[0] if np.ndim(counts) == 2 else 0
-    with progress_bar(rows, "interval_replicates_torch", progress, unit="replicate") as bar:
-        return _replicate_values(stack, counts, np.asarray(ks, dtype=np.int64), statistic=statistic, tol=tol,
-                                 rtol=rtol, span_rtol=span_rtol, batch_size=batch_size, dtype=dtype, device=device,
-                                 bar=bar)
+    with progress_bar(rows, "interval_replicates_torch", progress, unit="replicate") as own:
+        return replicates(bar=own)
+
+
+def _check_reference(centred: bool, precision: Precision) -> None:
+    """The options the reference variant's replicates take: uncentred moments, a precision it runs in."""
+    if centred:
+        raise ValueError("the reference variant uses the uncentred moments, as released")
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+
+
+def _curve_replicates(stack: TorchShardStack, counts, *, variant: str, ks, fractions, statistic: str,
+                      tol: float | None, rtol: float, span_rtol: float, precision: Precision,
+                      batch_size: int | None, dtype: torch.dtype, device: torch.device):
+    """The replicates' values of either variant, as a function of the bar that counts them: ``(bar=) -> (values,
+    failed)``."""
+    if variant == "reference":
+        fr = REFERENCE_FRACTIONS if fractions is None else np.asarray(fractions, dtype=np.float64)
+        return partial(_reference_replicates, stack, counts, fr, precision=precision,
+                       tol=REFERENCE_ABS_TOL if tol is None else tol, dtype=dtype, device=device,
+                       batch_size=_batch_size(batch_size, stack.d, dtype, device))
+    return partial(_replicate_values, stack, counts, np.asarray(ks, dtype=np.int64), statistic=statistic, tol=tol,
+                   rtol=rtol, span_rtol=span_rtol, batch_size=batch_size, dtype=dtype, device=device)
 
 
 def _batch_size(batch_size: int | None, d: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -1207,10 +1315,7 @@ def interval_sweep_torch(
     _check_plugin(estimator, "ntps_nb.core.intervals.ntps_interval_sweep")
     dtype, device = _check_dtype(dtype), _device(device)
     if variant == "reference":
-        if centred:
-            raise ValueError("the reference variant uses the uncentred moments, as released")
-        if precision not in ("float32", "float64"):
-            raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+        _check_reference(centred, precision)
     elif fractions is not None:
         raise ValueError("fractions= is for the reference variant; the theory sweep covers every k")
     stack = TorchShardStack(moment_shards, centred=centred, dtype=dtype, device=device)
@@ -1225,8 +1330,6 @@ def interval_sweep_torch(
         if failed_full:
             raise ValueError("the reference geometry of the full data is undefined (fewer than 2 classes, or Sxx or "
                              f"C0 without an eigenvalue above {ref_tol:.3g})")
-        replicates = partial(_reference_replicates, stack, counts, fr,
-                             batch_size=_batch_size(batch_size, stack.d, dtype, device), **options)
         index = {"fraction": fr}
     else:
         ((_, full),) = list(_replicate_geometries(stack, np.ones((1, n_shards)), tol=tol, rtol=rtol,
@@ -1235,9 +1338,11 @@ def interval_sweep_torch(
             raise ValueError(full)
         ks = np.arange(1, full.r_V + 1)
         estimate = theory_values(full, ks, statistic)
-        replicates = partial(_replicate_values, stack, counts, ks, statistic=statistic, tol=tol, rtol=rtol,
-                             span_rtol=SPAN_RTOL, batch_size=batch_size, dtype=dtype, device=device)
+        fr = None
         index = {"k": ks, "fraction": ks / full.r_V, "k_U": np.minimum(ks, full.m), "m": full.m, "r_V": full.r_V}
+    replicates = _curve_replicates(stack, counts, variant=variant, ks=index.get("k"), fractions=fr,
+                                   statistic=statistic, tol=tol, rtol=rtol, span_rtol=SPAN_RTOL, precision=precision,
+                                   batch_size=batch_size, dtype=dtype, device=device)
     with progress_bar(len(counts), f"{statistic}_interval_sweep", progress, unit="replicate") as bar:
         values, failed = replicates(bar=bar)
     boot, jack = values[:n_boot], values[n_boot:]
