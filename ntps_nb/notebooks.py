@@ -1564,7 +1564,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
 
 def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", intervals: bool = False,
                   n_boot: int = 50, level: float = 0.95, seed: int = 0, estimator: str = "plugin",
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, device: Any = None) -> pd.DataFrame:
     """Per layer: NTPS (``variant``, at ``k``) and the held-out probe accuracy, kappa and MSE.
 
     One row per layer with the provenance columns (model, dataset, sizes, max_length, drop_bos).
@@ -1601,6 +1601,10 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         Two bars, each shown once its part has run `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds: the
         probes' fits (`ntps_nb.core.probes.probe_layers`), then NTPS layer by layer (with ``intervals`` a
         layer with shards takes as long as its interval). False: none.
+    device : None (default): the probes and NTPS on the host (scikit-learn, numpy); a torch device ("cuda",
+        "cpu", ...): the probes fitted there (`ntps_nb.core.probes.probe_layers`, batched over layers) and NTPS,
+        its intervals and estimates solved there (`ntps`, `ntps_interval`, `ntps_estimate` with ``device``), for
+        the plug-in and "richardson" (another estimator raises a ValueError before anything is fitted).
 
     Returns
     -------
@@ -1613,9 +1617,11 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     Raises
     ------
     ValueError
-        When ``intervals`` is asked of an extraction without shard moments, or ``estimator``
-        of a layer without the shards or halves it needs.
+        When ``intervals`` is asked of an extraction without shard moments, ``estimator``
+        of a layer without the shards or halves it needs, or on a device that does not solve it.
     """
+    from ntps_nb.core.backends import analysis_backend
+    from ntps_nb.core.estimators import DEVICE_ESTIMATORS
     from ntps_nb.core.intervals import layer_shards, ntps_interval
     from ntps_nb.core.probes import probe_layers
     from ntps_nb.core.progress import progress_bar
@@ -1627,25 +1633,28 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
     if intervals and not run.train.shards:
         raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
+    if analysis_backend(device) is not None and estimator not in DEVICE_ESTIMATORS:
+        raise ValueError(f"device={device!r} solves NTPS for the estimators {DEVICE_ESTIMATORS}; estimator="
+                         f"{estimator!r} runs on the host (device=None)")
     probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, progress=progress,
-                          **provenance)
+                          device=device, **provenance)
     keep = ["layer", "accuracy", "kappa", "mse", *provenance]
     gathered = _GatheredInterpolation()
     with progress_bar(len(run.layers), "layer_profile", progress, unit="layer") as bar:
         if estimator != "plugin":
             scores = _estimator_profile(run, k=k, variant=variant, intervals=intervals, level=level, seed=seed,
-                                        estimator=estimator, gathered=gathered, step=bar.update)
+                                        estimator=estimator, gathered=gathered, step=bar.update, device=device)
             gathered.warn(len(run.layers))
             return scores.merge(probes[keep], on="layer")
         shards = layer_shards(run.train.shards) if intervals else {}
         values, rows = [], []
         for layer in run.layers:
             with gathered.at(layer), warnings_named(f"layer {layer}"):
-                values.append(ntps(run.train.moments[layer], k=k, variant=variant))
+                values.append(ntps(run.train.moments[layer], k=k, variant=variant, device=device))
             if layer in shards:
                 with gathered.at(layer):
                     iv = ntps_interval(shards[layer], k=k, variant=variant, n_boot=n_boot, level=level, seed=seed,
-                                       progress=False)
+                                       progress=False, device=device)
                 rows.append({"layer": layer, "ntps_lower": iv.lower, "ntps_upper": iv.upper,
                              "ntps_se": iv.se_jackknife})
             bar.update(1)
@@ -1709,12 +1718,13 @@ class _GatheredInterpolation(GatheredInterpolationWarnings):
 
 
 def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: bool, level: float, seed: int,
-                       estimator: str, gathered: _GatheredInterpolation, step: Callable[[], Any]) -> pd.DataFrame:
+                       estimator: str, gathered: _GatheredInterpolation, step: Callable[[], Any],
+                       device: Any = None) -> pd.DataFrame:
     """`layer_profile`'s NTPS columns for an estimator other than the plug-in: the estimate on every
     layer (shards where kept, else the two halves, or the pooled moments for an estimator of those
     alone), with ``intervals`` `ntps_estimate`'s default interval and reliability flag on the shard layers;
     interpolation warnings go to ``gathered`` from every layer, the tie and rounding warnings name their layer.
-    ``step()`` is called once each layer is done."""
+    ``step()`` is called once each layer is done; ``device`` solves each layer's NTPS, as `layer_profile`'s."""
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
     from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
@@ -1732,7 +1742,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
         if layer in shards and intervals:
             with gathered.at(layer), warnings_named(f"layer {layer}"):
                 frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed,
-                                      progress=False).iloc[0]
+                                      progress=False, device=device).iloc[0]
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
                          "interval": f"{INTERVAL_DESCRIPTIONS[frame.get('interval', 'jackknife')]}, around the "
@@ -1745,7 +1755,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                 raise ValueError(_missing_parts_message(estimator, layer))
             with gathered.at(layer), warnings_named(f"layer {layer}"):  # `ntps` warns as the shard rows do
                 try:
-                    value = ntps(parts, k, estimator=estimator, seed=split_seed)
+                    value = ntps(parts, k, estimator=estimator, seed=split_seed, device=device)
                 except BeyondRankError as error:  # undefined at this layer: NaN, said as `ntps_estimate` says it
                     warnings.warn(f"{error}: NTPS is undefined there, NaN", BeyondRankWarning, stacklevel=2)
                     value = np.nan

@@ -243,6 +243,37 @@ def test_layer_profile_intervals_are_ntps_interval_at_the_shard_layers():
         nbs.layer_profile(plain, k=2, intervals=True)
 
 
+@pytest.mark.parametrize("estimator", ["plugin", "richardson"])
+def test_layer_profile_solves_on_the_device_it_is_given(estimator, monkeypatch):
+    """``device=`` reaches the probes and every layer's NTPS, interval or estimate (counted on the torch backend,
+    on its CPU device here), and the profile is the host's to rounding; an estimator the backend does not solve is
+    refused before anything is fitted."""
+    pytest.importorskip("torch")
+    from ntps_nb.core.backends import torch as backend
+    from tests.core.test_backend_torch import assert_frames_agree
+
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=160, max_test=40, max_length=32,
+                                       shards=5, interval_layers=[0, 2], halves=True, progress=False)
+    options = dict(k=2, intervals=True, estimator=estimator, n_boot=20, progress=False)
+    want = nbs.layer_profile(run, **options)
+    solved = []
+    for name in ("ntps_torch", "interval_replicates_torch", "ntps_estimate_torch", "least_squares_predictions_torch"):
+        original = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda *a, _f=original, _n=name, **kw: solved.append(_n) or _f(*a, **kw))
+    got = nbs.layer_profile(run, device="cpu", **options)
+    assert_frames_agree(got, want)
+    assert solved.count("least_squares_predictions_torch") >= 1  # the probes, batched over the 3 layers
+    if estimator == "plugin":  # 3 layers' values, the 2 shard layers' intervals
+        assert (solved.count("ntps_torch"), solved.count("interval_replicates_torch")) == (3, 2)
+    else:  # the 2 shard layers' estimates, the halves' value at layer 1
+        assert (solved.count("ntps_estimate_torch"), solved.count("ntps_torch")) == (2, 1)
+    solved.clear()
+    monkeypatch.setattr("ntps_nb.core.probes.probe_layers", lambda *a, **kw: solved.append("probe_layers"))
+    with pytest.raises(ValueError, match="device='cpu' solves NTPS for the estimators .*estimator='pca' runs on"):
+        nbs.layer_profile(run, k=2, estimator="pca", device="cpu")
+    assert solved == []  # neither the probes nor any NTPS
+
+
 def test_extract_model_on_dataset_loads_on_its_device_and_shows_the_extraction(tiny_llama, monkeypatch, tmp_path,
                                                                                capsys):
     import ntps_nb.models
