@@ -1007,7 +1007,7 @@ def ntps(
     float, in [0, 1] for the plug-in (other estimators can leave that range; NaN where undefined).
     """
     _check_estimator(estimator, variant)
-    backend = _device_backend(device, estimator, "value")
+    backend = _device_backend(device, estimator, "values")
     if backend is not None:
         return backend.ntps_torch(moments, k, fraction=fraction, variant=variant, estimator=estimator, seed=seed,
                                   centred=centred, tol=tol, rtol=rtol, precision=precision, device=device,

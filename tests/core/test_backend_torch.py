@@ -553,6 +553,8 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
         want = ntps_interval(well_posed, **options, **one)
         assert abs(got.estimate - want.estimate) <= tol and np.abs(got.replicates - want.replicates).max() <= tol
 
+    with pytest.raises(ValueError, match="the excess-loss identity is about the theory variant"):
+        backend.interval_replicates_torch(well_posed, np.ones((1, 4)), variant="reference", statistic="excess_loss")
     for device in (None, "cpu"):  # the same errors on either backend
         with pytest.raises(BeyondRankError, match="k = 99 is beyond the retained rank of C0"):
             ntps(shards, k=99, device=device)
@@ -562,7 +564,7 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
             ntps(well_posed, k=2, variant="reference", device=device)
         with pytest.raises(ValueError, match="fraction 0.01 selects k_U = 0, k_V = 0 directions"):
             ntps(well_posed, fraction=0.01, variant="reference", device=device)
-    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's value; "
+    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's values; "
                                          "estimator='jackknife' runs on the numpy code"):
         ntps(shards, k=2, estimator="jackknife", device="cpu")
     for call in (lambda: ntps_interval(shards, k=2, estimator="richardson", device="cpu", **one),

@@ -1205,6 +1205,8 @@ def interval_replicates_torch(
     dtype, device = _check_dtype(dtype), _device(device)
     if variant == "reference":
         _check_reference(centred, precision)
+        if statistic != "ntps":
+            raise ValueError("the excess-loss identity is about the theory variant; use variant='theory'")
     elif variant != "theory":
         raise ValueError(f"variant must be 'theory' or 'reference', got {variant!r}")
     stack = TorchShardStack(moment_shards, centred=centred, dtype=dtype, device=device)
