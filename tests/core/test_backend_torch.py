@@ -420,6 +420,17 @@ def test_the_torch_sweeps_warn_of_interpolation_as_numpy_does(estimator):
     assert said["torch"] == said["numpy"]
 
 
+#: The moments the fresh-interpreter warning tests read: next-token eigenvalues tied at k = 5-9 (``tied``), the same
+#: with C0 rounded below zero (``noisy``), and 16 texts in d = 24, no more than the rank of Sxx (``few``).
+WARNING_SAMPLES = ("from ntps_nb.core.moments import moments_from_sequences\n"
+                   "from tests.core.test_score import rounded, token_embedding_moments\n"
+                   "tied, _, _ = token_embedding_moments(0, n_texts=240, n_shards=4)\n"
+                   "noisy = [rounded(s, 1e-8) for s in tied]\n"
+                   "rng = np.random.default_rng(3)\n"
+                   "texts = [rng.standard_normal((int(rng.integers(3, 7)), 24)) for _ in range(16)]\n"
+                   "few = [moments_from_sequences(texts[i::4], np.arange(16)[i::4] % 3, 3) for i in range(4)]\n")
+
+
 def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
     """`ntps_sweep_torch` (plug-in and richardson), `theory_sweep_torch`, `richardson_sweep_torch` and `ntps_sweep`
     with a torch device give the warnings `ntps_sweep` gives of the same moments (interpolation, a next-token tie,
@@ -432,13 +443,7 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
     header = ("import warnings\nimport numpy as np\n"
               "from ntps_nb.core.score import ntps_sweep\n"
               "from ntps_nb.core.backends.torch import ntps_sweep_torch, richardson_sweep_torch, theory_sweep_torch\n"
-              "from ntps_nb.core.moments import moments_from_sequences\n"
-              "from tests.core.test_score import rounded, token_embedding_moments\n"
-              "tied, _, _ = token_embedding_moments(0, n_texts=240, n_shards=4)\n"
-              "noisy = [rounded(s, 1e-8) for s in tied]\n"
-              "rng = np.random.default_rng(3)\n"
-              "texts = [rng.standard_normal((int(rng.integers(3, 7)), 24)) for _ in range(16)]\n"
-              "few = [moments_from_sequences(texts[i::4], np.arange(16)[i::4] % 3, 3) for i in range(4)]\n"
+              + WARNING_SAMPLES +
               "said = []\n"
               "for shards in (tied, noisy, few):\n"
               "    with warnings.catch_warnings(record=True) as caught:\n"
@@ -585,13 +590,7 @@ def test_ntps_and_ntps_interval_warn_at_the_callers_line_on_either_backend():
     header = ("import warnings\nimport numpy as np\n"
               "from ntps_nb.core.score import ntps\n"
               "from ntps_nb.core.intervals import ntps_interval\n"
-              "from ntps_nb.core.moments import moments_from_sequences\n"
-              "from tests.core.test_score import rounded, token_embedding_moments\n"
-              "tied, _, _ = token_embedding_moments(0, n_texts=240, n_shards=4)\n"
-              "noisy = [rounded(s, 1e-8) for s in tied]\n"
-              "rng = np.random.default_rng(3)\n"
-              "texts = [rng.standard_normal((int(rng.integers(3, 7)), 24)) for _ in range(16)]\n"
-              "few = [moments_from_sequences(texts[i::4], np.arange(16)[i::4] % 3, 3) for i in range(4)]\n"
+              + WARNING_SAMPLES +
               "single = [moments_from_sequences(texts[2 * i:2 * i + 2], [i % 2] * 2, 2) for i in range(4)]\n"
               "said = []\n"
               "for shards, k in ((tied, 8), (noisy, 2), (noisy, 8), (few, 1)):\n"
