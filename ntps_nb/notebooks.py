@@ -1620,7 +1620,7 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
         When ``intervals`` is asked of an extraction without shard moments, ``estimator``
         of a layer without the shards or halves it needs, or on a device that does not solve it.
     """
-    from ntps_nb.core.backends import analysis_backend
+    from ntps_nb.core.backends import estimator_backend
     from ntps_nb.core.estimators import DEVICE_ESTIMATORS
     from ntps_nb.core.intervals import layer_shards, ntps_interval
     from ntps_nb.core.probes import probe_layers
@@ -1633,9 +1633,7 @@ def layer_profile(run: ModelOnDataset, *, k: int, variant: str = "theory", inter
     features = {layer: (run.train.pooled[layer], run.test.pooled[layer]) for layer in run.layers}
     if intervals and not run.train.shards:
         raise ValueError("intervals need shard moments: extract with extract_model_on_dataset(..., shards=10)")
-    if analysis_backend(device) is not None and estimator not in DEVICE_ESTIMATORS:
-        raise ValueError(f"device={device!r} solves NTPS for the estimators {DEVICE_ESTIMATORS}; estimator="
-                         f"{estimator!r} runs on the host (device=None)")
+    estimator_backend(device, estimator, DEVICE_ESTIMATORS, "the plug-in's and richardson's layer profiles")
     probes = probe_layers(features, run.train.labels, run.test.labels, n_classes=run.n_classes, progress=progress,
                           device=device, **provenance)
     keep = ["layer", "accuracy", "kappa", "mse", *provenance]

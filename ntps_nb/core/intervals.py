@@ -56,7 +56,7 @@ import pandas as pd
 import scipy.special
 from jaxtyping import Float, Int
 
-from ntps_nb.core.backends import analysis_backend
+from ntps_nb.core.backends import analysis_backend, estimator_backend
 from ntps_nb.core.moments import LayerMoments, Moments, moments_from_sequences
 from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.score import (
@@ -693,20 +693,11 @@ def _warn_failed(failed: int, total: int, stacklevel: int = 3) -> None:
                       stacklevel=stacklevel)
 
 
-def _plugin_backend(device: Any, estimator: str, what: str):
-    """The torch backend for ``device`` (None: this numpy code), refusing an estimator other than the plug-in."""
-    backend = analysis_backend(device)
-    if backend is not None and estimator != "plugin":
-        raise ValueError(f"device={device!r} solves the plug-in's {what}; estimator={estimator!r} runs on the numpy "
-                         "code (device=None)")
-    return backend
-
-
 def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, level, seed, method,
                  centred, tol, rtol, precision, estimator="plugin", progress=True, device=None) -> BootstrapInterval:
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    _plugin_backend(device, estimator, "interval")
+    estimator_backend(device, estimator, ("plugin",), "the plug-in's interval")
     side = _Side.of(moment_shards, k, fraction, statistic=statistic, variant=variant, centred=centred, tol=tol,
                     rtol=rtol, precision=precision, estimator=estimator, seed=seed, device=device)
     with progress_bar(n_boot + len(side), f"{statistic}_interval", progress, unit="replicate") as bar:
@@ -867,7 +858,7 @@ def ntps_interval_sweep(
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    backend = _plugin_backend(device, estimator, "interval sweep")
+    backend = estimator_backend(device, estimator, ("plugin",), "the plug-in's interval sweep")
     if backend is not None:
         return backend.interval_sweep_torch(
             moment_shards, statistic=statistic, variant=variant, n_boot=n_boot, level=level, seed=seed, method=method,
@@ -979,7 +970,7 @@ def width_by_n(
     se_jackknife, and the settings (k, variant, estimator, n_groups, n_boot, level, method, seed).
     """
     _check_options(n_boot, level, seed, method, variant, "ntps")
-    _plugin_backend(device, estimator, "interval")
+    estimator_backend(device, estimator, ("plugin",), "the plug-in's interval")
     subsamples = list(nested_groups(moment_shards, n_groups, caller="width_by_n"))
     rows = []
     with progress_bar(len(subsamples), "width_by_n", progress, unit="subsample") as bar:
@@ -1049,7 +1040,7 @@ def ntps_difference(
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    _plugin_backend(device, estimator, "difference")
+    estimator_backend(device, estimator, ("plugin",), "the plug-in's difference")
     shards_a, shards_b = check_shards(shards_a, name="shards_a"), check_shards(shards_b, name="shards_b")
     if paired is None:
         paired = _default_paired(shards_a, shards_b)

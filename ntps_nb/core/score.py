@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from ntps_nb.core.backends import analysis_backend
+from ntps_nb.core.backends import estimator_backend
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.subspaces import (
     A_RANK_RTOL,
@@ -945,15 +945,6 @@ def check_reference_counts(fraction: float, k_U: int, k_V: int, r_U: int, r_V: i
         raise ValueError(f"fraction {fraction} selects k_U = {k_U}, k_V = {k_V} directions (r_U = {r_U}, r_V = {r_V})")
 
 
-def _device_backend(device: Any, estimator: str, what: str):
-    """The torch backend for ``device`` (None: the numpy code), refusing an estimator it does not solve."""
-    backend = analysis_backend(device)
-    if backend is not None and estimator not in ("plugin", "richardson"):
-        raise ValueError(f"device={device!r} solves the plug-in's and richardson's {what}; estimator={estimator!r} "
-                         "runs on the numpy code (device=None)")
-    return backend
-
-
 def _check_estimator(estimator: str, variant: str) -> None:
     from ntps_nb.core.estimators import ESTIMATORS
 
@@ -1007,7 +998,7 @@ def ntps(
     float, in [0, 1] for the plug-in (other estimators can leave that range; NaN where undefined).
     """
     _check_estimator(estimator, variant)
-    backend = _device_backend(device, estimator, "values")
+    backend = estimator_backend(device, estimator, ("plugin", "richardson"), "the plug-in's and richardson's values")
     if backend is not None:
         return backend.ntps_torch(moments, k, fraction=fraction, variant=variant, estimator=estimator, seed=seed,
                                   centred=centred, tol=tol, rtol=rtol, precision=precision, device=device,
@@ -1073,7 +1064,7 @@ def ntps_sweep(
     `ReferenceGeometry.sweep` plus estimator).
     """
     _check_estimator(estimator, variant)
-    backend = _device_backend(device, estimator, "sweeps")
+    backend = estimator_backend(device, estimator, ("plugin", "richardson"), "the plug-in's and richardson's sweeps")
     if backend is not None:
         return backend.ntps_sweep_torch(moments, variant=variant, estimator=estimator, seed=seed, centred=centred,
                                         tol=tol, rtol=rtol, precision=precision, fractions=fractions, device=device,

@@ -269,7 +269,8 @@ def test_layer_profile_solves_on_the_device_it_is_given(estimator, monkeypatch):
         assert (solved.count("ntps_estimate_torch"), solved.count("ntps_torch")) == (2, 1)
     solved.clear()
     monkeypatch.setattr("ntps_nb.core.probes.probe_layers", lambda *a, **kw: solved.append("probe_layers"))
-    with pytest.raises(ValueError, match="device='cpu' solves NTPS for the estimators .*estimator='pca' runs on"):
+    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's layer profiles; "
+                                         "estimator='pca' runs on"):
         nbs.layer_profile(run, k=2, estimator="pca", device="cpu")
     assert solved == []  # neither the probes nor any NTPS
 

@@ -49,3 +49,29 @@ def analysis_backend(device: Any) -> ModuleType | None:
                           "install torch or pass device=None for the numpy core") from error
     backend.check_device(device)
     return backend
+
+
+def estimator_backend(device: Any, estimator: str, solved: tuple[str, ...], what: str) -> ModuleType | None:
+    """`analysis_backend` for a call computing ``estimator``, refusing a torch device for an estimator the torch
+    backend does not solve there.
+
+    Parameters
+    ----------
+    device : as in `analysis_backend`.
+    estimator : the NTPS estimator the call computes.
+    solved : the estimators the torch backend computes for this call.
+    what : what the call computes, for the error ("the plug-in's interval").
+
+    Returns
+    -------
+    None for the numpy core; the torch backend module otherwise.
+
+    Raises
+    ------
+    ValueError for a torch device with an estimator not in ``solved`` (and as `analysis_backend` raises).
+    """
+    backend = analysis_backend(device)
+    if backend is not None and estimator not in solved:
+        raise ValueError(f"device={device!r} solves {what}; estimator={estimator!r} runs on the numpy code "
+                         "(device=None)")
+    return backend
