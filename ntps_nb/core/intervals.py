@@ -56,7 +56,7 @@ import pandas as pd
 import scipy.special
 from jaxtyping import Float, Int
 
-from ntps_nb.core.backends import analysis_backend, estimator_backend
+from ntps_nb.core.backends import estimator_backend
 from ntps_nb.core.moments import LayerMoments, Moments, moments_from_sequences
 from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.score import (
@@ -537,8 +537,10 @@ class _Side:
     device: Any = None
 
     @classmethod
-    def of(cls, moment_shards: Sequence[Moments], k, fraction, *, device: Any = None, **options) -> "_Side":
-        backend = analysis_backend(device)
+    def of(cls, moment_shards: Sequence[Moments], k, fraction, *, backend: Any = None, device: Any = None,
+           **options) -> "_Side":
+        """The side of ``moment_shards`` at ``k`` or ``fraction``; ``backend`` (`estimator_backend`'s) on ``device``,
+        or None for this numpy code; ``options`` those of `_single_curve`."""
         if backend is None:
             stack = ShardStack(moment_shards)
             full = Moments.combine(stack.shards)
@@ -697,9 +699,9 @@ def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, leve
                  centred, tol, rtol, precision, estimator="plugin", progress=True, device=None) -> BootstrapInterval:
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    estimator_backend(device, estimator, ("plugin",), "the plug-in's interval")
-    side = _Side.of(moment_shards, k, fraction, statistic=statistic, variant=variant, centred=centred, tol=tol,
-                    rtol=rtol, precision=precision, estimator=estimator, seed=seed, device=device)
+    backend = estimator_backend(device, estimator, ("plugin",), "the plug-in's interval")
+    side = _Side.of(moment_shards, k, fraction, backend=backend, device=device, statistic=statistic, variant=variant,
+                    centred=centred, tol=tol, rtol=rtol, precision=precision, estimator=estimator, seed=seed)
     with progress_bar(n_boot + len(side), f"{statistic}_interval", progress, unit="replicate") as bar:
         reps = side.replicates(bootstrap_counts(len(side), n_boot, seed), bar)
     _warn_failed(reps.failed, n_boot + len(side), stacklevel=4)
@@ -1040,7 +1042,7 @@ def ntps_difference(
     """
     _check_options(n_boot, level, seed, method, variant, statistic)
     _check_estimator(estimator, variant=variant, statistic=statistic, centred=centred, tol=tol)
-    estimator_backend(device, estimator, ("plugin",), "the plug-in's difference")
+    backend = estimator_backend(device, estimator, ("plugin",), "the plug-in's difference")
     shards_a, shards_b = check_shards(shards_a, name="shards_a"), check_shards(shards_b, name="shards_b")
     if paired is None:
         paired = _default_paired(shards_a, shards_b)
@@ -1049,7 +1051,7 @@ def ntps_difference(
                          f"{[s.n_texts for s in shards_a]} and {[s.n_texts for s in shards_b]}")
     paired = bool(paired)
     options = dict(statistic=statistic, variant=variant, centred=centred, tol=tol, rtol=rtol, precision=precision,
-                   estimator=estimator, seed=seed, device=device)
+                   estimator=estimator, seed=seed, backend=backend, device=device)
     side_a, side_b = _Side.of(shards_a, k, fraction, **options), _Side.of(shards_b, k, fraction, **options)
     est_a, est_b = side_a.estimate, side_b.estimate
     counts_a = bootstrap_counts(len(side_a), n_boot, seed)
