@@ -508,11 +508,12 @@ def _estimate(curve: _Curve, stack: ShardStack, full: Moments) -> np.ndarray:
     return curve(list(stack.shards) if curve.needs_shards else full)
 
 
-def _single_curve(full: Moments, k, fraction, *, statistic, variant, centred, tol, rtol, precision,
+def _single_curve(full: Moments | None, k, fraction, *, statistic, variant, centred, tol, rtol, precision,
                   estimator: str = "plugin", seed: int = 0, geometry: TheoryGeometry | None = None) -> _Curve:
     """The curve at one k (theory; a fraction is turned into k with the full data's r_V and then
     held fixed across replicates) or one fraction (reference; int(fraction * r) per replicate).
-    ``geometry``: the full data's theory geometry where the caller solved it (on a device)."""
+    ``geometry``: the full data's theory geometry where the caller solved it (on a device; ``full`` is then
+    not read, nor by the reference variant)."""
     if variant == "reference":
         check_reference_fraction(k, fraction, centred)
         return _Curve(statistic, variant, fractions=np.array([float(fraction)]), tol=tol, precision=precision)
@@ -529,7 +530,7 @@ class _Side:
     bootstrap and leave-one-shard-out replicates, solved by this numpy code or on a torch device."""
 
     shards: list[Moments]
-    full: Moments
+    n_texts: int
     curve: _Curve
     estimate: np.ndarray
     stack: ShardStack | None  # the numpy code's stacked shards; None on a device
@@ -545,19 +546,20 @@ class _Side:
             stack = ShardStack(moment_shards)
             full = Moments.combine(stack.shards)
             curve = _single_curve(full, k, fraction, **options)
-            return cls(stack.shards, full, curve, _estimate(curve, stack, full), stack)
+            return cls(stack.shards, full.n_texts, curve, _estimate(curve, stack, full), stack)
+        # on a device the shards are pooled there (the backend's), never on the host
         shards = check_shards(moment_shards)
-        full = Moments.combine(shards)
         if options["variant"] == "reference":
-            curve = _single_curve(full, k, fraction, **options)
-            estimate = backend.ntps_sweep_torch(full, variant="reference", tol=curve.tol, precision=curve.precision,
+            curve = _single_curve(None, k, fraction, **options)
+            estimate = backend.ntps_sweep_torch(shards, variant="reference", tol=curve.tol, precision=curve.precision,
                                                 fractions=curve.fractions, device=device)["ntps"].to_numpy()
         else:
-            geometry = backend.theory_geometry_torch(full, centred=options["centred"], tol=options["tol"],
+            geometry = backend.theory_geometry_torch(shards, centred=options["centred"], tol=options["tol"],
                                                      rtol=options["rtol"], device=device)
-            curve = _single_curve(full, k, fraction, **options, geometry=geometry)
+            curve = _single_curve(None, k, fraction, **options, geometry=geometry)
             estimate = theory_values(geometry, curve.ks, curve.statistic)
-        return cls(shards, full, curve, estimate, None, backend, device)
+        n_texts = int(round(Moments.combination_counts(shards).sum()))
+        return cls(shards, n_texts, curve, estimate, None, backend, device)
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -711,7 +713,7 @@ def _interval_of(moment_shards, k, fraction, *, statistic, variant, n_boot, leve
     return BootstrapInterval(
         statistic=statistic, estimate=float(estimate[0]), lower=float(s["lower"][0]), upper=float(s["upper"][0]),
         se_bootstrap=float(s["se_bootstrap"][0]), se_jackknife=float(s["se_jackknife"][0]),
-        bias_bootstrap=float(s["bias_bootstrap"][0]), n_shards=len(side), n_texts=side.full.n_texts,
+        bias_bootstrap=float(s["bias_bootstrap"][0]), n_shards=len(side), n_texts=side.n_texts,
         n_boot=int(n_boot), n_valid=int(s["n_valid"][0]), level=float(level), method=method, seed=int(seed),
         variant=variant, k=None if curve.ks is None else int(curve.ks[0]),
         fraction=None if fraction is None else float(fraction), centred=centred, estimator=estimator,
@@ -1079,8 +1081,8 @@ def ntps_difference(
         statistic=statistic, estimate=float(estimate[0]), estimate_a=float(est_a[0]), estimate_b=float(est_b[0]),
         lower=float(s["lower"][0]), upper=float(s["upper"][0]), p_value=bootstrap_pvalue(float(estimate[0]), values),
         se_bootstrap=float(s["se_bootstrap"][0]), se_jackknife=float(se_jack[0]), paired=paired,
-        n_shards_a=len(side_a), n_shards_b=len(side_b), n_texts_a=side_a.full.n_texts,
-        n_texts_b=side_b.full.n_texts, n_boot=int(n_boot), n_valid=int(values.size), level=float(level), method=method,
+        n_shards_a=len(side_a), n_shards_b=len(side_b), n_texts_a=side_a.n_texts,
+        n_texts_b=side_b.n_texts, n_boot=int(n_boot), n_valid=int(values.size), level=float(level), method=method,
         seed=int(seed), variant=variant, k=None if side_a.curve.ks is None else int(side_a.curve.ks[0]),
         fraction=None if fraction is None else float(fraction), centred=centred, estimator=estimator,
         replicates=boot[:, 0].copy(),

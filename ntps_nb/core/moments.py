@@ -178,18 +178,8 @@ class Moments:
         only when every part has it.
         """
         parts = list(parts)
-        if not parts:
-            raise ValueError("combine needs at least one Moments")
+        counts = Moments.combination_counts(parts, weights)
         weights = np.ones(len(parts)) if weights is None else np.asarray(weights, dtype=np.float64)
-        if weights.shape != (len(parts),) or np.any(weights < 0) or not np.any(weights > 0):
-            raise ValueError("weights must be one non-negative number per part, not all zero")
-        first = parts[0]
-        for other in parts[1:]:
-            if other.Sxx.shape != first.Sxx.shape or other.Sxy.shape != first.Sxy.shape:
-                raise ValueError(f"cannot combine moments of shapes d={first.d}, C={first.n_classes} and d={other.d}, C={other.n_classes}")
-            if other.is_centred or first.is_centred:
-                raise ValueError("combine uncentred moments, then centre the result")
-        counts = np.array([p.n_texts for p in parts], dtype=np.float64) * weights
         total = counts.sum()
         merged: dict[str, Any] = {}
         for name in _ARRAYS:
@@ -204,6 +194,35 @@ class Moments:
             merged[name] = acc
         n_tokens = sum(w * p.n_tokens for w, p in zip(weights, parts))
         return Moments(n_texts=int(round(total)), n_tokens=int(round(n_tokens)), **merged)
+
+    @staticmethod
+    def combination_counts(parts: Sequence["Moments"], weights: Sequence[float] | None = None) -> np.ndarray:
+        """The weighted text count of each part that `combine` weighs it by, after `combine`'s checks of the
+        parts (a ValueError says what is wrong); the torch backend pools shards on a device with them.
+
+        Parameters
+        ----------
+        parts : uncentred `Moments` with the same d and C, at least one.
+        weights : as in `combine`.
+
+        Returns
+        -------
+        (P,) float64: each part's n_texts times its weight.
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("combine needs at least one Moments")
+        weights = np.ones(len(parts)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if weights.shape != (len(parts),) or np.any(weights < 0) or not np.any(weights > 0):
+            raise ValueError("weights must be one non-negative number per part, not all zero")
+        first = parts[0]
+        for other in parts[1:]:
+            if other.Sxx.shape != first.Sxx.shape or other.Sxy.shape != first.Sxy.shape:
+                raise ValueError(f"cannot combine moments of shapes d={first.d}, C={first.n_classes} and "
+                                 f"d={other.d}, C={other.n_classes}")
+            if other.is_centred or first.is_centred:
+                raise ValueError("combine uncentred moments, then centre the result")
+        return np.array([p.n_texts for p in parts], dtype=np.float64) * weights
 
     def __add__(self, other: "Moments") -> "Moments":
         return Moments.combine([self, other])

@@ -268,10 +268,26 @@ def check_labels(moments: Moments) -> None:
     -------
     None; raises ValueError when C < 2 or fewer than two classes have texts.
     """
-    if moments.n_classes < 2:
-        raise ValueError(f"the label matrix has {moments.n_classes} column(s); NTPS needs at least 2 classes")
-    if not moments.is_centred:
-        present = int(np.count_nonzero(np.diag(moments.Syy) > 0))
+    check_class_counts(moments.Syy, is_centred=moments.is_centred)
+
+
+def check_class_counts(Syy: Float[np.ndarray, "C C"], *, is_centred: bool) -> None:
+    """`check_labels` from the label moment alone (what the torch backend checks of moments pooled on a device).
+
+    Parameters
+    ----------
+    Syy : (C, C) the label second moment.
+    is_centred : whether it is centred (then only C is checked).
+
+    Returns
+    -------
+    None; raises ValueError when C < 2 or, uncentred, fewer than two classes have texts.
+    """
+    n_classes = Syy.shape[0]
+    if n_classes < 2:
+        raise ValueError(f"the label matrix has {n_classes} column(s); NTPS needs at least 2 classes")
+    if not is_centred:
+        present = int(np.count_nonzero(np.diag(Syy) > 0))
         if present < 2:
             raise ValueError(f"the labels contain {present} class(es) with any texts; NTPS needs at least 2 classes")
 

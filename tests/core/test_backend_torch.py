@@ -580,6 +580,60 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
         ntps_difference(shards, other, k=2, estimator="richardson", device="cpu", **one)
 
 
+def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypatch):
+    """Per-shard moments given to a device call are pooled there with `Moments.combine`'s weights and operations in
+    its order: the same arrays to the bit (centred too), a shard's resident copy read where it has one. No device
+    path sums d x d shards on the host any more: `ntps`, `ntps_sweep` (theory, centred, reference, richardson in
+    float32), `ntps_interval` (both variants), `ntps_difference` and the geometries and subspaces of shards run
+    with `Moments.combine` made to raise. Before, each of them called it (the geometries took one `Moments` only)."""
+    import dataclasses
+
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.intervals import ntps_difference, ntps_interval
+    from ntps_nb.core.score import ntps
+
+    rng = np.random.default_rng(11)
+    shards = [dataclasses.replace(moments(rng, 12, x_mean=True), n_texts=10 * (i + 1), n_tokens=70 * (i + 1) + i)
+              for i in range(5)]  # unequal weights
+    cpu = torch.device("cpu")
+    host, pooled = Moments.combine(shards), backend._Pooled.of(shards, cpu)
+    for name in ("Sxx", "Sxy", "Syy", "C0", "C1", "x_mean"):
+        assert np.array_equal(getattr(pooled, name).numpy(), getattr(host, name)), name
+    assert pooled.n_tokens == host.n_tokens and not pooled.is_centred
+    centred = pooled.centred()
+    for name in ("Sxx", "Sxy", "Syy", "C0", "C1"):
+        assert np.array_equal(getattr(centred, name).numpy(), getattr(host.centred(), name)), name
+    assert np.array_equal(backend.TorchShardStack(shards, centred=False, dtype=torch.float32, device=cpu).pooled_C0(),
+                          host.C0)
+
+    # a shard's resident copy is what is read (here one deliberately twice the host array, to see it)
+    backend.keep_resident(shards[0].Sxx, torch.from_numpy(2.0 * shards[0].Sxx))
+    weight = shards[0].n_texts / sum(s.n_texts for s in shards)
+    resident_pooled = backend._Pooled.of(shards, cpu).Sxx.numpy()
+    assert np.abs(resident_pooled - host.Sxx - weight * shards[0].Sxx).max() <= 1e-15 * np.abs(host.Sxx).max()
+    shards[0] = dataclasses.replace(shards[0])  # a copy of the moments: its arrays are not the recorded ones
+    assert np.array_equal(backend._Pooled.of(shards, cpu).Sxx.numpy(), host.Sxx)
+
+    expected = {"ntps": ntps(shards, 2), "sweep": ntps_sweep(shards)["ntps"].to_numpy()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shards were combined on the host")
+
+    monkeypatch.setattr(Moments, "combine", staticmethod(refuse))
+    one = dict(n_boot=10, progress=False)
+    assert abs(ntps(shards, 2, device="cpu") - expected["ntps"]) <= AGREEMENT
+    assert np.abs(ntps_sweep(shards, device="cpu")["ntps"].to_numpy() - expected["sweep"]).max() <= AGREEMENT
+    ntps_sweep(shards, centred=True, device="cpu")
+    ntps_sweep(shards, variant="reference", device="cpu")
+    ntps_sweep_torch(shards, estimator="richardson", dtype=torch.float32)
+    ntps_interval(shards, 2, device="cpu", **one)
+    ntps_interval(shards, fraction=0.5, variant="reference", device="cpu", **one)
+    ntps_difference(shards, shards[::-1], k=2, device="cpu", **one)
+    theory_geometry_torch(shards, centred=True)
+    reference_geometry_torch(shards)
+    backend.pooled_subspaces_torch(shards)
+
+
 def test_ntps_and_ntps_interval_warn_at_the_callers_line_on_either_backend():
     """`ntps` with a torch device says what `ntps` says of the same moments (a next-token tie at k, rounded C0,
     interpolation), at the caller's line; `ntps_interval`'s warning of undefined replicates points at the caller's

@@ -29,6 +29,10 @@ definitions and tolerances (`ntps_nb.core.subspaces`, `ntps_nb.core.score`,
   `h_score_ledoit_wolf_torch`, `principal_root_torch`: the factorisations of LogME, RankMe, the
   H-scores and the PCA-overlap control.
 
+Per-shard moments given to any of these are pooled on the device, with `Moments.combine`'s weights and
+operations in its order (the same numbers to the bit), reading a shard's resident copy where extraction kept one
+(`keep_resident`): no d x d sum runs on the host.
+
 The core's public functions reach these through ``device=`` (`ntps_nb.core.backends.analysis_backend`):
 ``ntps``, ``ntps_sweep``, ``ntps_interval``, ``excess_loss_interval``, ``ntps_interval_sweep``,
 ``ntps_difference``, ``width_by_n``, ``ntps_estimate``, ``estimate_by_n``, ``ntps_diagnostics``,
@@ -135,8 +139,8 @@ from ntps_nb.core.score import (
     warn_of_the_sample,
 )
 from ntps_nb.core import validation
-from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_labels, nested_orthonormal_basis,
-                                   reach_of)
+from ntps_nb.core.subspaces import (A_RANK_RTOL, RANGE_RTOL, Order, Subspace, check_class_counts, check_labels,
+                                    nested_orthonormal_basis, reach_of)
 
 #: The smallest positive float64, the floor of the rank-of-A threshold (as in `generalized_eigh`).
 _TINY = float(np.finfo(np.float64).tiny)
@@ -630,14 +634,15 @@ def _geometry_or_reason(lam: np.ndarray, projected: np.ndarray, m: int, r_U: int
 
 
 def theory_geometry_torch(
-    moments: Moments, *, centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
+    moments: Moments | Sequence[Moments], *, centred: bool = False, tol: float | None = None, rtol: float = RANGE_RTOL,
     span_rtol: float = SPAN_RTOL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
 ) -> TheoryGeometry:
     """`ntps_nb.core.score.theory_geometry`, solved on ``device``; returns the numpy `TheoryGeometry`.
 
     Parameters
     ----------
-    moments : the layer's `Moments`.
+    moments : the layer's `Moments`, or a list of per-shard `Moments` (pooled on ``device``, as
+        `Moments.combine` pools them).
     centred, tol, rtol, span_rtol : as in `ntps_nb.core.score.theory_geometry`.
     device : the torch device that solves it ("cpu", "cuda", ...).
     dtype : torch.float64 (default) or torch.float32.
@@ -650,12 +655,18 @@ def theory_geometry_torch(
     ------
     ValueError if the geometry is undefined (e.g. Sxy zero, fewer than two classes).
     """
-    if centred:
-        moments = moments.centred()
-    check_labels(moments)
     dtype, device = _check_dtype(dtype), _device(device)
-    arrays = [_tensor(getattr(moments, name), dtype, device)[None] for name in ("Sxx", "Sxy", "Syy", "C0", "C1")]
-    (result,) = _theory_geometries(*arrays, np.array([moments.n_tokens]), np.array([True]),
+    return _pooled_geometry(_Pooled.of(moments, device), centred=centred, tol=tol, rtol=rtol, span_rtol=span_rtol,
+                            dtype=dtype)
+
+
+def _pooled_geometry(pooled: "_Pooled", *, centred: bool, tol: float | None, rtol: float, span_rtol: float,
+                     dtype: torch.dtype) -> TheoryGeometry:
+    """`theory_geometry_torch` of moments pooled on the device."""
+    if centred:
+        pooled = pooled.centred()
+    pooled.check_labels()
+    (result,) = _theory_geometries(*pooled.batch(dtype), np.array([pooled.n_tokens]), np.array([True]),
                                    tol=tol, rtol=rtol, span_rtol=span_rtol)
     if isinstance(result, str):
         raise ValueError(result)
@@ -672,7 +683,8 @@ def pooled_subspaces_torch(
 
     Parameters
     ----------
-    moment_shards : one `Moments` or per-shard `Moments` of one layer (pooled as `ntps_sweep` pools them).
+    moment_shards : one `Moments` or per-shard `Moments` of one layer (pooled on ``device`` as `ntps_sweep` pools
+        them).
     rtol : relative range tolerance of Sxx and C0.
     device : the torch device that solves them.
 
@@ -680,8 +692,8 @@ def pooled_subspaces_torch(
     -------
     (U, V) : the perception subspace of (Sxy Sxy^T, Sxx) and the next-token subspace of (C1 C1^T, C0).
     """
-    pooled = _pooled(moment_shards)
-    check_labels(pooled)
+    pooled = _Pooled.of(moment_shards, _device(device))
+    pooled.check_labels()
     if pooled.n_tokens == 0:
         raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
     U, V = (generalized_eigh_torch(B, A_factor=F, rtol=rtol, device=device, name=name).to_numpy()
@@ -689,14 +701,67 @@ def pooled_subspaces_torch(
     return U, V
 
 
-def _pooled(moments: Moments | Sequence[Moments]) -> Moments:
-    """One `Moments`, or a list of per-shard `Moments` pooled (as ``ntps_sweep`` takes them)."""
-    if isinstance(moments, Moments):
-        return moments
-    shards = list(moments)
-    if not shards or not all(isinstance(s, Moments) for s in shards):
-        raise ValueError("moments must be one Moments or a non-empty list of per-shard Moments")
-    return Moments.combine(shards) if len(shards) > 1 else shards[0]
+@dataclass(frozen=True, eq=False)
+class _Pooled:
+    """One layer's pooled moments as float64 tensors on a device: one `Moments` as it is, or per-shard `Moments`
+    combined there with `Moments.combine`'s checks, weights and operations in its order, so the same numbers to
+    the bit without summing d x d shards on the host (a shard's arrays are read where they are resident,
+    `keep_resident`)."""
+
+    Sxx: torch.Tensor
+    Sxy: torch.Tensor
+    Syy: torch.Tensor
+    C0: torch.Tensor
+    C1: torch.Tensor
+    x_mean: torch.Tensor | None
+    n_tokens: int
+    is_centred: bool
+
+    @classmethod
+    def of(cls, moments: Moments | Sequence[Moments], device: torch.device) -> "_Pooled":
+        """The pooled moments of ``moments`` (one `Moments` or a non-empty list of per-shard `Moments`)."""
+        parts = [moments] if isinstance(moments, Moments) else list(moments)
+        if not parts or not all(isinstance(s, Moments) for s in parts):
+            raise ValueError("moments must be one Moments or a non-empty list of per-shard Moments")
+        if len(parts) == 1:
+            (part,) = parts
+            arrays = {name: _tensor(value, torch.float64, device) for name, value in part.arrays().items()
+                      if name != "Shh"}
+            return cls(**{"x_mean": None, **arrays}, n_tokens=part.n_tokens, is_centred=part.is_centred)
+        counts = Moments.combination_counts(parts)
+        arrays = {name: _pooled_array(parts, counts, name, device) for name in ("Sxx", "Sxy", "Syy", "C0", "C1")}
+        x_mean = None if any(p.x_mean is None for p in parts) else _pooled_array(parts, counts, "x_mean", device)
+        n_tokens = int(round(sum(1.0 * p.n_tokens for p in parts)))
+        return cls(**arrays, x_mean=x_mean, n_tokens=n_tokens, is_centred=False)
+
+    def centred(self) -> "_Pooled":
+        """`Moments.centred` on the device (the same products and differences)."""
+        if self.is_centred:
+            return self
+        if self.x_mean is None:
+            raise ValueError("centred moments need x_mean (the mean pooled vector); extract with it recorded")
+        x, y = self.x_mean, torch.diagonal(self.Syy)
+        return _Pooled(Sxx=self.Sxx - torch.outer(x, x), Sxy=self.Sxy - torch.outer(x, y),
+                       Syy=self.Syy - torch.outer(y, y), C0=self.C0, C1=self.C1, x_mean=x, n_tokens=self.n_tokens,
+                       is_centred=True)
+
+    def check_labels(self) -> None:
+        """`ntps_nb.core.subspaces.check_labels` of these moments."""
+        check_class_counts(_numpy(self.Syy), is_centred=self.is_centred)
+
+    def batch(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Sxx, Sxy, Syy, C0, C1 in ``dtype``, each with a leading batch dimension of 1."""
+        return [getattr(self, name).to(dtype)[None] for name in ("Sxx", "Sxy", "Syy", "C0", "C1")]
+
+
+def _pooled_array(parts: Sequence[Moments], counts: np.ndarray, name: str, device: torch.device) -> torch.Tensor:
+    """One moment of `Moments.combine(parts)` formed on ``device``: the same products and sums in the same order."""
+    total = counts.sum()
+    acc = torch.zeros(getattr(parts[0], name).shape, dtype=torch.float64, device=device)
+    for count, part in zip(counts, parts):
+        if count:
+            acc += float(count / total) * _tensor(getattr(part, name), torch.float64, device)
+    return acc
 
 
 def _check_plugin(estimator: str, numpy_function: str = "ntps_nb.core.score.ntps_sweep") -> None:
@@ -729,12 +794,13 @@ def _theory_sweep(moments: Moments | Sequence[Moments], *, centred: bool, tol: f
                   device: str | torch.device, dtype: torch.dtype, stacklevel: int) -> pd.DataFrame:
     """`theory_sweep_torch`, its warnings at ``stacklevel`` counted from this function's caller (3: the caller's
     caller), as `warn_of_the_sample` counts it."""
-    pooled = _pooled(moments)
-    geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+    dtype, device = _check_dtype(dtype), _device(device)
+    pooled = _Pooled.of(moments, device)
+    geometry = _pooled_geometry(pooled, centred=centred, tol=tol, rtol=rtol, span_rtol=SPAN_RTOL, dtype=dtype)
     frame = geometry.sweep()
-    warn_of_the_sample(pooled, _as_shards(moments), geometry, frame["k"].to_numpy(), estimator="plugin",
+    warn_of_the_sample(None, _as_shards(moments), geometry, frame["k"].to_numpy(), estimator="plugin",
                        centred=centred, tol=tol, rtol=rtol, stacklevel=stacklevel + 1,
-                       reach=negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol))
+                       reach=negative_reach_torch(pooled.C0, tol=tol, rtol=rtol))
     return frame.assign(estimator="plugin")
 
 
@@ -755,18 +821,19 @@ def _nested_basis(columns: torch.Tensor, span_rtol: float) -> tuple[torch.Tensor
     return torch.from_numpy(nested).to(device=columns.device, dtype=columns.dtype), counts
 
 
-def _reference_solve(moments: Moments, precision: Precision, tol: float, span_rtol: float,
+def _reference_solve(moments: Moments | Sequence[Moments], precision: Precision, tol: float, span_rtol: float,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """The released algorithm's U and V (ascending) on ``device``, and V's nested orthonormal basis
-    (float64) with its counts: what `reference_geometry_torch` and the reference sweep share."""
+    """The released algorithm's U and V (ascending) of the moments (pooled on ``device``), and V's nested
+    orthonormal basis (float64) with its counts: what `reference_geometry_torch` and the reference sweep share."""
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    check_labels(moments)
+    pooled = _Pooled.of(moments, device)
+    pooled.check_labels()
     dtype = torch.float32 if precision == "float32" else torch.float64
-    Sxy, C1 = _tensor(moments.Sxy, dtype, device), _tensor(moments.C1, dtype, device)
-    U = generalized_eigh_torch(moments.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
+    Sxy, C1 = pooled.Sxy.to(dtype), pooled.C1.to(dtype)
+    U = generalized_eigh_torch(pooled.Sxx, A=Sxy @ Sxy.T, order="ascending", tol=tol, dtype=dtype,
                                device=device, name="Sxx").vectors
-    V, basis, counts = _released_next_token(_tensor(moments.C0, dtype, device)[None], C1[None], tol, span_rtol)
+    V, basis, counts = _released_next_token(pooled.C0.to(dtype)[None], C1[None], tol, span_rtol)
     return U, V, basis, counts
 
 
@@ -782,7 +849,7 @@ def _released_next_token(C0: torch.Tensor, C1: torch.Tensor, tol: float,
 
 
 def reference_geometry_torch(
-    moments: Moments, *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL,
+    moments: Moments | Sequence[Moments], *, precision: Precision = "float32", tol: float = REFERENCE_ABS_TOL,
     span_rtol: float = SPAN_RTOL, device: str | torch.device = "cpu",
 ) -> ReferenceGeometry:
     """`ntps_nb.core.score.reference_geometry` (the released algorithm) solved on ``device``.
@@ -795,7 +862,7 @@ def reference_geometry_torch(
 
     Parameters
     ----------
-    moments : the layer's `Moments` (uncentred).
+    moments : the layer's `Moments` (uncentred), or a list of per-shard `Moments` (pooled on ``device``).
     precision : "float32" (as released) or "float64".
     tol : absolute tolerance on the eigenvalues of Sxx and C0.
     span_rtol : relative residual below which a column of V adds no new direction.
@@ -924,7 +991,7 @@ def ntps_sweep_torch(
         if centred:
             raise ValueError("the reference variant uses the uncentred moments, as released")
         # only the NTPS at the fractions leave the device (U, V and the projection table stay there)
-        U, V, basis, counts = _reference_solve(_pooled(moments), precision, REFERENCE_ABS_TOL if tol is None else tol,
+        U, V, basis, counts = _reference_solve(moments, precision, REFERENCE_ABS_TOL if tol is None else tol,
                                                SPAN_RTOL, _device(device))
         grid = np.asarray(REFERENCE_FRACTIONS if fractions is None else fractions, dtype=np.float64)
         values = _reference_lookup(basis, counts, U[None], grid)[0]
@@ -982,12 +1049,13 @@ def ntps_torch(
         return float(_richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype,
                                        stacklevel=stacklevel + 1, at=(k, fraction))["ntps"].iloc[0])
     _check_plugin(estimator, "ntps_nb.core.score.ntps")
-    pooled, shards = _pooled(moments), _as_shards(moments)
-    geometry = theory_geometry_torch(pooled, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+    dtype, device = _check_dtype(dtype), _device(device)
+    pooled = _Pooled.of(moments, device)
+    geometry = _pooled_geometry(pooled, centred=centred, tol=tol, rtol=rtol, span_rtol=SPAN_RTOL, dtype=dtype)
     kk = geometry.k(k, fraction)
-    warn_of_the_sample(pooled, shards, geometry, [kk], estimator="plugin", seed=seed, centred=centred, tol=tol,
-                       rtol=rtol, stacklevel=stacklevel + 1,
-                       reach=negative_reach_torch(pooled.C0, device=_device(device), tol=tol, rtol=rtol))
+    warn_of_the_sample(None, _as_shards(moments), geometry, [kk], estimator="plugin", seed=seed, centred=centred,
+                       tol=tol, rtol=rtol, stacklevel=stacklevel + 1,
+                       reach=negative_reach_torch(pooled.C0, tol=tol, rtol=rtol))
     return geometry.ntps(kk)
 
 
@@ -1048,12 +1116,12 @@ class TorchShardStack:
                 self._range_basis = (Q[:, self.d - p:].contiguous(), Q[:, :self.d - p].contiguous())
         return self._range_basis
 
-    def pooled_C0(self) -> torch.Tensor | np.ndarray:
+    def pooled_C0(self) -> torch.Tensor:
         """The shards' pooled C0 (never centred), as `Moments.combine` weighs it, for the check of its rounding
-        (`negative_reach_torch`): on the device for a float64 stack; a float32 stack's own rounding would read
-        as the moments', so there it is combined on the host."""
+        (`negative_reach_torch`), on the device: from the stack for a float64 stack; a float32 stack's own
+        rounding would read as the moments', so there it is pooled from the shards' float64 arrays."""
         if self.stacked["C0"].dtype != torch.float64:
-            return Moments.combine(self.shards).C0
+            return _pooled_array(self.shards, Moments.combination_counts(self.shards), "C0", self.stacked["C0"].device)
         return (self._all_shares() @ self.stacked["C0"])[0].reshape(self.shapes["C0"])
 
     def _all_shares(self) -> torch.Tensor:
