@@ -8,7 +8,8 @@ results are identical to the bit, and the largest difference among the rest. The
 "richardson" (its default interval, the jackknife-t one and the rotation interval), "extrapolate" and "plugin";
 `ntps_sweep` and `ntps` at k = 1, 2, 5 with six estimators; and, where torch is installed, `ntps_estimate` on
 the CPU through the torch backend, with its default and its rotation interval (batched solves: rounding may
-differ between batchings).
+differ between batchings), and the torch backend's plug-in `ntps_sweep` (theory, centred and reference variants),
+`ntps` at k = 1, 2, 5 and `ntps_interval` at k = 2 (estimate, bounds, standard errors and replicates).
 
     python benchmarks/frames_at_revision.py 2704f58 > benchmarks/results/estimator_cost/frames_at_2704f58.txt
 """
@@ -35,6 +36,7 @@ SWEEP_ESTIMATORS = ("plugin", "richardson", "extrapolate", "crossfit", "jackknif
 def frames() -> dict:
     """Every call's result by a key naming it (an error's repr where it raised)."""
     from ntps_nb.core.estimators import ntps_estimate
+    from ntps_nb.core.intervals import ntps_interval
     from ntps_nb.core.score import ntps, ntps_sweep
     from ntps_nb.core.simulate import factor_model, lds_model, sample_shards
 
@@ -62,6 +64,14 @@ def frames() -> dict:
                     lambda s=shards: ntps_estimate(s, [1, 2, 4, 8], device="cpu"))
                 calls[case + ("ntps_estimate", "richardson", "torch cpu, rotation")] = (
                     lambda s=shards: ntps_estimate(s, [1, 2, 4, 8], device="cpu", interval="rotation"))
+                for how, options in (("torch cpu", {}), ("torch cpu, centred", {"centred": True}),
+                                     ("torch cpu, reference", {"variant": "reference"})):
+                    calls[case + ("ntps_sweep", "plugin", how)] = (
+                        lambda s=shards, o=options: ntps_sweep(s, device="cpu", **o))
+                calls[case + ("ntps", "plugin", "torch cpu")] = (
+                    lambda s=shards: np.array([ntps(s, k, device="cpu") for k in (1, 2, 5)]))
+                calls[case + ("ntps_interval", "plugin", "torch cpu")] = lambda s=shards: _interval_numbers(
+                    ntps_interval(s, 2, n_boot=40, device="cpu", progress=False))
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,6 +81,12 @@ def frames() -> dict:
             except Exception as error:  # noqa: BLE001 - the same error on both sides is agreement
                 out[key] = repr(error)
     return out
+
+
+def _interval_numbers(interval) -> np.ndarray:
+    """An interval's estimate, bounds, standard errors and bootstrap replicates as one array."""
+    return np.concatenate([[interval.estimate, interval.lower, interval.upper, interval.se_bootstrap,
+                            interval.se_jackknife], interval.replicates])
 
 
 def difference(a, b) -> float | None:
