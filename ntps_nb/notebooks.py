@@ -1820,7 +1820,7 @@ def identity_vs_fitted(run: ModelOnDataset, *, layer: int, ks: Sequence[int]) ->
 
 
 def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: Any, *, layer: int,
-                     loaded: tuple | None = None, max_length: int = 8) -> pd.DataFrame:
+                     loaded: tuple | None = None, max_length: int = 8, device: str = "cpu") -> pd.DataFrame:
     """Mean-pooled hidden states of single words, projected on the top-2 perception (U) and
     next-token (V) directions of one layer's ``moments``, as in the paper's Figure 1.
 
@@ -1841,6 +1841,8 @@ def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: A
         ``(model, tokenizer, info)`` already loaded.
     max_length : int
         Truncation length of each word in tokens.
+    device : str
+        Where the model is loaded and runs when it is loaded here ("cuda" on a GPU); ``loaded`` stays where it is.
 
     Returns
     -------
@@ -1861,7 +1863,7 @@ def word_projections(model: str, groups: Mapping[str, Sequence[str]], moments: A
     group_of = [g for g, ws in groups.items() for _ in ws]
     if len(set(group_of)) < 2:
         raise ValueError(f"need words of at least two groups, got {list(groups)}")
-    net, tokenizer, _ = loaded if loaded is not None else load_model(model)
+    net, tokenizer, _ = loaded if loaded is not None else load_model(model, device=device)
     labels = np.asarray([list(groups).index(g) for g in group_of])
     pooled = extract(net, tokenizer, (words, labels), layers=[layer], pooled_layers=[layer], token_moments=False,
                      max_length=max_length, progress=False, n_classes=len(groups)).pooled[layer]

@@ -297,6 +297,24 @@ def test_extract_model_on_dataset_loads_on_its_device_and_shows_the_extraction(t
     assert asked == ["cpu", "cuda:7"]  # the default, then the device given
 
 
+def test_word_projections_load_the_model_on_its_device(tiny_llama, monkeypatch):
+    """`word_projections` loads the model where it is asked to (notebook 05's ``device``); before, it always loaded
+    it on the CPU."""
+    import ntps_nb.models
+
+    asked = []
+    monkeypatch.setattr(ntps_nb.models, "load_model", lambda name, **kw: asked.append(kw.get("device")) or tiny_llama)
+    run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=60, max_test=12, max_length=16,
+                                       loaded=tiny_llama, progress=False)
+    groups = {"a": ["happy", "glad"], "b": ["sad", "gloomy"], "c": ["is", "was"]}
+    layer = run.layers[-1]
+    for device in (None, "cuda:7"):  # the stand-in runs on the CPU
+        options = {} if device is None else {"device": device}
+        frame = nbs.word_projections("tiny-llama", groups, run.train.moments[layer], layer=layer, **options)
+        assert len(frame) == 2 * 6 and set(frame.space) == {"U", "V"}
+    assert asked == ["cpu", "cuda:7"]  # the default, then the device given
+
+
 @pytest.mark.parametrize("estimator", ["plugin", "richardson"])
 def test_layer_profile_shows_a_bar_over_its_probe_fits_then_one_over_its_layers(estimator, core_bars, capsys):
     run = nbs.extract_model_on_dataset("tiny-llama", "trec6", max_train=40, max_test=20, max_length=32,
