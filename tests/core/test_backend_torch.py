@@ -606,11 +606,13 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     assert np.array_equal(backend.TorchShardStack(shards, centred=False, dtype=torch.float32, device=cpu).pooled_C0(),
                           host.C0)
 
-    # a shard's resident copy is what is read (here one deliberately twice the host array, to see it)
-    backend.keep_resident(shards[0].Sxx, torch.from_numpy(2.0 * shards[0].Sxx))
-    weight = shards[0].n_texts / sum(s.n_texts for s in shards)
-    resident_pooled = backend._Pooled.of(shards, cpu).Sxx.numpy()
-    assert np.abs(resident_pooled - host.Sxx - weight * shards[0].Sxx).max() <= 1e-15 * np.abs(host.Sxx).max()
+    # a shard's resident copy is what a device call reads (here one deliberately twice the host array, to see it)
+    doubled = dataclasses.replace(shards[0], Sxx=2.0 * shards[0].Sxx)
+    backend.keep_resident(shards[0].Sxx, torch.from_numpy(doubled.Sxx).to(backend.check_device(device="cpu")))
+    want, before = theory_geometry(Moments.combine([doubled] + shards[1:])), theory_geometry(host)
+    got = theory_geometry_torch(shards, device="cpu")
+    assert np.abs(want.eigenvalues - before.eigenvalues).max() > 1e3 * AGREEMENT  # the doubled Sxx is seen
+    assert np.abs(got.eigenvalues - want.eigenvalues).max() <= AGREEMENT * np.abs(want.eigenvalues).max()
     shards[0] = dataclasses.replace(shards[0])  # a copy of the moments: its arrays are not the recorded ones
     assert np.array_equal(backend._Pooled.of(shards, cpu).Sxx.numpy(), host.Sxx)
 
@@ -632,6 +634,21 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     theory_geometry_torch(shards, centred=True)
     reference_geometry_torch(shards)
     backend.pooled_subspaces_torch(shards)
+
+
+def test_cuda_without_an_index_is_the_current_cuda_device(monkeypatch):
+    """``device="cuda"`` names the current CUDA device with its index, so it equals the device of the tensors
+    placed there: before, it stayed index-less, never equal to a resident copy's ``cuda:0``, and every device call
+    copied resident moments from the host again."""
+    from ntps_nb.core.backends.torch import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert check_device("cuda") == torch.device("cuda", 1) == check_device(torch.device("cuda"))
+    assert check_device("cuda:0") == torch.device("cuda", 0) and check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="torch sees 2 CUDA device"):
+        check_device("cuda:2")
 
 
 def test_ntps_and_ntps_interval_warn_at_the_callers_line_on_either_backend():

@@ -73,6 +73,7 @@ torch is imported by this module only; nothing else in `ntps_nb.core` imports it
 from __future__ import annotations
 
 import concurrent.futures
+import warnings
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -176,7 +177,8 @@ def check_device(device: str | torch.device) -> torch.device:
 
     Returns
     -------
-    torch.device.
+    torch.device; "cuda" without an index is given the index of the current CUDA device (as torch resolves it),
+    so that it equals the device of the tensors placed there (a resident copy's, `keep_resident`).
 
     Raises
     ------
@@ -197,6 +199,8 @@ def check_device(device: str | torch.device) -> torch.device:
                              "False); use 'cpu' (torch) or None (numpy)")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        if parsed.index is None:
+            parsed = torch.device("cuda", torch.cuda.current_device())
     return parsed
 
 
@@ -257,14 +261,24 @@ def resident(array: object) -> torch.Tensor | None:
     return entry[1]
 
 
-def _tensor(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _tensor(array, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """``array`` (a host array, its resident copy where it has one on ``device``, or a tensor) on ``device`` in
+    ``dtype``; a host array is copied, never aliased."""
+    device = check_device(device)
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
     kept = resident(array)
     if kept is not None and kept.device == device:
         return kept.to(dtype=dtype)
-    # np.array copies: the core's moment arrays are read-only views, which torch.from_numpy warns about
-    return torch.from_numpy(np.array(array, dtype=np.float64)).to(device=device, dtype=dtype)
+    if device.type == "cpu":
+        # np.array copies: the core's moment arrays are read-only views, which torch.from_numpy warns about
+        return torch.from_numpy(np.array(array, dtype=np.float64)).to(device=device, dtype=dtype)
+    # to another device straight from the host array: the device copy never aliases it, so its read-only flag,
+    # which torch.from_numpy warns of, does not matter (and no host copy is made first)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        host = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    return host.to(device=device, dtype=dtype)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
