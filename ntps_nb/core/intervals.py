@@ -558,8 +558,7 @@ class _Side:
                                                      rtol=options["rtol"], device=device)
             curve = _single_curve(None, k, fraction, **options, geometry=geometry)
             estimate = theory_values(geometry, curve.ks, curve.statistic)
-        n_texts = int(round(Moments.combination_counts(shards).sum()))
-        return cls(shards, n_texts, curve, estimate, None, backend, device)
+        return cls(shards, sum(s.n_texts for s in shards), curve, estimate, None, backend, device)
 
     def __len__(self) -> int:
         return len(self.shards)
