@@ -595,26 +595,26 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     rng = np.random.default_rng(11)
     shards = [dataclasses.replace(moments(rng, 12, x_mean=True), n_texts=10 * (i + 1), n_tokens=70 * (i + 1) + i)
               for i in range(5)]  # unequal weights
-    cpu = torch.device("cpu")
-    host, pooled = Moments.combine(shards), backend._Pooled.of(shards, cpu)
+    where = backend.check_device(device="cpu")  # the GPU run of this file makes it "cuda"
+    host, pooled = Moments.combine(shards), backend._Pooled.of(shards, where)
     for name in ("Sxx", "Sxy", "Syy", "C0", "C1", "x_mean"):
-        assert np.array_equal(getattr(pooled, name).numpy(), getattr(host, name)), name
+        assert np.array_equal(getattr(pooled, name).cpu().numpy(), getattr(host, name)), name
     assert pooled.n_tokens == host.n_tokens and not pooled.is_centred
     centred = pooled.centred()
     for name in ("Sxx", "Sxy", "Syy", "C0", "C1"):
-        assert np.array_equal(getattr(centred, name).numpy(), getattr(host.centred(), name)), name
-    assert np.array_equal(backend.TorchShardStack(shards, centred=False, dtype=torch.float32, device=cpu).pooled_C0(),
-                          host.C0)
+        assert np.array_equal(getattr(centred, name).cpu().numpy(), getattr(host.centred(), name)), name
+    stack = backend.TorchShardStack(shards, centred=False, dtype=torch.float32, device=where)
+    assert np.array_equal(stack.pooled_C0().cpu().numpy(), host.C0)
 
     # a shard's resident copy is what a device call reads (here one deliberately twice the host array, to see it)
     doubled = dataclasses.replace(shards[0], Sxx=2.0 * shards[0].Sxx)
-    backend.keep_resident(shards[0].Sxx, torch.from_numpy(doubled.Sxx).to(backend.check_device(device="cpu")))
+    backend.keep_resident(shards[0].Sxx, torch.from_numpy(doubled.Sxx).to(where))
     want, before = theory_geometry(Moments.combine([doubled] + shards[1:])), theory_geometry(host)
     got = theory_geometry_torch(shards, device="cpu")
     assert np.abs(want.eigenvalues - before.eigenvalues).max() > 1e3 * AGREEMENT  # the doubled Sxx is seen
     assert np.abs(got.eigenvalues - want.eigenvalues).max() <= AGREEMENT * np.abs(want.eigenvalues).max()
     shards[0] = dataclasses.replace(shards[0])  # a copy of the moments: its arrays are not the recorded ones
-    assert np.array_equal(backend._Pooled.of(shards, cpu).Sxx.numpy(), host.Sxx)
+    assert np.array_equal(backend._Pooled.of(shards, where).Sxx.cpu().numpy(), host.Sxx)
 
     expected = {"ntps": ntps(shards, 2), "sweep": ntps_sweep(shards)["ntps"].to_numpy()}
 
