@@ -745,8 +745,7 @@ class _Pooled:
         counts = Moments.combination_counts(parts)
         arrays = {name: _pooled_array(parts, counts, name, device) for name in ("Sxx", "Sxy", "Syy", "C0", "C1")}
         x_mean = None if any(p.x_mean is None for p in parts) else _pooled_array(parts, counts, "x_mean", device)
-        n_tokens = int(round(sum(1.0 * p.n_tokens for p in parts)))
-        return cls(**arrays, x_mean=x_mean, n_tokens=n_tokens, is_centred=False)
+        return cls(**arrays, x_mean=x_mean, n_tokens=sum(p.n_tokens for p in parts), is_centred=False)
 
     def centred(self) -> "_Pooled":
         """`Moments.centred` on the device (the same products and differences)."""
@@ -808,14 +807,21 @@ def _theory_sweep(moments: Moments | Sequence[Moments], *, centred: bool, tol: f
                   device: str | torch.device, dtype: torch.dtype, stacklevel: int) -> pd.DataFrame:
     """`theory_sweep_torch`, its warnings at ``stacklevel`` counted from this function's caller (3: the caller's
     caller), as `warn_of_the_sample` counts it."""
+    geometry, reach = _plugin_geometry(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
+    frame = geometry.sweep()
+    warn_of_the_sample(None, _as_shards(moments), geometry, frame["k"].to_numpy(), estimator="plugin",
+                       centred=centred, tol=tol, rtol=rtol, stacklevel=stacklevel + 1, reach=reach)
+    return frame.assign(estimator="plugin")
+
+
+def _plugin_geometry(moments: Moments | Sequence[Moments], *, centred: bool, tol: float | None, rtol: float,
+                     device: str | torch.device, dtype: torch.dtype) -> tuple[TheoryGeometry, float]:
+    """The plug-in's theory geometry of the moments pooled on the device, and the negative reach of their C0 (the
+    rounding check `warn_of_the_sample` reads): what the plug-in's sweep and one value share."""
     dtype, device = _check_dtype(dtype), _device(device)
     pooled = _Pooled.of(moments, device)
     geometry = _pooled_geometry(pooled, centred=centred, tol=tol, rtol=rtol, span_rtol=SPAN_RTOL, dtype=dtype)
-    frame = geometry.sweep()
-    warn_of_the_sample(None, _as_shards(moments), geometry, frame["k"].to_numpy(), estimator="plugin",
-                       centred=centred, tol=tol, rtol=rtol, stacklevel=stacklevel + 1,
-                       reach=negative_reach_torch(pooled.C0, tol=tol, rtol=rtol))
-    return frame.assign(estimator="plugin")
+    return geometry, negative_reach_torch(pooled.C0, tol=tol, rtol=rtol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1063,13 +1069,10 @@ def ntps_torch(
         return float(_richardson_sweep(moments, seed=seed, rtol=rtol, device=device, dtype=dtype,
                                        stacklevel=stacklevel + 1, at=(k, fraction))["ntps"].iloc[0])
     _check_plugin(estimator, "ntps_nb.core.score.ntps")
-    dtype, device = _check_dtype(dtype), _device(device)
-    pooled = _Pooled.of(moments, device)
-    geometry = _pooled_geometry(pooled, centred=centred, tol=tol, rtol=rtol, span_rtol=SPAN_RTOL, dtype=dtype)
+    geometry, reach = _plugin_geometry(moments, centred=centred, tol=tol, rtol=rtol, device=device, dtype=dtype)
     kk = geometry.k(k, fraction)
     warn_of_the_sample(None, _as_shards(moments), geometry, [kk], estimator="plugin", seed=seed, centred=centred,
-                       tol=tol, rtol=rtol, stacklevel=stacklevel + 1,
-                       reach=negative_reach_torch(pooled.C0, tol=tol, rtol=rtol))
+                       tol=tol, rtol=rtol, stacklevel=stacklevel + 1, reach=reach)
     return geometry.ntps(kk)
 
 
