@@ -82,7 +82,8 @@ from ntps_nb.core.backends import analysis_backend
 from ntps_nb.core.intervals import nested_groups, theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.progress import progress_bar
-from ntps_nb.core.quadratic import INTERACTION_HALF, MIN_HALF, numpy_plugins, quadratic_factors, quadratic_interval
+from ntps_nb.core.quadratic import (INTERACTION_HALF, MIN_HALF, interaction_halves, numpy_plugins, quadratic_factors,
+                                    quadratic_interval)
 from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
 from ntps_nb.core.score import (SPAN_RTOL, BeyondRankWarning, InterpolationWarning, NextTokenTieWarning,
                                 RoundedMomentsWarning, TheoryGeometry, _caught, _theory_geometry_of, interpolates,
@@ -1164,7 +1165,9 @@ def ntps_estimate(
     progress : a bar over the call's parts, shown once it has run `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds:
         on the numpy code its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the estimate and its S
         replicates, the quadratic part, the flag's rotation condition); on a torch device, which solves them in
-        batches, 2 or 3 (the estimate with its replicates, the quadratic part, the rotation condition).
+        batches, the combinations of shards it solves, a batch at a time (2 S + 3 for the estimate and its
+        replicates, the quadratic part's plug-ins as ``interaction_half`` says, 1 for the rotation sets' pooled
+        solve).
 
     Returns
     -------
@@ -1184,24 +1187,28 @@ def ntps_estimate(
         _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
-        with progress_bar(2 + (interval == "quadratic"), "ntps_estimate", progress, unit="part") as bar:
+        # a bar over the combinations of shards solved on the device: the estimate's and its replicates', the
+        # quadratic part's contrasts and the rotation sets' pooled solve
+        contrasts = (int(np.prod([len(h) for h in interaction_halves(len(shards), seed, interaction_half)]))
+                     if interval == "quadratic" else 0)
+        rotation = int(rotation_flag or interval == "rotation")
+        solves = backend.estimate_solves(len(shards), estimator, seed) + contrasts + rotation
+        with progress_bar(solves, "ntps_estimate", progress, unit="solve") as bar:
             frame, plugins, left_out = backend.ntps_estimate_torch(
                 moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
-                gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True)
-            bar.update(1)
+                gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True, bar=bar)
             if interval == "quadratic":
                 def solve(counts: np.ndarray) -> np.ndarray:
                     return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
-                                                             device=device, batch_size=batch_size, progress=False)[0]
+                                                             device=device, batch_size=batch_size, bar=bar)[0]
 
                 # the plug-ins on all shards and without each are the replicates' own: only the contrasts are solved
                 frame = quadratic_interval(shards, frame, level=level, seed=seed, noise_max=noise_max,
                                            gap_min=gap_min, solve=solve, pooled=plugins, left_out=left_out,
                                            interaction_half=interaction_half)
-                bar.update(1)
             frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                                    rotation_flag=rotation_flag, plugins=plugins, device=device)
-            bar.update(1)
+            bar.update(rotation)
         return _calibrated_flag(frame, estimator, flag_any_estimator)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -1358,7 +1365,7 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
     `ntps_nb.core.rotation.rotation_interval`), both from one computation of the rotation sets, in numpy
     on the host after either backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled`` and
     ``solved``: the shards combined and their (U, V), as the numpy path has them; on a torch ``device`` the
-    shards are combined once and solved there, only where a row needs them."""
+    shards are combined once and solved there (no host sum of the shards), only where a row needs them."""
     if not rotation_flag and interval != "rotation":
         return frame
     # the condition needs the Fieller ranges of the rows the other conditions accept; the interval
@@ -1368,8 +1375,10 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
     else:
         kinds, rows = ("fieller",), frame["reliable"].astype(bool)
     if solved is None and device is not None and (rows is None or rows.any()):
-        pooled = Moments.combine(shards) if pooled is None else pooled
-        solved = analysis_backend(device).pooled_subspaces_torch(pooled, rtol=rtol, device=device)
+        # pooled and solved on the device; the rotation's plane replicates read the pool on the host
+        U, V, pooled = analysis_backend(device).pooled_subspaces_torch(
+            shards if pooled is None else pooled, rtol=rtol, device=device, with_pooled=True)
+        solved = U, V
     ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, plugins=plugins,
                               pooled=pooled, kinds=kinds, rows=rows)
     if rotation_flag:

@@ -584,11 +584,13 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     """Per-shard moments given to a device call are pooled there with `Moments.combine`'s weights and operations in
     its order: the same arrays to the bit (centred too), a shard's resident copy read where it has one. No device
     path sums d x d shards on the host any more: `ntps`, `ntps_sweep` (theory, centred, reference, richardson in
-    float32), `ntps_interval` (both variants), `ntps_difference` and the geometries and subspaces of shards run
-    with `Moments.combine` made to raise. Before, each of them called it (the geometries took one `Moments` only)."""
+    float32), `ntps_interval` (both variants), `ntps_difference`, the geometries and subspaces of shards and
+    `ntps_estimate`'s rotation sets run with `Moments.combine` made to raise. Before, each of them called it (the
+    geometries took one `Moments` only)."""
     import dataclasses
 
     from ntps_nb.core.backends import torch as backend
+    from ntps_nb.core.estimators import ntps_estimate
     from ntps_nb.core.intervals import ntps_difference, ntps_interval
     from ntps_nb.core.score import ntps
 
@@ -633,7 +635,12 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     ntps_difference(shards, shards[::-1], k=2, device="cpu", **one)
     theory_geometry_torch(shards, centred=True)
     reference_geometry_torch(shards)
-    backend.pooled_subspaces_torch(shards)
+    *_, on_host = backend.pooled_subspaces_torch(shards, with_pooled=True)  # the rotation sets' pool
+    for name in ("Sxx", "Sxy", "Syy", "C0", "C1", "x_mean"):
+        assert np.array_equal(getattr(on_host, name), getattr(host, name)), name
+    assert (on_host.n_texts, on_host.n_tokens) == (host.n_texts, host.n_tokens)
+    # the rotation interval's sets read the pool on the host: summed on the device since session 57
+    ntps_estimate(shards, [1, 2], device="cpu", interval="rotation", progress=False)
 
 
 def test_cuda_without_an_index_is_the_current_cuda_device(monkeypatch):

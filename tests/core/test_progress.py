@@ -80,9 +80,12 @@ def _calls(task, shards):
         ("ntps_diagnostics", lambda **kw: ntps_diagnostics(full, task.features, task.labels, k=[2], n_perturb=3,
                                                            n_permutations=4, solvers=False, device="cpu",
                                                            batch_size=2, **kw), 3 + 4),
-        # the estimate with its replicates, the quadratic part, the rotation check
-        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], device="cpu", **kw), 3),
-        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", device="cpu", **kw), 2),
+        # the combinations solved: all shards, the two halves, S left out of all and S of their half; the
+        # quadratic part's contrasts between the halves' shards (4 x 4); the rotation sets' pooled solve
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], device="cpu", batch_size=3, **kw),
+         1 + 2 + 2 * N_SHARDS + (N_SHARDS // 2) ** 2 + 1),
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", device="cpu",
+                                                     batch_size=3, **kw), 1 + 2 + 2 * N_SHARDS + 1),
         ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, device="cpu", **kw),
          N_BOOT + N_SHARDS),
         ("ntps_difference", lambda **kw: ntps_difference(shards, shards[::-1], k=2, n_boot=N_BOOT, device="cpu", **kw),

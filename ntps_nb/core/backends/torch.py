@@ -689,7 +689,8 @@ def _pooled_geometry(pooled: "_Pooled", *, centred: bool, tol: float | None, rto
 
 def pooled_subspaces_torch(
     moment_shards: Moments | Sequence[Moments], *, rtol: float = RANGE_RTOL, device: str | torch.device = "cpu",
-) -> tuple[Subspace, Subspace]:
+    with_pooled: bool = False,
+) -> tuple[Subspace, Subspace] | tuple[Subspace, Subspace, Moments]:
     """`ntps_nb.core.subspaces.perception_subspace` and `next_token_subspace` (descending) of the pooled
     shards, solved on ``device`` in float64 and returned as numpy `Subspace`: what the rotation sets of
     `ntps_estimate`'s flag and interval read (`ntps_nb.core.rotation`), without solving the pooled
@@ -701,10 +702,15 @@ def pooled_subspaces_torch(
         them).
     rtol : relative range tolerance of Sxx and C0.
     device : the torch device that solves them.
+    with_pooled : also return the pooled moments on the host, `Moments.combine`'s arrays to the bit (without
+        ``Shh``) but summed on ``device``: the rotation sets' plane replicates read the pooled Sxy, Sxx, C1 and
+        C0, and the host sum of many d x d shards is what the device paths avoid (2.5-5.9 s at d = 4096 and 20
+        shards on the device tool's host, benchmarks/results/device_pooling).
 
     Returns
     -------
-    (U, V) : the perception subspace of (Sxy Sxy^T, Sxx) and the next-token subspace of (C1 C1^T, C0).
+    (U, V) : the perception subspace of (Sxy Sxy^T, Sxx) and the next-token subspace of (C1 C1^T, C0); with
+        ``with_pooled`` the tuple (U, V, pooled `Moments`).
     """
     pooled = _Pooled.of(moment_shards, _device(device))
     pooled.check_labels()
@@ -712,7 +718,7 @@ def pooled_subspaces_torch(
         raise ValueError("no (prefix, next state) pairs: every text had at most one token, so C0 and C1 are zero")
     U, V = (generalized_eigh_torch(B, A_factor=F, rtol=rtol, device=device, name=name).to_numpy()
             for B, F, name in ((pooled.Sxx, pooled.Sxy, "Sxx"), (pooled.C0, pooled.C1, "C0")))
-    return U, V
+    return (U, V, pooled.on_host()) if with_pooled else (U, V)
 
 
 @dataclass(frozen=True, eq=False)
@@ -728,6 +734,7 @@ class _Pooled:
     C0: torch.Tensor
     C1: torch.Tensor
     x_mean: torch.Tensor | None
+    n_texts: int
     n_tokens: int
     is_centred: bool
 
@@ -741,11 +748,13 @@ class _Pooled:
             (part,) = parts
             arrays = {name: _tensor(value, torch.float64, device) for name, value in part.arrays().items()
                       if name != "Shh"}
-            return cls(**{"x_mean": None, **arrays}, n_tokens=part.n_tokens, is_centred=part.is_centred)
+            return cls(**{"x_mean": None, **arrays}, n_texts=part.n_texts, n_tokens=part.n_tokens,
+                       is_centred=part.is_centred)
         counts = Moments.combination_counts(parts)
         arrays = {name: _pooled_array(parts, counts, name, device) for name in ("Sxx", "Sxy", "Syy", "C0", "C1")}
         x_mean = None if any(p.x_mean is None for p in parts) else _pooled_array(parts, counts, "x_mean", device)
-        return cls(**arrays, x_mean=x_mean, n_tokens=sum(p.n_tokens for p in parts), is_centred=False)
+        return cls(**arrays, x_mean=x_mean, n_texts=int(round(counts.sum())), n_tokens=sum(p.n_tokens for p in parts),
+                   is_centred=False)
 
     def centred(self) -> "_Pooled":
         """`Moments.centred` on the device (the same products and differences)."""
@@ -755,12 +764,19 @@ class _Pooled:
             raise ValueError("centred moments need x_mean (the mean pooled vector); extract with it recorded")
         x, y = self.x_mean, torch.diagonal(self.Syy)
         return _Pooled(Sxx=self.Sxx - torch.outer(x, x), Sxy=self.Sxy - torch.outer(x, y),
-                       Syy=self.Syy - torch.outer(y, y), C0=self.C0, C1=self.C1, x_mean=x, n_tokens=self.n_tokens,
-                       is_centred=True)
+                       Syy=self.Syy - torch.outer(y, y), C0=self.C0, C1=self.C1, x_mean=x, n_texts=self.n_texts,
+                       n_tokens=self.n_tokens, is_centred=True)
 
     def check_labels(self) -> None:
         """`ntps_nb.core.subspaces.check_labels` of these moments."""
         check_class_counts(_numpy(self.Syy), is_centred=self.is_centred)
+
+    def on_host(self) -> Moments:
+        """These moments as a host `Moments` (float64 numpy arrays; no ``Shh``, which is not pooled here)."""
+        arrays = {name: _numpy(getattr(self, name)) for name in ("Sxx", "Sxy", "Syy", "C0", "C1")}
+        x_mean = None if self.x_mean is None else _numpy(self.x_mean)
+        return Moments(**arrays, x_mean=x_mean, n_texts=self.n_texts, n_tokens=self.n_tokens,
+                       is_centred=self.is_centred)
 
     def batch(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """Sxx, Sxy, Syy, C0, C1 in ``dtype``, each with a leading batch dimension of 1."""
@@ -2522,13 +2538,14 @@ def _undefined_reasons(r_U: np.ndarray, r_V: np.ndarray, threshold_U: np.ndarray
 
 
 def _solve_combinations(stack: TorchShardStack, counts: np.ndarray, noise: np.ndarray, reference, ks: np.ndarray, *,
-                        rtol: float, batch_size: int, dtype: torch.dtype, device: torch.device):
+                        rtol: float, batch_size: int, dtype: torch.dtype, device: torch.device, bar=None):
     """`_estimate_block` over the rows of a (n, S) count matrix, ``batch_size`` rows per batched
-    solve: the lists of geometries (or reasons) and of comparisons (None where not flagged)."""
+    solve: the lists of geometries (or reasons) and of comparisons (None where not flagged); ``bar`` counts
+    the rows of each block solved."""
     geometries: list = []
     compared: list = []
     for start, arrays, tokens, labels_ok in _replicate_blocks(stack, counts, batch_size=batch_size, dtype=dtype,
-                                                              device=device):
+                                                              device=device, bar=bar):
         block = _estimate_block(arrays, tokens, labels_ok, noise[start:start + tokens.size], reference, ks,
                                 rtol=rtol, span_rtol=SPAN_RTOL, range_basis=stack.range_basis())
         del arrays
@@ -2538,15 +2555,16 @@ def _solve_combinations(stack: TorchShardStack, counts: np.ndarray, noise: np.nd
 
 
 def _noise_solutions(stack: TorchShardStack, rows: np.ndarray, noise: np.ndarray, ks: np.ndarray, *, rtol: float,
-                     batch_size: int, dtype: torch.dtype, device: torch.device):
+                     batch_size: int, dtype: torch.dtype, device: torch.device, bar=None):
     """The full sample (all shards once) and the rows of a count matrix solved: the full sample's
-    geometry (or reason), its `_NoiseReference`, and each row's geometry and comparison."""
+    geometry (or reason), its `_NoiseReference`, and each row's geometry and comparison; ``bar`` counts
+    the 1 + n solved combinations."""
     (full,), (reference,) = _solve_combinations(stack, np.ones((1, len(stack))), np.array([True]), None, ks,
-                                                rtol=rtol, batch_size=1, dtype=dtype, device=device)
+                                                rtol=rtol, batch_size=1, dtype=dtype, device=device, bar=bar)
     if isinstance(reference, str):
         raise ValueError(reference)
     geometries, compared = _solve_combinations(stack, rows, noise, reference, ks, rtol=rtol, batch_size=batch_size,
-                                               dtype=dtype, device=device)
+                                               dtype=dtype, device=device, bar=bar)
     return full, reference, geometries, compared
 
 
@@ -2633,6 +2651,44 @@ def subspace_noise_torch(
     return _noise_of(ks, reference, compared)
 
 
+def _estimate_combinations(S: int, estimator: str, seed: int):
+    """The combinations of S shards `ntps_estimate_torch` solves, each once: the (n, S) 0/1 count matrix (row 0 all
+    shards, solved first: the noise's reference), the row of all shards, the S leave-one-out rows and, for
+    "richardson", the two halves' rows and each left-out shard's pair of half rows (None for an empty half)."""
+    rows: dict[tuple[int, ...], int] = {}
+
+    def row(members) -> int | None:
+        key = tuple(int(i in members) for i in range(S))
+        return rows.setdefault(key, len(rows)) if any(key) else None
+
+    full = row(range(S))
+    loo = [row([j for j in range(S) if j != i]) for i in range(S)]
+    halves = loo_halves = None
+    if estimator == "richardson":
+        a, b = split_halves(S, seed)
+        halves = (row(a), row(b))
+        loo_halves = [(row([j for j in a if j != i]), row([j for j in b if j != i])) for i in range(S)]
+    return np.array(list(rows), dtype=np.float64), full, loo, halves, loo_halves
+
+
+def estimate_solves(n_shards: int, estimator: str = DEFAULT_ESTIMATOR, seed: int = 0) -> int:
+    """How many combinations of the shards `ntps_estimate_torch` solves for its estimate and replicates: all
+    shards and each leave-one-out pool, and for "richardson" the two halves of the seeded split and each
+    left-out shard's half (2 S + 3, fewer where a half has one shard).
+
+    Parameters
+    ----------
+    n_shards : the number of shards S.
+    estimator : "richardson" or "plugin".
+    seed : the seed of richardson's split.
+
+    Returns
+    -------
+    The number of combinations (what its ``bar`` counts).
+    """
+    return len(_estimate_combinations(int(n_shards), estimator, seed)[0])
+
+
 def ntps_estimate_torch(
     moment_shards: Sequence[Moments],
     ks,
@@ -2648,6 +2704,7 @@ def ntps_estimate_torch(
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = None,
     plugins: bool = False,
+    bar=None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """`ntps_nb.core.estimators.ntps_estimate` on ``device``, for the "richardson" (default) and
     "plugin" estimators: the same frame.
@@ -2673,6 +2730,8 @@ def ntps_estimate_torch(
     batch_size : combinations per batched solve (default: from free memory).
     plugins : also return the plug-in at ``ks`` on all shards and without each, solved here for the
         replicates (what `ntps_nb.core.quadratic.quadratic_interval` reads as ``pooled`` and ``left_out``).
+    bar : an open `ntps_nb.core.progress.progress_bar` to advance by each combination once solved
+        (`estimate_solves` of them): what `ntps_nb.core.estimators.ntps_estimate` with ``device`` passes.
 
     Returns
     -------
@@ -2688,24 +2747,11 @@ def ntps_estimate_torch(
     shards, ks, stack, dtype, device, batch_size = _prepare(moment_shards, ks, dtype, device, batch_size)
     S = len(shards)
     n_texts = np.array([s.n_texts for s in shards], dtype=np.int64)
-    # the combinations, each solved once: row 0 is all shards (solved first: the noise's reference)
-    rows: dict[tuple[int, ...], int] = {}
-
-    def row(members) -> int | None:
-        key = tuple(int(i in members) for i in range(S))
-        return rows.setdefault(key, len(rows)) if any(key) else None
-
-    full = row(range(S))
-    loo = [row([j for j in range(S) if j != i]) for i in range(S)]
-    if estimator == "richardson":
-        a, b = split_halves(S, seed)
-        halves = (row(a), row(b))
-        loo_halves = [(row([j for j in a if j != i]), row([j for j in b if j != i])) for i in range(S)]
-    counts = np.array(list(rows), dtype=np.float64)
-    noise = np.zeros(len(rows), dtype=bool)
+    counts, full, loo, halves, loo_halves = _estimate_combinations(S, estimator, seed)
+    noise = np.zeros(len(counts), dtype=bool)
     noise[loo] = True
     full_geometry, reference, solved, compared = _noise_solutions(
-        stack, counts[1:], noise[1:], ks, rtol=rtol, batch_size=batch_size, dtype=dtype, device=device)
+        stack, counts[1:], noise[1:], ks, rtol=rtol, batch_size=batch_size, dtype=dtype, device=device, bar=bar)
     if isinstance(full_geometry, str):
         raise ValueError(full_geometry)
     # C0's rounding checked on the device: no host combination of the shards (4.6-5.9 s at d = 4096 and 20
