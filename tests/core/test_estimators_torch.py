@@ -243,9 +243,9 @@ def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
     """The flag's rotation condition and the rotation interval on a device read the pooled subspaces solved
     there and the plug-in the replicates solved: nothing of the pooled problem is solved on the host (it was
     solved again there, 4 d x d eigensolves and a basis of every next-token direction, before), and the shards
-    are combined on the host once, for the rotation sets (three times before, twenty more for the delete-one
-    pools), and not at all for a row with nothing to check (C0's rounding is checked on the device); the frame
-    is numpy's, every column to 1e-9."""
+    are not combined on the host at all: the rotation sets' pool is summed on the device too (since session 57;
+    once on the host before, three times before session 46, twenty more for the delete-one pools), and C0's
+    rounding is checked on the device; the frame is numpy's, every column to 1e-9."""
     import ntps_nb.core.rotation as rotation
     from ntps_nb.core.moments import Moments
 
@@ -268,7 +268,7 @@ def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
     for interval, frame in want.items():
         combined.clear()
         assert_frames_agree(ntps_estimate(shards, ks, interval=interval, device="cpu"), frame)
-        assert combined == [len(shards)]
+        assert combined == []
     combined.clear()
     frame = ntps_estimate(shards, ks, interval="jackknife", rotation_flag=False, device="cpu")
     assert frame["reliable"].any() and combined == []
