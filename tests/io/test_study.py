@@ -327,12 +327,24 @@ def test_a_units_stages_show_no_core_progress_bar(tmp_path, tiny_llama, core_bar
 UNIT_BACKEND_RTOL = 1e-6
 
 
-def test_a_unit_analysed_by_the_torch_backend_equals_the_numpy_unit(tmp_path, tiny_llama):
+def test_a_unit_analysed_by_the_torch_backend_equals_the_numpy_unit(tmp_path, tiny_llama, monkeypatch):
     """analysis_device="cpu" runs every analysis stage on the torch backend (here on the CPU):
     the same tables as the numpy core, the theory numbers to `UNIT_BACKEND_RTOL`; the reference variant, which the
     two backends solve alike only where it is well-posed (float32, as released), on the same grid; each unit says
-    where its analysis ran. "auto" on a model on the CPU is the numpy core."""
+    where its analysis ran. "auto" on a model on the CPU is the numpy core. The torch unit sums no shards on the
+    host (`Moments.combine`): its stages pool them on the device, where the numpy unit's combine them many times
+    (no row of this unit is reliable, so no rotation set is computed: `tests/core/test_estimators_torch.py` pins
+    those on a device)."""
+    from ntps_nb.core.moments import Moments
     from ntps_nb.study.stages import resolve_analysis_device
+
+    combine, combined = Moments.combine, []
+
+    def counting(parts, weights=None):
+        combined.append(len(list(parts)))
+        return combine(parts, weights)
+
+    monkeypatch.setattr(Moments, "combine", staticmethod(counting))
 
     # 280 texts: no part of richardson's jackknife (a half less a shard: 70 texts) is at or below d = 64, where the
     # labels are fitted exactly and classes of equal size are tied, an order each backend's rounding decides
@@ -341,8 +353,11 @@ def test_a_unit_analysed_by_the_torch_backend_equals_the_numpy_unit(tmp_path, ti
     quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
     numpy_unit = study.run_unit(dataclasses.replace(cfg, analysis_device="numpy"), "tiny-llama", "trec6",
                                 tiny_llama, **quiet)
+    assert len(combined) >= 10  # the pools, halves and leave-one-out pools of the numpy stages
+    combined.clear()
     torch_unit = study.run_unit(dataclasses.replace(cfg, analysis_device="cpu", results_dir=str(tmp_path / "t")),
                                 "tiny-llama", "trec6", tiny_llama, **quiet)
+    assert combined == []
     assert numpy_unit["unit"]["environment"]["analysis_device"] == "numpy"
     assert torch_unit["unit"]["environment"]["analysis_device"] == "cpu"
     assert all(torch_unit["unit"]["stages"][name]["computed"] for name in ("ntps", "intervals", "probes"))
