@@ -1187,6 +1187,7 @@ def ntps_estimate(
         _check_quadratic(shards, estimator, seed)
     backend = analysis_backend(device)
     if backend is not None:
+        _check_estimate_options(shards, level, estimator)  # ntps_estimate_torch's first check, before the count
         # a bar over the combinations of shards solved on the device: the estimate's and its replicates', the
         # quadratic part's contrasts and the rotation sets' pooled solve
         contrasts = (int(np.prod([len(h) for h in interaction_halves(len(shards), seed, interaction_half)]))

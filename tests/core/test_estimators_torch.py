@@ -151,6 +151,15 @@ def test_estimators_without_a_torch_path_are_refused(shard_sets):
         ntps_estimate(shards[:3], ks, device="cpu")
     with pytest.raises(ValueError, match="device must be"):
         ntps_estimate(shards, ks, device=3)
+    # the count of combinations its bar shows refuses what ntps_estimate_torch refuses
+    from ntps_nb.core.backends.torch import estimate_solves
+
+    assert (estimate_solves(20), estimate_solves(10, "plugin"), estimate_solves(4)) == (43, 11, 11)
+    for n_shards, estimator, message in ((3, "richardson", "n_shards must be an integer >= 4"),
+                                         (2.5, "plugin", "n_shards must be an integer >= 3"),
+                                         (10, "extrapolate", "device=None"), (10, "nope", "estimator must be one of")):
+        with pytest.raises(ValueError, match=message):
+            estimate_solves(n_shards, estimator)
 
 
 @pytest.mark.parametrize("case, seed", [(case, seed) for case in ("two_halves", "ten_shards", "k_beyond_half")

@@ -113,6 +113,7 @@ from ntps_nb.core.estimators import (
     _gap_frame,
     _noise_frame,
     _richardson_combination,
+    min_shards,
     split_halves,
 )
 from ntps_nb.core.intervals import (
@@ -2684,9 +2685,21 @@ def estimate_solves(n_shards: int, estimator: str = DEFAULT_ESTIMATOR, seed: int
 
     Returns
     -------
-    The number of combinations (what its ``bar`` counts).
+    The number of combinations (what its ``bar`` counts); a ValueError for an estimator it does not compute or
+    fewer shards than `ntps_estimate` takes (`ntps_nb.core.estimators.min_shards`).
     """
-    return len(_estimate_combinations(int(n_shards), estimator, seed)[0])
+    _check_device_estimator(estimator)
+    S = validation.check_count(n_shards, "n_shards", minimum=min_shards(estimator))
+    return len(_estimate_combinations(S, estimator, seed)[0])
+
+
+def _check_device_estimator(estimator: str) -> None:
+    """The estimators `ntps_estimate_torch` computes; a ValueError names the others."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator not in DEVICE_ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} runs on device=None (numpy) only; on a torch device "
+                         f"ntps_estimate computes {' and '.join(map(repr, DEVICE_ESTIMATORS))}")
 
 
 def ntps_estimate_torch(
@@ -2738,11 +2751,7 @@ def ntps_estimate_torch(
     DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it; with ``plugins``, the tuple (frame,
     (K,) plug-in on all shards, (S, K) plug-in without shard i in row i, NaN where that pool is undefined).
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator not in DEVICE_ESTIMATORS:
-        raise ValueError(f"estimator {estimator!r} runs on device=None (numpy) only; on a torch device "
-                         f"ntps_estimate computes {' and '.join(map(repr, DEVICE_ESTIMATORS))}")
+    _check_device_estimator(estimator)
     _check_estimate_options(_as_shards(moment_shards), level, estimator)
     shards, ks, stack, dtype, device, batch_size = _prepare(moment_shards, ks, dtype, device, batch_size)
     S = len(shards)
