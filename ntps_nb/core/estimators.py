@@ -1166,8 +1166,8 @@ def ntps_estimate(
         on the numpy code its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the estimate and its S
         replicates, the quadratic part, the flag's rotation condition); on a torch device, which solves them in
         batches, the combinations of shards it solves, a batch at a time (2 S + 3 for the estimate and its
-        replicates, the quadratic part's plug-ins as ``interaction_half`` says, 1 for the rotation sets' pooled
-        solve).
+        replicates, the quadratic part's plug-ins as ``interaction_half`` says, 1 for the rotation step: the
+        rotation sets' pooled solve, where a row needs them).
 
     Returns
     -------
