@@ -738,3 +738,25 @@ def test_estimate_by_n_reads_the_whole_space_as_inside_on_either_backend():
         frame = estimate_by_n(shards, [32], n_groups=10, **options)
         assert np.abs(frame[["estimate", "lower", "upper"]].to_numpy(float) - 1).max() < INSIDE_ATOL
         assert frame["inside_first"].tolist() == [True] * 3, options
+
+
+def test_a_resident_record_goes_quietly_after_the_modules_globals(monkeypatch):
+    """An array with a resident copy that lives until the interpreter exits is freed after the backend's
+    globals are cleared: its record must still go, without an error ("Exception ignored in ... 'NoneType'
+    object has no attribute 'pop'" was printed at the exit of test sessions that kept moments on a device)."""
+    import gc
+    import sys
+
+    from ntps_nb.core.backends import torch as backend
+
+    array = np.ones((3, 3))
+    backend.keep_resident(array, torch.ones(3, 3, dtype=torch.float64))
+    table, key = backend._RESIDENT, id(array)
+    assert key in table
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    monkeypatch.setattr(backend, "_RESIDENT", None)  # as at interpreter exit
+    del array
+    gc.collect()
+    monkeypatch.undo()
+    assert raised == [] and key not in table

@@ -240,7 +240,8 @@ def keep_resident(array: np.ndarray, tensor: torch.Tensor) -> None:
     if tuple(tensor.shape) != array.shape:
         raise ValueError(f"a resident copy must have the array's shape {array.shape}, got {tuple(tensor.shape)}")
     key = id(array)
-    _RESIDENT[key] = (weakref.ref(array, lambda _, key=key: _RESIDENT.pop(key, None)), tensor)
+    # the table is bound, not looked up: at interpreter exit the module's globals are gone before the arrays
+    _RESIDENT[key] = (weakref.ref(array, lambda _, key=key, table=_RESIDENT: table.pop(key, None)), tensor)
 
 
 def resident(array: object) -> torch.Tensor | None:
