@@ -525,7 +525,8 @@ def extract(
         sweeps, intervals, diagnostics, estimates) then reads them there instead of copying them
         back (at the Llama-3-8B shape 17.7 GB for one extraction; the host copy is made all the
         same, for saving and the host-side analysis). Off by default: the device memory stays taken
-        until the moments are freed. Changes no number and no cache key.
+        until the moments are freed. Changes no number and no cache key. `keeps_moments_on_device` says
+        where it pays (the study's rule).
 
     Returns
     -------
@@ -970,6 +971,92 @@ def _settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: (sorted(v) if isinstance(v, (set, list, tuple, range)) else v) for k, v in full.items()}
 
 
+#: Moments of an extraction that stay on its device as resident copies (`keep_moments_resident`): the
+#: arrays `extract(..., keep_on_device=True)` finalises there (Syy, C x C, is formed on the host).
+RESIDENT_MOMENTS = ("Sxx", "Sxy", "C0", "C1", "x_mean", "Shh")
+#: Share of a GPU's memory an extraction's moments may keep taking for an analysis there
+#: (`keeps_moments_on_device`).
+RESIDENT_MEMORY_SHARE = 0.4
+
+
+def keep_moments_resident(extraction: Extraction, device: str | torch.device) -> Extraction:
+    """Copy an extraction's moments (every layer's, the shards', the halves') to ``device`` once and record
+    each copy as its host array's resident copy (`ntps_nb.core.backends.torch.keep_resident`), as
+    `extract(..., keep_on_device=True)` leaves a fresh extraction: the torch backend then reads the copies
+    instead of sending the arrays to ``device`` on every call. `extract_cached` does this for an entry it
+    loads when ``keep_on_device`` is set. On the CPU the copies share the arrays' memory (nothing is copied).
+    A copy goes when its array is freed.
+
+    Parameters
+    ----------
+    extraction : Extraction
+        Moments on the host (an `Extraction` loaded from the cache, say); they are not modified.
+    device : str or torch.device
+        Where the analysis will solve them ("cuda", "cuda:1", "cpu").
+
+    Returns
+    -------
+    Extraction
+        ``extraction`` itself.
+    """
+    import warnings
+
+    from ntps_nb.core.backends.torch import check_device, keep_resident, resident
+
+    device = check_device(device)
+    for layer_moments in [extraction.moments, *(extraction.shards or []), *(extraction.halves or [])]:
+        for layer in layer_moments.layers:
+            moments = layer_moments[layer]
+            for name in RESIDENT_MOMENTS:
+                array = getattr(moments, name)
+                if array is None or ((kept := resident(array)) is not None and kept.device == device):
+                    continue
+                with warnings.catch_warnings():  # never written: the backend does not write to its inputs
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    host = torch.from_numpy(np.ascontiguousarray(array))
+                keep_resident(array, host.to(device=device, dtype=torch.float64))
+    return extraction
+
+
+def keeps_moments_on_device(analysis_device: Any, model_device: Any, d: int, n_layers: int,
+                            settings: Mapping[str, Any]) -> bool:
+    """Whether an extraction should keep its moments on the model's device for the analysis
+    (`extract`'s and `extract_cached`'s ``keep_on_device``): when the analysis runs on a CUDA device, the
+    model's, and the moments take at most `RESIDENT_MEMORY_SHARE` of its memory: 4 float64 d x d matrices
+    a layer, 3 for each of the ``shards`` at each of the ``shard_layers`` and 3 for each of the two halves
+    at each of the ``half_layers``.
+
+    Parameters
+    ----------
+    analysis_device : None (numpy), or the torch device the analysis solves on.
+    model_device : the device the model's parameters are on (and the extraction's sums).
+    d : int
+        The hidden size.
+    n_layers : int
+        The layers whose moments the extraction keeps.
+    settings : Mapping
+        The extraction's settings (``shards``, ``shard_layers``, ``half_layers`` are read).
+
+    Returns
+    -------
+    bool
+    """
+    if analysis_device is None or not str(analysis_device).startswith("cuda") or not d:
+        return False
+    analysis, model = torch.device(analysis_device), torch.device(model_device)
+    if model.type != "cuda":
+        return False
+    if analysis.index is None or model.index is None:  # "cuda" is the current device
+        analysis, model = (torch.device("cuda", torch.cuda.current_device()) if x.index is None else x
+                           for x in (analysis, model))
+    if analysis != model:  # the backend reads a resident copy only on its own device
+        return False
+    shards = (settings.get("shards") or 0) * len(settings.get("shard_layers") or [])
+    halves = 2 * len(settings.get("half_layers") or [])
+    nbytes = 8 * d * d * (4 * n_layers + 3 * shards + 3 * halves)
+    return nbytes <= RESIDENT_MEMORY_SHARE * torch.cuda.get_device_properties(analysis).total_memory
+
+
 def extract_cached(
     model: torch.nn.Module,
     tokenizer,
@@ -995,7 +1082,9 @@ def extract_cached(
         Dataset provenance recorded in the metadata of a new entry.
     **settings
         Keyword arguments of `extract`; those that decide the numbers (with defaults filled in
-        and "auto" precision resolved for the device) enter the key.
+        and "auto" precision resolved for the device) enter the key. With ``keep_on_device`` an entry
+        loaded from the cache is made resident on the device as a fresh extraction is
+        (`keep_moments_resident`).
 
     Returns
     -------
@@ -1025,6 +1114,8 @@ def extract_cached(
         stored = read_entry(Extraction.load, entry, "extraction")
         check_same_tokenizer(stored.metadata.get("model", {}).get("tokenizer_sha256"), info.get("tokenizer_sha256"),
                              f"the cached extraction {entry} (point `cache=` at another folder, or delete it)")
+        if settings.get("keep_on_device"):  # as a fresh extraction would have kept them
+            keep_moments_resident(stored, device)
         return stored
     metadata = {"model": info, "dataset": dataset_info or {}, "cache_key": key, **settings.get("metadata", {})}
     result = extract(model, tokenizer, text_set, **{**settings, "metadata": metadata})

@@ -693,28 +693,14 @@ def _extraction_settings(cfg: StudyConfig, layers: list[int], *, train: bool, po
 
 
 
-#: Share of the analysis GPU's memory the moments of a unit may keep taking after extraction.
-RESIDENT_MEMORY_SHARE = 0.4
-
-
 def _keeps_moments_on_device(u: "_Unit", settings: dict[str, Any]) -> bool:
-    """Whether an extraction keeps its moments on the GPU for the unit's analysis there
-    (`ntps_nb.extract.extract`'s ``keep_on_device``): when the analysis runs on a CUDA device and
-    the moments (every layer's, the shards' and the halves') take at most `RESIDENT_MEMORY_SHARE`
-    of its memory."""
-    device = u.analysis_device
-    if device is None or not str(device).startswith("cuda"):
-        return False
-    import torch
+    """Whether the unit's extraction keeps its moments on the GPU for the unit's analysis there
+    (`ntps_nb.extract.keeps_moments_on_device`, for the layers of ``settings``)."""
+    from ntps_nb.extract import keeps_moments_on_device
 
-    d = getattr(u.loaded[2], "hidden_size", None)
-    if not d:
-        return False
-    layers = len(settings["layers"])
-    shards = (settings.get("shards") or 0) * len(settings.get("shard_layers") or [])
-    halves = 2 * len(settings.get("half_layers") or [])
-    nbytes = 8 * d * d * (4 * layers + 3 * shards + 3 * halves)
-    return nbytes <= RESIDENT_MEMORY_SHARE * torch.cuda.get_device_properties(torch.device(device)).total_memory
+    model = u.loaded[0]
+    return keeps_moments_on_device(u.analysis_device, next(model.parameters()).device,
+                                   getattr(u.loaded[2], "hidden_size", None), len(settings["layers"]), settings)
 
 
 @dataclasses.dataclass

@@ -586,3 +586,60 @@ def test_moments_kept_on_the_device_are_read_in_place_and_go_with_their_arrays(t
     del kept, m, array, copy
     gc.collect()
     assert len(backend._RESIDENT) < before and all(ref() is not None for ref, _ in backend._RESIDENT.values())
+
+
+def test_an_entry_loaded_from_the_cache_is_kept_on_the_device_as_a_fresh_one(tiny_llama, tmp_path):
+    """extract_cached(keep_on_device=True) on a cache hit records a resident copy of every moment a fresh
+    extraction keeps (every layer's, the shards', the halves'); on the CPU it shares the array's memory, so
+    the backend reads it in place. Without keep_on_device a loaded entry has none."""
+    from ntps_nb.core.backends import torch as backend
+    from ntps_nb.extract import RESIDENT_MOMENTS
+
+    model, tok, info = tiny_llama
+    options = dict(max_length=32, shards=4, shard_layers=[1], half_layers=[2], progress=False)
+    extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, **options)  # writes the entry
+    plain = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, **options)
+    kept = extract_cached(model, tok, info, (TEXTS, LABELS), cache=tmp_path, keep_on_device=True, **options)
+    assert len(list(tmp_path.iterdir())) == 1  # both read the one entry
+    parts = [kept.moments, *kept.shards, *kept.halves]
+    assert len(parts) == 1 + 4 + 2
+    n_kept = 0
+    for layer_moments in parts:
+        for layer in layer_moments.layers:
+            for name in ("Sxx", "Sxy", "C0", "C1", "x_mean"):
+                array = getattr(layer_moments[layer], name)
+                copy = backend.resident(array)
+                assert copy is not None and copy.device.type == "cpu", name
+                assert copy.data_ptr() == array.__array_interface__["data"][0]  # the same memory
+                assert backend._tensor(array, torch.float64, torch.device("cpu")).data_ptr() == copy.data_ptr()
+                n_kept += 1
+    assert n_kept == 5 * (len(kept.moments.layers) + 4 + 2)
+    assert set(RESIDENT_MOMENTS) >= {"Sxx", "Sxy", "C0", "C1", "x_mean"}
+    for layer_moments in [plain.moments, *plain.shards, *plain.halves]:
+        for layer in layer_moments.layers:
+            assert all(backend.resident(getattr(layer_moments[layer], name)) is None
+                       for name in ("Sxx", "Sxy", "C0", "C1", "x_mean"))
+    want = backend.ntps_sweep_torch(plain.moments[2], device="cpu")
+    got = backend.ntps_sweep_torch(kept.moments[2], device="cpu")
+    np.testing.assert_array_equal(got["ntps"].to_numpy(), want["ntps"].to_numpy())
+
+
+def test_moments_are_kept_on_the_models_gpu_only(monkeypatch):
+    """keeps_moments_on_device: only for an analysis on the model's own CUDA device ("cuda" is the current
+    one), and only where 4 d x d matrices a layer, 3 a shard and layer, 3 a half and layer fit in
+    RESIDENT_MEMORY_SHARE of its memory."""
+    from types import SimpleNamespace
+
+    from ntps_nb.extract import RESIDENT_MEMORY_SHARE, keeps_moments_on_device
+
+    d, settings = 64, dict(shards=10, shard_layers=[1, 2], half_layers=[0, 3, 4])
+    nbytes = 8 * d * d * (4 * 5 + 3 * 10 * 2 + 3 * 2 * 3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for total, fits in ((nbytes / RESIDENT_MEMORY_SHARE * 1.001, True), (nbytes / RESIDENT_MEMORY_SHARE * 0.999, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(
+            total_memory=total))
+        for analysis, model, want in (("cuda:1", "cuda:1", fits), ("cuda", "cuda:1", fits), ("cuda:1", "cuda", fits),
+                                      ("cuda", "cuda:0", False), ("cuda:0", "cuda:1", False), ("cpu", "cpu", False),
+                                      (None, "cuda:1", False), ("cuda:1", "cpu", False)):
+            assert keeps_moments_on_device(analysis, torch.device(model), d, 5, settings) is want, (analysis, model)
+    assert not keeps_moments_on_device("cuda:1", "cuda:1", None, 5, settings)  # hidden size unknown

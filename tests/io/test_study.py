@@ -2006,18 +2006,21 @@ def test_only_a_cuda_analysis_starts_the_host_solvers_early():
 
 
 def test_a_unit_keeps_its_moments_on_the_gpu_only_where_they_fit(monkeypatch):
-    """The extraction keeps its moments on the analysis GPU when they take at most
-    RESIDENT_MEMORY_SHARE of its memory; never for numpy or CPU analysis."""
+    """The extraction keeps its moments on the analysis GPU when that is the model's and they take at
+    most RESIDENT_MEMORY_SHARE of its memory (counted over the unit's layers, shards and halves); never
+    for numpy or CPU analysis, nor for a GPU other than the model's."""
     from types import SimpleNamespace
 
     import torch
 
-    from ntps_nb.study.stages import RESIDENT_MEMORY_SHARE, _keeps_moments_on_device
+    from ntps_nb.extract import RESIDENT_MEMORY_SHARE
+    from ntps_nb.study.stages import _keeps_moments_on_device
 
     d = 4096
     settings = dict(layers=list(range(33)), shards=20, shard_layers=[0, 16, 32], half_layers=list(range(1, 31)))
     nbytes = 8 * d * d * (4 * 33 + 3 * 60 + 3 * 2 * 30)
-    unit = SimpleNamespace(loaded=(None, None, SimpleNamespace(hidden_size=d)), analysis_device=None)
+    model = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))]))
+    unit = SimpleNamespace(loaded=(model, None, SimpleNamespace(hidden_size=d)), analysis_device=None)
     assert not _keeps_moments_on_device(unit, settings)
     unit.analysis_device = "cpu"
     assert not _keeps_moments_on_device(unit, settings)
@@ -2026,6 +2029,8 @@ def test_a_unit_keeps_its_moments_on_the_gpu_only_where_they_fit(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(
             total_memory=total))
         assert _keeps_moments_on_device(unit, settings) is keeps
+    unit.analysis_device = "cuda:1"  # the resident copies would sit on cuda:0, where the analysis never reads them
+    assert not _keeps_moments_on_device(unit, settings)
 
 
 def test_a_pooled_estimators_diagnostics_run_in_numpy_beside_a_torch_analysis(tmp_path, tiny_llama):
