@@ -1470,7 +1470,8 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
                              max_length: int = 64, seed: int = 0, batch_size: int = 16,
                              drop_bos: bool = True, precision: str = "float32", loaded: tuple | None = None,
                              shards: int | None = None, interval_layers: Any = "grid:4",
-                             halves: bool = False, device: str = "cpu", progress: bool = True) -> ModelOnDataset:
+                             halves: bool = False, device: str = "cpu", analysis_device: Any = None,
+                             progress: bool = True) -> ModelOnDataset:
     """Load ``model`` and ``dataset`` (offline registries), extract every layer's moments and
     pooled features of the train split and the pooled features of the test split (cached).
 
@@ -1520,6 +1521,11 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     device : str
         Where ``model`` is loaded and runs ("cpu", "cuda", "cuda:1", ...); a model given as ``loaded`` stays where
         it is. The cache key depends on it only through ``precision="auto"``, which is resolved per device.
+    analysis_device : optional
+        Where `layer_profile` will solve the train split's moments (its ``device``). When that is the model's
+        GPU and the moments fit in 40% of it (`ntps_nb.extract.keeps_moments_on_device`, a study's rule), they
+        stay there after the extraction, or are copied there once when it comes from the cache, so that no
+        solve copies them from the host again. Changes no number and no cache key.
     progress : bool
         The extraction's bar over the texts of each split that is not in the cache (False: none).
 
@@ -1532,7 +1538,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         actual split sizes and the seed.
     """
     from ntps_nb.datasets import load_dataset, subsample
-    from ntps_nb.extract import extract_cached
+    from ntps_nb.extract import extract_cached, keeps_moments_on_device
     from ntps_nb.models import load_model
 
     net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed, device=device)
@@ -1555,7 +1561,10 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         if halves:
             sharding.update(half_layers=[layer for layer in every if layer not in sharding["shard_layers"]],
                             half_seed=seed)
-    train = extract_cached(net, tokenizer, info, ds["train"], progress=progress, **settings, **sharding)
+    keep = keeps_moments_on_device(analysis_device, next(net.parameters()).device, info.hidden_size,
+                                   info.n_hidden_states, sharding)
+    train = extract_cached(net, tokenizer, info, ds["train"], progress=progress, keep_on_device=keep, **settings,
+                           **sharding)
     test = extract_cached(net, tokenizer, info, ds["test"], progress=progress, token_moments=False, **settings)
     return ModelOnDataset(model, dataset, train, test,
                           {**settings, **sharding, "max_train": len(train.labels), "max_test": len(test.labels),

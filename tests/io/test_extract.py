@@ -635,7 +635,8 @@ def test_moments_are_kept_on_the_models_gpu_only(monkeypatch):
     d, settings = 64, dict(shards=10, shard_layers=[1, 2], half_layers=[0, 3, 4])
     nbytes = 8 * d * d * (4 * 5 + 3 * 10 * 2 + 3 * 2 * 3)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    for total, fits in ((nbytes / RESIDENT_MEMORY_SHARE * 1.001, True), (nbytes / RESIDENT_MEMORY_SHARE * 0.999, False)):
+    limit = nbytes / RESIDENT_MEMORY_SHARE
+    for total, fits in ((limit * 1.001, True), (limit * 0.999, False)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(
             total_memory=total))
         for analysis, model, want in (("cuda:1", "cuda:1", fits), ("cuda", "cuda:1", fits), ("cuda:1", "cuda", fits),

@@ -297,6 +297,36 @@ def test_extract_model_on_dataset_loads_on_its_device_and_shows_the_extraction(t
     assert asked == ["cpu", "cuda:7"]  # the default, then the device given
 
 
+def test_the_helper_keeps_the_train_moments_where_the_analysis_solves_them(tiny_llama, monkeypatch, tmp_path):
+    """`extract_model_on_dataset(analysis_device=...)` asks `keeps_moments_on_device` (the study's rule) about the
+    model's device and the train split's layers, shards and halves, and passes its answer to the extraction: where it
+    says yes the train moments are resident (here on the CPU, standing in for the GPU), fresh or from the cache; the
+    test split's pooled features are never kept."""
+    import ntps_nb.extract
+    import ntps_nb.models
+    from ntps_nb.core.backends import torch as backend
+
+    asked = []
+
+    def rule(analysis_device, model_device, d, n_layers, settings):
+        asked.append((analysis_device, str(model_device), d, n_layers, settings.get("shards")))
+        return analysis_device is not None
+
+    monkeypatch.setattr(ntps_nb.models, "load_model", lambda name, **kwargs: tiny_llama)
+    monkeypatch.setattr(ntps_nb.extract, "keeps_moments_on_device", rule)
+    monkeypatch.setenv("NTPS_NB_CACHE", str(tmp_path))
+    options = dict(max_train=24, max_test=12, max_length=16, shards=4, interval_layers=[1], halves=True, progress=False)
+    info = tiny_llama[2]
+    for analysis_device in (None, "cuda:0", "cuda:0"):  # extracted, then read from the cache twice
+        run = nbs.extract_model_on_dataset("tiny-llama", "trec6", analysis_device=analysis_device, **options)
+        parts = [run.train.moments, *run.train.shards, *run.train.halves]
+        kept = [backend.resident(part[layer].C0) is not None for part in parts for layer in part.layers]
+        assert len(kept) == info.n_hidden_states + 4 + 2 * (info.n_hidden_states - 1)
+        assert all(kept) if analysis_device else not any(kept), analysis_device
+    want = [(device, "cpu", info.hidden_size, info.n_hidden_states, 4) for device in (None, "cuda:0", "cuda:0")]
+    assert asked == want
+
+
 def test_word_projections_load_the_model_on_its_device(tiny_llama, monkeypatch):
     """`word_projections` loads the model where it is asked to (notebook 05's ``device``); before, it always loaded
     it on the CPU."""
