@@ -1018,7 +1018,7 @@ def keep_moments_resident(extraction: Extraction, device: str | torch.device) ->
     return extraction
 
 
-def keeps_moments_on_device(analysis_device: Any, model_device: Any, d: int, n_layers: int,
+def keeps_moments_on_device(analysis_device: Any, model_device: Any, d: int | None, n_layers: int,
                             settings: Mapping[str, Any]) -> bool:
     """Whether an extraction should keep its moments on the model's device for the analysis
     (`extract`'s and `extract_cached`'s ``keep_on_device``): when the analysis runs on a CUDA device, the
@@ -1030,10 +1030,10 @@ def keeps_moments_on_device(analysis_device: Any, model_device: Any, d: int, n_l
     ----------
     analysis_device : None (numpy), or the torch device the analysis solves on.
     model_device : the device the model's parameters are on (and the extraction's sums).
-    d : int
-        The hidden size.
+    d : int or None
+        The hidden size (None or 0: unknown, and the moments are not kept).
     n_layers : int
-        The layers whose moments the extraction keeps.
+        The number of layers whose moments the extraction keeps.
     settings : Mapping
         The extraction's settings (``shards``, ``shard_layers``, ``half_layers`` are read).
 
