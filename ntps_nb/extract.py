@@ -999,22 +999,14 @@ def keep_moments_resident(extraction: Extraction, device: str | torch.device) ->
     Extraction
         ``extraction`` itself.
     """
-    import warnings
-
-    from ntps_nb.core.backends.torch import check_device, keep_resident, resident
+    from ntps_nb.core.backends.torch import check_device, make_resident
 
     device = check_device(device)
     for layer_moments in [extraction.moments, *(extraction.shards or []), *(extraction.halves or [])]:
         for layer in layer_moments.layers:
-            moments = layer_moments[layer]
             for name in RESIDENT_MOMENTS:
-                array = getattr(moments, name)
-                if array is None or ((kept := resident(array)) is not None and kept.device == device):
-                    continue
-                with warnings.catch_warnings():  # never written: the backend does not write to its inputs
-                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                    host = torch.from_numpy(np.ascontiguousarray(array))
-                keep_resident(array, host.to(device=device, dtype=torch.float64))
+                if (array := getattr(layer_moments[layer], name)) is not None:
+                    make_resident(array, device)
     return extraction
 
 
@@ -1041,15 +1033,14 @@ def keeps_moments_on_device(analysis_device: Any, model_device: Any, d: int | No
     -------
     bool
     """
+    from ntps_nb.core.backends.torch import check_device
+
     if analysis_device is None or not str(analysis_device).startswith("cuda") or not d:
         return False
-    analysis, model = torch.device(analysis_device), torch.device(model_device)
-    if model.type != "cuda":
+    if torch.device(model_device).type != "cuda":
         return False
-    if analysis.index is None or model.index is None:  # "cuda" is the current device
-        analysis, model = (torch.device("cuda", torch.cuda.current_device()) if x.index is None else x
-                           for x in (analysis, model))
-    if analysis != model:  # the backend reads a resident copy only on its own device
+    analysis = check_device(analysis_device)  # "cuda" is the current device, as torch places tensors
+    if analysis != check_device(model_device):  # the backend reads a resident copy only on its own device
         return False
     shards = (settings.get("shards") or 0) * len(settings.get("shard_layers") or [])
     halves = 2 * len(settings.get("half_layers") or [])

@@ -2024,6 +2024,8 @@ def test_a_unit_keeps_its_moments_on_the_gpu_only_where_they_fit(monkeypatch):
     assert not _keeps_moments_on_device(unit, settings)
     unit.analysis_device = "cpu"
     assert not _keeps_moments_on_device(unit, settings)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two CUDA devices
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     unit.analysis_device = "cuda:0"
     for total, keeps in ((nbytes / RESIDENT_MEMORY_SHARE * 1.01, True), (nbytes / RESIDENT_MEMORY_SHARE * 0.99, False)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(

@@ -244,6 +244,37 @@ def keep_resident(array: np.ndarray, tensor: torch.Tensor) -> None:
     _RESIDENT[key] = (weakref.ref(array, lambda _, key=key, table=_RESIDENT: table.pop(key, None)), tensor)
 
 
+def make_resident(array: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """``array``'s resident copy on ``device``, made and recorded by `keep_resident` unless it has one there: a
+    device copy, or on the CPU a tensor sharing the array's memory (nothing is copied). What
+    `ntps_nb.extract.keep_moments_resident` does to each moment of an extraction read from the cache.
+
+    Parameters
+    ----------
+    array : a host numpy array (read-only; float64 is not copied on the CPU).
+    device : the torch device the backend will read it on.
+
+    Returns
+    -------
+    torch.Tensor
+        The resident copy (float64).
+    """
+    device = check_device(device)
+    kept = resident(array)
+    if kept is None or kept.device != device:
+        kept = _from_host(array).to(device=device)
+        keep_resident(array, kept)
+    return kept
+
+
+def _from_host(array) -> torch.Tensor:
+    """A float64 CPU tensor of ``array``'s memory (a copy only where it is not contiguous float64). Never written
+    here, so the read-only flag of the core's moment arrays, which torch.from_numpy warns of, does not matter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+
+
 def resident(array: object) -> torch.Tensor | None:
     """The device copy recorded for this very host array by `keep_resident`.
 
@@ -275,12 +306,8 @@ def _tensor(array, dtype: torch.dtype, device: str | torch.device) -> torch.Tens
     if device.type == "cpu":
         # np.array copies: the core's moment arrays are read-only views, which torch.from_numpy warns about
         return torch.from_numpy(np.array(array, dtype=np.float64)).to(device=device, dtype=dtype)
-    # to another device straight from the host array: the device copy never aliases it, so its read-only flag,
-    # which torch.from_numpy warns of, does not matter (and no host copy is made first)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        host = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
-    return host.to(device=device, dtype=dtype)
+    # to another device straight from the host array: the device copy never aliases it (no host copy first)
+    return _from_host(array).to(device=device, dtype=dtype)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
