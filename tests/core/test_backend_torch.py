@@ -760,3 +760,19 @@ def test_a_resident_record_goes_quietly_after_the_modules_globals(monkeypatch):
     gc.collect()
     monkeypatch.undo()
     assert raised == [] and key not in table
+
+
+def test_make_resident_records_one_copy_and_shares_memory_on_the_cpu():
+    """make_resident: on the CPU the resident copy is the array's own memory; asked again it returns the recorded
+    copy instead of making another; a non-contiguous array gets a contiguous copy with its values."""
+    from ntps_nb.core.backends import torch as backend
+
+    array = np.arange(9.0).reshape(3, 3)
+    array.setflags(write=False)
+    first = backend.make_resident(array, "cpu")
+    assert first.data_ptr() == array.__array_interface__["data"][0]
+    assert backend.make_resident(array, "cpu") is first and backend.resident(array) is first
+    strided = np.arange(18.0).reshape(3, 6)[:, ::2]
+    copy = backend.make_resident(strided, "cpu")
+    assert copy.data_ptr() != strided.__array_interface__["data"][0]
+    np.testing.assert_array_equal(copy.numpy(), strided)
