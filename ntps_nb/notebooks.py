@@ -1522,10 +1522,12 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         Where ``model`` is loaded and runs ("cpu", "cuda", "cuda:1", ...); a model given as ``loaded`` stays where
         it is. The cache key depends on it only through ``precision="auto"``, which is resolved per device.
     analysis_device : optional
-        Where `layer_profile` will solve the train split's moments (its ``device``). When that is the model's
-        GPU and the moments fit in 40% of it (`ntps_nb.extract.keeps_moments_on_device`, a study's rule), they
-        stay there after the extraction, or are copied there once when it comes from the cache, so that no
-        solve copies them from the host again. Changes no number and no cache key.
+        Where `layer_profile` will solve the train split's moments (its ``device``), or a study's setting
+        "auto" / "numpy" resolved against the model's device (`ntps_nb.study.stages.resolve_analysis_device`:
+        "auto" is the model's GPU, if it is on one). When that is the model's GPU and the moments fit in 40% of
+        it (`ntps_nb.extract.keeps_moments_on_device`, a study's rule), they stay there after the extraction,
+        or are copied there once when it comes from the cache, so that no solve copies them from the host
+        again. Changes no number and no cache key.
     progress : bool
         The extraction's bar over the texts of each split that is not in the cache (False: none).
 
@@ -1540,6 +1542,7 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
     from ntps_nb.datasets import load_dataset, subsample
     from ntps_nb.extract import extract_cached, keeps_moments_on_device
     from ntps_nb.models import load_model
+    from ntps_nb.study.stages import resolve_analysis_device
 
     net, tokenizer, info = loaded if loaded is not None else load_model(model, seed=seed, device=device)
     if isinstance(dataset, str):
@@ -1561,8 +1564,10 @@ def extract_model_on_dataset(model: str, dataset: Any, *, max_train: int = 300, 
         if halves:
             sharding.update(half_layers=[layer for layer in every if layer not in sharding["shard_layers"]],
                             half_seed=seed)
-    keep = keeps_moments_on_device(analysis_device, next(net.parameters()).device, info.hidden_size,
-                                   info.n_hidden_states, sharding)
+    model_on = next(net.parameters()).device
+    analysis_on = (resolve_analysis_device(analysis_device, model_on) if analysis_device in ("auto", "numpy")
+                   else analysis_device)
+    keep = keeps_moments_on_device(analysis_on, model_on, info.hidden_size, info.n_hidden_states, sharding)
     train = extract_cached(net, tokenizer, info, ds["train"], progress=progress, keep_on_device=keep, **settings,
                            **sharding)
     test = extract_cached(net, tokenizer, info, ds["test"], progress=progress, token_moments=False, **settings)

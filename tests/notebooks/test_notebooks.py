@@ -301,7 +301,8 @@ def test_the_helper_keeps_the_train_moments_where_the_analysis_solves_them(tiny_
     """`extract_model_on_dataset(analysis_device=...)` asks `keeps_moments_on_device` (the study's rule) about the
     model's device and the train split's layers, shards and halves, and passes its answer to the extraction: where it
     says yes the train moments are resident (here on the CPU, standing in for the GPU), fresh or from the cache; the
-    test split's pooled features are never kept."""
+    test split's pooled features are never kept. A study's "auto" and "numpy" are resolved against the model's
+    device before the rule is asked (before, "auto" reached it as is and kept nothing, even on the model's GPU)."""
     import ntps_nb.extract
     import ntps_nb.models
     from ntps_nb.core.backends import torch as backend
@@ -325,6 +326,10 @@ def test_the_helper_keeps_the_train_moments_where_the_analysis_solves_them(tiny_
         assert all(kept) if analysis_device else not any(kept), analysis_device
     want = [(device, "cpu", info.hidden_size, info.n_hidden_states, 4) for device in (None, "cuda:0", "cuda:0")]
     assert asked == want
+    # a study's settings are resolved against the model's device first: "auto" with the model on the CPU is numpy
+    for setting in ("auto", "numpy"):
+        nbs.extract_model_on_dataset("tiny-llama", "trec6", analysis_device=setting, **options)
+    assert asked[-2:] == [(None, "cpu", info.hidden_size, info.n_hidden_states, 4)] * 2
 
 
 def test_word_projections_load_the_model_on_its_device(tiny_llama, monkeypatch):
