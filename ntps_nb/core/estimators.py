@@ -152,6 +152,17 @@ GAP_MIN = 5.0
 #: rows kept at a truth of 0 or 1 cover 0.92, the others 0.90; 3-4% of the rows away from the bounds
 #: are lost (docs/estimator.md, "Rows at the bounds of [0, 1]").
 BOUND_SE = 1.0
+#: ... and when the data place NTPS away from its stationary points: some principal angle between U_k and
+#: V_k has its cos^2 (extrapolated as the estimator extrapolates NTPS) at least this many delete-one-shard
+#: jackknife standard errors from both 0 and 1 (`stationary_distance`). Where every angle is at 0 or 90 degrees
+#: NTPS is stationary in every rotation of the two subspaces, its error is quadratic in the noise and the interval
+#: is not calibrated: the flag's rows there covered 0.96-1.00 at nominal 0.90, significantly above the 0.85-0.95
+#: a reliable row promises in 5 cells of session 59's fresh populations. Chosen on session 33's d = 16 frames (1.5
+#: left a cell of rows that strayed from the stationary point, covering 5 of 11), checked on fresh d = 16 and 64
+#: populations: it takes 99.5% of the flag's rows at a stationary truth and 7% of the others (15% at d = 64, truths
+#: near 0 at k = 1), whose cells cover as before (docs/estimator.md, "Rows at a stationary point of NTPS are
+#: unreliable").
+STATIONARY_SE = 2.0
 #: An estimate within this of 0 or 1 is at the bound whatever its standard error (an NTPS of exactly
 #: 0 or 1, k beyond a subspace's rank, say, has a standard error of rounding size; so it stays at the
 #: bound when read back from a table written to 7 significant digits).
@@ -529,18 +540,27 @@ def _plugin_on_halves(shards: list[Moments], ks: np.ndarray, *, n_splits: int, s
     for split in range(n_splits):
         for members in _half_members(len(shards), seed + split, drop):
             if memo is not None and members in memo:
-                value = memo[members]
+                value = memo[members].value
             else:
                 half = Moments.combine([shards[i] for i in members])
                 try:
-                    value = theory_values(theory_geometry(half, rtol=rtol), ks)
+                    geometry = theory_geometry(half, rtol=rtol)
+                    value = theory_values(geometry, ks)
                 except ValueError:  # a half with a single class
-                    value = np.full(ks.shape, np.nan)
+                    geometry, value = None, np.full(ks.shape, np.nan)
                 if memo is not None:
-                    memo[members] = value
+                    memo[members] = _Half(value, geometry)
             values.append(value)
             sizes.append(sum(shards[i].n_texts for i in members))
     return values, sizes
+
+
+@dataclass(frozen=True)
+class _Half:
+    """One half's plug-in at the call's ks and its geometry (None where undefined), kept in a memo."""
+
+    value: np.ndarray
+    geometry: TheoryGeometry | None
 
 
 def _extrapolate(shards: list[Moments], ks: np.ndarray, *, n_splits: int, seed: int, rtol: float,
@@ -754,6 +774,100 @@ def _noise_frame(ks: np.ndarray, m: int, v_columns: int, n_shards: int, replicat
     noise_v[~defined] = np.nan
     return pd.DataFrame({"k": ks, "k_U": k_u, "noise_U": noise_u, "noise_V": noise_v,
                          "bias_bound": (noise_u + noise_v) / k_u})
+
+
+def stationary_distance(point: np.ndarray, replicates: np.ndarray) -> np.ndarray:
+    """How far the data place NTPS from its stationary points, at each k: the largest distance of a principal
+    angle's cos^2 from 0 or 1, in its delete-one-shard jackknife standard errors.
+
+    NTPS_theory(k) is the mean of the cos^2 of the principal angles between U_k and V_k; it is stationary in
+    every rotation of the two subspaces exactly where each angle is 0 or 90 degrees (NTPS at 0 or 1, or inside
+    (0, 1) with some angles at each). There its error is quadratic in the noise and the interval is not
+    calibrated, so the flag asks for a distance of at least `STATIONARY_SE` (``ntps_estimate``'s
+    ``stationary_flag``). An angle within `BOUND_ATOL` of 0 or 1 is at distance 0 whatever its standard error.
+
+    Parameters
+    ----------
+    point : (K, A) each angle's cos^2 as the estimator combines it on all shards (richardson: extrapolated from
+        the pooled shards and the two halves, as NTPS), descending, NaN past the angles there are.
+    replicates : (S, K, A) the same with shard i left out (row i), NaN where a replicate failed.
+
+    Returns
+    -------
+    (K,) the distance (negative where an extrapolated cos^2 lies past 0 or 1); NaN where an angle's standard
+    error is undefined (a failed replicate), which the flag reads as not reliable.
+    """
+    point, replicates = np.asarray(point, dtype=float), np.asarray(replicates, dtype=float)
+    S = replicates.shape[0]
+    deviation = replicates - replicates.mean(axis=0)
+    se = np.sqrt((S - 1) / S * np.sum(deviation**2, axis=0))
+    distance = np.minimum(point, 1.0 - point)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(np.isnan(point) | (np.abs(distance) <= BOUND_ATOL), 0.0, distance / se)
+    return np.max(z, axis=1) if z.shape[1] else np.zeros(z.shape[0])
+
+
+def _angles_of(geometry: TheoryGeometry | str | None, ks: np.ndarray, width: int) -> np.ndarray:
+    """(K, ``width``) `TheoryGeometry.principal_cos2` padded with NaN (``width`` at least its k_U: min(max ks, the
+    number of classes) serves every sample of the shards); all NaN for an undefined geometry."""
+    out = np.full((ks.size, width), np.nan)
+    if isinstance(geometry, TheoryGeometry):
+        cos2 = geometry.principal_cos2(ks)
+        out[:, : cos2.shape[1]] = cos2
+    return out
+
+
+def _stationary_of_solves(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int, rtol: float,
+                          pooled: TheoryGeometry, left_out: Sequence[TheoryGeometry | None], memo: dict) -> np.ndarray:
+    """`stationary_distance` (numpy) from the geometries `ntps_estimate` solved: the pooled shards', each
+    leave-one-shard-out pool's and, for "richardson", the halves' in ``memo`` (`_plugin_on_halves`; a half
+    not there is solved here)."""
+    width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
+
+    def half_geometry(members: tuple[int, ...]) -> TheoryGeometry | None:
+        if members in memo:
+            return memo[members].geometry
+        try:
+            return theory_geometry(Moments.combine([shards[i] for i in members]), rtol=rtol)
+        except ValueError:  # a half with a single class, as `_plugin_on_halves`
+            return None
+
+    def combined(geometry: TheoryGeometry | None, drop: int | None) -> np.ndarray:
+        x = _angles_of(geometry, ks, width)
+        if estimator != "richardson":
+            return x
+        halves, sizes = [], []
+        for split in range(RICHARDSON_SPLITS):
+            try:
+                members = _half_members(len(shards), seed + split, drop)
+            except ValueError:  # a half without a shard: the replicate failed
+                return np.full(x.shape, np.nan)
+            for half in members:
+                halves.append(_angles_of(half_geometry(half), ks, width))
+                sizes.append(sum(shards[i].n_texts for i in half))
+        n_texts = sum(s.n_texts for i, s in enumerate(shards) if i != drop)
+        return _richardson_combination(x, halves, sizes, n_texts)
+
+    return stationary_distance(combined(pooled, None),
+                               np.array([combined(g, i) for i, g in enumerate(left_out)]))
+
+
+#: The estimators whose rows carry `stationary_distance` (their cos^2 combine as their NTPS does: "plugin" as is,
+#: "richardson" extrapolated from the halves); the other estimators' rows have NaN and no stationary condition.
+STATIONARY_ESTIMATORS = ("plugin", "richardson")
+
+
+def _stationary_condition(frame: pd.DataFrame, estimator: str, flag: bool, stationary_se: float) -> pd.DataFrame:
+    """`ntps_estimate`'s frame with the flag's stationary condition on the rows of `STATIONARY_ESTIMATORS`
+    (``reliable`` also needs ``stationary_distance`` >= ``stationary_se``; NaN fails), or without the
+    ``stationary_distance`` column where ``flag`` is off (the frame as before the condition existed)."""
+    if not flag:
+        return frame.drop(columns="stationary_distance")
+    if estimator not in STATIONARY_ESTIMATORS:
+        return frame
+    with np.errstate(invalid="ignore"):
+        away = frame["stationary_distance"].to_numpy(dtype=float) >= stationary_se
+    return frame.assign(reliable=frame["reliable"].astype(bool).to_numpy() & away)
 
 
 def _gaps_at(geometry: TheoryGeometry | None, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1042,8 +1156,8 @@ def _calibrated_flag(frame: pd.DataFrame, estimator: str, flag_any_estimator: bo
         f"the flag was calibrated for {', '.join(map(repr, CALIBRATED_ESTIMATORS))} only: on simulated populations "
         f"the plug-in's rows that met them covered {PLUGIN_FLAGGED_COVERAGE} at nominal 0.90 (its bias stays), and "
         "the other estimators' were not checked. Their reliable is False; the conditions are in the rows "
-        "(subspace_noise, gap_ratio, rotation_stable), and flag_any_estimator=True marks them (docs/estimator.md, "
-        "'The reliability flag is the default estimator's').",
+        "(subspace_noise, gap_ratio, rotation_stable, stationary_distance), and flag_any_estimator=True marks them "
+        "(docs/estimator.md, 'The reliability flag is the default estimator's').",
         FlagNotCalibratedWarning, stacklevel=3)
     return frame.assign(reliable=False)
 
@@ -1066,6 +1180,8 @@ def ntps_estimate(
     rotation_flag: bool = True,
     interaction_half: int | None = INTERACTION_HALF,
     flag_any_estimator: bool = False,
+    stationary_flag: bool = True,
+    stationary_se: float = STATIONARY_SE,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
@@ -1102,11 +1218,16 @@ def ntps_estimate(
     reported): on new populations of the estimator map (docs/estimator.md, "The quadratic interval's
     degrees of freedom", d = 16-576) no cell of its reliable rows covered significantly below 0.85 and
     none was biased by a quarter of the width, where the "jackknife" flag left edge cells biased by a
-    third; its reliable rows stay conservative in part of the stationary cells (e.g. every principal
-    angle at 0: 0.96-1.00; mostly the flag's selection, docs/estimator.md, "In short"),
-    and away from them it covers about as the jackknife does (0.92 pooled);
-    a nearly tied eigengap at k that the flag lets through in a few draws can still under-cover (0.76
-    on one population). The "jackknife" flag's calibration: no cell of the maps or of fresh
+    third; the rows meeting its other conditions stay conservative in part of the stationary cells (e.g.
+    every principal angle at 0: 0.96-1.00; mostly the flag's selection, docs/estimator.md, "In short"), so the
+    flag has a stationary condition (``stationary_flag``): a row is reliable only where some principal angle's
+    cos^2 lies at least ``stationary_se`` jackknife standard errors from both 0 and 1 (`stationary_distance`).
+    On fresh populations (d = 16 and 64) it takes 99.5% of the flag's rows at a stationary truth and 7% of the
+    others (truths within a few standard errors of 0 or 1 among them); away from stationary points the interval
+    covers about as the jackknife does (0.92 pooled); a nearly tied eigengap at k that the flag lets through
+    in a few draws can still under-cover (0.76 on one population, 0.72 of 86 rows on another: significantly
+    below 0.85; docs/estimator.md, "Rows at a stationary point of NTPS are unreliable"). The "jackknife" flag's
+    calibration: no cell of the maps or of fresh
     populations (d = 16-576) significantly outside [0.85, 0.95] but at the edges and at angle 0; without
     the rotation condition one design was known where reliable rows under-cover (d = 64, an LDS with 2
     classes and moderate eigengaps, k = 1, N/d = 32: the perception eigenvalues at k nearly tied;
@@ -1159,6 +1280,11 @@ def ntps_estimate(
         `CALIBRATED_ESTIMATORS`, whose reliable rows were shown to cover, can be reliable: another estimator's rows
         are not, and where they meet the conditions a `FlagNotCalibratedWarning` says so (the plug-in's such rows
         under-cover: `PLUGIN_FLAGGED_COVERAGE`).
+    stationary_flag : give the flag its stationary condition (default True; False: the flag before it, the
+        committed study units'). Adds stationary_distance (`stationary_distance`, from the geometries the
+        estimate solved: no factorisation is added); "plugin" and "richardson" rows only (NaN for the others,
+        whose reliable the condition leaves as it is).
+    stationary_se : the distance the condition asks for (default `STATIONARY_SE`, 2).
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
@@ -1176,8 +1302,9 @@ def ntps_estimate(
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
-    (`flag_at_bound`); with ``rotation_flag`` rotation_lower, rotation_upper and rotation_stable
-    (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"`` also interval
+    (`flag_at_bound`); with ``stationary_flag`` stationary_distance; with ``rotation_flag`` rotation_lower,
+    rotation_upper and rotation_stable (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"``
+    also interval
     ("rotation"), lower_jackknife,
     upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
     """
@@ -1210,6 +1337,7 @@ def ntps_estimate(
             frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                                    rotation_flag=rotation_flag, plugins=plugins, device=device)
             bar.update(rotation)
+        frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
         return _calibrated_flag(frame, estimator, flag_any_estimator)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -1220,6 +1348,7 @@ def ntps_estimate(
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
                                noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
                                rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update)
+    frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
     return _calibrated_flag(frame, estimator, flag_any_estimator)
 
 
@@ -1256,6 +1385,10 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
     frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
+    frame["stationary_distance"] = (
+        _stationary_of_solves(shards, ks, estimator, seed=seed, rtol=rtol, pooled=full, left_out=geometries,
+                              memo=halves)
+        if estimator in STATIONARY_ESTIMATORS else np.nan)
     plugins = theory_values(full, ks)
     if interval == "quadratic":
         none = np.full(ks.shape, np.nan)

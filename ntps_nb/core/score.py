@@ -538,6 +538,10 @@ class TheoryGeometry:
     next_token_eigenvalues : (r_V,) the descending eigenvalues of the next-token problem
         (C1 C1^T, C0) on the retained range of C0, or None where the code that built the geometry
         did not keep them; the reliability flag's eigengaps read them (`ntps_nb.core.estimators.eigengap_ratios`).
+    overlap : (q, m) ``overlap[j, i]`` = <b_j, u_{i+1}>, b_1..b_q the nested orthonormal basis of the
+        whitened V (the first ``span_counts[k-1]`` of them span V_k), or None where the code that built
+        the geometry did not keep it; `principal_cos2` reads it (``projected`` is its cumulative square).
+    span_counts : (r_V,) how many of the basis vectors span V_k at each k (with ``overlap``).
     """
 
     eigenvalues: Float[np.ndarray, " m"]
@@ -546,6 +550,45 @@ class TheoryGeometry:
     r_U: int
     trace_Syy: float
     next_token_eigenvalues: np.ndarray | None = None
+    overlap: np.ndarray | None = None
+    span_counts: np.ndarray | None = None
+
+    def principal_cos2(self, ks) -> np.ndarray:
+        """The squared cosines of the principal angles between U_k (its k_U = min(k, m) directions) and
+        V_k in Sxx-whitened coordinates, at each k of ``ks``: NTPS_theory(k) is their sum over k_U.
+
+        Parameters
+        ----------
+        ks : (K,) positive numbers of next-token directions.
+
+        Returns
+        -------
+        (K, max k_U) float64, each row descending, NaN past the min(k_U, dim V_k) angles there are and on
+        the rows of a k beyond r_V. A ValueError where the geometry was built without ``overlap``.
+        """
+        if self.overlap is None or self.span_counts is None:
+            raise ValueError("this geometry was built without its overlap matrix: principal angles need it")
+        ks = np.asarray(ks, dtype=np.int64).reshape(-1)
+        k_u = np.minimum(ks, self.m)
+        out = np.full((ks.size, int(k_u.max(initial=1))), np.nan)
+        beyond = ks > self.span_counts.size  # k beyond r_V: no V_k, NaN as theory_values gives
+        spans = np.where(beyond, 0, self.span_counts[np.minimum(ks, self.span_counts.size) - 1])
+        # the Gram matrix of U's columns projected on V_k, built up over the basis in the order of the spans; its
+        # eigenvalues are the cos^2 (the squared singular values of overlap[:q, :k_U])
+        grams = np.empty((ks.size, self.m, self.m))
+        gram, done = np.zeros((self.m, self.m)), 0
+        for row in np.argsort(spans, kind="stable"):
+            block = self.overlap[done: spans[row]]
+            gram, done = gram + block.T @ block, max(done, int(spans[row]))
+            grams[row] = gram
+        for width in np.unique(k_u):
+            rows = np.flatnonzero(k_u == width)
+            values = np.linalg.eigvalsh(grams[rows][:, :width, :width])[:, ::-1]  # descending
+            angles = np.minimum(width, spans[rows])
+            values[np.arange(width)[None, :] >= angles[:, None]] = np.nan
+            out[rows, :width] = np.clip(values, 0.0, 1.0)
+        out[beyond] = np.nan
+        return out
 
     @property
     def m(self) -> int:
@@ -722,6 +765,8 @@ def _theory_geometry_of(moments: Moments, U: Subspace, V: Subspace, *, span_rtol
         r_U=U.rank_B,
         trace_Syy=float(np.trace(moments.Syy)),
         next_token_eigenvalues=np.asarray(V.eigenvalues, dtype=np.float64).copy(),
+        overlap=basis.T @ u_coords,
+        span_counts=np.asarray(counts, dtype=np.int64).copy(),
     )
 
 

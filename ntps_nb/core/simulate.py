@@ -743,6 +743,7 @@ def estimator_map(
     device: Any = None,
     shard_weights: Sequence[float] | None = None,
     flag_any_estimator: bool = True,
+    stationary_flag: bool = True,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -774,6 +775,8 @@ def estimator_map(
         flag's conditions, so that the map compares estimators on the rows the flag accepts (how the default was
         chosen, and how the plug-in's such rows were found to under-cover); False gives what a user of
         `ntps_estimate` gets, reliable rows only for `ntps_nb.core.estimators.CALIBRATED_ESTIMATORS`.
+    stationary_flag : `ntps_estimate`'s: True (its default) gives the flag its stationary condition and the rows
+        ``stationary_distance``; False, the flag without it (and no such column).
 
     Returns
     -------
@@ -806,7 +809,8 @@ def estimator_map(
                             warnings.simplefilter("ignore", FlagNotCalibratedWarning)
                             table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
                                                   interval=interval, device=device,
-                                                  flag_any_estimator=flag_any_estimator, progress=False)
+                                                  flag_any_estimator=flag_any_estimator,
+                                                  stationary_flag=stationary_flag, progress=False)
                         failure = ""
                     except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
                         failure = f"{type(error).__name__}: {error}"

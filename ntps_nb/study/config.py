@@ -69,7 +69,7 @@ class StudySettingsError(ValueError):
 #: setting at that value is left out of `StudyConfig.settings` (so of the config hash).
 _ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin",
                 "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife",
-                "estimate_rotation_flag": False}
+                "estimate_rotation_flag": False, "estimate_stationary_flag": False}
 
 
 #: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
@@ -114,11 +114,13 @@ class StudyConfig:
     unset, `ntps_estimate`'s own choice for the study's estimator and shards
     (`ntps_nb.core.estimators.resolve_interval`: "quadratic" for "richardson" with at least 4 shards, else
     "jackknife"). ``estimate_rotation_flag`` gives the estimates table's ``reliable`` the flag's rotation
-    condition (`ntps_estimate`'s ``rotation_flag``; true unless set). Both defaults are `ntps_estimate`'s,
-    the ones calibrated on the estimator map (docs/estimator.md). The committed studies were computed with
-    "jackknife" and without the rotation condition, and their configs say so (``estimate_interval =
-    "jackknife"``, ``estimate_rotation_flag = false``): at those values the two settings stay out of the
-    config hash (`_ADDED_LATER`), so those studies' keys stand.
+    condition (`ntps_estimate`'s ``rotation_flag``; true unless set), ``estimate_stationary_flag`` its
+    stationary condition and the ``stationary_distance`` column (``stationary_flag``; true unless set). The
+    defaults are `ntps_estimate`'s, the ones calibrated on the estimator map (docs/estimator.md). The committed
+    studies were computed with "jackknife" and without the rotation and stationary conditions, and their configs
+    say so (``estimate_interval = "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag =
+    false``): at those values the settings stay out of the config hash (`_ADDED_LATER`), so those studies' keys
+    stand.
     """
 
     name: str
@@ -162,6 +164,9 @@ class StudyConfig:
     # cannot reject stays inside its interval (docs/estimator.md), as ntps_estimate's default; the
     # committed studies set it false, the flag their units were computed with
     estimate_rotation_flag: bool = True
+    # ... and with its stationary condition (`ntps_nb.core.estimators.STATIONARY_SE`): a row is reliable only
+    # where the data place NTPS away from its stationary points, where the interval is not calibrated
+    estimate_stationary_flag: bool = True
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -466,9 +471,10 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if table.get("estimate_interval") == "quadratic" and table.get("estimator", "plugin") != "richardson":
         raise StudySettingsError(f"{path}: estimate_interval = 'quadratic' needs estimator = 'richardson' (the "
                                  f"interval is derived for it), got estimator = {table.get('estimator', 'plugin')!r}")
-    if not isinstance(table.get("estimate_rotation_flag", True), bool):
-        raise StudySettingsError(f"{path}: estimate_rotation_flag must be true or false (the flag's rotation "
-                                 f"condition), got {table.get('estimate_rotation_flag')!r}")
+    for name, condition in (("estimate_rotation_flag", "rotation"), ("estimate_stationary_flag", "stationary")):
+        if not isinstance(table.get(name, True), bool):
+            raise StudySettingsError(f"{path}: {name} must be true or false (the flag's {condition} condition), "
+                                     f"got {table.get(name)!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)
     if (not isinstance(variants, (list, tuple)) or not variants or not all(isinstance(v, str) for v in variants)
             or len(set(variants)) != len(variants)

@@ -1650,13 +1650,15 @@ def test_a_new_study_gets_ntps_estimates_calibrated_interval_and_flag_and_the_co
     assert study.load_config(new, estimator="plugin").estimate_interval == "jackknife"  # quadratic is richardson's
     assert study.load_config(new, shards=3).estimate_interval == "jackknife"  # too few shards for its halves
     assert "estimate_interval" not in study.load_config(new, estimator="plugin").settings()  # committed value
-    committed = study.load_config(new, estimate_interval="jackknife", estimate_rotation_flag=False)
-    assert not {"estimate_interval", "estimate_rotation_flag"} & set(committed.settings())
+    assert cfg.estimate_stationary_flag is True and cfg.settings()["estimate_stationary_flag"] is True
+    committed = study.load_config(new, estimate_interval="jackknife", estimate_rotation_flag=False,
+                                  estimate_stationary_flag=False)
+    assert not {"estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag"} & set(committed.settings())
     programmatic = study.StudyConfig(name="t", models=("m",), datasets=("d",), estimator="richardson")
     assert programmatic.estimate_interval == "quadratic" and programmatic.estimate_rotation_flag is True
     for path in sorted(STUDIES.glob("*.toml")):  # every committed study says what its units used
         settings = study.load_config(path).settings()
-        assert not {"estimate_interval", "estimate_rotation_flag"} & set(settings), path
+        assert not {"estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag"} & set(settings), path
     provenances = sorted(study.config.RESULTS_ROOT.glob("*/provenance.json"))
     assert len(provenances) >= 5
     for provenance in provenances:  # and its config hash is still the one its results were combined under
@@ -2198,6 +2200,30 @@ def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_est
     for column in ("estimate", "lower", "upper"):
         np.testing.assert_array_equal(narrowed[column], plain[column])
     np.testing.assert_array_equal(narrowed["reliable"], plain["reliable"] & narrowed["rotation_stable"])
+
+
+def test_estimate_stationary_flag_narrows_the_estimates_flag_and_keys_only_the_estimates(tmp_path, tiny_llama):
+    """The flag's stationary condition (`ntps_estimate`'s ``stationary_flag``) as a study setting: off in the
+    committed studies (their units were computed without it, so their hashes stand), on for a new study; turning
+    it on recomputes the estimates stage alone, adds stationary_distance and narrows the flag by it."""
+    from ntps_nb.core.estimators import STATIONARY_SE
+
+    assert study.load_config(STUDIES / "default.toml").estimate_stationary_flag is False
+    assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_stationary_flag is True
+    _an_estimates_setting("estimate_stationary_flag", True, 2.0, "estimate_stationary_flag must be true or false")
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
+    run = study.run_unit(dataclasses.replace(smoke, estimate_stationary_flag=True), "tiny-llama", "trec6",
+                         tiny_llama, **quiet)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    narrowed = run["estimates"]
+    assert "stationary_distance" in narrowed.columns and "stationary_distance" not in plain.columns
+    for column in ("estimate", "lower", "upper"):
+        np.testing.assert_array_equal(narrowed[column], plain[column])
+    np.testing.assert_array_equal(narrowed["reliable"],
+                                  plain["reliable"] & (narrowed["stationary_distance"] >= STATIONARY_SE))
+    assert narrowed["stationary_distance"].notna().any()
 
 
 def test_a_study_with_too_few_shards_for_its_estimators_interval_says_so_when_it_starts(tmp_path):

@@ -106,6 +106,7 @@ from ntps_nb.core.estimators import (
     ESTIMATORS,
     GAP_MIN,
     NOISE_MAX,
+    _angles_of,
     _as_shards,
     _check_estimate_options,
     _check_ks,
@@ -115,6 +116,7 @@ from ntps_nb.core.estimators import (
     _richardson_combination,
     min_shards,
     split_halves,
+    stationary_distance,
 )
 from ntps_nb.core.intervals import (
     _check_options,
@@ -504,25 +506,34 @@ def _next_token_vectors(Q_r: torch.Tensor, s_r: torch.Tensor, C1: torch.Tensor) 
     return mu.flip(-1), W @ Y.flip(-1)
 
 
-def _projected(v_coords: torch.Tensor, u_coords: torch.Tensor, span_rtol: float) -> np.ndarray:
+def _projected(v_coords: torch.Tensor, u_coords: torch.Tensor,
+               span_rtol: float) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """``projected[:, k-1, i]`` = ||P_k u_i||^2, P_k the projector onto the span of the first k
-    columns of v_coords, for every k = 1..r_V; numpy (n, r_V, w)."""
+    columns of v_coords, for every k = 1..r_V; numpy (n, r_V, w). Also each element's overlap of the nested
+    orthonormal basis of v_coords with u_coords, (q, w), and how many basis vectors span the first k columns
+    at each k (`ntps_nb.core.score.TheoryGeometry`'s ``overlap`` and ``span_counts``)."""
     n, r_U, r_V = v_coords.shape
     q = min(r_U, r_V)
     norms = torch.linalg.vector_norm(v_coords, dim=1)
     basis, R = torch.linalg.qr(v_coords[..., :q])
     diagonal = R.diagonal(dim1=-2, dim2=-1).abs()
     generic = _numpy((diagonal > span_rtol * norms[:, :q]).all(dim=-1))
-    cum = torch.cumsum((basis.mT @ u_coords) ** 2, dim=1)  # (n, q, w)
+    overlap_all = basis.mT @ u_coords  # (n, q, w)
+    cum = torch.cumsum(overlap_all**2, dim=1)  # (n, q, w)
     steps = torch.clamp(torch.arange(r_V, device=cum.device), max=q - 1)
     projected = _numpy(cum[:, steps])
+    overlap = list(_numpy(overlap_all).astype(np.float64))
+    generic_counts = np.minimum(np.arange(1, r_V + 1), q).astype(np.int64)
+    counts = [generic_counts] * n
     for j in np.flatnonzero(~generic):  # the span is rank deficient: the numpy function's exact handling
-        nested, counts = nested_orthonormal_basis(_numpy(v_coords[j]).astype(np.float64), rtol=span_rtol)
-        table = np.cumsum((nested.T @ _numpy(u_coords[j]).astype(np.float64)) ** 2, axis=0)
+        nested, nested_counts = nested_orthonormal_basis(_numpy(v_coords[j]).astype(np.float64), rtol=span_rtol)
+        overlap[j] = nested.T @ _numpy(u_coords[j]).astype(np.float64)
+        table = np.cumsum(overlap[j] ** 2, axis=0)
         projected[j] = 0.0
-        has_basis = counts > 0
-        projected[j][has_basis] = table[counts[has_basis] - 1]
-    return np.clip(projected.astype(np.float64), 0.0, 1.0)
+        has_basis = nested_counts > 0
+        projected[j][has_basis] = table[nested_counts[has_basis] - 1]
+        counts[j] = nested_counts
+    return np.clip(projected.astype(np.float64), 0.0, 1.0), overlap, counts
 
 
 def _theory_geometries(
@@ -656,10 +667,11 @@ def _grouped_geometries(
         else:
             mu, V = _next_token_vectors(take_eigh(Q_V, pos_V)[..., d - rv:], take_eigh(s_V, pos_V)[..., d - rv:],
                                         take(C1))
-        projected = _projected(coordinates(V), Y, span_rtol)
+        projected, overlap, span_counts = _projected(coordinates(V), Y, span_rtol)
         lam, m, mu = _numpy(lam).astype(np.float64), _numpy(m), _numpy(mu).astype(np.float64)
         for j, i in enumerate(members):
-            out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), ru, rv, float(trace[i]), mu[j])
+            out[i] = _geometry_or_reason(lam[j], projected[j], int(m[j]), ru, rv, float(trace[i]), mu[j],
+                                         overlap[j], span_counts[j])
         if keep is not None and any(keep[i] for i in members):  # flagged elements are never Cholesky-whitened on U
             kept.append((members, Q_r, s_r, Y, m, V))
         del V
@@ -667,13 +679,16 @@ def _grouped_geometries(
 
 
 def _geometry_or_reason(lam: np.ndarray, projected: np.ndarray, m: int, r_U: int, r_V: int,
-                        trace_Syy: float, next_token: np.ndarray | None = None) -> TheoryGeometry | str:
+                        trace_Syy: float, next_token: np.ndarray | None = None, overlap: np.ndarray | None = None,
+                        span_counts: np.ndarray | None = None) -> TheoryGeometry | str:
     """One element's `TheoryGeometry` from its descending eigenvalues (perception; next-token
-    where given) and projections, or why U is undefined."""
+    where given), projections and, where given, overlap and span counts (`_projected`), or why U is undefined."""
     if m == 0:
         return "Sxy is zero: the pooled states carry no label signal, U is undefined"
     return TheoryGeometry(eigenvalues=lam[:m].copy(), projected=projected[:, :m].copy(), r_V=r_V, r_U=r_U,
-                          trace_Syy=trace_Syy, next_token_eigenvalues=None if next_token is None else next_token.copy())
+                          trace_Syy=trace_Syy, next_token_eigenvalues=None if next_token is None else next_token.copy(),
+                          overlap=None if overlap is None else overlap[:, :m].copy(),
+                          span_counts=None if span_counts is None else span_counts.copy())
 
 
 def theory_geometry_torch(
@@ -2776,7 +2791,8 @@ def ntps_estimate_torch(
 
     Returns
     -------
-    DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it; with ``plugins``, the tuple (frame,
+    DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it before its rotation and stationary conditions
+    (stationary_distance included: the principal angles of the same geometries); with ``plugins``, the tuple (frame,
     (K,) plug-in on all shards, (S, K) plug-in without shard i in row i, NaN where that pool is undefined).
     """
     _check_device_estimator(estimator)
@@ -2819,4 +2835,19 @@ def ntps_estimate_torch(
     frame = _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps,
                             level=level, noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
+    # each principal angle's cos^2 combined as the estimate combines NTPS, from the same geometries
+    width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
+    angles = [_angles_of(g, ks, width) for g in geometries]
+
+    def combined_angles(whole: int, parts: tuple[int | None, int | None] | None) -> np.ndarray:
+        if parts is None:
+            return angles[whole]
+        if None in parts:
+            return np.full(angles[whole].shape, np.nan)
+        return _richardson_combination(angles[whole], [angles[p] for p in parts], [int(sizes[p]) for p in parts],
+                                       int(sizes[whole]))
+
+    frame["stationary_distance"] = stationary_distance(
+        combined_angles(full, halves), np.array([combined_angles(loo[i], None if halves is None else loo_halves[i])
+                                                 for i in range(S)]))
     return (frame, values[full], values[loo]) if plugins else frame
