@@ -23,8 +23,14 @@ condition calls stationary (at a stationary point of the rotation NTPS moves ove
 second order, and the condition keeps the rows whose interval came out wide: docs/estimator.md, session 32);
 and the flag with ``~stationary``.
 
+Session 59: each row also has ``stationary_z``, its farthest angle from 0 or 1 in those SEs (the condition at bound b
+holds where stationary_z < b; the package's ``stationary_distance``, now the flag's stationary condition at
+`ntps_nb.core.estimators.STATIONARY_SE`), and ``--report ... --bounds B...`` tallies the flag with ``~stationary`` at
+each bound. The frames' ``reliable`` is the flag before that condition (``stationary_flag=False``), which the variants
+are built from.
+
     python benchmarks/stationary_condition_check.py --cells SPEC.json --out CSV [--bound 1] [--interval quadratic]
-    python benchmarks/stationary_condition_check.py --report CSV...
+    python benchmarks/stationary_condition_check.py --report CSV... [--bounds 1 2 3]
 
 SPEC.json as in `quadratic_variance_check.py` (a list of {"family", "settings", "ratio", "ks", "draws",
 "seed"}).
@@ -93,21 +99,25 @@ def one_draw(args) -> pd.DataFrame:
         truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            # "quadratic": ntps_estimate's defaults (the quadratic interval, the rotation condition)
-            frame = ntps_estimate(shards, ks, seed=draw, interval=interval)
+            # "quadratic": ntps_estimate's defaults (the quadratic interval, the rotation condition), the flag
+            # without its stationary condition (the variants below are built from the flag's steps before it)
+            frame = ntps_estimate(shards, ks, seed=draw, interval=interval, stationary_flag=False)
         S = len(shards)
         cos2 = extrapolated_cos2(shards, ks, draw, None)
         loo = np.array([extrapolated_cos2(shards, ks, draw, i) for i in range(S)])
     se = np.sqrt((S - 1) / S * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
     distance = np.minimum(cos2, 1 - cos2)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         near = (distance < bound * se) | (distance <= 1e-6)
+        # the row's farthest angle from its bound in jackknife SEs: stationary at bound b where z < b
+        z = np.where(np.isnan(cos2) | (distance <= 1e-6), 0.0, distance / se)
     stationary = np.where(np.isnan(cos2), True, near).all(axis=1)
     out = pd.DataFrame({
         "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
         "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "se": frame["se"],
         "width": frame["upper"] - frame["lower"], "covered": (frame["lower"] <= truth) & (truth <= frame["upper"]),
-        "reliable": frame["reliable"], "at_bound": frame["at_bound"], "stationary": stationary, "bound": bound})
+        "reliable": frame["reliable"], "at_bound": frame["at_bound"], "stationary": stationary, "bound": bound,
+        "stationary_z": np.max(z, axis=1)})
     if interval == "quadratic":  # the flag's steps, to compare its variants on the same rows
         out = out.assign(interval=interval, df=frame["df"], candidate=candidates(frame).to_numpy(),
                          meets=flag_conditions(frame["lower"], frame["upper"], frame["subspace_noise"],
@@ -116,8 +126,8 @@ def one_draw(args) -> pd.DataFrame:
     return out
 
 
-def report(paths: list[str]) -> None:
-    frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+def report(paths: list[str], bounds: list[float] | None = None) -> None:
+    frame = pd.concat([pd.read_csv(p, low_memory=False) for p in paths], ignore_index=True)
     rows = []
     for (family, settings, ratio, k), g in frame.groupby(["family", "settings", "n_over_d", "k"], sort=False):
         s = json.loads(settings)
@@ -146,6 +156,52 @@ def report(paths: list[str]) -> None:
           f"({int((taken & ~edge & np.isclose(frame['truth'], 0.5)).sum())} at truth 0.5)")
     if "meets" in frame:
         variants_tally(frame.assign(stationary_row=frame["stationary"].astype(bool)))
+    if bounds:
+        bounds_tally(frame, bounds)
+
+
+def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
+    """The flag with ``~stationary`` at each of ``bounds`` (jackknife SEs, read from the frames' ``stationary_z``,
+    the row's farthest angle from 0 or 1 in its SEs), stationary and interior cells (>= 10 kept rows) apart: cells
+    significantly outside [0.85, 0.95], the kept rows' coverage and |bias| / width, pooled and in the worst cell, and
+    the share of the flag's rows the condition takes in each part."""
+    if "stationary_z" not in frame:
+        raise SystemExit("--bounds needs frames with stationary_z (run with this revision of the script)")
+    settings = frame["settings"].map(json.loads)
+    angle0 = settings.map(lambda s: s.get("angle", None) == 0)
+    names = [f"{family} d={s['d']} C={s['n_classes']} {s['gap']} angle={s.get('angle', '-')} seed {s['seed']} N/d={r}"
+             for family, s, r in zip(frame["family"], settings, frame["n_over_d"])]
+    frame = frame.assign(cell=names, covered=frame["covered"].astype(bool),
+                         stationary=(np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0)
+    reliable = frame["reliable"].astype(bool)
+    rows = []
+    for bound in bounds:
+        kept = reliable & ~(frame["stationary_z"] < bound)
+        cells = cell_bands(frame, kept)
+        for part in ("stationary", "interior"):
+            c = cells[cells["stationary"] == (part == "stationary")]
+            in_part = frame["stationary"] == (part == "stationary")
+            flagged = int((reliable & in_part).sum())
+            h = frame[kept & in_part & frame.set_index(["cell", "k"]).index.isin(c.index)]
+            def bias_of(g: pd.DataFrame) -> float:
+                return abs((g["estimate"] - g["truth"]).mean() / g["width"].mean())
+
+            bias = (h.groupby(["cell", "k"]).apply(bias_of, include_groups=False) if len(h)
+                    else pd.Series(dtype=float))
+            left = kept & in_part
+            rows.append({"bound": bound, "part": part, "flag's rows": flagged,
+                         "taken": round(1 - int((kept & in_part).sum()) / flagged, 3) if flagged else np.nan,
+                         "cells": len(c), "below": int(c["below"].sum()), "above": int(c["above"].sum()),
+                         "rows": int(c["rows"].sum()),
+                         "coverage": round(c["covered"].sum() / c["rows"].sum(), 3) if len(c) else np.nan,
+                         "min cell": round((c["covered"] / c["rows"]).min(), 3) if len(c) else np.nan,
+                         "max cell": round((c["covered"] / c["rows"]).max(), 3) if len(c) else np.nan,
+                         "max |bias|/width": round(bias.max(), 3) if len(bias) else np.nan,
+                         "kept anywhere": f"{int((left & frame['covered']).sum())}/{int(left.sum())}"})
+    print("\nthe flag and ~stationary at each bound (cells with >= 10 kept rows; 'taken': share of the flag's rows in "
+          "the part that the condition removes;\n'kept anywhere': covered / kept rows of the part in every cell, "
+          "however few):")
+    print(pd.DataFrame(rows).to_string(index=False))
 
 
 def variants_tally(frame: pd.DataFrame) -> None:
@@ -195,11 +251,13 @@ def main() -> None:
                         help="jackknife: session 29's runs (the jackknife-t interval and its flag); quadratic: "
                              "ntps_estimate's defaults, with the flag's steps kept for the variants' tally")
     parser.add_argument("--report", nargs="+")
+    parser.add_argument("--bounds", type=float, nargs="+",
+                        help="with --report: tally the flag and ~stationary at each of these bounds (stationary_z)")
     args = parser.parse_args()
     if args.cells:
         cells(args.cells, args.out, args.processes, worker=one_draw, extra=(args.bound, args.interval))
     if args.report:
-        report(args.report)
+        report(args.report, args.bounds)
 
 
 if __name__ == "__main__":
