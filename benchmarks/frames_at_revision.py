@@ -109,6 +109,23 @@ def difference(a, b) -> float | None:
     return float(np.nanmax(np.abs(a - b), initial=0.0))
 
 
+def ignored(then: dict, now: dict, columns: list[str]) -> None:
+    """Drop ``columns`` from every frame of both runs (in place), first printing, per column, how many frames have
+    it on each side and in how many rows of the frames that have it on both it differs."""
+    for column in columns:
+        frames = [(then[key], now[key]) for key in then if isinstance(then[key], pd.DataFrame)
+                  and isinstance(now[key], pd.DataFrame)]
+        both = [(a[column], b[column]) for a, b in frames if column in a and column in b and len(a) == len(b)]
+        rows = sum(int((~((x == y) | (x.isna() & y.isna()))).sum()) for x, y in both)
+        print(f"--ignore {column}: in {sum(column in a for a, _ in frames)} frames then, "
+              f"{sum(column in b for _, b in frames)} now; {rows} of {sum(len(x) for x, _ in both)} rows differ "
+              "where both have it")
+    for run in (then, now):
+        for key, value in run.items():
+            if isinstance(value, pd.DataFrame):
+                run[key] = value.drop(columns=[c for c in columns if c in value])
+
+
 def column_differences(key: tuple, a, b) -> list[dict]:
     """One row per numeric column of a frame result (or one for an array), with its largest |difference|
     (inf where the NaN patterns differ) and its NaN counts on both sides."""
@@ -141,6 +158,9 @@ def main() -> None:
     parser.add_argument("rev", nargs="?", help="the git revision to compare with")
     parser.add_argument("--detail", type=float, default=None, metavar="TOL",
                         help="also list every case and column whose results differ by more than TOL")
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="COLUMN",
+                        help="leave these columns out of every frame before comparing (a column the working tree "
+                             "added, a flag it changed), and count the rows where each differs")
     parser.add_argument("--write", help=argparse.SUPPRESS)  # the child: pickle frames() here
     args = parser.parse_args()
     if args.write:
@@ -165,6 +185,8 @@ def main() -> None:
     then, now = results["then"], results["now"]
     if then.keys() != now.keys():
         raise SystemExit("the two runs made different calls")
+    if args.ignore:
+        ignored(then, now, args.ignore)
     rows = []
     for key in then:
         rows.append({"call": key[3], "estimator": key[4], "how": key[5] if len(key) > 5 else "",
