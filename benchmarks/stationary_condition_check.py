@@ -160,6 +160,17 @@ def report(paths: list[str], bounds: list[float] | None = None) -> None:
         bounds_tally(frame, bounds)
 
 
+def with_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with ``cell`` (population and N/d, named), ``covered`` as bool and ``stationary`` (the truth within
+    `EDGE` of 0 or 1, or the reflection family at angle 0)."""
+    settings = frame["settings"].map(json.loads)
+    angle0 = settings.map(lambda s: s.get("angle", None) == 0)
+    names = [f"{family} d={s['d']} C={s['n_classes']} {s['gap']} angle={s.get('angle', '-')} seed {s['seed']} N/d={r}"
+             for family, s, r in zip(frame["family"], settings, frame["n_over_d"])]
+    return frame.assign(cell=names, covered=frame["covered"].astype(bool),
+                        stationary=(np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0)
+
+
 def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
     """The flag with ``~stationary`` at each of ``bounds`` (jackknife SEs, read from the frames' ``stationary_z``,
     the row's farthest angle from 0 or 1 in its SEs), stationary and interior cells (>= 10 kept rows) apart: cells
@@ -167,12 +178,7 @@ def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
     the share of the flag's rows the condition takes in each part."""
     if "stationary_z" not in frame:
         raise SystemExit("--bounds needs frames with stationary_z (run with this revision of the script)")
-    settings = frame["settings"].map(json.loads)
-    angle0 = settings.map(lambda s: s.get("angle", None) == 0)
-    names = [f"{family} d={s['d']} C={s['n_classes']} {s['gap']} angle={s.get('angle', '-')} seed {s['seed']} N/d={r}"
-             for family, s, r in zip(frame["family"], settings, frame["n_over_d"])]
-    frame = frame.assign(cell=names, covered=frame["covered"].astype(bool),
-                         stationary=(np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0)
+    frame = with_cells(frame)
     reliable = frame["reliable"].astype(bool)
     rows = []
     for bound in bounds:
@@ -208,12 +214,7 @@ def variants_tally(frame: pd.DataFrame) -> None:
     """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95]
     (`stationary_flag_check.band`), stationary cells (truth within `EDGE` of 0 or 1, or the reflection family at
     angle 0) and interior ones apart; ``stationary_row`` is the per-row condition the variants read."""
-    settings = frame["settings"].map(json.loads)
-    angle0 = settings.map(lambda s: s.get("angle", None) == 0)
-    names = [f"{family} d={s['d']} C={s['n_classes']} {s['gap']} angle={s.get('angle', '-')} seed {s['seed']} N/d={r}"
-             for family, s, r in zip(frame["family"], settings, frame["n_over_d"])]
-    frame = frame.assign(cell=names, covered=frame["covered"].astype(bool),
-                         stationary=(np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0)
+    frame = with_cells(frame)
     meets, stable = frame["meets"].astype(bool), frame["rotation_stable"].astype(bool)
     reliable = frame["reliable"].astype(bool)
     variants = {"1. candidates (noise, eigengaps)": frame["candidate"].astype(bool),
