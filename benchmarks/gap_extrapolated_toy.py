@@ -1,5 +1,5 @@
 """Does an eigengap extrapolated as richardson extrapolates NTPS tell the nearly tied draws apart? (issue 21, item 4;
-docs/estimator.md, "Rows at a stationary point of NTPS are unreliable", session 59.)
+docs/estimator.md, "Rows at a stationary point are unreliable", session 59.)
 
 The exact two-dimensional model of `gap_selection_check.py --toy` (`ntps_nb.core.simulate.pair_shards`: the leading
 eigenvector of a mean of S = 10 shards' 2 x 2 matrices, population gap ``delta`` SDs of its diagonal noise; the

@@ -162,7 +162,7 @@ BOUND_SE = 1.0
 #: a reliable row promises in 5 cells of session 59's fresh populations. Chosen on session 33's d = 16 frames (1.5
 #: left a cell of rows that strayed from the stationary point, covering 5 of 11), checked on fresh d = 16 and 64
 #: populations: it takes 99.5% of the flag's rows at a stationary truth and 7% of the others (15% at d = 64, truths
-#: near 0 at k = 1), whose cells cover as before (docs/estimator.md, "Rows at a stationary point of NTPS are
+#: near 0 at k = 1), whose cells cover as before (docs/estimator.md, "Rows at a stationary point are
 #: unreliable").
 STATIONARY_SE = 2.0
 #: An estimate within this of 0 or 1 is at the bound whatever its standard error (an NTPS of exactly
@@ -1228,7 +1228,7 @@ def ntps_estimate(
     others (truths within a few standard errors of 0 or 1 among them); away from stationary points the interval
     covers about as the jackknife does (0.92 pooled); a nearly tied eigengap at k that the flag lets through
     in a few draws can still under-cover (0.76 on one population, 0.72 of 86 rows on another: significantly
-    below 0.85; docs/estimator.md, "Rows at a stationary point of NTPS are unreliable"). The "jackknife" flag's
+    below 0.85; docs/estimator.md, "Rows at a stationary point are unreliable"). The "jackknife" flag's
     calibration: no cell of the maps or of fresh
     populations (d = 16-576) significantly outside [0.85, 0.95] but at the edges and at angle 0; without
     the rotation condition one design was known where reliable rows under-cover (d = 64, an LDS with 2
