@@ -160,8 +160,8 @@ BOUND_SE = 1.0
 #: NTPS is stationary in every rotation of the two subspaces, its error is quadratic in the noise and the interval
 #: is not calibrated: the flag's rows there covered 0.96-1.00 at nominal 0.90, significantly above the 0.85-0.95
 #: a reliable row promises in 5 cells of session 59's fresh populations. Chosen on session 33's d = 16 frames (1.5
-#: left a cell of rows that strayed from the stationary point, covering 5 of 11), checked on fresh d = 16 and 64
-#: populations: it takes 99.5% of the flag's rows at a stationary truth and 7% of the others (15% at d = 64, truths
+#: left a cell of rows that strayed from the stationary point, covering 5 of 11), checked on fresh d = 16, 64 and 256
+#: populations: it takes 99.3% of the flag's rows at a stationary truth and 6% of the others (15% at d = 64, truths
 #: near 0 at k = 1), whose cells cover as before (docs/estimator.md, "Rows at a stationary point are
 #: unreliable").
 STATIONARY_SE = 2.0
@@ -1224,7 +1224,7 @@ def ntps_estimate(
     every principal angle at 0: 0.96-1.00; mostly the flag's selection, docs/estimator.md, "In short"), so the
     flag has a stationary condition (``stationary_flag``): a row is reliable only where some principal angle's
     cos^2 lies at least ``stationary_se`` jackknife standard errors from both 0 and 1 (`stationary_distance`).
-    On fresh populations (d = 16 and 64) it takes 99.5% of the flag's rows at a stationary truth and 7% of the
+    On fresh populations (d = 16, 64 and 256) it takes 99.3% of the flag's rows at a stationary truth and 6% of the
     others (truths within a few standard errors of 0 or 1 among them); away from stationary points the interval
     covers about as the jackknife does (0.92 pooled); a nearly tied eigengap at k that the flag lets through
     in a few draws can still under-cover (0.76 on one population, 0.72 of 86 rows on another: significantly
