@@ -544,17 +544,22 @@ def _plugin_on_halves(shards: list[Moments], ks: np.ndarray, *, n_splits: int, s
             if memo is not None and members in memo:
                 value = memo[members].value
             else:
-                half = Moments.combine([shards[i] for i in members])
-                try:
-                    geometry = theory_geometry(half, rtol=rtol)
-                    value = theory_values(geometry, ks)
-                except ValueError:  # a half with a single class
-                    geometry, value = None, np.full(ks.shape, np.nan)
+                geometry = _half_geometry(shards, members, rtol)
+                value = np.full(ks.shape, np.nan) if geometry is None else theory_values(geometry, ks)
                 if memo is not None:
                     memo[members] = _Half(value, geometry)
             values.append(value)
             sizes.append(sum(shards[i].n_texts for i in members))
     return values, sizes
+
+
+def _half_geometry(shards: list[Moments], members: tuple[int, ...], rtol: float) -> TheoryGeometry | None:
+    """The theory geometry of the shards ``members`` pooled (a half of a split), None where it is undefined (a half
+    with a single class)."""
+    try:
+        return theory_geometry(Moments.combine([shards[i] for i in members]), rtol=rtol)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -827,12 +832,7 @@ def _stationary_of_solves(shards: list[Moments], ks: np.ndarray, estimator: str,
     width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
 
     def half_geometry(members: tuple[int, ...]) -> TheoryGeometry | None:
-        if members in memo:
-            return memo[members].geometry
-        try:
-            return theory_geometry(Moments.combine([shards[i] for i in members]), rtol=rtol)
-        except ValueError:  # a half with a single class, as `_plugin_on_halves`
-            return None
+        return memo[members].geometry if members in memo else _half_geometry(shards, members, rtol)
 
     def combined(geometry: TheoryGeometry | None, drop: int | None) -> np.ndarray:
         x = _angles_of(geometry, ks, width)

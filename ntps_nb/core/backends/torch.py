@@ -2816,20 +2816,20 @@ def ntps_estimate_torch(
     values = np.array([np.full(ks.shape, np.nan) if isinstance(g, str) else theory_values(g, ks) for g in geometries])
     sizes = counts.astype(np.int64) @ n_texts
 
-    def estimate(whole: int, parts: tuple[int | None, int | None] | None) -> np.ndarray:
+    def combine(table: list | np.ndarray, whole: int, parts: tuple[int | None, int | None] | None) -> np.ndarray:
+        """The estimator on one combination from a per-combination ``table`` (the plug-in, or the principal
+        angles' cos^2): as is, or richardson's combination with its halves."""
         if isinstance(geometries[whole], str) or (parts is not None and None in parts):
-            return np.full(ks.shape, np.nan)  # numpy raises there: the replicate counts as failed
+            return np.full(np.shape(table[whole]), np.nan)  # numpy raises there: the replicate counts as failed
         if parts is None:
-            return values[whole]
-        return _richardson_combination(values[whole], [values[p] for p in parts], [int(sizes[p]) for p in parts],
-                                 int(sizes[whole]))
+            return table[whole]
+        return _richardson_combination(table[whole], [table[p] for p in parts], [int(sizes[p]) for p in parts],
+                                       int(sizes[whole]))
 
-    if estimator == "richardson":
-        point = estimate(full, halves)
-        replicates = np.array([estimate(loo[i], loo_halves[i]) for i in range(S)])
-    else:
-        point = values[full]
-        replicates = values[loo]
+    # the estimate and each replicate: all shards (and richardson's halves), each pool without a shard (and its halves)
+    rows = [(full, halves)] + [(loo[i], None if halves is None else loo_halves[i]) for i in range(S)]
+    point, *rest = [combine(values, whole, parts) for whole, parts in rows]
+    replicates = np.array(rest)
     noise_frame = _noise_of(ks, reference, [compared[i - 1] for i in loo])
     gaps = _gap_frame(full_geometry, [None if isinstance(geometries[i], str) else geometries[i] for i in loo], ks)
     frame = _estimate_frame(ks, estimator, point, np.full(ks.shape, np.nan), replicates, noise_frame, gaps,
@@ -2838,16 +2838,6 @@ def ntps_estimate_torch(
     # each principal angle's cos^2 combined as the estimate combines NTPS, from the same geometries
     width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
     angles = [_angles_of(g, ks, width) for g in geometries]
-
-    def combined_angles(whole: int, parts: tuple[int | None, int | None] | None) -> np.ndarray:
-        if parts is None:
-            return angles[whole]
-        if None in parts:
-            return np.full(angles[whole].shape, np.nan)
-        return _richardson_combination(angles[whole], [angles[p] for p in parts], [int(sizes[p]) for p in parts],
-                                       int(sizes[whole]))
-
-    frame["stationary_distance"] = stationary_distance(
-        combined_angles(full, halves), np.array([combined_angles(loo[i], None if halves is None else loo_halves[i])
-                                                 for i in range(S)]))
+    point_angles, *replicate_angles = [combine(angles, whole, parts) for whole, parts in rows]
+    frame["stationary_distance"] = stationary_distance(point_angles, np.array(replicate_angles))
     return (frame, values[full], values[loo]) if plugins else frame
