@@ -79,7 +79,7 @@ import pandas as pd
 import scipy.stats
 
 from ntps_nb.core.backends import analysis_backend
-from ntps_nb.core.intervals import nested_groups, theory_values
+from ntps_nb.core.intervals import _jackknife, nested_groups, theory_values
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.quadratic import (INTERACTION_HALF, MIN_HALF, interaction_halves, numpy_plugins, quadratic_factors,
@@ -805,9 +805,7 @@ def stationary_distance(point: np.ndarray, replicates: np.ndarray) -> np.ndarray
     error is undefined (a failed replicate), which the flag reads as not reliable.
     """
     point, replicates = np.asarray(point, dtype=float), np.asarray(replicates, dtype=float)
-    S = replicates.shape[0]
-    deviation = replicates - replicates.mean(axis=0)
-    se = np.sqrt((S - 1) / S * np.sum(deviation**2, axis=0))
+    se = _jackknife(replicates)[1]
     distance = np.minimum(point, 1.0 - point)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(np.isnan(point) | (np.abs(distance) <= BOUND_ATOL), 0.0, distance / se)
@@ -1326,7 +1324,8 @@ def ntps_estimate(
         with progress_bar(solves, "ntps_estimate", progress, unit="solve") as bar:
             frame, plugins, left_out = backend.ntps_estimate_torch(
                 moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
-                gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True, bar=bar)
+                gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True, bar=bar,
+                stationary=stationary_flag)
             if interval == "quadratic":
                 def solve(counts: np.ndarray) -> np.ndarray:
                     return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
@@ -1349,16 +1348,18 @@ def ntps_estimate(
     with progress_bar(steps, "ntps_estimate", progress, unit="part") as bar:
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
                                noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
-                               rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update)
+                               rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update,
+                               stationary=stationary_flag)
     frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
     return _calibrated_flag(frame, estimator, flag_any_estimator)
 
 
 def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, level: float, seed: int, rtol: float,
                    n_splits: int, noise_max: float, gap_min: float, bound_se: float, interval: str, rotation_flag: bool,
-                   interaction_half: int | None, step: Callable[[], Any]) -> pd.DataFrame:
+                   interaction_half: int | None, step: Callable[[], Any], stationary: bool = True) -> pd.DataFrame:
     """`ntps_estimate`'s rows on the numpy code, before the calibration of the flag; ``step()`` after each of its
-    3 + 2 S (+ 1 for the quadratic interval) parts."""
+    3 + 2 S (+ 1 for the quadratic interval) parts. ``stationary``: compute stationary_distance (else NaN, for the
+    caller to drop)."""
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol, step)
@@ -1390,7 +1391,7 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
     frame["stationary_distance"] = (
         _stationary_of_solves(shards, ks, estimator, seed=seed, rtol=rtol, pooled=full, left_out=geometries,
                               memo=halves)
-        if estimator in STATIONARY_ESTIMATORS else np.nan)
+        if stationary and estimator in STATIONARY_ESTIMATORS else np.nan)
     plugins = theory_values(full, ks)
     if interval == "quadratic":
         none = np.full(ks.shape, np.nan)

@@ -311,6 +311,24 @@ def test_the_flag_says_unreliable_at_a_stationary_point_where_the_interval_over_
     pd.testing.assert_frame_equal(before, after.drop(columns="stationary_distance").assign(reliable=before["reliable"]))
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_without_the_stationary_condition_no_angle_is_computed(monkeypatch, device):
+    """``stationary_flag=False`` (the committed studies' estimates stage) gives the frame without the column and
+    computes no principal angle for it, on numpy and on the torch backend."""
+    from ntps_nb.core.score import TheoryGeometry
+
+    def refuse(self, ks):
+        raise AssertionError("principal angles computed for a condition that is off")
+
+    model = lds_model(d=8, n_classes=3, n_tokens=6, gap="separated", seed=1)
+    shards = sample_shards(model, 400, 6, np.random.default_rng(0))
+    monkeypatch.setattr(TheoryGeometry, "principal_cos2", refuse)
+    frame = ntps_estimate(shards, [1, 2], stationary_flag=False, device=device)
+    assert "stationary_distance" not in frame
+    with pytest.raises(AssertionError, match="condition that is off"):
+        ntps_estimate(shards, [1, 2], device=device)
+
+
 def _own_gaps(moments, ks):
     """The eigengaps at k from the two generalized eigenproblems solved directly (scipy, not the geometry)."""
     lam_u = np.sort(scipy.linalg.eigh(moments.Sxy @ moments.Sxy.T, moments.Sxx, eigvals_only=True))[::-1]

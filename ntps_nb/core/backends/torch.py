@@ -2761,6 +2761,7 @@ def ntps_estimate_torch(
     batch_size: int | None = None,
     plugins: bool = False,
     bar=None,
+    stationary: bool = True,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """`ntps_nb.core.estimators.ntps_estimate` on ``device``, for the "richardson" (default) and
     "plugin" estimators: the same frame.
@@ -2788,6 +2789,8 @@ def ntps_estimate_torch(
         replicates (what `ntps_nb.core.quadratic.quadratic_interval` reads as ``pooled`` and ``left_out``).
     bar : an open `ntps_nb.core.progress.progress_bar` to advance by each combination once solved
         (`estimate_solves` of them): what `ntps_nb.core.estimators.ntps_estimate` with ``device`` passes.
+    stationary : compute stationary_distance from the same geometries (default; False: NaN, as
+        `ntps_nb.core.estimators.ntps_estimate` with ``stationary_flag=False`` drops it).
 
     Returns
     -------
@@ -2836,8 +2839,10 @@ def ntps_estimate_torch(
                             level=level, noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
     # each principal angle's cos^2 combined as the estimate combines NTPS, from the same geometries
-    width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
-    angles = [_angles_of(g, ks, width) for g in geometries]
-    point_angles, *replicate_angles = [combine(angles, whole, parts) for whole, parts in rows]
-    frame["stationary_distance"] = stationary_distance(point_angles, np.array(replicate_angles))
+    frame["stationary_distance"] = np.nan
+    if stationary:
+        width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
+        angles = [_angles_of(g, ks, width) for g in geometries]
+        point_angles, *replicate_angles = [combine(angles, whole, parts) for whole, parts in rows]
+        frame["stationary_distance"] = stationary_distance(point_angles, np.array(replicate_angles))
     return (frame, values[full], values[loo]) if plugins else frame
