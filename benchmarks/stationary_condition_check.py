@@ -208,7 +208,16 @@ def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
           "the part that the condition removes;\n'kept anywhere': covered / kept rows of the part in every cell, "
           "however few):")
     print(pd.DataFrame(rows).to_string(index=False))
-
+    interior = frame[reliable & ~frame["stationary"]]
+    for bound in bounds:
+        taken = interior.assign(taken=interior["stationary_z"] < bound)
+        cells = taken.groupby(["cell", "k"], sort=False).agg(
+            truth=("truth", "first"), flagged=("taken", "size"), taken=("taken", "sum"), covered=("covered", "mean"))
+        cells = cells[cells["taken"] > 0]
+        print(f"\ninterior cells whose rows the condition takes at bound {bound:g} (flagged: the flag's rows before "
+              f"it; covered: their coverage): {len(cells)}")
+        if len(cells):
+            print(cells.round(3).to_string())
 
 def variants_tally(frame: pd.DataFrame) -> None:
     """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95]
