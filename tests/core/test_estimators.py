@@ -10,7 +10,7 @@ import scipy.linalg
 
 from ntps_nb.core.estimators import (BOUND_SE, CALIBRATED_ESTIMATORS, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR,
                                      ESTIMATORS, GAP_MIN, NOISE_MAX, FlagNotCalibratedWarning,
-                                     PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS, STATIONARY_SE,
+                                     PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS,
                                      eigengap_ratios, estimate_by_n, estimate_ntps, flag_at_bound, ntps_estimate,
                                      split_halves,
                                      subspace_noise)
@@ -286,7 +286,7 @@ def test_stationary_distance_is_each_angles_extrapolated_cos2_over_its_jackknife
         distance = np.where(np.isnan(point), 0.0, np.minimum(point, 1 - point) / se)
         frame = ntps_estimate(shards, ks, estimator=estimator, seed=seed, flag_any_estimator=True)
         np.testing.assert_allclose(frame["stationary_distance"], np.nanmax(distance, axis=1), rtol=1e-7)
-        assert not (frame["reliable"] & (frame["stationary_distance"] < STATIONARY_SE)).any()
+        assert (frame["stationary_distance"] > 0.5).all()  # distances away from 0: the comparison is not vacuous
 
 
 def test_the_flag_says_unreliable_at_a_stationary_point_where_the_interval_over_covers():
