@@ -84,7 +84,8 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.quadratic import (INTERACTION_HALF, MIN_HALF, interaction_halves, numpy_plugins, quadratic_factors,
                                     quadratic_interval)
-from ntps_nb.core.rotation import INTERVALS, _rotation_ranges, rotation_interval, rotation_stability
+from ntps_nb.core.rotation import (INTERVALS, _rotation_ranges, rotation_interval, rotation_stability,
+                                   rotation_widening)
 from ntps_nb.core.score import (SPAN_RTOL, BeyondRankWarning, InterpolationWarning, NextTokenTieWarning,
                                 RoundedMomentsWarning, TheoryGeometry, _caught, _theory_geometry_of, interpolates,
                                 interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
@@ -1182,6 +1183,7 @@ def ntps_estimate(
     flag_any_estimator: bool = False,
     stationary_flag: bool = True,
     stationary_se: float = STATIONARY_SE,
+    rotation_widening: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
@@ -1285,9 +1287,15 @@ def ntps_estimate(
         estimate solved: no factorisation is added); "plugin" and "richardson" rows only (NaN for the others,
         whose reliable the condition leaves as it is).
     stationary_se : the distance the condition asks for (default `STATIONARY_SE`, 2).
-    interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
-        enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
-        25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
+    rotation_widening : widen the interval of each row the flag accepts over NTPS's range on the rotations of the
+        pairs at k that a test conditioned on the eigengap condition cannot reject (`ntps_nb.core.rotation.
+        rotation_widening`; default False). Where the eigenvalues at k are nearly tied, the draws the flag accepts
+        are those the noise rotated furthest, and the interval alone under-covers there; widened, it covers there
+        but over-covers near the eigengap threshold on other populations, so it is an option, not the default
+        (docs/estimator.md, "The default interval widened over the rotation sets"). Adds lower_unwidened,
+        upper_unwidened, rotation_U and rotation_V. Widened are the rows reliable after the rotation condition,
+        before the stationary one; with ``interval="rotation"`` (every row widened already) it changes nothing. No
+        factorisation is added: the sets are the rotation condition's.
     progress : a bar over the call's parts, shown once it has run `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds:
         on the numpy code its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the estimate and its S
         replicates, the quadratic part, the flag's rotation condition); on a torch device, which solves them in
@@ -1304,9 +1312,9 @@ def ntps_estimate(
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
     (`flag_at_bound`); with ``stationary_flag`` stationary_distance; with ``rotation_flag`` rotation_lower,
     rotation_upper and rotation_stable (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"``
-    also interval
-    ("rotation"), lower_jackknife,
-    upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`).
+    also interval ("rotation"), lower_jackknife, upper_jackknife, rotation_U and rotation_V
+    (`ntps_nb.core.rotation.rotation_interval`); with ``rotation_widening`` and another interval lower_unwidened,
+    upper_unwidened, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_widening`).
     """
     shards = _as_shards(moment_shards)
     interval = resolve_interval(interval, estimator, len(shards))
@@ -1319,7 +1327,7 @@ def ntps_estimate(
         # quadratic part's contrasts and the rotation sets' pooled solve
         contrasts = (int(np.prod([len(h) for h in interaction_halves(len(shards), seed, interaction_half)]))
                      if interval == "quadratic" else 0)
-        rotation = int(rotation_flag or interval == "rotation")
+        rotation = int(rotation_flag or rotation_widening or interval == "rotation")
         solves = backend.estimate_solves(len(shards), estimator, seed) + contrasts + rotation
         with progress_bar(solves, "ntps_estimate", progress, unit="solve") as bar:
             frame, plugins, left_out = backend.ntps_estimate_torch(
@@ -1336,7 +1344,8 @@ def ntps_estimate(
                                            gap_min=gap_min, solve=solve, pooled=plugins, left_out=left_out,
                                            interaction_half=interaction_half)
             frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
-                                   rotation_flag=rotation_flag, plugins=plugins, device=device)
+                                   rotation_flag=rotation_flag, plugins=plugins, device=device,
+                                   widening=rotation_widening)
             bar.update(rotation)
         frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
         return _calibrated_flag(frame, estimator, flag_any_estimator)
@@ -1349,17 +1358,18 @@ def ntps_estimate(
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
                                noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
                                rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update,
-                               stationary=stationary_flag)
+                               stationary=stationary_flag, widening=rotation_widening)
     frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
     return _calibrated_flag(frame, estimator, flag_any_estimator)
 
 
 def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, level: float, seed: int, rtol: float,
                    n_splits: int, noise_max: float, gap_min: float, bound_se: float, interval: str, rotation_flag: bool,
-                   interaction_half: int | None, step: Callable[[], Any], stationary: bool = True) -> pd.DataFrame:
+                   interaction_half: int | None, step: Callable[[], Any], stationary: bool = True,
+                   widening: bool = False) -> pd.DataFrame:
     """`ntps_estimate`'s rows on the numpy code, before the calibration of the flag; ``step()`` after each of its
     3 + 2 S (+ 1 for the quadratic interval) parts. ``stationary``: compute stationary_distance (else NaN, for the
-    caller to drop)."""
+    caller to drop); ``widening``: ``rotation_widening``."""
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol, step)
@@ -1401,7 +1411,8 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
                                    left_out=left_out, interaction_half=interaction_half)
         step()
     frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
-                           rotation_flag=rotation_flag, plugins=plugins, pooled=solves.pooled, solved=solves.full)
+                           rotation_flag=rotation_flag, plugins=plugins, pooled=solves.pooled, solved=solves.full,
+                           widening=widening)
     step()
     return frame
 
@@ -1496,21 +1507,25 @@ def _with_drift(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
                    interval: str, rotation_flag: bool, plugins: np.ndarray, pooled: Moments | None = None,
-                   solved=None, device=None) -> pd.DataFrame:
+                   solved=None, device=None, widening: bool = False) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the flag's rotation condition (``rotation_flag``:
-    `ntps_nb.core.rotation.rotation_stability`) and the rotation interval (``interval="rotation"``:
-    `ntps_nb.core.rotation.rotation_interval`), both from one computation of the rotation sets, in numpy
-    on the host after either backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled`` and
-    ``solved``: the shards combined and their (U, V), as the numpy path has them; on a torch ``device`` the
-    shards are combined once and solved there (no host sum of the shards), only where a row needs them."""
-    if not rotation_flag and interval != "rotation":
+    `ntps_nb.core.rotation.rotation_stability`), the rotation interval (``interval="rotation"``:
+    `ntps_nb.core.rotation.rotation_interval`) or the reliable rows' interval widened over the rotations
+    (``widening``, for the other intervals: `ntps_nb.core.rotation.rotation_widening`, on the rows reliable after
+    the rotation condition), all from one computation of the rotation sets, in numpy on the host after either
+    backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled`` and ``solved``: the shards combined and
+    their (U, V), as the numpy path has them; on a torch ``device`` the shards are combined once and solved there (no
+    host sum of the shards), only where a row needs them."""
+    widening = widening and interval != "rotation"      # the rotation interval widens every row already
+    if not rotation_flag and interval != "rotation" and not widening:
         return frame
-    # the condition needs the Fieller ranges of the rows the other conditions accept; the interval
-    # needs its sets on every row
+    # the condition needs the Fieller ranges of the rows the other conditions accept, the widening the selective
+    # ranges of those rows; the rotation interval needs its sets on every row
     if interval == "rotation":
         kinds, rows = ("fieller", "chosen"), None
     else:
-        kinds, rows = ("fieller",), frame["reliable"].astype(bool)
+        kinds = ("fieller",) * rotation_flag + ("chosen",) * widening
+        rows = frame["reliable"].astype(bool)
     if solved is None and device is not None and (rows is None or rows.any()):
         # pooled and solved on the device; the rotation's plane replicates read the pool on the host
         U, V, pooled = analysis_backend(device).pooled_subspaces_torch(
@@ -1522,6 +1537,8 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
         frame = rotation_stability(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     if interval == "rotation":
         frame = rotation_interval(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
+    elif widening:
+        frame = rotation_widening(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     return frame
 
 

@@ -365,14 +365,61 @@ def rotation_interval(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     """
     if ranges is None:
         ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved)
-    out = frame.copy()
-    out["lower_jackknife"], out["upper_jackknife"] = frame["lower"], frame["upper"]
-    done = ranges["chosen_lower"].notna()
-    out.loc[done, "lower"] = np.minimum(frame.loc[done, "lower"], ranges.loc[done, "chosen_lower"])
-    out.loc[done, "upper"] = np.maximum(frame.loc[done, "upper"], ranges.loc[done, "chosen_upper"])
-    out["rotation_U"], out["rotation_V"] = ranges["chosen_U"], ranges["chosen_V"]
+    out = _widened(frame, ranges, kept="jackknife")
     out["interval"] = "rotation"
     return out
+
+
+def _widened(frame: pd.DataFrame, ranges: pd.DataFrame, *, kept: str, rows: pd.Series | None = None) -> pd.DataFrame:
+    """``frame`` with ``lower`` / ``upper`` joined with NTPS's range over the sets `rotation_interval` uses
+    (``ranges``' kind "chosen", from `_rotation_ranges`) on ``rows`` (all by default) where that range was
+    computed, the interval before as ``lower_{kept}`` / ``upper_{kept}``, and ``rotation_U`` / ``rotation_V``
+    (the largest |angle| kept; NaN on the rows left as they were)."""
+    out = frame.copy()
+    out[f"lower_{kept}"], out[f"upper_{kept}"] = frame["lower"], frame["upper"]
+    done = ranges["chosen_lower"].notna() & (True if rows is None else rows.astype(bool))
+    out.loc[done, "lower"] = np.minimum(frame.loc[done, "lower"], ranges.loc[done, "chosen_lower"])
+    out.loc[done, "upper"] = np.maximum(frame.loc[done, "upper"], ranges.loc[done, "chosen_upper"])
+    out["rotation_U"] = ranges["chosen_U"].where(done)
+    out["rotation_V"] = ranges["chosen_V"].where(done)
+    return out
+
+
+def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
+                      rtol: float, solved: tuple[Subspace, Subspace] | None = None,
+                      ranges: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`ntps_estimate`'s frame with the interval of each reliable row widened over the rotations of the pairs at k
+    (`ntps_estimate`'s ``rotation_widening``, an option since session 60).
+
+    The flag's eigengap condition accepts, in a population whose eigenvalues at k are nearly tied, the few draws
+    whose noise inflated the sample gap, and so rotated the eigenvector furthest; there the rows it accepts
+    under-cover (docs/estimator.md, "Why the near-tied design fails", and "The default interval widened over the
+    rotation sets"). Those rows are the ones the selective set of `rotation_interval` was built for: the rotations a
+    test conditioned on the row having passed the eigengap condition cannot reject. On each reliable row NTPS's range
+    over those sets (the Fieller set on a side whose eigengap ratio did not pass), shifted by the estimator's
+    correction, is joined with the row's interval, whatever that interval is (the quadratic one by default). Rows
+    the flag refuses keep their interval; the flag does not change. Near the eigengap threshold a population whose
+    eigenvalues at k are well apart gives rows the data cannot tell from those, so there the widened interval
+    over-covers: that is why it is not the default.
+
+    Parameters
+    ----------
+    moment_shards, level, gap_min, rtol, solved : as in `rotation_interval`.
+    frame : `ntps_estimate`'s frame, its flag computed.
+    ranges : the rows' ranges if already computed (`_rotation_ranges` of the same frame with kind "chosen", at least
+        on its reliable rows).
+
+    Returns
+    -------
+    The frame with ``lower`` / ``upper`` widened on the reliable rows, the interval before as ``lower_unwidened`` /
+    ``upper_unwidened`` and ``rotation_U`` / ``rotation_V`` (the largest |angle| kept, radians, 0 without a pair;
+    NaN on the rows not widened).
+    """
+    reliable = frame["reliable"].astype(bool)
+    if ranges is None:
+        ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved,
+                                  kinds=("chosen",), rows=reliable)
+    return _widened(frame, ranges, kept="unwidened", rows=reliable)
 
 
 def rotation_stability(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,

@@ -744,6 +744,7 @@ def estimator_map(
     shard_weights: Sequence[float] | None = None,
     flag_any_estimator: bool = True,
     stationary_flag: bool = True,
+    rotation_widening: bool = False,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -777,6 +778,8 @@ def estimator_map(
         `ntps_estimate` gets, reliable rows only for `ntps_nb.core.estimators.CALIBRATED_ESTIMATORS`.
     stationary_flag : `ntps_estimate`'s: True (its default) gives the flag its stationary condition and the rows
         ``stationary_distance``; False, the flag without it (and no such column).
+    rotation_widening : `ntps_estimate`'s: True widens the reliable rows' interval over the rotation sets of the
+        pairs at k; False (its default), the interval as it is (and no ``lower_unwidened`` column).
 
     Returns
     -------
@@ -810,7 +813,8 @@ def estimator_map(
                             table = ntps_estimate(shards, ks, estimator=estimator, level=level, seed=draw,
                                                   interval=interval, device=device,
                                                   flag_any_estimator=flag_any_estimator,
-                                                  stationary_flag=stationary_flag, progress=False)
+                                                  stationary_flag=stationary_flag,
+                                                  rotation_widening=rotation_widening, progress=False)
                         failure = ""
                     except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
                         failure = f"{type(error).__name__}: {error}"

@@ -69,7 +69,8 @@ class StudySettingsError(ValueError):
 #: setting at that value is left out of `StudyConfig.settings` (so of the config hash).
 _ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin",
                 "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife",
-                "estimate_rotation_flag": False, "estimate_stationary_flag": False}
+                "estimate_rotation_flag": False, "estimate_stationary_flag": False,
+                "estimate_rotation_widening": False}
 
 
 #: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
@@ -115,12 +116,13 @@ class StudyConfig:
     (`ntps_nb.core.estimators.resolve_interval`: "quadratic" for "richardson" with at least 4 shards, else
     "jackknife"). ``estimate_rotation_flag`` gives the estimates table's ``reliable`` the flag's rotation
     condition (`ntps_estimate`'s ``rotation_flag``; true unless set), ``estimate_stationary_flag`` its
-    stationary condition and the ``stationary_distance`` column (``stationary_flag``; true unless set). The
-    defaults are `ntps_estimate`'s, the ones calibrated on the estimator map (docs/estimator.md). The committed
-    studies were computed with "jackknife" and without the rotation and stationary conditions, and their configs
-    say so (``estimate_interval = "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag =
-    false``): at those values the settings stay out of the config hash (`_ADDED_LATER`), so those studies' keys
-    stand.
+    stationary condition and the ``stationary_distance`` column (``stationary_flag``; true unless set), and
+    ``estimate_rotation_widening`` widens its reliable rows' interval over the rotation sets of the pairs at k
+    (``rotation_widening``; false unless set, as there). The defaults are `ntps_estimate`'s, the ones calibrated on
+    the estimator map (docs/estimator.md). The committed studies were computed with "jackknife" and without the
+    rotation and stationary conditions, and their configs say so (``estimate_interval = "jackknife"``,
+    ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``): at those values the settings stay out
+    of the config hash (`_ADDED_LATER`), so those studies' keys stand.
     """
 
     name: str
@@ -167,6 +169,9 @@ class StudyConfig:
     # ... and with its stationary condition (`ntps_nb.core.estimators.STATIONARY_SE`): a row is reliable only
     # where the data place NTPS away from its stationary points, where the interval is not calibrated
     estimate_stationary_flag: bool = True
+    # the reliable rows' interval widened over the rotations of the pairs at k a test conditioned on the eigengap
+    # condition cannot reject (`ntps_nb.core.rotation.rotation_widening`): an option, off as in ntps_estimate
+    estimate_rotation_widening: bool = False
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -471,10 +476,11 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
     if table.get("estimate_interval") == "quadratic" and table.get("estimator", "plugin") != "richardson":
         raise StudySettingsError(f"{path}: estimate_interval = 'quadratic' needs estimator = 'richardson' (the "
                                  f"interval is derived for it), got estimator = {table.get('estimator', 'plugin')!r}")
-    for name, condition in (("estimate_rotation_flag", "rotation"), ("estimate_stationary_flag", "stationary")):
-        if not isinstance(table.get(name, True), bool):
-            raise StudySettingsError(f"{path}: {name} must be true or false (the flag's {condition} condition), "
-                                     f"got {table.get(name)!r}")
+    for name, what in (("estimate_rotation_flag", "the flag's rotation condition"),
+                       ("estimate_stationary_flag", "the flag's stationary condition"),
+                       ("estimate_rotation_widening", "the reliable rows' interval widened over the rotation sets")):
+        if not isinstance(table.get(name, False), bool):
+            raise StudySettingsError(f"{path}: {name} must be true or false ({what}), got {table.get(name)!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)
     if (not isinstance(variants, (list, tuple)) or not variants or not all(isinstance(v, str) for v in variants)
             or len(set(variants)) != len(variants)

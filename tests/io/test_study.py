@@ -1600,6 +1600,12 @@ def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_
                                   check_dtype=False)  # k is float beside the reference rows' NaN
 
 
+#: The estimates stage's settings a new study takes from `ntps_estimate`'s defaults and the committed studies set to
+#: what their units were computed with.
+ESTIMATES_SETTINGS = ("estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag",
+                      "estimate_rotation_widening")
+
+
 def _an_estimates_setting(setting: str, value, bad, message: str):
     """A setting added to the estimates stage (`stages.ADDED_TO_STAGES`): at its default it leaves the
     committed units' config hash alone, away from it the hash and the estimates stage's key alone
@@ -1651,14 +1657,15 @@ def test_a_new_study_gets_ntps_estimates_calibrated_interval_and_flag_and_the_co
     assert study.load_config(new, shards=3).estimate_interval == "jackknife"  # too few shards for its halves
     assert "estimate_interval" not in study.load_config(new, estimator="plugin").settings()  # committed value
     assert cfg.estimate_stationary_flag is True and cfg.settings()["estimate_stationary_flag"] is True
+    assert cfg.estimate_rotation_widening is False and "estimate_rotation_widening" not in cfg.settings()  # an option
     committed = study.load_config(new, estimate_interval="jackknife", estimate_rotation_flag=False,
-                                  estimate_stationary_flag=False)
-    assert not {"estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag"} & set(committed.settings())
+                                  estimate_stationary_flag=False, estimate_rotation_widening=False)
+    assert not set(ESTIMATES_SETTINGS) & set(committed.settings())
     programmatic = study.StudyConfig(name="t", models=("m",), datasets=("d",), estimator="richardson")
     assert programmatic.estimate_interval == "quadratic" and programmatic.estimate_rotation_flag is True
     for path in sorted(STUDIES.glob("*.toml")):  # every committed study says what its units used
         settings = study.load_config(path).settings()
-        assert not {"estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag"} & set(settings), path
+        assert not set(ESTIMATES_SETTINGS) & set(settings), path
     provenances = sorted(study.config.RESULTS_ROOT.glob("*/provenance.json"))
     assert len(provenances) >= 5
     for provenance in provenances:  # and its config hash is still the one its results were combined under
@@ -2224,6 +2231,33 @@ def test_estimate_stationary_flag_narrows_the_estimates_flag_and_keys_only_the_e
     np.testing.assert_array_equal(narrowed["reliable"],
                                   plain["reliable"] & (narrowed["stationary_distance"] >= STATIONARY_SE))
     assert narrowed["stationary_distance"].notna().any()
+
+
+def test_estimate_rotation_widening_widens_only_the_reliable_rows_and_keys_only_the_estimates(tmp_path, tiny_llama):
+    """The reliable rows' interval widened over the rotation sets (`ntps_estimate`'s ``rotation_widening``) as a
+    study setting: off unless set, as in `ntps_estimate` (so the committed studies' hashes stand); turning it on
+    recomputes the estimates stage alone, keeps the interval before it as lower_unwidened / upper_unwidened and
+    leaves the estimates, the flag and the unreliable rows' intervals as they were. (The tiny model's rows are not
+    reliable, so no row is widened here: the widening itself is pinned in tests/core/test_rotation.py.)"""
+    assert study.load_config(STUDIES / "default.toml").estimate_rotation_widening is False
+    assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_rotation_widening is False
+    _an_estimates_setting("estimate_rotation_widening", True, "yes", "estimate_rotation_widening must be true or false")
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
+    run = study.run_unit(dataclasses.replace(smoke, estimate_rotation_widening=True), "tiny-llama", "trec6",
+                         tiny_llama, **quiet)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    widened = run["estimates"]
+    assert {"lower_unwidened", "upper_unwidened"} <= set(widened.columns)
+    assert "lower_unwidened" not in plain.columns
+    for column in ("estimate", "reliable"):
+        np.testing.assert_array_equal(widened[column], plain[column])
+    np.testing.assert_array_equal(widened["lower_unwidened"], plain["lower"])
+    np.testing.assert_array_equal(widened["upper_unwidened"], plain["upper"])
+    refused = ~widened["reliable"].astype(bool)
+    np.testing.assert_array_equal(widened.loc[refused, "lower"], plain.loc[refused, "lower"])
+    np.testing.assert_array_equal(widened.loc[refused, "upper"], plain.loc[refused, "upper"])
 
 
 def test_a_study_with_too_few_shards_for_its_estimators_interval_says_so_when_it_starts(tmp_path):
