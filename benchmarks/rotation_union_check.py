@@ -1,0 +1,128 @@
+"""Does widening the default interval over the selective rotation sets lift the nearly tied rows the flag accepts
+into the band, and what does it cost elsewhere? (issue 21, item 4's lower side; docs/estimator.md, "The default
+interval widened over the rotation sets", session 60.)
+
+Each draw of a spec's populations is estimated with `ntps_estimate`'s defaults (richardson, the quadratic interval,
+the whole flag, its stationary condition included). On the rows the flag accepts, the interval is widened over NTPS's
+range on the selective rotation sets of the pairs at k (session 25's construction, which ``interval="rotation"``
+joins with the jackknife-t interval on every row): since session 60 the package's option
+``ntps_estimate(rotation_widening=True)`` (`ntps_nb.core.rotation.rotation_widening`, not the default: the report
+below is why), which keeps the interval before it; with ``--join-here`` this script
+joins `rotation_interval`'s sets with the interval of ``ntps_estimate(rotation_widening=False)`` itself, as session
+60's first runs did before the package had the widening (the same numbers: `tests/core/test_rotation.py`). The frame
+keeps both intervals (lower / upper before, lower_union / upper_union after); the report gives, per cell of accepted
+rows, the coverage of each with the exact band tests (cells of >= 10 rows), and the widened interval's median width
+over the default's.
+
+    python benchmarks/rotation_union_check.py --cells SPEC.json --out CSV [--processes 2]
+    python benchmarks/rotation_union_check.py --report CSV...
+
+SPEC.json as in `quadratic_variance_check.py` (a list of {"family", "settings", "ratio", "ks", "draws", "seed"});
+the draws are those of `stationary_condition_check.py` for the same spec.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ntps_nb.core.estimators import GAP_MIN, ntps_estimate  # noqa: E402
+from ntps_nb.core.rotation import rotation_interval  # noqa: E402
+from ntps_nb.core.score import InterpolationWarning  # noqa: E402
+from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
+from ntps_nb.core.threads import analysis_threads  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quadratic_variance_check import band, cells, draw_shards  # noqa: E402
+from stationary_condition_check import with_cells  # noqa: E402
+
+LEVEL = 0.90
+
+
+def one_draw(args) -> pd.DataFrame:
+    family, settings, ratio, ks, draw, seed, widening = args
+    ks = np.asarray(ks)
+    with analysis_threads(1):
+        truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InterpolationWarning)
+            frame = ntps_estimate(shards, ks, seed=draw, level=LEVEL, rotation_widening=widening, progress=False)
+            reliable = frame["reliable"].astype(bool)
+            if widening:        # the package's widening (since session 60): the interval before it is kept
+                lower, upper = frame["lower"], frame["upper"]
+                frame = frame.assign(lower=frame["lower_unwidened"], upper=frame["upper_unwidened"])
+            else:               # session 60's first runs: rotation_interval's sets joined with the interval here
+                lower, upper = frame["lower"].to_numpy(copy=True), frame["upper"].to_numpy(copy=True)
+                if reliable.any():
+                    joined = rotation_interval(shards, frame[reliable], level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL)
+                    lower[reliable.to_numpy()] = joined["lower"].to_numpy()
+                    upper[reliable.to_numpy()] = joined["upper"].to_numpy()
+    return pd.DataFrame({
+        "family": family, "settings": json.dumps(settings, sort_keys=True), "n_over_d": ratio, "seed": seed,
+        "draw": draw, "k": ks, "truth": truth, "estimate": frame["estimate"], "lower": frame["lower"],
+        "upper": frame["upper"], "lower_union": lower, "upper_union": upper, "reliable": reliable,
+        "gap_ratio_U": frame["gap_ratio_U"], "gap_ratio_V": frame["gap_ratio_V"],
+        "stationary_distance": frame["stationary_distance"]})
+
+
+def report(paths: list[str]) -> None:
+    frame = pd.concat([pd.read_csv(p, low_memory=False) for p in paths], ignore_index=True)
+    truth = frame["truth"]
+    frame = with_cells(frame.assign(covered=(frame["lower"] <= truth) & (truth <= frame["upper"]))).assign(
+        covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]),
+        widening=(frame["upper_union"] - frame["lower_union"]) / (frame["upper"] - frame["lower"]))
+    accepted = frame[frame["reliable"].astype(bool)]
+    rows = []
+    for (cell, k), g in accepted.groupby(["cell", "k"], sort=False):
+        n, x, y = len(g), int(g["covered"].sum()), int(g["covered_union"].sum())
+        rows.append({"cell": cell, "k": k, "truth": round(g["truth"].iloc[0], 4),
+                     "draws": int(((frame["cell"] == cell) & (frame["k"] == k)).sum()), "accepted": n,
+                     "default": f"{x}/{n} {x / n:.3f}{band(x, n)}", "joined": f"{y}/{n} {y / n:.3f}{band(y, n)}",
+                     "median widening": round(float(g["widening"].median()), 2),
+                     "90% widening": round(float(g["widening"].quantile(0.9)), 2),
+                     "widened rows": int((g["widening"] > 1 + 1e-9).sum())})
+    pd.set_option("display.width", 300)
+    pd.set_option("display.max_colwidth", 80)
+    print("the flag's rows (ntps_estimate's defaults); default: its interval; joined: widened over the selective "
+          "rotation sets;\n'below' / 'above': exact one-sided binomial test against 0.85 / 0.95 at 2.5% (cells with "
+          ">= 10 rows)")
+    print(pd.DataFrame(rows).to_string(index=False))
+    print()
+    table = pd.DataFrame(rows)
+    big = table[table["accepted"] >= 10]
+    for name in ("default", "joined"):
+        print(f"{name}: {len(big)} cells of >= 10 rows, {int(big[name].str.endswith('below').sum())} significantly "
+              f"below 0.85, {int(big[name].str.endswith('above').sum())} above 0.95")
+    for part, mine in (("stationary", accepted[accepted["stationary"]]), ("interior", accepted[~accepted["stationary"]])):
+        if len(mine):
+            print(f"\n{part}: {len(mine)} rows, default covers {mine['covered'].mean():.3f}, joined "
+                  f"{mine['covered_union'].mean():.3f}; widened rows {(mine['widening'] > 1 + 1e-9).mean():.3f}, "
+                  f"more than twice as wide {(mine['widening'] > 2).mean():.3f}, widening median "
+                  f"{mine['widening'].median():.2f}, 90% {mine['widening'].quantile(0.9):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells")
+    parser.add_argument("--out")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--join-here", action="store_true",
+                        help="join rotation_interval's sets with the interval of ntps_estimate(rotation_widening="
+                             "False) in this script, as session 60's first runs did, instead of the package's widening")
+    parser.add_argument("--report", nargs="+")
+    args = parser.parse_args()
+    if args.cells:
+        cells(args.cells, args.out, args.processes, worker=one_draw, extra=(not args.join_here,))
+    if args.report:
+        report(args.report)
+
+
+if __name__ == "__main__":
+    main()
