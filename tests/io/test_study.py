@@ -2209,6 +2209,18 @@ def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_est
     np.testing.assert_array_equal(narrowed["reliable"], plain["reliable"] & narrowed["rotation_stable"])
 
 
+def _estimates_without_and_with(tmp_path, tiny_llama, setting: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The smoke study's estimates table (richardson, tiny-llama on trec6) with the boolean estimates ``setting``
+    off, then on; turning it on must recompute the estimates stage alone."""
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
+    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
+    plain = study.run_unit(dataclasses.replace(smoke, **{setting: False}), "tiny-llama", "trec6", tiny_llama,
+                           **quiet)["estimates"]
+    run = study.run_unit(dataclasses.replace(smoke, **{setting: True}), "tiny-llama", "trec6", tiny_llama, **quiet)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    return plain, run["estimates"]
+
+
 def test_estimate_stationary_flag_narrows_the_estimates_flag_and_keys_only_the_estimates(tmp_path, tiny_llama):
     """The flag's stationary condition (`ntps_estimate`'s ``stationary_flag``) as a study setting: off in the
     committed studies (their units were computed without it, so their hashes stand), on for a new study; turning
@@ -2218,13 +2230,7 @@ def test_estimate_stationary_flag_narrows_the_estimates_flag_and_keys_only_the_e
     assert study.load_config(STUDIES / "default.toml").estimate_stationary_flag is False
     assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_stationary_flag is True
     _an_estimates_setting("estimate_stationary_flag", True, 2.0, "estimate_stationary_flag must be true or false")
-    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
-    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
-    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
-    run = study.run_unit(dataclasses.replace(smoke, estimate_stationary_flag=True), "tiny-llama", "trec6",
-                         tiny_llama, **quiet)
-    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
-    narrowed = run["estimates"]
+    plain, narrowed = _estimates_without_and_with(tmp_path, tiny_llama, "estimate_stationary_flag")
     assert "stationary_distance" in narrowed.columns and "stationary_distance" not in plain.columns
     for column in ("estimate", "lower", "upper"):
         np.testing.assert_array_equal(narrowed[column], plain[column])
@@ -2242,13 +2248,7 @@ def test_estimate_rotation_widening_widens_only_the_reliable_rows_and_keys_only_
     assert study.load_config(STUDIES / "default.toml").estimate_rotation_widening is False
     assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_rotation_widening is False
     _an_estimates_setting("estimate_rotation_widening", True, "yes", "estimate_rotation_widening must be true or false")
-    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
-    quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
-    plain = study.run_unit(smoke, "tiny-llama", "trec6", tiny_llama, **quiet)["estimates"]
-    run = study.run_unit(dataclasses.replace(smoke, estimate_rotation_widening=True), "tiny-llama", "trec6",
-                         tiny_llama, **quiet)
-    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
-    widened = run["estimates"]
+    plain, widened = _estimates_without_and_with(tmp_path, tiny_llama, "estimate_rotation_widening")
     assert {"lower_unwidened", "upper_unwidened"} <= set(widened.columns)
     assert "lower_unwidened" not in plain.columns
     for column in ("estimate", "reliable"):
