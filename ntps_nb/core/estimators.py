@@ -1296,6 +1296,9 @@ def ntps_estimate(
         upper_unwidened, rotation_U and rotation_V. Widened are the rows reliable after the rotation condition,
         before the stationary one; with ``interval="rotation"`` (every row widened already) it changes nothing. No
         factorisation is added: the sets are the rotation condition's.
+    interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
+        enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
+        25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
     progress : a bar over the call's parts, shown once it has run `ntps_nb.core.progress.PROGRESS_DELAY_S` seconds:
         on the numpy code its 3 + 2 S parts (the pooled and S leave-one-shard-out solves, the estimate and its S
         replicates, the quadratic part, the flag's rotation condition); on a torch device, which solves them in
