@@ -649,12 +649,18 @@ def ntps_before_after(
     data : the texts to extract (usually the train split the result was trained on).
     k, fraction : number(s) of next-token directions (theory variant) or fraction(s) of the
         retained rank (either variant; the reference variant takes only fractions); give one.
+    base : the base model (a name or a `LoadedModel`); default the one the result was trained on (its weights must
+        be those the adapter was trained on).
+    variant : "theory" (default) or "reference".
+    layers : "all" (default) or the layers to extract and score.
     max_length : defaults to the result's, so before and after see the same tokens.
+    batch_size : texts per forward pass.
     precision : the extraction's products (`ntps_nb.extract.extract`).
     before : the base model's moments on ``data`` extracted elsewhere with the same ``max_length``
         and ``drop_bos`` (a `LayerMoments` or {layer: Moments}, e.g. a study's own extraction),
         instead of extracting them again; it must hold every requested layer and ``len(data)`` texts.
     cache : extraction cache folder (default ``cache_dir("extractions")``).
+    progress : show the extractions' progress bars.
 
     Returns
     -------

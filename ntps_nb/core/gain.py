@@ -96,6 +96,7 @@ def gain_correlation(
     Parameters
     ----------
     frame : one row per dataset of one model, with columns ``dataset``, ``score``, ``gain``.
+    score, gain, dataset : the columns of the score (default "ntps"), the gain and the dataset's name.
     method : "spearman" (the paper's), "kendall" or "pearson".
     n_boot, level, seed : percentile bootstrap over datasets (`core.stats.bootstrap_ci`).
     n_perm : permutation test of rho = 0 (`core.stats.permutation_pvalue`, two-sided).
@@ -176,6 +177,7 @@ def gain_prediction(
     ----------
     frame : one row per dataset of one model, with ``dataset``, ``score``, ``gain`` (fractions)
         and, if ``probe`` is given, that column (e.g. the probe accuracy).
+    score, gain, dataset : the columns of the score (default "ntps"), the gain and the dataset's name.
     probe : optional second predictor column.
 
     Returns
@@ -258,6 +260,7 @@ def crossfit_gain(
     test_labels : (M,) true classes of the test texts.
     probe_predictions, lora_predictions : (M,) classes predicted by the probe and by the
         LoRA-tuned model for the same texts, in the same order.
+    seed : seed of the stratified split into halves.
 
     Returns
     -------
@@ -335,6 +338,13 @@ def crossfit_gain_correlation(
     ----------
     frame : one row per (dataset, fold) with ``baseline`` and ``gain``, e.g. `crossfit_gain`'s
         rows of every dataset with a ``dataset`` column.
+    baseline, gain, fold, dataset : the columns of the probe-accuracy baseline, the gain, the fold and the
+        dataset's name (`crossfit_gain`'s names by default).
+    method : "spearman" (default), "kendall" or "pearson".
+    n_perm : permutations of the datasets' baselines for the p-value (exact enumeration when n! <= n_perm).
+    n_boot : bootstrap resamples of the datasets for the interval.
+    level : coverage level of the percentile interval.
+    seed : seed of the permutations and the bootstrap.
 
     Returns
     -------

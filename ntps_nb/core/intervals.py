@@ -1035,7 +1035,8 @@ def ntps_difference(
     estimator : as in `ntps_interval`, the same on both sides.
     progress : one bar over both sides' replicates, as in `ntps_interval`.
     device : as in `ntps_interval`: both sides' replicates solved in batches on a torch device (plug-in only).
-    Other arguments as in `ntps_interval`.
+    variant, n_boot, level, seed, method, centred, tol, rtol, precision : as in `ntps_interval`, the same on both
+        sides.
 
     Returns
     -------

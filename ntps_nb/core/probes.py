@@ -526,7 +526,9 @@ def probe_layers(
     features_by_layer : layer -> (train_X, test_X); for "paper_in_sample" alone, test_X may be
         None or the value may be train_X itself.
     train_y, test_y : labels of the two splits (shared by all layers).
+    n_classes : number of classes C >= 2 (labels are 0 .. C - 1).
     protocol : one protocol or several (one row per layer and protocol).
+    seed, C, ridge, max_iter : as in `heldout_probe`, the same for every layer.
     device : None or "cpu-numpy" (scikit-learn, default) or a torch device: the least-squares
         probes of all layers (per protocol) and the held-out protocol's logistic probes of all
         layers are fitted there, each batched over layers; the paper protocol's saga stays on

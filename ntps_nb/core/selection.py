@@ -358,8 +358,13 @@ def leave_one_dataset_out(
     Parameters
     ----------
     frame : tidy, one row per (dataset, configuration) with ``score`` and the per-dataset ``target``.
+    score, target, dataset : the columns of the score, the per-dataset target and the dataset's name.
     configs : the configuration columns (e.g. ``("layer", "k")``).
+    method : "spearman" (default), "kendall" or "pearson".
     direction : "positive" chooses the largest rho, "negative" the most negative (MSE, gain).
+    held_out : "rank" (default), "standardised" or "pooled_raw": the scale of the held-out values (above).
+    ties : "average" (default) or "first": the configurations tied for the best rho (above).
+    atol : how close to the best rho a configuration counts as tied with it (default `TIE_ATOL`).
 
     Returns
     -------

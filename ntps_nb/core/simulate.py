@@ -201,8 +201,8 @@ def factor_model(
     angle : angle between the label directions and the predictable span (0: labels lie in the
         most predictable directions; pi/2: in directions that carry only token noise).
     gap : eigenvalue spacing of both spectra ("separated", "moderate" or "tied").
-    token_noise : isotropic token-noise scale; unpredictable_noise: extra token noise in the
-        directions orthogonal to the predictable span.
+    token_noise : isotropic token-noise scale.
+    unpredictable_noise : extra token noise in the directions orthogonal to the predictable span.
     offset : length of a constant vector added to every state (0: none): a "massive activation", a
         common direction far larger than the rest that dominates the uncentred moments, as in real
         hidden states.

@@ -772,11 +772,21 @@ def leave_one_dataset_out_null(
     frame : DataFrame
         One row per (dataset, configuration) with columns ``dataset``, ``configs``, ``score`` and
         ``target`` (one target value per dataset).
+    score, target, dataset : str
+        The columns of the score, the per-dataset target and the dataset's name.
+    configs : str or sequence of str
+        The configuration columns (e.g. ``("layer", "k")``).
+    method : {"spearman", "kendall", "pearson"}
+        The correlation.
+    direction : {"positive", "negative"}
+        As in `select_leave_one_dataset_out`: the sign of rho the selection looks for.
     observed : float, optional
         The observed leave-one-dataset-out rho (computed here when None).
     n_perm : int
         With ``n! <= n_perm`` datasets every ordering is enumerated (the identity among them) and
         the p-value is exact; otherwise ``n_perm`` random orderings (generator ``seed``).
+    seed : int
+        Seed of the random orderings.
 
     Returns
     -------
