@@ -107,6 +107,16 @@ def test_ntps_estimate_on_torch_equals_numpy(shard_sets, case, estimator):
     assert_frames_agree(got, want)
 
 
+def test_the_widened_interval_on_torch_equals_numpy():
+    # `rotation_widening`: the sets are computed on the host from the device's pooled solve, as the rotation
+    # condition's; the nearly tied draw of tests/core/test_rotation.py, whose reliable row at k = 1 is widened
+    model = lds_model(d=16, n_classes=2, gap="separated", seed=341)
+    shards = sample_shards(model, 16 * 32, 10, np.random.default_rng([35, 32000, 465]))
+    want, got = numpy_and_torch(ntps_estimate, shards, [1, 2], seed=465, rotation_widening=True)
+    assert want.loc[0, "reliable"] and want.loc[0, "lower"] < want.loc[0, "lower_unwidened"] - 0.1
+    assert_frames_agree(got, want)
+
+
 def test_the_cases_cover_what_they_are_named_for(shard_sets):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
