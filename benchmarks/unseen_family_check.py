@@ -50,7 +50,7 @@ CHECKED = ("markov", "factor", "lds")
 #: The columns kept per draw (the frame of `estimator_map` has every column of `ntps_estimate`).
 KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
         "task_seed", "n_over_d", "n_texts", "draw", "k", "truth", "estimate", "se", "lower", "upper", "df",
-        "reliable", "covered", "subspace_noise", "gap_ratio", "failure"]
+        "reliable", "covered", "subspace_noise", "gap_ratio", "failure", "lower_unwidened", "upper_unwidened"]
 #: The design columns of a cell (one population: the seed draws its chains and embeddings).
 POPULATION = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
               "task_seed"]
@@ -71,11 +71,11 @@ def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, 
 
 
 def one_task(args) -> pd.DataFrame:
-    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, weights = args
+    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, weights, widening = args
     model = population(family, d, C, gap, memory, seed, tails, offset)
     frame = estimator_map([model], ratios, [k for k in ks if k <= d // 2], estimators=["richardson"],
                           n_draws=draws, n_shards=shards, seed=seed, first_draw=first, interval="quadratic",
-                          shard_weights=weights)
+                          shard_weights=weights, rotation_widening=widening)
     return frame.reindex(columns=KEPT)  # a family without memory, or no tails: those columns empty
 
 
@@ -86,7 +86,7 @@ def run(args) -> None:
     if args.shard_weights is not None and len(args.shard_weights) != args.shards:
         raise SystemExit(f"--shard-weights needs {args.shards} weights (--shards), got {len(args.shard_weights)}")
     tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards,
-              args.shard_weights)
+              args.shard_weights, args.rotation_widening)
              for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
              if C <= d // 2
              for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
@@ -144,6 +144,16 @@ def print_failures(frame: pd.DataFrame, what: str) -> None:
         print(f"  {count}: {message}")
 
 
+def band_tally(counted: pd.DataFrame) -> None:
+    """Interior and edge cells of ``cells``' counted rows: reliable rows, pooled coverage, band and bias tests."""
+    for name, part in (("interior", counted[~counted["edge"]]), ("edge", counted[counted["edge"]])):
+        if len(part):
+            pooled = part["sum"].sum() / part["size"].sum()
+            print(f"  {name}: {len(part)} cells, {int(part['size'].sum())} reliable rows covering {pooled:.3f} pooled; "
+                  f"significantly below 0.85: {int(part['below'].sum())}, above 0.95: {int(part['above'].sum())}; "
+                  f"|bias| a quarter of the width (z > {BIAS_Z}): {int(part['biased'].sum())}")
+
+
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)
@@ -166,12 +176,14 @@ def report(paths: list[str]) -> None:
     counted = table[table["counted"]]
     print(f"\nCells with at least {MIN_ACCEPTED} reliable rows: {len(counted)} ({int(counted['edge'].sum())} with "
           f"truth within {EDGE} of 0 or 1)")
-    for name, part in (("interior", counted[~counted["edge"]]), ("edge", counted[counted["edge"]])):
-        if len(part):
-            pooled = part["sum"].sum() / part["size"].sum()
-            print(f"  {name}: {len(part)} cells, {int(part['size'].sum())} reliable rows covering {pooled:.3f} pooled; "
-                  f"significantly below 0.85: {int(part['below'].sum())}, above 0.95: {int(part['above'].sum())}; "
-                  f"|bias| a quarter of the width (z > {BIAS_Z}): {int(part['biased'].sum())}")
+    band_tally(counted)
+    widened = frame["lower_unwidened"].notna()
+    if widened.any():   # run with --rotation-widening: the same rows with the interval before the widening
+        before = frame.assign(lower=frame["lower_unwidened"].where(widened, frame["lower"]),
+                              upper=frame["upper_unwidened"].where(widened, frame["upper"]))
+        before["covered"] = (before["lower"] <= before["truth"]) & (before["truth"] <= before["upper"])
+        print("  the same rows with the interval before ntps_estimate's rotation_widening:")
+        band_tally(cells(before).query("counted"))
     kinds = counted.assign(point_below=counted["coverage"] < 0.85, point_above=counted["coverage"] > 0.95)
     kinds = kinds.groupby(["task_family", "task_tails", "task_offset", "task_d", "edge"], dropna=False).agg(
         cells=("size", "size"), reliable=("size", "sum"), covered=("sum", "sum"), below=("below", "sum"),
@@ -208,6 +220,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4, help="tasks per population (ranges of its draws)")
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="unseen_family.csv.gz")
+    parser.add_argument("--rotation-widening", action="store_true",
+                        help="ntps_estimate(rotation_widening=True); the report then compares the interval before it")
     args = parser.parse_args()
     if args.report is not None:
         report(args.report)
