@@ -200,6 +200,7 @@ def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
                          "cells": len(c), "below": int(c["below"].sum()), "above": int(c["above"].sum()),
                          "rows": int(c["rows"].sum()),
                          "coverage": round(c["covered"].sum() / c["rows"].sum(), 3) if len(c) else np.nan,
+                         "its SE": round(binomial_se(c["covered"].sum(), c["rows"].sum()), 3) if len(c) else np.nan,
                          "min cell": round((c["covered"] / c["rows"]).min(), 3) if len(c) else np.nan,
                          "max cell": round((c["covered"] / c["rows"]).max(), 3) if len(c) else np.nan,
                          "max |bias|/width": round(bias.max(), 3) if len(bias) else np.nan,
@@ -218,6 +219,13 @@ def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
               f"it; covered: their coverage): {len(cells)}")
         if len(cells):
             print(cells.round(3).to_string())
+
+
+def binomial_se(covered: int, rows: int) -> float:
+    """The Monte Carlo standard error of a coverage of ``covered`` in ``rows``: sqrt(p (1 - p) / rows)."""
+    p = covered / rows
+    return float(np.sqrt(p * (1 - p) / rows))
+
 
 def variants_tally(frame: pd.DataFrame) -> None:
     """Cells (population x N/d x k, >= 10 kept rows) of each flag variant significantly outside [0.85, 0.95]
