@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from ntps_nb.core.estimators import (DEVICE_ESTIMATORS, ESTIMATORS, ntps_estimate, split_halves,  # noqa: E402
                                      subspace_noise)
 from ntps_nb.core.simulate import factor_model, lds_model, moments_of_array, sample_shards  # noqa: E402
+from tests.core.test_rotation import _nearly_tied_draw  # noqa: E402
 
 #: Agreement with numpy in float64, relative to the largest magnitude of the column (>= 1).
 AGREEMENT = 1e-9
@@ -110,9 +111,7 @@ def test_ntps_estimate_on_torch_equals_numpy(shard_sets, case, estimator):
 def test_the_widened_interval_on_torch_equals_numpy():
     # `rotation_widening`: the sets are computed on the host from the device's pooled solve, as the rotation
     # condition's; the nearly tied draw of tests/core/test_rotation.py, whose reliable row at k = 1 is widened
-    model = lds_model(d=16, n_classes=2, gap="separated", seed=341)
-    shards = sample_shards(model, 16 * 32, 10, np.random.default_rng([35, 32000, 465]))
-    want, got = numpy_and_torch(ntps_estimate, shards, [1, 2], seed=465, rotation_widening=True)
+    want, got = numpy_and_torch(ntps_estimate, _nearly_tied_draw(), [1, 2], seed=465, rotation_widening=True)
     assert want.loc[0, "reliable"] and want.loc[0, "lower"] < want.loc[0, "lower_unwidened"] - 0.1
     assert_frames_agree(got, want)
 
