@@ -12,10 +12,11 @@ joins `rotation_interval`'s sets with the interval of ``ntps_estimate(rotation_w
 60's first runs did before the package had the widening (the same numbers: `tests/core/test_rotation.py`). The frame
 keeps both intervals (lower / upper before, lower_union / upper_union after); the report gives, per cell of accepted
 rows, the coverage of each with the exact band tests (cells of >= 10 rows), and the widened interval's median width
-over the default's.
+over the default's. With ``--refuse-above`` it also tallies an alternative to the widening (session 61): refusing
+the rows the widening would widen more than a ceiling, and keeping the default interval on the rest.
 
     python benchmarks/rotation_union_check.py --cells SPEC.json --out CSV [--processes 2]
-    python benchmarks/rotation_union_check.py --report CSV...
+    python benchmarks/rotation_union_check.py --report CSV... [--refuse-above 3 2]
 
 SPEC.json as in `quadratic_variance_check.py` (a list of {"family", "settings", "ratio", "ks", "draws", "seed"});
 the draws are those of `stationary_condition_check.py` for the same spec.
@@ -43,6 +44,7 @@ from ntps_nb.core.threads import analysis_threads  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quadratic_variance_check import band, cells, draw_shards  # noqa: E402
 from stationary_condition_check import with_cells  # noqa: E402
+from stationary_flag_check import band as cell_bands  # noqa: E402
 
 LEVEL = 0.90
 
@@ -73,7 +75,29 @@ def one_draw(args) -> pd.DataFrame:
         "stationary_distance": frame["stationary_distance"]})
 
 
-def report(paths: list[str]) -> None:
+def refusal_tally(frame: pd.DataFrame, accepted: pd.Series, ceilings: list[float]) -> None:
+    """Instead of widening, refuse: at each of ``ceilings``, the rows the flag accepts whose widened interval would be
+    more than that many times as wide as the default's are read as not reliable, and the rest keep the default
+    interval. Per ceiling: the share of the flag's rows refused and, over the cells of >= 10 kept rows, how many
+    are significantly outside [0.85, 0.95], the pooled coverage and the extreme cells."""
+    rows = []
+    for ceiling in ceilings:
+        kept = accepted & ~(frame["widening"] > ceiling)
+        cells = cell_bands(frame, kept)
+        share = cells["covered"] / cells["rows"]
+        rows.append({"ceiling": ceiling, "flag's rows": int(accepted.sum()),
+                     "refused": round(1 - int(kept.sum()) / int(accepted.sum()), 3), "cells": len(cells),
+                     "below": int(cells["below"].sum()), "above": int(cells["above"].sum()),
+                     "coverage": round(cells["covered"].sum() / cells["rows"].sum(), 3) if len(cells) else np.nan,
+                     "min cell": round(share.min(), 3) if len(cells) else np.nan,
+                     "max cell": round(share.max(), 3) if len(cells) else np.nan})
+    print("\nrefusing instead of widening: the flag's rows whose widened interval would be more than 'ceiling' times "
+          "the default's width are\nrefused, the rest keep the default interval (cells with >= 10 kept rows; "
+          "'refused': share of the flag's rows)")
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
+def report(paths: list[str], ceilings: list[float] | None = None) -> None:
     frame = pd.concat([pd.read_csv(p, low_memory=False) for p in paths], ignore_index=True)
     truth = frame["truth"]
     frame = with_cells(frame.assign(covered=(frame["lower"] <= truth) & (truth <= frame["upper"]))).assign(
@@ -108,6 +132,8 @@ def report(paths: list[str]) -> None:
                   f"{mine['covered_union'].mean():.3f}; widened rows {(mine['widening'] > 1 + 1e-9).mean():.3f}, "
                   f"more than twice as wide {(mine['widening'] > 2).mean():.3f}, widening median "
                   f"{mine['widening'].median():.2f}, 90% {mine['widening'].quantile(0.9):.2f}")
+    if ceilings:
+        refusal_tally(frame, frame["reliable"].astype(bool), ceilings)
 
 
 def main() -> None:
@@ -119,11 +145,14 @@ def main() -> None:
                         help="join rotation_interval's sets with the interval of ntps_estimate(rotation_widening="
                              "False) in this script, as session 60's first runs did, instead of the package's widening")
     parser.add_argument("--report", nargs="+")
+    parser.add_argument("--refuse-above", nargs="+", type=float, metavar="CEILING",
+                        help="with --report: also tally refusing, instead of widening, the flag's rows the widening "
+                             "would make more than CEILING times as wide (session 61)")
     args = parser.parse_args()
     if args.cells:
         cells(args.cells, args.out, args.processes, worker=one_draw, extra=(not args.join_here,))
     if args.report:
-        report(args.report)
+        report(args.report, args.refuse_above)
 
 
 if __name__ == "__main__":
