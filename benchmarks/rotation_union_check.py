@@ -102,6 +102,7 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
     truth = frame["truth"]
     frame = with_cells(frame.assign(covered=(frame["lower"] <= truth) & (truth <= frame["upper"]))).assign(
         covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]),
+        width=frame["upper"] - frame["lower"],
         widening=(frame["upper_union"] - frame["lower_union"]) / (frame["upper"] - frame["lower"]))
     accepted = frame[frame["reliable"].astype(bool)]
     rows = []
@@ -110,6 +111,7 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
         rows.append({"cell": cell, "k": k, "truth": round(g["truth"].iloc[0], 4),
                      "draws": int(((frame["cell"] == cell) & (frame["k"] == k)).sum()), "accepted": n,
                      "default": f"{x}/{n} {x / n:.3f}{band(x, n)}", "p below": round(st.binom.cdf(x, n, 0.85), 4),
+                     "|bias|/width": round(abs((g["estimate"] - g["truth"]).mean()) / g["width"].mean(), 3),
                      "joined": f"{y}/{n} {y / n:.3f}{band(y, n)}", "p above": round(st.binom.sf(y - 1, n, 0.95), 4),
                      "median widening": round(float(g["widening"].median()), 2),
                      "90% widening": round(float(g["widening"].quantile(0.9)), 2),
@@ -119,13 +121,15 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
     pd.set_option("display.max_colwidth", 80)
     print("the flag's rows (ntps_estimate's defaults); default: its interval; joined: widened over the selective "
           "rotation sets;\n'below' / 'above': exact one-sided binomial test against 0.85 / 0.95 at 2.5% (cells with "
-          ">= 10 rows); p below: the default's p-value against 0.85, p above: the widened one's against 0.95")
+          ">= 10 rows); p below: the default's p-value against 0.85, p above: the widened one's against 0.95;\n"
+          "|bias|/width: the accepted rows' mean error over the default interval's mean width")
     print(table.to_string(index=False))
     print()
     big = table[table["accepted"] >= 10]
     for name in ("default", "joined"):
         print(f"{name}: {len(big)} cells of >= 10 rows, {int(big[name].str.endswith('below').sum())} significantly "
-              f"below 0.85, {int(big[name].str.endswith('above').sum())} above 0.95")
+              f"below 0.85, {int(big[name].str.endswith('above').sum())} above 0.95"
+              + (f"; largest |bias|/width {big['|bias|/width'].max():.3f}" if name == "default" and len(big) else ""))
     for part, mine in (("stationary", accepted[accepted["stationary"]]), ("interior", accepted[~accepted["stationary"]])):
         if len(mine):
             print(f"\n{part}: {len(mine)} rows, default covers {mine['covered'].mean():.3f}, joined "
