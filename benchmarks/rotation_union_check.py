@@ -126,8 +126,10 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
     print(table.to_string(index=False))
     print()
     big = table[table["accepted"] >= 10]
+    populations = big["cell"].str.replace(r" N/d=\S+$", "", regex=True).nunique()
     for name in ("default", "joined"):
-        print(f"{name}: {len(big)} cells of >= 10 rows, {int(big[name].str.endswith('below').sum())} significantly "
+        print(f"{name}: {len(big)} cells of >= 10 rows ({populations} populations), "
+              f"{int(big[name].str.endswith('below').sum())} significantly "
               f"below 0.85, {int(big[name].str.endswith('above').sum())} above 0.95"
               + (f"; largest |bias|/width {big['|bias|/width'].max():.3f}" if name == "default" and len(big) else ""))
     for part, mine in (("stationary", accepted[accepted["stationary"]]), ("interior", accepted[~accepted["stationary"]])):
