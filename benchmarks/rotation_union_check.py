@@ -124,6 +124,12 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
           ">= 10 rows); p below: the default's p-value against 0.85, p above: the widened one's against 0.95;\n"
           "|bias|/width: the accepted rows' mean error over the default interval's mean width")
     print(table.to_string(index=False))
+    none = frame.groupby(["cell", "k"], sort=False)["reliable"].any()
+    none = none[~none.astype(bool)]
+    if len(none):
+        print(f"\nno accepted row in {len(none)} cell(s): "
+              + "; ".join(f"{cell} k={k} ({int(((frame['cell'] == cell) & (frame['k'] == k)).sum())} draws)"
+                          for cell, k in none.index))
     print()
     big = table[table["accepted"] >= 10]
     populations = big["cell"].str.replace(r" N/d=\S+$", "", regex=True).nunique()
