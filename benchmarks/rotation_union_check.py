@@ -102,14 +102,16 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
     truth = frame["truth"]
     frame = with_cells(frame.assign(covered=(frame["lower"] <= truth) & (truth <= frame["upper"]))).assign(
         covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]),
-        width=frame["upper"] - frame["lower"],
-        widening=(frame["upper_union"] - frame["lower_union"]) / (frame["upper"] - frame["lower"]))
+        width=frame["upper"] - frame["lower"])
+    frame["widening"] = (frame["upper_union"] - frame["lower_union"]) / frame["width"]
+    by_cell = frame.groupby(["cell", "k"], sort=False)
+    draws, any_accepted = by_cell.size(), by_cell["reliable"].any()
     accepted = frame[frame["reliable"].astype(bool)]
     rows = []
     for (cell, k), g in accepted.groupby(["cell", "k"], sort=False):
         n, x, y = len(g), int(g["covered"].sum()), int(g["covered_union"].sum())
         rows.append({"cell": cell, "k": k, "truth": round(g["truth"].iloc[0], 4),
-                     "draws": int(((frame["cell"] == cell) & (frame["k"] == k)).sum()), "accepted": n,
+                     "draws": int(draws[cell, k]), "accepted": n,
                      "default": f"{x}/{n} {x / n:.3f}{band(x, n)}", "p below": round(st.binom.cdf(x, n, 0.85), 4),
                      "|bias|/width": round(abs((g["estimate"] - g["truth"]).mean()) / g["width"].mean(), 3),
                      "joined": f"{y}/{n} {y / n:.3f}{band(y, n)}", "p above": round(st.binom.sf(y - 1, n, 0.95), 4),
@@ -124,12 +126,10 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
           ">= 10 rows); p below: the default's p-value against 0.85, p above: the widened one's against 0.95;\n"
           "|bias|/width: the accepted rows' mean error over the default interval's mean width")
     print(table.to_string(index=False))
-    none = frame.groupby(["cell", "k"], sort=False)["reliable"].any()
-    none = none[~none.astype(bool)]
+    none = any_accepted.index[~any_accepted.astype(bool)]
     if len(none):
         print(f"\nno accepted row in {len(none)} cell(s): "
-              + "; ".join(f"{cell} k={k} ({int(((frame['cell'] == cell) & (frame['k'] == k)).sum())} draws)"
-                          for cell, k in none.index))
+              + "; ".join(f"{cell} k={k} ({int(draws[cell, k])} draws)" for cell, k in none))
     print()
     big = table[table["accepted"] >= 10]
     populations = big["cell"].str.replace(r" N/d=\S+$", "", regex=True).nunique()
