@@ -18,6 +18,9 @@ the rows the widening would widen more than a ceiling, and keeping the default i
     python benchmarks/rotation_union_check.py --cells SPEC.json --out CSV [--processes 2]
     python benchmarks/rotation_union_check.py --report CSV... [--refuse-above 3 2]
 
+The report also reads the frames of ``unseen_family_check.py --rotation-widening`` (session 62: the nearly tied rule's
+populations with heavy tails and other gap designs), whose populations that script draws.
+
 SPEC.json as in `quadratic_variance_check.py` (a list of {"family", "settings", "ratio", "ks", "draws", "seed"});
 the draws are those of `stationary_condition_check.py` for the same spec.
 """
@@ -97,8 +100,28 @@ def refusal_tally(frame: pd.DataFrame, accepted: pd.Series, ceilings: list[float
     print(pd.DataFrame(rows).to_string(index=False))
 
 
+def from_unseen(frame: pd.DataFrame) -> pd.DataFrame:
+    """A frame of `unseen_family_check.py --rotation-widening` (heavy tails, offsets, other gap designs) in this
+    script's columns: its population settings as ``settings`` (with ``tails`` / ``offset`` where set), its interval
+    (the package's widening) as ``lower_union`` / ``upper_union`` and the interval before it as ``lower`` /
+    ``upper``."""
+    if "lower_unwidened" not in frame or frame["lower_unwidened"].isna().all():
+        raise SystemExit("an unseen_family_check.py frame needs its run's --rotation-widening (lower_unwidened)")
+
+    def settings(row) -> str:
+        out = {"d": int(row.task_d), "n_classes": int(row.task_n_classes), "gap": row.task_gap,
+               "seed": int(row.task_seed)}
+        out |= {} if pd.isna(row.task_tails) else {"tails": float(row.task_tails)}
+        return json.dumps(out | ({"offset": float(row.task_offset)} if row.task_offset else {}), sort_keys=True)
+
+    return frame.assign(family=frame["task_family"], settings=[settings(r) for r in frame.itertuples()],
+                        seed=frame["task_seed"], lower_union=frame["lower"], upper_union=frame["upper"],
+                        lower=frame["lower_unwidened"], upper=frame["upper_unwidened"])
+
+
 def report(paths: list[str], ceilings: list[float] | None = None) -> None:
-    frame = pd.concat([pd.read_csv(p, low_memory=False) for p in paths], ignore_index=True)
+    frames = [pd.read_csv(p, low_memory=False) for p in paths]
+    frame = pd.concat([from_unseen(f) if "task_family" in f else f for f in frames], ignore_index=True)
     truth = frame["truth"]
     frame = with_cells(frame.assign(covered=(frame["lower"] <= truth) & (truth <= frame["upper"]))).assign(
         covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]),
@@ -125,12 +148,16 @@ def report(paths: list[str], ceilings: list[float] | None = None) -> None:
           "rotation sets;\n'below' / 'above': exact one-sided binomial test against 0.85 / 0.95 at 2.5% (cells with "
           ">= 10 rows); p below: the default's p-value against 0.85, p above: the widened one's against 0.95;\n"
           "|bias|/width: the accepted rows' mean error over the default interval's mean width")
-    print(table.to_string(index=False))
+    if len(table):
+        print(table.to_string(index=False))
     none = any_accepted.index[~any_accepted.astype(bool)]
     if len(none):
         print(f"\nno accepted row in {len(none)} cell(s): "
               + "; ".join(f"{cell} k={k} ({int(draws[cell, k])} draws)" for cell, k in none))
     print()
+    if table.empty:
+        print("the flag accepts no row of these frames")
+        return
     big = table[table["accepted"] >= 10]
     populations = big["cell"].str.replace(r" N/d=\S+$", "", regex=True).nunique()
     for name in ("default", "joined"):
