@@ -1,0 +1,107 @@
+"""How a reliable row's coverage depends on how often the flag accepts its population's draws (issue 21, item 4;
+docs/estimator.md, "Rare acceptance: the flag's rows under-cover where it seldom accepts", session 62).
+
+Item 4 is checked per grid cell (a population, N/d and k) on the cells where the flag accepts at least 10 rows. A
+population whose draws the flag accepts once in a thousand never has such a cell at a few thousand draws, so its
+reliable rows are never tested, yet a reader of one reliable row cannot tell it came from such a population. This
+report pools the interior cells (truth more than `EDGE` from 0 and 1) of any number of frames by their acceptance
+rate (the share of the cell's draws the flag accepts, estimated from the same draws) and gives, per bin, the reliable
+rows' coverage with the default interval and with the interval widened over the rotation sets
+(``ntps_estimate(rotation_widening=True)``), each with exact one-sided binomial p-values against 0.85 (below) and
+0.95 (above), pooled over the bin's cells.
+
+It reads the frames of `rotation_union_check.py` and of `unseen_family_check.py --rotation-widening` (both carry the
+interval before and after the widening, from `ntps_estimate`'s defaults with the whole flag). A cell needs at least
+``--min-draws`` draws (default 200) to be binned, so that its rate is resolved.
+
+    python benchmarks/acceptance_coverage.py FRAME.csv.gz ... [--bins 0 0.003 0.01 0.03 0.1 0.3 1] [--rare 0.01]
+        [--by-frame]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.stats as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rotation_union_check import from_unseen  # noqa: E402
+
+#: A truth this close to 0 or 1 is at a stationary point (the flag's stationary condition takes those rows).
+EDGE = 0.005
+#: The cell key of both frame kinds (after `from_unseen`).
+CELL = ["family", "settings", "n_over_d", "k"]
+
+
+def cell_table(paths: list[str], min_draws: int) -> pd.DataFrame:
+    """One row per interior cell of ``paths`` with at least ``min_draws`` draws: draws, accepted (reliable) rows,
+    the acceptance rate, and the accepted rows covered by the default and the widened interval. A cell's draws are
+    pooled over the frames (more draws of one population, run apart), a draw met twice (the same draw seed and
+    index) counted once; ``frame`` names the frames a cell's draws came from."""
+    rows = []
+    for path in paths:
+        frame = pd.read_csv(path, low_memory=False)
+        frame = from_unseen(frame) if "task_family" in frame else frame
+        if "lower_union" not in frame:
+            raise SystemExit(f"{path}: not a frame of rotation_union_check.py or unseen_family_check.py "
+                             "--rotation-widening (no widened interval)")
+        truth = frame["truth"]
+        rows.append(frame[CELL + ["seed", "draw", "truth"]].assign(
+            accepted=frame["reliable"].astype(bool),
+            covered=(frame["lower"] <= truth) & (truth <= frame["upper"]),
+            covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]), frame=Path(path).name))
+    frame = pd.concat(rows, ignore_index=True).drop_duplicates(CELL + ["seed", "draw"])
+    accepted = frame[frame["accepted"]]
+    table = frame.groupby(CELL).agg(truth=("truth", "first"), draws=("accepted", "size"), accepted=("accepted", "sum"),
+                                    frame=("frame", lambda names: " ".join(dict.fromkeys(names))))
+    table = table.join(accepted.groupby(CELL).agg(covered=("covered", "sum"), covered_union=("covered_union", "sum")))
+    table = table.fillna({"covered": 0, "covered_union": 0}).reset_index()
+    interior = (table["truth"] > EDGE) & (table["truth"] < 1 - EDGE)
+    return table[interior & (table["draws"] >= min_draws)].assign(rate=lambda t: t["accepted"] / t["draws"])
+
+
+def pooled(table: pd.DataFrame, by) -> pd.DataFrame:
+    """The cells of ``table`` grouped by ``by``: cells, draws, reliable rows, and the default and widened intervals'
+    pooled coverage with their exact one-sided p-values (below 0.85 for the default, above 0.95 for the widened)."""
+    out = table.groupby(by, observed=True).agg(cells=("accepted", "size"), draws=("draws", "sum"),
+                                               rows=("accepted", "sum"),
+                                               covered=("covered", "sum"), covered_union=("covered_union", "sum"))
+    n, x, y = out["rows"].astype(int), out["covered"].astype(int), out["covered_union"].astype(int)
+    out["default"] = np.where(n > 0, x / n.clip(lower=1), np.nan)
+    out["p below 0.85"] = [st.binom.cdf(a, b, 0.85) if b else np.nan for a, b in zip(x, n)]
+    out["widened"] = np.where(n > 0, y / n.clip(lower=1), np.nan)
+    out["p below 0.85 (widened)"] = [st.binom.cdf(a, b, 0.85) if b else np.nan for a, b in zip(y, n)]
+    out["p above 0.95 (widened)"] = [st.binom.sf(a - 1, b, 0.95) if b else np.nan for a, b in zip(y, n)]
+    return out.drop(columns=["covered", "covered_union"]).round(4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("frames", nargs="+")
+    parser.add_argument("--bins", type=float, nargs="+", default=[0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+                        help="edges of the acceptance-rate bins (left-open, right-closed)")
+    parser.add_argument("--min-draws", type=int, default=200)
+    parser.add_argument("--rare", type=float, default=0.01, help="pool every cell at or below this rate as well")
+    parser.add_argument("--by-frame", action="store_true", help="also pool each frame's cells at or below --rare")
+    args = parser.parse_args()
+    table = cell_table(args.frames, args.min_draws)
+    pd.set_option("display.width", 250)
+    print(f"{len(table)} interior cells with >= {args.min_draws} draws in {len(args.frames)} frame(s); "
+          f"{int((table['accepted'] == 0).sum())} with no reliable row (rate 0, left out of the bins)")
+    print("\nThe reliable rows pooled by their cell's acceptance rate (the share of its draws the flag accepts); "
+          "default: ntps_estimate's interval, widened: rotation_widening=True; p: exact one-sided binomial")
+    bins = pd.cut(table["rate"], args.bins)
+    print(pooled(table[table["accepted"] > 0], bins[table["accepted"] > 0]).to_string())
+    rare = table[(table["accepted"] > 0) & (table["rate"] <= args.rare)]
+    print(f"\nevery cell with a rate at or below {args.rare}, pooled:")
+    print(pooled(rare.assign(all="all"), "all").to_string())
+    if args.by_frame:
+        print(f"\ncells with a rate at or below {args.rare}, by frame:")
+        print(pooled(rare, "frame").to_string())
+
+
+if __name__ == "__main__":
+    main()
