@@ -36,11 +36,12 @@ EDGE = 0.005
 CELL = ["family", "settings", "n_over_d", "k"]
 
 
-def cell_table(paths: list[str], min_draws: int) -> pd.DataFrame:
-    """One row per interior cell of ``paths`` with at least ``min_draws`` draws: draws, accepted (reliable) rows,
-    the acceptance rate, and the accepted rows covered by the default and the widened interval. A cell's draws are
-    pooled over the frames (more draws of one population, run apart), a draw met twice (the same draw seed and
-    index) counted once; ``frame`` names the frames a cell's draws came from."""
+def cell_table(paths: list[str], min_draws: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per interior cell of ``paths`` with at least ``min_draws`` draws: draws, accepted (reliable) rows,
+    the acceptance rate, and the accepted rows covered by the default and the widened interval; the accepted rows of
+    those cells with their ``gap_ratio`` and their cell's ``rate``). A cell's draws are pooled over the frames (more
+    draws of one population, run apart), a draw met twice (the same draw seed and index) counted once; ``frame``
+    names the frames a cell's draws came from."""
     rows = []
     for path in paths:
         frame = pd.read_csv(path, low_memory=False)
@@ -49,7 +50,9 @@ def cell_table(paths: list[str], min_draws: int) -> pd.DataFrame:
             raise SystemExit(f"{path}: not a frame of rotation_union_check.py or unseen_family_check.py "
                              "--rotation-widening (no widened interval)")
         truth = frame["truth"]
-        rows.append(frame[CELL + ["seed", "draw", "truth"]].assign(
+        gap_ratio = (np.fmin(frame["gap_ratio_U"], frame["gap_ratio_V"]) if "gap_ratio_U" in frame
+                     else frame["gap_ratio"])
+        rows.append(frame[CELL + ["seed", "draw", "truth"]].assign(gap_ratio=gap_ratio,
             accepted=frame["reliable"].astype(bool),
             covered=(frame["lower"] <= truth) & (truth <= frame["upper"]),
             covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]), frame=Path(path).name))
@@ -60,12 +63,14 @@ def cell_table(paths: list[str], min_draws: int) -> pd.DataFrame:
     table = table.join(accepted.groupby(CELL).agg(covered=("covered", "sum"), covered_union=("covered_union", "sum")))
     table = table.fillna({"covered": 0, "covered_union": 0}).reset_index()
     interior = (table["truth"] > EDGE) & (table["truth"] < 1 - EDGE)
-    return table[interior & (table["draws"] >= min_draws)].assign(rate=lambda t: t["accepted"] / t["draws"])
+    table = table[interior & (table["draws"] >= min_draws)].assign(rate=lambda t: t["accepted"] / t["draws"])
+    return table, accepted.merge(table[CELL + ["rate"]], on=CELL)
 
 
 def pooled(table: pd.DataFrame, by) -> pd.DataFrame:
-    """The cells of ``table`` grouped by ``by``: cells, draws, reliable rows, and the default and widened intervals'
-    pooled coverage with their exact one-sided p-values (below 0.85 for the default, above 0.95 for the widened)."""
+    """The cells of ``table`` grouped by ``by``: cells, draws, reliable rows, the rows the default and the widened
+    interval cover, and their pooled coverage with exact one-sided p-values (below 0.85, and above 0.95 for the
+    widened)."""
     out = table.groupby(by, observed=True).agg(cells=("accepted", "size"), draws=("draws", "sum"),
                                                rows=("accepted", "sum"),
                                                covered=("covered", "sum"), covered_union=("covered_union", "sum"))
@@ -75,7 +80,8 @@ def pooled(table: pd.DataFrame, by) -> pd.DataFrame:
     out["widened"] = np.where(n > 0, y / n.clip(lower=1), np.nan)
     out["p below 0.85 (widened)"] = [st.binom.cdf(a, b, 0.85) if b else np.nan for a, b in zip(y, n)]
     out["p above 0.95 (widened)"] = [st.binom.sf(a - 1, b, 0.95) if b else np.nan for a, b in zip(y, n)]
-    return out.drop(columns=["covered", "covered_union"]).round(4)
+    return out.rename(columns={"covered_union": "covered widened"}).astype(
+        {"covered": int, "covered widened": int}).round(4)
 
 
 def main() -> None:
@@ -87,7 +93,7 @@ def main() -> None:
     parser.add_argument("--rare", type=float, default=0.01, help="pool every cell at or below this rate as well")
     parser.add_argument("--by-frame", action="store_true", help="also pool each frame's cells at or below --rare")
     args = parser.parse_args()
-    table = cell_table(args.frames, args.min_draws)
+    table, accepted = cell_table(args.frames, args.min_draws)
     pd.set_option("display.width", 250)
     print(f"{len(table)} interior cells with >= {args.min_draws} draws in {len(args.frames)} frame(s); "
           f"{int((table['accepted'] == 0).sum())} with no reliable row (rate 0, left out of the bins)")
@@ -95,6 +101,10 @@ def main() -> None:
           "default: ntps_estimate's interval, widened: rotation_widening=True; p: exact one-sided binomial")
     bins = pd.cut(table["rate"], args.bins)
     print(pooled(table[table["accepted"] > 0], bins[table["accepted"] > 0]).to_string())
+    print("\nThe reliable rows' gap ratio (the smaller of U's and V's eigengap at k in jackknife SEs; the flag's "
+          "eigengap condition asks >= 5) by the same bins:")
+    quantiles = accepted.groupby(pd.cut(accepted["rate"], args.bins), observed=True)["gap_ratio"]
+    print(quantiles.describe(percentiles=[0.1, 0.5, 0.9])[["count", "10%", "50%", "90%"]].round(2).to_string())
     rare = table[(table["accepted"] > 0) & (table["rate"] <= args.rare)]
     print(f"\nevery cell with a rate at or below {args.rare}, pooled:")
     print(pooled(rare.assign(all="all"), "all").to_string())
