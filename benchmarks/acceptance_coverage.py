@@ -40,23 +40,25 @@ def cell_table(paths: list[str], min_draws: int) -> tuple[pd.DataFrame, pd.DataF
     """(one row per interior cell of ``paths`` with at least ``min_draws`` draws: draws, accepted (reliable) rows,
     the acceptance rate, and the accepted rows covered by the default and the widened interval; the accepted rows of
     those cells with their ``gap_ratio`` and their cell's ``rate``). A cell's draws are pooled over the frames (more
-    draws of one population, run apart), a draw met twice (the same draw seed and index) counted once; ``frame``
-    names the frames a cell's draws came from."""
+    draws of one population, run apart), a draw met twice (the same script's seeding, draw seed and index) counted
+    once; ``frame`` names the frames a cell's draws came from."""
     rows = []
     for path in paths:
         frame = pd.read_csv(path, low_memory=False)
-        frame = from_unseen(frame) if "task_family" in frame else frame
+        # the two scripts seed their draws differently: a draw is the same only within one scheme
+        scheme = "estimator_map" if "task_family" in frame else "union"
+        frame = from_unseen(frame) if scheme == "estimator_map" else frame
         if "lower_union" not in frame:
             raise SystemExit(f"{path}: not a frame of rotation_union_check.py or unseen_family_check.py "
                              "--rotation-widening (no widened interval)")
         truth = frame["truth"]
         gap_ratio = (np.fmin(frame["gap_ratio_U"], frame["gap_ratio_V"]) if "gap_ratio_U" in frame
                      else frame["gap_ratio"])
-        rows.append(frame[CELL + ["seed", "draw", "truth"]].assign(gap_ratio=gap_ratio,
+        rows.append(frame[CELL + ["seed", "draw", "truth"]].assign(scheme=scheme, gap_ratio=gap_ratio,
             accepted=frame["reliable"].astype(bool),
             covered=(frame["lower"] <= truth) & (truth <= frame["upper"]),
             covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]), frame=Path(path).name))
-    frame = pd.concat(rows, ignore_index=True).drop_duplicates(CELL + ["seed", "draw"])
+    frame = pd.concat(rows, ignore_index=True).drop_duplicates(CELL + ["scheme", "seed", "draw"])
     accepted = frame[frame["accepted"]]
     table = frame.groupby(CELL).agg(truth=("truth", "first"), draws=("accepted", "size"), accepted=("accepted", "sum"),
                                     frame=("frame", lambda names: " ".join(dict.fromkeys(names))))

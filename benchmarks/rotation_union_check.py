@@ -102,9 +102,9 @@ def refusal_tally(frame: pd.DataFrame, accepted: pd.Series, ceilings: list[float
 
 def from_unseen(frame: pd.DataFrame) -> pd.DataFrame:
     """A frame of `unseen_family_check.py --rotation-widening` (heavy tails, offsets, other gap designs) in this
-    script's columns: its population settings as ``settings`` (with ``tails`` / ``offset`` where set), its interval
-    (the package's widening) as ``lower_union`` / ``upper_union`` and the interval before it as ``lower`` /
-    ``upper``."""
+    script's columns: its population settings as ``settings`` (with ``tails`` / ``offset`` / the Markov family's
+    ``memory`` where set), its interval (the package's widening) as ``lower_union`` / ``upper_union`` and the interval
+    before it as ``lower`` / ``upper``."""
     if "lower_unwidened" not in frame or frame["lower_unwidened"].isna().all():
         raise SystemExit("an unseen_family_check.py frame needs its run's --rotation-widening (lower_unwidened)")
 
@@ -112,6 +112,7 @@ def from_unseen(frame: pd.DataFrame) -> pd.DataFrame:
         out = {"d": int(row.task_d), "n_classes": int(row.task_n_classes), "gap": row.task_gap,
                "seed": int(row.task_seed)}
         out |= {} if pd.isna(row.task_tails) else {"tails": float(row.task_tails)}
+        out |= {} if pd.isna(row.task_memory) else {"memory": float(row.task_memory)}
         return json.dumps(out | ({"offset": float(row.task_offset)} if row.task_offset else {}), sort_keys=True)
 
     return frame.assign(family=frame["task_family"], settings=[settings(r) for r in frame.itertuples()],
