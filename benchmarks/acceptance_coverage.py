@@ -4,11 +4,11 @@ docs/estimator.md, "Rare acceptance: where the flag seldom accepts, its rows und
 Item 4 is checked per grid cell (a population, N/d and k) on the cells where the flag accepts at least 10 rows. A
 population whose draws the flag accepts once in a thousand never has such a cell at a few thousand draws, so its
 reliable rows are never tested, yet a reader of one reliable row cannot tell it came from such a population. This
-report pools the interior cells (truth more than `EDGE` from 0 and 1, and not the reflection family at angle 0: the
-stationary points) of any number of frames by their acceptance rate (the share of the cell's draws the flag accepts,
-estimated from the same draws) and gives, per bin, the reliable rows' coverage with the default interval and with
-the interval widened over the rotation sets (``ntps_estimate(rotation_widening=True)``), each with exact one-sided
-binomial p-values against 0.85 (below) and 0.95 (above), pooled over the bin's cells.
+report pools the interior cells (not at a stationary point: `stationary_condition_check.at_stationary_point`) of any
+number of frames by their acceptance rate (the share of the cell's draws the flag accepts, estimated from the same
+draws) and gives, per bin, the reliable rows' coverage with the default interval and with the interval widened over
+the rotation sets (``ntps_estimate(rotation_widening=True)``), each with exact one-sided binomial p-values against
+0.85 (below) and 0.95 (above), pooled over the bin's cells.
 
 It reads the frames of `rotation_union_check.py` and of `unseen_family_check.py --rotation-widening` (both carry the
 interval before and after the widening, from `ntps_estimate`'s defaults with the whole flag). A cell needs at least
@@ -30,9 +30,8 @@ import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rotation_union_check import from_unseen  # noqa: E402
+from stationary_condition_check import at_stationary_point  # noqa: E402
 
-#: A truth this close to 0 or 1 is at a stationary point (the flag's stationary condition takes those rows).
-EDGE = 0.005
 #: The cell key of both frame kinds (after `from_unseen`).
 CELL = ["family", "settings", "n_over_d", "k"]
 
@@ -65,8 +64,7 @@ def cell_table(paths: list[str], min_draws: int) -> tuple[pd.DataFrame, pd.DataF
                                     frame=("frame", lambda names: " ".join(dict.fromkeys(names))))
     table = table.join(accepted.groupby(CELL).agg(covered=("covered", "sum"), covered_union=("covered_union", "sum")))
     table = table.fillna({"covered": 0, "covered_union": 0}).reset_index()
-    angle0 = table["settings"].map(lambda settings: json.loads(settings).get("angle") == 0)  # reflection at angle 0
-    interior = (table["truth"] > EDGE) & (table["truth"] < 1 - EDGE) & ~angle0
+    interior = ~at_stationary_point(table["truth"], table["settings"].map(json.loads))
     table = table[interior & (table["draws"] >= min_draws)].assign(rate=lambda t: t["accepted"] / t["draws"])
     return table, accepted.merge(table[CELL + ["rate"]], on=CELL)
 

@@ -160,18 +160,23 @@ def report(paths: list[str], bounds: list[float] | None = None) -> None:
         bounds_tally(frame, bounds)
 
 
+def at_stationary_point(truth: pd.Series, settings: pd.Series) -> pd.Series:
+    """Whether each population value is at a stationary point of NTPS: within `EDGE` of 0 or 1, or the reflection
+    family at angle 0 (``settings``: each row's population settings, parsed)."""
+    return (np.minimum(truth, 1 - truth) <= EDGE) | settings.map(lambda s: s.get("angle", None) == 0)
+
+
 def with_cells(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with ``cell`` (population and N/d, named; heavy tails, an offset and a memory where the settings
     have them), ``covered`` as bool and ``stationary`` (the truth within `EDGE` of 0 or 1, or the reflection family
     at angle 0)."""
     settings = frame["settings"].map(json.loads)
-    angle0 = settings.map(lambda s: s.get("angle", None) == 0)
     names = [f"{family} d={s['d']} C={s['n_classes']} {s['gap']} angle={s.get('angle', '-')}"
              + "".join(f" {key}={s[key]}" for key in ("tails", "offset", "memory") if key in s)
              + f" seed {s['seed']} N/d={r}"
              for family, s, r in zip(frame["family"], settings, frame["n_over_d"])]
     return frame.assign(cell=names, covered=frame["covered"].astype(bool),
-                        stationary=(np.minimum(frame["truth"], 1 - frame["truth"]) <= EDGE) | angle0)
+                        stationary=at_stationary_point(frame["truth"], settings))
 
 
 def bounds_tally(frame: pd.DataFrame, bounds: list[float]) -> None:
