@@ -4,7 +4,8 @@ Times `estimate_ntps` (the point estimate), `ntps_sweep` (every k, with its warn
 `ntps_estimate` (estimate, jackknife interval and reliability flag) for "plugin" and "richardson"
 with the jackknife-t interval (and richardson without the flag's rotation condition,
 ``rotation_flag=False``, with ``interval="rotation"`` and with the default interval, "quadratic",
-whose interactions take at most 5 shards of each half; and that interval with every shard,
+whose interactions take at most 5 shards of each half, widened on the reliable rows over the rotation sets
+(the default since session 63) and not (``rotation_widening=False``); and that interval with every shard,
 ``interaction_half=None``) on the same shard moments of one layer (an LDS generator, d hidden
 dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and prints the median
 seconds and the ratio to the plug-in, and beside them the number of d x d symmetric eigensolves
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gap", default="moderate", help="the LDS generator's eigengap design (lds_model's gap)")
     parser.add_argument("--all-ks", action="store_true", help="every k from 1 to d (a study's k = \"all\")")
     parser.add_argument("--device", default=None,
                         help="a torch device (\"cuda\"): ntps_sweep and ntps_estimate solve there (ntps_sweep_torch, "
@@ -74,7 +76,7 @@ def main() -> None:
             return ntps_sweep_torch(shards, device=args.device, **kwargs)
     else:
         sweep = ntps_sweep
-    model = lds_model(d=args.d, n_classes=6, n_tokens=8, gap="moderate")
+    model = lds_model(d=args.d, n_classes=6, n_tokens=8, gap=args.gap)
     shards = sample_shards(model, args.texts, args.shards, np.random.default_rng(0))
     ks = list(range(1, args.d + 1)) if args.all_ks else [1, 2, 4, 8, 16, 32]
     calls = {
@@ -90,6 +92,9 @@ def main() -> None:
     calls[("ntps_estimate", "richardson, no rotation flag")] = lambda: ntps_estimate(shards, ks, rotation_flag=False,
                                                                                      interval="jackknife", **options)
     calls[("ntps_estimate", "richardson+rotation")] = lambda: ntps_estimate(shards, ks, interval="rotation", **options)
+    calls[("ntps_estimate", "richardson+quadratic, unwidened")] = lambda: ntps_estimate(shards, ks,
+                                                                                        rotation_widening=False,
+                                                                                        **options)
     calls[("ntps_estimate", "richardson+quadratic (default)")] = lambda: ntps_estimate(shards, ks, **options)
     calls[("ntps_estimate", "richardson+quadratic, every shard")] = lambda: ntps_estimate(shards, ks,
                                                                                          interaction_half=None,
@@ -102,7 +107,8 @@ def main() -> None:
             start = time.perf_counter()
             call()
             times[key].append(time.perf_counter() - start)
-    print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, {len(ks)} values of k, median of {args.repeats} interleaved rounds, "
+    print(f"d = {args.d}, N = {args.texts}, {args.shards} shards, gap {args.gap!r}, {len(ks)} values of k, "
+          f"median of {args.repeats} interleaved rounds, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
           + ("" if args.device is None else f", ntps_sweep and ntps_estimate on {args.device}")
           + f", the package at {os.path.relpath(os.path.dirname(ntps_nb.__file__))}")
@@ -111,7 +117,8 @@ def main() -> None:
             continue
         base = np.median(times[(what, "plugin")])
         for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
-                  "richardson+quadratic (default)", "richardson+quadratic, every shard"):
+                  "richardson+quadratic, unwidened", "richardson+quadratic (default)",
+                  "richardson+quadratic, every shard"):
             if (what, e) in times:
                 t = np.median(times[(what, e)])
                 n, n_base = solves[(what, e)], solves[(what, "plugin")]
@@ -121,7 +128,8 @@ def main() -> None:
         # the flag's rotation condition computes its ranges on the rows its other conditions accept only
         frame = ntps_estimate(shards, ks, **options)
         print(f"  the default row's flag computed rotation ranges on {int(frame['rotation_lower'].notna().sum())} of "
-              f"{len(frame)} rows (reliable: {int(frame['reliable'].sum())})")
+              f"{len(frame)} rows (reliable: {int(frame['reliable'].sum())}; widened, the default since session 63: "
+              f"{int(frame['rotation_U'].notna().sum())})")
 
 
 if __name__ == "__main__":

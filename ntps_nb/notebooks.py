@@ -1739,7 +1739,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     ``step()`` is called once each layer is done; ``device`` solves each layer's NTPS, as `layer_profile`'s."""
     from ntps_nb.core.estimators import ESTIMATORS, HALF_ESTIMATORS, SHARD_ESTIMATORS, ntps_estimate
     from ntps_nb.core.intervals import layer_shards
-    from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
+    from ntps_nb.core.rotation import interval_description, widened_rows
     from ntps_nb.core.score import BeyondRankError, BeyondRankWarning, ntps
 
     if estimator not in ESTIMATORS:
@@ -1753,12 +1753,13 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
     for layer in run.layers:
         if layer in shards and intervals:
             with gathered.at(layer), warnings_named(f"layer {layer}"):
-                frame = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed,
-                                      progress=False, device=device).iloc[0]
+                table = ntps_estimate(shards[layer], [k], estimator=estimator, level=level, seed=split_seed,
+                                      progress=False, device=device)
+            frame = table.iloc[0]
+            kind = interval_description(frame.get("interval", "jackknife"), bool(widened_rows(table).iloc[0]))
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
-                         "interval": f"{INTERVAL_DESCRIPTIONS[frame.get('interval', 'jackknife')]}, around the "
-                                     "estimate"})
+                         "interval": f"{kind}, around the estimate"})
         else:  # the halves as two shards give the shards' value (split_halves(2) keeps them apart)
             parts = shards.get(layer) or halves.get(layer)
             if parts is None and estimator not in SHARD_ESTIMATORS:

@@ -60,6 +60,8 @@ INTERVAL_DESCRIPTIONS = {
     "quadratic": "delete-one-shard jackknife interval less the jackknife's excess on the error's quadratic part "
                  "(Student t on its Satterthwaite degrees of freedom)",
 }
+#: What `interval_description` adds to a row `rotation_widening` widened.
+WIDENED_DESCRIPTION = "widened over the rotations of the eigenvector pairs at k the data cannot reject"
 #: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
 #: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
 STABLE_ATOL = 1e-9
@@ -385,11 +387,46 @@ def _widened(frame: pd.DataFrame, ranges: pd.DataFrame, *, kept: str, rows: pd.S
     return out
 
 
+def widened_rows(frame: pd.DataFrame) -> pd.Series:
+    """Which rows of an `ntps_estimate` frame (or a study's estimates table) `rotation_widening` widened: those
+    with the interval before it (``lower_unwidened``) and a rotation range (``rotation_U``); False everywhere in a
+    frame computed without the widening.
+
+    Parameters
+    ----------
+    frame : `ntps_estimate`'s frame, or rows of it.
+
+    Returns
+    -------
+    Boolean Series on ``frame``'s index.
+    """
+    if "lower_unwidened" not in frame.columns or "rotation_U" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame["rotation_U"].notna()
+
+
+def interval_description(kind: str, widened: bool = False) -> str:
+    """How the study's report and the notebooks' layer profiles name a row's interval (after its level).
+
+    Parameters
+    ----------
+    kind : the row's interval, one of `INTERVALS`.
+    widened : whether `rotation_widening` widened the row (`widened_rows`).
+
+    Returns
+    -------
+    `INTERVAL_DESCRIPTIONS` of ``kind``, with `WIDENED_DESCRIPTION` after it where ``widened`` (a "rotation"
+    interval is widened already and is named as it is).
+    """
+    text = INTERVAL_DESCRIPTIONS[kind]
+    return f"{text}, {WIDENED_DESCRIPTION}" if widened and kind != "rotation" else text
+
+
 def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
                       rtol: float, solved: tuple[Subspace, Subspace] | None = None,
                       ranges: pd.DataFrame | None = None) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the interval of each reliable row widened over the rotations of the pairs at k
-    (`ntps_estimate`'s ``rotation_widening``, an option since session 60).
+    (`ntps_estimate`'s ``rotation_widening``, an option since session 60, its default since session 63).
 
     The flag's eigengap condition accepts, in a population whose eigenvalues at k are nearly tied, the few draws
     whose noise inflated the sample gap, and so rotated the eigenvector furthest; there the rows it accepts
@@ -400,7 +437,9 @@ def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     correction, is joined with the row's interval, whatever that interval is (the quadratic one by default). Rows
     the flag refuses keep their interval; the flag does not change. Near the eigengap threshold a population whose
     eigenvalues at k are well apart gives rows the data cannot tell from those, so there the widened interval
-    over-covers: that is why it is not the default.
+    over-covers; it is the default all the same, because where the flag seldom accepts a population's draws the
+    interval alone under-covers and a row cannot tell which kind of population it came from (docs/estimator.md,
+    "Rare acceptance").
 
     Parameters
     ----------

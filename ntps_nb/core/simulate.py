@@ -744,7 +744,7 @@ def estimator_map(
     shard_weights: Sequence[float] | None = None,
     flag_any_estimator: bool = True,
     stationary_flag: bool = True,
-    rotation_widening: bool = False,
+    rotation_widening: bool = True,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -778,8 +778,9 @@ def estimator_map(
         `ntps_estimate` gets, reliable rows only for `ntps_nb.core.estimators.CALIBRATED_ESTIMATORS`.
     stationary_flag : `ntps_estimate`'s: True (its default) gives the flag its stationary condition and the rows
         ``stationary_distance``; False, the flag without it (and no such column).
-    rotation_widening : `ntps_estimate`'s: True widens the reliable rows' interval over the rotation sets of the
-        pairs at k; False (its default), the interval as it is (and no ``lower_unwidened`` column).
+    rotation_widening : `ntps_estimate`'s: True (its default) widens the reliable rows' interval over the rotation
+        sets of the pairs at k, the interval before it in ``lower_unwidened`` / ``upper_unwidened``; False, the
+        interval as it is (and no such columns).
 
     Returns
     -------

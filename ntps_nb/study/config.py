@@ -118,11 +118,12 @@ class StudyConfig:
     condition (`ntps_estimate`'s ``rotation_flag``; true unless set), ``estimate_stationary_flag`` its
     stationary condition and the ``stationary_distance`` column (``stationary_flag``; true unless set), and
     ``estimate_rotation_widening`` widens its reliable rows' interval over the rotation sets of the pairs at k
-    (``rotation_widening``; false unless set, as there). The defaults are `ntps_estimate`'s, the ones calibrated on
-    the estimator map (docs/estimator.md). The committed studies were computed with "jackknife" and without the
-    rotation and stationary conditions, and their configs say so (``estimate_interval = "jackknife"``,
-    ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``): at those values the settings stay out
-    of the config hash (`_ADDED_LATER`), so those studies' keys stand.
+    (``rotation_widening``; true unless set). The defaults are `ntps_estimate`'s, the ones calibrated on the
+    estimator map (docs/estimator.md). The committed studies were computed with "jackknife", without the rotation
+    and stationary conditions and without the widening, and their configs say so (``estimate_interval =
+    "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``,
+    ``estimate_rotation_widening = false``): at those values the settings stay out of the config hash
+    (`_ADDED_LATER`), so those studies' keys stand.
     """
 
     name: str
@@ -170,8 +171,9 @@ class StudyConfig:
     # where the data place NTPS away from its stationary points, where the interval is not calibrated
     estimate_stationary_flag: bool = True
     # the reliable rows' interval widened over the rotations of the pairs at k a test conditioned on the eigengap
-    # condition cannot reject (`ntps_nb.core.rotation.rotation_widening`): an option, off as in ntps_estimate
-    estimate_rotation_widening: bool = False
+    # condition cannot reject (`ntps_nb.core.rotation.rotation_widening`), as ntps_estimate's default; the
+    # committed studies set it false, the interval their units were computed with
+    estimate_rotation_widening: bool = True
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ntps_nb.core.peers import h_score_saturated
-from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS
+from ntps_nb.core.rotation import interval_description, widened_rows
 from ntps_nb.core.score import integer_ranges
 from ntps_nb.study.runner import load_results
 
@@ -718,8 +718,9 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
                  else pd.Series("jackknife", index=rows.index))
         out = rows[keep].rename(columns={"estimate": "ntps"})
         out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
-                         interval=[f"{level:.0%} {INTERVAL_DESCRIPTIONS[kind]}, around the {estimator} estimate"
-                                   for level, estimator, kind in zip(out["level"], out["estimator"], kinds)])
+                         interval=[f"{level:.0%} {interval_description(kind, widened)}, around the {estimator} "
+                                   "estimate" for level, estimator, kind, widened
+                                   in zip(out["level"], out["estimator"], kinds, widened_rows(rows))])
     else:
         intervals = tables.get("intervals")
         if intervals is None or intervals.empty:

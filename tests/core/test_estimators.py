@@ -93,7 +93,12 @@ def test_interval_table_and_jackknife_on_a_known_case():
     with pytest.warns(FlagNotCalibratedWarning, match="1 of 2 rows of the 'plugin' estimator meet"):
         plain = ntps_estimate(shards, [1, 2], estimator="plugin", level=0.9)
     assert not plain["reliable"].any()
-    pd.testing.assert_frame_equal(plain.drop(columns="reliable"), table.drop(columns="reliable"))
+    # the same frame otherwise, but for the widening of the rows the flag accepts (`rotation_widening`), which is
+    # made only where the flag is asked of this estimator: the interval before it is the plain frame's
+    widening = ["lower_unwidened", "upper_unwidened", "rotation_U", "rotation_V"]
+    assert not set(widening) & set(plain.columns)
+    pd.testing.assert_frame_equal(plain.drop(columns="reliable"), table.drop(columns=["reliable", *widening]).assign(
+        lower=table["lower_unwidened"], upper=table["upper_unwidened"]))
     other = ntps_estimate(shards, [1, 2], estimator="richardson", level=0.9)
     np.testing.assert_array_equal(other["reliable"].to_numpy(), table["reliable"].to_numpy())
     assert table["subspace_noise"].iloc[0] == pytest.approx(max(table["noise_U"].iloc[0] / table["k_U"].iloc[0],
@@ -182,7 +187,10 @@ def test_richardson_is_twice_the_plugin_minus_the_mean_of_its_halves():
 # Coverage of the default estimator where the flag says reliable, on two cells of the d = 16 map
 # (N / d = 32, 10 shards, nominal 90%). With 200 draws the binomial SE of a coverage near 0.9 is
 # 0.021, so an interval covering at the plug-in's 0.77 (its median over the d = 16 map) cannot
-# land in [0.85, 0.95]; on the map this cell's coverage was 0.90 (100 draws).
+# land in [0.85, 0.95]; on the map this cell's coverage was 0.90 (100 draws). Since session 63 the default
+# interval is widened over the rotation sets on the reliable rows (`rotation_widening`): on these draws it widens
+# 5% and 25% of them and no row's coverage changes (0.920 and 0.934 either way;
+# benchmarks/results/estimator_map/quadratic_map/session62/runs.txt).
 COVERAGE_DRAWS = 200
 
 

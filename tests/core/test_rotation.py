@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from ntps_nb.core.estimators import GAP_MIN, ntps_estimate
+from ntps_nb.core.estimators import GAP_MIN, FlagNotCalibratedWarning, ntps_estimate
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.rotation import (PLANE_RTOL, SET_ANGLES, STABLE_ATOL, ntps_over_rotations, plane_replicates,
-                                   rotation_interval, rotation_sets, rotation_widening)
+from ntps_nb.core.rotation import (INTERVAL_DESCRIPTIONS, PLANE_RTOL, SET_ANGLES, STABLE_ATOL, WIDENED_DESCRIPTION,
+                                   interval_description, ntps_over_rotations, plane_replicates, rotation_interval,
+                                   rotation_sets, rotation_widening, widened_rows)
 from ntps_nb.core.score import theory_geometry
 from ntps_nb.core.simulate import factor_model, lds_model, markov_model, pair_shards, sample_shards
 from ntps_nb.core.subspaces import RANGE_RTOL, next_token_subspace, perception_subspace
@@ -232,8 +233,8 @@ def test_the_widening_joins_the_reliable_rows_interval_with_the_rotation_interva
     # test, whose reliable row at k = 1 the widening moves (and whose row at k = 2 it leaves)
     shards = _nearly_tied_draw()
     ks = [1, 2, 3, 4]
-    plain = ntps_estimate(shards, ks, seed=465)
-    widened = ntps_estimate(shards, ks, seed=465, rotation_widening=True)
+    plain = ntps_estimate(shards, ks, seed=465, rotation_widening=False)
+    widened = ntps_estimate(shards, ks, seed=465)  # the default since session 63
     assert {"lower_unwidened", "upper_unwidened", "rotation_U", "rotation_V"} <= set(widened.columns)
     assert not {"lower_unwidened", "rotation_U"} & set(plain.columns)
     np.testing.assert_array_equal(widened["lower_unwidened"], plain["lower"])
@@ -251,11 +252,32 @@ def test_the_widening_joins_the_reliable_rows_interval_with_the_rotation_interva
     alone = rotation_widening(shards, plain, level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL)
     np.testing.assert_allclose(alone[["lower", "upper", "lower_unwidened", "upper_unwidened"]],
                                widened[["lower", "upper", "lower_unwidened", "upper_unwidened"]], rtol=0, atol=1e-12)
+    # how the report and the layer profiles name the rows: widened where the flag accepted, as before elsewhere
+    np.testing.assert_array_equal(widened_rows(widened), reliable)
+    assert not widened_rows(plain).any()
+    assert [interval_description(kind, flag) for kind, flag in zip(widened["interval"], widened_rows(widened))] == [
+        f"{INTERVAL_DESCRIPTIONS['quadratic']}, {WIDENED_DESCRIPTION}" if flag else INTERVAL_DESCRIPTIONS["quadratic"]
+        for flag in reliable]
     # the rotation interval widens every row already: the option changes nothing there
     rotation = ntps_estimate(shards, ks, seed=465, interval="rotation")
     np.testing.assert_array_equal(rotation["lower"], ntps_estimate(shards, ks, seed=465, interval="rotation",
                                                                    rotation_widening=True)["lower"])
-    assert "lower_unwidened" not in rotation.columns
+    assert "lower_unwidened" not in rotation.columns and not widened_rows(rotation).any()
+    assert interval_description("rotation", True) == INTERVAL_DESCRIPTIONS["rotation"]
+
+
+def test_the_widening_leaves_an_uncalibrated_estimators_rows_as_they_are_unless_its_flag_is_asked_for():
+    # the plug-in's rows are never reliable (its flag is not calibrated), so none is widened and no column is added;
+    # with flag_any_estimator, the research setting of the estimator map, its rows meeting the conditions are
+    shards = _nearly_tied_draw()
+    with pytest.warns(FlagNotCalibratedWarning):
+        plugin = ntps_estimate(shards, [1, 2, 3, 4], seed=465, estimator="plugin")
+    assert "lower_unwidened" not in plugin.columns and not widened_rows(plugin).any()
+    research = ntps_estimate(shards, [1, 2, 3, 4], seed=465, estimator="plugin", flag_any_estimator=True)
+    assert research["reliable"].any()
+    assert (widened_rows(research) >= research["reliable"]).all()
+    np.testing.assert_array_equal(research["lower_unwidened"], plugin["lower"])
+    np.testing.assert_array_equal(research["upper_unwidened"], plugin["upper"])
 
 
 def test_the_widening_holds_the_population_value_on_a_nearly_tied_draw_the_flag_accepts():

@@ -1657,12 +1657,13 @@ def test_a_new_study_gets_ntps_estimates_calibrated_interval_and_flag_and_the_co
     assert study.load_config(new, shards=3).estimate_interval == "jackknife"  # too few shards for its halves
     assert "estimate_interval" not in study.load_config(new, estimator="plugin").settings()  # committed value
     assert cfg.estimate_stationary_flag is True and cfg.settings()["estimate_stationary_flag"] is True
-    assert cfg.estimate_rotation_widening is False and "estimate_rotation_widening" not in cfg.settings()  # an option
+    assert cfg.estimate_rotation_widening is True and cfg.settings()["estimate_rotation_widening"] is True
     committed = study.load_config(new, estimate_interval="jackknife", estimate_rotation_flag=False,
                                   estimate_stationary_flag=False, estimate_rotation_widening=False)
     assert not set(ESTIMATES_SETTINGS) & set(committed.settings())
     programmatic = study.StudyConfig(name="t", models=("m",), datasets=("d",), estimator="richardson")
     assert programmatic.estimate_interval == "quadratic" and programmatic.estimate_rotation_flag is True
+    assert programmatic.estimate_rotation_widening is True
     for path in sorted(STUDIES.glob("*.toml")):  # every committed study says what its units used
         settings = study.load_config(path).settings()
         assert not set(ESTIMATES_SETTINGS) & set(settings), path
@@ -2241,12 +2242,13 @@ def test_estimate_stationary_flag_narrows_the_estimates_flag_and_keys_only_the_e
 
 def test_estimate_rotation_widening_widens_only_the_reliable_rows_and_keys_only_the_estimates(tmp_path, tiny_llama):
     """The reliable rows' interval widened over the rotation sets (`ntps_estimate`'s ``rotation_widening``) as a
-    study setting: off unless set, as in `ntps_estimate` (so the committed studies' hashes stand); turning it on
-    recomputes the estimates stage alone, keeps the interval before it as lower_unwidened / upper_unwidened and
-    leaves the estimates, the flag and the unreliable rows' intervals as they were. (The tiny model's rows are not
+    study setting: on unless set, as in `ntps_estimate`, off in the committed studies (their units were computed
+    without it, so their hashes stand); turning it on recomputes the estimates stage alone, keeps the interval
+    before it as lower_unwidened / upper_unwidened and leaves the estimates, the flag and the unreliable rows'
+    intervals as they were. (The tiny model's rows are not
     reliable, so no row is widened here: the widening itself is pinned in tests/core/test_rotation.py.)"""
     assert study.load_config(STUDIES / "default.toml").estimate_rotation_widening is False
-    assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_rotation_widening is False
+    assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_rotation_widening is True
     _an_estimates_setting("estimate_rotation_widening", True, "yes", "estimate_rotation_widening must be true or false")
     plain, widened = _estimates_without_and_with(tmp_path, tiny_llama, "estimate_rotation_widening")
     assert {"lower_unwidened", "upper_unwidened"} <= set(widened.columns)

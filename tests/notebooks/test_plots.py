@@ -177,6 +177,23 @@ def test_interval_bars_from_the_estimates_table_contain_their_own_estimate():
     _check_legends_and_caption(fig, "study synthetic", "estimator richardson", "jackknife", "reliable flag is False")
 
 
+def test_interval_points_name_the_widened_rows_of_a_study_with_the_rotation_widening():
+    # a study run with estimate_rotation_widening (a new study's default) keeps the interval before it and the
+    # rotation kept; the rows the flag accepted are named widened, the others as the interval they have
+    from ntps_nb.core.rotation import INTERVAL_DESCRIPTIONS, WIDENED_DESCRIPTION
+
+    tables = _tables(estimates=True)
+    est = tables["estimates"]
+    tables["estimates"] = est.assign(lower_unwidened=est["lower"], upper_unwidened=est["upper"],
+                                     rotation_U=np.where(est["reliable"], 0.1, np.nan))
+    points = study.interval_points(tables, model="smollm2-135m", k=8)
+    plain = f"90% {INTERVAL_DESCRIPTIONS['jackknife']}, around the richardson estimate"
+    widened = f"90% {INTERVAL_DESCRIPTIONS['jackknife']}, {WIDENED_DESCRIPTION}, around the richardson estimate"
+    assert points["interval"].tolist() == [widened if flag else plain for flag in points["reliable"]]
+    assert set(points["interval"]) == {plain, widened}
+    assert set(study.interval_points(_tables(estimates=True), model="smollm2-135m", k=8)["interval"]) == {plain}
+
+
 def test_bootstrap_intervals_are_drawn_around_their_own_centre_and_the_caption_says_so():
     tables = _tables(estimates=False)
     points = study.interval_points(tables, model="smollm2-135m", k=8)
