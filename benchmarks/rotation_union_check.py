@@ -3,17 +3,18 @@ into the band, and what does it cost elsewhere? (issue 21, item 4's lower side; 
 interval widened over the rotation sets", session 60.)
 
 Each draw of a spec's populations is estimated with `ntps_estimate`'s defaults (richardson, the quadratic interval,
-the whole flag, its stationary condition included). On the rows the flag accepts, the interval is widened over NTPS's
-range on the selective rotation sets of the pairs at k (session 25's construction, which ``interval="rotation"``
-joins with the jackknife-t interval on every row): since session 60 the package's option
-``ntps_estimate(rotation_widening=True)`` (`ntps_nb.core.rotation.rotation_widening`, not the default: the report
-below is why), which keeps the interval before it; with ``--join-here`` this script
-joins `rotation_interval`'s sets with the interval of ``ntps_estimate(rotation_widening=False)`` itself, as session
-60's first runs did before the package had the widening (the same numbers: `tests/core/test_rotation.py`). The frame
-keeps both intervals (lower / upper before, lower_union / upper_union after); the report gives, per cell of accepted
-rows, the coverage of each with the exact band tests (cells of >= 10 rows), and the widened interval's median width
-over the default's. With ``--refuse-above`` it also tallies an alternative to the widening (session 61): refusing
-the rows the widening would widen more than a ceiling, and keeping the default interval on the rest.
+the whole flag, its stationary condition included). On the rows the flag accepts, the interval is widened over
+NTPS's range on the selective rotation sets of the pairs at k (session 25's construction, which
+``interval="rotation"`` joins with the jackknife-t interval on every row): since session 60 the package's option
+``ntps_estimate(rotation_widening=True)`` (`ntps_nb.core.rotation.rotation_widening`, its default since session 63,
+after session 62's report by acceptance rate, `acceptance_coverage.py`), which keeps the interval before it; with
+``--join-here`` this script joins `rotation_interval`'s sets with the interval of
+``ntps_estimate(rotation_widening=False)`` itself, as session 60's first runs did before the package had the
+widening (the same numbers: `tests/core/test_rotation.py`). The frame keeps both intervals (lower / upper before,
+lower_union / upper_union after); the report gives, per cell of accepted rows, the coverage of each with the exact
+band tests (cells of >= 10 rows), and the widened interval's median width over the default's. With
+``--refuse-above`` it also tallies an alternative to the widening (session 61): refusing the rows the widening would
+widen more than a ceiling, and keeping the default interval on the rest.
 
     python benchmarks/rotation_union_check.py --cells SPEC.json --out CSV [--processes 2]
     python benchmarks/rotation_union_check.py --report CSV... [--refuse-above 3 2]

@@ -221,7 +221,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="unseen_family.csv.gz")
     parser.add_argument("--rotation-widening", action="store_true",
-                        help="ntps_estimate(rotation_widening=True); the report then compares the interval before it")
+                        help="ntps_estimate(rotation_widening=True), its default since session 63; the report then "
+                             "compares the interval before it. Without it the rows are ntps_estimate(rotation_widening="
+                             "False)'s, as the frames of sessions 35-59 were computed")
     args = parser.parse_args()
     if args.report is not None:
         report(args.report)
