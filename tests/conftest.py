@@ -22,6 +22,27 @@ os.environ.setdefault("NTPS_NB_ANALYSIS_PROCESSES", str(len(os.sched_getaffinity
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--torch-device", default=None,
+                     help="the torch device the torch test files solve on (tests/core/torch_device.py; default cpu), "
+                          "e.g. cuda: the same tests, each device= of theirs on that device, against numpy's results")
+
+
+def pytest_configure(config):
+    """``--torch-device`` for the torch test files: checked here (a clear error, not every torch test failing), then
+    handed to them, and to the fresh interpreters some of them start, through NTPS_NB_TEST_DEVICE."""
+    device = config.getoption("--torch-device")
+    if device is None:
+        return
+    try:
+        import torch
+
+        torch.zeros(1, device=device)
+    except Exception as error:  # no torch, an unknown device, no such device on this machine
+        raise pytest.UsageError(f"--torch-device {device!r} cannot be used here: {type(error).__name__}: {error}")
+    os.environ["NTPS_NB_TEST_DEVICE"] = device
+
+
 def _load(name):
     from ntps_nb.models import load_model
 

@@ -22,6 +22,7 @@ from ntps_nb.core.intervals import ShardStack, _Curve, _evaluate, bootstrap_coun
 from ntps_nb.core.score import theory_geometry  # noqa: E402
 from ntps_nb.core.subspaces import nested_orthonormal_basis  # noqa: E402
 from tests.core.fresh import run_fresh  # noqa: E402
+from tests.core.torch_device import DEVICE  # noqa: E402
 
 #: Agreement with numpy, relative to the largest magnitude of the quantity compared (float64).
 AGREEMENT = 1e-9
@@ -76,7 +77,7 @@ CASES = {
 def test_theory_sweep_equals_numpy(case, seed):
     m = moments(np.random.default_rng(seed), **case)
     want = ntps_sweep(m, variant="theory")
-    got = theory_sweep_torch(m, device="cpu")
+    got = theory_sweep_torch(m, device=DEVICE)
     assert_frames_agree(got, want)
     geometry, reference = theory_geometry_torch(m), theory_geometry(m)
     assert (geometry.r_U, geometry.r_V, geometry.m) == (reference.r_U, reference.r_V, reference.m)
@@ -361,12 +362,12 @@ def test_replicates_of_fewer_texts_than_dimensions_are_whitened_inside_the_shard
     from ntps_nb.core.simulate import factor_model, sample_shards
 
     shards = sample_shards(factor_model(d=64, n_classes=3, gap="separated", seed=0), 30, 6, np.random.default_rng(0))
-    stack = backend.TorchShardStack(shards, centred=False, dtype=torch.float64, device=torch.device("cpu"))
+    stack = backend.TorchShardStack(shards, centred=False, dtype=torch.float64, device=torch.device(DEVICE))
     R, R_perp = stack.range_basis()
     assert R.shape == (64, 30) and R_perp.shape == (64, 34)
     assert backend.TorchShardStack(shards, centred=False, dtype=torch.float32,
-                                   device=torch.device("cpu")).range_basis() is None  # float32: whole space
-    assert np.abs((R.mT @ R_perp).numpy()).max() <= AGREEMENT
+                                   device=torch.device(DEVICE)).range_basis() is None  # float32: whole space
+    assert np.abs((R.mT @ R_perp).cpu().numpy()).max() <= AGREEMENT
     want = ntps_interval_sweep(shards, n_boot=20, seed=1)
     ks = np.array([3, 4, 8, 16, 40])
     want_estimate = ntps_estimate(shards, ks)
@@ -383,11 +384,11 @@ def test_replicates_of_fewer_texts_than_dimensions_are_whitened_inside_the_shard
         monkeypatch.setattr(backend, "RANGE_BASIS_SAFETY", safety)
         sizes.clear()
         assert_frames_agree(interval_sweep_torch(shards, n_boot=20, seed=1)[at_m], want[at_m])
-        assert_frames_agree(ntps_estimate(shards, ks, device="cpu"), want_estimate)
+        assert_frames_agree(ntps_estimate(shards, ks, device=DEVICE), want_estimate)
         assert 30 in sizes and (64 in sizes) == (safety < 0)  # the whole space only where the check fails
     # centred: the pooled range loses the mean's direction (29 dimensions), the replicates stay inside it
     monkeypatch.undo()
-    centred = backend.TorchShardStack(shards, centred=True, dtype=torch.float64, device=torch.device("cpu"))
+    centred = backend.TorchShardStack(shards, centred=True, dtype=torch.float64, device=torch.device(DEVICE))
     assert centred.range_basis()[0].shape == (64, 29)
     want = ntps_interval_sweep(shards, n_boot=20, seed=1, centred=True)
     at_m = (want["k_U"] == want["m"]).to_numpy()
@@ -450,8 +451,8 @@ def test_every_torch_sweep_says_what_ntps_sweep_says_at_the_callers_line():
               "        warnings.simplefilter('always')\n")
     calls = ["ntps_sweep(shards)", "ntps_sweep_torch(shards)", "theory_sweep_torch(shards)",
              "ntps_sweep(shards, estimator='richardson')", "ntps_sweep_torch(shards, estimator='richardson')",
-             "richardson_sweep_torch(shards)", "ntps_sweep(shards, device='cpu')",
-             "ntps_sweep(shards, estimator='richardson', device='cpu')"]
+             "richardson_sweep_torch(shards)", f"ntps_sweep(shards, device={DEVICE!r})",
+             f"ntps_sweep(shards, estimator='richardson', device={DEVICE!r})"]
     code = (header + "".join(f"        {call}\n" for call in calls)
             + "    said.append([(w.category.__name__, w.filename, w.lineno) for w in caught "
               "if w.category.__module__.startswith('ntps_nb')])\n"
@@ -481,20 +482,21 @@ def test_ntps_sweep_and_ntps_interval_sweep_solve_on_the_torch_device_they_are_g
     for name in ("ntps_sweep_torch", "interval_sweep_torch"):
         original = getattr(backend, name)
         monkeypatch.setattr(backend, name, lambda *a, _f=original, _n=name, **kw: handed.append(_n) or _f(*a, **kw))
-    assert backends.analysis_backend("cpu") is backend
+    assert backends.analysis_backend(DEVICE) is backend
     shards = task_shards
     for estimator in ("plugin", "richardson"):
-        assert_frames_agree(ntps_sweep(shards, estimator=estimator, device="cpu"),
+        assert_frames_agree(ntps_sweep(shards, estimator=estimator, device=DEVICE),
                             ntps_sweep(shards, estimator=estimator))
     for statistic in ("ntps", "excess_loss"):
-        assert_frames_agree(ntps_interval_sweep(shards, statistic=statistic, n_boot=12, device="cpu"),
+        assert_frames_agree(ntps_interval_sweep(shards, statistic=statistic, n_boot=12, device=DEVICE),
                             ntps_interval_sweep(shards, statistic=statistic, n_boot=12))
     assert handed == ["ntps_sweep_torch", "ntps_sweep_torch", "interval_sweep_torch", "interval_sweep_torch"]
-    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's sweeps; "
+    with pytest.raises(ValueError, match=f"device={DEVICE!r} solves the plug-in's and richardson's sweeps; "
                                          "estimator='jackknife' runs on the numpy code"):
-        ntps_sweep(shards, estimator="jackknife", device="cpu")
-    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's interval sweep; estimator='richardson'"):
-        ntps_interval_sweep(shards, estimator="richardson", n_boot=12, device="cpu")
+        ntps_sweep(shards, estimator="jackknife", device=DEVICE)
+    with pytest.raises(ValueError,
+                       match=f"device={DEVICE!r} solves the plug-in's interval sweep; estimator='richardson'"):
+        ntps_interval_sweep(shards, estimator="richardson", n_boot=12, device=DEVICE)
     code = ("import warnings\nimport numpy as np\n"
             "from ntps_nb.core.intervals import ntps_interval_sweep\n"
             "from ntps_nb.core.moments import moments_from_sequences\n"
@@ -503,7 +505,7 @@ def test_ntps_sweep_and_ntps_interval_sweep_solve_on_the_torch_device_they_are_g
             "shards = [moments_from_sequences(texts[2 * i:2 * i + 2], [i % 2] * 2, 2) for i in range(4)]\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
-            "    ntps_interval_sweep(shards, n_boot=40, device='cpu', progress=False)\n"
+            f"    ntps_interval_sweep(shards, n_boot=40, device={DEVICE!r}, progress=False)\n"
             "print([(w.filename, w.lineno) for w in caught if 'undefined geometry' in str(w.message)])\n")
     out = run_fresh(code)
     assert out.strip() == "[('<string>', 10)]"  # one warning (some resamples hold one class), at the call's line
@@ -524,7 +526,7 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
         monkeypatch.setattr(backend, name, lambda *a, _f=original, _n=name, **kw: handed.append(_n) or _f(*a, **kw))
     shards, other = task_shards, split_into_shards(synthetic_linear_task(n_texts=600, angle=1.0, seed=4), 12, seed=0)
     for options in (dict(k=3), dict(fraction=0.5), dict(k=2, centred=True), dict(k=2, estimator="richardson")):
-        assert abs(ntps(shards, device="cpu", **options) - ntps(shards, **options)) <= AGREEMENT, options
+        assert abs(ntps(shards, device=DEVICE, **options) - ntps(shards, **options)) <= AGREEMENT, options
     assert handed == ["ntps_torch"] * 4
 
     def agree(got, want):
@@ -539,12 +541,12 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
 
     one = dict(n_boot=20, seed=3, progress=False)
     for options in (dict(k=3), dict(fraction=0.5, method="bca"), dict(k=2, centred=True)):
-        agree(ntps_interval(shards, device="cpu", **options, **one), ntps_interval(shards, **options, **one))
-    agree(excess_loss_interval(shards, k=2, device="cpu", **one), excess_loss_interval(shards, k=2, **one))
+        agree(ntps_interval(shards, device=DEVICE, **options, **one), ntps_interval(shards, **options, **one))
+    agree(excess_loss_interval(shards, k=2, device=DEVICE, **one), excess_loss_interval(shards, k=2, **one))
     for paired in (True, False):
-        agree(ntps_difference(shards, other, k=3, paired=paired, device="cpu", **one),
+        agree(ntps_difference(shards, other, k=3, paired=paired, device=DEVICE, **one),
               ntps_difference(shards, other, k=3, paired=paired, **one))
-    assert_frames_agree(width_by_n(shards, 2, n_groups=3, device="cpu", **one),
+    assert_frames_agree(width_by_n(shards, 2, n_groups=3, device=DEVICE, **one),
                         width_by_n(shards, 2, n_groups=3, **one))
     assert handed.count("interval_replicates_torch") == 3 + 1 + 4 + 3  # a side per interval, 3 subsamples
 
@@ -553,14 +555,14 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
     well_posed = [moments(rng, 16, n_classes=20) for _ in range(4)]
     for precision, tol in (("float64", AGREEMENT), ("float32", FLOAT32_AGREEMENT)):
         options = dict(fraction=0.3, variant="reference", precision=precision)
-        assert abs(ntps(well_posed, device="cpu", **options) - ntps(well_posed, **options)) <= tol
-        got = ntps_interval(well_posed, device="cpu", **options, **one)
+        assert abs(ntps(well_posed, device=DEVICE, **options) - ntps(well_posed, **options)) <= tol
+        got = ntps_interval(well_posed, device=DEVICE, **options, **one)
         want = ntps_interval(well_posed, **options, **one)
         assert abs(got.estimate - want.estimate) <= tol and np.abs(got.replicates - want.replicates).max() <= tol
 
     with pytest.raises(ValueError, match="the excess-loss identity is about the theory variant"):
         backend.interval_replicates_torch(well_posed, np.ones((1, 4)), variant="reference", statistic="excess_loss")
-    for device in (None, "cpu"):  # the same errors on either backend
+    for device in (None, DEVICE):  # the same errors on either backend
         with pytest.raises(BeyondRankError, match="k = 99 is beyond the retained rank of C0"):
             ntps(shards, k=99, device=device)
         with pytest.raises(BeyondRankError, match="k = 99 is beyond the retained rank of C0"):
@@ -569,15 +571,16 @@ def test_the_one_k_functions_solve_on_the_torch_device_they_are_given(task_shard
             ntps(well_posed, k=2, variant="reference", device=device)
         with pytest.raises(ValueError, match="fraction 0.01 selects k_U = 0, k_V = 0 directions"):
             ntps(well_posed, fraction=0.01, variant="reference", device=device)
-    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's and richardson's values; "
+    with pytest.raises(ValueError, match=f"device={DEVICE!r} solves the plug-in's and richardson's values; "
                                          "estimator='jackknife' runs on the numpy code"):
-        ntps(shards, k=2, estimator="jackknife", device="cpu")
-    for call in (lambda: ntps_interval(shards, k=2, estimator="richardson", device="cpu", **one),
-                 lambda: width_by_n(shards, 2, n_groups=3, estimator="richardson", device="cpu", **one)):
-        with pytest.raises(ValueError, match="device='cpu' solves the plug-in's interval; estimator='richardson'"):
+        ntps(shards, k=2, estimator="jackknife", device=DEVICE)
+    for call in (lambda: ntps_interval(shards, k=2, estimator="richardson", device=DEVICE, **one),
+                 lambda: width_by_n(shards, 2, n_groups=3, estimator="richardson", device=DEVICE, **one)):
+        with pytest.raises(ValueError,
+                           match=f"device={DEVICE!r} solves the plug-in's interval; estimator='richardson'"):
             call()
-    with pytest.raises(ValueError, match="device='cpu' solves the plug-in's difference; estimator='richardson'"):
-        ntps_difference(shards, other, k=2, estimator="richardson", device="cpu", **one)
+    with pytest.raises(ValueError, match=f"device={DEVICE!r} solves the plug-in's difference; estimator='richardson'"):
+        ntps_difference(shards, other, k=2, estimator="richardson", device=DEVICE, **one)
 
 
 def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypatch):
@@ -597,7 +600,7 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     rng = np.random.default_rng(11)
     shards = [dataclasses.replace(moments(rng, 12, x_mean=True), n_texts=10 * (i + 1), n_tokens=70 * (i + 1) + i)
               for i in range(5)]  # unequal weights
-    where = backend.check_device(device="cpu")  # the GPU run of this file makes it "cuda"
+    where = backend.check_device(device=DEVICE)  # the GPU run of this file makes it "cuda"
     host, pooled = Moments.combine(shards), backend._Pooled.of(shards, where)
     for name in ("Sxx", "Sxy", "Syy", "C0", "C1", "x_mean"):
         assert np.array_equal(getattr(pooled, name).cpu().numpy(), getattr(host, name)), name
@@ -612,7 +615,7 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
     doubled = dataclasses.replace(shards[0], Sxx=2.0 * shards[0].Sxx)
     backend.keep_resident(shards[0].Sxx, torch.from_numpy(doubled.Sxx).to(where))
     want, before = theory_geometry(Moments.combine([doubled] + shards[1:])), theory_geometry(host)
-    got = theory_geometry_torch(shards, device="cpu")
+    got = theory_geometry_torch(shards, device=DEVICE)
     assert np.abs(want.eigenvalues - before.eigenvalues).max() > 1e3 * AGREEMENT  # the doubled Sxx is seen
     assert np.abs(got.eigenvalues - want.eigenvalues).max() <= AGREEMENT * np.abs(want.eigenvalues).max()
     shards[0] = dataclasses.replace(shards[0])  # a copy of the moments: its arrays are not the recorded ones
@@ -625,14 +628,14 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
 
     monkeypatch.setattr(Moments, "combine", staticmethod(refuse))
     one = dict(n_boot=10, progress=False)
-    assert abs(ntps(shards, 2, device="cpu") - expected["ntps"]) <= AGREEMENT
-    assert np.abs(ntps_sweep(shards, device="cpu")["ntps"].to_numpy() - expected["sweep"]).max() <= AGREEMENT
-    ntps_sweep(shards, centred=True, device="cpu")
-    ntps_sweep(shards, variant="reference", device="cpu")
+    assert abs(ntps(shards, 2, device=DEVICE) - expected["ntps"]) <= AGREEMENT
+    assert np.abs(ntps_sweep(shards, device=DEVICE)["ntps"].to_numpy() - expected["sweep"]).max() <= AGREEMENT
+    ntps_sweep(shards, centred=True, device=DEVICE)
+    ntps_sweep(shards, variant="reference", device=DEVICE)
     ntps_sweep_torch(shards, estimator="richardson", dtype=torch.float32)
-    ntps_interval(shards, 2, device="cpu", **one)
-    ntps_interval(shards, fraction=0.5, variant="reference", device="cpu", **one)
-    ntps_difference(shards, shards[::-1], k=2, device="cpu", **one)
+    ntps_interval(shards, 2, device=DEVICE, **one)
+    ntps_interval(shards, fraction=0.5, variant="reference", device=DEVICE, **one)
+    ntps_difference(shards, shards[::-1], k=2, device=DEVICE, **one)
     theory_geometry_torch(shards, centred=True)
     reference_geometry_torch(shards)
     *_, on_host = backend.pooled_subspaces_torch(shards, with_pooled=True)  # the rotation sets' pool
@@ -640,7 +643,7 @@ def test_shards_are_pooled_on_the_device_as_moments_combine_pools_them(monkeypat
         assert np.array_equal(getattr(on_host, name), getattr(host, name)), name
     assert (on_host.n_texts, on_host.n_tokens) == (host.n_texts, host.n_tokens)
     # the rotation interval's sets read the pool on the host: summed on the device since session 57
-    ntps_estimate(shards, [1, 2], device="cpu", interval="rotation", progress=False)
+    ntps_estimate(shards, [1, 2], device=DEVICE, interval="rotation", progress=False)
 
 
 def test_cuda_without_an_index_is_the_current_cuda_device(monkeypatch):
@@ -674,10 +677,11 @@ def test_ntps_and_ntps_interval_warn_at_the_callers_line_on_either_backend():
               "for shards, k in ((tied, 8), (noisy, 2), (noisy, 8), (few, 1)):\n"
               "    with warnings.catch_warnings(record=True) as caught:\n"
               "        warnings.simplefilter('always')\n")
-    pairs = [("ntps(shards, k=k)", "ntps(shards, k=k, device='cpu')"),
-             ("ntps(shards, k=k, estimator='richardson')", "ntps(shards, k=k, estimator='richardson', device='cpu')"),
+    pairs = [("ntps(shards, k=k)", f"ntps(shards, k=k, device={DEVICE!r})"),
+             ("ntps(shards, k=k, estimator='richardson')",
+              f"ntps(shards, k=k, estimator='richardson', device={DEVICE!r})"),
              ("ntps_interval(single, k=1, n_boot=40, progress=False)",  # shards of one class: resamples too
-              "ntps_interval(single, k=1, n_boot=40, progress=False, device='cpu')")]
+              f"ntps_interval(single, k=1, n_boot=40, progress=False, device={DEVICE!r})")]
     calls = [call for pair in pairs for call in pair]
     code = (header + "".join(f"        {call}\n" for call in calls)
             + "    said.append([(w.category.__name__, w.filename, w.lineno) for w in caught "
@@ -720,7 +724,7 @@ def test_estimate_by_n_on_torch_equals_numpy(monkeypatch):
         want = estimate_by_n(shards, [1, 2, 4], n_groups=n_groups)
         assert want["n_shards_used"].unique().tolist() == used
         assert want["inside_first"].notna().all() and not solved
-        assert_frames_agree(estimate_by_n(shards, [1, 2, 4], n_groups=n_groups, device="cpu"), want)
+        assert_frames_agree(estimate_by_n(shards, [1, 2, 4], n_groups=n_groups, device=DEVICE), want)
         assert solved == [n_groups] * len(used)  # every subsample on the backend, as n_groups groups
         solved.clear()
 
@@ -734,7 +738,7 @@ def test_estimate_by_n_reads_the_whole_space_as_inside_on_either_backend():
 
     shards = sample_shards(lds_model(d=32, n_classes=6, gap="moderate", seed=1), 2000, 40, np.random.default_rng(0))
     assert theory_geometry(Moments.combine(shards)).r_V == 32
-    for options in ({}, {"device": "cpu"}):
+    for options in ({}, {"device": DEVICE}):
         frame = estimate_by_n(shards, [32], n_groups=10, **options)
         assert np.abs(frame[["estimate", "lower", "upper"]].to_numpy(float) - 1).max() < INSIDE_ATOL
         assert frame["inside_first"].tolist() == [True] * 3, options

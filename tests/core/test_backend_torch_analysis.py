@@ -25,6 +25,7 @@ from ntps_nb.core.diagnostics import ReferenceFactorization, _perturb, ntps_diag
 from ntps_nb.core.intervals import ntps_interval_sweep  # noqa: E402
 from ntps_nb.core.moments import one_hot  # noqa: E402
 from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
+from tests.core.torch_device import DEVICE  # noqa: E402
 
 #: Agreement with numpy in float64, relative to the largest magnitude of the quantity (>= 1).
 AGREEMENT = 1e-9
@@ -76,16 +77,16 @@ BOTH_VARIANTS = dict(variant=["theory", "reference"], fraction=[0.2, 0.5, 0.9])
 def test_theory_diagnostics_equal_numpy(seed, centred):
     m, X, y = labelled_moments(seed, centred=centred)
     want = ntps_diagnostics(m, X, y, model="m", layer=2, **DIAGNOSTIC_OPTIONS)
-    assert_frames_agree(ntps_diagnostics(m, X, y, model="m", layer=2, device="cpu", **DIAGNOSTIC_OPTIONS), want)
+    assert_frames_agree(ntps_diagnostics(m, X, y, model="m", layer=2, device=DEVICE, **DIAGNOSTIC_OPTIONS), want)
     # no features: perturbations only
     options = {**DIAGNOSTIC_OPTIONS, "n_permutations": 0}
-    assert_frames_agree(ntps_diagnostics(m, device="cpu", **options), ntps_diagnostics(m, **options))
+    assert_frames_agree(ntps_diagnostics(m, device=DEVICE, **options), ntps_diagnostics(m, **options))
 
 
 def test_reference_diagnostics_equal_numpy_where_well_posed():
     m, X, y = labelled_moments(2, d=8, n_classes=12)  # C >= d: U has no arbitrary null-space columns
     options = {**DIAGNOSTIC_OPTIONS, **BOTH_VARIANTS}
-    got, want = ntps_diagnostics(m, X, y, device="cpu", **options), ntps_diagnostics(m, X, y, **options)
+    got, want = ntps_diagnostics(m, X, y, device=DEVICE, **options), ntps_diagnostics(m, X, y, **options)
     theory = got["variant"] == "theory"
     assert_frames_agree(got[theory], want[theory])
     assert_frames_agree(got, want, tol=FLOAT32_AGREEMENT)
@@ -96,13 +97,13 @@ def test_reference_null_and_perturbations_equal_numpy_in_float64():
     fractions = np.array([0.25, 0.5, 0.75])
     rng = np.random.default_rng(0)
     permuted = [m.with_labels(X.T @ one_hot(y[rng.permutation(y.size)], 12) / y.size, m.Syy) for _ in range(3)]
-    factor = _ReferenceFactor.of(m, precision="float64", tol=1e-8, span_rtol=1e-9, device=torch.device("cpu"))
-    got = factor.values(torch.from_numpy(np.stack([p.Sxy for p in permuted])), fractions)
+    factor = _ReferenceFactor.of(m, precision="float64", tol=1e-8, span_rtol=1e-9, device=torch.device(DEVICE))
+    got = factor.values(torch.from_numpy(np.stack([p.Sxy for p in permuted])).to(DEVICE), fractions)
     numpy_factor = ReferenceFactorization.from_moments(m, precision="float64")
     want = np.array([[numpy_factor.geometry(p).ntps(f) for f in fractions] for p in permuted])
     assert np.abs(got - want).max() <= AGREEMENT
     copies = [_perturb(m, 1e-6, rng) for _ in range(3)]
-    arrays = _perturbed_stack(copies, torch.float64, torch.device("cpu"))
+    arrays = _perturbed_stack(copies, torch.float64, torch.device(DEVICE))
     got, outcome = _reference_rows(arrays["Sxx"], arrays["Sxy"], arrays["C0"], arrays["C1"], np.ones(3, bool),
                                    fractions, precision="float64", tol=1e-8, span_rtol=1e-9)
     geometries = [reference_geometry(c, precision="float64") for c in copies]
@@ -152,16 +153,16 @@ def test_diagnostics_dispatch_and_errors():
         with pytest.raises(ValueError, match="device"):
             call("gpu")
     with pytest.raises(ValueError, match="n_permutations"):  # the numpy function's checks, in its order
-        ntps_diagnostics(m, device="cpu")
+        ntps_diagnostics(m, device=DEVICE)
     with pytest.raises(ValueError, match="do not reproduce"):
-        ntps_diagnostics(m, X[:, ::-1], y, device="cpu")
+        ntps_diagnostics(m, X[:, ::-1], y, device=DEVICE)
     assert_frames_agree(ntps_diagnostics(m, X, y, device="cpu-numpy", n_perturb=2, n_permutations=3),
                         ntps_diagnostics(m, X, y, n_perturb=2, n_permutations=3), exact=True)
 
 
 def test_bad_device_strings_raise_clear_errors():
     assert analysis_backend(None) is None and analysis_backend("cpu-numpy") is None
-    assert analysis_backend("cpu").__name__ == "ntps_nb.core.backends.torch"
+    assert analysis_backend(DEVICE).__name__ == "ntps_nb.core.backends.torch"
     for bad, message in (("gpu", "torch device name"), ("", "torch device name"), (3.5, "torch device name"),
                          ("meta", "cpu or cuda")):
         with pytest.raises(ValueError, match=message):
@@ -217,7 +218,7 @@ def test_probe_layers_least_squares_equal_sklearn(shape, ridge):
     features[1][0][:, 2] = 7.0  # a constant feature: StandardScaler's scale 1
     options = dict(n_classes=3, protocol=["heldout", "paper_in_sample"], ridge=ridge, model="x")
     want = probes.probe_layers(features, y_train, y_test, **options)
-    got = probes.probe_layers(features, y_train, y_test, device="cpu", **options)
+    got = probes.probe_layers(features, y_train, y_test, device=DEVICE, **options)
     # the held-out logistic probe is fitted by another solver on the device (its own test file
     # checks it against sklearn): it names itself and counts its own iterations
     heldout = (want["protocol"] == "heldout").to_numpy()
@@ -225,7 +226,7 @@ def test_probe_layers_least_squares_equal_sklearn(shape, ridge):
     assert list(want["solver"]) == ["lbfgs" if h else "saga" for h in heldout]
     assert np.array_equal(got["n_iter"][~heldout], want["n_iter"][~heldout])
     assert_frames_agree(got.drop(columns=["solver", "n_iter"]), want.drop(columns=["solver", "n_iter"]))
-    row = probes.heldout_probe(features[2][0], y_train, features[2][1], y_test, ridge=ridge, n_classes=3, device="cpu")
+    row = probes.heldout_probe(features[2][0], y_train, features[2][1], y_test, ridge=ridge, n_classes=3, device=DEVICE)
     assert abs(row["mse"] - want.query("layer == 2 and protocol == 'heldout'")["mse"].item()) <= AGREEMENT
 
 
@@ -254,11 +255,11 @@ def test_peers_on_torch_equal_numpy(shape):
     X = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + one_hot(y, 4) @ rng.standard_normal((4, d))
     for name in peers.DEVICE_PEERS:
         want = peers.PEERS[name](X, y)
-        assert abs(peers.PEERS[name](X, y, device="cpu") - want) <= AGREEMENT * max(1.0, abs(want)), name
-    assert_frames_agree(peers.logme_per_class(X, y, device="cpu"), peers.logme_per_class(X, y))
-    assert abs(peers.h_score_ledoit_wolf(X, y, scale_between=False, device="cpu")
+        assert abs(peers.PEERS[name](X, y, device=DEVICE) - want) <= AGREEMENT * max(1.0, abs(want)), name
+    assert_frames_agree(peers.logme_per_class(X, y, device=DEVICE), peers.logme_per_class(X, y))
+    assert abs(peers.h_score_ledoit_wolf(X, y, scale_between=False, device=DEVICE)
                - peers.h_score_ledoit_wolf(X, y, scale_between=False)) <= AGREEMENT
-    got, want = peers.peer_scores(X, y, device="cpu", layer=3), peers.peer_scores(X, y, layer=3)
+    got, want = peers.peer_scores(X, y, device=DEVICE, layer=3), peers.peer_scores(X, y, layer=3)
     assert got.keys() == want.keys()
     assert all(abs(got[k] - want[k]) <= AGREEMENT * max(1.0, abs(want[k])) for k in peers.PEERS)
 
@@ -267,5 +268,5 @@ def test_pca_overlap_control_on_torch_equals_numpy():
     task = synthetic_linear_task(n_texts=300, seed=1)
     m = task.moments
     assert m.Shh is not None
-    assert_frames_agree(peers.pca_overlap_sweep(m, device="cpu"), peers.pca_overlap_sweep(m))
-    assert abs(peers.pca_overlap_ntps(m, 3, device="cpu") - peers.pca_overlap_ntps(m, 3)) <= AGREEMENT
+    assert_frames_agree(peers.pca_overlap_sweep(m, device=DEVICE), peers.pca_overlap_sweep(m))
+    assert abs(peers.pca_overlap_ntps(m, 3, device=DEVICE) - peers.pca_overlap_ntps(m, 3)) <= AGREEMENT

@@ -20,6 +20,7 @@ from ntps_nb.core.score import (BeyondRankError, BeyondRankWarning, Interpolatio
 from ntps_nb.core.simulate import (factor_model, lds_model, markov_model, moments_of_array, reflection_model,
                                    sample_shards)
 from tests.core.fresh import run_fresh
+from tests.core.torch_device import DEVICE
 
 KS = np.array([1, 2, 4])
 #: "debiased" is not confined to [0, 1], but where defined it stays of NTPS's order (its largest here: 1.07).
@@ -319,7 +320,7 @@ def test_the_flag_says_unreliable_at_a_stationary_point_where_the_interval_over_
     pd.testing.assert_frame_equal(before, after.drop(columns="stationary_distance").assign(reliable=before["reliable"]))
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize("device", [None, DEVICE])
 def test_without_the_stationary_condition_no_angle_is_computed(monkeypatch, device):
     """``stationary_flag=False`` (the committed studies' estimates stage) gives the frame without the column and
     computes no principal angle for it, on numpy and on the torch backend."""
@@ -763,7 +764,7 @@ def test_the_interpolation_warning_names_the_largest_part_that_interpolates():
     shards = sample_shards(model, 40, 10, np.random.default_rng(2))
     [message] = _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2]))
     assert message.startswith("a half of the richardson estimator's split less a shard: 16 texts")
-    assert _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2], device="cpu")) == [message]  # torch
+    assert _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2], device=DEVICE)) == [message]  # torch
     assert not _interpolation_warnings(lambda: ntps(shards, k=1, estimator="richardson"))
     assert not _interpolation_warnings(lambda: ntps_estimate(shards, [1, 2], estimator="plugin"))
     fewer = sample_shards(model, 30, 10, np.random.default_rng(2))
@@ -874,7 +875,7 @@ def test_estimate_by_n_names_the_subsample_of_each_warning_at_the_callers_line()
     assert "the first 4 shards (16 texts): the pooled moments: 16 texts" in said[0][3]
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize("device", [None, DEVICE])
 def test_ntps_estimate_says_which_k_are_beyond_the_rank_of_c0(device):
     """A k beyond C0's retained rank has no NTPS: `ntps` raises, and `ntps_estimate`, which reports a row for
     every k it is given, returns NaN there and says so once, naming those k and r_V (on either backend).

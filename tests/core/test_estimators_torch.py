@@ -14,6 +14,7 @@ from ntps_nb.core.estimators import (DEVICE_ESTIMATORS, ESTIMATORS, ntps_estimat
                                      subspace_noise)
 from ntps_nb.core.simulate import factor_model, lds_model, moments_of_array, sample_shards  # noqa: E402
 from tests.core.test_rotation import _nearly_tied_draw  # noqa: E402
+from tests.core.torch_device import DEVICE  # noqa: E402
 
 #: Agreement with numpy in float64, relative to the largest magnitude of the column (>= 1).
 AGREEMENT = 1e-9
@@ -91,7 +92,7 @@ def shard_sets():
 def numpy_and_torch(function, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return function(*args, **kwargs), function(*args, device="cpu", **kwargs)
+        return function(*args, **kwargs), function(*args, device=DEVICE, **kwargs)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -143,21 +144,21 @@ def test_batches_of_combinations_equal_one_batch(shard_sets):
     shards, ks = shard_sets["lds, C = 6"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert_frames_agree(ntps_estimate(shards, ks, device="cpu", batch_size=3),
-                            ntps_estimate(shards, ks, device="cpu", batch_size=64))
+        assert_frames_agree(ntps_estimate(shards, ks, device=DEVICE, batch_size=3),
+                            ntps_estimate(shards, ks, device=DEVICE, batch_size=64))
 
 
 def test_estimators_without_a_torch_path_are_refused(shard_sets):
     shards, ks = shard_sets["factor, C = 2"]
     for estimator in sorted(set(ESTIMATORS) - set(DEVICE_ESTIMATORS)):
         with pytest.raises(ValueError, match="device=None"):
-            ntps_estimate(shards, ks, estimator=estimator, device="cpu")
+            ntps_estimate(shards, ks, estimator=estimator, device=DEVICE)
     with pytest.raises(ValueError, match="estimator must be one of"):
-        ntps_estimate(shards, ks, estimator="nope", device="cpu")
+        ntps_estimate(shards, ks, estimator="nope", device=DEVICE)
     with pytest.raises(ValueError, match="at least 3 shards"):
-        ntps_estimate(shards[:2], ks, estimator="plugin", device="cpu")
+        ntps_estimate(shards[:2], ks, estimator="plugin", device=DEVICE)
     with pytest.raises(ValueError, match="at least 4 shards for estimator='richardson'"):
-        ntps_estimate(shards[:3], ks, device="cpu")
+        ntps_estimate(shards[:3], ks, device=DEVICE)
     with pytest.raises(ValueError, match="device must be"):
         ntps_estimate(shards, ks, device=3)
     # the count of combinations its bar shows refuses what ntps_estimate_torch refuses
@@ -192,16 +193,16 @@ def test_the_richardson_sweep_on_a_device_is_numpys(case, seed):
         model = factor_model(d=16, n_classes=4, n_tokens=6, seed=1)
         shards = sample_shards(model, 400, 2 if case == "two_halves" else N_SHARDS, np.random.default_rng(seed))
     want = ntps_sweep(shards, variant="theory", estimator="richardson", seed=seed)
-    got = ntps_sweep_torch(shards, variant="theory", estimator="richardson", seed=seed, device="cpu")
+    got = ntps_sweep_torch(shards, variant="theory", estimator="richardson", seed=seed, device=DEVICE)
     assert_frames_agree(got, want)
     if case == "single_class_half":
         assert want["ntps"].isna().all()
     else:
         assert np.isfinite(want["ntps"]).sum() >= 3  # the comparison is not between NaNs
     with pytest.raises(ValueError, match="at least 2 shards"):
-        ntps_sweep_torch(shards[:1], estimator="richardson", device="cpu")
+        ntps_sweep_torch(shards[:1], estimator="richardson", device=DEVICE)
     with pytest.raises(ValueError, match="computes the plug-in and, on the theory variant, 'richardson'"):
-        ntps_sweep_torch(shards, variant="reference", estimator="richardson", device="cpu")
+        ntps_sweep_torch(shards, variant="reference", estimator="richardson", device=DEVICE)
 
 
 def test_the_quadratic_intervals_cap_on_torch_equals_numpy_at_20_shards():
@@ -285,10 +286,10 @@ def test_the_rotation_sets_on_torch_read_the_devices_pooled_solve(monkeypatch):
     monkeypatch.setattr(Moments, "combine", staticmethod(counting))
     for interval, frame in want.items():
         combined.clear()
-        assert_frames_agree(ntps_estimate(shards, ks, interval=interval, device="cpu"), frame)
+        assert_frames_agree(ntps_estimate(shards, ks, interval=interval, device=DEVICE), frame)
         assert combined == []
     combined.clear()
-    frame = ntps_estimate(shards, ks, interval="jackknife", rotation_flag=False, device="cpu")
+    frame = ntps_estimate(shards, ks, interval="jackknife", rotation_flag=False, device=DEVICE)
     assert frame["reliable"].any() and combined == []
 
 
@@ -307,7 +308,7 @@ def test_the_pooled_geometry_on_torch_is_numpys_from_the_shards_combined_on_the_
         raise AssertionError("the shards were combined on the host")
 
     monkeypatch.setattr(Moments, "combine", staticmethod(no_combine))
-    got = pooled_geometry_torch(shards, device="cpu")
+    got = pooled_geometry_torch(shards, device=DEVICE)
     assert (got.r_V, got.r_U, got.m) == (want.r_V, want.r_U, want.m)
     np.testing.assert_allclose(got.eigenvalues, want.eigenvalues, rtol=AGREEMENT)
     np.testing.assert_allclose(got.projected, want.projected, atol=AGREEMENT)

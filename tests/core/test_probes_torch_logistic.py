@@ -17,6 +17,7 @@ from ntps_nb.core.backends.torch import (  # noqa: E402
     logistic_probe_torch,
 )
 from tests.core.shapes import unchecked_shapes  # noqa: E402
+from tests.core.torch_device import DEVICE  # noqa: E402
 
 #: Both solvers iterated to this gradient tolerance (sklearn's max-abs test on its mean objective).
 TIGHT_TOL = 1e-10
@@ -128,20 +129,20 @@ def test_probe_layers_and_heldout_probe_on_the_device_equal_sklearn():
     features = {0: (Xtr, Xte), 3: (Xtr * 0.5 + np.sin(Xtr), Xte * 0.5 + np.sin(Xte))}
     options = dict(n_classes=3, protocol=["heldout", "paper_in_sample"], model="m")
     want = probes.probe_layers(features, ytr, yte, **options)
-    got = probes.probe_layers(features, ytr, yte, device="cpu", **options)
+    got = probes.probe_layers(features, ytr, yte, device=DEVICE, **options)
     heldout = (got["protocol"] == "heldout").to_numpy()
     assert list(got["solver"]) == [LOGISTIC_SOLVER if h else "saga" for h in heldout]
     assert got["converged"].all() and (got["n_iter"] >= 1).all()
     np.testing.assert_array_equal(got["accuracy"], want["accuracy"])  # saga in sample: the same host fit
     np.testing.assert_array_equal(got["n_iter"][~heldout], want["n_iter"][~heldout])
-    row = probes.heldout_probe(features[3][0], ytr, features[3][1], yte, n_classes=3, device="cpu")
+    row = probes.heldout_probe(features[3][0], ytr, features[3][1], yte, n_classes=3, device=DEVICE)
     assert row["solver"] == LOGISTIC_SOLVER
     assert row["accuracy"] == got.query("layer == 3 and protocol == 'heldout'")["accuracy"].item()
-    _, predicted = probes.heldout_probe(features[3][0], ytr, features[3][1], yte, n_classes=3, device="cpu",
+    _, predicted = probes.heldout_probe(features[3][0], ytr, features[3][1], yte, n_classes=3, device=DEVICE,
                                         return_predictions=True)
     assert np.mean(predicted == yte) == row["accuracy"]
     with pytest.warns(probes.ProbeConvergenceWarning, match="did not converge"):
-        capped = probes.heldout_probe(Xtr, ytr, Xte, yte, n_classes=3, max_iter=1, device="cpu")
+        capped = probes.heldout_probe(Xtr, ytr, Xte, yte, n_classes=3, max_iter=1, device=DEVICE)
     assert not capped["converged"] and capped["n_iter"] == 1
 
 
@@ -151,7 +152,7 @@ def test_cv_probe_on_the_device_chooses_sklearns_C(scoring, class_weight):
     options = dict(n_classes=3, Cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), scoring=scoring, class_weight=class_weight,
                    seed=3, tol=TIGHT_TOL)  # at the default 1e-6 the fold scores of large C agree to ~1e-5
     want = probes.cv_logistic_probe(Xtr, ytr, Xte, yte, **options)
-    got = probes.cv_logistic_probe(Xtr, ytr, Xte, yte, device="cpu", **options)
+    got = probes.cv_logistic_probe(Xtr, ytr, Xte, yte, device=DEVICE, **options)
     assert got.row["logreg_C"] == want.row["logreg_C"] and got.row["solver"] == LOGISTIC_SOLVER
     assert got.row["accuracy"] == want.row["accuracy"] and got.row["converged"]
     assert got.row["train_accuracy"] == want.row["train_accuracy"]
@@ -181,12 +182,12 @@ def test_bad_input_raises_the_numpy_paths_errors_on_the_device():
     with unchecked_shapes():
         for what, (a, b, c, e) in bad_inputs:
             message = raised(probes.heldout_probe, a, b, c, e, n_classes=3)
-            assert raised(probes.heldout_probe, a, b, c, e, n_classes=3, device="cpu") == message, what
+            assert raised(probes.heldout_probe, a, b, c, e, n_classes=3, device=DEVICE) == message, what
             message = raised(probes.probe_layers, {1: (a, c)}, b, e, n_classes=3)
-            assert raised(probes.probe_layers, {1: (a, c)}, b, e, n_classes=3, device="cpu") == message, what
+            assert raised(probes.probe_layers, {1: (a, c)}, b, e, n_classes=3, device=DEVICE) == message, what
             message = raised(probes.cv_logistic_probe, a, b, c, e, n_classes=3)
-            assert raised(probes.cv_logistic_probe, a, b, c, e, n_classes=3, device="cpu") == message, what
-    assert "single class" in raised(probes.heldout_probe, Xtr, single, Xte, yte, n_classes=3, device="cpu")
+            assert raised(probes.cv_logistic_probe, a, b, c, e, n_classes=3, device=DEVICE) == message, what
+    assert "single class" in raised(probes.heldout_probe, Xtr, single, Xte, yte, n_classes=3, device=DEVICE)
     # the backend function checks its own arguments too
     with pytest.raises(ValueError, match="2 train arrays but 1 evaluation arrays"):
         logistic_probe_torch([Xtr, Xtr], ytr, [Xte])

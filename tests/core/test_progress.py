@@ -25,6 +25,7 @@ from ntps_nb import (
 )
 from ntps_nb.core.intervals import coverage_study
 from ntps_nb.core.probes import probe_layers
+from tests.core.torch_device import DEVICE
 
 N_BOOT = 6
 N_SHARDS = 8
@@ -78,19 +79,20 @@ def _calls(task, shards):
         ("interval_replicates_torch", lambda **kw: _torch().interval_replicates_torch(shards, np.ones((5, N_SHARDS)),
                                                                                       [1, 2], batch_size=2, **kw), 5),
         ("ntps_diagnostics", lambda **kw: ntps_diagnostics(full, task.features, task.labels, k=[2], n_perturb=3,
-                                                           n_permutations=4, solvers=False, device="cpu",
+                                                           n_permutations=4, solvers=False, device=DEVICE,
                                                            batch_size=2, **kw), 3 + 4),
         # the combinations solved: all shards, the two halves, S left out of all and S of their half; the
         # quadratic part's contrasts between the halves' shards (4 x 4); the rotation sets' pooled solve
-        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], device="cpu", batch_size=3, **kw),
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], device=DEVICE, batch_size=3, **kw),
          1 + 2 + 2 * N_SHARDS + (N_SHARDS // 2) ** 2 + 1),
-        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", device="cpu",
+        ("ntps_estimate", lambda **kw: ntps_estimate(shards, [1, 2], interval="jackknife", device=DEVICE,
                                                      batch_size=3, **kw), 1 + 2 + 2 * N_SHARDS + 1),
-        ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, device="cpu", **kw),
+        ("ntps_interval", lambda **kw: ntps_interval(shards, k=2, n_boot=N_BOOT, device=DEVICE, **kw),
          N_BOOT + N_SHARDS),
-        ("ntps_difference", lambda **kw: ntps_difference(shards, shards[::-1], k=2, n_boot=N_BOOT, device="cpu", **kw),
+        ("ntps_difference", lambda **kw: ntps_difference(shards, shards[::-1], k=2, n_boot=N_BOOT, device=DEVICE, **kw),
          2 * (N_BOOT + N_SHARDS)),
-        ("width_by_n", lambda **kw: width_by_n(shards, 2, n_groups=4, n_boot=N_BOOT, device="cpu", **kw), n_subsamples),
+        ("width_by_n", lambda **kw: width_by_n(shards, 2, n_groups=4, n_boot=N_BOOT, device=DEVICE, **kw),
+         n_subsamples),
     ]
     assert len(calls) == CALLS
     return calls

@@ -14,6 +14,7 @@ from ntps_nb.core.moments import moments_from_sequences
 from ntps_nb.core.score import BeyondRankError, NextTokenTieWarning, next_token_tie_spread, next_token_tied_ks
 from tests.core.conftest import random_moments, random_spd
 from tests.core.fresh import run_fresh
+from tests.core.torch_device import DEVICE
 
 REFERENCE_MATCH = 1e-10
 
@@ -334,11 +335,11 @@ def test_the_flag_refuses_rows_at_tied_next_token_eigenvalues_and_ntps_estimate_
         ntps_estimate(shards, untied)
     if importlib.util.find_spec("torch") is not None:
         with pytest.warns(NextTokenTieWarning, match=f"tied at k = {r1 + 1} "):  # the k it is asked
-            ntps_estimate(shards, [r1, r1 + 1], device="cpu")
+            ntps_estimate(shards, [r1, r1 + 1], device=DEVICE)
         with warnings.catch_warnings():
             warnings.simplefilter("error", NextTokenTieWarning)
-            ntps_estimate(shards, [r1, r0], device="cpu")
-    devices = ["None", '"cpu"'] if importlib.util.find_spec("torch") is not None else ["None"]
+            ntps_estimate(shards, [r1, r0], device=DEVICE)
+    devices = ["None", repr(DEVICE)] if importlib.util.find_spec("torch") is not None else ["None"]
     code = ("import warnings\nfrom ntps_nb.core.estimators import ntps_estimate\n"
             "from tests.core.test_score import token_embedding_moments\n"
             "shards, r0, r1 = token_embedding_moments(0, n_texts=240, n_shards=8)\n"
@@ -447,7 +448,7 @@ def test_rounded_moments_are_said_next_to_the_number_on_both_backends():
             ntps_sweep(noisy, **options)
             ntps(noisy, 1, **options)
     noisy_shards = [rounded(shard, 1e-8, seed=i) for i, shard in enumerate(shards)]
-    devices = [None] + (["cpu"] if importlib.util.find_spec("torch") else [])
+    devices = [None] + ([DEVICE] if importlib.util.find_spec("torch") else [])
     for device in devices:  # the default estimator's rows (numpy, and the torch backend's)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NextTokenTieWarning)

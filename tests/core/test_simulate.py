@@ -22,6 +22,7 @@ from ntps_nb.core.simulate import (
     summarise_map,
 )
 from ntps_nb.core.subspaces import next_token_subspace, perception_subspace
+from tests.core.torch_device import DEVICE
 
 
 def heavy_tailed_factor_model(**settings):
@@ -222,7 +223,7 @@ def test_an_estimator_map_on_a_torch_device_gives_the_numpy_map():
     model = factor_model(d=6, n_classes=2, n_tokens=4, seed=0)
     numpy_map = estimator_map([model], [16], [1, 2], estimators=("richardson",), n_draws=2, n_shards=5, seed=3)
     torch_map = estimator_map([model], [16], [1, 2], estimators=("richardson",), n_draws=2, n_shards=5, seed=3,
-                              device="cpu")
+                              device=DEVICE)
     assert (torch_map["failure"] == "").all()
     for column in ("estimate", "se", "lower", "upper"):
         np.testing.assert_allclose(torch_map[column], numpy_map[column], rtol=1e-6, atol=1e-8)
