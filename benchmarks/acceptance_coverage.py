@@ -77,11 +77,16 @@ def pooled(table: pd.DataFrame, by) -> pd.DataFrame:
                                                rows=("accepted", "sum"),
                                                covered=("covered", "sum"), covered_union=("covered_union", "sum"))
     n, x, y = out["rows"].astype(int), out["covered"].astype(int), out["covered_union"].astype(int)
-    out["default"] = np.where(n > 0, x / n.clip(lower=1), np.nan)
-    out["p below 0.85"] = [st.binom.cdf(a, b, 0.85) if b else np.nan for a, b in zip(x, n)]
-    out["widened"] = np.where(n > 0, y / n.clip(lower=1), np.nan)
-    out["p below 0.85 (widened)"] = [st.binom.cdf(a, b, 0.85) if b else np.nan for a, b in zip(y, n)]
-    out["p above 0.95 (widened)"] = [st.binom.sf(a - 1, b, 0.95) if b else np.nan for a, b in zip(y, n)]
+    some = n > 0  # a bin without rows has no coverage and no test
+
+    def where_rows(values):
+        return np.where(some, values, np.nan)
+
+    out["default"] = where_rows(x / n.clip(lower=1))
+    out["p below 0.85"] = where_rows(st.binom.cdf(x, n, 0.85))
+    out["widened"] = where_rows(y / n.clip(lower=1))
+    out["p below 0.85 (widened)"] = where_rows(st.binom.cdf(y, n, 0.85))
+    out["p above 0.95 (widened)"] = where_rows(st.binom.sf(y - 1, n, 0.95))
     return out.rename(columns={"covered_union": "covered widened"}).astype(
         {"covered": int, "covered widened": int}).round(4)
 
