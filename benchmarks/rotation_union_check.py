@@ -54,13 +54,15 @@ LEVEL = 0.90
 
 
 def one_draw(args) -> pd.DataFrame:
-    family, settings, ratio, ks, draw, seed, widening = args
+    family, settings, ratio, ks, draw, seed, widening, widening_level = args
     ks = np.asarray(ks)
     with analysis_threads(1):
         truth, shards = draw_shards(family, settings, ratio, ks, draw, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InterpolationWarning)
-            frame = ntps_estimate(shards, ks, seed=draw, level=LEVEL, rotation_widening=widening, progress=False)
+            levels = {} if widening_level is None else {"widening_level": widening_level}
+            frame = ntps_estimate(shards, ks, seed=draw, level=LEVEL, rotation_widening=widening, progress=False,
+                                  **levels)
             reliable = frame["reliable"].astype(bool)
             if widening:        # the package's widening (since session 60): the interval before it is kept
                 lower, upper = frame["lower"], frame["upper"]
@@ -185,13 +187,16 @@ def main() -> None:
     parser.add_argument("--join-here", action="store_true",
                         help="join rotation_interval's sets with the interval of ntps_estimate(rotation_widening="
                              "False) in this script, as session 60's first runs did, instead of the package's widening")
+    parser.add_argument("--widening-level", type=float, default=None,
+                        help="the package's widening at this widening_level (default: ntps_estimate's, "
+                             "WIDENING_LEVEL; the frames of sessions 60-62 were computed at 0.9)")
     parser.add_argument("--report", nargs="+")
     parser.add_argument("--refuse-above", nargs="+", type=float, metavar="CEILING",
                         help="with --report: also tally refusing, instead of widening, the flag's rows the widening "
                              "would make more than CEILING times as wide (session 61)")
     args = parser.parse_args()
     if args.cells:
-        cells(args.cells, args.out, args.processes, worker=one_draw, extra=(not args.join_here,))
+        cells(args.cells, args.out, args.processes, worker=one_draw, extra=(not args.join_here, args.widening_level))
     if args.report:
         report(args.report, args.refuse_above)
 

@@ -71,11 +71,11 @@ def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, 
 
 
 def one_task(args) -> pd.DataFrame:
-    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, weights, widening = args
+    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, weights, widening, level = args
     model = population(family, d, C, gap, memory, seed, tails, offset)
     frame = estimator_map([model], ratios, [k for k in ks if k <= d // 2], estimators=["richardson"],
                           n_draws=draws, n_shards=shards, seed=seed, first_draw=first, interval="quadratic",
-                          shard_weights=weights, rotation_widening=widening)
+                          shard_weights=weights, rotation_widening=widening, widening_level=level)
     return frame.reindex(columns=KEPT)  # a family without memory, or no tails: those columns empty
 
 
@@ -86,7 +86,7 @@ def run(args) -> None:
     if args.shard_weights is not None and len(args.shard_weights) != args.shards:
         raise SystemExit(f"--shard-weights needs {args.shards} weights (--shards), got {len(args.shard_weights)}")
     tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards,
-              args.shard_weights, args.rotation_widening)
+              args.shard_weights, args.rotation_widening, args.widening_level)
              for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
              if C <= d // 2
              for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
@@ -224,6 +224,9 @@ def main() -> None:
                         help="ntps_estimate(rotation_widening=True), its default since session 63; the report then "
                              "compares the interval before it. Without it the rows are ntps_estimate(rotation_widening="
                              "False)'s, as the frames of sessions 35-59 were computed")
+    parser.add_argument("--widening-level", type=float, default=None,
+                        help="ntps_estimate's widening_level (default: its own, WIDENING_LEVEL; the frames of "
+                             "sessions 62-63 were computed at 0.9)")
     args = parser.parse_args()
     if args.report is not None:
         report(args.report)

@@ -84,8 +84,8 @@ from ntps_nb.core.moments import Moments
 from ntps_nb.core.progress import progress_bar
 from ntps_nb.core.quadratic import (INTERACTION_HALF, MIN_HALF, interaction_halves, numpy_plugins, quadratic_factors,
                                     quadratic_interval)
-from ntps_nb.core.rotation import (INTERVALS, _rotation_ranges, rotation_interval, rotation_stability,
-                                   rotation_widening)
+from ntps_nb.core.rotation import (INTERVALS, WIDENING_LEVEL, _rotation_ranges, rotation_interval,
+                                   rotation_stability, rotation_widening)
 from ntps_nb.core.score import (SPAN_RTOL, BeyondRankWarning, InterpolationWarning, NextTokenTieWarning,
                                 RoundedMomentsWarning, TheoryGeometry, _caught, _theory_geometry_of, interpolates,
                                 interpolation_message, moving_next_token_ties, theory_geometry, tied_ks,
@@ -1184,6 +1184,7 @@ def ntps_estimate(
     stationary_flag: bool = True,
     stationary_se: float = STATIONARY_SE,
     rotation_widening: bool = True,
+    widening_level: float = WIDENING_LEVEL,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
@@ -1300,6 +1301,8 @@ def ntps_estimate(
         condition, before the stationary one; none, and no such columns, for an estimator outside
         `CALIBRATED_ESTIMATORS` unless ``flag_any_estimator``; with ``interval="rotation"`` (every row widened
         already) it changes nothing. No factorisation is added: the sets are the rotation condition's.
+    widening_level : the level of the rotation sets ``rotation_widening`` joins with a row's interval (default
+        `ntps_nb.core.rotation.WIDENING_LEVEL`); the interval and the flag's rotation condition stay at ``level``.
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
@@ -1325,6 +1328,8 @@ def ntps_estimate(
     """
     shards = _as_shards(moment_shards)
     interval = resolve_interval(interval, estimator, len(shards))
+    if not 0.0 < widening_level < 1.0:
+        raise ValueError(f"widening_level must be in (0, 1), got {widening_level}")
     if interval == "quadratic":
         _check_quadratic(shards, estimator, seed)
     # the widening is of the rows the flag accepts: none for an estimator it was not calibrated for
@@ -1354,7 +1359,7 @@ def ntps_estimate(
                                            interaction_half=interaction_half)
             frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                                    rotation_flag=rotation_flag, plugins=plugins, device=device,
-                                   widening=rotation_widening)
+                                   widening=rotation_widening, widening_level=widening_level)
             bar.update(rotation)
         frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
         return _calibrated_flag(frame, estimator, flag_any_estimator)
@@ -1367,7 +1372,8 @@ def ntps_estimate(
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
                                noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
                                rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update,
-                               stationary=stationary_flag, widening=rotation_widening)
+                               stationary=stationary_flag, widening=rotation_widening,
+                               widening_level=widening_level)
     frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
     return _calibrated_flag(frame, estimator, flag_any_estimator)
 
@@ -1375,10 +1381,10 @@ def ntps_estimate(
 def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, level: float, seed: int, rtol: float,
                    n_splits: int, noise_max: float, gap_min: float, bound_se: float, interval: str, rotation_flag: bool,
                    interaction_half: int | None, step: Callable[[], Any], stationary: bool = True,
-                   widening: bool = False) -> pd.DataFrame:
+                   widening: bool = False, widening_level: float = WIDENING_LEVEL) -> pd.DataFrame:
     """`ntps_estimate`'s rows on the numpy code, before the calibration of the flag; ``step()`` after each of its
     3 + 2 S (+ 1 for the quadratic interval) parts. ``stationary``: compute stationary_distance (else NaN, for the
-    caller to drop); ``widening``: ``rotation_widening``."""
+    caller to drop); ``widening``, ``widening_level``: ``rotation_widening`` and ``widening_level``."""
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol, step)
@@ -1421,7 +1427,7 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
         step()
     frame = _with_rotation(shards, frame, level=level, gap_min=gap_min, rtol=rtol, interval=interval,
                            rotation_flag=rotation_flag, plugins=plugins, pooled=solves.pooled, solved=solves.full,
-                           widening=widening)
+                           widening=widening, widening_level=widening_level)
     step()
     return frame
 
@@ -1516,15 +1522,16 @@ def _with_drift(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
                    interval: str, rotation_flag: bool, plugins: np.ndarray, pooled: Moments | None = None,
-                   solved=None, device=None, widening: bool = False) -> pd.DataFrame:
+                   solved=None, device=None, widening: bool = False,
+                   widening_level: float = WIDENING_LEVEL) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the flag's rotation condition (``rotation_flag``:
     `ntps_nb.core.rotation.rotation_stability`), the rotation interval (``interval="rotation"``:
     `ntps_nb.core.rotation.rotation_interval`) or the reliable rows' interval widened over the rotations
     (``widening``, for the other intervals: `ntps_nb.core.rotation.rotation_widening`, on the rows reliable after
-    the rotation condition), all from one computation of the rotation sets, in numpy on the host after either
-    backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled`` and ``solved``: the shards combined and
-    their (U, V), as the numpy path has them; on a torch ``device`` the shards are combined once and solved there (no
-    host sum of the shards), only where a row needs them."""
+    the rotation condition; its sets at ``widening_level``), all from one computation of the rotation sets' planes,
+    in numpy on the host after either backend. ``plugins``: the pooled plug-in at the frame's k; ``pooled`` and
+    ``solved``: the shards combined and their (U, V), as the numpy path has them; on a torch ``device`` the shards
+    are combined once and solved there (no host sum of the shards), only where a row needs them."""
     widening = widening and interval != "rotation"      # the rotation interval widens every row already
     if not rotation_flag and interval != "rotation" and not widening:
         return frame
@@ -1541,7 +1548,7 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
             shards if pooled is None else pooled, rtol=rtol, device=device, with_pooled=True)
         solved = U, V
     ranges = _rotation_ranges(shards, frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved, plugins=plugins,
-                              pooled=pooled, kinds=kinds, rows=rows)
+                              pooled=pooled, kinds=kinds, rows=rows, chosen_level=widening_level if widening else None)
     if rotation_flag:
         frame = rotation_stability(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     if interval == "rotation":

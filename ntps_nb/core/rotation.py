@@ -62,6 +62,9 @@ INTERVAL_DESCRIPTIONS = {
 }
 #: What `interval_description` adds to a row `rotation_widening` widened.
 WIDENED_DESCRIPTION = "widened over the rotations of the eigenvector pairs at k the data cannot reject"
+#: The level of the rotation sets `rotation_widening` joins with a reliable row's interval (`ntps_estimate`'s
+#: ``widening_level``): the interval's own level, 0.90, as since session 60.
+WIDENING_LEVEL = 0.90
 #: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
 #: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
 STABLE_ATOL = 1e-9
@@ -272,7 +275,7 @@ def ntps_over_rotations(U: Subspace, V: Subspace, k: int, phis_U: np.ndarray, ph
 def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float, gap_min: float, rtol: float,
                      solved: tuple[Subspace, Subspace] | None, plugins: np.ndarray | None = None,
                      pooled: Moments | None = None, kinds: Sequence[str] = ("fieller", "chosen"),
-                     rows: pd.Series | None = None) -> pd.DataFrame:
+                     rows: pd.Series | None = None, chosen_level: float | None = None) -> pd.DataFrame:
     """Per row of ``frame`` (those where ``rows`` is True, all by default), NTPS's range over the
     rotation sets of its pairs, shifted by the row's estimate minus the pooled plug-in: over the
     Fieller sets (kind "fieller") and over the sets `rotation_interval` uses (kind "chosen": the
@@ -285,7 +288,9 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
     so `ntps_estimate` asks it of the rows its flag needs it for. ``solved``: the pooled (U, V) if
     already solved; ``plugins``: the pooled plug-in NTPS at each row's k (len(frame),) if already known
     (else a `theory_geometry` of the pooled moments gives it: an orthonormal basis of all r_V next-token
-    directions, d^3 work); ``pooled``: the shards combined, if already (`Moments.combine`)."""
+    directions, d^3 work); ``pooled``: the shards combined, if already (`Moments.combine`);
+    ``chosen_level``: the level of kind "chosen"'s sets, where it differs from ``level`` (the widening's,
+    `WIDENING_LEVEL`); the Fieller kind's sets are always at ``level``."""
     columns = [f"{kind}_{what}" for kind in ("fieller", "chosen") for what in ("lower", "upper", "U", "V")]
     out = pd.DataFrame(np.nan, index=frame.index, columns=columns)
     if rows is not None and not rows.any():      # nothing to compute: no pooled solve (the torch path's host)
@@ -325,7 +330,9 @@ def _rotation_ranges(shards: list[Moments], frame: pd.DataFrame, *, level: float
                 kept = None
                 break
             sets = rotation_sets(gap, gap / ratio, planes[side, kk], level=level, gap_min=gap_min)
-            choice = {"fieller": sets.fieller, "chosen": sets.selective if ratio >= gap_min else sets.fieller}
+            chosen = (sets if chosen_level is None or chosen_level == level or "chosen" not in kinds else
+                      rotation_sets(gap, gap / ratio, planes[side, kk], level=chosen_level, gap_min=gap_min))
+            choice = {"fieller": sets.fieller, "chosen": chosen.selective if ratio >= gap_min else chosen.fieller}
             for kind in kinds:
                 kept[kind].append(sets.phis[choice[kind]] if choice[kind].any() else np.zeros(1))
         if kept is None:
@@ -424,7 +431,7 @@ def interval_description(kind: str, widened: bool = False) -> str:
 
 def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
                       rtol: float, solved: tuple[Subspace, Subspace] | None = None,
-                      ranges: pd.DataFrame | None = None) -> pd.DataFrame:
+                      ranges: pd.DataFrame | None = None, widening_level: float | None = None) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the interval of each reliable row widened over the rotations of the pairs at k
     (`ntps_estimate`'s ``rotation_widening``, an option since session 60, its default since session 63).
 
@@ -439,14 +446,15 @@ def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     eigenvalues at k are well apart gives rows the data cannot tell from those, so there the widened interval
     over-covers; it is the default all the same, because where the flag seldom accepts a population's draws the
     interval alone under-covers and a row cannot tell which kind of population it came from (docs/estimator.md,
-    "Rare acceptance").
+    "Rare acceptance"). The sets are at ``widening_level`` (`WIDENING_LEVEL` in `ntps_estimate`).
 
     Parameters
     ----------
     moment_shards, level, gap_min, rtol, solved : as in `rotation_interval`.
     frame : `ntps_estimate`'s frame, its flag computed.
     ranges : the rows' ranges if already computed (`_rotation_ranges` of the same frame with kind "chosen", at least
-        on its reliable rows).
+        on its reliable rows, its sets at ``widening_level``).
+    widening_level : the level of the rotation sets (`WIDENING_LEVEL` in `ntps_estimate`); None: ``level``.
 
     Returns
     -------
@@ -457,7 +465,7 @@ def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     reliable = frame["reliable"].astype(bool)
     if ranges is None:
         ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved,
-                                  kinds=("chosen",), rows=reliable)
+                                  kinds=("chosen",), rows=reliable, chosen_level=widening_level)
     return _widened(frame, ranges, kept="unwidened", rows=reliable)
 
 

@@ -745,6 +745,7 @@ def estimator_map(
     flag_any_estimator: bool = True,
     stationary_flag: bool = True,
     rotation_widening: bool = True,
+    widening_level: float | None = None,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -781,6 +782,7 @@ def estimator_map(
     rotation_widening : `ntps_estimate`'s: True (its default) widens the reliable rows' interval over the rotation
         sets of the pairs at k, the interval before it in ``lower_unwidened`` / ``upper_unwidened``; False, the
         interval as it is (and no such columns).
+    widening_level : `ntps_estimate`'s (None: its default, `ntps_nb.core.rotation.WIDENING_LEVEL`).
 
     Returns
     -------
@@ -794,6 +796,7 @@ def estimator_map(
     ks = np.asarray(ks, dtype=np.int64)
     if interval == "quadratic" and set(estimators) != {"richardson"}:
         raise ValueError(f"interval='quadratic' is derived for the estimator 'richardson', got {list(estimators)}")
+    widening = {} if widening_level is None else {"widening_level": widening_level}
     rows = []
     total = len(models) * len(n_over_d) * int(n_draws)
     bar = tqdm(total=total, disable=not progress, desc="estimator map")
@@ -815,7 +818,8 @@ def estimator_map(
                                                   interval=interval, device=device,
                                                   flag_any_estimator=flag_any_estimator,
                                                   stationary_flag=stationary_flag,
-                                                  rotation_widening=rotation_widening, progress=False)
+                                                  rotation_widening=rotation_widening, progress=False,
+                                                  **widening)
                         failure = ""
                     except (ValueError, np.linalg.LinAlgError) as error:   # kept, and said: a draw it cannot estimate
                         failure = f"{type(error).__name__}: {error}"

@@ -70,7 +70,7 @@ class StudySettingsError(ValueError):
 _ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin",
                 "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife",
                 "estimate_rotation_flag": False, "estimate_stationary_flag": False,
-                "estimate_rotation_widening": False}
+                "estimate_rotation_widening": False, "estimate_widening_level": 0.90}
 
 
 #: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
@@ -118,12 +118,14 @@ class StudyConfig:
     condition (`ntps_estimate`'s ``rotation_flag``; true unless set), ``estimate_stationary_flag`` its
     stationary condition and the ``stationary_distance`` column (``stationary_flag``; true unless set), and
     ``estimate_rotation_widening`` widens its reliable rows' interval over the rotation sets of the pairs at k
-    (``rotation_widening``; true unless set). The defaults are `ntps_estimate`'s, the ones calibrated on the
+    (``rotation_widening``; true unless set), its rotation sets at ``estimate_widening_level`` (``widening_level``;
+    `ntps_nb.core.rotation.WIDENING_LEVEL` unless set). The defaults are `ntps_estimate`'s, the ones calibrated on the
     estimator map (docs/estimator.md). The committed studies were computed with "jackknife", without the rotation
     and stationary conditions and without the widening, and their configs say so (``estimate_interval =
     "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``,
     ``estimate_rotation_widening = false``): at those values the settings stay out of the config hash
-    (`_ADDED_LATER`), so those studies' keys stand.
+    (`_ADDED_LATER`; ``estimate_widening_level`` stays out at 0.90, the level the widening had before the
+    setting), so those studies' keys stand.
     """
 
     name: str
@@ -174,6 +176,9 @@ class StudyConfig:
     # condition cannot reject (`ntps_nb.core.rotation.rotation_widening`), as ntps_estimate's default; the
     # committed studies set it false, the interval their units were computed with
     estimate_rotation_widening: bool = True
+    # ... its rotation sets at this level (ntps_estimate's ``widening_level``, its default unless set; the interval
+    # stays at its own); in the hash only where the widening is on
+    estimate_widening_level: float | None = None
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -211,6 +216,10 @@ class StudyConfig:
 
             object.__setattr__(self, "estimate_interval",
                                resolve_interval(None, self.estimator, int(self.shards or 0)))
+        if self.estimate_widening_level is None:  # ntps_estimate's default, recorded as the level it is
+            from ntps_nb.core.rotation import WIDENING_LEVEL
+
+            object.__setattr__(self, "estimate_widening_level", WIDENING_LEVEL)
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes a unit's numbers (not the grid, not where results go).
@@ -227,12 +236,14 @@ class StudyConfig:
                                  "cache_extractions", "analysis_threads", "torch_threads", "device", "analysis_device",
                                  "dataset_files")}
         out["study_version"] = STUDY_VERSION
+        if not self.estimate_rotation_widening:  # the widening's level decides no number without the widening
+            del out["estimate_widening_level"]
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit
         # before it was computed on a CPU with float32 products (the then default of "auto");
         # estimator: every unit before it was computed by the plug-in.
         for key, before in _ADDED_LATER.items():
-            if _json(out[key]) == _json(before):
+            if key in out and _json(out[key]) == _json(before):
                 del out[key]
         return json.loads(json.dumps(out, default=list))
 
@@ -483,6 +494,10 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
                        ("estimate_rotation_widening", "the reliable rows' interval widened over the rotation sets")):
         if not isinstance(table.get(name, False), bool):
             raise StudySettingsError(f"{path}: {name} must be true or false ({what}), got {table.get(name)!r}")
+    level = table.get("estimate_widening_level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0.0 < level < 1.0):
+        raise StudySettingsError(f"{path}: estimate_widening_level must be a number in (0, 1) (the level of the "
+                                 f"rotation sets the widening joins with a reliable row's interval), got {level!r}")
     variants = table.get("interval_variants", INTERVAL_VARIANTS)
     if (not isinstance(variants, (list, tuple)) or not variants or not all(isinstance(v, str) for v in variants)
             or len(set(variants)) != len(variants)

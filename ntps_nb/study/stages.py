@@ -57,7 +57,7 @@ READING = ("max_length", "drop_bos", "batch_size", "precision")
 #: every estimates stage before it wrote the jackknife-t interval.
 #: (interval_estimator keys the intervals stage through the estimator it bootstraps: `stage_keys`.)
 ADDED_TO_STAGES = ("estimator", "interval_variants", "estimate_interval", "estimate_rotation_flag",
-                   "estimate_stationary_flag", "estimate_rotation_widening")
+                   "estimate_stationary_flag", "estimate_rotation_widening", "estimate_widening_level")
 #: What the extraction keeps beyond its settings, decided by the estimator: with one of
 #: `ntps_nb.core.estimators.HALF_ESTIMATORS` and shards, the moments of the two halves of the shards
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
@@ -146,7 +146,8 @@ STAGES: tuple[Stage, ...] = (
     # standard errors (column at_bound), refreshed from a version-2 table (`REFRESHES`). Version 4: reliable only
     # for the estimators the flag was calibrated for (`estimators.CALIBRATED_ESTIMATORS`), refreshed from 3 or 2
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed", "estimate_interval",
-                        "estimate_rotation_flag", "estimate_stationary_flag", "estimate_rotation_widening"),
+                        "estimate_rotation_flag", "estimate_stationary_flag", "estimate_rotation_widening",
+                        "estimate_widening_level"),
           ("extraction",),
           "estimates", ESTIMATES_COLUMNS, version=4),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
@@ -236,6 +237,8 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
                 settings["estimator"] = interval_estimator(cfg)
         if stage.name == "extraction" and keeps_halves(cfg):
             settings[HALVES_SETTING] = True
+        if stage.name == "estimates" and not cfg.estimate_rotation_widening:  # the level decides nothing then
+            settings.pop("estimate_widening_level", None)
         if stage.name == "estimates" and values["estimate_interval"] == "quadratic":
             settings[QUADRATIC_DF_SETTING[0]] = QUADRATIC_DF_SETTING[1]
             settings[QUADRATIC_INTERACTION_SETTING] = INTERACTION_HALF
@@ -976,7 +979,8 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                                           seed=u.cfg.seed, device=device, interval=u.cfg.estimate_interval,
                                           rotation_flag=u.cfg.estimate_rotation_flag,
                                           stationary_flag=u.cfg.estimate_stationary_flag,
-                                          rotation_widening=u.cfg.estimate_rotation_widening, progress=False)
+                                          rotation_widening=u.cfg.estimate_rotation_widening,
+                                          widening_level=u.cfg.estimate_widening_level, progress=False)
             except (ValueError, np.linalg.LinAlgError) as error:
                 failed[str(layer)] = str(error)
                 u.log(f"    estimates: layer {layer} left out: {error}")

@@ -6,6 +6,7 @@ the closed-form NTPS over rotations against the rotated subspaces' NTPS computed
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
@@ -25,6 +26,8 @@ CLOSED_FORM_ATOL = 1e-10
 #: Tolerance of a replicate's plane matrix formed from the shards against the same from its pool combined outright
 #: (relative; the two sum the same terms in a different order).
 PLANE_FROM_SHARDS_RTOL = 1e-10
+#: Slack of the widened intervals' nesting across levels (the same sums, rounding only).
+NEST_ATOL = 1e-12
 
 
 def exact_model(delta: float, draws: int, rng: np.random.Generator):
@@ -234,7 +237,8 @@ def test_the_widening_joins_the_reliable_rows_interval_with_the_rotation_interva
     shards = _nearly_tied_draw()
     ks = [1, 2, 3, 4]
     plain = ntps_estimate(shards, ks, seed=465, rotation_widening=False)
-    widened = ntps_estimate(shards, ks, seed=465)  # the default since session 63
+    # the default since session 63, its sets here at the interval's level (the default's until session 64)
+    widened = ntps_estimate(shards, ks, seed=465, widening_level=LEVEL)
     assert {"lower_unwidened", "upper_unwidened", "rotation_U", "rotation_V"} <= set(widened.columns)
     assert not {"lower_unwidened", "rotation_U"} & set(plain.columns)
     np.testing.assert_array_equal(widened["lower_unwidened"], plain["lower"])
@@ -290,6 +294,34 @@ def test_the_widening_holds_the_population_value_on_a_nearly_tied_draw_the_flag_
     assert row["reliable"] and abs(truth - 0.5474) < 1e-3
     assert not row["lower_unwidened"] <= truth <= row["upper_unwidened"]
     assert row["lower"] <= truth <= row["upper"] and row["rotation_U"] + row["rotation_V"] > 0
+
+
+def test_the_widenings_level_sets_only_how_far_a_reliable_rows_interval_is_widened():
+    # `ntps_estimate(widening_level=L)`: the rotation sets at L, the interval and the flag at ``level``. A set at a
+    # lower level is a subset (each tail must be at least (1 - L) / 2), so the widened intervals nest: the interval
+    # before the widening inside L = 0.5 inside 0.75 inside 0.9; everything but lower / upper and the angles the
+    # same at every level. The nearly tied draw's reliable row at k = 1 is widened at 0.9 and at 0.5 less.
+    shards, ks = _nearly_tied_draw(), [1, 2, 3, 4]
+    frames = {level: ntps_estimate(shards, ks, seed=465, widening_level=level) for level in (0.5, 0.75, 0.9)}
+    same = [c for c in frames[0.9].columns if c not in ("lower", "upper", "rotation_U", "rotation_V")]
+    for frame in frames.values():
+        assert list(frame.columns) == list(frames[0.9].columns)
+        pd.testing.assert_frame_equal(frame[same], frames[0.9][same])
+    reliable = frames[0.9]["reliable"].to_numpy()
+    narrower = frames[0.9].assign(lower=frames[0.9]["lower_unwidened"], upper=frames[0.9]["upper_unwidened"])
+    for inner, outer in ((narrower, frames[0.5]), (frames[0.5], frames[0.75]), (frames[0.75], frames[0.9])):
+        assert (outer["lower"] <= inner["lower"] + NEST_ATOL).all()
+        assert (outer["upper"] >= inner["upper"] - NEST_ATOL).all()
+    assert frames[0.5].loc[0, "lower"] > frames[0.9].loc[0, "lower"] + 0.01 and reliable[0]
+    np.testing.assert_array_equal(frames[0.5].loc[~reliable, ["lower", "upper"]],
+                                  frames[0.9].loc[~reliable, ["lower", "upper"]])
+    # the public function at the same level agrees with ntps_estimate's row
+    plain = ntps_estimate(shards, ks, seed=465, rotation_widening=False)
+    alone = rotation_widening(shards, plain, level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL, widening_level=0.5)
+    np.testing.assert_allclose(alone[["lower", "upper"]], frames[0.5][["lower", "upper"]], rtol=0, atol=1e-12)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="widening_level must be in"):
+            ntps_estimate(shards, ks, seed=465, widening_level=bad)
 
 
 def test_rotation_condition_solves_nothing_where_no_row_is_otherwise_reliable(monkeypatch):

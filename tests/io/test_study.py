@@ -1603,7 +1603,7 @@ def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_
 #: The estimates stage's settings a new study takes from `ntps_estimate`'s defaults and the committed studies set to
 #: what their units were computed with.
 ESTIMATES_SETTINGS = ("estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag",
-                      "estimate_rotation_widening")
+                      "estimate_rotation_widening", "estimate_widening_level")
 
 
 def _an_estimates_setting(setting: str, value, bad, message: str):
@@ -2260,6 +2260,29 @@ def test_estimate_rotation_widening_widens_only_the_reliable_rows_and_keys_only_
     refused = ~widened["reliable"].astype(bool)
     np.testing.assert_array_equal(widened.loc[refused, "lower"], plain.loc[refused, "lower"])
     np.testing.assert_array_equal(widened.loc[refused, "upper"], plain.loc[refused, "upper"])
+
+
+def test_estimate_widening_level_keys_only_the_estimates_and_only_where_the_widening_is_on():
+    """The widening's level (`ntps_estimate`'s ``widening_level``) as a study setting: unset, `ntps_estimate`'s
+    default; it decides no number without the widening, so the committed studies (widening off) keep their hash at
+    any level; with the widening on a level away from 0.90 (the widening's before the setting) changes the hash and
+    the estimates stage's key alone; a level outside (0, 1) is refused."""
+    from ntps_nb.core.rotation import WIDENING_LEVEL
+
+    committed = study.load_config(STUDIES / "default.toml")
+    assert committed.estimate_widening_level == WIDENING_LEVEL
+    other = study.load_config(STUDIES / "default.toml", estimate_widening_level=0.5)
+    assert other.config_hash == committed.config_hash == "1cedd9f67410"
+    assert study.stage_keys(other, "smollm2-135m", "trec6") == study.stage_keys(committed, "smollm2-135m", "trec6")
+    on = study.load_config(STUDIES / "default.toml", estimate_rotation_widening=True, estimate_widening_level=0.9)
+    assert "estimate_widening_level" not in on.settings()
+    changed = dataclasses.replace(on, estimate_widening_level=0.5)
+    assert changed.settings()["estimate_widening_level"] == 0.5 and changed.config_hash != on.config_hash
+    keys, moved = study.stage_keys(on, "smollm2-135m", "trec6"), study.stage_keys(changed, "smollm2-135m", "trec6")
+    assert {name for name in keys if moved[name] != keys[name]} == {"estimates"}
+    for bad in (1.5, 0.0, True, "0.9"):
+        with pytest.raises(study.StudySettingsError, match="estimate_widening_level must be a number in"):
+            study.load_config(STUDIES / "default.toml", estimate_widening_level=bad)
 
 
 def test_a_study_with_too_few_shards_for_its_estimators_interval_says_so_when_it_starts(tmp_path):
