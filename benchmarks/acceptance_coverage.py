@@ -37,19 +37,23 @@ CELL = ["family", "settings", "n_over_d", "k"]
 
 
 def cell_table(paths: list[str], min_draws: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per interior cell of ``paths`` with at least ``min_draws`` draws: draws, accepted (reliable) rows,
-    the acceptance rate, and the accepted rows covered by the default and the widened interval; the accepted rows of
-    those cells with their ``gap_ratio`` and their cell's ``rate``). A cell's draws are pooled over the frames (more
-    draws of one population, run apart), a draw met twice (the same script's seeding, draw seed and index) counted
-    once; ``frame`` names the frames a cell's draws came from."""
+    """`cell_table_of` the frames in the files ``paths``, each named by its file name."""
+    return cell_table_of([(Path(path).name, pd.read_csv(path, low_memory=False)) for path in paths], min_draws)
+
+
+def cell_table_of(frames: list[tuple[str, pd.DataFrame]], min_draws: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per interior cell of the (name, frame) pairs ``frames`` with at least ``min_draws`` draws: draws,
+    accepted (reliable) rows, the acceptance rate, and the accepted rows covered by the default and the widened
+    interval; the accepted rows of those cells with their ``gap_ratio`` and their cell's ``rate``). A cell's draws are
+    pooled over the frames (more draws of one population, run apart), a draw met twice (the same script's seeding,
+    draw seed and index) counted once; ``frame`` names the frames a cell's draws came from."""
     rows = []
-    for path in paths:
-        frame = pd.read_csv(path, low_memory=False)
+    for name, frame in frames:
         # the two scripts seed their draws differently: a draw is the same only within one scheme
         scheme = "estimator_map" if "task_family" in frame else "union"
         frame = from_unseen(frame) if scheme == "estimator_map" else frame
         if "lower_union" not in frame:
-            raise SystemExit(f"{path}: not a frame of rotation_union_check.py or unseen_family_check.py "
+            raise SystemExit(f"{name}: not a frame of rotation_union_check.py or unseen_family_check.py "
                              "--rotation-widening (no widened interval)")
         truth = frame["truth"]
         gap_ratio = (np.fmin(frame["gap_ratio_U"], frame["gap_ratio_V"]) if "gap_ratio_U" in frame
@@ -57,7 +61,7 @@ def cell_table(paths: list[str], min_draws: int) -> tuple[pd.DataFrame, pd.DataF
         rows.append(frame[CELL + ["seed", "draw", "truth"]].assign(scheme=scheme, gap_ratio=gap_ratio,
             accepted=frame["reliable"].astype(bool),
             covered=(frame["lower"] <= truth) & (truth <= frame["upper"]),
-            covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]), frame=Path(path).name))
+            covered_union=(frame["lower_union"] <= truth) & (truth <= frame["upper_union"]), frame=name))
     frame = pd.concat(rows, ignore_index=True).drop_duplicates(CELL + ["scheme", "seed", "draw"])
     accepted = frame[frame["accepted"]]
     table = frame.groupby(CELL).agg(truth=("truth", "first"), draws=("accepted", "size"), accepted=("accepted", "sum"),
