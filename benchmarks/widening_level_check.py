@@ -1,14 +1,16 @@
 """The widening's rotation sets at levels below the interval's: does one level keep item 4's band on both sides?
 
 Since session 63 `ntps_estimate` widens each reliable row's interval over NTPS's range on the rotations of the pairs
-at k that a test conditioned on the eigengap condition cannot reject, at the interval's own level (0.90). Where the
-flag seldom accepts a population's draws that mends an interval that covers 0.76 (to 0.95); where it accepts 1-30%
-of them the widened interval covers 0.97-0.98, above item 4's band (docs/estimator.md, "The widening as the default").
-The widening is a union of two sets, each at level 0.90, so it is conservative by construction wherever the
-interval alone already covers; a set at a lower level ``L`` widens less. This script draws exactly the draws of
+at k that a test conditioned on the eigengap condition cannot reject; in session 63 at the interval's own level
+(0.90). Where the flag seldom accepts a population's draws that mends an interval that covers 0.76 (to 0.95); where it
+accepts 1-30% of them the widened interval covered 0.97-0.98, above item 4's band (docs/estimator.md, "The widening as
+the default"). The widening is a union of two sets, each at level 0.90, so it is conservative by construction wherever
+the interval alone already covers; a set at a lower level ``L`` widens less. This script draws exactly the draws of
 `unseen_family_check.py` (the same seeding, so its frames' rows are these rows) and, on each row the package widened,
 recomputes the widening with the rotation sets at each of ``--levels`` (the interval itself stays at 0.90). The row at
-L = 0.90 must equal the package's widened interval: the script counts the rows where it does not.
+the package's own level (`WIDENING_LEVEL`, recorded per row as ``widening_level``; 0.90 for frames written before
+the column, session 64's) must equal the package's widened interval: the report counts the rows where it does not.
+Session 64 chose `WIDENING_LEVEL` = 0.6 with it (docs/estimator.md, "The widening's level").
 
     python benchmarks/widening_level_check.py --family lds --gaps moderate --seeds 470 474 --d 16 --classes 2 \
         --ratios 32 --ks 1 --draws 400 --processes 2 --out D/levels.csv.gz
@@ -45,13 +47,13 @@ from unseen_family_check import CHECKED, KEPT, band_tally, cells, population  # 
 
 from ntps_nb.core.estimators import GAP_MIN, ntps_estimate  # noqa: E402
 from ntps_nb.core.score import InterpolationWarning  # noqa: E402
-from ntps_nb.core.rotation import _rotation_ranges, _widened, widened_rows  # noqa: E402
+from ntps_nb.core.rotation import WIDENING_LEVEL, _rotation_ranges, _widened, widened_rows  # noqa: E402
 from ntps_nb.core.simulate import sample_shards  # noqa: E402
 from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 
 #: The levels of the rotation sets tried by default (0.90: the package's, the check of the recomputation).
 LEVELS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
-#: The interval's level (`ntps_estimate`'s default), which the rotation sets had until now.
+#: The interval's level (`ntps_estimate`'s default), which the rotation sets had until session 64.
 INTERVAL_LEVEL = 0.90
 #: The acceptance rate at or below which a cell's rows are the rarely accepted ones (`acceptance_coverage.py --rare`).
 RARE = 0.01
@@ -99,11 +101,12 @@ def one_task(args) -> pd.DataFrame:
                     lower, upper = table["lower"], table["upper"]
                 table[column(level, "lower")], table[column(level, "upper")] = lower, upper
             table = table.assign(failure=failure, truth=truth, n_over_d=float(ratio), n_texts=n_texts, draw=draw,
-                                 widened=rows, **{f"task_{k}": v for k, v in model.settings.items()})
+                                 widened=rows, widening_level=WIDENING_LEVEL,
+                                 **{f"task_{k}": v for k, v in model.settings.items()})
             tables.append(table)
     frame = pd.concat(tables, ignore_index=True)
     frame["covered"] = (frame["lower"] <= frame["truth"]) & (frame["truth"] <= frame["upper"])
-    extra = ["widened"] + [column(level, side) for level in levels for side in ("lower", "upper")]
+    extra = ["widened", "widening_level"] + [column(level, side) for level in levels for side in ("lower", "upper")]
     return frame.reindex(columns=KEPT + extra)
 
 
@@ -143,11 +146,18 @@ def report(paths: list[str], bins: list[float], min_draws: int) -> None:
     pd.set_option("display.width", 250)
     print(f"{len(frame)} rows from {len(paths)} frame(s); reliable {int(frame['reliable'].sum())}, widened "
           f"{int(frame['widened'].sum())}; levels {levels}")
-    if INTERVAL_LEVEL in levels:
-        apart = np.fmax(np.abs(frame[column(INTERVAL_LEVEL, "lower")] - frame["lower"]),
-                        np.abs(frame[column(INTERVAL_LEVEL, "upper")] - frame["upper"]))
-        print(f"rows whose interval recomputed at L = {INTERVAL_LEVEL} lies more than {SAME_ATOL} from the package's: "
-              f"{int((apart > SAME_ATOL).sum())} (NaN on both sides: {int(apart.isna().sum())})")
+    # the package's own level per row (frames written before the column: its sets were at the interval's level)
+    package = frame["widening_level"] if "widening_level" in frame else pd.Series(INTERVAL_LEVEL, index=frame.index)
+    for level in sorted(set(package) & set(levels)):
+        rows = package == level
+        apart = np.fmax(np.abs(frame.loc[rows, column(level, "lower")] - frame.loc[rows, "lower"]),
+                        np.abs(frame.loc[rows, column(level, "upper")] - frame.loc[rows, "upper"]))
+        print(f"rows of the package's widening_level {level} whose interval recomputed at it lies more than "
+              f"{SAME_ATOL} from the package's: {int((apart > SAME_ATOL).sum())} of {int(rows.sum())} (NaN on both "
+              f"sides: {int(apart.isna().sum())})")
+    for level in sorted(set(package) - set(levels)):
+        print(f"{int((package == level).sum())} rows of the package's widening_level {level}, not among the levels: "
+              "not compared")
     for level in levels:
         framed = at_level(frame, level)
         table, _ = cell_table_of([(name, part) for name, part in framed.groupby("source")], min_draws)
@@ -156,8 +166,9 @@ def report(paths: list[str], bins: list[float], min_draws: int) -> None:
         moved = framed["widened"].astype(bool)
         print(f"\n=== rotation sets at L = {level}: the widened rows' width over the unwidened one, median "
               f"{width[moved].median():.3f}, more than twice {float((width[moved] > 2).mean()):.3f}")
-        print(pooled(some, pd.cut(some["rate"], bins)).drop(columns=["covered", "default", "p below 0.85"])
-              .to_string())
+        print(f"  by acceptance rate (default: the interval before the widening), and every cell above {RARE:.0%}:")
+        above = some[some["rate"] > RARE].assign(all=f"above {RARE:.0%}")
+        print(pd.concat([pooled(some, pd.cut(some["rate"], bins)), pooled(above, "all")]).to_string())
         rare = some[some["rate"] <= RARE].assign(d=some["settings"].map(lambda text: json.loads(text)["d"]))
         if len(rare):
             print(f"  cells accepted at most {RARE:.0%} of the time, by d and pooled (default: the interval before the "
