@@ -189,7 +189,8 @@ def main() -> None:
                              "False) in this script, as session 60's first runs did, instead of the package's widening")
     parser.add_argument("--widening-level", type=float, default=None,
                         help="the package's widening at this widening_level (default: ntps_estimate's, "
-                             "WIDENING_LEVEL; the frames of sessions 60-62 were computed at 0.9)")
+                             "WIDENING_LEVEL, 0.6 since session 64; the frames of sessions 60-62 were computed at "
+                             "0.9)")
     parser.add_argument("--report", nargs="+")
     parser.add_argument("--refuse-above", nargs="+", type=float, metavar="CEILING",
                         help="with --report: also tally refusing, instead of widening, the flag's rows the widening "

@@ -225,8 +225,8 @@ def main() -> None:
                              "compares the interval before it. Without it the rows are ntps_estimate(rotation_widening="
                              "False)'s, as the frames of sessions 35-59 were computed")
     parser.add_argument("--widening-level", type=float, default=None,
-                        help="ntps_estimate's widening_level (default: its own, WIDENING_LEVEL; the frames of "
-                             "sessions 62-63 were computed at 0.9)")
+                        help="ntps_estimate's widening_level (default: its own, WIDENING_LEVEL, 0.6 since session "
+                             "64; the frames of sessions 62-63 were computed at 0.9)")
     args = parser.parse_args()
     if args.report is not None:
         report(args.report)

@@ -63,8 +63,11 @@ INTERVAL_DESCRIPTIONS = {
 #: What `interval_description` adds to a row `rotation_widening` widened.
 WIDENED_DESCRIPTION = "widened over the rotations of the eigenvector pairs at k the data cannot reject"
 #: The level of the rotation sets `rotation_widening` joins with a reliable row's interval (`ntps_estimate`'s
-#: ``widening_level``): the interval's own level, 0.90, as since session 60.
-WIDENING_LEVEL = 0.90
+#: ``widening_level``), for an interval at level 0.90. The union of two sets at 0.90 each (sessions 60-63) over-covered
+#: where the flag accepts 1-30% of a population's draws (0.97-0.98); at 0.6 neither side of item 4's band was
+#: significantly missed on the frames it was chosen on nor on fresh populations (docs/estimator.md, "The widening's
+#: level", session 64).
+WIDENING_LEVEL = 0.6
 #: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
 #: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
 STABLE_ATOL = 1e-9
@@ -446,7 +449,9 @@ def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     eigenvalues at k are well apart gives rows the data cannot tell from those, so there the widened interval
     over-covers; it is the default all the same, because where the flag seldom accepts a population's draws the
     interval alone under-covers and a row cannot tell which kind of population it came from (docs/estimator.md,
-    "Rare acceptance"). The sets are at ``widening_level`` (`WIDENING_LEVEL` in `ntps_estimate`).
+    "Rare acceptance"). The sets are at ``widening_level``: in `ntps_estimate` `WIDENING_LEVEL` (0.6) since session
+    64, not the interval's level, which keeps the rarely accepted rows' coverage in the band and takes most of the
+    over-coverage away (docs/estimator.md, "The widening's level").
 
     Parameters
     ----------
