@@ -79,24 +79,37 @@ def one_task(args) -> pd.DataFrame:
     return frame.reindex(columns=KEPT)  # a family without memory, or no tails: those columns empty
 
 
-def run(args) -> None:
+def population_tasks(args, *extra) -> list[tuple]:
+    """One task per (population design, range of draws) of the command line ``args`` (family, tails, offset, d, C,
+    gap, memory, seed, ratios, ks, the range (first draw, draws), shards), with ``extra`` after it."""
     memories = args.memory if args.family == "markov" else [None]
+    return [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards,
+             *extra)
+            for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
+            if C <= d // 2
+            for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
+
+
+def run_tasks(worker, tasks: list[tuple], processes: int, out: str) -> tuple[pd.DataFrame, float]:
+    """``worker`` on each task in ``processes`` processes, the frames joined and written to ``out``; (the frame,
+    seconds taken)."""
+    start = time.time()
+    with ProcessPoolExecutor(processes) as pool:
+        frame = pd.concat(pool.map(worker, tasks), ignore_index=True)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return frame, time.time() - start
+
+
+def run(args) -> None:
     if args.offset and args.family == "markov":
         raise SystemExit("--offset is the factor and LDS families' (the Markov family has none)")
     if args.shard_weights is not None and len(args.shard_weights) != args.shards:
         raise SystemExit(f"--shard-weights needs {args.shards} weights (--shards), got {len(args.shard_weights)}")
-    tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards,
-              args.shard_weights, args.rotation_widening, args.widening_level)
-             for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
-             if C <= d // 2
-             for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
-    start = time.time()
-    with ProcessPoolExecutor(args.processes) as pool:
-        frame = pd.concat(pool.map(one_task, tasks), ignore_index=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"{len(tasks)} tasks, {len(frame)} rows, {time.time() - start:.0f} s on {args.processes} processes")
+    tasks = population_tasks(args, args.shard_weights, args.rotation_widening, args.widening_level)
+    frame, seconds = run_tasks(one_task, tasks, args.processes, args.out)
+    print(f"{len(tasks)} tasks, {len(frame)} rows, {seconds:.0f} s on {args.processes} processes")
 
 
 def cells(frame: pd.DataFrame) -> pd.DataFrame:

@@ -24,13 +24,10 @@ The report gives, per level, the reliable rows pooled by their cell's acceptance
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
-import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -42,12 +39,12 @@ import pandas as pd  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from acceptance_coverage import cell_table_of, pooled  # noqa: E402
-from estimator_map import draw_ranges  # noqa: E402
-from unseen_family_check import CHECKED, KEPT, band_tally, cells, population  # noqa: E402
+from unseen_family_check import (CHECKED, KEPT, band_tally, cells, population, population_tasks,  # noqa: E402
+                                 run_tasks)
 
 from ntps_nb.core.estimators import GAP_MIN, ntps_estimate  # noqa: E402
-from ntps_nb.core.score import InterpolationWarning  # noqa: E402
 from ntps_nb.core.rotation import WIDENING_LEVEL, _rotation_ranges, _widened, widened_rows  # noqa: E402
+from ntps_nb.core.score import InterpolationWarning  # noqa: E402
 from ntps_nb.core.simulate import sample_shards  # noqa: E402
 from ntps_nb.core.subspaces import RANGE_RTOL  # noqa: E402
 
@@ -111,20 +108,10 @@ def one_task(args) -> pd.DataFrame:
 
 
 def run(args) -> None:
-    memories = args.memory if args.family == "markov" else [None]
-    tasks = [(args.family, args.tails, args.offset, d, C, gap, memory, seed, args.ratios, args.ks, span, args.shards,
-              args.levels)
-             for d, C, gap, memory, seed in itertools.product(args.d, args.classes, args.gaps, memories, args.seeds)
-             if C <= d // 2
-             for first, n in draw_ranges(args.draws, args.chunks) for span in [(args.first_draw + first, n)]]
-    start = time.time()
-    with ProcessPoolExecutor(args.processes) as pool:
-        frame = pd.concat(pool.map(one_task, tasks), ignore_index=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
-    print(f"{len(tasks)} tasks, {len(frame)} rows, {int(frame['widened'].sum())} widened, "
-          f"{time.time() - start:.0f} s on {args.processes} processes")
+    tasks = population_tasks(args, args.levels)
+    frame, seconds = run_tasks(one_task, tasks, args.processes, args.out)
+    print(f"{len(tasks)} tasks, {len(frame)} rows, {int(frame['widened'].sum())} widened, {seconds:.0f} s on "
+          f"{args.processes} processes")
 
 
 def levels_of(frame: pd.DataFrame) -> list[float]:
