@@ -5,7 +5,8 @@ Times `estimate_ntps` (the point estimate), `ntps_sweep` (every k, with its warn
 with the jackknife-t interval (and richardson without the flag's rotation condition,
 ``rotation_flag=False``, with ``interval="rotation"`` and with the default interval, "quadratic",
 whose interactions take at most 5 shards of each half, widened on the reliable rows over the rotation sets
-(the default since session 63) and not (``rotation_widening=False``); and that interval with every shard,
+(the default since session 63; its rotation sets at 0.6 since session 64, and at the interval's 0.90 as before,
+``widening_level=0.90``) and not (``rotation_widening=False``); and that interval with every shard,
 ``interaction_half=None``) on the same shard moments of one layer (an LDS generator, d hidden
 dimensions, N texts in S shards), interleaved over ``--repeats`` rounds, and prints the median
 seconds and the ratio to the plug-in, and beside them the number of d x d symmetric eigensolves
@@ -95,6 +96,9 @@ def main() -> None:
     calls[("ntps_estimate", "richardson+quadratic, unwidened")] = lambda: ntps_estimate(shards, ks,
                                                                                         rotation_widening=False,
                                                                                         **options)
+    calls[("ntps_estimate", "richardson+quadratic, sets at 0.90")] = lambda: ntps_estimate(shards, ks,
+                                                                                           widening_level=0.90,
+                                                                                           **options)
     calls[("ntps_estimate", "richardson+quadratic (default)")] = lambda: ntps_estimate(shards, ks, **options)
     calls[("ntps_estimate", "richardson+quadratic, every shard")] = lambda: ntps_estimate(shards, ks,
                                                                                          interaction_half=None,
@@ -117,7 +121,8 @@ def main() -> None:
             continue
         base = np.median(times[(what, "plugin")])
         for e in ("plugin", "richardson, no rotation flag", "richardson", "richardson+rotation",
-                  "richardson+quadratic, unwidened", "richardson+quadratic (default)",
+                  "richardson+quadratic, unwidened", "richardson+quadratic, sets at 0.90",
+                  "richardson+quadratic (default)",
                   "richardson+quadratic, every shard"):
             if (what, e) in times:
                 t = np.median(times[(what, e)])
