@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.stats as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimator_flag_report import NOMINAL, band  # noqa: E402
 from rotation_union_check import from_unseen  # noqa: E402
 from stationary_condition_check import at_stationary_point  # noqa: E402
 
@@ -73,10 +74,11 @@ def cell_table_of(frames: list[tuple[str, pd.DataFrame]], min_draws: int) -> tup
     return table, accepted.merge(table[CELL + ["rate"]], on=CELL)
 
 
-def pooled(table: pd.DataFrame, by) -> pd.DataFrame:
+def pooled(table: pd.DataFrame, by, nominal: float = NOMINAL) -> pd.DataFrame:
     """The cells of ``table`` grouped by ``by``: cells, draws, reliable rows, the rows the default and the widened
-    interval cover, and their pooled coverage with exact one-sided p-values (below 0.85, and above 0.95 for the
-    widened)."""
+    interval cover, and their pooled coverage with exact one-sided p-values against the `band` of intervals at level
+    ``nominal`` (below 0.85, and above 0.95 for the widened, at 0.90)."""
+    low, high = band(nominal)
     out = table.groupby(by, observed=True).agg(cells=("accepted", "size"), draws=("draws", "sum"),
                                                rows=("accepted", "sum"),
                                                covered=("covered", "sum"), covered_union=("covered_union", "sum"))
@@ -87,10 +89,10 @@ def pooled(table: pd.DataFrame, by) -> pd.DataFrame:
         return np.where(some, values, np.nan)
 
     out["default"] = where_rows(x / n.clip(lower=1))
-    out["p below 0.85"] = where_rows(st.binom.cdf(x, n, 0.85))
+    out[f"p below {low:g}"] = where_rows(st.binom.cdf(x, n, low))
     out["widened"] = where_rows(y / n.clip(lower=1))
-    out["p below 0.85 (widened)"] = where_rows(st.binom.cdf(y, n, 0.85))
-    out["p above 0.95 (widened)"] = where_rows(st.binom.sf(y - 1, n, 0.95))
+    out[f"p below {low:g} (widened)"] = where_rows(st.binom.cdf(y, n, low))
+    out[f"p above {high:g} (widened)"] = where_rows(st.binom.sf(y - 1, n, high))
     return out.rename(columns={"covered_union": "covered widened"}).astype(
         {"covered": int, "covered widened": int}).round(4)
 

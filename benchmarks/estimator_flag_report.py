@@ -32,12 +32,26 @@ BAD_ERROR = 0.2
 BINOMIAL_ALPHA = 0.025
 
 
-def exact_band_tests(covered, accepted) -> tuple[np.ndarray, np.ndarray]:
-    """Whether each cell covers below 0.85 / above 0.95 by an exact one-sided binomial test at
-    `BINOMIAL_ALPHA`, from its covered and accepted draw counts (arrays of the same length)."""
+#: The interval level item 4's band [0.85, 0.95] is stated for.
+NOMINAL = 0.90
+
+
+def band(nominal: float = NOMINAL) -> tuple[float, float]:
+    """Item 4's coverage band for intervals at level ``nominal``: a miss rate within half of the nominal one either
+    way, (nominal - (1 - nominal) / 2, nominal + (1 - nominal) / 2); [0.85, 0.95] at 0.90, [0.925, 0.975] at 0.95."""
+    if not 0.0 < nominal < 1.0:
+        raise ValueError(f"nominal must be in (0, 1), got {nominal}")
+    half = (1.0 - nominal) / 2
+    return round(nominal - half, 12), round(nominal + half, 12)
+
+
+def exact_band_tests(covered, accepted, nominal: float = NOMINAL) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each cell covers below / above the `band` of ``nominal`` (0.85 / 0.95 at 0.90) by an exact one-sided
+    binomial test at `BINOMIAL_ALPHA`, from its covered and accepted draw counts (arrays of the same length)."""
     covered, accepted = np.asarray(covered), np.asarray(accepted)
-    below = scipy.stats.binom.cdf(covered, accepted, 0.85) < BINOMIAL_ALPHA
-    above = scipy.stats.binom.sf(covered - 1, accepted, 0.95) < BINOMIAL_ALPHA
+    low, high = band(nominal)
+    below = scipy.stats.binom.cdf(covered, accepted, low) < BINOMIAL_ALPHA
+    above = scipy.stats.binom.sf(covered - 1, accepted, high) < BINOMIAL_ALPHA
     return below, above
 
 

@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from estimator_flag_report import MIN_ACCEPTED, exact_band_tests  # noqa: E402
+from estimator_flag_report import MIN_ACCEPTED, NOMINAL, band, exact_band_tests  # noqa: E402
 from estimator_map import draw_ranges  # noqa: E402
 from rotation_flag_report import BIAS_Z  # noqa: E402
 
@@ -112,9 +112,10 @@ def run(args) -> None:
     print(f"{len(tasks)} tasks, {len(frame)} rows, {seconds:.0f} s on {args.processes} processes")
 
 
-def cells(frame: pd.DataFrame) -> pd.DataFrame:
+def cells(frame: pd.DataFrame, nominal: float = NOMINAL) -> pd.DataFrame:
     """Per (population, N/d, k): truth, rows, every row's coverage, the flag's acceptance, and the reliable
-    rows' count, coverage, bias, SD, mean width and band / bias tests."""
+    rows' count, coverage, bias, SD, mean width and band / bias tests (the `band` of intervals at level
+    ``nominal``)."""
     f = frame.assign(width=frame["upper"] - frame["lower"], err=frame["estimate"] - frame["truth"])
     key = POPULATION + ["n_over_d", "k"]
     every = f.groupby(key, dropna=False).agg(truth=("truth", "first"), rows=("covered", "size"),
@@ -126,7 +127,7 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
     table["size"] = table["size"].fillna(0).astype(int)
     table["coverage"] = table["sum"] / table["size"].where(table["size"] > 0)
     counted = table["size"] >= MIN_ACCEPTED
-    below, above = exact_band_tests(table.loc[counted, "sum"].astype(int), table.loc[counted, "size"])
+    below, above = exact_band_tests(table.loc[counted, "sum"].astype(int), table.loc[counted, "size"], nominal)
     table["below"], table["above"] = False, False
     table.loc[counted, "below"], table.loc[counted, "above"] = below, above
     z = (table["bias"].abs() - table["width"] / 4) / (table["sd"] / np.sqrt(table["size"]))
@@ -157,13 +158,16 @@ def print_failures(frame: pd.DataFrame, what: str) -> None:
         print(f"  {count}: {message}")
 
 
-def band_tally(counted: pd.DataFrame) -> None:
-    """Interior and edge cells of ``cells``' counted rows: reliable rows, pooled coverage, band and bias tests."""
+def band_tally(counted: pd.DataFrame, nominal: float = NOMINAL) -> None:
+    """Interior and edge cells of ``cells``' counted rows: reliable rows, pooled coverage, band and bias tests
+    (``nominal``: the intervals' level, whose `band` ``cells`` tested)."""
+    low, high = band(nominal)
     for name, part in (("interior", counted[~counted["edge"]]), ("edge", counted[counted["edge"]])):
         if len(part):
             pooled = part["sum"].sum() / part["size"].sum()
             print(f"  {name}: {len(part)} cells, {int(part['size'].sum())} reliable rows covering {pooled:.3f} pooled; "
-                  f"significantly below 0.85: {int(part['below'].sum())}, above 0.95: {int(part['above'].sum())}; "
+                  f"significantly below {low:g}: {int(part['below'].sum())}, above {high:g}: "
+                  f"{int(part['above'].sum())}; "
                   f"|bias| a quarter of the width (z > {BIAS_Z}): {int(part['biased'].sum())}")
 
 

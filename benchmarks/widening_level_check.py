@@ -2,23 +2,27 @@
 
 Since session 63 `ntps_estimate` widens each reliable row's interval over NTPS's range on the rotations of the pairs
 at k that a test conditioned on the eigengap condition cannot reject; in session 63 at the interval's own level
-(0.90). Where the flag seldom accepts a population's draws that mends an interval that covers 0.76 (to 0.95); where it
-accepts 1-30% of them the widened interval covered 0.97-0.98, above item 4's band (docs/estimator.md, "The widening as
-the default"). The widening is a union of two sets, each at level 0.90, so it is conservative by construction wherever
-the interval alone already covers; a set at a lower level ``L`` widens less. This script draws exactly the draws of
-`unseen_family_check.py` (the same seeding, so its frames' rows are these rows) and, on each row the package widened,
-recomputes the widening with the rotation sets at each of ``--levels`` (the interval itself stays at 0.90). The row at
-the package's own level (`WIDENING_LEVEL`, recorded per row as ``widening_level``; 0.90 for frames written before
-the column, session 64's) must equal the package's widened interval: the report counts the rows where it does not.
-Session 64 chose `WIDENING_LEVEL` = 0.6 with it (docs/estimator.md, "The widening's level").
+(0.90). Where the flag seldom accepts a population's draws that mends an interval that covers 0.76 (to 0.95); where
+it accepts 1-30% of them the widened interval covered 0.97-0.98, above item 4's band (docs/estimator.md, "The
+widening as the default"). The widening is a union of two sets, each at level 0.90, so it is conservative by
+construction wherever the interval alone already covers; a set at a lower level ``L`` widens less. This script draws
+exactly the draws of `unseen_family_check.py` (the same seeding, so its frames' rows are these rows) and, on each
+row the package widened, recomputes the widening with the rotation sets at each of ``--levels`` (the interval itself
+stays at ``--interval-level``, 0.90 by default; recorded per row as ``interval_level``). The row at the package's
+own level (`WIDENING_LEVEL`, recorded per row as ``widening_level``; 0.90 for frames written before the column,
+session 64's) must equal the package's widened interval: the report counts the rows where it does not. Session 64
+chose `WIDENING_LEVEL` = 0.6 with it (docs/estimator.md, "The widening's level"). Session 65 ran it at interval
+levels 0.80 and 0.95, where ``--levels matched`` names the sets' level whose two-sided normal quantile is the same
+fraction of the interval's as 0.6's is of 0.90's (`matched_level`).
 
     python benchmarks/widening_level_check.py --family lds --gaps moderate --seeds 470 474 --d 16 --classes 2 \
         --ratios 32 --ks 1 --draws 400 --processes 2 --out D/levels.csv.gz
     python benchmarks/widening_level_check.py --report D/levels.csv.gz [D/more.csv.gz ...]
 
-The report gives, per level, the reliable rows pooled by their cell's acceptance rate (as
-`acceptance_coverage.py`) and the cells of at least `MIN_ACCEPTED` reliable rows outside the band
-(`unseen_family_check.cells`).
+The report gives, per level, the reliable rows pooled by their cell's acceptance rate (as `acceptance_coverage.py`)
+and the cells of at least `MIN_ACCEPTED` reliable rows outside the band (`unseen_family_check.cells`); the band is
+item 4's for the frames' interval level (`estimator_flag_report.band`: [0.85, 0.95] at 0.90, [0.70, 0.90] at 0.80,
+[0.925, 0.975] at 0.95).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from acceptance_coverage import cell_table_of, pooled  # noqa: E402
+from estimator_flag_report import band  # noqa: E402
 from unseen_family_check import (CHECKED, KEPT, band_tally, cells, population, population_tasks,  # noqa: E402
                                  run_tasks)
 
@@ -58,13 +64,31 @@ RARE = 0.01
 SAME_ATOL = 1e-12
 
 
+#: Decimals a set level keeps in a frame's column names (levels not on the percent grid: `matched_level`'s).
+LEVEL_DECIMALS = 6
+
+
+def matched_level(interval_level: float, base_interval: float = INTERVAL_LEVEL,
+                  base_sets: float = WIDENING_LEVEL) -> float:
+    """The sets' level whose two-sided normal quantile is the fraction of ``interval_level``'s that ``base_sets``'
+    is of ``base_interval``'s (0.6 at 0.90: 0.5117), rounded to `LEVEL_DECIMALS`: 0.488 at 0.80, 0.684 at 0.95. A
+    candidate rule for the widening's level at other interval levels (session 65), not the package's."""
+    z = scipy.stats.norm.ppf
+    fraction = z((1 + base_sets) / 2) / z((1 + base_interval) / 2)
+    return round(float(2 * scipy.stats.norm.cdf(fraction * z((1 + interval_level) / 2)) - 1), LEVEL_DECIMALS)
+
+
 def column(level: float, side: str) -> str:
-    """The frame's column of the interval widened with rotation sets at ``level`` (``side``: lower or upper)."""
-    return f"{side}_at_{round(level * 100):02d}"
+    """The frame's column of the interval widened with rotation sets at ``level`` (``side``: lower or upper): the
+    percent for a level on the percent grid (``lower_at_60``), else the level (``lower_at_0.684068``)."""
+    percent = level * 100
+    if abs(percent - round(percent)) < 1e-9:
+        return f"{side}_at_{round(percent):02d}"
+    return f"{side}_at_{level:.{LEVEL_DECIMALS}f}"
 
 
 def one_task(args) -> pd.DataFrame:
-    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, levels = args
+    family, tails, offset, d, C, gap, memory, seed, ratios, ks, (first, draws), shards, levels, interval_level = args
     model = population(family, d, C, gap, memory, seed, tails, offset)
     ks = np.asarray([k for k in ks if k <= d // 2], dtype=np.int64)
     truth = model.population_ntps(ks)
@@ -78,7 +102,7 @@ def one_task(args) -> pd.DataFrame:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", InterpolationWarning)
-                    table = ntps_estimate(sample, ks, estimator="richardson", level=INTERVAL_LEVEL, seed=draw,
+                    table = ntps_estimate(sample, ks, estimator="richardson", level=interval_level, seed=draw,
                                           interval="quadratic", rotation_widening=True, progress=False)
                 failure = ""
             except (ValueError, np.linalg.LinAlgError) as error:
@@ -98,17 +122,28 @@ def one_task(args) -> pd.DataFrame:
                     lower, upper = table["lower"], table["upper"]
                 table[column(level, "lower")], table[column(level, "upper")] = lower, upper
             table = table.assign(failure=failure, truth=truth, n_over_d=float(ratio), n_texts=n_texts, draw=draw,
-                                 widened=rows, widening_level=WIDENING_LEVEL,
+                                 widened=rows, widening_level=WIDENING_LEVEL, interval_level=interval_level,
                                  **{f"task_{k}": v for k, v in model.settings.items()})
             tables.append(table)
     frame = pd.concat(tables, ignore_index=True)
     frame["covered"] = (frame["lower"] <= frame["truth"]) & (frame["truth"] <= frame["upper"])
-    extra = ["widened", "widening_level"] + [column(level, side) for level in levels for side in ("lower", "upper")]
+    extra = (["widened", "widening_level", "interval_level"]
+             + [column(level, side) for level in levels for side in ("lower", "upper")])
     return frame.reindex(columns=KEPT + extra)
 
 
+def levels_asked(levels: list[str], interval_level: float) -> list[float]:
+    """``--levels`` as numbers, ``matched`` read as `matched_level` at ``interval_level``, in (0, 1), once each."""
+    out = [matched_level(interval_level) if level == "matched" else float(level) for level in levels]
+    if not all(0.0 < level < 1.0 for level in out):
+        raise SystemExit(f"--levels must lie in (0, 1) (or be 'matched'), got {levels}")
+    return sorted(set(out))
+
+
 def run(args) -> None:
-    tasks = population_tasks(args, args.levels)
+    if not 0.0 < args.interval_level < 1.0:
+        raise SystemExit(f"--interval-level must lie in (0, 1), got {args.interval_level}")
+    tasks = population_tasks(args, levels_asked(args.levels, args.interval_level), args.interval_level)
     frame, seconds = run_tasks(one_task, tasks, args.processes, args.out)
     print(f"{len(tasks)} tasks, {len(frame)} rows, {int(frame['widened'].sum())} widened, {seconds:.0f} s on "
           f"{args.processes} processes")
@@ -116,7 +151,8 @@ def run(args) -> None:
 
 def levels_of(frame: pd.DataFrame) -> list[float]:
     """The levels a frame of this script holds, from its column names."""
-    return sorted(int(c.rsplit("_", 1)[1]) / 100 for c in frame.columns if c.startswith("lower_at_"))
+    suffixes = [c.rsplit("_", 1)[1] for c in frame.columns if c.startswith("lower_at_")]
+    return sorted(float(s) if "." in s else int(s) / 100 for s in suffixes)
 
 
 def at_level(frame: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -130,9 +166,16 @@ def report(paths: list[str], bins: list[float], min_draws: int) -> None:
                       ignore_index=True)
     frame = frame[np.isfinite(frame["truth"])]
     levels = levels_of(frame)
+    # frames written before the column (session 64's) had their interval at 0.90
+    nominals = set(frame["interval_level"]) if "interval_level" in frame else {INTERVAL_LEVEL}
+    if len(nominals) != 1:
+        raise SystemExit(f"these frames' intervals are at several levels, {sorted(nominals)}: report them apart")
+    nominal = nominals.pop()
+    low, high = band(nominal)
     pd.set_option("display.width", 250)
     print(f"{len(frame)} rows from {len(paths)} frame(s); reliable {int(frame['reliable'].sum())}, widened "
-          f"{int(frame['widened'].sum())}; levels {levels}")
+          f"{int(frame['widened'].sum())}; levels {levels}; the interval at {nominal:g}, item 4's band there "
+          f"[{low:g}, {high:g}]")
     # the package's own level per row (frames written before the column: its sets were at the interval's level)
     package = frame["widening_level"] if "widening_level" in frame else pd.Series(INTERVAL_LEVEL, index=frame.index)
     for level in sorted(set(package) & set(levels)):
@@ -155,15 +198,16 @@ def report(paths: list[str], bins: list[float], min_draws: int) -> None:
               f"{width[moved].median():.3f}, more than twice {float((width[moved] > 2).mean()):.3f}")
         print(f"  by acceptance rate (default: the interval before the widening), and every cell above {RARE:.0%}:")
         above = some[some["rate"] > RARE].assign(all=f"above {RARE:.0%}")
-        print(pd.concat([pooled(some, pd.cut(some["rate"], bins)), pooled(above, "all")]).to_string())
+        print(pd.concat([pooled(some, pd.cut(some["rate"], bins), nominal), pooled(above, "all", nominal)])
+              .to_string())
         rare = some[some["rate"] <= RARE].assign(d=some["settings"].map(lambda text: json.loads(text)["d"]))
         if len(rare):
             print(f"  cells accepted at most {RARE:.0%} of the time, by d and pooled (default: the interval before the "
                   "widening):")
-            print(pd.concat([pooled(rare, "d"), pooled(rare.assign(d="all"), "d")]).to_string())
-        counted = cells(framed.reindex(columns=KEPT)).query("counted")
+            print(pd.concat([pooled(rare, "d", nominal), pooled(rare.assign(d="all"), "d", nominal)]).to_string())
+        counted = cells(framed.reindex(columns=KEPT), nominal).query("counted")
         print(f"  cells of at least 10 reliable rows (unseen_family_check.cells): {len(counted)}")
-        band_tally(counted)
+        band_tally(counted, nominal)
 
 
 def main() -> None:
@@ -186,7 +230,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--chunks", type=int, default=4, help="tasks per population (ranges of its draws)")
     parser.add_argument("--processes", type=int, default=os.cpu_count())
-    parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS))
+    parser.add_argument("--levels", nargs="+", default=[str(level) for level in LEVELS],
+                        help="the rotation sets' levels; 'matched': matched_level at --interval-level")
+    parser.add_argument("--interval-level", type=float, default=INTERVAL_LEVEL,
+                        help="ntps_estimate's level, of the interval and the flag's rotation condition")
     parser.add_argument("--out", default="widening_levels.csv.gz")
     args = parser.parse_args()
     if args.report is not None:
