@@ -1295,9 +1295,9 @@ def ntps_estimate(
         under-covers there: where the flag accepts at most 1% of a population's draws its rows covered 0.76 against
         0.93 widened, and a row does not show its population's rate (docs/estimator.md, "Rare acceptance"). The
         price: where the flag accepts more often, the widened interval over-covered (0.97 against the band's 0.95,
-        with the sets at the interval's level: ``widening_level``) and a quarter of the reliable rows got wider
-        ("The default interval widened over the rotation sets"). Adds lower_unwidened and upper_unwidened (the
-        interval before it, on every row), rotation_U and rotation_V. Widened are the rows meeting the flag's
+        with the sets at the interval's level: ``widening_level``) and a quarter of the reliable rows got wider ("The
+        default interval widened over the rotation sets"). Adds lower_unwidened and upper_unwidened (the interval
+        before it, on every row), rotation_U, rotation_V and widening_level. Widened are the rows meeting the flag's
         conditions after the rotation condition, before the stationary one; none, and no such columns, for an
         estimator outside `CALIBRATED_ESTIMATORS` unless ``flag_any_estimator``; with ``interval="rotation"`` (every
         row widened already) it changes nothing. No factorisation is added: the sets are the rotation condition's.
@@ -1329,7 +1329,7 @@ def ntps_estimate(
     rotation_upper and rotation_stable (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"``
     also interval ("rotation"), lower_jackknife, upper_jackknife, rotation_U and rotation_V
     (`ntps_nb.core.rotation.rotation_interval`); with ``rotation_widening`` and another interval lower_unwidened,
-    upper_unwidened, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_widening`).
+    upper_unwidened, rotation_U, rotation_V and widening_level (`ntps_nb.core.rotation.rotation_widening`).
     """
     shards = _as_shards(moment_shards)
     interval = resolve_interval(interval, estimator, len(shards))
@@ -1559,7 +1559,8 @@ def _with_rotation(shards: list[Moments], frame: pd.DataFrame, *, level: float, 
     if interval == "rotation":
         frame = rotation_interval(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
     elif widening:
-        frame = rotation_widening(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges)
+        frame = rotation_widening(shards, frame, level=level, gap_min=gap_min, rtol=rtol, ranges=ranges,
+                                  widening_level=widening_level)
     return frame
 
 

@@ -60,7 +60,7 @@ INTERVAL_DESCRIPTIONS = {
     "quadratic": "delete-one-shard jackknife interval less the jackknife's excess on the error's quadratic part "
                  "(Student t on its Satterthwaite degrees of freedom)",
 }
-#: What `interval_description` adds to a row `rotation_widening` widened.
+#: What `interval_description` adds to a row `rotation_widening` widened (with the sets' level after it, where known).
 WIDENED_DESCRIPTION = "widened over the rotations of the eigenvector pairs at k the data cannot reject"
 #: The level of the rotation sets `rotation_widening` joins with a reliable row's interval (`ntps_estimate`'s
 #: ``widening_level``), for an interval at level 0.90. The union of two sets at 0.90 each (sessions 60-63) over-covered
@@ -415,21 +415,27 @@ def widened_rows(frame: pd.DataFrame) -> pd.Series:
     return frame["rotation_U"].notna()
 
 
-def interval_description(kind: str, widened: bool = False) -> str:
+def interval_description(kind: str, widened: bool = False, widening_level: float | None = None) -> str:
     """How the study's report and the notebooks' layer profiles name a row's interval (after its level).
 
     Parameters
     ----------
     kind : the row's interval, one of `INTERVALS`.
     widened : whether `rotation_widening` widened the row (`widened_rows`).
+    widening_level : the level of the rotation sets it was widened over (the row's ``widening_level``); None or
+        NaN: not known (a table written before the column), not named.
 
     Returns
     -------
-    `INTERVAL_DESCRIPTIONS` of ``kind``, with `WIDENED_DESCRIPTION` after it where ``widened`` (a "rotation"
-    interval is widened already and is named as it is).
+    `INTERVAL_DESCRIPTIONS` of ``kind``, with `WIDENED_DESCRIPTION` after it where ``widened``, e.g. "...,
+    widened over ... cannot reject (rotation sets at 60%)" (a "rotation" interval is widened already and is named as
+    it is).
     """
     text = INTERVAL_DESCRIPTIONS[kind]
-    return f"{text}, {WIDENED_DESCRIPTION}" if widened and kind != "rotation" else text
+    if not widened or kind == "rotation":
+        return text
+    known = widening_level is not None and np.isfinite(widening_level)
+    return f"{text}, {WIDENED_DESCRIPTION}" + (f" (rotation sets at {widening_level:.0%})" if known else "")
 
 
 def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,
@@ -464,14 +470,15 @@ def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, 
     Returns
     -------
     The frame with ``lower`` / ``upper`` widened on the reliable rows, the interval before as ``lower_unwidened`` /
-    ``upper_unwidened`` and ``rotation_U`` / ``rotation_V`` (the largest |angle| kept, radians, 0 without a pair;
-    NaN on the rows not widened).
+    ``upper_unwidened``, ``rotation_U`` / ``rotation_V`` (the largest |angle| kept, radians, 0 without a pair;
+    NaN on the rows not widened) and ``widening_level`` (the sets' level, on every row).
     """
     reliable = frame["reliable"].astype(bool)
     if ranges is None:
         ranges = _rotation_ranges(list(moment_shards), frame, level=level, gap_min=gap_min, rtol=rtol, solved=solved,
                                   kinds=("chosen",), rows=reliable, chosen_level=widening_level)
-    return _widened(frame, ranges, kept="unwidened", rows=reliable)
+    widened = _widened(frame, ranges, kept="unwidened", rows=reliable)
+    return widened.assign(widening_level=level if widening_level is None else widening_level)
 
 
 def rotation_stability(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,

@@ -716,11 +716,13 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
                 *[c for c in PROVENANCE_COLUMNS if c in rows.columns]]
         kinds = (rows["interval"].fillna("jackknife") if "interval" in rows.columns
                  else pd.Series("jackknife", index=rows.index))
+        # the widening's sets' level, named where the table has it (tables written before session 65 do not)
+        set_levels = rows.get("widening_level", pd.Series(np.nan, index=rows.index))
         out = rows[keep].rename(columns={"estimate": "ntps"})
         out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
-                         interval=[f"{level:.0%} {interval_description(kind, widened)}, around the {estimator} "
-                                   "estimate" for level, estimator, kind, widened
-                                   in zip(out["level"], out["estimator"], kinds, widened_rows(rows))])
+                         interval=[f"{level:.0%} {interval_description(kind, widened, sets)}, around the "
+                                   f"{estimator} estimate" for level, estimator, kind, widened, sets
+                                   in zip(out["level"], out["estimator"], kinds, widened_rows(rows), set_levels)])
     else:
         intervals = tables.get("intervals")
         if intervals is None or intervals.empty:

@@ -96,7 +96,7 @@ def test_interval_table_and_jackknife_on_a_known_case():
     assert not plain["reliable"].any()
     # the same frame otherwise, but for the widening of the rows the flag accepts (`rotation_widening`), which is
     # made only where the flag is asked of this estimator: the interval before it is the plain frame's
-    widening = ["lower_unwidened", "upper_unwidened", "rotation_U", "rotation_V"]
+    widening = ["lower_unwidened", "upper_unwidened", "rotation_U", "rotation_V", "widening_level"]
     assert not set(widening) & set(plain.columns)
     pd.testing.assert_frame_equal(plain.drop(columns="reliable"), table.drop(columns=["reliable", *widening]).assign(
         lower=table["lower_unwidened"], upper=table["upper_unwidened"]))

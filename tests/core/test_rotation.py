@@ -303,10 +303,11 @@ def test_the_widenings_level_sets_only_how_far_a_reliable_rows_interval_is_widen
     # same at every level. The nearly tied draw's reliable row at k = 1 is widened at 0.9 and at 0.5 less.
     shards, ks = _nearly_tied_draw(), [1, 2, 3, 4]
     frames = {level: ntps_estimate(shards, ks, seed=465, widening_level=level) for level in (0.5, 0.75, 0.9)}
-    same = [c for c in frames[0.9].columns if c not in ("lower", "upper", "rotation_U", "rotation_V")]
-    for frame in frames.values():
+    same = [c for c in frames[0.9].columns if c not in ("lower", "upper", "rotation_U", "rotation_V", "widening_level")]
+    for level, frame in frames.items():
         assert list(frame.columns) == list(frames[0.9].columns)
         pd.testing.assert_frame_equal(frame[same], frames[0.9][same])
+        assert (frame["widening_level"] == level).all()     # each row says which sets widened it
     reliable = frames[0.9]["reliable"].to_numpy()
     narrower = frames[0.9].assign(lower=frames[0.9]["lower_unwidened"], upper=frames[0.9]["upper_unwidened"])
     for inner, outer in ((narrower, frames[0.5]), (frames[0.5], frames[0.75]), (frames[0.75], frames[0.9])):
@@ -319,6 +320,15 @@ def test_the_widenings_level_sets_only_how_far_a_reliable_rows_interval_is_widen
     plain = ntps_estimate(shards, ks, seed=465, rotation_widening=False)
     alone = rotation_widening(shards, plain, level=LEVEL, gap_min=GAP_MIN, rtol=RANGE_RTOL, widening_level=0.5)
     np.testing.assert_allclose(alone[["lower", "upper"]], frames[0.5][["lower", "upper"]], rtol=0, atol=1e-12)
+    assert (alone["widening_level"] == 0.5).all()
+    # the report and the layer profiles name the sets' level of a widened row, where the row carries it
+    described = [interval_description(kind, flag, sets)
+                 for kind, flag, sets in zip(frames[0.75]["interval"], widened_rows(frames[0.75]),
+                                             frames[0.75]["widening_level"])]
+    assert described == [f"{INTERVAL_DESCRIPTIONS['quadratic']}, {WIDENED_DESCRIPTION} (rotation sets at 75%)" if flag
+                         else INTERVAL_DESCRIPTIONS["quadratic"] for flag in reliable]
+    unnamed = f"{INTERVAL_DESCRIPTIONS['quadratic']}, {WIDENED_DESCRIPTION}"
+    assert interval_description("quadratic", True, np.nan) == interval_description("quadratic", True) == unnamed
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="widening_level must be in"):
             ntps_estimate(shards, ks, seed=465, widening_level=bad)

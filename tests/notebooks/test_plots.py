@@ -192,6 +192,12 @@ def test_interval_points_name_the_widened_rows_of_a_study_with_the_rotation_wide
     assert points["interval"].tolist() == [widened if flag else plain for flag in points["reliable"]]
     assert set(points["interval"]) == {plain, widened}
     assert set(study.interval_points(_tables(estimates=True), model="smollm2-135m", k=8)["interval"]) == {plain}
+    # a table written since session 65 carries the widening's sets' level on every row: the widened rows name it
+    tables["estimates"] = tables["estimates"].assign(widening_level=0.6)
+    named = study.interval_points(tables, model="smollm2-135m", k=8)
+    assert named["interval"].tolist() == [f"{widened[:-len(', around the richardson estimate')]} (rotation sets at "
+                                          "60%), around the richardson estimate" if flag else plain
+                                          for flag in named["reliable"]]
 
 
 def test_bootstrap_intervals_are_drawn_around_their_own_centre_and_the_caption_says_so():
