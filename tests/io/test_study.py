@@ -2245,8 +2245,11 @@ def test_estimate_rotation_widening_widens_only_the_reliable_rows_and_keys_only_
     study setting: on unless set, as in `ntps_estimate`, off in the committed studies (their units were computed
     without it, so their hashes stand); turning it on recomputes the estimates stage alone, keeps the interval
     before it as lower_unwidened / upper_unwidened and leaves the estimates, the flag and the unreliable rows'
-    intervals as they were. (The tiny model's rows are not
-    reliable, so no row is widened here: the widening itself is pinned in tests/core/test_rotation.py.)"""
+    intervals as they were, and each row records the rotation sets' level the study asked for (widening_level). (The
+    tiny model's rows are not reliable, so no row is widened here: the widening itself is pinned in
+    tests/core/test_rotation.py.)"""
+    from ntps_nb.core.rotation import WIDENING_LEVEL
+
     assert study.load_config(STUDIES / "default.toml").estimate_rotation_widening is False
     assert study.StudyConfig(name="t", models=("m",), datasets=("d",)).estimate_rotation_widening is True
     _an_estimates_setting("estimate_rotation_widening", True, "yes", "estimate_rotation_widening must be true or false")
@@ -2260,6 +2263,13 @@ def test_estimate_rotation_widening_widens_only_the_reliable_rows_and_keys_only_
     refused = ~widened["reliable"].astype(bool)
     np.testing.assert_array_equal(widened.loc[refused, "lower"], plain.loc[refused, "lower"])
     np.testing.assert_array_equal(widened.loc[refused, "upper"], plain.loc[refused, "upper"])
+    assert (widened["widening_level"] == WIDENING_LEVEL).all()
+    # the study's level reaches ntps_estimate: another level recomputes the estimates stage alone, its rows say so
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
+    run = study.run_unit(dataclasses.replace(smoke, estimate_rotation_widening=True, estimate_widening_level=0.5),
+                         "tiny-llama", "trec6", tiny_llama, cache=tmp_path / "cache", log=lambda _: None)
+    assert {name for name, stage in run["unit"]["stages"].items() if stage.get("computed")} == {"estimates"}
+    assert (run["estimates"]["widening_level"] == 0.5).all()
 
 
 def test_estimate_widening_level_keys_only_the_estimates_and_only_where_the_widening_is_on():
