@@ -167,7 +167,7 @@ def report(paths: list[str], bins: list[float], min_draws: int) -> None:
     frame = frame[np.isfinite(frame["truth"])]
     levels = levels_of(frame)
     # frames written before the column (session 64's) had their interval at 0.90
-    nominals = set(frame["interval_level"]) if "interval_level" in frame else {INTERVAL_LEVEL}
+    nominals = set(frame["interval_level"].fillna(INTERVAL_LEVEL)) if "interval_level" in frame else {INTERVAL_LEVEL}
     if len(nominals) != 1:
         raise SystemExit(f"these frames' intervals are at several levels, {sorted(nominals)}: report them apart")
     nominal = nominals.pop()
