@@ -1307,7 +1307,9 @@ def ntps_estimate(
         0.90 the reliable rows of populations the flag accepts 3-30% of the time covered 0.97-0.98; at 0.6, on
         fresh populations, 0.90-0.96 by acceptance rate above 1% (none significantly above 0.95), and where it
         accepts at most 1% 0.80 (32 of 40; unwidened 0.50, at 0.90 1.00) (docs/estimator.md, "The widening's
-        level").
+        level"). It stays at 0.6 at any ``level``: at 0.80 both sides of that level's band [0.70, 0.90] held on fresh
+        populations, at 0.95 the rows accepted above 1% covered 0.980, just above [0.925, 0.975] (p = 0.047), as
+        with every other level of the sets tried ("The widening's level at other interval levels", session 65).
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).

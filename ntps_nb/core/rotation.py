@@ -66,7 +66,8 @@ WIDENED_DESCRIPTION = "widened over the rotations of the eigenvector pairs at k 
 #: ``widening_level``), for an interval at level 0.90. The union of two sets at 0.90 each (sessions 60-63) over-covered
 #: where the flag accepts 1-30% of a population's draws (0.97-0.98); at 0.6 neither side of item 4's band was
 #: significantly missed on the frames it was chosen on nor on fresh populations (docs/estimator.md, "The widening's
-#: level", session 64).
+#: level", session 64). At any other interval level it stays 0.6 (checked at 0.80 and 0.95 in session 65: "The
+#: widening's level at other interval levels").
 WIDENING_LEVEL = 0.6
 #: How far NTPS's range over the Fieller sets may reach past a row's jackknife-t interval and the row
 #: still be `rotation_stable` (rounding of the closed form; NTPS lives in [0, 1]).
