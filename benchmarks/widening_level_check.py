@@ -177,7 +177,8 @@ def report(paths: list[str], bins: list[float], min_draws: int) -> None:
           f"{int(frame['widened'].sum())}; levels {levels}; the interval at {nominal:g}, item 4's band there "
           f"[{low:g}, {high:g}]")
     # the package's own level per row (frames written before the column: its sets were at the interval's level)
-    package = frame["widening_level"] if "widening_level" in frame else pd.Series(INTERVAL_LEVEL, index=frame.index)
+    package = (frame["widening_level"].fillna(INTERVAL_LEVEL) if "widening_level" in frame
+               else pd.Series(INTERVAL_LEVEL, index=frame.index))
     for level in sorted(set(package) & set(levels)):
         rows = package == level
         apart = np.fmax(np.abs(frame.loc[rows, column(level, "lower")] - frame.loc[rows, "lower"]),
