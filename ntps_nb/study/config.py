@@ -221,6 +221,18 @@ class StudyConfig:
 
             object.__setattr__(self, "estimate_widening_level", WIDENING_LEVEL)
 
+    def inert_settings(self) -> frozenset[str]:
+        """The settings that decide no number under the values of the others, left out of the config hash
+        (`settings`) and of every stage's key (`ntps_nb.study.stages.stage_keys`) so that they do not make a unit
+        stale: the widening's level (``estimate_widening_level``) where the widening is off.
+
+        Returns
+        -------
+        frozenset of str
+            Field names of this config.
+        """
+        return frozenset() if self.estimate_rotation_widening else frozenset({"estimate_widening_level"})
+
     def settings(self) -> dict[str, Any]:
         """Everything that changes a unit's numbers (not the grid, not where results go).
 
@@ -236,8 +248,8 @@ class StudyConfig:
                                  "cache_extractions", "analysis_threads", "torch_threads", "device", "analysis_device",
                                  "dataset_files")}
         out["study_version"] = STUDY_VERSION
-        if not self.estimate_rotation_widening:  # the widening's level decides no number without the widening
-            del out["estimate_widening_level"]
+        for name in self.inert_settings():
+            del out[name]
         # Keys added after units were committed enter the hash only away from the value those units
         # were computed with, so that adding the key did not make them stale. precision: every unit
         # before it was computed on a CPU with float32 products (the then default of "auto");

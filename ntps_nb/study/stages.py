@@ -237,8 +237,8 @@ def stage_keys(cfg: StudyConfig, model: str, dataset: str, *,
                 settings["estimator"] = interval_estimator(cfg)
         if stage.name == "extraction" and keeps_halves(cfg):
             settings[HALVES_SETTING] = True
-        if stage.name == "estimates" and not cfg.estimate_rotation_widening:  # the level decides nothing then
-            settings.pop("estimate_widening_level", None)
+        for name in cfg.inert_settings():  # e.g. the widening's level where the widening is off
+            settings.pop(name, None)
         if stage.name == "estimates" and values["estimate_interval"] == "quadratic":
             settings[QUADRATIC_DF_SETTING[0]] = QUADRATIC_DF_SETTING[1]
             settings[QUADRATIC_INTERACTION_SETTING] = INTERACTION_HALF
