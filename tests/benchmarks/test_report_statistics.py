@@ -86,7 +86,8 @@ def test_the_pooled_bins_count_and_test_the_rows_they_hold():
                           "covered_union": [5, 6, 39, 59, 0]})
     out = acceptance_coverage.pooled(table, "bin")
     rare, often = out.loc["rare"], out.loc["often"]
-    assert (rare["cells"], rare["draws"], rare["rows"], rare["covered"], rare["covered widened"]) == (2, 1800, 12, 8, 11)
+    assert (rare["cells"], rare["draws"], rare["rows"], rare["covered"], rare["covered widened"]) == (
+        2, 1800, 12, 8, 11)
     assert (often["cells"], often["draws"], often["rows"], often["covered"], often["covered widened"]) == (
         3, 750, 100, 91, 98)
     assert rare["default"] == pytest.approx(8 / 12, abs=1e-4) and often["widened"] == pytest.approx(0.98, abs=1e-4)
