@@ -12,7 +12,8 @@ of issue 21 for the defaults as they are, in the terms of the rest of docs/estim
 N/d x k) with at least `MIN_ACCEPTED` reliable rows, the reliable rows' coverage with exact one-sided binomial
 tests against 0.85 and 0.95 (`exact_band_tests`, 2.5% each), and whether their |bias| reaches a quarter of their
 mean width by more than `BIAS_Z` Monte Carlo SEs; beside it every row's coverage, flag ignored, and the share
-of rows the flag accepts.
+of rows the flag accepts; the reliable rows of cells too small to test, pooled (`uncounted`); and how many rows the
+widening moved (`widening_moves`).
 
     python benchmarks/unseen_family_check.py --d 16 --seeds 500 501 --draws 200 --processes 16 --out D/markov_d16.csv.gz
     python benchmarks/unseen_family_check.py --family lds --tails 3 --d 16 --out D/lds_t3_d16.csv.gz
@@ -34,6 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,6 +60,8 @@ POPULATION = ["task_family", "task_tails", "task_offset", "task_d", "task_n_clas
 OFFSET = ("factor", "lds")
 #: A truth this close to 0 or 1 is at a stationary point of NTPS (docs/estimator.md): reported apart.
 EDGE = 0.005
+#: How far beyond the interval before it a widened end must lie to count as moved (the frames keep 7 digits).
+MOVED_ATOL = 1e-6
 
 
 def population(family: str, d: int, C: int, gap: str, memory: float, seed: int, tails: float | None,
@@ -171,6 +175,29 @@ def band_tally(counted: pd.DataFrame, nominal: float = NOMINAL) -> None:
                   f"|bias| a quarter of the width (z > {BIAS_Z}): {int(part['biased'].sum())}")
 
 
+def uncounted(table: pd.DataFrame, nominal: float = NOMINAL) -> str:
+    """The reliable rows of ``cells``' table in cells of fewer than `MIN_ACCEPTED` of them, which no cell test reads:
+    rows, cells, rows covered, and the exact one-sided p of that count below the `band`'s lower end."""
+    few = table[(table["size"] > 0) & ~table["counted"]]
+    rows, covered = int(few["size"].sum()), int(few["sum"].sum())
+    low = band(nominal)[0]
+    p = f"; p = {scipy.stats.binom.cdf(covered, rows, low):.3g} below {low:g}" if rows else ""
+    return f"{rows} reliable rows in {len(few)} cells of fewer than {MIN_ACCEPTED}, {covered} covered{p}"
+
+
+def widening_moves(frame: pd.DataFrame) -> str:
+    """How many reliable rows `ntps_estimate`'s rotation widening moved (either end beyond the interval before it by
+    more than `MOVED_ATOL`), and the median and largest ratio of their width to the width before."""
+    kept = frame[frame["reliable"].astype(bool) & frame["lower_unwidened"].notna()]
+    moved = ((kept["lower"] < kept["lower_unwidened"] - MOVED_ATOL)
+             | (kept["upper"] > kept["upper_unwidened"] + MOVED_ATOL))
+    ratio = ((kept["upper"] - kept["lower"]) / (kept["upper_unwidened"] - kept["lower_unwidened"]))[moved]
+    out = f"the widening moved {int(moved.sum())} of {len(kept)} reliable rows"
+    if len(ratio):
+        out += f" (width / width before: median {ratio.median():.3f}, largest {ratio.max():.3f})"
+    return out
+
+
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)
@@ -201,6 +228,10 @@ def report(paths: list[str]) -> None:
         before["covered"] = (before["lower"] <= before["truth"]) & (before["truth"] <= before["upper"])
         print("  the same rows with the interval before ntps_estimate's rotation_widening:")
         band_tally(cells(before).query("counted"))
+        print(f"  {widening_moves(frame)}")
+    print(f"  {uncounted(table)}")
+    if widened.any():
+        print(f"  before the widening: {uncounted(cells(before))}")
     kinds = counted.assign(point_below=counted["coverage"] < 0.85, point_above=counted["coverage"] > 0.95)
     kinds = kinds.groupby(["task_family", "task_tails", "task_offset", "task_d", "edge"], dropna=False).agg(
         cells=("size", "size"), reliable=("size", "sum"), covered=("sum", "sum"), below=("below", "sum"),

@@ -162,3 +162,24 @@ def test_the_matched_level_keeps_the_sets_quantile_a_fixed_fraction_of_the_inter
     assert matched == sorted(matched) and all(m < level for m, level in zip(matched, levels))
     # the values session 65 ran (docs/estimator.md, "The widening's level at other interval levels")
     assert (matched[1], matched[3]) == pytest.approx((0.488, 0.684), abs=5e-4)
+
+
+def test_the_rows_of_cells_too_small_to_test_are_counted_and_tested_pooled():
+    frame = pd.concat([draws_of_one_cell(6, 0.5, 100, 40, 38, 0.0, 0.1),   # counted: not among them
+                       draws_of_one_cell(7, 0.5, 100, 6, 4, 0.0, 0.1),
+                       draws_of_one_cell(8, 0.4, 100, 3, 3, 0.0, 0.1),
+                       draws_of_one_cell(9, 0.3, 100, 0, 0, 0.0, 0.1)], ignore_index=True)   # no reliable row
+    p = float(lower_tail(7, 9, Fraction(85, 100)))
+    assert unseen_family_check.uncounted(unseen_family_check.cells(frame)) == (
+        f"9 reliable rows in 2 cells of fewer than 10, 7 covered; p = {p:.3g} below 0.85")
+
+
+def test_the_widenings_moves_are_the_reliable_rows_whose_ends_left_the_interval_before_it():
+    frame = pd.DataFrame({"reliable": [True, True, True, True, False],
+                          "lower_unwidened": [0.4, 0.4, 0.4, np.nan, 0.4],
+                          "upper_unwidened": [0.6, 0.6, 0.6, np.nan, 0.6],
+                          "lower": [0.4, 0.3, 0.4 - 1e-8, 0.4, 0.0], "upper": [0.6, 0.6, 0.9, 0.6, 1.0]})
+    # row 1: lower end moved (width 0.3 / 0.2); row 2: upper end moved, its lower end only by rounding (0.5 / 0.2);
+    # row 3 has no interval before (not widened), row 4 is not reliable
+    assert unseen_family_check.widening_moves(frame) == (
+        "the widening moved 2 of 3 reliable rows (width / width before: median 2.000, largest 2.500)")
