@@ -176,13 +176,17 @@ def band_tally(counted: pd.DataFrame, nominal: float = NOMINAL) -> None:
 
 
 def uncounted(table: pd.DataFrame, nominal: float = NOMINAL) -> str:
-    """The reliable rows of ``cells``' table in cells of fewer than `MIN_ACCEPTED` of them, which no cell test reads:
-    rows, cells, rows covered, and the exact one-sided p of that count below the `band`'s lower end."""
+    """The reliable rows of ``cells``' table in cells of fewer than `MIN_ACCEPTED` of them, which no cell test reads,
+    interior and edge apart (as `band_tally`): rows, cells, rows covered, and the exact one-sided p of that count
+    below the `band`'s lower end."""
     few = table[(table["size"] > 0) & ~table["counted"]]
-    rows, covered = int(few["size"].sum()), int(few["sum"].sum())
     low = band(nominal)[0]
-    p = f"; p = {scipy.stats.binom.cdf(covered, rows, low):.3g} below {low:g}" if rows else ""
-    return f"{rows} reliable rows in {len(few)} cells of fewer than {MIN_ACCEPTED}, {covered} covered{p}"
+    parts = []
+    for name, part in (("interior", few[~few["edge"]]), ("edge", few[few["edge"]])):
+        rows, covered = int(part["size"].sum()), int(part["sum"].sum())
+        p = f" (p = {scipy.stats.binom.cdf(covered, rows, low):.3g} below {low:g})" if rows else ""
+        parts.append(f"{name} {rows} in {len(part)} cells, {covered} covered{p}")
+    return f"reliable rows in cells of fewer than {MIN_ACCEPTED}: " + "; ".join(parts)
 
 
 def widening_moves(frame: pd.DataFrame) -> str:
@@ -244,6 +248,15 @@ def report(paths: list[str]) -> None:
                             "width", "below", "above", "biased"]
     print("\nEvery cell with reliable rows:")
     print(counted[columns].rename(columns=SHORT).round(3).to_string(index=False))
+    few = table[(table["size"] > 0) & ~table["counted"]]
+    if len(few):
+        key = POPULATION + ["n_over_d", "k"]
+        missed = frame[frame["reliable"].astype(bool) & ~frame["covered"].astype(bool)].merge(
+            few[key + ["accepted", "edge"]], on=key)
+        print(f"\nThe reliable rows of cells of fewer than {MIN_ACCEPTED} that do not cover (accepted: their cell's "
+              "share of rows the flag accepts):")
+        print(missed[key + ["accepted", "edge", "truth", "estimate", "lower", "upper", "lower_unwidened",
+                            "upper_unwidened"]].rename(columns=SHORT).round(3).to_string(index=False))
 
 
 def main() -> None:

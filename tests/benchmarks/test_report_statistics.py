@@ -168,10 +168,12 @@ def test_the_rows_of_cells_too_small_to_test_are_counted_and_tested_pooled():
     frame = pd.concat([draws_of_one_cell(6, 0.5, 100, 40, 38, 0.0, 0.1),   # counted: not among them
                        draws_of_one_cell(7, 0.5, 100, 6, 4, 0.0, 0.1),
                        draws_of_one_cell(8, 0.4, 100, 3, 3, 0.0, 0.1),
-                       draws_of_one_cell(9, 0.3, 100, 0, 0, 0.0, 0.1)], ignore_index=True)   # no reliable row
-    p = float(lower_tail(7, 9, Fraction(85, 100)))
+                       draws_of_one_cell(9, 0.3, 100, 0, 0, 0.0, 0.1),    # no reliable row
+                       draws_of_one_cell(10, 0.998, 100, 5, 2, 0.0, 0.1)], ignore_index=True)   # an edge truth
+    p, p_edge = float(lower_tail(7, 9, Fraction(85, 100))), float(lower_tail(2, 5, Fraction(85, 100)))
     assert unseen_family_check.uncounted(unseen_family_check.cells(frame)) == (
-        f"9 reliable rows in 2 cells of fewer than 10, 7 covered; p = {p:.3g} below 0.85")
+        f"reliable rows in cells of fewer than 10: interior 9 in 2 cells, 7 covered (p = {p:.3g} below 0.85); "
+        f"edge 5 in 1 cells, 2 covered (p = {p_edge:.3g} below 0.85)")
 
 
 def test_the_widenings_moves_are_the_reliable_rows_whose_ends_left_the_interval_before_it():
