@@ -12,8 +12,8 @@ of issue 21 for the defaults as they are, in the terms of the rest of docs/estim
 N/d x k) with at least `MIN_ACCEPTED` reliable rows, the reliable rows' coverage with exact one-sided binomial
 tests against 0.85 and 0.95 (`exact_band_tests`, 2.5% each), and whether their |bias| reaches a quarter of their
 mean width by more than `BIAS_Z` Monte Carlo SEs; beside it every row's coverage, flag ignored, and the share
-of rows the flag accepts; the reliable rows of cells too small to test, pooled (`uncounted`); and how many rows the
-widening moved (`widening_moves`).
+of rows the flag accepts; the reliable rows of cells too small to test, pooled (`uncounted`), with those that miss
+listed; and how many rows the widening moved (`widening_moves`).
 
     python benchmarks/unseen_family_check.py --d 16 --seeds 500 501 --draws 200 --processes 16 --out D/markov_d16.csv.gz
     python benchmarks/unseen_family_check.py --family lds --tails 3 --d 16 --out D/lds_t3_d16.csv.gz
@@ -175,11 +175,15 @@ def band_tally(counted: pd.DataFrame, nominal: float = NOMINAL) -> None:
                   f"|bias| a quarter of the width (z > {BIAS_Z}): {int(part['biased'].sum())}")
 
 
+def small_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The cells of ``cells``' table with some reliable rows but fewer than `MIN_ACCEPTED`: no cell test reads them."""
+    return table[(table["size"] > 0) & ~table["counted"]]
+
+
 def uncounted(table: pd.DataFrame, nominal: float = NOMINAL) -> str:
-    """The reliable rows of ``cells``' table in cells of fewer than `MIN_ACCEPTED` of them, which no cell test reads,
-    interior and edge apart (as `band_tally`): rows, cells, rows covered, and the exact one-sided p of that count
-    below the `band`'s lower end."""
-    few = table[(table["size"] > 0) & ~table["counted"]]
+    """The reliable rows of ``cells``' `small_cells`, interior and edge apart (as `band_tally`): rows, cells, rows
+    covered, and the exact one-sided p of that count below the `band`'s lower end."""
+    few = small_cells(table)
     low = band(nominal)[0]
     parts = []
     for name, part in (("interior", few[~few["edge"]]), ("edge", few[few["edge"]])):
@@ -248,7 +252,7 @@ def report(paths: list[str]) -> None:
                             "width", "below", "above", "biased"]
     print("\nEvery cell with reliable rows:")
     print(counted[columns].rename(columns=SHORT).round(3).to_string(index=False))
-    few = table[(table["size"] > 0) & ~table["counted"]]
+    few = small_cells(table)
     if len(few):
         key = POPULATION + ["n_over_d", "k"]
         missed = frame[frame["reliable"].astype(bool) & ~frame["covered"].astype(bool)].merge(
