@@ -10,6 +10,7 @@ library instead of scipy.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from fractions import Fraction
 from math import comb
@@ -22,10 +23,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import acceptance_coverage  # noqa: E402
-import estimator_flag_report  # noqa: E402
-import unseen_family_check  # noqa: E402
-import widening_level_check  # noqa: E402
+
+def bench(name: str):
+    """The benchmark script ``name`` as a module, imported when a test runs. Importing it at collection would import
+    `ntps_nb.core` before tests/core/conftest.py installs its shape-checking hook, and tests/core/test_shapes.py would
+    then skip (this directory is collected first)."""
+    return importlib.import_module(name)
+
 
 #: The one-sided level the reports test a cell at (each side), as docs/estimator.md states it.
 ALPHA = Fraction(1, 40)
@@ -46,7 +50,7 @@ def upper_tail(x: int, n: int, p: Fraction) -> Fraction:
 @pytest.mark.parametrize("nominal, expected", [(0.90, (0.85, 0.95)), (0.80, (0.70, 0.90)), (0.95, (0.925, 0.975)),
                                                (0.50, (0.25, 0.75))])
 def test_the_band_is_a_miss_rate_within_half_of_the_nominal_either_way(nominal, expected):
-    low, high = estimator_flag_report.band(nominal)
+    low, high = bench("estimator_flag_report").band(nominal)
     assert (low, high) == pytest.approx(expected, abs=1e-12)
     miss = 1 - nominal
     assert 1 - high == pytest.approx(miss / 2) and 1 - low == pytest.approx(3 * miss / 2)
@@ -55,14 +59,14 @@ def test_the_band_is_a_miss_rate_within_half_of_the_nominal_either_way(nominal, 
 @pytest.mark.parametrize("nominal", [0.0, 1.0, 1.5, -0.1])
 def test_the_band_refuses_a_level_outside_the_open_unit_interval(nominal):
     with pytest.raises(ValueError, match="nominal must be in"):
-        estimator_flag_report.band(nominal)
+        bench("estimator_flag_report").band(nominal)
 
 
 @pytest.mark.parametrize("nominal", [0.90, 0.95, 0.80])
 def test_the_exact_band_tests_reject_where_the_exact_binomial_tails_fall_below_the_level(nominal):
-    low, high = (Fraction(str(v)) for v in estimator_flag_report.band(nominal))
+    low, high = (Fraction(str(v)) for v in bench("estimator_flag_report").band(nominal))
     covered, accepted = zip(*[(x, n) for n in (1, 10, 11, 24, 40, 72, 73, 150) for x in range(n + 1)])
-    below, above = estimator_flag_report.exact_band_tests(np.array(covered), np.array(accepted), nominal)
+    below, above = bench("estimator_flag_report").exact_band_tests(np.array(covered), np.array(accepted), nominal)
     expected_below = [lower_tail(x, n, low) < ALPHA for x, n in zip(covered, accepted)]
     expected_above = [upper_tail(x, n, high) < ALPHA for x, n in zip(covered, accepted)]
     assert below.tolist() == expected_below
@@ -73,7 +77,7 @@ def test_the_exact_band_tests_reject_where_the_exact_binomial_tails_fall_below_t
 
 def test_a_cell_covering_every_time_is_above_095_only_from_72_rows():
     """The docstring's example: with n rows all covered, P(X = n) = 0.95^n falls below 2.5% from n = 72 on."""
-    below, above = estimator_flag_report.exact_band_tests(np.array([71, 72]), np.array([71, 72]))
+    below, above = bench("estimator_flag_report").exact_band_tests(np.array([71, 72]), np.array([71, 72]))
     assert above.tolist() == [False, True] and not below.any()
     assert Fraction(95, 100) ** 71 >= ALPHA > Fraction(95, 100) ** 72
 
@@ -84,7 +88,7 @@ def test_the_pooled_bins_count_and_test_the_rows_they_hold():
                           "accepted": [5, 7, 40, 60, 0],
                           "covered": [3, 5, 36, 55, 0],
                           "covered_union": [5, 6, 39, 59, 0]})
-    out = acceptance_coverage.pooled(table, "bin")
+    out = bench("acceptance_coverage").pooled(table, "bin")
     rare, often = out.loc["rare"], out.loc["often"]
     assert (rare["cells"], rare["draws"], rare["rows"], rare["covered"], rare["covered widened"]) == (
         2, 1800, 12, 8, 11)
@@ -99,7 +103,7 @@ def test_the_pooled_bins_count_and_test_the_rows_they_hold():
 
 def test_the_pooled_bins_test_against_the_band_of_their_level():
     table = pd.DataFrame({"bin": ["a"], "draws": [100], "accepted": [40], "covered": [30], "covered_union": [39]})
-    out = acceptance_coverage.pooled(table, "bin", nominal=0.80).loc["a"]
+    out = bench("acceptance_coverage").pooled(table, "bin", nominal=0.80).loc["a"]
     assert out["p below 0.7"] == pytest.approx(float(lower_tail(30, 40, Fraction(7, 10))), abs=1e-4)
     assert out["p above 0.9 (widened)"] == pytest.approx(float(upper_tail(39, 40, Fraction(9, 10))), abs=1e-4)
 
@@ -127,7 +131,7 @@ def test_the_cells_of_a_frame_carry_counts_coverage_and_the_three_tests_computed
         draws_of_one_cell(3, 0.3, 200, 30, 28, 0.08, 0.1),    # |bias| 0.08 > width / 4 = 0.05 by many SEs
         draws_of_one_cell(4, 0.999, 100, 80, 80, 0.0, 0.1),  # 80 of 80 at an edge truth: above 0.95
     ], ignore_index=True)
-    table = unseen_family_check.cells(frame).set_index("task_seed")
+    table = bench("unseen_family_check").cells(frame).set_index("task_seed")
     assert table["rows"].tolist() == [200, 200, 200, 100]
     assert table["size"].tolist() == [40, 9, 30, 80]
     assert table["accepted"].tolist() == pytest.approx([0.2, 0.045, 0.15, 0.8])
@@ -146,17 +150,19 @@ def test_a_cell_at_a_quarter_of_its_width_is_biased_only_beyond_its_monte_carlo_
     """The bias test asks |bias| - width / 4 to exceed `BIAS_Z` Monte Carlo SEs, not the point value alone: with
     60 rows of SD 0.001 an SE is 0.00013, so 0.0502 is within it and 0.0504 beyond."""
     def biased(offset: float) -> bool:
-        return bool(unseen_family_check.cells(draws_of_one_cell(5, 0.5, 60, 60, 60, offset, 0.1))["biased"].item())
+        frame = draws_of_one_cell(5, 0.5, 60, 60, 60, offset, 0.1)
+        return bool(bench("unseen_family_check").cells(frame)["biased"].item())
 
     assert [biased(offset) for offset in (0.05, 0.0502, 0.0504, -0.0504)] == [False, False, True, True]
 
 
 def test_the_matched_level_keeps_the_sets_quantile_a_fixed_fraction_of_the_intervals():
     z = NormalDist().inv_cdf
-    base = z((1 + widening_level_check.WIDENING_LEVEL) / 2) / z((1 + 0.90) / 2)
-    assert widening_level_check.matched_level(0.90) == pytest.approx(widening_level_check.WIDENING_LEVEL, abs=1e-6)
+    check = bench("widening_level_check")
+    base = z((1 + check.WIDENING_LEVEL) / 2) / z((1 + 0.90) / 2)
+    assert check.matched_level(0.90) == pytest.approx(check.WIDENING_LEVEL, abs=1e-6)
     levels = [0.50, 0.80, 0.90, 0.95, 0.99]
-    matched = [widening_level_check.matched_level(level) for level in levels]
+    matched = [check.matched_level(level) for level in levels]
     for level, m in zip(levels, matched):
         assert z((1 + m) / 2) / z((1 + level) / 2) == pytest.approx(base, abs=1e-5)
     assert matched == sorted(matched) and all(m < level for m, level in zip(matched, levels))
@@ -171,7 +177,8 @@ def test_the_rows_of_cells_too_small_to_test_are_counted_and_tested_pooled():
                        draws_of_one_cell(9, 0.3, 100, 0, 0, 0.0, 0.1),    # no reliable row
                        draws_of_one_cell(10, 0.998, 100, 5, 2, 0.0, 0.1)], ignore_index=True)   # an edge truth
     p, p_edge = float(lower_tail(7, 9, Fraction(85, 100))), float(lower_tail(2, 5, Fraction(85, 100)))
-    assert unseen_family_check.uncounted(unseen_family_check.cells(frame)) == (
+    report = bench("unseen_family_check")
+    assert report.uncounted(report.cells(frame)) == (
         f"reliable rows in cells of fewer than 10: interior 9 in 2 cells, 7 covered (p = {p:.3g} below 0.85); "
         f"edge 5 in 1 cells, 2 covered (p = {p_edge:.3g} below 0.85)")
 
@@ -183,5 +190,5 @@ def test_the_widenings_moves_are_the_reliable_rows_whose_ends_left_the_interval_
                           "lower": [0.4, 0.3, 0.4 - 1e-8, 0.4, 0.0], "upper": [0.6, 0.6, 0.9, 0.6, 1.0]})
     # row 1: lower end moved (width 0.3 / 0.2); row 2: upper end moved, its lower end only by rounding (0.5 / 0.2);
     # row 3 has no interval before (not widened), row 4 is not reliable
-    assert unseen_family_check.widening_moves(frame) == (
+    assert bench("unseen_family_check").widening_moves(frame) == (
         "the widening moved 2 of 3 reliable rows (width / width before: median 2.000, largest 2.500)")
