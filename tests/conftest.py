@@ -19,7 +19,27 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("NTPS_NB_ANALYSIS_PROCESSES", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                         else os.cpu_count() or 1))
 
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
 import pytest  # noqa: E402
+from beartype.roar import BeartypeDecorHintPep585DeprecationWarning  # noqa: E402
+from jaxtyping import config as jaxtyping_config  # noqa: E402
+from jaxtyping import install_import_hook  # noqa: E402
+
+from tests.core.shapes import CHECKED_MODULES, TYPECHECKER  # noqa: E402
+
+# The core's shape checks (tests/core/shapes.py). The import hook decorates the modules imported after it, so it is
+# installed here, before any test module can import the core: installed in tests/core/conftest.py, a test directory
+# collected before tests/core that imported the core turned the checks off for the whole suite (session 66).
+SHAPES_CHECKED = "ntps_nb.core" not in sys.modules
+# beartype's advice to prefer collections.abc.Sequence over typing.Sequence concerns hints it
+# is not asked to check here (array_hints_only drops them)
+warnings.filterwarnings("ignore", category=BeartypeDecorHintPep585DeprecationWarning)
+_HOOK = install_import_hook(CHECKED_MODULES, TYPECHECKER)
+# The hook stays installed for the session, but the checks run only inside tests/core (its conftest's autouse
+# fixture): I/O, study and notebook tests call the core unchecked, as users do.
+jaxtyping_config.update("jaxtyping_disable", True)
 
 
 def pytest_addoption(parser):

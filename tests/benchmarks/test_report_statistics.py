@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 def bench(name: str):
-    """The benchmark script ``name`` as a module, imported when a test runs. Importing it at collection would import
-    `ntps_nb.core` before tests/core/conftest.py installs its shape-checking hook, and tests/core/test_shapes.py would
-    then skip (this directory is collected first)."""
+    """The benchmark script ``name`` as a module, imported when a test runs, not at collection: the scripts set
+    thread variables and sys.path at import, which the rest of the suite need not see while it is collected."""
     return importlib.import_module(name)
 
 

@@ -1,29 +1,12 @@
-"""Shape checking of the core (see shapes.py) and random, valid moment instances for its tests."""
+"""Shape checking of the core (see shapes.py; the import hook is installed in tests/conftest.py, before any test
+module can import the core) and random, valid moment instances for its tests."""
 
-import sys
-import warnings
-
-from beartype.roar import BeartypeDecorHintPep585DeprecationWarning
+import numpy as np
+import pytest
 from jaxtyping import config as jaxtyping_config
-from jaxtyping import install_import_hook
 
-from tests.core.shapes import CHECKED_MODULES, TYPECHECKER
-
-# The hook decorates modules imported after it; it must come before anything imports the core.
-SHAPES_CHECKED = "ntps_nb.core" not in sys.modules
-# beartype's advice to prefer collections.abc.Sequence over typing.Sequence concerns hints it
-# is not asked to check here (array_hints_only drops them)
-warnings.filterwarnings("ignore", category=BeartypeDecorHintPep585DeprecationWarning)
-_HOOK = install_import_hook(CHECKED_MODULES, TYPECHECKER)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from ntps_nb import Moments  # noqa: E402
-
-# The hook stays installed for the session, but the checks run only inside tests/core (the
-# fixture below): I/O, study and notebook tests call the core unchecked, as users do.
-jaxtyping_config.update("jaxtyping_disable", True)
+from ntps_nb import Moments
+from tests.conftest import SHAPES_CHECKED  # noqa: F401  (read by test_shapes.py as conftest.SHAPES_CHECKED)
 
 
 @pytest.fixture(autouse=True)

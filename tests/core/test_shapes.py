@@ -11,7 +11,7 @@ from tests.core.conftest import random_moments
 from tests.core.shapes import CHECKED_MODULES, holds_array, unchecked_shapes
 
 pytestmark = pytest.mark.skipif(not conftest.SHAPES_CHECKED,
-                                reason="ntps_nb.core was imported before tests/core/conftest.py installed the hook")
+                                reason="ntps_nb.core was imported before tests/conftest.py installed the hook")
 
 
 def test_checked_modules_are_the_core_modules():
