@@ -11,6 +11,7 @@ library instead of scipy.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from fractions import Fraction
 from math import comb
@@ -25,9 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 def bench(name: str):
-    """The benchmark script ``name`` as a module, imported when a test runs, not at collection: the scripts set
-    thread variables and sys.path at import, which the rest of the suite need not see while it is collected."""
-    return importlib.import_module(name)
+    """The benchmark script ``name`` as a module, imported when a test runs, not at collection. The scripts set
+    OPENBLAS_NUM_THREADS and OMP_NUM_THREADS at import for the processes they start; the environment is restored
+    after the import, so the rest of the suite and the processes it starts do not inherit them."""
+    saved = dict(os.environ)
+    try:
+        return importlib.import_module(name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 #: The one-sided level the reports test a cell at (each side), as docs/estimator.md states it.
