@@ -234,12 +234,13 @@ def report(paths: list[str]) -> None:
         before = frame.assign(lower=frame["lower_unwidened"].where(widened, frame["lower"]),
                               upper=frame["upper_unwidened"].where(widened, frame["upper"]))
         before["covered"] = (before["lower"] <= before["truth"]) & (before["truth"] <= before["upper"])
+        before_table = cells(before)
         print("  the same rows with the interval before ntps_estimate's rotation_widening:")
-        band_tally(cells(before).query("counted"))
+        band_tally(before_table.query("counted"))
         print(f"  {widening_moves(frame)}")
     print(f"  {uncounted(table)}")
     if widened.any():
-        print(f"  before the widening: {uncounted(cells(before))}")
+        print(f"  before the widening: {uncounted(before_table)}")
     kinds = counted.assign(point_below=counted["coverage"] < 0.85, point_above=counted["coverage"] > 0.95)
     kinds = kinds.groupby(["task_family", "task_tails", "task_offset", "task_d", "edge"], dropna=False).agg(
         cells=("size", "size"), reliable=("size", "sum"), covered=("sum", "sum"), below=("below", "sum"),
