@@ -6,7 +6,6 @@ import pytest
 from jaxtyping import config as jaxtyping_config
 
 from ntps_nb import Moments
-from tests.conftest import SHAPES_CHECKED  # noqa: F401  (read by test_shapes.py as conftest.SHAPES_CHECKED)
 
 
 @pytest.fixture(autouse=True)

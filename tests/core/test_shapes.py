@@ -6,11 +6,11 @@ import pytest
 
 from ntps_nb import Moments, ntps
 from ntps_nb.core.probes import heldout_probe
-from tests.core import conftest
+from tests.conftest import SHAPES_CHECKED
 from tests.core.conftest import random_moments
 from tests.core.shapes import CHECKED_MODULES, holds_array, unchecked_shapes
 
-pytestmark = pytest.mark.skipif(not conftest.SHAPES_CHECKED,
+pytestmark = pytest.mark.skipif(not SHAPES_CHECKED,
                                 reason="ntps_nb.core was imported before tests/conftest.py installed the hook")
 
 
