@@ -43,7 +43,7 @@ from estimator_flag_report import MIN_ACCEPTED, NOMINAL, band, exact_band_tests 
 from estimator_map import draw_ranges  # noqa: E402
 from rotation_flag_report import BIAS_Z  # noqa: E402
 
-from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX  # noqa: E402
+from ntps_nb.core.estimators import GAP_MIN, NOISE_MAX, stationary_widening  # noqa: E402
 from ntps_nb.core.simulate import FAMILIES, estimator_map, heavy_tailed  # noqa: E402
 
 #: The families this script draws from (reflection is the map's own stationary case, not a new kind).
@@ -52,7 +52,8 @@ CHECKED = ("markov", "factor", "lds")
 #: The columns kept per draw (the frame of `estimator_map` has every column of `ntps_estimate`).
 KEPT = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
         "task_seed", "n_over_d", "n_texts", "draw", "k", "truth", "estimate", "se", "lower", "upper", "df",
-        "reliable", "covered", "subspace_noise", "gap_ratio", "failure", "lower_unwidened", "upper_unwidened"]
+        "reliable", "covered", "subspace_noise", "gap_ratio", "failure", "lower_unwidened", "upper_unwidened",
+        "stationary_distance", "stationary_lower", "stationary_upper"]
 #: The design columns of a cell (one population: the seed draws its chains and embeddings).
 POPULATION = ["task_family", "task_tails", "task_offset", "task_d", "task_n_classes", "task_gap", "task_memory",
               "task_seed"]
@@ -206,6 +207,48 @@ def widening_moves(frame: pd.DataFrame) -> str:
     return out
 
 
+def stationary_widened(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """``frame`` with `ntps_estimate`'s stationary widening applied to its reliable rows from their stationary_lower /
+    stationary_upper (`ntps_nb.core.estimators.stationary_widening`, the function ntps_estimate calls; the frames are
+    drawn without it), ``covered`` recomputed and ``stationary_moved`` where an end moved by more than `MOVED_ATOL`;
+    None for frames written before those columns."""
+    if "stationary_lower" not in frame or not frame["stationary_lower"].notna().any():
+        return None
+    out = stationary_widening(frame)
+    out["stationary_moved"] = ((out["lower"] < frame["lower"] - MOVED_ATOL)
+                               | (out["upper"] > frame["upper"] + MOVED_ATOL))
+    out["covered"] = (out["lower"] <= out["truth"]) & (out["truth"] <= out["upper"])
+    return out
+
+
+def stationary_part(frame: pd.DataFrame, table: pd.DataFrame) -> None:
+    """The report's lines on the stationary widening: the counted cells' tally with it, the rows it moves, the small
+    cells' rows, and every counted cell (of either version) whose coverage it changes."""
+    widened = stationary_widened(frame)
+    if widened is None:
+        return
+    after = cells(widened)
+    print("  the same rows with ntps_estimate's stationary_widening (applied from stationary_lower / "
+          "stationary_upper):")
+    band_tally(after.query("counted"))
+    kept = widened[widened["reliable"].astype(bool)]
+    moved = kept["stationary_moved"]
+    ratio = ((kept["upper"] - kept["lower"]) / (frame.loc[kept.index, "upper"] - frame.loc[kept.index, "lower"]))
+    print(f"  the stationary widening moved {int(moved.sum())} of {len(kept)} reliable rows"
+          + (f" (width / width before: median {ratio[moved].median():.3f}, largest {ratio[moved].max():.3f}); "
+             f"mean width of the reliable rows {(kept['upper'] - kept['lower']).mean():.4g} against "
+             f"{(frame.loc[kept.index, 'upper'] - frame.loc[kept.index, 'lower']).mean():.4g}" if moved.any() else ""))
+    print(f"  with it: {uncounted(after)}")
+    key = POPULATION + ["n_over_d", "k"]
+    both = table.merge(after, on=key, suffixes=("", "_stationary"))
+    changed = both[(both["counted"]) & (both["sum"] != both["sum_stationary"])]
+    if len(changed):
+        print("  counted cells whose reliable rows' coverage it changes (coverage, band tests and bias test with it):")
+        columns = key + ["truth", "size", "coverage", "coverage_stationary", "width", "width_stationary",
+                         "below_stationary", "above_stationary", "biased_stationary"]
+        print(changed[columns].rename(columns=SHORT).round(3).to_string(index=False))
+
+
 def report(paths: list[str]) -> None:
     frame = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     frame = frame[np.isfinite(frame["truth"])].reindex(columns=KEPT)
@@ -241,6 +284,7 @@ def report(paths: list[str]) -> None:
     print(f"  {uncounted(table)}")
     if widened.any():
         print(f"  before the widening: {uncounted(before_table)}")
+    stationary_part(frame, table)
     kinds = counted.assign(point_below=counted["coverage"] < 0.85, point_above=counted["coverage"] > 0.95)
     kinds = kinds.groupby(["task_family", "task_tails", "task_offset", "task_d", "edge"], dropna=False).agg(
         cells=("size", "size"), reliable=("size", "sum"), covered=("sum", "sum"), below=("below", "sum"),

@@ -813,6 +813,75 @@ def stationary_distance(point: np.ndarray, replicates: np.ndarray) -> np.ndarray
     return np.max(z, axis=1) if z.shape[1] else np.zeros(z.shape[0])
 
 
+def stationary_reach_se(level: float, stationary_se: float, n_shards: int) -> float:
+    """How many jackknife standard errors from 0 or 1 a principal angle's cos^2 must lie for the stationary widening
+    to treat it as away from that bound: the one-sided test of "this angle is at the bound" at size 1 - ``level``,
+    conditioned on the flag's stationary condition having passed.
+
+    The stationary condition keeps a row where some angle lies at least ``stationary_se`` standard errors from both
+    bounds. Where the population's angles are at a bound (NTPS at 0 or 1, or stationary inside), the rows it keeps
+    are the draws whose angles the noise carried furthest from it, and their interval misses the truth
+    (docs/estimator.md, "Rows near a bound: the stationary widening"). With the distance t-distributed on S - 1
+    degrees of freedom under the bound, a kept row's distance exceeds ``c`` with probability
+    P(t > c) / P(t > ``stationary_se``); this returns the ``c`` at which that is 1 - ``level`` (3.42 at
+    ``level`` 0.90, 2 standard errors and 10 shards). Near a bound the distance's tail is lighter than the t's
+    (the error there is quadratic in the noise), so the test is conservative there.
+
+    Parameters
+    ----------
+    level : the interval's coverage level, in (0, 1).
+    stationary_se : the distance the flag's stationary condition asks for (`STATIONARY_SE`).
+    n_shards : the number of shards S (jackknife units), at least 2.
+
+    Returns
+    -------
+    The distance c, in jackknife standard errors (at least ``stationary_se``).
+    """
+    t = scipy.stats.t(n_shards - 1)
+    return float(max(t.isf((1.0 - level) * t.sf(stationary_se)), stationary_se))
+
+
+def stationary_reach(point: np.ndarray, replicates: np.ndarray, reach_se: float) -> tuple[np.ndarray, np.ndarray]:
+    """How far NTPS moves, at each k, if every principal angle whose cos^2 lies within ``reach_se`` jackknife
+    standard errors of 0 (of 1) were at 0 (at 1): the stationary widening's reach down and up.
+
+    NTPS_theory(k) is the mean of the k_U angles' cos^2 (`stationary_distance`), so moving angle j to 1 adds
+    (1 - cos^2_j) / k_U and moving it to 0 takes cos^2_j / k_U away. An angle already past its bound (an
+    extrapolated cos^2 above 1 or below 0) adds nothing.
+
+    Parameters
+    ----------
+    point, replicates : as in `stationary_distance`.
+    reach_se : the distance within which an angle is moved (`stationary_reach_se`).
+
+    Returns
+    -------
+    (down, up): two (K,) arrays, each at least 0; NaN where an angle's standard error is undefined (a failed
+    replicate) or the row has no angle.
+    """
+    point, replicates = np.asarray(point, dtype=float), np.asarray(replicates, dtype=float)
+    se = _jackknife(replicates)[1]
+    angles = ~np.isnan(point)
+    k_u = angles.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        near_zero = np.where(np.abs(point) <= BOUND_ATOL, 0.0, point / se) < reach_se
+        near_one = np.where(np.abs(1.0 - point) <= BOUND_ATOL, 0.0, (1.0 - point) / se) < reach_se
+        down = np.sum(np.where(angles & near_zero, np.clip(point, 0.0, None), 0.0), axis=1) / k_u
+        up = np.sum(np.where(angles & near_one, np.clip(1.0 - point, 0.0, None), 0.0), axis=1) / k_u
+    undefined = (k_u == 0) | np.any(angles & np.isnan(se), axis=1)
+    down[undefined], up[undefined] = np.nan, np.nan
+    return down, up
+
+
+def stationary_columns(point: np.ndarray, replicates: np.ndarray, reach_se: float) -> dict[str, np.ndarray]:
+    """The columns `ntps_estimate` reads the principal angles into, on either backend: stationary_distance
+    (`stationary_distance`) and stationary_reach_down / stationary_reach_up (`stationary_reach`), which
+    `_stationary_condition` turns into the values the stationary widening reaches."""
+    down, up = stationary_reach(point, replicates, reach_se)
+    return {"stationary_distance": stationary_distance(point, replicates), "stationary_reach_down": down,
+            "stationary_reach_up": up}
+
+
 def _angles_of(geometry: TheoryGeometry | str | None, ks: np.ndarray, width: int) -> np.ndarray:
     """(K, ``width``) `TheoryGeometry.principal_cos2` padded with NaN (``width`` at least its k_U: min(max ks, the
     number of classes) serves every sample of the shards); all NaN for an undefined geometry."""
@@ -824,8 +893,9 @@ def _angles_of(geometry: TheoryGeometry | str | None, ks: np.ndarray, width: int
 
 
 def _stationary_of_solves(shards: list[Moments], ks: np.ndarray, estimator: str, *, seed: int, rtol: float,
-                          pooled: TheoryGeometry, left_out: Sequence[TheoryGeometry | None], memo: dict) -> np.ndarray:
-    """`stationary_distance` (numpy) from the geometries `ntps_estimate` solved: the pooled shards', each
+                          pooled: TheoryGeometry, left_out: Sequence[TheoryGeometry | None], memo: dict,
+                          reach_se: float) -> dict[str, np.ndarray]:
+    """`stationary_columns` (numpy) from the geometries `ntps_estimate` solved: the pooled shards', each
     leave-one-shard-out pool's and, for "richardson", the halves' in ``memo`` (`_plugin_on_halves`; a half
     not there is solved here)."""
     width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
@@ -849,8 +919,12 @@ def _stationary_of_solves(shards: list[Moments], ks: np.ndarray, estimator: str,
         n_texts = sum(s.n_texts for i, s in enumerate(shards) if i != drop)
         return _richardson_combination(x, halves, sizes, n_texts)
 
-    return stationary_distance(combined(pooled, None),
-                               np.array([combined(g, i) for i, g in enumerate(left_out)]))
+    return stationary_columns(combined(pooled, None), np.array([combined(g, i) for i, g in enumerate(left_out)]),
+                              reach_se)
+
+
+#: The columns `stationary_columns` adds to a row (NaN where they are not computed).
+STATIONARY_COLUMNS = ("stationary_distance", "stationary_reach_down", "stationary_reach_up")
 
 
 #: The estimators whose rows carry `stationary_distance` (their cos^2 combine as their NTPS does: "plugin" as is,
@@ -860,15 +934,67 @@ STATIONARY_ESTIMATORS = ("plugin", "richardson")
 
 def _stationary_condition(frame: pd.DataFrame, estimator: str, flag: bool, stationary_se: float) -> pd.DataFrame:
     """`ntps_estimate`'s frame with the flag's stationary condition on the rows of `STATIONARY_ESTIMATORS`
-    (``reliable`` also needs ``stationary_distance`` >= ``stationary_se``; NaN fails), or without the
-    ``stationary_distance`` column where ``flag`` is off (the frame as before the condition existed)."""
+    (``reliable`` also needs ``stationary_distance`` >= ``stationary_se``; NaN fails) and the stationary widening's
+    reach as the values it reaches (stationary_lower / stationary_upper: the estimate less the reach down, plus the
+    reach up), or without those columns where ``flag`` is off (the frame as before the condition existed)."""
+    reach = frame[["stationary_reach_down", "stationary_reach_up"]].to_numpy(dtype=float)
+    frame = frame.drop(columns=["stationary_reach_down", "stationary_reach_up"])
     if not flag:
         return frame.drop(columns="stationary_distance")
+    estimate = frame["estimate"].to_numpy(dtype=float)
+    frame = frame.assign(stationary_lower=estimate - reach[:, 0], stationary_upper=estimate + reach[:, 1])
     if estimator not in STATIONARY_ESTIMATORS:
         return frame
     with np.errstate(invalid="ignore"):
         away = frame["stationary_distance"].to_numpy(dtype=float) >= stationary_se
     return frame.assign(reliable=frame["reliable"].astype(bool).to_numpy() & away)
+
+
+def stationary_widening(frame: pd.DataFrame) -> pd.DataFrame:
+    """`ntps_estimate`'s frame with the interval of each reliable row joined with the values NTPS takes where the
+    principal angles the data cannot separate from a bound are at it (``stationary_lower`` / ``stationary_upper``:
+    `stationary_reach`; `ntps_estimate`'s ``stationary_widening``).
+
+    The flag's stationary condition keeps a row where some angle lies at least `STATIONARY_SE` jackknife standard
+    errors from 0 and 1. In a population whose angles are at a bound (at k = 2 of an LDS whose NTPS is 0.998, say)
+    the rows it keeps are the few draws whose noise carried an angle furthest from it, and their interval, on the
+    far side of the truth, covered 0.44-0.47 at nominal 0.90 (docs/estimator.md, "The whole map with the default as
+    it stands"). An angle within `stationary_reach_se` standard errors of a bound is one a test of "it is at the
+    bound", conditioned on the row having passed the condition, cannot reject at size 1 - level: the widened interval
+    includes NTPS with every such angle at its bound. Rows the flag refuses keep their interval; the flag does not
+    change (docs/estimator.md, "Rows near a bound: the stationary widening").
+
+    Parameters
+    ----------
+    frame : `ntps_estimate`'s frame with its flag and the stationary condition's columns.
+
+    Returns
+    -------
+    The frame with ``lower`` / ``upper`` widened on the reliable rows, the interval before any widening as
+    ``lower_unwidened`` / ``upper_unwidened`` (kept as they are where the rotation widening set them) and
+    ``stationary_widened`` (True where an end moved). A frame without stationary_lower (the stationary flag off, or
+    an estimator without it) is returned as it is.
+    """
+    if "stationary_lower" not in frame.columns:
+        return frame
+    out = frame.copy()
+    if "lower_unwidened" not in out.columns:
+        out["lower_unwidened"], out["upper_unwidened"] = out["lower"], out["upper"]
+    rows = out["reliable"].astype(bool).to_numpy()
+    lower, upper = out["lower"].to_numpy(dtype=float), out["upper"].to_numpy(dtype=float)
+    reach_lower = np.where(rows, out["stationary_lower"].to_numpy(dtype=float), np.nan)
+    reach_upper = np.where(rows, out["stationary_upper"].to_numpy(dtype=float), np.nan)
+    with np.errstate(invalid="ignore"):
+        moved_lower, moved_upper = reach_lower < lower, reach_upper > upper
+    out["lower"] = np.where(moved_lower, reach_lower, lower)
+    out["upper"] = np.where(moved_upper, reach_upper, upper)
+    out["stationary_widened"] = moved_lower | moved_upper
+    return out
+
+
+def _with_stationary_widening(frame: pd.DataFrame, widen: bool) -> pd.DataFrame:
+    """`stationary_widening` of ``frame`` where ``widen`` (`ntps_estimate`'s option of that name), else the frame."""
+    return stationary_widening(frame) if widen else frame
 
 
 def _gaps_at(geometry: TheoryGeometry | None, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1185,6 +1311,7 @@ def ntps_estimate(
     stationary_se: float = STATIONARY_SE,
     rotation_widening: bool = True,
     widening_level: float = WIDENING_LEVEL,
+    stationary_widening: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Estimate, standard error, Student-t interval and reliability flag at each k.
@@ -1285,8 +1412,9 @@ def ntps_estimate(
         under-cover: `PLUGIN_FLAGGED_COVERAGE`).
     stationary_flag : give the flag its stationary condition (default True; False: the flag before it, the
         committed study units'). Adds stationary_distance (`stationary_distance`, from the geometries the
-        estimate solved: no factorisation is added); "plugin" and "richardson" rows only (NaN for the others,
-        whose reliable the condition leaves as it is).
+        estimate solved: no factorisation is added), and stationary_lower / stationary_upper (the values the
+        stationary widening reaches, `stationary_reach`; the estimate where no angle is near a bound); "plugin" and
+        "richardson" rows only (NaN for the others, whose reliable the condition leaves as it is).
     stationary_se : the distance the condition asks for (default `STATIONARY_SE`, 2).
     rotation_widening : widen the interval of each row the flag accepts over NTPS's range on the rotations of the
         pairs at k that a test conditioned on the eigengap condition cannot reject (`ntps_nb.core.rotation.
@@ -1310,6 +1438,14 @@ def ntps_estimate(
         level"). It stays at 0.6 at any ``level``: at 0.80 both sides of that level's band [0.70, 0.90] held on fresh
         populations, at 0.95 the rows accepted above 1% covered 0.980, just above [0.925, 0.975] (p = 0.047), as
         with every other level of the sets tried ("The widening's level at other interval levels", session 65).
+    stationary_widening : widen the interval of each row the flag accepts to NTPS with every principal angle that a
+        test conditioned on the stationary condition cannot separate from 0 or 1 at that bound (`stationary_widening`,
+        `stationary_reach_se`: 3.42 jackknife standard errors at ``level`` 0.90 and 10 shards). Where the
+        population's angles are at a bound, the few rows the stationary condition keeps are those whose noise carried
+        an angle furthest from it: at an LDS's NTPS of 0.998 they covered 0.44-0.47 with the interval alone
+        (docs/estimator.md, "Rows near a bound: the stationary widening"). Needs ``stationary_flag``; adds
+        stationary_widened, and lower_unwidened / upper_unwidened (the interval before any widening) where the
+        rotation widening did not. No factorisation is added: the angles are the stationary condition's.
     interaction_half : with ``interval="quadratic"``, at most this many shards of each half of the split
         enter the estimate of the quadratic part (default `ntps_nb.core.quadratic.INTERACTION_HALF`, 5:
         25 plug-ins; None: every shard, |A| |B| plug-ins, 100 at 20 shards; at least 2).
@@ -1327,7 +1463,8 @@ def ntps_estimate(
     delete-one-shard jackknife estimate of the estimator's bias), noise_U, noise_V, bias_bound,
     k_U and subspace_noise (the larger per-direction noise of U and V) from `subspace_noise`;
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
-    (`flag_at_bound`); with ``stationary_flag`` stationary_distance; with ``rotation_flag`` rotation_lower,
+    (`flag_at_bound`); with ``stationary_flag`` stationary_distance, stationary_lower and stationary_upper (with
+    ``stationary_widening`` also stationary_widened, lower_unwidened and upper_unwidened: `stationary_widening`); with ``rotation_flag`` rotation_lower,
     rotation_upper and rotation_stable (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"``
     also interval ("rotation"), lower_jackknife, upper_jackknife, rotation_U and rotation_V
     (`ntps_nb.core.rotation.rotation_interval`); with ``rotation_widening`` and another interval lower_unwidened,
@@ -1339,11 +1476,15 @@ def ntps_estimate(
         raise ValueError(f"widening_level must be in (0, 1), got {widening_level}")
     if interval == "quadratic":
         _check_quadratic(shards, estimator, seed)
+    if stationary_widening and not stationary_flag:
+        raise ValueError("stationary_widening=True needs stationary_flag=True: the widening is conditioned on the "
+                         "flag's stationary condition")
     # the widening is of the rows the flag accepts: none for an estimator it was not calibrated for
     rotation_widening = rotation_widening and (estimator in CALIBRATED_ESTIMATORS or flag_any_estimator)
     backend = analysis_backend(device)
     if backend is not None:
         _check_estimate_options(shards, level, estimator)  # ntps_estimate_torch's first check, before the count
+        reach_se = stationary_reach_se(level, stationary_se, len(shards))
         # a bar over the combinations of shards solved on the device: the estimate's and its replicates', the
         # quadratic part's contrasts and the rotation sets' pooled solve
         contrasts = (int(np.prod([len(h) for h in interaction_halves(len(shards), seed, interaction_half)]))
@@ -1354,7 +1495,7 @@ def ntps_estimate(
             frame, plugins, left_out = backend.ntps_estimate_torch(
                 moment_shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, noise_max=noise_max,
                 gap_min=gap_min, bound_se=bound_se, device=device, batch_size=batch_size, plugins=True, bar=bar,
-                stationary=stationary_flag)
+                stationary=stationary_flag, reach_se=reach_se)
             if interval == "quadratic":
                 def solve(counts: np.ndarray) -> np.ndarray:
                     return backend.interval_replicates_torch(shards, counts, frame["k"].to_numpy(), rtol=rtol,
@@ -1369,29 +1510,34 @@ def ntps_estimate(
                                    widening=rotation_widening, widening_level=widening_level)
             bar.update(rotation)
         frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
-        return _calibrated_flag(frame, estimator, flag_any_estimator)
+        frame = _calibrated_flag(frame, estimator, flag_any_estimator)
+        return _with_stationary_widening(frame, stationary_widening)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_estimate_options(shards, level, estimator)
     ks = _check_ks(ks)
+    reach_se = stationary_reach_se(level, stationary_se, len(shards))
     steps = 3 + 2 * len(shards) + (interval == "quadratic")
     with progress_bar(steps, "ntps_estimate", progress, unit="part") as bar:
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
                                noise_max=noise_max, gap_min=gap_min, bound_se=bound_se, interval=interval,
                                rotation_flag=rotation_flag, interaction_half=interaction_half, step=bar.update,
                                stationary=stationary_flag, widening=rotation_widening,
-                               widening_level=widening_level)
+                               widening_level=widening_level, reach_se=reach_se)
     frame = _stationary_condition(frame, estimator, stationary_flag, stationary_se)
-    return _calibrated_flag(frame, estimator, flag_any_estimator)
+    frame = _calibrated_flag(frame, estimator, flag_any_estimator)
+    return _with_stationary_widening(frame, stationary_widening)
 
 
 def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, level: float, seed: int, rtol: float,
                    n_splits: int, noise_max: float, gap_min: float, bound_se: float, interval: str, rotation_flag: bool,
                    interaction_half: int | None, step: Callable[[], Any], stationary: bool = True,
-                   widening: bool = False, widening_level: float = WIDENING_LEVEL) -> pd.DataFrame:
+                   widening: bool = False, widening_level: float = WIDENING_LEVEL,
+                   reach_se: float | None = None) -> pd.DataFrame:
     """`ntps_estimate`'s rows on the numpy code, before the calibration of the flag; ``step()`` after each of its
-    3 + 2 S (+ 1 for the quadratic interval) parts. ``stationary``: compute stationary_distance (else NaN, for the
-    caller to drop); ``widening``, ``widening_level``: ``rotation_widening`` and ``widening_level``."""
+    3 + 2 S (+ 1 for the quadratic interval) parts. ``stationary``: compute `stationary_columns` at ``reach_se``
+    (None: `stationary_reach_se` at ``level`` and `STATIONARY_SE`; else NaN, for the caller to drop); ``widening``,
+    ``widening_level``: ``rotation_widening`` and ``widening_level``."""
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol, step)
@@ -1420,10 +1566,13 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
     frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
-    frame["stationary_distance"] = (
-        _stationary_of_solves(shards, ks, estimator, seed=seed, rtol=rtol, pooled=full, left_out=geometries,
-                              memo=halves)
-        if stationary and estimator in STATIONARY_ESTIMATORS else np.nan)
+    if reach_se is None:
+        reach_se = stationary_reach_se(level, STATIONARY_SE, S)
+    columns = (_stationary_of_solves(shards, ks, estimator, seed=seed, rtol=rtol, pooled=full, left_out=geometries,
+                                     memo=halves, reach_se=reach_se)
+               if stationary and estimator in STATIONARY_ESTIMATORS else dict.fromkeys(STATIONARY_COLUMNS, np.nan))
+    for name, column in columns.items():
+        frame[name] = column
     plugins = theory_values(full, ks)
     if interval == "quadratic":
         none = np.full(ks.shape, np.nan)

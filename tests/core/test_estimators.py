@@ -10,9 +10,9 @@ import scipy.linalg
 
 from ntps_nb.core.estimators import (BOUND_SE, CALIBRATED_ESTIMATORS, CROSSFIT_SPLITS, DEFAULT_ESTIMATOR,
                                      ESTIMATORS, GAP_MIN, NOISE_MAX, FlagNotCalibratedWarning,
-                                     PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS,
+                                     PCA_TEXTS_PER_DIM, SPLIT_ESTIMATORS, STATIONARY_SE,
                                      eigengap_ratios, estimate_by_n, estimate_ntps, flag_at_bound, ntps_estimate,
-                                     split_halves,
+                                     split_halves, stationary_reach_se, stationary_widening,
                                      subspace_noise)
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.score import (BeyondRankError, BeyondRankWarning, InterpolationWarning, ntps, ntps_sweep,
@@ -268,15 +268,12 @@ def test_the_geometrys_principal_angles_are_those_of_the_whitened_subspaces_solv
                                atol=1e-12)
 
 
-def test_stationary_distance_is_each_angles_extrapolated_cos2_over_its_jackknife_se():
-    """Recomputed from every sample the estimator solves, each solved by hand: the pooled shards and the two halves
-    combined as richardson combines NTPS, the same for each shard left out, the jackknife SE of each angle, and the
-    largest distance from 0 or 1 in SEs; and for the plug-in, the pooled cos^2 alone."""
-    model = factor_model(d=10, n_classes=3, n_tokens=8, gap="separated", seed=2)
-    shards = sample_shards(model, 1200, 6, np.random.default_rng(1))
-    ks, S, seed = np.array([1, 2, 4]), 6, 3
+def _angles_by_hand(shards, ks, estimator, seed):
+    """Each angle's cos^2 as the estimator combines NTPS, every sample solved by hand (`_cos2_by_hand`): the pooled
+    shards and, for richardson, the two halves, extrapolated; (point (K, A), replicates (S, K, A) without shard i)."""
+    S = len(shards)
 
-    def combined(drop, estimator):
+    def combined(drop):
         kept = [i for i in range(S) if i != drop]
         pooled = _cos2_by_hand(Moments.combine([shards[i] for i in kept]), ks)
         if estimator == "plugin":
@@ -288,14 +285,97 @@ def test_stationary_distance_is_each_angles_extrapolated_cos2_over_its_jackknife
         return w * pooled + (1 - w) * np.mean([_cos2_by_hand(Moments.combine([shards[i] for i in half]), ks)
                                                for half in halves], axis=0)
 
+    return combined(None), np.array([combined(i) for i in range(S)])
+
+
+def _se_by_hand(replicates):
+    S = len(replicates)
+    return np.sqrt((S - 1) / S * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0))
+
+
+def test_stationary_distance_is_each_angles_extrapolated_cos2_over_its_jackknife_se():
+    """Recomputed from every sample the estimator solves, each solved by hand: the pooled shards and the two halves
+    combined as richardson combines NTPS, the same for each shard left out, the jackknife SE of each angle, and the
+    largest distance from 0 or 1 in SEs; and for the plug-in, the pooled cos^2 alone."""
+    model = factor_model(d=10, n_classes=3, n_tokens=8, gap="separated", seed=2)
+    shards = sample_shards(model, 1200, 6, np.random.default_rng(1))
+    ks, seed = np.array([1, 2, 4]), 3
     for estimator in ("richardson", "plugin"):
-        point = combined(None, estimator)
-        replicates = np.array([combined(i, estimator) for i in range(S)])
-        se = np.sqrt((S - 1) / S * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0))
-        distance = np.where(np.isnan(point), 0.0, np.minimum(point, 1 - point) / se)
+        point, replicates = _angles_by_hand(shards, ks, estimator, seed)
+        distance = np.where(np.isnan(point), 0.0, np.minimum(point, 1 - point) / _se_by_hand(replicates))
         frame = ntps_estimate(shards, ks, estimator=estimator, seed=seed, flag_any_estimator=True)
         np.testing.assert_allclose(frame["stationary_distance"], np.nanmax(distance, axis=1), rtol=1e-7)
         assert (frame["stationary_distance"] > 0.5).all()  # distances away from 0: the comparison is not vacuous
+
+
+def test_the_stationary_reach_moves_each_angle_near_a_bound_to_it():
+    """stationary_lower / stationary_upper recomputed by hand: every angle whose cos^2 (extrapolated, solved by hand)
+    lies within stationary_reach_se jackknife SEs of 0 (of 1) is set to 0 (to 1) in the mean over the k_U angles.
+    An LDS whose angles at k = 2 are near 1 (population NTPS 0.998) and near 0 at k = 1: both sides move, and the
+    reach is not the whole way to 0 or 1 on every row (the comparison is not vacuous)."""
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="tied", seed=660)
+    ks, seed = np.array([1, 2, 4]), 200
+    moved_down = moved_up = False
+    for draw in range(3):
+        shards = sample_shards(model, 512, 10, np.random.default_rng([660, draw]))
+        point, replicates = _angles_by_hand(shards, ks, "richardson", seed)
+        se, within = _se_by_hand(replicates), stationary_reach_se(0.90, STATIONARY_SE, 10)
+        angles = ~np.isnan(point)
+        up = np.where(angles & ((1 - point) / se < within), np.clip(1 - point, 0, None), 0).sum(axis=1)
+        down = np.where(angles & (point / se < within), np.clip(point, 0, None), 0).sum(axis=1)
+        frame = ntps_estimate(shards, ks, seed=seed)
+        k_u = angles.sum(axis=1)
+        np.testing.assert_allclose(frame["estimate"], np.nanmean(point, axis=1), rtol=1e-7)
+        np.testing.assert_allclose(frame["stationary_upper"], frame["estimate"] + up / k_u, rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(frame["stationary_lower"], frame["estimate"] - down / k_u, rtol=1e-7, atol=1e-12)
+        moved_down |= bool((down > 1e-3).any())
+        moved_up |= bool((up > 1e-3).any())
+    assert moved_down and moved_up
+
+
+def test_the_reach_is_the_selective_tests_critical_value():
+    """stationary_reach_se against a simulation: of Student t draws (S - 1 degrees of freedom) past the stationary
+    condition's 2, the share past the reach is 1 - level (2,000,000 draws: about 76,000 past 2 at 9 degrees of
+    freedom, so the share's binomial SE is about 0.0011)."""
+    rng = np.random.default_rng(0)
+    for level, shards in ((0.90, 10), (0.80, 20)):
+        reach = stationary_reach_se(level, STATIONARY_SE, shards)
+        t = rng.standard_t(shards - 1, 2_000_000)
+        kept = t[t >= STATIONARY_SE]
+        share, se = np.mean(kept >= reach), np.sqrt(level * (1 - level) / kept.size)
+        assert abs(share - (1 - level)) < 4 * se, (level, shards, share)
+    assert stationary_reach_se(0.90, STATIONARY_SE, 10) == pytest.approx(3.418, abs=1e-3)
+
+
+def test_the_stationary_widening_joins_the_reach_on_the_reliable_rows_only():
+    """`stationary_widening`: on reliable rows lower / upper become min(lower, stationary_lower) / max(upper,
+    stationary_upper); unreliable rows keep theirs; the interval before is kept and ``stationary_widened`` says which
+    rows moved; the rotation widening's interval-before is not overwritten."""
+    frame = pd.DataFrame({"estimate": [0.5, 0.5, 0.9, 0.1], "lower": [0.4, 0.4, 0.85, 0.05],
+                          "upper": [0.6, 0.6, 0.95, 0.15], "reliable": [True, False, True, True],
+                          "stationary_lower": [0.5, 0.2, 0.9, 0.0], "stationary_upper": [0.5, 0.9, 0.99, 0.1]})
+    out = stationary_widening(frame)
+    np.testing.assert_allclose(out["lower"], [0.4, 0.4, 0.85, 0.0])
+    np.testing.assert_allclose(out["upper"], [0.6, 0.6, 0.99, 0.15])
+    assert out["stationary_widened"].tolist() == [False, False, True, True]
+    np.testing.assert_allclose(out["lower_unwidened"], frame["lower"])
+    rotated = stationary_widening(frame.assign(lower_unwidened=0.3, upper_unwidened=0.7))
+    np.testing.assert_allclose(rotated["lower_unwidened"], 0.3)
+    np.testing.assert_allclose(rotated["lower"], out["lower"])
+
+
+@pytest.mark.parametrize("device", [None, DEVICE])
+def test_ntps_estimate_widens_the_reliable_rows_to_their_reach(device):
+    """``stationary_widening=True`` is the frame without it with `stationary_widening` applied, on numpy and on the
+    torch backend; it needs the stationary condition."""
+    model = lds_model(d=16, n_classes=2, n_tokens=8, gap="separated", seed=3)
+    shards = sample_shards(model, 512, 10, np.random.default_rng(5))
+    plain = ntps_estimate(shards, [1, 2, 4], device=device)
+    widened = ntps_estimate(shards, [1, 2, 4], device=device, stationary_widening=True)
+    assert plain["reliable"].any()
+    pd.testing.assert_frame_equal(widened, stationary_widening(plain))
+    with pytest.raises(ValueError, match="needs stationary_flag=True"):
+        ntps_estimate(shards, [1], stationary_flag=False, stationary_widening=True, device=device)
 
 
 def test_the_flag_says_unreliable_at_a_stationary_point_where_the_interval_over_covers():
@@ -317,7 +397,8 @@ def test_the_flag_says_unreliable_at_a_stationary_point_where_the_interval_over_
     assert ((accepted["lower"] <= 1.0) & (1.0 <= accepted["upper"])).mean() > 0.95
     assert after["reliable"].sum() <= 0.02 * COVERAGE_DRAWS
     # the condition is the only difference: the other columns are the same numbers
-    pd.testing.assert_frame_equal(before, after.drop(columns="stationary_distance").assign(reliable=before["reliable"]))
+    pd.testing.assert_frame_equal(before, after.drop(columns=["stationary_distance", "stationary_lower",
+                                                              "stationary_upper"]).assign(reliable=before["reliable"]))
 
 
 @pytest.mark.parametrize("device", [None, DEVICE])

@@ -106,6 +106,8 @@ from ntps_nb.core.estimators import (
     ESTIMATORS,
     GAP_MIN,
     NOISE_MAX,
+    STATIONARY_COLUMNS,
+    STATIONARY_SE,
     _angles_of,
     _as_shards,
     _check_estimate_options,
@@ -116,7 +118,8 @@ from ntps_nb.core.estimators import (
     _richardson_combination,
     min_shards,
     split_halves,
-    stationary_distance,
+    stationary_columns,
+    stationary_reach_se,
 )
 from ntps_nb.core.intervals import (
     _check_options,
@@ -2762,6 +2765,7 @@ def ntps_estimate_torch(
     plugins: bool = False,
     bar=None,
     stationary: bool = True,
+    reach_se: float | None = None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """`ntps_nb.core.estimators.ntps_estimate` on ``device``, for the "richardson" (default) and
     "plugin" estimators: the same frame.
@@ -2789,13 +2793,17 @@ def ntps_estimate_torch(
         replicates (what `ntps_nb.core.quadratic.quadratic_interval` reads as ``pooled`` and ``left_out``).
     bar : an open `ntps_nb.core.progress.progress_bar` to advance by each combination once solved
         (`estimate_solves` of them): what `ntps_nb.core.estimators.ntps_estimate` with ``device`` passes.
-    stationary : compute stationary_distance from the same geometries (default; False: NaN, as
-        `ntps_nb.core.estimators.ntps_estimate` with ``stationary_flag=False`` drops it).
+    stationary : compute stationary_distance and the stationary widening's reach from the same geometries
+        (`ntps_nb.core.estimators.stationary_columns`; default; False: NaN, as
+        `ntps_nb.core.estimators.ntps_estimate` with ``stationary_flag=False`` drops them).
+    reach_se : the distance of `ntps_nb.core.estimators.stationary_reach` (None: `stationary_reach_se` at
+        ``level``, `STATIONARY_SE` and the number of shards).
 
     Returns
     -------
     DataFrame as `ntps_nb.core.estimators.ntps_estimate` returns it before its rotation and stationary conditions
-    (stationary_distance included: the principal angles of the same geometries); with ``plugins``, the tuple (frame,
+    (stationary_distance, stationary_reach_down and stationary_reach_up included: the principal angles of the same
+    geometries); with ``plugins``, the tuple (frame,
     (K,) plug-in on all shards, (S, K) plug-in without shard i in row i, NaN where that pool is undefined).
     """
     _check_device_estimator(estimator)
@@ -2839,10 +2847,13 @@ def ntps_estimate_torch(
                             level=level, noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
     # each principal angle's cos^2 combined as the estimate combines NTPS, from the same geometries
-    frame["stationary_distance"] = np.nan
+    columns = dict.fromkeys(STATIONARY_COLUMNS, np.nan)
     if stationary:
         width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
         angles = [_angles_of(g, ks, width) for g in geometries]
         point_angles, *replicate_angles = [combine(angles, whole, parts) for whole, parts in rows]
-        frame["stationary_distance"] = stationary_distance(point_angles, np.array(replicate_angles))
+        columns = stationary_columns(point_angles, np.array(replicate_angles),
+                                     stationary_reach_se(level, STATIONARY_SE, S) if reach_se is None else reach_se)
+    for name, column in columns.items():
+        frame[name] = column
     return (frame, values[full], values[loo]) if plugins else frame
