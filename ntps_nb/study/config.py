@@ -70,7 +70,8 @@ class StudySettingsError(ValueError):
 _ADDED_LATER = {"precision": "float32", "estimator": "plugin", "interval_estimator": "plugin",
                 "interval_variants": ("theory", "reference"), "estimate_interval": "jackknife",
                 "estimate_rotation_flag": False, "estimate_stationary_flag": False,
-                "estimate_rotation_widening": False, "estimate_widening_level": 0.90}
+                "estimate_rotation_widening": False, "estimate_widening_level": 0.90,
+                "estimate_stationary_widening": False}
 
 
 #: Values of ``interval_estimator``: the shard bootstrap of the plug-in, or of the study's ``estimator``.
@@ -119,7 +120,10 @@ class StudyConfig:
     stationary condition and the ``stationary_distance`` column (``stationary_flag``; true unless set), and
     ``estimate_rotation_widening`` widens its reliable rows' interval over the rotation sets of the pairs at k
     (``rotation_widening``; true unless set), its rotation sets at ``estimate_widening_level`` (``widening_level``;
-    `ntps_nb.core.rotation.WIDENING_LEVEL` unless set). The defaults are `ntps_estimate`'s, the ones calibrated on the
+    `ntps_nb.core.rotation.WIDENING_LEVEL` unless set); ``estimate_stationary_widening`` joins its reliable rows'
+    interval with NTPS at the principal angles a selective test cannot separate from 0 or 1
+    (``stationary_widening``, `ntps_nb.core.estimators.stationary_widening`; with the stationary condition only:
+    where ``estimate_stationary_flag`` is false it is inert, out of the hash). The defaults are `ntps_estimate`'s, the ones calibrated on the
     estimator map (docs/estimator.md). The committed studies were computed with "jackknife", without the rotation
     and stationary conditions and without the widening, and their configs say so (``estimate_interval =
     "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``,
@@ -179,6 +183,10 @@ class StudyConfig:
     # ... its rotation sets at this level (ntps_estimate's ``widening_level``, its default unless set; the interval
     # stays at its own); in the hash only where the widening is on
     estimate_widening_level: float | None = None
+    # the reliable rows' interval joined with NTPS at the principal angles a test conditioned on the stationary
+    # condition cannot separate from 0 or 1 (`ntps_nb.core.estimators.stationary_widening`), as ntps_estimate's
+    # default; in the hash only where the stationary condition is on
+    estimate_stationary_widening: bool = False
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -224,14 +232,18 @@ class StudyConfig:
     def inert_settings(self) -> frozenset[str]:
         """The settings that decide no number under the values of the others, left out of the config hash
         (`settings`) and of every stage's key (`ntps_nb.study.stages.stage_keys`) so that they do not make a unit
-        stale: the widening's level (``estimate_widening_level``) where the widening is off.
+        stale: the widening's level (``estimate_widening_level``) where the widening is off, and the stationary
+        widening (``estimate_stationary_widening``) where the stationary condition it is conditioned on is off.
 
         Returns
         -------
         frozenset of str
             Field names of this config.
         """
-        return frozenset() if self.estimate_rotation_widening else frozenset({"estimate_widening_level"})
+        inert = set() if self.estimate_rotation_widening else {"estimate_widening_level"}
+        if not self.estimate_stationary_flag:
+            inert.add("estimate_stationary_widening")
+        return frozenset(inert)
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes a unit's numbers (not the grid, not where results go).
@@ -503,7 +515,9 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
                                  f"interval is derived for it), got estimator = {table.get('estimator', 'plugin')!r}")
     for name, what in (("estimate_rotation_flag", "the flag's rotation condition"),
                        ("estimate_stationary_flag", "the flag's stationary condition"),
-                       ("estimate_rotation_widening", "the reliable rows' interval widened over the rotation sets")):
+                       ("estimate_rotation_widening", "the reliable rows' interval widened over the rotation sets"),
+                       ("estimate_stationary_widening", "the reliable rows' interval joined with NTPS at the angles "
+                                                        "the data cannot separate from 0 or 1")):
         if not isinstance(table.get(name, False), bool):
             raise StudySettingsError(f"{path}: {name} must be true or false ({what}), got {table.get(name)!r}")
     level = table.get("estimate_widening_level")

@@ -57,7 +57,8 @@ READING = ("max_length", "drop_bos", "batch_size", "precision")
 #: every estimates stage before it wrote the jackknife-t interval.
 #: (interval_estimator keys the intervals stage through the estimator it bootstraps: `stage_keys`.)
 ADDED_TO_STAGES = ("estimator", "interval_variants", "estimate_interval", "estimate_rotation_flag",
-                   "estimate_stationary_flag", "estimate_rotation_widening", "estimate_widening_level")
+                   "estimate_stationary_flag", "estimate_rotation_widening", "estimate_widening_level",
+                   "estimate_stationary_widening")
 #: What the extraction keeps beyond its settings, decided by the estimator: with one of
 #: `ntps_nb.core.estimators.HALF_ESTIMATORS` and shards, the moments of the two halves of the shards
 #: on every layer without per-shard moments (`keeps_halves`). It enters the extraction's key only
@@ -147,7 +148,7 @@ STAGES: tuple[Stage, ...] = (
     # for the estimators the flag was calibrated for (`estimators.CALIBRATED_ESTIMATORS`), refreshed from 3 or 2
     Stage("estimates", ("estimator", "k", "interval_layers", "shards", "seed", "estimate_interval",
                         "estimate_rotation_flag", "estimate_stationary_flag", "estimate_rotation_widening",
-                        "estimate_widening_level"),
+                        "estimate_widening_level", "estimate_stationary_widening"),
           ("extraction",),
           "estimates", ESTIMATES_COLUMNS, version=4),
     # version 2: the label-null p-value written as p_value with p_side (version 1 wrote perm_p)
@@ -980,7 +981,10 @@ def _estimates_stage(u: _Unit) -> tuple[pd.DataFrame | None, dict]:
                                           rotation_flag=u.cfg.estimate_rotation_flag,
                                           stationary_flag=u.cfg.estimate_stationary_flag,
                                           rotation_widening=u.cfg.estimate_rotation_widening,
-                                          widening_level=u.cfg.estimate_widening_level, progress=False)
+                                          widening_level=u.cfg.estimate_widening_level,
+                                          stationary_widening=(u.cfg.estimate_stationary_widening
+                                                               and u.cfg.estimate_stationary_flag),
+                                          progress=False)
             except (ValueError, np.linalg.LinAlgError) as error:
                 failed[str(layer)] = str(error)
                 u.log(f"    estimates: layer {layer} left out: {error}")

@@ -2210,10 +2210,11 @@ def test_estimate_rotation_flag_narrows_the_estimates_flag_and_keys_only_the_est
     np.testing.assert_array_equal(narrowed["reliable"], plain["reliable"] & narrowed["rotation_stable"])
 
 
-def _estimates_without_and_with(tmp_path, tiny_llama, setting: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The smoke study's estimates table (richardson, tiny-llama on trec6) with the boolean estimates ``setting``
-    off, then on; turning it on must recompute the estimates stage alone."""
-    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson")
+def _estimates_without_and_with(tmp_path, tiny_llama, setting: str, **fixed) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The smoke study's estimates table (richardson, tiny-llama on trec6; the settings ``fixed``) with the boolean
+    estimates ``setting`` off, then on; turning it on must recompute the estimates stage alone."""
+    smoke = _smoke(tmp_path, datasets=["trec6"], peers=False, probes=[], diagnostics=False, estimator="richardson",
+                   **fixed)
     quiet = dict(cache=tmp_path / "cache", log=lambda _: None)
     plain = study.run_unit(dataclasses.replace(smoke, **{setting: False}), "tiny-llama", "trec6", tiny_llama,
                            **quiet)["estimates"]
@@ -2293,6 +2294,33 @@ def test_estimate_widening_level_keys_only_the_estimates_and_only_where_the_wide
     for bad in (1.5, 0.0, True, "0.9"):
         with pytest.raises(study.StudySettingsError, match="estimate_widening_level must be a number in"):
             study.load_config(STUDIES / "default.toml", estimate_widening_level=bad)
+
+
+def test_estimate_stationary_widening_keys_only_the_estimates_and_only_with_the_stationary_condition(tmp_path,
+                                                                                                    tiny_llama):
+    """The stationary widening (`ntps_estimate`'s ``stationary_widening``) as a study setting: it is conditioned on
+    the flag's stationary condition, so where that is off (the committed studies) it decides no number and stays out
+    of the hash at either value; with the condition on, turning it on changes the hash and the estimates stage's key
+    alone, and a run recomputes the estimates stage alone, keeps the estimates and the flag, and adds
+    stationary_widened (the tiny model's rows are not reliable, so none moves: the widening itself is pinned in
+    tests/core/test_estimators.py); a value that is not a boolean is refused."""
+    committed = study.load_config(STUDIES / "default.toml")
+    inert = study.load_config(STUDIES / "default.toml", estimate_stationary_widening=True)
+    assert inert.config_hash == committed.config_hash == "1cedd9f67410"
+    assert study.stage_keys(inert, "smollm2-135m", "trec6") == study.stage_keys(committed, "smollm2-135m", "trec6")
+    flagged = study.load_config(STUDIES / "default.toml", estimate_stationary_flag=True)
+    on = study.load_config(STUDIES / "default.toml", estimate_stationary_flag=True, estimate_stationary_widening=True)
+    assert "estimate_stationary_widening" not in flagged.settings() and on.settings()["estimate_stationary_widening"]
+    assert on.config_hash != flagged.config_hash
+    keys, moved = study.stage_keys(flagged, "smollm2-135m", "trec6"), study.stage_keys(on, "smollm2-135m", "trec6")
+    assert {name for name in keys if moved[name] != keys[name]} == {"estimates"}
+    with pytest.raises(study.StudySettingsError, match="estimate_stationary_widening must be true or false"):
+        study.load_config(STUDIES / "default.toml", estimate_stationary_widening="yes")
+    plain, widened = _estimates_without_and_with(tmp_path, tiny_llama, "estimate_stationary_widening",
+                                                 estimate_stationary_flag=True)
+    assert "stationary_widened" in widened.columns and "stationary_widened" not in plain.columns
+    for column in ("estimate", "reliable", "stationary_lower", "stationary_upper"):
+        np.testing.assert_array_equal(widened[column], plain[column])
 
 
 def test_a_study_with_too_few_shards_for_its_estimators_interval_says_so_when_it_starts(tmp_path):
