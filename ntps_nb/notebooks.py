@@ -1757,7 +1757,7 @@ def _estimator_profile(run: ModelOnDataset, *, k: int, variant: str, intervals: 
                                       progress=False, device=device)
             frame = table.iloc[0]
             kind = interval_description(frame.get("interval", "jackknife"), bool(widened_rows(table).iloc[0]),
-                                        frame.get("widening_level"))
+                                        frame.get("widening_level"), frame.get("stationary_widened", False))
             rows.append({"layer": layer, "ntps": frame["estimate"], "ntps_lower": frame["lower"],
                          "ntps_upper": frame["upper"], "ntps_se": frame["se"], "reliable": bool(frame["reliable"]),
                          "interval": f"{kind}, around the estimate"})

@@ -62,6 +62,8 @@ INTERVAL_DESCRIPTIONS = {
 }
 #: What `interval_description` adds to a row `rotation_widening` widened (with the sets' level after it, where known).
 WIDENED_DESCRIPTION = "widened over the rotations of the eigenvector pairs at k the data cannot reject"
+#: ... and where `ntps_nb.core.estimators.stationary_widening` moved an end.
+STATIONARY_DESCRIPTION = "reaching NTPS with the principal angles the data cannot tell from 0 or 90 degrees there"
 #: The level of the rotation sets `rotation_widening` joins with a reliable row's interval (`ntps_estimate`'s
 #: ``widening_level``), for an interval at level 0.90. The union of two sets at 0.90 each (sessions 60-63) over-covered
 #: where the flag accepts 1-30% of a population's draws (0.97-0.98); at 0.6 neither side of item 4's band was
@@ -416,7 +418,8 @@ def widened_rows(frame: pd.DataFrame) -> pd.Series:
     return frame["rotation_U"].notna()
 
 
-def interval_description(kind: str, widened: bool = False, widening_level: float | None = None) -> str:
+def interval_description(kind: str, widened: bool = False, widening_level: float | None = None,
+                         stationary_widened: bool | float = False) -> str:
     """How the study's report and the notebooks' layer profiles name a row's interval (after its level).
 
     Parameters
@@ -425,18 +428,22 @@ def interval_description(kind: str, widened: bool = False, widening_level: float
     widened : whether `rotation_widening` widened the row (`widened_rows`).
     widening_level : the level of the rotation sets it was widened over (the row's ``widening_level``); None or
         NaN: not known (a table written before the column), not named.
+    stationary_widened : whether `ntps_nb.core.estimators.stationary_widening` moved an end of the row (its
+        ``stationary_widened``; NaN, a table written before the column, reads as False).
 
     Returns
     -------
     `INTERVAL_DESCRIPTIONS` of ``kind``, with `WIDENED_DESCRIPTION` after it where ``widened``, e.g. "...,
     widened over ... cannot reject (rotation sets at 60%)" (a "rotation" interval is widened already and is named as
-    it is).
+    it is), and `STATIONARY_DESCRIPTION` after that where ``stationary_widened``.
     """
     text = INTERVAL_DESCRIPTIONS[kind]
-    if not widened or kind == "rotation":
-        return text
-    known = widening_level is not None and np.isfinite(widening_level)
-    return f"{text}, {WIDENED_DESCRIPTION}" + (f" (rotation sets at {widening_level:.0%})" if known else "")
+    if widened and kind != "rotation":
+        known = widening_level is not None and np.isfinite(widening_level)
+        text = f"{text}, {WIDENED_DESCRIPTION}" + (f" (rotation sets at {widening_level:.0%})" if known else "")
+    if pd.notna(stationary_widened) and bool(stationary_widened):
+        text = f"{text}, {STATIONARY_DESCRIPTION}"
+    return text
 
 
 def rotation_widening(moment_shards: Sequence[Moments], frame: pd.DataFrame, *, level: float, gap_min: float,

@@ -718,11 +718,14 @@ def interval_points(tables: dict[str, pd.DataFrame], *, model: str, k: int, laye
                  else pd.Series("jackknife", index=rows.index))
         # the widening's sets' level, named where the table has it (tables written before session 65 do not)
         set_levels = rows.get("widening_level", pd.Series(np.nan, index=rows.index))
+        # the stationary widening's rows (tables written before session 67 have no column)
+        reached = rows.get("stationary_widened", pd.Series(False, index=rows.index))
         out = rows[keep].rename(columns={"estimate": "ntps"})
         out = out.assign(reliable=_flags(out["reliable"]), centre=out["ntps"], centred=True, source="estimates",
-                         interval=[f"{level:.0%} {interval_description(kind, widened, sets)}, around the "
-                                   f"{estimator} estimate" for level, estimator, kind, widened, sets
-                                   in zip(out["level"], out["estimator"], kinds, widened_rows(rows), set_levels)])
+                         interval=[f"{level:.0%} {interval_description(kind, widened, sets, moved)}, "
+                                   f"around the {estimator} estimate" for level, estimator, kind, widened, sets, moved
+                                   in zip(out["level"], out["estimator"], kinds, widened_rows(rows), set_levels,
+                                          reached)])
     else:
         intervals = tables.get("intervals")
         if intervals is None or intervals.empty:

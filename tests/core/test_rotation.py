@@ -12,8 +12,8 @@ import scipy.stats
 
 from ntps_nb.core.estimators import GAP_MIN, FlagNotCalibratedWarning, ntps_estimate
 from ntps_nb.core.moments import Moments
-from ntps_nb.core.rotation import (INTERVAL_DESCRIPTIONS, PLANE_RTOL, SET_ANGLES, STABLE_ATOL, WIDENED_DESCRIPTION,
-                                   interval_description, ntps_over_rotations, plane_replicates, rotation_interval,
+from ntps_nb.core.rotation import (INTERVAL_DESCRIPTIONS, PLANE_RTOL, SET_ANGLES, STABLE_ATOL, STATIONARY_DESCRIPTION,
+                                   WIDENED_DESCRIPTION, interval_description, ntps_over_rotations, plane_replicates, rotation_interval,
                                    rotation_sets, rotation_widening, widened_rows)
 from ntps_nb.core.score import theory_geometry
 from ntps_nb.core.simulate import factor_model, lds_model, markov_model, pair_shards, sample_shards
@@ -329,6 +329,12 @@ def test_the_widenings_level_sets_only_how_far_a_reliable_rows_interval_is_widen
                          else INTERVAL_DESCRIPTIONS["quadratic"] for flag in reliable]
     unnamed = f"{INTERVAL_DESCRIPTIONS['quadratic']}, {WIDENED_DESCRIPTION}"
     assert interval_description("quadratic", True, np.nan) == interval_description("quadratic", True) == unnamed
+    # a row the stationary widening moved says so after the rotation sets; NaN (a table before the column) does not
+    assert interval_description("quadratic", True, 0.6, True) == (f"{unnamed} (rotation sets at 60%), "
+                                                                  f"{STATIONARY_DESCRIPTION}")
+    assert interval_description("quadratic", False, np.nan, np.True_) == (f"{INTERVAL_DESCRIPTIONS['quadratic']}, "
+                                                                          f"{STATIONARY_DESCRIPTION}")
+    assert interval_description("quadratic", False, 0.6, np.nan) == INTERVAL_DESCRIPTIONS["quadratic"]
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="widening_level must be in"):
             ntps_estimate(shards, ks, seed=465, widening_level=bad)
