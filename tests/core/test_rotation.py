@@ -13,8 +13,8 @@ import scipy.stats
 from ntps_nb.core.estimators import GAP_MIN, FlagNotCalibratedWarning, ntps_estimate
 from ntps_nb.core.moments import Moments
 from ntps_nb.core.rotation import (INTERVAL_DESCRIPTIONS, PLANE_RTOL, SET_ANGLES, STABLE_ATOL, STATIONARY_DESCRIPTION,
-                                   WIDENED_DESCRIPTION, interval_description, ntps_over_rotations, plane_replicates, rotation_interval,
-                                   rotation_sets, rotation_widening, widened_rows)
+                                   WIDENED_DESCRIPTION, interval_description, ntps_over_rotations, plane_replicates,
+                                   rotation_interval, rotation_sets, rotation_widening, widened_rows)
 from ntps_nb.core.score import theory_geometry
 from ntps_nb.core.simulate import factor_model, lds_model, markov_model, pair_shards, sample_shards
 from ntps_nb.core.subspaces import RANGE_RTOL, next_token_subspace, perception_subspace
