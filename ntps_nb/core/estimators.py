@@ -1465,10 +1465,11 @@ def ntps_estimate(
     gap_U, gap_V, gap_ratio_U, gap_ratio_V and gap_ratio from `eigengap_ratios`; at_bound
     (`flag_at_bound`); with ``stationary_flag`` stationary_distance, stationary_lower and stationary_upper (with
     ``stationary_widening`` also stationary_widened, lower_unwidened and upper_unwidened: `stationary_widening`);
-    with ``rotation_flag`` rotation_lower, rotation_upper and rotation_stable (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"``
-    also interval ("rotation"), lower_jackknife, upper_jackknife, rotation_U and rotation_V
-    (`ntps_nb.core.rotation.rotation_interval`); with ``rotation_widening`` and another interval lower_unwidened,
-    upper_unwidened, rotation_U, rotation_V and widening_level (`ntps_nb.core.rotation.rotation_widening`).
+    with ``rotation_flag`` rotation_lower, rotation_upper and rotation_stable
+    (`ntps_nb.core.rotation.rotation_stability`). With ``interval="rotation"`` also interval ("rotation"),
+    lower_jackknife, upper_jackknife, rotation_U and rotation_V (`ntps_nb.core.rotation.rotation_interval`); with
+    ``rotation_widening`` and another interval lower_unwidened, upper_unwidened, rotation_U, rotation_V and
+    widening_level (`ntps_nb.core.rotation.rotation_widening`).
     """
     shards = _as_shards(moment_shards)
     interval = resolve_interval(interval, estimator, len(shards))

@@ -124,9 +124,9 @@ class StudyConfig:
     interval with NTPS at the principal angles a selective test cannot separate from 0 or 1
     (``stationary_widening``, `ntps_nb.core.estimators.stationary_widening`; with the stationary condition only:
     where ``estimate_stationary_flag`` is false it is inert, out of the hash). The defaults are `ntps_estimate`'s,
-    the ones calibrated on the estimator map (docs/estimator.md). The committed studies were computed with "jackknife", without the rotation
-    and stationary conditions and without the widening, and their configs say so (``estimate_interval =
-    "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``,
+    the ones calibrated on the estimator map (docs/estimator.md). The committed studies were computed with
+    "jackknife", without the rotation and stationary conditions and without the widening, and their configs say so
+    (``estimate_interval = "jackknife"``, ``estimate_rotation_flag = false``, ``estimate_stationary_flag = false``,
     ``estimate_rotation_widening = false``): at those values the settings stay out of the config hash
     (`_ADDED_LATER`; ``estimate_widening_level`` stays out at 0.90, the level the widening had before the
     setting), so those studies' keys stand.
