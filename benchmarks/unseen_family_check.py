@@ -80,7 +80,8 @@ def one_task(args) -> pd.DataFrame:
     model = population(family, d, C, gap, memory, seed, tails, offset)
     frame = estimator_map([model], ratios, [k for k in ks if k <= d // 2], estimators=["richardson"],
                           n_draws=draws, n_shards=shards, seed=seed, first_draw=first, interval="quadratic",
-                          shard_weights=weights, rotation_widening=widening, widening_level=level)
+                          shard_weights=weights, rotation_widening=widening, widening_level=level,
+                          stationary_widening=False)  # the report applies it from the rows' columns
     return frame.reindex(columns=KEPT)  # a family without memory, or no tails: those columns empty
 
 

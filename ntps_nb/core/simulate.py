@@ -746,7 +746,7 @@ def estimator_map(
     stationary_flag: bool = True,
     rotation_widening: bool = True,
     widening_level: float | None = None,
-    stationary_widening: bool = False,
+    stationary_widening: bool = True,
 ) -> pd.DataFrame:
     """Draw samples from each model at each N = n_over_d * d and record every estimator's value,
     interval and reliability flag against the population NTPS.
@@ -784,10 +784,10 @@ def estimator_map(
         sets of the pairs at k, the interval before it in ``lower_unwidened`` / ``upper_unwidened``; False, the
         interval as it is (and no such columns).
     widening_level : `ntps_estimate`'s (None: its default, `ntps_nb.core.rotation.WIDENING_LEVEL`).
-    stationary_widening : `ntps_estimate`'s (needs ``stationary_flag``): the reliable rows' interval joined with the
-        values NTPS takes where the angles the data cannot separate from a bound are at it. Off by default here: the
-        rows carry stationary_lower / stationary_upper either way, and
-        `ntps_nb.core.estimators.stationary_widening` applies it to a frame drawn without it.
+    stationary_widening : `ntps_estimate`'s (its default, True; off without ``stationary_flag``): the reliable rows'
+        interval joined with the values NTPS takes where the angles the data cannot separate from a bound are at it.
+        The rows carry stationary_lower / stationary_upper either way, so `ntps_nb.core.estimators.stationary_widening`
+        applies it to a frame drawn without it (as benchmarks/unseen_family_check.py does, to read both).
 
     Returns
     -------

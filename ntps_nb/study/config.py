@@ -186,7 +186,7 @@ class StudyConfig:
     # the reliable rows' interval joined with NTPS at the principal angles a test conditioned on the stationary
     # condition cannot separate from 0 or 1 (`ntps_nb.core.estimators.stationary_widening`), as ntps_estimate's
     # default; in the hash only where the stationary condition is on
-    estimate_stationary_widening: bool = False
+    estimate_stationary_widening: bool = True
     diagnostics: bool = True
     diagnostic_layers: Any = (-1,)
     diagnostic_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)

@@ -236,9 +236,10 @@ def test_the_widening_joins_the_reliable_rows_interval_with_the_rotation_interva
     # test, whose reliable row at k = 1 the widening moves (and whose row at k = 2 it leaves)
     shards = _nearly_tied_draw()
     ks = [1, 2, 3, 4]
-    plain = ntps_estimate(shards, ks, seed=465, rotation_widening=False)
+    # the rotation widening alone (the stationary widening, after it by default, is tests/core/test_estimators.py's)
+    plain = ntps_estimate(shards, ks, seed=465, rotation_widening=False, stationary_widening=False)
     # the default since session 63, its sets here at the interval's level (the default's until session 64)
-    widened = ntps_estimate(shards, ks, seed=465, widening_level=LEVEL)
+    widened = ntps_estimate(shards, ks, seed=465, widening_level=LEVEL, stationary_widening=False)
     assert {"lower_unwidened", "upper_unwidened", "rotation_U", "rotation_V"} <= set(widened.columns)
     assert not {"lower_unwidened", "rotation_U"} & set(plain.columns)
     np.testing.assert_array_equal(widened["lower_unwidened"], plain["lower"])
@@ -263,9 +264,10 @@ def test_the_widening_joins_the_reliable_rows_interval_with_the_rotation_interva
         f"{INTERVAL_DESCRIPTIONS['quadratic']}, {WIDENED_DESCRIPTION}" if flag else INTERVAL_DESCRIPTIONS["quadratic"]
         for flag in reliable]
     # the rotation interval widens every row already: the option changes nothing there
-    rotation = ntps_estimate(shards, ks, seed=465, interval="rotation")
+    rotation = ntps_estimate(shards, ks, seed=465, interval="rotation", stationary_widening=False)
     np.testing.assert_array_equal(rotation["lower"], ntps_estimate(shards, ks, seed=465, interval="rotation",
-                                                                   rotation_widening=True)["lower"])
+                                                                   rotation_widening=True,
+                                                                   stationary_widening=False)["lower"])
     assert "lower_unwidened" not in rotation.columns and not widened_rows(rotation).any()
     assert interval_description("rotation", True) == INTERVAL_DESCRIPTIONS["rotation"]
 

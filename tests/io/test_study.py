@@ -1603,7 +1603,7 @@ def test_interval_variants_bootstraps_only_the_named_variants_and_keys_only_the_
 #: The estimates stage's settings a new study takes from `ntps_estimate`'s defaults and the committed studies set to
 #: what their units were computed with.
 ESTIMATES_SETTINGS = ("estimate_interval", "estimate_rotation_flag", "estimate_stationary_flag",
-                      "estimate_rotation_widening", "estimate_widening_level")
+                      "estimate_rotation_widening", "estimate_widening_level", "estimate_stationary_widening")
 
 
 def _an_estimates_setting(setting: str, value, bad, message: str):
@@ -1658,6 +1658,7 @@ def test_a_new_study_gets_ntps_estimates_calibrated_interval_and_flag_and_the_co
     assert "estimate_interval" not in study.load_config(new, estimator="plugin").settings()  # committed value
     assert cfg.estimate_stationary_flag is True and cfg.settings()["estimate_stationary_flag"] is True
     assert cfg.estimate_rotation_widening is True and cfg.settings()["estimate_rotation_widening"] is True
+    assert cfg.estimate_stationary_widening is True and cfg.settings()["estimate_stationary_widening"] is True
     committed = study.load_config(new, estimate_interval="jackknife", estimate_rotation_flag=False,
                                   estimate_stationary_flag=False, estimate_rotation_widening=False)
     assert not set(ESTIMATES_SETTINGS) & set(committed.settings())
@@ -2298,18 +2299,20 @@ def test_estimate_widening_level_keys_only_the_estimates_and_only_where_the_wide
 
 def test_estimate_stationary_widening_keys_only_the_estimates_and_only_with_the_stationary_condition(tmp_path,
                                                                                                     tiny_llama):
-    """The stationary widening (`ntps_estimate`'s ``stationary_widening``) as a study setting: it is conditioned on
-    the flag's stationary condition, so where that is off (the committed studies) it decides no number and stays out
-    of the hash at either value; with the condition on, turning it on changes the hash and the estimates stage's key
-    alone, and a run recomputes the estimates stage alone, keeps the estimates and the flag, and adds
-    stationary_widened (the tiny model's rows are not reliable, so none moves: the widening itself is pinned in
-    tests/core/test_estimators.py); a value that is not a boolean is refused."""
+    """The stationary widening (`ntps_estimate`'s ``stationary_widening``) as a study setting: on unless set, as in
+    `ntps_estimate`; it is conditioned on the flag's stationary condition, so where that is off (the committed
+    studies) it decides no number and stays out of the hash at either value; with the condition on, turning it on
+    changes the hash and the estimates stage's key alone, and a run recomputes the estimates stage alone, keeps the
+    estimates and the flag, and adds stationary_widened (the tiny model's rows are not reliable, so none moves: the
+    widening itself is pinned in tests/core/test_estimators.py); a value that is not a boolean is refused."""
     committed = study.load_config(STUDIES / "default.toml")
-    inert = study.load_config(STUDIES / "default.toml", estimate_stationary_widening=True)
+    assert committed.estimate_stationary_widening is True  # unset there: the default, inert without the condition
+    inert = study.load_config(STUDIES / "default.toml", estimate_stationary_widening=False)
     assert inert.config_hash == committed.config_hash == "1cedd9f67410"
     assert study.stage_keys(inert, "smollm2-135m", "trec6") == study.stage_keys(committed, "smollm2-135m", "trec6")
-    flagged = study.load_config(STUDIES / "default.toml", estimate_stationary_flag=True)
-    on = study.load_config(STUDIES / "default.toml", estimate_stationary_flag=True, estimate_stationary_widening=True)
+    flagged = study.load_config(STUDIES / "default.toml", estimate_stationary_flag=True,
+                                estimate_stationary_widening=False)
+    on = study.load_config(STUDIES / "default.toml", estimate_stationary_flag=True)  # unset: on, as in ntps_estimate
     assert "estimate_stationary_widening" not in flagged.settings() and on.settings()["estimate_stationary_widening"]
     assert on.config_hash != flagged.config_hash
     keys, moved = study.stage_keys(flagged, "smollm2-135m", "trec6"), study.stage_keys(on, "smollm2-135m", "trec6")

@@ -116,9 +116,9 @@ from ntps_nb.core.estimators import (
     _gap_frame,
     _noise_frame,
     _richardson_combination,
+    _stationary_columns,
     min_shards,
     split_halves,
-    stationary_columns,
     stationary_reach_se,
 )
 from ntps_nb.core.intervals import (
@@ -2794,7 +2794,7 @@ def ntps_estimate_torch(
     bar : an open `ntps_nb.core.progress.progress_bar` to advance by each combination once solved
         (`estimate_solves` of them): what `ntps_nb.core.estimators.ntps_estimate` with ``device`` passes.
     stationary : compute stationary_distance and the stationary widening's reach from the same geometries
-        (`ntps_nb.core.estimators.stationary_columns`; default; False: NaN, as
+        (`ntps_nb.core.estimators._stationary_columns`; default; False: NaN, as
         `ntps_nb.core.estimators.ntps_estimate` with ``stationary_flag=False`` drops them).
     reach_se : the distance of `ntps_nb.core.estimators.stationary_reach` (None: `stationary_reach_se` at
         ``level``, `STATIONARY_SE` and the number of shards).
@@ -2852,7 +2852,7 @@ def ntps_estimate_torch(
         width = min(int(ks.max()), shards[0].Sxy.shape[1])  # k_U <= m <= C
         angles = [_angles_of(g, ks, width) for g in geometries]
         point_angles, *replicate_angles = [combine(angles, whole, parts) for whole, parts in rows]
-        columns = stationary_columns(point_angles, np.array(replicate_angles),
+        columns = _stationary_columns(point_angles, np.array(replicate_angles),
                                      stationary_reach_se(level, STATIONARY_SE, S) if reach_se is None else reach_se)
     for name, column in columns.items():
         frame[name] = column
