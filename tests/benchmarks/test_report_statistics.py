@@ -197,3 +197,22 @@ def test_the_widenings_moves_are_the_reliable_rows_whose_ends_left_the_interval_
     # row 3 has no interval before (not widened), row 4 is not reliable
     assert bench("unseen_family_check").widening_moves(frame) == (
         "the widening moved 2 of 3 reliable rows (width / width before: median 2.000, largest 2.500)")
+
+
+def test_the_report_applies_the_stationary_widening_to_the_reliable_rows_and_recounts_their_coverage():
+    """`unseen_family_check.stationary_widened`: the reliable rows' ends joined with stationary_lower / _upper, the
+    coverage recomputed against the truth, ``stationary_moved`` where an end left the interval by more than
+    `MOVED_ATOL`; unreliable rows as they were; None for a frame without the columns."""
+    truth = 0.998
+    frame = pd.DataFrame({"reliable": [True, True, True, False], "truth": truth, "estimate": [0.97, 0.97, 0.5, 0.97],
+                          "lower": [0.95, 0.95, 0.4, 0.95], "upper": [0.99, 0.99, 0.6, 0.99],
+                          "stationary_lower": [0.97, 0.97, 0.5 - 1e-8, 0.97],
+                          "stationary_upper": [1.0, 0.995, 0.5, 1.0], "covered": False})
+    report = bench("unseen_family_check")
+    out = report.stationary_widened(frame)
+    # row 0 reaches 1 and covers; row 1 moves but stops short of the truth; row 2 (far from the truth) moves only
+    # by rounding; row 3 is refused and keeps its interval, which misses
+    assert out["covered"].tolist() == [True, False, False, False]
+    assert out["stationary_moved"].tolist() == [True, True, False, False]
+    np.testing.assert_allclose(out["upper"], [1.0, 0.995, 0.6, 0.99])
+    assert report.stationary_widened(frame.drop(columns=["stationary_lower", "stationary_upper"])) is None
