@@ -13,7 +13,9 @@ N/d x k) with at least `MIN_ACCEPTED` reliable rows, the reliable rows' coverage
 tests against 0.85 and 0.95 (`exact_band_tests`, 2.5% each), and whether their |bias| reaches a quarter of their
 mean width by more than `BIAS_Z` Monte Carlo SEs; beside it every row's coverage, flag ignored, and the share
 of rows the flag accepts; the reliable rows of cells too small to test, pooled (`uncounted`), with those that miss
-listed; and how many rows the widening moved (`widening_moves`).
+listed; how many rows the widening moved (`widening_moves`); and the same with `ntps_estimate`'s stationary widening,
+which the rows are drawn without and the report applies from their columns (`stationary_widened`), so a frame is read
+both ways on the same draws.
 
     python benchmarks/unseen_family_check.py --d 16 --seeds 500 501 --draws 200 --processes 16 --out D/markov_d16.csv.gz
     python benchmarks/unseen_family_check.py --family lds --tails 3 --d 16 --out D/lds_t3_d16.csv.gz
@@ -224,7 +226,8 @@ def stationary_widened(frame: pd.DataFrame) -> pd.DataFrame | None:
 
 def stationary_part(frame: pd.DataFrame, table: pd.DataFrame) -> None:
     """The report's lines on the stationary widening: the counted cells' tally with it, the rows it moves, the small
-    cells' rows, and every counted cell (of either version) whose coverage it changes."""
+    cells' rows, and every counted cell whose coverage it changes (the widening moves intervals, not the flag, so a
+    cell is counted in both versions or in neither)."""
     widened = stationary_widened(frame)
     if widened is None:
         return
@@ -242,7 +245,7 @@ def stationary_part(frame: pd.DataFrame, table: pd.DataFrame) -> None:
     print(f"  with it: {uncounted(after)}")
     key = POPULATION + ["n_over_d", "k"]
     both = table.merge(after, on=key, suffixes=("", "_stationary"))
-    changed = both[(both["counted"]) & (both["sum"] != both["sum_stationary"])]
+    changed = both[both["counted"] & (both["sum"] != both["sum_stationary"])]
     if len(changed):
         print("  counted cells whose reliable rows' coverage it changes (coverage, band tests and bias test with it):")
         columns = key + ["truth", "size", "coverage", "coverage_stationary", "width", "width_stationary",
