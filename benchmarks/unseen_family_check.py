@@ -237,11 +237,11 @@ def stationary_part(frame: pd.DataFrame, table: pd.DataFrame) -> None:
     band_tally(after.query("counted"))
     kept = widened[widened["reliable"].astype(bool)]
     moved = kept["stationary_moved"]
-    ratio = ((kept["upper"] - kept["lower"]) / (frame.loc[kept.index, "upper"] - frame.loc[kept.index, "lower"]))
+    width, before = kept["upper"] - kept["lower"], frame.loc[kept.index, "upper"] - frame.loc[kept.index, "lower"]
+    ratio = width / before
     print(f"  the stationary widening moved {int(moved.sum())} of {len(kept)} reliable rows"
           + (f" (width / width before: median {ratio[moved].median():.3f}, largest {ratio[moved].max():.3f}); "
-             f"mean width of the reliable rows {(kept['upper'] - kept['lower']).mean():.4g} against "
-             f"{(frame.loc[kept.index, 'upper'] - frame.loc[kept.index, 'lower']).mean():.4g}" if moved.any() else ""))
+             f"mean width of the reliable rows {width.mean():.4g} against {before.mean():.4g}" if moved.any() else ""))
     print(f"  with it: {uncounted(after)}")
     key = POPULATION + ["n_over_d", "k"]
     both = table.merge(after, on=key, suffixes=("", "_stationary"))

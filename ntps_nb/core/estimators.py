@@ -805,11 +805,22 @@ def stationary_distance(point: np.ndarray, replicates: np.ndarray) -> np.ndarray
     (K,) the distance (negative where an extrapolated cos^2 lies past 0 or 1); NaN where an angle's standard
     error is undefined (a failed replicate), which the flag reads as not reliable.
     """
-    point, replicates = np.asarray(point, dtype=float), np.asarray(replicates, dtype=float)
-    se = _jackknife(replicates)[1]
-    distance = np.minimum(point, 1.0 - point)
+    point = np.asarray(point, dtype=float)
+    return _distance_of(point, _jackknife(np.asarray(replicates, dtype=float))[1])
+
+
+def _bound_distances(point: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each angle's cos^2 distance from 0 and from 1 in its standard errors ``se``: 0 within `BOUND_ATOL` of that
+    bound whatever its standard error, negative past it, NaN where ``se`` is undefined."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(np.isnan(point) | (np.abs(distance) <= BOUND_ATOL), 0.0, distance / se)
+        return (np.where(np.abs(point) <= BOUND_ATOL, 0.0, point / se),
+                np.where(np.abs(1.0 - point) <= BOUND_ATOL, 0.0, (1.0 - point) / se))
+
+
+def _distance_of(point: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """`stationary_distance` from the angles' cos^2 and their jackknife standard errors."""
+    from_zero, from_one = _bound_distances(point, se)
+    z = np.where(np.isnan(point), 0.0, np.fmin(from_zero, from_one))
     return np.max(z, axis=1) if z.shape[1] else np.zeros(z.shape[0])
 
 
@@ -859,15 +870,18 @@ def stationary_reach(point: np.ndarray, replicates: np.ndarray, reach_se: float)
     (down, up): two (K,) arrays, each at least 0; NaN where an angle's standard error is undefined (a failed
     replicate) or the row has no angle.
     """
-    point, replicates = np.asarray(point, dtype=float), np.asarray(replicates, dtype=float)
-    se = _jackknife(replicates)[1]
+    point = np.asarray(point, dtype=float)
+    return _reach_of(point, _jackknife(np.asarray(replicates, dtype=float))[1], reach_se)
+
+
+def _reach_of(point: np.ndarray, se: np.ndarray, reach_se: float) -> tuple[np.ndarray, np.ndarray]:
+    """`stationary_reach` from the angles' cos^2 and their jackknife standard errors."""
     angles = ~np.isnan(point)
     k_u = angles.sum(axis=1)
+    from_zero, from_one = _bound_distances(point, se)
     with np.errstate(invalid="ignore", divide="ignore"):
-        near_zero = np.where(np.abs(point) <= BOUND_ATOL, 0.0, point / se) < reach_se
-        near_one = np.where(np.abs(1.0 - point) <= BOUND_ATOL, 0.0, (1.0 - point) / se) < reach_se
-        down = np.sum(np.where(angles & near_zero, np.clip(point, 0.0, None), 0.0), axis=1) / k_u
-        up = np.sum(np.where(angles & near_one, np.clip(1.0 - point, 0.0, None), 0.0), axis=1) / k_u
+        down = np.sum(np.where(angles & (from_zero < reach_se), np.clip(point, 0.0, None), 0.0), axis=1) / k_u
+        up = np.sum(np.where(angles & (from_one < reach_se), np.clip(1.0 - point, 0.0, None), 0.0), axis=1) / k_u
     undefined = (k_u == 0) | np.any(angles & np.isnan(se), axis=1)
     down[undefined], up[undefined] = np.nan, np.nan
     return down, up
@@ -877,9 +891,10 @@ def _stationary_columns(point: np.ndarray, replicates: np.ndarray, reach_se: flo
     """The columns `ntps_estimate` reads the principal angles into, on either backend: stationary_distance
     (`stationary_distance`) and stationary_reach_down / stationary_reach_up (`stationary_reach`), which
     `_stationary_condition` turns into the values the stationary widening reaches."""
-    down, up = stationary_reach(point, replicates, reach_se)
-    return {"stationary_distance": stationary_distance(point, replicates), "stationary_reach_down": down,
-            "stationary_reach_up": up}
+    point = np.asarray(point, dtype=float)
+    se = _jackknife(np.asarray(replicates, dtype=float))[1]  # once for both
+    down, up = _reach_of(point, se, reach_se)
+    return {"stationary_distance": _distance_of(point, se), "stationary_reach_down": down, "stationary_reach_up": up}
 
 
 def _angles_of(geometry: TheoryGeometry | str | None, ks: np.ndarray, width: int) -> np.ndarray:
@@ -1443,9 +1458,10 @@ def ntps_estimate(
         `stationary_reach_se`: 3.42 jackknife standard errors at ``level`` 0.90 and 10 shards; default True since
         session 67, False: the interval as it is). Where the population's angles are at a bound, the few rows the
         stationary condition keeps are those whose noise carried an angle furthest from it: at an LDS's NTPS of 0.998
-        they covered 0.44-0.57 with the interval alone and 0.99 widened, on fresh populations; interior cells covered
-        as before (0.920 and 0.922 pooled), with a sixth of the reliable rows moved and their mean width 8% larger.
-        The rows it keeps there stay biased by about 0.4 of the width: it moves the interval, not the estimate
+        they covered 0.44-0.57 with the interval alone and 0.96-1.00 widened (0.980 pooled), on fresh populations;
+        interior cells covered as before (0.920 and 0.922 pooled at d = 16 and 64), with a sixth of the reliable rows
+        moved and their mean width 8% larger. The rows it keeps there stay biased by 0.34-0.37 of the widened width:
+        it moves the interval, not the estimate
         (docs/estimator.md, "Rows near a bound: the stationary widening"). Needs ``stationary_flag`` (with it off the
         widening is off too); adds stationary_widened, and lower_unwidened / upper_unwidened (the interval before
         any widening) where the rotation widening did not. No factorisation is added: the angles are the stationary
@@ -1488,10 +1504,11 @@ def ntps_estimate(
                            and (estimator in CALIBRATED_ESTIMATORS or flag_any_estimator))
     # the widening is of the rows the flag accepts: none for an estimator it was not calibrated for
     rotation_widening = rotation_widening and (estimator in CALIBRATED_ESTIMATORS or flag_any_estimator)
+    # how near a bound an angle counts as not told from it (NaN for a bad level or shard count: checked below)
+    reach_se = stationary_reach_se(level, stationary_se, len(shards))
     backend = analysis_backend(device)
     if backend is not None:
         _check_estimate_options(shards, level, estimator)  # ntps_estimate_torch's first check, before the count
-        reach_se = stationary_reach_se(level, stationary_se, len(shards))
         # a bar over the combinations of shards solved on the device: the estimate's and its replicates', the
         # quadratic part's contrasts and the rotation sets' pooled solve
         contrasts = (int(np.prod([len(h) for h in interaction_halves(len(shards), seed, interaction_half)]))
@@ -1523,7 +1540,6 @@ def ntps_estimate(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_estimate_options(shards, level, estimator)
     ks = _check_ks(ks)
-    reach_se = stationary_reach_se(level, stationary_se, len(shards))
     steps = 3 + 2 * len(shards) + (interval == "quadratic")
     with progress_bar(steps, "ntps_estimate", progress, unit="part") as bar:
         frame = _estimate_rows(shards, ks, estimator=estimator, level=level, seed=seed, rtol=rtol, n_splits=n_splits,
@@ -1539,12 +1555,11 @@ def ntps_estimate(
 def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, level: float, seed: int, rtol: float,
                    n_splits: int, noise_max: float, gap_min: float, bound_se: float, interval: str, rotation_flag: bool,
                    interaction_half: int | None, step: Callable[[], Any], stationary: bool = True,
-                   widening: bool = False, widening_level: float = WIDENING_LEVEL,
-                   reach_se: float | None = None) -> pd.DataFrame:
+                   reach_se: float, widening: bool = False, widening_level: float = WIDENING_LEVEL) -> pd.DataFrame:
     """`ntps_estimate`'s rows on the numpy code, before the calibration of the flag; ``step()`` after each of its
     3 + 2 S (+ 1 for the quadratic interval) parts. ``stationary``: compute `_stationary_columns` at ``reach_se``
-    (None: `stationary_reach_se` at ``level`` and `STATIONARY_SE`; else NaN, for the caller to drop); ``widening``,
-    ``widening_level``: ``rotation_widening`` and ``widening_level``."""
+    (`stationary_reach_se`; else NaN, for the caller to drop); ``widening``, ``widening_level``:
+    ``rotation_widening`` and ``widening_level``."""
     # the full sample's and the leave-one-shard-out subspaces, solved once: read by the estimator's
     # plug-ins (their geometries), the eigengaps and the subspace noise
     solves = _Solves.of(shards, rtol, step)
@@ -1573,8 +1588,6 @@ def _estimate_rows(shards: list[Moments], ks: np.ndarray, *, estimator: str, lev
     frame = _estimate_frame(ks, estimator, estimate, reliability, loo, noise, gaps, level=level,
                             noise_max=noise_max, gap_min=gap_min, bound_se=bound_se,
                             n_texts=sum(s.n_texts for s in shards))
-    if reach_se is None:
-        reach_se = stationary_reach_se(level, STATIONARY_SE, S)
     columns = (_stationary_of_solves(shards, ks, estimator, seed=seed, rtol=rtol, pooled=full, left_out=geometries,
                                      memo=halves, reach_se=reach_se)
                if stationary and estimator in STATIONARY_ESTIMATORS else dict.fromkeys(STATIONARY_COLUMNS, np.nan))
