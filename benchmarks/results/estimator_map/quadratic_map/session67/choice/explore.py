@@ -12,12 +12,7 @@ ks = [int(x) for x in sys.argv[7].split(",")] if len(sys.argv) > 7 else [2]
 out = sys.argv[8] if len(sys.argv) > 8 else f"/tmp/s67/angles_d{d}_{seed}_{first}.pkl"
 model = lds_model(d=d, n_classes=C, n_tokens=8, gap=gap, seed=seed)
 pop = theory_geometry(model.population_moments()).principal_cos2(np.array(ks))
-captured = []
-orig = E.stationary_distance
-def capture(point, replicates):
-    captured.append((np.array(point), np.array(replicates)))
-    return orig(point, replicates)
-E.stationary_distance = capture
+from capture import captured  # installs the capture
 rows = []
 for draw in range(first, first + n):
     captured.clear()

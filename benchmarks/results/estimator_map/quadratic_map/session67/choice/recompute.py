@@ -16,12 +16,7 @@ f = f if all_d else f[f.task_d.isin([16, 64])]
 keys = ["task_family", "task_d", "task_n_classes", "task_gap", "task_seed", "n_over_d", "draw"]
 rel = f[f.reliable.astype(bool)][keys].drop_duplicates().sort_values(keys).reset_index(drop=True)
 rel = rel.iloc[part::nparts]
-captured = []
-orig = E.stationary_distance
-def capture(point, replicates):
-    captured.append((np.array(point), np.array(replicates)))
-    return orig(point, replicates)
-E.stationary_distance = capture
+from capture import captured  # installs the capture
 rows = []
 for _, key in rel.iterrows():
     sub = f.merge(key.to_frame().T.astype({k: f[k].dtype for k in keys}), on=keys)
