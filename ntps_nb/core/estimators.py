@@ -1460,9 +1460,11 @@ def ntps_estimate(
         stationary condition keeps are those whose noise carried an angle furthest from it: at an LDS's NTPS of 0.998
         they covered 0.44-0.57 with the interval alone and 0.96-1.00 widened (0.980 pooled), on fresh populations;
         interior cells covered as before (0.920 and 0.922 pooled at d = 16 and 64), with a sixth of the reliable rows
-        moved and their mean width 8% larger. The rows it keeps there stay biased by 0.34-0.37 of the widened width:
-        it moves the interval, not the estimate
-        (docs/estimator.md, "Rows near a bound: the stationary widening"). Needs ``stationary_flag`` (with it off the
+        moved and their mean width 8% larger; at an edge at 0 (d = 64, NTPS below 0.005) 33 of 33 widened, 14 of 33
+        with the interval alone (session 68). The rows it keeps at an edge stay biased by 0.34-0.43 of the widened
+        width, their estimate further from the bound than the truth: it moves the interval, not the estimate
+        (docs/estimator.md, "Rows near a bound: the stationary widening", "The default at d = 576, the factor
+        family at d = 256, an edge at 0"). Needs ``stationary_flag`` (with it off the
         widening is off too); adds stationary_widened, and lower_unwidened / upper_unwidened (the interval before
         any widening) where the rotation widening did not. No factorisation is added: the angles are the stationary
         condition's. Off, and no such columns, for an estimator outside `CALIBRATED_ESTIMATORS` (unless
