@@ -14,7 +14,8 @@ FRAMES = {"(g)": ["edge0_d64_factor", "edge0_d64_lds"], "(g2)": ["edge0_d64_fact
 
 def line(name: str, rows: pd.DataFrame) -> str:
     truth, n = rows["truth"], len(rows)
-    text = [f"{name}: {n} reliable rows; bias {(rows['estimate'] - truth).mean():+.4f}"]
+    bias = (rows["estimate"] - truth).mean()
+    text = [f"{name}: {n} reliable rows; bias {bias:+.4f}"]
     for label, lower, upper in (("no widening", "lower_unwidened", "upper_unwidened"),
                                 ("rotation widening", "lower_rotation", "upper_rotation"),
                                 ("stationary widening", "lower", "upper")):
@@ -22,7 +23,7 @@ def line(name: str, rows: pd.DataFrame) -> str:
         width = (rows[upper] - rows[lower]).mean()
         text.append(f"{label}: covered {covered} (p below 0.85 {scipy.stats.binom.cdf(covered, n, 0.85):.2g}, above"
                     f" 0.95 {scipy.stats.binom.sf(covered - 1, n, 0.95):.2g}), |bias| / mean width "
-                    f"{abs((rows['estimate'] - truth).mean()) / width:.2f}")
+                    f"{abs(bias) / width:.2f}")
     return "\n  ".join(text)
 
 
